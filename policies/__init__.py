@@ -1,0 +1,1 @@
+"""Controllers: planners over world models and diffusion policies."""

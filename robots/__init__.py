@@ -1,0 +1,1 @@
+"""Robots: simulated and real arms behind one interface, teleoperation devices."""

@@ -1,0 +1,1 @@
+"""World models and the data layer they train on."""

@@ -1,0 +1,23 @@
+"""Demonstration stores, training windows, normalization, augmentation and converters."""
+
+from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreError
+from wm.data.schema import ActionSpace, KeySpec, Schema, infer_schema
+from wm.data.store import DemoStore, EpisodeWriter, copy_episodes, delete_episodes, keep_episodes, merge_stores
+
+__all__ = [
+    "ActionSpace",
+    "AppendError",
+    "CorruptStoreError",
+    "DemoStore",
+    "EpisodeWriter",
+    "KeySpec",
+    "NotAStoreError",
+    "Schema",
+    "SchemaError",
+    "StoreError",
+    "copy_episodes",
+    "delete_episodes",
+    "infer_schema",
+    "keep_episodes",
+    "merge_stores",
+]

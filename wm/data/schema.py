@@ -1,0 +1,169 @@
+"""The schema that makes a demonstration store self-describing.
+
+A store is the Diffusion Policy / UWM replay-buffer layout (`data/<key>` time-major arrays,
+`meta/episode_ends`) plus this schema in the root group's attributes: format version, fps, and for
+each key its per-step shape, dtype and kind, the meaning of the action space, and robot and task
+names. Stores written by Diffusion Policy or UWM carry no schema; `infer_schema` guesses one from
+key names, shapes and dtypes, and the caller can override any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wm.data.errors import SchemaError
+
+FORMAT_VERSION = 1
+KINDS = ("image", "proprio", "action", "timestamp", "language", "lowdim")
+ACTION_MODES = ("absolute", "delta")
+ACTION_FRAMES = ("joint", "ee", "planar", "other")
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One data key: per-step `shape` (an image is (H, W, C)), numpy `dtype` name and `kind`."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+    units: str = ""
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
+        if self.kind not in KINDS:
+            raise SchemaError(f"kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "image" and (len(self.shape) != 3 or self.shape[-1] not in (1, 3, 4)):
+            raise SchemaError(f"an image key needs shape (H, W, C) with C in 1, 3, 4; got {self.shape}")
+        if self.names and self.shape and len(self.names) != self.shape[-1]:
+            raise SchemaError(f"{len(self.names)} dimension names for a last dimension of {self.shape[-1]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["names"] = list(self.names)
+        return d
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """What an action means: `absolute` targets or `delta` steps, in `joint` or `ee` space, and units."""
+
+    mode: str = "absolute"
+    frame: str = "other"
+    units: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ACTION_MODES:
+            raise SchemaError(f"action mode {self.mode!r} is not one of {ACTION_MODES}")
+        if self.frame not in ACTION_FRAMES:
+            raise SchemaError(f"action frame {self.frame!r} is not one of {ACTION_FRAMES}")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Everything a reader needs to interpret a store without outside knowledge."""
+
+    keys: dict[str, KeySpec]
+    fps: float = 10.0
+    action_space: ActionSpace = field(default_factory=ActionSpace)
+    robot: str = ""
+    task: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise SchemaError("a schema needs at least one key")
+        for name in self.keys:
+            if not name or "/" in name:
+                raise SchemaError(f"key name {name!r} must be non-empty and contain no '/'")
+        if not (self.fps > 0 and np.isfinite(self.fps)):
+            raise SchemaError(f"fps must be a positive number, got {self.fps}")
+        if self.format_version > FORMAT_VERSION:
+            raise SchemaError(
+                f"store format version {self.format_version} is newer than this code "
+                f"({FORMAT_VERSION}); upgrade wm-stack"
+            )
+
+    def keys_of_kind(self, kind: str) -> list[str]:
+        return [k for k, s in self.keys.items() if s.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "fps": float(self.fps),
+            "robot": self.robot,
+            "task": self.task,
+            "action_space": dataclasses.asdict(self.action_space),
+            "keys": {k: s.to_dict() for k, s in self.keys.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Schema:
+        try:
+            keys = {k: KeySpec(**v) for k, v in d["keys"].items()}
+            return cls(
+                keys=keys,
+                fps=float(d.get("fps", 10.0)),
+                action_space=ActionSpace(**d.get("action_space", {})),
+                robot=d.get("robot", ""),
+                task=d.get("task", ""),
+                format_version=int(d.get("format_version", FORMAT_VERSION)),
+            )
+        except (KeyError, TypeError) as e:
+            raise SchemaError(f"malformed schema attributes: {e}") from e
+
+    def override(self, overrides: dict[str, Any] | None) -> Schema:
+        """A copy with top-level fields and per-key fields replaced, e.g.
+        `{"fps": 15, "keys": {"img": {"kind": "image"}}, "action_space": {"mode": "delta"}}`."""
+        if not overrides:
+            return self
+        d = self.to_dict()
+        for name, value in overrides.items():
+            if name == "keys":
+                for key, kv in value.items():
+                    if key not in d["keys"]:
+                        raise SchemaError(f"override names key {key!r}, which the store does not have")
+                    d["keys"][key].update(kv)
+            elif name == "action_space":
+                d["action_space"].update(value)
+            elif name in d:
+                d[name] = value
+            else:
+                raise SchemaError(f"unknown schema field {name!r} in overrides")
+        return Schema.from_dict(d)
+
+
+_ACTION_NAMES = ("action",)
+_TIME_NAMES = ("timestamp", "time", "t")
+_LANGUAGE_NAMES = ("language", "lang", "instruction")
+
+
+def infer_kind(name: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
+    """Guess a key's kind from its name, per-step shape and dtype (Diffusion Policy / UWM conventions)."""
+    low = name.lower()
+    if len(shape) == 3 and shape[-1] in (1, 3, 4) and np.dtype(dtype) == np.uint8:
+        return "image"
+    if any(low == n or low.startswith(n) for n in _ACTION_NAMES):
+        return "action"
+    if low in _TIME_NAMES or "timestamp" in low:
+        return "timestamp"
+    if any(n in low for n in _LANGUAGE_NAMES):
+        return "language"
+    return "proprio"
+
+
+def infer_schema(arrays: dict[str, tuple[tuple[int, ...], Any]], fps: float = 10.0) -> Schema:
+    """A schema for a store that has none. `arrays` maps key -> (full shape (T, ...), dtype)."""
+    keys = {
+        name: KeySpec(shape=tuple(shape[1:]), dtype=np.dtype(dtype).name, kind=infer_kind(name, shape[1:], dtype))
+        for name, (shape, dtype) in arrays.items()
+    }
+    return Schema(keys=keys, fps=fps)

@@ -1,0 +1,521 @@
+"""Crash-safe zarr demonstration store.
+
+Layout (Diffusion Policy / UWM replay buffer, readable by their loaders):
+
+    <store>/data/<key>         (T_total, *shape) time-major, all episodes concatenated
+    <store>/meta/episode_ends  (E,) int64 cumulative ends
+    root attributes            "wm_schema": Schema.to_dict(), "wm_episodes": per-episode info list
+
+Crash safety. Every file is written to a temporary name and renamed into place (zarr's LocalStore
+does this), so no file is ever half-written. An episode is written in this order: its data
+(resizing each `data/<key>` array), then `meta/episode_ends`, and last the root attributes whose
+`wm_episodes` list is the commit record. A process killed at any moment leaves every committed
+episode intact; reopening for append truncates whatever lies past the last commit. Readers only
+look at committed steps, so they can open a store while a writer appends (`refresh()` sees new
+episodes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+from zarr.storage import LocalStore, ZipStore
+
+from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
+from wm.data.schema import Schema, infer_schema
+
+SCHEMA_ATTR = "wm_schema"
+EPISODES_ATTR = "wm_episodes"
+LOWDIM_CHUNK = 4096  # rows per chunk for low-dimensional keys
+# Steps buffered in memory by a streaming writer before they are flushed to disk.
+FLUSH_STEPS = 32
+
+
+def _compressor(kind: str, zarr_format: int, codec: str) -> Any:
+    """Blosc with lz4 (images: fast decode) or zstd (low-dim: small), in the zarr format's own spelling."""
+    image = kind == "image"
+    cname = codec if codec != "auto" else ("lz4" if image else "zstd")
+    if zarr_format == 2:
+        from numcodecs import Blosc
+
+        return Blosc(cname=cname, clevel=5 if image else 3, shuffle=Blosc.NOSHUFFLE if image else Blosc.SHUFFLE)
+    return zarr.codecs.BloscCodec(
+        cname=cname, clevel=5 if image else 3, shuffle="noshuffle" if image else "shuffle"
+    )
+
+
+def _open_zarr_store(path: Path, read_only: bool) -> Any:
+    if path.suffix == ".zip":
+        if not read_only:
+            raise NotAStoreError(f"{path}: zip stores are read-only; unzip it to append")
+        return ZipStore(path, mode="r")
+    return LocalStore(path, read_only=read_only)
+
+
+class DemoStore:
+    """A demonstration store opened for reading (`mode="r"`) or appending (`mode="a"`).
+
+    Use `DemoStore.create(path, schema)` for a new store and `DemoStore.open(path)` for an existing
+    one, including Diffusion Policy / UWM stores in zarr v2 format (their schema is inferred;
+    `schema_overrides` corrects it).
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, schema: Schema, mode: str, legacy: bool) -> None:
+        self.path = path
+        self.mode = mode
+        self.legacy = legacy  # True when the store carries no schema attributes of its own
+        self._group = group
+        self._schema = schema
+        self._arrays: dict[str, zarr.Array] = {}
+        self._info: list[dict[str, Any]] = []
+        self._ends = np.zeros(0, dtype=np.int64)
+        self._writing: EpisodeWriter | None = None
+        self.refresh()
+
+    # ------------------------------------------------------------------ opening and creating
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        schema: Schema,
+        *,
+        zarr_format: int = 3,
+        frames_per_chunk: int = 1,
+        image_codec: str = "auto",
+        overwrite: bool = False,
+    ) -> DemoStore:
+        """Create an empty store. `zarr_format=2` writes a store that Diffusion Policy's zarr 2 can read."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path}: already exists; open it with DemoStore.open(path, mode='a')")
+        if path.exists():
+            shutil.rmtree(path)
+        group = zarr.open_group(store=LocalStore(path), mode="w", zarr_format=zarr_format)
+        data = group.create_group("data")
+        for key, spec in schema.keys.items():
+            chunk_t = frames_per_chunk if spec.kind == "image" else LOWDIM_CHUNK
+            data.create_array(
+                key,
+                shape=(0, *spec.shape),
+                chunks=(chunk_t, *spec.shape),
+                dtype=spec.dtype,
+                compressors=_compressor(spec.kind, zarr_format, image_codec),
+            )
+        meta = group.create_group("meta")
+        meta.create_array(
+            "episode_ends",
+            shape=(0,),
+            chunks=(LOWDIM_CHUNK,),
+            dtype="int64",
+            compressors=_compressor("lowdim", zarr_format, "zstd"),
+        )
+        group.attrs.update({SCHEMA_ATTR: schema.to_dict(), EPISODES_ATTR: []})
+        return cls(path, group, schema, "a", legacy=False)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, mode: str = "r", schema_overrides: dict[str, Any] | None = None
+    ) -> DemoStore:
+        """Open an existing store. `mode="a"` repairs what a crashed writer left past the last commit."""
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        path = Path(path)
+        _finish_swap(path)
+        if not path.exists():
+            raise NotAStoreError(f"{path}: no such store")
+        try:
+            group = zarr.open_group(store=_open_zarr_store(path, read_only=mode == "r"), mode="r" if mode == "r" else "r+")
+        except (FileNotFoundError, ValueError, json.JSONDecodeError, zarr.errors.BaseZarrError) as e:
+            raise NotAStoreError(f"{path}: not a zarr demonstration store ({type(e).__name__}: {e})") from e
+        if "meta" not in group or "episode_ends" not in group["meta"] or "data" not in group:
+            raise NotAStoreError(f"{path}: not a demonstration store (it has no data/ group or meta/episode_ends)")
+        attrs = dict(group.attrs)
+        legacy = SCHEMA_ATTR not in attrs
+        if legacy:
+            data = group["data"]
+            schema = infer_schema({k: (a.shape, a.dtype) for k, a in data.arrays()})
+        else:
+            schema = Schema.from_dict(attrs[SCHEMA_ATTR])
+        schema = schema.override(schema_overrides)
+        store = cls(path, group, schema, mode, legacy)
+        if mode == "a":
+            store._repair()
+        return store
+
+    def __enter__(self) -> DemoStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._writing is not None:
+            self._writing.discard()
+        self._group.store.close()
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def schema(self) -> Schema:
+        return self._schema
+
+    @property
+    def zarr_format(self) -> int:
+        return int(self._group.metadata.zarr_format)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._schema.keys)
+
+    @property
+    def n_episodes(self) -> int:
+        return len(self._ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        return self._ends.copy()
+
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self._ends, prepend=0)
+
+    def episode_slice(self, i: int) -> slice:
+        i = self._check_episode(i)
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return slice(start, int(self._ends[i]))
+
+    def episode_info(self, i: int) -> dict[str, Any]:
+        return dict(self._info[self._check_episode(i)])
+
+    def array(self, key: str) -> zarr.Array:
+        """The zarr array of `key` (it may hold uncommitted steps past `n_steps`; slice to `n_steps`)."""
+        if key not in self._arrays:
+            raise SchemaError(f"{self.path}: no key {key!r}; the store has {sorted(self._arrays)}")
+        return self._arrays[key]
+
+    def read(self, key: str, sel: slice, episode: int | None = None) -> np.ndarray:
+        """Read `data/<key>[sel]`; a chunk that cannot be decoded raises CorruptStoreError naming it."""
+        arr = self.array(key)
+        try:
+            return arr[sel]
+        except (CorruptStoreError, SchemaError):
+            raise
+        except Exception as e:  # codec errors come as RuntimeError, ValueError, TypeError...
+            where = f"episode {episode}, " if episode is not None else ""
+            raise CorruptStoreError(
+                f"{self.path}/data/{key}: cannot decode steps {sel.start}:{sel.stop} ({where}"
+                f"chunks of {arr.chunks[0]} steps): {type(e).__name__}: {e}"
+            ) from e
+
+    def get_episode(self, i: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Episode `i` as {key: (T, *shape)} arrays."""
+        sl = self.episode_slice(i)
+        return {k: self.read(k, sl, episode=i) for k in (keys if keys is not None else self.keys)}
+
+    def load_all(self, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Every committed step of `keys` in memory: {key: (T_total, *shape)}."""
+        sl = slice(0, self.n_steps)
+        return {k: self.read(k, sl) for k in (keys if keys is not None else self.keys)}
+
+    def refresh(self) -> None:
+        """Re-read the commit record, so a reader sees episodes appended since it opened the store."""
+        attrs = dict(self._group.attrs)
+        try:
+            ends = np.asarray(self._group["meta/episode_ends"][:], dtype=np.int64)
+        except Exception as e:
+            raise CorruptStoreError(f"{self.path}/meta/episode_ends: cannot be read: {e}") from e
+        if EPISODES_ATTR in attrs:
+            n = len(attrs[EPISODES_ATTR])
+            if len(ends) < n:
+                raise CorruptStoreError(
+                    f"{self.path}/meta/episode_ends: has {len(ends)} entries but {n} episodes are committed"
+                )
+            ends = ends[:n]
+            info = list(attrs[EPISODES_ATTR])
+        else:
+            info = [{} for _ in range(len(ends))]
+        if len(ends) and (np.any(np.diff(ends) < 0) or ends[0] < 0):
+            raise CorruptStoreError(f"{self.path}/meta/episode_ends: not non-decreasing: {ends[:10]}...")
+        data = self._group["data"]
+        present = dict(data.arrays())
+        for key in self._schema.keys:
+            if key not in present:
+                raise SchemaError(f"{self.path}: the schema declares key {key!r} but data/{key} is missing")
+            if present[key].shape[0] < (int(ends[-1]) if len(ends) else 0):
+                raise CorruptStoreError(
+                    f"{self.path}/data/{key}: has {present[key].shape[0]} steps but episodes end at {int(ends[-1])}"
+                )
+        self._arrays = {k: present[k] for k in self._schema.keys}
+        self._ends = ends
+        self._info = info
+
+    def _check_episode(self, i: int) -> int:
+        n = self.n_episodes
+        if not -n <= i < n:
+            raise IndexError(f"{self.path}: episode {i} out of range (store has {n} episodes)")
+        return i % n
+
+    # ------------------------------------------------------------------ writing
+    def _require_writable(self) -> None:
+        if self.mode != "a":
+            raise PermissionError(f"{self.path}: opened read-only; use DemoStore.open(path, mode='a')")
+
+    def _repair(self) -> None:
+        """Drop whatever a killed writer left past the last committed episode."""
+        n = self.n_steps
+        for key, arr in self._arrays.items():
+            if arr.shape[0] > n:
+                arr.resize((n, *arr.shape[1:]))
+        ends_arr = self._group["meta/episode_ends"]
+        if ends_arr.shape[0] > self.n_episodes:
+            ends_arr.resize((self.n_episodes,))
+        if self.legacy:  # adopt the store: write the inferred schema and a commit record
+            self._group.attrs.update(
+                {SCHEMA_ATTR: self._schema.to_dict(), EPISODES_ATTR: [{} for _ in range(self.n_episodes)]}
+            )
+            self.legacy = False
+        if self.path.is_dir():
+            for partial in self.path.rglob("*.partial"):
+                partial.unlink(missing_ok=True)
+
+    def begin_episode(self) -> EpisodeWriter:
+        """Start streaming an episode step by step: `add_step`, then `end()` or `discard()`."""
+        self._require_writable()
+        if self._writing is not None:
+            raise AppendError(f"{self.path}: an episode is already being written; end or discard it first")
+        self._writing = EpisodeWriter(self)
+        return self._writing
+
+    def append_episode(self, data: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> int:
+        """Append one whole episode {key: (T, *shape)}; returns its index once it is committed."""
+        writer = self.begin_episode()
+        try:
+            writer.add_steps(data)
+        except BaseException:
+            writer.discard()
+            raise
+        return writer.end(info)
+
+    def _commit(self, length: int, info: dict[str, Any]) -> int:
+        """Write episode_ends, then the commit record. Called by EpisodeWriter.end()."""
+        new_end = self.n_steps + length
+        ends_arr = self._group["meta/episode_ends"]
+        e = self.n_episodes
+        ends_arr.resize((e + 1,))
+        ends_arr[e] = new_end
+        record = {"length": int(length), **info}
+        json.dumps(record)  # refuse unserializable info before anything is committed
+        self._group.attrs.update({EPISODES_ATTR: [*self._info, record]})
+        self._ends = np.append(self._ends, np.int64(new_end))
+        self._info.append(record)
+        return e
+
+    def _truncate(self, n_steps: int) -> None:
+        for arr in self._arrays.values():
+            if arr.shape[0] > n_steps:
+                arr.resize((n_steps, *arr.shape[1:]))
+
+
+class EpisodeWriter:
+    """Streams one episode into a store. Steps are buffered and flushed every FLUSH_STEPS steps, so a
+    long episode never sits whole in memory; nothing is visible to readers until `end()` commits.
+    Used as a context manager, an exception inside the block discards the episode."""
+
+    def __init__(self, store: DemoStore) -> None:
+        self._store = store
+        self._start = store.n_steps
+        self._flushed = 0
+        self._buf: dict[str, list[np.ndarray]] = {k: [] for k in store.keys}
+        self._n_buf = 0
+        self._done = False
+
+    def __enter__(self) -> EpisodeWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.end()
+        else:
+            self.discard()
+
+    @property
+    def n_steps(self) -> int:
+        return self._flushed + self._n_buf
+
+    def _where(self) -> str:
+        return f"{self._store.path}: episode {self._store.n_episodes}, step {self.n_steps}"
+
+    def _check(self, key: str, value: np.ndarray, batched: bool) -> np.ndarray:
+        spec = self._store.schema.keys[key]
+        value = np.asarray(value)
+        shape = value.shape[1:] if batched else value.shape
+        if tuple(shape) != spec.shape:
+            raise AppendError(f"{self._where()}, key {key!r}: shape {tuple(shape)} != schema {spec.shape}")
+        if value.dtype != np.dtype(spec.dtype):
+            if not np.can_cast(value.dtype, spec.dtype, casting="same_kind"):
+                raise AppendError(f"{self._where()}, key {key!r}: dtype {value.dtype} != schema {spec.dtype}")
+            value = value.astype(spec.dtype)
+        if spec.kind in ("action", "proprio") and np.issubdtype(value.dtype, np.floating):
+            bad = ~np.isfinite(value)
+            if bad.any():
+                first = int(np.argwhere(bad)[0][0]) if batched else 0
+                raise AppendError(
+                    f"{self._where() if not batched else self._store.path}: key {key!r} has non-finite values"
+                    f" (first at step {self.n_steps + first if batched else self.n_steps})"
+                )
+        return value
+
+    def _check_keys(self, step: dict[str, Any]) -> None:
+        if self._done:
+            raise AppendError(f"{self._store.path}: this episode writer has already ended")
+        missing = set(self._store.keys) - set(step)
+        extra = set(step) - set(self._store.keys)
+        if missing or extra:
+            raise AppendError(
+                f"{self._where()}: keys do not match the schema (missing {sorted(missing)}, unknown {sorted(extra)})"
+            )
+
+    def add_step(self, step: dict[str, Any]) -> None:
+        """Add one step {key: (*shape)}; validated before anything is buffered."""
+        self._check_keys(step)
+        checked = {k: self._check(k, v, batched=False) for k, v in step.items()}
+        for k, v in checked.items():
+            self._buf[k].append(v[None])
+        self._n_buf += 1
+        if self._n_buf >= FLUSH_STEPS:
+            self._flush()
+
+    def add_steps(self, steps: dict[str, np.ndarray]) -> None:
+        """Add several steps {key: (T, *shape)} at once (all keys the same T)."""
+        self._check_keys(steps)
+        lengths = {k: len(np.asarray(v)) for k, v in steps.items()}
+        if len(set(lengths.values())) != 1:
+            raise AppendError(f"{self._where()}: keys have different lengths {lengths}")
+        checked = {k: self._check(k, v, batched=True) for k, v in steps.items()}
+        for k, v in checked.items():
+            self._buf[k].append(v)
+        self._n_buf += next(iter(lengths.values()))
+        if self._n_buf >= FLUSH_STEPS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._n_buf == 0:
+            return
+        lo = self._start + self._flushed
+        hi = lo + self._n_buf
+        for key, parts in self._buf.items():
+            arr = self._store.array(key)
+            block = np.concatenate(parts, axis=0)
+            arr.resize((hi, *arr.shape[1:]))
+            arr[lo:hi] = block
+            parts.clear()
+        self._flushed += self._n_buf
+        self._n_buf = 0
+
+    def end(self, info: dict[str, Any] | None = None) -> int:
+        """Flush and commit the episode; returns its index. `info` is JSON metadata (success, notes, ...)."""
+        if self._done:
+            raise AppendError(f"{self._store.path}: this episode writer has already ended")
+        if self.n_steps == 0:
+            raise AppendError(f"{self._where()}: an episode needs at least one step")
+        self._flush()
+        try:
+            index = self._store._commit(self._flushed, dict(info or {}))
+        except TypeError as e:
+            self.discard()
+            raise AppendError(f"{self._store.path}: episode info is not JSON-serializable: {e}") from e
+        self._done = True
+        self._store._writing = None
+        return index
+
+    def discard(self) -> None:
+        """Drop the episode in progress; the store is as it was before `begin_episode`."""
+        if self._done:
+            return
+        self._buf = {k: [] for k in self._buf}
+        self._n_buf = 0
+        self._store._truncate(self._start)
+        self._done = True
+        self._store._writing = None
+
+
+# ---------------------------------------------------------------------- whole-store operations
+def copy_episodes(src: DemoStore, dst: DemoStore, episodes: Sequence[int] | None = None) -> list[int]:
+    """Append episodes of `src` (all by default) to `dst`, with their info; returns their new indices."""
+    if set(src.keys) != set(dst.keys):
+        raise SchemaError(f"{src.path} and {dst.path} have different keys: {sorted(src.keys)} vs {sorted(dst.keys)}")
+    for k in src.keys:
+        a, b = src.schema.keys[k], dst.schema.keys[k]
+        if (a.shape, a.dtype) != (b.shape, b.dtype):
+            raise SchemaError(f"key {k!r}: {src.path} has {a.shape} {a.dtype}, {dst.path} has {b.shape} {b.dtype}")
+    out = []
+    for i in range(src.n_episodes) if episodes is None else episodes:
+        info = src.episode_info(i)
+        info.pop("length", None)
+        out.append(dst.append_episode(src.get_episode(i), info))
+    return out
+
+
+def merge_stores(sources: Sequence[str | os.PathLike], dst: str | os.PathLike, **create_kwargs: Any) -> DemoStore:
+    """Write a new store at `dst` holding every episode of `sources`, in order (schema of the first)."""
+    if not sources:
+        raise ValueError("merge_stores needs at least one source store")
+    stores = [DemoStore.open(p) for p in sources]
+    out = DemoStore.create(dst, stores[0].schema, **create_kwargs)
+    for s in stores:
+        copy_episodes(s, out)
+        s.close()
+    return out
+
+
+def keep_episodes(path: str | os.PathLike, keep: Sequence[int]) -> None:
+    """Rewrite the store at `path` with only the episodes `keep` (in that order), crash-safely: the new
+    store is written beside the old one and swapped in by renames; the old one is removed last."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
+    src = DemoStore.open(path)
+    image_keys = src.schema.keys_of_kind("image")
+    out = DemoStore.create(
+        tmp,
+        src.schema,
+        zarr_format=src.zarr_format,
+        frames_per_chunk=src.array(image_keys[0]).chunks[0] if image_keys else 1,
+        overwrite=True,
+    )
+    copy_episodes(src, out, list(keep))
+    src.close()
+    out.close()
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+
+
+def _finish_swap(path: Path) -> None:
+    """Complete a `keep_episodes` swap that a crash interrupted between its two renames."""
+    tmp, old = path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
+    if not path.exists() and old.exists():
+        os.replace(tmp if tmp.exists() else old, path)
+    if path.exists() and old.exists():
+        shutil.rmtree(old)
+
+
+def delete_episodes(path: str | os.PathLike, episodes: Iterable[int]) -> None:
+    """Remove `episodes` from the store at `path` (crash-safe, see `keep_episodes`)."""
+    with DemoStore.open(path) as s:
+        n = s.n_episodes
+    drop = {i % n for i in episodes}
+    keep_episodes(path, [i for i in range(n) if i not in drop])
