@@ -1,0 +1,85 @@
+"""Fast random reads of whole time-chunks from a local store, bypassing zarr's per-call machinery.
+
+Reading one 96x96 frame through `zarr.Array.__getitem__` costs about 0.4 ms here, almost all of it
+zarr's async dispatch; the file read plus Blosc decode costs about 0.02 ms. Training reads random
+frames all the time, so for the layout this project writes (local directory, chunks that span the
+full per-step shape, Blosc or no compression, no filters, C order, little-endian) `ChunkReader`
+reads chunk files and decodes them directly. `ChunkReader.for_array` returns None for any other
+layout, and callers fall back to zarr. Tests check both paths return identical data.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import zarr
+from numcodecs import Blosc
+from zarr.storage import LocalStore
+
+from wm.data.errors import CorruptStoreError
+
+
+class ChunkReader:
+    """Reads rows (time steps) of one zarr array by decoding its chunk files directly."""
+
+    def __init__(self, array: zarr.Array, root: Path, blosc: bool) -> None:
+        self.array = array
+        self.root = root
+        self.blosc = Blosc() if blosc else None
+        self.rows_per_chunk = int(array.chunks[0])
+        self.chunk_shape = tuple(int(c) for c in array.chunks)
+        self.dtype = np.dtype(array.dtype)
+        self.fill = array.fill_value
+        self._key = array.metadata.encode_chunk_key
+        self._zeros = (0,) * (array.ndim - 1)
+
+    @classmethod
+    def for_array(cls, array: zarr.Array) -> ChunkReader | None:
+        """A reader for `array`, or None when its layout is not one this fast path handles."""
+        if not isinstance(array.store, LocalStore) or sys.byteorder != "little":
+            return None
+        if tuple(array.chunks[1:]) != tuple(array.shape[1:]) or np.dtype(array.dtype).byteorder == ">":
+            return None
+        meta = array.metadata
+        if meta.zarr_format == 2:
+            if meta.filters or meta.order != "C":
+                return None
+            comp = meta.compressor
+            if comp is not None and comp.codec_id != "blosc":
+                return None
+            return cls(array, Path(array.store.root) / array.path, blosc=comp is not None)
+        names = [type(c).__name__ for c in meta.codecs]
+        if names == ["BytesCodec"]:
+            blosc = False
+        elif names == ["BytesCodec", "BloscCodec"]:
+            blosc = True
+        else:
+            return None
+        big = str(getattr(meta.codecs[0], "endian", None)).endswith("big")
+        if big and np.dtype(array.dtype).itemsize > 1:
+            return None
+        return cls(array, Path(array.store.root) / array.path, blosc=blosc)
+
+    def _chunk(self, c: int) -> np.ndarray:
+        path = self.root / self._key((c, *self._zeros))
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:  # never written: zarr's fill value
+            return np.full(self.chunk_shape, self.fill, dtype=self.dtype)
+        try:
+            data = self.blosc.decode(raw) if self.blosc is not None else raw
+            return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
+        except Exception as e:
+            raise CorruptStoreError(f"{path}: chunk {c} cannot be decoded ({type(e).__name__}: {e})") from e
+
+    def rows(self, steps: np.ndarray) -> np.ndarray:
+        """Rows at sorted unique `steps` as (len(steps), *shape)."""
+        out = np.empty((len(steps), *self.chunk_shape[1:]), dtype=self.dtype)
+        chunk_ids = steps // self.rows_per_chunk
+        for c in np.unique(chunk_ids):
+            sel = chunk_ids == c
+            out[sel] = self._chunk(int(c))[steps[sel] - c * self.rows_per_chunk]
+        return out
+

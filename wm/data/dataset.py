@@ -1,0 +1,127 @@
+"""Window dataset over a demonstration store, for training world models and policies.
+
+Each item is a window around an anchor step (see `wm.data.windows`). Batch keys, for every key `k`
+the model asked for with `n` offsets:
+
+    k            (n, *shape) float32 for low-dim keys; images (n, C, H, W) float32 in [0, 1]
+    k + "_is_pad" (n,) bool, True where the window reached past the episode's edge
+    "episode", "anchor"  () int64, where the window came from
+
+Low-dimensional keys are read into memory once (they are small); images are read from the store on
+demand, or loaded whole with `in_memory=True`. The store is opened lazily in each DataLoader worker
+(zarr's I/O threads do not survive a fork). The dataset implements `__getitems__`, so a DataLoader
+reads a whole batch's frames in one zarr call and augments them in one vectorized pass, each sample
+with its own random draw.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from wm.data.augment import AugmentConfig, augment
+from wm.data.chunks import ChunkReader
+from wm.data.errors import SchemaError
+from wm.data.store import DemoStore
+from wm.data.windows import WindowSpec, build_index
+
+
+class WindowDataset(Dataset):
+    """Windows from the store at `path`, for the episodes given (all by default)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        spec: WindowSpec,
+        episodes: Sequence[int] | None = None,
+        *,
+        in_memory: bool = False,
+        augment_cfg: AugmentConfig | None = None,
+        train: bool = True,
+        schema_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.spec = spec
+        self.augment_cfg = augment_cfg or AugmentConfig()
+        self.train = train
+        self._overrides = schema_overrides
+        with DemoStore.open(self.path, schema_overrides=schema_overrides) as store:
+            missing = [k for k in spec.offsets if k not in store.schema.keys]
+            if missing:
+                raise SchemaError(
+                    f"{self.path}: the model needs keys {missing} that the store lacks (it has {store.keys})"
+                )
+            self.schema = store.schema
+            self.episode_ends = store.episode_ends
+            self.episodes = list(range(store.n_episodes)) if episodes is None else [int(e) for e in episodes]
+            bad = [e for e in self.episodes if not 0 <= e < store.n_episodes]
+            if bad:
+                raise IndexError(f"{self.path}: episodes {bad} out of range ({store.n_episodes} episodes)")
+            self.index = build_index(self.episode_ends, spec, self.episodes)
+            self.image_keys = [k for k in spec.offsets if self.schema.keys[k].kind == "image"]
+            in_ram = [k for k in spec.offsets if k not in self.image_keys or in_memory]
+            self._ram = store.load_all(in_ram)
+        self._store: DemoStore | None = None
+        self._chunk_readers: dict[str, ChunkReader] = {}
+        self._pid = -1
+        # Episode number of every global step, for the "episode" batch key.
+        self._step_episode = np.repeat(np.arange(len(self.episode_ends)), np.diff(self.episode_ends, prepend=0))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _reader(self) -> DemoStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store = DemoStore.open(self.path, schema_overrides=self._overrides)
+            self._pid = os.getpid()
+            readers = {k: ChunkReader.for_array(self._store.array(k)) for k in self.image_keys}
+            self._chunk_readers = {k: r for k, r in readers.items() if r is not None}
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_store"], state["_pid"], state["_chunk_readers"] = None, -1, {}  # every worker opens its own
+        return state
+
+    def _frames(self, key: str, steps: np.ndarray) -> np.ndarray:
+        """Frames at global `steps` (any order, repeats allowed) as (len(steps), H, W, C) uint8."""
+        if key in self._ram:
+            return self._ram[key][steps]
+        uniq, inverse = np.unique(steps, return_inverse=True)
+        store = self._reader()
+        fast = self._chunk_readers.get(key)
+        if fast is not None:
+            return fast.rows(uniq)[inverse]
+        if uniq[-1] - uniq[0] + 1 == len(uniq):  # contiguous: one slice
+            block = store.read(key, slice(int(uniq[0]), int(uniq[-1]) + 1))
+        else:
+            block = store.array(key).oindex[uniq]
+        return block[inverse]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        rows = self.index[np.asarray(indices, dtype=np.int64)]  # (B, 3): anchor, start, end
+        anchors, starts, ends = rows[:, :1], rows[:, 1:2], rows[:, 2:3]
+        out: dict[str, torch.Tensor] = {}
+        for key, offsets in self.spec.offsets.items():
+            raw = anchors + np.asarray(offsets, dtype=np.int64)[None]  # (B, n)
+            steps = np.clip(raw, starts, ends - 1)
+            out[key + "_is_pad"] = torch.from_numpy(raw != steps)
+            if key in self.image_keys:
+                frames = self._frames(key, steps.reshape(-1))  # (B * n, H, W, C)
+                imgs = torch.from_numpy(frames).view(*steps.shape, *frames.shape[1:])
+                imgs = imgs.permute(0, 1, 4, 2, 3).float().div_(255.0)  # (B, n, C, H, W)
+                out[key] = augment(imgs, self.augment_cfg, train=self.train)
+            else:
+                out[key] = torch.from_numpy(self._ram[key][steps].astype(np.float32, copy=False))
+        out["anchor"] = torch.from_numpy(rows[:, 0])
+        out["episode"] = torch.from_numpy(self._step_episode[rows[:, 0]])
+        return [{k: v[b] for k, v in out.items()} for b in range(len(rows))]

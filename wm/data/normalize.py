@@ -1,0 +1,137 @@
+"""Normalization statistics: fitted once by the data layer, saved, restored from a checkpoint.
+
+`Normalizer` is an `nn.Module` whose buffers hold per-key statistics (min, max, mean, std, 1% and
+99% quantiles), so it travels inside a model's state dict; `to_dict` / `from_dict` give a JSON form
+for files beside a checkpoint. Modes: `minmax` and `quantile` map to [-1, 1], `meanstd` to zero
+mean and unit variance, `identity` leaves the key alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wm.data.store import DemoStore
+
+MODES = ("minmax", "meanstd", "quantile", "identity")
+STATS = ("min", "max", "mean", "std", "q01", "q99")
+EPS = 1e-6
+QUANTILE_SAMPLES = 200_000  # quantiles are estimated from at most this many evenly spaced steps
+
+
+def compute_stats(values: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-dimension statistics over axis 0 of a (T, *shape) array."""
+    x = np.asarray(values, dtype=np.float64)
+    sub = x[:: max(1, len(x) // QUANTILE_SAMPLES)]
+    return {
+        "min": x.min(0),
+        "max": x.max(0),
+        "mean": x.mean(0),
+        "std": x.std(0),
+        "q01": np.quantile(sub, 0.01, axis=0),
+        "q99": np.quantile(sub, 0.99, axis=0),
+    }
+
+
+class Normalizer(nn.Module):
+    """Per-key normalization. `modes` maps key -> mode; `stats` maps key -> {stat: array}."""
+
+    def __init__(self, modes: dict[str, str], stats: dict[str, dict[str, Any]]) -> None:
+        super().__init__()
+        for key, mode in modes.items():
+            if mode not in MODES:
+                raise ValueError(f"normalizer mode {mode!r} for key {key!r} is not one of {MODES}")
+            if mode != "identity" and key not in stats:
+                raise ValueError(f"normalizer: no statistics for key {key!r}")
+        self.modes = dict(modes)
+        for key, mode in modes.items():
+            for name in STATS:
+                if mode != "identity":
+                    value = torch.as_tensor(np.asarray(stats[key][name]), dtype=torch.float32)
+                    self.register_buffer(self._buf(key, name), value)
+
+    @staticmethod
+    def _buf(key: str, name: str) -> str:
+        return f"{key.replace('.', '__')}__{name}"
+
+    def stat(self, key: str, name: str) -> torch.Tensor:
+        return getattr(self, self._buf(key, name))
+
+    @classmethod
+    def fit(cls, store: DemoStore, modes: dict[str, str], episodes: Iterable[int] | None = None) -> Normalizer:
+        """Fit statistics for every non-identity key over the given episodes (all by default)."""
+        stats = {}
+        eps = list(range(store.n_episodes)) if episodes is None else list(episodes)
+        for key, mode in modes.items():
+            if mode == "identity":
+                continue
+            if store.schema.keys[key].kind == "image":
+                raise ValueError(f"key {key!r} is an image; images are scaled to [0, 1], use mode 'identity'")
+            parts = [store.read(key, store.episode_slice(e), episode=e) for e in eps]
+            stats[key] = compute_stats(np.concatenate(parts, axis=0))
+        return cls(modes, stats)
+
+    def _scale_offset(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) with normalized = (x - offset) / scale."""
+        mode = self.modes[key]
+        if mode == "meanstd":
+            return self.stat(key, "std").clamp_min(EPS), self.stat(key, "mean")
+        lo, hi = (self.stat(key, "min"), self.stat(key, "max")) if mode == "minmax" else (
+            self.stat(key, "q01"),
+            self.stat(key, "q99"),
+        )
+        # A constant dimension maps to 0 rather than dividing by zero.
+        half = ((hi - lo) / 2).clamp_min(EPS)
+        return half, (hi + lo) / 2
+
+    def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        if key not in self.modes or self.modes[key] == "identity":
+            return x
+        scale, offset = self._scale_offset(key)
+        return (x - offset.to(x)) / scale.to(x)
+
+    def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        if key not in self.modes or self.modes[key] == "identity":
+            return x
+        scale, offset = self._scale_offset(key)
+        return x * scale.to(x) + offset.to(x)
+
+    def normalize_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A copy of `batch` with every key this normalizer knows normalized."""
+        return {k: self.normalize(k, v) if k in self.modes else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        stats = {
+            key: {name: self.stat(key, name).tolist() for name in STATS}
+            for key, mode in self.modes.items()
+            if mode != "identity"
+        }
+        return {"modes": self.modes, "stats": stats}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Normalizer:
+        return cls(d["modes"], d.get("stats", {}))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Normalizer:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_state_dict(cls, modes: dict[str, str], state: dict[str, torch.Tensor], prefix: str = "") -> Normalizer:
+        """Rebuild from a model state dict (its `prefix`-ed buffers) and the modes saved in the config."""
+        stats = {
+            key: {name: state[prefix + cls._buf(key, name)].cpu().numpy() for name in STATS}
+            for key, mode in modes.items()
+            if mode != "identity"
+        }
+        return cls(modes, stats)

@@ -1,0 +1,117 @@
+"""Training windows: which steps around an anchor step a model needs, and where they come from.
+
+A model declares, for each key, the step offsets it needs relative to an anchor step t (for example
+observation history 2 and action horizon 16 is `obs: (-1, 0)`, `action: (-1, ..., 14)`). The index
+lists every anchor in every episode; a window that reaches past an episode's edge repeats the edge
+step and marks the padded positions in a per-key `is_pad` mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Per-key step offsets relative to the anchor step.
+
+    `max_pad_before` / `max_pad_after` bound how far a window may reach past the episode's first /
+    last step (None: any anchor inside the episode is allowed, padding as much as needed).
+    """
+
+    offsets: dict[str, tuple[int, ...]]
+    max_pad_before: int | None = None
+    max_pad_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.offsets:
+            raise ValueError("a WindowSpec needs at least one key")
+        fixed = {}
+        for key, offs in self.offsets.items():
+            offs = tuple(int(o) for o in offs)
+            if not offs:
+                raise ValueError(f"key {key!r}: empty offset list")
+            fixed[key] = offs
+        object.__setattr__(self, "offsets", fixed)
+        for name in ("max_pad_before", "max_pad_after"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {v}")
+
+    @classmethod
+    def history_horizon(
+        cls,
+        obs_keys: Sequence[str],
+        action_keys: Sequence[str] = ("action",),
+        n_obs: int = 2,
+        horizon: int = 16,
+        frameskip: int = 1,
+        n_action_exec: int | None = None,
+    ) -> WindowSpec:
+        """Diffusion Policy / DINO-WM style windows.
+
+        Observations at `(-(n_obs-1)..0) * frameskip`; actions start at the first observation and
+        cover `horizon` frames of `frameskip` raw steps each (DINO-WM concatenates those per frame).
+        With `n_action_exec`, windows may pad at most `n_action_exec - 1` steps past the end and
+        `(n_obs - 1) * frameskip` before the start, as Diffusion Policy's sampler does.
+        """
+        if n_obs < 1 or horizon < 1 or frameskip < 1:
+            raise ValueError(f"n_obs, horizon and frameskip must be >= 1, got {n_obs}, {horizon}, {frameskip}")
+        first = -(n_obs - 1) * frameskip
+        obs = tuple(first + i * frameskip for i in range(n_obs))
+        act = tuple(range(first, first + horizon * frameskip))
+        offsets = {k: obs for k in obs_keys} | {k: act for k in action_keys}
+        pad_after = None if n_action_exec is None else n_action_exec - 1
+        return cls(offsets, max_pad_before=-first, max_pad_after=pad_after)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """(lowest offset, highest offset) over all keys."""
+        lo = min(min(o) for o in self.offsets.values())
+        hi = max(max(o) for o in self.offsets.values())
+        return lo, hi
+
+
+def build_index(episode_ends: np.ndarray, spec: WindowSpec, episodes: Sequence[int] | None = None) -> np.ndarray:
+    """All anchors of the given episodes as an (N, 3) int64 array of (anchor step, episode start, episode end),
+    in global step numbers (episode end exclusive)."""
+    ends = np.asarray(episode_ends, dtype=np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    lo_off, hi_off = spec.span
+    rows = []
+    for e in range(len(ends)) if episodes is None else episodes:
+        s, t_end = int(starts[e]), int(ends[e])
+        first, last = s, t_end - 1  # anchors must lie inside the episode
+        if spec.max_pad_before is not None:
+            first = max(first, s - lo_off - spec.max_pad_before)
+        if spec.max_pad_after is not None:
+            last = min(last, t_end - 1 - hi_off + spec.max_pad_after)
+        if last < first:
+            continue
+        anchors = np.arange(first, last + 1, dtype=np.int64)
+        rows.append(np.stack([anchors, np.full_like(anchors, s), np.full_like(anchors, t_end)], axis=1))
+    if not rows:
+        return np.zeros((0, 3), dtype=np.int64)
+    return np.concatenate(rows, axis=0)
+
+
+def window_indices(anchor: int, start: int, end: int, offsets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Global step indices for `offsets` around `anchor`, clamped to [start, end), and the `is_pad` mask."""
+    raw = anchor + np.asarray(offsets, dtype=np.int64)
+    clipped = np.clip(raw, start, end - 1)
+    return clipped, raw != clipped
+
+
+def split_episodes(n_episodes: int, val_ratio: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Train / validation split by episode, seeded. At least one validation episode when val_ratio > 0
+    and there are two or more episodes."""
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    perm = np.random.default_rng(seed).permutation(n_episodes)
+    n_val = int(round(n_episodes * val_ratio))
+    if val_ratio > 0 and n_episodes >= 2:
+        n_val = max(1, n_val)
+    return sorted(int(i) for i in perm[n_val:]), sorted(int(i) for i in perm[:n_val])
