@@ -2,7 +2,14 @@
 
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreError
 from wm.data.schema import ActionSpace, KeySpec, Schema, infer_schema
-from wm.data.store import DemoStore, EpisodeWriter, copy_episodes, delete_episodes, keep_episodes, merge_stores
+from wm.data.store import (
+    DemoStore,
+    EpisodeWriter,
+    copy_episodes,
+    delete_episodes,
+    keep_episodes,
+    merge_stores,
+)
 
 __all__ = [
     "ActionSpace",

@@ -46,7 +46,9 @@ class AugmentConfig:
 
     @property
     def active(self) -> bool:
-        return bool(self.shift_pad or self.crop or self.brightness or self.contrast or self.saturation or self.hue)
+        return bool(
+            self.shift_pad or self.crop or self.brightness or self.contrast or self.saturation or self.hue
+        )
 
 
 def _uniform(b: int, lo: float, hi: float, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:

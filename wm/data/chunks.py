@@ -4,7 +4,9 @@ Reading one 96x96 frame through `zarr.Array.__getitem__` costs about 0.4 ms here
 zarr's async dispatch; the file read plus Blosc decode costs about 0.02 ms. Training reads random
 frames all the time, so for the layout this project writes (local directory, chunks that span the
 full per-step shape, Blosc or no compression, no filters, C order, little-endian) `ChunkReader`
-reads chunk files and decodes them directly. `ChunkReader.for_array` returns None for any other
+reads chunk files and decodes them directly, checking each chunk's crc32c (zarr v3 stores of this
+project carry one) and Blosc's own length header, so a damaged chunk raises rather than decoding
+to garbage. `ChunkReader.for_array` returns None for any other
 layout, and callers fall back to zarr. Tests check both paths return identical data.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import Blosc
@@ -24,10 +27,11 @@ from wm.data.errors import CorruptStoreError
 class ChunkReader:
     """Reads rows (time steps) of one zarr array by decoding its chunk files directly."""
 
-    def __init__(self, array: zarr.Array, root: Path, blosc: bool) -> None:
+    def __init__(self, array: zarr.Array, root: Path, blosc: bool, crc: bool) -> None:
         self.array = array
         self.root = root
         self.blosc = Blosc() if blosc else None
+        self.crc = crc
         self.rows_per_chunk = int(array.chunks[0])
         self.chunk_shape = tuple(int(c) for c in array.chunks)
         self.dtype = np.dtype(array.dtype)
@@ -49,18 +53,17 @@ class ChunkReader:
             comp = meta.compressor
             if comp is not None and comp.codec_id != "blosc":
                 return None
-            return cls(array, Path(array.store.root) / array.path, blosc=comp is not None)
+            return cls(array, Path(array.store.root) / array.path, blosc=comp is not None, crc=False)
         names = [type(c).__name__ for c in meta.codecs]
-        if names == ["BytesCodec"]:
-            blosc = False
-        elif names == ["BytesCodec", "BloscCodec"]:
-            blosc = True
-        else:
+        crc = names[-1:] == ["Crc32cCodec"]
+        if crc:
+            names = names[:-1]
+        if names not in (["BytesCodec"], ["BytesCodec", "BloscCodec"]):
             return None
         big = str(getattr(meta.codecs[0], "endian", None)).endswith("big")
         if big and np.dtype(array.dtype).itemsize > 1:
             return None
-        return cls(array, Path(array.store.root) / array.path, blosc=blosc)
+        return cls(array, Path(array.store.root) / array.path, blosc=len(names) == 2, crc=crc)
 
     def _chunk(self, c: int) -> np.ndarray:
         path = self.root / self._key((c, *self._zeros))
@@ -69,8 +72,18 @@ class ChunkReader:
         except FileNotFoundError:  # never written: zarr's fill value
             return np.full(self.chunk_shape, self.fill, dtype=self.dtype)
         try:
-            data = self.blosc.decode(raw) if self.blosc is not None else raw
-            return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
+            if self.crc:
+                raw, stored = raw[:-4], raw[-4:]
+                if len(stored) < 4 or google_crc32c.value(raw).to_bytes(4, "little") != stored:
+                    raise ValueError("crc32c checksum mismatch")
+            if self.blosc is not None:
+                # Blosc's header holds the compressed size; a truncated chunk would otherwise decode.
+                if len(raw) < 16 or int.from_bytes(raw[12:16], "little") != len(raw):
+                    raise ValueError(
+                        f"Blosc header says {int.from_bytes(raw[12:16], 'little')} bytes, file has {len(raw)}"
+                    )
+                raw = self.blosc.decode(raw)
+            return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
         except Exception as e:
             raise CorruptStoreError(f"{path}: chunk {c} cannot be decoded ({type(e).__name__}: {e})") from e
 
@@ -82,4 +95,3 @@ class ChunkReader:
             sel = chunk_ids == c
             out[sel] = self._chunk(int(c))[steps[sel] - c * self.rows_per_chunk]
         return out
-

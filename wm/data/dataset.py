@@ -71,7 +71,9 @@ class WindowDataset(Dataset):
         self._chunk_readers: dict[str, ChunkReader] = {}
         self._pid = -1
         # Episode number of every global step, for the "episode" batch key.
-        self._step_episode = np.repeat(np.arange(len(self.episode_ends)), np.diff(self.episode_ends, prepend=0))
+        self._step_episode = np.repeat(
+            np.arange(len(self.episode_ends)), np.diff(self.episode_ends, prepend=0)
+        )
 
     def __len__(self) -> int:
         return len(self.index)

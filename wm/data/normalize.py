@@ -64,7 +64,9 @@ class Normalizer(nn.Module):
         return getattr(self, self._buf(key, name))
 
     @classmethod
-    def fit(cls, store: DemoStore, modes: dict[str, str], episodes: Iterable[int] | None = None) -> Normalizer:
+    def fit(
+        cls, store: DemoStore, modes: dict[str, str], episodes: Iterable[int] | None = None
+    ) -> Normalizer:
         """Fit statistics for every non-identity key over the given episodes (all by default)."""
         stats = {}
         eps = list(range(store.n_episodes)) if episodes is None else list(episodes)
@@ -82,9 +84,13 @@ class Normalizer(nn.Module):
         mode = self.modes[key]
         if mode == "meanstd":
             return self.stat(key, "std").clamp_min(EPS), self.stat(key, "mean")
-        lo, hi = (self.stat(key, "min"), self.stat(key, "max")) if mode == "minmax" else (
-            self.stat(key, "q01"),
-            self.stat(key, "q99"),
+        lo, hi = (
+            (self.stat(key, "min"), self.stat(key, "max"))
+            if mode == "minmax"
+            else (
+                self.stat(key, "q01"),
+                self.stat(key, "q99"),
+            )
         )
         # A constant dimension maps to 0 rather than dividing by zero.
         half = ((hi - lo) / 2).clamp_min(EPS)
@@ -127,7 +133,9 @@ class Normalizer(nn.Module):
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def from_state_dict(cls, modes: dict[str, str], state: dict[str, torch.Tensor], prefix: str = "") -> Normalizer:
+    def from_state_dict(
+        cls, modes: dict[str, str], state: dict[str, torch.Tensor], prefix: str = ""
+    ) -> Normalizer:
         """Rebuild from a model state dict (its `prefix`-ed buffers) and the modes saved in the config."""
         stats = {
             key: {name: state[prefix + cls._buf(key, name)].cpu().numpy() for name in STATS}

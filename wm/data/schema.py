@@ -163,7 +163,9 @@ def infer_kind(name: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
 def infer_schema(arrays: dict[str, tuple[tuple[int, ...], Any]], fps: float = 10.0) -> Schema:
     """A schema for a store that has none. `arrays` maps key -> (full shape (T, ...), dtype)."""
     keys = {
-        name: KeySpec(shape=tuple(shape[1:]), dtype=np.dtype(dtype).name, kind=infer_kind(name, shape[1:], dtype))
+        name: KeySpec(
+            shape=tuple(shape[1:]), dtype=np.dtype(dtype).name, kind=infer_kind(name, shape[1:], dtype)
+        )
         for name, (shape, dtype) in arrays.items()
     }
     return Schema(keys=keys, fps=fps)

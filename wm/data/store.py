@@ -29,6 +29,7 @@ import zarr
 import zarr.codecs
 from zarr.storage import LocalStore, ZipStore
 
+from wm.data.chunks import ChunkReader
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import Schema, infer_schema
 
@@ -46,10 +47,14 @@ def _compressor(kind: str, zarr_format: int, codec: str) -> Any:
     if zarr_format == 2:
         from numcodecs import Blosc
 
-        return Blosc(cname=cname, clevel=5 if image else 3, shuffle=Blosc.NOSHUFFLE if image else Blosc.SHUFFLE)
-    return zarr.codecs.BloscCodec(
+        return Blosc(
+            cname=cname, clevel=5 if image else 3, shuffle=Blosc.NOSHUFFLE if image else Blosc.SHUFFLE
+        )
+    # zarr v3 stores also get a crc32c checksum per chunk, so a damaged chunk never decodes silently.
+    blosc = zarr.codecs.BloscCodec(
         cname=cname, clevel=5 if image else 3, shuffle="noshuffle" if image else "shuffle"
     )
+    return (blosc, zarr.codecs.Crc32cCodec())
 
 
 def _open_zarr_store(path: Path, read_only: bool) -> Any:
@@ -75,6 +80,7 @@ class DemoStore:
         self._group = group
         self._schema = schema
         self._arrays: dict[str, zarr.Array] = {}
+        self._readers: dict[str, ChunkReader] = {}  # direct chunk decoding where the layout allows
         self._info: list[dict[str, Any]] = []
         self._ends = np.zeros(0, dtype=np.int64)
         self._writing: EpisodeWriter | None = None
@@ -132,11 +138,15 @@ class DemoStore:
         if not path.exists():
             raise NotAStoreError(f"{path}: no such store")
         try:
-            group = zarr.open_group(store=_open_zarr_store(path, read_only=mode == "r"), mode="r" if mode == "r" else "r+")
+            group = zarr.open_group(
+                store=_open_zarr_store(path, read_only=mode == "r"), mode="r" if mode == "r" else "r+"
+            )
         except (FileNotFoundError, ValueError, json.JSONDecodeError, zarr.errors.BaseZarrError) as e:
             raise NotAStoreError(f"{path}: not a zarr demonstration store ({type(e).__name__}: {e})") from e
         if "meta" not in group or "episode_ends" not in group["meta"] or "data" not in group:
-            raise NotAStoreError(f"{path}: not a demonstration store (it has no data/ group or meta/episode_ends)")
+            raise NotAStoreError(
+                f"{path}: not a demonstration store (it has no data/ group or meta/episode_ends)"
+            )
         attrs = dict(group.attrs)
         legacy = SCHEMA_ATTR not in attrs
         if legacy:
@@ -206,15 +216,19 @@ class DemoStore:
     def read(self, key: str, sel: slice, episode: int | None = None) -> np.ndarray:
         """Read `data/<key>[sel]`; a chunk that cannot be decoded raises CorruptStoreError naming it."""
         arr = self.array(key)
+        ep = f"episode {episode}, " if episode is not None else ""
+        where = f"key {key!r}, {ep}steps {sel.start}:{sel.stop}"
         try:
+            fast = self._readers.get(key)
+            if fast is not None:
+                return fast.rows(np.arange(*sel.indices(arr.shape[0])))
             return arr[sel]
-        except (CorruptStoreError, SchemaError):
-            raise
-        except Exception as e:  # codec errors come as RuntimeError, ValueError, TypeError...
-            where = f"episode {episode}, " if episode is not None else ""
+        except CorruptStoreError as e:
+            raise CorruptStoreError(f"{e} ({where})") from e
+        except Exception as e:  # zarr's codec errors come as RuntimeError, ValueError, TypeError...
             raise CorruptStoreError(
-                f"{self.path}/data/{key}: cannot decode steps {sel.start}:{sel.stop} ({where}"
-                f"chunks of {arr.chunks[0]} steps): {type(e).__name__}: {e}"
+                f"{self.path}/data/{key}: cannot decode ({where}, chunks of {arr.chunks[0]} steps): "
+                f"{type(e).__name__}: {e}"
             ) from e
 
     def get_episode(self, i: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -229,6 +243,8 @@ class DemoStore:
 
     def refresh(self) -> None:
         """Re-read the commit record, so a reader sees episodes appended since it opened the store."""
+        # zarr caches metadata in the group and array objects: open them afresh.
+        self._group = zarr.open_group(store=self._group.store, mode="r" if self.mode == "r" else "r+")
         attrs = dict(self._group.attrs)
         try:
             ends = np.asarray(self._group["meta/episode_ends"][:], dtype=np.int64)
@@ -253,9 +269,11 @@ class DemoStore:
                 raise SchemaError(f"{self.path}: the schema declares key {key!r} but data/{key} is missing")
             if present[key].shape[0] < (int(ends[-1]) if len(ends) else 0):
                 raise CorruptStoreError(
-                    f"{self.path}/data/{key}: has {present[key].shape[0]} steps but episodes end at {int(ends[-1])}"
+                    f"{self.path}/data/{key}: has {present[key].shape[0]} steps "
+                    f"but episodes end at {int(ends[-1])}"
                 )
         self._arrays = {k: present[k] for k in self._schema.keys}
+        self._readers = {k: r for k, a in self._arrays.items() if (r := ChunkReader.for_array(a)) is not None}
         self._ends = ends
         self._info = info
 
@@ -273,7 +291,7 @@ class DemoStore:
     def _repair(self) -> None:
         """Drop whatever a killed writer left past the last committed episode."""
         n = self.n_steps
-        for key, arr in self._arrays.items():
+        for _key, arr in self._arrays.items():
             if arr.shape[0] > n:
                 arr.resize((n, *arr.shape[1:]))
         ends_arr = self._group["meta/episode_ends"]
@@ -384,7 +402,8 @@ class EpisodeWriter:
         extra = set(step) - set(self._store.keys)
         if missing or extra:
             raise AppendError(
-                f"{self._where()}: keys do not match the schema (missing {sorted(missing)}, unknown {sorted(extra)})"
+                f"{self._where()}: keys do not match the schema "
+                f"(missing {sorted(missing)}, unknown {sorted(extra)})"
             )
 
     def add_step(self, step: dict[str, Any]) -> None:
@@ -455,11 +474,15 @@ class EpisodeWriter:
 def copy_episodes(src: DemoStore, dst: DemoStore, episodes: Sequence[int] | None = None) -> list[int]:
     """Append episodes of `src` (all by default) to `dst`, with their info; returns their new indices."""
     if set(src.keys) != set(dst.keys):
-        raise SchemaError(f"{src.path} and {dst.path} have different keys: {sorted(src.keys)} vs {sorted(dst.keys)}")
+        raise SchemaError(
+            f"{src.path} and {dst.path} have different keys: {sorted(src.keys)} vs {sorted(dst.keys)}"
+        )
     for k in src.keys:
         a, b = src.schema.keys[k], dst.schema.keys[k]
         if (a.shape, a.dtype) != (b.shape, b.dtype):
-            raise SchemaError(f"key {k!r}: {src.path} has {a.shape} {a.dtype}, {dst.path} has {b.shape} {b.dtype}")
+            raise SchemaError(
+                f"key {k!r}: {src.path} has {a.shape} {a.dtype}, {dst.path} has {b.shape} {b.dtype}"
+            )
     out = []
     for i in range(src.n_episodes) if episodes is None else episodes:
         info = src.episode_info(i)
@@ -468,7 +491,9 @@ def copy_episodes(src: DemoStore, dst: DemoStore, episodes: Sequence[int] | None
     return out
 
 
-def merge_stores(sources: Sequence[str | os.PathLike], dst: str | os.PathLike, **create_kwargs: Any) -> DemoStore:
+def merge_stores(
+    sources: Sequence[str | os.PathLike], dst: str | os.PathLike, **create_kwargs: Any
+) -> DemoStore:
     """Write a new store at `dst` holding every episode of `sources`, in order (schema of the first)."""
     if not sources:
         raise ValueError("merge_stores needs at least one source store")

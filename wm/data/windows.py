@@ -59,7 +59,9 @@ class WindowSpec:
         `(n_obs - 1) * frameskip` before the start, as Diffusion Policy's sampler does.
         """
         if n_obs < 1 or horizon < 1 or frameskip < 1:
-            raise ValueError(f"n_obs, horizon and frameskip must be >= 1, got {n_obs}, {horizon}, {frameskip}")
+            raise ValueError(
+                f"n_obs, horizon and frameskip must be >= 1, got {n_obs}, {horizon}, {frameskip}"
+            )
         first = -(n_obs - 1) * frameskip
         obs = tuple(first + i * frameskip for i in range(n_obs))
         act = tuple(range(first, first + horizon * frameskip))
@@ -75,9 +77,11 @@ class WindowSpec:
         return lo, hi
 
 
-def build_index(episode_ends: np.ndarray, spec: WindowSpec, episodes: Sequence[int] | None = None) -> np.ndarray:
-    """All anchors of the given episodes as an (N, 3) int64 array of (anchor step, episode start, episode end),
-    in global step numbers (episode end exclusive)."""
+def build_index(
+    episode_ends: np.ndarray, spec: WindowSpec, episodes: Sequence[int] | None = None
+) -> np.ndarray:
+    """All anchors of the given episodes as an (N, 3) int64 array of
+    (anchor step, episode start, episode end), in global step numbers (episode end exclusive)."""
     ends = np.asarray(episode_ends, dtype=np.int64)
     starts = np.concatenate([[0], ends[:-1]])
     lo_off, hi_off = spec.span
@@ -98,7 +102,9 @@ def build_index(episode_ends: np.ndarray, spec: WindowSpec, episodes: Sequence[i
     return np.concatenate(rows, axis=0)
 
 
-def window_indices(anchor: int, start: int, end: int, offsets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def window_indices(
+    anchor: int, start: int, end: int, offsets: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """Global step indices for `offsets` around `anchor`, clamped to [start, end), and the `is_pad` mask."""
     raw = anchor + np.asarray(offsets, dtype=np.int64)
     clipped = np.clip(raw, start, end - 1)

@@ -1,0 +1,50 @@
+"""Shared fixtures: small stores written with the real zarr store."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from wm.data import DemoStore, KeySpec, Schema  # noqa: E402
+
+IMG = (24, 32, 3)
+
+
+def make_schema() -> Schema:
+    return Schema(
+        keys={
+            "img": KeySpec(IMG, "uint8", "image"),
+            "state": KeySpec((4,), "float32", "proprio", units="m"),
+            "action": KeySpec((2,), "float32", "action"),
+        },
+        fps=10,
+        robot="test_bot",
+        task="test_task",
+    )
+
+
+def make_episode(seed: int, length: int) -> dict[str, np.ndarray]:
+    """Deterministic episode content: the same seed always gives the same bytes."""
+    rng = np.random.default_rng(seed)
+    return {
+        "img": rng.integers(0, 256, (length, *IMG), dtype=np.uint8),
+        "state": rng.normal(size=(length, 4)).astype(np.float32),
+        "action": rng.normal(size=(length, 2)).astype(np.float32),
+    }
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """A store with 5 episodes of lengths 7..11 (episode i made from seed i)."""
+    path = tmp_path / "small.zarr"
+    store = DemoStore.create(path, make_schema())
+    episodes = [make_episode(i, 7 + i) for i in range(5)]
+    for i, ep in enumerate(episodes):
+        store.append_episode(ep, {"success": i % 2 == 0, "notes": f"ep{i}"})
+    store.close()
+    return path, episodes

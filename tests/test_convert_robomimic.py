@@ -1,0 +1,183 @@
+"""robomimic HDF5 -> DemoStore conversion on tiny files written with h5py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from wm.data import AppendError, DemoStore, NotAStoreError, SchemaError
+from wm.data.convert.robomimic import is_robomimic_hdf5, robomimic_to_store
+
+LENGTHS = {"demo_0": 5, "demo_2": 7, "demo_10": 3}
+ENV_ARGS = {
+    "env_name": "Lift",
+    "type": 1,
+    "env_kwargs": {
+        "robots": ["Panda"],
+        "control_freq": 15,
+        "controller_configs": {"type": "OSC_POSE", "control_delta": True, "input_max": 1},
+    },
+}
+
+
+def _demo_data(name: str, length: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "actions": rng.uniform(-1, 1, (length, 7)),
+        "obs/agentview_image": rng.integers(0, 256, (length, 16, 16, 3), dtype=np.uint8),
+        "obs/robot0_eef_pos": rng.normal(size=(length, 3)),
+        "obs/robot0_gripper_qpos": rng.normal(size=(length, 2)).astype(np.float32),
+        "rewards": np.zeros(length),
+        "dones": np.zeros(length, dtype=np.int64),
+        "states": rng.normal(size=(length, 10)),
+    }
+
+
+def write_robomimic(path: Path, *, images: bool = True, env_args: dict | None = ENV_ARGS) -> dict:
+    """A robomimic-layout file; demo_2 fails, the others succeed. Returns {demo: {dataset: array}}."""
+    demos = {}
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        if env_args is not None:
+            data.attrs["env_args"] = json.dumps(env_args)
+        data.attrs["total"] = sum(LENGTHS.values())
+        for seed, (name, length) in enumerate(LENGTHS.items()):
+            arrays = _demo_data(name, length, seed)
+            if name != "demo_2":
+                arrays["dones"][-1] = 1
+                arrays["rewards"][-1] = 1.0
+            if not images:
+                del arrays["obs/agentview_image"]
+            g = data.create_group(name)
+            g.attrs["num_samples"] = length
+            for key, value in arrays.items():
+                g.create_dataset(key, data=value)
+            demos[name] = arrays
+        mask = f.create_group("mask")
+        mask.create_dataset("train", data=np.array([b"demo_0", b"demo_10"]))
+        mask.create_dataset("valid", data=np.array([b"demo_2"]))
+    return demos
+
+
+def test_convert_bit_exact_in_numeric_order(tmp_path: Path) -> None:
+    src = tmp_path / "lift.hdf5"
+    demos = write_robomimic(src)
+    assert is_robomimic_hdf5(src)
+    store = robomimic_to_store(src, tmp_path / "lift.zarr")
+    assert store.n_episodes == 3
+    assert [store.episode_info(i)["source_demo"] for i in range(3)] == ["demo_0", "demo_2", "demo_10"]
+    assert store.episode_lengths().tolist() == [5, 7, 3]
+    assert set(store.keys) == {"action", "agentview_image", "robot0_eef_pos", "robot0_gripper_qpos"}
+    for i, name in enumerate(["demo_0", "demo_2", "demo_10"]):
+        ep = store.get_episode(i)
+        src_arrays = demos[name]
+        pairs = {"action": "actions", **{k: f"obs/{k}" for k in store.keys if k != "action"}}
+        for key, src_key in pairs.items():
+            assert ep[key].dtype == src_arrays[src_key].dtype, key
+            np.testing.assert_array_equal(ep[key], src_arrays[src_key])
+
+
+def test_schema_fps_and_info(tmp_path: Path) -> None:
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src)
+    store = robomimic_to_store(src, tmp_path / "out.zarr", zarr_format=2)
+    s = store.schema
+    assert store.zarr_format == 2
+    assert s.fps == 15.0 and s.task == "Lift" and s.robot == "Panda"
+    assert (s.action_space.mode, s.action_space.frame) == ("delta", "ee")
+    assert s.keys["agentview_image"].kind == "image" and s.keys["agentview_image"].shape == (16, 16, 3)
+    assert s.keys["robot0_eef_pos"].kind == "proprio" and s.keys["robot0_eef_pos"].dtype == "float64"
+    assert s.keys["action"].kind == "action" and s.keys["action"].shape == (7,)
+    infos = [store.episode_info(i) for i in range(3)]
+    assert [i["success"] for i in infos] == [True, False, True]
+    assert [i["filter_keys"] for i in infos] == [["train"], ["valid"], ["train"]]
+    # fps argument overrides control_freq
+    store2 = robomimic_to_store(src, tmp_path / "out.zarr", overwrite=True, fps=30)
+    assert store2.schema.fps == 30.0 and store2.zarr_format == 3
+
+
+def test_low_dim_only_and_defaults(tmp_path: Path) -> None:
+    src = tmp_path / "low_dim.hdf5"
+    demos = write_robomimic(src, images=False, env_args={"env_name": "PickPlaceCan", "env_kwargs": {}})
+    store = robomimic_to_store(src, tmp_path / "low.zarr")
+    assert store.schema.keys_of_kind("image") == []
+    assert store.schema.fps == 20.0
+    assert (store.schema.action_space.mode, store.schema.action_space.frame) == ("absolute", "other")
+    np.testing.assert_array_equal(
+        store.get_episode(2)["robot0_eef_pos"], demos["demo_10"]["obs/robot0_eef_pos"]
+    )
+
+
+def test_robosuite_15_composite_controller(tmp_path: Path) -> None:
+    ctrl = {"type": "BASIC", "body_parts": {"right": {"type": "OSC_POSE", "input_type": "absolute"}}}
+    args = {"env_name": "Lift", "env_kwargs": {"robots": "Panda", "controller_configs": ctrl}}
+    src = tmp_path / "abs.hdf5"
+    write_robomimic(src, images=False, env_args=args)
+    space = robomimic_to_store(src, tmp_path / "abs.zarr").schema.action_space
+    assert (space.mode, space.frame) == ("absolute", "ee")
+
+
+def test_missing_obs_key_names_demo(tmp_path: Path) -> None:
+    src = tmp_path / "bad.hdf5"
+    write_robomimic(src)
+    with h5py.File(src, "a") as f:
+        del f["data/demo_10/obs/robot0_eef_pos"]
+    with pytest.raises(SchemaError, match=r"bad\.hdf5.*demo_10.*robot0_eef_pos") as e:
+        robomimic_to_store(src, tmp_path / "bad.zarr")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_mismatched_shape_names_both_demos(tmp_path: Path) -> None:
+    src = tmp_path / "bad.hdf5"
+    write_robomimic(src)
+    with h5py.File(src, "a") as f:
+        del f["data/demo_2/obs/robot0_eef_pos"]
+        f["data/demo_2/obs/robot0_eef_pos"] = np.zeros((7, 4))
+    with pytest.raises(SchemaError, match=r"demo_2.*robot0_eef_pos.*demo_0"):
+        robomimic_to_store(src, tmp_path / "bad.zarr")
+
+
+def test_non_finite_action_is_append_error_with_demo(tmp_path: Path) -> None:
+    src = tmp_path / "nan.hdf5"
+    write_robomimic(src)
+    with h5py.File(src, "a") as f:
+        f["data/demo_10/actions"][1, 2] = np.nan
+    dst = tmp_path / "nan.zarr"
+    with pytest.raises(AppendError, match=r"nan\.hdf5.*demo_10.*'action'.*non-finite") as e:
+        robomimic_to_store(src, dst)
+    assert "\n" not in str(e.value) and ".converting" not in str(e.value)
+    assert not dst.exists() and not list(tmp_path.glob(".*converting"))
+
+
+def test_not_robomimic(tmp_path: Path) -> None:
+    text = tmp_path / "notes.hdf5"
+    text.write_text("hello")
+    assert not is_robomimic_hdf5(text)
+    assert not is_robomimic_hdf5(tmp_path / "missing.hdf5")
+    with pytest.raises(NotAStoreError, match=r"notes\.hdf5.*not an HDF5"):
+        robomimic_to_store(text, tmp_path / "a.zarr")
+    other = tmp_path / "other.hdf5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.zeros(3)
+    assert not is_robomimic_hdf5(other)
+    with pytest.raises(NotAStoreError, match=r"other\.hdf5.*no data/ group"):
+        robomimic_to_store(other, tmp_path / "b.zarr")
+    with h5py.File(other, "a") as f:
+        f.create_group("data/episode_1")
+    with pytest.raises(NotAStoreError, match=r"other\.hdf5.*data/episode_1"):
+        robomimic_to_store(other, tmp_path / "b.zarr")
+
+
+def test_existing_destination(tmp_path: Path) -> None:
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src, images=False)
+    dst = tmp_path / "out.zarr"
+    robomimic_to_store(src, dst).close()
+    with pytest.raises(FileExistsError):
+        robomimic_to_store(src, dst)
+    assert DemoStore.open(dst).n_episodes == 3

@@ -1,0 +1,134 @@
+"""Store summary, text report and contact sheet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wm.data import ActionSpace, DemoStore, KeySpec, Schema, SchemaError
+from wm.data import info as wm_info
+
+LENGTHS = [5, 9, 3, 7]
+H, W = 24, 32
+
+
+def _schema() -> Schema:
+    return Schema(
+        keys={
+            "rgb": KeySpec(shape=(H, W, 3), dtype="uint8", kind="image"),
+            "qpos": KeySpec(shape=(4,), dtype="float32", kind="proprio"),
+            "action": KeySpec(shape=(2,), dtype="float32", kind="action"),
+        },
+        fps=12.5,
+        action_space=ActionSpace(mode="delta", frame="ee", units="m"),
+        robot="Panda",
+        task="Lift",
+    )
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> tuple[DemoStore, list[dict[str, np.ndarray]]]:
+    store = DemoStore.create(tmp_path / "demo.zarr", _schema())
+    rng = np.random.default_rng(0)
+    episodes = []
+    for i, n in enumerate(LENGTHS):
+        ep = {
+            "rgb": rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8),
+            "qpos": rng.normal(i, 1 + i, (n, 4)).astype(np.float32),
+            "action": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+        }
+        info = {} if i == 3 else {"success": i != 1}
+        store.append_episode(ep, info)
+        episodes.append(ep)
+    return store, episodes
+
+
+def test_summarize_matches_numpy(built: tuple[DemoStore, list]) -> None:
+    store, episodes = built
+    s = wm_info.summarize(store)
+    json.dumps(s, allow_nan=False)  # strictly JSON-serializable
+    assert (s["episodes"], s["steps"], s["fps"], s["zarr_format"]) == (4, sum(LENGTHS), 12.5, 3)
+    assert (s["robot"], s["task"]) == ("Panda", "Lift")
+    assert s["action_space"]["mode"] == "delta" and s["action_space"]["frame"] == "ee"
+    assert s["episode_length"] == {"min": 3, "max": 9, "mean": float(np.mean(LENGTHS))}
+    assert s["success_rate"] == pytest.approx(2 / 3) and s["episodes_with_success_flag"] == 3
+    files = [f for f in Path(store.path).rglob("*") if f.is_file()]
+    assert s["size_on_disk_bytes"] == sum(f.stat().st_size for f in files) > 0
+    for key in ("qpos", "action"):
+        x = np.concatenate([e[key] for e in episodes]).astype(np.float64)
+        st = s["keys"][key]["stats"]
+        for name, fn in (("min", np.min), ("max", np.max), ("mean", np.mean), ("std", np.std)):
+            np.testing.assert_allclose(st[name], fn(x, axis=0), rtol=1e-6, atol=1e-9)
+    rgb = s["keys"]["rgb"]
+    assert rgb["shape"] == [H, W, 3] and rgb["kind"] == "image" and rgb["chunks"] == [1, H, W, 3]
+    assert rgb["codec"] == "blosc/lz4/5" and s["keys"]["qpos"]["codec"] == "blosc/zstd/3"
+    frames = np.concatenate([e["rgb"] for e in episodes]).astype(np.float64)
+    np.testing.assert_allclose(rgb["stats"]["mean"], frames.mean(axis=(0, 1, 2)))
+
+
+def test_summarize_subsamples(built: tuple[DemoStore, list]) -> None:
+    store, episodes = built
+    s = wm_info.summarize(store, stats_max_steps=5, image_frames=4)
+    x = np.concatenate([e["qpos"] for e in episodes]).astype(np.float64)
+    stride = int(np.ceil(len(x) / 5))
+    st = s["keys"]["qpos"]["stats"]
+    assert st["steps_used"] == len(x[::stride]) <= 5
+    np.testing.assert_allclose(st["mean"], x[::stride].mean(axis=0), rtol=1e-6)
+    assert s["keys"]["rgb"]["stats"]["frames_used"] <= 4
+
+
+def test_summarize_empty_and_zarr2(tmp_path: Path) -> None:
+    store = DemoStore.create(tmp_path / "empty.zarr", _schema(), zarr_format=2)
+    s = wm_info.summarize(store)
+    json.dumps(s, allow_nan=False)
+    assert s["episodes"] == 0 and s["success_rate"] is None and s["episode_length"]["min"] is None
+    assert s["keys"]["qpos"]["stats"] is None and s["keys"]["rgb"]["codec"] == "blosc/lz4/5"
+    assert "empty.zarr" in wm_info.format_summary(s)
+
+
+def test_format_summary(built: tuple[DemoStore, list]) -> None:
+    store, _ = built
+    text = wm_info.format_summary(wm_info.summarize(store))
+    for word in ("rgb", "qpos", "action", "Panda", "Lift", "delta / ee", "66.7%", "blosc/lz4/5"):
+        assert word in text
+    assert wm_info.human_bytes(12.3 * 2**20) == "12.3 MiB"
+    assert wm_info.human_bytes(512) == "512 B" and wm_info.human_bytes(1536) == "1.5 KiB"
+
+
+def test_contact_sheet(built: tuple[DemoStore, list], tmp_path: Path) -> None:
+    store, episodes = built
+    out = wm_info.contact_sheet(store, tmp_path / "sheets" / "sheet.png", n_episodes=3)
+    assert out.is_file()
+    img = np.asarray(Image.open(out).convert("RGB"))
+    row_h = max(H, 3 * wm_info.LABEL_LINE_H)
+    rows = wm_info._pick_episodes(4, 3, 0)
+    assert rows == [0, 2, 3]
+    assert img.shape == (wm_info.HEADER_H + wm_info.PAD + 3 * (row_h + wm_info.PAD),
+                         wm_info.LABEL_W + wm_info.PAD + 2 * (W + wm_info.PAD), 3)  # fmt: skip
+    for r, ep in enumerate(rows):
+        y = wm_info.HEADER_H + wm_info.PAD + r * (row_h + wm_info.PAD)
+        x = wm_info.LABEL_W + wm_info.PAD
+        np.testing.assert_array_equal(img[y : y + H, x : x + W], episodes[ep]["rgb"][0])
+        x_last = x + W + wm_info.PAD
+        np.testing.assert_array_equal(img[y : y + H, x_last : x_last + W], episodes[ep]["rgb"][-1])
+    assert img[:, : wm_info.LABEL_W].max() > 100  # labels were drawn
+    # all episodes when fewer than asked; other seeds pick other evenly spaced episodes
+    full = Image.open(wm_info.contact_sheet(store, tmp_path / "all.png", image_key="rgb"))
+    assert full.size[1] == wm_info.HEADER_H + wm_info.PAD + 4 * (row_h + wm_info.PAD)
+    picks = wm_info._pick_episodes(100, 5, 7)
+    assert len(picks) == 5 and np.all(np.diff(picks) >= 19)
+
+
+def test_contact_sheet_without_images(tmp_path: Path) -> None:
+    schema = Schema(keys={"action": KeySpec(shape=(2,), dtype="float32", kind="action")})
+    store = DemoStore.create(tmp_path / "low.zarr", schema)
+    store.append_episode({"action": np.zeros((3, 2), np.float32)})
+    with pytest.raises(SchemaError, match=r"low\.zarr.*no image keys"):
+        wm_info.contact_sheet(store, tmp_path / "x.png")
+    with pytest.raises(SchemaError, match="not an image key"):
+        wm_info.contact_sheet(store, tmp_path / "x.png", image_key="action")
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,282 @@
+"""Round trips, legacy stores, store operations and bad input for the demonstration store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from conftest import make_episode, make_schema
+
+from wm.data import (
+    AppendError,
+    CorruptStoreError,
+    DemoStore,
+    NotAStoreError,
+    Schema,
+    SchemaError,
+    delete_episodes,
+    keep_episodes,
+    merge_stores,
+)
+from wm.data.chunks import ChunkReader
+
+
+def assert_episode_equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+@pytest.mark.parametrize("frames_per_chunk", [1, 3])
+def test_round_trip_buffered_and_streamed(tmp_path, zarr_format, frames_per_chunk):
+    path = tmp_path / "s.zarr"
+    store = DemoStore.create(path, make_schema(), zarr_format=zarr_format, frames_per_chunk=frames_per_chunk)
+    eps = [make_episode(i, 5 + 20 * i) for i in range(3)]  # 45 steps crosses the streaming flush size
+    store.append_episode(eps[0], {"success": True})
+    with store.begin_episode() as w:
+        for t in range(len(eps[1]["action"])):
+            w.add_step({k: v[t] for k, v in eps[1].items()})
+    w = store.begin_episode()
+    w.add_steps({k: v[:10] for k, v in eps[2].items()})
+    w.add_steps({k: v[10:] for k, v in eps[2].items()})
+    assert w.end({"success": False, "notes": "dropped the block"}) == 2
+    store.close()
+
+    r = DemoStore.open(path)
+    assert r.zarr_format == zarr_format
+    assert r.n_episodes == 3 and r.n_steps == sum(len(e["action"]) for e in eps)
+    np.testing.assert_array_equal(r.episode_ends, np.cumsum([len(e["action"]) for e in eps]))
+    for i, ep in enumerate(eps):
+        assert_episode_equal(r.get_episode(i), ep)
+    assert r.episode_info(0) == {"length": 5, "success": True}
+    assert r.episode_info(2)["notes"] == "dropped the block"
+    assert r.schema == make_schema()
+    assert not r.legacy
+
+
+def test_float64_input_is_stored_as_schema_dtype(tmp_path):
+    store = DemoStore.create(tmp_path / "s.zarr", make_schema())
+    ep = make_episode(0, 4)
+    ep["action"] = ep["action"].astype(np.float64)
+    store.append_episode(ep)
+    assert store.get_episode(0)["action"].dtype == np.float32
+
+
+def test_fast_chunk_reader_matches_zarr(tmp_path):
+    for fmt in (2, 3):
+        store = DemoStore.create(
+            tmp_path / f"s{fmt}.zarr", make_schema(), zarr_format=fmt, frames_per_chunk=4
+        )
+        for i in range(3):
+            store.append_episode(make_episode(i, 9))
+        arr = store.array("img")
+        reader = ChunkReader.for_array(arr)
+        assert reader is not None
+        steps = np.array([0, 3, 4, 5, 17, 26])
+        np.testing.assert_array_equal(reader.rows(steps), arr.oindex[steps])
+
+
+def test_legacy_diffusion_policy_store_opens_directly(tmp_path):
+    """A zarr v2 store in Diffusion Policy's layout, without schema attributes."""
+    path = tmp_path / "pusht_legacy.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    rng = np.random.default_rng(0)
+    root.create_array(
+        "data/img", data=rng.integers(0, 255, (30, 16, 16, 3), dtype=np.uint8), chunks=(1, 16, 16, 3)
+    )
+    root.create_array("data/state", data=rng.normal(size=(30, 5)).astype(np.float32))
+    root.create_array("data/action", data=rng.normal(size=(30, 2)).astype(np.float32))
+    root.create_array("data/keypoint", data=rng.normal(size=(30, 9, 2)).astype(np.float32))
+    root.create_array("meta/episode_ends", data=np.array([10, 30], dtype=np.int64))
+
+    s = DemoStore.open(path)
+    assert s.legacy and s.n_episodes == 2 and s.n_steps == 30
+    kinds = {k: spec.kind for k, spec in s.schema.keys.items()}
+    assert kinds == {"img": "image", "state": "proprio", "action": "action", "keypoint": "proprio"}
+    np.testing.assert_array_equal(s.get_episode(1)["state"], root["data/state"][10:30])
+
+    s2 = DemoStore.open(path, schema_overrides={"fps": 10, "keys": {"keypoint": {"kind": "lowdim"}}})
+    assert s2.schema.keys["keypoint"].kind == "lowdim"
+    with pytest.raises(SchemaError, match="nope"):
+        DemoStore.open(path, schema_overrides={"keys": {"nope": {"kind": "image"}}})
+
+    # Appending adopts the store: it gains a schema and stays readable as the DP layout.
+    a = DemoStore.open(path, mode="a")
+    a.append_episode({k: v[:5] for k, v in a.get_episode(0).items()})
+    a.close()
+    assert list(zarr.open_group(str(path), mode="r")["meta/episode_ends"][:]) == [10, 30, 35]
+    assert not DemoStore.open(path).legacy
+
+
+def test_reader_sees_only_committed_episodes_and_refreshes(small_store):
+    path, eps = small_store
+    reader = DemoStore.open(path)
+    writer = DemoStore.open(path, mode="a")
+    w = writer.begin_episode()
+    w.add_steps(make_episode(99, 40))  # flushed to disk, not committed
+    reader.refresh()
+    assert reader.n_episodes == 5
+    assert_episode_equal(reader.get_episode(4), eps[4])
+    w.end()
+    reader.refresh()
+    assert reader.n_episodes == 6
+    assert_episode_equal(reader.get_episode(5), make_episode(99, 40))
+
+
+def test_discard_restores_the_store(small_store):
+    path, eps = small_store
+    s = DemoStore.open(path, mode="a")
+    w = s.begin_episode()
+    w.add_steps(make_episode(7, 50))
+    w.discard()
+    assert s.array("img").shape[0] == s.n_steps == sum(len(e["action"]) for e in eps)
+    with pytest.raises(RuntimeError):
+        with s.begin_episode() as w:
+            w.add_steps(make_episode(8, 3))
+            raise RuntimeError("operator pressed discard")
+    assert s.n_episodes == 5 and s.array("action").shape[0] == s.n_steps
+
+
+def test_delete_keep_merge(tmp_path, small_store):
+    path, eps = small_store
+    delete_episodes(path, [1, -1])
+    s = DemoStore.open(path)
+    assert s.n_episodes == 3
+    for new, old in enumerate([0, 2, 3]):
+        assert_episode_equal(s.get_episode(new), eps[old])
+        assert s.episode_info(new)["notes"] == f"ep{old}"
+    s.close()
+    keep_episodes(path, [2, 0])
+    s = DemoStore.open(path)
+    assert [s.episode_info(i)["notes"] for i in range(2)] == ["ep3", "ep0"]
+    s.close()
+
+    other = tmp_path / "other.zarr"
+    o = DemoStore.create(other, make_schema())
+    o.append_episode(make_episode(50, 6), {"notes": "other"})
+    o.close()
+    m = merge_stores([path, other], tmp_path / "merged.zarr")
+    assert m.n_episodes == 3
+    assert_episode_equal(m.get_episode(2), make_episode(50, 6))
+
+
+def test_interrupted_keep_swap_is_completed_on_open(small_store):
+    path, eps = small_store
+    # Simulate a crash between keep_episodes' two renames: the new store is complete beside the old.
+    keep_episodes(path, [0, 1])
+    old = path.with_name(path.name + ".wm-old")
+    new = path.with_name(path.name + ".wm-new")
+    path.rename(new)
+    store = DemoStore.create(old, make_schema())
+    store.close()
+    s = DemoStore.open(path)
+    assert s.n_episodes == 2 and not old.exists() and not new.exists()
+
+
+# ---------------------------------------------------------------------- bad input
+def test_not_a_store(tmp_path):
+    with pytest.raises(NotAStoreError, match="no such store"):
+        DemoStore.open(tmp_path / "missing.zarr")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("hello")
+    with pytest.raises(NotAStoreError, match="junk"):
+        DemoStore.open(tmp_path / "junk")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").create_array("x", shape=(3,), dtype="f4")
+    with pytest.raises(NotAStoreError, match="episode_ends"):
+        DemoStore.open(tmp_path / "plain.zarr")
+
+
+def test_missing_declared_key(small_store):
+    path, _ = small_store
+    import shutil
+
+    shutil.rmtree(path / "data" / "state")
+    with pytest.raises(SchemaError, match="'state'"):
+        DemoStore.open(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda ep: ep.update(action=ep["action"][:, :1]), r"key 'action': shape \(1,\) != schema \(2,\)"),
+        (lambda ep: ep.update(img=ep["img"].astype(np.float32)), "key 'img': dtype float32 != schema uint8"),
+        (
+            lambda ep: ep["action"].__setitem__((3, 1), np.nan),
+            "key 'action' has non-finite values .first at step 3",
+        ),
+        (lambda ep: ep["state"].__setitem__((0, 0), np.inf), "key 'state' has non-finite"),
+        (lambda ep: ep.pop("state"), r"missing \['state'\]"),
+        (lambda ep: ep.update(extra=np.zeros(len(ep["action"]))), r"unknown \['extra'\]"),
+        (lambda ep: ep.update(action=ep["action"][:-1]), "different lengths"),
+    ],
+)
+def test_bad_append_is_refused_and_damages_nothing(small_store, mutate, match):
+    path, eps = small_store
+    s = DemoStore.open(path, mode="a")
+    bad = make_episode(123, 8)
+    mutate(bad)
+    with pytest.raises(AppendError, match=match):
+        s.append_episode(bad)
+    assert s.n_episodes == 5
+    s.append_episode(make_episode(124, 3))  # the store still takes good episodes
+    s.close()
+    r = DemoStore.open(path)
+    assert r.n_episodes == 6 and r.array("img").shape[0] == r.n_steps
+    for i, ep in enumerate(eps):
+        assert_episode_equal(r.get_episode(i), ep)
+
+
+def test_nan_step_is_refused_before_buffering(small_store):
+    path, _ = small_store
+    s = DemoStore.open(path, mode="a")
+    w = s.begin_episode()
+    step = {k: v[0] for k, v in make_episode(1, 1).items()}
+    w.add_step(step)
+    step["action"] = np.array([np.nan, 0.0], dtype=np.float32)
+    with pytest.raises(AppendError, match=r"episode 5, step 1, key 'action'|key 'action' has non-finite"):
+        w.add_step(step)
+    assert w.n_steps == 1
+
+
+def test_unserializable_info_is_refused(small_store):
+    path, _ = small_store
+    s = DemoStore.open(path, mode="a")
+    with pytest.raises(AppendError, match="JSON"):
+        s.append_episode(make_episode(1, 3), {"bad": object()})
+    assert s.n_episodes == 5 and s.array("img").shape[0] == s.n_steps
+
+
+def test_truncated_chunk_gives_clear_error(small_store):
+    path, _ = small_store
+    chunk = path / "data" / "img" / "c" / "8" / "0" / "0" / "0"  # step 8 lies in episode 1
+    raw = chunk.read_bytes()
+    chunk.write_bytes(raw[: len(raw) // 3])
+    s = DemoStore.open(path)
+    s.get_episode(0)  # untouched episodes still read
+    with pytest.raises(CorruptStoreError, match=r"data/img.*episode 1"):
+        s.get_episode(1)
+    with pytest.raises(CorruptStoreError, match=r"chunk 8"):
+        ChunkReader.for_array(s.array("img")).rows(np.array([8]))
+
+
+def test_read_only_store_refuses_writes(small_store):
+    path, _ = small_store
+    with pytest.raises(PermissionError, match="read-only"):
+        DemoStore.open(path).begin_episode()
+
+
+def test_bad_schema_values():
+    with pytest.raises(SchemaError, match="kind"):
+        Schema.from_dict({"keys": {"x": {"shape": [2], "dtype": "float32", "kind": "video"}}})
+    with pytest.raises(SchemaError, match="fps"):
+        Schema.from_dict({"keys": {"x": {"shape": [2], "dtype": "float32", "kind": "action"}}, "fps": -1})
+    with pytest.raises(SchemaError, match="newer"):
+        Schema.from_dict(
+            {"keys": {"x": {"shape": [2], "dtype": "f4", "kind": "action"}}, "format_version": 99}
+        )
+    d = make_schema().to_dict()
+    assert Schema.from_dict(json.loads(json.dumps(d))) == make_schema()

@@ -1,0 +1,1 @@
+"""Converters from other demonstration formats (robomimic HDF5, LeRobot) into a DemoStore."""

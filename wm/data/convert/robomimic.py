@@ -1,0 +1,266 @@
+"""Convert a robomimic HDF5 dataset into a DemoStore.
+
+robomimic layout: `data/` (attrs `env_args` JSON, `total`) holding `data/demo_<i>` groups, each with
+`actions (T, A)`, `obs/<key> (T, ...)`, optional `rewards`, `dones`, `states`, and attrs
+`num_samples`; an optional `mask/<filter_key>` dataset lists demo names (bytes) per split.
+
+Mapping: `actions` -> store key `action`; `obs/<key>` -> store key `<key>` (kind `image` for
+(H, W, C) uint8, `proprio` for per-step vectors, `lowdim` for anything else). Values keep their HDF5
+dtype, so the store holds them bit-exactly (robomimic low-dim data is often float64). `states`,
+`rewards`, `dones` and `next_obs` are not copied; `dones`/`rewards` only decide each episode's
+`success` flag. Demos are written in numeric order (demo_2 before demo_10).
+
+The store is written beside `dst` under a temporary name and renamed into place once every demo is
+in, so a failed conversion leaves no half-written store behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from wm.data.errors import AppendError, NotAStoreError, SchemaError
+from wm.data.schema import ActionSpace, KeySpec, Schema
+from wm.data.store import DemoStore
+
+DEFAULT_FPS = 20.0  # robosuite's default control_freq
+WRITE_STEPS = 256  # steps read from HDF5 and appended at a time, bounding memory for long image demos
+_DEMO_RE = re.compile(r"demo_(\d+)")
+
+
+def is_robomimic_hdf5(path: str | os.PathLike) -> bool:
+    """True if `path` is an HDF5 file with a robomimic `data/` group (env_args or demo_<i> groups)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as f:
+            data = f.get("data")
+            if not isinstance(data, h5py.Group):
+                return False
+            return "env_args" in data.attrs or any(
+                _DEMO_RE.fullmatch(n) and isinstance(g, h5py.Group) and "actions" in g
+                for n, g in data.items()
+            )
+    except (OSError, ValueError):
+        return False
+
+
+def robomimic_to_store(
+    src_hdf5: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    zarr_format: int = 3,
+    overwrite: bool = False,
+    fps: float | None = None,
+) -> DemoStore:
+    """Convert the robomimic file `src_hdf5` into a new store at `dst`; returns it opened read-only.
+
+    `fps` overrides the rate taken from env_args' `control_freq` (20 if absent). Raises
+    NotAStoreError for a file that is not robomimic HDF5, SchemaError for demos whose keys, shapes or
+    dtypes disagree, AppendError (naming the demo) for data the store refuses, e.g. non-finite actions.
+    """
+    src, dst = Path(src_hdf5), Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+    tmp = dst.with_name(f".{dst.name}.converting")
+    with _open_source(src) as f:
+        data = f["data"]
+        demos = _demo_names(data, src)
+        env_args = _env_args(data, src)
+        schema = _schema(data, demos, env_args, src, fps)
+        masks = _masks(f, src)
+        store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
+        try:
+            for name in demos:
+                _append_demo(store, data[name], name, masks, src, (tmp, dst))
+        except BaseException:
+            store.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        store.close()
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    elif dst.exists():
+        dst.unlink()
+    os.replace(tmp, dst)
+    return DemoStore.open(dst)
+
+
+# ---------------------------------------------------------------------- reading the source
+def _open_source(src: Path) -> h5py.File:
+    if not src.is_file():
+        raise NotAStoreError(f"{src}: no such file")
+    try:
+        f = h5py.File(src, "r")
+    except OSError as e:
+        raise NotAStoreError(f"{src}: not an HDF5 file ({e})") from e
+    if not isinstance(f.get("data"), h5py.Group):
+        f.close()
+        raise NotAStoreError(f"{src}: not a robomimic HDF5 file (it has no data/ group)")
+    return f
+
+
+def _demo_names(data: h5py.Group, src: Path) -> list[str]:
+    """Demo group names in numeric order (demo_2 before demo_10)."""
+    found = []
+    for name, item in data.items():
+        m = _DEMO_RE.fullmatch(name)
+        if m is None or not isinstance(item, h5py.Group):
+            raise NotAStoreError(f"{src}: data/{name} is not a robomimic demo group (expected data/demo_<i>)")
+        found.append((int(m.group(1)), name))
+    if not found:
+        raise NotAStoreError(f"{src}: not a robomimic HDF5 file (data/ holds no demo_<i> groups)")
+    return [name for _, name in sorted(found)]
+
+
+def _env_args(data: h5py.Group, src: Path) -> dict[str, Any]:
+    raw = data.attrs.get("env_args")
+    if raw is None:
+        return {}
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    try:
+        args = json.loads(str(raw))
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{src}: data attribute env_args is not valid JSON ({e})") from e
+    return args if isinstance(args, dict) else {}
+
+
+def _masks(f: h5py.File, src: Path) -> dict[str, set[str]]:
+    """{filter_key: {demo names}} from the optional `mask/` group."""
+    group = f.get("mask")
+    if not isinstance(group, h5py.Group):
+        return {}
+    out = {}
+    for key, ds in group.items():
+        if isinstance(ds, h5py.Dataset):
+            values = np.asarray(ds[()]).ravel()
+            out[key] = {v.decode() if isinstance(v, bytes) else str(v) for v in values}
+    return out
+
+
+# ---------------------------------------------------------------------- schema
+def _kind(shape: tuple[int, ...], dtype: np.dtype) -> str:
+    if len(shape) == 3 and shape[-1] in (1, 3, 4) and dtype == np.uint8:
+        return "image"
+    return "proprio" if len(shape) <= 1 else "lowdim"
+
+
+def _demo_arrays(demo: h5py.Group, name: str, obs_keys: list[str], src: Path) -> dict[str, h5py.Dataset]:
+    """{store key: dataset} of one demo, checking every key is there with the demo's length."""
+    actions = demo.get("actions")
+    if not isinstance(actions, h5py.Dataset) or actions.ndim != 2:
+        raise SchemaError(f"{src}: data/{name}/actions is missing or not a (T, A) array")
+    obs = demo.get("obs")
+    have = set(obs.keys()) if isinstance(obs, h5py.Group) else set()
+    missing = [k for k in obs_keys if k not in have]
+    if missing:
+        raise SchemaError(f"{src}: data/{name}/obs lacks key(s) {missing} that other demos have")
+    arrays = {"action": actions, **{k: obs[k] for k in obs_keys}}
+    for key, ds in arrays.items():
+        if not isinstance(ds, h5py.Dataset) or ds.ndim < 1 or ds.shape[0] != actions.shape[0]:
+            length = ds.shape[0] if isinstance(ds, h5py.Dataset) and ds.ndim else None
+            raise SchemaError(
+                f"{src}: data/{name}, key {key!r}: {length} steps but actions has {actions.shape[0]}"
+            )
+    return arrays
+
+
+def _schema(
+    data: h5py.Group, demos: list[str], env_args: dict[str, Any], src: Path, fps: float | None
+) -> Schema:
+    """The store schema, after checking every demo has the same keys, per-step shapes and dtypes."""
+    obs_keys: set[str] = set()
+    for name in demos:
+        obs = data[name].get("obs")
+        if isinstance(obs, h5py.Group):
+            obs_keys.update(obs.keys())
+    if "action" in obs_keys:
+        raise SchemaError(f"{src}: an obs key named 'action' clashes with the store's action key")
+    ordered = sorted(obs_keys)
+    ref: dict[str, tuple[str, tuple[int, ...], np.dtype]] = {}
+    for name in demos:
+        for key, ds in _demo_arrays(data[name], name, ordered, src).items():
+            first = ref.setdefault(key, (name, ds.shape[1:], ds.dtype))
+            if (first[1], first[2]) != (ds.shape[1:], ds.dtype):
+                raise SchemaError(
+                    f"{src}: data/{name}, key {key!r}: per-step shape {ds.shape[1:]} {ds.dtype} differs from "
+                    f"{first[0]}'s {first[1]} {first[2]}"
+                )
+    keys = {"action": KeySpec(shape=ref["action"][1], dtype=ref["action"][2].name, kind="action")}
+    for key in ordered:
+        _, shape, dtype = ref[key]
+        keys[key] = KeySpec(shape=shape, dtype=dtype.name, kind=_kind(shape, dtype))
+    kwargs = env_args.get("env_kwargs") or {}
+    robots = kwargs.get("robots", "")
+    return Schema(
+        keys=keys,
+        fps=float(fps if fps is not None else kwargs.get("control_freq") or DEFAULT_FPS),
+        action_space=_action_space(kwargs.get("controller_configs")),
+        robot="+".join(map(str, robots)) if isinstance(robots, list | tuple) else str(robots),
+        task=str(env_args.get("env_name", "")),
+    )
+
+
+def _action_space(ctrl: Any) -> ActionSpace:
+    """delta/ee for a delta OSC controller (robosuite <= 1.4 flat config or 1.5 `body_parts`), else
+    the mode and frame the controller config states, else absolute/other."""
+    if not isinstance(ctrl, dict):
+        return ActionSpace()
+    parts = ctrl.get("body_parts") or ctrl.get("body_part_controllers")
+    for part in parts.values() if isinstance(parts, dict) else [ctrl]:
+        if not isinstance(part, dict):
+            continue
+        ctype = str(part.get("type", "")).upper()
+        frame = "ee" if ctype.startswith("OSC") else "joint" if ctype.startswith("JOINT") else None
+        if frame is None:
+            continue
+        default = "delta" if part.get("control_delta", True) else "absolute"
+        mode = "delta" if str(part.get("input_type", default)).lower() == "delta" else "absolute"
+        return ActionSpace(mode=mode, frame=frame, description=f"robosuite {ctype} controller")
+    return ActionSpace()
+
+
+# ---------------------------------------------------------------------- writing
+def _success(demo: h5py.Group) -> bool | None:
+    """bool(dones[-1]) if the demo has dones, else rewards[-1] > 0 (sparse reward), else unknown."""
+    for key in ("dones", "rewards"):
+        ds = demo.get(key)
+        if isinstance(ds, h5py.Dataset) and ds.ndim >= 1 and ds.shape[0] > 0:
+            last = np.asarray(ds[-1]).ravel()[0]
+            return bool(last) if key == "dones" else bool(last > 0)
+    return None
+
+
+def _append_demo(
+    store: DemoStore,
+    demo: h5py.Group,
+    name: str,
+    masks: dict[str, set[str]],
+    src: Path,
+    rename: tuple[Path, Path],
+) -> None:
+    obs_keys = [k for k in store.keys if k != "action"]
+    arrays = _demo_arrays(demo, name, obs_keys, src)
+    info: dict[str, Any] = {"source_demo": name}
+    success = _success(demo)
+    if success is not None:
+        info["success"] = success
+    info["filter_keys"] = sorted(k for k, demos in masks.items() if name in demos)
+    n = arrays["action"].shape[0]
+    try:
+        with store.begin_episode() as writer:
+            for lo in range(0, n, WRITE_STEPS):
+                writer.add_steps({k: ds[lo : lo + WRITE_STEPS] for k, ds in arrays.items()})
+            writer.end(info)
+    except AppendError as e:
+        msg = str(e).replace(str(rename[0]), str(rename[1]))
+        raise AppendError(f"{src}: data/{name}: {msg}") from e
