@@ -1,0 +1,99 @@
+"""Crash safety: a writer killed with SIGKILL at any moment loses at most the episode in progress."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from conftest import make_episode, make_schema
+
+from wm.data import DemoStore
+
+WRITER = """
+import sys
+from pathlib import Path
+from conftest import make_episode, make_schema
+from wm.data import DemoStore
+
+path = Path(sys.argv[1])
+store = DemoStore.open(path, mode="a") if path.exists() else DemoStore.create(path, make_schema())
+seed = int(sys.argv[2])
+print("ready", flush=True)
+while True:  # stream episodes step by step until killed
+    ep = make_episode(seed, 40 + seed % 30)  # longer than one flush: partial episodes reach the disk
+    with store.begin_episode() as w:
+        for t in range(len(ep["action"])):
+            w.add_step({k: v[t] for k, v in ep.items()})
+        w.end({"seed": seed})
+    seed += 1
+"""
+
+
+def _check_all(path: Path) -> int:
+    store = DemoStore.open(path, mode="a")  # repairs what the killed writer left
+    for i in range(store.n_episodes):
+        seed = store.episode_info(i)["seed"]
+        want = make_episode(seed, 40 + seed % 30)
+        got = store.get_episode(i)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"episode {i} key {k}")
+    for key in store.keys:
+        assert store.array(key).shape[0] == store.n_steps, key
+    n = store.n_episodes
+    store.close()
+    return n
+
+
+def test_sigkill_mid_episode_loses_only_the_episode_in_progress(tmp_path):
+    path = tmp_path / "crash.zarr"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    rng = np.random.default_rng(0)
+    seed, committed, partial_rounds = 0, 0, 0
+    for round_ in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(seed)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3 + rng.uniform(0, 0.4))  # kill at an arbitrary point of some episode
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with DemoStore.open(path) as store:
+            partial_rounds += store.array("img").shape[0] > store.n_steps
+        n = _check_all(path)
+        assert n >= committed, f"round {round_}: episodes went from {committed} to {n}"
+        committed = n
+        with DemoStore.open(path) as store:
+            seed = max(store.episode_info(i)["seed"] for i in range(n)) + 1 if n else seed
+    assert committed > 6, "the writer never got far enough to test anything"
+    assert partial_rounds >= 1, "no kill landed while a partial episode was on disk"
+
+    # The store still takes appends after all those crashes, and keeps everything.
+    store = DemoStore.open(path, mode="a")
+    store.append_episode(make_episode(1000, 40 + 1000 % 30), {"seed": 1000})
+    store.close()
+    assert _check_all(path) == committed + 1
+
+
+def test_appending_after_crash_before_commit_record(tmp_path):
+    """Data and episode_ends written, commit record not: the episode is dropped cleanly."""
+    path = tmp_path / "s.zarr"
+    store = DemoStore.create(path, make_schema())
+    store.append_episode(make_episode(0, 9), {"seed": 0})
+    # Reproduce the state a kill between writing episode_ends and the commit record leaves.
+    w = store.begin_episode()
+    w.add_steps(make_episode(1, 5))
+    w._flush()
+    ends = store._group["meta/episode_ends"]
+    ends.resize((2,))
+    ends[1] = 14
+    del store
+    reopened = DemoStore.open(path, mode="a")
+    assert reopened.n_episodes == 1 and reopened.array("img").shape[0] == 9
+    assert reopened._group["meta/episode_ends"].shape == (1,)
+    reopened.append_episode(make_episode(2, 4), {"seed": 2})
+    assert list(reopened.episode_ends) == [9, 13]

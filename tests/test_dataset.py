@@ -1,0 +1,156 @@
+"""Training windows, padding at episode edges, splits, normalization and augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_schema
+
+from wm.data import DemoStore, SchemaError
+from wm.data.augment import AugmentConfig, augment
+from wm.data.dataset import WindowDataset
+from wm.data.normalize import Normalizer
+from wm.data.windows import WindowSpec, build_index, split_episodes
+
+SPEC = WindowSpec.history_horizon(["img", "state"], ["action"], n_obs=2, horizon=6, n_action_exec=3)
+
+
+def test_index_respects_padding_bounds():
+    ends = np.array([10, 25])
+    spec = WindowSpec({"a": (-1, 0, 1, 2, 3, 4)}, max_pad_before=1, max_pad_after=2)
+    idx = build_index(ends, spec)
+    # Episode 0: anchors 0..7 (window end t+4 may reach step 11 = 9 + 2). Episode 1: 10..22.
+    assert idx[:, 0].tolist() == list(range(0, 8)) + list(range(10, 23))
+    assert set(map(tuple, idx[:, 1:])) == {(0, 10), (10, 25)}
+    unbounded = build_index(ends, WindowSpec({"a": (-1, 0, 1, 2, 3, 4)}))
+    assert len(unbounded) == 25
+    assert len(build_index(ends, spec, episodes=[1])) == 13
+
+
+def test_windows_pad_by_repeating_the_edge_step(small_store):
+    path, eps = small_store
+    ds = WindowDataset(path, SPEC)
+    first = ds[0]  # anchor = step 0 of episode 0: the history step before it is padding
+    assert first["img_is_pad"].tolist() == [True, False]
+    img0 = torch.from_numpy(eps[0]["img"][0]).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(first["img"][0], img0)
+    torch.testing.assert_close(first["img"][1], img0)
+    assert first["action_is_pad"].tolist() == [True] + [False] * 5
+    np.testing.assert_array_equal(first["action"][1:].numpy(), eps[0]["action"][:5])
+
+    last = ds[len(ds) - 1]  # the last anchor of the last episode reaches past its end
+    ep = eps[4]
+    T = len(ep["action"])
+    assert int(last["episode"]) == 4
+    assert last["action_is_pad"].tolist() == [False] * 4 + [True] * 2
+    np.testing.assert_array_equal(last["action"][:4].numpy(), ep["action"][T - 4 :])
+    np.testing.assert_array_equal(last["action"][4:].numpy(), np.repeat(ep["action"][-1:], 2, 0))
+    np.testing.assert_array_equal(last["state"].numpy(), ep["state"][T - 4 : T - 2])
+
+
+def test_frameskip_offsets(small_store):
+    path, eps = small_store
+    spec = WindowSpec.history_horizon(["state"], ["action"], n_obs=3, horizon=2, frameskip=2)
+    assert spec.offsets["state"] == (-4, -2, 0) and spec.offsets["action"] == (-4, -3, -2, -1)
+    ds = WindowDataset(path, spec, episodes=[3])
+    item = ds[6]  # anchor = step 6 of episode 3
+    np.testing.assert_array_equal(item["state"].numpy(), eps[3]["state"][[2, 4, 6]])
+
+
+def test_in_memory_and_workers_match(small_store):
+    path, _ = small_store
+    lazy = WindowDataset(path, SPEC)
+    ram = WindowDataset(path, SPEC, in_memory=True)
+    for i in (0, 7, len(lazy) - 1):
+        for k, v in lazy[i].items():
+            torch.testing.assert_close(v, ram[i][k])
+    batches = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(lazy, batch_size=8, num_workers=workers)
+        batches.append(torch.cat([b["img"] for b in loader]))
+    torch.testing.assert_close(batches[0], batches[1])
+    assert len(batches[0]) == len(lazy)
+
+
+def test_split_by_episode(small_store):
+    train, val = split_episodes(10, 0.2, seed=3)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == list(range(10))
+    assert split_episodes(10, 0.2, seed=3) == (train, val)
+    assert split_episodes(10, 0.2, seed=4) != (train, val)
+    path, _ = small_store
+    tr, va = split_episodes(5, 0.2, seed=0)
+    ds = WindowDataset(path, SPEC, episodes=va)
+    assert {int(ds[i]["episode"]) for i in range(len(ds))} == set(va)
+
+
+def test_missing_key_is_named(small_store):
+    path, _ = small_store
+    with pytest.raises(SchemaError, match=r"needs keys \['wrist'\]"):
+        WindowDataset(path, WindowSpec({"wrist": (0,), "action": (0,)}))
+
+
+def test_normalizer_fit_save_load(small_store, tmp_path):
+    path, eps = small_store
+    store = DemoStore.open(path)
+    norm = Normalizer.fit(store, {"action": "minmax", "state": "meanstd", "img": "identity"})
+    acts = np.concatenate([e["action"] for e in eps])
+    x = torch.from_numpy(acts)
+    y = norm.normalize("action", x)
+    assert y.min().item() == pytest.approx(-1, abs=1e-5) and y.max().item() == pytest.approx(1, abs=1e-5)
+    torch.testing.assert_close(norm.unnormalize("action", y), x)
+    s = norm.normalize("state", torch.from_numpy(np.concatenate([e["state"] for e in eps])))
+    torch.testing.assert_close(s.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+
+    norm.save(tmp_path / "norm.json")
+    loaded = Normalizer.load(tmp_path / "norm.json")
+    torch.testing.assert_close(loaded.normalize("action", x), y)
+    rebuilt = Normalizer.from_state_dict(norm.modes, norm.state_dict())
+    torch.testing.assert_close(
+        rebuilt.normalize("state", x[:, :1].repeat(1, 4)), norm.normalize("state", x[:, :1].repeat(1, 4))
+    )
+    q = Normalizer.fit(store, {"action": "quantile"})
+    assert q.normalize("action", x).abs().max() > 1  # the 1% tails fall outside [-1, 1]
+
+
+def test_normalizer_constant_dimension_and_bad_mode():
+    stats = {
+        "a": {n: np.array([2.0]) for n in ("min", "max", "mean", "q01", "q99")} | {"std": np.array([0.0])}
+    }
+    for mode in ("minmax", "meanstd", "quantile"):
+        out = Normalizer({"a": mode}, stats).normalize("a", torch.full((3, 1), 2.0))
+        assert torch.isfinite(out).all() and out.abs().max() == 0
+    with pytest.raises(ValueError, match="mode 'zscore'"):
+        Normalizer({"a": "zscore"}, stats)
+
+
+def test_augmentation_draws_per_sample():
+    x = torch.rand(1, 2, 3, 32, 32).repeat(16, 1, 1, 1, 1)  # 16 identical samples
+    cfg = AugmentConfig(shift_pad=4, crop=(28, 28), brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)
+    out = augment(x, cfg, gen=torch.Generator().manual_seed(0))
+    assert out.shape == (16, 2, 3, 28, 28)
+    distinct = {tuple(out[i].flatten()[:50].tolist()) for i in range(16)}
+    assert len(distinct) == 16, "samples shared one draw"
+    # The two frames of one sample share the draw: identical input frames stay identical.
+    same = torch.rand(4, 1, 3, 32, 32).repeat(1, 2, 1, 1, 1)
+    o = augment(same, cfg)
+    torch.testing.assert_close(o[:, 0], o[:, 1])
+    again = augment(x, cfg, gen=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, again)
+    ev = augment(x, cfg, train=False)
+    torch.testing.assert_close(ev, x[..., 2:30, 2:30])
+    with pytest.raises(ValueError, match="larger than the images"):
+        augment(x, AugmentConfig(crop=(40, 40)))
+
+
+def test_hue_rotation_preserves_gray():
+    gray = torch.full((2, 1, 3, 4, 4), 0.5)
+    out = augment(gray, AugmentConfig(hue=0.5))
+    torch.testing.assert_close(out, gray, atol=1e-5, rtol=0)
+
+
+def test_dataset_with_augmentation(small_store):
+    path, _ = small_store
+    ds = WindowDataset(path, SPEC, augment_cfg=AugmentConfig(crop=(20, 28)))
+    assert ds[3]["img"].shape == (2, 3, 20, 28)
+    assert make_schema().keys["img"].shape == (24, 32, 3)
