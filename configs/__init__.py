@@ -1,0 +1,1 @@
+"""Hydra configs of the command-line apps (a package so installed apps find them)."""

@@ -1,0 +1,84 @@
+"""`wm-convert src=PATH dst=PATH`: LeRobot v3.0 <-> store, robomimic HDF5 -> store.
+
+The direction comes from what `src` is: a store (it has `meta/episode_ends`) becomes a LeRobot
+dataset; a LeRobot dataset (it has `meta/info.json`) or a robomimic HDF5 file becomes a store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from tools._cli import bind, run
+from wm.data.errors import NotAStoreError
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    src: str
+    dst: str
+    overwrite: bool = False
+    zarr_format: int = 3
+    video: bool = False
+    repo_id: str = "local/converted"
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.zarr_format not in (2, 3):
+            raise ValueError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be positive, got {self.fps}")
+
+
+def source_kind(src: Path) -> str:
+    """'store', 'lerobot' or 'robomimic'; a clear error for anything else."""
+    from wm.data.convert.lerobot import is_lerobot_dataset
+    from wm.data.convert.robomimic import is_robomimic_hdf5
+
+    if not src.exists():
+        raise NotAStoreError(f"{src}: does not exist")
+    if (src / "meta" / "episode_ends").exists():
+        return "store"
+    if is_lerobot_dataset(src):
+        return "lerobot"
+    if src.is_file() and is_robomimic_hdf5(src):
+        return "robomimic"
+    raise NotAStoreError(
+        f"{src}: not a demonstration store, a LeRobot v3.0 dataset (meta/info.json) or a robomimic HDF5 file"
+    )
+
+
+def convert(cfg: ConvertConfig) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local datasets only; never reach for the hub
+    src, dst = Path(cfg.src), Path(cfg.dst)
+    kind = source_kind(src)
+    if kind == "store":
+        from wm.data.convert.lerobot import store_to_lerobot
+
+        out = store_to_lerobot(src, dst, repo_id=cfg.repo_id, use_videos=cfg.video, overwrite=cfg.overwrite)
+        print(f"store {src} -> LeRobot dataset {out} ({'video' if cfg.video else 'image'} mode)")
+        return 0
+    if kind == "lerobot":
+        from wm.data.convert.lerobot import lerobot_to_store
+
+        store = lerobot_to_store(src, dst, zarr_format=cfg.zarr_format, overwrite=cfg.overwrite)
+    else:
+        from wm.data.convert.robomimic import robomimic_to_store
+
+        store = robomimic_to_store(src, dst, zarr_format=cfg.zarr_format, overwrite=cfg.overwrite, fps=cfg.fps)
+    print(f"{kind} {src} -> store {dst}: {store.n_episodes} episodes, {store.n_steps} steps")
+    store.close()
+    return 0
+
+
+@hydra.main(config_path="../configs", config_name="convert", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(lambda: convert(bind(ConvertConfig, cfg)))
+
+
+if __name__ == "__main__":
+    main()
