@@ -1,0 +1,500 @@
+"""Convert between LeRobot datasets (format v3.0, lerobot 0.4.4) and DemoStores.
+
+LeRobot v3.0 layout: `meta/info.json` (fps, robot_type, features), `meta/tasks.parquet` (task string
+-> task_index), `meta/episodes/chunk-*/file-*.parquet` (one row per episode: length, data file,
+per-camera video file and `from_timestamp`), `data/chunk-*/file-*.parquet` (one row per frame, many
+episodes per file; image features are PNG bytes), `videos/<key>/chunk-*/file-*.mp4` (many episodes
+concatenated per file).
+
+Key mapping (LeRobot -> store, inverted by `store_to_lerobot`):
+    observation.images.X -> X (image, HWC uint8)    observation.state -> state (proprio)
+    observation.Y        -> Y (proprio)             action            -> action (action)
+    timestamp            -> timestamp (timestamp)   anything else     -> same name (lowdim)
+A camera feature outside `observation.images.` keeps its full name. frame_index, episode_index,
+index and task_index are bookkeeping and are not copied; string features are skipped. Per-step
+shapes are LeRobot's (so scalars are (1,)). Each episode's task goes into its info as "task" (with
+"tasks" listing them all when an episode has several).
+
+Reading does not go through `LeRobotDataset.__getitem__`: parquet files are read whole with pyarrow,
+PNG images decoded exactly with PIL, and videos decoded with PyAV, one seek per episode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
+from wm.data.schema import KeySpec, Schema
+from wm.data.store import DemoStore
+
+IMAGES_PREFIX = "observation.images."
+OBS_PREFIX = "observation."
+BOOKKEEPING = ("frame_index", "episode_index", "index", "task_index")
+_CAMERA_DTYPES = ("image", "video")
+_IMAGE_NAMES = ["height", "width", "channels"]
+WRITE_STEPS = 256  # frames decoded and appended at a time, bounding memory for long image episodes
+
+
+def is_lerobot_dataset(path: str | os.PathLike) -> bool:
+    """True if `path` is a directory holding `meta/info.json`."""
+    return (Path(path) / "meta" / "info.json").is_file()
+
+
+# ---------------------------------------------------------------------- key mapping
+def lerobot_to_store_key(name: str, dtype: str) -> tuple[str, str]:
+    """(store key, kind) for the LeRobot feature `name` of feature dtype `dtype`."""
+    if dtype in _CAMERA_DTYPES:
+        return (name[len(IMAGES_PREFIX) :] if name.startswith(IMAGES_PREFIX) else name), "image"
+    if name == "action":
+        return "action", "action"
+    if name == "timestamp":
+        return "timestamp", "timestamp"
+    if name.startswith(OBS_PREFIX):
+        return name[len(OBS_PREFIX) :], "proprio"
+    return name, "lowdim"
+
+
+def store_to_lerobot_key(key: str, kind: str) -> str | None:
+    """The LeRobot feature name of store key `key` of `kind`; None for keys LeRobot makes itself."""
+    if kind in ("timestamp", "language"):
+        return None
+    if kind == "image":
+        return key if key.startswith(OBS_PREFIX) else IMAGES_PREFIX + key
+    if kind == "proprio":
+        return key if key.startswith(OBS_PREFIX) else OBS_PREFIX + key
+    return key
+
+
+# ---------------------------------------------------------------------- LeRobot -> store
+def lerobot_to_store(
+    src_root: str | os.PathLike, dst: str | os.PathLike, *, zarr_format: int = 3, overwrite: bool = False
+) -> DemoStore:
+    """Convert the local LeRobot v3.0 dataset at `src_root` into a new store at `dst` (returned read-only).
+
+    The store is written under a temporary name beside `dst` and renamed into place when complete.
+    Raises NotAStoreError for a directory that is not a LeRobot v3.0 dataset.
+    """
+    src, dst = Path(src_root), Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+    info = _load_info(src)
+    episodes = _load_episodes(src)
+    tasks = _load_tasks(src)
+    schema, features = _schema_from_info(info, src, tasks)
+    tmp = dst.with_name(f".{dst.name}.converting")
+    store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
+    videos = _VideoFrames(float(info["fps"]))
+    try:
+        for ep, part, data_file in _iter_episodes(src, info, episodes, features):
+            with store.begin_episode() as writer:
+                for lo in range(0, part.num_rows, WRITE_STEPS):
+                    rows = part.slice(lo, WRITE_STEPS)
+                    writer.add_steps(_read_rows(src, info, ep, rows, features, videos, data_file))
+                writer.end(_episode_info(ep, part.column("task_index").to_numpy(), tasks))
+    except BaseException:
+        store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        videos.close()
+    store.close()
+    _move_into_place(tmp, dst)
+    return DemoStore.open(dst)
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    os.replace(tmp, dst)
+
+
+def _load_info(src: Path) -> dict[str, Any]:
+    path = src / "meta" / "info.json"
+    if not path.is_file():
+        raise NotAStoreError(f"{src}: not a LeRobot dataset (no meta/info.json)")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NotAStoreError(f"{path}: malformed LeRobot info.json ({type(e).__name__}: {e})") from e
+    if not isinstance(info, dict) or not isinstance(info.get("features"), dict) or "fps" not in info:
+        raise NotAStoreError(f"{path}: not a LeRobot info.json (it lacks 'features' or 'fps')")
+    version = str(info.get("codebase_version", "?"))
+    if not version.startswith("v3."):
+        raise NotAStoreError(
+            f"{path}: LeRobot dataset version {version} is not supported (need v3.0; convert older ones with "
+            "lerobot.datasets.v30.convert_dataset_v21_to_v30)"
+        )
+    return info
+
+
+def _load_episodes(src: Path) -> list[dict[str, Any]]:
+    """Per-episode rows of meta/episodes (stats columns left out), in episode order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = src / "meta" / "episodes"
+    paths = sorted(directory.glob("*/*.parquet"))
+    if not paths:
+        raise NotAStoreError(f"{src}: LeRobot dataset has no episode metadata (meta/episodes/*/*.parquet)")
+    try:
+        cols = [[c for c in pq.read_schema(p).names if not c.startswith("stats/")] for p in paths]
+        rows = pa.concat_tables([pq.read_table(p, columns=c) for p, c in zip(paths, cols, strict=True)])
+    except (OSError, pa.ArrowException) as e:
+        raise CorruptStoreError(f"{directory}: cannot read LeRobot episode metadata: {e}") from e
+    return sorted(rows.to_pylist(), key=lambda r: r["episode_index"])
+
+
+def _load_tasks(src: Path) -> dict[int, str]:
+    """{task_index: task string} from meta/tasks.parquet (pandas writes the task strings as its index)."""
+    import pyarrow.parquet as pq
+
+    path = src / "meta" / "tasks.parquet"
+    if not path.is_file():
+        return {}
+    df = pq.read_table(path).to_pandas()
+    if "task" in df.columns:
+        return {int(i): str(t) for i, t in zip(df["task_index"], df["task"], strict=True)}
+    return {int(i): str(t) for t, i in zip(df.index, df["task_index"], strict=True)}
+
+
+def _image_shape(ft: dict[str, Any]) -> tuple[int, ...]:
+    """(H, W, C) of a camera feature, whose shape LeRobot writes as (H, W, C) or, in old sets, (C, H, W)."""
+    shape = tuple(int(s) for s in ft["shape"])
+    names = ft.get("names") if isinstance(ft.get("names"), list) else []
+    if len(shape) == 3 and (names[:1] in (["channels"], ["channel"]) or shape[-1] not in (1, 3, 4)):
+        return (shape[1], shape[2], shape[0])
+    return shape
+
+
+def _schema_from_info(
+    info: dict[str, Any], src: Path, tasks: dict[int, str]
+) -> tuple[Schema, dict[str, str]]:
+    """The store schema and {store key: LeRobot feature name}."""
+    keys: dict[str, KeySpec] = {}
+    features: dict[str, str] = {}
+    for name, ft in info["features"].items():
+        if name in BOOKKEEPING:
+            continue
+        dtype = str(ft.get("dtype"))
+        if dtype == "string":
+            warnings.warn(f"{src}: LeRobot string feature {name!r} is not copied", stacklevel=3)
+            continue
+        key, kind = lerobot_to_store_key(name, dtype)
+        if key in features:
+            raise SchemaError(
+                f"{src}: LeRobot features {features[key]!r} and {name!r} both map to store key {key!r}"
+            )
+        try:
+            if kind == "image":
+                spec = KeySpec(shape=_image_shape(ft), dtype="uint8", kind="image")
+            else:
+                shape = tuple(int(s) for s in ft["shape"])
+                names = ft.get("names")
+                flat = isinstance(names, list) and all(isinstance(n, str) for n in names)
+                ok = flat and len(shape) >= 1 and len(names) == shape[-1]
+                spec = KeySpec(shape=shape, dtype=dtype, kind=kind, names=tuple(names) if ok else ())
+        except (TypeError, KeyError, SchemaError) as e:
+            raise SchemaError(f"{src}/meta/info.json: feature {name!r} cannot be stored: {e}") from e
+        keys[key], features[key] = spec, name
+    task_names = set(tasks.values())
+    schema = Schema(
+        keys=keys,
+        fps=float(info["fps"]),
+        robot=str(info.get("robot_type") or ""),
+        task=task_names.pop() if len(task_names) == 1 else "",
+    )
+    return schema, features
+
+
+def _episode_info(ep: dict[str, Any], task_ids: np.ndarray, tasks: dict[int, str]) -> dict[str, Any]:
+    order = list(dict.fromkeys(int(t) for t in task_ids))
+    names = [tasks.get(t, str(t)) for t in order]
+    info: dict[str, Any] = {"task": names[0] if names else "", "source_episode": int(ep["episode_index"])}
+    if len(names) > 1:
+        info["tasks"] = names
+    return info
+
+
+def _iter_episodes(
+    src: Path, info: dict[str, Any], episodes: list[dict[str, Any]], features: dict[str, str]
+) -> Iterator[tuple[dict[str, Any], Any, Path]]:
+    """(episode row, its frames as an arrow table, data file) for each episode, reading each data
+    parquet file once."""
+    import pyarrow.parquet as pq
+
+    feats = info["features"]
+    columns = [n for n in features.values() if feats[n]["dtype"] != "video"]
+    columns = list(dict.fromkeys([*columns, "timestamp", "episode_index", "task_index"]))
+    current, table, file_rows = None, None, {}
+    for ep in episodes:
+        chunk_file = {"chunk_index": ep["data/chunk_index"], "file_index": ep["data/file_index"]}
+        data_file = src / info["data_path"].format(**chunk_file)
+        if data_file != current:
+            try:
+                table = pq.read_table(data_file, columns=columns)
+            except (OSError, ValueError) as e:
+                raise CorruptStoreError(f"{data_file}: cannot read LeRobot data parquet: {e}") from e
+            current, file_rows = data_file, _rows_by_episode(table)
+        idx = int(ep["episode_index"])
+        rows = file_rows.get(idx, np.zeros(0, dtype=np.int64))
+        if len(rows) != int(ep["length"]):
+            raise CorruptStoreError(
+                f"{data_file}: episode {idx} has {len(rows)} rows, meta/episodes says {ep['length']}"
+            )
+        yield ep, table.take(rows), data_file
+
+
+def _read_rows(
+    src: Path,
+    info: dict[str, Any],
+    ep: dict[str, Any],
+    part: Any,
+    features: dict[str, str],
+    videos: _VideoFrames,
+    data_file: Path,
+) -> dict[str, np.ndarray]:
+    """Rows `part` (an arrow table) of episode `ep` as {store key: (T, ...) array}."""
+    feats, idx = info["features"], int(ep["episode_index"])
+    out = {}
+    for key, name in features.items():
+        dtype = feats[name]["dtype"]
+        if dtype == "video":
+            path = src / info["video_path"].format(
+                video_key=name,
+                chunk_index=ep[f"videos/{name}/chunk_index"],
+                file_index=ep[f"videos/{name}/file_index"],
+            )
+            start = float(ep[f"videos/{name}/from_timestamp"])
+            ts = part.column("timestamp").to_numpy()
+            out[key] = videos.read(path, start, ts, _image_shape(feats[name]), f"key {name!r}, episode {idx}")
+        elif dtype == "image":
+            where = f"{data_file}: key {name!r}, episode {idx}"
+            out[key] = _decode_images(part.column(name), _image_shape(feats[name]), src, where)
+        else:
+            out[key] = _column_to_numpy(part.column(name), tuple(feats[name]["shape"]), dtype)
+    return out
+
+
+def _rows_by_episode(table: Any) -> dict[int, np.ndarray]:
+    ep_ids = table.column("episode_index").to_numpy()
+    order = np.argsort(ep_ids, kind="stable")
+    uniq, starts = np.unique(ep_ids[order], return_index=True)
+    bounds = [*starts[1:], len(order)]
+    return {int(u): order[s:e] for u, s, e in zip(uniq, starts, bounds, strict=True)}
+
+
+def _column_to_numpy(col: Any, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """A (fixed-size) list or scalar arrow column as a (T, *shape) array."""
+    import pyarrow as pa
+
+    arr = col.combine_chunks()
+    n = len(arr)
+    nested = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    while any(is_list(arr.type) for is_list in nested):
+        arr = arr.flatten()
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype).reshape(n, *shape)
+
+
+def _decode_images(col: Any, shape: tuple[int, ...], src: Path, where: str) -> np.ndarray:
+    """Decode a LeRobot image column ({bytes, path} structs holding PNGs) exactly into (T, H, W, C) uint8."""
+    from PIL import Image
+
+    arr = col.combine_chunks()
+    blobs, paths = arr.field("bytes").to_pylist(), arr.field("path").to_pylist()
+    out = np.empty((len(blobs), *shape), dtype=np.uint8)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[shape[-1]]
+    for i, (blob, path) in enumerate(zip(blobs, paths, strict=True)):
+        try:
+            with Image.open(io.BytesIO(blob) if blob is not None else src / path) as img:
+                out[i] = np.asarray(img.convert(mode)).reshape(shape)
+        except (OSError, ValueError, TypeError) as e:
+            raise CorruptStoreError(
+                f"{where}, frame {i}: cannot decode image ({type(e).__name__}: {e})"
+            ) from e
+    return out
+
+
+class _VideoFrames:
+    """Decodes the frames of one episode from a LeRobot mp4 (episodes concatenated) with PyAV."""
+
+    def __init__(self, fps: float) -> None:
+        self.tol = 0.5 / fps  # frames are 1/fps apart, so at most one lies this close to a query time
+        self._open: dict[Path, Any] = {}
+
+    def read(self, path: Path, start: float, ts: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+        """Frames at times `start + ts` (seconds) as (T, H, W, C) uint8; `what` names key and episode."""
+        import av
+
+        where = f"{path}: {what}"
+        targets = start + np.asarray(ts, dtype=np.float64)
+        out = np.empty((len(targets), *shape), dtype=np.uint8)
+        got = np.zeros(len(targets), dtype=bool)
+        fmt = "gray" if shape[-1] == 1 else "rgba" if shape[-1] == 4 else "rgb24"
+        try:
+            container = self._container(path)
+            stream = container.streams.video[0]
+            first = max(int((targets.min() - self.tol) / stream.time_base), 0)
+            container.seek(first, stream=stream, backward=True)
+            last = targets.max() + self.tol
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                if frame.time > last:
+                    break
+                j = int(np.argmin(np.abs(targets - frame.time)))
+                if abs(targets[j] - frame.time) < self.tol and not got[j]:
+                    out[j] = frame.to_ndarray(format=fmt).reshape(shape)
+                    got[j] = True
+        except (OSError, ValueError, av.FFmpegError) as e:
+            raise CorruptStoreError(f"{where}: cannot decode video ({type(e).__name__}: {e})") from e
+        if not got.all():
+            miss = targets[~got]
+            raise CorruptStoreError(
+                f"{where}: no video frame near {len(miss)} frame time(s), the first at {miss[0]:.4f} s"
+            )
+        return out
+
+    def _container(self, path: Path) -> Any:
+        import av
+
+        if path not in self._open:
+            if not path.is_file():
+                raise CorruptStoreError(f"{path}: LeRobot video file is missing")
+            self._open[path] = av.open(str(path))
+            self._open[path].streams.video[0].thread_type = "AUTO"
+        return self._open[path]
+
+    def close(self) -> None:
+        for c in self._open.values():
+            c.close()
+        self._open.clear()
+
+
+# ---------------------------------------------------------------------- store -> LeRobot
+def store_to_lerobot(
+    src_store: DemoStore | str | os.PathLike,
+    dst_root: str | os.PathLike,
+    *,
+    repo_id: str = "local/converted",
+    use_videos: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write the store `src_store` (a DemoStore or its path) as a LeRobot v3.0 dataset at `dst_root`.
+
+    Image keys are stored as PNG images, or as AV1 video with `use_videos=True`. Each episode's task
+    is its info "task", else the schema's task, else "default". In image mode the store's timestamps
+    are written as they are; video mode needs LeRobot's frame_index / fps grid.
+    """
+    dst = Path(dst_root)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+    store = DemoStore.open(src_store) if not isinstance(src_store, DemoStore) else src_store
+    tmp = dst.with_name(f".{dst.name}.converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_lerobot(store, tmp, repo_id, use_videos)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if store is not src_store:
+            store.close()
+    _move_into_place(tmp, dst)
+    return dst
+
+
+def _lerobot_features(schema: Schema) -> dict[str, str]:
+    """{store key: LeRobot feature name} for the keys that are copied."""
+    actions = schema.keys_of_kind("action")
+    out: dict[str, str] = {}
+    for key, spec in schema.keys.items():
+        name = store_to_lerobot_key(key, spec.kind)
+        if spec.kind == "action" and len(actions) == 1:
+            name = "action"
+        if name is None:
+            continue
+        if name in out.values() or name in BOOKKEEPING:
+            raise SchemaError(f"store key {key!r} maps to LeRobot feature {name!r}, which is already taken")
+        out[key] = name
+    return out
+
+
+def _feature_dict(spec: KeySpec, use_videos: bool) -> dict[str, Any]:
+    if spec.kind == "image":
+        return {"dtype": "video" if use_videos else "image", "shape": spec.shape, "names": list(_IMAGE_NAMES)}
+    return {"dtype": spec.dtype, "shape": spec.shape or (1,), "names": list(spec.names) or None}
+
+
+def _write_lerobot(store: DemoStore, dst: Path, repo_id: str, use_videos: bool) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a conversion never needs the hub
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    schema = store.schema
+    names = _lerobot_features(schema)
+    features = {n: _feature_dict(schema.keys[k], use_videos) for k, n in names.items()}
+    ts_keys = schema.keys_of_kind("timestamp")
+    ts_key = "timestamp" if "timestamp" in ts_keys else (ts_keys[0] if ts_keys else None)
+    fps = schema.fps
+    has_images = bool(schema.keys_of_kind("image"))
+    ds = LeRobotDataset.create(
+        repo_id,
+        int(round(fps)) if abs(fps - round(fps)) < 1e-6 else fps,
+        features,
+        root=dst,
+        robot_type=schema.robot or None,
+        use_videos=use_videos,
+        image_writer_threads=4 if has_images and not use_videos else 0,
+        streaming_encoding=use_videos,
+    )
+    try:
+        for i in range(store.n_episodes):
+            ep = store.get_episode(i)
+            info = store.episode_info(i)
+            task = str(info.get("task") or schema.task or "default")
+            n = len(next(iter(ep.values())))
+            for t in range(n):
+                frame: dict[str, Any] = {"task": task}
+                for key, name in names.items():
+                    frame[name] = _frame_value(ep[key][t], features[name])
+                ds.add_frame(frame)
+            if ts_key is not None:
+                ts = ep[ts_key].reshape(n, -1)[:, 0]
+                _set_timestamps(ds, ts, fps, use_videos, f"{store.path}: key {ts_key!r}, episode {i}")
+            ds.save_episode()
+    finally:
+        ds.stop_image_writer()
+        ds.finalize()
+
+
+def _frame_value(v: np.ndarray, feature: dict[str, Any]) -> Any:
+    """What add_frame takes: the HWC array for the streaming video encoder, a PIL image for image
+    features (so an (H, W, C) array with H == 3 is not taken for (C, H, W)), else the array."""
+    from PIL import Image
+
+    if feature["dtype"] == "video":
+        return v
+    if feature["dtype"] == "image":
+        return Image.fromarray(v.squeeze(-1) if v.shape[-1] == 1 else v)
+    return v.reshape(feature["shape"])
+
+
+def _set_timestamps(ds: Any, ts: np.ndarray, fps: float, use_videos: bool, where: str) -> None:
+    """Put the store's timestamps in the episode buffer (add_frame refuses a `timestamp` key in 0.4.4).
+    Video frames are found by timestamp, so video mode keeps LeRobot's frame_index / fps grid."""
+    grid = np.arange(len(ts)) / fps
+    if use_videos:
+        if np.abs((ts - ts[0]) - grid).max() > 0.5 / fps:
+            warnings.warn(
+                f"{where}: timestamps off the 1/fps grid are replaced by it (LeRobot video)", stacklevel=4
+            )
+        return
+    ds.episode_buffer["timestamp"] = [float(x) for x in np.asarray(ts, dtype=np.float32)]
