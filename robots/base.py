@@ -1,0 +1,160 @@
+"""One robot interface for simulated and real arms.
+
+`Robot` is the protocol every robot satisfies: features readable before `connect()`, a declared
+control rate, `get_observation()` with a timestamp, and `send_action()` that refuses non-finite or
+misshapen actions, clips to the limits and returns what was actually applied. `RobotBase` holds
+the shared part (validation, clipping, context manager) so a subclass only talks to its hardware
+or simulator; safety lives here, in one place, not in each robot.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from wm.data.schema import ActionSpace, KeySpec, Schema
+
+
+class RobotError(Exception):
+    """A robot cannot do what was asked (not connected, device missing, bad action)."""
+
+
+class ActionError(RobotError, ValueError):
+    """An action of the wrong shape or with non-finite values; it never reaches the robot."""
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One observation or action feature: per-step shape, dtype, kind, units, limits, dimension names."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+    units: str = ""
+    names: tuple[str, ...] = ()
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+
+    def key_spec(self) -> KeySpec:
+        return KeySpec(self.shape, self.dtype, self.kind, units=self.units, names=self.names)
+
+
+@runtime_checkable
+class Robot(Protocol):
+    """What every robot offers. Features and `control_hz` are readable before `connect()`."""
+
+    name: str
+    control_hz: float
+
+    @property
+    def observation_features(self) -> dict[str, Feature]: ...
+
+    @property
+    def action_feature(self) -> Feature: ...
+
+    def connect(self) -> None: ...
+
+    def disconnect(self) -> None: ...
+
+    def get_observation(self) -> dict[str, np.ndarray]: ...
+
+    def send_action(self, action: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class RobotBase(ABC):
+    """Shared robot behaviour: validation and clipping of actions, connection state, context manager.
+
+    Subclasses implement `_connect`, `_disconnect`, `_observe` (without timestamp) and `_apply`
+    (with an action already validated and clipped).
+    """
+
+    name: str = "robot"
+    control_hz: float = 10.0
+    action_space: ActionSpace = field(default_factory=ActionSpace)
+    _connected: bool = field(default=False, init=False, repr=False)
+
+    # ------------------------------------------------------------------ features
+    @property
+    @abstractmethod
+    def observation_features(self) -> dict[str, Feature]: ...
+
+    @property
+    @abstractmethod
+    def action_feature(self) -> Feature: ...
+
+    def schema(self, task: str = "") -> Schema:
+        """The store schema for recording this robot: observations, action and timestamp."""
+        keys = {k: f.key_spec() for k, f in self.observation_features.items()}
+        keys["action"] = self.action_feature.key_spec()
+        keys["timestamp"] = KeySpec((), "float64", "timestamp", units="s")
+        return Schema(keys=keys, fps=self.control_hz, action_space=self.action_space, robot=self.name, task=task)
+
+    # ------------------------------------------------------------------ connection
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    def connect(self) -> None:
+        if not self._connected:
+            self._connect()
+            self._connected = True
+
+    def disconnect(self) -> None:
+        if self._connected:
+            self._disconnect()
+            self._connected = False
+
+    def __enter__(self) -> RobotBase:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.disconnect()
+
+    def _require_connected(self) -> None:
+        if not self._connected:
+            raise RobotError(f"{self.name}: not connected; call connect() or use it as a context manager")
+
+    # ------------------------------------------------------------------ observation and action
+    def get_observation(self) -> dict[str, np.ndarray]:
+        """Current observation {feature: array} plus "timestamp" (monotonic seconds)."""
+        self._require_connected()
+        obs = self._observe()
+        obs["timestamp"] = np.float64(time.monotonic())
+        return obs
+
+    def check_action(self, action: Any) -> np.ndarray:
+        """The action as the robot will apply it: shape checked, non-finite refused, clipped to limits."""
+        feat = self.action_feature
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != feat.shape:
+            raise ActionError(f"{self.name}: action shape {a.shape} != expected {feat.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ActionError(f"{self.name}: action has non-finite values {a.tolist()}; refused")
+        if feat.low is not None or feat.high is not None:
+            a = np.clip(a, feat.low if feat.low is not None else -np.inf, feat.high if feat.high is not None else np.inf)
+        return a.astype(feat.dtype)
+
+    def send_action(self, action: np.ndarray) -> np.ndarray:
+        """Validate, clip and apply one action; returns the action actually applied."""
+        self._require_connected()
+        applied = self.check_action(action)
+        self._apply(applied)
+        return applied
+
+    @abstractmethod
+    def _connect(self) -> None: ...
+
+    @abstractmethod
+    def _disconnect(self) -> None: ...
+
+    @abstractmethod
+    def _observe(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _apply(self, action: np.ndarray) -> None: ...

@@ -1,0 +1,68 @@
+"""Registries of simulated tasks and teleoperation devices, by name.
+
+Modules are imported only when their entry is used, so `robosuite` or `pygame` load only for the
+tasks and devices that need them. An unknown name raises an error listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from robots.base import RobotError
+from robots.sim.base import Expert, SimConfig, SimTask, TaskEntry
+
+# name -> "module:attribute" of a TaskEntry
+TASKS: dict[str, str] = {
+    "pointmaze": "robots.sim.pointmaze:ENTRY",
+    "arm_push": "robots.sim.arm_push:ENTRY",
+    "pusht": "robots.sim.pusht:ENTRY",
+}
+ROBOSUITE_PREFIX = "robosuite/"
+# robosuite environments with a scripted expert; any other robosuite env can still be driven by a device.
+ROBOSUITE_EXPERT_ENVS = ("Lift", "Stack", "Door")
+
+# name -> "module:attribute" of a device class
+DEVICES: dict[str, str] = {
+    "keyboard": "robots.teleop.keyboard:KeyboardDevice",
+    "spacemouse": "robots.teleop.spacemouse:SpaceMouseDevice",
+    "gamepad": "robots.teleop.gamepad:GamepadDevice",
+    "leader_arm": "robots.teleop.leader_arm:LeaderArmDevice",
+}
+
+
+def _load(ref: str) -> Any:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def task_names() -> list[str]:
+    return sorted(TASKS) + [ROBOSUITE_PREFIX + env for env in ROBOSUITE_EXPERT_ENVS]
+
+
+def task_entry(name: str) -> TaskEntry:
+    if name.startswith(ROBOSUITE_PREFIX):
+        from robots.sim.robosuite_task import robosuite_entry
+
+        return robosuite_entry(name[len(ROBOSUITE_PREFIX) :])
+    if name not in TASKS:
+        raise RobotError(
+            f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}, or robosuite/<EnvName> "
+            f"(e.g. {', '.join(ROBOSUITE_PREFIX + e for e in ROBOSUITE_EXPERT_ENVS)})"
+        )
+    return _load(TASKS[name])
+
+
+def make_task(name: str, config: SimConfig | None = None) -> SimTask:
+    """Build the task `name` (not yet connected)."""
+    return task_entry(name).make(config or SimConfig())
+
+
+def make_expert(name: str, **kwargs: Any) -> Expert:
+    return task_entry(name).expert(**kwargs)
+
+
+def device_class(name: str) -> type:
+    if name not in DEVICES:
+        raise RobotError(f"unknown teleop device {name!r}; valid: {', '.join(sorted(DEVICES))}")
+    return _load(DEVICES[name])

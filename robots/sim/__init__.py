@@ -1,0 +1,1 @@
+"""Simulated tasks (MuJoCo, gym-pusht, robosuite) behind the robot interface."""

@@ -1,0 +1,120 @@
+"""Simulated tasks: a robot plus a scene with seeded reset states, goals and a success signal.
+
+A `SimTask` is a `Robot` (same features, `send_action` validation and clipping) with what a
+simulator can offer beyond a real arm: `reset(seed)`, `is_success()`, a goal given as an
+observation (image plus proprioception, so goal-conditioned planners can use it), and privileged
+`get_sim_state` / `set_sim_state` for scripted experts and sampling-based planners on cloned state.
+`state_only=True` skips rendering entirely (fast mode); images are then absent from the features.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from robots.base import RobotBase, RobotError
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # every simulated task renders headless
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Options every simulated task takes. `image_size` is (height, width)."""
+
+    image_size: tuple[int, int] = (64, 64)
+    state_only: bool = False
+    max_steps: int = 200
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # task-specific (controller, robot, ...)
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if isinstance(size, int):
+            size = (size, size)
+        size = tuple(int(s) for s in size)
+        if len(size) != 2 or min(size) < 8:
+            raise ValueError(f"image_size must be (height, width) of at least 8 pixels, got {self.image_size}")
+        object.__setattr__(self, "image_size", size)
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class SimTask(RobotBase):
+    """Base class of simulated tasks. Subclasses implement the `_`-methods of RobotBase plus
+    `_reset(rng)`, `_success()`, `_goal_observation()` and the sim-state pair."""
+
+    config: SimConfig = field(default_factory=SimConfig)
+    steps: int = field(default=0, init=False)
+    _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), init=False, repr=False)
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Sample a new start state and goal (seeded), return the first observation."""
+        if not self.is_connected:
+            self.connect()
+        self._rng = np.random.default_rng(self.config.seed if seed is None else seed)
+        self.steps = 0
+        self._reset(self._rng)
+        return self.get_observation()
+
+    def send_action(self, action: np.ndarray) -> np.ndarray:
+        applied = super().send_action(action)
+        self.steps += 1
+        return applied
+
+    @property
+    def done(self) -> bool:
+        """The episode is over: success, or `max_steps` actions sent."""
+        return self.steps >= self.config.max_steps or self.is_success()
+
+    def is_success(self) -> bool:
+        self._require_connected()
+        return bool(self._success())
+
+    def goal_observation(self) -> dict[str, np.ndarray]:
+        """The goal as an observation: the same features `get_observation` returns (no timestamp)."""
+        self._require_connected()
+        return self._goal_observation()
+
+    @abstractmethod
+    def _reset(self, rng: np.random.Generator) -> None: ...
+
+    @abstractmethod
+    def _success(self) -> bool: ...
+
+    @abstractmethod
+    def _goal_observation(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def get_sim_state(self) -> Any:
+        """Privileged: a copy of the full simulator state (for experts and planners on cloned state)."""
+
+    @abstractmethod
+    def set_sim_state(self, state: Any) -> None: ...
+
+
+class Expert(Protocol):
+    """A demonstrator with privileged access to the simulator (scripted or sampling-based)."""
+
+    def reset(self, task: SimTask, rng: np.random.Generator) -> None: ...
+
+    def act(self, task: SimTask, obs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A registered task: how to build it and its expert."""
+
+    make: Callable[[SimConfig], SimTask]
+    expert: Callable[..., Expert]
+    description: str = ""
+
+
+def check_registry_name(name: str, valid: list[str], what: str) -> None:
+    if name not in valid:
+        raise RobotError(f"unknown {what} {name!r}; valid: {', '.join(sorted(valid))}")

@@ -1,0 +1,1 @@
+"""Teleoperation devices: keyboard, SpaceMouse, gamepad, leader arms."""
