@@ -65,7 +65,7 @@ def test_summarize_matches_numpy(built: tuple[DemoStore, list]) -> None:
             np.testing.assert_allclose(st[name], fn(x, axis=0), rtol=1e-6, atol=1e-9)
     rgb = s["keys"]["rgb"]
     assert rgb["shape"] == [H, W, 3] and rgb["kind"] == "image" and rgb["chunks"] == [1, H, W, 3]
-    assert rgb["codec"] == "blosc/lz4/5" and s["keys"]["qpos"]["codec"] == "blosc/zstd/3"
+    assert rgb["codec"] == "blosc/lz4/5+crc32c" and s["keys"]["qpos"]["codec"] == "blosc/zstd/3+crc32c"
     frames = np.concatenate([e["rgb"] for e in episodes]).astype(np.float64)
     np.testing.assert_allclose(rgb["stats"]["mean"], frames.mean(axis=(0, 1, 2)))
 

@@ -69,7 +69,9 @@ def convert(cfg: ConvertConfig) -> int:
     else:
         from wm.data.convert.robomimic import robomimic_to_store
 
-        store = robomimic_to_store(src, dst, zarr_format=cfg.zarr_format, overwrite=cfg.overwrite, fps=cfg.fps)
+        store = robomimic_to_store(
+            src, dst, zarr_format=cfg.zarr_format, overwrite=cfg.overwrite, fps=cfg.fps
+        )
     print(f"{kind} {src} -> store {dst}: {store.n_episodes} episodes, {store.n_steps} steps")
     store.close()
     return 0

@@ -4,6 +4,8 @@ Each item is a window around an anchor step (see `wm.data.windows`). Batch keys,
 the model asked for with `n` offsets:
 
     k            (n, *shape) float32 for low-dim keys; images (n, C, H, W) float32 in [0, 1]
+                 (or raw uint8 with `image_dtype="uint8"`: a quarter of the bytes between DataLoader
+                 workers and the trainer, which converts and augments the batch on its device)
     k + "_is_pad" (n,) bool, True where the window reached past the episode's edge
     "episode", "anchor"  () int64, where the window came from
 
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from wm.data.augment import AugmentConfig, augment
 from wm.data.chunks import ChunkReader
@@ -45,7 +47,15 @@ class WindowDataset(Dataset):
         augment_cfg: AugmentConfig | None = None,
         train: bool = True,
         schema_overrides: dict[str, Any] | None = None,
+        image_dtype: str = "float32",
     ) -> None:
+        if image_dtype not in ("float32", "uint8"):
+            raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
+        if image_dtype == "uint8" and (augment_cfg is not None and augment_cfg.active):
+            raise ValueError(
+                "uint8 images are delivered raw: augment the float batch with wm.data.augment instead"
+            )
+        self.image_dtype = image_dtype
         self.path = Path(path)
         self.spec = spec
         self.augment_cfg = augment_cfg or AugmentConfig()
@@ -110,6 +120,13 @@ class WindowDataset(Dataset):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Used by a plain DataLoader: the batch is read at once, then split for its collate_fn."""
+        batch = self.get_batch(indices)
+        return [{k: v[b] for k, v in batch.items()} for b in range(len(indices))]
+
+    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The windows at `indices` as one batch {key: (B, ...)}: frames read in one pass, augmented in
+        one vectorized call with a separate random draw per sample."""
         rows = self.index[np.asarray(indices, dtype=np.int64)]  # (B, 3): anchor, start, end
         anchors, starts, ends = rows[:, :1], rows[:, 1:2], rows[:, 2:3]
         out: dict[str, torch.Tensor] = {}
@@ -119,11 +136,51 @@ class WindowDataset(Dataset):
             out[key + "_is_pad"] = torch.from_numpy(raw != steps)
             if key in self.image_keys:
                 frames = self._frames(key, steps.reshape(-1))  # (B * n, H, W, C)
-                imgs = torch.from_numpy(frames).view(*steps.shape, *frames.shape[1:])
-                imgs = imgs.permute(0, 1, 4, 2, 3).float().div_(255.0)  # (B, n, C, H, W)
-                out[key] = augment(imgs, self.augment_cfg, train=self.train)
+                imgs = torch.from_numpy(frames).view(*steps.shape, *frames.shape[1:]).permute(0, 1, 4, 2, 3)
+                if self.image_dtype == "uint8":  # (B, n, C, H, W) uint8, a quarter of the bytes to ship
+                    out[key] = imgs.contiguous()
+                else:
+                    out[key] = augment(imgs.float().div_(255.0), self.augment_cfg, train=self.train)
             else:
                 out[key] = torch.from_numpy(self._ram[key][steps].astype(np.float32, copy=False))
         out["anchor"] = torch.from_numpy(rows[:, 0])
         out["episode"] = torch.from_numpy(self._step_episode[rows[:, 0]])
-        return [{k: v[b] for k, v in out.items()} for b in range(len(rows))]
+        return out
+
+
+class _Batches(Dataset):
+    """A view whose items are whole batches: item `indices` is `dataset.get_batch(indices)`."""
+
+    def __init__(self, dataset: WindowDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.dataset.get_batch(indices)
+
+
+def make_loader(
+    dataset: WindowDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """A DataLoader that builds each batch with one `get_batch` call (no per-sample split and re-stack),
+    shuffled with a seeded generator so every epoch's order differs but a run is reproducible."""
+    gen = torch.Generator().manual_seed(seed)
+    base = RandomSampler(dataset, generator=gen) if shuffle else SequentialSampler(dataset)
+    return DataLoader(
+        _Batches(dataset),
+        batch_size=None,
+        sampler=BatchSampler(base, batch_size, drop_last),
+        num_workers=num_workers,
+        generator=gen,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )
+
