@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from robots.base import RobotError
+from robots.teleop.base import DeviceNotFoundError
 from wm.data.errors import StoreError
 
 T = TypeVar("T")
@@ -29,7 +31,15 @@ def run(fn: Callable[[], int | None]) -> None:
     """Run an app body; known errors become one line `error: ...` and exit status 2."""
     try:
         code = fn()
-    except (StoreError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as e:
+    except (
+        StoreError,
+        RobotError,
+        DeviceNotFoundError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        PermissionError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,0 +1,110 @@
+"""Fixed-rate control loops: pure scheduling functions plus a clock.
+
+Deadlines are absolute (`start + k * period`), so a slow tick borrows from the following ones and
+the loop never drifts; a loop that falls more than `max_behind` periods behind resynchronizes
+instead of bursting through the missed ticks. The clock is a parameter: `MonotonicClock` for real
+runs, `ManualClock` for tests and for as-fast-as-possible simulation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    def sleep_until(self, t: float) -> None: ...
+
+
+class MonotonicClock:
+    """`time.monotonic`, with a sleep that wakes early and spins the last millisecond for precision."""
+
+    spin_s: float = 0.001
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep_until(self, t: float) -> None:
+        remaining = t - time.monotonic()
+        if remaining > self.spin_s:
+            time.sleep(remaining - self.spin_s)
+        while time.monotonic() < t:
+            pass
+
+
+@dataclass
+class ManualClock:
+    """A clock that only moves when told to (tests) or when a loop sleeps (it jumps to the deadline)."""
+
+    t: float = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep_until(self, t: float) -> None:
+        self.t = max(self.t, t)
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+def next_deadline(start: float, period: float, tick: int) -> float:
+    """Absolute end time of tick number `tick` (0-based) of a loop that started at `start`."""
+    return start + (tick + 1) * period
+
+
+def ticks_behind(now: float, start: float, period: float, tick: int) -> int:
+    """How many whole deadlines after tick `tick`'s have already passed at `now`."""
+    return max(0, int((now - next_deadline(start, period, tick)) // period))
+
+
+@dataclass
+class RateLoop:
+    """Keeps a loop at `hz`: call `wait()` at the end of every iteration.
+
+    Records per-tick lateness; `overruns` counts ticks whose work ran past their deadline.
+    """
+
+    hz: float
+    clock: Clock = field(default_factory=MonotonicClock)
+    max_behind: int = 3
+    tick: int = field(default=0, init=False)
+    overruns: int = field(default=0, init=False)
+    max_late_s: float = field(default=0.0, init=False)
+    _start: float = field(default=0.0, init=False)
+    _first: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.hz > 0:
+            raise ValueError(f"loop rate must be positive, got {self.hz}")
+        self.period = 1.0 / self.hz
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a new schedule now (e.g. after an operator pause)."""
+        self._start = self._first = self.clock.now()
+        self.tick = 0
+
+    def wait(self) -> float:
+        """Sleep until this tick's deadline; returns how late the work finished (<= 0: on time)."""
+        deadline = next_deadline(self._start, self.period, self.tick)
+        now = self.clock.now()
+        late = now - deadline
+        if late > 0:
+            self.overruns += 1
+            self.max_late_s = max(self.max_late_s, late)
+            behind = ticks_behind(now, self._start, self.period, self.tick)
+            if behind > self.max_behind:  # too far behind: resynchronize instead of bursting
+                self._start += behind * self.period
+        else:
+            self.clock.sleep_until(deadline)
+        self.tick += 1
+        return late
+
+    @property
+    def achieved_hz(self) -> float:
+        elapsed = self.clock.now() - self._first
+        return self.tick / elapsed if elapsed > 0 else 0.0

@@ -1,0 +1,129 @@
+"""`wm-collect task=NAME teleop=scripted|DEVICE episodes=N store=PATH`: record demonstrations.
+
+Scripted experts run as fast as the simulator allows (or in real time with `realtime=true`);
+human devices run at the task's control rate. Everything goes through the crash-safe store: Ctrl-C
+keeps the finished episodes, and running again on the same store appends after them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from robots.collect import Collector, Preview, SessionStats, open_store, recording_schema
+from robots.registry import device_class, make_expert, make_task
+from robots.sim.base import SimConfig
+from tools._cli import bind, run
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    task: str
+    store: str
+    teleop: str = "scripted"
+    episodes: int = 10
+    seed: int = 0
+    image_size: int = 64
+    state_only: bool = False
+    max_steps: int | None = None
+    noise_std: float = 0.0
+    replays: int = 0
+    replay_noise_std: float = 0.1
+    realtime: str = "auto"
+    preview: str = "auto"
+    gains: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    device_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if self.noise_std < 0 or self.replay_noise_std < 0 or self.replays < 0:
+            raise ValueError("noise_std, replay_noise_std and replays must be >= 0")
+        for name, value in (("realtime", self.realtime), ("preview", self.preview)):
+            if str(value).lower() not in ("auto", "true", "false"):
+                raise ValueError(f"{name} must be auto, true or false, got {value!r}")
+
+
+def sim_config(cfg: CollectConfig) -> SimConfig:
+    kwargs: dict[str, Any] = {"image_size": cfg.image_size, "state_only": cfg.state_only, "seed": cfg.seed}
+    if cfg.max_steps is not None:
+        kwargs["max_steps"] = cfg.max_steps
+    return SimConfig(options=dict(cfg.task_options), **kwargs)
+
+
+def collect(cfg: CollectConfig) -> int:
+    task = make_task(cfg.task, sim_config(cfg))
+    scripted = cfg.teleop == "scripted"
+    device = None if scripted else device_class(cfg.teleop)(**cfg.device_options)
+    realtime = str(cfg.realtime).lower() == "true" or (str(cfg.realtime).lower() == "auto" and not scripted)
+    store = open_store(cfg.store, recording_schema(task, cfg.task))
+    start = store.n_episodes
+    bar = tqdm(total=cfg.episodes * (1 + (cfg.replays if scripted else 0)), unit="ep", dynamic_ncols=True)
+
+    def progress(stats: SessionStats) -> None:
+        bar.update(1)
+        hz = stats.loop_hz[-1] if stats.loop_hz else 0.0
+        bar.set_postfix(success=f"{stats.success_rate:.0%}", loop_hz=f"{hz:.1f}", stored=store.n_episodes)
+
+    images = [k for k, f in task.observation_features.items() if f.kind == "image"]
+    preview = Preview(str(cfg.preview).lower(), images[0] if images else None)
+    collector = Collector(
+        task,
+        store,
+        seed=cfg.seed,
+        realtime=realtime,
+        noise_std=cfg.noise_std,
+        on_episode=progress,
+        preview=preview,
+    )
+    interrupted = False
+    try:
+        with task:
+            if scripted:
+                expert = make_expert(cfg.task)
+                for _ in range(cfg.episodes):
+                    collector.record_expert_episode(expert, "expert", cfg.replays, cfg.replay_noise_std)
+            else:
+                collector.record_teleop(device_connected(device), teleop_mapper(cfg, task), cfg.episodes)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        preview.close()
+        if device is not None:
+            device.disconnect()
+        store.close()
+    s = collector.stats
+    print(
+        f"{'interrupted: ' if interrupted else ''}saved {s.saved} episodes ({s.discarded} discarded), "
+        f"success {s.success_rate:.0%}, {s.steps} steps; store {cfg.store} now has {start + s.saved} episodes"
+    )
+    return 0
+
+
+def device_connected(device: Any) -> Any:
+    device.connect()
+    return device
+
+
+def teleop_mapper(cfg: CollectConfig, task: Any) -> Any:
+    from robots.teleop.mapping import ActionMapper
+
+    mapper = ActionMapper(**cfg.gains)
+    return lambda state, obs: mapper(
+        state, task.action_feature, task.action_space, current=obs.get("proprio")
+    )
+
+
+@hydra.main(config_path="../configs", config_name="collect", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(lambda: collect(bind(CollectConfig, cfg)))
+
+
+if __name__ == "__main__":
+    main()
