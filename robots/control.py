@@ -98,7 +98,7 @@ class RateLoop:
             self.max_late_s = max(self.max_late_s, late)
             behind = ticks_behind(now, self._start, self.period, self.tick)
             if behind > self.max_behind:  # too far behind: resynchronize instead of bursting
-                self._start += behind * self.period
+                self._start = now - (self.tick + 1) * self.period  # the next deadline is one period away
         else:
             self.clock.sleep_until(deadline)
         self.tick += 1
