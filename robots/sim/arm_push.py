@@ -1,0 +1,371 @@
+"""ArmPush: a 3-joint SCARA-like arm pushes a block to a target on a table, in pure MuJoCo.
+
+The arm stands at the origin: three revolute joints about vertical axes (links 0.30, 0.25, 0.08 m)
+with position actuators, and a capsule pusher (radius 1.5 cm) hanging from the last link down to
+the table, so the end effector (`ee`, the pusher's tip, 2 cm above the table) moves in the
+horizontal plane. The block (8 cm square, 4 cm high) slides on the table on two slide joints and a
+hinge; Coulomb friction with the table is modelled by joint friction loss. Control runs at 10 Hz.
+
+Action modes (`SimConfig.options["action_mode"]`):
+  - "ee_delta" (default): (dx, dy) of the end effector in metres, each in [-0.03, 0.03]; mapped to
+    joint targets by damped least squares on the site Jacobian (`mj_jacSite`), with a null-space
+    pull towards the home posture; the commanded point is kept inside the reachable workspace.
+  - "joint_delta": delta joint targets in radians, each in [-0.1, 0.1].
+Targets are taken relative to the current joint positions, so a blocked arm never winds up.
+
+Observation: `image` (a camera over the table; the target is not drawn) and `proprio` = joint
+positions (3) and ee position (3). The block pose is not in `proprio`: that is what a world model
+has to see. Goal observation: the block at the target with the yaw it started the episode with,
+the arm at its home posture. Success: block centre within `success_radius` (2.5 cm) of the target
+(orientation ignored). Reset: block centre uniform in x [-0.12, 0.12] m, y [0.28, 0.42] m with
+uniform yaw; target in the same box, 0.10 to 0.25 m from the block; the pusher starts near home.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from robots.base import Feature
+from robots.sim.base import SimConfig, SimTask, TaskEntry  # sets MUJOCO_GL before mujoco loads
+from wm.data.schema import ActionSpace
+
+# isort: split
+import mujoco
+
+ACTION_MODES = ("ee_delta", "joint_delta")
+EE_STEP = 0.03  # m per action, each axis
+JOINT_STEP = 0.1  # rad per action, each joint
+LINKS = (0.30, 0.25, 0.08)
+BLOCK_HALF = 0.04
+PUSHER_RADIUS = 0.015
+EE_HEIGHT = 0.02
+BLOCK_BOX = ((-0.12, 0.28), (0.12, 0.42))  # (low xy, high xy) of block and target centres
+REACH = (0.12, 0.60)  # the ee is kept within this ring around the base (m)
+WORKSPACE = ((-0.35, 0.10), (0.35, 0.60))  # and inside this box (low xy, high xy)
+HOME_EE = np.array([0.0, 0.16])
+IK_DAMPING = 0.02
+NULL_GAIN = 0.1  # fraction of the home-posture error corrected per step in the null space
+
+ARM_PUSH_XML = f"""
+<mujoco model="arm_push">
+  <compiler angle="radian"/>
+  <option timestep="0.004" integrator="implicitfast"/>
+  <visual>
+    <quality shadowsize="0" offsamples="0"/>
+    <headlight ambient="0.45 0.45 0.45" diffuse="0.35 0.35 0.35" specular="0 0 0"/>
+  </visual>
+  <default>
+    <geom contype="0" conaffinity="0" density="300"/>
+    <joint armature="0.01"/>
+    <position kp="150" ctrllimited="false"/>
+  </default>
+  <asset>
+    <material name="table" rgba="0.78 0.68 0.52 1" specular="0"/>
+    <material name="arm" rgba="0.55 0.58 0.62 1" specular="0.1"/>
+    <material name="block" rgba="0.85 0.2 0.15 1" specular="0"/>
+  </asset>
+  <worldbody>
+    <light pos="0.3 -0.3 1.5" dir="-0.2 0.2 -1" diffuse="0.4 0.4 0.4" castshadow="false"/>
+    <geom type="box" pos="0 0.3 -0.02" size="0.6 0.6 0.02" material="table"/>
+    <geom type="cylinder" pos="0 0 0.06" size="0.05 0.06" rgba="0.25 0.25 0.28 1"/>
+    <body name="link1" pos="0 0 0.13">
+      <joint name="j1" type="hinge" axis="0 0 1" range="-2.9 2.9" damping="6"/>
+      <geom type="capsule" fromto="0 0 0 0 {LINKS[0]} 0" size="0.025" material="arm"/>
+      <body name="link2" pos="0 {LINKS[0]} 0">
+        <joint name="j2" type="hinge" axis="0 0 1" range="-2.9 2.9" damping="3"/>
+        <geom type="capsule" fromto="0 0 0.015 0 {LINKS[1]} 0.015" size="0.02" material="arm"/>
+        <body name="link3" pos="0 {LINKS[1]} 0.015">
+          <joint name="j3" type="hinge" axis="0 0 1" range="-2.9 2.9" damping="1"/>
+          <geom type="capsule" fromto="0 0 0.015 0 {LINKS[2]} 0.015" size="0.015" material="arm"/>
+          <geom name="pusher" type="capsule" fromto="0 {LINKS[2]} 0.015 0 {LINKS[2]} {EE_HEIGHT - 0.145}"
+                size="{PUSHER_RADIUS}" rgba="0.15 0.15 0.18 1" contype="1" conaffinity="1" condim="3"
+                friction="0.3 0.005 0.0001"/>
+          <site name="ee" pos="0 {LINKS[2]} {EE_HEIGHT - 0.145}" size="0.005"/>
+        </body>
+      </body>
+    </body>
+    <body name="block" pos="0 0 {BLOCK_HALF / 2}">
+      <joint name="block_x" type="slide" axis="1 0 0" frictionloss="0.4" damping="1"/>
+      <joint name="block_y" type="slide" axis="0 1 0" frictionloss="0.4" damping="1"/>
+      <joint name="block_yaw" type="hinge" axis="0 0 1" frictionloss="0.01" damping="0.01"/>
+      <geom type="box" size="{BLOCK_HALF} {BLOCK_HALF} {BLOCK_HALF / 2}" mass="0.2" material="block"
+            contype="1" conaffinity="1" condim="3" friction="0.3 0.005 0.0001"/>
+    </body>
+    <camera name="table" pos="0 -0.102 0.94" xyaxes="1 0 0 0 0.940 0.342" fovy="45"/>
+  </worldbody>
+  <actuator>
+    <position joint="j1"/>
+    <position joint="j2"/>
+    <position joint="j3"/>
+  </actuator>
+</mujoco>"""
+
+
+@dataclass
+class ArmPushTask(SimTask):
+    """Push the block to the target with a planar 3-joint arm; see the module docstring."""
+
+    name: str = "arm_push"
+    control_hz: float = 10.0
+    action_mode: str = "ee_delta"
+    action_space: ActionSpace = field(default_factory=ActionSpace, init=False)  # set from action_mode
+    success_radius: float = 0.025
+    frame_skip: int = 25  # 25 x 4 ms = one 10 Hz step
+    target: np.ndarray = field(default_factory=lambda: np.zeros(2), init=False)
+    target_yaw: float = field(default=0.0, init=False)
+    _model: Any = field(default=None, init=False, repr=False)
+    _data: Any = field(default=None, init=False, repr=False)
+    _renderer: Any = field(default=None, init=False, repr=False)
+    _home: np.ndarray = field(default_factory=lambda: np.zeros(3), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.action_mode not in ACTION_MODES:
+            raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {self.action_mode!r}")
+        if self.action_mode == "ee_delta":
+            self.action_space = ActionSpace(mode="delta", frame="ee", units="m", description="ee (dx, dy)")
+        else:
+            self.action_space = ActionSpace(
+                mode="delta", frame="joint", units="rad", description="joint targets"
+            )
+
+    # ------------------------------------------------------------------ features
+    @property
+    def observation_features(self) -> dict[str, Feature]:
+        feats = {}
+        if not self.config.state_only:
+            feats["image"] = Feature((*self.config.image_size, 3), "uint8", "image")
+        names = ("j1", "j2", "j3", "ee_x", "ee_y", "ee_z")
+        feats["proprio"] = Feature((6,), "float32", "proprio", units="rad, m", names=names)
+        return feats
+
+    @property
+    def action_feature(self) -> Feature:
+        if self.action_mode == "ee_delta":
+            return Feature((2,), "float32", "action", "m", ("dx", "dy"), (-EE_STEP,) * 2, (EE_STEP,) * 2)
+        return Feature(
+            (3,), "float32", "action", "rad", ("dj1", "dj2", "dj3"), (-JOINT_STEP,) * 3, (JOINT_STEP,) * 3
+        )
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        self._model = mujoco.MjModel.from_xml_string(ARM_PUSH_XML)
+        self._data = mujoco.MjData(self._model)
+        self._home = self.solve_ik(HOME_EE, np.array([-1.2, 2.2, 0.6]))
+        self._place(self._home, np.array([0.0, 0.35]), 0.0)
+        if not self.config.state_only:
+            h, w = self.config.image_size
+            self._model.vis.global_.offwidth = max(w, self._model.vis.global_.offwidth)
+            self._model.vis.global_.offheight = max(h, self._model.vis.global_.offheight)
+            self._renderer = mujoco.Renderer(self._model, h, w)
+
+    def _disconnect(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+        self._renderer = self._model = self._data = None
+
+    # ------------------------------------------------------------------ kinematics (privileged helpers)
+    @property
+    def joints(self) -> np.ndarray:
+        return self._data.qpos[:3].copy()
+
+    @property
+    def ee(self) -> np.ndarray:
+        """The end effector's (x, y, z) in metres."""
+        return self._data.site("ee").xpos.copy()
+
+    @property
+    def block_pose(self) -> np.ndarray:
+        """Privileged: the block's (x, y, yaw)."""
+        return self._data.qpos[3:6].copy()
+
+    def _jacobian(self) -> np.ndarray:
+        jacp = np.zeros((3, self._model.nv))
+        mujoco.mj_jacSite(self._model, self._data, jacp, None, self._model.site("ee").id)
+        return jacp[:2, :3]  # (2, 3): ee (x, y) over the arm joints
+
+    def ee_to_joint_delta(self, dxy: np.ndarray) -> np.ndarray:
+        """Damped least-squares joint step for an ee step `dxy` at the current posture, with a
+        null-space pull towards the home posture. Assumes kinematics are up to date."""
+        jac = self._jacobian()
+        pinv = jac.T @ np.linalg.inv(jac @ jac.T + IK_DAMPING**2 * np.eye(2))  # (3, 2)
+        null = np.eye(3) - pinv @ jac
+        return pinv @ dxy + NULL_GAIN * null @ (self._home - self._data.qpos[:3])
+
+    def solve_ik(self, xy: np.ndarray, q0: np.ndarray, iters: int = 100) -> np.ndarray:
+        """Joint positions putting the ee at `xy` (kinematics only; leaves qpos at the solution)."""
+        self._data.qpos[:3] = q0
+        for _ in range(iters):
+            mujoco.mj_kinematics(self._model, self._data)
+            mujoco.mj_comPos(self._model, self._data)  # the Jacobian needs cdof
+            err = xy - self._data.site("ee").xpos[:2]
+            if np.linalg.norm(err) < 1e-6:
+                break
+            jac = self._jacobian()
+            self._data.qpos[:3] += jac.T @ np.linalg.solve(jac @ jac.T + 1e-4 * np.eye(2), err)
+        return self._data.qpos[:3].copy()
+
+    def _place(self, q: np.ndarray, block_xy: np.ndarray, block_yaw: float) -> None:
+        """Put the arm at rest at `q` (targets too) and the block at rest at the given pose."""
+        self._data.qpos[:3] = q
+        self._data.qpos[3:5] = block_xy
+        self._data.qpos[5] = block_yaw
+        self._data.qvel[:] = 0.0
+        self._data.ctrl[:] = q
+        mujoco.mj_forward(self._model, self._data)
+
+    # ------------------------------------------------------------------ observation and action
+    def render(self) -> np.ndarray:
+        """The camera image of the current state, uint8 (H, W, 3); needs `state_only=False`."""
+        self._renderer.update_scene(self._data, camera="table")
+        return self._renderer.render().copy()
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        obs = {}
+        if self._renderer is not None:
+            obs["image"] = self.render()
+        obs["proprio"] = np.concatenate([self._data.qpos[:3], self.ee]).astype(np.float32)
+        return obs
+
+    def _apply(self, action: np.ndarray) -> None:
+        q = self._data.qpos[:3]
+        if self.action_mode == "ee_delta":
+            ee = self._data.site("ee").xpos[:2]
+            want = np.clip(ee + action.astype(np.float64), *WORKSPACE)
+            radius = np.linalg.norm(want)
+            want = want * np.clip(radius, *REACH) / max(radius, 1e-9)
+            dq = self.ee_to_joint_delta(want - ee)
+        else:
+            dq = action.astype(np.float64)
+        low, high = self._model.jnt_range[:3].T
+        self._data.ctrl[:] = np.clip(q + dq, low, high)
+        mujoco.mj_step(self._model, self._data, nstep=self.frame_skip)
+        mujoco.mj_forward(self._model, self._data)  # positions and Jacobians of the new state
+
+    # ------------------------------------------------------------------ episodes
+    def _reset(self, rng: np.random.Generator) -> None:
+        (x0, y0), (x1, y1) = BLOCK_BOX
+        block = rng.uniform((x0, y0), (x1, y1))
+        while True:
+            target = rng.uniform((x0, y0), (x1, y1))
+            if 0.10 <= np.linalg.norm(target - block) <= 0.25:
+                break
+        self.target, self.target_yaw = target, float(rng.uniform(-np.pi, np.pi))
+        start_ee = HOME_EE + rng.uniform((-0.12, -0.03), (0.12, 0.03))
+        mujoco.mj_resetData(self._model, self._data)
+        q = self.solve_ik(start_ee, self._home)
+        self._place(q, block, self.target_yaw)
+
+    def _success(self) -> bool:
+        return bool(np.linalg.norm(self._data.qpos[3:5] - self.target) < self.success_radius)
+
+    def _goal_observation(self) -> dict[str, np.ndarray]:
+        saved = self.get_sim_state()
+        self._place(self._home, self.target, self.target_yaw)
+        obs = self._observe()
+        self.set_sim_state(saved)
+        return obs
+
+    # ------------------------------------------------------------------ privileged state
+    def get_sim_state(self) -> dict[str, Any]:
+        """Full MuJoCo integration state (time, qpos, qvel, act, warm start, ctrl), target and step count."""
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = np.empty(mujoco.mj_stateSize(self._model, spec))
+        mujoco.mj_getState(self._model, self._data, physics, spec)
+        return {
+            "physics": physics,
+            "target": self.target.copy(),
+            "target_yaw": self.target_yaw,
+            "steps": self.steps,
+        }
+
+    def set_sim_state(self, state: dict[str, Any]) -> None:
+        mujoco.mj_setState(self._model, self._data, state["physics"], mujoco.mjtState.mjSTATE_INTEGRATION)
+        mujoco.mj_forward(self._model, self._data)
+        self.target = np.array(state["target"], dtype=np.float64)
+        self.target_yaw = float(state["target_yaw"])
+        self.steps = int(state["steps"])
+
+
+# ---------------------------------------------------------------------------- expert
+@dataclass
+class ArmPushExpert:
+    """Scripted pusher with privileged block pose. Pushing line: from the block centre to the target.
+    Approach: orbit the block at `orbit_radius` until the pusher is behind it, then go to the
+    pre-push point on the line; push along the line with a lateral correction, slowing near the
+    target; re-approach when the pusher drifts off the line. Works in ee space; in joint_delta mode
+    the ee step goes through the task's damped least-squares map. `noise_std` (action units) adds
+    Gaussian noise before clipping."""
+
+    noise_std: float = 0.0
+    speed: float = 0.025  # m per step
+    orbit_radius: float = 0.10
+    clearance: float = 0.075  # block half-diagonal + pusher radius + margin
+    standoff: float = 0.075  # pre-push point distance behind the block centre
+    _pushing: bool = field(default=False, repr=False)
+    _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), repr=False)
+
+    def reset(self, task: SimTask, rng: np.random.Generator) -> None:
+        self._rng, self._pushing = rng, False
+
+    def ee_step(self, ee: np.ndarray, block: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """The ee step (m) towards pushing `block` to `target`; all points (x, y)."""
+        to_go = target - block
+        dist = float(np.linalg.norm(to_go))
+        u = to_go / max(dist, 1e-9)
+        n = np.array([-u[1], u[0]])
+        rel = ee - block
+        s, t = float(rel @ u), float(rel @ n)  # along the pushing line, across it
+        if self._pushing and (abs(t) > 0.03 or s > -BLOCK_HALF):
+            self._pushing = False
+        if not self._pushing and s < -BLOCK_HALF - PUSHER_RADIUS and abs(t) < 0.012:
+            self._pushing = True
+        if self._pushing:
+            return u * min(self.speed, 0.7 * dist + 0.004) - 0.8 * t * n
+        pre = block - self.standoff * u
+        if _segment_distance(block, ee, pre) > self.clearance:
+            goal = pre
+        else:  # orbit towards the back of the block (angle pi in the (u, n) frame), 60 degrees at a time
+            phi = np.arctan2(t, s)
+            dphi = np.angle(np.exp(1j * (np.pi - phi)))
+            phi = phi + np.clip(dphi, -1.0, 1.0)
+            goal = block + self.orbit_radius * (np.cos(phi) * u + np.sin(phi) * n)
+        step = goal - ee
+        return step * min(1.0, self.speed / max(float(np.linalg.norm(step)), 1e-9))
+
+    def act(self, task: SimTask, obs: dict[str, np.ndarray]) -> np.ndarray:
+        assert isinstance(task, ArmPushTask), "ArmPushExpert drives an ArmPushTask"
+        dxy = self.ee_step(task.ee[:2], task.block_pose[:2], task.target)
+        if task.action_mode == "ee_delta":
+            action, limit = dxy, EE_STEP
+        else:
+            action, limit = task.ee_to_joint_delta(dxy), JOINT_STEP
+            action = action * min(1.0, limit / max(float(np.abs(action).max()), 1e-9))
+        if self.noise_std > 0:
+            action = action + self._rng.normal(0.0, self.noise_std, size=action.shape)
+        return np.clip(action, -limit, limit).astype(np.float32)
+
+
+def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Distance from point `p` to the segment from `a` to `b`."""
+    ab = b - a
+    h = np.clip((p - a) @ ab / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+    return float(np.linalg.norm(p - (a + h * ab)))
+
+
+def make(config: SimConfig) -> ArmPushTask:
+    opts = config.options
+    return ArmPushTask(
+        config=config,
+        action_mode=opts.get("action_mode", "ee_delta"),
+        success_radius=float(opts.get("success_radius", 0.025)),
+    )
+
+
+ENTRY = TaskEntry(
+    make=make,
+    expert=ArmPushExpert,
+    description="Planar 3-joint arm pushes a block to a target; options: action_mode ee_delta | joint_delta",
+)

@@ -1,0 +1,223 @@
+"""The pure-MuJoCo tasks (pointmaze, arm_push) with the real simulator: features, shapes,
+determinism, sim-state round trips, goal observations, action validation, and their experts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robots.base import ActionError, Robot
+from robots.registry import make_expert, make_task
+from robots.sim.arm_push import ArmPushTask
+from robots.sim.base import SimConfig, SimTask
+from robots.sim.pointmaze import ARMS, PointMazeTask, arm_of, cell_of, shortest_path
+
+SIZE = (24, 32)
+# (task name, options): every configuration the tests cover
+CONFIGS = [
+    ("pointmaze", {}),
+    ("pointmaze", {"goal_mode": "other_arm"}),
+    ("arm_push", {"action_mode": "ee_delta"}),
+    ("arm_push", {"action_mode": "joint_delta"}),
+]
+IDS = [f"{name}-{'-'.join(map(str, opts.values())) or 'default'}" for name, opts in CONFIGS]
+
+
+def build(name: str, options: dict, state_only: bool = False, **kw) -> SimTask:
+    return make_task(name, SimConfig(image_size=SIZE, state_only=state_only, options=options, **kw))
+
+
+def run_random(task: SimTask, seed: int, steps: int) -> list[dict[str, np.ndarray]]:
+    """Reset with `seed`, send `steps` seeded random actions; all observations without timestamps."""
+    rng = np.random.default_rng(100 + seed)
+    feat = task.action_feature
+    obs = [task.reset(seed)]
+    for _ in range(steps):
+        task.send_action(rng.uniform(feat.low, feat.high))
+        obs.append(task.get_observation())
+    return [{k: v for k, v in o.items() if k != "timestamp"} for o in obs]
+
+
+def assert_same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> None:
+    assert len(a) == len(b)
+    for oa, ob in zip(a, b, strict=True):
+        assert oa.keys() == ob.keys()
+        for k in oa:
+            np.testing.assert_array_equal(oa[k], ob[k], err_msg=k)
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_features_before_connect_and_shapes(name, options):
+    task = build(name, options)
+    assert not task.is_connected
+    assert isinstance(task, Robot)
+    feats = task.observation_features
+    assert set(feats) == {"image", "proprio"}
+    assert feats["image"].shape == (*SIZE, 3) and feats["image"].dtype == "uint8"
+    act = task.action_feature
+    assert act.low is not None and act.high is not None and len(act.low) == act.shape[0]
+    assert task.control_hz == 10.0
+    task.schema(task=name)  # a valid store schema
+    with task:
+        obs = task.reset(0)
+        for _ in range(3):
+            task.send_action(np.asarray(act.high) * 0.5)
+            obs = task.get_observation()
+        assert set(obs) == set(feats) | {"timestamp"}
+        for k, f in feats.items():
+            assert obs[k].shape == f.shape and obs[k].dtype == np.dtype(f.dtype), k
+            assert np.all(np.isfinite(obs[k]))
+        assert obs["image"].std() > 5  # something is drawn
+    assert not task.is_connected
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS[::2], ids=IDS[::2])
+def test_state_only_has_no_image(name, options):
+    task = build(name, options, state_only=True)
+    assert set(task.observation_features) == {"proprio"}
+    with task:
+        obs = task.reset(1)
+        assert set(obs) == {"proprio", "timestamp"}
+        assert task._renderer is None
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_same_seed_same_episode(name, options):
+    with build(name, options) as a, build(name, options) as b:
+        first = run_random(a, seed=3, steps=8)
+        assert_same(first, run_random(b, seed=3, steps=8))
+        assert_same(first, run_random(a, seed=3, steps=8))  # again on the same instance
+        other = run_random(a, seed=4, steps=8)
+        assert not np.array_equal(first[0]["proprio"], other[0]["proprio"])
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_sim_state_round_trip(name, options):
+    with build(name, options) as task:
+        run_random(task, seed=5, steps=4)
+        state = task.get_sim_state()
+        feat = task.action_feature
+        actions = np.random.default_rng(0).uniform(feat.low, feat.high, size=(6, feat.shape[0]))
+
+        def roll() -> list[dict[str, np.ndarray]]:
+            out = []
+            for a in actions:
+                task.send_action(a)
+                out.append({k: v for k, v in task.get_observation().items() if k != "timestamp"})
+            return out
+
+        first = roll()
+        run_random(task, seed=9, steps=3)  # disturb everything, goal included
+        task.set_sim_state(state)
+        assert task.steps == 4
+        assert_same(first, roll())
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_goal_observation_leaves_state_unchanged(name, options):
+    with build(name, options) as task:
+        run_random(task, seed=6, steps=3)
+        before = {k: v for k, v in task.get_observation().items() if k != "timestamp"}
+        state = task.get_sim_state()
+        goal = task.goal_observation()
+        assert set(goal) == set(task.observation_features)
+        for k, f in task.observation_features.items():
+            assert goal[k].shape == f.shape and goal[k].dtype == np.dtype(f.dtype)
+        assert not np.array_equal(goal["image"], before["image"])
+        after = {k: v for k, v in task.get_observation().items() if k != "timestamp"}
+        assert_same([before], [after])
+        np.testing.assert_array_equal(task.get_sim_state()["physics"], state["physics"])
+
+
+def test_goal_observation_shows_the_goal():
+    with build("pointmaze", {}) as task:
+        task.reset(2)
+        np.testing.assert_allclose(task.goal_observation()["proprio"][:2], task.goal, atol=1e-6)
+    with build("arm_push", {}) as task:
+        task.reset(2)
+        saved = task.get_sim_state()
+        task.goal_observation()
+        task._place(task._home, task.target, task.target_yaw)
+        assert task.is_success()
+        task.set_sim_state(saved)
+        assert not task.is_success()
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS[::2], ids=IDS[::2])
+def test_send_action_validates_and_clips(name, options):
+    with build(name, options, state_only=True) as task:
+        task.reset(0)
+        feat = task.action_feature
+        big = np.asarray(feat.high) * 10
+        applied = task.send_action(big)
+        np.testing.assert_array_equal(applied, np.asarray(feat.high, dtype=np.float32))
+        assert applied.dtype == np.float32
+        with pytest.raises(ActionError):
+            task.send_action(np.full(feat.shape, np.nan))
+        with pytest.raises(ActionError):
+            task.send_action(np.zeros(feat.shape[0] + 1))
+        assert task.steps == 1
+
+
+def test_other_arm_goals_are_in_another_arm():
+    task = build("pointmaze", {"goal_mode": "other_arm"}, state_only=True)
+    with task:
+        arms_seen = set()
+        for seed in range(40):
+            task.reset(seed)
+            start, goal = arm_of(cell_of(task.position)), arm_of(cell_of(task.goal))
+            assert start != goal
+            arms_seen.add((start, goal))
+    assert len(arms_seen) == 6  # every ordered pair of distinct arms occurs
+    assert sorted(c for cells in ARMS.values() for c in cells) == sorted(
+        shortest_path((1, 3), (3, 3))
+    )  # the arms cover the U, whose one path runs from one leg's end to the other's
+
+
+@pytest.mark.parametrize("mode", ["ee_delta", "joint_delta"])
+def test_arm_moves_in_commanded_direction(mode):
+    with build("arm_push", {"action_mode": mode}, state_only=True) as task:
+        task.reset(0)
+        for direction in (np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([-1.0, -1.0]) / np.sqrt(2)):
+            dxy = 0.02 * direction
+            action = dxy if mode == "ee_delta" else task.ee_to_joint_delta(dxy)
+            ee0 = task.ee[:2]
+            task.send_action(action)
+            moved = task.ee[:2] - ee0
+            assert moved @ direction > 0.015, (direction, moved)
+            assert abs(moved @ np.array([-direction[1], direction[0]])) < 0.005
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_expert_succeeds(name, options):
+    task = build(name, options, state_only=True)
+    expert = make_expert(name, noise_std=0.0)
+    wins = 0
+    with task:
+        for seed in range(5):
+            obs = task.reset(seed)
+            expert.reset(task, np.random.default_rng(seed))
+            while not task.done:
+                task.send_action(expert.act(task, obs))
+                obs = task.get_observation()
+            wins += task.is_success()
+    assert wins >= 4
+
+
+def test_expert_with_noise_stays_in_limits():
+    task = build("pointmaze", {}, state_only=True)
+    expert = make_expert("pointmaze", noise_std=0.5)
+    with task:
+        obs = task.reset(0)
+        expert.reset(task, np.random.default_rng(0))
+        actions = [expert.act(task, obs) for _ in range(20)]
+    assert np.all(np.abs(actions) <= 1.0) and np.std(actions) > 0.1
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="goal_mode"):
+        build("pointmaze", {"goal_mode": "nowhere"})
+    with pytest.raises(ValueError, match="action_mode"):
+        build("arm_push", {"action_mode": "torque"})
+    assert isinstance(build("pointmaze", {}), PointMazeTask)
+    assert isinstance(build("arm_push", {}), ArmPushTask)
