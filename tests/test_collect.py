@@ -1,0 +1,140 @@
+"""`wm-collect`: episodes land in the store, resume appends, Ctrl-C and SIGKILL keep finished episodes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from robots.collect import Collector, open_store, recording_schema
+from robots.registry import make_expert, make_task
+from robots.sim.base import SimConfig
+from wm.data import DemoStore
+from wm.data.dataset import WindowDataset
+from wm.data.windows import WindowSpec
+
+BIN = Path(sys.executable).parent
+
+
+def collect(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "wm-collect"), *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_collect_writes_episodes_the_dataset_reads_and_resumes(tmp_path):
+    store = tmp_path / "maze.zarr"
+    res = collect("task=pointmaze", "episodes=3", f"store={store}", "image_size=32", "preview=false")
+    assert res.returncode == 0, res.stderr
+    assert "saved 3 episodes" in res.stdout
+    s = DemoStore.open(store)
+    assert s.n_episodes == 3 and s.schema.robot and s.schema.fps == 10
+    assert all(s.episode_info(i)["success"] for i in range(3))
+    assert [s.episode_info(i)["seed"] for i in range(3)] == [0, 1, 2]
+    spec = WindowSpec.history_horizon(["image", "proprio"], ["action"], n_obs=2, horizon=8)
+    ds = WindowDataset(store, spec)
+    item = ds[len(ds) // 2]
+    assert item["image"].shape == (2, 3, 32, 32) and item["action"].shape == (8, 2)
+    s.close()
+
+    res = collect("task=pointmaze", "episodes=2", f"store={store}", "image_size=32", "preview=false")
+    assert res.returncode == 0, res.stderr
+    s = DemoStore.open(store)
+    assert s.n_episodes == 5 and [s.episode_info(i)["seed"] for i in (3, 4)] == [3, 4]
+    # A resume with a different image size would mix shapes: refused, store untouched.
+    res = collect("task=pointmaze", "episodes=1", f"store={store}", "image_size=48", "preview=false")
+    assert res.returncode == 2 and "holds keys" in res.stderr
+    assert DemoStore.open(store).n_episodes == 5
+
+
+def test_same_seed_same_episodes(tmp_path):
+    for name in ("a", "b"):
+        res = collect("task=arm_push", "episodes=2", f"store={tmp_path / name}.zarr", "state_only=true")
+        assert res.returncode == 0, res.stderr
+    a, b = DemoStore.open(tmp_path / "a.zarr"), DemoStore.open(tmp_path / "b.zarr")
+    for i in range(2):
+        ea, eb = a.get_episode(i), b.get_episode(i)
+        for key in ("proprio", "action"):
+            np.testing.assert_array_equal(ea[key], eb[key])
+
+
+def test_noisy_replays(tmp_path):
+    task = make_task("pointmaze", SimConfig(state_only=True))
+    store = open_store(str(tmp_path / "r.zarr"), recording_schema(task, "pointmaze"))
+    collector = Collector(task, store, seed=7, noise_std=0.1)
+    with task:
+        collector.record_expert_episode(make_expert("pointmaze"), "expert", replays=2, replay_noise=0.2)
+    assert store.n_episodes == 3
+    infos = [store.episode_info(i) for i in range(3)]
+    assert [i["source"] for i in infos] == ["expert", "expert_replay", "expert_replay"]
+    assert {i["seed"] for i in infos} == {7}
+    e0, e1 = store.get_episode(0), store.get_episode(1)
+    np.testing.assert_array_equal(e0["proprio"][0], e1["proprio"][0])  # same start state
+    assert not np.array_equal(e0["action"][: len(e1["action"])], e1["action"][: len(e0["action"])])
+
+
+def _start_realtime(store: Path) -> subprocess.Popen:
+    args = [
+        "task=pointmaze",
+        "episodes=50",
+        f"store={store}",
+        "image_size=32",
+        "realtime=true",
+        "preview=false",
+    ]
+    return subprocess.Popen(
+        [str(BIN / "wm-collect"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_episodes(store: Path, n: int, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if (store / "meta").exists():
+            with DemoStore.open(store) as s:
+                if s.n_episodes >= n:
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"{store}: fewer than {n} episodes after {timeout} s")
+
+
+def test_ctrl_c_keeps_finished_episodes(tmp_path):
+    store = tmp_path / "int.zarr"
+    proc = _start_realtime(store)
+    _wait_for_episodes(store, 1)
+    time.sleep(0.5)  # well inside the next episode (10 Hz, 20+ steps)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted: saved" in out
+    s = DemoStore.open(store)
+    assert s.n_episodes >= 1 and s.array("image").shape[0] == s.n_steps  # the partial episode was dropped
+
+
+def test_sigkill_then_resume(tmp_path):
+    store = tmp_path / "kill.zarr"
+    proc = _start_realtime(store)
+    _wait_for_episodes(store, 1)
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with DemoStore.open(store) as s:
+        survived = s.n_episodes
+        firsts = [s.get_episode(i)["proprio"].copy() for i in range(survived)]
+    res = collect("task=pointmaze", "episodes=1", f"store={store}", "image_size=32", "preview=false")
+    assert res.returncode == 0, res.stderr
+    s = DemoStore.open(store)
+    assert s.n_episodes == survived + 1 and s.array("image").shape[0] == s.n_steps
+    for i, p in enumerate(firsts):
+        np.testing.assert_array_equal(s.get_episode(i)["proprio"], p)
+    assert s.episode_info(survived)["seed"] == survived
+
+
+def test_bad_names_list_valid_ones(tmp_path):
+    res = collect("task=maze", "episodes=1", f"store={tmp_path / 'x.zarr'}")
+    assert res.returncode == 2 and "valid: arm_push, pointmaze, pusht" in res.stderr
+    res = collect("task=pointmaze", "teleop=joystick", "episodes=1", f"store={tmp_path / 'x.zarr'}")
+    assert res.returncode == 2 and "unknown teleop device 'joystick'; valid:" in res.stderr
+    assert not (tmp_path / "x.zarr").exists()
