@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from wm.data.augment import AugmentConfig, augment
 from wm.data.chunks import ChunkReader
@@ -170,11 +177,20 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
     persistent_workers: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A DataLoader that builds each batch with one `get_batch` call (no per-sample split and re-stack),
-    shuffled with a seeded generator so every epoch's order differs but a run is reproducible."""
+    shuffled with a seeded generator so every epoch's order differs but a run is reproducible.
+    With `world_size > 1` (DDP) each rank reads its own shard; call `loader.sampler.sampler.set_epoch(e)`
+    (done by the trainer) so shards reshuffle every epoch."""
     gen = torch.Generator().manual_seed(seed)
-    base = RandomSampler(dataset, generator=gen) if shuffle else SequentialSampler(dataset)
+    if world_size > 1:
+        base = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        base = RandomSampler(dataset, generator=gen)
+    else:
+        base = SequentialSampler(dataset)
     return DataLoader(
         _Batches(dataset),
         batch_size=None,
