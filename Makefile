@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[sim,lerobot,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[sim,lerobot,teleop,dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,187 @@
+"""Turn a `TeleopState` into a robot action, with gains, in the robot's action space.
+
+`ActionMapper` is a frozen config; `mapper(state, action_feature, action_space, current=None)` returns
+one action of `action_feature.shape`, clipped to the feature's low/high.
+
+Rules, applied in order:
+
+1. Axis convention. The device motion (6,) = (x, y, z, roll, pitch, yaw), each in [-1, 1], is first
+   permuted and signed: `m[i] = axis_sign[i] * motion[axis_order[i]]`. Devices report in the robot
+   base frame seen by an operator standing behind the robot (x forward, y left, z up); use
+   `axis_order` / `axis_sign` for anything else, e.g. a top-down image plane with x right and
+   y down (PushT): `axis_order=(1, 0, 2, 3, 4, 5)`, `axis_sign=(-1, -1, 1, 1, 1, 1)`.
+2. Gains. Translations are `m[:3] * translation_gain`, rotations `m[3:] * rotation_gain`, both per
+   control step and in the action's units (m, rad, pixels, ...).
+3. Gripper. The state's gripper (-1 open .. 1 closed; None counts as open) is thresholded at 0 to
+   -1/+1 with `gripper="binary"`, or passed through with `gripper="continuous"`; it is then mapped
+   linearly from [-1, 1] onto the gripper dimension's [low, high] when both are finite.
+4. Layout, by `action_space.frame` and the feature's size D:
+   - `joint`: absolute targets `joints * joint_scale + joint_offset` from a leader arm (joints must
+     be reported, D must match); `delta` mode returns `target - current` and needs `current`.
+   - `planar`: D = 2 -> (x, y); D = 3 -> (x, y, yaw).
+   - `ee`: D = 3 -> (x, y, z); 4 -> (x, y, z, gripper); 6 -> (x, y, z, roll, pitch, yaw);
+     7 -> (x, y, z, roll, pitch, yaw, gripper).
+   - `other`: joint rule if the state has joints of size D, else the planar rule for D = 2, else
+     the ee rule.
+5. Mode. `delta` spaces get the step itself. `absolute` spaces (e.g. PushT's agent target
+   position) need `current`, the robot's present value in the action's layout (its proprio or last
+   action): the result is `current + step`, and the gripper dimension is set, not added. Absolute
+   spaces with rotation dimensions are refused: adding angle steps componentwise is wrong for most
+   rotation encodings.
+6. The result is clipped to the feature's low/high.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from robots.base import Feature
+from robots.teleop.base import TeleopState
+from wm.data.schema import ActionSpace
+
+GRIPPER_MODES = ("binary", "continuous")
+# D -> (motion indices, has gripper) for ee spaces; planar spaces use their own table.
+EE_LAYOUTS = {
+    3: ((0, 1, 2), False),
+    4: ((0, 1, 2), True),
+    6: ((0, 1, 2, 3, 4, 5), False),
+    7: ((0, 1, 2, 3, 4, 5), True),
+}
+PLANAR_LAYOUTS = {2: ((0, 1), False), 3: ((0, 1, 5), False)}
+
+
+def deadzone(values: np.ndarray, width: float) -> np.ndarray:
+    """Zero inside |v| < width and rescale the rest so the output still spans [-1, 1] continuously."""
+    v = np.clip(np.asarray(values, dtype=np.float64), -1.0, 1.0)
+    if width <= 0:
+        return v
+    return np.sign(v) * np.clip((np.abs(v) - width) / (1.0 - width), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ActionMapper:
+    """Gains and conventions that turn device motion into actions (rules in the module docstring)."""
+
+    translation_gain: float = 1.0
+    rotation_gain: float = 1.0
+    gripper: str = "binary"
+    axis_order: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    axis_sign: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    joint_scale: tuple[float, ...] | None = None
+    joint_offset: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.gripper not in GRIPPER_MODES:
+            raise ValueError(f"gripper {self.gripper!r} is not one of {GRIPPER_MODES}")
+        if sorted(self.axis_order) != list(range(6)):
+            raise ValueError(f"axis_order must be a permutation of 0..5, got {self.axis_order}")
+        if len(self.axis_sign) != 6 or any(s not in (-1, 1) for s in self.axis_sign):
+            raise ValueError(f"axis_sign must be six values of +1 or -1, got {self.axis_sign}")
+        if not (np.isfinite(self.translation_gain) and np.isfinite(self.rotation_gain)):
+            raise ValueError("gains must be finite")
+        if self.joint_scale is not None and self.joint_offset is not None:
+            if len(self.joint_scale) != len(self.joint_offset):
+                raise ValueError("joint_scale and joint_offset must have the same length")
+
+    # ------------------------------------------------------------------ pieces
+    def motion_step(self, state: TeleopState) -> np.ndarray:
+        """(6,) step: permuted, signed, clipped device motion times the gains."""
+        motion = np.clip(np.asarray(state.motion, dtype=np.float64).reshape(6), -1.0, 1.0)
+        m = np.asarray(self.axis_sign, dtype=np.float64) * motion[list(self.axis_order)]
+        m[:3] *= self.translation_gain
+        m[3:] *= self.rotation_gain
+        return m
+
+    def gripper_value(self, state: TeleopState, low: float | None, high: float | None) -> float:
+        g = -1.0 if state.gripper is None else float(np.clip(state.gripper, -1.0, 1.0))
+        if self.gripper == "binary":
+            g = 1.0 if g > 0 else -1.0
+        if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
+            g = low + (g + 1.0) / 2.0 * (high - low)
+        return g
+
+    def joint_targets(self, joints: np.ndarray) -> np.ndarray:
+        q = np.asarray(joints, dtype=np.float64)
+        if self.joint_scale is not None:
+            q = q * self._per_joint(self.joint_scale, q.shape[0], "joint_scale")
+        if self.joint_offset is not None:
+            q = q + self._per_joint(self.joint_offset, q.shape[0], "joint_offset")
+        return q
+
+    @staticmethod
+    def _per_joint(values: tuple[float, ...], n: int, what: str) -> np.ndarray:
+        if len(values) != n:
+            raise ValueError(f"{what} has {len(values)} values for {n} joints")
+        return np.asarray(values, dtype=np.float64)
+
+    # ------------------------------------------------------------------ mapping
+    def __call__(
+        self,
+        state: TeleopState,
+        action_feature: Feature,
+        action_space: ActionSpace,
+        current: np.ndarray | None = None,
+    ) -> np.ndarray:
+        if len(action_feature.shape) != 1:
+            raise ValueError(f"teleop maps onto flat actions only, got shape {action_feature.shape}")
+        dim = action_feature.shape[0]
+        cur = None if current is None else np.asarray(current, dtype=np.float64).reshape(-1)
+        if cur is not None and cur.shape[0] != dim:
+            raise ValueError(f"current has {cur.shape[0]} values for a {dim}-d action")
+
+        frame = action_space.frame
+        has_joints = state.joints is not None and np.asarray(state.joints).shape == (dim,)
+        if frame == "joint" or (frame == "other" and has_joints):
+            action = self._joint_action(state, dim, action_space.mode, cur)
+        else:
+            table = PLANAR_LAYOUTS if frame == "planar" or (frame == "other" and dim == 2) else EE_LAYOUTS
+            action = self._motion_action(state, action_feature, action_space, table, cur)
+        low = -np.inf if action_feature.low is None else np.asarray(action_feature.low, dtype=np.float64)
+        high = np.inf if action_feature.high is None else np.asarray(action_feature.high, dtype=np.float64)
+        return np.clip(action, low, high).astype(action_feature.dtype)
+
+    def _joint_action(self, state: TeleopState, dim: int, mode: str, cur: np.ndarray | None) -> np.ndarray:
+        if state.joints is None:
+            raise ValueError(
+                "a joint action space needs joint targets from a leader arm; this device has none"
+            )
+        target = self.joint_targets(state.joints)
+        if target.shape != (dim,):
+            raise ValueError(f"leader arm gives {target.shape[0]} joints for a {dim}-d joint action")
+        if mode == "absolute":
+            return target
+        if cur is None:
+            raise ValueError("a joint delta action from a leader arm needs `current` joint positions")
+        return target - cur
+
+    def _motion_action(
+        self,
+        state: TeleopState,
+        feature: Feature,
+        space: ActionSpace,
+        table: dict[int, tuple[tuple[int, ...], bool]],
+        cur: np.ndarray | None,
+    ) -> np.ndarray:
+        dim = feature.shape[0]
+        if dim not in table:
+            raise ValueError(
+                f"no teleop layout for a {dim}-d {space.frame} action; supported sizes: {sorted(table)}"
+            )
+        axes, has_gripper = table[dim]
+        step = self.motion_step(state)[list(axes)]
+        if space.mode == "absolute":
+            if any(a >= 3 for a in axes if table is EE_LAYOUTS):
+                raise ValueError("absolute ee actions with rotations are not supported; use a delta space")
+            if cur is None:
+                raise ValueError(
+                    f"an absolute {space.frame} action needs `current` (the robot's present value in the "
+                    "action's layout) to add the teleop step to"
+                )
+            step = cur[: len(axes)] + step
+        if not has_gripper:
+            return step
+        low = None if feature.low is None else feature.low[-1]
+        high = None if feature.high is None else feature.high[-1]
+        return np.concatenate([step, [self.gripper_value(state, low, high)]])

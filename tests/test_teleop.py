@@ -1,0 +1,373 @@
+"""Teleop devices driven by recorded event streams through the same code as the real hardware.
+
+Only the hardware layer is faked (`robots.teleop.fakes`): pynput's listener, hidapi's device,
+pygame's joystick, the serial port under lerobot's motor bus. Devices are built through the
+registry, as the recorder builds them. Each "no hardware" test takes the real backend path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from robots.base import Feature
+from robots.registry import device_class
+from robots.teleop.base import Command, DeviceNotFoundError, TeleopDevice, TeleopState
+from robots.teleop.fakes import FakeClock, FakeFeetechSerial, FakeGamepadSource, FakeHid, FakeKeyListener
+from robots.teleop.gamepad import GamepadEvent, events_from_pygame
+from robots.teleop.keyboard import decode_terminal_keys
+from robots.teleop.mapping import ActionMapper, deadzone
+from wm.data.schema import ActionSpace
+
+
+# ====================================================================== keyboard (pynput handlers)
+class _KeyCode:  # the attributes pynput's KeyCode / Key carry
+    def __init__(self, char: str | None = None, name: str | None = None) -> None:
+        self.char, self.name = char, name
+
+
+def _keyboard(events):
+    clock = FakeClock()
+    listener = FakeKeyListener(events, clock)
+    dev = device_class("keyboard")(backend="pynput", listener_factory=listener.factory, clock=clock)
+    dev.connect()
+    assert listener.running and isinstance(dev, TeleopDevice)
+    return dev, listener
+
+
+def test_keyboard_held_keys_move_until_released():
+    w, a, s = _KeyCode("w"), _KeyCode("A"), _KeyCode("s")  # shift held on "a": case-insensitive
+    events = [(0.0, w, True), (0.05, w, True), (0.1, a, True), (0.3, s, True), (0.4, s, False),
+              (0.5, w, False), (0.6, a, False)]  # fmt: skip
+    dev, listener = _keyboard(events)
+    listener.replay_until(0.2)
+    np.testing.assert_allclose(dev.poll().motion, [1, 1, 0, 0, 0, 0])  # w held (repeat ignored), a held
+    listener.replay_until(0.35)
+    np.testing.assert_allclose(dev.poll().motion, [0, 1, 0, 0, 0, 0])  # w and s cancel
+    listener.replay_until(0.45)
+    np.testing.assert_allclose(dev.poll().motion, [1, 1, 0, 0, 0, 0])  # s released, w still held
+    listener.replay_until(5.0)
+    np.testing.assert_allclose(dev.poll().motion, np.zeros(6))  # still zero long after release
+    dev.disconnect()
+    assert not listener.running
+
+
+def test_keyboard_rotations_gripper_and_commands_once():
+    space, enter = _KeyCode(name="space"), _KeyCode(name="enter")
+    events = [(0.0, _KeyCode("j"), True), (0.0, _KeyCode("u"), True), (0.0, _KeyCode("k"), True),
+              (0.1, space, True), (0.15, space, True), (0.2, space, False),
+              (0.3, enter, True), (0.31, enter, True), (0.32, enter, False),
+              (0.4, _KeyCode("b"), True), (0.4, _KeyCode("x"), True), (0.4, _KeyCode(name="esc"), True),
+              (0.4, _KeyCode(name="backspace"), True)]  # fmt: skip
+    dev, listener = _keyboard(events)
+    first = dev.poll()
+    assert first.gripper == -1.0 and first.commands == []  # starts open
+    listener.replay_until(0.25)
+    state = dev.poll()
+    np.testing.assert_allclose(state.motion, [0, 0, 0, 1, -1, 1])  # u +roll, k -pitch, j +yaw
+    assert state.gripper == 1.0  # one toggle: auto-repeat of space did not toggle back
+    listener.replay_until(0.5)
+    state = dev.poll()
+    assert state.commands == [Command.SAVE, Command.START, Command.RERECORD, Command.QUIT, Command.DISCARD]
+    assert dev.poll().commands == []  # edges are reported once
+
+
+def test_keyboard_pynput_key_objects_normalise():
+    """pynput's own KeyCode (its dummy backend needs no display) goes through the same normalisation."""
+    code = (
+        "from pynput.keyboard import KeyCode\n"
+        "from robots.teleop.keyboard import key_name\n"
+        "print([key_name(KeyCode.from_char(c)) for c in 'W \\r'])"
+    )
+    env = dict(os.environ, PYNPUT_BACKEND="dummy")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['w', 'space', 'enter']"
+
+
+# ====================================================================== keyboard (terminal, real pty)
+def test_keyboard_terminal_backend_impulses_decay_on_a_real_pty():
+    master, slave = pty.openpty()
+    clock = FakeClock(10.0)
+    dev = device_class("keyboard")(backend="terminal", hold_s=0.3, fd=slave, clock=clock)
+    try:
+        dev.connect()
+        os.write(master, b"wr \x1b[A\r")  # w, r, space, an arrow (unbound), enter
+        state = dev.poll()
+        np.testing.assert_allclose(state.motion, [1, 0, 1, 0, 0, 0])
+        assert state.gripper == 1.0 and state.commands == [Command.SAVE]
+        clock.t = 10.2
+        np.testing.assert_allclose(dev.poll().motion, [1, 0, 1, 0, 0, 0])  # still within hold_s
+        os.write(master, b"w")  # auto-repeat of a held key renews the impulse
+        clock.t = 10.4
+        np.testing.assert_allclose(dev.poll().motion, [1, 0, 0, 0, 0, 0])
+        clock.t = 10.8
+        np.testing.assert_allclose(dev.poll().motion, np.zeros(6))
+        os.write(master, b"q")
+        assert dev.poll().commands == [Command.QUIT]
+    finally:
+        dev.disconnect()
+        os.close(master)
+        os.close(slave)
+
+
+def test_terminal_decoding():
+    assert decode_terminal_keys(b"W\x1b[3~\x7f\x1b\n") == ["w", "delete", "backspace", "esc", "enter"]
+
+
+def test_keyboard_without_display_or_terminal_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    with pytest.raises(DeviceNotFoundError, match="backend='terminal'"):
+        device_class("keyboard")(backend="pynput").connect()
+    with open(tmp_path / "not_a_tty", "w") as f, pytest.raises(DeviceNotFoundError, match="not a terminal"):
+        device_class("keyboard")(backend="terminal", fd=f.fileno()).connect()
+
+
+# ====================================================================== SpaceMouse
+SPACEMOUSE = {"vendor_id": 0x256F, "product_id": 0xC635, "path": b"/dev/hidraw7", "usage_page": 1, "usage": 8}
+
+
+def _report(rid: int, *values: int) -> bytes:
+    return bytes([rid]) + struct.pack(f"<{len(values)}h", *values)
+
+
+def _spacemouse(reports, devices=(SPACEMOUSE,), **kwargs):
+    hid = FakeHid([{"vendor_id": 0x046D, "product_id": 0xC077, "path": b"/dev/hidraw0"}, *devices])  # a mouse
+    dev = device_class("spacemouse")(hid_module=hid, **kwargs)
+    dev.connect()
+    hid.reports.extend(reports)
+    return dev, hid
+
+
+def test_spacemouse_split_reports_scale_deadzone_and_axis_convention():
+    # older devices: translation (id 1) and rotation (id 2) in separate 7-byte reports
+    dev, hid = _spacemouse([_report(1, 175, -350, 10), _report(2, 0, 700, -175)], deadzone=0.0)
+    assert dev.product == "SpaceMouse Compact"
+    state = dev.poll()
+    # HID (tx right, ty toward user, tz down) -> robot (x fwd, y left, z up): x=-ty, y=-tx, z=-tz, ...
+    np.testing.assert_allclose(state.motion, [1.0, -0.5, -10 / 350, -1.0, 0.0, 0.5])
+    np.testing.assert_allclose(dev.poll().motion, state.motion)  # no new report: the cap stays deflected
+
+    dev2, _ = _spacemouse([_report(1, 10, -20, 30, 0, 0, 350)], deadzone=0.1)  # inside the deadzone but rz
+    np.testing.assert_allclose(dev2.poll().motion, [0, 0, 0, 0, 0, -1.0])
+
+
+def test_spacemouse_combined_report_and_buttons():
+    left_down, released = bytes([3, 1, 0]), bytes([3, 0, 0])
+    dev, hid = _spacemouse([_report(1, 0, -175, -350, 0, 0, 0), left_down, released], deadzone=0.0)
+    state = dev.poll()
+    np.testing.assert_allclose(state.motion, [0.5, 0, 1.0, 0, 0, 0])  # 13-byte report: 6 axes at once
+    assert state.gripper == 1.0 and state.commands == []  # left button toggled the gripper closed
+    hid.reports.extend([bytes([3, 2, 0]), bytes([3, 3, 0])])  # right down, then left too (right held)
+    state = dev.poll()
+    assert state.commands == [Command.SAVE]  # right button edge once, not again while held
+    assert state.gripper == -1.0  # the new left press toggled it open again
+
+
+def test_spacemouse_not_found_and_missing_hid(monkeypatch):
+    with pytest.raises(DeviceNotFoundError, match="lsusb"):
+        _spacemouse([], devices=())
+    monkeypatch.setitem(sys.modules, "hid", None)  # `import hid` fails, as without hidapi
+    with pytest.raises(DeviceNotFoundError, match="pip install hidapi"):
+        device_class("spacemouse")().connect()
+
+
+def test_spacemouse_real_hidapi_without_device():
+    pytest.importorskip("hid")
+    with pytest.raises(DeviceNotFoundError, match="udev"):
+        device_class("spacemouse")(path=b"/dev/hidraw-absent").connect()
+
+
+# ====================================================================== gamepad
+def _gamepad(batches, **kwargs):
+    source = FakeGamepadSource(batches)
+    dev = device_class("gamepad")(source=source, **kwargs)
+    dev.connect()
+    assert source.is_open and dev.pad_name == "Fake Xbox pad"
+    return dev
+
+
+def test_gamepad_sticks_triggers_hat_and_deadzone():
+    dev = _gamepad([
+        [GamepadEvent("axis", 1, -1.0), GamepadEvent("axis", 0, 0.05), GamepadEvent("axis", 4, 0.55),
+         GamepadEvent("axis", 3, -1.0), GamepadEvent("hat", 0, (1, -1))],
+        [GamepadEvent("axis", 5, 1.0)],
+        [GamepadEvent("axis", 1, 0.0), GamepadEvent("axis", 5, -1.0), GamepadEvent("hat", 0, (0, 0))],
+    ], deadzone=0.1)  # fmt: skip
+    state = dev.poll()
+    # left stick up -> +x; 0.05 in the deadzone -> y 0; right stick down 0.55 -> -z (0.5 after deadzone)
+    np.testing.assert_allclose(state.motion, [1.0, 0.0, -0.5, 1.0, -1.0, 1.0])
+    assert state.gripper == -1.0  # trigger at rest before any trigger event: open
+    assert dev.poll().gripper == 1.0  # right trigger fully pressed: closed
+    state = dev.poll()
+    np.testing.assert_allclose(state.motion, [0, 0, -0.5, 0, 0, 1.0])  # sticks hold their last value
+    assert state.gripper == -1.0
+
+
+def test_gamepad_buttons_emit_commands_once():
+    dev = _gamepad([
+        [GamepadEvent("button", 0, 1), GamepadEvent("button", 0, 1), GamepadEvent("button", 2, 1)],
+        [GamepadEvent("button", 0, 0), GamepadEvent("button", 7, 1), GamepadEvent("button", 7, 0)],
+        [GamepadEvent("button", 1, 1), GamepadEvent("button", 3, 1), GamepadEvent("button", 6, 1)],
+    ])  # fmt: skip
+    assert dev.poll().commands == [Command.START]  # a repeated down is one press; X is unbound
+    assert dev.poll().commands == [Command.SAVE]
+    assert dev.poll().commands == [Command.DISCARD, Command.RERECORD, Command.QUIT]
+    assert dev.poll().commands == []
+
+
+def test_gamepad_pygame_events_convert(monkeypatch):
+    monkeypatch.setenv("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    pygame = pytest.importorskip("pygame")
+    events = [
+        pygame.event.Event(pygame.JOYAXISMOTION, instance_id=0, axis=1, value=-0.8),
+        pygame.event.Event(pygame.JOYBUTTONDOWN, instance_id=0, button=7),
+        pygame.event.Event(pygame.JOYBUTTONUP, instance_id=0, button=7),
+        pygame.event.Event(pygame.JOYHATMOTION, instance_id=0, hat=0, value=(0, 1)),
+        pygame.event.Event(pygame.JOYAXISMOTION, instance_id=1, axis=0, value=0.3),
+    ]  # another pad
+    assert events_from_pygame(events, 0, pygame) == [
+        GamepadEvent("axis", 1, -0.8),
+        GamepadEvent("button", 7, 1),
+        GamepadEvent("button", 7, 0),
+        GamepadEvent("hat", 0, (0, 1)),
+    ]
+
+
+def test_gamepad_real_pygame_without_joystick(monkeypatch):
+    for var, value in [("PYGAME_HIDE_SUPPORT_PROMPT", "1"), ("SDL_VIDEODRIVER", "dummy"),
+                       ("SDL_JOYSTICK_ALLOW_BACKGROUND_EVENTS", "1")]:  # fmt: skip
+        monkeypatch.setenv(var, value)  # set here so the device's defaults do not leak past this test
+    pytest.importorskip("pygame")
+    with pytest.raises(DeviceNotFoundError, match="/dev/input/js"):
+        device_class("gamepad")(index=99).connect()
+
+
+# ====================================================================== leader arm (lerobot SO-101)
+MOTORS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
+RANGE = (1000, 3000)  # raw encoder range of every joint in the calibration
+
+
+@pytest.fixture
+def so101_bus(monkeypatch, tmp_path):
+    """Six STS3215 servos behind a fake serial port, and lerobot's calibration file for them."""
+    pytest.importorskip("lerobot")
+    port_handler = pytest.importorskip("scservo_sdk.port_handler")
+    memory = {}
+    for i in range(1, 7):
+        m = bytearray(256)
+        m[0], m[1] = 3, 10  # firmware 3.10
+        m[3:5] = (777).to_bytes(2, "little")  # model number of an sts3215
+        m[9:11], m[11:13] = RANGE[0].to_bytes(2, "little"), RANGE[1].to_bytes(2, "little")
+        m[56:58] = (2000).to_bytes(2, "little")  # Present_Position
+        memory[i] = m
+    fake = FakeFeetechSerial(memory)
+    monkeypatch.setattr(port_handler.serial, "Serial", fake)
+    calib = {n: {"id": i, "drive_mode": 0, "homing_offset": 0, "range_min": RANGE[0], "range_max": RANGE[1]}
+             for i, n in enumerate(MOTORS, 1)}  # fmt: skip
+    (tmp_path / "leader.json").write_text(json.dumps(calib))
+    return fake, tmp_path
+
+
+def test_leader_arm_reads_joints_through_lerobot(so101_bus):
+    fake, calib_dir = so101_bus
+    clock = FakeClock()
+    keys = FakeKeyListener([(0.0, _KeyCode("b"), True), (0.0, _KeyCode("b"), False)], clock)
+    keyboard = device_class("keyboard")(backend="pynput", listener_factory=keys.factory, clock=clock)
+    arm = device_class("leader_arm")(port="/dev/ttyFAKE", arm_id="leader", calibration_dir=calib_dir,
+                                     command_device=keyboard)  # fmt: skip
+    assert arm.joint_names == MOTORS
+    arm.connect()
+    fake.set(1, 56, 2, 2000 + 4095 // 4)  # shoulder_pan a quarter turn past the middle of its range
+    fake.set(6, 56, 2, 2500)  # gripper three quarters open
+    keys.replay_until(0.0)
+    state = arm.poll()
+    assert state.joints.shape == (6,) and state.gripper is None
+    np.testing.assert_allclose(state.joints, [1023 * 360 / 4095, 0, 0, 0, 0, 75.0], atol=1e-9)
+    assert state.commands == [Command.START]  # commands come from the keyboard
+    arm.disconnect()
+    assert not fake.is_open and not keys.running
+
+
+def test_leader_arm_writes_calibration_file_to_motors_that_disagree(so101_bus):
+    fake, calib_dir = so101_bus
+    fake.set(2, 11, 2, 4000)  # Max_Position_Limit of shoulder_lift differs from the file
+    arm = device_class("leader_arm")(port="/dev/ttyFAKE", calibration_dir=calib_dir)
+    arm.connect()
+    assert int.from_bytes(fake.memory[2][11:13], "little") == RANGE[1]
+    arm.disconnect()
+
+
+def test_leader_arm_without_arm_says_how_to_find_the_port(tmp_path):
+    pytest.importorskip("lerobot")
+    pytest.importorskip("scservo_sdk")
+    arm = device_class("leader_arm")(port=str(tmp_path / "ttyACM9"), calibration_dir=tmp_path)
+    with pytest.raises(DeviceNotFoundError, match="lerobot-find-port"):
+        arm.connect()
+
+
+# ====================================================================== mapping
+def test_deadzone_rescales_continuously():
+    np.testing.assert_allclose(deadzone(np.array([0.05, -0.1, 0.55, -1.0, 2.0]), 0.1), [0, 0, 0.5, -1, 1])
+
+
+def test_mapping_planar_absolute_pusht_image_frame():
+    feature = Feature((2,), "float32", "action", units="px", low=(0.0, 0.0), high=(512.0, 512.0))
+    space = ActionSpace(mode="absolute", frame="planar")
+    # image plane: x right, y down; "d" (-y, right) must move +x_img, "w" (+x, forward) must move -y_img
+    mapper = ActionMapper(
+        translation_gain=10.0, axis_order=(1, 0, 2, 3, 4, 5), axis_sign=(-1, -1, 1, 1, 1, 1)
+    )
+    state = TeleopState(motion=np.array([1.0, -0.5, 0, 0, 0, 0]))
+    np.testing.assert_allclose(
+        mapper(state, feature, space, current=np.array([100.0, 200.0])), [105.0, 190.0]
+    )
+    np.testing.assert_allclose(mapper(state, feature, space, current=np.array([510.0, 5.0])), [512.0, 0.0])
+    with pytest.raises(ValueError, match="current"):
+        mapper(state, feature, space)
+    delta = ActionMapper(translation_gain=10.0)(state, feature, ActionSpace(mode="delta", frame="planar"))
+    np.testing.assert_allclose(delta, [10.0, 0.0])  # clipped at low=0 for y
+
+
+def test_mapping_ee_delta_7d_with_gripper():
+    feature = Feature((7,), "float32", "action", low=(-1.0,) * 7, high=(1.0,) * 7)
+    space = ActionSpace(mode="delta", frame="ee")
+    mapper = ActionMapper(translation_gain=0.5, rotation_gain=0.2)
+    state = TeleopState(motion=np.array([1.0, -1.0, 0.5, 0.0, 1.0, -0.5]), gripper=1.0)
+    action = mapper(state, feature, space)
+    assert action.dtype == np.float32
+    np.testing.assert_allclose(action, [0.5, -0.5, 0.25, 0.0, 0.2, -0.1, 1.0], rtol=1e-6)
+    open_ = mapper(TeleopState(motion=np.zeros(6), gripper=-0.2), feature, space)
+    assert open_[-1] == -1.0  # binary gripper: below 0 is open
+    unit = Feature((7,), "float32", "action", low=(-1,) * 6 + (0,), high=(1,) * 6 + (1,))
+    half = ActionMapper(gripper="continuous")(TeleopState(gripper=0.0), unit, space)
+    assert half[-1] == pytest.approx(0.5)  # [-1, 1] mapped onto the gripper dim's [0, 1]
+    big = ActionMapper(translation_gain=5.0)(state, feature, space)
+    assert big.max() <= 1.0 and big[0] == 1.0  # clipped to the feature's limits
+    with pytest.raises(ValueError, match="rotations"):
+        mapper(state, feature, ActionSpace(mode="absolute", frame="ee"), current=np.zeros(7))
+
+
+def test_mapping_joint_targets_from_leader_arm():
+    feature = Feature((6,), "float32", "action", units="deg", low=(-90.0,) * 6, high=(90.0,) * 6)
+    space = ActionSpace(mode="absolute", frame="joint")
+    state = TeleopState(joints=np.array([10.0, -20.0, 30.0, 0.0, 100.0, 50.0]))
+    mapper = ActionMapper(joint_scale=(1, -1, 1, 1, 1, 0.5), joint_offset=(0, 0, 5, 0, 0, -10))
+    np.testing.assert_allclose(mapper(state, feature, space), [10.0, 20.0, 35.0, 0.0, 90.0, 15.0])
+    delta = mapper(state, feature, ActionSpace(mode="delta", frame="joint"), current=np.full(6, 10.0))
+    np.testing.assert_allclose(delta, [0.0, 10.0, 25.0, -10.0, 90.0, 5.0])
+    with pytest.raises(ValueError, match="leader arm"):
+        mapper(TeleopState(), feature, space)
+
+
+def test_mapper_config_is_validated():
+    with pytest.raises(ValueError, match="permutation"):
+        ActionMapper(axis_order=(0, 0, 1, 2, 3, 4))
+    with pytest.raises(ValueError, match="gripper"):
+        ActionMapper(gripper="sticky")
