@@ -1,0 +1,362 @@
+"""The one trainer and its checkpoints, on a tiny regression model over a real store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from wm.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+from wm.data import DemoStore, KeySpec, Schema
+from wm.data.dataset import WindowDataset
+from wm.data.normalize import Normalizer
+from wm.data.windows import WindowSpec
+from wm.trainer import (
+    Trainer,
+    TrainerConfig,
+    default_param_groups,
+    ema_decay_at,
+    ema_update,
+    lr_factor,
+    pick_device,
+)
+
+W = np.array([[1.0, -2.0, 0.5, 0.0], [0.3, 0.0, -1.0, 2.0]], dtype=np.float32)  # y = W x
+SPEC = WindowSpec({"x": (0,), "y": (0,)})
+MODEL_CONFIG = {"d_in": 4, "d_out": 2, "hidden": 32}
+
+
+class TinyRegressor(nn.Module):
+    """MLP regressing y from x. Batch keys: "x" (B, 1, 4), "y" (B, 1, 2)."""
+
+    def __init__(self, d_in: int = 4, d_out: int = 2, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_in, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, d_out)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        pred = self(batch["x"][:, 0])  # (B, 2)
+        loss = F.mse_loss(pred, batch["y"][:, 0])
+        return loss, {"abs_err": (pred - batch["y"][:, 0]).abs().mean().detach()}
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    """4 episodes of 64 steps with y = W x."""
+    path = tmp_path_factory.mktemp("store") / "lin.zarr"
+    schema = Schema(keys={"x": KeySpec((4,), "float32", "proprio"), "y": KeySpec((2,), "float32", "action")})
+    store = DemoStore.create(path, schema)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        x = rng.normal(size=(64, 4)).astype(np.float32)
+        store.append_episode({"x": x, "y": x @ W.T})
+    store.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(store_path):
+    return WindowDataset(store_path, SPEC)
+
+
+def cfg(**kw) -> TrainerConfig:
+    base = dict(
+        steps=60,
+        batch_size=32,
+        lr=1e-2,
+        warmup_steps=5,
+        ema_decay=0.9,
+        log_every=10,
+        val_every=0,
+        ckpt_every=0,
+        device="cpu",
+    )
+    return TrainerConfig(**(base | kw))
+
+
+def make_trainer(dataset, out_dir, seed: int = 0, **kw) -> Trainer:
+    torch.manual_seed(seed)
+    opts = {k: kw.pop(k) for k in ("normalizer", "val_fn", "extra_state") if k in kw}
+    model = TinyRegressor(**MODEL_CONFIG)
+    return Trainer(model, dataset, cfg(**kw), out_dir, model_type="tiny", model_config=MODEL_CONFIG, **opts)
+
+
+def full_loss(model: nn.Module, dataset: WindowDataset) -> float:
+    batch = dataset.get_batch(range(len(dataset)))
+    with torch.no_grad():
+        return float(model.compute_loss(batch)[0])
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory, store_path):
+    """One 60-step run shared by the tests that only inspect its outputs."""
+    out = tmp_path_factory.mktemp("run")
+    with DemoStore.open(store_path) as store:
+        normalizer = Normalizer.fit(store, {"x": "meanstd", "y": "minmax"})
+    vals = []
+    trainer = make_trainer(
+        dataset,
+        out,
+        val_every=30,
+        ckpt_every=30,
+        normalizer=normalizer,
+        val_fn=lambda m, step, d: vals.append(step) or {"loss": full_loss(m, dataset)},
+        extra_state={"run_config": {"store": str(store_path)}, "note": "hello"},
+    )
+    torch.manual_seed(0)
+    initial = full_loss(TinyRegressor(**MODEL_CONFIG), dataset)  # the same init as the trainer's model
+    result = trainer.fit()
+    return trainer, out, initial, result, vals, normalizer
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_validation_and_device():
+    with pytest.raises(ValueError, match="precision"):
+        TrainerConfig(precision="fp16")
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainerConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="device"):
+        TrainerConfig(device="gpu0")
+    assert TrainerConfig(betas=[0.9, 0.95]).betas == (0.9, 0.95)
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            pick_device("cuda:1")
+
+
+def test_lr_schedule_warmup_cosine():
+    c = TrainerConfig(steps=1000, warmup_steps=100, min_lr_ratio=0.1)
+    assert lr_factor(0, c) == pytest.approx(0.01)
+    assert lr_factor(49, c) == pytest.approx(0.5)
+    assert lr_factor(99, c) == pytest.approx(1.0)
+    assert lr_factor(100, c) == pytest.approx(1.0)
+    assert lr_factor(550, c) == pytest.approx(0.55)  # cosine midpoint: halfway between 1 and 0.1
+    assert lr_factor(1000, c) == pytest.approx(0.1)
+    values = [lr_factor(s, c) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert lr_factor(0, TrainerConfig(steps=10, warmup_steps=0)) == 1.0
+
+
+def test_param_groups_skip_decay_on_bias_norm_embedding():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8))
+    model[1].bias.requires_grad_(False)
+    decay, no_decay = default_param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [(8, 8)] and decay["params"][0] is model[1].weight
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model[0].weight),
+        id(model[2].weight),
+        id(model[2].bias),
+    }
+
+
+def test_ema_update_math():
+    c = TrainerConfig(ema_decay=0.999)
+    assert ema_decay_at(0, c) == pytest.approx(0.1) and ema_decay_at(10**6, c) == 0.999
+    assert ema_decay_at(0, TrainerConfig(ema_decay=0.99, ema_warmup=False)) == 0.99
+    model = nn.Linear(3, 2)
+    ema = nn.Linear(3, 2).requires_grad_(False)
+    before = ema.weight.clone()
+    ema_update(ema, model, 0.75)
+    torch.testing.assert_close(ema.weight, 0.75 * before + 0.25 * model.weight.detach())
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_training_lowers_loss_and_logs(trained):
+    trainer, out, initial, result, vals, _ = trained
+    final = full_loss(trainer.model, trainer.loader.dataset.dataset)
+    assert final < 0.1 * initial, (initial, final)
+    assert result["step"] == 60 and trainer.step == 60
+    assert result["loss"] < 0.2 * initial and math.isfinite(result["grad_norm"])
+    assert {"abs_err", "lr", "samples_per_s", "val/loss"} <= set(result)
+    assert vals == [30, 60]  # val_fn ran at val_every and at the end
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "tiny" and config["model_config"] == MODEL_CONFIG
+    assert config["trainer"]["steps"] == 60 and config["run_config"]["store"].endswith("lin.zarr")
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_00000030.pt", "ckpt_00000060.pt"]
+
+
+def test_ema_differs_from_and_tracks_the_weights(trained, dataset):
+    trainer, _, initial, *_ = trained
+    raw, ema = trainer.model.state_dict(), trainer.ema_model.state_dict()
+    assert trainer.ema_model is not trainer.model
+    assert not torch.equal(raw["net.0.weight"], ema["net.0.weight"])
+    assert full_loss(trainer.ema_model, dataset) < 0.2 * initial  # it followed the training
+    assert not any(p.requires_grad for p in trainer.ema_model.parameters())
+
+
+def test_checkpoint_round_trip_reproduces_predictions(trained, dataset):
+    trainer, out, _, _, _, normalizer = trained
+    ckpt = load_checkpoint(out, expected_type="tiny")
+    assert ckpt["path"].endswith("ckpt_00000060.pt") and ckpt["step"] == 60 and ckpt["format"] == 1
+    assert ckpt["extra"]["note"] == "hello" and ckpt["trainer_config"]["lr"] == 1e-2
+    x = dataset.get_batch(range(50))["x"][:, 0]
+    for use_ema, reference in ((False, trainer.model), (True, trainer.ema_model)):
+        model = load_model_weights(TinyRegressor(**ckpt["model_config"]), ckpt, use_ema=use_ema).eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), reference.eval()(x))
+    trainer.model.train()
+    restored = Normalizer.from_dict(ckpt["normalizer"])
+    assert torch.equal(restored.normalize("x", x), normalizer.normalize("x", x))
+
+
+def test_resume_continues_from_the_saved_step(dataset, tmp_path):
+    first = make_trainer(dataset, tmp_path, steps=40, ckpt_every=20, keep_last=3)
+    first.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000020.pt", "ckpt_00000040.pt"]
+    (tmp_path / "ckpt_00000040.pt").unlink()  # as if the run died between 20 and 40
+    mid = load_checkpoint(tmp_path)
+    vals = []
+    second = make_trainer(
+        dataset,
+        tmp_path,
+        seed=123,
+        steps=40,
+        ckpt_every=20,
+        keep_last=3,
+        val_every=10,
+        val_fn=lambda m, step, d: vals.append(step) or {},
+    )
+    assert second.resume() and second.step == 20
+    assert torch.equal(second.model.net[0].weight, mid["state_dict"]["net.0.weight"].to(second.device))
+    assert second.scheduler.last_epoch == 20 and second.optimizer.state_dict()["state"][0]["step"] == 20
+    third = make_trainer(  # a fresh process: fit() resumes on its own
+        dataset,
+        tmp_path,
+        seed=123,
+        steps=40,
+        ckpt_every=20,
+        keep_last=3,
+        val_every=10,
+        val_fn=lambda m, step, d: vals.append(step) or {},
+    )
+    result = third.fit()
+    assert vals == [30, 40] and result["step"] == 40 and third.step == 40
+    assert load_checkpoint(tmp_path)["step"] == 40
+    # It continued the mid-run weights (seed 123 would have given other initial weights), so it ends
+    # better than the checkpoint it resumed from and close to the uninterrupted run.
+    resumed_from = full_loss(load_model_weights(TinyRegressor(), mid, use_ema=False), dataset)
+    final = full_loss(third.model, dataset)
+    assert final < 0.6 * resumed_from and final < 1.5 * full_loss(first.model, dataset)
+    # Already at cfg.steps: fit() trains nothing more and keeps the weights.
+    weights = third.model.net[0].weight.clone()
+    assert make_trainer(dataset, tmp_path, steps=40).fit()["step"] == 40
+    assert torch.equal(load_checkpoint(tmp_path)["state_dict"]["net.0.weight"], weights)
+
+
+def test_ema_disabled_means_ema_model_is_the_model(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path, steps=3, ema_decay=0.0, grad_clip=0.0)
+    assert trainer.fit()["step"] == 3 and trainer.ema_model is trainer.model
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["ema_state_dict"] is None and ckpt["normalizer"] is None
+    load_model_weights(TinyRegressor(), ckpt, use_ema=True)  # falls back to the raw weights
+
+
+def test_bf16_autocast_on_cpu(dataset, tmp_path):
+    result = make_trainer(dataset, tmp_path, steps=3, precision="bf16", compile=True).fit()
+    assert result["step"] == 3 and math.isfinite(result["loss"])
+
+
+def test_too_small_dataset_fails_clearly(dataset, tmp_path):
+    with pytest.raises(ValueError, match="no full batch"):
+        make_trainer(dataset, tmp_path, batch_size=10_000)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a wm checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    model = TinyRegressor()
+    path = save_checkpoint(
+        tmp_path / "ckpt_00000007.pt",
+        model_type="diffusion_unet",
+        model_config={},
+        state_dict=model.state_dict(),
+    )
+    assert latest_checkpoint(tmp_path) == path
+    with pytest.raises(CheckpointError, match="holds a 'diffusion_unet' model, expected 'dino_wm'"):
+        load_checkpoint(tmp_path, expected_type="dino_wm")
+    ckpt = load_checkpoint(path, expected_type="diffusion_unet")
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch: net\.0\.weight \(checkpoint \(32, 4\), model \(16, 4\)"
+    ):
+        load_model_weights(TinyRegressor(hidden=16), ckpt)
+    with pytest.raises(CheckpointError, match="missing: extra.weight"):
+        load_model_weights(nn.ModuleDict({"net": TinyRegressor().net, "extra": nn.Linear(1, 1)}), ckpt)
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, store_path: str, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
+    model = TinyRegressor(**MODEL_CONFIG)
+    trainer = Trainer(
+        model,
+        WindowDataset(store_path, SPEC),
+        cfg(steps=4, batch_size=16, log_every=2),
+        out_dir,
+        model_type="tiny",
+        model_config=MODEL_CONFIG,
+    )
+    result = trainer.fit()
+    state = {"model": trainer.model.state_dict(), "ema": trainer.ema_model.state_dict(), "result": result}
+    torch.save(state, f"{out_dir}/r{rank}.pt")
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="gloo backend unavailable")
+def test_ddp_two_cpu_processes_stay_in_sync(store_path, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(store_path), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1))
+    for key in r0["model"]:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+        assert torch.equal(r0["ema"][key], r1["ema"][key]), key
+    assert r0["result"]["loss"] == r1["result"]["loss"]  # logged metrics are averaged over ranks
+    ckpt = load_checkpoint(tmp_path, expected_type="tiny")  # rank 0 alone saved
+    assert ckpt["step"] == 4 and [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000004.pt"]
+    assert torch.equal(ckpt["state_dict"]["net.0.weight"], r0["model"]["net.0.weight"])
+    assert not torch.equal(ckpt["state_dict"]["net.0.weight"], ckpt["ema_state_dict"]["net.0.weight"])

@@ -1,0 +1,185 @@
+"""Self-contained checkpoints: plain dicts of tensors and JSON-able values, never pickled modules.
+
+A checkpoint file (format 1) is written with `torch.save` and read back with
+`torch.load(..., weights_only=True)`, so loading one cannot run code. Its fields:
+
+    format          1
+    model_type      str, e.g. "dino_wm", "diffusion_unet": which builder rebuilds the model
+    model_config    dict, what that builder takes
+    state_dict      the model's weights (unwrapped: no DDP "module." prefix)
+    ema_state_dict  the EMA weights, or None when EMA is off
+    normalizer      `Normalizer.to_dict()` or None
+    trainer_config  dict (`TrainerConfig.to_dict()`)
+    step            int, optimizer steps done
+    epoch           int, data epochs started
+    optimizer       optimizer state dict
+    scheduler       LR scheduler state dict
+    rng             {"torch", "cuda", "numpy", "python", "loader"} random states
+    extra           dict, whatever the caller passed as `extra_state`
+
+Files are named `ckpt_<step:08d>.pt` inside a run directory and written atomically (a temporary file
+in the same directory, fsync, then `os.replace`), so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = 1
+CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+REQUIRED = ("format", "model_type", "model_config", "state_dict")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, not a checkpoint, or for another model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt_{int(step):08d}.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, **fields: Any) -> Path:
+    """Write `{"format": 1, **fields}` to `path` atomically; returns the path."""
+    missing = [k for k in REQUIRED[1:] if k not in fields]
+    if missing:
+        raise ValueError(f"save_checkpoint: missing fields {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **fields}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The `ckpt_*.pt` files in `directory`, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The highest-step `ckpt_*.pt` in `directory`, else its `last.pt`, else None."""
+    ckpts = list_checkpoints(directory)
+    if ckpts:
+        return ckpts[-1]
+    last = Path(directory) / "last.pt"
+    return last if last.is_file() else None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` `ckpt_*.pt` files."""
+    for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+
+
+def load_checkpoint(path_or_dir: str | os.PathLike, expected_type: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint file, or a run directory's latest one, on the CPU.
+
+    Raises `CheckpointNotFoundError` for a missing file or a directory without checkpoints, and
+    `CheckpointError` for a file that is not a format-1 checkpoint or holds a model of another type
+    than `expected_type`. The returned dict has an added "path" field naming the file it came from.
+    """
+    src = Path(path_or_dir)
+    if src.is_dir():
+        found = latest_checkpoint(src)
+        if found is None:
+            raise CheckpointNotFoundError(f"no checkpoint (ckpt_*.pt or last.pt) in directory {src}")
+        src = found
+    elif not src.exists():
+        raise CheckpointNotFoundError(f"no checkpoint file at {src}")
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a corrupt or foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{src} is not a readable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
+        raise CheckpointError(f"{src} is not a wm checkpoint (it lacks the fields {list(REQUIRED)})")
+    if ckpt["format"] != FORMAT:
+        raise CheckpointError(
+            f"{src} has checkpoint format {ckpt['format']!r}; this code reads format {FORMAT}"
+        )
+    if expected_type is not None and ckpt["model_type"] != expected_type:
+        raise CheckpointError(
+            f"checkpoint {src} holds a {ckpt['model_type']!r} model, expected {expected_type!r}"
+        )
+    ckpt["path"] = str(src)
+    return ckpt
+
+
+def load_model_weights(
+    model: nn.Module, ckpt: dict[str, Any] | str | os.PathLike, use_ema: bool = True
+) -> nn.Module:
+    """Load a checkpoint's weights into `model` strictly: the EMA weights when `use_ema` and the
+    checkpoint has them, else the raw weights. Mismatched shapes, missing or unexpected entries raise
+    one `CheckpointError` naming the first offenders. Returns `model`."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    ema = ckpt.get("ema_state_dict")
+    state = ema if use_ema and ema is not None else ckpt["state_dict"]
+    own = model.state_dict()
+    shapes = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    for what, items in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{what}: {', '.join(items[:3])}{more}")
+    if problems:
+        src = ckpt.get("path", "checkpoint")
+        raise CheckpointError(
+            f"{src} ({ckpt.get('model_type')!r}) does not fit this {type(model).__name__}: "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def rng_state(loader_gen: torch.Generator | None = None) -> dict[str, Any]:
+    """The checkpoint's "rng" field: torch, CUDA, numpy, python and (optionally) a loader generator."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "loader": loader_gen.get_state() if loader_gen is not None else None,
+    }
+
+
+def set_rng_state(rng: dict[str, Any], loader_gen: torch.Generator | None = None) -> None:
+    """Restore what `rng_state` captured (CUDA states only when the device count matches)."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    if loader_gen is not None and rng.get("loader") is not None:
+        loader_gen.set_state(rng["loader"])

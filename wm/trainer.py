@@ -1,0 +1,476 @@
+"""One trainer for every trainable model in the project: world models and policies alike.
+
+The entry point builds the model, the dataset and the normalizer and passes them in (nothing here
+reads a root config or instantiates from one). A model only has to satisfy `TrainableModel`:
+
+    loss, metrics = model.compute_loss(batch)   # batch: the WindowDataset keys, on the device
+
+The trainer owns everything else: the seeded loader (`wm.data.dataset.make_loader`), AdamW with no
+weight decay on biases, norms and embeddings, linear warmup then cosine LR, gradient clipping, an EMA
+copy of the weights (used for validation and saved), optional bf16 autocast and `torch.compile`,
+tqdm progress, TensorBoard logs under `out_dir/tb`, periodic validation through a model-specific
+`val_fn`, atomic checkpoints (`wm.checkpoint`) and resuming from the latest one in `out_dir`.
+
+DDP: launched with `torchrun`, the trainer sees WORLD_SIZE > 1, joins the process group (nccl on
+CUDA, gloo on CPU) and wraps the model in `DistributedDataParallel`. DDP only syncs gradients for a
+call through its own `forward`, so the model is wrapped in `_LossForward`, whose `forward` *is*
+`compute_loss`; calling `model.compute_loss` directly would bypass the gradient all-reduce. Each rank
+reads its own shard of the data; rank 0 alone logs, validates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from wm.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from wm.data.dataset import make_loader
+from wm.data.normalize import Normalizer
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "bf16")
+ValFn = Callable[[nn.Module, int, Path], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Optimization, logging and checkpointing settings. `val_every` / `ckpt_every` of 0 disable the
+    periodic runs (a final checkpoint and validation still happen); `grad_clip` 0 disables clipping
+    (the grad norm is still reported); `ema_decay` 0 disables EMA. `precision="bf16"` autocasts on
+    CUDA and also on CPU, where it is slow on most processors. `compile` applies on CUDA only."""
+
+    steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    precision: str = "fp32"
+    compile: bool = False
+    log_every: int = 50
+    val_every: int = 1000
+    ckpt_every: int = 1000
+    keep_last: int = 2
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        checks = {
+            "steps must be >= 1": self.steps >= 1,
+            "batch_size must be >= 1": self.batch_size >= 1,
+            "lr must be > 0": self.lr > 0,
+            "weight_decay must be >= 0": self.weight_decay >= 0,
+            "betas must be 2 values in [0, 1)": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "warmup_steps must be >= 0": self.warmup_steps >= 0,
+            "min_lr_ratio must be in [0, 1]": 0 <= self.min_lr_ratio <= 1,
+            "grad_clip must be >= 0 (0 disables)": self.grad_clip >= 0,
+            "ema_decay must be in [0, 1) (0 disables)": 0 <= self.ema_decay < 1,
+            f"precision must be one of {PRECISIONS}": self.precision in PRECISIONS,
+            "log_every must be >= 1": self.log_every >= 1,
+            "val_every and ckpt_every must be >= 0": self.val_every >= 0 and self.ckpt_every >= 0,
+            "keep_last must be >= 1": self.keep_last >= 1,
+            "num_workers must be >= 0": self.num_workers >= 0,
+        }
+        bad = [msg for msg, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"TrainerConfig: {'; '.join(bad)} (got {self})")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"TrainerConfig: device {self.device!r} is not 'auto' or a torch device"
+                ) from e
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    """An `nn.Module` with `compute_loss(batch) -> (scalar loss, metrics)`. Metric values may be floats
+    or 0-d tensors (tensors are averaged over the log window without a device sync every step)."""
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]: ...
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """ "auto" -> CUDA if available else CPU; a bare "cuda" is `cuda:<local_rank>` (one GPU per DDP rank)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        if dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {dev} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return dev
+
+
+def lr_factor(step: int, cfg: TrainerConfig) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup to 1 over `warmup_steps`
+    steps, then a cosine from 1 down to `min_lr_ratio` at `steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay_at(step: int, cfg: TrainerConfig) -> float:
+    """EMA decay after optimizer step `step` (0-based): ramps up as (1 + step) / (10 + step) with warmup."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for trainable float parameters; buffers are copied.
+    Frozen parameters never change, so they are skipped. `ema` must be a deepcopy of `model`."""
+    pairs = [
+        (e, p)
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True)
+        if p.requires_grad and p.is_floating_point()
+    ]
+    if pairs:
+        e_list, p_list = zip(*pairs, strict=True)
+        torch._foreach_lerp_(list(e_list), list(p_list), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: weight decay on matrices, none on biases, norm scales (ndim <= 1) and
+    `nn.Embedding` tables. Frozen parameters are left out."""
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or id(p) in embedding else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _LossForward(nn.Module):
+    """Makes `compute_loss` the module's `forward`, so DDP and torch.compile see the loss call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return self.model.compute_loss(batch)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Window:
+    """Running sums over one logging window, synced to the host only when read."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor | float] = {}
+        self.n = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, values: dict[str, Tensor | float]) -> None:
+        for k, v in values.items():
+            v = v.detach().float() if isinstance(v, Tensor) else float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / self.n for k, v in self.sums.items()}
+
+
+class Trainer:
+    """Trains `model` on `train_set` (a `WindowDataset`) for `cfg.steps` optimizer steps into `out_dir`.
+
+    `model_type` / `model_config` name the builder that rebuilds the model from a checkpoint.
+    `normalizer` is saved in every checkpoint. `val_fn(ema_model, step, out_dir) -> metrics` runs on
+    rank 0 every `cfg.val_every` steps and at the end (under `torch.no_grad`, model in eval mode).
+    `extra_state` is saved as the checkpoint's "extra"; its "run_config" also goes into config.json.
+    `param_groups` replaces the default AdamW groups (lr and weight decay default to `cfg`'s).
+    The model is put in train mode; one with frozen parts that must stay in eval mode (a pretrained
+    encoder with batch norm) overrides `train()` to keep them there.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Any,
+        cfg: TrainerConfig,
+        out_dir: str | os.PathLike,
+        *,
+        model_type: str,
+        model_config: dict[str, Any],
+        normalizer: Normalizer | None = None,
+        val_fn: ValFn | None = None,
+        extra_state: dict[str, Any] | None = None,
+        param_groups: list[dict[str, Any]] | None = None,
+    ) -> None:
+        if not isinstance(model, TrainableModel):
+            raise TypeError(f"{type(model).__name__} has no compute_loss(batch) -> (loss, metrics)")
+        json.dumps(model_config)  # fails early, not at the first checkpoint, if it is not JSON-able
+        self.cfg, self.out_dir, self.val_fn = cfg, Path(out_dir), val_fn
+        self.model_type, self.model_config = model_type, dict(model_config)
+        self.normalizer, self.extra_state = normalizer, dict(extra_state or {})
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0")) if self.world_size > 1 else 0
+        self._device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        self._owns_group = self.world_size > 1 and not dist.is_initialized()
+        if self._owns_group:
+            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+        _seed_everything(cfg.seed + self.rank)
+        self.is_main = self.rank == 0
+
+        self.model = model.to(self._device).train()
+        self._ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+        groups = param_groups if param_groups is not None else default_param_groups(model, cfg.weight_decay)
+        fused = self._device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.loader = make_loader(
+            train_set,
+            cfg.batch_size,
+            shuffle=True,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            drop_last=True,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"{len(train_set)} training windows over {self.world_size} rank(s) make no full batch of "
+                f"{cfg.batch_size}"
+            )
+        loss_module: nn.Module = _LossForward(self.model)
+        if self.world_size > 1:
+            ids = [self._device.index] if self._device.type == "cuda" else None
+            loss_module = DistributedDataParallel(loss_module, device_ids=ids)  # broadcasts rank 0's weights
+            if self._ema is not None:
+                self._ema.load_state_dict(self.model.state_dict())
+        if cfg.compile and self._device.type == "cuda":
+            loss_module = torch.compile(loss_module)
+        elif cfg.compile:
+            log.info("compile=True ignored: torch.compile is only used on CUDA (device is %s)", self._device)
+        if cfg.precision == "bf16" and self._device.type == "cpu":
+            log.info("bf16 autocast on CPU: numerically fine but slow on most CPUs")
+        self._loss_fn = loss_module
+        self.step, self.epoch = 0, 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def ema_model(self) -> nn.Module:
+        """The EMA copy of the model, or the model itself when EMA is off."""
+        return self._ema if self._ema is not None else self.model
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        """Write `out_dir/ckpt_<step>.pt` (rank 0 only) and prune to `cfg.keep_last` files."""
+        if not self.is_main:
+            return None
+        path = save_checkpoint(
+            self.out_dir / checkpoint_name(self.step),
+            model_type=self.model_type,
+            model_config=self.model_config,
+            state_dict=self.model.state_dict(),
+            ema_state_dict=self._ema.state_dict() if self._ema is not None else None,
+            normalizer=self.normalizer.to_dict() if self.normalizer is not None else None,
+            trainer_config=self.cfg.to_dict(),
+            step=self.step,
+            epoch=self.epoch,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=rng_state(self.loader.generator),
+            extra=self.extra_state,
+        )
+        prune_checkpoints(self.out_dir, self.cfg.keep_last)
+        return path
+
+    def resume(self) -> bool:
+        """Restore the latest checkpoint in `out_dir`, if any: weights, EMA, optimizer, scheduler, step and
+        random states. Data order continues from a fresh epoch, so it differs from an uninterrupted run.
+        Under DDP only rank 0's random state is saved; other ranks reseed from (seed, rank, step)."""
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            return False
+        ckpt = load_checkpoint(path, expected_type=self.model_type)
+        if ckpt["model_config"] != self.model_config:
+            log.warning("resuming %s whose model_config differs from this run's", path)
+        self.model.load_state_dict(ckpt["state_dict"])
+        if self._ema is not None:
+            self._ema.load_state_dict(ckpt["ema_state_dict"] or ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
+        if self.rank == 0:
+            set_rng_state(ckpt["rng"], self.loader.generator)
+        else:
+            _seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ training
+    def _batches(self) -> Iterator[dict[str, Tensor]]:
+        """Endless batches on the device, epoch after epoch (reshuffling DDP shards each epoch)."""
+        while True:
+            sampler = getattr(self.loader.sampler, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            for batch in self.loader:
+                yield {
+                    k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
+                    for k, v in batch.items()
+                }
+            self.epoch += 1
+
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
+        """One optimizer step on a device batch; returns loss, metrics, grad_norm, lr (unsynced)."""
+        lr = self.scheduler.get_last_lr()[0]
+        with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            loss, metrics = self._loss_fn(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        if self._ema is not None:
+            ema_update(self._ema, self.model, ema_decay_at(self.step, self.cfg))
+        self.step += 1
+        return {"loss": loss.detach(), **metrics, "grad_norm": grad_norm, "lr": lr}
+
+    def validate(self) -> dict[str, float]:
+        """Run `val_fn` on the EMA model (rank 0 only); returns its metrics."""
+        if self.val_fn is None or not self.is_main:
+            return {}
+        model = self.ema_model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            metrics = self.val_fn(model, self.step, self.out_dir)
+        model.train(was_training)
+        return {k: float(v) for k, v in (metrics or {}).items()}
+
+    def _write_config(self) -> None:
+        run = {
+            "trainer": self.cfg.to_dict(),
+            "model_type": self.model_type,
+            "model_config": self.model_config,
+            "run_config": self.extra_state.get("run_config"),
+            "world_size": self.world_size,
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(run, indent=1, default=str))
+
+    def fit(self) -> dict[str, float]:
+        """Train to `cfg.steps` (resuming from `out_dir` if it holds a checkpoint); returns the last log
+        window's mean train metrics (averaged over DDP ranks), the last validation metrics ("val/..."), and
+        "step". Under DDP, a process group the trainer joined itself is left when fit returns."""
+        cfg = self.cfg
+        self.resume()
+        writer = None
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
+
+            self._write_config()
+            writer = SummaryWriter(str(self.out_dir / "tb"))
+        result: dict[str, float] = {}
+        pbar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True)
+        window, data = _Window(), self._batches()
+        last_val = -1
+        try:
+            while self.step < cfg.steps:
+                window.add(self.train_step(next(data)))
+                pbar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    result.update(self._log(window, writer, pbar))
+                    window = _Window()
+                if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
+                    result.update(self._log_val(self.validate(), writer))
+                    last_val = self.step
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
+                    self.save()
+            if last_val != self.step and self.val_fn is not None:  # resumed at or past cfg.steps
+                result.update(self._log_val(self.validate(), writer))
+            if self._owns_group:
+                dist.barrier()  # not on an error: the other ranks may never get here
+        finally:
+            data.close()
+            pbar.close()
+            if writer is not None:
+                writer.close()
+            if self._owns_group:
+                dist.destroy_process_group()
+                self._owns_group = False
+        return result | {"step": float(self.step)}
+
+    def _log(self, window: _Window, writer: Any, pbar: tqdm) -> dict[str, float]:
+        means = window.means()
+        if self.world_size > 1:  # every rank logs at the same steps, so this collective is safe
+            keys = sorted(means)
+            t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=self._device)
+            dist.all_reduce(t)
+            means = {k: v / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+        if not math.isfinite(means["loss"]):
+            raise FloatingPointError(f"loss is {means['loss']} at step {self.step}")
+        elapsed = time.perf_counter() - window.t0
+        means["samples_per_s"] = window.n * self.cfg.batch_size * self.world_size / max(elapsed, 1e-9)
+        if writer is not None:
+            for k, v in means.items():
+                writer.add_scalar(f"train/{k}", v, self.step)
+        sps = means["samples_per_s"]
+        pbar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{means['lr']:.2e}", sps=f"{sps:.0f}")
+        return means
+
+    def _log_val(self, metrics: dict[str, float], writer: Any) -> dict[str, float]:
+        out = {f"val/{k}": v for k, v in metrics.items()}
+        if writer is not None:
+            for k, v in out.items():
+                writer.add_scalar(k, v, self.step)
+        if out:
+            log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
+        return out
