@@ -1,0 +1,157 @@
+"""The seams between controllers, world models and planners.
+
+`Policy` is the one protocol every controller satisfies (MPC over a world model now, diffusion
+policies later). `PlanningModel` is all a planner may know about a world model: `encode`,
+`rollout`, `cost` and `action_dim`; planners never see a simulator. `Planner` is what MPC needs
+from a planner: `plan(z0, goal, warm_start) -> PlanResult`, the goal passed as an argument.
+
+Shape letters: E parallel episodes, N samples, H planning horizon, A planning action dim
+(a world model with frameskip f and raw action dim Da has A = f * Da), To observation steps,
+Ta action steps, P patches, D features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+Latent = dict[str, torch.Tensor]
+"""A latent state, e.g. {"visual": (..., P, D), "proprio": (..., Dp)}; all keys share the leading dims."""
+
+
+@runtime_checkable
+class PlanningModel(Protocol):
+    """What a planner may call on a world model (and nothing else)."""
+
+    action_dim: int  # A: one planning step's action (frameskip raw actions concatenated)
+
+    def encode(self, obs: dict[str, torch.Tensor]) -> Latent:
+        """obs values (E, To, ...) -> latent state of E episodes, leading dim (E,)."""
+        ...
+
+    def rollout(self, z0: Latent, actions: torch.Tensor) -> Latent:
+        """z0 leading (E,), actions (E, N, H, A) -> predicted latents, leading (E, N, H).
+
+        z0 is shared by the N samples of its episode; the model broadcasts it (`expand_latent`),
+        so the start state is encoded once per episode, never once per sample.
+        """
+        ...
+
+    def cost(self, pred: Latent, goal: Latent) -> torch.Tensor:
+        """pred leading (E, N, H), goal leading (E,) -> (E, N); lower is better. Planners minimize it."""
+        ...
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Every controller of the project. Batched over E parallel episodes."""
+
+    def reset(self) -> None:
+        """Forget everything carried between calls (action queue, warm start)."""
+        ...
+
+    def predict_action_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """obs values (E, To, ...) -> actions (E, Ta, Da) to execute next."""
+        ...
+
+    def select_action(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """obs values (E, To, ...) -> the next action (E, Da), popped from a queue of the current chunk."""
+        ...
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cap on one `plan` call: planner iterations and/or wall-clock seconds (None: no cap).
+
+    The time cap is checked after each iteration, so a plan always runs at least one iteration and
+    may overrun `seconds` by up to one iteration. Iteration caps never raise a planner's own count.
+    """
+
+    max_iterations: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_iterations is not None and self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1 or None, got {self.max_iterations}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"seconds must be > 0 or None, got {self.seconds}")
+
+
+@dataclass
+class PlanResult:
+    """One plan for E episodes.
+
+    actions: (E, H, A) within the planner's bounds; cost: (E,) the model's cost of those actions;
+    iterations: iterations (or gradient steps) actually run; info: planner-specific extras.
+    """
+
+    actions: torch.Tensor
+    cost: torch.Tensor
+    iterations: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Planner(Protocol):
+    """Minimizes `model.cost` over action sequences of length `horizon`, batched over episodes."""
+
+    horizon: int
+
+    def plan(
+        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+    ) -> PlanResult:
+        """z0, goal leading (E,); warm_start (E, H, A) or None -> PlanResult with actions (E, H, A)."""
+        ...
+
+
+def latent_batch_size(z: Latent) -> int:
+    """E, the leading dim shared by every tensor of a latent."""
+    sizes = {v.shape[0] for v in z.values()}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"latent tensors disagree on the leading dim: { {k: tuple(v.shape) for k, v in z.items()} }"
+        )
+    return sizes.pop()
+
+
+def expand_latent(z: Latent, n: int) -> Latent:
+    """(E, ...) -> (E, N, ...) views (torch.expand, no copy): one encoding shared by N samples."""
+    return {k: v.unsqueeze(1).expand(v.shape[0], n, *v.shape[1:]) for k, v in z.items()}
+
+
+def detach_latent(z: Latent) -> Latent:
+    return {k: v.detach() for k, v in z.items()}
+
+
+def shift_plan(actions: torch.Tensor, steps: int, fill: Literal["last", "zeros"] = "last") -> torch.Tensor:
+    """Warm start for the next replan: drop the `steps` executed steps of a (E, H, A) plan and pad at
+    the end to length H with the last step repeated ("last") or with zeros ("zeros")."""
+    horizon = actions.shape[1]
+    if not 0 <= steps <= horizon:
+        raise ValueError(f"cannot shift a plan of horizon {horizon} by {steps} steps")
+    kept = actions[:, steps:]  # (E, H - steps, A)
+    if fill == "last":
+        pad = actions[:, -1:].expand(-1, steps, -1)  # (E, steps, A)
+    elif fill == "zeros":
+        pad = actions.new_zeros(actions.shape[0], steps, actions.shape[2])
+    else:
+        raise ValueError(f"fill must be 'last' or 'zeros', got {fill!r}")
+    return torch.cat([kept, pad], dim=1)
+
+
+def action_bounds(
+    low: float | tuple[float, ...], high: float | tuple[float, ...], action_dim: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension bounds (A,), (A,) on `like`'s device and dtype; scalars are broadcast."""
+
+    def as_tensor(b: float | tuple[float, ...], name: str) -> torch.Tensor:
+        t = torch.as_tensor(b, dtype=like.dtype, device=like.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(action_dim)
+        if t.numel() != action_dim:
+            raise ValueError(f"{name} has {t.numel()} values, the model's action_dim is {action_dim}")
+        return t
+
+    return as_tensor(low, "low"), as_tensor(high, "high")

@@ -1,0 +1,376 @@
+"""Planners over a `PlanningModel`: CEM, MPPI, gradient descent, and CEM refined by gradient descent.
+
+Every planner plans for E episodes at once: each iteration is ONE `model.rollout` call on actions
+(E, N, H, A) from the start latents z0 (leading E), which the model broadcasts over the N samples,
+so nothing is encoded per sample (planners never call `encode` at all, nor any simulator). Actions
+stay within per-dimension bounds [low, high]: samples and means are clamped, gradient steps are
+projected back. The device and dtype come from z0; randomness from a seeded `torch.Generator`.
+`warm_start` (E, H, A), usually the previous plan shifted by the executed steps (MPC does the
+shifting, see `base.shift_plan`), replaces the initial mean (CEM, MPPI) or initial iterate (GD).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+import torch
+from einops import einsum, repeat
+
+from policies.base import (
+    Budget,
+    Latent,
+    PlanningModel,
+    PlanResult,
+    action_bounds,
+    detach_latent,
+    latent_batch_size,
+)
+
+Bound = float | tuple[float, ...]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class _PlannerConfig:
+    horizon: int = 5
+    low: Bound = -1.0  # per action dim, or one float for all; -inf/inf for an unbounded dim
+    high: Bound = 1.0
+    seed: int | None = 0  # None: a fresh random seed per planner
+    stop_cost: float | None = None  # stop early once every episode's best cost is <= this
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high"):
+            b = getattr(self, name)
+            b = (
+                float(b)
+                if isinstance(b, (int, float))
+                else tuple(float(x) for x in torch.as_tensor(b, dtype=torch.float64).reshape(-1))
+            )
+            object.__setattr__(self, name, b)  # normalize lists/tensors to hashable floats/tuples
+        low, high = torch.as_tensor(self.low), torch.as_tensor(self.high)
+        if low.numel() > 1 and high.numel() > 1 and low.numel() != high.numel():
+            raise ValueError(f"low has {low.numel()} values and high {high.numel()}")
+        if not bool((low < high).all()):
+            raise ValueError(f"need low < high in every dim, got low={self.low} high={self.high}")
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+
+
+@dataclass(frozen=True)
+class _SamplingConfig(_PlannerConfig):
+    samples: int = 300  # N per episode
+    iterations: int = 30
+    init_std: float = 1.0  # absolute, in action units
+    warm_std: float | None = None  # initial std when warm-started (a narrower search); None: init_std
+    min_std: float = 0.05
+    max_std: float = 2.0
+    include_mean: bool = True  # sample 0 of each iteration is the current mean (scores the warm start)
+    return_best: bool = False  # return the best sample seen instead of the final mean
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.samples < 1 or self.iterations < 1:
+            raise ValueError(f"samples and iterations must be >= 1, got {self.samples}, {self.iterations}")
+        if not 0 <= self.min_std <= self.max_std or not self.init_std > 0 or (self.warm_std or 1) <= 0:
+            raise ValueError(f"need init_std, warm_std > 0 and 0 <= min_std <= max_std, got {self}")
+
+
+@dataclass(frozen=True)
+class CEMConfig(_SamplingConfig):
+    """Cross-entropy method; DINO-WM's PushT setting by default (H 5, 300 samples, 30 elites, 30 iters)."""
+
+    name: ClassVar[str] = "cem"
+    elites: int = 30
+    momentum: float = 0.0  # mean/std <- momentum * old + (1 - momentum) * elite fit (V-JEPA 2-AC)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.elites <= self.samples:
+            raise ValueError(f"need 1 <= elites <= samples, got {self.elites} of {self.samples}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class MPPIConfig(_SamplingConfig):
+    """MPPI as in TD-MPC2: weights exp(-cost / temperature) over the top-`elites` samples (None: all)."""
+
+    name: ClassVar[str] = "mppi"
+    samples: int = 512
+    iterations: int = 6
+    temperature: float = 0.5
+    elites: int | None = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.elites is not None and not 1 <= self.elites <= self.samples:
+            raise ValueError(f"need 1 <= elites <= samples, got {self.elites} of {self.samples}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class GradConfig(_PlannerConfig):
+    """Adam on the action sequence through the differentiable rollout, projected onto the bounds."""
+
+    name: ClassVar[str] = "gd"
+    steps: int = 100
+    lr: float = 0.1
+    init: Literal["zeros", "warm"] = "warm"  # "warm": start from warm_start when given, else zeros
+    restarts: int = 1  # sequences per episode; restart 0 starts at the init, others at init + noise
+    restart_std: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1 or self.restarts < 1 or not self.lr > 0:
+            raise ValueError(f"need steps >= 1, restarts >= 1, lr > 0, got {self}")
+        if self.init not in ("zeros", "warm"):
+            raise ValueError(f"init must be 'zeros' or 'warm', got {self.init!r}")
+
+
+@dataclass(frozen=True)
+class CEMThenGradConfig:
+    """CEM, then gradient refinement starting from the CEM plan. A time budget is split by `time_share`;
+    an iteration budget caps each stage separately."""
+
+    name: ClassVar[str] = "cem_gd"
+    cem: CEMConfig = field(default_factory=CEMConfig)
+    grad: GradConfig = field(default_factory=lambda: GradConfig(steps=30))
+    time_share: float = 0.5  # fraction of a time budget given to CEM
+
+    def __post_init__(self) -> None:
+        if (self.cem.horizon, self.cem.low, self.cem.high) != (
+            self.grad.horizon,
+            self.grad.low,
+            self.grad.high,
+        ):
+            raise ValueError("cem and grad must share horizon and bounds")
+        if self.grad.init != "warm":
+            raise ValueError("grad.init must be 'warm' so that the gradient stage starts from the CEM plan")
+        if not 0 < self.time_share < 1:
+            raise ValueError(f"time_share must be in (0, 1), got {self.time_share}")
+
+
+PlannerConfig = CEMConfig | MPPIConfig | GradConfig | CEMThenGradConfig
+
+
+class _Planner:
+    """Shared plumbing: bounds, initial plan, generator, budget."""
+
+    def __init__(self, model: PlanningModel, cfg: Any, clock: Clock = time.monotonic) -> None:
+        self.model, self.cfg, self.clock = model, cfg, clock
+        self.horizon: int = cfg.horizon
+        self._gen: torch.Generator | None = None
+
+    def _setup(self, z0: Latent, warm_start: torch.Tensor | None, use_warm: bool = True):
+        """-> E, bounds (A,), (A,), initial plan (E, H, A), generator; all on z0's device."""
+        ref = next(iter(z0.values()))
+        dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        like = torch.empty(0, device=ref.device, dtype=dtype)
+        E, H, A = latent_batch_size(z0), self.cfg.horizon, self.model.action_dim
+        low, high = action_bounds(self.cfg.low, self.cfg.high, A, like)
+        if warm_start is not None and use_warm:
+            if tuple(warm_start.shape) != (E, H, A):
+                raise ValueError(f"warm_start must be {(E, H, A)}, got {tuple(warm_start.shape)}")
+            init = warm_start.detach().to(like).clamp(low, high)
+        else:  # the middle of the box where it is bounded, else zero
+            mid = torch.where(
+                low.isfinite() & high.isfinite(), (low + high) / 2, torch.zeros_like(low).clamp(low, high)
+            )
+            init = repeat(mid, "a -> e h a", e=E, h=H).clone()
+        if self._gen is None or self._gen.device != ref.device:
+            self._gen = torch.Generator(device=ref.device)
+            if self.cfg.seed is None:
+                self._gen.seed()
+            else:
+                self._gen.manual_seed(self.cfg.seed)
+        return E, low, high, init, self._gen
+
+    def _limit(self, n: int, budget: Budget | None) -> int:
+        return n if budget is None or budget.max_iterations is None else min(n, budget.max_iterations)
+
+    def _out_of_time(self, start: float, budget: Budget | None) -> bool:
+        return budget is not None and budget.seconds is not None and self.clock() - start >= budget.seconds
+
+    def _done(self, best_cost: torch.Tensor) -> bool:
+        return self.cfg.stop_cost is not None and bool((best_cost <= self.cfg.stop_cost).all())
+
+
+class CEM(_Planner):
+    """Cross-entropy method: sample around a Gaussian, score, refit it to the elites."""
+
+    cfg: CEMConfig
+
+    @torch.no_grad()
+    def plan(
+        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+    ) -> PlanResult:
+        """z0, goal leading (E,); warm_start (E, H, A) -> actions (E, H, A), cost (E,)."""
+        start, cfg = self.clock(), self.cfg
+        z0, goal = detach_latent(z0), detach_latent(goal)
+        E, low, high, mean, gen = self._setup(z0, warm_start)  # mean (E, H, A)
+        warm = warm_start is not None and cfg.warm_std is not None
+        std = torch.full_like(mean, cfg.warm_std if warm else cfg.init_std)  # (E, H, A)
+        best_cost = mean.new_full((E,), float("inf"))
+        best_actions = mean.clone()
+        episodes = torch.arange(E, device=mean.device)
+        shape = (E, cfg.samples, *mean.shape[1:])  # (E, N, H, A)
+        iterations = 0
+        while iterations < self._limit(cfg.iterations, budget):
+            iterations += 1
+            # --- sample: N sequences per episode around the mean, clamped to the bounds
+            noise = torch.randn(shape, generator=gen, device=mean.device, dtype=mean.dtype)
+            actions = (mean.unsqueeze(1) + std.unsqueeze(1) * noise).clamp(low, high)  # (E, N, H, A)
+            if cfg.include_mean:
+                actions[:, 0] = mean
+            # --- score: one batched rollout for every episode and sample
+            costs = self.model.cost(self.model.rollout(z0, actions), goal)  # (E, N)
+            it_cost, it_idx = costs.min(dim=1)  # (E,), (E,)
+            improved = it_cost < best_cost
+            best_cost = torch.where(improved, it_cost, best_cost)
+            best_actions = torch.where(improved[:, None, None], actions[episodes, it_idx], best_actions)
+            # --- refit: the Gaussian to the elites (mean clamped into the bounds, std floored)
+            mean, std = self._refit(actions, costs, mean, std)
+            mean, std = mean.clamp(low, high), std.clamp(cfg.min_std, cfg.max_std)
+            if self._done(best_cost) or self._out_of_time(start, budget):
+                break
+        return self._result(z0, goal, mean, std, best_actions, best_cost, iterations)
+
+    def _refit(self, actions: torch.Tensor, costs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+        m = self.cfg.momentum
+        _, idx = costs.topk(self.cfg.elites, dim=1, largest=False)  # (E, K)
+        elites = _gather(actions, idx)  # (E, K, H, A)
+        new_mean, new_std = elites.mean(dim=1), elites.std(dim=1, unbiased=False)  # (E, H, A)
+        return m * mean + (1 - m) * new_mean, m * std + (1 - m) * new_std
+
+    def _result(self, z0, goal, mean, std, best_actions, best_cost, iterations: int) -> PlanResult:
+        info = {"mean": mean, "std": std, "best_actions": best_actions, "best_cost": best_cost}
+        if self.cfg.return_best:
+            return PlanResult(best_actions, best_cost, iterations, info)
+        # the refitted mean has not been scored yet: one more rollout, N = 1
+        cost = self.model.cost(self.model.rollout(z0, mean.unsqueeze(1)), goal)[:, 0]  # (E,)
+        return PlanResult(mean, cost, iterations, info)
+
+
+class MPPI(CEM):
+    """MPPI (TD-MPC2 style): the loop of CEM, refit by exp(-cost / temperature) weights over the elites."""
+
+    cfg: MPPIConfig
+
+    def _refit(self, actions: torch.Tensor, costs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+        k = self.cfg.elites or costs.shape[1]
+        elite_cost, idx = costs.topk(k, dim=1, largest=False)  # (E, K)
+        elites = _gather(actions, idx)  # (E, K, H, A)
+        w = torch.softmax(-elite_cost / self.cfg.temperature, dim=1)  # (E, K)
+        new_mean = einsum(w, elites, "e k, e k h a -> e h a")
+        var = einsum(w, (elites - new_mean.unsqueeze(1)) ** 2, "e k, e k h a -> e h a")
+        return new_mean, var.sqrt()
+
+
+class GradientPlanner(_Planner):
+    """Adam on (E, R, H, A) action sequences (R restarts per episode) through `model.rollout`."""
+
+    cfg: GradConfig
+
+    def plan(
+        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+    ) -> PlanResult:
+        """z0, goal leading (E,); warm_start (E, H, A) -> actions (E, H, A), cost (E,)."""
+        start, cfg = self.clock(), self.cfg
+        z0, goal = detach_latent(z0), detach_latent(goal)
+        E, low, high, init, gen = self._setup(z0, warm_start, use_warm=cfg.init == "warm")
+        actions = repeat(init, "e h a -> e r h a", r=cfg.restarts).clone()  # (E, R, H, A)
+        noise = torch.randn(actions[:, 1:].shape, generator=gen, device=init.device, dtype=init.dtype)
+        actions[:, 1:] = (actions[:, 1:] + cfg.restart_std * noise).clamp(low, high)
+        actions.requires_grad_(True)
+        opt = torch.optim.Adam([actions], lr=cfg.lr)
+        best_cost = init.new_full((E,), float("inf"))
+        best_actions = init.clone()
+        episodes = torch.arange(E, device=init.device)
+        limit, step = self._limit(cfg.steps, budget), 0
+        with torch.enable_grad():
+            while True:
+                # --- score: one batched rollout, sequences are independent so one summed loss suffices
+                costs = self.model.cost(self.model.rollout(z0, actions), goal)  # (E, R)
+                c, r = costs.detach().min(dim=1)  # (E,)
+                improved = c < best_cost
+                best_cost = torch.where(improved, c, best_cost)
+                best_actions = torch.where(
+                    improved[:, None, None], actions.detach()[episodes, r], best_actions
+                )
+                if step == limit or self._done(best_cost) or (step > 0 and self._out_of_time(start, budget)):
+                    break
+                # --- refit: one Adam step, projected back onto the bounds (model parameters get no .grad)
+                (actions.grad,) = torch.autograd.grad(costs.sum(), [actions])
+                opt.step()
+                with torch.no_grad():
+                    actions.clamp_(low, high)
+                step += 1
+        return PlanResult(best_actions, best_cost, step, {"final": actions.detach()})
+
+
+class CEMThenGradient:
+    """CEM for a global guess, then gradient steps from the CEM plan; returns the best plan seen."""
+
+    def __init__(self, model: PlanningModel, cfg: CEMThenGradConfig, clock: Clock = time.monotonic) -> None:
+        self.cfg, self.clock, self.horizon = cfg, clock, cfg.cem.horizon
+        self.cem, self.grad = CEM(model, cfg.cem, clock), GradientPlanner(model, cfg.grad, clock)
+
+    def plan(
+        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+    ) -> PlanResult:
+        start = self.clock()
+        cem_budget = grad_budget = budget
+        if budget is not None and budget.seconds is not None:
+            cem_budget = Budget(budget.max_iterations, budget.seconds * self.cfg.time_share)
+        first = self.cem.plan(z0, goal, warm_start, cem_budget)
+        if budget is not None and budget.seconds is not None:
+            grad_budget = Budget(budget.max_iterations, max(budget.seconds - (self.clock() - start), 1e-9))
+        second = self.grad.plan(z0, goal, first.actions, grad_budget)
+        # the gradient stage scores its start (the CEM plan) first, so it is never worse than CEM
+        info = {"cem": first, "grad_steps": second.iterations}
+        return PlanResult(second.actions, second.cost, first.iterations + second.iterations, info)
+
+
+def _gather(actions: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """actions (E, N, H, A), idx (E, K) -> (E, K, H, A)."""
+    return actions.gather(1, idx[:, :, None, None].expand(-1, -1, *actions.shape[2:]))
+
+
+PLANNERS: dict[str, tuple[type, type]] = {
+    "cem": (CEMConfig, CEM),
+    "mppi": (MPPIConfig, MPPI),
+    "gd": (GradConfig, GradientPlanner),
+    "cem_gd": (CEMThenGradConfig, CEMThenGradient),
+}
+
+
+def planner_config(name: str, **kwargs: Any) -> PlannerConfig:
+    """A config by planner name, e.g. from YAML: `planner_config("cem", samples=100)`; for "cem_gd",
+    `cem` and `grad` may be mappings."""
+    if name not in PLANNERS:
+        raise ValueError(f"unknown planner {name!r}; known: {sorted(PLANNERS)}")
+    cfg_type = PLANNERS[name][0]
+    if cfg_type is CEMThenGradConfig:
+        for key, sub in (("cem", CEMConfig), ("grad", GradConfig)):
+            if isinstance(kwargs.get(key), Mapping):
+                kwargs[key] = sub(**kwargs[key])
+    unknown = set(kwargs) - {f.name for f in fields(cfg_type)}
+    if unknown:
+        raise ValueError(f"unknown fields for planner {name!r}: {sorted(unknown)}")
+    return cfg_type(**kwargs)
+
+
+def build_planner(
+    cfg: PlannerConfig | Mapping[str, Any], model: PlanningModel, clock: Clock = time.monotonic
+) -> CEM | MPPI | GradientPlanner | CEMThenGradient:
+    """A planner for `model` from a config or a mapping with a "name" ("cem" | "mppi" | "gd" | "cem_gd")."""
+    if isinstance(cfg, Mapping):
+        cfg = planner_config(**cfg)
+    for cfg_type, planner_type in PLANNERS.values():
+        if type(cfg) is cfg_type:
+            return planner_type(model, cfg, clock)
+    raise TypeError(f"not a planner config: {type(cfg).__name__}")

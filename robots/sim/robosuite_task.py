@@ -1,0 +1,474 @@
+"""Any robosuite environment behind the SimTask interface: `robosuite/<EnvName>` in the registry.
+
+Options (`config.options`): `robots` (default "Panda"; a list for two-arm envs), `controller` (default
+the robot's robosuite default, for Panda an OSC pose controller with delta actions in [-1, 1]; also a
+composite name such as "BASIC", a part controller name such as "OSC_POSITION", a .json path or a
+config dict), `camera` (a name or list, default "agentview"), `control_freq` (default 20 Hz) and
+`env_kwargs` (passed to `robosuite.make`).
+
+Observations: one image per camera, key `<camera>_image`, uint8 (H, W, 3), right side up (robosuite
+renders upside down; we flip); `proprio`, the concatenation of every robot's end-effector position,
+quaternion (x, y, z, w) and gripper joint positions (names say which is which); `object`, the env's
+privileged "object-state" vector where it has one. Images are rendered once per observation with
+reflections, multisampling and shadows off (about 4x faster, same scene).
+
+Goals (`goal_observation()`: the scene at its goal, rendered, with the robot where it is):
+Lift, the cube 10 cm above where it is; Stack, cube A resting on cube B; Door, the door open by
+0.45 rad (handle turned when latched). Other envs have no goal defined and raise an error.
+Scripted experts with privileged object poses exist for Lift, Stack and Door. Limitation: the Door
+expert opens the unlatched door (`env_kwargs={"use_latch": False}`); robosuite's default latched
+door does not unlatch under its lever press, so it fails there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import robots.sim.base  # noqa: F401  (sets MUJOCO_GL=egl before mujoco loads)
+from robots.base import Feature, RobotError
+from robots.sim.base import SimConfig, SimTask, TaskEntry
+from wm.data.schema import ActionSpace
+
+PROPRIO_SUFFIXES = ("eef_pos", "eef_quat", "gripper_qpos")
+GOAL_ENVS = ("Lift", "Stack", "Door")
+
+
+def _robosuite() -> Any:
+    """Import robosuite quietly (it logs a warning about an optional IK dependency)."""
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        warnings.simplefilter("ignore")
+        import robosuite
+    for name in ("robosuite_logs", "robosuite"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return robosuite
+
+
+def env_names() -> list[str]:
+    return sorted(_robosuite().ALL_ENVIRONMENTS)
+
+
+def controller_config(controller: Any, robot: str) -> dict:
+    """A composite controller config from a name, part-controller name, .json path or dict."""
+    rs = _robosuite()
+    if isinstance(controller, dict):
+        return controller
+    if controller is None or str(controller).endswith(".json") or controller in rs.ALL_COMPOSITE_CONTROLLERS:
+        return rs.load_composite_controller_config(controller=controller, robot=robot)
+    if controller in rs.ALL_PART_CONTROLLERS:
+        cfg = rs.load_composite_controller_config(robot=robot)
+        part = rs.load_part_controller_config(default_controller=controller)
+        for arm, arm_cfg in cfg["body_parts"].items():
+            if "gripper" in arm_cfg:
+                part = {**part, "gripper": arm_cfg["gripper"]}
+            cfg["body_parts"][arm] = dict(part)
+        return cfg
+    raise RobotError(
+        f"unknown robosuite controller {controller!r}; valid: {sorted(rs.ALL_COMPOSITE_CONTROLLERS)}, "
+        f"{sorted(rs.ALL_PART_CONTROLLERS)}, a .json path or a config dict"
+    )
+
+
+def _action_space(cfg: dict) -> ActionSpace:
+    parts = [p for p in cfg.get("body_parts", {}).values() if isinstance(p, dict) and "type" in p]
+    kind = parts[0]["type"] if parts else ""
+    mode = "absolute" if parts and parts[0].get("input_type") == "absolute" else "delta"
+    frame = "joint" if kind.startswith("JOINT") else "ee" if kind.startswith(("OSC", "IK")) else "other"
+    desc = f"robosuite {kind or cfg.get('type', '')} controller input in [-1, 1] (scaled by the controller)"
+    return ActionSpace(mode, frame, "normalized", desc)
+
+
+def _vector_names(key: str, n: int) -> list[str]:
+    axes = {"eef_pos": "xyz", "eef_quat": "xyzw"}
+    for suffix, letters in axes.items():
+        if key.endswith(suffix) and n == len(letters):
+            return [f"{key}.{c}" for c in letters]
+    return [f"{key}.{i}" for i in range(n)]
+
+
+@dataclass
+class RobosuiteTask(SimTask):
+    """A robosuite env (see the module docstring). The env is built on first use of the features."""
+
+    env_name: str = "Lift"
+    name: str = "robosuite"
+    control_hz: float = 20.0
+    _env: Any = field(default=None, init=False, repr=False)
+    _meta: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        opts = dict(self.config.options)
+        unknown = set(opts) - {"robots", "controller", "camera", "cameras", "control_freq", "env_kwargs"}
+        if unknown:
+            raise RobotError(f"robosuite/{self.env_name}: unknown options {sorted(unknown)}")
+        self.name = f"robosuite/{self.env_name}"
+        self.robots = opts.get("robots", "Panda")
+        first = self.robots if isinstance(self.robots, str) else self.robots[0]
+        self.controller_cfg = controller_config(opts.get("controller"), first)
+        cams = opts.get("cameras", opts.get("camera", "agentview"))
+        self.cameras = [cams] if isinstance(cams, str) else list(cams)
+        self.control_hz = float(opts.get("control_freq", 20.0))
+        self.env_kwargs = dict(opts.get("env_kwargs", {}))
+        self.action_space = _action_space(self.controller_cfg)
+
+    # ------------------------------------------------------------------ the env
+    @property
+    def env(self) -> Any:
+        """The robosuite env (built on first access; features need it for the robot's dimensions)."""
+        if self._env is None:
+            self._build()
+        return self._env
+
+    def _build(self) -> None:
+        rs = _robosuite()
+        render = not self.config.state_only
+        h, w = self.config.image_size
+        self._env = rs.make(
+            self.env_name, robots=self.robots, controller_configs=self.controller_cfg,
+            has_renderer=False, has_offscreen_renderer=render, use_camera_obs=False,
+            camera_names=self.cameras, camera_heights=h, camera_widths=w, control_freq=self.control_hz,
+            ignore_done=True, hard_reset=False, horizon=10**9, **self.env_kwargs,
+        )
+        if render:
+            fast_rendering(self._env.sim)
+            for cam in self.cameras:
+                if cam not in self._env.sim.model.camera_names:
+                    valid = self._env.sim.model.camera_names
+                    raise RobotError(f"{self.name}: no camera {cam!r}; valid: {valid}")
+        obs = self._env._get_observations(force_update=True)
+        keys = [k for k in obs if k.startswith("robot") and k.endswith(PROPRIO_SUFFIXES)]
+        names = [n for k in keys for n in _vector_names(k, np.size(obs[k]))]
+        low, high = self._env.action_spec
+        self._meta = {
+            "proprio_keys": keys, "proprio_names": tuple(names),
+            "object_dim": int(np.size(obs["object-state"])) if "object-state" in obs else 0,
+            "low": tuple(float(x) for x in low), "high": tuple(float(x) for x in high),
+        }
+
+    # ------------------------------------------------------------------ features
+    @property
+    def observation_features(self) -> dict[str, Feature]:
+        self.env  # noqa: B018  (dimensions come from the built env)
+        feats = {}
+        if not self.config.state_only:
+            for cam in self.cameras:
+                feats[f"{cam}_image"] = Feature((*self.config.image_size, 3), "uint8", "image")
+        names = self._meta["proprio_names"]
+        feats["proprio"] = Feature((len(names),), "float32", "proprio", units="m, quat, m", names=names)
+        if self._meta["object_dim"]:
+            feats["object"] = Feature((self._meta["object_dim"],), "float32", "lowdim", units="m, quat")
+        return feats
+
+    @property
+    def action_feature(self) -> Feature:
+        self.env  # noqa: B018
+        low, high = self._meta["low"], self._meta["high"]
+        names = tuple(f"a{i}" for i in range(len(low)))
+        if len(low) == 7 and self.action_space.frame == "ee":
+            names = ("dx", "dy", "dz", "drx", "dry", "drz", "gripper")
+        return Feature((len(low),), "float32", "action", units="normalized", names=names, low=low, high=high)
+
+    # ------------------------------------------------------------------ connection and episode
+    def _connect(self) -> None:
+        self.env  # noqa: B018
+
+    def _disconnect(self) -> None:
+        self._env.close()
+        self._env = None
+
+    def _reset(self, rng: np.random.Generator) -> None:
+        saved = np.random.get_state()  # robosuite samples placements from the global numpy generator
+        np.random.seed(int(rng.integers(2**31)))
+        try:
+            self.env.reset()
+        finally:
+            np.random.set_state(saved)
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        env, out = self._env, {}
+        if not self.config.state_only:
+            h, w = self.config.image_size
+            for cam in self.cameras:
+                out[f"{cam}_image"] = np.ascontiguousarray(env.sim.render(w, h, camera_name=cam)[::-1])
+        obs = env._get_observations(force_update=True)
+        proprio = [np.ravel(obs[k]) for k in self._meta["proprio_keys"]]
+        out["proprio"] = np.concatenate(proprio).astype(np.float32)
+        if self._meta["object_dim"]:
+            out["object"] = np.asarray(obs["object-state"], dtype=np.float32)
+        return out
+
+    def _apply(self, action: np.ndarray) -> None:
+        self._env.step(action.astype(np.float64))
+        self._env.sim.forward()  # kinematics of the new state (robosuite leaves those of the last substep)
+
+    def _success(self) -> bool:
+        return bool(self._env._check_success())
+
+    # ------------------------------------------------------------------ privileged state
+    def get_sim_state(self) -> np.ndarray:
+        """robosuite's step counter, the grippers' speed-limited commands, MuJoCo's full integration state
+        (time, qpos, qvel, warm start, controls, mocap, ...) and the body placements in the model (Door
+        moves its door there), as one float64 vector."""
+        import mujoco
+
+        m, d = self._env.sim.model._model, self._env.sim.data._data
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        phys = np.empty(mujoco.mj_stateSize(m, spec))
+        mujoco.mj_getState(m, d, phys, spec)
+        grips = [np.ravel(g.current_action) for g in self._grippers()]
+        return np.concatenate([[self._env.timestep], *grips, phys, m.body_pos.ravel(), m.body_quat.ravel()])
+
+    def _grippers(self) -> list:
+        return [g for r in self._env.robots for g in r.gripper.values() if hasattr(g, "current_action")]
+
+    def set_sim_state(self, state: np.ndarray) -> None:
+        import mujoco
+
+        m, d = self._env.sim.model._model, self._env.sim.data._data
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        grips = self._grippers()
+        n, nb, ng = mujoco.mj_stateSize(m, spec), m.nbody, sum(np.size(g.current_action) for g in grips)
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != (1 + ng + n + 7 * nb,):
+            expected = (1 + ng + n + 7 * nb,)
+            raise RobotError(f"{self.name}: sim state of shape {state.shape}, expected {expected}")
+        self._env.timestep = int(state[0])
+        i = 1
+        for g in grips:
+            k = np.size(g.current_action)
+            g.current_action = state[i : i + k].copy().reshape(np.shape(g.current_action))
+            i += k
+        mujoco.mj_setState(m, d, state[i : i + n], spec)
+        m.body_pos[:] = state[i + n : i + n + 3 * nb].reshape(nb, 3)
+        m.body_quat[:] = state[i + n + 3 * nb :].reshape(nb, 4)
+        self._env.sim.forward()
+
+    def _goal_observation(self) -> dict[str, np.ndarray]:
+        if self.env_name not in GOAL_ENVS:
+            raise RobotError(
+                f"{self.name}: no goal observation is defined for robosuite env {self.env_name!r} "
+                f"(defined for {', '.join(GOAL_ENVS)})"
+            )
+        state = self.get_sim_state()
+        try:
+            _pose_goal(self._env, self.env_name)
+            self._env.sim.forward()
+            return self._observe()
+        finally:
+            self.set_sim_state(state)
+
+
+def fast_rendering(sim: Any) -> None:
+    """Reflections, multisampling and shadows off: the same scene at about a quarter of the cost."""
+    import mujoco
+
+    model = sim.model._model
+    model.mat_reflectance[:] = 0.0
+    model.vis.quality.offsamples = 0
+    ctx = sim._render_context_offscreen
+    ctx.gl_ctx.make_current()
+    ctx.con.free()
+    ctx._set_mujoco_context_and_buffers()  # rebuilds the framebuffers without multisampling
+    ctx.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+    ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+
+
+def _set_free_pos(env: Any, joint: str, pos: np.ndarray) -> None:
+    start, _ = env.sim.model.get_joint_qpos_addr(joint)
+    env.sim.data.qpos[start : start + 3] = pos
+    start_v, _ = env.sim.model.get_joint_qvel_addr(joint)
+    env.sim.data.qvel[start_v : start_v + 6] = 0.0
+
+
+def _pose_goal(env: Any, env_name: str) -> None:
+    """Put the scene of `env_name` at its goal (see the module docstring)."""
+    if env_name == "Lift":
+        pos = np.array(env.sim.data.body_xpos[env.cube_body_id]) + [0.0, 0.0, 0.10]
+        _set_free_pos(env, env.cube.joints[0], pos)
+    elif env_name == "Stack":
+        top = np.array(env.sim.data.body_xpos[env.cubeB_body_id])
+        top[2] += env.cubeB.size[2] + env.cubeA.size[2] + 0.001
+        _set_free_pos(env, env.cubeA.joints[0], top)
+        start, _ = env.sim.model.get_joint_qpos_addr(env.cubeA.joints[0])
+        env.sim.data.qpos[start + 3 : start + 7] = env.sim.data.qpos[
+            env.sim.model.get_joint_qpos_addr(env.cubeB.joints[0])[0] + 3 :
+            env.sim.model.get_joint_qpos_addr(env.cubeB.joints[0])[0] + 7
+        ]
+    elif env_name == "Door":
+        env.sim.data.qpos[env.hinge_qpos_addr] = 0.45
+        if env.use_latch:
+            env.sim.data.qpos[env.handle_qpos_addr] = 0.5 * np.pi / 2
+
+
+def robosuite_entry(env_name: str) -> TaskEntry:
+    """The registry entry of robosuite env `env_name`; an unknown name lists robosuite's envs."""
+    valid = env_names()
+    if env_name not in valid:
+        raise RobotError(f"unknown robosuite environment {env_name!r}; valid: {', '.join(valid)}")
+
+    def make(config: SimConfig) -> RobosuiteTask:
+        return RobosuiteTask(config=config, env_name=env_name)
+
+    def expert(**kwargs: Any) -> ScriptedExpert:
+        if env_name not in EXPERTS:
+            have = ", ".join(EXPERTS)
+            raise RobotError(f"no scripted expert for robosuite/{env_name}; there are for {have}")
+        return ScriptedExpert(env_name=env_name, **kwargs)
+
+    return TaskEntry(make=make, expert=expert, description=f"robosuite {env_name}")
+
+
+# ---------------------------------------------------------------------- scripted experts
+def _quat_to_mat(q: np.ndarray) -> np.ndarray:
+    x, y, z, w = q / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def _rotvec(r: np.ndarray) -> np.ndarray:
+    """Axis-angle vector of rotation matrix `r`."""
+    angle = np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))
+    if angle < 1e-6:
+        return np.zeros(3)
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]]) / (2 * np.sin(angle))
+    return axis * angle
+
+
+@dataclass
+class ScriptedExpert:
+    """Waypoint scripts on privileged object poses for Lift, Stack and Door (Panda, OSC pose deltas).
+
+    Each `act` reads the end effector and the objects from the simulator, advances a small phase
+    machine, and returns a delta action that moves the gripper towards the phase's target while
+    holding its initial orientation. `noise_std`: Gaussian action noise as a fraction of the action
+    half-range (1).
+    """
+
+    env_name: str = "Lift"
+    noise_std: float = 0.0
+    gain: float = 12.0  # action per metre of error (an action of 1 moves the OSC goal by 5 cm)
+    _phase: int = field(default=0, init=False)
+    _count: int = field(default=0, init=False)
+    _rot0: Any = field(default=None, init=False, repr=False)
+    _rot_err: float = field(default=0.0, init=False, repr=False)
+    _rng: np.random.Generator = field(default_factory=np.random.default_rng, init=False, repr=False)
+    _mem: dict = field(default_factory=dict, init=False, repr=False)
+
+    def reset(self, task: SimTask, rng: np.random.Generator) -> None:
+        self._phase, self._count, self._rot0, self._rng, self._mem = 0, 0, None, rng, {}
+
+    def act(self, task: SimTask, obs: dict[str, np.ndarray]) -> np.ndarray:
+        env = task.env
+        eef = np.array(env.sim.data.site_xpos[env.robots[0].eef_site_id["right"]])
+        rot = np.array(env.sim.data.site_xmat[env.robots[0].eef_site_id["right"]]).reshape(3, 3)
+        if self._rot0 is None:
+            self._rot0 = rot
+        target, grip = getattr(self, f"_{self.env_name.lower()}")(env, eef)
+        action = np.zeros(7)
+        action[:3] = np.clip((target - eef) * self.gain, -1, 1)
+        rot_err = _rotvec(self._mem.get("rot", self._rot0) @ rot.T)
+        self._rot_err = float(np.linalg.norm(rot_err))
+        action[3:6] = np.clip(rot_err, -0.5, 0.5)
+        action[6] = grip
+        if self.noise_std > 0:
+            action = action + self._rng.normal(0.0, self.noise_std, 7)
+        return np.clip(action, -1, 1).astype(np.float32)
+
+    def _step(self, done: bool, hold: int = 0) -> None:
+        """Advance to the next phase once `done` has held for `hold` more steps."""
+        self._count = self._count + 1 if done else 0
+        if done and self._count > hold:
+            self._phase, self._count = self._phase + 1, 0
+
+    def _pick(self, eef: np.ndarray, obj: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """Phases 0-2: above the object, down to it, close the gripper. None once grasped."""
+        if self._phase == 0:
+            target = obj + [0, 0, 0.08]
+            self._step(np.linalg.norm((target - eef)[:2]) < 0.01 and abs(target[2] - eef[2]) < 0.02)
+            return target, -1.0
+        if self._phase == 1:
+            target = obj + [0, 0, -0.005]
+            self._step(np.linalg.norm(target - eef) < 0.012 or self._count_phase() > 30)
+            return target, -1.0
+        if self._phase == 2:
+            self._mem.setdefault("grasp", eef.copy())
+            self._step(True, hold=8)
+            return self._mem["grasp"], 1.0
+        return None
+
+    def _lift(self, env: Any, eef: np.ndarray) -> tuple[np.ndarray, float]:
+        cube = np.array(env.sim.data.body_xpos[env.cube_body_id])
+        return self._pick(eef, cube) or (self._mem["grasp"] + [0, 0, 0.15], 1.0)
+
+    def _stack(self, env: Any, eef: np.ndarray) -> tuple[np.ndarray, float]:
+        a = np.array(env.sim.data.body_xpos[env.cubeA_body_id])
+        b = np.array(env.sim.data.body_xpos[env.cubeB_body_id])
+        picked = self._pick(eef, a)
+        if picked is not None:
+            return picked
+        above = b[2] + env.cubeB.size[2] + env.cubeA.size[2]  # cube A's centre when resting on B
+        offset = eef - a  # keeps the grasp: move the gripper so that the cube reaches the target
+        if self._phase == 3:  # up, then over B
+            target = np.array([b[0], b[1], above + 0.05]) + offset
+            if eef[2] < above + 0.03 + offset[2]:
+                target[:2] = eef[:2]
+            self._step(np.linalg.norm((a - b)[:2]) < 0.006 and abs(a[2] - above - 0.05) < 0.02)
+            return target, 1.0
+        if self._phase == 4:  # down onto B
+            target = np.array([b[0], b[1], above + 0.005]) + offset
+            self._step(a[2] - above < 0.01, hold=2)
+            return target, 1.0
+        if self._phase == 5:  # release
+            self._mem.setdefault("release", eef.copy())
+            self._step(True, hold=8)
+            return self._mem["release"], -1.0
+        return self._mem["release"] + [0, 0, 0.08], -1.0
+
+    def _door(self, env: Any, eef: np.ndarray) -> tuple[np.ndarray, float]:
+        """Grasp the lever from above (the hand stays 2 cm off the door), press it down, pull the door."""
+        handle = np.array(env._handle_xpos)
+        hinge = np.array(env.sim.data.xanchor[env.sim.model.joint_name2id(env.door.joints[0])])
+        out = np.array([0.0, 1.0, 0.0])  # the door faces +y (towards the robot)
+        grasp = handle + out * 0.022
+        if self._phase == 0:  # above the lever
+            target = grasp + [0, 0, 0.07]
+            self._step(np.linalg.norm(target - eef) < 0.015)
+            return target, -1.0
+        if self._phase == 1:  # fingers around the lever
+            self._step(np.linalg.norm(grasp - eef) < 0.01 or self._count_phase() > 30)
+            return grasp, -1.0
+        if self._phase == 2:
+            self._mem.setdefault("grasp", eef.copy())
+            self._step(True, hold=8)
+            return self._mem["grasp"], 1.0
+        if self._phase == 3 and env.use_latch:  # press the lever down to unlatch
+            target = self._mem["grasp"] + [0, 0, -0.08]
+            self._step(env.sim.data.qpos[env.handle_qpos_addr] > 0.6 or self._count_phase() > 25)
+            return target, 1.0
+        r = (eef - hinge)[:2]
+        self._mem.setdefault("radius", np.linalg.norm(r))
+        tangent = np.array([-r[1], r[0]]) / np.linalg.norm(r)  # opening direction, towards the robot
+        if tangent @ out[:2] < 0:
+            tangent = -tangent
+        radial = r / np.linalg.norm(r) * (self._mem["radius"] - np.linalg.norm(r))
+        self._mem.setdefault("press_z", eef[2])  # keep the lever pressed while pulling
+        target = np.array([*(eef[:2] + tangent * 0.04 + radial), self._mem["press_z"] - 0.01])
+        return target, 1.0
+
+    def _count_phase(self) -> int:
+        self._mem["t"] = self._mem.get("t", 0) + 1 if self._mem.get("tp") == self._phase else 1
+        self._mem["tp"] = self._phase
+        return self._mem["t"]
+
+
+EXPERTS = ("Lift", "Stack", "Door")

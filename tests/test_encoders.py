@@ -1,0 +1,338 @@
+"""Patch encoders (shapes, freezing, weight loading from files the tests write) and the feature cache."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.error
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from einops import rearrange
+from safetensors.torch import save_file
+
+from wm.data import DemoStore, KeySpec, Schema, SchemaError, delete_episodes
+from wm.data.dataset import WindowDataset
+from wm.data.windows import WindowSpec
+from wm.encoders import ENCODER_NAMES, EncoderConfig, EncoderWeightsError, build_encoder
+from wm.feature_cache import FeatureCacheError, build_feature_cache, cache_info, feature_cache_path
+
+FROZEN = ("dinov2_vits14", "dinov2_vitb14", "resnet18")
+
+
+def random_encoder(name: str, **kw):
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return build_encoder(EncoderConfig(name=name, allow_random=True, **kw))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are tiny: one intra-op thread is as fast, and it cannot stall in OpenMP barriers
+    when the machine is shared and loaded (2 threads measured 12x slower than 1 at load 7 on 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vits():
+    """A random DINOv2 ViT-S/14 (built once: it is the slowest thing here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_encoder(EncoderConfig(name="dinov2_vits14", allow_random=True))
+
+
+# ---------------------------------------------------------------------- building, shapes, freezing
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_encoder_builds_with_shapes_and_freezing(name):
+    enc = build_encoder(EncoderConfig(name=name)) if name == "cnn" else random_encoder(name)
+    for hw in [(64, 64), (70, 98)]:
+        x = torch.rand(2, 3, *hw)
+        y = enc(x)
+        h, w = enc.patch_grid(*hw)
+        assert y.shape == (2, h * w, enc.dim)
+        assert torch.isfinite(y).all()
+    expected = {"cnn": (8, 8), "resnet18": (4, 4), "dinov2_vits14": (5, 5), "dinov2_vitb14": (5, 5)}
+    assert enc.patch_grid(64, 64) == expected[name]
+    enc.train()
+    if name == "cnn":
+        assert enc.trainable and enc.training
+        assert all(p.requires_grad for p in enc.parameters())
+        enc(torch.rand(2, 3, 64, 64)).square().mean().backward()
+        assert enc.net[0].weight.grad is not None
+    else:
+        assert not enc.trainable and not enc.training  # eval mode even after train()
+        assert not any(p.requires_grad for p in enc.parameters())
+        x = torch.rand(2, 3, 42, 42)
+        y1, y2 = enc(x), enc(x)
+        assert not y1.requires_grad
+        assert torch.equal(y1, y2)
+    assert len(enc.weights_hash()) == 16
+
+
+def test_cnn_stride_and_image_size():
+    enc = build_encoder(EncoderConfig(cnn_channels=[16, 16, 16, 16], cnn_stride=4, cnn_dim=8, image_size=32))
+    assert enc.patch_grid(100, 60) == (8, 8)  # resized to 32x32, stride 4
+    assert enc(torch.rand(1, 3, 100, 60)).shape == (1, 64, 8)
+    with pytest.raises(ValueError, match="power of 2"):
+        EncoderConfig(cnn_channels=(8, 8), cnn_stride=8)
+    with pytest.raises(ValueError, match="not one of"):
+        EncoderConfig(name="vit_huge")
+    with pytest.raises(ValueError, match="float images"):
+        enc(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_pretrained_backbones_refuse_random_weights(name):
+    with pytest.raises(EncoderWeightsError, match="needs pretrained weights") as e:
+        build_encoder(EncoderConfig(name=name))
+    assert "allow_random=True" in str(e.value) and "https://" in str(e.value)
+    with pytest.raises(EncoderWeightsError, match="does not exist"):
+        build_encoder(EncoderConfig(name=name, weights="/nonexistent/file.pth"))
+
+
+def test_weights_timm_offline_gives_clear_error(monkeypatch, tmp_path):
+    # conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported: the hub refuses at once.
+    with pytest.raises(EncoderWeightsError, match="internet") as e:
+        build_encoder(EncoderConfig(name="dinov2_vits14", weights="timm"))
+    assert "dinov2_vits14_pretrain.pth" in str(e.value) and "encoder.weights=" in str(e.value)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(EncoderWeightsError, match="internet") as e:
+        build_encoder(EncoderConfig(name="resnet18", weights="timm"))
+    assert "resnet18-f37072fd.pth" in str(e.value)
+
+
+# ---------------------------------------------------------------------- DINOv2 checkpoints
+def timm_to_official(sd: dict[str, torch.Tensor], block_chunks: int = 0) -> dict[str, torch.Tensor]:
+    """The inverse of the loader's conversion: timm's ViT-S/14 state dict in facebookresearch/dinov2's
+    layout (hub `dinov2_vits14`: same names plus the iBOT `mask_token`; with `block_chunks` > 0 the
+    blocks sit in BlockChunks, `blocks.<chunk>.<i>.`, i counting over all blocks)."""
+    out = {}
+    for k, v in sd.items():
+        if block_chunks and k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // (12 // block_chunks)}.{i}." + k.split(".", 2)[2]
+        out[k] = v.clone()
+    out["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+    return out
+
+
+def test_dinov2_official_and_timm_layout_files_load_exactly(vits, tmp_path):
+    src = vits.vit  # a random timm ViT-S/14
+    sd = src.state_dict()
+    x = torch.rand(2, 3, 42, 56)
+    with torch.no_grad():
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        ref = src.forward_features((x - mean[:, None, None]) / std[:, None, None])[:, 1:]  # (B, P, D)
+
+    files = {
+        "official.pth": timm_to_official(sd),
+        "official_chunked.pth": timm_to_official(sd, block_chunks=4),
+        "wrapped.pth": {"teacher": {"backbone." + k: v for k, v in timm_to_official(sd).items()}},
+    }
+    for fname, obj in files.items():
+        torch.save(obj, tmp_path / fname)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "timm.safetensors")
+    for fname in [*files, "timm.safetensors"]:
+        enc = build_encoder(EncoderConfig(name="dinov2_vits14", weights=str(tmp_path / fname)))
+        assert torch.equal(enc(x), ref), fname
+        assert enc.weights_hash() == vits.weights_hash()
+    # Positional embedding for another grid (e.g. a 224 px checkpoint: 16x16 + cls) is resampled.
+    small = timm_to_official(sd)
+    small["pos_embed"] = small["pos_embed"][:, : 1 + 16 * 16]
+    torch.save(small, tmp_path / "pos224.pth")
+    enc = build_encoder(EncoderConfig(name="dinov2_vits14", weights=str(tmp_path / "pos224.pth")))
+    assert enc(x).shape == ref.shape
+
+
+def test_dinov2_bad_checkpoints_name_the_problem(vits, tmp_path):
+    sd = timm_to_official(vits.vit.state_dict())
+    broken = {k: v for k, v in sd.items() if not k.startswith("blocks.3.")}
+    broken["head.weight"] = torch.zeros(10, 384)
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(EncoderWeightsError, match=r"missing keys: blocks\.3\.") as e:
+        build_encoder(EncoderConfig(name="dinov2_vits14", weights=str(tmp_path / "broken.pth")))
+    assert "unexpected keys: head.weight" in str(e.value) and "broken.pth" in str(e.value)
+    with pytest.raises(EncoderWeightsError, match=r"shape mismatches: blocks\.0\.attn"):
+        build_encoder(EncoderConfig(name="dinov2_vitb14", weights=str(tmp_path / "broken.pth")))
+    torch.save({**sd, "register_tokens": torch.zeros(1, 4, 384)}, tmp_path / "reg.pth")
+    with pytest.raises(EncoderWeightsError, match="with registers"):
+        build_encoder(EncoderConfig(name="dinov2_vits14", weights=str(tmp_path / "reg.pth")))
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(EncoderWeightsError, match="cannot read"):
+        build_encoder(EncoderConfig(name="dinov2_vits14", weights=str(tmp_path / "garbage.pth")))
+
+
+# ---------------------------------------------------------------------- ResNet-18 checkpoints
+def test_resnet18_torchvision_file_loads_exactly(tmp_path):
+    torch.manual_seed(0)
+    full = torchvision.models.resnet18(weights=None).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so a loader that skipped buffers would show
+        for m in full.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(full.state_dict(), tmp_path / "resnet18.pth")
+    enc = build_encoder(EncoderConfig(name="resnet18", weights=str(tmp_path / "resnet18.pth")))
+    x = torch.rand(2, 3, 70, 98)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        h = (x - mean[:, None, None]) / std[:, None, None]
+        h = full.maxpool(full.relu(full.bn1(full.conv1(h))))
+        ref = rearrange(full.layer3(full.layer2(full.layer1(h))), "b d h w -> b (h w) d")
+    assert torch.equal(enc(x), ref)
+
+    sd = full.state_dict()
+    del sd["layer2.0.conv1.weight"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(EncoderWeightsError, match=r"missing keys: layer2\.0\.conv1\.weight"):
+        build_encoder(EncoderConfig(name="resnet18", weights=str(tmp_path / "broken.pth")))
+
+
+def test_cnn_state_dict_round_trip(tmp_path):
+    a = build_encoder(EncoderConfig())
+    torch.save(a.state_dict(), tmp_path / "cnn.pt")
+    b = build_encoder(EncoderConfig(weights=str(tmp_path / "cnn.pt")))
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(a(x), b(x)) and a.weights_hash() == b.weights_hash()
+    with pytest.raises(EncoderWeightsError, match="missing keys"):
+        build_encoder(EncoderConfig(cnn_channels=(32, 64, 64, 64), weights=str(tmp_path / "cnn.pt")))
+
+
+# ---------------------------------------------------------------------- feature cache
+IMG = (28, 42, 3)  # DINOv2: 2x3 = 6 patches
+
+
+def episode(seed: int, length: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "img": rng.integers(0, 256, (length, *IMG), dtype=np.uint8),
+        "wrist": rng.integers(0, 256, (length, 8, 8, 3), dtype=np.uint8),
+        "state": rng.normal(size=(length, 3)).astype(np.float32),
+        "action": rng.normal(size=(length, 2)).astype(np.float32),
+    }
+
+
+@pytest.fixture
+def source(tmp_path):
+    schema = Schema(
+        keys={
+            "img": KeySpec(IMG, "uint8", "image"),
+            "wrist": KeySpec((8, 8, 3), "uint8", "image"),
+            "state": KeySpec((3,), "float32", "proprio"),
+            "action": KeySpec((2,), "float32", "action"),
+        },
+        fps=15,
+        task="cache_test",
+    )
+    path = tmp_path / "demo.zarr"
+    with DemoStore.create(path, schema) as store:
+        for i in range(3):
+            store.append_episode(episode(i, 5 + i), {"success": bool(i % 2)})
+    return path
+
+
+class CallCounter:
+    """Counts the frames an encoder is asked to encode (a forward hook)."""
+
+    def __init__(self, enc: torch.nn.Module) -> None:
+        self.frames = 0
+        self.fail_after: int | None = None
+        enc.register_forward_hook(self)
+
+    def __call__(self, module, args, output) -> None:
+        self.frames += args[0].shape[0]
+        if self.fail_after is not None and self.frames > self.fail_after:
+            raise RuntimeError("simulated crash")
+
+
+def check_cache_matches(cache_path, source_path, enc) -> float:
+    """Assert the cache holds the on-the-fly features and the source's other data; return the max error."""
+    worst = 0.0
+    with DemoStore.open(cache_path) as cache, DemoStore.open(source_path) as src:
+        assert np.array_equal(cache.episode_ends, src.episode_ends)
+        assert set(cache.keys) == {"img", "state", "action"}  # other image keys are not copied
+        assert cache.schema.keys["img"] == KeySpec((6, 384), "float16", "lowdim")
+        assert cache.schema.fps == 15 and cache.schema.task == "cache_test"
+        for i in range(src.n_episodes):
+            got, want = cache.get_episode(i), src.get_episode(i)
+            x = torch.from_numpy(want["img"]).permute(0, 3, 1, 2).float() / 255
+            ref = enc(x).numpy()  # (T, P, D) float32
+            err = np.abs(got["img"].astype(np.float32) - ref)
+            assert np.all(err <= np.abs(ref) * 2.0**-11 + 1e-7)  # float16 rounding, nothing more
+            worst = max(worst, float(err.max()))
+            for k in ("state", "action"):
+                assert np.array_equal(got[k], want[k])
+            info = cache.episode_info(i)
+            assert info["success"] == src.episode_info(i)["success"]
+            assert info["feature_cache"]["f16_max_abs_error"] == pytest.approx(err.max(), rel=1e-6)
+    return worst
+
+
+def test_feature_cache_matches_encoder_and_is_reused(vits, source, tmp_path):
+    counter = CallCounter(vits)
+    path = build_feature_cache(source, vits, "img", tmp_path / "cache", batch_size=4)
+    assert path == feature_cache_path(source, vits, "img", tmp_path / "cache")
+    assert path.name == f"demo__img__dinov2_vits14__{vits.weights_hash()}__28x42.zarr"
+    assert counter.frames == 5 + 6 + 7
+    info = cache_info(path)
+    assert info["grid"] == [2, 3] and info["dim"] == 384 and info["weights_hash"] == vits.weights_hash()
+    worst = check_cache_matches(path, source, vits)
+    assert 0 < worst < 5e-3
+
+    # Complete: reused, nothing encoded, nothing rewritten.
+    counter.frames = 0
+    stamp = (path / "zarr.json").stat().st_mtime_ns
+    assert build_feature_cache(source, vits, "img", tmp_path / "cache") == path
+    assert counter.frames == 0 and (path / "zarr.json").stat().st_mtime_ns == stamp
+
+    # Something unreadable at the cache's path is rebuilt.
+    shutil.rmtree(path)
+    path.mkdir()
+    with pytest.warns(UserWarning, match="rebuilding"):
+        build_feature_cache(source, vits, "img", tmp_path / "cache")
+    check_cache_matches(path, source, vits)
+
+    # The window dataset reads it like any store.
+    ds = WindowDataset(path, WindowSpec({"img": (-1, 0), "action": (0, 1)}))
+    item = ds[0]
+    assert item["img"].shape == (2, 6, 384) and item["img"].dtype == torch.float32
+
+
+def test_feature_cache_appends_new_episodes_and_resumes(vits, source, tmp_path):
+    counter = CallCounter(vits)
+    counter.fail_after = 5 + 6  # crash inside episode 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_feature_cache(source, vits, "img", tmp_path, batch_size=4)
+    counter.fail_after, counter.frames = None, 0
+    path = build_feature_cache(source, vits, "img", tmp_path, batch_size=4)
+    assert counter.frames == 7  # only the episode that was interrupted
+    with DemoStore.open(source, mode="a") as store:
+        store.append_episode(episode(10, 9), {"success": True})
+    counter.frames = 0
+    assert build_feature_cache(source, vits, "img", tmp_path, batch_size=4) == path
+    assert counter.frames == 9  # only the new episode
+    check_cache_matches(path, source, vits)
+
+    # A rewritten source (an episode deleted) is detected and the cache rebuilt.
+    delete_episodes(source, [0])
+    counter.frames = 0
+    with pytest.warns(UserWarning, match="rebuilding"):
+        build_feature_cache(source, vits, "img", tmp_path, batch_size=4)
+    assert counter.frames == 6 + 7 + 9
+    check_cache_matches(path, source, vits)
+
+
+def test_feature_cache_refuses_trainable_encoder_and_non_image_key(vits, source, tmp_path):
+    with pytest.raises(FeatureCacheError, match="trainable"):
+        build_feature_cache(source, build_encoder(EncoderConfig()), "img", tmp_path)
+    with pytest.raises(SchemaError, match="not an image key"):
+        build_feature_cache(source, vits, "state", tmp_path)

@@ -1,0 +1,356 @@
+"""Planners and MPC on an analytic world model whose optimum is known in closed form.
+
+The model is a point in the plane, s_{t+1} = s_t + B (a_1 + ... + a_f) for the f raw actions of a
+planning step, seen through a fixed linear "patch feature" map W (visual (P, D)) plus the state as
+proprio. Its cost is DINO-WM's (last-frame patch-feature MSE + proprio term) plus optionally the mean
+squared distance over all frames, which makes the optimum unique: reach the goal at the first step
+(a_0 = B^-1 (g - s0)) and stay (a_t = 0). Out of reach, every action saturates towards the goal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from einops import rearrange
+
+from policies.base import Budget, Planner, PlanningModel, Policy, expand_latent, latent_batch_size, shift_plan
+from policies.mpc import MPC, MPCConfig
+from policies.planners import (
+    PLANNERS,
+    CEMConfig,
+    CEMThenGradConfig,
+    GradConfig,
+    MPPIConfig,
+    build_planner,
+    planner_config,
+)
+
+# B maps raw action (a0, a1) to (0.5 a1, -0.25 a0): to move +x push a1 up, to move +y push a0 down.
+B = torch.tensor([[0.0, 0.5], [-0.25, 0.0]])
+B_INV = torch.linalg.inv(B)
+
+
+class PointModel:
+    """Analytic PlanningModel. obs {"state": (E, To, 2)}; latent {"visual": (E, P, D), "proprio": (E, 2)}."""
+
+    def __init__(self, frameskip: int = 1, frames_weight: float = 1.0, proprio_weight: float = 0.5):
+        self.frameskip, self.frames_weight, self.proprio_weight = frameskip, frames_weight, proprio_weight
+        self.action_dim = frameskip * B.shape[1]
+        self.W = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))  # (P, D, S)
+
+    def encode(self, obs):
+        s = obs["state"][:, -1]  # (E, S)
+        return {"visual": self._features(s), "proprio": s}
+
+    def rollout(self, z0, actions):
+        raw = rearrange(actions, "e n h (f d) -> e n h f d", f=self.frameskip).sum(3)  # (E, N, H, Da)
+        s0 = expand_latent(z0, actions.shape[1])["proprio"].unsqueeze(2)  # (E, N, 1, S)
+        s = s0 + torch.cumsum((raw.unsqueeze(-2) * B.to(raw)).sum(-1), dim=2)  # (E, N, H, S)
+        return {"visual": self._features(s), "proprio": s}
+
+    def _features(self, s):
+        """(..., S) -> (..., P, D), linear in the state.
+
+        A sum over the 2 state dims rather than a matmul or one big broadcast: on the shared 2-core
+        machine, multi-threaded kernels (MKL's transposed matmul in backward, elementwise ops above
+        torch's 32k-element grain) cost milliseconds each under load, swamping the planner."""
+        W = self.W.to(s)
+        return s[..., 0, None, None] * W[..., 0] + s[..., 1, None, None] * W[..., 1]
+
+    def cost(self, pred, goal):
+        vis = ((pred["visual"][:, :, -1] - goal["visual"][:, None]) ** 2).mean((-2, -1))  # (E, N)
+        last = ((pred["proprio"][:, :, -1] - goal["proprio"][:, None]) ** 2).sum(-1)  # (E, N)
+        frames = ((pred["proprio"] - goal["proprio"][:, None, None]) ** 2).sum(-1).mean(-1)  # (E, N)
+        return vis + self.proprio_weight * last + self.frames_weight * frames
+
+
+class Recorder:
+    """The PlanningModel surface and nothing else (slots: other attributes raise); records every call."""
+
+    __slots__ = ("_model", "action_dim", "calls")
+
+    def __init__(self, model):
+        self._model, self.action_dim, self.calls = model, model.action_dim, []
+
+    def encode(self, obs):
+        self.calls.append(("encode", tuple(obs["state"].shape)))
+        return self._model.encode(obs)
+
+    def rollout(self, z0, actions):
+        self.calls.append(("rollout", latent_batch_size(z0), tuple(actions.shape)))
+        return self._model.rollout(z0, actions)
+
+    def cost(self, pred, goal):
+        self.calls.append(("cost", latent_batch_size(goal)))
+        return self._model.cost(pred, goal)
+
+    def count(self, name):
+        return sum(c[0] == name for c in self.calls)
+
+
+def obs_of(states):
+    """(E, 2) states -> obs {"state": (E, To=1, 2)}."""
+    return {"state": torch.as_tensor(states, dtype=torch.float32)[:, None]}
+
+
+# Test-sized configs (the defaults are DINO-WM/TD-MPC2 sized); bounds asymmetric per dimension.
+LOW, HIGH = (-0.5, -1.0), (1.0, 0.3)
+CONFIGS = {
+    "cem": CEMConfig(horizon=5, samples=300, elites=30, iterations=30, low=LOW, high=HIGH),
+    "mppi": MPPIConfig(horizon=5, samples=300, elites=30, iterations=30, low=LOW, high=HIGH),
+    "gd": GradConfig(horizon=5, steps=300, lr=0.1, restarts=4, low=LOW, high=HIGH),
+    "cem_gd": CEMThenGradConfig(
+        cem=CEMConfig(horizon=5, samples=100, elites=10, iterations=10, low=LOW, high=HIGH),
+        grad=GradConfig(horizon=5, steps=300, lr=0.1, low=LOW, high=HIGH),
+    ),
+}
+NAMES = sorted(PLANNERS)
+# Sampling planners stop improving near min_std (0.05) in directions the cost barely sees (late steps);
+# Adam gets closer but crawls along the same ill-conditioned directions.
+ACTION_TOL = {"cem": 0.1, "mppi": 0.1, "gd": 0.02, "cem_gd": 0.02}
+
+
+def make(name, model, **overrides):
+    cfg = CONFIGS[name]
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    return build_planner(cfg, model)
+
+
+def plan_for(name, model, s0, goal, **kw):
+    z0, zg = model.encode(obs_of(s0)), model.encode(obs_of(goal))
+    return make(name, model).plan(z0, zg, **kw)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finds_the_analytic_optimum(name):
+    model = Recorder(PointModel())
+    s0, goal = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.2, -0.1]])
+    result = plan_for(name, model, s0, goal)
+    expected = torch.zeros(1, 5, 2)
+    expected[:, 0] = (goal - s0) @ B_INV.T  # reach the goal at the first step, then hold still
+    assert expected[0, 0].tolist() == pytest.approx([-0.4, 0.2])  # within the bounds
+    assert result.actions.shape == (1, 5, 2) and result.cost.shape == (1,)
+    assert float(result.cost) < 2e-3
+    assert (result.actions - expected).abs().max() < ACTION_TOL[name]
+    # the reported cost is the model's cost of the returned actions
+    z0, zg = model.encode(obs_of(s0)), model.encode(obs_of(goal))
+    again = model.cost(model.rollout(z0, result.actions[:, None]), zg)[:, 0]
+    torch.testing.assert_close(again, result.cost)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_out_of_reach_goal_saturates_towards_it(name):
+    s0 = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    goal = torch.tensor([[10.0, 10.0], [-10.0, -10.0]])  # (+x, +y) needs a1 up, a0 down; the reverse
+    result = plan_for(name, PointModel(), s0, goal)
+    a = result.actions  # (E, H, A)
+    low, high = torch.tensor(LOW), torch.tensor(HIGH)
+    assert ((a >= low) & (a <= high)).all()
+    assert (a[0, :, 0] - LOW[0]).abs().max() < 0.05 and (a[0, :, 1] - HIGH[1]).abs().max() < 0.05
+    assert (a[1, :, 0] - HIGH[0]).abs().max() < 0.05 and (a[1, :, 1] - LOW[1]).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_episodes_with_different_goals_are_planned_in_one_batched_call_per_iteration(name):
+    model = Recorder(PointModel())
+    s0 = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    goal = torch.tensor([[0.1, 0.05], [0.8, 1.1], [10.0, 10.0]])  # two reachable in one step, one not
+    z0, zg = model.encode(obs_of(s0)), model.encode(obs_of(goal))
+    model.calls.clear()
+    result = make(name, model).plan(z0, zg)
+    rollouts = [c for c in model.calls if c[0] == "rollout"]
+    assert model.count("encode") == 0  # the start is never re-encoded, let alone per sample
+    assert all(c[1] == 3 and c[2][0] == 3 and c[2][2:] == (5, 2) for c in rollouts)
+    sizes = {c[2][1] for c in rollouts}
+    if name in ("cem", "mppi"):  # one (E, N, H, A) call per iteration, plus scoring the final mean (N = 1)
+        assert len(rollouts) == result.iterations + 1 and sizes == {300, 1}
+    if name == "gd":  # one (E, R, H, A) call per step, plus scoring the last iterate
+        assert len(rollouts) == result.iterations + 1 and sizes == {4}
+    for e in (0, 1):
+        expected = (goal[e] - s0[e]) @ B_INV.T
+        assert (result.actions[e, 0] - expected).abs().max() < ACTION_TOL[name]
+        assert result.cost[e] < 2e-3
+    assert result.actions[2, :, 1].min() > HIGH[1] - 0.05 and result.actions[2, :, 0].max() < LOW[0] + 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_warm_start_helps_on_the_shifted_problem(name):
+    model = PointModel()
+    s0, goal = torch.tensor([[0.0, 0.0]]), torch.tensor([[-0.8, -0.4]])  # needs 2 saturated steps
+    first = plan_for(name, model, s0, goal)
+    s1 = s0 + first.actions[:, 0] @ B.T  # execute one step in the true dynamics
+    warm = shift_plan(first.actions, 1)
+    z1, zg = model.encode(obs_of(s1)), model.encode(obs_of(goal))
+    few = Budget(max_iterations=2)
+    cold = make(name, model).plan(z1, zg, budget=few)
+    hot = make(name, model).plan(z1, zg, warm_start=warm, budget=few)
+    assert hot.cost < cold.cost
+    if name in ("cem", "mppi"):  # a narrower initial std around the warm start does better still
+        assert make(name, model, warm_std=0.1).plan(z1, zg, warm_start=warm, budget=few).cost < hot.cost
+    # with a stopping cost, the warm start gets there in fewer iterations
+    stop = 1.5 * float(hot.cost)
+    cold = make(name, model, **_stop_kw(name, stop)).plan(z1, zg)
+    hot = make(name, model, **_stop_kw(name, stop)).plan(z1, zg, warm_start=warm)
+    assert hot.iterations < cold.iterations
+
+
+def _stop_kw(name, stop):
+    if name == "cem_gd":
+        cfg = CONFIGS["cem_gd"]
+        return {key: dataclasses.replace(getattr(cfg, key), stop_cost=stop) for key in ("cem", "grad")}
+    return {"stop_cost": stop}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seed_makes_plans_reproducible(name):
+    model = PointModel()
+    s0, goal = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.9, -0.7]])
+    z0, zg = model.encode(obs_of(s0)), model.encode(obs_of(goal))
+    budget = Budget(max_iterations=3)
+    a = make(name, model).plan(z0, zg, budget=budget).actions
+    b = make(name, model).plan(z0, zg, budget=budget).actions
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if name in ("cem", "mppi"):
+        c = make(name, model, seed=1).plan(z0, zg, budget=budget).actions
+        assert not torch.equal(a, c)
+
+
+def test_time_budget_stops_after_the_iteration_that_crosses_it():
+    ticks = iter(range(1000))
+    planner = build_planner(CONFIGS["cem"], PointModel(), clock=lambda: float(next(ticks)))
+    z = PointModel().encode(obs_of([[0.0, 0.0]]))
+    result = planner.plan(z, z, budget=Budget(seconds=3.5))  # clock reads 0 at start, then 1, 2, 3, 4
+    assert result.iterations == 4
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", NAMES)
+def test_build_planner_smoke(name, device):
+    """Build by name from a mapping (as from YAML); plan 2 episodes in float64 on the inputs' device:
+    shapes, dtype, device, bounds, no NaN."""
+    common = {"horizon": 3, "low": -0.2, "high": [0.1, 0.2, 0.3, 0.4]}
+    small = {
+        "cem": {**common, "samples": 16, "elites": 4, "iterations": 2},
+        "mppi": {**common, "samples": 16, "elites": 8, "iterations": 2},
+        "gd": {**common, "steps": 2, "restarts": 2},
+    }
+    small["cem_gd"] = {"cem": small["cem"], "grad": small["gd"]}
+    raw = {"name": name, **small[name]}
+    model = PointModel(frameskip=2)  # A = 4
+    planner = build_planner(raw, model)
+    assert isinstance(planner, Planner) and planner.horizon == 3
+    z0 = {k: v.to(device, torch.float64) for k, v in model.encode(obs_of([[0.0, 0.0], [1.0, 2.0]])).items()}
+    zg = {k: v.to(device, torch.float64) for k, v in model.encode(obs_of([[1.0, 1.0], [0.0, 0.0]])).items()}
+    result = planner.plan(z0, zg)
+    a = result.actions
+    assert a.shape == (2, 3, 4) and a.dtype == torch.float64 and result.cost.shape == (2,)
+    assert a.device.type == device and result.cost.device.type == device
+    assert torch.isfinite(a).all() and torch.isfinite(result.cost).all() and result.iterations >= 1
+    assert (a >= -0.2).all() and (a <= torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=a.dtype, device=device)).all()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: CEMConfig(samples=10, elites=20),
+        lambda: CEMConfig(low=1.0, high=0.0),
+        lambda: CEMConfig(low=(0.0, 0.0), high=(1.0, 1.0, 1.0)),
+        lambda: MPPIConfig(temperature=0.0),
+        lambda: GradConfig(init="random"),
+        lambda: CEMThenGradConfig(cem=CEMConfig(horizon=4), grad=GradConfig(horizon=5)),
+        lambda: planner_config("cem", sample=3),
+        lambda: planner_config("ilqr"),
+        lambda: MPCConfig(execute=0),
+        lambda: Budget(max_iterations=0),
+    ],
+)
+def test_invalid_configs_are_refused(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+# ------------------------------------------------------------------------------------------- MPC
+
+
+class RecordingPlanner:
+    """Wraps a planner and keeps the warm starts and budgets it was given."""
+
+    def __init__(self, planner):
+        self.planner, self.horizon, self.warm_starts, self.budgets = planner, planner.horizon, [], []
+
+    def plan(self, z0, goal, warm_start=None, budget=None):
+        self.warm_starts.append(None if warm_start is None else warm_start.clone())
+        self.budgets.append(budget)
+        return self.planner.plan(z0, goal, warm_start, budget)
+
+
+def make_mpc(execute=2, frameskip=2, max_iterations=10):
+    model = Recorder(PointModel(frameskip=frameskip))
+    cfg = CEMConfig(horizon=5, samples=100, elites=10, iterations=30, low=-1.0, high=1.0)
+    planner = RecordingPlanner(build_planner(cfg, model))
+    mpc = MPC(model, planner, MPCConfig(execute=execute, frameskip=frameskip, max_iterations=max_iterations))
+    return mpc, model, planner
+
+
+def test_mpc_executes_k_times_f_raw_actions_and_replans_only_when_the_queue_empties():
+    mpc, model, planner = make_mpc(execute=2, frameskip=2)
+    assert isinstance(mpc, Policy) and isinstance(model, PlanningModel)
+    mpc.set_goal(obs_of([[1.0, 0.5], [-1.0, 0.0]]))
+    assert model.count("encode") == 1 and model.count("rollout") == 0  # the goal is encoded once
+    obs = obs_of([[0.0, 0.0], [0.0, 0.0]])
+    actions = [mpc.select_action(obs) for _ in range(9)]  # 4 raw actions per replan: replans at 0, 4, 8
+    assert all(a.shape == (2, 2) for a in actions)
+    assert len(planner.warm_starts) == 3 and len(mpc.plan_seconds) == 3 and mpc.last_plan_seconds > 0
+    assert model.count("encode") == 1 + 3  # one encode per replan, none per sample or per step
+    assert all(b == Budget(max_iterations=10) for b in planner.budgets)
+    assert mpc.last_result.iterations <= 10
+    # the chunk is the plan's first k steps unpacked into k * f raw actions, in order
+    chunk = mpc.predict_action_chunk(obs)
+    plan = mpc.last_result.actions  # (E, H, A = f * Da)
+    assert chunk.shape == (2, 4, 2)
+    torch.testing.assert_close(chunk[:, 0], plan[:, 0, :2])
+    torch.testing.assert_close(chunk[:, 1], plan[:, 0, 2:])
+    torch.testing.assert_close(chunk[:, 3], plan[:, 1, 2:])
+
+
+def test_mpc_warm_starts_from_the_shifted_plan_and_reset_clears_it():
+    mpc, model, planner = make_mpc(execute=2, frameskip=1)
+    mpc.set_goal(obs_of([[1.0, 0.5]]))
+    obs = obs_of([[0.0, 0.0]])
+    mpc.select_action(obs)
+    first_plan = mpc.last_result.actions
+    mpc.select_action(obs)  # second action of the chunk: no replan
+    assert len(planner.warm_starts) == 1 and planner.warm_starts[0] is None
+    mpc.select_action(obs)  # queue empty: replan, warm-started from the plan shifted by 2 steps
+    assert len(planner.warm_starts) == 2
+    torch.testing.assert_close(planner.warm_starts[1], shift_plan(first_plan, 2))
+    mpc.reset()
+    mpc.select_action(obs)  # reset emptied the queue (replan now) and dropped the warm start
+    assert len(planner.warm_starts) == 3 and planner.warm_starts[2] is None
+    mpc.reset()
+    with pytest.raises(ValueError):
+        mpc.select_action(obs_of([[0.0, 0.0], [1.0, 1.0]]))  # 2 episodes against a 1-episode goal
+
+
+def test_mpc_reaches_the_goals_in_closed_loop_with_a_mismatched_model():
+    """The test steps the true dynamics (10 % stronger than the model's); MPC only sees observations."""
+    mpc, model, planner = make_mpc(execute=1, frameskip=2, max_iterations=None)
+    goals = torch.tensor([[1.5, 0.8], [-0.5, -1.2]])
+    mpc.set_goal(obs_of(goals))
+    s = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    for _ in range(24):
+        a = mpc.select_action(obs_of(s))  # (E, Da)
+        assert a.abs().max() <= 1.0
+        s = s + a @ (1.1 * B).T
+    assert (s - goals).norm(dim=1).max() < 0.05
+    assert {c[0] for c in model.calls} == {"encode", "rollout", "cost"}
+    assert len(mpc.plan_seconds) == 12  # replans every f * k = 2 raw steps, never from t=0

@@ -1,0 +1,180 @@
+"""PushT (gym-pusht) and robosuite tasks: features, stepping, seeding, sim state, goals, experts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robots.base import ActionError, RobotError
+from robots.sim.base import SimConfig
+
+pytest.importorskip("gym_pusht")
+robosuite_task = pytest.importorskip("robots.sim.robosuite_task")
+from robots.sim import pusht  # noqa: E402
+
+
+def run_expert(task, expert, seed: int) -> bool:
+    obs = task.reset(seed)
+    expert.reset(task, np.random.default_rng(seed))
+    while not task.done:
+        task.send_action(expert.act(task, obs))
+        obs = task.get_observation()
+    return task.is_success()
+
+
+def check_obs(obs: dict, feats: dict) -> None:
+    assert set(obs) == set(feats) | {"timestamp"}
+    for k, f in feats.items():
+        assert obs[k].shape == f.shape and obs[k].dtype == np.dtype(f.dtype), k
+        assert np.all(np.isfinite(obs[k].astype(np.float64))), k
+
+
+# ---------------------------------------------------------------------- PushT
+@pytest.fixture(scope="module")
+def push():
+    task = pusht.make(SimConfig(image_size=(48, 64)))
+    yield task
+    task.disconnect()
+
+
+def test_pusht_features_before_connect():
+    task = pusht.make(SimConfig(image_size=(48, 64)))
+    assert not task.is_connected
+    assert task.observation_features["image"].shape == (48, 64, 3)
+    assert task.action_feature.high == (512.0, 512.0) and task.control_hz == 10
+    assert "image" not in pusht.make(SimConfig(state_only=True)).observation_features
+
+
+def test_pusht_step_seed_and_render(push):
+    obs = push.reset(3)
+    check_obs(obs, push.observation_features)
+    actions = [np.array([100.0 + 20 * i, 300.0]) for i in range(8)]
+    run1 = [push.send_action(a) is not None and push.get_observation() for a in actions]
+    push.reset(3)
+    run2 = [push.send_action(a) is not None and push.get_observation() for a in actions]
+    for a, b in zip(run1, run2, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["proprio"], b["proprio"])
+    assert not np.array_equal(push.reset(4)["proprio"], obs["proprio"])
+    # orientation: the blue pusher is drawn where its coordinates say (x right, y down, as in gym-pusht)
+    push.reset(5)
+    for _ in range(10):
+        obs = push.send_action(np.array([400.0, 80.0])) is not None and push.get_observation()
+    blue = (obs["image"][..., 2] > 190) & (obs["image"][..., 0] < 100)
+    rows, cols = np.nonzero(blue)
+    assert abs(rows.mean() - obs["proprio"][1] / 512 * 48) < 3
+    assert abs(cols.mean() - obs["proprio"][0] / 512 * 64) < 3
+
+
+def test_pusht_clipping_and_nan(push):
+    push.reset(0)
+    assert np.allclose(push.send_action(np.array([900.0, -5.0])), [512.0, 0.0])
+    with pytest.raises(ActionError):
+        push.send_action(np.array([np.nan, 1.0]))
+    with pytest.raises(ActionError):
+        push.send_action(np.zeros(3))
+
+
+def test_pusht_sim_state_round_trip(push):
+    push.reset(1)
+    block = push.block_pose()
+    for _ in range(5):  # push into the block so contacts are cached
+        push.send_action(block[:2])
+    state = push.get_sim_state()
+    first = [push.send_action(block[:2] + [5.0 * i, 0.0]) is not None and push.block_pose() for i in range(6)]
+    push.set_sim_state(state)
+    again = [push.send_action(block[:2] + [5.0 * i, 0.0]) is not None and push.block_pose() for i in range(6)]
+    np.testing.assert_array_equal(np.array(first), np.array(again))
+
+
+def test_pusht_goal_observation(push):
+    push.reset(2)
+    before, pose = push.get_observation(), push.block_pose()
+    goal = push.goal_observation()
+    assert set(goal) == set(push.observation_features)
+    assert goal["image"].shape == before["image"].shape
+    assert not np.array_equal(goal["image"], before["image"])
+    np.testing.assert_array_equal(push.block_pose(), pose)
+    np.testing.assert_array_equal(push.get_observation()["image"], before["image"])
+    assert pusht.coverage(np.array(pusht.GOAL_POSE)) > 0.999
+
+
+def test_pusht_expert_succeeds():
+    task = pusht.make(SimConfig(state_only=True, max_steps=200))
+    expert = pusht.ENTRY.expert()
+    assert all(run_expert(task, expert, seed) for seed in (0, 1))
+
+
+# ---------------------------------------------------------------------- robosuite
+@pytest.fixture(scope="module")
+def lift():
+    task = robosuite_task.robosuite_entry("Lift").make(SimConfig(image_size=(64, 64), max_steps=120))
+    yield task
+    task.disconnect()
+
+
+def test_robosuite_unknown_env_lists_names():
+    with pytest.raises(RobotError, match="valid: .*Lift.*Stack"):
+        robosuite_task.robosuite_entry("NoSuchEnv")
+
+
+def test_lift_features_step_and_seed(lift):
+    feats = lift.observation_features  # readable before connect (builds the env)
+    assert feats["agentview_image"].shape == (64, 64, 3) and feats["proprio"].shape == (9,)
+    assert lift.action_feature.shape == (7,) and lift.action_space.mode == "delta"
+    obs = lift.reset(5)
+    check_obs(obs, feats)
+    acts = [np.array([0.3, -0.2, 0.1, 0, 0, 0, -1.0])] * 4
+    run1 = [lift.send_action(a) is not None and lift.get_observation()["proprio"] for a in acts]
+    start2 = lift.reset(5)
+    np.testing.assert_array_equal(start2["object"], obs["object"])
+    run2 = [lift.send_action(a) is not None and lift.get_observation()["proprio"] for a in acts]
+    np.testing.assert_array_equal(np.array(run1), np.array(run2))
+    assert not np.array_equal(lift.reset(6)["object"], obs["object"])
+    assert np.allclose(lift.send_action(np.full(7, 3.0)), 1.0)
+    with pytest.raises(ActionError):
+        lift.send_action(np.full(7, np.inf))
+
+
+def test_lift_image_right_side_up(lift):
+    img = lift.reset(0)["agentview_image"].astype(float)
+    h = img.shape[0]
+    # agentview looks down at the white table from above the robot: the table fills the lower part
+    assert img[-h // 4 :].mean() > img[: h // 4].mean() + 20
+
+
+def test_lift_sim_state_and_goal(lift):
+    lift.reset(2)
+    for _ in range(3):
+        lift.send_action(np.array([0.5, 0.5, -0.3, 0, 0, 0.2, 1.0]))
+    state = lift.get_sim_state()
+    acts = [np.array([0.2, -0.4, 0.3, 0.1, 0, 0, -1.0])] * 5
+    first = [lift.send_action(a) is not None and lift.get_observation()["proprio"] for a in acts]
+    lift.set_sim_state(state)
+    again = [lift.send_action(a) is not None and lift.get_observation()["proprio"] for a in acts]
+    np.testing.assert_array_equal(np.array(first), np.array(again))
+    before, st = lift.get_observation(), lift.get_sim_state()
+    goal = lift.goal_observation()
+    assert set(goal) == set(lift.observation_features)
+    assert goal["object"][2] > before["object"][2] + 0.09  # the cube is lifted in the goal
+    np.testing.assert_array_equal(lift.get_sim_state(), st)
+    np.testing.assert_array_equal(lift.get_observation()["agentview_image"], before["agentview_image"])
+
+
+def test_lift_expert_succeeds():
+    entry = robosuite_task.robosuite_entry("Lift")
+    task = entry.make(SimConfig(state_only=True, max_steps=120))
+    assert "agentview_image" not in task.observation_features
+    expert = entry.expert()
+    assert all(run_expert(task, expert, seed) for seed in (0, 1))
+    task.disconnect()
+
+
+def test_goal_undefined_env_raises():
+    task = robosuite_task.robosuite_entry("PickPlaceCan").make(SimConfig(state_only=True))
+    task.reset(0)
+    with pytest.raises(RobotError, match="PickPlaceCan"):
+        task.goal_observation()
+    with pytest.raises(RobotError, match="no scripted expert"):
+        robosuite_task.robosuite_entry("PickPlaceCan").expert()
+    task.disconnect()
