@@ -273,7 +273,12 @@ class ResNetEncoder(PatchEncoder):
 
 # ---------------------------------------------------------------------- small CNN
 class ConvEncoder(PatchEncoder):
-    """conv3x3-GroupNorm-GELU stages (the first log2(stride) with stride 2), then a 1x1 projection."""
+    """conv3x3-GELU stages (the first log2(stride) with stride 2), a 1x1 projection, and a LayerNorm
+    (no affine) over each patch token.
+
+    No normalization inside the stages: GroupNorm's backward pass was a third of a training step on
+    this project's CPUs. The output LayerNorm fixes the features' scale, so a world model trained
+    jointly cannot shrink its prediction loss by shrinking the features."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__("cnn", cfg.cnn_dim, True, cfg.image_size, imagenet_norm=False)
@@ -283,12 +288,12 @@ class ConvEncoder(PatchEncoder):
         for i, c in enumerate(cfg.cnn_channels):
             layers += [
                 nn.Conv2d(c_in, c, 3, stride=2 if i < self.n_down else 1, padding=1),
-                nn.GroupNorm(math.gcd(8, c), c),
                 nn.GELU(),
             ]
             c_in = c
         layers.append(nn.Conv2d(c_in, cfg.cnn_dim, 1))
         self.net = nn.Sequential(*layers)
+        self.out_norm = nn.LayerNorm(cfg.cnn_dim, elementwise_affine=False)
         if cfg.weights != "none":
             sd = load_checkpoint(cfg.weights)
             _check_keys(sd, self.state_dict(), cfg.weights)
@@ -298,7 +303,7 @@ class ConvEncoder(PatchEncoder):
         return _halvings(height, self.n_down), _halvings(width, self.n_down)
 
     def _features(self, x: Tensor) -> Tensor:
-        return rearrange(self.net(x), "b d h w -> b (h w) d")
+        return self.out_norm(rearrange(self.net(x), "b d h w -> b (h w) d"))
 
 
 # ---------------------------------------------------------------------- building and loading

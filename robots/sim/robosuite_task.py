@@ -16,8 +16,8 @@ Goals (`goal_observation()`: the scene at its goal, rendered, with the robot whe
 Lift, the cube 10 cm above where it is; Stack, cube A resting on cube B; Door, the door open by
 0.45 rad (handle turned when latched). Other envs have no goal defined and raise an error.
 Scripted experts with privileged object poses exist for Lift, Stack and Door. Limitation: the Door
-expert opens the unlatched door (`env_kwargs={"use_latch": False}`); robosuite's default latched
-door does not unlatch under its lever press, so it fails there.
+expert opens the unlatched door only; robosuite's latched door does not unlatch under its lever
+press, so the registry's `robosuite/Door` is unlatched by default (`DEFAULT_ENV_KWARGS`).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class RobosuiteTask(SimTask):
         cams = opts.get("cameras", opts.get("camera", "agentview"))
         self.cameras = [cams] if isinstance(cams, str) else list(cams)
         self.control_hz = float(opts.get("control_freq", 20.0))
-        self.env_kwargs = dict(opts.get("env_kwargs", {}))
+        self.env_kwargs = {**DEFAULT_ENV_KWARGS.get(self.env_name, {}), **opts.get("env_kwargs", {})}
         self.action_space = _action_space(self.controller_cfg)
 
     # ------------------------------------------------------------------ the env
@@ -305,6 +305,12 @@ def _pose_goal(env: Any, env_name: str) -> None:
         env.sim.data.qpos[env.hinge_qpos_addr] = 0.45
         if env.use_latch:
             env.sim.data.qpos[env.handle_qpos_addr] = 0.5 * np.pi / 2
+
+
+# Registry defaults per env, overridable through `env_kwargs`. Door: the scripted expert cannot open
+# robosuite's latched door (0/10; the gripper slips off the handle when turning it far enough), so
+# `robosuite/Door` is the unlatched variant; `task_options.env_kwargs.use_latch=true` restores the latch.
+DEFAULT_ENV_KWARGS: dict[str, dict[str, Any]] = {"Door": {"use_latch": False}}
 
 
 def robosuite_entry(env_name: str) -> TaskEntry:
