@@ -259,7 +259,11 @@ class ArmPushTask(SimTask):
         self._place(q, block, self.target_yaw)
 
     def _success(self) -> bool:
-        return bool(np.linalg.norm(self._data.qpos[3:5] - self.target) < self.success_radius)
+        return bool(self.goal_distance() < self.success_radius)
+
+    def goal_distance(self) -> float:
+        """Privileged: distance from the block to the target (m)."""
+        return float(np.linalg.norm(self._data.qpos[3:5] - self.target))
 
     def _goal_observation(self) -> dict[str, np.ndarray]:
         saved = self.get_sim_state()

@@ -38,7 +38,9 @@ class SimConfig:
             size = (size, size)
         size = tuple(int(s) for s in size)
         if len(size) != 2 or min(size) < 8:
-            raise ValueError(f"image_size must be (height, width) of at least 8 pixels, got {self.image_size}")
+            raise ValueError(
+                f"image_size must be (height, width) of at least 8 pixels, got {self.image_size}"
+            )
         object.__setattr__(self, "image_size", size)
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
@@ -51,7 +53,9 @@ class SimTask(RobotBase):
 
     config: SimConfig = field(default_factory=SimConfig)
     steps: int = field(default=0, init=False)
-    _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), init=False, repr=False)
+    _rng: np.random.Generator = field(
+        default_factory=lambda: np.random.default_rng(0), init=False, repr=False
+    )
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         """Sample a new start state and goal (seeded), return the first observation."""
@@ -80,6 +84,11 @@ class SimTask(RobotBase):
         """The goal as an observation: the same features `get_observation` returns (no timestamp)."""
         self._require_connected()
         return self._goal_observation()
+
+    def goal_distance(self) -> float | None:
+        """Privileged: how far the task is from its goal, in the task's own units (for evaluation
+        reports only); None for tasks without a natural distance."""
+        return None
 
     @abstractmethod
     def _reset(self, rng: np.random.Generator) -> None: ...

@@ -200,7 +200,11 @@ class PointMazeTask(SimTask):
         mujoco.mj_forward(self._model, self._data)
 
     def _success(self) -> bool:
-        return bool(np.linalg.norm(self.position - self.goal) < self.success_radius)
+        return bool(self.goal_distance() < self.success_radius)
+
+    def goal_distance(self) -> float:
+        """Privileged: distance from the agent to the goal (m)."""
+        return float(np.linalg.norm(self.position - self.goal))
 
     def _goal_observation(self) -> dict[str, np.ndarray]:
         saved = self.get_sim_state()

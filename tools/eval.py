@@ -1,0 +1,181 @@
+"""`wm-eval task=pointmaze controller=mpc checkpoint=DIR episodes=50 out=DIR`: closed-loop evaluation.
+
+Writes `out/results.json` (success rate, final distance to goal, planning time), an mp4 per recorded
+episode (real frames beside the world model's decoded prediction) and, with `budgets=[...]`, a plot
+of success against planner iterations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from tools._cli import bind, run
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    out: str
+    task: str = "pointmaze"
+    controller: str = "mpc"
+    checkpoint: str | None = None
+    episodes: int = 50
+    parallel: int = 10
+    seed: int = 1000
+    videos: int = 4
+    max_steps: int | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    planner: dict[str, Any] = field(default_factory=dict)
+    execute: int = 1
+    subgoals: str = "auto"
+    graph: dict[str, Any] = field(default_factory=dict)
+    budgets: list[int] = field(default_factory=list)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.controller not in ("mpc", "random"):
+            raise ValueError(f"controller must be mpc or random, got {self.controller!r}")
+        if self.controller == "mpc" and not self.checkpoint:
+            raise ValueError("controller=mpc needs checkpoint=DIR (a wm-train output directory)")
+        if self.episodes < 1 or self.parallel < 1:
+            raise ValueError("episodes and parallel must be >= 1")
+        if self.subgoals not in ("auto", "on", "off"):
+            raise ValueError(f"subgoals must be auto, on or off, got {self.subgoals!r}")
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation and write results.json; returns the results."""
+    from policies.evaluate import RandomPolicy, model_obs, run_episodes, summarize, timed
+    from robots.registry import make_task
+    from robots.sim.base import SimConfig
+    from wm.trainer import pick_device
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    opts = {"options": dict(cfg.task_options), **({"max_steps": cfg.max_steps} if cfg.max_steps else {})}
+    model, setup = None, {}
+    if cfg.controller == "mpc":
+        from wm.dino_wm import load_world_model
+
+        model, ckpt = load_world_model(cfg.checkpoint, device)
+        opts["image_size"] = model.cfg.image_size
+        setup = ckpt.get("extra", {}).get("run_config", {})
+    n = min(cfg.parallel, cfg.episodes)
+    tasks = [make_task(cfg.task, SimConfig(**opts)) for _ in range(n)]
+    seeds = [cfg.seed + i for i in range(cfg.episodes)]
+    image_key = model.cfg.image_key if model else _first(tasks[0], "image")
+    proprio_key = (model.cfg.proprio_key if model.cfg.proprio_dim else None) if model else None
+
+    def to_model(obs: list[dict]) -> dict:
+        return {k: v.to(device) for k, v in model_obs(obs, image_key, proprio_key).items()}
+
+    def episodes(policy: Any, video: bool) -> dict[str, Any]:
+        results, wall = timed(
+            lambda: run_episodes(
+                tasks,
+                policy,
+                seeds,
+                to_model,
+                image_key=image_key,
+                predict_frames=_predictor(model) if model else None,
+                video_dir=out / "videos" if video and cfg.videos else None,
+                videos=cfg.videos,
+            )
+        )
+        return summarize(results, wall)
+
+    if cfg.controller == "random":
+        feat = tasks[0].action_feature
+        results = episodes(RandomPolicy(feat.low, feat.high, n, cfg.seed), video=True)
+    else:
+        policy = _mpc(cfg, model, tasks[0], setup, cfg.planner)
+        results = episodes(policy, video=True)
+        results["subgoal_replans"] = getattr(policy, "subgoal_count", 0)
+        if cfg.budgets:
+            results["budgets"] = _budget_sweep(cfg, model, tasks[0], setup, episodes, out)
+    results.update(
+        task=cfg.task, controller=cfg.controller, checkpoint=cfg.checkpoint, seeds=seeds[:1] + seeds[-1:]
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _first(task: Any, kind: str) -> str:
+    return next(k for k, f in task.observation_features.items() if f.kind == kind)
+
+
+def _mpc(cfg: EvalConfig, model: Any, task: Any, setup: dict, planner: dict) -> Any:
+    from policies.build import build_graph, build_mpc, with_subgoals
+    from policies.subgoal import GraphConfig
+
+    mpc = build_mpc(model, task, dict(planner), cfg.execute)
+    store = setup.get("store")
+    if cfg.subgoals == "off" or (cfg.subgoals == "auto" and not (store and Path(store).exists())):
+        return mpc
+    if not store or not Path(store).exists():
+        raise ValueError(f"subgoals=on needs the training store, which the checkpoint names as {store!r}")
+    return with_subgoals(mpc, build_graph(model, store, GraphConfig(**cfg.graph)))
+
+
+def _predictor(model: Any) -> Any:
+    """Decoded frames of the latest plan's first predicted step, per episode: (E, H, W, 3) uint8."""
+
+    @torch.no_grad()
+    def predict(obs: dict, policy: Any) -> np.ndarray:
+        result = policy.last_result
+        pred = model.rollout(model.encode(obs), result.actions[:, None, :1])  # leading (E, 1, 1)
+        img = model.decode(pred["visual"][:, 0, 0])  # (E, 3, H, W)
+        return (img.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    return predict
+
+
+def _budget_sweep(cfg: EvalConfig, model: Any, task: Any, setup: dict, episodes: Any, out: Path) -> list:
+    points = []
+    for iters in cfg.budgets:
+        res = episodes(_mpc(cfg, model, task, setup, {**cfg.planner, "iterations": int(iters)}), video=False)
+        points.append(
+            {
+                "iterations": int(iters),
+                "success_rate": res["success_rate"],
+                "planning_seconds_per_step": res["planning_seconds_per_step"],
+            }
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot([p["iterations"] for p in points], [p["success_rate"] for p in points], marker="o")
+    ax.set(xlabel="planner iterations per replan", ylabel="success rate", ylim=(0, 1.02), title=cfg.task)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "success_vs_budget.png", dpi=120)
+    return points
+
+
+@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    def body() -> int:
+        res = evaluate(bind(EvalConfig, cfg))
+        print(
+            json.dumps(
+                {k: res[k] for k in ("success_rate", "mean_final_distance", "planning_seconds_per_step")}
+            )
+        )
+        return 0
+
+    run(body)
+
+
+if __name__ == "__main__":
+    main()

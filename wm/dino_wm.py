@@ -1,0 +1,324 @@
+"""DINO-WM style world model: a patch encoder, a frame-block-causal ViT predictor over patch tokens,
+action and proprioception embeddings tiled onto every patch token, and a pixel decoder.
+
+Single-purpose methods (house style rule 5): `encode` observations to a latent, `predict` the next
+latents with teacher forcing, `rollout` action sequences with a KV cache, `decode` features to
+pixels, and `cost` between predicted and goal latents for planners. A planner sees only these.
+
+Latents are dicts: "visual" (..., P, D) patch features and "proprio" (..., Dp) normalized
+proprioception; rollouts also carry "visual" for every predicted step so costs can weight all
+frames. Training (`compute_loss`) is teacher-forced next-frame MSE on detached targets plus an
+optional multi-step rollout loss; a trainable encoder (the small CNN) is kept from collapsing by a
+reconstruction loss through the decoder, while a frozen encoder's decoder trains on detached
+features, for visualization only.
+
+Batch keys for `compute_loss` (from `WindowDataset` with `window_spec()`):
+    <image_key>  (B, n_hist + 1, C, H, W) float in [0, 1]   (or cached features (B, n_hist + 1, P, D))
+    <proprio_key> (B, n_hist + 1, Dp)        raw; normalized inside with the model's Normalizer
+    <action_key> (B, n_hist * frameskip, A)  raw; normalized inside
+    *_is_pad masks; padded target frames are left out of the loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from wm.data.normalize import Normalizer
+from wm.data.windows import WindowSpec
+from wm.decoder import Decoder, DecoderConfig
+from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
+from wm.predictor import Predictor, PredictorConfig
+
+Latent = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WorldModelConfig:
+    image_key: str = "image"
+    proprio_key: str = "proprio"
+    action_key: str = "action"
+    image_size: tuple[int, int] = (64, 64)
+    action_dim: int = 2  # raw action dimension (one simulator step)
+    proprio_dim: int = 4
+    n_hist: int = 1  # history frames the predictor sees
+    frameskip: int = 5  # raw steps per model frame; their actions are concatenated
+    action_emb_dim: int = 10
+    proprio_emb_dim: int = 10
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    predictor_dim: int = 256
+    predictor_depth: int = 4
+    predictor_heads: int = 4
+    predictor_head_dim: int = 64
+    predictor_mlp_dim: int = 512
+    predictor_dropout: float = 0.0
+    decoder_channels: tuple[int, ...] = (128, 64, 32)
+    rollout_loss_steps: int = 0  # extra open-loop steps in the loss (0: teacher forcing only)
+    rollout_loss_weight: float = 0.5
+    proprio_loss_weight: float = 1.0
+    recon_loss_weight: float = 1.0
+    cost_proprio_weight: float = 1.0  # planning objective: visual MSE + this * proprio MSE
+    cost_all_frames: bool = False  # False: last predicted frame only (DINO-WM); True: all, later ones heavier
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
+        object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
+        object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
+        if self.n_hist < 1 or self.frameskip < 1:
+            raise ValueError(f"n_hist and frameskip must be >= 1, got {self.n_hist}, {self.frameskip}")
+        if self.action_dim < 1 or self.proprio_dim < 0:
+            raise ValueError(f"bad action_dim {self.action_dim} or proprio_dim {self.proprio_dim}")
+        if self.rollout_loss_steps < 0:
+            raise ValueError(f"rollout_loss_steps must be >= 0, got {self.rollout_loss_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["encoder"] = dataclasses.asdict(self.encoder)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorldModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown world-model option(s) {unknown}")
+        return cls(**d)
+
+
+class DinoWorldModel(nn.Module):
+    """The world model; `normalizer` holds action and proprio statistics fitted on the training store."""
+
+    def __init__(self, cfg: WorldModelConfig, normalizer: Normalizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.normalizer = normalizer
+        self.encoder: PatchEncoder = build_encoder(cfg.encoder)
+        self.grid = self.encoder.patch_grid(*cfg.image_size)
+        D = self.encoder.dim
+        self.step_action_dim = cfg.frameskip * cfg.action_dim  # one model step's action
+        self.action_emb = nn.Linear(self.step_action_dim, cfg.action_emb_dim)
+        self.proprio_emb = nn.Linear(max(cfg.proprio_dim, 1), cfg.proprio_emb_dim)
+        self.predictor = Predictor(
+            PredictorConfig(
+                in_dim=D + cfg.action_emb_dim + cfg.proprio_emb_dim,
+                out_dim=D + cfg.proprio_dim,
+                dim=cfg.predictor_dim,
+                depth=cfg.predictor_depth,
+                heads=cfg.predictor_heads,
+                head_dim=cfg.predictor_head_dim,
+                mlp_dim=cfg.predictor_mlp_dim,
+                dropout=cfg.predictor_dropout,
+                max_frames=cfg.n_hist,  # attention window: the history the model conditions on
+            )
+        )
+        up = cfg.image_size[0] // self.grid[0]
+        self.decoder = Decoder(DecoderConfig(in_dim=D, channels=cfg.decoder_channels, upsample=max(1, up)))
+
+    # ------------------------------------------------------------------ planning interface
+    @property
+    def action_dim(self) -> int:
+        """Action dimension of one planning step (frameskip raw actions concatenated)."""
+        return self.step_action_dim
+
+    def window_spec(self, extra_steps: int = 0) -> WindowSpec:
+        """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps."""
+        c, f = self.cfg, self.cfg.frameskip
+        frames = c.n_hist + 1 + max(extra_steps, c.rollout_loss_steps)
+        obs = tuple(i * f for i in range(frames))
+        offsets = {c.image_key: obs, c.action_key: tuple(range((frames - 1) * f))}
+        if c.proprio_dim:
+            offsets[c.proprio_key] = obs
+        return WindowSpec(offsets, max_pad_before=0, max_pad_after=f)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) float in [0, 1], or already-encoded (B, T, P, D) features -> (B, T, P, D)."""
+        if images.ndim == 4:  # cached features
+            return images.float()
+        B = images.shape[0]
+        feats = self.encoder(rearrange(images, "b t c h w -> (b t) c h w"))
+        return rearrange(feats, "(b t) p d -> b t p d", b=B)
+
+    def check_obs(self, obs: dict[str, torch.Tensor]) -> None:
+        """One clear error for observations (or goals) this model was not trained on."""
+        c = self.cfg
+        for key in (c.image_key, c.proprio_key) if c.proprio_dim else (c.image_key,):
+            if key not in obs:
+                raise ValueError(f"observation lacks {key!r} (has {sorted(obs)}); the world model needs it")
+        img = obs[c.image_key]
+        if img.ndim == 5 and tuple(img.shape[-2:]) != tuple(c.image_size):
+            raise ValueError(
+                f"{c.image_key!r} images are {tuple(img.shape[-2:])} but the world model was trained on "
+                f"{tuple(c.image_size)}: an observation or goal from another task or camera setting?"
+            )
+        if c.proprio_dim and obs[c.proprio_key].shape[-1] != c.proprio_dim:
+            raise ValueError(
+                f"{c.proprio_key!r} has {obs[c.proprio_key].shape[-1]} dims but the world model was trained "
+                f"on {c.proprio_dim}: an observation or goal from another task?"
+            )
+
+    def encode(self, obs: dict[str, torch.Tensor]) -> Latent:
+        """Observations {image (B, T, C, H, W), proprio (B, T, Dp)} -> latent {"visual", "proprio"}."""
+        c = self.cfg
+        self.check_obs(obs)
+        z = {"visual": self.encode_images(obs[c.image_key])}
+        if c.proprio_dim:
+            z["proprio"] = self.normalizer.normalize(c.proprio_key, obs[c.proprio_key].float())
+        if "past_action" in obs:  # (B, T - 1, frameskip * A) raw actions between history frames
+            z["past_action"] = obs["past_action"]
+        return z
+
+    def _tokens(
+        self, visual: torch.Tensor, proprio: torch.Tensor | None, actions: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, T, P, D), (B, T, Dp), (B, T, f*A) normalized -> (B, T, P, D + emb) tokens, embeddings tiled."""
+        P = visual.shape[-2]
+        a = repeat(self.action_emb(actions), "b t e -> b t p e", p=P)
+        if proprio is None:
+            proprio = visual.new_zeros(*visual.shape[:2], 1)
+        p = repeat(self.proprio_emb(proprio), "b t e -> b t p e", p=P)
+        return torch.cat([visual, p, a], dim=-1)
+
+    def _split(self, out: torch.Tensor) -> Latent:
+        """Predictor output (..., P, D + Dp) -> {"visual": (..., P, D), "proprio": (..., Dp)}; the proprio
+        prediction is the mean over patches of the last Dp channels."""
+        D = self.encoder.dim
+        z = {"visual": out[..., :D]}
+        if self.cfg.proprio_dim:
+            z["proprio"] = out[..., D:].mean(dim=-2)
+        return z
+
+    def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """Raw step actions (..., f*A) -> normalized, per raw action."""
+        shape = actions.shape
+        a = actions.reshape(*shape[:-1], self.cfg.frameskip, self.cfg.action_dim)
+        return self.normalizer.normalize(self.cfg.action_key, a).reshape(shape)
+
+    def predict(self, z: Latent, actions: torch.Tensor) -> Latent:
+        """Teacher-forced next-frame prediction: z over T frames and raw actions (B, T, f*A) -> latents of
+        frames 1..T."""
+        tokens = self._tokens(z["visual"], z.get("proprio"), self.normalize_actions(actions))
+        return self._split(self.predictor(tokens, self.grid))
+
+    def rollout(self, z0: Latent, actions: torch.Tensor) -> Latent:
+        """Open-loop rollout. z0: history latents with leading (E, Th); actions (E, N, H, f*A) raw.
+        Returns latents with leading (E, N, H): the predicted frames after each action step.
+        The history is encoded once per episode and shared by the N samples (expand, no copy)."""
+        E, N, H, _ = actions.shape
+        acts = self.normalize_actions(actions)
+        vis0 = z0["visual"]  # (E, Th, P, D)
+        Th = vis0.shape[1]
+        prop0 = z0.get("proprio")
+        past = z0.get("past_action")
+        past = self.normalize_actions(past) if past is not None else None
+
+        def per_sample(x: torch.Tensor) -> torch.Tensor:  # (E, ...) -> (E * N, ...)
+            return x.unsqueeze(1).expand(E, N, *x.shape[1:]).reshape(E * N, *x.shape[1:])
+
+        vis, prop = per_sample(vis0), per_sample(prop0) if prop0 is not None else None
+        a = rearrange(acts, "e n h a -> (e n) h a")
+        cache = self.predictor.init_cache(E * N)
+        for t in range(Th - 1):  # history frames with the actions that followed them
+            step_a = per_sample(past[:, t]) if past is not None else torch.zeros_like(a[:, 0])
+            tok = self._tokens(
+                vis[:, t : t + 1], None if prop is None else prop[:, t : t + 1], step_a[:, None]
+            )
+            _, cache = self.predictor.step(tok[:, 0], self.grid, cache)
+        cur_v, cur_p = vis[:, -1], None if prop is None else prop[:, -1]
+        outs_v, outs_p = [], []
+        for h in range(H):
+            tok = self._tokens(cur_v[:, None], None if cur_p is None else cur_p[:, None], a[:, h : h + 1])
+            out, cache = self.predictor.step(tok[:, 0], self.grid, cache)
+            nxt = self._split(out)
+            cur_v, cur_p = nxt["visual"], nxt.get("proprio")
+            outs_v.append(cur_v)
+            outs_p.append(cur_p)
+        z = {"visual": rearrange(torch.stack(outs_v, 1), "(e n) h p d -> e n h p d", e=E)}
+        if cur_p is not None:
+            z["proprio"] = rearrange(torch.stack(outs_p, 1), "(e n) h d -> e n h d", e=E)
+        return z
+
+    def cost(self, pred: Latent, goal: Latent) -> torch.Tensor:
+        """Planning objective. pred leading (E, N, H); goal leading (E,) (its last frame if it has T).
+        Visual MSE over patches (+ weighted proprio MSE) at the last frame, or over all frames."""
+        gv = goal["visual"]
+        gv = gv[:, -1] if gv.ndim == 4 else gv  # (E, P, D)
+        v = (pred["visual"] - gv[:, None, None]).pow(2).mean(dim=(-1, -2))  # (E, N, H)
+        if "proprio" in pred and "proprio" in goal and self.cfg.cost_proprio_weight:
+            gp = goal["proprio"]
+            gp = gp[:, -1] if gp.ndim == 3 else gp  # (E, Dp)
+            v = v + self.cfg.cost_proprio_weight * (pred["proprio"] - gp[:, None, None]).pow(2).mean(-1)
+        if not self.cfg.cost_all_frames:
+            return v[..., -1]
+        w = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+        return (v * w).sum(-1) / w.sum()
+
+    def decode(self, visual: torch.Tensor) -> torch.Tensor:
+        """Patch features (..., P, D) -> images (..., 3, H, W) in [0, 1]."""
+        lead = visual.shape[:-2]
+        imgs = self.decoder(visual.reshape(-1, *visual.shape[-2:]), self.grid, self.cfg.image_size)
+        return imgs.reshape(*lead, *imgs.shape[1:])
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        c, f, T = self.cfg, self.cfg.frameskip, self.cfg.n_hist
+        z = self.encode(batch)  # visual (B, F, P, D) with F = T + 1 + rollout steps
+        B, n_frames = z["visual"].shape[:2]
+        actions = rearrange(batch[c.action_key], "b (t f) a -> b t (f a)", f=f)  # (B, F - 1, f*A)
+        valid = ~batch[c.image_key + "_is_pad"][:, 1:]  # (B, F - 1): targets inside the episode
+        target = {k: v.detach() for k, v in z.items()}
+        # Teacher forcing over the first T + 1 frames: inputs 0..T-1 predict 1..T.
+        pred = self.predict({k: v[:, :T] for k, v in z.items()}, actions[:, :T])
+        loss_v = _masked_mse(pred["visual"], target["visual"][:, 1 : T + 1], valid[:, :T])
+        loss = loss_v
+        metrics = {"loss_visual": loss_v.item()}
+        if c.proprio_dim:
+            loss_p = _masked_mse(pred["proprio"], target["proprio"][:, 1 : T + 1], valid[:, :T])
+            loss = loss + c.proprio_loss_weight * loss_p
+            metrics["loss_proprio"] = loss_p.item()
+        if c.rollout_loss_steps:
+            z0 = {k: v[:, :T] for k, v in z.items()}
+            if T > 1:
+                z0["past_action"] = actions[:, : T - 1]
+            steps = actions[:, T - 1 : T - 1 + 1 + c.rollout_loss_steps]  # (B, 1 + R, f*A)
+            roll = self.rollout(z0, steps[:, None])  # leading (B, 1, 1 + R)
+            ro = _masked_mse(roll["visual"][:, 0], target["visual"][:, T:], valid[:, T - 1 :])
+            loss = loss + c.rollout_loss_weight * ro
+            metrics["loss_rollout"] = ro.item()
+        # Decoder: reconstruction through a trainable encoder (keeps its features informative),
+        # on detached features for a frozen one (visualization only).
+        images = batch[c.image_key]
+        if images.ndim == 5:
+            feats = z["visual"][:, 0] if self.encoder.trainable else z["visual"][:, 0].detach()
+            recon = F.mse_loss(self.decode(feats), images[:, 0])
+            loss = loss + c.recon_loss_weight * recon
+            metrics["loss_recon"] = recon.item()
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """MSE over frames where `valid` (B, T) is True; pred/target (B, T, ...)."""
+    err = (pred - target).pow(2).flatten(2).mean(-1)  # (B, T)
+    w = valid.to(err.dtype)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
+def load_world_model(
+    checkpoint: str, device: torch.device | str = "cpu"
+) -> tuple[DinoWorldModel, dict[str, Any]]:
+    """Rebuild a DINO-WM from a checkpoint file or run directory (EMA weights), in eval mode.
+    Returns the model and the checkpoint dict (for its run config)."""
+    from wm.checkpoint import load_checkpoint, load_model_weights
+
+    ckpt = load_checkpoint(checkpoint, expected_type="dino_wm")
+    cfg = WorldModelConfig.from_dict(ckpt["model_config"])
+    model = DinoWorldModel(cfg, Normalizer.from_dict(ckpt["normalizer"]))
+    load_model_weights(model, ckpt, use_ema=True)
+    return model.to(device).eval(), ckpt
