@@ -14,7 +14,15 @@ IN_DIM, OUT_DIM = 12, 10
 def make(window: int = 3, depth: int = 2, seed: int = 0, **kw) -> Predictor:
     torch.manual_seed(seed)
     cfg = PredictorConfig(
-        in_dim=IN_DIM, out_dim=OUT_DIM, dim=32, depth=depth, heads=4, head_dim=8, mlp_dim=64, max_frames=window, **kw
+        in_dim=IN_DIM,
+        out_dim=OUT_DIM,
+        dim=32,
+        depth=depth,
+        heads=4,
+        head_dim=8,
+        mlp_dim=64,
+        max_frames=window,
+        **kw,
     )
     return Predictor(cfg).eval()
 

@@ -1,0 +1,286 @@
+"""Noise schedule, training loss and samplers for action diffusion.
+
+One trained network serves every sampler. Training is DDPM (Ho et al.) with Diffusion Policy's
+`squaredcos_cap_v2` schedule over `num_train_steps` discrete steps; the network predicts the noise
+(`prediction_type="epsilon"`) or the clean sample (`"sample"`).
+
+Samplers all work in the EDM / Karras "variance exploding" view of the same schedule: a VP sample
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps is x = x_t / sqrt(abar_t) = x0 + sigma_t eps with
+sigma_t = sqrt((1 - abar_t) / abar_t). `Diffusion.denoise(x, sigma)` scales x back to the VP input,
+maps sigma to a (fractional) timestep by interpolating log sigma over the training table (as
+k-diffusion does), runs the network and converts its output to a denoised estimate x0.
+
+    ddpm       ancestral sampling over all training steps (Diffusion Policy's default, slow)
+    ddim       DDIM with eta = 0 on `steps` evenly spaced ("leading") timesteps; in the VE view this is
+               exactly Euler on the probability-flow ODE
+    edm        Karras sigmas (rho = 7) between sigma_min and sigma_max, then Heun (2nd order, 2 * steps
+               - 1 network calls) or DPM-Solver++(2M) (multistep 2nd order, `steps` network calls)
+    consistency  a distilled consistency model (see `consistency.py`): 1 or more jumps to x0
+
+Shapes: x (B, Ta, Da) normalized actions; cond (B, To, Dc) observation features or None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PREDICTION_TYPES = ("epsilon", "sample")
+SAMPLERS = ("ddpm", "ddim", "edm", "consistency")
+EDM_SOLVERS = ("dpmpp_2m", "heun")
+SIGMA_DATA = 0.5  # data scale assumed by the consistency parametrization (actions in [-1, 1])
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Training schedule and the continuous-sigma range of the EDM / consistency samplers.
+
+    `clip_sample` clamps every denoised estimate to [-clip_range, clip_range] (Diffusion Policy clips
+    at 1: actions are min-max normalized). EDM sigmas run from `sigma_max` (capped at the schedule's
+    largest) to `sigma_min` (raised to the schedule's smallest, 0.025 for squaredcos with 100 steps).
+    Few-step defaults (sigma 5 -> 0.2, rho 7, Heun) were picked on a 2-mode toy: from sigma_max = 80
+    or down to the schedule's smallest sigma, 3 steps leave most samples between the modes, because
+    the few network calls then land where the modes are not yet told apart or are already fixed.
+    The consistency model uses the schedule's smallest sigma as its boundary (f(x, sigma) = x there).
+    """
+
+    num_train_steps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"  # or "linear" (beta 1e-4 .. 0.02)
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+    clip_range: float = 1.0
+    sigma_max: float = 5.0
+    sigma_min: float = 0.2
+    rho: float = 7.0
+    edm_solver: str = "heun"
+
+    def __post_init__(self) -> None:
+        if self.num_train_steps < 2:
+            raise ValueError(f"num_train_steps must be >= 2, got {self.num_train_steps}")
+        if self.beta_schedule not in ("squaredcos_cap_v2", "linear"):
+            raise ValueError(
+                f"beta_schedule must be 'squaredcos_cap_v2' or 'linear', got {self.beta_schedule!r}"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
+        if self.edm_solver not in EDM_SOLVERS:
+            raise ValueError(f"edm_solver must be one of {EDM_SOLVERS}, got {self.edm_solver!r}")
+        if not self.clip_range > 0 or not self.sigma_max > 0 or not self.rho > 0:
+            raise ValueError("clip_range, sigma_max and rho must be > 0")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min must be in (0, sigma_max), got {self.sigma_min}")
+
+
+def make_betas(schedule: str, n: int) -> Tensor:
+    """(n,) float64 betas. squaredcos_cap_v2: Nichol & Dhariwal's cosine schedule, betas capped at 0.999."""
+    if schedule == "linear":
+        return torch.linspace(1e-4, 0.02, n, dtype=torch.float64)
+
+    def abar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return torch.tensor(
+        [min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float64
+    )
+
+
+Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x_t (B,Ta,Da), t (B,), cond) -> prediction
+
+
+class Diffusion(nn.Module):
+    """A denoising network `net(x_t, t, cond)` with its noise schedule, loss and samplers.
+
+    With `consistency=True` the module is a distilled consistency model: `denoise` returns
+    f(x, sigma) = c_skip(sigma) x + (1 - c_skip(sigma)) D(x, sigma), exactly x at the schedule's
+    smallest sigma, and only the "consistency" sampler applies."""
+
+    def __init__(self, net: nn.Module, cfg: NoiseConfig, consistency: bool = False) -> None:
+        super().__init__()
+        self.net, self.cfg, self.consistency = net, cfg, consistency
+        betas = make_betas(cfg.beta_schedule, cfg.num_train_steps)
+        abar = torch.cumprod(1 - betas, 0)
+        sigmas = ((1 - abar) / abar).sqrt()
+        # Schedule tables are not weights: non-persistent, rebuilt from the config.
+        self.register_buffer("betas", betas.float(), persistent=False)
+        self.register_buffer("alphas_cumprod", abar.float(), persistent=False)
+        self.register_buffer("sigmas", sigmas.float(), persistent=False)
+        self.register_buffer("log_sigmas", sigmas.log().float(), persistent=False)
+        self.sigma_max = min(cfg.sigma_max, float(sigmas[-1]))
+        self.table_sigma_min = float(sigmas[0])
+        self.sigma_min = max(cfg.sigma_min, self.table_sigma_min)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, x0: Tensor, cond: Tensor | None, valid: Tensor | None = None) -> Tensor:
+        """DDPM loss: MSE of the network's epsilon / sample prediction at a random timestep per sample.
+        x0 (B, Ta, Da) normalized; valid (B, Ta) bool, False steps (padding) are left out."""
+        B = x0.shape[0]
+        t = torch.randint(0, self.cfg.num_train_steps, (B,), device=x0.device)
+        noise = torch.randn_like(x0)
+        abar = self.alphas_cumprod[t].view(B, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        pred = self.net(x_t, t.float(), cond)
+        target = noise if self.cfg.prediction_type == "epsilon" else x0
+        err = F.mse_loss(pred, target, reduction="none").mean(-1)  # (B, Ta)
+        if valid is None:
+            return err.mean()
+        w = valid.to(err.dtype)
+        return (err * w).sum() / w.sum().clamp_min(1.0)
+
+    # ------------------------------------------------------------------ the denoiser in sigma space
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Fractional training timestep(s) with that sigma (log-sigma interpolation over the table)."""
+        log_sigma = sigma.clamp(float(self.sigmas[0]), float(self.sigmas[-1])).log()
+        hi = torch.searchsorted(self.log_sigmas, log_sigma.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        lo_v, hi_v = self.log_sigmas[hi - 1], self.log_sigmas[hi]
+        return (hi - 1).to(sigma.dtype) + (log_sigma - lo_v) / (hi_v - lo_v)
+
+    def raw_denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        """Denoised estimate x0 of the VE sample x = x0 + sigma * eps; sigma 0-d (one noise level for the
+        batch) or (B,). Clipped when the config says so."""
+        t = self.sigma_to_t(sigma).expand(x.shape[0])  # (B,)
+        s = sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma  # broadcasts over x
+        out = self.net(x / (1 + s**2).sqrt(), t, cond)
+        x0 = x - s * out if self.cfg.prediction_type == "epsilon" else out
+        if self.cfg.clip_sample:
+            x0 = x0.clamp(-self.cfg.clip_range, self.cfg.clip_range)
+        return x0
+
+    def c_skip(self, sigma: Tensor) -> Tensor:
+        """Consistency skip weight: 1 at the schedule's smallest sigma (f(x, sigma) = x there), -> 0 above."""
+        return SIGMA_DATA**2 / ((sigma - self.table_sigma_min) ** 2 + SIGMA_DATA**2)
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        """x0 estimate: the network's (diffusion) or the consistency function f(x, sigma) (consistency)."""
+        x0 = self.raw_denoise(x, sigma, cond)
+        if not self.consistency:
+            return x0
+        c = self.c_skip(sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma)
+        return c * x + (1 - c) * x0
+
+    def karras_sigmas(
+        self, steps: int, sigma_min: float | None = None, device: torch.device | None = None
+    ) -> Tensor:
+        """(steps + 1,) decreasing sigmas: Karras rho spacing from sigma_max to sigma_min (default the
+        config's), then 0."""
+        sigma_min = self.sigma_min if sigma_min is None else sigma_min
+        ramp = torch.linspace(0, 1, steps, device=device) if steps > 1 else torch.zeros(1, device=device)
+        inv_max, inv_min = self.sigma_max ** (1 / self.cfg.rho), sigma_min ** (1 / self.cfg.rho)
+        sig = (inv_max + ramp * (inv_min - inv_max)) ** self.cfg.rho
+        return torch.cat([sig, sig.new_zeros(1)])
+
+    # ------------------------------------------------------------------ sampling
+    def sample(
+        self,
+        shape: tuple[int, ...],
+        cond: Tensor | None,
+        sampler: str = "edm",
+        steps: int = 3,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw samples (shape) given cond (B, To, Dc); `steps` is ignored by ddpm (all training steps)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if (sampler == "consistency") != self.consistency:
+            what = (
+                "a consistency model samples only" if self.consistency else "only a distilled model samples"
+            )
+            raise ValueError(f"sampler {sampler!r}: {what} with 'consistency'")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        device = self.betas.device
+        z = torch.randn(shape, generator=generator, device=device)
+        if sampler == "ddpm":
+            return self._ddpm(z, cond, generator)
+        if sampler == "ddim":
+            return self._ddim(z, cond, steps)
+        if sampler == "consistency":
+            return self._consistency(z, cond, steps, generator)
+        sigmas = self.karras_sigmas(steps, device=device)
+        x = z * (1 + sigmas[0] ** 2).sqrt()  # the VP prior N(0, I) seen in VE space
+        solver = self._heun if self.cfg.edm_solver == "heun" else self._dpmpp_2m
+        return solver(x, cond, sigmas)
+
+    def _ddpm(self, x_t: Tensor, cond: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """Ancestral DDPM in the VP form over every training step, "fixed_small" posterior variance."""
+        abar, betas = self.alphas_cumprod, self.betas
+        for t in range(self.cfg.num_train_steps - 1, -1, -1):
+            a_t, a_prev = abar[t], abar[t - 1] if t > 0 else abar.new_tensor(1.0)
+            x0 = self.raw_denoise(x_t / a_t.sqrt(), self.sigmas[t], cond)
+            mean = (a_prev.sqrt() * betas[t] * x0 + (1 - betas[t]).sqrt() * (1 - a_prev) * x_t) / (1 - a_t)
+            if t == 0:
+                return mean
+            var = ((1 - a_prev) / (1 - a_t) * betas[t]).clamp_min(1e-20)
+            x_t = mean + var.sqrt() * torch.randn(x_t.shape, generator=generator, device=x_t.device)
+        return x_t
+
+    def _ddim(self, z: Tensor, cond: Tensor | None, steps: int) -> Tensor:
+        """DDIM, eta = 0, "leading" timesteps (t = (steps-1..0) * T // steps) and the final alpha set to 1.
+        In the VE view: x_next = x0 + sigma_next * eps, with eps = (x - x0_unclipped) / sigma."""
+        T = self.cfg.num_train_steps
+        if steps > T:
+            raise ValueError(f"DDIM steps {steps} > num_train_steps {T}")
+        ts = [i * (T // steps) for i in range(steps)][::-1]
+        x = z * (1 + self.sigmas[ts[0]] ** 2).sqrt()
+        for i, t in enumerate(ts):
+            sigma = self.sigmas[t]
+            x_vp = x / (1 + sigma**2).sqrt()
+            out = self.net(x_vp, sigma.new_full((x.shape[0],), float(t)), cond)
+            eps = out if self.cfg.prediction_type == "epsilon" else (x - out) / sigma
+            x0 = x - sigma * eps if self.cfg.prediction_type == "epsilon" else out
+            if self.cfg.clip_sample:
+                x0 = x0.clamp(-self.cfg.clip_range, self.cfg.clip_range)
+            sigma_next = self.sigmas[ts[i + 1]] if i + 1 < len(ts) else sigma.new_zeros(())
+            x = x0 + sigma_next * eps
+        return x
+
+    def _heun(self, x: Tensor, cond: Tensor | None, sigmas: Tensor) -> Tensor:
+        """EDM Heun (Karras et al. Alg. 1 without churn): 2 network calls per step, Euler on the last."""
+        for i in range(len(sigmas) - 1):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            d = (x - self.denoise(x, s, cond)) / s
+            x_euler = x + (s_next - s) * d
+            if s_next == 0:
+                x = x_euler
+            else:
+                d2 = (x_euler - self.denoise(x_euler, s_next, cond)) / s_next
+                x = x + (s_next - s) * (d + d2) / 2
+        return x
+
+    def _dpmpp_2m(self, x: Tensor, cond: Tensor | None, sigmas: Tensor) -> Tensor:
+        """DPM-Solver++(2M) (Lu et al.; k-diffusion's sample_dpmpp_2m): one network call per step, the
+        previous denoised estimate used for a 2nd-order multistep correction in log-sigma time."""
+        old = None
+        for i in range(len(sigmas) - 1):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            x0 = self.denoise(x, s, cond)
+            if s_next == 0:
+                return x0
+            h = s.log() - s_next.log()  # step in t = -log(sigma)
+            if old is not None:
+                r = (sigmas[i - 1].log() - s.log()) / h
+                x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
+            else:
+                x0_d = x0
+            x = (s_next / s) * x - torch.expm1(-h) * x0_d
+            old = x0
+        return x
+
+    def _consistency(
+        self, z: Tensor, cond: Tensor | None, steps: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """Multistep consistency sampling (Song et al. Alg. 1): jump to x0 from sigma_max, then re-noise to
+        the next Karras sigma and jump again."""
+        sigmas = self.karras_sigmas(steps + 1, self.table_sigma_min, z.device)[:steps]  # sigma_max first
+        x0 = self.denoise(z * sigmas[0], sigmas[0], cond)
+        for s in sigmas[1:]:
+            noise = torch.randn(z.shape, generator=generator, device=z.device)
+            x = x0 + (s**2 - self.table_sigma_min**2).clamp_min(0).sqrt() * noise
+            x0 = self.denoise(x, s, cond)
+        return x0

@@ -1,0 +1,253 @@
+"""Diffusion Policy (Chi et al.): observation features condition a denoiser over an action chunk.
+
+At each replanning step the last `n_obs` observations are encoded ONCE into (E, To, Dc) features;
+the sampler then calls the denoiser (`unet`: ConditionalUnet1D with FiLM, or `transformer`) a few
+times over normalized actions (E, horizon, Da). The chunk covers steps -(n_obs-1) .. horizon-n_obs
+relative to the current observation; the `n_action_exec` actions starting at the current step are
+executed (Diffusion Policy: obs 2, horizon 16, 8 executed).
+
+Batch keys for `compute_loss` (from `WindowDataset` with `window_spec()`; give the dataset no crop,
+the policy crops itself):
+    <camera>            (B, n_obs, 3, H, W) float in [0, 1] at cfg.obs.image_size
+    <proprio_key>       (B, n_obs, Dp) raw, normalized inside with the policy's Normalizer
+    <action_key>        (B, horizon, Da) raw, normalized inside
+    <action_key>_is_pad (B, horizon) bool, padded steps are left out of the loss
+
+Checkpoints: `model_type` "diffusion_unet" / "diffusion_transformer", `model_config` =
+`DiffusionPolicyConfig.to_dict()`, the normalizer (action + proprio statistics, also in the state
+dict) and EMA weights; `load_diffusion_policy` rebuilds the policy from one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from policies.diffusion.chunking import ActionQueue, TemporalEnsembler
+from policies.diffusion.noise import SAMPLERS, Diffusion, NoiseConfig
+from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
+from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
+from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
+from wm.data.normalize import Normalizer
+from wm.data.windows import WindowSpec
+
+DENOISERS = ("unet", "transformer")
+MODEL_TYPES = tuple(f"diffusion_{d}" for d in DENOISERS)
+_SUB = {"obs": ObsEncoderConfig, "unet": UNetConfig, "transformer": TransformerConfig, "noise": NoiseConfig}
+
+
+@dataclass(frozen=True)
+class DiffusionPolicyConfig:
+    """`sampler` / `sampler_steps`: the default inference sampler (see `noise.py`); `consistency` marks a
+    distilled student (sampler "consistency"). `temporal_ensemble`: None executes `n_action_exec`
+    actions per chunk from a queue; a float m predicts a chunk every step and averages the overlapping
+    predictions with weights exp(-m * i), i = 0 the oldest (`chunking.TemporalEnsembler`)."""
+
+    obs: ObsEncoderConfig = field(default_factory=ObsEncoderConfig)
+    action_key: str = "action"
+    action_dim: int = 2
+    n_obs: int = 2
+    horizon: int = 16
+    n_action_exec: int = 8
+    denoiser: str = "unet"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    sampler: str = "edm"
+    sampler_steps: int = 3
+    consistency: bool = False
+    temporal_ensemble: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in _SUB.items():
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, cls(**getattr(self, name)))
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"denoiser must be one of {DENOISERS}, got {self.denoiser!r}")
+        if self.action_dim < 1 or self.n_obs < 1 or self.n_action_exec < 1:
+            raise ValueError("action_dim, n_obs and n_action_exec must be >= 1")
+        if self.horizon < self.n_obs - 1 + self.n_action_exec:
+            raise ValueError(
+                f"horizon {self.horizon} must cover the n_obs - 1 = {self.n_obs - 1} past steps and the "
+                f"n_action_exec = {self.n_action_exec} executed ones"
+            )
+        if self.denoiser == "unet" and self.horizon % self.unet.time_divisor:
+            raise ValueError(
+                f"the UNet with {len(self.unet.down_dims)} levels needs a horizon divisible by "
+                f"{self.unet.time_divisor}, got {self.horizon}"
+            )
+        _check_sampler(self.sampler, self.sampler_steps, self.consistency)
+
+    @property
+    def model_type(self) -> str:
+        return f"diffusion_{self.denoiser}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["obs"] = self.obs.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiffusionPolicyConfig:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown diffusion-policy option(s) {unknown}")
+        return cls(**d)
+
+
+def _check_sampler(sampler: str, steps: int, consistency: bool) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if (sampler == "consistency") != consistency:
+        raise ValueError(
+            "the 'consistency' sampler goes with a distilled policy (consistency=True) and only it"
+        )
+    if steps < 1:
+        raise ValueError(f"sampler_steps must be >= 1, got {steps}")
+
+
+class DiffusionPolicy(nn.Module):
+    """Satisfies `policies.base.Policy` (and `TrainableModel` through `compute_loss`). Call `.eval()`
+    before acting (dropout); inference always uses the center crop."""
+
+    def __init__(self, cfg: DiffusionPolicyConfig, normalizer: Normalizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.normalizer = normalizer
+        self.obs_encoder = ObsEncoder(cfg.obs)
+        Dc = cfg.obs.out_dim
+        if cfg.denoiser == "unet":
+            net: nn.Module = ConditionalUnet1D(cfg.unet, cfg.action_dim, cfg.n_obs * Dc)
+        else:
+            net = TransformerDenoiser(cfg.transformer, cfg.action_dim, Dc, cfg.horizon, cfg.n_obs)
+        self.diffusion = Diffusion(net, cfg.noise, consistency=cfg.consistency)
+        self.sampler, self.sampler_steps = cfg.sampler, cfg.sampler_steps
+        self._queue = ActionQueue()
+        self._ensembler = (
+            TemporalEnsembler(cfg.temporal_ensemble) if cfg.temporal_ensemble is not None else None
+        )
+
+    @property
+    def model_type(self) -> str:
+        return self.cfg.model_type
+
+    def set_sampler(self, sampler: str, steps: int) -> None:
+        """Switch the inference sampler (e.g. to benchmark DDPM vs DDIM vs EDM on one trained model)."""
+        _check_sampler(sampler, steps, self.cfg.consistency)
+        self.sampler, self.sampler_steps = sampler, steps
+
+    def window_spec(self) -> WindowSpec:
+        """Observations at -(n_obs-1)..0; actions from -(n_obs-1) over `horizon` steps, padded at most
+        n_action_exec - 1 steps past an episode's end."""
+        c = self.cfg
+        obs_keys = list(c.obs.image_keys) + ([c.obs.proprio_key] if c.obs.proprio_dim else [])
+        return WindowSpec.history_horizon(
+            obs_keys, (c.action_key,), c.n_obs, c.horizon, n_action_exec=c.n_action_exec
+        )
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, obs: dict[str, Tensor], augment: bool = False) -> Tensor:
+        """obs values (E, To, ...) -> features (E, n_obs, Dc). The last n_obs steps are used; a shorter
+        history (an episode's first steps) is padded by repeating its first step, as in training."""
+        self.obs_encoder.check_obs(obs)
+        c, device = self.cfg, self.diffusion.betas.device
+        keys = list(c.obs.image_keys) + ([c.obs.proprio_key] if c.obs.proprio_dim else [])
+        hist = {k: _last_steps(obs[k].to(device), c.n_obs) for k in keys}
+        if c.obs.proprio_dim:
+            hist[c.obs.proprio_key] = self.normalizer.normalize(
+                c.obs.proprio_key, hist[c.obs.proprio_key].float()
+            )
+        was = self.obs_encoder.training
+        self.obs_encoder.train(augment)  # random crop only when augmenting
+        try:
+            return self.obs_encoder(hist)
+        finally:
+            self.obs_encoder.train(was)
+
+    def prepare(self, batch: dict[str, Tensor], augment: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A training batch -> normalized actions (B, horizon, Da), features (B, n_obs, Dc) and the
+        valid steps (B, horizon) (None without an is_pad mask)."""
+        c = self.cfg
+        actions = batch[c.action_key]
+        if actions.shape[1:] != (c.horizon, c.action_dim):
+            raise ValueError(
+                f"{c.action_key!r} is {tuple(actions.shape)}, expected (B, {c.horizon}, {c.action_dim})"
+            )
+        x0 = self.normalizer.normalize(c.action_key, actions.float())
+        pad = batch.get(c.action_key + "_is_pad")
+        return x0, self.encode(batch, augment), None if pad is None else ~pad
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x0, cond, valid = self.prepare(batch, augment=self.training)
+        loss = self.diffusion.loss(x0, cond, valid)
+        return loss, {"loss": loss.detach()}
+
+    # ------------------------------------------------------------------ acting (policies.base.Policy)
+    def reset(self) -> None:
+        """Forget the queued actions and the ensembled predictions (call at every episode start)."""
+        self._queue.reset()
+        if self._ensembler is not None:
+            self._ensembler.reset()
+
+    @torch.inference_mode()
+    def predict_action_chunk(
+        self, obs: dict[str, Tensor], generator: torch.Generator | None = None
+    ) -> Tensor:
+        """obs values (E, To, ...) -> raw actions (E, n_action_exec, Da) from the current step on.
+        `generator` seeds the sampler's noise (same seed and obs, same actions)."""
+        c = self.cfg
+        cond = self.encode(obs)  # (E, n_obs, Dc), once for every denoising step
+        x = self.diffusion.sample(
+            (cond.shape[0], c.horizon, c.action_dim), cond, self.sampler, self.sampler_steps, generator
+        )
+        start = c.n_obs - 1  # the chunk starts at the oldest observation
+        return self.normalizer.unnormalize(c.action_key, x[:, start : start + c.n_action_exec])
+
+    def select_action(self, obs: dict[str, Tensor]) -> Tensor:
+        """The next raw action (E, Da): popped from the queue (a new chunk when it is empty), or, with
+        temporal ensembling, the weighted mean of every chunk's prediction for this step."""
+        if self._ensembler is not None:
+            return self._ensembler.update(self.predict_action_chunk(obs))
+        if not len(self._queue):
+            self._queue.fill(self.predict_action_chunk(obs))
+        return self._queue.pop()
+
+
+def _last_steps(x: Tensor, n: int) -> Tensor:
+    """(E, T, ...) -> (E, n, ...): the last n steps, the first one repeated in front when T < n."""
+    if x.shape[1] >= n:
+        return x[:, x.shape[1] - n :]
+    return torch.cat([x[:, :1].expand(-1, n - x.shape[1], *x.shape[2:]), x], dim=1)
+
+
+def load_diffusion_policy(
+    checkpoint: str, device: torch.device | str = "cpu", use_ema: bool = True
+) -> tuple[DiffusionPolicy, dict[str, Any]]:
+    """Rebuild a diffusion policy from a checkpoint file or run directory (EMA weights by default), in
+    eval mode. Returns the policy and the checkpoint dict. A checkpoint of another model type raises
+    `wm.checkpoint.CheckpointError`."""
+    from wm.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+
+    ckpt = load_checkpoint(checkpoint)
+    kind = ckpt["model_type"]
+    if kind not in MODEL_TYPES:
+        raise CheckpointError(
+            f"checkpoint {ckpt['path']} holds a {kind!r} model, not a diffusion policy "
+            f"(expected one of {MODEL_TYPES})"
+        )
+    cfg = DiffusionPolicyConfig.from_dict(ckpt["model_config"])
+    if cfg.model_type != kind:
+        raise CheckpointError(
+            f"checkpoint {ckpt['path']}: model_type {kind!r} but its config says {cfg.model_type!r}"
+        )
+    if ckpt.get("normalizer") is None:
+        raise CheckpointError(
+            f"checkpoint {ckpt['path']} has no normalizer; a diffusion policy needs its statistics"
+        )
+    policy = DiffusionPolicy(cfg, Normalizer.from_dict(ckpt["normalizer"]))
+    load_model_weights(policy, ckpt, use_ema=use_ema)
+    return policy.to(device).eval(), ckpt

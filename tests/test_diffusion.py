@@ -1,0 +1,422 @@
+"""Diffusion policies: samplers on a known 2-mode distribution, consistency distillation, policies that
+overfit a tiny real store, checkpoints, action queue / temporal ensembling, and clear input errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from policies.base import Policy
+from policies.diffusion import (
+    DiffusionPolicy,
+    DiffusionPolicyConfig,
+    DistillConfig,
+    NoiseConfig,
+    ObsEncoderConfig,
+    TemporalEnsembler,
+    TransformerConfig,
+    UNetConfig,
+    distill,
+    distill_policy,
+    load_diffusion_policy,
+)
+from policies.diffusion.noise import Diffusion
+from wm.checkpoint import CheckpointError, save_checkpoint
+from wm.data import DemoStore, KeySpec, Schema
+from wm.data.dataset import WindowDataset
+from wm.data.normalize import Normalizer
+from wm.encoders import EncoderConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------- a known 2-D distribution
+MODE = torch.tensor([0.5, 0.5])
+P_POS = 0.7  # mass of the mode at +MODE
+
+
+def mixture(n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, 1, 2): 70% around +MODE, 30% around -MODE, std 0.05."""
+    sign = (torch.rand(n, generator=gen) < P_POS).float() * 2 - 1
+    return (sign[:, None] * MODE + 0.05 * torch.randn(n, 2, generator=gen))[:, None]
+
+
+class ToyNet(nn.Module):
+    """MLP denoiser net(x (B, 1, 2), t (B,), cond) -> (B, 1, 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        h = 128
+        self.mlp = nn.Sequential(
+            nn.Linear(2 + 16, h),
+            nn.SiLU(),
+            nn.Linear(h, h),
+            nn.SiLU(),
+            nn.Linear(h, h),
+            nn.SiLU(),
+            nn.Linear(h, 2),
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        arg = t[:, None] / 100 * (2.0 ** torch.arange(8)) * math.pi  # (B, 8)
+        return self.mlp(torch.cat([x[:, 0], arg.sin(), arg.cos()], dim=-1))[:, None]
+
+
+def mode_stats(x: torch.Tensor) -> tuple[float, float, float]:
+    """Fractions of samples within 0.2 of +MODE, of -MODE, and elsewhere."""
+    d_pos, d_neg = (x[:, 0] - MODE).norm(dim=-1), (x[:, 0] + MODE).norm(dim=-1)
+    pos, neg = (d_pos < 0.2).float().mean().item(), (d_neg < 0.2).float().mean().item()
+    return pos, neg, 1 - pos - neg
+
+
+@pytest.fixture(scope="module")
+def toy_teacher() -> Diffusion:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = Diffusion(ToyNet(), NoiseConfig())
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    steps = 1500
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        loss = model.loss(mixture(256, gen), None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "sampler,steps,solver,max_between",
+    [
+        ("ddpm", 1, "heun", 0.05),
+        ("ddim", 10, "heun", 0.12),
+        ("edm", 3, "heun", 0.12),
+        ("edm", 5, "heun", 0.12),
+        ("edm", 5, "dpmpp_2m", 0.2),
+    ],
+)
+def test_samplers_recover_both_modes(toy_teacher, sampler, steps, solver, max_between):
+    model = Diffusion(toy_teacher.net, NoiseConfig(edm_solver=solver)).eval()
+    with torch.inference_mode():
+        x = model.sample((2000, 1, 2), None, sampler, steps, torch.Generator().manual_seed(1))
+    pos, neg, between = mode_stats(x)
+    assert pos > 0.15 and neg > 0.15, (pos, neg)  # both modes present
+    assert between < max_between, between  # little mass between them
+    assert abs(pos / (pos + neg) - P_POS) < 0.12, (pos, neg)  # roughly the right proportions
+
+
+def test_consistency_distillation_one_and_two_steps(toy_teacher):
+    gen = torch.Generator().manual_seed(3)
+    batches = [(mixture(256, gen), None, None) for _ in range(20)]
+    cfg = DistillConfig(lr=2e-3, n_sigmas=8, target="to_end")
+    student = distill(toy_teacher, batches, steps=400, cfg=cfg)
+    assert student.consistency
+    # A 1-step map from a Gaussian to two modes must be discontinuous; a small MLP distilled for
+    # 400 steps learns a steep ramp, so a share of samples still lands between the modes (the 2-step
+    # sampler re-noises to sigma ~0.6, where this student is weakest: looser bound).
+    for steps, max_between in ((1, 0.4), (2, 0.6)):
+        with torch.inference_mode():
+            x = student.sample((2000, 1, 2), None, "consistency", steps, torch.Generator().manual_seed(1))
+        pos, neg, between = mode_stats(x)
+        assert pos > 0.1 and neg > 0.03 and pos > neg, (steps, pos, neg)
+        assert between < max_between, (steps, between)
+    # The CD objective proper (EMA target, one teacher step) runs and yields a consistency model.
+    cd = distill(toy_teacher, batches[:2], steps=5, cfg=DistillConfig(n_sigmas=8))
+    assert cd.consistency and torch.isfinite(cd.sample((8, 1, 2), None, "consistency", 1)).all()
+    with pytest.raises(ValueError, match="consistency"):
+        student.sample((4, 1, 2), None, "edm", 3)
+
+
+# ---------------------------------------------------------------------- a tiny real store
+H, W = 16, 16
+N_OBS, HORIZON, N_EXEC = 2, 8, 4
+
+
+def write_store(path) -> None:
+    """6 episodes of 24 steps: proprio p (2,), action a = -0.25 p, p' = p + a (a deterministic function of
+    the observation), a 16x16 image whose brightness encodes p."""
+    schema = Schema(
+        keys={
+            "image": KeySpec((H, W, 3), "uint8", "image"),
+            "proprio": KeySpec((2,), "float32", "proprio"),
+            "action": KeySpec((2,), "float32", "action"),
+        },
+        fps=10,
+        robot="toy",
+        task="reach",
+    )
+    rng = np.random.default_rng(0)
+    store = DemoStore.create(path, schema)
+    for _ in range(6):
+        p = rng.uniform(-1, 1, 2)
+        ps, acts = [], []
+        for _ in range(24):
+            a = -0.25 * p
+            ps.append(p.copy())
+            acts.append(a)
+            p = p + a
+        ps_arr = np.asarray(ps, dtype=np.float32)
+        img = np.zeros((24, H, W, 3), dtype=np.uint8)
+        img[:, : H // 2] = ((ps_arr[:, 0] + 1) * 127)[:, None, None, None].astype(np.uint8)
+        img[:, H // 2 :] = ((ps_arr[:, 1] + 1) * 127)[:, None, None, None].astype(np.uint8)
+        store.append_episode({"image": img, "proprio": ps_arr, "action": np.asarray(acts, dtype=np.float32)})
+    store.close()
+
+
+def tiny_config(denoiser: str) -> DiffusionPolicyConfig:
+    obs = ObsEncoderConfig(
+        image_keys=("image",),
+        image_size=(H, W),
+        crop=(14, 14),
+        proprio_dim=2,
+        backbone="patch",
+        feature_dim=16,
+        patch_encoder=EncoderConfig(name="cnn", cnn_channels=(8,), cnn_dim=8, cnn_stride=2),
+    )
+    return DiffusionPolicyConfig(
+        obs=obs,
+        action_dim=2,
+        n_obs=N_OBS,
+        horizon=HORIZON,
+        n_action_exec=N_EXEC,
+        denoiser=denoiser,
+        unet=UNetConfig(down_dims=(32, 64), step_embed_dim=32),
+        transformer=TransformerConfig(dim=32, depth=2, heads=2, dropout=0.0),
+        noise=NoiseConfig(prediction_type="sample"),  # epsilon: ~20x the error after 250 steps here
+        sampler="edm",
+        sampler_steps=3,
+    )
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("diffusion") / "toy.zarr"
+    write_store(path)
+    return path
+
+
+def train_policy(cfg: DiffusionPolicyConfig, store_path, steps: int) -> tuple[DiffusionPolicy, WindowDataset]:
+    torch.manual_seed(0)
+    with DemoStore.open(store_path) as store:
+        normalizer = Normalizer.fit(store, {"action": "minmax", "proprio": "minmax"})
+    policy = DiffusionPolicy(cfg, normalizer)
+    data = WindowDataset(store_path, policy.window_spec(), in_memory=True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    rng = np.random.default_rng(0)
+    policy.train()
+    for _ in range(steps):
+        loss, metrics = policy.compute_loss(data.get_batch(rng.integers(0, len(data), 64)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert math.isfinite(metrics["loss"].item())
+    return policy.eval(), data
+
+
+def chunk_error(policy: DiffusionPolicy, data: WindowDataset, seed: int = 0) -> float:
+    """Mean abs error of predicted executed actions vs the data's (valid steps), over 48 windows."""
+    batch = data.get_batch(np.arange(0, len(data), max(1, len(data) // 48)))
+    pred = policy.predict_action_chunk(
+        {k: batch[k] for k in ("image", "proprio")}, generator=torch.Generator().manual_seed(seed)
+    )
+    true = batch["action"][:, N_OBS - 1 : N_OBS - 1 + N_EXEC]
+    valid = ~batch["action_is_pad"][:, N_OBS - 1 : N_OBS - 1 + N_EXEC]
+    return ((pred - true).abs().mean(-1)[valid]).mean().item()
+
+
+@pytest.fixture(scope="module")
+def unet_policy(store_path):
+    return train_policy(tiny_config("unet"), store_path, steps=250)
+
+
+def test_unet_policy_overfits_tiny_store(unet_policy):
+    policy, data = unet_policy
+    assert isinstance(policy, Policy)
+    # Actions span about [-0.25, 0.25]; the mean |a| is about 0.06 over the episodes.
+    assert chunk_error(policy, data) < 0.01
+
+
+def test_transformer_policy_overfits_tiny_store(store_path):
+    policy, data = train_policy(tiny_config("transformer"), store_path, steps=250)
+    assert chunk_error(policy, data) < 0.02
+
+
+def test_consistency_policy_distilled_from_unet(unet_policy, tmp_path):
+    teacher, data = unet_policy
+    rng = np.random.default_rng(1)
+    batches = [data.get_batch(rng.integers(0, len(data), 64)) for _ in range(8)]
+    student = distill_policy(teacher, batches, steps=150, cfg=DistillConfig(lr=3e-4, sampler_steps=1))
+    assert student.cfg.consistency and student.sampler == "consistency"
+    assert chunk_error(student, data) < 0.02
+    path = save_checkpoint(
+        tmp_path / "cm.pt",
+        model_type=student.model_type,
+        model_config=student.cfg.to_dict(),
+        state_dict=student.state_dict(),
+        ema_state_dict=None,
+        normalizer=student.normalizer.to_dict(),
+    )
+    loaded, _ = load_diffusion_policy(path)
+    assert loaded.cfg.consistency
+    obs = {k: v[:3] for k, v in data.get_batch([0, 5, 9]).items() if k in ("image", "proprio")}
+    a = student.predict_action_chunk(obs, generator=torch.Generator().manual_seed(2))
+    b = loaded.predict_action_chunk(obs, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b)
+
+
+def test_checkpoint_round_trip(unet_policy, tmp_path):
+    policy, data = unet_policy
+    ema = {k: v.clone() for k, v in policy.state_dict().items()}
+    save_checkpoint(
+        tmp_path / "ckpt_00000001.pt",
+        format=1,
+        model_type=policy.model_type,
+        model_config=policy.cfg.to_dict(),
+        state_dict={k: torch.zeros_like(v) for k, v in ema.items()},  # the EMA weights must win
+        ema_state_dict=ema,
+        normalizer=policy.normalizer.to_dict(),
+    )
+    loaded, ckpt = load_diffusion_policy(tmp_path)  # a run directory: its latest checkpoint
+    assert ckpt["model_type"] == "diffusion_unet" and not loaded.training
+    assert loaded.cfg == policy.cfg
+    batch = data.get_batch([0, 7, 30])
+    obs = {"image": batch["image"], "proprio": batch["proprio"]}
+    a = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
+    b = loaded.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+    assert a.shape == (3, N_EXEC, 2)
+
+
+# ---------------------------------------------------------------------- action queue and ensembling
+class Counter:
+    """predict_action_chunk stub: chunk number s (0, 1, ...) holds 100 * s + j at its step j."""
+
+    def __init__(self, length: int) -> None:
+        self.calls, self.length = 0, length
+
+    def __call__(self, obs, generator=None) -> torch.Tensor:
+        s = self.calls
+        self.calls += 1
+        vals = 100.0 * s + torch.arange(self.length, dtype=torch.float32)
+        return vals.view(1, -1, 1).expand(2, -1, 3).clone()  # (E=2, L, Da=3)
+
+
+def test_queue_pops_then_replans(unet_policy, monkeypatch):
+    policy, _ = unet_policy
+    stub = Counter(N_EXEC)
+    monkeypatch.setattr(policy, "predict_action_chunk", stub)
+    policy.reset()
+    got = [policy.select_action({})[0, 0].item() for _ in range(2 * N_EXEC + 1)]
+    assert got == [0, 1, 2, 3, 100, 101, 102, 103, 200]
+    assert stub.calls == 3
+    policy.reset()  # forgets the rest of chunk 2
+    assert policy.select_action({})[0, 0].item() == 300
+
+
+def test_temporal_ensembling_weights(unet_policy, monkeypatch):
+    policy, _ = unet_policy
+    m, L = 0.5, N_EXEC
+    ens_policy = DiffusionPolicy(dataclasses.replace(policy.cfg, temporal_ensemble=m), policy.normalizer)
+    stub = Counter(L)
+    monkeypatch.setattr(ens_policy, "predict_action_chunk", stub)
+    ens_policy.reset()
+    for t in range(7):
+        action = ens_policy.select_action({})
+        # Chunks predicted at steps s = max(0, t-L+1) .. t, oldest first, each predicts 100 s + (t - s).
+        steps = list(range(max(0, t - L + 1), t + 1))
+        w = [math.exp(-m * i) for i in range(len(steps))]
+        expect = sum(wi * (100 * s + (t - s)) for wi, s in zip(w, steps, strict=True)) / sum(w)
+        assert action.shape == (2, 3)
+        assert action[0, 0].item() == pytest.approx(expect, rel=1e-5)
+    assert stub.calls == 7  # a new chunk every step
+    weights = TemporalEnsembler(0.0).weights(4)
+    torch.testing.assert_close(weights, torch.full((4,), 0.25))
+
+
+# ---------------------------------------------------------------------- bad input, other encoders
+def test_clear_errors(unet_policy, tmp_path):
+    policy, data = unet_policy
+    batch = data.get_batch([0, 1])
+    obs = {"image": batch["image"], "proprio": batch["proprio"]}
+    with pytest.raises(ValueError, match=r"lacks camera.*'image'"):
+        policy.predict_action_chunk({"wrist": obs["image"], "proprio": obs["proprio"]})
+    with pytest.raises(ValueError, match=r"\(32, 32\).*trained on \(16, 16\)"):
+        policy.predict_action_chunk({"image": torch.rand(2, 2, 3, 32, 32), "proprio": obs["proprio"]})
+    with pytest.raises(ValueError, match="'proprio' has 3 dims"):
+        policy.predict_action_chunk({"image": obs["image"], "proprio": torch.zeros(2, 2, 3)})
+    other = save_checkpoint(
+        tmp_path / "wm.pt",
+        model_type="dino_wm",
+        model_config={},
+        state_dict={},
+        ema_state_dict=None,
+        normalizer=None,
+    )
+    with pytest.raises(CheckpointError, match="'dino_wm' model, not a diffusion policy"):
+        load_diffusion_policy(other)
+    with pytest.raises(ValueError, match="consistency"):
+        policy.set_sampler("consistency", 1)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DiffusionPolicyConfig(horizon=10, n_action_exec=8)
+
+
+def test_short_history_is_padded_and_window_spec(unet_policy):
+    policy, data = unet_policy
+    spec = policy.window_spec()
+    assert spec.offsets["image"] == (-1, 0) and spec.offsets["action"] == tuple(range(-1, HORIZON - 1))
+    assert spec.max_pad_after == N_EXEC - 1
+    batch = data.get_batch([3])
+    one = {"image": batch["image"][:, :1], "proprio": batch["proprio"][:, :1]}
+    rep = {k: v.expand(-1, 2, *v.shape[2:]) for k, v in one.items()}
+    a = policy.predict_action_chunk(one, generator=torch.Generator().manual_seed(0))
+    b = policy.predict_action_chunk(rep, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+
+def test_resnet18_spatial_softmax_encoder_trains():
+    obs = ObsEncoderConfig(image_keys=("front", "wrist"), image_size=(72, 72), crop=(64, 64), proprio_dim=2)
+    cfg = DiffusionPolicyConfig(
+        obs=obs,
+        action_dim=2,
+        horizon=8,
+        n_action_exec=4,
+        unet=UNetConfig(down_dims=(16, 32), step_embed_dim=16),
+    )
+    stats = {
+        s: [0.0, 0.0] if s in ("min", "mean", "q01") else [1.0, 1.0]
+        for s in ("min", "max", "mean", "std", "q01", "q99")
+    }
+    policy = DiffusionPolicy(
+        cfg, Normalizer({"action": "minmax", "proprio": "minmax"}, {"action": stats, "proprio": stats})
+    )
+    enc = policy.obs_encoder.cameras["front"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in enc.modules())
+    batch = {
+        "front": torch.rand(3, 2, 3, 72, 72),
+        "wrist": torch.rand(3, 2, 3, 72, 72),
+        "proprio": torch.rand(3, 2, 2),
+        "action": torch.rand(3, 8, 2),
+        "action_is_pad": torch.zeros(3, 8, dtype=torch.bool),
+    }
+    assert policy.encode(batch).shape == (3, 2, 2 * 64 + 2)
+    loss, _ = policy.train().compute_loss(batch)
+    loss.backward()
+    assert enc.backbone[0].weight.grad is not None and enc.backbone[0].weight.grad.abs().sum() > 0
+    policy.eval()
+    out = policy.predict_action_chunk({k: batch[k] for k in ("front", "wrist", "proprio")})
+    assert out.shape == (3, 4, 2) and torch.isfinite(out).all()
