@@ -9,6 +9,7 @@ camera frames beside the world model's decoded prediction from its latest plan.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ class EpisodeResult:
     steps: int
     final_distance: float | None
     plan_seconds: list[float] = field(default_factory=list)
+    act_seconds: float = 0.0  # time spent choosing actions (batched calls shared among episodes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,16 +38,27 @@ class EpisodeResult:
             "final_distance": self.final_distance,
             "replans": len(self.plan_seconds),
             "mean_plan_seconds": float(np.mean(self.plan_seconds)) if self.plan_seconds else None,
+            "action_seconds_per_step": self.act_seconds / max(1, self.steps),
         }
 
 
-def model_obs(obs: Sequence[dict[str, np.ndarray]], image_key: str, proprio_key: str | None) -> dict:
-    """Per-episode task observations -> the batched model format {image (E, 1, C, H, W) float [0, 1],
-    proprio (E, 1, Dp)} (one frame of history)."""
-    img = torch.from_numpy(np.stack([o[image_key] for o in obs])).permute(0, 3, 1, 2).float() / 255.0
-    out = {image_key: img[:, None]}
+def model_obs(
+    obs: Sequence[dict[str, np.ndarray]] | Sequence[Sequence[dict[str, np.ndarray]]],
+    image_keys: str | Sequence[str],
+    proprio_key: str | None,
+) -> dict[str, torch.Tensor]:
+    """Task observations -> the batched model format: images (E, T, C, H, W) float in [0, 1] and
+    proprio (E, T, Dp). `obs` is one observation per episode (T = 1) or a history list per episode."""
+    hist = [[o] if isinstance(o, dict) else list(o) for o in obs]
+    keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
+    out = {}
+    for key in keys:
+        img = np.stack([np.stack([o[key] for o in h]) for h in hist])  # (E, T, H, W, C)
+        out[key] = torch.from_numpy(img).permute(0, 1, 4, 2, 3).float() / 255.0
     if proprio_key is not None:
-        out[proprio_key] = torch.from_numpy(np.stack([o[proprio_key] for o in obs])).float()[:, None]
+        out[proprio_key] = torch.from_numpy(
+            np.stack([np.stack([o[proprio_key] for o in h]) for h in hist])
+        ).float()
     return out
 
 
@@ -81,41 +94,57 @@ def run_episodes(
     video_dir: Path | None = None,
     videos: int = 0,
     image_key: str | None = None,
+    history: int = 1,
 ) -> list[EpisodeResult]:
     """Run `len(seeds)` episodes, `len(tasks)` at a time; the first `videos` episodes are recorded to
     `video_dir`. `predict_frames(obs_batch, policy)`, when given, returns the decoded prediction
-    (E, H, W, 3) uint8 shown beside the real frames in the videos."""
+    (E, H, W, 3) uint8 shown beside the real frames in the videos. `to_model` receives, per episode,
+    the last `history` observations (the first one repeated at the start of an episode)."""
     results: list[EpisodeResult] = []
     E = len(tasks)
     for start in range(0, len(seeds), E):
         batch = list(seeds[start : start + E])
         record = video_dir if (video_dir is not None and start < videos) else None
         results += _run_batch(
-            tasks[: len(batch)], policy, batch, to_model, predict_frames, record, image_key, videos - start
+            tasks[: len(batch)],
+            policy,
+            batch,
+            to_model,
+            predict_frames,
+            record,
+            image_key,
+            videos - start,
+            history,
         )
     return results
 
 
 def _run_batch(
-    tasks, policy, seeds, to_model, predict_frames, video_dir, image_key, n_video
+    tasks, policy, seeds, to_model, predict_frames, video_dir, image_key, n_video, history
 ) -> list[EpisodeResult]:
     E = len(tasks)
     obs = [t.reset(s) for t, s in zip(tasks, seeds, strict=True)]
-    policy.set_goal(to_model([t.goal_observation() for t in tasks]))
+    hist = [deque([o] * history, maxlen=history) for o in obs]
+    if hasattr(policy, "set_goal"):  # goal-conditioned controllers (MPC); policies ignore goals
+        policy.set_goal(to_model([t.goal_observation() for t in tasks]))
     policy.reset()
     active = np.ones(E, dtype=bool)
     steps = np.zeros(E, dtype=int)
-    n_plans = len(policy.plan_seconds)
+    act_seconds = np.zeros(E)
+    timings = getattr(policy, "plan_seconds", [])  # MPC records each replan
+    n_plans = len(timings)
     plan_times: list[list[float]] = [[] for _ in range(E)]
     frames: list[list[np.ndarray]] = [[] for _ in range(E)]
     predicted = None
     while active.any():
-        batch_obs = to_model(obs)
+        batch_obs = to_model(hist)
+        t0 = time.perf_counter()
         action = policy.select_action(batch_obs)  # (E, Da)
-        if len(policy.plan_seconds) > n_plans:  # a replan happened this step
+        act_seconds[active] += (time.perf_counter() - t0) / E  # one batched call served E episodes
+        if len(timings) > n_plans:  # a replan happened this step
             for e in np.flatnonzero(active):
-                plan_times[e].append(policy.plan_seconds[-1] / E)  # one batched call served E episodes
-            n_plans = len(policy.plan_seconds)
+                plan_times[e].append(timings[-1] / E)  # one batched call served E episodes
+            n_plans = len(timings)
             if predict_frames is not None and video_dir is not None:
                 predicted = predict_frames(batch_obs, policy)
         act = action.detach().cpu().numpy()
@@ -125,6 +154,7 @@ def _run_batch(
                 frames[e].append(np.concatenate([obs[e][image_key], side], axis=1))
             tasks[e].send_action(act[e])
             obs[e] = tasks[e].get_observation()
+            hist[e].append(obs[e])
             steps[e] += 1
             if tasks[e].done:
                 active[e] = False
@@ -161,6 +191,7 @@ def summarize(results: Sequence[EpisodeResult], wall_seconds: float) -> dict[str
         "mean_final_distance": float(np.mean(dist)) if dist else None,
         "planning_seconds_per_replan_per_episode": float(np.mean(plans)) if plans else 0.0,
         "planning_seconds_per_step": float(sum(plans) / steps) if steps else 0.0,
+        "action_seconds_per_step": float(sum(r.act_seconds for r in results) / steps) if steps else 0.0,
         "wall_seconds": wall_seconds,
         "per_episode": [r.to_dict() for r in results],
     }

@@ -1,4 +1,5 @@
-"""`wm-eval task=pointmaze controller=mpc checkpoint=DIR episodes=50 out=DIR`: closed-loop evaluation.
+"""`wm-eval task=pointmaze controller=mpc checkpoint=DIR episodes=50 out=DIR`: closed-loop evaluation of
+MPC over a world model (`controller=mpc`), a diffusion policy (`controller=policy`) or random actions.
 
 Writes `out/results.json` (success rate, final distance to goal, planning time), an mp4 per recorded
 episode (real frames beside the world model's decoded prediction) and, with `budgets=[...]`, a plot
@@ -40,10 +41,12 @@ class EvalConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.controller not in ("mpc", "random"):
-            raise ValueError(f"controller must be mpc or random, got {self.controller!r}")
-        if self.controller == "mpc" and not self.checkpoint:
-            raise ValueError("controller=mpc needs checkpoint=DIR (a wm-train output directory)")
+        if self.controller not in ("mpc", "policy", "random"):
+            raise ValueError(f"controller must be mpc, policy or random, got {self.controller!r}")
+        if self.controller != "random" and not self.checkpoint:
+            raise ValueError(
+                f"controller={self.controller} needs checkpoint=DIR (a wm-train output directory)"
+            )
         if self.episodes < 1 or self.parallel < 1:
             raise ValueError("episodes and parallel must be >= 1")
         if self.subgoals not in ("auto", "on", "off"):
@@ -61,21 +64,31 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     opts = {"options": dict(cfg.task_options), **({"max_steps": cfg.max_steps} if cfg.max_steps else {})}
-    model, setup = None, {}
+    model, setup, policy, history = None, {}, None, 1
     if cfg.controller == "mpc":
         from wm.dino_wm import load_world_model
 
         model, ckpt = load_world_model(cfg.checkpoint, device)
         opts["image_size"] = model.cfg.image_size
         setup = ckpt.get("extra", {}).get("run_config", {})
+        image_keys = [model.cfg.image_key]
+        proprio_key = model.cfg.proprio_key if model.cfg.proprio_dim else None
+    elif cfg.controller == "policy":
+        from policies.diffusion import load_diffusion_policy
+
+        policy, _ = load_diffusion_policy(cfg.checkpoint, device)
+        opts["image_size"] = policy.cfg.obs.image_size
+        image_keys, proprio_key = list(policy.cfg.obs.image_keys), policy.cfg.obs.proprio_key
+        history = policy.cfg.n_obs
     n = min(cfg.parallel, cfg.episodes)
     tasks = [make_task(cfg.task, SimConfig(**opts)) for _ in range(n)]
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
-    image_key = model.cfg.image_key if model else _first(tasks[0], "image")
-    proprio_key = (model.cfg.proprio_key if model.cfg.proprio_dim else None) if model else None
+    if cfg.controller == "random":
+        image_keys, proprio_key = [_first(tasks[0], "image")], None
+    image_key = image_keys[0]
 
-    def to_model(obs: list[dict]) -> dict:
-        return {k: v.to(device) for k, v in model_obs(obs, image_key, proprio_key).items()}
+    def to_model(obs: list) -> dict:
+        return {k: v.to(device) for k, v in model_obs(obs, image_keys, proprio_key).items()}
 
     def episodes(policy: Any, video: bool) -> dict[str, Any]:
         results, wall = timed(
@@ -88,6 +101,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 predict_frames=_predictor(model) if model else None,
                 video_dir=out / "videos" if video and cfg.videos else None,
                 videos=cfg.videos,
+                history=history,
             )
         )
         return summarize(results, wall)
@@ -95,6 +109,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.controller == "random":
         feat = tasks[0].action_feature
         results = episodes(RandomPolicy(feat.low, feat.high, n, cfg.seed), video=True)
+    elif cfg.controller == "policy":
+        results = episodes(policy, video=True)
     else:
         policy = _mpc(cfg, model, tasks[0], setup, cfg.planner)
         results = episodes(policy, video=True)

@@ -356,9 +356,10 @@ class Predictor(nn.Module):
             k_c = cache.keys[i] if cache.frames else None
             v_c = cache.values[i] if cache.frames else None
             x, k_all, v_all = block.step(x, rot, k_c, v_c)
-            start = max(0, k_all.shape[2] - keep)  # drop frames that left the window
-            keys.append(k_all[:, :, start:])
-            values.append(v_all[:, :, start:])
+            # drop frames that left the window; copying the kept ones frees the (n+1)-frame tensor
+            start = max(0, k_all.shape[2] - keep)
+            keys.append(k_all[:, :, start:].clone() if start else k_all)
+            values.append(v_all[:, :, start:].clone() if start else v_all)
         new = KVCache(keys, values, cache.next_frame + 1, min(cache.frames + 1, self.window - 1), grid)
         return self._out(x), new
 

@@ -137,3 +137,74 @@ def _errors(model: DinoWorldModel, batch: dict[str, torch.Tensor]) -> tuple[floa
     ]
     strip = (torch.cat(rows, dim=0).clamp(0, 1) * 255).byte().cpu().numpy()
     return one, multi, strip
+
+
+def setup_diffusion(
+    store_path: str,
+    model_cfg: dict[str, Any],
+    *,
+    image_key: str | None,
+    proprio_key: str | None,
+    val_ratio: float,
+    seed: int,
+    in_memory: bool,
+) -> TrainSetup:
+    """A diffusion-policy training run (model types diffusion_unet / diffusion_transformer)."""
+    from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
+
+    with DemoStore.open(store_path) as store:
+        image_key, proprio_key = data_keys(store, image_key, proprio_key)
+        spec = store.schema.keys
+        train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
+        modes = {"action": "minmax"} | ({proprio_key: "minmax"} if proprio_key else {})
+        normalizer = Normalizer.fit(store, modes, episodes=train_eps)
+    cfg_dict = {k: v for k, v in model_cfg.items() if k != "type"}
+    obs = dict(cfg_dict.get("obs", {}))
+    obs.update(
+        image_keys=obs.get("image_keys") or [image_key],
+        image_size=spec[image_key].shape[:2],
+        proprio_key=proprio_key,
+        proprio_dim=int(np.prod(spec[proprio_key].shape)) if proprio_key else 0,
+    )
+    cfg_dict.update(obs=obs, action_key="action", action_dim=int(np.prod(spec["action"].shape)))
+    cfg = DiffusionPolicyConfig.from_dict(cfg_dict)
+    expected = "diffusion_" + cfg.denoiser
+    if model_cfg["type"] != expected:
+        raise ValueError(f"model type {model_cfg['type']!r} with denoiser {cfg.denoiser!r}; use {expected!r}")
+    policy = DiffusionPolicy(cfg, normalizer)
+    spec_w = policy.window_spec()
+    train_set = WindowDataset(store_path, spec_w, train_eps, in_memory=in_memory)
+    val_set = (
+        WindowDataset(store_path, spec_w, val_eps, in_memory=in_memory, train=False) if val_eps else None
+    )
+    return TrainSetup(policy, train_set, val_set, normalizer, cfg.to_dict(), make_policy_val_fn(val_set))
+
+
+def make_policy_val_fn(val_set: WindowDataset | None, n_batches: int = 2, batch_size: int = 32) -> Any:
+    """Validation for policies: error between sampled and demonstrated actions on held-out episodes
+    (the executed part of the chunk, in raw action units)."""
+
+    @torch.no_grad()
+    def val_fn(policy: Any, step: int, out_dir: Path) -> dict[str, float]:
+        if val_set is None or len(val_set) == 0:
+            return {}
+        policy.eval()
+        device = next(policy.parameters()).device
+        c = policy.cfg
+        rng = np.random.default_rng(0)
+        errs = []
+        for _ in range(n_batches):
+            idx = rng.choice(len(val_set), size=min(batch_size, len(val_set)), replace=False)
+            batch = {k: v.to(device) for k, v in val_set.get_batch(idx).items()}
+            obs = {k: batch[k] for k in (*c.obs.image_keys, c.obs.proprio_key) if k}
+            gen = torch.Generator(device=device).manual_seed(0)
+            pred = policy.predict_action_chunk(obs, generator=gen)  # (B, n_exec, Da)
+            start = c.n_obs - 1
+            truth = batch[c.action_key][:, start : start + c.n_action_exec]
+            pad = batch[c.action_key + "_is_pad"][:, start : start + c.n_action_exec]
+            err = (pred - truth).pow(2).mean(-1)[~pad]
+            errs.append(err.mean().item())
+        policy.train()
+        return {"val_action_mse": float(np.mean(errs))}
+
+    return val_fn
