@@ -1,0 +1,267 @@
+"""Predictor speed and memory at DINO-WM's size: ours (wm/predictor.py) vs the original design.
+
+DINO-WM size: 6 pre-LN layers, 16 heads x 64, MLP 2048, 3 frames x 196 patches (588 tokens), token
+dim 404 (384 + 10 + 10), about 20M parameters, fp32, 2 threads, `torch.inference_mode()`.
+`OriginalPredictor` below re-implements the original design for comparison: learned positional
+embedding over history x patches, manual attention `softmax(q @ k^T * scale + mask) @ v` with an
+explicit (T*P, T*P) additive mask, dropout layers present (eval mode).
+
+Every configuration runs in a fresh subprocess (so peak RSS is its own) under an address-space
+limit (`RLIMIT_AS`, default 12 GB above the worker's size after model creation) and a timeout;
+a run that fails is reported as "out of memory" / "timeout" instead of taking the machine down.
+Peak memory = `ru_maxrss` after the run minus `ru_maxrss` after creating the model and inputs.
+Rows: `original`; `ours` (default config: per-frame SDPA blocks, oneDNN linears for CPU inference);
+`ours-mkl` (same, plain `F.linear`, to isolate the oneDNN gain); `ours-masked` (one SDPA call with a
+boolean block-causal mask, plain `F.linear`; batches <= 30 only). Wall and process CPU seconds are
+both printed (best of the repeats); on a shared machine the CPU-time ratio is the steadier one.
+Also measured: a 5-step rollout at batch 30 from 3 context frames, KV-cached `step` vs recomputing
+`forward` on the last 3 frames each step (the original's way).
+
+    python benchmarks/bench_predictor.py [--batches 1 30 300] [--limit-gb 12] [--timeout 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch import Tensor, nn
+
+from wm.predictor import Predictor, PredictorConfig, num_params
+
+FRAMES, GRID, TOKEN_DIM = 3, (14, 14), 404
+PATCHES = GRID[0] * GRID[1]
+ROLLOUT_STEPS = 5
+
+
+# ----------------------------------------------------------------------------- original design
+
+
+class _OrigAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, head_dim**-0.5
+        self.norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
+        self.attn_drop = nn.Dropout(dropout)
+        self.to_out = nn.Sequential(nn.Linear(heads * head_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(self.norm(x)).chunk(3, dim=-1)  # (B, N, H*hd) each
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
+        scores = q @ k.transpose(-1, -2) * self.scale + mask  # (B, H, N, N), materialized
+        attn = self.attn_drop(scores.softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)  # (B, N, H*hd)
+        return self.to_out(out)
+
+
+class OriginalPredictor(nn.Module):
+    """The original DINO-WM predictor design (pre-LN ViT, learned (T*P, D) positions, manual attention)."""
+
+    def __init__(
+        self,
+        frames: int,
+        patches: int,
+        dim: int,
+        depth: int = 6,
+        heads: int = 16,
+        head_dim: int = 64,
+        mlp_dim: int = 2048,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.randn(1, frames * patches, dim))
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            ff = nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, mlp_dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(mlp_dim, dim),
+                nn.Dropout(dropout),
+            )
+            self.layers.append(nn.ModuleList([_OrigAttention(dim, heads, head_dim, dropout), ff]))
+        self.norm = nn.LayerNorm(dim)
+        frame = torch.arange(frames).repeat_interleave(patches)  # (T*P,) frame of each token
+        allowed = frame[:, None] >= frame[None, :]
+        self.register_buffer("mask", torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T, P, D) -> (B, T, P, D)."""
+        b, t, p, d = tokens.shape
+        x = tokens.reshape(b, t * p, d) + self.pos_embedding[:, : t * p]  # (B, T*P, D)
+        x = self.drop(x)
+        mask = self.mask[: t * p, : t * p]
+        for attn, ff in self.layers:
+            x = attn(x, mask) + x
+            x = ff(x) + x
+        return self.norm(x).reshape(b, t, p, d)
+
+
+MODELS = {
+    "ours": {},
+    "ours-mkl": {"onednn": False},  # plain F.linear (MKL sgemm): isolates the oneDNN linear kernels
+    "ours-masked": {"attention": "masked", "onednn": False},  # one SDPA call with a boolean mask
+}
+
+
+def build(model: str) -> nn.Module:
+    if model == "original":
+        return OriginalPredictor(FRAMES, PATCHES, TOKEN_DIM).eval()
+    cfg = PredictorConfig(
+        in_dim=TOKEN_DIM, out_dim=TOKEN_DIM, dim=TOKEN_DIM, max_frames=FRAMES, **MODELS[model]
+    )
+    return Predictor(cfg).eval()
+
+
+def run_forward(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x) if isinstance(model, OriginalPredictor) else model(x, GRID)
+
+
+# ----------------------------------------------------------------------------- worker (one subprocess)
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _vm_size_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn(); CPU time is steadier on a shared machine."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _rollout(model: Predictor, ctx: Tensor, future: Tensor, cached: bool) -> None:
+    """Predict ROLLOUT_STEPS frames from FRAMES context frames (the next inputs are `future`)."""
+    if cached:
+        cache = model.init_cache(ctx.shape[0], GRID)
+        for i in range(FRAMES):  # prefill: the last context step gives the first prediction
+            _, cache = model.step(ctx[:, i], GRID, cache)
+        for i in range(ROLLOUT_STEPS - 1):
+            _, cache = model.step(future[:, i], GRID, cache)
+    else:
+        frames = torch.cat([ctx, future], dim=1)  # (B, FRAMES + steps - 1, P, D)
+        for i in range(ROLLOUT_STEPS):
+            model(frames[:, i : i + FRAMES], GRID)  # recompute the whole window
+
+
+def worker(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build(args.model)
+    x = torch.randn(args.batch, FRAMES, PATCHES, TOKEN_DIM)
+    future = torch.randn(args.batch, ROLLOUT_STEPS - 1, PATCHES, TOKEN_DIM)
+    with torch.inference_mode():
+        run_forward(model, x[:1])  # warm-up at batch 1 (cheap; keeps batch 300 to a single run)
+        base_rss = _maxrss_mb()
+        limit = _vm_size_bytes() + int(args.limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if args.rollout is not None:
+            fn = lambda: _rollout(model, x, future, args.rollout == "cached")  # noqa: E731
+        else:
+            fn = lambda: run_forward(model, x)  # noqa: E731
+        runs = [_timed(fn) for _ in range(args.repeats)]
+    return {
+        "seconds": min(r[0] for r in runs),
+        "cpu_seconds": min(r[1] for r in runs),
+        "all_seconds": [r[0] for r in runs],
+        "peak_mb": _maxrss_mb() - base_rss,
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def launch(model: str, batch: int, args: argparse.Namespace, rollout: str | None = None) -> dict:
+    """Run one configuration in a fresh subprocess; a failure comes back as {"error": reason}."""
+    repeats = 5 if batch == 1 else 2 if batch <= 30 and model != "original" and not rollout else 1
+    cmd = [sys.executable, __file__, "--worker", "--model", model, "--batch", str(batch)]
+    cmd += ["--repeats", str(repeats), "--limit-gb", str(args.limit_gb), "--threads", str(args.threads)]
+    if rollout:
+        cmd += ["--rollout", rollout]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {args.timeout} s"}
+    if proc.returncode != 0:
+        oom = any(s in proc.stderr for s in ("MemoryError", "DefaultCPUAllocator", "not enough memory"))
+        if oom or proc.returncode in (-9, 137):
+            return {"error": f"out of memory (limit {args.limit_gb:g} GB)"}
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"error": f"failed: {tail[0][:60]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def row(name: str, batch: int, r: dict, ref: dict | None) -> str:
+    if "error" in r:
+        return f"{name:<12} {batch:>5}   {r['error']}"
+    speed = "-"
+    if ref and "seconds" in ref and r is not ref:
+        speed = f"{ref['seconds'] / r['seconds']:.1f}x / {ref['cpu_seconds'] / r['cpu_seconds']:.1f}x"
+    return (
+        f"{name:<12} {batch:>5} {r['seconds']:>9.3f} {r['cpu_seconds']:>9.3f} {r['peak_mb']:>9.0f}   {speed}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 30, 300])
+    p.add_argument("--models", nargs="+", default=["original", "ours", "ours-mkl", "ours-masked"])
+    p.add_argument("--limit-gb", type=float, default=12.0, help="address-space limit per run (GB)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-rollout", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--rollout", choices=["cached", "recompute"], default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32, inference_mode, {FRAMES} frames x")
+    print(f"{PATCHES} patches ({FRAMES * PATCHES} tokens), token dim {TOKEN_DIM}; load avg {os.getloadavg()}")
+    for m in args.models:
+        print(f"  {m:<12} {num_params(build(m)) / 1e6:.2f}M parameters")
+    print(
+        f"\n{'model':<12} {'batch':>5} {'wall s':>9} {'cpu s':>9} {'peak MB':>9}   orig / this (wall / cpu)"
+    )
+    for batch in args.batches:
+        ref = None
+        for m in args.models:
+            if m == "ours-masked" and batch > 30:
+                continue  # the SDPA math kernel; slow, shown at small batches only
+            r = launch(m, batch, args)
+            ref = r if m == "original" else ref
+            print(row(m, batch, r, ref), flush=True)
+
+    if not args.no_rollout:
+        print(f"\nrollout (ours), batch 30: {ROLLOUT_STEPS} predicted frames from {FRAMES} context frames")
+        roll = {mode: launch("ours", 30, args, rollout=mode) for mode in ("recompute", "cached")}
+        for mode, r in roll.items():
+            print(row(mode, 30, r, roll["recompute"]), flush=True)
+    print(f"\nload avg at the end {os.getloadavg()} (shared machine: compare rows of the same run)")
+
+
+if __name__ == "__main__":
+    main()
