@@ -160,9 +160,9 @@ def _run_batch(
                 active[e] = False
     out = []
     for e, task in enumerate(tasks):
-        out.append(
-            EpisodeResult(seeds[e], task.is_success(), int(steps[e]), task.goal_distance(), plan_times[e])
-        )
+        result = EpisodeResult(seeds[e], task.is_success(), int(steps[e]), task.goal_distance())
+        result.plan_seconds, result.act_seconds = plan_times[e], float(act_seconds[e])
+        out.append(result)
         if video_dir is not None and frames[e]:
             write_video(Path(video_dir) / f"episode_{seeds[e]:04d}.mp4", frames[e], fps=task.control_hz)
     return out

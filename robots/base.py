@@ -92,7 +92,9 @@ class RobotBase(ABC):
         keys = {k: f.key_spec() for k, f in self.observation_features.items()}
         keys["action"] = self.action_feature.key_spec()
         keys["timestamp"] = KeySpec((), "float64", "timestamp", units="s")
-        return Schema(keys=keys, fps=self.control_hz, action_space=self.action_space, robot=self.name, task=task)
+        return Schema(
+            keys=keys, fps=self.control_hz, action_space=self.action_space, robot=self.name, task=task
+        )
 
     # ------------------------------------------------------------------ connection
     @property
@@ -137,7 +139,11 @@ class RobotBase(ABC):
         if not np.all(np.isfinite(a)):
             raise ActionError(f"{self.name}: action has non-finite values {a.tolist()}; refused")
         if feat.low is not None or feat.high is not None:
-            a = np.clip(a, feat.low if feat.low is not None else -np.inf, feat.high if feat.high is not None else np.inf)
+            a = np.clip(
+                a,
+                feat.low if feat.low is not None else -np.inf,
+                feat.high if feat.high is not None else np.inf,
+            )
         return a.astype(feat.dtype)
 
     def send_action(self, action: np.ndarray) -> np.ndarray:
