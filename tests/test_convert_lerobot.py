@@ -232,3 +232,29 @@ def test_missing_data_files_is_a_store_error(tmp_path):
         lerobot_to_store(tmp_path / "src", tmp_path / "out.zarr")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_scalar_and_one_dim_keys_round_trip(tmp_path):
+    """Per-step scalars (e.g. wm-collect's loop_dt) and 1-d actions: LeRobot 0.4.4 stores (1,)
+    features as scalar columns, which its save_episode cannot take as (1,) arrays."""
+    schema = Schema(
+        keys={
+            "image": KeySpec((8, 8, 3), "uint8", "image"),
+            "action": KeySpec((1,), "float32", "action"),
+            "loop_dt": KeySpec((), "float32", "lowdim"),
+        },
+        fps=10,
+    )
+    store = DemoStore.create(tmp_path / "s.zarr", schema)
+    for e in range(2):
+        store.append_episode(
+            {
+                "image": np.full((5, 8, 8, 3), e, np.uint8),
+                "action": np.arange(5.0, dtype=np.float32)[:, None] + e,
+                "loop_dt": np.full(5, 0.1, np.float32),
+            }
+        )
+    store_to_lerobot(store, tmp_path / "lr")
+    back = lerobot_to_store(tmp_path / "lr", tmp_path / "back.zarr")
+    np.testing.assert_array_equal(back.get_episode(1)["action"], store.get_episode(1)["action"])
+    np.testing.assert_allclose(back.get_episode(0)["loop_dt"].ravel(), 0.1, rtol=1e-6)

@@ -469,10 +469,19 @@ def _write_lerobot(store: DemoStore, dst: Path, repo_id: str, use_videos: bool) 
             if ts_key is not None:
                 ts = ep[ts_key].reshape(n, -1)[:, 0]
                 _set_timestamps(ds, ts, fps, use_videos, f"{store.path}: key {ts_key!r}, episode {i}")
+            _squeeze_scalar_features(ds, features)
             ds.save_episode()
     finally:
         ds.stop_image_writer()
         ds.finalize()
+
+
+def _squeeze_scalar_features(ds: Any, features: dict[str, dict[str, Any]]) -> None:
+    """LeRobot 0.4.4 validates (1,)-shaped features as arrays in add_frame but writes them as a scalar
+    column in save_episode, which fails on (1,) arrays: make the buffered values 0-d before saving."""
+    for name, ft in features.items():
+        if ft["dtype"] not in ("image", "video") and tuple(ft["shape"]) == (1,):
+            ds.episode_buffer[name] = [np.asarray(x).reshape(()) for x in ds.episode_buffer[name]]
 
 
 def _frame_value(v: np.ndarray, feature: dict[str, Any]) -> Any:
