@@ -26,7 +26,7 @@ class GraphConfig:
     stride: int = 5  # one node every `stride` steps of each episode (the world model's frameskip)
     neighbors: int = 8  # shortcut candidates per node
     shortcut_quantile: float = 0.9  # shortcuts no longer than this quantile of consecutive-node distances
-    lookahead: int = 3  # hops along the path to the subgoal (about the planning horizon)
+    lookahead: int = 3  # subgoal distance along the path, in typical consecutive-node steps (~ the horizon)
     goal_reach: float = 1.0  # aim at the goal itself when it lies within this many hops' distance
 
     def __post_init__(self) -> None:
@@ -113,12 +113,18 @@ class LatentGraph:
         return None if i is None else {k: v[i] for k, v in self.latents.items()}
 
     def subgoal_index(self, current: torch.Tensor, goal: torch.Tensor) -> int | None:
-        """Index of the node `lookahead` hops along the shortest path from `current` to `goal` (vectors),
-        or None when the goal lies within reach."""
-        if (current - goal).norm() <= self.cfg.goal_reach * self.cfg.lookahead * self.step_length:
+        """Index of the first node on the shortest path from `current` to `goal` (vectors) that lies at
+        least `lookahead` typical steps from `current` in latent distance, or None when the goal lies
+        within that reach. Measured in distance, not hops: shortcut edges join near-duplicate nodes
+        (the same place passed in several episodes), so hops alone say little about progress."""
+        reach = self.cfg.lookahead * self.step_length
+        if (current - goal).norm() <= self.cfg.goal_reach * reach:
             return None
         p = self.path(self.nearest(current), self.nearest(goal))
-        return None if len(p) <= self.cfg.lookahead else p[self.cfg.lookahead]
+        for i in p[1:]:
+            if (self.vectors[i] - current).norm() >= reach:
+                return i
+        return None
 
 
 class SubgoalMPC:

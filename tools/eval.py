@@ -8,6 +8,7 @@ of success against planner iterations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class EvalConfig:
     subgoals: str = "auto"
     graph: dict[str, Any] = field(default_factory=dict)
     budgets: list[int] = field(default_factory=list)
+    objective: str = "checkpoint"
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -49,6 +51,8 @@ class EvalConfig:
             )
         if self.episodes < 1 or self.parallel < 1:
             raise ValueError("episodes and parallel must be >= 1")
+        if self.objective not in ("checkpoint", "last_frame", "all_frames"):
+            raise ValueError(f"objective must be checkpoint, last_frame or all_frames: {self.objective!r}")
         if self.subgoals not in ("auto", "on", "off"):
             raise ValueError(f"subgoals must be auto, on or off, got {self.subgoals!r}")
 
@@ -69,6 +73,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         from wm.dino_wm import load_world_model
 
         model, ckpt = load_world_model(cfg.checkpoint, device)
+        if cfg.objective != "checkpoint":  # the planning objective is the model's cost; override it here
+            model.cfg = dataclasses.replace(model.cfg, cost_all_frames=cfg.objective == "all_frames")
         opts["image_size"] = model.cfg.image_size
         setup = ckpt.get("extra", {}).get("run_config", {})
         image_keys = [model.cfg.image_key]
