@@ -18,17 +18,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Main job. Until the end-to-end world-model demo lands, it records a small real-physics sample
-# store and describes it (text report plus a contact sheet PNG).
+# Main job: expert demonstrations -> world model -> MPC to goals in another arm of the maze, beside a
+# random-action baseline (about 10-15 minutes on a 2-core CPU). Writes $(OUT)/demo/results.json.
 demo: $(STAMP)
-	$(PY) -m tools.sample_store out=$(OUT)/sample.zarr
-	$(VENV)/bin/wm-info store=$(OUT)/sample.zarr
+	$(VENV)/bin/wm-demo out=$(OUT)/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_sim.py
+	$(PY) benchmarks/bench_predictor.py
+	$(PY) benchmarks/bench_policy.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

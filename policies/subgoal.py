@@ -3,10 +3,12 @@
 An MPC planner minimizing the distance between predicted and goal latents is greedy beyond its
 horizon: in a U-shaped maze it presses against the wall between two arms. `LatentGraph` is the
 world model's memory of where the demonstrations went: nodes are latents of training frames
-(encoded by the world model's own encoder), edges join consecutive nodes of an episode and nodes
-whose latents are as close as consecutive ones. To plan toward a far goal, MPC aims at the node a
-fixed number of hops along the shortest path from the current latent to the goal's (the goal
-itself once it is that close). The graph never touches a simulator: it holds latents only.
+(encoded by the world model's own encoder), directed edges join each node to the next one of its
+episode (so a path follows demonstrated motion in its direction, which matters when latents carry
+velocities), and undirected shortcuts join nodes whose latents are as close as consecutive ones.
+To plan toward a far goal, MPC aims at the node about `lookahead` typical steps along the shortest
+path from the current latent to the goal's (the goal itself once it is that close). The graph
+never touches a simulator: it holds latents only.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ class GraphConfig:
     stride: int = 5  # one node every `stride` steps of each episode (the world model's frameskip)
     neighbors: int = 8  # shortcut candidates per node
     shortcut_quantile: float = 0.9  # shortcuts no longer than this quantile of consecutive-node distances
-    lookahead: int = 3  # subgoal distance along the path, in typical consecutive-node steps (~ the horizon)
+    lookahead: float = 2.0  # subgoal distance along the path, in typical consecutive-node steps
     goal_reach: float = 1.0  # aim at the goal itself when it lies within this many hops' distance
 
     def __post_init__(self) -> None:
-        if self.stride < 1 or self.neighbors < 1 or self.lookahead < 1:
-            raise ValueError("stride, neighbors and lookahead must be >= 1")
+        if self.stride < 1 or self.neighbors < 1 or not self.lookahead > 0:
+            raise ValueError("stride and neighbors must be >= 1 and lookahead > 0")
         if not 0 < self.shortcut_quantile <= 1:
             raise ValueError(f"shortcut_quantile must be in (0, 1], got {self.shortcut_quantile}")
 
@@ -47,8 +49,9 @@ def latent_vectors(z: Latent, proprio_weight: float) -> torch.Tensor:
 
 
 class LatentGraph:
-    """Nodes: latents (N, ...) of training frames with their episode ids; edges: consecutive steps and
-    short shortcuts. `latents` keeps the full node latents, so a subgoal can be handed to a planner."""
+    """Nodes: latents (N, ...) of training frames with their episode ids; edges: consecutive steps
+    (directed, forward in time) and short shortcuts (both ways). `latents` keeps the full node
+    latents, so a subgoal can be handed to a planner."""
 
     def __init__(self, latents: Latent, episode: np.ndarray, cfg: GraphConfig, proprio_weight: float) -> None:
         self.cfg = cfg
@@ -61,8 +64,8 @@ class LatentGraph:
         step = (self.vectors[1:] - self.vectors[:-1]).norm(dim=1).numpy()
         consecutive = step[same]
         self.step_length = float(np.median(consecutive)) if len(consecutive) else 1.0
-        for i in np.flatnonzero(same):
-            self._edge(int(i), int(i) + 1, float(step[i]))
+        for i in np.flatnonzero(same):  # forward in time only: a path follows demonstrated motion
+            self.adj[int(i)].append((int(i) + 1, float(step[i])))
         limit = float(np.quantile(consecutive, cfg.shortcut_quantile)) if len(consecutive) else 0.0
         d = torch.cdist(self.vectors, self.vectors)  # (N, N)
         k = min(cfg.neighbors + 1, n)
@@ -76,28 +79,37 @@ class LatentGraph:
         self.adj[i].append((j, w))
         self.adj[j].append((i, w))
 
-    def nearest(self, v: torch.Tensor) -> int:
-        return int((self.vectors - v[None]).norm(dim=1).argmin())
+    def nearest(self, v: torch.Tensor, k: int = 1) -> list[tuple[int, float]]:
+        """The `k` nodes nearest to vector `v`, with their distances."""
+        d = (self.vectors - v[None]).norm(dim=1)
+        dist, idx = d.topk(min(k, len(d)), largest=False)
+        return list(zip(idx.tolist(), dist.tolist(), strict=True))
 
-    def path(self, src: int, dst: int) -> list[int]:
-        """Shortest path by summed latent distance (Dijkstra); [src] alone if dst is unreachable."""
-        dist, prev = {src: 0.0}, {}
-        heap = [(0.0, src)]
+    def path(self, sources: list[tuple[int, float]], targets: list[tuple[int, float]]) -> list[int]:
+        """Shortest path (Dijkstra on summed latent distance) from any source to any target, where
+        sources and targets are (node, distance to the query) pairs: starting at a source costs its
+        distance, and so does finishing at a target. Empty when no target is reachable."""
+        finish = dict(targets)
+        dist = {u: d for u, d in sources}
+        prev: dict[int, int] = {}
+        heap = [(d, u) for u, d in sources]
+        heapq.heapify(heap)
+        best, best_end = np.inf, None
         while heap:
             d, u = heapq.heappop(heap)
-            if u == dst:
-                break
-            if d > dist.get(u, np.inf):
+            if d > dist.get(u, np.inf) or d >= best:
                 continue
+            if u in finish and d + finish[u] < best:
+                best, best_end = d + finish[u], u
             for v, w in self.adj[u]:
                 nd = d + w
                 if nd < dist.get(v, np.inf):
                     dist[v], prev[v] = nd, u
                     heapq.heappush(heap, (nd, v))
-        if dst not in dist:
-            return [src]
-        out = [dst]
-        while out[-1] != src:
+        if best_end is None:
+            return []
+        out = [best_end]
+        while out[-1] in prev:
             out.append(prev[out[-1]])
         return out[::-1]
 
@@ -113,18 +125,24 @@ class LatentGraph:
         return None if i is None else {k: v[i] for k, v in self.latents.items()}
 
     def subgoal_index(self, current: torch.Tensor, goal: torch.Tensor) -> int | None:
-        """Index of the first node on the shortest path from `current` to `goal` (vectors) that lies at
-        least `lookahead` typical steps from `current` in latent distance, or None when the goal lies
-        within that reach. Measured in distance, not hops: shortcut edges join near-duplicate nodes
-        (the same place passed in several episodes), so hops alone say little about progress."""
+        """Index of the node to aim at on the shortest path from `current` to `goal` (vectors), or None
+        when the goal lies within reach. The walk starts at the path node closest to `current` (the
+        path may begin at a node slightly behind) and takes the first later node at least `lookahead`
+        typical steps away in latent distance. Distance, not hops: shortcut edges join near-duplicate
+        nodes (the same place passed in several episodes), so hops alone say little about progress."""
         reach = self.cfg.lookahead * self.step_length
         if (current - goal).norm() <= self.cfg.goal_reach * reach:
             return None
-        p = self.path(self.nearest(current), self.nearest(goal))
-        for i in p[1:]:
-            if (self.vectors[i] - current).norm() >= reach:
-                return i
-        return None
+        k = self.cfg.neighbors
+        # More candidates at the goal: a resting goal state resembles episode starts, which no edge enters.
+        found = self.path(self.nearest(current, k), self.nearest(goal, 4 * k))
+        if not found:
+            return None
+        path = torch.tensor(found)
+        dist = (self.vectors[path] - current[None]).norm(dim=1)  # (len(path),)
+        start = int(dist.argmin())
+        ahead = torch.nonzero(dist[start:] >= reach).flatten()
+        return None if len(ahead) == 0 else int(path[start + int(ahead[0])])
 
 
 class SubgoalMPC:

@@ -112,8 +112,11 @@ class Collector:
     on_episode: Callable[[SessionStats], None] | None = None
     preview: Preview | None = None
     stats: SessionStats = field(default_factory=SessionStats)
+    _episode_t0: float = field(default=0.0, init=False, repr=False)
 
     def _clock(self) -> Clock:
+        """A new episode's clock; also marks the episode's wall-clock start."""
+        self._episode_t0 = time.monotonic()
         return MonotonicClock() if self.realtime else ManualClock(time.monotonic())
 
     def _noise(self, rng: np.random.Generator, action: np.ndarray, std: float) -> np.ndarray:
@@ -137,7 +140,9 @@ class Collector:
         self.stats.saved += 1
         self.stats.successes += int(success)
         self.stats.overruns += loop.overruns
-        self.stats.loop_hz.append(loop.achieved_hz)
+        # Achieved rate in wall-clock time (a ManualClock's own rate is nominal by construction).
+        wall = time.monotonic() - self._episode_t0
+        self.stats.loop_hz.append(loop.tick / wall if wall > 0 else loop.achieved_hz)
         if self.on_episode is not None:
             self.on_episode(self.stats)
 
@@ -197,6 +202,7 @@ class Collector:
                     obs = self.task.reset(self.seed + self.store.n_episodes)  # a fresh sampled start
                     writer, recording, last = self.store.begin_episode(), True, None
                     loop.restart()
+                    self._episode_t0 = time.monotonic()
                 action = mapper(state, obs)
                 now = loop.clock.now()
                 if recording:

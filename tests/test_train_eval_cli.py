@@ -1,0 +1,122 @@
+"""wm-train and wm-eval end to end through their console scripts, with tiny models and budgets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def cli(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def maze(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "maze.zarr"
+    res = cli("wm-collect", "task=pointmaze", "episodes=6", f"store={path}", "image_size=32", "noise_std=0.3")
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+TINY_WM = [
+    "model.encoder.cnn_channels=[8,16]",
+    "model.encoder.cnn_stride=4",
+    "model.encoder.cnn_dim=16",
+    "model.predictor_dim=32",
+    "model.predictor_depth=1",
+    "model.predictor_heads=2",
+    "model.predictor_head_dim=16",
+    "model.predictor_mlp_dim=32",
+    "model.decoder_channels=[16,8]",
+]
+
+
+def test_world_model_train_then_mpc_eval(maze, tmp_path):
+    run = tmp_path / "wm"
+    res = cli(
+        "wm-train",
+        "model=dino_wm",
+        "task=pointmaze",
+        f"store={maze}",
+        f"out={run}",
+        "trainer.steps=4",
+        "trainer.batch_size=8",
+        "trainer.val_every=4",
+        "trainer.log_every=2",
+        *TINY_WM,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["out"] == str(run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_type"] == "dino_wm" and config["run_config"]["store"] == str(maze)
+
+    out = tmp_path / "eval"
+    res = cli(
+        "wm-eval",
+        "task=pointmaze",
+        "controller=mpc",
+        f"checkpoint={run}",
+        "episodes=2",
+        "parallel=2",
+        f"out={out}",
+        "max_steps=6",
+        "videos=1",
+        "planner.samples=8",
+        "planner.elites=2",
+        "planner.iterations=1",
+        "planner.horizon=2",
+        "budgets=[1,2]",
+        "+task_options.goal_mode=other_arm",
+    )
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["episodes"] == 2 and 0.0 <= results["success_rate"] <= 1.0
+    assert results["subgoal_replans"] >= 0 and len(results["budgets"]) == 2
+    assert (out / "success_vs_budget.png").exists() and len(list((out / "videos").glob("*.mp4"))) == 1
+
+    res = cli("wm-eval", "task=arm_push", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}")
+    assert res.returncode == 2 and "another task" in res.stderr
+
+
+def test_diffusion_policy_train_then_eval(maze, tmp_path):
+    run = tmp_path / "dp"
+    res = cli(
+        "wm-train",
+        "model=diffusion_unet",
+        "task=pointmaze",
+        f"store={maze}",
+        f"out={run}",
+        "trainer.steps=3",
+        "trainer.batch_size=4",
+        "trainer.val_every=3",
+        "model.unet.down_dims=[16,32]",
+        "model.unet.n_groups=8",
+        "model.obs.crop=null",
+        "model.obs.backbone=patch",
+        "+model.obs.patch_encoder={name: cnn, cnn_channels: [8, 16], cnn_stride: 4, cnn_dim: 16}",
+    )
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "eval_dp"
+    res = cli(
+        "wm-eval",
+        "task=pointmaze",
+        "controller=policy",
+        f"checkpoint={run}",
+        "episodes=2",
+        "parallel=2",
+        f"out={out}",
+        "max_steps=5",
+        "videos=0",
+    )
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["episodes"] == 2 and results["action_seconds_per_step"] > 0
+
+    res = cli("wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}")
+    assert res.returncode == 2 and "expected 'dino_wm'" in res.stderr
