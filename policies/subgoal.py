@@ -133,9 +133,13 @@ class LatentGraph:
         reach = self.cfg.lookahead * self.step_length
         if (current - goal).norm() <= self.cfg.goal_reach * reach:
             return None
-        k = self.cfg.neighbors
-        # More candidates at the goal: a resting goal state resembles episode starts, which no edge enters.
-        found = self.path(self.nearest(current, k), self.nearest(goal, 4 * k))
+        # More candidates at the goal: a resting goal state resembles episode starts, which no edge
+        # enters; widen both candidate sets until some path connects them.
+        found: list[int] = []
+        for k in (self.cfg.neighbors, 4 * self.cfg.neighbors, 16 * self.cfg.neighbors):
+            found = self.path(self.nearest(current, k), self.nearest(goal, 4 * k))
+            if found:
+                break
         if not found:
             return None
         path = torch.tensor(found)
