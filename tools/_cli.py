@@ -12,7 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from robots.base import RobotError
 from robots.teleop.base import DeviceNotFoundError
+from wm.checkpoint import CheckpointError
 from wm.data.errors import StoreError
+from wm.encoders import EncoderWeightsError
+from wm.feature_cache import FeatureCacheError
 
 T = TypeVar("T")
 
@@ -35,6 +38,9 @@ def run(fn: Callable[[], int | None]) -> None:
         StoreError,
         RobotError,
         DeviceNotFoundError,
+        CheckpointError,
+        EncoderWeightsError,
+        FeatureCacheError,
         ValueError,
         FileExistsError,
         FileNotFoundError,

@@ -50,21 +50,26 @@ def train(cfg: TrainAppConfig) -> int:
     from wm.trainer import Trainer, TrainerConfig
 
     check_task(cfg)
-    model_type = cfg.model["type"]
-    if model_type == "dino_wm":
-        from wm.training import setup_dino_wm
+    from wm.training import setup_diffusion, setup_dino_wm
 
-        setup = setup_dino_wm(
-            cfg.store,
-            cfg.model,
-            image_key=cfg.image_key,
-            proprio_key=cfg.proprio_key,
-            val_ratio=cfg.val_ratio,
-            seed=cfg.seed,
-            in_memory=cfg.in_memory,
-        )
-    else:
-        raise ValueError(f"unknown model type {model_type!r}; valid: dino_wm")
+    builders = {
+        "dino_wm": setup_dino_wm,
+        "diffusion_unet": setup_diffusion,
+        "diffusion_transformer": setup_diffusion,
+    }
+    model_type = cfg.model["type"]
+    if model_type not in builders:
+        raise ValueError(f"unknown model type {model_type!r}; valid: {', '.join(builders)}")
+    setup = builders[model_type](
+        cfg.store,
+        cfg.model,
+        image_key=cfg.image_key,
+        proprio_key=cfg.proprio_key,
+        val_ratio=cfg.val_ratio,
+        seed=cfg.seed,
+        in_memory=cfg.in_memory,
+        feature_cache=cfg.feature_cache,
+    )
     run_config = json.loads(json.dumps(cfg.__dict__, default=str))
     trainer = Trainer(
         setup.model,

@@ -58,8 +58,11 @@ def setup_dino_wm(
     val_ratio: float,
     seed: int,
     in_memory: bool,
+    feature_cache: str = "auto",
 ) -> TrainSetup:
-    """Everything a DINO-WM training run needs, from the store at `store_path`."""
+    """Everything a DINO-WM training run needs, from the store at `store_path`. With a frozen encoder
+    and `feature_cache="auto"`, its patch features are computed once into a zarr cache beside the
+    store (`<store dir>/feature_cache/`) and training reads those instead of images."""
     with DemoStore.open(store_path) as store:
         image_key, proprio_key = data_keys(store, image_key, proprio_key)
         spec = store.schema.keys
@@ -79,11 +82,15 @@ def setup_dino_wm(
     )
     cfg = WorldModelConfig.from_dict(cfg_dict)
     model = DinoWorldModel(cfg, normalizer)
+    data_path = store_path
+    if not model.encoder.trainable and feature_cache == "auto":
+        from wm.feature_cache import build_feature_cache
+
+        cache_root = Path(store_path).resolve().parent / "feature_cache"
+        data_path = str(build_feature_cache(store_path, model.encoder, image_key, cache_root))
     window = model.window_spec(extra_steps=VAL_STEPS)
-    train_set = WindowDataset(store_path, model.window_spec(), train_eps, in_memory=in_memory)
-    val_set = (
-        WindowDataset(store_path, window, val_eps, in_memory=in_memory, train=False) if val_eps else None
-    )
+    train_set = WindowDataset(data_path, model.window_spec(), train_eps, in_memory=in_memory)
+    val_set = WindowDataset(data_path, window, val_eps, in_memory=in_memory, train=False) if val_eps else None
     return TrainSetup(model, train_set, val_set, normalizer, cfg.to_dict(), make_val_fn(val_set))
 
 
@@ -148,6 +155,7 @@ def setup_diffusion(
     val_ratio: float,
     seed: int,
     in_memory: bool,
+    feature_cache: str = "off",  # policies read images (their encoders train end to end)
 ) -> TrainSetup:
     """A diffusion-policy training run (model types diffusion_unet / diffusion_transformer)."""
     from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
