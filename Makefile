@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # Main job: expert demonstrations -> world model -> MPC to goals in another arm of the maze, beside a
-# random-action baseline (about 10-15 minutes on a 2-core CPU). Writes $(OUT)/demo/results.json.
+# random-action baseline (about 8 minutes on a 2-core CPU). Writes $(OUT)/demo/results.json.
 demo: $(STAMP)
 	$(VENV)/bin/wm-demo out=$(OUT)/demo
 
