@@ -7,6 +7,8 @@ keeps the finished episodes, and running again on the same store appends after t
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,17 @@ def sim_config(cfg: CollectConfig) -> SimConfig:
     return SimConfig(options=dict(cfg.task_options), **kwargs)
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C (and SIGTERM) end the session cleanly, keeping finished episodes, even when the process
+    inherited an ignored SIGINT (as background jobs of non-interactive shells do)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def collect(cfg: CollectConfig) -> int:
     task = make_task(cfg.task, sim_config(cfg))
     scripted = cfg.teleop == "scripted"
@@ -82,6 +95,8 @@ def collect(cfg: CollectConfig) -> int:
         preview=preview,
     )
     interrupted = False
+    if threading.current_thread() is threading.main_thread():
+        _stop_on_signals()
     try:
         with task:
             if scripted:
