@@ -30,6 +30,7 @@ import numpy as np
 
 from robots.base import Feature
 from robots.sim.base import SimConfig, SimTask, TaskEntry  # sets MUJOCO_GL before mujoco loads
+from robots.sim.mujoco_utils import get_physics, make_renderer, set_physics
 from wm.data.schema import ActionSpace
 
 # isort: split
@@ -156,10 +157,7 @@ class ArmPushTask(SimTask):
         self._home = self.solve_ik(HOME_EE, np.array([-1.2, 2.2, 0.6]))
         self._place(self._home, np.array([0.0, 0.35]), 0.0)
         if not self.config.state_only:
-            h, w = self.config.image_size
-            self._model.vis.global_.offwidth = max(w, self._model.vis.global_.offwidth)
-            self._model.vis.global_.offheight = max(h, self._model.vis.global_.offheight)
-            self._renderer = mujoco.Renderer(self._model, h, w)
+            self._renderer = make_renderer(self._model, self.config.image_size)
 
     def _disconnect(self) -> None:
         if self._renderer is not None:
@@ -275,9 +273,7 @@ class ArmPushTask(SimTask):
     # ------------------------------------------------------------------ privileged state
     def get_sim_state(self) -> dict[str, Any]:
         """Full MuJoCo integration state (time, qpos, qvel, act, warm start, ctrl), target and step count."""
-        spec = mujoco.mjtState.mjSTATE_INTEGRATION
-        physics = np.empty(mujoco.mj_stateSize(self._model, spec))
-        mujoco.mj_getState(self._model, self._data, physics, spec)
+        physics = get_physics(self._model, self._data)
         return {
             "physics": physics,
             "target": self.target.copy(),
@@ -286,8 +282,7 @@ class ArmPushTask(SimTask):
         }
 
     def set_sim_state(self, state: dict[str, Any]) -> None:
-        mujoco.mj_setState(self._model, self._data, state["physics"], mujoco.mjtState.mjSTATE_INTEGRATION)
-        mujoco.mj_forward(self._model, self._data)
+        set_physics(self._model, self._data, state["physics"])
         self.target = np.array(state["target"], dtype=np.float64)
         self.target_yaw = float(state["target_yaw"])
         self.steps = int(state["steps"])
