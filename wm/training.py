@@ -49,6 +49,24 @@ def data_keys(store: DemoStore, image_key: str | None, proprio_key: str | None) 
     return image_key, proprio_key
 
 
+def prepare_data(
+    store_path: str,
+    image_key: str | None,
+    proprio_key: str | None,
+    val_ratio: float,
+    seed: int,
+    proprio_mode: str,
+) -> tuple[str, str | None, dict[str, Any], list[int], list[int], Normalizer]:
+    """Keys, their specs, the seeded episode split, and a normalizer fitted on the training episodes
+    (actions min-max, proprioception `proprio_mode`)."""
+    with DemoStore.open(store_path) as store:
+        image_key, proprio_key = data_keys(store, image_key, proprio_key)
+        train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
+        modes = {"action": "minmax"} | ({proprio_key: proprio_mode} if proprio_key else {})
+        normalizer = Normalizer.fit(store, modes, episodes=train_eps)
+        return image_key, proprio_key, dict(store.schema.keys), train_eps, val_eps, normalizer
+
+
 def setup_dino_wm(
     store_path: str,
     model_cfg: dict[str, Any],
@@ -63,14 +81,9 @@ def setup_dino_wm(
     """Everything a DINO-WM training run needs, from the store at `store_path`. With a frozen encoder
     and `feature_cache="auto"`, its patch features are computed once into a zarr cache beside the
     store (`<store dir>/feature_cache/`) and training reads those instead of images."""
-    with DemoStore.open(store_path) as store:
-        image_key, proprio_key = data_keys(store, image_key, proprio_key)
-        spec = store.schema.keys
-        train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
-        modes = {"action": "minmax"}
-        if proprio_key:
-            modes[proprio_key] = "meanstd"
-        normalizer = Normalizer.fit(store, modes, episodes=train_eps)
+    image_key, proprio_key, spec, train_eps, val_eps, normalizer = prepare_data(
+        store_path, image_key, proprio_key, val_ratio, seed, proprio_mode="meanstd"
+    )
     cfg_dict = {k: v for k, v in model_cfg.items() if k != "type"}
     cfg_dict.update(
         image_key=image_key,
@@ -160,12 +173,9 @@ def setup_diffusion(
     """A diffusion-policy training run (model types diffusion_unet / diffusion_transformer)."""
     from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
 
-    with DemoStore.open(store_path) as store:
-        image_key, proprio_key = data_keys(store, image_key, proprio_key)
-        spec = store.schema.keys
-        train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
-        modes = {"action": "minmax"} | ({proprio_key: "minmax"} if proprio_key else {})
-        normalizer = Normalizer.fit(store, modes, episodes=train_eps)
+    image_key, proprio_key, spec, train_eps, val_eps, normalizer = prepare_data(
+        store_path, image_key, proprio_key, val_ratio, seed, proprio_mode="minmax"
+    )
     cfg_dict = {k: v for k, v in model_cfg.items() if k != "type"}
     obs = dict(cfg_dict.get("obs", {}))
     obs.update(
