@@ -90,6 +90,21 @@ class MPC:
     def last_plan_seconds(self) -> float | None:
         return self.plan_seconds[-1] if self.plan_seconds else None
 
+    @property
+    def needs_replan(self) -> bool:
+        """True when the next `select_action` will replan (the queue of the last chunk is empty)."""
+        return self._queue is None or self._queue.shape[1] == 0
+
+    @property
+    def goal_latent(self) -> Latent | None:
+        """The encoded goal every replan aims at (None before `set_goal`)."""
+        return self._goal
+
+    @goal_latent.setter
+    def goal_latent(self, goal: Latent) -> None:
+        """Aim the next replans at an already-encoded goal (a subgoal, say), leading dims (E, To)."""
+        self._goal = goal
+
     def set_goal(self, goal_obs: dict[str, torch.Tensor]) -> None:
         """Encode the goal observations (E, To, ...) once; every replan reuses the latent."""
         with torch.no_grad():
@@ -120,7 +135,7 @@ class MPC:
 
     def select_action(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The next raw action (E, Da); replans (from obs) only when the queue of the last chunk is empty."""
-        if self._queue is None or self._queue.shape[1] == 0:
+        if self.needs_replan:
             self._queue = self.predict_action_chunk(obs)
         action, self._queue = self._queue[:, 0], self._queue[:, 1:]
         return action

@@ -171,7 +171,7 @@ class SubgoalMPC:
 
     def set_goal(self, goal_obs: dict[str, torch.Tensor]) -> None:
         self.mpc.set_goal(goal_obs)
-        self._final = self.mpc._goal
+        self._final = self.mpc.goal_latent
 
     def reset(self) -> None:
         self.mpc.reset()
@@ -188,13 +188,13 @@ class SubgoalMPC:
                 self.subgoal_count += 1
                 for k, v in sub.items():
                     goal[k][e, -1] = v.to(goal[k])
-        self.mpc._goal = goal
+        self.mpc.goal_latent = goal
 
     def predict_action_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         self._retarget(obs)
         return self.mpc.predict_action_chunk(obs)
 
     def select_action(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.mpc._queue is None or self.mpc._queue.shape[1] == 0:
+        if self.mpc.needs_replan:
             self._retarget(obs)
         return self.mpc.select_action(obs)

@@ -420,3 +420,46 @@ def test_resnet18_spatial_softmax_encoder_trains():
     policy.eval()
     out = policy.predict_action_chunk({k: batch[k] for k in ("front", "wrist", "proprio")})
     assert out.shape == (3, 4, 2) and torch.isfinite(out).all()
+
+
+def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(store_path, tmp_path):
+    import shutil
+
+    from wm.training import setup_diffusion
+
+    src = tmp_path / "toy.zarr"
+    shutil.copytree(store_path, src)
+    model_cfg = {
+        "type": "diffusion_unet",
+        "n_obs": N_OBS,
+        "horizon": HORIZON,
+        "n_action_exec": N_EXEC,
+        "unet": {"down_dims": [32, 64], "step_embed_dim": 32},
+        "obs": {
+            "backbone": "patch",
+            "crop": None,
+            "feature_dim": 16,
+            "patch_encoder": {"name": "resnet18", "allow_random": True},
+        },
+    }
+    kw = dict(image_key="image", proprio_key="proprio", val_ratio=0.0, seed=0, in_memory=True)
+    setup = setup_diffusion(str(src), model_cfg, **kw)
+    assert (
+        setup.train_set.path.parent == tmp_path / "feature_cache"
+    )  # frozen encoder: training reads the cache
+    images = WindowDataset(src, setup.model.window_spec(), in_memory=True)
+    idx = [0, 5, 17]
+    cached, raw = setup.train_set.get_batch(idx), images.get_batch(idx)
+    assert cached["image"].ndim == 4 and raw["image"].ndim == 5  # (B, To, P, D) tokens vs (B, To, C, H, W)
+    enc = setup.model.obs_encoder.eval()
+    with torch.no_grad():
+        a = enc({"image": cached["image"], "proprio": cached["proprio"]})
+        b = enc({"image": raw["image"], "proprio": raw["proprio"]})
+    torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)  # float16 cache
+    setup.model.train()
+    assert torch.isfinite(setup.model.compute_loss(cached)[0])
+
+    off = setup_diffusion(str(src), model_cfg, **kw, feature_cache="off")
+    assert off.train_set.path == src
+    model_cfg["obs"]["crop"] = [12, 12]  # random crops need pixels: images, whatever feature_cache says
+    assert setup_diffusion(str(src), model_cfg, **kw).train_set.path == src

@@ -7,6 +7,7 @@ held-out episodes and saves decoded prediction strips as PNG.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.data.windows import split_episodes
 from wm.dino_wm import DinoWorldModel, WorldModelConfig
+
+log = logging.getLogger(__name__)
 
 VAL_STEPS = 3  # open-loop steps for the multi-step validation error
 
@@ -168,9 +171,14 @@ def setup_diffusion(
     val_ratio: float,
     seed: int,
     in_memory: bool,
-    feature_cache: str = "off",  # policies read images (their encoders train end to end)
+    feature_cache: str = "auto",
 ) -> TrainSetup:
-    """A diffusion-policy training run (model types diffusion_unet / diffusion_transformer)."""
+    """A diffusion-policy training run (model types diffusion_unet / diffusion_transformer).
+
+    With `obs.backbone=patch`, a frozen patch encoder (a pretrained DINOv2, say), one camera, no crop
+    and `feature_cache="auto"`, the camera's patch features are computed once into the same cache
+    the world model uses and training reads them; the policy still takes images at inference. A
+    trainable encoder, random crops (they need pixels) or several cameras read images."""
     from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
 
     image_key, proprio_key, spec, train_eps, val_eps, normalizer = prepare_data(
@@ -191,11 +199,34 @@ def setup_diffusion(
         raise ValueError(f"model type {model_cfg['type']!r} with denoiser {cfg.denoiser!r}; use {expected!r}")
     policy = DiffusionPolicy(cfg, normalizer)
     spec_w = policy.window_spec()
-    train_set = WindowDataset(store_path, spec_w, train_eps, in_memory=in_memory)
-    val_set = (
-        WindowDataset(store_path, spec_w, val_eps, in_memory=in_memory, train=False) if val_eps else None
-    )
+    data_path = _policy_feature_cache(policy, store_path, feature_cache)
+    train_set = WindowDataset(data_path, spec_w, train_eps, in_memory=in_memory)
+    val_set = WindowDataset(data_path, spec_w, val_eps, in_memory=in_memory, train=False) if val_eps else None
     return TrainSetup(policy, train_set, val_set, normalizer, cfg.to_dict(), make_policy_val_fn(val_set))
+
+
+def _policy_feature_cache(policy: Any, store_path: str, feature_cache: str) -> str:
+    """The store a policy trains from: the feature cache when it applies (see `setup_diffusion`)."""
+    oc = policy.cfg.obs
+    if feature_cache != "auto" or oc.backbone != "patch":
+        return store_path
+    encoders = [cam.encoder for cam in policy.obs_encoder.cameras.values()]
+    if any(e.trainable for e in encoders):
+        return store_path
+    why = (
+        "several cameras (the cache holds one)"
+        if len(oc.image_keys) > 1
+        else f"random crops to {oc.crop} need pixels (set model.obs.crop=null to train from the cache)"
+        if oc.crop is not None and tuple(oc.crop) != tuple(oc.image_size)
+        else None
+    )
+    if why is not None:
+        log.info("feature cache not used: %s", why)
+        return store_path
+    from wm.feature_cache import build_feature_cache
+
+    cache_root = Path(store_path).resolve().parent / "feature_cache"
+    return str(build_feature_cache(store_path, encoders[0], oc.image_keys[0], cache_root))
 
 
 def make_policy_val_fn(val_set: WindowDataset | None, n_batches: int = 2, batch_size: int = 32) -> Any:
