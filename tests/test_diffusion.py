@@ -422,6 +422,7 @@ def test_resnet18_spatial_softmax_encoder_trains():
     assert out.shape == (3, 4, 2) and torch.isfinite(out).all()
 
 
+@pytest.mark.filterwarnings("ignore:encoder 'resnet18' runs with RANDOM weights")
 def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(store_path, tmp_path):
     import shutil
 
@@ -463,3 +464,51 @@ def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(st
     assert off.train_set.path == src
     model_cfg["obs"]["crop"] = [12, 12]  # random crops need pixels: images, whatever feature_cache says
     assert setup_diffusion(str(src), model_cfg, **kw).train_set.path == src
+
+
+def test_unet_inference_paths_match_training_path():
+    """The no-autograd conv paths (oneDNN fp32, bf16 matrix products) compute what nn.Conv1d does;
+    the bf16 weight copies follow the fp32 weights when those change."""
+    from policies.diffusion.unet import ConditionalUnet1D, set_conv_precision
+
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(UNetConfig(down_dims=(32, 64, 128), step_embed_dim=32), 2, 2 * 8).eval()
+    x, t, cond = torch.randn(3, 16, 2), torch.tensor([3.0, 50.0, 99.0]), torch.randn(3, 2, 8)
+    with torch.enable_grad():
+        ref = net(x, t, cond)  # nn.Conv1d's own forward
+    with torch.no_grad():
+        fast = net(x, t, cond)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+        set_conv_precision(net, "bf16")
+        low = net(x, t, cond)
+        assert low.dtype == torch.float32
+        rel = ((low - ref).norm() / ref.norm()).item()
+        assert 0 < rel < 0.03, rel
+        for p in net.parameters():  # an optimizer step: the cached bf16 copies must follow
+            p.mul_(1.5)
+        with torch.enable_grad():
+            set_conv_precision(net, "fp32")
+            ref2 = net(x, t, cond)
+            set_conv_precision(net, "bf16")
+        net(x, t, cond)
+        low2 = net(x, t, cond)
+        assert ((low2 - ref2).norm() / ref2.norm()).item() < 0.03
+    with pytest.raises(ValueError, match="precision"):
+        set_conv_precision(net, "fp16")
+
+
+def test_policy_precision_option(unet_policy):
+    policy, _ = unet_policy
+    obs = {"image": torch.rand(2, N_OBS, 3, H, W), "proprio": torch.rand(2, N_OBS, 2)}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a32 = policy.predict_action_chunk(obs, generator=gen())
+    policy.set_precision("bf16")
+    try:
+        a16 = policy.predict_action_chunk(obs, generator=gen())
+    finally:
+        policy.set_precision("fp32")
+    assert (a16 - a32).abs().max() < 0.05 and not torch.equal(a16, a32)
+    with pytest.raises(ValueError, match="UNet"):
+        dataclasses.replace(tiny_config("transformer"), precision="bf16")
+    with pytest.raises(ValueError, match="precision"):
+        dataclasses.replace(tiny_config("unet"), precision="int8")

@@ -40,6 +40,7 @@ class EvalConfig:
     graph: dict[str, Any] = field(default_factory=dict)
     budgets: list[int] = field(default_factory=list)
     objective: str = "checkpoint"
+    policy: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -55,6 +56,9 @@ class EvalConfig:
             raise ValueError(f"objective must be checkpoint, last_frame or all_frames: {self.objective!r}")
         if self.subgoals not in ("auto", "on", "off"):
             raise ValueError(f"subgoals must be auto, on or off, got {self.subgoals!r}")
+        unknown = sorted(set(self.policy) - {"sampler", "sampler_steps", "precision"})
+        if unknown:
+            raise ValueError(f"policy options {unknown} unknown; valid: sampler, sampler_steps, precision")
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -83,6 +87,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         from policies.diffusion import load_diffusion_policy
 
         policy, _ = load_diffusion_policy(cfg.checkpoint, device)
+        over = {k: v for k, v in cfg.policy.items() if v is not None}
+        if "sampler" in over or "sampler_steps" in over:
+            policy.set_sampler(
+                over.get("sampler", policy.sampler), int(over.get("sampler_steps", policy.sampler_steps))
+            )
+        if "precision" in over:
+            policy.set_precision(over["precision"])
         opts["image_size"] = policy.cfg.obs.image_size
         image_keys, proprio_key = list(policy.cfg.obs.image_keys), policy.cfg.obs.proprio_key
         history = policy.cfg.n_obs
@@ -117,6 +128,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         results = episodes(RandomPolicy(feat.low, feat.high, n, cfg.seed), video=True)
     elif cfg.controller == "policy":
         results = episodes(policy, video=True)
+        results["inference"] = {
+            "sampler": policy.sampler,
+            "sampler_steps": policy.sampler_steps,
+            "precision": policy.precision,
+        }
     else:
         policy = _mpc(cfg, model, tasks[0], setup, cfg.planner)
         results = episodes(policy, video=True)

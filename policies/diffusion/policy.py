@@ -31,7 +31,7 @@ from policies.diffusion.chunking import ActionQueue, TemporalEnsembler
 from policies.diffusion.noise import SAMPLERS, Diffusion, NoiseConfig
 from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
 from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
-from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
+from policies.diffusion.unet import PRECISIONS, ConditionalUnet1D, UNetConfig, set_conv_precision
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 
@@ -61,6 +61,7 @@ class DiffusionPolicyConfig:
     sampler_steps: int = 3
     consistency: bool = False
     temporal_ensemble: float | None = None
+    precision: str = "fp32"  # inference: "bf16" runs the UNet's convolutions on bf16 weight copies
 
     def __post_init__(self) -> None:
         for name, cls in _SUB.items():
@@ -81,6 +82,7 @@ class DiffusionPolicyConfig:
                 f"{self.unet.time_divisor}, got {self.horizon}"
             )
         _check_sampler(self.sampler, self.sampler_steps, self.consistency)
+        _check_precision(self.precision, self.denoiser)
 
     @property
     def model_type(self) -> str:
@@ -110,6 +112,13 @@ def _check_sampler(sampler: str, steps: int, consistency: bool) -> None:
         raise ValueError(f"sampler_steps must be >= 1, got {steps}")
 
 
+def _check_precision(precision: str, denoiser: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and denoiser != "unet":
+        raise ValueError(f"bf16 inference is implemented for the UNet denoiser, not {denoiser!r}; use fp32")
+
+
 class DiffusionPolicy(nn.Module):
     """Satisfies `policies.base.Policy` (and `TrainableModel` through `compute_loss`). Call `.eval()`
     before acting (dropout); inference always uses the center crop."""
@@ -126,6 +135,8 @@ class DiffusionPolicy(nn.Module):
             net = TransformerDenoiser(cfg.transformer, cfg.action_dim, Dc, cfg.horizon, cfg.n_obs)
         self.diffusion = Diffusion(net, cfg.noise, consistency=cfg.consistency)
         self.sampler, self.sampler_steps = cfg.sampler, cfg.sampler_steps
+        self.precision = "fp32"
+        self.set_precision(cfg.precision)
         self._queue = ActionQueue()
         self._ensembler = (
             TemporalEnsembler(cfg.temporal_ensemble) if cfg.temporal_ensemble is not None else None
@@ -139,6 +150,14 @@ class DiffusionPolicy(nn.Module):
         """Switch the inference sampler (e.g. to benchmark DDPM vs DDIM vs EDM on one trained model)."""
         _check_sampler(sampler, steps, self.cfg.consistency)
         self.sampler, self.sampler_steps = sampler, steps
+
+    def set_precision(self, precision: str) -> None:
+        """Inference precision of the denoiser: "fp32", or "bf16" (the UNet's convolutions on cached
+        bf16 copies of their weights; about 2.8x faster per call on a CPU with AVX512-BF16, relative
+        error ~5e-3 per call). Training always runs in fp32 on the fp32 weights."""
+        _check_precision(precision, self.cfg.denoiser)
+        set_conv_precision(self.diffusion.net, precision)
+        self.precision = precision
 
     def window_spec(self) -> WindowSpec:
         """Observations at -(n_obs-1)..0; actions from -(n_obs-1) over `horizon` steps, padded at most

@@ -5,6 +5,14 @@ Conv1d-GroupNorm-Mish blocks; between them a FiLM layer scales and shifts every 
 conditioning vector [diffusion step embedding, global observation features]. The encoder halves the
 time axis after every level but the last, the decoder doubles it back with skip connections, so the
 horizon must be divisible by 2 ** (len(down_dims) - 1) (16 with (256, 512, 1024)).
+
+CPU inference. PyTorch sends a batch-1 Conv1d with a kernel under 4 wide to its native im2col
+kernel (`_slow_conv2d_forward`), not oneDNN: at batch 1 that was 82 % of a LeRobot-size UNet call
+(37 ms on the project's 2-core CPU). `Conv1d` here calls oneDNN directly when autograd is off on a
+CPU. At batch 1 a call is bound by reading the weights (280 MB in fp32 at LeRobot's size):
+`set_conv_precision(net, "bf16")` runs the convolutions on cached bf16 copies of the weights (half
+the traffic, AVX512-BF16 / AMX or GPU tensor cores) as plain matrix products, with the rest of the
+network (GroupNorm, Mish, FiLM, step embedding) in fp32: 43 -> 20 ms per call on that CPU.
 """
 
 from __future__ import annotations
@@ -13,8 +21,83 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+_MKLDNN = torch.backends.mkldnn.is_available()
+PRECISIONS = ("fp32", "bf16")
+
+
+class _InferenceWeights:
+    """Inference weights of a conv layer: its own (fp32), or a bf16 copy when `bf16_inference` is set,
+    cached until the weights change (an optimizer step or `load_state_dict` bumps their version, a
+    device move gives new storage). Training (autograd on) always uses the fp32 weights."""
+
+    bf16_inference = False
+    _bf16_cache: tuple | None = None
+
+    def inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor | None, torch.dtype]:
+        w, b = self.weight, self.bias  # type: ignore[attr-defined]
+        if not self.bf16_inference:
+            return w, b, x.dtype
+        key = (w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+        if self._bf16_cache is None or self._bf16_cache[0] != key:
+            self._bf16_cache = (key, w.detach().bfloat16(), None if b is None else b.detach().bfloat16())
+        return self._bf16_cache[1], self._bf16_cache[2], torch.bfloat16
+
+
+class Conv1d(_InferenceWeights, nn.Conv1d):
+    """`nn.Conv1d` (same parameters and state dict) with a faster inference path (autograd off).
+
+    fp32 on a CPU: oneDNN called directly. bf16 (`bf16_inference`) on a CPU: the convolution as one
+    matrix product of the (C_out, C_in * k) weight with the unfolded input, which reads the weights
+    once (2.5x faster than oneDNN's bf16 convolution at batch 1 on the project's CPU). Elsewhere
+    `F.conv1d` in the weights' dtype. The input is cast in and the output cast back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        w, b, dtype = self.inference_weights(x)
+        xin = x.to(dtype)
+        if x.device.type != "cpu":
+            y = F.conv1d(xin, w, b, self.stride, self.padding, self.dilation, self.groups)
+        elif dtype == torch.bfloat16 and self.groups == 1 and self.dilation == (1,):
+            (k,), (stride,), (pad,) = self.kernel_size, self.stride, self.padding
+            cols = F.pad(xin, (pad, pad)).unfold(2, k, stride)  # (B, C_in, L_out, k)
+            cols = cols.transpose(2, 3).reshape(x.shape[0], -1, cols.shape[2])  # (B, C_in * k, L_out)
+            y = torch.matmul(w.reshape(w.shape[0], -1), cols)  # (B, C_out, L_out)
+            y = y if b is None else y + b[:, None]
+        elif _MKLDNN and dtype in (torch.float32, torch.bfloat16):
+            y = torch.mkldnn_convolution(
+                xin.contiguous(), w, b, self.padding, self.stride, self.dilation, self.groups
+            )
+        else:
+            y = F.conv1d(xin, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return y.to(x.dtype)
+
+
+class ConvTranspose1d(_InferenceWeights, nn.ConvTranspose1d):
+    """`nn.ConvTranspose1d` with the same bf16 inference option as `Conv1d`."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if torch.is_grad_enabled() or output_size is not None or not self.bf16_inference:
+            return super().forward(x, output_size)
+        w, b, dtype = self.inference_weights(x)
+        y = F.conv_transpose1d(
+            x.to(dtype), w, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
+        return y.to(x.dtype)
+
+
+def set_conv_precision(module: nn.Module, precision: str) -> None:
+    """Run every conv layer of `module` in fp32 or bf16 at inference (training stays fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    for m in module.modules():
+        if isinstance(m, _InferenceWeights):
+            m.bf16_inference = precision == "bf16"
+            m._bf16_cache = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +144,7 @@ class Conv1dBlock(nn.Sequential):
 
     def __init__(self, c_in: int, c_out: int, kernel: int, n_groups: int) -> None:
         super().__init__(
-            nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(n_groups, c_out), nn.Mish()
+            Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(n_groups, c_out), nn.Mish()
         )
 
 
@@ -73,7 +156,7 @@ class ResBlock1D(nn.Module):
         self.block1 = Conv1dBlock(c_in, c_out, kernel, n_groups)
         self.block2 = Conv1dBlock(c_out, c_out, kernel, n_groups)
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
-        self.residual = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.residual = Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         """x (B, C_in, T), cond (B, cond_dim) -> (B, C_out, T)."""
@@ -104,7 +187,7 @@ class ConditionalUnet1D(nn.Module):
                     [
                         ResBlock1D(c_in, c_out, film_dim, k, g),
                         ResBlock1D(c_out, c_out, film_dim, k, g),
-                        nn.Conv1d(c_out, c_out, 3, stride=2, padding=1) if not last else nn.Identity(),
+                        Conv1d(c_out, c_out, 3, stride=2, padding=1) if not last else nn.Identity(),
                     ]
                 )
             )
@@ -117,12 +200,12 @@ class ConditionalUnet1D(nn.Module):
                     [
                         ResBlock1D(c_out * 2, c_in, film_dim, k, g),
                         ResBlock1D(c_in, c_in, film_dim, k, g),
-                        nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
+                        ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
                     ]
                 )
             )
         start = cfg.down_dims[0]
-        self.final = nn.Sequential(Conv1dBlock(start, start, k, g), nn.Conv1d(start, action_dim, 1))
+        self.final = nn.Sequential(Conv1dBlock(start, start, k, g), Conv1d(start, action_dim, 1))
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         if x.shape[1] % self.cfg.time_divisor:
