@@ -23,9 +23,11 @@ steps, same threads, same machine:
    with the trained models, the whole "observation in -> chunk out" call: LeRobot's preprocessor +
    `reset()` + `select_action` (which fills its queue with a new chunk) + postprocessor of the
    chunk; ours `predict_action_chunk`. LeRobot DDPM-100 (its default) and DDIM-10 (the same weights
-   in a policy built with `noise_scheduler_type="DDIM"`, `num_inference_steps=10`); ours DDIM-10,
-   EDM-3 (Heun) and, with `--distill-steps > 0`, a 1-step consistency student distilled with
-   `policies.diffusion.consistency.distill_policy`.
+   in a policy built with `noise_scheduler_type="DDIM"`, `num_inference_steps=10`); ours DDIM-10 and
+   EDM-3 (Heun, 5 network calls) in fp32, the same with the UNet's convolutions on bf16 weights
+   (`policy.set_precision("bf16")`), EDM-3 with DPM++(2M) (3 calls) in bf16, and, with
+   `--distill-steps > 0`, a 1-step consistency student distilled with
+   `policies.diffusion.consistency.distill_policy`, fp32 and bf16. LeRobot runs fp32 throughout.
 4. With `--eval-episodes > 0`: closed-loop success on the same PushT seeds through
    `policies.evaluate.run_episodes` (LeRobot through a small adapter to our Policy protocol), with
    the short training budget of this script: it measures, it does not claim competence.
@@ -338,10 +340,22 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
     out["lerobot_ddim10"] = time_chunks(lambda: lerobot_chunk(ddim, ddim_pre, ddim_post, lr_obs), args.chunks)
     ours_policy = ours["policy"]
     default = (ours_policy.sampler, ours_policy.sampler_steps)
-    for name, sampler, steps in (("ours_ddim10", "ddim", 10), ("ours_edm3", "edm", 3)):
+    solver = ours_policy.diffusion.cfg.edm_solver
+    runs = [
+        ("ours_ddim10", "ddim", 10, "fp32", solver),
+        ("ours_edm3", "edm", 3, "fp32", "heun"),
+        ("ours_ddim10_bf16", "ddim", 10, "bf16", solver),
+        ("ours_edm3_bf16", "edm", 3, "bf16", "heun"),
+        ("ours_dpm3_bf16", "edm", 3, "bf16", "dpmpp_2m"),
+    ]
+    for name, sampler, steps, precision, edm_solver in runs:
         ours_policy.set_sampler(sampler, steps)
+        ours_policy.set_precision(precision)
+        ours_policy.diffusion.cfg = dataclasses.replace(ours_policy.diffusion.cfg, edm_solver=edm_solver)
         out[name] = time_chunks(lambda: ours_policy.predict_action_chunk(our_obs), args.chunks)
+    ours_policy.diffusion.cfg = dataclasses.replace(ours_policy.diffusion.cfg, edm_solver=solver)
     ours_policy.set_sampler(*default)
+    ours_policy.set_precision("fp32")
     if args.distill_steps > 0:
         from policies.diffusion import distill_policy
 
@@ -355,6 +369,11 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
         out["ours_consistency1"] = time_chunks(lambda: student.predict_action_chunk(our_obs), args.chunks)
         out["ours_consistency1"]["distill_seconds"] = distill_s
         out["ours_consistency1"]["distill_steps"] = args.distill_steps
+        student.set_precision("bf16")
+        out["ours_consistency1_bf16"] = time_chunks(
+            lambda: student.predict_action_chunk(our_obs), args.chunks
+        )
+        student.set_precision("fp32")
     return out
 
 
@@ -447,24 +466,29 @@ def report(res: dict[str, Any]) -> str:
         f"| {ot['data_seconds']:.2f} / {ot['update_seconds']:.2f} | |"
     )
     inf = res["inference"]
-    base = inf["lerobot_ddpm100"]["median_ms"]
+    base, lr_ddim = inf["lerobot_ddpm100"]["median_ms"], inf["lerobot_ddim10"]["median_ms"]
     rows = [
         ("LeRobot DDPM-100 (its default)", "lerobot_ddpm100", True),
         ("LeRobot DDIM-10", "lerobot_ddim10", True),
         ("ours DDIM-10", "ours_ddim10", False),
-        ("ours EDM-3 (Heun, our default)", "ours_edm3", False),
+        ("ours EDM-3 (Heun, 5 calls, our default)", "ours_edm3", False),
+        ("ours DDIM-10, bf16 convs", "ours_ddim10_bf16", False),
+        ("ours EDM-3 (Heun), bf16 convs", "ours_edm3_bf16", False),
+        ("ours EDM-3 (DPM++(2M), 3 calls), bf16 convs", "ours_dpm3_bf16", False),
         ("ours consistency 1-step", "ours_consistency1", False),
+        ("ours consistency 1-step, bf16 convs", "ours_consistency1_bf16", False),
     ]
     for label, key, is_lr in rows:
         if key not in inf:
             continue
         ms = inf[key]["median_ms"]
         cells = (f"{ms:.1f}", "") if is_lr else ("", f"{ms:.1f}")
+        gain = "" if is_lr else f"{base / ms:.1f}x / {lr_ddim / ms:.1f}x over LeRobot DDPM-100 / DDIM-10"
         lines.append(
             f"| chunk, batch 1: {label} (ms, median of {len(inf[key]['all_ms'])}) | {cells[0]} | {cells[1]} "
-            f"| {'' if is_lr else f'{base / ms:.1f}x speed-up over LeRobot DDPM-100'} |"
+            f"| {gain} |"
         )
-    lr_ddim, ours_ddim = inf["lerobot_ddim10"]["median_ms"], inf["ours_ddim10"]["median_ms"]
+    ours_ddim = inf["ours_ddim10"]["median_ms"]
     lines.append(
         f"| chunk, DDIM-10 on both sides (ms) | {lr_ddim:.1f} | {ours_ddim:.1f} | "
         f"{lr_ddim / ours_ddim:.2f}x speed-up |"
