@@ -221,3 +221,28 @@ def test_bad_options_are_refused():
         build("arm_push", {"action_mode": "torque"})
     assert isinstance(build("pointmaze", {}), PointMazeTask)
     assert isinstance(build("arm_push", {}), ArmPushTask)
+
+
+def test_arm_push_show_target_draws_the_target_only_when_asked():
+    plain, shown = build("arm_push", {}), build("arm_push", {"show_target": True})
+    plain.connect()
+    shown.connect()
+    try:
+
+        def disc(seed: int) -> np.ndarray:
+            """Centroid (row, col) of the pixels the drawn target changes; they must be green."""
+            a, b = plain.reset(seed=seed)["image"], shown.reset(seed=seed)["image"]
+            changed = np.argwhere((a != b).any(-1))
+            assert len(changed) > 0
+            rgb = b[tuple(changed.T)].astype(int)
+            assert (rgb[:, 1] > rgb[:, 0] + 40).mean() > 0.5
+            return changed.mean(0)
+
+        assert np.abs(disc(3) - disc(4)).max() > 1  # it moves with the target
+        state = shown.get_sim_state()  # sim-state round trips carry the marker with the target
+        shown.reset(seed=5)
+        shown.set_sim_state(state)
+        assert np.allclose(shown._data.mocap_pos[0, :2], shown.target)
+    finally:
+        plain.disconnect()
+        shown.disconnect()

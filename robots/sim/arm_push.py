@@ -13,7 +13,8 @@ Action modes (`SimConfig.options["action_mode"]`):
   - "joint_delta": delta joint targets in radians, each in [-0.1, 0.1].
 Targets are taken relative to the current joint positions, so a blocked arm never winds up.
 
-Observation: `image` (a camera over the table; the target is not drawn) and `proprio` = joint
+Observation: `image` (a camera over the table; the target is drawn as a green disc only with
+option `show_target=true`, for policies that are not given a goal) and `proprio` = joint
 positions (3) and ee position (3). The block pose is not in `proprio`: that is what a world model
 has to see. Goal observation: the block at the target with the yaw it started the episode with,
 the arm at its home posture. Success: block centre within `success_radius` (2.5 cm) of the target
@@ -95,6 +96,9 @@ ARM_PUSH_XML = f"""
       <geom type="box" size="{BLOCK_HALF} {BLOCK_HALF} {BLOCK_HALF / 2}" mass="0.2" material="block"
             contype="1" conaffinity="1" condim="3" friction="0.3 0.005 0.0001"/>
     </body>
+    <body name="target_marker" mocap="true" pos="0 0.35 0.001">
+      <geom name="target_marker" type="cylinder" size="0.03 0.001" rgba="0.2 0.65 0.3 1" group="3"/>
+    </body>
     <camera name="table" pos="0 -0.102 0.94" xyaxes="1 0 0 0 0.940 0.342" fovy="45"/>
   </worldbody>
   <actuator>
@@ -114,6 +118,7 @@ class ArmPushTask(SimTask):
     action_mode: str = "ee_delta"
     action_space: ActionSpace = field(default_factory=ActionSpace, init=False)  # set from action_mode
     success_radius: float = 0.025
+    show_target: bool = False  # draw the target (a green disc under the block's path) in the image
     frame_skip: int = 25  # 25 x 4 ms = one 10 Hz step
     target: np.ndarray = field(default_factory=lambda: np.zeros(2), init=False)
     target_yaw: float = field(default=0.0, init=False)
@@ -156,6 +161,8 @@ class ArmPushTask(SimTask):
         self._data = mujoco.MjData(self._model)
         self._home = self.solve_ik(HOME_EE, np.array([-1.2, 2.2, 0.6]))
         self._place(self._home, np.array([0.0, 0.35]), 0.0)
+        if self.show_target:  # geom group 3 is not rendered; group 0 is
+            self._model.geom_group[self._model.geom("target_marker").id] = 0
         if not self.config.state_only:
             self._renderer = make_renderer(self._model, self.config.image_size)
 
@@ -252,7 +259,8 @@ class ArmPushTask(SimTask):
                 break
         self.target, self.target_yaw = target, float(rng.uniform(-np.pi, np.pi))
         start_ee = HOME_EE + rng.uniform((-0.12, -0.03), (0.12, 0.03))
-        mujoco.mj_resetData(self._model, self._data)
+        mujoco.mj_resetData(self._model, self._data)  # (resets mocap_pos to the model's)
+        self._data.mocap_pos[0, :2] = target
         q = self.solve_ik(start_ee, self._home)
         self._place(q, block, self.target_yaw)
 
@@ -284,6 +292,7 @@ class ArmPushTask(SimTask):
     def set_sim_state(self, state: dict[str, Any]) -> None:
         set_physics(self._model, self._data, state["physics"])
         self.target = np.array(state["target"], dtype=np.float64)
+        self._data.mocap_pos[0, :2] = self.target
         self.target_yaw = float(state["target_yaw"])
         self.steps = int(state["steps"])
 
@@ -360,11 +369,15 @@ def make(config: SimConfig) -> ArmPushTask:
         config=config,
         action_mode=opts.get("action_mode", "ee_delta"),
         success_radius=float(opts.get("success_radius", 0.025)),
+        show_target=bool(opts.get("show_target", False)),
     )
 
 
 ENTRY = TaskEntry(
     make=make,
     expert=ArmPushExpert,
-    description="Planar 3-joint arm pushes a block to a target; options: action_mode ee_delta | joint_delta",
+    description=(
+        "Planar 3-joint arm pushes a block to a target; options: action_mode ee_delta | joint_delta, "
+        "show_target (draw the target)"
+    ),
 )

@@ -131,10 +131,20 @@ class RobosuiteTask(SimTask):
         render = not self.config.state_only
         h, w = self.config.image_size
         self._env = rs.make(
-            self.env_name, robots=self.robots, controller_configs=self.controller_cfg,
-            has_renderer=False, has_offscreen_renderer=render, use_camera_obs=False,
-            camera_names=self.cameras, camera_heights=h, camera_widths=w, control_freq=self.control_hz,
-            ignore_done=True, hard_reset=False, horizon=10**9, **self.env_kwargs,
+            self.env_name,
+            robots=self.robots,
+            controller_configs=self.controller_cfg,
+            has_renderer=False,
+            has_offscreen_renderer=render,
+            use_camera_obs=False,
+            camera_names=self.cameras,
+            camera_heights=h,
+            camera_widths=w,
+            control_freq=self.control_hz,
+            ignore_done=True,
+            hard_reset=False,
+            horizon=10**9,
+            **self.env_kwargs,
         )
         if render:
             fast_rendering(self._env.sim)
@@ -147,9 +157,11 @@ class RobosuiteTask(SimTask):
         names = [n for k in keys for n in _vector_names(k, np.size(obs[k]))]
         low, high = self._env.action_spec
         self._meta = {
-            "proprio_keys": keys, "proprio_names": tuple(names),
+            "proprio_keys": keys,
+            "proprio_names": tuple(names),
             "object_dim": int(np.size(obs["object-state"])) if "object-state" in obs else 0,
-            "low": tuple(float(x) for x in low), "high": tuple(float(x) for x in high),
+            "low": tuple(float(x) for x in low),
+            "high": tuple(float(x) for x in high),
         }
 
     # ------------------------------------------------------------------ features
@@ -298,8 +310,10 @@ def _pose_goal(env: Any, env_name: str) -> None:
         _set_free_pos(env, env.cubeA.joints[0], top)
         start, _ = env.sim.model.get_joint_qpos_addr(env.cubeA.joints[0])
         env.sim.data.qpos[start + 3 : start + 7] = env.sim.data.qpos[
-            env.sim.model.get_joint_qpos_addr(env.cubeB.joints[0])[0] + 3 :
-            env.sim.model.get_joint_qpos_addr(env.cubeB.joints[0])[0] + 7
+            env.sim.model.get_joint_qpos_addr(env.cubeB.joints[0])[0] + 3 : env.sim.model.get_joint_qpos_addr(
+                env.cubeB.joints[0]
+            )[0]
+            + 7
         ]
     elif env_name == "Door":
         env.sim.data.qpos[env.hinge_qpos_addr] = 0.45
@@ -334,11 +348,13 @@ def robosuite_entry(env_name: str) -> TaskEntry:
 # ---------------------------------------------------------------------- scripted experts
 def _quat_to_mat(q: np.ndarray) -> np.ndarray:
     x, y, z, w = q / np.linalg.norm(q)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def _rotvec(r: np.ndarray) -> np.ndarray:
