@@ -9,10 +9,10 @@ horizon must be divisible by 2 ** (len(down_dims) - 1) (16 with (256, 512, 1024)
 CPU inference. PyTorch sends a batch-1 Conv1d with a kernel under 4 wide to its native im2col
 kernel (`_slow_conv2d_forward`), not oneDNN: at batch 1 that was 82 % of a LeRobot-size UNet call
 (37 ms on the project's 2-core CPU). `Conv1d` here calls oneDNN directly when autograd is off on a
-CPU. At batch 1 a call is bound by reading the weights (280 MB in fp32 at LeRobot's size):
+CPU. At batch 1 a call is bound by reading the weights (~260 MB in fp32 at LeRobot's size):
 `set_conv_precision(net, "bf16")` runs the convolutions on cached bf16 copies of the weights (half
 the traffic, AVX512-BF16 / AMX or GPU tensor cores) as plain matrix products, with the rest of the
-network (GroupNorm, Mish, FiLM, step embedding) in fp32: 43 -> 20 ms per call on that CPU.
+network (GroupNorm, Mish, FiLM, step embedding) in fp32: 34-43 -> 12 ms per call on that CPU.
 """
 
 from __future__ import annotations

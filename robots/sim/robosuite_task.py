@@ -309,12 +309,8 @@ def _pose_goal(env: Any, env_name: str) -> None:
         top[2] += env.cubeB.size[2] + env.cubeA.size[2] + 0.001
         _set_free_pos(env, env.cubeA.joints[0], top)
         start, _ = env.sim.model.get_joint_qpos_addr(env.cubeA.joints[0])
-        env.sim.data.qpos[start + 3 : start + 7] = env.sim.data.qpos[
-            env.sim.model.get_joint_qpos_addr(env.cubeB.joints[0])[0] + 3 : env.sim.model.get_joint_qpos_addr(
-                env.cubeB.joints[0]
-            )[0]
-            + 7
-        ]
+        b_start, _ = env.sim.model.get_joint_qpos_addr(env.cubeB.joints[0])
+        env.sim.data.qpos[start + 3 : start + 7] = env.sim.data.qpos[b_start + 3 : b_start + 7]
     elif env_name == "Door":
         env.sim.data.qpos[env.hinge_qpos_addr] = 0.45
         if env.use_latch:
