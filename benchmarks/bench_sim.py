@@ -58,15 +58,19 @@ def collection_rate(name: str, episodes: int, size: int, work: Path) -> tuple[fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", nargs="+", default=task_names())
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--episodes", type=int, default=5)
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; images {args.size}x{args.size}\n")
-    print(f"{'task':20s} {'steps/s (render)':>17s} {'steps/s (state)':>16s} {'episodes/min':>13s} "
-          f"{'success':>8s} {'mean length':>12s}")
+    print(
+        f"{'task':20s} {'steps/s (render)':>17s} {'steps/s (state)':>16s} {'episodes/min':>13s} "
+        f"{'success':>8s} {'mean length':>12s}"
+    )
     work = Path(tempfile.mkdtemp(prefix="bench_sim_"))
     try:
         for name in args.tasks:
