@@ -34,6 +34,7 @@ about 1.6x faster than MKL's sgemm on the project's AMD machines; training uses 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -210,18 +211,24 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
+    def frame_blocks(
+        self, q: Tensor, k: Tensor, v: Tensor, patches: int, window: int
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """Per frame t: its token rows and the attention of its queries against the keys of frames
+        t-window+1 .. t (one unmasked SDPA call), (B, H, P, hd)."""
+        for t in range(q.shape[2] // patches):
+            lo, hi = max(0, t - window + 1) * patches, (t + 1) * patches
+            yield slice(t * patches, hi), self.sdpa(q[:, :, t * patches : hi], k[:, :, lo:hi], v[:, :, lo:hi])
+
     def attend_frames(
         self, q: Tensor, k: Tensor, v: Tensor, patches: int, window: int, masked: bool
     ) -> Tensor:
         """Block-causal sliding-window attention over T frames; q, k, v (B, H, T*P, hd) -> (B, T*P, H*hd)."""
-        frames = q.shape[2] // patches
         if masked:
-            outs = [self.sdpa(q, k, v, block_causal_mask(frames, patches, window, q.device))]
+            mask = block_causal_mask(q.shape[2] // patches, patches, window, q.device)
+            outs = [self.sdpa(q, k, v, mask)]
         else:
-            outs = []
-            for t in range(frames):  # queries of frame t against keys of frames t-window+1 .. t, no mask
-                lo, hi = max(0, t - window + 1) * patches, (t + 1) * patches
-                outs.append(self.sdpa(q[:, :, t * patches : hi], k[:, :, lo:hi], v[:, :, lo:hi]))
+            outs = [o for _, o in self.frame_blocks(q, k, v, patches, window)]
         # SDPA's CPU output is laid out (B, N, H, hd): transposing back is free, so one copy in cat.
         out = torch.cat([o.transpose(1, 2) for o in outs], dim=1)  # (B, T*P, H, hd)
         return rearrange(out, "b n h d -> b n (h d)")
@@ -271,13 +278,9 @@ class Block(nn.Module):
         through the projection and the residual add straight into its rows of the result, so the
         per-block outputs are never concatenated (a full extra copy of the activations, ~6 % of a
         DINO-WM-size forward on CPU)."""
-        frames = q.shape[2] // patches
         y = torch.empty_like(x)
-        for t in range(frames):
-            lo, hi = max(0, t - window + 1) * patches, (t + 1) * patches
-            o = self.attn.sdpa(q[:, :, t * patches : hi], k[:, :, lo:hi], v[:, :, lo:hi])  # (B, H, P, hd)
+        for rows, o in self.attn.frame_blocks(q, k, v, patches, window):
             o = rearrange(o.transpose(1, 2), "b p h d -> b p (h d)")  # a view on CPU's (B, P, H, hd) layout
-            rows = slice(t * patches, hi)
             torch.add(x[:, rows], self.attn.out(o), out=y[:, rows])
         return y
 

@@ -70,6 +70,15 @@ def prepare_data(
         return image_key, proprio_key, dict(store.schema.keys), train_eps, val_eps, normalizer
 
 
+def cached_features(store_path: str, encoder: Any, image_key: str) -> str:
+    """The path of the frozen `encoder`'s feature cache of `image_key`, built or extended first; every
+    model's cache lives beside its store, in `<store dir>/feature_cache/`."""
+    from wm.feature_cache import build_feature_cache
+
+    cache_root = Path(store_path).resolve().parent / "feature_cache"
+    return str(build_feature_cache(store_path, encoder, image_key, cache_root))
+
+
 def setup_dino_wm(
     store_path: str,
     model_cfg: dict[str, Any],
@@ -100,10 +109,7 @@ def setup_dino_wm(
     model = DinoWorldModel(cfg, normalizer)
     data_path = store_path
     if not model.encoder.trainable and feature_cache == "auto":
-        from wm.feature_cache import build_feature_cache
-
-        cache_root = Path(store_path).resolve().parent / "feature_cache"
-        data_path = str(build_feature_cache(store_path, model.encoder, image_key, cache_root))
+        data_path = cached_features(store_path, model.encoder, image_key)
     window = model.window_spec(extra_steps=VAL_STEPS)
     train_set = WindowDataset(data_path, model.window_spec(), train_eps, in_memory=in_memory)
     val_set = WindowDataset(data_path, window, val_eps, in_memory=in_memory, train=False) if val_eps else None
@@ -223,10 +229,7 @@ def _policy_feature_cache(policy: Any, store_path: str, feature_cache: str) -> s
     if why is not None:
         log.info("feature cache not used: %s", why)
         return store_path
-    from wm.feature_cache import build_feature_cache
-
-    cache_root = Path(store_path).resolve().parent / "feature_cache"
-    return str(build_feature_cache(store_path, encoders[0], oc.image_keys[0], cache_root))
+    return cached_features(store_path, encoders[0], oc.image_keys[0])
 
 
 def make_policy_val_fn(val_set: WindowDataset | None, n_batches: int = 2, batch_size: int = 32) -> Any:

@@ -135,7 +135,6 @@ class DiffusionPolicy(nn.Module):
             net = TransformerDenoiser(cfg.transformer, cfg.action_dim, Dc, cfg.horizon, cfg.n_obs)
         self.diffusion = Diffusion(net, cfg.noise, consistency=cfg.consistency)
         self.sampler, self.sampler_steps = cfg.sampler, cfg.sampler_steps
-        self.precision = "fp32"
         self.set_precision(cfg.precision)
         self._queue = ActionQueue()
         self._ensembler = (

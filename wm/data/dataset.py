@@ -199,4 +199,3 @@ def make_loader(
         generator=gen,
         persistent_workers=persistent_workers and num_workers > 0,
     )
-
