@@ -1,11 +1,12 @@
-"""Diffusion policy on PushT: ours (`policies.diffusion`) vs LeRobot 0.4.4's `DiffusionPolicy`, one run.
+"""Diffusion policy on PushT (or arm_push): ours (`policies.diffusion`) vs LeRobot 0.4.4's `DiffusionPolicy`.
 
 Same data, same architecture (ResNet-18 with GroupNorm + spatial softmax, 96 px frames randomly
 cropped to 84 in training and center-cropped at inference, 2 observation steps, horizon 16,
-8 actions executed, 1D UNet 256/512/1024 with FiLM), same batch size, same number of optimizer
+8 actions executed, 1D UNet 256/512/1024 (`--down-dims`) with FiLM), same batch size, same number of optimizer
 steps, same threads, same machine:
 
-1. Data: `--episodes` scripted-expert PushT demonstrations (96x96 images) are recorded into a store,
+1. Data: `--episodes` scripted-expert demonstrations of `--task` (PushT by default; arm_push with its
+   target drawn in the image; 96x96 images, `--expert-noise`) are recorded into a store,
    copied into a "bench" store with the keys `image`, `state`, `action`, `timestamp` (LeRobot needs
    the state under `observation.state`, and scalar per-step keys such as `loop_dt` are not copied),
    and converted with `store_to_lerobot` to a LeRobot v3.0 dataset (image mode, PNG in parquet).
@@ -28,7 +29,7 @@ steps, same threads, same machine:
    (`policy.set_precision("bf16")`), EDM-3 with DPM++(2M) (3 calls) in bf16, and, with
    `--distill-steps > 0`, a 1-step consistency student distilled with
    `policies.diffusion.consistency.distill_policy`, fp32 and bf16. LeRobot runs fp32 throughout.
-4. With `--eval-episodes > 0`: closed-loop success on the same PushT seeds through
+4. With `--eval-episodes > 0`: closed-loop success on the same seeds of the task through
    `policies.evaluate.run_episodes` (LeRobot through a small adapter to our Policy protocol), with
    the short training budget of this script: it measures, it does not claim competence.
 
@@ -65,7 +66,7 @@ LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 1e-4, (0.95, 0.999), 1e-6, 10.0
 
 
 # ---------------------------------------------------------------------- data
-def prepare_data(workdir: Path, episodes: int, seed: int) -> tuple[Path, Path]:
+def prepare_data(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Record (or reuse) the demonstrations; returns (bench store, LeRobot dataset root)."""
     from wm.data import DemoStore
     from wm.data.convert.lerobot import is_lerobot_dataset, store_to_lerobot
@@ -78,22 +79,29 @@ def prepare_data(workdir: Path, episodes: int, seed: int) -> tuple[Path, Path]:
 
             collect(
                 CollectConfig(
-                    task="pusht",
+                    task=args.task,
                     store=str(raw),
-                    episodes=episodes,
-                    seed=seed,
+                    episodes=args.episodes,
+                    seed=args.seed,
                     image_size=96,
+                    noise_std=args.expert_noise,
                     realtime="false",
                     preview="false",
+                    task_options=task_options(args.task),
                 )
             )
         bench_store(raw, store)
     if not is_lerobot_dataset(lerobot_root):
         store_to_lerobot(store, lerobot_root, repo_id=REPO_ID, use_videos=False, overwrite=True)
     with DemoStore.open(store) as s:
-        if s.n_episodes != episodes:
-            print(f"note: reusing {store} with {s.n_episodes} episodes (asked for {episodes})")
+        if s.n_episodes != args.episodes:
+            print(f"note: reusing {store} with {s.n_episodes} episodes (asked for {args.episodes})")
     return store, lerobot_root
+
+
+def task_options(task: str) -> dict[str, Any]:
+    """arm_push draws its target in the image: a policy, unlike a planner, is given no goal."""
+    return {"show_target": True} if task == "arm_push" else {}
 
 
 def bench_store(src: Path, dst: Path) -> None:
@@ -123,7 +131,9 @@ def endless(loader: Any) -> Iterator[Any]:
 
 
 # ---------------------------------------------------------------------- LeRobot
-def lerobot_config(scheduler: str = "DDPM", inference_steps: int | None = None) -> Any:
+def lerobot_config(
+    down_dims: tuple[int, ...], scheduler: str = "DDPM", inference_steps: int | None = None
+) -> Any:
     from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 
     return DiffusionConfig(
@@ -137,7 +147,7 @@ def lerobot_config(scheduler: str = "DDPM", inference_steps: int | None = None) 
         pretrained_backbone_weights=None,  # no download possible; ours starts from scratch too
         use_group_norm=True,
         spatial_softmax_num_keypoints=32,
-        down_dims=(256, 512, 1024),  # lerobot 0.4.4's default is (512, 1024, 2048)
+        down_dims=tuple(down_dims),  # 256/512/1024 here by default; lerobot 0.4.4's is 512/1024/2048
         kernel_size=5,
         n_groups=8,
         diffusion_step_embed_dim=128,
@@ -147,13 +157,15 @@ def lerobot_config(scheduler: str = "DDPM", inference_steps: int | None = None) 
     )
 
 
-def build_lerobot(root: Path, scheduler: str = "DDPM", inference_steps: int | None = None) -> tuple:
+def build_lerobot(
+    root: Path, args: argparse.Namespace, scheduler: str = "DDPM", inference_steps: int | None = None
+) -> tuple:
     """(dataset with the policy's delta_timestamps, policy, preprocessor, postprocessor)."""
     from lerobot.datasets.factory import resolve_delta_timestamps
     from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
     from lerobot.policies.factory import make_policy, make_pre_post_processors
 
-    cfg = lerobot_config(scheduler, inference_steps)
+    cfg = lerobot_config(args.down_dims, scheduler, inference_steps)
     meta = LeRobotDatasetMetadata(REPO_ID, root=root)
     dataset = LeRobotDataset(REPO_ID, root=root, delta_timestamps=resolve_delta_timestamps(cfg, meta))
     policy = make_policy(cfg, ds_meta=dataset.meta)
@@ -216,7 +228,7 @@ class LeRobotAdapter:
 
 
 def train_lerobot(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    dataset, policy, pre, post = build_lerobot(root)
+    dataset, policy, pre, post = build_lerobot(root, args)
     loader = lerobot_loader(dataset, policy, args.batch, args.workers)
     optimizer = policy.config.get_optimizer_preset().build(policy.get_optim_params())
     # Its cosine scheduler (500 warm-up steps) is left out, so that over a short budget both sides
@@ -243,6 +255,7 @@ def build_ours(store: Path, args: argparse.Namespace) -> tuple[Any, Any]:
     from wm.training import setup_diffusion
 
     model_cfg = yaml.safe_load(MODEL_CFG.read_text())
+    model_cfg["unet"]["down_dims"] = list(args.down_dims)
     setup = setup_diffusion(
         str(store),
         model_cfg,
@@ -287,7 +300,9 @@ def timed_training(
         step(pre(batch) if pre else batch)
     data_s = update_s = 0.0
     losses = []
-    for _ in range(args.train_steps):
+    for i in range(args.train_steps):
+        if i and i % 250 == 0:
+            print(f"  step {i}/{args.train_steps}: loss {statistics.fmean(losses[-250:]):.4f}", flush=True)
         t0 = time.perf_counter()
         batch = next(batches)
         if pre is not None:
@@ -333,7 +348,7 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
     out: dict[str, Any] = {}
     policy, pre, post = lr["policy"], lr["pre"], lr["post"]
     out["lerobot_ddpm100"] = time_chunks(lambda: lerobot_chunk(policy, pre, post, lr_obs), args.chunks)
-    _, ddim, ddim_pre, ddim_post = build_lerobot(root, "DDIM", 10)
+    _, ddim, ddim_pre, ddim_post = build_lerobot(root, args, "DDIM", 10)
     ddim.load_state_dict(policy.state_dict())
     ddim.eval()
     lr["ddim"] = (ddim, ddim_pre, ddim_post)
@@ -378,17 +393,17 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
 
 
 def evaluate(lr: dict[str, Any], ours: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Closed-loop PushT success on the same seeds: LeRobot (`--eval-lerobot`) and ours (its config's
-    default sampler, EDM-3)."""
+    """Closed-loop success on the same seeds of `--task`: LeRobot (`--eval-lerobot`) and ours (its
+    config's default sampler, EDM-3)."""
     from policies.evaluate import model_obs, run_episodes, summarize, timed
     from robots.registry import make_task
     from robots.sim.base import SimConfig
 
-    opts: dict[str, Any] = {"image_size": (96, 96)}
+    opts: dict[str, Any] = {"image_size": (96, 96), "options": task_options(args.task)}
     if args.eval_max_steps:
         opts["max_steps"] = args.eval_max_steps
     n = min(args.eval_parallel, args.eval_episodes)
-    tasks = [make_task("pusht", SimConfig(**opts)) for _ in range(n)]
+    tasks = [make_task(args.task, SimConfig(**opts)) for _ in range(n)]
     seeds = [args.eval_seed + i for i in range(args.eval_episodes)]
 
     def to_model(obs: list) -> dict[str, torch.Tensor]:
@@ -445,7 +460,7 @@ def report(res: dict[str, Any]) -> str:
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
         f"lerobot {m['lerobot']}",
-        f"data: {lt['episodes']} PushT episodes, {lt['frames']} frames (96x96), "
+        f"data: {lt['episodes']} {res['args']['task']} episodes, {lt['frames']} frames (96x96), "
         f"{ot['windows']} training windows; params: LeRobot {lt['params'] / 1e6:.1f}M, "
         f"ours {ot['params'] / 1e6:.1f}M",
         "",
@@ -503,7 +518,8 @@ def report(res: dict[str, Any]) -> str:
         cells = f"{rate} | " if key.startswith("lerobot") else f" | {rate}"
         dist = ev["mean_final_distance"]
         lines.append(
-            f"| PushT success, {key}, {ev['episodes']} episodes | {cells} | mean final distance "
+            f"| {res['args']['task']} success, {key}, {ev['episodes']} episodes | {cells} "
+            "| mean final distance "
             f"{dist if dist is None else f'{dist:.3g}'}, wall {ev['wall_seconds']:.0f} s |"
         )
     return "\n".join(lines)
@@ -513,8 +529,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--episodes", type=int, default=50, help="PushT expert episodes to record")
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_policy")
+    parser.add_argument("--task", choices=("pusht", "arm_push"), default="pusht")
+    parser.add_argument("--episodes", type=int, default=50, help="expert episodes to record")
+    parser.add_argument("--expert-noise", type=float, default=0.0, help="expert action noise (std)")
+    parser.add_argument(
+        "--down-dims", type=int, nargs=3, default=(256, 512, 1024), help="UNet widths (both sides)"
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="default: runs/bench_policy[_TASK]")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=30, help="timed optimizer steps per side")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before timing")
@@ -524,7 +545,7 @@ def main() -> None:
     parser.add_argument(
         "--distill-steps", type=int, default=0, help="consistency distillation steps (0: skip)"
     )
-    parser.add_argument("--eval-episodes", type=int, default=0, help="closed-loop PushT episodes (0: skip)")
+    parser.add_argument("--eval-episodes", type=int, default=0, help="closed-loop episodes (0: skip)")
     parser.add_argument("--eval-parallel", type=int, default=5, help="episodes run side by side")
     parser.add_argument("--eval-max-steps", type=int, default=0, help="episode length (0: the task's, 200)")
     parser.add_argument("--eval-seed", type=int, default=1000)
@@ -548,7 +569,11 @@ def main() -> None:
             f"warning: load average {load:.2f} at start; with other processes on the cores, 2-thread "
             "timings swing by 2-20x (OpenMP threads wait on descheduled peers): run on an idle machine"
         )
-    store, root = prepare_data(args.workdir, args.episodes, args.seed)
+    if args.workdir is None:
+        args.workdir = (
+            ROOT / "runs" / ("bench_policy" if args.task == "pusht" else f"bench_policy_{args.task}")
+        )
+    store, root = prepare_data(args.workdir, args)
     print(f"data ready: {store}, {root} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     lr = train_lerobot(root, args)
     print(f"LeRobot trained: {lr['stats']['samples_per_s']:.2f} samples/s", flush=True)
