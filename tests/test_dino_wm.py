@@ -142,3 +142,26 @@ def test_bad_inputs(maze_store, tmp_path):
             str(maze_store), MODEL, image_key="wrist", proprio_key=None, val_ratio=0.2, seed=0, in_memory=True
         )
     assert load_checkpoint  # imported for the error type's module
+
+
+def test_recon_loss_weights_the_pixels_that_move():
+    """A 2x2 'ball' moves one pixel; a prediction wrong only on the pixels that changed costs
+    (1 + w) times more, relative to an error of the same size on static pixels."""
+    from wm.dino_wm import recon_loss
+
+    image = torch.zeros(1, 3, 8, 8)
+    image[..., 2:4, 2:4] = 1.0
+    next_image = torch.zeros(1, 3, 8, 8)
+    next_image[..., 2:4, 3:5] = 1.0  # columns 2 and 4 change, column 3 stays lit
+    moving_err, static_err = image.clone(), image.clone()
+    moving_err[..., 2:4, 2] += 0.5  # 2 moving pixels wrong
+    static_err[..., 6:8, 6] += 0.5  # 2 static pixels wrong
+    n_moving = 4  # column 2 (lit -> dark) and column 4 (dark -> lit), rows 2-3
+    w = 9.0
+    denominator = 3 * (64 + w * n_moving)
+    assert recon_loss(moving_err, image, next_image, w).item() == pytest.approx(
+        3 * 2 * 0.25 * (1 + w) / denominator
+    )
+    assert recon_loss(static_err, image, next_image, w).item() == pytest.approx(3 * 2 * 0.25 / denominator)
+    # Without the weight it is the plain MSE.
+    assert recon_loss(moving_err, image, next_image, 0.0).item() == pytest.approx(2 * 0.25 / 64)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
@@ -63,6 +62,9 @@ class WorldModelConfig:
     rollout_loss_weight: float = 0.5
     proprio_loss_weight: float = 1.0
     recon_loss_weight: float = 1.0
+    # Pixels that change between the first two frames of a window (a moving agent or object) weigh
+    # 1 + this in the reconstruction loss: a 4-px ball is otherwise lost in a 64-px frame's MSE.
+    recon_motion_weight: float = 0.0
     cost_proprio_weight: float = 1.0  # planning objective: visual MSE + this * proprio MSE
     cost_all_frames: bool = False  # False: last predicted frame only (DINO-WM); True: all, later ones heavier
 
@@ -77,6 +79,8 @@ class WorldModelConfig:
             raise ValueError(f"bad action_dim {self.action_dim} or proprio_dim {self.proprio_dim}")
         if self.rollout_loss_steps < 0:
             raise ValueError(f"rollout_loss_steps must be >= 0, got {self.rollout_loss_steps}")
+        if self.recon_motion_weight < 0:
+            raise ValueError(f"recon_motion_weight must be >= 0, got {self.recon_motion_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -296,11 +300,28 @@ class DinoWorldModel(nn.Module):
         images = batch[c.image_key]
         if images.ndim == 5:
             feats = z["visual"][:, 0] if self.encoder.trainable else z["visual"][:, 0].detach()
-            recon = F.mse_loss(self.decode(feats), images[:, 0])
+            recon = recon_loss(self.decode(feats), images[:, 0], images[:, 1], c.recon_motion_weight)
             loss = loss + c.recon_loss_weight * recon
             metrics["loss_recon"] = recon.item()
         metrics["loss"] = loss.item()
         return loss, metrics
+
+
+MOTION_THRESHOLD = 0.1  # a pixel "moved" when a channel changes by more than this ([0, 1] units)
+
+
+def recon_loss(
+    pred: torch.Tensor, image: torch.Tensor, next_image: torch.Tensor, motion_weight: float
+) -> torch.Tensor:
+    """Weighted MSE of pred against image (B, C, H, W): pixels where `next_image` differs from `image`
+    by more than 0.1 in any channel (what moved) weigh 1 + motion_weight; a weighted mean, so the
+    loss stays on MSE's scale."""
+    err = (pred - image).pow(2)
+    if not motion_weight:
+        return err.mean()
+    moving = (next_image - image).abs().amax(1, keepdim=True) > MOTION_THRESHOLD  # (B, 1, H, W)
+    w = 1.0 + motion_weight * moving.to(err.dtype)
+    return (err * w).sum() / (w.sum() * err.shape[1])
 
 
 def _masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
