@@ -516,11 +516,12 @@ def report(res: dict[str, Any]) -> str:
     for key, ev in res.get("eval", {}).items():
         rate = f"{ev['success_rate']:.0%}"
         cells = f"{rate} | " if key.startswith("lerobot") else f" | {rate}"
-        dist = ev["mean_final_distance"]
+        dist, score = ev["mean_final_distance"], ev.get("mean_max_score")
+        score_text = "" if score is None else f", mean max score (coverage / 0.95) {score:.3f}"
         lines.append(
             f"| {res['args']['task']} success, {key}, {ev['episodes']} episodes | {cells} "
             "| mean final distance "
-            f"{dist if dist is None else f'{dist:.3g}'}, wall {ev['wall_seconds']:.0f} s |"
+            f"{dist if dist is None else f'{dist:.3g}'}{score_text}, wall {ev['wall_seconds']:.0f} s |"
         )
     return "\n".join(lines)
 

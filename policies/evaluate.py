@@ -27,6 +27,7 @@ class EpisodeResult:
     success: bool
     steps: int
     final_distance: float | None
+    max_score: float | None = None  # the task's partial credit (`SimTask.score`), best over the episode
     plan_seconds: list[float] = field(default_factory=list)
     act_seconds: float = 0.0  # time spent choosing actions (batched calls shared among episodes)
 
@@ -36,6 +37,7 @@ class EpisodeResult:
             "success": self.success,
             "steps": self.steps,
             "final_distance": self.final_distance,
+            "max_score": self.max_score,
             "replans": len(self.plan_seconds),
             "mean_plan_seconds": float(np.mean(self.plan_seconds)) if self.plan_seconds else None,
             "action_seconds_per_step": self.act_seconds / max(1, self.steps),
@@ -135,6 +137,7 @@ def _run_batch(
     n_plans = len(timings)
     plan_times: list[list[float]] = [[] for _ in range(E)]
     frames: list[list[np.ndarray]] = [[] for _ in range(E)]
+    scores = [t.score() for t in tasks]
     predicted = None
     while active.any():
         batch_obs = to_model(hist)
@@ -155,12 +158,14 @@ def _run_batch(
             tasks[e].send_action(act[e])
             obs[e] = tasks[e].get_observation()
             hist[e].append(obs[e])
+            if scores[e] is not None:
+                scores[e] = max(scores[e], tasks[e].score())
             steps[e] += 1
             if tasks[e].done:
                 active[e] = False
     out = []
     for e, task in enumerate(tasks):
-        result = EpisodeResult(seeds[e], task.is_success(), int(steps[e]), task.goal_distance())
+        result = EpisodeResult(seeds[e], task.is_success(), int(steps[e]), task.goal_distance(), scores[e])
         result.plan_seconds, result.act_seconds = plan_times[e], float(act_seconds[e])
         out.append(result)
         if video_dir is not None and frames[e]:
@@ -183,12 +188,14 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> Path:
 
 def summarize(results: Sequence[EpisodeResult], wall_seconds: float) -> dict[str, Any]:
     dist = [r.final_distance for r in results if r.final_distance is not None]
+    scores = [r.max_score for r in results if r.max_score is not None]
     plans = [t for r in results for t in r.plan_seconds]
     steps = sum(r.steps for r in results)
     return {
         "episodes": len(results),
         "success_rate": float(np.mean([r.success for r in results])) if results else 0.0,
         "mean_final_distance": float(np.mean(dist)) if dist else None,
+        "mean_max_score": float(np.mean(scores)) if scores else None,
         "planning_seconds_per_replan_per_episode": float(np.mean(plans)) if plans else 0.0,
         "planning_seconds_per_step": float(sum(plans) / steps) if steps else 0.0,
         "action_seconds_per_step": float(sum(r.act_seconds for r in results) / steps) if steps else 0.0,

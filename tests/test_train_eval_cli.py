@@ -168,3 +168,6 @@ def test_policy_collect_train_eval_on_other_tasks(task, model, image_key, tmp_pa
     results = json.loads((out / "results.json").read_text())
     assert results["episodes"] == 2 and [ep["steps"] for ep in results["per_episode"]] == [10, 10]
     assert len(list((out / "videos").glob("*.mp4"))) == 1
+    # PushT reports Diffusion Policy's score (the best coverage / 0.95 of each episode); Lift has none.
+    score = results["mean_max_score"]
+    assert (0.0 <= score <= 1.0) if task == "pusht" else score is None

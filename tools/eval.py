@@ -205,11 +205,8 @@ def _budget_sweep(cfg: EvalConfig, model: Any, task: Any, setup: dict, episodes:
 def main(cfg: DictConfig) -> None:
     def body() -> int:
         res = evaluate(bind(EvalConfig, cfg))
-        print(
-            json.dumps(
-                {k: res[k] for k in ("success_rate", "mean_final_distance", "planning_seconds_per_step")}
-            )
-        )
+        keys = ("success_rate", "mean_final_distance", "mean_max_score", "planning_seconds_per_step")
+        print(json.dumps({k: res[k] for k in keys if res[k] is not None}))
         return 0
 
     run(body)

@@ -90,6 +90,11 @@ class SimTask(RobotBase):
         reports only); None for tasks without a natural distance."""
         return None
 
+    def score(self) -> float | None:
+        """Privileged: partial credit in [0, 1] for the current state (for evaluation reports only;
+        its maximum over an episode is reported); None for tasks without one."""
+        return None
+
     @abstractmethod
     def _reset(self, rng: np.random.Generator) -> None: ...
 

@@ -119,6 +119,11 @@ class PushTTask(SimTask):
         """Fraction of the goal T covered by the block (gym-pusht's reward before scaling)."""
         return self._coverage
 
+    def score(self) -> float:
+        """gym-pusht's reward: coverage / 0.95, clipped to [0, 1]; its episode maximum is the score
+        Diffusion Policy reports for PushT."""
+        return float(np.clip(self._coverage / self._env.success_threshold, 0.0, 1.0))
+
     def goal_distance(self) -> float:
         """Mean distance (px) between the block's T outline vertices and the goal's."""
         self._require_connected()
