@@ -589,6 +589,9 @@ def main() -> None:
     res["inference"] = inference(lr, ours, root, args)
     print("inference timed", flush=True)
     if args.eval_episodes > 0:
+        if args.json:  # the timings so far survive a failure in the (long) closed-loop part
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=1))
         res["eval"] = evaluate(lr, ours, args)
     res["wall_seconds"] = time.perf_counter() - t_start
     res["load_average_1min_end"] = os.getloadavg()[0]
