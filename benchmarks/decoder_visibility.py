@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from wm.data import DemoStore
+from wm.dino_wm import MOTION_THRESHOLD as THRESHOLD  # the training loss's "this pixel moved"
 from wm.dino_wm import load_world_model
-
-THRESHOLD = 0.1
 
 
 def centroid(mask: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ class WorldModelConfig:
     proprio_loss_weight: float = 1.0
     recon_loss_weight: float = 1.0
     # Pixels that change between the first two frames of a window (a moving agent or object) weigh
-    # 1 + this in the reconstruction loss: a 4-px ball is otherwise lost in a 64-px frame's MSE.
+    # 1 + this in the reconstruction loss. On the demo, 30 blurred the frame without drawing the
+    # 4-px ball (BENCHMARKS.md, decoder visibility), hence 0 by default.
     recon_motion_weight: float = 0.0
     cost_proprio_weight: float = 1.0  # planning objective: visual MSE + this * proprio MSE
     cost_all_frames: bool = False  # False: last predicted frame only (DINO-WM); True: all, later ones heavier
