@@ -467,45 +467,90 @@ def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(st
 
 
 def test_unet_inference_paths_match_training_path():
-    """The no-autograd conv paths (oneDNN fp32, bf16 matrix products) compute what nn.Conv1d does;
-    the bf16 weight copies follow the fp32 weights when those change."""
-    from policies.diffusion.unet import ConditionalUnet1D, set_conv_precision
+    """The no-autograd conv paths (oneDNN or the native kernel for fp32, by layer size at batch 1; bf16
+    matrix products) compute what nn.Conv1d does; the bf16 weight copies follow the fp32 weights when
+    those change."""
+    from policies.diffusion import unet
+    from policies.diffusion.precision import set_inference_precision
 
     torch.manual_seed(0)
-    net = ConditionalUnet1D(UNetConfig(down_dims=(32, 64, 128), step_embed_dim=32), 2, 2 * 8).eval()
-    x, t, cond = torch.randn(3, 16, 2), torch.tensor([3.0, 50.0, 99.0]), torch.randn(3, 2, 8)
-    with torch.enable_grad():
-        ref = net(x, t, cond)  # nn.Conv1d's own forward
-    with torch.no_grad():
-        fast = net(x, t, cond)
-        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-        set_conv_precision(net, "bf16")
-        low = net(x, t, cond)
+    net = unet.ConditionalUnet1D(UNetConfig(down_dims=(32, 64, 256), step_embed_dim=32), 2, 2 * 8).eval()
+    sizes = [m.weight.numel() for m in net.modules() if isinstance(m, unet.Conv1d)]
+    assert min(sizes) <= unet._NATIVE_MAX_WEIGHTS < max(sizes)  # both fp32 kernels run at batch 1
+    for batch in (1, 3):
+        x, t, cond = torch.randn(batch, 16, 2), torch.linspace(3.0, 99.0, batch), torch.randn(batch, 2, 8)
+        set_inference_precision(net, "fp32")
+        with torch.enable_grad():
+            ref = net(x, t, cond)  # nn.Conv1d's own forward
+        with torch.no_grad():
+            torch.testing.assert_close(net(x, t, cond), ref, rtol=1e-5, atol=1e-5)
+            set_inference_precision(net, "bf16")
+            low = net(x, t, cond)
         assert low.dtype == torch.float32
         rel = ((low - ref).norm() / ref.norm()).item()
         assert 0 < rel < 0.03, rel
+    with torch.no_grad():
         for p in net.parameters():  # an optimizer step: the cached bf16 copies must follow
             p.mul_(1.5)
-        with torch.enable_grad():
-            ref2 = net(x, t, cond)  # autograd on: the fp32 weights, whatever the inference precision
-        low2 = net(x, t, cond)  # the version-keyed cache, not set_conv_precision, must refresh
-        assert ((low2 - ref2).norm() / ref2.norm()).item() < 0.03
+        low2 = net(x, t, cond)  # the version-keyed cache, not set_inference_precision, must refresh
+    with torch.enable_grad():
+        ref2 = net(x, t, cond)  # autograd on: the fp32 weights, whatever the inference precision
+    assert ((low2 - ref2).norm() / ref2.norm()).item() < 0.03
     with pytest.raises(ValueError, match="precision"):
-        set_conv_precision(net, "fp16")
+        set_inference_precision(net, "fp16")
 
 
-def test_policy_precision_option(unet_policy):
+@pytest.mark.parametrize("kind", ["resnet18", "transformer"])
+def test_bf16_copies_match_and_follow_the_weights(kind):
+    """The whole-module bf16 paths (the ResNet-18 image backbone; the transformer denoiser under
+    autocast) stay within a few % of fp32, add nothing to the state dict, leave autograd-on calls in
+    fp32, and rebuild their copy after the weights change."""
+    from policies.diffusion.obs_encoder import ObsEncoderConfig, ResNetKeypoints
+    from policies.diffusion.precision import set_inference_precision
+    from policies.diffusion.transformer import TransformerDenoiser
+
+    torch.manual_seed(0)
+    if kind == "resnet18":
+        net = ResNetKeypoints(ObsEncoderConfig(feature_dim=16)).eval()
+        args: tuple = (torch.rand(2, 3, 96, 96),)  # a 3 x 3 map for the spatial softmax
+    else:
+        cfg = TransformerConfig(dim=32, depth=2, heads=2, dropout=0.0)
+        net = TransformerDenoiser(cfg, 2, 8, 16, 2).eval()
+        args = (torch.randn(2, 16, 2), torch.tensor([3.0, 90.0]), torch.randn(2, 2, 8))
+    keys = set(net.state_dict())
+    with torch.no_grad():
+        ref = net(*args)
+        set_inference_precision(net, "bf16")
+        low = net(*args)
+        assert low.dtype == torch.float32 and not torch.equal(low, ref)
+        assert ((low - ref).norm() / ref.norm()).item() < 0.03
+        assert set(net.state_dict()) == keys  # the bf16 copy is no submodule
+        for p in net.parameters():  # as an optimizer step would
+            p.mul_(0.7).add_(0.01)
+        low2 = net(*args)
+    with torch.enable_grad():
+        ref2 = net(*args)  # autograd on: the fp32 path, whatever the flag
+    assert ref2.requires_grad
+    assert not torch.allclose(ref2, ref, atol=1e-3)
+    assert ((low2 - ref2).norm() / ref2.norm()).item() < 0.03
+    set_inference_precision(net, "fp32")
+    with torch.no_grad():
+        torch.testing.assert_close(net(*args), ref2.detach())
+
+
+def test_policy_precision_option(unet_policy, store_path):
     policy, _ = unet_policy
+    transformer, _ = train_policy(tiny_config("transformer"), store_path, steps=30)
     obs = {"image": torch.rand(2, N_OBS, 3, H, W), "proprio": torch.rand(2, N_OBS, 2)}
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    a32 = policy.predict_action_chunk(obs, generator=gen())
-    policy.set_precision("bf16")
-    try:
-        a16 = policy.predict_action_chunk(obs, generator=gen())
-    finally:
-        policy.set_precision("fp32")
-    assert (a16 - a32).abs().max() < 0.05 and not torch.equal(a16, a32)
-    with pytest.raises(ValueError, match="UNet"):
-        dataclasses.replace(tiny_config("transformer"), precision="bf16")
+    for pol in (policy, transformer):
+        a32 = pol.predict_action_chunk(obs, generator=gen())
+        pol.set_precision("bf16")
+        try:
+            a16 = pol.predict_action_chunk(obs, generator=gen())
+        finally:
+            pol.set_precision("fp32")
+        assert (a16 - a32).abs().max() < 0.05 and not torch.equal(a16, a32), pol.cfg.denoiser
+        torch.testing.assert_close(pol.predict_action_chunk(obs, generator=gen()), a32)
     with pytest.raises(ValueError, match="precision"):
         dataclasses.replace(tiny_config("unet"), precision="int8")

@@ -15,6 +15,10 @@ Images come as (B, To, C, H, W) float in [0, 1] at `image_size`; training takes 
 `crop` (one draw per sample, shared by its To frames), evaluation the center crop. Proprioception
 (normalized by the policy) is appended. Output: (B, To, Dc) with Dc = cameras * feature_dim +
 proprio_dim; the denoisers flatten or tokenize it.
+
+bf16 inference (`precision.set_inference_precision`, autograd off) runs the image backbone (ResNet-18
+or the patch encoder) as a cached bf16 copy and the small heads after it in fp32: ResNet-18 on two
+84 px frames 9.8 -> 6.8 ms on the project's 2-core CPU (AVX512-BF16), features within ~1 % of fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from policies.diffusion.precision import Bf16Inference, Bf16Shadow
 from wm.data.augment import center_crop, random_crop
 from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
 
@@ -119,7 +124,15 @@ def resnet18_groupnorm() -> nn.Module:
     return nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc: (B, 512, h, w)
 
 
-class ResNetKeypoints(nn.Module):
+def run_backbone(owner: Bf16Inference, backbone: nn.Module, x: Tensor) -> Tensor:
+    """backbone(x), or its cached bf16 copy on x in bf16 (output back in x's dtype) when the owner's
+    bf16 inference is on and autograd is off."""
+    if not owner.bf16_active():
+        return backbone(x)
+    return owner._bf16(backbone)(x.bfloat16()).to(x.dtype)
+
+
+class ResNetKeypoints(Bf16Inference, nn.Module):
     """Images (N, 3, H, W) in [0, 1] -> (N, feature_dim): ResNet-18/GroupNorm, spatial softmax, linear."""
 
     def __init__(self, cfg: ObsEncoderConfig) -> None:
@@ -127,12 +140,13 @@ class ResNetKeypoints(nn.Module):
         self.backbone = resnet18_groupnorm()
         self.pool = SpatialSoftmax(512, cfg.num_keypoints)
         self.out = nn.Sequential(nn.Linear(2 * cfg.num_keypoints, cfg.feature_dim), nn.ReLU())
+        self._bf16 = Bf16Shadow()
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.out(self.pool(self.backbone(images * 2 - 1)))
+        return self.out(self.pool(run_backbone(self, self.backbone, images * 2 - 1)))
 
 
-class PatchFeatures(nn.Module):
+class PatchFeatures(Bf16Inference, nn.Module):
     """Images (N, 3, H, W) or cached tokens (N, P, D) -> (N, feature_dim) through a wm patch encoder."""
 
     def __init__(self, cfg: ObsEncoderConfig) -> None:
@@ -143,9 +157,11 @@ class PatchFeatures(nn.Module):
         self.grid = self.encoder.patch_grid(*side)
         n_tok = 1 if cfg.patch_pool == "mean" else cfg.patch_grid**2
         self.out = nn.Linear(n_tok * self.encoder.dim, cfg.feature_dim)
+        self._bf16 = Bf16Shadow()
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = self.encoder(x) if x.ndim == 4 else x  # images (N, 3, H, W) or cached (N, P, D)
+        # images (N, 3, H, W) or cached tokens (N, P, D)
+        tokens = run_backbone(self, self.encoder, x) if x.ndim == 4 else x
         if self.cfg.patch_pool == "mean":
             pooled = tokens.mean(1)  # (N, D)
         else:

@@ -4,6 +4,10 @@ Action tokens (one per step of the horizon) attend to each other (causally by de
 Diffusion Policy) and cross-attend to a short memory of conditioning tokens: the diffusion step
 embedding followed by one token per observation step. A pre-norm `nn.TransformerDecoder` does the
 work; learned positional embeddings are added to both the action and the memory tokens.
+
+bf16 inference (`precision.set_inference_precision`, autograd off) runs a cached bf16 copy of the
+whole denoiser under autocast (matrix products in bf16, LayerNorm and softmax as autocast decides),
+and returns fp32.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from policies.diffusion.precision import Bf16Inference, Bf16Shadow
 from policies.diffusion.unet import SinusoidalPosEmb
 
 
@@ -34,7 +39,7 @@ class TransformerConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-class TransformerDenoiser(nn.Module):
+class TransformerDenoiser(Bf16Inference, nn.Module):
     """Denoiser `net(x (B, Ta, Da), t (B,), cond (B, To, Dc)) -> (B, Ta, Da)` for fixed Ta and To."""
 
     def __init__(
@@ -42,6 +47,7 @@ class TransformerDenoiser(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg, self.horizon, self.n_obs = cfg, horizon, n_obs
+        self._bf16 = Bf16Shadow()
         D = cfg.dim
         self.action_in = nn.Linear(action_dim, D)
         self.action_pos = nn.Parameter(torch.zeros(1, horizon, D))
@@ -62,9 +68,17 @@ class TransformerDenoiser(nn.Module):
         nn.init.normal_(self.cond_pos, std=0.02)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        B, Ta, _ = x.shape
-        if Ta != self.horizon:
-            raise ValueError(f"the transformer denoiser was built for horizon {self.horizon}, got {Ta} steps")
+        if x.shape[1] != self.horizon:
+            raise ValueError(
+                f"the transformer denoiser was built for horizon {self.horizon}, got {x.shape[1]} steps"
+            )
+        if self.bf16_active():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self._bf16(self).denoise(x, t, cond).float()
+        return self.denoise(x, t, cond)
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """The network itself (forward adds the horizon check and the bf16 dispatch)."""
         tokens = self.drop(self.action_in(x) + self.action_pos)  # (B, Ta, D)
         memory = self.step_emb(t)[:, None]  # (B, 1, D)
         if self.cond_in is not None and cond is not None:

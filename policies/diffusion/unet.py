@@ -8,11 +8,13 @@ horizon must be divisible by 2 ** (len(down_dims) - 1) (16 with (256, 512, 1024)
 
 CPU inference. PyTorch sends a batch-1 Conv1d with a kernel under 4 wide to its native im2col
 kernel (`_slow_conv2d_forward`), not oneDNN: at batch 1 that was 82 % of a LeRobot-size UNet call
-(37 ms on the project's 2-core CPU). `Conv1d` here calls oneDNN directly when autograd is off on a
-CPU. At batch 1 a call is bound by reading the weights (~260 MB in fp32 at LeRobot's size):
-`set_conv_precision(net, "bf16")` runs the convolutions on cached bf16 copies of the weights (half
-the traffic, AVX512-BF16 / AMX or GPU tensor cores) as plain matrix products, with the rest of the
-network (GroupNorm, Mish, FiLM, step embedding) in fp32: 34-43 -> 12 ms per call on that CPU.
+(37 ms on the project's 2-core CPU). With autograd off on a CPU, `Conv1d` here calls oneDNN directly
+for layers with more than `_NATIVE_MAX_WEIGHTS` weights and keeps the native kernel for smaller ones,
+where oneDNN's fixed cost per call dominates. At batch 1 a LeRobot-size call is bound by reading the
+weights (~260 MB in fp32): bf16 inference (`precision.set_inference_precision(net, "bf16")`) runs
+the convolutions on cached bf16 copies of the weights (half the traffic, AVX512-BF16 / AMX or GPU
+tensor cores) as plain matrix products, with the rest of the network (GroupNorm, Mish, FiLM, step
+embedding) in fp32: 34-43 -> 12 ms per call on that CPU.
 """
 
 from __future__ import annotations
@@ -25,35 +27,43 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from policies.diffusion.precision import Bf16Inference, tensor_key
+
 _MKLDNN = torch.backends.mkldnn.is_available()
-PRECISIONS = ("fp32", "bf16")
+# At batch 1 oneDNN costs ~35 us a call before any work, so PyTorch's native kernel is faster for small
+# weights (2-core CPU: 64->64 k5 12 vs 49 us, 128->128 45 vs 59, 128->256 80 vs 76, 256->256 155 vs
+# 110); above this many weights oneDNN wins. At batch > 1 PyTorch itself dispatches to oneDNN.
+_NATIVE_MAX_WEIGHTS = 131_072
 
 
-class _InferenceWeights:
+class _InferenceWeights(Bf16Inference):
     """Inference weights of a conv layer: its own (fp32), or a bf16 copy when `bf16_inference` is set,
-    cached until the weights change (an optimizer step or `load_state_dict` bumps their version, a
-    device move gives new storage). Training (autograd on) always uses the fp32 weights."""
+    cached until the weights change (see `precision.py`). Training (autograd on) always uses the fp32
+    weights."""
 
-    bf16_inference = False
     _bf16_cache: tuple | None = None
 
     def inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor | None, torch.dtype]:
         w, b = self.weight, self.bias  # type: ignore[attr-defined]
         if not self.bf16_inference:
             return w, b, x.dtype
-        key = (w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+        key = tensor_key([w] if b is None else [w, b])
         if self._bf16_cache is None or self._bf16_cache[0] != key:
             self._bf16_cache = (key, w.detach().bfloat16(), None if b is None else b.detach().bfloat16())
         return self._bf16_cache[1], self._bf16_cache[2], torch.bfloat16
+
+    def clear_bf16(self) -> None:
+        self._bf16_cache = None
 
 
 class Conv1d(_InferenceWeights, nn.Conv1d):
     """`nn.Conv1d` (same parameters and state dict) with a faster inference path (autograd off).
 
-    fp32 on a CPU: oneDNN called directly. bf16 (`bf16_inference`) on a CPU: the convolution as one
-    matrix product of the (C_out, C_in * k) weight with the unfolded input, which reads the weights
-    once (2.5x faster than oneDNN's bf16 convolution at batch 1 on the project's CPU). Elsewhere
-    `F.conv1d` in the weights' dtype. The input is cast in and the output cast back."""
+    fp32 on a CPU: oneDNN called directly (PyTorch's native kernel for small weights at batch 1).
+    bf16 (`bf16_inference`) on a CPU: the convolution as one matrix product of the (C_out, C_in * k)
+    weight with the unfolded input, which reads the weights once (2.5x faster than oneDNN's bf16
+    convolution at batch 1 on the project's CPU). Elsewhere `F.conv1d` in the weights' dtype. The
+    input is cast in and the output cast back."""
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str):
@@ -68,7 +78,11 @@ class Conv1d(_InferenceWeights, nn.Conv1d):
             cols = cols.transpose(2, 3).reshape(x.shape[0], -1, cols.shape[2])  # (B, C_in * k, L_out)
             y = torch.matmul(w.reshape(w.shape[0], -1), cols)  # (B, C_out, L_out)
             y = y if b is None else y + b[:, None]
-        elif _MKLDNN and dtype in (torch.float32, torch.bfloat16):
+        elif (
+            _MKLDNN
+            and dtype in (torch.float32, torch.bfloat16)
+            and (x.shape[0] > 1 or w.numel() > _NATIVE_MAX_WEIGHTS)
+        ):
             y = torch.mkldnn_convolution(
                 xin.contiguous(), w, b, self.padding, self.stride, self.dilation, self.groups
             )
@@ -88,16 +102,6 @@ class ConvTranspose1d(_InferenceWeights, nn.ConvTranspose1d):
             x.to(dtype), w, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation
         )
         return y.to(x.dtype)
-
-
-def set_conv_precision(module: nn.Module, precision: str) -> None:
-    """Run every conv layer of `module` in fp32 or bf16 at inference (training stays fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    for m in module.modules():
-        if isinstance(m, _InferenceWeights):
-            m.bf16_inference = precision == "bf16"
-            m._bf16_cache = None
 
 
 @dataclass(frozen=True)
@@ -126,16 +130,18 @@ class UNetConfig:
 
 
 class SinusoidalPosEmb(nn.Module):
-    """(B,) float timesteps -> (B, dim) sin/cos features (Transformer positional encoding)."""
+    """(B,) float timesteps -> (B, dim) fp32 sin/cos features (Transformer positional encoding). The
+    frequencies are computed in fp32 at each call, not stored, so a bf16 copy of the network keeps them
+    exact (in bf16, t = 99 would be off by up to ~0.4 rad)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        half = dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half) / max(half - 1, 1))
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.half = dim // 2
 
     def forward(self, t: Tensor) -> Tensor:
-        arg = t.float()[:, None] * self.freqs[None]  # (B, dim / 2)
+        i = torch.arange(self.half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(-math.log(10000) * i / max(self.half - 1, 1))
+        arg = t.float()[:, None] * freqs[None]  # (B, dim / 2)
         return torch.cat([arg.sin(), arg.cos()], dim=-1)
 
 
