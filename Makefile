@@ -10,10 +10,15 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test bench lint clean
 
+# The install takes about 10 GiB (PyTorch pulls its CUDA libraries from PyPI even for CPU use);
+# --no-cache-dir keeps pip from storing a second copy of the wheels (~4 GiB) in ~/.cache.
 $(STAMP): pyproject.toml constraints.txt
+	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt 11 ]; then \
+	  echo "warning: $$free GiB free on $$(pwd); the install needs about 10 GiB" >&2; fi
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[sim,lerobot,teleop,dev]"
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e ".[sim,lerobot,teleop,dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -20,14 +20,15 @@ steps, same threads, same machine:
    sides learn at the same constant rate). Ours through
    `setup_diffusion` + `make_loader` + `compute_loss`, backward, clip 10, AdamW with the same
    hyper-parameters. Neither keeps an EMA copy.
-3. Inference time per action chunk at batch 1 (median over `--chunks` calls after two warm-ups),
-   with the trained models, the whole "observation in -> chunk out" call: LeRobot's preprocessor +
-   `reset()` + `select_action` (which fills its queue with a new chunk) + postprocessor of the
-   chunk; ours `predict_action_chunk`. LeRobot DDPM-100 (its default) and DDIM-10 (the same weights
-   in a policy built with `noise_scheduler_type="DDIM"`, `num_inference_steps=10`); ours DDIM-10 and
-   EDM-3 (Heun, 5 network calls) in fp32, the same with the UNet's convolutions on bf16 weights
-   (`policy.set_precision("bf16")`), EDM-3 with DPM++(2M) (3 calls) in bf16, and, with
-   `--distill-steps > 0`, a 1-step consistency student distilled with
+3. Inference time per action chunk at batch 1 (median over `--chunks` calls, spread over `--rounds`
+   rounds that visit every sampler in turn, two warm-up calls each time), with the trained models,
+   the whole "observation in -> chunk out" call: LeRobot's preprocessor + `reset()` +
+   `select_action` (which fills its queue with a new chunk) + postprocessor of the chunk; ours
+   `predict_action_chunk`. LeRobot DDPM-100 (its default) and DDIM-10 (the same weights in a policy
+   built with `noise_scheduler_type="DDIM"`, `num_inference_steps=10`); ours DDIM-10 and EDM-3
+   (Heun, 5 network calls) in fp32, the same with bf16 inference (`policy.set_precision("bf16")`:
+   the ResNet-18 backbone and the UNet's convolutions on bf16 weight copies), EDM-3 with DPM++(2M)
+   (3 calls) in bf16, and, with `--distill-steps > 0`, a 1-step consistency student distilled with
    `policies.diffusion.consistency.distill_policy`, fp32 and bf16. LeRobot runs fp32 throughout.
 4. With `--eval-episodes > 0`: closed-loop success on the same seeds of the task through
    `policies.evaluate.run_episodes` (LeRobot through a small adapter to our Policy protocol), with
@@ -323,17 +324,29 @@ def timed_training(
     }
 
 
+def time_interleaved(
+    configs: list[tuple[str, Callable[[], None], Callable[[], Any]]], n: int, rounds: int, warmup: int = 2
+) -> dict[str, dict[str, Any]]:
+    """Median (and all) wall times in ms of each config's call, `n` timed calls per config spread over
+    `rounds` rounds; every round visits every config in turn (its `setup()`, `warmup` untimed calls,
+    then its share of the timed calls), so a slow spell on the machine hits all configs alike."""
+    ms: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    with torch.inference_mode():
+        for r in range(rounds):
+            for name, setup, fn in configs:
+                setup()
+                for _ in range(warmup):
+                    fn()
+                for _ in range(n // rounds + (r < n % rounds)):
+                    t0 = time.perf_counter()
+                    fn()
+                    ms[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": statistics.median(v), "all_ms": v} for name, v in ms.items()}
+
+
 def time_chunks(fn: Callable[[], Any], n: int, warmup: int = 2) -> dict[str, Any]:
     """Median (and all) wall times in ms of `fn()` over n calls after `warmup` untimed calls."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        ms = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ms.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(ms), "all_ms": ms}
+    return time_interleaved([("fn", lambda: None, fn)], n, 1, warmup)["fn"]
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -345,29 +358,36 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
     sample = lr["dataset"][len(lr["dataset"]) // 2]
     lr_obs = {IMG: sample[IMG][-1:].float(), STATE: sample[STATE][-1:].float()}  # (1, ...) current step
     our_obs = {"image": sample[IMG][None].float(), "state": sample[STATE][None].float()}  # (1, 2, ...)
-    out: dict[str, Any] = {}
     policy, pre, post = lr["policy"], lr["pre"], lr["post"]
-    out["lerobot_ddpm100"] = time_chunks(lambda: lerobot_chunk(policy, pre, post, lr_obs), args.chunks)
     _, ddim, ddim_pre, ddim_post = build_lerobot(root, args, "DDIM", 10)
     ddim.load_state_dict(policy.state_dict())
     ddim.eval()
     lr["ddim"] = (ddim, ddim_pre, ddim_post)
-    out["lerobot_ddim10"] = time_chunks(lambda: lerobot_chunk(ddim, ddim_pre, ddim_post, lr_obs), args.chunks)
     ours_policy = ours["policy"]
     default = (ours_policy.sampler, ours_policy.sampler_steps)
     solver = ours_policy.diffusion.cfg.edm_solver
-    runs = [
-        ("ours_ddim10", "ddim", 10, "fp32", solver),
-        ("ours_edm3", "edm", 3, "fp32", "heun"),
-        ("ours_ddim10_bf16", "ddim", 10, "bf16", solver),
-        ("ours_edm3_bf16", "edm", 3, "bf16", "heun"),
-        ("ours_dpm3_bf16", "edm", 3, "bf16", "dpmpp_2m"),
+
+    def ours_setup(sampler: str, steps: int, precision: str, edm_solver: str) -> Callable[[], None]:
+        def setup() -> None:
+            ours_policy.set_sampler(sampler, steps)
+            ours_policy.set_precision(precision)
+            ours_policy.diffusion.cfg = dataclasses.replace(ours_policy.diffusion.cfg, edm_solver=edm_solver)
+
+        return setup
+
+    def ours_chunk() -> Any:
+        return ours_policy.predict_action_chunk(our_obs)
+
+    configs: list[tuple[str, Callable[[], None], Callable[[], Any]]] = [
+        ("lerobot_ddpm100", lambda: None, lambda: lerobot_chunk(policy, pre, post, lr_obs)),
+        ("lerobot_ddim10", lambda: None, lambda: lerobot_chunk(ddim, ddim_pre, ddim_post, lr_obs)),
+        ("ours_ddim10", ours_setup("ddim", 10, "fp32", solver), ours_chunk),
+        ("ours_edm3", ours_setup("edm", 3, "fp32", "heun"), ours_chunk),
+        ("ours_ddim10_bf16", ours_setup("ddim", 10, "bf16", solver), ours_chunk),
+        ("ours_edm3_bf16", ours_setup("edm", 3, "bf16", "heun"), ours_chunk),
+        ("ours_dpm3_bf16", ours_setup("edm", 3, "bf16", "dpmpp_2m"), ours_chunk),
     ]
-    for name, sampler, steps, precision, edm_solver in runs:
-        ours_policy.set_sampler(sampler, steps)
-        ours_policy.set_precision(precision)
-        ours_policy.diffusion.cfg = dataclasses.replace(ours_policy.diffusion.cfg, edm_solver=edm_solver)
-        out[name] = time_chunks(lambda: ours_policy.predict_action_chunk(our_obs), args.chunks)
+    out: dict[str, Any] = time_interleaved(configs, args.chunks, args.rounds)
     ours_policy.diffusion.cfg = dataclasses.replace(ours_policy.diffusion.cfg, edm_solver=solver)
     ours_policy.set_sampler(*default)
     ours_policy.set_precision("fp32")
@@ -487,11 +507,11 @@ def report(res: dict[str, Any]) -> str:
         ("LeRobot DDIM-10", "lerobot_ddim10", True),
         ("ours DDIM-10", "ours_ddim10", False),
         ("ours EDM-3 (Heun, 5 calls, our default)", "ours_edm3", False),
-        ("ours DDIM-10, bf16 convs", "ours_ddim10_bf16", False),
-        ("ours EDM-3 (Heun), bf16 convs", "ours_edm3_bf16", False),
-        ("ours EDM-3 (DPM++(2M), 3 calls), bf16 convs", "ours_dpm3_bf16", False),
+        ("ours DDIM-10, bf16", "ours_ddim10_bf16", False),
+        ("ours EDM-3 (Heun), bf16", "ours_edm3_bf16", False),
+        ("ours EDM-3 (DPM++(2M), 3 calls), bf16", "ours_dpm3_bf16", False),
         ("ours consistency 1-step", "ours_consistency1", False),
-        ("ours consistency 1-step, bf16 convs", "ours_consistency1_bf16", False),
+        ("ours consistency 1-step, bf16", "ours_consistency1_bf16", False),
     ]
     for label, key, is_lr in rows:
         if key not in inf:
@@ -543,6 +563,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (both sides)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunks", type=int, default=10, help="timed chunk predictions per sampler")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds the timed chunks are spread over"
+    )
     parser.add_argument(
         "--distill-steps", type=int, default=0, help="consistency distillation steps (0: skip)"
     )
