@@ -9,12 +9,12 @@ horizon must be divisible by 2 ** (len(down_dims) - 1) (16 with (256, 512, 1024)
 CPU inference. PyTorch sends a batch-1 Conv1d with a kernel under 4 wide to its native im2col
 kernel (`_slow_conv2d_forward`), not oneDNN: at batch 1 that was 82 % of a LeRobot-size UNet call
 (37 ms on the project's 2-core CPU). With autograd off on a CPU, `Conv1d` here calls oneDNN directly
-for layers with more than `_NATIVE_MAX_WEIGHTS` weights and keeps the native kernel for smaller ones,
-where oneDNN's fixed cost per call dominates. At batch 1 a LeRobot-size call is bound by reading the
-weights (~260 MB in fp32): bf16 inference (`precision.set_inference_precision(net, "bf16")`) runs
-the convolutions on cached bf16 copies of the weights (half the traffic, AVX512-BF16 / AMX or GPU
-tensor cores) as plain matrix products, with the rest of the network (GroupNorm, Mish, FiLM, step
-embedding) in fp32: 34-43 -> 12 ms per call on that CPU.
+for layers with more than `_NATIVE_MAX_WEIGHTS` weights and keeps the native kernel for smaller ones
+at batch 1, where oneDNN's fixed cost per call dominates. At batch 1 a LeRobot-size call is bound by
+reading the weights (~260 MB in fp32): bf16 inference (`precision.set_inference_precision(net,
+"bf16")`) runs the convolutions on cached bf16 copies of the weights (half the traffic, AVX512-BF16
+/ AMX or GPU tensor cores) as plain matrix products, with the rest of the network (GroupNorm, Mish,
+FiLM, step embedding) in fp32: 32 -> 12 ms per call on that CPU (`benchmarks/bench_precision.py`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,13 @@ from torch import Tensor, nn
 from policies.diffusion.precision import Bf16Inference, tensor_key
 
 _MKLDNN = torch.backends.mkldnn.is_available()
-# At batch 1 oneDNN costs ~35 us a call before any work, so PyTorch's native kernel is faster for small
-# weights (2-core CPU: 64->64 k5 12 vs 49 us, 128->128 45 vs 59, 128->256 80 vs 76, 256->256 155 vs
-# 110); above this many weights oneDNN wins. At batch > 1 PyTorch itself dispatches to oneDNN.
+# At batch 1 oneDNN costs ~35 us a call and the bf16 product ~30 us before any work, so PyTorch's native
+# fp32 kernel is faster for small layers. 2-core CPU, kernel 5, native / oneDNN / bf16 product (us):
+# 64->64 12 / 49 / 35, 64->128 26 / 52 / 37, 128->128 55 / 60 / 41, 128->256 85 / 75 / 45,
+# 256->256 157 / 107 / 59. Up to these many weights a batch-1 layer keeps the native fp32 kernel (fp32
+# inference / bf16 inference). At batch > 1 PyTorch itself dispatches to oneDNN.
 _NATIVE_MAX_WEIGHTS = 131_072
+_NATIVE_MAX_WEIGHTS_BF16 = 65_536
 
 
 class _InferenceWeights(Bf16Inference):
@@ -59,15 +62,18 @@ class _InferenceWeights(Bf16Inference):
 class Conv1d(_InferenceWeights, nn.Conv1d):
     """`nn.Conv1d` (same parameters and state dict) with a faster inference path (autograd off).
 
-    fp32 on a CPU: oneDNN called directly (PyTorch's native kernel for small weights at batch 1).
-    bf16 (`bf16_inference`) on a CPU: the convolution as one matrix product of the (C_out, C_in * k)
-    weight with the unfolded input, which reads the weights once (2.5x faster than oneDNN's bf16
-    convolution at batch 1 on the project's CPU). Elsewhere `F.conv1d` in the weights' dtype. The
-    input is cast in and the output cast back."""
+    fp32 on a CPU: oneDNN called directly. bf16 (`bf16_inference`) on a CPU: the convolution as one
+    matrix product of the (C_out, C_in * k) weight with the unfolded input, which reads the weights
+    once (2.5x faster than oneDNN's bf16 convolution at batch 1 on the project's CPU). Small layers
+    at batch 1 (`_NATIVE_MAX_WEIGHTS*`) keep PyTorch's native fp32 kernel in either precision.
+    Elsewhere `F.conv1d` in the weights' dtype. The input is cast in and the output cast back."""
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
+        small = _NATIVE_MAX_WEIGHTS_BF16 if self.bf16_inference else _NATIVE_MAX_WEIGHTS
+        if x.device.type == "cpu" and x.shape[0] == 1 and self.weight.numel() <= small:
+            return super().forward(x)  # PyTorch's native fp32 kernel: the fastest for a small layer
         w, b, dtype = self.inference_weights(x)
         xin = x.to(dtype)
         if x.device.type != "cpu":
@@ -78,11 +84,7 @@ class Conv1d(_InferenceWeights, nn.Conv1d):
             cols = cols.transpose(2, 3).reshape(x.shape[0], -1, cols.shape[2])  # (B, C_in * k, L_out)
             y = torch.matmul(w.reshape(w.shape[0], -1), cols)  # (B, C_out, L_out)
             y = y if b is None else y + b[:, None]
-        elif (
-            _MKLDNN
-            and dtype in (torch.float32, torch.bfloat16)
-            and (x.shape[0] > 1 or w.numel() > _NATIVE_MAX_WEIGHTS)
-        ):
+        elif _MKLDNN and dtype in (torch.float32, torch.bfloat16):
             y = torch.mkldnn_convolution(
                 xin.contiguous(), w, b, self.padding, self.stride, self.dilation, self.groups
             )
