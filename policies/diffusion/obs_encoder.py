@@ -18,7 +18,8 @@ proprio_dim; the denoisers flatten or tokenize it.
 
 bf16 inference (`precision.set_inference_precision`, autograd off) runs the image backbone (ResNet-18
 or the patch encoder) as a cached bf16 copy and the small heads after it in fp32: ResNet-18 on two
-84 px frames 9.8 -> 6.8 ms on the project's 2-core CPU (AVX512-BF16), features within ~1 % of fp32.
+84 px frames 9.2 -> 7.4 ms on the project's 2-core CPU (AVX512-BF16), features within ~1 % of fp32
+(`benchmarks/bench_precision.py`).
 """
 
 from __future__ import annotations

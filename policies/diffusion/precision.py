@@ -44,7 +44,9 @@ class Bf16Shadow:
             # The memo maps this shadow to None, so the copy does not carry a copy of the shadow itself.
             shadow = copy.deepcopy(module, memo={id(self): None})
             self._copy, self._key = shadow.requires_grad_(False).bfloat16(), key
-        return self._copy.train(module.training)
+        if self._copy.training != module.training:
+            self._copy.train(module.training)
+        return self._copy
 
     def clear(self) -> None:
         self._key = self._copy = None
