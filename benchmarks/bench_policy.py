@@ -582,6 +582,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.chunks < 1 or args.rounds < 1:
+        parser.error(f"--chunks and --rounds must be >= 1, got {args.chunks} and {args.rounds}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
