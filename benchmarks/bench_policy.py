@@ -369,9 +369,8 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
 
     def ours_setup(sampler: str, steps: int, precision: str, edm_solver: str) -> Callable[[], None]:
         def setup() -> None:
-            ours_policy.set_sampler(sampler, steps)
+            ours_policy.set_sampler(sampler, steps, edm_solver)
             ours_policy.set_precision(precision)
-            ours_policy.diffusion.cfg = dataclasses.replace(ours_policy.diffusion.cfg, edm_solver=edm_solver)
 
         return setup
 
@@ -388,8 +387,7 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
         ("ours_dpm3_bf16", ours_setup("edm", 3, "bf16", "dpmpp_2m"), ours_chunk),
     ]
     out: dict[str, Any] = time_interleaved(configs, args.chunks, args.rounds)
-    ours_policy.diffusion.cfg = dataclasses.replace(ours_policy.diffusion.cfg, edm_solver=solver)
-    ours_policy.set_sampler(*default)
+    ours_policy.set_sampler(*default, solver)
     ours_policy.set_precision("fp32")
     if args.distill_steps > 0:
         from policies.diffusion import distill_policy

@@ -55,8 +55,15 @@ def robosuite_render_ms(env_name: str, n: int = 50) -> tuple[float, float]:
     from robots.sim.robosuite_task import _robosuite, fast_rendering
 
     rs = _robosuite()
-    env = rs.make(env_name, robots="Panda", has_renderer=False, has_offscreen_renderer=True,
-                  use_camera_obs=False, ignore_done=True, hard_reset=False)
+    env = rs.make(
+        env_name,
+        robots="Panda",
+        has_renderer=False,
+        has_offscreen_renderer=True,
+        use_camera_obs=False,
+        ignore_done=True,
+        hard_reset=False,
+    )
     env.reset()
 
     def ms() -> float:
@@ -85,7 +92,10 @@ def main() -> None:
         options = json.loads(args.options) if name.startswith("robosuite/") else {}
         rate, sec, failed = expert_success(name, args.seeds, args.max_steps, options)
         row = {
-            "task": name, "options": options, "expert_success": rate, "seeds": args.seeds,
+            "task": name,
+            "options": options,
+            "expert_success": rate,
+            "seeds": args.seeds,
             "failed_seeds": failed,
             "s_per_episode": round(sec, 2),
             "steps_per_s_state_only": round(steps_per_second(name, True, options), 1),

@@ -113,14 +113,20 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
         f"out={out}",
         "max_steps=5",
         "videos=0",
-        "policy.sampler=ddim",
-        "policy.sampler_steps=4",
+        "policy.sampler=edm",
+        "policy.sampler_steps=2",
+        "policy.edm_solver=dpmpp_2m",
         "policy.precision=bf16",
     )
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["episodes"] == 2 and results["action_seconds_per_step"] > 0
-    assert results["inference"] == {"sampler": "ddim", "sampler_steps": 4, "precision": "bf16"}
+    assert results["inference"] == {
+        "sampler": "edm",
+        "sampler_steps": 2,
+        "edm_solver": "dpmpp_2m",
+        "precision": "bf16",
+    }
 
     res = cli("wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}")
     assert res.returncode == 2 and "expected 'dino_wm'" in res.stderr

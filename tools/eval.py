@@ -56,9 +56,10 @@ class EvalConfig:
             raise ValueError(f"objective must be checkpoint, last_frame or all_frames: {self.objective!r}")
         if self.subgoals not in ("auto", "on", "off"):
             raise ValueError(f"subgoals must be auto, on or off, got {self.subgoals!r}")
-        unknown = sorted(set(self.policy) - {"sampler", "sampler_steps", "precision"})
+        valid = ("sampler", "sampler_steps", "edm_solver", "precision")
+        unknown = sorted(set(self.policy) - set(valid))
         if unknown:
-            raise ValueError(f"policy options {unknown} unknown; valid: sampler, sampler_steps, precision")
+            raise ValueError(f"policy options {unknown} unknown; valid: {', '.join(valid)}")
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -88,9 +89,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
         policy, _ = load_diffusion_policy(cfg.checkpoint, device)
         over = {k: v for k, v in cfg.policy.items() if v is not None}
-        if "sampler" in over or "sampler_steps" in over:
+        if {"sampler", "sampler_steps", "edm_solver"} & set(over):
             policy.set_sampler(
-                over.get("sampler", policy.sampler), int(over.get("sampler_steps", policy.sampler_steps))
+                over.get("sampler", policy.sampler),
+                int(over.get("sampler_steps", policy.sampler_steps)),
+                over.get("edm_solver"),
             )
         if "precision" in over:
             policy.set_precision(over["precision"])
@@ -131,6 +134,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         results["inference"] = {
             "sampler": policy.sampler,
             "sampler_steps": policy.sampler_steps,
+            "edm_solver": policy.diffusion.cfg.edm_solver,
             "precision": policy.precision,
         }
     else:

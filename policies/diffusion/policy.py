@@ -140,9 +140,12 @@ class DiffusionPolicy(nn.Module):
     def model_type(self) -> str:
         return self.cfg.model_type
 
-    def set_sampler(self, sampler: str, steps: int) -> None:
-        """Switch the inference sampler (e.g. to benchmark DDPM vs DDIM vs EDM on one trained model)."""
+    def set_sampler(self, sampler: str, steps: int, edm_solver: str | None = None) -> None:
+        """Switch the inference sampler (e.g. to benchmark DDPM vs DDIM vs EDM on one trained model);
+        `edm_solver` ("heun" or "dpmpp_2m"), when given, also switches the EDM sampler's solver."""
         _check_sampler(sampler, steps, self.cfg.consistency)
+        if edm_solver is not None:  # NoiseConfig validates the name
+            self.diffusion.cfg = dataclasses.replace(self.diffusion.cfg, edm_solver=edm_solver)
         self.sampler, self.sampler_steps = sampler, steps
 
     def set_precision(self, precision: str) -> None:
