@@ -67,10 +67,14 @@ class Bf16Inference:
             shadow.clear()
 
 
-def set_inference_precision(module: nn.Module, precision: str) -> None:
-    """Run every bf16-capable part of `module` in fp32 or bf16 at inference (training stays fp32)."""
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def set_inference_precision(module: nn.Module, precision: str) -> None:
+    """Run every bf16-capable part of `module` in fp32 or bf16 at inference (training stays fp32)."""
+    check_precision(precision)
     for m in module.modules():
         if isinstance(m, Bf16Inference):
             m.bf16_inference = precision == "bf16"
