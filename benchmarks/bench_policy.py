@@ -18,20 +18,21 @@ steps, same threads, same machine:
    preset (Adam, lr 1e-4, betas 0.95/0.999, wd 1e-6), as `lerobot_train.update_policy` does it
    (no logging, no accelerate; its cosine LR scheduler with 500 warm-up steps is left out so both
    sides learn at the same constant rate). Ours through
-   `setup_diffusion` + `make_loader` + `compute_loss`, backward, clip 10, AdamW with the same
+   `setup_training` + `make_loader` + `compute_loss`, backward, clip 10, AdamW with the same
    hyper-parameters. Neither keeps an EMA copy.
 3. Inference time per action chunk at batch 1 (median over `--chunks` calls, spread over `--rounds`
    rounds that visit every sampler in turn, two warm-up calls each time), with the trained models,
    the whole "observation in -> chunk out" call: LeRobot's preprocessor + `reset()` +
    `select_action` (which fills its queue with a new chunk) + postprocessor of the chunk; ours
-   `predict_action_chunk`. LeRobot DDPM-100 (its default) and DDIM-10 (the same weights in a policy
+   `sample_actions`. LeRobot DDPM-100 (its default) and DDIM-10 (the same weights in a policy
    built with `noise_scheduler_type="DDIM"`, `num_inference_steps=10`); ours DDIM-10 and EDM-3
    (Heun, 5 network calls) in fp32, the same with bf16 inference (`policy.set_precision("bf16")`:
    the ResNet-18 backbone and the UNet's convolutions on bf16 weight copies), EDM-3 with DPM++(2M)
    (3 calls) in bf16, and, with `--distill-steps > 0`, a 1-step consistency student distilled with
-   `policies.diffusion.consistency.distill_policy`, fp32 and bf16. LeRobot runs fp32 throughout.
+   `wm-train model=consistency`'s path (the one trainer), fp32 and bf16. LeRobot runs fp32 throughout.
 4. With `--eval-episodes > 0`: closed-loop success on the same seeds of the task through
-   `policies.evaluate.run_episodes` (LeRobot through a small adapter to our Policy protocol), with
+   `policies.evaluate.run_episodes` on raw observations (LeRobot through a small adapter to our
+   Policy protocol, ours through `ChunkPolicy`), with
    the short training budget of this script: it measures, it does not claim competence.
 
     python benchmarks/bench_policy.py [--episodes 50] [--train-steps 30] [--batch 64] [--chunks 10]
@@ -207,25 +208,49 @@ def lerobot_chunk(policy: Any, pre: Any, post: Any, obs: dict[str, torch.Tensor]
 
 
 class LeRobotAdapter:
-    """A LeRobot policy behind our `Policy` protocol (E episodes batched). It keeps its own observation
-    history, so `run_episodes` should pass only the current step (history=1)."""
+    """A LeRobot policy behind our `Policy` protocol (E episodes batched), fed the tasks' raw
+    observations; it keeps its own observation history."""
 
     def __init__(self, policy: Any, pre: Any, post: Any) -> None:
         self.policy, self.pre, self.post = policy.eval(), pre, post
 
     @staticmethod
-    def convert(obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {IMG: obs["image"][:, -1], STATE: obs["state"][:, -1].float()}
+    def convert(obs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = torch.from_numpy(obs["image"]).permute(0, 3, 1, 2).float() / 255.0  # (E, 3, H, W)
+        return {IMG: image, STATE: torch.from_numpy(obs["proprio"]).float()}
 
     def reset(self) -> None:
         self.policy.reset()
 
-    def predict_action_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def inference_seconds(self) -> list[float]:
+        return []  # LeRobot's queue hides when it samples; action time is reported instead
+
+    def predict_action_chunk(self, obs: dict[str, Any]) -> torch.Tensor:
         return lerobot_chunk(self.policy, self.pre, self.post, self.convert(obs))
 
     @torch.no_grad()
-    def select_action(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def select_action(self, obs: dict[str, Any]) -> torch.Tensor:
         return self.post(self.policy.select_action(self.pre(self.convert(obs))))
+
+
+class StateAsProprio:
+    """Our policy (trained on the bench store's `state` key) fed the tasks' raw observations, whose
+    proprioception key is `proprio`."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def inference_seconds(self) -> list[float]:
+        return self.policy.inference_seconds()
+
+    def predict_action_chunk(self, obs: dict[str, Any]) -> torch.Tensor:
+        return self.policy.predict_action_chunk({**obs, "state": obs["proprio"]})
+
+    def select_action(self, obs: dict[str, Any]) -> torch.Tensor:
+        return self.policy.select_action({**obs, "state": obs["proprio"]})
 
 
 def train_lerobot(root: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -253,11 +278,12 @@ def train_lerobot(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- ours
 def build_ours(store: Path, args: argparse.Namespace) -> tuple[Any, Any]:
-    from wm.training import setup_diffusion
+    from wm.training import setup_training
 
     model_cfg = yaml.safe_load(MODEL_CFG.read_text())
     model_cfg["unet"]["down_dims"] = list(args.down_dims)
-    setup = setup_diffusion(
+    setup = setup_training(
+        "diffusion_unet",
         str(store),
         model_cfg,
         image_key="image",
@@ -288,7 +314,7 @@ def train_ours(store: Path, args: argparse.Namespace) -> dict[str, Any]:
     stats = timed_training(endless(loader), None, step, args)
     policy.eval()
     stats.update(params=n_params(policy), windows=len(train_set))
-    return {"stats": stats, "policy": policy, "loader": loader}
+    return {"stats": stats, "policy": policy, "loader": loader, "store": store}
 
 
 # ---------------------------------------------------------------------- measuring
@@ -375,7 +401,7 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
         return setup
 
     def ours_chunk() -> Any:
-        return ours_policy.predict_action_chunk(our_obs)
+        return ours_policy.sample_actions(our_obs)
 
     configs: list[tuple[str, Callable[[], None], Callable[[], Any]]] = [
         ("lerobot_ddpm100", lambda: None, lambda: lerobot_chunk(policy, pre, post, lr_obs)),
@@ -390,30 +416,61 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
     ours_policy.set_sampler(*default, solver)
     ours_policy.set_precision("fp32")
     if args.distill_steps > 0:
-        from policies.diffusion import distill_policy
-
-        batches = [
-            b for b, _ in zip(endless(ours["loader"]), range(min(args.distill_steps, 16)), strict=False)
-        ]
         t0 = time.perf_counter()
-        student = distill_policy(ours_policy, batches, args.distill_steps)
+        student = distill_ours(ours_policy, ours["store"], args)
         distill_s = time.perf_counter() - t0
         ours["student"] = student
-        out["ours_consistency1"] = time_chunks(lambda: student.predict_action_chunk(our_obs), args.chunks)
+        out["ours_consistency1"] = time_chunks(lambda: student.sample_actions(our_obs), args.chunks)
         out["ours_consistency1"]["distill_seconds"] = distill_s
         out["ours_consistency1"]["distill_steps"] = args.distill_steps
         student.set_precision("bf16")
-        out["ours_consistency1_bf16"] = time_chunks(
-            lambda: student.predict_action_chunk(our_obs), args.chunks
-        )
+        out["ours_consistency1_bf16"] = time_chunks(lambda: student.sample_actions(our_obs), args.chunks)
         student.set_precision("fp32")
     return out
+
+
+def distill_ours(teacher: Any, store: Path, args: argparse.Namespace) -> Any:
+    """Consistency-distill our trained policy as `wm-train model=consistency` does (the one trainer,
+    lr 1e-4, constant), into a scratch run directory; returns the distilled policy."""
+    import tempfile
+
+    from wm.checkpoint import save_checkpoint
+    from wm.trainer import Trainer, TrainerConfig
+    from wm.training import setup_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(
+            Path(tmp) / "teacher" / "ckpt_00000001.pt",
+            model_type=teacher.model_type,
+            model_config=teacher.cfg.to_dict(),
+            state_dict=teacher.state_dict(),
+            ema_state_dict=None,
+            normalizer=teacher.normalizer.to_dict(),
+        )
+        setup = setup_training(
+            "consistency",
+            str(store),
+            {},
+            proprio_key="state",
+            val_ratio=0.0,
+            teacher=str(Path(tmp) / "teacher"),
+        )
+        cfg = TrainerConfig(
+            steps=args.distill_steps, batch_size=args.batch, lr=1e-4, weight_decay=0.0, warmup_steps=0,
+            min_lr_ratio=1.0, ema_decay=0.0, val_every=0, ckpt_every=0, seed=args.seed,
+        )  # fmt: skip
+        Trainer(
+            setup.model, setup.train_set, cfg, Path(tmp) / "student", model_type="consistency",
+            model_config=setup.model_config, normalizer=setup.normalizer,
+        ).fit()  # fmt: skip
+    return setup.model.policy.eval()
 
 
 def evaluate(lr: dict[str, Any], ours: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Closed-loop success on the same seeds of `--task`: LeRobot (`--eval-lerobot`) and ours (its
     config's default sampler, EDM-3)."""
-    from policies.evaluate import model_obs, run_episodes, summarize, timed
+    from policies.chunking import ChunkPolicy
+    from policies.evaluate import run_episodes, summarize, timed
     from robots.registry import make_task
     from robots.sim.base import SimConfig
 
@@ -424,27 +481,19 @@ def evaluate(lr: dict[str, Any], ours: dict[str, Any], args: argparse.Namespace)
     tasks = [make_task(args.task, SimConfig(**opts)) for _ in range(n)]
     seeds = [args.eval_seed + i for i in range(args.eval_episodes)]
 
-    def to_model(obs: list) -> dict[str, torch.Tensor]:
-        batch = model_obs(obs, ["image"], "proprio")  # the task's keys
-        return {"image": batch["image"], "state": batch["proprio"]}
-
     if args.eval_lerobot == "ddim":
         lr_policy = LeRobotAdapter(*lr["ddim"])
     else:
         lr_policy = LeRobotAdapter(lr["policy"], lr["pre"], lr["post"])
     policy = ours["policy"]
     runs = {
-        f"lerobot_{args.eval_lerobot}": (lr_policy, 1),  # LeRobot keeps its own observation queue
-        f"ours_{policy.sampler}{policy.sampler_steps}": (policy, policy.cfg.n_obs),
+        f"lerobot_{args.eval_lerobot}": lr_policy,
+        f"ours_{policy.sampler}{policy.sampler_steps}": StateAsProprio(ChunkPolicy(policy, seed=args.seed)),
     }
     out = {}
-    for key, (pol, history) in runs.items():
-        results, wall = timed(lambda p=pol, h=history: run_episodes(tasks, p, seeds, to_model, history=h))
-        out[key] = summarize(results, wall)
-        # run_episodes does not hand its per-episode action time to EpisodeResult (always 0): drop it.
-        out[key].pop("action_seconds_per_step", None)
-        for ep in out[key]["per_episode"]:
-            ep.pop("action_seconds_per_step", None)
+    for key, pol in runs.items():
+        results, wall = timed(lambda p=pol: run_episodes(tasks, p, seeds))
+        out[key] = summarize(results, wall)  # action_seconds_per_step: the same measure on both sides
     for task in tasks:
         task.disconnect()
     return out

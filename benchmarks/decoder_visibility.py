@@ -20,7 +20,7 @@ import torch
 
 from wm.data import DemoStore
 from wm.dino_wm import MOTION_THRESHOLD as THRESHOLD  # the training loss's "this pixel moved"
-from wm.dino_wm import load_world_model
+from wm.registry import load_model
 
 
 def centroid(mask: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def centroid(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(checkpoint: str, store: str, episodes: int) -> dict[str, float]:
-    model, _ = load_world_model(checkpoint)
+    model = load_model(checkpoint, controller="mpc").model
     key = model.cfg.image_key
     agent_mse, rest_mse, dists = [], [], []
     with DemoStore.open(store) as s:
@@ -46,7 +46,7 @@ def measure(checkpoint: str, store: str, episodes: int) -> dict[str, float]:
             frames = frames.permute(0, 3, 1, 2)  # (T, C, H, W)
             background = frames.median(0).values
             truth = (frames - background).abs().amax(1) > THRESHOLD  # (T, H, W)
-            decoded = model.decode(model.encode_images(frames[None]))[0].clamp(0, 1)
+            decoded = model.decode({"visual": model.encode_images(frames[None])})[0].clamp(0, 1)
             err = (decoded - frames).pow(2).mean(1)  # (T, H, W)
             agent_mse.append(err[truth].mean().item() if truth.any() else float("nan"))
             rest_mse.append(err[~truth].mean().item())

@@ -1,8 +1,9 @@
 """The seams between controllers, world models and planners.
 
-`Policy` is the one protocol every controller satisfies (MPC over a world model now, diffusion
-policies later). `PlanningModel` is all a planner may know about a world model: `encode`,
-`rollout`, `cost` and `action_dim`; planners never see a simulator. `Planner` is what MPC needs
+`Policy` is the one protocol every controller satisfies (MPC over a world model, diffusion
+policies); `GoalConditioned` and `Previewable` are the optional extras a runner may use.
+`PlanningModel` is all a planner may know about a world model: `encode`, `rollout`, `cost` and
+`action_dim`; planners never see a simulator. `Planner` is what MPC needs
 from a planner: `plan(z0, goal, warm_start) -> PlanResult`, the goal passed as an argument.
 
 Shape letters: E parallel episodes, N samples, H planning horizon, A planning action dim
@@ -12,9 +13,11 @@ Ta action steps, P patches, D features.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 Latent = dict[str, torch.Tensor]
@@ -45,19 +48,60 @@ class PlanningModel(Protocol):
 
 
 @runtime_checkable
+class MetricModel(Protocol):
+    """A world model that declares the metric behind its planning cost, so that a latent graph
+    (`policies.subgoal`) measures distances between states the way the planner does."""
+
+    def cost_vectors(self, z: Latent) -> torch.Tensor:
+        """z leading (N, T) or (N,) -> (N, K): the last frame of each state as a vector whose squared
+        Euclidean distance to another state's vector is the model's single-frame planning cost."""
+        ...
+
+
+RawObs = Mapping[str, np.ndarray]
+"""A raw observation of E robots or episodes: {key: (E, ...)}, as `Robot.get_observation` gives it per
+robot (images (E, H, W, 3) uint8, proprioception (E, Dp)), stacked. See `policies.inputs`."""
+
+
+@runtime_checkable
 class Policy(Protocol):
-    """Every controller of the project. Batched over E parallel episodes."""
+    """Every controller of the project, batched over E parallel episodes or robots. A controller owns
+    its inputs: it takes raw observations and keeps its own history, image resizing and
+    normalization (`policies.inputs.ObsHistory`), so any runner can feed it what the robots return."""
 
     def reset(self) -> None:
-        """Forget everything carried between calls (action queue, warm start)."""
+        """Forget everything carried between calls (history, action queue, warm start, timings)."""
         ...
 
-    def predict_action_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """obs values (E, To, ...) -> actions (E, Ta, Da) to execute next."""
+    def predict_action_chunk(self, obs: RawObs) -> torch.Tensor:
+        """Record obs (values (E, ...)) and compute a fresh chunk: raw actions (E, Ta, Da) from now on."""
         ...
 
-    def select_action(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """obs values (E, To, ...) -> the next action (E, Da), popped from a queue of the current chunk."""
+    def select_action(self, obs: RawObs) -> torch.Tensor:
+        """Record obs and return the next raw action (E, Da), from the current chunk or a new one."""
+        ...
+
+    def inference_seconds(self) -> list[float]:
+        """Seconds taken by each model call (a new chunk, a replan) since the last `reset`."""
+        ...
+
+
+@runtime_checkable
+class GoalConditioned(Protocol):
+    """A controller that is told its goal as an observation (MPC over a world model)."""
+
+    def set_goal(self, goal_obs: RawObs) -> None:
+        """The goal of each of the E episodes, a raw observation {key: (E, ...)}; kept across `reset`."""
+        ...
+
+
+@runtime_checkable
+class Previewable(Protocol):
+    """A controller that can show what it sees or expects, for evaluation videos."""
+
+    def preview(self) -> np.ndarray | None:
+        """(E, H, W, 3) uint8 for the latest model call (a world model's decoded prediction, or the
+        frame a policy read), or None before the first call."""
         ...
 
 

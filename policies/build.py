@@ -1,16 +1,21 @@
-"""Building controllers at the edge: MPC over a world model (with optional latent-graph subgoals)."""
+"""Building controllers at the edge: MPC over a world model (with optional latent-graph subgoals).
+
+Everything here reads the world model's `io_spec` (keys, frameskip) and its declared metric
+(`cost_vectors`), never its config.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from policies.evaluate import model_obs
+from policies.inputs import to_model_inputs
 from policies.mpc import MPC, MPCConfig
 from policies.planners import build_planner
-from policies.subgoal import GraphConfig, LatentGraph, SubgoalMPC
+from policies.subgoal import GraphConfig, LatentGraph, SubgoalSelector
 from wm.data import DemoStore
 
 
@@ -21,32 +26,49 @@ def planner_bounds(low: np.ndarray, high: np.ndarray, frameskip: int) -> dict[st
     return {"low": tuple(lo), "high": tuple(hi), "init_std": float(np.mean(hi - lo) / 2)}
 
 
-def with_bounds(planner_cfg: dict[str, Any], bounds: dict[str, Any]) -> dict[str, Any]:
+def with_bounds(planner_cfg: Mapping[str, Any], bounds: dict[str, Any]) -> dict[str, Any]:
     """The planner config with the task's action bounds filled in where it gives none: at the top for
     cem / mppi / gd (init_std only for the sampling planners), in both stages for cem_gd."""
     name = planner_cfg.get("name", "cem")
     if name == "cem_gd":
         cem = {**bounds, **planner_cfg.get("cem", {})}
-        grad = {k: v for k, v in bounds.items() if k != "init_std"} | planner_cfg.get("grad", {})
+        grad = {k: v for k, v in bounds.items() if k != "init_std"} | dict(planner_cfg.get("grad", {}))
         return {**planner_cfg, "cem": cem, "grad": grad}
     own = bounds if name in ("cem", "mppi") else {k: v for k, v in bounds.items() if k != "init_std"}
     return {**own, **planner_cfg}
 
 
-def build_mpc(model: Any, task: Any, planner_cfg: dict[str, Any], execute: int) -> MPC:
-    feat = task.action_feature
-    cfg = with_bounds(planner_cfg, planner_bounds(feat.low, feat.high, model.cfg.frameskip))
-    planner = build_planner(cfg, model)
-    return MPC(model, planner, MPCConfig(execute=execute, frameskip=model.cfg.frameskip))
+def build_mpc(
+    model: Any,
+    low: np.ndarray,
+    high: np.ndarray,
+    planner_cfg: Mapping[str, Any],
+    mpc_cfg: MPCConfig | None = None,
+    graph: LatentGraph | None = None,
+) -> MPC:
+    """MPC over `model` for raw actions bounded by [low, high] (the robot's action limits); with a
+    `graph`, every replan aims at latent-graph subgoals when the goal is far."""
+    io = model.io_spec
+    if len(np.atleast_1d(low)) != io.action_dim:
+        raise ValueError(
+            f"the robot's actions have {len(np.atleast_1d(low))} dims, the world model's {io.action_dim}: "
+            "a model trained on another task?"
+        )
+    cfg = with_bounds(planner_cfg, planner_bounds(low, high, io.frameskip))
+    subgoals = SubgoalSelector(graph, model) if graph is not None else None
+    return MPC(model, build_planner(cfg, model), mpc_cfg, subgoals)
 
 
 @torch.no_grad()
 def build_graph(model: Any, store_path: str, cfg: GraphConfig, batch: int = 256) -> LatentGraph:
-    """Latent graph over the store's frames, every `cfg.stride` steps of every episode."""
-    c = model.cfg
+    """Latent graph over the store's frames, every `cfg.stride` steps of every episode, encoded and
+    measured by the world model itself (`encode`, `cost_vectors`)."""
+    io = model.io_spec
     device = next(model.parameters()).device
     with DemoStore.open(store_path) as store:
-        keys = [c.image_key] + ([c.proprio_key] if c.proprio_dim else [])
+        missing = [k for k in io.obs_keys if k not in store.schema.keys]
+        if missing:
+            raise ValueError(f"{store_path} lacks the world model's keys {missing}: not its training store?")
         steps, episode = [], []
         for e in range(store.n_episodes):
             sl = store.episode_slice(e)
@@ -54,18 +76,13 @@ def build_graph(model: Any, store_path: str, cfg: GraphConfig, batch: int = 256)
             steps.append(idx)
             episode.append(np.full(len(idx), e))
         steps_all = np.concatenate(steps)
-        data = {k: store.read(k, slice(0, store.n_steps))[steps_all] for k in keys}
-    parts: dict[str, list[torch.Tensor]] = {}
+        data = {k: store.read(k, slice(0, store.n_steps))[steps_all] for k in io.obs_keys}
+    vectors, parts = [], {}
     for i in range(0, len(steps_all), batch):
-        frames = [{k: v[j] for k, v in data.items()} for j in range(i, min(i + batch, len(steps_all)))]
-        obs = model_obs(frames, c.image_key, c.proprio_key if c.proprio_dim else None)
-        z = model.encode({k: v.to(device) for k, v in obs.items()})
-        for k in ("visual", "proprio"):
-            if k in z:
-                parts.setdefault(k, []).append(z[k][:, 0].cpu())
+        frames = {k: v[i : i + batch] for k, v in data.items()}  # one "step" of N nodes
+        z = model.encode(to_model_inputs([frames], io, device))  # leading (N, 1)
+        vectors.append(model.cost_vectors(z).cpu())
+        for k, v in z.items():
+            parts.setdefault(k, []).append(v.cpu())
     latents = {k: torch.cat(v) for k, v in parts.items()}
-    return LatentGraph(latents, np.concatenate(episode), cfg, model.cfg.cost_proprio_weight)
-
-
-def with_subgoals(mpc: MPC, graph: LatentGraph) -> SubgoalMPC:
-    return SubgoalMPC(mpc, graph)
+    return LatentGraph(torch.cat(vectors), latents, np.concatenate(episode), cfg)

@@ -1,16 +1,16 @@
 """Closed-loop evaluation of any `Policy` on simulated tasks, several episodes in parallel.
 
-The policy gets batched observations of E episodes and returns E actions per control step: one
-planner call serves all of them. Only this runner touches the simulators (reset, send_action,
-success, goal observation); the policy never sees them. Optional videos show each episode's real
-camera frames beside the world model's decoded prediction from its latest plan.
+The policy gets the raw observations of E episodes (what the tasks return, stacked) and returns E
+actions per control step: one planner or sampler call serves all of them. Only this runner touches
+the simulators (reset, send_action, success, goal observation); the policy never sees them.
+Optional videos show each episode's camera frames beside what the policy shows (a world model's
+decoded prediction, or the frame a policy read) and the goal, labelled with the outcome.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from policies.base import GoalConditioned, Policy, Previewable, RawObs
+from policies.video import compose_frame, write_episode_video
 from robots.sim.base import SimTask
 
 
@@ -44,146 +46,135 @@ class EpisodeResult:
         }
 
 
-def model_obs(
-    obs: Sequence[dict[str, np.ndarray]] | Sequence[Sequence[dict[str, np.ndarray]]],
-    image_keys: str | Sequence[str],
-    proprio_key: str | None,
-) -> dict[str, torch.Tensor]:
-    """Task observations -> the batched model format: images (E, T, C, H, W) float in [0, 1] and
-    proprio (E, T, Dp). `obs` is one observation per episode (T = 1) or a history list per episode."""
-    hist = [[o] if isinstance(o, dict) else list(o) for o in obs]
-    keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
-    out = {}
-    for key in keys:
-        img = np.stack([np.stack([o[key] for o in h]) for h in hist])  # (E, T, H, W, C)
-        out[key] = torch.from_numpy(img).permute(0, 1, 4, 2, 3).float() / 255.0
-    if proprio_key is not None:
-        out[proprio_key] = torch.from_numpy(
-            np.stack([np.stack([o[proprio_key] for o in h]) for h in hist])
-        ).float()
-    return out
+def stack_obs(obs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One observation per episode -> a raw batch {key: (E, ...)} (the `Policy` input)."""
+    return {k: np.stack([np.asarray(o[k]) for o in obs]) for k in obs[0]}
 
 
 class RandomPolicy:
     """Uniform random actions within the task's limits (the baseline); satisfies `Policy`."""
 
-    def __init__(self, low: np.ndarray, high: np.ndarray, episodes: int, seed: int = 0) -> None:
-        self.low, self.high, self.episodes = np.asarray(low), np.asarray(high), episodes
+    def __init__(self, low: np.ndarray, high: np.ndarray, seed: int = 0) -> None:
+        self.low, self.high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
         self.rng = np.random.default_rng(seed)
-        self.plan_seconds: list[float] = []
 
     def reset(self) -> None:
         pass
 
-    def set_goal(self, goal_obs: dict) -> None:
-        pass
+    def inference_seconds(self) -> list[float]:
+        return []  # no model is called
 
-    def predict_action_chunk(self, obs: dict) -> torch.Tensor:
-        a = self.rng.uniform(self.low, self.high, (self.episodes, 1, len(self.low)))
+    def predict_action_chunk(self, obs: RawObs) -> torch.Tensor:
+        E = len(next(iter(obs.values())))
+        a = self.rng.uniform(self.low, self.high, (E, 1, len(self.low)))
         return torch.from_numpy(a).float()
 
-    def select_action(self, obs: dict) -> torch.Tensor:
+    def select_action(self, obs: RawObs) -> torch.Tensor:
         return self.predict_action_chunk(obs)[:, 0]
 
 
 def run_episodes(
     tasks: Sequence[SimTask],
-    policy: Any,
+    policy: Policy,
     seeds: Sequence[int],
-    to_model: Callable[[Sequence[dict]], dict],
     *,
-    predict_frames: Callable[[dict, Any], np.ndarray] | None = None,
     video_dir: Path | None = None,
     videos: int = 0,
-    image_key: str | None = None,
-    history: int = 1,
+    progress: Callable[[EpisodeResult], None] | None = None,
+    written: list[Path] | None = None,
 ) -> list[EpisodeResult]:
-    """Run `len(seeds)` episodes, `len(tasks)` at a time; the first `videos` episodes are recorded to
-    `video_dir`. `predict_frames(obs_batch, policy)`, when given, returns the decoded prediction
-    (E, H, W, 3) uint8 shown beside the real frames in the videos. `to_model` receives, per episode,
-    the last `history` observations (the first one repeated at the start of an episode)."""
+    """Run `len(seeds)` episodes, `len(tasks)` at a time, feeding `policy` the tasks' raw observations
+    (a `GoalConditioned` policy is told each episode's goal observation first). The first `videos`
+    episodes are recorded to `video_dir`: the camera, what a `Previewable` policy shows, and the goal,
+    labelled with the outcome; their paths are appended to `written` when given. `progress(result)` is
+    called as each episode ends."""
     results: list[EpisodeResult] = []
     E = len(tasks)
     for start in range(0, len(seeds), E):
         batch = list(seeds[start : start + E])
         record = video_dir if (video_dir is not None and start < videos) else None
-        results += _run_batch(
-            tasks[: len(batch)],
-            policy,
-            batch,
-            to_model,
-            predict_frames,
-            record,
-            image_key,
-            videos - start,
-            history,
-        )
+        results += _run_batch(tasks[: len(batch)], policy, batch, record, videos - start, progress, written)
     return results
 
 
-def _run_batch(
-    tasks, policy, seeds, to_model, predict_frames, video_dir, image_key, n_video, history
-) -> list[EpisodeResult]:
+def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> list[EpisodeResult]:
     E = len(tasks)
     obs = [t.reset(s) for t, s in zip(tasks, seeds, strict=True)]
-    hist = [deque([o] * history, maxlen=history) for o in obs]
-    if hasattr(policy, "set_goal"):  # goal-conditioned controllers (MPC); policies ignore goals
-        policy.set_goal(to_model([t.goal_observation() for t in tasks]))
+    image_key = next((k for k, f in tasks[0].observation_features.items() if f.kind == "image"), None)
+    goals = [t.goal_observation() for t in tasks]
+    if isinstance(policy, GoalConditioned):
+        policy.set_goal(stack_obs(goals))
     policy.reset()
+    recorder = _Recorder(video_dir, n_video, image_key, goals, written) if video_dir is not None else None
     active = np.ones(E, dtype=bool)
     steps = np.zeros(E, dtype=int)
     act_seconds = np.zeros(E)
-    timings = getattr(policy, "plan_seconds", [])  # MPC records each replan
-    n_plans = len(timings)
     plan_times: list[list[float]] = [[] for _ in range(E)]
-    frames: list[list[np.ndarray]] = [[] for _ in range(E)]
     scores = [t.score() for t in tasks]
-    predicted = None
+    out: list[EpisodeResult | None] = [None] * E
+    n_calls = 0
     while active.any():
-        batch_obs = to_model(hist)
         t0 = time.perf_counter()
-        action = policy.select_action(batch_obs)  # (E, Da)
+        action = policy.select_action(stack_obs(obs))  # (E, Da)
         act_seconds[active] += (time.perf_counter() - t0) / E  # one batched call served E episodes
-        if len(timings) > n_plans:  # a replan happened this step
+        calls = policy.inference_seconds()
+        if len(calls) > n_calls:  # the policy called its model this step
             for e in np.flatnonzero(active):
-                plan_times[e].append(timings[-1] / E)  # one batched call served E episodes
-            n_plans = len(timings)
-            if predict_frames is not None and video_dir is not None:
-                predicted = predict_frames(batch_obs, policy)
+                plan_times[e] += [s / E for s in calls[n_calls:]]  # one batched call served E episodes
+            n_calls = len(calls)
+            if recorder is not None:
+                recorder.new_preview(policy)
         act = action.detach().cpu().numpy()
         for e in np.flatnonzero(active):
-            if video_dir is not None and image_key is not None and e < n_video:
-                side = predicted[e] if predicted is not None else np.zeros_like(obs[e][image_key])
-                frames[e].append(np.concatenate([obs[e][image_key], side], axis=1))
+            if recorder is not None:
+                recorder.add(e, obs[e])
             tasks[e].send_action(act[e])
             obs[e] = tasks[e].get_observation()
-            hist[e].append(obs[e])
             if scores[e] is not None:
                 scores[e] = max(scores[e], tasks[e].score())
             steps[e] += 1
             if tasks[e].done:
                 active[e] = False
-    out = []
-    for e, task in enumerate(tasks):
-        result = EpisodeResult(seeds[e], task.is_success(), int(steps[e]), task.goal_distance(), scores[e])
-        result.plan_seconds, result.act_seconds = plan_times[e], float(act_seconds[e])
-        out.append(result)
-        if video_dir is not None and frames[e]:
-            write_video(Path(video_dir) / f"episode_{seeds[e]:04d}.mp4", frames[e], fps=task.control_hz)
-    return out
+                task = tasks[e]
+                result = EpisodeResult(
+                    seeds[e], task.is_success(), int(steps[e]), task.goal_distance(), scores[e]
+                )
+                result.plan_seconds, result.act_seconds = plan_times[e], float(act_seconds[e])
+                out[e] = result
+                if recorder is not None:
+                    recorder.write(e, result, task.control_hz)
+                if progress is not None:
+                    progress(result)
+    return [r for r in out if r is not None]
 
 
-def write_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> Path:
-    """Frames (H, W, 3) uint8 -> an mp4 (H.264 through imageio's ffmpeg), sides padded to even sizes."""
-    import imageio.v2 as imageio
+class _Recorder:
+    """Per-episode video frames: the camera, the policy's preview (when it has one), the goal."""
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    pad = ((0, h % 2), (0, w % 2), (0, 0))
-    with imageio.get_writer(path, fps=fps, codec="libx264", quality=7, macro_block_size=1) as writer:
-        for f in frames:
-            writer.append_data(np.pad(f, pad))
-    return path
+    def __init__(
+        self, video_dir: Path, n_video: int, image_key: str | None, goals: list[dict], written: list | None
+    ) -> None:
+        self.dir, self.n, self.key = Path(video_dir), n_video, image_key
+        self.goals = [g.get(image_key) if image_key else None for g in goals]
+        self.frames: dict[int, list[np.ndarray]] = {}
+        self.preview: np.ndarray | None = None
+        self.written = written
+
+    def new_preview(self, policy: Any) -> None:
+        self.preview = policy.preview() if isinstance(policy, Previewable) else None
+
+    def add(self, e: int, obs: dict[str, np.ndarray]) -> None:
+        if e >= self.n or self.key is None:
+            return
+        side = self.preview[e] if self.preview is not None else None
+        self.frames.setdefault(e, []).append(compose_frame(obs[self.key], side, self.goals[e]))
+
+    def write(self, e: int, result: EpisodeResult, fps: float) -> None:
+        if self.frames.get(e):
+            path = self.dir / f"episode_{result.seed:04d}.mp4"
+            path = write_episode_video(path, self.frames.pop(e), fps, result.success, seed=result.seed)
+            if self.written is not None:
+                self.written.append(path)
 
 
 def summarize(results: Sequence[EpisodeResult], wall_seconds: float) -> dict[str, Any]:

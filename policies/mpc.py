@@ -1,9 +1,12 @@
 """Model-predictive control over a world model: a `Policy` made of a `PlanningModel`, a planner and a goal.
 
-Each replan encodes the current observation once, plans from it with the previous plan shifted by
-the executed steps as warm start, and hands out the first `execute` planned steps as raw actions.
-Nothing is replayed from t=0 and no simulator is involved: MPC only calls `model.encode` (and the
-planner only `model.rollout` / `model.cost`); the caller steps the environment.
+MPC owns its inputs: it keeps the raw observations (and the actions it handed out) in an
+`ObsHistory` shaped by the world model's `io_spec` (history frames `frameskip` steps apart, the past
+actions between them), so a runner feeds it what the robots return. Each replan encodes the history
+once, lets an optional subgoal selector pick what to aim at from that same latent, plans with the
+previous plan shifted by the executed steps as warm start, and hands out the first `execute`
+planned steps as raw actions. MPC calls only `model.encode` (and the planner only `model.rollout` /
+`model.cost`); the caller steps the robot or simulator.
 """
 
 from __future__ import annotations
@@ -11,23 +14,41 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from einops import rearrange
 
-from policies.base import Budget, Latent, Planner, PlanningModel, PlanResult, latent_batch_size, shift_plan
+from policies.base import (
+    Budget,
+    Latent,
+    Planner,
+    PlanningModel,
+    PlanResult,
+    RawObs,
+    latent_batch_size,
+    shift_plan,
+)
+from policies.inputs import ObsHistory, to_model_inputs
+
+
+class GoalSelector(Protocol):
+    """Chooses what each replan aims at (`policies.subgoal.SubgoalSelector`)."""
+
+    def select(self, z0: Latent, goal: Latent) -> Latent:
+        """z0, goal leading (E, ...) -> the goal latent to plan toward, same layout as `goal`."""
+        ...
 
 
 @dataclass(frozen=True)
 class MPCConfig:
     """How MPC uses its planner.
 
-    execute: k planned steps executed per replan (k <= planner horizon).
-    frameskip: f raw actions per planned step; a planned step of dim A holds f raw actions of
-        dim A // f (concatenated in time order), so one replan yields k * f raw actions.
+    execute: k planned steps executed per replan (k <= planner horizon); a planned step holds the
+        world model's `frameskip` raw actions, so one replan yields k * frameskip raw actions.
     max_iterations: cap on planner iterations (gradient steps for "gd") per replan; None: the
-        planner's own count.
+        planner's own count (a cap never raises it).
     seconds: wall-clock budget per replan, checked after each planner iteration (at least one
         iteration runs, and the last one may overrun); None: no time budget.
     warm_start: start each replan from the previous plan shifted by the k executed steps, padded
@@ -35,15 +56,14 @@ class MPCConfig:
     """
 
     execute: int = 1
-    frameskip: int = 1
     max_iterations: int | None = None
     seconds: float | None = None
     warm_start: bool = True
     fill: Literal["last", "zeros"] = "last"
 
     def __post_init__(self) -> None:
-        if self.execute < 1 or self.frameskip < 1:
-            raise ValueError(f"execute and frameskip must be >= 1, got {self.execute}, {self.frameskip}")
+        if self.execute < 1:
+            raise ValueError(f"execute must be >= 1, got {self.execute}")
         if self.fill not in ("last", "zeros"):
             raise ValueError(f"fill must be 'last' or 'zeros', got {self.fill!r}")
         Budget(self.max_iterations, self.seconds)  # validates both
@@ -56,12 +76,15 @@ class MPCConfig:
 
 
 class MPC:
-    """Receding-horizon control for E parallel episodes; satisfies `Policy`.
+    """Receding-horizon control for E parallel episodes; satisfies `Policy`, `GoalConditioned` and
+    `Previewable`.
 
-    Call `set_goal(goal_obs)` (kept across `reset()`), then `select_action(obs)` every control step.
-    obs / goal_obs values are (E, To, ...) as the model's `encode` expects; actions are (E, Da) with
-    Da = model.action_dim // frameskip. `plan_seconds` lists the time of every replan (encode + plan)
-    since construction; `last_result` is the last `PlanResult`.
+    `model` is a `PlanningModel` with an `io_spec` (`wm.spec.IOSpec`): its observation keys, image
+    size, history and frameskip. Call `set_goal(goal_obs)` (kept across `reset()`), then
+    `select_action(obs)` every control step with raw observations {key: (E, ...)}; actions are raw,
+    (E, Da) with Da = io_spec.action_dim. `subgoals`, when given, picks the goal of every replan
+    from the replan's own latent (`policies.subgoal.SubgoalSelector`). `last_result` is the last
+    `PlanResult`.
     """
 
     def __init__(
@@ -69,26 +92,27 @@ class MPC:
         model: PlanningModel,
         planner: Planner,
         cfg: MPCConfig | None = None,
+        subgoals: GoalSelector | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg = cfg if cfg is not None else MPCConfig()
-        if model.action_dim % cfg.frameskip:
+        self.io = io = model.io_spec  # type: ignore[attr-defined]
+        if model.action_dim != io.frameskip * io.action_dim:
             raise ValueError(
-                f"model action_dim {model.action_dim} is not a multiple of frameskip {cfg.frameskip}"
+                f"model action_dim {model.action_dim} is not frameskip {io.frameskip} x raw {io.action_dim}"
             )
         if cfg.execute > planner.horizon:
             raise ValueError(f"cannot execute {cfg.execute} steps of a horizon-{planner.horizon} plan")
-        self.model, self.planner, self.clock = model, planner, clock
-        self.raw_dim = model.action_dim // cfg.frameskip
-        self.plan_seconds: list[float] = []
+        self.model, self.planner, self.subgoals, self.clock = model, planner, subgoals, clock
+        self.device = _device_of(model)
+        self.history = ObsHistory(io, self.device)
         self.last_result: PlanResult | None = None
+        self._seconds: list[float] = []
         self._goal: Latent | None = None
+        self._z0: Latent | None = None  # the latest replan's start latent
         self._warm: torch.Tensor | None = None  # (E, H, A)
         self._queue: torch.Tensor | None = None  # (E, remaining raw steps, Da)
-
-    @property
-    def last_plan_seconds(self) -> float | None:
-        return self.plan_seconds[-1] if self.plan_seconds else None
+        self._last_action: torch.Tensor | None = None  # (E, Da), executed before the next observation
 
     @property
     def needs_replan(self) -> bool:
@@ -100,42 +124,68 @@ class MPC:
         """The encoded goal every replan aims at (None before `set_goal`)."""
         return self._goal
 
-    @goal_latent.setter
-    def goal_latent(self, goal: Latent) -> None:
-        """Aim the next replans at an already-encoded goal (a subgoal, say), leading dims (E, To)."""
-        self._goal = goal
-
-    def set_goal(self, goal_obs: dict[str, torch.Tensor]) -> None:
-        """Encode the goal observations (E, To, ...) once; every replan reuses the latent."""
+    def set_goal(self, goal_obs: RawObs) -> None:
+        """Encode the goal observations {key: (E, ...)} once; every replan reuses the latent."""
         with torch.no_grad():
-            self._goal = self.model.encode(goal_obs)
+            self._goal = self.model.encode(to_model_inputs([goal_obs], self.io, self.device))
 
     def reset(self) -> None:
-        """Clear the action queue and the warm start (the goal stays)."""
-        self._warm, self._queue = None, None
+        """Clear the history, the action queue, the warm start and the timings (the goal stays)."""
+        self.history.reset()
+        self._warm = self._queue = self._last_action = self._z0 = None
+        self.last_result = None
+        self._seconds = []
 
-    def predict_action_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Replan from obs (E, To, ...) -> raw actions (E, k * f, Da). The chunk is assumed executed:
+    def inference_seconds(self) -> list[float]:
+        """Seconds of every replan (encode + plan) since the last `reset`."""
+        return list(self._seconds)
+
+    def predict_action_chunk(self, obs: RawObs) -> torch.Tensor:
+        """Record obs and replan -> raw actions (E, k * frameskip, Da). The chunk is assumed executed:
         the next replan warm-starts from this plan shifted by k steps."""
+        self.history.push(obs, self._last_action)
+        return self._replan()
+
+    def select_action(self, obs: RawObs) -> torch.Tensor:
+        """Record obs; the next raw action (E, Da), replanning only when the last chunk is used up."""
+        self.history.push(obs, self._last_action)
+        if self.needs_replan:
+            self._queue = self._replan()
+        action, self._queue = self._queue[:, 0], self._queue[:, 1:]
+        self._last_action = action
+        return action
+
+    def _replan(self) -> torch.Tensor:
         if self._goal is None:
             raise RuntimeError("MPC has no goal: call set_goal(goal_obs) first")
         start = self.clock()
         with torch.no_grad():
-            z0 = self.model.encode(obs)  # leading (E,)
+            z0 = self.model.encode(self.history.inputs())  # leading (E,), encoded once per replan
         E, k = latent_batch_size(z0), self.cfg.execute
         if latent_batch_size(self._goal) != E or (self._warm is not None and self._warm.shape[0] != E):
             raise ValueError(
                 f"{E} episodes in obs but the goal or warm start has another count; reset()/set_goal()"
             )
-        result = self.planner.plan(z0, self._goal, self._warm, self.cfg.budget)  # actions (E, H, A)
-        self.plan_seconds.append(self.clock() - start)
-        self.last_result = result
+        goal = self._goal if self.subgoals is None else self.subgoals.select(z0, self._goal)
+        result = self.planner.plan(z0, goal, self._warm, self.cfg.budget)  # actions (E, H, A)
+        self._seconds.append(self.clock() - start)
+        self.last_result, self._z0 = result, z0
         self._warm = shift_plan(result.actions, k, self.cfg.fill) if self.cfg.warm_start else None
-        return rearrange(result.actions[:, :k], "e k (f d) -> e (k f) d", f=self.cfg.frameskip)
+        return rearrange(result.actions[:, :k], "e k (f d) -> e (k f) d", f=self.io.frameskip)
 
-    def select_action(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The next raw action (E, Da); replans (from obs) only when the queue of the last chunk is empty."""
-        if self.needs_replan:
-            self._queue = self.predict_action_chunk(obs)
-        action, self._queue = self._queue[:, 0], self._queue[:, 1:]
-        return action
+    @torch.no_grad()
+    def preview(self) -> np.ndarray | None:
+        """The world model's decoded prediction after the first planned step of the latest replan,
+        (E, H, W, 3) uint8; None before the first replan or for a model that cannot decode."""
+        decode: Any = getattr(self.model, "decode", None)
+        if self.last_result is None or self._z0 is None or decode is None:
+            return None
+        pred = self.model.rollout(self._z0, self.last_result.actions[:, None, :1])  # leading (E, 1, 1)
+        img = decode({k: v[:, 0, 0] for k, v in pred.items()})  # (E, 3, H, W)
+        return (img.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _device_of(model: Any) -> torch.device:
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if params is not None else None
+    return first.device if first is not None else torch.device("cpu")

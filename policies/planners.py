@@ -77,6 +77,11 @@ class _SamplingConfig(_PlannerConfig):
         if not 0 <= self.min_std <= self.max_std or not self.init_std > 0 or (self.warm_std or 1) <= 0:
             raise ValueError(f"need init_std, warm_std > 0 and 0 <= min_std <= max_std, got {self}")
 
+    @property
+    def max_iterations(self) -> int:
+        """The most iterations a plan runs; a `Budget` can only lower it."""
+        return self.iterations
+
 
 @dataclass(frozen=True)
 class CEMConfig(_SamplingConfig):
@@ -130,6 +135,11 @@ class GradConfig(_PlannerConfig):
         if self.init not in ("zeros", "warm"):
             raise ValueError(f"init must be 'zeros' or 'warm', got {self.init!r}")
 
+    @property
+    def max_iterations(self) -> int:
+        """The most gradient steps a plan runs; a `Budget` can only lower it."""
+        return self.steps
+
 
 @dataclass(frozen=True)
 class CEMThenGradConfig:
@@ -152,6 +162,11 @@ class CEMThenGradConfig:
             raise ValueError("grad.init must be 'warm' so that the gradient stage starts from the CEM plan")
         if not 0 < self.time_share < 1:
             raise ValueError(f"time_share must be in (0, 1), got {self.time_share}")
+
+    @property
+    def max_iterations(self) -> int:
+        """An iteration budget caps each stage; the longer stage's count is the most it can cap."""
+        return max(self.cem.iterations, self.grad.steps)
 
 
 PlannerConfig = CEMConfig | MPPIConfig | GradConfig | CEMThenGradConfig

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-Latent = dict[str, torch.Tensor]
+from policies.base import Latent, MetricModel
 
 
 @dataclass(frozen=True)
@@ -38,27 +37,19 @@ class GraphConfig:
             raise ValueError(f"shortcut_quantile must be in (0, 1], got {self.shortcut_quantile}")
 
 
-def latent_vectors(z: Latent, proprio_weight: float) -> torch.Tensor:
-    """Flatten latents (N, ...) into vectors whose squared distance matches the planning cost:
-    mean-squared visual difference plus `proprio_weight` times mean-squared proprio difference."""
-    v = z["visual"].flatten(1) / z["visual"][0].numel() ** 0.5
-    parts = [v]
-    if "proprio" in z and proprio_weight:
-        parts.append(z["proprio"] * (proprio_weight / z["proprio"].shape[-1]) ** 0.5)
-    return torch.cat(parts, dim=1)
-
-
 class LatentGraph:
-    """Nodes: latents (N, ...) of training frames with their episode ids; edges: consecutive steps
-    (directed, forward in time) and short shortcuts (both ways). `latents` keeps the full node
-    latents, so a subgoal can be handed to a planner."""
+    """Nodes: states of training frames, as the world model's cost vectors (N, K) (`MetricModel`:
+    squared distances between them are the planning cost) with their latents and episode ids;
+    edges: consecutive steps (directed, forward in time) and short shortcuts (both ways). `latents`
+    keeps the full node latents (leading (N, ...)), so a subgoal can be handed to a planner."""
 
-    def __init__(self, latents: Latent, episode: np.ndarray, cfg: GraphConfig, proprio_weight: float) -> None:
+    def __init__(self, vectors: torch.Tensor, latents: Latent, episode: np.ndarray, cfg: GraphConfig) -> None:
+        n = len(vectors)
+        if len(episode) != n or any(len(v) != n for v in latents.values()):
+            raise ValueError(f"{n} node vectors but {len(episode)} episode ids / other latent counts")
         self.cfg = cfg
         self.latents = latents
-        self.proprio_weight = proprio_weight
-        self.vectors = latent_vectors(latents, proprio_weight).float()
-        n = len(self.vectors)
+        self.vectors = vectors.float()
         self.adj: list[list[tuple[int, float]]] = [[] for _ in range(n)]
         same = episode[1:] == episode[:-1]
         step = (self.vectors[1:] - self.vectors[:-1]).norm(dim=1).numpy()
@@ -113,17 +104,6 @@ class LatentGraph:
             out.append(prev[out[-1]])
         return out[::-1]
 
-    def subgoal(self, current: Latent, goal: Latent) -> Latent | None:
-        """The node latent to aim at next (leading dim removed), or None when the goal is within reach.
-        `current` and `goal` are single latents without a leading batch dimension."""
-        i = self.subgoal_index(
-            *(
-                latent_vectors({k: v[None] for k, v in z.items()}, self.proprio_weight)[0]
-                for z in (current, goal)
-            )
-        )
-        return None if i is None else {k: v[i] for k, v in self.latents.items()}
-
     def subgoal_index(self, current: torch.Tensor, goal: torch.Tensor) -> int | None:
         """Index of the node to aim at on the shortest path from `current` to `goal` (vectors), or None
         when the goal lies within reach. The walk starts at the path node closest to `current` (the
@@ -149,52 +129,29 @@ class LatentGraph:
         return None if len(ahead) == 0 else int(path[start + int(ahead[0])])
 
 
-class SubgoalMPC:
-    """MPC toward far goals: before each replan, every episode whose goal lies beyond `lookahead` hops
-    of the latent graph aims at the node that many hops along the shortest path instead.
+class SubgoalSelector:
+    """Aims each replan of MPC at a node of the latent graph when the goal lies beyond `lookahead`
+    typical steps: MPC hands it the replan's own start latent (encoded once) and the final goal.
+    Distances are the world model's own (`MetricModel.cost_vectors`). `count` counts the replans
+    of all episodes that aimed at a subgoal rather than at the goal itself."""
 
-    Wraps an `MPC` (policies.mpc) and satisfies the same `Policy` protocol."""
+    def __init__(self, graph: LatentGraph, model: MetricModel) -> None:
+        self.graph, self.model = graph, model
+        self.count = 0
 
-    def __init__(self, mpc: Any, graph: LatentGraph) -> None:
-        self.mpc = mpc
-        self.graph = graph
-        self._final: Latent | None = None
-        self.subgoal_count = 0  # replans that aimed at a subgoal rather than the goal itself
-
-    @property
-    def plan_seconds(self) -> list[float]:
-        return self.mpc.plan_seconds
-
-    @property
-    def last_result(self) -> Any:
-        return self.mpc.last_result
-
-    def set_goal(self, goal_obs: dict[str, torch.Tensor]) -> None:
-        self.mpc.set_goal(goal_obs)
-        self._final = self.mpc.goal_latent
-
-    def reset(self) -> None:
-        self.mpc.reset()
-
-    def _retarget(self, obs: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            z = self.mpc.model.encode(obs)
-        goal = {k: v.clone() for k, v in self._final.items()}
-        for e in range(z["visual"].shape[0]):
-            cur = {k: v[e, -1] for k, v in z.items() if k in ("visual", "proprio")}
-            fin = {k: v[e, -1] for k, v in self._final.items() if k in ("visual", "proprio")}
-            sub = self.graph.subgoal(cur, fin)
-            if sub is not None:
-                self.subgoal_count += 1
-                for k, v in sub.items():
-                    goal[k][e, -1] = v.to(goal[k])
-        self.mpc.goal_latent = goal
-
-    def predict_action_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        self._retarget(obs)
-        return self.mpc.predict_action_chunk(obs)
-
-    def select_action(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.mpc.needs_replan:
-            self._retarget(obs)
-        return self.mpc.select_action(obs)
+    @torch.no_grad()
+    def select(self, z0: Latent, goal: Latent) -> Latent:
+        """z0 leading (E, ...), goal leading (E, ...) -> the goal latent with each far episode's entries
+        replaced by its subgoal node's (every key the graph's latents share with the goal)."""
+        current = self.model.cost_vectors(z0).float().cpu()  # (E, K)
+        final = self.model.cost_vectors(goal).float().cpu()  # (E, K)
+        out = {k: v.clone() for k, v in goal.items()}
+        for e in range(len(current)):
+            i = self.graph.subgoal_index(current[e], final[e])
+            if i is None:
+                continue
+            self.count += 1
+            for k, v in self.graph.latents.items():
+                if k in out:
+                    out[k][e] = v[i].to(out[k])
+        return out

@@ -12,25 +12,26 @@ import torch
 from torch import nn
 
 from policies.base import Policy
+from policies.chunking import ChunkPolicy, TemporalEnsembler
 from policies.diffusion import (
     DiffusionPolicy,
     DiffusionPolicyConfig,
-    DistillConfig,
     NoiseConfig,
     ObsEncoderConfig,
-    TemporalEnsembler,
     TransformerConfig,
     UNetConfig,
-    distill,
-    distill_policy,
-    load_diffusion_policy,
 )
+from policies.diffusion.consistency import ConsistencyObjective, DistillConfig
+from policies.diffusion.entry import chunk_policy
 from policies.diffusion.noise import Diffusion
 from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import DemoStore, KeySpec, Schema
 from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.encoders import EncoderConfig
+from wm.registry import load_model
+from wm.spec import IOSpec
+from wm.trainer import Trainer, TrainerConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,11 +118,50 @@ def test_samplers_recover_both_modes(toy_teacher, sampler, steps, solver, max_be
     assert abs(pos / (pos + neg) - P_POS) < 0.12, (pos, neg)  # roughly the right proportions
 
 
-def test_consistency_distillation_one_and_two_steps(toy_teacher):
-    gen = torch.Generator().manual_seed(3)
-    batches = [(mixture(256, gen), None, None) for _ in range(20)]
-    cfg = DistillConfig(lr=2e-3, n_sigmas=8, target="to_end")
-    student = distill(toy_teacher, batches, steps=400, cfg=cfg)
+class ToyData:
+    """A fixed pool of mixture samples, read in batches by the trainer's loader."""
+
+    def __init__(self, n: int, gen: torch.Generator) -> None:
+        self.x = mixture(n, gen)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def get_batch(self, idx) -> dict[str, torch.Tensor]:
+        return {"x": self.x[torch.as_tensor(np.asarray(idx))]}
+
+
+class ToyDistillation(nn.Module):
+    """The CD objective on unconditional (B, 1, 2) samples, as a model the one trainer trains."""
+
+    def __init__(self, teacher: Diffusion, cfg: DistillConfig) -> None:
+        super().__init__()
+        self.objective = ConsistencyObjective(teacher, cfg)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = self.objective.loss(batch["x"], None, None)
+        return loss, {"loss": loss.detach()}
+
+
+def distill_toy(teacher: Diffusion, cfg: DistillConfig, steps: int, out) -> Diffusion:
+    model = ToyDistillation(teacher, cfg)
+    tcfg = TrainerConfig(
+        steps=steps, batch_size=256, lr=2e-3, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0,
+        ema_decay=0.0, val_every=0, ckpt_every=0, log_every=steps, seed=0,
+    )  # fmt: skip
+    Trainer(
+        model,
+        ToyData(20 * 256, torch.Generator().manual_seed(3)),
+        tcfg,
+        out,
+        model_type="toy_cd",
+        model_config={},
+    ).fit()
+    return model.objective.target
+
+
+def test_consistency_distillation_one_and_two_steps(toy_teacher, tmp_path):
+    student = distill_toy(toy_teacher, DistillConfig(n_sigmas=8, target="to_end"), 400, tmp_path / "a")
     assert student.consistency
     # A 1-step map from a Gaussian to two modes must be discontinuous; a small MLP distilled for
     # 400 steps learns a steep ramp, so a share of samples still lands between the modes (the 2-step
@@ -132,11 +172,16 @@ def test_consistency_distillation_one_and_two_steps(toy_teacher):
         pos, neg, between = mode_stats(x)
         assert pos > 0.1 and neg > 0.03 and pos > neg, (steps, pos, neg)
         assert between < max_between, (steps, between)
-    # The CD objective proper (EMA target, one teacher step) runs and yields a consistency model.
-    cd = distill(toy_teacher, batches[:2], steps=5, cfg=DistillConfig(n_sigmas=8))
+    # The CD objective proper (EMA target, one teacher step) runs and moves the target toward the student.
+    objective = ConsistencyObjective(toy_teacher, DistillConfig(n_sigmas=8))
+    before = [p.clone() for p in objective.target.parameters()]
+    cd = distill_toy(toy_teacher, DistillConfig(n_sigmas=8), 5, tmp_path / "b")
     assert cd.consistency and torch.isfinite(cd.sample((8, 1, 2), None, "consistency", 1)).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, cd.parameters(), strict=True))
     with pytest.raises(ValueError, match="consistency"):
         student.sample((4, 1, 2), None, "edm", 3)
+    with pytest.raises(ValueError, match="already a consistency model"):
+        ConsistencyObjective(student, DistillConfig())
 
 
 # ---------------------------------------------------------------------- a tiny real store
@@ -230,7 +275,7 @@ def train_policy(cfg: DiffusionPolicyConfig, store_path, steps: int) -> tuple[Di
 def chunk_error(policy: DiffusionPolicy, data: WindowDataset, seed: int = 0) -> float:
     """Mean abs error of predicted executed actions vs the data's (valid steps), over 48 windows."""
     batch = data.get_batch(np.arange(0, len(data), max(1, len(data) // 48)))
-    pred = policy.predict_action_chunk(
+    pred = policy.sample_actions(
         {k: batch[k] for k in ("image", "proprio")}, generator=torch.Generator().manual_seed(seed)
     )
     true = batch["action"][:, N_OBS - 1 : N_OBS - 1 + N_EXEC]
@@ -245,7 +290,7 @@ def unet_policy(store_path):
 
 def test_unet_policy_overfits_tiny_store(unet_policy):
     policy, data = unet_policy
-    assert isinstance(policy, Policy)
+    assert isinstance(chunk_policy(policy), Policy)
     # Actions span about [-0.25, 0.25]; the mean |a| is about 0.06 over the episodes.
     assert chunk_error(policy, data) < 0.01
 
@@ -255,26 +300,44 @@ def test_transformer_policy_overfits_tiny_store(store_path):
     assert chunk_error(policy, data) < 0.02
 
 
-def test_consistency_policy_distilled_from_unet(unet_policy, tmp_path):
+def save_policy(policy: DiffusionPolicy, path) -> None:
+    save_checkpoint(
+        path,
+        model_type=policy.model_type,
+        model_config=policy.cfg.to_dict(),
+        state_dict=policy.state_dict(),
+        ema_state_dict=None,
+        normalizer=policy.normalizer.to_dict(),
+    )
+
+
+def test_consistency_policy_distilled_from_unet(unet_policy, store_path, tmp_path):
+    """`model=consistency` through the registry and the one trainer: the distilled policy keeps the
+    teacher's encoder and statistics, predicts the data in one step, and loads back as a policy."""
+    from wm.training import setup_training
+
     teacher, data = unet_policy
-    rng = np.random.default_rng(1)
-    batches = [data.get_batch(rng.integers(0, len(data), 64)) for _ in range(8)]
-    student = distill_policy(teacher, batches, steps=150, cfg=DistillConfig(lr=3e-4, sampler_steps=1))
+    save_policy(teacher, tmp_path / "teacher" / "ckpt_00000001.pt")
+    setup = setup_training(
+        "consistency", str(store_path), {"sampler_steps": 1}, val_ratio=0.0, teacher=str(tmp_path / "teacher")
+    )
+    tcfg = TrainerConfig(
+        steps=150, batch_size=64, lr=3e-4, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0, ema_decay=0.0,
+        val_every=0, ckpt_every=0, log_every=150, seed=0,
+    )  # fmt: skip
+    out = tmp_path / "cm"
+    Trainer(
+        setup.model, setup.train_set, tcfg, out, model_type="consistency", model_config=setup.model_config,
+        normalizer=setup.normalizer,
+    ).fit()  # fmt: skip
+    student = setup.model.policy.eval()
     assert student.cfg.consistency and student.sampler == "consistency"
     assert chunk_error(student, data) < 0.02
-    path = save_checkpoint(
-        tmp_path / "cm.pt",
-        model_type=student.model_type,
-        model_config=student.cfg.to_dict(),
-        state_dict=student.state_dict(),
-        ema_state_dict=None,
-        normalizer=student.normalizer.to_dict(),
-    )
-    loaded, _ = load_diffusion_policy(path)
-    assert loaded.cfg.consistency
+    loaded = load_model(str(out), controller="policy")
+    assert loaded.model_type == "consistency" and isinstance(loaded.model, DiffusionPolicy)
     obs = {k: v[:3] for k, v in data.get_batch([0, 5, 9]).items() if k in ("image", "proprio")}
-    a = student.predict_action_chunk(obs, generator=torch.Generator().manual_seed(2))
-    b = loaded.predict_action_chunk(obs, generator=torch.Generator().manual_seed(2))
+    a = student.sample_actions(obs, generator=torch.Generator().manual_seed(2))
+    b = loaded.model.sample_actions(obs, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(a, b)
 
 
@@ -290,61 +353,95 @@ def test_checkpoint_round_trip(unet_policy, tmp_path):
         ema_state_dict=ema,
         normalizer=policy.normalizer.to_dict(),
     )
-    loaded, ckpt = load_diffusion_policy(tmp_path)  # a run directory: its latest checkpoint
-    assert ckpt["model_type"] == "diffusion_unet" and not loaded.training
+    got = load_model(str(tmp_path), controller="policy")  # a run directory: its latest checkpoint
+    loaded = got.model
+    assert got.checkpoint["model_type"] == "diffusion_unet" and not loaded.training
     assert loaded.cfg == policy.cfg
     batch = data.get_batch([0, 7, 30])
     obs = {"image": batch["image"], "proprio": batch["proprio"]}
-    a = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
-    b = loaded.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
+    a = policy.sample_actions(obs, generator=torch.Generator().manual_seed(5))
+    b = loaded.sample_actions(obs, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b)
     assert a.shape == (3, N_EXEC, 2)
 
 
 # ---------------------------------------------------------------------- action queue and ensembling
-class Counter:
-    """predict_action_chunk stub: chunk number s (0, 1, ...) holds 100 * s + j at its step j."""
+class CounterModel(nn.Module):
+    """A chunk model stub: chunk number s (0, 1, ...) holds 100 * s + j at its step j; it records the
+    history it was given."""
+
+    io_spec = IOSpec(image_keys=("image",), image_size=(H, W), proprio_key="proprio", proprio_dim=2,
+                     action_dim=3, history=N_OBS)  # fmt: skip
 
     def __init__(self, length: int) -> None:
-        self.calls, self.length = 0, length
+        super().__init__()
+        self.calls, self.length, self.seen = 0, length, []
+        self.dummy = nn.Parameter(torch.zeros(1))
 
-    def __call__(self, obs, generator=None) -> torch.Tensor:
+    def sample_actions(self, obs, generator=None) -> torch.Tensor:
         s = self.calls
         self.calls += 1
+        self.seen.append(obs["proprio"].clone())
         vals = 100.0 * s + torch.arange(self.length, dtype=torch.float32)
         return vals.view(1, -1, 1).expand(2, -1, 3).clone()  # (E=2, L, Da=3)
 
 
-def test_queue_pops_then_replans(unet_policy, monkeypatch):
-    policy, _ = unet_policy
-    stub = Counter(N_EXEC)
-    monkeypatch.setattr(policy, "predict_action_chunk", stub)
-    policy.reset()
-    got = [policy.select_action({})[0, 0].item() for _ in range(2 * N_EXEC + 1)]
+def raw_obs(t: float) -> dict[str, np.ndarray]:
+    """A raw observation of 2 episodes at step t (proprio holds t)."""
+    return {"image": np.zeros((2, H, W, 3), np.uint8), "proprio": np.full((2, 2), t, np.float32)}
+
+
+def test_queue_pops_then_replans():
+    model = CounterModel(N_EXEC)
+    policy = ChunkPolicy(model)
+    assert isinstance(policy, Policy)
+    got = [policy.select_action(raw_obs(t))[0, 0].item() for t in range(2 * N_EXEC + 1)]
     assert got == [0, 1, 2, 3, 100, 101, 102, 103, 200]
-    assert stub.calls == 3
-    policy.reset()  # forgets the rest of chunk 2
-    assert policy.select_action({})[0, 0].item() == 300
+    assert model.calls == 3 and len(policy.inference_seconds()) == 3
+    # The model saw its history: the first observation repeated at the start, then consecutive steps.
+    assert model.seen[0][0, :, 0].tolist() == [0.0, 0.0] and model.seen[1][0, :, 0].tolist() == [3.0, 4.0]
+    policy.reset()  # forgets the rest of chunk 2, the history and the timings
+    assert policy.select_action(raw_obs(9))[0, 0].item() == 300
+    assert model.seen[-1][0, :, 0].tolist() == [9.0, 9.0] and len(policy.inference_seconds()) == 1
 
 
-def test_temporal_ensembling_weights(unet_policy, monkeypatch):
-    policy, _ = unet_policy
+def test_temporal_ensembling_weights():
     m, L = 0.5, N_EXEC
-    ens_policy = DiffusionPolicy(dataclasses.replace(policy.cfg, temporal_ensemble=m), policy.normalizer)
-    stub = Counter(L)
-    monkeypatch.setattr(ens_policy, "predict_action_chunk", stub)
-    ens_policy.reset()
+    model = CounterModel(L)
+    ens_policy = ChunkPolicy(model, temporal_ensemble=m)
     for t in range(7):
-        action = ens_policy.select_action({})
+        action = ens_policy.select_action(raw_obs(t))
         # Chunks predicted at steps s = max(0, t-L+1) .. t, oldest first, each predicts 100 s + (t - s).
         steps = list(range(max(0, t - L + 1), t + 1))
         w = [math.exp(-m * i) for i in range(len(steps))]
         expect = sum(wi * (100 * s + (t - s)) for wi, s in zip(w, steps, strict=True)) / sum(w)
         assert action.shape == (2, 3)
         assert action[0, 0].item() == pytest.approx(expect, rel=1e-5)
-    assert stub.calls == 7  # a new chunk every step
+    assert model.calls == 7  # a new chunk every step
     weights = TemporalEnsembler(0.0).weights(4)
     torch.testing.assert_close(weights, torch.full((4,), 0.25))
+
+
+def test_chunk_policy_reads_raw_observations(unet_policy, store_path):
+    """The controller takes what a robot returns (uint8 HWC frames of any size, float proprio): the same
+    actions as the model on the converted tensors; wrong inputs get one clear error."""
+    policy, data = unet_policy
+    controller = chunk_policy(policy)
+    batch = data.get_batch([3, 8])
+    frames = (batch["image"][:, -1].permute(0, 2, 3, 1) * 255).round().byte().numpy()  # (2, H, W, 3)
+    obs = {"image": frames, "proprio": batch["proprio"][:, -1].numpy(), "timestamp": np.zeros(2)}
+    chunk = controller.predict_action_chunk(obs)
+    assert chunk.shape == (2, N_EXEC, 2) and torch.isfinite(chunk).all()
+    big = {**obs, "image": np.repeat(np.repeat(frames, 2, axis=1), 2, axis=2)}  # 32 x 32: resized to 16
+    controller.reset()
+    assert controller.predict_action_chunk(big).shape == (2, N_EXEC, 2)
+    assert controller.preview().shape == (2, H, W, 3)
+    with pytest.raises(ValueError, match=r"lacks \['proprio'\]"):
+        controller.select_action({"image": frames})
+    with pytest.raises(ValueError, match="proprio.*another task"):
+        controller.select_action({"image": frames, "proprio": np.zeros((2, 5), np.float32)})
+    with pytest.raises(ValueError, match="non-finite"):
+        controller.select_action({"image": frames, "proprio": np.full((2, 2), np.nan, np.float32)})
 
 
 # ---------------------------------------------------------------------- bad input, other encoders
@@ -353,11 +450,11 @@ def test_clear_errors(unet_policy, tmp_path):
     batch = data.get_batch([0, 1])
     obs = {"image": batch["image"], "proprio": batch["proprio"]}
     with pytest.raises(ValueError, match=r"lacks camera.*'image'"):
-        policy.predict_action_chunk({"wrist": obs["image"], "proprio": obs["proprio"]})
+        policy.sample_actions({"wrist": obs["image"], "proprio": obs["proprio"]})
     with pytest.raises(ValueError, match=r"\(32, 32\).*trained on \(16, 16\)"):
-        policy.predict_action_chunk({"image": torch.rand(2, 2, 3, 32, 32), "proprio": obs["proprio"]})
+        policy.sample_actions({"image": torch.rand(2, 2, 3, 32, 32), "proprio": obs["proprio"]})
     with pytest.raises(ValueError, match="'proprio' has 3 dims"):
-        policy.predict_action_chunk({"image": obs["image"], "proprio": torch.zeros(2, 2, 3)})
+        policy.sample_actions({"image": obs["image"], "proprio": torch.zeros(2, 2, 3)})
     other = save_checkpoint(
         tmp_path / "wm.pt",
         model_type="dino_wm",
@@ -366,8 +463,8 @@ def test_clear_errors(unet_policy, tmp_path):
         ema_state_dict=None,
         normalizer=None,
     )
-    with pytest.raises(CheckpointError, match="'dino_wm' model, not a diffusion policy"):
-        load_diffusion_policy(other)
+    with pytest.raises(CheckpointError, match="'dino_wm' model, which cannot serve controller=policy"):
+        load_model(str(other), controller="policy")
     with pytest.raises(ValueError, match="consistency"):
         policy.set_sampler("consistency", 1)
     with pytest.raises(ValueError, match="divisible by 4"):
@@ -382,8 +479,8 @@ def test_short_history_is_padded_and_window_spec(unet_policy):
     batch = data.get_batch([3])
     one = {"image": batch["image"][:, :1], "proprio": batch["proprio"][:, :1]}
     rep = {k: v.expand(-1, 2, *v.shape[2:]) for k, v in one.items()}
-    a = policy.predict_action_chunk(one, generator=torch.Generator().manual_seed(0))
-    b = policy.predict_action_chunk(rep, generator=torch.Generator().manual_seed(0))
+    a = policy.sample_actions(one, generator=torch.Generator().manual_seed(0))
+    b = policy.sample_actions(rep, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
 
 
@@ -418,7 +515,7 @@ def test_resnet18_spatial_softmax_encoder_trains():
     loss.backward()
     assert enc.backbone[0].weight.grad is not None and enc.backbone[0].weight.grad.abs().sum() > 0
     policy.eval()
-    out = policy.predict_action_chunk({k: batch[k] for k in ("front", "wrist", "proprio")})
+    out = policy.sample_actions({k: batch[k] for k in ("front", "wrist", "proprio")})
     assert out.shape == (3, 4, 2) and torch.isfinite(out).all()
 
 
@@ -426,7 +523,7 @@ def test_resnet18_spatial_softmax_encoder_trains():
 def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(store_path, tmp_path):
     import shutil
 
-    from wm.training import setup_diffusion
+    from wm.training import setup_training
 
     src = tmp_path / "toy.zarr"
     shutil.copytree(store_path, src)
@@ -444,7 +541,7 @@ def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(st
         },
     }
     kw = dict(image_key="image", proprio_key="proprio", val_ratio=0.0, seed=0, in_memory=True)
-    setup = setup_diffusion(str(src), model_cfg, **kw)
+    setup = setup_training("diffusion_unet", str(src), model_cfg, **kw)
     assert (
         setup.train_set.path.parent == tmp_path / "feature_cache"
     )  # frozen encoder: training reads the cache
@@ -460,10 +557,10 @@ def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(st
     setup.model.train()
     assert torch.isfinite(setup.model.compute_loss(cached)[0])
 
-    off = setup_diffusion(str(src), model_cfg, **kw, feature_cache="off")
+    off = setup_training("diffusion_unet", str(src), model_cfg, **kw, feature_cache="off")
     assert off.train_set.path == src
     model_cfg["obs"]["crop"] = [12, 12]  # random crops need pixels: images, whatever feature_cache says
-    assert setup_diffusion(str(src), model_cfg, **kw).train_set.path == src
+    assert setup_training("diffusion_unet", str(src), model_cfg, **kw).train_set.path == src
 
 
 def test_unet_inference_paths_match_training_path():
@@ -544,13 +641,13 @@ def test_policy_precision_option(unet_policy, store_path):
     obs = {"image": torch.rand(2, N_OBS, 3, H, W), "proprio": torch.rand(2, N_OBS, 2)}
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     for pol in (policy, transformer):
-        a32 = pol.predict_action_chunk(obs, generator=gen())
+        a32 = pol.sample_actions(obs, generator=gen())
         pol.set_precision("bf16")
         try:
-            a16 = pol.predict_action_chunk(obs, generator=gen())
+            a16 = pol.sample_actions(obs, generator=gen())
         finally:
             pol.set_precision("fp32")
         assert (a16 - a32).abs().max() < 0.05 and not torch.equal(a16, a32), pol.cfg.denoiser
-        torch.testing.assert_close(pol.predict_action_chunk(obs, generator=gen()), a32)
+        torch.testing.assert_close(pol.sample_actions(obs, generator=gen()), a32)
     with pytest.raises(ValueError, match="precision"):
         dataclasses.replace(tiny_config("unet"), precision="int8")

@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from policies.build import build_mpc
+from policies.build import build_graph, build_mpc
+from policies.mpc import MPCConfig
+from policies.subgoal import GraphConfig
 from robots.collect import Collector, open_store, recording_schema
 from robots.registry import make_expert, make_task
 from robots.sim.base import SimConfig
-from wm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import SchemaError
-from wm.dino_wm import load_world_model
+from wm.registry import load_model
 from wm.trainer import Trainer, TrainerConfig
-from wm.training import setup_dino_wm
+from wm.training import setup_training
 
 MODEL = {
     "type": "dino_wm",
@@ -45,9 +47,12 @@ def maze_store(tmp_path_factory):
 
 
 def _setup(store, **kw):
-    return setup_dino_wm(
-        str(store), MODEL | kw, image_key=None, proprio_key=None, val_ratio=0.2, seed=0, in_memory=True
-    )
+    return setup_training("dino_wm", str(store), MODEL | kw, val_ratio=0.2, seed=0, in_memory=True)
+
+
+def raw(batch, key, t):
+    """Step t of a training batch as a raw robot observation: uint8 (E, H, W, 3) frames."""
+    return (batch[key][:, t].permute(0, 2, 3, 1) * 255).round().byte().numpy()
 
 
 def test_training_lowers_the_loss_and_checkpoint_reloads_exactly(maze_store, tmp_path):
@@ -79,11 +84,12 @@ def test_training_lowers_the_loss_and_checkpoint_reloads_exactly(maze_store, tmp
     ema = trainer.ema_model.eval()
     after = ema.compute_loss(batch)[0].item()
     assert after < 0.7 * before, (before, after)
-    assert "val/val_one_step_mse" in metrics or "val_one_step_mse" in str(metrics)
+    assert metrics["val/val_one_step_mse"] > 0 and np.isfinite(metrics["val/val_3_step_mse"])
     assert list((tmp_path / "run" / "val").glob("pred_*.png"))
 
-    model, ckpt = load_world_model(str(tmp_path / "run"))
-    assert ckpt["model_type"] == "dino_wm" and ckpt["normalizer"] is not None
+    loaded = load_model(str(tmp_path / "run"), controller="mpc")
+    model, ckpt = loaded.model, loaded.checkpoint
+    assert ckpt["model_type"] == "dino_wm" and ckpt["normalizer"] is not None and not model.training
     with torch.no_grad():
         z_a, z_b = ema.encode(batch), model.encode(batch)
         torch.testing.assert_close(z_a["visual"], z_b["visual"], rtol=0, atol=0)
@@ -113,14 +119,52 @@ def test_mpc_over_the_world_model_returns_bounded_actions(maze_store):
     setup = _setup(maze_store)
     model = setup.model.eval()
     task = make_task("pointmaze", SimConfig(image_size=(32, 32)))
-    mpc = build_mpc(
-        model, task, {"name": "cem", "horizon": 3, "samples": 16, "elites": 4, "iterations": 2}, 1
-    )
+    feat = task.action_feature
+    planner = {"name": "cem", "horizon": 3, "samples": 16, "elites": 4, "iterations": 2}
+    mpc = build_mpc(model, feat.low, feat.high, planner, MPCConfig(execute=1))
     batch = setup.train_set.get_batch(np.arange(3))
-    obs = {k: batch[k][:, :1] for k in (model.cfg.image_key, model.cfg.proprio_key)}
-    mpc.set_goal({k: batch[k][:, -1:] for k in obs})
+    obs = {"image": raw(batch, "image", 0), "proprio": batch["proprio"][:, 0].numpy()}
+    mpc.set_goal({"image": raw(batch, "image", -1), "proprio": batch["proprio"][:, -1].numpy()})
     action = mpc.select_action(obs)
     assert action.shape == (3, 2) and action.abs().max() <= 1.0
+    assert mpc.preview().shape == (3, 32, 32, 3)  # the decoded prediction for the video
+    with pytest.raises(ValueError, match="another task"):
+        build_mpc(model, np.zeros(3), np.ones(3), planner)
+
+
+def test_cost_vectors_measure_the_planning_cost(maze_store):
+    """The metric the subgoal graph uses is the world model's own single-frame cost."""
+    model = _setup(maze_store).model.eval()
+    torch.manual_seed(0)
+    a = {"visual": torch.randn(5, 1, 16, 32), "proprio": torch.randn(5, 1, 4)}
+    b = {"visual": torch.randn(5, 1, 16, 32), "proprio": torch.randn(5, 1, 4)}
+    pred = {k: v[:, None] for k, v in a.items()}  # leading (E, N=1, H=1)
+    cost = model.cost(pred, b)[:, 0]  # (E,)
+    dist = (model.cost_vectors(a) - model.cost_vectors(b)).pow(2).sum(-1)
+    torch.testing.assert_close(dist, cost, rtol=1e-5, atol=1e-6)
+
+
+def test_subgoal_mpc_encodes_each_observation_once_per_replan(maze_store):
+    setup = _setup(maze_store)
+    model = setup.model.eval()
+    graph = build_graph(model, str(maze_store), GraphConfig(stride=2, lookahead=1.0, goal_reach=0.1))
+    assert len(graph.vectors) > 20 and graph.vectors.shape[1] == model.cost_vectors(graph.latents).shape[1]
+    feat = make_task("pointmaze", SimConfig(image_size=(32, 32))).action_feature
+    planner = {"name": "cem", "horizon": 2, "samples": 8, "elites": 2, "iterations": 1}
+    mpc = build_mpc(model, feat.low, feat.high, planner, MPCConfig(execute=1), graph)
+    batch = setup.train_set.get_batch(np.arange(0, 60, 20))
+    calls = []
+    encode = model.encode
+    model.encode = lambda obs: calls.append(obs) or encode(obs)  # count the encoder's calls
+    try:
+        mpc.set_goal({"image": raw(batch, "image", -1), "proprio": batch["proprio"][:, -1].numpy()})
+        for t in range(3):
+            mpc.select_action({"image": raw(batch, "image", t), "proprio": batch["proprio"][:, t].numpy()})
+    finally:
+        del model.encode
+    assert len(mpc.inference_seconds()) == 2  # replans at steps 0 and 2 (frameskip 2)
+    assert len(calls) == 1 + 2  # the goal, then one encode per replan (the selector reuses it)
+    assert mpc.subgoals.count > 0  # goals further than lookahead steps: subgoals were chosen
 
 
 def test_bad_inputs(maze_store, tmp_path):
@@ -135,13 +179,10 @@ def test_bad_inputs(maze_store, tmp_path):
         model.encode({model.cfg.image_key: batch[model.cfg.image_key]})
     other = tmp_path / "other.pt"
     save_checkpoint(other, format=1, model_type="diffusion_unet", model_config={}, state_dict={})
-    with pytest.raises(CheckpointError, match="expected 'dino_wm'"):
-        load_world_model(str(other))
+    with pytest.raises(CheckpointError, match="cannot serve controller=mpc"):
+        load_model(str(other), controller="mpc")
     with pytest.raises(SchemaError, match="no camera key 'wrist'"):
-        setup_dino_wm(
-            str(maze_store), MODEL, image_key="wrist", proprio_key=None, val_ratio=0.2, seed=0, in_memory=True
-        )
-    assert load_checkpoint  # imported for the error type's module
+        setup_training("dino_wm", str(maze_store), MODEL, image_key="wrist")
 
 
 def test_recon_loss_weights_the_pixels_that_move():

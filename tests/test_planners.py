@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from einops import rearrange
@@ -26,6 +27,7 @@ from policies.planners import (
     build_planner,
     planner_config,
 )
+from wm.spec import IOSpec
 
 # B maps raw action (a0, a1) to (0.5 a1, -0.25 a0): to move +x push a1 up, to move +y push a0 down.
 B = torch.tensor([[0.0, 0.5], [-0.25, 0.0]])
@@ -35,12 +37,20 @@ B_INV = torch.linalg.inv(B)
 class PointModel:
     """Analytic PlanningModel. obs {"state": (E, To, 2)}; latent {"visual": (E, P, D), "proprio": (E, 2)}."""
 
-    def __init__(self, frameskip: int = 1, frames_weight: float = 1.0, proprio_weight: float = 0.5):
+    def __init__(
+        self, frameskip: int = 1, frames_weight: float = 1.0, proprio_weight: float = 0.5, history: int = 1
+    ):
         self.frameskip, self.frames_weight, self.proprio_weight = frameskip, frames_weight, proprio_weight
         self.action_dim = frameskip * B.shape[1]
         self.W = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))  # (P, D, S)
+        self.io_spec = IOSpec(
+            image_keys=(), image_size=(1, 1), proprio_key="state", proprio_dim=2, action_dim=2,
+            history=history, frameskip=frameskip, past_actions=True,
+        )  # fmt: skip
+        self.inputs = []  # what encode was given
 
     def encode(self, obs):
+        self.inputs.append(obs)
         s = obs["state"][:, -1]  # (E, S)
         return {"visual": self._features(s), "proprio": s}
 
@@ -69,10 +79,10 @@ class PointModel:
 class Recorder:
     """The PlanningModel surface and nothing else (slots: other attributes raise); records every call."""
 
-    __slots__ = ("_model", "action_dim", "calls")
+    __slots__ = ("_model", "action_dim", "io_spec", "calls")
 
     def __init__(self, model):
-        self._model, self.action_dim, self.calls = model, model.action_dim, []
+        self._model, self.action_dim, self.io_spec, self.calls = model, model.action_dim, model.io_spec, []
 
     def encode(self, obs):
         self.calls.append(("encode", tuple(obs["state"].shape)))
@@ -93,6 +103,11 @@ class Recorder:
 def obs_of(states):
     """(E, 2) states -> obs {"state": (E, To=1, 2)}."""
     return {"state": torch.as_tensor(states, dtype=torch.float32)[:, None]}
+
+
+def raw_of(states):
+    """(E, 2) states -> a raw robot observation {"state": (E, 2)}, what MPC takes."""
+    return {"state": np.asarray(states, dtype=np.float32).reshape(-1, 2)}
 
 
 # Test-sized configs (the defaults are DINO-WM/TD-MPC2 sized); bounds asymmetric per dimension.
@@ -293,23 +308,24 @@ class RecordingPlanner:
         return self.planner.plan(z0, goal, warm_start, budget)
 
 
-def make_mpc(execute=2, frameskip=2, max_iterations=10):
-    model = Recorder(PointModel(frameskip=frameskip))
+def make_mpc(execute=2, frameskip=2, max_iterations=10, history=1):
+    model = Recorder(PointModel(frameskip=frameskip, history=history))
     cfg = CEMConfig(horizon=5, samples=100, elites=10, iterations=30, low=-1.0, high=1.0)
     planner = RecordingPlanner(build_planner(cfg, model))
-    mpc = MPC(model, planner, MPCConfig(execute=execute, frameskip=frameskip, max_iterations=max_iterations))
+    mpc = MPC(model, planner, MPCConfig(execute=execute, max_iterations=max_iterations))
     return mpc, model, planner
 
 
 def test_mpc_executes_k_times_f_raw_actions_and_replans_only_when_the_queue_empties():
     mpc, model, planner = make_mpc(execute=2, frameskip=2)
     assert isinstance(mpc, Policy) and isinstance(model, PlanningModel)
-    mpc.set_goal(obs_of([[1.0, 0.5], [-1.0, 0.0]]))
+    mpc.set_goal(raw_of([[1.0, 0.5], [-1.0, 0.0]]))
     assert model.count("encode") == 1 and model.count("rollout") == 0  # the goal is encoded once
-    obs = obs_of([[0.0, 0.0], [0.0, 0.0]])
+    obs = raw_of([[0.0, 0.0], [0.0, 0.0]])
     actions = [mpc.select_action(obs) for _ in range(9)]  # 4 raw actions per replan: replans at 0, 4, 8
     assert all(a.shape == (2, 2) for a in actions)
-    assert len(planner.warm_starts) == 3 and len(mpc.plan_seconds) == 3 and mpc.last_plan_seconds > 0
+    assert len(planner.warm_starts) == 3 and len(mpc.inference_seconds()) == 3
+    assert mpc.inference_seconds()[-1] > 0
     assert model.count("encode") == 1 + 3  # one encode per replan, none per sample or per step
     assert all(b == Budget(max_iterations=10) for b in planner.budgets)
     assert mpc.last_result.iterations <= 10
@@ -324,8 +340,8 @@ def test_mpc_executes_k_times_f_raw_actions_and_replans_only_when_the_queue_empt
 
 def test_mpc_warm_starts_from_the_shifted_plan_and_reset_clears_it():
     mpc, model, planner = make_mpc(execute=2, frameskip=1)
-    mpc.set_goal(obs_of([[1.0, 0.5]]))
-    obs = obs_of([[0.0, 0.0]])
+    mpc.set_goal(raw_of([[1.0, 0.5]]))
+    obs = raw_of([[0.0, 0.0]])
     mpc.select_action(obs)
     first_plan = mpc.last_result.actions
     mpc.select_action(obs)  # second action of the chunk: no replan
@@ -338,19 +354,38 @@ def test_mpc_warm_starts_from_the_shifted_plan_and_reset_clears_it():
     assert len(planner.warm_starts) == 3 and planner.warm_starts[2] is None
     mpc.reset()
     with pytest.raises(ValueError):
-        mpc.select_action(obs_of([[0.0, 0.0], [1.0, 1.0]]))  # 2 episodes against a 1-episode goal
+        mpc.select_action(raw_of([[0.0, 0.0], [1.0, 1.0]]))  # 2 episodes against a 1-episode goal
 
 
 def test_mpc_reaches_the_goals_in_closed_loop_with_a_mismatched_model():
     """The test steps the true dynamics (10 % stronger than the model's); MPC only sees observations."""
     mpc, model, planner = make_mpc(execute=1, frameskip=2, max_iterations=None)
     goals = torch.tensor([[1.5, 0.8], [-0.5, -1.2]])
-    mpc.set_goal(obs_of(goals))
+    mpc.set_goal(raw_of(goals))
     s = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
     for _ in range(24):
-        a = mpc.select_action(obs_of(s))  # (E, Da)
+        a = mpc.select_action(raw_of(s))  # (E, Da)
         assert a.abs().max() <= 1.0
         s = s + a @ (1.1 * B).T
     assert (s - goals).norm(dim=1).max() < 0.05
     assert {c[0] for c in model.calls} == {"encode", "rollout", "cost"}
-    assert len(mpc.plan_seconds) == 12  # replans every f * k = 2 raw steps, never from t=0
+    assert len(mpc.inference_seconds()) == 12  # replans every f * k = 2 raw steps, never from t=0
+
+
+def test_mpc_feeds_the_model_its_history_and_the_actions_between():
+    """A world model with 2 history frames and frameskip 2 gets the frames 2 control steps apart (the
+    first one repeated at the start) and the 2 raw actions MPC handed out between them."""
+    mpc, model, planner = make_mpc(execute=1, frameskip=2, history=2)
+    mpc.set_goal(raw_of([[1.0, 0.5]]))
+    sent = []
+    for t in range(5):
+        sent.append(mpc.select_action(raw_of([[float(t), 0.0]]))[0].numpy())
+    replans = [obs for obs in model._model.inputs[1:]]  # [0] is the goal
+    assert len(replans) == 3  # at steps 0, 2, 4
+    assert replans[0]["state"][0, :, 0].tolist() == [0.0, 0.0]  # the start repeated
+    assert replans[0]["past_action"].abs().sum() == 0  # no action before the first observation
+    assert replans[2]["state"][0, :, 0].tolist() == [2.0, 4.0]  # steps t - 2 and t
+    torch.testing.assert_close(replans[2]["past_action"][0, 0], torch.from_numpy(np.concatenate(sent[2:4])))
+    mpc.reset()
+    mpc.select_action(raw_of([[7.0, 0.0]]))
+    assert model._model.inputs[-1]["state"][0, :, 0].tolist() == [7.0, 7.0]  # reset forgot the history

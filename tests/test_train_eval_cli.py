@@ -37,8 +37,9 @@ TINY_WM = [
 ]
 
 
-def test_world_model_train_then_mpc_eval(maze, tmp_path):
-    run = tmp_path / "wm"
+@pytest.fixture(scope="module")
+def world_model(maze, tmp_path_factory):
+    run = tmp_path_factory.mktemp("wm") / "run"
     res = cli(
         "wm-train",
         "model=dino_wm",
@@ -49,19 +50,24 @@ def test_world_model_train_then_mpc_eval(maze, tmp_path):
         "trainer.batch_size=8",
         "trainer.val_every=4",
         "trainer.log_every=2",
+        "model.n_hist=2",  # wm-eval must feed it two frames and the action between them
         *TINY_WM,
     )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["out"] == str(run)
-    config = json.loads((run / "config.json").read_text())
-    assert config["model_type"] == "dino_wm" and config["run_config"]["store"] == str(maze)
+    return run
+
+
+def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
+    config = json.loads((world_model / "config.json").read_text())
+    assert config["model_type"] == "dino_wm" and config["run_config"]["store"] == str(maze.resolve())
 
     out = tmp_path / "eval"
     res = cli(
         "wm-eval",
         "task=pointmaze",
         "controller=mpc",
-        f"checkpoint={run}",
+        f"checkpoint={world_model}",
         "episodes=2",
         "parallel=2",
         f"out={out}",
@@ -69,7 +75,7 @@ def test_world_model_train_then_mpc_eval(maze, tmp_path):
         "videos=1",
         "planner.samples=8",
         "planner.elites=2",
-        "planner.iterations=1",
+        "planner.iterations=2",
         "planner.horizon=2",
         "budgets=[1,2]",
         "+task_options.goal_mode=other_arm",
@@ -78,10 +84,50 @@ def test_world_model_train_then_mpc_eval(maze, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["episodes"] == 2 and 0.0 <= results["success_rate"] <= 1.0
     assert results["subgoal_replans"] >= 0 and len(results["budgets"]) == 2
-    assert (out / "success_vs_budget.png").exists() and len(list((out / "videos").glob("*.mp4"))) == 1
+    assert results["inference"] == {"cost_all_frames": True, "cost_proprio_weight": 1.0}
+    videos = list((out / "videos").glob("episode_1000_*.mp4"))
+    assert (out / "success_vs_budget.png").exists() and len(videos) == 1
+    report = (out / "report.html").read_text()
+    assert "<video" in report and "success rate" in report.lower()
+    assert "2/2" in res.stderr and str(out / "results.json") in res.stdout  # progress bar, where outputs went
 
-    res = cli("wm-eval", "task=arm_push", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}")
+    res = cli(
+        "wm-eval", "task=arm_push", "controller=mpc", f"checkpoint={world_model}", "episodes=1", f"out={out}"
+    )
     assert res.returncode == 2 and "another task" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "planner",
+    [
+        ["planner=cem", "planner.samples=8", "planner.elites=2"],
+        ["planner=mppi", "planner.samples=8", "planner.elites=4"],
+        ["planner=gd", "planner.steps=2", "planner.restarts=2"],
+        ["planner=cem_gd", "planner.cem.samples=8", "planner.cem.elites=2", "planner.grad.steps=2"],
+    ],
+    ids=lambda p: p[0],
+)
+def test_every_planner_through_wm_eval(world_model, tmp_path, planner):
+    """Each planner config group entry runs end to end with only its own fields, under a per-replan
+    wall-clock budget and an iteration cap reachable from the command line."""
+    out = tmp_path / "eval"
+    res = cli(
+        "wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={world_model}", "episodes=2",
+        "parallel=2", f"out={out}", "max_steps=4", "videos=0", "subgoals=off", *planner,
+        "planner_budget.seconds=5", "planner_budget.iterations=2", "progress=false",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["episodes"] == 2 and results["planning_seconds_per_step"] > 0
+    assert [ep["steps"] for ep in results["per_episode"]] == [4, 4]
+
+
+def test_planner_options_are_checked(world_model, tmp_path):
+    res = cli(
+        "wm-eval", "controller=mpc", f"checkpoint={world_model}", f"out={tmp_path}", "planner=gd",
+        "+planner.samples=8",
+    )  # fmt: skip
+    assert res.returncode == 2 and "samples" in res.stderr and not (tmp_path / "results.json").exists()
 
 
 def test_diffusion_policy_train_then_eval(maze, tmp_path):
@@ -124,12 +170,32 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
     assert results["inference"] == {
         "sampler": "edm",
         "sampler_steps": 2,
-        "edm_solver": "dpmpp_2m",
+        "noise.edm_solver": "dpmpp_2m",
         "precision": "bf16",
+        "temporal_ensemble": None,
     }
 
     res = cli("wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}")
-    assert res.returncode == 2 and "expected 'dino_wm'" in res.stderr
+    assert res.returncode == 2 and "cannot serve controller=mpc" in res.stderr
+
+    # Consistency distillation of that policy through the one trainer, then evaluated as any policy.
+    student = tmp_path / "cm"
+    res = cli(
+        "wm-train", "model=consistency", f"teacher={run}", f"store={maze}", f"out={student}",
+        "trainer.steps=3", "trainer.batch_size=4", "trainer.val_every=3", "model.n_sigmas=4",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "trainer.ema_decay=0.0" in res.stdout  # said, not silently applied
+    config = json.loads((student / "config.json").read_text())
+    assert config["model_type"] == "consistency" and config["model_config"]["teacher"].endswith(".pt")
+    res = cli(
+        "wm-eval", "task=pointmaze", "controller=policy", f"checkpoint={student}", "episodes=2",
+        "parallel=2", f"out={tmp_path / 'eval_cm'}", "max_steps=3", "videos=0", "progress=false",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "eval_cm" / "results.json").read_text())["inference"]["sampler_steps"] == 1
+    res = cli("wm-train", "model=consistency", f"store={maze}", f"out={tmp_path / 'x'}")
+    assert res.returncode == 2 and "teacher=DIR" in res.stderr and not (tmp_path / "x").exists()
 
 
 TINY_POLICY = [

@@ -3,8 +3,8 @@
 1. Record pointmaze demonstrations with the scripted expert (with action noise for diversity).
 2. Train the world model (the small CNN encoder; see configs/model/dino_wm.yaml for DINOv2).
 3. Plan with MPC to goals in a different arm of the U-maze from the start, and run a random-action
-   baseline on the same seeds. Prints both success rates and where the videos are; writes
-   DIR/results.json with `success_rate`.
+   baseline on the same seeds. Prints both success rates and where the videos and the HTML report
+   are; writes DIR/results.json with `success_rate`.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def demo(cfg: DemoConfig) -> int:
         "random_mean_final_distance": rnd["mean_final_distance"],
         "planning_seconds_per_step": mpc["planning_seconds_per_step"],
         "videos": str(out / "eval_mpc" / "videos"),
+        "report": str(out / "eval_mpc" / "report.html"),
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -96,7 +97,8 @@ def demo(cfg: DemoConfig) -> int:
         f"\nMPC success {mpc['success_rate']:.0%} vs random actions {rnd['success_rate']:.0%} "
         f"on {mpc['episodes']} {cfg.task} episodes with goals in another arm of the maze"
     )
-    print(f"videos (real | world-model prediction): {results['videos']}")
+    print(f"videos (camera | world-model prediction | goal): {results['videos']}")
+    print(f"report (results, videos): {results['report']}")
     print(f"results: {out / 'results.json'}; took {times['total_s'] / 60:.1f} min")
     return 0
 

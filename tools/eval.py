@@ -1,25 +1,33 @@
 """`wm-eval task=pointmaze controller=mpc checkpoint=DIR episodes=50 out=DIR`: closed-loop evaluation of
-MPC over a world model (`controller=mpc`), a diffusion policy (`controller=policy`) or random actions.
+MPC over a world model (`controller=mpc`, `planner=cem|mppi|gd|cem_gd`), a policy (`controller=policy`)
+or random actions, on any checkpoint the model registry loads.
 
-Writes `out/results.json` (success rate, final distance to goal, planning time), an mp4 per recorded
-episode (real frames beside the world model's decoded prediction) and, with `budgets=[...]`, a plot
-of success against planner iterations.
+Writes `out/results.json` (success rate, final distance to goal, planning time), one mp4 per recorded
+episode (camera | the controller's view | goal, labelled success or failure), `out/report.html`
+(everything in one page) and, with `budgets=[...]`, a plot of success against planner iterations.
+A progress bar on stderr shows episodes done, running success and planning time per step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from tools._cli import bind, run
+
+CONTROLLERS = ("mpc", "policy", "random")
+POLICY_OPTIONS = {  # wm-eval policy.<name> -> the model config field it overrides at load time
+    "sampler": "sampler",
+    "sampler_steps": "sampler_steps",
+    "edm_solver": "noise.edm_solver",
+    "precision": "precision",
+    "temporal_ensemble": "temporal_ensemble",
+}
 
 
 @dataclass(frozen=True)
@@ -34,156 +42,169 @@ class EvalConfig:
     videos: int = 4
     max_steps: int | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
-    planner: dict[str, Any] = field(default_factory=dict)
+    planner: dict[str, Any] = field(default_factory=lambda: {"name": "cem"})
+    planner_budget: dict[str, Any] = field(default_factory=dict)
     execute: int = 1
     subgoals: str = "auto"
+    store: str | None = None
     graph: dict[str, Any] = field(default_factory=dict)
     budgets: list[int] = field(default_factory=list)
     objective: str = "checkpoint"
     policy: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
+    progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.controller not in ("mpc", "policy", "random"):
-            raise ValueError(f"controller must be mpc, policy or random, got {self.controller!r}")
+        from policies.base import Budget
+        from policies.planners import planner_config
+        from policies.subgoal import GraphConfig
+
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {CONTROLLERS}, got {self.controller!r}")
         if self.controller != "random" and not self.checkpoint:
             raise ValueError(
                 f"controller={self.controller} needs checkpoint=DIR (a wm-train output directory)"
             )
-        if self.episodes < 1 or self.parallel < 1:
-            raise ValueError("episodes and parallel must be >= 1")
+        if self.episodes < 1 or self.parallel < 1 or self.videos < 0:
+            raise ValueError("episodes and parallel must be >= 1 and videos >= 0")
         if self.objective not in ("checkpoint", "last_frame", "all_frames"):
             raise ValueError(f"objective must be checkpoint, last_frame or all_frames: {self.objective!r}")
         if self.subgoals not in ("auto", "on", "off"):
             raise ValueError(f"subgoals must be auto, on or off, got {self.subgoals!r}")
-        valid = ("sampler", "sampler_steps", "edm_solver", "precision")
-        unknown = sorted(set(self.policy) - set(valid))
+        unknown = sorted(set(self.policy) - set(POLICY_OPTIONS))
         if unknown:
-            raise ValueError(f"policy options {unknown} unknown; valid: {', '.join(valid)}")
+            raise ValueError(f"policy options {unknown} unknown; valid: {', '.join(POLICY_OPTIONS)}")
+        unknown = sorted(set(self.planner_budget) - {"iterations", "seconds"})
+        if unknown:
+            raise ValueError(f"planner_budget options {unknown} unknown; valid: iterations, seconds")
+        Budget(self.planner_budget.get("iterations"), self.planner_budget.get("seconds"))
+        GraphConfig(**self.graph)
+        if "name" not in self.planner:
+            raise ValueError("planner needs a name (planner=cem | mppi | gd | cem_gd)")
+        most = planner_config(**self.planner).max_iterations  # validates the planner's own fields
+        bad = [b for b in self.budgets if not 1 <= int(b) <= most]
+        if bad:
+            raise ValueError(
+                f"budgets {bad} outside 1..{most}: a budget caps the {self.planner['name']} planner's own "
+                f"{most} iterations; raise them (e.g. planner.iterations) to sweep higher"
+            )
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run the evaluation and write results.json; returns the results."""
-    from policies.evaluate import RandomPolicy, model_obs, run_episodes, summarize, timed
+    """Run the evaluation, write results.json, the videos and report.html; returns the results."""
+    from policies.evaluate import RandomPolicy, run_episodes, summarize, timed
+    from policies.progress import EvalProgress
+    from policies.report import write_report
     from robots.registry import make_task
     from robots.sim.base import SimConfig
+    from wm.registry import load_model
     from wm.trainer import pick_device
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    opts = {"options": dict(cfg.task_options), **({"max_steps": cfg.max_steps} if cfg.max_steps else {})}
-    model, setup, policy, history = None, {}, None, 1
-    if cfg.controller == "mpc":
-        from wm.dino_wm import load_world_model
-
-        model, ckpt = load_world_model(cfg.checkpoint, device)
-        if cfg.objective != "checkpoint":  # the planning objective is the model's cost; override it here
-            model.cfg = dataclasses.replace(model.cfg, cost_all_frames=cfg.objective == "all_frames")
-        opts["image_size"] = model.cfg.image_size
-        setup = ckpt.get("extra", {}).get("run_config", {})
-        image_keys = [model.cfg.image_key]
-        proprio_key = model.cfg.proprio_key if model.cfg.proprio_dim else None
-    elif cfg.controller == "policy":
-        from policies.diffusion import load_diffusion_policy
-
-        policy, _ = load_diffusion_policy(cfg.checkpoint, device)
-        over = {k: v for k, v in cfg.policy.items() if v is not None}
-        if {"sampler", "sampler_steps", "edm_solver"} & set(over):
-            policy.set_sampler(
-                over.get("sampler", policy.sampler),
-                int(over.get("sampler_steps", policy.sampler_steps)),
-                over.get("edm_solver"),
-            )
-        if "precision" in over:
-            policy.set_precision(over["precision"])
-        opts["image_size"] = policy.cfg.obs.image_size
-        image_keys, proprio_key = list(policy.cfg.obs.image_keys), policy.cfg.obs.proprio_key
-        history = policy.cfg.n_obs
+    opts: dict[str, Any] = {"options": dict(cfg.task_options)}
+    if cfg.max_steps:
+        opts["max_steps"] = cfg.max_steps
+    loaded = None
+    if cfg.controller != "random":
+        loaded = load_model(cfg.checkpoint, device, _overrides(cfg), controller=cfg.controller)
+        opts["image_size"] = loaded.model.io_spec.image_size
     n = min(cfg.parallel, cfg.episodes)
     tasks = [make_task(cfg.task, SimConfig(**opts)) for _ in range(n)]
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
-    if cfg.controller == "random":
-        image_keys, proprio_key = [_first(tasks[0], "image")], None
-    image_key = image_keys[0]
+    feat = tasks[0].action_feature
+    videos: list[Path] = []
 
-    def to_model(obs: list) -> dict:
-        return {k: v.to(device) for k, v in model_obs(obs, image_keys, proprio_key).items()}
-
-    def episodes(policy: Any, video: bool) -> dict[str, Any]:
-        results, wall = timed(
-            lambda: run_episodes(
-                tasks,
-                policy,
-                seeds,
-                to_model,
-                image_key=image_key,
-                predict_frames=_predictor(model) if model else None,
-                video_dir=out / "videos" if video and cfg.videos else None,
-                videos=cfg.videos,
-                history=history,
+    def episodes(policy: Any, video: bool, desc: str) -> dict[str, Any]:
+        with EvalProgress(cfg.episodes, disable=not cfg.progress, desc=desc) as bar:
+            results, wall = timed(
+                lambda: run_episodes(
+                    tasks,
+                    policy,
+                    seeds,
+                    video_dir=out / "videos" if video and cfg.videos else None,
+                    videos=cfg.videos,
+                    progress=bar.update,
+                    written=videos,
+                )
             )
-        )
         return summarize(results, wall)
 
+    plot = None
     if cfg.controller == "random":
-        feat = tasks[0].action_feature
-        results = episodes(RandomPolicy(feat.low, feat.high, n, cfg.seed), video=True)
+        results = episodes(RandomPolicy(feat.low, feat.high, cfg.seed), True, "random")
     elif cfg.controller == "policy":
-        results = episodes(policy, video=True)
-        results["inference"] = {
-            "sampler": policy.sampler,
-            "sampler_steps": policy.sampler_steps,
-            "edm_solver": policy.diffusion.cfg.edm_solver,
-            "precision": policy.precision,
-        }
+        results = episodes(loaded.policy(), True, "policy")
     else:
-        policy = _mpc(cfg, model, tasks[0], setup, cfg.planner)
-        results = episodes(policy, video=True)
-        results["subgoal_replans"] = getattr(policy, "subgoal_count", 0)
+        make = _mpc_builder(cfg, loaded, feat)
+        mpc = make(cfg.planner_budget.get("iterations"))
+        results = episodes(mpc, True, "mpc")
+        results["subgoal_replans"] = mpc.subgoals.count if mpc.subgoals is not None else 0
         if cfg.budgets:
-            results["budgets"] = _budget_sweep(cfg, model, tasks[0], setup, episodes, out)
+            results["budgets"], plot = _budget_sweep(cfg, make, episodes, out)
+    if loaded is not None:
+        results["inference"] = loaded.inference_settings()
     results.update(
         task=cfg.task, controller=cfg.controller, checkpoint=cfg.checkpoint, seeds=seeds[:1] + seeds[-1:]
     )
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    report = write_report(out, results, videos, plot)
+    if cfg.progress:
+        where = f"results: {out / 'results.json'}; report: {report}"
+        print(where + (f"; videos: {out / 'videos'}" if videos else ""), flush=True)
     return results
 
 
-def _first(task: Any, kind: str) -> str:
-    return next(k for k, f in task.observation_features.items() if f.kind == kind)
+def _overrides(cfg: EvalConfig) -> dict[str, Any]:
+    """Inference settings for the registry to build the model with (not patched on afterwards)."""
+    if cfg.controller == "policy":
+        return {POLICY_OPTIONS[k]: v for k, v in cfg.policy.items() if v is not None}
+    if cfg.objective != "checkpoint":
+        return {"cost_all_frames": cfg.objective == "all_frames"}
+    return {}
 
 
-def _mpc(cfg: EvalConfig, model: Any, task: Any, setup: dict, planner: dict) -> Any:
-    from policies.build import build_graph, build_mpc, with_subgoals
+def _mpc_builder(cfg: EvalConfig, loaded: Any, feat: Any) -> Any:
+    """A function of an iteration cap -> a fresh MPC over the loaded world model (the subgoal graph is
+    built once and shared)."""
+    from policies.build import build_graph, build_mpc
+    from policies.mpc import MPCConfig
     from policies.subgoal import GraphConfig
 
-    mpc = build_mpc(model, task, dict(planner), cfg.execute)
-    store = setup.get("store")
-    if cfg.subgoals == "off" or (cfg.subgoals == "auto" and not (store and Path(store).exists())):
-        return mpc
-    if not store or not Path(store).exists():
-        raise ValueError(f"subgoals=on needs the training store, which the checkpoint names as {store!r}")
-    return with_subgoals(mpc, build_graph(model, store, GraphConfig(**cfg.graph)))
+    store = _graph_store(cfg, loaded.checkpoint)
+    graph = build_graph(loaded.model, store, GraphConfig(**cfg.graph)) if store else None
+    seconds = cfg.planner_budget.get("seconds")
+
+    def make(iterations: int | None) -> Any:
+        mpc_cfg = MPCConfig(execute=cfg.execute, max_iterations=iterations, seconds=seconds)
+        return build_mpc(loaded.model, feat.low, feat.high, cfg.planner, mpc_cfg, graph)
+
+    return make
 
 
-def _predictor(model: Any) -> Any:
-    """Decoded frames of the latest plan's first predicted step, per episode: (E, H, W, 3) uint8."""
+def _graph_store(cfg: EvalConfig, ckpt: dict[str, Any]) -> str | None:
+    """The store the subgoal graph is built from: `store=`, else the one the checkpoint was trained on.
+    With subgoals=auto and no store found, subgoals are off, and the evaluation says so."""
+    if cfg.subgoals == "off":
+        return None
+    recorded = ckpt.get("extra", {}).get("run_config", {}).get("store")
+    store = cfg.store or recorded
+    if store and Path(store).exists():
+        return str(store)
+    why = (
+        f"the training store {store!r} does not exist" if store else "the checkpoint names no training store"
+    )
+    if cfg.subgoals == "on":
+        raise ValueError(f"subgoals=on needs the training store: {why}; pass store=PATH")
+    print(f"note: subgoals off: {why} (pass store=PATH to use them)", flush=True)
+    return None
 
-    @torch.no_grad()
-    def predict(obs: dict, policy: Any) -> np.ndarray:
-        result = policy.last_result
-        pred = model.rollout(model.encode(obs), result.actions[:, None, :1])  # leading (E, 1, 1)
-        img = model.decode(pred["visual"][:, 0, 0])  # (E, 3, H, W)
-        return (img.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
 
-    return predict
-
-
-def _budget_sweep(cfg: EvalConfig, model: Any, task: Any, setup: dict, episodes: Any, out: Path) -> list:
+def _budget_sweep(cfg: EvalConfig, make: Any, episodes: Any, out: Path) -> tuple[list, Path]:
     points = []
     for iters in cfg.budgets:
-        res = episodes(_mpc(cfg, model, task, setup, {**cfg.planner, "iterations": int(iters)}), video=False)
+        res = episodes(make(int(iters)), False, f"budget {iters}")
         points.append(
             {
                 "iterations": int(iters),
@@ -201,8 +222,10 @@ def _budget_sweep(cfg: EvalConfig, model: Any, task: Any, setup: dict, episodes:
     ax.set(xlabel="planner iterations per replan", ylabel="success rate", ylim=(0, 1.02), title=cfg.task)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "success_vs_budget.png", dpi=120)
-    return points
+    path = out / "success_vs_budget.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return points, path
 
 
 @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")

@@ -1,10 +1,12 @@
-"""`wm-train model=dino_wm task=pointmaze store=PATH out=DIR [trainer.steps=N ...]`: train any model
-of the project with the one trainer. The model type comes from the `model` config group."""
+"""`wm-train model=dino_wm task=pointmaze store=PATH out=DIR [trainer.steps=N ...]`: train any registered
+model (`wm.registry`) with the one trainer. The model type comes from the `model` config group;
+`model=consistency teacher=DIR` distills a trained diffusion policy."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -21,6 +23,7 @@ class TrainAppConfig:
     model: dict[str, Any]
     trainer: dict[str, Any]
     task: str | None = None
+    teacher: str | None = None
     image_key: str | None = None
     proprio_key: str | None = None
     val_ratio: float = 0.1
@@ -47,20 +50,21 @@ def check_task(cfg: TrainAppConfig) -> None:
 
 
 def train(cfg: TrainAppConfig) -> int:
+    from wm.registry import model_entry
     from wm.trainer import Trainer, TrainerConfig
+    from wm.training import setup_training
 
-    check_task(cfg)
-    from wm.training import setup_diffusion, setup_dino_wm
-
-    builders = {
-        "dino_wm": setup_dino_wm,
-        "diffusion_unet": setup_diffusion,
-        "diffusion_transformer": setup_diffusion,
-    }
     model_type = cfg.model["type"]
-    if model_type not in builders:
-        raise ValueError(f"unknown model type {model_type!r}; valid: {', '.join(builders)}")
-    setup = builders[model_type](
+    entry = model_entry(model_type)  # an unknown type fails here, before the store is read
+    check_task(cfg)
+    trainer_opts = dict(cfg.trainer)
+    for key, value in entry.trainer_overrides.items():
+        if trainer_opts.get(key) != value:
+            print(f"note: {model_type} trains with trainer.{key}={value} (was {trainer_opts.get(key)})")
+        trainer_opts[key] = value
+    trainer_cfg = TrainerConfig(**trainer_opts)
+    setup = setup_training(
+        model_type,
         cfg.store,
         cfg.model,
         image_key=cfg.image_key,
@@ -69,12 +73,14 @@ def train(cfg: TrainAppConfig) -> int:
         seed=cfg.seed,
         in_memory=cfg.in_memory,
         feature_cache=cfg.feature_cache,
+        teacher=cfg.teacher,
     )
     run_config = json.loads(json.dumps(cfg.__dict__, default=str))
+    run_config["store"] = str(Path(cfg.store).resolve())  # the subgoal graph finds it from anywhere
     trainer = Trainer(
         setup.model,
         setup.train_set,
-        TrainerConfig(**cfg.trainer),
+        trainer_cfg,
         cfg.out,
         model_type=model_type,
         model_config=setup.model_config,

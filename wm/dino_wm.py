@@ -34,6 +34,7 @@ from wm.data.windows import WindowSpec
 from wm.decoder import Decoder, DecoderConfig
 from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
 from wm.predictor import Predictor, PredictorConfig
+from wm.spec import IOSpec
 
 Latent = dict[str, torch.Tensor]
 
@@ -131,6 +132,27 @@ class DinoWorldModel(nn.Module):
     def action_dim(self) -> int:
         """Action dimension of one planning step (frameskip raw actions concatenated)."""
         return self.step_action_dim
+
+    @property
+    def io_spec(self) -> IOSpec:
+        """What the world model reads: its camera, proprioception, history of `n_hist` frames
+        `frameskip` steps apart and the raw actions executed between them."""
+        c = self.cfg
+        return IOSpec(
+            image_keys=(c.image_key,),
+            image_size=c.image_size,
+            proprio_key=c.proprio_key if c.proprio_dim else None,
+            proprio_dim=c.proprio_dim,
+            action_dim=c.action_dim,
+            action_key=c.action_key,
+            history=c.n_hist,
+            frameskip=c.frameskip,
+            past_actions=True,
+        )
+
+    def feature_cache_source(self) -> tuple[PatchEncoder, str] | None:
+        """A frozen encoder's features can be cached once; a trainable one must see images."""
+        return None if self.encoder.trainable else (self.encoder, self.cfg.image_key)
 
     def window_spec(self, extra_steps: int = 0) -> WindowSpec:
         """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps."""
@@ -264,14 +286,28 @@ class DinoWorldModel(nn.Module):
         w = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
         return (v * w).sum(-1) / w.sum()
 
-    def decode(self, visual: torch.Tensor) -> torch.Tensor:
-        """Patch features (..., P, D) -> images (..., 3, H, W) in [0, 1]."""
+    def cost_vectors(self, z: Latent) -> torch.Tensor:
+        """z leading (N, T) or (N,) -> (N, K): the last frame as one vector whose squared distance to
+        another is this model's single-frame cost (visual MSE + cost_proprio_weight * proprio MSE)."""
+        v = z["visual"]
+        v = v[:, -1] if v.ndim == 4 else v  # (N, P, D)
+        parts = [v.flatten(1) / v[0].numel() ** 0.5]
+        if "proprio" in z and self.cfg.cost_proprio_weight:
+            p = z["proprio"]
+            p = p[:, -1] if p.ndim == 3 else p  # (N, Dp)
+            parts.append(p * (self.cfg.cost_proprio_weight / p.shape[-1]) ** 0.5)
+        return torch.cat(parts, dim=1)
+
+    def decode(self, z: Latent) -> torch.Tensor:
+        """A latent {"visual": (..., P, D), ...} -> images (..., 3, H, W) in [0, 1]."""
+        visual = z["visual"]
         lead = visual.shape[:-2]
         imgs = self.decoder(visual.reshape(-1, *visual.shape[-2:]), self.grid, self.cfg.image_size)
         return imgs.reshape(*lead, *imgs.shape[1:])
 
     # ------------------------------------------------------------------ training
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss and detached 0-d metric tensors (no host sync: the trainer averages them)."""
         c, f, T = self.cfg, self.cfg.frameskip, self.cfg.n_hist
         z = self.encode(batch)  # visual (B, F, P, D) with F = T + 1 + rollout steps
         B, n_frames = z["visual"].shape[:2]
@@ -282,11 +318,11 @@ class DinoWorldModel(nn.Module):
         pred = self.predict({k: v[:, :T] for k, v in z.items()}, actions[:, :T])
         loss_v = _masked_mse(pred["visual"], target["visual"][:, 1 : T + 1], valid[:, :T])
         loss = loss_v
-        metrics = {"loss_visual": loss_v.item()}
+        metrics = {"loss_visual": loss_v.detach()}
         if c.proprio_dim:
             loss_p = _masked_mse(pred["proprio"], target["proprio"][:, 1 : T + 1], valid[:, :T])
             loss = loss + c.proprio_loss_weight * loss_p
-            metrics["loss_proprio"] = loss_p.item()
+            metrics["loss_proprio"] = loss_p.detach()
         if c.rollout_loss_steps:
             z0 = {k: v[:, :T] for k, v in z.items()}
             if T > 1:
@@ -295,16 +331,18 @@ class DinoWorldModel(nn.Module):
             roll = self.rollout(z0, steps[:, None])  # leading (B, 1, 1 + R)
             ro = _masked_mse(roll["visual"][:, 0], target["visual"][:, T:], valid[:, T - 1 :])
             loss = loss + c.rollout_loss_weight * ro
-            metrics["loss_rollout"] = ro.item()
+            metrics["loss_rollout"] = ro.detach()
         # Decoder: reconstruction through a trainable encoder (keeps its features informative),
         # on detached features for a frozen one (visualization only).
         images = batch[c.image_key]
         if images.ndim == 5:
             feats = z["visual"][:, 0] if self.encoder.trainable else z["visual"][:, 0].detach()
-            recon = recon_loss(self.decode(feats), images[:, 0], images[:, 1], c.recon_motion_weight)
+            recon = recon_loss(
+                self.decode({"visual": feats}), images[:, 0], images[:, 1], c.recon_motion_weight
+            )
             loss = loss + c.recon_loss_weight * recon
-            metrics["loss_recon"] = recon.item()
-        metrics["loss"] = loss.item()
+            metrics["loss_recon"] = recon.detach()
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
 
@@ -330,17 +368,3 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
     err = (pred - target).pow(2).flatten(2).mean(-1)  # (B, T)
     w = valid.to(err.dtype)
     return (err * w).sum() / w.sum().clamp_min(1.0)
-
-
-def load_world_model(
-    checkpoint: str, device: torch.device | str = "cpu"
-) -> tuple[DinoWorldModel, dict[str, Any]]:
-    """Rebuild a DINO-WM from a checkpoint file or run directory (EMA weights), in eval mode.
-    Returns the model and the checkpoint dict (for its run config)."""
-    from wm.checkpoint import load_checkpoint, load_model_weights
-
-    ckpt = load_checkpoint(checkpoint, expected_type="dino_wm")
-    cfg = WorldModelConfig.from_dict(ckpt["model_config"])
-    model = DinoWorldModel(cfg, Normalizer.from_dict(ckpt["normalizer"]))
-    load_model_weights(model, ckpt, use_ema=True)
-    return model.to(device).eval(), ckpt

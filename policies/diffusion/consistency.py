@@ -1,40 +1,43 @@
-"""Consistency distillation (Song et al. 2023, CD): a trained diffusion teacher -> a 1-2 step student.
+"""Consistency distillation (Song et al. 2023, CD): a trained diffusion teacher -> a 1-2 step student,
+trained by the one trainer (`wm-train model=consistency teacher=DIR store=... out=...`).
 
 The teacher's probability-flow ODE is discretized on N Karras sigmas between the schedule's smallest
 sigma and sigma_max. Each step draws clean data x0, an index n and noise z, and puts
 x_{n+1} = x0 + sigma_{n+1} z; one Heun step of the teacher's ODE gives x_n at sigma_n. The student
 f(x, sigma) = c_skip(sigma) x + (1 - c_skip(sigma)) D_student(x, sigma) (exactly x at the smallest
-sigma) is trained so that f(x_{n+1}, sigma_{n+1}) matches the EMA target's f(x_n, sigma_n).
-The student starts from the teacher's weights and keeps its architecture, so it is saved and loaded
-like any policy (config `consistency=True`, sampler "consistency").
+sigma) is trained so that f(x_{n+1}, sigma_{n+1}) matches the EMA target's f(x_n, sigma_n). The
+target network is the model's own EMA of the student and is what the distilled policy samples with.
 
-Batches for `distill` are (x0 (B, Ta, Da) normalized, cond (B, To, Dc) or None, valid (B, Ta) or
-None); `distill_policy` builds them from dataset batches with the teacher policy's (frozen) encoder.
+`ConsistencyObjective` is that loss over any `Diffusion` teacher; `ConsistencyDistillation` is the
+registered model: a diffusion policy (the teacher's frozen encoder and normalizer, the target
+denoiser) plus the student being trained. Its checkpoint loads as a plain diffusion policy with
+config `consistency=True` and sampler "consistency".
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from policies.diffusion.entry import chunk_policy
+from policies.diffusion.entry import validation as policy_validation
 from policies.diffusion.noise import Diffusion
-from policies.diffusion.policy import DiffusionPolicy
-
-Batch = tuple[Tensor, Tensor | None, Tensor | None]
+from policies.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig
+from wm.checkpoint import CheckpointError, load_checkpoint
+from wm.data.normalize import Normalizer
+from wm.registry import ModelEntry, TrainContext, load_model
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     n_sigmas: int = 24  # N: points of the teacher ODE discretization
-    lr: float = 1e-4
     target_ema: float = 0.95  # mu of the target network (CD paper)
-    grad_clip: float = 1.0
     sampler_steps: int = 1  # the student's default number of jumps
     # "one_step": CD's target, the EMA student at the teacher's one-Heun-step neighbour x_n.
     # "to_end": the teacher's ODE solved from x_{n+1} all the way to the boundary (trajectory distillation,
@@ -43,7 +46,7 @@ class DistillConfig:
     target: str = "one_step"
 
     def __post_init__(self) -> None:
-        if self.n_sigmas < 2 or not self.lr > 0 or not 0 <= self.target_ema < 1 or self.sampler_steps < 1:
+        if self.n_sigmas < 2 or not 0 <= self.target_ema < 1 or self.sampler_steps < 1:
             raise ValueError(f"bad distillation config {self}")
         if self.target not in ("one_step", "to_end"):
             raise ValueError(f"target must be 'one_step' or 'to_end', got {self.target!r}")
@@ -72,76 +75,193 @@ def _teacher_to_end(
     return x
 
 
-def distill(
-    teacher: Diffusion, batches: Iterable[Batch], steps: int, cfg: DistillConfig | None = None
-) -> Diffusion:
-    """Distill `teacher` into a consistency model over `steps` optimizer steps; `batches` is cycled.
-    Returns the EMA target network (eval mode), a `Diffusion` with `consistency=True`."""
-    cfg = cfg or DistillConfig()
-    if teacher.consistency:
-        raise ValueError("the teacher is already a consistency model")
-    teacher = teacher.eval()
-    student = Diffusion(copy.deepcopy(teacher.net), teacher.cfg, consistency=True).train()
-    target = copy.deepcopy(student).requires_grad_(False).eval()
-    device = teacher.betas.device
-    student.to(device), target.to(device)
-    # Increasing sigmas from the consistency boundary (the schedule's smallest) to sigma_max.
-    grid = teacher.karras_sigmas(cfg.n_sigmas, teacher.table_sigma_min, device)[:-1].flip(0)  # (N,)
-    opt = torch.optim.AdamW(student.net.parameters(), lr=cfg.lr, weight_decay=0.0)
-    data: Iterator[Batch] = itertools.cycle(batches)
-    for _ in range(steps):
-        x0, cond, valid = next(data)
-        B = x0.shape[0]
+class _Shared:
+    """Holds a module outside the owner's state dict and shares it on deepcopy (the frozen teacher)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> _Shared:
+        return self
+
+
+class ConsistencyObjective(nn.Module):
+    """The CD loss for a frozen `teacher`: `student` (a consistency copy of the teacher's net, trained)
+    and `target` (its EMA, frozen, updated by `loss` before each training step's loss from the
+    student the previous optimizer step left). The teacher is not part of the state dict."""
+
+    def __init__(self, teacher: Diffusion, cfg: DistillConfig) -> None:
+        super().__init__()
+        if teacher.consistency:
+            raise ValueError("the teacher is already a consistency model")
+        self.cfg = cfg
+        self.student = Diffusion(copy.deepcopy(teacher.net), teacher.cfg, consistency=True).requires_grad_(
+            True
+        )
+        self.target = copy.deepcopy(self.student).requires_grad_(False)
+        self._teacher = _Shared(teacher.eval().requires_grad_(False))
+
+    @property
+    def teacher(self) -> Diffusion:
+        return self._teacher.module
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ConsistencyObjective:  # .to() moves the teacher too
+        super()._apply(fn, recurse)
+        self.teacher._apply(fn)
+        return self
+
+    def train(self, mode: bool = True) -> ConsistencyObjective:
+        super().train(mode)
+        self.target.eval()
+        return self
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """target <- mu * target + (1 - mu) * student; buffers copied."""
+        mu = self.cfg.target_ema
+        for pt, ps in zip(self.target.net.parameters(), self.student.net.parameters(), strict=True):
+            pt.lerp_(ps, 1 - mu)
+        for bt, bs in zip(self.target.net.buffers(), self.student.net.buffers(), strict=True):
+            bt.copy_(bs)
+
+    def loss(self, x0: Tensor, cond: Tensor | None, valid: Tensor | None) -> Tensor:
+        """x0 (B, Ta, Da) normalized, cond (B, To, Dc) or None, valid (B, Ta) or None -> the CD loss."""
+        if self.training:
+            self.update_target()  # the EMA step owed to the previous optimizer step (a no-op at the first)
+        cfg, teacher = self.cfg, self.teacher
+        B, device = x0.shape[0], x0.device
+        # Increasing sigmas from the consistency boundary (the schedule's smallest) to sigma_max.
+        grid = teacher.karras_sigmas(cfg.n_sigmas, teacher.table_sigma_min, device)[:-1].flip(0)  # (N,)
         n = torch.randint(0, cfg.n_sigmas - 1, (B,), device=device)
         s_lo, s_hi = grid[n], grid[n + 1]  # (B,), (B,)
         x_hi = x0 + s_hi.view(-1, *[1] * (x0.ndim - 1)) * torch.randn_like(x0)
         if cfg.target == "one_step":
             x_lo = _teacher_heun(teacher, x_hi, s_hi, s_lo, cond)
             with torch.no_grad():
-                y = target.denoise(x_lo, s_lo, cond)
+                y = self.target.denoise(x_lo, s_lo, cond)
         else:
             y = _teacher_to_end(teacher, x_hi, n + 1, grid, cond)
-        err = (student.denoise(x_hi, s_hi, cond) - y).pow(2).mean(-1)  # (B, Ta)
+        err = (self.student.denoise(x_hi, s_hi, cond) - y).pow(2).mean(-1)  # (B, Ta)
         w = torch.ones_like(err) if valid is None else valid.to(err.dtype)
-        loss = (err * w).sum() / w.sum().clamp_min(1.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(student.net.parameters(), cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            for pt, ps in zip(target.net.parameters(), student.net.parameters(), strict=True):
-                pt.lerp_(ps, 1 - cfg.target_ema)
-            for bt, bs in zip(target.net.buffers(), student.net.buffers(), strict=True):
-                bt.copy_(bs)
-    return target
+        return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
-def policy_batches(policy: DiffusionPolicy, batches: Iterable[dict[str, Tensor]]) -> Iterator[Batch]:
-    """Dataset batches -> (x0, cond, valid) with the policy's frozen encoder (center crop, no grad)."""
-    for batch in batches:
-        with torch.no_grad():
-            yield policy.prepare(batch, augment=False)
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """The distilled policy's config (the teacher's with consistency=True and the "consistency"
+    sampler), the distillation settings, and the teacher checkpoint's absolute path. As a dict it is
+    the policy's fields plus "distill" and "teacher", so inference overrides apply as for any policy."""
+
+    policy: DiffusionPolicyConfig
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.policy.consistency or self.policy.sampler != "consistency":
+            raise ValueError(
+                "a consistency model's policy config needs consistency=True, sampler consistency"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.policy.to_dict(), "distill": dataclasses.asdict(self.distill), "teacher": self.teacher}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConsistencyConfig:
+        rest = dict(d)
+        distill, teacher = rest.pop("distill", {}), rest.pop("teacher", "")
+        return cls(DiffusionPolicyConfig.from_dict(rest), DistillConfig(**distill), teacher)
 
 
-def distill_policy(
-    teacher: DiffusionPolicy,
-    batches: Iterable[dict[str, Tensor]],
-    steps: int,
-    cfg: DistillConfig | None = None,
-) -> DiffusionPolicy:
-    """A consistency-distilled copy of `teacher` (same encoder and normalizer, student denoiser), in eval
-    mode, with config `consistency=True` and sampler "consistency" (`cfg.sampler_steps` jumps). Save it
-    with `model_config=student.cfg.to_dict()` like any diffusion policy. The batches are encoded once
-    and cached, so `batches` may be a finite list of dataset batches."""
-    cfg = cfg or DistillConfig()
-    teacher.eval()
-    cached = list(policy_batches(teacher, batches))
-    student_diffusion = distill(teacher.diffusion, cached, steps, cfg)
-    pcfg = dataclasses.replace(
-        teacher.cfg, consistency=True, sampler="consistency", sampler_steps=cfg.sampler_steps
-    )
-    student = DiffusionPolicy(pcfg, copy.deepcopy(teacher.normalizer))
-    student.obs_encoder.load_state_dict(teacher.obs_encoder.state_dict())
-    student.diffusion.net.load_state_dict(student_diffusion.net.state_dict())
-    return student.to(teacher.diffusion.betas.device).eval()
+class ConsistencyDistillation(nn.Module):
+    """The registered "consistency" model. `policy` is the distilled diffusion policy: the teacher's
+    encoder (frozen) and normalizer, and the target network as its denoiser (what it samples with);
+    `objective.student` is what the optimizer trains. Delegates `io_spec`, `window_spec`,
+    `sample_actions` and `feature_cache_source` to `policy`."""
+
+    def __init__(self, cfg: ConsistencyConfig, normalizer: Normalizer) -> None:
+        super().__init__()
+        teacher = load_model(cfg.teacher, controller="policy").model
+        if teacher.cfg.consistency:
+            raise CheckpointError(f"teacher {cfg.teacher} is itself a consistency model")
+        expected = dataclasses.replace(
+            teacher.cfg, consistency=True, sampler="consistency", sampler_steps=cfg.policy.sampler_steps
+        )
+        if dataclasses.replace(cfg.policy, precision=expected.precision) != expected:
+            raise CheckpointError(f"teacher {cfg.teacher} has another architecture than this config")
+        self.cfg = cfg
+        self.objective = ConsistencyObjective(teacher.diffusion, cfg.distill)
+        self.policy = DiffusionPolicy(cfg.policy, normalizer)
+        self.policy.obs_encoder.load_state_dict(teacher.obs_encoder.state_dict())
+        self.policy.obs_encoder.requires_grad_(False)
+        self.policy.diffusion = self.objective.target  # the policy samples with the EMA target
+
+    @property
+    def io_spec(self) -> Any:
+        return self.policy.io_spec
+
+    def window_spec(self) -> Any:
+        return self.policy.window_spec()
+
+    def feature_cache_source(self) -> Any:
+        return self.policy.feature_cache_source()
+
+    def sample_actions(self, obs: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        return self.policy.sample_actions(obs, generator)
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():  # the encoder is frozen: features need no graph
+            x0, cond, valid = self.policy.prepare(batch, augment=False)
+        loss = self.objective.loss(x0, cond, valid)
+        return loss, {"loss": loss.detach()}
+
+
+def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
+    """The teacher's policy config made a consistency model's, with the user's distillation options."""
+    if not ctx.teacher:
+        raise ValueError(
+            "model=consistency needs teacher=DIR: the run directory of a trained diffusion policy"
+        )
+    ckpt = load_checkpoint(ctx.teacher)
+    if ckpt["model_type"] not in ("diffusion_unet", "diffusion_transformer"):
+        raise CheckpointError(
+            f"teacher {ckpt['path']} holds a {ckpt['model_type']!r} model, not a diffusion policy"
+        )
+    distill = DistillConfig(**options)
+    policy = {
+        **ckpt["model_config"],
+        "consistency": True,
+        "sampler": "consistency",
+        "sampler_steps": distill.sampler_steps,
+    }
+    return {**policy, "distill": dataclasses.asdict(distill), "teacher": str(Path(ckpt["path"]).resolve())}
+
+
+def teacher_normalizer(ctx: TrainContext) -> Normalizer:
+    """The student keeps its teacher's statistics."""
+    if not ctx.teacher:
+        raise ValueError(
+            "model=consistency needs teacher=DIR: the run directory of a trained diffusion policy"
+        )
+    return Normalizer.from_dict(load_checkpoint(ctx.teacher)["normalizer"])
+
+
+def validation(model: ConsistencyDistillation, data_path: str, episodes: list[int], in_memory: bool) -> Any:
+    fn = policy_validation(model.policy, data_path, episodes, in_memory)
+    return lambda m, step, out: fn(m.policy, step, out)
+
+
+ENTRY = ModelEntry(
+    config_type=ConsistencyConfig,
+    build=ConsistencyDistillation,
+    configure=configure,
+    controllers=("policy",),
+    description="a diffusion policy consistency-distilled to 1-2 sampling steps (needs teacher=DIR)",
+    normalizer=teacher_normalizer,
+    validation=validation,
+    policy=chunk_policy,
+    inference=lambda cfg, normalizer: DiffusionPolicy(cfg.policy, normalizer),
+    state_prefix="policy.",
+    use_ema=False,
+    trainer_overrides={"ema_decay": 0.0},
+    overridable=("sampler_steps", "precision", "temporal_ensemble"),
+)

@@ -15,19 +15,19 @@ the policy crops itself):
 
 Checkpoints: `model_type` "diffusion_unet" / "diffusion_transformer", `model_config` =
 `DiffusionPolicyConfig.to_dict()`, the normalizer (action + proprio statistics, also in the state
-dict) and EMA weights; `load_diffusion_policy` rebuilds the policy from one.
+dict) and EMA weights; `wm.registry.load_model` rebuilds the policy from one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from policies.diffusion.chunking import ActionQueue, TemporalEnsembler
 from policies.diffusion.noise import SAMPLERS, Diffusion, NoiseConfig
 from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
 from policies.diffusion.precision import check_precision, set_inference_precision
@@ -35,7 +35,9 @@ from policies.diffusion.transformer import TransformerConfig, TransformerDenoise
 from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
+from wm.spec import IOSpec
 
+log = logging.getLogger(__name__)
 DENOISERS = ("unet", "transformer")
 MODEL_TYPES = tuple(f"diffusion_{d}" for d in DENOISERS)
 _SUB = {"obs": ObsEncoderConfig, "unet": UNetConfig, "transformer": TransformerConfig, "noise": NoiseConfig}
@@ -44,9 +46,10 @@ _SUB = {"obs": ObsEncoderConfig, "unet": UNetConfig, "transformer": TransformerC
 @dataclass(frozen=True)
 class DiffusionPolicyConfig:
     """`sampler` / `sampler_steps`: the default inference sampler (see `noise.py`); `consistency` marks a
-    distilled student (sampler "consistency"). `temporal_ensemble`: None executes `n_action_exec`
-    actions per chunk from a queue; a float m predicts a chunk every step and averages the overlapping
-    predictions with weights exp(-m * i), i = 0 the oldest (`chunking.TemporalEnsembler`)."""
+    distilled student (sampler "consistency"). `temporal_ensemble`, for the policy's controller
+    (`policies.chunking.ChunkPolicy`): None executes `n_action_exec` actions per chunk from a queue;
+    a float m samples a chunk every step and averages the overlapping predictions with weights
+    exp(-m * i), i = 0 the oldest (`policies.chunking.TemporalEnsembler`)."""
 
     obs: ObsEncoderConfig = field(default_factory=ObsEncoderConfig)
     action_key: str = "action"
@@ -114,8 +117,9 @@ def _check_sampler(sampler: str, steps: int, consistency: bool) -> None:
 
 
 class DiffusionPolicy(nn.Module):
-    """Satisfies `policies.base.Policy` (and `TrainableModel` through `compute_loss`). Call `.eval()`
-    before acting (dropout); inference always uses the center crop."""
+    """The diffusion-policy model: a `TrainableModel` (`compute_loss`) and a `ChunkModel`
+    (`sample_actions` on its input tensors); `policies.chunking.ChunkPolicy` makes it a `Policy`
+    controller. Call `.eval()` before sampling (dropout); inference always uses the center crop."""
 
     def __init__(self, cfg: DiffusionPolicyConfig, normalizer: Normalizer) -> None:
         super().__init__()
@@ -130,10 +134,6 @@ class DiffusionPolicy(nn.Module):
         self.diffusion = Diffusion(net, cfg.noise, consistency=cfg.consistency)
         self.sampler, self.sampler_steps = cfg.sampler, cfg.sampler_steps
         self.set_precision(cfg.precision)
-        self._queue = ActionQueue()
-        self._ensembler = (
-            TemporalEnsembler(cfg.temporal_ensemble) if cfg.temporal_ensemble is not None else None
-        )
 
     @property
     def model_type(self) -> str:
@@ -154,6 +154,41 @@ class DiffusionPolicy(nn.Module):
         bf16 copy under autocast). Training always runs in fp32 on the fp32 weights."""
         set_inference_precision(self, precision)  # validates the name
         self.precision = precision
+
+    @property
+    def io_spec(self) -> IOSpec:
+        """What the policy reads: its cameras and proprioception over `n_obs` consecutive steps."""
+        c = self.cfg
+        return IOSpec(
+            image_keys=tuple(c.obs.image_keys),
+            image_size=c.obs.image_size,
+            proprio_key=c.obs.proprio_key if c.obs.proprio_dim else None,
+            proprio_dim=c.obs.proprio_dim,
+            action_dim=c.action_dim,
+            action_key=c.action_key,
+            history=c.n_obs,
+        )
+
+    def feature_cache_source(self) -> tuple[nn.Module, str] | None:
+        """The frozen patch encoder and its camera when training can read cached features: a patch
+        backbone that is frozen, one camera, and no random crop (crops need pixels)."""
+        oc = self.cfg.obs
+        if oc.backbone != "patch":
+            return None
+        encoders = [cam.encoder for cam in self.obs_encoder.cameras.values()]
+        why = (
+            "its patch encoder trains"
+            if any(e.trainable for e in encoders)
+            else "several cameras (the cache holds one)"
+            if len(oc.image_keys) > 1
+            else f"random crops to {oc.crop} need pixels (set model.obs.crop=null to train from the cache)"
+            if oc.crop is not None and tuple(oc.crop) != tuple(oc.image_size)
+            else None
+        )
+        if why is not None:
+            log.info("feature cache not used: %s", why)
+            return None
+        return encoders[0], oc.image_keys[0]
 
     def window_spec(self) -> WindowSpec:
         """Observations at -(n_obs-1)..0; actions from -(n_obs-1) over `horizon` steps, padded at most
@@ -201,17 +236,9 @@ class DiffusionPolicy(nn.Module):
         loss = self.diffusion.loss(x0, cond, valid)
         return loss, {"loss": loss.detach()}
 
-    # ------------------------------------------------------------------ acting (policies.base.Policy)
-    def reset(self) -> None:
-        """Forget the queued actions and the ensembled predictions (call at every episode start)."""
-        self._queue.reset()
-        if self._ensembler is not None:
-            self._ensembler.reset()
-
+    # ------------------------------------------------------------------ sampling
     @torch.inference_mode()
-    def predict_action_chunk(
-        self, obs: dict[str, Tensor], generator: torch.Generator | None = None
-    ) -> Tensor:
+    def sample_actions(self, obs: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """obs values (E, To, ...) -> raw actions (E, n_action_exec, Da) from the current step on.
         `generator` seeds the sampler's noise (same seed and obs, same actions)."""
         c = self.cfg
@@ -222,47 +249,9 @@ class DiffusionPolicy(nn.Module):
         start = c.n_obs - 1  # the chunk starts at the oldest observation
         return self.normalizer.unnormalize(c.action_key, x[:, start : start + c.n_action_exec])
 
-    def select_action(self, obs: dict[str, Tensor]) -> Tensor:
-        """The next raw action (E, Da): popped from the queue (a new chunk when it is empty), or, with
-        temporal ensembling, the weighted mean of every chunk's prediction for this step."""
-        if self._ensembler is not None:
-            return self._ensembler.update(self.predict_action_chunk(obs))
-        if not len(self._queue):
-            self._queue.fill(self.predict_action_chunk(obs))
-        return self._queue.pop()
-
 
 def _last_steps(x: Tensor, n: int) -> Tensor:
     """(E, T, ...) -> (E, n, ...): the last n steps, the first one repeated in front when T < n."""
     if x.shape[1] >= n:
         return x[:, x.shape[1] - n :]
     return torch.cat([x[:, :1].expand(-1, n - x.shape[1], *x.shape[2:]), x], dim=1)
-
-
-def load_diffusion_policy(
-    checkpoint: str, device: torch.device | str = "cpu", use_ema: bool = True
-) -> tuple[DiffusionPolicy, dict[str, Any]]:
-    """Rebuild a diffusion policy from a checkpoint file or run directory (EMA weights by default), in
-    eval mode. Returns the policy and the checkpoint dict. A checkpoint of another model type raises
-    `wm.checkpoint.CheckpointError`."""
-    from wm.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-
-    ckpt = load_checkpoint(checkpoint)
-    kind = ckpt["model_type"]
-    if kind not in MODEL_TYPES:
-        raise CheckpointError(
-            f"checkpoint {ckpt['path']} holds a {kind!r} model, not a diffusion policy "
-            f"(expected one of {MODEL_TYPES})"
-        )
-    cfg = DiffusionPolicyConfig.from_dict(ckpt["model_config"])
-    if cfg.model_type != kind:
-        raise CheckpointError(
-            f"checkpoint {ckpt['path']}: model_type {kind!r} but its config says {cfg.model_type!r}"
-        )
-    if ckpt.get("normalizer") is None:
-        raise CheckpointError(
-            f"checkpoint {ckpt['path']} has no normalizer; a diffusion policy needs its statistics"
-        )
-    policy = DiffusionPolicy(cfg, Normalizer.from_dict(ckpt["normalizer"]))
-    load_model_weights(policy, ckpt, use_ema=use_ema)
-    return policy.to(device).eval(), ckpt

@@ -1,0 +1,153 @@
+"""Turning action chunks into one action per control step, and `ChunkPolicy`, the controller of any
+model that samples action chunks (diffusion policies).
+
+The queue and the ensembler are plain state machines over tensors (E episodes stepped together),
+independent of the model:
+
+    ActionQueue        pop the next action of the current chunk; when the queue is empty the caller
+                       predicts a new chunk (Diffusion Policy / LeRobot: n_action_exec steps open loop).
+    TemporalEnsembler  ACT's temporal ensembling: a new chunk is predicted at *every* step; the action
+                       for step t is the weighted mean of every stored chunk's prediction for t,
+                       w_i = exp(-m * i), with i = 0 for the OLDEST chunk that still covers t (ACT's
+                       convention: m > 0 trusts older predictions more and smooths more; m = 0 is a
+                       plain mean; m < 0 favours the newest). A chunk of length L covers the L steps
+                       starting at the step it was predicted, so up to L predictions are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policies.base import RawObs
+from policies.inputs import ObsHistory
+from wm.spec import IOSpec
+
+
+class ActionQueue:
+    """FIFO of the current chunk's remaining actions, (E, n, Da)."""
+
+    def __init__(self) -> None:
+        self._actions: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self._actions is None else self._actions.shape[1]
+
+    def reset(self) -> None:
+        self._actions = None
+
+    def fill(self, chunk: Tensor) -> None:
+        """chunk (E, Ta, Da) replaces whatever is left."""
+        self._actions = chunk
+
+    def pop(self) -> Tensor:
+        """(E, Da), the next action."""
+        if not len(self):
+            raise RuntimeError("the action queue is empty: fill it with a chunk first")
+        action, self._actions = self._actions[:, 0], self._actions[:, 1:]
+        return action
+
+
+class TemporalEnsembler:
+    """Weighted average of overlapping chunk predictions (see the module docstring for the weights)."""
+
+    def __init__(self, m: float) -> None:
+        if not math.isfinite(m):
+            raise ValueError(f"temporal ensembling coefficient must be finite, got {m}")
+        self.m = float(m)
+        self._chunks: list[Tensor] = []  # oldest first; chunk j was predicted len - 1 - j steps ago
+
+    def reset(self) -> None:
+        self._chunks = []
+
+    def weights(self, n: int) -> Tensor:
+        """(n,) normalized weights for n predictions, oldest first."""
+        w = torch.exp(-self.m * torch.arange(n, dtype=torch.float64))
+        return (w / w.sum()).float()
+
+    def update(self, chunk: Tensor) -> Tensor:
+        """Add the chunk (E, L, Da) predicted at this step; returns this step's action (E, Da)."""
+        self._chunks.append(chunk)
+        n = len(self._chunks)
+        # Chunk j (oldest first) was predicted n - 1 - j steps ago: its prediction for now is at that index.
+        preds = [c[:, n - 1 - j] for j, c in enumerate(self._chunks)]
+        w = self.weights(n).to(chunk)
+        action = torch.einsum("n,ned->ed", w, torch.stack(preds))
+        # Drop the oldest chunk once it has no prediction for the next step.
+        if self._chunks[0].shape[1] <= n:
+            self._chunks.pop(0)
+        return action
+
+
+class ChunkModel(Protocol):
+    """A model that samples raw action chunks from its own input tensors (`policies.inputs`)."""
+
+    io_spec: IOSpec
+
+    def sample_actions(self, obs: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """obs values (E, history, ...) -> raw actions (E, Ta, Da) from the current step on."""
+        ...
+
+
+class ChunkPolicy:
+    """The `Policy` (and `Previewable`) of a `ChunkModel`: raw observations go into the model's
+    `ObsHistory`; `select_action` executes each chunk from a queue, or, with `temporal_ensemble` m,
+    samples a chunk every step and averages the overlapping predictions (`TemporalEnsembler`).
+    Sampling noise comes from a generator seeded with `seed` at construction (None: unseeded), so an
+    evaluation is reproducible; `reset` does not reseed, so episodes draw different noise."""
+
+    def __init__(self, model: Any, temporal_ensemble: float | None = None, seed: int | None = 0) -> None:
+        self.model, self.io = model, model.io_spec
+        device = next(model.parameters()).device
+        self.history = ObsHistory(self.io, device)
+        self._queue = ActionQueue()
+        self._ensembler = TemporalEnsembler(temporal_ensemble) if temporal_ensemble is not None else None
+        self._generator = torch.Generator(device=device)
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
+        self._seconds: list[float] = []
+
+    def reset(self) -> None:
+        """Forget the history, the queued actions, the ensembled predictions and the timings."""
+        self.history.reset()
+        self._queue.reset()
+        if self._ensembler is not None:
+            self._ensembler.reset()
+        self._seconds = []
+
+    def inference_seconds(self) -> list[float]:
+        """Seconds of every chunk sampled since the last `reset`."""
+        return list(self._seconds)
+
+    def predict_action_chunk(self, obs: RawObs) -> Tensor:
+        """Record obs (values (E, ...)) and sample a fresh chunk: raw actions (E, Ta, Da)."""
+        self.history.push(obs)
+        return self._sample()
+
+    def select_action(self, obs: RawObs) -> Tensor:
+        """Record obs; the next raw action (E, Da): popped from the queue (a new chunk when it is empty),
+        or, with temporal ensembling, the weighted mean of every chunk's prediction for this step."""
+        self.history.push(obs)
+        if self._ensembler is not None:
+            return self._ensembler.update(self._sample())
+        if not len(self._queue):
+            self._queue.fill(self._sample())
+        return self._queue.pop()
+
+    def preview(self) -> np.ndarray | None:
+        """The newest frame of the model's first camera as the model reads it (E, H, W, 3) uint8."""
+        return self.history.latest_frames() if len(self.history) else None
+
+    def _sample(self) -> Tensor:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            chunk = self.model.sample_actions(self.history.inputs(), generator=self._generator)
+        self._seconds.append(time.perf_counter() - start)
+        return chunk

@@ -1,0 +1,98 @@
+"""The diffusion policies' registry entries (UNet and transformer denoisers): their config from a
+store, their validation, and their controller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.chunking import ChunkPolicy
+from policies.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig
+from wm.data.dataset import WindowDataset
+from wm.registry import ModelEntry, TrainContext
+
+# inference settings `wm-eval policy.*` may change at load time
+OVERRIDABLE = ("sampler", "sampler_steps", "precision", "noise.edm_solver", "temporal_ensemble")
+
+
+def configurer(denoiser: str) -> Any:
+    """`configure` for the entry of one denoiser: the user's options completed with the store's
+    cameras (the chosen one unless `obs.image_keys` lists several), image size and dims."""
+
+    def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
+        given = options.get("denoiser", denoiser)
+        if given != denoiser:
+            raise ValueError(
+                f"model type diffusion_{denoiser} with denoiser {given!r}; use diffusion_{given}"
+            )
+        shapes = ctx.key_shapes
+        obs = dict(options.get("obs", {}))
+        obs.update(
+            image_keys=obs.get("image_keys") or [ctx.image_key],
+            image_size=shapes[ctx.image_key][:2],
+            proprio_key=ctx.proprio_key,
+            proprio_dim=int(np.prod(shapes[ctx.proprio_key])) if ctx.proprio_key else 0,
+        )
+        return {
+            **options,
+            "denoiser": denoiser,
+            "obs": obs,
+            "action_key": "action",
+            "action_dim": int(np.prod(shapes["action"])),
+        }
+
+    return configure
+
+
+def validation(
+    policy: DiffusionPolicy, data_path: str, episodes: list[int], in_memory: bool, n_batches: int = 2
+) -> Any:
+    """Error between sampled and demonstrated actions on held-out episodes (the executed part of the
+    chunk, in raw action units)."""
+    val_set = WindowDataset(data_path, policy.window_spec(), episodes, in_memory=in_memory, train=False)
+
+    @torch.no_grad()
+    def val_fn(policy: DiffusionPolicy, step: int, out_dir: Path) -> dict[str, float]:
+        if len(val_set) == 0:
+            return {}
+        device = next(policy.parameters()).device
+        c = policy.cfg
+        rng = np.random.default_rng(0)
+        errs = []
+        for _ in range(n_batches):
+            idx = rng.choice(len(val_set), size=min(32, len(val_set)), replace=False)
+            batch = {k: v.to(device) for k, v in val_set.get_batch(idx).items()}
+            gen = torch.Generator(device=device).manual_seed(0)
+            pred = policy.sample_actions(batch, generator=gen)  # (B, n_exec, Da)
+            start = c.n_obs - 1
+            truth = batch[c.action_key][:, start : start + c.n_action_exec]
+            pad = batch[c.action_key + "_is_pad"][:, start : start + c.n_action_exec]
+            errs.append((pred - truth).pow(2).mean(-1)[~pad].mean().item())
+        return {"val_action_mse": float(np.mean(errs))}
+
+    return val_fn
+
+
+def chunk_policy(policy: DiffusionPolicy) -> ChunkPolicy:
+    return ChunkPolicy(policy, policy.cfg.temporal_ensemble)
+
+
+def _entry(denoiser: str, description: str) -> ModelEntry:
+    return ModelEntry(
+        config_type=DiffusionPolicyConfig,
+        build=DiffusionPolicy,
+        configure=configurer(denoiser),
+        controllers=("policy",),
+        description=description,
+        proprio_norm="minmax",
+        validation=validation,
+        policy=chunk_policy,
+        overridable=OVERRIDABLE,
+    )
+
+
+UNET = _entry("unet", "Diffusion Policy with a FiLM 1D temporal UNet denoiser")
+TRANSFORMER = _entry("transformer", "Diffusion Policy with a transformer denoiser")

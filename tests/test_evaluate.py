@@ -1,0 +1,155 @@
+"""The evaluation runner with a fake task and a fake policy: what the policy is fed (raw observations,
+history padded at the start, the goal), early termination, timing attribution, videos, progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+from policies.base import GoalConditioned, Policy
+from policies.evaluate import RandomPolicy, run_episodes, summarize
+from policies.inputs import ObsHistory
+from robots.base import Feature
+from wm.spec import IOSpec
+
+IMG = (8, 8, 3)
+
+
+@dataclass
+class LineTask:
+    """A point on a line: the action adds to its position; success once it reaches `target`."""
+
+    target: float = 3.0
+    max_steps: int = 6
+    control_hz: float = 10.0
+    pos: float = 0.0
+    steps: int = 0
+    sent: list = field(default_factory=list)
+
+    @property
+    def observation_features(self) -> dict[str, Feature]:
+        return {"image": Feature(IMG, "uint8", "image"), "proprio": Feature((1,), "float32", "proprio")}
+
+    @property
+    def action_feature(self) -> Feature:
+        return Feature((1,), "float32", "action", low=(-1.0,), high=(1.0,))
+
+    def reset(self, seed: int) -> dict[str, np.ndarray]:
+        self.pos, self.steps, self.sent = float(seed % 2), 0, []  # odd seeds start one step ahead
+        return self.get_observation()
+
+    def get_observation(self) -> dict[str, np.ndarray]:
+        img = np.full(IMG, int(np.clip(20 * self.pos, 0, 255)), np.uint8)
+        return {"image": img, "proprio": np.array([self.pos], np.float32), "timestamp": np.float64(0)}
+
+    def goal_observation(self) -> dict[str, np.ndarray]:
+        return {"image": np.full(IMG, 200, np.uint8), "proprio": np.array([self.target], np.float32)}
+
+    def send_action(self, action: np.ndarray) -> np.ndarray:
+        self.sent.append(float(action[0]))
+        self.pos += float(action[0])
+        self.steps += 1
+        return action
+
+    def is_success(self) -> bool:
+        return self.pos >= self.target
+
+    @property
+    def done(self) -> bool:
+        return self.is_success() or self.steps >= self.max_steps
+
+    def goal_distance(self) -> float:
+        return abs(self.target - self.pos)
+
+    def score(self) -> None:
+        return None
+
+
+class FakePolicy:
+    """Moves +1 per step; calls its "model" every `every` steps (a fixed 0.5 s each); records the
+    history tensors its model would read (3 steps) and the goal it was given."""
+
+    def __init__(self, every: int = 2) -> None:
+        io = IOSpec(image_keys=("image",), image_size=(8, 8), proprio_key="proprio", proprio_dim=1,
+                    action_dim=1, history=3)  # fmt: skip
+        self.history, self.every = ObsHistory(io), every
+        self.inputs: list[dict[str, torch.Tensor]] = []
+        self.goal = None
+        self.step, self.calls = 0, []
+
+    def set_goal(self, goal_obs):
+        self.goal = goal_obs
+
+    def reset(self):
+        self.history.reset()
+        self.step, self.calls = 0, []
+
+    def inference_seconds(self):
+        return list(self.calls)
+
+    def predict_action_chunk(self, obs):
+        self.history.push(obs)
+        self.inputs.append(self.history.inputs())
+        self.calls.append(0.5)
+        return torch.ones(len(obs["proprio"]), self.every, 1)
+
+    def select_action(self, obs):
+        if self.step % self.every == 0:
+            self._chunk = self.predict_action_chunk(obs)
+        else:
+            self.history.push(obs)
+        action = self._chunk[:, self.step % self.every]
+        self.step += 1
+        return action
+
+
+def test_runner_feeds_raw_observations_and_stops_finished_episodes(tmp_path):
+    tasks = [LineTask(), LineTask()]
+    policy = FakePolicy(every=2)
+    assert isinstance(policy, Policy) and isinstance(policy, GoalConditioned)
+    finished = []
+    written = []
+    results = run_episodes(
+        tasks,
+        policy,
+        [0, 1],
+        video_dir=tmp_path / "videos",
+        videos=2,
+        progress=finished.append,
+        written=written,
+    )
+    # Seed 1 starts at 1: it reaches 3 after 2 steps; seed 0 after 3.
+    assert [r.seed for r in results] == [0, 1] and [r.steps for r in results] == [3, 2]
+    assert all(r.success for r in results) and [r.seed for r in finished] == [1, 0]
+    assert tasks[1].sent == [1.0, 1.0]  # nothing sent to a finished episode
+    # The goal reached the policy as a raw batch; the first history is the start repeated.
+    assert policy.goal["proprio"].tolist() == [[3.0], [3.0]]
+    first = policy.inputs[0]
+    assert first["proprio"].shape == (2, 3, 1) and first["proprio"][:, :, 0].tolist() == [
+        [0, 0, 0],
+        [1, 1, 1],
+    ]
+    assert first["image"].shape == (2, 3, 3, 8, 8) and first["image"].dtype == torch.float32
+    assert policy.inputs[1]["proprio"][0, :, 0].tolist() == [0.0, 1.0, 2.0]  # consecutive steps
+    # Timing: calls at steps 0 and 2, each serving both episodes (0.5 s / 2); episode 1 ended before
+    # the second.
+    assert results[0].plan_seconds == [0.25, 0.25] and results[1].plan_seconds == [0.25]
+    summary = summarize(results, 1.0)
+    assert summary["planning_seconds_per_step"] == (0.25 * 3) / 5
+    # Videos: one per recorded episode, labelled with the outcome, one frame per step, >= 256 px high.
+    assert sorted(p.name for p in written) == ["episode_0000_success.mp4", "episode_0001_success.mp4"]
+    frames = imageio.mimread(tmp_path / "videos" / "episode_0000_success.mp4")
+    assert len(frames) == 3 and frames[0].shape[0] >= 256
+
+
+def test_random_policy_needs_no_extras():
+    policy = RandomPolicy(np.array([-1.0]), np.array([1.0]), seed=0)
+    assert isinstance(policy, Policy) and not isinstance(policy, GoalConditioned)
+    task = LineTask(target=100.0, max_steps=4)  # unreachable: every episode runs to max_steps
+    results = run_episodes([task], policy, [0, 2])  # one task, two episodes in turn
+    assert [r.seed for r in results] == [0, 2] and [r.steps for r in results] == [4, 4]
+    assert all(r.plan_seconds == [] for r in results) and not any(r.success for r in results)
+    assert len(task.sent) == 4 and all(-1.0 <= a <= 1.0 for a in task.sent) and len(set(task.sent)) == 4
