@@ -51,9 +51,9 @@ from wm.checkpoint import (
 )
 from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
+from wm.precision import check_precision
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "bf16")
 ValFn = Callable[[nn.Module, int, Path], dict[str, float]]
 
 
@@ -86,6 +86,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        check_precision(self.precision)
         checks = {
             "steps must be >= 1": self.steps >= 1,
             "batch_size must be >= 1": self.batch_size >= 1,
@@ -96,7 +97,6 @@ class TrainerConfig:
             "min_lr_ratio must be in [0, 1]": 0 <= self.min_lr_ratio <= 1,
             "grad_clip must be >= 0 (0 disables)": self.grad_clip >= 0,
             "ema_decay must be in [0, 1) (0 disables)": 0 <= self.ema_decay < 1,
-            f"precision must be one of {PRECISIONS}": self.precision in PRECISIONS,
             "log_every must be >= 1": self.log_every >= 1,
             "val_every and ckpt_every must be >= 0": self.val_every >= 0 and self.ckpt_every >= 0,
             "keep_last must be >= 1": self.keep_last >= 1,
