@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from wm.checkpoint import state_dict_diff
+
 DINOV2_MODELS = {  # our name -> (timm model name, official file name, feature dim)
     "dinov2_vits14": ("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth", 384),
     "dinov2_vitb14": ("vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth", 768),
@@ -367,23 +369,9 @@ def _load_into(model: nn.Module, sd: dict[str, Tensor], where: str | Path) -> No
 
 def _check_keys(sd: dict[str, Tensor], target: dict[str, Tensor], where: str | Path) -> None:
     """Raise EncoderWeightsError naming missing, unexpected and mis-shaped keys (a few of each)."""
-    missing = sorted(set(target) - set(sd))
-    unexpected = sorted(set(sd) - set(target))
-    shapes = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in sorted(set(sd) & set(target))
-        if sd[k].shape != target[k].shape
-    ]
-    if not (missing or unexpected or shapes):
-        return
-
-    def few(items: list[str]) -> str:
-        return ", ".join(items[:5]) + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
-
-    parts = [f"missing keys: {few(missing)}"] if missing else []
-    parts += [f"unexpected keys: {few(unexpected)}"] if unexpected else []
-    parts += [f"shape mismatches: {few(shapes)}"] if shapes else []
-    raise EncoderWeightsError(f"{where}: checkpoint does not fit the model; " + "; ".join(parts))
+    problems = state_dict_diff(target, sd)
+    if problems:
+        raise EncoderWeightsError(f"{where}: checkpoint does not fit the model; " + "; ".join(problems))
 
 
 def _how_to_get(name: str) -> str:
