@@ -188,7 +188,7 @@ class DinoV2Encoder(PatchEncoder):
         else:
             with torch.device("meta"):  # no random init to throw away (seconds for ViT-B)
                 self.vit = timm.create_model(timm_name, pretrained=False, dynamic_img_size=True)
-            sd = _dinov2_to_timm(load_checkpoint(cfg.weights), self.vit, cfg.weights)
+            sd = _dinov2_to_timm(read_weights_file(cfg.weights), self.vit, cfg.weights)
             _load_into(self.vit, sd, cfg.weights)
         self._freeze()
 
@@ -259,7 +259,7 @@ class ResNetEncoder(PatchEncoder):
         else:
             with torch.device("meta"):
                 full = torchvision.models.resnet18(weights=None)
-            _load_into(full, load_checkpoint(cfg.weights), cfg.weights)  # the whole network, fc included
+            _load_into(full, read_weights_file(cfg.weights), cfg.weights)  # the whole network, fc included
         stages = [full.conv1, full.bn1, full.relu, full.maxpool]
         stages += [getattr(full, f"layer{i}") for i in range(1, self.layer + 1)]
         self.backbone = nn.Sequential(*stages)
@@ -297,7 +297,7 @@ class ConvEncoder(PatchEncoder):
         self.net = nn.Sequential(*layers)
         self.out_norm = nn.LayerNorm(cfg.cnn_dim, elementwise_affine=False)
         if cfg.weights != "none":
-            sd = load_checkpoint(cfg.weights)
+            sd = read_weights_file(cfg.weights)
             _check_keys(sd, self.state_dict(), cfg.weights)
             self.load_state_dict(sd, strict=True)
 
@@ -332,9 +332,10 @@ def build_encoder(cfg: EncoderConfig) -> PatchEncoder:
     return DinoV2Encoder(cfg) if cfg.name in DINOV2_MODELS else ResNetEncoder(cfg)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a .safetensors or torch checkpoint, unwrapped from {"model"|"state_dict"|"teacher": ...}
-    and stripped of a "module." / "backbone." / "_orig_mod." prefix shared by every key."""
+def read_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors or torch weights file, unwrapped from {"model"|"state_dict"|"teacher": ...}
+    and stripped of a "module." / "backbone." / "_orig_mod." prefix shared by every key. For third-party
+    backbone files; the project's own checkpoints are read by `wm.checkpoint.load_checkpoint`."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
