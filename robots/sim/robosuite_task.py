@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-import robots.sim.base  # noqa: F401  (sets MUJOCO_GL=egl before mujoco loads)
 from robots.base import Feature, RobotError
 from robots.sim.base import SimConfig, SimTask, TaskEntry
 from wm.data.schema import ActionSpace
