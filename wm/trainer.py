@@ -194,6 +194,7 @@ class _LossForward(nn.Module):
 
 
 def _seed_everything(seed: int) -> None:
+    """Reseed the global Python, NumPy and torch generators (see `Trainer`: deliberate)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -227,6 +228,12 @@ class Trainer:
     `param_groups` replaces the default AdamW groups (lr and weight decay default to `cfg`'s).
     The model is put in train mode; one with frozen parts that must stay in eval mode (a pretrained
     encoder with batch norm) overrides `train()` to keep them there.
+
+    Global random state: the constructor reseeds Python's `random`, NumPy's global generator and
+    torch's (CPU and CUDA) with `cfg.seed + rank`, and `resume()` restores the states a checkpoint
+    saved. This is deliberate: dropout, augmentation and noise sampling inside `compute_loss` draw
+    from the global generators, and a run is reproducible (and resumable) only if the trainer owns
+    them. Build the trainer after anything that must draw from them unaffected.
     """
 
     def __init__(

@@ -195,7 +195,9 @@ class RobosuiteTask(SimTask):
         self._env = None
 
     def _reset(self, rng: np.random.Generator) -> None:
-        saved = np.random.get_state()  # robosuite samples placements from the global numpy generator
+        """Reset robosuite, which samples object placements from NumPy's *global* generator: that one is
+        seeded from `rng` for the reset and then restored, so callers' global state is untouched."""
+        saved = np.random.get_state()
         np.random.seed(int(rng.integers(2**31)))
         try:
             self.env.reset()
