@@ -30,7 +30,7 @@ def random_encoder(name: str, **kw):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The tensors here are tiny: one intra-op thread is as fast, and it cannot stall in OpenMP barriers
-    when the machine is shared and loaded (2 threads measured 12x slower than 1 at load 7 on 2 cores)."""
+    when the machine is shared and loaded (BENCHMARKS.md, "Figures from development")."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -278,9 +278,10 @@ class ConvEncoder(PatchEncoder):
     """conv3x3-GELU stages (the first log2(stride) with stride 2), a 1x1 projection, and a LayerNorm
     (no affine) over each patch token.
 
-    No normalization inside the stages: GroupNorm's backward pass was a third of a training step on
-    this project's CPUs. The output LayerNorm fixes the features' scale, so a world model trained
-    jointly cannot shrink its prediction loss by shrinking the features."""
+    No normalization inside the stages: GroupNorm's backward pass was a large share of a training step
+    on this project's CPUs (BENCHMARKS.md, "Figures from development"). The output LayerNorm fixes
+    the features' scale, so a world model trained jointly cannot shrink its prediction loss by
+    shrinking the features."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__("cnn", cfg.cnn_dim, True, cfg.image_size, imagenet_norm=False)

@@ -10,7 +10,8 @@ Observations: one image per camera, key `<camera>_image`, uint8 (H, W, 3), right
 renders upside down; we flip); `proprio`, the concatenation of every robot's end-effector position,
 quaternion (x, y, z, w) and gripper joint positions (names say which is which); `object`, the env's
 privileged "object-state" vector where it has one. Images are rendered once per observation with
-reflections, multisampling and shadows off (about 4x faster, same scene).
+reflections, multisampling and shadows off (same scene, several times faster: measured by
+`benchmarks/expert_success_pusht_robosuite.py`, figures in BENCHMARKS.md).
 
 Goals (`goal_observation()`: the scene at its goal, rendered, with the robot where it is):
 Lift, the cube 10 cm above where it is; Stack, cube A resting on cube B; Door, the door open by
