@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from policies.build import build_mpc
 from robots.collect import Collector, open_store, recording_schema
 from robots.registry import make_expert, make_task
 from robots.sim.base import SimConfig
-from wm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import SchemaError
 from wm.dino_wm import load_world_model
 from wm.trainer import Trainer, TrainerConfig
@@ -79,11 +81,11 @@ def test_training_lowers_the_loss_and_checkpoint_reloads_exactly(maze_store, tmp
     ema = trainer.ema_model.eval()
     after = ema.compute_loss(batch)[0].item()
     assert after < 0.7 * before, (before, after)
-    assert "val/val_one_step_mse" in metrics or "val_one_step_mse" in str(metrics)
+    assert 0 < metrics["val/val_one_step_mse"] < math.inf  # the validation ran and was logged
     assert list((tmp_path / "run" / "val").glob("pred_*.png"))
 
     model, ckpt = load_world_model(str(tmp_path / "run"))
-    assert ckpt["model_type"] == "dino_wm" and ckpt["normalizer"] is not None
+    assert ckpt["model_type"] == "dino_wm" and ckpt["normalizer"] == setup.normalizer.to_dict()
     with torch.no_grad():
         z_a, z_b = ema.encode(batch), model.encode(batch)
         torch.testing.assert_close(z_a["visual"], z_b["visual"], rtol=0, atol=0)
@@ -141,7 +143,6 @@ def test_bad_inputs(maze_store, tmp_path):
         setup_dino_wm(
             str(maze_store), MODEL, image_key="wrist", proprio_key=None, val_ratio=0.2, seed=0, in_memory=True
         )
-    assert load_checkpoint  # imported for the error type's module
 
 
 def test_recon_loss_weights_the_pixels_that_move():

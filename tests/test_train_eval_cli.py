@@ -76,8 +76,12 @@ def test_world_model_train_then_mpc_eval(maze, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["episodes"] == 2 and 0.0 <= results["success_rate"] <= 1.0
-    assert results["subgoal_replans"] >= 0 and len(results["budgets"]) == 2
+    per_episode = results["per_episode"]
+    assert results["episodes"] == 2 and len(per_episode) == 2
+    assert results["success_rate"] == sum(ep["success"] for ep in per_episode) / 2
+    assert all(ep["replans"] >= 1 for ep in per_episode)  # MPC plans at least once per episode
+    assert 0 <= results["subgoal_replans"] <= sum(ep["replans"] for ep in per_episode)
+    assert [point["iterations"] for point in results["budgets"]] == [1, 2]
     assert (out / "success_vs_budget.png").exists() and len(list((out / "videos").glob("*.mp4"))) == 1
 
     res = cli("wm-eval", "task=arm_push", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}")

@@ -277,8 +277,18 @@ def test_ema_disabled_means_ema_model_is_the_model(dataset, tmp_path):
 
 
 def test_bf16_autocast_on_cpu(dataset, tmp_path):
-    result = make_trainer(dataset, tmp_path, steps=3, precision="bf16", compile=True).fit()
-    assert result["step"] == 3 and math.isfinite(result["loss"])
+    def linear_output_dtypes(trainer: Trainer) -> list[torch.dtype]:
+        seen: list[torch.dtype] = []
+        trainer.model.net[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        trainer.fit()
+        return seen
+
+    fp32 = make_trainer(dataset, tmp_path / "fp32", steps=2)
+    assert linear_output_dtypes(fp32) == [torch.float32] * 2
+    bf16 = make_trainer(dataset, tmp_path / "bf16", steps=3, precision="bf16", compile=True)
+    assert linear_output_dtypes(bf16) == [torch.bfloat16] * 3  # every step's forward ran under autocast
+    assert bf16.model.net[0].weight.dtype == torch.float32  # on fp32 weights
+    assert bf16.step == 3 and math.isfinite(full_loss(bf16.model, dataset))
 
 
 def test_too_small_dataset_fails_clearly(dataset, tmp_path):
