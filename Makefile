@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # Main job: expert demonstrations -> world model -> MPC to goals in another arm of the maze, beside a
-# random-action baseline (about 8 minutes on a 2-core CPU). Writes $(OUT)/demo/results.json.
+# random-action baseline (time on a 2-core CPU: BENCHMARKS.md). Writes $(OUT)/demo/results.json.
 demo: $(STAMP)
 	$(VENV)/bin/wm-demo out=$(OUT)/demo
 

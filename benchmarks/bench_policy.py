@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; mujoco reads it when first imported
 
 import numpy as np
 import torch

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; mujoco reads it when first imported
+
 import numpy as np
 
 from robots.collect import Collector, open_store, recording_schema

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; mujoco reads it when first imported
 
 import numpy as np
 

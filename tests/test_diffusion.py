@@ -239,7 +239,7 @@ def tiny_config(denoiser: str) -> DiffusionPolicyConfig:
         denoiser=denoiser,
         unet=UNetConfig(down_dims=(32, 64), step_embed_dim=32),
         transformer=TransformerConfig(dim=32, depth=2, heads=2, dropout=0.0),
-        noise=NoiseConfig(prediction_type="sample"),  # epsilon: ~20x the error after 250 steps here
+        noise=NoiseConfig(prediction_type="sample"),  # epsilon: far slower (BENCHMARKS.md)
         sampler="edm",
         sampler_steps=3,
     )

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from wm.data import DemoStore, KeySpec, Schema, SchemaError, delete_episodes
 from wm.data.dataset import WindowDataset
 from wm.data.windows import WindowSpec
-from wm.encoders import ENCODER_NAMES, EncoderConfig, EncoderWeightsError, build_encoder
+from wm.encoders import ENCODER_NAMES, EncoderConfig, EncoderWeightsError, build_encoder, read_weights_file
 from wm.feature_cache import FeatureCacheError, build_feature_cache, cache_info, feature_cache_path
 
 FROZEN = ("dinov2_vits14", "dinov2_vitb14", "resnet18")
@@ -30,7 +30,7 @@ def random_encoder(name: str, **kw):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The tensors here are tiny: one intra-op thread is as fast, and it cannot stall in OpenMP barriers
-    when the machine is shared and loaded (2 threads measured 12x slower than 1 at load 7 on 2 cores)."""
+    when the machine is shared and loaded (BENCHMARKS.md, "Figures from development")."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -169,6 +169,18 @@ def test_dinov2_bad_checkpoints_name_the_problem(vits, tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(EncoderWeightsError, match="cannot read"):
         build_encoder(EncoderConfig(name="dinov2_vits14", weights=str(tmp_path / "garbage.pth")))
+
+
+def test_read_weights_file_unwraps_and_strips_a_shared_prefix(tmp_path):
+    w = torch.arange(6.0).view(2, 3)
+    torch.save({"model": {"module.a.weight": w, "module.b": w[0]}}, tmp_path / "wrapped.pt")
+    sd = read_weights_file(tmp_path / "wrapped.pt")
+    assert sorted(sd) == ["a.weight", "b"] and torch.equal(sd["a.weight"], w)
+    torch.save({"module.a": w, "b": w}, tmp_path / "mixed.pt")  # prefix not on every key: kept
+    assert sorted(read_weights_file(tmp_path / "mixed.pt")) == ["b", "module.a"]
+    torch.save({"step": 3}, tmp_path / "not_weights.pt")
+    with pytest.raises(EncoderWeightsError, match="not a state dict of tensors"):
+        read_weights_file(tmp_path / "not_weights.pt")
 
 
 # ---------------------------------------------------------------------- ResNet-18 checkpoints

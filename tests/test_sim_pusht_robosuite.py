@@ -22,6 +22,17 @@ def run_expert(task, expert, seed: int) -> bool:
     return task.is_success()
 
 
+def rollout(task, actions, read=lambda task: task.get_observation()) -> list:
+    """Send each action, check that the task reports an action of its action shape as sent, and
+    return `read(task)` after every step."""
+    out = []
+    for a in actions:
+        sent = task.send_action(a)
+        assert np.shape(sent) == task.action_feature.shape
+        out.append(read(task))
+    return out
+
+
 def check_obs(obs: dict, feats: dict) -> None:
     assert set(obs) == set(feats) | {"timestamp"}
     for k, f in feats.items():
@@ -49,17 +60,17 @@ def test_pusht_step_seed_and_render(push):
     obs = push.reset(3)
     check_obs(obs, push.observation_features)
     actions = [np.array([100.0 + 20 * i, 300.0]) for i in range(8)]
-    run1 = [push.send_action(a) is not None and push.get_observation() for a in actions]
+    run1 = rollout(push, actions)
     push.reset(3)
-    run2 = [push.send_action(a) is not None and push.get_observation() for a in actions]
+    run2 = rollout(push, actions)
+    assert not np.array_equal(run1[0]["proprio"], run1[-1]["proprio"])  # the pusher moved
     for a, b in zip(run1, run2, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["proprio"], b["proprio"])
     assert not np.array_equal(push.reset(4)["proprio"], obs["proprio"])
     # orientation: the blue pusher is drawn where its coordinates say (x right, y down, as in gym-pusht)
     push.reset(5)
-    for _ in range(10):
-        obs = push.send_action(np.array([400.0, 80.0])) is not None and push.get_observation()
+    obs = rollout(push, [np.array([400.0, 80.0])] * 10)[-1]
     blue = (obs["image"][..., 2] > 190) & (obs["image"][..., 0] < 100)
     rows, cols = np.nonzero(blue)
     assert abs(rows.mean() - obs["proprio"][1] / 512 * 48) < 3
@@ -81,9 +92,11 @@ def test_pusht_sim_state_round_trip(push):
     for _ in range(5):  # push into the block so contacts are cached
         push.send_action(block[:2])
     state = push.get_sim_state()
-    first = [push.send_action(block[:2] + [5.0 * i, 0.0]) is not None and push.block_pose() for i in range(6)]
+    pushes = [block[:2] + [5.0 * i, 0.0] for i in range(6)]
+    first = rollout(push, pushes, read=lambda task: task.block_pose())
     push.set_sim_state(state)
-    again = [push.send_action(block[:2] + [5.0 * i, 0.0]) is not None and push.block_pose() for i in range(6)]
+    again = rollout(push, pushes, read=lambda task: task.block_pose())
+    assert not np.array_equal(first[0], first[-1])  # the block moved, so equal runs mean something
     np.testing.assert_array_equal(np.array(first), np.array(again))
 
 
@@ -129,10 +142,12 @@ def test_lift_features_step_and_seed(lift):
     obs = lift.reset(5)
     check_obs(obs, feats)
     acts = [np.array([0.3, -0.2, 0.1, 0, 0, 0, -1.0])] * 4
-    run1 = [lift.send_action(a) is not None and lift.get_observation()["proprio"] for a in acts]
+    proprio = lambda task: task.get_observation()["proprio"]  # noqa: E731
+    run1 = rollout(lift, acts, read=proprio)
     start2 = lift.reset(5)
     np.testing.assert_array_equal(start2["object"], obs["object"])
-    run2 = [lift.send_action(a) is not None and lift.get_observation()["proprio"] for a in acts]
+    run2 = rollout(lift, acts, read=proprio)
+    assert not np.array_equal(run1[0], run1[-1])  # the arm moved
     np.testing.assert_array_equal(np.array(run1), np.array(run2))
     assert not np.array_equal(lift.reset(6)["object"], obs["object"])
     assert np.allclose(lift.send_action(np.full(7, 3.0)), 1.0)
@@ -153,9 +168,11 @@ def test_lift_sim_state_and_goal(lift):
         lift.send_action(np.array([0.5, 0.5, -0.3, 0, 0, 0.2, 1.0]))
     state = lift.get_sim_state()
     acts = [np.array([0.2, -0.4, 0.3, 0.1, 0, 0, -1.0])] * 5
-    first = [lift.send_action(a) is not None and lift.get_observation()["proprio"] for a in acts]
+    proprio = lambda task: task.get_observation()["proprio"]  # noqa: E731
+    first = rollout(lift, acts, read=proprio)
     lift.set_sim_state(state)
-    again = [lift.send_action(a) is not None and lift.get_observation()["proprio"] for a in acts]
+    again = rollout(lift, acts, read=proprio)
+    assert not np.array_equal(first[0], first[-1])  # the arm moved
     np.testing.assert_array_equal(np.array(first), np.array(again))
     before, st = lift.get_observation(), lift.get_sim_state()
     goal = lift.goal_observation()

@@ -82,8 +82,12 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["episodes"] == 2 and 0.0 <= results["success_rate"] <= 1.0
-    assert results["subgoal_replans"] >= 0 and len(results["budgets"]) == 2
+    per_episode = results["per_episode"]
+    assert results["episodes"] == 2 and len(per_episode) == 2
+    assert results["success_rate"] == sum(ep["success"] for ep in per_episode) / 2
+    assert all(ep["replans"] >= 1 for ep in per_episode)  # MPC plans at least once per episode
+    assert 0 <= results["subgoal_replans"] <= sum(ep["replans"] for ep in per_episode)
+    assert [point["iterations"] for point in results["budgets"]] == [1, 2]
     assert results["inference"] == {"cost_all_frames": True, "cost_proprio_weight": 1.0}
     videos = list((out / "videos").glob("episode_1000_*.mp4"))
     assert (out / "success_vs_budget.png").exists() and len(videos) == 1

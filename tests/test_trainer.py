@@ -23,6 +23,7 @@ from wm.checkpoint import (
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
+    state_dict_diff,
 )
 from wm.data import DemoStore, KeySpec, Schema
 from wm.data.dataset import WindowDataset
@@ -276,8 +277,18 @@ def test_ema_disabled_means_ema_model_is_the_model(dataset, tmp_path):
 
 
 def test_bf16_autocast_on_cpu(dataset, tmp_path):
-    result = make_trainer(dataset, tmp_path, steps=3, precision="bf16", compile=True).fit()
-    assert result["step"] == 3 and math.isfinite(result["loss"])
+    def linear_output_dtypes(trainer: Trainer) -> list[torch.dtype]:
+        seen: list[torch.dtype] = []
+        trainer.model.net[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        trainer.fit()
+        return seen
+
+    fp32 = make_trainer(dataset, tmp_path / "fp32", steps=2)
+    assert linear_output_dtypes(fp32) == [torch.float32] * 2
+    bf16 = make_trainer(dataset, tmp_path / "bf16", steps=3, precision="bf16", compile=True)
+    assert linear_output_dtypes(bf16) == [torch.bfloat16] * 3  # every step's forward ran under autocast
+    assert bf16.model.net[0].weight.dtype == torch.float32  # on fp32 weights
+    assert bf16.step == 3 and math.isfinite(full_loss(bf16.model, dataset))
 
 
 def test_too_small_dataset_fails_clearly(dataset, tmp_path):
@@ -309,12 +320,23 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path, expected_type="dino_wm")
     ckpt = load_checkpoint(path, expected_type="diffusion_unet")
     with pytest.raises(
-        CheckpointError, match=r"shape mismatch: net\.0\.weight \(checkpoint \(32, 4\), model \(16, 4\)"
+        CheckpointError, match=r"shape mismatches: .*net\.0\.weight \(checkpoint \(32, 4\), model \(16, 4\)\)"
     ):
         load_model_weights(TinyRegressor(hidden=16), ckpt)
-    with pytest.raises(CheckpointError, match="missing: extra.weight"):
+    with pytest.raises(CheckpointError, match=r"missing keys: extra\.bias, extra\.weight"):
         load_model_weights(nn.ModuleDict({"net": TinyRegressor().net, "extra": nn.Linear(1, 1)}), ckpt)
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_state_dict_diff_names_each_kind_of_problem():
+    own = {f"w{i}": torch.zeros(2) for i in range(8)} | {"b": torch.zeros(3)}
+    assert state_dict_diff(own, dict(own)) == []
+    incoming = {"b": torch.zeros(4), "extra": torch.zeros(1)}
+    assert state_dict_diff(own, incoming, limit=3) == [
+        "missing keys: w0, w1, w2 (+5 more)",
+        "unexpected keys: extra",
+        "shape mismatches: b (checkpoint (4,), model (3,))",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- DDP

@@ -6,10 +6,7 @@ headless with EGL). It stands in for demonstrations until `wm-collect` records r
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco loads
 
 import hydra
 import mujoco

@@ -137,19 +137,7 @@ def load_model_weights(
         ckpt = load_checkpoint(ckpt)
     ema = ckpt.get("ema_state_dict")
     state = ema if use_ema and ema is not None else ckpt["state_dict"]
-    own = model.state_dict()
-    shapes = [
-        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    problems = []
-    for what, items in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{what}: {', '.join(items[:3])}{more}")
+    problems = state_dict_diff(model.state_dict(), state)
     if problems:
         src = ckpt.get("path", "checkpoint")
         raise CheckpointError(
@@ -158,6 +146,29 @@ def load_model_weights(
         )
     model.load_state_dict(state, strict=True)
     return model
+
+
+def state_dict_diff(own: dict[str, Any], incoming: dict[str, Any], limit: int = 5) -> list[str]:
+    """Why `incoming` cannot be loaded strictly into a module whose state dict is `own`: one line per
+    kind of problem ("missing keys: ...", "unexpected keys: ...", "shape mismatches: key (checkpoint
+    (...), model (...))"), each naming its first `limit` keys in sorted order. Empty if it fits."""
+    missing = sorted(set(own) - set(incoming))
+    unexpected = sorted(set(incoming) - set(own))
+    shapes = [
+        f"{k} (checkpoint {tuple(incoming[k].shape)}, model {tuple(own[k].shape)})"
+        for k in sorted(set(own) & set(incoming))
+        if tuple(incoming[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    for what, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            problems.append(f"{what}: {', '.join(items[:limit])}{more}")
+    return problems
 
 
 def rng_state(loader_gen: torch.Generator | None = None) -> dict[str, Any]:

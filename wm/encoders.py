@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from wm.checkpoint import state_dict_diff
+
 DINOV2_MODELS = {  # our name -> (timm model name, official file name, feature dim)
     "dinov2_vits14": ("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth", 384),
     "dinov2_vitb14": ("vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth", 768),
@@ -186,7 +188,7 @@ class DinoV2Encoder(PatchEncoder):
         else:
             with torch.device("meta"):  # no random init to throw away (seconds for ViT-B)
                 self.vit = timm.create_model(timm_name, pretrained=False, dynamic_img_size=True)
-            sd = _dinov2_to_timm(load_checkpoint(cfg.weights), self.vit, cfg.weights)
+            sd = _dinov2_to_timm(read_weights_file(cfg.weights), self.vit, cfg.weights)
             _load_into(self.vit, sd, cfg.weights)
         self._freeze()
 
@@ -257,7 +259,7 @@ class ResNetEncoder(PatchEncoder):
         else:
             with torch.device("meta"):
                 full = torchvision.models.resnet18(weights=None)
-            _load_into(full, load_checkpoint(cfg.weights), cfg.weights)  # the whole network, fc included
+            _load_into(full, read_weights_file(cfg.weights), cfg.weights)  # the whole network, fc included
         stages = [full.conv1, full.bn1, full.relu, full.maxpool]
         stages += [getattr(full, f"layer{i}") for i in range(1, self.layer + 1)]
         self.backbone = nn.Sequential(*stages)
@@ -276,9 +278,10 @@ class ConvEncoder(PatchEncoder):
     """conv3x3-GELU stages (the first log2(stride) with stride 2), a 1x1 projection, and a LayerNorm
     (no affine) over each patch token.
 
-    No normalization inside the stages: GroupNorm's backward pass was a third of a training step on
-    this project's CPUs. The output LayerNorm fixes the features' scale, so a world model trained
-    jointly cannot shrink its prediction loss by shrinking the features."""
+    No normalization inside the stages: GroupNorm's backward pass was a large share of a training step
+    on this project's CPUs (BENCHMARKS.md, "Figures from development"). The output LayerNorm fixes
+    the features' scale, so a world model trained jointly cannot shrink its prediction loss by
+    shrinking the features."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__("cnn", cfg.cnn_dim, True, cfg.image_size, imagenet_norm=False)
@@ -295,7 +298,7 @@ class ConvEncoder(PatchEncoder):
         self.net = nn.Sequential(*layers)
         self.out_norm = nn.LayerNorm(cfg.cnn_dim, elementwise_affine=False)
         if cfg.weights != "none":
-            sd = load_checkpoint(cfg.weights)
+            sd = read_weights_file(cfg.weights)
             _check_keys(sd, self.state_dict(), cfg.weights)
             self.load_state_dict(sd, strict=True)
 
@@ -330,9 +333,10 @@ def build_encoder(cfg: EncoderConfig) -> PatchEncoder:
     return DinoV2Encoder(cfg) if cfg.name in DINOV2_MODELS else ResNetEncoder(cfg)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a .safetensors or torch checkpoint, unwrapped from {"model"|"state_dict"|"teacher": ...}
-    and stripped of a "module." / "backbone." / "_orig_mod." prefix shared by every key."""
+def read_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors or torch weights file, unwrapped from {"model"|"state_dict"|"teacher": ...}
+    and stripped of a "module." / "backbone." / "_orig_mod." prefix shared by every key. For third-party
+    backbone files; the project's own checkpoints are read by `wm.checkpoint.load_checkpoint`."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -367,23 +371,9 @@ def _load_into(model: nn.Module, sd: dict[str, Tensor], where: str | Path) -> No
 
 def _check_keys(sd: dict[str, Tensor], target: dict[str, Tensor], where: str | Path) -> None:
     """Raise EncoderWeightsError naming missing, unexpected and mis-shaped keys (a few of each)."""
-    missing = sorted(set(target) - set(sd))
-    unexpected = sorted(set(sd) - set(target))
-    shapes = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in sorted(set(sd) & set(target))
-        if sd[k].shape != target[k].shape
-    ]
-    if not (missing or unexpected or shapes):
-        return
-
-    def few(items: list[str]) -> str:
-        return ", ".join(items[:5]) + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
-
-    parts = [f"missing keys: {few(missing)}"] if missing else []
-    parts += [f"unexpected keys: {few(unexpected)}"] if unexpected else []
-    parts += [f"shape mismatches: {few(shapes)}"] if shapes else []
-    raise EncoderWeightsError(f"{where}: checkpoint does not fit the model; " + "; ".join(parts))
+    problems = state_dict_diff(target, sd)
+    if problems:
+        raise EncoderWeightsError(f"{where}: checkpoint does not fit the model; " + "; ".join(problems))
 
 
 def _how_to_get(name: str) -> str:

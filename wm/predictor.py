@@ -29,7 +29,8 @@ recomputing `forward` on the last `window` frames each step reproduces DINO-WM's
 (at window times the cost).
 
 CPU inference (no autograd, fp32) runs the linear layers through oneDNN, whose AVX-512 kernels are
-about 1.6x faster than MKL's sgemm on the project's AMD machines; training uses `F.linear`.
+faster than MKL's sgemm on the project's AMD machines (measured by benchmarks/bench_predictor.py, row
+"plain MKL linears"; figures in BENCHMARKS.md); training uses `F.linear`.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def apply_rope(x: Tensor, rot: Tensor, patches: int) -> Tensor:
     """Rotate x (B, H, T*P, hd) by its frame's angles; rot (T, hd/2) complex.
 
     Channel pairs (2i, 2i+1) rotate together at frequency base^(-2i/hd). One complex multiply:
-    one read and one write of x, about 8x faster on CPU than the rotate-half formulation.
+    one read and one write of x, faster on CPU than the rotate-half formulation (BENCHMARKS.md,
+    "Figures from development").
     """
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T*P, hd/2)
     xc = xc.unflatten(2, (rot.shape[0], patches)) * rot[:, None]  # (B, H, T, P, hd/2)
@@ -156,7 +158,8 @@ def block_causal_mask(frames: int, patches: int, window: int, device: torch.devi
 # ----------------------------------------------------------------------------- kernels
 
 # oneDNN's fp32 inner-product kernels use AVX-512 where MKL's sgemm (what F.linear calls on CPU)
-# does not on every x86 CPU: on this project's AMD machines they are about 1.7x faster per core.
+# does not on every x86 CPU, so they are faster on this project's AMD machines (per-core figure in
+# BENCHMARKS.md, "Figures from development"; whole-model effect measured by bench_predictor.py).
 # They have no autograd formula, so they only run when autograd is off (planning, rollouts).
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -276,8 +279,8 @@ class Block(nn.Module):
     ) -> Tensor:
         """Inference form of `x + out(attend_frames(...))`: each frame block's attention output goes
         through the projection and the residual add straight into its rows of the result, so the
-        per-block outputs are never concatenated (a full extra copy of the activations, ~6 % of a
-        DINO-WM-size forward on CPU)."""
+        per-block outputs are never concatenated (a full extra copy of the activations; its share of a
+        DINO-WM-size forward on CPU is in BENCHMARKS.md, predictor section)."""
         y = torch.empty_like(x)
         for rows, o in self.attn.frame_blocks(q, k, v, patches, window):
             o = rearrange(o.transpose(1, 2), "b p h d -> b p (h d)")  # a view on CPU's (B, P, H, hd) layout

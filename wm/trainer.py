@@ -51,9 +51,9 @@ from wm.checkpoint import (
 )
 from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
+from wm.precision import check_precision
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "bf16")
 ValFn = Callable[[nn.Module, int, Path], dict[str, float]]
 
 
@@ -86,6 +86,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        check_precision(self.precision)
         checks = {
             "steps must be >= 1": self.steps >= 1,
             "batch_size must be >= 1": self.batch_size >= 1,
@@ -96,7 +97,6 @@ class TrainerConfig:
             "min_lr_ratio must be in [0, 1]": 0 <= self.min_lr_ratio <= 1,
             "grad_clip must be >= 0 (0 disables)": self.grad_clip >= 0,
             "ema_decay must be in [0, 1) (0 disables)": 0 <= self.ema_decay < 1,
-            f"precision must be one of {PRECISIONS}": self.precision in PRECISIONS,
             "log_every must be >= 1": self.log_every >= 1,
             "val_every and ckpt_every must be >= 0": self.val_every >= 0 and self.ckpt_every >= 0,
             "keep_last must be >= 1": self.keep_last >= 1,
@@ -194,6 +194,7 @@ class _LossForward(nn.Module):
 
 
 def _seed_everything(seed: int) -> None:
+    """Reseed the global Python, NumPy and torch generators (see `Trainer`: deliberate)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -227,6 +228,12 @@ class Trainer:
     `param_groups` replaces the default AdamW groups (lr and weight decay default to `cfg`'s).
     The model is put in train mode; one with frozen parts that must stay in eval mode (a pretrained
     encoder with batch norm) overrides `train()` to keep them there.
+
+    Global random state: the constructor reseeds Python's `random`, NumPy's global generator and
+    torch's (CPU and CUDA) with `cfg.seed + rank`, and `resume()` restores the states a checkpoint
+    saved. This is deliberate: dropout, augmentation and noise sampling inside `compute_loss` draw
+    from the global generators, and a run is reproducible (and resumable) only if the trainer owns
+    them. Build the trainer after anything that must draw from them unaffected.
     """
 
     def __init__(

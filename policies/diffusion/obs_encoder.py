@@ -17,9 +17,8 @@ Images come as (B, To, C, H, W) float in [0, 1] at `image_size`; training takes 
 proprio_dim; the denoisers flatten or tokenize it.
 
 bf16 inference (`precision.set_inference_precision`, autograd off) runs the image backbone (ResNet-18
-or the patch encoder) as a cached bf16 copy and the small heads after it in fp32: ResNet-18 on two
-84 px frames 9.2 -> 7.4 ms on the project's 2-core CPU (AVX512-BF16), features within ~1 % of fp32
-(`benchmarks/bench_precision.py`).
+or the patch encoder) as a cached bf16 copy and the small heads after it in fp32 (speed and error
+measured by `benchmarks/bench_precision.py`; figures in BENCHMARKS.md).
 """
 
 from __future__ import annotations

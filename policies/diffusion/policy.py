@@ -149,9 +149,9 @@ class DiffusionPolicy(nn.Module):
 
     def set_precision(self, precision: str) -> None:
         """Inference precision: "fp32", or "bf16" for the image backbone (a cached bf16 copy) and the
-        denoiser (the UNet's convolutions on cached bf16 weight copies, about 2.7x faster per call at
-        LeRobot's size on a CPU with AVX512-BF16, relative error ~7e-3 per call; the transformer as a
-        bf16 copy under autocast). Training always runs in fp32 on the fp32 weights."""
+        denoiser (the UNet's convolutions on cached bf16 weight copies, the transformer as a bf16 copy
+        under autocast; speed-up and error per call measured by `benchmarks/bench_precision.py`, figures
+        in BENCHMARKS.md). Training always runs in fp32 on the fp32 weights."""
         set_inference_precision(self, precision)  # validates the name
         self.precision = precision
 

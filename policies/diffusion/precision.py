@@ -22,7 +22,7 @@ import itertools
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16")
+from wm.precision import check_precision  # also imported from here by policies.diffusion.policy
 
 
 def tensor_key(tensors) -> tuple:
@@ -65,11 +65,6 @@ class Bf16Inference:
         shadow = getattr(self, "_bf16", None)
         if shadow is not None:
             shadow.clear()
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def set_inference_precision(module: nn.Module, precision: str) -> None:

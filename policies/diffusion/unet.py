@@ -7,14 +7,15 @@ time axis after every level but the last, the decoder doubles it back with skip 
 horizon must be divisible by 2 ** (len(down_dims) - 1) (16 with (256, 512, 1024)).
 
 CPU inference. PyTorch sends a batch-1 Conv1d with a kernel under 4 wide to its native im2col
-kernel (`_slow_conv2d_forward`), not oneDNN: at batch 1 that was 82 % of a LeRobot-size UNet call
-(37 ms on the project's 2-core CPU). With autograd off on a CPU, `Conv1d` here calls oneDNN directly
-for layers with more than `_NATIVE_MAX_WEIGHTS` weights and keeps the native kernel for smaller ones
-at batch 1, where oneDNN's fixed cost per call dominates. At batch 1 a LeRobot-size call is bound by
-reading the weights (~260 MB in fp32): bf16 inference (`precision.set_inference_precision(net,
-"bf16")`) runs the convolutions on cached bf16 copies of the weights (half the traffic, AVX512-BF16
-/ AMX or GPU tensor cores) as plain matrix products, with the rest of the network (GroupNorm, Mish,
-FiLM, step embedding) in fp32: 32 -> 12 ms per call on that CPU (`benchmarks/bench_precision.py`).
+kernel (`_slow_conv2d_forward`), not oneDNN, and at batch 1 that kernel took most of a LeRobot-size
+UNet call (profile in BENCHMARKS.md, diffusion policy section). With autograd off on a CPU,
+`Conv1d` here calls oneDNN directly for layers with more than `_NATIVE_MAX_WEIGHTS` weights and
+keeps the native kernel for smaller ones at batch 1, where oneDNN's fixed cost per call dominates.
+At batch 1 a LeRobot-size call is bound by reading the weights (~260 MB in fp32): bf16 inference
+(`precision.set_inference_precision(net, "bf16")`) runs the convolutions on cached bf16 copies of
+the weights (half the traffic, AVX512-BF16 / AMX or GPU tensor cores) as plain matrix products,
+with the rest of the network (GroupNorm, Mish, FiLM, step embedding) in fp32. Per-call times in
+both precisions: measured by `benchmarks/bench_precision.py`, figures in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from torch import Tensor, nn
 from policies.diffusion.precision import Bf16Inference, tensor_key
 
 _MKLDNN = torch.backends.mkldnn.is_available()
-# At batch 1 oneDNN costs ~35 us a call and the bf16 product ~30 us before any work, so PyTorch's native
-# fp32 kernel is faster for small layers. 2-core CPU, kernel 5, native / oneDNN / bf16 product (us):
-# 64->64 12 / 49 / 35, 64->128 26 / 52 / 37, 128->128 55 / 60 / 41, 128->256 85 / 75 / 45,
-# 256->256 157 / 107 / 59. Up to these many weights a batch-1 layer keeps the native fp32 kernel (fp32
-# inference / bf16 inference). At batch > 1 PyTorch itself dispatches to oneDNN.
+# At batch 1 oneDNN and the bf16 matrix product each have a fixed cost per call that exceeds a small
+# layer's work, so PyTorch's native fp32 kernel is faster for small layers. Up to these many weights a
+# batch-1 layer keeps the native fp32 kernel (fp32 inference / bf16 inference); the per-layer timings
+# that set them are in BENCHMARKS.md ("Figures from development"). At batch > 1 PyTorch itself
+# dispatches to oneDNN.
 _NATIVE_MAX_WEIGHTS = 131_072
 _NATIVE_MAX_WEIGHTS_BF16 = 65_536
 
@@ -64,7 +65,7 @@ class Conv1d(_InferenceWeights, nn.Conv1d):
 
     fp32 on a CPU: oneDNN called directly. bf16 (`bf16_inference`) on a CPU: the convolution as one
     matrix product of the (C_out, C_in * k) weight with the unfolded input, which reads the weights
-    once (2.5x faster than oneDNN's bf16 convolution at batch 1 on the project's CPU). Small layers
+    once (faster than oneDNN's bf16 convolution at batch 1; figures in BENCHMARKS.md). Small layers
     at batch 1 (`_NATIVE_MAX_WEIGHTS*`) keep PyTorch's native fp32 kernel in either precision.
     Elsewhere `F.conv1d` in the weights' dtype. The input is cast in and the output cast back."""
 

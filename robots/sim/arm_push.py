@@ -27,15 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import mujoco
 import numpy as np
 
 from robots.base import Feature
-from robots.sim.base import SimConfig, SimTask, TaskEntry  # sets MUJOCO_GL before mujoco loads
+from robots.sim.base import SimConfig, SimTask, TaskEntry
 from robots.sim.mujoco_utils import get_physics, make_renderer, set_physics
 from wm.data.schema import ActionSpace
-
-# isort: split
-import mujoco
 
 ACTION_MODES = ("ee_delta", "joint_delta")
 EE_STEP = 0.03  # m per action, each axis

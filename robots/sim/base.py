@@ -5,11 +5,14 @@ simulator can offer beyond a real arm: `reset(seed)`, `is_success()`, a goal giv
 observation (image plus proprioception, so goal-conditioned planners can use it), and privileged
 `get_sim_state` / `set_sim_state` for scripted experts and sampling-based planners on cloned state.
 `state_only=True` skips rendering entirely (fast mode); images are then absent from the features.
+
+Headless rendering needs `MUJOCO_GL=egl` (or osmesa) in the environment before mujoco is first
+imported. Importing this package does not set it: the entry points that render do (the `tools/` apps
+through `tools/__init__.py`, each rendering benchmark, the test suite's conftest).
 """
 
 from __future__ import annotations
 
-import os
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +21,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from robots.base import RobotBase, RobotError
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # every simulated task renders headless
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+import mujoco
 import numpy as np
 
-import robots.sim.base  # noqa: F401  (sets MUJOCO_GL=egl before mujoco loads)
-
-import mujoco  # isort: skip
+from robots.base import RobotError
 
 _INTEGRATION = mujoco.mjtState.mjSTATE_INTEGRATION
 
@@ -16,7 +17,15 @@ def make_renderer(model: mujoco.MjModel, image_size: tuple[int, int]) -> mujoco.
     h, w = image_size
     model.vis.global_.offwidth = max(w, model.vis.global_.offwidth)
     model.vis.global_.offheight = max(h, model.vis.global_.offheight)
-    return mujoco.Renderer(model, h, w)
+    try:
+        return mujoco.Renderer(model, h, w)
+    except mujoco.FatalError as e:
+        if os.environ.get("MUJOCO_GL"):
+            raise
+        raise RobotError(
+            f"cannot create a MuJoCo renderer ({e}). Without a display, set MUJOCO_GL=egl (or osmesa) "
+            "before mujoco is imported; the tools/ apps and the benchmarks do, a script of your own must."
+        ) from e
 
 
 def get_physics(model: mujoco.MjModel, data: mujoco.MjData) -> np.ndarray:

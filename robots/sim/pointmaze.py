@@ -26,15 +26,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import mujoco
 import numpy as np
 
 from robots.base import Feature
-from robots.sim.base import SimConfig, SimTask, TaskEntry  # sets MUJOCO_GL before mujoco loads
+from robots.sim.base import SimConfig, SimTask, TaskEntry
 from robots.sim.mujoco_utils import get_physics, make_renderer, set_physics
 from wm.data.schema import ActionSpace
-
-# isort: split
-import mujoco
 
 UMAZE = ("#####", "#OOO#", "#O###", "#OOO#", "#####")
 ARMS: dict[str, tuple[tuple[int, int], ...]] = {

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-import robots.sim.base  # noqa: F401  (sets MUJOCO_GL before anything renders)
 from robots.base import Feature
 from robots.sim.base import SimConfig, SimTask, TaskEntry
 from wm.data.schema import ActionSpace

@@ -10,7 +10,8 @@ Observations: one image per camera, key `<camera>_image`, uint8 (H, W, 3), right
 renders upside down; we flip); `proprio`, the concatenation of every robot's end-effector position,
 quaternion (x, y, z, w) and gripper joint positions (names say which is which); `object`, the env's
 privileged "object-state" vector where it has one. Images are rendered once per observation with
-reflections, multisampling and shadows off (about 4x faster, same scene).
+reflections, multisampling and shadows off (same scene, several times faster: measured by
+`benchmarks/expert_success_pusht_robosuite.py`, figures in BENCHMARKS.md).
 
 Goals (`goal_observation()`: the scene at its goal, rendered, with the robot where it is):
 Lift, the cube 10 cm above where it is; Stack, cube A resting on cube B; Door, the door open by
@@ -31,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-import robots.sim.base  # noqa: F401  (sets MUJOCO_GL=egl before mujoco loads)
 from robots.base import Feature, RobotError
 from robots.sim.base import SimConfig, SimTask, TaskEntry
 from wm.data.schema import ActionSpace
@@ -196,7 +196,9 @@ class RobosuiteTask(SimTask):
         self._env = None
 
     def _reset(self, rng: np.random.Generator) -> None:
-        saved = np.random.get_state()  # robosuite samples placements from the global numpy generator
+        """Reset robosuite, which samples object placements from NumPy's *global* generator: that one is
+        seeded from `rng` for the reset and then restored, so callers' global state is untouched."""
+        saved = np.random.get_state()
         np.random.seed(int(rng.integers(2**31)))
         try:
             self.env.reset()

@@ -1,8 +1,9 @@
 """Fast random reads of whole time-chunks from a local store, bypassing zarr's per-call machinery.
 
-Reading one 96x96 frame through `zarr.Array.__getitem__` costs about 0.4 ms here, almost all of it
-zarr's async dispatch; the file read plus Blosc decode costs about 0.02 ms. Training reads random
-frames all the time, so for the layout this project writes (local directory, chunks that span the
+Reading one frame through `zarr.Array.__getitem__` costs far more than the file read plus Blosc
+decode, almost all of it zarr's async dispatch (figures in BENCHMARKS.md, data-loading section,
+beside benchmarks/bench_loader.py's end-to-end loader comparison). Training reads random frames
+all the time, so for the layout this project writes (local directory, chunks that span the
 full per-step shape, Blosc or no compression, no filters, C order, little-endian) `ChunkReader`
 reads chunk files and decodes them directly, checking each chunk's crc32c (zarr v3 stores of this
 project carry one) and Blosc's own length header, so a damaged chunk raises rather than decoding
