@@ -651,3 +651,17 @@ def test_policy_precision_option(unet_policy, store_path):
         torch.testing.assert_close(pol.sample_actions(obs, generator=gen()), a32)
     with pytest.raises(ValueError, match="precision"):
         dataclasses.replace(tiny_config("unet"), precision="int8")
+
+
+def test_crop_follows_the_store_frames(store_path):
+    """crop=auto is 7/8 of the store's frames; a crop that does not fit is one error naming the option."""
+    from policies.diffusion.entry import crop_for
+    from wm.training import setup_training
+
+    assert crop_for("auto", (96, 96)) == [84, 84] and crop_for("auto", (64, 48)) == [56, 42]
+    assert crop_for(None, (64, 64)) is None and crop_for([60, 60], (64, 64)) == [60, 60]
+    opts = {"n_obs": N_OBS, "horizon": HORIZON, "n_action_exec": N_EXEC, "unet": {"down_dims": [16, 32]}}
+    setup = setup_training("diffusion_unet", str(store_path), opts, val_ratio=0.0)
+    assert setup.model.cfg.obs.crop == (14, 14)  # the 16 x 16 toy frames
+    with pytest.raises(ValueError, match=r"model\.obs\.crop=\[84,84\] does not fit the store's 16x16"):
+        setup_training("diffusion_unet", str(store_path), {**opts, "obs": {"crop": [84, 84]}}, val_ratio=0.0)

@@ -16,6 +16,23 @@ from wm.registry import ModelEntry, TrainContext
 
 # inference settings `wm-eval policy.*` may change at load time
 OVERRIDABLE = ("sampler", "sampler_steps", "precision", "noise.edm_solver", "temporal_ensemble")
+CROP_SHARE = 0.875  # crop="auto": 7/8 of each side, Diffusion Policy's and LeRobot's 84 of 96
+
+
+def crop_for(crop: Any, size: tuple[int, int]) -> list[int] | None:
+    """The random-crop size for frames of `size` (H, W): "auto" -> 7/8 of each side; None -> no crop;
+    [h, w] -> itself, refused in one line when it does not fit the store's frames."""
+    if crop is None:
+        return None
+    if crop == "auto":
+        return [max(1, round(CROP_SHARE * s)) for s in size]
+    h, w = (int(c) for c in crop)
+    if not (0 < h <= size[0] and 0 < w <= size[1]):
+        raise ValueError(
+            f"model.obs.crop=[{h},{w}] does not fit the store's {size[0]}x{size[1]} frames; use "
+            "model.obs.crop=auto (7/8 of the frame), null (no crop) or a smaller [h,w]"
+        )
+    return [h, w]
 
 
 def configurer(denoiser: str) -> Any:
@@ -30,9 +47,11 @@ def configurer(denoiser: str) -> Any:
             )
         shapes = ctx.key_shapes
         obs = dict(options.get("obs", {}))
+        size = tuple(shapes[ctx.image_key][:2])
         obs.update(
             image_keys=obs.get("image_keys") or [ctx.image_key],
-            image_size=shapes[ctx.image_key][:2],
+            image_size=size,
+            crop=crop_for(obs.get("crop", "auto"), size),
             proprio_key=ctx.proprio_key,
             proprio_dim=int(np.prod(shapes[ctx.proprio_key])) if ctx.proprio_key else 0,
         )
