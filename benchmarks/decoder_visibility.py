@@ -38,7 +38,7 @@ def centroid(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def measure(checkpoint: str, store: str, episodes: int) -> dict[str, float]:
     model = load_model(checkpoint, controller="mpc").model
-    key = model.cfg.image_key
+    key = model.io_spec.image_keys[0]
     agent_mse, rest_mse, dists = [], [], []
     with DemoStore.open(store) as s:
         for i in range(min(episodes, s.n_episodes)):
