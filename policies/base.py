@@ -97,7 +97,10 @@ class GoalConditioned(Protocol):
 
 @runtime_checkable
 class Previewable(Protocol):
-    """A controller that can show what it sees or expects, for evaluation videos."""
+    """A controller that can show what it sees or expects, for evaluation videos; `preview_label`
+    captions it ("prediction", "policy input")."""
+
+    preview_label: str
 
     def preview(self) -> np.ndarray | None:
         """(E, H, W, 3) uint8 for the latest model call (a world model's decoded prediction, or the

@@ -101,6 +101,8 @@ class ChunkPolicy:
     Sampling noise comes from a generator seeded with `seed` at construction (None: unseeded), so an
     evaluation is reproducible; `reset` does not reseed, so episodes draw different noise."""
 
+    preview_label = "policy input"
+
     def __init__(self, model: Any, temporal_ensemble: float | None = None, seed: int | None = 0) -> None:
         self.model, self.io = model, model.io_spec
         device = next(model.parameters()).device

@@ -149,30 +149,39 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
 
 
 class _Recorder:
-    """Per-episode video frames: the camera, the policy's preview (when it has one), the goal."""
+    """Per-episode video frames: the camera, the policy's preview (when it has one), the goal. The
+    small panels are kept and composed (upscaled) only while the video is written."""
 
     def __init__(
         self, video_dir: Path, n_video: int, image_key: str | None, goals: list[dict], written: list | None
     ) -> None:
         self.dir, self.n, self.key = Path(video_dir), n_video, image_key
         self.goals = [g.get(image_key) if image_key else None for g in goals]
-        self.frames: dict[int, list[np.ndarray]] = {}
+        self.frames: dict[int, list[tuple[np.ndarray, np.ndarray | None, str]]] = {}
         self.preview: np.ndarray | None = None
+        self.label = "prediction"
         self.written = written
 
     def new_preview(self, policy: Any) -> None:
         self.preview = policy.preview() if isinstance(policy, Previewable) else None
+        if self.preview is not None:
+            self.label = policy.preview_label
 
     def add(self, e: int, obs: dict[str, np.ndarray]) -> None:
         if e >= self.n or self.key is None:
             return
         side = self.preview[e] if self.preview is not None else None
-        self.frames.setdefault(e, []).append(compose_frame(obs[self.key], side, self.goals[e]))
+        self.frames.setdefault(e, []).append((obs[self.key], side, self.label))
 
     def write(self, e: int, result: EpisodeResult, fps: float) -> None:
         if self.frames.get(e):
             path = self.dir / f"episode_{result.seed:04d}.mp4"
-            path = write_episode_video(path, self.frames.pop(e), fps, result.success, seed=result.seed)
+            goal = self.goals[e]
+            frames = (
+                compose_frame(real, side, goal, prediction_label=lbl)
+                for real, side, lbl in self.frames.pop(e)
+            )
+            path = write_episode_video(path, frames, fps, result.success, seed=result.seed)
             if self.written is not None:
                 self.written.append(path)
 

@@ -87,6 +87,8 @@ class MPC:
     `PlanResult`.
     """
 
+    preview_label = "prediction"
+
     def __init__(
         self,
         model: PlanningModel,
