@@ -19,6 +19,7 @@ import pytest
 
 from wm.checkpoint import BEST_NAME, latest_checkpoint, list_checkpoints, load_checkpoint
 from wm.data import DemoStore, KeySpec, Schema
+from wm.registry import load_model
 
 WM_TRAIN = str(Path(sys.executable).parent / "wm-train")
 TINY_WM = [
@@ -93,8 +94,6 @@ def test_run_says_where_outputs_go_and_keeps_the_best(run):
     assert f"at step {best['step']}; evaluate it: wm-eval checkpoint={out / BEST_NAME})" in res.stdout
     assert json.loads(res.stdout.strip().splitlines()[-1])["step"] == 20  # the JSON summary stays last
     # wm-eval checkpoint=DIR loads the latest; checkpoint=DIR/best.pt the best, as a whole model
-    from wm.registry import load_model
-
     assert load_model(str(out)).checkpoint["step"] == 20
     loaded = load_model(str(out / BEST_NAME))
     assert loaded.checkpoint["step"] == best["step"] and loaded.model_type == "dino_wm"
