@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wm.checkpoint import (
+    BEST_NAME,
     CheckpointError,
     CheckpointNotFoundError,
     latest_checkpoint,
@@ -32,6 +34,7 @@ from wm.data.windows import WindowSpec
 from wm.trainer import (
     Trainer,
     TrainerConfig,
+    TrainingInterrupted,
     default_param_groups,
     ema_decay_at,
     ema_update,
@@ -158,6 +161,23 @@ def test_lr_schedule_warmup_cosine():
     values = [lr_factor(s, c) for s in range(100, 1001)]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     assert lr_factor(0, TrainerConfig(steps=10, warmup_steps=0)) == 1.0
+
+
+def test_warmup_is_capped_at_a_fraction_of_a_short_run(dataset, tmp_path, capsys):
+    short = TrainerConfig(steps=300, warmup_steps=200)  # configs/train.yaml's warm-up, a short run
+    assert short.warmup_max_fraction == 0.1 and short.warmup_steps_used == 30
+    assert lr_factor(14, short) == pytest.approx(0.5) and lr_factor(29, short) == pytest.approx(1.0)
+    assert lr_factor(299, short) < 0.01  # the cosine spans the 270 steps after the warm-up
+    assert TrainerConfig(steps=3000, warmup_steps=200).warmup_steps_used == 200  # a long run: as set
+    assert TrainerConfig(steps=300, warmup_steps=200, warmup_max_fraction=1).warmup_steps_used == 200
+    with pytest.raises(ValueError, match="warmup_max_fraction"):
+        TrainerConfig(warmup_max_fraction=1.5)
+    make_trainer(dataset, tmp_path / "capped", steps=20, warmup_steps=5).fit()  # 5 > 10 % of 20
+    said = capsys.readouterr().err
+    assert "warm-up: 2 steps, not warmup_steps=5" in said and "warmup_max_fraction=1 keeps 5" in said
+    assert json.loads((tmp_path / "capped" / "config.json").read_text())["warmup_steps_used"] == 2
+    make_trainer(dataset, tmp_path / "as_set", steps=20, warmup_steps=2).fit()
+    assert "warm-up" not in capsys.readouterr().err
 
 
 def test_param_groups_skip_decay_on_bias_norm_embedding():
@@ -296,7 +316,144 @@ def test_too_small_dataset_fails_clearly(dataset, tmp_path):
         make_trainer(dataset, tmp_path, batch_size=10_000)
 
 
+# ---------------------------------------------------------------------------------------------- best, Ctrl-C
+def scripted_val(values: dict[int, dict[str, float]], seen: list[int] | None = None):
+    """A val_fn reporting the given metrics at each step (so the best step is known)."""
+    return lambda model, step, out_dir: (seen.append(step) if seen is not None else None) or values[step]
+
+
+def test_best_checkpoint_keeps_the_lowest_validation_and_resume_takes_the_latest(dataset, tmp_path, capsys):
+    vals = {10: {"loss": 3.0}, 20: {"loss": 1.0}, 30: {"loss": 2.0}, 40: {"loss": 5.0}, 50: {"loss": 0.5}}
+    kw = dict(steps=30, val_every=10, ckpt_every=10, keep_last=5, val_fn=scripted_val(vals))
+    make_trainer(dataset, tmp_path, **kw).fit()
+    assert "step 20: loss=1  -> best loss so far, saved best.pt" in capsys.readouterr().err
+    best = load_checkpoint(tmp_path / BEST_NAME, expected_type="tiny")
+    at_20 = load_checkpoint(tmp_path / "ckpt_00000020.pt")
+    assert best["step"] == 20 and best["best"] == {"metric": "loss", "value": 1.0, "step": 20}
+    for key in ("state_dict", "ema_state_dict"):
+        assert all(torch.equal(best[key][k], at_20[key][k]) for k in best[key])
+    assert "optimizer" not in best  # for evaluation; resuming uses ckpt_*.pt
+    assert json.loads((tmp_path / "config.json").read_text())["best"]["step"] == 20
+    # best.pt is not a ckpt_*.pt: the latest checkpoint, what wm-eval checkpoint=DIR loads, is step 30
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt_00000030.pt"
+    assert latest_checkpoint(tmp_path).name == "ckpt_00000030.pt" and load_checkpoint(tmp_path)["step"] == 30
+    only_best = tmp_path / "only_best"
+    only_best.mkdir()
+    (only_best / BEST_NAME).write_bytes((tmp_path / BEST_NAME).read_bytes())
+    assert list_checkpoints(only_best) == [] and latest_checkpoint(only_best) is None
+
+    resumed = make_trainer(dataset, tmp_path, **(kw | {"steps": 50}))
+    assert resumed.resume() and resumed.step == 30  # from the latest, not the best
+    assert resumed.best == {"metric": "loss", "value": 1.0, "step": 20}
+    make_trainer(dataset, tmp_path, **(kw | {"steps": 50})).fit()  # 5.0 at 40 is no better; 0.5 at 50 is
+    assert load_checkpoint(tmp_path / BEST_NAME)["best"] == {"metric": "loss", "value": 0.5, "step": 50}
+
+
+def test_best_metric_choice(dataset, tmp_path):
+    two = {5: {"a": 1.0, "b": 2.0}, 10: {"a": 2.0, "b": 1.0}}
+    make_trainer(dataset, tmp_path / "auto", steps=10, val_every=5, val_fn=scripted_val(two)).fit()
+    assert load_checkpoint(tmp_path / "auto" / BEST_NAME)["best"]["step"] == 5  # "auto": the first, "a"
+    named = make_trainer(
+        dataset, tmp_path / "b", steps=10, val_every=5, val_fn=scripted_val(two), best_metric="b"
+    )
+    named.fit()
+    assert named.best == {"metric": "b", "value": 1.0, "step": 10}
+    make_trainer(
+        dataset, tmp_path / "off", steps=10, val_every=5, val_fn=scripted_val(two), best_metric=None
+    ).fit()
+    assert not (tmp_path / "off" / BEST_NAME).exists()
+    typo = make_trainer(
+        dataset,
+        tmp_path / "typo",
+        steps=10,
+        val_every=5,
+        val_fn=scripted_val(two),
+        best_metric="c",
+        ckpt_every=5,
+    )
+    with pytest.raises(
+        ValueError, match=r"best_metric='c' is not a validation metric of this model \(a, b\)"
+    ):
+        typo.fit()
+    assert latest_checkpoint(tmp_path / "typo").name == "ckpt_00000005.pt"  # saved before validating
+
+
+class SignalingRegressor(TinyRegressor):
+    """Sends itself SIGINT (`times` of them) inside the forward of its `at`-th training step."""
+
+    def __init__(self, at: int, times: int) -> None:
+        super().__init__(**MODEL_CONFIG)
+        self.calls, self.at, self.times = 0, at, times
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        self.calls += 1
+        if self.calls == self.at:
+            for _ in range(self.times):
+                signal.raise_signal(signal.SIGINT)
+        return super().compute_loss(batch)
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_a_second_one_quits(dataset, tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)
+    model = SignalingRegressor(at=7, times=1)
+    trainer = Trainer(
+        model, dataset, cfg(steps=100), tmp_path / "once", model_type="tiny", model_config=MODEL_CONFIG
+    )
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.step == 7 and info.value.path == tmp_path / "once" / "ckpt_00000007.pt"
+    ckpt = load_checkpoint(tmp_path / "once")
+    assert ckpt["step"] == 7 and ckpt["scheduler"]["last_epoch"] == 7  # the signalled step was completed
+    assert ckpt["optimizer"]["state"][0]["step"] == 7
+    assert "interrupted at step 7: saved" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+
+    model = SignalingRegressor(at=7, times=2)
+    trainer = Trainer(
+        model, dataset, cfg(steps=100), tmp_path / "twice", model_type="tiny", model_config=MODEL_CONFIG
+    )
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer.fit()
+    assert not isinstance(info.value, TrainingInterrupted) and latest_checkpoint(tmp_path / "twice") is None
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 # ---------------------------------------------------------------------------------------------- errors
+def test_resuming_another_model_is_one_clear_error(dataset, tmp_path, capsys):
+    make_trainer(dataset, tmp_path, steps=4).fit()
+    capsys.readouterr()
+
+    def resume(model_type: str, **config) -> Trainer:
+        model_config = MODEL_CONFIG | config
+        model = TinyRegressor(**{k: v for k, v in model_config.items() if k in MODEL_CONFIG})
+        trainer = Trainer(
+            model, dataset, cfg(steps=6), tmp_path, model_type=model_type, model_config=model_config
+        )
+        trainer.fit()
+        return trainer
+
+    with pytest.raises(CheckpointError) as info:
+        resume("tiny", hidden=16)
+    message = str(info.value)
+    assert (
+        "\n" not in message
+        and f"{tmp_path} already holds ckpt_00000004.pt (step 4) of another architecture" in message
+    )
+    assert "net.0.weight (checkpoint (32, 4), model (16, 4))" in message
+    assert "model_config differs in hidden (checkpoint 32, this run 16)" in message
+    assert message.endswith(f"choose another out= or delete {tmp_path} to start over")
+    with pytest.raises(
+        CheckpointError, match="a 'tiny' model, but this run trains 'other': choose another out="
+    ):
+        resume("other")
+    assert load_checkpoint(tmp_path)["step"] == 4  # nothing was overwritten
+    # Another model_config whose weights fit: said in one line, and resumed.
+    assert resume("tiny", note="x").step == 6
+    said = capsys.readouterr().err
+    assert "resumed from step 4 (" in said
+    assert "note: resuming" in said and "another model_config (note (checkpoint unset, this run x))" in said
+
+
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint file"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -1,10 +1,17 @@
 """`wm-train model=dino_wm task=pointmaze store=PATH out=DIR [trainer.steps=N ...]`: train any registered
 model (`wm.registry`) with the one trainer. The model type comes from the `model` config group;
-`model=consistency teacher=DIR` distills a trained diffusion policy."""
+`model=consistency teacher=DIR` distills a trained diffusion policy.
+
+It says where the run goes (the directory, its TensorBoard logs) and, at the end, where the last and
+the best checkpoints are. Rerunning into the same out= resumes from the latest checkpoint; Ctrl-C saves
+one at the step reached, prints the command that resumes, and exits with status 130."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +58,7 @@ def check_task(cfg: TrainAppConfig) -> None:
 
 def train(cfg: TrainAppConfig) -> int:
     from wm.registry import model_entry
-    from wm.trainer import Trainer, TrainerConfig
+    from wm.trainer import Trainer, TrainerConfig, TrainingInterrupted
     from wm.training import setup_training
 
     model_type = cfg.model["type"]
@@ -88,9 +95,45 @@ def train(cfg: TrainAppConfig) -> int:
         val_fn=setup.val_fn,
         extra_state={"run_config": run_config},
     )
-    metrics = trainer.fit()
+    out = Path(cfg.out).resolve()
+    print(f"run directory: {out}")
+    print(f"TensorBoard logs: {out / 'tb'} (view them: tensorboard --logdir {out / 'tb'})")
+    try:
+        metrics = trainer.fit()
+    except TrainingInterrupted as e:
+        where = "" if Path(cfg.out).is_absolute() else f" from {Path.cwd()}"
+        print(f"to resume from step {e.step}, run the same command{where}: {command_line()}", file=sys.stderr)
+        raise
+    say_checkpoints(out, trainer.best)
     print(json.dumps({"out": cfg.out, **{k: round(v, 6) for k, v in metrics.items()}}))
     return 0
+
+
+def say_checkpoints(out: Path, best: dict[str, Any] | None) -> None:
+    """Where the run's last and best checkpoints are, and how wm-eval loads each."""
+    from wm.checkpoint import BEST_NAME, latest_checkpoint
+
+    print(f"last checkpoint: {latest_checkpoint(out)} (wm-eval checkpoint={out} loads it)")
+    if best is None:
+        print("best checkpoint: none (no validation ran: val_ratio=0, too few episodes, or best_metric=null)")
+        return
+    value = f"{best['metric']}={best['value']:.4g} at step {best['step']}"
+    print(f"best checkpoint: {out / BEST_NAME} ({value}; evaluate it: wm-eval checkpoint={out / BEST_NAME})")
+
+
+def command_line() -> str:
+    """This process's command line as a user types it again (`wm-train ...`, or `wm-demo ...` when the
+    demo trains); a script run as `python -m tools.train` is named that way, and one of several
+    `torchrun` processes is prefixed with a single-node `torchrun --nproc_per_node=N`."""
+    argv0 = Path(sys.argv[0])
+    prog = argv0.name
+    if argv0.suffix == ".py":
+        prog = f"-m tools.{argv0.stem}" if argv0.parent.name == "tools" else str(argv0)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        prog = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')} {prog}"
+    elif argv0.suffix == ".py":
+        prog = f"python {prog}"
+    return " ".join([prog, *map(shlex.quote, sys.argv[1:])])
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

@@ -16,13 +16,18 @@ A checkpoint file (format 1) is written with `torch.save` and read back with
     scheduler       LR scheduler state dict
     rng             {"torch", "cuda", "numpy", "python", "loader"} random states
     extra           dict, whatever the caller passed as `extra_state`
+    best            {"metric", "value", "step"} of the best validation so far, or None (trainer runs)
 
 Files are named `ckpt_<step:08d>.pt` inside a run directory and written atomically (a temporary file
 in the same directory, fsync, then `os.replace`), so a crash never leaves a half-written checkpoint.
+A run directory may also hold `best.pt`, the weights with the lowest validation metric so far (the
+same fields less optimizer, scheduler and rng: it is for evaluation). `latest_checkpoint`, and so
+`load_checkpoint(run_dir)` and resuming, never pick it; load it by its path, `run_dir/best.pt`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -34,6 +39,7 @@ import torch
 from torch import nn
 
 FORMAT = 1
+BEST_NAME = "best.pt"
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 REQUIRED = ("format", "model_type", "model_config", "state_dict")
 
@@ -79,7 +85,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The highest-step `ckpt_*.pt` in `directory`, else its `last.pt`, else None."""
+    """The highest-step `ckpt_*.pt` in `directory`, else its `last.pt`, else None (never `best.pt`,
+    whose step may be older than the newest checkpoint's)."""
     ckpts = list_checkpoints(directory)
     if ckpts:
         return ckpts[-1]
@@ -169,6 +176,24 @@ def state_dict_diff(own: dict[str, Any], incoming: dict[str, Any], limit: int = 
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             problems.append(f"{what}: {', '.join(items[:limit])}{more}")
     return problems
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], limit: int = 5) -> list[str]:
+    """The settings in which two (nested) model configs differ, as "key (checkpoint X, this run Y)" with
+    dotted keys, sorted, the first `limit` of them (and "+N more"). Empty if they are equal. Values are
+    compared as JSON, so a tuple equals the list it is saved as."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = (flat(json.loads(json.dumps(d, default=str))) for d in (saved, current))
+    missing = object()
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing))
+    shown = [f"{k} (checkpoint {a.get(k, 'unset')}, this run {b.get(k, 'unset')})" for k in keys[:limit]]
+    return shown + ([f"+{len(keys) - limit} more"] if len(keys) > limit else [])
 
 
 def rng_state(loader_gen: torch.Generator | None = None) -> dict[str, Any]:

@@ -6,10 +6,14 @@ reads a root config or instantiates from one). A model only has to satisfy `Trai
     loss, metrics = model.compute_loss(batch)   # batch: the WindowDataset keys, on the device
 
 The trainer owns everything else: the seeded loader (`wm.data.dataset.make_loader`), AdamW with no
-weight decay on biases, norms and embeddings, linear warmup then cosine LR, gradient clipping, an EMA
-copy of the weights (used for validation and saved), optional bf16 autocast and `torch.compile`,
-tqdm progress, TensorBoard logs under `out_dir/tb`, periodic validation through a model-specific
-`val_fn`, atomic checkpoints (`wm.checkpoint`) and resuming from the latest one in `out_dir`.
+weight decay on biases, norms and embeddings, linear warmup then cosine LR (the warm-up capped at a
+fraction of the run, so a short run is not all warm-up), gradient clipping, an EMA copy of the weights
+(used for validation and saved), optional bf16 autocast and `torch.compile`, tqdm progress,
+TensorBoard logs under `out_dir/tb`, periodic validation through a model-specific `val_fn`, atomic
+checkpoints (`wm.checkpoint`): the latest `ckpt_<step>.pt` files and `best.pt`, the weights with the
+lowest validation metric so far; resuming from the latest checkpoint in `out_dir`, and on Ctrl-C a
+checkpoint at the step reached (`TrainingInterrupted`). What a user must see (resuming, the warm-up
+cap, validation, the interrupt) is printed to stderr on rank 0 above the progress bar.
 
 DDP: launched with `torchrun`, the trainer sees WORLD_SIZE > 1, joins the process group (nccl on
 CUDA, gloo on CPU) and wraps the model in `DistributedDataParallel`. DDP only syncs gradients for a
@@ -27,11 +31,14 @@ import logging
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,13 +48,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from wm.checkpoint import (
+    BEST_NAME,
+    CheckpointError,
     checkpoint_name,
+    config_diff,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_dict_diff,
 )
 from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
@@ -62,7 +73,16 @@ class TrainerConfig:
     """Optimization, logging and checkpointing settings. `val_every` / `ckpt_every` of 0 disable the
     periodic runs (a final checkpoint and validation still happen); `grad_clip` 0 disables clipping
     (the grad norm is still reported); `ema_decay` 0 disables EMA. `precision="bf16"` autocasts on
-    CUDA and also on CPU, where it is slow on most processors. `compile` applies on CUDA only."""
+    CUDA and also on CPU, where it is slow on most processors. `compile` applies on CUDA only.
+
+    Warm-up: `warmup_steps`, but at most `warmup_max_fraction` of `steps` (`warmup_steps_used`), so a
+    short run (steps=300 with warmup_steps=200) warms up for 30 steps and spends the rest at a useful
+    learning rate; the trainer says so when the cap applies. `warmup_max_fraction=1` keeps
+    `warmup_steps` whatever the run length.
+
+    Best checkpoint: after each validation, `out_dir/best.pt` is rewritten when `best_metric` (lower is
+    better) beats every earlier validation. "auto" is the first metric the `val_fn` reports
+    (dino_wm: val_one_step_mse; diffusion policies: val_action_mse); None keeps no best.pt."""
 
     steps: int = 10_000
     batch_size: int = 64
@@ -70,6 +90,7 @@ class TrainerConfig:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 500
+    warmup_max_fraction: float = 0.1
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -83,6 +104,7 @@ class TrainerConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    best_metric: str | None = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -94,6 +116,7 @@ class TrainerConfig:
             "weight_decay must be >= 0": self.weight_decay >= 0,
             "betas must be 2 values in [0, 1)": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "warmup_steps must be >= 0": self.warmup_steps >= 0,
+            "warmup_max_fraction must be in [0, 1]": 0 <= self.warmup_max_fraction <= 1,
             "min_lr_ratio must be in [0, 1]": 0 <= self.min_lr_ratio <= 1,
             "grad_clip must be >= 0 (0 disables)": self.grad_clip >= 0,
             "ema_decay must be in [0, 1) (0 disables)": 0 <= self.ema_decay < 1,
@@ -101,6 +124,8 @@ class TrainerConfig:
             "val_every and ckpt_every must be >= 0": self.val_every >= 0 and self.ckpt_every >= 0,
             "keep_last must be >= 1": self.keep_last >= 1,
             "num_workers must be >= 0": self.num_workers >= 0,
+            "best_metric must be 'auto', a metric name or None": self.best_metric is None
+            or (isinstance(self.best_metric, str) and self.best_metric != ""),
         }
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
@@ -112,6 +137,11 @@ class TrainerConfig:
                 raise ValueError(
                     f"TrainerConfig: device {self.device!r} is not 'auto' or a torch device"
                 ) from e
+
+    @property
+    def warmup_steps_used(self) -> int:
+        """The warm-up length the schedule uses: `warmup_steps`, capped at `warmup_max_fraction * steps`."""
+        return min(self.warmup_steps, int(self.warmup_max_fraction * self.steps))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -142,11 +172,12 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def lr_factor(step: int, cfg: TrainerConfig) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warmup to 1 over `warmup_steps`
+    """LR multiplier for optimizer step `step` (0-based): linear warmup to 1 over `warmup_steps_used`
     steps, then a cosine from 1 down to `min_lr_ratio` at `steps`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    warmup = cfg.warmup_steps_used
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -218,12 +249,58 @@ class _Window:
         return {k: float(v) / self.n for k, v in self.sums.items()}
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """`Trainer.fit` stopped on Ctrl-C (SIGINT) at a step boundary: `path` holds a checkpoint of `step`
+    (rank 0; None on the other ranks) that a rerun into the same `out_dir` resumes from."""
+
+    def __init__(self, step: int, path: Path | None) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.path = step, path
+
+
+class _InterruptFlag:
+    """While active (in the main thread), a first SIGINT only sets `requested`, so the training loop
+    stops at the next step boundary and saves (never a half-applied step); a second one raises
+    KeyboardInterrupt at once, quitting without saving. A SIGINT that is ignored stays ignored."""
+
+    def __init__(self, message: str | None) -> None:
+        self.requested = False
+        self._message = message
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._message:
+            try:  # os.write: a buffered print could re-enter a write the signal interrupted
+                os.write(sys.stderr.fileno(), f"\n{self._message}\n".encode())
+            except (OSError, ValueError):
+                pass
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = previous if previous is not None else signal.default_int_handler
+                signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+
 class Trainer:
     """Trains `model` on `train_set` (a `WindowDataset`) for `cfg.steps` optimizer steps into `out_dir`.
 
     `model_type` / `model_config` name the builder that rebuilds the model from a checkpoint.
     `normalizer` is saved in every checkpoint. `val_fn(ema_model, step, out_dir) -> metrics` runs on
-    rank 0 every `cfg.val_every` steps and at the end (under `torch.no_grad`, model in eval mode).
+    rank 0 every `cfg.val_every` steps and at the end (under `torch.no_grad`, model in eval mode); its
+    metrics are losses (lower is better) and `cfg.best_metric` among them chooses `best.pt`.
     `extra_state` is saved as the checkpoint's "extra"; its "run_config" also goes into config.json.
     `param_groups` replaces the default AdamW groups (lr and weight decay default to `cfg`'s).
     The model is put in train mode; one with frozen parts that must stay in eval mode (a pretrained
@@ -304,6 +381,7 @@ class Trainer:
             log.info("bf16 autocast on CPU: numerically fine but slow on most CPUs")
         self._loss_fn = loss_module
         self.step, self.epoch = 0, 0
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of best.pt
 
     @property
     def device(self) -> torch.device:
@@ -314,13 +392,15 @@ class Trainer:
         """The EMA copy of the model, or the model itself when EMA is off."""
         return self._ema if self._ema is not None else self.model
 
+    def _say(self, message: str) -> None:
+        """Print a line a user must see (rank 0, stderr, above the progress bar)."""
+        if self.is_main:
+            tqdm.write(message, file=sys.stderr)
+
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path | None:
-        """Write `out_dir/ckpt_<step>.pt` (rank 0 only) and prune to `cfg.keep_last` files."""
-        if not self.is_main:
-            return None
-        path = save_checkpoint(
-            self.out_dir / checkpoint_name(self.step),
+    def _payload(self, resumable: bool = True) -> dict[str, Any]:
+        """The checkpoint fields; `resumable=False` leaves out optimizer, scheduler and rng (best.pt)."""
+        fields = dict(
             model_type=self.model_type,
             model_config=self.model_config,
             state_dict=self.model.state_dict(),
@@ -329,36 +409,88 @@ class Trainer:
             trainer_config=self.cfg.to_dict(),
             step=self.step,
             epoch=self.epoch,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            rng=rng_state(self.loader.generator),
             extra=self.extra_state,
+            best=self.best,
         )
+        if resumable:
+            fields.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                rng=rng_state(self.loader.generator),
+            )
+        return fields
+
+    def save(self) -> Path | None:
+        """Write `out_dir/ckpt_<step>.pt` (rank 0 only) and prune to `cfg.keep_last` files."""
+        if not self.is_main:
+            return None
+        path = save_checkpoint(self.out_dir / checkpoint_name(self.step), **self._payload())
         prune_checkpoints(self.out_dir, self.cfg.keep_last)
         return path
 
     def resume(self) -> bool:
-        """Restore the latest checkpoint in `out_dir`, if any: weights, EMA, optimizer, scheduler, step and
-        random states. Data order continues from a fresh epoch, so it differs from an uninterrupted run.
-        Under DDP only rank 0's random state is saved; other ranks reseed from (seed, rank, step)."""
+        """Restore the latest checkpoint in `out_dir`, if any: weights, EMA, optimizer, scheduler, step,
+        random states and the best validation so far. Data order continues from a fresh epoch, so it
+        differs from an uninterrupted run. Under DDP only rank 0's random state is saved; other ranks
+        reseed from (seed, rank, step). A checkpoint of another model type or architecture is a
+        one-line `CheckpointError`; another model_config whose weights fit is said and resumed."""
         path = latest_checkpoint(self.out_dir)
         if path is None:
             return False
-        ckpt = load_checkpoint(path, expected_type=self.model_type)
-        if ckpt["model_config"] != self.model_config:
-            log.warning("resuming %s whose model_config differs from this run's", path)
+        ckpt = load_checkpoint(path)
+        self._check_fits(ckpt, path)
         self.model.load_state_dict(ckpt["state_dict"])
         if self._ema is not None:
             self._ema.load_state_dict(ckpt["ema_state_dict"] or ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"{path}: its optimizer state does not fit this run's parameters ({e}); choose another "
+                f"out= or delete {self.out_dir} to start over"
+            ) from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
         if self.rank == 0:
             set_rng_state(ckpt["rng"], self.loader.generator)
         else:
             _seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
-        log.info("resumed from %s at step %d", path, self.step)
+        self.best = self._restore_best(ckpt)
+        self._say(f"resumed from step {self.step} ({path})")
         return True
+
+    def _check_fits(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Raise a one-line `CheckpointError` when the checkpoint to resume holds another model."""
+        where = f"{self.out_dir} already holds {path.name} (step {ckpt.get('step')})"
+        fix = f"choose another out= or delete {self.out_dir} to start over"
+        if ckpt["model_type"] != self.model_type:
+            raise CheckpointError(
+                f"{where}, a {ckpt['model_type']!r} model, but this run trains {self.model_type!r}: {fix}"
+            )
+        problems = state_dict_diff(self.model.state_dict(), ckpt["state_dict"])
+        changed = config_diff(ckpt["model_config"], self.model_config)
+        if problems:
+            why = f"; model_config differs in {', '.join(changed)}" if changed else ""
+            raise CheckpointError(f"{where} of another architecture ({'; '.join(problems)}{why}): {fix}")
+        if ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
+            raise CheckpointError(f"{where}, which has no optimizer state to resume from: {fix}")
+        if changed:
+            self._say(
+                f"note: resuming {path}, trained with another model_config ({', '.join(changed)}); its "
+                "weights fit, so training continues from them with this run's settings"
+            )
+
+    def _restore_best(self, ckpt: dict[str, Any]) -> dict[str, Any] | None:
+        """The best validation so far: config.json's record (written after each best.pt, so possibly
+        later than the checkpoint), else the checkpoint's; None when best.pt is gone."""
+        if not (self.out_dir / BEST_NAME).is_file():
+            return None
+        try:
+            recorded = json.loads((self.out_dir / "config.json").read_text()).get("best")
+        except (OSError, ValueError):
+            recorded = None
+        best = recorded or ckpt.get("best")
+        return {k: best[k] for k in ("metric", "value", "step")} if best else None
 
     # ------------------------------------------------------------------ training
     def _batches(self) -> Iterator[dict[str, Tensor]]:
@@ -403,46 +535,85 @@ class Trainer:
         return {k: float(v) for k, v in (metrics or {}).items()}
 
     def _write_config(self) -> None:
+        """`out_dir/config.json`: the settings, the warm-up used and the best validation so far (rewritten
+        atomically when best.pt is)."""
         run = {
             "trainer": self.cfg.to_dict(),
+            "warmup_steps_used": self.cfg.warmup_steps_used,
             "model_type": self.model_type,
             "model_config": self.model_config,
             "run_config": self.extra_state.get("run_config"),
             "world_size": self.world_size,
+            "best": self.best | {"file": BEST_NAME} if self.best is not None else None,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(run, indent=1, default=str))
+        tmp = self.out_dir / f".config.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(run, indent=1, default=str))
+        os.replace(tmp, self.out_dir / "config.json")
+
+    def _keep_best(self, metrics: dict[str, float]) -> str:
+        """Rewrite best.pt (and config.json) when `cfg.best_metric` beats every earlier validation;
+        returns what to say about it ("" when nothing changed)."""
+        if not metrics or self.cfg.best_metric is None:
+            return ""
+        name = next(iter(metrics)) if self.cfg.best_metric == "auto" else self.cfg.best_metric
+        if name not in metrics:
+            raise ValueError(
+                f"best_metric={name!r} is not a validation metric of this model ({', '.join(metrics)}); "
+                "name one of those, 'auto' (the first) or null (no best.pt)"
+            )
+        value, old = metrics[name], self.best
+        if not math.isfinite(value) or (old and old["metric"] == name and value >= old["value"]):
+            return ""
+        self.best = {"metric": name, "value": value, "step": self.step}
+        save_checkpoint(self.out_dir / BEST_NAME, **self._payload(resumable=False))
+        self._write_config()
+        return f"  -> best {name} so far, saved {BEST_NAME}"
+
+    def _validate(self, writer: Any) -> dict[str, float]:
+        """Validate, log to TensorBoard, keep the best, say it; returns the metrics as "val/<name>"."""
+        metrics = self.validate()
+        out = {f"val/{k}": v for k, v in metrics.items()}
+        if writer is not None:
+            for k, v in out.items():
+                writer.add_scalar(k, v, self.step)
+        note = self._keep_best(metrics)
+        if out:
+            self._say(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + note)
+        return out
+
+    def _start(self) -> Any:
+        """Rank 0, before the first step: config.json, the TensorBoard writer, the warm-up cap if any."""
+        if not self.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
+
+        cfg = self.cfg
+        if cfg.warmup_steps_used < cfg.warmup_steps:
+            self._say(
+                f"warm-up: {cfg.warmup_steps_used} steps, not warmup_steps={cfg.warmup_steps}: capped at "
+                f"warmup_max_fraction={cfg.warmup_max_fraction} of steps={cfg.steps} "
+                f"(warmup_max_fraction=1 keeps {cfg.warmup_steps})"
+            )
+        self._write_config()
+        return SummaryWriter(str(self.out_dir / "tb"))
 
     def fit(self) -> dict[str, float]:
         """Train to `cfg.steps` (resuming from `out_dir` if it holds a checkpoint); returns the last log
         window's mean train metrics (averaged over DDP ranks), the last validation metrics ("val/..."), and
-        "step". Under DDP, a process group the trainer joined itself is left when fit returns."""
-        cfg = self.cfg
-        self.resume()
-        writer = None
-        if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
+        "step". Under DDP, a process group the trainer joined itself is left when fit returns.
 
-            self._write_config()
-            writer = SummaryWriter(str(self.out_dir / "tb"))
-        result: dict[str, float] = {}
-        pbar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True)
-        window, data = _Window(), self._batches()
-        last_val = -1
+        Ctrl-C (SIGINT, main thread): training stops at the end of the step in progress, rank 0 saves a
+        checkpoint of it and `TrainingInterrupted` (a KeyboardInterrupt) is raised; a second Ctrl-C
+        quits at once without saving. Under DDP the ranks agree to stop at the next logging step."""
+        self.resume()
+        writer = self._start()
+        pbar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True)
+        data = self._batches()
+        stop_message = "Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: quit unsaved)"
         try:
-            while self.step < cfg.steps:
-                window.add(self.train_step(next(data)))
-                pbar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    result.update(self._log(window, writer, pbar))
-                    window = _Window()
-                if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
-                    result.update(self._log_val(self.validate(), writer))
-                    last_val = self.step
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
-                    self.save()
-            if last_val != self.step and self.val_fn is not None:  # resumed at or past cfg.steps
-                result.update(self._log_val(self.validate(), writer))
+            with _InterruptFlag(stop_message if self.is_main else None) as interrupt:
+                result = self._loop(data, writer, pbar, interrupt)
             if self._owns_group:
                 dist.barrier()  # not on an error: the other ranks may never get here
         finally:
@@ -454,6 +625,51 @@ class Trainer:
                 dist.destroy_process_group()
                 self._owns_group = False
         return result | {"step": float(self.step)}
+
+    def _loop(self, data: Iterator, writer: Any, pbar: tqdm, interrupt: _InterruptFlag) -> dict[str, float]:
+        cfg, result, window, last_val = self.cfg, {}, _Window(), -1
+        while self.step < cfg.steps:
+            try:
+                batch = next(data)
+            except RuntimeError:  # DataLoader workers quit on a terminal's Ctrl-C (their SIGINT)
+                if not interrupt.requested:
+                    raise
+                self._stop(saved=False)
+            window.add(self.train_step(batch))
+            pbar.update(1)
+            at_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            if at_log:
+                result.update(self._log(window, writer, pbar))
+                window = _Window()
+            saved = bool(cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps
+            if saved:  # before validating: a failing val_fn loses no training
+                self.save()
+            if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
+                result.update(self._validate(writer))
+                last_val = self.step
+            if self._stop_requested(interrupt, at_log):
+                self._stop(saved)
+        if last_val != self.step and self.val_fn is not None:  # resumed at or past cfg.steps
+            result.update(self._validate(writer))
+        return result
+
+    def _stop_requested(self, interrupt: _InterruptFlag, at_log: bool) -> bool:
+        """Whether to stop after this step. Under DDP every rank must stop at the same step, so they
+        agree (one all-reduce) at logging steps only, which every rank reaches together."""
+        if self.world_size == 1:
+            return interrupt.requested
+        if not at_log:
+            return False
+        flag = torch.tensor([float(interrupt.requested)], device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _stop(self, saved: bool) -> NoReturn:
+        """Save the step reached (unless just saved) and raise `TrainingInterrupted`."""
+        path = self.save() if not saved else self.out_dir / checkpoint_name(self.step)
+        if self.is_main:
+            self._say(f"interrupted at step {self.step}: saved {path}")
+        raise TrainingInterrupted(self.step, path if self.is_main else None)
 
     def _log(self, window: _Window, writer: Any, pbar: tqdm) -> dict[str, float]:
         means = window.means()
@@ -472,12 +688,3 @@ class Trainer:
         sps = means["samples_per_s"]
         pbar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{means['lr']:.2e}", sps=f"{sps:.0f}")
         return means
-
-    def _log_val(self, metrics: dict[str, float], writer: Any) -> dict[str, float]:
-        out = {f"val/{k}": v for k, v in metrics.items()}
-        if writer is not None:
-            for k, v in out.items():
-                writer.add_scalar(k, v, self.step)
-        if out:
-            log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
-        return out

@@ -1,0 +1,163 @@
+"""What `wm-train` tells its user, end to end through the console script on a tiny synthetic store:
+where the outputs go, the warm-up cap, the best checkpoint, Ctrl-C and resuming, and reusing an out=
+folder for another architecture."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wm.checkpoint import BEST_NAME, latest_checkpoint, list_checkpoints, load_checkpoint
+from wm.data import DemoStore, KeySpec, Schema
+from wm.registry import load_model
+
+WM_TRAIN = str(Path(sys.executable).parent / "wm-train")
+TINY_WM = [
+    "model=dino_wm",
+    "model.encoder.cnn_channels=[8,16]",
+    "model.encoder.cnn_stride=4",
+    "model.encoder.cnn_dim=16",
+    "model.predictor_dim=32",
+    "model.predictor_depth=1",
+    "model.predictor_heads=2",
+    "model.predictor_head_dim=16",
+    "model.predictor_mlp_dim=32",
+    "model.decoder_channels=[16,8]",
+    "trainer.batch_size=8",
+    "trainer.log_every=2",
+]
+
+
+def wm_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([WM_TRAIN, *TINY_WM, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """6 episodes of 40 steps: 32x32 camera, 4-d proprioception, 2-d actions (random content)."""
+    path = tmp_path_factory.mktemp("train_cli") / "tiny.zarr"
+    schema = Schema(
+        keys={
+            "img": KeySpec((32, 32, 3), "uint8", "image"),
+            "state": KeySpec((4,), "float32", "proprio"),
+            "action": KeySpec((2,), "float32", "action"),
+        },
+        fps=10,
+    )
+    demo = DemoStore.create(path, schema)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        demo.append_episode(
+            {
+                "img": rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+                "state": rng.normal(size=(40, 4)).astype(np.float32),
+                "action": rng.normal(size=(40, 2)).astype(np.float32),
+            }
+        )
+    demo.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(store, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 20-step run validated every 5 steps, with configs/train.yaml's warm-up of 200 steps."""
+    out = tmp_path_factory.mktemp("train_cli_run") / "run"
+    res = wm_train(f"store={store}", f"out={out}", "trainer.steps=20", "trainer.val_every=5")
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
+def test_run_says_where_outputs_go_and_keeps_the_best(run):
+    out, res = run
+    assert f"run directory: {out}" in res.stdout
+    assert f"tensorboard --logdir {out / 'tb'}" in res.stdout and list((out / "tb").glob("events.*"))
+    assert (
+        "warm-up: 2 steps, not warmup_steps=200: capped at warmup_max_fraction=0.1 of steps=20" in res.stderr
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["warmup_steps_used"] == 2 and config["trainer"]["best_metric"] == "auto"
+    best = config["best"]
+    assert best["metric"] == "val_one_step_mse" and best["step"] in (5, 10, 15, 20)
+    assert re.search(rf"step {best['step']}: val_one_step_mse=\S+, val_3_step_mse=\S+  -> best", res.stderr)
+    assert f"last checkpoint: {out / 'ckpt_00000020.pt'} (wm-eval checkpoint={out} loads it)" in res.stdout
+    assert f"best checkpoint: {out / BEST_NAME} (val_one_step_mse=" in res.stdout
+    assert f"at step {best['step']}; evaluate it: wm-eval checkpoint={out / BEST_NAME})" in res.stdout
+    assert json.loads(res.stdout.strip().splitlines()[-1])["step"] == 20  # the JSON summary stays last
+    # wm-eval checkpoint=DIR loads the latest; checkpoint=DIR/best.pt the best, as a whole model
+    assert load_model(str(out)).checkpoint["step"] == 20
+    loaded = load_model(str(out / BEST_NAME))
+    assert loaded.checkpoint["step"] == best["step"] and loaded.model_type == "dino_wm"
+    assert loaded.checkpoint["best"]["value"] == pytest.approx(best["value"])
+
+
+def test_reusing_out_for_another_architecture_is_one_line(run, store, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run[0], out)
+    res = wm_train(f"store={store}", f"out={out}", "trainer.steps=22", "model.predictor_dim=64")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out} already holds ckpt_00000020.pt (step 20)")
+    assert "of another architecture (" in lines[0] and "shape mismatches:" in lines[0]
+    assert "model_config differs in predictor_dim (checkpoint 32, this run 64)" in lines[0]
+    assert lines[0].endswith(f"choose another out= or delete {out} to start over")
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_00000020.pt"]  # untouched
+
+    # A model_config that differs where the weights still fit: one printed line, then it resumes.
+    res = wm_train(f"store={store}", f"out={out}", "trainer.steps=22", "model.cost_proprio_weight=2.0")
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stderr.splitlines() if "note: resuming" in line]
+    assert len(notes) == 1 and "cost_proprio_weight (checkpoint 1.0, this run 2.0)" in notes[0]
+    assert f"resumed from step 20 ({out / 'ckpt_00000020.pt'})" in res.stderr
+    assert latest_checkpoint(out).name == "ckpt_00000022.pt"
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_exits_130(store, tmp_path):
+    out = tmp_path / "run"
+    args = [WM_TRAIN, *TINY_WM, f"store={store}", f"out={out}", "trainer.steps=100000", "trainer.val_every=0"]
+    # SIGINT may be ignored in a background job's children: give wm-train Python's default.
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while max(map(int, re.findall(r"(\d+)/100000", "".join(err))), default=0) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(err)
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    stderr = "".join(err)
+    assert proc.returncode == 130, stderr
+    assert "TensorBoard logs" in proc.stdout.read()
+    step = load_checkpoint(out)["step"]
+    assert step >= 3 and [p.name for p in list_checkpoints(out)] == [f"ckpt_{step:08d}.pt"]
+    assert f"interrupted at step {step}: saved {out / f'ckpt_{step:08d}.pt'}" in stderr
+    resume_line = next(line for line in stderr.splitlines() if line.startswith("to resume"))
+    assert resume_line.startswith(f"to resume from step {step}, run the same command: wm-train ")
+    assert f"out={out}" in resume_line and "trainer.steps=100000" in resume_line
+
+    res = wm_train(f"store={store}", f"out={out}", f"trainer.steps={step + 2}", "trainer.val_every=0")
+    assert res.returncode == 0, res.stderr
+    assert f"resumed from step {step} ({out / f'ckpt_{step:08d}.pt'})" in res.stderr
+    assert load_checkpoint(out)["step"] == step + 2
