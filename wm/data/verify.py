@@ -176,7 +176,8 @@ def _check_key(store: DemoStore, key: str, report: VerifyReport) -> list[Problem
                 raise ValueError(f"decoded shape {block.shape}, expected {(hi - lo, *spec.shape)}")
         except Exception as e:
             cause = e.__cause__ if isinstance(e, CorruptStoreError) and e.__cause__ is not None else e
-            file = reader.chunk_path(c) if reader is not None else arr.metadata.encode_chunk_key((c, *zeros))
+            key_path = arr.metadata.encode_chunk_key((c, *zeros))
+            file = reader.chunk_path(c) if reader is not None else f"{store.path}/data/{key}/{key_path}"
             detail = f"cannot be decoded ({type(cause).__name__}: {cause})"
             out.append(Problem(what, detail, str(file), (lo, hi), eps))
             continue
