@@ -18,6 +18,7 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
 from wm.data import ActionSpace, DemoStore, KeySpec, NotAStoreError, Schema, StoreError  # noqa: E402
 from wm.data.convert import lerobot as lerobot_convert  # noqa: E402
+from wm.data.convert import lerobot_meta  # noqa: E402
 from wm.data.convert.lerobot import is_lerobot_dataset, lerobot_to_store, store_to_lerobot  # noqa: E402
 
 FPS = 10
@@ -419,6 +420,13 @@ def test_carried_metadata_that_no_longer_fits_is_ignored_with_a_warning(small_st
     assert "the wm_stack metadata does not fit this dataset" in record.getMessage()
     assert set(back.keys) == {"img", "state", "action", "timestamp"}  # inferred from LeRobot's names
     assert back.episode_info(2)["notes"] == "ep2"  # episode info is still carried
+    # a feature added to the dataset after the export: inferring keeps it rather than dropping it
+    info = json.loads(info_path.read_text())
+    info["wm_stack"]["schema"]["keys"]["action"]["shape"] = [2]  # fits again
+    assert lerobot_meta.read_carried(out, info) is not None
+    info["features"]["observation.extra"] = {"dtype": "float32", "shape": [1], "names": None}
+    assert lerobot_meta.read_carried(out, info) is None
+    assert "features ['observation.extra'] are not in it" in caplog.records[-1].getMessage()
 
 
 def test_wm_convert_round_trip_and_refusal(tmp_path):

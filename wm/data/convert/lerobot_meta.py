@@ -197,6 +197,9 @@ def read_carried(src: Path, info: dict[str, Any]) -> tuple[Schema, dict[str, str
 def _check_carried(schema: Schema, names: dict[str, str], features: dict[str, Any]) -> None:
     if set(names) != set(schema.keys):
         raise SchemaError(f"keys {sorted(names)} != schema keys {sorted(schema.keys)}")
+    extra = set(features) - set(names.values()) - {*BOOKKEEPING, "timestamp"}
+    if extra:  # added after the export: inferring keeps them
+        raise SchemaError(f"features {sorted(extra)} are not in it")
     for key, name in names.items():
         spec, ft = schema.keys[key], features.get(name)
         if ft is None:
