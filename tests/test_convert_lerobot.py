@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lerobot")
 from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
-from wm.data import DemoStore, KeySpec, NotAStoreError, Schema, StoreError  # noqa: E402
+from wm.data import ActionSpace, DemoStore, KeySpec, NotAStoreError, Schema, StoreError  # noqa: E402
 from wm.data.convert import lerobot as lerobot_convert  # noqa: E402
+from wm.data.convert import lerobot_meta  # noqa: E402
 from wm.data.convert.lerobot import is_lerobot_dataset, lerobot_to_store, store_to_lerobot  # noqa: E402
 
 FPS = 10
@@ -23,6 +26,12 @@ H, W = 32, 48
 LENGTHS = (5, 8, 3)
 TASKS = ("pick the cube", "place the cube", "pick the cube")
 STATE_NAMES = ["x", "y", "z", "gripper"]
+VIDEO_WARNINGS = [
+    "image key 'wrist' (8, 12, 1) is stored as PNG images: LeRobot's AV1 video takes RGB frames at least "
+    "32 px wide and 8 px high",
+    "video mode stores camera frames lossily (AV1); use video=false for exact frames",
+]
+NOT_UINT8 = "LeRobot images are uint8: not exported"
 
 
 def _random_image(rng: np.random.Generator) -> np.ndarray:
@@ -81,6 +90,14 @@ def _lerobot_frames(root, cameras) -> dict[str, np.ndarray]:
     out["task"] = np.array([it["task"] for it in items])
     out["fps"], out["robot_type"] = ds.fps, ds.meta.robot_type
     return out
+
+
+def _lerobot_frames_lowdim(root) -> dict[str, np.ndarray]:
+    """Every non-image feature of every frame, read through lerobot's LeRobotDataset."""
+    ds = LeRobotDataset("local/check", root=root, video_backend="pyav")
+    items = [ds[i] for i in range(len(ds))]
+    keys = [k for k, v in items[0].items() if hasattr(v, "numpy") and v.ndim < 3]
+    return {k: np.stack([it[k].numpy() for it in items]) for k in keys}
 
 
 def _check_store(store: DemoStore, episodes, cameras, exact: bool) -> float:
@@ -183,7 +200,7 @@ def test_store_keys_map_to_lerobot_features(small_store, tmp_path):
         store_to_lerobot(path, out)
 
 
-def test_image_mode_keeps_off_grid_timestamps(tmp_path):
+def test_image_mode_keeps_off_grid_timestamps(tmp_path, caplog):
     schema = Schema(
         keys={
             "action": KeySpec((2,), "float32", "action"),
@@ -195,13 +212,18 @@ def test_image_mode_keeps_off_grid_timestamps(tmp_path):
     with DemoStore.create(tmp_path / "s.zarr", schema) as s:
         s.append_episode({"action": np.zeros((4, 2), np.float32), "timestamp": ts}, {"task": "wave"})
         out = store_to_lerobot(s, tmp_path / "lr")
+    assert "wm_stack.timestamp" not in json.loads((out / "meta/info.json").read_text())["features"]
     back = lerobot_to_store(out, tmp_path / "back.zarr")
     np.testing.assert_array_equal(back.get_episode(0)["timestamp"], ts)
-    assert back.episode_info(0)["task"] == "wave" and back.schema.task == "wave"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        store_to_lerobot(tmp_path / "s.zarr", tmp_path / "lr", overwrite=True, use_videos=True)
-    assert not caught  # within half a frame of the grid: no warning, the grid is used
+    assert back.episode_info(0)["task"] == "wave" and back.schema == schema  # task "" as exported
+    # video mode puts LeRobot's timestamp on the 1/fps grid; the store's own values ride along
+    store_to_lerobot(tmp_path / "s.zarr", tmp_path / "lr", overwrite=True, use_videos=True)
+    assert not caplog.records  # nothing lost, nothing to warn about
+    lr = _lerobot_frames_lowdim(tmp_path / "lr")
+    np.testing.assert_array_equal(lr["timestamp"], (np.arange(4) / 10).astype(np.float32))
+    np.testing.assert_array_equal(lr["wm_stack.timestamp"], ts[:, 0])
+    again = lerobot_to_store(tmp_path / "lr", tmp_path / "again.zarr")
+    np.testing.assert_array_equal(again.get_episode(0)["timestamp"], ts)
 
 
 @pytest.mark.parametrize(
@@ -256,5 +278,176 @@ def test_scalar_and_one_dim_keys_round_trip(tmp_path):
         )
     store_to_lerobot(store, tmp_path / "lr")
     back = lerobot_to_store(tmp_path / "lr", tmp_path / "back.zarr")
-    np.testing.assert_array_equal(back.get_episode(1)["action"], store.get_episode(1)["action"])
-    np.testing.assert_allclose(back.get_episode(0)["loop_dt"].ravel(), 0.1, rtol=1e-6)
+    assert back.schema == store.schema  # loop_dt is () again, not LeRobot's (1,)
+    assert back.episode_info(0) == store.episode_info(0) == {"length": 5}  # empty info stays empty
+    for i in range(2):
+        for key, value in store.get_episode(i).items():
+            got = back.get_episode(i)[key]
+            assert got.shape == value.shape and got.dtype == value.dtype
+            np.testing.assert_array_equal(got, value)
+
+
+# ---------------------------------------------------------------------- store -> LeRobot -> store
+def _rich_store(path: Path) -> DemoStore:
+    """Everything LeRobot's own metadata cannot say: a delta / ee action space with units, names,
+    scalar and bool keys, float64 proprioception and monotonic float64 timestamps, episode info."""
+    schema = Schema(
+        keys={
+            "front": KeySpec((16, 32, 3), "uint8", "image"),
+            "wrist": KeySpec((8, 12, 1), "uint8", "image"),
+            "qpos": KeySpec((3,), "float64", "proprio", units="rad", names=("j0", "j1", "j2")),
+            "action": KeySpec((2,), "float32", "action", units="m"),
+            "loop_dt": KeySpec((), "float32", "lowdim", units="s"),
+            "contact": KeySpec((), "bool", "lowdim"),
+            "timestamp": KeySpec((), "float64", "timestamp", units="s"),
+        },
+        fps=15,
+        action_space=ActionSpace(mode="delta", frame="ee", units="m", description="end-effector step"),
+        robot="panda",
+        task="lift",
+    )
+    rng = np.random.default_rng(0)
+    store = DemoStore.create(path, schema)
+    for e, n in enumerate((4, 6, 5)):
+        store.append_episode(
+            {
+                "front": rng.integers(0, 256, (n, 16, 32, 3), dtype=np.uint8),
+                "wrist": rng.integers(0, 256, (n, 8, 12, 1), dtype=np.uint8),
+                "qpos": rng.normal(size=(n, 3)),
+                "action": rng.normal(size=(n, 2)).astype(np.float32),
+                "loop_dt": rng.uniform(0.05, 0.08, n).astype(np.float32),
+                "contact": rng.uniform(size=n) > 0.5,
+                "timestamp": 81234.56789 + 3 * e + np.cumsum(rng.uniform(0.06, 0.07, n)),
+            },
+            {"success": e != 1, "notes": f"take {e}", "operator": {"name": "ada", "hand": "left"}},
+        )
+    return store
+
+
+def _assert_same_store(a: DemoStore, b: DemoStore, exact_images: bool = True) -> None:
+    assert b.schema == a.schema
+    assert b.n_episodes == a.n_episodes
+    for i in range(a.n_episodes):
+        assert b.episode_info(i) == a.episode_info(i)
+        want, got = a.get_episode(i), b.get_episode(i)
+        for key, value in want.items():
+            assert (got[key].shape, got[key].dtype) == (value.shape, value.dtype), key
+            if exact_images or a.schema.keys[key].kind != "image":
+                np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_round_trip_keeps_schema_episode_info_dtypes_and_data(tmp_path, caplog):
+    store = _rich_store(tmp_path / "rich.zarr")
+    out = store_to_lerobot(store, tmp_path / "lr")
+    assert not caplog.records  # everything is carried
+    info = json.loads((out / "meta/info.json").read_text())
+    assert set(info["features"]) == {
+        "observation.images.front",
+        "observation.images.wrist",
+        "observation.state",
+        "action",
+        "loop_dt",
+        "contact",
+        "wm_stack.timestamp",  # float64 clock readings: LeRobot's float32 timestamp cannot hold them
+        *("timestamp", "frame_index", "episode_index", "index", "task_index"),
+    }
+    assert info["features"]["observation.state"]["names"] == ["j0", "j1", "j2"]
+    assert info["wm_stack"]["features"]["qpos"] == "observation.state"
+    assert info["wm_stack"]["schema"]["action_space"]["frame"] == "ee"
+
+    # LeRobot itself loads the export, offline: relative timestamps, the carried episode info
+    lr = _lerobot_frames_lowdim(out)
+    starts = np.repeat([0, 4, 10], [4, 6, 5])
+    ts = np.concatenate([store.get_episode(i)["timestamp"] for i in range(3)])
+    np.testing.assert_allclose(lr["timestamp"], ts - ts[starts], atol=1e-5)
+    np.testing.assert_array_equal(
+        lr["observation.state"],
+        np.concatenate([store.get_episode(i)["qpos"] for i in range(3)]).astype(np.float32),
+    )
+    episodes = LeRobotDataset("local/check", root=out).meta.episodes
+    assert [json.loads(x)["success"] for x in episodes["wm_stack/info"]] == [True, False, True]
+
+    back = lerobot_to_store(out, tmp_path / "back.zarr")
+    _assert_same_store(store, back)
+
+
+@pytest.mark.filterwarnings("ignore:The video decoding and encoding capabilities of torchvision")
+def test_video_round_trip_keeps_everything_but_exact_pixels(tmp_path, caplog):
+    store = _rich_store(tmp_path / "rich.zarr")
+    out = store_to_lerobot(store, tmp_path / "lr", use_videos=True)
+    assert [r.getMessage() for r in caplog.records] == [f"warning: {store.path}: {w}" for w in VIDEO_WARNINGS]
+    feats = json.loads((out / "meta/info.json").read_text())["features"]
+    assert feats["observation.images.front"]["dtype"] == "video"
+    assert feats["observation.images.wrist"]["dtype"] == "image"  # gray and 12 px wide: PNG
+    assert len(_lerobot_frames_lowdim(out)["index"]) == 15  # LeRobot loads the mixed dataset
+    _assert_same_store(store, lerobot_to_store(out, tmp_path / "back.zarr"), exact_images=False)
+
+
+def test_keys_lerobot_cannot_hold_are_left_out_with_a_warning(tmp_path, caplog):
+    schema = Schema(
+        keys={
+            "depth": KeySpec((4, 4, 1), "float32", "image"),
+            "action": KeySpec((2,), "float32", "action"),
+            "pos": KeySpec((2,), "float32", "proprio"),
+            "vel": KeySpec((2,), "float32", "proprio"),
+        }
+    )
+    with DemoStore.create(tmp_path / "s.zarr", schema) as s:
+        s.append_episode(
+            {
+                "depth": np.zeros((3, 4, 4, 1), np.float32),
+                **{k: np.ones((3, 2), np.float32) for k in ("action", "pos", "vel")},
+            }
+        )
+        store_to_lerobot(s, tmp_path / "lr")
+    (record,) = caplog.records
+    assert record.getMessage() == f"warning: {tmp_path / 's.zarr'}: image key 'depth' is float32, {NOT_UINT8}"
+    feats = json.loads((tmp_path / "lr/meta/info.json").read_text())["features"]
+    assert {"observation.pos", "observation.vel", "action"} <= set(feats) and "depth" not in str(feats)
+    back = lerobot_to_store(tmp_path / "lr", tmp_path / "back.zarr")
+    assert back.keys == ["action", "pos", "vel"] and back.schema.keys["pos"].kind == "proprio"
+
+
+def test_carried_metadata_that_no_longer_fits_is_ignored_with_a_warning(small_store, tmp_path, caplog):
+    path, _ = small_store
+    out = store_to_lerobot(path, tmp_path / "lr")
+    info_path = out / "meta/info.json"
+    info = json.loads(info_path.read_text())
+    info["wm_stack"]["schema"]["keys"]["action"]["shape"] = [3]  # edited by hand: action is (2,)
+    info_path.write_text(json.dumps(info))
+    back = lerobot_to_store(out, tmp_path / "back.zarr")
+    (record,) = caplog.records
+    assert "the wm_stack metadata does not fit this dataset" in record.getMessage()
+    assert set(back.keys) == {"img", "state", "action", "timestamp"}  # inferred from LeRobot's names
+    assert back.episode_info(2)["notes"] == "ep2"  # episode info is still carried
+    # a feature added to the dataset after the export: inferring keeps it rather than dropping it
+    info = json.loads(info_path.read_text())
+    info["wm_stack"]["schema"]["keys"]["action"]["shape"] = [2]  # fits again
+    assert lerobot_meta.read_carried(out, info) is not None
+    info["features"]["observation.extra"] = {"dtype": "float32", "shape": [1], "names": None}
+    assert lerobot_meta.read_carried(out, info) is None
+    assert "features ['observation.extra'] are not in it" in caplog.records[-1].getMessage()
+
+
+def test_wm_convert_round_trip_and_refusal(tmp_path):
+    store = _rich_store(tmp_path / "rich.zarr")
+    store.close()
+    bin_dir = Path(sys.executable).parent
+
+    def convert(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(bin_dir / "wm-convert"), *args], capture_output=True, text=True, timeout=300
+        )
+
+    res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr'}", "video=true")
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {tmp_path / 'rich.zarr'}: {w}" for w in VIDEO_WARNINGS]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr'}")  # dst exists
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "already exists" in res.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    res = convert(f"src={tmp_path / 'lr'}", f"dst={tmp_path / 'back.zarr'}")
+    assert res.returncode == 0, res.stderr
+    with DemoStore.open(tmp_path / "rich.zarr") as a, DemoStore.open(tmp_path / "back.zarr") as b:
+        _assert_same_store(a, b, exact_images=False)

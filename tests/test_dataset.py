@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from conftest import make_schema
 
-from wm.data import DemoStore, SchemaError
+from wm.data import CorruptStoreError, DemoStore, SchemaError
 from wm.data.augment import AugmentConfig, augment
 from wm.data.dataset import WindowDataset, make_loader
 from wm.data.normalize import Normalizer
@@ -71,6 +74,23 @@ def test_in_memory_and_workers_match(small_store):
         batches.append(torch.cat([b["img"] for b in loader]))
     torch.testing.assert_close(batches[0], batches[1])
     assert len(batches[0]) == len(lazy)
+
+
+@pytest.mark.parametrize("zipped", [False, True])  # direct chunk decoding, and zarr's path
+def test_damaged_chunk_is_named_by_streaming_and_in_memory_reads(small_store, tmp_path, zipped):
+    path, _ = small_store
+    chunk = path / "data" / "img" / "c" / "8" / "0" / "0" / "0"  # step 8: episode 1 (steps 7..14)
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    if zipped:
+        path = Path(shutil.make_archive(str(tmp_path / "z.zarr"), "zip", path))
+    want = r"data/img/c/8/0/0/0: chunk 8 of key 'img' \(steps 8:9, episode 1\) cannot be decoded"
+    ds = WindowDataset(path, SPEC)
+    ds.get_batch([0, 1, 2])  # windows inside episode 0 never touch the damage
+    anchor = int(np.flatnonzero(ds.index[:, 0] == 9)[0])  # its images are steps 8 and 9
+    with pytest.raises(CorruptStoreError, match=want):
+        ds.get_batch([0, anchor])
+    with pytest.raises(CorruptStoreError, match=want):
+        WindowDataset(path, SPEC, in_memory=True)
 
 
 def test_split_by_episode(small_store):

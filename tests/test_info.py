@@ -132,3 +132,17 @@ def test_contact_sheet_without_images(tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match="not an image key"):
         wm_info.contact_sheet(store, tmp_path / "x.png", image_key="action")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_contact_sheet_of_chosen_episodes(built: tuple[DemoStore, list], tmp_path: Path) -> None:
+    store, episodes = built
+    out = wm_info.contact_sheet(store, tmp_path / "two.png", episodes=[3, 1])
+    img = np.asarray(Image.open(out).convert("RGB"))
+    row_h = max(H, 3 * wm_info.LABEL_LINE_H)
+    x = wm_info.LABEL_W + wm_info.PAD
+    for r, ep in enumerate([3, 1]):
+        y = wm_info.HEADER_H + wm_info.PAD + r * (row_h + wm_info.PAD)
+        np.testing.assert_array_equal(img[y : y + H, x : x + W], episodes[ep]["rgb"][0])
+    with pytest.raises(ValueError, match=r"episodes \[4\] out of range"):
+        wm_info.contact_sheet(store, tmp_path / "bad.png", episodes=[0, 4])
+    assert not (tmp_path / "bad.png").exists()

@@ -164,6 +164,21 @@ def test_delete_keep_merge(tmp_path, small_store):
     assert_episode_equal(m.get_episode(2), make_episode(50, 6))
 
 
+def test_refused_delete_leaves_the_store_as_it_was(small_store):
+    path, eps = small_store
+    with pytest.raises(ValueError, match=r"episodes \[5\] out of range"):
+        delete_episodes(path, [5])  # used to wrap around to episode 0
+    chunk = path / "data" / "img" / "c" / "8" / "0" / "0" / "0"  # episode 1
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    with pytest.raises(CorruptStoreError, match="episode 1"):
+        delete_episodes(path, [0])  # episode 1 would be copied
+    assert sorted(p.name for p in path.parent.iterdir()) == ["small.zarr"]
+    delete_episodes(path, [1])
+    with DemoStore.open(path) as s:
+        assert s.n_episodes == 4
+        assert_episode_equal(s.get_episode(1), eps[2])
+
+
 def test_interrupted_keep_swap_is_completed_on_open(small_store):
     path, eps = small_store
     # Simulate a crash between keep_episodes' two renames: the new store is complete beside the old.

@@ -1,17 +1,21 @@
-"""`wm-info store=PATH`: what a demonstration store holds, as text or JSON, plus a contact sheet."""
+"""`wm-info store=PATH`: what a demonstration store holds, as text or JSON, plus a contact sheet;
+`verify=true` checks every chunk, `drop_episodes=[...]` removes episodes (crash-safe rewrite),
+`video=true` writes one mp4 per episode shown."""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 from tools._cli import bind, run
-from wm.data import DemoStore
-from wm.data.info import contact_sheet, format_summary, summarize
+from wm.data import CorruptStoreError, DemoStore, delete_episodes
+from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
 
 
 @dataclass(frozen=True)
@@ -19,13 +23,30 @@ class InfoConfig:
     store: str
     format: str = "text"
     contact_sheet: str = "auto"
-    episodes: int = 6
+    episodes: int | list[int] = 6  # how many to show, or which ones
+    verify: bool = False
+    drop_episodes: list[int] | None = None
+    video: bool = False
+    video_dir: str = "auto"
 
     def __post_init__(self) -> None:
         if self.format not in ("text", "json"):
             raise ValueError(f"format must be 'text' or 'json', got {self.format!r}")
-        if self.episodes < 1:
-            raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if isinstance(self.episodes, list):
+            if not self.episodes or not all(_is_int(e) for e in self.episodes):
+                raise ValueError(
+                    f"episodes must be a count or a non-empty list of indices, got {self.episodes}"
+                )
+        elif not _is_int(self.episodes) or self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1 or a list of indices, got {self.episodes!r}")
+        if self.drop_episodes is not None and not (
+            isinstance(self.drop_episodes, list) and all(_is_int(e) for e in self.drop_episodes)
+        ):
+            raise ValueError(f"drop_episodes must be a list of episode indices, got {self.drop_episodes!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def sheet_path(cfg: InfoConfig) -> Path | None:
@@ -37,18 +58,81 @@ def sheet_path(cfg: InfoConfig) -> Path | None:
     return Path(cfg.contact_sheet)
 
 
-def info(cfg: InfoConfig) -> int:
+def video_dir(cfg: InfoConfig) -> Path:
+    if cfg.video_dir == "auto":
+        store = Path(cfg.store)
+        return store.with_name(store.name.removesuffix(".zarr") + "_videos")
+    return Path(cfg.video_dir)
+
+
+def drop(cfg: InfoConfig) -> dict[str, Any]:
+    """Remove `cfg.drop_episodes` by a crash-safe rewrite (also what repairs a damaged store)."""
+    with DemoStore.open(cfg.store, salvage=True) as store:
+        before = store.n_episodes
+    delete_episodes(cfg.store, cfg.drop_episodes or [])
     with DemoStore.open(cfg.store) as store:
-        summary = summarize(store)
-        out = sheet_path(cfg)
-        if out is not None and store.schema.keys_of_kind("image") and store.n_episodes:
-            summary["contact_sheet"] = str(contact_sheet(store, out, n_episodes=cfg.episodes))
+        after = store.n_episodes
+    return {
+        "episodes": sorted({e % before for e in cfg.drop_episodes or []}),
+        "before": before,
+        "after": after,
+    }
+
+
+def show(cfg: InfoConfig, store: DemoStore, summary: dict[str, Any], episodes: list[int]) -> None:
+    """Contact sheet and videos of `episodes`; their paths go into `summary`."""
+    out = sheet_path(cfg)
+    has_images = bool(store.schema.keys_of_kind("image"))
+    if out is not None and has_images and episodes:
+        summary["contact_sheet"] = str(contact_sheet(store, out, episodes=episodes).absolute())
+    else:
+        why = "contact_sheet=none" if out is None else "no image keys" if not has_images else "no episodes"
+        summary["contact_sheet"] = None
+        summary["contact_sheet_skipped"] = why
+    if cfg.video:
+        from wm.data.view import episode_video
+
+        folder = video_dir(cfg)
+        summary["videos"] = {
+            str(e): str(episode_video(store, e, folder / f"episode_{e:04d}.mp4").absolute()) for e in episodes
+        }
+
+
+def info(cfg: InfoConfig) -> int:
+    from wm.data.verify import format_report, verify_store
+
+    extra: dict[str, Any] = {}
+    text = []
+    if cfg.drop_episodes is not None:
+        d = extra["dropped"] = drop(cfg)
+        text.append(
+            f"dropped    episodes {d['episodes']} ({d['before']} -> {d['after']} episodes, crash-safe)"
+        )
+    if cfg.verify:
+        report = verify_store(cfg.store)
+        extra["verify"] = report.to_dict()
+        text.append(format_report(report))
+        if not report.ok:  # reading the store for a summary would only hit the damage
+            print(json.dumps({"path": cfg.store, **extra}) if cfg.format == "json" else "\n".join(text))
+            print(f"error: {report.summary_line()}", file=sys.stderr)
+            return 2
+    try:
+        with DemoStore.open(cfg.store) as store:
+            if isinstance(cfg.episodes, list):  # refused before anything is read or written
+                episodes = check_episodes(store, cfg.episodes)
+            else:
+                episodes = _pick_episodes(store.n_episodes, cfg.episodes, 0)
+            summary = {**summarize(store), **extra}
+            show(cfg, store, summary, episodes)
+    except CorruptStoreError as e:
+        raise CorruptStoreError(f"{e}; list all damage with: wm-info store={cfg.store} verify=true") from e
     if cfg.format == "json":
         print(json.dumps(summary, allow_nan=False))
-    else:
-        print(format_summary(summary))
-        if "contact_sheet" in summary:
-            print(f"contact sheet: {summary['contact_sheet']}")
+        return 0
+    sheet = summary["contact_sheet"] or f"none ({summary['contact_sheet_skipped']})"
+    text += [format_summary(summary), "", f"contact sheet  {sheet}"]
+    text += [f"video          episode {e}: {path}" for e, path in summary.get("videos", {}).items()]
+    print("\n".join(text))
     return 0
 
 

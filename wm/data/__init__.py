@@ -1,15 +1,9 @@
 """Demonstration stores, training windows, normalization, augmentation and converters."""
 
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreError
+from wm.data.ops import copy_episodes, delete_episodes, keep_episodes, merge_stores
 from wm.data.schema import ActionSpace, KeySpec, Schema, infer_schema
-from wm.data.store import (
-    DemoStore,
-    EpisodeWriter,
-    copy_episodes,
-    delete_episodes,
-    keep_episodes,
-    merge_stores,
-)
+from wm.data.store import DemoStore, EpisodeWriter
 
 __all__ = [
     "ActionSpace",

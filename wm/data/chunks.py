@@ -9,11 +9,15 @@ reads chunk files and decodes them directly, checking each chunk's crc32c (zarr 
 project carry one) and Blosc's own length header, so a damaged chunk raises rather than decoding
 to garbage. `ChunkReader.for_array` returns None for any other
 layout, and callers fall back to zarr. Tests check both paths return identical data.
+
+An error names the chunk file, the key, the chunk's step range and, when the caller passes
+`where` (the store does), the episodes those steps belong to.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import google_crc32c
@@ -28,9 +32,18 @@ from wm.data.errors import CorruptStoreError
 class ChunkReader:
     """Reads rows (time steps) of one zarr array by decoding its chunk files directly."""
 
-    def __init__(self, array: zarr.Array, root: Path, blosc: bool, crc: bool) -> None:
+    def __init__(
+        self,
+        array: zarr.Array,
+        root: Path,
+        blosc: bool,
+        crc: bool,
+        where: Callable[[int, int], str] | None = None,
+    ) -> None:
         self.array = array
         self.root = root
+        self.key = array.path.rsplit("/", 1)[-1]
+        self.where = where  # (first step, end step) -> e.g. "episode 3"
         self.blosc = Blosc() if blosc else None
         self.crc = crc
         self.rows_per_chunk = int(array.chunks[0])
@@ -41,8 +54,11 @@ class ChunkReader:
         self._zeros = (0,) * (array.ndim - 1)
 
     @classmethod
-    def for_array(cls, array: zarr.Array) -> ChunkReader | None:
-        """A reader for `array`, or None when its layout is not one this fast path handles."""
+    def for_array(
+        cls, array: zarr.Array, where: Callable[[int, int], str] | None = None
+    ) -> ChunkReader | None:
+        """A reader for `array`, or None when its layout is not one this fast path handles. `where`
+        maps a step range to the episodes it covers, for error messages."""
         if not isinstance(array.store, LocalStore) or sys.byteorder != "little":
             return None
         if tuple(array.chunks[1:]) != tuple(array.shape[1:]) or np.dtype(array.dtype).byteorder == ">":
@@ -54,7 +70,7 @@ class ChunkReader:
             comp = meta.compressor
             if comp is not None and comp.codec_id != "blosc":
                 return None
-            return cls(array, Path(array.store.root) / array.path, blosc=comp is not None, crc=False)
+            return cls(array, Path(array.store.root) / array.path, comp is not None, False, where)
         names = [type(c).__name__ for c in meta.codecs]
         crc = names[-1:] == ["Crc32cCodec"]
         if crc:
@@ -64,10 +80,15 @@ class ChunkReader:
         big = str(getattr(meta.codecs[0], "endian", None)).endswith("big")
         if big and np.dtype(array.dtype).itemsize > 1:
             return None
-        return cls(array, Path(array.store.root) / array.path, blosc=len(names) == 2, crc=crc)
+        return cls(array, Path(array.store.root) / array.path, len(names) == 2, crc, where)
 
-    def _chunk(self, c: int) -> np.ndarray:
-        path = self.root / self._key((c, *self._zeros))
+    def chunk_path(self, c: int) -> Path:
+        """The file holding chunk `c` (steps c * rows_per_chunk onwards)."""
+        return self.root / self._key((c, *self._zeros))
+
+    def read_chunk(self, c: int) -> np.ndarray:
+        """Chunk `c` decoded and checked, as (rows_per_chunk, *shape); CorruptStoreError if damaged."""
+        path = self.chunk_path(c)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:  # never written: zarr's fill value
@@ -86,7 +107,13 @@ class ChunkReader:
                 raw = self.blosc.decode(raw)
             return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
         except Exception as e:
-            raise CorruptStoreError(f"{path}: chunk {c} cannot be decoded ({type(e).__name__}: {e})") from e
+            lo = c * self.rows_per_chunk
+            hi = min(lo + self.rows_per_chunk, int(self.array.shape[0]))
+            where = self.where(lo, hi) if self.where is not None else ""
+            raise CorruptStoreError(
+                f"{path}: chunk {c} of key {self.key!r} (steps {lo}:{hi}{', ' + where if where else ''}) "
+                f"cannot be decoded ({type(e).__name__}: {e})"
+            ) from e
 
     def rows(self, steps: np.ndarray) -> np.ndarray:
         """Rows at sorted unique `steps` as (len(steps), *shape)."""
@@ -94,5 +121,5 @@ class ChunkReader:
         chunk_ids = steps // self.rows_per_chunk
         for c in np.unique(chunk_ids):
             sel = chunk_ids == c
-            out[sel] = self._chunk(int(c))[steps[sel] - c * self.rows_per_chunk]
+            out[sel] = self.read_chunk(int(c))[steps[sel] - c * self.rows_per_chunk]
         return out

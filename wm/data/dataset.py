@@ -35,7 +35,6 @@ from torch.utils.data import (
 )
 
 from wm.data.augment import AugmentConfig, augment
-from wm.data.chunks import ChunkReader
 from wm.data.errors import SchemaError
 from wm.data.store import DemoStore
 from wm.data.windows import WindowSpec, build_index
@@ -85,7 +84,6 @@ class WindowDataset(Dataset):
             in_ram = [k for k in spec.offsets if k not in self.image_keys or in_memory]
             self._ram = store.load_all(in_ram)
         self._store: DemoStore | None = None
-        self._chunk_readers: dict[str, ChunkReader] = {}
         self._pid = -1
         # Episode number of every global step, for the "episode" batch key.
         self._step_episode = np.repeat(
@@ -99,13 +97,11 @@ class WindowDataset(Dataset):
         if self._store is None or self._pid != os.getpid():
             self._store = DemoStore.open(self.path, schema_overrides=self._overrides)
             self._pid = os.getpid()
-            readers = {k: ChunkReader.for_array(self._store.array(k)) for k in self.image_keys}
-            self._chunk_readers = {k: r for k, r in readers.items() if r is not None}
         return self._store
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_store"], state["_pid"], state["_chunk_readers"] = None, -1, {}  # every worker opens its own
+        state["_store"], state["_pid"] = None, -1  # every worker opens its own
         return state
 
     def _frames(self, key: str, steps: np.ndarray) -> np.ndarray:
@@ -113,15 +109,9 @@ class WindowDataset(Dataset):
         if key in self._ram:
             return self._ram[key][steps]
         uniq, inverse = np.unique(steps, return_inverse=True)
-        store = self._reader()
-        fast = self._chunk_readers.get(key)
-        if fast is not None:
-            return fast.rows(uniq)[inverse]
-        if uniq[-1] - uniq[0] + 1 == len(uniq):  # contiguous: one slice
-            block = store.read(key, slice(int(uniq[0]), int(uniq[-1]) + 1))
-        else:
-            block = store.array(key).oindex[uniq]
-        return block[inverse]
+        # Direct chunk decoding where the layout allows, else zarr; a damaged chunk raises
+        # CorruptStoreError naming its file, the key, its steps and their episodes either way.
+        return self._reader().read_rows(key, uniq)[inverse]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([i])[0]

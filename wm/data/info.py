@@ -8,6 +8,7 @@ evenly strided frames, and `contact_sheet` reads just the first and last frame o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,14 @@ def _pick_episodes(n_total: int, n: int, seed: int) -> list[int]:
     return sorted({min(n_total - 1, int(phase + i * stride)) for i in range(n)})
 
 
+def check_episodes(store: DemoStore, episodes: Sequence[int]) -> list[int]:
+    """`episodes` as a list of ints, ValueError naming the store if one is out of range."""
+    bad = [e for e in episodes if not 0 <= int(e) < store.n_episodes]
+    if bad:
+        raise ValueError(f"{store.path}: episodes {bad} out of range (the store has {store.n_episodes})")
+    return [int(e) for e in episodes]
+
+
 def _to_rgb(frame: np.ndarray) -> Image.Image:
     if frame.dtype != np.uint8:  # float images are taken to lie in [0, 1]
         scale = 255.0 if np.issubdtype(frame.dtype, np.floating) else 1.0
@@ -228,14 +237,16 @@ def contact_sheet(
     n_episodes: int = 6,
     image_key: str | None = None,
     seed: int = 0,
+    episodes: Sequence[int] | None = None,
 ) -> Path:
-    """Write a PNG grid with one row per chosen episode: a label (index, length, success), then the
-    first and last frame of each image key (or only `image_key`) at native resolution.
+    """Write a PNG grid with one row per chosen episode (`episodes`, else `n_episodes` evenly spaced
+    ones): a label (index, length, success), then the first and last frame of each image key (or only
+    `image_key`) at native resolution.
 
     Tile of key k (column j, 0 = first, 1 = last) in row r sits at x = LABEL_W + PAD + sum of
     2 * (W + PAD) over earlier keys + j * (W_k + PAD), y = HEADER_H + PAD + r * (row_h + PAD), with
     row_h = max(max H, 3 * LABEL_LINE_H). Raises SchemaError if the store has no image key (or
-    `image_key` is not one) and ValueError if it has no episodes.
+    `image_key` is not one) and ValueError if it has no episodes or `episodes` names one it lacks.
     """
     keys = [image_key] if image_key is not None else store.schema.keys_of_kind("image")
     if not keys:
@@ -245,7 +256,10 @@ def contact_sheet(
             raise SchemaError(f"{store.path}: {k!r} is not an image key of this store")
     if store.n_episodes == 0:
         raise ValueError(f"{store.path}: the store has no episodes to show")
-    episodes = _pick_episodes(store.n_episodes, max(1, n_episodes), seed)
+    if episodes is None:
+        episodes = _pick_episodes(store.n_episodes, max(1, n_episodes), seed)
+    else:
+        episodes = check_episodes(store, episodes)
     shapes = [store.schema.keys[k].shape for k in keys]
     row_h = max(max(s[0] for s in shapes), 3 * LABEL_LINE_H)
     width = LABEL_W + PAD + sum(2 * (s[1] + PAD) for s in shapes)

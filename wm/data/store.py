@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,13 @@ class DemoStore:
     `schema_overrides` corrects it).
     """
 
-    def __init__(self, path: Path, group: zarr.Group, schema: Schema, mode: str, legacy: bool) -> None:
+    def __init__(
+        self, path: Path, group: zarr.Group, schema: Schema, mode: str, legacy: bool, salvage: bool = False
+    ) -> None:
         self.path = path
         self.mode = mode
         self.legacy = legacy  # True when the store carries no schema attributes of its own
+        self.salvage = salvage
         self._group = group
         self._schema = schema
         self._arrays: dict[str, zarr.Array] = {}
@@ -128,11 +131,23 @@ class DemoStore:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, mode: str = "r", schema_overrides: dict[str, Any] | None = None
+        cls,
+        path: str | os.PathLike,
+        mode: str = "r",
+        schema_overrides: dict[str, Any] | None = None,
+        *,
+        salvage: bool = False,
     ) -> DemoStore:
-        """Open an existing store. `mode="a"` repairs what a crashed writer left past the last commit."""
+        """Open an existing store. `mode="a"` repairs what a crashed writer left past the last commit.
+
+        `salvage=True` (read-only; for verifying and rewriting a damaged store, never for training)
+        takes the episode boundaries from the commit record's lengths when `meta/episode_ends` is
+        unreadable, short or decreasing, and tolerates data arrays shorter than the committed steps.
+        """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        if salvage and mode != "r":
+            raise ValueError("a store opened with salvage=True is read-only")
         path = Path(path)
         _finish_swap(path)
         if not path.exists():
@@ -155,7 +170,7 @@ class DemoStore:
         else:
             schema = Schema.from_dict(attrs[SCHEMA_ATTR])
         schema = schema.override(schema_overrides)
-        store = cls(path, group, schema, mode, legacy)
+        store = cls(path, group, schema, mode, legacy, salvage)
         if mode == "a":
             store._repair()
         return store
@@ -213,23 +228,78 @@ class DemoStore:
             raise SchemaError(f"{self.path}: no key {key!r}; the store has {sorted(self._arrays)}")
         return self._arrays[key]
 
+    def episodes_in(self, lo: int, hi: int) -> list[int]:
+        """The committed episodes that hold any of the global steps lo..hi-1."""
+        lo, hi = max(int(lo), 0), min(int(hi), self.n_steps)
+        if hi <= lo:
+            return []
+        first = int(np.searchsorted(self._ends, lo, side="right"))
+        last = int(np.searchsorted(self._ends, hi - 1, side="right"))
+        return list(range(first, last + 1))
+
+    def describe_steps(self, lo: int, hi: int) -> str:
+        """'episode 3', 'episodes 3-5' or '' for global steps lo..hi-1 (for error messages)."""
+        eps = self.episodes_in(lo, hi)
+        if not eps:
+            return ""
+        return f"episode {eps[0]}" if len(eps) == 1 else f"episodes {eps[0]}-{eps[-1]}"
+
+    def chunk_reader(self, key: str) -> ChunkReader | None:
+        """The direct chunk decoder of `key`, or None when its layout needs zarr."""
+        self.array(key)
+        return self._readers.get(key)
+
     def read(self, key: str, sel: slice, episode: int | None = None) -> np.ndarray:
-        """Read `data/<key>[sel]`; a chunk that cannot be decoded raises CorruptStoreError naming it."""
+        """Read `data/<key>[sel]`; a chunk that cannot be decoded raises CorruptStoreError naming its
+        file, the key, its steps and their episodes."""
         arr = self.array(key)
-        ep = f"episode {episode}, " if episode is not None else ""
-        where = f"key {key!r}, {ep}steps {sel.start}:{sel.stop}"
-        try:
-            fast = self._readers.get(key)
-            if fast is not None:
-                return fast.rows(np.arange(*sel.indices(arr.shape[0])))
-            return arr[sel]
-        except CorruptStoreError as e:
-            raise CorruptStoreError(f"{e} ({where})") from e
-        except Exception as e:  # zarr's codec errors come as RuntimeError, ValueError, TypeError...
+        n = int(arr.shape[0])
+        if sel.stop is not None and sel.stop > n:  # only a salvaged store lets a read reach past the end
+            where = f"episode {episode}" if episode is not None else self.describe_steps(n, sel.stop)
             raise CorruptStoreError(
-                f"{self.path}/data/{key}: cannot decode ({where}, chunks of {arr.chunks[0]} steps): "
-                f"{type(e).__name__}: {e}"
-            ) from e
+                f"{self.path}/data/{key}: has {n} steps; steps {n}:{sel.stop} ({where}) are missing"
+            )
+        return self._read_steps(key, np.arange(*sel.indices(n)), lambda: arr[sel])
+
+    def read_rows(self, key: str, steps: np.ndarray) -> np.ndarray:
+        """Rows at sorted unique global `steps` of `key` as (len(steps), *shape), errors as in `read`."""
+        arr = self.array(key)
+        steps = np.asarray(steps, dtype=np.int64)
+        if len(steps) and steps[-1] - steps[0] + 1 == len(steps):  # contiguous: one slice
+            return self._read_steps(key, steps, lambda: arr[int(steps[0]) : int(steps[-1]) + 1])
+        return self._read_steps(key, steps, lambda: arr.oindex[steps])
+
+    def _read_steps(self, key: str, steps: np.ndarray, via_zarr: Any) -> np.ndarray:
+        fast = self._readers.get(key)
+        if fast is not None:
+            return fast.rows(steps)  # its errors already name file, key, steps and episodes
+        try:
+            return via_zarr()
+        except Exception as e:  # zarr's codec errors come as RuntimeError, ValueError, TypeError...
+            raise self._locate_damage(key, steps, e) from e
+
+    def _locate_damage(self, key: str, steps: np.ndarray, err: Exception) -> CorruptStoreError:
+        """Zarr's error names no chunk: decode the chunks of `steps` one by one to find the bad one."""
+        arr = self.array(key)
+        rows = int(arr.chunks[0])
+        zeros = (0,) * (arr.ndim - 1)
+        for c in np.unique(steps // rows) if len(steps) else []:
+            lo, hi = int(c) * rows, min((int(c) + 1) * rows, arr.shape[0])
+            try:
+                arr[lo:hi]
+            except Exception as e:
+                chunk = f"{self.path}/data/{key}/{arr.metadata.encode_chunk_key((int(c), *zeros))}"
+                where = self.describe_steps(lo, hi)
+                return CorruptStoreError(
+                    f"{chunk}: chunk {int(c)} of key {key!r} (steps {lo}:{hi}{', ' + where if where else ''})"
+                    f" cannot be decoded ({type(e).__name__}: {e})"
+                )
+        lo, hi = (int(steps[0]), int(steps[-1]) + 1) if len(steps) else (0, 0)
+        where = self.describe_steps(lo, hi)
+        return CorruptStoreError(
+            f"{self.path}/data/{key}: cannot decode steps {lo}:{hi}{' (' + where + ')' if where else ''}: "
+            f"{type(err).__name__}: {err}"
+        )
 
     def get_episode(self, i: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Episode `i` as {key: (T, *shape)} arrays."""
@@ -246,34 +316,28 @@ class DemoStore:
         # zarr caches metadata in the group and array objects: open them afresh.
         self._group = zarr.open_group(store=self._group.store, mode="r" if self.mode == "r" else "r+")
         attrs = dict(self._group.attrs)
-        try:
-            ends = np.asarray(self._group["meta/episode_ends"][:], dtype=np.int64)
-        except Exception as e:
-            raise CorruptStoreError(f"{self.path}/meta/episode_ends: cannot be read: {e}") from e
-        if EPISODES_ATTR in attrs:
-            n = len(attrs[EPISODES_ATTR])
-            if len(ends) < n:
-                raise CorruptStoreError(
-                    f"{self.path}/meta/episode_ends: has {len(ends)} entries but {n} episodes are committed"
-                )
-            ends = ends[:n]
-            info = list(attrs[EPISODES_ATTR])
-        else:
-            info = [{} for _ in range(len(ends))]
-        if len(ends) and (np.any(np.diff(ends) < 0) or ends[0] < 0):
-            raise CorruptStoreError(f"{self.path}/meta/episode_ends: not non-decreasing: {ends[:10]}...")
+        records = attrs.get(EPISODES_ATTR)
+        ends, problem = read_episode_ends(self.path, self._group, records)
+        if problem is not None:
+            lengths = commit_lengths(records)
+            if not self.salvage or lengths is None:
+                raise CorruptStoreError(problem)
+            ends = np.cumsum(np.asarray(lengths, dtype=np.int64))  # the commit record's boundaries
+        info = list(records) if records is not None else [{} for _ in range(len(ends))]
         data = self._group["data"]
         present = dict(data.arrays())
         for key in self._schema.keys:
             if key not in present:
                 raise SchemaError(f"{self.path}: the schema declares key {key!r} but data/{key} is missing")
-            if present[key].shape[0] < (int(ends[-1]) if len(ends) else 0):
+            if present[key].shape[0] < (int(ends[-1]) if len(ends) else 0) and not self.salvage:
                 raise CorruptStoreError(
                     f"{self.path}/data/{key}: has {present[key].shape[0]} steps "
                     f"but episodes end at {int(ends[-1])}"
                 )
         self._arrays = {k: present[k] for k in self._schema.keys}
-        self._readers = {k: r for k, a in self._arrays.items() if (r := ChunkReader.for_array(a)) is not None}
+        self._readers = {
+            k: r for k, a in self._arrays.items() if (r := ChunkReader.for_array(a, self.describe_steps))
+        }
         self._ends = ends
         self._info = info
 
@@ -342,6 +406,38 @@ class DemoStore:
         for arr in self._arrays.values():
             if arr.shape[0] > n_steps:
                 arr.resize((n_steps, *arr.shape[1:]))
+
+
+def commit_lengths(records: Any) -> list[int] | None:
+    """Episode lengths from a commit record, or None when it does not hold a positive length for each."""
+    if not isinstance(records, list):
+        return None
+    lengths = [r.get("length") if isinstance(r, dict) else None for r in records]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+        return None
+    return lengths
+
+
+def read_episode_ends(path: Path, group: zarr.Group, records: Any) -> tuple[np.ndarray, str | None]:
+    """The committed part of `meta/episode_ends` and a one-line problem if it cannot be used: unreadable,
+    fewer entries than committed episodes, or decreasing."""
+    try:
+        ends = np.asarray(group["meta/episode_ends"][:], dtype=np.int64)
+    except Exception as e:
+        return np.zeros(0, np.int64), f"{path}/meta/episode_ends: cannot be read ({type(e).__name__}: {e})"
+    if isinstance(records, list):
+        if len(ends) < len(records):
+            return ends, (
+                f"{path}/meta/episode_ends: has {len(ends)} entries but {len(records)} episodes are committed"
+            )
+        ends = ends[: len(records)]
+    if len(ends) and (np.any(np.diff(ends) < 0) or ends[0] < 0):
+        bad = int(np.argmax(np.diff(ends, prepend=0) < 0))
+        return ends, (
+            f"{path}/meta/episode_ends: decreases at entry {bad} "
+            f"({int(ends[bad - 1]) if bad else 0} -> {int(ends[bad])})"
+        )
+    return ends, None
 
 
 class EpisodeWriter:
@@ -470,77 +566,16 @@ class EpisodeWriter:
         self._store._writing = None
 
 
-# ---------------------------------------------------------------------- whole-store operations
-def copy_episodes(src: DemoStore, dst: DemoStore, episodes: Sequence[int] | None = None) -> list[int]:
-    """Append episodes of `src` (all by default) to `dst`, with their info; returns their new indices."""
-    if set(src.keys) != set(dst.keys):
-        raise SchemaError(
-            f"{src.path} and {dst.path} have different keys: {sorted(src.keys)} vs {sorted(dst.keys)}"
-        )
-    for k in src.keys:
-        a, b = src.schema.keys[k], dst.schema.keys[k]
-        if (a.shape, a.dtype) != (b.shape, b.dtype):
-            raise SchemaError(
-                f"key {k!r}: {src.path} has {a.shape} {a.dtype}, {dst.path} has {b.shape} {b.dtype}"
-            )
-    out = []
-    for i in range(src.n_episodes) if episodes is None else episodes:
-        info = src.episode_info(i)
-        info.pop("length", None)
-        out.append(dst.append_episode(src.get_episode(i), info))
-    return out
-
-
-def merge_stores(
-    sources: Sequence[str | os.PathLike], dst: str | os.PathLike, **create_kwargs: Any
-) -> DemoStore:
-    """Write a new store at `dst` holding every episode of `sources`, in order (schema of the first)."""
-    if not sources:
-        raise ValueError("merge_stores needs at least one source store")
-    stores = [DemoStore.open(p) for p in sources]
-    out = DemoStore.create(dst, stores[0].schema, **create_kwargs)
-    for s in stores:
-        copy_episodes(s, out)
-        s.close()
-    return out
-
-
-def keep_episodes(path: str | os.PathLike, keep: Sequence[int]) -> None:
-    """Rewrite the store at `path` with only the episodes `keep` (in that order), crash-safely: the new
-    store is written beside the old one and swapped in by renames; the old one is removed last."""
-    path = Path(path)
-    tmp, old = path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
-    src = DemoStore.open(path)
-    image_keys = src.schema.keys_of_kind("image")
-    out = DemoStore.create(
-        tmp,
-        src.schema,
-        zarr_format=src.zarr_format,
-        frames_per_chunk=src.array(image_keys[0]).chunks[0] if image_keys else 1,
-        overwrite=True,
-    )
-    copy_episodes(src, out, list(keep))
-    src.close()
-    out.close()
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old)
+# ---------------------------------------------------------------------- whole-store rewrites
+def swap_paths(path: Path) -> tuple[Path, Path]:
+    """(new store written beside `path`, old store moved aside) of a crash-safe rewrite (wm.data.ops)."""
+    return path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
 
 
 def _finish_swap(path: Path) -> None:
     """Complete a `keep_episodes` swap that a crash interrupted between its two renames."""
-    tmp, old = path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
+    tmp, old = swap_paths(path)
     if not path.exists() and old.exists():
         os.replace(tmp if tmp.exists() else old, path)
     if path.exists() and old.exists():
         shutil.rmtree(old)
-
-
-def delete_episodes(path: str | os.PathLike, episodes: Iterable[int]) -> None:
-    """Remove `episodes` from the store at `path` (crash-safe, see `keep_episodes`)."""
-    with DemoStore.open(path) as s:
-        n = s.n_episodes
-    drop = {i % n for i in episodes}
-    keep_episodes(path, [i for i in range(n) if i not in drop])

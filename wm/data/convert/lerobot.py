@@ -6,7 +6,7 @@ per-camera video file and `from_timestamp`), `data/chunk-*/file-*.parquet` (one 
 episodes per file; image features are PNG bytes), `videos/<key>/chunk-*/file-*.mp4` (many episodes
 concatenated per file).
 
-Key mapping (LeRobot -> store, inverted by `store_to_lerobot`):
+Key mapping, LeRobot -> store, for datasets without our metadata:
     observation.images.X -> X (image, HWC uint8)    observation.state -> state (proprio)
     observation.Y        -> Y (proprio)             action            -> action (action)
     timestamp            -> timestamp (timestamp)   anything else     -> same name (lowdim)
@@ -14,6 +14,10 @@ A camera feature outside `observation.images.` keeps its full name. frame_index,
 index and task_index are bookkeeping and are not copied; string features are skipped. Per-step
 shapes are LeRobot's (so scalars are (1,)). Each episode's task goes into its info as "task" (with
 "tasks" listing them all when an episode has several).
+
+Store -> LeRobot follows LeRobot's naming (observation.state, observation.images.<cam>, action) and
+carries the schema and each episode's info in `wm_stack` metadata, so that importing the export
+gives back the same store; `wm.data.convert.lerobot_meta` describes the layout.
 
 Reading does not go through `LeRobotDataset.__getitem__`: parquet files are read whole with pyarrow,
 PNG images decoded exactly with PIL, and videos decoded with PyAV, one seek per episode.
@@ -25,53 +29,34 @@ import io
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wm.data.convert.lerobot_meta import (
+    BOOKKEEPING,
+    ExportPlan,
+    carried_episode_info,
+    image_feature_spec,
+    infer_key,
+    plan_export,
+    read_carried,
+    relative_timestamps,
+    warn,
+    write_carried,
+)
 from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import KeySpec, Schema
 from wm.data.store import DemoStore
 
-IMAGES_PREFIX = "observation.images."
-OBS_PREFIX = "observation."
-BOOKKEEPING = ("frame_index", "episode_index", "index", "task_index")
-_CAMERA_DTYPES = ("image", "video")
-_IMAGE_NAMES = ["height", "width", "channels"]
 WRITE_STEPS = 256  # frames decoded and appended at a time, bounding memory for long image episodes
 
 
 def is_lerobot_dataset(path: str | os.PathLike) -> bool:
     """True if `path` is a directory holding `meta/info.json`."""
     return (Path(path) / "meta" / "info.json").is_file()
-
-
-# ---------------------------------------------------------------------- key mapping
-def lerobot_to_store_key(name: str, dtype: str) -> tuple[str, str]:
-    """(store key, kind) for the LeRobot feature `name` of feature dtype `dtype`."""
-    if dtype in _CAMERA_DTYPES:
-        return (name[len(IMAGES_PREFIX) :] if name.startswith(IMAGES_PREFIX) else name), "image"
-    if name == "action":
-        return "action", "action"
-    if name == "timestamp":
-        return "timestamp", "timestamp"
-    if name.startswith(OBS_PREFIX):
-        return name[len(OBS_PREFIX) :], "proprio"
-    return name, "lowdim"
-
-
-def store_to_lerobot_key(key: str, kind: str) -> str | None:
-    """The LeRobot feature name of store key `key` of `kind`; None for keys LeRobot makes itself."""
-    if kind in ("timestamp", "language"):
-        return None
-    if kind == "image":
-        return key if key.startswith(OBS_PREFIX) else IMAGES_PREFIX + key
-    if kind == "proprio":
-        return key if key.startswith(OBS_PREFIX) else OBS_PREFIX + key
-    return key
 
 
 # ---------------------------------------------------------------------- LeRobot -> store
@@ -81,7 +66,8 @@ def lerobot_to_store(
     """Convert the local LeRobot v3.0 dataset at `src_root` into a new store at `dst` (returned read-only).
 
     The store is written under a temporary name beside `dst` and renamed into place when complete.
-    Raises NotAStoreError for a directory that is not a LeRobot v3.0 dataset.
+    Raises NotAStoreError for a directory that is not a LeRobot v3.0 dataset. A dataset exported by
+    `store_to_lerobot` comes back with its schema, key names, shapes, dtypes and episode info.
     """
     src, dst = Path(src_root), Path(dst)
     if dst.exists() and not overwrite:
@@ -89,7 +75,7 @@ def lerobot_to_store(
     info = _load_info(src)
     episodes = _load_episodes(src)
     tasks = _load_tasks(src)
-    schema, features = _schema_from_info(info, src, tasks)
+    schema, features = read_carried(src, info) or _schema_from_info(info, src, tasks)
     tmp = dst.with_name(f".{dst.name}.converting")
     store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
     videos = _VideoFrames(float(info["fps"]))
@@ -98,8 +84,12 @@ def lerobot_to_store(
             with store.begin_episode() as writer:
                 for lo in range(0, part.num_rows, WRITE_STEPS):
                     rows = part.slice(lo, WRITE_STEPS)
-                    writer.add_steps(_read_rows(src, info, ep, rows, features, videos, data_file))
-                writer.end(_episode_info(ep, part.column("task_index").to_numpy(), tasks))
+                    block = _read_rows(src, info, ep, rows, features, videos, data_file)
+                    writer.add_steps({k: v.reshape(len(v), *schema.keys[k].shape) for k, v in block.items()})
+                info_ = carried_episode_info(ep)  # exact, when this dataset is our export
+                if info_ is None:
+                    info_ = _episode_info(ep, part.column("task_index").to_numpy(), tasks)
+                writer.end(info_)
     except BaseException:
         store.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,15 +156,6 @@ def _load_tasks(src: Path) -> dict[int, str]:
     return {int(i): str(t) for t, i in zip(df.index, df["task_index"], strict=True)}
 
 
-def _image_shape(ft: dict[str, Any]) -> tuple[int, ...]:
-    """(H, W, C) of a camera feature, whose shape LeRobot writes as (H, W, C) or, in old sets, (C, H, W)."""
-    shape = tuple(int(s) for s in ft["shape"])
-    names = ft.get("names") if isinstance(ft.get("names"), list) else []
-    if len(shape) == 3 and (names[:1] in (["channels"], ["channel"]) or shape[-1] not in (1, 3, 4)):
-        return (shape[1], shape[2], shape[0])
-    return shape
-
-
 def _schema_from_info(
     info: dict[str, Any], src: Path, tasks: dict[int, str]
 ) -> tuple[Schema, dict[str, str]]:
@@ -186,16 +167,16 @@ def _schema_from_info(
             continue
         dtype = str(ft.get("dtype"))
         if dtype == "string":
-            warnings.warn(f"{src}: LeRobot string feature {name!r} is not copied", stacklevel=3)
+            warn(f"{src}: LeRobot string feature {name!r} is not copied")
             continue
-        key, kind = lerobot_to_store_key(name, dtype)
+        key, kind = infer_key(name, dtype)
         if key in features:
             raise SchemaError(
                 f"{src}: LeRobot features {features[key]!r} and {name!r} both map to store key {key!r}"
             )
         try:
             if kind == "image":
-                spec = KeySpec(shape=_image_shape(ft), dtype="uint8", kind="image")
+                spec = image_feature_spec(ft)
             else:
                 shape = tuple(int(s) for s in ft["shape"])
                 names = ft.get("names")
@@ -275,10 +256,11 @@ def _read_rows(
             )
             start = float(ep[f"videos/{name}/from_timestamp"])
             ts = part.column("timestamp").to_numpy()
-            out[key] = videos.read(path, start, ts, _image_shape(feats[name]), f"key {name!r}, episode {idx}")
+            shape = image_feature_spec(feats[name]).shape
+            out[key] = videos.read(path, start, ts, shape, f"key {name!r}, episode {idx}")
         elif dtype == "image":
             where = f"{data_file}: key {name!r}, episode {idx}"
-            out[key] = _decode_images(part.column(name), _image_shape(feats[name]), src, where)
+            out[key] = _decode_images(part.column(name), image_feature_spec(feats[name]).shape, src, where)
         else:
             out[key] = _column_to_numpy(part.column(name), tuple(feats[name]["shape"]), dtype)
     return out
@@ -391,8 +373,11 @@ def store_to_lerobot(
     """Write the store `src_store` (a DemoStore or its path) as a LeRobot v3.0 dataset at `dst_root`.
 
     Image keys are stored as PNG images, or as AV1 video with `use_videos=True`. Each episode's task
-    is its info "task", else the schema's task, else "default". In image mode the store's timestamps
-    are written as they are; video mode needs LeRobot's frame_index / fps grid.
+    is its info "task", else the schema's task, else "default". LeRobot's `timestamp` is seconds since
+    the episode's first step (video mode: the frame_index / fps grid LeRobot finds frames by); the
+    store's own values ride along exactly when that column cannot reproduce them. Keys LeRobot cannot
+    hold are left out with a warning line; the schema and episode info are carried (see
+    `wm.data.convert.lerobot_meta`).
     """
     dst = Path(dst_root)
     if dst.exists() and not overwrite:
@@ -412,68 +397,53 @@ def store_to_lerobot(
     return dst
 
 
-def _lerobot_features(schema: Schema) -> dict[str, str]:
-    """{store key: LeRobot feature name} for the keys that are copied."""
-    actions = schema.keys_of_kind("action")
-    out: dict[str, str] = {}
-    for key, spec in schema.keys.items():
-        name = store_to_lerobot_key(key, spec.kind)
-        if spec.kind == "action" and len(actions) == 1:
-            name = "action"
-        if name is None:
-            continue
-        if name in out.values() or name in BOOKKEEPING:
-            raise SchemaError(f"store key {key!r} maps to LeRobot feature {name!r}, which is already taken")
-        out[key] = name
-    return out
-
-
-def _feature_dict(spec: KeySpec, use_videos: bool) -> dict[str, Any]:
-    if spec.kind == "image":
-        return {"dtype": "video" if use_videos else "image", "shape": spec.shape, "names": list(_IMAGE_NAMES)}
-    return {"dtype": spec.dtype, "shape": spec.shape or (1,), "names": list(spec.names) or None}
-
-
 def _write_lerobot(store: DemoStore, dst: Path, repo_id: str, use_videos: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a conversion never needs the hub
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     schema = store.schema
-    names = _lerobot_features(schema)
-    features = {n: _feature_dict(schema.keys[k], use_videos) for k, n in names.items()}
-    ts_keys = schema.keys_of_kind("timestamp")
-    ts_key = "timestamp" if "timestamp" in ts_keys else (ts_keys[0] if ts_keys else None)
+    plan = plan_export(store, use_videos)
     fps = schema.fps
     has_images = bool(schema.keys_of_kind("image"))
     ds = LeRobotDataset.create(
         repo_id,
         int(round(fps)) if abs(fps - round(fps)) < 1e-6 else fps,
-        features,
+        plan.features,
         root=dst,
         robot_type=schema.robot or None,
         use_videos=use_videos,
         image_writer_threads=4 if has_images and not use_videos else 0,
         streaming_encoding=use_videos,
     )
+    infos = []
     try:
         for i in range(store.n_episodes):
-            ep = store.get_episode(i)
-            info = store.episode_info(i)
-            task = str(info.get("task") or schema.task or "default")
-            n = len(next(iter(ep.values())))
-            for t in range(n):
-                frame: dict[str, Any] = {"task": task}
-                for key, name in names.items():
-                    frame[name] = _frame_value(ep[key][t], features[name])
-                ds.add_frame(frame)
-            if ts_key is not None:
-                ts = ep[ts_key].reshape(n, -1)[:, 0]
-                _set_timestamps(ds, ts, fps, use_videos, f"{store.path}: key {ts_key!r}, episode {i}")
-            _squeeze_scalar_features(ds, features)
-            ds.save_episode()
+            infos.append(_write_episode(ds, store, i, plan, use_videos))
     finally:
         ds.stop_image_writer()
         ds.finalize()
+    write_carried(dst, schema, plan, infos)
+
+
+def _write_episode(ds: Any, store: DemoStore, i: int, plan: ExportPlan, use_videos: bool) -> dict[str, Any]:
+    """Add episode `i` to the LeRobot dataset `ds`; returns its info (as carried in the metadata)."""
+    ep = store.get_episode(i, keys=list(plan.names))
+    info = store.episode_info(i)
+    info.pop("length", None)  # the store's commit record adds it back
+    task = str(info.get("task") or store.schema.task or "default")
+    n = int(store.episode_lengths()[i])
+    for t in range(n):
+        frame: dict[str, Any] = {"task": task}
+        for key, name in plan.names.items():
+            if name != "timestamp":
+                frame[name] = _frame_value(ep[key][t], plan.features[name])
+        ds.add_frame(frame)
+    if plan.timestamp_key is not None:  # add_frame refuses a `timestamp` key in 0.4.4
+        ts = relative_timestamps(ep[plan.timestamp_key].reshape(n), store.schema.fps, use_videos)
+        ds.episode_buffer["timestamp"] = [float(x) for x in ts]
+    _squeeze_scalar_features(ds, plan.features)
+    ds.save_episode()
+    return info
 
 
 def _squeeze_scalar_features(ds: Any, features: dict[str, dict[str, Any]]) -> None:
@@ -494,16 +464,3 @@ def _frame_value(v: np.ndarray, feature: dict[str, Any]) -> Any:
     if feature["dtype"] == "image":
         return Image.fromarray(v.squeeze(-1) if v.shape[-1] == 1 else v)
     return v.reshape(feature["shape"])
-
-
-def _set_timestamps(ds: Any, ts: np.ndarray, fps: float, use_videos: bool, where: str) -> None:
-    """Put the store's timestamps in the episode buffer (add_frame refuses a `timestamp` key in 0.4.4).
-    Video frames are found by timestamp, so video mode keeps LeRobot's frame_index / fps grid."""
-    grid = np.arange(len(ts)) / fps
-    if use_videos:
-        if np.abs((ts - ts[0]) - grid).max() > 0.5 / fps:
-            warnings.warn(
-                f"{where}: timestamps off the 1/fps grid are replaced by it (LeRobot video)", stacklevel=4
-            )
-        return
-    ds.episode_buffer["timestamp"] = [float(x) for x in np.asarray(ts, dtype=np.float32)]

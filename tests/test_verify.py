@@ -1,0 +1,180 @@
+"""`wm-info verify=true` and `drop_episodes=[...]`: every kind of damage is found, named (key, chunk
+file, steps, episodes) and repaired by the printed command; refused commands change nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import make_episode, make_schema
+
+from wm.data import CorruptStoreError, DemoStore
+from wm.data.verify import format_report, verify_store
+
+BIN = Path(sys.executable).parent
+LENGTHS = [7, 8, 9, 10, 11]  # the small_store fixture's episodes
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "wm-info"), *args], capture_output=True, text=True, timeout=300)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` (and beside it) with a hash of its bytes."""
+    return {
+        str(f.relative_to(root.parent)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(root.parent.rglob("*"))
+        if f.is_file()
+    }
+
+
+def truncate(chunk: Path) -> None:
+    raw = chunk.read_bytes()
+    chunk.write_bytes(raw[: len(raw) // 3])
+
+
+def assert_one_error_line(res: subprocess.CompletedProcess, *words: str) -> None:
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_clean_store_verifies(small_store):
+    path, _ = small_store
+    report = verify_store(path)
+    assert report.ok and report.repair_command() is None
+    assert report.chunks_checked == sum(LENGTHS) + 2  # one per frame, one per low-dim key
+    res = cli(f"store={path}", "verify=true", "contact_sheet=none")
+    assert res.returncode == 0, res.stderr
+    assert "no damage found" in res.stdout and res.stderr == ""
+
+
+def test_truncated_image_chunk_is_named_and_repaired(small_store):
+    path, eps = small_store
+    chunk = path / "data" / "img" / "c" / "8" / "0" / "0" / "0"  # step 8: episode 1
+    truncate(chunk)
+    before = snapshot(path)
+    res = cli(f"store={path}", "verify=true")
+    assert_one_error_line(res, str(path), "episodes [1]", "drop_episodes=[1]")
+    assert f"data/img  chunk file {chunk}  steps 8:9  episodes [1]: cannot be decoded" in res.stdout
+    assert snapshot(path) == before  # verifying wrote nothing, not even a contact sheet
+
+    # the printed command is the repair
+    cmd = next(line for line in res.stdout.splitlines() if line.startswith("repair"))
+    argv = shlex.split(cmd.removeprefix("repair").strip())
+    assert argv[0] == "wm-info"
+    res = cli(*argv[1:], "verify=true", "contact_sheet=none")
+    assert res.returncode == 0, res.stderr
+    assert "dropped    episodes [1] (5 -> 4 episodes" in res.stdout and "no damage found" in res.stdout
+    with DemoStore.open(path) as s:
+        assert s.n_episodes == 4
+        for new, old in enumerate([0, 2, 3, 4]):
+            np.testing.assert_array_equal(s.get_episode(new)["img"], eps[old]["img"])
+            assert s.episode_info(new)["notes"] == f"ep{old}"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["small.zarr"]  # no leftovers
+
+
+def test_lowdim_chunk_damage_touches_every_episode_in_it(small_store):
+    path, _ = small_store
+    truncate(path / "data" / "state" / "c" / "0" / "0")
+    report = verify_store(path)
+    (p,) = report.problems
+    assert p.what == "data/state" and p.steps == (0, sum(LENGTHS)) and p.episodes == (0, 1, 2, 3, 4)
+    assert report.repair_command().endswith("'drop_episodes=[0,1,2,3,4]'")
+
+
+def test_zarr2_store_damage_is_found_without_checksums(tmp_path):
+    path = tmp_path / "v2.zarr"
+    with DemoStore.create(path, make_schema(), zarr_format=2) as s:
+        for i in range(3):
+            s.append_episode(make_episode(i, 4))
+    truncate(path / "data" / "img" / "5.0.0.0")
+    report = verify_store(path)
+    assert [(p.steps, p.episodes) for p in report.problems] == [((5, 6), (1,))]
+    assert "Blosc header" in report.problems[0].detail
+
+
+def test_unreadable_episode_ends_fall_back_to_the_commit_record(small_store):
+    path, eps = small_store
+    truncate(path / "meta" / "episode_ends" / "c" / "0")
+    with pytest.raises(CorruptStoreError, match="episode_ends"):
+        DemoStore.open(path)  # readers refuse it
+    report = verify_store(path)
+    (p,) = report.problems
+    assert p.what == "meta/episode_ends" and "taken from the commit record" in p.detail
+    assert report.repair_command().endswith("'drop_episodes=[]'")  # nothing to drop: a rewrite
+    res = cli(f"store={path}", "drop_episodes=[]", "verify=true", "contact_sheet=none")
+    assert res.returncode == 0, res.stderr
+    with DemoStore.open(path) as s:
+        assert list(s.episode_lengths()) == LENGTHS
+        np.testing.assert_array_equal(s.get_episode(4)["state"], eps[4]["state"])
+
+
+def test_short_data_array_and_commit_mismatch(small_store):
+    path, _ = small_store
+    group = zarr.open_group(str(path), mode="r+")
+    group["data/action"].resize((40, 2))  # episode 4 (steps 34:45) lost its last 5 actions
+    records = group.attrs["wm_episodes"]
+    records[0]["length"] = 6
+    group.attrs["wm_episodes"] = records
+    report = verify_store(path)
+    text = format_report(report)
+    assert "data/action  steps 40:45  episodes [4]: has 40 steps, the episodes need 45" in text
+    assert "episode 0 has length 6 in the commit record, 7 in meta/episode_ends" in text
+    assert report.damaged_episodes == [4]
+    res = cli(f"store={path}", "drop_episodes=[4]", "verify=true", "contact_sheet=none")
+    assert res.returncode == 0, res.stderr
+    with DemoStore.open(path) as s:
+        assert list(s.episode_lengths()) == LENGTHS[:4] and s.episode_info(0)["length"] == 7
+
+
+def test_non_finite_actions_are_damage(small_store):
+    path, _ = small_store
+    zarr.open_group(str(path), mode="r+")["data/action"][20, 1] = np.nan  # step 20: episode 2
+    (p,) = verify_store(path).problems
+    assert p.episodes == (2,) and "non-finite values at 1 step(s), the first at step 20" in p.detail
+
+
+def test_verify_json(small_store):
+    path, _ = small_store
+    truncate(path / "data" / "img" / "c" / "30" / "0" / "0" / "0")
+    res = cli(f"store={path}", "verify=true", "format=json")
+    assert res.returncode == 2
+    out = json.loads(res.stdout)["verify"]
+    assert out["ok"] is False and out["damaged_episodes"] == [3]
+    assert out["problems"][0]["file"].endswith("data/img/c/30/0/0/0")
+    assert out["repair"].endswith("'drop_episodes=[3]'")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["drop_episodes=[9]"], ["episodes [9] out of range", "5 episodes"]),
+        (["drop_episodes=[0]"], ["c/8/0/0/0", "'img'", "episode 1", "cannot be decoded"]),  # 1 kept
+        (["drop_episodes=3"], ["drop_episodes must be a list"]),
+        (["episodes=[2,99]", "video=true"], ["episodes [99] out of range"]),
+    ],
+)
+def test_refused_commands_change_nothing(small_store, args, words):
+    path, _ = small_store
+    truncate(path / "data" / "img" / "c" / "8" / "0" / "0" / "0")
+    before = snapshot(path)
+    res = cli(f"store={path}", *args)
+    assert_one_error_line(res, *words)
+    assert snapshot(path) == before
+
+
+def test_damage_hit_by_a_plain_summary_points_to_verify(small_store):
+    path, _ = small_store
+    truncate(path / "data" / "img" / "c" / "0" / "0" / "0" / "0")  # the contact sheet reads frame 0
+    res = cli(f"store={path}", "contact_sheet=none")  # image stats stride over frame 0 too
+    assert_one_error_line(res, "episode 0", "verify=true")

@@ -1,0 +1,106 @@
+"""Whole-store operations: copy, merge, keep and delete episodes.
+
+`keep_episodes` / `delete_episodes` rewrite a store crash-safely: the new store is written beside
+the old one (`<store>.wm-new`), then swapped in by two renames (old to `<store>.wm-old`, new into
+place) and the old one removed; `DemoStore.open` completes a swap a crash interrupted. They read
+the source with `salvage=True`, which is how `wm-info ... drop_episodes=[...]` repairs a damaged
+store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from wm.data.errors import SchemaError
+from wm.data.store import DemoStore, swap_paths
+
+
+def copy_episodes(src: DemoStore, dst: DemoStore, episodes: Sequence[int] | None = None) -> list[int]:
+    """Append episodes of `src` (all by default) to `dst`, with their info; returns their new indices."""
+    if set(src.keys) != set(dst.keys):
+        raise SchemaError(
+            f"{src.path} and {dst.path} have different keys: {sorted(src.keys)} vs {sorted(dst.keys)}"
+        )
+    for k in src.keys:
+        a, b = src.schema.keys[k], dst.schema.keys[k]
+        if (a.shape, a.dtype) != (b.shape, b.dtype):
+            raise SchemaError(
+                f"key {k!r}: {src.path} has {a.shape} {a.dtype}, {dst.path} has {b.shape} {b.dtype}"
+            )
+    out = []
+    for i in range(src.n_episodes) if episodes is None else episodes:
+        info = src.episode_info(i)
+        info.pop("length", None)
+        out.append(dst.append_episode(src.get_episode(i), info))
+    return out
+
+
+def merge_stores(
+    sources: Sequence[str | os.PathLike], dst: str | os.PathLike, **create_kwargs: Any
+) -> DemoStore:
+    """Write a new store at `dst` holding every episode of `sources`, in order (schema of the first)."""
+    if not sources:
+        raise ValueError("merge_stores needs at least one source store")
+    stores = [DemoStore.open(p) for p in sources]
+    out = DemoStore.create(dst, stores[0].schema, **create_kwargs)
+    for s in stores:
+        copy_episodes(s, out)
+        s.close()
+    return out
+
+
+def keep_episodes(path: str | os.PathLike, keep: Sequence[int]) -> None:
+    """Rewrite the store at `path` with only the episodes `keep` (in that order), crash-safely: the new
+    store is written beside the old one and swapped in by renames; the old one is removed last.
+
+    The store is read with `salvage=True`, so this also rewrites a store whose `meta/episode_ends` is
+    damaged (boundaries from the commit record) or whose data lost steps, as long as every kept
+    episode reads cleanly; otherwise the error is raised and the store is left as it was.
+    """
+    path = Path(path)
+    tmp, old = swap_paths(path)
+    src = DemoStore.open(path, salvage=True)
+    try:
+        n = src.n_episodes
+        bad = [i for i in keep if not -n <= int(i) < n]
+        if bad:
+            raise ValueError(f"{path}: episodes {bad} out of range (the store has {n} episodes)")
+        image_keys = src.schema.keys_of_kind("image")
+        out = DemoStore.create(
+            tmp,
+            src.schema,
+            zarr_format=src.zarr_format,
+            frames_per_chunk=src.array(image_keys[0]).chunks[0] if image_keys else 1,
+            overwrite=True,
+        )
+        try:
+            copy_episodes(src, out, [int(i) % n for i in keep])
+        finally:
+            out.close()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the store itself was not touched
+        raise
+    finally:
+        src.close()
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+
+
+def delete_episodes(path: str | os.PathLike, episodes: Iterable[int]) -> None:
+    """Remove `episodes` (negative indices count from the end) from the store at `path`; later episodes
+    move up. Crash-safe and all-or-nothing, see `keep_episodes`."""
+    with DemoStore.open(path, salvage=True) as s:
+        n = s.n_episodes
+    episodes = [int(i) for i in episodes]
+    bad = [i for i in episodes if not -n <= i < n]
+    if bad:
+        raise ValueError(f"{path}: episodes {bad} out of range (the store has {n} episodes)")
+    drop = {i % n for i in episodes}
+    keep_episodes(path, [i for i in range(n) if i not in drop])
