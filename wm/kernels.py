@@ -37,7 +37,6 @@ the requested precision), for comparison and debugging.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -332,9 +331,19 @@ def using(new: Selector) -> Iterator[Selector]:
 
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
-    """Run the block with the selector's mode set to `name` ("native" or "measure"), same cache."""
-    with using(dataclasses.replace(selector(), mode=name)):
+    """Run the block with the selector's mode set to `name` ("native" or "measure"); same selector,
+    cache and log."""
+    global _generation
+    if name not in MODES:
+        raise ValueError(f"kernel selection mode must be one of {MODES}, got {name!r}")
+    sel = selector()
+    old, sel.mode = sel.mode, name
+    _generation += 1
+    try:
         yield
+    finally:
+        sel.mode = old
+        _generation += 1
 
 
 def choose(

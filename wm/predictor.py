@@ -196,6 +196,8 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False, onednn: bool = True)
     two up to `_CALIBRATION_ROWS`, the size the calibration runs at); else `F.linear`."""
     if not (onednn and _ONEDNN_LINEAR) or torch.is_grad_enabled() or x.device.type != "cpu":
         return _linear_native(x, layer, gelu)
+    if torch.compiler.is_compiling():
+        return _linear_native(x, layer, gelu)  # inductor chooses its own kernels
     rows = x.numel() // x.shape[-1]
     bucket = min(1 << max(rows - 1, 0).bit_length(), _CALIBRATION_ROWS)
     memo = layer.__dict__.setdefault("_kernel_memo", {})

@@ -67,7 +67,7 @@ class Bf16Inference:
         assert x is not None
         if not self.bf16_active(x):
             return fp32()
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             return bf16()
         memo = self.__dict__.setdefault("_precision_memo", {})
         mk = (tuple(None if t is None else t.shape for t in inputs), x.dtype, kernels.memo_token())

@@ -66,7 +66,7 @@ class _InferenceConv(Bf16Inference):
         """The layer without autograd: the kernel chosen for this input shape and precision."""
         precision = self.active_precision(x)
         default = "native_bf16" if precision == "bf16" else "native"
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPU, or inductor picks kernels
             return self.KERNELS[default](self, x)  # type: ignore[arg-type]
         memo = self.__dict__.setdefault("_kernel_memo", {})
         mk = (x.shape, x.dtype, precision, kernels.memo_token())
