@@ -33,9 +33,10 @@ oneDNN's inner product (with GELU fused into the first MLP layer), whichever `wm
 faster on this machine for the layer's shape, dtype and row count (oneDNN's AVX-512 kernels won on
 the project's AMD machines and lost on an Intel Xeon, so no fixed rule holds); training uses `F.linear`.
 `precision` "bf16" (or "auto" on hardware with bf16 units) runs inference on a cached bf16 copy of the
-whole predictor (weights and activations; the output comes back in the input's dtype): bf16 was faster
-than fp32 at DINO-WM's size on both CPU kinds measured (BENCHMARKS.md, predictor section). Speeds and the
-kernels chosen: `benchmarks/bench_predictor.py`.
+whole predictor (weights and activations; the output comes back in the input's dtype): at DINO-WM's size
+bf16 was faster than fp32 on both CPU kinds measured so far (AMD EPYC with AVX512-BF16: BENCHMARKS.md,
+predictor section; Intel Xeon with AMX-BF16: the issue that introduced measured kernels), so "auto" follows
+the hardware rather than a timing. Speeds and the kernels chosen: `benchmarks/bench_predictor.py`.
 """
 
 from __future__ import annotations
