@@ -255,6 +255,9 @@ def test_linear_layers_use_the_measured_kernel(fake_selector):
     layer = nn.Linear(32, 48)
     x = torch.randn(2, 300, 32)  # 600 rows: calibrated on 256 of them
     times.update(native=1.0, onednn=0.5)
+    with torch.enable_grad():
+        linear(x, layer)
+    assert not sel.log  # autograd on: F.linear, nothing measured
     with torch.no_grad():
         for gelu in (False, True):
             ref = nn.functional.gelu(layer(x)) if gelu else layer(x)
