@@ -1,25 +1,35 @@
-"""fp32 vs bf16 inference of the diffusion policy's networks, one call at batch 1.
+"""Kernels and precision per network, one call at batch 1: PyTorch's kernels vs the ones chosen by
+measurement on this machine (`wm.kernels`), in fp32 and bf16, and which kernel each layer shape got.
 
-Measures, for each part, the median wall time of one call (after warm-up calls) in fp32 and with bf16
-inference on (`policies.diffusion.precision.set_inference_precision`), their ratio, and the relative
-error of the bf16 output (|bf16 - fp32| / |fp32|, Frobenius norms). The two precisions alternate in
-`--rounds` rounds so that machine noise hits both alike; the figures are medians over rounds.
+Rows per part (median wall time of one call; every variant visited in turn in each of `--rounds`
+rounds, so machine noise hits all alike; the figure is the median over rounds):
+
+    fp32 native     PyTorch's kernels in fp32 (measurement off, as `WM_KERNELS=native`)
+    fp32 selected   fp32, each layer shape on the kernel measured fastest (PyTorch's, oneDNN, matmul)
+    bf16 native     bf16 wherever offered, PyTorch's kernels (UNet: F.conv1d on bf16 weights; backbone
+                    and transformer: their bf16 copy)
+    bf16 selected   bf16 where measured faster, per layer shape (UNet) or per network (the others)
+    fp32 compiled   torch.compile (inductor) of the fp32 network (UNets; `--no-compile` skips it)
+
+The default inference precision "auto" is one of the two "selected" rows (the header says which). Speed-up
+is against fp32 native; error is the relative Frobenius error of one call against fp32 native. Below each
+part, the choice per layer shape with every candidate's median time in the calibration (us) and the
+candidates rejected (wrong output or unsupported). The header gives the CPU model and its bf16 units.
+By default the kernels are calibrated afresh in this run (`--use-cache`: the user's kernel cache).
 
     resnet18      the image encoder on one step's 2 frames (n_obs 2), 84 px (Diffusion Policy's crop)
     unet-small    ConditionalUnet1D 64/128/256, horizon 16, Da 2
     unet-lerobot  ConditionalUnet1D 256/512/1024 (LeRobot's size in bench_policy.py)
     transformer   the transformer denoiser at its defaults (dim 256, depth 8, 4 heads), horizon 16
 
-Random weights: timing does not depend on them, and the error is that of one call.
-
-    python benchmarks/bench_precision.py [--threads 2] [--calls 30] [--rounds 5] [--json out.json]
+    python benchmarks/bench_precision.py [--threads 2] [--calls 30] [--rounds 5] [--only unet-lerobot]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -32,12 +42,16 @@ from policies.diffusion.obs_encoder import ObsEncoderConfig, ResNetKeypoints
 from policies.diffusion.precision import set_inference_precision
 from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
 from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
+from wm import kernels
+from wm.precision import AUTO, describe_hardware, resolve_precision
 
 HORIZON, ACTION_DIM, N_OBS, FEAT = 16, 2, 2, 66  # 64 image features + 2 proprio per step
+VARIANTS = {"fp32 native": ("fp32", "native"), "fp32 selected": ("fp32", "measure")}
+VARIANTS |= {"bf16 native": ("bf16", "native"), "bf16 selected": ("bf16", "measure")}
 
 
 def parts() -> dict[str, tuple[nn.Module, tuple]]:
-    """name -> (module in eval mode, its call arguments)."""
+    """name -> (module in eval mode, its call arguments); random weights (timing does not depend on them)."""
     x, t, cond = torch.randn(1, HORIZON, ACTION_DIM), torch.full((1,), 42.0), torch.randn(1, N_OBS, FEAT)
     unet = lambda dims: ConditionalUnet1D(UNetConfig(down_dims=dims), ACTION_DIM, N_OBS * FEAT)  # noqa: E731
     return {
@@ -51,9 +65,7 @@ def parts() -> dict[str, tuple[nn.Module, tuple]]:
     }
 
 
-def median_ms(fn: Callable[[], object], calls: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
+def median_ms(fn: Callable[[], object], calls: int) -> float:
     ms = []
     for _ in range(calls):
         t0 = time.perf_counter()
@@ -62,29 +74,66 @@ def median_ms(fn: Callable[[], object], calls: int, warmup: int = 3) -> float:
     return statistics.median(ms)
 
 
-def measure(net: nn.Module, args: tuple, calls: int, rounds: int) -> dict[str, float]:
+@contextlib.contextmanager
+def variant(net: nn.Module, name: str):
+    precision, mode = VARIANTS[name]
+    set_inference_precision(net, precision)
+    with kernels.mode(mode):
+        yield
+
+
+def measure(net: nn.Module, args: tuple, calls: int, rounds: int, compile_: bool) -> dict:
     net.eval()
-    n_params = sum(p.numel() for p in net.parameters())
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    sel = kernels.selector()
+    log_start, spent = len(sel.log), sel.spent_s
+    fns: dict[str, Callable[[], object]] = {name: lambda: net(*args) for name in VARIANTS}
     with torch.inference_mode():
-        set_inference_precision(net, "fp32")
-        ref = net(*args)
-        set_inference_precision(net, "bf16")
-        low = net(*args)
+        outs = {}
+        for name in VARIANTS:  # first calls: calibration and bf16 copies, outside the timed calls
+            with variant(net, name):
+                outs[name] = net(*args)
+        if compile_:
+            with variant(net, "fp32 native"):
+                t0 = time.perf_counter()
+                compiled = torch.compile(net)
+                outs["fp32 compiled"] = compiled(*args)
+                compile_s = time.perf_counter() - t0
+            fns["fp32 compiled"] = lambda: compiled(*args)
+        times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
-            for precision in ("fp32", "bf16"):
-                set_inference_precision(net, precision)
-                net(*args)  # builds the bf16 copy outside the timed calls
-                times[precision].append(median_ms(lambda: net(*args), calls))
-    set_inference_precision(net, "fp32")
-    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
-    return {
-        "params_M": n_params / 1e6,
-        "fp32_ms": fp32,
-        "bf16_ms": bf16,
-        "speedup": fp32 / bf16,
-        "rel_error": ((low - ref).norm() / ref.norm()).item(),
+            for name, fn in fns.items():
+                with variant(net, name if name in VARIANTS else "fp32 native"):
+                    fn()  # warm-up, and the layers memoize their choice again after the switch
+                    times[name].append(median_ms(fn, calls))
+    ref = outs["fp32 native"]
+    rows = {
+        name: {"ms": statistics.median(t), "rel_error": kernels.rel_error(outs[name], ref)}
+        for name, t in times.items()
     }
+    for r in rows.values():
+        r["speedup"] = rows["fp32 native"]["ms"] / r["ms"]
+    choices = {k.split("|")[-1]: rec for k, rec, _ in sel.log[log_start:]}  # one per layer shape
+    return {
+        "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+        "rows": rows,
+        "choices": choices,
+        "calibration_s": sel.spent_s - spent,
+        "compile_s": compile_s if compile_ else None,
+    }
+
+
+def print_part(name: str, r: dict) -> None:
+    print(f"\n{name} ({r['params_M']:.1f}M parameters)")
+    for row, v in r["rows"].items():
+        print(f"  {row:<15}{v['ms']:>10.2f} ms{v['speedup']:>8.2f}x   rel. error {v['rel_error']:.4f}")
+    if r["compile_s"] is not None:
+        print(f"  (compiling took {r['compile_s']:.1f} s)")
+    n, ms = len(r["choices"]), r["calibration_s"] * 1e3
+    print(f"  kernels chosen ({n} layer shapes; calibration took {ms:.0f} ms):")
+    for key, rec in r["choices"].items():
+        us = "  ".join(f"{n} {t:.0f}" for n, t in sorted(rec["us"].items(), key=lambda kv: kv[1]))
+        rejected = f"  rejected: {', '.join(rec['rejected'])}" if rec["rejected"] else ""
+        print(f"    {key:<78} -> {rec['choice']:<12} (us: {us}){rejected}")
 
 
 def main() -> None:
@@ -92,38 +141,35 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=30, help="timed calls per round and precision")
+    parser.add_argument("--calls", type=int, default=30, help="timed calls per round and variant")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None, help="part names (default: all)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--use-cache", action="store_true", help="use the kernel cache, not a fresh one")
+    parser.add_argument("--calibration-budget", type=float, default=300.0, help="seconds, fresh cache")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}"
-    )
-    print(f"bf16 inference, batch 1 ({machine})")
-    print(f"{'part':<14}{'params':>9}{'fp32 ms':>10}{'bf16 ms':>10}{'speed-up':>10}{'rel. error':>12}")
+    if not args.use_cache:
+        fresh = kernels.Selector(kernels.KernelCache(None), total_budget_s=args.calibration_budget)
+        kernels.set_selector(fresh)
+    auto = resolve_precision(AUTO, "cpu")
+    machine = f"{describe_hardware()}, {args.threads} threads, torch {torch.__version__}"
+    print(f"Kernels and precision per network, batch 1\n{machine}")
+    print(f"default inference precision: auto -> {auto} (its row: '{auto} selected')")
     results = {}
     for name, (net, call_args) in parts().items():
         if args.only and name not in args.only:
             continue
-        r = measure(net, call_args, args.calls, args.rounds)
-        results[name] = r
-        print(
-            f"{name:<14}{r['params_M']:>8.1f}M{r['fp32_ms']:>10.2f}{r['bf16_ms']:>10.2f}"
-            f"{r['speedup']:>9.2f}x{r['rel_error']:>12.4f}",
-            flush=True,
-        )
+        compile_ = "unet" in name and not args.no_compile
+        results[name] = measure(net, call_args, args.calls, args.rounds, compile_)
+        print_part(name, results[name])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {"machine": machine, "args": vars(args) | {"json": str(args.json)}, "results": results},
-                indent=1,
-            )
-        )
+        payload = {"machine": machine, "auto": auto, "args": vars(args) | {"json": str(args.json)}}
+        args.json.write_text(json.dumps(payload | {"results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,16 +10,24 @@ Every configuration runs in a fresh subprocess (so peak RSS is its own) under an
 limit (`RLIMIT_AS`, default 12 GB above the worker's size after model creation) and a timeout;
 a run that fails is reported as "out of memory" / "timeout" instead of taking the machine down.
 Peak memory = `ru_maxrss` after the run minus `ru_maxrss` after creating the model and inputs.
-Rows: `original`; `ours` (default config: per-frame SDPA blocks, oneDNN linears for CPU inference);
-`ours-mkl` (same, plain `F.linear`, to isolate the oneDNN gain); `ours-masked` (one SDPA call with a
-boolean block-causal mask, plain `F.linear`; batches <= 30 only); `ours-bf16` (weights and inputs in
-bf16: oneDNN's AVX512-BF16 kernels on CPUs that have them; reported beside, not as, the fp32 figure).
-Wall and process CPU seconds are both printed (best of the repeats; batch 300 runs once); on a
-shared machine the CPU-time ratio is the steadier one.
+Rows (inputs fp32 in every row):
+    original          the original design (below)
+    ours              fp32; each linear layer on the kernel measured fastest here (F.linear or oneDNN,
+                      `wm.kernels`), per-frame SDPA blocks: the fp32 default
+    ours-native       fp32, PyTorch's kernels only (`F.linear`, measurement off): isolates the choice
+    ours-masked       one SDPA call with a boolean block-causal mask, `F.linear`; batches <= 30 only
+    ours-bf16         `precision="bf16"`: a bf16 copy of the predictor, linear kernels measured
+    ours-bf16-native  the same with PyTorch's kernels only
+    ours-auto         `precision="auto"` (bf16 where the CPU has AVX512-BF16 / AMX units, else fp32): the
+                      inference precision setting meant as the default; the row says what it resolved to
+Each worker calibrates its kernels afresh (`WM_KERNEL_CACHE=off`; `--use-cache` keeps the user's cache)
+during its batch-1 warm-up; the kernels chosen per layer shape are printed after the table, with the CPU
+model and its bf16 units in the header. Wall and process CPU seconds are both printed (best of the
+repeats; batch 300 runs once); on a shared machine the CPU-time ratio is the steadier one.
 Also measured: a 5-step rollout at batch 30 from 3 context frames, KV-cached `step` vs recomputing
 `forward` on the last 3 frames each step (the original's way).
 
-    python benchmarks/bench_predictor.py [--batches 1 30 300] [--limit-gb 12] [--timeout 600]
+    python benchmarks/bench_predictor.py [--batches 1 30 300] [--models original ours ours-auto]
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import time
 import torch
 from torch import Tensor, nn
 
+from wm import kernels
+from wm.precision import describe_hardware
 from wm.predictor import Predictor, PredictorConfig, num_params
 
 FRAMES, GRID, TOKEN_DIM = 3, (14, 14), 404
@@ -109,22 +119,23 @@ class OriginalPredictor(nn.Module):
         return self.norm(x).reshape(b, t, p, d)
 
 
-MODELS = {
-    "ours": {},
-    "ours-mkl": {"onednn": False},  # plain F.linear (MKL sgemm): isolates the oneDNN linear kernels
-    "ours-masked": {"attention": "masked", "onednn": False},  # one SDPA call with a boolean mask
-    "ours-bf16": {},  # weights and activations in bf16 (AVX512-BF16 / AMX CPUs, GPUs); not the fp32 target
+MODELS = {  # name -> (PredictorConfig options, kernel selection mode of its worker: WM_KERNELS)
+    "ours": ({}, "measure"),
+    "ours-native": ({"onednn": False}, "native"),
+    "ours-masked": ({"attention": "masked", "onednn": False}, "native"),
+    "ours-bf16": ({"precision": "bf16"}, "measure"),
+    "ours-bf16-native": ({"precision": "bf16"}, "native"),
+    "ours-auto": ({"precision": "auto"}, "measure"),
 }
-DTYPES = {"ours-bf16": torch.bfloat16}
 
 
 def build(model: str) -> nn.Module:
     if model == "original":
         return OriginalPredictor(FRAMES, PATCHES, TOKEN_DIM).eval()
     cfg = PredictorConfig(
-        in_dim=TOKEN_DIM, out_dim=TOKEN_DIM, dim=TOKEN_DIM, max_frames=FRAMES, **MODELS[model]
+        in_dim=TOKEN_DIM, out_dim=TOKEN_DIM, dim=TOKEN_DIM, max_frames=FRAMES, **MODELS[model][0]
     )
-    return Predictor(cfg).eval().to(DTYPES.get(model, torch.float32))
+    return Predictor(cfg).eval()
 
 
 def run_forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -171,11 +182,15 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(args.model)
-    dtype = DTYPES.get(args.model, torch.float32)
-    x = torch.randn(args.batch, FRAMES, PATCHES, TOKEN_DIM, dtype=dtype)
-    future = torch.randn(args.batch, ROLLOUT_STEPS - 1, PATCHES, TOKEN_DIM, dtype=dtype)
+    x = torch.randn(args.batch, FRAMES, PATCHES, TOKEN_DIM)
+    future = torch.randn(args.batch, ROLLOUT_STEPS - 1, PATCHES, TOKEN_DIM)
     with torch.inference_mode():
-        run_forward(model, x[:1])  # warm-up at batch 1 (cheap; keeps batch 300 to a single run)
+        # warm-up at batch 1 (cheap; keeps batch 300 to a single run); the linear layers calibrate here
+        # (on at most 256 rows: 588 tokens already fill that bucket, as do the batch's)
+        run_forward(model, x[:1])
+        if args.rollout == "cached":
+            _rollout(model, x[:1], future[:1], cached=True)  # one-frame steps: 196 rows, the same bucket
+        selector = kernels.selector()
         base_rss = _maxrss_mb()
         limit = _vm_size_bytes() + int(args.limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -189,6 +204,9 @@ def worker(args: argparse.Namespace) -> dict:
         "cpu_seconds": min(r[1] for r in runs),
         "all_seconds": [r[0] for r in runs],
         "peak_mb": _maxrss_mb() - base_rss,
+        "precision": getattr(model, "precision", "fp32"),
+        "calibration_s": selector.spent_s,
+        "kernels": {k.split("|")[-1]: {"choice": r["choice"], "us": r["us"]} for k, r, _ in selector.log},
     }
 
 
@@ -202,8 +220,11 @@ def launch(model: str, batch: int, args: argparse.Namespace, rollout: str | None
     cmd += ["--repeats", str(repeats), "--limit-gb", str(args.limit_gb), "--threads", str(args.threads)]
     if rollout:
         cmd += ["--rollout", rollout]
+    env = dict(os.environ, WM_KERNELS=MODELS.get(model, ({}, "native"))[1])
+    if not args.use_cache:
+        env["WM_KERNEL_CACHE"] = "off"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish in {args.timeout} s"}
     if proc.returncode != 0:
@@ -217,25 +238,35 @@ def launch(model: str, batch: int, args: argparse.Namespace, rollout: str | None
 
 def row(name: str, batch: int, r: dict, ref: dict | None) -> str:
     if "error" in r:
-        return f"{name:<12} {batch:>5}   {r['error']}"
+        return f"{name:<16} {batch:>5}   {r['error']}"
     speed = "-"
     if ref and "seconds" in ref and r is not ref:
         speed = f"{ref['seconds'] / r['seconds']:.1f}x / {ref['cpu_seconds'] / r['cpu_seconds']:.1f}x"
     return (
-        f"{name:<12} {batch:>5} {r['seconds']:>9.3f} {r['cpu_seconds']:>9.3f} {r['peak_mb']:>9.0f}   {speed}"
+        f"{name:<16} {batch:>5} {r['precision']:>5} {r['seconds']:>9.3f} {r['cpu_seconds']:>9.3f} "
+        f"{r['peak_mb']:>9.0f}   {speed}"
     )
+
+
+def print_kernels(chosen: dict[str, dict]) -> None:
+    """The linear kernels each measured row chose (from its first run), with the calibration times."""
+    for m, r in chosen.items():
+        print(f"\nkernels chosen, {m} (calibration took {r['calibration_s'] * 1e3:.0f} ms):")
+        for key, k in r["kernels"].items():
+            us = "  ".join(f"{n} {t:.0f}" for n, t in sorted(k["us"].items(), key=lambda kv: kv[1]))
+            print(f"  {key:<64} -> {k['choice']:<7} (us: {us})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 30, 300])
-    p.add_argument(
-        "--models", nargs="+", default=["original", "ours", "ours-mkl", "ours-masked", "ours-bf16"]
-    )
+    p.add_argument("--models", nargs="+", default=["original", *MODELS], choices=["original", *MODELS])
     p.add_argument("--limit-gb", type=float, default=12.0, help="address-space limit per run (GB)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-rollout", action="store_true")
+    p.add_argument("--rollout-batch", type=int, default=30)
+    p.add_argument("--use-cache", action="store_true", help="workers use the kernel cache (default: fresh)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -246,13 +277,16 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, inference_mode, {FRAMES} frames x")
+    print(describe_hardware())
+    print(f"torch {torch.__version__}, {args.threads} threads, inference_mode, {FRAMES} frames x")
     print(f"{PATCHES} patches ({FRAMES * PATCHES} tokens), token dim {TOKEN_DIM}; load avg {os.getloadavg()}")
     for m in args.models:
-        print(f"  {m:<12} {num_params(build(m)) / 1e6:.2f}M parameters")
+        print(f"  {m:<16} {num_params(build(m)) / 1e6:.2f}M parameters")
     print(
-        f"\n{'model':<12} {'batch':>5} {'wall s':>9} {'cpu s':>9} {'peak MB':>9}   orig / this (wall / cpu)"
+        f"\n{'model':<16} {'batch':>5} {'prec.':>5} {'wall s':>9} {'cpu s':>9} {'peak MB':>9}   "
+        "orig / this (wall / cpu)"
     )
+    chosen: dict[str, dict] = {}
     for batch in args.batches:
         ref = None
         for m in args.models:
@@ -261,12 +295,16 @@ def main() -> None:
             r = launch(m, batch, args)
             ref = r if m == "original" else ref
             print(row(m, batch, r, ref), flush=True)
+            if r.get("kernels") and m not in chosen:
+                chosen[m] = r
+    print_kernels(chosen)
 
     if not args.no_rollout:
-        print(f"\nrollout (ours), batch 30: {ROLLOUT_STEPS} predicted frames from {FRAMES} context frames")
-        roll = {mode: launch("ours", 30, args, rollout=mode) for mode in ("recompute", "cached")}
+        b = args.rollout_batch
+        print(f"\nrollout (ours), batch {b}: {ROLLOUT_STEPS} predicted frames from {FRAMES} context frames")
+        roll = {mode: launch("ours", b, args, rollout=mode) for mode in ("recompute", "cached")}
         for mode, r in roll.items():
-            print(row(mode, 30, r, roll["recompute"]), flush=True)
+            print(row(mode, b, r, roll["recompute"]), flush=True)
     print(f"\nload avg at the end {os.getloadavg()} (shared machine: compare rows of the same run)")
 
 

@@ -1,17 +1,122 @@
-"""The precision names the project accepts, and the one check of them.
+"""Precision names, the resolver of "auto", and the cached bf16 copies inference runs on.
 
-Used by the trainer (`TrainerConfig.precision`: bf16 autocast for training) and by the diffusion
-policy (`DiffusionPolicyConfig.precision`, `policies.diffusion.precision.set_inference_precision`:
-bf16 inference on cached weight copies).
+Names. `PRECISIONS` ("fp32", "bf16") are what runs: the trainer's `TrainerConfig.precision` (bf16
+autocast for training) accepts only these. Inference settings (`DiffusionPolicyConfig.precision`,
+`PredictorConfig.precision`) also accept "auto" (`INFERENCE_PRECISIONS`), which `resolve_precision`
+turns into the precision used on a device: bf16 where the hardware has bf16 units (a CPU with
+AVX512-BF16 or AMX-BF16, a CUDA GPU that supports bf16), fp32 elsewhere. The resolved name is what
+models report as their precision.
+
+bf16 copies. `tensor_key` identifies the current values of tensors (storage pointer and version
+counter) and `Bf16Shadow` keeps a bf16 copy of a module rebuilt whenever that key changes, so an
+optimizer step, `load_state_dict` (both bump the versions) or a device move (new storage) refreshes
+the copy on the next call; no stale weights are ever used.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
+from pathlib import Path
+
+import torch
+from torch import nn
+
 PRECISIONS = ("fp32", "bf16")
+AUTO = "auto"
+INFERENCE_PRECISIONS = (*PRECISIONS, AUTO)
+# /proc/cpuinfo flags of x86 CPUs with bf16 arithmetic units (AVX512-BF16 dot products, AMX tiles)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def check_precision(precision: str) -> str:
-    """Return `precision` if it is one of `PRECISIONS`, else raise a ValueError naming the valid ones."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+def check_precision(precision: str, allow_auto: bool = False) -> str:
+    """Return `precision` if it is a valid name ("auto" only with `allow_auto`), else raise a
+    ValueError naming the valid ones."""
+    valid = INFERENCE_PRECISIONS if allow_auto else PRECISIONS
+    if precision not in valid:
+        raise ValueError(f"precision must be one of {valid}, got {precision!r}")
     return precision
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> tuple[str, tuple[str, ...]]:
+    """(model name, its bf16 flags among `BF16_CPU_FLAGS`) of this machine's CPU, from /proc/cpuinfo
+    (Linux); elsewhere the platform's processor string and no flags."""
+    import platform
+
+    model, flags = "", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name == "model name" and not model:
+            model = value.strip()
+        elif name == "flags" and not flags:
+            flags = set(value.split())
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    return model, tuple(f for f in BF16_CPU_FLAGS if f in flags)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_info()[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _auto(device_type: str) -> str:
+    if device_type == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32"
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """The precision inference runs in on `device`: "fp32" / "bf16" as given; "auto" -> bf16 where the
+    hardware has bf16 units (see the module docstring), else fp32."""
+    check_precision(precision, allow_auto=True)
+    if precision != AUTO:
+        return precision
+    return _auto(torch.device(device).type)
+
+
+def describe_hardware() -> str:
+    """One line for benchmark output: the CPU model, its bf16 units, and what "auto" resolves to."""
+    model, flags = cpu_info()
+    units = ", ".join(flags) if flags else "no bf16 units"
+    return f"{model} ({units}; auto -> {resolve_precision(AUTO, 'cpu')} on CPU)"
+
+
+def tensor_key(tensors) -> tuple:
+    """What identifies the current values of these tensors: storage pointer and version counter."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class Bf16Shadow:
+    """A cached bf16 copy of one module for inference (same training mode), rebuilt when the module's
+    parameters or buffers change. Held as a plain attribute (not a submodule: no state-dict entries);
+    a deep copy of the owner gets an empty shadow, not a copy of the cached one."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._copy: nn.Module | None = None
+
+    def __call__(self, module: nn.Module) -> nn.Module:
+        key = tensor_key(itertools.chain(module.parameters(), module.buffers()))
+        if self._copy is None or key != self._key:
+            # The memo maps this shadow to None, so the copy does not carry a copy of the shadow itself.
+            shadow = copy.deepcopy(module, memo={id(self): None})
+            self._copy, self._key = shadow.requires_grad_(False).bfloat16(), key
+        if self._copy.training != module.training:
+            self._copy.train(module.training)
+        return self._copy
+
+    def __deepcopy__(self, memo: dict) -> Bf16Shadow:
+        return Bf16Shadow()
+
+    def clear(self) -> None:
+        self._key = self._copy = None

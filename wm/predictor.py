@@ -28,13 +28,20 @@ longer than `window` with `forward` gives the model the same context it sees in 
 recomputing `forward` on the last `window` frames each step reproduces DINO-WM's rollout exactly
 (at window times the cost).
 
-CPU inference (no autograd, fp32) runs the linear layers through oneDNN, whose AVX-512 kernels are
-faster than MKL's sgemm on the project's AMD machines (measured by benchmarks/bench_predictor.py, row
-"plain MKL linears"; figures in BENCHMARKS.md); training uses `F.linear`.
+CPU inference (no autograd). Each linear layer runs `F.linear` (MKL's sgemm, PyTorch's own path) or
+oneDNN's inner product (with GELU fused into the first MLP layer), whichever `wm.kernels` measured
+faster on this machine for the layer's shape, dtype and row count (oneDNN's AVX-512 kernels won on
+the project's AMD machines and lost on an Intel Xeon, so no fixed rule holds); training uses `F.linear`.
+`precision` "bf16" (or "auto" on hardware with bf16 units) runs inference on a cached bf16 copy of the
+whole predictor (weights and activations; the output comes back in the input's dtype): at DINO-WM's size
+bf16 was faster than fp32 on both CPU kinds measured so far (AMD EPYC with AVX512-BF16: BENCHMARKS.md,
+predictor section; Intel Xeon with AMX-BF16: the issue that introduced measured kernels), so "auto" follows
+the hardware rather than a timing. Speeds and the kernels chosen: `benchmarks/bench_predictor.py`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -44,6 +51,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from wm import kernels
+from wm.precision import Bf16Shadow, check_precision, resolve_precision
 
 Grid = tuple[int, int]
 
@@ -59,7 +69,11 @@ class PredictorConfig:
     (one SDPA call with a boolean block-causal sliding-window mask; same result).
     `inference_chunk_tokens`: without autograd, `forward` runs the batch in chunks of at most this
     many tokens to bound memory (0: never chunk).
-    `onednn`: without autograd on CPU in fp32, run the linear layers through oneDNN (see `linear`).
+    `onednn`: without autograd on CPU, let each linear layer choose between `F.linear` and oneDNN by
+    measurement (see `linear`); False: always `F.linear`.
+    `precision`: inference precision (autograd off): "fp32", "bf16" (a cached bf16 copy of the whole
+    predictor) or "auto" (bf16 where the hardware has bf16 units, `wm.precision.resolve_precision`).
+    Training always runs in fp32.
     """
 
     in_dim: int
@@ -75,8 +89,10 @@ class PredictorConfig:
     attention: Literal["frame_blocks", "masked"] = "frame_blocks"
     inference_chunk_tokens: int = 32768
     onednn: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision, allow_auto=True)
         for name in ("in_dim", "out_dim", "dim", "depth", "heads", "head_dim", "mlp_dim", "max_frames"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -157,26 +173,47 @@ def block_causal_mask(frames: int, patches: int, window: int, device: torch.devi
 
 # ----------------------------------------------------------------------------- kernels
 
-# oneDNN's fp32 inner-product kernels use AVX-512 where MKL's sgemm (what F.linear calls on CPU)
-# does not on every x86 CPU, so they are faster on this project's AMD machines (per-core figure in
-# BENCHMARKS.md, "Figures from development"; whole-model effect measured by bench_predictor.py).
-# They have no autograd formula, so they only run when autograd is off (planning, rollouts).
+# oneDNN's inner products have no autograd formula, so they are a candidate only with autograd off.
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_CALIBRATION_ROWS = 256  # a linear layer is calibrated on at most this many rows of its input
+
+
+def _linear_native(x: Tensor, layer: nn.Linear, gelu: bool) -> Tensor:
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if gelu else y
+
+
+def _linear_onednn(x: Tensor, layer: nn.Linear, gelu: bool) -> Tensor:
+    attr = "gelu" if gelu else "none"
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], "none")
+
+
+_LINEAR_KERNELS = {"native": _linear_native, "onednn": _linear_onednn}
 
 
 def linear(x: Tensor, layer: nn.Linear, gelu: bool = False, onednn: bool = True) -> Tensor:
-    """`layer(x)` (then exact GELU when `gelu`), through oneDNN for fp32 CPU inference when allowed."""
-    if (
-        onednn
-        and _ONEDNN_LINEAR
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-    ):
-        attr = "gelu" if gelu else "none"
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], "none")
-    y = F.linear(x, layer.weight, layer.bias)
-    return F.gelu(y) if gelu else y
+    """`layer(x)` (then exact GELU when `gelu`). For CPU inference with `onednn` allowed, through the
+    kernel `wm.kernels` measured faster for this layer, dtype and row count (rows bucketed by powers of
+    two up to `_CALIBRATION_ROWS`, the size the calibration runs at); else `F.linear`."""
+    if not (onednn and _ONEDNN_LINEAR) or torch.is_grad_enabled() or x.device.type != "cpu":
+        return _linear_native(x, layer, gelu)
+    if torch.compiler.is_compiling():
+        return _linear_native(x, layer, gelu)  # inductor chooses its own kernels
+    rows = x.numel() // x.shape[-1]
+    bucket = min(1 << max(rows - 1, 0).bit_length(), _CALIBRATION_ROWS)
+    memo = layer.__dict__.setdefault("_kernel_memo", {})
+    mk = (bucket, x.dtype, gelu, kernels.memo_token())
+    name = memo.get(mk)
+    if name is None:
+        sample = x.reshape(-1, x.shape[-1])[:_CALIBRATION_ROWS]  # (rows, in)
+        name = memo[mk] = kernels.choose(
+            f"linear {layer.in_features}->{layer.out_features} bias={layer.bias is not None} gelu={gelu} "
+            f"rows~{bucket} {x.dtype}",
+            {n: functools.partial(fn, sample, layer, gelu) for n, fn in _LINEAR_KERNELS.items()},
+            native="native",
+            tol=kernels.FP32_TOL if x.dtype == torch.float32 else kernels.BF16_TOL,
+        )
+    return _LINEAR_KERNELS[name](x, layer, gelu)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -315,6 +352,7 @@ class Predictor(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.out_dim) if cfg.out_dim != cfg.dim else None
         self.apply(_init_weights)
+        self._bf16 = Bf16Shadow()  # the bf16 copy inference runs on in bf16 (no state-dict entries)
 
     @property
     def window(self) -> int:
@@ -344,11 +382,27 @@ class Predictor(nn.Module):
         batch, frames, patches, _ = tokens.shape
         per_chunk = max(1, self.cfg.inference_chunk_tokens // (frames * patches))
         if torch.is_grad_enabled() or self.cfg.inference_chunk_tokens == 0 or batch <= per_chunk:
-            return self._forward(tokens, grid)
+            return self._run(tokens, grid)
         out = tokens.new_empty(batch, frames, patches, self.cfg.out_dim)
         for lo in range(0, batch, per_chunk):
-            out[lo : lo + per_chunk] = self._forward(tokens[lo : lo + per_chunk], grid)
+            out[lo : lo + per_chunk] = self._run(tokens[lo : lo + per_chunk], grid)
         return out
+
+    @property
+    def precision(self) -> str:
+        """The inference precision in use on the model's device: "fp32" or "bf16" ("auto" resolved)."""
+        return resolve_precision(self.cfg.precision, self.norm.weight.device)
+
+    def _bf16_active(self, x: Tensor) -> bool:
+        p = self.cfg.precision
+        if p == "fp32" or torch.is_grad_enabled() or x.dtype != torch.float32:
+            return False
+        return resolve_precision(p, x.device) == "bf16"
+
+    def _run(self, tokens: Tensor, grid: Grid) -> Tensor:
+        if self._bf16_active(tokens):
+            return self._bf16(self)._forward(tokens.bfloat16(), grid).to(tokens.dtype)
+        return self._forward(tokens, grid)
 
     def _forward(self, tokens: Tensor, grid: Grid) -> Tensor:
         frames, patches = tokens.shape[1:3]
@@ -369,8 +423,14 @@ class Predictor(nn.Module):
         """One new frame (B, P, in_dim) -> its output (B, P, out_dim) and the updated cache.
 
         Equals `forward` over all frames fed so far (at the last frame), with the same sliding window.
-        The cache passed in is not modified.
+        The cache passed in is not modified. In bf16 (`precision`) the cache holds bf16 keys and values.
         """
+        if self._bf16_active(tokens_t):
+            out, new = self._bf16(self)._step(tokens_t.bfloat16(), grid, cache)
+            return out.to(tokens_t.dtype), new
+        return self._step(tokens_t, grid, cache)
+
+    def _step(self, tokens_t: Tensor, grid: Grid, cache: KVCache) -> tuple[Tensor, KVCache]:
         grid = (int(grid[0]), int(grid[1]))
         if cache.grid is not None and cache.grid != grid:
             raise ValueError(f"cache was built for grid {cache.grid}, got {grid}")

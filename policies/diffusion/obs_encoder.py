@@ -17,8 +17,9 @@ Images come as (B, To, C, H, W) float in [0, 1] at `image_size`; training takes 
 proprio_dim; the denoisers flatten or tokenize it.
 
 bf16 inference (`precision.set_inference_precision`, autograd off) runs the image backbone (ResNet-18
-or the patch encoder) as a cached bf16 copy and the small heads after it in fp32 (speed and error
-measured by `benchmarks/bench_precision.py`; figures in BENCHMARKS.md).
+or the patch encoder) as a cached bf16 copy and the small heads after it in fp32; on a CPU only for
+input shapes where the copy was measured faster than the fp32 backbone (`wm.kernels`; speed and error
+printed by `benchmarks/bench_precision.py`).
 """
 
 from __future__ import annotations
@@ -125,11 +126,11 @@ def resnet18_groupnorm() -> nn.Module:
 
 
 def run_backbone(owner: Bf16Inference, backbone: nn.Module, x: Tensor) -> Tensor:
-    """backbone(x), or its cached bf16 copy on x in bf16 (output back in x's dtype) when the owner's
-    bf16 inference is on and autograd is off."""
-    if not owner.bf16_active():
-        return backbone(x)
-    return owner._bf16(backbone)(x.bfloat16()).to(x.dtype)
+    """backbone(x), or its cached bf16 copy on x in bf16 (output back in x's dtype) where the owner's
+    bf16 inference is active and, on a CPU, measured faster (`Bf16Inference.run_in_precision`)."""
+    return owner.run_in_precision(
+        (x,), lambda: backbone(x), lambda: owner._bf16(backbone)(x.bfloat16()).to(x.dtype)
+    )
 
 
 class ResNetKeypoints(Bf16Inference, nn.Module):

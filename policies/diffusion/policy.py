@@ -35,6 +35,7 @@ from policies.diffusion.transformer import TransformerConfig, TransformerDenoise
 from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
+from wm.precision import resolve_precision
 from wm.spec import IOSpec
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class DiffusionPolicyConfig:
     sampler_steps: int = 3
     consistency: bool = False
     temporal_ensemble: float | None = None
-    precision: str = "fp32"  # inference: "bf16" runs the image backbone and the denoiser in bf16
+    # inference: "bf16" runs the image backbone and the denoiser in bf16 where measured faster; "auto" is
+    # bf16 where the hardware has bf16 units, else fp32 (`wm.precision.resolve_precision`)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for name, cls in _SUB.items():
@@ -86,7 +89,7 @@ class DiffusionPolicyConfig:
                 f"{self.unet.time_divisor}, got {self.horizon}"
             )
         _check_sampler(self.sampler, self.sampler_steps, self.consistency)
-        check_precision(self.precision)
+        check_precision(self.precision, allow_auto=True)
 
     @property
     def model_type(self) -> str:
@@ -148,12 +151,17 @@ class DiffusionPolicy(nn.Module):
         self.sampler, self.sampler_steps = sampler, steps
 
     def set_precision(self, precision: str) -> None:
-        """Inference precision: "fp32", or "bf16" for the image backbone (a cached bf16 copy) and the
+        """Inference precision: "fp32"; "bf16" for the image backbone (a cached bf16 copy) and the
         denoiser (the UNet's convolutions on cached bf16 weight copies, the transformer as a bf16 copy
-        under autocast; speed-up and error per call measured by `benchmarks/bench_precision.py`, figures
-        in BENCHMARKS.md). Training always runs in fp32 on the fp32 weights."""
+        under autocast), each where it was measured faster on this machine (`wm.kernels`); or "auto":
+        bf16 on hardware with bf16 units, else fp32. Training always runs in fp32 on the fp32 weights."""
         set_inference_precision(self, precision)  # validates the name
-        self.precision = precision
+        self.precision_setting = precision
+
+    @property
+    def precision(self) -> str:
+        """The inference precision in use on the model's device: "fp32" or "bf16" ("auto" resolved)."""
+        return resolve_precision(self.precision_setting, self.diffusion.betas.device)
 
     @property
     def io_spec(self) -> IOSpec:

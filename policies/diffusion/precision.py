@@ -1,64 +1,55 @@
 """bf16 inference for the diffusion policy's networks; training always runs in fp32 on fp32 weights.
 
-Modules that can run in bf16 derive from `Bf16Inference`; `set_inference_precision(module, p)` sets the
-flag on every one inside `module`. They take their bf16 path only with autograd off, so a training
-step, whatever the flag, sees the fp32 weights. Two kinds:
+Modules that can run in bf16 derive from `Bf16Inference`; `set_inference_precision(module, p)` sets
+their setting ("fp32", "bf16" or "auto": resolved on each call's device by
+`wm.precision.resolve_precision`, bf16 where the hardware has bf16 units) on every one inside `module`.
+They take a bf16 path only with autograd off, so a training step, whatever the setting, sees the fp32
+weights. Where bf16 runs is then chosen by measurement on CPUs (`wm.kernels`), never by a threshold:
 
-    UNet conv layers (`unet.Conv1d`, `unet.ConvTranspose1d`) keep a bf16 copy of their own weights
-    and run only the convolution in bf16 (GroupNorm, Mish, FiLM stay fp32).
-    Whole-network owners (the ResNet-18 image backbone, the transformer denoiser) run a bf16 copy
-    of a submodule kept by a `Bf16Shadow`.
+    UNet conv layers (`unet.Conv1d`, `unet.ConvTranspose1d`) choose, per input shape, among fp32
+    kernels (PyTorch's, oneDNN, a matrix product) and, in bf16, the same on a cached bf16 copy of
+    their weights; GroupNorm, Mish and FiLM stay fp32.
+    Whole-network owners (the image backbone, the transformer denoiser) choose per input shape between
+    the fp32 network and a bf16 copy kept by a `Bf16Shadow` (`Bf16Inference.run_in_precision`).
 
-Every copy is keyed on the version counters and storage of the fp32 tensors it was made from, so an
-optimizer step, `load_state_dict` (both bump the versions) or a device move (new storage) refreshes
-it on the next call; no stale weights are ever used.
+Every copy is keyed on the version counters and storage of the fp32 tensors it was made from
+(`wm.precision.tensor_key`), so an optimizer step, `load_state_dict` or a device move refreshes it on
+the next call; no stale weights are ever used. On GPUs the bf16 paths run without measurement.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from wm.precision import check_precision  # also imported from here by policies.diffusion.policy
+from wm import kernels
+from wm.precision import Bf16Shadow, check_precision, resolve_precision, tensor_key
 
-
-def tensor_key(tensors) -> tuple:
-    """What identifies the current values of these tensors: storage pointer and version counter."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
-class Bf16Shadow:
-    """A cached bf16 copy of one module for inference (same training mode), rebuilt when the module's
-    parameters or buffers change. Held as a plain attribute (not a submodule: no state-dict entries)."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._copy: nn.Module | None = None
-
-    def __call__(self, module: nn.Module) -> nn.Module:
-        key = tensor_key(itertools.chain(module.parameters(), module.buffers()))
-        if self._copy is None or key != self._key:
-            # The memo maps this shadow to None, so the copy does not carry a copy of the shadow itself.
-            shadow = copy.deepcopy(module, memo={id(self): None})
-            self._copy, self._key = shadow.requires_grad_(False).bfloat16(), key
-        if self._copy.training != module.training:
-            self._copy.train(module.training)
-        return self._copy
-
-    def clear(self) -> None:
-        self._key = self._copy = None
+__all__ = [
+    "Bf16Inference",
+    "Bf16Shadow",
+    "check_precision",  # also imported from here by policies.diffusion.policy
+    "set_inference_precision",
+    "tensor_key",
+]
 
 
 class Bf16Inference:
-    """Mixin for modules with a bf16 inference path; `bf16_active()` says whether to take it now."""
+    """Mixin for modules with a bf16 inference path; `inference_precision` is the setting."""
 
-    bf16_inference = False
+    inference_precision = "fp32"
 
-    def bf16_active(self) -> bool:
-        return self.bf16_inference and not torch.is_grad_enabled()
+    def active_precision(self, x: Tensor) -> str:
+        """What a call on `x` runs in: "bf16" or "fp32" (always fp32 with autograd on)."""
+        p = self.inference_precision
+        if p == "fp32" or torch.is_grad_enabled():
+            return "fp32"
+        return p if p == "bf16" else resolve_precision(p, x.device)
+
+    def bf16_active(self, x: Tensor) -> bool:
+        return self.active_precision(x) == "bf16"
 
     def clear_bf16(self) -> None:
         """Drop cached bf16 copies (they are rebuilt on the next bf16 call)."""
@@ -66,11 +57,36 @@ class Bf16Inference:
         if shadow is not None:
             shadow.clear()
 
+    def run_in_precision(
+        self, inputs: tuple[Tensor | None, ...], fp32: Callable[[], Tensor], bf16: Callable[[], Tensor]
+    ) -> Tensor:
+        """`fp32()` or `bf16()` (the network's bf16 copy, output back in fp32) for a call on `inputs`
+        (the first one a tensor): fp32 unless bf16 is active; on a CPU, bf16 only where it was measured
+        faster than fp32 by `wm.kernels.MARGIN` and within `wm.kernels.MODULE_BF16_TOL` of it."""
+        x = inputs[0]
+        assert x is not None
+        if not self.bf16_active(x):
+            return fp32()
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return bf16()
+        memo = self.__dict__.setdefault("_precision_memo", {})
+        mk = (tuple(None if t is None else t.shape for t in inputs), x.dtype, kernels.memo_token())
+        choice = memo.get(mk)
+        if choice is None:
+            assert isinstance(self, nn.Module)
+            key = f"module {kernels.module_signature(self)} in={kernels.shapes(*inputs)} {x.dtype} bf16"
+            choice = kernels.choose(
+                key, {"fp32": fp32, "bf16": bf16}, native="fp32", tol=kernels.MODULE_BF16_TOL, default="bf16"
+            )
+            memo[mk] = choice
+        return bf16() if choice == "bf16" else fp32()
+
 
 def set_inference_precision(module: nn.Module, precision: str) -> None:
-    """Run every bf16-capable part of `module` in fp32 or bf16 at inference (training stays fp32)."""
-    check_precision(precision)
+    """Run every bf16-capable part of `module` at inference in `precision` ("fp32", "bf16" or "auto");
+    training stays fp32."""
+    check_precision(precision, allow_auto=True)
     for m in module.modules():
         if isinstance(m, Bf16Inference):
-            m.bf16_inference = precision == "bf16"
+            m.inference_precision = precision
             m.clear_bf16()

@@ -7,7 +7,8 @@ work; learned positional embeddings are added to both the action and the memory 
 
 bf16 inference (`precision.set_inference_precision`, autograd off) runs a cached bf16 copy of the
 whole denoiser under autocast (matrix products in bf16, LayerNorm and softmax as autocast decides),
-and returns fp32.
+and returns fp32; on a CPU only for input shapes where that copy was measured faster than the fp32
+network (`Bf16Inference.run_in_precision`, `wm.kernels`).
 """
 
 from __future__ import annotations
@@ -72,10 +73,13 @@ class TransformerDenoiser(Bf16Inference, nn.Module):
             raise ValueError(
                 f"the transformer denoiser was built for horizon {self.horizon}, got {x.shape[1]} steps"
             )
-        if self.bf16_active():
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                return self._bf16(self).denoise(x, t, cond).float()
-        return self.denoise(x, t, cond)
+        return self.run_in_precision(
+            (x, t, cond), lambda: self.denoise(x, t, cond), lambda: self._denoise_bf16(x, t, cond)
+        )
+
+    def _denoise_bf16(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self._bf16(self).denoise(x, t, cond).float()
 
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         """The network itself (forward adds the horizon check and the bf16 dispatch)."""

@@ -6,21 +6,24 @@ conditioning vector [diffusion step embedding, global observation features]. The
 time axis after every level but the last, the decoder doubles it back with skip connections, so the
 horizon must be divisible by 2 ** (len(down_dims) - 1) (16 with (256, 512, 1024)).
 
-CPU inference. PyTorch sends a batch-1 Conv1d with a kernel under 4 wide to its native im2col
-kernel (`_slow_conv2d_forward`), not oneDNN, and at batch 1 that kernel took most of a LeRobot-size
-UNet call (profile in BENCHMARKS.md, diffusion policy section). With autograd off on a CPU,
-`Conv1d` here calls oneDNN directly for layers with more than `_NATIVE_MAX_WEIGHTS` weights and
-keeps the native kernel for smaller ones at batch 1, where oneDNN's fixed cost per call dominates.
-At batch 1 a LeRobot-size call is bound by reading the weights (~260 MB in fp32): bf16 inference
-(`precision.set_inference_precision(net, "bf16")`) runs the convolutions on cached bf16 copies of
-the weights (half the traffic, AVX512-BF16 / AMX or GPU tensor cores) as plain matrix products,
-with the rest of the network (GroupNorm, Mish, FiLM, step embedding) in fp32. Per-call times in
-both precisions: measured by `benchmarks/bench_precision.py`, figures in BENCHMARKS.md.
+CPU inference. Which convolution kernel is fastest at batch 1 depends on the CPU and the layer: PyTorch
+sends a batch-1 Conv1d to its native im2col kernel, oneDNN has a fixed cost per call that exceeds a
+small layer's work, and a LeRobot-size call is bound by reading its weights (~260 MB in fp32), which
+bf16 copies halve (AVX512-BF16 / AMX). So with autograd off on a CPU each `Conv1d` / `ConvTranspose1d`
+chooses its kernel per input shape by measurement (`wm.kernels`): in fp32 among PyTorch's own kernel,
+oneDNN called directly and one matrix product of the weight with the unfolded input; with bf16
+inference (`precision.set_inference_precision(net, "bf16" | "auto")`) also among the same three on a
+cached bf16 copy of the weights. PyTorch's fp32 kernel is always a candidate and the reference the
+others are checked against. GroupNorm, Mish, FiLM and the step embedding stay fp32. On a GPU: PyTorch's
+kernel, on the bf16 weights in bf16 mode. Choices per layer and per-call times:
+`benchmarks/bench_precision.py`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,82 +32,167 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from policies.diffusion.precision import Bf16Inference, tensor_key
+from wm import kernels
 
 _MKLDNN = torch.backends.mkldnn.is_available()
-# At batch 1 oneDNN and the bf16 matrix product each have a fixed cost per call that exceeds a small
-# layer's work, so PyTorch's native fp32 kernel is faster for small layers. Up to these many weights a
-# batch-1 layer keeps the native fp32 kernel (fp32 inference / bf16 inference); the per-layer timings
-# that set them are in BENCHMARKS.md ("Figures from development"). At batch > 1 PyTorch itself
-# dispatches to oneDNN.
-_NATIVE_MAX_WEIGHTS = 131_072
-_NATIVE_MAX_WEIGHTS_BF16 = 65_536
+Kernel = Callable[[nn.Module, Tensor], Tensor]
 
 
-class _InferenceWeights(Bf16Inference):
-    """Inference weights of a conv layer: its own (fp32), or a bf16 copy when `bf16_inference` is set,
-    cached until the weights change (see `precision.py`). Training (autograd on) always uses the fp32
-    weights."""
+class _InferenceConv(Bf16Inference):
+    """The inference path shared by the conv layers: `KERNELS` maps a name to `fn(layer, x) -> y` (fp32
+    in, fp32 out); "native" is PyTorch's fp32 forward, names ending in "_bf16" run on `bf16_weights()`."""
 
+    KERNELS: dict[str, Kernel] = {}
     _bf16_cache: tuple | None = None
 
-    def inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor | None, torch.dtype]:
+    def bf16_weights(self) -> tuple[Tensor, Tensor | None]:
+        """bf16 copies of the weight and bias, cached until the fp32 tensors change."""
         w, b = self.weight, self.bias  # type: ignore[attr-defined]
-        if not self.bf16_inference:
-            return w, b, x.dtype
         key = tensor_key([w] if b is None else [w, b])
         if self._bf16_cache is None or self._bf16_cache[0] != key:
             self._bf16_cache = (key, w.detach().bfloat16(), None if b is None else b.detach().bfloat16())
-        return self._bf16_cache[1], self._bf16_cache[2], torch.bfloat16
+        return self._bf16_cache[1], self._bf16_cache[2]
 
     def clear_bf16(self) -> None:
         self._bf16_cache = None
 
+    def kernel_names(self, precision: str) -> list[str]:
+        raise NotImplementedError
 
-class Conv1d(_InferenceWeights, nn.Conv1d):
-    """`nn.Conv1d` (same parameters and state dict) with a faster inference path (autograd off).
+    def describe(self) -> str:
+        raise NotImplementedError
 
-    fp32 on a CPU: oneDNN called directly. bf16 (`bf16_inference`) on a CPU: the convolution as one
-    matrix product of the (C_out, C_in * k) weight with the unfolded input, which reads the weights
-    once (faster than oneDNN's bf16 convolution at batch 1; figures in BENCHMARKS.md). Small layers
-    at batch 1 (`_NATIVE_MAX_WEIGHTS*`) keep PyTorch's native fp32 kernel in either precision.
-    Elsewhere `F.conv1d` in the weights' dtype. The input is cast in and the output cast back."""
+    def infer(self, x: Tensor) -> Tensor:
+        """The layer without autograd: the kernel chosen for this input shape and precision."""
+        precision = self.active_precision(x)
+        default = "native_bf16" if precision == "bf16" else "native"
+        if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPU, or inductor picks kernels
+            return self.KERNELS[default](self, x)  # type: ignore[arg-type]
+        memo = self.__dict__.setdefault("_kernel_memo", {})
+        mk = (x.shape, x.dtype, precision, kernels.memo_token())
+        name = memo.get(mk)
+        if name is None:
+            names = self.kernel_names(precision)
+            name = memo[mk] = kernels.choose(
+                f"{self.describe()} x={kernels.shapes(x)} {x.dtype} {precision}",
+                {n: functools.partial(self.KERNELS[n], self, x) for n in names},
+                native="native",
+                tol={n: kernels.BF16_TOL if n.endswith("_bf16") else kernels.FP32_TOL for n in names},
+                default=default,
+            )
+        return self.KERNELS[name](self, x)  # type: ignore[arg-type]
+
+
+def _weights(layer: _InferenceConv, bf16: bool) -> tuple[Tensor, Tensor | None]:
+    return layer.bf16_weights() if bf16 else (layer.weight, layer.bias)  # type: ignore[attr-defined]
+
+
+def _conv_native_bf16(layer: Conv1d, x: Tensor) -> Tensor:
+    w, b = layer.bf16_weights()
+    y = F.conv1d(x.bfloat16(), w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return y.to(x.dtype)
+
+
+def _conv_onednn(layer: Conv1d, x: Tensor, bf16: bool) -> Tensor:
+    w, b = _weights(layer, bf16)
+    xin = x.to(w.dtype).contiguous()
+    return torch.mkldnn_convolution(xin, w, b, layer.padding, layer.stride, layer.dilation, layer.groups).to(
+        x.dtype
+    )
+
+
+def _conv_matmul(layer: Conv1d, x: Tensor, bf16: bool) -> Tensor:
+    """The convolution as one matrix product of the (C_out, C_in * k) weight with the unfolded input,
+    which reads the weights once."""
+    w, b = _weights(layer, bf16)
+    (k,), (stride,), (pad,) = layer.kernel_size, layer.stride, layer.padding
+    cols = F.pad(x.to(w.dtype), (pad, pad)).unfold(2, k, stride)  # (B, C_in, L_out, k)
+    cols = cols.transpose(2, 3).reshape(x.shape[0], -1, cols.shape[2])  # (B, C_in * k, L_out)
+    y = torch.matmul(w.reshape(w.shape[0], -1), cols)  # (B, C_out, L_out)
+    y = y if b is None else y + b[:, None]
+    return y.to(x.dtype)
+
+
+class Conv1d(_InferenceConv, nn.Conv1d):
+    """`nn.Conv1d` (same parameters and state dict) whose inference (autograd off) runs the kernel
+    chosen by measurement for each input shape (see the module docstring)."""
+
+    KERNELS: dict[str, Kernel] = {
+        "native": lambda m, x: nn.Conv1d.forward(m, x),
+        "onednn": functools.partial(_conv_onednn, bf16=False),
+        "matmul": functools.partial(_conv_matmul, bf16=False),
+        "native_bf16": _conv_native_bf16,
+        "onednn_bf16": functools.partial(_conv_onednn, bf16=True),
+        "matmul_bf16": functools.partial(_conv_matmul, bf16=True),
+    }
+
+    def kernel_names(self, precision: str) -> list[str]:
+        names = ["native"]
+        if _MKLDNN:
+            names.append("onednn")
+        if self.groups == 1 and self.dilation == (1,):
+            names.append("matmul")
+        return names + [f"{n}_bf16" for n in names] if precision == "bf16" else names
+
+    def describe(self) -> str:
+        return (
+            f"conv1d {self.in_channels}->{self.out_channels} k{self.kernel_size[0]} s{self.stride[0]} "
+            f"p{self.padding[0]} d{self.dilation[0]} g{self.groups} bias={self.bias is not None}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        small = _NATIVE_MAX_WEIGHTS_BF16 if self.bf16_inference else _NATIVE_MAX_WEIGHTS
-        if x.device.type == "cpu" and x.shape[0] == 1 and self.weight.numel() <= small:
-            return super().forward(x)  # PyTorch's native fp32 kernel: the fastest for a small layer
-        w, b, dtype = self.inference_weights(x)
-        xin = x.to(dtype)
-        if x.device.type != "cpu":
-            y = F.conv1d(xin, w, b, self.stride, self.padding, self.dilation, self.groups)
-        elif dtype == torch.bfloat16 and self.groups == 1 and self.dilation == (1,):
-            (k,), (stride,), (pad,) = self.kernel_size, self.stride, self.padding
-            cols = F.pad(xin, (pad, pad)).unfold(2, k, stride)  # (B, C_in, L_out, k)
-            cols = cols.transpose(2, 3).reshape(x.shape[0], -1, cols.shape[2])  # (B, C_in * k, L_out)
-            y = torch.matmul(w.reshape(w.shape[0], -1), cols)  # (B, C_out, L_out)
-            y = y if b is None else y + b[:, None]
-        elif _MKLDNN and dtype in (torch.float32, torch.bfloat16):
-            y = torch.mkldnn_convolution(
-                xin.contiguous(), w, b, self.padding, self.stride, self.dilation, self.groups
-            )
-        else:
-            y = F.conv1d(xin, w, b, self.stride, self.padding, self.dilation, self.groups)
-        return y.to(x.dtype)
+        return self.infer(x)
 
 
-class ConvTranspose1d(_InferenceWeights, nn.ConvTranspose1d):
-    """`nn.ConvTranspose1d` with the same bf16 inference option as `Conv1d`."""
+def _tconv_native_bf16(layer: ConvTranspose1d, x: Tensor) -> Tensor:
+    w, b = layer.bf16_weights()
+    y = F.conv_transpose1d(
+        x.bfloat16(), w, b, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
+    )
+    return y.to(x.dtype)
+
+
+def _tconv_matmul(layer: ConvTranspose1d, x: Tensor, bf16: bool) -> Tensor:
+    """The transposed convolution as one matrix product of the (C_out * k, C_in) weight with the input,
+    then the overlapping columns summed into place (col2im, `F.fold`)."""
+    w, b = _weights(layer, bf16)  # (C_in, C_out, k)
+    (k,), (stride,), (pad,), (out_pad,) = layer.kernel_size, layer.stride, layer.padding, layer.output_padding
+    length = (x.shape[2] - 1) * stride - 2 * pad + k + out_pad
+    cols = torch.matmul(w.reshape(w.shape[0], -1).t(), x.to(w.dtype))  # (B, C_out * k, L_in)
+    y = F.fold(cols, (1, length), (1, k), padding=(0, pad), stride=(1, stride))[:, :, 0]  # (B, C_out, L)
+    y = y if b is None else y + b[:, None]
+    return y.to(x.dtype)
+
+
+class ConvTranspose1d(_InferenceConv, nn.ConvTranspose1d):
+    """`nn.ConvTranspose1d` with the same inference path as `Conv1d`."""
+
+    KERNELS: dict[str, Kernel] = {
+        "native": lambda m, x: nn.ConvTranspose1d.forward(m, x),
+        "matmul": functools.partial(_tconv_matmul, bf16=False),
+        "native_bf16": _tconv_native_bf16,
+        "matmul_bf16": functools.partial(_tconv_matmul, bf16=True),
+    }
+
+    def kernel_names(self, precision: str) -> list[str]:
+        names = ["native"]
+        if self.groups == 1 and self.dilation == (1,):
+            names.append("matmul")
+        return names + [f"{n}_bf16" for n in names] if precision == "bf16" else names
+
+    def describe(self) -> str:
+        return (
+            f"conv_transpose1d {self.in_channels}->{self.out_channels} k{self.kernel_size[0]} "
+            f"s{self.stride[0]} p{self.padding[0]} op{self.output_padding[0]} d{self.dilation[0]} "
+            f"g{self.groups} bias={self.bias is not None}"
+        )
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if torch.is_grad_enabled() or output_size is not None or not self.bf16_inference:
+        if torch.is_grad_enabled() or output_size is not None or self.padding_mode != "zeros":
             return super().forward(x, output_size)
-        w, b, dtype = self.inference_weights(x)
-        y = F.conv_transpose1d(
-            x.to(dtype), w, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation
-        )
-        return y.to(x.dtype)
+        return self.infer(x)
 
 
 @dataclass(frozen=True)

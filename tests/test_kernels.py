@@ -1,0 +1,325 @@
+"""Kernel choice by measurement (`wm.kernels`) with fake timings, its cache, and the layers that use it;
+the "auto" precision (`wm.precision`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from wm import kernels, precision
+from wm.kernels import KernelCache, Selector, calibrate, decide, median_times
+
+
+def fake_timer(times: dict[str, float], calls: list | None = None):
+    """A timer that reports `times` (seconds) for the candidates it is given, without running them."""
+
+    def timer(fns):
+        if calls is not None:
+            calls.append(sorted(fns))
+        return {n: times[n] for n in fns}
+
+    return timer
+
+
+@pytest.fixture
+def fake_selector():
+    """Install a selector with an in-process cache and a settable fake timing table."""
+    times: dict[str, float] = {}
+    sel = Selector(KernelCache(None), timer=fake_timer(times))
+    with kernels.using(sel):
+        yield sel, times
+
+
+# ----------------------------------------------------------------------------- the decision rule
+
+
+def test_native_kept_unless_a_candidate_beats_it_by_the_margin():
+    assert decide({"native": 1.0, "a": 0.95}, {"a": 0.0}, "native", 1e-4, margin=0.1) == "native"
+    assert decide({"native": 1.0, "a": 0.90}, {"a": 0.0}, "native", 1e-4, margin=0.1) == "a"
+    assert decide({"native": 1.0}, {}, "native", 1e-4) == "native"
+
+
+def test_fastest_correct_candidate_wins_and_a_wrong_one_never_does():
+    times = {"native": 1.0, "a": 0.6, "b": 0.3, "c": 0.1, "d": 0.05}
+    errors = {"a": 1e-6, "b": 1e-5, "c": 0.5, "d": math.nan}  # c wrong, d not finite
+    assert decide(times, errors, "native", 1e-4) == "b"
+    assert decide(times, {"a": 1e-6}, "native", 1e-4) == "a"  # no error known: not a candidate
+    assert decide(times, {n: 0.01 for n in times}, "native", {"b": 0.02, "c": 0.02}) == "c"  # per-name tol
+    assert decide({"native": 1.0, "y": 0.5, "x": 0.5}, {"x": 0, "y": 0}, "native", 1e-4) == "x"  # tie: name
+    with pytest.raises(ValueError, match="native"):
+        decide({"a": 1.0}, {"a": 0.0}, "native", 1e-4)
+
+
+def test_calibrate_checks_outputs_before_timing():
+    x = torch.randn(8, 8)
+    calls: list = []
+
+    def broken():
+        raise RuntimeError("unsupported")
+
+    candidates = {"native": lambda: x * 2, "exact": lambda: x + x, "wrong": lambda: x * 3, "raises": broken}
+    times = {"native": 1.0, "exact": 0.5, "wrong": 0.1, "raises": 0.01}
+    record = calibrate(candidates, "native", 1e-4, fake_timer(times, calls))
+    assert record["choice"] == "exact"
+    assert calls == [["exact", "native"]]  # only correct candidates are timed
+    assert set(record["rejected"]) == {"wrong", "raises"} and "unsupported" in record["rejected"]["raises"]
+    assert record["rel_error"]["exact"] == 0 and record["rel_error"]["wrong"] == pytest.approx(0.5)
+    assert record["us"] == {"native": 1e6, "exact": 5e5}
+
+
+def test_median_times_with_a_fake_clock():
+    now = [0.0]
+    cost = {"a": [9.0, 1.0, 1.0, 1.0, 1.0, 1.0], "b": [9.0, 2.0, 50.0, 2.0, 2.0, 2.0]}  # warm-up, then rounds
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            now[0] += cost[name][calls[name]]
+            calls[name] += 1
+
+        return fn
+
+    times = median_times({n: make(n) for n in cost}, rounds=5, warmup=1, clock=lambda: now[0])
+    assert times == {"a": 1.0, "b": 2.0}  # the warm-up is untimed; the 50 s spike is outvoted
+    assert calls == {"a": 6, "b": 6}
+    calls.update(a=0, b=0)
+    median_times({n: make(n) for n in cost}, rounds=5, warmup=1, clock=lambda: now[0], budget_s=1.0)
+    assert calls == {"a": 4, "b": 4}  # over budget: stops after the minimum of 3 rounds
+
+
+# ----------------------------------------------------------------------------- selector and cache
+
+
+def counting(calls: list, name: str, value: torch.Tensor):
+    def fn():
+        calls.append(name)
+        return value
+
+    return fn
+
+
+def test_cache_hit_skips_calibration_and_keys_on_the_machine(monkeypatch):
+    y = torch.ones(3)
+    times = {"native": 1.0, "fast": 0.5}
+    sel = Selector(KernelCache(None), timer=fake_timer(times))
+    calls: list = []
+    cands = {"native": counting(calls, "native", y), "fast": counting(calls, "fast", y)}
+    assert sel.choose("op a", cands, "native") == "fast"
+    n = len(calls)
+    assert n > 0
+    times.update(fast=2.0)  # a new measurement would now choose native
+    assert sel.choose("op a", cands, "native") == "fast" and len(calls) == n  # cache hit: nothing ran
+    assert sel.choose("op b", cands, "native") == "native"  # another shape key: calibrated again
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    assert sel.choose("op a", cands, "native") == "native"  # another thread count: calibrated again
+    monkeypatch.setattr(kernels, "cpu_info", lambda: ("Another CPU", ()))
+    assert sel.choose("op a", cands, "native") == "native"  # another CPU model: calibrated again
+    assert f"Another CPU|no-bf16|torch {torch.__version__}|{threads + 1} threads" == kernels.machine_key()
+    assert [src for *_, src in sel.log] == ["calibrated", "cache", "calibrated", "calibrated", "calibrated"]
+
+
+def test_native_mode_and_spent_budget_measure_nothing():
+    calls: list = []
+    y = torch.ones(2)
+    cands = {"native": counting(calls, "native", y), "fast": counting(calls, "fast", y)}
+    timer = fake_timer({"native": 1.0, "fast": 0.1})
+    sel = Selector(KernelCache(None), mode="native", timer=timer)
+    assert sel.choose("op", cands, "native", default="fast") == "fast" and not calls
+    sel = Selector(KernelCache(None), timer=timer, total_budget_s=0.0)
+    assert sel.choose("op", cands, "native") == "native" and not calls
+    assert sel.cache.get(f"{kernels.machine_key()}|op") is None  # not cached: a later process measures it
+    with pytest.raises(ValueError, match="mode"):
+        Selector(KernelCache(None), mode="fastest")
+
+
+def test_disk_cache_shared_between_processes_and_corrupt_file_overwritten(tmp_path):
+    path = tmp_path / "sub" / "kernels.json"
+    y = torch.ones(2)
+    cands = {"native": lambda: y, "fast": lambda: y}
+    Selector(KernelCache(path), timer=fake_timer({"native": 1.0, "fast": 0.5})).choose("op", cands, "native")
+    data = json.loads(path.read_text())
+    ((key, record),) = data["entries"].items()
+    assert data["format"] == 1 and key.endswith("|op") and record["choice"] == "fast"
+    assert not [p for p in path.parent.iterdir() if p != path]  # no temporary file left behind
+
+    calls: list = []  # a new process (new cache object) reads the file: no calibration
+    again = Selector(KernelCache(path), timer=fake_timer({"native": 1.0, "fast": 2.0}, calls))
+    assert again.choose("op", cands, "native") == "fast" and not calls
+
+    path.write_text("{not json")
+    fresh = Selector(KernelCache(path), timer=fake_timer({"native": 1.0, "fast": 2.0}))
+    with pytest.warns(RuntimeWarning, match="unreadable kernel cache") as caught:
+        assert fresh.choose("op", cands, "native") == "native"  # recalibrated
+        fresh.choose("op2", cands, "native")
+    assert len(caught) == 1  # one warning, however often the file is read
+    assert set(json.loads(path.read_text())["entries"]) == {key, key[: -len("op")] + "op2"}  # overwritten
+    path.write_text(json.dumps({"format": 1, "entries": {"k": {"no choice": 1}}}))
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert KernelCache(path).get("k") is None
+
+
+def test_cache_location_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("WM_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels.default_cache_path() == tmp_path / "wm-stack" / "kernels.json"
+    monkeypatch.setenv("WM_KERNEL_CACHE", str(tmp_path / "k.json"))
+    assert kernels.default_cache_path() == tmp_path / "k.json"
+    for off in ("off", "0", ""):
+        monkeypatch.setenv("WM_KERNEL_CACHE", off)
+        assert kernels.default_cache_path() is None
+    monkeypatch.setenv("WM_KERNELS", "native")
+    kernels.set_selector(None)
+    try:
+        assert kernels.selector().mode == "native" and kernels.selector().cache.path is None
+    finally:
+        kernels.set_selector(None)
+
+
+# ----------------------------------------------------------------------------- the layers
+
+
+def conv_layers():
+    from policies.diffusion import unet
+
+    torch.manual_seed(0)
+    return [
+        unet.Conv1d(16, 24, 5, padding=2),
+        unet.Conv1d(24, 16, 3, stride=2, padding=1),
+        unet.Conv1d(16, 8, 1),
+        unet.ConvTranspose1d(16, 12, 4, stride=2, padding=1),
+    ]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_conv_kernel_computes_the_layer(batch):
+    """Each kernel a conv layer may be given (fp32 and bf16) matches nn.Conv1d / nn.ConvTranspose1d."""
+    for layer in conv_layers():
+        x = torch.randn(batch, layer.in_channels, 16)
+        with torch.enable_grad():
+            ref = layer(x).detach()  # autograd on: nn.Conv1d's / nn.ConvTranspose1d's own forward
+        with torch.no_grad():
+            for name in layer.kernel_names("bf16"):
+                y = layer.KERNELS[name](layer, x)
+                assert y.dtype == torch.float32 and y.shape == ref.shape
+                tol = kernels.BF16_TOL if name.endswith("_bf16") else 1e-5
+                assert kernels.rel_error(y, ref) < tol, (layer.describe(), name)
+
+
+def test_conv_layers_use_the_measured_kernel(fake_selector):
+    """The fastest correct kernel by the (fake) timings runs; a kernel with a wrong output never does;
+    one key per shape, dtype, precision and batch; nothing is measured with autograd on."""
+    from policies.diffusion import unet
+    from policies.diffusion.precision import set_inference_precision
+
+    sel, times = fake_selector
+    layer = unet.Conv1d(16, 24, 5, padding=2).eval()
+    calls: list = []
+    good, wrong = unet.Conv1d.KERNELS["matmul_bf16"], lambda m, x: 1.5 * nn.Conv1d.forward(m, x)
+    spy = lambda m, x: calls.append("spy") or good(m, x)  # noqa: E731
+    kernels_ = dict(unet.Conv1d.KERNELS, matmul_bf16=spy, onednn_bf16=wrong)
+    layer.KERNELS = kernels_
+    times.update(native=1.0, onednn=0.95, matmul=0.92, native_bf16=0.8, onednn_bf16=0.1, matmul_bf16=0.5)
+    x = torch.randn(1, 16, 16)
+    with torch.enable_grad():
+        ref = layer(x)
+    assert not sel.log  # autograd on: PyTorch's forward, no calibration
+    set_inference_precision(layer, "bf16")
+    with torch.no_grad():
+        y = layer(x)
+        assert sel.log[-1][1]["choice"] == "matmul_bf16" and "onednn_bf16" in sel.log[-1][1]["rejected"]
+        calls.clear()
+        torch.testing.assert_close(layer(x), y)
+        assert calls == ["spy"]  # memoized: the chosen kernel runs, nothing is measured again
+        set_inference_precision(layer, "fp32")
+        assert torch.equal(layer(x), nn.Conv1d.forward(layer, x))  # fp32: nothing beat native by 10 %
+        layer(torch.randn(2, 16, 16))
+    assert kernels.rel_error(y, ref) < kernels.BF16_TOL
+    keys = [k.split("|")[-1] for k, _, src in sel.log if src == "calibrated"]
+    assert len(keys) == len(set(keys)) == 3
+    assert any("x=1x16x16 torch.float32 bf16" in k for k in keys)
+    assert any("x=1x16x16 torch.float32 fp32" in k for k in keys)
+    assert any("x=2x16x16" in k for k in keys)
+
+
+def test_linear_layers_use_the_measured_kernel(fake_selector):
+    from wm.predictor import _ONEDNN_LINEAR, linear
+
+    sel, times = fake_selector
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 48)
+    x = torch.randn(2, 300, 32)  # 600 rows: calibrated on 256 of them
+    times.update(native=1.0, onednn=0.5)
+    with torch.enable_grad():
+        linear(x, layer)
+    assert not sel.log  # autograd on: F.linear, nothing measured
+    with torch.no_grad():
+        for gelu in (False, True):
+            ref = nn.functional.gelu(layer(x)) if gelu else layer(x)
+            torch.testing.assert_close(linear(x, layer, gelu=gelu), ref, atol=1e-5, rtol=1e-5)
+    choices = {k.split("|")[-1]: r["choice"] for k, r, _ in sel.log}
+    want = "onednn" if _ONEDNN_LINEAR else "native"
+    assert set(choices.values()) == {want} and all("rows~256" in k for k in choices)
+    assert len(choices) == 2  # with and without GELU
+
+
+def test_whole_network_bf16_only_where_measured_faster(fake_selector):
+    from policies.diffusion.precision import set_inference_precision
+    from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
+
+    sel, times = fake_selector
+    torch.manual_seed(0)
+    net = TransformerDenoiser(TransformerConfig(dim=32, depth=1, heads=2, dropout=0.0), 2, 8, 16, 2).eval()
+    set_inference_precision(net, "bf16")
+    args = (torch.randn(1, 16, 2), torch.tensor([3.0]), torch.randn(1, 2, 8))
+    times.update(fp32=1.0, bf16=0.95)  # not faster by the margin: fp32
+    with torch.no_grad():
+        ref = net.denoise(*args)
+        assert torch.equal(net(*args), ref)
+    faster = Selector(KernelCache(None), timer=fake_timer({"fp32": 1.0, "bf16": 0.5}))
+    with kernels.using(faster), torch.no_grad():  # another machine: bf16 faster
+        low = net(*args)
+        assert faster.log[-1][1]["choice"] == "bf16"
+    with torch.enable_grad():
+        assert torch.equal(net(*args), ref)  # autograd on: fp32
+    assert not torch.equal(low, ref) and kernels.rel_error(low, ref) < kernels.MODULE_BF16_TOL
+
+
+# ----------------------------------------------------------------------------- "auto" precision
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    precision._auto.cache_clear()
+    try:
+        monkeypatch.setattr(precision, "cpu_info", lambda: ("Some CPU", ("amx_bf16",)))
+        assert precision.resolve_precision("auto", "cpu") == "bf16"
+        precision._auto.cache_clear()
+        monkeypatch.setattr(precision, "cpu_info", lambda: ("Old CPU", ()))
+        assert precision.resolve_precision("auto", torch.device("cpu")) == "fp32"
+        assert (
+            precision.resolve_precision("bf16", "cpu") == "bf16"
+            and precision.resolve_precision("fp32") == "fp32"
+        )
+        if not torch.cuda.is_available():
+            assert precision.resolve_precision("auto", "cuda") == "fp32"
+        assert "no bf16 units" in precision.describe_hardware()
+    finally:
+        precision._auto.cache_clear()
+    assert precision.check_precision("auto", allow_auto=True) == "auto"
+    with pytest.raises(ValueError, match="precision"):
+        precision.check_precision("auto")  # the trainer's names: what runs
+    with pytest.raises(ValueError, match="precision"):
+        precision.check_precision("fp16", allow_auto=True)
+
+
+def test_cpu_info_reads_bf16_flags():
+    model, flags = precision.cpu_info()
+    assert model and set(flags) <= set(precision.BF16_CPU_FLAGS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve_precision("auto") in ("fp32", "bf16")

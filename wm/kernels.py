@@ -1,0 +1,377 @@
+"""Kernel choice for inference by measurement on the machine that runs it.
+
+A layer with several ways to compute one thing (PyTorch's own kernel, oneDNN called directly, a
+matrix product of unfolded inputs, a bf16 copy of a whole module...) asks `choose(key, candidates,
+native=...)` which one to use for an input shape. The first time a key is seen (in this process, and
+on this machine: see the cache below) the candidates are calibrated on the call's own input:
+
+1. correctness: every candidate runs once and its output is compared with the native one (relative
+   Frobenius error); a candidate that raises, or whose error exceeds its tolerance (`FP32_TOL` for
+   fp32 kernels, `BF16_TOL` / `MODULE_BF16_TOL` for bf16 ones), is never chosen;
+2. timing (`median_times`): `warmup` calls each, then `rounds` interleaved rounds of one call per
+   candidate (so a slow spell of a shared machine hits all alike); a candidate's time is its median;
+3. decision (`decide`, a pure function of times and errors): the fastest correct candidate, if it
+   beats the native one by at least `MARGIN` (10 %); otherwise the native one. PyTorch's native path is
+   always a candidate, so a layer is never chosen to be slower than it was measured to be.
+
+Calibration runs without autograd (`torch.no_grad`), only where the caller has autograd off already
+(training paths never reach it), only on CPU (on CUDA the callers use PyTorch's kernels), and is
+bounded: `key_budget_s` of timing per key (at least 3 rounds), `total_budget_s` per process, after
+which new keys take the caller's default without measurement (and are not cached, so a later process
+measures them).
+
+Cache. Choices are kept in process and in a JSON file, keyed on the CPU model and its bf16 flags, the
+torch version, the number of intra-op threads and the caller's key (the op, its shapes, dtype,
+precision and batch). The file is `$WM_KERNEL_CACHE` if set (`off`, `0` or an empty value: no file),
+else `$XDG_CACHE_HOME/wm-stack/kernels.json` (default `~/.cache/wm-stack/kernels.json`):
+
+    {"format": 1, "entries": {"<machine>|<key>": {"choice": "onednn", "us": {"native": 51.0, ...},
+                              "rel_error": {"onednn": 2e-07, ...}, "rejected": {"name": "why"}}}}
+
+Writes merge with what other processes wrote and replace the file atomically (write a temporary file,
+`os.replace`). A file that cannot be parsed is ignored with one warning and overwritten by the next
+write. `WM_KERNELS=native` turns measurement off: every caller uses its default (PyTorch's kernel in
+the requested precision), for comparison and debugging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wm.precision import cpu_info
+
+MARGIN = 0.10  # a candidate must take at most (1 - MARGIN) x the native time to be chosen
+FP32_TOL = 1e-4  # relative error of an fp32 kernel against PyTorch's (summation order only)
+BF16_TOL = 2e-2  # of one layer computed in bf16 (inputs and weights rounded: ~0.3-0.8 % typically)
+MODULE_BF16_TOL = 3e-2  # of a whole network in bf16 (the tests' bound on one call)
+CACHE_FORMAT = 1
+ENV_CACHE, ENV_MODE = "WM_KERNEL_CACHE", "WM_KERNELS"
+MODES = ("measure", "native")
+
+
+# ----------------------------------------------------------------------------- pure decision rule
+
+
+def decide(
+    times: Mapping[str, float],
+    errors: Mapping[str, float],
+    native: str,
+    tol: Mapping[str, float] | float,
+    margin: float = MARGIN,
+) -> str:
+    """The candidate to use, from median times (s) and relative errors against `native`: the fastest
+    candidate whose error is within its tolerance, if its time is at most (1 - margin) x the native
+    time; else `native`. Ties go to the name that sorts first (deterministic)."""
+    if native not in times:
+        raise ValueError(f"the native candidate {native!r} has no time")
+    correct = [n for n in times if n != native and _within(errors.get(n), _tol(tol, n))]
+    best = min(correct, key=lambda n: (times[n], n), default=None)
+    if best is not None and times[best] <= (1.0 - margin) * times[native]:
+        return best
+    return native
+
+
+def _tol(tol: Mapping[str, float] | float, name: str) -> float:
+    return tol if isinstance(tol, (int, float)) else tol.get(name, FP32_TOL)
+
+
+def _within(error: float | None, tol: float) -> bool:
+    return error is not None and math.isfinite(error) and error <= tol
+
+
+def rel_error(y: Any, ref: Any) -> float:
+    """|y - ref| / |ref| (Frobenius norms, in fp32); inf when shapes differ or y is not finite."""
+    if not isinstance(y, Tensor) or not isinstance(ref, Tensor) or y.shape != ref.shape:
+        return math.inf
+    y, ref = y.detach().float(), ref.detach().float()
+    if not torch.isfinite(y).all():
+        return math.inf
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def median_times(
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int = 5,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+    budget_s: float | None = None,
+) -> dict[str, float]:
+    """Median seconds of one call of each function: `warmup` untimed calls each, then `rounds`
+    interleaved rounds (stopping early, after at least 3 rounds, once `budget_s` is spent)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    start = clock()
+    for r in range(rounds):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            samples[name].append(clock() - t0)
+        if budget_s is not None and r >= 2 and clock() - start > budget_s:
+            break
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+Timer = Callable[[Mapping[str, Callable[[], object]]], dict[str, float]]
+
+
+def calibrate(
+    candidates: Mapping[str, Callable[[], Tensor]],
+    native: str,
+    tol: Mapping[str, float] | float,
+    timer: Timer,
+    margin: float = MARGIN,
+) -> dict[str, Any]:
+    """Check every candidate against `native` on the same input, time the correct ones with `timer`,
+    `decide`. Returns the cache record: choice, times (us), errors, and why candidates were rejected."""
+    ref = candidates[native]()
+    errors: dict[str, float] = {}
+    rejected: dict[str, str] = {}
+    runnable = {native: candidates[native]}
+    for name, fn in candidates.items():
+        if name == native:
+            continue
+        try:
+            err = rel_error(fn(), ref)
+        except Exception as e:  # a kernel this build or input does not support is simply not a candidate
+            rejected[name] = f"{type(e).__name__}: {e}"[:160]
+            continue
+        errors[name] = err
+        if _within(err, _tol(tol, name)):
+            runnable[name] = fn
+        else:
+            rejected[name] = f"relative error {err:.2e} > {_tol(tol, name):.0e}"
+    times = timer(runnable)
+    return {
+        "choice": decide(times, errors, native, tol, margin),
+        "us": {n: round(t * 1e6, 2) for n, t in times.items()},
+        "rel_error": {n: float(f"{e:.3g}") for n, e in errors.items()},
+        "rejected": rejected,
+    }
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def default_cache_path() -> Path | None:
+    """`$WM_KERNEL_CACHE` (off / 0 / empty: None), else the user cache directory's wm-stack/kernels.json."""
+    env = os.environ.get(ENV_CACHE)
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "none", "false") else Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wm-stack" / "kernels.json"
+
+
+class KernelCache:
+    """Choices by key, in process and (with a `path`) in a JSON file shared by processes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._mem: dict[str, dict] = {}
+        self._loaded = False
+        self._warned = False
+
+    def get(self, key: str) -> dict | None:
+        if not self._loaded:
+            self._loaded = True
+            self._mem = {**self._read(), **self._mem}
+        return self._mem.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        self.get(key)  # loads the file once
+        self._mem[key] = record
+        if self.path is None:
+            return
+        merged = {**self._read(), **self._mem}  # keep what other processes wrote meanwhile
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self._warn(f"cannot write the kernel cache {self.path} ({e}); choices stay in this process")
+            self.path = None
+
+    def _read(self) -> dict[str, dict]:
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            entries = data["entries"]
+            if data.get("format") != CACHE_FORMAT or not all(
+                isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("choice"), str)
+                for k, v in entries.items()
+            ):
+                raise ValueError("unexpected content")
+            return entries
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self._warn(
+                f"ignoring the unreadable kernel cache {self.path} ({type(e).__name__}: {e}); kernels are "
+                "recalibrated and the file is overwritten"
+            )
+            return {}
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:  # one warning per cache, however many reads fail
+            self._warned = True
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- the selector
+
+
+def machine_key() -> str:
+    """What a timing depends on besides the op: CPU model and bf16 flags, torch version, threads."""
+    model, flags = cpu_info()
+    threads = torch.get_num_threads()
+    return f"{model}|{','.join(flags) or 'no-bf16'}|torch {torch.__version__}|{threads} threads"
+
+
+@dataclass
+class Selector:
+    """Chooses kernels (see the module docstring); `timer` replaces the clock-based timing in tests.
+    `log` lists (full key, record, "calibrated" | "cache") for every choice made, for the benchmarks."""
+
+    cache: KernelCache
+    mode: str = "measure"
+    margin: float = MARGIN
+    rounds: int = 5
+    warmup: int = 1
+    key_budget_s: float = 0.05
+    total_budget_s: float = 10.0
+    timer: Timer | None = None
+    spent_s: float = 0.0
+    log: list[tuple[str, dict, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"kernel selection mode must be one of {MODES}, got {self.mode!r}")
+
+    def choose(
+        self,
+        key: str,
+        candidates: Mapping[str, Callable[[], Tensor]],
+        native: str,
+        tol: Mapping[str, float] | float = FP32_TOL,
+        default: str | None = None,
+    ) -> str:
+        """The candidate to use for `key` (the caller's op and shapes). `candidates` compute the call at
+        hand; `default` (else `native`) is used without measurement (mode "native", budget spent)."""
+        default = default or native
+        if self.mode == "native" or len(candidates) < 2:
+            return default
+        full = f"{machine_key()}|{key}"
+        record = self.cache.get(full)
+        if record is not None and record["choice"] in candidates:
+            self.log.append((full, record, "cache"))
+            return record["choice"]
+        if self.spent_s >= self.total_budget_s:
+            return default
+        t0 = time.perf_counter()
+        timer = self.timer or (
+            lambda fns: median_times(fns, self.rounds, self.warmup, budget_s=self.key_budget_s)
+        )
+        with torch.no_grad():
+            record = calibrate(candidates, native, tol, timer, self.margin)
+        self.spent_s += time.perf_counter() - t0
+        self.cache.put(full, record)
+        self.log.append((full, record, "calibrated"))
+        return record["choice"]
+
+
+_selector: Selector | None = None
+_generation = 0
+
+
+def selector() -> Selector:
+    """The process's selector, built at first use from `$WM_KERNELS` and `$WM_KERNEL_CACHE`."""
+    global _selector
+    if _selector is None:
+        mode = os.environ.get(ENV_MODE, "measure").strip().lower() or "measure"
+        _selector = Selector(KernelCache(default_cache_path()), mode=mode)
+    return _selector
+
+
+def set_selector(new: Selector | None) -> None:
+    """Replace the process's selector (None: rebuild from the environment at next use); layers forget
+    the choices they memoized."""
+    global _selector, _generation
+    _selector, _generation = new, _generation + 1
+
+
+@contextlib.contextmanager
+def using(new: Selector) -> Iterator[Selector]:
+    """Use `new` inside the block, then restore the previous selector."""
+    old = _selector
+    set_selector(new)
+    try:
+        yield new
+    finally:
+        set_selector(old)
+
+
+@contextlib.contextmanager
+def mode(name: str) -> Iterator[None]:
+    """Run the block with the selector's mode set to `name` ("native" or "measure"); same selector,
+    cache and log."""
+    global _generation
+    if name not in MODES:
+        raise ValueError(f"kernel selection mode must be one of {MODES}, got {name!r}")
+    sel = selector()
+    old, sel.mode = sel.mode, name
+    _generation += 1
+    try:
+        yield
+    finally:
+        sel.mode = old
+        _generation += 1
+
+
+def choose(
+    key: str,
+    candidates: Mapping[str, Callable[[], Tensor]],
+    native: str,
+    tol: Mapping[str, float] | float = FP32_TOL,
+    default: str | None = None,
+) -> str:
+    """`selector().choose(...)`: see `Selector.choose`."""
+    return selector().choose(key, candidates, native, tol, default)
+
+
+def memo_token() -> tuple[int, int]:
+    """Part of every layer's memo key: a change of selector or thread count invalidates memoized choices."""
+    return _generation, torch.get_num_threads()
+
+
+def module_signature(module: nn.Module) -> str:
+    """A short stable name of a module's architecture: class, parameter count, hash of parameter shapes."""
+    h = hashlib.sha1()
+    n = 0
+    for name, p in module.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+        n += p.numel()
+    return f"{type(module).__name__}/{n}/{h.hexdigest()[:10]}"
+
+
+def shapes(*tensors: Tensor | None) -> str:
+    """'1x16x2,1,1x2x66' for the benchmarks' and the cache's keys (None: '-')."""
+    return ",".join("-" if t is None else "x".join(map(str, t.shape)) or "scalar" for t in tensors)
