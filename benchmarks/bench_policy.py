@@ -411,11 +411,12 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
         ("ours_edm3", ours_setup("edm", 3, "fp32", "heun"), ours_chunk),
         ("ours_ddim10_bf16", ours_setup("ddim", 10, "bf16", solver), ours_chunk),
         ("ours_edm3_bf16", ours_setup("edm", 3, "bf16", "heun"), ours_chunk),
+        ("ours_edm3_auto", ours_setup("edm", 3, "auto", "heun"), ours_chunk),
         ("ours_dpm3_bf16", ours_setup("edm", 3, "bf16", "dpmpp_2m"), ours_chunk),
     ]
     out: dict[str, Any] = time_interleaved(configs, args.chunks, args.rounds)
     ours_policy.set_sampler(*default, solver)
-    ours_policy.set_precision("fp32")
+    ours_policy.set_precision(ours_policy.cfg.precision)  # back to the default for the evaluation
     if args.distill_steps > 0:
         t0 = time.perf_counter()
         student = distill_ours(ours_policy, ours["store"], args)
@@ -426,7 +427,7 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
         out["ours_consistency1"]["distill_steps"] = args.distill_steps
         student.set_precision("bf16")
         out["ours_consistency1_bf16"] = time_chunks(lambda: student.sample_actions(our_obs), args.chunks)
-        student.set_precision("fp32")
+        student.set_precision(student.cfg.precision)
     return out
 
 
@@ -504,16 +505,10 @@ def evaluate(lr: dict[str, Any], ours: dict[str, Any], args: argparse.Namespace)
 def machine() -> dict[str, Any]:
     import lerobot
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from wm.precision import describe_hardware
+
     return {
-        "cpu": cpu,
+        "cpu": describe_hardware(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("WM_KERNEL_CACHE", "off")  # kernel choices stay in-process: no user cache written
 
 from wm.data import DemoStore, KeySpec, Schema  # noqa: E402
 

@@ -140,6 +140,8 @@ class LoadedModel:
             for part in dotted.split("."):
                 node = node.get(part) if isinstance(node, Mapping) else None
             out[dotted] = node
+        if "precision" in out and isinstance(getattr(self.model, "precision", None), str):
+            out["precision"] = self.model.precision  # "auto" resolved for this machine
         return out
 
     def policy(self) -> Any:
