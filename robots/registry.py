@@ -6,6 +6,7 @@ tasks and devices that need them. An unknown name raises an error listing the va
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any
 
@@ -36,6 +37,11 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
 def task_names() -> list[str]:
     return sorted(TASKS) + [ROBOSUITE_PREFIX + env for env in ROBOSUITE_EXPERT_ENVS]
 
@@ -47,14 +53,15 @@ def task_entry(name: str) -> TaskEntry:
         return robosuite_entry(name[len(ROBOSUITE_PREFIX) :])
     if name not in TASKS:
         raise RobotError(
-            f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}, or robosuite/<EnvName> "
-            f"(e.g. {', '.join(ROBOSUITE_PREFIX + e for e in ROBOSUITE_EXPERT_ENVS)})"
+            f"unknown task {name!r}{_did_you_mean(name, task_names())}; valid: {', '.join(sorted(TASKS))}, "
+            f"or robosuite/<EnvName> (e.g. {', '.join(ROBOSUITE_PREFIX + e for e in ROBOSUITE_EXPERT_ENVS)})"
         )
     return _load(TASKS[name])
 
 
 def make_task(name: str, config: SimConfig | None = None) -> SimTask:
-    """Build the task `name` (not yet connected)."""
+    """Build the task `name` (not yet connected); its options (`config.options`) are checked against the
+    dataclass the task declares them with (`task_entry(name).options`)."""
     return task_entry(name).make(config or SimConfig())
 
 
@@ -64,5 +71,6 @@ def make_expert(name: str, **kwargs: Any) -> Expert:
 
 def device_class(name: str) -> type:
     if name not in DEVICES:
-        raise RobotError(f"unknown teleop device {name!r}; valid: {', '.join(sorted(DEVICES))}")
+        hint = _did_you_mean(name, list(DEVICES))
+        raise RobotError(f"unknown teleop device {name!r}{hint}; valid: {', '.join(sorted(DEVICES))}")
     return _load(DEVICES[name])
