@@ -39,7 +39,7 @@ def _load(ref: str) -> Any:
 
 def _did_you_mean(name: str, valid: list[str]) -> str:
     near = difflib.get_close_matches(name, valid, n=1)
-    return f" (did you mean {near[0]}?)" if near else ""
+    return f"; did you mean {near[0]}?" if near else ""
 
 
 def task_names() -> list[str]:
@@ -53,8 +53,9 @@ def task_entry(name: str) -> TaskEntry:
         return robosuite_entry(name[len(ROBOSUITE_PREFIX) :])
     if name not in TASKS:
         raise RobotError(
-            f"unknown task {name!r}{_did_you_mean(name, task_names())}; valid: {', '.join(sorted(TASKS))}, "
-            f"or robosuite/<EnvName> (e.g. {', '.join(ROBOSUITE_PREFIX + e for e in ROBOSUITE_EXPERT_ENVS)})"
+            f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}, or robosuite/<EnvName> "
+            f"(e.g. {', '.join(ROBOSUITE_PREFIX + e for e in ROBOSUITE_EXPERT_ENVS)})"
+            + _did_you_mean(name, task_names())
         )
     return _load(TASKS[name])
 
@@ -72,5 +73,5 @@ def make_expert(name: str, **kwargs: Any) -> Expert:
 def device_class(name: str) -> type:
     if name not in DEVICES:
         hint = _did_you_mean(name, list(DEVICES))
-        raise RobotError(f"unknown teleop device {name!r}{hint}; valid: {', '.join(sorted(DEVICES))}")
+        raise RobotError(f"unknown teleop device {name!r}; valid: {', '.join(sorted(DEVICES))}{hint}")
     return _load(DEVICES[name])
