@@ -31,9 +31,13 @@ QUICK_EVAL = [
 
 
 def cli(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / name)] if name.startswith("wm-") else [sys.executable, "-m", name]
     return subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, **(env or {})}
+        [str(BIN / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -53,17 +57,17 @@ def refused(name: str, *args: str, cwd: Path) -> str:
 
 # ---------------------------------------------------------------------- 1. sweeps run every job
 def test_multirun_runs_every_job_in_its_own_folder_and_fails_if_one_failed(tmp_path):
-    res = cli("wm-eval", "-m", "episodes=1,2,0", "out=sweep", *QUICK_EVAL, cwd=tmp_path)
+    res = cli("wm-eval", "-m", "episodes=1,0,2", "out=sweep", *QUICK_EVAL, cwd=tmp_path)
     lines = res.stderr.splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert (
-        lines[0].startswith("error: job 2 (episodes=0") and "episodes and parallel must be >= 1" in lines[0]
+        lines[0].startswith("error: job 1 (episodes=0") and "episodes and parallel must be >= 1" in lines[0]
     )
-    for job, episodes in ((0, 1), (1, 2)):  # the jobs before and after... each in its own folder
+    for job, episodes in ((0, 1), (2, 2)):  # each job in its own folder; the failed one stopped nothing
         results = json.loads((tmp_path / "sweep" / str(job) / "results.json").read_text())
         assert results["episodes"] == episodes
         assert f"wrote results {tmp_path / 'sweep' / str(job) / 'results.json'}" in res.stdout
-    assert not (tmp_path / "sweep" / "2" / "results.json").exists()
+    assert not (tmp_path / "sweep" / "1" / "results.json").exists()
 
 
 # ---------------------------------------------------------------------- 2. required values are required
@@ -71,7 +75,7 @@ def test_multirun_runs_every_job_in_its_own_folder_and_fails_if_one_failed(tmp_p
     "name, args, line",
     [
         ("wm-collect", ["task=arm_push"], "error: store= is required (the demonstration store to write"),
-        ("tools.sample_store", [], "error: out= is required (the store to write)"),
+        ("wm-eval", ["controller=random"], "error: out= is required (the folder for results.json"),
     ],
 )
 def test_required_values_are_required(tmp_path, name, args, line):
