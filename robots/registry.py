@@ -6,6 +6,7 @@ tasks and devices that need them. An unknown name raises an error listing the va
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any
 
@@ -36,6 +37,11 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(name, valid, n=1)
+    return f"; did you mean {near[0]}?" if near else ""
+
+
 def task_names() -> list[str]:
     return sorted(TASKS) + [ROBOSUITE_PREFIX + env for env in ROBOSUITE_EXPERT_ENVS]
 
@@ -49,12 +55,14 @@ def task_entry(name: str) -> TaskEntry:
         raise RobotError(
             f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}, or robosuite/<EnvName> "
             f"(e.g. {', '.join(ROBOSUITE_PREFIX + e for e in ROBOSUITE_EXPERT_ENVS)})"
+            + _did_you_mean(name, task_names())
         )
     return _load(TASKS[name])
 
 
 def make_task(name: str, config: SimConfig | None = None) -> SimTask:
-    """Build the task `name` (not yet connected)."""
+    """Build the task `name` (not yet connected); its options (`config.options`) are checked against the
+    dataclass the task declares them with (`task_entry(name).options`)."""
     return task_entry(name).make(config or SimConfig())
 
 
@@ -64,5 +72,6 @@ def make_expert(name: str, **kwargs: Any) -> Expert:
 
 def device_class(name: str) -> type:
     if name not in DEVICES:
-        raise RobotError(f"unknown teleop device {name!r}; valid: {', '.join(sorted(DEVICES))}")
+        hint = _did_you_mean(name, list(DEVICES))
+        raise RobotError(f"unknown teleop device {name!r}; valid: {', '.join(sorted(DEVICES))}{hint}")
     return _load(DEVICES[name])

@@ -1,54 +1,291 @@
-"""What every command-line app shares: binding the Hydra config to a frozen dataclass, and turning
-data-layer errors into one line on stderr with exit code 2 instead of a traceback."""
+"""What every command-line app shares: its entry point around Hydra, its errors, and its config checks.
+
+`app(config_name, body)` is an app's console entry point. `body(cfg)` runs once, or once per job of a
+`-m` sweep. Errors:
+- a mistake the user can make (a malformed override, an unknown config choice or option, a value of the
+  wrong type, a required value not given, a missing store or checkpoint...) is ONE line `error: ...` on
+  stderr and exit status 2; `WM_TRACEBACK=1` in the environment prints its traceback as well;
+- anything else is a bug: its traceback, and exit status 1.
+In a multirun every job runs (each in its own folder, see `bind`); a failed job prints its line, named
+`error: job N (overrides): ...`, and the process exits nonzero when any job failed (1 if one was a bug,
+else 2). A launcher that runs jobs in other processes (hydra-submitit-launcher on SLURM, joblib) works
+unchanged: there a failed job raises `JobFailed`, so Hydra and the launcher see it as failed too.
+
+`bind(cls, cfg)` and `build(cls, mapping, path)` (tools/_config.py) turn configs into frozen dataclasses,
+checked before any work starts: required values, unknown names (with the nearest valid one), value types,
+nested dataclasses; every app builds every config from user options with them. `--help`
+(tools/_help.py) lists every option with its value and the comment beside it in the app's YAML file,
+which is also where the explanation of a missing required value comes from.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import os
+import re
 import sys
+import traceback
+import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from robots.base import RobotError
 from robots.teleop.base import DeviceNotFoundError
+from tools._config import UsageError, build, check, nearest, one_of, unknown_option
+from tools._help import option_comments
 from wm.checkpoint import CheckpointError
 from wm.data.errors import StoreError
 from wm.encoders import EncoderWeightsError
 from wm.feature_cache import FeatureCacheError
 
+__all__ = [
+    "USER_ERRORS",
+    "JobFailed",
+    "UsageError",
+    "app",
+    "bind",
+    "build",
+    "check",
+    "nearest",
+    "one_of",
+    "run",
+]
+
 T = TypeVar("T")
+TRACEBACK_ENV = "WM_TRACEBACK"  # set to 1: user errors print their traceback too
 
 
-def bind(cls: type[T], cfg: DictConfig) -> T:
-    """Build the frozen dataclass `cls` from a Hydra config; unknown fields are a clear error."""
-    values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; valid options: {sorted(names)}")
-    return cls(**values)
+class JobFailed(Exception):
+    """A job that a launcher ran in another process failed; it printed why (`message`) where it ran."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code, self.message = code, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# What a user can cause: one line and exit status 2. Anything else is a bug (traceback, exit status 1).
+USER_ERRORS = (
+    StoreError,
+    RobotError,
+    DeviceNotFoundError,
+    CheckpointError,
+    EncoderWeightsError,
+    FeatureCacheError,
+    OmegaConfBaseException,  # e.g. an interpolation in an override that does not resolve
+    ValueError,
+    FileExistsError,
+    FileNotFoundError,
+    PermissionError,
+)
+
+
+# ---------------------------------------------------------------------- the app's config
+def bind(cls: type[T], cfg: DictConfig, *, job_folder: str | None = "out", job_file: str | None = None) -> T:
+    """The app's frozen dataclass `cls` from its Hydra config, checked (`build`) before any work.
+
+    In a multirun each job writes in its own folder, `hydra.sweep.dir/hydra.sweep.subdir` (the app's YAML
+    makes `out` the sweep's folder when given): the output directory option `job_folder` becomes that
+    folder, and the output store or file option `job_file` goes inside it under its own name. Then every
+    required value (`???`) must have been given: `error: store= is required (<its YAML comment>)`."""
+    cfg = copy.deepcopy(cfg)
+    job_dir = _multirun_job_dir()
+    if job_dir is not None:
+        with read_write(cfg), open_dict(cfg):
+            if job_folder in cfg:
+                cfg[job_folder] = job_dir
+            if job_file in cfg and not OmegaConf.is_missing(cfg, job_file):
+                cfg[job_file] = str(Path(job_dir) / Path(str(cfg[job_file])).name)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UsageError(_required(missing))
+    return build(cls, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+
+def _multirun_job_dir() -> str | None:
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return str(hc.runtime.output_dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def _required(missing: list[str]) -> str:
+    name = HydraConfig.get().job.config_name if HydraConfig.initialized() else None
+    if len(missing) > 1:
+        names = ", ".join(f"{m}=" for m in missing[:-1]) + f" and {missing[-1]}="
+        return f"{names} are required"
+    why = option_comments(name).get(missing[0]) if name else None
+    return f"{missing[0]}= is required" + (f" ({why})" if why else "")
+
+
+# ---------------------------------------------------------------------- entry point and jobs
+_failed: list[int] | None = None  # exit statuses of failed jobs; a list only in the process `app` started
+
+
+def app(config_name: str, body: Callable[[DictConfig], int | None]) -> Callable[[], None]:
+    """The console entry point of the app configured by configs/<config_name>.yaml: Hydra's main (so
+    `--help`, `-m`, `--cfg job` and launcher plugins work), with the errors described above."""
+    job = _Job(body, config_name)
+    hydra_main = hydra.main(config_path="pkg://configs", config_name=config_name, version_base="1.3")(job)
+
+    def main() -> None:
+        sys.exit(_main(hydra_main, config_name))
+
+    return main
+
+
+class _Job:
+    """Hydra's task function of an app: a module-level class, so that launchers can pickle it."""
+
+    def __init__(self, body: Callable[[DictConfig], int | None], config_name: str) -> None:
+        self.body = body
+        module = body.__module__
+        if module == "__main__":  # `python -m tools.<app>`: the module's real name
+            module = getattr(sys.modules["__main__"].__spec__, "name", f"tools.{config_name}")
+        self.__module__ = module  # Hydra names the job after it (hydra.job.name)
+
+    def __call__(self, cfg: DictConfig) -> int:
+        code, line = _guarded(lambda: self.body(cfg), _job_label())
+        if code and _failed is None:  # run by a launcher in a process of its own: fail the job there
+            raise JobFailed(code, line.removeprefix("error: "))
+        if code:
+            _failed.append(code)  # type: ignore[union-attr]
+        return code
+
+
+def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
+    global _failed
+    _failed = []
+    _check_flags()
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them; see below
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except JobFailed as e:  # the first failed job of a launcher's processes (each printed its own line)
+        print(f"error: {e.message}", file=sys.stderr)
+        return e.code
+    except (HydraException, OmegaConfBaseException, ValueError) as e:  # composing the config
+        _report(e, _hydra_error(e, config_name))
+        return 2
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    return (1 if 1 in _failed else 2) if _failed else 0
 
 
 def run(fn: Callable[[], int | None]) -> None:
-    """Run an app body; known errors become one line `error: ...` and exit status 2."""
+    """For apps still on a plain `@hydra.main` (`app` is the entry point that handles Hydra's own errors
+    and multiruns): errors as above; a failed job ends the process with its status."""
     try:
-        code = fn()
-    except (
-        StoreError,
-        RobotError,
-        DeviceNotFoundError,
-        CheckpointError,
-        EncoderWeightsError,
-        FeatureCacheError,
-        ValueError,
-        FileExistsError,
-        FileNotFoundError,
-        PermissionError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code, _ = _guarded(fn, _job_label())
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    sys.exit(code or 0)
+    if code:
+        sys.exit(code)
+
+
+def _guarded(fn: Callable[[], int | None], label: str) -> tuple[int, str]:
+    """Run one job's work; report a failure (one line, or a traceback for a bug) and return its status."""
+    try:
+        return int(fn() or 0), ""
+    except USER_ERRORS as e:
+        line = f"error: {label}{_one_line(e)}"
+        _report(e, line.removeprefix("error: "))
+        return 2, line
+    except Exception as e:
+        traceback.print_exc()
+        line = f"error: {label}{type(e).__name__}: {_one_line(e)} (a bug: traceback above)"
+        if label:  # in a sweep, say which job it was
+            print(line, file=sys.stderr, flush=True)
+        return 1, line
+
+
+def _report(e: BaseException, line: str) -> None:
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        traceback.print_exception(e)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def _job_label() -> str:
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    hc = HydraConfig.get()
+    return f"job {hc.job.num} ({' '.join(hc.overrides.task)}): "
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OmegaConfBaseException):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        key = getattr(e, "full_key", None)
+        return f"{key}: {first}" if key else first
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def _check_flags() -> None:
+    """Hydra's command-line flags, parsed once with argparse's errors as one line."""
+    try:
+        from hydra._internal.utils import get_args_parser  # what hydra.main parses with
+    except ImportError:  # another Hydra: it reports its own flag errors
+        return
+    parser = get_args_parser()
+    prog = Path(sys.argv[0]).name
+
+    def error(message: str) -> typing.NoReturn:
+        print(f"error: {message} (see {prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_args()
+
+
+def _hydra_error(e: BaseException, config_name: str) -> str:
+    """One line for an error Hydra raised while composing the config."""
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
+        group, _, choice = e.missing_cfg_file.rpartition("/")
+        near = nearest(choice, e.options)
+        hint = f"did you mean {group}={near}? " if near else ""
+        return f"{group}={choice}: no such {group}; {hint}valid: {', '.join(e.options)}"
+    text = "; ".join(line.strip().rstrip(".") for line in str(e).splitlines() if line.strip())
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse override {e.override!r}: {text}"
+    m = re.match(r"Could not override '([^']+)'.\s*To append to your config use (\S+)", str(e))
+    if m and isinstance(e.__cause__, ConfigKeyError | ConfigAttributeError):  # `trainer.stpes=10`
+        path, add = m.groups()
+        valid = _config_keys(config_name, path.rpartition(".")[0])
+        if not valid:  # an empty mapping such as task_options: {}
+            return f"{path} is not in the config; add it with {add}"
+        return f"{unknown_option(path, valid)} (to add a new key: {add})"
+    if isinstance(e, OmegaConfBaseException):
+        return _one_line(e)
+    if isinstance(e.__cause__, OmegaConfBaseException):
+        return f"{text}: {_one_line(e.__cause__)}"
+    return text
+
+
+def _config_keys(config_name: str, parent: str) -> list[str]:
+    """The keys at `parent` of the app's config composed without overrides (for suggestions)."""
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module("configs", version_base="1.3"):
+            cfg = compose(config_name)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return [str(k) for k in node] if isinstance(node, DictConfig) else []
+    except Exception:  # suggestions are a courtesy
+        return []

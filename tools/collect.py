@@ -12,14 +12,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from robots.collect import Collector, Preview, SessionStats, open_store, recording_schema
-from robots.registry import device_class, make_expert, make_task
+from robots.registry import device_class, make_expert, make_task, task_entry
 from robots.sim.base import SimConfig
-from tools._cli import bind, run
+from tools._cli import UsageError, app, bind, build, check, one_of
 
 
 @dataclass(frozen=True)
@@ -42,13 +41,22 @@ class CollectConfig:
     device_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from robots.teleop.mapping import ActionMapper
+
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
         if self.noise_std < 0 or self.replay_noise_std < 0 or self.replays < 0:
             raise ValueError("noise_std, replay_noise_std and replays must be >= 0")
         for name, value in (("realtime", self.realtime), ("preview", self.preview)):
-            if str(value).lower() not in ("auto", "true", "false"):
-                raise ValueError(f"{name} must be auto, true or false, got {value!r}")
+            one_of(name, str(value).lower(), ("auto", "true", "false"))
+        build(task_entry(self.task).options, self.task_options, "task_options")
+        if self.teleop == "scripted":
+            for name in ("gains", "device_options"):
+                if getattr(self, name):
+                    raise UsageError(f"{name} apply to teleop devices; teleop=scripted takes none")
+        else:
+            check(device_class(self.teleop), self.device_options, "device_options")
+            build(ActionMapper, self.gains, "gains")
 
 
 def sim_config(cfg: CollectConfig) -> SimConfig:
@@ -115,8 +123,9 @@ def collect(cfg: CollectConfig) -> int:
         store.close()
     s = collector.stats
     print(
-        f"{'interrupted: ' if interrupted else ''}saved {s.saved} episodes ({s.discarded} discarded), "
-        f"success {s.success_rate:.0%}, {s.steps} steps; store {cfg.store} now has {start + s.saved} episodes"
+        f"{'interrupted: ' if interrupted else ''}saved {s.saved} episodes ({s.discarded} discarded, "
+        f"success {s.success_rate:.0%}, {s.steps} steps) to store {cfg.store} "
+        f"(now {start + s.saved} episodes)"
     )
     return 0
 
@@ -135,10 +144,11 @@ def teleop_mapper(cfg: CollectConfig, task: Any) -> Any:
     )
 
 
-@hydra.main(config_path="../configs", config_name="collect", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(lambda: collect(bind(CollectConfig, cfg)))
+def _main(cfg: DictConfig) -> int:
+    return collect(bind(CollectConfig, cfg, job_folder=None, job_file="store"))
 
+
+main = app("collect", _main)
 
 if __name__ == "__main__":
     main()

@@ -10,10 +10,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from tools._cli import bind, run
+from tools._cli import app, bind
 from wm.data.errors import NotAStoreError
 
 
@@ -60,7 +59,7 @@ def convert(cfg: ConvertConfig) -> int:
         from wm.data.convert.lerobot import store_to_lerobot
 
         out = store_to_lerobot(src, dst, repo_id=cfg.repo_id, use_videos=cfg.video, overwrite=cfg.overwrite)
-        print(f"store {src} -> LeRobot dataset {out} ({'video' if cfg.video else 'image'} mode)")
+        print(f"wrote LeRobot dataset {out} ({'video' if cfg.video else 'image'} mode) from store {src}")
         return 0
     if kind == "lerobot":
         from wm.data.convert.lerobot import lerobot_to_store
@@ -72,15 +71,16 @@ def convert(cfg: ConvertConfig) -> int:
         store = robomimic_to_store(
             src, dst, zarr_format=cfg.zarr_format, overwrite=cfg.overwrite, fps=cfg.fps
         )
-    print(f"{kind} {src} -> store {dst}: {store.n_episodes} episodes, {store.n_steps} steps")
+    print(f"wrote store {dst} ({store.n_episodes} episodes, {store.n_steps} steps) from {kind} {src}")
     store.close()
     return 0
 
 
-@hydra.main(config_path="../configs", config_name="convert", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(lambda: convert(bind(ConvertConfig, cfg)))
+def _main(cfg: DictConfig) -> int:
+    return convert(bind(ConvertConfig, cfg, job_folder=None, job_file="dst"))
 
+
+main = app("convert", _main)
 
 if __name__ == "__main__":
     main()

@@ -9,16 +9,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from tools._cli import bind, run
+from tools._cli import UsageError, app, bind, build
+from tools.collect import CollectConfig, collect
+from tools.eval import EvalConfig, evaluate
 
 
 @dataclass(frozen=True)
@@ -32,59 +34,82 @@ class DemoConfig:
     eval: dict[str, Any] = field(default_factory=dict)
 
 
-def demo(cfg: DemoConfig) -> int:
-    from tools.collect import CollectConfig, collect
-    from tools.eval import EvalConfig, evaluate
-    from tools.train import TrainAppConfig, train
+@dataclass(frozen=True)
+class DemoSteps:
+    """The config of every step, built and checked before the first one starts."""
+
+    collect: CollectConfig  # `episodes`: the store's total (a rerun tops the store up)
+    train: Any  # tools.train.TrainAppConfig
+    mpc: EvalConfig
+    random: EvalConfig
+
+
+def _step(cls: type, path: str, fixed: dict[str, Any], user: dict[str, Any]) -> Any:
+    taken = sorted(set(fixed) & set(user))
+    if taken:
+        raise UsageError(f"{path}.{taken[0]} is set by wm-demo itself (from out=, task=, seed=)")
+    return build(cls, {**fixed, **user}, path)
+
+
+def steps(cfg: DemoConfig) -> DemoSteps:
+    from tools.train import TrainAppConfig
+    from wm.trainer import TrainerConfig
 
     out = Path(cfg.out)
+    store, run_dir = str(out / "demos.zarr"), str(out / "world_model")
+    common = {k: v for k, v in cfg.eval.items() if k not in ("planner", "execute", "subgoals", "graph")}
+    build(TrainerConfig, cfg.trainer, "trainer")
+    fixed = {"task": cfg.task, "store": store, "teleop": "scripted", "seed": cfg.seed, "preview": "false"}
+    return DemoSteps(
+        collect=_step(CollectConfig, "collect", fixed, {"episodes": 200, **cfg.collect}),
+        train=_step(
+            TrainAppConfig,
+            "train",
+            {"store": store, "out": run_dir, "task": cfg.task, "seed": cfg.seed},
+            {"model": dict(cfg.model), "trainer": dict(cfg.trainer)},
+        ),
+        mpc=_step(
+            EvalConfig,
+            "eval",
+            {"out": str(out / "eval_mpc"), "task": cfg.task, "controller": "mpc", "checkpoint": run_dir},
+            cfg.eval,
+        ),
+        random=_step(
+            EvalConfig,
+            "eval",
+            {"out": str(out / "eval_random"), "task": cfg.task, "controller": "random"},
+            common,
+        ),
+    )
+
+
+def demo(cfg: DemoConfig) -> int:
+    from tools.train import train
+
+    plan = steps(cfg)  # every config checked before any work
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    store, run_dir = out / "demos.zarr", out / "world_model"
     times: dict[str, float] = {}
     t = time.perf_counter()
-    have = _episodes(store)
-    wanted = int(cfg.collect.get("episodes", 200))
+    have, wanted = _episodes(Path(plan.collect.store)), plan.collect.episodes
     if have < wanted:  # resumable: a rerun tops the store up instead of starting over
-        collect(
-            CollectConfig(
-                task=cfg.task,
-                store=str(store),
-                teleop="scripted",
-                seed=cfg.seed,
-                preview="false",
-                **{**cfg.collect, "episodes": wanted - have},
-            )
-        )
+        collect(dataclasses.replace(plan.collect, episodes=wanted - have))
     times["collect_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    train(
-        TrainAppConfig(
-            store=str(store),
-            out=str(run_dir),
-            model=dict(cfg.model),
-            trainer=dict(cfg.trainer),
-            task=cfg.task,
-            seed=cfg.seed,
-        )
-    )
+    train(plan.train)
     times["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    common = {k: v for k, v in cfg.eval.items() if k not in ("planner", "execute", "subgoals", "graph")}
-    mpc = evaluate(
-        EvalConfig(
-            out=str(out / "eval_mpc"), task=cfg.task, controller="mpc", checkpoint=str(run_dir), **cfg.eval
-        )
-    )
+    mpc = evaluate(plan.mpc)
     times["eval_mpc_s"] = time.perf_counter() - t
-    rnd = evaluate(EvalConfig(out=str(out / "eval_random"), task=cfg.task, controller="random", **common))
+    rnd = evaluate(plan.random)
     times["total_s"] = sum(times.values()) + (time.perf_counter() - t - times["eval_mpc_s"])
     results = {
         "success_rate": mpc["success_rate"],
         "random_success_rate": rnd["success_rate"],
         "episodes": mpc["episodes"],
-        "goal_mode": cfg.eval.get("task_options", {}).get("goal_mode", "any"),
+        "goal_mode": plan.mpc.task_options.get("goal_mode", "any"),
         "mean_final_distance": mpc["mean_final_distance"],
         "random_mean_final_distance": rnd["mean_final_distance"],
         "planning_seconds_per_step": mpc["planning_seconds_per_step"],
@@ -112,10 +137,11 @@ def _episodes(store: Path) -> int:
         return s.n_episodes
 
 
-@hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(lambda: demo(bind(DemoConfig, cfg)))
+def _main(cfg: DictConfig) -> int:
+    return demo(bind(DemoConfig, cfg))
 
+
+main = app("demo", _main)
 
 if __name__ == "__main__":
     main()

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from tools._cli import bind, run
+from policies.base import Budget
+from policies.subgoal import GraphConfig
+from tools._cli import UsageError, app, bind, build, one_of
 
 CONTROLLERS = ("mpc", "policy", "random")
 POLICY_OPTIONS = {  # wm-eval policy.<name> -> the model config field it overrides at load time
@@ -28,6 +29,28 @@ POLICY_OPTIONS = {  # wm-eval policy.<name> -> the model config field it overrid
     "precision": "precision",
     "temporal_ensemble": "temporal_ensemble",
 }
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """`policy.*`: overrides of a policy checkpoint's inference settings (None: the checkpoint's own)."""
+
+    sampler: str | None = None
+    sampler_steps: int | None = None
+    edm_solver: str | None = None
+    precision: str | None = None
+    temporal_ensemble: float | None = None
+
+
+@dataclass(frozen=True)
+class PlannerBudget:
+    """`planner_budget.*`: a cap on every replan (None: none)."""
+
+    iterations: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        Budget(self.iterations, self.seconds)  # its checks
 
 
 @dataclass(frozen=True)
@@ -43,49 +66,39 @@ class EvalConfig:
     max_steps: int | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     planner: dict[str, Any] = field(default_factory=lambda: {"name": "cem"})
-    planner_budget: dict[str, Any] = field(default_factory=dict)
+    planner_budget: PlannerBudget = field(default_factory=PlannerBudget)
     execute: int = 1
     subgoals: str = "auto"
     store: str | None = None
-    graph: dict[str, Any] = field(default_factory=dict)
+    graph: GraphConfig = field(default_factory=GraphConfig)
     budgets: list[int] = field(default_factory=list)
     objective: str = "checkpoint"
-    policy: dict[str, Any] = field(default_factory=dict)
+    policy: PolicyOptions = field(default_factory=PolicyOptions)
     device: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from policies.base import Budget
-        from policies.planners import planner_config
-        from policies.subgoal import GraphConfig
+        from policies.planners import PLANNERS
+        from robots.registry import task_entry
 
-        if self.controller not in CONTROLLERS:
-            raise ValueError(f"controller must be one of {CONTROLLERS}, got {self.controller!r}")
+        one_of("controller", self.controller, CONTROLLERS)
         if self.controller != "random" and not self.checkpoint:
-            raise ValueError(
+            raise UsageError(
                 f"controller={self.controller} needs checkpoint=DIR (a wm-train output directory)"
             )
         if self.episodes < 1 or self.parallel < 1 or self.videos < 0:
             raise ValueError("episodes and parallel must be >= 1 and videos >= 0")
-        if self.objective not in ("checkpoint", "last_frame", "all_frames"):
-            raise ValueError(f"objective must be checkpoint, last_frame or all_frames: {self.objective!r}")
-        if self.subgoals not in ("auto", "on", "off"):
-            raise ValueError(f"subgoals must be auto, on or off, got {self.subgoals!r}")
-        unknown = sorted(set(self.policy) - set(POLICY_OPTIONS))
-        if unknown:
-            raise ValueError(f"policy options {unknown} unknown; valid: {', '.join(POLICY_OPTIONS)}")
-        unknown = sorted(set(self.planner_budget) - {"iterations", "seconds"})
-        if unknown:
-            raise ValueError(f"planner_budget options {unknown} unknown; valid: iterations, seconds")
-        Budget(self.planner_budget.get("iterations"), self.planner_budget.get("seconds"))
-        GraphConfig(**self.graph)
-        if "name" not in self.planner:
-            raise ValueError("planner needs a name (planner=cem | mppi | gd | cem_gd)")
-        most = planner_config(**self.planner).max_iterations  # validates the planner's own fields
+        one_of("objective", self.objective, ("checkpoint", "last_frame", "all_frames"))
+        one_of("subgoals", self.subgoals, ("auto", "on", "off"))
+        build(task_entry(self.task).options, self.task_options, "task_options")
+        rest = {k: v for k, v in self.planner.items() if k != "name"}
+        name = self.planner.get("name")
+        one_of("planner.name", name, list(PLANNERS))
+        most = build(PLANNERS[name][0], rest, "planner").max_iterations
         bad = [b for b in self.budgets if not 1 <= int(b) <= most]
         if bad:
             raise ValueError(
-                f"budgets {bad} outside 1..{most}: a budget caps the {self.planner['name']} planner's own "
+                f"budgets {bad} outside 1..{most}: a budget caps the {name} planner's own "
                 f"{most} iterations; raise them (e.g. planner.iterations) to sweep higher"
             )
 
@@ -98,11 +111,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from robots.registry import make_task
     from robots.sim.base import SimConfig
     from wm.registry import load_model
-    from wm.trainer import pick_device
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    device = _device(cfg.device)
     opts: dict[str, Any] = {"options": dict(cfg.task_options)}
     if cfg.max_steps:
         opts["max_steps"] = cfg.max_steps
@@ -115,6 +126,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     feat = tasks[0].action_feature
     videos: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)  # after everything that can refuse the command
 
     def episodes(policy: Any, video: bool, desc: str) -> dict[str, Any]:
         with EvalProgress(cfg.episodes, disable=not cfg.progress, desc=desc) as bar:
@@ -138,7 +150,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         results = episodes(loaded.policy(), True, "policy")
     else:
         make = _mpc_builder(cfg, loaded, feat)
-        mpc = make(cfg.planner_budget.get("iterations"))
+        mpc = make(cfg.planner_budget.iterations)
         results = episodes(mpc, True, "mpc")
         results["subgoal_replans"] = mpc.subgoals.count if mpc.subgoals is not None else 0
         if cfg.budgets:
@@ -150,16 +162,24 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     )
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report = write_report(out, results, videos, plot)
-    if cfg.progress:
-        where = f"results: {out / 'results.json'}; report: {report}"
-        print(where + (f"; videos: {out / 'videos'}" if videos else ""), flush=True)
+    where = f"wrote results {out / 'results.json'}, report {report}"
+    print(where + (f", videos {out / 'videos'}" if videos else ""), flush=True)
     return results
+
+
+def _device(name: str) -> Any:
+    from wm.trainer import pick_device
+
+    try:
+        return pick_device(name)
+    except RuntimeError as e:  # torch's words for a device name it does not know or does not have
+        raise UsageError(f"device={name}: {str(e).splitlines()[0]}") from e
 
 
 def _overrides(cfg: EvalConfig) -> dict[str, Any]:
     """Inference settings for the registry to build the model with (not patched on afterwards)."""
     if cfg.controller == "policy":
-        return {POLICY_OPTIONS[k]: v for k, v in cfg.policy.items() if v is not None}
+        return {POLICY_OPTIONS[k]: v for k, v in cfg.policy.__dict__.items() if v is not None}
     if cfg.objective != "checkpoint":
         return {"cost_all_frames": cfg.objective == "all_frames"}
     return {}
@@ -170,11 +190,10 @@ def _mpc_builder(cfg: EvalConfig, loaded: Any, feat: Any) -> Any:
     built once and shared)."""
     from policies.build import build_graph, build_mpc
     from policies.mpc import MPCConfig
-    from policies.subgoal import GraphConfig
 
     store = _graph_store(cfg, loaded.checkpoint)
-    graph = build_graph(loaded.model, store, GraphConfig(**cfg.graph)) if store else None
-    seconds = cfg.planner_budget.get("seconds")
+    graph = build_graph(loaded.model, store, cfg.graph) if store else None
+    seconds = cfg.planner_budget.seconds
 
     def make(iterations: int | None) -> Any:
         mpc_cfg = MPCConfig(execute=cfg.execute, max_iterations=iterations, seconds=seconds)
@@ -228,16 +247,14 @@ def _budget_sweep(cfg: EvalConfig, make: Any, episodes: Any, out: Path) -> tuple
     return points, path
 
 
-@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    def body() -> int:
-        res = evaluate(bind(EvalConfig, cfg))
-        keys = ("success_rate", "mean_final_distance", "mean_max_score", "planning_seconds_per_step")
-        print(json.dumps({k: res[k] for k in keys if res[k] is not None}))
-        return 0
+def _main(cfg: DictConfig) -> int:
+    res = evaluate(bind(EvalConfig, cfg))
+    keys = ("success_rate", "mean_final_distance", "mean_max_score", "planning_seconds_per_step")
+    print(json.dumps({k: res[k] for k in keys if res[k] is not None}))
+    return 0
 
-    run(body)
 
+main = app("eval", _main)
 
 if __name__ == "__main__":
     main()

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import hydra
 import mujoco
 import numpy as np
 from omegaconf import DictConfig
 
-from tools._cli import bind, run
+from tools._cli import app, bind
 from wm.data import ActionSpace, DemoStore, KeySpec, Schema
 
 BALL_XML = """
@@ -98,10 +97,11 @@ def record(cfg: SampleConfig) -> int:
     return 0
 
 
-@hydra.main(config_path="../configs", config_name="sample_store", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(lambda: record(bind(SampleConfig, cfg)))
+def _main(cfg: DictConfig) -> int:
+    return record(bind(SampleConfig, cfg, job_folder=None, job_file="out"))
 
+
+main = app("sample_store", _main)
 
 if __name__ == "__main__":
     main()

@@ -25,13 +25,13 @@ uniform yaw; target in the same box, 0.10 to 0.25 m from the block; the pusher s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import mujoco
 import numpy as np
 
 from robots.base import Feature
-from robots.sim.base import SimConfig, SimTask, TaskEntry
+from robots.sim.base import SimConfig, SimTask, TaskEntry, parse_options
 from robots.sim.mujoco_utils import get_physics, make_renderer, set_physics
 from wm.data.schema import ActionSpace
 
@@ -361,13 +361,28 @@ def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(p - (a + h * ab)))
 
 
+@dataclass(frozen=True)
+class ArmPushOptions:
+    """`SimConfig.options` of arm_push (see the module docstring)."""
+
+    action_mode: Literal["ee_delta", "joint_delta"] = "ee_delta"
+    success_radius: float = 0.025  # m
+    show_target: bool = False  # draw the target in the image
+
+    def __post_init__(self) -> None:
+        if self.action_mode not in ACTION_MODES:
+            raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {self.action_mode!r}")
+        if not self.success_radius > 0:
+            raise ValueError(f"success_radius must be > 0, got {self.success_radius}")
+
+
 def make(config: SimConfig) -> ArmPushTask:
-    opts = config.options
+    opts = parse_options(ArmPushOptions, config.options, "arm_push")
     return ArmPushTask(
         config=config,
-        action_mode=opts.get("action_mode", "ee_delta"),
-        success_radius=float(opts.get("success_radius", 0.025)),
-        show_target=bool(opts.get("show_target", False)),
+        action_mode=opts.action_mode,
+        success_radius=float(opts.success_radius),
+        show_target=bool(opts.show_target),
     )
 
 
@@ -378,4 +393,5 @@ ENTRY = TaskEntry(
         "Planar 3-joint arm pushes a block to a target; options: action_mode ee_delta | joint_delta, "
         "show_target (draw the target)"
     ),
+    options=ArmPushOptions,
 )

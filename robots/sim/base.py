@@ -13,10 +13,11 @@ through `tools/__init__.py`, each rendering benchmark, the test suite's conftest
 
 from __future__ import annotations
 
+import difflib
 from abc import abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -122,12 +123,36 @@ class Expert(Protocol):
 
 
 @dataclass(frozen=True)
+class NoOptions:
+    """The options of a task that takes none."""
+
+
+O = TypeVar("O")
+
+
+def parse_options(cls: type[O], options: Mapping[str, Any], task: str) -> O:
+    """`SimConfig.options` as the frozen dataclass `cls` a task declares its options with. A name the
+    task does not declare is an error naming the nearest valid one: a typo is never silently ignored."""
+    valid = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    for name in options:
+        if name not in valid:
+            near = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise RobotError(
+                f"unknown option {name!r} for task {task}{hint} (its options: {', '.join(valid) or 'none'})"
+            )
+    return cls(**options)
+
+
+@dataclass(frozen=True)
 class TaskEntry:
-    """A registered task: how to build it and its expert."""
+    """A registered task: how to build it, its expert, and the dataclass its options
+    (`SimConfig.options`) are checked against before anything is built."""
 
     make: Callable[[SimConfig], SimTask]
     expert: Callable[..., Expert]
     description: str = ""
+    options: type = NoOptions
 
 
 def check_registry_name(name: str, valid: list[str], what: str) -> None:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import mujoco
 import numpy as np
 
 from robots.base import Feature
-from robots.sim.base import SimConfig, SimTask, TaskEntry
+from robots.sim.base import SimConfig, SimTask, TaskEntry, parse_options
 from robots.sim.mujoco_utils import get_physics, make_renderer, set_physics
 from wm.data.schema import ActionSpace
 
@@ -294,17 +294,28 @@ class PointMazeExpert:
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class PointMazeOptions:
+    """`SimConfig.options` of pointmaze (see the module docstring)."""
+
+    goal_mode: Literal["any", "other_arm"] = "any"
+    success_radius: float = 0.2  # m
+
+    def __post_init__(self) -> None:
+        if self.goal_mode not in GOAL_MODES:
+            raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {self.goal_mode!r}")
+        if not self.success_radius > 0:
+            raise ValueError(f"success_radius must be > 0, got {self.success_radius}")
+
+
 def make(config: SimConfig) -> PointMazeTask:
-    opts = config.options
-    return PointMazeTask(
-        config=config,
-        goal_mode=opts.get("goal_mode", "any"),
-        success_radius=float(opts.get("success_radius", 0.2)),
-    )
+    opts = parse_options(PointMazeOptions, config.options, "pointmaze")
+    return PointMazeTask(config=config, goal_mode=opts.goal_mode, success_radius=float(opts.success_radius))
 
 
 ENTRY = TaskEntry(
     make=make,
     expert=PointMazeExpert,
     description="Point mass in the D4RL U-maze (DINO-WM PointMaze); 2-d force in [-1, 1]; options: goal_mode",
+    options=PointMazeOptions,
 )

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from robots.base import Feature
-from robots.sim.base import SimConfig, SimTask, TaskEntry
+from robots.sim.base import NoOptions, SimConfig, SimTask, TaskEntry, parse_options
 from wm.data.schema import ActionSpace
 
 WORKSPACE = 512.0  # px; the action space and the walls
@@ -172,6 +172,7 @@ class PushTTask(SimTask):
 
 
 def make(config: SimConfig) -> PushTTask:
+    parse_options(NoOptions, config.options, "pusht")  # PushT takes no options: refuse any
     return PushTTask(config=config)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from robots.base import Feature, RobotError
-from robots.sim.base import SimConfig, SimTask, TaskEntry
+from robots.sim.base import SimConfig, SimTask, TaskEntry, parse_options
 from wm.data.schema import ActionSpace
 
 PROPRIO_SUFFIXES = ("eef_pos", "eef_quat", "gripper_qpos")
@@ -93,6 +93,18 @@ def _vector_names(key: str, n: int) -> list[str]:
     return [f"{key}.{i}" for i in range(n)]
 
 
+@dataclass(frozen=True)
+class RobosuiteOptions:
+    """`SimConfig.options` of `robosuite/<EnvName>` (see the module docstring)."""
+
+    robots: str | list[str] = "Panda"  # a list for two-arm envs
+    controller: str | dict[str, Any] | None = None  # None: the robot's robosuite default
+    camera: str | list[str] = "agentview"
+    cameras: str | list[str] | None = None  # the same as camera (either spelling)
+    control_freq: float = 20.0  # Hz
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to robosuite.make
+
+
 @dataclass
 class RobosuiteTask(SimTask):
     """A robosuite env (see the module docstring). The env is built on first use of the features."""
@@ -104,18 +116,15 @@ class RobosuiteTask(SimTask):
     _meta: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        opts = dict(self.config.options)
-        unknown = set(opts) - {"robots", "controller", "camera", "cameras", "control_freq", "env_kwargs"}
-        if unknown:
-            raise RobotError(f"robosuite/{self.env_name}: unknown options {sorted(unknown)}")
+        opts = parse_options(RobosuiteOptions, self.config.options, f"robosuite/{self.env_name}")
         self.name = f"robosuite/{self.env_name}"
-        self.robots = opts.get("robots", "Panda")
+        self.robots = opts.robots
         first = self.robots if isinstance(self.robots, str) else self.robots[0]
-        self.controller_cfg = controller_config(opts.get("controller"), first)
-        cams = opts.get("cameras", opts.get("camera", "agentview"))
+        self.controller_cfg = controller_config(opts.controller, first)
+        cams = opts.camera if opts.cameras is None else opts.cameras
         self.cameras = [cams] if isinstance(cams, str) else list(cams)
-        self.control_hz = float(opts.get("control_freq", 20.0))
-        self.env_kwargs = {**DEFAULT_ENV_KWARGS.get(self.env_name, {}), **opts.get("env_kwargs", {})}
+        self.control_hz = float(opts.control_freq)
+        self.env_kwargs = {**DEFAULT_ENV_KWARGS.get(self.env_name, {}), **opts.env_kwargs}
         self.action_space = _action_space(self.controller_cfg)
 
     # ------------------------------------------------------------------ the env
@@ -340,7 +349,7 @@ def robosuite_entry(env_name: str) -> TaskEntry:
             raise RobotError(f"no scripted expert for robosuite/{env_name}; there are for {have}")
         return ScriptedExpert(env_name=env_name, **kwargs)
 
-    return TaskEntry(make=make, expert=expert, description=f"robosuite {env_name}")
+    return TaskEntry(make=make, expert=expert, description=f"robosuite {env_name}", options=RobosuiteOptions)
 
 
 # ---------------------------------------------------------------------- scripted experts

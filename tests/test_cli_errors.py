@@ -1,0 +1,174 @@
+"""What a new user meets at the command line, run as a user runs it (console scripts in a subprocess):
+sweeps that run every job, each in its own folder; required values and unknown options refused in one
+line before anything is written; Hydra's own errors as one line too; bugs keep their traceback; `--help`
+explains every option; the apps say where they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import configs
+from robots.base import RobotError
+from robots.registry import make_task, task_entry
+from robots.sim.base import SimConfig
+
+BIN = Path(sys.executable).parent
+QUICK_EVAL = [
+    "task=pointmaze",
+    "controller=random",
+    "parallel=1",
+    "videos=0",
+    "max_steps=3",
+    "progress=false",
+]
+
+
+def cli(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def files(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def refused(name: str, *args: str, cwd: Path) -> str:
+    """Run a command that must be refused: exit status 2, one line on stderr, nothing on disk changed."""
+    before = files(cwd)
+    res = cli(name, *args, cwd=cwd)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert files(cwd) == before
+    return lines[0]
+
+
+# ---------------------------------------------------------------------- 1. sweeps run every job
+def test_multirun_runs_every_job_in_its_own_folder_and_fails_if_one_failed(tmp_path):
+    res = cli("wm-eval", "-m", "episodes=1,0,2", "out=sweep", *QUICK_EVAL, cwd=tmp_path)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert (
+        lines[0].startswith("error: job 1 (episodes=0") and "episodes and parallel must be >= 1" in lines[0]
+    )
+    for job, episodes in ((0, 1), (2, 2)):  # each job in its own folder; the failed one stopped nothing
+        results = json.loads((tmp_path / "sweep" / str(job) / "results.json").read_text())
+        assert results["episodes"] == episodes
+        assert f"wrote results {tmp_path / 'sweep' / str(job) / 'results.json'}" in res.stdout
+    assert not (tmp_path / "sweep" / "1" / "results.json").exists()
+
+
+# ---------------------------------------------------------------------- 2. required values are required
+@pytest.mark.parametrize(
+    "name, args, line",
+    [
+        ("wm-collect", ["task=arm_push"], "error: store= is required (the demonstration store to write"),
+        ("wm-eval", ["controller=random"], "error: out= is required (the folder for results.json"),
+    ],
+)
+def test_required_values_are_required(tmp_path, name, args, line):
+    assert refused(name, *args, cwd=tmp_path).startswith(line)
+
+
+# ---------------------------------------------------------------------- 3. options are checked
+@pytest.mark.parametrize(
+    "name, args, line",
+    [
+        (
+            "wm-collect",
+            ["task=pointmaze", "store=s.zarr", "+task_options.goal_mod=other_arm"],
+            "error: unknown option task_options.goal_mod; did you mean task_options.goal_mode?",
+        ),
+        (
+            "wm-demo",
+            ["+trainer.stpes=10"],
+            "error: unknown option trainer.stpes; did you mean trainer.steps?",
+        ),
+        (
+            "wm-eval",
+            ["out=e", "controller=random", "+task_options.goal_mode=other"],
+            "error: task_options.goal_mode must be one of any, other_arm, got 'other'; "
+            "did you mean other_arm?",
+        ),
+    ],
+)
+def test_options_are_checked_before_any_work(tmp_path, name, args, line):
+    assert refused(name, *args, cwd=tmp_path) == line
+
+
+@pytest.mark.parametrize("name", ["pointmaze", "arm_push", "pusht"])
+def test_every_task_declares_its_options_and_refuses_others(name):
+    entry = task_entry(name)
+    make_task(name, SimConfig(state_only=True, options={}))  # the declared defaults build
+    with pytest.raises(RobotError, match=f"unknown option 'goal_mod' for task {name}"):
+        make_task(name, SimConfig(state_only=True, options={"goal_mod": "other_arm"}))
+    if name == "pointmaze":
+        assert [f for f in entry.options.__dataclass_fields__] == ["goal_mode", "success_radius"]
+        with pytest.raises(RobotError, match="did you mean goal_mode"):
+            make_task(name, SimConfig(options={"goal_mod": "other_arm"}))
+
+
+# ---------------------------------------------------------------------- 4. one line, not a traceback
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["planner=nonexistent"],
+            "error: planner=nonexistent: no such planner; valid: cem, cem_gd, gd, mppi",
+        ),
+        (["seed=[1,"], "error: cannot parse override 'seed=[1,': "),
+        (
+            ["graph.strid=3"],
+            "error: unknown option graph.strid; did you mean graph.stride? (to add a new key:",
+        ),
+        (["planner.samples=abc"], "error: planner.samples must be an integer, got 'abc'"),
+    ],
+)
+def test_hydra_and_value_errors_are_one_line(tmp_path, args, line):
+    assert refused("wm-eval", "out=e", "controller=random", *args, cwd=tmp_path).startswith(line)
+
+
+def test_traceback_flag_and_bugs(tmp_path):
+    res = cli("wm-eval", "planner=nonexistent", "out=e", cwd=tmp_path, env={"WM_TRACEBACK": "1"})
+    assert res.returncode == 2 and "Traceback (most recent call last)" in res.stderr
+    assert res.stderr.splitlines()[-1].startswith("error: planner=nonexistent")
+    # A bug in an app (here one whose body divides by zero) keeps its traceback and exits 1.
+    code = "from tools._cli import app; app('eval', lambda cfg: 1 / 0)()"
+    res = subprocess.run(
+        [sys.executable, "-c", code, "out=e"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert res.returncode == 1 and "ZeroDivisionError" in res.stderr and "Traceback" in res.stderr
+
+
+# ---------------------------------------------------------------------- 5. --help explains each option
+def test_help_explains_each_option(tmp_path):
+    res = cli("wm-eval", "--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    explained = {}
+    for line in res.stdout.splitlines():
+        if line.startswith("  ") and "=" in line.split()[0]:
+            option, _, rest = line.strip().partition("=")
+            explained[option] = rest.split("  ", 1)[1].strip() if "  " in rest else ""
+    options = OmegaConf.load(Path(configs.__file__).parent / "eval.yaml")
+    for option in [k for k in options if k not in ("defaults", "hydra")] + ["planner"]:
+        assert explained.get(option), f"{option} is not explained in --help:\n{res.stdout}"
+    assert "WM_TRACEBACK=1" in res.stdout and "-m" in res.stdout
+
+
+# ---------------------------------------------------------------------- 6. outputs say where they went
+def test_collect_says_where_it_wrote(tmp_path):
+    res = cli("wm-collect", "task=pointmaze", "store=s.zarr", "episodes=1", "state_only=true", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "saved 1 episodes" in res.stdout and "to store s.zarr (now 1 episodes)" in res.stdout

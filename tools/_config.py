@@ -1,0 +1,178 @@
+"""Configs from user mappings: a frozen dataclass (or any callable's keyword arguments) built from the
+options a user typed, with every mistake reported as one line naming the option: an unknown name with the
+nearest valid one, a value of the wrong type, a required value not given, a value `__post_init__` refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, Union
+
+T = TypeVar("T")
+
+
+class UsageError(ValueError):
+    """A mistake in the options; the message names the option."""
+
+
+def nearest(name: str, valid: Sequence[str]) -> str | None:
+    near = difflib.get_close_matches(name, list(valid), n=1)
+    return near[0] if near else None
+
+
+def unknown_option(path: str, valid: Sequence[str]) -> UsageError:
+    """`unknown option trainer.stpes; did you mean trainer.steps?`"""
+    parent, _, name = path.rpartition(".")
+    near = nearest(name, valid)
+    if near:
+        return UsageError(f"unknown option {path}; did you mean {parent + '.' if parent else ''}{near}?")
+    where = f"{parent} takes" if parent else "valid options:"
+    return UsageError(f"unknown option {path}; {where} {', '.join(valid) or 'no options'}")
+
+
+def one_of(path: str, value: Any, choices: Sequence[Any]) -> None:
+    """`controller must be one of mpc, policy, random, got 'mcp'; did you mean mpc?`"""
+    if value not in choices:
+        near = nearest(str(value), [str(c) for c in choices])
+        hint = f"; did you mean {near}?" if near else ""
+        raise UsageError(f"{path} must be one of {', '.join(map(str, choices))}, got {value!r}{hint}")
+
+
+def check(target: Callable[..., Any], values: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    """`values` checked as the keyword arguments of `target` (a dataclass or any callable): every name is
+    a parameter (else the error names the nearest one), required ones are given, each value has its
+    annotated type (a mapping given for a dataclass-typed parameter is built the same way, recursively).
+    `path` is where the mapping sits in the app's config, for messages (`trainer` -> `trainer.steps`)."""
+    params = _parameters(target)
+    for name in values:
+        if name not in params:
+            raise unknown_option(_join(path, str(name)), list(params))
+    missing = [name for name, (_, required) in params.items() if required and name not in values]
+    if missing:
+        raise UsageError(f"{_join(path, missing[0])}= is required")
+    return {name: _coerce(params[name][0], value, _join(path, name)) for name, value in values.items()}
+
+
+def build(cls: type[T], values: Mapping[str, Any], path: str = "") -> T:
+    """The frozen dataclass `cls` from a mapping of user options, checked by `check`; a value its
+    `__post_init__` refuses is reported under `path`."""
+    kwargs = check(cls, values, path)
+    try:
+        return cls(**kwargs)
+    except UsageError:
+        raise
+    except ValueError as e:
+        if not path:
+            raise
+        raise UsageError(f"{path}: {e}") from e
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _parameters(target: Callable[..., Any]) -> dict[str, tuple[Any, bool]]:
+    """name -> (annotated type, required) of the keyword parameters of `target`."""
+    is_dc = dataclasses.is_dataclass(target)
+    try:
+        hints = typing.get_type_hints(target if is_dc or not isinstance(target, type) else target.__init__)
+    except Exception:  # an annotation that cannot be evaluated here: check names only
+        hints = {}
+    if is_dc:
+        return {
+            f.name: (hints.get(f.name, Any), f.default is f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(target)  # type: ignore[arg-type]
+            if f.init
+        }
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        p.name: (hints.get(p.name, Any), p.default is p.empty)
+        for p in inspect.signature(target).parameters.values()
+        if p.kind in kinds
+    }
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """`value` as type `tp` (an int is a float, lists become tuples where tuples are due), or a UsageError
+    naming `path`. Types this does not know pass unchecked."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or isinstance(tp, TypeVar):
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(member, value, path)
+            except UsageError:
+                pass
+        raise _wrong_type(tp, value, path)
+    if origin is Literal:
+        one_of(path, value, args)
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp | Mapping):
+            return value if isinstance(value, tp) else build(tp, value, path)
+        raise _wrong_type(tp, value, path)
+    if tp in (bool, int, float, str):
+        ok, coerced = _scalar(tp, value)
+        if ok:
+            return coerced
+        raise _wrong_type(tp, value, path)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        return _sequence(tp, value, path)
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _wrong_type(tp, value, path)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _coerce(item, v, _join(path, str(k))) for k, v in value.items()}
+    return value
+
+
+def _scalar(tp: type, value: Any) -> tuple[bool, Any]:
+    """(whether `value` is a `tp` to a user, the value as one) for bool, int, float and str."""
+    if isinstance(value, bool):  # to Python a bool is an int; to a user it is not
+        return tp in (bool, str), str(value).lower() if tp is str else value
+    if tp is bool:
+        return False, value
+    if tp is int:
+        return isinstance(value, int), value
+    if tp is float:
+        return isinstance(value, int | float), float(value) if isinstance(value, int | float) else value
+    return isinstance(value, str | int | float), str(value)  # str: `out=2024` is the text typed
+
+
+def _sequence(tp: Any, value: Any, path: str) -> list | tuple:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if not isinstance(value, list | tuple):
+        raise _wrong_type(tp, value, path)
+    if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: so many values
+        if len(args) != len(value):
+            raise UsageError(f"{path} must be {len(args)} values, got {len(value)}: {value!r}")
+        items = [_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
+    else:
+        items = [_coerce(args[0] if args else Any, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if tuple in (origin, tp) else items
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        return "a list"
+    if origin in (dict, Mapping) or tp in (dict, Mapping) or dataclasses.is_dataclass(tp):
+        return "a mapping ({...})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _wrong_type(tp: Any, value: Any, path: str) -> UsageError:
+    return UsageError(f"{path} must be {_describe(tp)}, got {value!r}")

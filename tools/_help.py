@@ -1,0 +1,100 @@
+"""`wm-<app> --help`: each top-level option with its value and the one-line comment beside it in the
+app's YAML file (configs/<app>.yaml), which stays the one place where options are explained.
+
+Every app's YAML sets `hydra.help.template: ${wm_help:}`, a resolver registered here that renders the
+composed config (so `--help` shows the values after the other overrides on the command line).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+WIDTH = 30  # column of the explanations
+_KEY = re.compile(r"^([A-Za-z_][\w-]*):(.*)$")  # a top-level key
+_GROUP = re.compile(r"^\s+-\s+([\w-]+):\s*[^#\s]+\s*#\s?(.*)$")  # `  - planner: cem   # comment` in defaults
+_COMMENT = re.compile(r"(?:^|\s)#\s?(.*)$")
+
+
+def config_file(config_name: str) -> Path:
+    return Path(importlib.import_module("configs").__file__).parent / f"{config_name}.yaml"  # type: ignore[arg-type]
+
+
+@functools.cache
+def _parse(config_name: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the file's leading comment lines, top-level option -> the comment on its line)."""
+    try:
+        lines = config_file(config_name).read_text().splitlines()
+    except OSError:
+        return (), {}
+    header: list[str] = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line[1:].removeprefix(" "))
+    comments: dict[str, str] = {}
+    for line in lines:
+        key, group = _KEY.match(line), _GROUP.match(line)
+        if key:
+            comment = _COMMENT.search(key.group(2))
+            if comment and key.group(1) != "defaults":
+                comments[key.group(1)] = comment.group(1).strip()
+        elif group:
+            comments[group.group(1)] = group.group(2).strip()
+    return tuple(header), comments
+
+
+def option_comments(config_name: str) -> dict[str, str]:
+    """Top-level option -> its one-line explanation in configs/<config_name>.yaml."""
+    return dict(_parse(config_name)[1])
+
+
+def render(root: DictConfig) -> str:
+    """The help text of the app whose composed config (with its `hydra` node) is `root`."""
+    name = str(root.hydra.job.config_name)
+    header, comments = _parse(name)
+    choices = OmegaConf.to_container(root.hydra.runtime.choices)
+    values = OmegaConf.to_container(root, resolve=False)
+    assert isinstance(values, dict) and isinstance(choices, dict)
+    lines = [*header, "", "Options (option=value  what it does; ??? marks a required value):"]
+    for key, value in values.items():
+        if key == "hydra":
+            continue
+        shown = f"{key}={choices[key] if key in choices else _show(value)}"
+        why = comments.get(key, "")
+        lines.append(
+            f"  {shown:<{WIDTH - 2}}  {why}".rstrip() if len(shown) <= WIDTH - 2 else f"  {shown}  {why}"
+        )
+    lines += [
+        "",
+        "Sweeps: -m (--multirun) runs one job per combination of comma-separated values, e.g. -m seed=0,1;",
+        "  each job writes in its own folder, and the exit status is nonzero when any job failed.",
+        "--cfg job prints the composed config; --hydra-help shows Hydra's own flags and options.",
+        "A mistake is one line `error: ...` with exit status 2; WM_TRACEBACK=1 also prints its traceback.",
+    ]
+    return "\n".join(lines).replace("$", "$$") + "\n"  # Hydra passes the text through string.Template
+
+
+def _show(value: Any, limit: int = 70) -> str:
+    text = _flow(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _flow(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return str(value)
+
+
+OmegaConf.register_new_resolver("wm_help", lambda _root_: render(_root_), replace=True)
