@@ -97,6 +97,21 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: unknown option trainer.stpes; did you mean trainer.steps?",
         ),
         (
+            "wm-train",
+            ["store=missing.zarr", "out=run", "+trainer.stpes=10"],
+            "error: unknown option trainer.stpes; did you mean trainer.steps?",
+        ),
+        (
+            "wm-train",
+            ["store=missing.zarr", "out=run", "trainer.steps=abc"],
+            "error: trainer.steps must be an integer, got 'abc'",
+        ),
+        (
+            "wm-info",
+            ["store=missing.zarr", "format=xml"],
+            "error: format must be 'text' or 'json', got 'xml'",
+        ),
+        (
             "wm-eval",
             ["out=e", "controller=random", "+task_options.goal_mode=other"],
             "error: task_options.goal_mode must be one of any, other_arm, got 'other'; "

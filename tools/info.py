@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from tools._cli import bind, run
+from tools._cli import app, bind
 from wm.data import CorruptStoreError, DemoStore, delete_episodes
 from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
 
@@ -136,9 +135,11 @@ def info(cfg: InfoConfig) -> int:
     return 0
 
 
-@hydra.main(config_path="../configs", config_name="info", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(lambda: info(bind(InfoConfig, cfg)))
+def _main(cfg: DictConfig) -> int:
+    return info(bind(InfoConfig, cfg, job_folder=None))
+
+
+main = app("info", _main)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from tools._cli import bind, run
+from tools._cli import app, bind, build
 from wm.data import DemoStore, SchemaError
 
 
@@ -63,13 +62,13 @@ def train(cfg: TrainAppConfig) -> int:
 
     model_type = cfg.model["type"]
     entry = model_entry(model_type)  # an unknown type fails here, before the store is read
-    check_task(cfg)
     trainer_opts = dict(cfg.trainer)
     for key, value in entry.trainer_overrides.items():
         if trainer_opts.get(key) != value:
             print(f"note: {model_type} trains with trainer.{key}={value} (was {trainer_opts.get(key)})")
         trainer_opts[key] = value
-    trainer_cfg = TrainerConfig(**trainer_opts)
+    trainer_cfg = build(TrainerConfig, trainer_opts, "trainer")  # checked before any work
+    check_task(cfg)
     setup = setup_training(
         model_type,
         cfg.store,
@@ -136,9 +135,11 @@ def command_line() -> str:
     return " ".join([prog, *map(shlex.quote, sys.argv[1:])])
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(lambda: train(bind(TrainAppConfig, cfg)))
+def _main(cfg: DictConfig) -> int:
+    return train(bind(TrainAppConfig, cfg))
+
+
+main = app("train", _main)
 
 
 if __name__ == "__main__":

@@ -164,10 +164,12 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+            raise ValueError(
+                f"device {name!r} was asked for but CUDA is not available (use device=cpu or auto)"
+            )
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         if dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {dev} does not exist ({torch.cuda.device_count()} CUDA devices)")
+            raise ValueError(f"device {dev} does not exist ({torch.cuda.device_count()} CUDA devices)")
     return dev
 
 
