@@ -223,8 +223,8 @@ def test_bad_options_are_refused():
     assert isinstance(build("arm_push", {}), ArmPushTask)
 
 
-def test_arm_push_show_target_draws_the_target_only_when_asked():
-    plain, shown = build("arm_push", {}), build("arm_push", {"show_target": True})
+def test_arm_push_draws_the_target_unless_asked_not_to():
+    plain, shown = build("arm_push", {"show_target": False}), build("arm_push", {})
     plain.connect()
     shown.connect()
     try:

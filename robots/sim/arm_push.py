@@ -13,9 +13,9 @@ Action modes (`SimConfig.options["action_mode"]`):
   - "joint_delta": delta joint targets in radians, each in [-0.1, 0.1].
 Targets are taken relative to the current joint positions, so a blocked arm never winds up.
 
-Observation: `image` (a camera over the table; the target is drawn as a green disc only with
-option `show_target=true`, for policies that are not given a goal) and `proprio` = joint
-positions (3) and ee position (3). The block pose is not in `proprio`: that is what a world model
+Observation: `image` (a camera over the table with the target drawn as a green disc, so that a
+policy, which is given no goal observation, sees where to push; `show_target=false` hides it) and
+`proprio` = joint positions (3) and ee position (3). The block pose is not in `proprio`: that is what a world model
 has to see. Goal observation: the block at the target with the yaw it started the episode with,
 the arm at its home posture. Success: block centre within `success_radius` (2.5 cm) of the target
 (orientation ignored). Reset: block centre uniform in x [-0.12, 0.12] m, y [0.28, 0.42] m with
@@ -116,7 +116,7 @@ class ArmPushTask(SimTask):
     action_mode: str = "ee_delta"
     action_space: ActionSpace = field(default_factory=ActionSpace, init=False)  # set from action_mode
     success_radius: float = 0.025
-    show_target: bool = False  # draw the target (a green disc under the block's path) in the image
+    show_target: bool = True  # draw the target (a green disc under the block's path) in the image
     frame_skip: int = 25  # 25 x 4 ms = one 10 Hz step
     target: np.ndarray = field(default_factory=lambda: np.zeros(2), init=False)
     target_yaw: float = field(default=0.0, init=False)
@@ -367,7 +367,7 @@ class ArmPushOptions:
 
     action_mode: Literal["ee_delta", "joint_delta"] = "ee_delta"
     success_radius: float = 0.025  # m
-    show_target: bool = False  # draw the target in the image
+    show_target: bool = True  # draw the target in the image (policies see the goal only there)
 
     def __post_init__(self) -> None:
         if self.action_mode not in ACTION_MODES:
