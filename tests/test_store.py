@@ -295,3 +295,14 @@ def test_bad_schema_values():
         )
     d = make_schema().to_dict()
     assert Schema.from_dict(json.loads(json.dumps(d))) == make_schema()
+
+
+def test_fingerprint_follows_the_committed_content(small_store):
+    path, _ = small_store
+    with DemoStore.open(path) as store:
+        before = store.fingerprint
+    with DemoStore.open(path) as store:
+        assert store.fingerprint == before  # stable across opens
+    with DemoStore.open(path, mode="a") as store:
+        store.append_episode(make_episode(9, 5), {"success": False})
+        assert store.fingerprint != before

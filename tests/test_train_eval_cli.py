@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from wm.data import DemoStore
+
 BIN = Path(sys.executable).parent
 
 
@@ -61,6 +63,8 @@ def world_model(maze, tmp_path_factory):
 def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
     config = json.loads((world_model / "config.json").read_text())
     assert config["model_type"] == "dino_wm" and config["run_config"]["store"] == str(maze.resolve())
+    with DemoStore.open(maze) as store:
+        assert config["run_config"]["store_fingerprint"] == store.fingerprint
 
     out = tmp_path / "eval"
     res = cli(
@@ -99,6 +103,27 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
         "wm-eval", "task=arm_push", "controller=mpc", f"checkpoint={world_model}", "episodes=1", f"out={out}"
     )
     assert res.returncode == 2 and "another task" in res.stderr
+
+
+def test_subgoal_store_is_found_from_anywhere_and_changes_are_said(world_model, tmp_path):
+    """The checkpoint names its store by absolute path: evaluating from another folder keeps the
+    subgoals; another store given with store= is used, and the evaluation says it differs."""
+    other = tmp_path / "other.zarr"
+    res = cli("wm-collect", "task=pointmaze", "episodes=2", f"store={other}", "image_size=32")
+    assert res.returncode == 0, res.stderr
+    common = [
+        "task=pointmaze", "controller=mpc", f"checkpoint={world_model}", "episodes=1", "max_steps=2",
+        "videos=0", "progress=false", "subgoals=on", "planner.samples=8", "planner.elites=2",
+        "planner.iterations=1",
+    ]  # fmt: skip
+    res = subprocess.run(
+        [str(BIN / "wm-eval"), *common, "out=e1"], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr
+    assert "note:" not in res.stdout  # the training store, unchanged
+    res = cli("wm-eval", *common, f"out={tmp_path / 'e2'}", f"store={other}")
+    assert res.returncode == 0, res.stderr
+    assert "not the store the world model was trained on (6 episodes then, 2 now" in res.stdout
 
 
 @pytest.mark.parametrize(

@@ -207,9 +207,10 @@ def _graph_store(cfg: EvalConfig, ckpt: dict[str, Any]) -> str | None:
     With subgoals=auto and no store found, subgoals are off, and the evaluation says so."""
     if cfg.subgoals == "off":
         return None
-    recorded = ckpt.get("extra", {}).get("run_config", {}).get("store")
-    store = cfg.store or recorded
+    run = ckpt.get("extra", {}).get("run_config", {})
+    store = cfg.store or run.get("store")
     if store and Path(store).exists():
+        _say_if_changed(str(store), run)
         return str(store)
     why = (
         f"the training store {store!r} does not exist" if store else "the checkpoint names no training store"
@@ -218,6 +219,23 @@ def _graph_store(cfg: EvalConfig, ckpt: dict[str, Any]) -> str | None:
         raise ValueError(f"subgoals=on needs the training store: {why}; pass store=PATH")
     print(f"note: subgoals off: {why} (pass store=PATH to use them)", flush=True)
     return None
+
+
+def _say_if_changed(store: str, run: dict[str, Any]) -> None:
+    """One line when the store differs from the one the world model was trained on (its fingerprint)."""
+    from wm.data import DemoStore
+
+    if "store_fingerprint" not in run:
+        return
+    with DemoStore.open(store) as s:
+        if s.fingerprint == run["store_fingerprint"]:
+            return
+        now = s.n_episodes
+    print(
+        f"note: subgoals from {store}, which is not the store the world model was trained on "
+        f"({run.get('store_episodes')} episodes then, {now} now; content differs)",
+        flush=True,
+    )
 
 
 def _budget_sweep(cfg: EvalConfig, make: Any, episodes: Any, out: Path) -> tuple[list, Path]:

@@ -46,13 +46,20 @@ class TrainAppConfig:
             raise ValueError(f"feature_cache must be auto or off, got {self.feature_cache!r}")
 
 
-def check_task(cfg: TrainAppConfig) -> None:
-    if cfg.task is None:
-        return
+def check_task(cfg: TrainAppConfig) -> dict[str, Any]:
+    """The store's task matches `task=` (when given); returns what the run records of the store: its
+    absolute path, content fingerprint and episode count (wm-eval finds it from anywhere and says
+    when it has changed)."""
     with DemoStore.open(cfg.store) as store:
         recorded = store.schema.task
-    if recorded and recorded != cfg.task:
+        facts = {
+            "store": str(Path(cfg.store).resolve()),
+            "store_fingerprint": store.fingerprint,
+            "store_episodes": store.n_episodes,
+        }
+    if cfg.task is not None and recorded and recorded != cfg.task:
         raise SchemaError(f"{cfg.store}: recorded for task {recorded!r}, but task={cfg.task!r} was given")
+    return facts
 
 
 def train(cfg: TrainAppConfig) -> int:
@@ -68,7 +75,7 @@ def train(cfg: TrainAppConfig) -> int:
             print(f"note: {model_type} trains with trainer.{key}={value} (was {trainer_opts.get(key)})")
         trainer_opts[key] = value
     trainer_cfg = build(TrainerConfig, trainer_opts, "trainer")  # checked before any work
-    check_task(cfg)
+    store_facts = check_task(cfg)
     setup = setup_training(
         model_type,
         cfg.store,
@@ -81,8 +88,7 @@ def train(cfg: TrainAppConfig) -> int:
         feature_cache=cfg.feature_cache,
         teacher=cfg.teacher,
     )
-    run_config = json.loads(json.dumps(cfg.__dict__, default=str))
-    run_config["store"] = str(Path(cfg.store).resolve())  # the subgoal graph finds it from anywhere
+    run_config = {**json.loads(json.dumps(cfg.__dict__, default=str)), **store_facts}
     trainer = Trainer(
         setup.model,
         setup.train_set,

@@ -17,6 +17,7 @@ episodes).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -213,6 +214,17 @@ class DemoStore:
 
     def episode_lengths(self) -> np.ndarray:
         return np.diff(self._ends, prepend=0)
+
+    @property
+    def fingerprint(self) -> str:
+        """A content hash of what is committed: the schema, the episode boundaries and the episodes'
+        info (sha256, hex). It changes when episodes are added, removed or replaced; it does not read
+        the data arrays (cheap), so a rewrite in place of identical boundaries goes unnoticed."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self._schema.to_dict(), sort_keys=True, default=str).encode())
+        h.update(np.ascontiguousarray(self._ends, dtype=np.int64).tobytes())
+        h.update(json.dumps(self._info, sort_keys=True, default=str).encode())
+        return h.hexdigest()
 
     def episode_slice(self, i: int) -> slice:
         i = self._check_episode(i)
