@@ -60,6 +60,9 @@ def train(cfg: TrainAppConfig) -> int:
     model_type = cfg.model["type"]
     if model_type not in builders:
         raise ValueError(f"unknown model type {model_type!r}; valid: {', '.join(builders)}")
+    import torch
+
+    torch.manual_seed(cfg.seed)  # the model's initialization (torch's default seed differs every run)
     setup = builders[model_type](
         cfg.store,
         cfg.model,
