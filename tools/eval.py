@@ -174,7 +174,7 @@ def _predictor(model: Any) -> Any:
     def predict(obs: dict, policy: Any) -> np.ndarray:
         result = policy.last_result
         pred = model.rollout(model.encode(obs), result.actions[:, None, :1])  # leading (E, 1, 1)
-        img = model.decode(pred["visual"][:, 0, 0])  # (E, 3, H, W)
+        img = model.decode({k: v[:, 0, 0] for k, v in pred.items()})  # (E, 3, H, W)
         return (img.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
 
     return predict

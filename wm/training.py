@@ -158,7 +158,7 @@ def _errors(model: DinoWorldModel, batch: dict[str, torch.Tensor]) -> tuple[floa
     multi = (roll["visual"][:, 0] - truth).pow(2).mean().item()
     # Strip: real frames (top) and decoded open-loop predictions (bottom) for 4 windows.
     real = batch[c.image_key][:4, T : T + VAL_STEPS]  # (4, S, C, H, W)
-    dec = model.decode(roll["visual"][:4, 0])  # (4, S, C, H, W)
+    dec = model.decode({k: v[:4, 0] for k, v in roll.items()})  # (4, S, C, H, W)
     if real.ndim != 5:  # cached features: no pixels to compare with
         return one, multi, np.zeros((1, 1, 3), np.uint8)
     rows = [
