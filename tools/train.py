@@ -76,6 +76,9 @@ def train(cfg: TrainAppConfig) -> int:
         trainer_opts[key] = value
     trainer_cfg = build(TrainerConfig, trainer_opts, "trainer")  # checked before any work
     store_facts = check_task(cfg)
+    import torch
+
+    torch.manual_seed(cfg.seed)  # the model's initialization (torch's default seed differs every run)
     setup = setup_training(
         model_type,
         cfg.store,

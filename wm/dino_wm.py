@@ -2,15 +2,17 @@
 action and proprioception embeddings tiled onto every patch token, and a pixel decoder.
 
 Single-purpose methods (house style rule 5): `encode` observations to a latent, `predict` the next
-latents with teacher forcing, `rollout` action sequences with a KV cache, `decode` features to
+latents with teacher forcing, `rollout` action sequences with a KV cache, `decode` latents to
 pixels, and `cost` between predicted and goal latents for planners. A planner sees only these.
 
 Latents are dicts: "visual" (..., P, D) patch features and "proprio" (..., Dp) normalized
 proprioception; rollouts also carry "visual" for every predicted step so costs can weight all
 frames. Training (`compute_loss`) is teacher-forced next-frame MSE on detached targets plus an
 optional multi-step rollout loss; a trainable encoder (the small CNN) is kept from collapsing by a
-reconstruction loss through the decoder, while a frozen encoder's decoder trains on detached
-features, for visualization only.
+reconstruction loss through its own small head (`recon_head`). The video decoder behind `decode`
+is another module: it decodes the whole latent (patch features and proprio) and trains on detached
+latents only, with its gradients clipped apart from the rest (`detached_heads`), so it never
+changes what the encoder and predictor learn, i.e. what the planner sees.
 
 Batch keys for `compute_loss` (from `WindowDataset` with `window_spec()`):
     <image_key>  (B, n_hist + 1, C, H, W) float in [0, 1]   (or cached features (B, n_hist + 1, P, D))
@@ -58,7 +60,9 @@ class WorldModelConfig:
     predictor_head_dim: int = 64
     predictor_mlp_dim: int = 512
     predictor_dropout: float = 0.0
-    decoder_channels: tuple[int, ...] = (128, 64, 32)
+    decoder_channels: tuple[int, ...] = (128, 64, 32)  # the video decoder behind `decode`
+    decoder_keypoints: int = 8  # image points it places from proprio (wm/decoder.py)
+    recon_channels: tuple[int, ...] = (128, 64, 32)  # the trainable encoder's reconstruction head
     rollout_loss_steps: int = 0  # extra open-loop steps in the loss (0: teacher forcing only)
     rollout_loss_weight: float = 0.5
     proprio_loss_weight: float = 1.0
@@ -75,6 +79,7 @@ class WorldModelConfig:
             object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
+        object.__setattr__(self, "recon_channels", tuple(self.recon_channels))
         if self.n_hist < 1 or self.frameskip < 1:
             raise ValueError(f"n_hist and frameskip must be >= 1, got {self.n_hist}, {self.frameskip}")
         if self.action_dim < 1 or self.proprio_dim < 0:
@@ -124,8 +129,23 @@ class DinoWorldModel(nn.Module):
                 max_frames=cfg.n_hist,  # attention window: the history the model conditions on
             )
         )
-        up = cfg.image_size[0] // self.grid[0]
-        self.decoder = Decoder(DecoderConfig(in_dim=D, channels=cfg.decoder_channels, upsample=max(1, up)))
+        up = max(1, cfg.image_size[0] // self.grid[0])
+        # Reconstruction through a trainable encoder keeps its features informative; a frozen one
+        # needs none. Built before the video decoder, so adding that one changes no initialization.
+        self.recon_head = (
+            Decoder(DecoderConfig(in_dim=D, channels=cfg.recon_channels, upsample=up))
+            if self.encoder.trainable and cfg.recon_loss_weight
+            else None
+        )
+        self.decoder = Decoder(
+            DecoderConfig(
+                in_dim=D,
+                channels=cfg.decoder_channels,
+                upsample=up,
+                proprio_dim=cfg.proprio_dim,
+                keypoints=cfg.decoder_keypoints,
+            )
+        )
 
     # ------------------------------------------------------------------ planning interface
     @property
@@ -299,11 +319,30 @@ class DinoWorldModel(nn.Module):
         return torch.cat(parts, dim=1)
 
     def decode(self, z: Latent) -> torch.Tensor:
-        """A latent {"visual": (..., P, D), ...} -> images (..., 3, H, W) in [0, 1]."""
+        """Latent {"visual": (..., P, D), "proprio": (..., Dp)} -> images (..., 3, H, W) in [0, 1], by
+        the video decoder. "proprio" is required when the model has proprioception; other keys
+        ("past_action") are ignored."""
         visual = z["visual"]
         lead = visual.shape[:-2]
-        imgs = self.decoder(visual.reshape(-1, *visual.shape[-2:]), self.grid, self.cfg.image_size)
+        proprio = None
+        if self.cfg.proprio_dim:
+            proprio = z.get("proprio")
+            if proprio is None or proprio.shape != (*lead, self.cfg.proprio_dim):
+                got = None if proprio is None else tuple(proprio.shape)
+                raise ValueError(
+                    f"decode needs z['proprio'] of shape {(*lead, self.cfg.proprio_dim)} "
+                    f"beside z['visual'] {tuple(visual.shape)}, got {got}"
+                )
+            proprio = proprio.reshape(-1, self.cfg.proprio_dim)
+        imgs = self.decoder(visual.reshape(-1, *visual.shape[-2:]), self.grid, self.cfg.image_size, proprio)
         return imgs.reshape(*lead, *imgs.shape[1:])
+
+    @property
+    def detached_heads(self) -> dict[str, nn.Module]:
+        """Modules that train on detached latents only (the video decoder). The trainer clips their
+        gradients apart from the rest (`wm.trainer.default_param_groups`), so they cannot change how
+        the encoder and predictor train."""
+        return {"decoder": self.decoder}
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -332,16 +371,17 @@ class DinoWorldModel(nn.Module):
             ro = _masked_mse(roll["visual"][:, 0], target["visual"][:, T:], valid[:, T - 1 :])
             loss = loss + c.rollout_loss_weight * ro
             metrics["loss_rollout"] = ro.detach()
-        # Decoder: reconstruction through a trainable encoder (keeps its features informative),
-        # on detached features for a frozen one (visualization only).
         images = batch[c.image_key]
-        if images.ndim == 5:
-            feats = z["visual"][:, 0] if self.encoder.trainable else z["visual"][:, 0].detach()
-            recon = recon_loss(
-                self.decode({"visual": feats}), images[:, 0], images[:, 1], c.recon_motion_weight
-            )
+        if images.ndim == 5 and self.recon_head is not None:  # through the trainable encoder
+            recon = self.recon_head(z["visual"][:, 0], self.grid, c.image_size)
+            recon = recon_loss(recon, images[:, 0], images[:, 1], c.recon_motion_weight)
             loss = loss + c.recon_loss_weight * recon
             metrics["loss_recon"] = recon.detach()
+        if images.ndim == 5:  # the video decoder, on detached latents: no gradient reaches the rest
+            frame0 = {k: target[k][:, 0] for k in ("visual", "proprio") if k in target}
+            video = (self.decode(frame0) - images[:, 0]).pow(2).mean()
+            loss = loss + video
+            metrics["loss_decoder"] = video.detach()
         metrics["loss"] = loss.detach()
         return loss, metrics
 

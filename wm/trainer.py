@@ -206,13 +206,25 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: weight decay on matrices, none on biases, norm scales (ndim <= 1) and
-    `nn.Embedding` tables. Frozen parameters are left out."""
+    `nn.Embedding` tables. Frozen parameters are left out.
+
+    A model may name modules that train on detached inputs only in a `detached_heads` dict (name ->
+    module; the world model's video decoder). Their parameters get two groups of their own with
+    `"clip_group": name`, and `Trainer` clips each clip group on its own, so such a head cannot
+    change how the rest of the model is clipped (one joint norm would couple them)."""
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    heads = getattr(model, "detached_heads", {})
+    head_of = {id(p): name for name, m in heads.items() for p in m.parameters()}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {("", True): [], ("", False): []}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or id(p) in embedding else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decays = not (p.ndim <= 1 or id(p) in embedding)
+            groups.setdefault((head_of.get(id(p), ""), decays), []).append(p)
+    return [
+        {"params": ps, "weight_decay": weight_decay if decays else 0.0}
+        | ({"clip_group": name} if name else {})
+        for (name, decays), ps in groups.items()
+    ]
 
 
 class _LossForward(nn.Module):
@@ -515,14 +527,23 @@ class Trainer:
             loss, metrics = self._loss_fn(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+        grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         if self._ema is not None:
             ema_update(self._ema, self.model, ema_decay_at(self.step, self.cfg))
         self.step += 1
         return {"loss": loss.detach(), **metrics, "grad_norm": grad_norm, "lr": lr}
+
+    def _clip_gradients(self) -> Tensor:
+        """Clip each clip group (see `default_param_groups`) to `grad_clip` on its own; returns the
+        gradient norm of the main group (the parameters of no detached head)."""
+        by_group: dict[str, list[Tensor]] = {}
+        for g in self.optimizer.param_groups:
+            by_group.setdefault(g.get("clip_group", ""), []).extend(g["params"])
+        limit = self.cfg.grad_clip or float("inf")
+        norms = {name: nn.utils.clip_grad_norm_(ps, limit) for name, ps in by_group.items()}
+        return norms[""] if "" in norms else next(iter(norms.values()))
 
     def validate(self) -> dict[str, float]:
         """Run `val_fn` on the EMA model (rank 0 only); returns its metrics."""

@@ -14,12 +14,13 @@ Action modes (`SimConfig.options["action_mode"]`):
 Targets are taken relative to the current joint positions, so a blocked arm never winds up.
 
 Observation: `image` (a camera over the table with the target drawn as a green disc, so that a
-policy, which is given no goal observation, sees where to push; `show_target=false` hides it)
-and `proprio` = joint positions (3) and ee position (3). The block pose is not in `proprio`: that is what a world model
-has to see. Goal observation: the block at the target with the yaw it started the episode with,
-the arm at its home posture. Success: block centre within `success_radius` (2.5 cm) of the target
-(orientation ignored). Reset: block centre uniform in x [-0.12, 0.12] m, y [0.28, 0.42] m with
-uniform yaw; target in the same box, 0.10 to 0.25 m from the block; the pusher starts near home.
+policy, which is given no goal observation, sees where to push; `show_target=false` hides it) and
+`proprio` = joint positions (3) and ee position (3). The block pose is not in `proprio`: that is
+what a world model has to see. Goal observation: the block at the target with the yaw it started the
+episode with, the arm at its home posture. Success: block centre within `success_radius` (2.5 cm) of
+the target (orientation ignored). Reset: block centre uniform in x [-0.12, 0.12] m, y [0.28, 0.42] m
+with uniform yaw; target in the same box, 0.10 to 0.25 m from the block; the pusher starts near
+home.
 """
 
 from __future__ import annotations
