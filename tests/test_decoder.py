@@ -9,9 +9,10 @@ import torch
 
 from wm.data.normalize import Normalizer, compute_stats
 from wm.decoder import Decoder, DecoderConfig
-from wm.dino_wm import DinoWorldModel, WorldModelConfig, load_world_model
+from wm.dino_wm import DinoWorldModel, WorldModelConfig
+from wm.registry import load_model
 from wm.trainer import Trainer, TrainerConfig, default_param_groups
-from wm.training import setup_dino_wm
+from wm.training import setup_training
 
 SMALL = {
     "image_key": "img",
@@ -127,14 +128,8 @@ def test_decoder_config_rejects_bad_keypoints(bad):
 def _train(store: str, out, decoder_channels: list[int]) -> Trainer:
     model_cfg = {k: v for k, v in SMALL.items() if k not in ("image_key", "proprio_key", "image_size")}
     torch.manual_seed(0)
-    setup = setup_dino_wm(
-        store,
-        model_cfg | {"decoder_channels": decoder_channels},
-        image_key=None,
-        proprio_key=None,
-        val_ratio=0.0,
-        seed=0,
-        in_memory=True,
+    setup = setup_training(
+        "dino_wm", store, model_cfg | {"decoder_channels": decoder_channels}, val_ratio=0.0
     )
     cfg = TrainerConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, grad_clip=0.01, ema_decay=0.5)
     trainer = Trainer(
@@ -164,7 +159,7 @@ def test_another_video_decoder_trains_the_same_world_model(small_store, tmp_path
         for k in planner:
             torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
-    loaded, _ = load_world_model(str(tmp_path / "a"))
+    loaded = load_model(str(tmp_path / "a"), controller="mpc").model
     ema = a.ema_model.eval()
     z = {"visual": torch.randn(2, 5, *loaded.grid, 8).flatten(2, 3), "proprio": torch.randn(2, 5, 4)}
     with torch.no_grad():

@@ -32,6 +32,7 @@ MODEL = {
     "predictor_mlp_dim": 128,
     "decoder_channels": [32, 16, 16],
     "rollout_loss_steps": 1,
+    "predictor_precision": "fp32",  # exact comparisons below; bf16 planning: tests/test_predictor.py
 }
 
 

@@ -92,7 +92,9 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
     assert all(ep["replans"] >= 1 for ep in per_episode)  # MPC plans at least once per episode
     assert 0 <= results["subgoal_replans"] <= sum(ep["replans"] for ep in per_episode)
     assert [point["iterations"] for point in results["budgets"]] == [1, 2]
-    assert results["inference"] == {"cost_all_frames": True, "cost_proprio_weight": 1.0}
+    inference = results["inference"]
+    assert inference["cost_all_frames"] is True and inference["cost_proprio_weight"] == 1.0
+    assert inference["predictor_precision"] in ("fp32", "bf16")  # "auto", resolved on this machine
     videos = list((out / "videos").glob("episode_1000_*.mp4"))
     assert (out / "success_vs_budget.png").exists() and len(videos) == 1
     report = (out / "report.html").read_text()

@@ -73,6 +73,7 @@ class EvalConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     budgets: list[int] = field(default_factory=list)
     objective: str = "checkpoint"
+    precision: str | None = None
     policy: PolicyOptions = field(default_factory=PolicyOptions)
     device: str = "auto"
     progress: bool = True
@@ -90,6 +91,12 @@ class EvalConfig:
             raise ValueError("episodes and parallel must be >= 1 and videos >= 0")
         one_of("objective", self.objective, ("checkpoint", "last_frame", "all_frames"))
         one_of("subgoals", self.subgoals, ("auto", "on", "off"))
+        if self.precision is not None:
+            one_of("precision", self.precision, ("fp32", "bf16", "auto"))
+            if self.controller != "mpc":
+                raise UsageError(
+                    "precision= sets the world model's planning precision; for a policy use policy.precision="
+                )
         build(task_entry(self.task).options, self.task_options, "task_options")
         rest = {k: v for k, v in self.planner.items() if k != "name"}
         name = self.planner.get("name")
@@ -180,9 +187,10 @@ def _overrides(cfg: EvalConfig) -> dict[str, Any]:
     """Inference settings for the registry to build the model with (not patched on afterwards)."""
     if cfg.controller == "policy":
         return {POLICY_OPTIONS[k]: v for k, v in cfg.policy.__dict__.items() if v is not None}
+    over: dict[str, Any] = {"predictor_precision": cfg.precision} if cfg.precision else {}
     if cfg.objective != "checkpoint":
-        return {"cost_all_frames": cfg.objective == "all_frames"}
-    return {}
+        over["cost_all_frames"] = cfg.objective == "all_frames"
+    return over
 
 
 def _mpc_builder(cfg: EvalConfig, loaded: Any, feat: Any) -> Any:

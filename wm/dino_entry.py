@@ -96,5 +96,5 @@ ENTRY = ModelEntry(
     description="DINO-WM style world model: patch encoder, ViT predictor, decoder; planned over by MPC",
     proprio_norm="meanstd",
     validation=validation,
-    overridable=("cost_all_frames", "cost_proprio_weight"),
+    overridable=("cost_all_frames", "cost_proprio_weight", "predictor_precision"),
 )

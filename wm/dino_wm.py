@@ -60,6 +60,7 @@ class WorldModelConfig:
     predictor_head_dim: int = 64
     predictor_mlp_dim: int = 512
     predictor_dropout: float = 0.0
+    predictor_precision: str = "auto"  # planning precision: fp32 | bf16 | auto (bf16 on bf16 hardware)
     decoder_channels: tuple[int, ...] = (128, 64, 32)  # the video decoder behind `decode`
     decoder_keypoints: int = 8  # image points it places from proprio (wm/decoder.py)
     recon_channels: tuple[int, ...] = (128, 64, 32)  # the trainable encoder's reconstruction head
@@ -127,6 +128,7 @@ class DinoWorldModel(nn.Module):
                 mlp_dim=cfg.predictor_mlp_dim,
                 dropout=cfg.predictor_dropout,
                 max_frames=cfg.n_hist,  # attention window: the history the model conditions on
+                precision=cfg.predictor_precision,
             )
         )
         up = max(1, cfg.image_size[0] // self.grid[0])
@@ -169,6 +171,11 @@ class DinoWorldModel(nn.Module):
             frameskip=c.frameskip,
             past_actions=True,
         )
+
+    @property
+    def precision(self) -> str:
+        """The predictor's inference precision in use ("auto" resolved): what planning runs in."""
+        return self.predictor.precision
 
     def feature_cache_source(self) -> tuple[PatchEncoder, str] | None:
         """A frozen encoder's features can be cached once; a trainable one must see images."""

@@ -140,8 +140,10 @@ class LoadedModel:
             for part in dotted.split("."):
                 node = node.get(part) if isinstance(node, Mapping) else None
             out[dotted] = node
-        if "precision" in out and isinstance(getattr(self.model, "precision", None), str):
-            out["precision"] = self.model.precision  # "auto" resolved for this machine
+        used = getattr(self.model, "precision", None)  # the inference precision in use, "auto" resolved
+        for key in out:
+            if key.endswith("precision") and isinstance(used, str):
+                out[key] = used
         return out
 
     def policy(self) -> Any:
