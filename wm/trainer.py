@@ -25,18 +25,14 @@ reads its own shard of the data; rank 0 alone logs, validates and writes checkpo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, runtime_checkable
 
@@ -62,91 +58,23 @@ from wm.checkpoint import (
 )
 from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
-from wm.precision import check_precision
+from wm.interrupt import InterruptFlag, TrainingInterrupted
+from wm.optim import TrainerConfig, default_param_groups, ema_decay_at, ema_update, lr_factor
+
+__all__ = [
+    "Trainer",
+    "TrainerConfig",
+    "TrainableModel",
+    "TrainingInterrupted",
+    "default_param_groups",
+    "ema_decay_at",
+    "ema_update",
+    "lr_factor",
+    "pick_device",
+]
 
 log = logging.getLogger(__name__)
 ValFn = Callable[[nn.Module, int, Path], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Optimization, logging and checkpointing settings. `val_every` / `ckpt_every` of 0 disable the
-    periodic runs (a final checkpoint and validation still happen); `grad_clip` 0 disables clipping
-    (the grad norm is still reported); `ema_decay` 0 disables EMA. `precision="bf16"` autocasts on
-    CUDA and also on CPU, where it is slow on most processors. `compile` applies on CUDA only.
-
-    Warm-up: `warmup_steps`, but at most `warmup_max_fraction` of `steps` (`warmup_steps_used`), so a
-    short run (steps=300 with warmup_steps=200) warms up for 30 steps and spends the rest at a useful
-    learning rate; the trainer says so when the cap applies. `warmup_max_fraction=1` keeps
-    `warmup_steps` whatever the run length.
-
-    Best checkpoint: after each validation, `out_dir/best.pt` is rewritten when `best_metric` (lower is
-    better) beats every earlier validation. "auto" is the first metric the `val_fn` reports
-    (dino_wm: val_one_step_mse; diffusion policies: val_action_mse); None keeps no best.pt."""
-
-    steps: int = 10_000
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 500
-    warmup_max_fraction: float = 0.1
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    precision: str = "fp32"
-    compile: bool = False
-    log_every: int = 50
-    val_every: int = 1000
-    ckpt_every: int = 1000
-    keep_last: int = 2
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "auto"
-    best_metric: str | None = "auto"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        check_precision(self.precision)
-        checks = {
-            "steps must be >= 1": self.steps >= 1,
-            "batch_size must be >= 1": self.batch_size >= 1,
-            "lr must be > 0": self.lr > 0,
-            "weight_decay must be >= 0": self.weight_decay >= 0,
-            "betas must be 2 values in [0, 1)": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "warmup_steps must be >= 0": self.warmup_steps >= 0,
-            "warmup_max_fraction must be in [0, 1]": 0 <= self.warmup_max_fraction <= 1,
-            "min_lr_ratio must be in [0, 1]": 0 <= self.min_lr_ratio <= 1,
-            "grad_clip must be >= 0 (0 disables)": self.grad_clip >= 0,
-            "ema_decay must be in [0, 1) (0 disables)": 0 <= self.ema_decay < 1,
-            "log_every must be >= 1": self.log_every >= 1,
-            "val_every and ckpt_every must be >= 0": self.val_every >= 0 and self.ckpt_every >= 0,
-            "keep_last must be >= 1": self.keep_last >= 1,
-            "num_workers must be >= 0": self.num_workers >= 0,
-            "best_metric must be 'auto', a metric name or None": self.best_metric is None
-            or (isinstance(self.best_metric, str) and self.best_metric != ""),
-        }
-        bad = [msg for msg, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"TrainerConfig: {'; '.join(bad)} (got {self})")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as e:
-                raise ValueError(
-                    f"TrainerConfig: device {self.device!r} is not 'auto' or a torch device"
-                ) from e
-
-    @property
-    def warmup_steps_used(self) -> int:
-        """The warm-up length the schedule uses: `warmup_steps`, capped at `warmup_max_fraction * steps`."""
-        return min(self.warmup_steps, int(self.warmup_max_fraction * self.steps))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
 
 
 @runtime_checkable
@@ -171,60 +99,6 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         if dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {dev} does not exist ({torch.cuda.device_count()} CUDA devices)")
     return dev
-
-
-def lr_factor(step: int, cfg: TrainerConfig) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warmup to 1 over `warmup_steps_used`
-    steps, then a cosine from 1 down to `min_lr_ratio` at `steps`."""
-    warmup = cfg.warmup_steps_used
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def ema_decay_at(step: int, cfg: TrainerConfig) -> float:
-    """EMA decay after optimizer step `step` (0-based): ramps up as (1 + step) / (10 + step) with warmup."""
-    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model for trainable float parameters; buffers are copied.
-    Frozen parameters never change, so they are skipped. `ema` must be a deepcopy of `model`."""
-    pairs = [
-        (e, p)
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True)
-        if p.requires_grad and p.is_floating_point()
-    ]
-    if pairs:
-        e_list, p_list = zip(*pairs, strict=True)
-        torch._foreach_lerp_(list(e_list), list(p_list), 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-        e.copy_(b)
-
-
-def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: weight decay on matrices, none on biases, norm scales (ndim <= 1) and
-    `nn.Embedding` tables. Frozen parameters are left out.
-
-    A model may name modules that train on detached inputs only in a `detached_heads` dict (name ->
-    module; the world model's video decoder). Their parameters get two groups of their own with
-    `"clip_group": name`, and `Trainer` clips each clip group on its own, so such a head cannot
-    change how the rest of the model is clipped (one joint norm would couple them)."""
-    embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads = getattr(model, "detached_heads", {})
-    head_of = {id(p): name for name, m in heads.items() for p in m.parameters()}
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {("", True): [], ("", False): []}
-    for p in model.parameters():
-        if p.requires_grad:
-            decays = not (p.ndim <= 1 or id(p) in embedding)
-            groups.setdefault((head_of.get(id(p), ""), decays), []).append(p)
-    return [
-        {"params": ps, "weight_decay": weight_decay if decays else 0.0}
-        | ({"clip_group": name} if name else {})
-        for (name, decays), ps in groups.items()
-    ]
 
 
 class _LossForward(nn.Module):
@@ -261,51 +135,6 @@ class _Window:
 
     def means(self) -> dict[str, float]:
         return {k: float(v) / self.n for k, v in self.sums.items()}
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """`Trainer.fit` stopped on Ctrl-C (SIGINT) at a step boundary: `path` holds a checkpoint of `step`
-    (rank 0; None on the other ranks) that a rerun into the same `out_dir` resumes from."""
-
-    def __init__(self, step: int, path: Path | None) -> None:
-        super().__init__(f"interrupted at step {step}")
-        self.step, self.path = step, path
-
-
-class _InterruptFlag:
-    """While active (in the main thread), a first SIGINT only sets `requested`, so the training loop
-    stops at the next step boundary and saves (never a half-applied step); a second one raises
-    KeyboardInterrupt at once, quitting without saving. A SIGINT that is ignored stays ignored."""
-
-    def __init__(self, message: str | None) -> None:
-        self.requested = False
-        self._message = message
-        self._previous: Any = None
-        self._installed = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self._message:
-            try:  # os.write: a buffered print could re-enter a write the signal interrupted
-                os.write(sys.stderr.fileno(), f"\n{self._message}\n".encode())
-            except (OSError, ValueError):
-                pass
-
-    def __enter__(self) -> _InterruptFlag:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:
-                self._previous = previous if previous is not None else signal.default_int_handler
-                signal.signal(signal.SIGINT, self._handle)
-                self._installed = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
 
 
 class Trainer:
@@ -635,7 +464,7 @@ class Trainer:
         data = self._batches()
         stop_message = "Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: quit unsaved)"
         try:
-            with _InterruptFlag(stop_message if self.is_main else None) as interrupt:
+            with InterruptFlag(stop_message if self.is_main else None) as interrupt:
                 result = self._loop(data, writer, pbar, interrupt)
             if self._owns_group:
                 dist.barrier()  # not on an error: the other ranks may never get here
@@ -649,7 +478,7 @@ class Trainer:
                 self._owns_group = False
         return result | {"step": float(self.step)}
 
-    def _loop(self, data: Iterator, writer: Any, pbar: tqdm, interrupt: _InterruptFlag) -> dict[str, float]:
+    def _loop(self, data: Iterator, writer: Any, pbar: tqdm, interrupt: InterruptFlag) -> dict[str, float]:
         cfg, result, window, last_val = self.cfg, {}, _Window(), -1
         while self.step < cfg.steps:
             try:
@@ -676,7 +505,7 @@ class Trainer:
             result.update(self._validate(writer))
         return result
 
-    def _stop_requested(self, interrupt: _InterruptFlag, at_log: bool) -> bool:
+    def _stop_requested(self, interrupt: InterruptFlag, at_log: bool) -> bool:
         """Whether to stop after this step. Under DDP every rank must stop at the same step, so they
         agree (one all-reduce) at logging steps only, which every rank reaches together."""
         if self.world_size == 1:
