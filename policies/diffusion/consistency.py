@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from policies.diffusion.entry import chunk_policy
 from policies.diffusion.entry import validation as policy_validation
 from policies.diffusion.noise import Diffusion
-from policies.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig
+from policies.diffusion.policy import MODEL_TYPES, DiffusionPolicy, DiffusionPolicyConfig
 from wm.checkpoint import CheckpointError, load_checkpoint
 from wm.data.normalize import Normalizer
 from wm.registry import ModelEntry, TrainContext, load_model
@@ -222,7 +222,7 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
             "model=consistency needs teacher=DIR: the run directory of a trained diffusion policy"
         )
     ckpt = load_checkpoint(ctx.teacher)
-    if ckpt["model_type"] not in ("diffusion_unet", "diffusion_transformer"):
+    if ckpt["model_type"] not in MODEL_TYPES:
         raise CheckpointError(
             f"teacher {ckpt['path']} holds a {ckpt['model_type']!r} model, not a diffusion policy"
         )
