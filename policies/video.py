@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from wm.media import video_writer
+
 SUCCESS_RGB = (20, 140, 60)  # banner colours: green for success, red for failure
 FAILURE_RGB = (190, 30, 30)
 _CAPTION_BG = (32, 32, 32)
@@ -121,24 +123,11 @@ def write_episode_video(
     to cfg.min_height), under a success/failure banner. Frames are consumed one at a time, so a
     generator keeps memory flat. Returns the written path, `episode_video_path(path, success, cfg)`;
     the file appears only once complete."""
-    import imageio.v2 as imageio
-
     out = episode_video_path(Path(path), success, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(f"{out.stem}.part{out.suffix}")  # ffmpeg picks the container from the suffix
     encoder, _, options = _CODECS[cfg.codec]
-    writer = imageio.get_writer(
-        part,
-        fps=fps,
-        codec=encoder,
-        quality=cfg.quality if cfg.codec == "h264" else None,
-        pixelformat="yuv420p",  # 4:2:0: the only pixel format every browser decodes
-        macro_block_size=1,  # sizes are made even here; no rescaling by imageio
-        output_params=list(options),
-        ffmpeg_log_level="error",
-    )
-    size, count = None, 0
-    try:
+    quality = cfg.quality if cfg.codec == "h264" else None
+    with video_writer(out, fps, codec=encoder, quality=quality, output_params=options) as writer:
+        size, count = None, 0
         for frame in frames:
             img = _even(add_banner(upscale(_check_rgb(frame, "frame"), cfg.min_height), success, seed, cfg))
             if size is None:
@@ -149,12 +138,6 @@ def write_episode_video(
             count += 1
         if count == 0:
             raise ValueError("no frames to write")
-    except BaseException:
-        writer.close()
-        part.unlink(missing_ok=True)
-        raise
-    writer.close()
-    part.replace(out)
     return out
 
 

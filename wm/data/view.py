@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from wm.data.info import BACKGROUND, TEXT, _to_rgb
 from wm.data.store import DemoStore
+from wm.media import video_writer
 
 MIN_HEIGHT = 256  # camera frames are upscaled by an integer factor to at least this many px
 MIN_WIDTH = 480  # the plots get at least this width, whatever the cameras' width
@@ -47,7 +48,6 @@ def plot_keys(store: DemoStore) -> list[str]:
 
 def episode_video(store: DemoStore, episode: int, out: str | Path, *, min_height: int = MIN_HEIGHT) -> Path:
     """Write episode `episode` of `store` as an mp4 at `out`; returns `out` once it is complete."""
-    import imageio.v2 as imageio
 
     sl = store.episode_slice(episode)
     n = sl.stop - sl.start
@@ -64,19 +64,7 @@ def episode_video(store: DemoStore, episode: int, out: str | Path, *, min_height
     flag = {True: "yes", False: "no"}.get(bool(info["success"])) if "success" in info else "?"
     task = info.get("task") or store.schema.task
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(f"{out.stem}.part{out.suffix}")  # ffmpeg picks the container from the suffix
-    writer = imageio.get_writer(
-        part,
-        fps=float(store.schema.fps),
-        codec="libx264",
-        quality=8,
-        pixelformat="yuv420p",
-        macro_block_size=1,  # sizes are made even here; no rescaling by imageio
-        output_params=["-movflags", "+faststart"],
-        ffmpeg_log_level="error",
-    )
-    try:
+    with video_writer(out, float(store.schema.fps)) as writer:
         for lo in range(sl.start, sl.stop, READ_STEPS):
             hi = min(lo + READ_STEPS, sl.stop)
             frames = {k: store.read(k, slice(lo, hi), episode=episode) for k in cams}
@@ -89,12 +77,6 @@ def episode_video(store: DemoStore, episode: int, out: str | Path, *, min_height
                     p[r0:r1, cursor_x[t] : cursor_x[t] + 2] = CURSOR
                 frame = np.concatenate([header, captions, camera, p], axis=0)
                 writer.append_data(np.pad(frame, ((0, frame.shape[0] % 2), (0, 0), (0, 0))))
-    except BaseException:
-        writer.close()
-        part.unlink(missing_ok=True)
-        raise
-    writer.close()
-    part.replace(out)
     return out
 
 
