@@ -87,6 +87,12 @@ class RobotBase(ABC):
     @abstractmethod
     def action_feature(self) -> Feature: ...
 
+    @property
+    def position_actions(self) -> bool:
+        """Actions are position targets (holding still repeats the last one), not deltas, velocities
+        or forces (holding still sends zeros). Robots whose absolute actions are not positions say so."""
+        return self.action_space.mode == "absolute"
+
     def schema(self, task: str = "") -> Schema:
         """The store schema for recording this robot: observations, action and timestamp."""
         keys = {k: f.key_spec() for k, f in self.observation_features.items()}

@@ -120,6 +120,10 @@ class PointMazeTask(SimTask):
     _data: Any = field(default=None, init=False, repr=False)
     _renderer: Any = field(default=None, init=False, repr=False)
 
+    @property
+    def position_actions(self) -> bool:
+        return False  # absolute force commands: holding still is zero force
+
     def __post_init__(self) -> None:
         if self.goal_mode not in GOAL_MODES:
             raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {self.goal_mode!r}")

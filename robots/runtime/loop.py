@@ -1,0 +1,471 @@
+"""The real-time control loop: the robot on its own clock, the model in a worker.
+
+Each tick, at an absolute deadline (`robots.control`), does only this: read the newest observation,
+take in a chunk if one has arrived (stale actions dropped by the time actually measured), pick the
+action due now (`schedule.Timeline`), pass it through the safety layer, send it. After the send it
+asks the worker for a new chunk when it is idle and one is due, handing it the observation history
+and, for real-time chunking, the actions already committed. Nothing on the tick waits for the model.
+
+In `sync` mode the same loop computes chunks on the control thread when the last one is used up
+(the robot waits, as LeRobot's synchronous loop and openpi's client do): the baseline.
+
+Faults end a run with one line (`EpisodeOutcome.stopped`), never with an unsafe command: the
+worker's errors and death, no fresh action for too long (the watchdog), a robot that cannot be read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from robots.base import Robot
+from robots.control import Clock, MonotonicClock
+from robots.runtime.safety import SafetyConfig, SafetyLayer, Watchdog
+from robots.runtime.schedule import STITCHING, Chunk, Timeline
+from robots.runtime.worker import Reply, Request, WorkerDied
+
+MODES = ("async", "sync")
+COMMITTED_MAX = 64  # scheduled actions handed to an inpainting controller at most
+MAX_BEHIND = 3  # periods behind schedule after which the loop re-anchors instead of bursting
+NO_CHUNK = -1  # the chunk number recorded for a held command
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """mode: "async" (inference in the worker) or "sync" (on the control thread, the robot waits).
+    stitching: how a new chunk meets the pending actions (`schedule.STITCHING`); ensemble_m: ACT's
+    coefficient. policy_hz: the rate the model's actions are meant for (None: the robot's);
+    interpolate: between the actions of a slower policy, send the straight line instead of holding.
+    action_latency_s: the robot's actuation latency, added to every due time. replan_every: async:
+    request a new chunk at most every that many policy steps (and sooner only when the pending
+    actions would not last until it arrives); sync: actions executed per chunk. latency_window:
+    chunks over which the worst round trip is the latency estimate (it forgets old spikes).
+    max_inference_errors: consecutive failed chunks that end the run. read_retries: attempts per
+    tick to read the robot; max_read_failures: consecutive failed ticks that end the run."""
+
+    mode: str = "async"
+    stitching: str = "inpaint"
+    ensemble_m: float = 0.01
+    policy_hz: float | None = None
+    interpolate: bool = False
+    action_latency_s: float = 0.0
+    replan_every: int = 1
+    latency_window: int = 8
+    max_inference_errors: int = 3
+    read_retries: int = 2
+    max_read_failures: int = 5
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.stitching not in STITCHING:
+            raise ValueError(f"stitching must be one of {', '.join(STITCHING)}, got {self.stitching!r}")
+        if self.policy_hz is not None and not self.policy_hz > 0:
+            raise ValueError(f"policy_hz must be positive, got {self.policy_hz}")
+        if self.replan_every < 1 or self.latency_window < 1 or self.max_inference_errors < 1:
+            raise ValueError("replan_every, latency_window and max_inference_errors must be >= 1")
+        if self.read_retries < 1 or self.max_read_failures < 1:
+            raise ValueError("read_retries and max_read_failures must be >= 1")
+        if self.action_latency_s < 0:
+            raise ValueError(f"action_latency_s must be >= 0, got {self.action_latency_s}")
+
+
+@dataclass
+class TickRecord:
+    """One tick: its nominal time, when it started and sent, the observation's capture time, what was
+    sent (None: nothing), the chunk and index it came from (NO_CHUNK: a held command), its due time,
+    and the safety events of this tick."""
+
+    nominal: float
+    started: float
+    captured: float
+    sent_at: float
+    command: np.ndarray | None
+    chunk: int
+    index: int
+    due: float
+    events: tuple[str, ...] = ()
+
+
+@dataclass
+class ChunkRecord:
+    """One chunk: the capture time of its observation, when it arrived, the model's seconds, how many
+    of its actions were dropped as stale, how many were frozen, and when its first action was sent."""
+
+    seq: int
+    obs_time: float
+    requested: float
+    arrived: float
+    seconds: float
+    dropped_stale: int
+    frozen: int
+    first_sent: float | None = None
+
+
+@dataclass
+class EpisodeOutcome:
+    """Everything measured in one run; `stopped` is the one-line reason when a fault ended it."""
+
+    ticks: list[TickRecord] = field(default_factory=list)
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    events: Counter = field(default_factory=Counter)
+    underruns: int = 0
+    skipped: int = 0
+    stale_sent: int = 0
+    success: bool | None = None
+    stopped: str | None = None
+    wall_s: float = 0.0
+    started_at: float = 0.0
+
+
+class Runtime:
+    """Runs episodes of `robot` with the chunks of `worker` (a `ProcessWorker` or, in sync mode, an
+    `InlineWorker`). `on_tick(record, obs)` is called after every tick's send (recording, live
+    report); `done()` ends an episode early (a simulated task's success or step limit)."""
+
+    def __init__(
+        self,
+        robot: Robot,
+        worker: Any,
+        cfg: RuntimeConfig | None = None,
+        clock: Clock | None = None,
+        window: int = 1,
+    ) -> None:
+        self.robot, self.worker = robot, worker
+        self.cfg = cfg = cfg or RuntimeConfig()
+        self.clock = clock or MonotonicClock()
+        self.period = 1.0 / robot.control_hz
+        self.step_s = 1.0 / (cfg.policy_hz or robot.control_hz)
+        self.window = max(1, window)
+        feat = robot.action_feature
+        self.safety_cfg = cfg.safety
+        self.positions = bool(getattr(robot, "position_actions", True))
+        self.feature = feat
+        self._read_streak = 0
+
+    # ------------------------------------------------------------------ one episode
+    def run_episode(
+        self,
+        max_ticks: int,
+        goal: Mapping[str, np.ndarray] | None = None,
+        done: Callable[[], bool] | None = None,
+        on_tick: Callable[[TickRecord, Mapping[str, np.ndarray]], None] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+    ) -> EpisodeOutcome:
+        """One episode of at most `max_ticks` ticks. The controller is reset (and told `goal`); the
+        first chunk is awaited before the clock starts (the robot is at rest meanwhile), then the loop
+        runs until `done()`, the tick limit, a fault or `stop_requested()`."""
+        cfg, clock, out = self.cfg, self.clock, EpisodeOutcome()
+        safety = SafetyLayer(self.feature, self.positions, self.safety_cfg)
+        out.events = safety.events
+        watchdog = Watchdog(self.safety_cfg)
+        timeline = Timeline(self.period, cfg.action_latency_s, cfg.stitching, cfg.ensemble_m, cfg.interpolate)
+        history: deque[tuple[float, dict[str, np.ndarray], np.ndarray | None]] = deque(
+            maxlen=max(2, int(math.ceil(self.window * self.step_s / self.period)) + 2)
+        )
+        state = _State(latencies=deque(maxlen=cfg.latency_window))
+        self.worker.reset(goal)
+        obs = self._read(out)
+        if obs is None:
+            return out
+        history.append((clock.now(), obs, None))
+        first = self._first_chunk(history, out, state)
+        if first is None:
+            return out
+        # The robot did not move while the first chunk computed: its observation is still current.
+        anchor = out.started_at = clock.now()
+        t_obs, requested, _ = state.requests.pop(first.seq)
+        self._take_chunk(Chunk(first.actions, anchor, self.step_s, first.seq), first, timeline, out, anchor, anchor, 0, requested, t_obs)
+        state.last_request_obs = anchor
+        watchdog.start(anchor)
+        last_cmd: np.ndarray | None = None
+        k = 0  # ticks since the schedule was anchored
+        for _ in range(max_ticks):
+            nominal = anchor + k * self.period
+            clock.sleep_until(nominal)
+            began = clock.now()
+            k += 1
+            late = began - nominal
+            tick_t = nominal
+            if late > MAX_BEHIND * self.period:  # far behind (a blocking call): re-anchor, never burst
+                anchor, k, tick_t = began, 1, began
+            if stop_requested is not None and stop_requested():
+                out.stopped = "stopped by the operator"
+                break
+            if out.ticks:  # the first tick uses the observation the first chunk was computed from
+                obs = self._read(out)
+                if obs is None:
+                    self._hold(safety, nominal, began, out, on_tick, None)
+                    if out.stopped:
+                        break
+                    continue
+                history.append((began, obs, last_cmd))
+            events: list[str] = []
+            # ---- take in a chunk that has arrived
+            if cfg.mode == "async":
+                reply = self._poll(out)
+                if reply is not None:
+                    self._arrived(reply, timeline, out, state, tick_t, clock.now())
+                if out.stopped:
+                    self._hold(safety, nominal, began, out, on_tick, obs)
+                    break
+            # ---- the action due now
+            pick, skipped = timeline.take(tick_t)
+            out.skipped += skipped
+            now = clock.now()
+            if pick is not None:
+                watchdog.fresh(now)
+                if now > pick.due + self.period / 2:
+                    out.stale_sent += 1
+            elif not len(timeline):
+                out.underruns += 1
+            if watchdog.check(now) == "stop":
+                out.events["stop"] += 1
+                idle = now - (watchdog.last_fresh if watchdog.last_fresh is not None else now)
+                out.stopped = (
+                    f"no fresh action for {idle:.2f} s (stop_after_s = {self.safety_cfg.stop_after_s}): "
+                    f"{self._why_no_action(state)}; holding position"
+                )
+                self._hold(safety, nominal, began, out, on_tick, obs)
+                break
+            if watchdog.state == "hold" and pick is None:
+                out.events["hold"] += 1
+                events.append("hold")
+            before = Counter(safety.events)
+            command = safety.filter(pick.action if pick is not None else None)
+            events += [e for e in safety.events if safety.events[e] > before[e]]
+            sent_at = clock.now()
+            if command is not None:
+                self.robot.send_action(command)
+                last_cmd = command
+            chunk_id = pick.chunk if pick is not None and command is not None else NO_CHUNK
+            record = TickRecord(
+                nominal, began, began, sent_at, command, chunk_id,
+                pick.index if chunk_id != NO_CHUNK else -1,
+                pick.due if chunk_id != NO_CHUNK else math.nan,
+                tuple(events),
+            )
+            out.ticks.append(record)
+            if chunk_id != NO_CHUNK and chunk_id < len(out.chunks) and out.chunks[chunk_id].first_sent is None:
+                out.chunks[chunk_id].first_sent = sent_at
+            if on_tick is not None:
+                on_tick(record, obs)
+            if done is not None and done():
+                break
+            # ---- ask for the next chunk
+            if cfg.mode == "sync":
+                if not len(timeline):
+                    reply = self._request(history, None, out, state, began)
+                    if reply is not None:  # the robot waited: the chunk starts at the next tick
+                        now, nxt = clock.now(), anchor + k * self.period
+                        starts = nxt if now - nxt <= MAX_BEHIND * self.period else now  # re-anchored
+                        self._arrived(reply, timeline, out, state, starts, now, sync=True)
+                    if out.stopped:
+                        break
+            elif not self.worker.busy and self._due_request(timeline, state, began):
+                self._request(history, timeline, out, state, began)
+                if out.stopped:
+                    self._hold(safety, nominal, began, out, on_tick, obs)
+                    break
+        out.wall_s = clock.now() - out.started_at
+        return out
+
+    # ------------------------------------------------------------------ pieces
+    def _read(self, out: EpisodeOutcome) -> dict[str, np.ndarray] | None:
+        """The robot's observation, retried `read_retries` times; None (and, after too many failed
+        ticks in a row, `out.stopped`) when it cannot be read."""
+        err: Exception | None = None
+        for _ in range(self.cfg.read_retries):
+            try:
+                obs = self.robot.get_observation()
+                self._read_streak = 0
+                return obs
+            except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
+                err = e
+        out.events["read_failed"] += 1
+        self._read_streak += 1
+        if self._read_streak >= self.cfg.max_read_failures or not out.ticks:
+            out.stopped = (
+                f"{self.robot.name}: observation could not be read on {self._read_streak} "
+                f"tick(s) in a row ({type(err).__name__}: {err}); holding position"
+            )
+        return None
+
+    def _hold(self, safety, nominal, began, out, on_tick, obs) -> None:
+        """A tick without a fresh action: send the safety layer's hold command (or nothing)."""
+        command = safety.filter(None)
+        if command is not None:
+            try:
+                self.robot.send_action(command)
+            except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
+                out.stopped = out.stopped or f"{self.robot.name}: could not send the hold command ({e})"
+                command = None
+        out.events["hold"] += 1
+        record = TickRecord(nominal, began, began, self.clock.now(), command, NO_CHUNK, -1, float("nan"), ("hold",))
+        out.ticks.append(record)
+        if on_tick is not None and obs is not None:
+            on_tick(record, obs)
+
+    def _first_chunk(self, history, out: EpisodeOutcome, state: _State) -> Reply | None:
+        """Request the first chunk and wait for it (the robot is at rest; no tick runs yet)."""
+        t_obs = history[-1][0]
+        for _ in range(self.cfg.max_inference_errors):
+            reply = self._request(history, None, out, state, t_obs)
+            if reply is None:
+                return None
+            if self._valid(reply, out, state):
+                state.errors = 0
+                return reply
+            state.requests.pop(reply.seq, None)
+            if out.stopped:
+                return None
+        out.stopped = out.stopped or f"no valid first chunk after {self.cfg.max_inference_errors} tries: {state.last_error}"
+        return None
+
+    def _request(self, history, timeline, out, state, t_obs) -> Reply | None:
+        """Hand the worker the history and, for inpainting, the actions scheduled from the newest
+        observation's step on (`timeline`, async only; None otherwise). Without a timeline (sync mode,
+        the first chunk) wait for the reply and return it."""
+        steps, actions = self._history(history)
+        previous, frozen = None, 0
+        if timeline is not None and self.cfg.stitching == "inpaint":
+            until = t_obs + state.latency() + self.period  # the earliest the new chunk can be in use
+            previous, frozen = timeline.committed(t_obs, self.step_s, until, COMMITTED_MAX)
+            if len(previous) == 0:
+                previous, frozen = None, 0
+        seq = state.next_seq
+        state.next_seq += 1
+        state.requests[seq] = (t_obs, self.clock.now(), frozen)
+        state.last_request_obs = t_obs
+        try:
+            self.worker.submit(Request(seq, steps, actions, previous, frozen))
+        except WorkerDied as e:
+            out.stopped = str(e) + "; holding position"
+            return None
+        return self._wait(out) if timeline is None else None
+
+    def _wait(self, out: EpisodeOutcome) -> Reply | None:
+        """Block for the reply (sync mode, the first chunk); the worker's death ends the run."""
+        while True:
+            reply = self._poll(out)
+            if reply is not None or out.stopped:
+                return reply
+            time.sleep(0.0005)
+
+    def _poll(self, out: EpisodeOutcome) -> Reply | None:
+        try:
+            reply = self.worker.poll()
+        except WorkerDied as e:
+            out.stopped = str(e) + "; holding position"
+            return None
+        if reply is None and not self.worker.alive():
+            describe = getattr(self.worker, "exit_description", lambda: "stopped")()
+            out.stopped = f"the inference worker {describe}; holding position"
+        return reply
+
+    def _valid(self, reply: Reply, out: EpisodeOutcome, state: _State) -> bool:
+        """A chunk is taken only whole and sound: the robot's action shape, every value finite."""
+        shape = self.feature.shape
+        a = reply.actions
+        why = None
+        if reply.error is not None:
+            why = reply.error
+            out.events["inference_error"] += 1
+        elif a is None or a.ndim != 2 or a.shape[1:] != shape or len(a) < 1:
+            why = f"chunk of shape {None if a is None else a.shape}, expected (T, {', '.join(map(str, shape))})"
+            out.events["bad_chunk"] += 1
+        elif not np.all(np.isfinite(a)):
+            why = f"chunk {reply.seq} holds non-finite actions (NaN or inf)"
+            out.events["non_finite_chunk"] += 1
+        if why is None:
+            return True
+        state.errors += 1
+        state.last_error = why
+        if state.errors >= self.cfg.max_inference_errors:
+            out.stopped = f"{state.errors} bad chunks in a row, the last: {why}; holding position"
+        return False
+
+    def _arrived(self, reply, timeline, out, state, next_tick, now, sync: bool = False) -> None:
+        t_obs, requested, frozen = state.requests.pop(reply.seq, (now, now, 0))
+        if not self._valid(reply, out, state):
+            return
+        state.errors = 0
+        state.latencies.append(now - t_obs)
+        obs_time = next_tick if sync else t_obs  # sync: the robot waited, the chunk starts at next_tick
+        chunk = Chunk(reply.actions, obs_time, self.step_s, reply.seq)
+        self._take_chunk(chunk, reply, timeline, out, next_tick, now, frozen, requested, t_obs)
+
+    def _take_chunk(self, chunk, reply, timeline, out, next_tick, now, frozen, requested, t_obs) -> None:
+        actions = chunk.actions
+        if self.cfg.mode == "sync":
+            actions = actions[: self.cfg.replan_every]
+            chunk = Chunk(actions, chunk.obs_time, chunk.step_s, chunk.seq)
+        merged = timeline.merge(chunk, next_tick)
+        while len(out.chunks) < chunk.seq:  # requests whose replies were refused
+            out.chunks.append(ChunkRecord(len(out.chunks), math.nan, math.nan, math.nan, math.nan, 0, 0))
+        out.chunks.append(
+            ChunkRecord(
+                chunk.seq, t_obs, requested, now, reply.seconds,
+                merged.dropped_stale, frozen,
+            )
+        )
+
+    def _due_request(self, timeline: Timeline, state: _State, now: float) -> bool:
+        """Async: ask for a chunk `replan_every` policy steps after the last request, or sooner when the
+        pending actions would run out before a chunk asked for now could arrive."""
+        if now - state.last_request_obs >= self.cfg.replan_every * self.step_s - self.period / 2:
+            return True
+        return timeline.remaining_after(now + state.latency() + self.period) == 0
+
+    def _history(self, history) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+        """The last `window` observations one policy step apart (nearest ticks), oldest first, and the
+        actions sent between them."""
+        items = list(history)
+        newest = items[-1][0]
+        steps, actions, idx = [], [], []
+        for j in range(self.window - 1, -1, -1):
+            t = newest - j * self.step_s
+            i = min(range(len(items)), key=lambda n: abs(items[n][0] - t))
+            if idx and i <= idx[-1]:
+                continue
+            idx.append(i)
+        for n, i in enumerate(idx):
+            steps.append(items[i][1])
+            if n > 0:
+                a = items[i][2]
+                actions.append(np.zeros(self.feature.shape) if a is None else np.asarray(a, float))
+        return steps, actions
+
+    def _why_no_action(self, state: _State) -> str:
+        if not self.worker.alive():
+            return f"the inference worker {getattr(self.worker, 'exit_description', lambda: 'stopped')()}"
+        if self.worker.busy:
+            t = state.requests.get(state.next_seq - 1)
+            waited = f" for {self.clock.now() - t[1]:.2f} s" if t else ""
+            return f"the inference worker has not answered chunk {state.next_seq - 1}{waited} (hung?)"
+        if state.last_error:
+            return f"the last chunk was refused: {state.last_error}"
+        return "no chunk covers this time"
+
+
+@dataclass
+class _State:
+    """Bookkeeping of the requests of one episode."""
+
+    next_seq: int = 0
+    requests: dict[int, tuple[float, float, int]] = field(default_factory=dict)  # seq -> (obs, sent, frozen)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=8))
+    last_request_obs: float = -math.inf
+    errors: int = 0
+    last_error: str = ""
+
+    def latency(self) -> float:
+        """The latency estimate: the worst of the recent round trips (old spikes are forgotten)."""
+        return max(self.latencies) if self.latencies else 0.0

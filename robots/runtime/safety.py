@@ -1,0 +1,150 @@
+"""The safety layer every command passes on its way to the robot, and the watchdog.
+
+On every tick, whatever the controller produced goes through `SafetyLayer.filter` before
+`send_action`: a non-finite or misshapen action is never sent (the last safe command is held and
+the event counted), actions are clipped to the robot's limits and to an optional workspace box,
+and the change per tick of position targets is capped (`max_step`, LeRobot's
+`max_relative_target` idea, against the last command rather than a bus read, so it costs nothing
+per tick). The watchdog turns "no fresh valid action" into holding position after `hold_after_s`
+and into a controlled stop (the run ends with a message) after `stop_after_s`. Nothing here turns
+torque off.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robots.base import Feature
+
+EVENTS = ("non_finite", "bad_shape", "clipped", "workspace", "step_capped", "hold", "stop")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """max_step: per-tick change cap of position targets, in action units (a number for every dimension
+    or one per dimension); None: `max_step_fraction` of each dimension's range (the default), or no cap
+    when the robot has no limits. workspace_low / workspace_high: an extra box on the action (e.g. an
+    end-effector position); None: none. hold_after_s / stop_after_s: the watchdog (see module doc)."""
+
+    max_step: float | tuple[float, ...] | None = None
+    max_step_fraction: float = 0.1
+    workspace_low: tuple[float, ...] | None = None
+    workspace_high: tuple[float, ...] | None = None
+    hold_after_s: float = 0.5
+    stop_after_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.hold_after_s <= self.stop_after_s:
+            raise ValueError(
+                f"need 0 < hold_after_s <= stop_after_s, got {self.hold_after_s} and {self.stop_after_s}"
+            )
+        if not 0 < self.max_step_fraction <= 1:
+            raise ValueError(f"max_step_fraction must be in (0, 1], got {self.max_step_fraction}")
+        if (self.workspace_low is None) != (self.workspace_high is None):
+            raise ValueError("give both workspace_low and workspace_high, or neither")
+
+
+@dataclass
+class SafetyLayer:
+    """Filters commands for one robot. `feature`: the robot's action feature (shape, limits);
+    `positions`: actions are position targets (the step cap applies, holding repeats the last
+    command), not deltas, velocities or forces (holding sends zeros)."""
+
+    feature: Feature
+    positions: bool
+    cfg: SafetyConfig = field(default_factory=SafetyConfig)
+    events: Counter = field(default_factory=Counter)
+    last: np.ndarray | None = None  # the last command sent
+
+    def __post_init__(self) -> None:
+        shape = self.feature.shape
+        self.low = np.broadcast_to(
+            np.asarray(self.feature.low if self.feature.low is not None else -np.inf, float), shape
+        )
+        self.high = np.broadcast_to(
+            np.asarray(self.feature.high if self.feature.high is not None else np.inf, float), shape
+        )
+        self.step = self._step_cap(shape)
+        if self.cfg.workspace_low is not None:
+            wl = np.asarray(self.cfg.workspace_low, float)
+            wh = np.asarray(self.cfg.workspace_high, float)
+            if wl.shape != shape or wh.shape != shape or np.any(wl > wh):
+                raise ValueError(
+                    f"workspace bounds must be two {shape} boxes with low <= high, got {wl} and {wh}"
+                )
+            self.low, self.high = np.maximum(self.low, wl), np.minimum(self.high, wh)
+
+    def _step_cap(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        if not self.positions:
+            return None
+        if self.cfg.max_step is not None:
+            cap = np.broadcast_to(np.asarray(self.cfg.max_step, float), shape)
+            if np.any(cap <= 0):
+                raise ValueError(f"max_step must be positive, got {self.cfg.max_step}")
+            return cap
+        span = self.high - self.low
+        if not np.all(np.isfinite(span)):
+            return None  # no limits to take a fraction of
+        return span * self.cfg.max_step_fraction
+
+    def rest(self) -> np.ndarray | None:
+        """The command that holds the robot still: the last target for position actions, zeros for
+        the others; None for a position robot before its first command (hold = send nothing)."""
+        if self.positions:
+            return None if self.last is None else self.last.copy()
+        return np.clip(np.zeros(self.feature.shape), self.low, self.high)
+
+    def filter(self, action: np.ndarray | None) -> np.ndarray | None:
+        """The command to send for `action` (None: hold). Returns None only when there is nothing safe
+        to send (a position robot before its first command)."""
+        if action is None:
+            return self._hold()
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != self.feature.shape:
+            self.events["bad_shape"] += 1
+            return self._hold()
+        if not np.all(np.isfinite(a)):
+            self.events["non_finite"] += 1
+            return self._hold()
+        clipped = np.clip(a, self.low, self.high)
+        if np.any(clipped != a):
+            self.events["clipped"] += 1
+        if self.step is not None and self.last is not None:
+            capped = np.clip(clipped, self.last - self.step, self.last + self.step)
+            if np.any(capped != clipped):
+                self.events["step_capped"] += 1
+            clipped = capped
+        self.last = clipped
+        return clipped.copy()
+
+    def _hold(self) -> np.ndarray | None:
+        cmd = self.rest()
+        if cmd is not None and not self.positions:
+            self.last = cmd
+        return cmd
+
+
+@dataclass
+class Watchdog:
+    """Time since the last fresh valid action: `check(now)` says "ok", "hold" or "stop"."""
+
+    cfg: SafetyConfig
+    last_fresh: float | None = None
+    state: str = "ok"
+
+    def fresh(self, now: float) -> None:
+        self.last_fresh, self.state = now, "ok"
+
+    def start(self, now: float) -> None:
+        """The run starts: the first chunk is awaited from now on."""
+        self.last_fresh, self.state = now, "ok"
+
+    def check(self, now: float) -> str:
+        if self.last_fresh is None:
+            return "ok"
+        idle = now - self.last_fresh
+        self.state = "stop" if idle > self.cfg.stop_after_s else "hold" if idle > self.cfg.hold_after_s else "ok"
+        return self.state

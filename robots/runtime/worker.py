@@ -1,0 +1,347 @@
+"""Where chunks are computed: an inference worker process, or inline on the control thread.
+
+`ProcessWorker` runs the controller in its own process (spawned, so no inherited locks or torch
+threads), so no model call, pickling or GIL contention ever lands on the control loop's tick path.
+Frames travel through shared memory: before a request the control loop copies the history's
+observations into fixed buffers (one per observation key, `window` steps deep) and sends a small
+message on a pipe; the worker copies them out and answers with the chunk. One request is
+outstanding at a time, so the buffers are never written while the worker reads them.
+
+`InlineWorker` computes on the caller's thread: the synchronous baseline (the control loop waits).
+
+Both build the controller from a `ControllerSpec`: a "module:function" that returns a controller
+satisfying `policies.base.ChunkController` (and optionally `GoalConditioned`), with its keyword
+arguments; the worker builds it itself, so no model is ever pickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+from robots.base import Feature
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """builder: "module:function" returning the controller; kwargs: its arguments (picklable);
+    threads: torch threads in the worker; delay_s: extra seconds added to every chunk (to emulate a
+    slower model in benchmarks, never a default)."""
+
+    builder: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    threads: int = 1
+    delay_s: float = 0.0
+
+    def build(self) -> Any:
+        module, _, name = self.builder.partition(":")
+        if not name:
+            raise ValueError(f"controller builder must be 'module:function', got {self.builder!r}")
+        return getattr(importlib.import_module(module), name)(**self.kwargs)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a chunk is computed from: `steps` raw observations {key: (...)} of one robot, oldest first;
+    `actions` the raw actions (Da,) executed between them; the previous chunk on the new one's grid
+    (n, Da) or None, and how many of its actions are `frozen` (committed)."""
+
+    seq: int
+    steps: Sequence[Mapping[str, np.ndarray]]
+    actions: Sequence[np.ndarray]
+    previous: np.ndarray | None = None
+    frozen: int = 0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A chunk (T, Da) with the seconds the model took, or `error`: one line saying what went wrong."""
+
+    seq: int
+    actions: np.ndarray | None
+    seconds: float
+    error: str | None = None
+
+
+class WorkerDied(RuntimeError):
+    """The inference worker process is gone."""
+
+
+def compute(controller: Any, req: Request, delay_s: float = 0.0) -> Reply:
+    """One chunk for one robot (the model sees a batch of one); any exception becomes a one-line error."""
+    import torch
+
+    start = time.perf_counter()
+    try:
+        steps = [{k: np.asarray(v)[None] for k, v in s.items()} for s in req.steps]
+        actions = [np.asarray(a)[None] for a in req.actions]
+        previous = None if req.previous is None or len(req.previous) == 0 else req.previous[None]
+        with torch.inference_mode():
+            chunk = controller.chunk_from(steps, actions, previous, req.frozen if previous is not None else 0)
+        out = chunk.detach().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
+        if out.ndim != 3 or out.shape[0] != 1:
+            raise ValueError(f"the controller returned a chunk of shape {out.shape}, expected (1, T, Da)")
+        if delay_s > 0:
+            time.sleep(delay_s)
+        return Reply(req.seq, out[0], time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - reported to the control loop, which decides what to do
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" ({os.path.basename(where.filename)}:{where.lineno})" if where else ""
+        return Reply(req.seq, None, time.perf_counter() - start, f"{type(e).__name__}: {e}{at}")
+
+
+def set_goal(controller: Any, goal: Mapping[str, np.ndarray] | None) -> None:
+    """Reset the controller for a new episode and tell a goal-conditioned one its goal."""
+    from policies.base import GoalConditioned
+
+    if goal is not None and isinstance(controller, GoalConditioned):
+        controller.set_goal({k: np.asarray(v)[None] for k, v in goal.items()})
+    controller.reset()
+
+
+class InlineWorker:
+    """The synchronous baseline: `submit` computes the chunk at once, on the caller's thread."""
+
+    def __init__(self, spec: ControllerSpec) -> None:
+        self.spec = spec
+        self.controller: Any = None
+        self._reply: Reply | None = None
+
+    def start(self) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, self.spec.threads))
+        self.controller = self.spec.build()
+
+    @property
+    def busy(self) -> bool:
+        return False
+
+    def alive(self) -> bool:
+        return True
+
+    def reset(self, goal: Mapping[str, np.ndarray] | None) -> None:
+        set_goal(self.controller, goal)
+        self._reply = None
+
+    def submit(self, req: Request) -> None:
+        self._reply = compute(self.controller, req, self.spec.delay_s)
+
+    def poll(self) -> Reply | None:
+        reply, self._reply = self._reply, None
+        return reply
+
+    def close(self) -> None:
+        self.controller = None
+
+
+class ProcessWorker:
+    """The controller in its own process; see the module docstring. `features`: the robot's observation
+    features (shapes of the shared buffers); `window`: observation steps per request at most;
+    `action_shape`: the robot's action shape."""
+
+    def __init__(
+        self,
+        spec: ControllerSpec,
+        features: Mapping[str, Feature],
+        window: int,
+        action_shape: tuple[int, ...],
+        startup_timeout_s: float = 300.0,
+    ) -> None:
+        self.spec, self.window = spec, max(1, window)
+        self.layout = {k: (tuple(f.shape), np.dtype(f.dtype).str) for k, f in features.items()}
+        self.layout["__actions__"] = ((*action_shape,), np.dtype(np.float64).str)
+        self.startup_timeout_s = startup_timeout_s
+        self._shm: dict[str, shared_memory.SharedMemory] = {}
+        self._views: dict[str, np.ndarray] = {}
+        self._proc: Any = None
+        self._conn: Any = None
+        self._outstanding: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        for key, (shape, dtype) in self.layout.items():
+            size = max(1, int(np.prod((self.window, *shape))) * np.dtype(dtype).itemsize)
+            shm = shared_memory.SharedMemory(create=True, size=size)
+            self._shm[key] = shm
+            self._views[key] = np.ndarray((self.window, *shape), dtype, buffer=shm.buf)
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        names = {k: s.name for k, s in self._shm.items()}
+        self._proc = ctx.Process(
+            target=_worker_main, args=(self.spec, child, names, self.layout, self.window), daemon=True
+        )
+        self._proc.start()
+        child.close()
+        try:
+            if not self._conn.poll(self.startup_timeout_s):
+                raise WorkerDied(f"the inference worker did not start within {self.startup_timeout_s:.0f} s")
+            kind, payload = self._recv()
+            if kind != "ready":
+                raise WorkerDied(f"the inference worker could not build its controller: {payload}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the worker (asked, then terminated, then killed) and free the shared memory."""
+        if self._proc is not None:
+            try:
+                if self._proc.is_alive():
+                    self._conn.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(2.0)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(2.0)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(2.0)
+            self._proc = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._views = {}
+        for shm in self._shm.values():
+            shm.close()
+            shm.unlink()
+        self._shm = {}
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.exitcode is None
+
+    def exit_description(self) -> str:
+        code = None if self._proc is None else self._proc.exitcode
+        if code is None:
+            return "still running"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exited with status {code}"
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def busy(self) -> bool:
+        return self._outstanding is not None
+
+    def reset(self, goal: Mapping[str, np.ndarray] | None) -> None:
+        """A new episode: drop any outstanding request, reset the controller and set its goal (waits
+        for the worker to confirm; this is between episodes, not on a tick)."""
+        self._drain()
+        self._send(("reset", None if goal is None else {k: np.asarray(v) for k, v in goal.items()}))
+        while True:
+            if not self._conn.poll(self.startup_timeout_s):
+                raise WorkerDied("the inference worker did not confirm the new episode")
+            kind, payload = self._recv()
+            if kind == "reset":
+                if payload is not None:
+                    raise RuntimeError(f"the controller could not start the episode: {payload}")
+                return
+
+    def submit(self, req: Request) -> None:
+        """Copy the request's observations into shared memory and hand it to the worker (non-blocking)."""
+        if self._outstanding is not None:
+            raise RuntimeError("a request is already outstanding")
+        n = len(req.steps)
+        if not 1 <= n <= self.window:
+            raise ValueError(f"{n} observation steps; the worker takes 1..{self.window}")
+        for i, step in enumerate(req.steps):
+            for k in self.layout:
+                if k != "__actions__":
+                    self._views[k][i] = step[k]
+        for i, a in enumerate(req.actions):
+            self._views["__actions__"][i] = a
+        self._send(("infer", (req.seq, n, len(req.actions), req.previous, req.frozen)))
+        self._outstanding = req.seq
+
+    def poll(self) -> Reply | None:
+        """The reply to the outstanding request when it is there (never blocks)."""
+        if self._outstanding is None or self._conn is None or not self._conn.poll(0):
+            return None
+        kind, payload = self._recv()
+        if kind != "reply":
+            raise WorkerDied(f"unexpected message {kind!r} from the inference worker")
+        reply: Reply = payload
+        if reply.seq == self._outstanding:
+            self._outstanding = None
+        return reply
+
+    def _drain(self) -> None:
+        """Wait out an outstanding request (its chunk is discarded)."""
+        if self._outstanding is None:
+            return
+        deadline = time.monotonic() + self.startup_timeout_s
+        while self._outstanding is not None:
+            if not self.alive():
+                raise WorkerDied(f"the inference worker {self.exit_description()}")
+            if time.monotonic() > deadline:
+                raise WorkerDied("the inference worker did not answer its last request")
+            if self._conn.poll(0.05):
+                self.poll()
+
+    def _send(self, msg: tuple[str, Any]) -> None:
+        try:
+            self._conn.send(msg)
+        except (BrokenPipeError, OSError) as e:
+            raise WorkerDied(f"the inference worker {self.exit_description()} ({e})") from e
+
+    def _recv(self) -> tuple[str, Any]:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as e:
+            raise WorkerDied(f"the inference worker {self.exit_description()} ({e})") from e
+
+
+def _worker_main(
+    spec: ControllerSpec, conn: Any, names: dict[str, str], layout: dict[str, Any], window: int
+) -> None:
+    """The worker process: build the controller, then answer requests until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the control loop's to handle
+    shms = {k: shared_memory.SharedMemory(name=n) for k, n in names.items()}
+    views = {k: np.ndarray((window, *shape), dtype, buffer=shms[k].buf) for k, (shape, dtype) in layout.items()}
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, spec.threads))
+        try:
+            controller = spec.build()
+        except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+            return
+        conn.send(("ready", None))
+        while True:
+            try:
+                kind, payload = conn.recv()
+            except EOFError:
+                return  # the control loop is gone
+            if kind == "stop":
+                return
+            if kind == "reset":
+                try:
+                    set_goal(controller, payload)
+                    conn.send(("reset", None))
+                except Exception as e:  # noqa: BLE001
+                    conn.send(("reset", f"{type(e).__name__}: {e}"))
+            elif kind == "infer":
+                seq, n, n_actions, previous, frozen = payload
+                steps = [{k: views[k][i].copy() for k in layout if k != "__actions__"} for i in range(n)]
+                actions = [views["__actions__"][i].copy() for i in range(n_actions)]
+                conn.send(("reply", compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s)))
+    finally:
+        del views
+        for shm in shms.values():
+            shm.close()
