@@ -17,91 +17,33 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from policies.base import Budget
-from policies.subgoal import GraphConfig
-from tools._cli import UsageError, app, bind, build, one_of
-
-CONTROLLERS = ("mpc", "policy", "random")
-POLICY_OPTIONS = {  # wm-eval policy.<name> -> the model config field it overrides at load time
-    "sampler": "sampler",
-    "sampler_steps": "sampler_steps",
-    "edm_solver": "noise.edm_solver",
-    "precision": "precision",
-    "temporal_ensemble": "temporal_ensemble",
-}
+from tools._cli import app, bind, build
+from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides
 
 
-@dataclass(frozen=True)
-class PolicyOptions:
-    """`policy.*`: overrides of a policy checkpoint's inference settings (None: the checkpoint's own)."""
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(ControllerConfig):
+    """`wm-eval`'s options: the controller (`ControllerConfig`) and the episodes it is evaluated on."""
 
-    sampler: str | None = None
-    sampler_steps: int | None = None
-    edm_solver: str | None = None
-    precision: str | None = None
-    temporal_ensemble: float | None = None
-
-
-@dataclass(frozen=True)
-class PlannerBudget:
-    """`planner_budget.*`: a cap on every replan (None: none)."""
-
-    iterations: int | None = None
-    seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        Budget(self.iterations, self.seconds)  # its checks
-
-
-@dataclass(frozen=True)
-class EvalConfig:
     out: str
     task: str = "pointmaze"
-    controller: str = "mpc"
-    checkpoint: str | None = None
     episodes: int = 50
     parallel: int = 10
     seed: int = 1000
     videos: int = 4
     max_steps: int | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
-    planner: dict[str, Any] = field(default_factory=lambda: {"name": "cem"})
-    planner_budget: PlannerBudget = field(default_factory=PlannerBudget)
-    execute: int = 1
-    subgoals: str = "auto"
-    store: str | None = None
-    graph: GraphConfig = field(default_factory=GraphConfig)
     budgets: list[int] = field(default_factory=list)
-    objective: str = "checkpoint"
-    precision: str | None = None
-    policy: PolicyOptions = field(default_factory=PolicyOptions)
-    device: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from policies.planners import PLANNERS
         from robots.registry import task_entry
 
-        one_of("controller", self.controller, CONTROLLERS)
-        if self.controller != "random" and not self.checkpoint:
-            raise UsageError(
-                f"controller={self.controller} needs checkpoint=DIR (a wm-train output directory)"
-            )
+        super().__post_init__()
         if self.episodes < 1 or self.parallel < 1 or self.videos < 0:
             raise ValueError("episodes and parallel must be >= 1 and videos >= 0")
-        one_of("objective", self.objective, ("checkpoint", "last_frame", "all_frames"))
-        one_of("subgoals", self.subgoals, ("auto", "on", "off"))
-        if self.precision is not None:
-            one_of("precision", self.precision, ("fp32", "bf16", "auto"))
-            if self.controller != "mpc":
-                raise UsageError(
-                    "precision= sets the world model's planning precision; for a policy use policy.precision="
-                )
         build(task_entry(self.task).options, self.task_options, "task_options")
-        rest = {k: v for k, v in self.planner.items() if k != "name"}
-        name = self.planner.get("name")
-        one_of("planner.name", name, list(PLANNERS))
-        most = build(PLANNERS[name][0], rest, "planner").max_iterations
+        most, name = self.planner_iterations(), self.planner.get("name")
         bad = [b for b in self.budgets if not 1 <= int(b) <= most]
         if bad:
             raise ValueError(
@@ -172,78 +114,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     where = f"wrote results {out / 'results.json'}, report {report}"
     print(where + (f", videos {out / 'videos'}" if videos else ""), flush=True)
     return results
-
-
-def _device(name: str) -> Any:
-    from wm.trainer import pick_device
-
-    try:
-        return pick_device(name)
-    except RuntimeError as e:  # torch's words for a device name it does not know or does not have
-        raise UsageError(f"device={name}: {str(e).splitlines()[0]}") from e
-
-
-def _overrides(cfg: EvalConfig) -> dict[str, Any]:
-    """Inference settings for the registry to build the model with (not patched on afterwards)."""
-    if cfg.controller == "policy":
-        return {POLICY_OPTIONS[k]: v for k, v in cfg.policy.__dict__.items() if v is not None}
-    over: dict[str, Any] = {"predictor_precision": cfg.precision} if cfg.precision else {}
-    if cfg.objective != "checkpoint":
-        over["cost_all_frames"] = cfg.objective == "all_frames"
-    return over
-
-
-def _mpc_builder(cfg: EvalConfig, loaded: Any, feat: Any) -> Any:
-    """A function of an iteration cap -> a fresh MPC over the loaded world model (the subgoal graph is
-    built once and shared)."""
-    from policies.build import build_graph, build_mpc
-    from policies.mpc import MPCConfig
-
-    store = _graph_store(cfg, loaded.checkpoint)
-    graph = build_graph(loaded.model, store, cfg.graph) if store else None
-    seconds = cfg.planner_budget.seconds
-
-    def make(iterations: int | None) -> Any:
-        mpc_cfg = MPCConfig(execute=cfg.execute, max_iterations=iterations, seconds=seconds)
-        return build_mpc(loaded.model, feat.low, feat.high, cfg.planner, mpc_cfg, graph)
-
-    return make
-
-
-def _graph_store(cfg: EvalConfig, ckpt: dict[str, Any]) -> str | None:
-    """The store the subgoal graph is built from: `store=`, else the one the checkpoint was trained on.
-    With subgoals=auto and no store found, subgoals are off, and the evaluation says so."""
-    if cfg.subgoals == "off":
-        return None
-    run = ckpt.get("extra", {}).get("run_config", {})
-    store = cfg.store or run.get("store")
-    if store and Path(store).exists():
-        _say_if_changed(str(store), run)
-        return str(store)
-    why = (
-        f"the training store {store!r} does not exist" if store else "the checkpoint names no training store"
-    )
-    if cfg.subgoals == "on":
-        raise ValueError(f"subgoals=on needs the training store: {why}; pass store=PATH")
-    print(f"note: subgoals off: {why} (pass store=PATH to use them)", flush=True)
-    return None
-
-
-def _say_if_changed(store: str, run: dict[str, Any]) -> None:
-    """One line when the store differs from the one the world model was trained on (its fingerprint)."""
-    from wm.data import DemoStore
-
-    if "store_fingerprint" not in run:
-        return
-    with DemoStore.open(store) as s:
-        if s.fingerprint == run["store_fingerprint"]:
-            return
-        now = s.n_episodes
-    print(
-        f"note: subgoals from {store}, which is not the store the world model was trained on "
-        f"({run.get('store_episodes')} episodes then, {now} now; content differs)",
-        flush=True,
-    )
 
 
 def _budget_sweep(cfg: EvalConfig, make: Any, episodes: Any, out: Path) -> tuple[list, Path]:

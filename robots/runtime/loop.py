@@ -182,7 +182,17 @@ class Runtime:
         # The robot did not move while the first chunk computed: its observation is still current.
         anchor = out.started_at = clock.now()
         t_obs, requested, _ = state.requests.pop(first.seq)
-        self._take_chunk(Chunk(first.actions, anchor, self.step_s, first.seq), first, timeline, out, anchor, anchor, 0, requested, t_obs)
+        self._take_chunk(
+            Chunk(first.actions, anchor, self.step_s, first.seq),
+            first,
+            timeline,
+            out,
+            anchor,
+            anchor,
+            0,
+            requested,
+            t_obs,
+        )
         state.last_request_obs = anchor
         watchdog.start(anchor)
         last_cmd: np.ndarray | None = None
@@ -247,13 +257,22 @@ class Runtime:
                 last_cmd = command
             chunk_id = pick.chunk if pick is not None and command is not None else NO_CHUNK
             record = TickRecord(
-                nominal, began, began, sent_at, command, chunk_id,
+                nominal,
+                began,
+                began,
+                sent_at,
+                command,
+                chunk_id,
                 pick.index if chunk_id != NO_CHUNK else -1,
                 pick.due if chunk_id != NO_CHUNK else math.nan,
                 tuple(events),
             )
             out.ticks.append(record)
-            if chunk_id != NO_CHUNK and chunk_id < len(out.chunks) and out.chunks[chunk_id].first_sent is None:
+            if (
+                chunk_id != NO_CHUNK
+                and chunk_id < len(out.chunks)
+                and out.chunks[chunk_id].first_sent is None
+            ):
                 out.chunks[chunk_id].first_sent = sent_at
             if on_tick is not None:
                 on_tick(record, obs)
@@ -308,7 +327,9 @@ class Runtime:
                 out.stopped = out.stopped or f"{self.robot.name}: could not send the hold command ({e})"
                 command = None
         out.events["hold"] += 1
-        record = TickRecord(nominal, began, began, self.clock.now(), command, NO_CHUNK, -1, float("nan"), ("hold",))
+        record = TickRecord(
+            nominal, began, began, self.clock.now(), command, NO_CHUNK, -1, float("nan"), ("hold",)
+        )
         out.ticks.append(record)
         if on_tick is not None and obs is not None:
             on_tick(record, obs)
@@ -326,7 +347,10 @@ class Runtime:
             state.requests.pop(reply.seq, None)
             if out.stopped:
                 return None
-        out.stopped = out.stopped or f"no valid first chunk after {self.cfg.max_inference_errors} tries: {state.last_error}"
+        out.stopped = (
+            out.stopped
+            or f"no valid first chunk after {self.cfg.max_inference_errors} tries: {state.last_error}"
+        )
         return None
 
     def _request(self, history, timeline, out, state, t_obs) -> Reply | None:
@@ -379,7 +403,9 @@ class Runtime:
             why = reply.error
             out.events["inference_error"] += 1
         elif a is None or a.ndim != 2 or a.shape[1:] != shape or len(a) < 1:
-            why = f"chunk of shape {None if a is None else a.shape}, expected (T, {', '.join(map(str, shape))})"
+            why = (
+                f"chunk of shape {None if a is None else a.shape}, expected (T, {', '.join(map(str, shape))})"
+            )
             out.events["bad_chunk"] += 1
         elif not np.all(np.isfinite(a)):
             why = f"chunk {reply.seq} holds non-finite actions (NaN or inf)"
@@ -412,8 +438,13 @@ class Runtime:
             out.chunks.append(ChunkRecord(len(out.chunks), math.nan, math.nan, math.nan, math.nan, 0, 0))
         out.chunks.append(
             ChunkRecord(
-                chunk.seq, t_obs, requested, now, reply.seconds,
-                merged.dropped_stale, frozen,
+                chunk.seq,
+                t_obs,
+                requested,
+                now,
+                reply.seconds,
+                merged.dropped_stale,
+                frozen,
             )
         )
 

@@ -146,5 +146,7 @@ class Watchdog:
         if self.last_fresh is None:
             return "ok"
         idle = now - self.last_fresh
-        self.state = "stop" if idle > self.cfg.stop_after_s else "hold" if idle > self.cfg.hold_after_s else "ok"
+        self.state = (
+            "stop" if idle > self.cfg.stop_after_s else "hold" if idle > self.cfg.hold_after_s else "ok"
+        )
         return self.state

@@ -135,9 +135,7 @@ class Timeline:
         passed are dropped (counted), the rest stitched into the pending ones."""
         due = chunk.due_times(self.latency_s)
         stale = stale_count(due, next_tick, self.period_s)
-        new = [
-            Slot(float(due[k]), chunk.actions[k].copy(), chunk.seq, k) for k in range(stale, len(due))
-        ]
+        new = [Slot(float(due[k]), chunk.actions[k].copy(), chunk.seq, k) for k in range(stale, len(due))]
         if new:
             self.slots = self._stitch(new, chunk.step_s)
         return MergeResult(kept=len(new), dropped_stale=stale)

@@ -312,7 +312,9 @@ def _worker_main(
     """The worker process: build the controller, then answer requests until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the control loop's to handle
     shms = {k: shared_memory.SharedMemory(name=n) for k, n in names.items()}
-    views = {k: np.ndarray((window, *shape), dtype, buffer=shms[k].buf) for k, (shape, dtype) in layout.items()}
+    views = {
+        k: np.ndarray((window, *shape), dtype, buffer=shms[k].buf) for k, (shape, dtype) in layout.items()
+    }
     try:
         import torch
 
@@ -340,7 +342,12 @@ def _worker_main(
                 seq, n, n_actions, previous, frozen = payload
                 steps = [{k: views[k][i].copy() for k in layout if k != "__actions__"} for i in range(n)]
                 actions = [views["__actions__"][i].copy() for i in range(n_actions)]
-                conn.send(("reply", compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s)))
+                conn.send(
+                    (
+                        "reply",
+                        compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s),
+                    )
+                )
     finally:
         del views
         for shm in shms.values():

@@ -1,0 +1,197 @@
+"""The controller options `wm-eval` and `wm-deploy` share, and building a controller from them.
+
+`ControllerConfig` is the flat block of options (`controller`, `checkpoint`, `planner`, `policy.*`,
+subgoals, precision, device) both apps read; `load_controller` turns it into a `Policy` for a robot
+whose actions are bounded by `low` / `high`: MPC over a world model (with latent-graph subgoals
+from its training store), a diffusion policy, or random actions. `worker_controller` is the same,
+called by name inside `wm-deploy`'s inference worker process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from policies.base import Budget
+from policies.subgoal import GraphConfig
+from tools._cli import UsageError, build, one_of
+
+CONTROLLERS = ("mpc", "policy", "random")
+POLICY_OPTIONS = {  # wm-eval policy.<name> -> the model config field it overrides at load time
+    "sampler": "sampler",
+    "sampler_steps": "sampler_steps",
+    "edm_solver": "noise.edm_solver",
+    "precision": "precision",
+    "temporal_ensemble": "temporal_ensemble",
+}
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """`policy.*`: overrides of a policy checkpoint's inference settings (None: the checkpoint's own)."""
+
+    sampler: str | None = None
+    sampler_steps: int | None = None
+    edm_solver: str | None = None
+    precision: str | None = None
+    temporal_ensemble: float | None = None
+
+
+@dataclass(frozen=True)
+class PlannerBudget:
+    """`planner_budget.*`: a cap on every replan (None: none)."""
+
+    iterations: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        Budget(self.iterations, self.seconds)  # its checks
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControllerConfig:
+    """What controls the robot: see `configs/eval.yaml` for every option's meaning."""
+
+    controller: str = "mpc"
+    checkpoint: str | None = None
+    planner: dict[str, Any] = field(default_factory=lambda: {"name": "cem"})
+    planner_budget: PlannerBudget = field(default_factory=PlannerBudget)
+    execute: int = 1
+    subgoals: str = "auto"
+    store: str | None = None
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    objective: str = "checkpoint"
+    precision: str | None = None
+    policy: PolicyOptions = field(default_factory=PolicyOptions)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        from policies.planners import PLANNERS
+
+        one_of("controller", self.controller, CONTROLLERS)
+        if self.controller != "random" and not self.checkpoint:
+            raise UsageError(
+                f"controller={self.controller} needs checkpoint=DIR (a wm-train output directory)"
+            )
+        one_of("objective", self.objective, ("checkpoint", "last_frame", "all_frames"))
+        one_of("subgoals", self.subgoals, ("auto", "on", "off"))
+        if self.precision is not None:
+            one_of("precision", self.precision, ("fp32", "bf16", "auto"))
+            if self.controller != "mpc":
+                raise UsageError(
+                    "precision= sets the world model's planning precision; for a policy use policy.precision="
+                )
+        one_of("planner.name", self.planner.get("name"), list(PLANNERS))
+
+    def planner_iterations(self) -> int:
+        """The configured planner's own iteration count (checked against its typed config)."""
+        from policies.planners import PLANNERS
+
+        name = self.planner.get("name")
+        rest = {k: v for k, v in self.planner.items() if k != "name"}
+        return build(PLANNERS[name][0], rest, "planner").max_iterations
+
+    def settings(self) -> dict[str, Any]:
+        """These options as plain values (to rebuild them in another process)."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def load_controller(
+    cfg: ControllerConfig, low: np.ndarray, high: np.ndarray, seed: int = 0
+) -> tuple[Any, Any]:
+    """(controller, loaded model or None) for a robot with actions in [low, high]; MPC and policies come
+    from `cfg.checkpoint` through the model registry."""
+    from policies.evaluate import RandomPolicy
+    from wm.registry import load_model
+
+    if cfg.controller == "random":
+        return RandomPolicy(low, high, seed), None
+    loaded = load_model(cfg.checkpoint, _device(cfg.device), _overrides(cfg), controller=cfg.controller)
+    if cfg.controller == "policy":
+        return loaded.policy(), loaded
+    make = _mpc_builder(cfg, loaded, SimpleNamespace(low=np.asarray(low), high=np.asarray(high)))
+    return make(cfg.planner_budget.iterations), loaded
+
+
+def worker_controller(settings: dict[str, Any], low: list[float], high: list[float], seed: int = 0) -> Any:
+    """`load_controller` from plain settings: the `ControllerSpec` builder of `wm-deploy`'s worker."""
+    cfg = build(ControllerConfig, settings)
+    return load_controller(cfg, np.asarray(low), np.asarray(high), seed)[0]
+
+
+def _device(name: str) -> Any:
+    from wm.trainer import pick_device
+
+    try:
+        return pick_device(name)
+    except RuntimeError as e:  # torch's words for a device name it does not know or does not have
+        raise UsageError(f"device={name}: {str(e).splitlines()[0]}") from e
+
+
+def _overrides(cfg: ControllerConfig) -> dict[str, Any]:
+    """Inference settings for the registry to build the model with (not patched on afterwards)."""
+    if cfg.controller == "policy":
+        return {POLICY_OPTIONS[k]: v for k, v in cfg.policy.__dict__.items() if v is not None}
+    over: dict[str, Any] = {"predictor_precision": cfg.precision} if cfg.precision else {}
+    if cfg.objective != "checkpoint":
+        over["cost_all_frames"] = cfg.objective == "all_frames"
+    return over
+
+
+def _mpc_builder(cfg: ControllerConfig, loaded: Any, feat: Any) -> Any:
+    """A function of an iteration cap -> a fresh MPC over the loaded world model (the subgoal graph is
+    built once and shared)."""
+    from policies.build import build_graph, build_mpc
+    from policies.mpc import MPCConfig
+
+    store = _graph_store(cfg, loaded.checkpoint)
+    graph = build_graph(loaded.model, store, cfg.graph) if store else None
+    seconds = cfg.planner_budget.seconds
+
+    def make(iterations: int | None) -> Any:
+        mpc_cfg = MPCConfig(execute=cfg.execute, max_iterations=iterations, seconds=seconds)
+        return build_mpc(loaded.model, feat.low, feat.high, cfg.planner, mpc_cfg, graph)
+
+    return make
+
+
+def _graph_store(cfg: ControllerConfig, ckpt: dict[str, Any]) -> str | None:
+    """The store the subgoal graph is built from: `store=`, else the one the checkpoint was trained on.
+    With subgoals=auto and no store found, subgoals are off, and the evaluation says so."""
+    if cfg.subgoals == "off":
+        return None
+    run = ckpt.get("extra", {}).get("run_config", {})
+    store = cfg.store or run.get("store")
+    if store and Path(store).exists():
+        _say_if_changed(str(store), run)
+        return str(store)
+    why = (
+        f"the training store {store!r} does not exist" if store else "the checkpoint names no training store"
+    )
+    if cfg.subgoals == "on":
+        raise ValueError(f"subgoals=on needs the training store: {why}; pass store=PATH")
+    print(f"note: subgoals off: {why} (pass store=PATH to use them)", flush=True)
+    return None
+
+
+def _say_if_changed(store: str, run: dict[str, Any]) -> None:
+    """One line when the store differs from the one the world model was trained on (its fingerprint)."""
+    from wm.data import DemoStore
+
+    if "store_fingerprint" not in run:
+        return
+    with DemoStore.open(store) as s:
+        if s.fingerprint == run["store_fingerprint"]:
+            return
+        now = s.n_episodes
+    print(
+        f"note: subgoals from {store}, which is not the store the world model was trained on "
+        f"({run.get('store_episodes')} episodes then, {now} now; content differs)",
+        flush=True,
+    )
