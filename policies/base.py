@@ -184,9 +184,16 @@ class Planner(Protocol):
     horizon: int
 
     def plan(
-        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+        self,
+        z0: Latent,
+        goal: Latent,
+        warm_start: torch.Tensor | None = None,
+        budget: Budget | None = None,
+        model: PlanningModel | None = None,
     ) -> PlanResult:
-        """z0, goal leading (E,); warm_start (E, H, A) or None -> PlanResult with actions (E, H, A)."""
+        """z0, goal leading (E,); warm_start (E, H, A) or None -> PlanResult with actions (E, H, A).
+        `model`, when given, is planned over instead of the model the planner was built with (MPC passes
+        a wrapper of that model that fixes the first actions, `policies.mpc.FixedPrefix`)."""
         ...
 
 
