@@ -2,6 +2,8 @@
 
 `Policy` is the one protocol every controller satisfies (MPC over a world model, diffusion
 policies); `GoalConditioned` and `Previewable` are the optional extras a runner may use.
+`ChunkController` is the extra a real-time runtime needs: a chunk computed from observations captured
+earlier, continuing the chunk being executed meanwhile (real-time chunking).
 `PlanningModel` is all a planner may know about a world model: `encode`, `rollout`, `cost` and
 `action_dim`; planners never see a simulator. `Planner` is what MPC needs
 from a planner: `plan(z0, goal, warm_start) -> PlanResult`, the goal passed as an argument.
@@ -13,7 +15,7 @@ Ta action steps, P patches, D features.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -96,6 +98,41 @@ class GoalConditioned(Protocol):
 
 
 @runtime_checkable
+class ChunkController(Protocol):
+    """A controller a real-time runtime can drive asynchronously: the control loop executes the current
+    chunk while the controller computes the next one from an observation captured earlier. By the time
+    that chunk is ready the first `frozen` actions of the current one (counted from the new
+    observation's step) have been executed, so the new chunk starts with exactly those (real-time
+    chunking, RTC: Black, Galliker, Levine 2025)."""
+
+    def chunk_from(
+        self,
+        steps: Sequence[RawObs],
+        actions: Sequence[np.ndarray],
+        previous: np.ndarray | None = None,
+        frozen: int = 0,
+    ) -> torch.Tensor:
+        """A chunk of raw actions (E, T, Da) computed from observations captured earlier.
+
+        steps: raw observations {key: (E, ...)} of consecutive control steps, oldest first, the newest
+            last; at most the controller's `io_spec.window` are used (the last ones), fewer at an
+            episode's start (the first is then repeated, as `ObsHistory` does).
+        actions: actions[i] (E, Da) is the raw action executed between steps[i] and steps[i + 1]
+            (len(actions) == len(steps) - 1).
+        previous: (E, n, Da) the previous chunk's raw actions re-indexed so that previous[:, 0] is the
+            action due at the newest step; None when there is none (then frozen must be 0).
+        frozen: d, 0 <= d <= n: how many of those are committed (they execute while this computes).
+
+        Returns raw actions (E, T, Da), element 0 due at the newest observation's step, T >= d + 1,
+        with out[:, :d] exactly previous[:, :d] (as float32). The call replaces the controller's
+        history with `steps` / `actions` (earlier calls' observations do not matter) but may keep
+        other state (a planner's warm start). Bad input raises ValueError naming what is wrong; the
+        seconds of each model call go into `inference_seconds()`.
+        """
+        ...
+
+
+@runtime_checkable
 class Previewable(Protocol):
     """A controller that can show what it sees or expects, for evaluation videos; `preview_label`
     captions it ("prediction", "policy input")."""
@@ -147,9 +184,16 @@ class Planner(Protocol):
     horizon: int
 
     def plan(
-        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+        self,
+        z0: Latent,
+        goal: Latent,
+        warm_start: torch.Tensor | None = None,
+        budget: Budget | None = None,
+        model: PlanningModel | None = None,
     ) -> PlanResult:
-        """z0, goal leading (E,); warm_start (E, H, A) or None -> PlanResult with actions (E, H, A)."""
+        """z0, goal leading (E,); warm_start (E, H, A) or None -> PlanResult with actions (E, H, A).
+        `model`, when given, is planned over instead of the model the planner was built with (MPC passes
+        a wrapper of that model that fixes the first actions, `policies.mpc.FixedPrefix`)."""
         ...
 
 
@@ -186,6 +230,52 @@ def shift_plan(actions: torch.Tensor, steps: int, fill: Literal["last", "zeros"]
     else:
         raise ValueError(f"fill must be 'last' or 'zeros', got {fill!r}")
     return torch.cat([kept, pad], dim=1)
+
+
+def check_chunk_request(
+    steps: Sequence[RawObs],
+    actions: Sequence[np.ndarray],
+    previous: np.ndarray | torch.Tensor | None,
+    frozen: int,
+    action_dim: int,
+) -> torch.Tensor | None:
+    """Validate a `ChunkController.chunk_from` request (one ValueError line naming what is wrong);
+    returns `previous` as a float32 tensor (E, n, Da) (`check_previous`), or None."""
+    if not steps:
+        raise ValueError("chunk_from needs at least one observation in steps")
+    if len(actions) != len(steps) - 1:
+        raise ValueError(f"{len(actions)} actions for {len(steps)} steps: need one between two steps")
+    return check_previous(previous, frozen, len(next(iter(steps[-1].values()))), action_dim)
+
+
+def check_previous(
+    previous: np.ndarray | torch.Tensor | None, frozen: int, batch: int, action_dim: int
+) -> torch.Tensor | None:
+    """Validate a previous chunk (E, n, Da) and its `frozen` count (one ValueError line naming what is
+    wrong); returns it as a float32 tensor on its device (CPU for numpy), or None when it is None."""
+    if previous is None:
+        if frozen != 0:
+            raise ValueError(f"frozen = {frozen} without a previous chunk: nothing to freeze")
+        return None
+    prev = torch.as_tensor(previous, dtype=torch.float32)
+    if prev.ndim != 3 or prev.shape[0] != batch or prev.shape[2] != action_dim:
+        raise ValueError(f"previous must be (E, n, Da) = ({batch}, n, {action_dim}), got {tuple(prev.shape)}")
+    if not 0 <= frozen <= prev.shape[1]:
+        raise ValueError(f"frozen must be in [0, n = {prev.shape[1]}] (previous's length), got {frozen}")
+    if not bool(torch.isfinite(prev).all()):
+        raise ValueError("previous holds non-finite values (NaN or inf)")
+    return prev
+
+
+def with_prefix(chunk: torch.Tensor, previous: torch.Tensor | None, frozen: int) -> torch.Tensor:
+    """chunk (E, T, Da) with its first `frozen` actions set exactly to previous[:, :frozen] (a copy)."""
+    if previous is None or frozen == 0:
+        return chunk
+    if chunk.shape[1] <= frozen:
+        raise ValueError(f"a chunk of {chunk.shape[1]} actions leaves none after the {frozen} frozen ones")
+    out = chunk.clone()
+    out[:, :frozen] = previous[:, :frozen].to(out)
+    return out
 
 
 def action_bounds(

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from policies.base import RawObs
+from policies.base import RawObs, check_chunk_request, with_prefix
 from policies.inputs import ObsHistory
 from wm.spec import IOSpec
 
@@ -89,15 +90,26 @@ class ChunkModel(Protocol):
 
     io_spec: IOSpec
 
-    def sample_actions(self, obs: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """obs values (E, history, ...) -> raw actions (E, Ta, Da) from the current step on."""
+    def sample_actions(
+        self,
+        obs: dict[str, Tensor],
+        generator: torch.Generator | None = None,
+        previous: Tensor | None = None,
+        frozen: int = 0,
+        full: bool = False,
+    ) -> Tensor:
+        """obs values (E, history, ...) -> raw actions (E, Ta, Da) from the current step on; with `full`
+        every action the model predicts from the current step on. previous (E, n, Da) raw, previous[:, 0]
+        due at the current step, guides the sample towards its first `frozen` actions (and softly
+        towards the rest); only `ChunkPolicy.chunk_from` passes the last three."""
         ...
 
 
 class ChunkPolicy:
-    """The `Policy` (and `Previewable`) of a `ChunkModel`: raw observations go into the model's
-    `ObsHistory`; `select_action` executes each chunk from a queue, or, with `temporal_ensemble` m,
-    samples a chunk every step and averages the overlapping predictions (`TemporalEnsembler`).
+    """The `Policy` (and `Previewable`, `ChunkController`) of a `ChunkModel`: raw observations go into
+    the model's `ObsHistory`; `select_action` executes each chunk from a queue, or, with
+    `temporal_ensemble` m, samples a chunk every step and averages the overlapping predictions
+    (`TemporalEnsembler`).
     Sampling noise comes from a generator seeded with `seed` at construction (None: unseeded), so an
     evaluation is reproducible; `reset` does not reseed, so episodes draw different noise."""
 
@@ -143,13 +155,32 @@ class ChunkPolicy:
             self._queue.fill(self._sample())
         return self._queue.pop()
 
+    def chunk_from(
+        self,
+        steps: Sequence[RawObs],
+        actions: Sequence[np.ndarray],
+        previous: np.ndarray | None = None,
+        frozen: int = 0,
+    ) -> Tensor:
+        """`ChunkController.chunk_from`: refill the history with steps / actions and sample every action
+        the model predicts from the newest step on (a diffusion policy: horizon - n_obs + 1), raw
+        (E, T, Da). With `previous`, the sampler is guided towards it by soft inpainting
+        (`DiffusionPolicy.sample_actions`) and the first `frozen` actions are then set exactly to
+        previous's. The queue and the ensembler are left alone."""
+        prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim)
+        self.history.refill(steps, actions)
+        chunk = self._sample(previous=prev, frozen=frozen, full=True)
+        return with_prefix(chunk, prev, frozen)
+
     def preview(self) -> np.ndarray | None:
         """The newest frame of the model's first camera as the model reads it (E, H, W, 3) uint8."""
         return self.history.latest_frames() if len(self.history) else None
 
-    def _sample(self) -> Tensor:
+    def _sample(self, **guidance: Any) -> Tensor:
+        """A chunk from the history; `guidance`: `ChunkModel.sample_actions`'s previous, frozen, full, only
+        from `chunk_from` (so that a model without guidance still serves the `Policy` calls)."""
         start = time.perf_counter()
         with torch.inference_mode():
-            chunk = self.model.sample_actions(self.history.inputs(), generator=self._generator)
+            chunk = self.model.sample_actions(self.history.inputs(), generator=self._generator, **guidance)
         self._seconds.append(time.perf_counter() - start)
         return chunk

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.base import GoalConditioned, Policy, Previewable, RawObs
+from policies.base import GoalConditioned, Policy, Previewable, RawObs, check_chunk_request, with_prefix
 from policies.video import compose_frame, write_episode_video
 from robots.sim.base import SimTask
 
@@ -52,11 +52,14 @@ def stack_obs(obs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 class RandomPolicy:
-    """Uniform random actions within the task's limits (the baseline); satisfies `Policy`."""
+    """Uniform random actions within the task's limits (the baseline); satisfies `Policy` and
+    `ChunkController`. Its chunks hold `chunk` actions (more in `chunk_from` when more are frozen)."""
 
-    def __init__(self, low: np.ndarray, high: np.ndarray, seed: int = 0) -> None:
+    def __init__(self, low: np.ndarray, high: np.ndarray, seed: int = 0, chunk: int = 1) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.low, self.high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-        self.rng = np.random.default_rng(seed)
+        self.rng, self.chunk = np.random.default_rng(seed), chunk
 
     def reset(self) -> None:
         pass
@@ -65,9 +68,24 @@ class RandomPolicy:
         return []  # no model is called
 
     def predict_action_chunk(self, obs: RawObs) -> torch.Tensor:
-        E = len(next(iter(obs.values())))
-        a = self.rng.uniform(self.low, self.high, (E, 1, len(self.low)))
-        return torch.from_numpy(a).float()
+        """(E, chunk, Da) random actions."""
+        return self._draw(len(next(iter(obs.values()))), self.chunk)
+
+    def chunk_from(
+        self,
+        steps: Sequence[RawObs],
+        actions: Sequence[np.ndarray],
+        previous: np.ndarray | None = None,
+        frozen: int = 0,
+    ) -> torch.Tensor:
+        """(E, max(chunk, frozen + 1), Da) random actions, the first `frozen` previous's
+        (`ChunkController.chunk_from`; the observations are only checked)."""
+        prev = check_chunk_request(steps, actions, previous, frozen, len(self.low))
+        E = len(next(iter(steps[-1].values())))
+        return with_prefix(self._draw(E, max(self.chunk, frozen + 1)), prev, frozen)
+
+    def _draw(self, batch: int, length: int) -> torch.Tensor:
+        return torch.from_numpy(self.rng.uniform(self.low, self.high, (batch, length, len(self.low)))).float()
 
     def select_action(self, obs: RawObs) -> torch.Tensor:
         return self.predict_action_chunk(obs)[:, 0]

@@ -131,6 +131,21 @@ class ObsHistory:
             self._actions.append(a.astype(np.float32))
         self._obs.append(kept)
 
+    def refill(self, steps: Sequence[RawObs], actions: Sequence[np.ndarray | Tensor]) -> None:
+        """Replace the history by consecutive observations `steps` ({key: (E, ...)}, oldest first) and
+        the raw actions (E, Da) executed between them (actions[i] between steps[i] and steps[i + 1]):
+        the same as `reset` then `push` of each. Only the last `io.window` steps can matter, so only
+        they are pushed; with fewer, the first is repeated as after `reset`."""
+        if not steps:
+            raise ValueError("refill needs at least one observation")
+        if len(actions) != len(steps) - 1:
+            raise ValueError(f"{len(actions)} actions for {len(steps)} steps: need one between two steps")
+        first = max(0, len(steps) - self.io.window)  # the oldest step that can matter
+        self.reset()
+        self.push(steps[first])
+        for obs, action in zip(steps[first + 1 :], actions[first:], strict=True):
+            self.push(obs, action)
+
     def inputs(self) -> dict[str, Tensor]:
         """The model's inputs: {camera: (E, history, 3, H, W), proprio: (E, history, Dp)} and, when the
         model takes past actions and history > 1, "past_action": (E, history - 1, frameskip * Da)."""

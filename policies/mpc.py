@@ -7,12 +7,16 @@ once, lets an optional subgoal selector pick what to aim at from that same laten
 previous plan shifted by the executed steps as warm start, and hands out the first `execute`
 planned steps as raw actions. MPC calls only `model.encode` (and the planner only `model.rollout` /
 `model.cost`); the caller steps the robot or simulator.
+
+For a real-time runtime, `chunk_from` (`ChunkController`) plans from given observations with the first
+raw actions committed: the planner plans over `FixedPrefix`, a wrapper of the model whose rollout
+executes those actions whatever a candidate holds there, so every planner respects them unchanged.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -27,6 +31,7 @@ from policies.base import (
     PlanningModel,
     PlanResult,
     RawObs,
+    check_chunk_request,
     latent_batch_size,
     shift_plan,
 )
@@ -75,9 +80,38 @@ class MPCConfig:
         return Budget(self.max_iterations, self.seconds)
 
 
+class FixedPrefix:
+    """A `PlanningModel` whose rollout executes the raw actions `prefix` (E, d, Da) first, whatever a
+    candidate holds there; `encode`, `cost` and `action_dim` are the wrapped model's. A planner over it
+    plans the rest of the sequence given the committed actions (`MPC.chunk_from`)."""
+
+    def __init__(self, model: PlanningModel, prefix: torch.Tensor, frameskip: int) -> None:
+        self.model, self.prefix, self.frameskip = model, prefix, frameskip
+        self.action_dim = model.action_dim
+
+    def encode(self, obs: dict[str, torch.Tensor]) -> Latent:
+        return self.model.encode(obs)
+
+    def rollout(self, z0: Latent, actions: torch.Tensor) -> Latent:
+        """z0 leading (E,), actions (E, N, H, f * Da) -> the model's rollout of `fix(actions)`."""
+        return self.model.rollout(z0, self.fix(actions))
+
+    def cost(self, pred: Latent, goal: Latent) -> torch.Tensor:
+        return self.model.cost(pred, goal)
+
+    def fix(self, actions: torch.Tensor) -> torch.Tensor:
+        """actions (E, N, H, f * Da) -> the same with the first d raw actions of every sequence replaced by
+        the prefix (differentiable in the others, for gradient planners)."""
+        raw = rearrange(actions, "e n h (f d) -> e n (h f) d", f=self.frameskip)
+        d = self.prefix.shape[1]
+        prefix = self.prefix.to(raw).unsqueeze(1).expand(-1, raw.shape[1], -1, -1)  # (E, N, d, Da)
+        raw = torch.cat([prefix, raw[:, :, d:]], dim=2)
+        return rearrange(raw, "e n (h f) d -> e n h (f d)", f=self.frameskip)
+
+
 class MPC:
-    """Receding-horizon control for E parallel episodes; satisfies `Policy`, `GoalConditioned` and
-    `Previewable`.
+    """Receding-horizon control for E parallel episodes; satisfies `Policy`, `GoalConditioned`,
+    `Previewable` and `ChunkController`.
 
     `model` is a `PlanningModel` with an `io_spec` (`wm.spec.IOSpec`): its observation keys, image
     size, history and frameskip. Call `set_goal(goal_obs)` (kept across `reset()`), then
@@ -157,23 +191,69 @@ class MPC:
         self._last_action = action
         return action
 
+    def chunk_from(
+        self,
+        steps: Sequence[RawObs],
+        actions: Sequence[np.ndarray],
+        previous: np.ndarray | None = None,
+        frozen: int = 0,
+    ) -> torch.Tensor:
+        """`ChunkController.chunk_from`: refill the history with steps / actions and plan toward the goal
+        (subgoals as in every replan) with the first `frozen` raw actions of every candidate fixed to
+        previous[:, :frozen] (`FixedPrefix`). Warm start (when `cfg.warm_start`): `previous` packed into
+        planning steps and padded to the horizon with its last step, else MPC's own (the last plan
+        shifted by `execute` steps, as after `predict_action_chunk`). Returns the whole plan as raw
+        actions (E, H * frameskip, Da), the first `frozen` exactly previous's."""
+        prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim)
+        f = self.io.frameskip
+        if frozen >= self.planner.horizon * f:
+            raise ValueError(
+                f"{frozen} frozen actions leave none to plan in a horizon of {self.planner.horizon} x {f}"
+            )
+        self.history.refill(steps, actions)
+        own = prev is None or prev.shape[1] == 0 or not self.cfg.warm_start
+        warm = self._warm if own else self._warm_from(prev)
+        result = self._plan(warm, FixedPrefix(self.model, prev[:, :frozen], f) if frozen else None)
+        return rearrange(result.actions, "e h (f d) -> e (h f) d", f=f)
+
     def _replan(self) -> torch.Tensor:
+        result = self._plan(self._warm)
+        k = self.cfg.execute
+        return rearrange(result.actions[:, :k], "e k (f d) -> e (k f) d", f=self.io.frameskip)
+
+    def _plan(self, warm: torch.Tensor | None, fixed: FixedPrefix | None = None) -> PlanResult:
+        """Encode the history, pick the goal and plan from `warm` (E, H, A) (over `fixed` when given,
+        the plan's prefix then set to it); keeps the timing, the result and the next warm start."""
         if self._goal is None:
             raise RuntimeError("MPC has no goal: call set_goal(goal_obs) first")
         start = self.clock()
         with torch.no_grad():
             z0 = self.model.encode(self.history.inputs())  # leading (E,), encoded once per replan
-        E, k = latent_batch_size(z0), self.cfg.execute
-        if latent_batch_size(self._goal) != E or (self._warm is not None and self._warm.shape[0] != E):
+        E = latent_batch_size(z0)
+        if latent_batch_size(self._goal) != E or (warm is not None and warm.shape[0] != E):
             raise ValueError(
                 f"{E} episodes in obs but the goal or warm start has another count; reset()/set_goal()"
             )
         goal = self._goal if self.subgoals is None else self.subgoals.select(z0, self._goal)
-        result = self.planner.plan(z0, goal, self._warm, self.cfg.budget)  # actions (E, H, A)
+        if fixed is None:  # `model` only when needed: a planner that predates it still serves replans
+            result = self.planner.plan(z0, goal, warm, self.cfg.budget)  # actions (E, H, A)
+        else:
+            result = self.planner.plan(z0, goal, warm, self.cfg.budget, model=fixed)
+            result.actions = fixed.fix(result.actions.unsqueeze(1)).squeeze(1)
         self._seconds.append(self.clock() - start)
         self.last_result, self._z0 = result, z0
-        self._warm = shift_plan(result.actions, k, self.cfg.fill) if self.cfg.warm_start else None
-        return rearrange(result.actions[:, :k], "e k (f d) -> e (k f) d", f=self.io.frameskip)
+        self._warm = (
+            shift_plan(result.actions, self.cfg.execute, self.cfg.fill) if self.cfg.warm_start else None
+        )
+        return result
+
+    def _warm_from(self, previous: torch.Tensor) -> torch.Tensor:
+        """previous raw (E, n, Da), n >= 1 -> a warm start (E, H, f * Da): packed into planning steps (the
+        last raw action repeated to fill the last step), cut or padded to the horizon with its last step."""
+        f, H, n = self.io.frameskip, self.planner.horizon, previous.shape[1]
+        raw = torch.cat([previous, previous[:, -1:].expand(-1, -n % f, -1)], dim=1)  # (E, ceil(n/f) f, Da)
+        plan = rearrange(raw, "e (h f) d -> e h (f d)", f=f)[:, :H]
+        return torch.cat([plan, plan[:, -1:].expand(-1, H - plan.shape[1], -1)], dim=1)
 
     @torch.no_grad()
     def preview(self) -> np.ndarray | None:

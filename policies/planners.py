@@ -7,6 +7,8 @@ stay within per-dimension bounds [low, high]: samples and means are clamped, gra
 projected back. The device and dtype come from z0; randomness from a seeded `torch.Generator`.
 `warm_start` (E, H, A), usually the previous plan shifted by the executed steps (MPC does the
 shifting, see `base.shift_plan`), replaces the initial mean (CEM, MPPI) or initial iterate (GD).
+A `plan` call may pass another `model` to plan over (same `action_dim`), e.g. MPC's `FixedPrefix`
+wrapper of the planner's own model.
 """
 
 from __future__ import annotations
@@ -221,10 +223,16 @@ class CEM(_Planner):
 
     @torch.no_grad()
     def plan(
-        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+        self,
+        z0: Latent,
+        goal: Latent,
+        warm_start: torch.Tensor | None = None,
+        budget: Budget | None = None,
+        model: PlanningModel | None = None,
     ) -> PlanResult:
-        """z0, goal leading (E,); warm_start (E, H, A) -> actions (E, H, A), cost (E,)."""
-        start, cfg = self.clock(), self.cfg
+        """z0, goal leading (E,); warm_start (E, H, A) -> actions (E, H, A), cost (E,); over `model`
+        when given, else the planner's own."""
+        start, cfg, model = self.clock(), self.cfg, self.model if model is None else model
         z0, goal = detach_latent(z0), detach_latent(goal)
         E, low, high, mean, gen = self._setup(z0, warm_start)  # mean (E, H, A)
         warm = warm_start is not None and cfg.warm_std is not None
@@ -242,7 +250,7 @@ class CEM(_Planner):
             if cfg.include_mean:
                 actions[:, 0] = mean
             # --- score: one batched rollout for every episode and sample
-            costs = self.model.cost(self.model.rollout(z0, actions), goal)  # (E, N)
+            costs = model.cost(model.rollout(z0, actions), goal)  # (E, N)
             it_cost, it_idx = costs.min(dim=1)  # (E,), (E,)
             improved = it_cost < best_cost
             best_cost = torch.where(improved, it_cost, best_cost)
@@ -252,7 +260,7 @@ class CEM(_Planner):
             mean, std = mean.clamp(low, high), std.clamp(cfg.min_std, cfg.max_std)
             if self._done(best_cost) or self._out_of_time(start, budget):
                 break
-        return self._result(z0, goal, mean, std, best_actions, best_cost, iterations)
+        return self._result(model, z0, goal, mean, std, best_actions, best_cost, iterations)
 
     def _refit(self, actions: torch.Tensor, costs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
         m = self.cfg.momentum
@@ -261,12 +269,12 @@ class CEM(_Planner):
         new_mean, new_std = elites.mean(dim=1), elites.std(dim=1, unbiased=False)  # (E, H, A)
         return m * mean + (1 - m) * new_mean, m * std + (1 - m) * new_std
 
-    def _result(self, z0, goal, mean, std, best_actions, best_cost, iterations: int) -> PlanResult:
+    def _result(self, model, z0, goal, mean, std, best_actions, best_cost, iterations: int) -> PlanResult:
         info = {"mean": mean, "std": std, "best_actions": best_actions, "best_cost": best_cost}
         if self.cfg.return_best:
             return PlanResult(best_actions, best_cost, iterations, info)
         # the refitted mean has not been scored yet: one more rollout, N = 1
-        cost = self.model.cost(self.model.rollout(z0, mean.unsqueeze(1)), goal)[:, 0]  # (E,)
+        cost = model.cost(model.rollout(z0, mean.unsqueeze(1)), goal)[:, 0]  # (E,)
         return PlanResult(mean, cost, iterations, info)
 
 
@@ -291,10 +299,16 @@ class GradientPlanner(_Planner):
     cfg: GradConfig
 
     def plan(
-        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+        self,
+        z0: Latent,
+        goal: Latent,
+        warm_start: torch.Tensor | None = None,
+        budget: Budget | None = None,
+        model: PlanningModel | None = None,
     ) -> PlanResult:
-        """z0, goal leading (E,); warm_start (E, H, A) -> actions (E, H, A), cost (E,)."""
-        start, cfg = self.clock(), self.cfg
+        """z0, goal leading (E,); warm_start (E, H, A) -> actions (E, H, A), cost (E,); over `model`
+        when given, else the planner's own."""
+        start, cfg, model = self.clock(), self.cfg, self.model if model is None else model
         z0, goal = detach_latent(z0), detach_latent(goal)
         E, low, high, init, gen = self._setup(z0, warm_start, use_warm=cfg.init == "warm")
         actions = repeat(init, "e h a -> e r h a", r=cfg.restarts).clone()  # (E, R, H, A)
@@ -309,7 +323,7 @@ class GradientPlanner(_Planner):
         with torch.enable_grad():
             while True:
                 # --- score: one batched rollout, sequences are independent so one summed loss suffices
-                costs = self.model.cost(self.model.rollout(z0, actions), goal)  # (E, R)
+                costs = model.cost(model.rollout(z0, actions), goal)  # (E, R)
                 c, r = costs.detach().min(dim=1)  # (E,)
                 improved = c < best_cost
                 best_cost = torch.where(improved, c, best_cost)
@@ -335,16 +349,21 @@ class CEMThenGradient:
         self.cem, self.grad = CEM(model, cfg.cem, clock), GradientPlanner(model, cfg.grad, clock)
 
     def plan(
-        self, z0: Latent, goal: Latent, warm_start: torch.Tensor | None = None, budget: Budget | None = None
+        self,
+        z0: Latent,
+        goal: Latent,
+        warm_start: torch.Tensor | None = None,
+        budget: Budget | None = None,
+        model: PlanningModel | None = None,
     ) -> PlanResult:
         start = self.clock()
         cem_budget = grad_budget = budget
         if budget is not None and budget.seconds is not None:
             cem_budget = Budget(budget.max_iterations, budget.seconds * self.cfg.time_share)
-        first = self.cem.plan(z0, goal, warm_start, cem_budget)
+        first = self.cem.plan(z0, goal, warm_start, cem_budget, model)
         if budget is not None and budget.seconds is not None:
             grad_budget = Budget(budget.max_iterations, max(budget.seconds - (self.clock() - start), 1e-9))
-        second = self.grad.plan(z0, goal, first.actions, grad_budget)
+        second = self.grad.plan(z0, goal, first.actions, grad_budget, model)
         # the gradient stage scores its start (the CEM plan) first, so it is never worse than CEM
         info = {"cem": first, "grad_steps": second.iterations}
         return PlanResult(second.actions, second.cost, first.iterations + second.iterations, info)

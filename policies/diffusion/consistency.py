@@ -205,8 +205,15 @@ class ConsistencyDistillation(nn.Module):
     def feature_cache_source(self) -> Any:
         return self.policy.feature_cache_source()
 
-    def sample_actions(self, obs: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        return self.policy.sample_actions(obs, generator)
+    def sample_actions(
+        self,
+        obs: dict[str, Tensor],
+        generator: torch.Generator | None = None,
+        previous: Tensor | None = None,
+        frozen: int = 0,
+        full: bool = False,
+    ) -> Tensor:
+        return self.policy.sample_actions(obs, generator, previous, frozen, full)
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():  # the encoder is frozen: features need no graph

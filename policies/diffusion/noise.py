@@ -17,6 +17,11 @@ k-diffusion does), runs the network and converts its output to a denoised estima
                - 1 network calls) or DPM-Solver++(2M) (multistep 2nd order, `steps` network calls)
     consistency  a distilled consistency model (see `consistency.py`): 1 or more jumps to x0
 
+Every sampler can be guided by soft inpainting (`Inpaint`, for real-time chunking): each denoised
+estimate x0_hat is replaced by W * target + (1 - W) * x0_hat before the sampler uses it, so the sample
+continues a chunk already being executed. It only edits x0_hat, with no VJP through the network
+(RTC's costlier guided variant backpropagates through the denoiser; this one does not).
+
 Shapes: x (B, Ta, Da) normalized actions; cond (B, To, Dc) observation features or None.
 """
 
@@ -89,6 +94,45 @@ def make_betas(schedule: str, n: int) -> Tensor:
     return torch.tensor(
         [min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float64
     )
+
+
+@dataclass(frozen=True)
+class Inpaint:
+    """Soft inpainting of the denoised estimate: x0 -> W * target + (1 - W) * x0, per action step.
+
+    target (B, Ta, Da) normalized actions (anything where the weight is 0); weight (Ta,) in [0, 1],
+    e.g. from `inpaint_weights`. Where the weight is 1 the sample ends exactly on the target (up to
+    float rounding), where it is 0 it is left to the model."""
+
+    target: Tensor
+    weight: Tensor
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        """x0 (B, Ta, Da) -> the guided estimate, same shape."""
+        return torch.lerp(x0, self.target.to(x0), self.weight.to(x0).view(1, -1, 1))
+
+
+def inpaint_weights(length: int, start: int, frozen: int, overlap: int) -> Tensor:
+    """(length,) RTC's soft mask over a chunk of `length` steps whose current step is at index `start`.
+
+    Counting i from the current step: 1 for the `frozen` committed actions (i < d), then over the rest of
+    the previous chunk's `overlap` actions (d <= i < n) w_i = c_i (e^c_i - 1) / (e - 1) with
+    c_i = (n - i) / (n - d + 1) decaying from about 1 to about 0, and 0 beyond the previous chunk and
+    for the steps before the current one."""
+    if not 0 <= start < length or start + frozen >= length:
+        raise ValueError(f"{frozen} frozen actions leave none to sample of the {length - start} from now on")
+    if not 0 <= frozen <= overlap:
+        raise ValueError(f"frozen must be in [0, overlap = {overlap}], got {frozen}")
+    i = torch.arange(length - start, dtype=torch.float64)
+    c = ((overlap - i) / (overlap - frozen + 1)).clamp(0, 1)
+    w = c * torch.expm1(c) / math.expm1(1.0)
+    w[:frozen] = 1.0
+    return torch.cat([w.new_zeros(start), w]).float()
+
+
+def _guided(x0: Tensor, guide: Inpaint | None) -> Tensor:
+    """The one place every sampler applies its guidance to a denoised estimate."""
+    return x0 if guide is None else guide(x0)
 
 
 Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x_t (B,Ta,Da), t (B,), cond) -> prediction
@@ -183,8 +227,10 @@ class Diffusion(nn.Module):
         sampler: str = "edm",
         steps: int = 3,
         generator: torch.Generator | None = None,
+        guide: Inpaint | None = None,
     ) -> Tensor:
-        """Draw samples (shape) given cond (B, To, Dc); `steps` is ignored by ddpm (all training steps)."""
+        """Draw samples (shape) given cond (B, To, Dc); `steps` is ignored by ddpm (all training steps).
+        `guide` inpaints every denoised estimate (every sampler takes it); None: unguided."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if (sampler == "consistency") != self.consistency:
@@ -197,22 +243,24 @@ class Diffusion(nn.Module):
         device = self.betas.device
         z = torch.randn(shape, generator=generator, device=device)
         if sampler == "ddpm":
-            return self._ddpm(z, cond, generator)
+            return self._ddpm(z, cond, generator, guide)
         if sampler == "ddim":
-            return self._ddim(z, cond, steps)
+            return self._ddim(z, cond, steps, guide)
         if sampler == "consistency":
-            return self._consistency(z, cond, steps, generator)
+            return self._consistency(z, cond, steps, generator, guide)
         sigmas = self.karras_sigmas(steps, device=device)
         x = z * (1 + sigmas[0] ** 2).sqrt()  # the VP prior N(0, I) seen in VE space
         solver = self._heun if self.cfg.edm_solver == "heun" else self._dpmpp_2m
-        return solver(x, cond, sigmas)
+        return solver(x, cond, sigmas, guide)
 
-    def _ddpm(self, x_t: Tensor, cond: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    def _ddpm(
+        self, x_t: Tensor, cond: Tensor | None, generator: torch.Generator | None, guide: Inpaint | None
+    ) -> Tensor:
         """Ancestral DDPM in the VP form over every training step, "fixed_small" posterior variance."""
         abar, betas = self.alphas_cumprod, self.betas
         for t in range(self.cfg.num_train_steps - 1, -1, -1):
             a_t, a_prev = abar[t], abar[t - 1] if t > 0 else abar.new_tensor(1.0)
-            x0 = self.raw_denoise(x_t / a_t.sqrt(), self.sigmas[t], cond)
+            x0 = _guided(self.raw_denoise(x_t / a_t.sqrt(), self.sigmas[t], cond), guide)
             mean = (a_prev.sqrt() * betas[t] * x0 + (1 - betas[t]).sqrt() * (1 - a_prev) * x_t) / (1 - a_t)
             if t == 0:
                 return mean
@@ -220,9 +268,10 @@ class Diffusion(nn.Module):
             x_t = mean + var.sqrt() * torch.randn(x_t.shape, generator=generator, device=x_t.device)
         return x_t
 
-    def _ddim(self, z: Tensor, cond: Tensor | None, steps: int) -> Tensor:
+    def _ddim(self, z: Tensor, cond: Tensor | None, steps: int, guide: Inpaint | None) -> Tensor:
         """DDIM, eta = 0, "leading" timesteps (t = (steps-1..0) * T // steps) and the final alpha set to 1.
-        In the VE view: x_next = x0 + sigma_next * eps, with eps = (x - x0_unclipped) / sigma."""
+        In the VE view: x_next = x0 + sigma_next * eps, with eps = (x - x0_unclipped) / sigma. A guided
+        x0 keeps x = x0 + sigma * eps: eps takes up the change (the Euler step from the guided x0)."""
         T = self.cfg.num_train_steps
         if steps > T:
             raise ValueError(f"DDIM steps {steps} > num_train_steps {T}")
@@ -236,30 +285,32 @@ class Diffusion(nn.Module):
             x0 = x - sigma * eps if self.cfg.prediction_type == "epsilon" else out
             if self.cfg.clip_sample:
                 x0 = x0.clamp(-self.cfg.clip_range, self.cfg.clip_range)
+            guided = _guided(x0, guide)
+            eps, x0 = eps + (x0 - guided) / sigma, guided
             sigma_next = self.sigmas[ts[i + 1]] if i + 1 < len(ts) else sigma.new_zeros(())
             x = x0 + sigma_next * eps
         return x
 
-    def _heun(self, x: Tensor, cond: Tensor | None, sigmas: Tensor) -> Tensor:
+    def _heun(self, x: Tensor, cond: Tensor | None, sigmas: Tensor, guide: Inpaint | None) -> Tensor:
         """EDM Heun (Karras et al. Alg. 1 without churn): 2 network calls per step, Euler on the last."""
         for i in range(len(sigmas) - 1):
             s, s_next = sigmas[i], sigmas[i + 1]
-            d = (x - self.denoise(x, s, cond)) / s
+            d = (x - _guided(self.denoise(x, s, cond), guide)) / s
             x_euler = x + (s_next - s) * d
             if s_next == 0:
                 x = x_euler
             else:
-                d2 = (x_euler - self.denoise(x_euler, s_next, cond)) / s_next
+                d2 = (x_euler - _guided(self.denoise(x_euler, s_next, cond), guide)) / s_next
                 x = x + (s_next - s) * (d + d2) / 2
         return x
 
-    def _dpmpp_2m(self, x: Tensor, cond: Tensor | None, sigmas: Tensor) -> Tensor:
+    def _dpmpp_2m(self, x: Tensor, cond: Tensor | None, sigmas: Tensor, guide: Inpaint | None) -> Tensor:
         """DPM-Solver++(2M) (Lu et al.; k-diffusion's sample_dpmpp_2m): one network call per step, the
         previous denoised estimate used for a 2nd-order multistep correction in log-sigma time."""
         old = None
         for i in range(len(sigmas) - 1):
             s, s_next = sigmas[i], sigmas[i + 1]
-            x0 = self.denoise(x, s, cond)
+            x0 = _guided(self.denoise(x, s, cond), guide)
             if s_next == 0:
                 return x0
             h = s.log() - s_next.log()  # step in t = -log(sigma)
@@ -273,14 +324,19 @@ class Diffusion(nn.Module):
         return x
 
     def _consistency(
-        self, z: Tensor, cond: Tensor | None, steps: int, generator: torch.Generator | None
+        self,
+        z: Tensor,
+        cond: Tensor | None,
+        steps: int,
+        generator: torch.Generator | None,
+        guide: Inpaint | None,
     ) -> Tensor:
         """Multistep consistency sampling (Song et al. Alg. 1): jump to x0 from sigma_max, then re-noise to
         the next Karras sigma and jump again."""
         sigmas = self.karras_sigmas(steps + 1, self.table_sigma_min, z.device)[:steps]  # sigma_max first
-        x0 = self.denoise(z * sigmas[0], sigmas[0], cond)
+        x0 = _guided(self.denoise(z * sigmas[0], sigmas[0], cond), guide)
         for s in sigmas[1:]:
             noise = torch.randn(z.shape, generator=generator, device=z.device)
             x = x0 + (s**2 - self.table_sigma_min**2).clamp_min(0).sqrt() * noise
-            x0 = self.denoise(x, s, cond)
+            x0 = _guided(self.denoise(x, s, cond), guide)
         return x0

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from policies.diffusion.noise import SAMPLERS, Diffusion, NoiseConfig
+from policies.base import check_previous
+from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, inpaint_weights
 from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
 from policies.diffusion.precision import check_precision, set_inference_precision
 from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
@@ -246,16 +247,44 @@ class DiffusionPolicy(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     @torch.inference_mode()
-    def sample_actions(self, obs: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """obs values (E, To, ...) -> raw actions (E, n_action_exec, Da) from the current step on.
-        `generator` seeds the sampler's noise (same seed and obs, same actions)."""
+    def sample_actions(
+        self,
+        obs: dict[str, Tensor],
+        generator: torch.Generator | None = None,
+        previous: Tensor | None = None,
+        frozen: int = 0,
+        full: bool = False,
+    ) -> Tensor:
+        """obs values (E, To, ...) -> raw actions (E, n_action_exec, Da) from the current step on, or
+        with `full` every action the model predicts from the current step on (E, horizon - n_obs + 1, Da).
+        `generator` seeds the sampler's noise (same seed and obs, same actions).
+
+        previous (E, n, Da): raw actions of a chunk being executed, previous[:, 0] due at the current
+        step; the sampler is guided by soft inpainting (`noise.Inpaint`, weights `noise.inpaint_weights`)
+        towards its first `frozen` actions fully and, with decaying weight, towards the rest of it.
+        Guidance brings the frozen actions close to previous's, not exactly onto them (float rounding);
+        `ChunkPolicy.chunk_from` sets them exactly."""
         c = self.cfg
         cond = self.encode(obs)  # (E, n_obs, Dc), once for every denoising step
-        x = self.diffusion.sample(
-            (cond.shape[0], c.horizon, c.action_dim), cond, self.sampler, self.sampler_steps, generator
-        )
         start = c.n_obs - 1  # the chunk starts at the oldest observation
-        return self.normalizer.unnormalize(c.action_key, x[:, start : start + c.n_action_exec])
+        prev = check_previous(previous, frozen, cond.shape[0], c.action_dim)
+        guide = None if prev is None else self._inpaint(prev, frozen)
+        x = self.diffusion.sample(
+            (cond.shape[0], c.horizon, c.action_dim), cond, self.sampler, self.sampler_steps, generator, guide
+        )
+        end = c.horizon if full else start + c.n_action_exec
+        return self.normalizer.unnormalize(c.action_key, x[:, start:end])
+
+    def _inpaint(self, previous: Tensor, frozen: int) -> Inpaint:
+        """previous raw (E, n, Da) from the current step on -> the guide over the normalized
+        (E, horizon, Da) chunk, previous placed at the current step's index n_obs - 1."""
+        c, device = self.cfg, self.diffusion.betas.device
+        start = c.n_obs - 1
+        n = min(previous.shape[1], c.horizon - start)  # actions past the chunk's end cannot guide it
+        target = torch.zeros(previous.shape[0], c.horizon, c.action_dim, device=device)  # (E, horizon, Da)
+        target[:, start : start + n] = self.normalizer.normalize(c.action_key, previous[:, :n].to(device))
+        weight = inpaint_weights(c.horizon, start, frozen, n)
+        return Inpaint(target, weight.to(device))
 
 
 def _last_steps(x: Tensor, n: int) -> Tensor:
