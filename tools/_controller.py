@@ -96,10 +96,10 @@ class ControllerConfig:
         return build(PLANNERS[name][0], rest, "planner").max_iterations
 
     def settings(self) -> dict[str, Any]:
-        """These options as plain values (to rebuild them in another process)."""
-        from dataclasses import asdict
+        """The controller options alone, as plain values (to rebuild them in another process)."""
+        from dataclasses import asdict, fields
 
-        return asdict(self)
+        return {f.name: v for f in fields(ControllerConfig) for v in [asdict(self)[f.name]]}
 
 
 def load_controller(

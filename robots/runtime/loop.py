@@ -136,14 +136,13 @@ class Runtime:
         worker: Any,
         cfg: RuntimeConfig | None = None,
         clock: Clock | None = None,
-        window: int = 1,
     ) -> None:
         self.robot, self.worker = robot, worker
         self.cfg = cfg = cfg or RuntimeConfig()
         self.clock = clock or MonotonicClock()
         self.period = 1.0 / robot.control_hz
         self.step_s = 1.0 / (cfg.policy_hz or robot.control_hz)
-        self.window = max(1, window)
+        self.window = max(1, int(worker.info.get("window", 1)))  # the controller's history (started worker)
         feat = robot.action_feature
         self.safety_cfg = cfg.safety
         self.positions = bool(getattr(robot, "position_actions", True))
@@ -369,7 +368,7 @@ class Runtime:
         state.requests[seq] = (t_obs, self.clock.now(), frozen)
         state.last_request_obs = t_obs
         try:
-            self.worker.submit(Request(seq, steps, actions, previous, frozen))
+            self.worker.submit(Request(seq, steps, actions, previous, frozen, self.feature.shape))
         except WorkerDied as e:
             out.stopped = str(e) + "; holding position"
             return None

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import Feature
+from robots.base import RobotError
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,15 @@ class ControllerSpec:
 class Request:
     """What a chunk is computed from: `steps` raw observations {key: (...)} of one robot, oldest first;
     `actions` the raw actions (Da,) executed between them; the previous chunk on the new one's grid
-    (n, Da) or None, and how many of its actions are `frozen` (committed)."""
+    (n, Da) or None, and how many of its actions are `frozen` (committed); `action_shape`: the
+    robot's action shape (the shared buffer for `actions` is made for it)."""
 
     seq: int
     steps: Sequence[Mapping[str, np.ndarray]]
     actions: Sequence[np.ndarray]
     previous: np.ndarray | None = None
     frozen: int = 0
+    action_shape: tuple[int, ...] = (1,)
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ class Reply:
     error: str | None = None
 
 
-class WorkerDied(RuntimeError):
-    """The inference worker process is gone."""
+class WorkerDied(RobotError):
+    """The inference worker process is gone, or could not start."""
 
 
 def compute(controller: Any, req: Request, delay_s: float = 0.0) -> Reply:
@@ -100,6 +102,19 @@ def compute(controller: Any, req: Request, delay_s: float = 0.0) -> Reply:
         return Reply(req.seq, None, time.perf_counter() - start, f"{type(e).__name__}: {e}{at}")
 
 
+def describe(controller: Any) -> dict[str, Any]:
+    """What the control loop needs to know of a controller: its history `window` (observation steps),
+    the image size it reads (None: no camera), and its raw action dim (None: unknown)."""
+    io = getattr(controller, "io", None) or getattr(controller, "io_spec", None)
+    if io is None:
+        return {"window": 1, "image_size": None, "action_dim": None}
+    return {
+        "window": int(io.window),
+        "image_size": tuple(io.image_size) if io.image_keys else None,
+        "action_dim": int(io.action_dim),
+    }
+
+
 def set_goal(controller: Any, goal: Mapping[str, np.ndarray] | None) -> None:
     """Reset the controller for a new episode and tell a goal-conditioned one its goal."""
     from policies.base import GoalConditioned
@@ -115,6 +130,7 @@ class InlineWorker:
     def __init__(self, spec: ControllerSpec) -> None:
         self.spec = spec
         self.controller: Any = None
+        self.info: dict[str, Any] = {}
         self._reply: Reply | None = None
 
     def start(self) -> None:
@@ -122,6 +138,7 @@ class InlineWorker:
 
         torch.set_num_threads(max(1, self.spec.threads))
         self.controller = self.spec.build()
+        self.info = describe(self.controller)
 
     @property
     def busy(self) -> bool:
@@ -146,22 +163,14 @@ class InlineWorker:
 
 
 class ProcessWorker:
-    """The controller in its own process; see the module docstring. `features`: the robot's observation
-    features (shapes of the shared buffers); `window`: observation steps per request at most;
-    `action_shape`: the robot's action shape."""
+    """The controller in its own process; see the module docstring. After `start`, `info` describes
+    the controller (`describe`); the shared buffers are made at the first request, from its
+    observations' shapes, `info["window"]` steps deep."""
 
-    def __init__(
-        self,
-        spec: ControllerSpec,
-        features: Mapping[str, Feature],
-        window: int,
-        action_shape: tuple[int, ...],
-        startup_timeout_s: float = 300.0,
-    ) -> None:
-        self.spec, self.window = spec, max(1, window)
-        self.layout = {k: (tuple(f.shape), np.dtype(f.dtype).str) for k, f in features.items()}
-        self.layout["__actions__"] = ((*action_shape,), np.dtype(np.float64).str)
+    def __init__(self, spec: ControllerSpec, startup_timeout_s: float = 300.0) -> None:
+        self.spec = spec
         self.startup_timeout_s = startup_timeout_s
+        self.info: dict[str, Any] = {}
         self._shm: dict[str, shared_memory.SharedMemory] = {}
         self._views: dict[str, np.ndarray] = {}
         self._proc: Any = None
@@ -170,17 +179,9 @@ class ProcessWorker:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        for key, (shape, dtype) in self.layout.items():
-            size = max(1, int(np.prod((self.window, *shape))) * np.dtype(dtype).itemsize)
-            shm = shared_memory.SharedMemory(create=True, size=size)
-            self._shm[key] = shm
-            self._views[key] = np.ndarray((self.window, *shape), dtype, buffer=shm.buf)
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        names = {k: s.name for k, s in self._shm.items()}
-        self._proc = ctx.Process(
-            target=_worker_main, args=(self.spec, child, names, self.layout, self.window), daemon=True
-        )
+        self._proc = ctx.Process(target=_worker_main, args=(self.spec, child), daemon=True)
         self._proc.start()
         child.close()
         try:
@@ -189,9 +190,25 @@ class ProcessWorker:
             kind, payload = self._recv()
             if kind != "ready":
                 raise WorkerDied(f"the inference worker could not build its controller: {payload}")
+            self.info = payload
         except BaseException:
             self.close()
             raise
+
+    @property
+    def window(self) -> int:
+        return int(self.info.get("window", 1))
+
+    def _buffers(self, step: Mapping[str, np.ndarray], action_shape: tuple[int, ...]) -> None:
+        """Make the shared buffers from the first request and tell the worker their names."""
+        layout = {k: (np.asarray(v).shape, np.asarray(v).dtype.str) for k, v in step.items()}
+        layout["__actions__"] = (tuple(action_shape), np.dtype(np.float64).str)
+        for key, (shape, dtype) in layout.items():
+            size = max(1, int(np.prod((self.window, *shape))) * np.dtype(dtype).itemsize)
+            self._shm[key] = shm = shared_memory.SharedMemory(create=True, size=size)
+            self._views[key] = np.ndarray((self.window, *shape), dtype, buffer=shm.buf)
+        self._layout = layout
+        self._send(("buffers", ({k: s.name for k, s in self._shm.items()}, layout, self.window)))
 
     def close(self) -> None:
         """Stop the worker (asked, then terminated, then killed) and free the shared memory."""
@@ -259,8 +276,10 @@ class ProcessWorker:
         n = len(req.steps)
         if not 1 <= n <= self.window:
             raise ValueError(f"{n} observation steps; the worker takes 1..{self.window}")
+        if not self._shm:
+            self._buffers(req.steps[0], req.action_shape)
         for i, step in enumerate(req.steps):
-            for k in self.layout:
+            for k in self._layout:
                 if k != "__actions__":
                     self._views[k][i] = step[k]
         for i, a in enumerate(req.actions):
@@ -306,15 +325,11 @@ class ProcessWorker:
             raise WorkerDied(f"the inference worker {self.exit_description()} ({e})") from e
 
 
-def _worker_main(
-    spec: ControllerSpec, conn: Any, names: dict[str, str], layout: dict[str, Any], window: int
-) -> None:
+def _worker_main(spec: ControllerSpec, conn: Any) -> None:
     """The worker process: build the controller, then answer requests until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the control loop's to handle
-    shms = {k: shared_memory.SharedMemory(name=n) for k, n in names.items()}
-    views = {
-        k: np.ndarray((window, *shape), dtype, buffer=shms[k].buf) for k, (shape, dtype) in layout.items()
-    }
+    shms: dict[str, shared_memory.SharedMemory] = {}
+    views: dict[str, np.ndarray] = {}
     try:
         import torch
 
@@ -324,7 +339,7 @@ def _worker_main(
         except Exception as e:  # noqa: BLE001 - reported to the parent as one line
             conn.send(("error", f"{type(e).__name__}: {e}"))
             return
-        conn.send(("ready", None))
+        conn.send(("ready", describe(controller)))
         while True:
             try:
                 kind, payload = conn.recv()
@@ -332,7 +347,13 @@ def _worker_main(
                 return  # the control loop is gone
             if kind == "stop":
                 return
-            if kind == "reset":
+            if kind == "buffers":
+                names, layout, window = payload
+                for k, name in names.items():
+                    shms[k] = shared_memory.SharedMemory(name=name)
+                    shape, dtype = layout[k]
+                    views[k] = np.ndarray((window, *shape), dtype, buffer=shms[k].buf)
+            elif kind == "reset":
                 try:
                     set_goal(controller, payload)
                     conn.send(("reset", None))
@@ -340,15 +361,12 @@ def _worker_main(
                     conn.send(("reset", f"{type(e).__name__}: {e}"))
             elif kind == "infer":
                 seq, n, n_actions, previous, frozen = payload
-                steps = [{k: views[k][i].copy() for k in layout if k != "__actions__"} for i in range(n)]
+                keys = [k for k in views if k != "__actions__"]
+                steps = [{k: views[k][i].copy() for k in keys} for i in range(n)]
                 actions = [views["__actions__"][i].copy() for i in range(n_actions)]
-                conn.send(
-                    (
-                        "reply",
-                        compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s),
-                    )
-                )
+                reply = compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s)
+                conn.send(("reply", reply))
     finally:
-        del views
+        views.clear()
         for shm in shms.values():
             shm.close()

@@ -1,0 +1,190 @@
+"""What a deployment measured: per-episode figures, the run's report.json and its plots, and the
+recording of every tick into a demonstration store.
+
+Figures (all from the runtime's own records, on its monotonic clock):
+    achieved_hz       ticks / wall time of the ticking part of each episode
+    tick_error_ms     how late each tick started against its absolute deadline: p50 / p99 / max
+    latency_ms        observation to action: capture of the observation a chunk was computed from to
+                      the sending of that chunk's first action: p50 / p99
+    inference_ms      the model's own seconds per chunk (in the worker): p50 / p99
+    stale_actions_sent     actions sent more than half a period after their due time
+    stale_actions_dropped  actions of arriving chunks whose time had passed (never sent)
+    underruns         ticks with no pending action at all (the safety layer held)
+    safety_events     counts per event (non_finite, clipped, step_capped, hold, stop, ...)
+    seam_jump / within_jump  the largest change between consecutive commands where the chunk changed,
+                      and the p99 of those inside a chunk (how smooth stitching is)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
+from robots.runtime.safety import EVENTS
+from robots.runtime.schedule import seam_jumps
+from wm.data import KeySpec, Schema
+
+RECORD_KEYS = {  # per tick, beside the robot's observation and the action sent
+    "action_due": KeySpec((), "float64", "lowdim", units="s"),
+    "action_sent_time": KeySpec((), "float64", "lowdim", units="s"),
+    "chunk": KeySpec((), "int64", "lowdim"),
+    "chunk_index": KeySpec((), "int64", "lowdim"),
+    "sent": KeySpec((), "uint8", "lowdim"),
+    "safety": KeySpec((), "uint32", "lowdim"),  # bit i: EVENTS[i] happened on this tick
+}
+
+
+def _pct(x: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(x, float), q)) if len(x) else None
+
+
+def episode_figures(out: EpisodeOutcome, period_s: float) -> dict[str, Any]:
+    """The figures of one episode (see the module docstring)."""
+    ticks = out.ticks
+    err = [(t.started - t.nominal) * 1e3 for t in ticks]
+    lat = [(c.first_sent - c.obs_time) * 1e3 for c in out.chunks if c.first_sent is not None]
+    inf = [c.seconds * 1e3 for c in out.chunks if np.isfinite(c.seconds)]
+    sent = [(t.command, t.chunk) for t in ticks if t.command is not None and t.chunk != NO_CHUNK]
+    seams, within = seam_jumps([s[0] for s in sent], [s[1] for s in sent])
+    span = ticks[-1].started - ticks[0].started if len(ticks) > 1 else 0.0
+    return {
+        "ticks": len(ticks),
+        "achieved_hz": (len(ticks) - 1) / span if span > 0 else None,
+        "tick_error_ms": {"p50": _pct(err, 50), "p99": _pct(err, 99), "max": max(err) if err else None},
+        "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99)},
+        "inference_ms": {"p50": _pct(inf, 50), "p99": _pct(inf, 99)},
+        "chunks": len(out.chunks),
+        "stale_actions_sent": out.stale_sent,
+        "stale_actions_dropped": int(sum(c.dropped_stale for c in out.chunks)),
+        "skipped_actions": out.skipped,
+        "underruns": out.underruns,
+        "safety_events": {k: int(v) for k, v in out.events.items() if v},
+        "seam_jump_max": float(seams.max()) if len(seams) else None,
+        "within_jump_p99": _pct(within, 99),
+        "success": out.success,
+        "stopped": out.stopped,
+        "wall_s": out.wall_s,
+    }
+
+
+def run_report(
+    outcomes: Sequence[EpisodeOutcome], period_s: float, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """report.json: the run's figures over every tick of every episode, and each episode's own."""
+    merged = EpisodeOutcome()
+    for o in outcomes:
+        merged.ticks += o.ticks
+        merged.chunks += o.chunks
+        merged.events.update(o.events)
+        merged.stale_sent += o.stale_sent
+        merged.underruns += o.underruns
+        merged.skipped += o.skipped
+    whole = episode_figures(merged, period_s)
+    rates = [f for o in outcomes if (f := episode_figures(o, period_s)["achieved_hz"]) is not None]
+    whole["achieved_hz"] = float(np.mean(rates)) if rates else None
+    seams = [o for o in (episode_figures(o, period_s) for o in outcomes)]
+    whole["seam_jump_max"] = max(
+        (s["seam_jump_max"] for s in seams if s["seam_jump_max"] is not None), default=None
+    )
+    for key in ("success", "stopped", "wall_s"):
+        whole.pop(key)
+    succ = [o.success for o in outcomes if o.success is not None]
+    whole["episodes"] = len(outcomes)
+    whole["success_rate"] = float(np.mean(succ)) if succ else None
+    whole["stopped"] = [o.stopped for o in outcomes if o.stopped]
+    whole["settings"] = dict(settings)
+    whole["per_episode"] = seams
+    return whole
+
+
+def live_line(fig: Mapping[str, Any], episode: int) -> str:
+    """One line for the terminal after an episode."""
+    e, lat = fig["tick_error_ms"], fig["latency_ms"]
+    parts = [
+        f"episode {episode}:",
+        "success" if fig["success"] else ("failure" if fig["success"] is not None else ""),
+        f"{fig['ticks']} ticks at {fig['achieved_hz'] or 0:.1f} Hz,",
+        f"tick error p99 {e['p99'] or 0:.2f} ms (max {e['max'] or 0:.2f}),",
+        f"obs->action p50 {lat['p50'] or 0:.0f} ms,",
+        f"{fig['chunks']} chunks, {fig['underruns']} underruns, {fig['stale_actions_sent']} stale sent",
+    ]
+    if fig["safety_events"]:
+        parts.append("events " + ", ".join(f"{k} {v}" for k, v in sorted(fig["safety_events"].items())))
+    if fig["stopped"]:
+        parts.append(f"STOPPED: {fig['stopped']}")
+    return " ".join(p for p in parts if p)
+
+
+def write_report(out_dir: Path, report: Mapping[str, Any], outcomes: Sequence[EpisodeOutcome]) -> list[Path]:
+    """report.json and the plots (tick error histogram, latency over time); returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    return [path, *_plots(out_dir, outcomes)]
+
+
+def _plots(out_dir: Path, outcomes: Sequence[EpisodeOutcome]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    err = [(t.started - t.nominal) * 1e3 for o in outcomes for t in o.ticks]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.hist(err, bins=60, color="tab:blue")
+    a.set(xlabel="tick start after its deadline (ms)", ylabel="ticks", yscale="log", title="tick error")
+    t0 = min((o.started_at for o in outcomes if o.chunks), default=0.0)
+    for i, o in enumerate(outcomes):
+        pts = [
+            (c.obs_time - t0, (c.first_sent - c.obs_time) * 1e3) for c in o.chunks if c.first_sent is not None
+        ]
+        if pts:
+            x, y = zip(*pts, strict=True)
+            b.plot(x, y, ".", ms=3, label=f"episode {i}" if len(outcomes) <= 5 else None)
+    b.set(xlabel="time (s)", ylabel="observation to action (ms)", title="latency")
+    if 1 < len(outcomes) <= 5:
+        b.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "timing.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+# ---------------------------------------------------------------------- recording
+def recording_schema(robot_schema: Schema) -> Schema:
+    """The robot's schema plus the runtime's per-tick keys (`RECORD_KEYS`)."""
+    keys = dict(robot_schema.keys) | RECORD_KEYS
+    return Schema(
+        keys=keys,
+        fps=robot_schema.fps,
+        action_space=robot_schema.action_space,
+        robot=robot_schema.robot,
+        task=robot_schema.task,
+    )
+
+
+def tick_row(record: TickRecord, obs: Mapping[str, np.ndarray], action: KeySpec) -> dict[str, Any]:
+    """One store step: the observation the tick read, the command it sent (zeros when none: `sent` 0),
+    when it was due and sent, its chunk, and the tick's safety events as bits."""
+    bits = 0
+    for e in record.events:
+        if e in EVENTS:
+            bits |= 1 << EVENTS.index(e)
+    sent = record.command is not None
+    return {
+        **{k: v for k, v in obs.items() if k != "timestamp"},
+        "timestamp": np.float64(record.captured),
+        "action": np.asarray(record.command if sent else np.zeros(action.shape), action.dtype),
+        "action_due": np.float64(record.due),
+        "action_sent_time": np.float64(record.sent_at),
+        "chunk": np.int64(record.chunk),
+        "chunk_index": np.int64(record.index),
+        "sent": np.uint8(sent),
+        "safety": np.uint32(bits),
+    }

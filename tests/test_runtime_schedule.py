@@ -1,0 +1,162 @@
+"""The runtime's pure parts: due times, stale dropping, stitching, interpolation, the safety layer and
+the watchdog, driven by explicit times (a manual clock)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robots.base import Feature
+from robots.runtime.safety import SafetyConfig, SafetyLayer, Watchdog
+from robots.runtime.schedule import Chunk, Timeline, seam_jumps, stale_count
+
+P = 0.1  # control period
+
+
+def ramp(n: int, start: float = 0.0, da: int = 1) -> np.ndarray:
+    return np.tile((start + np.arange(n, dtype=float))[:, None], (1, da))
+
+
+def run(tl: Timeline, t0: float, n: int) -> list[float | None]:
+    """The first action dim sent on n ticks from t0 (None: nothing due)."""
+    out = []
+    for k in range(n):
+        pick, _ = tl.take(t0 + k * P)
+        out.append(None if pick is None else float(pick.action[0]))
+    return out
+
+
+def test_due_times_include_the_action_latency():
+    c = Chunk(ramp(3), obs_time=2.0, step_s=P)
+    assert np.allclose(c.due_times(0.05), [2.05, 2.15, 2.25])
+    with pytest.raises(ValueError, match="T >= 1"):
+        Chunk(np.zeros((0, 2)), 0.0, P)
+
+
+def test_stale_actions_are_dropped_by_the_time_actually_elapsed():
+    due = np.array([1.0, 1.1, 1.2, 1.3])
+    assert stale_count(due, next_tick=1.0, period_s=P) == 0
+    assert stale_count(due, next_tick=1.2, period_s=P) == 2  # 1.0 and 1.1 had their ticks already
+    # A chunk that arrives 0.25 s after its observation, with the next tick at 1.3: three dropped.
+    tl = Timeline(P)
+    res = tl.merge(Chunk(ramp(6), obs_time=1.0, step_s=P, seq=0), next_tick=1.3)
+    assert (res.kept, res.dropped_stale) == (3, 3)
+    assert run(tl, 1.3, 4) == [3.0, 4.0, 5.0, None]
+
+
+def test_replace_keeps_the_past_and_takes_the_new_chunk_from_its_first_action():
+    tl = Timeline(P, stitching="replace")
+    tl.merge(Chunk(ramp(8), 0.0, P, seq=0), next_tick=0.0)
+    assert run(tl, 0.0, 2) == [0.0, 1.0]
+    tl.merge(Chunk(ramp(5, start=100), 0.2, P, seq=1), next_tick=0.2)
+    picks = [tl.take(0.2 + k * P)[0] for k in range(5)]
+    assert [p.action[0] for p in picks] == [100, 101, 102, 103, 104]
+    assert {p.chunk for p in picks} == {1}
+    assert tl.take(0.7) == (None, 0) and len(tl) == 0  # an underrun: nothing pending
+
+
+def test_average_blends_where_both_chunks_have_an_action():
+    tl = Timeline(P, stitching="average")
+    tl.merge(Chunk(np.full((4, 1), 10.0), 0.0, P, seq=0), next_tick=0.0)
+    tl.merge(Chunk(np.full((4, 1), 20.0), 0.2, P, seq=1), next_tick=0.0)
+    # 0.0, 0.1: old only; 0.2, 0.3: 0.3 * 10 + 0.7 * 20 = 17; 0.4, 0.5: new only.
+    assert run(tl, 0.0, 6) == pytest.approx([10, 10, 17, 17, 20, 20])
+
+
+def test_ensemble_weights_older_predictions_by_exp_minus_m_i():
+    m = 0.5
+    tl = Timeline(P, stitching="ensemble", ensemble_m=m)
+    for seq, value in enumerate([1.0, 2.0, 4.0]):  # three chunks, all covering t = 0.2
+        tl.merge(Chunk(np.full((3, 1), value), 0.2 - (2 - seq) * P, P, seq=seq), next_tick=0.0)
+    w = np.exp(-m * np.arange(3))
+    expect = float(np.dot(w, [1.0, 2.0, 4.0]) / w.sum())
+    picks = run(tl, 0.0, 3)
+    assert picks[2] == pytest.approx(expect)
+    assert picks[0] == pytest.approx(1.0)  # only the oldest chunk covers t = 0
+
+
+def test_a_slower_policy_is_held_or_interpolated_between_its_actions():
+    held = Timeline(P)
+    held.merge(Chunk(ramp(3), 0.0, 2 * P), next_tick=0.0)  # actions every 2 periods
+    assert run(held, 0.0, 6) == [0.0, None, 1.0, None, 2.0, None]
+    lerp = Timeline(P, interpolate=True)
+    lerp.merge(Chunk(ramp(3), 0.0, 2 * P), next_tick=0.0)
+    got = [lerp.take(k * P)[0] for k in range(6)]
+    assert [g.action[0] for g in got[:5]] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
+    assert got[1].interpolated and not got[2].interpolated
+    assert got[5] is None  # past the last action: nothing to draw a line to
+
+
+def test_a_policy_faster_than_the_loop_skips_actions_and_says_so():
+    tl = Timeline(P)
+    tl.merge(Chunk(ramp(6), 0.0, P / 2), next_tick=0.0)  # actions every half period
+    sent, skipped = [], 0
+    for k in range(3):
+        pick, s = tl.take(k * P)
+        sent.append(pick.action[0])
+        skipped += s
+    assert sent == [1.0, 3.0, 5.0] and skipped == 3  # the action at or just before each tick wins
+
+
+def test_committed_gives_the_scheduled_actions_on_the_new_chunks_grid():
+    tl = Timeline(P)
+    tl.merge(Chunk(ramp(10), 0.0, P), next_tick=0.0)
+    run(tl, 0.0, 3)  # ticks at 0.0, 0.1, 0.2 sent 0, 1, 2
+    prev, frozen = tl.committed(obs_time=0.2, step_s=P, until=0.45, length=16)
+    assert prev[:, 0].tolist() == pytest.approx([2, 3, 4, 5, 6, 7, 8, 9])  # from the just-sent action on
+    assert frozen == 3  # due at 0.2, 0.3, 0.4: before the new chunk can be in use at 0.45
+    assert Timeline(P).committed(0.0, P, 1.0, 4)[0].shape[0] == 0
+
+
+def test_seam_jumps_split_chunk_changes_from_steps_inside_a_chunk():
+    seams, within = seam_jumps(
+        [np.array([0.0]), np.array([0.1]), np.array([1.0]), np.array([1.1])], [0, 0, 1, 1]
+    )
+    assert seams.tolist() == pytest.approx([0.9]) and within.tolist() == pytest.approx([0.1, 0.1])
+
+
+def test_timeline_refuses_unknown_stitching():
+    with pytest.raises(ValueError, match="stitching must be one of"):
+        Timeline(P, stitching="blend")
+
+
+# ---------------------------------------------------------------------- safety
+ARM = Feature((2,), "float32", "action", low=(-1.0, -1.0), high=(1.0, 1.0))
+
+
+def test_non_finite_and_misshapen_actions_are_never_sent():
+    s = SafetyLayer(ARM, positions=True)
+    assert s.filter(np.array([0.5, 0.5])).tolist() == [0.5, 0.5]
+    assert s.filter(np.array([np.nan, 0.0])).tolist() == [0.5, 0.5]  # the last safe command held
+    assert s.filter(np.array([np.inf, 0.0])).tolist() == [0.5, 0.5]
+    assert s.filter(np.zeros(3)).tolist() == [0.5, 0.5]
+    assert s.events["non_finite"] == 2 and s.events["bad_shape"] == 1
+    rate = SafetyLayer(ARM, positions=False)  # forces / velocities: holding still is zero
+    assert rate.filter(np.array([np.nan, 1.0])).tolist() == [0.0, 0.0]
+    assert SafetyLayer(ARM, positions=True).filter(None) is None  # nothing safe to send yet
+
+
+def test_limits_workspace_and_the_per_tick_step_cap():
+    s = SafetyLayer(ARM, positions=True, cfg=SafetyConfig(max_step_fraction=0.1))  # 0.2 per tick
+    assert s.filter(np.array([5.0, -5.0])).tolist() == [1.0, -1.0]
+    assert s.events["clipped"] == 1
+    assert s.filter(np.array([0.0, 0.0])).tolist() == pytest.approx([0.8, -0.8])
+    assert s.events["step_capped"] == 1
+    box = SafetyConfig(workspace_low=(-0.5, -0.5), workspace_high=(0.5, 0.5), max_step=10.0)
+    w = SafetyLayer(ARM, positions=True, cfg=box)
+    assert w.filter(np.array([0.9, -0.9])).tolist() == [0.5, -0.5]
+    no_cap = SafetyLayer(ARM, positions=False)
+    no_cap.filter(np.array([-1.0, -1.0]))
+    assert no_cap.filter(np.array([1.0, 1.0])).tolist() == [1.0, 1.0]  # forces are not step-capped
+    with pytest.raises(ValueError, match="hold_after_s <= stop_after_s"):
+        SafetyConfig(hold_after_s=2.0, stop_after_s=1.0)
+    with pytest.raises(ValueError, match="workspace bounds"):
+        SafetyLayer(ARM, True, SafetyConfig(workspace_low=(0, 0, 0), workspace_high=(1, 1, 1)))
+
+
+def test_watchdog_holds_then_stops():
+    w = Watchdog(SafetyConfig(hold_after_s=0.5, stop_after_s=2.0))
+    w.start(10.0)
+    assert w.check(10.4) == "ok" and w.check(10.6) == "hold" and w.check(12.1) == "stop"
+    w.fresh(12.2)
+    assert w.check(12.3) == "ok"

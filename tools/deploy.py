@@ -1,0 +1,228 @@
+"""`wm-deploy robot=NAME checkpoint=DIR out=DIR [episodes=N] [record=STORE]`: run a controller on a
+robot in real time.
+
+The robot ticks at its own control rate on absolute deadlines while the controller (a diffusion
+policy, MPC over a world model, or random actions: the same options as `wm-eval`) computes chunks
+in an inference worker process (`runtime.mode=async`), or on the control thread
+(`runtime.mode=sync`, the synchronous baseline). Every command passes the safety layer; a fault
+(the model failing, hanging or dying, the robot not answering, no fresh action for
+`runtime.safety.stop_after_s`) holds position and ends the episode with one line. Simulated tasks
+run against the wall clock and report success.
+
+Writes `out/report.json` (achieved rate, tick error, latency, stale and dropped actions, underruns,
+safety events, success), `out/timing.png`, and with `record=STORE` every tick into a store.
+Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from robots.runtime.loop import RuntimeConfig
+from tools._cli import UsageError, app, bind, build
+from tools._controller import ControllerConfig
+
+FAULT_EXIT = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeployConfig(ControllerConfig):
+    """`wm-deploy`'s options: the controller (`ControllerConfig`), the robot, the runtime."""
+
+    out: str
+    robot: str
+    robot_options: dict[str, Any] = field(default_factory=dict)
+    episodes: int = 1
+    seed: int = 1000
+    max_steps: int | None = None
+    control_hz: float | None = None
+    record: str | None = None
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    inference_threads: int | None = None
+    added_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.control_hz is not None and not self.control_hz > 0:
+            raise ValueError(f"control_hz must be positive, got {self.control_hz}")
+        if self.added_delay_s < 0:
+            raise ValueError(f"added_delay_s must be >= 0, got {self.added_delay_s}")
+        if self.inference_threads is not None and self.inference_threads < 1:
+            raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
+        if is_sim(self.robot):
+            from robots.registry import task_entry
+
+            build(task_entry(self.robot).options, self.robot_options, "robot_options")
+        elif self.max_steps is None:
+            raise UsageError(f"robot={self.robot} is a real robot: give max_steps= (ticks per episode)")
+
+
+def is_sim(name: str) -> bool:
+    """A simulated task (run against the wall clock), not a real robot."""
+    from robots.registry import ROBOSUITE_PREFIX, TASKS
+
+    return name in TASKS or name.startswith(ROBOSUITE_PREFIX)
+
+
+def make_robot(cfg: DeployConfig, image_size: tuple[int, int] | None) -> Any:
+    """The robot, not yet connected: a simulated task rendering at the model's image size, or a real
+    arm from the robot registry."""
+    from robots.registry import make_task
+    from robots.sim.base import SimConfig
+
+    if is_sim(cfg.robot):
+        opts: dict[str, Any] = {"options": dict(cfg.robot_options)}
+        if image_size is not None:
+            opts["image_size"] = image_size
+        if cfg.max_steps:
+            opts["max_steps"] = cfg.max_steps
+        robot = make_task(cfg.robot, SimConfig(**opts))
+    else:
+        from robots.registry import make_robot as make_real
+
+        robot = make_real(cfg.robot, **cfg.robot_options)
+    if cfg.control_hz is not None:
+        robot.control_hz = cfg.control_hz
+    return robot
+
+
+def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
+    """Run the episodes; returns the report and the exit status."""
+    import os
+
+    from robots.collect import open_store
+    from robots.runtime.loop import Runtime
+    from robots.runtime.report import episode_figures, live_line, recording_schema, run_report, tick_row
+    from robots.runtime.report import write_report as write_run_report
+    from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker
+
+    out = Path(cfg.out)
+    feat = make_robot(cfg, None).action_feature  # the bounds the controller plans within
+    threads = cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)
+    spec = ControllerSpec(
+        "tools._controller:worker_controller",
+        {"settings": cfg.settings(), "low": list(feat.low), "high": list(feat.high), "seed": cfg.seed},
+        threads=threads,
+        delay_s=cfg.added_delay_s,
+    )
+    worker = ProcessWorker(spec) if cfg.runtime.mode == "async" else InlineWorker(spec)
+    worker.start()
+    stop = _StopFlag()
+    outcomes, store, robot = [], None, None
+    try:
+        robot = make_robot(cfg, worker.info.get("image_size"))
+        robot.connect()
+        if cfg.record:
+            store = open_store(
+                cfg.record, recording_schema(robot.schema(cfg.robot if is_sim(cfg.robot) else ""))
+            )
+        runtime = Runtime(robot, worker, cfg.runtime)
+        sim = is_sim(cfg.robot)
+        action_spec = robot.action_feature.key_spec()
+        out.mkdir(parents=True, exist_ok=True)
+        with stop:
+            for i in range(cfg.episodes):
+                goal = None
+                if sim:
+                    robot.reset(cfg.seed + i)
+                    goal = robot.goal_observation()
+                writer = store.begin_episode() if store is not None else None
+                on_tick = (
+                    (lambda rec, obs, w=writer: w.add_step(tick_row(rec, obs, action_spec)))
+                    if writer
+                    else None
+                )
+                limit = cfg.max_steps or (robot.config.max_steps if sim else 0)
+                outcome = runtime.run_episode(
+                    limit,
+                    goal=goal,
+                    done=(lambda: robot.done) if sim else None,
+                    on_tick=on_tick,
+                    stop_requested=stop.is_set,
+                )
+                outcome.success = robot.is_success() if sim else None
+                outcomes.append(outcome)
+                if writer is not None:
+                    if outcome.ticks:
+                        writer.end(
+                            {"seed": cfg.seed + i, "success": outcome.success, "stopped": outcome.stopped}
+                        )
+                    else:
+                        writer.discard()
+                print(live_line(episode_figures(outcome, runtime.period), i), flush=True)
+                if stop.is_set() or (outcome.stopped and not sim):
+                    break
+    finally:
+        worker.close()
+        if robot is not None:
+            robot.disconnect()
+        if store is not None:
+            store.close()
+    if robot is None:
+        return {}, FAULT_EXIT
+    settings = {
+        "robot": cfg.robot,
+        "control_hz": robot.control_hz,
+        "controller": cfg.controller,
+        "checkpoint": cfg.checkpoint,
+        "runtime": {k: v for k, v in cfg.runtime.__dict__.items() if k != "safety"},
+        "safety": cfg.runtime.safety.__dict__,
+        "added_delay_s": cfg.added_delay_s,
+        "inference_threads": threads,
+        "seed": cfg.seed,
+    }
+    report = run_report(outcomes, 1.0 / robot.control_hz, settings)
+    paths = write_run_report(out, report, outcomes)
+    print(
+        f"wrote {', '.join(map(str, paths))}" + (f", recording {cfg.record}" if cfg.record else ""),
+        flush=True,
+    )
+    status = 130 if stop.is_set() else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
+    return report, status
+
+
+class _StopFlag:
+    """Ctrl-C asks the control loop to stop at the next tick (it holds position and ends the run
+    cleanly); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._previous: Any = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def __enter__(self) -> _StopFlag:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._set:
+            raise KeyboardInterrupt
+        self._set = True
+
+
+def _main(cfg: DictConfig) -> int:
+    report, status = deploy(bind(DeployConfig, cfg, job_file="record"))
+    keys = ("success_rate", "achieved_hz", "tick_error_ms", "latency_ms", "underruns", "stale_actions_sent")
+    print(json.dumps({k: report[k] for k in keys if report.get(k) is not None}))
+    return status
+
+
+main = app("deploy", _main)
+
+if __name__ == "__main__":
+    main()
