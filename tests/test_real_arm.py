@@ -242,3 +242,94 @@ def test_koch_follower_over_dynamixel_protocol_2(koch_bus):
         goals = [fake.get(i, DXL_GOAL, 4) for i in range(1, 7)]
         assert goals == [int(45 * 4095 / 360 + 2048), int(-45 * 4095 / 360 + 2048), 2048, 2048, 2048, 3072]
     assert not fake.is_open and [fake.memory[i][DXL_TORQUE] for i in range(1, 7)] == [1] * 6
+
+
+# ====================================================================== wm-collect: leader arm -> follower
+LEADER = "/dev/ttyLEADER"
+
+
+def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tmp_path, capsys, cameras):
+    """Two fake SO-101 buses (leader and follower), a fake camera and a scripted keyboard; the poll
+    count is the script's clock: the operator's hand moves the leader and presses keys between polls."""
+    pytest.importorskip("scservo_sdk")
+    import serial
+
+    import tools.collect
+    from robots.teleop.fakes import FakeClock, FakeKeyListener
+    from wm.data import DemoStore
+
+    leader, follower = so_arm(position=2000, limits=SO_RANGE), so_arm(position=2000, limits=SO_RANGE)
+    monkeypatch.setattr(serial, "Serial", FakeSerialPorts({LEADER: leader, PORT: follower}))
+    for arm_id in ("leader", "follower"):
+        (tmp_path / f"{arm_id}.json").write_text(json.dumps(calibration(SO_RANGE)))
+    script = {2: "b", 6: "enter", 8: "b", 10: "backspace", 12: "b", 15: "enter"}  # poll -> key
+    clock = FakeClock()
+    keys = FakeKeyListener([(t, k, down) for t, k in script.items() for down in (True, False)], clock)
+    polls = []
+
+    def operator(address: int, length: int) -> None:  # before each read of the leader's positions
+        if address == FT_PRESENT:
+            polls.append(len(polls) + 1)
+            leader.set(1, FT_PRESENT, 2, 2000 + 10 * polls[-1])  # shoulder_pan turns a little each poll
+            leader.set(6, FT_PRESENT, 2, 1000 + 50 * polls[-1])  # the gripper opens
+            keys.replay_until(polls[-1])
+
+    def servos(address: int, length: int) -> None:  # the follower reaches each goal before the next read
+        for m in follower.memory.values():
+            if address == FT_PRESENT and any(m[FT_GOAL : FT_GOAL + 2]):
+                m[FT_PRESENT : FT_PRESENT + 2] = m[FT_GOAL : FT_GOAL + 2]
+
+    leader.before_read, follower.before_read = operator, servos
+    monkeypatch.setattr(tools.collect, "_stop_on_signals", lambda: None)  # leave pytest's handlers alone
+    cam = {"index_or_path": 0, "width": 32, "height": 24, "fps": 30}
+    cfg = tools.collect.CollectConfig(
+        task="wave",
+        store=str(tmp_path / "real.zarr"),
+        teleop="leader_arm",
+        episodes=2,
+        preview="false",
+        robot="so101_follower",
+        robot_options={"port": PORT, "calibration_dir": str(tmp_path), "cameras": {"wrist": cam}},
+        device_options={"port": LEADER, "arm_id": "leader", "calibration_dir": str(tmp_path)},
+        command_options={"backend": "pynput", "listener_factory": keys.factory, "clock": clock},
+    )
+    assert tools.collect.collect(cfg) == 0
+    assert "saved 2 episodes (1 discarded, 11 steps)" in capsys.readouterr().out
+    assert not leader.is_open and not follower.is_open and not keys.running
+    assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6  # the follower still holds
+
+    store = DemoStore.open(tmp_path / "real.zarr")
+    assert store.n_episodes == 2 and store.schema.robot == "so101_follower" and store.schema.task == "wave"
+    keys = {"state", "wrist", "action", "timestamp", "loop_dt"}
+    assert store.schema.fps == 30 and set(store.schema.keys) == keys
+    infos = [store.episode_info(i) for i in range(2)]
+    assert infos == [{"source": "leader_arm", "length": n} for n in (5, 4)]  # no success signal, no seed
+    for i, ticks in enumerate([range(2, 7), range(12, 16)]):  # the polls each saved episode recorded
+        ep = store.get_episode(i)
+        leader_deg = [[deg(2000 + 10 * k), 0, 0, 0, 0, 2.5 * k] for k in ticks]
+        np.testing.assert_allclose(ep["action"], leader_deg, atol=1e-3)  # the leader's joints, as sent
+        # each observation was read at its tick's start: the follower at the goal of the tick before
+        follower_deg = [[deg(2000 + 10 * (k - 1)), 0, 0, 0, 0, 2.5 * (k - 1)] for k in ticks]
+        np.testing.assert_allclose(ep["state"], follower_deg, atol=0.1)
+        assert np.all(np.diff(ep["timestamp"]) > 0) and np.all(ep["loop_dt"][1:] > 0)
+        assert ep["wrist"].shape == (len(ticks), 24, 32, 3) and (ep["wrist"][..., 0] == 200).all()
+    store.close()
+
+
+def test_collect_options_for_a_real_robot_are_checked():
+    from tools._config import UsageError
+    from tools.collect import CollectConfig
+
+    base = {"task": "wave", "store": "s.zarr", "robot": "so101_follower"}
+    with pytest.raises(UsageError, match="scripted experts need a simulated task"):
+        CollectConfig(**base)
+    with pytest.raises(
+        UsageError, match="unknown option robot_options.prot; did you mean robot_options.port"
+    ):
+        CollectConfig(**base, teleop="leader_arm", robot_options={"prot": "/dev/ttyACM1"})
+    with pytest.raises(UsageError, match="a real robot runs in real time"):
+        CollectConfig(**base, teleop="leader_arm", realtime="false")
+    with pytest.raises(RobotError, match="did you mean so101_follower"):
+        CollectConfig(**{**base, "robot": "so101_folower"}, teleop="leader_arm")
+    with pytest.raises(UsageError, match="robot_options apply to a real robot"):
+        CollectConfig(task="pointmaze", store="s.zarr", robot_options={"port": "/dev/ttyACM1"})
