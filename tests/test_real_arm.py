@@ -241,6 +241,8 @@ def test_koch_follower_over_dynamixel_protocol_2(koch_bus):
         arm.send_action([45.0, -45.0, 0.0, 0.0, 0.0, 100.0])
         goals = [fake.get(i, DXL_GOAL, 4) for i in range(1, 7)]
         assert goals == [int(45 * 4095 / 360 + 2048), int(-45 * 4095 / 360 + 2048), 2048, 2048, 2048, 3072]
+        fake.set(1, DXL_PRESENT, 4, -0x2020001)  # bytes FF FF FD FD: a status packet with byte stuffing
+        assert arm.lerobot_robot().bus.read("Present_Position", "shoulder_pan", normalize=False) == -0x2020001
     assert not fake.is_open and [fake.memory[i][DXL_TORQUE] for i in range(1, 7)] == [1] * 6
 
 
