@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -153,11 +154,12 @@ class RobotBase(ABC):
         return a.astype(feat.dtype)
 
     def send_action(self, action: np.ndarray) -> np.ndarray:
-        """Validate, clip and apply one action; returns the action actually applied."""
+        """Validate, clip and apply one action; returns the action actually applied (as the robot's driver
+        reports it, when it reports one)."""
         self._require_connected()
         applied = self.check_action(action)
-        self._apply(applied)
-        return applied
+        sent = self._apply(applied)
+        return applied if sent is None else sent
 
     @abstractmethod
     def _connect(self) -> None: ...
@@ -169,4 +171,16 @@ class RobotBase(ABC):
     def _observe(self) -> dict[str, np.ndarray]: ...
 
     @abstractmethod
-    def _apply(self, action: np.ndarray) -> None: ...
+    def _apply(self, action: np.ndarray) -> np.ndarray | None:
+        """Apply a validated, clipped action; return what the hardware was sent when a driver says so
+        (e.g. after its own clamping), else None."""
+
+
+@dataclass(frozen=True)
+class RobotEntry:
+    """A registered real robot: how to build it from its options, and the frozen dataclass the options
+    are checked against before anything is built."""
+
+    make: Callable[[Any], Robot]
+    options: type
+    description: str = ""

@@ -8,6 +8,10 @@ same store appends after the surviving episodes (episode seeds continue from the
 A human operator drives a small state machine with the device's commands: START begins
 recording, SAVE commits the episode, DISCARD drops it, RERECORD drops it and starts again at once,
 QUIT ends the session. A simulated task that succeeds or reaches its step limit saves by itself.
+
+The robot is a simulated task or a real arm (any `Robot`). A real arm has no reset and no success
+signal: the operator sets the scene up by hand before START, and its episodes are saved by SAVE
+alone, with no "success" in their info. Between episodes the operator still drives the robot.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from robots.base import Robot
 from robots.control import Clock, ManualClock, MonotonicClock, RateLoop
 from robots.sim.base import Expert, SimTask
 from robots.teleop.base import Command, TeleopDevice
@@ -42,7 +47,7 @@ class SessionStats:
         return self.successes / self.saved if self.saved else 0.0
 
 
-def recording_schema(task: SimTask, task_name: str) -> Schema:
+def recording_schema(task: SimTask | Robot, task_name: str) -> Schema:
     base = task.schema(task_name)
     keys = dict(base.keys)
     keys[LOOP_KEY] = KeySpec((), "float32", "lowdim", units="s")
@@ -101,10 +106,11 @@ class Preview:
 
 @dataclass
 class Collector:
-    """Records episodes of `task` into `store`. `clock=None` runs in real time for human devices; a
-    ManualClock (as-fast-as-possible) is used for scripted experts unless `realtime` is set."""
+    """Records episodes of `task` (a simulated task, or a real robot for `record_teleop`) into `store`.
+    `clock=None` runs in real time for human devices; a ManualClock (as-fast-as-possible) is used for
+    scripted experts unless `realtime` is set."""
 
-    task: SimTask
+    task: SimTask | Robot
     store: DemoStore
     seed: int = 0
     realtime: bool = False
@@ -132,13 +138,24 @@ class Collector:
         applied = self.task.send_action(action)
         writer.add_step({**obs, "action": applied, LOOP_KEY: np.float32(dt)})
         self.stats.steps += 1
-        return self.task.get_observation()
+        return self._next_observation(obs)
+
+    @property
+    def simulated(self) -> bool:
+        return isinstance(self.task, SimTask)
+
+    def _next_observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """After an action: a simulator's state changed only by the step, so read it now; a real arm
+        keeps moving, so it is read at the start of the next tick instead, beside the next action."""
+        return self.task.get_observation() if self.simulated else obs
 
     def _finish(self, writer: Any, loop: RateLoop, info: dict[str, Any]) -> None:
-        success = self.task.is_success()
-        writer.end({"success": success, **info})
+        if self.simulated:
+            success = self.task.is_success()
+            info = {"success": success, **info}
+            self.stats.successes += int(success)
+        writer.end(info)
         self.stats.saved += 1
-        self.stats.successes += int(success)
         self.stats.overruns += loop.overruns
         # Achieved rate in wall-clock time (a ManualClock's own rate is nominal by construction).
         wall = time.monotonic() - self._episode_t0
@@ -187,10 +204,12 @@ class Collector:
         """Human demonstrations: the operator's commands start, save, discard and re-record episodes."""
         loop = RateLoop(self.task.control_hz, MonotonicClock() if self.realtime else self._clock())
         recording, writer, last = False, None, None
-        obs = self.task.reset(self.seed + self.store.n_episodes)
+        obs = self.task.reset(self.seed + self.store.n_episodes) if self.simulated else {}
         try:
             while self.stats.saved < episodes:
                 state = device.poll()
+                if not self.simulated:
+                    obs = self.task.get_observation()  # the real arm now, beside the action it gets
                 cmds = set(state.commands)
                 if Command.QUIT in cmds:
                     break
@@ -199,7 +218,8 @@ class Collector:
                     writer, recording = None, False
                     self.stats.discarded += 1
                 if not recording and (Command.START in cmds or Command.RERECORD in cmds):
-                    obs = self.task.reset(self.seed + self.store.n_episodes)  # a fresh sampled start
+                    if self.simulated:  # a fresh sampled start; a real scene is set up by hand
+                        obs = self.task.reset(self.seed + self.store.n_episodes)
                     writer, recording, last = self.store.begin_episode(), True, None
                     loop.restart()
                     self._episode_t0 = time.monotonic()
@@ -208,13 +228,15 @@ class Collector:
                 if recording:
                     obs = self._step(writer, obs, action, 0.0 if last is None else now - last)
                     last = now
-                    if Command.SAVE in cmds or self.task.done:
-                        info = {"seed": self.seed + self.store.n_episodes, "source": device.name}
+                    if Command.SAVE in cmds or (self.simulated and self.task.done):
+                        info: dict[str, Any] = {"source": device.name}
+                        if self.simulated:
+                            info = {"seed": self.seed + self.store.n_episodes, **info}
                         self._finish(writer, loop, info)
                         writer, recording = None, False
                 else:
                     self.task.send_action(action)  # the operator can move the robot between episodes
-                    obs = self.task.get_observation()
+                    obs = self._next_observation(obs)
                 if self.preview is not None:
                     self.preview.show(obs, "REC" if recording else "press start")
                 loop.wait()

@@ -1,7 +1,7 @@
-"""Registries of simulated tasks and teleoperation devices, by name.
+"""Registries of simulated tasks, real robots and teleoperation devices, by name.
 
-Modules are imported only when their entry is used, so `robosuite` or `pygame` load only for the
-tasks and devices that need them. An unknown name raises an error listing the valid ones.
+Modules are imported only when their entry is used, so `robosuite`, `lerobot` or `pygame` load only for
+the tasks, robots and devices that need them. An unknown name raises an error listing the valid ones.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import difflib
 import importlib
 from typing import Any
 
-from robots.base import RobotError
-from robots.sim.base import Expert, SimConfig, SimTask, TaskEntry
+from robots.base import Robot, RobotEntry, RobotError
+from robots.sim.base import Expert, SimConfig, SimTask, TaskEntry, parse_options
 
 # name -> "module:attribute" of a TaskEntry
 TASKS: dict[str, str] = {
@@ -22,6 +22,13 @@ TASKS: dict[str, str] = {
 ROBOSUITE_PREFIX = "robosuite/"
 # robosuite environments with a scripted expert; any other robosuite env can still be driven by a device.
 ROBOSUITE_EXPERT_ENVS = ("Lift", "Stack", "Door")
+
+# name -> "module:attribute" of a RobotEntry: real arms, driven through lerobot's follower robots
+ROBOTS: dict[str, str] = {
+    "so100_follower": "robots.real.lerobot_arm:SO100_FOLLOWER",
+    "so101_follower": "robots.real.lerobot_arm:SO101_FOLLOWER",
+    "koch_follower": "robots.real.lerobot_arm:KOCH_FOLLOWER",
+}
 
 # name -> "module:attribute" of a device class
 DEVICES: dict[str, str] = {
@@ -75,3 +82,17 @@ def device_class(name: str) -> type:
         hint = _did_you_mean(name, list(DEVICES))
         raise RobotError(f"unknown teleop device {name!r}; valid: {', '.join(sorted(DEVICES))}{hint}")
     return _load(DEVICES[name])
+
+
+def robot_entry(name: str) -> RobotEntry:
+    if name not in ROBOTS:
+        hint = _did_you_mean(name, list(ROBOTS))
+        raise RobotError(f"unknown robot {name!r}; valid: {', '.join(sorted(ROBOTS))}{hint}")
+    return _load(ROBOTS[name])
+
+
+def make_robot(name: str, **options: Any) -> Robot:
+    """Build the real robot `name` (not yet connected); its options are checked against the dataclass the
+    robot declares them with (`robot_entry(name).options`)."""
+    entry = robot_entry(name)
+    return entry.make(parse_options(entry.options, options, name, what="robot"))

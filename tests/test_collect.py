@@ -13,6 +13,7 @@ import numpy as np
 from robots.collect import Collector, open_store, recording_schema
 from robots.registry import make_expert, make_task
 from robots.sim.base import SimConfig
+from robots.teleop.base import Command, TeleopState
 from wm.data import DemoStore
 from wm.data.dataset import WindowDataset
 from wm.data.windows import WindowSpec
@@ -73,6 +74,37 @@ def test_noisy_replays(tmp_path):
     e0, e1 = store.get_episode(0), store.get_episode(1)
     np.testing.assert_array_equal(e0["proprio"][0], e1["proprio"][0])  # same start state
     assert not np.array_equal(e0["action"][: len(e1["action"])], e1["action"][: len(e0["action"])])
+
+
+class _Operator:
+    """A teleop device replaying one scripted state per poll (then QUIT)."""
+
+    name = "operator"
+
+    def __init__(self, commands: dict[int, Command]) -> None:
+        self.commands, self.polls = commands, 0
+
+    def poll(self) -> TeleopState:
+        self.polls += 1
+        command = self.commands.get(self.polls, Command.QUIT if self.polls > max(self.commands) else None)
+        return TeleopState(motion=np.array([1.0, 0, 0, 0, 0, 0]), commands=[command] if command else [])
+
+
+def test_teleop_session_on_a_simulated_task(tmp_path):
+    """START / DISCARD / SAVE from the operator; simulated episodes keep their seed and success."""
+    from tools.collect import CollectConfig, teleop_mapper
+
+    task = make_task("pusht", SimConfig(state_only=True))
+    store = open_store(str(tmp_path / "t.zarr"), recording_schema(task, "pusht"))
+    mapper = teleop_mapper(CollectConfig(task="pusht", store="t.zarr", teleop="keyboard"), task)
+    operator = _Operator({2: Command.START, 4: Command.DISCARD, 5: Command.START, 8: Command.SAVE})
+    with task:
+        Collector(task, store, seed=3).record_teleop(operator, mapper, episodes=2)
+    assert store.n_episodes == 1 and operator.polls == 9  # quit after one saved episode
+    info = store.episode_info(0)
+    assert info == {"seed": 3, "source": "operator", "success": False, "length": 4}
+    ep = store.get_episode(0)
+    assert np.all(ep["action"][:, 0] > ep["proprio"][:, 0])  # +x held: each target is ahead of the agent
 
 
 def _start_realtime(store: Path) -> subprocess.Popen:
@@ -137,4 +169,6 @@ def test_bad_names_list_valid_ones(tmp_path):
     assert res.returncode == 2 and "valid: arm_push, pointmaze, pusht" in res.stderr
     res = collect("task=pointmaze", "teleop=joystick", "episodes=1", f"store={tmp_path / 'x.zarr'}")
     assert res.returncode == 2 and "unknown teleop device 'joystick'; valid:" in res.stderr
+    res = collect("robot=so101_folower", "teleop=leader_arm", "task=wave", f"store={tmp_path / 'x.zarr'}")
+    assert res.returncode == 2 and res.stderr.endswith("; did you mean so101_follower?\n")
     assert not (tmp_path / "x.zarr").exists()

@@ -3,10 +3,20 @@
 Scripted experts run as fast as the simulator allows (or in real time with `realtime=true`);
 human devices run at the task's control rate. Everything goes through the crash-safe store: Ctrl-C
 keeps the finished episodes, and running again on the same store appends after them.
+
+`robot=NAME` records a real arm (a name from `robots.registry.ROBOTS`, its options in
+`robot_options`) instead of a simulated task; `task` then names what the demonstrations show. E.g. a
+leader arm teleoperating an SO-101 follower, episode commands from the keyboard:
+
+    wm-collect robot=so101_follower +robot_options.port=/dev/ttyACM1 teleop=leader_arm \
+        +device_options.port=/dev/ttyACM0 task=pick_cube episodes=20 store=pick.zarr
+
+A device without buttons (a leader arm) gets its episode commands from `command_device`.
 """
 
 from __future__ import annotations
 
+import inspect
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -16,7 +26,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from robots.collect import Collector, Preview, SessionStats, open_store, recording_schema
-from robots.registry import device_class, make_expert, make_task, task_entry
+from robots.registry import device_class, make_expert, make_robot, make_task, robot_entry, task_entry
 from robots.sim.base import SimConfig
 from tools._cli import UsageError, app, bind, build, check, one_of
 
@@ -39,6 +49,10 @@ class CollectConfig:
     gains: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     device_options: dict[str, Any] = field(default_factory=dict)
+    robot: str | None = None
+    robot_options: dict[str, Any] = field(default_factory=dict)
+    command_device: str = "keyboard"
+    command_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from robots.teleop.mapping import ActionMapper
@@ -49,7 +63,12 @@ class CollectConfig:
             raise ValueError("noise_std, replay_noise_std and replays must be >= 0")
         for name, value in (("realtime", self.realtime), ("preview", self.preview)):
             one_of(name, str(value).lower(), ("auto", "true", "false"))
-        build(task_entry(self.task).options, self.task_options, "task_options")
+        if self.robot is None:
+            build(task_entry(self.task).options, self.task_options, "task_options")
+            if self.robot_options:
+                raise UsageError("robot_options apply to a real robot (robot=NAME); none is given")
+        else:
+            self._check_robot()
         if self.teleop == "scripted":
             for name in ("gains", "device_options"):
                 if getattr(self, name):
@@ -57,6 +76,18 @@ class CollectConfig:
         else:
             check(device_class(self.teleop), self.device_options, "device_options")
             build(ActionMapper, self.gains, "gains")
+            if takes_command_device(device_class(self.teleop)):
+                check(device_class(self.command_device), self.command_options, "command_options")
+
+    def _check_robot(self) -> None:
+        build(robot_entry(self.robot).options, self.robot_options, "robot_options")
+        if self.teleop == "scripted":
+            raise UsageError("robot= records a human operator (e.g. teleop=leader_arm); scripted experts "
+                             "need a simulated task")  # fmt: skip
+        if self.task_options:
+            raise UsageError("task_options apply to simulated tasks; a real robot takes robot_options")
+        if str(self.realtime).lower() == "false":
+            raise UsageError("realtime=false: a real robot runs in real time")
 
 
 def sim_config(cfg: CollectConfig) -> SimConfig:
@@ -78,9 +109,26 @@ def _stop_on_signals() -> None:
 
 
 def collect(cfg: CollectConfig) -> int:
-    task = make_task(cfg.task, sim_config(cfg))
-    scripted = cfg.teleop == "scripted"
-    device = None if scripted else device_class(cfg.teleop)(**cfg.device_options)
+    if cfg.robot is None:
+        task = make_task(cfg.task, sim_config(cfg))
+    else:
+        task = make_robot(cfg.robot, **cfg.robot_options)
+    device = None if cfg.teleop == "scripted" else make_device(cfg)
+    if threading.current_thread() is threading.main_thread():
+        _stop_on_signals()
+    try:
+        with task:  # a robot or device that is not there stops the run here, before the store is touched
+            if device is not None:
+                device.connect()
+            return record(cfg, task, device)
+    finally:
+        if device is not None:
+            device.disconnect()
+
+
+def record(cfg: CollectConfig, task: Any, device: Any) -> int:
+    """The session on a connected robot (and device): episodes into the store, a progress bar, a summary."""
+    scripted = device is None
     realtime = str(cfg.realtime).lower() == "true" or (str(cfg.realtime).lower() == "auto" and not scripted)
     store = open_store(cfg.store, recording_schema(task, cfg.task))
     start = store.n_episodes
@@ -89,7 +137,8 @@ def collect(cfg: CollectConfig) -> int:
     def progress(stats: SessionStats) -> None:
         bar.update(1)
         hz = stats.loop_hz[-1] if stats.loop_hz else 0.0
-        bar.set_postfix(success=f"{stats.success_rate:.0%}", loop_hz=f"{hz:.1f}", stored=store.n_episodes)
+        success = {} if cfg.robot else {"success": f"{stats.success_rate:.0%}"}
+        bar.set_postfix(**success, loop_hz=f"{hz:.1f}", stored=store.n_episodes)
 
     images = [k for k, f in task.observation_features.items() if f.kind == "image"]
     preview = Preview(str(cfg.preview).lower(), images[0] if images else None)
@@ -103,45 +152,47 @@ def collect(cfg: CollectConfig) -> int:
         preview=preview,
     )
     interrupted = False
-    if threading.current_thread() is threading.main_thread():
-        _stop_on_signals()
     try:
-        with task:
-            if scripted:
-                expert = make_expert(cfg.task)
-                for _ in range(cfg.episodes):
-                    collector.record_expert_episode(expert, "expert", cfg.replays, cfg.replay_noise_std)
-            else:
-                collector.record_teleop(device_connected(device), teleop_mapper(cfg, task), cfg.episodes)
+        if scripted:
+            expert = make_expert(cfg.task)
+            for _ in range(cfg.episodes):
+                collector.record_expert_episode(expert, "expert", cfg.replays, cfg.replay_noise_std)
+        else:
+            collector.record_teleop(device, teleop_mapper(cfg, task), cfg.episodes)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
         preview.close()
-        if device is not None:
-            device.disconnect()
         store.close()
     s = collector.stats
+    success = "" if cfg.robot else f"success {s.success_rate:.0%}, "
     print(
         f"{'interrupted: ' if interrupted else ''}saved {s.saved} episodes ({s.discarded} discarded, "
-        f"success {s.success_rate:.0%}, {s.steps} steps) to store {cfg.store} "
-        f"(now {start + s.saved} episodes)"
+        f"{success}{s.steps} steps) to store {cfg.store} (now {start + s.saved} episodes)"
     )
     return 0
 
 
-def device_connected(device: Any) -> Any:
-    device.connect()
-    return device
+def takes_command_device(device_cls: type) -> bool:
+    """A device without buttons (a leader arm) takes another device for its episode commands."""
+    return "command_device" in inspect.signature(device_cls).parameters
+
+
+def make_device(cfg: CollectConfig) -> Any:
+    cls = device_class(cfg.teleop)
+    options = dict(cfg.device_options)
+    if takes_command_device(cls) and options.get("command_device") is None:
+        options["command_device"] = device_class(cfg.command_device)(**cfg.command_options)
+    return cls(**options)
 
 
 def teleop_mapper(cfg: CollectConfig, task: Any) -> Any:
     from robots.teleop.mapping import ActionMapper
 
     mapper = ActionMapper(**cfg.gains)
-    return lambda state, obs: mapper(
-        state, task.action_feature, task.action_space, current=obs.get("proprio")
-    )
+    proprio = next((k for k, f in task.observation_features.items() if f.kind == "proprio"), None)
+    return lambda state, obs: mapper(state, task.action_feature, task.action_space, current=obs.get(proprio))
 
 
 def _main(cfg: DictConfig) -> int:

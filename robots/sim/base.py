@@ -130,16 +130,17 @@ class NoOptions:
 O = TypeVar("O")
 
 
-def parse_options(cls: type[O], options: Mapping[str, Any], task: str) -> O:
-    """`SimConfig.options` as the frozen dataclass `cls` a task declares its options with. A name the
-    task does not declare is an error naming the nearest valid one: a typo is never silently ignored."""
+def parse_options(cls: type[O], options: Mapping[str, Any], task: str, what: str = "task") -> O:
+    """`SimConfig.options` (or a real robot's options, `what="robot"`) as the frozen dataclass `cls` a task
+    declares its options with. A name the task does not declare is an error naming the nearest valid one:
+    a typo is never silently ignored."""
     valid = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     for name in options:
         if name not in valid:
             near = difflib.get_close_matches(name, valid, n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             raise RobotError(
-                f"unknown option {name!r} for task {task}{hint} (its options: {', '.join(valid) or 'none'})"
+                f"unknown option {name!r} for {what} {task}{hint} (its options: {', '.join(valid) or 'none'})"
             )
     return cls(**options)
 

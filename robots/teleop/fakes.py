@@ -131,6 +131,8 @@ class FakeFeetechSerial:
 
     `memory[id]` is each motor's 256-byte control table (little-endian values); `set(id, addr, n, v)`
     writes a register, as the motor's own firmware would (e.g. a new Present_Position).
+    `before_read(address, length)`, when set, runs before each read is answered: the place to move the
+    motors as an operator's hand or the servos' own motion would between two reads.
     """
 
     def __init__(self, memory: dict[int, bytearray]) -> None:
@@ -138,6 +140,7 @@ class FakeFeetechSerial:
         self.rx = bytearray()
         self.is_open = False
         self.written: list[tuple[int, int, bytes]] = []  # (id, address, data) of every write
+        self.before_read: Callable[[int, int], None] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> FakeFeetechSerial:
         """Pass as the `serial.Serial` class: opening the port returns this fake."""
@@ -175,11 +178,13 @@ class FakeFeetechSerial:
         if instruction == PING:
             self._status(motor_id, b"")
         elif instruction == READ:
+            self._moved(params[0], params[1])
             self._status(motor_id, self._read(motor_id, params[0], params[1]))
         elif instruction == WRITE:
             self._write(motor_id, params[0], params[1:])
             self._status(motor_id, b"")
         elif instruction == SYNC_READ:
+            self._moved(params[0], params[1])
             for mid in params[2:]:
                 self._status(mid, self._read(mid, params[0], params[1]))
         elif instruction == SYNC_WRITE:
@@ -187,6 +192,10 @@ class FakeFeetechSerial:
             for i in range(2, len(params), n + 1):
                 self._write(params[i], address, params[i + 1 : i + 1 + n])
         return len(data)
+
+    def _moved(self, address: int, n: int) -> None:
+        if self.before_read is not None:
+            self.before_read(address, n)
 
     def _read(self, motor_id: int, address: int, n: int) -> bytes | None:
         if motor_id not in self.memory:

@@ -1,0 +1,324 @@
+"""Real arms through lerobot's follower robots (the `lerobot` extra), as our `Robot`.
+
+`LerobotArm` builds a lerobot follower by its registered type name: `so100_follower`,
+`so101_follower` (Feetech STS3215 servos, `lerobot.robots.so_follower`, needing `feetech-servo-sdk`)
+or `koch_follower` (Dynamixel servos, needing `dynamixel-sdk`). Only lerobot talks to the hardware;
+this adapter adds what our `Robot` promises:
+
+- Features before `connect()`: "state" (Dj,) float32, the joint positions in lerobot's motor order
+  (e.g. shoulder_pan, shoulder_lift, elbow_flex, wrist_flex, wrist_roll, gripper) and units (degrees,
+  or -100..100 with `use_degrees=False`; the gripper 0..100), and one (H, W, 3) uint8 RGB image per
+  camera. The joint limits (the features' low/high) are the calibrated ranges from lerobot's
+  calibration file (one full turn, +-180 degrees, for a joint without one).
+- `send_action(a)`: the action (Dj,) of absolute goal positions in those units is refused when it is
+  misshapen or not finite (nothing reaches the bus) and clipped to the joint limits, then sent with
+  lerobot's `send_action({"<motor>.pos": value})`; what lerobot reports it sent is returned (it
+  differs when lerobot's own `max_relative_target` clamped a step).
+- `max_relative_target` (lerobot's per-step cap, in the joints' units) is off by default: it costs
+  an extra bus read per command, and our control loops cap steps themselves. Set it to turn it on.
+- `disconnect()` leaves the servos' torque ON by default: the arm holds its last goal instead of
+  dropping (lerobot's own default turns torque off). `torque_off_on_disconnect=True` lets it go limp,
+  e.g. to move it by hand; support the arm first.
+
+Calibration comes from lerobot's file `<calibration_dir>/<arm_id>.json` (default: lerobot's cache).
+Without one, connecting refuses and says how to run `lerobot-calibrate`, unless `calibrate=True`
+(lerobot's interactive calibration). When the motors disagree with the file, the file is written to
+them, as lerobot does when you press ENTER at its prompt; like lerobot, this assumes the arm is at rest.
+
+Cameras are lerobot's OpenCV cameras, given as {name: {index_or_path, width, height, fps}} (optional:
+warmup_s, rotation, fourcc).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robots.base import Feature, RobotBase, RobotEntry, RobotError
+from robots.teleop.base import DeviceNotFoundError
+from wm.data.schema import ActionSpace
+
+# type name -> lerobot module whose import registers its config class
+FOLLOWER_MODULES = {
+    "so100_follower": "lerobot.robots.so_follower",
+    "so101_follower": "lerobot.robots.so_follower",
+    "koch_follower": "lerobot.robots.koch_follower",
+}
+# type name -> (lerobot extra, pip package) of its motor SDK
+MOTOR_SDK = {
+    "so100_follower": ("feetech", "feetech-servo-sdk"),
+    "so101_follower": ("feetech", "feetech-servo-sdk"),
+    "koch_follower": ("dynamixel", "dynamixel-sdk"),
+}
+CAMERA_REQUIRED = ("index_or_path", "width", "height", "fps")
+CAMERA_OPTIONAL = ("warmup_s", "rotation", "fourcc")
+RESERVED_KEYS = ("state", "action", "timestamp")
+STATE_KEY = "state"
+
+
+@dataclass(frozen=True)
+class LerobotArmOptions:
+    """Options of a lerobot follower arm (see the module docstring).
+
+    port: serial port of the arm's motor bus (find it with `lerobot-find-port`).
+    arm_id: lerobot id of the arm; names its calibration file.
+    calibration_dir: where lerobot's calibration file is; default lerobot's cache.
+    calibrate: run lerobot's interactive calibration when the file is missing or disagrees.
+    use_degrees: joints in degrees (True) or lerobot's -100..100 (False); the gripper is 0..100.
+    control_hz: the rate the arm is driven at.
+    max_relative_target: lerobot's cap on each command's step from the present position, one value
+        or one per motor; None (default) leaves it off.
+    torque_off_on_disconnect: disconnecting turns the servos' torque off (the arm goes limp).
+    cameras: {name: {index_or_path, width, height, fps, [warmup_s, rotation, fourcc]}}.
+    """
+
+    port: str = "/dev/ttyACM0"
+    arm_id: str = "follower"
+    calibration_dir: str | None = None
+    calibrate: bool = False
+    use_degrees: bool = True
+    control_hz: float = 30.0
+    max_relative_target: float | dict[str, float] | None = None
+    torque_off_on_disconnect: bool = False
+    cameras: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.control_hz > 0:
+            raise ValueError(f"control_hz must be positive, got {self.control_hz}")
+        caps = self.max_relative_target
+        values = caps.values() if isinstance(caps, Mapping) else [] if caps is None else [caps]
+        if any(not float(v) > 0 for v in values):
+            raise ValueError(f"max_relative_target must be positive, got {caps}")
+        for name, cam in self.cameras.items():
+            _check_camera(str(name), cam)
+
+
+def _check_camera(name: str, cam: Any) -> None:
+    if name in RESERVED_KEYS or not name or "/" in name or "." in name:
+        reserved = ", ".join(RESERVED_KEYS)
+        raise ValueError(f"camera name {name!r} is not allowed (reserved: {reserved}; no / or . in it)")
+    if not isinstance(cam, Mapping):
+        raise ValueError(f"cameras.{name} must be a mapping with {', '.join(CAMERA_REQUIRED)}")
+    import difflib
+
+    for key in cam:
+        if key not in CAMERA_REQUIRED + CAMERA_OPTIONAL:
+            near = difflib.get_close_matches(str(key), CAMERA_REQUIRED + CAMERA_OPTIONAL, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ValueError(f"unknown camera option cameras.{name}.{key}{hint}")
+    missing = [k for k in CAMERA_REQUIRED if k not in cam]
+    if missing:
+        raise ValueError(f"cameras.{name} needs {', '.join(missing)}")
+    for key in ("width", "height", "fps"):
+        if isinstance(cam[key], bool) or not isinstance(cam[key], int) or cam[key] <= 0:
+            raise ValueError(f"cameras.{name}.{key} must be a positive integer, got {cam[key]!r}")
+
+
+class LerobotArm(RobotBase):
+    """A lerobot follower arm (`robot_type`, one of `FOLLOWER_MODULES`) as a `Robot`."""
+
+    def __init__(self, robot_type: str = "so101_follower", options: LerobotArmOptions | None = None) -> None:
+        if robot_type not in FOLLOWER_MODULES:
+            raise RobotError(f"lerobot arm type {robot_type!r} is not one of {sorted(FOLLOWER_MODULES)}")
+        self.options = options if options is not None else LerobotArmOptions()
+        # every follower here has the body joints in one mode and the gripper in 0..100
+        self.units = f"{'deg' if self.options.use_degrees else '-100..100'}; gripper 0..100"
+        space = ActionSpace(mode="absolute", frame="joint", units=self.units, description="goal positions")
+        super().__init__(name=robot_type, control_hz=self.options.control_hz, action_space=space)
+        self._robot: Any = None
+        self._motors: list[str] = []
+        self._cameras: list[str] = []
+
+    # ------------------------------------------------------------------ lerobot robot
+    def lerobot_robot(self) -> Any:
+        """The lerobot follower (built on first use, with its calibration file; opens nothing)."""
+        if self._robot is None:
+            robot = _build_follower(self.name, self.options)
+            self._motors = list(robot.bus.motors)
+            self._cameras = [k for k, v in robot.observation_features.items() if isinstance(v, tuple)]
+            caps = self.options.max_relative_target
+            if isinstance(caps, Mapping) and set(caps) != set(self._motors):
+                raise ValueError(f"max_relative_target needs one value per motor: {', '.join(self._motors)}")
+            self._robot = robot
+        return self._robot
+
+    @property
+    def motor_names(self) -> list[str]:
+        """Joint names in the order of "state" and of the action."""
+        self.lerobot_robot()
+        return list(self._motors)
+
+    # ------------------------------------------------------------------ features
+    @property
+    def observation_features(self) -> dict[str, Feature]:
+        robot = self.lerobot_robot()
+        feats = {STATE_KEY: self._joint_feature("proprio")}
+        for cam in self._cameras:
+            feats[cam] = Feature(tuple(robot.observation_features[cam]), "uint8", "image")
+        return feats
+
+    @property
+    def action_feature(self) -> Feature:
+        return self._joint_feature("action")
+
+    def _joint_feature(self, kind: str) -> Feature:
+        low, high = joint_limits(self.lerobot_robot())
+        names = tuple(self._motors)
+        return Feature((len(names),), "float32", kind, self.units, names, low, high)
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        robot = self.lerobot_robot()
+        o = self.options
+        if not robot.calibration and not o.calibrate:
+            raise RobotError(
+                f"{self.name} {o.arm_id!r} has no calibration in {robot.calibration_dir}; run "
+                f"`lerobot-calibrate --robot.type={self.name} --robot.port={o.port} --robot.id={o.arm_id}` "
+                "or pass calibrate=True"
+            )
+        # lerobot's `connect()`, step by step (the same calls in the same order), so that each failure
+        # gets its own message and a calibration file that disagrees with the motors never prompts.
+        try:
+            robot.bus.connect()
+        except (ConnectionError, RuntimeError) as e:
+            _close_quietly(robot)
+            raise DeviceNotFoundError(
+                f"{self.name} on {o.port!r} did not answer ({_first_line(e)}); check that the port exists "
+                "(`ls /dev/ttyACM* /dev/ttyUSB*`, or `lerobot-find-port`), that your user may open it "
+                "(`sudo usermod -aG dialout $USER`, then log in again), and that the arm's motors are powered"
+            ) from e
+        try:
+            if not robot.is_calibrated:
+                if o.calibrate:
+                    robot.calibrate()  # lerobot's interactive calibration
+                else:  # the file wins, as at lerobot's prompt
+                    robot.bus.disable_torque()
+                    robot.bus.write_calibration(robot.calibration)
+            for name, cam in robot.cameras.items():
+                self._connect_camera(name, cam)
+            robot.configure()  # torque on, position mode
+        except BaseException:
+            _close_quietly(robot)
+            raise
+
+    def _connect_camera(self, name: str, cam: Any) -> None:
+        try:
+            cam.connect()
+        except (ConnectionError, RuntimeError, TimeoutError) as e:
+            where = self.options.cameras[name]["index_or_path"]
+            raise DeviceNotFoundError(
+                f"{self.name}: camera {name!r} ({where}) did not open ({_first_line(e)}); list the cameras "
+                "with `lerobot-find-cameras opencv`, and check the width, height and fps it supports"
+            ) from e
+
+    def _disconnect(self) -> None:
+        self._robot.disconnect()  # torque stays on unless torque_off_on_disconnect
+
+    # ------------------------------------------------------------------ observation and action
+    def _observe(self) -> dict[str, np.ndarray]:
+        obs = self._robot.get_observation()
+        out = {STATE_KEY: np.array([obs[f"{m}.pos"] for m in self._motors], dtype=np.float32)}
+        for cam in self._cameras:
+            out[cam] = np.asarray(obs[cam], dtype=np.uint8)  # (H, W, 3) RGB
+        return out
+
+    def _apply(self, action: np.ndarray) -> np.ndarray:
+        goal = {f"{m}.pos": float(v) for m, v in zip(self._motors, action, strict=True)}
+        sent = self._robot.send_action(goal)
+        return np.array([sent[f"{m}.pos"] for m in self._motors], dtype=np.float32)
+
+
+def joint_limits(robot: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Each joint's (low, high) in lerobot's normalised units: the calibrated range for degrees (one full
+    turn without calibration), -100..100 or 0..100 for the range modes."""
+    low, high = [], []
+    for name, motor in robot.bus.motors.items():
+        mode = str(motor.norm_mode.value)
+        if mode == "degrees":
+            resolution = robot.bus.model_resolution_table[motor.model] - 1
+            cal = robot.calibration.get(name)
+            half = (cal.range_max - cal.range_min if cal else resolution) / 2 * 360 / resolution
+            low.append(-half)
+            high.append(half)
+        else:
+            low.append(-100.0 if mode == "range_m100_100" else 0.0)
+            high.append(100.0)
+    return tuple(low), tuple(high)
+
+
+def _build_follower(robot_type: str, o: LerobotArmOptions) -> Any:
+    try:
+        importlib.import_module(FOLLOWER_MODULES[robot_type])
+        from lerobot.cameras.opencv import OpenCVCameraConfig
+        from lerobot.robots import RobotConfig, make_robot_from_config
+    except ImportError as e:
+        raise DeviceNotFoundError(
+            f"{robot_type}: lerobot is not installed ({e}); install the `lerobot` extra: "
+            "pip install -e '.[lerobot]'"
+        ) from e
+    cameras = {name: OpenCVCameraConfig(**_camera_kwargs(cam)) for name, cam in o.cameras.items()}
+    caps = o.max_relative_target  # lerobot wants a float or a dict of floats
+    if caps is not None:
+        caps = {k: float(v) for k, v in caps.items()} if isinstance(caps, Mapping) else float(caps)
+    config = RobotConfig.get_choice_class(robot_type)(
+        port=o.port,
+        id=o.arm_id,
+        calibration_dir=None if o.calibration_dir is None else Path(o.calibration_dir),
+        use_degrees=o.use_degrees,
+        max_relative_target=caps,
+        disable_torque_on_disconnect=o.torque_off_on_disconnect,
+        cameras=cameras,
+    )
+    try:
+        return make_robot_from_config(config)
+    except ImportError as e:  # the motor SDK is imported when the bus is built
+        extra, package = MOTOR_SDK[robot_type]
+        raise DeviceNotFoundError(
+            f"{robot_type}: the {extra} motor SDK is missing ({e}); pip install 'lerobot[{extra}]' "
+            f"(it brings {package})"
+        ) from e
+
+
+def _camera_kwargs(cam: Mapping[str, Any]) -> dict[str, Any]:
+    kwargs = dict(cam)
+    where = kwargs["index_or_path"]
+    if isinstance(where, str):
+        kwargs["index_or_path"] = int(where) if where.isdigit() else Path(where)
+    return kwargs
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _close_quietly(robot: Any) -> None:
+    """Close the cameras and the serial port after a failed connect, without talking to the motors."""
+    for cam in robot.cameras.values():
+        try:
+            if cam.is_connected:
+                cam.disconnect()
+        except Exception:  # noqa: BLE001 - best effort on an already failed connection
+            pass
+    try:
+        if robot.bus.is_connected:
+            robot.bus.port_handler.closePort()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _entry(robot_type: str, description: str) -> RobotEntry:
+    return RobotEntry(
+        make=functools.partial(LerobotArm, robot_type), options=LerobotArmOptions, description=description
+    )
+
+
+SO100_FOLLOWER = _entry("so100_follower", "SO-100 follower arm (Feetech STS3215 servos) through lerobot")
+SO101_FOLLOWER = _entry("so101_follower", "SO-101 follower arm (Feetech STS3215 servos) through lerobot")
+KOCH_FOLLOWER = _entry("koch_follower", "Koch v1.1 follower arm (Dynamixel servos) through lerobot")

@@ -1,0 +1,337 @@
+"""Real arms through lerobot's own follower classes, with only the devices faked.
+
+The serial ports (`serial.Serial`) answer the Feetech or Dynamixel protocol from in-memory control
+tables and `cv2.VideoCapture` returns generated frames (`robots.real.fakes`); lerobot's robot, motor
+bus, motor SDK and OpenCV camera code all run. Robots are built through the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from robots.base import ActionError, Robot, RobotError
+from robots.registry import make_robot
+from robots.teleop.base import DeviceNotFoundError
+
+pytest.importorskip("lerobot")
+from robots.real.fakes import FakeCameras, FakeSerialPorts, calibration, koch_arm, so_arm  # noqa: E402
+
+PORT = "/dev/ttyFOLLOWER"
+SO_RANGE = (1000, 3000)  # raw encoder range of every joint in the SO arm's calibration
+KOCH_RANGE = (1024, 3072)
+# control table addresses (lerobot's tables): STS3215 (Feetech) and X series (Dynamixel)
+FT_TORQUE, FT_GOAL, FT_PRESENT, FT_MAX = 40, 42, 56, 11
+DXL_TORQUE, DXL_GOAL, DXL_PRESENT = 64, 116, 132
+KOCH_MOTORS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
+
+
+def deg(raw: float, limits=SO_RANGE, resolution: int = 4095) -> float:
+    """lerobot's degrees for a raw position: from the middle of the calibrated range."""
+    return (raw - (limits[0] + limits[1]) / 2) * 360 / resolution
+
+
+def raw(fake, motor_id: int, address: int, length: int = 2) -> int:
+    return int.from_bytes(fake.memory[motor_id][address : address + length], "little")
+
+
+@pytest.fixture
+def so_bus(monkeypatch, tmp_path):
+    """An SO-101 follower's six servos on PORT, and lerobot's calibration file `follower.json`."""
+    pytest.importorskip("scservo_sdk")
+    import serial
+
+    fake = so_arm(position=2000, limits=SO_RANGE)
+    monkeypatch.setattr(serial, "Serial", FakeSerialPorts({PORT: fake}))
+    (tmp_path / "follower.json").write_text(json.dumps(calibration(SO_RANGE)))
+    return fake, tmp_path
+
+
+@pytest.fixture
+def cameras(monkeypatch):
+    cv2 = pytest.importorskip("cv2")
+    cams = FakeCameras([0])
+    monkeypatch.setattr(cv2, "VideoCapture", cams.capture_class)
+    return cams
+
+
+def so101(calib_dir, **options):
+    return make_robot("so101_follower", port=PORT, calibration_dir=str(calib_dir), **options)
+
+
+# ====================================================================== features
+def test_features_before_connect(so_bus, cameras):
+    fake, calib_dir = so_bus
+    cams = {"wrist": {"index_or_path": 0, "width": 32, "height": 24, "fps": 30}}
+    arm = so101(calib_dir, cameras=cams, control_hz=15)
+    assert isinstance(arm, Robot) and arm.control_hz == 15
+    state, action = arm.observation_features["state"], arm.action_feature
+    assert arm.motor_names == KOCH_MOTORS and state.names == action.names == tuple(KOCH_MOTORS)
+    assert state.shape == action.shape == (6,) and action.dtype == "float32" and state.kind == "proprio"
+    assert action.units == "deg; gripper 0..100" and arm.action_space.frame == "joint"
+    half = 1000 * 360 / 4095  # the calibrated range, from its middle, in degrees
+    np.testing.assert_allclose(action.low, [-half] * 5 + [0.0])
+    np.testing.assert_allclose(action.high, [half] * 5 + [100.0])
+    assert arm.observation_features["wrist"].shape == (24, 32, 3)
+    assert arm.observation_features["wrist"].dtype == "uint8"
+    assert set(arm.schema("t").keys) == {"state", "wrist", "action", "timestamp"}
+    assert not fake.is_open and not fake.written and not cameras.opened  # nothing was opened
+    assert make_robot("so100_follower", use_degrees=False).action_feature.low[0] == -100.0
+
+
+# ====================================================================== connect, observe, act
+def test_connect_observe_and_send_goal_positions(so_bus):
+    fake, calib_dir = so_bus
+    with so101(calib_dir) as arm:
+        assert all(fake.memory[i][FT_TORQUE] == 1 for i in range(1, 7))  # configured, torque on
+        fake.set(1, FT_PRESENT, 2, 2500)
+        fake.set(6, FT_PRESENT, 2, 1500)
+        first = arm.get_observation()
+        assert first["state"].dtype == np.float32 and first["state"].shape == (6,)
+        np.testing.assert_allclose(first["state"], [deg(2500), 0, 0, 0, 0, 25.0], atol=1e-4)
+        assert first["timestamp"].dtype == np.float64
+        assert arm.get_observation()["timestamp"] > first["timestamp"]
+
+        target = np.array([10.0, -20.0, 0.0, 5.0, 0.0, 50.0])
+        sent = arm.send_action(target)
+        np.testing.assert_allclose(sent, target, atol=1e-5)
+        goals = [raw(fake, i, FT_GOAL) for i in range(1, 7)]
+        expected = [int(v * 4095 / 360 + 2000) for v in target[:5]] + [2000]  # gripper 50 % of the range
+        assert goals == expected
+
+
+def test_actions_are_clipped_to_the_calibrated_range_and_nan_never_reaches_the_bus(so_bus):
+    fake, calib_dir = so_bus
+    with so101(calib_dir) as arm:
+        sent = arm.send_action([500.0, -500.0, 0.0, 0.0, 0.0, 150.0])
+        half = 1000 * 360 / 4095
+        np.testing.assert_allclose(sent, [half, -half, 0, 0, 0, 100.0], rtol=1e-6)
+        assert raw(fake, 1, FT_GOAL) in (SO_RANGE[1] - 1, SO_RANGE[1])  # int() of the float conversion
+        assert raw(fake, 6, FT_GOAL) == SO_RANGE[1]
+        n_writes = len(fake.written)
+        with pytest.raises(ActionError, match="non-finite"):
+            arm.send_action([0.0, np.nan, 0.0, 0.0, 0.0, 0.0])
+        with pytest.raises(ActionError, match="shape"):
+            arm.send_action([0.0] * 5)
+        assert len(fake.written) == n_writes  # nothing was written for the refused actions
+
+
+def test_max_relative_target_is_lerobots_and_what_it_sent_is_returned(so_bus):
+    fake, calib_dir = so_bus
+    with so101(calib_dir, max_relative_target=5) as arm:  # present position: 0 deg everywhere but gripper
+        sent = arm.send_action([30.0, -30.0, 2.0, 0.0, 0.0, 50.0])
+    np.testing.assert_allclose(sent, [5.0, -5.0, 2.0, 0.0, 0.0, 50.0], atol=1e-4)
+
+
+@pytest.mark.parametrize("torque_off", [False, True])
+def test_disconnect_keeps_torque_on_unless_asked(so_bus, torque_off):
+    fake, calib_dir = so_bus
+    arm = so101(calib_dir, torque_off_on_disconnect=torque_off)
+    arm.connect()
+    arm.disconnect()
+    assert not fake.is_open and not arm.is_connected
+    assert [fake.memory[i][FT_TORQUE] for i in range(1, 7)] == [0 if torque_off else 1] * 6
+
+
+def test_calibration_file_is_written_to_motors_that_disagree(so_bus):
+    fake, calib_dir = so_bus
+    fake.set(2, FT_MAX, 2, 4000)
+    with so101(calib_dir):
+        assert raw(fake, 2, FT_MAX) == SO_RANGE[1]
+
+
+# ====================================================================== cameras
+def test_camera_frames_come_through_lerobots_opencv_camera(so_bus, cameras):
+    _, calib_dir = so_bus
+    cams = {"wrist": {"index_or_path": 0, "width": 32, "height": 24, "fps": 30, "warmup_s": 1}}
+    with so101(calib_dir, cameras=cams) as arm:
+        image = arm.get_observation()["wrist"]
+    assert image.shape == (24, 32, 3) and image.dtype == np.uint8
+    assert (image[..., 0] == 200).all() and (image[..., 1] == 100).all()  # BGR (k, 100, 200) became RGB
+    assert cameras.opened and not cameras.opened[0].open  # released on disconnect
+
+
+def test_missing_camera_says_how_to_list_them_and_closes_the_port(so_bus, cameras):
+    fake, calib_dir = so_bus
+    cams = {"top": {"index_or_path": 4, "width": 32, "height": 24, "fps": 30}}
+    with pytest.raises(DeviceNotFoundError, match="camera 'top' .*lerobot-find-cameras opencv") as e:
+        so101(calib_dir, cameras=cams).connect()
+    assert "\n" not in str(e.value) and not fake.is_open
+
+
+def test_camera_options_are_checked():
+    with pytest.raises(ValueError, match="cameras.wrist needs height, fps"):
+        make_robot("so101_follower", cameras={"wrist": {"index_or_path": 0, "width": 32}})
+    cam = {"index_or_path": 0, "width": 32, "height": 24, "fps": 30}
+    with pytest.raises(ValueError, match="did you mean width"):
+        make_robot("so101_follower", cameras={"w": {**cam, "widht": 32}})
+    with pytest.raises(ValueError, match="reserved"):
+        make_robot("so101_follower", cameras={"state": cam})
+
+
+# ====================================================================== errors
+def test_missing_calibration_says_how_to_run_lerobot_calibrate(so_bus):
+    fake, calib_dir = so_bus
+    (calib_dir / "follower.json").unlink()
+    with pytest.raises(RobotError, match="lerobot-calibrate --robot.type=so101_follower") as e:
+        so101(calib_dir).connect()
+    assert "\n" not in str(e.value) and "--robot.id=follower" in str(e.value)
+    assert not fake.written  # refused before touching the arm
+
+
+def test_port_that_does_not_answer(so_bus, tmp_path, monkeypatch):
+    _, calib_dir = so_bus
+    with pytest.raises(DeviceNotFoundError, match="lerobot-find-port") as e:
+        make_robot("so101_follower", port="/dev/ttyACM9", calibration_dir=str(calib_dir)).connect()
+    assert "\n" not in str(e.value) and "'/dev/ttyACM9' did not answer" in str(e.value)
+    import serial
+
+    silent = so_arm()
+    silent.memory.clear()  # the port opens, but no motor answers
+    monkeypatch.setattr(serial, "Serial", FakeSerialPorts({PORT: silent}))
+    with pytest.raises(DeviceNotFoundError, match="motors are powered") as e:
+        so101(calib_dir).connect()
+    assert "\n" not in str(e.value) and not silent.is_open
+
+
+@pytest.mark.parametrize(
+    "robot, module, extra",
+    [("so101_follower", "scservo_sdk", "feetech"), ("koch_follower", "dynamixel_sdk", "dynamixel")],
+)
+def test_missing_motor_sdk_names_the_pip_install(monkeypatch, tmp_path, robot, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # `import <sdk>` fails, as without the package
+    with pytest.raises(DeviceNotFoundError, match=rf"pip install 'lerobot\[{extra}\]'"):
+        _ = make_robot(robot, calibration_dir=str(tmp_path)).action_feature
+
+
+def test_unknown_robot_and_option_names_suggest_the_nearest():
+    with pytest.raises(RobotError, match="unknown robot 'so101_folower'; .*did you mean so101_follower"):
+        make_robot("so101_folower")
+    with pytest.raises(RobotError, match="unknown option 'prot' for robot koch_follower; did you mean port"):
+        make_robot("koch_follower", prot="/dev/ttyUSB0")
+
+
+# ====================================================================== Koch (Dynamixel protocol 2.0)
+@pytest.fixture
+def koch_bus(monkeypatch, tmp_path):
+    pytest.importorskip("dynamixel_sdk")
+    import serial
+
+    fake = koch_arm(position=2048, limits=KOCH_RANGE)
+    monkeypatch.setattr(serial, "Serial", FakeSerialPorts({PORT: fake}))
+    (tmp_path / "follower.json").write_text(json.dumps(calibration(KOCH_RANGE, KOCH_MOTORS)))
+    return fake, tmp_path
+
+
+def test_koch_follower_over_dynamixel_protocol_2(koch_bus):
+    fake, calib_dir = koch_bus
+    arm = make_robot("koch_follower", port=PORT, calibration_dir=str(calib_dir))
+    half = 1024 * 360 / 4095
+    np.testing.assert_allclose(arm.action_feature.high, [half] * 5 + [100.0])
+    with arm:
+        assert [fake.memory[i][DXL_TORQUE] for i in range(1, 7)] == [1] * 6
+        assert fake.memory[6][11] == 5  # lerobot's configure: gripper in current-based position mode
+        fake.set(3, DXL_PRESENT, 4, 1024)
+        np.testing.assert_allclose(
+            arm.get_observation()["state"], [0, 0, deg(1024, KOCH_RANGE), 0, 0, 50.0], atol=1e-4
+        )
+        arm.send_action([45.0, -45.0, 0.0, 0.0, 0.0, 100.0])
+        goals = [fake.get(i, DXL_GOAL, 4) for i in range(1, 7)]
+        assert goals == [int(45 * 4095 / 360 + 2048), int(-45 * 4095 / 360 + 2048), 2048, 2048, 2048, 3072]
+        fake.set(1, DXL_PRESENT, 4, -0x2020001)  # bytes FF FF FD FD: a status packet with byte stuffing
+        assert arm.lerobot_robot().bus.read("Present_Position", "shoulder_pan", normalize=False) == -0x2020001
+    assert not fake.is_open and [fake.memory[i][DXL_TORQUE] for i in range(1, 7)] == [1] * 6
+
+
+# ====================================================================== wm-collect: leader arm -> follower
+LEADER = "/dev/ttyLEADER"
+
+
+def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tmp_path, capsys, cameras):
+    """Two fake SO-101 buses (leader and follower), a fake camera and a scripted keyboard; the poll
+    count is the script's clock: the operator's hand moves the leader and presses keys between polls."""
+    pytest.importorskip("scservo_sdk")
+    import serial
+
+    import tools.collect
+    from robots.teleop.fakes import FakeClock, FakeKeyListener
+    from wm.data import DemoStore
+
+    leader, follower = so_arm(position=2000, limits=SO_RANGE), so_arm(position=2000, limits=SO_RANGE)
+    monkeypatch.setattr(serial, "Serial", FakeSerialPorts({LEADER: leader, PORT: follower}))
+    for arm_id in ("leader", "follower"):
+        (tmp_path / f"{arm_id}.json").write_text(json.dumps(calibration(SO_RANGE)))
+    script = {2: "b", 6: "enter", 8: "b", 10: "backspace", 12: "b", 15: "enter"}  # poll -> key
+    clock = FakeClock()
+    keys = FakeKeyListener([(t, k, down) for t, k in script.items() for down in (True, False)], clock)
+    polls = []
+
+    def operator(address: int, length: int) -> None:  # before each read of the leader's positions
+        if address == FT_PRESENT:
+            polls.append(len(polls) + 1)
+            leader.set(1, FT_PRESENT, 2, 2000 + 10 * polls[-1])  # shoulder_pan turns a little each poll
+            leader.set(6, FT_PRESENT, 2, 1000 + 50 * polls[-1])  # the gripper opens
+            keys.replay_until(polls[-1])
+
+    def servos(address: int, length: int) -> None:  # the follower reaches each goal before the next read
+        for m in follower.memory.values():
+            if address == FT_PRESENT and any(m[FT_GOAL : FT_GOAL + 2]):
+                m[FT_PRESENT : FT_PRESENT + 2] = m[FT_GOAL : FT_GOAL + 2]
+
+    leader.before_read, follower.before_read = operator, servos
+    monkeypatch.setattr(tools.collect, "_stop_on_signals", lambda: None)  # leave pytest's handlers alone
+    cam = {"index_or_path": 0, "width": 32, "height": 24, "fps": 30}
+    cfg = tools.collect.CollectConfig(
+        task="wave",
+        store=str(tmp_path / "real.zarr"),
+        teleop="leader_arm",
+        episodes=2,
+        preview="false",
+        robot="so101_follower",
+        robot_options={"port": PORT, "calibration_dir": str(tmp_path), "cameras": {"wrist": cam}},
+        device_options={"port": LEADER, "arm_id": "leader", "calibration_dir": str(tmp_path)},
+        command_options={"backend": "pynput", "listener_factory": keys.factory, "clock": clock},
+    )
+    assert tools.collect.collect(cfg) == 0
+    assert "saved 2 episodes (1 discarded, 11 steps)" in capsys.readouterr().out
+    assert not leader.is_open and not follower.is_open and not keys.running
+    assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6  # the follower still holds
+
+    store = DemoStore.open(tmp_path / "real.zarr")
+    assert store.n_episodes == 2 and store.schema.robot == "so101_follower" and store.schema.task == "wave"
+    keys = {"state", "wrist", "action", "timestamp", "loop_dt"}
+    assert store.schema.fps == 30 and set(store.schema.keys) == keys
+    infos = [store.episode_info(i) for i in range(2)]
+    assert infos == [{"source": "leader_arm", "length": n} for n in (5, 4)]  # no success signal, no seed
+    for i, ticks in enumerate([range(2, 7), range(12, 16)]):  # the polls each saved episode recorded
+        ep = store.get_episode(i)
+        leader_deg = [[deg(2000 + 10 * k), 0, 0, 0, 0, 2.5 * k] for k in ticks]
+        np.testing.assert_allclose(ep["action"], leader_deg, atol=1e-3)  # the leader's joints, as sent
+        # each observation was read at its tick's start: the follower at the goal of the tick before
+        follower_deg = [[deg(2000 + 10 * (k - 1)), 0, 0, 0, 0, 2.5 * (k - 1)] for k in ticks]
+        np.testing.assert_allclose(ep["state"], follower_deg, atol=0.1)
+        assert np.all(np.diff(ep["timestamp"]) > 0) and np.all(ep["loop_dt"][1:] > 0)
+        assert ep["wrist"].shape == (len(ticks), 24, 32, 3) and (ep["wrist"][..., 0] == 200).all()
+    store.close()
+
+
+def test_collect_options_for_a_real_robot_are_checked():
+    from tools._config import UsageError
+    from tools.collect import CollectConfig
+
+    base = {"task": "wave", "store": "s.zarr", "robot": "so101_follower"}
+    with pytest.raises(UsageError, match="scripted experts need a simulated task"):
+        CollectConfig(**base)
+    with pytest.raises(
+        UsageError, match="unknown option robot_options.prot; did you mean robot_options.port"
+    ):
+        CollectConfig(**base, teleop="leader_arm", robot_options={"prot": "/dev/ttyACM1"})
+    with pytest.raises(UsageError, match="a real robot runs in real time"):
+        CollectConfig(**base, teleop="leader_arm", realtime="false")
+    with pytest.raises(RobotError, match="did you mean so101_follower"):
+        CollectConfig(**{**base, "robot": "so101_folower"}, teleop="leader_arm")
+    with pytest.raises(UsageError, match="robot_options apply to a real robot"):
+        CollectConfig(task="pointmaze", store="s.zarr", robot_options={"port": "/dev/ttyACM1"})
