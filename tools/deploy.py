@@ -59,11 +59,13 @@ class DeployConfig(ControllerConfig):
             raise ValueError(f"added_delay_s must be >= 0, got {self.added_delay_s}")
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
-        if is_sim(self.robot):
-            from robots.registry import task_entry
+        from robots.registry import robot_entry, task_entry
 
+        if is_sim(self.robot):
             build(task_entry(self.robot).options, self.robot_options, "robot_options")
-        elif self.max_steps is None:
+            return
+        build(robot_entry(self.robot).options, self.robot_options, "robot_options")  # names the robots
+        if self.max_steps is None:
             raise UsageError(f"robot={self.robot} is a real robot: give max_steps= (ticks per episode)")
 
 
