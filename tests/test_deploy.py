@@ -1,0 +1,147 @@
+"""wm-deploy end to end through its console script: a diffusion policy and MPC over a world model on a
+simulated task run against the wall clock, with the inference worker in its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robots.runtime.report import RECORD_KEYS
+from wm.data import DemoStore
+
+BIN = Path(sys.executable).parent
+REPORT_KEYS = (
+    "achieved_hz",
+    "tick_error_ms",
+    "latency_ms",
+    "stale_actions_sent",
+    "stale_actions_dropped",
+    "underruns",
+    "safety_events",
+    "success_rate",
+)
+
+
+def cli(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def maze(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deploy") / "maze.zarr"
+    res = cli("wm-collect", "task=pointmaze", "episodes=4", f"store={path}", "image_size=32", "noise_std=0.3")
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def policy(maze, tmp_path_factory):
+    run = tmp_path_factory.mktemp("deploy") / "dp"
+    res = cli(
+        "wm-train", "model=diffusion_unet", "task=pointmaze", f"store={maze}", f"out={run}",
+        "trainer.steps=2", "trainer.batch_size=4", "trainer.val_every=2", "model.unet.down_dims=[16,32]",
+        "model.unet.n_groups=8", "model.obs.crop=null", "model.obs.backbone=patch",
+        "+model.obs.patch_encoder={name: cnn, cnn_channels: [8, 16], cnn_stride: 4, cnn_dim: 16}",
+        "model.sampler_steps=2",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def world_model(maze, tmp_path_factory):
+    run = tmp_path_factory.mktemp("deploy") / "wm"
+    res = cli(
+        "wm-train", "model=dino_wm", "task=pointmaze", f"store={maze}", f"out={run}", "trainer.steps=2",
+        "trainer.batch_size=8", "trainer.val_every=2", "model.n_hist=2", "model.encoder.cnn_channels=[8,16]",
+        "model.encoder.cnn_stride=4", "model.encoder.cnn_dim=16", "model.predictor_dim=32",
+        "model.predictor_depth=1", "model.predictor_heads=2", "model.predictor_head_dim=16",
+        "model.predictor_mlp_dim=32", "model.decoder_channels=[16,8]",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+def test_policy_deployed_async_with_recording(policy, tmp_path):
+    out, store = tmp_path / "run", tmp_path / "rec.zarr"
+    res = cli(
+        "wm-deploy", "robot=pointmaze", "controller=policy", f"checkpoint={policy}", f"out={out}",
+        "episodes=2", "max_steps=12", "control_hz=20", f"record={store}", "runtime.replan_every=4",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "episode 1:" in res.stdout and "tick error p99" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert all(k in report for k in REPORT_KEYS)
+    assert report["episodes"] == 2 and 0 <= report["success_rate"] <= 1
+    assert report["tick_error_ms"]["p50"] is not None and report["latency_ms"]["p50"] > 0
+    assert report["settings"]["runtime"]["stitching"] == "inpaint" and report["chunks"] >= 2
+    assert (out / "timing.png").stat().st_size > 0
+    with DemoStore.open(store) as s:
+        assert s.n_episodes == 2 and all(k in s.schema.keys for k in RECORD_KEYS)
+        ep = s.get_episode(0)
+        sent = ep["sent"].astype(bool)
+        assert sent.all() and np.isfinite(ep["action"]).all()
+        assert np.all(np.abs(ep["action"]) <= 1.0)  # pointmaze's force limits
+        assert np.all(ep["action_sent_time"] >= ep["timestamp"])  # sent after the observation was read
+        assert np.all(np.diff(ep["chunk"]) >= 0) and ep["chunk"].max() >= 1  # chunks in order, several
+        assert s.episode_info(0)["success"] in (True, False)
+    res = cli("wm-info", f"store={store}", "verify=true", "contact_sheet=none")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("stitching", ["replace", "average", "ensemble"])
+def test_every_stitching_and_the_synchronous_baseline(policy, tmp_path, stitching):
+    for mode in ("async", "sync"):
+        out = tmp_path / mode
+        res = cli(
+            "wm-deploy", "robot=pointmaze", "controller=policy", f"checkpoint={policy}", f"out={out}",
+            "max_steps=8", "control_hz=20", f"runtime.mode={mode}", f"runtime.stitching={stitching}",
+            "runtime.replan_every=2",
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        report = json.loads((out / "report.json").read_text())
+        assert report["ticks"] == 8 and report["settings"]["runtime"]["mode"] == mode
+        if mode == "sync":
+            assert report["chunks"] == 4  # two actions executed per chunk, the robot waiting for each
+            assert report["stale_actions_dropped"] == 0
+
+
+def test_mpc_with_history_deployed(world_model, tmp_path):
+    out = tmp_path / "mpc"
+    res = cli(
+        "wm-deploy", "robot=pointmaze", "controller=mpc", f"checkpoint={world_model}", f"out={out}",
+        "max_steps=6", "control_hz=10", "planner.samples=16", "planner.iterations=2", "subgoals=off",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["ticks"] == 6 and report["chunks"] >= 2 and report["stopped"] == []
+
+
+def test_deploy_usage_errors_are_one_line(tmp_path, policy):
+    cases = [
+        (["robot=so101_follower", "controller=random", f"out={tmp_path / 'a'}"], "max_steps="),
+        (
+            ["robot=so101_folower", "controller=random", f"out={tmp_path / 'a'}"],
+            "did you mean so101_follower",
+        ),
+        (["robot=pointmaze", f"out={tmp_path / 'a'}", "runtime.stitching=blend"], "stitching must be one of"),
+        (
+            ["robot=pointmaze", f"out={tmp_path / 'a'}", "runtime.safety.hold_after_s=3"],
+            "hold_after_s <= stop_after_s",
+        ),
+        (["robot=pointmaze", f"out={tmp_path / 'a'}", "controller=mpc"], "checkpoint=DIR"),
+        (
+            ["robot=pointmaze", f"out={tmp_path / 'a'}", f"checkpoint={policy}", "controller=mpc"],
+            "cannot serve",
+        ),
+    ]
+    for args, words in cases:
+        res = cli("wm-deploy", *args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+        assert not (tmp_path / "a").exists()
