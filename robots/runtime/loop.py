@@ -16,7 +16,6 @@ worker's errors and death, no fresh action for too long (the watchdog), a robot 
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from robots.runtime.schedule import STITCHING, Chunk, Timeline
 from robots.runtime.worker import Reply, Request, WorkerDied
 
 MODES = ("async", "sync")
+WAIT_POLL_S = 0.002  # how often a blocking wait for a chunk looks for it
 COMMITTED_MAX = 64  # scheduled actions handed to an inpainting controller at most
 MAX_BEHIND = 3  # periods behind schedule after which the loop re-anchors instead of bursting
 NO_CHUNK = -1  # the chunk number recorded for a held command
@@ -196,14 +196,14 @@ class Runtime:
         watchdog.start(anchor)
         last_cmd: np.ndarray | None = None
         k = 0  # ticks since the schedule was anchored
+        missed: float | None = None  # sync: the deadline a blocking chunk made the robot miss
         for _ in range(max_ticks):
-            nominal = anchor + k * self.period
-            clock.sleep_until(nominal)
+            tick_t = anchor + k * self.period  # this tick's time on the schedule
+            clock.sleep_until(tick_t)
             began = clock.now()
             k += 1
-            late = began - nominal
-            tick_t = nominal
-            if late > MAX_BEHIND * self.period:  # far behind (a blocking call): re-anchor, never burst
+            nominal, missed = (tick_t if missed is None else missed), None  # its deadline, for the error
+            if began - tick_t > MAX_BEHIND * self.period:  # far behind (a hiccup): re-anchor, never burst
                 anchor, k, tick_t = began, 1, began
             if stop_requested is not None and stop_requested():
                 out.stopped = "stopped by the operator"
@@ -281,10 +281,11 @@ class Runtime:
             if cfg.mode == "sync":
                 if not len(timeline):
                     reply = self._request(history, None, out, state, began)
-                    if reply is not None:  # the robot waited: the chunk starts at the next tick
-                        now, nxt = clock.now(), anchor + k * self.period
-                        starts = nxt if now - nxt <= MAX_BEHIND * self.period else now  # re-anchored
-                        self._arrived(reply, timeline, out, state, starts, now, sync=True)
+                    now, nxt = clock.now(), anchor + k * self.period
+                    if now > nxt:  # the robot waited past the next deadline: its schedule restarts now
+                        missed, anchor, k = nxt, now, 0
+                    if reply is not None:  # the chunk starts at the next tick
+                        self._arrived(reply, timeline, out, state, anchor + k * self.period, now, sync=True)
                     if out.stopped:
                         break
             elif not self.worker.busy and self._due_request(timeline, state, began):
@@ -380,7 +381,7 @@ class Runtime:
             reply = self._poll(out)
             if reply is not None or out.stopped:
                 return reply
-            time.sleep(0.0005)
+            self.clock.sleep_until(self.clock.now() + WAIT_POLL_S)  # a simulated clock moves on too
 
     def _poll(self, out: EpisodeOutcome) -> Reply | None:
         try:

@@ -162,6 +162,56 @@ class InlineWorker:
         self.controller = None
 
 
+class SimulatedTimeWorker:
+    """A controller on a simulated clock, for experiments on simulated robots faster than real time:
+    `submit` computes the chunk at once (on the caller's thread) but its reply is only delivered once
+    the runtime's clock (a `robots.control.ManualClock`) has passed the submit time plus the model's
+    measured seconds plus `spec.delay_s`. The runtime's decisions are the same functions of the clock
+    as on the wall clock, so success under a given latency is measured without waiting for it; tick
+    timing is not (measure it on the wall clock with `ProcessWorker`)."""
+
+    def __init__(self, spec: ControllerSpec, clock: Any) -> None:
+        self.spec, self.clock = spec, clock
+        self._inline = InlineWorker(ControllerSpec(spec.builder, spec.kwargs, spec.threads))
+        self._pending: tuple[float, Reply] | None = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._inline.info
+
+    @property
+    def controller(self) -> Any:
+        return self._inline.controller
+
+    def start(self) -> None:
+        self._inline.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None
+
+    def alive(self) -> bool:
+        return True
+
+    def reset(self, goal: Mapping[str, np.ndarray] | None) -> None:
+        self._inline.reset(goal)
+        self._pending = None
+
+    def submit(self, req: Request) -> None:
+        start = self.clock.now()
+        reply = compute(self._inline.controller, req)
+        self._pending = (start + reply.seconds + self.spec.delay_s, reply)
+
+    def poll(self) -> Reply | None:
+        if self._pending is None or self.clock.now() < self._pending[0]:
+            return None
+        reply, self._pending = self._pending[1], None
+        return reply
+
+    def close(self) -> None:
+        self._inline.close()
+
+
 class ProcessWorker:
     """The controller in its own process; see the module docstring. After `start`, `info` describes
     the controller (`describe`); the shared buffers are made at the first request, from its

@@ -1,0 +1,221 @@
+"""The real-time runtime: tick timing on the wall clock, and seams and success under added latency.
+
+    python benchmarks/bench_runtime.py ticks --checkpoint RUN [--seconds 60 --hz 50]
+        The runtime at `--hz` against the wall clock for `--seconds`, on the arm-pushing task (its camera
+        rendered on every tick), a diffusion policy in the inference worker process, then the same with
+        inference on the control thread (the synchronous baseline), in one run. Prints tick error
+        p50 / p99 / max, ticks later than 5 ms, actions sent after their due time, underruns, chunk time.
+
+    python benchmarks/bench_runtime.py latency --checkpoint RUN [--episodes 50 --delays 0 0.1 0.3 0.6]
+        Success, time to completion and seams on the arm-pushing task for synchronous execution and
+        asynchronous execution with each stitching, at each added inference delay, on the same seeds.
+        Runs on a simulated clock (`SimulatedTimeWorker`): each chunk arrives after the model's measured
+        seconds plus the delay, and every runtime decision is taken as on the wall clock, so 20
+        configurations x 50 episodes take minutes instead of hours; `--wall` runs it against the wall
+        clock instead (the inference worker in its own process, the delay slept in it).
+
+Seams: the largest change between consecutive commands where the chunk changed, against the p99 of
+changes inside chunks (both in the action's units, pooled over episodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np  # noqa: E402
+
+from robots.control import ManualClock  # noqa: E402
+from robots.registry import make_task  # noqa: E402
+from robots.runtime.loop import Runtime, RuntimeConfig  # noqa: E402
+from robots.runtime.report import episode_figures  # noqa: E402
+from robots.runtime.schedule import seam_jumps  # noqa: E402
+from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker, SimulatedTimeWorker  # noqa: E402
+from robots.sim.base import SimConfig  # noqa: E402
+
+TASK = "arm_push"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def spec_for(checkpoint: str, task, delay: float = 0.0, threads: int = 1) -> ControllerSpec:
+    feat = task.action_feature
+    settings = {"controller": "policy", "checkpoint": checkpoint, "device": "cpu"}
+    return ControllerSpec(
+        "tools._controller:worker_controller",
+        {"settings": settings, "low": list(feat.low), "high": list(feat.high), "seed": 0},
+        threads=threads,
+        delay_s=delay,
+    )
+
+
+# ---------------------------------------------------------------------- 1. tick timing
+def ticks(args: argparse.Namespace) -> dict:
+    results = {}
+    for mode in ("async", "sync"):
+        task = make_task(TASK, SimConfig(image_size=(96, 96), max_steps=10**9))
+        task.control_hz = args.hz
+        spec = spec_for(args.checkpoint, task)
+        worker = ProcessWorker(spec) if mode == "async" else InlineWorker(spec)
+        worker.start()
+        task.connect()
+        task.reset(0)
+        rt = Runtime(
+            task, worker, RuntimeConfig(mode=mode, stitching="replace", replan_every=args.replan_every)
+        )
+        n = int(args.seconds * args.hz)
+        out = rt.run_episode(n, goal=task.goal_observation())
+        worker.close()
+        task.disconnect()
+        err = np.array([(t.started - t.nominal) * 1e3 for t in out.ticks])
+        fig = episode_figures(out, 1 / args.hz)
+        results[mode] = {
+            "ticks": len(out.ticks),
+            "achieved_hz": fig["achieved_hz"],
+            "tick_error_ms": fig["tick_error_ms"],
+            "ticks_later_than_5ms": int((err > 5).sum()),
+            "stale_actions_sent": out.stale_sent,
+            "underruns": out.underruns,
+            "chunks": len(out.chunks),
+            "inference_ms": fig["inference_ms"],
+            "stopped": out.stopped,
+        }
+        e = fig["tick_error_ms"]
+        print(
+            f"{mode:5s} {len(out.ticks)} ticks at {fig['achieved_hz']:.2f} Hz: tick error p50 {e['p50']:.3f} "
+            f"p99 {e['p99']:.3f} max {e['max']:.2f} ms, {int((err > 5).sum())} ticks > 5 ms, "
+            f"{out.stale_sent} stale sent, {out.underruns} underruns, {len(out.chunks)} chunks of "
+            f"{fig['inference_ms']['p50']:.0f} ms (p50)",
+            flush=True,
+        )
+    return results
+
+
+# ---------------------------------------------------------------------- 2 + 3. seams, success under latency
+CONFIGS = [
+    ("sync", "replace"),
+    ("async", "replace"),
+    ("async", "average"),
+    ("async", "ensemble"),
+    ("async", "inpaint"),
+]
+
+
+def latency(args: argparse.Namespace) -> dict:
+    results = []
+    for delay in args.delays:
+        for mode, stitching in CONFIGS:
+            if args.only and f"{mode}/{stitching}" not in args.only:
+                continue
+            results.append(_latency_config(args, delay, mode, stitching))
+    return {"configs": results}
+
+
+def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
+    task = make_task(TASK, SimConfig(image_size=(64, 64)))
+    clock = None if args.wall else ManualClock(1000.0)
+    spec = spec_for(args.checkpoint, task, delay)
+    if args.wall:
+        worker = ProcessWorker(spec) if mode == "async" else InlineWorker(spec)
+    else:
+        worker = SimulatedTimeWorker(spec, clock)
+    worker.start()
+    cfg = RuntimeConfig(
+        mode=mode,
+        stitching=stitching,
+        replan_every=args.replan_every if mode == "async" else args.exec_steps,
+        ensemble_m=args.ensemble_m,
+    )
+    rt = Runtime(task, worker, cfg, clock=clock)
+    success, times, seams, within, fig_all = [], [], [], [], []
+    t0 = time.perf_counter()
+    for i in range(args.episodes):
+        task.reset(args.seed + i)
+        out = rt.run_episode(task.config.max_steps, goal=task.goal_observation(), done=lambda: task.done)
+        ok = task.is_success()
+        success.append(ok)
+        if ok:
+            times.append(out.wall_s)
+        sent = [(t.command, t.chunk) for t in out.ticks if t.command is not None and t.chunk >= 0]
+        s, w = seam_jumps([a for a, _ in sent], [c for _, c in sent])
+        seams += s.tolist()
+        within += w.tolist()
+        fig_all.append(episode_figures(out, 1 / task.control_hz))
+    worker.close()
+    task.disconnect()
+    row = {
+        "delay_s": delay,
+        "mode": mode,
+        "stitching": stitching,
+        "episodes": args.episodes,
+        "success_rate": float(np.mean(success)),
+        "mean_time_to_success_s": float(np.mean(times)) if times else None,
+        "seam_jump_max": float(np.max(seams)) if seams else None,
+        "seam_jump_p99": float(np.percentile(seams, 99)) if seams else None,
+        "within_jump_p99": float(np.percentile(within, 99)) if within else None,
+        "chunk_ms_p50": float(
+            np.median([f["inference_ms"]["p50"] for f in fig_all if f["inference_ms"]["p50"]])
+        ),
+        "stale_actions_sent": int(sum(f["stale_actions_sent"] for f in fig_all)),
+        "underruns": int(sum(f["underruns"] for f in fig_all)),
+        "seconds": time.perf_counter() - t0,
+    }
+    nan = float("nan")
+    f = {k: (nan if v is None else v) for k, v in row.items()}
+    ratio = f["seam_jump_p99"] / f["within_jump_p99"] if row["within_jump_p99"] else nan
+    print(
+        f"delay {delay * 1e3:4.0f} ms {mode:5s} {stitching:8s}: success {f['success_rate']:.2f}, "
+        f"time to success {f['mean_time_to_success_s']:.2f} s, seam p99/max {f['seam_jump_p99']:.4f}/"
+        f"{f['seam_jump_max']:.4f} vs within p99 {f['within_jump_p99']:.4f} ({ratio:.2f}x), "
+        f"chunk {f['chunk_ms_p50']:.0f} ms, {row['underruns']} underruns, "
+        f"{row['stale_actions_sent']} stale sent ({row['seconds']:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("ticks")
+    t.add_argument("--checkpoint", required=True)
+    t.add_argument("--seconds", type=float, default=60.0)
+    t.add_argument("--hz", type=float, default=50.0)
+    t.add_argument("--replan-every", type=int, default=8)
+    lat = sub.add_parser("latency")
+    lat.add_argument("--checkpoint", required=True)
+    lat.add_argument("--episodes", type=int, default=50)
+    lat.add_argument("--seed", type=int, default=1000)
+    lat.add_argument("--delays", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.6])
+    lat.add_argument("--replan-every", type=int, default=4)
+    lat.add_argument("--exec-steps", type=int, default=8, help="sync: actions executed per chunk")
+    lat.add_argument("--ensemble-m", type=float, default=0.01)
+    lat.add_argument("--only", nargs="*", default=None, help="e.g. sync/replace async/inpaint")
+    lat.add_argument("--wall", action="store_true", help="against the wall clock (slow)")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args()
+    import torch
+
+    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+    res = ticks(args) if args.what == "ticks" else latency(args)
+    res["cpu"] = cpu_name()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
