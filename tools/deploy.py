@@ -46,6 +46,7 @@ class DeployConfig(ControllerConfig):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     inference_threads: int | None = None
     added_delay_s: float = 0.0
+    status_every_s: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +56,8 @@ class DeployConfig(ControllerConfig):
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.control_hz is not None and not self.control_hz > 0:
             raise ValueError(f"control_hz must be positive, got {self.control_hz}")
+        if not self.status_every_s > 0:
+            raise ValueError(f"status_every_s must be positive, got {self.status_every_s}")
         if self.added_delay_s < 0:
             raise ValueError(f"added_delay_s must be >= 0, got {self.added_delay_s}")
         if self.inference_threads is not None and self.inference_threads < 1:
@@ -104,7 +107,14 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
 
     from robots.collect import open_store
     from robots.runtime.loop import Runtime
-    from robots.runtime.report import episode_figures, live_line, recording_schema, run_report, tick_row
+    from robots.runtime.report import (
+        LiveStatus,
+        episode_figures,
+        live_line,
+        recording_schema,
+        run_report,
+        tick_row,
+    )
     from robots.runtime.report import write_report as write_run_report
     from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker
 
@@ -139,11 +149,13 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     robot.reset(cfg.seed + i)
                     goal = robot.goal_observation()
                 writer = store.begin_episode() if store is not None else None
-                on_tick = (
-                    (lambda rec, obs, w=writer: w.add_step(tick_row(rec, obs, action_spec)))
-                    if writer
-                    else None
-                )
+                live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
+
+                def on_tick(rec: Any, obs: Any, writer: Any = writer, live: Any = live) -> None:
+                    if writer is not None:
+                        writer.add_step(tick_row(rec, obs, action_spec))
+                    live(rec)
+
                 limit = cfg.max_steps or (robot.config.max_steps if sim else 0)
                 outcome = runtime.run_episode(
                     limit,

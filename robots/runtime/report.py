@@ -120,6 +120,33 @@ def live_line(fig: Mapping[str, Any], episode: int) -> str:
     return " ".join(p for p in parts if p)
 
 
+class LiveStatus:
+    """A status line every `every_s` seconds of a running episode: ticks, achieved rate and tick error
+    so far, and how many ticks were held (no fresh action)."""
+
+    def __init__(self, every_s: float, write: Any = print) -> None:
+        self.every_s, self.write = every_s, write
+        self._errors: list[float] = []
+        self._held = 0
+        self._first: float | None = None
+        self._last_line = 0.0
+
+    def __call__(self, record: TickRecord) -> None:
+        if self._first is None:
+            self._first = self._last_line = record.started
+        self._errors.append((record.started - record.nominal) * 1e3)
+        self._held += record.chunk == NO_CHUNK
+        if record.started - self._last_line >= self.every_s:
+            self._last_line = record.started
+            span = record.started - self._first
+            rate = (len(self._errors) - 1) / span if span > 0 else 0.0
+            p99 = float(np.percentile(self._errors, 99))
+            self.write(
+                f"  {span:6.1f} s: {len(self._errors)} ticks at {rate:.1f} Hz, tick error p99 {p99:.2f} ms, "
+                f"{self._held} held"
+            )
+
+
 def write_report(out_dir: Path, report: Mapping[str, Any], outcomes: Sequence[EpisodeOutcome]) -> list[Path]:
     """report.json and the plots (tick error histogram, latency over time); returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
