@@ -1,0 +1,104 @@
+"""The control loop on a simulated clock: the scheduling decisions (stale dropping by measured time,
+the committed prefix handed to the controller, the synchronous baseline's waiting) on a real
+simulated task, with a chunk latency the test chooses (`SimulatedTimeWorker`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robots.control import ManualClock
+from robots.registry import make_task
+from robots.runtime.loop import NO_CHUNK, Runtime, RuntimeConfig
+from robots.runtime.worker import ControllerSpec, SimulatedTimeWorker
+from robots.sim.base import SimConfig
+
+HZ, DELAY, CHUNK = 10.0, 0.25, 8
+
+
+def setup(mode: str, stitching: str, replan_every: int, chunk: int = CHUNK, delay: float = DELAY):
+    task = make_task("pointmaze", SimConfig(state_only=True, max_steps=400))
+    feat = task.action_feature
+    spec = ControllerSpec(
+        "policies.evaluate:RandomPolicy",
+        {"low": list(feat.low), "high": list(feat.high), "seed": 3, "chunk": chunk},
+        delay_s=delay,
+    )
+    clock = ManualClock(100.0)
+    worker = SimulatedTimeWorker(spec, clock)
+    worker.start()
+    task.reset(0)
+    cfg = RuntimeConfig(mode=mode, stitching=stitching, replan_every=replan_every)
+    return task, Runtime(task, worker, cfg, clock=clock), clock
+
+
+def test_async_drops_what_passed_and_continues_the_committed_actions():
+    task, rt, _ = setup("async", "inpaint", replan_every=4)
+    controller, calls = rt.worker.controller, []
+    chunk_from = controller.chunk_from
+
+    def spy(steps, actions, previous=None, frozen=0):  # what the controller was handed, and gave
+        chunk = chunk_from(steps, actions, previous, frozen)
+        calls.append((None if previous is None else previous[0].copy(), frozen, chunk[0].numpy().copy()))
+        return chunk
+
+    controller.chunk_from = spy
+    sent: list[tuple[np.ndarray, int, int]] = []
+    out = rt.run_episode(40, on_tick=lambda r, o: sent.append((r.command, r.chunk, r.index)))
+    assert out.stopped is None and out.underruns == 0 and out.stale_sent == 0 and len(out.ticks) == 40
+    later = out.chunks[2:]  # once the latency is known
+    # Each chunk arrives at the first tick after its 0.25 s (+ the model's own time): the actions due at
+    # the observation's tick and the two after it are over (dropped), the rest runs.
+    assert [c.dropped_stale for c in later] == [3] * len(later)
+    assert all(c.frozen == 4 for c in later)  # the ticks until it can be in use, plus one
+    # What the controller is handed as committed is the previous chunk, re-indexed from the new
+    # observation's tick on (its actions shifted by the ticks between the two observations).
+    tick = [round((c.obs_time - out.started_at) * HZ) for c in out.chunks]
+    for i in range(2, len(out.chunks)):
+        previous, frozen, _ = calls[i]
+        old = calls[i - 1][2]
+        shift = tick[i] - tick[i - 1]
+        n = min(len(previous), len(old) - shift)
+        assert n >= frozen and np.allclose(previous[:n], old[shift : shift + n])
+    # ... and the first action a new chunk sends is its first frozen one still due: index 3.
+    first = {}
+    for cmd, chunk, index in sent:
+        first.setdefault(chunk, (index, cmd))
+    assert all(first[i][0] == 3 for i in range(2, len(out.chunks)) if i in first)
+    assert all(np.isfinite(c).all() for c, _, _ in sent)
+
+
+def test_replace_without_the_committed_prefix_still_never_sends_late():
+    _, rt, _ = setup("async", "replace", replan_every=4)
+    out = rt.run_episode(40)
+    assert out.stale_sent == 0 and out.underruns == 0
+    assert all(c.frozen == 0 for c in out.chunks)
+
+
+def test_sync_waits_for_each_chunk_and_restarts_its_schedule():
+    _, rt, clock = setup("sync", "replace", replan_every=4)
+    out = rt.run_episode(12)
+    starts = np.array([t.started for t in out.ticks]) - out.started_at
+    errors = np.array([t.started - t.nominal for t in out.ticks])
+    # Four actions a chunk; asked for right after the fourth is sent, the next one comes 0.25 s (and the
+    # model's time) later, and the robot waits for it.
+    gaps = np.diff(starts)
+    assert np.allclose(gaps[[0, 1, 2, 4, 5, 6]], 1 / HZ) and gaps[3] > DELAY
+    assert errors[4] > DELAY - 0.1 - 1e-9 and abs(errors[5]) < 1e-9  # the missed deadline, then on time
+    assert out.stale_sent == 0 and out.chunks[1].dropped_stale == 0
+    assert all(t.chunk != NO_CHUNK for t in out.ticks)
+
+
+def test_a_controller_that_is_too_slow_for_its_chunks_underruns_and_holds():
+    _, rt, _ = setup("async", "replace", replan_every=1, chunk=2, delay=0.5)
+    out = rt.run_episode(20)
+    assert out.underruns > 0  # two actions cannot cover half a second
+    held = [t for t in out.ticks if t.chunk == NO_CHUNK]
+    assert held and all(np.allclose(t.command, 0.0) for t in held)  # pointmaze: zero force holds still
+    assert out.stopped is None  # fresh chunks keep coming: the watchdog does not stop it
+
+
+@pytest.mark.parametrize("bad", [{"mode": "fast"}, {"replan_every": 0}, {"policy_hz": -1.0}])
+def test_runtime_config_refuses_bad_values(bad):
+    with pytest.raises(ValueError):
+        RuntimeConfig(**bad)
