@@ -94,6 +94,13 @@ class RobotBase(ABC):
         or forces (holding still sends zeros). Robots whose absolute actions are not positions say so."""
         return self.action_space.mode == "absolute"
 
+    @property
+    def position_key(self) -> str | None:
+        """The observation key that reads the present position in the action's units and order (a real
+        arm's joints), or None. A runtime caps the first command's step from it, as it caps each later
+        command's step from the one before."""
+        return None
+
     def schema(self, task: str = "") -> Schema:
         """The store schema for recording this robot: observations, action and timestamp."""
         keys = {k: f.key_spec() for k, f in self.observation_features.items()}

@@ -154,6 +154,16 @@ def test_limits_workspace_and_the_per_tick_step_cap():
         SafetyLayer(ARM, True, SafetyConfig(workspace_low=(0, 0, 0), workspace_high=(1, 1, 1)))
 
 
+def test_the_first_command_is_step_capped_from_the_present_position():
+    s = SafetyLayer(ARM, positions=True, cfg=SafetyConfig(max_step_fraction=0.1))  # 0.2 per tick
+    assert s.rest() is None  # nothing to hold yet
+    s.start_from(np.array([5.0, 0.0]))  # the arm's present position, clipped to the limits
+    assert s.rest().tolist() == [1.0, 0.0]
+    assert s.filter(np.array([-1.0, 1.0])).tolist() == pytest.approx([0.8, 0.2])
+    s.start_from(np.array([np.nan, 0.0]))  # an unreadable position is ignored
+    assert s.rest().tolist() == pytest.approx([0.8, 0.2])
+
+
 def test_watchdog_holds_then_stops():
     w = Watchdog(SafetyConfig(hold_after_s=0.5, stop_after_s=2.0))
     w.start(10.0)

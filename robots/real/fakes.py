@@ -236,7 +236,8 @@ class FakeCameras:
 
     Only the listed indices or paths open. Frame k of a camera is BGR (k % 256, 100, 200) everywhere,
     so a reader can tell the frames apart and check the channel order; `read()` waits for the next
-    frame time at the configured fps, as a camera does.
+    frame time at the configured fps, as a camera does. After `stall()` every camera stops delivering:
+    each `read()` waits one frame time and fails, as OpenCV's does when a camera is unplugged.
     """
 
     def __init__(self, devices: Iterable[int | str], size: tuple[int, int] = (480, 640), fps: float = 30.0):
@@ -244,6 +245,7 @@ class FakeCameras:
         self.size = size  # (height, width) before anyone sets it
         self.fps = fps
         self.opened: list[Any] = []
+        self.stalled = False
         cameras = self
 
         class FakeVideoCapture:
@@ -280,6 +282,8 @@ class FakeCameras:
                 if wait > 0:
                     time.sleep(wait)
                 self.next_t = time.monotonic() + 1.0 / max(self.props[5], 1.0)
+                if cameras.stalled:
+                    return False, None
                 h, w = int(self.props[4]), int(self.props[3])
                 frame = np.empty((h, w, 3), dtype=np.uint8)
                 frame[...] = (self.frames % 256, 100, 200)
@@ -287,3 +291,7 @@ class FakeCameras:
                 return True, frame
 
         self.capture_class = FakeVideoCapture
+
+    def stall(self) -> None:
+        """No camera delivers frames from now on (see the class docstring)."""
+        self.stalled = True

@@ -167,6 +167,10 @@ class LerobotArm(RobotBase):
     def action_feature(self) -> Feature:
         return self._joint_feature("action")
 
+    @property
+    def position_key(self) -> str:
+        return STATE_KEY  # the joints' present positions, in the action's units
+
     def _joint_feature(self, kind: str) -> Feature:
         low, high = joint_limits(self.lerobot_robot())
         names = tuple(self._motors)

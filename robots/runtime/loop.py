@@ -174,6 +174,9 @@ class Runtime:
         obs = self._read(out)
         if obs is None:
             return out
+        key = getattr(self.robot, "position_key", None)
+        if key is not None:  # the first command's step is capped from where the robot is
+            safety.start_from(obs[key])
         history.append((clock.now(), obs, None))
         first = self._first_chunk(history, out, state)
         if first is None:

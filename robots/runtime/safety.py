@@ -5,9 +5,9 @@ On every tick, whatever the controller produced goes through `SafetyLayer.filter
 the event counted), actions are clipped to the robot's limits and to an optional workspace box,
 and the change per tick of position targets is capped (`max_step`, LeRobot's
 `max_relative_target` idea, against the last command rather than a bus read, so it costs nothing
-per tick). The watchdog turns "no fresh valid action" into holding position after `hold_after_s`
-and into a controlled stop (the run ends with a message) after `stop_after_s`. Nothing here turns
-torque off.
+per tick; the first command of a run against the present position, `start_from`). The watchdog
+turns "no fresh valid action" into holding position after `hold_after_s` and into a controlled stop
+(the run ends with a message) after `stop_after_s`. Nothing here turns torque off.
 """
 
 from __future__ import annotations
@@ -91,11 +91,19 @@ class SafetyLayer:
         return span * self.cfg.max_step_fraction
 
     def rest(self) -> np.ndarray | None:
-        """The command that holds the robot still: the last target for position actions, zeros for
-        the others; None for a position robot before its first command (hold = send nothing)."""
+        """The command that holds the robot still: the last target for position actions (before the first,
+        the present position given to `start_from`), zeros for the others; None for a position robot with
+        neither (hold = send nothing)."""
         if self.positions:
             return None if self.last is None else self.last.copy()
         return np.clip(np.zeros(self.feature.shape), self.low, self.high)
+
+    def start_from(self, present: np.ndarray) -> None:
+        """The robot's present position (position actions; clipped to the limits): the first command's
+        step is capped from it. Without it the first command is not capped."""
+        p = np.asarray(present, dtype=np.float64)
+        if self.positions and p.shape == self.feature.shape and np.all(np.isfinite(p)):
+            self.last = np.clip(p, self.low, self.high)
 
     def filter(self, action: np.ndarray | None) -> np.ndarray | None:
         """The command to send for `action` (None: hold). Returns None only when there is nothing safe

@@ -366,13 +366,21 @@ class ProcessWorker:
         try:
             self._conn.send(msg)
         except (BrokenPipeError, OSError) as e:
-            raise WorkerDied(f"the inference worker {self.exit_description()} ({e})") from e
+            raise self._died(e) from e
 
     def _recv(self) -> tuple[str, Any]:
         try:
             return self._conn.recv()
         except (EOFError, OSError) as e:
-            raise WorkerDied(f"the inference worker {self.exit_description()} ({e})") from e
+            raise self._died(e) from e
+
+    def _died(self, e: BaseException) -> WorkerDied:
+        """The pipe broke: the process is exiting. Its exit status is known only once it is reaped, which
+        can be a moment after the pipe closes, so wait for that (1 s at most) before saying how it ended."""
+        if self._proc is not None:
+            self._proc.join(1.0)
+        detail = f" ({e})" if str(e) else ""  # an EOFError says nothing
+        return WorkerDied(f"the inference worker {self.exit_description()}{detail}")
 
 
 def _worker_main(spec: ControllerSpec, conn: Any) -> None:

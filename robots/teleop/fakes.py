@@ -133,6 +133,8 @@ class FakeFeetechSerial:
     writes a register, as the motor's own firmware would (e.g. a new Present_Position).
     `before_read(address, length)`, when set, runs before each read is answered: the place to move the
     motors as an operator's hand or the servos' own motion would between two reads.
+    `corrupt_reads`: that many of the next reads (it counts down; `before_read` may set it) are answered
+    with one status packet whose checksum is wrong and nothing more, as noise on the line would.
     """
 
     def __init__(self, memory: dict[int, bytearray]) -> None:
@@ -141,6 +143,7 @@ class FakeFeetechSerial:
         self.is_open = False
         self.written: list[tuple[int, int, bytes]] = []  # (id, address, data) of every write
         self.before_read: Callable[[int, int], None] | None = None
+        self.corrupt_reads = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> FakeFeetechSerial:
         """Pass as the `serial.Serial` class: opening the port returns this fake."""
@@ -179,14 +182,16 @@ class FakeFeetechSerial:
             self._status(motor_id, b"")
         elif instruction == READ:
             self._moved(params[0], params[1])
-            self._status(motor_id, self._read(motor_id, params[0], params[1]))
+            if not self._corrupt(motor_id):
+                self._status(motor_id, self._read(motor_id, params[0], params[1]))
         elif instruction == WRITE:
             self._write(motor_id, params[0], params[1:])
             self._status(motor_id, b"")
         elif instruction == SYNC_READ:
             self._moved(params[0], params[1])
-            for mid in params[2:]:
-                self._status(mid, self._read(mid, params[0], params[1]))
+            if not self._corrupt(params[2]):
+                for mid in params[2:]:
+                    self._status(mid, self._read(mid, params[0], params[1]))
         elif instruction == SYNC_WRITE:
             address, n = params[0], params[1]
             for i in range(2, len(params), n + 1):
@@ -196,6 +201,15 @@ class FakeFeetechSerial:
     def _moved(self, address: int, n: int) -> None:
         if self.before_read is not None:
             self.before_read(address, n)
+
+    def _corrupt(self, motor_id: int) -> bool:
+        """Answer this read with a corrupt packet when `corrupt_reads` says so."""
+        if self.corrupt_reads <= 0:
+            return False
+        self.corrupt_reads -= 1
+        body = bytes([motor_id, 2, 0x00])
+        self.rx += b"\xff\xff" + body + bytes([_checksum(body) ^ 0xFF])
+        return True
 
     def _read(self, motor_id: int, address: int, n: int) -> bytes | None:
         if motor_id not in self.memory:

@@ -1,0 +1,82 @@
+"""Controllers for runtime tests, built by name inside the inference worker process
+(`ControllerSpec("runtime_controllers:make", {...})`; pytest puts tests/ on sys.path and a spawned
+process starts with its parent's sys.path).
+
+`make(fault, after)` answers `after` good chunks (joint targets a few degrees around the arm's
+position at the first chunk, within any limits), then misbehaves in one of the ways of `FAULTS`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from policies.base import check_chunk_request, with_prefix
+
+FAULTS = ("none", "nan", "shape", "raise", "hang", "sigkill", "sigkill_late")
+RAISED = "the controller failed on purpose"
+WIGGLE_DEG = 2.0  # amplitude of the good chunks around the first position; the gripper moves too
+
+
+class FaultyController:
+    """`ChunkController` of `length` actions; chunks after the first `after` misbehave as `fault` says."""
+
+    def __init__(self, fault: str = "none", after: int = 0, length: int = 8, action_dim: int = 6) -> None:
+        if fault not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
+        self.fault, self.after, self.length, self.action_dim = fault, after, length, action_dim
+        self.home: np.ndarray | None = None
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.home, self.calls = None, 0
+
+    def chunk_from(
+        self,
+        steps: Sequence[dict[str, np.ndarray]],
+        actions: Sequence[np.ndarray],
+        previous: np.ndarray | None = None,
+        frozen: int = 0,
+    ) -> torch.Tensor:
+        """(1, T, Da): good chunks continue `previous`'s frozen actions; see the module docstring."""
+        prev = check_chunk_request(steps, actions, previous, frozen, self.action_dim)
+        state = np.asarray(steps[-1]["state"], np.float64)  # (1, Da) joint positions
+        if self.home is None:
+            self.home = state[0].copy()
+        n, self.calls = self.calls, self.calls + 1
+        if n >= self.after:
+            bad = self._misbehave()
+            if bad is not None:
+                return bad
+        T = max(self.length, frozen + 1)
+        phase = 0.3 * (n + np.arange(T))  # a slow wiggle, so that every chunk sends new values
+        chunk = self.home + WIGGLE_DEG * np.sin(phase)[:, None]  # (T, Da)
+        return with_prefix(torch.from_numpy(chunk[None]).float(), prev, frozen)
+
+    def _misbehave(self) -> torch.Tensor | None:
+        if self.fault == "nan":
+            return torch.full((1, self.length, self.action_dim), math.nan)
+        if self.fault == "shape":
+            return torch.zeros(1, self.length, self.action_dim - 1)
+        if self.fault == "raise":
+            raise RuntimeError(RAISED)
+        if self.fault == "hang":
+            time.sleep(3600)  # the runtime's watchdog must not wait for this
+        if self.fault == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fault == "sigkill_late":  # a dying process's pipe breaks a moment before it can be reaped
+            os.closerange(3, 65536)
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+
+def make(fault: str = "none", after: int = 0, length: int = 8) -> FaultyController:
+    """The `ControllerSpec` builder."""
+    return FaultyController(fault, after, length)

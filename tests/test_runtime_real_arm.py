@@ -1,0 +1,376 @@
+"""The real-time runtime driving lerobot's own follower arms, with only the serial port and the camera
+faked (`robots.real.fakes`): lerobot's robot, motor bus, motor SDK and OpenCV camera code all run, and
+the controller runs in its own spawned process (`tests/runtime_controllers.py`, imported there by name).
+
+What is checked is what reached the bus: every Goal_Position the fake servos received, read back from
+their control-table write log, is within the joint limits and within the safety layer's step cap of the
+one before (the first of the arm's present position), and equals the command the runtime recorded.
+The fake servos reach each goal before the next read of their positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from runtime_controllers import RAISED  # tests/ is on sys.path here, and in the spawned worker
+
+from robots.registry import make_robot
+from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, Runtime, RuntimeConfig
+from robots.runtime.safety import SafetyConfig
+from robots.runtime.worker import ControllerSpec, ProcessWorker
+
+pytest.importorskip("lerobot")
+from robots.real.fakes import FakeCameras, FakeSerialPorts, calibration, koch_arm, so_arm  # noqa: E402
+
+PORT = "/dev/ttyFOLLOWER"
+HZ = 30
+TICKS = 30
+SAFETY = SafetyConfig(hold_after_s=0.2, stop_after_s=0.6)  # max_step: 0.1 of each joint's range
+CALM = SafetyConfig()  # runs without a controller fault: a busy machine's stalls do not stop them
+CAMERA = {"wrist": {"index_or_path": 0, "width": 32, "height": 24, "fps": 30}}
+
+
+@dataclass(frozen=True)
+class ArmKind:
+    """A follower type, its fake bus and the control-table addresses (lerobot's tables) the test reads."""
+
+    robot: str
+    sdk: str
+    make_fake: Callable[..., object]
+    limits: tuple[int, int]  # raw calibrated range of every joint
+    torque: int  # Torque_Enable
+    goal: tuple[int, int]  # Goal_Position: address, bytes
+    present: tuple[int, int]  # Present_Position
+
+
+SO101 = ArmKind("so101_follower", "scservo_sdk", so_arm, (1000, 3000), 40, (42, 2), (56, 2))
+KOCH = ArmKind("koch_follower", "dynamixel_sdk", koch_arm, (1024, 3072), 64, (116, 4), (132, 4))
+
+
+@dataclass
+class Bus:
+    """A fake arm on PORT. `reads` counts the reads of the present positions; `at_read[k]` runs just
+    before the k-th (1-based): the place to break something in the middle of a run."""
+
+    kind: ArmKind
+    fake: object
+    calib_dir: object
+    reads: int = 0
+    at_read: dict[int, Callable[[], None]] = field(default_factory=dict)
+
+    def register(self, motor_id: int, address: int, length: int) -> int:
+        data = self.fake.memory[motor_id][address : address + length]
+        return int.from_bytes(data, "little", signed=length == 4)
+
+    def before_read(self, address: int, length: int) -> None:
+        if address != self.kind.present[0]:
+            return
+        self.reads += 1
+        if self.reads in self.at_read:
+            self.at_read[self.reads]()
+        (ga, n), (pa, _) = self.kind.goal, self.kind.present
+        for m in self.fake.memory.values():  # the servos have reached their goal
+            if any(m[ga : ga + n]):
+                m[pa : pa + n] = m[ga : ga + n]
+
+    def torque(self) -> list[int]:
+        return [self.fake.memory[i][self.kind.torque] for i in range(1, 7)]
+
+    def goals(self, since: int = 0) -> np.ndarray:
+        """(n, 6) raw Goal_Position of each sync write after the first `since` writes of the log."""
+        address, length = self.kind.goal
+        writes = [(i, d) for i, a, d in self.fake.written[since:] if a == address]
+        assert [i for i, _ in writes] == [1, 2, 3, 4, 5, 6] * (len(writes) // 6)  # whole sync writes only
+        values = [int.from_bytes(d, "little", signed=length == 4) for _, d in writes]
+        return np.asarray(values, dtype=np.int64).reshape(-1, 6)
+
+    def units(self, raw: np.ndarray) -> np.ndarray:
+        """lerobot's units of raw positions: degrees from the range's middle, the gripper 0..100."""
+        lo, hi = self.kind.limits
+        out = (np.asarray(raw, float) - (lo + hi) / 2) * 360 / 4095
+        out[..., 5] = (np.asarray(raw, float)[..., 5] - lo) / (hi - lo) * 100
+        return out
+
+    def tolerance(self) -> np.ndarray:
+        """One raw step in lerobot's units (lerobot truncates a goal to an integer)."""
+        lo, hi = self.kind.limits
+        return np.array([360 / 4095] * 5 + [100 / (hi - lo)]) + 1e-6
+
+
+@pytest.fixture(params=[SO101], ids=lambda k: k.robot)
+def bus(request, monkeypatch, tmp_path) -> Bus:
+    kind = request.param
+    pytest.importorskip(kind.sdk)
+    import serial
+
+    fake = kind.make_fake(limits=kind.limits)
+    monkeypatch.setattr(serial, "Serial", FakeSerialPorts({PORT: fake}))
+    motors = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+    (tmp_path / "follower.json").write_text(json.dumps(calibration(kind.limits, motors)))
+    b = Bus(kind, fake, tmp_path)
+    fake.before_read = b.before_read
+    return b
+
+
+@pytest.fixture
+def cameras(monkeypatch) -> FakeCameras:
+    cv2 = pytest.importorskip("cv2")
+    cams = FakeCameras([0])
+    monkeypatch.setattr(cv2, "VideoCapture", cams.capture_class)
+    return cams
+
+
+@contextlib.contextmanager
+def worker(fault: str = "none", after: int = 0) -> Iterator[ProcessWorker]:
+    """The faulty controller in its own process, stopped on every exit path."""
+    w = ProcessWorker(ControllerSpec("runtime_controllers:make", {"fault": fault, "after": after}))
+    w.start()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+@dataclass
+class Run:
+    out: EpisodeOutcome
+    goals: np.ndarray  # (n, 6) what reached the bus, in lerobot's units
+    start: np.ndarray  # (6,) the arm's position before the run, in lerobot's units
+    torque_after_run: list[int]
+    torque_after_disconnect: list[int]
+
+
+def run(
+    bus: Bus,
+    fault: str = "none",
+    after: int = 0,
+    ticks: int = TICKS,
+    safety: SafetyConfig = SAFETY,
+    **options,
+) -> Run:
+    arm = make_robot(bus.kind.robot, port=PORT, calibration_dir=str(bus.calib_dir), control_hz=HZ, **options)
+    with worker(fault, after) as w:
+        arm.connect()
+        try:
+            start = bus.units([bus.register(i, *bus.kind.present) for i in range(1, 7)])
+            since = len(bus.fake.written)
+            out = Runtime(arm, w, RuntimeConfig(safety=safety)).run_episode(ticks)
+            goals, torque = bus.goals(since), bus.torque()
+            assert len(bus.fake.written) == since + goals.size  # the run wrote goals and nothing else
+        finally:
+            arm.disconnect()
+    return Run(out, bus.units(goals), start, torque, bus.torque())
+
+
+def check_bus(r: Run, bus: Bus) -> None:
+    """Every goal that reached the bus is finite, within the limits and within the step cap of the one
+    before (the first: of the present position), and is the command the runtime recorded."""
+    arm = make_robot(bus.kind.robot, calibration_dir=str(bus.calib_dir))
+    low, high = np.asarray(arm.action_feature.low), np.asarray(arm.action_feature.high)
+    cap, tol = SAFETY.max_step_fraction * (high - low), bus.tolerance()
+    goals = r.goals
+    assert len(goals) and np.all(np.isfinite(goals))
+    assert np.all(goals >= low - tol) and np.all(goals <= high + tol)
+    steps = np.abs(np.diff(np.vstack([r.start, goals]), axis=0))
+    assert np.all(steps <= cap + 2 * tol), steps.max(axis=0)
+    sent = np.array([t.command for t in r.out.ticks if t.command is not None])
+    assert sent.shape == goals.shape
+    np.testing.assert_allclose(goals, sent, atol=tol.max())
+
+
+def fresh_ticks(out: EpisodeOutcome) -> list[int]:
+    """Indices of the ticks that sent an action of a chunk (not a held command)."""
+    return [i for i, t in enumerate(out.ticks) if t.chunk != NO_CHUNK]
+
+
+def check_held(r: Run, first_held: int) -> None:
+    """From tick `first_held` on nothing new reached the bus: every goal repeats the one before."""
+    assert 0 < first_held < len(r.out.ticks)
+    assert all(t.chunk == NO_CHUNK for t in r.out.ticks[first_held:])
+    n_before = sum(t.command is not None for t in r.out.ticks[:first_held])
+    assert len(r.goals) > n_before  # the hold was sent
+    np.testing.assert_array_equal(
+        r.goals[n_before:], np.broadcast_to(r.goals[n_before - 1], r.goals[n_before:].shape)
+    )
+
+
+# ====================================================================== a good controller
+@pytest.mark.parametrize("bus", [SO101, KOCH], ids=["so101", "koch"], indirect=True)
+def test_steady_controller_drives_the_arm_within_its_limits(bus):
+    r = run(bus, safety=CALM)
+    out = r.out
+    assert out.stopped is None and len(out.ticks) == TICKS
+    assert not out.events["non_finite"] and not out.events["hold"] and not out.events["read_failed"]
+    check_bus(r, bus)
+    assert len(r.goals) == TICKS and len(np.unique(r.goals[:, 0])) > TICKS // 2  # new values every tick
+    np.testing.assert_allclose(r.goals[0], r.start, atol=bus.tolerance().max())  # starts where it is
+    assert r.torque_after_run == r.torque_after_disconnect == [1] * 6  # the arm holds its last goal
+
+
+# ====================================================================== faults of the controller
+FAULTS = {  # fault -> (what the one-line message says, the event counted, how often; None: at least once)
+    "nan": ("3 bad chunks in a row, the last: chunk 5 holds non-finite actions", "non_finite_chunk", 3),
+    "shape": ("3 bad chunks in a row, the last: chunk of shape (8, 5), expected (T, 6)", "bad_chunk", 3),
+    "raise": (f"the last: RuntimeError: {RAISED} (runtime_controllers.py:", "inference_error", 3),
+    "hang": ("(stop_after_s = 0.6): the inference worker has not answered chunk 3 for ", "stop", 1),
+    "sigkill": ("the inference worker killed by SIGKILL; holding position", "hold", None),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_failing_controller_holds_position_and_ends_the_run_with_one_line(bus, fault):
+    """Three good chunks, then the fault: the arm holds its last goal and the run says why it ended."""
+    r = run(bus, fault, after=3, ticks=90)
+    out, (says, event, count) = r.out, FAULTS[fault]
+    assert out.stopped is not None and "\n" not in out.stopped, out.stopped
+    assert says in out.stopped and out.stopped.endswith("; holding position"), out.stopped
+    assert (out.events[event] == count) if count is not None else (out.events[event] >= 1)
+    assert len(out.ticks) < 90 and len(out.chunks) >= 3  # the good chunks were taken
+    fresh = fresh_ticks(out)
+    assert fresh and out.ticks[-1].chunk == NO_CHUNK and "hold" in out.ticks[-1].events
+    check_bus(r, bus)
+    check_held(r, fresh[-1] + 1)
+    if fault == "hang":  # the pending actions ran out, then the watchdog held, then stopped
+        assert out.underruns > 0 and out.events["hold"] > 1 and out.events["stop"] == 1
+    assert r.torque_after_run == r.torque_after_disconnect == [1] * 6
+
+
+@pytest.mark.parametrize("bus", [KOCH], ids=["koch"], indirect=True)
+def test_koch_arm_holds_when_the_controller_sends_nan(bus):
+    r = run(bus, "nan", after=3, ticks=90)
+    assert "holds non-finite actions" in r.out.stopped and r.out.events["non_finite_chunk"] == 3
+    check_bus(r, bus)
+    check_held(r, fresh_ticks(r.out)[-1] + 1)
+    assert r.torque_after_disconnect == [1] * 6
+
+
+def test_torque_goes_off_on_disconnect_only_when_asked(bus):
+    r = run(bus, "sigkill", after=3, ticks=90, torque_off_on_disconnect=True)
+    assert "killed by SIGKILL" in r.out.stopped
+    assert r.torque_after_run == [1] * 6 and r.torque_after_disconnect == [0] * 6
+
+
+def test_a_killed_worker_is_named_as_killed_even_when_its_pipe_breaks_first():
+    """The pipe closes a moment before the dead process can be reaped (here 0.2 s, on purpose): polling
+    at once must still say how it ended, not "still running"."""
+    from robots.runtime.worker import Request, WorkerDied
+
+    with worker("sigkill_late") as w:
+        w.submit(Request(0, [{"state": np.zeros(6, np.float32)}], [], action_shape=(6,)))
+        with pytest.raises(WorkerDied) as e:
+            for _ in range(10**7):  # until the pipe breaks (a deadline: the loop is bounded)
+                w.poll()
+    assert str(e.value) == "the inference worker killed by SIGKILL"
+
+
+# ====================================================================== faults of the robot
+@pytest.mark.parametrize("corrupt", [1, 2], ids=["one_read", "a_whole_tick"])
+def test_a_read_that_fails_is_retried_and_the_run_goes_on(bus, corrupt):
+    """A corrupt status packet makes lerobot's sync read raise (it does not retry); the runtime tries
+    again (read_retries = 2), and a tick whose every try failed holds, then the run continues."""
+
+    def noise() -> None:
+        bus.fake.corrupt_reads = corrupt
+
+    bus.at_read[10] = noise
+    r = run(bus, safety=CALM)
+    out = r.out
+    assert out.stopped is None and len(out.ticks) == TICKS and bus.fake.corrupt_reads == 0
+    assert bus.reads == TICKS + 1  # one read per tick, and one more try
+    if corrupt == 1:  # retried within the tick: nothing to see but the extra read
+        assert not out.events["read_failed"] and not out.events["hold"] and len(fresh_ticks(out)) == TICKS
+    else:
+        assert out.events["read_failed"] == 1 and out.events["hold"] == 1
+        held = [i for i, t in enumerate(out.ticks) if t.chunk == NO_CHUNK]
+        assert len(held) == 1 and held[0] < TICKS - 5 and len(fresh_ticks(out)) == TICKS - 1
+    check_bus(r, bus)
+    assert len(np.unique(r.goals[-5:, 0])) > 1  # new goals after the failure
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # lerobot's camera thread
+@pytest.mark.parametrize("device", ["bus", "camera"])
+def test_a_robot_that_cannot_be_read_ends_the_run_and_holds(bus, cameras, device):
+    """The bus answers every read with a corrupt packet, or the camera stops delivering frames (lerobot's
+    reader thread gives up and its read raises): five ticks without an observation end the run."""
+    bus.at_read[10] = (
+        cameras.stall if device == "camera" else lambda: setattr(bus.fake, "corrupt_reads", 10**9)
+    )
+    r = run(bus, cameras=CAMERA, ticks=90, safety=CALM)
+    out = r.out
+    cause = (
+        "ConnectionError: Failed to sync read 'Present_Position'" if device == "bus" else "OpenCVCamera(0)"
+    )
+    assert out.stopped.startswith("so101_follower: observation could not be read on 5 tick(s) in a row (")
+    assert cause in out.stopped and out.stopped.endswith("; holding position") and "\n" not in out.stopped
+    assert out.events["read_failed"] == 5 and out.events["hold"] == 5 and len(out.ticks) < 90
+    check_bus(r, bus)
+    check_held(r, fresh_ticks(out)[-1] + 1)
+    assert r.torque_after_run == r.torque_after_disconnect == [1] * 6
+
+
+# ====================================================================== wm-deploy
+def test_wm_deploy_on_an_so101_records_what_reached_the_bus(bus, cameras, tmp_path, capsys):
+    """`wm-deploy robot=so101_follower controller=random record=STORE` in-process (the fakes are
+    in-process): random targets anywhere in the limits are step-capped from the arm's position, and the
+    store holds exactly the goals the servos received."""
+    from robots.runtime.report import RECORD_KEYS
+    from robots.runtime.safety import EVENTS
+    from tools.deploy import DeployConfig, deploy
+    from wm.data import DemoStore
+
+    since = len(bus.fake.written)
+    cfg = DeployConfig(
+        controller="random",
+        out=str(tmp_path / "run"),
+        robot="so101_follower",
+        robot_options={"port": PORT, "calibration_dir": str(bus.calib_dir), "cameras": CAMERA},
+        max_steps=TICKS,
+        control_hz=HZ,
+        record=str(tmp_path / "rec.zarr"),
+        runtime=RuntimeConfig(safety=CALM),
+        inference_threads=1,
+    )
+    report, status = deploy(cfg)
+    assert status == 0 and "episode 0: 30 ticks" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report, default=str))
+    assert saved["episodes"] == 1 and saved["ticks"] == TICKS and saved["stopped"] == []
+    assert saved["safety_events"]["step_capped"] > 0 and saved["success_rate"] is None
+    assert saved["settings"]["robot"] == "so101_follower" and saved["settings"]["control_hz"] == HZ
+    assert bus.torque() == [1] * 6 and not bus.fake.is_open  # disconnected, still holding
+
+    store = DemoStore.open(tmp_path / "rec.zarr")
+    assert store.n_episodes == 1 and store.schema.robot == "so101_follower" and store.schema.fps == HZ
+    assert set(store.schema.keys) == {"state", "wrist", "action", "timestamp", *RECORD_KEYS}
+    assert store.episode_info(0)["stopped"] is None
+    ep = store.get_episode(0)
+    store.close()
+    sent = ep["sent"].astype(bool)
+    goals = bus.units(bus.goals(since))
+    assert len(ep["action"]) == TICKS and sent.all() and len(goals) == TICKS  # held ticks send too
+    np.testing.assert_allclose(ep["action"][sent], goals, atol=bus.tolerance().max())
+    np.testing.assert_allclose(ep["state"][1:], ep["action"][:-1], atol=bus.tolerance().max())  # reached
+    start = bus.units(np.full(6, 2000))  # so_arm's servos start at raw 2000
+    check_bus(Run(EpisodeOutcome(_ticks(ep)), goals, start, [], []), bus)
+    capped = ep["safety"] & (1 << EVENTS.index("step_capped")) > 0
+    assert capped.sum() == saved["safety_events"]["step_capped"]
+    fresh = ep["chunk"] >= 0  # -1: a held command
+    assert fresh[0] and np.all(np.diff(ep["chunk"][fresh]) >= 0)
+    assert np.all(np.isfinite(ep["action_due"][fresh])) and np.all(np.isnan(ep["action_due"][~fresh]))
+    assert np.all(np.diff(ep["action_sent_time"]) > 0) and np.all(ep["action_sent_time"] >= ep["timestamp"])
+    assert ep["wrist"].shape == (TICKS, 24, 32, 3)
+
+
+def _ticks(ep: dict[str, np.ndarray]) -> list:
+    """The recorded ticks as far as `check_bus` reads them (the command sent, or None)."""
+    from robots.runtime.loop import TickRecord
+
+    return [
+        TickRecord(0.0, 0.0, 0.0, 0.0, a if s else None, int(c), 0, 0.0)
+        for a, s, c in zip(ep["action"], ep["sent"], ep["chunk"], strict=True)
+    ]
