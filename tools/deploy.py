@@ -174,8 +174,8 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     else:
                         writer.discard()
                 print(live_line(episode_figures(outcome, runtime.period), i), flush=True)
-                if stop.is_set() or (outcome.stopped and not sim):
-                    break
+                if stop.is_set() or (outcome.stopped and (not sim or not worker.alive() or worker.busy)):
+                    break  # a real robot stops at a fault; a simulated one goes on while the model can
     finally:
         worker.close()
         if robot is not None:
