@@ -2,7 +2,8 @@
 
     python benchmarks/bench_runtime.py ticks --checkpoint RUN [--seconds 60 --hz 50]
         The runtime at `--hz` against the wall clock for `--seconds`, on the arm-pushing task (its camera
-        rendered on every tick), a diffusion policy in the inference worker process, then the same with
+        rendered on every tick), a diffusion policy (actions every 1 / `--policy-hz` s, interpolated
+        between) in the inference worker process, then the same with
         inference on the control thread (the synchronous baseline), in one run. Prints tick error
         p50 / p99 / max, ticks later than 5 ms, actions sent after their due time, underruns, chunk time.
 
@@ -194,6 +195,7 @@ def main() -> None:
     t.add_argument("--checkpoint", required=True)
     t.add_argument("--seconds", type=float, default=60.0)
     t.add_argument("--hz", type=float, default=50.0)
+    t.add_argument("--policy-hz", type=float, default=10.0, help="the policy's step (interpolated between)")
     t.add_argument("--replan-every", type=int, default=8)
     lat = sub.add_parser("latency")
     lat.add_argument("--checkpoint", required=True)
