@@ -74,9 +74,14 @@ def ticks(args: argparse.Namespace) -> dict:
         worker.start()
         task.connect()
         task.reset(0)
-        rt = Runtime(
-            task, worker, RuntimeConfig(mode=mode, stitching="replace", replan_every=args.replan_every)
+        cfg = RuntimeConfig(
+            mode=mode,
+            stitching="replace",
+            replan_every=args.replan_every,
+            policy_hz=args.policy_hz,
+            interpolate=True,
         )
+        rt = Runtime(task, worker, cfg)
         n = int(args.seconds * args.hz)
         out = rt.run_episode(n, goal=task.goal_observation())
         worker.close()
