@@ -1,6 +1,6 @@
 """The control loop on a simulated clock: the scheduling decisions (stale dropping by measured time,
-the committed prefix handed to the controller, the synchronous baseline's waiting) on a real
-simulated task, with a chunk latency the test chooses (`SimulatedTimeWorker`)."""
+the committed prefix handed to the controller, the synchronous baseline's waiting, a human's
+takeover) on a real simulated task, with a chunk latency the test chooses (`SimulatedTimeWorker`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ import pytest
 
 from robots.control import ManualClock
 from robots.registry import make_task
+from robots.runtime.intervention import Takeover
 from robots.runtime.loop import NO_CHUNK, Runtime, RuntimeConfig
 from robots.runtime.worker import ControllerSpec, SimulatedTimeWorker
 from robots.sim.base import SimConfig
+from robots.teleop.fakes import FakeClock, FakeKeyListener
+from robots.teleop.keyboard import KeyboardDevice
+from robots.teleop.mapping import ActionMapper
+from tools.deploy import present_action
 
 HZ, DELAY, CHUNK = 10.0, 0.25, 8
 
@@ -102,3 +107,35 @@ def test_a_controller_that_is_too_slow_for_its_chunks_underruns_and_holds():
 def test_runtime_config_refuses_bad_values(bad):
     with pytest.raises(ValueError):
         RuntimeConfig(**bad)
+
+
+def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so():
+    class Key:  # the attributes pynput's KeyCode carries
+        def __init__(self, char: str) -> None:
+            self.char, self.name = char, None
+
+    task, rt, clock = setup("async", "inpaint", replan_every=4)
+    w = Key("w")
+    keys = FakeKeyListener([(1.0, w, True), (1.5, w, False)], FakeClock())  # +x held from 1.0 s to 1.5 s
+    device = KeyboardDevice(backend="pynput", listener_factory=keys.factory, clock=keys.clock)
+    device.connect()
+    mapper, current = ActionMapper(translation_gain=0.5), present_action(task)
+    feat, space = task.action_feature, task.action_space
+    takeover = Takeover(device, lambda state, obs: mapper(state, feat, space, current=current(obs)))
+    start: list[float] = []
+
+    def human(obs):
+        start.append(start[0] if start else clock.now())
+        keys.replay_until(clock.now() - start[0])
+        return takeover(obs)
+
+    out = rt.run_episode(30, takeover=human)
+    took = [t for t in out.ticks if t.intervention]
+    assert len(took) == 5  # the ticks at 1.0 .. 1.4 s
+    assert all(np.allclose(t.command, [0.5, 0.0]) and t.chunk == NO_CHUNK for t in took)  # zero + step
+    after = [t for t in out.ticks if t.nominal - out.started_at >= 1.5]
+    # Handed back: the controller resumes only with chunks of observations taken after the hand-back.
+    resumed = next(t for t in after if t.chunk != NO_CHUNK)
+    assert out.chunks[resumed.chunk].obs_time >= out.started_at + 1.5 - 1e-9
+    assert out.underruns == 0 and out.stopped is None
+    device.disconnect()

@@ -84,6 +84,7 @@ def test_a_slower_policy_is_held_or_interpolated_between_its_actions():
     got = [lerp.take(k * P)[0] for k in range(6)]
     assert [g.action[0] for g in got[:5]] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
     assert got[1].interpolated and not got[2].interpolated
+    assert got[1].due == pytest.approx(P) and got[2].due == pytest.approx(2 * P)  # made for its tick
     assert got[5] is None  # past the last action: nothing to draw a line to
 
 

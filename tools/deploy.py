@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
-from tools._cli import UsageError, app, bind, build
+from tools._cli import UsageError, app, bind, build, check
 from tools._controller import ControllerConfig
 
 FAULT_EXIT = 3
@@ -47,6 +48,9 @@ class DeployConfig(ControllerConfig):
     inference_threads: int | None = None
     added_delay_s: float = 0.0
     status_every_s: float = 10.0
+    teleop: str | None = None
+    device_options: dict[str, Any] = field(default_factory=dict)
+    gains: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,8 +66,14 @@ class DeployConfig(ControllerConfig):
             raise ValueError(f"added_delay_s must be >= 0, got {self.added_delay_s}")
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
-        from robots.registry import robot_entry, task_entry
+        from robots.registry import device_class, robot_entry, task_entry
+        from robots.teleop.mapping import ActionMapper
 
+        if self.teleop is not None:
+            check(device_class(self.teleop), self.device_options, "device_options")
+            build(ActionMapper, self.gains, "gains")
+        elif self.device_options or self.gains:
+            raise UsageError("device_options and gains apply to a takeover device: give teleop=DEVICE")
         if is_sim(self.robot):
             build(task_entry(self.robot).options, self.robot_options, "robot_options")
             return
@@ -101,6 +111,35 @@ def make_robot(cfg: DeployConfig, image_size: tuple[int, int] | None) -> Any:
     return robot
 
 
+def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
+    """The operator's takeover device (connected), or None without `teleop=`."""
+    if cfg.teleop is None:
+        return None
+    from robots.registry import device_class
+    from robots.runtime.intervention import Takeover
+    from robots.teleop.mapping import ActionMapper
+
+    device = device_class(cfg.teleop)(**cfg.device_options)
+    device.connect()
+    mapper, current = ActionMapper(**cfg.gains), present_action(robot)
+    feat, space = robot.action_feature, robot.action_space
+    return Takeover(device, lambda state, obs: mapper(state, feat, space, current=current(obs)))
+
+
+def present_action(robot: Any) -> Any:
+    """obs -> the robot's present value in its action's layout, what a teleop step is added to for
+    absolute actions: its joint positions, zeros for forces / velocities (the step is the command),
+    else a proprioception of the action's size; None when there is none."""
+    key = getattr(robot, "position_key", None)
+    if key is not None:
+        return lambda obs: obs[key]
+    shape = robot.action_feature.shape
+    if not getattr(robot, "position_actions", True):
+        return lambda obs: np.zeros(shape)
+    same = [k for k, f in robot.observation_features.items() if f.kind == "proprio" and f.shape == shape]
+    return (lambda obs: obs[same[0]]) if same else (lambda obs: None)
+
+
 def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     """Run the episodes; returns the report and the exit status."""
     import os
@@ -130,10 +169,11 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     worker = ProcessWorker(spec) if cfg.runtime.mode == "async" else InlineWorker(spec)
     worker.start()
     stop = _StopFlag()
-    outcomes, store, robot = [], None, None
+    outcomes, store, robot, takeover = [], None, None, None
     try:
         robot = make_robot(cfg, worker.info.get("image_size"))
         robot.connect()
+        takeover = make_takeover(cfg, robot)
         if cfg.record:
             store = open_store(
                 cfg.record, recording_schema(robot.schema(cfg.robot if is_sim(cfg.robot) else ""))
@@ -163,6 +203,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     done=(lambda: robot.done) if sim else None,
                     on_tick=on_tick,
                     stop_requested=stop.is_set,
+                    takeover=takeover,
                 )
                 outcome.success = robot.is_success() if sim else None
                 outcomes.append(outcome)
@@ -178,6 +219,8 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
     finally:
         worker.close()
+        if takeover is not None:
+            takeover.close()
         if robot is not None:
             robot.disconnect()
         if store is not None:

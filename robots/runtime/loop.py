@@ -80,8 +80,8 @@ class RuntimeConfig:
 @dataclass
 class TickRecord:
     """One tick: its nominal time, when it started and sent, the observation's capture time, what was
-    sent (None: nothing), the chunk and index it came from (NO_CHUNK: a held command), its due time,
-    and the safety events of this tick."""
+    sent (None: nothing), the chunk and index it came from (NO_CHUNK: a held command or a human's), its
+    due time, the safety events of this tick, and whether a human had taken over."""
 
     nominal: float
     started: float
@@ -92,6 +92,7 @@ class TickRecord:
     index: int
     due: float
     events: tuple[str, ...] = ()
+    intervention: bool = False
 
 
 @dataclass
@@ -157,10 +158,13 @@ class Runtime:
         done: Callable[[], bool] | None = None,
         on_tick: Callable[[TickRecord, Mapping[str, np.ndarray]], None] | None = None,
         stop_requested: Callable[[], bool] | None = None,
+        takeover: Callable[[Mapping[str, np.ndarray]], np.ndarray | None] | None = None,
     ) -> EpisodeOutcome:
         """One episode of at most `max_ticks` ticks. The controller is reset (and told `goal`); the
         first chunk is awaited before the clock starts (the robot is at rest meanwhile), then the loop
-        runs until `done()`, the tick limit, a fault or `stop_requested()`."""
+        runs until `done()`, the tick limit, a fault or `stop_requested()`. `takeover(obs)` returns a
+        human's action for a tick (`robots.runtime.intervention.Takeover`) or None; after a takeover
+        the controller resumes from a chunk of an observation taken after the hand-back."""
         cfg, clock, out = self.cfg, self.clock, EpisodeOutcome()
         safety = SafetyLayer(self.feature, self.positions, self.safety_cfg)
         out.events = safety.events
@@ -228,15 +232,22 @@ class Runtime:
                 if out.stopped:
                     self._hold(safety, nominal, began, out, on_tick, obs)
                     break
-            # ---- the action due now
+            # ---- the action due now (or a human's)
+            human = takeover(obs) if takeover is not None else None
             pick, skipped = timeline.take(tick_t)
             out.skipped += skipped
             now = clock.now()
+            if human is not None:
+                state.human, pick = True, None
+                watchdog.fresh(now)
+            elif state.human:  # handed back: only chunks from observations after now are used
+                state.human, state.resume_after, state.resuming = False, began, True
+                timeline.clear()
             if pick is not None:
                 watchdog.fresh(now)
                 if now > pick.due + self.period / 2:
                     out.stale_sent += 1
-            elif not len(timeline):
+            elif not len(timeline) and human is None and not state.resuming:
                 out.underruns += 1
             if watchdog.check(now) == "stop":
                 out.events["stop"] += 1
@@ -247,11 +258,11 @@ class Runtime:
                 )
                 self._hold(safety, nominal, began, out, on_tick, obs)
                 break
-            if watchdog.state == "hold" and pick is None:
+            if watchdog.state == "hold" and pick is None and human is None:
                 out.events["hold"] += 1
                 events.append("hold")
             before = Counter(safety.events)
-            command = safety.filter(pick.action if pick is not None else None)
+            command = safety.filter(human if human is not None else pick.action if pick is not None else None)
             events += [e for e in safety.events if safety.events[e] > before[e]]
             sent_at = clock.now()
             if command is not None:
@@ -268,6 +279,7 @@ class Runtime:
                 pick.index if chunk_id != NO_CHUNK else -1,
                 pick.due if chunk_id != NO_CHUNK else math.nan,
                 tuple(events),
+                human is not None,
             )
             out.ticks.append(record)
             if (
@@ -281,6 +293,8 @@ class Runtime:
             if done is not None and done():
                 break
             # ---- ask for the next chunk
+            if state.human:
+                continue  # the operator drives; the controller is asked again once handed back
             if cfg.mode == "sync":
                 if not len(timeline):
                     reply = self._request(history, None, out, state, began)
@@ -423,9 +437,12 @@ class Runtime:
 
     def _arrived(self, reply, timeline, out, state, next_tick, now, sync: bool = False) -> None:
         t_obs, requested, frozen = state.requests.pop(reply.seq, (now, now, 0))
+        if state.human or t_obs < state.resume_after:  # computed before a human's takeover ended
+            out.events["discarded_chunk"] += 1
+            return
         if not self._valid(reply, out, state):
             return
-        state.errors = 0
+        state.errors, state.resuming = 0, False
         state.latencies.append(now - t_obs)
         obs_time = next_tick if sync else t_obs  # sync: the robot waited, the chunk starts at next_tick
         chunk = Chunk(reply.actions, obs_time, self.step_s, reply.seq)
@@ -499,6 +516,9 @@ class _State:
     last_request_obs: float = -math.inf
     errors: int = 0
     last_error: str = ""
+    human: bool = False  # a human has taken over
+    resuming: bool = False  # handed back, waiting for the first chunk since
+    resume_after: float = -math.inf  # chunks of observations before this are not used
 
     def latency(self) -> float:
         """The latency estimate: the worst of the recent round trips (old spikes are forgotten)."""

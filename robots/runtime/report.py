@@ -10,6 +10,7 @@ Figures (all from the runtime's own records, on its monotonic clock):
     stale_actions_sent     actions sent more than half a period after their due time
     stale_actions_dropped  actions of arriving chunks whose time had passed (never sent)
     underruns         ticks with no pending action at all (the safety layer held)
+    intervention_ticks  ticks a human's teleop action was sent instead of the controller's
     safety_events     counts per event (non_finite, clipped, step_capped, hold, stop, ...)
     seam_jump / within_jump  the largest change between consecutive commands where the chunk changed,
                       and the p99 of those inside a chunk (how smooth stitching is)
@@ -36,6 +37,7 @@ RECORD_KEYS = {  # per tick, beside the robot's observation and the action sent
     "chunk_index": KeySpec((), "int64", "lowdim"),
     "sent": KeySpec((), "uint8", "lowdim"),
     "safety": KeySpec((), "uint32", "lowdim"),  # bit i: EVENTS[i] happened on this tick
+    "intervention": KeySpec((), "uint8", "lowdim"),  # 1: a human's teleop action was sent
 }
 
 
@@ -63,6 +65,7 @@ def episode_figures(out: EpisodeOutcome, period_s: float) -> dict[str, Any]:
         "stale_actions_dropped": int(sum(c.dropped_stale for c in out.chunks)),
         "skipped_actions": out.skipped,
         "underruns": out.underruns,
+        "intervention_ticks": sum(t.intervention for t in ticks),
         "safety_events": {k: int(v) for k, v in out.events.items() if v},
         "seam_jump_max": float(seams.max()) if len(seams) else None,
         "within_jump_p99": _pct(within, 99),
@@ -214,4 +217,5 @@ def tick_row(record: TickRecord, obs: Mapping[str, np.ndarray], action: KeySpec)
         "chunk_index": np.int64(record.index),
         "sent": np.uint8(sent),
         "safety": np.uint32(bits),
+        "intervention": np.uint8(record.intervention),
     }

@@ -73,8 +73,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class Pick:
-    """What a tick sends: the action, the slot it came from (`chunk`, `index`, `due`), and whether it
-    was interpolated between two slots."""
+    """What a tick sends: the action, the slot it came from (`chunk`, `index`), when it is due, and
+    whether it was interpolated between two slots (then it is due at the tick it was made for)."""
 
     action: np.ndarray
     chunk: int
@@ -179,7 +179,9 @@ class Timeline:
         skipped = self._consume(i - 1)  # `left` stays the anchor until the tick passes `right`
         left.sent, self.last = True, left
         action = (1 - w) * left.action + w * right.action
-        return Pick(action, left.chunk, left.index, left.due, w > 1e-9), skipped
+        if w <= 1e-9:  # exactly on `left`
+            return Pick(action, left.chunk, left.index, left.due), skipped
+        return Pick(action, left.chunk, left.index, tick_time, True), skipped  # due now: made for this tick
 
     def _consume(self, n: int) -> int:
         """Drop the first n slots; returns how many of them were never sent."""
