@@ -109,14 +109,15 @@ def test_runtime_config_refuses_bad_values(bad):
         RuntimeConfig(**bad)
 
 
-def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so():
+@pytest.mark.parametrize(("held", "replan_every", "took_ticks"), [((1.0, 1.5), 4, 5), ((1.0, 1.05), 1, 1)])
+def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so(held, replan_every, took_ticks):
     class Key:  # the attributes pynput's KeyCode carries
         def __init__(self, char: str) -> None:
             self.char, self.name = char, None
 
-    task, rt, clock = setup("async", "inpaint", replan_every=4)
+    task, rt, clock = setup("async", "inpaint", replan_every=replan_every)
     w = Key("w")
-    keys = FakeKeyListener([(1.0, w, True), (1.5, w, False)], FakeClock())  # +x held from 1.0 s to 1.5 s
+    keys = FakeKeyListener([(held[0], w, True), (held[1], w, False)], FakeClock())  # +x held
     device = KeyboardDevice(backend="pynput", listener_factory=keys.factory, clock=keys.clock)
     device.connect()
     mapper, current = ActionMapper(translation_gain=0.5), present_action(task)
@@ -131,11 +132,15 @@ def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so():
 
     out = rt.run_episode(30, takeover=human)
     took = [t for t in out.ticks if t.intervention]
-    assert len(took) == 5  # the ticks at 1.0 .. 1.4 s
+    assert len(took) == took_ticks  # the ticks while the key is held
     assert all(np.allclose(t.command, [0.5, 0.0]) and t.chunk == NO_CHUNK for t in took)  # zero + step
-    after = [t for t in out.ticks if t.nominal - out.started_at >= 1.5]
-    # Handed back: the controller resumes only with chunks of observations taken after the hand-back.
+    back = took[-1].nominal + 1 / HZ  # the hand-back tick
+    after = [t for t in out.ticks if t.nominal >= back - 1e-9]
+    # Handed back: the controller resumes only with chunks of observations taken after the hand-back;
+    # one asked for before (still computing when the operator let go) is discarded.
     resumed = next(t for t in after if t.chunk != NO_CHUNK)
-    assert out.chunks[resumed.chunk].obs_time >= out.started_at + 1.5 - 1e-9
+    assert out.chunks[resumed.chunk].obs_time >= back - 1e-9
+    if replan_every == 1:
+        assert out.events["discarded_chunk"] >= 1
     assert out.underruns == 0 and out.stopped is None
     device.disconnect()

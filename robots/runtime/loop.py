@@ -243,6 +243,7 @@ class Runtime:
             elif state.human:  # handed back: only chunks from observations after now are used
                 state.human, state.resume_after, state.resuming = False, began, True
                 timeline.clear()
+                pick = None
             if pick is not None:
                 watchdog.fresh(now)
                 if now > pick.due + self.period / 2:
