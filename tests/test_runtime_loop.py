@@ -109,7 +109,7 @@ def test_runtime_config_refuses_bad_values(bad):
         RuntimeConfig(**bad)
 
 
-@pytest.mark.parametrize(("held", "replan_every", "took_ticks"), [((1.0, 1.5), 4, 5), ((1.1, 1.15), 1, 1)])
+@pytest.mark.parametrize(("held", "replan_every", "took_ticks"), [((0.99, 1.49), 4, 5), ((1.09, 1.15), 1, 1)])
 def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so(held, replan_every, took_ticks):
     class Key:  # the attributes pynput's KeyCode carries
         def __init__(self, char: str) -> None:
