@@ -15,8 +15,7 @@ from robots.runtime.worker import ControllerSpec, SimulatedTimeWorker
 from robots.sim.base import SimConfig
 from robots.teleop.fakes import FakeClock, FakeKeyListener
 from robots.teleop.keyboard import KeyboardDevice
-from robots.teleop.mapping import ActionMapper
-from tools.deploy import present_action
+from robots.teleop.mapping import ActionMapper, robot_mapper
 
 HZ, DELAY, CHUNK = 10.0, 0.25, 8
 
@@ -120,9 +119,7 @@ def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so(held, replan_eve
     keys = FakeKeyListener([(held[0], w, True), (held[1], w, False)], FakeClock())  # +x held
     device = KeyboardDevice(backend="pynput", listener_factory=keys.factory, clock=keys.clock)
     device.connect()
-    mapper, current = ActionMapper(translation_gain=0.5), present_action(task)
-    feat, space = task.action_feature, task.action_space
-    takeover = Takeover(device, lambda state, obs: mapper(state, feat, space, current=current(obs)))
+    takeover = Takeover(device, robot_mapper(ActionMapper(translation_gain=0.5), task))
     start: list[float] = []
 
     def human(obs):

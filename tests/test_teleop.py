@@ -371,3 +371,26 @@ def test_mapper_config_is_validated():
         ActionMapper(axis_order=(0, 0, 1, 2, 3, 4))
     with pytest.raises(ValueError, match="gripper"):
         ActionMapper(gripper="sticky")
+
+
+@pytest.mark.parametrize(
+    ("task", "adds_to_present"), [("pointmaze", False), ("arm_push", False), ("pusht", True)]
+)
+def test_robot_mapper_adds_a_step_only_to_present_positions(task, adds_to_present):
+    """Forces (pointmaze) and deltas (arm_push) are the step itself; a position target (PushT's agent)
+    is the present position plus the step (this used to fail on pointmaze and arm_push)."""
+    from robots.registry import make_task
+    from robots.sim.base import SimConfig
+    from robots.teleop.mapping import robot_mapper
+
+    robot = make_task(task, SimConfig(state_only=True))
+    obs = robot.reset(0)
+    mapper = robot_mapper(ActionMapper(translation_gain=0.01), robot)
+    action = mapper(TeleopState(motion=np.array([1.0, 0, 0, 0, 0, 0])), obs)
+    assert action.shape == robot.action_feature.shape and np.isfinite(action).all()
+    if adds_to_present:
+        proprio = next(k for k, f in robot.observation_features.items() if f.kind == "proprio")
+        assert np.allclose(action - obs[proprio], [0.01, 0.0], atol=1e-5)
+    else:
+        assert np.count_nonzero(action) == 1 and abs(action.max()) > 0
+    robot.disconnect()

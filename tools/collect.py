@@ -188,11 +188,9 @@ def make_device(cfg: CollectConfig) -> Any:
 
 
 def teleop_mapper(cfg: CollectConfig, task: Any) -> Any:
-    from robots.teleop.mapping import ActionMapper
+    from robots.teleop.mapping import ActionMapper, robot_mapper
 
-    mapper = ActionMapper(**cfg.gains)
-    proprio = next((k for k, f in task.observation_features.items() if f.kind == "proprio"), None)
-    return lambda state, obs: mapper(state, task.action_feature, task.action_space, current=obs.get(proprio))
+    return robot_mapper(ActionMapper(**cfg.gains), task)
 
 
 def _main(cfg: DictConfig) -> int:

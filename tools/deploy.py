@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
@@ -117,27 +116,11 @@ def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
         return None
     from robots.registry import device_class
     from robots.runtime.intervention import Takeover
-    from robots.teleop.mapping import ActionMapper
+    from robots.teleop.mapping import ActionMapper, robot_mapper
 
     device = device_class(cfg.teleop)(**cfg.device_options)
     device.connect()
-    mapper, current = ActionMapper(**cfg.gains), present_action(robot)
-    feat, space = robot.action_feature, robot.action_space
-    return Takeover(device, lambda state, obs: mapper(state, feat, space, current=current(obs)))
-
-
-def present_action(robot: Any) -> Any:
-    """obs -> the robot's present value in its action's layout, what a teleop step is added to for
-    absolute actions: its joint positions, zeros for forces / velocities (the step is the command),
-    else a proprioception of the action's size; None when there is none."""
-    key = getattr(robot, "position_key", None)
-    if key is not None:
-        return lambda obs: obs[key]
-    shape = robot.action_feature.shape
-    if not getattr(robot, "position_actions", True):
-        return lambda obs: np.zeros(shape)
-    same = [k for k, f in robot.observation_features.items() if f.kind == "proprio" and f.shape == shape]
-    return (lambda obs: obs[same[0]]) if same else (lambda obs: None)
+    return Takeover(device, robot_mapper(ActionMapper(**cfg.gains), robot))
 
 
 def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:

@@ -19,7 +19,8 @@ Rules, applied in order:
    - `joint`: absolute targets `joints * joint_scale + joint_offset` from a leader arm (joints must
      be reported, D must match); `delta` mode returns `target - current` and needs `current`.
    - `planar`: D = 2 -> (x, y); D = 3 -> (x, y, yaw).
-   - `ee`: D = 3 -> (x, y, z); 4 -> (x, y, z, gripper); 6 -> (x, y, z, roll, pitch, yaw);
+   - `ee`: D = 2 -> (x, y) (an end effector moving in a plane); 3 -> (x, y, z);
+     4 -> (x, y, z, gripper); 6 -> (x, y, z, roll, pitch, yaw);
      7 -> (x, y, z, roll, pitch, yaw, gripper).
    - `other`: joint rule if the state has joints of size D, else the planar rule for D = 2, else
      the ee rule.
@@ -33,7 +34,9 @@ Rules, applied in order:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +47,7 @@ from wm.data.schema import ActionSpace
 GRIPPER_MODES = ("binary", "continuous")
 # D -> (motion indices, has gripper) for ee spaces; planar spaces use their own table.
 EE_LAYOUTS = {
+    2: ((0, 1), False),
     3: ((0, 1, 2), False),
     4: ((0, 1, 2), True),
     6: ((0, 1, 2, 3, 4, 5), False),
@@ -185,3 +189,26 @@ class ActionMapper:
         low = None if feature.low is None else feature.low[-1]
         high = None if feature.high is None else feature.high[-1]
         return np.concatenate([step, [self.gripper_value(state, low, high)]])
+
+
+def present_action(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarray | None]:
+    """obs -> the robot's present value in its action's layout, what a teleop step is added to for
+    absolute actions: its joint positions (`position_key`), zeros for forces / velocities / deltas
+    (the step is the command), else a proprioception of the action's size; None when there is none."""
+    key = getattr(robot, "position_key", None)
+    if key is not None:
+        return lambda obs: obs[key]
+    shape = robot.action_feature.shape
+    if not getattr(robot, "position_actions", True):
+        return lambda obs: np.zeros(shape)
+    same = [k for k, f in robot.observation_features.items() if f.kind == "proprio" and f.shape == shape]
+    return (lambda obs: obs[same[0]]) if same else (lambda obs: None)
+
+
+def robot_mapper(
+    mapper: ActionMapper, robot: Any
+) -> Callable[[TeleopState, Mapping[str, np.ndarray]], np.ndarray]:
+    """(device state, the robot's observation) -> one action for `robot`, by `mapper`'s rules."""
+    current = present_action(robot)
+    feature, space = robot.action_feature, robot.action_space
+    return lambda state, obs: mapper(state, feature, space, current=current(obs))
