@@ -267,7 +267,14 @@ class Runtime:
             events += [e for e in safety.events if safety.events[e] > before[e]]
             sent_at = clock.now()
             if command is not None:
-                self.robot.send_action(command)
+                try:
+                    self.robot.send_action(command)
+                except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
+                    out.events["send_failed"] += 1
+                    out.stopped = (
+                        f"{self.robot.name}: the command could not be sent ({type(e).__name__}: {e})"
+                    )
+                    break
                 last_cmd = command
             chunk_id = pick.chunk if pick is not None and command is not None else NO_CHUNK
             record = TickRecord(
