@@ -313,6 +313,22 @@ def test_a_robot_that_cannot_be_read_ends_the_run_and_holds(bus, cameras, device
     assert r.torque_after_run == r.torque_after_disconnect == [1] * 6
 
 
+def test_a_bus_that_stops_taking_commands_ends_the_run_with_one_line(bus):
+    """The USB adapter is pulled mid-run: the write raises; the runtime sends nothing more and says so."""
+    bus.at_read[10] = lambda: setattr(bus.fake, "unplugged", True)
+    arm = make_robot(bus.kind.robot, port=PORT, calibration_dir=str(bus.calib_dir), control_hz=HZ)
+    with worker() as w:
+        arm.connect()
+        try:
+            out = Runtime(arm, w, RuntimeConfig(safety=CALM)).run_episode(60)
+        finally:
+            bus.fake.unplugged = False  # plugged back in, so that disconnect() can talk to it
+            arm.disconnect()
+    assert out.events["send_failed"] == 1 and len(out.ticks) < 60
+    assert out.stopped.startswith("so101_follower: the command could not be sent (OSError")
+    assert "\n" not in out.stopped and bus.torque() == [1] * 6
+
+
 # ====================================================================== wm-deploy
 def test_wm_deploy_on_an_so101_records_what_reached_the_bus(bus, cameras, tmp_path, capsys):
     """`wm-deploy robot=so101_follower controller=random record=STORE` in-process (the fakes are

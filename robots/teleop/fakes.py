@@ -135,6 +135,7 @@ class FakeFeetechSerial:
     motors as an operator's hand or the servos' own motion would between two reads.
     `corrupt_reads`: that many of the next reads (it counts down; `before_read` may set it) are answered
     with one status packet whose checksum is wrong and nothing more, as noise on the line would.
+    `unplugged`: from then on every write raises OSError, as pyserial does when the adapter is pulled.
     """
 
     def __init__(self, memory: dict[int, bytearray]) -> None:
@@ -144,6 +145,7 @@ class FakeFeetechSerial:
         self.written: list[tuple[int, int, bytes]] = []  # (id, address, data) of every write
         self.before_read: Callable[[int, int], None] | None = None
         self.corrupt_reads = 0
+        self.unplugged = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> FakeFeetechSerial:
         """Pass as the `serial.Serial` class: opening the port returns this fake."""
@@ -173,6 +175,8 @@ class FakeFeetechSerial:
         return out
 
     def write(self, packet: bytes | list[int]) -> int:
+        if self.unplugged:
+            raise OSError(5, "Input/output error")
         data = bytes(packet)
         if len(data) < 6 or data[:2] != b"\xff\xff":
             return len(data)
