@@ -8,7 +8,7 @@
         p50 / p99 / max, ticks later than 5 ms, actions sent after their due time, underruns, chunk time.
 
     python benchmarks/bench_runtime.py latency --checkpoint RUN [--episodes 50 --delays 0 0.1 0.3 0.6]
-        Success, time to completion and seams on the arm-pushing task for synchronous execution and
+        Success, time to completion and seams on the arm-pushing task (`--task`) for synchronous execution and
         asynchronous execution with each stitching, at each added inference delay, on the same seeds.
         Runs on a simulated clock (`SimulatedTimeWorker`): each chunk arrives after the model's measured
         seconds plus the delay, and every runtime decision is taken as on the wall clock, so 20
@@ -131,7 +131,7 @@ def latency(args: argparse.Namespace) -> dict:
 
 
 def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
-    task = make_task(TASK, SimConfig(image_size=(64, 64)))
+    task = make_task(args.task, SimConfig(image_size=(64, 64)))
     clock = None if args.wall else ManualClock(1000.0)
     spec = spec_for(args.checkpoint, task, delay)
     if args.wall:
@@ -204,6 +204,7 @@ def main() -> None:
     t.add_argument("--replan-every", type=int, default=8)
     lat = sub.add_parser("latency")
     lat.add_argument("--checkpoint", required=True)
+    lat.add_argument("--task", default=TASK, help="the simulated task the policy was trained on")
     lat.add_argument("--episodes", type=int, default=50)
     lat.add_argument("--seed", type=int, default=1000)
     lat.add_argument("--delays", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.6])
