@@ -154,6 +154,25 @@ def test_camera_frames_come_through_lerobots_opencv_camera(so_bus, cameras):
     assert cameras.opened and not cameras.opened[0].open  # released on disconnect
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # lerobot's camera thread
+def test_a_stalled_camera_gives_no_old_frame_as_an_observation(so_bus, cameras):
+    """Three frame periods (100 ms at 30 fps) after a camera stops, reading the arm fails; lerobot's own
+    bound would still hand out the last frame for half a second."""
+    import time
+
+    _, calib_dir = so_bus
+    cams = {"wrist": {"index_or_path": 0, "width": 32, "height": 24, "fps": 30}}
+    with so101(calib_dir, cameras=cams) as arm:
+        assert arm.frame_age_ms("wrist") == 100.0
+        arm.get_observation()
+        cameras.stall()
+        time.sleep(0.25)
+        with pytest.raises(TimeoutError, match="too old"):
+            arm.get_observation()
+    with pytest.raises(ValueError, match="max_frame_age_ms"):
+        make_robot("so101_follower", max_frame_age_ms=0)
+
+
 def test_missing_camera_says_how_to_list_them_and_closes_the_port(so_bus, cameras):
     fake, calib_dir = so_bus
     cams = {"top": {"index_or_path": 4, "width": 32, "height": 24, "fps": 30}}

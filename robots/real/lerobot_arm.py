@@ -76,6 +76,9 @@ class LerobotArmOptions:
         or one per motor; None (default) leaves it off.
     torque_off_on_disconnect: disconnecting turns the servos' torque off (the arm goes limp).
     cameras: {name: {index_or_path, width, height, fps, [warmup_s, rotation, fourcc]}}.
+    max_frame_age_ms: a camera frame older than this is not an observation (the read fails, as for a
+        camera that stopped); None: three frame periods of the camera's fps, at least 50 ms
+        (lerobot's own bound is 500 ms, which lets a stalled camera pass old frames for half a second).
     """
 
     port: str = "/dev/ttyACM0"
@@ -87,10 +90,13 @@ class LerobotArmOptions:
     max_relative_target: float | dict[str, float] | None = None
     torque_off_on_disconnect: bool = False
     cameras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_frame_age_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.control_hz > 0:
             raise ValueError(f"control_hz must be positive, got {self.control_hz}")
+        if self.max_frame_age_ms is not None and not self.max_frame_age_ms > 0:
+            raise ValueError(f"max_frame_age_ms must be positive, got {self.max_frame_age_ms}")
         caps = self.max_relative_target
         values = caps.values() if isinstance(caps, Mapping) else [] if caps is None else [caps]
         if any(not float(v) > 0 for v in values):
@@ -226,11 +232,19 @@ class LerobotArm(RobotBase):
 
     # ------------------------------------------------------------------ observation and action
     def _observe(self) -> dict[str, np.ndarray]:
-        obs = self._robot.get_observation()
-        out = {STATE_KEY: np.array([obs[f"{m}.pos"] for m in self._motors], dtype=np.float32)}
+        # lerobot's `get_observation()`, with this arm's bound on how old a camera frame may be.
+        pos = self._robot.bus.sync_read("Present_Position")
+        out = {STATE_KEY: np.array([pos[m] for m in self._motors], dtype=np.float32)}
         for cam in self._cameras:
-            out[cam] = np.asarray(obs[cam], dtype=np.uint8)  # (H, W, 3) RGB
+            frame = self._robot.cameras[cam].read_latest(max_age_ms=self.frame_age_ms(cam))
+            out[cam] = np.asarray(frame, dtype=np.uint8)  # (H, W, 3) RGB
         return out
+
+    def frame_age_ms(self, camera: str) -> float:
+        """The oldest a frame of `camera` may be to count as an observation."""
+        if self.options.max_frame_age_ms is not None:
+            return self.options.max_frame_age_ms
+        return max(50.0, 3 * 1000.0 / float(self.options.cameras[camera]["fps"]))
 
     def _apply(self, action: np.ndarray) -> np.ndarray:
         goal = {f"{m}.pos": float(v) for m, v in zip(self._motors, action, strict=True)}

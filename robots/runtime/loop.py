@@ -1,10 +1,11 @@
 """The real-time control loop: the robot on its own clock, the model in a worker.
 
-Each tick, at an absolute deadline (`robots.control`), does only this: read the newest observation,
-take in a chunk if one has arrived (stale actions dropped by the time actually measured), pick the
-action due now (`schedule.Timeline`), pass it through the safety layer, send it. After the send it
-asks the worker for a new chunk when it is idle and one is due, handing it the observation history
-and, for real-time chunking, the actions already committed. Nothing on the tick waits for the model.
+Each tick, at an absolute deadline (`robots.control`), does only this: take in a chunk if one has
+arrived (stale actions dropped by the time actually measured), pick the action due now
+(`schedule.Timeline`), pass it through the safety layer, send it; then read the newest observation
+(after the send, so that no camera or bus read delays a command) and, when the worker is idle and a
+chunk is due, hand it the observation history and, for real-time chunking, the actions already
+committed. Nothing on the tick waits for the model.
 
 In `sync` mode the same loop computes chunks on the control thread when the last one is used up
 (the robot waits, as LeRobot's synchronous loop and openpi's client do): the baseline.
@@ -47,7 +48,8 @@ class RuntimeConfig:
     actions would not last until it arrives); sync: actions executed per chunk. latency_window:
     chunks over which the worst round trip is the latency estimate (it forgets old spikes).
     max_inference_errors: consecutive failed chunks that end the run. read_retries: attempts per
-    tick to read the robot; max_read_failures: consecutive failed ticks that end the run."""
+    tick to read the robot; max_read_failures: consecutive ticks without an observation that end the
+    run (meanwhile the pending actions are sent: a chunk runs open loop that long at most)."""
 
     mode: str = "async"
     stitching: str = "inpaint"
@@ -181,7 +183,8 @@ class Runtime:
         key = getattr(self.robot, "position_key", None)
         if key is not None:  # the first command's step is capped from where the robot is
             safety.start_from(obs[key])
-        history.append((clock.now(), obs, None))
+        captured = clock.now()
+        history.append((captured, obs, None))
         first = self._first_chunk(history, out, state)
         if first is None:
             return out
@@ -215,14 +218,6 @@ class Runtime:
             if stop_requested is not None and stop_requested():
                 out.stopped = "stopped by the operator"
                 break
-            if out.ticks:  # the first tick uses the observation the first chunk was computed from
-                obs = self._read(out)
-                if obs is None:
-                    self._hold(safety, nominal, began, out, on_tick, None)
-                    if out.stopped:
-                        break
-                    continue
-                history.append((began, obs, last_cmd))
             events: list[str] = []
             # ---- take in a chunk that has arrived
             if cfg.mode == "async":
@@ -280,7 +275,7 @@ class Runtime:
             record = TickRecord(
                 nominal,
                 began,
-                began,
+                captured,
                 sent_at,
                 command,
                 chunk_id,
@@ -300,12 +295,21 @@ class Runtime:
                 on_tick(record, obs)
             if done is not None and done():
                 break
+            # ---- the newest observation (after the send: the command never waits for a camera or bus)
+            fresh_obs = self._read(out)
+            if fresh_obs is None:
+                if out.stopped:
+                    self._hold(safety, nominal, began, out, None, None)
+                    break
+                continue  # the pending actions go on; too many failed reads in a row end the episode
+            captured, obs = clock.now(), fresh_obs
+            history.append((captured, obs, last_cmd))
             # ---- ask for the next chunk
             if state.human:
                 continue  # the operator drives; the controller is asked again once handed back
             if cfg.mode == "sync":
                 if not len(timeline):
-                    reply = self._request(history, None, out, state, began)
+                    reply = self._request(history, None, out, state, captured)
                     now, nxt = clock.now(), anchor + k * self.period
                     if now > nxt:  # the robot waited past the next deadline: its schedule restarts now
                         missed, anchor, k = nxt, now, 0
@@ -313,8 +317,8 @@ class Runtime:
                         self._arrived(reply, timeline, out, state, anchor + k * self.period, now, sync=True)
                     if out.stopped:
                         break
-            elif not self.worker.busy and self._due_request(timeline, state, began):
-                self._request(history, timeline, out, state, began)
+            elif not self.worker.busy and self._due_request(timeline, state, captured):
+                self._request(history, timeline, out, state, captured)
                 if out.stopped:
                     self._hold(safety, nominal, began, out, on_tick, obs)
                     break
