@@ -394,6 +394,16 @@ class SignalingRegressor(TinyRegressor):
 
 
 def test_ctrl_c_finishes_the_step_saves_it_and_a_second_one_quits(dataset, tmp_path, capsys):
+    # Python's own Ctrl-C handler, even when pytest runs as a background job (which inherits an ignored
+    # SIGINT, and the trainer leaves an ignored SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_once_then_twice(dataset, tmp_path, capsys)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _ctrl_c_once_then_twice(dataset, tmp_path, capsys) -> None:
     before = signal.getsignal(signal.SIGINT)
     model = SignalingRegressor(at=7, times=1)
     trainer = Trainer(
