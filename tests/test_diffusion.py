@@ -549,6 +549,7 @@ def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(st
     idx = [0, 5, 17]
     cached, raw = setup.train_set.get_batch(idx), images.get_batch(idx)
     assert cached["image"].ndim == 4 and raw["image"].ndim == 5  # (B, To, P, D) tokens vs (B, To, C, H, W)
+    setup.model.set_precision("fp32")  # the raw path in fp32, whatever "auto" measures on this machine
     enc = setup.model.obs_encoder.eval()
     with torch.no_grad():
         a = enc({"image": cached["image"], "proprio": cached["proprio"]})
