@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -38,18 +37,9 @@ from robots.runtime.report import episode_figures  # noqa: E402
 from robots.runtime.schedule import seam_jumps  # noqa: E402
 from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker, SimulatedTimeWorker  # noqa: E402
 from robots.sim.base import SimConfig  # noqa: E402
+from wm.precision import describe_hardware  # noqa: E402
 
 TASK = "arm_push"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def spec_for(checkpoint: str, task, delay: float = 0.0, threads: int = 1) -> ControllerSpec:
@@ -87,7 +77,7 @@ def ticks(args: argparse.Namespace) -> dict:
         worker.close()
         task.disconnect()
         err = np.array([(t.started - t.nominal) * 1e3 for t in out.ticks])
-        fig = episode_figures(out, 1 / args.hz)
+        fig = episode_figures(out)
         results[mode] = {
             "ticks": len(out.ticks),
             "achieved_hz": fig["achieved_hz"],
@@ -159,7 +149,7 @@ def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
         s, w = seam_jumps([a for a, _ in sent], [c for _, c in sent])
         seams += s.tolist()
         within += w.tolist()
-        fig_all.append(episode_figures(out, 1 / task.control_hz))
+        fig_all.append(episode_figures(out))
     worker.close()
     task.disconnect()
     row = {
@@ -217,9 +207,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+    print(f"{describe_hardware()}, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
     res = ticks(args) if args.what == "ticks" else latency(args)
-    res["cpu"] = cpu_name()
+    res["cpu"] = describe_hardware()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -197,7 +197,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                         )
                     else:
                         writer.discard()
-                print(live_line(episode_figures(outcome, runtime.period), i), flush=True)
+                print(live_line(episode_figures(outcome), i), flush=True)
                 if stop.is_set() or (outcome.stopped and (not sim or not worker.alive() or worker.busy)):
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
     finally:
@@ -221,7 +221,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         "inference_threads": threads,
         "seed": cfg.seed,
     }
-    report = run_report(outcomes, 1.0 / robot.control_hz, settings)
+    report = run_report(outcomes, settings)
     paths = write_run_report(out, report, outcomes)
     print(
         f"wrote {', '.join(map(str, paths))}" + (f", recording {cfg.record}" if cfg.record else ""),

@@ -15,12 +15,12 @@ Each fake replaces only the device, so lerobot's robot, motor bus, motor SDK and
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from robots.teleop.fakes import FakeFeetechSerial
+from robots.teleop.fakes import FakeFeetechSerial, FakeServoPort
 
 __all__ = [
     "FakeCameras",
@@ -128,51 +128,18 @@ def _unstuff(body: bytes) -> bytes:
     return bytes(out)
 
 
-class FakeDynamixelSerial:
+class FakeDynamixelSerial(FakeServoPort):
     """A serial port with Dynamixel X-series servos behind it: protocol 2.0 instruction packets in,
-    status packets out (ping, read, write, sync read, sync write).
-
-    `memory[id]` is each motor's control table (little-endian values); `set(id, addr, n, v)` writes a
-    register as the motor's firmware would; `written` lists every (id, address, data) written;
-    `before_read(address, length)`, when set, runs before each read is answered.
+    status packets out (ping, read, write, sync read, sync write); the control tables, the write log
+    and `before_read` are `FakeServoPort`'s. `set(id, addr, n, v)` writes a register as the motor's
+    firmware would, `get` reads one back (signed).
     """
-
-    def __init__(self, memory: dict[int, bytearray]) -> None:
-        self.memory = memory
-        self.rx = bytearray()
-        self.is_open = False
-        self.written: list[tuple[int, int, bytes]] = []
-        self.before_read: Callable[[int, int], None] | None = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> FakeDynamixelSerial:
-        """Pass as the `serial.Serial` class: opening the port returns this fake."""
-        self.is_open = True
-        return self
 
     def set(self, motor_id: int, address: int, length: int, value: int) -> None:
         _register(self.memory[motor_id], address, length, value)
 
     def get(self, motor_id: int, address: int, length: int) -> int:
         return int.from_bytes(self.memory[motor_id][address : address + length], "little", signed=True)
-
-    # pyserial surface used by dynamixel_sdk's PortHandler
-    @property
-    def in_waiting(self) -> int:
-        return len(self.rx)
-
-    def reset_input_buffer(self) -> None:
-        self.rx.clear()
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.is_open = False
-
-    def read(self, size: int = 1) -> bytes:
-        out = bytes(self.rx[:size])
-        del self.rx[:size]
-        return out
 
     def write(self, packet: bytes | list[int]) -> int:
         data = bytes(packet)
@@ -206,20 +173,6 @@ class FakeDynamixelSerial:
             for i in range(4, len(params), n + 1):
                 self._write(params[i], address, params[i + 1 : i + 1 + n])
         return len(data)
-
-    def _moved(self, address: int, n: int) -> None:
-        if self.before_read is not None:
-            self.before_read(address, n)
-
-    def _read(self, motor_id: int, address: int, n: int) -> bytes | None:
-        if motor_id not in self.memory:
-            return None
-        return bytes(self.memory[motor_id][address : address + n])
-
-    def _write(self, motor_id: int, address: int, data: bytes) -> None:
-        if motor_id in self.memory:
-            self.memory[motor_id][address : address + len(data)] = data
-            self.written.append((motor_id, address, bytes(data)))
 
     def _status(self, motor_id: int, data: bytes | None) -> None:
         if motor_id == DXL_BROADCAST or motor_id not in self.memory or data is None:

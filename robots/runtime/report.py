@@ -45,7 +45,7 @@ def _pct(x: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(x, float), q)) if len(x) else None
 
 
-def episode_figures(out: EpisodeOutcome, period_s: float) -> dict[str, Any]:
+def episode_figures(out: EpisodeOutcome) -> dict[str, Any]:
     """The figures of one episode (see the module docstring)."""
     ticks = out.ticks
     err = [(t.started - t.nominal) * 1e3 for t in ticks]
@@ -75,9 +75,7 @@ def episode_figures(out: EpisodeOutcome, period_s: float) -> dict[str, Any]:
     }
 
 
-def run_report(
-    outcomes: Sequence[EpisodeOutcome], period_s: float, settings: Mapping[str, Any]
-) -> dict[str, Any]:
+def run_report(outcomes: Sequence[EpisodeOutcome], settings: Mapping[str, Any]) -> dict[str, Any]:
     """report.json: the run's figures over every tick of every episode, and each episode's own."""
     merged = EpisodeOutcome()
     for o in outcomes:
@@ -87,13 +85,12 @@ def run_report(
         merged.stale_sent += o.stale_sent
         merged.underruns += o.underruns
         merged.skipped += o.skipped
-    whole = episode_figures(merged, period_s)
-    rates = [f for o in outcomes if (f := episode_figures(o, period_s)["achieved_hz"]) is not None]
+    whole = episode_figures(merged)
+    per_episode = [episode_figures(o) for o in outcomes]
+    rates = [f["achieved_hz"] for f in per_episode if f["achieved_hz"] is not None]
     whole["achieved_hz"] = float(np.mean(rates)) if rates else None
-    seams = [o for o in (episode_figures(o, period_s) for o in outcomes)]
-    whole["seam_jump_max"] = max(
-        (s["seam_jump_max"] for s in seams if s["seam_jump_max"] is not None), default=None
-    )
+    seams = [f["seam_jump_max"] for f in per_episode if f["seam_jump_max"] is not None]
+    whole["seam_jump_max"] = max(seams, default=None)
     for key in ("success", "stopped", "wall_s"):
         whole.pop(key)
     succ = [o.success for o in outcomes if o.success is not None]
@@ -101,7 +98,7 @@ def run_report(
     whole["success_rate"] = float(np.mean(succ)) if succ else None
     whole["stopped"] = [o.stopped for o in outcomes if o.stopped]
     whole["settings"] = dict(settings)
-    whole["per_episode"] = seams
+    whole["per_episode"] = per_episode
     return whole
 
 

@@ -6,7 +6,8 @@ Each fake replaces only the lowest layer, so the device's own parsing and state 
 - `FakeHid`: hidapi's `hid` module; its devices return recorded raw report bytes.
 - `FakeGamepadSource`: the pygame joystick source, returning recorded `GamepadEvent` batches.
 - `FakeFeetechSerial`: the `serial.Serial` port under lerobot's Feetech motor bus; it answers the
-  Feetech (SCS protocol 0) packets from an in-memory control table per motor.
+  Feetech (SCS protocol 0) packets from an in-memory control table per motor (`FakeServoPort`, the
+  part every fake motor bus shares).
 """
 
 from __future__ import annotations
@@ -126,36 +127,27 @@ def _checksum(body: Iterable[int]) -> int:
     return ~sum(body) & 0xFF
 
 
-class FakeFeetechSerial:
-    """A serial port with Feetech servos behind it: instruction packets in, status packets out.
-
-    `memory[id]` is each motor's 256-byte control table (little-endian values); `set(id, addr, n, v)`
-    writes a register, as the motor's own firmware would (e.g. a new Present_Position).
+class FakeServoPort:
+    """What the fake motor buses share: the pyserial surface their SDKs' PortHandler uses (`rx` is what
+    the motors answered, not yet read), and an in-memory control table per motor (`memory[id]`, 256
+    little-endian bytes) with a log of every write (`written`: (id, address, data)). A subclass parses
+    its protocol's instruction packets in `write` and answers with `_status`.
     `before_read(address, length)`, when set, runs before each read is answered: the place to move the
-    motors as an operator's hand or the servos' own motion would between two reads.
-    `corrupt_reads`: that many of the next reads (it counts down; `before_read` may set it) are answered
-    with one status packet whose checksum is wrong and nothing more, as noise on the line would.
-    `unplugged`: from then on every write raises OSError, as pyserial does when the adapter is pulled.
-    """
+    motors as an operator's hand or the servos' own motion would between two reads."""
 
     def __init__(self, memory: dict[int, bytearray]) -> None:
         self.memory = memory
         self.rx = bytearray()
         self.is_open = False
-        self.written: list[tuple[int, int, bytes]] = []  # (id, address, data) of every write
+        self.written: list[tuple[int, int, bytes]] = []
         self.before_read: Callable[[int, int], None] | None = None
-        self.corrupt_reads = 0
-        self.unplugged = False
 
-    def __call__(self, *args: Any, **kwargs: Any) -> FakeFeetechSerial:
+    def __call__(self, *args: Any, **kwargs: Any) -> FakeServoPort:
         """Pass as the `serial.Serial` class: opening the port returns this fake."""
         self.is_open = True
         return self
 
-    def set(self, motor_id: int, address: int, length: int, value: int) -> None:
-        self.memory[motor_id][address : address + length] = int(value).to_bytes(length, "little")
-
-    # pyserial surface used by scservo_sdk's PortHandler
+    # the pyserial surface
     @property
     def in_waiting(self) -> int:
         return len(self.rx)
@@ -173,6 +165,39 @@ class FakeFeetechSerial:
         out = bytes(self.rx[:size])
         del self.rx[:size]
         return out
+
+    # the motors
+    def _moved(self, address: int, n: int) -> None:
+        if self.before_read is not None:
+            self.before_read(address, n)
+
+    def _read(self, motor_id: int, address: int, n: int) -> bytes | None:
+        if motor_id not in self.memory:
+            return None
+        return bytes(self.memory[motor_id][address : address + n])
+
+    def _write(self, motor_id: int, address: int, data: bytes) -> None:
+        if motor_id in self.memory:
+            self.memory[motor_id][address : address + len(data)] = data
+            self.written.append((motor_id, address, bytes(data)))
+
+
+class FakeFeetechSerial(FakeServoPort):
+    """A serial port with Feetech servos behind it (SCS protocol 0): instruction packets in, status
+    packets out (`FakeServoPort` for the control tables and `before_read`). `set(id, addr, n, v)`
+    writes a register, as the motor's own firmware would (e.g. a new Present_Position).
+    `corrupt_reads`: that many of the next reads (it counts down; `before_read` may set it) are answered
+    with one status packet whose checksum is wrong and nothing more, as noise on the line would.
+    `unplugged`: from then on every write raises OSError, as pyserial does when the adapter is pulled.
+    """
+
+    def __init__(self, memory: dict[int, bytearray]) -> None:
+        super().__init__(memory)
+        self.corrupt_reads = 0
+        self.unplugged = False
+
+    def set(self, motor_id: int, address: int, length: int, value: int) -> None:
+        self.memory[motor_id][address : address + length] = int(value).to_bytes(length, "little")
 
     def write(self, packet: bytes | list[int]) -> int:
         if self.unplugged:
@@ -202,10 +227,6 @@ class FakeFeetechSerial:
                 self._write(params[i], address, params[i + 1 : i + 1 + n])
         return len(data)
 
-    def _moved(self, address: int, n: int) -> None:
-        if self.before_read is not None:
-            self.before_read(address, n)
-
     def _corrupt(self, motor_id: int) -> bool:
         """Answer this read with a corrupt packet when `corrupt_reads` says so."""
         if self.corrupt_reads <= 0:
@@ -214,16 +235,6 @@ class FakeFeetechSerial:
         body = bytes([motor_id, 2, 0x00])
         self.rx += b"\xff\xff" + body + bytes([_checksum(body) ^ 0xFF])
         return True
-
-    def _read(self, motor_id: int, address: int, n: int) -> bytes | None:
-        if motor_id not in self.memory:
-            return None
-        return bytes(self.memory[motor_id][address : address + n])
-
-    def _write(self, motor_id: int, address: int, data: bytes) -> None:
-        if motor_id in self.memory:
-            self.memory[motor_id][address : address + len(data)] = data
-            self.written.append((motor_id, address, bytes(data)))
 
     def _status(self, motor_id: int, data: bytes | None) -> None:
         if motor_id == BROADCAST or motor_id not in self.memory or data is None:
