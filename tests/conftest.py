@@ -1,4 +1,4 @@
-"""Shared fixtures: small stores written with the real zarr store."""
+"""Shared fixtures: small stores written with the real zarr store, one torch thread for tiny tensors."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def make_episode(seed: int, length: int) -> dict[str, np.ndarray]:
         "state": rng.normal(size=(length, 4)).astype(np.float32),
         "action": rng.normal(size=(length, 2)).astype(np.float32),
     }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: as fast, and it cannot stall in OpenMP barriers
+    when the machine is shared and loaded (BENCHMARKS.md, "Figures from development"). A module asks
+    for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -27,13 +27,7 @@ from wm.data.normalize import Normalizer, compute_stats
 from wm.encoders import EncoderConfig
 from wm.spec import IOSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 # ---------------------------------------------------------------------- a tiny (untrained) diffusion policy

@@ -4,17 +4,14 @@ simulated task run against the wall clock, with the inference worker in its own 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from apps import TINY_POLICY, TINY_WM, cli
 
 from robots.runtime.report import RECORD_KEYS
 from wm.data import DemoStore
 
-BIN = Path(sys.executable).parent
 REPORT_KEYS = (
     "achieved_hz",
     "tick_error_ms",
@@ -25,10 +22,6 @@ REPORT_KEYS = (
     "safety_events",
     "success_rate",
 )
-
-
-def cli(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +36,8 @@ def maze(tmp_path_factory):
 def policy(maze, tmp_path_factory):
     run = tmp_path_factory.mktemp("deploy") / "dp"
     res = cli(
-        "wm-train", "model=diffusion_unet", "task=pointmaze", f"store={maze}", f"out={run}",
-        "trainer.steps=2", "trainer.batch_size=4", "trainer.val_every=2", "model.unet.down_dims=[16,32]",
-        "model.unet.n_groups=8", "model.obs.crop=null", "model.obs.backbone=patch",
-        "+model.obs.patch_encoder={name: cnn, cnn_channels: [8, 16], cnn_stride: 4, cnn_dim: 16}",
-        "model.sampler_steps=2",
+        "wm-train", "model=diffusion_unet", "task=pointmaze", f"store={maze}", f"out={run}", *TINY_POLICY,
+        "model.unet.down_dims=[16,32]", "model.unet.n_groups=8", "model.sampler_steps=2",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     return run
@@ -58,10 +48,7 @@ def world_model(maze, tmp_path_factory):
     run = tmp_path_factory.mktemp("deploy") / "wm"
     res = cli(
         "wm-train", "model=dino_wm", "task=pointmaze", f"store={maze}", f"out={run}", "trainer.steps=2",
-        "trainer.batch_size=8", "trainer.val_every=2", "model.n_hist=2", "model.encoder.cnn_channels=[8,16]",
-        "model.encoder.cnn_stride=4", "model.encoder.cnn_dim=16", "model.predictor_dim=32",
-        "model.predictor_depth=1", "model.predictor_heads=2", "model.predictor_head_dim=16",
-        "model.predictor_mlp_dim=32", "model.decoder_channels=[16,8]",
+        "trainer.batch_size=8", "trainer.val_every=2", "model.n_hist=2", *TINY_WM,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     return run

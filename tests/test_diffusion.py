@@ -33,13 +33,7 @@ from wm.registry import load_model
 from wm.spec import IOSpec
 from wm.trainer import Trainer, TrainerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 # ---------------------------------------------------------------------- a known 2-D distribution

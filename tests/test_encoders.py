@@ -27,14 +27,7 @@ def random_encoder(name: str, **kw):
         return build_encoder(EncoderConfig(name=name, allow_random=True, **kw))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: one intra-op thread is as fast, and it cannot stall in OpenMP barriers
-    when the machine is shared and loaded (BENCHMARKS.md, "Figures from development")."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 @pytest.fixture(scope="module")

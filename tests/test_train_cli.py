@@ -16,30 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from apps import TINY_WM
 
 from wm.checkpoint import BEST_NAME, latest_checkpoint, list_checkpoints, load_checkpoint
 from wm.data import DemoStore, KeySpec, Schema
 from wm.registry import load_model
 
 WM_TRAIN = str(Path(sys.executable).parent / "wm-train")
-TINY_WM = [
-    "model=dino_wm",
-    "model.encoder.cnn_channels=[8,16]",
-    "model.encoder.cnn_stride=4",
-    "model.encoder.cnn_dim=16",
-    "model.predictor_dim=32",
-    "model.predictor_depth=1",
-    "model.predictor_heads=2",
-    "model.predictor_head_dim=16",
-    "model.predictor_mlp_dim=32",
-    "model.decoder_channels=[16,8]",
-    "trainer.batch_size=8",
-    "trainer.log_every=2",
-]
+TRAIN_WM = ["model=dino_wm", *TINY_WM, "trainer.batch_size=8", "trainer.log_every=2"]
 
 
 def wm_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([WM_TRAIN, *TINY_WM, *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([WM_TRAIN, *TRAIN_WM, *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +111,14 @@ def test_reusing_out_for_another_architecture_is_one_line(run, store, tmp_path):
 
 def test_ctrl_c_saves_says_how_to_resume_and_exits_130(store, tmp_path):
     out = tmp_path / "run"
-    args = [WM_TRAIN, *TINY_WM, f"store={store}", f"out={out}", "trainer.steps=100000", "trainer.val_every=0"]
+    args = [
+        WM_TRAIN,
+        *TRAIN_WM,
+        f"store={store}",
+        f"out={out}",
+        "trainer.steps=100000",
+        "trainer.val_every=0",
+    ]
     # SIGINT may be ignored in a background job's children: give wm-train Python's default.
     proc = subprocess.Popen(
         args,

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from apps import BIN, TINY_POLICY, TINY_WM, cli
 
 from wm.data import DemoStore
-
-BIN = Path(sys.executable).parent
-
-
-def cli(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +17,6 @@ def maze(tmp_path_factory):
     res = cli("wm-collect", "task=pointmaze", "episodes=6", f"store={path}", "image_size=32", "noise_std=0.3")
     assert res.returncode == 0, res.stderr
     return path
-
-
-TINY_WM = [
-    "model.encoder.cnn_channels=[8,16]",
-    "model.encoder.cnn_stride=4",
-    "model.encoder.cnn_dim=16",
-    "model.predictor_dim=32",
-    "model.predictor_depth=1",
-    "model.predictor_heads=2",
-    "model.predictor_head_dim=16",
-    "model.predictor_mlp_dim=32",
-    "model.decoder_channels=[16,8]",
-]
 
 
 @pytest.fixture(scope="module")
@@ -227,16 +207,6 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
     assert json.loads((tmp_path / "eval_cm" / "results.json").read_text())["inference"]["sampler_steps"] == 1
     res = cli("wm-train", "model=consistency", f"store={maze}", f"out={tmp_path / 'x'}")
     assert res.returncode == 2 and "teacher=DIR" in res.stderr and not (tmp_path / "x").exists()
-
-
-TINY_POLICY = [
-    "trainer.steps=2",
-    "trainer.batch_size=4",
-    "trainer.val_every=2",
-    "model.obs.crop=null",
-    "model.obs.backbone=patch",
-    "+model.obs.patch_encoder={name: cnn, cnn_channels: [8, 16], cnn_stride: 4, cnn_dim: 16}",
-]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,36 @@
+"""The console scripts as the end-to-end tests run them, and the smallest models worth training
+through them (`wm-train` options)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+TINY_WM = [  # a DINO-WM world model on a small CNN encoder
+    "model.encoder.cnn_channels=[8,16]",
+    "model.encoder.cnn_stride=4",
+    "model.encoder.cnn_dim=16",
+    "model.predictor_dim=32",
+    "model.predictor_depth=1",
+    "model.predictor_heads=2",
+    "model.predictor_head_dim=16",
+    "model.predictor_mlp_dim=32",
+    "model.decoder_channels=[16,8]",
+]
+
+TINY_POLICY = [  # a diffusion policy on a small CNN patch encoder, trained for two steps
+    "trainer.steps=2",
+    "trainer.batch_size=4",
+    "trainer.val_every=2",
+    "model.obs.crop=null",
+    "model.obs.backbone=patch",
+    "+model.obs.patch_encoder={name: cnn, cnn_channels: [8, 16], cnn_stride: 4, cnn_dim: 16}",
+]
+
+
+def cli(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the console script `name` with `args`; its output captured."""
+    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=600)
