@@ -19,7 +19,8 @@ import torch
 
 from policies.base import check_chunk_request, with_prefix
 
-FAULTS = ("none", "nan", "shape", "raise", "hang", "sigkill", "sigkill_late")
+FAULTS = ("none", "nan", "shape", "raise", "hang", "sigkill", "sigkill_late", "slow_once")
+SLOW_S = 1.5  # fault "slow_once": chunk number `after` takes this long, the others none
 RAISED = "the controller failed on purpose"
 WIGGLE_DEG = 2.0  # amplitude of the good chunks around the first position; the gripper moves too
 
@@ -68,6 +69,8 @@ class FaultyController:
             raise RuntimeError(RAISED)
         if self.fault == "hang":
             time.sleep(3600)  # the runtime's watchdog must not wait for this
+        if self.fault == "slow_once" and self.calls == self.after + 1:
+            time.sleep(SLOW_S)
         if self.fault == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         if self.fault == "sigkill_late":  # a dying process's pipe breaks a moment before it can be reaped
@@ -80,3 +83,17 @@ class FaultyController:
 def make(fault: str = "none", after: int = 0, length: int = 8) -> FaultyController:
     """The `ControllerSpec` builder."""
     return FaultyController(fault, after, length)
+
+
+def serve(
+    port: int, fault: str = "none", after: int = 0, token: str | None = None, max_sessions: int = 1
+) -> None:
+    """A policy server of `make(fault, after)` controllers on 127.0.0.1:`port`, until killed (the
+    target of a spawned test process)."""
+    from robots.runtime.server import PolicyServer, ServerConfig
+
+    torch.set_num_threads(1)
+    cfg = ServerConfig(port=port, token=token, max_sessions=max_sessions, session_timeout_s=5.0)
+    server = PolicyServer(lambda low, high: make(fault, after), cfg, log=lambda line: None)
+    server.bind()
+    server.serve()

@@ -104,7 +104,11 @@ class Bus:
 
 @pytest.fixture(params=[SO101], ids=lambda k: k.robot)
 def bus(request, monkeypatch, tmp_path) -> Bus:
-    kind = request.param
+    return make_bus(request.param, monkeypatch, tmp_path)
+
+
+def make_bus(kind: ArmKind, monkeypatch, tmp_path) -> Bus:
+    """A fake arm of `kind` on PORT (pyserial's Serial patched), its calibration in `tmp_path`."""
     pytest.importorskip(kind.sdk)
     import serial
 

@@ -9,6 +9,9 @@ in an inference worker process (`runtime.mode=async`), or on the control thread
 `runtime.safety.stop_after_s`) holds position and ends the episode with one line. Simulated tasks
 run against the wall clock and report success.
 
+With `server=HOST:PORT` the controller runs in `wm-serve` on that machine instead (its options are
+the server's; `token=` or WM_SERVE_TOKEN proves this robot may use it); everything else is the same.
+
 Writes `out/report.json` (achieved rate, tick error, latency, stale and dropped actions, underruns,
 safety events, success), `out/timing.png`, and with `record=STORE` every tick into a store.
 Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on Ctrl-C.
@@ -50,9 +53,20 @@ class DeployConfig(ControllerConfig):
     teleop: str | None = None
     device_options: dict[str, Any] = field(default_factory=dict)
     gains: dict[str, Any] = field(default_factory=dict)
+    server: str | None = None
+    token: str | None = field(default=None, repr=False)
+    server_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if self.server is None:
+            super().__post_init__()
+        else:
+            if self.checkpoint:
+                raise UsageError(
+                    "with server=HOST:PORT the controller is the server's (wm-serve checkpoint=...): "
+                    "give no checkpoint="
+                )
+            self.remote_config()  # its checks
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -79,6 +93,15 @@ class DeployConfig(ControllerConfig):
         build(robot_entry(self.robot).options, self.robot_options, "robot_options")  # names the robots
         if self.max_steps is None:
             raise UsageError(f"robot={self.robot} is a real robot: give max_steps= (ticks per episode)")
+
+    def remote_config(self) -> Any:
+        from robots.runtime.remote import RemoteConfig
+        from robots.runtime.server import token_from_env
+
+        try:
+            return RemoteConfig(self.server, token_from_env(self.token), self.server_timeout_s)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def is_sim(name: str) -> bool:
@@ -138,7 +161,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         tick_row,
     )
     from robots.runtime.report import write_report as write_run_report
-    from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker
+    from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker, check_robot
 
     out = Path(cfg.out)
     feat = make_robot(cfg, None).action_feature  # the bounds the controller plans within
@@ -149,12 +172,18 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         threads=threads,
         delay_s=cfg.added_delay_s,
     )
-    worker = ProcessWorker(spec) if cfg.runtime.mode == "async" else InlineWorker(spec)
+    if cfg.server is not None:
+        from robots.runtime.remote import RemoteWorker
+
+        worker: Any = RemoteWorker(cfg.remote_config(), feat.low, feat.high)
+    else:
+        worker = ProcessWorker(spec) if cfg.runtime.mode == "async" else InlineWorker(spec)
     worker.start()
     stop = _StopFlag()
     outcomes, store, robot, takeover = [], None, None, None
     try:
         robot = make_robot(cfg, worker.info.get("image_size"))
+        check_robot(worker.info, robot)  # the model reads what this robot gives, or one line says not
         robot.connect()
         takeover = make_takeover(cfg, robot)
         if cfg.record:
@@ -213,14 +242,16 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     settings = {
         "robot": cfg.robot,
         "control_hz": robot.control_hz,
-        "controller": cfg.controller,
-        "checkpoint": cfg.checkpoint,
+        "controller": worker.info.get("controller", cfg.controller),
+        "checkpoint": worker.info.get("checkpoint", cfg.checkpoint),
         "runtime": {k: v for k, v in cfg.runtime.__dict__.items() if k != "safety"},
         "safety": cfg.runtime.safety.__dict__,
         "added_delay_s": cfg.added_delay_s,
         "inference_threads": threads,
         "seed": cfg.seed,
     }
+    if cfg.server is not None:
+        settings["server"] = server_figures(worker)
     report = run_report(outcomes, settings)
     paths = write_run_report(out, report, outcomes)
     print(
@@ -229,6 +260,27 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     )
     status = 130 if stop.is_set() else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
     return report, status
+
+
+def server_figures(worker: Any) -> dict[str, Any]:
+    """A remote worker's figures: its address, reconnects and timeouts, the clock offset and network
+    delay it measured, and per chunk the round trip, the server's queue wait and inference (ms)."""
+    import numpy as np
+
+    def pct(a: Any) -> dict[str, float] | None:
+        return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))} if len(a) else None
+
+    t = np.asarray(worker.timings).reshape(-1, 3) * 1e3
+    return {
+        "address": worker.cfg.address,
+        **worker.stats,
+        "clock_offset_ms": worker.clock.offset * 1e3,
+        "network_rtt_ms": worker.clock.delay * 1e3,
+        "round_trip_ms": pct(t[:, 0]),
+        "queue_ms": pct(t[:, 1]),
+        "inference_ms": pct(t[:, 2]),
+        "transport_ms": pct(t[:, 0] - t[:, 1] - t[:, 2]),
+    }
 
 
 class _StopFlag:

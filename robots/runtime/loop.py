@@ -507,6 +507,9 @@ class Runtime:
         return steps, actions
 
     def _why_no_action(self, state: _State) -> str:
+        waiting_for = getattr(self.worker, "waiting_for", None)  # a remote worker knows best
+        if waiting_for is not None:
+            return waiting_for()
         if not self.worker.alive():
             return f"the inference worker {getattr(self.worker, 'exit_description', lambda: 'stopped')()}"
         if self.worker.busy:

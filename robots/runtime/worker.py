@@ -107,12 +107,53 @@ def describe(controller: Any) -> dict[str, Any]:
     the image size it reads (None: no camera), and its raw action dim (None: unknown)."""
     io = getattr(controller, "io", None) or getattr(controller, "io_spec", None)
     if io is None:
-        return {"window": 1, "image_size": None, "action_dim": None}
+        return {"window": 1, "image_size": None, "action_dim": None, "image_keys": [], "proprio_key": None}
     return {
         "window": int(io.window),
         "image_size": tuple(io.image_size) if io.image_keys else None,
         "action_dim": int(io.action_dim),
+        "image_keys": list(io.image_keys),
+        "proprio_key": io.proprio_key,
+        "proprio_dim": int(io.proprio_dim),
+        "history": int(io.history),
+        "frameskip": int(io.frameskip),
     }
+
+
+def check_robot(info: Mapping[str, Any], robot: Any) -> None:
+    """Refuse a robot whose features do not give the controller what it reads (`describe`'s info):
+    one line naming the first key that differs."""
+    feats = robot.observation_features
+    for key in info.get("image_keys") or []:
+        f = feats.get(key)
+        if f is None:
+            has = ", ".join(feats)
+            raise RobotError(
+                f"the model reads camera {key!r}, which {robot.name} does not have (it has: {has})"
+            )
+        if len(f.shape) != 3 or f.shape[2] != 3:
+            raise RobotError(f"the model reads {key!r} as an RGB image; {robot.name} gives shape {f.shape}")
+    key, dim = info.get("proprio_key"), int(info.get("proprio_dim") or 0)
+    if key:
+        f = feats.get(key)
+        if f is None:
+            raise RobotError(
+                f"the model reads {key!r}, which {robot.name} does not have (it has: {', '.join(feats)})"
+            )
+        if tuple(f.shape) != (dim,):
+            raise RobotError(
+                f"the model reads {key!r} of shape ({dim},); {robot.name} gives {tuple(f.shape)}"
+            )
+    dim = info.get("action_dim")
+    shape = tuple(robot.action_feature.shape)
+    if dim is not None and shape != (int(dim),):
+        raise RobotError(f"the model writes actions of shape ({dim},); {robot.name} takes {shape}")
+
+
+def model_inputs(info: Mapping[str, Any], obs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The part of an observation the controller reads (all of it when its spec is unknown)."""
+    keys = list(info.get("image_keys") or []) + ([info["proprio_key"]] if info.get("proprio_key") else [])
+    return {k: obs[k] for k in keys} if keys else dict(obs)
 
 
 def set_goal(controller: Any, goal: Mapping[str, np.ndarray] | None) -> None:

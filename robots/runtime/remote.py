@@ -1,0 +1,372 @@
+"""The robot's side of a policy server: `RemoteWorker`, an inference worker on another machine.
+
+It offers what `ProcessWorker` offers the control loop (start, info, reset, submit, poll, busy,
+alive, close), so the runtime's timestamps, stale dropping, stitching, safety layer, watchdog,
+recording and report are unchanged. Nothing here blocks a tick: `submit` queues a message on a
+ZeroMQ socket (its I/O thread sends it) and `poll` reads what has arrived, answers nothing, and
+drives the connection:
+- every request has a deadline (`request_timeout_s`): past it, the chunk is given up (an error reply
+  to the runtime), the socket is closed (so a late reply can never arrive, let alone be executed)
+  and the client reconnects;
+- when idle it pings every `heartbeat_s`; a server silent for `dead_after_s` is reconnected to;
+- reconnecting is a new handshake that resumes the session (the server's controller and its state
+  are kept) or, when the server restarted, opens a new one and resets its controller with the
+  episode's goal; meanwhile the worker is `busy`, so the runtime holds and its watchdog applies;
+- refusals that retrying cannot fix (wrong token, another protocol version, the server busy with
+  another robot, a controller that cannot be built) end it: `alive()` turns False with the reason.
+Round trips give the server's clock offset and the network delay (`wire.ClockSync`); every request
+carries its deadline on the server's clock, so a request that waited too long in the server's queue
+is not computed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from robots.runtime import wire
+from robots.runtime.worker import Reply, Request, WorkerDied, model_inputs
+
+PERMANENT = ("auth", "busy", "build", "version")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """address: HOST:PORT of `wm-serve`; token: its shared secret (None: none); request_timeout_s: a
+    chunk not back in this long is given up and the connection renewed; connect_timeout_s: the most
+    `start` waits for the server (it may be loading a model); heartbeat_s / dead_after_s: pings
+    when idle, and how long a silent server is trusted; max_frame_mb: the largest reply accepted."""
+
+    address: str
+    token: str | None = field(default=None, repr=False)
+    request_timeout_s: float = 2.0
+    connect_timeout_s: float = 120.0
+    heartbeat_s: float = 0.5
+    dead_after_s: float = 2.0
+    max_frame_mb: float = 16.0
+
+    def __post_init__(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"server must be HOST:PORT, got {self.address!r}")
+        for name in ("request_timeout_s", "connect_timeout_s", "heartbeat_s", "dead_after_s", "max_frame_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def endpoint(self) -> str:
+        host, _, port = self.address.rpartition(":")
+        host = host.strip("[]")
+        return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+class RemoteWorker:
+    """The inference worker of `wm-deploy server=HOST:PORT`; see the module docstring. `low` / `high`:
+    the robot's action bounds (the server builds the controller for them)."""
+
+    def __init__(self, cfg: RemoteConfig, low: Any, high: Any) -> None:
+        self.cfg = cfg
+        self.low, self.high = [float(x) for x in low], [float(x) for x in high]
+        self.info: dict[str, Any] = {}
+        self.clock = wire.ClockSync()
+        self.stats: dict[str, Any] = {"reconnects": 0, "timeouts": 0, "late_replies": 0, "resumed": 0}
+        self.timings: list[tuple[float, float, float]] = []  # per chunk: round trip, queue, inference
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket | None = None
+        self._state = "down"  # down | hello | auth | reset | ready | failed
+        self._since = time.monotonic()  # when the current state began
+        self._failed: str | None = None
+        self._sid: bytes | None = None
+        self._secret: bytes | None = None
+        self._nonce = b""
+        self._goal: dict[str, np.ndarray] | None = None
+        self._outstanding: tuple[int, float, float] | None = None  # seq, sent, deadline
+        self._replies: list[Reply] = []
+        self._last_heard = self._last_sent = time.monotonic()
+        self._down_since: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Connect and open a session (waits up to `connect_timeout_s`); `info` is then the model's."""
+        self._wait_ready(self.cfg.connect_timeout_s, f"no policy server answered at {self.cfg.address}")
+
+    def _wait_ready(self, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while self._state != "ready":
+            self._advance()
+            if self._state == "failed":
+                raise WorkerDied(self._failed or "the policy server refused the session")
+            if time.monotonic() > deadline:
+                raise WorkerDied(f"{what} within {timeout:g} s ({self.waiting_for()})")
+            if self._sock is not None:
+                self._sock.poll(20)
+
+    @property
+    def busy(self) -> bool:
+        return self._state != "ready" or self._outstanding is not None
+
+    def alive(self) -> bool:
+        return self._state != "failed"
+
+    def exit_description(self) -> str:
+        return f"(policy server {self.cfg.address}) {self._failed}" if self._failed else "still running"
+
+    def waiting_for(self) -> str:
+        """What the worker is waiting on, for the watchdog's message."""
+        if self._state == "failed":
+            return f"the policy server refused: {self._failed}"
+        if self._state != "ready":
+            since = time.monotonic() - (self._down_since or self._since)
+            return (
+                f"the policy server at {self.cfg.address} is not answering (reconnecting for {since:.1f} s)"
+            )
+        if self._outstanding is not None:
+            waited = time.monotonic() - self._outstanding[1]
+            return f"the policy server has not answered chunk {self._outstanding[0]} for {waited:.2f} s"
+        return "no request outstanding"
+
+    def close(self) -> None:
+        if self._sock is not None and self._sid is not None and self._state == "ready":
+            try:
+                self._sock.send_multipart(wire.encode("bye", {"sid": self._sid}), zmq.NOBLOCK)
+                time.sleep(0.01)  # let ZeroMQ's thread put it on the wire before the socket goes
+            except zmq.ZMQError:
+                pass
+        self._close_socket()
+        self._ctx.term()
+
+    # ------------------------------------------------------------------ episodes and chunks
+    def reset(self, goal: Mapping[str, np.ndarray] | None) -> None:
+        """A new episode (between episodes: waits for the server): any outstanding chunk is given up,
+        the session's controller is reset and told `goal`."""
+        self._goal = None if goal is None else dict(model_inputs(self.info, goal))
+        self._outstanding = None
+        self._wait_ready(
+            self.cfg.connect_timeout_s, f"the policy server at {self.cfg.address} did not come back"
+        )
+        self._send_reset()
+        self._wait_ready(self.cfg.connect_timeout_s, "the policy server did not confirm the new episode")
+        self._replies.clear()
+
+    def submit(self, req: Request) -> None:
+        """Send a chunk request (never blocks; a connection that cannot take it answers with an error)."""
+        if self.busy:
+            raise RuntimeError("a request is already outstanding or the server is not connected")
+        now = time.monotonic()
+        deadline = now + self.cfg.request_timeout_s
+        steps = [model_inputs(self.info, s) for s in req.steps]
+        frames = wire.pack_request(
+            self._sid,
+            req.seq,
+            now,
+            self.clock.to_server(deadline),
+            steps,
+            req.actions,
+            req.previous,
+            req.frozen,
+        )
+        self._outstanding = (req.seq, now, deadline)
+        if not self._send(frames):
+            self._give_up("the connection to the policy server cannot take the request")
+
+    def poll(self) -> Reply | None:
+        """The reply to the outstanding request when it is there (or an error reply when it failed);
+        also keeps the connection alive (never blocks)."""
+        self._advance()
+        return self._replies.pop(0) if self._replies else None
+
+    # ------------------------------------------------------------------ the connection
+    def _advance(self) -> None:
+        """Read what has arrived, then act on the clock: deadlines, heartbeats, reconnecting."""
+        if self._state == "failed":
+            return
+        if self._sock is None:
+            self._connect()
+        while self._sock is not None:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._last_heard = time.monotonic()
+            try:
+                msg = wire.decode(frames, int(self.cfg.max_frame_mb * 2**20) * 2)
+            except wire.ProtocolError as e:
+                if "protocol version" in str(e):
+                    self._fail("version", f"the policy server speaks another protocol: {e}")
+                    return
+                self._give_up(f"a malformed reply from the policy server ({e})")
+                return
+            self._on(msg)
+            if self._state == "failed":
+                return
+        now = time.monotonic()
+        if self._outstanding is not None and now > self._outstanding[2]:
+            self.stats["timeouts"] += 1
+            self._give_up(
+                f"no reply from the policy server to chunk {self._outstanding[0]} within "
+                f"{self.cfg.request_timeout_s:g} s"
+            )
+        elif self._state in ("hello", "auth", "reset") and now - self._since > self._handshake_limit():
+            self._reconnect()
+        elif self._state == "ready" and now - self._last_heard > self.cfg.dead_after_s:
+            self._reconnect()
+        elif (
+            self._state == "ready"
+            and self._outstanding is None
+            and now - self._last_sent > self.cfg.heartbeat_s
+        ):
+            self._send(wire.encode("ping", {"sid": self._sid, "sent": now}))
+
+    def _handshake_limit(self) -> float:
+        # a new session may wait for the server to build its controller (load a model)
+        return self.cfg.connect_timeout_s if self._state == "auth" else max(1.0, self.cfg.dead_after_s)
+
+    def _on(self, msg: wire.Message) -> None:
+        kind = msg.kind
+        if kind == "challenge" and self._state == "hello":
+            self._sample(msg)
+            server_nonce = msg.get("nonce", bytes)
+            fields: dict[str, Any] = {}
+            if msg.get("token", bool):
+                if not self.cfg.token:
+                    self._fail(
+                        "auth", f"the policy server at {self.cfg.address} requires a token: give token="
+                    )
+                    return
+                fields["mac"] = wire.mac(self.cfg.token, server_nonce, self._nonce)
+            if self._secret is not None:
+                fields["proof"] = wire.proof(self._secret, server_nonce)
+            self._send(wire.encode("auth", fields))
+            self._enter("auth")
+        elif kind == "ready" and self._state == "auth":
+            resumed = msg.get("resumed", bool)
+            self._sid, self._secret = msg.get("sid", bytes), msg.get("secret", bytes)
+            self.info = dict(msg.get("info", dict))
+            if resumed:
+                self.stats["resumed"] += 1
+                self._enter("ready")
+            elif self._goal is not None or self._episode_started:
+                self._send_reset()  # a new controller (the server restarted): the episode's goal again
+            else:
+                self._enter("ready")
+            self._down_since = None
+        elif kind == "reset_ok" and self._state == "reset":
+            self._episode_started = True
+            self._enter("ready")
+        elif kind == "chunk":
+            self._chunk(msg)
+        elif kind == "pong":
+            self._sample(msg)
+            if self._state == "ready" and not msg.get("session", bool, True):
+                self._reconnect()  # the server no longer knows the session
+        elif kind == "error":
+            self._error(msg)
+
+    _episode_started = False
+
+    def _chunk(self, msg: wire.Message) -> None:
+        seq = msg.get("seq", int)
+        if self._outstanding is None or seq != self._outstanding[0]:
+            self.stats["late_replies"] += 1  # a reply to a request given up: never used
+            return
+        now = time.monotonic()
+        self._sample(msg)
+        chunk = msg.arrays.get("chunk")
+        infer, wait = msg.number("infer"), msg.number("queue")
+        self.timings.append((now - self._outstanding[1], wait, infer))
+        self._outstanding = None
+        if chunk is None or chunk.ndim != 2:
+            shape = None if chunk is None else chunk.shape
+            self._replies.append(Reply(seq, None, infer, f"the policy server sent a chunk of shape {shape}"))
+            return
+        self._replies.append(Reply(seq, chunk, infer))
+
+    def _error(self, msg: wire.Message) -> None:
+        code, text = msg.get("code", str), msg.get("msg", str)
+        seq = msg.fields.get("seq")
+        if code in PERMANENT:
+            self._fail(code, text)
+        elif code == "session":  # the server forgot us (restarted, expired): a new handshake
+            self._secret = None
+            if self._outstanding is not None:
+                self._replies.append(Reply(self._outstanding[0], None, 0.0, f"the policy server: {text}"))
+                self._outstanding = None
+            self._reconnect()
+        elif self._outstanding is not None and seq == self._outstanding[0]:
+            self._replies.append(Reply(seq, None, 0.0, f"the policy server: {text}"))
+            self._outstanding = None
+        elif self._state in ("hello", "auth", "reset"):  # a handshake step refused: start over
+            self._reconnect()
+
+    def _sample(self, msg: wire.Message) -> None:
+        sent, recv, reply = msg.fields.get("sent"), msg.fields.get("recv"), msg.fields.get("reply")
+        if all(isinstance(x, float) for x in (sent, recv, reply)):
+            self.clock.add(sent, recv, reply, time.monotonic())
+
+    def _send_reset(self) -> None:
+        goal = {f"goal/{k}": np.asarray(v) for k, v in (self._goal or {}).items()}
+        self._send(wire.encode("reset", {"sid": self._sid}, goal))
+        self._enter("reset")
+
+    def _connect(self) -> None:
+        self._sock = sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, int(self.cfg.max_frame_mb * 2**20))
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.SNDHWM, 16)
+        if "[" in self.cfg.endpoint:
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(self.cfg.endpoint)
+        self._nonce = secrets.token_bytes(16)
+        now = time.monotonic()
+        hello = {"nonce": self._nonce, "resume": self._sid, "low": self.low, "high": self.high, "sent": now}
+        self._send(wire.encode("hello", hello))
+        self._last_heard = now
+        self._enter("hello")
+
+    def _reconnect(self) -> None:
+        """Drop the socket (with whatever it still holds) and start a new handshake."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        self.stats["reconnects"] += 1
+        self._close_socket()
+        self._state = "down"
+
+    def _give_up(self, why: str) -> None:
+        if self._outstanding is not None:
+            self._replies.append(Reply(self._outstanding[0], None, 0.0, why))
+            self._outstanding = None
+        self._reconnect()
+
+    def _fail(self, code: str, text: str) -> None:
+        self._failed = text
+        if self._outstanding is not None:
+            self._replies.append(Reply(self._outstanding[0], None, 0.0, text))
+            self._outstanding = None
+        self._close_socket()
+        self._state = "failed"
+
+    def _enter(self, state: str) -> None:
+        self._state, self._since = state, time.monotonic()
+
+    def _send(self, frames: list[Any]) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return False
+        self._last_sent = time.monotonic()
+        return True
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None

@@ -1,0 +1,355 @@
+"""The policy server's wire format: a small typed header and raw numpy buffers, never pickle.
+
+A message is a ZeroMQ multipart message: frame 0 is a msgpack map (the header: protocol version
+`v`, message type `t`, its fields, and `arrays`, a list of [name, dtype, shape] describing the
+frames that follow), then one frame per array with its raw bytes (C order). Decoding trusts
+nothing: the header's size, its types, the dtypes (a short list of plain numeric ones), the number
+of dimensions and each dimension, and that every buffer holds exactly the bytes its description
+says, are checked before any array is made; anything else is a `ProtocolError` naming what was
+wrong. A request's observations are then checked against the model's I/O spec (`spec_of`,
+`unpack_request`) before inference.
+
+Message types (client -> server, server -> client):
+  hello {nonce, resume, proof, low, high} -> challenge {nonce, token}    a session is asked for
+  auth {mac}                              -> ready {sid, secret, info, resumed} | error
+  reset {sid} + goal arrays               -> reset_ok {} | error
+  infer {sid, seq, sent, expires, steps, actions, frozen} + arrays -> chunk {seq, ...} | error
+  ping {sid, sent}                        -> pong {sent, recv, reply}
+  bye {sid}                               (no reply)
+Every reply carries the server's monotonic `recv` and `reply` times (`sent` echoed), so the client
+can estimate the clock offset and the network delay (`ClockSync`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_DIMS = 4
+MAX_DIM = 1 << 16
+MAX_ARRAYS = 256
+DTYPES = frozenset({"|u1", "<f4", "<f8", "<i4", "<i8", "|b1"})
+MAC_CONTEXT = b"wm-serve/1"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol: one line saying what and where."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded message: its type, its header fields and its arrays by name."""
+
+    kind: str
+    fields: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def get(self, name: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
+        """A header field of the given type(s); a missing or mistyped one is a `ProtocolError`."""
+        if name not in self.fields:
+            if default is not ...:
+                return default
+            raise ProtocolError(f"{self.kind}: field {name!r} is missing")
+        value = self.fields[name]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise ProtocolError(f"{self.kind}: field {name!r} must be {_names(types)}, got bool")
+        if not isinstance(value, types):
+            raise ProtocolError(
+                f"{self.kind}: field {name!r} must be {_names(types)}, got {type(value).__name__}"
+            )
+        return value
+
+    def number(self, name: str, default: Any = ...) -> float:
+        value = self.get(name, (int, float), default)
+        if value is not None and not math.isfinite(value):
+            raise ProtocolError(f"{self.kind}: field {name!r} must be finite, got {value}")
+        return value
+
+
+def _names(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def encode(kind: str, fields: Mapping[str, Any] | None = None, arrays: Mapping[str, Any] = ()) -> list[Any]:
+    """The frames of one message: the header, then each array's bytes (C order, no copy when possible)."""
+    header: dict[str, Any] = {"v": VERSION, "t": kind, **(fields or {})}
+    descr, frames = [], []
+    for name, value in dict(arrays).items():
+        a = np.ascontiguousarray(value)
+        dtype = a.dtype.str
+        if dtype not in DTYPES:
+            raise ProtocolError(f"array {name!r}: dtype {a.dtype} cannot be sent (allowed: {sorted(DTYPES)})")
+        descr.append([name, dtype, list(a.shape)])
+        frames.append(memoryview(a).cast("B") if a.size else b"")
+    header["arrays"] = descr
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def decode(frames: Sequence[Any], max_bytes: int) -> Message:
+    """Check and decode one message's frames (bytes, or zmq Frames); `max_bytes`: the most all of them
+    may hold together."""
+    if not frames:
+        raise ProtocolError("empty message")
+    sizes = [len(memoryview(f.buffer if hasattr(f, "buffer") else f)) for f in frames]
+    if sum(sizes) > max_bytes:
+        raise ProtocolError(f"message of {sum(sizes)} bytes exceeds the limit of {max_bytes}")
+    if len(frames) - 1 > MAX_ARRAYS:
+        raise ProtocolError(f"message of {len(frames)} frames exceeds the limit of {MAX_ARRAYS + 1}")
+    raw = _bytes(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER_BYTES, max_str_len=MAX_HEADER_BYTES
+        )
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types for malformed input
+        raise ProtocolError(f"header is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    version = header.get("v")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version!r}; this side speaks version {VERSION}")
+    kind = header.get("t")
+    if not isinstance(kind, str):
+        raise ProtocolError("header field 't' (the message type) is missing or not a string")
+    descr = header.pop("arrays", [])
+    if not isinstance(descr, list) or len(descr) != len(frames) - 1:
+        n = len(descr) if isinstance(descr, list) else "no"
+        raise ProtocolError(f"{kind}: header describes {n} arrays but {len(frames) - 1} buffers follow")
+    arrays: dict[str, np.ndarray] = {}
+    for d, frame in zip(descr, frames[1:], strict=True):
+        name, a = _array(kind, d, frame)
+        if name in arrays:
+            raise ProtocolError(f"{kind}: array {name!r} appears twice")
+        arrays[name] = a
+    return Message(kind, header, arrays)
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def _array(kind: str, d: Any, frame: Any) -> tuple[str, np.ndarray]:
+    if not (isinstance(d, list) and len(d) == 3 and isinstance(d[0], str) and isinstance(d[1], str)):
+        raise ProtocolError(f"{kind}: an array description must be [name, dtype, shape], got {d!r:.80}")
+    name, dtype, shape = d
+    if dtype not in DTYPES:
+        raise ProtocolError(f"{kind}: array {name!r:.40} has dtype {dtype!r:.20} (allowed: {sorted(DTYPES)})")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
+    ):
+        raise ProtocolError(
+            f"{kind}: array {name!r:.40} has shape {shape!r:.60} (at most {MAX_DIMS} dims of 0..{MAX_DIM})"
+        )
+    buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if buf.nbytes != nbytes:
+        raise ProtocolError(
+            f"{kind}: array {name!r:.40} of shape {tuple(shape)} {np.dtype(dtype)} needs {nbytes} bytes, "
+            f"its buffer has {buf.nbytes}"
+        )
+    return name, np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
+
+
+# ---------------------------------------------------------------------- authentication
+def mac(token: str, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    """The client's proof that it holds the token: HMAC-SHA256 over both nonces (the token never
+    travels)."""
+    return hmac.new(token.encode(), MAC_CONTEXT + server_nonce + client_nonce, hashlib.sha256).digest()
+
+
+def proof(secret: bytes, server_nonce: bytes) -> bytes:
+    """A resuming client's proof that it holds its session's secret."""
+    return hmac.new(secret, MAC_CONTEXT + b"resume" + server_nonce, hashlib.sha256).digest()
+
+
+def same(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison of two secrets or MACs."""
+    return hmac.compare_digest(a, b)
+
+
+# ---------------------------------------------------------------------- the model's I/O spec
+def spec_of(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The observation part of a controller's `describe` info: image keys, proprioception key and size
+    (what requests are checked against)."""
+    return {
+        "image_keys": list(info.get("image_keys") or []),
+        "proprio_key": info.get("proprio_key"),
+        "proprio_dim": int(info.get("proprio_dim") or 0),
+    }
+
+
+def check_observation(where: str, obs: Mapping[str, np.ndarray], spec: Mapping[str, Any]) -> None:
+    """One observation step against the spec: exactly the model's keys, images (H, W, 3) uint8,
+    proprioception (proprio_dim,) finite float. A controller without a spec (random actions) takes
+    any arrays."""
+    images, proprio = spec.get("image_keys") or [], spec.get("proprio_key")
+    if not images and not proprio:
+        return
+    wanted = set(images) | ({proprio} if proprio else set())
+    if set(obs) != wanted:
+        missing, extra = sorted(wanted - set(obs)), sorted(set(obs) - wanted)
+        raise ProtocolError(
+            f"{where}: keys differ from the model's: "
+            + ", ".join(
+                ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+            )
+        )
+    for key in images:
+        a = obs[key]
+        if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or 0 in a.shape:
+            raise ProtocolError(f"{where}: {key!r} must be an (H, W, 3) uint8 image, got {a.shape} {a.dtype}")
+    if proprio:
+        a = obs[proprio]
+        if a.shape != (spec["proprio_dim"],) or a.dtype.kind != "f":
+            raise ProtocolError(
+                f"{where}: {proprio!r} must be ({spec['proprio_dim']},) float, got {a.shape} {a.dtype}"
+            )
+        if not np.all(np.isfinite(a)):
+            raise ProtocolError(f"{where}: {proprio!r} holds non-finite values")
+
+
+# ---------------------------------------------------------------------- requests and replies
+def pack_request(
+    sid: bytes,
+    seq: int,
+    sent: float,
+    expires: float,
+    steps: Sequence[Mapping[str, np.ndarray]],
+    actions: Sequence[np.ndarray],
+    previous: np.ndarray | None,
+    frozen: int,
+) -> list[Any]:
+    """An `infer` message: observation steps oldest first ("o<i>/<key>"), the actions between them
+    ("a<i>"), the committed previous chunk ("previous") and how many of it are `frozen`."""
+    arrays: dict[str, Any] = {}
+    for i, step in enumerate(steps):
+        for k, v in step.items():
+            arrays[f"o{i}/{k}"] = v
+    for i, a in enumerate(actions):
+        arrays[f"a{i}"] = np.asarray(a, np.float64)
+    if previous is not None and len(previous):
+        arrays["previous"] = np.asarray(previous, np.float32)
+    fields = {"sid": sid, "seq": seq, "sent": sent, "expires": expires, "steps": len(steps)}
+    fields.update(actions=len(actions), frozen=int(frozen) if previous is not None else 0)
+    return encode("infer", fields, arrays)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A checked `infer` message."""
+
+    seq: int
+    sent: float
+    expires: float
+    steps: list[dict[str, np.ndarray]]
+    actions: list[np.ndarray]
+    previous: np.ndarray | None
+    frozen: int
+
+
+def unpack_request(
+    msg: Message, spec: Mapping[str, Any], window: int, action_dim: int | None
+) -> InferRequest:
+    """Check an `infer` message against the model: step count within its window, each step's keys,
+    dtypes and shapes, actions (action_dim,) finite, the previous chunk (n, action_dim) finite with
+    0 <= frozen <= n."""
+    seq = msg.get("seq", int)
+    n, n_act = msg.get("steps", int), msg.get("actions", int)
+    if not 1 <= n <= window:
+        raise ProtocolError(f"infer {seq}: {n} observation steps; the model takes 1..{window}")
+    if n_act != n - 1:
+        raise ProtocolError(f"infer {seq}: {n_act} actions between {n} steps (must be {n - 1})")
+    steps: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
+    actions: list[np.ndarray | None] = [None] * n_act
+    previous = None
+    for name, a in msg.arrays.items():
+        if name == "previous":
+            previous = a
+        elif name.startswith("o") and "/" in name and name[1 : name.index("/")].isdigit():
+            i = int(name[1 : name.index("/")])
+            if i >= n:
+                raise ProtocolError(f"infer {seq}: array {name!r:.60} is beyond the {n} steps")
+            steps[i][name[name.index("/") + 1 :]] = a
+        elif name.startswith("a") and name[1:].isdigit() and int(name[1:]) < n_act:
+            actions[int(name[1:])] = a
+        else:
+            raise ProtocolError(f"infer {seq}: unexpected array {name!r:.60}")
+    for i, step in enumerate(steps):
+        check_observation(f"infer {seq} step {i}", step, spec)
+    dim = action_dim
+    for i, a in enumerate(actions):
+        if a is None:
+            raise ProtocolError(f"infer {seq}: action a{i} is missing")
+        if a.ndim != 1 or (dim is not None and a.shape != (dim,)) or a.dtype.kind != "f":
+            raise ProtocolError(f"infer {seq}: action a{i} must be ({dim},) float, got {a.shape} {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise ProtocolError(f"infer {seq}: action a{i} holds non-finite values")
+    frozen = msg.get("frozen", int)
+    if previous is not None:
+        if previous.ndim != 2 or (dim is not None and previous.shape[1] != dim) or previous.dtype.kind != "f":
+            raise ProtocolError(
+                f"infer {seq}: previous chunk must be (n, {dim}) float, got {previous.shape} {previous.dtype}"
+            )
+        if not np.all(np.isfinite(previous)):
+            raise ProtocolError(f"infer {seq}: previous chunk holds non-finite values")
+    if not 0 <= frozen <= (0 if previous is None else len(previous)):
+        raise ProtocolError(
+            f"infer {seq}: frozen {frozen} outside 0..{0 if previous is None else len(previous)}"
+        )
+    return InferRequest(
+        seq,
+        msg.number("sent"),
+        msg.number("expires"),
+        steps,
+        list(actions),
+        previous,
+        frozen,  # type: ignore[arg-type]
+    )
+
+
+# ---------------------------------------------------------------------- clocks
+class ClockSync:
+    """The server's clock offset and the network delay, from round trips (NTP's estimate): a reply to
+    a message sent at client time t0 and received at t3, which the server received at s1 and answered
+    at s2, gives delay = (t3 - t0) - (s2 - s1) and offset = ((s1 - t0) + (s2 - t3)) / 2 (server minus
+    client). The estimate is the offset of the round trip with the least delay among the last
+    `window` (the one least disturbed by queueing)."""
+
+    def __init__(self, window: int = 32) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def add(self, t0: float, s1: float, s2: float, t3: float) -> tuple[float, float]:
+        delay = max(0.0, (t3 - t0) - (s2 - s1))
+        offset = ((s1 - t0) + (s2 - t3)) / 2
+        self.samples.append((delay, offset))
+        return delay, offset
+
+    @property
+    def known(self) -> bool:
+        return bool(self.samples)
+
+    @property
+    def offset(self) -> float:
+        """Server clock minus client clock (0 before any round trip)."""
+        return min(self.samples)[1] if self.samples else 0.0
+
+    @property
+    def delay(self) -> float:
+        """The least network round trip seen recently (0 before any)."""
+        return min(self.samples)[0] if self.samples else 0.0
+
+    def to_server(self, t: float) -> float:
+        return t + self.offset

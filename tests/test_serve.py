@@ -1,0 +1,550 @@
+"""The policy server and its robot client over real sockets on loopback (`robots.runtime.server`,
+`robots.runtime.remote`).
+
+The server runs in this process (a thread: its controllers can be inspected) or in a spawned process
+(so that it can be killed with SIGKILL and restarted). Where a fault reaches a robot, the robot is
+lerobot's SO-101 follower with only its serial port faked, and what is checked is what reached the
+bus (`test_runtime_real_arm.check_bus`): nothing non-finite, out of limits or beyond the step cap,
+torque never off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from robots.runtime import wire
+from robots.runtime.loop import NO_CHUNK, Runtime, RuntimeConfig
+from robots.runtime.remote import RemoteConfig, RemoteWorker
+from robots.runtime.safety import SafetyConfig
+from robots.runtime.server import PolicyServer, ServerConfig
+from robots.runtime.worker import Request, WorkerDied
+from wm.spec import IOSpec
+
+TOKEN = "correct horse battery"
+LOW, HIGH = [-1.0, -1.0], [1.0, 1.0]
+
+
+class Recorder:
+    """A controller that keeps what it was asked and answers a fixed random float64 chunk."""
+
+    io = IOSpec(("image",), (24, 32), "state", 3, action_dim=2, history=2)
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list, list, np.ndarray | None, int]] = []
+        self.resets = 0
+        self.chunk = np.random.default_rng(3).normal(size=(16, 2))
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def chunk_from(self, steps, actions, previous=None, frozen=0):
+        self.seen.append(
+            ([{k: v[0] for k, v in s.items()} for s in steps], [a[0] for a in actions], previous, frozen)
+        )
+        return torch.from_numpy(self.chunk[None])
+
+
+@contextlib.contextmanager
+def threaded_server(**options) -> Iterator[PolicyServer]:
+    lines: list[str] = []
+    cfg = ServerConfig(**{"port": 0, **options})
+    srv = PolicyServer(lambda low, high: Recorder(), cfg, log=lines.append)
+    srv.lines = lines
+    srv.bind()
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+        thread.join(5)
+
+
+def client(srv: PolicyServer, token: str | None = None, **options) -> RemoteWorker:
+    cfg = RemoteConfig(f"127.0.0.1:{srv.port}", token, **{"connect_timeout_s": 10.0, **options})
+    return RemoteWorker(cfg, LOW, HIGH)
+
+
+def obs_steps(n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {"image": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), "state": rng.normal(size=3)}
+        for _ in range(n)
+    ]
+
+
+def ask(w: RemoteWorker, seq: int, steps=None, timeout=5.0, **req):
+    steps = steps or obs_steps(1)
+    end = time.monotonic() + timeout
+    while w.busy and time.monotonic() < end:  # as the runtime does: ask only when the worker can take it
+        assert w.poll() is None
+        time.sleep(0.001)
+    w.submit(Request(seq, steps, [np.ones(2) * i for i in range(len(steps) - 1)], action_shape=(2,), **req))
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        reply = w.poll()
+        if reply is not None:
+            return reply
+        time.sleep(0.0005)
+    raise AssertionError(f"no reply to {seq} in {timeout} s")
+
+
+def raw(srv: PolicyServer) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{srv.port}")
+    return sock
+
+
+def answer(sock: zmq.Socket, timeout_ms=3000) -> wire.Message:
+    assert sock.poll(timeout_ms), "the server did not answer"
+    return wire.decode(sock.recv_multipart(), 1 << 24)
+
+
+def session_of(srv: PolicyServer):
+    (s,) = srv.sessions.values()
+    return s
+
+
+# ====================================================================== round trip, handshake
+def test_observations_and_chunks_round_trip_bit_exact():
+    with threaded_server() as srv:
+        w = client(srv)
+        w.start()
+        w.reset(None)
+        steps = obs_steps(2, seed=5)
+        prev = np.random.default_rng(6).normal(size=(5, 2)).astype(np.float32)
+        reply = ask(w, 0, steps, previous=prev, frozen=2)
+        ctrl = session_of(srv).controller
+        assert reply.error is None and reply.actions.dtype == np.float64
+        assert reply.actions.tobytes() == ctrl.chunk.tobytes()
+        got_steps, got_actions, got_prev, frozen = ctrl.seen[-1]
+        for got, want in zip(got_steps, steps, strict=True):
+            assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in want.items()}
+        assert got_actions[0].tobytes() == np.zeros(2).tobytes()
+        assert np.asarray(got_prev)[0].tobytes() == prev.tobytes() and frozen == 2
+        assert w.clock.known and abs(w.clock.offset) < 0.01 and 0 < w.clock.delay < 0.05
+        assert w.timings and w.timings[-1][0] >= w.timings[-1][2]  # the round trip includes the inference
+        w.close()
+        time.sleep(0.1)
+        assert not srv.sessions  # a bye closes the session
+
+
+def test_tokens_are_proved_and_never_logged():
+    with threaded_server(token=TOKEN) as srv:
+        with pytest.raises(WorkerDied, match="requires a token: give token="):
+            client(srv).start()
+        with pytest.raises(WorkerDied, match="authentication failed: the client's token is not the server's"):
+            client(srv, "wrong horse battery").start()
+        w = client(srv, TOKEN)
+        w.start()  # the server kept serving
+        w.reset(None)
+        assert ask(w, 0).error is None
+        w.close()
+        assert srv.counts["refused"] == 1 and srv.lines
+        assert not any(TOKEN in line or "wrong horse" in line for line in srv.lines)
+
+
+def test_only_loopback_without_a_token():
+    with pytest.raises(ValueError, match="host=0.0.0.0 exposes the server beyond this machine: give token="):
+        ServerConfig(host="0.0.0.0")
+    with pytest.raises(ValueError, match="at least 8"):
+        ServerConfig(token="short")
+    with threaded_server(host="0.0.0.0", token=TOKEN) as srv:  # any address, with the token
+        w = client(srv, TOKEN)
+        w.start()
+        w.reset(None)
+        assert ask(w, 0).error is None
+        w.close()
+
+
+def test_protocol_versions_must_match_on_both_sides():
+    with threaded_server() as srv:
+        sock = raw(srv)
+        sock.send_multipart([msgpack.packb({"v": 2, "t": "hello"})])
+        msg = answer(sock)
+        assert msg.kind == "error" and msg.fields["msg"] == "protocol version 2; this side speaks version 1"
+        sock.close()
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def old_server():
+        if router.poll(5000):
+            ident, *_ = router.recv_multipart()
+            router.send_multipart([ident, msgpack.packb({"v": 99, "t": "challenge"})])
+
+    t = threading.Thread(target=old_server)
+    t.start()
+    w = RemoteWorker(RemoteConfig(f"127.0.0.1:{port}", connect_timeout_s=5.0), LOW, HIGH)
+    with pytest.raises(
+        WorkerDied, match="speaks another protocol: protocol version 99; this side speaks version 1"
+    ):
+        w.start()
+    t.join()
+    router.close(linger=0)
+    w.close()
+
+
+def test_bad_requests_get_one_line_and_the_server_keeps_serving():
+    with threaded_server(max_frame_mb=1.0) as srv:
+        w = client(srv)
+        w.start()
+        w.reset(None)
+        sid = w._sid
+        s = session_of(srv)
+        good = wire.pack_request(sid, 1, 0.0, 1e12, obs_steps(1), [], None, 0)
+        cases = {
+            "needs 2304 bytes, its buffer has 2303": [good[0], bytes(good[1])[:-1], good[2]],  # truncated
+            "'image' must be an (H, W, 3) uint8 image": wire.pack_request(
+                sid,
+                1,
+                0.0,
+                1e12,
+                [{**obs_steps(1)[0], "image": np.zeros((24, 32, 3), np.float32)}],
+                [],
+                None,
+                0,
+            ),
+            "'state' must be (3,) float, got (4,)": wire.pack_request(
+                sid, 1, 0.0, 1e12, [{**obs_steps(1)[0], "state": np.zeros(4)}], [], None, 0
+            ),
+            "keys differ from the model's: missing ['state']": wire.pack_request(
+                sid, 1, 0.0, 1e12, [{"image": obs_steps(1)[0]["image"]}], [], None, 0
+            ),
+            "'state' holds non-finite values": wire.pack_request(
+                sid, 1, 0.0, 1e12, [{**obs_steps(1)[0], "state": np.full(3, np.nan)}], [], None, 0
+            ),
+            "unknown message type 'reboot'": wire.encode("reboot", {"sid": sid}),
+        }
+        for says, frames in cases.items():
+            w._sock.send_multipart(frames)
+            msg = answer(w._sock)
+            assert msg.kind == "error" and says in msg.fields["msg"], (says, msg.fields)
+        # an oversized frame cuts that connection (ZeroMQ's limit); the others are not disturbed
+        big = raw(srv)
+        big.send_multipart(wire.encode("hello", {}, {"x": np.zeros(2 << 20, np.uint8)}))
+        assert ask(w, 2).error is None and s.controller.seen  # the session served on
+        assert big.poll(300) == 0  # nothing came back on the cut connection
+        big.close()
+        w.close()
+
+
+def test_a_second_client_cannot_take_over_reset_or_feed_a_running_session():
+    with threaded_server() as srv:
+        a = client(srv)
+        a.start()
+        a.reset(None)
+        s = session_of(srv)
+        with pytest.raises(WorkerDied, match=r"already serves 1 robot\(s\) \(max_sessions=1"):
+            client(srv).start()
+        intruder = raw(srv)
+        intruder.send_multipart(wire.encode("reset", {"sid": a._sid}))  # the sid alone is not enough
+        assert "not your session" in answer(intruder).fields["msg"]
+        intruder.send_multipart(wire.pack_request(a._sid, 9, 0.0, 1e12, obs_steps(1), [], None, 0))
+        assert "not your session" in answer(intruder).fields["msg"]
+        intruder.send_multipart(
+            wire.encode("hello", {"nonce": b"n" * 16, "resume": a._sid, "low": LOW, "high": HIGH})
+        )
+        assert answer(intruder).kind == "challenge"
+        intruder.send_multipart(wire.encode("auth", {"proof": b"\x00" * 32}))
+        assert "cannot resume that session: wrong proof" in answer(intruder).fields["msg"]
+        intruder.close()
+        assert (
+            s.identity == srv.sessions[a._sid].identity and s.controller.resets == 1 and not s.controller.seen
+        )
+        assert ask(a, 0).error is None  # the owner goes on
+        a.close()
+        b = client(srv)  # once it has left, another robot is served
+        b.start()
+        b.close()
+
+
+def test_a_stalled_or_garbage_peer_blocks_nobody():
+    with threaded_server() as srv:
+        stalled = socket.create_connection(("127.0.0.1", srv.port))
+        stalled.sendall(b"\xff\x00\x00\x00")  # a quarter of a ZMTP greeting, then nothing
+        garbage = socket.create_connection(("127.0.0.1", srv.port))
+        garbage.sendall(os.urandom(4096))
+        half = raw(srv)  # a frame started and never finished: ZeroMQ holds it, not the server
+        half.send(wire.encode("hello", {})[0], zmq.SNDMORE)
+        w = client(srv)
+        w.start()
+        w.reset(None)
+        times = []
+        for i in range(20):
+            t = time.monotonic()
+            assert ask(w, i).error is None
+            times.append(time.monotonic() - t)
+        assert max(times) < 1.0
+        w.close()
+        for s in (stalled, garbage):
+            s.close()
+        half.close()
+
+
+def test_fuzzed_frames_never_stop_the_server():
+    """A bounded run of random and mutated frames from several connections; the server answers a valid
+    request afterwards and its thread is alive."""
+    rng = np.random.default_rng(11)
+    with threaded_server() as srv:
+        w = client(srv)
+        w.start()
+        w.reset(None)
+        valid = [
+            bytes(f)
+            for f in wire.pack_request(w._sid, 1, 0.0, 1e12, obs_steps(2), [np.zeros(2)], np.zeros((3, 2)), 1)
+        ]
+        hello = [
+            bytes(f)
+            for f in wire.encode("hello", {"nonce": b"n" * 16, "resume": None, "low": LOW, "high": HIGH})
+        ]
+        socks = [raw(srv) for _ in range(4)]
+        values = [
+            None,
+            True,
+            -1,
+            2**63,
+            1.5,
+            float("nan"),
+            "x" * 300,
+            b"\x00" * 40,
+            [],
+            {},
+            [1, [2, [3]]],
+            {"a": {}},
+        ]
+        for i in range(1500):
+            kind = i % 5
+            if kind == 0:  # random bytes, random frame count
+                frames = [rng.bytes(int(rng.integers(0, 200))) for _ in range(int(rng.integers(1, 5)))]
+            elif kind == 1:  # a valid request with bytes flipped
+                frames = [bytearray(f) for f in valid]
+                f = frames[int(rng.integers(len(frames)))]
+                for _ in range(int(rng.integers(1, 8))):
+                    if f:
+                        f[int(rng.integers(len(f)))] = int(rng.integers(256))
+                frames = [bytes(x) for x in frames]
+            elif kind == 2:  # frames dropped, duplicated or truncated
+                frames = list(valid)
+                j = int(rng.integers(len(frames)))
+                frames = [
+                    frames[:j] + frames[j + 1 :],
+                    frames + [frames[j]],
+                    [*frames[:j], frames[j][: len(frames[j]) // 2], *frames[j + 1 :]],
+                ][int(rng.integers(3))]
+            elif kind == 3:  # well-formed msgpack with fields of the wrong types
+                fields = {
+                    k: values[int(rng.integers(len(values)))]
+                    for k in ("sid", "seq", "nonce", "low", "high", "steps", "frozen", "mac")
+                }
+                frames = [
+                    msgpack.packb(
+                        {
+                            "v": 1,
+                            "t": ["hello", "auth", "infer", "reset", "ping", "bye"][i % 6],
+                            **fields,
+                            "arrays": [],
+                        }
+                    )
+                ]
+            else:  # handshakes begun and abandoned
+                frames = hello
+            sock = socks[i % len(socks)]
+            if frames:
+                sock.send_multipart(frames)
+            while sock.poll(0):
+                sock.recv_multipart()
+        assert ask(w, 2).error is None  # still serving, the session intact
+        assert srv.counts["errors"] > 500 and srv._thread.is_alive()
+        assert len(srv.pending) <= 64 and len(srv.sessions) == 1
+        for s in socks:
+            s.close()
+        w.close()
+
+
+def test_sessions_of_a_silent_client_expire():
+    with threaded_server(session_timeout_s=0.5) as srv:
+        a = client(srv)
+        a.start()
+        a._close_socket()  # gone without a bye
+        a._state = "failed"
+        time.sleep(1.5)
+        assert not srv.sessions
+        b = client(srv)
+        b.start()  # the slot is free again (and the first controller is reused)
+        b.close()
+
+
+def test_a_request_the_client_gave_up_on_is_never_executed():
+    """The client's deadline passes: it renews the connection, so the late chunk cannot reach it; the
+    next request waits for the slow one on the server and is answered."""
+    with threaded_server() as srv:
+        w = client(srv, request_timeout_s=0.5)
+        w.start()
+        w.reset(None)
+        ctrl = session_of(srv).controller
+        fast = ctrl.chunk_from
+        ctrl.chunk_from = lambda *a, **k: (time.sleep(0.8), fast(*a, **k))[1]
+        r = ask(w, 0)
+        assert r.seq == 0 and r.actions is None and "within 0.5 s" in r.error
+        ctrl.chunk_from = fast
+        r = ask(w, 1)  # queued behind the slow one, answered within its own deadline
+        assert r.seq == 1 and r.error is None and len(ctrl.seen) == 2
+        time.sleep(0.2)
+        assert w.poll() is None and w.stats["late_replies"] == 0 and w.stats["timeouts"] == 1
+        assert w.stats["resumed"] == 1 and len(srv.sessions) == 1
+        # a request whose deadline passes while it waits in the server's queue is not computed at all
+        ctrl.chunk_from = lambda *a, **k: (time.sleep(1.2), fast(*a, **k))[1]
+        assert "within 0.5 s" in ask(w, 2).error
+        ctrl.chunk_from = fast
+        assert "within 0.5 s" in ask(w, 3).error  # sent at 0.5 s, due by 1.0 s, its turn at 1.2 s
+        time.sleep(0.3)
+        assert srv.counts["expired"] == 1 and len(ctrl.seen) == 3
+        assert ask(w, 4).error is None
+        w.close()
+
+
+# ====================================================================== a robot on the other end
+pytest.importorskip("lerobot")
+from test_runtime_real_arm import (  # noqa: E402
+    HZ,
+    PORT,
+    SO101,
+    Bus,
+    Run,
+    check_bus,
+    check_held,
+    fresh_ticks,
+    make_bus,
+)
+
+from robots.registry import make_robot  # noqa: E402
+
+
+@pytest.fixture
+def bus(monkeypatch, tmp_path) -> Bus:
+    """lerobot's SO-101 follower with its serial port faked."""
+    return make_bus(SO101, monkeypatch, tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_server(port: int, fault: str = "none", after: int = 0) -> mp.Process:
+    from runtime_controllers import serve
+
+    p = mp.get_context("spawn").Process(target=serve, args=(port, fault, after), daemon=True)
+    p.start()
+    return p
+
+
+def run_remote(
+    bus: Bus, port: int, ticks: int, safety: SafetyConfig, timeout_s: float = 2.0
+) -> tuple[Run, RemoteWorker]:
+    arm = make_robot(bus.kind.robot, port=PORT, calibration_dir=str(bus.calib_dir), control_hz=HZ)
+    feat = arm.action_feature
+    w = RemoteWorker(
+        RemoteConfig(f"127.0.0.1:{port}", request_timeout_s=timeout_s, connect_timeout_s=60),
+        feat.low,
+        feat.high,
+    )
+    w.start()
+    try:
+        arm.connect()
+        try:
+            start = bus.units([bus.register(i, *bus.kind.present) for i in range(1, 7)])
+            since = len(bus.fake.written)
+            out = Runtime(arm, w, RuntimeConfig(safety=safety)).run_episode(ticks)
+            goals, torque = bus.goals(since), bus.torque()
+        finally:
+            arm.disconnect()
+    finally:
+        w.close()
+    return Run(out, bus.units(goals), start, torque, bus.torque()), w
+
+
+@contextlib.contextmanager
+def served(fault: str = "none", after: int = 0) -> Iterator[tuple[int, list[mp.Process]]]:
+    port = free_port()
+    procs = [spawn_server(port, fault, after)]
+    try:
+        yield port, procs
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
+def test_a_remote_controller_drives_the_arm_like_a_local_one(bus):
+    with served() as (port, _):
+        r, w = run_remote(bus, port, 60, SafetyConfig())
+    assert r.out.stopped is None and len(r.out.ticks) == 60 and len(r.out.chunks) > 5
+    check_bus(r, bus)
+    assert w.stats["reconnects"] == 0 and r.torque_after_disconnect == [1] * 6
+
+
+def test_nan_chunks_from_the_server_never_reach_the_bus(bus):
+    with served("nan", after=3) as (port, _):
+        r, _ = run_remote(bus, port, 90, SafetyConfig(hold_after_s=0.2, stop_after_s=0.6))
+    out = r.out
+    assert "3 bad chunks in a row, the last: chunk 5 holds non-finite actions" in out.stopped
+    check_bus(r, bus)
+    check_held(r, fresh_ticks(out)[-1] + 1)
+    assert r.torque_after_run == [1] * 6
+
+
+def test_a_hung_server_holds_the_arm_and_the_watchdog_ends_the_run(bus):
+    with served("hang", after=3) as (port, _):
+        r, _ = run_remote(bus, port, 150, SafetyConfig(hold_after_s=0.2, stop_after_s=1.0), timeout_s=0.3)
+    out = r.out
+    # two chunks timed out (the second queued behind the hung one), the third was refused at once
+    assert out.stopped.startswith(
+        "3 bad chunks in a row, the last: the policy server: the model is still computing"
+    )
+    assert "(hung?)" in out.stopped and out.events["inference_error"] == 3
+    check_bus(r, bus)
+    check_held(r, fresh_ticks(out)[-1] + 1)
+    assert r.torque_after_run == [1] * 6
+
+
+def test_the_server_killed_mid_run_and_restarted_the_robot_holds_then_resumes(bus):
+    with served() as (port, procs):
+        kill_at, restart_at = 30, 45  # reads of the arm (one per tick)
+        killed = {}
+
+        def kill():
+            os.kill(procs[0].pid, signal.SIGKILL)
+            killed["tick"] = len(bus.fake.written)
+
+        bus.at_read[kill_at] = kill
+        bus.at_read[restart_at] = lambda: procs.append(spawn_server(port))
+        r, w = run_remote(bus, port, 300, SafetyConfig(hold_after_s=0.2, stop_after_s=30.0), timeout_s=0.5)
+    out = r.out
+    assert out.stopped is None and len(out.ticks) == 300, out.stopped
+    assert w.stats["reconnects"] >= 1 and w.stats["resumed"] == 0  # a new server: a new session
+    fresh = fresh_ticks(out)
+    gap = [b - a for a, b in zip(fresh, fresh[1:], strict=False)]
+    assert max(gap) > 30  # held while the server was down (it takes seconds to come back)
+    assert fresh[-1] > kill_at + max(gap)  # and driven again by the restarted server
+    held = [t for t in out.ticks[kill_at : kill_at + 20] if t.chunk == NO_CHUNK]
+    assert held and out.events["hold"] > 0
+    check_bus(r, bus)
+    assert r.torque_after_run == r.torque_after_disconnect == [1] * 6

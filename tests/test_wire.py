@@ -1,0 +1,171 @@
+"""The policy server's wire format (`robots.runtime.wire`): exact round trips, and every malformed
+message refused with one line before any array is made."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from robots.runtime import wire
+
+SPEC = {"image_keys": ["cam"], "proprio_key": "state", "proprio_dim": 3}
+LIMIT = 1 << 24
+
+
+def request(steps=2, **over):
+    rng = np.random.default_rng(0)
+    obs = [
+        {"cam": rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), "state": rng.normal(size=3)}
+        for _ in range(steps)
+    ]
+    acts = [rng.normal(size=2) for _ in range(steps - 1)]
+    args = dict(sid=b"s" * 16, seq=7, sent=1.5, expires=3.5, steps=obs, actions=acts, previous=None, frozen=0)
+    args.update(over)
+    return obs, acts, wire.pack_request(**args)
+
+
+def frames_bytes(frames):
+    return [bytes(f) for f in frames]
+
+
+def test_a_request_round_trips_bit_exact():
+    prev = np.random.default_rng(1).normal(size=(5, 2)).astype(np.float32)
+    obs, acts, frames = request(previous=prev, frozen=2)
+    msg = wire.decode(frames_bytes(frames), LIMIT)
+    req = wire.unpack_request(msg, SPEC, window=2, action_dim=2)
+    assert (req.seq, req.sent, req.expires, req.frozen) == (7, 1.5, 3.5, 2)
+    for got, want in zip(req.steps, obs, strict=True):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes()
+    for got, want in zip(req.actions, acts, strict=True):
+        assert got.tobytes() == want.tobytes()
+    assert req.previous.tobytes() == prev.tobytes()
+
+
+def test_a_chunk_round_trips_bit_exact_and_arrays_are_private_copies():
+    chunk = np.random.default_rng(2).normal(size=(16, 7))
+    raw = frames_bytes(wire.encode("chunk", {"seq": 3}, {"chunk": chunk}))
+    msg = wire.decode(raw, LIMIT)
+    assert msg.kind == "chunk" and msg.get("seq", int) == 3
+    got = msg.arrays["chunk"]
+    assert got.dtype == np.float64 and got.tobytes() == chunk.tobytes()
+    got[0, 0] = 99.0  # writable, and not the caller's buffer
+    assert chunk[0, 0] != 99.0
+
+
+def header(**fields):
+    h = {"v": wire.VERSION, "t": "infer", "arrays": []}
+    h.update(fields)
+    return msgpack.packb(h, use_bin_type=True)
+
+
+BAD = {
+    "empty message": [],
+    "header is not valid msgpack": [b"\xc1\xff\x00garbage"],
+    "header must be a map": [msgpack.packb([1, 2, 3])],
+    "protocol version 2; this side speaks version 1": [header(v=2)],
+    "field 't' (the message type) is missing": [header(t=None)],
+    "header describes 1 arrays but 0 buffers follow": [header(arrays=[["x", "<f8", [2]]])],
+    "has dtype '|O'": [header(arrays=[["x", "|O", [1]]]), b"\x00" * 8],
+    "has dtype '<c16'": [header(arrays=[["x", "<c16", [1]]]), b"\x00" * 16],
+    "has shape [-1]": [header(arrays=[["x", "<f8", [-1]]]), b""],
+    "has shape [1, 1, 1, 1, 1]": [header(arrays=[["x", "<f8", [1, 1, 1, 1, 1]]]), b"\x00" * 8],
+    "needs 16 bytes, its buffer has 15": [header(arrays=[["x", "<f8", [2]]]), b"\x00" * 15],  # truncated
+    "needs 16 bytes, its buffer has 17": [header(arrays=[["x", "<f8", [2]]]), b"\x00" * 17],
+    "array 'x' appears twice": [header(arrays=[["x", "|u1", [1]], ["x", "|u1", [1]]]), b"\x01", b"\x02"],
+    "exceeds the limit of 1024": [header(), b"\x00" * 2000],  # oversized
+    "an array description must be [name, dtype, shape]": [header(arrays=[{"x": 1}]), b""],
+}
+
+
+@pytest.mark.parametrize("says", list(BAD))
+def test_malformed_messages_are_refused_with_one_line(says):
+    limit = 1024 if "limit of 1024" in says else LIMIT
+    with pytest.raises(wire.ProtocolError) as e:
+        wire.decode(BAD[says], limit)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_oversized_header_is_refused_before_it_is_parsed():
+    with pytest.raises(wire.ProtocolError, match="header of .* bytes exceeds"):
+        wire.decode([b"\x00" * (wire.MAX_HEADER_BYTES + 1)], LIMIT)
+
+
+CHECKS = {
+    "keys differ from the model's: missing ['state']": lambda o, a, p: o[1].pop("state"),
+    "unexpected ['extra']": lambda o, a, p: o[1].update(extra=np.zeros(1)),
+    "'cam' must be an (H, W, 3) uint8 image, got (6, 8, 3) float64": lambda o, a, p: o[0].update(
+        cam=o[0]["cam"].astype(float)
+    ),
+    "'cam' must be an (H, W, 3) uint8 image, got (6, 8)": lambda o, a, p: o[0].update(
+        cam=o[0]["cam"][..., 0]
+    ),
+    "'state' must be (3,) float, got (4,)": lambda o, a, p: o[0].update(state=np.zeros(4)),
+    "'state' holds non-finite values": lambda o, a, p: o[0]["state"].__setitem__(0, np.nan),
+    "action a0 must be (2,) float, got (3,)": lambda o, a, p: a.__setitem__(0, np.zeros(3)),
+    "action a0 holds non-finite values": lambda o, a, p: a[0].__setitem__(1, np.inf),
+    "previous chunk must be (n, 2) float": lambda o, a, p: p.update(previous=np.zeros((4, 3))),
+    "previous chunk holds non-finite values": lambda o, a, p: p.update(previous=np.full((4, 2), np.nan)),
+    "frozen 5 outside 0..4": lambda o, a, p: p.update(previous=np.zeros((4, 2)), frozen=5),
+}
+
+
+@pytest.mark.parametrize("says", list(CHECKS))
+def test_requests_are_checked_against_the_models_io_spec(says):
+    rng = np.random.default_rng(0)
+    obs = [
+        {"cam": rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), "state": rng.normal(size=3)}
+        for _ in range(2)
+    ]
+    acts = [rng.normal(size=2)]
+    extra: dict = {"previous": None, "frozen": 0}
+    CHECKS[says](obs, acts, extra)
+    frames = wire.pack_request(b"s" * 16, 1, 0.0, 1.0, obs, acts, **extra)
+    msg = wire.decode(frames_bytes(frames), LIMIT)
+    with pytest.raises(wire.ProtocolError) as e:
+        wire.unpack_request(msg, SPEC, window=2, action_dim=2)
+    assert says in str(e.value) and str(e.value).startswith("infer 1")
+
+
+def test_more_steps_than_the_models_window_are_refused():
+    _, _, frames = request(steps=3)
+    with pytest.raises(wire.ProtocolError, match="3 observation steps; the model takes 1..2"):
+        wire.unpack_request(wire.decode(frames_bytes(frames), LIMIT), SPEC, window=2, action_dim=2)
+
+
+def test_header_fields_are_typed():
+    msg = wire.decode([header(seq="7", sent=float("nan"))], LIMIT)
+    with pytest.raises(wire.ProtocolError, match="field 'seq' must be int, got str"):
+        msg.get("seq", int)
+    with pytest.raises(wire.ProtocolError, match="field 'sent' must be finite"):
+        msg.number("sent")
+    with pytest.raises(wire.ProtocolError, match="field 'sid' is missing"):
+        msg.get("sid", bytes)
+    with pytest.raises(wire.ProtocolError, match="must be int, got bool"):
+        wire.decode([header(seq=True)], LIMIT).get("seq", int)
+
+
+def test_the_token_is_proved_not_sent():
+    a, b = b"a" * 16, b"b" * 16
+    proof = wire.mac("correct horse", a, b)
+    assert b"correct horse" not in proof and len(proof) == 32
+    assert wire.same(proof, wire.mac("correct horse", a, b))
+    assert not wire.same(proof, wire.mac("wrong horse!", a, b))
+    assert not wire.same(proof, wire.mac("correct horse", b, a))  # bound to both nonces
+
+
+def test_clock_sync_recovers_an_offset_and_the_network_delay():
+    """A server clock 1000 s ahead, 2 ms each way, 5 ms of processing; one round trip queued 40 ms."""
+    sync = wire.ClockSync()
+    offset, one_way, work = 1000.0, 0.002, 0.005
+    for i, queued in enumerate([0.0, 0.040, 0.0, 0.010]):
+        t0 = 10.0 + i
+        s1 = t0 + offset + one_way + queued  # queued on the way up: an asymmetric round trip
+        s2 = s1 + work
+        t3 = s2 - offset + one_way
+        sync.add(t0, s1, s2, t3)
+    assert sync.offset == pytest.approx(offset, abs=1e-9)  # from a round trip without queueing
+    assert sync.delay == pytest.approx(2 * one_way, abs=1e-9)
+    assert sync.to_server(5.0) == pytest.approx(1005.0)

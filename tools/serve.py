@@ -1,0 +1,116 @@
+"""`wm-serve checkpoint=DIR [controller=policy] [host=127.0.0.1] [port=5555] [token=...]`: serve a
+controller to robots on other machines.
+
+Loads any controller the model registry builds (a diffusion policy, MPC over a world model, random
+actions: the same options as `wm-eval` and `wm-deploy`) on the best device, and answers chunk
+requests from `wm-deploy robot=... server=HOST:PORT` (`robots.runtime.server`). Binds loopback by
+default; any other address needs a shared secret (`token=`, or the WM_SERVE_TOKEN environment
+variable, which keeps it out of the process list); the token is never printed. Runs until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tools._cli import UsageError, app, bind
+from tools._controller import ControllerConfig, worker_controller
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(ControllerConfig):
+    """`wm-serve`'s options: the controller (`ControllerConfig`) and where and how to serve it."""
+
+    host: str = "127.0.0.1"
+    port: int = 5555
+    token: str | None = field(default=None, repr=False)
+    max_sessions: int = 1
+    session_timeout_s: float = 10.0
+    max_frame_mb: float = 16.0
+    max_request_mb: float = 64.0
+    inference_threads: int | None = None
+    seed: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inference_threads is not None and self.inference_threads < 1:
+            raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
+        self.server_config()  # its checks
+
+    def server_config(self) -> Any:
+        from robots.runtime.server import ServerConfig, token_from_env
+
+        try:
+            return ServerConfig(
+                self.host,
+                self.port,
+                token_from_env(self.token),
+                self.max_sessions,
+                self.session_timeout_s,
+                self.max_frame_mb,
+                self.max_request_mb,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+def make_server(cfg: ServeConfig, log: Any = print) -> Any:
+    """The server, its controllers built by `worker_controller` for each robot's bounds; a policy is
+    built once now (its checkpoint checked before any robot connects) and fits every robot."""
+    import torch
+
+    from robots.runtime.server import PolicyServer
+
+    torch.set_num_threads(cfg.inference_threads or os.cpu_count() or 1)
+    settings = cfg.settings()
+    builder = functools.partial(_build, settings, cfg.seed)
+    policy = cfg.controller == "policy"
+    meta = {"controller": cfg.controller, "checkpoint": cfg.checkpoint}
+    server = PolicyServer(
+        builder, cfg.server_config(), key=(lambda low, high: None) if policy else None, meta=meta, log=log
+    )
+    if policy:
+        server.add_idle(builder([], []), [], [])
+    elif cfg.controller == "mpc":
+        from tools._controller import _device
+        from wm.registry import load_model
+
+        load_model(cfg.checkpoint, _device(cfg.device), controller="mpc")  # fails now, not at a robot's hello
+    return server
+
+
+def _build(settings: dict[str, Any], seed: int, low: list[float], high: list[float]) -> Any:
+    return worker_controller(settings, low, high, seed)
+
+
+def _main(cfg: DictConfig) -> int:
+    conf = bind(ServeConfig, cfg, job_folder=None)
+    server = make_server(conf, log=lambda line: print(line, flush=True))
+    endpoint = server.bind()
+    auth = "token required" if server.cfg.token else "no token (loopback only)"
+    print(
+        f"serving controller={conf.controller} ({conf.checkpoint}) on {endpoint}; {auth}; "
+        f"max_sessions={conf.max_sessions}",
+        flush=True,
+    )
+    previous = signal.signal(signal.SIGINT, lambda *_: server.stop())
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        server.close()
+    c = server.counts
+    print(f"stopped: {c['chunks']} chunks, {c['errors']} errors, {c['refused']} refused", flush=True)
+    return 0
+
+
+main = app("serve", _main)
+
+if __name__ == "__main__":
+    main()
