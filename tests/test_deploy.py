@@ -3,11 +3,14 @@ simulated task run against the wall clock, with the inference worker in its own 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import subprocess
 
 import numpy as np
 import pytest
-from apps import TINY_POLICY, TINY_WM, cli
+from apps import BIN, TINY_POLICY, TINY_WM, cli
 
 from robots.runtime.report import RECORD_KEYS
 from wm.data import DemoStore
@@ -132,3 +135,68 @@ def test_deploy_usage_errors_are_one_line(tmp_path, policy):
         assert res.returncode == 2, (args, res.stderr)
         assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
         assert not (tmp_path / "a").exists()
+
+
+@contextlib.contextmanager
+def wm_serve(*args: str):
+    """`wm-serve` in its own process on a free port; yields (port, the lines it printed at start)."""
+    proc = subprocess.Popen(
+        [str(BIN / "wm-serve"), "port=0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert lines and lines[-1].startswith("serving "), "".join(lines)
+        yield int(lines[-1].split(" on tcp://127.0.0.1:")[1].split(";")[0]), proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_a_policy_served_by_wm_serve_is_deployed_from_another_process(policy, tmp_path):
+    out = tmp_path / "remote"
+    with wm_serve("controller=policy", f"checkpoint={policy}") as (port, proc):
+        res = cli(
+            "wm-deploy", "robot=pointmaze", f"server=127.0.0.1:{port}", f"out={out}", "episodes=2",
+            "max_steps=12", "control_hz=20", "runtime.replan_every=4",
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        report = json.loads((out / "report.json").read_text())
+        assert report["episodes"] == 2 and 0 <= report["success_rate"] <= 1 and report["chunks"] >= 4
+        server = report["settings"]["server"]
+        assert server["address"] == f"127.0.0.1:{port}" and server["reconnects"] == 0
+        assert server["round_trip_ms"]["p50"] >= server["inference_ms"]["p50"] > 0
+        assert report["settings"]["checkpoint"] == str(policy)
+        # the model reads a 4-d proprioception; arm_push gives 6: refused before the robot moves
+        res = cli("wm-deploy", "robot=arm_push", f"server=127.0.0.1:{port}", f"out={tmp_path / 'x'}")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert "the model reads 'proprio' of shape (4,); arm_push gives (6,)" in res.stderr
+        res = cli(
+            "wm-deploy", "robot=pointmaze", f"server=127.0.0.1:{port}", f"out={out}", "token=not-the-token"
+        )
+        assert res.returncode == 0, res.stderr  # a server without a token takes any client on loopback
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert "stopped: " in proc.stdout.read()
+
+
+def test_serve_usage_errors_are_one_line(policy, tmp_path):
+    cases = [
+        (["host=0.0.0.0", f"checkpoint={policy}"], "host=0.0.0.0 exposes the server beyond this machine"),
+        (["controller=policy"], "checkpoint=DIR"),
+        (["port=70000", f"checkpoint={policy}"], "port must be 0..65535"),
+    ]
+    for args, words in cases:
+        res = cli("wm-serve", *args)
+        assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
+    res = cli("wm-deploy", "robot=pointmaze", "server=localhost:1", f"checkpoint={policy}", f"out={tmp_path}")
+    assert res.returncode == 2 and "give no checkpoint=" in res.stderr
+    res = cli("wm-deploy", "robot=pointmaze", "server=nowhere", f"out={tmp_path}")
+    assert res.returncode == 2 and "server must be HOST:PORT, got 'nowhere'" in res.stderr
