@@ -8,7 +8,8 @@ drives the connection:
 - every request has a deadline (`request_timeout_s`): past it, the chunk is given up (an error reply
   to the runtime), the socket is closed (so a late reply can never arrive, let alone be executed)
   and the client reconnects;
-- when idle it pings every `heartbeat_s`; a server silent for `dead_after_s` is reconnected to;
+- when idle it pings every `heartbeat_s`; a ping unanswered for `dead_after_s` means the server is
+  gone: it reconnects;
 - reconnecting is a new handshake that resumes the session (the server's controller and its state
   are kept) or, when the server restarted, opens a new one and resets its controller with the
   episode's goal; meanwhile the worker is `busy`, so the runtime holds and its watchdog applies;
@@ -88,7 +89,8 @@ class RemoteWorker:
         self._goal: dict[str, np.ndarray] | None = None
         self._outstanding: tuple[int, float, float] | None = None  # seq, sent, deadline
         self._replies: list[Reply] = []
-        self._last_heard = self._last_sent = time.monotonic()
+        self._last_sent = time.monotonic()
+        self._ping_at: float | None = None  # an unanswered ping: when it was sent
         self._down_since: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,6 +183,19 @@ class RemoteWorker:
         self._advance()
         return self._replies.pop(0) if self._replies else None
 
+    def wait(self, timeout_s: float) -> Reply | None:
+        """Block up to `timeout_s` for the reply (for a caller with nothing else to do: a benchmark)."""
+        end = time.monotonic() + timeout_s
+        while True:
+            reply = self.poll()
+            left = end - time.monotonic()
+            if reply is not None or left <= 0:
+                return reply
+            if self._sock is not None:
+                self._sock.poll(max(1, min(int(left * 1000), 50)))
+            else:
+                time.sleep(0.001)
+
     # ------------------------------------------------------------------ the connection
     def _advance(self) -> None:
         """Read what has arrived, then act on the clock: deadlines, heartbeats, reconnecting."""
@@ -193,7 +208,7 @@ class RemoteWorker:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            self._last_heard = time.monotonic()
+            self._ping_at = None  # the server is there
             try:
                 msg = wire.decode(frames, int(self.cfg.max_frame_mb * 2**20) * 2)
             except wire.ProtocolError as e:
@@ -214,14 +229,16 @@ class RemoteWorker:
             )
         elif self._state in ("hello", "auth", "reset") and now - self._since > self._handshake_limit():
             self._reconnect()
-        elif self._state == "ready" and now - self._last_heard > self.cfg.dead_after_s:
-            self._reconnect()
+        elif self._ping_at is not None and now - self._ping_at > self.cfg.dead_after_s:
+            self._reconnect()  # a ping unanswered: the server or the network is gone
         elif (
             self._state == "ready"
             and self._outstanding is None
+            and self._ping_at is None
             and now - self._last_sent > self.cfg.heartbeat_s
         ):
             self._send(wire.encode("ping", {"sid": self._sid, "sent": now}))
+            self._ping_at = now
 
     def _handshake_limit(self) -> float:
         # a new session may wait for the server to build its controller (load a model)
@@ -285,7 +302,7 @@ class RemoteWorker:
             shape = None if chunk is None else chunk.shape
             self._replies.append(Reply(seq, None, infer, f"the policy server sent a chunk of shape {shape}"))
             return
-        self._replies.append(Reply(seq, chunk, infer))
+        self._replies.append(Reply(seq, chunk.copy(), infer))  # writable, and free of the frame
 
     def _error(self, msg: wire.Message) -> None:
         code, text = msg.get("code", str), msg.get("msg", str)
@@ -328,7 +345,7 @@ class RemoteWorker:
         now = time.monotonic()
         hello = {"nonce": self._nonce, "resume": self._sid, "low": self.low, "high": self.high, "sent": now}
         self._send(wire.encode("hello", hello))
-        self._last_heard = now
+        self._ping_at = None
         self._enter("hello")
 
     def _reconnect(self) -> None:
@@ -360,7 +377,7 @@ class RemoteWorker:
         if self._sock is None:
             return False
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
         self._last_sent = time.monotonic()

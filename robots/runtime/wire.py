@@ -97,7 +97,7 @@ def encode(kind: str, fields: Mapping[str, Any] | None = None, arrays: Mapping[s
 
 def decode(frames: Sequence[Any], max_bytes: int) -> Message:
     """Check and decode one message's frames (bytes, or zmq Frames); `max_bytes`: the most all of them
-    may hold together."""
+    may hold together. The arrays are read-only views on the frames (no copy)."""
     if not frames:
         raise ProtocolError("empty message")
     sizes = [len(memoryview(f.buffer if hasattr(f, "buffer") else f)) for f in frames]
@@ -160,7 +160,7 @@ def _array(kind: str, d: Any, frame: Any) -> tuple[str, np.ndarray]:
             f"{kind}: array {name!r:.40} of shape {tuple(shape)} {np.dtype(dtype)} needs {nbytes} bytes, "
             f"its buffer has {buf.nbytes}"
         )
-    return name, np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
+    return name, np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------- authentication
