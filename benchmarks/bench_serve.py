@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import pickle
 import subprocess
 import sys
@@ -361,7 +362,13 @@ def e2e(args: argparse.Namespace) -> dict:
         assert local.returncode in (0, 3), local.stderr
         port = free_port()
         srv = subprocess.Popen(
-            [str(bin_dir / "wm-serve"), "controller=policy", f"checkpoint={args.checkpoint}", f"port={port}"],
+            [
+                str(bin_dir / "wm-serve"),
+                "controller=policy",
+                f"checkpoint={args.checkpoint}",
+                f"port={port}",
+                f"inference_threads={args.threads}",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -396,8 +403,9 @@ def e2e(args: argparse.Namespace) -> dict:
         )
     s = out["remote"]["server"]
     print(
-        f"  remote transport p50 {s['transport_ms']['p50']:.2f} p99 {s['transport_ms']['p99']:.2f} ms, "
-        f"reconnects {s['reconnects']}"
+        f"  remote: inference p50 {s['inference_ms']['p50']:.1f} ms, "
+        f"network round trip {s['network_rtt_ms']:.2f} ms, "
+        f"reconnects {s['reconnects']}, timeouts {s['timeouts']}"
     )
     return out
 
@@ -421,6 +429,9 @@ def main() -> None:
     e.add_argument("--max-steps", type=int, default=None)
     e.add_argument("--seed", type=int, default=1000)
     e.add_argument("--json", default=None)
+    e.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="the server's torch threads"
+    )
     for p in (t, lo):
         p.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -15,9 +15,9 @@ drives the connection:
   episode's goal; meanwhile the worker is `busy`, so the runtime holds and its watchdog applies;
 - refusals that retrying cannot fix (wrong token, another protocol version, the server busy with
   another robot, a controller that cannot be built) end it: `alive()` turns False with the reason.
-Round trips give the server's clock offset and the network delay (`wire.ClockSync`); every request
-carries its deadline on the server's clock, so a request that waited too long in the server's queue
-is not computed.
+Round trips waited for (pings at the start and between episodes) give the server's clock offset and
+the network delay (`wire.ClockSync`); every request carries its deadline on the server's clock, so a
+request that waited too long in the server's queue is not computed.
 """
 
 from __future__ import annotations
@@ -76,8 +76,10 @@ class RemoteWorker:
         self.low, self.high = [float(x) for x in low], [float(x) for x in high]
         self.info: dict[str, Any] = {}
         self.clock = wire.ClockSync()
+        # late_replies: replies to requests given up (timed out, or outstanding at an episode's end)
         self.stats: dict[str, Any] = {"reconnects": 0, "timeouts": 0, "late_replies": 0, "resumed": 0}
-        self.timings: list[tuple[float, float, float]] = []  # per chunk: round trip, queue, inference
+        # per chunk: request to the moment it was taken in (the next poll), server queue, inference (s)
+        self.timings: list[tuple[float, float, float]] = []
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
         self._state = "down"  # down | hello | auth | reset | ready | failed
@@ -92,22 +94,48 @@ class RemoteWorker:
         self._last_sent = time.monotonic()
         self._ping_at: float | None = None  # an unanswered ping: when it was sent
         self._down_since: float | None = None
+        self._exact = False  # replies are being waited for (their arrival time is known)
+        self._pong = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Connect and open a session (waits up to `connect_timeout_s`); `info` is then the model's."""
         self._wait_ready(self.cfg.connect_timeout_s, f"no policy server answered at {self.cfg.address}")
+        self._sync()
 
     def _wait_ready(self, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
-        while self._state != "ready":
-            self._advance()
-            if self._state == "failed":
-                raise WorkerDied(self._failed or "the policy server refused the session")
-            if time.monotonic() > deadline:
-                raise WorkerDied(f"{what} within {timeout:g} s ({self.waiting_for()})")
-            if self._sock is not None:
-                self._sock.poll(20)
+        self._exact = True
+        try:
+            while self._state != "ready":
+                self._advance()
+                if self._state == "failed":
+                    raise WorkerDied(self._failed or "the policy server refused the session")
+                if time.monotonic() > deadline:
+                    raise WorkerDied(f"{what} within {timeout:g} s ({self.waiting_for()})")
+                if self._sock is not None:
+                    self._sock.poll(20)
+        finally:
+            self._exact = False
+
+    def _sync(self, n: int = 8) -> None:
+        """`n` pings while nothing else happens, each waited for: round trips timed exactly, for the
+        clock offset and the network delay (during an episode a reply is only seen at the next tick)."""
+        for _ in range(n):
+            self._pong = False
+            if self._state != "ready" or not self._send(
+                wire.encode("ping", {"sid": self._sid, "sent": time.monotonic()})
+            ):
+                return
+            end = time.monotonic() + 1.0
+            self._exact = True
+            try:
+                while not self._pong and self._state == "ready" and time.monotonic() < end:
+                    if self._sock is not None:
+                        self._sock.poll(20)
+                    self._advance()
+            finally:
+                self._exact = False
 
     @property
     def busy(self) -> bool:
@@ -155,6 +183,7 @@ class RemoteWorker:
         self._send_reset()
         self._wait_ready(self.cfg.connect_timeout_s, "the policy server did not confirm the new episode")
         self._replies.clear()
+        self._sync()
 
     def submit(self, req: Request) -> None:
         """Send a chunk request (never blocks; a connection that cannot take it answers with an error)."""
@@ -186,15 +215,19 @@ class RemoteWorker:
     def wait(self, timeout_s: float) -> Reply | None:
         """Block up to `timeout_s` for the reply (for a caller with nothing else to do: a benchmark)."""
         end = time.monotonic() + timeout_s
-        while True:
-            reply = self.poll()
-            left = end - time.monotonic()
-            if reply is not None or left <= 0:
-                return reply
-            if self._sock is not None:
-                self._sock.poll(max(1, min(int(left * 1000), 50)))
-            else:
-                time.sleep(0.001)
+        self._exact = True  # the reply is taken in as it arrives: its round trip is exact
+        try:
+            while True:
+                reply = self.poll()
+                left = end - time.monotonic()
+                if reply is not None or left <= 0:
+                    return reply
+                if self._sock is not None:
+                    self._sock.poll(max(1, min(int(left * 1000), 50)))
+                else:
+                    time.sleep(0.001)
+        finally:
+            self._exact = False
 
     # ------------------------------------------------------------------ the connection
     def _advance(self) -> None:
@@ -279,6 +312,7 @@ class RemoteWorker:
         elif kind == "chunk":
             self._chunk(msg)
         elif kind == "pong":
+            self._pong = True
             self._sample(msg)
             if self._state == "ready" and not msg.get("session", bool, True):
                 self._reconnect()  # the server no longer knows the session
@@ -322,8 +356,9 @@ class RemoteWorker:
             self._reconnect()
 
     def _sample(self, msg: wire.Message) -> None:
+        """A clock sample from a reply taken in as it arrived (not one that waited for a tick)."""
         sent, recv, reply = msg.fields.get("sent"), msg.fields.get("recv"), msg.fields.get("reply")
-        if all(isinstance(x, float) for x in (sent, recv, reply)):
+        if self._exact and all(isinstance(x, float) for x in (sent, recv, reply)):
             self.clock.add(sent, recv, reply, time.monotonic())
 
     def _send_reset(self) -> None:
