@@ -152,6 +152,35 @@ def lerobot_server(port: int) -> None:
     server.wait_for_termination()
 
 
+def zmq_echo(port: int) -> None:
+    """The floor of a ZeroMQ round trip: a ROUTER answering every message with 500 bytes, no Python work."""
+    import zmq
+
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        sock.send_multipart([frames[0], b"x" * 500])
+
+
+def tcp_echo(port: int) -> None:
+    """The floor of a plain TCP round trip: length-prefixed bytes in, 500 bytes out."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = memoryview(bytearray(1 << 22))
+    while True:
+        head = conn.recv(8, socket.MSG_WAITALL)
+        if len(head) < 8:
+            return  # the client has gone
+        n, got = int.from_bytes(head, "little"), 0
+        while got < n:
+            got += conn.recv_into(buf[got:n])
+        conn.sendall((500).to_bytes(8, "little") + b"x" * 500)
+
+
 def free_port() -> int:
     import socket
 
@@ -196,6 +225,46 @@ class Ours:
         self.w.close()
 
 
+class Echo:
+    """A client of `zmq_echo` or `tcp_echo`: the observation's raw bytes up, 500 bytes back."""
+
+    def __init__(self, port: int, kind: str) -> None:
+        import socket
+
+        import zmq
+
+        self.kind = kind
+        if kind == "zmq":
+            self.sock = zmq.Context.instance().socket(zmq.DEALER)
+            self.sock.connect(f"tcp://127.0.0.1:{port}")
+        else:
+            for _ in range(100):
+                try:
+                    self.sock = socket.create_connection(("127.0.0.1", port))
+                    break
+                except ConnectionRefusedError:
+                    time.sleep(0.1)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def round_trip(self, obs: dict[str, np.ndarray]) -> tuple[float, float, bool]:
+        import socket
+
+        parts = [obs[k].tobytes() for k in obs]
+        t0 = time.perf_counter()
+        if self.kind == "zmq":
+            self.sock.send_multipart(parts, copy=False)
+            ok = len(self.sock.recv_multipart()) == 1
+        else:
+            data = b"".join(parts)
+            self.sock.sendall(len(data).to_bytes(8, "little") + data)
+            n = int.from_bytes(self.sock.recv(8, socket.MSG_WAITALL), "little")
+            ok = len(self.sock.recv(n, socket.MSG_WAITALL)) == n
+        return time.perf_counter() - t0, 0.0, ok
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class LeRobot:
     def __init__(self, port: int, hz: float) -> None:
         import grpc
@@ -234,10 +303,14 @@ class LeRobot:
 
 # ---------------------------------------------------------------------- 1. transport
 def transport(args: argparse.Namespace) -> dict:
-    p_ours, p_lr = free_port(), free_port()
+    p_ours, p_lr, p_zmq, p_tcp = (free_port() for _ in range(4))
     procs = [spawn(our_server, p_ours), spawn(lerobot_server, p_lr)]
+    if args.floor:
+        procs += [spawn(zmq_echo, p_zmq), spawn(tcp_echo, p_tcp)]
     try:
         clients = {"ours": Ours(p_ours), "lerobot": LeRobot(p_lr, args.hz)}
+        if args.floor:
+            clients |= {"zmq echo": Echo(p_zmq, "zmq"), "tcp echo": Echo(p_tcp, "tcp")}
         rng = np.random.default_rng(1)
         frames = [observation(rng) for _ in range(8)]
         for c in clients.values():  # warm up both paths
@@ -251,7 +324,7 @@ def transport(args: argparse.Namespace) -> dict:
         for k in range(n):
             while time.perf_counter() < start + k * period:
                 time.sleep(max(0.0, min(0.0005, start + k * period - time.perf_counter())))
-            order = list(clients) if k % 2 == 0 else list(reversed(clients))
+            order = list(clients)[k % len(clients) :] + list(clients)[: k % len(clients)]  # rotated
             for name in order:
                 rtt, inf, ok = clients[name].round_trip(frames[k % 8])
                 rtts[name].append(rtt)
@@ -270,6 +343,9 @@ def transport(args: argparse.Namespace) -> dict:
     print(f"  ours              {pct(ours)}   failed {failed['ours']}")
     print(f"  ours - inference  {pct(overhead)}")
     print(f"  LeRobot gRPC      {pct(lr)}   failed {failed['lerobot']}")
+    for name in ("zmq echo", "tcp echo"):
+        if name in rtts:
+            print(f"  floor: {name:9s}  {pct(rtts[name])}   (the same bytes, no Python work on the server)")
     ratio_p50 = np.percentile(lr, 50) / np.percentile(overhead, 50)
     ratio_p99 = np.percentile(lr, 99) / np.percentile(overhead, 99)
     print(f"  LeRobot / ours (transport): p50 {ratio_p50:.1f}x  p99 {ratio_p99:.1f}x")
@@ -281,6 +357,9 @@ def transport(args: argparse.Namespace) -> dict:
         "ratio_p50": ratio_p50,
         "ratio_p99": ratio_p99,
         "failed": failed,
+        **{
+            f"{n.replace(' ', '_')}_ms": q(np.asarray(rtts[n])) for n in ("zmq echo", "tcp echo") if n in rtts
+        },
     }
 
 
@@ -416,6 +495,7 @@ def main() -> None:
     t = sub.add_parser("transport")
     t.add_argument("--seconds", type=float, default=60.0)
     t.add_argument("--hz", type=float, default=30.0)
+    t.add_argument("--floor", action="store_true", help="also bare ZeroMQ and TCP echoes of the same bytes")
     lo = sub.add_parser("load")
     lo.add_argument("--clients", type=int, default=4)
     lo.add_argument("--seconds", type=float, default=30.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 
@@ -138,10 +139,14 @@ def test_deploy_usage_errors_are_one_line(tmp_path, policy):
 
 
 @contextlib.contextmanager
-def wm_serve(*args: str):
-    """`wm-serve` in its own process on a free port; yields (port, the lines it printed at start)."""
+def wm_serve(*args: str, env: dict | None = None):
+    """`wm-serve` in its own process on a free port; yields (port, its process)."""
     proc = subprocess.Popen(
-        [str(BIN / "wm-serve"), "port=0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [str(BIN / "wm-serve"), "port=0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         lines = []
@@ -201,3 +206,23 @@ def test_serve_usage_errors_are_one_line(policy, tmp_path):
     assert res.returncode == 2 and "give no checkpoint=" in res.stderr
     res = cli("wm-deploy", "robot=pointmaze", "server=nowhere", f"out={tmp_path}")
     assert res.returncode == 2 and "server must be HOST:PORT, got 'nowhere'" in res.stderr
+
+
+def test_a_server_with_a_token_takes_only_robots_that_prove_it(policy, tmp_path):
+    secret = "a long shared secret"
+    with wm_serve("controller=policy", f"checkpoint={policy}", env={"WM_SERVE_TOKEN": secret}) as (
+        port,
+        proc,
+    ):
+        base = ["wm-deploy", "robot=pointmaze", f"server=127.0.0.1:{port}", f"out={tmp_path}", "max_steps=4"]
+        res = cli(*base)
+        assert res.returncode == 2 and "requires a token: give token=" in res.stderr, res.stderr
+        res = cli(*base, "token=not the secret at all")
+        assert res.returncode == 2 and "authentication failed" in res.stderr, res.stderr
+        res = cli(*base, f"token={secret}")
+        assert res.returncode == 0, res.stderr
+        assert secret not in res.stdout + res.stderr
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        log = proc.stdout.read()
+    assert "authentication failed" in log and "1 refused" in log and secret not in log

@@ -192,7 +192,10 @@ class PolicyServer:
                         frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(frames[0].bytes, frames[1:])
+                    try:
+                        self._handle(frames[0].bytes, frames[1:])
+                    except Exception as e:  # noqa: BLE001 - no message may stop the server
+                        self._error(frames[0].bytes, "internal", f"{type(e).__name__}: {e}")
             if time.monotonic() >= next_sweep:
                 self._sweep()
                 next_sweep = time.monotonic() + 0.5
