@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from robots.control import ManualClock  # noqa: E402
 from robots.registry import make_task  # noqa: E402
 from robots.runtime.loop import Runtime, RuntimeConfig  # noqa: E402
+from robots.runtime.realtime import realtime, worker_cpus  # noqa: E402
 from robots.runtime.report import episode_figures  # noqa: E402
 from robots.runtime.schedule import seam_jumps  # noqa: E402
 from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker, SimulatedTimeWorker  # noqa: E402
@@ -42,7 +43,7 @@ from wm.precision import describe_hardware  # noqa: E402
 TASK = "arm_push"
 
 
-def spec_for(checkpoint: str, task, delay: float = 0.0, threads: int = 1) -> ControllerSpec:
+def spec_for(checkpoint: str, task, delay: float = 0.0, threads: int = 1, cpus=None) -> ControllerSpec:
     feat = task.action_feature
     settings = {"controller": "policy", "checkpoint": checkpoint, "device": "cpu"}
     return ControllerSpec(
@@ -50,6 +51,7 @@ def spec_for(checkpoint: str, task, delay: float = 0.0, threads: int = 1) -> Con
         {"settings": settings, "low": list(feat.low), "high": list(feat.high), "seed": 0},
         threads=threads,
         delay_s=delay,
+        cpus=cpus,
     )
 
 
@@ -59,7 +61,10 @@ def ticks(args: argparse.Namespace) -> dict:
     for mode in ("async", "sync"):
         task = make_task(TASK, SimConfig(image_size=(96, 96), max_steps=10**9))
         task.control_hz = args.hz
-        spec = spec_for(args.checkpoint, task)
+        rt_opts = {"realtime_priority": args.realtime_priority, "control_cpu": args.control_cpu}
+        if mode == "sync":
+            rt_opts = {}  # the model computes on the control thread: no priority, no pinning
+        spec = spec_for(args.checkpoint, task, cpus=worker_cpus(rt_opts.get("control_cpu")))
         worker = ProcessWorker(spec) if mode == "async" else InlineWorker(spec)
         worker.start()
         task.connect()
@@ -70,10 +75,14 @@ def ticks(args: argparse.Namespace) -> dict:
             replan_every=args.replan_every,
             policy_hz=args.policy_hz,
             interpolate=True,
+            **rt_opts,
         )
         rt = Runtime(task, worker, cfg)
         n = int(args.seconds * args.hz)
-        out = rt.run_episode(n, goal=task.goal_observation())
+        with realtime(cfg.realtime_priority, cfg.control_cpu) as notes:
+            for line in notes:
+                print(f"note: {line}", flush=True)
+            out = rt.run_episode(n, goal=task.goal_observation())
         worker.close()
         task.disconnect()
         err = np.array([(t.started - t.nominal) * 1e3 for t in out.ticks])
@@ -192,6 +201,12 @@ def main() -> None:
     t.add_argument("--hz", type=float, default=50.0)
     t.add_argument("--policy-hz", type=float, default=10.0, help="the policy's step (interpolated between)")
     t.add_argument("--replan-every", type=int, default=8)
+    t.add_argument(
+        "--realtime-priority", type=int, default=None, help="async: SCHED_FIFO priority of the loop"
+    )
+    t.add_argument(
+        "--control-cpu", type=int, default=None, help="async: the loop's core (the worker: the rest)"
+    )
     lat = sub.add_parser("latency")
     lat.add_argument("--checkpoint", required=True)
     lat.add_argument("--task", default=TASK, help="the simulated task the policy was trained on")

@@ -93,7 +93,7 @@ def serve(
     from robots.runtime.server import PolicyServer, ServerConfig
 
     torch.set_num_threads(1)
-    cfg = ServerConfig(port=port, token=token, max_sessions=max_sessions, session_timeout_s=5.0)
+    cfg = ServerConfig(port=port, token=token, max_sessions=max_sessions, session_timeout_s=30.0)
     server = PolicyServer(lambda low, high: make(fault, after), cfg, log=lambda line: None)
     server.bind()
     server.serve()

@@ -63,6 +63,7 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
     res = cli(
         "wm-deploy", "robot=pointmaze", "controller=policy", f"checkpoint={policy}", f"out={out}",
         "episodes=2", "max_steps=12", "control_hz=20", f"record={store}", "runtime.replan_every=4",
+        "runtime.realtime_priority=10", f"runtime.control_cpu={max(os.sched_getaffinity(0))}",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "episode 1:" in res.stdout and "tick error p99" in res.stdout
@@ -71,6 +72,7 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
     assert report["episodes"] == 2 and 0 <= report["success_rate"] <= 1
     assert report["tick_error_ms"]["p50"] is not None and report["latency_ms"]["p50"] > 0
     assert report["settings"]["runtime"]["stitching"] == "inpaint" and report["chunks"] >= 2
+    assert report["settings"]["runtime"]["realtime_priority"] == 10  # applied, or a note said why not
     assert (out / "timing.png").stat().st_size > 0
     with DemoStore.open(store) as s:
         assert s.n_episodes == 2 and all(k in s.schema.keys for k in RECORD_KEYS)

@@ -498,7 +498,10 @@ def test_a_remote_controller_drives_the_arm_like_a_local_one(bus):
         r, w = run_remote(bus, port, 60, SafetyConfig())
     assert r.out.stopped is None and len(r.out.ticks) == 60 and len(r.out.chunks) > 5
     check_bus(r, bus)
-    assert w.stats["reconnects"] == 0 and r.torque_after_disconnect == [1] * 6
+    # (the test server keeps a silent session 30 s: on a loaded machine connecting the arm, between
+    # start() and the first reset, can outlast a short timeout, and that reset then opens a new session)
+    assert w.stats["reconnects"] == 0, w.stats["last_reconnect"]
+    assert r.torque_after_disconnect == [1] * 6
 
 
 def test_nan_chunks_from_the_server_never_reach_the_bus(bus):
@@ -548,3 +551,29 @@ def test_the_server_killed_mid_run_and_restarted_the_robot_holds_then_resumes(bu
     assert held and out.events["hold"] > 0
     check_bus(r, bus)
     assert r.torque_after_run == r.torque_after_disconnect == [1] * 6
+
+
+def test_a_malformed_server_never_breaks_the_robots_loop():
+    """Replies with missing or mistyped fields end in an error reply and a new connection, not an
+    exception in the control loop."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    done = threading.Event()
+
+    def bad_server():
+        while not done.is_set():
+            if router.poll(50):
+                ident, *_ = router.recv_multipart()
+                router.send_multipart([ident, *wire.encode("challenge", {"nonce": 5, "token": "yes"})])
+
+    t = threading.Thread(target=bad_server)
+    t.start()
+    w = RemoteWorker(RemoteConfig(f"127.0.0.1:{port}", connect_timeout_s=1.0), LOW, HIGH)
+    with pytest.raises(WorkerDied, match="no policy server answered at 127.0.0.1:.* within 1 s"):
+        w.start()
+    assert w.stats["reconnects"] >= 1
+    done.set()
+    t.join()
+    router.close(linger=0)
+    w.close()

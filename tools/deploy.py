@@ -152,6 +152,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
 
     from robots.collect import open_store
     from robots.runtime.loop import Runtime
+    from robots.runtime.realtime import realtime, worker_cpus
     from robots.runtime.report import (
         LiveStatus,
         episode_figures,
@@ -171,6 +172,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         {"settings": cfg.settings(), "low": list(feat.low), "high": list(feat.high), "seed": cfg.seed},
         threads=threads,
         delay_s=cfg.added_delay_s,
+        cpus=worker_cpus(cfg.runtime.control_cpu),
     )
     if cfg.server is not None:
         from robots.runtime.remote import RemoteWorker
@@ -194,7 +196,9 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         sim = is_sim(cfg.robot)
         action_spec = robot.action_feature.key_spec()
         out.mkdir(parents=True, exist_ok=True)
-        with stop:
+        with stop, realtime(cfg.runtime.realtime_priority, cfg.runtime.control_cpu) as notes:
+            for line in notes:
+                print(f"note: {line}", flush=True)
             for i in range(cfg.episodes):
                 goal = None
                 if sim:

@@ -49,7 +49,10 @@ class RuntimeConfig:
     chunks over which the worst round trip is the latency estimate (it forgets old spikes).
     max_inference_errors: consecutive failed chunks that end the run. read_retries: attempts per
     tick to read the robot; max_read_failures: consecutive ticks without an observation that end the
-    run (meanwhile the pending actions are sent: a chunk runs open loop that long at most)."""
+    run (meanwhile the pending actions are sent: a chunk runs open loop that long at most).
+    realtime_priority: run the control thread under SCHED_FIFO at this priority (1-99; None: normal
+    scheduling); control_cpu: pin it to this core, the local inference worker to the others
+    (`robots.runtime.realtime`; both need privileges, and say so in one line when they are missing)."""
 
     mode: str = "async"
     stitching: str = "inpaint"
@@ -62,6 +65,8 @@ class RuntimeConfig:
     max_inference_errors: int = 3
     read_retries: int = 2
     max_read_failures: int = 5
+    realtime_priority: int | None = None
+    control_cpu: int | None = None
     safety: SafetyConfig = field(default_factory=SafetyConfig)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,14 @@ class RuntimeConfig:
             raise ValueError("read_retries and max_read_failures must be >= 1")
         if self.action_latency_s < 0:
             raise ValueError(f"action_latency_s must be >= 0, got {self.action_latency_s}")
+        from robots.runtime.realtime import check
+
+        check(self.realtime_priority, self.control_cpu)
+        if self.mode == "sync" and (self.realtime_priority is not None or self.control_cpu is not None):
+            raise ValueError(
+                "realtime_priority and control_cpu are for mode=async: in sync mode the model computes on "
+                "the control thread, and its threads would inherit them"
+            )
 
 
 @dataclass

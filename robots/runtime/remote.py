@@ -78,6 +78,7 @@ class RemoteWorker:
         self.clock = wire.ClockSync()
         # late_replies: replies to requests given up (timed out, or outstanding at an episode's end)
         self.stats: dict[str, Any] = {"reconnects": 0, "timeouts": 0, "late_replies": 0, "resumed": 0}
+        self.stats["last_reconnect"] = None  # why the last reconnect happened
         # per chunk: request to the moment it was taken in (the next poll), server queue, inference (s)
         self.timings: list[tuple[float, float, float]] = []
         self._ctx = zmq.Context()
@@ -244,13 +245,13 @@ class RemoteWorker:
             self._ping_at = None  # the server is there
             try:
                 msg = wire.decode(frames, int(self.cfg.max_frame_mb * 2**20) * 2)
-            except wire.ProtocolError as e:
+                self._on(msg)
+            except wire.ProtocolError as e:  # the server is not one we can talk to, or is broken
                 if "protocol version" in str(e):
                     self._fail("version", f"the policy server speaks another protocol: {e}")
                     return
                 self._give_up(f"a malformed reply from the policy server ({e})")
                 return
-            self._on(msg)
             if self._state == "failed":
                 return
         now = time.monotonic()
@@ -261,9 +262,9 @@ class RemoteWorker:
                 f"{self.cfg.request_timeout_s:g} s"
             )
         elif self._state in ("hello", "auth", "reset") and now - self._since > self._handshake_limit():
-            self._reconnect()
+            self._reconnect(f"no answer to {self._state} in {now - self._since:.1f} s")
         elif self._ping_at is not None and now - self._ping_at > self.cfg.dead_after_s:
-            self._reconnect()  # a ping unanswered: the server or the network is gone
+            self._reconnect(f"no answer to a ping in {now - self._ping_at:.1f} s")
         elif (
             self._state == "ready"
             and self._outstanding is None
@@ -315,7 +316,7 @@ class RemoteWorker:
             self._pong = True
             self._sample(msg)
             if self._state == "ready" and not msg.get("session", bool, True):
-                self._reconnect()  # the server no longer knows the session
+                self._reconnect("the server no longer knows the session")
         elif kind == "error":
             self._error(msg)
 
@@ -348,12 +349,12 @@ class RemoteWorker:
             if self._outstanding is not None:
                 self._replies.append(Reply(self._outstanding[0], None, 0.0, f"the policy server: {text}"))
                 self._outstanding = None
-            self._reconnect()
+            self._reconnect(f"the server: {text}")
         elif self._outstanding is not None and seq == self._outstanding[0]:
             self._replies.append(Reply(seq, None, 0.0, f"the policy server: {text}"))
             self._outstanding = None
         elif self._state in ("hello", "auth", "reset"):  # a handshake step refused: start over
-            self._reconnect()
+            self._reconnect(f"the server refused {self._state}: {text}")
 
     def _sample(self, msg: wire.Message) -> None:
         """A clock sample from a reply taken in as it arrived (not one that waited for a tick)."""
@@ -383,11 +384,12 @@ class RemoteWorker:
         self._ping_at = None
         self._enter("hello")
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, why: str) -> None:
         """Drop the socket (with whatever it still holds) and start a new handshake."""
         if self._down_since is None:
             self._down_since = time.monotonic()
         self.stats["reconnects"] += 1
+        self.stats["last_reconnect"] = why
         self._close_socket()
         self._state = "down"
 
@@ -395,7 +397,7 @@ class RemoteWorker:
         if self._outstanding is not None:
             self._replies.append(Reply(self._outstanding[0], None, 0.0, why))
             self._outstanding = None
-        self._reconnect()
+        self._reconnect(why)
 
     def _fail(self, code: str, text: str) -> None:
         self._failed = text

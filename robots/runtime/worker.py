@@ -36,12 +36,13 @@ from robots.base import RobotError
 class ControllerSpec:
     """builder: "module:function" returning the controller; kwargs: its arguments (picklable);
     threads: torch threads in the worker; delay_s: extra seconds added to every chunk (to emulate a
-    slower model in benchmarks, never a default)."""
+    slower model in benchmarks, never a default); cpus: the cores a worker process is pinned to."""
 
     builder: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
     delay_s: float = 0.0
+    cpus: tuple[int, ...] | None = None  # the cores the worker process may run on (None: any)
 
     def build(self) -> Any:
         module, _, name = self.builder.partition(":")
@@ -427,6 +428,8 @@ class ProcessWorker:
 def _worker_main(spec: ControllerSpec, conn: Any) -> None:
     """The worker process: build the controller, then answer requests until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the control loop's to handle
+    if spec.cpus:  # before torch starts its threads: they inherit it
+        os.sched_setaffinity(0, spec.cpus)
     shms: dict[str, shared_memory.SharedMemory] = {}
     views: dict[str, np.ndarray] = {}
     try:

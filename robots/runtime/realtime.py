@@ -1,0 +1,70 @@
+"""Real-time scheduling for the control loop: a fixed-priority policy and a core of its own.
+
+On Linux the control thread can run under SCHED_FIFO (it preempts every normal process the moment
+its deadline comes, instead of waiting for the scheduler's next slice) and be pinned to one core,
+with the inference worker pinned to the others, so a model computing on every core never sits on
+the core the robot's ticks need. Both need privileges (root or CAP_SYS_NICE for the priority); when
+they are missing the loop runs as before and the caller gets one line saying so. Everything is
+undone on exit, so the rest of the program (reports, plots) runs normally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+PRIORITY_RANGE = (1, 99)
+
+
+def worker_cpus(control_cpu: int | None) -> tuple[int, ...] | None:
+    """The cores left to the inference worker when the control loop has `control_cpu` (None: all)."""
+    if control_cpu is None or not hasattr(os, "sched_getaffinity"):
+        return None
+    rest = tuple(sorted(os.sched_getaffinity(0) - {control_cpu}))
+    return rest or None
+
+
+def check(priority: int | None, control_cpu: int | None) -> None:
+    """Refuse values that can never work, before any robot moves."""
+    if priority is not None and not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+        raise ValueError(
+            f"realtime_priority must be {PRIORITY_RANGE[0]}..{PRIORITY_RANGE[1]}, got {priority}"
+        )
+    if control_cpu is not None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if control_cpu not in cpus:
+            raise ValueError(f"control_cpu={control_cpu} is not a core this process may use ({cpus})")
+
+
+@contextlib.contextmanager
+def realtime(priority: int | None, control_cpu: int | None) -> Iterator[list[str]]:
+    """Within the block the calling thread runs under SCHED_FIFO at `priority` (None: unchanged) and on
+    core `control_cpu` (None: unchanged). Yields the notes (one line each) of what could not be done."""
+    notes: list[str] = []
+    undo = []
+    if control_cpu is not None:
+        try:
+            before = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {control_cpu})
+            undo.append(lambda: os.sched_setaffinity(0, before))
+        except (OSError, AttributeError) as e:
+            notes.append(
+                f"the control loop could not be pinned to core {control_cpu} ({e}); it runs unpinned"
+            )
+    if priority is not None:
+        try:
+            policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+            undo.append(lambda: os.sched_setscheduler(0, policy, param))
+        except (OSError, AttributeError) as e:
+            why = "needs root or CAP_SYS_NICE" if isinstance(e, PermissionError) else str(e)
+            notes.append(
+                f"the control loop could not run under SCHED_FIFO ({why}); it runs at normal priority"
+            )
+    try:
+        yield notes
+    finally:
+        for step in reversed(undo):
+            with contextlib.suppress(OSError):
+                step()
