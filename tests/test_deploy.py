@@ -228,3 +228,15 @@ def test_a_server_with_a_token_takes_only_robots_that_prove_it(policy, tmp_path)
         assert proc.wait(20) == 0
         log = proc.stdout.read()
     assert "authentication failed" in log and "1 refused" in log and secret not in log
+
+
+def test_mpc_served_by_wm_serve(world_model, tmp_path):
+    planner = ["planner.samples=16", "planner.iterations=2", "subgoals=off"]
+    with wm_serve("controller=mpc", f"checkpoint={world_model}", *planner) as (port, _):
+        res = cli(
+            "wm-deploy", "robot=pointmaze", f"server=127.0.0.1:{port}", f"out={tmp_path}", "max_steps=6",
+            "control_hz=10",
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ticks"] == 6 and report["chunks"] >= 2 and report["settings"]["controller"] == "mpc"

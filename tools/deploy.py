@@ -251,7 +251,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         "runtime": {k: v for k, v in cfg.runtime.__dict__.items() if k != "safety"},
         "safety": cfg.runtime.safety.__dict__,
         "added_delay_s": cfg.added_delay_s,
-        "inference_threads": threads,
+        "inference_threads": threads if cfg.server is None else None,  # remote: the server's own
         "seed": cfg.seed,
     }
     if cfg.server is not None:
