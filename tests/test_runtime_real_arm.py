@@ -159,15 +159,20 @@ def run(
 ) -> Run:
     arm = make_robot(bus.kind.robot, port=PORT, calibration_dir=str(bus.calib_dir), control_hz=HZ, **options)
     with worker(fault, after) as w:
-        arm.connect()
-        try:
-            start = bus.units([bus.register(i, *bus.kind.present) for i in range(1, 7)])
-            since = len(bus.fake.written)
-            out = Runtime(arm, w, RuntimeConfig(safety=safety)).run_episode(ticks)
-            goals, torque = bus.goals(since), bus.torque()
-            assert len(bus.fake.written) == since + goals.size  # the run wrote goals and nothing else
-        finally:
-            arm.disconnect()
+        return drive(bus, arm, w, ticks, safety)
+
+
+def drive(bus: Bus, arm, w, ticks: int, safety: SafetyConfig) -> Run:
+    """Connect the arm, run one episode of the worker's chunks on it, disconnect: what reached the bus."""
+    arm.connect()
+    try:
+        start = bus.units([bus.register(i, *bus.kind.present) for i in range(1, 7)])
+        since = len(bus.fake.written)
+        out = Runtime(arm, w, RuntimeConfig(safety=safety)).run_episode(ticks)
+        goals, torque = bus.goals(since), bus.torque()
+        assert len(bus.fake.written) == since + goals.size  # the run wrote goals and nothing else
+    finally:
+        arm.disconnect()
     return Run(out, bus.units(goals), start, torque, bus.torque())
 
 

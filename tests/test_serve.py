@@ -26,7 +26,7 @@ import torch
 import zmq
 
 from robots.runtime import wire
-from robots.runtime.loop import NO_CHUNK, Runtime, RuntimeConfig
+from robots.runtime.loop import NO_CHUNK
 from robots.runtime.remote import RemoteConfig, RemoteWorker
 from robots.runtime.safety import SafetyConfig
 from robots.runtime.server import PolicyServer, ServerConfig
@@ -428,6 +428,7 @@ from test_runtime_real_arm import (  # noqa: E402
     Run,
     check_bus,
     check_held,
+    drive,
     fresh_ticks,
     make_bus,
 )
@@ -467,17 +468,9 @@ def run_remote(
     )
     w.start()
     try:
-        arm.connect()
-        try:
-            start = bus.units([bus.register(i, *bus.kind.present) for i in range(1, 7)])
-            since = len(bus.fake.written)
-            out = Runtime(arm, w, RuntimeConfig(safety=safety)).run_episode(ticks)
-            goals, torque = bus.goals(since), bus.torque()
-        finally:
-            arm.disconnect()
+        return drive(bus, arm, w, ticks, safety), w
     finally:
         w.close()
-    return Run(out, bus.units(goals), start, torque, bus.torque()), w
 
 
 @contextlib.contextmanager

@@ -13,50 +13,33 @@ from __future__ import annotations
 import functools
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind
+from robots.runtime.server import ServerConfig, token_from_env
+from tools._cli import app, bind
 from tools._controller import ControllerConfig, worker_controller
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServeConfig(ControllerConfig):
-    """`wm-serve`'s options: the controller (`ControllerConfig`) and where and how to serve it."""
+class ServeConfig(ControllerConfig, ServerConfig):
+    """`wm-serve`'s options: the controller (`ControllerConfig`), where and how to serve it
+    (`ServerConfig`: host, port, token, sessions, limits), the inference threads and the seed."""
 
-    host: str = "127.0.0.1"
-    port: int = 5555
-    token: str | None = field(default=None, repr=False)
-    max_sessions: int = 1
-    session_timeout_s: float = 10.0
-    max_frame_mb: float = 16.0
-    max_request_mb: float = 64.0
     inference_threads: int | None = None
     seed: int = 1000
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        object.__setattr__(self, "token", token_from_env(self.token))  # before the bind check
+        ControllerConfig.__post_init__(self)
+        ServerConfig.__post_init__(self)
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
-        self.server_config()  # its checks
 
-    def server_config(self) -> Any:
-        from robots.runtime.server import ServerConfig, token_from_env
-
-        try:
-            return ServerConfig(
-                self.host,
-                self.port,
-                token_from_env(self.token),
-                self.max_sessions,
-                self.session_timeout_s,
-                self.max_frame_mb,
-                self.max_request_mb,
-            )
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(**{f.name: getattr(self, f.name) for f in fields(ServerConfig)})
 
 
 def make_server(cfg: ServeConfig, log: Any = print) -> Any:
