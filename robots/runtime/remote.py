@@ -76,7 +76,9 @@ class RemoteWorker:
         self.low, self.high = [float(x) for x in low], [float(x) for x in high]
         self.info: dict[str, Any] = {}
         self.clock = wire.ClockSync()
-        # late_replies: replies to requests given up (timed out, or outstanding at an episode's end)
+        # reconnects: connections renewed after a session was opened (waiting for a server that is not
+        # up yet is not one); late_replies: replies to requests given up (timed out, or outstanding at an
+        # episode's end)
         self.stats: dict[str, Any] = {"reconnects": 0, "timeouts": 0, "late_replies": 0, "resumed": 0}
         self.stats["last_reconnect"] = None  # why the last reconnect happened
         # per chunk: request to the moment it was taken in (the next poll), server queue, inference (s)
@@ -388,7 +390,8 @@ class RemoteWorker:
         """Drop the socket (with whatever it still holds) and start a new handshake."""
         if self._down_since is None:
             self._down_since = time.monotonic()
-        self.stats["reconnects"] += 1
+        if self._sid is not None:  # a session was lost (not: the server is not up yet)
+            self.stats["reconnects"] += 1
         self.stats["last_reconnect"] = why
         self._close_socket()
         self._state = "down"
