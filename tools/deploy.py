@@ -159,6 +159,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         live_line,
         recording_schema,
         run_report,
+        server_figures,
         tick_row,
     )
     from robots.runtime.report import write_report as write_run_report
@@ -264,27 +265,6 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     )
     status = 130 if stop.is_set() else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
     return report, status
-
-
-def server_figures(worker: Any) -> dict[str, Any]:
-    """A remote worker's figures: its address, reconnects and timeouts, the clock offset and network
-    round trip it measured, and per chunk the server's queue wait and inference and the time from the
-    request to the tick that took the reply in (ms)."""
-    import numpy as np
-
-    def pct(a: Any) -> dict[str, float] | None:
-        return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))} if len(a) else None
-
-    t = np.asarray(worker.timings).reshape(-1, 3) * 1e3
-    return {
-        "address": worker.cfg.address,
-        **worker.stats,
-        "clock_offset_ms": worker.clock.offset * 1e3,
-        "network_rtt_ms": worker.clock.delay * 1e3,
-        "reply_taken_in_ms": pct(t[:, 0]),
-        "queue_ms": pct(t[:, 1]),
-        "inference_ms": pct(t[:, 2]),
-    }
 
 
 class _StopFlag:

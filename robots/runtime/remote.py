@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,19 +107,11 @@ class RemoteWorker:
         self._sync()
 
     def _wait_ready(self, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        self._exact = True
-        try:
-            while self._state != "ready":
-                self._advance()
-                if self._state == "failed":
-                    raise WorkerDied(self._failed or "the policy server refused the session")
-                if time.monotonic() > deadline:
-                    raise WorkerDied(f"{what} within {timeout:g} s ({self.waiting_for()})")
-                if self._sock is not None:
-                    self._sock.poll(20)
-        finally:
-            self._exact = False
+        ready = self._block(lambda: self._state in ("ready", "failed"), timeout)
+        if self._state == "failed":
+            raise WorkerDied(self._failed or "the policy server refused the session")
+        if not ready:
+            raise WorkerDied(f"{what} within {timeout:g} s ({self.waiting_for()})")
 
     def _sync(self, n: int = 8) -> None:
         """`n` pings while nothing else happens, each waited for: round trips timed exactly, for the
@@ -130,15 +122,28 @@ class RemoteWorker:
                 wire.encode("ping", {"sid": self._sid, "sent": time.monotonic()})
             ):
                 return
-            end = time.monotonic() + 1.0
-            self._exact = True
-            try:
-                while not self._pong and self._state == "ready" and time.monotonic() < end:
-                    if self._sock is not None:
-                        self._sock.poll(20)
-                    self._advance()
-            finally:
-                self._exact = False
+            self._block(lambda: self._pong or self._state != "ready", 1.0)
+
+    def _block(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Drive the connection until `done()` (True) or `timeout` seconds (False), taking every reply in
+        as it arrives, so that its round trip is timed exactly (`_sample`). Only between episodes or for
+        a caller with nothing else to do: it blocks."""
+        end = time.monotonic() + timeout
+        self._exact = True
+        try:
+            while True:
+                self._advance()
+                if done():
+                    return True
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                if self._sock is not None:
+                    self._sock.poll(max(1, min(int(left * 1000), 20)))
+                else:
+                    time.sleep(0.001)
+        finally:
+            self._exact = False
 
     @property
     def busy(self) -> bool:
@@ -217,20 +222,8 @@ class RemoteWorker:
 
     def wait(self, timeout_s: float) -> Reply | None:
         """Block up to `timeout_s` for the reply (for a caller with nothing else to do: a benchmark)."""
-        end = time.monotonic() + timeout_s
-        self._exact = True  # the reply is taken in as it arrives: its round trip is exact
-        try:
-            while True:
-                reply = self.poll()
-                left = end - time.monotonic()
-                if reply is not None or left <= 0:
-                    return reply
-                if self._sock is not None:
-                    self._sock.poll(max(1, min(int(left * 1000), 50)))
-                else:
-                    time.sleep(0.001)
-        finally:
-            self._exact = False
+        self._block(lambda: bool(self._replies), timeout_s)
+        return self._replies.pop(0) if self._replies else None
 
     # ------------------------------------------------------------------ the connection
     def _advance(self) -> None:

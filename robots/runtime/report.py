@@ -45,6 +45,10 @@ def _pct(x: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(x, float), q)) if len(x) else None
 
 
+def _p50_p99(x: Sequence[float]) -> dict[str, float | None]:
+    return {"p50": _pct(x, 50), "p99": _pct(x, 99)}
+
+
 def episode_figures(out: EpisodeOutcome) -> dict[str, Any]:
     """The figures of one episode (see the module docstring)."""
     ticks = out.ticks
@@ -58,8 +62,8 @@ def episode_figures(out: EpisodeOutcome) -> dict[str, Any]:
         "ticks": len(ticks),
         "achieved_hz": (len(ticks) - 1) / span if span > 0 else None,
         "tick_error_ms": {"p50": _pct(err, 50), "p99": _pct(err, 99), "max": max(err) if err else None},
-        "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99)},
-        "inference_ms": {"p50": _pct(inf, 50), "p99": _pct(inf, 99)},
+        "latency_ms": _p50_p99(lat),
+        "inference_ms": _p50_p99(inf),
         "chunks": len(out.chunks),
         "stale_actions_sent": out.stale_sent,
         "stale_actions_dropped": int(sum(c.dropped_stale for c in out.chunks)),
@@ -100,6 +104,22 @@ def run_report(outcomes: Sequence[EpisodeOutcome], settings: Mapping[str, Any]) 
     whole["settings"] = dict(settings)
     whole["per_episode"] = per_episode
     return whole
+
+
+def server_figures(worker: Any) -> dict[str, Any]:
+    """A remote worker's figures (`robots.runtime.remote.RemoteWorker`): its address, reconnects and
+    timeouts, the clock offset and network round trip it measured, and per chunk the server's queue
+    wait and inference and the time from the request to the tick that took the reply in (ms)."""
+    t = np.asarray(worker.timings, float).reshape(-1, 3) * 1e3
+    return {
+        "address": worker.cfg.address,
+        **worker.stats,
+        "clock_offset_ms": worker.clock.offset * 1e3,
+        "network_rtt_ms": worker.clock.delay * 1e3,
+        "reply_taken_in_ms": _p50_p99(t[:, 0]),
+        "queue_ms": _p50_p99(t[:, 1]),
+        "inference_ms": _p50_p99(t[:, 2]),
+    }
 
 
 def live_line(fig: Mapping[str, Any], episode: int) -> str:

@@ -115,7 +115,10 @@ class PolicyServer:
         self.sessions: dict[bytes, Session] = {}
         self.idle: dict[Any, list[Any]] = {}  # controllers of closed sessions, by key
         self.pending: dict[bytes, tuple[float, bytes, wire.Message]] = {}
-        self.counts: dict[str, int] = {"requests": 0, "chunks": 0, "errors": 0, "refused": 0, "expired": 0}
+        # expired: chunk requests whose deadline passed in the queue; sessions_expired: silent sessions closed
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("requests", "chunks", "errors", "refused", "expired", "sessions_expired"), 0
+        )
         self._jobs: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -232,8 +235,7 @@ class PolicyServer:
                 raise wire.ProtocolError(f"unknown message type {msg.kind!r:.40}")
             handler(identity, msg, now)
         except wire.ProtocolError as e:
-            seq = msg.fields.get("seq") if isinstance(msg.fields.get("seq"), int) else None
-            self._error(identity, "protocol", str(e), seq)
+            self._error(identity, "protocol", str(e), _seq(msg))
 
     def _send(
         self, identity: bytes, kind: str, fields: Mapping[str, Any], arrays: Mapping[str, Any] = ()
@@ -335,9 +337,8 @@ class PolicyServer:
         sid = msg.get("sid", bytes)
         s = self.sessions.get(sid)
         if s is None or s.identity != identity:
-            seq = msg.fields.get("seq") if isinstance(msg.fields.get("seq"), int) else None
             why = "no such session (the server restarted, or it expired)" if s is None else "not your session"
-            self._error(identity, "session", why, seq)
+            self._error(identity, "session", why, _seq(msg))
             return None
         s.last_seen = now
         return s
@@ -377,7 +378,7 @@ class PolicyServer:
             )
             return
         s.jobs += 1
-        self._jobs.put(("infer", s, (req, msg.fields.get("sent"), now), identity, now))
+        self._jobs.put(("infer", s, (req, msg.fields.get("sent")), identity, now))
 
     def _ping(self, identity: bytes, msg: wire.Message, now: float) -> None:
         sid = msg.get("sid", (bytes, type(None)), None)
@@ -402,7 +403,12 @@ class PolicyServer:
         self.sessions.pop(s.sid, None)
         s.closed = True
         self.log(f"session {s.sid.hex()[:8]}: {why} after {time.monotonic() - s.opened:.1f} s")
-        if not s.jobs and s.controller is not None:  # else it is handed back when its jobs are done
+        if not s.jobs:  # else it is handed back when its jobs are done
+            self._release(s)
+
+    def _release(self, s: Session) -> None:
+        """A closed session's controller goes to the idle pool, for the next session with its bounds."""
+        if s.controller is not None:
             self.idle.setdefault(s.key, []).append(s.controller)
             s.controller = None
 
@@ -410,7 +416,7 @@ class PolicyServer:
         now = time.monotonic()
         for s in list(self.sessions.values()):
             if now - s.last_seen > self.cfg.session_timeout_s and not s.jobs:
-                self.counts["expired"] += 1
+                self.counts["sessions_expired"] += 1
                 self._end(s, f"expired ({self.cfg.session_timeout_s:g} s without a message)")
         for identity, (t, _, _) in list(self.pending.items()):
             if now - t > HANDSHAKE_S:
@@ -433,7 +439,7 @@ class PolicyServer:
                 except Exception as e:  # noqa: BLE001 - reported to that client as one line
                     result = ("error", f"{type(e).__name__}: {e}")
                 self._current = None
-                self._results.put((kind, s, payload, identity, received, started, time.monotonic(), result))
+                self._results.put((kind, s, payload, identity, received, started, result))
                 wake.send(b"")
         finally:
             wake.close(linger=0)
@@ -446,7 +452,7 @@ class PolicyServer:
         if kind == "reset":
             set_goal(s.controller, payload)
             return ("ok",)
-        req, _, _ = payload
+        req, _ = payload
         if started > req.expires:  # the client has given up on it: do not spend the model on it
             return ("expired",)
         reply = compute(s.controller, Request(req.seq, req.steps, req.actions, req.previous, req.frozen))
@@ -456,21 +462,20 @@ class PolicyServer:
         """Send the inference thread's results (on this thread: the socket is not shared)."""
         while True:
             try:
-                kind, s, payload, identity, received, started, done, result = self._results.get_nowait()
+                kind, s, payload, identity, received, started, result = self._results.get_nowait()
             except queue.Empty:
                 return
             s.jobs -= 1
             if kind == "build" and result[0] == "ok":
                 s.controller, s.info = result[1], result[2]
                 if s.closed:
-                    self.idle.setdefault(s.key, []).append(s.controller)
+                    self._release(s)
                     continue
                 self.log(f"session {s.sid.hex()[:8]}: opened for client {identity.hex()[:8]}")
                 self._ready(s, resumed=False)
                 continue
-            if s.closed and not s.jobs and s.controller is not None:
-                self.idle.setdefault(s.key, []).append(s.controller)
-                s.controller = None
+            if s.closed and not s.jobs:
+                self._release(s)
             if kind == "build":  # it failed: the slot is freed
                 self.sessions.pop(s.sid, None)
                 self._error(identity, "build", f"could not build the controller: {result[1]}")
@@ -495,6 +500,12 @@ class PolicyServer:
                     "reply": time.monotonic(),
                 }
                 self._send(identity, "chunk", fields, {"chunk": reply.actions})
+
+
+def _seq(msg: wire.Message) -> int | None:
+    """The request number a message carries, if it carries a well-typed one (for error replies)."""
+    seq = msg.fields.get("seq")
+    return seq if isinstance(seq, int) else None
 
 
 def token_from_env(token: str | None) -> str | None:

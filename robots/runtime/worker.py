@@ -125,26 +125,24 @@ def check_robot(info: Mapping[str, Any], robot: Any) -> None:
     """Refuse a robot whose features do not give the controller what it reads (`describe`'s info):
     one line naming the first key that differs."""
     feats = robot.observation_features
-    for key in info.get("image_keys") or []:
-        f = feats.get(key)
-        if f is None:
+
+    def feature(key: str, what: str = "") -> Any:
+        if key not in feats:
             has = ", ".join(feats)
             raise RobotError(
-                f"the model reads camera {key!r}, which {robot.name} does not have (it has: {has})"
+                f"the model reads {what}{key!r}, which {robot.name} does not have (it has: {has})"
             )
+        return feats[key]
+
+    for key in info.get("image_keys") or []:
+        f = feature(key, "camera ")
         if len(f.shape) != 3 or f.shape[2] != 3:
             raise RobotError(f"the model reads {key!r} as an RGB image; {robot.name} gives shape {f.shape}")
     key, dim = info.get("proprio_key"), int(info.get("proprio_dim") or 0)
-    if key:
-        f = feats.get(key)
-        if f is None:
-            raise RobotError(
-                f"the model reads {key!r}, which {robot.name} does not have (it has: {', '.join(feats)})"
-            )
-        if tuple(f.shape) != (dim,):
-            raise RobotError(
-                f"the model reads {key!r} of shape ({dim},); {robot.name} gives {tuple(f.shape)}"
-            )
+    if key and tuple(feature(key).shape) != (dim,):
+        raise RobotError(
+            f"the model reads {key!r} of shape ({dim},); {robot.name} gives {tuple(feats[key].shape)}"
+        )
     dim = info.get("action_dim")
     shape = tuple(robot.action_feature.shape)
     if dim is not None and shape != (int(dim),):
