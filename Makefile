@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "warning: $$free GiB free on $$(pwd); the install needs about 10 GiB" >&2; fi
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --no-cache-dir --upgrade pip
-	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e ".[sim,lerobot,teleop,dev]"
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e ".[sim,lerobot,teleop,dev,vae]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -292,3 +292,11 @@ def action_bounds(
         return t
 
     return as_tensor(low, "low"), as_tensor(high, "high")
+
+
+def last_steps(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(E, T, ...) -> (E, n, ...): the last n steps of a history, the first one repeated in front when
+    T < n (an episode's first steps, padded as training windows are)."""
+    if x.shape[1] >= n:
+        return x[:, x.shape[1] - n :]
+    return torch.cat([x[:, :1].expand(-1, n - x.shape[1], *x.shape[2:]), x], dim=1)

@@ -36,6 +36,8 @@ class TrainAppConfig:
     seed: int = 0
     in_memory: bool = True
     feature_cache: str = "auto"
+    video_store: str | None = None
+    video_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         if "type" not in self.model:
@@ -44,6 +46,8 @@ class TrainAppConfig:
             raise ValueError(f"val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.feature_cache not in ("auto", "off"):
             raise ValueError(f"feature_cache must be auto or off, got {self.feature_cache!r}")
+        if not 0 <= self.video_ratio < 1:
+            raise ValueError(f"video_ratio must be in [0, 1), got {self.video_ratio}")
 
 
 def check_task(cfg: TrainAppConfig) -> dict[str, Any]:
@@ -90,6 +94,8 @@ def train(cfg: TrainAppConfig) -> int:
         in_memory=cfg.in_memory,
         feature_cache=cfg.feature_cache,
         teacher=cfg.teacher,
+        video_store=cfg.video_store,
+        video_ratio=cfg.video_ratio,
     )
     run_config = {**json.loads(json.dumps(cfg.__dict__, default=str)), **store_facts}
     trainer = Trainer(

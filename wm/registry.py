@@ -36,6 +36,8 @@ MODELS: dict[str, str] = {
     "diffusion_unet": "policies.diffusion.entry:UNET",
     "diffusion_transformer": "policies.diffusion.entry:TRANSFORMER",
     "consistency": "policies.diffusion.consistency:ENTRY",
+    "uwm": "wm.uwm_entry:ENTRY",
+    "autoencoder": "wm.autoencoder:ENTRY",
 }
 
 CONTROLLERS = ("mpc", "policy")
@@ -64,7 +66,9 @@ class ModelEntry:
         says (keys, shapes, dims); `config_type.from_dict` validates it.
     build(config, normalizer) -> the model to train.
     controllers: "mpc" (a world model planners use) and/or "policy" (the model is served by
-        `policy(model)`, a controller satisfying `policies.base.Policy`).
+        `policy(model)`, a controller satisfying `policies.base.Policy`); none, `()`, for a component
+        model: trained and loaded like the others but serving no controller (the autoencoder whose
+        latents UWM denoises).
     proprio_norm: how proprioception is normalized ("meanstd" | "minmax"); actions are min-max.
     normalizer(ctx) -> a ready normalizer instead of one fitted on the training episodes (a distilled
         model keeps its teacher's), or None to fit one.
@@ -76,6 +80,8 @@ class ModelEntry:
         its own EMA turns the trainer's off); `wm-train` says when it applies them.
     overridable: config fields a user may change at load time (`load_model(..., overrides)`), dotted
         for nested ones ("noise.edm_solver").
+    action_free: the model trains on windows without actions too (a batch's `has_action` (B,) says
+        which have them): stores without an action key, episodes flagged action-free, `video_store=`.
     """
 
     config_type: type
@@ -92,10 +98,11 @@ class ModelEntry:
     use_ema: bool = True
     trainer_overrides: Mapping[str, Any] = field(default_factory=dict)
     overridable: tuple[str, ...] = field(default_factory=tuple)
+    action_free: bool = False
 
     def __post_init__(self) -> None:
         bad = [c for c in self.controllers if c not in CONTROLLERS]
-        if bad or not self.controllers:
+        if bad:
             raise ValueError(f"controllers must be among {CONTROLLERS}, got {self.controllers}")
         if "policy" in self.controllers and self.policy is None:
             raise ValueError("an entry serving the 'policy' controller needs policy(model)")
@@ -151,7 +158,7 @@ class LoadedModel:
         if self.entry.policy is None:
             raise CheckpointError(
                 f"{self.checkpoint['path']} holds a {self.model_type!r} model, which serves "
-                f"{'/'.join(self.entry.controllers)}, not a policy"
+                f"{'/'.join(self.entry.controllers) or 'no controller (a component model)'}, not a policy"
             )
         return self.entry.policy(self.model)
 

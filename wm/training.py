@@ -17,6 +17,7 @@ from torch import nn
 
 from wm.data import DemoStore, SchemaError
 from wm.data.dataset import WindowDataset
+from wm.data.mixture import ACTION_FREE, ActionFreeWindows, MixedWindows, check_compatible
 from wm.data.normalize import Normalizer
 from wm.data.windows import split_episodes
 from wm.registry import TrainContext, model_entry
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 class TrainSetup:
     model: nn.Module
     model_type: str
-    train_set: WindowDataset
+    train_set: Any  # a WindowDataset, or ActionFreeWindows / MixedWindows for action-free training
     normalizer: Normalizer
     model_config: dict[str, Any]
     val_fn: Any
@@ -63,23 +64,44 @@ def setup_training(
     in_memory: bool = True,
     feature_cache: str = "auto",
     teacher: str | None = None,
+    video_store: str | None = None,
+    video_ratio: float = 0.5,
 ) -> TrainSetup:
     """Everything a training run of the registered `model_type` needs, from the store at
     `store_path` and the user's model `options`. Episodes are split with `seed` (`val_ratio` held
     out); the normalizer is fitted on the training episodes (actions min-max, proprioception as the
     entry says) unless the entry brings its own. With `feature_cache="auto"` and a model whose
     encoder is frozen, its features are computed once into a zarr cache beside the store
-    (`<store dir>/feature_cache/`) and training reads those instead of images."""
+    (`<store dir>/feature_cache/`) and training reads those instead of images.
+
+    Action-free data, for models whose entry says `action_free`: episodes of the store flagged
+    action-free (`wm.data.mixture.ACTION_FREE`) train without their actions, and `video_store` (a store
+    of the same camera, with or without actions, proprio or not) is mixed in, `video_ratio` of each
+    batch. Statistics come from the labelled training episodes only."""
     entry = model_entry(model_type)
+    if video_store is not None and not entry.action_free:
+        raise ValueError(f"model={model_type} trains on actions only: video_store= needs a model like uwm")
     with DemoStore.open(store_path) as store:
         image_key, proprio_key = data_keys(store, image_key, proprio_key)
         train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
+        flagged = {e for e in range(store.n_episodes) if store.episode_info(e).get(ACTION_FREE)}
+        if flagged and not entry.action_free:
+            raise SchemaError(
+                f"{store_path}: {len(flagged)} episode(s) flagged {ACTION_FREE} (e.g. {min(flagged)}); "
+                f"model={model_type} needs actions in every episode (uwm trains on both)"
+            )
+        val_eps = [e for e in val_eps if e not in flagged]  # validation compares actions
+        labelled = [e for e in train_eps if e not in flagged]
+        if not labelled:
+            raise SchemaError(
+                f"{store_path}: no training episode has actions (all are flagged {ACTION_FREE})"
+            )
         shapes = {k: tuple(s.shape) for k, s in store.schema.keys.items()}
         ctx = TrainContext(str(Path(store_path).resolve()), image_key, proprio_key, shapes, teacher)
         normalizer = entry.normalizer(ctx) if entry.normalizer is not None else None
         if normalizer is None:
             modes = {"action": "minmax"} | ({proprio_key: entry.proprio_norm} if proprio_key else {})
-            normalizer = Normalizer.fit(store, modes, episodes=train_eps)
+            normalizer = Normalizer.fit(store, modes, episodes=labelled)
     options = {k: v for k, v in options.items() if k != "type"}
     cfg = entry.config_type.from_dict(entry.configure(options, ctx))
     model = entry.build(cfg, normalizer)
@@ -87,7 +109,19 @@ def setup_training(
     source = model.feature_cache_source() if feature_cache == "auto" else None
     if source is not None:
         data_path = cached_features(store_path, *source)
-    train_set = WindowDataset(data_path, model.window_spec(), train_eps, in_memory=in_memory)
+    spec = model.window_spec()
+    if entry.action_free:
+        train_set: Any = ActionFreeWindows(data_path, spec, train_eps, in_memory=in_memory)
+    else:
+        train_set = WindowDataset(data_path, spec, train_eps, in_memory=in_memory)
+    if video_store is not None:
+        proprios = [proprio_key] if proprio_key else []
+        absent = check_compatible(store_path, video_store, [image_key], proprios, allow_missing_proprio=True)
+        video_path = cached_features(video_store, *source) if source is not None else video_store
+        video_set = ActionFreeWindows(
+            video_path, spec, in_memory=in_memory, action_shape=shapes["action"], absent_keys=absent
+        )
+        train_set = MixedWindows(train_set, video_set, video_ratio, seed)
     val_fn = entry.validation(model, data_path, val_eps, in_memory) if entry.validation and val_eps else None
     return TrainSetup(model, model_type, train_set, normalizer, cfg.to_dict(), val_fn, train_eps, val_eps)
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from policies.base import check_previous
+from policies.base import check_previous, last_steps
 from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, inpaint_weights
 from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
 from policies.diffusion.precision import check_precision, set_inference_precision
@@ -215,7 +215,7 @@ class DiffusionPolicy(nn.Module):
         self.obs_encoder.check_obs(obs)
         c, device = self.cfg, self.diffusion.betas.device
         keys = list(c.obs.image_keys) + ([c.obs.proprio_key] if c.obs.proprio_dim else [])
-        hist = {k: _last_steps(obs[k].to(device), c.n_obs) for k in keys}
+        hist = {k: last_steps(obs[k].to(device), c.n_obs) for k in keys}
         if c.obs.proprio_dim:
             hist[c.obs.proprio_key] = self.normalizer.normalize(
                 c.obs.proprio_key, hist[c.obs.proprio_key].float()
@@ -285,10 +285,3 @@ class DiffusionPolicy(nn.Module):
         target[:, start : start + n] = self.normalizer.normalize(c.action_key, previous[:, :n].to(device))
         weight = inpaint_weights(c.horizon, start, frozen, n)
         return Inpaint(target, weight.to(device))
-
-
-def _last_steps(x: Tensor, n: int) -> Tensor:
-    """(E, T, ...) -> (E, n, ...): the last n steps, the first one repeated in front when T < n."""
-    if x.shape[1] >= n:
-        return x[:, x.shape[1] - n :]
-    return torch.cat([x[:, :1].expand(-1, n - x.shape[1], *x.shape[2:]), x], dim=1)

@@ -11,21 +11,38 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from wm.data.errors import SchemaError
 from wm.data.store import DemoStore, swap_paths
 
+# Rewrites an episode's info on copy: (source episode index, its info without "length") -> new info.
+InfoEdit = Callable[[int, dict[str, Any]], dict[str, Any]]
 
-def copy_episodes(src: DemoStore, dst: DemoStore, episodes: Sequence[int] | None = None) -> list[int]:
-    """Append episodes of `src` (all by default) to `dst`, with their info; returns their new indices."""
-    if set(src.keys) != set(dst.keys):
+
+def copy_episodes(
+    src: DemoStore,
+    dst: DemoStore,
+    episodes: Sequence[int] | None = None,
+    *,
+    keys: Sequence[str] | None = None,
+    edit_info: InfoEdit | None = None,
+) -> list[int]:
+    """Append episodes of `src` (all by default) to `dst`, with their info; returns their new indices.
+
+    `keys` copies only those keys of `src` (all by default; `dst` must have exactly them); `edit_info`
+    rewrites each episode's info on the way."""
+    keys = list(src.keys) if keys is None else list(keys)
+    unknown = [k for k in keys if k not in src.keys]
+    if unknown:
+        raise SchemaError(f"{src.path}: has no keys {unknown} to copy (it has {sorted(src.keys)})")
+    if set(keys) != set(dst.keys):
         raise SchemaError(
-            f"{src.path} and {dst.path} have different keys: {sorted(src.keys)} vs {sorted(dst.keys)}"
+            f"{src.path} and {dst.path} have different keys: {sorted(keys)} vs {sorted(dst.keys)}"
         )
-    for k in src.keys:
+    for k in keys:
         a, b = src.schema.keys[k], dst.schema.keys[k]
         if (a.shape, a.dtype) != (b.shape, b.dtype):
             raise SchemaError(
@@ -35,7 +52,9 @@ def copy_episodes(src: DemoStore, dst: DemoStore, episodes: Sequence[int] | None
     for i in range(src.n_episodes) if episodes is None else episodes:
         info = src.episode_info(i)
         info.pop("length", None)
-        out.append(dst.append_episode(src.get_episode(i), info))
+        if edit_info is not None:
+            info = edit_info(int(i), info)
+        out.append(dst.append_episode(src.get_episode(i, keys), info))
     return out
 
 
@@ -53,9 +72,10 @@ def merge_stores(
     return out
 
 
-def keep_episodes(path: str | os.PathLike, keep: Sequence[int]) -> None:
+def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: InfoEdit | None = None) -> None:
     """Rewrite the store at `path` with only the episodes `keep` (in that order), crash-safely: the new
     store is written beside the old one and swapped in by renames; the old one is removed last.
+    `edit_info` rewrites the kept episodes' info (see `copy_episodes`).
 
     The store is read with `salvage=True`, so this also rewrites a store whose `meta/episode_ends` is
     damaged (boundaries from the commit record) or whose data lost steps, as long as every kept
@@ -78,7 +98,7 @@ def keep_episodes(path: str | os.PathLike, keep: Sequence[int]) -> None:
             overwrite=True,
         )
         try:
-            copy_episodes(src, out, [int(i) % n for i in keep])
+            copy_episodes(src, out, [int(i) % n for i in keep], edit_info=edit_info)
         finally:
             out.close()
     except BaseException:

@@ -1,0 +1,146 @@
+"""Do UWM's modes use their conditioning? Paired errors on held-out windows of a trained model.
+
+For every held-out window (the validation episodes of the run's own split) and the same noise seeds
+in every condition:
+
+    forward dynamics   latent error of the predicted future frames with the true actions, with the
+                       actions of another window (a fixed permutation of the batch), and marginal
+                       (actions absent: `predict_video`)
+    inverse dynamics   action error (normalized units, the whole chunk) with the true future frames,
+                       in policy mode (frames absent), and with another window's future frames
+
+Expected orders: forward true < shuffled < marginal; inverse true < policy < shuffled. Each pair is
+tested one-sided on the per-window errors (Wilcoxon signed-rank; a paired t-test beside it), and the
+p-values are printed with the means.
+
+    python benchmarks/bench_uwm_modes.py --checkpoint RUN_DIR [--windows 512] [--batch 64] [--seed 0]
+        [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from wm.data.dataset import WindowDataset
+from wm.data.windows import split_episodes
+from wm.precision import cpu_info
+from wm.registry import load_model
+from wm.training import cached_features
+
+
+def held_out(run: dict, checkpoint: str) -> tuple[str, list[int]]:
+    """The store and the validation episodes of the run (its own split)."""
+    from wm.data import DemoStore
+
+    store = run["store"]
+    with DemoStore.open(store) as s:
+        n = s.n_episodes
+    _, val = split_episodes(n, run.get("val_ratio", 0.1), run.get("seed", 0))
+    if not val:
+        raise SystemExit(f"{checkpoint}: the run held out no episodes (val_ratio=0)")
+    return store, val
+
+
+def errors(model, batch: dict, seed: int) -> dict[str, np.ndarray]:
+    """Per-window errors of the six conditions, every condition drawing the same noise."""
+    c = model.cfg
+    frames = model.latents(batch[c.image_key])  # (B, n_obs + F, C, h, w)
+    obs = {c.image_key: batch[c.image_key][:, : c.n_obs]}
+    if c.proprio_key:
+        obs[c.proprio_key] = batch[c.proprio_key]
+    future, frame_ok = frames[:, c.n_obs :], (~batch[c.image_key + "_is_pad"][:, c.n_obs :]).float()
+    actions, act_ok = batch[c.action_key], (~batch[c.action_key + "_is_pad"]).float()
+    B = actions.shape[0]
+    perm = torch.roll(torch.arange(B), 1)  # every window gets another window's actions / future
+
+    def gen() -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    def frame_err(pred: torch.Tensor) -> np.ndarray:
+        e = (pred - future).pow(2).flatten(2).mean(-1)  # (B, F)
+        return ((e * frame_ok).sum(1) / frame_ok.sum(1).clamp_min(1)).numpy()
+
+    def action_err(pred: torch.Tensor) -> np.ndarray:
+        norm = model.normalizer.normalize
+        e = (norm(c.action_key, pred) - norm(c.action_key, actions)).pow(2).mean(-1)  # (B, Ta)
+        return ((e * act_ok).sum(1) / act_ok.sum(1).clamp_min(1)).numpy()
+
+    return {
+        "forward_true": frame_err(model.forward_dynamics(obs, actions, gen())),
+        "forward_shuffled": frame_err(model.forward_dynamics(obs, actions[perm], gen())),
+        "forward_marginal": frame_err(model.predict_video(obs, gen())),
+        "inverse_true": action_err(model.inverse_dynamics(obs, future, gen())),
+        "inverse_policy": action_err(model.policy(obs, gen())),
+        "inverse_shuffled": action_err(model.inverse_dynamics(obs, future[perm], gen())),
+    }
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """One-sided tests of a < b on paired samples."""
+    keep = a != b
+    w = stats.wilcoxon(a[keep], b[keep], alternative="less") if keep.any() else None
+    t = stats.ttest_rel(a, b, alternative="less")
+    return {
+        "mean_a": float(a.mean()),
+        "mean_b": float(b.mean()),
+        "a_lower_share": float((a < b).mean()),
+        "p_wilcoxon": float(w.pvalue) if w is not None else 1.0,
+        "p_ttest": float(t.pvalue),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--windows", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    loaded = load_model(args.checkpoint, controller="policy")
+    model = loaded.model
+    if loaded.model_type != "uwm":
+        raise SystemExit(f"{args.checkpoint} holds a {loaded.model_type!r} model, not uwm")
+    store, episodes = held_out(loaded.checkpoint.get("extra", {}).get("run_config", {}), args.checkpoint)
+    data = cached_features(store, model.codec, model.cfg.image_key)
+    windows = WindowDataset(data, model.window_spec(), episodes, in_memory=True, train=False)
+    rng = np.random.default_rng(args.seed)
+    idx = rng.permutation(len(windows))[: args.windows]
+    parts: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for lo in range(0, len(idx), args.batch):
+            batch = windows.get_batch(idx[lo : lo + args.batch])
+            for k, v in errors(model, batch, args.seed + lo).items():
+                parts.setdefault(k, []).append(v)
+    e = {k: np.concatenate(v) for k, v in parts.items()}
+    tests = {
+        "forward: true < shuffled actions": paired(e["forward_true"], e["forward_shuffled"]),
+        "forward: shuffled < marginal": paired(e["forward_shuffled"], e["forward_marginal"]),
+        "inverse: true future < policy": paired(e["inverse_true"], e["inverse_policy"]),
+        "inverse: policy < shuffled future": paired(e["inverse_policy"], e["inverse_shuffled"]),
+    }
+    cpu, flags = cpu_info()
+    print(f"{args.checkpoint}: {len(idx)} held-out windows of {len(episodes)} episodes; {cpu}")
+    for k, v in e.items():
+        print(f"  {k:18s} mean {v.mean():.5f}  median {np.median(v):.5f}")
+    for name, r in tests.items():
+        print(
+            f"  {name:36s} {r['mean_a']:.5f} vs {r['mean_b']:.5f}  lower in {100 * r['a_lower_share']:.0f}% "
+            f"of windows  p(Wilcoxon) {r['p_wilcoxon']:.2g}  p(t) {r['p_ttest']:.2g}"
+        )
+    out = {"checkpoint": args.checkpoint, "windows": len(idx), "cpu": cpu, "tests": tests}
+    out["means"] = {k: float(v.mean()) for k, v in e.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

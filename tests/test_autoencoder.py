@@ -1,0 +1,288 @@
+"""The latent sources of UWM: the small KL-autoencoder trained on a store (through the registry, the
+trainer and `wm-train`), the frozen `LatentCodec` over it, over a diffusers AutoencoderKL written by the
+test itself, and over a patch encoder; the feature cache built with a codec; one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from apps import BIN
+
+from wm.autoencoder import Autoencoder, AutoencoderConfig, default_autoencoder
+from wm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from wm.data import DemoStore, KeySpec, Schema
+from wm.encoders import EncoderConfig, build_encoder
+from wm.feature_cache import build_feature_cache, cache_info
+from wm.latents import LatentConfig, LatentSourceError, build_codec, latent_config_from_source
+from wm.registry import ModelEntry, load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
+
+SIZE = 32
+TINY = {"channels": [8, 16], "patch": 2}  # 32x32 frames -> 4 x 8 x 8 latents
+
+
+def square_frames(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 32, 32, 3) uint8: a plain background of a random colour, a coloured square at a random place."""
+    frames = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
+    for i in range(n):
+        frames[i] = rng.integers(40, 200, 3)
+        r, c = rng.integers(0, SIZE - 8, 2)
+        frames[i, r : r + 8, c : c + 8] = rng.integers(0, 256, 3)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """5 episodes of 24 steps: 32x32 frames of squares, 2-d proprio and actions."""
+    path = tmp_path_factory.mktemp("ae") / "squares.zarr"
+    schema = Schema(
+        keys={
+            "img": KeySpec((SIZE, SIZE, 3), "uint8", "image"),
+            "state": KeySpec((2,), "float32", "proprio"),
+            "action": KeySpec((2,), "float32", "action"),
+        },
+        fps=10,
+    )
+    rng = np.random.default_rng(0)
+    with DemoStore.create(path, schema) as demo:
+        for _ in range(5):
+            demo.append_episode(
+                {
+                    "img": square_frames(rng, 24),
+                    "state": rng.normal(size=(24, 2)).astype(np.float32),
+                    "action": rng.normal(size=(24, 2)).astype(np.float32),
+                }
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def frames(store) -> torch.Tensor:
+    with DemoStore.open(store) as s:
+        x = s.read("img", slice(0, s.n_steps))
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
+
+
+@pytest.fixture(scope="module")
+def trained(store) -> tuple[Path, list[str]]:
+    """The store's default autoencoder, tiny, trained for 300 steps."""
+    said: list[str] = []
+    run = default_autoencoder(
+        store, "img", options=TINY, steps=300, batch_size=16, device="cpu", log=said.append
+    )
+    return run, said
+
+
+def mse(model: Autoencoder, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model.decode(model.encode_mean(x)) - x).square().mean())
+
+
+# ---------------------------------------------------------------------- the autoencoder
+def test_training_reconstructs_far_better_than_untrained(trained, store, frames):
+    run, said = trained
+    assert run.parent == store.parent / "feature_cache" / "autoencoder"
+    assert run.name.startswith("squares__img__") and "training the default autoencoder" in said[0]
+    model = load_model(str(run)).model
+    torch.manual_seed(0)
+    untrained = Autoencoder(AutoencoderConfig(image_key="img", image_size=(SIZE, SIZE), **TINY)).eval()
+    before, after = mse(untrained, frames), mse(model, frames)
+    assert after < 0.25 * before, (before, after)
+    assert (run / "val").is_dir() and list((run / "val").glob("recon_*.png"))  # the validation strip
+
+
+def test_encode_mean_is_deterministic_and_latents_about_unit_std(trained, frames):
+    run, _ = trained
+    model = load_model(str(run)).model
+    z1, z2 = model.encode_mean(frames), model.encode_mean(frames)
+    assert torch.equal(z1, z2) and z1.shape == (len(frames), 4, 8, 8)
+    codec = build_codec(latent_config_from_source("autoencoder", run))
+    z = codec.encode(frames)
+    assert torch.allclose(z, z1 * model.latent_scale)
+    assert 0.7 < float(z.std()) < 1.4, float(z.std())
+
+
+def test_default_autoencoder_reuses_a_finished_run(trained, store):
+    run, _ = trained
+    ckpt = latest_checkpoint(run)
+    files = sorted(p.name for p in run.iterdir())
+    mtime = ckpt.stat().st_mtime_ns
+    said: list[str] = []
+    again = default_autoencoder(store, "img", options=TINY, steps=300, batch_size=16, log=said.append)
+    assert again == run and said == [f"autoencoder: reusing {run}"]
+    assert ckpt.stat().st_mtime_ns == mtime and sorted(p.name for p in run.iterdir()) == files
+    # other settings are another run, beside it
+    other = default_autoencoder(store, "img", options=TINY, steps=2, batch_size=16, log=said.append)
+    assert other != run and other.parent == run.parent and load_checkpoint(other)["step"] == 2
+
+
+def test_wm_train_trains_it_and_the_registry_round_trips(store, frames, tmp_path):
+    out = tmp_path / "ae"
+    args = [f"store={store}", f"out={out}", "model=autoencoder", "model.channels=[8,16]", "model.blocks=0"]
+    args += ["trainer.steps=3", "trainer.batch_size=8", "trainer.val_every=3"]
+    res = subprocess.run([str(BIN / "wm-train"), *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "val_recon_mse=" in res.stderr
+    loaded = load_model(str(out))
+    assert loaded.model_type == "autoencoder" and loaded.config["image_size"] == [SIZE, SIZE]
+    ckpt = load_checkpoint(out)
+    again = Autoencoder(AutoencoderConfig.from_dict(ckpt["model_config"]))
+    again.load_state_dict(ckpt["ema_state_dict"])
+    x = frames[:4]
+    assert torch.equal(loaded.model.encode_mean(x), again.eval().encode_mean(x))
+    with pytest.raises(CheckpointError, match="cannot serve controller=mpc"):
+        load_model(str(out), controller="mpc")
+    with pytest.raises(CheckpointError, match="serves no controller"):
+        loaded.policy()
+
+
+def test_model_entries_may_serve_no_controller_but_no_unknown_one():
+    kw = dict(config_type=AutoencoderConfig, build=Autoencoder, configure=lambda o, c: o)
+    assert ModelEntry(controllers=(), **kw).controllers == ()
+    with pytest.raises(ValueError, match="controllers must be among"):
+        ModelEntry(controllers=("teleport",), **kw)
+
+
+# ---------------------------------------------------------------------- codecs and the feature cache
+def test_feature_cache_of_a_codec_holds_its_latent_tokens(trained, store, frames, tmp_path):
+    codec = build_codec(latent_config_from_source("autoencoder", trained[0]))
+    path = build_feature_cache(store, codec, "img", tmp_path / "cache")
+    info = cache_info(path)
+    assert info["encoder"] == "autoencoder" and info["grid"] == [8, 8] and info["dim"] == 4
+    with DemoStore.open(path) as cache:
+        tokens = torch.from_numpy(cache.read("img", slice(0, cache.n_steps)).astype(np.float32))
+    assert tokens.shape == (len(frames), 64, 4)  # (T, h' * w', C)
+    expected = codec(frames)
+    assert torch.allclose(tokens, expected, atol=2e-3 * float(expected.abs().max()))
+    decoded = codec.model.decode(codec.model.encode_mean(frames[:2]))
+    assert torch.allclose(codec.decode(codec.encode(frames[:2])), decoded, atol=1e-5)
+
+
+def test_rebuilt_codec_needs_no_source_files(trained, frames):
+    cfg = latent_config_from_source("autoencoder", trained[0])
+    codec = build_codec(cfg)
+    again = build_codec(LatentConfig.from_dict(cfg.to_dict()), load_weights=False)
+    assert codec.weights_hash() != again.weights_hash()
+    again.load_state_dict(codec.state_dict())
+    assert codec.weights_hash() == again.weights_hash()
+    assert torch.equal(codec(frames[:3]), again(frames[:3]))
+    assert not any(p.requires_grad for p in again.parameters())
+    again.train()
+    assert not again.training  # frozen: stays in eval mode
+
+
+@pytest.fixture(scope="module")
+def sd_vae_dir(tmp_path_factory) -> Path:
+    """A tiny diffusers AutoencoderKL written with save_pretrained (downsampling by 2)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.5,
+    )
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def test_sd_vae_codec_is_the_diffusers_posterior_mean_times_the_scaling_factor(sd_vae_dir, frames):
+    from diffusers import AutoencoderKL
+
+    cfg = latent_config_from_source("sd_vae", sd_vae_dir)
+    codec = build_codec(cfg)
+    assert (codec.name, codec.dim, codec.can_decode) == ("sd_vae", 4, True)
+    assert codec.latent_shape(SIZE, SIZE) == (4, 16, 16)
+    x = frames[:3]
+    z = codec.encode(x)
+    vae = AutoencoderKL.from_pretrained(sd_vae_dir).eval()
+    with torch.no_grad():
+        expected = vae.encode(x * 2 - 1).latent_dist.mean * 0.5
+    assert z.shape == (3, 4, 16, 16) and torch.allclose(z, expected, atol=1e-6)
+    assert codec(x).shape == (3, 256, 4)
+    y = codec.decode(z)
+    assert y.shape == (3, 3, SIZE, SIZE) and 0 <= float(y.min()) and float(y.max()) <= 1
+    again = build_codec(LatentConfig.from_dict(cfg.to_dict()), load_weights=False)
+    again.load_state_dict(codec.state_dict())
+    assert torch.equal(again.encode(x), z) and torch.equal(again.decode(z), y)
+    with pytest.raises(ValueError, match="frames are 31x32; both sides must be multiples of 2"):
+        codec.encode(torch.rand(1, 3, 31, SIZE))
+
+
+def test_sd_vae_without_diffusers_is_one_line(sd_vae_dir, monkeypatch):
+    cfg = latent_config_from_source("sd_vae", sd_vae_dir)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # importing it raises ImportError
+    with pytest.raises(LatentSourceError, match=r"needs diffusers: pip install diffusers"):
+        build_codec(cfg)
+
+
+def test_encoder_codec_gives_patch_features_and_cannot_decode(tmp_path, frames):
+    torch.manual_seed(0)
+    enc = build_encoder(EncoderConfig(name="cnn", cnn_channels=(8, 8), cnn_stride=4, cnn_dim=6))
+    weights = tmp_path / "cnn.pt"
+    torch.save(enc.state_dict(), weights)
+    cfg = latent_config_from_source(
+        "encoder", weights, name="cnn", cnn_channels=[8, 8], cnn_stride=4, cnn_dim=6
+    )
+    codec = build_codec(cfg)
+    assert (codec.name, codec.dim, codec.latent_shape(SIZE, SIZE)) == ("cnn", 6, (6, 8, 8))
+    assert torch.allclose(codec(frames[:2]), enc(frames[:2]))
+    assert codec.encode(frames[:2]).shape == (2, 6, 8, 8)
+    again = build_codec(LatentConfig.from_dict(cfg.to_dict()), load_weights=False)
+    again.load_state_dict(codec.state_dict())
+    assert torch.equal(again(frames[:2]), codec(frames[:2]))
+    with pytest.raises(ValueError, match="cannot decode"):
+        codec.decode(torch.zeros(1, 6, 8, 8))
+
+
+def test_bad_sources_and_sizes_are_one_line_errors(trained, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = latent_config_from_source("autoencoder", trained[0])
+    moved = LatentConfig("autoencoder", str(tmp_path / "moved"), cfg.structure)
+    codec = build_codec(cfg)
+    cases = [
+        (
+            lambda: latent_config_from_source("autoencoder", tmp_path / "nowhere"),
+            LatentSourceError,
+            "nowhere does not exist",
+        ),
+        (
+            lambda: latent_config_from_source("sd_vae", tmp_path / "empty"),
+            LatentSourceError,
+            "has no config.json",
+        ),
+        (lambda: latent_config_from_source("jpeg", tmp_path), ValueError, "is not one of"),
+        (
+            lambda: latent_config_from_source("encoder", cfg.path, name="cnn", depth=3),
+            ValueError,
+            r"\['depth'\]",
+        ),
+        (
+            lambda: LatentConfig.from_dict({"source": "sd_vae", "path": str(tmp_path)}),
+            ValueError,
+            "no structure",
+        ),
+        (lambda: build_codec(moved), LatentSourceError, "moved does not exist"),
+        (
+            lambda: codec.encode(torch.rand(1, 3, 64, 64)),
+            ValueError,
+            "frames are 64x64, it was trained on 32x32",
+        ),
+    ]
+    for fn, kind, match in cases:
+        with pytest.raises(kind, match=match) as e:
+            fn()
+        assert "\n" not in str(e.value)
+    assert build_codec(moved, load_weights=False).latent_shape(SIZE, SIZE) == (4, 8, 8)  # no files needed

@@ -1,0 +1,237 @@
+"""Action-free windows, labelled + video mixtures, store compatibility and action stripping."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_episode, make_schema
+
+from wm.data import DemoStore, SchemaError
+from wm.data.dataset import WindowDataset, make_loader
+from wm.data.mixture import (
+    ACTION_FREE,
+    ActionFreeWindows,
+    MixedWindows,
+    check_compatible,
+    flag_action_free,
+    strip_actions,
+)
+from wm.data.windows import WindowSpec
+from wm.encoders import EncoderConfig, build_encoder
+from wm.feature_cache import build_feature_cache
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
+
+SPEC = WindowSpec.history_horizon(["img", "state"], ["action"], n_obs=2, horizon=6, n_action_exec=3)
+
+
+def write_store(path, seeds, schema=None, drop=()):
+    """A store of episodes made from `seeds` (lengths 7, 8, ...), without the keys in `drop`."""
+    schema = schema or make_schema()
+    schema = dataclasses.replace(schema, keys={k: s for k, s in schema.keys.items() if k not in drop})
+    episodes = []
+    with DemoStore.create(path, schema) as store:
+        for i, seed in enumerate(seeds):
+            ep = make_episode(seed, 7 + i)
+            episodes.append(ep)
+            store.append_episode({k: v for k, v in ep.items() if k not in drop}, {"notes": f"seed{seed}"})
+    return path, episodes
+
+
+@pytest.fixture
+def video_store(tmp_path):
+    """Five episodes without actions, made from seeds 100..104 (distinct from small_store's frames)."""
+    return write_store(tmp_path / "videos.zarr", range(100, 105), drop=("action",))
+
+
+def frame(ep, t):
+    return torch.from_numpy(ep["img"][t]).permute(2, 0, 1).float() / 255  # (C, H, W)
+
+
+def test_action_free_store_has_the_labelled_layout(small_store, tmp_path):
+    path, eps = small_store
+    assert strip_actions(path, tmp_path / "stripped.zarr") == 5
+    with DemoStore.open(tmp_path / "stripped.zarr") as s:
+        assert "action" not in s.keys and s.n_episodes == 5
+        assert s.episode_info(2) == {"length": 9, "success": True, "notes": "ep2", ACTION_FREE: True}
+    labelled = WindowDataset(path, SPEC)
+    video = ActionFreeWindows(tmp_path / "stripped.zarr", SPEC, action_shape=(2,))
+    np.testing.assert_array_equal(video.index, labelled.index)  # anchored as if the actions were there
+    idx = [0, 5, len(video) - 1]
+    a, b = labelled.get_batch(idx), video.get_batch(idx)
+    assert set(b) == set(a) | {"has_action"}
+    for k in a:
+        assert b[k].shape == a[k].shape and b[k].dtype == a[k].dtype, k
+    for k in ("img", "state", "img_is_pad", "state_is_pad", "episode", "anchor"):
+        torch.testing.assert_close(b[k], a[k])
+    assert b["action"].abs().sum() == 0 and b["action_is_pad"].all() and not b["has_action"].any()
+    with pytest.raises(ValueError, match="pass action_shape"):
+        ActionFreeWindows(tmp_path / "stripped.zarr", SPEC)
+    with pytest.raises(SchemaError, match=r"action 'action' is \(2,\), not the \(3,\) expected"):
+        ActionFreeWindows(path, SPEC, action_shape=(3,))
+
+
+def test_flagged_episodes_lose_only_their_actions(small_store):
+    path, eps = small_store
+    flag_action_free(path, [1, -2])  # episodes 1 and 3
+    with DemoStore.open(path) as s:
+        assert [s.episode_info(e).get(ACTION_FREE, False) for e in range(5)] == [
+            False,
+            True,
+            False,
+            True,
+            False,
+        ]
+        assert s.episode_info(1)["notes"] == "ep1"
+        np.testing.assert_array_equal(s.get_episode(3)["img"], eps[3]["img"])
+    ds = ActionFreeWindows(path, SPEC)
+    batch = ds.get_batch(range(len(ds)))
+    flagged = torch.isin(batch["episode"], torch.tensor([1, 3]))
+    assert flagged.any() and (~flagged).any()
+    assert torch.equal(batch["has_action"], ~flagged)
+    assert batch["action"][flagged].abs().sum() == 0 and batch["action_is_pad"][flagged].all()
+    plain = WindowDataset(path, SPEC).get_batch(range(len(ds)))
+    torch.testing.assert_close(batch["action"][~flagged], plain["action"][~flagged])
+    torch.testing.assert_close(batch["action_is_pad"][~flagged], plain["action_is_pad"][~flagged])
+    with pytest.raises(ValueError, match=r"episodes \[7\] out of range"):
+        flag_action_free(path, [7])
+
+
+def test_strip_chosen_episodes(small_store, tmp_path):
+    path, eps = small_store
+    assert strip_actions(path, tmp_path / "two.zarr", [3, 1]) == 2
+    with DemoStore.open(tmp_path / "two.zarr") as s:
+        np.testing.assert_array_equal(s.episode_lengths(), [10, 8])
+        np.testing.assert_array_equal(s.get_episode(0)["state"], eps[3]["state"])
+    with pytest.raises(FileExistsError):
+        strip_actions(path, tmp_path / "two.zarr")
+    with pytest.raises(SchemaError, match="no action key to strip"):
+        strip_actions(tmp_path / "two.zarr", tmp_path / "three.zarr")
+
+
+def test_mixture_ratio_is_exact_and_video_comes_from_the_video_store(small_store, video_store):
+    (lpath, _), (vpath, veps) = small_store, video_store
+    labelled = WindowDataset(lpath, SPEC)
+    video = ActionFreeWindows(vpath, SPEC, action_shape=(2,))
+    mixed = MixedWindows(labelled, video, video_ratio=0.25, seed=3)
+    assert len(mixed) == math.ceil(len(labelled) / 0.75)
+    for idx in ([0, 1, 2, 3, 4, 5, 6, 7], [9, 4, 30, 2, 11], list(range(20, 36))):
+        batch = mixed.get_batch(idx)
+        n_vid = round(len(idx) * 0.25)
+        assert batch["source"].tolist() == [0] * (len(idx) - n_vid) + [1] * n_vid
+        assert torch.equal(batch["has_action"], batch["source"] == 0)
+        assert batch["img"].shape == (len(idx), 2, 3, 24, 32)
+        for b in np.flatnonzero(batch["source"].numpy() == 1):  # frames of the video store's episodes
+            ep, anchor = int(batch["episode"][b]), int(batch["anchor"][b])
+            t = anchor - sum(7 + i for i in range(ep))
+            torch.testing.assert_close(batch["img"][b, 1], frame(veps[ep], t))
+            assert batch["action_is_pad"][b].all()
+    again = mixed.get_batch([9, 4, 30, 2, 11])
+    for k, v in mixed.get_batch([9, 4, 30, 2, 11]).items():
+        torch.testing.assert_close(v, again[k])
+    other = MixedWindows(labelled, video, video_ratio=0.25, seed=4).get_batch([9, 4, 30, 2, 11])
+    assert not torch.equal(other["anchor"], again["anchor"])
+    with pytest.raises(IndexError, match="out of range"):
+        mixed.get_batch([len(mixed)])
+
+
+def test_ratio_zero_is_the_labelled_dataset(small_store, video_store):
+    labelled = WindowDataset(small_store[0], SPEC)
+    video = ActionFreeWindows(video_store[0], SPEC, action_shape=(2,))
+    mixed = MixedWindows(labelled, video, video_ratio=0.0)
+    assert len(mixed) == len(labelled)
+    batch, plain = mixed.get_batch([5, 0, 12]), labelled.get_batch([5, 0, 12])
+    assert torch.equal(batch["anchor"], plain["anchor"]) and batch["has_action"].all()
+    assert not batch["source"].any()
+
+
+def test_mixture_through_make_loader(small_store, video_store):
+    labelled = WindowDataset(small_store[0], SPEC)
+    video = ActionFreeWindows(video_store[0], SPEC, action_shape=(2,))
+    mixed = MixedWindows(labelled, video, video_ratio=0.5, seed=0)
+
+    def anchors(seed: int) -> list[list[int]]:
+        batches = list(make_loader(mixed, 8, seed=seed, drop_last=True))
+        assert all(b["source"].sum() == 4 and b["img"].shape[0] == 8 for b in batches)
+        return [b["anchor"].tolist() for b in batches]
+
+    a = anchors(0)
+    assert len(a) == len(mixed) // 8
+    assert anchors(0) == a and anchors(1) != a
+    items = next(iter(torch.utils.data.DataLoader(mixed, batch_size=6)))  # plain loader: __getitems__
+    assert items["source"].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_missing_proprio_is_padded_only_when_allowed(small_store, tmp_path):
+    lpath = small_store[0]
+    vpath, _ = write_store(tmp_path / "noproprio.zarr", range(100, 103), drop=("action", "state"))
+    assert check_compatible(lpath, vpath, ["img"]) == {}
+    with pytest.raises(SchemaError, match=r"has no proprio key 'state'.*allow_missing_proprio=True"):
+        check_compatible(lpath, vpath, ["img"], ["state"])
+    absent = check_compatible(lpath, vpath, ["img"], ["state"], allow_missing_proprio=True)
+    assert absent == {"state": (4,)}
+    with pytest.raises(SchemaError, match=r"needs keys \['state'\]"):
+        ActionFreeWindows(vpath, SPEC, action_shape=(2,))
+    video = ActionFreeWindows(vpath, SPEC, action_shape=(2,), absent_keys=absent)
+    batch = MixedWindows(WindowDataset(lpath, SPEC), video, video_ratio=0.5).get_batch(range(6))
+    vid = batch["source"] == 1
+    assert batch["state"][vid].abs().sum() == 0 and batch["state_is_pad"][vid].all()
+    assert batch["state"][~vid].abs().sum() > 0
+
+
+def test_mismatched_cameras_and_keys_are_named(small_store, tmp_path):
+    lpath = small_store[0]
+    schema = make_schema()
+    small = dataclasses.replace(
+        schema, keys={**schema.keys, "img": dataclasses.replace(schema.keys["img"], shape=(16, 16, 3))}
+    )
+    vpath = tmp_path / "small_img.zarr"
+    with DemoStore.create(vpath, small) as s:
+        rng = np.random.default_rng(0)
+        s.append_episode(
+            {
+                "img": rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8),
+                "state": np.zeros((8, 4)),
+                "action": np.zeros((8, 2)),
+            }
+        )
+    with pytest.raises(
+        SchemaError,
+        match=r"small_img.zarr: camera 'img' is \(16, 16, 3\) but .*small.zarr's is \(24, 32, 3\)",
+    ):
+        check_compatible(lpath, vpath, ["img"])
+    with pytest.raises(
+        SchemaError, match=r"small_img.zarr: has no camera 'wrist' \(its cameras: \['img'\]\)"
+    ):
+        check_compatible(vpath, vpath, ["wrist"])
+    labelled = WindowDataset(lpath, SPEC)
+    with pytest.raises(SchemaError, match=r"key 'img': labelled windows are \(2, 3, 24, 32\)"):
+        MixedWindows(labelled, ActionFreeWindows(vpath, SPEC), video_ratio=0.5)
+    no_state = WindowSpec.history_horizon(["img"], ["action"], n_obs=2, horizon=6, n_action_exec=3)
+    with pytest.raises(SchemaError, match=r"only labelled \['state', 'state_is_pad'\], only video \[\]"):
+        MixedWindows(labelled, ActionFreeWindows(lpath, no_state), video_ratio=0.5)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"video_ratio must be in \[0, 1\)"):
+            MixedWindows(labelled, labelled, video_ratio=bad)
+
+
+def test_feature_caches_of_an_action_free_store_mix(small_store, video_store, tmp_path):
+    (lpath, _), (vpath, _) = small_store, video_store
+    with pytest.warns(UserWarning, match="RANDOM weights"):  # frozen, meaningless features: fine here
+        enc = build_encoder(EncoderConfig(name="resnet18", resnet_layer=1, allow_random=True))
+    lcache = build_feature_cache(lpath, enc, "img", tmp_path / "cache")
+    vcache = build_feature_cache(vpath, enc, "img", tmp_path / "cache")
+    assert check_compatible(lcache, vcache, ["img"], ["state"]) == {}
+    with pytest.raises(SchemaError, match=r"has no camera 'wrist' \(its cameras: \['img'\]\)"):
+        check_compatible(lcache, vcache, ["wrist"])
+    mixed = MixedWindows(
+        WindowDataset(lcache, SPEC), ActionFreeWindows(vcache, SPEC, action_shape=(2,)), video_ratio=0.5
+    )
+    batch = mixed.get_batch(range(8))
+    assert batch["img"].shape == (8, 2, 6 * 8, 64) and batch["img"].dtype == torch.float32
+    assert torch.equal(batch["has_action"], batch["source"] == 0)
+    assert torch.isfinite(batch["img"]).all() and batch["action"][4:].abs().sum() == 0

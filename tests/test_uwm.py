@@ -1,0 +1,283 @@
+"""UWM: zero at initialization, one "absent" noise level in training and sampling, action-free samples
+out of the action loss, the modes on a tiny task with known dynamics, the registry round trip, and
+bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from apps import cli
+from einops import rearrange
+
+from wm.autoencoder import AutoencoderConfig
+from wm.data import DemoStore
+from wm.data.normalize import Normalizer, compute_stats
+from wm.uwm import UWM, UWMConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GRID = 8  # latent side of the synthetic task
+
+
+def tiny_config(**over) -> UWMConfig:
+    """A UWM on 32x32 frames (8x8x4 latents of an untrained autoencoder), one observation, 2 actions."""
+    ae = AutoencoderConfig(image_key="image", image_size=(32, 32), patch=2, channels=(8, 8))
+    base = dict(
+        image_key="image",
+        image_size=(32, 32),
+        latent={"source": "autoencoder", "path": "(test)", "structure": ae.to_dict()},
+        latent_shape=(4, GRID, GRID),
+        action_dim=2,
+        n_obs=1,
+        horizon=2,
+        n_action_exec=1,
+        future=(1, 2),
+        net=dict(dim=64, depth=2, heads=4, registers=2, patch=2),
+        shift=0,
+    )
+    return UWMConfig(**{**base, **over})
+
+
+def action_normalizer() -> Normalizer:
+    return Normalizer(
+        {"action": "minmax"}, {"action": compute_stats(np.array([[-1, -1], [1, 1]], np.float32))}
+    )
+
+
+def tiny_uwm(**over) -> UWM:
+    torch.manual_seed(0)
+    return UWM(tiny_config(**over), action_normalizer(), load_codec=False)
+
+
+def square_batch(B: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A square moved one unit per step by actions in {-1, 0, 1}^2, seen through latents that hold its
+    position (x, y) in channels 0 and 1 of every cell, over a fixed random background in channels 2
+    and 3: frames at steps 0, 1, 2 as cached latent tokens (B, 3, 64, 4), actions (B, 2, 2)."""
+    pos = torch.randint(-2, 3, (B, 2), generator=gen).float()
+    actions = torch.randint(-1, 2, (B, 2, 2), generator=gen).float()
+    background = torch.randn(B, 1, 2, GRID, GRID, generator=gen).expand(-1, 3, -1, -1, -1)
+    where = torch.stack([pos, pos + actions[:, 0], pos + actions[:, :2].sum(1)], dim=1) / 2  # (B, 3, 2)
+    frames = torch.cat([where[..., None, None].expand(-1, -1, -1, GRID, GRID), background], dim=2)
+    return {
+        "image": rearrange(frames, "b t c h w -> b t (h w) c"),
+        "image_is_pad": torch.zeros(B, 3, dtype=torch.bool),
+        "action": actions,
+        "action_is_pad": torch.zeros(B, 2, dtype=torch.bool),
+    }
+
+
+def test_output_is_zero_at_initialization():
+    model = tiny_uwm()
+    B = 3
+    a, v = model.net(
+        torch.randn(B, 2, 2), torch.rand(B) * 99, torch.randn(B, 2, 4, GRID, GRID), torch.rand(B) * 99,
+        torch.randn(B, 1, 4, GRID, GRID), None,
+    )  # fmt: skip
+    assert a.shape == (B, 2, 2) and v.shape == (B, 2, 4, GRID, GRID)
+    assert a.abs().max() == 0 and v.abs().max() == 0
+
+
+def test_absent_is_one_noise_level_in_training_and_sampling():
+    model = tiny_uwm()
+    T = model.absent_t
+    assert T == model.cfg.noise.num_train_steps - 1
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (t_a, t_v) of every network call
+    model.net.register_forward_pre_hook(lambda m, args: seen.append((args[1].clone(), args[3].clone())))
+
+    # training: samples without actions always have their actions absent, and their input is the noise
+    batch = square_batch(8, torch.Generator().manual_seed(0))
+    batch["has_action"] = torch.tensor([True, False] * 4)
+    model.train()
+    model.compute_loss(batch)
+    t_a = seen[-1][0]
+    assert (t_a[1::2] == T).all()
+    x0, noise = torch.randn(4, 2, 2), torch.randn(4, 2, 2)
+    assert torch.equal(model.corrupt(x0, torch.full((4,), T), noise), noise)
+    assert (model.timesteps(64, absent=torch.ones(64, dtype=torch.bool)) == T).all()
+
+    # sampling: policy mode has frames absent, video mode actions absent, at that same level
+    model.eval()
+    obs = {"image": batch["image"][:, :1]}
+    seen.clear()
+    model.policy(obs)
+    assert seen and all((t_v == T).all() and (t_a < T).all() for t_a, t_v in seen)
+    seen.clear()
+    model.predict_video(obs)
+    assert seen and all((t_a == T).all() and (t_v < T).all() for t_a, t_v in seen)
+    seen.clear()  # forward dynamics: the actions given clean, at timestep 0 as in training
+    model.forward_dynamics(obs, batch["action"])
+    assert seen and all((t_a == 0).all() for t_a, _ in seen)
+
+
+def test_action_free_samples_add_nothing_to_the_action_loss():
+    model = tiny_uwm()
+    model.train()
+    batch = square_batch(6, torch.Generator().manual_seed(1))
+    batch["has_action"] = torch.tensor([True, True, True, False, False, False])
+    batch["action"].requires_grad_(True)
+    loss, metrics = model.compute_loss(batch)
+    loss.backward()
+    grad = batch["action"].grad
+    assert grad[3:].abs().max() == 0  # the action-free samples' actions reach nothing
+    assert grad[:3].abs().max() > 0
+
+    model.zero_grad()
+    batch = square_batch(6, torch.Generator().manual_seed(1))
+    batch["has_action"] = torch.zeros(6, dtype=torch.bool)
+    loss, metrics = model.compute_loss(batch)
+    loss.backward()
+    assert metrics["action_loss"] == 0
+    assert model.net.action_out.weight.grad.abs().max() == 0  # no action target trains the action head
+    assert metrics["video_loss"] > 0 or model.net.frame_out.weight.grad.abs().max() > 0
+
+
+def test_modes_on_a_square_moved_by_the_action():
+    """Forward dynamics beats copying the current frame, and inverse dynamics recovers the actions far
+    better than the policy mode (the actions are random: the observation says nothing of them)."""
+    model = tiny_uwm(p_absent=0.2, p_clean=0.3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(500):
+        loss, _ = model.compute_loss(square_batch(32, gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    test = square_batch(256, torch.Generator().manual_seed(123))
+    obs = {"image": test["image"][:, :1]}
+    future = model.latents(test["image"])[:, 1:]  # (B, 2, 4, 8, 8)
+    current = model.latents(test["image"])[:, :1]
+    gen = torch.Generator().manual_seed(7)
+    fwd = (model.forward_dynamics(obs, test["action"], gen) - future).pow(2).mean()
+    copy = (current - future).pow(2).mean()
+    inverse = (model.inverse_dynamics(obs, future, gen) - test["action"]).pow(2).mean()
+    policy = (model.policy(obs, gen) - test["action"]).pow(2).mean()
+    assert fwd < 0.5 * copy, (fwd, copy)
+    assert inverse < 0.2 * policy, (inverse, policy)
+    actions, frames = model.sample_joint(obs, gen)
+    assert actions.shape == (256, 2, 2) and frames.shape == (256, 2, 4, GRID, GRID)
+    assert torch.isfinite(actions).all() and (actions.abs() <= 1 + 1e-5).all()
+
+
+def test_the_policy_seam_and_inpainting():
+    model = tiny_uwm().eval()
+    obs = {"image": torch.rand(2, 1, 3, 32, 32)}  # camera frames: encoded by the codec
+    gen = torch.Generator().manual_seed(0)
+    assert model.sample_actions(obs, gen).shape == (2, 1, 2)
+    assert model.sample_actions(obs, gen, full=True).shape == (2, 2, 2)
+    previous = torch.tensor([[[0.5, -0.5]], [[-0.25, 0.75]]])
+    chunk = model.sample_actions(obs, gen, previous=previous, frozen=1, full=True)
+    assert torch.allclose(chunk[:, 0], previous[:, 0], atol=1e-5)  # the committed action is kept
+
+
+def test_bad_input_is_one_clear_error():
+    model = tiny_uwm().eval()
+    with pytest.raises(ValueError, match=r"frames are \(48, 48\); the model was trained on \(32, 32\)"):
+        model.policy({"image": torch.rand(1, 1, 3, 48, 48)})
+    with pytest.raises(KeyError, match="no camera 'image'"):
+        model.policy({"wrist": torch.rand(1, 1, 3, 32, 32)})
+    with pytest.raises(ValueError, match=r"actions are \(1, 3, 2\), expected \(1, 2, 2\)"):
+        model.forward_dynamics({"image": torch.rand(1, 1, 3, 32, 32)}, torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match="prediction_type must be 'sample'"):
+        tiny_config(noise={"prediction_type": "epsilon"})
+    with pytest.raises(ValueError, match="future must list distinct steps"):
+        tiny_config(future=(0, 2))
+
+
+# ---------------------------------------------------------------------- through wm-train and the registry
+TINY_UWM = [
+    "model=uwm",
+    "trainer.steps=3",
+    "trainer.batch_size=4",
+    "trainer.val_every=3",
+    "model.horizon=4",
+    "model.n_action_exec=2",
+    "model.future=[2,4]",
+    "model.net.dim=32",
+    "model.net.depth=1",
+    "model.net.heads=2",
+    "+model.latent.steps=4",
+    "+model.latent.batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def uwm_run(tmp_path_factory):
+    """A store of 32x32 frames with proprio, a UWM trained on it by wm-train (its autoencoder first)."""
+    root = tmp_path_factory.mktemp("uwm")
+    store = make_store(root / "demos.zarr", 6, seed=0)
+    run = root / "run"
+    res = cli("wm-train", *TINY_UWM, f"store={store}", f"out={run}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return store, run, res.stdout
+
+
+def make_store(path, n: int, seed: int, size: int = 32, actions: bool = True, proprio: bool = True):
+    from wm.data.schema import KeySpec, Schema
+
+    keys = {"image": KeySpec((size, size, 3), "uint8", "image")}
+    if proprio:
+        keys["state"] = KeySpec((3,), "float32", "proprio")
+    if actions:
+        keys["action"] = KeySpec((2,), "float32", "action")
+    store = DemoStore.create(path, Schema(keys=keys, fps=10, robot="test_bot", task="test_task"))
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        T = 8 + i
+        ep = {"image": rng.integers(0, 256, (T, size, size, 3), dtype=np.uint8)}
+        if proprio:
+            ep["state"] = rng.normal(size=(T, 3)).astype(np.float32)
+        if actions:
+            ep["action"] = rng.uniform(-1, 1, size=(T, 2)).astype(np.float32)
+        store.append_episode(ep)
+    store.close()
+    return path
+
+
+def test_wm_train_trains_its_autoencoder_first_and_the_registry_round_trips(uwm_run):
+    from policies.base import Previewable
+    from wm.registry import load_model
+
+    store, run, stdout = uwm_run
+    assert "autoencoder" in stdout
+    loaded = load_model(str(run), controller="policy")
+    model = loaded.model
+    assert loaded.model_type == "uwm" and model.cfg.latent["source"] == "autoencoder"
+    again = load_model(str(run), controller="policy").model
+    obs = {"image": torch.rand(2, 2, 3, 32, 32), "state": torch.randn(2, 2, 3)}
+    a = model.sample_actions(obs, torch.Generator().manual_seed(0))
+    b = again.sample_actions(obs, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (2, 2, 2)
+    policy = loaded.policy()
+    assert isinstance(policy, Previewable)
+    raw = {"image": np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+           "state": np.zeros((2, 3), np.float32)}  # fmt: skip
+    assert policy.select_action(raw).shape == (2, 2)
+    frame = policy.preview()  # the model's predicted future, decoded
+    assert frame.shape == (2, 32, 32, 3) and frame.dtype == np.uint8
+
+
+def test_co_training_with_an_action_free_video_store(uwm_run, tmp_path):
+    store, run, _ = uwm_run
+    videos = make_store(tmp_path / "videos.zarr", 4, seed=1, actions=False, proprio=False)
+    out = tmp_path / "cotrain"
+    res = cli(
+        "wm-train", *TINY_UWM, f"store={store}", f"video_store={videos}", "video_ratio=0.5", f"out={out}"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reusing" in res.stdout  # the store's autoencoder, trained for uwm_run
+
+
+def test_stores_that_do_not_fit_are_one_clear_error(uwm_run, tmp_path):
+    store, _, _ = uwm_run
+    other = make_store(tmp_path / "big.zarr", 2, seed=2, size=48, actions=False)
+    res = cli("wm-train", *TINY_UWM, f"store={store}", f"video_store={other}", f"out={tmp_path / 'x'}")
+    assert res.returncode != 0 and "camera 'image' is (48, 48, 3)" in res.stderr
+    res = cli(
+        "wm-train", "model=diffusion_unet", f"store={store}", f"video_store={other}", f"out={tmp_path / 'y'}"
+    )
+    assert res.returncode != 0 and "video_store= needs a model like uwm" in res.stderr
+    no_actions = make_store(tmp_path / "videos.zarr", 2, seed=3, actions=False)
+    res = cli("wm-train", "model=diffusion_unet", f"store={no_actions}", f"out={tmp_path / 'z'}")
+    assert res.returncode != 0 and "no 'action' key" in res.stderr

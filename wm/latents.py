@@ -1,0 +1,310 @@
+"""Frozen image latents for diffusion over video: one codec interface whatever the source.
+
+`LatentCodec` maps frames (b, 3, H, W) in [0, 1] to latents (b, C, h, w) (`encode`) and back
+(`decode`), and is a frozen encoder for the feature cache (`wm.feature_cache.build_feature_cache`):
+`codec(x)` gives channel-last tokens (b, h * w, C). Sources (`LatentConfig.source`):
+
+    autoencoder  the project's small KL-autoencoder (`wm.autoencoder`), trained on the store's frames;
+                 `path` is its run directory or checkpoint. Latents: posterior mean * latent_scale.
+    sd_vae       a diffusers `AutoencoderKL` (Stable Diffusion / SDXL VAE) from a local directory `path`
+                 holding its config.json and weights. Latents: (posterior mean - shift_factor) *
+                 scaling_factor, on frames scaled to [-1, 1]; sides must be multiples of 8 (of
+                 2**(stages - 1)). Needs diffusers: `pip install diffusers` (or the `vae` extra).
+    encoder      a world-model patch encoder (`wm.encoders`, e.g. dinov2_vits14 with `path` its local
+                 weights file): video diffusion in feature space; it cannot decode.
+
+Nothing here downloads. With internet access, get the SDXL VAE once and point `path` at it:
+
+    huggingface-cli download stabilityai/sdxl-vae config.json diffusion_pytorch_model.safetensors \\
+        --local-dir ~/weights/sdxl-vae
+    # then: wm-train model=uwm ... model.latent.source=sd_vae model.latent.path=~/weights/sdxl-vae
+
+A `LatentConfig` holds the source's structure (the autoencoder's config, the AutoencoderKL config, the
+encoder config), so `build_codec(cfg, load_weights=False)` rebuilds the codec without the source files:
+a model that holds the codec as a submodule saves its weights in its own checkpoint. Only
+`load_weights=True` (and `latent_config_from_source`) read the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from wm.encoders import EncoderConfig, EncoderWeightsError, build_encoder
+
+SOURCES = ("autoencoder", "sd_vae", "encoder")
+DIFFUSERS_HINT = "pip install diffusers (or pip install -e '.[vae]')"
+
+
+class LatentSourceError(EncoderWeightsError):
+    """A latent source's files are missing, unreadable or do not fit its config."""
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """`source` (one of SOURCES), `path` (where its weights are read from: an autoencoder run directory
+    or checkpoint, a diffusers AutoencoderKL directory, an encoder weights file) and `structure`: what
+    rebuilds the network without those files (the autoencoder's config dict, the AutoencoderKL config,
+    the encoder's `EncoderConfig` fields). Make one from the files with `latent_config_from_source`."""
+
+    source: str
+    path: str
+    structure: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"latent source {self.source!r} is not one of {SOURCES}")
+        if not self.structure:
+            raise ValueError(
+                f"latent config ({self.source}, {self.path!r}) has no structure: make it with "
+                "latent_config_from_source(source, path)"
+            )
+        object.__setattr__(self, "structure", json.loads(json.dumps(self.structure)))  # JSON-able, a copy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "path": self.path, "structure": json.loads(json.dumps(self.structure))}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatentConfig:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown latent option(s) {unknown}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------- reading a source's structure
+def latent_config_from_source(source: str, path: str | Path, **encoder: Any) -> LatentConfig:
+    """The config of the codec at `path` (see the module docstring), its structure read from the files.
+    The encoder source takes its `EncoderConfig` fields as keywords (`name` required, e.g.
+    name="dinov2_vits14", image_size=224); its `weights` are `path`."""
+    if source not in SOURCES:
+        raise ValueError(f"latent source {source!r} is not one of {SOURCES}")
+    if source != "encoder" and encoder:
+        raise ValueError(f"latent source {source} takes only a path, not {sorted(encoder)} (encoder options)")
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise LatentSourceError(f"latent source {source}: {path} does not exist")
+    if source == "autoencoder":
+        from wm.checkpoint import load_checkpoint
+
+        structure = _autoencoder_checkpoint(load_checkpoint(path))["model_config"]
+    elif source == "sd_vae":
+        structure = _read_vae_config(path)
+    else:
+        if "name" not in encoder:
+            raise ValueError("latent source encoder needs the encoder's name (e.g. name=dinov2_vits14)")
+        allowed = {f.name for f in dataclasses.fields(EncoderConfig)} - {"weights"}  # weights: the path
+        unknown = sorted(set(encoder) - allowed)
+        if unknown:
+            raise ValueError(f"latent source encoder: unknown encoder option(s) {unknown}")
+        if not path.is_file():
+            raise LatentSourceError(f"latent source encoder: {path} is not a weights file")
+        structure = dataclasses.asdict(EncoderConfig(**{**encoder, "weights": str(path)}))
+    return LatentConfig(source, str(path), structure)
+
+
+def _autoencoder_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    if ckpt["model_type"] != "autoencoder":
+        raise LatentSourceError(
+            f"latent source autoencoder: {ckpt['path']} holds a {ckpt['model_type']!r} model, not an "
+            "autoencoder (train one: wm-train model=autoencoder)"
+        )
+    return ckpt
+
+
+def _read_vae_config(path: Path) -> dict[str, Any]:
+    """The AutoencoderKL config in `path`/config.json, without its private ("_...") entries."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise LatentSourceError(
+            f"latent source sd_vae: {path} has no config.json (expected a diffusers AutoencoderKL "
+            "directory, e.g. huggingface-cli download stabilityai/sdxl-vae --local-dir DIR)"
+        )
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise LatentSourceError(f"latent source sd_vae: cannot read {file} ({e})") from e
+    if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise LatentSourceError(
+            f"latent source sd_vae: {file} describes a {cfg['_class_name']}, not an AutoencoderKL"
+        )
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _diffusers_vae() -> Any:
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise LatentSourceError(f"latent source sd_vae needs diffusers: {DIFFUSERS_HINT} ({e})") from None
+    return AutoencoderKL
+
+
+# ---------------------------------------------------------------------- the codec
+class LatentCodec(nn.Module):
+    """A frozen encoder/decoder pair (always eval, no_grad, no trainable parameters) with the feature
+    cache's encoder interface: `name`, `trainable` (False), `dim` (C), `weights_hash()`,
+    `input_size(h, w)`, `patch_grid(h, w)` and `forward`."""
+
+    trainable = False
+
+    def __init__(self, cfg: LatentConfig, model: nn.Module) -> None:
+        super().__init__()
+        self.cfg, self.model = cfg, model
+        s = cfg.structure
+        if cfg.source == "autoencoder":
+            self.name, self.dim = "autoencoder", int(s["latent_channels"])
+            self.factor = int(s["patch"]) * 2 ** (len(s["channels"]) - 1)
+        elif cfg.source == "sd_vae":
+            self.name, self.dim = "sd_vae", int(s.get("latent_channels", 4))
+            self.factor = 2 ** (len(s.get("block_out_channels", (64,))) - 1)
+            self.scaling = float(s.get("scaling_factor", 0.18215))
+            self.shift = float(s.get("shift_factor") or 0.0)
+        else:
+            self.name, self.dim, self.factor = model.name, int(model.dim), 0
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    @property
+    def can_decode(self) -> bool:
+        return self.cfg.source != "encoder"
+
+    def train(self, mode: bool = True) -> LatentCodec:
+        return super().train(False)  # frozen: eval mode whatever is asked
+
+    def weights_hash(self) -> str:
+        """Short sha256 of the source name and the state dict (names, shapes, dtypes, bytes): a cache key."""
+        h = hashlib.sha256(f"{self.cfg.source}:{self.name}".encode())
+        for key, value in sorted(self.state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ sizes
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (H, W) the codec sees for frames of (height, width); a size it cannot take is an error."""
+        if self.cfg.source == "encoder":
+            return self.model.input_size(height, width)
+        if self.cfg.source == "autoencoder":
+            size = tuple(self.cfg.structure["image_size"])
+            if (height, width) != size:
+                raise ValueError(
+                    f"latent codec autoencoder: frames are {height}x{width}, it was trained on "
+                    f"{size[0]}x{size[1]} frames (train one on this store: wm-train model=autoencoder)"
+                )
+        elif height % self.factor or width % self.factor:
+            raise ValueError(
+                f"latent codec sd_vae: frames are {height}x{width}; both sides must be multiples of "
+                f"{self.factor}"
+            )
+        return height, width
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(h', w'): the latent grid of frames of (height, width)."""
+        if self.cfg.source == "encoder":
+            return self.model.patch_grid(height, width)
+        h, w = self.input_size(height, width)
+        return h // self.factor, w // self.factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h', w') of the latents of frames of (height, width)."""
+        return (self.dim, *self.patch_grid(height, width))
+
+    # ------------------------------------------------------------------ encode / decode
+    def _check(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(
+                f"latent codec {self.name}: expected float images (B, 3, H, W) in [0, 1], got "
+                f"{tuple(x.shape)} {x.dtype}"
+            )
+        self.input_size(*x.shape[-2:])
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Frames (b, 3, H, W) in [0, 1] -> latents (b, C, h', w'), deterministic (the posterior mean)."""
+        self._check(x)
+        if self.cfg.source == "autoencoder":
+            return self.model.encode_mean(x) * self.model.latent_scale
+        if self.cfg.source == "sd_vae":
+            mean = self.model.encode(x * 2 - 1).latent_dist.mean
+            return (mean - self.shift) * self.scaling
+        h, w = self.model.patch_grid(*x.shape[-2:])
+        return rearrange(self.model(x), "b (h w) d -> b d h w", h=h, w=w)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents (b, C, h', w') -> frames (b, 3, H, W) in [0, 1]."""
+        if not self.can_decode:
+            raise ValueError(f"latent codec {self.name} (a patch encoder) cannot decode latents to frames")
+        if z.ndim != 4 or z.shape[1] != self.dim:
+            raise ValueError(
+                f"latent codec {self.name}: expected latents (b, {self.dim}, h, w), got {tuple(z.shape)}"
+            )
+        if self.cfg.source == "autoencoder":
+            return self.model.decode(z / self.model.latent_scale)
+        x = self.model.decode(z / self.scaling + self.shift).sample  # (b, 3, H, W) in [-1, 1]
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Frames (b, 3, H, W) in [0, 1] -> latent tokens (b, h' * w', C), channel-last, for the cache."""
+        return rearrange(self.encode(x), "b c h w -> b (h w) c")
+
+
+# ---------------------------------------------------------------------- building
+def build_codec(cfg: LatentConfig, load_weights: bool = True) -> LatentCodec:
+    """The codec `cfg` describes; its weights read from `cfg.path` when `load_weights`, else left as
+    initialized (to be loaded from a checkpoint that holds them)."""
+    if load_weights and not Path(cfg.path).exists():
+        raise LatentSourceError(f"latent source {cfg.source}: {cfg.path} does not exist")
+    if cfg.source == "autoencoder":
+        return LatentCodec(cfg, _build_autoencoder(cfg, load_weights))
+    if cfg.source == "sd_vae":
+        return LatentCodec(cfg, _build_vae(cfg, load_weights))
+    enc = EncoderConfig(**cfg.structure)
+    if not load_weights:  # random weights stand in for the checkpoint's, so no "RANDOM weights" warning
+        enc = dataclasses.replace(enc, weights="none", allow_random=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        return LatentCodec(cfg, build_encoder(enc))
+
+
+def _build_autoencoder(cfg: LatentConfig, load_weights: bool) -> nn.Module:
+    from wm.autoencoder import Autoencoder, AutoencoderConfig
+    from wm.checkpoint import load_checkpoint, load_model_weights
+
+    model = Autoencoder(AutoencoderConfig.from_dict(cfg.structure))
+    if load_weights:
+        ckpt = _autoencoder_checkpoint(load_checkpoint(cfg.path))
+        load_model_weights(model, ckpt, use_ema=True)
+        if not model.latent_scale > 0:
+            raise LatentSourceError(
+                f"latent source autoencoder: {ckpt['path']} has no latent scale (untrained)"
+            )
+    return model
+
+
+def _build_vae(cfg: LatentConfig, load_weights: bool) -> nn.Module:
+    AutoencoderKL = _diffusers_vae()
+    if not load_weights:
+        return AutoencoderKL.from_config(cfg.structure)
+    path = Path(cfg.path)
+    if _read_vae_config(path) != cfg.structure:
+        raise LatentSourceError(
+            f"latent source sd_vae: {path}/config.json differs from the structure this config was made "
+            "with; make the config again (latent_config_from_source)"
+        )
+    try:
+        return AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise LatentSourceError(f"latent source sd_vae: cannot load the weights in {path} ({msg})") from e
