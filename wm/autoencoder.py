@@ -62,6 +62,11 @@ class AutoencoderConfig:
     latent_channels: int = 4
     kl_weight: float = 1e-6
     recon_loss: str = "l1"  # "l1" | "mse"
+    # pixels that differ from the batch's median frame (the static background) by more than
+    # `foreground_threshold` weigh 1 + foreground_weight in the reconstruction loss: small moving
+    # objects (a few-pixel target) are otherwise a rounding error of the mean
+    foreground_weight: float = 10.0
+    foreground_threshold: float = 0.1
     scale_momentum: float = 0.01  # weight of each batch in the running estimate of the latents' std
 
     def __post_init__(self) -> None:
@@ -75,6 +80,8 @@ class AutoencoderConfig:
             "blocks must be >= 0": self.blocks >= 0,
             "latent_channels must be >= 1": self.latent_channels >= 1,
             "kl_weight must be >= 0": self.kl_weight >= 0,
+            "foreground_weight must be >= 0": self.foreground_weight >= 0,
+            "foreground_threshold must be in [0, 1)": 0 <= self.foreground_threshold < 1,
             f"recon_loss must be one of {RECON_LOSSES}": self.recon_loss in RECON_LOSSES,
             "scale_momentum must be in (0, 1]": 0 < self.scale_momentum <= 1,
         }
@@ -202,7 +209,8 @@ class Autoencoder(nn.Module):
         mean, logvar = self.posterior(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()  # one posterior sample per image
         err = self.decoder(z) - (x * 2 - 1)  # in [-1, 1] units, as SD-VAE
-        recon = err.abs().mean() if c.recon_loss == "l1" else err.square().mean()
+        per_pixel = (err.abs() if c.recon_loss == "l1" else err.square()).mean(1, keepdim=True)  # (B,1,H,W)
+        recon = (per_pixel * self.pixel_weights(x)).mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean() / x[0].numel()
         if self.training:
             self._update_scale(mean.detach())
@@ -214,6 +222,19 @@ class Autoencoder(nn.Module):
             "latent_scale": self.latent_scale.clone(),
         }
         return recon + c.kl_weight * kl, metrics
+
+    @torch.no_grad()
+    def pixel_weights(self, x: Tensor) -> Tensor:
+        """(B, 1, H, W) loss weights of images x (B, 3, H, W) in [0, 1]: 1 + foreground_weight where a
+        pixel differs from the batch's median frame by more than foreground_threshold, normalized to a
+        mean of 1 per image (a batch of one has no background to tell: all 1)."""
+        c = self.cfg
+        if c.foreground_weight == 0 or x.shape[0] < 2:
+            return torch.ones_like(x[:, :1])
+        background = x.median(dim=0, keepdim=True).values  # (1, 3, H, W)
+        moving = ((x - background).abs().amax(1, keepdim=True) > c.foreground_threshold).to(x.dtype)
+        w = 1 + c.foreground_weight * moving
+        return w / w.mean(dim=(2, 3), keepdim=True)
 
     @torch.no_grad()
     def _update_scale(self, mean: Tensor) -> None:
