@@ -13,8 +13,11 @@ Expected orders: forward true < shuffled < marginal; inverse true < policy < shu
 tested one-sided on the per-window errors (Wilcoxon signed-rank; a paired t-test beside it), and the
 p-values are printed with the means.
 
-    python benchmarks/bench_uwm_modes.py --checkpoint RUN_DIR [--windows 512] [--batch 64] [--seed 0]
-        [--json PATH]
+    python benchmarks/bench_uwm_modes.py --checkpoint RUN_DIR [--store PATH] [--windows 512] [--batch 64]
+        [--seed 0] [--json PATH]
+
+`--store` evaluates on every episode of another store of the same task (fresh episodes: a common
+held-out set for models trained on different data) instead of the run's validation episodes.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--store", default=None, help="evaluate on all episodes of this store instead")
     ap.add_argument("--windows", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -108,7 +112,13 @@ def main() -> None:
     model = loaded.model
     if loaded.model_type != "uwm":
         raise SystemExit(f"{args.checkpoint} holds a {loaded.model_type!r} model, not uwm")
-    store, episodes = held_out(loaded.checkpoint.get("extra", {}).get("run_config", {}), args.checkpoint)
+    if args.store is None:
+        store, episodes = held_out(loaded.checkpoint.get("extra", {}).get("run_config", {}), args.checkpoint)
+    else:
+        from wm.data import DemoStore
+
+        with DemoStore.open(args.store) as s:
+            store, episodes = args.store, list(range(s.n_episodes))
     data = cached_features(store, model.codec, model.cfg.image_key)
     windows = WindowDataset(data, model.window_spec(), episodes, in_memory=True, train=False)
     rng = np.random.default_rng(args.seed)
@@ -135,7 +145,7 @@ def main() -> None:
             f"  {name:36s} {r['mean_a']:.5f} vs {r['mean_b']:.5f}  lower in {100 * r['a_lower_share']:.0f}% "
             f"of windows  p(Wilcoxon) {r['p_wilcoxon']:.2g}  p(t) {r['p_ttest']:.2g}"
         )
-    out = {"checkpoint": args.checkpoint, "windows": len(idx), "cpu": cpu, "tests": tests}
+    out = {"checkpoint": args.checkpoint, "store": store, "windows": len(idx), "cpu": cpu, "tests": tests}
     out["means"] = {k: float(v.mean()) for k, v in e.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

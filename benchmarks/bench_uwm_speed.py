@@ -1,6 +1,6 @@
 """UWM speed against the reference design (issue 14, measured item 4), at equal width, depth and tokens.
 
-    python benchmarks/bench_uwm_speed.py [--width 256 --depth 6 --heads 4] [--batch 32]
+    python benchmarks/bench_uwm_speed.py [--width 192 --depth 6 --heads 4 --patch 4] [--batch 32]
         [--steps 10 --repeats 20 --warmup 2] [--threads N]
     (the reference's own size: --width 768 --depth 12 --heads 12)
 
@@ -57,7 +57,6 @@ from wm.uwm_net import DiTConfig
 
 IMAGE_SIZE = (64, 64)
 N_OBS, HORIZON, FUTURE, ACTION_DIM, PROPRIO_DIM = 2, 16, (8, 16), 2, 6
-PATCH = 2  # ours: latent cells per frame-token side
 
 
 # ----------------------------------------------------------------------------- reference design
@@ -97,7 +96,7 @@ class RefDiT(nn.Module):
     def __init__(self, a: argparse.Namespace, latent: tuple[int, int, int], obs_dim: int) -> None:
         super().__init__()
         D, (C, h, w), n_f = a.width, latent, len(FUTURE)
-        self.kernel = (2, PATCH // 2, PATCH)
+        self.kernel = (2, a.patch // 2, a.patch)
         self.grid = (n_f // 2, h // self.kernel[1], w // self.kernel[2])
         n_tokens = HORIZON + self.grid[0] * self.grid[1] * self.grid[2] + a.registers
         self.t_sin = SinusoidalPosEmb(D)
@@ -222,7 +221,12 @@ def build_ours(a: argparse.Namespace, solver: str) -> UWM:
         horizon=HORIZON,
         future=FUTURE,
         net=DiTConfig(
-            dim=a.width, depth=a.depth, heads=a.heads, mlp_ratio=a.mlp_ratio, registers=a.registers
+            dim=a.width,
+            depth=a.depth,
+            heads=a.heads,
+            mlp_ratio=a.mlp_ratio,
+            registers=a.registers,
+            patch=a.patch,
         ),
         noise=NoiseConfig(prediction_type="sample", edm_solver=solver),
         sampler="edm",
@@ -364,11 +368,12 @@ def chunks(ours: UWM, ref: RefUWM, a: argparse.Namespace) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default, what in (
-        ("--width", 256, "model width"),
+        ("--width", 192, "model width"),
         ("--depth", 6, "blocks"),
         ("--heads", 4, "attention heads"),
         ("--mlp-ratio", 4, "MLP hidden / width"),
         ("--registers", 4, "register tokens"),
+        ("--patch", 4, "latent cells per frame-token side (configs/model/uwm.yaml: 4)"),
         ("--batch", 32, "training batch"),
         ("--steps", 10, "timed training steps per model"),
         ("--repeats", 20, "timed policy chunks per sampler"),

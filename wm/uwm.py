@@ -43,7 +43,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from policies.base import check_previous, last_steps
-from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, inpaint_weights
+from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, inpaint_guide
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.latents import LatentCodec, LatentConfig, build_codec
@@ -444,11 +444,8 @@ class UWM(nn.Module):
         prev = check_previous(previous, frozen, E, c.action_dim)
         guide = None
         if prev is not None:
-            device = self.diffusion.betas.device
-            n = min(prev.shape[1], c.horizon)
-            target = torch.zeros(E, c.horizon, c.action_dim, device=device)
-            target[:, :n] = self.normalizer.normalize(c.action_key, prev[:, :n].to(device).float())
-            guide = Inpaint(target, inpaint_weights(c.horizon, 0, frozen, n).to(device))
+            prev = self.normalizer.normalize(c.action_key, prev.to(self.diffusion.betas.device).float())
+            guide = inpaint_guide(prev, c.horizon, 0, frozen)
         actions = self.policy(obs, generator, guide)
         return actions if full else actions[:, : c.n_action_exec]
 

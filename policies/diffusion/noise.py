@@ -130,6 +130,16 @@ def inpaint_weights(length: int, start: int, frozen: int, overlap: int) -> Tenso
     return torch.cat([w.new_zeros(start), w]).float()
 
 
+def inpaint_guide(previous: Tensor, horizon: int, start: int, frozen: int) -> Inpaint:
+    """The guide over a normalized (E, horizon, Da) chunk towards `previous` (E, n, Da), normalized
+    actions of the chunk being executed, previous[:, 0] placed at index `start` (the current step);
+    actions past the chunk's end cannot guide it."""
+    n = min(previous.shape[1], horizon - start)
+    target = previous.new_zeros(previous.shape[0], horizon, previous.shape[2])  # (E, horizon, Da)
+    target[:, start : start + n] = previous[:, :n]
+    return Inpaint(target, inpaint_weights(horizon, start, frozen, n).to(previous.device))
+
+
 def _guided(x0: Tensor, guide: Inpaint | None) -> Tensor:
     """The one place every sampler applies its guidance to a denoised estimate."""
     return x0 if guide is None else guide(x0)

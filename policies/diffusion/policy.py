@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from policies.base import check_previous, last_steps
-from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, inpaint_weights
+from policies.diffusion.noise import SAMPLERS, Diffusion, NoiseConfig, inpaint_guide
 from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
 from policies.diffusion.precision import check_precision, set_inference_precision
 from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
@@ -268,20 +268,12 @@ class DiffusionPolicy(nn.Module):
         cond = self.encode(obs)  # (E, n_obs, Dc), once for every denoising step
         start = c.n_obs - 1  # the chunk starts at the oldest observation
         prev = check_previous(previous, frozen, cond.shape[0], c.action_dim)
-        guide = None if prev is None else self._inpaint(prev, frozen)
+        guide = None
+        if prev is not None:
+            prev = self.normalizer.normalize(c.action_key, prev.to(cond.device).float())
+            guide = inpaint_guide(prev, c.horizon, start, frozen)
         x = self.diffusion.sample(
             (cond.shape[0], c.horizon, c.action_dim), cond, self.sampler, self.sampler_steps, generator, guide
         )
         end = c.horizon if full else start + c.n_action_exec
         return self.normalizer.unnormalize(c.action_key, x[:, start:end])
-
-    def _inpaint(self, previous: Tensor, frozen: int) -> Inpaint:
-        """previous raw (E, n, Da) from the current step on -> the guide over the normalized
-        (E, horizon, Da) chunk, previous placed at the current step's index n_obs - 1."""
-        c, device = self.cfg, self.diffusion.betas.device
-        start = c.n_obs - 1
-        n = min(previous.shape[1], c.horizon - start)  # actions past the chunk's end cannot guide it
-        target = torch.zeros(previous.shape[0], c.horizon, c.action_dim, device=device)  # (E, horizon, Da)
-        target[:, start : start + n] = self.normalizer.normalize(c.action_key, previous[:, :n].to(device))
-        weight = inpaint_weights(c.horizon, start, frozen, n)
-        return Inpaint(target, weight.to(device))
