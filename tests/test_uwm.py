@@ -281,3 +281,12 @@ def test_stores_that_do_not_fit_are_one_clear_error(uwm_run, tmp_path):
     no_actions = make_store(tmp_path / "videos.zarr", 2, seed=3, actions=False)
     res = cli("wm-train", "model=diffusion_unet", f"store={no_actions}", f"out={tmp_path / 'z'}")
     assert res.returncode != 0 and "no 'action' key" in res.stderr
+
+
+def test_an_autoencoder_trains_on_a_store_without_actions(tmp_path):
+    from wm.autoencoder import default_autoencoder
+    from wm.checkpoint import latest_checkpoint
+
+    videos = make_store(tmp_path / "videos.zarr", 3, seed=4, actions=False, proprio=False)
+    run = default_autoencoder(videos, steps=2, batch_size=4, log=lambda _: None)
+    assert latest_checkpoint(run) is not None

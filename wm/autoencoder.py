@@ -281,13 +281,20 @@ def validation(
     return val_fn
 
 
+def no_statistics(ctx: TrainContext) -> Normalizer:
+    """Frames need no statistics: an empty normalizer, so a store without actions trains too."""
+    return Normalizer({}, {})
+
+
 ENTRY = ModelEntry(
     config_type=AutoencoderConfig,
     build=Autoencoder,
     configure=configure,
     controllers=(),
     description="small convolutional KL-autoencoder of a store's frames: the default latent space of UWM",
+    normalizer=no_statistics,
     validation=validation,
+    needs_actions=False,
 )
 
 
@@ -319,7 +326,7 @@ def default_autoencoder(
 
     store_path = Path(store_path).resolve()
     with DemoStore.open(store_path) as store:
-        image_key, proprio_key = data_keys(store, image_key, None)
+        image_key, proprio_key = data_keys(store, image_key, None, need_actions=False)
         shapes = {k: tuple(s.shape) for k, s in store.schema.keys.items()}
         fingerprint = store.fingerprint
     ctx = TrainContext(str(store_path), image_key, proprio_key, shapes)

@@ -80,6 +80,8 @@ class ModelEntry:
         its own EMA turns the trainer's off); `wm-train` says when it applies them.
     overridable: config fields a user may change at load time (`load_model(..., overrides)`), dotted
         for nested ones ("noise.edm_solver").
+    needs_actions: the model reads actions at all (False: frames only, e.g. an image autoencoder, which
+        trains on any store with the camera and brings its own (empty) normalizer).
     action_free: the model trains on windows without actions too (a batch's `has_action` (B,) says
         which have them): stores without an action key, episodes flagged action-free, `video_store=`.
     """
@@ -99,6 +101,7 @@ class ModelEntry:
     trainer_overrides: Mapping[str, Any] = field(default_factory=dict)
     overridable: tuple[str, ...] = field(default_factory=tuple)
     action_free: bool = False
+    needs_actions: bool = True
 
     def __post_init__(self) -> None:
         bad = [c for c in self.controllers if c not in CONTROLLERS]

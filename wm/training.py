@@ -37,8 +37,11 @@ class TrainSetup:
     val_episodes: list[int]
 
 
-def data_keys(store: DemoStore, image_key: str | None, proprio_key: str | None) -> tuple[str, str | None]:
-    """The camera and proprioception keys to train on (the store's first of each kind by default)."""
+def data_keys(
+    store: DemoStore, image_key: str | None, proprio_key: str | None, need_actions: bool = True
+) -> tuple[str, str | None]:
+    """The camera and proprioception keys to train on (the store's first of each kind by default);
+    with `need_actions`, a store without an 'action' key is refused."""
     images = store.schema.keys_of_kind("image")
     proprios = store.schema.keys_of_kind("proprio")
     image_key = image_key or (images[0] if images else None)
@@ -47,7 +50,7 @@ def data_keys(store: DemoStore, image_key: str | None, proprio_key: str | None) 
     proprio_key = proprio_key or (proprios[0] if proprios else None)
     if proprio_key is not None and proprio_key not in store.schema.keys:
         raise SchemaError(f"{store.path}: no proprioception key {proprio_key!r} (proprio keys: {proprios})")
-    if "action" not in store.schema.keys:
+    if need_actions and "action" not in store.schema.keys:
         raise SchemaError(f"{store.path}: no 'action' key; the model needs actions")
     return image_key, proprio_key
 
@@ -82,9 +85,11 @@ def setup_training(
     if video_store is not None and not entry.action_free:
         raise ValueError(f"model={model_type} trains on actions only: video_store= needs a model like uwm")
     with DemoStore.open(store_path) as store:
-        image_key, proprio_key = data_keys(store, image_key, proprio_key)
+        image_key, proprio_key = data_keys(store, image_key, proprio_key, entry.needs_actions)
         train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
         flagged = {e for e in range(store.n_episodes) if store.episode_info(e).get(ACTION_FREE)}
+        if not entry.needs_actions:
+            flagged = set()  # frames only: every episode is data
         if flagged and not entry.action_free:
             raise SchemaError(
                 f"{store_path}: {len(flagged)} episode(s) flagged {ACTION_FREE} (e.g. {min(flagged)}); "
