@@ -9,7 +9,8 @@ in every condition:
     inverse dynamics   action error (normalized units, the whole chunk) with the true future frames,
                        in policy mode (frames absent), and with another window's future frames
 
-Expected orders: forward true < shuffled < marginal; inverse true < policy < shuffled. Each pair is
+Expected orders: forward true < shuffled < marginal; inverse true < policy < shuffled. Beside them,
+forward dynamics of the policy's own chunk (likely actions) shows what the marginal amounts to. Each pair is
 tested one-sided on the per-window errors (Wilcoxon signed-rank; a paired t-test beside it), and the
 p-values are printed with the means.
 
@@ -78,6 +79,8 @@ def errors(model, batch: dict, seed: int) -> dict[str, np.ndarray]:
         "forward_true": frame_err(model.forward_dynamics(obs, actions, gen())),
         "forward_shuffled": frame_err(model.forward_dynamics(obs, actions[perm], gen())),
         "forward_marginal": frame_err(model.predict_video(obs, gen())),
+        # the marginal seen as forward dynamics of likely actions: the policy's own chunk
+        "forward_policy_actions": frame_err(model.forward_dynamics(obs, model.policy(obs, gen()), gen())),
         "inverse_true": action_err(model.inverse_dynamics(obs, future, gen())),
         "inverse_policy": action_err(model.policy(obs, gen())),
         "inverse_shuffled": action_err(model.inverse_dynamics(obs, future[perm], gen())),
