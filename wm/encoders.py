@@ -56,6 +56,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET_DIMS = {1: 64, 2: 128, 3: 256, 4: 512}
 
 
+def state_dict_hash(module: nn.Module, label: str) -> str:
+    """Short sha256 of `label` and the module's state dict (names, shapes, dtypes, bytes): a cache key."""
+    h = hashlib.sha256(label.encode())
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 class EncoderWeightsError(RuntimeError):
     """Pretrained weights are missing, cannot be downloaded, or do not fit the model."""
 
@@ -147,12 +157,7 @@ class PatchEncoder(nn.Module):
 
     def weights_hash(self) -> str:
         """Short sha256 of the encoder name and its state dict (names, shapes, dtypes, bytes): a cache key."""
-        h = hashlib.sha256(self.name.encode())
-        for key, value in sorted(self.state_dict().items()):
-            t = value.detach().cpu().contiguous()
-            h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-        return h.hexdigest()[:16]
+        return state_dict_hash(self, self.name)
 
     def _freeze(self) -> None:
         for p in self.parameters():

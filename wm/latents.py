@@ -28,7 +28,6 @@ a model that holds the codec as a submodule saves its weights in its own checkpo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from wm.encoders import EncoderConfig, EncoderWeightsError, build_encoder
+from wm.encoders import EncoderConfig, EncoderWeightsError, build_encoder, state_dict_hash
 
 SOURCES = ("autoencoder", "sd_vae", "encoder")
 DIFFUSERS_HINT = "pip install diffusers (or pip install -e '.[vae]')"
@@ -162,7 +161,9 @@ class LatentCodec(nn.Module):
         s = cfg.structure
         if cfg.source == "autoencoder":
             self.name, self.dim = "autoencoder", int(s["latent_channels"])
-            self.factor = int(s["patch"]) * 2 ** (len(s["channels"]) - 1)
+            from wm.autoencoder import AutoencoderConfig
+
+            self.factor = AutoencoderConfig.from_dict(s).downsample
         elif cfg.source == "sd_vae":
             self.name, self.dim = "sd_vae", int(s.get("latent_channels", 4))
             self.factor = 2 ** (len(s.get("block_out_channels", (64,))) - 1)
@@ -183,12 +184,7 @@ class LatentCodec(nn.Module):
 
     def weights_hash(self) -> str:
         """Short sha256 of the source name and the state dict (names, shapes, dtypes, bytes): a cache key."""
-        h = hashlib.sha256(f"{self.cfg.source}:{self.name}".encode())
-        for key, value in sorted(self.state_dict().items()):
-            t = value.detach().cpu().contiguous()
-            h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-        return h.hexdigest()[:16]
+        return state_dict_hash(self, f"{self.cfg.source}:{self.name}")
 
     # ------------------------------------------------------------------ sizes
     def input_size(self, height: int, width: int) -> tuple[int, int]:
