@@ -54,11 +54,11 @@ def held_out(run: dict, checkpoint: str) -> tuple[str, list[int]]:
 def errors(model, batch: dict, seed: int) -> dict[str, np.ndarray]:
     """Per-window errors of the six conditions, every condition drawing the same noise."""
     c = model.cfg
-    frames = model.latents(batch[c.image_key])  # (B, n_obs + F, C, h, w)
-    obs = {c.image_key: batch[c.image_key][:, : c.n_obs]}
+    frames = model.views(batch)  # (B, n_obs + F, V, C, h, w)
+    obs = {k: batch[k][:, : c.n_obs] for k in c.image_keys}
     if c.proprio_key:
         obs[c.proprio_key] = batch[c.proprio_key]
-    future, frame_ok = frames[:, c.n_obs :], (~batch[c.image_key + "_is_pad"][:, c.n_obs :]).float()
+    future, frame_ok = frames[:, c.n_obs :], (~batch[c.image_keys[0] + "_is_pad"][:, c.n_obs :]).float()
     actions, act_ok = batch[c.action_key], (~batch[c.action_key + "_is_pad"]).float()
     B = actions.shape[0]
     perm = torch.roll(torch.arange(B), 1)  # every window gets another window's actions / future
@@ -122,7 +122,7 @@ def main() -> None:
 
         with DemoStore.open(args.store) as s:
             store, episodes = args.store, list(range(s.n_episodes))
-    data = cached_features(store, model.codec, model.cfg.image_key)
+    data = cached_features(store, model.codec, model.cfg.image_keys)
     windows = WindowDataset(data, model.window_spec(), episodes, in_memory=True, train=False)
     rng = np.random.default_rng(args.seed)
     idx = rng.permutation(len(windows))[: args.windows]

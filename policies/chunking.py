@@ -179,8 +179,12 @@ class ChunkPolicy:
     def _sample(self, **guidance: Any) -> Tensor:
         """A chunk from the history; `guidance`: `ChunkModel.sample_actions`'s previous, frozen, full, only
         from `chunk_from` (so that a model without guidance still serves the `Policy` calls)."""
+        return self._sample_from(self.history.inputs(), **guidance)
+
+    def _sample_from(self, inputs: dict[str, Tensor], **guidance: Any) -> Tensor:
+        """A chunk from the model `inputs` (`history.inputs()`), timed."""
         start = time.perf_counter()
         with torch.inference_mode():
-            chunk = self.model.sample_actions(self.history.inputs(), generator=self._generator, **guidance)
+            chunk = self.model.sample_actions(inputs, generator=self._generator, **guidance)
         self._seconds.append(time.perf_counter() - start)
         return chunk

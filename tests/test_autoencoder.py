@@ -91,7 +91,7 @@ def test_training_reconstructs_far_better_than_untrained(trained, store, frames)
     assert run.name.startswith("squares__img__") and "training the default autoencoder" in said[0]
     model = load_model(str(run)).model
     torch.manual_seed(0)
-    untrained = Autoencoder(AutoencoderConfig(image_key="img", image_size=(SIZE, SIZE), **TINY)).eval()
+    untrained = Autoencoder(AutoencoderConfig(image_keys=("img",), image_size=(SIZE, SIZE), **TINY)).eval()
     before, after = mse(untrained, frames), mse(model, frames)
     assert after < 0.25 * before, (before, after)
     assert (run / "val").is_dir() and list((run / "val").glob("recon_*.png"))  # the validation strip
@@ -286,3 +286,60 @@ def test_bad_sources_and_sizes_are_one_line_errors(trained, tmp_path):
             fn()
         assert "\n" not in str(e.value)
     assert build_codec(moved, load_weights=False).latent_shape(SIZE, SIZE) == (4, 8, 8)  # no files needed
+
+
+def test_feature_cache_of_two_cameras(trained, tmp_path):
+    """One codec encodes every camera listed into one cache; it is reused, and its name lists them."""
+    codec = build_codec(latent_config_from_source("autoencoder", trained[0]))
+    path = tmp_path / "two.zarr"
+    rng = np.random.default_rng(3)
+    cams = {
+        "top": KeySpec((SIZE, SIZE, 3), "uint8", "image"),
+        "wrist": KeySpec((SIZE, SIZE, 3), "uint8", "image"),
+    }
+    small = KeySpec((16, 16, 3), "uint8", "image")
+    schema = Schema(keys={**cams, "side": small, "action": KeySpec((2,), "float32", "action")}, fps=10)
+    with DemoStore.create(path, schema) as demo:
+        for T in (6, 9):
+            ep = {k: square_frames(rng, T) for k in cams}
+            demo.append_episode(
+                ep | {"side": np.zeros((T, 16, 16, 3), np.uint8), "action": np.zeros((T, 2), np.float32)}
+            )
+    cache = build_feature_cache(path, codec, ["top", "wrist"], tmp_path / "cache")
+    assert cache.name.startswith("two__top+wrist__autoencoder__")
+    assert cache_info(cache)["image_keys"] == ["top", "wrist"]
+    with DemoStore.open(path) as src, DemoStore.open(cache) as c:
+        assert set(c.keys) == {"top", "wrist", "action"}  # the camera not listed is not copied
+        for cam in cams:
+            x = torch.from_numpy(src.read(cam, slice(0, 15))).permute(0, 3, 1, 2).float() / 255
+            tokens = torch.from_numpy(c.read(cam, slice(0, 15)).astype(np.float32))
+            expected = codec(x)
+            assert torch.allclose(tokens, expected, atol=2e-3 * float(expected.abs().max()))
+    stamp = (cache / "zarr.json").stat().st_mtime_ns
+    assert build_feature_cache(path, codec, ("top", "wrist"), tmp_path / "cache") == cache
+    assert (cache / "zarr.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with pytest.raises(Exception, match=r"differ in frame size"):
+        build_feature_cache(path, codec, ["top", "side"], tmp_path / "cache")
+
+
+def test_a_second_process_waits_for_the_autoencoder_being_trained_and_reuses_it(trained, store):
+    """While another process holds the run's lock, `default_autoencoder` says it waits, and once the
+    lock is released reuses the run instead of training it again."""
+    import fcntl
+    import threading
+    import time
+
+    run, _ = trained
+    said: list[str] = []
+    with open(run.with_name(run.name + ".lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "another process" (flock locks are per open file)
+        kw = dict(options=TINY, steps=300, batch_size=16, device="cpu", log=said.append)
+        worker = threading.Thread(target=lambda: said.append(str(default_autoencoder(store, "img", **kw))))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.is_alive() and said and "waiting for it" in said[0]
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(timeout=60)
+    assert not worker.is_alive() and said[1].startswith("autoencoder: reusing") and said[2] == str(run)

@@ -558,6 +558,55 @@ def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(st
     assert setup_training("diffusion_unet", str(src), model_cfg, **kw).train_set.path == src
 
 
+def test_two_cameras_with_one_frozen_encoder_train_from_one_feature_cache(store_path, tmp_path):
+    """Cameras whose frozen patch encoders share their weights (one pretrained file) are encoded once
+    into one cache holding both; cameras whose encoders differ (random weights) train from images."""
+    import torchvision
+
+    from wm.training import setup_training
+
+    two = tmp_path / "two.zarr"
+    with DemoStore.open(store_path) as src:
+        keys = dict(src.schema.keys) | {"wrist": src.schema.keys["image"]}
+        with DemoStore.create(two, dataclasses.replace(src.schema, keys=keys)) as dst:
+            for e in range(src.n_episodes):
+                ep = {k: src.read(k, src.episode_slice(e), episode=e) for k in src.keys}
+                dst.append_episode(ep | {"wrist": ep["image"][:, ::-1].copy()})  # another view: flipped
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    model_cfg = {
+        "type": "diffusion_unet",
+        "n_obs": N_OBS,
+        "horizon": HORIZON,
+        "n_action_exec": N_EXEC,
+        "unet": {"down_dims": [32, 64], "step_embed_dim": 32},
+        "obs": {
+            "image_keys": ["image", "wrist"],
+            "backbone": "patch",
+            "crop": None,
+            "feature_dim": 16,
+            "patch_encoder": {"name": "resnet18", "weights": str(tmp_path / "resnet18.pth")},
+        },
+    }
+    kw = dict(image_key="image", proprio_key="proprio", val_ratio=0.0, seed=0, in_memory=True)
+    setup = setup_training("diffusion_unet", str(two), model_cfg, **kw)
+    assert setup.train_set.path.name.startswith("two__image+wrist__resnet18__")
+    idx = [0, 9, 30]
+    cached = setup.train_set.get_batch(idx)
+    raw = WindowDataset(two, setup.model.window_spec(), in_memory=True).get_batch(idx)
+    setup.model.set_precision("fp32")
+    enc = setup.model.obs_encoder.eval()
+    with torch.no_grad():
+        a = enc({k: cached[k] for k in ("image", "wrist", "proprio")})
+        b = enc({k: raw[k] for k in ("image", "wrist", "proprio")})
+    torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)  # both cameras' features, float16 cache
+    setup.model.train()
+    assert torch.isfinite(setup.model.compute_loss(cached)[0])
+
+    model_cfg["obs"]["patch_encoder"] = {"name": "resnet18", "allow_random": True}  # one init per camera
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        assert setup_training("diffusion_unet", str(two), model_cfg, **kw).train_set.path == two
+
+
 def test_unet_inference_paths_match_training_path():
     """The no-autograd conv paths (the kernels measured fastest for each layer shape, fp32 and bf16;
     PyTorch's bf16 kernels everywhere with measurement off) compute what nn.Conv1d does; the bf16 weight

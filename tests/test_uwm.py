@@ -21,9 +21,9 @@ GRID = 8  # latent side of the synthetic task
 
 def tiny_config(**over) -> UWMConfig:
     """A UWM on 32x32 frames (8x8x4 latents of an untrained autoencoder), one observation, 2 actions."""
-    ae = AutoencoderConfig(image_key="image", image_size=(32, 32), patch=2, channels=(8, 8))
+    ae = AutoencoderConfig(image_keys=("image",), image_size=(32, 32), patch=2, channels=(8, 8))
     base = dict(
-        image_key="image",
+        image_keys=("image",),
         image_size=(32, 32),
         latent={"source": "autoencoder", "path": "(test)", "structure": ae.to_dict()},
         latent_shape=(4, GRID, GRID),
@@ -49,31 +49,50 @@ def tiny_uwm(**over) -> UWM:
     return UWM(tiny_config(**over), action_normalizer(), load_codec=False)
 
 
-def square_batch(B: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def square_batch(
+    B: int, gen: torch.Generator, cameras: tuple[str, ...] = ("image",)
+) -> dict[str, torch.Tensor]:
     """A square moved one unit per step by actions in {-1, 0, 1}^2, seen through latents that hold its
     position (x, y) in channels 0 and 1 of every cell, over a fixed random background in channels 2
-    and 3: frames at steps 0, 1, 2 as cached latent tokens (B, 3, 64, 4), actions (B, 2, 2)."""
+    and 3: frames at steps 0, 1, 2 as cached latent tokens (B, 3, 64, 4), actions (B, 2, 2). With two
+    cameras, the first sees only x (channel 1 zero) and the second only y (channel 0 zero), each over
+    its own background: only the two together tell both action dims."""
     pos = torch.randint(-2, 3, (B, 2), generator=gen).float()
     actions = torch.randint(-1, 2, (B, 2, 2), generator=gen).float()
-    background = torch.randn(B, 1, 2, GRID, GRID, generator=gen).expand(-1, 3, -1, -1, -1)
     where = torch.stack([pos, pos + actions[:, 0], pos + actions[:, :2].sum(1)], dim=1) / 2  # (B, 3, 2)
-    frames = torch.cat([where[..., None, None].expand(-1, -1, -1, GRID, GRID), background], dim=2)
-    return {
-        "image": rearrange(frames, "b t c h w -> b t (h w) c"),
-        "image_is_pad": torch.zeros(B, 3, dtype=torch.bool),
+    batch = {
         "action": actions,
         "action_is_pad": torch.zeros(B, 2, dtype=torch.bool),
     }
+    for i, key in enumerate(cameras):
+        seen = where if len(cameras) == 1 else where * torch.eye(2)[i]  # (B, 3, 2)
+        background = torch.randn(B, 1, 2, GRID, GRID, generator=gen).expand(-1, 3, -1, -1, -1)
+        frames = torch.cat([seen[..., None, None].expand(-1, -1, -1, GRID, GRID), background], dim=2)
+        batch[key] = rearrange(frames, "b t c h w -> b t (h w) c")
+        batch[key + "_is_pad"] = torch.zeros(B, 3, dtype=torch.bool)
+    return batch
+
+
+def train_on_squares(model: UWM, cameras: tuple[str, ...], steps: int = 500, batch: int = 32) -> UWM:
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        loss, _ = model.compute_loss(square_batch(batch, gen, cameras))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
 
 
 def test_output_is_zero_at_initialization():
     model = tiny_uwm()
     B = 3
     a, v = model.net(
-        torch.randn(B, 2, 2), torch.rand(B) * 99, torch.randn(B, 2, 4, GRID, GRID), torch.rand(B) * 99,
-        torch.randn(B, 1, 4, GRID, GRID), None,
+        torch.randn(B, 2, 2), torch.rand(B) * 99, torch.randn(B, 2, 1, 4, GRID, GRID), torch.rand(B) * 99,
+        torch.randn(B, 1, 1, 4, GRID, GRID), None,
     )  # fmt: skip
-    assert a.shape == (B, 2, 2) and v.shape == (B, 2, 4, GRID, GRID)
+    assert a.shape == (B, 2, 2) and v.shape == (B, 2, 1, 4, GRID, GRID)
     assert a.abs().max() == 0 and v.abs().max() == 0
 
 
@@ -134,20 +153,11 @@ def test_action_free_samples_add_nothing_to_the_action_loss():
 def test_modes_on_a_square_moved_by_the_action():
     """Forward dynamics beats copying the current frame, and inverse dynamics recovers the actions far
     better than the policy mode (the actions are random: the observation says nothing of them)."""
-    model = tiny_uwm(p_absent=0.2, p_clean=0.3)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(500):
-        loss, _ = model.compute_loss(square_batch(32, gen))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = train_on_squares(tiny_uwm(p_absent=0.2, p_clean=0.3), ("image",))
     test = square_batch(256, torch.Generator().manual_seed(123))
     obs = {"image": test["image"][:, :1]}
-    future = model.latents(test["image"])[:, 1:]  # (B, 2, 4, 8, 8)
-    current = model.latents(test["image"])[:, :1]
+    future = model.views(test)[:, 1:]  # (B, 2, 1, 4, 8, 8)
+    current = model.views(test)[:, :1]
     gen = torch.Generator().manual_seed(7)
     fwd = (model.forward_dynamics(obs, test["action"], gen) - future).pow(2).mean()
     copy = (current - future).pow(2).mean()
@@ -156,8 +166,31 @@ def test_modes_on_a_square_moved_by_the_action():
     assert fwd < 0.5 * copy, (fwd, copy)
     assert inverse < 0.2 * policy, (inverse, policy)
     actions, frames = model.sample_joint(obs, gen)
-    assert actions.shape == (256, 2, 2) and frames.shape == (256, 2, 4, GRID, GRID)
+    assert actions.shape == (256, 2, 2) and frames.shape == (256, 2, 1, 4, GRID, GRID)
     assert torch.isfinite(actions).all() and (actions.abs() <= 1 + 1e-5).all()
+
+
+def test_two_cameras_each_with_a_history_and_a_future():
+    """Each camera sees one coordinate of the square: inverse dynamics recovers BOTH action dims (so it
+    reads both cameras' futures), and forward dynamics predicts each camera's own future."""
+    cams = ("image", "wrist")
+    model = train_on_squares(tiny_uwm(image_keys=cams, p_absent=0.2, p_clean=0.3), cams, steps=1500)
+    assert model.io_spec.image_keys == cams and model.net.frame_pos.shape[1] == 2 * 2 * 16
+    test = square_batch(256, torch.Generator().manual_seed(123), cams)
+    obs = {k: test[k][:, :1] for k in cams}
+    views = model.views(test)  # (B, 3, 2, 4, 8, 8)
+    future, current = views[:, 1:], views[:, :1]
+    gen = torch.Generator().manual_seed(7)
+    fwd = (model.forward_dynamics(obs, test["action"], gen) - future).pow(2).mean(dim=(0, 1, 3, 4, 5))
+    copy = (current - future).pow(2).mean(dim=(0, 1, 3, 4, 5))  # (V,)
+    assert (fwd < 0.5 * copy).all(), (fwd, copy)
+    inverse = (model.inverse_dynamics(obs, future, gen) - test["action"]).pow(2).mean(dim=(0, 1))  # (Da,)
+    policy = (model.policy(obs, gen) - test["action"]).pow(2).mean(dim=(0, 1))
+    assert (inverse < 0.2 * policy).all(), (inverse, policy)
+    frames = model.decode(model.predict_video(obs, gen))
+    assert frames.shape == (256, 2, 2, 3, 32, 32)
+    with pytest.raises(KeyError, match=r"no camera\(s\) \['wrist'\]"):
+        model.policy({"image": obs["image"]})
 
 
 def test_the_policy_seam_and_inpainting():
@@ -175,7 +208,7 @@ def test_bad_input_is_one_clear_error():
     model = tiny_uwm().eval()
     with pytest.raises(ValueError, match=r"frames are \(48, 48\); the model was trained on \(32, 32\)"):
         model.policy({"image": torch.rand(1, 1, 3, 48, 48)})
-    with pytest.raises(KeyError, match="no camera 'image'"):
+    with pytest.raises(KeyError, match=r"no camera\(s\) \['image'\]"):
         model.policy({"wrist": torch.rand(1, 1, 3, 32, 32)})
     with pytest.raises(ValueError, match=r"actions are \(1, 3, 2\), expected \(1, 2, 2\)"):
         model.forward_dynamics({"image": torch.rand(1, 1, 3, 32, 32)}, torch.zeros(1, 3, 2))
@@ -213,10 +246,12 @@ def uwm_run(tmp_path_factory):
     return store, run, res.stdout
 
 
-def make_store(path, n: int, seed: int, size: int = 32, actions: bool = True, proprio: bool = True):
+def make_store(
+    path, n: int, seed: int, size: int = 32, actions: bool = True, proprio: bool = True, cameras=("image",)
+):
     from wm.data.schema import KeySpec, Schema
 
-    keys = {"image": KeySpec((size, size, 3), "uint8", "image")}
+    keys = {cam: KeySpec((size, size, 3), "uint8", "image") for cam in cameras}
     if proprio:
         keys["state"] = KeySpec((3,), "float32", "proprio")
     if actions:
@@ -225,7 +260,7 @@ def make_store(path, n: int, seed: int, size: int = 32, actions: bool = True, pr
     rng = np.random.default_rng(seed)
     for i in range(n):
         T = 8 + i
-        ep = {"image": rng.integers(0, 256, (T, size, size, 3), dtype=np.uint8)}
+        ep = {cam: rng.integers(0, 256, (T, size, size, 3), dtype=np.uint8) for cam in cameras}
         if proprio:
             ep["state"] = rng.normal(size=(T, 3)).astype(np.float32)
         if actions:
@@ -290,3 +325,40 @@ def test_an_autoencoder_trains_on_a_store_without_actions(tmp_path):
     videos = make_store(tmp_path / "videos.zarr", 3, seed=4, actions=False, proprio=False)
     run = default_autoencoder(videos, steps=2, batch_size=4, log=lambda _: None)
     assert latest_checkpoint(run) is not None
+
+
+def test_wm_train_with_two_cameras(tmp_path):
+    """`model.image_keys=[image,wrist]`: one autoencoder trained on both cameras' frames, both cached,
+    a history and a future of each; the controller reads both; stores that do not fit are one line."""
+    from wm.registry import load_model
+
+    cams = ("image", "wrist")
+    store = make_store(tmp_path / "two.zarr", 4, seed=5, cameras=cams)
+    run = tmp_path / "run"
+    res = cli("wm-train", *TINY_UWM, "model.image_keys=[image,wrist]", f"store={store}", f"out={run}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "two.zarr:image+wrist" in res.stdout  # the default autoencoder of both cameras
+    caches = [p.name for p in (tmp_path / "feature_cache").iterdir()]
+    assert any(n.startswith("two__image+wrist__autoencoder__") for n in caches), caches
+    loaded = load_model(str(run), controller="policy")
+    model = loaded.model
+    assert model.io_spec.image_keys == cams and model.codec.cfg.structure["image_keys"] == list(cams)
+    n_patch = model.net.grid[0] * model.net.grid[1]
+    assert model.net.frame_pos.shape[1] == 2 * 2 * n_patch  # 2 future frames x 2 cameras
+    policy = loaded.policy()
+    rng = np.random.default_rng(0)
+    raw = {cam: rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for cam in cams}
+    raw["state"] = np.zeros((2, 3), np.float32)
+    assert policy.select_action(raw).shape == (2, 2)
+    assert policy.preview().shape == (2, 32, 32, 3) and "(image)" in policy.preview_label
+
+    one_camera = make_store(tmp_path / "videos.zarr", 2, seed=6, actions=False)
+    res = cli(
+        "wm-train", *TINY_UWM, "model.image_keys=[image,wrist]", f"store={store}",
+        f"video_store={one_camera}", f"out={tmp_path / 'x'}",
+    )  # fmt: skip
+    assert res.returncode != 0 and "has no camera 'wrist'" in res.stderr
+    res = cli(
+        "wm-train", *TINY_UWM, "model.image_keys=[image,top]", f"store={store}", f"out={tmp_path / 'y'}"
+    )
+    assert res.returncode != 0 and "no camera(s) ['top']" in res.stderr

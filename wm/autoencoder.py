@@ -23,10 +23,12 @@ the store's default autoencoder with the one trainer; `wm-train model=autoencode
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,10 @@ DEFAULT_BATCH = 64
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """One camera `image_key` of `image_size` (H, W); see the module docstring for the layout."""
+    """The frames of the cameras `image_keys` (one shared autoencoder), all of `image_size` (H, W); see
+    the module docstring for the layout."""
 
-    image_key: str = "image"
+    image_keys: tuple[str, ...] = ("image",)
     image_size: tuple[int, int] = (64, 64)
     patch: int = 2  # pixel-unshuffle factor of the stem
     channels: tuple[int, ...] = (32, 64)  # width of each level; each level after the first halves
@@ -70,9 +73,12 @@ class AutoencoderConfig:
     scale_momentum: float = 0.01  # weight of each batch in the running estimate of the latents' std
 
     def __post_init__(self) -> None:
+        keys = (self.image_keys,) if isinstance(self.image_keys, str) else tuple(self.image_keys)
+        object.__setattr__(self, "image_keys", keys)
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         checks = {
+            "image_keys must name one or more distinct cameras": bool(keys) and len(set(keys)) == len(keys),
             "image_size must be two positive ints (H, W)": len(self.image_size) == 2
             and min(self.image_size) > 0,
             "patch must be >= 1": self.patch >= 1,
@@ -102,11 +108,17 @@ class AutoencoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["image_size"], d["channels"] = list(self.image_size), list(self.channels)
+        d["image_keys"], d["image_size"], d["channels"] = (
+            list(self.image_keys),
+            list(self.image_size),
+            list(self.channels),
+        )
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutoencoderConfig:
+        if "image_key" in d:  # written before several cameras: one camera
+            d = {k: v for k, v in d.items() if k != "image_key"} | {"image_keys": [d["image_key"]]}
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown autoencoder option(s) {unknown}")
@@ -159,8 +171,9 @@ def rgb(x: Tensor) -> Tensor:
 
 
 class Autoencoder(nn.Module):
-    """The KL-autoencoder. Batch keys for `compute_loss` (`window_spec()`): `<image_key>` (B, 1, C, H, W)
-    float in [0, 1]. The normalizer the registry passes is not used (frames need none)."""
+    """The KL-autoencoder. Batch keys for `compute_loss` (`window_spec()`): each camera's `<image_key>`
+    (B, 1, C, H, W) float in [0, 1]; every camera's frames train it. The normalizer the registry passes
+    is not used (frames need none)."""
 
     def __init__(self, cfg: AutoencoderConfig, normalizer: Normalizer | None = None) -> None:
         super().__init__()
@@ -173,7 +186,7 @@ class Autoencoder(nn.Module):
         self.register_buffer("latent_scale", torch.zeros(()))
 
     def window_spec(self) -> WindowSpec:
-        return WindowSpec({self.cfg.image_key: (0,)})
+        return WindowSpec({k: (0,) for k in self.cfg.image_keys})
 
     def feature_cache_source(self) -> None:
         return None  # it trains on pixels
@@ -205,12 +218,14 @@ class Autoencoder(nn.Module):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.cfg
-        x = rgb(batch[c.image_key][:, 0].float())  # (B, 3, H, W) in [0, 1]
+        views = [rgb(batch[k][:, 0].float()) for k in c.image_keys]  # V x (B, 3, H, W) in [0, 1]
+        x = torch.cat(views)  # (V * B, 3, H, W)
         mean, logvar = self.posterior(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()  # one posterior sample per image
         err = self.decoder(z) - (x * 2 - 1)  # in [-1, 1] units, as SD-VAE
         per_pixel = (err.abs() if c.recon_loss == "l1" else err.square()).mean(1, keepdim=True)  # (B,1,H,W)
-        recon = (per_pixel * self.pixel_weights(x)).mean()
+        weights = torch.cat([self.pixel_weights(v) for v in views])  # each camera's own background
+        recon = (per_pixel * weights).mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean() / x[0].numel()
         if self.training:
             self._update_scale(mean.detach())
@@ -248,8 +263,10 @@ class Autoencoder(nn.Module):
 
 # ---------------------------------------------------------------------- registry entry
 def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
-    """The user's options completed with the store's camera and its frame size."""
-    return {**options, "image_key": ctx.image_key, "image_size": list(ctx.key_shapes[ctx.image_key][:2])}
+    """The user's options completed with the store's camera (or the `image_keys` listed) and its frame
+    size, which every listed camera must share."""
+    keys = list(options.get("image_keys") or [ctx.image_key])
+    return {**options, "image_keys": keys, "image_size": list(ctx.camera_size(keys))}
 
 
 def validation(
@@ -267,7 +284,8 @@ def validation(
         device = next(model.parameters()).device
         errs, strip = [], None
         for lo in range(0, len(idx), 64):
-            x = rgb(val_set.get_batch(idx[lo : lo + 64])[model.cfg.image_key][:, 0].to(device))
+            batch = val_set.get_batch(idx[lo : lo + 64])
+            x = torch.cat([rgb(batch[k][:, 0].to(device)) for k in model.cfg.image_keys])
             y = model.decode(model.encode_mean(x))
             errs.append((y - x).square().mean(dim=(1, 2, 3)))
             if strip is None:
@@ -301,7 +319,7 @@ ENTRY = ModelEntry(
 # ---------------------------------------------------------------------- the store's default autoencoder
 def default_autoencoder(
     store_path: str | Path,
-    image_key: str | None = None,
+    image_keys: str | Sequence[str] | None = None,
     *,
     options: dict[str, Any] | None = None,
     steps: int = DEFAULT_STEPS,
@@ -310,27 +328,34 @@ def default_autoencoder(
     device: str = "auto",
     log: Callable[[str], Any] = print,
 ) -> Path:
-    """The run directory of the default autoencoder of `image_key` (None: the store's first camera) in
-    the store at `store_path`: reused when its final step is already reached, else trained (resuming an
+    """The run directory of the default autoencoder of the camera(s) `image_keys` (None: the store's
+    first camera; several: one autoencoder trained on all their frames) in the store at `store_path`:
+    reused when its final step is already reached, else trained (resuming an
     interrupted run) with the one trainer, with the `model.*` `options` of configs/model/autoencoder.yaml
     (none: its defaults), into
 
-        <store dir>/feature_cache/autoencoder/<store stem>__<image_key>__<fingerprint[:12]>__<config hash>/
+        <store dir>/feature_cache/autoencoder/<store stem>__<camera>[+...]__<fingerprint[:12]>__<config hash>/
 
     The store's fingerprint changes when its episodes do; the config hash covers the autoencoder's
-    and the trainer's settings. `log` gets one line saying which it did."""
+    and the trainer's settings. `log` gets one line saying which it did. Processes that want the same
+    autoencoder at once (two `wm-train model=uwm` on one store) take turns on a lock file beside the
+    run directory: the first trains it, the others wait and reuse it."""
     from wm.checkpoint import latest_checkpoint, load_checkpoint
     from wm.data import DemoStore
     from wm.trainer import Trainer, TrainerConfig
     from wm.training import data_keys, setup_training
 
     store_path = Path(store_path).resolve()
+    keys = [image_keys] if isinstance(image_keys, str) else list(image_keys or [])
     with DemoStore.open(store_path) as store:
-        image_key, proprio_key = data_keys(store, image_key, None, need_actions=False)
+        for key in keys:  # each must be a camera of this store
+            data_keys(store, key, None, need_actions=False)
+        image_key, proprio_key = data_keys(store, keys[0] if keys else None, None, need_actions=False)
         shapes = {k: tuple(s.shape) for k, s in store.schema.keys.items()}
         fingerprint = store.fingerprint
+    keys = keys or [image_key]
     ctx = TrainContext(str(store_path), image_key, proprio_key, shapes)
-    options = {k: v for k, v in (options or {}).items() if k != "type"}
+    options = {k: v for k, v in (options or {}).items() if k != "type"} | {"image_keys": keys}
     cfg = AutoencoderConfig.from_dict(configure(options, ctx))
     trainer_cfg = TrainerConfig(
         steps=steps,
@@ -345,30 +370,48 @@ def default_autoencoder(
         seed=seed,
         device=device,
     )
-    run = _run_dir(store_path, image_key, fingerprint, cfg, trainer_cfg)
-    if latest_checkpoint(run) is not None and load_checkpoint(run)["step"] >= steps:
-        log(f"autoencoder: reusing {run}")
-        return run
-    what = f"{store_path.name}:{image_key} ({steps} steps)"
-    log(f"autoencoder: training the default autoencoder of {what} in {run}")
-    torch.manual_seed(seed)  # the model's initialization
-    setup = setup_training("autoencoder", str(store_path), options, image_key=image_key, seed=seed)
-    run_config = {"store": str(store_path), "store_fingerprint": fingerprint, "image_key": image_key}
-    Trainer(
-        setup.model,
-        setup.train_set,
-        trainer_cfg,
-        run,
-        model_type="autoencoder",
-        model_config=setup.model_config,
-        normalizer=setup.normalizer,
-        val_fn=setup.val_fn,
-        extra_state={"run_config": run_config},
-    ).fit()
+    run = _run_dir(store_path, keys, fingerprint, cfg, trainer_cfg)
+    with _exclusive(run.with_name(run.name + ".lock"), run, log):  # two runs on one store train it once
+        if latest_checkpoint(run) is not None and load_checkpoint(run)["step"] >= steps:
+            log(f"autoencoder: reusing {run}")
+            return run
+        what = f"{store_path.name}:{'+'.join(keys)} ({steps} steps)"
+        log(f"autoencoder: training the default autoencoder of {what} in {run}")
+        torch.manual_seed(seed)  # the model's initialization
+        setup = setup_training("autoencoder", str(store_path), options, image_key=image_key, seed=seed)
+        run_config = {"store": str(store_path), "store_fingerprint": fingerprint, "image_keys": keys}
+        Trainer(
+            setup.model,
+            setup.train_set,
+            trainer_cfg,
+            run,
+            model_type="autoencoder",
+            model_config=setup.model_config,
+            normalizer=setup.normalizer,
+            val_fn=setup.val_fn,
+            extra_state={"run_config": run_config},
+        ).fit()
     return run
 
 
-def _run_dir(store: Path, image_key: str, fingerprint: str, cfg: AutoencoderConfig, trainer: Any) -> Path:
+@contextmanager
+def _exclusive(lock: Path, run: Path, log: Callable[[str], Any]) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (an advisory flock, released when the process ends,
+    however it ends); says once that it waits when another process holds it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"autoencoder: another process is training {run}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_dir(store: Path, keys: list[str], fingerprint: str, cfg: AutoencoderConfig, trainer: Any) -> Path:
     """`default_autoencoder`'s run directory: the store, camera and fingerprint, and a hash of the
     settings that change the weights (not the device)."""
     settings = {"model": cfg.to_dict(), "trainer": trainer.to_dict() | {"device": None, "num_workers": None}}
@@ -378,5 +421,5 @@ def _run_dir(store: Path, image_key: str, fingerprint: str, cfg: AutoencoderConf
         store.parent
         / "feature_cache"
         / "autoencoder"
-        / f"{stem}__{image_key}__{fingerprint[:12]}__{config_hash}"
+        / f"{stem}__{'+'.join(keys)}__{fingerprint[:12]}__{config_hash}"
     )

@@ -1,20 +1,21 @@
 """Frozen-encoder features computed once, into a demonstration store of their own.
 
 DINO-WM runs its frozen DINOv2 on every training batch; the features never change, so here they are
-computed once per (source store, image key, encoder weights, input size) and read back like any
+computed once per (source store, cameras, encoder weights, input size) and read back like any
 other key. The cache is itself a `DemoStore`, so `wm.data.dataset.WindowDataset` reads it unchanged:
 
-    <cache_root>/<store name>__<image_key>__<encoder name>__<weights_hash>__<H>x<W>.zarr
-        data/<image_key>   (T, P, D) float16, kind "lowdim": patch tokens of every frame
+    <cache_root>/<store name>__<camera>[+<camera>...]__<encoder name>__<weights_hash>__<H>x<W>.zarr
+        data/<camera>      (T, P, D) float16, kind "lowdim": patch tokens of every frame, per camera
         data/<other key>   copies of every non-image key of the source (actions, proprio, timestamps)
         meta/episode_ends  the source's episode boundaries
-        attrs wm_feature_cache: {source, image_key, encoder, weights_hash, input_size, grid, dim, dtype}
+        attrs wm_feature_cache: {source, image_keys, encoder, weights_hash, input_size, grid, dim, dtype}
         episode info       the source's, plus "feature_cache": {source_fingerprint, f16_max_abs_error}
 
-H x W is the size the encoder sees (after its resizing), P = h * w patches, D the feature dim. Other
-image keys are not copied. The store name alone names the cache, so give stores with the same name
-different cache roots (a mix-up is caught by the fingerprints below and costs a rebuild, not wrong
-features).
+H x W is the size the encoder sees (after its resizing), P = h * w patches, D the feature dim. One
+encoder encodes every camera listed, so they must share a frame size (as they do for every model
+here); image keys not listed are not copied. The store name alone names the cache, so give stores
+with the same name different cache roots (a mix-up is caught by the fingerprints below and costs a
+rebuild, not wrong features).
 
 Precision: features are stored as float16, half the bytes of float32 (a 64-patch x 384-d frame is
 48 KiB). Rounding to float16 has relative error <= 2^-11 (0.05 %); the errors measured on DINOv2 and
@@ -36,6 +37,7 @@ import dataclasses
 import hashlib
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ from wm.data.store import DemoStore
 from wm.encoders import PatchEncoder
 
 CACHE_ATTR = "wm_feature_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: several cameras per cache ("image_keys")
 FEATURE_DTYPE = "float16"
 CHUNK_BYTES = 4 << 20  # target bytes per feature chunk (the store's 4096-row low-dim chunks would be ~200 MB)
 
@@ -62,13 +64,14 @@ class FeatureCacheError(RuntimeError):
 def build_feature_cache(
     store_path: str | os.PathLike,
     encoder: PatchEncoder,
-    image_key: str,
+    image_keys: str | Sequence[str],
     cache_root: str | os.PathLike,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> Path:
-    """Encode every frame of `image_key` in the store at `store_path` with the frozen `encoder` (moved to
-    `device`) and return the cache's path; reuses or extends an existing cache (module docstring)."""
+    """Encode every frame of the camera(s) `image_keys` in the store at `store_path` with the frozen
+    `encoder` (moved to `device`) and return the cache's path; reuses or extends an existing cache
+    (module docstring)."""
     if encoder.trainable:
         raise FeatureCacheError(
             f"encoder {encoder.name!r} is trainable: cached features would go stale as it trains. "
@@ -78,23 +81,26 @@ def build_feature_cache(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     encoder.to(device)
     with DemoStore.open(store_path) as src:
-        meta = _cache_meta(src, encoder, image_key)
-        path = _cache_path(src.path, image_key, meta, cache_root)
+        meta = _cache_meta(src, encoder, image_keys)
+        path = _cache_path(src.path, meta, cache_root)
         cache = _open_reusable(path, src, meta)
         if cache is None:
             cache = _create(path, src, meta)
         with cache:
             for ep in range(cache.n_episodes, src.n_episodes):
-                _encode_episode(src, cache, ep, encoder, image_key, batch_size, device)
+                _encode_episode(src, cache, ep, encoder, meta["image_keys"], batch_size, device)
     return path
 
 
 def feature_cache_path(
-    store_path: str | os.PathLike, encoder: PatchEncoder, image_key: str, cache_root: str | os.PathLike
+    store_path: str | os.PathLike,
+    encoder: PatchEncoder,
+    image_keys: str | Sequence[str],
+    cache_root: str | os.PathLike,
 ) -> Path:
-    """Where `build_feature_cache` puts (or finds) the cache of this store, key and encoder."""
+    """Where `build_feature_cache` puts (or finds) the cache of this store, camera(s) and encoder."""
     with DemoStore.open(store_path) as src:
-        return _cache_path(src.path, image_key, _cache_meta(src, encoder, image_key), cache_root)
+        return _cache_path(src.path, _cache_meta(src, encoder, image_keys), cache_root)
 
 
 def cache_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -109,17 +115,25 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- naming and checking
-def _cache_meta(src: DemoStore, encoder: PatchEncoder, image_key: str) -> dict[str, Any]:
-    spec = src.schema.keys.get(image_key)
-    if spec is None or spec.kind != "image":
-        raise SchemaError(
-            f"{src.path}: {image_key!r} is not an image key; image keys: {src.schema.keys_of_kind('image')}"
-        )
-    height, width, _ = spec.shape
+def _cache_meta(src: DemoStore, encoder: PatchEncoder, image_keys: str | Sequence[str]) -> dict[str, Any]:
+    keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
+    if not keys or len(set(keys)) != len(keys):
+        raise ValueError(f"feature cache: give one or more distinct cameras, got {keys}")
+    sizes = {}
+    for key in keys:
+        spec = src.schema.keys.get(key)
+        if spec is None or spec.kind != "image":
+            raise SchemaError(
+                f"{src.path}: {key!r} is not an image key; image keys: {src.schema.keys_of_kind('image')}"
+            )
+        sizes[key] = tuple(spec.shape[:2])
+    if len(set(sizes.values())) > 1:
+        raise SchemaError(f"{src.path}: cameras {keys} differ in frame size {sizes}; a cache holds one size")
+    height, width = sizes[keys[0]]
     return {
         "version": CACHE_VERSION,
         "source": str(Path(src.path).resolve()),
-        "image_key": image_key,
+        "image_keys": keys,
         "encoder": encoder.name,
         "weights_hash": encoder.weights_hash(),
         "input_size": list(encoder.input_size(height, width)),
@@ -129,20 +143,22 @@ def _cache_meta(src: DemoStore, encoder: PatchEncoder, image_key: str) -> dict[s
     }
 
 
-def _cache_path(src_path: Path, image_key: str, meta: dict[str, Any], cache_root: str | os.PathLike) -> Path:
+def _cache_path(src_path: Path, meta: dict[str, Any], cache_root: str | os.PathLike) -> Path:
     stem = src_path.name
     for suffix in (".zip", ".zarr"):
         stem = stem.removesuffix(suffix)
     h, w = meta["input_size"]
-    return Path(cache_root) / f"{stem}__{image_key}__{meta['encoder']}__{meta['weights_hash']}__{h}x{w}.zarr"
+    cams = "+".join(meta["image_keys"])
+    return Path(cache_root) / f"{stem}__{cams}__{meta['encoder']}__{meta['weights_hash']}__{h}x{w}.zarr"
 
 
-def _fingerprint(src: DemoStore, ep: int, image_key: str) -> str:
+def _fingerprint(src: DemoStore, ep: int, image_keys: Sequence[str]) -> str:
     """A cheap identity of a source episode: its length and the bytes of its first and last frames."""
     sl = src.episode_slice(ep)
     h = hashlib.sha256(f"{sl.stop - sl.start}".encode())
-    for t in (sl.start, sl.stop - 1):
-        h.update(np.ascontiguousarray(src.read(image_key, slice(t, t + 1), episode=ep)).tobytes())
+    for key in image_keys:
+        for t in (sl.start, sl.stop - 1):
+            h.update(np.ascontiguousarray(src.read(key, slice(t, t + 1), episode=ep)).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -167,7 +183,7 @@ def _open_reusable(path: Path, src: DemoStore, meta: dict[str, Any]) -> DemoStor
             cache = DemoStore.open(path, mode="a")  # drops whatever an interrupted build left uncommitted
         except unreadable:
             cache = None
-        if cache is not None and _is_prefix(cache, src, meta["image_key"]):
+        if cache is not None and _is_prefix(cache, src, meta["image_keys"]):
             return cache
         if cache is not None:
             cache.close()
@@ -177,39 +193,39 @@ def _open_reusable(path: Path, src: DemoStore, meta: dict[str, Any]) -> DemoStor
     return None
 
 
-def _is_prefix(cache: DemoStore, src: DemoStore, image_key: str) -> bool:
+def _is_prefix(cache: DemoStore, src: DemoStore, image_keys: Sequence[str]) -> bool:
     n = cache.n_episodes
     if n > src.n_episodes or not np.array_equal(cache.episode_ends, src.episode_ends[:n]):
         return False
     recorded = [cache.episode_info(i).get("feature_cache", {}).get("source_fingerprint") for i in range(n)]
-    return all(fp == _fingerprint(src, i, image_key) for i, fp in enumerate(recorded))
+    return all(fp == _fingerprint(src, i, image_keys) for i, fp in enumerate(recorded))
 
 
 # ---------------------------------------------------------------------- writing
 def _create(path: Path, src: DemoStore, meta: dict[str, Any]) -> DemoStore:
-    """An empty cache: the source's schema with the image key replaced by features, other images dropped."""
-    image_key = meta["image_key"]
+    """An empty cache: the source's schema with the cameras replaced by features, other images dropped."""
+    cams = meta["image_keys"]
     h, w = meta["grid"]
     n_patch, dim = h * w, meta["dim"]
     keys = {
-        k: (KeySpec((n_patch, dim), FEATURE_DTYPE, "lowdim") if k == image_key else s)
+        k: (KeySpec((n_patch, dim), FEATURE_DTYPE, "lowdim") if k in cams else s)
         for k, s in src.schema.keys.items()
-        if k == image_key or s.kind != "image"
+        if k in cams or s.kind != "image"
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     DemoStore.create(path, dataclasses.replace(src.schema, keys=keys), overwrite=True).close()
-    # Rechunk the (still empty) feature array to a few MB per chunk, with the store's own codecs.
+    # Rechunk the (still empty) feature arrays to a few MB per chunk, with the store's own codecs.
     group = zarr.open_group(path, mode="r+")
-    old = group["data"][image_key]
     rows = int(np.clip(CHUNK_BYTES // (n_patch * dim * np.dtype(FEATURE_DTYPE).itemsize), 1, 4096))
-    group["data"].create_array(
-        image_key,
-        shape=(0, n_patch, dim),
-        chunks=(rows, n_patch, dim),
-        dtype=FEATURE_DTYPE,
-        compressors=old.compressors,
-        overwrite=True,
-    )
+    for key in cams:
+        group["data"].create_array(
+            key,
+            shape=(0, n_patch, dim),
+            chunks=(rows, n_patch, dim),
+            dtype=FEATURE_DTYPE,
+            compressors=group["data"][key].compressors,
+            overwrite=True,
+        )
     group.attrs.update({CACHE_ATTR: meta})  # written last: a cache without it is rebuilt
     return DemoStore.open(path, mode="a")  # reopened, so its commits keep the attribute
 
@@ -228,31 +244,34 @@ def _encode_episode(
     cache: DemoStore,
     ep: int,
     encoder: PatchEncoder,
-    image_key: str,
+    image_keys: Sequence[str],
     batch_size: int,
     device: str | torch.device,
 ) -> None:
     """Encode source episode `ep` and commit it to the cache with the source's other keys and info."""
     sl = src.episode_slice(ep)
-    others = {k: src.read(k, sl, episode=ep) for k in cache.keys if k != image_key}  # (T, *shape)
+    others = {k: src.read(k, sl, episode=ep) for k in cache.keys if k not in image_keys}  # (T, *shape)
     max_err = 0.0
     with cache.begin_episode() as writer:  # an exception discards the partial episode
         for lo in range(sl.start, sl.stop, batch_size):
             hi = min(lo + batch_size, sl.stop)
-            feats = _encode(encoder, src.read(image_key, slice(lo, hi), episode=ep), device)  # (b, P, D)
-            half = feats.astype(np.float16)
-            if not np.isfinite(half).all():
-                raise FeatureCacheError(
-                    f"{src.path}: episode {ep}: features of {encoder.name} exceed float16's range "
-                    f"(max |x| = {np.abs(feats).max():.4g} > 65504)"
-                )
-            max_err = max(max_err, float(np.abs(half.astype(np.float32) - feats).max()))
+            step = {}
+            for key in image_keys:
+                feats = _encode(encoder, src.read(key, slice(lo, hi), episode=ep), device)  # (b, P, D)
+                half = feats.astype(np.float16)
+                if not np.isfinite(half).all():
+                    raise FeatureCacheError(
+                        f"{src.path}: episode {ep}, camera {key!r}: features of {encoder.name} exceed "
+                        f"float16's range (max |x| = {np.abs(feats).max():.4g} > 65504)"
+                    )
+                max_err = max(max_err, float(np.abs(half.astype(np.float32) - feats).max()))
+                step[key] = half
             rows = slice(lo - sl.start, hi - sl.start)
-            writer.add_steps({image_key: half, **{k: v[rows] for k, v in others.items()}})
+            writer.add_steps({**step, **{k: v[rows] for k, v in others.items()}})
         info = src.episode_info(ep)
         info.pop("length", None)  # the commit records the length itself
         info["feature_cache"] = {
-            "source_fingerprint": _fingerprint(src, ep, image_key),
+            "source_fingerprint": _fingerprint(src, ep, image_keys),
             "f16_max_abs_error": max_err,
         }
         writer.end(info)

@@ -9,7 +9,7 @@ A registered model is an `nn.Module` with
     io_spec: wm.spec.IOSpec                        what it reads and writes
     window_spec() -> wm.data.windows.WindowSpec    the step offsets a training window needs
     compute_loss(batch) -> (loss, metrics)         the one trainer's interface
-and, to train from a feature cache, `feature_cache_source() -> (frozen encoder, camera key) | None`.
+and, to train from a feature cache, `feature_cache_source() -> (frozen encoder, camera key(s)) | None`.
 
 Adding a model: write its module (a config dataclass with `from_dict` / `to_dict`, and the model),
 a `ModelEntry` for it (its `configure`, validation and, for a policy, its controller; see
@@ -20,7 +20,7 @@ a `ModelEntry` for it (its `configure`, validation and, for a policy, its contro
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,18 @@ class TrainContext:
     proprio_key: str | None
     key_shapes: dict[str, tuple[int, ...]]
     teacher: str | None = None
+
+    def camera_size(self, image_keys: Sequence[str]) -> tuple[int, int]:
+        """The frame size (H, W) every camera of `image_keys` shares; a camera the store lacks, a key that
+        is not a camera, or two sizes is one clear error."""
+        bad = [k for k in image_keys if len(self.key_shapes.get(k, ())) != 3]
+        if bad or not image_keys:
+            cams = sorted(k for k, s in self.key_shapes.items() if len(s) == 3)
+            raise ValueError(f"{self.store}: no camera(s) {bad or '(none given)'}; its cameras: {cams}")
+        sizes = {k: tuple(int(v) for v in self.key_shapes[k][:2]) for k in image_keys}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"{self.store}: cameras {list(image_keys)} differ in frame size {sizes}")
+        return sizes[image_keys[0]]
 
 
 @dataclass(frozen=True)

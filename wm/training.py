@@ -8,7 +8,7 @@ differs between models comes from their registry entry (`wm.registry`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,10 @@ def setup_training(
     options = {k: v for k, v in options.items() if k != "type"}
     cfg = entry.config_type.from_dict(entry.configure(options, ctx))
     model = entry.build(cfg, normalizer)
+    if video_store is not None:  # checked before any cache is built
+        proprios = [proprio_key] if proprio_key else []
+        cameras = list(model.io_spec.image_keys)
+        absent = check_compatible(store_path, video_store, cameras, proprios, allow_missing_proprio=True)
     data_path = store_path
     source = model.feature_cache_source() if feature_cache == "auto" else None
     if source is not None:
@@ -120,8 +124,6 @@ def setup_training(
     else:
         train_set = WindowDataset(data_path, spec, train_eps, in_memory=in_memory)
     if video_store is not None:
-        proprios = [proprio_key] if proprio_key else []
-        absent = check_compatible(store_path, video_store, [image_key], proprios, allow_missing_proprio=True)
         video_path = cached_features(video_store, *source) if source is not None else video_store
         video_set = ActionFreeWindows(
             video_path, spec, in_memory=in_memory, action_shape=shapes["action"], absent_keys=absent
@@ -131,10 +133,10 @@ def setup_training(
     return TrainSetup(model, model_type, train_set, normalizer, cfg.to_dict(), val_fn, train_eps, val_eps)
 
 
-def cached_features(store_path: str, encoder: Any, image_key: str) -> str:
-    """The path of the frozen `encoder`'s feature cache of `image_key`, built or extended first; every
-    model's cache lives beside its store, in `<store dir>/feature_cache/`."""
+def cached_features(store_path: str, encoder: Any, image_keys: str | Sequence[str]) -> str:
+    """The path of the frozen `encoder`'s feature cache of the camera(s) `image_keys`, built or extended
+    first; every model's cache lives beside its store, in `<store dir>/feature_cache/`."""
     from wm.feature_cache import build_feature_cache
 
     cache_root = Path(store_path).resolve().parent / "feature_cache"
-    return str(build_feature_cache(store_path, encoder, image_key, cache_root))
+    return str(build_feature_cache(store_path, encoder, image_keys, cache_root))

@@ -20,12 +20,15 @@ other modality's fixed input and timestep back in. Action predictions are clippe
 range; latents are not.
 
 Frames are latents of a frozen image codec (`wm.latents.LatentCodec`, a submodule whose weights are
-saved with the model). Training reads them from the feature cache; inference encodes camera frames.
+saved with the model), one codec for all V cameras (`image_keys`, one frame size). Training reads
+them from the feature cache; inference encodes camera frames. Latent tensors are (B, T, V, C, h, w):
+each step's latents of every camera, in the order of `image_keys`.
 
-Batch keys for `compute_loss` (`window_spec()`), for one camera `<image>`:
+Batch keys for `compute_loss` (`window_spec()`), for each camera `<image>`:
     <image>            (B, n_obs + F, P, C) cached latents (or (B, n_obs + F, 3, H, W) frames in [0, 1]);
                        the first n_obs are the observation history, the rest the future frames
     <image>_is_pad     (B, n_obs + F) bool: future frames past the episode's end are left out of the loss
+                       (the cameras share their steps: the first camera's is read)
     <proprio>          (B, n_obs, Dp) raw (optional; `<proprio>_is_pad` all True where a store has none)
     action             (B, horizon, Da) raw, from the current step on; action_is_pad (B, horizon)
     has_action         (B,) bool, optional (default all True)
@@ -54,13 +57,14 @@ from wm.uwm_net import DiTConfig, UWMNet
 
 @dataclass(frozen=True)
 class UWMConfig:
-    """One camera `image_key` at `image_size`, encoded by the codec `latent` (a `LatentConfig` dict) to
-    `latent_shape` (C, h, w). Observations: `n_obs` steps up to the current one; actions: `horizon`
-    steps from the current one, `n_action_exec` executed per chunk; predicted frames at `future` steps
-    after the current one (inside the chunk by default). `shift`: per-sample augmentation, a random
-    translation of each window's latents by up to `shift` cells (all its frames alike)."""
+    """The cameras `image_keys` (a history and a predicted future of each) at `image_size`, each encoded
+    by the codec `latent` (a `LatentConfig` dict) to `latent_shape` (C, h, w). Observations: `n_obs`
+    steps up to the current one; actions: `horizon` steps from the current one, `n_action_exec`
+    executed per chunk; predicted frames at `future` steps after the current one (inside the chunk by
+    default). `shift`: per-sample augmentation, a random translation of each window's latents by up to
+    `shift` cells (all its frames and cameras alike)."""
 
-    image_key: str = "image"
+    image_keys: tuple[str, ...] = ("image",)
     image_size: tuple[int, int] = (64, 64)
     latent: dict[str, Any] = field(default_factory=dict)
     latent_shape: tuple[int, int, int] = (4, 16, 16)
@@ -90,6 +94,10 @@ class UWMConfig:
             object.__setattr__(self, "noise", NoiseConfig(**{"prediction_type": "sample", **self.noise}))
         for name in ("image_size", "latent_shape", "future"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        keys = (self.image_keys,) if isinstance(self.image_keys, str) else tuple(self.image_keys)
+        object.__setattr__(self, "image_keys", keys)
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"image_keys must name one or more distinct cameras, got {list(keys)}")
         if self.noise.prediction_type != "sample":
             raise ValueError("UWM predicts the clean sample: model.noise.prediction_type must be 'sample'")
         if min(self.action_dim, self.n_obs, self.horizon, self.n_action_exec) < 1:
@@ -113,6 +121,8 @@ class UWMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UWMConfig:
+        if "image_key" in d:  # written before several cameras: one camera
+            d = {k: v for k, v in d.items() if k != "image_key"} | {"image_keys": [d["image_key"]]}
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown uwm option(s) {unknown}")
@@ -147,7 +157,7 @@ class _ModeNet(nn.Module):
             return self.net(m.other, m.t_other, x, t, m.obs, m.proprio)[1]
         n_a = self.action_shape[0] * self.action_shape[1]
         acts = x[:, :n_a].reshape(B, *self.action_shape)
-        frames = x[:, n_a:].reshape(B, self.net.n_future, *self.net.latent_shape)
+        frames = x[:, n_a:].reshape(B, *self.net.frame_shape)
         a, v = self.net(acts, t, frames, t, m.obs, m.proprio)
         return torch.cat([self._clip(a).reshape(B, -1), v.reshape(B, -1)], dim=1)
 
@@ -174,6 +184,7 @@ class UWM(nn.Module):
             len(cfg.future),
             cfg.n_obs,
             cfg.proprio_dim,
+            len(cfg.image_keys),
         )
         clip = cfg.noise.clip_range if cfg.noise.clip_sample else None
         noise = dataclasses.replace(cfg.noise, clip_sample=False)  # _ModeNet clips the actions only
@@ -201,7 +212,7 @@ class UWM(nn.Module):
     def io_spec(self) -> IOSpec:
         c = self.cfg
         return IOSpec(
-            image_keys=(c.image_key,),
+            image_keys=c.image_keys,
             image_size=c.image_size,
             proprio_key=c.proprio_key,
             proprio_dim=c.proprio_dim,
@@ -215,18 +226,19 @@ class UWM(nn.Module):
         horizon-1; windows may pad n_obs - 1 steps before an episode and n_action_exec - 1 after it."""
         c = self.cfg
         obs = tuple(range(-(c.n_obs - 1), 1))
-        offsets = {c.image_key: obs + c.future, c.action_key: tuple(range(c.horizon))}
+        offsets = {k: obs + c.future for k in c.image_keys} | {c.action_key: tuple(range(c.horizon))}
         if c.proprio_key:
             offsets[c.proprio_key] = obs
         return WindowSpec(offsets, max_pad_before=c.n_obs - 1, max_pad_after=c.n_action_exec - 1)
 
-    def feature_cache_source(self) -> tuple[nn.Module, str]:
-        """Latents are computed once into the feature cache by the frozen codec."""
-        return self.codec, self.cfg.image_key
+    def feature_cache_source(self) -> tuple[nn.Module, tuple[str, ...]]:
+        """Latents of every camera are computed once into the feature cache by the frozen codec."""
+        return self.codec, self.cfg.image_keys
 
     # ------------------------------------------------------------------ inputs
-    def latents(self, x: Tensor) -> Tensor:
-        """Frames (B, T, 3, H, W) in [0, 1] or cached latent tokens (B, T, P, C) -> (B, T, C, h, w)."""
+    def latents(self, x: Tensor, key: str) -> Tensor:
+        """Camera `key`'s frames (B, T, 3, H, W) in [0, 1] or cached latent tokens (B, T, P, C) ->
+        latents (B, T, C, h, w)."""
         c = self.cfg
         C, h, w = c.latent_shape
         if x.ndim == 4 and x.shape[-2:] == (h * w, C):
@@ -234,26 +246,36 @@ class UWM(nn.Module):
         if x.ndim == 5 and x.shape[2] == 3:
             if tuple(x.shape[-2:]) != c.image_size:
                 raise ValueError(
-                    f"{c.image_key!r} frames are {tuple(x.shape[-2:])}; the model was trained on "
-                    f"{c.image_size}"
+                    f"{key!r} frames are {tuple(x.shape[-2:])}; the model was trained on {c.image_size}"
                 )
             B, T = x.shape[:2]
             z = self.codec.encode(rearrange(x.float(), "b t c h w -> (b t) c h w"))
             return rearrange(z, "(b t) c h w -> b t c h w", b=B, t=T)
         raise ValueError(
-            f"{c.image_key!r} is {tuple(x.shape)}: expected frames (B, T, 3, {c.image_size[0]}, "
-            f"{c.image_size[1]}) "
-            f"or cached latents (B, T, {h * w}, {C})"
+            f"{key!r} is {tuple(x.shape)}: expected frames (B, T, 3, {c.image_size[0]}, "
+            f"{c.image_size[1]}) or cached latents (B, T, {h * w}, {C})"
         )
 
+    def views(self, data: dict[str, Tensor], steps: int | None = None) -> Tensor:
+        """Every camera's frames or cached latents in `data` (a batch or an observation, values (B, T,
+        ...)) -> latents (B, T, V, C, h, w), or of the last `steps` steps (the first repeated when T is
+        shorter)."""
+        missing = [k for k in self.cfg.image_keys if k not in data]
+        if missing:
+            raise KeyError(f"the observation has no camera(s) {missing} (keys: {sorted(data)})")
+        device = self.diffusion.betas.device
+        out = []
+        for key in self.cfg.image_keys:
+            z = self.latents(data[key].to(device), key)
+            out.append(z if steps is None else last_steps(z, steps))
+        return torch.stack(out, dim=2)
+
     def observation(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """obs values (B, T, ...) -> observation latents (B, n_obs, C, h, w) and normalized proprio
+        """obs values (B, T, ...) -> observation latents (B, n_obs, V, C, h, w) and normalized proprio
         (B, n_obs, Dp) (None without proprio); the last n_obs steps, the first repeated when T < n_obs."""
         c = self.cfg
-        if c.image_key not in obs:
-            raise KeyError(f"the observation has no camera {c.image_key!r} (keys: {sorted(obs)})")
         device = self.diffusion.betas.device
-        z = last_steps(self.latents(obs[c.image_key].to(device)), c.n_obs)
+        z = self.views(obs, c.n_obs)
         if not c.proprio_key:
             return z, None
         if c.proprio_key not in obs:
@@ -281,31 +303,33 @@ class UWM(nn.Module):
         return t if absent is None else torch.where(absent, torch.full_like(t, self.absent_t), t)
 
     def augment(self, z: Tensor) -> Tensor:
-        """z (B, T, C, h, w) translated per sample by up to `shift` latent cells (edges repeated)."""
+        """z (B, ..., h, w) translated per sample by up to `shift` latent cells (edges repeated), all of
+        a sample's frames and cameras alike."""
         s = self.cfg.shift
         if s == 0:
             return z
-        B, T, C, h, w = z.shape
-        padded = F.pad(rearrange(z, "b t c h w -> b (t c) h w"), (s, s, s, s), mode="replicate")
+        B, h, w = z.shape[0], *z.shape[-2:]
+        padded = F.pad(z.reshape(B, -1, h, w), (s, s, s, s), mode="replicate")  # (B, N, h + 2s, w + 2s)
+        N = padded.shape[1]
         dy, dx = (torch.randint(0, 2 * s + 1, (B,), device=z.device) for _ in range(2))
         rows = (dy[:, None] + torch.arange(h, device=z.device))[:, None, :, None]  # (B, 1, h, 1)
         cols = (dx[:, None] + torch.arange(w, device=z.device))[:, None, None, :]  # (B, 1, 1, w)
         out = padded[
             torch.arange(B, device=z.device)[:, None, None, None],
-            torch.arange(T * C, device=z.device)[None, :, None, None],
+            torch.arange(N, device=z.device)[None, :, None, None],
             rows,
             cols,
         ]
-        return rearrange(out, "b (t c) h w -> b t c h w", t=T)
+        return out.reshape(z.shape)
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.cfg
-        frames = self.latents(batch[c.image_key])  # (B, n_obs + F, C, h, w)
+        frames = self.views(batch)  # (B, n_obs + F, V, C, h, w)
         B = frames.shape[0]
         if self.training:
             frames = self.augment(frames)
         obs, future = frames[:, : c.n_obs], frames[:, c.n_obs :]
-        frame_ok = ~batch[c.image_key + "_is_pad"][:, c.n_obs :]  # (B, F)
+        frame_ok = ~batch[c.image_keys[0] + "_is_pad"][:, c.n_obs :]  # (B, F)
         proprio = None
         if c.proprio_key:
             proprio = self.normalizer.normalize(c.proprio_key, batch[c.proprio_key].float())
@@ -358,7 +382,7 @@ class UWM(nn.Module):
 
     def _shapes(self, B: int) -> tuple[tuple[int, int, int], tuple[int, ...]]:
         c = self.cfg
-        return (B, c.horizon, c.action_dim), (B, len(c.future), *c.latent_shape)
+        return (B, c.horizon, c.action_dim), (B, *self.net.frame_shape)
 
     @torch.inference_mode()
     def policy(
@@ -375,7 +399,7 @@ class UWM(nn.Module):
     def forward_dynamics(
         self, obs: dict[str, Tensor], actions: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
-        """obs, raw actions (B, horizon, Da) from the current step -> future latents (B, F, C, h, w)."""
+        """obs, raw actions (B, horizon, Da) from the current step -> future latents (B, F, V, C, h, w)."""
         z, p = self.observation(obs)
         a_shape, v_shape = self._shapes(z.shape[0])
         if tuple(actions.shape) != a_shape:
@@ -388,11 +412,15 @@ class UWM(nn.Module):
     def inverse_dynamics(
         self, obs: dict[str, Tensor], future: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
-        """obs, future frames (B, F, 3, H, W) or latents (B, F, C, h, w) -> raw actions (B, horizon, Da)."""
+        """obs, future frames (B, F, V, 3, H, W) in [0, 1] or latents (B, F, V, C, h, w) -> raw actions
+        (B, horizon, Da)."""
         z, p = self.observation(obs)
         a_shape, v_shape = self._shapes(z.shape[0])
         fut = future.to(z.device).float()
-        fut = self.latents(fut) if fut.shape[2] == 3 and fut.shape[-2:] == self.cfg.image_size else fut
+        if fut.ndim == 6 and fut.shape[3] == 3 and tuple(fut.shape[-2:]) == self.cfg.image_size:
+            fut = torch.stack(
+                [self.latents(fut[:, :, v], k) for v, k in enumerate(self.cfg.image_keys)], dim=2
+            )
         if tuple(fut.shape) != v_shape:
             raise ValueError(f"future latents are {tuple(fut.shape)}, expected {v_shape}")
         other, t_other = self._clean(fut, generator)
@@ -401,7 +429,7 @@ class UWM(nn.Module):
 
     @torch.inference_mode()
     def predict_video(self, obs: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """obs -> future latents (B, F, C, h, w), actions absent (marginalized)."""
+        """obs -> future latents (B, F, V, C, h, w), actions absent (marginalized)."""
         z, p = self.observation(obs)
         a_shape, v_shape = self._shapes(z.shape[0])
         other, t_other = self._absent(a_shape, generator)
@@ -411,7 +439,7 @@ class UWM(nn.Module):
     def sample_joint(
         self, obs: dict[str, Tensor], generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """obs -> raw actions (B, horizon, Da) and future latents (B, F, C, h, w), denoised together."""
+        """obs -> raw actions (B, horizon, Da) and future latents (B, F, V, C, h, w), denoised together."""
         z, p = self.observation(obs)
         B = z.shape[0]
         a_shape, v_shape = self._shapes(B)
@@ -422,10 +450,10 @@ class UWM(nn.Module):
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, F, C, h, w) -> frames (B, F, 3, H, W) in [0, 1] (codecs that can decode)."""
-        B = latents.shape[0]
-        x = self.codec.decode(rearrange(latents, "b f c h w -> (b f) c h w"))
-        return rearrange(x, "(b f) c h w -> b f c h w", b=B)
+        """Latents (B, F, V, C, h, w) -> frames (B, F, V, 3, H, W) in [0, 1] (codecs that can decode)."""
+        B, F_ = latents.shape[:2]
+        x = self.codec.decode(rearrange(latents, "b f v c h w -> (b f v) c h w"))
+        return rearrange(x, "(b f v) c h w -> b f v c h w", b=B, f=F_)
 
     # ------------------------------------------------------------------ the policy seam
     @torch.inference_mode()

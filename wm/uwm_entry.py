@@ -19,9 +19,10 @@ from wm.uwm import UWM, UWMConfig
 OVERRIDABLE = ("sampler", "sampler_steps", "precision", "noise.edm_solver", "temporal_ensemble")
 
 
-def latent_config(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
-    """The codec's full config: `source: auto` (the default) trains the store's default autoencoder
-    first (`steps`, `batch_size`: its training), or reuses the one cached for that store and camera;
+def latent_config(options: dict[str, Any], ctx: TrainContext, image_keys: list[str]) -> dict[str, Any]:
+    """The codec's full config: `source: auto` (the default) trains the store's default autoencoder of
+    the cameras `image_keys` first (`steps`, `batch_size`: its training), or reuses the one cached for
+    that store and those cameras;
     `source: autoencoder | sd_vae | encoder` with `path` (and for `encoder` its `name`) reads the
     structure from those files; a config that already holds its structure (a checkpoint's) is kept."""
     given = dict(options or {})
@@ -35,7 +36,7 @@ def latent_config(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
             raise ValueError(
                 f"model.latent.source=auto takes only steps= and batch_size=, got {sorted(given)}"
             )
-        run = default_autoencoder(ctx.store, ctx.image_key, steps=steps, batch_size=batch, log=print)
+        run = default_autoencoder(ctx.store, image_keys, steps=steps, batch_size=batch, log=print)
         return latent_config_from_source("autoencoder", str(run)).to_dict()
     try:  # already complete (a checkpoint's config)
         return LatentConfig.from_dict({"source": source, **given}).to_dict()
@@ -45,15 +46,17 @@ def latent_config(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
 
 
 def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
-    """The user's options completed with the store's camera, image size, proprio and action dims, and
-    the latent codec's config and latent shape."""
+    """The user's options completed with the store's camera (or the `image_keys` listed: each gets a
+    history and a predicted future), image size, proprio and action dims, and the latent codec's config
+    and latent shape."""
     shapes = ctx.key_shapes
-    size = tuple(int(s) for s in shapes[ctx.image_key][:2])
-    latent = latent_config(options.get("latent", {}), ctx)
+    keys = list(options.get("image_keys") or [ctx.image_key])
+    size = ctx.camera_size(keys)
+    latent = latent_config(options.get("latent", {}), ctx, keys)
     codec = build_codec(LatentConfig.from_dict(latent), load_weights=False)
     return {
         **options,
-        "image_key": ctx.image_key,
+        "image_keys": keys,
         "image_size": size,
         "latent": latent,
         "latent_shape": tuple(codec.latent_shape(*size)),
@@ -80,15 +83,15 @@ def validation(model: UWM, data_path: str, episodes: list[int], in_memory: bool,
             idx = rng.choice(len(val_set), size=min(32, len(val_set)), replace=False)
             batch = {k: v.to(device) for k, v in val_set.get_batch(idx).items()}
             gen = torch.Generator(device=device).manual_seed(0)
-            frames = model.latents(batch[c.image_key])
-            obs = {c.image_key: batch[c.image_key][:, : c.n_obs]}
+            frames = model.views(batch)  # (B, n_obs + F, V, C, h, w)
+            obs = {k: batch[k][:, : c.n_obs] for k in c.image_keys}
             if c.proprio_key:
                 obs[c.proprio_key] = batch[c.proprio_key]
             truth = batch[c.action_key]
             ok = ~batch[c.action_key + "_is_pad"][:, : c.n_action_exec]
             pred = model.sample_actions(obs, generator=gen)
             act.append((pred - truth[:, : c.n_action_exec]).pow(2).mean(-1)[ok].mean().item())
-            future, valid = frames[:, c.n_obs :], ~batch[c.image_key + "_is_pad"][:, c.n_obs :]
+            future, valid = frames[:, c.n_obs :], ~batch[c.image_keys[0] + "_is_pad"][:, c.n_obs :]
             pred_v = model.forward_dynamics(obs, truth, generator=gen)
             fwd.append((pred_v - future).pow(2).flatten(2).mean(-1)[valid].mean().item())
             still = frames[:, c.n_obs - 1 : c.n_obs]  # the current frame, as a prediction of every future one
@@ -104,11 +107,14 @@ def validation(model: UWM, data_path: str, episodes: list[int], in_memory: bool,
 
 class UWMPolicy(ChunkPolicy):
     """`ChunkPolicy` of a UWM whose preview (evaluation videos) is the model's predicted future: forward
-    dynamics of the last chunk, decoded, at the first future step (beside the real frame)."""
+    dynamics of the last chunk, decoded, at the first future step, of its first camera (the one the
+    videos show beside it)."""
 
     def __init__(self, model: UWM, seed: int | None = 0) -> None:
         super().__init__(model, model.cfg.temporal_ensemble, seed)
-        self.preview_label = f"UWM: predicted t+{model.cfg.future[0]}"
+        c = model.cfg
+        camera = f" ({c.image_keys[0]})" if len(c.image_keys) > 1 else ""
+        self.preview_label = f"UWM: predicted t+{c.future[0]}{camera}"
         self._last: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
 
     def reset(self) -> None:
@@ -117,8 +123,9 @@ class UWMPolicy(ChunkPolicy):
 
     def _sample(self, **guidance: Any) -> torch.Tensor:
         full = guidance.pop("full", False)
-        chunk = super()._sample(full=True, **guidance)  # (E, horizon, Da)
-        self._last = (self.history.inputs(), chunk)
+        inputs = self.history.inputs()
+        chunk = self._sample_from(inputs, full=True, **guidance)  # (E, horizon, Da)
+        self._last = (inputs, chunk)
         return chunk if full else chunk[:, : self.model.cfg.n_action_exec]
 
     def preview(self) -> np.ndarray | None:
@@ -128,7 +135,7 @@ class UWMPolicy(ChunkPolicy):
             return None
         obs, chunk = self._last
         latents = self.model.forward_dynamics(obs, chunk, generator=self._generator)
-        frame = self.model.decode(latents[:, :1])[:, 0]  # (E, 3, H, W)
+        frame = self.model.decode(latents[:, :1, :1])[:, 0, 0]  # (E, 3, H, W)
         return (frame.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -4,12 +4,16 @@ current observation.
 
 Tokens, in sequence order:
     action tokens   (Ta)          a 2-layer MLP of each normalized action (Da -> D), learned positions
-    frame tokens    (F * h/p * w/p) future-frame latents (C, h, w) cut into p x p patches, each patch
-                                  concatenated with the observation latents' patch at the same place
-                                  (as image-to-video diffusion concatenates the conditioning frame),
-                                  a linear map ((1 + To) C p p -> D), learned positions per frame and patch
-    obs tokens      (To * h/p * w/p + To, only with `obs_tokens`) the observation latents patched the
-                                  same way by their own linear map, and one token per proprio step
+    frame tokens    (F * V * h/p * w/p) future-frame latents (C, h, w) of each of the V cameras cut into
+                                  p x p patches, each patch concatenated with the same camera's
+                                  observation latents' patch at the same place (as image-to-video
+                                  diffusion concatenates the conditioning frame), a linear map
+                                  ((1 + To) C p p -> D), learned positions per frame, camera and patch,
+                                  plus (with several cameras) a learned embedding of the camera, shared
+                                  by all its tokens (without it each token learns its camera alone: the
+                                  two-camera test task had not learned forward dynamics after 1500 steps)
+    obs tokens      (To * V * h/p * w/p + To, only with `obs_tokens`) the observation latents patched
+                                  the same way by their own linear map, and one token per proprio step
     registers       (R)           learned tokens that carry no input (Darcet et al.)
 All tokens attend to all (bidirectional); a pre-norm block is attention then MLP, each scaled and
 shifted by the conditioning and gated (AdaLN-Zero, Peebles & Xie).
@@ -99,8 +103,9 @@ class Block(nn.Module):
 
 
 class UWMNet(nn.Module):
-    """net(actions (B, Ta, Da), t_a (B,), frames (B, F, C, h, w), t_v (B,), obs (B, To, C, h, w),
-    proprio (B, To, Dp) | None) -> (action prediction (B, Ta, Da), frame prediction (B, F, C, h, w)).
+    """net(actions (B, Ta, Da), t_a (B,), frames (B, F, V, C, h, w), t_v (B,), obs (B, To, V, C, h, w),
+    proprio (B, To, Dp) | None) -> (action prediction (B, Ta, Da), frame prediction (B, F, V, C, h, w)),
+    V cameras.
 
     Inputs are the diffusion's VP-scaled noisy samples and (fractional) training timesteps; observations
     are clean latents and normalized proprioception (zeros where a sample has none)."""
@@ -114,27 +119,30 @@ class UWMNet(nn.Module):
         n_future: int,
         n_obs: int,
         proprio_dim: int,
+        n_views: int = 1,
     ) -> None:
         super().__init__()
         C, h, w = latent_shape
-        p, D = cfg.patch, cfg.dim
+        p, D, V = cfg.patch, cfg.dim, n_views
         if h % p or w % p:
             raise ValueError(f"UWM patch {p} does not divide the {h}x{w} latent grid; choose model.net.patch")
         self.cfg, self.latent_shape, self.n_future, self.horizon = cfg, tuple(latent_shape), n_future, horizon
+        self.n_views = V
         self.grid = (h // p, w // p)
         n_patch = self.grid[0] * self.grid[1]
         self.action_in = nn.Sequential(nn.Linear(action_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         self.action_pos = nn.Parameter(torch.randn(1, horizon, D) * 0.02)
         self.frame_in = nn.Linear((1 + n_obs) * C * p * p, D)
-        self.frame_pos = nn.Parameter(torch.randn(1, n_future * n_patch, D) * 0.02)
+        self.frame_pos = nn.Parameter(torch.randn(1, n_future * V * n_patch, D) * 0.02)
+        self.camera_emb = nn.Parameter(torch.randn(1, V, 1, D) * 0.02) if V > 1 else None  # (1, V, 1, D)
         self.registers = nn.Parameter(torch.randn(1, cfg.registers, D) * 0.02)
-        obs_dim = n_obs * (C * h * w + proprio_dim)
+        obs_dim = n_obs * (V * C * h * w + proprio_dim)
         self.obs_proj = nn.Sequential(nn.Linear(obs_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.t_emb_a = nn.Sequential(SinusoidalPosEmb(D), nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         self.t_emb_v = nn.Sequential(SinusoidalPosEmb(D), nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         if cfg.obs_tokens:
             self.obs_in = nn.Linear(C * p * p, D)
-            self.obs_pos = nn.Parameter(torch.randn(1, n_obs * n_patch, D) * 0.02)
+            self.obs_pos = nn.Parameter(torch.randn(1, n_obs * V * n_patch, D) * 0.02)
             self.proprio_in = nn.Linear(proprio_dim, D) if proprio_dim else None
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
@@ -145,24 +153,39 @@ class UWMNet(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """(F, V, C, h, w): the predicted frames of one sample."""
+        return (self.n_future, self.n_views, *self.latent_shape)
+
     def _frame_tokens(self, frames: Tensor, obs: Tensor) -> Tensor:
-        """frames (B, F, C, h, w), obs (B, To, C, h, w) -> (B, F * h/p * w/p, (1 + To) C p p): each future
-        patch beside the observation's patches at the same place."""
+        """frames (B, F, V, C, h, w), obs (B, To, V, C, h, w) -> (B, F * V * h/p * w/p, (1 + To) C p p):
+        each future patch beside the same camera's observation patches at the same place."""
         p, F_ = self.cfg.patch, frames.shape[1]
-        fut = rearrange(frames, "b f c (gh p1) (gw p2) -> b f (gh gw) (c p1 p2)", p1=p, p2=p)
-        now = rearrange(obs, "b t c (gh p1) (gw p2) -> b (gh gw) (t c p1 p2)", p1=p, p2=p)
-        both = torch.cat([fut, now[:, None].expand(-1, F_, -1, -1)], dim=-1)
-        return rearrange(both, "b f n d -> b (f n) d")
+        fut = rearrange(frames, "b f v c (gh p1) (gw p2) -> b f v (gh gw) (c p1 p2)", p1=p, p2=p)
+        now = rearrange(obs, "b t v c (gh p1) (gw p2) -> b v (gh gw) (t c p1 p2)", p1=p, p2=p)
+        both = torch.cat([fut, now[:, None].expand(-1, F_, -1, -1, -1)], dim=-1)
+        return rearrange(both, "b f v n d -> b (f v n) d")
+
+    def _camera(self, x: Tensor) -> Tensor:
+        """Tokens (B, T * V * n, D), step-major then camera, plus their camera's embedding."""
+        if self.camera_emb is None:
+            return x
+        B, _, D = x.shape
+        per_step = x.view(B, -1, self.n_views, self.grid[0] * self.grid[1], D)  # (B, T, V, n, D)
+        return (per_step + self.camera_emb[:, None]).flatten(1, 3)
 
     def _patch(self, x: Tensor) -> Tensor:
-        """(B, T, C, h, w) -> (B, T * h/p * w/p, C p p) patches, frame-major."""
+        """(B, T, V, C, h, w) -> (B, T * V * h/p * w/p, C p p) patches, frame-major, then camera."""
         p = self.cfg.patch
-        return rearrange(x, "b t c (gh p1) (gw p2) -> b (t gh gw) (c p1 p2)", p1=p, p2=p)
+        return rearrange(x, "b t v c (gh p1) (gw p2) -> b (t v gh gw) (c p1 p2)", p1=p, p2=p)
 
     def _unpatch(self, x: Tensor) -> Tensor:
-        """(B, F * h/p * w/p, C p p) -> (B, F, C, h, w)."""
+        """(B, F * V * h/p * w/p, C p p) -> (B, F, V, C, h, w)."""
         p, (gh, gw) = self.cfg.patch, self.grid
-        return rearrange(x, "b (t gh gw) (c p1 p2) -> b t c (gh p1) (gw p2)", gh=gh, gw=gw, p1=p, p2=p)
+        return rearrange(
+            x, "b (t v gh gw) (c p1 p2) -> b t v c (gh p1) (gw p2)", v=self.n_views, gh=gh, gw=gw, p1=p, p2=p
+        )
 
     def forward(
         self,
@@ -178,10 +201,10 @@ class UWMNet(nn.Module):
         c = self.t_emb_a(t_a) + self.t_emb_v(t_v) + self.obs_proj(torch.cat(flat, dim=1))  # (B, D)
         tokens = [
             self.action_in(actions) + self.action_pos,
-            self.frame_in(self._frame_tokens(frames, obs)) + self.frame_pos,
+            self._camera(self.frame_in(self._frame_tokens(frames, obs)) + self.frame_pos),
         ]
         if self.cfg.obs_tokens:
-            tokens.append(self.obs_in(self._patch(obs)) + self.obs_pos)
+            tokens.append(self._camera(self.obs_in(self._patch(obs)) + self.obs_pos))
             if self.proprio_in is not None and proprio is not None:
                 tokens.append(self.proprio_in(proprio))  # (B, To, D)
         tokens.append(self.registers.expand(B, -1, -1))

@@ -178,9 +178,10 @@ class DiffusionPolicy(nn.Module):
             history=c.n_obs,
         )
 
-    def feature_cache_source(self) -> tuple[nn.Module, str] | None:
-        """The frozen patch encoder and its camera when training can read cached features: a patch
-        backbone that is frozen, one camera, and no random crop (crops need pixels)."""
+    def feature_cache_source(self) -> tuple[nn.Module, tuple[str, ...]] | None:
+        """The frozen patch encoder and the cameras when training can read cached features: a patch
+        backbone that is frozen, the same weights for every camera (one cache encodes them all with
+        one encoder), and no random crop (crops need pixels)."""
         oc = self.cfg.obs
         if oc.backbone != "patch":
             return None
@@ -188,8 +189,8 @@ class DiffusionPolicy(nn.Module):
         why = (
             "its patch encoder trains"
             if any(e.trainable for e in encoders)
-            else "several cameras (the cache holds one)"
-            if len(oc.image_keys) > 1
+            else "its cameras' encoders have different weights"
+            if len({e.weights_hash() for e in encoders}) > 1
             else f"random crops to {oc.crop} need pixels (set model.obs.crop=null to train from the cache)"
             if oc.crop is not None and tuple(oc.crop) != tuple(oc.image_size)
             else None
@@ -197,7 +198,7 @@ class DiffusionPolicy(nn.Module):
         if why is not None:
             log.info("feature cache not used: %s", why)
             return None
-        return encoders[0], oc.image_keys[0]
+        return encoders[0], tuple(oc.image_keys)
 
     def window_spec(self) -> WindowSpec:
         """Observations at -(n_obs-1)..0; actions from -(n_obs-1) over `horizon` steps, padded at most

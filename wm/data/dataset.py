@@ -19,6 +19,7 @@ with its own random draw.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,23 @@ from wm.data.store import DemoStore
 from wm.data.windows import WindowSpec, build_index
 
 
-class WindowDataset(Dataset):
+class BatchedDataset(Dataset, ABC):
+    """A dataset read a batch at a time: subclasses give `get_batch(indices) -> {key: (B, ...)}`, and a
+    plain DataLoader gets items and whole batches (`__getitems__`) from it."""
+
+    @abstractmethod
+    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]: ...
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Used by a plain DataLoader: the batch is read at once, then split for its collate_fn."""
+        batch = self.get_batch(indices)
+        return [{k: v[b] for k, v in batch.items()} for b in range(len(indices))]
+
+
+class WindowDataset(BatchedDataset):
     """Windows from the store at `path`, for the episodes given (all by default)."""
 
     def __init__(
@@ -112,14 +129,6 @@ class WindowDataset(Dataset):
         # Direct chunk decoding where the layout allows, else zarr; a damaged chunk raises
         # CorruptStoreError naming its file, the key, its steps and their episodes either way.
         return self._reader().read_rows(key, uniq)[inverse]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([i])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """Used by a plain DataLoader: the batch is read at once, then split for its collate_fn."""
-        batch = self.get_batch(indices)
-        return [{k: v[b] for k, v in batch.items()} for b in range(len(indices))]
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The windows at `indices` as one batch {key: (B, ...)}: frames read in one pass, augmented in

@@ -28,10 +28,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from wm.data.augment import AugmentConfig
-from wm.data.dataset import WindowDataset
+from wm.data.dataset import BatchedDataset, WindowDataset
 from wm.data.errors import NotAStoreError, SchemaError
 from wm.data.ops import copy_episodes, keep_episodes
 from wm.data.schema import KeySpec
@@ -150,7 +149,7 @@ def _action_fill(
     return {action_key: want}
 
 
-class MixedWindows(Dataset):
+class MixedWindows(BatchedDataset):
     """One dataset over labelled and video windows, with round(B * video_ratio) video windows in
     every batch of B (`get_batch`; `make_loader` batches through it).
 
@@ -183,14 +182,6 @@ class MixedWindows(Dataset):
     def n_video(self, batch_size: int) -> int:
         """Video windows in a batch of `batch_size`."""
         return round(batch_size * self.video_ratio)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([i])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """Used by a plain DataLoader: the batch is drawn at once (keeping its ratio), then split."""
-        batch = self.get_batch(indices)
-        return [{k: v[b] for k, v in batch.items()} for b in range(len(indices))]
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The batch of `indices` {key: (B, ...)}: B - n_video(B) labelled windows, then n_video(B) video."""
@@ -279,12 +270,12 @@ def _check_key(lab: DemoStore, vid: DemoStore, key: str, what: str) -> None:
 
 
 def _cameras(store: DemoStore) -> list[str]:
-    """Image keys, and the cached camera of a feature cache (stored as features, kind "lowdim")."""
+    """Image keys, and the cached cameras of a feature cache (stored as features, kind "lowdim")."""
     try:
-        cached = cache_info(store.path).get("image_key")
+        cached = cache_info(store.path).get("image_keys", [])
     except NotAStoreError:
-        cached = None
-    return [k for k, s in store.schema.keys.items() if s.kind == "image" or k == cached]
+        cached = []
+    return [k for k, s in store.schema.keys.items() if s.kind == "image" or k in cached]
 
 
 # ---------------------------------------------------------------------- making action-free data
