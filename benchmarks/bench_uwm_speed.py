@@ -35,6 +35,7 @@ time at batch 1. Prints a table and, last, one JSON line with the figures and th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -346,20 +347,28 @@ def training(ours: UWM, ref: RefUWM, a: argparse.Namespace) -> dict[str, float]:
 
 def chunks(ours: UWM, ref: RefUWM, a: argparse.Namespace) -> dict[str, float]:
     """Median policy-chunk seconds at batch 1, each from two raw observation frames."""
-    dpm = build_ours(a, "dpmpp_2m")
-    dpm.load_state_dict(ours.state_dict())
-    for model in (ours, dpm, ref):
+    dpm, bf16 = build_ours(a, "dpmpp_2m"), build_ours(a, "dpmpp_2m")
+    bf16.cfg = dataclasses.replace(bf16.cfg, precision="bf16")  # the sampler under bf16 autocast
+    for model in (dpm, bf16):
+        model.load_state_dict(ours.state_dict())
+    for model in (ours, dpm, bf16, ref):
         model.eval()
     frames, proprio = torch.rand(1, N_OBS, 3, *IMAGE_SIZE), torch.randn(1, N_OBS, PROPRIO_DIM)
     obs = {"image": frames, "proprio": proprio}
     fns = {
         "ours_heun3": lambda: timed(lambda: ours.policy(obs)),
         "ours_dpmpp2m3": lambda: timed(lambda: dpm.policy(obs)),
+        "ours_dpmpp2m3_bf16": lambda: timed(lambda: bf16.policy(obs)),
         "ref_ddim10": lambda: timed(lambda: ref.policy(frames, proprio, 10)),
     }
     t = interleaved(fns, a.repeats, a.warmup)
     print(f"\npolicy chunk, batch 1, from {N_OBS} raw frames (ms, median of {a.repeats})")
-    labels = ("ours EDM Heun-3 (5 calls)", "ours DPM++2M-3 (3 calls)", "reference DDIM-10 (10 calls)")
+    labels = (
+        "ours EDM Heun-3 (5 calls)",
+        "ours DPM++2M-3 (3 calls)",
+        "ours DPM++2M-3, bf16 autocast",
+        "reference DDIM-10 (10 calls)",
+    )
     for k, label in zip(t, labels, strict=True):
         print(f"  {label:<36} {t[k] * 1e3:8.1f}   ref/this {t['ref_ddim10'] / t[k]:.2f}x")
     return t

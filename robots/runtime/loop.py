@@ -203,18 +203,9 @@ class Runtime:
             return out
         # The robot did not move while the first chunk computed: its observation is still current.
         anchor = out.started_at = clock.now()
-        t_obs, requested, _ = state.requests.pop(first.seq)
-        self._take_chunk(
-            Chunk(first.actions, anchor, self.step_s, first.seq),
-            first,
-            timeline,
-            out,
-            anchor,
-            anchor,
-            0,
-            requested,
-            t_obs,
-        )
+        request = state.requests.pop(first.seq)
+        chunk = Chunk(first.actions, anchor, self.step_s, first.seq)
+        self._take_chunk(chunk, first, request, timeline, out, next_tick=anchor, now=anchor)
         state.last_request_obs = anchor
         watchdog.start(anchor)
         last_cmd: np.ndarray | None = None
@@ -408,7 +399,7 @@ class Runtime:
                 previous, frozen = None, 0
         seq = state.next_seq
         state.next_seq += 1
-        state.requests[seq] = (t_obs, self.clock.now(), frozen)
+        state.requests[seq] = _Request(t_obs, self.clock.now(), frozen)
         state.last_request_obs = t_obs
         try:
             self.worker.submit(Request(seq, steps, actions, previous, frozen, self.feature.shape))
@@ -461,19 +452,20 @@ class Runtime:
         return False
 
     def _arrived(self, reply, timeline, out, state, next_tick, now, sync: bool = False) -> None:
-        t_obs, requested, frozen = state.requests.pop(reply.seq, (now, now, 0))
-        if state.human or t_obs < state.resume_after:  # computed before a human's takeover ended
+        request = state.requests.pop(reply.seq, _Request(now, now, 0))
+        if state.human or request.obs_time < state.resume_after:  # computed before a human's takeover ended
             out.events["discarded_chunk"] += 1
             return
         if not self._valid(reply, out, state):
             return
         state.errors, state.resuming = 0, False
-        state.latencies.append(now - t_obs)
-        obs_time = next_tick if sync else t_obs  # sync: the robot waited, the chunk starts at next_tick
+        state.latencies.append(now - request.obs_time)
+        obs_time = next_tick if sync else request.obs_time  # sync: the robot waited, starts at next_tick
         chunk = Chunk(reply.actions, obs_time, self.step_s, reply.seq)
-        self._take_chunk(chunk, reply, timeline, out, next_tick, now, frozen, requested, t_obs)
+        self._take_chunk(chunk, reply, request, timeline, out, next_tick=next_tick, now=now)
 
-    def _take_chunk(self, chunk, reply, timeline, out, next_tick, now, frozen, requested, t_obs) -> None:
+    def _take_chunk(self, chunk, reply, request: _Request, timeline, out, *, next_tick, now) -> None:
+        """Merge an accepted chunk into the timeline from `next_tick` and record it."""
         actions = chunk.actions
         if self.cfg.mode == "sync":
             actions = actions[: self.cfg.replan_every]
@@ -484,12 +476,12 @@ class Runtime:
         out.chunks.append(
             ChunkRecord(
                 chunk.seq,
-                t_obs,
-                requested,
+                request.obs_time,
+                request.sent,
                 now,
                 reply.seconds,
                 merged.dropped_stale,
-                frozen,
+                request.frozen,
             )
         )
 
@@ -527,11 +519,21 @@ class Runtime:
             return f"the inference worker {getattr(self.worker, 'exit_description', lambda: 'stopped')()}"
         if self.worker.busy:
             t = state.requests.get(state.next_seq - 1)
-            waited = f" for {self.clock.now() - t[1]:.2f} s" if t else ""
+            waited = f" for {self.clock.now() - t.sent:.2f} s" if t else ""
             return f"the inference worker has not answered chunk {state.next_seq - 1}{waited} (hung?)"
         if state.last_error:
             return f"the last chunk was refused: {state.last_error}"
         return "no chunk covers this time"
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A chunk request: the capture time of its observation, when it was sent, and how many committed
+    actions it froze (inpainting)."""
+
+    obs_time: float
+    sent: float
+    frozen: int
 
 
 @dataclass
@@ -539,7 +541,7 @@ class _State:
     """Bookkeeping of the requests of one episode."""
 
     next_seq: int = 0
-    requests: dict[int, tuple[float, float, int]] = field(default_factory=dict)  # seq -> (obs, sent, frozen)
+    requests: dict[int, _Request] = field(default_factory=dict)  # by sequence number
     latencies: deque = field(default_factory=lambda: deque(maxlen=8))
     last_request_obs: float = -math.inf
     errors: int = 0
