@@ -28,8 +28,9 @@ steps, same threads, same machine:
    built with `noise_scheduler_type="DDIM"`, `num_inference_steps=10`); ours DDIM-10 and EDM-3
    (Heun, 5 network calls) in fp32, the same with bf16 inference (`policy.set_precision("bf16")`:
    the ResNet-18 backbone and the UNet's convolutions on bf16 weight copies), EDM-3 with DPM++(2M)
-   (3 calls) in bf16, and, with `--distill-steps > 0`, a 1-step consistency student distilled with
-   `wm-train model=consistency`'s path (the one trainer), fp32 and bf16. LeRobot runs fp32 throughout.
+   (3 calls) and EDM-2 with it (2 calls) in bf16, and, with `--distill-steps > 0`, a 1-step
+   consistency student distilled with `wm-train model=consistency`'s path (the one trainer), fp32 and
+   bf16. LeRobot runs fp32 throughout.
 4. With `--eval-episodes > 0`: closed-loop success on the same seeds of the task through
    `policies.evaluate.run_episodes` on raw observations (LeRobot through a small adapter to our
    Policy protocol, ours through `ChunkPolicy`), with
@@ -413,6 +414,7 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
         ("ours_edm3_bf16", ours_setup("edm", 3, "bf16", "heun"), ours_chunk),
         ("ours_edm3_auto", ours_setup("edm", 3, "auto", "heun"), ours_chunk),
         ("ours_dpm3_bf16", ours_setup("edm", 3, "bf16", "dpmpp_2m"), ours_chunk),
+        ("ours_dpm2_bf16", ours_setup("edm", 2, "bf16", "dpmpp_2m"), ours_chunk),
     ]
     out: dict[str, Any] = time_interleaved(configs, args.chunks, args.rounds)
     ours_policy.set_sampler(*default, solver)
@@ -549,10 +551,12 @@ def report(res: dict[str, Any]) -> str:
         ("LeRobot DDPM-100 (its default)", "lerobot_ddpm100", True),
         ("LeRobot DDIM-10", "lerobot_ddim10", True),
         ("ours DDIM-10", "ours_ddim10", False),
-        ("ours EDM-3 (Heun, 5 calls, our default)", "ours_edm3", False),
+        ("ours EDM-3 (Heun, 5 calls), fp32", "ours_edm3", False),
         ("ours DDIM-10, bf16", "ours_ddim10_bf16", False),
         ("ours EDM-3 (Heun), bf16", "ours_edm3_bf16", False),
+        ("ours EDM-3 (Heun), auto (the default settings)", "ours_edm3_auto", False),
         ("ours EDM-3 (DPM++(2M), 3 calls), bf16", "ours_dpm3_bf16", False),
+        ("ours EDM-2 (DPM++(2M), 2 calls), bf16", "ours_dpm2_bf16", False),
         ("ours consistency 1-step", "ours_consistency1", False),
         ("ours consistency 1-step, bf16", "ours_consistency1_bf16", False),
     ]

@@ -1,12 +1,13 @@
 """UWM speed against the reference design (issue 14, measured item 4), at equal width, depth and tokens.
 
     python benchmarks/bench_uwm_speed.py [--width 192 --depth 6 --heads 4 --patch 4] [--batch 32]
-        [--steps 10 --repeats 20 --warmup 2] [--threads N]
+        [--steps 10 --repeats 20 --warmup 2] [--threads N] [--cameras 1]
     (the reference's own size: --width 768 --depth 12 --heads 12)
 
-Task shape (arm-push-like): one camera of 64x64 frames, 2 observation steps, 16 actions of dim 2,
-proprio dim 6, future frames at steps (8, 16), our small autoencoder (`wm.autoencoder`, random init)
-giving 4 x 16 x 16 latents; all weights random (speed only).
+Task shape (arm-push-like): `--cameras` cameras (1; the reference's robomimic / LIBERO configs read
+2) of 64x64 frames, 2 observation steps, 16 actions of dim 2, proprio dim 6, future frames at steps
+(8, 16), our small autoencoder (`wm.autoencoder`, random init) giving 4 x 16 x 16 latents; all
+weights random (speed only).
 
     ours       `wm.uwm.UWM`: the observation projected to the model width before the AdaLN maps; trains
                on cached latent tokens (B, n_obs + F, P, C), so a step encodes no image; a policy chunk
@@ -14,14 +15,15 @@ giving 4 x 16 x 16 latents; all weights random (speed only).
                calls) or DPM-Solver++(2M) 3 steps (3 calls).
     reference  `RefUWM` below, re-implemented from ../shared/UWM.md: each block's AdaLN map takes
                concat(MLP(two timestep embeddings), flattened observation features + proprio) -> 6 D;
-               a ResNet-18 with GroupNorm (random init, fc -> `width` features per frame, trained with
-               the model) runs on every observation frame at every step and chunk; the future frames
+               a ResNet-18 with GroupNorm (random init, fc -> `width` features per frame and camera,
+               one network shared by the cameras, trained with the model) runs on every observation
+               frame at every step and chunk; each camera's future frames
                are encoded by the same autoencoder at every step (a posterior sample, no grad);
                epsilon prediction; DDIM-10 in policy mode (future frames pure noise at t = T - 1).
 
 Equal token count: ours cuts each future frame's (C, h, w) latent into p x p patches (F h w / p^2
 tokens); the reference's Conv3d patchifier covers 2 frames at once, so its kernel is (2, p / 2, p)
-(for p = 2: (2, 1, 2)), which gives the same F h w / p^2 frame tokens. Both have `horizon` action
+(for p = 2: (2, 1, 2)), which gives the same F h w / p^2 frame tokens, per camera. Both have `horizon` action
 tokens and the same registers (`--registers`); attention is full in both and uses the same kernel
 (`F.scaled_dot_product_attention`); both run fp32 on the same threads.
 
@@ -91,15 +93,16 @@ class RefBlock(nn.Module):
 
 
 class RefDiT(nn.Module):
-    """net(actions (B, Ta, Da), t_a (B,), frames (B, F, C, h, w), t_v (B,), obs (B, Do)) -> epsilon
-    predictions of both. Tokens: actions, Conv3d frame patches (2, p/2, p), registers; one position table."""
+    """net(actions (B, Ta, Da), t_a (B,), frames (B, F, V, C, h, w), t_v (B,), obs (B, Do)) -> epsilon
+    predictions of both. Tokens: actions, Conv3d frame patches (2, p/2, p) of each camera, registers;
+    one position table."""
 
     def __init__(self, a: argparse.Namespace, latent: tuple[int, int, int], obs_dim: int) -> None:
         super().__init__()
         D, (C, h, w), n_f = a.width, latent, len(FUTURE)
         self.kernel = (2, a.patch // 2, a.patch)
         self.grid = (n_f // 2, h // self.kernel[1], w // self.kernel[2])
-        n_tokens = HORIZON + self.grid[0] * self.grid[1] * self.grid[2] + a.registers
+        n_tokens = HORIZON + a.cameras * self.grid[0] * self.grid[1] * self.grid[2] + a.registers
         self.t_sin = SinusoidalPosEmb(D)
         self.t_mlp = nn.Sequential(nn.Linear(2 * D, D), nn.SiLU(), nn.Linear(D, D))
         self.action_in = nn.Sequential(nn.Linear(ACTION_DIM, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
@@ -120,8 +123,9 @@ class RefDiT(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         B, Ta = act.shape[:2]
         c = torch.cat([self.t_mlp(torch.cat([self.t_sin(t_a), self.t_sin(t_v)], -1)), obs], -1)  # (B, D + Do)
-        vid = self.patchify(rearrange(frames, "b f c h w -> b c f h w"))  # (B, D, F/2, h/kh, w/kw)
-        vid = rearrange(vid, "b d f h w -> b (f h w) d")
+        V = frames.shape[2]
+        vid = self.patchify(rearrange(frames, "b f v c h w -> (b v) c f h w"))  # (B V, D, F/2, h/kh, w/kw)
+        vid = rearrange(vid, "(b v) d f h w -> b (v f h w) d", v=V)
         x = torch.cat([self.action_in(act), vid, self.registers.expand(B, -1, -1)], 1) + self.pos  # (B, N, D)
         for block in self.blocks:
             x = block(x, c)
@@ -129,7 +133,9 @@ class RefDiT(nn.Module):
         x = _modulate(self.norm_out(x), shift, scale)
         (gf, gh, gw), (kf, kh, kw) = self.grid, self.kernel
         v = self.frame_out(x[:, Ta : Ta + vid.shape[1]])
-        v = rearrange(v, "b (f h w) (c x y z) -> b (f x) c (h y) (w z)", f=gf, h=gh, w=gw, x=kf, y=kh, z=kw)
+        v = rearrange(
+            v, "b (v f h w) (c x y z) -> b (f x) v c (h y) (w z)", v=V, f=gf, h=gh, w=gw, x=kf, y=kh, z=kw
+        )
         return self.action_out(x[:, :Ta]), v
 
 
@@ -160,58 +166,66 @@ class RefUWM(nn.Module):
         self.obs_encoder = torchvision.models.resnet18(
             weights=None, norm_layer=_group_norm, num_classes=a.width
         )
-        self.obs_dim = N_OBS * (a.width + PROPRIO_DIM)
+        self.obs_dim = N_OBS * (a.cameras * a.width + PROPRIO_DIM)  # a feature per camera and frame
         self.dit = RefDiT(a, latent, self.obs_dim)
         self.diffusion = Diffusion(_RefActionNet(self.dit), NoiseConfig(prediction_type="epsilon"))
 
     def encode_obs(self, frames: Tensor, proprio: Tensor) -> Tensor:
-        """frames (B, To, 3, H, W) in [0, 1], proprio (B, To, Dp) -> (B, Do) flattened features."""
+        """frames (B, To, V, 3, H, W) in [0, 1], proprio (B, To, Dp) -> (B, Do) flattened features."""
         B = frames.shape[0]
-        feats = self.obs_encoder(rearrange(frames, "b t c h w -> (b t) c h w"))  # (B To, D)
+        feats = self.obs_encoder(rearrange(frames, "b t v c h w -> (b t v) c h w"))  # (B To V, D)
         return torch.cat([feats.reshape(B, -1), proprio.reshape(B, -1)], -1)
 
     @torch.no_grad()
     def encode_future(self, frames: Tensor) -> Tensor:
-        """frames (B, F, 3, H, W) -> posterior samples (B, F, C, h, w), scaled."""
-        mean, logvar = self.ae.posterior(rearrange(frames, "b f c h w -> (b f) c h w"))
+        """frames (B, F, V, 3, H, W) -> posterior samples (B, F, V, C, h, w), scaled."""
+        B, F_ = frames.shape[:2]
+        mean, logvar = self.ae.posterior(rearrange(frames, "b f v c h w -> (b f v) c h w"))
         z = (mean + torch.randn_like(mean) * (0.5 * logvar).exp()) * self.ae.latent_scale
-        return rearrange(z, "(b f) c h w -> b f c h w", b=frames.shape[0])
+        return rearrange(z, "(b f v) c h w -> b f v c h w", b=B, f=F_)
 
     def loss_from_features(self, obs: Tensor, future: Tensor, actions: Tensor) -> Tensor:
-        """obs (B, Do), future latents (B, F, C, h, w), normalized actions (B, Ta, Da): epsilon MSE, each
+        """obs (B, Do), future latents (B, F, V, C, h, w), normalized actions (B, Ta, Da): epsilon MSE, each
         modality at its own uniform timestep, equal weights."""
         B, T = obs.shape[0], self.diffusion.cfg.num_train_steps
         abar = self.diffusion.alphas_cumprod
         t_a, t_v = torch.randint(0, T, (B,)), torch.randint(0, T, (B,))
         eps_a, eps_v = torch.randn_like(actions), torch.randn_like(future)
         x_a = abar[t_a].sqrt()[:, None, None] * actions + (1 - abar[t_a]).sqrt()[:, None, None] * eps_a
-        ab_v = abar[t_v].view(B, 1, 1, 1, 1)
+        ab_v = abar[t_v].view(B, *[1] * (future.ndim - 1))
         x_v = ab_v.sqrt() * future + (1 - ab_v).sqrt() * eps_v
         pred_a, pred_v = self.dit(x_a, t_a.float(), x_v, t_v.float(), obs)
         return (pred_a - eps_a).square().mean() + (pred_v - eps_v).square().mean()
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """batch: image (B, To + F, 3, H, W) in [0, 1], proprio (B, To, Dp), action (B, Ta, Da) normalized."""
+        """batch: image (B, To + F, V, 3, H, W) in [0, 1], proprio (B, To, Dp), action (B, Ta, Da)
+        normalized."""
         img = batch["image"]
         obs = self.encode_obs(img[:, :N_OBS], batch["proprio"])
         return self.loss_from_features(obs, self.encode_future(img[:, N_OBS:]), batch["action"])
 
     @torch.inference_mode()
     def policy(self, frames: Tensor, proprio: Tensor, steps: int = 10) -> Tensor:
-        """frames (B, To, 3, H, W), proprio (B, To, Dp) -> normalized actions (B, Ta, Da) by DDIM-`steps`."""
+        """frames (B, To, V, 3, H, W), proprio (B, To, Dp) -> normalized actions (B, Ta, Da) by
+        DDIM-`steps`."""
         obs = self.encode_obs(frames, proprio)
         B, T = obs.shape[0], self.diffusion.cfg.num_train_steps
         C, h, w = self.ae.cfg.latent_channels, *(s // self.ae.cfg.downsample for s in IMAGE_SIZE)
-        noise = torch.randn(B, len(FUTURE), C, h, w)
+        noise = torch.randn(B, len(FUTURE), frames.shape[2], C, h, w)
         cond = (obs, noise, torch.full((B,), float(T - 1)))
         return self.diffusion.sample((B, HORIZON, ACTION_DIM), cond, "ddim", steps)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- ours and the inputs
+def cameras(n: int) -> tuple[str, ...]:
+    return tuple("image" if i == 0 else f"image{i}" for i in range(n))
+
+
 def build_ours(a: argparse.Namespace, solver: str) -> UWM:
-    ae_cfg = AutoencoderConfig(image_size=IMAGE_SIZE)
+    ae_cfg = AutoencoderConfig(image_keys=cameras(a.cameras), image_size=IMAGE_SIZE)
     side = [s // ae_cfg.downsample for s in IMAGE_SIZE]
     cfg = UWMConfig(
+        image_keys=cameras(a.cameras),
         image_size=IMAGE_SIZE,
         latent={"source": "autoencoder", "path": "(bench)", "structure": ae_cfg.to_dict()},
         latent_shape=(ae_cfg.latent_channels, *side),
@@ -240,20 +254,20 @@ def build_ours(a: argparse.Namespace, solver: str) -> UWM:
     return model
 
 
-def batches(B: int, latent: tuple[int, int, int]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(ours: cached latent tokens, as the feature cache gives them; reference: frames in [0, 1])."""
+def batches(B: int, latent: tuple[int, int, int], V: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(ours: cached latent tokens of each camera, as the feature cache gives them; reference: frames
+    in [0, 1], (B, T, V, 3, H, W))."""
     T, (C, h, w) = N_OBS + len(FUTURE), latent
     common = {
         "proprio": torch.randn(B, N_OBS, PROPRIO_DIM),
         "action": torch.rand(B, HORIZON, ACTION_DIM) * 2 - 1,
-    }
-    ours = {
-        "image": torch.randn(B, T, h * w, C),  # (B, n_obs + F, P, C)
-        "image_is_pad": torch.zeros(B, T, dtype=torch.bool),
         "action_is_pad": torch.zeros(B, HORIZON, dtype=torch.bool),
-        **common,
     }
-    return ours, {"image": torch.rand(B, T, 3, *IMAGE_SIZE), **common}
+    ours = dict(common)
+    for key in cameras(V):
+        ours[key] = torch.randn(B, T, h * w, C)  # (B, n_obs + F, P, C)
+        ours[key + "_is_pad"] = torch.zeros(B, T, dtype=torch.bool)
+    return ours, {"image": torch.rand(B, T, V, 3, *IMAGE_SIZE), **common}
 
 
 def n_params(module: nn.Module) -> int:
@@ -319,7 +333,7 @@ def parameters(ours: UWM, ref: RefUWM) -> dict[str, int]:
 
 def training(ours: UWM, ref: RefUWM, a: argparse.Namespace) -> dict[str, float]:
     """Median training-step seconds: ours, the reference, the reference given its encoders' outputs."""
-    ours_batch, ref_batch = batches(a.batch, ours.cfg.latent_shape)
+    ours_batch, ref_batch = batches(a.batch, ours.cfg.latent_shape, a.cameras)
     ours.train()
     ref.train()
     opt_o = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-4)
@@ -353,8 +367,9 @@ def chunks(ours: UWM, ref: RefUWM, a: argparse.Namespace) -> dict[str, float]:
         model.load_state_dict(ours.state_dict())
     for model in (ours, dpm, bf16, ref):
         model.eval()
-    frames, proprio = torch.rand(1, N_OBS, 3, *IMAGE_SIZE), torch.randn(1, N_OBS, PROPRIO_DIM)
-    obs = {"image": frames, "proprio": proprio}
+    frames = torch.rand(1, N_OBS, a.cameras, 3, *IMAGE_SIZE)  # (1, To, V, 3, H, W)
+    proprio = torch.randn(1, N_OBS, PROPRIO_DIM)
+    obs = {key: frames[:, :, v] for v, key in enumerate(cameras(a.cameras))} | {"proprio": proprio}
     fns = {
         "ours_heun3": lambda: timed(lambda: ours.policy(obs)),
         "ours_dpmpp2m3": lambda: timed(lambda: dpm.policy(obs)),
@@ -388,6 +403,7 @@ def main() -> None:
         ("--repeats", 20, "timed policy chunks per sampler"),
         ("--warmup", 2, "untimed rounds first"),
         ("--threads", os.cpu_count() or 1, "torch threads"),
+        ("--cameras", 1, "cameras (the reference's robomimic / LIBERO configs: 2)"),
     ):
         p.add_argument(flag, type=int, default=default, help=what)
     a = p.parse_args()
@@ -407,7 +423,8 @@ def main() -> None:
     train = training(ours, ref, a)
     chunk = chunks(ours, ref, a)
     print(f"\nload avg at the end {os.getloadavg()}")
-    settings = {k: getattr(a, k) for k in ("width", "depth", "heads", "mlp_ratio", "registers", "batch")}
+    names = ("width", "depth", "heads", "mlp_ratio", "registers", "batch", "cameras")
+    settings = {k: getattr(a, k) for k in names}
     ratios = {
         "trained_params": n["ref_trained"] / n["ours_trained"],
         "denoiser_params": n["ref_denoiser"] / n["ours_denoiser"],
