@@ -172,7 +172,7 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
         "videos=0",
         "policy.sampler=edm",
         "policy.sampler_steps=2",
-        "policy.edm_solver=dpmpp_2m",
+        "policy.edm_solver=heun",  # not the trained config's (dpmpp_2m): the override shows
         "policy.precision=bf16",
     )
     assert res.returncode == 0, res.stderr
@@ -181,7 +181,7 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
     assert results["inference"] == {
         "sampler": "edm",
         "sampler_steps": 2,
-        "noise.edm_solver": "dpmpp_2m",
+        "noise.edm_solver": "heun",
         "precision": "bf16",
         "temporal_ensemble": None,
     }
