@@ -513,6 +513,18 @@ def test_resnet18_spatial_softmax_encoder_trains():
     assert out.shape == (3, 4, 2) and torch.isfinite(out).all()
 
 
+def patch_policy_options(patch_encoder: dict, **obs) -> dict:
+    """`wm-train model=diffusion_unet` options of a tiny policy on a frozen patch encoder, no crop."""
+    return {
+        "type": "diffusion_unet",
+        "n_obs": N_OBS,
+        "horizon": HORIZON,
+        "n_action_exec": N_EXEC,
+        "unet": {"down_dims": [32, 64], "step_embed_dim": 32},
+        "obs": {"backbone": "patch", "crop": None, "feature_dim": 16, "patch_encoder": patch_encoder, **obs},
+    }
+
+
 @pytest.mark.filterwarnings("ignore:encoder 'resnet18' runs with RANDOM weights")
 def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(store_path, tmp_path):
     import shutil
@@ -521,19 +533,7 @@ def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(st
 
     src = tmp_path / "toy.zarr"
     shutil.copytree(store_path, src)
-    model_cfg = {
-        "type": "diffusion_unet",
-        "n_obs": N_OBS,
-        "horizon": HORIZON,
-        "n_action_exec": N_EXEC,
-        "unet": {"down_dims": [32, 64], "step_embed_dim": 32},
-        "obs": {
-            "backbone": "patch",
-            "crop": None,
-            "feature_dim": 16,
-            "patch_encoder": {"name": "resnet18", "allow_random": True},
-        },
-    }
+    model_cfg = patch_policy_options({"name": "resnet18", "allow_random": True})
     kw = dict(image_key="image", proprio_key="proprio", val_ratio=0.0, seed=0, in_memory=True)
     setup = setup_training("diffusion_unet", str(src), model_cfg, **kw)
     assert (
@@ -573,20 +573,9 @@ def test_two_cameras_with_one_frozen_encoder_train_from_one_feature_cache(store_
                 ep = {k: src.read(k, src.episode_slice(e), episode=e) for k in src.keys}
                 dst.append_episode(ep | {"wrist": ep["image"][:, ::-1].copy()})  # another view: flipped
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
-    model_cfg = {
-        "type": "diffusion_unet",
-        "n_obs": N_OBS,
-        "horizon": HORIZON,
-        "n_action_exec": N_EXEC,
-        "unet": {"down_dims": [32, 64], "step_embed_dim": 32},
-        "obs": {
-            "image_keys": ["image", "wrist"],
-            "backbone": "patch",
-            "crop": None,
-            "feature_dim": 16,
-            "patch_encoder": {"name": "resnet18", "weights": str(tmp_path / "resnet18.pth")},
-        },
-    }
+    model_cfg = patch_policy_options(
+        {"name": "resnet18", "weights": str(tmp_path / "resnet18.pth")}, image_keys=["image", "wrist"]
+    )
     kw = dict(image_key="image", proprio_key="proprio", val_ratio=0.0, seed=0, in_memory=True)
     setup = setup_training("diffusion_unet", str(two), model_cfg, **kw)
     assert setup.train_set.path.name.startswith("two__image+wrist__resnet18__")
