@@ -166,7 +166,8 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker, check_robot
 
     out = Path(cfg.out)
-    feat = make_robot(cfg, None).action_feature  # the bounds the controller plans within
+    robot = make_robot(cfg, None)  # not connected: its action bounds, which the controller plans within
+    feat = robot.action_feature
     threads = cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)
     spec = ControllerSpec(
         "tools._controller:worker_controller",
@@ -183,9 +184,10 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         worker = ProcessWorker(spec) if cfg.runtime.mode == "async" else InlineWorker(spec)
     worker.start()
     stop = _StopFlag()
-    outcomes, store, robot, takeover = [], None, None, None
+    outcomes, store, takeover = [], None, None
     try:
-        robot = make_robot(cfg, worker.info.get("image_size"))
+        if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
+            robot = make_robot(cfg, worker.info.get("image_size"))
         check_robot(worker.info, robot)  # the model reads what this robot gives, or one line says not
         robot.connect()
         takeover = make_takeover(cfg, robot)
@@ -238,12 +240,9 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         worker.close()
         if takeover is not None:
             takeover.close()
-        if robot is not None:
-            robot.disconnect()
+        robot.disconnect()  # a no-op when it never connected
         if store is not None:
             store.close()
-    if robot is None:
-        return {}, FAULT_EXIT
     settings = {
         "robot": cfg.robot,
         "control_hz": robot.control_hz,
