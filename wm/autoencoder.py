@@ -347,9 +347,7 @@ def default_autoencoder(
 
     store_path = Path(store_path).resolve()
     keys = [image_keys] if isinstance(image_keys, str) else list(image_keys or [])
-    with DemoStore.open(store_path) as store:
-        for key in keys:  # each must be a camera of this store
-            data_keys(store, key, None, need_actions=False)
+    with DemoStore.open(store_path) as store:  # the other cameras: `configure` checks them (camera_size)
         image_key, proprio_key = data_keys(store, keys[0] if keys else None, None, need_actions=False)
         shapes = {k: tuple(s.shape) for k, s in store.schema.keys.items()}
         fingerprint = store.fingerprint
