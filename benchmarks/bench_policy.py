@@ -26,9 +26,11 @@ steps, same threads, same machine:
    `select_action` (which fills its queue with a new chunk) + postprocessor of the chunk; ours
    `sample_actions`. LeRobot DDPM-100 (its default) and DDIM-10 (the same weights in a policy
    built with `noise_scheduler_type="DDIM"`, `num_inference_steps=10`); ours DDIM-10 and EDM-3
-   (Heun, 5 network calls) in fp32, the same with bf16 inference (`policy.set_precision("bf16")`:
-   the ResNet-18 backbone and the UNet's convolutions on bf16 weight copies), EDM-3 with DPM++(2M)
-   (3 calls) and EDM-2 with it (2 calls) in bf16, and, with `--distill-steps > 0`, a 1-step
+   (Heun, 5 network calls) and EDM-3 with DPM++(2M) (3 calls; the default sampler) in fp32, with bf16
+   inference (`policy.set_precision("bf16")`: the ResNet-18 backbone and the UNet's convolutions on
+   bf16 weight copies) and at the default precision "auto" (bf16 where the CPU has bf16 units, the
+   UNet's large layers on int8 weights where measured faster), EDM-2 with DPM++(2M) (2 calls) at
+   "auto", and, with `--distill-steps > 0`, a 1-step
    consistency student distilled with `wm-train model=consistency`'s path (the one trainer), fp32 and
    bf16. LeRobot runs fp32 throughout.
 4. With `--eval-episodes > 0`: closed-loop success on the same seeds of the task through
@@ -409,12 +411,14 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
         ("lerobot_ddpm100", lambda: None, lambda: lerobot_chunk(policy, pre, post, lr_obs)),
         ("lerobot_ddim10", lambda: None, lambda: lerobot_chunk(ddim, ddim_pre, ddim_post, lr_obs)),
         ("ours_ddim10", ours_setup("ddim", 10, "fp32", solver), ours_chunk),
-        ("ours_edm3", ours_setup("edm", 3, "fp32", "heun"), ours_chunk),
         ("ours_ddim10_bf16", ours_setup("ddim", 10, "bf16", solver), ours_chunk),
-        ("ours_edm3_bf16", ours_setup("edm", 3, "bf16", "heun"), ours_chunk),
+        ("ours_ddim10_auto", ours_setup("ddim", 10, "auto", solver), ours_chunk),
+        ("ours_edm3", ours_setup("edm", 3, "fp32", "heun"), ours_chunk),
         ("ours_edm3_auto", ours_setup("edm", 3, "auto", "heun"), ours_chunk),
+        ("ours_dpm3", ours_setup("edm", 3, "fp32", "dpmpp_2m"), ours_chunk),
         ("ours_dpm3_bf16", ours_setup("edm", 3, "bf16", "dpmpp_2m"), ours_chunk),
-        ("ours_dpm2_bf16", ours_setup("edm", 2, "bf16", "dpmpp_2m"), ours_chunk),
+        ("ours_dpm3_auto", ours_setup("edm", 3, "auto", "dpmpp_2m"), ours_chunk),
+        ("ours_dpm2_auto", ours_setup("edm", 2, "auto", "dpmpp_2m"), ours_chunk),
     ]
     out: dict[str, Any] = time_interleaved(configs, args.chunks, args.rounds)
     ours_policy.set_sampler(*default, solver)
@@ -550,13 +554,15 @@ def report(res: dict[str, Any]) -> str:
     rows = [
         ("LeRobot DDPM-100 (its default)", "lerobot_ddpm100", True),
         ("LeRobot DDIM-10", "lerobot_ddim10", True),
-        ("ours DDIM-10", "ours_ddim10", False),
-        ("ours EDM-3 (Heun, 5 calls), fp32", "ours_edm3", False),
+        ("ours DDIM-10, fp32", "ours_ddim10", False),
         ("ours DDIM-10, bf16", "ours_ddim10_bf16", False),
-        ("ours EDM-3 (Heun), bf16", "ours_edm3_bf16", False),
-        ("ours EDM-3 (Heun), auto (the default settings)", "ours_edm3_auto", False),
-        ("ours EDM-3 (DPM++(2M), 3 calls), bf16", "ours_dpm3_bf16", False),
-        ("ours EDM-2 (DPM++(2M), 2 calls), bf16", "ours_dpm2_bf16", False),
+        ("ours DDIM-10, auto (the default precision)", "ours_ddim10_auto", False),
+        ("ours EDM-3 (Heun, 5 calls), fp32", "ours_edm3", False),
+        ("ours EDM-3 (Heun), auto (the default settings until 2026-12-02)", "ours_edm3_auto", False),
+        ("ours EDM-3 (DPM++(2M), 3 calls), fp32", "ours_dpm3", False),
+        ("ours EDM-3 (DPM++(2M)), bf16", "ours_dpm3_bf16", False),
+        ("ours EDM-3 (DPM++(2M)), auto (the default settings)", "ours_dpm3_auto", False),
+        ("ours EDM-2 (DPM++(2M), 2 calls), auto", "ours_dpm2_auto", False),
         ("ours consistency 1-step", "ours_consistency1", False),
         ("ours consistency 1-step, bf16", "ours_consistency1_bf16", False),
     ]

@@ -9,9 +9,11 @@ rounds, so machine noise hits all alike; the figure is the median over rounds):
     bf16 native     bf16 wherever offered, PyTorch's kernels (UNet: F.conv1d on bf16 weights; backbone
                     and transformer: their bf16 copy)
     bf16 selected   bf16 where measured faster, per layer shape (UNet) or per network (the others)
+    auto            the default inference precision: "auto" resolved on this CPU (bf16 with bf16 units,
+                    else fp32), each layer measured, and the UNet's layers may also take int8 weights
     fp32 compiled   torch.compile (inductor) of the fp32 network (UNets; `--no-compile` skips it)
 
-The default inference precision "auto" is one of the two "selected" rows (the header says which). Speed-up
+Speed-up
 is against fp32 native; error is the relative Frobenius error of one call against fp32 native. Below each
 part, the choice per layer shape with every candidate's median time in the calibration (us) and the
 candidates rejected (wrong output or unsupported). The header gives the CPU model and its bf16 units.
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from policies.diffusion import unet as unet_module
 from policies.diffusion.obs_encoder import ObsEncoderConfig, ResNetKeypoints
 from policies.diffusion.precision import set_inference_precision
 from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
@@ -48,6 +51,7 @@ from wm.precision import AUTO, describe_hardware, resolve_precision
 HORIZON, ACTION_DIM, N_OBS, FEAT = 16, 2, 2, 66  # 64 image features + 2 proprio per step
 VARIANTS = {"fp32 native": ("fp32", "native"), "fp32 selected": ("fp32", "measure")}
 VARIANTS |= {"bf16 native": ("bf16", "native"), "bf16 selected": ("bf16", "measure")}
+VARIANTS |= {"auto": ("auto", "measure")}
 
 
 def parts() -> dict[str, tuple[nn.Module, tuple]]:
@@ -158,7 +162,8 @@ def main() -> None:
     auto = resolve_precision(AUTO, "cpu")
     machine = f"{describe_hardware()}, {args.threads} threads, torch {torch.__version__}"
     print(f"Kernels and precision per network, batch 1\n{machine}")
-    print(f"default inference precision: auto -> {auto} (its row: '{auto} selected')")
+    int8 = "with" if unet_module._INT8_MM else "without (no torch._weight_int8pack_mm)"
+    print(f"default inference precision: auto -> {auto}, {int8} int8 weights for the UNet (row 'auto')")
     results = {}
     for name, (net, call_args) in parts().items():
         if args.only and name not in args.only:

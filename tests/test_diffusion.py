@@ -674,8 +674,8 @@ def test_bf16_copies_match_and_follow_the_weights(kind):
 
 def test_policy_precision_option(unet_policy, store_path):
     """fp32, bf16 (measured per layer, and everywhere with measurement off) and "auto" (the default:
-    bf16 on hardware with bf16 units) give chunks within 0.05 of fp32; the policy reports the precision
-    it resolved to."""
+    bf16 on hardware with bf16 units; either way int8 weights where measured faster) give chunks within
+    0.05 of fp32; the policy reports the precision it resolved to."""
     from wm import kernels
     from wm.precision import cpu_has_bf16
 
@@ -696,7 +696,10 @@ def test_policy_precision_option(unet_policy, store_path):
             pol.set_precision("auto")
             assert pol.precision == ("bf16" if cpu_has_bf16() else "fp32")
             auto = pol.sample_actions(obs, generator=gen())
-            torch.testing.assert_close(auto, measured if cpu_has_bf16() else a32)
+            if cpu_has_bf16():  # the same choices as "bf16"
+                torch.testing.assert_close(auto, measured)
+            else:  # fp32, with int8 weights where measured faster
+                assert (auto - a32).abs().max() < 0.05
             pol.set_precision("fp32")
             assert pol.precision == "fp32"
         finally:

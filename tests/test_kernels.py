@@ -211,6 +211,78 @@ def test_every_conv_kernel_computes_the_layer(batch):
                 assert kernels.rel_error(y, ref) < tol, (layer.describe(), name)
 
 
+def int8_layers():
+    """Layers whose weight matrix (N, K) fits PyTorch's int8 kernel: K % 64 == 0, N % 16 == 0."""
+    from policies.diffusion import unet
+
+    torch.manual_seed(0)
+    return [
+        unet.Conv1d(64, 32, 5, padding=2),  # (32, 320)
+        unet.Conv1d(128, 16, 3, stride=2, padding=1),  # (16, 384)
+        unet.Conv1d(64, 16, 1),  # (16, 64)
+        unet.ConvTranspose1d(64, 16, 4, stride=2, padding=1),  # (64, 64)
+    ]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no int8 weight-only kernel")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_kernel_computes_the_layer_where_it_fits(batch):
+    for layer in int8_layers():
+        assert layer.int8_fits()
+        x = torch.randn(batch, layer.in_channels, 16)
+        with torch.enable_grad():
+            ref = layer(x).detach()
+        with torch.no_grad():
+            y = layer.KERNELS["matmul_int8"](layer, x)
+        assert y.dtype == torch.float32 and y.shape == ref.shape
+        assert 1e-4 < kernels.rel_error(y, ref) < kernels.INT8_TOL, layer.describe()
+    assert not any(layer.int8_fits() for layer in conv_layers())  # K = 80, N = 24, ...: never offered
+
+
+def test_int8_rows_quantization():
+    w = torch.randn(6, 40)
+    w[2] = 0.0
+    q, scale = precision.quantize_int8_rows(w)
+    assert q.dtype == torch.int8 and q.is_contiguous() and scale.dtype == torch.float32
+    assert q.abs().max() <= 127 and (q[:, :].abs().amax(1)[[0, 1, 3, 4, 5]] == 127).all()
+    assert torch.equal(q[2], torch.zeros(40, dtype=torch.int8)) and scale[2] == 1.0
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()  # at most half a step per entry
+    with pytest.raises(ValueError, match="2-D float"):
+        precision.quantize_int8_rows(torch.randn(2, 3, 4))
+
+
+@pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no int8 weight-only kernel")
+def test_int8_weights_only_with_auto_and_follow_the_weights(fake_selector):
+    """int8 weights are a candidate with "auto" (taken here because the fake timings make it fastest),
+    never with "fp32" or "bf16"; its quantized copy is rebuilt when the fp32 weights change."""
+    from policies.diffusion.precision import set_inference_precision
+
+    sel, times = fake_selector
+    torch.manual_seed(0)
+    times.update(native=1.0, onednn=0.9, matmul=0.9, native_bf16=0.9, onednn_bf16=0.9, matmul_bf16=0.9)
+    times.update(matmul_int8=0.2)
+    for layer in int8_layers():
+        layer.eval()
+        x = torch.randn(1, layer.in_channels, 16)
+        with torch.no_grad():
+            ref = layer(x)  # "fp32": int8 is not offered
+            assert "matmul_int8" not in sel.log[-1][1]["us"]
+            set_inference_precision(layer, "bf16")
+            layer(x)
+            assert "matmul_int8" not in sel.log[-1][1]["us"] and sel.log[-1][1]["choice"] != "native"
+            set_inference_precision(layer, "auto")
+            y = layer(x)
+            record = sel.log[-1][1]
+            assert record["choice"] == "matmul_int8", (layer.describe(), record)
+            assert sel.log[-1][0].endswith("+int8") and 0 < kernels.rel_error(y, ref) < kernels.INT8_TOL
+            layer.weight.mul_(-2.0)  # as an optimizer step or load_state_dict would
+            y2 = layer(x)
+            set_inference_precision(layer, "fp32")
+            ref2 = layer(x)
+        assert kernels.rel_error(y2, ref2) < kernels.INT8_TOL
+
+
 def test_conv_layers_use_the_measured_kernel(fake_selector):
     """The fastest correct kernel by the (fake) timings runs; a kernel with a wrong output never does;
     one key per shape, dtype, precision and batch; nothing is measured with autograd on."""
@@ -222,9 +294,9 @@ def test_conv_layers_use_the_measured_kernel(fake_selector):
     calls: list = []
     good, wrong = unet.Conv1d.KERNELS["matmul_bf16"], lambda m, x: 1.5 * nn.Conv1d.forward(m, x)
     spy = lambda m, x: calls.append("spy") or good(m, x)  # noqa: E731
-    kernels_ = dict(unet.Conv1d.KERNELS, matmul_bf16=spy, onednn_bf16=wrong)
+    kernels_ = dict(unet.Conv1d.KERNELS, matmul_bf16=spy, native_bf16=wrong)
     layer.KERNELS = kernels_
-    times.update(native=1.0, onednn=0.95, matmul=0.92, native_bf16=0.8, onednn_bf16=0.1, matmul_bf16=0.5)
+    times.update(native=1.0, onednn=0.95, matmul=0.92, native_bf16=0.1, onednn_bf16=0.8, matmul_bf16=0.5)
     x = torch.randn(1, 16, 16)
     with torch.enable_grad():
         ref = layer(x)
@@ -232,7 +304,7 @@ def test_conv_layers_use_the_measured_kernel(fake_selector):
     set_inference_precision(layer, "bf16")
     with torch.no_grad():
         y = layer(x)
-        assert sel.log[-1][1]["choice"] == "matmul_bf16" and "onednn_bf16" in sel.log[-1][1]["rejected"]
+        assert sel.log[-1][1]["choice"] == "matmul_bf16" and "native_bf16" in sel.log[-1][1]["rejected"]
         calls.clear()
         torch.testing.assert_close(layer(x), y)
         assert calls == ["spy"]  # memoized: the chosen kernel runs, nothing is measured again
@@ -245,6 +317,29 @@ def test_conv_layers_use_the_measured_kernel(fake_selector):
     assert any("x=1x16x16 torch.float32 bf16" in k for k in keys)
     assert any("x=1x16x16 torch.float32 fp32" in k for k in keys)
     assert any("x=2x16x16" in k for k in keys)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no int8 weight-only kernel")
+def test_unet_on_int8_weights_stays_close(fake_selector):
+    """A UNet whose every fitting layer takes int8 weights (the fake timings make it fastest) stays
+    within the whole-network tolerance of fp32; layers that do not fit keep an fp32 kernel."""
+    from policies.diffusion.precision import set_inference_precision
+    from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
+
+    sel, times = fake_selector
+    times.update(native=1.0, onednn=1.0, matmul=1.0, native_bf16=1.0, onednn_bf16=1.0, matmul_bf16=1.0)
+    times.update(matmul_int8=0.1)
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(UNetConfig(down_dims=(32, 64, 256), step_embed_dim=32), 2, 2 * 8).eval()
+    x, t, cond = torch.randn(1, 16, 2), torch.tensor([42.0]), torch.randn(1, 2, 8)
+    with torch.no_grad():
+        ref = net(x, t, cond)
+        set_inference_precision(net, "auto")
+        y = net(x, t, cond)
+    choices = [record["choice"] for key, record, _ in sel.log if key.endswith("+int8")]
+    assert choices and set(choices) == {"matmul_int8"}
+    assert any(not key.endswith("+int8") for key, _, _ in sel.log)  # e.g. the first conv: K = 2 * 5
+    assert 1e-4 < kernels.rel_error(y, ref) < kernels.MODULE_BF16_TOL
 
 
 def test_linear_layers_use_the_measured_kernel(fake_selector):

@@ -7,7 +7,8 @@ on this machine: see the cache below) the candidates are calibrated on the call'
 
 1. correctness: every candidate runs once and its output is compared with the native one (relative
    Frobenius error); a candidate that raises, or whose error exceeds its tolerance (`FP32_TOL` for
-   fp32 kernels, `BF16_TOL` / `MODULE_BF16_TOL` for bf16 ones), is never chosen;
+   fp32 kernels, `BF16_TOL` / `MODULE_BF16_TOL` for bf16 ones, `INT8_TOL` for int8 weights), is
+   never chosen;
 2. timing (`median_times`): `warmup` calls each, then `rounds` interleaved rounds of one call per
    candidate (so a slow spell of a shared machine hits all alike); a candidate's time is its median;
 3. decision (`decide`, a pure function of times and errors): the fastest correct candidate, if it
@@ -58,6 +59,7 @@ from wm.precision import cpu_info
 MARGIN = 0.10  # a candidate must take at most (1 - MARGIN) x the native time to be chosen
 FP32_TOL = 1e-4  # relative error of an fp32 kernel against PyTorch's (summation order only)
 BF16_TOL = 2e-2  # of one layer computed in bf16 (inputs and weights rounded: ~0.3-0.8 % typically)
+INT8_TOL = 2e-2  # of one layer on int8 weights (per-row scales, bf16 inputs: ~0.8-1 % typically)
 MODULE_BF16_TOL = 3e-2  # of a whole network in bf16 (the tests' bound on one call)
 CACHE_FORMAT = 1
 ENV_CACHE, ENV_MODE = "WM_KERNEL_CACHE", "WM_KERNELS"

@@ -96,6 +96,18 @@ def tensor_key(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization of a 2-D weight, w ~ q * scale[:, None]: (int8 (N, K)
+    contiguous, fp32 scale (N,)); a row of zeros gets scale 1 (its q is 0)."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"expected a 2-D float weight matrix, got {tuple(w.shape)} {w.dtype}")
+    w = w.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
 class Bf16Shadow:
     """A cached bf16 copy of one module for inference (same training mode), rebuilt when the module's
     parameters or buffers change. Held as a plain attribute (not a submodule: no state-dict entries);

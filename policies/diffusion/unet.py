@@ -17,6 +17,14 @@ cached bf16 copy of the weights. PyTorch's fp32 kernel is always a candidate and
 others are checked against. GroupNorm, Mish, FiLM and the step embedding stay fp32. On a GPU: PyTorch's
 kernel, on the bf16 weights in bf16 mode. Choices per layer and per-call times:
 `benchmarks/bench_precision.py`.
+
+The default precision "auto" on a CPU also offers int8 weights: the layer's weight matrix
+quantized per output row (symmetric, `wm.precision.quantize_int8_rows`), multiplied with the unfolded
+input in bf16 by PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`), the fp32 scale
+applied to its output. It reads a quarter of the fp32 weights' bytes, so it wins where a call is bound
+by reading weights (the large layers at batch 1), on CPUs with or without bf16 units; like every other
+candidate it is taken only where measured faster and within its tolerance (`wm.kernels.INT8_TOL`) of
+PyTorch's fp32 output on the call's own input. "fp32" and "bf16" never use it.
 """
 
 from __future__ import annotations
@@ -33,17 +41,23 @@ from torch import Tensor, nn
 
 from policies.diffusion.precision import Bf16Inference, tensor_key
 from wm import kernels
+from wm.precision import quantize_int8_rows
 
 _MKLDNN = torch.backends.mkldnn.is_available()
+# oneDNN's bf16 convolution needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere it raises
+_MKLDNN_BF16 = _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 Kernel = Callable[[nn.Module, Tensor], Tensor]
 
 
 class _InferenceConv(Bf16Inference):
     """The inference path shared by the conv layers: `KERNELS` maps a name to `fn(layer, x) -> y` (fp32
-    in, fp32 out); "native" is PyTorch's fp32 forward, names ending in "_bf16" run on `bf16_weights()`."""
+    in, fp32 out); "native" is PyTorch's fp32 forward, names ending in "_bf16" run on `bf16_weights()`,
+    names ending in "_int8" on `int8_weights()`."""
 
     KERNELS: dict[str, Kernel] = {}
     _bf16_cache: tuple | None = None
+    _int8_cache: tuple | None = None
 
     def bf16_weights(self) -> tuple[Tensor, Tensor | None]:
         """bf16 copies of the weight and bias, cached until the fp32 tensors change."""
@@ -53,10 +67,33 @@ class _InferenceConv(Bf16Inference):
             self._bf16_cache = (key, w.detach().bfloat16(), None if b is None else b.detach().bfloat16())
         return self._bf16_cache[1], self._bf16_cache[2]
 
+    def int8_weights(self) -> tuple[Tensor, Tensor]:
+        """The weight as the matrix the matmul kernels multiply (`weight_matrix`), quantized per row:
+        (int8 (N, K), fp32 scale (N,)), cached until the fp32 weight changes."""
+        w = self.weight  # type: ignore[attr-defined]
+        key = tensor_key([w])
+        if self._int8_cache is None or self._int8_cache[0] != key:
+            self._int8_cache = (key, *quantize_int8_rows(self.weight_matrix().detach()))
+        return self._int8_cache[1], self._int8_cache[2]
+
     def clear_bf16(self) -> None:
-        self._bf16_cache = None
+        self._bf16_cache = self._int8_cache = None
+
+    def weight_matrix(self) -> Tensor:
+        """The fp32 weight as the (N, K) matrix of the matmul kernels."""
+        raise NotImplementedError
+
+    def int8_fits(self) -> bool:
+        """Whether the int8 kernel may run this layer. PyTorch's kernel reads K in whole vector blocks
+        with no remainder loop (K = 10 crashes the process on an AVX2 build; a crash cannot be caught
+        by calibration), so only K a multiple of 64 and N of 16 (every layer of a 256+ channel UNet)."""
+        if not _INT8_MM or "matmul_int8" not in self.KERNELS or "matmul" not in self.kernel_names("fp32"):
+            return False
+        n, k = self.weight_matrix().shape
+        return k % 64 == 0 and n % 16 == 0
 
     def kernel_names(self, precision: str) -> list[str]:
+        """The fp32 kernels, and with reduced precision the same on bf16 weights; `infer` adds int8."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -68,19 +105,32 @@ class _InferenceConv(Bf16Inference):
         default = "native_bf16" if precision == "bf16" else "native"
         if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPU, or inductor picks kernels
             return self.KERNELS[default](self, x)  # type: ignore[arg-type]
+        # int8 weights: only with "auto" (the fastest within tolerance); "fp32" / "bf16" are what they say
+        int8 = self.inference_precision == "auto" and self.int8_fits()
         memo = self.__dict__.setdefault("_kernel_memo", {})
-        mk = (x.shape, x.dtype, precision, kernels.memo_token())
+        mk = (x.shape, x.dtype, precision, int8, kernels.memo_token())
         name = memo.get(mk)
         if name is None:
-            names = self.kernel_names(precision)
+            names = self.kernel_names(precision) + (["matmul_int8"] if int8 else [])
             name = memo[mk] = kernels.choose(
-                f"{self.describe()} x={kernels.shapes(x)} {x.dtype} {precision}",
+                f"{self.describe()} x={kernels.shapes(x)} {x.dtype} {precision}{'+int8' if int8 else ''}",
                 {n: functools.partial(self.KERNELS[n], self, x) for n in names},
                 native="native",
-                tol={n: kernels.BF16_TOL if n.endswith("_bf16") else kernels.FP32_TOL for n in names},
+                tol={n: _KERNEL_TOL.get(n.rpartition("_")[2], kernels.FP32_TOL) for n in names},
                 default=default,
             )
         return self.KERNELS[name](self, x)  # type: ignore[arg-type]
+
+
+_KERNEL_TOL = {"bf16": kernels.BF16_TOL, "int8": kernels.INT8_TOL}  # by kernel-name suffix
+
+
+def _int8_product(layer: _InferenceConv, a: Tensor) -> Tensor:
+    """a (M, K) -> a @ W.T (M, N) in fp32, W the layer's int8 weight matrix: bf16 inputs, int8 weights
+    through PyTorch's weight-only kernel, then each output column times its fp32 row scale."""
+    q, scale = layer.int8_weights()
+    ones = torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)
+    return torch._weight_int8pack_mm(a.bfloat16().contiguous(), q, ones).float() * scale
 
 
 def _weights(layer: _InferenceConv, bf16: bool) -> tuple[Tensor, Tensor | None]:
@@ -105,12 +155,24 @@ def _conv_matmul(layer: Conv1d, x: Tensor, bf16: bool) -> Tensor:
     """The convolution as one matrix product of the (C_out, C_in * k) weight with the unfolded input,
     which reads the weights once."""
     w, b = _weights(layer, bf16)
-    (k,), (stride,), (pad,) = layer.kernel_size, layer.stride, layer.padding
-    cols = F.pad(x.to(w.dtype), (pad, pad)).unfold(2, k, stride)  # (B, C_in, L_out, k)
-    cols = cols.transpose(2, 3).reshape(x.shape[0], -1, cols.shape[2])  # (B, C_in * k, L_out)
-    y = torch.matmul(w.reshape(w.shape[0], -1), cols)  # (B, C_out, L_out)
+    y = torch.matmul(w.reshape(w.shape[0], -1), _unfold(layer, x.to(w.dtype)))  # (B, C_out, L_out)
     y = y if b is None else y + b[:, None]
     return y.to(x.dtype)
+
+
+def _unfold(layer: Conv1d, x: Tensor) -> Tensor:
+    """x (B, C_in, L) -> the columns (B, C_in * k, L_out) the convolution's weight matrix multiplies."""
+    (k,), (stride,), (pad,) = layer.kernel_size, layer.stride, layer.padding
+    cols = F.pad(x, (pad, pad)).unfold(2, k, stride)  # (B, C_in, L_out, k)
+    return cols.transpose(2, 3).reshape(x.shape[0], -1, cols.shape[2])
+
+
+def _conv_matmul_int8(layer: Conv1d, x: Tensor) -> Tensor:
+    """`_conv_matmul` on int8 weights: (B * L_out, C_in * k) rows times the (C_out, C_in * k) matrix."""
+    cols = _unfold(layer, x).transpose(1, 2)  # (B, L_out, C_in * k)
+    y = _int8_product(layer, cols.reshape(-1, cols.shape[2])).reshape(x.shape[0], cols.shape[1], -1)
+    y = y if layer.bias is None else y + layer.bias
+    return y.transpose(1, 2).to(x.dtype)  # (B, C_out, L_out)
 
 
 class Conv1d(_InferenceConv, nn.Conv1d):
@@ -124,7 +186,11 @@ class Conv1d(_InferenceConv, nn.Conv1d):
         "native_bf16": _conv_native_bf16,
         "onednn_bf16": functools.partial(_conv_onednn, bf16=True),
         "matmul_bf16": functools.partial(_conv_matmul, bf16=True),
+        "matmul_int8": _conv_matmul_int8,
     }
+
+    def weight_matrix(self) -> Tensor:
+        return self.weight.reshape(self.out_channels, -1)  # (C_out, C_in * k)
 
     def kernel_names(self, precision: str) -> list[str]:
         names = ["native"]
@@ -132,7 +198,9 @@ class Conv1d(_InferenceConv, nn.Conv1d):
             names.append("onednn")
         if self.groups == 1 and self.dilation == (1,):
             names.append("matmul")
-        return names + [f"{n}_bf16" for n in names] if precision == "bf16" else names
+        if precision != "bf16":
+            return names
+        return names + [f"{n}_bf16" for n in names if n != "onednn" or _MKLDNN_BF16]
 
     def describe(self) -> str:
         return (
@@ -154,16 +222,29 @@ def _tconv_native_bf16(layer: ConvTranspose1d, x: Tensor) -> Tensor:
     return y.to(x.dtype)
 
 
+def _col2im(layer: ConvTranspose1d, cols: Tensor, bias: Tensor | None) -> Tensor:
+    """(B, C_out * k, L_in) per-input-step columns -> (B, C_out, L): the overlapping columns summed into
+    place (`F.fold`), plus the bias."""
+    (k,), (stride,), (pad,), (out_pad,) = layer.kernel_size, layer.stride, layer.padding, layer.output_padding
+    length = (cols.shape[2] - 1) * stride - 2 * pad + k + out_pad
+    y = F.fold(cols, (1, length), (1, k), padding=(0, pad), stride=(1, stride))[:, :, 0]
+    return y if bias is None else y + bias[:, None]
+
+
 def _tconv_matmul(layer: ConvTranspose1d, x: Tensor, bf16: bool) -> Tensor:
     """The transposed convolution as one matrix product of the (C_out * k, C_in) weight with the input,
-    then the overlapping columns summed into place (col2im, `F.fold`)."""
+    then the overlapping columns summed into place (col2im)."""
     w, b = _weights(layer, bf16)  # (C_in, C_out, k)
-    (k,), (stride,), (pad,), (out_pad,) = layer.kernel_size, layer.stride, layer.padding, layer.output_padding
-    length = (x.shape[2] - 1) * stride - 2 * pad + k + out_pad
     cols = torch.matmul(w.reshape(w.shape[0], -1).t(), x.to(w.dtype))  # (B, C_out * k, L_in)
-    y = F.fold(cols, (1, length), (1, k), padding=(0, pad), stride=(1, stride))[:, :, 0]  # (B, C_out, L)
-    y = y if b is None else y + b[:, None]
-    return y.to(x.dtype)
+    return _col2im(layer, cols, b).to(x.dtype)
+
+
+def _tconv_matmul_int8(layer: ConvTranspose1d, x: Tensor) -> Tensor:
+    """`_tconv_matmul` on int8 weights: (B * L_in, C_in) rows times the (C_out * k, C_in) matrix."""
+    rows = x.transpose(1, 2).reshape(-1, x.shape[1])  # (B * L_in, C_in)
+    cols = _int8_product(layer, rows).reshape(x.shape[0], x.shape[2], -1)  # (B, L_in, C_out * k)
+    cols = cols.transpose(1, 2)  # (B, C_out * k, L_in)
+    return _col2im(layer, cols, layer.bias).to(x.dtype)
 
 
 class ConvTranspose1d(_InferenceConv, nn.ConvTranspose1d):
@@ -174,7 +255,11 @@ class ConvTranspose1d(_InferenceConv, nn.ConvTranspose1d):
         "matmul": functools.partial(_tconv_matmul, bf16=False),
         "native_bf16": _tconv_native_bf16,
         "matmul_bf16": functools.partial(_tconv_matmul, bf16=True),
+        "matmul_int8": _tconv_matmul_int8,
     }
+
+    def weight_matrix(self) -> Tensor:
+        return self.weight.reshape(self.in_channels, -1).t()  # (C_out * k, C_in)
 
     def kernel_names(self, precision: str) -> list[str]:
         names = ["native"]
