@@ -5,7 +5,9 @@ autocast for training) accepts only these. Inference settings (`DiffusionPolicyC
 `PredictorConfig.precision`) also accept "auto" (`INFERENCE_PRECISIONS`), which `resolve_precision`
 turns into the precision used on a device: bf16 where the hardware has bf16 units (a CPU with
 AVX512-BF16 or AMX-BF16, a CUDA GPU that supports bf16), fp32 elsewhere. The resolved name is what
-models report as their precision.
+models report as their precision. Under "auto" a layer may also run on int8 weights
+(`quantize_int8_rows`: the diffusion UNet's large convolutions on a CPU, where measured faster and
+within `wm.kernels.INT8_TOL`); "fp32" and "bf16" never do.
 
 bf16 copies. `tensor_key` identifies the current values of tensors (storage pointer and version
 counter) and `Bf16Shadow` keeps a bf16 copy of a module rebuilt whenever that key changes, so an

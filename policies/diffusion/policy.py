@@ -68,7 +68,8 @@ class DiffusionPolicyConfig:
     consistency: bool = False
     temporal_ensemble: float | None = None
     # inference: "bf16" runs the image backbone and the denoiser in bf16 where measured faster; "auto" is
-    # bf16 where the hardware has bf16 units, else fp32 (`wm.precision.resolve_precision`)
+    # bf16 where the hardware has bf16 units, else fp32 (`wm.precision.resolve_precision`), and on a CPU
+    # the UNet's large layers may take int8 weights where measured faster (`policies.diffusion.unet`)
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -155,7 +156,9 @@ class DiffusionPolicy(nn.Module):
         """Inference precision: "fp32"; "bf16" for the image backbone (a cached bf16 copy) and the
         denoiser (the UNet's convolutions on cached bf16 weight copies, the transformer as a bf16 copy
         under autocast), each where it was measured faster on this machine (`wm.kernels`); or "auto":
-        bf16 on hardware with bf16 units, else fp32. Training always runs in fp32 on the fp32 weights."""
+        bf16 on hardware with bf16 units, else fp32, and on a CPU each large UNet layer also offered int8
+        weights (per output row), taken where measured faster and within `wm.kernels.INT8_TOL`. Training
+        always runs in fp32 on the fp32 weights."""
         set_inference_precision(self, precision)  # validates the name
         self.precision_setting = precision
 

@@ -8,7 +8,8 @@ weights. Where bf16 runs is then chosen by measurement on CPUs (`wm.kernels`), n
 
     UNet conv layers (`unet.Conv1d`, `unet.ConvTranspose1d`) choose, per input shape, among fp32
     kernels (PyTorch's, oneDNN, a matrix product) and, in bf16, the same on a cached bf16 copy of
-    their weights; GroupNorm, Mish and FiLM stay fp32.
+    their weights; with "auto", large layers also among int8 weights (a cached per-row quantized
+    copy); GroupNorm, Mish and FiLM stay fp32.
     Whole-network owners (the image backbone, the transformer denoiser) choose per input shape between
     the fp32 network and a bf16 copy kept by a `Bf16Shadow` (`Bf16Inference.run_in_precision`).
 

@@ -67,14 +67,16 @@ class _InferenceConv(Bf16Inference):
             self._bf16_cache = (key, w.detach().bfloat16(), None if b is None else b.detach().bfloat16())
         return self._bf16_cache[1], self._bf16_cache[2]
 
-    def int8_weights(self) -> tuple[Tensor, Tensor]:
+    def int8_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """The weight as the matrix the matmul kernels multiply (`weight_matrix`), quantized per row:
-        (int8 (N, K), fp32 scale (N,)), cached until the fp32 weight changes."""
+        (int8 (N, K), unit bf16 scales (N,) for the kernel, fp32 scale (N,)), cached until the fp32
+        weight changes."""
         w = self.weight  # type: ignore[attr-defined]
         key = tensor_key([w])
         if self._int8_cache is None or self._int8_cache[0] != key:
-            self._int8_cache = (key, *quantize_int8_rows(self.weight_matrix().detach()))
-        return self._int8_cache[1], self._int8_cache[2]
+            q, scale = quantize_int8_rows(self.weight_matrix().detach())
+            self._int8_cache = (key, q, torch.ones_like(scale, dtype=torch.bfloat16), scale)
+        return self._int8_cache[1:]
 
     def clear_bf16(self) -> None:
         self._bf16_cache = self._int8_cache = None
@@ -125,12 +127,12 @@ class _InferenceConv(Bf16Inference):
 _KERNEL_TOL = {"bf16": kernels.BF16_TOL, "int8": kernels.INT8_TOL}  # by kernel-name suffix
 
 
-def _int8_product(layer: _InferenceConv, a: Tensor) -> Tensor:
-    """a (M, K) -> a @ W.T (M, N) in fp32, W the layer's int8 weight matrix: bf16 inputs, int8 weights
-    through PyTorch's weight-only kernel, then each output column times its fp32 row scale."""
-    q, scale = layer.int8_weights()
-    ones = torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)
-    return torch._weight_int8pack_mm(a.bfloat16().contiguous(), q, ones).float() * scale
+def _int8_product(layer: _InferenceConv, rows: Tensor, bias: Tensor | None) -> Tensor:
+    """rows (M, K) bf16 contiguous -> rows @ W.T * scale (+ bias) (M, N) fp32, W the layer's int8 weight
+    matrix (PyTorch's weight-only kernel, unit scales), each output column then times its fp32 scale."""
+    q, ones, scale = layer.int8_weights()
+    y = torch._weight_int8pack_mm(rows, q, ones).float()
+    return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
 
 
 def _weights(layer: _InferenceConv, bf16: bool) -> tuple[Tensor, Tensor | None]:
@@ -168,10 +170,12 @@ def _unfold(layer: Conv1d, x: Tensor) -> Tensor:
 
 
 def _conv_matmul_int8(layer: Conv1d, x: Tensor) -> Tensor:
-    """`_conv_matmul` on int8 weights: (B * L_out, C_in * k) rows times the (C_out, C_in * k) matrix."""
-    cols = _unfold(layer, x).transpose(1, 2)  # (B, L_out, C_in * k)
-    y = _int8_product(layer, cols.reshape(-1, cols.shape[2])).reshape(x.shape[0], cols.shape[1], -1)
-    y = y if layer.bias is None else y + layer.bias
+    """`_conv_matmul` on int8 weights: the (B * L_out, C_in * k) bf16 rows of the unfolded input (one
+    copy) times the (C_out, C_in * k) matrix."""
+    (k,), (stride,), (pad,) = layer.kernel_size, layer.stride, layer.padding
+    cols = F.pad(x.bfloat16(), (pad, pad)).unfold(2, k, stride)  # (B, C_in, L_out, k)
+    rows = cols.permute(0, 2, 1, 3).reshape(-1, cols.shape[1] * k)  # (B * L_out, C_in * k)
+    y = _int8_product(layer, rows.contiguous(), layer.bias).reshape(x.shape[0], cols.shape[2], -1)
     return y.transpose(1, 2).to(x.dtype)  # (B, C_out, L_out)
 
 
@@ -241,8 +245,8 @@ def _tconv_matmul(layer: ConvTranspose1d, x: Tensor, bf16: bool) -> Tensor:
 
 def _tconv_matmul_int8(layer: ConvTranspose1d, x: Tensor) -> Tensor:
     """`_tconv_matmul` on int8 weights: (B * L_in, C_in) rows times the (C_out * k, C_in) matrix."""
-    rows = x.transpose(1, 2).reshape(-1, x.shape[1])  # (B * L_in, C_in)
-    cols = _int8_product(layer, rows).reshape(x.shape[0], x.shape[2], -1)  # (B, L_in, C_out * k)
+    rows = x.bfloat16().transpose(1, 2).reshape(-1, x.shape[1]).contiguous()  # (B * L_in, C_in)
+    cols = _int8_product(layer, rows, None).reshape(x.shape[0], x.shape[2], -1)  # (B, L_in, C_out * k)
     cols = cols.transpose(1, 2)  # (B, C_out * k, L_in)
     return _col2im(layer, cols, layer.bias).to(x.dtype)
 
