@@ -44,8 +44,18 @@ from wm import kernels
 from wm.precision import quantize_int8_rows
 
 _MKLDNN = torch.backends.mkldnn.is_available()
-# oneDNN's bf16 convolution needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere it raises
-_MKLDNN_BF16 = _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN's bf16 convolution runs here: it needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT, and
+    raises elsewhere (an AVX2-only CPU)."""
+    try:
+        return _MKLDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without the query
+        return False
+
+
+_MKLDNN_BF16 = _onednn_bf16()
 _INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 Kernel = Callable[[nn.Module, Tensor], Tensor]
 
