@@ -13,9 +13,8 @@ rounds, so machine noise hits all alike; the figure is the median over rounds):
                     else fp32), each layer measured, and the UNet's layers may also take int8 weights
     fp32 compiled   torch.compile (inductor) of the fp32 network (UNets; `--no-compile` skips it)
 
-Speed-up
-is against fp32 native; error is the relative Frobenius error of one call against fp32 native. Below each
-part, the choice per layer shape with every candidate's median time in the calibration (us) and the
+Speed-up is against fp32 native; error is the relative Frobenius error of one call against fp32 native.
+Below each part, the choice per layer shape with every candidate's median time in the calibration (us) and the
 candidates rejected (wrong output or unsupported). The header gives the CPU model and its bf16 units.
 By default the kernels are calibrated afresh in this run (`--use-cache`: the user's kernel cache).
 

@@ -118,11 +118,12 @@ class _InferenceConv(Bf16Inference):
         if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPU, or inductor picks kernels
             return self.KERNELS[default](self, x)  # type: ignore[arg-type]
         # int8 weights: only with "auto" (the fastest within tolerance); "fp32" / "bf16" are what they say
-        int8 = self.inference_precision == "auto" and self.int8_fits()
+        auto = self.inference_precision == "auto"
         memo = self.__dict__.setdefault("_kernel_memo", {})
-        mk = (x.shape, x.dtype, precision, int8, kernels.memo_token())
+        mk = (x.shape, x.dtype, precision, auto, kernels.memo_token())
         name = memo.get(mk)
         if name is None:
+            int8 = auto and self.int8_fits()  # the layer's shape decides: checked once per memo entry
             names = self.kernel_names(precision) + (["matmul_int8"] if int8 else [])
             name = memo[mk] = kernels.choose(
                 f"{self.describe()} x={kernels.shapes(x)} {x.dtype} {precision}{'+int8' if int8 else ''}",
