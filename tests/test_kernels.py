@@ -164,6 +164,30 @@ def test_disk_cache_shared_between_processes_and_corrupt_file_overwritten(tmp_pa
         assert KernelCache(path).get("k") is None
 
 
+def test_summary_counts_each_op_shape_once_by_its_kernel(tmp_path):
+    """The summary a results file records: distinct keys per chosen kernel (cache hits included, a key
+    chosen twice counted once), seconds spent, and whether the budget ran out."""
+    y = torch.ones(2)
+    cands = {"native": lambda: y, "int8": lambda: y, "bf16": lambda: y}
+    times = {"native": 1.0, "int8": 0.2, "bf16": 0.5}
+    sel = Selector(KernelCache(tmp_path / "k.json"), timer=fake_timer(times))
+    assert sel.summary() == {
+        "mode": "measure", "shapes": 0, "by_kernel": {}, "calibration_s": 0.0, "budget_exhausted": False
+    }  # fmt: skip
+    sel.choose("a", cands, "native")
+    sel.choose("a", cands, "native")  # a layer that forgot its memo: the cache answers, same key
+    sel.choose("b", {"native": cands["native"], "bf16": cands["bf16"]}, "native")
+    sel.choose("c", cands, "native")
+    times.update(int8=2.0, bf16=2.0)
+    sel.choose("d", cands, "native")
+    summary = sel.summary()
+    assert summary["shapes"] == 4 and summary["by_kernel"] == {"bf16": 1, "int8": 2, "native": 1}
+    assert summary["mode"] == "measure" and summary["calibration_s"] >= 0 and not summary["budget_exhausted"]
+    sel.total_budget_s = 0.0
+    assert sel.choose("e", cands, "native") == "native" and sel.summary()["budget_exhausted"]
+    assert sel.summary()["shapes"] == 4  # unmeasured defaults are not choices
+
+
 def test_cache_location_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("WM_KERNEL_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -185,6 +185,8 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
         "precision": "bf16",
         "temporal_ensemble": None,
     }
+    kern = results["kernels"]  # the kernels the policy's layers ran on, chosen in the eval's process
+    assert kern["mode"] == "measure" and kern["shapes"] == sum(kern["by_kernel"].values()) > 0
 
     res = cli("wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}")
     assert res.returncode == 2 and "cannot serve controller=mpc" in res.stderr

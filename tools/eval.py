@@ -59,6 +59,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from policies.report import write_report
     from robots.registry import make_task
     from robots.sim.base import SimConfig
+    from wm import kernels
     from wm.registry import load_model
 
     out = Path(cfg.out)
@@ -106,6 +107,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             results["budgets"], plot = _budget_sweep(cfg, make, episodes, out)
     if loaded is not None:
         results["inference"] = loaded.inference_settings()
+        results["kernels"] = kernels.selector().summary()  # which CPU kernels (fp32, bf16, int8) ran
     results.update(
         task=cfg.task, controller=cfg.controller, checkpoint=cfg.checkpoint, seeds=seeds[:1] + seeds[-1:]
     )

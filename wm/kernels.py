@@ -299,6 +299,23 @@ class Selector:
         self.log.append((full, record, "calibrated"))
         return record["choice"]
 
+    def summary(self) -> dict[str, Any]:
+        """What this process's inference ran on, for results files: the mode, how many distinct op shapes
+        chose a kernel (calibrated here or read from the cache) and how many took each kernel, the
+        seconds spent calibrating, and whether the budget ran out (later shapes then took their default
+        kernel unmeasured)."""
+        chosen = {key: record["choice"] for key, record, _ in self.log}  # the last choice per key
+        counts: dict[str, int] = {}
+        for name in chosen.values():
+            counts[name] = counts.get(name, 0) + 1
+        return {
+            "mode": self.mode,
+            "shapes": len(chosen),
+            "by_kernel": dict(sorted(counts.items())),
+            "calibration_s": round(self.spent_s, 3),
+            "budget_exhausted": self.spent_s >= self.total_budget_s,
+        }
+
 
 _selector: Selector | None = None
 _generation = 0
