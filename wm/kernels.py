@@ -46,6 +46,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,9 +306,7 @@ class Selector:
         seconds spent calibrating, and whether the budget ran out (later shapes then took their default
         kernel unmeasured)."""
         chosen = {key: record["choice"] for key, record, _ in self.log}  # the last choice per key
-        counts: dict[str, int] = {}
-        for name in chosen.values():
-            counts[name] = counts.get(name, 0) + 1
+        counts = Counter(chosen.values())
         return {
             "mode": self.mode,
             "shapes": len(chosen),
