@@ -129,8 +129,15 @@ def latency(args: argparse.Namespace) -> dict:
     return {"configs": results}
 
 
+def _image_size(checkpoint: str) -> tuple[int, int]:
+    """The camera size the policy was trained on (the task renders at it, as `wm-eval` does)."""
+    from wm.registry import load_model
+
+    return tuple(load_model(checkpoint, "cpu").model.io_spec.image_size)
+
+
 def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
-    task = make_task(args.task, SimConfig(image_size=(64, 64)))
+    task = make_task(args.task, SimConfig(image_size=_image_size(args.checkpoint)))
     clock = None if args.wall else ManualClock(1000.0)
     spec = spec_for(args.checkpoint, task, delay)
     if args.wall:
