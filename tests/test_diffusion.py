@@ -99,6 +99,7 @@ def toy_teacher() -> Diffusion:
         ("ddim", 10, "heun", 0.12),
         ("edm", 3, "heun", 0.12),
         ("edm", 5, "heun", 0.12),
+        ("edm", 3, "dpmpp_2m", 0.25),  # the configs' default sampler
         ("edm", 5, "dpmpp_2m", 0.2),
     ],
 )
