@@ -174,6 +174,7 @@ def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
         "stitching": stitching,
         "episodes": args.episodes,
         "success_rate": float(np.mean(success)),
+        "success": [bool(ok) for ok in success],  # per seed, from args.seed: for paired comparisons
         "mean_time_to_success_s": float(np.mean(times)) if times else None,
         "seam_jump_max": float(np.max(seams)) if seams else None,
         "seam_jump_p99": float(np.percentile(seams, 99)) if seams else None,

@@ -74,6 +74,9 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
     assert report["settings"]["runtime"]["stitching"] == "inpaint" and report["chunks"] >= 2
     assert report["settings"]["runtime"]["realtime_priority"] == 10  # applied, or a note said why not
     assert (out / "timing.png").stat().st_size > 0
+    kern = report["settings"]["kernels"]  # chosen in the worker process, asked for at the end of the run
+    assert kern["mode"] == "measure" and kern["shapes"] == sum(kern["by_kernel"].values()) > 0
+    assert f"CPU kernels (measure): {kern['shapes']} op shapes" in res.stdout
     with DemoStore.open(store) as s:
         assert s.n_episodes == 2 and all(k in s.schema.keys for k in RECORD_KEYS)
         ep = s.get_episode(0)
@@ -99,6 +102,7 @@ def test_every_stitching_and_the_synchronous_baseline(policy, tmp_path, stitchin
         assert res.returncode == 0, res.stderr
         report = json.loads((out / "report.json").read_text())
         assert report["ticks"] == 8 and report["settings"]["runtime"]["mode"] == mode
+        assert report["settings"]["kernels"]["shapes"] > 0  # the worker's process, or this one (sync)
         if mode == "sync":
             assert report["chunks"] == 4  # two actions executed per chunk, the robot waiting for each
             assert report["stale_actions_dropped"] == 0
@@ -182,6 +186,7 @@ def test_a_policy_served_by_wm_serve_is_deployed_from_another_process(policy, tm
         assert server["reply_taken_in_ms"]["p50"] >= server["inference_ms"]["p50"] > 0
         assert 0 < server["network_rtt_ms"] < 50 and abs(server["clock_offset_ms"]) < 5  # one clock here
         assert report["settings"]["checkpoint"] == str(policy)
+        assert report["settings"]["kernels"] is None  # the server chose them: its log says which
         # the model reads a 4-d proprioception; arm_push gives 6: refused before the robot moves
         res = cli("wm-deploy", "robot=arm_push", f"server=127.0.0.1:{port}", f"out={tmp_path / 'x'}")
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
@@ -192,7 +197,8 @@ def test_a_policy_served_by_wm_serve_is_deployed_from_another_process(policy, tm
         assert res.returncode == 0, res.stderr  # a server without a token takes any client on loopback
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
-        assert "stopped: " in proc.stdout.read()
+        log = proc.stdout.read()
+        assert "stopped: " in log and "CPU kernels (measure): " in log
 
 
 def test_serve_usage_errors_are_one_line(policy, tmp_path):

@@ -163,7 +163,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         tick_row,
     )
     from robots.runtime.report import write_report as write_run_report
-    from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker, check_robot
+    from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker, check_robot, kernel_line
 
     out = Path(cfg.out)
     robot = make_robot(cfg, None)  # not connected: its action bounds, which the controller plans within
@@ -184,7 +184,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         worker = ProcessWorker(spec) if cfg.runtime.mode == "async" else InlineWorker(spec)
     worker.start()
     stop = _StopFlag()
-    outcomes, store, takeover = [], None, None
+    outcomes, store, takeover, kernels = [], None, None, None
     try:
         if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
             robot = make_robot(cfg, worker.info.get("image_size"))
@@ -236,6 +236,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                 print(live_line(episode_figures(outcome), i), flush=True)
                 if stop.is_set() or (outcome.stopped and (not sim or not worker.alive() or worker.busy)):
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
+        kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)
     finally:
         worker.close()
         if takeover is not None:
@@ -253,7 +254,10 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         "added_delay_s": cfg.added_delay_s,
         "inference_threads": threads if cfg.server is None else None,  # remote: the server's own
         "seed": cfg.seed,
+        "kernels": kernels,
     }
+    if kernels is not None:
+        print(kernel_line(kernels), flush=True)
     if cfg.server is not None:
         settings["server"] = server_figures(worker)
     report = run_report(outcomes, settings)

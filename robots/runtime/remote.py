@@ -169,6 +169,10 @@ class RemoteWorker:
             return f"the policy server has not answered chunk {self._outstanding[0]} for {waited:.2f} s"
         return "no request outstanding"
 
+    def kernels(self) -> dict[str, Any] | None:
+        """None: the server's process chose its kernels, and its log says which (at each session's end)."""
+        return None
+
     def close(self) -> None:
         if self._sock is not None and self._sid is not None and self._state == "ready":
             try:

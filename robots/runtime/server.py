@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 
 from robots.runtime import wire
-from robots.runtime.worker import Request, compute, describe, set_goal
+from robots.runtime.worker import Request, compute, describe, kernel_line, kernel_summary, set_goal
 
 MAX_PENDING = 64  # handshakes in progress at once (more: the oldest is forgotten)
 HANDSHAKE_S = 30.0  # a handshake not finished in this long is forgotten
@@ -403,6 +403,7 @@ class PolicyServer:
         self.sessions.pop(s.sid, None)
         s.closed = True
         self.log(f"session {s.sid.hex()[:8]}: {why} after {time.monotonic() - s.opened:.1f} s")
+        self.log(kernel_line(kernel_summary()))  # what this process's inference ran on, so far
         if not s.jobs:  # else it is handed back when its jobs are done
             self._release(s)
 

@@ -121,6 +121,24 @@ def describe(controller: Any) -> dict[str, Any]:
     }
 
 
+def kernel_summary() -> dict[str, Any]:
+    """The CPU kernels this process's inference ran on (`wm.kernels.Selector.summary`: the mode, how many
+    op shapes took each kernel, the seconds spent calibrating), for the run's report."""
+    from wm import kernels
+
+    return kernels.selector().summary()
+
+
+def kernel_line(summary: Mapping[str, Any]) -> str:
+    """`kernel_summary` in one line for a log."""
+    kinds = ", ".join(f"{k} {n}" for k, n in summary["by_kernel"].items()) or "none measured"
+    spent = ", calibration budget spent" if summary["budget_exhausted"] else ""
+    return (
+        f"CPU kernels ({summary['mode']}): {summary['shapes']} op shapes ({kinds}), "
+        f"{summary['calibration_s']:.1f} s calibrating{spent}"
+    )
+
+
 def check_robot(info: Mapping[str, Any], robot: Any) -> None:
     """Refuse a robot whose features do not give the controller what it reads (`describe`'s info):
     one line naming the first key that differs."""
@@ -198,6 +216,9 @@ class InlineWorker:
         reply, self._reply = self._reply, None
         return reply
 
+    def kernels(self) -> dict[str, Any] | None:
+        return kernel_summary()  # this process computed the chunks
+
     def close(self) -> None:
         self.controller = None
 
@@ -247,6 +268,9 @@ class SimulatedTimeWorker:
             return None
         reply, self._pending = self._pending[1], None
         return reply
+
+    def kernels(self) -> dict[str, Any] | None:
+        return self._inline.kernels()
 
     def close(self) -> None:
         self._inline.close()
@@ -389,6 +413,21 @@ class ProcessWorker:
             self._outstanding = None
         return reply
 
+    def kernels(self, timeout_s: float = 5.0) -> dict[str, Any] | None:
+        """The worker process's `kernel_summary`, asked at the end of a run; None when the worker is gone,
+        still computing a chunk, or does not answer within `timeout_s` (a report never waits on a hung
+        worker)."""
+        if not self.alive() or self.busy:
+            return None
+        try:
+            self._send(("kernels", None))
+            if not self._conn.poll(timeout_s):
+                return None
+            kind, payload = self._recv()
+        except WorkerDied:
+            return None
+        return payload if kind == "kernels" else None
+
     def _drain(self) -> None:
         """Wait out an outstanding request (its chunk is discarded)."""
         if self._outstanding is None:
@@ -466,6 +505,8 @@ def _worker_main(spec: ControllerSpec, conn: Any) -> None:
                 actions = [views["__actions__"][i].copy() for i in range(n_actions)]
                 reply = compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s)
                 conn.send(("reply", reply))
+            elif kind == "kernels":
+                conn.send(("kernels", kernel_summary()))
     finally:
         views.clear()
         for shm in shms.values():
