@@ -51,10 +51,11 @@ def test_async_drops_what_passed_and_continues_the_committed_actions():
     out = rt.run_episode(40, on_tick=lambda r, o: sent.append((r.command, r.chunk, r.index)))
     assert out.stopped is None and out.underruns == 0 and out.stale_sent == 0 and len(out.ticks) == 40
     later = out.chunks[2:]  # once the latency is known
-    # Each chunk arrives at the first tick after its 0.25 s (+ the model's own time): the actions due at
-    # the observation's tick and the two after it are over (dropped), the rest runs.
-    assert [c.dropped_stale for c in later] == [3] * len(later)
-    assert all(c.frozen == 4 for c in later)  # the ticks until it can be in use, plus one
+    # The observation read after a tick's send shows the world at the next tick (the simulator advanced
+    # it inside the send), and is stamped so; each chunk arrives 0.25 s (+ the model's own time) after
+    # the read: the actions due at that next tick and the one after it are over (dropped), the rest runs.
+    assert [c.dropped_stale for c in later] == [2] * len(later)
+    assert all(c.frozen == 3 for c in later)  # the ticks until it can be in use, plus one
     # What the controller is handed as committed is the previous chunk, re-indexed from the new
     # observation's tick on (its actions shifted by the ticks between the two observations).
     tick = [round((c.obs_time - out.started_at) * HZ) for c in out.chunks]
@@ -64,12 +65,27 @@ def test_async_drops_what_passed_and_continues_the_committed_actions():
         shift = tick[i] - tick[i - 1]
         n = min(len(previous), len(old) - shift)
         assert n >= frozen and np.allclose(previous[:n], old[shift : shift + n])
-    # ... and the first action a new chunk sends is its first frozen one still due: index 3.
+    # ... and the first action a new chunk sends is its first frozen one still due: index 2.
     first = {}
     for cmd, chunk, index in sent:
         first.setdefault(chunk, (index, cmd))
-    assert all(first[i][0] == 3 for i in range(2, len(out.chunks)) if i in first)
+    assert all(first[i][0] == 2 for i in range(2, len(out.chunks)) if i in first)
     assert all(np.isfinite(c).all() for c, _, _ in sent)
+
+
+def test_a_simulated_robot_runs_each_action_at_the_state_it_was_computed_for():
+    # A simulator advances a whole period inside `send_action`, so what it shows after a send is the
+    # state the next command acts on. With no latency, asynchronous execution that asks for a chunk
+    # every 4 steps then sends what the synchronous robot sends, tick by tick: each chunk from its first
+    # action on (stamped with the read's own time, every chunk ran one action early instead).
+    runs = {}
+    for mode in ("sync", "async"):
+        _, rt, _ = setup(mode, "replace", replan_every=4, delay=0.0)
+        out = rt.run_episode(24)
+        assert all(c.dropped_stale == 0 for c in out.chunks) and out.stale_sent == 0
+        runs[mode] = [(t.chunk, t.index) for t in out.ticks], np.array([t.command for t in out.ticks])
+    assert runs["async"][0] == runs["sync"][0] == [(i // 4, i % 4) for i in range(24)]
+    assert np.array_equal(runs["async"][1], runs["sync"][1])
 
 
 def test_replace_without_the_committed_prefix_still_never_sends_late():

@@ -162,6 +162,7 @@ class Runtime:
         feat = robot.action_feature
         self.safety_cfg = cfg.safety
         self.positions = bool(getattr(robot, "position_actions", True))
+        self.advances_on_send = bool(getattr(robot, "advances_on_send", False))  # a simulator (see _stamp)
         self.feature = feat
         self._read_streak = 0
 
@@ -306,7 +307,7 @@ class Runtime:
                     self._hold(safety, nominal, began, out, None, None)
                     break
                 continue  # the pending actions go on; too many failed reads in a row end the episode
-            captured, obs = clock.now(), fresh_obs
+            captured, obs = self._stamp(anchor + k * self.period), fresh_obs
             history.append((captured, obs, last_cmd))
             # ---- ask for the next chunk
             if state.human:
@@ -330,6 +331,14 @@ class Runtime:
         return out
 
     # ------------------------------------------------------------------ pieces
+    def _stamp(self, next_tick: float) -> float:
+        """The time an observation read after a tick's send shows the world at: now, or, for a simulated
+        robot whose world advanced a whole period inside `send_action` (`advances_on_send`), the next
+        tick, when the next command acts on that state. Chunks are scheduled from this time, so a
+        simulated robot runs each action at the state it was computed for, as a real arm does."""
+        now = self.clock.now()
+        return max(now, next_tick) if self.advances_on_send else now
+
     def _read(self, out: EpisodeOutcome) -> dict[str, np.ndarray] | None:
         """The robot's observation, retried `read_retries` times; None (and, after too many failed
         ticks in a row, `out.stopped`) when it cannot be read."""

@@ -17,7 +17,7 @@ import difflib
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -52,6 +52,11 @@ class SimConfig:
 class SimTask(RobotBase):
     """Base class of simulated tasks. Subclasses implement the `_`-methods of RobotBase plus
     `_reset(rng)`, `_success()`, `_goal_observation()` and the sim-state pair."""
+
+    # The world advances one control period inside `send_action` and stands still between sends: an
+    # observation read after a send shows the state the next send acts on, so the real-time runtime
+    # stamps it with the next tick's time (a real arm's reading shows the present).
+    advances_on_send: ClassVar[bool] = True
 
     config: SimConfig = field(default_factory=SimConfig)
     steps: int = field(default=0, init=False)
