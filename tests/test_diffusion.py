@@ -697,8 +697,12 @@ def test_policy_precision_option(unet_policy, store_path):
             pol.set_precision("auto")
             assert pol.precision == ("bf16" if cpu_has_bf16() else "fp32")
             auto = pol.sample_actions(obs, generator=gen())
-            if cpu_has_bf16():  # the same choices as "bf16"
-                torch.testing.assert_close(auto, measured)
+            if cpu_has_bf16():  # "bf16"'s choices, plus int8 weights where measured faster (VNNI CPUs)
+                int8 = any(rec["choice"].endswith("int8") for _, rec, _ in kernels.selector().log)
+                if int8:
+                    assert (auto - measured).abs().max() < 0.05
+                else:
+                    torch.testing.assert_close(auto, measured)
             else:  # fp32, with int8 weights where measured faster
                 assert (auto - a32).abs().max() < 0.05
             pol.set_precision("fp32")
