@@ -55,7 +55,9 @@ def test_async_drops_what_passed_and_continues_the_committed_actions():
     # it inside the send), and is stamped so; each chunk arrives 0.25 s (+ the model's own time) after
     # the read: the actions due at that next tick and the one after it are over (dropped), the rest runs.
     assert [c.dropped_stale for c in later] == [2] * len(later)
-    assert all(c.frozen == 3 for c in later)  # the ticks until it can be in use, plus one
+    # Frozen are exactly the actions the new chunk arrives too late for (they run from the current
+    # schedule); one more would pin an action the new chunk itself sends to the old plan.
+    assert [c.frozen for c in later] == [c.dropped_stale for c in later]
     # What the controller is handed as committed is the previous chunk, re-indexed from the new
     # observation's tick on (its actions shifted by the ticks between the two observations).
     tick = [round((c.obs_time - out.started_at) * HZ) for c in out.chunks]
@@ -65,7 +67,7 @@ def test_async_drops_what_passed_and_continues_the_committed_actions():
         shift = tick[i] - tick[i - 1]
         n = min(len(previous), len(old) - shift)
         assert n >= frozen and np.allclose(previous[:n], old[shift : shift + n])
-    # ... and the first action a new chunk sends is its first frozen one still due: index 2.
+    # ... and the first action a new chunk sends is its first free one: index 2.
     first = {}
     for cmd, chunk, index in sent:
         first.setdefault(chunk, (index, cmd))

@@ -402,7 +402,11 @@ class Runtime:
         steps, actions = self._history(history)
         previous, frozen = None, 0
         if timeline is not None and self.cfg.stitching == "inpaint":
-            until = t_obs + state.latency() + self.period  # the earliest the new chunk can be in use
+            # The new chunk is taken in `latency` after its observation (the estimate is measured from an
+            # observation's time to the tick that took its chunk in), and that tick drops the actions due
+            # more than half a period before it (`Timeline.merge`): those run from the current schedule,
+            # so they are the frozen ones, and every later one is the new chunk's to choose.
+            until = t_obs + state.latency() - self.period / 2
             previous, frozen = timeline.committed(t_obs, self.step_s, until, COMMITTED_MAX)
             if len(previous) == 0:
                 previous, frozen = None, 0

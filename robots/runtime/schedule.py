@@ -212,7 +212,7 @@ class Timeline:
         """The actions scheduled (the one the latest tick sent, then the pending ones) on the grid of a
         chunk about to be computed from the observation at `obs_time` (element j due at
         obs_time + j * step_s + latency), `length` of them at most, and how many are frozen: those due
-        before `until` (the earliest the new chunk can be in use). Returns ((n, Da), d); n = 0 when
+        before `until` (from then on the new chunk can still be sent). Returns ((n, Da), d); n = 0 when
         nothing is scheduled at the observation's step."""
         anchor = self.last is not None and not (self.slots and self.slots[0] is self.last)
         known = ([self.last] if anchor else []) + self.slots
