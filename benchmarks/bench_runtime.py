@@ -150,6 +150,7 @@ def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
         stitching=stitching,
         replan_every=args.replan_every if mode == "async" else args.exec_steps,
         ensemble_m=args.ensemble_m,
+        inpaint_overlap=args.inpaint_overlap,
     )
     rt = Runtime(task, worker, cfg, clock=clock)
     success, times, seams, within, fig_all = [], [], [], [], []
@@ -172,6 +173,7 @@ def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
         "delay_s": delay,
         "mode": mode,
         "stitching": stitching,
+        "inpaint_overlap": args.inpaint_overlap,
         "episodes": args.episodes,
         "success_rate": float(np.mean(success)),
         "success": [bool(ok) for ok in success],  # per seed, from args.seed: for paired comparisons
@@ -223,6 +225,9 @@ def main() -> None:
     lat.add_argument("--delays", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.6])
     lat.add_argument("--replan-every", type=int, default=4)
     lat.add_argument("--exec-steps", type=int, default=8, help="sync: actions executed per chunk")
+    lat.add_argument(
+        "--inpaint-overlap", type=int, default=None, help="runtime.inpaint_overlap (default: all, RTC's soft mask)"
+    )
     lat.add_argument("--ensemble-m", type=float, default=0.01)
     lat.add_argument("--only", nargs="*", default=None, help="e.g. sync/replace async/inpaint")
     lat.add_argument("--wall", action="store_true", help="against the wall clock (slow)")

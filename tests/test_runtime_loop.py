@@ -75,6 +75,28 @@ def test_async_drops_what_passed_and_continues_the_committed_actions():
     assert all(np.isfinite(c).all() for c, _, _ in sent)
 
 
+@pytest.mark.parametrize("overlap", [0, 1, None])
+def test_inpaint_overlap_bounds_what_the_controller_continues(overlap):
+    task, rt, _ = setup("async", "inpaint", replan_every=4)
+    rt.cfg = RuntimeConfig(mode="async", stitching="inpaint", replan_every=4, inpaint_overlap=overlap)
+    handed, chunk_from = [], rt.worker.controller.chunk_from
+
+    def spy(steps, actions, previous=None, frozen=0):
+        handed.append((0 if previous is None else previous.shape[1], frozen))
+        return chunk_from(steps, actions, previous, frozen)
+
+    rt.worker.controller.chunk_from = spy
+    out = rt.run_episode(40)
+    assert out.stale_sent == 0 and out.underruns == 0
+    # Once the latency is known, each request finds 4 actions scheduled from its observation on (a chunk
+    # of 8 loses 2 to latency and has run 2 more), the first 2 of them frozen; it hands on `overlap` more.
+    later = handed[2:]
+    assert later and all(frozen == 2 for _, frozen in later)
+    assert all(n == (4 if overlap is None else 2 + overlap) for n, _ in later)
+    with pytest.raises(ValueError, match="inpaint_overlap must be >= 0"):
+        RuntimeConfig(inpaint_overlap=-1)
+
+
 def test_a_simulated_robot_runs_each_action_at_the_state_it_was_computed_for():
     # A simulator advances a whole period inside `send_action`, so what it shows after a send is the
     # state the next command acts on. With no latency, asynchronous execution that asks for a chunk

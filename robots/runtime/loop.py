@@ -41,7 +41,10 @@ NO_CHUNK = -1  # the chunk number recorded for a held command
 class RuntimeConfig:
     """mode: "async" (inference in the worker) or "sync" (on the control thread, the robot waits).
     stitching: how a new chunk meets the pending actions (`schedule.STITCHING`); ensemble_m: ACT's
-    coefficient. policy_hz: the rate the model's actions are meant for (None: the robot's);
+    coefficient. inpaint_overlap: stitching "inpaint": how many scheduled actions past the frozen ones
+    the controller is also handed, to continue softly (None: all of them, RTC's soft mask, the smoothest
+    seams; 0: only the frozen prefix, the rest chosen afresh from the new observation; an MPC controller
+    also warm-starts from what it is handed). policy_hz: the rate the model's actions are meant for (None: the robot's);
     interpolate: between the actions of a slower policy, send the straight line instead of holding.
     action_latency_s: the robot's actuation latency, added to every due time. replan_every: async:
     request a new chunk at most every that many policy steps (and sooner only when the pending
@@ -57,6 +60,7 @@ class RuntimeConfig:
     mode: str = "async"
     stitching: str = "inpaint"
     ensemble_m: float = 0.01
+    inpaint_overlap: int | None = None
     policy_hz: float | None = None
     interpolate: bool = False
     action_latency_s: float = 0.0
@@ -74,6 +78,8 @@ class RuntimeConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.stitching not in STITCHING:
             raise ValueError(f"stitching must be one of {', '.join(STITCHING)}, got {self.stitching!r}")
+        if self.inpaint_overlap is not None and self.inpaint_overlap < 0:
+            raise ValueError(f"inpaint_overlap must be >= 0 or null (all), got {self.inpaint_overlap}")
         if self.policy_hz is not None and not self.policy_hz > 0:
             raise ValueError(f"policy_hz must be positive, got {self.policy_hz}")
         if self.replan_every < 1 or self.latency_window < 1 or self.max_inference_errors < 1:
@@ -408,6 +414,8 @@ class Runtime:
             # so they are the frozen ones, and every later one is the new chunk's to choose.
             until = t_obs + state.latency() - self.period / 2
             previous, frozen = timeline.committed(t_obs, self.step_s, until, COMMITTED_MAX)
+            if self.cfg.inpaint_overlap is not None:
+                previous = previous[: frozen + self.cfg.inpaint_overlap]
             if len(previous) == 0:
                 previous, frozen = None, 0
         seq = state.next_seq
