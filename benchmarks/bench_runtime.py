@@ -226,7 +226,7 @@ def main() -> None:
     lat.add_argument("--replan-every", type=int, default=4)
     lat.add_argument("--exec-steps", type=int, default=8, help="sync: actions executed per chunk")
     lat.add_argument(
-        "--inpaint-overlap", type=int, default=None, help="runtime.inpaint_overlap (default: all, RTC's soft mask)"
+        "--inpaint-overlap", type=int, default=None, help="runtime.inpaint_overlap (default: all, RTC's mask)"
     )
     lat.add_argument("--ensemble-m", type=float, default=0.01)
     lat.add_argument("--only", nargs="*", default=None, help="e.g. sync/replace async/inpaint")

@@ -44,12 +44,12 @@ class RuntimeConfig:
     coefficient. inpaint_overlap: stitching "inpaint": how many scheduled actions past the frozen ones
     the controller is also handed, to continue softly (None: all of them, RTC's soft mask, the smoothest
     seams; 0: only the frozen prefix, the rest chosen afresh from the new observation; an MPC controller
-    also warm-starts from what it is handed). policy_hz: the rate the model's actions are meant for (None: the robot's);
-    interpolate: between the actions of a slower policy, send the straight line instead of holding.
-    action_latency_s: the robot's actuation latency, added to every due time. replan_every: async:
-    request a new chunk at most every that many policy steps (and sooner only when the pending
-    actions would not last until it arrives); sync: actions executed per chunk. latency_window:
-    chunks over which the worst round trip is the latency estimate (it forgets old spikes).
+    also warm-starts from what it is handed). policy_hz: the rate the model's actions are meant for
+    (None: the robot's); interpolate: between the actions of a slower policy, send the straight line
+    instead of holding. action_latency_s: the robot's actuation latency, added to every due time.
+    replan_every: async: request a new chunk at most every that many policy steps (and sooner only
+    when the pending actions would not last until it arrives); sync: actions executed per chunk.
+    latency_window: chunks over which the worst round trip is the latency estimate (it forgets old spikes).
     max_inference_errors: consecutive failed chunks that end the run. read_retries: attempts per
     tick to read the robot; max_read_failures: consecutive ticks without an observation that end the
     run (meanwhile the pending actions are sent: a chunk runs open loop that long at most).
