@@ -185,11 +185,15 @@ def worker(args: argparse.Namespace) -> dict:
     x = torch.randn(args.batch, FRAMES, PATCHES, TOKEN_DIM)
     future = torch.randn(args.batch, ROLLOUT_STEPS - 1, PATCHES, TOKEN_DIM)
     with torch.inference_mode():
-        # warm-up at batch 1 (cheap; keeps batch 300 to a single run); the linear layers calibrate here
-        # (on at most 256 rows: 588 tokens already fill that bucket, as do the batch's)
+        # warm-up at batch 1 and at up to 30 (keeps batch 300 to a single run): the linear layers
+        # calibrate here, per bucket of rows (588 tokens a window; 30 windows fill the largest bucket)
         run_forward(model, x[:1])
+        if args.batch > 1:
+            run_forward(model, x[:30])
         if args.rollout == "cached":
-            _rollout(model, x[:1], future[:1], cached=True)  # one-frame steps: 196 rows, the same bucket
+            _rollout(model, x[:1], future[:1], cached=True)  # one-frame steps: 196 rows a window
+            if args.batch > 1:
+                _rollout(model, x[:30], future[:30], cached=True)
         selector = kernels.selector()
         base_rss = _maxrss_mb()
         limit = _vm_size_bytes() + int(args.limit_gb * 2**30)
