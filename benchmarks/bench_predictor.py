@@ -21,7 +21,8 @@ Rows (inputs fp32 in every row):
     ours-auto         `precision="auto"` (bf16 where the CPU has AVX512-BF16 / AMX units, else fp32): the
                       inference precision setting meant as the default; the row says what it resolved to
 Each worker calibrates its kernels afresh (`WM_KERNEL_CACHE=off`; `--use-cache` keeps the user's cache)
-during its batch-1 warm-up; the kernels chosen per layer shape are printed after the table, with the CPU
+during its warm-up (batch 1, then up to 30 windows: the row buckets the timed runs use); the kernels
+chosen per layer shape and row bucket are printed after the table, with the CPU
 model and its bf16 units in the header. Wall and process CPU seconds are both printed (best of the
 repeats; batch 300 runs once); on a shared machine the CPU-time ratio is the steadier one.
 Also measured: a 5-step rollout at batch 30 from 3 context frames, KV-cached `step` vs recomputing
@@ -253,7 +254,8 @@ def row(name: str, batch: int, r: dict, ref: dict | None) -> str:
 
 
 def print_kernels(chosen: dict[str, dict]) -> None:
-    """The linear kernels each measured row chose (from its first run), with the calibration times."""
+    """The linear kernels each measured model chose (in its largest batch's run), with the calibration
+    times."""
     for m, r in chosen.items():
         print(f"\nkernels chosen, {m} (calibration took {r['calibration_s'] * 1e3:.0f} ms):")
         for key, k in r["kernels"].items():
@@ -299,8 +301,8 @@ def main() -> None:
             r = launch(m, batch, args)
             ref = r if m == "original" else ref
             print(row(m, batch, r, ref), flush=True)
-            if r.get("kernels") and m not in chosen:
-                chosen[m] = r
+            if r.get("kernels"):
+                chosen[m] = r  # the largest batch's run: its warm-up calibrated batch 1's shapes too
     print_kernels(chosen)
 
     if not args.no_rollout:
