@@ -176,8 +176,9 @@ def block_causal_mask(frames: int, patches: int, window: int, device: torch.devi
 # oneDNN's inner products have no autograd formula, so they are a candidate only with autograd off.
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # A linear layer is calibrated on at most this many rows of its input: which kernel wins can change
-# between a few hundred rows and tens of thousands (a batch of 30 predictor windows is 17640).
-_CALIBRATION_ROWS = 16384
+# between a few hundred rows and a few thousand (a batch of 30 predictor windows is 17640 rows); more
+# rows would make the one-off calibration of a large batch cost seconds.
+_CALIBRATION_ROWS = 4096
 
 
 def _linear_native(x: Tensor, layer: nn.Linear, gelu: bool) -> Tensor:
