@@ -187,7 +187,7 @@ def worker(args: argparse.Namespace) -> dict:
     future = torch.randn(args.batch, ROLLOUT_STEPS - 1, PATCHES, TOKEN_DIM)
     with torch.inference_mode():
         # warm-up at batch 1 and at up to 30 (keeps batch 300 to a single run): the linear layers
-        # calibrate here, per bucket of rows (588 tokens a window; 7 windows fill the largest bucket)
+        # calibrate here, per bucket of rows (588 rows a window, 196 a frame: 30 windows fill every bucket)
         run_forward(model, x[:1])
         if args.batch > 1:
             run_forward(model, x[:30])

@@ -20,7 +20,7 @@ from robots.teleop.mapping import ActionMapper, robot_mapper
 HZ, DELAY, CHUNK = 10.0, 0.25, 8
 
 
-def setup(mode: str, stitching: str, replan_every: int, chunk: int = CHUNK, delay: float = DELAY):
+def setup(mode: str, stitching: str, replan_every: int, chunk: int = CHUNK, delay: float = DELAY, **options):
     task = make_task("pointmaze", SimConfig(state_only=True, max_steps=400))
     feat = task.action_feature
     spec = ControllerSpec(
@@ -32,7 +32,7 @@ def setup(mode: str, stitching: str, replan_every: int, chunk: int = CHUNK, dela
     worker = SimulatedTimeWorker(spec, clock)
     worker.start()
     task.reset(0)
-    cfg = RuntimeConfig(mode=mode, stitching=stitching, replan_every=replan_every)
+    cfg = RuntimeConfig(mode=mode, stitching=stitching, replan_every=replan_every, **options)
     return task, Runtime(task, worker, cfg, clock=clock), clock
 
 
@@ -77,8 +77,7 @@ def test_async_drops_what_passed_and_continues_the_committed_actions():
 
 @pytest.mark.parametrize("overlap", [0, 1, None])
 def test_inpaint_overlap_bounds_what_the_controller_continues(overlap):
-    task, rt, _ = setup("async", "inpaint", replan_every=4)
-    rt.cfg = RuntimeConfig(mode="async", stitching="inpaint", replan_every=4, inpaint_overlap=overlap)
+    _, rt, _ = setup("async", "inpaint", replan_every=4, inpaint_overlap=overlap)
     handed, chunk_from = [], rt.worker.controller.chunk_from
 
     def spy(steps, actions, previous=None, frozen=0):
