@@ -23,7 +23,7 @@ from policies.diffusion import (
 )
 from policies.diffusion.consistency import ConsistencyObjective, DistillConfig
 from policies.diffusion.entry import chunk_policy
-from policies.diffusion.noise import Diffusion
+from policies.diffusion.noise import Committed, Diffusion, Inpaint, inpaint_guide, masked_mean
 from wm import kernels
 from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import DemoStore, KeySpec, Schema
@@ -178,6 +178,106 @@ def test_consistency_distillation_one_and_two_steps(toy_teacher, tmp_path):
         student.sample((4, 1, 2), None, "edm", 3)
     with pytest.raises(ValueError, match="already a consistency model"):
         ConsistencyObjective(student, DistillConfig())
+
+
+# ---------------------------------------------------------------------- continuing committed actions
+LINE = 8  # steps of a toy chunk
+
+
+def lines(n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, LINE, 1) ramps a + v * i / (LINE - 1): offset a ~ U(-0.5, 0.5), slope v = +-0.4 (two modes), so
+    two leading actions determine the rest."""
+    a = torch.rand(n, 1, generator=gen) - 0.5
+    v = (torch.rand(n, 1, generator=gen) < 0.5).float() * 0.8 - 0.4
+    return (a + v * torch.arange(LINE) / (LINE - 1))[..., None]
+
+
+class LineNet(nn.Module):
+    """MLP denoiser net(x (B, LINE, Din), t (B,), cond) -> (B, LINE, 1)."""
+
+    def __init__(self, din: int) -> None:
+        super().__init__()
+        h = 256
+        self.mlp = nn.Sequential(
+            nn.Linear(LINE * din + 16, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),
+            nn.Linear(h, LINE),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        arg = t[:, None] / 100 * (2.0 ** torch.arange(8)) * math.pi  # (B, 8)
+        return self.mlp(torch.cat([x.flatten(1), arg.sin(), arg.cos()], dim=-1))[..., None]
+
+
+def train_lines(committed: Committed | None) -> Diffusion:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = Diffusion(
+        LineNet(3 if committed else 1), NoiseConfig(prediction_type="sample"), committed=committed
+    )
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    steps = 1500
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        loss = model.loss(lines(256, gen), None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def continuation_error(model: Diffusion, given: int) -> float:
+    """Mean |error| of the sampled steps after `frozen` = 2 committed ones (3 steps of DPM-Solver++(2M),
+    the configs' default sampler), the first `given` of them also the network's input."""
+    truth = lines(500, torch.Generator().manual_seed(5))
+    guide = inpaint_guide(truth[:, :2], LINE, 0, 2, given)
+    model.cfg = dataclasses.replace(model.cfg, edm_solver="dpmpp_2m")
+    with torch.inference_mode():
+        x = model.sample(truth.shape, None, "edm", 3, torch.Generator().manual_seed(1), guide)
+    torch.testing.assert_close(x[:, :2], truth[:, :2])  # the committed actions stay
+    return (x[:, 2:] - truth[:, 2:]).abs().mean().item()
+
+
+def test_a_denoiser_trained_on_committed_actions_continues_them():
+    """Guidance alone (the committed steps inpainted, a network that never saw any) leaves a few-step
+    sampler's continuation near chance: it does not follow the ramp the two committed actions set. A
+    network trained with `Committed` takes them as input and continues them."""
+    plain = continuation_error(train_lines(None), given=0)
+    committed_model = train_lines(Committed(start=0, max_steps=4))
+    committed = continuation_error(committed_model, given=2)
+    assert committed < 0.06 and plain > 4 * committed, (plain, committed)
+    # The same network without committed actions (given 0) samples whole ramps, rising and falling.
+    with torch.inference_mode():
+        x = committed_model.sample((1000, LINE, 1), None, "edm", 3, torch.Generator().manual_seed(2))[..., 0]
+    slope = x[:, -1] - x[:, 0]  # (B,)
+    ramp = x[:, :1] + slope[:, None] * torch.arange(LINE) / (LINE - 1)
+    assert 0.3 < (slope > 0).float().mean() < 0.7 and (x - ramp).abs().mean() < 0.03
+    # Distillation keeps the conditioning: the student takes the same input channels and its loss runs.
+    objective = ConsistencyObjective(committed_model, DistillConfig(n_sigmas=8))
+    assert objective.student.committed == committed_model.committed
+    assert torch.isfinite(objective.loss(lines(16, torch.Generator().manual_seed(3)), None, None))
+
+
+def test_committed_draws_and_loss_mask():
+    x0 = torch.randn(4000, 10, 2)
+    guide = Committed(start=1, max_steps=3).draw(x0, torch.Generator().manual_seed(0))
+    n = guide.given.sum(1)  # (B,) committed steps per sample
+    assert set(n.tolist()) == {0, 1, 2, 3} and abs(n.float().mean().item() - 1.5) < 0.1
+    first = torch.where(n > 0, guide.given.float().argmax(1), torch.ones_like(n))
+    assert (first == 1).all() and torch.equal(guide.given.cumsum(1).amax(1), n)  # contiguous from step 1
+    assert torch.equal(guide.target, x0) and torch.equal(guide.weight, guide.given.float())
+    # The loss averages the valid steps that were not given.
+    err = torch.arange(20.0).view(2, 10)
+    given = torch.zeros(2, 10, dtype=torch.bool)
+    given[0, 1:3] = True
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 9] = False
+    keep = ~given & valid
+    assert masked_mean(err, valid, Inpaint(x0[:2], given.float(), given)) == err[keep].mean()
+    with pytest.raises(ValueError, match="leave none to sample"):
+        Committed(start=1, max_steps=9).draw(x0)
+    with pytest.raises(ValueError, match=r"given must be in \[0, frozen"):
+        inpaint_guide(x0[:1, :4], 10, 1, frozen=2, given=3)
 
 
 # ---------------------------------------------------------------------- a tiny real store
@@ -359,6 +459,42 @@ def test_checkpoint_round_trip(unet_policy, tmp_path):
     b = loaded.sample_actions(obs, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b)
     assert a.shape == (3, N_EXEC, 2)
+
+
+def test_policy_gives_its_denoiser_the_committed_actions(store_path, tmp_path):
+    """`committed_steps`: the denoiser's input carries min(frozen, committed_steps) committed actions from
+    the current step on (normalized) and their mask; without `previous` it carries none. The option
+    travels with the checkpoint and is validated."""
+    cfg = dataclasses.replace(tiny_config("unet"), committed_steps=3)
+    policy, data = train_policy(cfg, store_path, steps=40)
+    seen: list[torch.Tensor] = []
+    policy.diffusion.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    batch = data.get_batch([0, 7, 30])
+    obs = {"image": batch["image"], "proprio": batch["proprio"]}
+    previous = batch["action"][:, N_OBS - 1 :]  # (3, HORIZON - N_OBS + 1, 2) raw, due from now on
+    chunk = policy.sample_actions(obs, torch.Generator().manual_seed(5), previous, frozen=4, full=True)
+    x = seen[0]  # (3, HORIZON, 2 + 2 + 1): noisy actions, committed actions, mask
+    assert x.shape == (3, HORIZON, 5) and len(seen) == 5  # EDM Heun, 3 steps: 5 network calls
+    start = N_OBS - 1
+    want_mask = torch.zeros(HORIZON)
+    want_mask[start : start + 3] = 1  # 3 of the 4 frozen: the most it was trained to take
+    assert all(torch.equal(s[..., 4], want_mask.expand(3, -1)) for s in seen)
+    norm = policy.normalizer.normalize("action", previous[:, :3].float())
+    torch.testing.assert_close(x[:, start : start + 3, 2:4], norm)
+    assert not x[:, start + 3 :, 2:].any() and not x[:, :start, 2:].any()
+    torch.testing.assert_close(chunk[:, :4], previous[:, :4], atol=1e-5, rtol=0)  # frozen by guidance
+    seen.clear()
+    policy.sample_actions(obs, torch.Generator().manual_seed(5))
+    assert not any(s[..., 2:].any() for s in seen)  # nothing committed: zeros
+    save_policy(policy, tmp_path / "ckpt_00000001.pt")
+    loaded = load_model(str(tmp_path), controller="policy").model
+    assert loaded.cfg.committed_steps == 3 and loaded.diffusion.committed == policy.diffusion.committed
+    with kernels.mode("native"):  # "auto" may pick other kernels in one of the two (a first calibration)
+        a = policy.sample_actions(obs, torch.Generator().manual_seed(6), previous, frozen=2)
+        b = loaded.sample_actions(obs, torch.Generator().manual_seed(6), previous, frozen=2)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"committed_steps must be in \[0, horizon - n_obs"):
+        dataclasses.replace(cfg, committed_steps=HORIZON - N_OBS + 1)
 
 
 # ---------------------------------------------------------------------- action queue and ensembling

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from policies.diffusion.entry import chunk_policy
 from policies.diffusion.entry import validation as policy_validation
-from policies.diffusion.noise import Diffusion
+from policies.diffusion.noise import Diffusion, Inpaint, masked_mean
 from policies.diffusion.policy import MODEL_TYPES, DiffusionPolicy, DiffusionPolicyConfig
 from wm.checkpoint import CheckpointError, load_checkpoint
 from wm.data.normalize import Normalizer
@@ -53,24 +53,27 @@ class DistillConfig:
 
 
 @torch.no_grad()
-def _teacher_heun(teacher: Diffusion, x: Tensor, s_from: Tensor, s_to: Tensor, cond: Tensor | None) -> Tensor:
-    """One Heun step of the teacher's ODE dx/dsigma = (x - D(x, sigma)) / sigma, per-sample sigmas (B,)."""
+def _teacher_heun(
+    teacher: Diffusion, x: Tensor, s_from: Tensor, s_to: Tensor, cond: Tensor | None, given: Inpaint | None
+) -> Tensor:
+    """One Heun step of the teacher's ODE dx/dsigma = (x - D(x, sigma)) / sigma, per-sample sigmas (B,);
+    `given`: the committed actions a `Committed` teacher takes as input (None: none)."""
     view = (-1,) + (1,) * (x.ndim - 1)
     a, b = s_from.view(view), s_to.view(view)
-    d = (x - teacher.denoise(x, s_from, cond)) / a
+    d = (x - teacher.denoise(x, s_from, cond, given)) / a
     x_euler = x + (b - a) * d
-    d2 = (x_euler - teacher.denoise(x_euler, s_to, cond)) / b
+    d2 = (x_euler - teacher.denoise(x_euler, s_to, cond, given)) / b
     return x + (b - a) * (d + d2) / 2
 
 
 @torch.no_grad()
 def _teacher_to_end(
-    teacher: Diffusion, x: Tensor, start: Tensor, grid: Tensor, cond: Tensor | None
+    teacher: Diffusion, x: Tensor, start: Tensor, grid: Tensor, cond: Tensor | None, given: Inpaint | None
 ) -> Tensor:
     """Heun steps of the teacher's ODE from grid[start] (per sample, (B,)) down to grid[0]."""
     B, view = x.shape[0], (-1,) + (1,) * (x.ndim - 1)
     for k in range(int(start.max()), 0, -1):
-        stepped = _teacher_heun(teacher, x, grid[k].expand(B), grid[k - 1].expand(B), cond)
+        stepped = _teacher_heun(teacher, x, grid[k].expand(B), grid[k - 1].expand(B), cond, given)
         x = torch.where((start >= k).view(view), stepped, x)
     return x
 
@@ -95,9 +98,9 @@ class ConsistencyObjective(nn.Module):
         if teacher.consistency:
             raise ValueError("the teacher is already a consistency model")
         self.cfg = cfg
-        self.student = Diffusion(copy.deepcopy(teacher.net), teacher.cfg, consistency=True).requires_grad_(
-            True
-        )
+        self.student = Diffusion(
+            copy.deepcopy(teacher.net), teacher.cfg, consistency=True, committed=teacher.committed
+        ).requires_grad_(True)
         self.target = copy.deepcopy(self.student).requires_grad_(False)
         self._teacher = _Shared(teacher.eval().requires_grad_(False))
 
@@ -125,7 +128,9 @@ class ConsistencyObjective(nn.Module):
             bt.copy_(bs)
 
     def loss(self, x0: Tensor, cond: Tensor | None, valid: Tensor | None) -> Tensor:
-        """x0 (B, Ta, Da) normalized, cond (B, To, Dc) or None, valid (B, Ta) or None -> the CD loss."""
+        """x0 (B, Ta, Da) normalized, cond (B, To, Dc) or None, valid (B, Ta) or None -> the CD loss. A
+        `Committed` teacher's student learns to continue committed actions too: every network call of
+        a sample gets the same random committed prefix, left out of the loss."""
         if self.training:
             self.update_target()  # the EMA step owed to the previous optimizer step (a no-op at the first)
         cfg, teacher = self.cfg, self.teacher
@@ -135,15 +140,15 @@ class ConsistencyObjective(nn.Module):
         n = torch.randint(0, cfg.n_sigmas - 1, (B,), device=device)
         s_lo, s_hi = grid[n], grid[n + 1]  # (B,), (B,)
         x_hi = x0 + s_hi.view(-1, *[1] * (x0.ndim - 1)) * torch.randn_like(x0)
+        given = teacher.draw_committed(x0)
         if cfg.target == "one_step":
-            x_lo = _teacher_heun(teacher, x_hi, s_hi, s_lo, cond)
+            x_lo = _teacher_heun(teacher, x_hi, s_hi, s_lo, cond, given)
             with torch.no_grad():
-                y = self.target.denoise(x_lo, s_lo, cond)
+                y = self.target.denoise(x_lo, s_lo, cond, given)
         else:
-            y = _teacher_to_end(teacher, x_hi, n + 1, grid, cond)
-        err = (self.student.denoise(x_hi, s_hi, cond) - y).pow(2).mean(-1)  # (B, Ta)
-        w = torch.ones_like(err) if valid is None else valid.to(err.dtype)
-        return (err * w).sum() / w.sum().clamp_min(1.0)
+            y = _teacher_to_end(teacher, x_hi, n + 1, grid, cond, given)
+        err = (self.student.denoise(x_hi, s_hi, cond, given) - y).pow(2).mean(-1)  # (B, Ta)
+        return masked_mean(err, valid, given)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,12 @@ estimate x0_hat is replaced by W * target + (1 - W) * x0_hat before the sampler 
 continues a chunk already being executed. It only edits x0_hat, with no VJP through the network
 (RTC's costlier guided variant backpropagates through the denoiser; this one does not).
 
+A network can also be trained to continue committed actions (`Committed`, training-time real-time
+chunking, Black et al. 2025): it then takes, beside the noisy chunk, the clean committed actions and a
+mask (2 * Da + 1 input channels); training draws a random number of leading actions from the current
+step on as committed, gives them as input and leaves them out of the loss. At sampling time the guide's
+`given` steps are the ones the network takes as input (its targets there are the committed actions).
+
 Shapes: x (B, Ta, Da) normalized actions; cond (B, To, Dc) observation features or None.
 """
 
@@ -100,16 +106,49 @@ def make_betas(schedule: str, n: int) -> Tensor:
 class Inpaint:
     """Soft inpainting of the denoised estimate: x0 -> W * target + (1 - W) * x0, per action step.
 
-    target (B, Ta, Da) normalized actions (anything where the weight is 0); weight (Ta,) in [0, 1],
-    e.g. from `inpaint_weights`. Where the weight is 1 the sample ends exactly on the target (up to
-    float rounding), where it is 0 it is left to the model."""
+    target (B, Ta, Da) normalized actions (anything where the weight is 0); weight (Ta,) or (B, Ta) in
+    [0, 1], e.g. from `inpaint_weights`. Where the weight is 1 the sample ends exactly on the target (up
+    to float rounding), where it is 0 it is left to the model. given (Ta,) or (B, Ta) bool, or None: the
+    steps whose target a network trained with `Committed` takes as input (ignored by other networks)."""
 
     target: Tensor
     weight: Tensor
+    given: Tensor | None = None
 
     def __call__(self, x0: Tensor) -> Tensor:
         """x0 (B, Ta, Da) -> the guided estimate, same shape."""
-        return torch.lerp(x0, self.target.to(x0), self.weight.to(x0).view(1, -1, 1))
+        return torch.lerp(x0, self.target.to(x0), _per_step(self.weight.to(x0)))
+
+
+def _per_step(w: Tensor) -> Tensor:
+    """A (Ta,) or (B, Ta) per-step tensor broadcast over (B, Ta, Da)."""
+    return w.view(1, -1, 1) if w.ndim == 1 else w[..., None]
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Training-time real-time chunking: the network is trained to continue 0..`max_steps` committed
+    actions (drawn uniformly per sample) that start at chunk index `start` (the current step)."""
+
+    start: int
+    max_steps: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.max_steps < 1:
+            raise ValueError(f"committed actions need start >= 0 and max_steps >= 1, got {self}")
+
+    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> Inpaint:
+        """x0 (B, Ta, Da) clean normalized chunks -> a guide whose `given` (B, Ta) marks a random number
+        of committed steps per sample (0..max_steps) from `start` on, their targets x0's actions."""
+        B, Ta = x0.shape[:2]
+        if self.start + self.max_steps >= Ta:
+            raise ValueError(
+                f"{self.max_steps} committed actions from step {self.start} leave none to sample of {Ta}"
+            )
+        d = torch.randint(0, self.max_steps + 1, (B, 1), device=x0.device, generator=generator)
+        i = torch.arange(Ta, device=x0.device)[None]  # (1, Ta)
+        given = (i >= self.start) & (i < self.start + d)  # (B, Ta)
+        return Inpaint(x0, given.float(), given)
 
 
 def inpaint_weights(length: int, start: int, frozen: int, overlap: int) -> Tensor:
@@ -130,14 +169,28 @@ def inpaint_weights(length: int, start: int, frozen: int, overlap: int) -> Tenso
     return torch.cat([w.new_zeros(start), w]).float()
 
 
-def inpaint_guide(previous: Tensor, horizon: int, start: int, frozen: int) -> Inpaint:
+def inpaint_guide(previous: Tensor, horizon: int, start: int, frozen: int, given: int = 0) -> Inpaint:
     """The guide over a normalized (E, horizon, Da) chunk towards `previous` (E, n, Da), normalized
     actions of the chunk being executed, previous[:, 0] placed at index `start` (the current step);
-    actions past the chunk's end cannot guide it."""
+    actions past the chunk's end cannot guide it. The first `given` (<= frozen) of them are also the
+    committed actions a network trained with `Committed` takes as input."""
+    if not 0 <= given <= frozen:
+        raise ValueError(f"given must be in [0, frozen = {frozen}], got {given}")
     n = min(previous.shape[1], horizon - start)
     target = previous.new_zeros(previous.shape[0], horizon, previous.shape[2])  # (E, horizon, Da)
     target[:, start : start + n] = previous[:, :n]
-    return Inpaint(target, inpaint_weights(horizon, start, frozen, n).to(previous.device))
+    mask = torch.zeros(horizon, dtype=torch.bool, device=previous.device)
+    mask[start : start + given] = True
+    return Inpaint(target, inpaint_weights(horizon, start, frozen, n).to(previous.device), mask)
+
+
+def masked_mean(err: Tensor, valid: Tensor | None, guide: Inpaint | None) -> Tensor:
+    """Mean of a per-step loss err (B, Ta) over the valid steps (bool (B, Ta), None: all) that are not
+    given to the network (`guide.given`)."""
+    w = torch.ones_like(err) if valid is None else valid.to(err.dtype)
+    if guide is not None and guide.given is not None:
+        w = w * (~guide.given).to(err.dtype)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
 def _guided(x0: Tensor, guide: Inpaint | None) -> Tensor:
@@ -155,9 +208,11 @@ class Diffusion(nn.Module):
     f(x, sigma) = c_skip(sigma) x + (1 - c_skip(sigma)) D(x, sigma), exactly x at the schedule's
     smallest sigma, and only the "consistency" sampler applies."""
 
-    def __init__(self, net: nn.Module, cfg: NoiseConfig, consistency: bool = False) -> None:
+    def __init__(
+        self, net: nn.Module, cfg: NoiseConfig, consistency: bool = False, committed: Committed | None = None
+    ) -> None:
         super().__init__()
-        self.net, self.cfg, self.consistency = net, cfg, consistency
+        self.net, self.cfg, self.consistency, self.committed = net, cfg, consistency, committed
         betas = make_betas(cfg.beta_schedule, cfg.num_train_steps)
         abar = torch.cumprod(1 - betas, 0)
         sigmas = ((1 - abar) / abar).sqrt()
@@ -173,19 +228,35 @@ class Diffusion(nn.Module):
     # ------------------------------------------------------------------ training
     def loss(self, x0: Tensor, cond: Tensor | None, valid: Tensor | None = None) -> Tensor:
         """DDPM loss: MSE of the network's epsilon / sample prediction at a random timestep per sample.
-        x0 (B, Ta, Da) normalized; valid (B, Ta) bool, False steps (padding) are left out."""
+        x0 (B, Ta, Da) normalized; valid (B, Ta) bool, False steps (padding) are left out, and so are the
+        committed steps a `Committed` network is given."""
         B = x0.shape[0]
         t = torch.randint(0, self.cfg.num_train_steps, (B,), device=x0.device)
         noise = torch.randn_like(x0)
         abar = self.alphas_cumprod[t].view(B, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        pred = self.net(x_t, t.float(), cond)
+        guide = self.draw_committed(x0)
+        pred = self.run_net(x_t, t.float(), cond, guide)
         target = noise if self.cfg.prediction_type == "epsilon" else x0
         err = F.mse_loss(pred, target, reduction="none").mean(-1)  # (B, Ta)
-        if valid is None:
-            return err.mean()
-        w = valid.to(err.dtype)
-        return (err * w).sum() / w.sum().clamp_min(1.0)
+        return masked_mean(err, valid, guide)
+
+    def draw_committed(self, x0: Tensor) -> Inpaint | None:
+        """Training: a random committed prefix per sample of x0 (B, Ta, Da) for a `Committed` network,
+        else None."""
+        return None if self.committed is None else self.committed.draw(x0)
+
+    def run_net(self, x_vp: Tensor, t: Tensor, cond: Tensor | None, guide: Inpaint | None) -> Tensor:
+        """The network on the VP input x_vp (B, Ta, Da) at timesteps t (B,); a `Committed` network also
+        gets the guide's given steps: [x_vp, given targets (0 elsewhere), given mask] (B, Ta, 2 Da + 1)."""
+        if self.committed is None:
+            return self.net(x_vp, t, cond)
+        B, Ta, Da = x_vp.shape
+        if guide is None or guide.given is None:
+            return self.net(torch.cat([x_vp, x_vp.new_zeros(B, Ta, Da + 1)], -1), t, cond)
+        mask = _per_step(guide.given.to(x_vp)).expand(B, Ta, 1)
+        values = guide.target.to(x_vp) * mask
+        return self.net(torch.cat([x_vp, values, mask], -1), t, cond)
 
     # ------------------------------------------------------------------ the denoiser in sigma space
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
@@ -195,12 +266,15 @@ class Diffusion(nn.Module):
         lo_v, hi_v = self.log_sigmas[hi - 1], self.log_sigmas[hi]
         return (hi - 1).to(sigma.dtype) + (log_sigma - lo_v) / (hi_v - lo_v)
 
-    def raw_denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+    def raw_denoise(
+        self, x: Tensor, sigma: Tensor, cond: Tensor | None, guide: Inpaint | None = None
+    ) -> Tensor:
         """Denoised estimate x0 of the VE sample x = x0 + sigma * eps; sigma 0-d (one noise level for the
-        batch) or (B,). Clipped when the config says so."""
+        batch) or (B,). Clipped when the config says so. `guide` only gives a `Committed` network its
+        committed actions; it is not applied here."""
         t = self.sigma_to_t(sigma).expand(x.shape[0])  # (B,)
         s = sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma  # broadcasts over x
-        out = self.net(x / (1 + s**2).sqrt(), t, cond)
+        out = self.run_net(x / (1 + s**2).sqrt(), t, cond, guide)
         x0 = x - s * out if self.cfg.prediction_type == "epsilon" else out
         if self.cfg.clip_sample:
             x0 = x0.clamp(-self.cfg.clip_range, self.cfg.clip_range)
@@ -210,13 +284,18 @@ class Diffusion(nn.Module):
         """Consistency skip weight: 1 at the schedule's smallest sigma (f(x, sigma) = x there), -> 0 above."""
         return SIGMA_DATA**2 / ((sigma - self.table_sigma_min) ** 2 + SIGMA_DATA**2)
 
-    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
-        """x0 estimate: the network's (diffusion) or the consistency function f(x, sigma) (consistency)."""
-        x0 = self.raw_denoise(x, sigma, cond)
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None, guide: Inpaint | None = None) -> Tensor:
+        """x0 estimate: the network's (diffusion) or the consistency function f(x, sigma) (consistency).
+        `guide` as in `raw_denoise` (given steps only, not applied)."""
+        x0 = self.raw_denoise(x, sigma, cond, guide)
         if not self.consistency:
             return x0
         c = self.c_skip(sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma)
         return c * x + (1 - c) * x0
+
+    def _estimate(self, x: Tensor, sigma: Tensor, cond: Tensor | None, guide: Inpaint | None) -> Tensor:
+        """The denoised estimate the samplers step with: `denoise`, then the guide applied."""
+        return _guided(self.denoise(x, sigma, cond, guide), guide)
 
     def karras_sigmas(
         self, steps: int, sigma_min: float | None = None, device: torch.device | None = None
@@ -270,7 +349,7 @@ class Diffusion(nn.Module):
         abar, betas = self.alphas_cumprod, self.betas
         for t in range(self.cfg.num_train_steps - 1, -1, -1):
             a_t, a_prev = abar[t], abar[t - 1] if t > 0 else abar.new_tensor(1.0)
-            x0 = _guided(self.raw_denoise(x_t / a_t.sqrt(), self.sigmas[t], cond), guide)
+            x0 = _guided(self.raw_denoise(x_t / a_t.sqrt(), self.sigmas[t], cond, guide), guide)
             mean = (a_prev.sqrt() * betas[t] * x0 + (1 - betas[t]).sqrt() * (1 - a_prev) * x_t) / (1 - a_t)
             if t == 0:
                 return mean
@@ -290,7 +369,7 @@ class Diffusion(nn.Module):
         for i, t in enumerate(ts):
             sigma = self.sigmas[t]
             x_vp = x / (1 + sigma**2).sqrt()
-            out = self.net(x_vp, sigma.new_full((x.shape[0],), float(t)), cond)
+            out = self.run_net(x_vp, sigma.new_full((x.shape[0],), float(t)), cond, guide)
             eps = out if self.cfg.prediction_type == "epsilon" else (x - out) / sigma
             x0 = x - sigma * eps if self.cfg.prediction_type == "epsilon" else out
             if self.cfg.clip_sample:
@@ -305,12 +384,12 @@ class Diffusion(nn.Module):
         """EDM Heun (Karras et al. Alg. 1 without churn): 2 network calls per step, Euler on the last."""
         for i in range(len(sigmas) - 1):
             s, s_next = sigmas[i], sigmas[i + 1]
-            d = (x - _guided(self.denoise(x, s, cond), guide)) / s
+            d = (x - self._estimate(x, s, cond, guide)) / s
             x_euler = x + (s_next - s) * d
             if s_next == 0:
                 x = x_euler
             else:
-                d2 = (x_euler - _guided(self.denoise(x_euler, s_next, cond), guide)) / s_next
+                d2 = (x_euler - self._estimate(x_euler, s_next, cond, guide)) / s_next
                 x = x + (s_next - s) * (d + d2) / 2
         return x
 
@@ -320,7 +399,7 @@ class Diffusion(nn.Module):
         old = None
         for i in range(len(sigmas) - 1):
             s, s_next = sigmas[i], sigmas[i + 1]
-            x0 = _guided(self.denoise(x, s, cond), guide)
+            x0 = self._estimate(x, s, cond, guide)
             if s_next == 0:
                 return x0
             h = s.log() - s_next.log()  # step in t = -log(sigma)
@@ -344,9 +423,9 @@ class Diffusion(nn.Module):
         """Multistep consistency sampling (Song et al. Alg. 1): jump to x0 from sigma_max, then re-noise to
         the next Karras sigma and jump again."""
         sigmas = self.karras_sigmas(steps + 1, self.table_sigma_min, z.device)[:steps]  # sigma_max first
-        x0 = _guided(self.denoise(z * sigmas[0], sigmas[0], cond), guide)
+        x0 = self._estimate(z * sigmas[0], sigmas[0], cond, guide)
         for s in sigmas[1:]:
             noise = torch.randn(z.shape, generator=generator, device=z.device)
             x = x0 + (s**2 - self.table_sigma_min**2).clamp_min(0).sqrt() * noise
-            x0 = _guided(self.denoise(x, s, cond), guide)
+            x0 = self._estimate(x, s, cond, guide)
         return x0

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from policies.base import check_previous, last_steps
-from policies.diffusion.noise import SAMPLERS, Diffusion, NoiseConfig, inpaint_guide
+from policies.diffusion.noise import SAMPLERS, Committed, Diffusion, NoiseConfig, inpaint_guide
 from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
 from policies.diffusion.precision import check_precision, set_inference_precision
 from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
@@ -51,7 +51,10 @@ class DiffusionPolicyConfig:
     distilled student (sampler "consistency"). `temporal_ensemble`, for the policy's controller
     (`policies.chunking.ChunkPolicy`): None executes `n_action_exec` actions per chunk from a queue;
     a float m samples a chunk every step and averages the overlapping predictions with weights
-    exp(-m * i), i = 0 the oldest (`policies.chunking.TemporalEnsembler`)."""
+    exp(-m * i), i = 0 the oldest (`policies.chunking.TemporalEnsembler`). `committed_steps` > 0 trains
+    the denoiser to continue up to that many committed actions from the current step on, given as input
+    (`noise.Committed`, training-time real-time chunking for `wm-deploy`'s asynchronous inpainting); 0:
+    a plain denoiser, continued by guidance alone."""
 
     obs: ObsEncoderConfig = field(default_factory=ObsEncoderConfig)
     action_key: str = "action"
@@ -67,6 +70,7 @@ class DiffusionPolicyConfig:
     sampler_steps: int = 3
     consistency: bool = False
     temporal_ensemble: float | None = None
+    committed_steps: int = 0
     # inference: "bf16" runs the image backbone and the denoiser in bf16 where measured faster; "auto" is
     # bf16 where the hardware has bf16 units, else fp32 (`wm.precision.resolve_precision`), and on a CPU
     # the UNet's large layers may take int8 weights where measured faster (`policies.diffusion.unet`)
@@ -89,6 +93,11 @@ class DiffusionPolicyConfig:
             raise ValueError(
                 f"the UNet with {len(self.unet.down_dims)} levels needs a horizon divisible by "
                 f"{self.unet.time_divisor}, got {self.horizon}"
+            )
+        if not 0 <= self.committed_steps <= self.horizon - self.n_obs:
+            raise ValueError(
+                f"committed_steps must be in [0, horizon - n_obs = {self.horizon - self.n_obs}] (at least "
+                f"one action left to sample), got {self.committed_steps}"
             )
         _check_sampler(self.sampler, self.sampler_steps, self.consistency)
         check_precision(self.precision, allow_auto=True)
@@ -131,12 +140,14 @@ class DiffusionPolicy(nn.Module):
         self.cfg = cfg
         self.normalizer = normalizer
         self.obs_encoder = ObsEncoder(cfg.obs)
-        Dc = cfg.obs.out_dim
+        Dc, Da = cfg.obs.out_dim, cfg.action_dim
+        committed = Committed(cfg.n_obs - 1, cfg.committed_steps) if cfg.committed_steps else None
+        in_dim = 2 * Da + 1 if committed else Da  # noisy actions [+ committed actions, their mask]
         if cfg.denoiser == "unet":
-            net: nn.Module = ConditionalUnet1D(cfg.unet, cfg.action_dim, cfg.n_obs * Dc)
+            net: nn.Module = ConditionalUnet1D(cfg.unet, Da, cfg.n_obs * Dc, in_dim)
         else:
-            net = TransformerDenoiser(cfg.transformer, cfg.action_dim, Dc, cfg.horizon, cfg.n_obs)
-        self.diffusion = Diffusion(net, cfg.noise, consistency=cfg.consistency)
+            net = TransformerDenoiser(cfg.transformer, Da, Dc, cfg.horizon, cfg.n_obs, in_dim)
+        self.diffusion = Diffusion(net, cfg.noise, consistency=cfg.consistency, committed=committed)
         self.sampler, self.sampler_steps = cfg.sampler, cfg.sampler_steps
         self.set_precision(cfg.precision)
 
@@ -265,9 +276,10 @@ class DiffusionPolicy(nn.Module):
 
         previous (E, n, Da): raw actions of a chunk being executed, previous[:, 0] due at the current
         step; the sampler is guided by soft inpainting (`noise.Inpaint`, weights `noise.inpaint_weights`)
-        towards its first `frozen` actions fully and, with decaying weight, towards the rest of it.
-        Guidance brings the frozen actions close to previous's, not exactly onto them (float rounding);
-        `ChunkPolicy.chunk_from` sets them exactly."""
+        towards its first `frozen` actions fully and, with decaying weight, towards the rest of it; a
+        denoiser trained with `committed_steps` also takes the first min(frozen, committed_steps) of
+        them as input. Guidance brings the frozen actions close to previous's, not exactly onto them
+        (float rounding); `ChunkPolicy.chunk_from` sets them exactly."""
         c = self.cfg
         cond = self.encode(obs)  # (E, n_obs, Dc), once for every denoising step
         start = c.n_obs - 1  # the chunk starts at the oldest observation
@@ -275,7 +287,7 @@ class DiffusionPolicy(nn.Module):
         guide = None
         if prev is not None:
             prev = self.normalizer.normalize(c.action_key, prev.to(cond.device).float())
-            guide = inpaint_guide(prev, c.horizon, start, frozen)
+            guide = inpaint_guide(prev, c.horizon, start, frozen, min(frozen, c.committed_steps))
         x = self.diffusion.sample(
             (cond.shape[0], c.horizon, c.action_dim), cond, self.sampler, self.sampler_steps, generator, guide
         )

@@ -41,16 +41,23 @@ class TransformerConfig:
 
 
 class TransformerDenoiser(Bf16Inference, nn.Module):
-    """Denoiser `net(x (B, Ta, Da), t (B,), cond (B, To, Dc)) -> (B, Ta, Da)` for fixed Ta and To."""
+    """Denoiser `net(x (B, Ta, Din), t (B,), cond (B, To, Dc)) -> (B, Ta, Da)` for fixed Ta and To; Din is
+    `in_dim` (default Da; more where the noisy actions come with input channels, `noise.Committed`)."""
 
     def __init__(
-        self, cfg: TransformerConfig, action_dim: int, cond_dim: int, horizon: int, n_obs: int
+        self,
+        cfg: TransformerConfig,
+        action_dim: int,
+        cond_dim: int,
+        horizon: int,
+        n_obs: int,
+        in_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.horizon, self.n_obs = cfg, horizon, n_obs
         self._bf16 = Bf16Shadow()
         D = cfg.dim
-        self.action_in = nn.Linear(action_dim, D)
+        self.action_in = nn.Linear(in_dim or action_dim, D)
         self.action_pos = nn.Parameter(torch.zeros(1, horizon, D))
         self.step_emb = nn.Sequential(SinusoidalPosEmb(D), nn.Linear(D, D), nn.Mish(), nn.Linear(D, D))
         self.cond_in = nn.Linear(cond_dim, D) if cond_dim > 0 else None

@@ -363,10 +363,11 @@ class ResBlock1D(nn.Module):
 
 
 class ConditionalUnet1D(nn.Module):
-    """Denoiser `net(x (B, Ta, Da), t (B,), cond (B, To, Dc)) -> (B, Ta, Da)`; cond is flattened to one
-    global conditioning vector of To * Dc features (Diffusion Policy's global conditioning)."""
+    """Denoiser `net(x (B, Ta, Din), t (B,), cond (B, To, Dc)) -> (B, Ta, Da)`; cond is flattened to one
+    global conditioning vector of To * Dc features (Diffusion Policy's global conditioning). Din is
+    `in_dim` (default Da; more where the noisy actions come with input channels, `noise.Committed`)."""
 
-    def __init__(self, cfg: UNetConfig, action_dim: int, cond_dim: int) -> None:
+    def __init__(self, cfg: UNetConfig, action_dim: int, cond_dim: int, in_dim: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         k, g, dsed = cfg.kernel_size, cfg.n_groups, cfg.step_embed_dim
@@ -374,7 +375,7 @@ class ConditionalUnet1D(nn.Module):
             SinusoidalPosEmb(dsed), nn.Linear(dsed, dsed * 4), nn.Mish(), nn.Linear(dsed * 4, dsed)
         )
         film_dim = dsed + cond_dim
-        dims = [action_dim, *cfg.down_dims]
+        dims = [in_dim or action_dim, *cfg.down_dims]
         pairs = list(zip(dims[:-1], dims[1:], strict=True))
         self.down = nn.ModuleList()
         for i, (c_in, c_out) in enumerate(pairs):
