@@ -127,15 +127,20 @@ def _per_step(w: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Committed:
-    """Training-time real-time chunking: the network is trained to continue 0..`max_steps` committed
-    actions (drawn uniformly per sample) that start at chunk index `start` (the current step)."""
+    """Training-time real-time chunking: the network is trained to continue committed actions that start
+    at chunk index `start` (the current step): none for a share `p_none` of the samples (the whole chunk
+    sampled from the observations, as a synchronous robot and each episode's first chunk ask), else
+    1..`max_steps` drawn uniformly."""
 
     start: int
     max_steps: int
+    p_none: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.start < 0 or self.max_steps < 1:
-            raise ValueError(f"committed actions need start >= 0 and max_steps >= 1, got {self}")
+        if self.start < 0 or self.max_steps < 1 or not 0 <= self.p_none < 1:
+            raise ValueError(
+                f"committed actions need start >= 0, max_steps >= 1 and p_none in [0, 1), got {self}"
+            )
 
     def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> Inpaint:
         """x0 (B, Ta, Da) clean normalized chunks -> a guide whose `given` (B, Ta) marks a random number
@@ -145,7 +150,9 @@ class Committed:
             raise ValueError(
                 f"{self.max_steps} committed actions from step {self.start} leave none to sample of {Ta}"
             )
-        d = torch.randint(0, self.max_steps + 1, (B, 1), device=x0.device, generator=generator)
+        d = torch.randint(1, self.max_steps + 1, (B, 1), device=x0.device, generator=generator)
+        none = torch.rand(B, 1, device=x0.device, generator=generator) < self.p_none
+        d = d.masked_fill(none, 0)
         i = torch.arange(Ta, device=x0.device)[None]  # (1, Ta)
         given = (i >= self.start) & (i < self.start + d)  # (B, Ta)
         return Inpaint(x0, given.float(), given)
