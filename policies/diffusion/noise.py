@@ -213,7 +213,8 @@ class Diffusion(nn.Module):
 
     With `consistency=True` the module is a distilled consistency model: `denoise` returns
     f(x, sigma) = c_skip(sigma) x + (1 - c_skip(sigma)) D(x, sigma), exactly x at the schedule's
-    smallest sigma, and only the "consistency" sampler applies."""
+    smallest sigma, and only the "consistency" sampler applies. With `committed` the network takes the
+    committed actions as input beside the noisy ones (2 * Da + 1 channels, see `Committed`)."""
 
     def __init__(
         self, net: nn.Module, cfg: NoiseConfig, consistency: bool = False, committed: Committed | None = None
