@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -76,21 +77,25 @@ def mode_stats(x: torch.Tensor) -> tuple[float, float, float]:
     return pos, neg, 1 - pos - neg
 
 
-@pytest.fixture(scope="module")
-def toy_teacher() -> Diffusion:
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    model = Diffusion(ToyNet(), NoiseConfig())
+def fit_toy(model: Diffusion, batch: Callable[[], torch.Tensor], steps: int = 1500) -> Diffusion:
+    """Train a toy denoiser on batches drawn by `batch()`: Adam 2e-3, cosine schedule."""
     opt = torch.optim.Adam(model.parameters(), 2e-3)
-    steps = 1500
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
-        loss = model.loss(mixture(256, gen), None)
+        loss = model.loss(batch(), None)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def toy_teacher() -> Diffusion:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = Diffusion(ToyNet(), NoiseConfig())
+    return fit_toy(model, lambda: mixture(256, gen))
 
 
 @pytest.mark.parametrize(
@@ -214,16 +219,7 @@ def train_lines(committed: Committed | None) -> Diffusion:
     model = Diffusion(
         LineNet(3 if committed else 1), NoiseConfig(prediction_type="sample"), committed=committed
     )
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    steps = 1500
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        loss = model.loss(lines(256, gen), None)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    return fit_toy(model, lambda: lines(256, gen))
 
 
 def continuation_error(model: Diffusion, given: int) -> float:
