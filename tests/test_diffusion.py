@@ -24,7 +24,7 @@ from policies.diffusion import (
 )
 from policies.diffusion.consistency import ConsistencyObjective, DistillConfig
 from policies.diffusion.entry import chunk_policy
-from policies.diffusion.noise import Committed, Diffusion, Inpaint, inpaint_guide, masked_mean
+from policies.diffusion.noise import Committed, Diffusion, Inpaint, inpaint_guide, masked_mean, scored_steps
 from wm import kernels
 from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import DemoStore, KeySpec, Schema
@@ -270,7 +270,7 @@ def test_committed_draws_and_loss_mask():
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 9] = False
     keep = ~given & valid
-    assert masked_mean(err, valid, Inpaint(x0[:2], given.float(), given)) == err[keep].mean()
+    assert masked_mean(err, scored_steps(valid, Inpaint(x0[:2], given.float(), given))) == err[keep].mean()
     with pytest.raises(ValueError, match="leave none to sample"):
         Committed(start=1, max_steps=9).draw(x0)
     with pytest.raises(ValueError, match=r"given must be in \[0, frozen"):

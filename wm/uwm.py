@@ -46,7 +46,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from policies.base import check_previous, last_steps
-from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, inpaint_guide
+from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, inpaint_guide, masked_mean
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.latents import LatentCodec, LatentConfig, build_codec
@@ -349,8 +349,8 @@ class UWM(nn.Module):
         noisy_a = self.corrupt(x0_a, t_a, torch.randn_like(x0_a))
         noisy_v = self.corrupt(future, t_v, torch.randn_like(future))
         pred_a, pred_v = self.net(noisy_a, t_a.float(), noisy_v, t_v.float(), obs, proprio)
-        loss_a = _masked_mean((pred_a - x0_a).pow(2).mean(-1), action_ok)
-        loss_v = _masked_mean((pred_v - future).pow(2).flatten(2).mean(-1), frame_ok)
+        loss_a = masked_mean((pred_a - x0_a).pow(2).mean(-1), action_ok)
+        loss_v = masked_mean((pred_v - future).pow(2).flatten(2).mean(-1), frame_ok)
         loss = loss_a + c.video_weight * loss_v
         return loss, {"loss": loss.detach(), "action_loss": loss_a.detach(), "video_loss": loss_v.detach()}
 
@@ -476,9 +476,3 @@ class UWM(nn.Module):
             guide = inpaint_guide(prev, c.horizon, 0, frozen)
         actions = self.policy(obs, generator, guide)
         return actions if full else actions[:, : c.n_action_exec]
-
-
-def _masked_mean(err: Tensor, ok: Tensor) -> Tensor:
-    """Mean of err (B, N) over the True entries of ok (B, N); 0 (with a gradient) when there are none."""
-    w = ok.to(err.dtype)
-    return (err * w).sum() / w.sum().clamp_min(1.0)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from policies.diffusion.entry import chunk_policy
 from policies.diffusion.entry import validation as policy_validation
-from policies.diffusion.noise import Diffusion, Inpaint, masked_mean
+from policies.diffusion.noise import Diffusion, Inpaint, masked_mean, scored_steps
 from policies.diffusion.policy import MODEL_TYPES, DiffusionPolicy, DiffusionPolicyConfig
 from wm.checkpoint import CheckpointError, load_checkpoint
 from wm.data.normalize import Normalizer
@@ -148,7 +148,7 @@ class ConsistencyObjective(nn.Module):
         else:
             y = _teacher_to_end(teacher, x_hi, n + 1, grid, cond, given)
         err = (self.student.denoise(x_hi, s_hi, cond, given) - y).pow(2).mean(-1)  # (B, Ta)
-        return masked_mean(err, valid, given)
+        return masked_mean(err, scored_steps(valid, given))
 
 
 @dataclass(frozen=True)

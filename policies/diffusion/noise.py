@@ -191,13 +191,22 @@ def inpaint_guide(previous: Tensor, horizon: int, start: int, frozen: int, given
     return Inpaint(target, inpaint_weights(horizon, start, frozen, n).to(previous.device), mask)
 
 
-def masked_mean(err: Tensor, valid: Tensor | None, guide: Inpaint | None) -> Tensor:
-    """Mean of a per-step loss err (B, Ta) over the valid steps (bool (B, Ta), None: all) that are not
-    given to the network (`guide.given`)."""
-    w = torch.ones_like(err) if valid is None else valid.to(err.dtype)
-    if guide is not None and guide.given is not None:
-        w = w * (~guide.given).to(err.dtype)
+def masked_mean(err: Tensor, ok: Tensor | None) -> Tensor:
+    """Mean of err (B, N) over the True entries of ok (B, N) (None: all); 0 (with a gradient) when there
+    are none."""
+    if ok is None:
+        return err.mean()
+    w = ok.to(err.dtype)
     return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
+def scored_steps(valid: Tensor | None, guide: Inpaint | None) -> Tensor | None:
+    """The steps a loss scores: the valid ones (bool (B, Ta), None: all) that were not given to the
+    network (`guide.given`); None: all."""
+    if guide is None or guide.given is None:
+        return valid
+    free = ~guide.given
+    return free if valid is None else valid & free
 
 
 def _guided(x0: Tensor, guide: Inpaint | None) -> Tensor:
@@ -247,7 +256,7 @@ class Diffusion(nn.Module):
         pred = self.run_net(x_t, t.float(), cond, guide)
         target = noise if self.cfg.prediction_type == "epsilon" else x0
         err = F.mse_loss(pred, target, reduction="none").mean(-1)  # (B, Ta)
-        return masked_mean(err, valid, guide)
+        return masked_mean(err, scored_steps(valid, guide))
 
     def draw_committed(self, x0: Tensor) -> Inpaint | None:
         """Training: a random committed prefix per sample of x0 (B, Ta, Da) for a `Committed` network,
