@@ -387,6 +387,52 @@ def test_linear_layers_use_the_measured_kernel(fake_selector):
     assert len(choices) == 2  # with and without GELU
 
 
+def test_rotary_positions_on_the_projection_rows_only_where_measured_faster(monkeypatch):
+    """The predictor rotates its query / key projection rows instead of q and k where that measured
+    faster (per frame count, row bucket and dtype); both agree with the autograd path (which rotates q
+    and k), in `forward` and in rollouts from frame 0 and from a far frame index; the cached rows follow
+    an in-place weight change."""
+    from wm.predictor import Attention, KVCache, Predictor, PredictorConfig
+
+    calls = []  # one entry per call of the rows path (each key's calibration checks it once)
+    rows_path = Attention._qkv_rows
+    monkeypatch.setattr(Attention, "_qkv_rows", lambda *a: calls.append(1) or rows_path(*a))
+
+    def make(seed: int) -> Predictor:
+        torch.manual_seed(seed)
+        sizes = dict(dim=32, depth=2, heads=4, head_dim=8, mlp_dim=64, max_frames=3)
+        return Predictor(PredictorConfig(in_dim=12, out_dim=10, **sizes)).eval()
+
+    def rollout(model: Predictor, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        cache, outs = KVCache(next_frame=start), []
+        for t in range(x.shape[1]):
+            out, cache = model.step(x[:, t], (2, 3), cache)
+            outs.append(out)
+        return torch.stack(outs, dim=1)
+
+    x = torch.randn(4, 5, 6, 12)
+    for rows_time, want in ((0.5, "rows"), (2.0, "activations")):
+        model, fresh = make(0), make(5)
+        calls.clear()
+        timings = dict(native=1.0, onednn=1.0, activations=1.0, rows=rows_time)  # linears: PyTorch's
+        sel = Selector(KernelCache(None), timer=fake_timer(timings))
+        with kernels.using(sel), torch.enable_grad():
+            ref = model(x, (2, 3)).detach()
+        with kernels.using(sel), torch.no_grad():
+            torch.testing.assert_close(model(x, (2, 3)), ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(rollout(model, x), ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(rollout(model, x, start=1000), ref, atol=1e-4, rtol=0)
+            for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+                p.copy_(q)  # the rows cached above are now stale
+            torch.testing.assert_close(model(x, (2, 3)), fresh(x, (2, 3)), atol=1e-6, rtol=0)
+            torch.testing.assert_close(rollout(model, x, start=1000), fresh(x, (2, 3)), atol=1e-4, rtol=0)
+        rope = {key.split("|")[-1]: r for key, r, _ in sel.log if key.split("|")[-1].startswith("rope")}
+        assert {r["choice"] for r in rope.values()} == {want}
+        assert {key.split(" rows~")[0] for key in rope} == {"rope 5x6 32->64", "rope 1x6 32->64"}
+        assert all(r["rel_error"]["rows"] < 1e-5 for r in rope.values())
+        assert (len(calls) > len(rope)) == (want == "rows")  # the rows path ran beyond its calibration
+
+
 def test_whole_network_bf16_only_where_measured_faster(fake_selector):
     from policies.diffusion.precision import set_inference_precision
     from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser

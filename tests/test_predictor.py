@@ -150,6 +150,23 @@ def test_step_invariant_to_absolute_frame_index():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_rotary_positions_folded_into_the_projection_rows():
+    """RoPE applied to a frame's query / key projection rows (`rope_weights`) equals RoPE applied to q
+    and k. Which one the predictor uses is measured: tests/test_kernels.py."""
+    from wm.predictor import apply_rope, rope_tables, rope_weights
+
+    torch.manual_seed(0)
+    heads, hd, d, patches = 3, 4, 5, 2
+    w, x = torch.randn(2 * heads * hd, d), torch.randn(6, 3 * patches, d)
+    rot = rope_tables(7, 3, hd, 100.0, x)  # frames 7, 8, 9
+    rows = rope_weights(w, rot, heads)  # (3, 2*H*hd, D)
+    q, k = (x @ w.T).unflatten(-1, (2, heads, hd)).permute(2, 0, 3, 1, 4)  # (B, H, T*P, hd) each
+    want = torch.stack([apply_rope(q, rot, patches), apply_rope(k, rot, patches)])  # (2, B, H, T*P, hd)
+    got = torch.cat([x[:, t * patches : (t + 1) * patches] @ rows[t].T for t in range(3)], dim=1)
+    got = got.unflatten(-1, (2, heads, hd)).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_step_does_not_modify_cache_and_checks_grid():
     model = make(window=3)
     x = tokens(1, 2, (2, 2))

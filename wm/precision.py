@@ -94,8 +94,10 @@ def describe_hardware() -> str:
 
 
 def tensor_key(tensors) -> tuple:
-    """What identifies the current values of these tensors: storage pointer and version counter."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    """What identifies the current values of these tensors: storage pointer and version counter. An
+    inference tensor (made under `torch.inference_mode`, e.g. the weights of a bf16 copy built there)
+    has no version counter and can only change in place under inference mode: its pointer alone."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

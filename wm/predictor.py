@@ -53,7 +53,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from wm import kernels
-from wm.precision import Bf16Shadow, check_precision, resolve_precision
+from wm.precision import Bf16Shadow, check_precision, resolve_precision, tensor_key
 
 Grid = tuple[int, int]
 
@@ -143,13 +143,28 @@ def sincos_2d(grid: Grid, dim: int, like: Tensor) -> Tensor:
     return _sincos_2d_cpu(int(grid[0]), int(grid[1]), dim).to(like)
 
 
-def rope_tables(start: int, frames: int, head_dim: int, base: float, like: Tensor) -> Tensor:
-    """Complex rotations (frames, head_dim / 2) for absolute frame indices start .. start + frames - 1."""
+@lru_cache(maxsize=256)
+def _rope_cpu(start: int, frames: int, head_dim: int, base: float) -> Tensor:
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
     pos = torch.arange(start, start + frames, dtype=torch.float64)
     ang = torch.outer(pos, inv_freq)  # (T, hd/2), float64 on CPU: exact for large frame indices
-    rot = torch.polar(torch.ones_like(ang), ang)  # complex128
+    return torch.polar(torch.ones_like(ang), ang)  # complex128
+
+
+def rope_tables(start: int, frames: int, head_dim: int, base: float, like: Tensor) -> Tensor:
+    """Complex rotations (frames, head_dim / 2) for absolute frame indices start .. start + frames - 1."""
+    rot = _rope_cpu(int(start), int(frames), int(head_dim), float(base))
     return rot.to(device=like.device, dtype=torch.complex64 if like.dtype != torch.float64 else rot.dtype)
+
+
+def rope_weights(w: Tensor, rot: Tensor, heads: int) -> Tensor:
+    """Query and key projection rows w (2*H*hd, D), ordered (query | key, head, channel), rotated for
+    each frame of rot (T, hd/2): (T, 2*H*hd, D) in w's dtype, with `x @ out[t].T` equal to rotating
+    `x @ w.T` at frame t (`apply_rope`). Channel pair (2i, 2i+1) of an output is the complex number
+    (w[2i] + j w[2i+1]) x, so multiplying the pair of rows by the rotation rotates the output."""
+    rows = w.float().unflatten(0, (2, heads, -1, 2)).transpose(-1, -2)  # (2, H, hd/2, D, 2)
+    rows = torch.view_as_complex(rows.contiguous()) * rot[:, None, None, :, None]  # (T, 2, H, hd/2, D)
+    return torch.view_as_real(rows).transpose(-1, -2).reshape(rot.shape[0], *w.shape).to(w.dtype)
 
 
 def apply_rope(x: Tensor, rot: Tensor, patches: int) -> Tensor:
@@ -179,44 +194,56 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 # between a few hundred rows and a few thousand (a batch of 30 predictor windows is 17640 rows); more
 # rows would make the one-off calibration of a large batch cost seconds.
 _CALIBRATION_ROWS = 4096
+# Rotated query / key rows kept per attention layer (`Attention._rotated_rows`): a forward's, and the
+# frames of a rollout a planner repeats at every replan (history plus horizon).
+_ROTATED_CACHE = 16
+# Where rotary positions go (`Attention._rotate_rows`) is measured on up to this many rows.
+_ROPE_CALIBRATION_ROWS = 16384
 
 
-def _linear_native(x: Tensor, layer: nn.Linear, gelu: bool) -> Tensor:
-    y = F.linear(x, layer.weight, layer.bias)
+def _linear_native(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool) -> Tensor:
+    y = F.linear(x, w, b)
     return F.gelu(y) if gelu else y
 
 
-def _linear_onednn(x: Tensor, layer: nn.Linear, gelu: bool) -> Tensor:
+def _linear_onednn(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool) -> Tensor:
     attr = "gelu" if gelu else "none"
-    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], "none")
 
 
 _LINEAR_KERNELS = {"native": _linear_native, "onednn": _linear_onednn}
 
 
 def linear(x: Tensor, layer: nn.Linear, gelu: bool = False, onednn: bool = True) -> Tensor:
-    """`layer(x)` (then exact GELU when `gelu`). For CPU inference with `onednn` allowed, through the
-    kernel `wm.kernels` measured faster for this layer, dtype and row count (rows bucketed by powers of
-    two up to `_CALIBRATION_ROWS`, the size the calibration runs at); else `F.linear`."""
+    """`layer(x)` (then exact GELU when `gelu`), through `linear_weights`."""
+    return linear_weights(x, layer.weight, layer.bias, layer.__dict__, gelu, onednn)
+
+
+def linear_weights(
+    x: Tensor, w: Tensor, b: Tensor | None, owner: dict, gelu: bool = False, onednn: bool = True
+) -> Tensor:
+    """`F.linear(x, w, b)` (then exact GELU when `gelu`). For CPU inference with `onednn` allowed, through
+    the kernel `wm.kernels` measured faster for this weight shape, dtype and row count (rows bucketed by
+    powers of two up to `_CALIBRATION_ROWS`, the size the calibration runs at; the choice is remembered
+    in `owner`, the layer's `__dict__`); else `F.linear`."""
     if not (onednn and _ONEDNN_LINEAR) or torch.is_grad_enabled() or x.device.type != "cpu":
-        return _linear_native(x, layer, gelu)
+        return _linear_native(x, w, b, gelu)
     if torch.compiler.is_compiling():
-        return _linear_native(x, layer, gelu)  # inductor chooses its own kernels
+        return _linear_native(x, w, b, gelu)  # inductor chooses its own kernels
     rows = x.numel() // x.shape[-1]
     bucket = min(1 << max(rows - 1, 0).bit_length(), _CALIBRATION_ROWS)
-    memo = layer.__dict__.setdefault("_kernel_memo", {})
-    mk = (bucket, x.dtype, gelu, kernels.memo_token())
+    memo = owner.setdefault("_kernel_memo", {})
+    mk = (tuple(w.shape), b is not None, bucket, x.dtype, gelu, kernels.memo_token())
     name = memo.get(mk)
     if name is None:
         sample = x.reshape(-1, x.shape[-1])[:_CALIBRATION_ROWS]  # (rows, in)
         name = memo[mk] = kernels.choose(
-            f"linear {layer.in_features}->{layer.out_features} bias={layer.bias is not None} gelu={gelu} "
-            f"rows~{bucket} {x.dtype}",
-            {n: functools.partial(fn, sample, layer, gelu) for n, fn in _LINEAR_KERNELS.items()},
+            f"linear {w.shape[1]}->{w.shape[0]} bias={b is not None} gelu={gelu} rows~{bucket} {x.dtype}",
+            {n: functools.partial(fn, sample, w, b, gelu) for n, fn in _LINEAR_KERNELS.items()},
             native="native",
             tol=kernels.FP32_TOL if x.dtype == torch.float32 else kernels.BF16_TOL,
         )
-    return _LINEAR_KERNELS[name](x, layer, gelu)
+    return _LINEAR_KERNELS[name](x, w, b, gelu)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -234,21 +261,104 @@ class KVCache:
     grid: Grid | None = None
 
 
+class _RotatedRows(dict):
+    """(first frame, frames, device, dtype) -> (tensor_key of qkv.weight, `rope_weights` rows); a deep
+    copy (the predictor's bf16 copy) starts empty rather than holding fp32 rows it never uses."""
+
+    def __deepcopy__(self, memo: dict) -> _RotatedRows:
+        return _RotatedRows()
+
+
 class Attention(nn.Module):
     """Multi-head attention with rotary temporal positions on q / k; no bias on the qkv projection."""
 
     def __init__(self, cfg: PredictorConfig) -> None:
         super().__init__()
         self.heads, self.dropout, self.onednn = cfg.heads, cfg.dropout, cfg.onednn
+        self.head_dim, self.rope_base = cfg.head_dim, cfg.rope_base
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.inner_dim, bias=False)
         self.proj = nn.Linear(cfg.inner_dim, cfg.dim)
         self.proj_drop = nn.Dropout(cfg.dropout)
+        self._rotated = _RotatedRows()
 
-    def qkv_heads(self, x: Tensor, rot: Tensor, patches: int) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T*P, D) -> q, k (rotated), v, each (B, H, T*P, hd)."""
+    def qkv_heads(self, x: Tensor, start: int, patches: int) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T*P, D) of frames start .. start + T - 1 -> q, k (rotated at their frame), v, each
+        (B, H, T*P, hd).
+
+        A frame's rotation is linear and the same for all its tokens, so it can be folded into that
+        frame's query / key projection rows (`rope_weights`) instead of applied to q and k (in bf16 a
+        pass over both in fp32 and back); the rows then need one product per frame and, for several
+        frames, a copy that joins their outputs. Which of the two is faster depends on the dtype and
+        the CPU, so CPU inference chooses by measurement (`_rotate_rows`); autograd and other devices
+        rotate q and k. The result is the same either way, up to rounding.
+        """
+        rot = rope_tables(start, x.shape[1] // patches, self.head_dim, self.rope_base, x)  # (T, hd/2)
+        if self._rotate_rows(x, start, rot, patches):
+            return self._qkv_rows(x, self._rotated_rows(start, rot), patches)
+        return self._qkv_activations(x, rot, patches)
+
+    def _qkv_activations(self, x: Tensor, rot: Tensor, patches: int) -> tuple[Tensor, Tensor, Tensor]:
         qkv = linear(x, self.qkv, onednn=self.onednn)  # (B, T*P, 3*H*hd)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
         return apply_rope(q, rot, patches), apply_rope(k, rot, patches), v
+
+    def _qkv_rows(self, x: Tensor, w_qk: Tensor, patches: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k from each frame's rotated rows w_qk (T, 2*H*hd, D), v from the plain rows."""
+        b, n, d = x.shape
+        owner, inner = self.qkv.__dict__, self.qkv.out_features // 3
+        frames = [x[:, t * patches : (t + 1) * patches].reshape(b * patches, d) for t in range(w_qk.shape[0])]
+        qk = [
+            linear_weights(xt, w_t, None, owner, onednn=self.onednn).view(b, patches, -1)
+            for xt, w_t in zip(frames, w_qk, strict=True)
+        ]  # T x (B, P, 2*H*hd)
+        qk = qk[0] if len(qk) == 1 else torch.cat(qk, dim=1)  # (B, T*P, 2*H*hd)
+        v = linear_weights(x, self.qkv.weight[2 * inner :], None, owner, onednn=self.onednn)  # (B, T*P, H*hd)
+        q, k = rearrange(qk, "b n (two h d) -> two b h n d", two=2, h=self.heads).unbind(0)
+        return q, k, rearrange(v, "b n (h d) -> b h n d", h=self.heads)
+
+    def _rotation(self, rot: Tensor) -> Tensor:
+        """The query / key projection rows rotated for the frames of rot (T, hd/2): (T, 2*H*hd, D)."""
+        return rope_weights(self.qkv.weight[: 2 * (self.qkv.out_features // 3)].detach(), rot, self.heads)
+
+    def _rotate_rows(self, x: Tensor, start: int, rot: Tensor, patches: int) -> bool:
+        """Whether this call rotates projection rows rather than q and k: measured (`wm.kernels`) per
+        frame count, row count (bucketed by powers of two) and dtype on whole samples of the batch, up to
+        `_ROPE_CALIBRATION_ROWS` rows (the two differ in memory traffic, so smaller samples, which stay
+        in cache, mislead). The rows are timed as cached (a rollout step at a new frame index also
+        computes them: about a thousandth of the step at the batch sizes where the rows win)."""
+        if torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        b, n, d = x.shape
+        frames, rows = n // patches, b * n
+        bucket = min(1 << max(rows - 1, 0).bit_length(), _ROPE_CALIBRATION_ROWS)
+        memo = self.__dict__.setdefault("_kernel_memo", {})
+        mk = (frames, patches, bucket, x.dtype, kernels.memo_token())
+        name = memo.get(mk)
+        if name is None:
+            sample = x[: max(1, _ROPE_CALIBRATION_ROWS // n)]  # whole samples, (b', T*P, D)
+            candidates = {  # k: rotated in both
+                "activations": lambda: self._qkv_activations(sample, rot, patches)[1],
+                "rows": lambda: self._qkv_rows(sample, self._rotated_rows(start, rot), patches)[1],
+            }
+            name = memo[mk] = kernels.choose(
+                f"rope {frames}x{patches} {d}->{2 * self.qkv.out_features // 3} rows~{bucket} {x.dtype}",
+                candidates,
+                native="activations",
+                tol=kernels.FP32_TOL if x.dtype == torch.float32 else kernels.BF16_TOL,
+            )
+        return name == "rows"
+
+    def _rotated_rows(self, start: int, rot: Tensor) -> Tensor:
+        """`rope_weights` of the query / key rows for these frames (inference only), cached (a few
+        entries) until the weight changes."""
+        w = self.qkv.weight
+        key, version = (start, rot.shape[0], w.device, w.dtype), tensor_key([w])
+        hit = self._rotated.get(key)
+        if hit is None or hit[0] != version:
+            if len(self._rotated) >= _ROTATED_CACHE:
+                self._rotated.pop(next(iter(self._rotated)))  # the oldest
+            hit = self._rotated[key] = (version, self._rotation(rot))
+        return hit[1]
 
     def sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         p = self.dropout if self.training else 0.0
@@ -305,9 +415,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rot: Tensor, patches: int, window: int, masked: bool) -> Tensor:
-        """x (B, T*P, D) over T whole frames."""
-        q, k, v = self.attn.qkv_heads(self.norm1(x), rot, patches)
+    def forward(self, x: Tensor, start: int, patches: int, window: int, masked: bool) -> Tensor:
+        """x (B, T*P, D) over T whole frames, the first at absolute index `start`."""
+        q, k, v = self.attn.qkv_heads(self.norm1(x), start, patches)
         if masked or torch.is_grad_enabled():
             x = x + self.attn.out(self.attn.attend_frames(q, k, v, patches, window, masked))
         else:
@@ -328,11 +438,11 @@ class Block(nn.Module):
         return y
 
     def step(
-        self, x: Tensor, rot: Tensor, k_cache: Tensor | None, v_cache: Tensor | None
+        self, x: Tensor, start: int, k_cache: Tensor | None, v_cache: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, P, D) of one frame; returns the block output and the keys / values it attended to
         (cached frames then this frame), (B, H, (n+1)*P, hd)."""
-        q, k, v = self.attn.qkv_heads(self.norm1(x), rot, x.shape[1])
+        q, k, v = self.attn.qkv_heads(self.norm1(x), start, x.shape[1])
         k_all = k if k_cache is None else torch.cat([k_cache, k], dim=2)  # (B, H, (n+1)*P, hd)
         v_all = v if v_cache is None else torch.cat([v_cache, v], dim=2)
         attn = rearrange(self.attn.sdpa(q, k_all, v_all), "b h n d -> b n (h d)")  # (B, P, H*hd)
@@ -410,10 +520,9 @@ class Predictor(nn.Module):
     def _forward(self, tokens: Tensor, grid: Grid) -> Tensor:
         frames, patches = tokens.shape[1:3]
         x = rearrange(self._embed(tokens, grid), "b t p d -> b (t p) d")
-        rot = rope_tables(0, frames, self.cfg.head_dim, self.cfg.rope_base, x)
         masked = self.cfg.attention == "masked"
         for block in self.blocks:
-            x = block(x, rot, patches, self.window, masked)
+            x = block(x, 0, patches, self.window, masked)
         x = self._out(x)
         return rearrange(x, "b (t p) d -> b t p d", t=frames)
 
@@ -438,13 +547,12 @@ class Predictor(nn.Module):
         if cache.grid is not None and cache.grid != grid:
             raise ValueError(f"cache was built for grid {cache.grid}, got {grid}")
         x = self._embed(tokens_t, grid)  # (B, P, D)
-        rot = rope_tables(cache.next_frame, 1, self.cfg.head_dim, self.cfg.rope_base, x)
         keep = (self.window - 1) * x.shape[1]  # cached tokens the next frame may attend to
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             k_c = cache.keys[i] if cache.frames else None
             v_c = cache.values[i] if cache.frames else None
-            x, k_all, v_all = block.step(x, rot, k_c, v_c)
+            x, k_all, v_all = block.step(x, cache.next_frame, k_c, v_c)
             # drop frames that left the window; copying the kept ones frees the (n+1)-frame tensor
             start = max(0, k_all.shape[2] - keep)
             keys.append(k_all[:, :, start:].clone() if start else k_all)
