@@ -194,6 +194,28 @@ def test_batch_independence_and_chunked_inference():
         assert torch.equal(model(x2, (2, 3))[1:], full[1:])
 
 
+def test_default_inference_chunks_bound_the_widest_activation(monkeypatch):
+    """By default a chunk holds as many whole samples as keep the widest activation (here the qkv
+    projection, 3 x 32 channels) within CHUNK_BYTES in the dtype inference runs in; the chunked
+    result equals the unchunked one."""
+    import wm.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "CHUNK_BYTES", 96 * 4 * 36)  # 36 fp32 tokens
+    model, whole = make(window=3), make(window=3, inference_chunk_tokens=0)
+    whole.load_state_dict(model.state_dict())
+    x = tokens(5, 3, (2, 3))  # 18 tokens a sample
+    with torch.no_grad():  # (chunks are for inference: bf16 runs only without autograd)
+        assert model.chunk_samples(18, x) == 2 and whole.chunk_samples(18, x) == 0
+        assert make(window=3, precision="bf16").chunk_samples(18, x) == 4  # bf16: half the bytes a token
+        assert make(window=3, inference_chunk_tokens=20).chunk_samples(18, x) == 1
+    runs = []
+    run = model._run
+    monkeypatch.setattr(model, "_run", lambda t, g: runs.append(t.shape[0]) or run(t, g))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, (2, 3)), whole(x, (2, 3)), atol=1e-5, rtol=0)
+    assert runs == [2, 2, 1]
+
+
 def test_inference_kernels_match_autograd_path():
     # without autograd, CPU fp32 linears run through the kernel measured fastest (oneDNN with GELU fused,
     # or F.linear); with autograd, through F.linear
@@ -261,6 +283,7 @@ def test_dino_wm_size_parameter_count():
         {"depth": 0},
         {"attention": "flash"},
         {"inference_chunk_tokens": -1},
+        {"inference_chunk_tokens": 1.5},
         {"rope_base": 1.0},
         {"precision": "fp16"},
     ],

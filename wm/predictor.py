@@ -68,7 +68,8 @@ class PredictorConfig:
     `attention`: "frame_blocks" (per-frame SDPA calls without a mask, fused kernels) or "masked"
     (one SDPA call with a boolean block-causal sliding-window mask; same result).
     `inference_chunk_tokens`: without autograd, `forward` runs the batch in chunks of at most this
-    many tokens to bound memory (0: never chunk).
+    many tokens (whole samples, at least one) to bound memory; 0: never chunk; None (the default): as
+    many tokens as keep each activation of a chunk within `CHUNK_BYTES` (see `Predictor.chunk_samples`).
     `onednn`: without autograd on CPU, let each linear layer choose between `F.linear` and oneDNN by
     measurement (see `linear`); False: always `F.linear`.
     `precision`: inference precision (autograd off): "fp32", "bf16" (a cached bf16 copy of the whole
@@ -87,7 +88,7 @@ class PredictorConfig:
     max_frames: int = 16
     rope_base: float = 10000.0
     attention: Literal["frame_blocks", "masked"] = "frame_blocks"
-    inference_chunk_tokens: int = 32768
+    inference_chunk_tokens: int | None = None
     onednn: bool = True
     precision: str = "fp32"
 
@@ -103,8 +104,9 @@ class PredictorConfig:
             raise ValueError(f"head_dim must be even (rotary embedding), got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.inference_chunk_tokens < 0:
-            raise ValueError(f"inference_chunk_tokens must be >= 0, got {self.inference_chunk_tokens}")
+        chunk = self.inference_chunk_tokens
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+            raise ValueError(f"inference_chunk_tokens must be None (auto) or an int >= 0, got {chunk!r}")
         if self.rope_base <= 1.0:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
         if self.attention not in ("frame_blocks", "masked"):
@@ -194,6 +196,9 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 # between a few hundred rows and a few thousand (a batch of 30 predictor windows is 17640 rows); more
 # rows would make the one-off calibration of a large batch cost seconds.
 _CALIBRATION_ROWS = 4096
+# The most bytes one activation of a default inference chunk holds (`Predictor.chunk_samples`): glibc's
+# DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, the largest block its malloc reuses instead of mapping afresh.
+CHUNK_BYTES = 32 * 2**20
 # Rotated query / key rows kept per attention layer (`Attention._rotated_rows`): a forward's, and the
 # frames of a rollout a planner repeats at every replan (history plus horizon).
 _ROTATED_CACHE = 16
@@ -489,17 +494,34 @@ class Predictor(nn.Module):
     def forward(self, tokens: Tensor, grid: Grid) -> Tensor:
         """tokens (B, T, P, in_dim), P = grid[0] * grid[1] -> (B, T, P, out_dim); output t predicts frame t+1.
 
-        Without autograd (no_grad / inference_mode) the batch runs in chunks of at most
-        `cfg.inference_chunk_tokens` tokens, so peak memory stays bounded for large batches.
+        Without autograd (no_grad / inference_mode) the batch runs in chunks of `chunk_samples`
+        samples, so peak memory stays bounded for large batches.
         """
         batch, frames, patches, _ = tokens.shape
-        per_chunk = max(1, self.cfg.inference_chunk_tokens // (frames * patches))
-        if torch.is_grad_enabled() or self.cfg.inference_chunk_tokens == 0 or batch <= per_chunk:
+        per_chunk = self.chunk_samples(frames * patches, tokens)
+        if torch.is_grad_enabled() or per_chunk == 0 or batch <= per_chunk:
             return self._run(tokens, grid)
         out = tokens.new_empty(batch, frames, patches, self.cfg.out_dim)
         for lo in range(0, batch, per_chunk):
             out[lo : lo + per_chunk] = self._run(tokens[lo : lo + per_chunk], grid)
         return out
+
+    def chunk_samples(self, tokens_per_sample: int, tokens: Tensor) -> int:
+        """Samples per inference chunk of `forward` for these input tokens (0: do not chunk).
+
+        By default (`inference_chunk_tokens=None`) a chunk is as many whole samples as keep its widest
+        activation (the qkv projection or the MLP's hidden layer, in the dtype inference runs in) within
+        `CHUNK_BYTES`, the largest block glibc's malloc serves from memory it keeps (its mmap threshold
+        never rises above it on 64-bit Linux). Larger blocks are mapped afresh for every intermediate and
+        every page faulted in on first touch: at DINO-WM's size and a batch of 30 that was a tenth of a
+        bf16 forward's CPU time (BENCHMARKS.md, predictor section).
+        """
+        chunk = self.cfg.inference_chunk_tokens
+        if chunk is None:
+            width = max(3 * self.cfg.inner_dim, self.cfg.mlp_dim, self.cfg.out_dim, self.cfg.in_dim)
+            size = 2 if self._bf16_active(tokens) else tokens.element_size()
+            chunk = CHUNK_BYTES // (width * size)
+        return chunk and max(1, chunk // tokens_per_sample)
 
     @property
     def precision(self) -> str:
