@@ -13,7 +13,8 @@ Peak memory = `ru_maxrss` after the run minus `ru_maxrss` after creating the mod
 Rows (inputs fp32 in every row):
     original          the original design (below)
     ours              fp32; each linear layer on the kernel measured fastest here (F.linear or oneDNN,
-                      `wm.kernels`), per-frame SDPA blocks: the fp32 default
+                      `wm.kernels`), rotary positions on q / k or folded into the projection rows
+                      (measured too), per-frame SDPA blocks, default inference chunks: the fp32 default
     ours-native       fp32, PyTorch's kernels only (`F.linear`, measurement off): isolates the choice
     ours-masked       one SDPA call with a boolean block-causal mask, `F.linear`; batches <= 30 only
     ours-bf16         `precision="bf16"`: a bf16 copy of the predictor, linear kernels measured
