@@ -197,7 +197,7 @@ def test_batch_independence_and_chunked_inference():
 def test_default_inference_chunks_bound_the_widest_activation(monkeypatch):
     """By default a chunk holds as many whole samples as keep the widest activation (here the qkv
     projection, 3 x 32 channels) within CHUNK_BYTES in the dtype inference runs in; the chunked
-    result equals the unchunked one."""
+    results (forward, and KV-cached steps with their caches) equal the unchunked ones."""
     import wm.predictor as predictor_module
 
     monkeypatch.setattr(predictor_module, "CHUNK_BYTES", 96 * 4 * 36)  # 36 fp32 tokens
@@ -208,12 +208,17 @@ def test_default_inference_chunks_bound_the_widest_activation(monkeypatch):
         assert model.chunk_samples(18, x) == 2 and whole.chunk_samples(18, x) == 0
         assert make(window=3, precision="bf16").chunk_samples(18, x) == 4  # bf16: half the bytes a token
         assert make(window=3, inference_chunk_tokens=20).chunk_samples(18, x) == 1
-    runs = []
-    run = model._run
+    runs, steps = [], []
+    run, step_chunk = model._run, model._step_chunk
     monkeypatch.setattr(model, "_run", lambda t, g: runs.append(t.shape[0]) or run(t, g))
+    monkeypatch.setattr(model, "_step_chunk", lambda t, *a: steps.append(t.shape[0]) or step_chunk(t, *a))
     with torch.no_grad():
         torch.testing.assert_close(model(x, (2, 3)), whole(x, (2, 3)), atol=1e-5, rtol=0)
-    assert runs == [2, 2, 1]
+        more = tokens(5, 5, (2, 3), seed=2)  # past the window: the cache drops frames
+        torch.testing.assert_close(
+            rollout(model, more, (2, 3)), rollout(whole, more, (2, 3)), atol=1e-5, rtol=0
+        )
+    assert runs == [2, 2, 1] and steps == [2, 2, 1] * 5  # a step's sample counts as a window of tokens
 
 
 def test_inference_kernels_match_autograd_path():

@@ -558,29 +558,55 @@ class Predictor(nn.Module):
 
         Equals `forward` over all frames fed so far (at the last frame), with the same sliding window.
         The cache passed in is not modified. In bf16 (`precision`) the cache holds bf16 keys and values.
+        Without autograd the batch runs in chunks as `forward`'s (`chunk_samples`, counting each sample
+        as a whole window of tokens), each chunk's keys and values written into the new cache.
         """
-        if self._bf16_active(tokens_t):
-            out, new = self._bf16(self)._step(tokens_t.bfloat16(), grid, cache)
-            return out.to(tokens_t.dtype), new
-        return self._step(tokens_t, grid, cache)
-
-    def _step(self, tokens_t: Tensor, grid: Grid, cache: KVCache) -> tuple[Tensor, KVCache]:
         grid = (int(grid[0]), int(grid[1]))
         if cache.grid is not None and cache.grid != grid:
             raise ValueError(f"cache was built for grid {cache.grid}, got {grid}")
-        x = self._embed(tokens_t, grid)  # (B, P, D)
-        keep = (self.window - 1) * x.shape[1]  # cached tokens the next frame may attend to
+        window_tokens = tokens_t.shape[1] * self.window
+        per_chunk = 0 if torch.is_grad_enabled() else self.chunk_samples(window_tokens, tokens_t)
+        if self._bf16_active(tokens_t):
+            out, new = self._bf16(self)._step(tokens_t.bfloat16(), grid, cache, per_chunk)
+            return out.to(tokens_t.dtype), new
+        return self._step(tokens_t, grid, cache, per_chunk)
+
+    def _step(self, tokens_t: Tensor, grid: Grid, cache: KVCache, per_chunk: int) -> tuple[Tensor, KVCache]:
+        batch, patches = tokens_t.shape[:2]
+        frames = min(cache.frames + 1, self.window - 1)  # the new cache's
+        if per_chunk == 0 or batch <= per_chunk:
+            out, keys, values = self._step_chunk(tokens_t, grid, cache, slice(None), frames * patches, True)
+            return out, KVCache(keys, values, cache.next_frame + 1, frames, grid)
+        out = keys = values = None
+        for lo in range(0, batch, per_chunk):
+            rows = slice(lo, lo + per_chunk)
+            y, k, v = self._step_chunk(tokens_t[rows], grid, cache, rows, frames * patches, False)
+            if out is None:  # (B, ...) tensors the chunks write into
+                out = y.new_empty(batch, *y.shape[1:])
+                keys = [t.new_empty(batch, *t.shape[1:]) for t in k]
+                values = [t.new_empty(batch, *t.shape[1:]) for t in v]
+            out[rows] = y
+            for i in range(len(k)):
+                keys[i][rows], values[i][rows] = k[i], v[i]
+        return out, KVCache(keys, values, cache.next_frame + 1, frames, grid)
+
+    def _step_chunk(
+        self, tokens_t: Tensor, grid: Grid, cache: KVCache, rows: slice, keep: int, own: bool
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """One frame of these samples (the cache's `rows`): the output, and per layer the keys and values
+        (b, H, keep, hd) of the last `keep` tokens (the frames the next step may attend to): tensors of
+        their own when `own`, else possibly views the caller copies."""
+        x = self._embed(tokens_t, grid)  # (b, P, D)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            k_c = cache.keys[i] if cache.frames else None
-            v_c = cache.values[i] if cache.frames else None
+            k_c = cache.keys[i][rows] if cache.frames else None
+            v_c = cache.values[i][rows] if cache.frames else None
             x, k_all, v_all = block.step(x, cache.next_frame, k_c, v_c)
             # drop frames that left the window; copying the kept ones frees the (n+1)-frame tensor
-            start = max(0, k_all.shape[2] - keep)
-            keys.append(k_all[:, :, start:].clone() if start else k_all)
-            values.append(v_all[:, :, start:].clone() if start else v_all)
-        new = KVCache(keys, values, cache.next_frame + 1, min(cache.frames + 1, self.window - 1), grid)
-        return self._out(x), new
+            start = k_all.shape[2] - keep
+            keys.append(k_all[:, :, start:].clone() if start and own else k_all[:, :, start:])
+            values.append(v_all[:, :, start:].clone() if start and own else v_all[:, :, start:])
+        return self._out(x), keys, values
 
 
 def _init_weights(m: nn.Module) -> None:
