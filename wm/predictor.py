@@ -146,17 +146,17 @@ def sincos_2d(grid: Grid, dim: int, like: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=256)
-def _rope_cpu(start: int, frames: int, head_dim: int, base: float) -> Tensor:
+def _rope_cpu(start: int, frames: int, head_dim: int, base: float, dtype: torch.dtype) -> Tensor:
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
     pos = torch.arange(start, start + frames, dtype=torch.float64)
     ang = torch.outer(pos, inv_freq)  # (T, hd/2), float64 on CPU: exact for large frame indices
-    return torch.polar(torch.ones_like(ang), ang)  # complex128
+    return torch.polar(torch.ones_like(ang), ang).to(dtype)  # computed in complex128
 
 
 def rope_tables(start: int, frames: int, head_dim: int, base: float, like: Tensor) -> Tensor:
     """Complex rotations (frames, head_dim / 2) for absolute frame indices start .. start + frames - 1."""
-    rot = _rope_cpu(int(start), int(frames), int(head_dim), float(base))
-    return rot.to(device=like.device, dtype=torch.complex64 if like.dtype != torch.float64 else rot.dtype)
+    dtype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
+    return _rope_cpu(int(start), int(frames), int(head_dim), float(base), dtype).to(like.device)
 
 
 def rope_weights(w: Tensor, rot: Tensor, heads: int) -> Tensor:
@@ -219,6 +219,11 @@ def _linear_onednn(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool) -> Tensor
 _LINEAR_KERNELS = {"native": _linear_native, "onednn": _linear_onednn}
 
 
+def _row_bucket(rows: int, cap: int) -> int:
+    """The power of two at or above `rows`, at most `cap`: calls in one bucket share a measured choice."""
+    return min(1 << max(rows - 1, 0).bit_length(), cap)
+
+
 def linear(x: Tensor, layer: nn.Linear, gelu: bool = False, onednn: bool = True) -> Tensor:
     """`layer(x)` (then exact GELU when `gelu`), through `linear_weights`."""
     return linear_weights(x, layer.weight, layer.bias, layer.__dict__, gelu, onednn)
@@ -236,7 +241,7 @@ def linear_weights(
     if torch.compiler.is_compiling():
         return _linear_native(x, w, b, gelu)  # inductor chooses its own kernels
     rows = x.numel() // x.shape[-1]
-    bucket = min(1 << max(rows - 1, 0).bit_length(), _CALIBRATION_ROWS)
+    bucket = _row_bucket(rows, _CALIBRATION_ROWS)
     memo = owner.setdefault("_kernel_memo", {})
     mk = (tuple(w.shape), b is not None, bucket, x.dtype, gelu, kernels.memo_token())
     name = memo.get(mk)
@@ -280,7 +285,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: PredictorConfig) -> None:
         super().__init__()
         self.heads, self.dropout, self.onednn = cfg.heads, cfg.dropout, cfg.onednn
-        self.head_dim, self.rope_base = cfg.head_dim, cfg.rope_base
+        self.head_dim, self.rope_base, self.inner = cfg.head_dim, cfg.rope_base, cfg.inner_dim
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.inner_dim, bias=False)
         self.proj = nn.Linear(cfg.inner_dim, cfg.dim)
         self.proj_drop = nn.Dropout(cfg.dropout)
@@ -298,7 +303,7 @@ class Attention(nn.Module):
         rotate q and k. The result is the same either way, up to rounding.
         """
         rot = rope_tables(start, x.shape[1] // patches, self.head_dim, self.rope_base, x)  # (T, hd/2)
-        if self._rotate_rows(x, start, rot, patches):
+        if self._rotate_rows(x, rot, patches):
             return self._qkv_rows(x, self._rotated_rows(start, rot), patches)
         return self._qkv_activations(x, rot, patches)
 
@@ -310,7 +315,7 @@ class Attention(nn.Module):
     def _qkv_rows(self, x: Tensor, w_qk: Tensor, patches: int) -> tuple[Tensor, Tensor, Tensor]:
         """q, k from each frame's rotated rows w_qk (T, 2*H*hd, D), v from the plain rows."""
         b, n, d = x.shape
-        owner, inner = self.qkv.__dict__, self.qkv.out_features // 3
+        owner, inner = self.qkv.__dict__, self.inner
         frames = [x[:, t * patches : (t + 1) * patches].reshape(b * patches, d) for t in range(w_qk.shape[0])]
         qk = [
             linear_weights(xt, w_t, None, owner, onednn=self.onednn).view(b, patches, -1)
@@ -323,30 +328,32 @@ class Attention(nn.Module):
 
     def _rotation(self, rot: Tensor) -> Tensor:
         """The query / key projection rows rotated for the frames of rot (T, hd/2): (T, 2*H*hd, D)."""
-        return rope_weights(self.qkv.weight[: 2 * (self.qkv.out_features // 3)].detach(), rot, self.heads)
+        return rope_weights(self.qkv.weight[: 2 * self.inner].detach(), rot, self.heads)
 
-    def _rotate_rows(self, x: Tensor, start: int, rot: Tensor, patches: int) -> bool:
+    def _rotate_rows(self, x: Tensor, rot: Tensor, patches: int) -> bool:
         """Whether this call rotates projection rows rather than q and k: measured (`wm.kernels`) per
         frame count, row count (bucketed by powers of two) and dtype on whole samples of the batch, up to
         `_ROPE_CALIBRATION_ROWS` rows (the two differ in memory traffic, so smaller samples, which stay
-        in cache, mislead). The rows are timed as cached; a rollout step at a new frame index also
-        computes them (1-2 ms a layer at DINO-WM's size, under a hundredth of a step at a batch of 30)."""
+        in cache, mislead). The rows are timed as rotated beforehand, as the cache serves them; a rollout
+        step at a new frame index also computes them (1-2 ms a layer at DINO-WM's size, under a hundredth
+        of a step at a batch of 30)."""
         if torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
             return False
         b, n, d = x.shape
         frames, rows = n // patches, b * n
-        bucket = min(1 << max(rows - 1, 0).bit_length(), _ROPE_CALIBRATION_ROWS)
+        bucket = _row_bucket(rows, _ROPE_CALIBRATION_ROWS)
         memo = self.__dict__.setdefault("_kernel_memo", {})
         mk = (frames, patches, bucket, x.dtype, kernels.memo_token())
         name = memo.get(mk)
         if name is None:
             sample = x[: max(1, _ROPE_CALIBRATION_ROWS // n)]  # whole samples, (b', T*P, D)
+            w_qk = functools.cache(lambda: self._rotation(rot))  # rotated at the first call only
             candidates = {  # k: rotated in both
                 "activations": lambda: self._qkv_activations(sample, rot, patches)[1],
-                "rows": lambda: self._qkv_rows(sample, self._rotated_rows(start, rot), patches)[1],
+                "rows": lambda: self._qkv_rows(sample, w_qk(), patches)[1],
             }
             name = memo[mk] = kernels.choose(
-                f"rope {frames}x{patches} {d}->{2 * self.qkv.out_features // 3} rows~{bucket} {x.dtype}",
+                f"rope {frames}x{patches} {d}->{2 * self.inner} rows~{bucket} {x.dtype}",
                 candidates,
                 native="activations",
                 tol=kernels.FP32_TOL if x.dtype == torch.float32 else kernels.BF16_TOL,
