@@ -43,9 +43,13 @@ from wm.precision import describe_hardware  # noqa: E402
 TASK = "arm_push"
 
 
-def spec_for(checkpoint: str, task, delay: float = 0.0, threads: int = 1, cpus=None) -> ControllerSpec:
+def spec_for(
+    checkpoint: str, task, delay: float = 0.0, threads: int = 1, cpus=None, guidance: str | None = None
+) -> ControllerSpec:
     feat = task.action_feature
     settings = {"controller": "policy", "checkpoint": checkpoint, "device": "cpu"}
+    if guidance is not None:
+        settings["policy"] = {"inpaint_guidance": guidance}
     return ControllerSpec(
         "tools._controller:worker_controller",
         {"settings": settings, "low": list(feat.low), "high": list(feat.high), "seed": 0},
@@ -139,7 +143,7 @@ def _image_size(checkpoint: str) -> tuple[int, int]:
 def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
     task = make_task(args.task, SimConfig(image_size=_image_size(args.checkpoint)))
     clock = None if args.wall else ManualClock(1000.0)
-    spec = spec_for(args.checkpoint, task, delay)
+    spec = spec_for(args.checkpoint, task, delay, guidance=args.inpaint_guidance)
     if args.wall:
         worker = ProcessWorker(spec) if mode == "async" else InlineWorker(spec)
     else:
@@ -174,6 +178,7 @@ def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
         "mode": mode,
         "stitching": stitching,
         "inpaint_overlap": args.inpaint_overlap,
+        "inpaint_guidance": args.inpaint_guidance,
         "episodes": args.episodes,
         "success_rate": float(np.mean(success)),
         "success": [bool(ok) for ok in success],  # per seed, from args.seed: for paired comparisons
@@ -227,6 +232,11 @@ def main() -> None:
     lat.add_argument("--exec-steps", type=int, default=8, help="sync: actions executed per chunk")
     lat.add_argument(
         "--inpaint-overlap", type=int, default=None, help="runtime.inpaint_overlap (default: all, RTC's mask)"
+    )
+    lat.add_argument(
+        "--inpaint-guidance",
+        default=None,
+        help="policy.inpaint_guidance: estimate | gradient (default: the checkpoint's)",
     )
     lat.add_argument("--ensemble-m", type=float, default=0.01)
     lat.add_argument("--only", nargs="*", default=None, help="e.g. sync/replace async/inpaint")

@@ -254,6 +254,61 @@ def test_a_denoiser_trained_on_committed_actions_continues_them():
     assert torch.isfinite(objective.loss(lines(16, torch.Generator().manual_seed(3)), None, None))
 
 
+class GaussianDenoiser(nn.Module):
+    """The exact denoiser of chunks x0 ~ N(0, cov) (cov (Ta, Ta), one action dim), predicting the sample:
+    E[x0 | x = x0 + sigma eps] = cov (cov + sigma^2 I)^-1 x, sigma read from the schedule's table."""
+
+    def __init__(self, cov: torch.Tensor) -> None:
+        super().__init__()
+        self.cov, self.log_sigmas = cov, None
+
+    def forward(self, x_vp: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        assert torch.equal(t, t[:1].expand_as(t))  # one noise level for the batch
+        lo = int(t[0].floor().clamp(0, len(self.log_sigmas) - 2))
+        f = t[0] - lo
+        sigma = torch.exp(self.log_sigmas[lo] * (1 - f) + self.log_sigmas[lo + 1] * f)
+        x = x_vp[..., 0] * (1 + sigma**2).sqrt()  # (B, Ta) the VE sample
+        gain = torch.linalg.solve(self.cov + sigma**2 * torch.eye(len(self.cov)), self.cov)  # symmetric
+        return (x @ gain)[..., None]
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, edm_solver, at_most",
+    [
+        ("edm", 3, "dpmpp_2m", 0.5),
+        ("edm", 3, "heun", 0.8),
+        ("ddim", 10, "heun", 0.8),
+        ("ddpm", 1, "heun", 0.8),
+    ],
+)
+def test_gradient_guidance_moves_the_free_steps_towards_the_conditional(sampler, steps, edm_solver, at_most):
+    """On smooth Gaussian chunks, where the best continuation of two committed actions is known exactly
+    (the conditional mean), editing the estimate leaves the free steps near the prior (every sampler),
+    while RTC's gradient guidance, through the denoiser's Jacobian, moves them towards it (halfway with
+    3 steps of DPM-Solver++(2M), the configs' default); the committed steps end on their targets."""
+    Ta, k, B = 8, 2, 2000
+    i = torch.arange(Ta, dtype=torch.float32)
+    cov = torch.exp(-((i[:, None] - i[None]) ** 2) / 18)  # unit variance, correlation length 3 steps
+    net = GaussianDenoiser(cov)
+    model = Diffusion(net, NoiseConfig(prediction_type="sample", clip_sample=False, edm_solver=edm_solver))
+    net.log_sigmas = model.log_sigmas
+    y = torch.tensor([1.0, 1.2])
+    want = cov[k:, :k] @ torch.linalg.solve(cov[:k, :k], y)  # the conditional mean of the free steps
+    previous = y.view(1, k, 1).expand(B, k, 1)
+
+    def free_error(max_weight: float | None) -> float:
+        guide = inpaint_guide(previous, Ta, 0, k, max_weight=max_weight)
+        with torch.inference_mode():
+            x = model.sample((B, Ta, 1), None, sampler, steps, torch.Generator().manual_seed(0), guide)
+        torch.testing.assert_close(x[:, :k], previous, atol=1e-4, rtol=0)  # the committed steps stay
+        return (x[:, k:, 0].mean(0) - want).abs().mean().item()
+
+    edited, guided = free_error(None), free_error(5.0)
+    assert edited > 0.4 and guided < at_most * edited, (edited, guided)
+    with pytest.raises(ValueError, match="max_weight must be > 0"):
+        inpaint_guide(previous, Ta, 0, k, max_weight=0.0)
+
+
 def test_committed_draws_and_loss_mask():
     x0 = torch.randn(4000, 10, 2)
     guide = Committed(start=1, max_steps=3).draw(x0, torch.Generator().manual_seed(0))
@@ -494,6 +549,19 @@ def test_policy_gives_its_denoiser_the_committed_actions(store_path, tmp_path):
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match=r"committed_steps must be in \[0, horizon - n_obs"):
         dataclasses.replace(cfg, committed_steps=HORIZON - N_OBS + 1)
+    # Gradient guidance, chosen at load time, differentiates the denoiser (committed inputs and all) from
+    # inside the sampler's inference mode; the frozen actions still end on the committed ones.
+    rtc = load_model(str(tmp_path), overrides={"inpaint_guidance": "gradient"}, controller="policy").model
+    calls: list[bool] = []
+    rtc.diffusion.net.register_forward_pre_hook(lambda module, args: calls.append(args[0].requires_grad))
+    chunk = rtc.sample_actions(obs, torch.Generator().manual_seed(5), previous, frozen=4, full=True)
+    assert calls == [True] * 5 and torch.isfinite(chunk).all()
+    torch.testing.assert_close(chunk[:, :4], previous[:, :4], atol=1e-5, rtol=0)
+    calls.clear()
+    rtc.sample_actions(obs, torch.Generator().manual_seed(5))
+    assert calls == [False] * 5  # nothing to continue: no gradient taken
+    with pytest.raises(ValueError, match="inpaint_guidance must be one of"):
+        dataclasses.replace(cfg, inpaint_guidance="vjp")
 
 
 # ---------------------------------------------------------------------- action queue and ensembling

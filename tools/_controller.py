@@ -27,6 +27,7 @@ POLICY_OPTIONS = {  # wm-eval policy.<name> -> the model config field it overrid
     "edm_solver": "noise.edm_solver",
     "precision": "precision",
     "temporal_ensemble": "temporal_ensemble",
+    "inpaint_guidance": "inpaint_guidance",
 }
 
 
@@ -39,6 +40,7 @@ class PolicyOptions:
     edm_solver: str | None = None
     precision: str | None = None
     temporal_ensemble: float | None = None
+    inpaint_guidance: str | None = None
 
 
 @dataclass(frozen=True)

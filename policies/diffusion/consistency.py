@@ -275,5 +275,5 @@ ENTRY = ModelEntry(
     state_prefix="policy.",
     use_ema=False,
     trainer_overrides={"ema_decay": 0.0},
-    overridable=("sampler_steps", "precision", "temporal_ensemble"),
+    overridable=("sampler_steps", "precision", "temporal_ensemble", "inpaint_guidance"),
 )

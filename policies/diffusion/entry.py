@@ -15,7 +15,14 @@ from wm.data.dataset import WindowDataset
 from wm.registry import ModelEntry, TrainContext
 
 # inference settings `wm-eval policy.*` may change at load time
-OVERRIDABLE = ("sampler", "sampler_steps", "precision", "noise.edm_solver", "temporal_ensemble")
+OVERRIDABLE = (
+    "sampler",
+    "sampler_steps",
+    "precision",
+    "noise.edm_solver",
+    "temporal_ensemble",
+    "inpaint_guidance",
+)
 CROP_SHARE = 0.875  # crop="auto": 7/8 of each side, Diffusion Policy's and LeRobot's 84 of 96
 
 

@@ -17,10 +17,18 @@ k-diffusion does), runs the network and converts its output to a denoised estima
                - 1 network calls) or DPM-Solver++(2M) (multistep 2nd order, `steps` network calls)
     consistency  a distilled consistency model (see `consistency.py`): 1 or more jumps to x0
 
-Every sampler can be guided by soft inpainting (`Inpaint`, for real-time chunking): each denoised
-estimate x0_hat is replaced by W * target + (1 - W) * x0_hat before the sampler uses it, so the sample
-continues a chunk already being executed. It only edits x0_hat, with no VJP through the network
-(RTC's costlier guided variant backpropagates through the denoiser; this one does not).
+Every sampler can be guided by soft inpainting (`Inpaint`, for real-time chunking), so the sample
+continues a chunk already being executed, in one of two ways:
+
+    estimate   each denoised estimate x0_hat is replaced by W * target + (1 - W) * x0_hat before the
+               sampler uses it (no pass through the network: the steps left free only learn of the
+               target through the next noisy sample, which few steps leave little room for)
+    gradient   RTC's guidance (Black et al. 2025, pseudo-inverse guidance), then the same edit:
+               x0_hat + sigma * k * J^T e with e = W * (target - x0_hat) and J = d x0_hat / d x the
+               denoiser's Jacobian (one vector-Jacobian product a network call, in fp32), k = min(max_weight,
+               (1 + sigma^2) / sigma): RTC's weight (unit-variance data) written in sigma, tau = 1 / (1 +
+               sigma). The correction moves the free steps too, by how the network couples them to the
+               guided ones; the edit then keeps the committed steps exactly on their targets.
 
 A network can also be trained to continue committed actions (`Committed`, training-time real-time
 chunking, Black et al. 2025): it then takes, beside the noisy chunk, the clean committed actions and a
@@ -104,16 +112,32 @@ def make_betas(schedule: str, n: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Inpaint:
-    """Soft inpainting of the denoised estimate: x0 -> W * target + (1 - W) * x0, per action step.
+    """Soft inpainting towards `target`, per action step (see the module docstring for the two ways).
 
     target (B, Ta, Da) normalized actions (anything where the weight is 0); weight (Ta,) or (B, Ta) in
-    [0, 1], e.g. from `inpaint_weights`. Where the weight is 1 the sample ends exactly on the target (up
-    to float rounding), where it is 0 it is left to the model. given (Ta,) or (B, Ta) bool, or None: the
-    steps whose target a network trained with `Committed` takes as input (ignored by other networks)."""
+    [0, 1], e.g. from `inpaint_weights`. Each estimate is edited, x0 -> W * target + (1 - W) * x0
+    (`__call__`): where the weight is 1 the sample ends exactly on the target (up to float rounding),
+    where it is 0 it is left to the model. max_weight None: only that; a number > 0: RTC's gradient
+    guidance first, its weight clipped there. given (Ta,) or (B, Ta) bool, or None: the steps whose
+    target a network trained with `Committed` takes as input (ignored by other networks)."""
 
     target: Tensor
     weight: Tensor
     given: Tensor | None = None
+    max_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_weight is not None and not self.max_weight > 0:
+            raise ValueError(f"max_weight must be > 0 or None (edit the estimate), got {self.max_weight}")
+
+    def error(self, x0: Tensor) -> Tensor:
+        """W * (target - x0), (B, Ta, Da): what gradient guidance pulls the estimate x0 by."""
+        return _per_step(self.weight.to(x0)) * (self.target.to(x0) - x0)
+
+    def detached(self) -> Inpaint:
+        """The same guide on plain copies of its tensors (usable by autograd after inference mode)."""
+        given = None if self.given is None else self.given.clone()
+        return Inpaint(self.target.clone(), self.weight.clone(), given, self.max_weight)
 
     def __call__(self, x0: Tensor) -> Tensor:
         """x0 (B, Ta, Da) -> the guided estimate, same shape."""
@@ -176,11 +200,19 @@ def inpaint_weights(length: int, start: int, frozen: int, overlap: int) -> Tenso
     return torch.cat([w.new_zeros(start), w]).float()
 
 
-def inpaint_guide(previous: Tensor, horizon: int, start: int, frozen: int, given: int = 0) -> Inpaint:
+def inpaint_guide(
+    previous: Tensor,
+    horizon: int,
+    start: int,
+    frozen: int,
+    given: int = 0,
+    max_weight: float | None = None,
+) -> Inpaint:
     """The guide over a normalized (E, horizon, Da) chunk towards `previous` (E, n, Da), normalized
     actions of the chunk being executed, previous[:, 0] placed at index `start` (the current step);
     actions past the chunk's end cannot guide it. The first `given` (<= frozen) of them are also the
-    committed actions a network trained with `Committed` takes as input."""
+    committed actions a network trained with `Committed` takes as input. max_weight: `Inpaint`'s (None:
+    edit the estimate; a number: gradient guidance)."""
     if not 0 <= given <= frozen:
         raise ValueError(f"given must be in [0, frozen = {frozen}], got {given}")
     n = min(previous.shape[1], horizon - start)
@@ -188,7 +220,8 @@ def inpaint_guide(previous: Tensor, horizon: int, start: int, frozen: int, given
     target[:, start : start + n] = previous[:, :n]
     mask = torch.zeros(horizon, dtype=torch.bool, device=previous.device)
     mask[start : start + given] = True
-    return Inpaint(target, inpaint_weights(horizon, start, frozen, n).to(previous.device), mask)
+    weight = inpaint_weights(horizon, start, frozen, n).to(previous.device)
+    return Inpaint(target, weight, mask, max_weight)
 
 
 def masked_mean(err: Tensor, ok: Tensor | None) -> Tensor:
@@ -209,12 +242,9 @@ def scored_steps(valid: Tensor | None, guide: Inpaint | None) -> Tensor | None:
     return free if valid is None else valid & free
 
 
-def _guided(x0: Tensor, guide: Inpaint | None) -> Tensor:
-    """The one place every sampler applies its guidance to a denoised estimate."""
-    return x0 if guide is None else guide(x0)
-
-
 Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x_t (B,Ta,Da), t (B,), cond) -> prediction
+# (x (B, Ta, Da) VE sample, sigma, cond, guide) -> (denoised estimate (B, Ta, Da), what else a sampler needs)
+Estimator = Callable[[Tensor, Tensor, Tensor | None, Inpaint | None], tuple[Tensor, Tensor | None]]
 
 
 class Diffusion(nn.Module):
@@ -312,7 +342,32 @@ class Diffusion(nn.Module):
 
     def _estimate(self, x: Tensor, sigma: Tensor, cond: Tensor | None, guide: Inpaint | None) -> Tensor:
         """The denoised estimate the samplers step with: `denoise`, then the guide applied."""
-        return _guided(self.denoise(x, sigma, cond, guide), guide)
+        return self._guided(x, sigma, cond, guide, self._denoise_only)[0]
+
+    def _denoise_only(
+        self, x: Tensor, sigma: Tensor, cond: Tensor | None, guide: Inpaint | None
+    ) -> tuple[Tensor, None]:
+        return self.denoise(x, sigma, cond, guide), None
+
+    def _guided(
+        self, x: Tensor, sigma: Tensor, cond: Tensor | None, guide: Inpaint | None, estimate: Estimator
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The one place every sampler applies its guidance: (guided estimate, unguided estimate, the
+        estimator's other output) of `estimate(x, sigma, cond, guide)` at the VE sample x (B, Ta, Da)."""
+        if guide is None or guide.max_weight is None:
+            x0, aux = estimate(x, sigma, cond, guide)
+            return (x0 if guide is None else guide(x0)), x0, aux
+        # Gradient guidance differentiates the estimate with respect to x. The sampler runs under
+        # inference mode, whose tensors autograd cannot save: it works on plain copies.
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            sig, g = sigma.clone(), guide.detached()
+            x0, aux = estimate(xg, sig, None if cond is None else cond.clone(), g)
+            (vjp,) = torch.autograd.grad(x0, xg, g.error(x0.detach()))
+        s = sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma
+        k = ((1 + s**2) / s).clamp(max=guide.max_weight)
+        x0, aux = x0.detach(), None if aux is None else aux.detach()
+        return guide(x0 + s * k * vjp), x0, aux
 
     def karras_sigmas(
         self, steps: int, sigma_min: float | None = None, device: torch.device | None = None
@@ -366,7 +421,7 @@ class Diffusion(nn.Module):
         abar, betas = self.alphas_cumprod, self.betas
         for t in range(self.cfg.num_train_steps - 1, -1, -1):
             a_t, a_prev = abar[t], abar[t - 1] if t > 0 else abar.new_tensor(1.0)
-            x0 = _guided(self.raw_denoise(x_t / a_t.sqrt(), self.sigmas[t], cond, guide), guide)
+            x0 = self._estimate(x_t / a_t.sqrt(), self.sigmas[t], cond, guide)
             mean = (a_prev.sqrt() * betas[t] * x0 + (1 - betas[t]).sqrt() * (1 - a_prev) * x_t) / (1 - a_t)
             if t == 0:
                 return mean
@@ -385,13 +440,18 @@ class Diffusion(nn.Module):
         x = z * (1 + self.sigmas[ts[0]] ** 2).sqrt()
         for i, t in enumerate(ts):
             sigma = self.sigmas[t]
-            x_vp = x / (1 + sigma**2).sqrt()
-            out = self.run_net(x_vp, sigma.new_full((x.shape[0],), float(t)), cond, guide)
-            eps = out if self.cfg.prediction_type == "epsilon" else (x - out) / sigma
-            x0 = x - sigma * eps if self.cfg.prediction_type == "epsilon" else out
-            if self.cfg.clip_sample:
-                x0 = x0.clamp(-self.cfg.clip_range, self.cfg.clip_range)
-            guided = _guided(x0, guide)
+
+            def estimate(x, sigma, cond, guide, t=t):  # on the exact timestep t: (clipped x0, eps)
+                out = self.run_net(
+                    x / (1 + sigma**2).sqrt(), sigma.new_full((x.shape[0],), float(t)), cond, guide
+                )
+                eps = out if self.cfg.prediction_type == "epsilon" else (x - out) / sigma
+                x0 = x - sigma * eps if self.cfg.prediction_type == "epsilon" else out
+                if self.cfg.clip_sample:
+                    x0 = x0.clamp(-self.cfg.clip_range, self.cfg.clip_range)
+                return x0, eps
+
+            guided, x0, eps = self._guided(x, sigma, cond, guide, estimate)
             eps, x0 = eps + (x0 - guided) / sigma, guided
             sigma_next = self.sigmas[ts[i + 1]] if i + 1 < len(ts) else sigma.new_zeros(())
             x = x0 + sigma_next * eps

@@ -42,6 +42,7 @@ from wm.spec import IOSpec
 log = logging.getLogger(__name__)
 DENOISERS = ("unet", "transformer")
 MODEL_TYPES = tuple(f"diffusion_{d}" for d in DENOISERS)
+INPAINT_GUIDANCE = ("estimate", "gradient")
 _SUB = {"obs": ObsEncoderConfig, "unet": UNetConfig, "transformer": TransformerConfig, "noise": NoiseConfig}
 
 
@@ -54,7 +55,10 @@ class DiffusionPolicyConfig:
     exp(-m * i), i = 0 the oldest (`policies.chunking.TemporalEnsembler`). `committed_steps` > 0 trains
     the denoiser to continue up to that many committed actions from the current step on, given as input
     (`noise.Committed`, training-time real-time chunking for `wm-deploy`'s asynchronous inpainting); 0:
-    a plain denoiser, continued by guidance alone."""
+    a plain denoiser, continued by guidance alone. `inpaint_guidance`: how a sample is guided towards
+    the actions of a chunk being executed (`noise.Inpaint`): "estimate" edits each denoised estimate,
+    "gradient" is RTC's guidance through the denoiser's Jacobian, its weight clipped at
+    `inpaint_max_weight`."""
 
     obs: ObsEncoderConfig = field(default_factory=ObsEncoderConfig)
     action_key: str = "action"
@@ -71,6 +75,8 @@ class DiffusionPolicyConfig:
     consistency: bool = False
     temporal_ensemble: float | None = None
     committed_steps: int = 0
+    inpaint_guidance: str = "estimate"
+    inpaint_max_weight: float = 5.0
     # inference: "bf16" runs the image backbone and the denoiser in bf16 where measured faster; "auto" is
     # bf16 where the hardware has bf16 units, else fp32 (`wm.precision.resolve_precision`), and on a CPU
     # the UNet's large layers may take int8 weights where measured faster (`policies.diffusion.unet`)
@@ -99,6 +105,12 @@ class DiffusionPolicyConfig:
                 f"committed_steps must be in [0, horizon - n_obs = {self.horizon - self.n_obs}] (at least "
                 f"one action left to sample), got {self.committed_steps}"
             )
+        if self.inpaint_guidance not in INPAINT_GUIDANCE:
+            raise ValueError(
+                f"inpaint_guidance must be one of {INPAINT_GUIDANCE}, got {self.inpaint_guidance!r}"
+            )
+        if not self.inpaint_max_weight > 0:
+            raise ValueError(f"inpaint_max_weight must be > 0, got {self.inpaint_max_weight}")
         _check_sampler(self.sampler, self.sampler_steps, self.consistency)
         check_precision(self.precision, allow_auto=True)
 
@@ -275,8 +287,9 @@ class DiffusionPolicy(nn.Module):
         `generator` seeds the sampler's noise (same seed and obs, same actions).
 
         previous (E, n, Da): raw actions of a chunk being executed, previous[:, 0] due at the current
-        step; the sampler is guided by soft inpainting (`noise.Inpaint`, weights `noise.inpaint_weights`)
-        towards its first `frozen` actions fully and, with decaying weight, towards the rest of it; a
+        step; the sampler is guided by soft inpainting (`noise.Inpaint`, weights `noise.inpaint_weights`,
+        the config's `inpaint_guidance`) towards its first `frozen` actions fully and, with decaying
+        weight, towards the rest of it; a
         denoiser trained with `committed_steps` also takes the first min(frozen, committed_steps) of
         them as input. Guidance brings the frozen actions close to previous's, not exactly onto them
         (float rounding); `ChunkPolicy.chunk_from` sets them exactly."""
@@ -287,7 +300,8 @@ class DiffusionPolicy(nn.Module):
         guide = None
         if prev is not None:
             prev = self.normalizer.normalize(c.action_key, prev.to(cond.device).float())
-            guide = inpaint_guide(prev, c.horizon, start, frozen, min(frozen, c.committed_steps))
+            weight = c.inpaint_max_weight if c.inpaint_guidance == "gradient" else None
+            guide = inpaint_guide(prev, c.horizon, start, frozen, min(frozen, c.committed_steps), weight)
         x = self.diffusion.sample(
             (cond.shape[0], c.horizon, c.action_dim), cond, self.sampler, self.sampler_steps, generator, guide
         )
