@@ -184,6 +184,7 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
         "noise.edm_solver": "heun",
         "precision": "bf16",
         "temporal_ensemble": None,
+        "inpaint_guidance": "estimate",
     }
     kern = results["kernels"]  # the kernels the policy's layers ran on, chosen in the eval's process
     assert kern["mode"] == "measure" and kern["shapes"] == sum(kern["by_kernel"].values()) > 0
