@@ -290,8 +290,8 @@ class DiffusionPolicy(nn.Module):
         step; the sampler is guided by soft inpainting (`noise.Inpaint`, weights `noise.inpaint_weights`,
         the config's `inpaint_guidance`) towards its first `frozen` actions fully and, with decaying
         weight, towards the rest of it; a denoiser trained with `committed_steps` also takes the first
-        min(frozen, committed_steps) of them as input. Guidance brings the frozen actions close to previous's, not exactly onto them
-        (float rounding); `ChunkPolicy.chunk_from` sets them exactly."""
+        min(frozen, committed_steps) of them as input. Guidance brings the frozen actions close to
+        previous's, not exactly onto them (float rounding); `ChunkPolicy.chunk_from` sets them exactly."""
         c = self.cfg
         cond = self.encode(obs)  # (E, n_obs, Dc), once for every denoising step
         start = c.n_obs - 1  # the chunk starts at the oldest observation
