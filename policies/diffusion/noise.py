@@ -144,6 +144,11 @@ class Inpaint:
         return torch.lerp(x0, self.target.to(x0), _per_step(self.weight.to(x0)))
 
 
+def _over(sigma: Tensor, x: Tensor) -> Tensor:
+    """A 0-d sigma as it is, a (B,) one shaped to broadcast over x (B, ...)."""
+    return sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma
+
+
 def _per_step(w: Tensor) -> Tensor:
     """A (Ta,) or (B, Ta) per-step tensor broadcast over (B, Ta, Da)."""
     return w.view(1, -1, 1) if w.ndim == 1 else w[..., None]
@@ -320,7 +325,7 @@ class Diffusion(nn.Module):
         batch) or (B,). Clipped when the config says so. `guide` only gives a `Committed` network its
         committed actions; it is not applied here."""
         t = self.sigma_to_t(sigma).expand(x.shape[0])  # (B,)
-        s = sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma  # broadcasts over x
+        s = _over(sigma, x)
         out = self.run_net(x / (1 + s**2).sqrt(), t, cond, guide)
         x0 = x - s * out if self.cfg.prediction_type == "epsilon" else out
         if self.cfg.clip_sample:
@@ -337,7 +342,7 @@ class Diffusion(nn.Module):
         x0 = self.raw_denoise(x, sigma, cond, guide)
         if not self.consistency:
             return x0
-        c = self.c_skip(sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma)
+        c = self.c_skip(_over(sigma, x))
         return c * x + (1 - c) * x0
 
     def _estimate(self, x: Tensor, sigma: Tensor, cond: Tensor | None, guide: Inpaint | None) -> Tensor:
@@ -364,7 +369,7 @@ class Diffusion(nn.Module):
             sig, g = sigma.clone(), guide.detached()
             x0, aux = estimate(xg, sig, None if cond is None else cond.clone(), g)
             (vjp,) = torch.autograd.grad(x0, xg, g.error(x0.detach()))
-        s = sigma.reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma
+        s = _over(sigma, x)
         k = ((1 + s**2) / s).clamp(max=guide.max_weight)
         x0, aux = x0.detach(), None if aux is None else aux.detach()
         return guide(x0 + s * k * vjp), x0, aux
