@@ -1,16 +1,19 @@
 """Real-time scheduling of the control loop (`robots.runtime.realtime`): applied inside the block,
-undone after it, and a line instead of a failure when the machine does not allow it."""
+undone after it, and a line instead of a failure when the machine does not allow it; and the garbage
+collector kept off the timed path (`QuietGC`)."""
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import pytest
 
 from robots.runtime.loop import RuntimeConfig
-from robots.runtime.realtime import realtime, worker_cpus
+from robots.runtime.realtime import QuietGC, realtime, worker_cpus
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux scheduling calls")
+linux = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux scheduling calls")
 
 
 def can_raise_priority() -> bool:
@@ -24,6 +27,7 @@ def can_raise_priority() -> bool:
         return False
 
 
+@linux
 def test_the_loop_runs_fifo_on_its_core_inside_the_block_and_as_before_after_it():
     cpus_before, policy_before = os.sched_getaffinity(0), os.sched_getscheduler(0)
     core = max(cpus_before)
@@ -40,6 +44,7 @@ def test_the_loop_runs_fifo_on_its_core_inside_the_block_and_as_before_after_it(
     assert worker_cpus(None) is None
 
 
+@linux
 def test_what_can_never_work_is_refused_before_a_robot_moves():
     with pytest.raises(ValueError, match="realtime_priority must be 1..99, got 120"):
         RuntimeConfig(realtime_priority=120)
@@ -47,3 +52,56 @@ def test_what_can_never_work_is_refused_before_a_robot_moves():
         RuntimeConfig(control_cpu=4096)
     with pytest.raises(ValueError, match="are for mode=async"):
         RuntimeConfig(mode="sync", realtime_priority=50)
+
+
+class Node:
+    """A container that can sit in a reference cycle (only the cycle collector frees those)."""
+
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def cycle() -> weakref.ref:
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+def test_quiet_gc_collects_young_cycles_in_steps_and_frees_the_rest_after_the_block():
+    assert gc.isenabled()
+    frozen_before = gc.get_freeze_count()
+    with QuietGC() as quiet:
+        assert not gc.isenabled() and gc.get_freeze_count() > frozen_before  # what existed is frozen
+        young = cycle()  # garbage made since the last step: the next step frees it
+        assert young() is not None
+        quiet.step()
+        assert young() is None
+        a, b = Node(), Node()  # a cycle still in use at a step survives it and is frozen...
+        a.other, b.other = b, a
+        held = weakref.ref(a)
+        quiet.step()
+        del a, b
+        for _ in range(3):  # ...so no later step walks it again, even once it is garbage
+            cycle()
+            quiet.step()
+        assert held() is not None
+    assert gc.isenabled() and gc.get_freeze_count() == frozen_before  # as it was
+    gc.collect()
+    assert held() is None  # unfrozen at the end of the block: the collector frees it
+
+
+def test_quiet_gc_disabled_or_nested_leaves_the_collector_as_it_was():
+    with QuietGC(enabled=False) as quiet:
+        assert gc.isenabled() and not quiet.active
+        young = cycle()
+        quiet.step()  # does nothing
+        assert young() is not None
+    gc.collect()
+    assert young() is None
+    gc.disable()
+    try:
+        with QuietGC():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a collector the caller had turned off stays off
+    finally:
+        gc.enable()

@@ -4,6 +4,8 @@ takeover) on a real simulated task, with a chunk latency the test chooses (`Simu
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,19 @@ def test_a_simulated_robot_runs_each_action_at_the_state_it_was_computed_for():
         runs[mode] = [(t.chunk, t.index) for t in out.ticks], np.array([t.command for t in out.ticks])
     assert runs["async"][0] == runs["sync"][0] == [(i // 4, i % 4) for i in range(24)]
     assert np.array_equal(runs["async"][1], runs["sync"][1])
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_ticks_run_with_the_garbage_collector_quiet_and_the_episode_restores_it(quiet):
+    _, rt, _ = setup("async", "replace", replan_every=4, quiet_gc=quiet)
+    during: list[tuple[bool, int]] = []
+    out = rt.run_episode(20, on_tick=lambda r, o: during.append((gc.isenabled(), gc.get_freeze_count())))
+    assert len(out.ticks) == 20 and out.stopped is None
+    if quiet:  # no automatic pass during the ticks; each tick's survivors are frozen in its slack
+        assert not any(enabled for enabled, _ in during) and during[-1][1] > during[0][1]
+    else:
+        assert all(enabled for enabled, _ in during)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_replace_without_the_committed_prefix_still_never_sends_late():

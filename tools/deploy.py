@@ -175,6 +175,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         threads=threads,
         delay_s=cfg.added_delay_s,
         cpus=worker_cpus(cfg.runtime.control_cpu),
+        quiet_gc=cfg.runtime.quiet_gc,
     )
     if cfg.server is not None:
         from robots.runtime.remote import RemoteWorker

@@ -26,6 +26,7 @@ import numpy as np
 
 from robots.base import Robot
 from robots.control import Clock, MonotonicClock
+from robots.runtime.realtime import QuietGC, check
 from robots.runtime.safety import SafetyConfig, SafetyLayer, Watchdog
 from robots.runtime.schedule import STITCHING, Chunk, Timeline
 from robots.runtime.worker import Reply, Request, WorkerDied
@@ -55,7 +56,9 @@ class RuntimeConfig:
     run (meanwhile the pending actions are sent: a chunk runs open loop that long at most).
     realtime_priority: run the control thread under SCHED_FIFO at this priority (1-99; None: normal
     scheduling); control_cpu: pin it to this core, the local inference worker to the others
-    (`robots.runtime.realtime`; both need privileges, and say so in one line when they are missing)."""
+    (`robots.runtime.realtime`; both need privileges, and say so in one line when they are missing).
+    quiet_gc: keep Python's garbage collector off the tick path (`realtime.QuietGC`: young objects are
+    collected in each tick's slack, the rest is frozen until the episode ends)."""
 
     mode: str = "async"
     stitching: str = "inpaint"
@@ -71,6 +74,7 @@ class RuntimeConfig:
     max_read_failures: int = 5
     realtime_priority: int | None = None
     control_cpu: int | None = None
+    quiet_gc: bool = True
     safety: SafetyConfig = field(default_factory=SafetyConfig)
 
     def __post_init__(self) -> None:
@@ -88,8 +92,6 @@ class RuntimeConfig:
             raise ValueError("read_retries and max_read_failures must be >= 1")
         if self.action_latency_s < 0:
             raise ValueError(f"action_latency_s must be >= 0, got {self.action_latency_s}")
-        from robots.runtime.realtime import check
-
         check(self.realtime_priority, self.control_cpu)
         if self.mode == "sync" and (self.realtime_priority is not None or self.control_cpu is not None):
             raise ValueError(
@@ -187,6 +189,19 @@ class Runtime:
         runs until `done()`, the tick limit, a fault or `stop_requested()`. `takeover(obs)` returns a
         human's action for a tick (`robots.runtime.intervention.Takeover`) or None; after a takeover
         the controller resumes from a chunk of an observation taken after the hand-back."""
+        with QuietGC(self.cfg.quiet_gc) as quiet:
+            return self._episode(max_ticks, goal, done, on_tick, stop_requested, takeover, quiet)
+
+    def _episode(
+        self,
+        max_ticks: int,
+        goal: Mapping[str, np.ndarray] | None,
+        done: Callable[[], bool] | None,
+        on_tick: Callable[[TickRecord, Mapping[str, np.ndarray]], None] | None,
+        stop_requested: Callable[[], bool] | None,
+        takeover: Callable[[Mapping[str, np.ndarray]], np.ndarray | None] | None,
+        quiet: QuietGC,
+    ) -> EpisodeOutcome:
         cfg, clock, out = self.cfg, self.clock, EpisodeOutcome()
         safety = SafetyLayer(self.feature, self.positions, self.safety_cfg)
         out.events = safety.events
@@ -220,6 +235,7 @@ class Runtime:
         missed: float | None = None  # sync: the deadline a blocking chunk made the robot miss
         for _ in range(max_ticks):
             tick_t = anchor + k * self.period  # this tick's time on the schedule
+            quiet.step()  # in the slack before the tick: the garbage of the previous one
             clock.sleep_until(tick_t)
             began = clock.now()
             k += 1

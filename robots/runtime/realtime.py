@@ -6,11 +6,15 @@ with the inference worker pinned to the others, so a model computing on every co
 the core the robot's ticks need. Both need privileges (root or CAP_SYS_NICE for the priority); when
 they are missing the loop runs as before and the caller gets one line saying so. Everything is
 undone on exit, so the rest of the program (reports, plots) runs normally.
+
+`QuietGC` keeps CPython's cyclic garbage collector from pausing a timed loop (the control loop, the
+inference worker, the policy server).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 
@@ -68,3 +72,43 @@ def realtime(priority: int | None, control_cpu: int | None) -> Iterator[list[str
         for step in reversed(undo):
             with contextlib.suppress(OSError):
                 step()
+
+
+class QuietGC:
+    """Keeps CPython's cyclic garbage collector from pausing a timed loop.
+
+    The collector runs whenever allocations pass a threshold, wherever the program happens to be; a
+    full pass walks every tracked object of the process (hundreds of thousands once torch and a
+    simulator are imported), and even a middle-generation pass can make a tick late. Inside the block
+    the automatic collector is off and every object that exists is frozen (no pass walks it again);
+    `step()`, called where the loop has slack (after a tick's work, after a message), collects only
+    what was made since the previous step and freezes what survived, so each object is walked once.
+    Cyclic garbage that outlives a step is kept until the block ends: then everything is unfrozen and
+    the collector is restored as it was, and its next pass frees it. `enabled=False` changes nothing.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.active = False
+        self._was_enabled = False
+
+    def __enter__(self) -> QuietGC:
+        if self.enabled:
+            self._was_enabled = gc.isenabled()
+            gc.disable()
+            gc.freeze()
+            self.active = True
+        return self
+
+    def step(self) -> None:
+        """Collect the young generation (what was made since the last step) and freeze its survivors."""
+        if self.active:
+            gc.collect(0)
+            gc.freeze()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self.active = False
+            gc.unfreeze()
+            if self._was_enabled:
+                gc.enable()

@@ -32,6 +32,7 @@ import numpy as np
 import zmq
 
 from robots.runtime import wire
+from robots.runtime.realtime import QuietGC
 from robots.runtime.worker import Request, compute, describe, kernel_line, kernel_summary, set_goal
 
 MAX_PENDING = 64  # handshakes in progress at once (more: the oldest is forgotten)
@@ -44,7 +45,8 @@ class ServerConfig:
     """host / port: where to listen (port 0: any free one); token: the shared secret clients must prove
     (required to bind anything but loopback); max_sessions: robots served at once;
     session_timeout_s: a session whose client is silent this long is closed; max_frame_mb /
-    max_request_mb: the largest array, and message, accepted."""
+    max_request_mb: the largest array, and message, accepted; quiet_gc: keep Python's garbage
+    collector off the message path (`realtime.QuietGC`: young objects collected between messages)."""
 
     host: str = "127.0.0.1"
     port: int = 5555
@@ -53,6 +55,7 @@ class ServerConfig:
     session_timeout_s: float = 10.0
     max_frame_mb: float = 16.0
     max_request_mb: float = 64.0
+    quiet_gc: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -174,16 +177,18 @@ class PolicyServer:
         """Answer messages until `stop()` (or `until()` says so)."""
         self._serving.clear()
         try:
-            self._loop(until)
+            with QuietGC(self.cfg.quiet_gc) as quiet:
+                self._loop(until, quiet)
         finally:
             self._serving.set()
 
-    def _loop(self, until: Callable[[], bool] | None) -> None:
+    def _loop(self, until: Callable[[], bool] | None, quiet: QuietGC) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         next_sweep = time.monotonic()
         while not self._stop.is_set() and not (until is not None and until()):
+            quiet.step()  # between messages: the garbage of the last ones
             events = dict(poller.poll(100))
             if self._wake_rx in events:
                 while self._wake_rx.poll(0):

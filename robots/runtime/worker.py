@@ -30,19 +30,22 @@ from typing import Any
 import numpy as np
 
 from robots.base import RobotError
+from robots.runtime.realtime import QuietGC
 
 
 @dataclass(frozen=True)
 class ControllerSpec:
     """builder: "module:function" returning the controller; kwargs: its arguments (picklable);
     threads: torch threads in the worker; delay_s: extra seconds added to every chunk (to emulate a
-    slower model in benchmarks, never a default); cpus: the cores a worker process is pinned to."""
+    slower model in benchmarks, never a default); cpus: the cores a worker process is pinned to;
+    quiet_gc: keep Python's garbage collector off the worker's requests (`realtime.QuietGC`)."""
 
     builder: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
     delay_s: float = 0.0
     cpus: tuple[int, ...] | None = None  # the cores the worker process may run on (None: any)
+    quiet_gc: bool = True
 
     def build(self) -> Any:
         module, _, name = self.builder.partition(":")
@@ -479,35 +482,49 @@ def _worker_main(spec: ControllerSpec, conn: Any) -> None:
             conn.send(("error", f"{type(e).__name__}: {e}"))
             return
         conn.send(("ready", describe(controller)))
-        while True:
-            try:
-                kind, payload = conn.recv()
-            except EOFError:
-                return  # the control loop is gone
-            if kind == "stop":
-                return
-            if kind == "buffers":
-                names, layout, window = payload
-                for k, name in names.items():
-                    shms[k] = shared_memory.SharedMemory(name=name)
-                    shape, dtype = layout[k]
-                    views[k] = np.ndarray((window, *shape), dtype, buffer=shms[k].buf)
-            elif kind == "reset":
-                try:
-                    set_goal(controller, payload)
-                    conn.send(("reset", None))
-                except Exception as e:  # noqa: BLE001
-                    conn.send(("reset", f"{type(e).__name__}: {e}"))
-            elif kind == "infer":
-                seq, n, n_actions, previous, frozen = payload
-                keys = [k for k in views if k != "__actions__"]
-                steps = [{k: views[k][i].copy() for k in keys} for i in range(n)]
-                actions = [views["__actions__"][i].copy() for i in range(n_actions)]
-                reply = compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s)
-                conn.send(("reply", reply))
-            elif kind == "kernels":
-                conn.send(("kernels", kernel_summary()))
+        with QuietGC(spec.quiet_gc) as quiet:
+            _serve(controller, spec, conn, quiet, shms, views)
     finally:
         views.clear()
         for shm in shms.values():
             shm.close()
+
+
+def _serve(
+    controller: Any,
+    spec: ControllerSpec,
+    conn: Any,
+    quiet: QuietGC,
+    shms: dict[str, shared_memory.SharedMemory],
+    views: dict[str, np.ndarray],
+) -> None:
+    """The worker's requests, one at a time, until told to stop (or the control loop is gone)."""
+    while True:
+        quiet.step()  # between requests: the garbage of the last one
+        try:
+            kind, payload = conn.recv()
+        except EOFError:
+            return  # the control loop is gone
+        if kind == "stop":
+            return
+        if kind == "buffers":
+            names, layout, window = payload
+            for k, name in names.items():
+                shms[k] = shared_memory.SharedMemory(name=name)
+                shape, dtype = layout[k]
+                views[k] = np.ndarray((window, *shape), dtype, buffer=shms[k].buf)
+        elif kind == "reset":
+            try:
+                set_goal(controller, payload)
+                conn.send(("reset", None))
+            except Exception as e:  # noqa: BLE001
+                conn.send(("reset", f"{type(e).__name__}: {e}"))
+        elif kind == "infer":
+            seq, n, n_actions, previous, frozen = payload
+            keys = [k for k in views if k != "__actions__"]
+            steps = [{k: views[k][i].copy() for k in keys} for i in range(n)]
+            actions = [views["__actions__"][i].copy() for i in range(n_actions)]
+            reply = compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s)
+            conn.send(("reply", reply))
+        elif kind == "kernels":
+            conn.send(("kernels", kernel_summary()))
