@@ -44,7 +44,13 @@ TASK = "arm_push"
 
 
 def spec_for(
-    checkpoint: str, task, delay: float = 0.0, threads: int = 1, cpus=None, guidance: str | None = None
+    checkpoint: str,
+    task,
+    delay: float = 0.0,
+    threads: int = 1,
+    cpus=None,
+    guidance: str | None = None,
+    quiet_gc: bool = True,
 ) -> ControllerSpec:
     feat = task.action_feature
     settings = {"controller": "policy", "checkpoint": checkpoint, "device": "cpu"}
@@ -56,6 +62,7 @@ def spec_for(
         threads=threads,
         delay_s=delay,
         cpus=cpus,
+        quiet_gc=quiet_gc,
     )
 
 
@@ -68,7 +75,8 @@ def ticks(args: argparse.Namespace) -> dict:
         rt_opts = {"realtime_priority": args.realtime_priority, "control_cpu": args.control_cpu}
         if mode == "sync":
             rt_opts = {}  # the model computes on the control thread: no priority, no pinning
-        spec = spec_for(args.checkpoint, task, cpus=worker_cpus(rt_opts.get("control_cpu")))
+        quiet = not args.no_quiet_gc
+        spec = spec_for(args.checkpoint, task, cpus=worker_cpus(rt_opts.get("control_cpu")), quiet_gc=quiet)
         worker = ProcessWorker(spec) if mode == "async" else InlineWorker(spec)
         worker.start()
         task.connect()
@@ -79,6 +87,7 @@ def ticks(args: argparse.Namespace) -> dict:
             replan_every=args.replan_every,
             policy_hz=args.policy_hz,
             interpolate=True,
+            quiet_gc=quiet,
             **rt_opts,
         )
         rt = Runtime(task, worker, cfg)
@@ -216,6 +225,9 @@ def main() -> None:
     t.add_argument("--hz", type=float, default=50.0)
     t.add_argument("--policy-hz", type=float, default=10.0, help="the policy's step (interpolated between)")
     t.add_argument("--replan-every", type=int, default=8)
+    t.add_argument(
+        "--no-quiet-gc", action="store_true", help="runtime.quiet_gc=false: the collector runs where it falls"
+    )
     t.add_argument(
         "--realtime-priority", type=int, default=None, help="async: SCHED_FIFO priority of the loop"
     )

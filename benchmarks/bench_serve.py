@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from robots.runtime.realtime import QuietGC
 from wm.precision import describe_hardware
 
 FRAME = (224, 224, 3)
@@ -81,7 +82,9 @@ def pct(a) -> str:
 
 
 # ---------------------------------------------------------------------- servers
-def our_server(port: int, max_sessions: int = 1, checkpoint: str | None = None) -> None:
+def our_server(
+    port: int, max_sessions: int = 1, checkpoint: str | None = None, quiet_gc: bool = True
+) -> None:
     """`wm-serve`'s server of a precomputed chunk, or of the policy in `checkpoint` (then one
     controller per session, as `wm-serve` builds them)."""
     import os
@@ -97,7 +100,7 @@ def our_server(port: int, max_sessions: int = 1, checkpoint: str | None = None) 
         (lambda low, high: FixedChunk())
         if checkpoint is None
         else (lambda low, high: worker_controller(settings, low, high)),
-        ServerConfig(port=port, max_sessions=max_sessions),
+        ServerConfig(port=port, max_sessions=max_sessions, quiet_gc=quiet_gc),
         log=lambda s: None,
     )
     srv.bind()
@@ -304,7 +307,8 @@ class LeRobot:
 # ---------------------------------------------------------------------- 1. transport
 def transport(args: argparse.Namespace) -> dict:
     p_ours, p_lr, p_zmq, p_tcp = (free_port() for _ in range(4))
-    procs = [spawn(our_server, p_ours), spawn(lerobot_server, p_lr)]
+    quiet = not args.no_quiet_gc
+    procs = [spawn(our_server, p_ours, 1, None, quiet), spawn(lerobot_server, p_lr)]
     if args.floor:
         procs += [spawn(zmq_echo, p_zmq), spawn(tcp_echo, p_tcp)]
     try:
@@ -321,16 +325,18 @@ def transport(args: argparse.Namespace) -> dict:
         failed = dict.fromkeys(clients, 0)
         period, n = 1.0 / args.hz, int(args.seconds * args.hz)
         start = time.perf_counter()
-        for k in range(n):
-            while time.perf_counter() < start + k * period:
-                time.sleep(max(0.0, min(0.0005, start + k * period - time.perf_counter())))
-            order = list(clients)[k % len(clients) :] + list(clients)[: k % len(clients)]  # rotated
-            for name in order:
-                rtt, inf, ok = clients[name].round_trip(frames[k % 8])
-                rtts[name].append(rtt)
-                failed[name] += not ok
-                if name == "ours":
-                    infer.append(inf)
+        with QuietGC(quiet) as gc_quiet:  # as wm-deploy's tick loop, which drives our client, runs
+            for k in range(n):
+                gc_quiet.step()
+                while time.perf_counter() < start + k * period:
+                    time.sleep(max(0.0, min(0.0005, start + k * period - time.perf_counter())))
+                order = list(clients)[k % len(clients) :] + list(clients)[: k % len(clients)]  # rotated
+                for name in order:
+                    rtt, inf, ok = clients[name].round_trip(frames[k % 8])
+                    rtts[name].append(rtt)
+                    failed[name] += not ok
+                    if name == "ours":
+                        infer.append(inf)
         for c in clients.values():
             c.close()
     finally:
@@ -496,6 +502,11 @@ def main() -> None:
     t.add_argument("--seconds", type=float, default=60.0)
     t.add_argument("--hz", type=float, default=30.0)
     t.add_argument("--floor", action="store_true", help="also bare ZeroMQ and TCP echoes of the same bytes")
+    t.add_argument(
+        "--no-quiet-gc",
+        action="store_true",
+        help="quiet_gc=false on our server and the clients' loop: Python's collector runs where it falls",
+    )
     lo = sub.add_parser("load")
     lo.add_argument("--clients", type=int, default=4)
     lo.add_argument("--seconds", type=float, default=30.0)
