@@ -49,13 +49,16 @@ def spec_for(
     delay: float = 0.0,
     threads: int = 1,
     cpus=None,
-    guidance: str | None = None,
+    policy: dict | None = None,
     quiet_gc: bool = True,
 ) -> ControllerSpec:
+    """The worker's controller: the policy in `checkpoint`, with `policy` overrides (as `policy.*` of
+    `wm-deploy`; None entries left out)."""
     feat = task.action_feature
     settings = {"controller": "policy", "checkpoint": checkpoint, "device": "cpu"}
-    if guidance is not None:
-        settings["policy"] = {"inpaint_guidance": guidance}
+    overrides = {k: v for k, v in (policy or {}).items() if v is not None}
+    if overrides:
+        settings["policy"] = overrides
     return ControllerSpec(
         "tools._controller:worker_controller",
         {"settings": settings, "low": list(feat.low), "high": list(feat.high), "seed": 0},
@@ -76,7 +79,13 @@ def ticks(args: argparse.Namespace) -> dict:
         if mode == "sync":
             rt_opts = {}  # the model computes on the control thread: no priority, no pinning
         quiet = not args.no_quiet_gc
-        spec = spec_for(args.checkpoint, task, cpus=worker_cpus(rt_opts.get("control_cpu")), quiet_gc=quiet)
+        spec = spec_for(
+            args.checkpoint,
+            task,
+            cpus=worker_cpus(rt_opts.get("control_cpu")),
+            policy={"sampler_steps": args.sampler_steps},
+            quiet_gc=quiet,
+        )
         worker = ProcessWorker(spec) if mode == "async" else InlineWorker(spec)
         worker.start()
         task.connect()
@@ -152,7 +161,7 @@ def _image_size(checkpoint: str) -> tuple[int, int]:
 def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
     task = make_task(args.task, SimConfig(image_size=_image_size(args.checkpoint)))
     clock = None if args.wall else ManualClock(1000.0)
-    spec = spec_for(args.checkpoint, task, delay, guidance=args.inpaint_guidance)
+    spec = spec_for(args.checkpoint, task, delay, policy={"inpaint_guidance": args.inpaint_guidance})
     if args.wall:
         worker = ProcessWorker(spec) if mode == "async" else InlineWorker(spec)
     else:
@@ -225,6 +234,9 @@ def main() -> None:
     t.add_argument("--hz", type=float, default=50.0)
     t.add_argument("--policy-hz", type=float, default=10.0, help="the policy's step (interpolated between)")
     t.add_argument("--replan-every", type=int, default=8)
+    t.add_argument(
+        "--sampler-steps", type=int, default=None, help="policy.sampler_steps (a slower model: more steps)"
+    )
     t.add_argument(
         "--no-quiet-gc", action="store_true", help="runtime.quiet_gc=false: the collector runs where it falls"
     )
