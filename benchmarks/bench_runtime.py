@@ -7,6 +7,12 @@
         inference on the control thread (the synchronous baseline), in one run. Prints tick error
         p50 / p99 / max, ticks later than 5 ms, actions sent after their due time, underruns, chunk time.
 
+    python benchmarks/bench_runtime.py pauses [--minutes 20 --hz 50]
+        The garbage collector inside one long episode (`--minutes` of robot time on a simulated clock: the
+        arm-pushing task with its camera, a random chunk controller), once with the collector as Python
+        runs it and once with `runtime.quiet_gc`: every pass it made inside the episode, by generation,
+        with its duration (time the tick it lands on would wait on the wall clock), and the heap's size.
+
     python benchmarks/bench_runtime.py latency --checkpoint RUN [--episodes 50 --delays 0 0.1 0.3 0.6]
         Success, time to completion and seams on the arm-pushing task (`--task`) for synchronous execution and
         asynchronous execution with each stitching, at each added inference delay, on the same seeds.
@@ -22,6 +28,7 @@ changes inside chunks (both in the action's units, pooled over episodes).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -128,6 +135,60 @@ def ticks(args: argparse.Namespace) -> dict:
             f"{fig['inference_ms']['p50']:.0f} ms (p50)",
             flush=True,
         )
+    return results
+
+
+# ---------------------------------------------------------------------- the collector's pauses
+class Passes:
+    """A `gc.callbacks` entry: every pass of the collector while it is registered, (generation, ms)."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[int, float]] = []
+        self._began: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            self.passes.append((info["generation"], (time.perf_counter() - self._began) * 1e3))
+            self._began = None
+
+
+def pauses(args: argparse.Namespace) -> dict:
+    results = {}
+    for quiet in (False, True):
+        task = make_task(TASK, SimConfig(image_size=(96, 96), max_steps=10**9))
+        task.control_hz = args.hz
+        feat = task.action_feature
+        spec = ControllerSpec(
+            "policies.evaluate:RandomPolicy",
+            {"low": list(feat.low), "high": list(feat.high), "seed": 0, "chunk": 16},
+            delay_s=0.05,
+            quiet_gc=quiet,
+        )
+        clock = ManualClock(0.0)
+        worker = SimulatedTimeWorker(spec, clock)
+        worker.start()
+        task.reset(0)
+        rt = Runtime(task, worker, RuntimeConfig(replan_every=8, quiet_gc=quiet), clock=clock)
+        heap, on_gc = len(gc.get_objects()), Passes()
+        gc.callbacks.append(on_gc)
+        t0 = time.perf_counter()
+        try:
+            out = rt.run_episode(int(args.minutes * 60 * args.hz))
+        finally:
+            gc.callbacks.remove(on_gc)
+        task.disconnect()
+        name = "quiet_gc" if quiet else "python's collector"
+        row = {"ticks": len(out.ticks), "heap_objects": heap, "seconds": time.perf_counter() - t0}
+        print(f"{name}: {len(out.ticks)} ticks ({args.minutes:g} min at {args.hz:g} Hz), heap {heap} objects")
+        for g in (0, 1, 2):
+            ms = np.array([d for gen, d in on_gc.passes if gen == g])
+            if len(ms):
+                row[f"gen{g}"] = {"n": len(ms), "p50_ms": float(np.median(ms)), "max_ms": float(ms.max())}
+                med = np.median(ms)
+                print(f"  generation {g}: {len(ms):6d} passes, p50 {med:.3f} ms, max {ms.max():.2f} ms")
+        results[name] = row
     return results
 
 
@@ -246,6 +307,9 @@ def main() -> None:
     t.add_argument(
         "--control-cpu", type=int, default=None, help="async: the loop's core (the worker: the rest)"
     )
+    pa = sub.add_parser("pauses")
+    pa.add_argument("--minutes", type=float, default=20.0, help="the episode's length in robot time")
+    pa.add_argument("--hz", type=float, default=50.0)
     lat = sub.add_parser("latency")
     lat.add_argument("--checkpoint", required=True)
     lat.add_argument("--task", default=TASK, help="the simulated task the policy was trained on")
@@ -270,7 +334,7 @@ def main() -> None:
     import torch
 
     print(f"{describe_hardware()}, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
-    res = ticks(args) if args.what == "ticks" else latency(args)
+    res = {"ticks": ticks, "pauses": pauses, "latency": latency}[args.what](args)
     res["cpu"] = describe_hardware()
     if args.json:
         with open(args.json, "w") as f:
