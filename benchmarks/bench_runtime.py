@@ -236,11 +236,13 @@ def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
         inpaint_overlap=args.inpaint_overlap,
     )
     rt = Runtime(task, worker, cfg, clock=clock)
-    success, times, seams, within, fig_all = [], [], [], [], []
+    success, times, seams, within, fig_all, stopped = [], [], [], [], [], []
     t0 = time.perf_counter()
     for i in range(args.episodes):
         task.reset(args.seed + i)
         out = rt.run_episode(task.config.max_steps, goal=task.goal_observation(), done=lambda: task.done)
+        if out.stopped:
+            stopped.append(out.stopped)
         ok = task.is_success()
         success.append(ok)
         if ok:
@@ -270,8 +272,11 @@ def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
         ),
         "stale_actions_sent": int(sum(f["stale_actions_sent"] for f in fig_all)),
         "underruns": int(sum(f["underruns"] for f in fig_all)),
+        "episodes_stopped": len(stopped),  # ended by a fault, not by success or the step limit
         "seconds": time.perf_counter() - t0,
     }
+    if stopped:
+        print(f"{len(stopped)} of {args.episodes} episodes stopped by a fault; the first: {stopped[0]}")
     nan = float("nan")
     f = {k: (nan if v is None else v) for k, v in row.items()}
     ratio = f["seam_jump_p99"] / f["within_jump_p99"] if row["within_jump_p99"] else nan
