@@ -85,6 +85,13 @@ def test_quiet_gc_collects_young_cycles_in_steps_and_frees_the_rest_after_the_bl
             cycle()
             quiet.step()
         assert held() is not None
+        quiet.renew()  # a full pass, where a pause does no harm
+        assert held() is None and not gc.isenabled()
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        held = weakref.ref(a)
+        quiet.step()
+        del a, b
     assert gc.isenabled() and gc.get_freeze_count() == frozen_before  # as it was
     gc.collect()
     assert held() is None  # unfrozen at the end of the block: the collector frees it

@@ -83,8 +83,9 @@ class QuietGC:
     the automatic collector is off and every object that exists is frozen (no pass walks it again);
     `step()`, called where the loop has slack (after a tick's work, after a message), collects only
     what was made since the previous step and freezes what survived, so each object is walked once.
-    Cyclic garbage that outlives a step is kept until the block ends: then everything is unfrozen and
-    the collector is restored as it was, and its next pass frees it. `enabled=False` changes nothing.
+    Cyclic garbage that outlives a step is kept until `renew()` (a full pass, for where a pause does no
+    harm: a long-lived server or worker calls it when an episode starts) or the end of the block, when
+    everything is unfrozen and the collector is restored as it was. `enabled=False` changes nothing.
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -104,6 +105,13 @@ class QuietGC:
         """Collect the young generation (what was made since the last step) and freeze its survivors."""
         if self.active:
             gc.collect(0)
+            gc.freeze()
+
+    def renew(self) -> None:
+        """A full pass over everything, frozen or not (long: only where nothing is waiting), then freeze."""
+        if self.active:
+            gc.unfreeze()
+            gc.collect()
             gc.freeze()
 
     def __exit__(self, *exc: object) -> None:

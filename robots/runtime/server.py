@@ -126,6 +126,7 @@ class PolicyServer:
         self._results: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._current: tuple[Session, float] | None = None  # the job computing: its session, since when
+        self._quiet = QuietGC(enabled=False)  # `serve` replaces it for its duration
         self._serving = threading.Event()  # clear while `serve` runs
         self._serving.set()
         self._ctx: zmq.Context | None = None
@@ -177,18 +178,18 @@ class PolicyServer:
         """Answer messages until `stop()` (or `until()` says so)."""
         self._serving.clear()
         try:
-            with QuietGC(self.cfg.quiet_gc) as quiet:
-                self._loop(until, quiet)
+            with QuietGC(self.cfg.quiet_gc) as self._quiet:
+                self._loop(until)
         finally:
             self._serving.set()
 
-    def _loop(self, until: Callable[[], bool] | None, quiet: QuietGC) -> None:
+    def _loop(self, until: Callable[[], bool] | None) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         next_sweep = time.monotonic()
         while not self._stop.is_set() and not (until is not None and until()):
-            quiet.step()  # between messages: the garbage of the last ones
+            self._quiet.step()  # between messages: the garbage of the last ones
             events = dict(poller.poll(100))
             if self._wake_rx in events:
                 while self._wake_rx.poll(0):
@@ -360,6 +361,8 @@ class PolicyServer:
                 identity, "busy_model", "the model is still computing earlier requests of this session"
             )
             return
+        if len(self.sessions) == 1 and s.jobs == 0:  # an episode starts and no other robot is served
+            self._quiet.renew()
         s.jobs += 1
         self._jobs.put(("reset", s, goal or None, identity, now))
 

@@ -514,6 +514,7 @@ def _serve(
                 shape, dtype = layout[k]
                 views[k] = np.ndarray((window, *shape), dtype, buffer=shms[k].buf)
         elif kind == "reset":
+            quiet.renew()  # an episode starts: the robot waits for its first chunk anyway
             try:
                 set_goal(controller, payload)
                 conn.send(("reset", None))
