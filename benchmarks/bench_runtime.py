@@ -164,9 +164,8 @@ def pauses(args: argparse.Namespace) -> dict:
             "policies.evaluate:RandomPolicy",
             {"low": list(feat.low), "high": list(feat.high), "seed": 0, "chunk": 16},
             delay_s=0.05,
-            quiet_gc=quiet,
         )
-        clock = ManualClock(0.0)
+        clock = ManualClock(0.0)  # the controller runs in this process: runtime.quiet_gc covers it
         worker = SimulatedTimeWorker(spec, clock)
         worker.start()
         task.reset(0)

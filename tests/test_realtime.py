@@ -97,7 +97,7 @@ def test_quiet_gc_collects_young_cycles_in_steps_and_frees_the_rest_after_the_bl
     assert held() is None  # unfrozen at the end of the block: the collector frees it
 
 
-def test_quiet_gc_disabled_or_nested_leaves_the_collector_as_it_was():
+def test_quiet_gc_disabled_or_inside_a_collector_already_off_leaves_it_as_it_was():
     with QuietGC(enabled=False) as quiet:
         assert gc.isenabled() and not quiet.active
         young = cycle()
