@@ -418,6 +418,77 @@ def test_a_request_the_client_gave_up_on_is_never_executed():
         w.close()
 
 
+def test_an_episode_reset_waits_for_a_busy_model_and_counts_only_once_the_server_confirms_it():
+    """The last episode's requests still occupy the session's model (one computing, one queued) when
+    the next episode starts: the server refuses the reset, the client asks again until it runs, and
+    waits past a chunk longer than its handshake limit, kept alive by pings."""
+    with threaded_server() as srv:
+        w = client(srv, request_timeout_s=0.3, dead_after_s=0.5, heartbeat_s=0.1)
+        w.start()
+        w.reset(None)
+        ctrl = session_of(srv).controller
+        fast = ctrl.chunk_from
+        ctrl.chunk_from = lambda *a, **k: (time.sleep(1.5), fast(*a, **k))[1]
+        assert "within 0.3 s" in ask(w, 0).error  # given up; still computing on the server
+        ctrl.chunk_from = fast
+        end = time.monotonic() + 2
+        while w.busy and time.monotonic() < end:  # resumed
+            w.poll()
+            time.sleep(0.002)
+        w.submit(Request(1, obs_steps(1), [], action_shape=(2,)))  # queued behind it: the model is full
+        resets = ctrl.resets
+        w.reset(None)
+        assert ctrl.resets == resets + 1 and session_of(srv).jobs == 0
+        assert any("busy_model" in line for line in srv.lines)  # it was refused at first
+        assert ask(w, 2).error is None
+
+
+def test_a_failed_episode_reset_is_reported_as_a_local_workers_is():
+    with threaded_server() as srv:
+        w = client(srv)
+        w.start()
+        w.reset(None)
+        ctrl = session_of(srv).controller
+        ctrl.reset = lambda: 1 / 0
+        with pytest.raises(RuntimeError, match="could not start the episode: ZeroDivisionError"):
+            w.reset(None)
+        assert w.alive() and not w.busy
+        del ctrl.reset  # the class's own again
+        w.reset(None)
+        assert ask(w, 0).error is None
+        w.close()
+
+
+def test_a_connection_renewed_under_the_client_resumes_its_session():
+    """ZeroMQ reconnects a dropped TCP connection by itself, and the server then sees another peer: the
+    session answers "not your session", and the client resumes it with its secret (one reconnect)."""
+    with threaded_server() as srv:
+        w = client(srv)
+        w.start()
+        w.reset(None)
+        s = session_of(srv)
+        s.identity = b"\x00another-connection"
+        assert "not your session" in ask(w, 0).error
+        assert ask(w, 1).error is None
+        assert session_of(srv) is s and w.stats["reconnects"] == 1 and w.stats["resumed"] == 1
+        w.close()
+
+
+def test_a_chunk_the_wire_cannot_carry_is_reported_and_the_server_keeps_serving():
+    with threaded_server() as srv:
+        w = client(srv)
+        w.start()
+        w.reset(None)
+        ctrl = session_of(srv).controller
+        ctrl.chunk_from = lambda *a, **k: torch.ones(1, 16, 2, dtype=torch.complex64)
+        r = ask(w, 0)
+        assert r.actions is None and "cannot be sent" in r.error
+        ctrl.chunk_from = lambda *a, **k: torch.ones(1, 16, 2, dtype=torch.bfloat16)
+        r = ask(w, 1)  # half precision arrives as float32
+        assert r.error is None and r.actions.dtype == np.float32 and np.all(r.actions == 1)
+        w.close()
+
+
 # ====================================================================== a robot on the other end
 pytest.importorskip("lerobot")
 from test_runtime_real_arm import (  # noqa: E402

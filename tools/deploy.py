@@ -19,6 +19,7 @@ Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from dataclasses import dataclass, field
@@ -239,12 +240,13 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
         kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)
     finally:
-        worker.close()
-        if takeover is not None:
-            takeover.close()
-        robot.disconnect()  # a no-op when it never connected
-        if store is not None:
-            store.close()
+        with contextlib.ExitStack() as cleanup:  # each runs (last first), whatever one before it raised
+            if store is not None:
+                cleanup.callback(store.close)
+            cleanup.callback(robot.disconnect)  # a no-op when it never connected
+            if takeover is not None:
+                cleanup.callback(takeover.close)
+            cleanup.callback(worker.close)
     settings = {
         "robot": cfg.robot,
         "control_hz": robot.control_hz,

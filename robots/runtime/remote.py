@@ -8,11 +8,13 @@ drives the connection:
 - every request has a deadline (`request_timeout_s`): past it, the chunk is given up (an error reply
   to the runtime), the socket is closed (so a late reply can never arrive, let alone be executed)
   and the client reconnects;
-- when idle it pings every `heartbeat_s`; a ping unanswered for `dead_after_s` means the server is
-  gone: it reconnects;
+- when idle, or waiting for an episode's reset (which may queue behind a long chunk), it pings every
+  `heartbeat_s`; a ping unanswered for `dead_after_s` means the server is gone: it reconnects;
 - reconnecting is a new handshake that resumes the session (the server's controller and its state
-  are kept) or, when the server restarted, opens a new one and resets its controller with the
-  episode's goal; meanwhile the worker is `busy`, so the runtime holds and its watchdog applies;
+  are kept; also when ZeroMQ renewed the connection under us) or, when the server restarted, opens
+  a new one and resets its controller with the episode's goal; meanwhile the worker is `busy`, so
+  the runtime holds and its watchdog applies. An episode's reset counts only once the server
+  confirms it: asked again after a reconnect, and after a moment when the session's model is busy;
 - refusals that retrying cannot fix (wrong token, another protocol version, the server busy with
   another robot, a controller that cannot be built) end it: `alive()` turns False with the reason.
 Round trips waited for (pings at the start and between episodes) give the server's clock offset and
@@ -99,6 +101,9 @@ class RemoteWorker:
         self._down_since: float | None = None
         self._exact = False  # replies are being waited for (their arrival time is known)
         self._pong = False
+        self._reset_due = False  # an episode's reset asked for and not yet confirmed by the server
+        self._reset_retry: float | None = None  # when to ask again (the server's model was busy)
+        self._reset_error: str | None = None  # the server's controller could not start the episode
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -192,8 +197,11 @@ class RemoteWorker:
         self._wait_ready(
             self.cfg.connect_timeout_s, f"the policy server at {self.cfg.address} did not come back"
         )
+        self._reset_due, self._reset_error = True, None
         self._send_reset()
         self._wait_ready(self.cfg.connect_timeout_s, "the policy server did not confirm the new episode")
+        if self._reset_error is not None:
+            raise RuntimeError(f"the controller could not start the episode: {self._reset_error}")
         self._replies.clear()
         self._sync()
 
@@ -260,12 +268,15 @@ class RemoteWorker:
                 f"no reply from the policy server to chunk {self._outstanding[0]} within "
                 f"{self.cfg.request_timeout_s:g} s"
             )
-        elif self._state in ("hello", "auth", "reset") and now - self._since > self._handshake_limit():
+        elif self._state in ("hello", "auth") and now - self._since > self._handshake_limit():
             self._reconnect(f"no answer to {self._state} in {now - self._since:.1f} s")
         elif self._ping_at is not None and now - self._ping_at > self.cfg.dead_after_s:
             self._reconnect(f"no answer to a ping in {now - self._ping_at:.1f} s")
+        elif self._state == "reset" and self._reset_retry is not None and now >= self._reset_retry:
+            self._reset_retry = None
+            self._send(self._reset_frames())
         elif (
-            self._state == "ready"
+            self._state in ("ready", "reset")  # a reset may wait behind a chunk: pings show the server
             and self._outstanding is None
             and self._ping_at is None
             and now - self._last_sent > self.cfg.heartbeat_s
@@ -276,6 +287,10 @@ class RemoteWorker:
     def _handshake_limit(self) -> float:
         # a new session may wait for the server to build its controller (load a model)
         return self.cfg.connect_timeout_s if self._state == "auth" else max(1.0, self.cfg.dead_after_s)
+
+    def _reset_frames(self) -> list[Any]:
+        goal = {f"goal/{k}": np.asarray(v) for k, v in (self._goal or {}).items()}
+        return wire.encode("reset", {"sid": self._sid}, goal)
 
     def _on(self, msg: wire.Message) -> None:
         kind = msg.kind
@@ -300,21 +315,22 @@ class RemoteWorker:
             self.info = dict(msg.get("info", dict))
             if resumed:
                 self.stats["resumed"] += 1
-                self._enter("ready")
-            elif self._goal is not None or self._episode_started:
-                self._send_reset()  # a new controller (the server restarted): the episode's goal again
+            if self._reset_due or (not resumed and (self._goal is not None or self._episode_started)):
+                # the episode's reset was not confirmed (asked again: a resumed session may not have
+                # run it), or a new controller (the server restarted) needs the episode's goal again
+                self._send_reset()
             else:
                 self._enter("ready")
             self._down_since = None
         elif kind == "reset_ok" and self._state == "reset":
-            self._episode_started = True
+            self._episode_started, self._reset_due, self._reset_retry = True, False, None
             self._enter("ready")
         elif kind == "chunk":
             self._chunk(msg)
         elif kind == "pong":
             self._pong = True
             self._sample(msg)
-            if self._state == "ready" and not msg.get("session", bool, True):
+            if self._state in ("ready", "reset") and not msg.get("session", bool, True):
                 self._reconnect("the server no longer knows the session")
         elif kind == "error":
             self._error(msg)
@@ -343,8 +359,9 @@ class RemoteWorker:
         seq = msg.fields.get("seq")
         if code in PERMANENT:
             self._fail(code, text)
-        elif code == "session":  # the server forgot us (restarted, expired): a new handshake
-            self._secret = None
+        elif code == "session":  # a new handshake: resuming the session, or a new one where it is gone
+            if msg.fields.get("gone", True):  # the server restarted or expired it (else: our connection
+                self._secret = None  # changed under us, e.g. ZeroMQ reconnected it: resume it)
             if self._outstanding is not None:
                 self._replies.append(Reply(self._outstanding[0], None, 0.0, f"the policy server: {text}"))
                 self._outstanding = None
@@ -352,6 +369,12 @@ class RemoteWorker:
         elif self._outstanding is not None and seq == self._outstanding[0]:
             self._replies.append(Reply(seq, None, 0.0, f"the policy server: {text}"))
             self._outstanding = None
+        elif self._state == "reset" and code == "busy_model":  # the last episode's requests still run
+            self._reset_retry = time.monotonic() + 0.05
+        elif self._state == "reset" and code in ("reset", "protocol"):  # its controller raised, or the
+            # goal does not fit the model: reset() says so, as a local worker's does
+            self._reset_error, self._reset_due = text, False
+            self._enter("ready")
         elif self._state in ("hello", "auth", "reset"):  # a handshake step refused: start over
             self._reconnect(f"the server refused {self._state}: {text}")
 
@@ -362,8 +385,8 @@ class RemoteWorker:
             self.clock.add(sent, recv, reply, time.monotonic())
 
     def _send_reset(self) -> None:
-        goal = {f"goal/{k}": np.asarray(v) for k, v in (self._goal or {}).items()}
-        self._send(wire.encode("reset", {"sid": self._sid}, goal))
+        self._reset_retry = None
+        self._send(self._reset_frames())
         self._enter("reset")
 
     def _connect(self) -> None:

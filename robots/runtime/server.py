@@ -194,7 +194,7 @@ class PolicyServer:
             if self._wake_rx in events:
                 while self._wake_rx.poll(0):
                     self._wake_rx.recv()
-            self._deliver()
+            self._guarded(self._deliver)
             if self._sock in events:
                 for _ in range(64):  # a burst from one client never starves the results above
                     try:
@@ -206,8 +206,16 @@ class PolicyServer:
                     except Exception as e:  # noqa: BLE001 - no message may stop the server
                         self._error(frames[0].bytes, "internal", f"{type(e).__name__}: {e}")
             if time.monotonic() >= next_sweep:
-                self._sweep()
+                self._guarded(self._sweep)
                 next_sweep = time.monotonic() + 0.5
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        """The server's own work between messages: a failure is logged, never the end of serving."""
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - every session depends on this loop
+            self.counts["errors"] += 1
+            self.log(f"server: {work.__name__[1:]} failed: {type(e).__name__}: {e}")
 
     def close(self) -> None:
         """Stop serving (waits for `serve`, if another thread runs it) and free the sockets."""
@@ -251,7 +259,7 @@ class PolicyServer:
         except zmq.Again:  # that client's queue is full (it is not reading): its problem alone
             self.counts["errors"] += 1
 
-    def _error(self, identity: bytes, code: str, text: str, seq: int | None = None) -> None:
+    def _error(self, identity: bytes, code: str, text: str, seq: int | None = None, **extra: Any) -> None:
         self.counts["errors"] += 1
         if code in ("auth", "busy", "session"):
             self.counts["refused"] += 1
@@ -260,7 +268,8 @@ class PolicyServer:
             self.log(
                 f"client {identity.hex()[:8]}: {code}: {text}" + (f" ({n} errors so far)" if n > 20 else "")
             )
-        self._send(identity, "error", {"code": code, "msg": text, "seq": seq, "reply": time.monotonic()})
+        fields = {"code": code, "msg": text, "seq": seq, "reply": time.monotonic(), **extra}
+        self._send(identity, "error", fields)
 
     def _hello(self, identity: bytes, msg: wire.Message, now: float) -> None:
         nonce = msg.get("nonce", bytes)
@@ -344,7 +353,7 @@ class PolicyServer:
         s = self.sessions.get(sid)
         if s is None or s.identity != identity:
             why = "no such session (the server restarted, or it expired)" if s is None else "not your session"
-            self._error(identity, "session", why, _seq(msg))
+            self._error(identity, "session", why, _seq(msg), gone=s is None)  # not gone: resume it
             return None
         s.last_seen = now
         return s
@@ -475,40 +484,50 @@ class PolicyServer:
             except queue.Empty:
                 return
             s.jobs -= 1
-            if kind == "build" and result[0] == "ok":
-                s.controller, s.info = result[1], result[2]
-                if s.closed:
-                    self._release(s)
-                    continue
-                self.log(f"session {s.sid.hex()[:8]}: opened for client {identity.hex()[:8]}")
-                self._ready(s, resumed=False)
-                continue
-            if s.closed and not s.jobs:
+            try:
+                self._result(kind, s, payload, identity, received, started, result)
+            except Exception as e:  # noqa: BLE001 - e.g. a reply that cannot be encoded: that client is told
+                seq = payload[0].seq if kind == "infer" else None
+                self._error(identity, "internal", f"{kind}: {type(e).__name__}: {e}", seq)
+
+    def _result(
+        self, kind: str, s: Session, payload: Any, identity: bytes, received: float, started: float, out: Any
+    ) -> None:
+        """One job's result to its client."""
+        if kind == "build" and out[0] == "ok":
+            s.controller, s.info = out[1], out[2]
+            if s.closed:
                 self._release(s)
-            if kind == "build":  # it failed: the slot is freed
-                self.sessions.pop(s.sid, None)
-                self._error(identity, "build", f"could not build the controller: {result[1]}")
-                continue
-            seq = payload[0].seq if kind == "infer" else None
-            if result[0] == "error":
-                self._error(identity, "inference" if kind == "infer" else "reset", result[1], seq)
-            elif result[0] == "expired":
-                self.counts["expired"] += 1
-                self._error(identity, "expired", f"chunk {seq} expired in the queue", seq)
-            elif kind == "reset":
-                self._send(identity, "reset_ok", {"reply": time.monotonic()})
-            else:
-                reply = result[1]
-                self.counts["chunks"] += 1
-                fields = {
-                    "seq": seq,
-                    "sent": payload[1],
-                    "recv": received,
-                    "queue": started - received,
-                    "infer": reply.seconds,
-                    "reply": time.monotonic(),
-                }
-                self._send(identity, "chunk", fields, {"chunk": reply.actions})
+                return
+            self.log(f"session {s.sid.hex()[:8]}: opened for client {identity.hex()[:8]}")
+            self._ready(s, resumed=False)
+            return
+        if s.closed and not s.jobs:
+            self._release(s)
+        if kind == "build":  # it failed: the slot is freed
+            self.sessions.pop(s.sid, None)
+            self._error(identity, "build", f"could not build the controller: {out[1]}")
+            return
+        seq = payload[0].seq if kind == "infer" else None
+        if out[0] == "error":
+            self._error(identity, "inference" if kind == "infer" else "reset", out[1], seq)
+        elif out[0] == "expired":
+            self.counts["expired"] += 1
+            self._error(identity, "expired", f"chunk {seq} expired in the queue", seq)
+        elif kind == "reset":  # to the session's connection now (it may have been renewed since)
+            self._send(s.identity, "reset_ok", {"reply": time.monotonic()})
+        else:
+            reply = out[1]
+            self.counts["chunks"] += 1
+            fields = {
+                "seq": seq,
+                "sent": payload[1],
+                "recv": received,
+                "queue": started - received,
+                "infer": reply.seconds,
+                "reply": time.monotonic(),
+            }
+            self._send(identity, "chunk", fields, {"chunk": reply.actions})
 
 
 def _seq(msg: wire.Message) -> int | None:

@@ -94,7 +94,12 @@ def compute(controller: Any, req: Request, delay_s: float = 0.0) -> Reply:
         previous = None if req.previous is None or len(req.previous) == 0 else req.previous[None]
         with torch.inference_mode():
             chunk = controller.chunk_from(steps, actions, previous, req.frozen if previous is not None else 0)
-        out = chunk.detach().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
+        if isinstance(chunk, torch.Tensor):
+            chunk = chunk.detach().cpu()
+            chunk = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
+        out = np.asarray(chunk)
+        if out.dtype == np.float16:  # a half-precision chunk: float32 (the wire and the robot take it)
+            out = out.astype(np.float32)
         if out.ndim != 3 or out.shape[0] != 1:
             raise ValueError(f"the controller returned a chunk of shape {out.shape}, expected (1, T, Da)")
         if delay_s > 0:
