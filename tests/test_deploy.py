@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 
@@ -233,7 +234,7 @@ def test_a_server_with_a_token_takes_only_robots_that_prove_it(policy, tmp_path)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
         log = proc.stdout.read()
-    assert "authentication failed" in log and "1 refused" in log and secret not in log
+    assert "authentication failed" in log and re.search(r"[1-9]\d* refused", log) and secret not in log
 
 
 def test_mpc_served_by_wm_serve(world_model, tmp_path):

@@ -37,6 +37,13 @@ from robots.runtime import wire
 from robots.runtime.worker import Reply, Request, WorkerDied, model_inputs
 
 PERMANENT = ("auth", "busy", "build", "version")
+HANDSHAKE_FAILURES = 3  # ZeroMQ handshakes failed in a row: the server's token is not ours (or it has none)
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,10 @@ class RemoteWorker:
         self.timings: list[tuple[float, float, float]] = []
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # ZeroMQ's handshake events, until one succeeds
+        self._plain = False  # a token, but the server takes none: connect without encryption
+        self._handshake_failures = 0  # ZeroMQ handshakes failed on this socket
+        self._failed_modes: set[bool] = set()  # encrypted (False) / plain (True) tried in vain
         self._state = "down"  # down | hello | auth | reset | ready | failed
         self._since = time.monotonic()  # when the current state began
         self._failed: str | None = None
@@ -144,7 +155,11 @@ class RemoteWorker:
                 if left <= 0:
                     return False
                 if self._sock is not None:
-                    self._sock.poll(max(1, min(int(left * 1000), 20)))
+                    poller = zmq.Poller()
+                    for sock in (self._sock, self._monitor):
+                        if sock is not None:
+                            poller.register(sock, zmq.POLLIN)
+                    poller.poll(max(1, min(int(left * 1000), 20)))
                 else:
                     time.sleep(0.001)
         finally:
@@ -244,6 +259,8 @@ class RemoteWorker:
             return
         if self._sock is None:
             self._connect()
+        if self._monitor is not None:
+            self._handshake_events()
         while self._sock is not None:
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -283,6 +300,35 @@ class RemoteWorker:
         ):
             self._send(wire.encode("ping", {"sid": self._sid, "sent": now}))
             self._ping_at = now
+
+    def _handshake_events(self) -> None:
+        """ZeroMQ's own handshake, where a token mismatch shows (the server never sees a message). The
+        server cuts a peer of the other kind at once, so the client often sees only a broken pipe:
+        HANDSHAKE_FAILURES of those in a row decide, or one mismatch of mechanisms. With a token, the
+        plain handshake is tried too (a server without a token takes any client on loopback, and then
+        says so in its challenge)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._failed_modes.clear()
+                self._close_monitor()  # nothing more to watch: the tick path stays as it was
+                return
+            mismatch = event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH  # seen: decisive
+            self._handshake_failures += HANDSHAKE_FAILURES if mismatch else 1
+            if self._handshake_failures < HANDSHAKE_FAILURES:
+                continue
+            if not self.cfg.token:
+                self._fail("auth", f"the policy server at {self.cfg.address} requires a token: give token=")
+                return
+            self._failed_modes.add(self._plain)
+            if len(self._failed_modes) == 2:
+                self._fail("auth", "authentication failed: the client's token is not the server's")
+                return
+            self._plain = not self._plain
+            self._close_socket()
+            self._connect()
 
     def _handshake_limit(self) -> float:
         # a new session may wait for the server to build its controller (load a model)
@@ -398,6 +444,11 @@ class RemoteWorker:
         sock.setsockopt(zmq.SNDHWM, 16)
         if "[" in self.cfg.endpoint:
             sock.setsockopt(zmq.IPV6, 1)
+        if self.cfg.token and not self._plain:  # a server with a token encrypts (`wire.curve_keys`)
+            sock.curve_serverkey = wire.curve_keys(self.cfg.token)[0]
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._handshake_failures = 0
         sock.connect(self.cfg.endpoint)
         self._nonce = secrets.token_bytes(16)
         now = time.monotonic()
@@ -443,7 +494,15 @@ class RemoteWorker:
         self._last_sent = time.monotonic()
         return True
 
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            if self._sock is not None:
+                self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
     def _close_socket(self) -> None:
+        self._close_monitor()
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

@@ -13,7 +13,11 @@ the robot's action bounds (idle controllers are kept and reused for the same bou
 `max_sessions` are open; another client is refused, and cannot reset, feed or resume a session
 without its secret. A client that reconnects (after a timeout, a network fault) resumes its session
 with a proof of that secret; a session whose client is silent for `session_timeout_s` is closed.
-Without a token the server binds only a loopback address.
+Without a token the server binds only a loopback address. With one, ZeroMQ's CurveZMQ encrypts
+every connection with a server key derived from the token (`wire.curve_keys`), so a peer without it
+cannot finish ZeroMQ's handshake and sends the server no message at all: ZeroMQ bounds each frame
+(`max_frame_mb`) but not how many frames one message has, and only such a peer could send an endless
+one. Without a token (loopback only) that bound is the machine's own users' to respect.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ from robots.runtime.worker import Request, compute, describe, kernel_line, kerne
 MAX_PENDING = 64  # handshakes in progress at once (more: the oldest is forgotten)
 HANDSHAKE_S = 30.0  # a handshake not finished in this long is forgotten
 MAX_JOBS = 2  # per session: one computing, one waiting (sent by a client that gave up on the first)
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,11 @@ class PolicyServer:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         if ":" in self.cfg.host:
             sock.setsockopt(zmq.IPV6, 1)
+        self._monitor: zmq.Socket | None = None
+        if self.cfg.token is not None:  # encrypted, and closed to peers without the token (`wire.curve_keys`)
+            sock.curve_publickey, sock.curve_secretkey = wire.curve_keys(self.cfg.token)
+            sock.curve_server = True
+            self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
         try:
             if self.cfg.port == 0:
@@ -187,6 +201,8 @@ class PolicyServer:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         next_sweep = time.monotonic()
         while not self._stop.is_set() and not (until is not None and until()):
             self._quiet.step()  # between messages: the garbage of the last ones
@@ -195,6 +211,8 @@ class PolicyServer:
                 while self._wake_rx.poll(0):
                     self._wake_rx.recv()
             self._guarded(self._deliver)
+            if self._monitor is not None and self._monitor in events:
+                self._guarded(self._handshakes)
             if self._sock in events:
                 for _ in range(64):  # a burst from one client never starves the results above
                     try:
@@ -260,16 +278,27 @@ class PolicyServer:
             self.counts["errors"] += 1
 
     def _error(self, identity: bytes, code: str, text: str, seq: int | None = None, **extra: Any) -> None:
-        self.counts["errors"] += 1
-        if code in ("auth", "busy", "session"):
-            self.counts["refused"] += 1
-        n = self.counts["errors"]
-        if n <= 20 or n % 1000 == 0:  # a flood of bad frames does not flood the log
-            self.log(
-                f"client {identity.hex()[:8]}: {code}: {text}" + (f" ({n} errors so far)" if n > 20 else "")
-            )
+        self._count_error(f"client {identity.hex()[:8]}: {code}: {text}", code in ("auth", "busy", "session"))
         fields = {"code": code, "msg": text, "seq": seq, "reply": time.monotonic(), **extra}
         self._send(identity, "error", fields)
+
+    def _count_error(self, line: str, refused: bool) -> None:
+        self.counts["errors"] += 1
+        self.counts["refused"] += refused
+        n = self.counts["errors"]
+        if n <= 20 or n % 1000 == 0:  # a flood of bad frames does not flood the log
+            self.log(line + (f" ({n} errors so far)" if n > 20 else ""))
+
+    def _handshakes(self) -> None:
+        """ZeroMQ's encrypted handshakes that failed: peers without the token (never seen as messages)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            recv_monitor_message(self._monitor)
+            self._count_error(
+                "a client: auth: authentication failed in the encrypted handshake (no token, or another)",
+                True,
+            )
 
     def _hello(self, identity: bytes, msg: wire.Message, now: float) -> None:
         nonce = msg.get("nonce", bytes)

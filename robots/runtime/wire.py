@@ -180,6 +180,18 @@ def same(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+def curve_keys(token: str) -> tuple[bytes, bytes]:
+    """The server's CurveZMQ key pair (public, secret; Z85), derived from the token: a server with a
+    token encrypts its connections, and a peer that does not hold the token cannot even finish
+    ZeroMQ's handshake (so it can send the server no message at all). Clients use a fresh key pair per
+    connection."""
+    import zmq
+    import zmq.utils.z85
+
+    secret = zmq.utils.z85.encode(hmac.new(token.encode(), MAC_CONTEXT + b"curve", hashlib.sha256).digest())
+    return zmq.curve_public(secret), secret
+
+
 # ---------------------------------------------------------------------- the model's I/O spec
 def spec_of(info: Mapping[str, Any]) -> dict[str, Any]:
     """The observation part of a controller's `describe` info: image keys, proprioception key and size
