@@ -1,6 +1,6 @@
 """The policy server over the network stack: transport overhead beside LeRobot's, load, end to end.
 
-python benchmarks/bench_serve.py transport [--seconds 60 --hz 30]
+python benchmarks/bench_serve.py transport [--seconds 60 --hz 30 --floor --token]
     Round trips on loopback of an observation of two 224x224 RGB frames and a 14-d state, answered
     by a 16x7 chunk, paced at `--hz`: ours (`wm-serve`'s server and `RemoteWorker`, in their own
     processes) and LeRobot 0.4.4's transport as `lerobot.async_inference` uses it (its gRPC
@@ -83,7 +83,11 @@ def pct(a) -> str:
 
 # ---------------------------------------------------------------------- servers
 def our_server(
-    port: int, max_sessions: int = 1, checkpoint: str | None = None, quiet_gc: bool = True
+    port: int,
+    max_sessions: int = 1,
+    checkpoint: str | None = None,
+    quiet_gc: bool = True,
+    token: str | None = None,
 ) -> None:
     """`wm-serve`'s server of a precomputed chunk, or of the policy in `checkpoint` (then one
     controller per session, as `wm-serve` builds them)."""
@@ -100,7 +104,7 @@ def our_server(
         (lambda low, high: FixedChunk())
         if checkpoint is None
         else (lambda low, high: worker_controller(settings, low, high)),
-        ServerConfig(port=port, max_sessions=max_sessions, quiet_gc=quiet_gc),
+        ServerConfig(port=port, max_sessions=max_sessions, quiet_gc=quiet_gc, token=token),
         log=lambda s: None,
     )
     srv.bind()
@@ -200,10 +204,12 @@ def spawn(target, *args) -> mp.Process:
 
 # ---------------------------------------------------------------------- clients
 class Ours:
-    def __init__(self, port: int, timeout_s: float = 2.0, action_dim: int = CHUNK[1]) -> None:
+    def __init__(
+        self, port: int, timeout_s: float = 2.0, action_dim: int = CHUNK[1], token: str | None = None
+    ) -> None:
         from robots.runtime.remote import RemoteConfig, RemoteWorker
 
-        config = RemoteConfig(f"127.0.0.1:{port}", request_timeout_s=timeout_s, connect_timeout_s=300)
+        config = RemoteConfig(f"127.0.0.1:{port}", token, request_timeout_s=timeout_s, connect_timeout_s=300)
         self.w = RemoteWorker(config, [-1.0] * action_dim, [1.0] * action_dim)
         self.w.start()
         self.w.reset(None)
@@ -308,11 +314,12 @@ class LeRobot:
 def transport(args: argparse.Namespace) -> dict:
     p_ours, p_lr, p_zmq, p_tcp = (free_port() for _ in range(4))
     quiet = not args.no_quiet_gc
-    procs = [spawn(our_server, p_ours, 1, None, quiet), spawn(lerobot_server, p_lr)]
+    token = "benchmark token" if args.token else None  # then encrypted (CurveZMQ)
+    procs = [spawn(our_server, p_ours, 1, None, quiet, token), spawn(lerobot_server, p_lr)]
     if args.floor:
         procs += [spawn(zmq_echo, p_zmq), spawn(tcp_echo, p_tcp)]
     try:
-        clients = {"ours": Ours(p_ours), "lerobot": LeRobot(p_lr, args.hz)}
+        clients = {"ours": Ours(p_ours, token=token), "lerobot": LeRobot(p_lr, args.hz)}
         if args.floor:
             clients |= {"zmq echo": Echo(p_zmq, "zmq"), "tcp echo": Echo(p_tcp, "tcp")}
         rng = np.random.default_rng(1)
@@ -502,6 +509,7 @@ def main() -> None:
     t.add_argument("--seconds", type=float, default=60.0)
     t.add_argument("--hz", type=float, default=30.0)
     t.add_argument("--floor", action="store_true", help="also bare ZeroMQ and TCP echoes of the same bytes")
+    t.add_argument("--token", action="store_true", help="our server with a token (encrypted connection)")
     t.add_argument(
         "--no-quiet-gc",
         action="store_true",
