@@ -261,7 +261,8 @@ class Runtime:
             now = clock.now()
             if human is not None:
                 state.human, pick = True, None
-                watchdog.fresh(now)
+                if np.isfinite(human).all():  # a device sending NaN is no fresh action (and is held)
+                    watchdog.fresh(now)
             elif state.human:  # handed back: only chunks from observations after now are used
                 state.human, state.resume_after, state.resuming = False, began, True
                 timeline.clear()

@@ -538,13 +538,15 @@ class PolicyServer:
             self._error(identity, "build", f"could not build the controller: {out[1]}")
             return
         seq = payload[0].seq if kind == "infer" else None
+        if kind == "reset":  # to the session's connection now (it may have been renewed since)
+            identity = s.identity
         if out[0] == "error":
             self._error(identity, "inference" if kind == "infer" else "reset", out[1], seq)
         elif out[0] == "expired":
             self.counts["expired"] += 1
             self._error(identity, "expired", f"chunk {seq} expired in the queue", seq)
-        elif kind == "reset":  # to the session's connection now (it may have been renewed since)
-            self._send(s.identity, "reset_ok", {"reply": time.monotonic()})
+        elif kind == "reset":
+            self._send(identity, "reset_ok", {"reply": time.monotonic()})
         else:
             reply = out[1]
             self.counts["chunks"] += 1
