@@ -102,6 +102,21 @@ def ask(w: RemoteWorker, seq: int, steps=None, timeout=5.0, **req):
     raise AssertionError(f"no reply to {seq} in {timeout} s")
 
 
+def opened(srv: PolicyServer, token: str | None = None, **options) -> RemoteWorker:
+    """A client with a session and an episode started."""
+    w = client(srv, token, **options)
+    w.start()
+    w.reset(None)
+    return w
+
+
+def serves(srv: PolicyServer, token: str | None = None) -> None:
+    """A client opens a session, starts an episode, gets a chunk and leaves."""
+    w = opened(srv, token)
+    assert ask(w, 0).error is None
+    w.close()
+
+
 def raw(srv: PolicyServer) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -122,9 +137,7 @@ def session_of(srv: PolicyServer):
 # ====================================================================== round trip, handshake
 def test_observations_and_chunks_round_trip_bit_exact():
     with threaded_server() as srv:
-        w = client(srv)
-        w.start()
-        w.reset(None)
+        w = opened(srv)
         steps = obs_steps(2, seed=5)
         prev = np.random.default_rng(6).normal(size=(5, 2)).astype(np.float32)
         reply = ask(w, 0, steps, previous=prev, frozen=2)
@@ -170,20 +183,12 @@ def test_peers_without_the_token_cannot_send_a_server_with_one_a_message():
         assert not sock.poll(500)  # not even a challenge
         assert srv.counts["refused"] >= 1 and srv.counts["errors"] == srv.counts["refused"]
         sock.close()
-        w = client(srv, TOKEN)  # the connection is encrypted, and the session is served as ever
-        w.start()
-        w.reset(None)
-        assert ask(w, 0).error is None
-        w.close()
+        serves(srv, TOKEN)  # the connection is encrypted, and the session is served as ever
 
 
 def test_a_client_with_a_token_takes_a_server_without_one():
     with threaded_server() as srv:
-        w = client(srv, TOKEN)
-        w.start()  # its encrypted handshake fails; the plain one is then tried, and the server says so
-        w.reset(None)
-        assert ask(w, 0).error is None
-        w.close()
+        serves(srv, TOKEN)  # its encrypted handshake fails; the plain one is tried, and the server says so
 
 
 def test_only_loopback_without_a_token():
@@ -192,11 +197,7 @@ def test_only_loopback_without_a_token():
     with pytest.raises(ValueError, match="at least 8"):
         ServerConfig(token="short")
     with threaded_server(host="0.0.0.0", token=TOKEN) as srv:  # any address, with the token
-        w = client(srv, TOKEN)
-        w.start()
-        w.reset(None)
-        assert ask(w, 0).error is None
-        w.close()
+        serves(srv, TOKEN)
 
 
 def test_protocol_versions_must_match_on_both_sides():
@@ -229,9 +230,7 @@ def test_protocol_versions_must_match_on_both_sides():
 
 def test_bad_requests_get_one_line_and_the_server_keeps_serving():
     with threaded_server(max_frame_mb=1.0) as srv:
-        w = client(srv)
-        w.start()
-        w.reset(None)
+        w = opened(srv)
         sid = w._sid
         s = session_of(srv)
         good = wire.pack_request(sid, 1, 0.0, 1e12, obs_steps(1), [], None, 0)
@@ -273,9 +272,7 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving():
 
 def test_a_second_client_cannot_take_over_reset_or_feed_a_running_session():
     with threaded_server() as srv:
-        a = client(srv)
-        a.start()
-        a.reset(None)
+        a = opened(srv)
         s = session_of(srv)
         with pytest.raises(WorkerDied, match=r"already serves 1 robot\(s\) \(max_sessions=1"):
             client(srv).start()
@@ -309,9 +306,7 @@ def test_a_stalled_or_garbage_peer_blocks_nobody():
         garbage.sendall(os.urandom(4096))
         half = raw(srv)  # a frame started and never finished: ZeroMQ holds it, not the server
         half.send(wire.encode("hello", {})[0], zmq.SNDMORE)
-        w = client(srv)
-        w.start()
-        w.reset(None)
+        w = opened(srv)
         times = []
         for i in range(20):
             t = time.monotonic()
@@ -329,9 +324,7 @@ def test_fuzzed_frames_never_stop_the_server():
     request afterwards and its thread is alive."""
     rng = np.random.default_rng(11)
     with threaded_server() as srv:
-        w = client(srv)
-        w.start()
-        w.reset(None)
+        w = opened(srv)
         valid = [
             bytes(f)
             for f in wire.pack_request(w._sid, 1, 0.0, 1e12, obs_steps(2), [np.zeros(2)], np.zeros((3, 2)), 1)
@@ -421,9 +414,7 @@ def test_a_request_the_client_gave_up_on_is_never_executed():
     """The client's deadline passes: it renews the connection, so the late chunk cannot reach it; the
     next request waits for the slow one on the server and is answered."""
     with threaded_server() as srv:
-        w = client(srv, request_timeout_s=0.5)
-        w.start()
-        w.reset(None)
+        w = opened(srv, request_timeout_s=0.5)
         ctrl = session_of(srv).controller
         fast = ctrl.chunk_from
         ctrl.chunk_from = lambda *a, **k: (time.sleep(0.8), fast(*a, **k))[1]
@@ -451,9 +442,7 @@ def test_an_episode_reset_waits_for_a_busy_model_and_counts_only_once_the_server
     the next episode starts: the server refuses the reset, the client asks again until it runs, and
     waits past a chunk longer than its handshake limit, kept alive by pings."""
     with threaded_server() as srv:
-        w = client(srv, request_timeout_s=0.3, dead_after_s=0.5, heartbeat_s=0.1)
-        w.start()
-        w.reset(None)
+        w = opened(srv, request_timeout_s=0.3, dead_after_s=0.5, heartbeat_s=0.1)
         ctrl = session_of(srv).controller
         fast = ctrl.chunk_from
         ctrl.chunk_from = lambda *a, **k: (time.sleep(1.5), fast(*a, **k))[1]
@@ -473,9 +462,7 @@ def test_an_episode_reset_waits_for_a_busy_model_and_counts_only_once_the_server
 
 def test_a_failed_episode_reset_is_reported_as_a_local_workers_is():
     with threaded_server() as srv:
-        w = client(srv)
-        w.start()
-        w.reset(None)
+        w = opened(srv)
         ctrl = session_of(srv).controller
         ctrl.reset = lambda: 1 / 0
         with pytest.raises(RuntimeError, match="could not start the episode: ZeroDivisionError"):
@@ -491,9 +478,7 @@ def test_a_connection_renewed_under_the_client_resumes_its_session():
     """ZeroMQ reconnects a dropped TCP connection by itself, and the server then sees another peer: the
     session answers "not your session", and the client resumes it with its secret (one reconnect)."""
     with threaded_server() as srv:
-        w = client(srv)
-        w.start()
-        w.reset(None)
+        w = opened(srv)
         s = session_of(srv)
         s.identity = b"\x00another-connection"
         assert "not your session" in ask(w, 0).error
@@ -504,9 +489,7 @@ def test_a_connection_renewed_under_the_client_resumes_its_session():
 
 def test_a_chunk_the_wire_cannot_carry_is_reported_and_the_server_keeps_serving():
     with threaded_server() as srv:
-        w = client(srv)
-        w.start()
-        w.reset(None)
+        w = opened(srv)
         ctrl = session_of(srv).controller
         ctrl.chunk_from = lambda *a, **k: torch.ones(1, 16, 2, dtype=torch.complex64)
         r = ask(w, 0)
