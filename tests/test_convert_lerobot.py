@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lerobot")
 from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
-from wm.data import ActionSpace, DemoStore, KeySpec, NotAStoreError, Schema, StoreError  # noqa: E402
+from wm.data import ActionSpace, DemoStore, KeySpec, NotAStoreError, Schema, SchemaError, StoreError  # noqa: E402
 from wm.data.convert import lerobot as lerobot_convert  # noqa: E402
 from wm.data.convert import lerobot_meta  # noqa: E402
 from wm.data.convert.lerobot import is_lerobot_dataset, lerobot_to_store, store_to_lerobot  # noqa: E402
@@ -406,6 +406,18 @@ def test_keys_lerobot_cannot_hold_are_left_out_with_a_warning(tmp_path, caplog):
     assert {"observation.pos", "observation.vel", "action"} <= set(feats) and "depth" not in str(feats)
     back = lerobot_to_store(tmp_path / "lr", tmp_path / "back.zarr")
     assert back.keys == ["action", "pos", "vel"] and back.schema.keys["pos"].kind == "proprio"
+
+
+def test_a_key_named_as_lerobots_own_columns_is_refused_by_name(tmp_path):
+    schema = Schema(
+        keys={"action": KeySpec((2,), "float32", "action"), "task": KeySpec((1,), "int64", "lowdim")}
+    )
+    with DemoStore.create(tmp_path / "s.zarr", schema) as s:
+        s.append_episode({"action": np.zeros((3, 2), np.float32), "task": np.arange(3)[:, None]})
+        with pytest.raises(
+            SchemaError, match="store key 'task' maps to LeRobot feature 'task', which is already"
+        ):
+            store_to_lerobot(s, tmp_path / "lr")  # LeRobot's own per-frame task string
 
 
 def test_carried_metadata_that_no_longer_fits_is_ignored_with_a_warning(small_store, tmp_path, caplog):

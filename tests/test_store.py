@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import zarr
 from conftest import make_episode, make_schema
 
 from wm.data import (
+    ActionSpace,
     AppendError,
     CorruptStoreError,
     DemoStore,
@@ -164,6 +167,48 @@ def test_delete_keep_merge(tmp_path, small_store):
     assert_episode_equal(m.get_episode(2), make_episode(50, 6))
 
 
+def test_stores_that_record_different_things_are_not_merged(tmp_path, small_store):
+    path, _ = small_store
+    for change, said in (
+        ({"fps": 30}, "fps 30.0 vs 10.0"),
+        ({"action_space": ActionSpace(mode="delta")}, "action mode 'delta' vs 'absolute'"),
+    ):
+        other = tmp_path / f"other{len(said)}.zarr"
+        with DemoStore.create(other, dataclasses.replace(make_schema(), **change)) as o:
+            o.append_episode(make_episode(50, 6))
+        with pytest.raises(
+            SchemaError, match=f"other{len(said)}.zarr and .*small.zarr record different things .{said}"
+        ):
+            merge_stores([path, other], tmp_path / f"merged{len(said)}.zarr")
+        assert not (tmp_path / f"merged{len(said)}.zarr").exists()  # refused before anything is written
+
+
+def test_a_zip_store_is_not_rewritten(tmp_path, small_store):
+    path, _ = small_store
+    archive = shutil.make_archive(str(tmp_path / "small"), "zip", path)
+    with pytest.raises(NotAStoreError, match="zip stores are read-only; unzip it"):
+        delete_episodes(archive, [0])
+    with DemoStore.open(archive) as s:  # untouched (the rewrite used to leave a directory in its place)
+        assert s.n_episodes == 5
+
+
+def test_a_store_killed_while_being_created_is_not_half_there(tmp_path, monkeypatch):
+    path = tmp_path / "new.zarr"
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt  # as a SIGKILL would stop it, before the schema is written
+
+    monkeypatch.setattr(zarr.core.attributes.Attributes, "update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        DemoStore.create(path, make_schema())
+    monkeypatch.undo()
+    assert not path.exists()  # so resuming creates it afresh, not a store without its schema
+    with DemoStore.create(path, make_schema()) as s:
+        s.append_episode(make_episode(0, 3))
+    assert DemoStore.open(path).schema == make_schema()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zarr"]
+
+
 def test_refused_delete_leaves_the_store_as_it_was(small_store):
     path, eps = small_store
     with pytest.raises(ValueError, match=r"episodes \[5\] out of range"):
@@ -219,6 +264,14 @@ def test_missing_declared_key(small_store):
     [
         (lambda ep: ep.update(action=ep["action"][:, :1]), r"key 'action': shape \(1,\) != schema \(2,\)"),
         (lambda ep: ep.update(img=ep["img"].astype(np.float32)), "key 'img': dtype float32 != schema uint8"),
+        (  # a narrower type takes only values that fit (300 used to be stored as 44)
+            lambda ep: ep.update(img=ep["img"].astype(np.uint16) + 256),
+            r"key 'img': uint16 value \d+ does not fit the schema's uint8",
+        ),
+        (
+            lambda ep: ep.update(action=ep["action"].astype(np.float64) * 1e40),
+            "key 'action': float64 value .* does not fit the schema's float32",
+        ),
         (
             lambda ep: ep["action"].__setitem__((3, 1), np.nan),
             "key 'action' has non-finite values .first at step 3",

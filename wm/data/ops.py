@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from wm.data.errors import SchemaError
+from wm.data.errors import NotAStoreError, SchemaError
 from wm.data.store import DemoStore, swap_paths
 
 # Rewrites an episode's info on copy: (source episode index, its info without "length") -> new info.
@@ -38,16 +38,7 @@ def copy_episodes(
     unknown = [k for k in keys if k not in src.keys]
     if unknown:
         raise SchemaError(f"{src.path}: has no keys {unknown} to copy (it has {sorted(src.keys)})")
-    if set(keys) != set(dst.keys):
-        raise SchemaError(
-            f"{src.path} and {dst.path} have different keys: {sorted(keys)} vs {sorted(dst.keys)}"
-        )
-    for k in keys:
-        a, b = src.schema.keys[k], dst.schema.keys[k]
-        if (a.shape, a.dtype) != (b.shape, b.dtype):
-            raise SchemaError(
-                f"key {k!r}: {src.path} has {a.shape} {a.dtype}, {dst.path} has {b.shape} {b.dtype}"
-            )
+    _check_same(src, dst, keys)
     out = []
     for i in range(src.n_episodes) if episodes is None else episodes:
         info = src.episode_info(i)
@@ -58,6 +49,35 @@ def copy_episodes(
     return out
 
 
+def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
+    """Episodes of `src` may join `dst`: the same keys (shape, dtype, kind), fps and, where actions go,
+    action space (else they would be labelled with what `dst`'s steps and actions mean)."""
+    if set(keys) != set(dst.keys):
+        raise SchemaError(
+            f"{src.path} and {dst.path} have different keys: {sorted(keys)} vs {sorted(dst.keys)}"
+        )
+    for k in keys:
+        a, b = src.schema.keys[k], dst.schema.keys[k]
+        if (a.shape, a.dtype, a.kind) != (b.shape, b.dtype, b.kind):
+            raise SchemaError(
+                f"key {k!r}: {src.path} has {a.shape} {a.dtype} {a.kind}, {dst.path} has {b.shape} {b.dtype} "
+                f"{b.kind}"
+            )
+    actions = any(src.schema.keys[k].kind == "action" for k in keys)
+    sa, da = src.schema.action_space, dst.schema.action_space
+    differ = [
+        f"{what} {x!r} vs {y!r}"
+        for what, x, y, matters in (
+            ("fps", src.schema.fps, dst.schema.fps, True),
+            ("action mode", sa.mode, da.mode, actions),
+            ("action frame", sa.frame, da.frame, actions),
+        )
+        if matters and x != y
+    ]
+    if differ:
+        raise SchemaError(f"{src.path} and {dst.path} record different things ({', '.join(differ)})")
+
+
 def merge_stores(
     sources: Sequence[str | os.PathLike], dst: str | os.PathLike, **create_kwargs: Any
 ) -> DemoStore:
@@ -65,10 +85,15 @@ def merge_stores(
     if not sources:
         raise ValueError("merge_stores needs at least one source store")
     stores = [DemoStore.open(p) for p in sources]
-    out = DemoStore.create(dst, stores[0].schema, **create_kwargs)
-    for s in stores:
-        copy_episodes(s, out)
-        s.close()
+    try:
+        for s in stores[1:]:  # all of them, before anything is written
+            _check_same(s, stores[0], list(s.keys))
+        out = DemoStore.create(dst, stores[0].schema, **create_kwargs)
+        for s in stores:
+            copy_episodes(s, out)
+    finally:
+        for s in stores:
+            s.close()
     return out
 
 
@@ -82,6 +107,8 @@ def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: In
     episode reads cleanly; otherwise the error is raised and the store is left as it was.
     """
     path = Path(path)
+    if path.suffix == ".zip":  # read-only here: the rewrite would leave a directory under its name
+        raise NotAStoreError(f"{path}: zip stores are read-only; unzip it to a directory store and edit that")
     tmp, old = swap_paths(path)
     src = DemoStore.open(path, salvage=True)
     try:

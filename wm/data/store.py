@@ -102,13 +102,15 @@ class DemoStore:
         image_codec: str = "auto",
         overwrite: bool = False,
     ) -> DemoStore:
-        """Create an empty store. `zarr_format=2` writes a store that Diffusion Policy's zarr 2 can read."""
+        """Create an empty store. `zarr_format=2` writes a store that Diffusion Policy's zarr 2 can read.
+        It is built beside `path` and renamed into place: a crash leaves no half-made store there."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path}: already exists; open it with DemoStore.open(path, mode='a')")
-        if path.exists():
-            shutil.rmtree(path)
-        group = zarr.open_group(store=LocalStore(path), mode="w", zarr_format=zarr_format)
+        building = path.with_name(path.name + ".wm-create")
+        if building.exists():  # what a crash in an earlier create left
+            shutil.rmtree(building)
+        group = zarr.open_group(store=LocalStore(building), mode="w", zarr_format=zarr_format)
         data = group.create_group("data")
         for key, spec in schema.keys.items():
             chunk_t = frames_per_chunk if spec.kind == "image" else LOWDIM_CHUNK
@@ -128,6 +130,10 @@ class DemoStore:
             compressors=_compressor("lowdim", zarr_format, "zstd"),
         )
         group.attrs.update({SCHEMA_ATTR: schema.to_dict(), EPISODES_ATTR: []})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(building, path)
+        group = zarr.open_group(store=LocalStore(path), mode="r+", zarr_format=zarr_format)
         return cls(path, group, schema, "a", legacy=False)
 
     @classmethod
@@ -492,7 +498,19 @@ class EpisodeWriter:
         if value.dtype != np.dtype(spec.dtype):
             if not np.can_cast(value.dtype, spec.dtype, casting="same_kind"):
                 raise AppendError(f"{self._where()}, key {key!r}: dtype {value.dtype} != schema {spec.dtype}")
-            value = value.astype(spec.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # what does not fit is refused below
+                cast = value.astype(spec.dtype)
+            if not np.can_cast(value.dtype, spec.dtype, casting="safe"):  # narrower: the values must fit
+                if np.issubdtype(cast.dtype, np.floating):
+                    lost = np.isfinite(value) & ~np.isfinite(cast)  # beyond the type's range
+                else:
+                    lost = cast != value  # wrapped around
+                if lost.any():
+                    raise AppendError(
+                        f"{self._where()}, key {key!r}: {value.dtype} value {value[lost].flat[0]} does not "
+                        f"fit the schema's {spec.dtype}"
+                    )
+            value = cast
         if spec.kind in ("action", "proprio") and np.issubdtype(value.dtype, np.floating):
             bad = ~np.isfinite(value)
             if bad.any():

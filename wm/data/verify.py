@@ -67,8 +67,8 @@ class VerifyReport:
     def repair_command(self) -> str | None:
         """The command that rewrites the store without the damaged episodes; None when clean or when a
         problem cannot be fixed that way."""
-        if self.ok or any(p.fatal for p in self.problems):
-            return None
+        if self.ok or any(p.fatal for p in self.problems) or Path(self.path).suffix == ".zip":
+            return None  # (a zip store is read-only: unzipped, its copy can be repaired)
         drop = ",".join(str(e) for e in self.damaged_episodes)
         return shlex.join(["wm-info", f"store={self.path}", f"drop_episodes=[{drop}]"])
 

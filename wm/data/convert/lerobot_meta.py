@@ -118,7 +118,7 @@ def plan_export(store: DemoStore, use_videos: bool) -> ExportPlan:
             else:
                 name = key
             feature = {"dtype": spec.dtype, "shape": spec.shape or (1,), "names": list(spec.names) or None}
-        reserved = name in BOOKKEEPING or (name == "timestamp" and key != plan.timestamp_key)
+        reserved = name in (*BOOKKEEPING, "task") or (name == "timestamp" and key != plan.timestamp_key)
         if reserved or name in plan.names.values():
             raise SchemaError(f"store key {key!r} maps to LeRobot feature {name!r}, which is already taken")
         plan.names[key] = name
