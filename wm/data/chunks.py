@@ -49,7 +49,7 @@ class ChunkReader:
         self.rows_per_chunk = int(array.chunks[0])
         self.chunk_shape = tuple(int(c) for c in array.chunks)
         self.dtype = np.dtype(array.dtype)
-        self.fill = array.fill_value
+        self.fill = 0 if array.fill_value is None else array.fill_value  # zarr 2's null fill reads as 0
         self._key = array.metadata.encode_chunk_key
         self._zeros = (0,) * (array.ndim - 1)
 
