@@ -184,8 +184,8 @@ def pauses(args: argparse.Namespace) -> dict:
         for g in (0, 1, 2):
             ms = np.array([d for gen, d in on_gc.passes if gen == g])
             if len(ms):
-                row[f"gen{g}"] = {"n": len(ms), "p50_ms": float(np.median(ms)), "max_ms": float(ms.max())}
-                med = np.median(ms)
+                med = float(np.median(ms))
+                row[f"gen{g}"] = {"n": len(ms), "p50_ms": med, "max_ms": float(ms.max())}
                 print(f"  generation {g}: {len(ms):6d} passes, p50 {med:.3f} ms, max {ms.max():.2f} ms")
         results[name] = row
     return results

@@ -232,8 +232,7 @@ class PolicyServer:
         try:
             work()
         except Exception as e:  # noqa: BLE001 - every session depends on this loop
-            self.counts["errors"] += 1
-            self.log(f"server: {work.__name__[1:]} failed: {type(e).__name__}: {e}")
+            self._count_error(f"server: {work.__name__[1:]} failed: {type(e).__name__}: {e}", False)
 
     def close(self) -> None:
         """Stop serving (waits for `serve`, if another thread runs it) and free the sockets."""
