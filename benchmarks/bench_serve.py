@@ -8,7 +8,9 @@ python benchmarks/bench_serve.py transport [--seconds 60 --hz 30 --floor --token
     pickled list of `TimedAction` back from `GetActions`), on the same payloads, interleaved tick by
     tick in one run. Both servers answer a precomputed chunk, so the round trip is the transport:
     for ours it is also printed minus the server's own inference time. Prints p50 / p99 / max (ms)
-    and the ratio.
+    and the ratio. `--floor` adds, in the same rotation, the same bytes through a bare ZeroMQ echo
+    and a bare TCP echo (no Python work on the server), and our messages with our server's Python
+    work (decode, checks, the hand-over to an inference thread and back) on a plain TCP socket.
 
 python benchmarks/bench_serve.py load [--clients 4 --seconds 30 --hz 30]
     One server (`max_sessions` = clients), each client in its own process at `--hz` with the same
@@ -28,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tempfile
@@ -188,6 +191,88 @@ def tcp_echo(port: int) -> None:
         conn.sendall((500).to_bytes(8, "little") + b"x" * 500)
 
 
+def send_frames(sock, frames) -> None:
+    """Length-prefixed frames on a plain socket: count, each length (u32), then the frames."""
+    views = [memoryview(f).cast("B") for f in frames]
+    head = struct.pack(f"<I{len(views)}I", len(views), *(v.nbytes for v in views))
+    sock.sendmsg([head, *views])
+
+
+def recv_frames(sock) -> list[memoryview] | None:
+    """The frames `send_frames` sent (None: the peer has gone)."""
+    import socket
+
+    head = sock.recv(4, socket.MSG_WAITALL)
+    if len(head) < 4:
+        return None
+    n = int.from_bytes(head, "little")
+    sizes = struct.unpack(f"<{n}I", sock.recv(4 * n, socket.MSG_WAITALL))
+    body = memoryview(bytearray(sum(sizes)))
+    got = 0
+    while got < len(body):
+        k = sock.recv_into(body[got:])
+        if not k:
+            return None
+        got += k
+    offsets = np.cumsum([0, *sizes])
+    return [body[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def tcp_checked(port: int) -> None:
+    """Our server's Python work on a plain TCP socket instead of ZeroMQ: each request decoded and
+    checked against the model's spec (`wire`), handed to an inference thread and back (woken by a
+    socketpair), a precomputed chunk encoded and sent. What a transport without ZeroMQ's I/O threads
+    could reach; no sessions, no deadlines, no encryption."""
+    import queue
+    import selectors
+    import socket
+    import threading
+
+    from robots.runtime import wire
+
+    chunk = FixedChunk().chunk[0]
+    spec = {"image_keys": ["cam0", "cam1"], "proprio_key": "state", "proprio_dim": STATE}
+    listener = socket.create_server(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    wake_rx, wake_tx = socket.socketpair()
+
+    def inference() -> None:
+        while True:
+            req, received = jobs.get()
+            results.put((req, received, chunk))
+            wake_tx.send(b"x")
+
+    threading.Thread(target=inference, daemon=True).start()
+    sel = selectors.DefaultSelector()
+    sel.register(conn, selectors.EVENT_READ)
+    sel.register(wake_rx, selectors.EVENT_READ)
+    with QuietGC(True) as quiet:
+        while True:
+            quiet.step()
+            for key, _ in sel.select():
+                if key.fileobj is wake_rx:
+                    wake_rx.recv(64)
+                    while not results.empty():
+                        req, received, out = results.get()
+                        fields = {
+                            "seq": req.seq,
+                            "sent": req.sent,
+                            "recv": received,
+                            "reply": time.monotonic(),
+                        }
+                        send_frames(conn, wire.encode("chunk", fields, {"chunk": out}))
+                    continue
+                frames = recv_frames(conn)
+                if frames is None:
+                    return
+                received = time.monotonic()
+                msg = wire.decode(frames, 8 << 20)
+                jobs.put((wire.unpack_request(msg, spec, 1, CHUNK[1]), received))
+
+
 def free_port() -> int:
     import socket
 
@@ -232,6 +317,36 @@ class Ours:
 
     def close(self) -> None:
         self.w.close()
+
+
+class Checked:
+    """A client of `tcp_checked`: our request packed and the reply decoded as `RemoteWorker` does."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        for _ in range(100):
+            try:
+                self.sock = socket.create_connection(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.seq = 0
+
+    def round_trip(self, obs: dict[str, np.ndarray]) -> tuple[float, float, bool]:
+        from robots.runtime import wire
+
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        send_frames(self.sock, wire.pack_request(b"s" * 16, self.seq, now, now + 2.0, [obs], [], None, 0))
+        msg = wire.decode(recv_frames(self.sock), 1 << 20)
+        ok = msg.get("seq", int) == self.seq and msg.arrays["chunk"].shape == CHUNK
+        self.seq += 1
+        return time.perf_counter() - t0, 0.0, ok
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Echo:
@@ -312,16 +427,17 @@ class LeRobot:
 
 # ---------------------------------------------------------------------- 1. transport
 def transport(args: argparse.Namespace) -> dict:
-    p_ours, p_lr, p_zmq, p_tcp = (free_port() for _ in range(4))
+    p_ours, p_lr, p_zmq, p_tcp, p_checked = (free_port() for _ in range(5))
     quiet = not args.no_quiet_gc
     token = "benchmark token" if args.token else None  # then encrypted (CurveZMQ)
     procs = [spawn(our_server, p_ours, 1, None, quiet, token), spawn(lerobot_server, p_lr)]
     if args.floor:
-        procs += [spawn(zmq_echo, p_zmq), spawn(tcp_echo, p_tcp)]
+        procs += [spawn(zmq_echo, p_zmq), spawn(tcp_echo, p_tcp), spawn(tcp_checked, p_checked)]
     try:
         clients = {"ours": Ours(p_ours, token=token), "lerobot": LeRobot(p_lr, args.hz)}
         if args.floor:
             clients |= {"zmq echo": Echo(p_zmq, "zmq"), "tcp echo": Echo(p_tcp, "tcp")}
+            clients["tcp checked"] = Checked(p_checked)
         rng = np.random.default_rng(1)
         frames = [observation(rng) for _ in range(8)]
         for c in clients.values():  # warm up both paths
@@ -359,6 +475,10 @@ def transport(args: argparse.Namespace) -> dict:
     for name in ("zmq echo", "tcp echo"):
         if name in rtts:
             print(f"  floor: {name:9s}  {pct(rtts[name])}   (the same bytes, no Python work on the server)")
+    if "tcp checked" in rtts:
+        print(
+            f"  plain TCP, our checks {pct(rtts['tcp checked'])}   (our messages and Python work, no ZeroMQ)"
+        )
     ratio_p50 = np.percentile(lr, 50) / np.percentile(overhead, 50)
     ratio_p99 = np.percentile(lr, 99) / np.percentile(overhead, 99)
     print(f"  LeRobot / ours (transport): p50 {ratio_p50:.1f}x  p99 {ratio_p99:.1f}x")
@@ -371,7 +491,9 @@ def transport(args: argparse.Namespace) -> dict:
         "ratio_p99": ratio_p99,
         "failed": failed,
         **{
-            f"{n.replace(' ', '_')}_ms": q(np.asarray(rtts[n])) for n in ("zmq echo", "tcp echo") if n in rtts
+            f"{n.replace(' ', '_')}_ms": q(np.asarray(rtts[n]))
+            for n in ("zmq echo", "tcp echo", "tcp checked")
+            if n in rtts
         },
     }
 
@@ -508,7 +630,11 @@ def main() -> None:
     t = sub.add_parser("transport")
     t.add_argument("--seconds", type=float, default=60.0)
     t.add_argument("--hz", type=float, default=30.0)
-    t.add_argument("--floor", action="store_true", help="also bare ZeroMQ and TCP echoes of the same bytes")
+    t.add_argument(
+        "--floor",
+        action="store_true",
+        help="also bare ZeroMQ and TCP echoes of the same bytes, and our messages and checks on plain TCP",
+    )
     t.add_argument("--token", action="store_true", help="our server with a token (encrypted connection)")
     t.add_argument(
         "--no-quiet-gc",
