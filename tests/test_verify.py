@@ -103,6 +103,57 @@ def test_zarr2_store_damage_is_found_without_checksums(tmp_path):
     assert "Blosc header" in report.problems[0].detail
 
 
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_a_lost_chunk_file_is_damage_not_zeros(tmp_path, zarr_format):
+    """zarr leaves chunks of fill values unwritten, so a lost file read as zeros; our stores write every
+    chunk, and a missing one is reported (reading it raises) while a real frame of zeros reads fine."""
+    path = tmp_path / "lost.zarr"
+    episodes = [make_episode(i, 4) for i in range(3)]
+    episodes[0]["img"][2] = 0  # a black frame: step 2, its own chunk
+    with DemoStore.create(path, make_schema(), zarr_format=zarr_format) as s:
+        for ep in episodes:
+            s.append_episode(ep)
+    assert verify_store(path).ok
+    with DemoStore.open(path) as s:
+        np.testing.assert_array_equal(s.get_episode(0)["img"], episodes[0]["img"])
+
+    chunk = path / "data" / "img" / ("c/5/0/0/0" if zarr_format == 3 else "5.0.0.0")  # episode 1
+    chunk.unlink()
+    report = verify_store(path)
+    (p,) = report.problems
+    assert (p.what, p.file, p.steps, p.episodes) == ("data/img", str(chunk), (5, 6), (1,))
+    assert "missing" in p.detail
+    assert report.repair_command().endswith("'drop_episodes=[1]'")
+    with DemoStore.open(path) as s:
+        np.testing.assert_array_equal(s.get_episode(2)["img"], episodes[2]["img"])  # the rest reads
+        with pytest.raises(CorruptStoreError, match=f"{chunk}: chunk 5 of key 'img' .*episode 1.* missing"):
+            s.get_episode(1)
+
+
+def test_a_store_that_may_leave_chunks_unwritten_says_so_and_a_rewrite_fixes_it(small_store):
+    """A store from before `wm_every_chunk` (or another tool) reads a missing chunk as zarr does; verify
+    says it cannot find lost files there, and the rewrite it names makes them findable."""
+    path, eps = small_store
+    group = zarr.open_group(path, mode="r+")
+    del group.attrs["wm_every_chunk"]
+    (path / "data" / "img" / "c" / "8" / "0" / "0" / "0").unlink()  # episode 1: reads as zeros
+    report = verify_store(path)
+    assert report.ok and not report.missing_files_checked
+    text = format_report(report)
+    assert "lost chunk file reads as zeros and is not found" in text
+    rewrite = shlex.split(text.splitlines()[-1].split(": ", 1)[1].rstrip(")"))
+    assert rewrite == ["wm-info", f"store={path}", "drop_episodes=[]"]
+    res = cli(*rewrite[1:], "contact_sheet=none")
+    assert res.returncode == 0, res.stderr
+    report = verify_store(path)
+    assert report.ok and report.missing_files_checked
+    with DemoStore.open(path) as s:
+        np.testing.assert_array_equal(s.get_episode(3)["img"], eps[3]["img"])
+        assert s.get_episode(1)["img"][1].max() == 0  # what the lost file read as is kept, now written
+    (path / "data" / "img" / "c" / "9" / "0" / "0" / "0").unlink()
+    assert [p.steps for p in verify_store(path).problems] == [(9, 10)]
+
+
 def test_unreadable_episode_ends_fall_back_to_the_commit_record(small_store):
     path, eps = small_store
     truncate(path / "meta" / "episode_ends" / "c" / "0")

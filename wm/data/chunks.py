@@ -39,8 +39,10 @@ class ChunkReader:
         blosc: bool,
         crc: bool,
         where: Callable[[int, int], str] | None = None,
+        required: bool = False,
     ) -> None:
         self.array = array
+        self.required = required  # every chunk was written: a missing file is damage, not fill
         self.root = root
         self.key = array.path.rsplit("/", 1)[-1]
         self.where = where  # (first step, end step) -> e.g. "episode 3"
@@ -55,10 +57,12 @@ class ChunkReader:
 
     @classmethod
     def for_array(
-        cls, array: zarr.Array, where: Callable[[int, int], str] | None = None
+        cls, array: zarr.Array, where: Callable[[int, int], str] | None = None, required: bool = False
     ) -> ChunkReader | None:
         """A reader for `array`, or None when its layout is not one this fast path handles. `where`
-        maps a step range to the episodes it covers, for error messages."""
+        maps a step range to the episodes it covers, for error messages; `required`: every chunk was
+        written (the store's `wm_every_chunk`), so a missing chunk file raises instead of reading as
+        the fill value."""
         if not isinstance(array.store, LocalStore) or sys.byteorder != "little":
             return None
         if tuple(array.chunks[1:]) != tuple(array.shape[1:]) or np.dtype(array.dtype).byteorder == ">":
@@ -70,7 +74,8 @@ class ChunkReader:
             comp = meta.compressor
             if comp is not None and comp.codec_id != "blosc":
                 return None
-            return cls(array, Path(array.store.root) / array.path, comp is not None, False, where)
+            root = Path(array.store.root) / array.path
+            return cls(array, root, comp is not None, False, where, required)
         names = [type(c).__name__ for c in meta.codecs]
         crc = names[-1:] == ["Crc32cCodec"]
         if crc:
@@ -80,7 +85,7 @@ class ChunkReader:
         big = str(getattr(meta.codecs[0], "endian", None)).endswith("big")
         if big and np.dtype(array.dtype).itemsize > 1:
             return None
-        return cls(array, Path(array.store.root) / array.path, len(names) == 2, crc, where)
+        return cls(array, Path(array.store.root) / array.path, len(names) == 2, crc, where, required)
 
     def chunk_path(self, c: int) -> Path:
         """The file holding chunk `c` (steps c * rows_per_chunk onwards)."""
@@ -91,8 +96,10 @@ class ChunkReader:
         path = self.chunk_path(c)
         try:
             raw = path.read_bytes()
-        except FileNotFoundError:  # never written: zarr's fill value
-            return np.full(self.chunk_shape, self.fill, dtype=self.dtype)
+        except FileNotFoundError as e:
+            if not self.required:  # never written: zarr's fill value
+                return np.full(self.chunk_shape, self.fill, dtype=self.dtype)
+            raise self._damaged(c, path, "the chunk file is missing (the store writes every chunk)") from e
         try:
             if self.crc:
                 raw, stored = raw[:-4], raw[-4:]
@@ -107,13 +114,15 @@ class ChunkReader:
                 raw = self.blosc.decode(raw)
             return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
         except Exception as e:
-            lo = c * self.rows_per_chunk
-            hi = min(lo + self.rows_per_chunk, int(self.array.shape[0]))
-            where = self.where(lo, hi) if self.where is not None else ""
-            raise CorruptStoreError(
-                f"{path}: chunk {c} of key {self.key!r} (steps {lo}:{hi}{', ' + where if where else ''}) "
-                f"cannot be decoded ({type(e).__name__}: {e})"
-            ) from e
+            raise self._damaged(c, path, f"cannot be decoded ({type(e).__name__}: {e})") from e
+
+    def _damaged(self, c: int, path: Path, what: str) -> CorruptStoreError:
+        lo = c * self.rows_per_chunk
+        hi = min(lo + self.rows_per_chunk, int(self.array.shape[0]))
+        where = self.where(lo, hi) if self.where is not None else ""
+        return CorruptStoreError(
+            f"{path}: chunk {c} of key {self.key!r} (steps {lo}:{hi}{', ' + where if where else ''}) {what}"
+        )
 
     def rows(self, steps: np.ndarray) -> np.ndarray:
         """Rows at sorted unique `steps` as (len(steps), *shape)."""

@@ -4,7 +4,8 @@ Layout (Diffusion Policy / UWM replay buffer, readable by their loaders):
 
     <store>/data/<key>         (T_total, *shape) time-major, all episodes concatenated
     <store>/meta/episode_ends  (E,) int64 cumulative ends
-    root attributes            "wm_schema": Schema.to_dict(), "wm_episodes": per-episode info list
+    root attributes            "wm_schema": Schema.to_dict(), "wm_episodes": per-episode info list,
+                               "wm_every_chunk": true (see below)
 
 Crash safety. Every file is written to a temporary name and renamed into place (zarr's LocalStore
 does this), so no file is ever half-written. An episode is written in this order: its data
@@ -13,6 +14,12 @@ does this), so no file is ever half-written. An episode is written in this order
 episode intact; reopening for append truncates whatever lies past the last commit. Readers only
 look at committed steps, so they can open a store while a writer appends (`refresh()` sees new
 episodes).
+
+Lost files. zarr by default writes no chunk whose values are all the fill value, so a missing chunk
+file reads as zeros and cannot be told from a chunk of zeros. This store writes every chunk, and a
+store created so says `wm_every_chunk`: in it a missing chunk file of committed steps is damage, and
+reading it (or `verify`) raises `CorruptStoreError` naming the file, key, steps and episodes.
+Stores without the attribute (created before, or by other tools) read a missing chunk as zarr does.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from wm.data.schema import Schema, infer_schema
 
 SCHEMA_ATTR = "wm_schema"
 EPISODES_ATTR = "wm_episodes"
+EVERY_CHUNK_ATTR = "wm_every_chunk"  # true: every chunk of committed steps is a file (module docstring)
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 LOWDIM_CHUNK = 4096  # rows per chunk for low-dimensional keys
 # Steps buffered in memory by a streaming writer before they are flushed to disk.
 FLUSH_STEPS = 32
@@ -129,7 +138,7 @@ class DemoStore:
             dtype="int64",
             compressors=_compressor("lowdim", zarr_format, "zstd"),
         )
-        group.attrs.update({SCHEMA_ATTR: schema.to_dict(), EPISODES_ATTR: []})
+        group.attrs.update({SCHEMA_ATTR: schema.to_dict(), EPISODES_ATTR: [], EVERY_CHUNK_ATTR: True})
         if path.exists():
             shutil.rmtree(path)
         os.replace(building, path)
@@ -352,9 +361,15 @@ class DemoStore:
                     f"{self.path}/data/{key}: has {present[key].shape[0]} steps "
                     f"but episodes end at {int(ends[-1])}"
                 )
-        self._arrays = {k: present[k] for k in self._schema.keys}
+        self.every_chunk = attrs.get(EVERY_CHUNK_ATTR) is True
+        writing = self.mode == "a"  # then chunks of fill values are written too (module docstring)
+        self._arrays = {
+            k: present[k].with_config(WRITE_EVERY_CHUNK) if writing else present[k] for k in self._schema.keys
+        }
         self._readers = {
-            k: r for k, a in self._arrays.items() if (r := ChunkReader.for_array(a, self.describe_steps))
+            k: r
+            for k, a in self._arrays.items()
+            if (r := ChunkReader.for_array(a, self.describe_steps, required=self.every_chunk))
         }
         self._ends = ends
         self._info = info
@@ -409,7 +424,7 @@ class DemoStore:
     def _commit(self, length: int, info: dict[str, Any]) -> int:
         """Write episode_ends, then the commit record. Called by EpisodeWriter.end()."""
         new_end = self.n_steps + length
-        ends_arr = self._group["meta/episode_ends"]
+        ends_arr = self._group["meta/episode_ends"].with_config(WRITE_EVERY_CHUNK)
         e = self.n_episodes
         ends_arr.resize((e + 1,))
         ends_arr[e] = new_end

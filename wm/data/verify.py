@@ -1,7 +1,9 @@
 """Checking a whole store: library side of `wm-info store=PATH verify=true`.
 
 `verify_store` decodes every chunk of every key over the committed steps (crc32c and Blosc length
-checks on the direct path, zarr's own decoding otherwise, then the chunk's size and shape), checks
+checks on the direct path, zarr's own decoding otherwise, then the chunk's size and shape), in a store
+that writes every chunk (`wm_every_chunk`, `wm.data.store`) reports chunk files that are missing
+(elsewhere a missing file is how zarr stores a chunk of zeros, and it cannot be told apart), checks
 that action and proprioception values are finite, that `meta/episode_ends` is readable and
 increasing with its last end within every data key, and that the commit record agrees with it.
 Each problem names the key, the chunk file, its step range and the episodes it touches.
@@ -55,6 +57,7 @@ class VerifyReport:
     chunks_checked: int = 0
     keys_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
+    missing_files_checked: bool = True  # False: a store that may leave all-zero chunks unwritten
 
     @property
     def ok(self) -> bool:
@@ -78,6 +81,7 @@ class VerifyReport:
             "episodes": self.n_episodes,
             "keys_checked": self.keys_checked,
             "chunks_checked": self.chunks_checked,
+            "missing_files_checked": self.missing_files_checked,
             "damaged_episodes": self.damaged_episodes,
             "problems": [{**asdict(p), "episodes": list(p.episodes)} for p in self.problems],
             "repair": self.repair_command(),
@@ -120,6 +124,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         return report
     with store:
         report.n_episodes = store.n_episodes
+        report.missing_files_checked = store.every_chunk
         report.problems += _check_boundaries(store)
         for key in store.keys:
             report.problems += _check_key(store, key, report)
@@ -167,16 +172,23 @@ def _check_key(store: DemoStore, key: str, report: VerifyReport) -> list[Problem
     rows, reader = int(arr.chunks[0]), store.chunk_reader(key)
     finite = spec.kind in ("action", "proprio") and np.issubdtype(np.dtype(spec.dtype), np.floating)
     zeros = (0,) * (arr.ndim - 1)
+    files = _chunk_files(arr) if store.every_chunk else None
     for c in range(math.ceil(min(have, n) / rows)):
         lo, hi = c * rows, min((c + 1) * rows, have, n)
         eps = tuple(store.episodes_in(lo, hi))
+        key_path = arr.metadata.encode_chunk_key((c, *zeros))
+        if files is not None and key_path not in files:
+            file = reader.chunk_path(c) if reader is not None else f"{store.path}/data/{key}/{key_path}"
+            detail = "the chunk file is missing (the store writes every chunk: it was lost)"
+            out.append(Problem(what, detail, str(file), (lo, hi), eps))
+            report.chunks_checked += 1
+            continue
         try:
             block = reader.read_chunk(c)[: hi - lo] if reader is not None else arr[lo:hi]
             if block.shape != (hi - lo, *spec.shape):
                 raise ValueError(f"decoded shape {block.shape}, expected {(hi - lo, *spec.shape)}")
         except Exception as e:
             cause = e.__cause__ if isinstance(e, CorruptStoreError) and e.__cause__ is not None else e
-            key_path = arr.metadata.encode_chunk_key((c, *zeros))
             file = reader.chunk_path(c) if reader is not None else f"{store.path}/data/{key}/{key_path}"
             detail = f"cannot be decoded ({type(cause).__name__}: {cause})"
             out.append(Problem(what, detail, str(file), (lo, hi), eps))
@@ -193,12 +205,33 @@ def _check_key(store: DemoStore, key: str, report: VerifyReport) -> list[Problem
     return out
 
 
+def _chunk_files(arr: Any) -> set[str]:
+    """The chunk keys of `arr` that exist in its store (relative to the array, e.g. 'c/3/0/0/0')."""
+    from zarr.core.sync import sync
+
+    prefix = arr.path + "/"
+
+    async def listed() -> list[str]:
+        return [k async for k in arr.store.list_prefix(prefix)]
+
+    return {k[len(prefix) :] for k in sync(listed())}
+
+
 def format_report(report: VerifyReport) -> str:
     """A readable multi-line report of `verify_store`'s result, ending with the repair command."""
     head = f"verify     {report.path}: {report.n_episodes} episodes, {report.keys_checked} keys, "
     head += f"{report.chunks_checked} chunks decoded"
+    note = []
+    if not report.missing_files_checked:
+        note = [
+            "note       this store may leave chunks of zeros unwritten (as zarr does), so a lost chunk "
+            "file reads as zeros and is not found here"
+        ]
+        if Path(report.path).suffix != ".zip":
+            rewrite = shlex.join(["wm-info", f"store={report.path}", "drop_episodes=[]"])
+            note.append(f"           (a rewrite keeping every episode writes every chunk: {rewrite})")
     if report.ok:
-        return head + "; no damage found"
+        return "\n".join([head + "; no damage found", *note])
     lines = [head, f"damage     {len(report.problems)} problem(s):"]
     lines += [f"  {p.line()}" for p in report.problems]
     if report.damaged_episodes:
@@ -211,4 +244,5 @@ def format_report(report: VerifyReport) -> str:
         lines.append(
             "           (rewrites the store without those episodes, crash-safe; later episodes move up)"
         )
+    lines += note
     return "\n".join(lines)
