@@ -108,6 +108,13 @@ def test_reusing_out_for_another_architecture_is_one_line(run, store, tmp_path):
     assert f"resumed from step 20 ({out / 'ckpt_00000020.pt'})" in res.stderr
     assert latest_checkpoint(out).name == "ckpt_00000022.pt"
 
+    # Another split of the episodes would put validation episodes into training: refused.
+    res = wm_train(f"store={store}", f"out={out}", "trainer.steps=24", "val_ratio=0.3")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "trained on other data (val_ratio 0.1 -> 0.3)" in lines[0]
+    assert latest_checkpoint(out).name == "ckpt_00000022.pt"
+
 
 def test_ctrl_c_saves_says_how_to_resume_and_exits_130(store, tmp_path):
     out = tmp_path / "run"

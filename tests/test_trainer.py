@@ -101,7 +101,7 @@ def cfg(**kw) -> TrainerConfig:
 
 def make_trainer(dataset, out_dir, seed: int = 0, **kw) -> Trainer:
     torch.manual_seed(seed)
-    opts = {k: kw.pop(k) for k in ("normalizer", "val_fn", "extra_state") if k in kw}
+    opts = {k: kw.pop(k) for k in ("normalizer", "val_fn", "extra_state", "same_on_resume") if k in kw}
     model = TinyRegressor(**MODEL_CONFIG)
     return Trainer(model, dataset, cfg(**kw), out_dir, model_type="tiny", model_config=MODEL_CONFIG, **opts)
 
@@ -462,6 +462,55 @@ def test_resuming_another_model_is_one_clear_error(dataset, tmp_path, capsys):
     said = capsys.readouterr().err
     assert "resumed from step 4 (" in said
     assert "note: resuming" in said and "another model_config (note (checkpoint unset, this run x))" in said
+
+
+def test_resuming_takes_this_runs_optimizer_settings_and_says_so(dataset, tmp_path, capsys):
+    """Loading a checkpoint's optimizer restores its lr, betas and weight decay; the run uses (and
+    config.json records) this run's, as the run's settings say."""
+    make_trainer(dataset, tmp_path, steps=10, lr=1e-2, weight_decay=0.01, warmup_steps=0).fit()
+    capsys.readouterr()
+    again = make_trainer(dataset, tmp_path, steps=12, lr=1e-4, weight_decay=0.5, betas=(0.8, 0.9))
+    assert again.resume() and again.step == 10
+    factor = lr_factor(10, again.cfg)
+    for group in again.optimizer.param_groups:
+        assert group["initial_lr"] == 1e-4 and group["lr"] == pytest.approx(1e-4 * factor)
+        assert group["betas"] == (0.8, 0.9) and group["weight_decay"] in (0.5, 0.0)  # no-decay group: 0
+    assert again.scheduler.base_lrs == [1e-4] * len(again.optimizer.param_groups)
+    assert "note: resuming with this run's betas, lr, weight_decay" in capsys.readouterr().err
+    again.fit()
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * lr_factor(12, again.cfg))
+    assert json.loads((tmp_path / "config.json").read_text())["trainer"]["lr"] == 1e-4
+    capsys.readouterr()
+    same = make_trainer(dataset, tmp_path, steps=14, lr=1e-4, weight_decay=0.5, betas=(0.8, 0.9))
+    assert same.resume() and same.step == 12
+    assert "note: resuming with" not in capsys.readouterr().err  # unchanged settings: nothing to say
+
+
+def test_resuming_on_other_data_is_one_clear_error(dataset, tmp_path):
+    """A run resumed after its store changed (episodes appended) or with another split would train on
+    its own validation episodes: refused, naming what changed."""
+    run = {"store": "/data/a.zarr", "store_fingerprint": "f1", "store_episodes": 50, "seed": 0}
+    keys = ("store", "store_fingerprint", "store_episodes", "seed", "video_store")
+    make_trainer(dataset, tmp_path, steps=4, extra_state={"run_config": run}, same_on_resume=keys).fit()
+    grown = run | {"store_fingerprint": "f2", "store_episodes": 60}
+    with pytest.raises(CheckpointError) as info:
+        make_trainer(dataset, tmp_path, steps=6, extra_state={"run_config": grown}, same_on_resume=keys).fit()
+    message = str(info.value)
+    assert (
+        "\n" not in message
+        and "trained on other data (store_fingerprint 'f1' -> 'f2'; store_episodes 50" in message
+    )
+    assert "redraw the validation split" in message and message.endswith(f"delete {tmp_path} to start over")
+    with pytest.raises(CheckpointError, match="seed 0 -> 1"):
+        make_trainer(
+            dataset, tmp_path, steps=6, extra_state={"run_config": run | {"seed": 1}}, same_on_resume=keys
+        ).resume()
+    assert (
+        make_trainer(dataset, tmp_path, steps=6, extra_state={"run_config": run}, same_on_resume=keys).fit()[
+            "step"
+        ]
+        == 6
+    )  # the same data resumes; a key the checkpoint never recorded (video_store) is not compared
 
 
 def test_load_checkpoint_errors(tmp_path):

@@ -50,6 +50,19 @@ class TrainAppConfig:
             raise ValueError(f"video_ratio must be in [0, 1), got {self.video_ratio}")
 
 
+# what a run's checkpoint must share with this run to be resumed: the data, its split and the inputs
+SAME_DATA = (
+    "store",
+    "store_fingerprint",
+    "store_episodes",
+    "seed",
+    "val_ratio",
+    "image_key",
+    "proprio_key",
+    "video_store",
+)
+
+
 def check_task(cfg: TrainAppConfig) -> dict[str, Any]:
     """The store's task matches `task=` (when given); returns what the run records of the store: its
     absolute path, content fingerprint and episode count (wm-eval finds it from anywhere and says
@@ -60,6 +73,7 @@ def check_task(cfg: TrainAppConfig) -> dict[str, Any]:
             "store": str(Path(cfg.store).resolve()),
             "store_fingerprint": store.fingerprint,
             "store_episodes": store.n_episodes,
+            "video_store": str(Path(cfg.video_store).resolve()) if cfg.video_store else None,
         }
     if cfg.task is not None and recorded and recorded != cfg.task:
         raise SchemaError(f"{cfg.store}: recorded for task {recorded!r}, but task={cfg.task!r} was given")
@@ -108,6 +122,7 @@ def train(cfg: TrainAppConfig) -> int:
         normalizer=setup.normalizer,
         val_fn=setup.val_fn,
         extra_state={"run_config": run_config},
+        same_on_resume=SAME_DATA,
     )
     out = Path(cfg.out).resolve()
     print(f"run directory: {out}")

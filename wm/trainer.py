@@ -32,7 +32,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, runtime_checkable
 
@@ -60,6 +60,8 @@ from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
 from wm.interrupt import InterruptFlag, TrainingInterrupted
 from wm.optim import TrainerConfig, default_param_groups, ema_decay_at, ema_update, lr_factor
+
+OPTIMIZER_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per group: this run's, on resume too
 
 __all__ = [
     "Trainer",
@@ -146,6 +148,8 @@ class Trainer:
     metrics are losses (lower is better) and `cfg.best_metric` among them chooses `best.pt`.
     `extra_state` is saved as the checkpoint's "extra"; its "run_config" also goes into config.json.
     `param_groups` replaces the default AdamW groups (lr and weight decay default to `cfg`'s).
+    `same_on_resume` names entries of `extra_state["run_config"]` (the data: store, its fingerprint,
+    split seed and ratio) that a checkpoint must share to be resumed.
     The model is put in train mode; one with frozen parts that must stay in eval mode (a pretrained
     encoder with batch norm) overrides `train()` to keep them there.
 
@@ -169,6 +173,7 @@ class Trainer:
         val_fn: ValFn | None = None,
         extra_state: dict[str, Any] | None = None,
         param_groups: list[dict[str, Any]] | None = None,
+        same_on_resume: Sequence[str] = (),
     ) -> None:
         if not isinstance(model, TrainableModel):
             raise TypeError(f"{type(model).__name__} has no compute_loss(batch) -> (loss, metrics)")
@@ -176,6 +181,7 @@ class Trainer:
         self.cfg, self.out_dir, self.val_fn = cfg, Path(out_dir), val_fn
         self.model_type, self.model_config = model_type, dict(model_config)
         self.normalizer, self.extra_state = normalizer, dict(extra_state or {})
+        self.same_on_resume = tuple(same_on_resume)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0")) if self.world_size > 1 else 0
         self._device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -276,7 +282,9 @@ class Trainer:
         random states and the best validation so far. Data order continues from a fresh epoch, so it
         differs from an uninterrupted run. Under DDP only rank 0's random state is saved; other ranks
         reseed from (seed, rank, step). A checkpoint of another model type or architecture is a
-        one-line `CheckpointError`; another model_config whose weights fit is said and resumed."""
+        one-line `CheckpointError`, as is one trained on other data (`same_on_resume`); another
+        model_config whose weights fit is said and resumed. The optimizer's moments come from the
+        checkpoint, its settings (lr, betas, weight decay) from this run's, as config.json records."""
         path = latest_checkpoint(self.out_dir)
         if path is None:
             return False
@@ -285,6 +293,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["state_dict"])
         if self._ema is not None:
             self._ema.load_state_dict(ckpt["ema_state_dict"] or ckpt["state_dict"])
+        settings = [{k: g[k] for k in OPTIMIZER_SETTINGS} for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
@@ -293,6 +302,7 @@ class Trainer:
                 f"out= or delete {self.out_dir} to start over"
             ) from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._keep_settings(settings)
         self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
         if self.rank == 0:
             set_rng_state(ckpt["rng"], self.loader.generator)
@@ -301,6 +311,23 @@ class Trainer:
         self.best = self._restore_best(ckpt)
         self._say(f"resumed from step {self.step} ({path})")
         return True
+
+    def _keep_settings(self, settings: list[dict[str, Any]]) -> None:
+        """After loading a checkpoint's optimizer and scheduler: this run's lr, betas and weight decay
+        per group (loading restores the checkpoint's), said when they differ."""
+        changed = set()
+        for group, mine in zip(self.optimizer.param_groups, settings, strict=True):
+            changed |= {k for k in OPTIMIZER_SETTINGS if group[k] != mine[k]}
+            group.update(mine)
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        at = self.scheduler.last_epoch
+        for group, base, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(at)
+        if changed:
+            names = ", ".join(sorted("lr" if k == "initial_lr" else k for k in changed))
+            self._say(f"note: resuming with this run's {names} (the checkpoint was trained with others)")
 
     def _check_fits(self, ckpt: dict[str, Any], path: Path) -> None:
         """Raise a one-line `CheckpointError` when the checkpoint to resume holds another model."""
@@ -317,6 +344,15 @@ class Trainer:
             raise CheckpointError(f"{where} of another architecture ({'; '.join(problems)}{why}): {fix}")
         if ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
             raise CheckpointError(f"{where}, which has no optimizer state to resume from: {fix}")
+        then = (ckpt.get("extra") or {}).get("run_config") or {}
+        now = self.extra_state.get("run_config") or {}
+        data = [k for k in self.same_on_resume if k in then and then[k] != now.get(k)]
+        if data:
+            what = "; ".join(f"{k} {then[k]!r:.60} -> {now.get(k)!r:.60}" for k in data)
+            raise CheckpointError(
+                f"{where}, trained on other data ({what}): resuming would redraw the validation split "
+                f"and the normalization; {fix}"
+            )
         if changed:
             self._say(
                 f"note: resuming {path}, trained with another model_config ({', '.join(changed)}); its "
@@ -351,7 +387,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         """One optimizer step on a device batch; returns loss, metrics, grad_norm, lr (unsynced)."""
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             loss, metrics = self._loss_fn(batch)
         self.optimizer.zero_grad(set_to_none=True)
