@@ -336,6 +336,63 @@ def test_feature_cache_appends_new_episodes_and_resumes(vits, source, tmp_path):
     check_cache_matches(path, source, vits)
 
 
+def test_feature_cache_is_rebuilt_when_the_data_it_copies_changed(vits, source, tmp_path):
+    """The same frames with other actions (a re-conversion) or other episode info (an episode flagged
+    action-free): the cache's copies would be stale, so it is rebuilt."""
+    path = build_feature_cache(source, vits, "img", tmp_path, batch_size=4)
+    with DemoStore.open(source) as src:
+        schema, episodes = src.schema, [src.get_episode(i) for i in range(src.n_episodes)]
+        infos = [src.episode_info(i) for i in range(src.n_episodes)]
+
+    def rewrite(change) -> None:
+        with DemoStore.create(source, schema, overwrite=True) as store:
+            for i, (ep, info) in enumerate(zip(episodes, infos, strict=True)):
+                ep, info = change(i, dict(ep), {k: v for k, v in info.items() if k != "length"})
+                store.append_episode(ep, info)
+
+    rewrite(lambda i, ep, info: (ep | {"action": ep["action"] * 100}, info))
+    with pytest.warns(UserWarning, match="rebuilding"):
+        assert build_feature_cache(source, vits, "img", tmp_path, batch_size=4) == path
+    check_cache_matches(path, source, vits)
+    rewrite(lambda i, ep, info: (ep, info | ({"action_free": True} if i == 1 else {})))
+    with pytest.warns(UserWarning, match="rebuilding"):
+        build_feature_cache(source, vits, "img", tmp_path, batch_size=4)
+    with DemoStore.open(path) as cache:
+        assert cache.episode_info(1)["action_free"] and "action_free" not in cache.episode_info(0)
+
+
+def _build_in_a_process(source, root, barrier, out) -> None:
+    torch.manual_seed(0)
+    enc = build_encoder(EncoderConfig(name="cnn", cnn_channels=(4,), cnn_dim=4, cnn_stride=2))
+    enc.trainable = False
+    enc.requires_grad_(False).eval()
+    barrier.wait()
+    try:
+        out.put(("ok", str(build_feature_cache(source, enc, "img", root, batch_size=4))))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def test_processes_building_one_feature_cache_take_turns(source, tmp_path):
+    """Every DDP rank builds the cache at start: they take turns, and the later ones reuse it (they
+    crashed on each other's half-made store before)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_build_in_a_process, args=(source, tmp_path, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [r[0] for r in results] == ["ok", "ok"], results
+    assert results[0][1] == results[1][1]
+    with DemoStore.open(results[0][1]) as cache, DemoStore.open(source) as src:
+        assert np.array_equal(cache.episode_ends, src.episode_ends)
+        assert np.array_equal(cache.load_all(["action"])["action"], src.load_all(["action"])["action"])
+
+
 def test_feature_cache_refuses_trainable_encoder_and_non_image_key(vits, source, tmp_path):
     with pytest.raises(FeatureCacheError, match="trainable"):
         build_feature_cache(source, build_encoder(EncoderConfig()), "img", tmp_path)

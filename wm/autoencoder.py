@@ -23,12 +23,10 @@ the store's default autoencoder with the one trainer; `wm-train model=autoencode
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from torch import Tensor, nn
 from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
+from wm.locks import exclusive
 from wm.registry import ModelEntry, TrainContext
 
 RECON_LOSSES = ("l1", "mse")
@@ -369,7 +368,8 @@ def default_autoencoder(
         device=device,
     )
     run = _run_dir(store_path, keys, fingerprint, cfg, trainer_cfg)
-    with _exclusive(run.with_name(run.name + ".lock"), run, log):  # two runs on one store train it once
+    waiting = f"autoencoder: another process is training {run}; waiting for it"
+    with exclusive(run.with_name(run.name + ".lock"), waiting, log):  # two runs on one store train it once
         if latest_checkpoint(run) is not None and load_checkpoint(run)["step"] >= steps:
             log(f"autoencoder: reusing {run}")
             return run
@@ -390,23 +390,6 @@ def default_autoencoder(
             extra_state={"run_config": run_config},
         ).fit()
     return run
-
-
-@contextmanager
-def _exclusive(lock: Path, run: Path, log: Callable[[str], Any]) -> Iterator[None]:
-    """Hold an exclusive lock on the file `lock` (an advisory flock, released when the process ends,
-    however it ends); says once that it waits when another process holds it."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"autoencoder: another process is training {run}; waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _run_dir(store: Path, keys: list[str], fingerprint: str, cfg: AutoencoderConfig, trainer: Any) -> Path:

@@ -24,20 +24,25 @@ have a few larger channels, whose error grows in proportion: still far below the
 features and the predictor's error. Every episode records its own max abs rounding error in its
 info; a value outside float16's range (|x| > 65504) is refused rather than stored as inf.
 
-Reuse and appending: a cache whose attributes match the encoder and whose episodes are a prefix of
-the source's (same boundaries, same fingerprint of each episode's first and last frame) is reused:
-nothing is recomputed when it is complete, and only the source's new episodes are encoded when it
-grew. Anything else (the source was rewritten, an episode deleted) rebuilds the cache. Episodes are
-committed one at a time by `DemoStore`, so an interrupted build resumes where it stopped.
+Reuse and appending: a cache whose attributes match the encoder, whose schema is the one the source
+gives, and whose episodes are a prefix of the source's (same boundaries, same fingerprint of each
+episode: its first and last frames, every byte of the keys copied, and its info) is reused: nothing
+is recomputed when it is complete, and only the source's new episodes are encoded when it grew.
+Anything else (the source was rewritten or re-converted with other actions, an episode deleted or
+flagged action-free) rebuilds the cache. Episodes are committed one at a time by `DemoStore`, so an
+interrupted build resumes where it stopped; processes building the same cache (every DDP rank) take
+turns, and the later ones reuse what the first built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +52,13 @@ import zarr
 from einops import rearrange
 
 from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
-from wm.data.schema import KeySpec
+from wm.data.schema import KeySpec, Schema
 from wm.data.store import DemoStore
 from wm.encoders import PatchEncoder
+from wm.locks import exclusive
 
 CACHE_ATTR = "wm_feature_cache"
-CACHE_VERSION = 2  # 2: several cameras per cache ("image_keys")
+CACHE_VERSION = 3  # 2: several cameras per cache ("image_keys"); 3: fingerprints cover the copied keys
 FEATURE_DTYPE = "float16"
 CHUNK_BYTES = 4 << 20  # target bytes per feature chunk (the store's 4096-row low-dim chunks would be ~200 MB)
 
@@ -68,10 +74,11 @@ def build_feature_cache(
     cache_root: str | os.PathLike,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    log: Callable[[str], object] = lambda line: print(line, file=sys.stderr),
 ) -> Path:
     """Encode every frame of the camera(s) `image_keys` in the store at `store_path` with the frozen
     `encoder` (moved to `device`) and return the cache's path; reuses or extends an existing cache
-    (module docstring)."""
+    (module docstring). `log` says when another process is building the same cache."""
     if encoder.trainable:
         raise FeatureCacheError(
             f"encoder {encoder.name!r} is trainable: cached features would go stale as it trains. "
@@ -83,12 +90,14 @@ def build_feature_cache(
     with DemoStore.open(store_path) as src:
         meta = _cache_meta(src, encoder, image_keys)
         path = _cache_path(src.path, meta, cache_root)
-        cache = _open_reusable(path, src, meta)
-        if cache is None:
-            cache = _create(path, src, meta)
-        with cache:
-            for ep in range(cache.n_episodes, src.n_episodes):
-                _encode_episode(src, cache, ep, encoder, meta["image_keys"], batch_size, device)
+        waiting = f"feature cache: another process is building {path}; waiting for it"
+        with exclusive(path.with_name(path.name + ".lock"), waiting, log):
+            cache = _open_reusable(path, src, meta)
+            if cache is None:
+                cache = _create(path, src, meta)
+            with cache:
+                for ep in range(cache.n_episodes, src.n_episodes):
+                    _encode_episode(src, cache, ep, encoder, meta["image_keys"], batch_size, device)
     return path
 
 
@@ -153,13 +162,32 @@ def _cache_path(src_path: Path, meta: dict[str, Any], cache_root: str | os.PathL
 
 
 def _fingerprint(src: DemoStore, ep: int, image_keys: Sequence[str]) -> str:
-    """A cheap identity of a source episode: its length and the bytes of its first and last frames."""
+    """The identity of a source episode as the cache holds it: its length, the bytes of its first and
+    last frames (the frames are not all read: encoding them is the cost the cache saves), every byte
+    of the keys the cache copies (actions, proprioception: small), and its info."""
     sl = src.episode_slice(ep)
     h = hashlib.sha256(f"{sl.stop - sl.start}".encode())
     for key in image_keys:
         for t in (sl.start, sl.stop - 1):
             h.update(np.ascontiguousarray(src.read(key, slice(t, t + 1), episode=ep)).tobytes())
+    for key, spec in src.schema.keys.items():
+        if spec.kind != "image":
+            h.update(key.encode() + np.ascontiguousarray(src.read(key, sl, episode=ep)).tobytes())
+    info = {k: v for k, v in src.episode_info(ep).items() if k != "length"}
+    h.update(json.dumps(info, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def _cache_schema(src: DemoStore, meta: dict[str, Any]) -> Schema:
+    """The source's schema with the cameras replaced by features, other images dropped."""
+    cams = meta["image_keys"]
+    h, w = meta["grid"]
+    keys = {
+        k: (KeySpec((h * w, meta["dim"]), FEATURE_DTYPE, "lowdim") if k in cams else s)
+        for k, s in src.schema.keys.items()
+        if k in cams or s.kind != "image"
+    }
+    return dataclasses.replace(src.schema, keys=keys)
 
 
 def _open_reusable(path: Path, src: DemoStore, meta: dict[str, Any]) -> DemoStore | None:
@@ -183,7 +211,7 @@ def _open_reusable(path: Path, src: DemoStore, meta: dict[str, Any]) -> DemoStor
             cache = DemoStore.open(path, mode="a")  # drops whatever an interrupted build left uncommitted
         except unreadable:
             cache = None
-        if cache is not None and _is_prefix(cache, src, meta["image_keys"]):
+        if cache is not None and _is_prefix(cache, src, meta):
             return cache
         if cache is not None:
             cache.close()
@@ -193,8 +221,10 @@ def _open_reusable(path: Path, src: DemoStore, meta: dict[str, Any]) -> DemoStor
     return None
 
 
-def _is_prefix(cache: DemoStore, src: DemoStore, image_keys: Sequence[str]) -> bool:
-    n = cache.n_episodes
+def _is_prefix(cache: DemoStore, src: DemoStore, meta: dict[str, Any]) -> bool:
+    if cache.schema.to_dict() != _cache_schema(src, meta).to_dict():
+        return False
+    image_keys, n = meta["image_keys"], cache.n_episodes
     if n > src.n_episodes or not np.array_equal(cache.episode_ends, src.episode_ends[:n]):
         return False
     recorded = [cache.episode_info(i).get("feature_cache", {}).get("source_fingerprint") for i in range(n)]
@@ -203,17 +233,12 @@ def _is_prefix(cache: DemoStore, src: DemoStore, image_keys: Sequence[str]) -> b
 
 # ---------------------------------------------------------------------- writing
 def _create(path: Path, src: DemoStore, meta: dict[str, Any]) -> DemoStore:
-    """An empty cache: the source's schema with the cameras replaced by features, other images dropped."""
+    """An empty cache of `_cache_schema`."""
     cams = meta["image_keys"]
     h, w = meta["grid"]
     n_patch, dim = h * w, meta["dim"]
-    keys = {
-        k: (KeySpec((n_patch, dim), FEATURE_DTYPE, "lowdim") if k in cams else s)
-        for k, s in src.schema.keys.items()
-        if k in cams or s.kind != "image"
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    DemoStore.create(path, dataclasses.replace(src.schema, keys=keys), overwrite=True).close()
+    DemoStore.create(path, _cache_schema(src, meta), overwrite=True).close()
     # Rechunk the (still empty) feature arrays to a few MB per chunk, with the store's own codecs.
     group = zarr.open_group(path, mode="r+")
     rows = int(np.clip(CHUNK_BYTES // (n_patch * dim * np.dtype(FEATURE_DTYPE).itemsize), 1, 4096))
