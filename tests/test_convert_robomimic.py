@@ -181,3 +181,38 @@ def test_existing_destination(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         robomimic_to_store(src, dst)
     assert DemoStore.open(dst).n_episodes == 3
+
+
+def test_object_state_is_not_proprioception_success_follows_rewards_and_absolute_actions(
+    tmp_path: Path,
+) -> None:
+    """robomimic files as its own scripts write them: `object` (the simulator's object poses) beside the
+    robot's state, done=1 at every trajectory's end (done modes 1 and 2), and `actions_abs` added by
+    its absolute-action script."""
+    src = tmp_path / "lift.hdf5"
+    demos = write_robomimic(src)
+    rng = np.random.default_rng(7)
+    with h5py.File(src, "a") as f:
+        for name, length in LENGTHS.items():
+            g = f["data"][name]
+            g.create_dataset("obs/object", data=rng.normal(size=(length, 10)))
+            del g["dones"]
+            g.create_dataset("dones", data=np.r_[np.zeros(length - 1), 1].astype(np.int64))  # every end done
+            demos[name]["actions_abs"] = rng.normal(size=(length, 7))
+            g.create_dataset("actions_abs", data=demos[name]["actions_abs"])
+    with pytest.warns(UserWarning, match=r"demo datasets not copied: actions_abs \(another action dataset"):
+        store = robomimic_to_store(src, tmp_path / "lift.zarr")
+    kinds = {k: s.kind for k, s in store.schema.keys.items()}
+    assert (
+        kinds["object"] == "lowdim" and kinds["robot0_eef_pos"] == kinds["robot0_gripper_qpos"] == "proprio"
+    )
+    assert store.schema.keys_of_kind("proprio")[0] == "robot0_eef_pos"  # wm-train's default proprio key
+    assert [store.episode_info(i)["success"] for i in range(3)] == [True, False, True]  # demo_2: no reward
+
+    with pytest.warns(UserWarning, match="not copied: actions .another action dataset"):
+        store = robomimic_to_store(src, tmp_path / "abs.zarr", action_key="actions_abs")
+    space = store.schema.action_space
+    assert (space.mode, space.frame) == ("absolute", "ee") and "actions_abs" in space.description
+    np.testing.assert_array_equal(store.get_episode(1)["action"], demos["demo_2"]["actions_abs"])
+    with pytest.raises(SchemaError, match="data/demo_0/actions_delta is missing"):
+        robomimic_to_store(src, tmp_path / "none.zarr", action_key="actions_delta")

@@ -25,6 +25,7 @@ class ConvertConfig:
     video: bool = False
     repo_id: str = "local/converted"
     fps: float | None = None
+    action_key: str = "actions"
 
     def __post_init__(self) -> None:
         if self.zarr_format not in (2, 3):
@@ -69,7 +70,12 @@ def convert(cfg: ConvertConfig) -> int:
         from wm.data.convert.robomimic import robomimic_to_store
 
         store = robomimic_to_store(
-            src, dst, zarr_format=cfg.zarr_format, overwrite=cfg.overwrite, fps=cfg.fps
+            src,
+            dst,
+            zarr_format=cfg.zarr_format,
+            overwrite=cfg.overwrite,
+            fps=cfg.fps,
+            action_key=cfg.action_key,
         )
     print(f"wrote store {dst} ({store.n_episodes} episodes, {store.n_steps} steps) from {kind} {src}")
     store.close()

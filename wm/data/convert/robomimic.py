@@ -4,11 +4,15 @@ robomimic layout: `data/` (attrs `env_args` JSON, `total`) holding `data/demo_<i
 `actions (T, A)`, `obs/<key> (T, ...)`, optional `rewards`, `dones`, `states`, and attrs
 `num_samples`; an optional `mask/<filter_key>` dataset lists demo names (bytes) per split.
 
-Mapping: `actions` -> store key `action`; `obs/<key>` -> store key `<key>` (kind `image` for
-(H, W, C) uint8, `proprio` for per-step vectors, `lowdim` for anything else). Values keep their HDF5
-dtype, so the store holds them bit-exactly (robomimic low-dim data is often float64). `states`,
-`rewards`, `dones` and `next_obs` are not copied; `dones`/`rewards` only decide each episode's
-`success` flag. Demos are written in numeric order (demo_2 before demo_10).
+Mapping: `actions` (or the demo dataset `action_key` names, e.g. `actions_abs` from robomimic's
+absolute-action script) -> store key `action`; `obs/<key>` -> store key `<key>` (kind `image` for
+(H, W, C) uint8, `proprio` for per-step vectors of the robot's own state: `robot0_*`, `eef`,
+`joint`, `gripper` keys; `lowdim` for anything else, such as `object`, the simulator's object poses,
+which a real robot does not have and `wm-train` must not take as proprioception by default). Values
+keep their HDF5 dtype, so the store holds them bit-exactly (robomimic low-dim data is often
+float64). `states`, `rewards`, `dones` and `next_obs` are not copied; `rewards` (else `dones`) only
+decide each episode's `success` flag; any other demo dataset left out is named in a warning. Demos
+are written in numeric order (demo_2 before demo_10).
 
 The store is written beside `dst` under a temporary name and renamed into place once every demo is
 in, so a failed conversion leaves no half-written store behind.
@@ -16,10 +20,12 @@ in, so a failed conversion leaves no half-written store behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,8 @@ from wm.data.store import DemoStore
 DEFAULT_FPS = 20.0  # robosuite's default control_freq
 WRITE_STEPS = 256  # steps read from HDF5 and appended at a time, bounding memory for long image demos
 _DEMO_RE = re.compile(r"demo_(\d+)")
+_ROBOT_STATE = re.compile(r"^robot\d*_|eef|joint|gripper|^ee_|proprio", re.IGNORECASE)  # proprio keys
+NOT_COPIED = {"obs", "next_obs", "states", "rewards", "dones"}  # demo datasets read or left by design
 
 
 def is_robomimic_hdf5(path: str | os.PathLike) -> bool:
@@ -60,10 +68,13 @@ def robomimic_to_store(
     zarr_format: int = 3,
     overwrite: bool = False,
     fps: float | None = None,
+    action_key: str = "actions",
 ) -> DemoStore:
     """Convert the robomimic file `src_hdf5` into a new store at `dst`; returns it opened read-only.
 
-    `fps` overrides the rate taken from env_args' `control_freq` (20 if absent). Raises
+    `fps` overrides the rate taken from env_args' `control_freq` (20 if absent); `action_key` is the
+    demo dataset that becomes the store's actions (`actions_abs`: absolute, in the controller's frame).
+    Raises
     NotAStoreError for a file that is not robomimic HDF5, SchemaError for demos whose keys, shapes or
     dtypes disagree, AppendError (naming the demo) for data the store refuses, e.g. non-finite actions.
     """
@@ -75,12 +86,13 @@ def robomimic_to_store(
         data = f["data"]
         demos = _demo_names(data, src)
         env_args = _env_args(data, src)
-        schema = _schema(data, demos, env_args, src, fps)
+        schema = _schema(data, demos, env_args, src, fps, action_key)
+        _warn_left_out(data, demos, action_key, src)
         masks = _masks(f, src)
         store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
         try:
             for name in demos:
-                _append_demo(store, data[name], name, masks, src, (tmp, dst))
+                _append_demo(store, data[name], name, masks, src, (tmp, dst), action_key)
         except BaseException:
             store.close()
             shutil.rmtree(tmp, ignore_errors=True)
@@ -148,17 +160,28 @@ def _masks(f: h5py.File, src: Path) -> dict[str, set[str]]:
 
 
 # ---------------------------------------------------------------------- schema
-def _kind(shape: tuple[int, ...], dtype: np.dtype) -> str:
+def _kind(key: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
     if len(shape) == 3 and shape[-1] in (1, 3, 4) and dtype == np.uint8:
         return "image"
-    return "proprio" if len(shape) <= 1 else "lowdim"
+    return "proprio" if len(shape) <= 1 and _ROBOT_STATE.search(key) else "lowdim"
 
 
-def _demo_arrays(demo: h5py.Group, name: str, obs_keys: list[str], src: Path) -> dict[str, h5py.Dataset]:
+def _warn_left_out(data: h5py.Group, demos: list[str], action_key: str, src: Path) -> None:
+    """Name the demo datasets the store will not hold beyond those left by design (NOT_COPIED)."""
+    left = sorted({k for name in demos for k in data[name]} - NOT_COPIED - {action_key})
+    if left:
+        actions = any("action" in k for k in left)
+        hint = " (another action dataset is chosen with action_key=)" if actions else ""
+        warnings.warn(f"{src}: demo datasets not copied: {', '.join(left)}{hint}", stacklevel=3)
+
+
+def _demo_arrays(
+    demo: h5py.Group, name: str, obs_keys: list[str], src: Path, action_key: str
+) -> dict[str, h5py.Dataset]:
     """{store key: dataset} of one demo, checking every key is there with the demo's length."""
-    actions = demo.get("actions")
+    actions = demo.get(action_key)
     if not isinstance(actions, h5py.Dataset) or actions.ndim != 2:
-        raise SchemaError(f"{src}: data/{name}/actions is missing or not a (T, A) array")
+        raise SchemaError(f"{src}: data/{name}/{action_key} is missing or not a (T, A) array")
     obs = demo.get("obs")
     have = set(obs.keys()) if isinstance(obs, h5py.Group) else set()
     missing = [k for k in obs_keys if k not in have]
@@ -169,13 +192,18 @@ def _demo_arrays(demo: h5py.Group, name: str, obs_keys: list[str], src: Path) ->
         if not isinstance(ds, h5py.Dataset) or ds.ndim < 1 or ds.shape[0] != actions.shape[0]:
             length = ds.shape[0] if isinstance(ds, h5py.Dataset) and ds.ndim else None
             raise SchemaError(
-                f"{src}: data/{name}, key {key!r}: {length} steps but actions has {actions.shape[0]}"
+                f"{src}: data/{name}, key {key!r}: {length} steps but {action_key} has {actions.shape[0]}"
             )
     return arrays
 
 
 def _schema(
-    data: h5py.Group, demos: list[str], env_args: dict[str, Any], src: Path, fps: float | None
+    data: h5py.Group,
+    demos: list[str],
+    env_args: dict[str, Any],
+    src: Path,
+    fps: float | None,
+    action_key: str,
 ) -> Schema:
     """The store schema, after checking every demo has the same keys, per-step shapes and dtypes."""
     obs_keys: set[str] = set()
@@ -188,7 +216,7 @@ def _schema(
     ordered = sorted(obs_keys)
     ref: dict[str, tuple[str, tuple[int, ...], np.dtype]] = {}
     for name in demos:
-        for key, ds in _demo_arrays(data[name], name, ordered, src).items():
+        for key, ds in _demo_arrays(data[name], name, ordered, src, action_key).items():
             first = ref.setdefault(key, (name, ds.shape[1:], ds.dtype))
             if (first[1], first[2]) != (ds.shape[1:], ds.dtype):
                 raise SchemaError(
@@ -198,13 +226,18 @@ def _schema(
     keys = {"action": KeySpec(shape=ref["action"][1], dtype=ref["action"][2].name, kind="action")}
     for key in ordered:
         _, shape, dtype = ref[key]
-        keys[key] = KeySpec(shape=shape, dtype=dtype.name, kind=_kind(shape, dtype))
+        keys[key] = KeySpec(shape=shape, dtype=dtype.name, kind=_kind(key, shape, dtype))
     kwargs = env_args.get("env_kwargs") or {}
     robots = kwargs.get("robots", "")
+    space = _action_space(kwargs.get("controller_configs"))
+    if action_key == "actions_abs":  # robomimic's absolute poses for the same (delta) controller
+        space = dataclasses.replace(space, mode="absolute", description=f"{action_key} ({space.description})")
+    elif action_key != "actions":
+        space = ActionSpace(description=f"robomimic dataset {action_key}")
     return Schema(
         keys=keys,
         fps=float(fps if fps is not None else kwargs.get("control_freq") or DEFAULT_FPS),
-        action_space=_action_space(kwargs.get("controller_configs")),
+        action_space=space,
         robot="+".join(map(str, robots)) if isinstance(robots, list | tuple) else str(robots),
         task=str(env_args.get("env_name", "")),
     )
@@ -231,8 +264,9 @@ def _action_space(ctrl: Any) -> ActionSpace:
 
 # ---------------------------------------------------------------------- writing
 def _success(demo: h5py.Group) -> bool | None:
-    """bool(dones[-1]) if the demo has dones, else rewards[-1] > 0 (sparse reward), else unknown."""
-    for key in ("dones", "rewards"):
+    """rewards[-1] > 0 (robomimic's sparse task reward) if the demo has rewards, else bool(dones[-1]),
+    else unknown. Rewards first: robomimic's done modes 1 and 2 also mark every trajectory's end done."""
+    for key in ("rewards", "dones"):
         ds = demo.get(key)
         if isinstance(ds, h5py.Dataset) and ds.ndim >= 1 and ds.shape[0] > 0:
             last = np.asarray(ds[-1]).ravel()[0]
@@ -247,9 +281,10 @@ def _append_demo(
     masks: dict[str, set[str]],
     src: Path,
     rename: tuple[Path, Path],
+    action_key: str,
 ) -> None:
     obs_keys = [k for k in store.keys if k != "action"]
-    arrays = _demo_arrays(demo, name, obs_keys, src)
+    arrays = _demo_arrays(demo, name, obs_keys, src, action_key)
     info: dict[str, Any] = {"source_demo": name}
     success = _success(demo)
     if success is not None:
