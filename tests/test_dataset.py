@@ -98,6 +98,10 @@ def test_split_by_episode(small_store):
     assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == list(range(10))
     assert split_episodes(10, 0.2, seed=3) == (train, val)
     assert split_episodes(10, 0.2, seed=4) != (train, val)
+    assert split_episodes(1, 0.4) == ([0], []) and [len(x) for x in split_episodes(2, 0.1)] == [1, 1]
+    for n, ratio in ((2, 0.8), (1, 0.6)):  # no training episode left: said as such
+        with pytest.raises(ValueError, match=f"val_ratio={ratio} of {n} episode.s. leaves none to train on"):
+            split_episodes(n, ratio)
     path, _ = small_store
     tr, va = split_episodes(5, 0.2, seed=0)
     ds = WindowDataset(path, SPEC, episodes=va)

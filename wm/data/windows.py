@@ -113,11 +113,16 @@ def window_indices(
 
 def split_episodes(n_episodes: int, val_ratio: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
     """Train / validation split by episode, seeded. At least one validation episode when val_ratio > 0
-    and there are two or more episodes."""
+    and there are two or more episodes; a ratio that leaves no training episode is refused."""
     if not 0.0 <= val_ratio < 1.0:
         raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
     perm = np.random.default_rng(seed).permutation(n_episodes)
     n_val = int(round(n_episodes * val_ratio))
     if val_ratio > 0 and n_episodes >= 2:
         n_val = max(1, n_val)
+    if n_episodes and n_val >= n_episodes:
+        raise ValueError(
+            f"val_ratio={val_ratio} of {n_episodes} episode(s) leaves none to train on: lower val_ratio "
+            "(0 trains on every episode and validates on none)"
+        )
     return sorted(int(i) for i in perm[n_val:]), sorted(int(i) for i in perm[:n_val])
