@@ -116,7 +116,8 @@ def test_reusing_out_for_another_architecture_is_one_line(run, store, tmp_path):
     assert latest_checkpoint(out).name == "ckpt_00000022.pt"
 
 
-def test_ctrl_c_saves_says_how_to_resume_and_exits_130(store, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_says_how_to_resume_and_exits_128_plus_the_signal(store, tmp_path, signum):
     out = tmp_path / "run"
     args = [
         WM_TRAIN,
@@ -142,7 +143,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_exits_130(store, tmp_path):
         while max(map(int, re.findall(r"(\d+)/100000", "".join(err))), default=0) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, "".join(err)
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)  # SIGTERM: what SLURM sends before it preempts a job
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -150,7 +151,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_exits_130(store, tmp_path):
             proc.wait()
     reader.join(timeout=10)
     stderr = "".join(err)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + signum, stderr
     assert "TensorBoard logs" in proc.stdout.read()
     step = load_checkpoint(out)["step"]
     assert step >= 3 and [p.name for p in list_checkpoints(out)] == [f"ckpt_{step:08d}.pt"]

@@ -379,18 +379,37 @@ def test_best_metric_choice(dataset, tmp_path):
 
 
 class SignalingRegressor(TinyRegressor):
-    """Sends itself SIGINT (`times` of them) inside the forward of its `at`-th training step."""
+    """Sends itself `signum` (`times` of them) inside the forward of its `at`-th training step."""
 
-    def __init__(self, at: int, times: int) -> None:
+    def __init__(self, at: int, times: int, signum: int = signal.SIGINT) -> None:
         super().__init__(**MODEL_CONFIG)
-        self.calls, self.at, self.times = 0, at, times
+        self.calls, self.at, self.times, self.signum = 0, at, times, signum
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         self.calls += 1
         if self.calls == self.at:
             for _ in range(self.times):
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(self.signum)
         return super().compute_loss(batch)
+
+
+def test_sigterm_finishes_the_step_and_saves_it(dataset, tmp_path, capfd):
+    """What a cluster's scheduler sends before it preempts a job: the run stops as on Ctrl-C, saved."""
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(
+        SignalingRegressor(at=5, times=1, signum=signal.SIGTERM),
+        dataset,
+        cfg(steps=100),
+        tmp_path,
+        model_type="tiny",
+        model_config=MODEL_CONFIG,
+    )
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.step == 5 and info.value.signum == signal.SIGTERM
+    assert load_checkpoint(tmp_path)["step"] == 5
+    assert "SIGTERM: stopping after this step to save a checkpoint" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_ctrl_c_finishes_the_step_saves_it_and_a_second_one_quits(dataset, tmp_path, capsys):

@@ -171,9 +171,9 @@ def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them; see below
     try:
         hydra_main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # 130, or 143 for a training stopped by SIGTERM
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     except JobFailed as e:  # the first failed job of a launcher's processes (each printed its own line)
         print(f"error: {e.message}", file=sys.stderr)
         return e.code
@@ -193,9 +193,9 @@ def run(fn: Callable[[], int | None]) -> None:
     and multiruns): errors as above; a failed job ends the process with its status."""
     try:
         code, _ = _guarded(fn, _job_label())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + getattr(e, "signum", 2))
     if code:
         sys.exit(code)
 

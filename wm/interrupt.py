@@ -1,4 +1,5 @@
-"""Stopping training on Ctrl-C at a step boundary: `InterruptFlag` turns the first SIGINT into a
+"""Stopping training on Ctrl-C or SIGTERM at a step boundary: `InterruptFlag` turns the first SIGINT
+or SIGTERM (what a cluster's scheduler sends before it preempts a job: SLURM, Kubernetes) into a
 request the training loop honours after the current step (so the checkpoint it saves is never of a
 half-applied step), and `TrainingInterrupted` says where that checkpoint went."""
 
@@ -8,50 +9,55 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """`Trainer.fit` stopped on Ctrl-C (SIGINT) at a step boundary: `path` holds a checkpoint of `step`
-    (rank 0; None on the other ranks) that a rerun into the same `out_dir` resumes from."""
+    """`Trainer.fit` stopped on Ctrl-C (SIGINT) or SIGTERM (`signum`) at a step boundary: `path` holds a
+    checkpoint of `step` (rank 0; None on the other ranks) that a rerun into the same `out_dir`
+    resumes from."""
 
-    def __init__(self, step: int, path: Path | None) -> None:
+    def __init__(self, step: int, path: Path | None, signum: int = signal.SIGINT) -> None:
         super().__init__(f"interrupted at step {step}")
-        self.step, self.path = step, path
+        self.step, self.path, self.signum = step, path, int(signum)
 
 
 class InterruptFlag:
-    """While active (in the main thread), a first SIGINT only sets `requested`, so the training loop
-    stops at the next step boundary and saves (never a half-applied step); a second one raises
-    KeyboardInterrupt at once, quitting without saving. A SIGINT that is ignored stays ignored."""
+    """While active (in the main thread), a first SIGINT or SIGTERM only sets `requested` (and `signum`),
+    so the training loop stops at the next step boundary and saves (never a half-applied step); a
+    second one raises KeyboardInterrupt at once, quitting without saving. `message(signum)` is said
+    on the first. A signal that is ignored stays ignored."""
 
-    def __init__(self, message: str | None) -> None:
+    def __init__(self, message: Callable[[int], str] | None) -> None:
         self.requested = False
+        self.signum = signal.SIGINT
         self._message = message
-        self._previous: Any = None
-        self._installed = False
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         if self._message:
             try:  # os.write: a buffered print could re-enter a write the signal interrupted
-                os.write(sys.stderr.fileno(), f"\n{self._message}\n".encode())
+                os.write(sys.stderr.fileno(), f"\n{self._message(signum)}\n".encode())
             except (OSError, ValueError):
                 pass
 
     def __enter__(self) -> InterruptFlag:
         if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:
-                self._previous = previous if previous is not None else signal.default_int_handler
-                signal.signal(signal.SIGINT, self._handle)
-                self._installed = True
+            for signum in SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous is not signal.SIG_IGN:
+                    self._previous[signum] = previous if previous is not None else signal.SIG_DFL
+                    signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -137,6 +138,11 @@ class _Window:
 
     def means(self) -> dict[str, float]:
         return {k: float(v) / self.n for k, v in self.sums.items()}
+
+
+def _stop_message(signum: int) -> str:
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    return f"{name}: stopping after this step to save a checkpoint ({name} again: quit unsaved)"
 
 
 class Trainer:
@@ -491,16 +497,16 @@ class Trainer:
         window's mean train metrics (averaged over DDP ranks), the last validation metrics ("val/..."), and
         "step". Under DDP, a process group the trainer joined itself is left when fit returns.
 
-        Ctrl-C (SIGINT, main thread): training stops at the end of the step in progress, rank 0 saves a
-        checkpoint of it and `TrainingInterrupted` (a KeyboardInterrupt) is raised; a second Ctrl-C
-        quits at once without saving. Under DDP the ranks agree to stop at the next logging step."""
+        Ctrl-C (SIGINT) or SIGTERM (a scheduler preempting the job), main thread: training stops at the
+        end of the step in progress, rank 0 saves a checkpoint of it and `TrainingInterrupted` (a
+        KeyboardInterrupt) is raised; a second signal quits at once without saving. Under DDP the
+        ranks agree to stop at the next logging step."""
         self.resume()
         writer = self._start()
         pbar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True)
         data = self._batches()
-        stop_message = "Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: quit unsaved)"
         try:
-            with InterruptFlag(stop_message if self.is_main else None) as interrupt:
+            with InterruptFlag(_stop_message if self.is_main else None) as interrupt:
                 result = self._loop(data, writer, pbar, interrupt)
             if self._owns_group:
                 dist.barrier()  # not on an error: the other ranks may never get here
@@ -522,7 +528,7 @@ class Trainer:
             except RuntimeError:  # DataLoader workers quit on a terminal's Ctrl-C (their SIGINT)
                 if not interrupt.requested:
                     raise
-                self._stop(saved=False)
+                self._stop(saved=False, signum=interrupt.signum)
             window.add(self.train_step(batch))
             pbar.update(1)
             at_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
@@ -536,7 +542,7 @@ class Trainer:
                 result.update(self._validate(writer))
                 last_val = self.step
             if self._stop_requested(interrupt, at_log):
-                self._stop(saved)
+                self._stop(saved, interrupt.signum)
         if last_val != self.step and self.val_fn is not None:  # resumed at or past cfg.steps
             result.update(self._validate(writer))
         return result
@@ -552,12 +558,12 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _stop(self, saved: bool) -> NoReturn:
+    def _stop(self, saved: bool, signum: int) -> NoReturn:
         """Save the step reached (unless just saved) and raise `TrainingInterrupted`."""
         path = self.save() if not saved else self.out_dir / checkpoint_name(self.step)
         if self.is_main:
             self._say(f"interrupted at step {self.step}: saved {path}")
-        raise TrainingInterrupted(self.step, path if self.is_main else None)
+        raise TrainingInterrupted(self.step, path if self.is_main else None, signum)
 
     def _log(self, window: _Window, writer: Any, pbar: tqdm) -> dict[str, float]:
         means = window.means()
