@@ -12,6 +12,14 @@ QUIT ends the session. A simulated task that succeeds or reaches its step limit 
 The robot is a simulated task or a real arm (any `Robot`). A real arm has no reset and no success
 signal: the operator sets the scene up by hand before START, and its episodes are saved by SAVE
 alone, with no "success" in their info. Between episodes the operator still drives the robot.
+
+Every operator command, recorded or not, passes a `robots.runtime.safety.SafetyLayer` on its way to
+the robot: a non-finite one is never sent, each is clipped to the robot's limits, and the step of a
+position target per tick is capped, the first one from the position the arm is at; what was sent is
+recorded. Reads follow the deploy runtime's policy (`RuntimeConfig.read_retries`,
+`max_read_failures`): a read that fails is retried within the tick, a tick that still has no reading
+sends nothing new (the arm holds its last goal) and records nothing, and that many such ticks in a
+row end the session with one line (`SessionStats.stopped`) saying whether an episode was lost.
 """
 
 from __future__ import annotations
@@ -26,8 +34,11 @@ import numpy as np
 
 from robots.base import Robot
 from robots.control import Clock, ManualClock, MonotonicClock, RateLoop
+from robots.real.lerobot_arm import first_line
+from robots.runtime.loop import RuntimeConfig
+from robots.runtime.safety import SafetyConfig, SafetyLayer
 from robots.sim.base import Expert, SimTask
-from robots.teleop.base import Command, TeleopDevice
+from robots.teleop.base import Command, TeleopDevice, TeleopState
 from wm.data import DemoStore, KeySpec, Schema, SchemaError
 
 LOOP_KEY = "loop_dt"  # seconds between the starts of consecutive steps, recorded per step
@@ -41,6 +52,7 @@ class SessionStats:
     steps: int = 0
     overruns: int = 0
     loop_hz: list[float] = field(default_factory=list)
+    stopped: str | None = None  # the one-line reason a fault ended the session
 
     @property
     def success_rate(self) -> float:
@@ -108,7 +120,8 @@ class Preview:
 class Collector:
     """Records episodes of `task` (a simulated task, or a real robot for `record_teleop`) into `store`.
     `clock=None` runs in real time for human devices; a ManualClock (as-fast-as-possible) is used for
-    scripted experts unless `realtime` is set."""
+    scripted experts unless `realtime` is set. `safety`, `read_retries` and `max_read_failures` apply
+    to a human's commands and reads (module docstring); their defaults are the deploy runtime's."""
 
     task: SimTask | Robot
     store: DemoStore
@@ -118,6 +131,9 @@ class Collector:
     on_episode: Callable[[SessionStats], None] | None = None
     preview: Preview | None = None
     stats: SessionStats = field(default_factory=SessionStats)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    read_retries: int = RuntimeConfig.read_retries
+    max_read_failures: int = RuntimeConfig.max_read_failures
     _episode_t0: float = field(default=0.0, init=False, repr=False)
 
     def _clock(self) -> Clock:
@@ -135,10 +151,12 @@ class Collector:
         return action + rng.normal(0.0, 1.0, action.shape) * std * span
 
     def _step(self, writer: Any, obs: dict[str, np.ndarray], action: np.ndarray, dt: float) -> dict:
-        applied = self.task.send_action(action)
+        self._record(writer, obs, self.task.send_action(action), dt)
+        return self._next_observation(obs)
+
+    def _record(self, writer: Any, obs: dict[str, np.ndarray], applied: np.ndarray, dt: float) -> None:
         writer.add_step({**obs, "action": applied, LOOP_KEY: np.float32(dt)})
         self.stats.steps += 1
-        return self._next_observation(obs)
 
     @property
     def simulated(self) -> bool:
@@ -203,43 +221,110 @@ class Collector:
     def record_teleop(self, device: TeleopDevice, mapper: Callable[..., np.ndarray], episodes: int) -> None:
         """Human demonstrations: the operator's commands start, save, discard and re-record episodes."""
         loop = RateLoop(self.task.control_hz, MonotonicClock() if self.realtime else self._clock())
-        recording, writer, last = False, None, None
-        obs = self.task.reset(self.seed + self.store.n_episodes) if self.simulated else {}
+        run = _Teleop(self._safety_layer())
+        if self.simulated:
+            run.obs = self.task.reset(self.seed + self.store.n_episodes)
         try:
             while self.stats.saved < episodes:
-                state = device.poll()
-                if not self.simulated:
-                    obs = self.task.get_observation()  # the real arm now, beside the action it gets
-                cmds = set(state.commands)
-                if Command.QUIT in cmds:
+                state = self._read_tick(device, run)
+                cmds = set() if state is None else set(state.commands)
+                if run.failures >= self.max_read_failures or Command.QUIT in cmds:
                     break
-                if writer is not None and (Command.DISCARD in cmds or Command.RERECORD in cmds):
-                    writer.discard()
-                    writer, recording = None, False
-                    self.stats.discarded += 1
-                if not recording and (Command.START in cmds or Command.RERECORD in cmds):
-                    if self.simulated:  # a fresh sampled start; a real scene is set up by hand
-                        obs = self.task.reset(self.seed + self.store.n_episodes)
-                    writer, recording, last = self.store.begin_episode(), True, None
-                    loop.restart()
-                    self._episode_t0 = time.monotonic()
-                action = mapper(state, obs)
-                now = loop.clock.now()
-                if recording:
-                    obs = self._step(writer, obs, action, 0.0 if last is None else now - last)
-                    last = now
+                self._episode_commands(run, cmds, loop)
+                if state is not None and run.failures == 0:
+                    self._act(run, mapper(state, run.obs), loop.clock.now())
+                if run.writer is not None and run.writer.n_steps:
                     if Command.SAVE in cmds or (self.simulated and self.task.done):
-                        info: dict[str, Any] = {"source": device.name}
-                        if self.simulated:
-                            info = {"seed": self.seed + self.store.n_episodes, **info}
-                        self._finish(writer, loop, info)
-                        writer, recording = None, False
-                else:
-                    self.task.send_action(action)  # the operator can move the robot between episodes
-                    obs = self._next_observation(obs)
-                if self.preview is not None:
-                    self.preview.show(obs, "REC" if recording else "press start")
+                        self._save(run, loop, device.name)
+                if self.preview is not None and run.obs:
+                    self.preview.show(run.obs, "REC" if run.writer is not None else "press start")
                 loop.wait()
         finally:
-            if writer is not None:
-                writer.discard()
+            if run.writer is not None:
+                if run.failures >= self.max_read_failures:
+                    self.stats.stopped += f"; the episode being recorded ({run.writer.n_steps} steps) is lost"
+                run.writer.discard()
+
+    def _safety_layer(self) -> SafetyLayer:
+        return SafetyLayer(
+            self.task.action_feature, bool(getattr(self.task, "position_actions", True)), self.safety
+        )
+
+    def _read_tick(self, device: TeleopDevice, run: _Teleop) -> TeleopState | None:
+        """The device's state and (a real arm) the robot's observation, into `run.obs`, each tried
+        `read_retries` times. A tick without them counts in `run.failures`; None: no device state."""
+        state, error = _retry(device.poll, self.read_retries)
+        name = device.name
+        if state is not None and not self.simulated:
+            obs, error = _retry(self.task.get_observation, self.read_retries)
+            name = f"{self.task.name} (the robot)"
+            if obs is not None:
+                run.obs = obs  # the real arm now, beside the action it gets
+        if error is None:
+            run.failures = 0
+            return state
+        run.failures += 1
+        if run.failures >= self.max_read_failures:
+            self.stats.stopped = (
+                f"{name} could not be read on {run.failures} ticks in a row ({type(error).__name__}: "
+                f"{first_line(error)}); the robot holds its last goal"
+            )
+        return state
+
+    def _episode_commands(self, run: _Teleop, cmds: set[Command], loop: RateLoop) -> None:
+        """DISCARD, RERECORD and START: drop the episode being recorded, begin a new one."""
+        if run.writer is not None and (Command.DISCARD in cmds or Command.RERECORD in cmds):
+            run.writer.discard()
+            run.writer = None
+            self.stats.discarded += 1
+        if run.writer is None and (Command.START in cmds or Command.RERECORD in cmds):
+            if self.simulated:  # a fresh sampled start; a real scene is set up by hand
+                run.obs = self.task.reset(self.seed + self.store.n_episodes)
+                run.safety = self._safety_layer()  # the reset moved the robot: no step from before it
+            run.writer, run.last = self.store.begin_episode(), None
+            loop.restart()
+            self._episode_t0 = time.monotonic()
+
+    def _act(self, run: _Teleop, action: np.ndarray, now: float) -> None:
+        """Send the operator's `action` through the safety layer (recorded, as sent, when recording)."""
+        key = getattr(self.task, "position_key", None)
+        if key is not None and run.safety.last is None:  # the first step is capped from where the arm is
+            run.safety.start_from(run.obs[key])
+        command = run.safety.filter(action)
+        if command is None:  # nothing safe to send yet: the robot holds
+            return
+        sent = run.safety.sent(self.task.send_action(command), command)  # the cap follows what was sent
+        if run.writer is not None:  # recording; between episodes the operator still moves the robot
+            self._record(run.writer, run.obs, sent, 0.0 if run.last is None else now - run.last)
+            run.last = now
+        run.obs = self._next_observation(run.obs)
+
+    def _save(self, run: _Teleop, loop: RateLoop, source: str) -> None:
+        info: dict[str, Any] = {"source": source}
+        if self.simulated:
+            info = {"seed": self.seed + self.store.n_episodes, **info}
+        self._finish(run.writer, loop, info)
+        run.writer = None
+
+
+@dataclass
+class _Teleop:
+    """What a teleop session carries from tick to tick: the safety layer, the newest observation, the
+    episode being recorded (None between episodes) and its last step's time, failed reads in a row."""
+
+    safety: SafetyLayer
+    obs: dict[str, np.ndarray] = field(default_factory=dict)
+    writer: Any = None
+    last: float | None = None
+    failures: int = 0
+
+
+def _retry(read: Callable[[], Any], tries: int) -> tuple[Any, Exception | None]:
+    """`read()`, tried up to `tries` times: (its value, None), or (None, the last error)."""
+    error: Exception | None = None
+    for _ in range(tries):
+        try:
+            return read(), None
+        except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
+            error = e
+    return None, error

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from robots.collect import Collector, open_store, recording_schema
 from robots.registry import make_expert, make_task
@@ -81,13 +83,14 @@ class _Operator:
 
     name = "operator"
 
-    def __init__(self, commands: dict[int, Command]) -> None:
-        self.commands, self.polls = commands, 0
+    def __init__(self, commands: dict[int, Command], motions: dict[int, np.ndarray] | None = None) -> None:
+        self.commands, self.motions, self.polls = commands, motions or {}, 0
 
     def poll(self) -> TeleopState:
         self.polls += 1
         command = self.commands.get(self.polls, Command.QUIT if self.polls > max(self.commands) else None)
-        return TeleopState(motion=np.array([1.0, 0, 0, 0, 0, 0]), commands=[command] if command else [])
+        motion = self.motions.get(self.polls, np.array([1.0, 0, 0, 0, 0, 0]))
+        return TeleopState(motion=motion, commands=[command] if command else [])
 
 
 def test_teleop_session_on_a_simulated_task(tmp_path):
@@ -105,6 +108,78 @@ def test_teleop_session_on_a_simulated_task(tmp_path):
     assert info == {"seed": 3, "source": "operator", "success": False, "length": 4}
     ep = store.get_episode(0)
     assert np.all(ep["action"][:, 0] > ep["proprio"][:, 0])  # +x held: each target is ahead of the agent
+
+
+def test_teleop_commands_pass_the_safety_layer_on_a_simulated_task(tmp_path):
+    """A NaN from the device is never sent (the last command is held, and recorded as sent), and a
+    position target (PushT's) moves at most a tenth of its range per tick."""
+    from tools.collect import CollectConfig, teleop_mapper
+
+    task = make_task("pusht", SimConfig(state_only=True))
+    store = open_store(str(tmp_path / "t.zarr"), recording_schema(task, "pusht"))
+    gains = {"translation_gain": 200.0}  # px per tick: far more than the cap
+    mapper = teleop_mapper(CollectConfig(task="pusht", store="t.zarr", teleop="keyboard", gains=gains), task)
+    right, left, nan = np.eye(6)[0], -np.eye(6)[0], np.full(6, np.nan)
+    motions = {1: right, 2: left, 3: nan, 4: right, 5: left, 6: left}
+    operator = _Operator({1: Command.START, 6: Command.SAVE}, motions)
+    with task:
+        Collector(task, store, seed=3).record_teleop(operator, mapper, episodes=1)
+    action = store.get_episode(0)["action"]  # (6, 2) pusher targets, px
+    assert action.shape == (6, 2) and np.isfinite(action).all()
+    np.testing.assert_array_equal(action[2], action[1])  # the NaN tick held the last command
+    steps = np.abs(np.diff(action[:, 0]))
+    cap = 0.1 * 512
+    assert steps.max() == pytest.approx(cap, abs=1e-3)  # the reversals were capped, not skipped
+
+
+def test_collect_with_a_spacemouse_takes_start_from_the_keyboard(tmp_path, monkeypatch, capsys):
+    """`wm-collect teleop=spacemouse`: a keyboard is added for the episode commands, as for a leader
+    arm; START from it, SAVE from the SpaceMouse's right button."""
+    import tools.collect
+    from robots.teleop.fakes import FakeClock, FakeHid, FakeKeyListener
+
+    clock = FakeClock()
+    keys = FakeKeyListener([(2, "b", True), (2, "b", False)], clock)
+    push = bytes([1]) + struct.pack("<6h", 0, -350, 0, 0, 0, 0)  # the cap pushed away: +x
+
+    class Hand(FakeHid):
+        """The operator between polls: keys pressed on the keyboard, the right button at poll 5."""
+
+        polls = 0
+
+        def device(self):
+            dev = super().device()
+            read = dev.read
+
+            def poll_read(n: int, timeout_ms: int = 0) -> list[int]:
+                report = read(n)
+                if report:
+                    return report
+                self.polls += 1  # the poll's reports are read: the keyboard is polled next
+                if self.polls > 50:
+                    raise KeyboardInterrupt  # an operator giving up on a session that cannot start
+                keys.replay_until(self.polls)
+                self.reports += [push] + ([bytes([3, 2, 0]), bytes([3, 0, 0])] if self.polls == 4 else [])
+                return []
+
+            dev.read = poll_read
+            return dev
+
+    hid = Hand(
+        [{"vendor_id": 0x256F, "product_id": 0xC635, "path": b"/dev/hidraw7", "usage_page": 1, "usage": 8}]
+    )
+    monkeypatch.setattr(tools.collect, "_stop_on_signals", lambda: None)
+    cfg = tools.collect.CollectConfig(
+        task="pointmaze", store=str(tmp_path / "s.zarr"), teleop="spacemouse", episodes=1, preview="false",
+        state_only=True, realtime="false", device_options={"hid_module": hid},
+        command_options={"backend": "pynput", "listener_factory": keys.factory, "clock": clock},
+    )  # fmt: skip
+    assert tools.collect.collect(cfg) == 0
+    assert capsys.readouterr().out.startswith("saved 1 episodes")
+    store = DemoStore.open(tmp_path / "s.zarr")
+    assert store.episode_info(0) == {"seed": 0, "source": "spacemouse", "success": False, "length": 4}
+    assert np.all(store.get_episode(0)["action"][:, 0] > 0)  # pushed forward: +x force
+    assert not keys.running  # the keyboard was disconnected with the SpaceMouse
 
 
 def _start_realtime(store: Path) -> subprocess.Popen:

@@ -121,6 +121,13 @@ def test_mpc_with_history_deployed(world_model, tmp_path):
 
 
 def test_deploy_usage_errors_are_one_line(tmp_path, policy):
+    leader = [
+        "robot=so101_follower",
+        "controller=random",
+        f"out={tmp_path / 'a'}",
+        "max_steps=5",
+        "teleop=leader_arm",
+    ]
     cases = [
         (["robot=so101_follower", "controller=random", f"out={tmp_path / 'a'}"], "max_steps="),
         (
@@ -137,6 +144,12 @@ def test_deploy_usage_errors_are_one_line(tmp_path, policy):
             ["robot=pointmaze", f"out={tmp_path / 'a'}", f"checkpoint={policy}", "controller=mpc"],
             "cannot serve",
         ),
+        (  # a leader arm's START comes from command_device (a name), not from its own options
+            [*leader, "+device_options.command_device=keyboard"],
+            "device_options.command_device: give the device for episode commands as command_device=NAME",
+        ),
+        ([*leader, "+command_options.bakend=terminal"], "did you mean command_options.backend"),
+        ([*leader, "command_device=null"], "teleop=leader_arm has no START button: give command_device="),
     ]
     for args, words in cases:
         res = cli("wm-deploy", *args)

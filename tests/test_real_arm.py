@@ -292,7 +292,7 @@ def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tm
         if address == FT_PRESENT:
             polls.append(len(polls) + 1)
             leader.set(1, FT_PRESENT, 2, 2000 + 10 * polls[-1])  # shoulder_pan turns a little each poll
-            leader.set(6, FT_PRESENT, 2, 1000 + 50 * polls[-1])  # the gripper opens
+            leader.set(6, FT_PRESENT, 2, 2000 + 50 * polls[-1])  # the gripper opens from the follower's 50 %
             keys.replay_until(polls[-1])
 
     def servos(address: int, length: int) -> None:  # the follower reaches each goal before the next read
@@ -327,10 +327,10 @@ def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tm
     assert infos == [{"source": "leader_arm", "length": n} for n in (5, 4)]  # no success signal, no seed
     for i, ticks in enumerate([range(2, 7), range(12, 16)]):  # the polls each saved episode recorded
         ep = store.get_episode(i)
-        leader_deg = [[deg(2000 + 10 * k), 0, 0, 0, 0, 2.5 * k] for k in ticks]
+        leader_deg = [[deg(2000 + 10 * k), 0, 0, 0, 0, 50 + 2.5 * k] for k in ticks]
         np.testing.assert_allclose(ep["action"], leader_deg, atol=1e-3)  # the leader's joints, as sent
         # each observation was read at its tick's start: the follower at the goal of the tick before
-        follower_deg = [[deg(2000 + 10 * (k - 1)), 0, 0, 0, 0, 2.5 * (k - 1)] for k in ticks]
+        follower_deg = [[deg(2000 + 10 * (k - 1)), 0, 0, 0, 0, 50 + 2.5 * (k - 1)] for k in ticks]
         np.testing.assert_allclose(ep["state"], follower_deg, atol=0.1)
         assert np.all(np.diff(ep["timestamp"]) > 0) and np.all(ep["loop_dt"][1:] > 0)
         assert ep["wrist"].shape == (len(ticks), 24, 32, 3) and (ep["wrist"][..., 0] == 200).all()
@@ -352,5 +352,266 @@ def test_collect_options_for_a_real_robot_are_checked():
         CollectConfig(**base, teleop="leader_arm", realtime="false")
     with pytest.raises(RobotError, match="did you mean so101_follower"):
         CollectConfig(**{**base, "robot": "so101_folower"}, teleop="leader_arm")
+    with pytest.raises(UsageError, match="give the device for episode commands as command_device=NAME"):
+        CollectConfig(**base, teleop="leader_arm", device_options={"command_device": "keyboard"})
     with pytest.raises(UsageError, match="robot_options apply to a real robot"):
         CollectConfig(task="pointmaze", store="s.zarr", robot_options={"port": "/dev/ttyACM1"})
+
+
+# ====================================================================== reconnecting keeps torque as found
+FT_P_COEFFICIENT, DXL_OPERATING_MODE = 21, 11  # registers lerobot's configure() writes
+FT_HOMING_OFFSET = 31
+
+
+@pytest.mark.parametrize(
+    ("robot", "fixture", "torque", "register", "configured"),
+    [
+        ("so101_follower", "so_bus", FT_TORQUE, (3, FT_P_COEFFICIENT), 16),  # P gain against shaking
+        ("koch_follower", "koch_bus", DXL_TORQUE, (6, DXL_OPERATING_MODE), 5),  # current-based gripper
+    ],
+    ids=["so101", "koch"],
+)
+def test_reconnecting_an_arm_left_holding_keeps_it_holding(
+    request, robot, fixture, torque, register, configured
+):
+    """Our disconnect leaves torque on; connecting again must not let the arm drop. lerobot's configure()
+    writes with torque off: it is skipped when the motors already hold all it writes, and runs (torque off
+    meanwhile, as in lerobot) when a register differs."""
+    fake, calib_dir = request.getfixturevalue(fixture)
+    motor, address = register
+
+    def arm():
+        return make_robot(robot, port=PORT, calibration_dir=str(calib_dir))
+
+    def torque_writes(since: int) -> list[int]:
+        return [d[0] for _, a, d in fake.written[since:] if a == torque]
+
+    with arm():
+        assert fake.memory[motor][address] == configured
+    since = len(fake.written)
+    with arm() as again:
+        assert fake.written[since:] == []  # nothing written: torque never went off
+        assert [fake.memory[i][torque] for i in range(1, 7)] == [1] * 6
+        sent = again.send_action(np.zeros(6))
+    np.testing.assert_allclose(sent, np.zeros(6), atol=1e-5)
+    fake.memory[motor][address] = configured + 1  # someone changed a register lerobot configures
+    since = len(fake.written)
+    with arm():
+        assert fake.memory[motor][address] == configured  # configured again
+        assert torque_writes(since)[:6] == [0] * 6 and torque_writes(since)[-6:] == [1] * 6
+    assert [fake.memory[i][torque] for i in range(1, 7)] == [1] * 6
+
+
+def test_a_camera_that_fails_leaves_the_arm_holding(so_bus, cameras):
+    """The calibration file disagrees with the motors (their torque must go off to write it) and a camera
+    does not open: the cameras open before the motors are touched, so the arm still holds, and the one
+    line says so."""
+    fake, calib_dir = so_bus
+    with so101(calib_dir):
+        pass  # left holding
+    fake.set(2, FT_MAX, 2, 4000)
+    since = len(fake.written)
+    missing = {"top": {"index_or_path": 7, "width": 32, "height": 24, "fps": 30}}
+    with pytest.raises(
+        DeviceNotFoundError, match=r"camera 'top' \(7\) did not open .*the arm was left as it was"
+    ):
+        so101(calib_dir, cameras=missing).connect()
+    assert fake.written[since:] == [] and not fake.is_open
+    assert [fake.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6
+
+
+def test_a_bus_that_fails_while_the_motors_are_set_up_says_the_torque_may_be_off(so_bus):
+    """The adapter is pulled right after the calibration check found a disagreement: one line says the
+    motors' torque may be off (it goes off to write the calibration), and the port is closed."""
+    fake, calib_dir = so_bus
+    fake.set(2, FT_MAX, 2, 4000)
+    offsets_read = []
+
+    def unplug(address: int, length: int) -> None:
+        if address == FT_HOMING_OFFSET:
+            offsets_read.append(address)
+            fake.unplugged = len(offsets_read) == 6  # the calibration check's last read is answered
+
+    fake.before_read = unplug
+    with pytest.raises(RobotError, match=r"setting up the motors failed .*torque may be OFF") as e:
+        so101(calib_dir).connect()
+    assert "\n" not in str(e.value) and not fake.is_open
+
+
+def _leader_session(monkeypatch, tmp_path, leader, follower, script, robot="so101_follower", **options):
+    """wm-collect's config for `leader` driving `follower` (fake buses on LEADER and PORT, with the same
+    calibration file for both), keys from `script` ({leader read number: key}). Returns the config and
+    the number of the leader's reads so far (a list: the script's clock)."""
+    import serial
+
+    import tools.collect
+    from robots.teleop.fakes import FakeClock, FakeKeyListener
+
+    monkeypatch.setattr(serial, "Serial", FakeSerialPorts({LEADER: leader, PORT: follower}))
+    monkeypatch.setattr(tools.collect, "_stop_on_signals", lambda: None)  # leave pytest's handlers alone
+    motors = KOCH_MOTORS
+    limits = KOCH_RANGE if robot == "koch_follower" else SO_RANGE
+    for arm_id in ("leader", "follower"):
+        (tmp_path / f"{arm_id}.json").write_text(json.dumps(calibration(limits, motors)))
+    clock = FakeClock()
+    keys = FakeKeyListener([(t, k, down) for t, k in script.items() for down in (True, False)], clock)
+    reads = [0]
+    present = DXL_PRESENT if robot == "koch_follower" else FT_PRESENT
+
+    def operator(address: int, length: int) -> None:
+        if address == present:
+            reads[0] += 1
+            keys.replay_until(reads[0])
+
+    leader.before_read = operator
+    cfg = tools.collect.CollectConfig(
+        task="demo",
+        store=str(tmp_path / "s.zarr"),
+        teleop="leader_arm",
+        episodes=options.pop("episodes", 1),
+        preview="false",
+        robot=robot,
+        robot_options={"port": PORT, "calibration_dir": str(tmp_path), **options.pop("robot_options", {})},
+        device_options={"port": LEADER, "arm_id": "leader", "calibration_dir": str(tmp_path), **options},
+        command_options={"backend": "pynput", "listener_factory": keys.factory, "clock": clock},
+    )
+    return cfg, reads
+
+
+def _koch_leader(position: int = 2048):
+    fake = koch_arm(position=position, limits=KOCH_RANGE)
+    for motor_id in range(1, 7):
+        fake.set(motor_id, 0, 2, 1190)  # model number: the Koch leader's xl330-m077 servos
+    return fake
+
+
+def test_leader_units_come_from_its_bus_and_match_the_follower_of_its_kind(tmp_path):
+    pytest.importorskip("scservo_sdk")
+    pytest.importorskip("dynamixel_sdk")
+    from robots.registry import device_class
+
+    leader = device_class("leader_arm")
+    assert (
+        leader(calibration_dir=tmp_path).units
+        == so101(tmp_path).action_feature.units
+        == "deg; gripper 0..100"
+    )
+    assert leader(calibration_dir=tmp_path, use_degrees=False).units == "-100..100; gripper 0..100"
+    assert leader(teleop_type="koch_leader", calibration_dir=tmp_path).units == "-100..100; gripper 0..100"
+    with pytest.raises(ValueError, match="koch_leader has no use_degrees option") as e:
+        _ = leader(teleop_type="koch_leader", calibration_dir=tmp_path, use_degrees=True).joint_names
+    assert "\n" not in str(e.value)
+
+
+def test_collect_refuses_a_leader_in_other_units_before_opening_anything(monkeypatch, tmp_path):
+    """A Koch leader reports -100..100 only; the Koch follower takes degrees unless told otherwise: the
+    follower would go to the wrong pose. Refused, naming the option to set; with it, the follower
+    goes where the leader is."""
+    pytest.importorskip("dynamixel_sdk")
+    import tools.collect
+    from wm.data import DemoStore
+
+    leader, follower = _koch_leader(), koch_arm(position=2048, limits=KOCH_RANGE)
+    leader.set(1, DXL_PRESENT, 4, 2560)  # shoulder_pan a quarter of its range past the middle: 50 (%)
+    cfg, _ = _leader_session(monkeypatch, tmp_path, leader, follower, {1: "b", 6: "enter"},
+                             robot="koch_follower", teleop_type="koch_leader")  # fmt: skip
+    with pytest.raises(ValueError, match=r"set robot_options\.use_degrees=false") as e:
+        tools.collect.collect(cfg)
+    assert "\n" not in str(e.value) and "'-100..100; gripper 0..100'" in str(e.value)
+    assert not leader.written and not follower.written and not (tmp_path / "s.zarr").exists()
+
+    cfg, _ = _leader_session(monkeypatch, tmp_path, leader, follower, {1: "b", 6: "enter"},
+                             robot="koch_follower", teleop_type="koch_leader",
+                             robot_options={"use_degrees": False})  # fmt: skip
+    assert tools.collect.collect(cfg) == 0
+    assert follower.get(1, DXL_GOAL, 4) == 2560  # the leader's pose (reached in capped steps)
+    action = DemoStore.open(tmp_path / "s.zarr").get_episode(0)["action"]
+    assert action[-1, 0] == pytest.approx(50.0, abs=0.1)
+
+    so_leader, so_follower = so_arm(), so_arm()  # an SO leader in degrees, a follower in -100..100
+    cfg, _ = _leader_session(monkeypatch, tmp_path, so_leader, so_follower, {1: "b"},
+                             robot_options={"use_degrees": False})  # fmt: skip
+    with pytest.raises(ValueError, match=r"set device_options\.use_degrees=false"):
+        tools.collect.collect(cfg)
+    assert not so_leader.is_open and not so_follower.written
+
+
+def test_collect_caps_the_first_step_from_where_the_follower_is(monkeypatch, tmp_path):
+    """The leader held far from the follower: each tick moves the follower at most the safety layer's
+    step (a tenth of the joint's range), from its present position on, and the store records what was
+    sent."""
+    pytest.importorskip("scservo_sdk")
+    import tools.collect
+    from wm.data import DemoStore
+
+    leader, follower = so_arm(position=2000), so_arm(position=2000)  # the follower at 0 deg everywhere
+    leader.set(2, FT_PRESENT, 2, 2910)  # shoulder_lift at +80 deg
+    leader.set(3, FT_PRESENT, 2, 1100)  # elbow_flex at -79 deg
+    cfg, _ = _leader_session(monkeypatch, tmp_path, leader, follower, {1: "b", 8: "enter"})
+    assert tools.collect.collect(cfg) == 0
+    goals = np.array([[deg(int.from_bytes(d, "little")) for m, a, d in follower.written if a == FT_GOAL]])
+    goals = goals.reshape(-1, 6)[:, :5]  # (T, 5) body joints, degrees
+    cap = 0.1 * (SO_RANGE[1] - SO_RANGE[0]) * 360 / 4095  # 17.6 deg
+    assert goals[0, 1] == pytest.approx(cap, abs=0.1) and goals[0, 2] == pytest.approx(-cap, abs=0.1)
+    assert np.abs(np.diff(goals, axis=0)).max() <= cap + 0.1
+    assert goals[-1, 1] == pytest.approx(deg(2910), abs=0.1)  # it got there
+    action = DemoStore.open(tmp_path / "s.zarr").get_episode(0)["action"]
+    np.testing.assert_allclose(action[:, :5], goals, atol=0.1)  # what was sent is what was recorded
+
+
+@pytest.mark.parametrize("which", ["follower", "leader"])
+def test_collect_retries_a_read_that_fails_once(monkeypatch, tmp_path, capsys, which):
+    """One corrupt status packet in the middle of the second episode: retried within the tick, and both
+    episodes are saved."""
+    pytest.importorskip("scservo_sdk")
+    import tools.collect
+    from wm.data import DemoStore
+
+    leader, follower = so_arm(), so_arm()
+    cfg, reads = _leader_session(monkeypatch, tmp_path, leader, follower,
+                                 {2: "b", 4: "enter", 6: "b", 12: "enter"}, episodes=2)  # fmt: skip
+    operator, glitches = leader.before_read, []
+    noisy = leader if which == "leader" else follower
+
+    def glitch(address: int, length: int) -> None:
+        operator(address, length)
+        if address == FT_PRESENT and reads[0] == 9:
+            noisy.corrupt_reads = 1  # the next read of `noisy` is answered with a bad checksum
+            glitches.append(reads[0])
+
+    leader.before_read = glitch
+    assert tools.collect.collect(cfg) == 0
+    assert capsys.readouterr().out.startswith("saved 2 episodes")
+    assert DemoStore.open(tmp_path / "s.zarr").n_episodes == 2
+    assert glitches == [9] and noisy.corrupt_reads == 0  # the corrupt answer was given, and read past
+
+
+def test_collect_stops_with_one_line_when_the_follower_stays_unreadable(monkeypatch, tmp_path, capsys):
+    """The follower's answers stay corrupt from the middle of the second episode on: after
+    max_read_failures ticks without a reading the session stops in one line saying the episode being
+    recorded is lost; the first episode is kept, both ports are closed, the follower's torque stays on."""
+    pytest.importorskip("scservo_sdk")
+    import tools.collect
+    from robots.runtime.loop import RuntimeConfig
+    from wm.data import DemoStore
+
+    leader, follower = so_arm(), so_arm()
+    cfg, reads = _leader_session(monkeypatch, tmp_path, leader, follower,
+                                 {2: "b", 4: "enter", 6: "b", 30: "enter"}, episodes=2)  # fmt: skip
+    sent_before = []
+
+    def broken(address: int, length: int) -> None:
+        if address == FT_PRESENT and reads[0] >= 9:
+            follower.corrupt_reads = 1
+            sent_before.append(len(follower.written))
+
+    follower.before_read = broken
+    assert tools.collect.collect(cfg) == 3
+    out = capsys.readouterr().out.strip()
+    assert "\n" not in out and out.startswith("stopped: so101_follower (the robot) could not be read on ")
+    assert f"on {RuntimeConfig.max_read_failures} ticks in a row (ConnectionError" in out
+    assert "the episode being recorded (3 steps) is lost" in out and "saved 1 episodes" in out
+    assert DemoStore.open(tmp_path / "s.zarr").n_episodes == 1
+    assert len(set(sent_before)) == 1  # nothing was sent while the follower could not be read
+    assert not leader.is_open and not follower.is_open
+    assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6

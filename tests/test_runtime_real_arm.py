@@ -264,6 +264,20 @@ def test_torque_goes_off_on_disconnect_only_when_asked(bus):
     assert r.torque_after_run == [1] * 6 and r.torque_after_disconnect == [0] * 6
 
 
+def test_lerobots_own_clamp_is_what_the_run_records_and_what_a_hold_repeats(bus):
+    """With lerobot's `max_relative_target` on, lerobot clamps each goal further than the safety layer
+    did (from the present position): the run records the goals that reached the bus, and the hold after a
+    fault repeats the last of them, not the controller's target (which lerobot would go on stepping to)."""
+    clamp = 0.2  # degrees (the gripper: percent); the controller's wiggle asks for steps up to 0.6
+    r = run(bus, "nan", after=3, ticks=90, max_relative_target=clamp)
+    assert "holds non-finite actions" in r.out.stopped
+    check_bus(r, bus)  # what reached the bus is what was recorded
+    steps = np.abs(np.diff(np.vstack([r.start, r.goals]), axis=0))
+    tol = bus.tolerance()
+    assert np.all(steps <= clamp + tol) and np.any(steps >= clamp - tol)  # lerobot's clamp was at work
+    check_held(r, fresh_ticks(r.out)[-1] + 1)
+
+
 def test_a_killed_worker_is_named_as_killed_even_when_its_pipe_breaks_first():
     """The pipe closes a moment before the dead process can be reaped (here 0.2 s, on purpose): polling
     at once must still say how it ended, not "still running"."""
@@ -337,10 +351,12 @@ def test_a_bus_that_stops_taking_commands_ends_the_run_with_one_line(bus):
 
 
 # ====================================================================== wm-deploy
-def test_wm_deploy_on_an_so101_records_what_reached_the_bus(bus, cameras, tmp_path, capsys):
+@pytest.mark.parametrize("clamp", [None, 2.0], ids=["safety_cap", "and_lerobots_clamp"])
+def test_wm_deploy_on_an_so101_records_what_reached_the_bus(bus, cameras, tmp_path, capsys, clamp):
     """`wm-deploy robot=so101_follower controller=random record=STORE` in-process (the fakes are
-    in-process): random targets anywhere in the limits are step-capped from the arm's position, and the
-    store holds exactly the goals the servos received."""
+    in-process): random targets anywhere in the limits are step-capped from the arm's position (and
+    clamped further by lerobot's `max_relative_target` when it is on), and the store holds exactly the
+    goals the servos received."""
     from robots.runtime.report import RECORD_KEYS
     from robots.runtime.safety import EVENTS
     from tools.deploy import DeployConfig, deploy
@@ -351,7 +367,12 @@ def test_wm_deploy_on_an_so101_records_what_reached_the_bus(bus, cameras, tmp_pa
         controller="random",
         out=str(tmp_path / "run"),
         robot="so101_follower",
-        robot_options={"port": PORT, "calibration_dir": str(bus.calib_dir), "cameras": CAMERA},
+        robot_options={
+            "port": PORT,
+            "calibration_dir": str(bus.calib_dir),
+            "cameras": CAMERA,
+            "max_relative_target": clamp,
+        },
         max_steps=TICKS,
         control_hz=HZ,
         record=str(tmp_path / "rec.zarr"),
@@ -380,6 +401,9 @@ def test_wm_deploy_on_an_so101_records_what_reached_the_bus(bus, cameras, tmp_pa
     np.testing.assert_allclose(ep["state"][1:], ep["action"][:-1], atol=bus.tolerance().max())  # reached
     start = bus.units(np.full(6, 2000))  # so_arm's servos start at raw 2000
     check_bus(Run(EpisodeOutcome(_ticks(ep)), goals, start, [], []), bus)
+    if clamp is not None:  # lerobot's clamp, from the position reached, was at work
+        steps = np.abs(np.diff(np.vstack([start, goals]), axis=0))
+        assert np.all(steps <= clamp + bus.tolerance()) and np.any(steps >= clamp - bus.tolerance())
     capped = ep["safety"] & (1 << EVENTS.index("step_capped")) > 0
     assert capped.sum() == saved["safety_events"]["step_capped"]
     fresh = ep["chunk"] >= 0  # -1: a held command
@@ -397,3 +421,131 @@ def _ticks(ep: dict[str, np.ndarray]) -> list:
         TickRecord(0.0, 0.0, 0.0, 0.0, a if s else None, int(c), 0, 0.0)
         for a, s, c in zip(ep["action"], ep["sent"], ep["chunk"], strict=True)
     ]
+
+
+# ====================================================================== wm-deploy: a leader arm takes over
+LEADER = "/dev/ttyLEADER"
+
+
+def leader_arm(bus: Bus):
+    """A leader SO-101 on LEADER beside the follower, with its calibration file `leader.json`."""
+    import serial
+
+    leader = so_arm(position=2000, limits=SO101.limits)
+    serial.Serial.ports[LEADER] = leader  # `make_bus` patched serial.Serial with its FakeSerialPorts
+    (bus.calib_dir / "leader.json").write_text(json.dumps(calibration(SO101.limits)))
+    return leader
+
+
+def takeover_config(bus: Bus, tmp_path, command_options: dict, **device_options):
+    from tools.deploy import DeployConfig
+
+    return DeployConfig(
+        controller="random",
+        out=str(tmp_path / "run"),
+        robot="so101_follower",
+        robot_options={"port": PORT, "calibration_dir": str(bus.calib_dir)},
+        max_steps=TICKS,
+        control_hz=HZ,
+        record=str(tmp_path / "rec.zarr"),
+        runtime=RuntimeConfig(safety=CALM),
+        inference_threads=1,
+        teleop="leader_arm",
+        device_options={
+            "port": LEADER,
+            "arm_id": "leader",
+            "calibration_dir": str(bus.calib_dir),
+            **device_options,
+        },
+        command_options=command_options,
+    )
+
+
+def test_wm_deploy_a_leader_arm_takes_over_from_start_to_start(bus, tmp_path, capsys):
+    """`wm-deploy ... teleop=leader_arm`: a leader arm has no buttons, so START comes from the command
+    device (the keyboard, as in wm-collect; here scripted by the count of the leader's reads, one per
+    tick). From START to START again the leader's joints are sent, through the safety layer, and recorded
+    as interventions; then the controller has the arm again."""
+    from robots.teleop.fakes import FakeClock, FakeKeyListener
+    from tools.deploy import deploy
+    from wm.data import DemoStore
+
+    leader = leader_arm(bus)
+    clock = FakeClock()
+    keys = FakeKeyListener([(t, "b", down) for t in (5, 15) for down in (True, False)], clock)
+    polls: list[int] = []
+
+    def operator(address: int, length: int) -> None:  # before each read of the leader's positions
+        if address == SO101.present[0]:
+            polls.append(len(polls) + 1)
+            leader.set(1, SO101.present[0], 2, 2000 + 30 * polls[-1])  # shoulder_pan turns each poll
+            keys.replay_until(polls[-1])
+
+    leader.before_read = operator
+    options = {"backend": "pynput", "listener_factory": keys.factory, "clock": clock}
+    report, status = deploy(takeover_config(bus, tmp_path, options))
+    assert status == 0 and report["stopped"] == [] and len(polls) == TICKS
+    assert not leader.is_open and not keys.running and not bus.fake.is_open  # all closed
+    assert bus.torque() == [1] * 6
+    with DemoStore.open(tmp_path / "rec.zarr") as store:
+        ep = store.get_episode(0)
+    took = ep["intervention"].astype(bool)
+    assert took.tolist() == [False] * 4 + [True] * 10 + [False] * (TICKS - 14)  # polls 5 to 14
+    assert np.all(ep["chunk"][took] == NO_CHUNK)
+    arm = make_robot(SO101.robot, calibration_dir=str(bus.calib_dir))
+    low, high = np.asarray(arm.action_feature.low), np.asarray(arm.action_feature.high)
+    cap = CALM.max_step_fraction * (high - low)
+    for i in np.flatnonzero(took):  # the leader's joints, step-capped from the command before
+        joints = np.array([(30 * (i + 1)) * 360 / 4095, 0, 0, 0, 0, 50.0])
+        expected = np.clip(joints, ep["action"][i - 1] - cap, ep["action"][i - 1] + cap)
+        np.testing.assert_allclose(ep["action"][i], expected, atol=1e-3)
+
+
+def test_wm_deploy_refuses_a_command_device_given_as_a_device_option(bus, tmp_path):
+    """`device_options.command_device=keyboard` (a name where the leader arm takes a device) is one line
+    naming `command_device=`, before anything is opened."""
+    from tools._config import UsageError
+
+    leader = leader_arm(bus)
+    with pytest.raises(UsageError, match=r"device_options.command_device: .* as command_device=NAME") as e:
+        takeover_config(bus, tmp_path, {}, command_device="keyboard")
+    assert "\n" not in str(e.value) and not leader.is_open and not bus.fake.is_open
+
+
+@pytest.mark.parametrize("failing", ["keyboard", "leader"])
+def test_a_takeover_device_that_fails_to_connect_leaves_nothing_open(bus, tmp_path, failing):
+    """The leader's command device (connected first) or the leader itself fails: one line says which, and
+    neither is left open (the follower is `wm-deploy`'s to disconnect)."""
+    import os
+
+    from robots.teleop.base import DeviceNotFoundError
+    from robots.teleop.fakes import FakeClock, FakeKeyListener
+    from tools.deploy import make_takeover
+
+    leader = leader_arm(bus)
+    keys = FakeKeyListener([], FakeClock())
+    if failing == "keyboard":  # the terminal backend on a pipe: not a terminal
+        read_end, write_end = os.pipe()
+        options = {"backend": "terminal", "fd": read_end}
+        says = f"keyboard: file descriptor {read_end} is not a terminal"
+    else:  # the leader is not plugged in
+        import serial
+
+        del serial.Serial.ports[LEADER]
+        options = {"backend": "pynput", "listener_factory": keys.factory, "clock": keys.clock}
+        says = f"leader arm so101_leader on {LEADER!r} did not answer"
+    cfg = takeover_config(bus, tmp_path, options)
+    follower = make_robot(SO101.robot, port=PORT, calibration_dir=str(bus.calib_dir))
+    follower.connect()
+    try:
+        with pytest.raises(DeviceNotFoundError) as e:
+            make_takeover(cfg, follower)
+    finally:
+        follower.disconnect()
+        if failing == "keyboard":
+            os.close(read_end)
+            os.close(write_end)
+    assert says in str(e.value) and "\n" not in str(e.value)
+    assert not leader.is_open and not keys.running
+    if failing == "leader":
+        assert keys.on_press is not None  # the keyboard was connected, then disconnected

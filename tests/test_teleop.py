@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from robots.base import Feature
+from robots.base import Feature, RobotError
+from robots.real import fakes as real_fakes
 from robots.registry import device_class
 from robots.teleop.base import Command, DeviceNotFoundError, TeleopDevice, TeleopState
 from robots.teleop.fakes import FakeClock, FakeFeetechSerial, FakeGamepadSource, FakeHid, FakeKeyListener
@@ -170,6 +171,27 @@ def test_spacemouse_combined_report_and_buttons():
     assert state.gripper == -1.0  # the new left press toggled it open again
 
 
+def test_spacemouse_takes_episode_commands_from_its_command_device():
+    """The SpaceMouse has SAVE only; START and the rest come from its command device (a keyboard), which
+    is connected, polled and disconnected with it (this used to be impossible: no episode could start)."""
+    clock = FakeClock()
+    keys = FakeKeyListener([(0.0, _KeyCode("b"), True), (0.0, _KeyCode("b"), False)], clock)
+    keyboard = device_class("keyboard")(backend="pynput", listener_factory=keys.factory, clock=clock)
+    dev, hid = _spacemouse([bytes([3, 2, 0])], command_device=keyboard)
+    assert keys.running
+    keys.replay_until(0.0)
+    assert dev.poll().commands == [Command.SAVE, Command.START]
+    assert dev.poll().commands == []
+    dev.disconnect()
+    assert not keys.running
+
+    keys = FakeKeyListener([], clock)
+    keyboard = device_class("keyboard")(backend="pynput", listener_factory=keys.factory, clock=clock)
+    with pytest.raises(DeviceNotFoundError, match="no 3Dconnexion device"):
+        _spacemouse([], devices=(), command_device=keyboard)
+    assert not keys.running  # a SpaceMouse that is not there leaves no keyboard listening
+
+
 def test_spacemouse_not_found_and_missing_hid(monkeypatch):
     with pytest.raises(DeviceNotFoundError, match="lsusb"):
         _spacemouse([], devices=())
@@ -310,6 +332,58 @@ def test_leader_arm_without_arm_says_how_to_find_the_port(tmp_path):
     arm = device_class("leader_arm")(port=str(tmp_path / "ttyACM9"), calibration_dir=tmp_path)
     with pytest.raises(DeviceNotFoundError, match="lerobot-find-port"):
         arm.connect()
+
+
+# ====================================================================== leader arm (lerobot Koch)
+@pytest.fixture
+def koch_leader(monkeypatch, tmp_path):
+    """A Koch leader's six xl330-m077 servos behind a fake serial port (X-series firmware), whose
+    position limits (0..4095) disagree with lerobot's calibration file (1024..3072)."""
+    pytest.importorskip("lerobot")
+    pytest.importorskip("dynamixel_sdk")
+    import serial
+
+    fake = real_fakes.koch_arm(position=2048, limits=(0, 4095))
+    for motor_id in range(1, 7):
+        fake.set(motor_id, 0, 2, 1190)  # model number of an xl330-m077
+    monkeypatch.setattr(serial, "Serial", real_fakes.FakeSerialPorts({"/dev/ttyLEADER": fake}))
+    (tmp_path / "leader.json").write_text(json.dumps(real_fakes.calibration((1024, 3072), MOTORS)))
+    return fake, tmp_path
+
+
+def test_koch_leader_calibration_file_is_written_before_the_gripper_holds(koch_leader):
+    """lerobot's configure() turns the leader gripper's torque on (a spring-back trigger); the file must
+    reach the motors before that, with torque off, or the X servos refuse it."""
+    fake, calib_dir = koch_leader
+    arm = device_class("leader_arm")(
+        port="/dev/ttyLEADER", teleop_type="koch_leader", calibration_dir=calib_dir
+    )
+    arm.connect()
+    assert [fake.get(i, 52, 4) for i in range(1, 7)] == [1024] * 6  # Min_Position_Limit from the file
+    assert [fake.get(i, 48, 4) for i in range(1, 7)] == [3072] * 6
+    assert fake.memory[6][64] == 1 and fake.memory[6][11] == 5  # the gripper: torque on, current-based
+    assert arm.poll().joints.shape == (6,)
+    arm.disconnect()
+    assert not fake.is_open
+
+
+def test_koch_leader_setup_failure_closes_the_port_and_says_so_in_one_line(koch_leader):
+    """A gripper motor whose torque stays on refuses the calibration: one line, port closed, the
+    command device disconnected."""
+    fake, calib_dir = koch_leader
+    fake.memory[6][64] = 1  # left holding by an earlier session
+    fake.torque_stuck = (6,)
+    clock = FakeClock()
+    keys = FakeKeyListener([], clock)
+    keyboard = device_class("keyboard")(backend="pynput", listener_factory=keys.factory, clock=clock)
+    arm = device_class("leader_arm")(port="/dev/ttyLEADER", teleop_type="koch_leader",
+                                     calibration_dir=calib_dir, command_device=keyboard)  # fmt: skip
+    with pytest.raises(
+        RobotError, match="koch_leader on '/dev/ttyLEADER': setting up its motors failed"
+    ) as e:
+        arm.connect()
+    assert "\n" not in str(e.value) and "lerobot-calibrate --teleop.type=koch_leader" in str(e.value)
+    assert not fake.is_open and not keys.running
 
 
 # ====================================================================== mapping

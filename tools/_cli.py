@@ -48,6 +48,7 @@ from wm.feature_cache import FeatureCacheError
 
 __all__ = [
     "USER_ERRORS",
+    "FAULT_EXIT",
     "JobFailed",
     "UsageError",
     "app",
@@ -75,6 +76,8 @@ class JobFailed(Exception):
 
 
 # What a user can cause: one line and exit status 2. Anything else is a bug (traceback, exit status 1).
+FAULT_EXIT = 3  # a fault stopped the run (wm-deploy, wm-collect): the robot holds; what was recorded is kept
+
 USER_ERRORS = (
     StoreError,
     RobotError,

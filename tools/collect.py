@@ -11,12 +11,15 @@ leader arm teleoperating an SO-101 follower, episode commands from the keyboard:
     wm-collect robot=so101_follower +robot_options.port=/dev/ttyACM1 teleop=leader_arm \
         +device_options.port=/dev/ttyACM0 task=pick_cube episodes=20 store=pick.zarr
 
-A device without buttons (a leader arm) gets its episode commands from `command_device`.
+A device without all the episode buttons (a leader arm, a SpaceMouse) gets its episode commands from
+`command_device`. A leader arm must report the robot's joints in the robot's units: one that does not
+is refused before anything is opened, with what to set (`use_degrees`). A fault that ends the session
+(the robot or device unreadable for `RuntimeConfig.max_read_failures` ticks in a row) is one line, and
+the exit status is wm-deploy's for a fault (3); the episodes saved before it are kept.
 """
 
 from __future__ import annotations
 
-import inspect
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -26,9 +29,10 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from robots.collect import Collector, Preview, SessionStats, open_store, recording_schema
-from robots.registry import device_class, make_expert, make_robot, make_task, robot_entry, task_entry
+from robots.registry import make_expert, make_robot, make_task, robot_entry, task_entry
 from robots.sim.base import SimConfig
-from tools._cli import UsageError, app, bind, build, check, one_of
+from tools._cli import FAULT_EXIT, UsageError, app, bind, build, one_of
+from tools._device import DeviceSettings
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,10 @@ class CollectConfig:
     device_options: dict[str, Any] = field(default_factory=dict)
     robot: str | None = None
     robot_options: dict[str, Any] = field(default_factory=dict)
-    command_device: str = "keyboard"
+    command_device: str | None = "keyboard"
     command_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from robots.teleop.mapping import ActionMapper
-
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
         if self.noise_std < 0 or self.replay_noise_std < 0 or self.replays < 0:
@@ -74,10 +76,7 @@ class CollectConfig:
                 if getattr(self, name):
                     raise UsageError(f"{name} apply to teleop devices; teleop=scripted takes none")
         else:
-            check(device_class(self.teleop), self.device_options, "device_options")
-            build(ActionMapper, self.gains, "gains")
-            if takes_command_device(device_class(self.teleop)):
-                check(device_class(self.command_device), self.command_options, "command_options")
+            DeviceSettings.of(self).check(needs_start=True)
 
     def _check_robot(self) -> None:
         build(robot_entry(self.robot).options, self.robot_options, "robot_options")
@@ -113,7 +112,7 @@ def collect(cfg: CollectConfig) -> int:
         task = make_task(cfg.task, sim_config(cfg))
     else:
         task = make_robot(cfg.robot, **cfg.robot_options)
-    device = None if cfg.teleop == "scripted" else make_device(cfg)
+    device = None if cfg.teleop == "scripted" else DeviceSettings.of(cfg).build(task)
     if threading.current_thread() is threading.main_thread():
         _stop_on_signals()
     try:
@@ -167,24 +166,14 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
         store.close()
     s = collector.stats
     success = "" if cfg.robot else f"success {s.success_rate:.0%}, "
+    why = f"stopped: {s.stopped}; " if s.stopped else "interrupted: " if interrupted else ""
     print(
-        f"{'interrupted: ' if interrupted else ''}saved {s.saved} episodes ({s.discarded} discarded, "
+        f"{why}saved {s.saved} episodes ({s.discarded} discarded, "
         f"{success}{s.steps} steps) to store {cfg.store} (now {start + s.saved} episodes)"
     )
+    if s.stopped:
+        return FAULT_EXIT
     return 0
-
-
-def takes_command_device(device_cls: type) -> bool:
-    """A device without buttons (a leader arm) takes another device for its episode commands."""
-    return "command_device" in inspect.signature(device_cls).parameters
-
-
-def make_device(cfg: CollectConfig) -> Any:
-    cls = device_class(cfg.teleop)
-    options = dict(cfg.device_options)
-    if takes_command_device(cls) and options.get("command_device") is None:
-        options["command_device"] = device_class(cfg.command_device)(**cfg.command_options)
-    return cls(**options)
 
 
 def teleop_mapper(cfg: CollectConfig, task: Any) -> Any:

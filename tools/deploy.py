@@ -9,6 +9,11 @@ in an inference worker process (`runtime.mode=async`), or on the control thread
 `runtime.safety.stop_after_s`) holds position and ends the episode with one line. Simulated tasks
 run against the wall clock and report success.
 
+With `teleop=DEVICE` an operator can take over (`robots.runtime.intervention`): moving the device, or
+from START to START again, sends its action instead, recorded as an intervention. A device without all
+the buttons (a leader arm, a SpaceMouse) gets them from `command_device` (the keyboard by default), as
+in wm-collect.
+
 With `server=HOST:PORT` the controller runs in `wm-serve` on that machine instead (its options are
 the server's; `token=` or WM_SERVE_TOKEN proves this robot may use it); everything else is the same.
 
@@ -29,10 +34,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
-from tools._cli import UsageError, app, bind, build, check
+from tools._cli import FAULT_EXIT, UsageError, app, bind, build
 from tools._controller import ControllerConfig
-
-FAULT_EXIT = 3
+from tools._device import DeviceSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +57,8 @@ class DeployConfig(ControllerConfig):
     status_every_s: float = 10.0
     teleop: str | None = None
     device_options: dict[str, Any] = field(default_factory=dict)
+    command_device: str | None = "keyboard"
+    command_options: dict[str, Any] = field(default_factory=dict)
     gains: dict[str, Any] = field(default_factory=dict)
     server: str | None = None
     token: str | None = field(default=None, repr=False)
@@ -80,14 +86,14 @@ class DeployConfig(ControllerConfig):
             raise ValueError(f"added_delay_s must be >= 0, got {self.added_delay_s}")
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
-        from robots.registry import device_class, robot_entry, task_entry
-        from robots.teleop.mapping import ActionMapper
+        from robots.registry import robot_entry, task_entry
 
         if self.teleop is not None:
-            check(device_class(self.teleop), self.device_options, "device_options")
-            build(ActionMapper, self.gains, "gains")
-        elif self.device_options or self.gains:
-            raise UsageError("device_options and gains apply to a takeover device: give teleop=DEVICE")
+            DeviceSettings.of(self).check(needs_start=False)
+        elif self.device_options or self.command_options or self.gains:
+            raise UsageError(
+                "device_options, command_options and gains apply to a takeover device: give teleop=DEVICE"
+            )
         if is_sim(self.robot):
             build(task_entry(self.robot).options, self.robot_options, "robot_options")
             return
@@ -135,16 +141,17 @@ def make_robot(cfg: DeployConfig, image_size: tuple[int, int] | None) -> Any:
 
 
 def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
-    """The operator's takeover device (connected), or None without `teleop=`."""
+    """The operator's takeover device (connected), or None without `teleop=`. It is built as wm-collect
+    builds its device: one without all the buttons (a leader arm) gets `command_device` for START."""
     if cfg.teleop is None:
         return None
-    from robots.registry import device_class
     from robots.runtime.intervention import Takeover
     from robots.teleop.mapping import ActionMapper, robot_mapper
 
-    device = device_class(cfg.teleop)(**cfg.device_options)
-    device.connect()
-    return Takeover(device, robot_mapper(ActionMapper(**cfg.gains), robot))
+    mapper = robot_mapper(ActionMapper(**cfg.gains), robot)
+    device = DeviceSettings.of(cfg).build(robot)
+    device.connect()  # a failure leaves nothing of it open (a leader arm closes its command device too)
+    return Takeover(device, mapper)
 
 
 def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:

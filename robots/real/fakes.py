@@ -97,6 +97,8 @@ def calibration(limits: tuple[int, int], motors: Iterable[str] = SO_MOTORS) -> d
 DXL_PING, DXL_READ, DXL_WRITE, DXL_SYNC_READ, DXL_SYNC_WRITE, DXL_STATUS = 0x01, 0x02, 0x03, 0x82, 0x83, 0x55
 DXL_BROADCAST = 0xFE
 DXL_HEADER = b"\xff\xff\xfd\x00"
+TORQUE_ENABLE = 64  # X-series control table: the RAM area starts here; below it, EEPROM
+ACCESS_ERROR = 0x07  # status error: writing a register that cannot be written now
 
 
 def crc16(data: bytes) -> int:
@@ -133,7 +135,14 @@ class FakeDynamixelSerial(FakeServoPort):
     status packets out (ping, read, write, sync read, sync write); the control tables, the write log
     and `before_read` are `FakeServoPort`'s. `set(id, addr, n, v)` writes a register as the motor's
     firmware would, `get` reads one back (signed).
+
+    As the X-series firmware does, the EEPROM area (addresses below 64: homing offset, position
+    limits, operating mode...) refuses writes while the motor's torque is on (an Access Error status;
+    a sync write is ignored). `torque_stuck`: ids of motors whose torque cannot be turned off (the
+    write is acknowledged and ignored), for faults.
     """
+
+    torque_stuck: tuple[int, ...] = ()
 
     def set(self, motor_id: int, address: int, length: int, value: int) -> None:
         _register(self.memory[motor_id], address, length, value)
@@ -161,8 +170,12 @@ class FakeDynamixelSerial(FakeServoPort):
             self._moved(address, n)
             self._status(motor_id, self._read(motor_id, address, n))
         elif instruction == DXL_WRITE:
-            self._write(motor_id, int.from_bytes(params[0:2], "little"), params[2:])
-            self._status(motor_id, b"")
+            address = int.from_bytes(params[0:2], "little")
+            if self._refused(motor_id, address):
+                self._status(motor_id, b"", error=ACCESS_ERROR)
+            else:
+                self._write(motor_id, address, params[2:])
+                self._status(motor_id, b"")
         elif instruction == DXL_SYNC_READ:
             address, n = int.from_bytes(params[0:2], "little"), int.from_bytes(params[2:4], "little")
             self._moved(address, n)
@@ -171,13 +184,21 @@ class FakeDynamixelSerial(FakeServoPort):
         elif instruction == DXL_SYNC_WRITE:
             address, n = int.from_bytes(params[0:2], "little"), int.from_bytes(params[2:4], "little")
             for i in range(4, len(params), n + 1):
-                self._write(params[i], address, params[i + 1 : i + 1 + n])
+                if not self._refused(params[i], address):
+                    self._write(params[i], address, params[i + 1 : i + 1 + n])
         return len(data)
 
-    def _status(self, motor_id: int, data: bytes | None) -> None:
+    def _refused(self, motor_id: int, address: int) -> bool:
+        """A write the firmware does not carry out: EEPROM with torque on, or a stuck motor's torque."""
+        torque_on = motor_id in self.memory and self.memory[motor_id][TORQUE_ENABLE] == 1
+        return (address < TORQUE_ENABLE and torque_on) or (
+            address == TORQUE_ENABLE and motor_id in self.torque_stuck
+        )
+
+    def _status(self, motor_id: int, data: bytes | None, error: int = 0) -> None:
         if motor_id == DXL_BROADCAST or motor_id not in self.memory or data is None:
             return  # absent motors stay silent; the sdk times out
-        body = _stuff(bytes([DXL_STATUS, 0x00]) + data)  # instruction, error, parameters
+        body = _stuff(bytes([DXL_STATUS, error]) + data)  # instruction, error, parameters
         head = DXL_HEADER + bytes([motor_id]) + (len(body) + 2).to_bytes(2, "little")
         packet = head + body
         self.rx += packet + crc16(packet).to_bytes(2, "little")

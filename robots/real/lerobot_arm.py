@@ -18,7 +18,8 @@ this adapter adds what our `Robot` promises:
   an extra bus read per command, and our control loops cap steps themselves. Set it to turn it on.
 - `disconnect()` leaves the servos' torque ON by default: the arm holds its last goal instead of
   dropping (lerobot's own default turns torque off). `torque_off_on_disconnect=True` lets it go limp,
-  e.g. to move it by hand; support the arm first.
+  e.g. to move it by hand; support the arm first. Connecting again keeps it holding: lerobot's
+  `configure()`, which writes with torque off, is skipped when the motors already hold all it writes.
 
 Calibration comes from lerobot's file `<calibration_dir>/<arm_id>.json` (default: lerobot's cache).
 Without one, connecting refuses and says how to run `lerobot-calibrate`, unless `calibrate=True`
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from robots.base import Feature, RobotBase, RobotEntry, RobotError
+from robots.real.units import arm_units
 from robots.teleop.base import DeviceNotFoundError
 from wm.data.schema import ActionSpace
 
@@ -134,7 +136,7 @@ class LerobotArm(RobotBase):
             raise RobotError(f"lerobot arm type {robot_type!r} is not one of {sorted(FOLLOWER_MODULES)}")
         self.options = options if options is not None else LerobotArmOptions()
         # every follower here has the body joints in one mode and the gripper in 0..100
-        self.units = f"{'deg' if self.options.use_degrees else '-100..100'}; gripper 0..100"
+        self.units = arm_units(self.options.use_degrees)
         space = ActionSpace(mode="absolute", frame="joint", units=self.units, description="goal positions")
         super().__init__(name=robot_type, control_hz=self.options.control_hz, action_space=space)
         self._robot: Any = None
@@ -192,30 +194,52 @@ class LerobotArm(RobotBase):
                 f"`lerobot-calibrate --robot.type={self.name} --robot.port={o.port} --robot.id={o.arm_id}` "
                 "or pass calibrate=True"
             )
-        # lerobot's `connect()`, step by step (the same calls in the same order), so that each failure
-        # gets its own message and a calibration file that disagrees with the motors never prompts.
+        # lerobot's `connect()`, step by step, so that each failure gets its own message and a calibration
+        # file that disagrees with the motors never prompts. Unlike lerobot, the cameras open before the
+        # motors are touched (a camera that fails leaves the arm as it was), and an arm that already holds
+        # lerobot's configuration with torque on (as our last session left it) is not configured again.
         try:
             robot.bus.connect()
         except (ConnectionError, RuntimeError) as e:
             _close_quietly(robot)
             raise DeviceNotFoundError(
-                f"{self.name} on {o.port!r} did not answer ({_first_line(e)}); check that the port exists "
+                f"{self.name} on {o.port!r} did not answer ({first_line(e)}); check that the port exists "
                 "(`ls /dev/ttyACM* /dev/ttyUSB*`, or `lerobot-find-port`), that your user may open it "
                 "(`sudo usermod -aG dialout $USER`, then log in again), and that the arm's motors are powered"
             ) from e
         try:
+            for name, cam in robot.cameras.items():
+                self._connect_camera(name, cam)
+            self._set_up_motors(robot)
+        except BaseException:
+            _close_quietly(robot)
+            raise
+
+    def _set_up_motors(self, robot: Any) -> None:
+        """Write the calibration file to motors that disagree with it, then lerobot's `configure()` (torque
+        on, position mode), unless the motors already hold all it would write: `configure()` runs with
+        torque off, so an arm left holding would drop for its writes."""
+        touched = False  # the motors' torque may have been turned off
+        try:
             if not robot.is_calibrated:
-                if o.calibrate:
+                touched = True
+                if self.options.calibrate:
                     robot.calibrate()  # lerobot's interactive calibration
                 else:  # the file wins, as at lerobot's prompt
                     robot.bus.disable_torque()
                     robot.bus.write_calibration(robot.calibration)
-            for name, cam in robot.cameras.items():
-                self._connect_camera(name, cam)
-            robot.configure()  # torque on, position mode
-        except BaseException:
-            _close_quietly(robot)
-            raise
+            elif configured(robot):
+                return  # torque stays on: the arm keeps holding its goal
+            touched = True
+            robot.configure()
+        except (OSError, RuntimeError) as e:  # ConnectionError, or pyserial's own
+            torque = (
+                "the motors' torque may be OFF (support the arm)" if touched else "the arm was left as it was"
+            )
+            raise RobotError(
+                f"{self.name} on {self.options.port!r}: setting up the motors failed ({first_line(e)}); "
+                f"{torque}; check the cables and the motors' power, then connect again"
+            ) from e
 
     def _connect_camera(self, name: str, cam: Any) -> None:
         try:
@@ -223,8 +247,9 @@ class LerobotArm(RobotBase):
         except (ConnectionError, RuntimeError, TimeoutError) as e:
             where = self.options.cameras[name]["index_or_path"]
             raise DeviceNotFoundError(
-                f"{self.name}: camera {name!r} ({where}) did not open ({_first_line(e)}); list the cameras "
-                "with `lerobot-find-cameras opencv`, and check the width, height and fps it supports"
+                f"{self.name}: camera {name!r} ({where}) did not open ({first_line(e)}); the arm was left "
+                "as it was; list the cameras with `lerobot-find-cameras opencv`, and check the width, height "
+                "and fps it supports"
             ) from e
 
     def _disconnect(self) -> None:
@@ -270,6 +295,47 @@ def joint_limits(robot: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(low), tuple(high)
 
 
+def configured(robot: Any) -> bool:
+    """Whether the motors of the lerobot follower `robot` (connected) already hold every value its
+    `configure()` would write, torque on included: then configuring again changes nothing but lets the
+    arm drop meanwhile. What `configure()` writes is learnt by running it with the bus's writes recorded
+    instead of sent, so this follows lerobot's own code (operating modes, PID gains, gripper limits...)."""
+    bus = robot.bus
+    writes: dict[str, dict[str, Any]] = {}  # register -> motor -> the last value written
+
+    def write(data_name: str, motor: str, value: Any, **_: Any) -> None:
+        writes.setdefault(data_name, {})[motor] = value
+
+    def sync_write(data_name: str, values: Any, **_: Any) -> None:
+        per_motor = values if isinstance(values, Mapping) else dict.fromkeys(bus.motors, values)
+        for motor, value in per_motor.items():
+            write(data_name, motor, value)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise _Unrecorded("configure() wrote to the bus past the recorder")
+
+    recorder = {"write": write, "sync_write": sync_write, "_write": refuse, "_sync_write": refuse}
+    vars(bus).update(recorder)  # shadow the bus's methods on this instance only
+    try:
+        robot.configure()
+    except _Unrecorded:
+        return False
+    finally:
+        for name in recorder:
+            del vars(bus)[name]
+    if not writes or any(name in bus.normalized_data for name in writes):
+        return False  # nothing to compare, or values in user units: configure, as lerobot does
+    for name, values in writes.items():
+        present = bus.sync_read(name, list(values), normalize=False)
+        if any(int(present[m]) != int(v) for m, v in values.items()):
+            return False
+    return True
+
+
+class _Unrecorded(Exception):
+    """`configure()` reached the bus other than through `write` / `sync_write` (a newer lerobot)."""
+
+
 def _build_follower(robot_type: str, o: LerobotArmOptions) -> Any:
     try:
         importlib.import_module(FOLLOWER_MODULES[robot_type])
@@ -311,7 +377,8 @@ def _camera_kwargs(cam: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an error's message (lerobot's span several lines), for one-line errors."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
 

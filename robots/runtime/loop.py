@@ -103,8 +103,9 @@ class RuntimeConfig:
 @dataclass
 class TickRecord:
     """One tick: its nominal time, when it started and sent, the observation's capture time, what was
-    sent (None: nothing), the chunk and index it came from (NO_CHUNK: a held command or a human's), its
-    due time, the safety events of this tick, and whether a human had taken over."""
+    sent (what the robot reports reached it, e.g. after its driver's own clamping; None: nothing), the
+    chunk and index it came from (NO_CHUNK: a held command or a human's), its due time, the safety
+    events of this tick, and whether a human had taken over."""
 
     nominal: float
     started: float
@@ -291,7 +292,7 @@ class Runtime:
             sent_at = clock.now()
             if command is not None:
                 try:
-                    self.robot.send_action(command)
+                    command = self._send(safety, command)
                 except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
                     out.events["send_failed"] += 1
                     out.stopped = (
@@ -382,12 +383,17 @@ class Runtime:
             )
         return None
 
+    def _send(self, safety: SafetyLayer, command: np.ndarray) -> np.ndarray:
+        """Send a command that passed the safety layer; returns what reached the robot (what its
+        `send_action` reports it sent, which the safety layer's step cap and hold follow from now on)."""
+        return safety.sent(self.robot.send_action(command), command)
+
     def _hold(self, safety, nominal, began, out, on_tick, obs) -> None:
         """A tick without a fresh action: send the safety layer's hold command (or nothing)."""
         command = safety.filter(None)
         if command is not None:
             try:
-                self.robot.send_action(command)
+                command = self._send(safety, command)
             except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
                 out.stopped = out.stopped or f"{self.robot.name}: could not send the hold command ({e})"
                 command = None

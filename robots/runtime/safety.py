@@ -5,7 +5,8 @@ On every tick, whatever the controller produced goes through `SafetyLayer.filter
 the event counted), actions are clipped to the robot's limits and to an optional workspace box,
 and the change per tick of position targets is capped (`max_step`, LeRobot's
 `max_relative_target` idea, against the last command rather than a bus read, so it costs nothing
-per tick; the first command of a run against the present position, `start_from`). The watchdog
+per tick; the first command of a run against the present position, `start_from`), and after each
+send follows what the robot reports it actually sent (`sent`). The watchdog
 turns "no fresh valid action" into holding position after `hold_after_s` and into a controlled stop
 (the run ends with a message) after `stop_after_s`. Nothing here turns torque off.
 """
@@ -127,6 +128,15 @@ class SafetyLayer:
             clipped = capped
         self.last = clipped
         return clipped.copy()
+
+    def sent(self, reported: np.ndarray | None, command: np.ndarray) -> np.ndarray:
+        """What reached the robot for `command` (the last `filter` result): what the robot reports it sent
+        (`Robot.send_action`'s return, e.g. after lerobot's own `max_relative_target` clamp) when that is
+        a sound action, else `command`. The step cap and the hold follow it from now on."""
+        r = None if reported is None else np.asarray(reported, dtype=np.float64)
+        applied = r if r is not None and r.shape == self.feature.shape and np.all(np.isfinite(r)) else command
+        self.last = np.array(applied, dtype=np.float64)
+        return self.last.copy()
 
     def _hold(self) -> np.ndarray | None:
         cmd = self.rest()

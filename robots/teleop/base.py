@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from robots.base import Feature
 
 
 class Command(enum.Enum):
@@ -47,3 +50,12 @@ class TeleopDevice(Protocol):
     def disconnect(self) -> None: ...
 
     def poll(self) -> TeleopState: ...
+
+
+@runtime_checkable
+class JointDevice(Protocol):
+    """A device reporting absolute joint targets (a leader arm). `check_drives(feature, converts)` refuses,
+    in one line naming what to set, a robot whose actions (`feature`) are other joints or other units
+    (`converts`: the mapper's joint_scale / joint_offset turn them into the robot's)."""
+
+    def check_drives(self, feature: Feature, converts: bool = False) -> None: ...

@@ -89,6 +89,11 @@ class ActionMapper:
             if len(self.joint_scale) != len(self.joint_offset):
                 raise ValueError("joint_scale and joint_offset must have the same length")
 
+    @property
+    def converts_joints(self) -> bool:
+        """Joint targets are scaled or offset: a leader arm's units need not be the robot's."""
+        return self.joint_scale is not None or self.joint_offset is not None
+
     # ------------------------------------------------------------------ pieces
     def motion_step(self, state: TeleopState) -> np.ndarray:
         """(6,) step: permuted, signed, clipped device motion times the gains."""

@@ -18,8 +18,9 @@ tilt its top away from you for +pitch, twist it counter-clockwise seen from abov
 the signs with your unit; `ActionMapper.axis_sign` and `axis_order` change them without touching
 the device.
 
-Buttons: left toggles the gripper (starts open), right emits SAVE. Other commands come from the
-keyboard.
+Buttons: left toggles the gripper (starts open), right emits SAVE. The other episode commands (start,
+discard, re-record, quit) come from `command_device`, typically a `KeyboardDevice`, which is connected,
+polled and disconnected with the SpaceMouse (wm-collect adds one, as for a leader arm).
 
 The HID module is injectable (`hid_module`, default `import hid`); tests feed recorded report bytes
 through a stand-in `hid.device` into the same parser.
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.teleop.base import Command, DeviceNotFoundError, TeleopState
+from robots.teleop.base import Command, DeviceNotFoundError, TeleopDevice, TeleopState
 from robots.teleop.mapping import deadzone
 
 VENDOR_IDS = (0x046D, 0x256F)  # Logitech (older 3Dconnexion devices), 3Dconnexion
@@ -112,6 +113,7 @@ class SpaceMouseDevice:
         deadzone: fraction of full scale below which an axis reads zero.
         full_scale: device counts at full deflection.
         hid_module: a module like hidapi's `hid` (`enumerate()`, `device()`); default `import hid`.
+        command_device: device whose commands are merged into each poll (e.g. a keyboard).
     """
 
     name = "spacemouse"
@@ -122,6 +124,7 @@ class SpaceMouseDevice:
         deadzone: float = 0.05,
         full_scale: float = 350.0,
         hid_module: Any = None,
+        command_device: TeleopDevice | None = None,
     ) -> None:
         if not 0 <= deadzone < 1:
             raise ValueError(f"deadzone must be in [0, 1), got {deadzone}")
@@ -131,6 +134,7 @@ class SpaceMouseDevice:
         self.deadzone = deadzone
         self.full_scale = full_scale
         self.hid_module = hid_module
+        self.command_device = command_device
         self.product = ""
         self._dev: Any = None
         self._state = SpaceMouseState()
@@ -139,6 +143,18 @@ class SpaceMouseDevice:
     def connect(self) -> None:
         if self._dev is not None:
             return
+        if self.command_device is not None:
+            self.command_device.connect()
+        try:
+            self._dev = self._open()
+        except BaseException:
+            if self.command_device is not None:
+                self.command_device.disconnect()
+            raise
+        self._state = SpaceMouseState()
+        self._gripper = -1.0
+
+    def _open(self) -> Any:
         hid = self.hid_module if self.hid_module is not None else _import_hid()
         info = self._find(hid)
         dev = hid.device()
@@ -149,9 +165,7 @@ class SpaceMouseDevice:
                 f"spacemouse: found {self.product} but cannot open {info['path']!r} ({e}); {HOW_TO_CHECK}"
             ) from e
         dev.set_nonblocking(1)
-        self._dev = dev
-        self._state = SpaceMouseState()
-        self._gripper = -1.0
+        return dev
 
     def _find(self, hid: Any) -> dict:
         found = [
@@ -170,9 +184,14 @@ class SpaceMouseDevice:
         return found[0]
 
     def disconnect(self) -> None:
-        if self._dev is not None:
-            self._dev.close()
-            self._dev = None
+        if self._dev is None:
+            return
+        dev, self._dev = self._dev, None
+        try:
+            dev.close()
+        finally:
+            if self.command_device is not None:
+                self.command_device.disconnect()
 
     def poll(self) -> TeleopState:
         if self._dev is None:
@@ -187,6 +206,8 @@ class SpaceMouseDevice:
                 self._gripper = -self._gripper
             if pressed & RIGHT_BUTTON:
                 commands.append(Command.SAVE)
+        if self.command_device is not None:
+            commands += self.command_device.poll().commands
         motion = self._state.motion(self.full_scale, self.deadzone)
         return TeleopState(motion=motion, gripper=self._gripper, commands=commands)
 

@@ -1,0 +1,77 @@
+"""The teleop device of `wm-collect` and `wm-deploy`'s takeover, one way for both apps: `teleop=NAME`,
+`device_options=`, `command_device=NAME` / `command_options=` (the episode commands of a device
+without all the buttons: a leader arm, a SpaceMouse) and `gains=` (`ActionMapper`)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from robots.registry import device_class
+from tools._cli import UsageError, build, check
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """`command_device` None: none (only where the device's motion alone is enough: a SpaceMouse taking
+    over in wm-deploy)."""
+
+    teleop: str
+    device_options: Mapping[str, Any]
+    command_device: str | None
+    command_options: Mapping[str, Any]
+    gains: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, cfg: Any) -> DeviceSettings:
+        """The settings of an app's config holding these five fields."""
+        return cls(cfg.teleop, cfg.device_options, cfg.command_device, cfg.command_options, cfg.gains)
+
+    def check(self, needs_start: bool) -> None:
+        """Usage errors, in one line, before anything is opened. `needs_start`: the app cannot work without
+        START presses (wm-collect's episodes); else only a device without motion (a leader arm) needs
+        them (wm-deploy's takeover)."""
+        from robots.teleop.mapping import ActionMapper
+
+        if "command_device" in self.device_options:
+            raise UsageError(
+                "device_options.command_device: give the device for episode commands as command_device=NAME "
+                "(its options as command_options)"
+            )
+        cls = device_class(self.teleop)
+        check(cls, dict(self.device_options), "device_options")
+        build(ActionMapper, dict(self.gains), "gains")
+        if not takes_command_device(cls):
+            return
+        if self.command_device is None:
+            if needs_start or hasattr(cls, "check_drives"):  # a leader arm reports no motion
+                raise UsageError(
+                    f"teleop={self.teleop} has no START button: give command_device=NAME (e.g. keyboard)"
+                )
+            if self.command_options:
+                raise UsageError("command_options apply to a command device: give command_device=NAME")
+            return
+        check(device_class(self.command_device), dict(self.command_options), "command_options")
+
+    def build(self, robot: Any) -> Any:
+        """The device (not connected) with its command device; a device reporting joints (a leader arm)
+        is refused, in one line, unless they are the joints of `robot`'s actions, in their units."""
+        from robots.teleop.base import JointDevice
+        from robots.teleop.mapping import ActionMapper
+
+        cls = device_class(self.teleop)
+        options = dict(self.device_options)
+        if takes_command_device(cls) and self.command_device is not None:
+            options["command_device"] = device_class(self.command_device)(**self.command_options)
+        device = cls(**options)
+        if isinstance(device, JointDevice):
+            device.check_drives(robot.action_feature, converts=ActionMapper(**self.gains).converts_joints)
+        return device
+
+
+def takes_command_device(device_cls: type) -> bool:
+    """A device without all the episode buttons (a leader arm, a SpaceMouse) takes another device for
+    its episode commands."""
+    return "command_device" in inspect.signature(device_cls).parameters
