@@ -30,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import socket
 import struct
 import subprocess
 import sys
@@ -319,19 +320,25 @@ class Ours:
         self.w.close()
 
 
+def tcp_connect(port: int) -> socket.socket:  # noqa: F821 - imported where used
+    """A loopback TCP connection to `port` (retried while the server starts), Nagle off."""
+    for _ in range(100):
+        try:
+            sock = socket.create_connection(("127.0.0.1", port))
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    else:
+        raise ConnectionRefusedError(f"nothing listens on 127.0.0.1:{port}")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class Checked:
     """A client of `tcp_checked`: our request packed and the reply decoded as `RemoteWorker` does."""
 
     def __init__(self, port: int) -> None:
-        import socket
-
-        for _ in range(100):
-            try:
-                self.sock = socket.create_connection(("127.0.0.1", port))
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.1)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = tcp_connect(port)
         self.seq = 0
 
     def round_trip(self, obs: dict[str, np.ndarray]) -> tuple[float, float, bool]:
@@ -353,7 +360,6 @@ class Echo:
     """A client of `zmq_echo` or `tcp_echo`: the observation's raw bytes up, 500 bytes back."""
 
     def __init__(self, port: int, kind: str) -> None:
-        import socket
 
         import zmq
 
@@ -362,13 +368,7 @@ class Echo:
             self.sock = zmq.Context.instance().socket(zmq.DEALER)
             self.sock.connect(f"tcp://127.0.0.1:{port}")
         else:
-            for _ in range(100):
-                try:
-                    self.sock = socket.create_connection(("127.0.0.1", port))
-                    break
-                except ConnectionRefusedError:
-                    time.sleep(0.1)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = tcp_connect(port)
 
     def round_trip(self, obs: dict[str, np.ndarray]) -> tuple[float, float, bool]:
         import socket
