@@ -13,7 +13,7 @@ from conftest import make_schema
 from wm.data import CorruptStoreError, DemoStore, SchemaError
 from wm.data.augment import AugmentConfig, augment
 from wm.data.dataset import WindowDataset, make_loader
-from wm.data.normalize import Normalizer
+from wm.data.normalize import Normalizer, compute_stats
 from wm.data.windows import WindowSpec, build_index, split_episodes
 
 SPEC = WindowSpec.history_horizon(["img", "state"], ["action"], n_obs=2, horizon=6, n_action_exec=3)
@@ -142,8 +142,19 @@ def test_normalizer_constant_dimension_and_bad_mode():
         "a": {n: np.array([2.0]) for n in ("min", "max", "mean", "q01", "q99")} | {"std": np.array([0.0])}
     }
     for mode in ("minmax", "meanstd", "quantile"):
-        out = Normalizer({"a": mode}, stats).normalize("a", torch.full((3, 1), 2.0))
+        norm = Normalizer({"a": mode}, stats)
+        out = norm.normalize("a", torch.full((3, 1), 2.0))
         assert torch.isfinite(out).all() and out.abs().max() == 0
+        # a reading a little off the constant stays a little off (scale 1), and inverts exactly
+        x = torch.tensor([[2.0001], [1.9]])
+        torch.testing.assert_close(norm.normalize("a", x), x - 2.0)
+        torch.testing.assert_close(norm.unnormalize("a", norm.normalize("a", x)), x)
+    # quantile mode: a gripper closed in under 1 % of steps (q01 == q99) spans its min and max instead
+    grip = np.r_[np.zeros(995), np.ones(5)][:, None]
+    norm = Normalizer({"g": "quantile"}, {"g": compute_stats(grip)})
+    torch.testing.assert_close(
+        norm.normalize("g", torch.tensor([[0.0], [1.0]])), torch.tensor([[-1.0], [1.0]])
+    )
     with pytest.raises(ValueError, match="mode 'zscore'"):
         Normalizer({"a": "zscore"}, stats)
 

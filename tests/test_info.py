@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wm.data import ActionSpace, DemoStore, KeySpec, Schema, SchemaError
@@ -146,3 +147,55 @@ def test_contact_sheet_of_chosen_episodes(built: tuple[DemoStore, list], tmp_pat
     with pytest.raises(ValueError, match=r"episodes \[4\] out of range"):
         wm_info.contact_sheet(store, tmp_path / "bad.png", episodes=[0, 4])
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_unknown_success_is_not_a_failure(tmp_path: Path) -> None:
+    """A real robot's episodes record `success: null` (wm-deploy record=): unknown, not failed."""
+    schema = Schema(
+        keys={"img": KeySpec((8, 8, 3), "uint8", "image"), "action": KeySpec((2,), "float32", "action")}
+    )
+    rng = np.random.default_rng(0)
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        for flag in (None, True, None, False):
+            ep = {
+                "img": rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8),
+                "action": np.zeros((3, 2), np.float32),
+            }
+            store.append_episode(ep, {"success": flag})
+        summary = wm_info.summarize(store)
+        assert (summary["success_rate"], summary["success_count"], summary["episodes_with_success_flag"]) == (
+            0.5,
+            1,
+            2,
+        )
+        assert [wm_info.success_label(store.episode_info(i)) for i in range(4)] == ["?", "yes", "?", "no"]
+
+
+def test_float_images_read_as_0_to_255_everywhere(tmp_path: Path) -> None:
+    """Diffusion Policy's stores may hold float32 images in 0..255: the contact sheet shows them as the
+    dataset reads them, and a float key in [0, 1] (which training would read almost black) is refused."""
+    from wm.data.dataset import WindowDataset
+    from wm.data.windows import WindowSpec
+
+    schema = Schema(
+        keys={"img": KeySpec((8, 8, 3), "float32", "image"), "action": KeySpec((2,), "float32", "action")}
+    )
+    for name, value in (("dp.zarr", 127.0), ("unit.zarr", 0.5)):
+        with DemoStore.create(tmp_path / name, schema) as store:
+            store.append_episode(
+                {"img": np.full((4, 8, 8, 3), value, np.float32), "action": np.zeros((4, 2), np.float32)}
+            )
+    spec = WindowSpec({"img": (0,), "action": (0,)})
+    for in_memory in (False, True):
+        batch = WindowDataset(tmp_path / "dp.zarr", spec, in_memory=in_memory).get_batch([0])
+        assert batch["img"].dtype == torch.float32 and float(batch["img"].max()) == pytest.approx(127 / 255)
+        raw = WindowDataset(tmp_path / "dp.zarr", spec, in_memory=in_memory, image_dtype="uint8").get_batch(
+            [0]
+        )
+        assert raw["img"].dtype == torch.uint8 and int(raw["img"].max()) == 127
+    with DemoStore.open(tmp_path / "dp.zarr") as store:  # what the contact sheet and videos draw
+        assert np.asarray(wm_info._to_rgb(store.get_episode(0)["img"][0])).max() == 127  # grey, not white
+    with pytest.raises(
+        SchemaError, match="image key 'img' holds float values in \\[0, 1\\] .* store them as uint8"
+    ):
+        WindowDataset(tmp_path / "unit.zarr", spec)

@@ -364,3 +364,19 @@ def test_fingerprint_follows_the_committed_content(small_store):
     with DemoStore.open(path, mode="a") as store:
         store.append_episode(make_episode(9, 5), {"success": False})
         assert store.fingerprint != before
+
+
+def test_overwrite_replaces_only_a_store(tmp_path, small_store):
+    """`overwrite=True` (wm-convert, the sample store) deletes what is at the path: only ever a store or
+    an empty folder, never a user's folder of other files given as the path by mistake."""
+    mine = tmp_path / "mydata"
+    (mine / "runs").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mydata: exists and is not a zarr store; refusing to replace"):
+        DemoStore.create(mine, make_schema(), overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "runs").is_dir()
+    path, _ = small_store
+    with DemoStore.create(path, make_schema(), overwrite=True) as store:  # a store: replaced
+        assert store.n_episodes == 0
+    (tmp_path / "empty").mkdir()
+    DemoStore.create(tmp_path / "empty", make_schema(), overwrite=True).close()

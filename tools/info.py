@@ -42,6 +42,11 @@ class InfoConfig:
             isinstance(self.drop_episodes, list) and all(_is_int(e) for e in self.drop_episodes)
         ):
             raise ValueError(f"drop_episodes must be a list of episode indices, got {self.drop_episodes!r}")
+        if self.drop_episodes is not None and isinstance(self.episodes, list):
+            raise ValueError(
+                "episodes=[...] with drop_episodes: dropping renumbers the episodes after them; drop first, "
+                "then show the episodes by their new numbers"
+            )
 
 
 def _is_int(x: Any) -> bool:
@@ -52,14 +57,14 @@ def sheet_path(cfg: InfoConfig) -> Path | None:
     if cfg.contact_sheet == "none":
         return None
     if cfg.contact_sheet == "auto":
-        store = Path(cfg.store)
+        store = Path(cfg.store).resolve()  # store=. has no name of its own
         return store.with_name(store.name.removesuffix(".zarr") + "_contact.png")
     return Path(cfg.contact_sheet)
 
 
 def video_dir(cfg: InfoConfig) -> Path:
     if cfg.video_dir == "auto":
-        store = Path(cfg.store)
+        store = Path(cfg.store).resolve()
         return store.with_name(store.name.removesuffix(".zarr") + "_videos")
     return Path(cfg.video_dir)
 
@@ -117,7 +122,7 @@ def info(cfg: InfoConfig) -> int:
             return 2
     try:
         with DemoStore.open(cfg.store) as store:
-            if isinstance(cfg.episodes, list):  # refused before anything is read or written
+            if isinstance(cfg.episodes, list):  # never with drop_episodes (InfoConfig)
                 episodes = check_episodes(store, cfg.episodes)
             else:
                 episodes = _pick_episodes(store.n_episodes, cfg.episodes, 0)

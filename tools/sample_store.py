@@ -47,7 +47,7 @@ class SampleConfig:
     steps: int = 50
     image_size: int = 64
     seed: int = 0
-    overwrite: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or self.steps < 2 or self.image_size < 8:

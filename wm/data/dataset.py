@@ -5,7 +5,8 @@ the model asked for with `n` offsets:
 
     k            (n, *shape) float32 for low-dim keys; images (n, C, H, W) float32 in [0, 1]
                  (or raw uint8 with `image_dtype="uint8"`: a quarter of the bytes between DataLoader
-                 workers and the trainer, which converts and augments the batch on its device)
+                 workers and the trainer, which converts and augments the batch on its device); a
+                 store's images are read as 0..255 whatever their dtype (`wm.data.frames`)
     k + "_is_pad" (n,) bool, True where the window reached past the episode's edge
     "episode", "anchor"  () int64, where the window came from
 
@@ -37,8 +38,11 @@ from torch.utils.data import (
 
 from wm.data.augment import AugmentConfig, augment
 from wm.data.errors import SchemaError
+from wm.data.frames import SAMPLED_FRAMES, check_scale, to_uint8
 from wm.data.store import DemoStore
 from wm.data.windows import WindowSpec, build_index
+
+RANK_SEED_STRIDE = 7919  # DDP: rank r's loader workers draw from seed + r * this
 
 
 class BatchedDataset(Dataset, ABC):
@@ -98,8 +102,15 @@ class WindowDataset(BatchedDataset):
                 raise IndexError(f"{self.path}: episodes {bad} out of range ({store.n_episodes} episodes)")
             self.index = build_index(self.episode_ends, spec, self.episodes)
             self.image_keys = [k for k in spec.offsets if self.schema.keys[k].kind == "image"]
+            for key in self.image_keys:
+                if np.dtype(self.schema.keys[key].dtype) != np.uint8 and store.n_steps:
+                    steps = np.unique(np.linspace(0, store.n_steps - 1, SAMPLED_FRAMES).astype(np.int64))
+                    check_scale(self.path, key, store.read_rows(key, steps))
             in_ram = [k for k in spec.offsets if k not in self.image_keys or in_memory]
             self._ram = store.load_all(in_ram)
+            for key in self.image_keys:
+                if key in self._ram:
+                    self._ram[key] = to_uint8(self._ram[key])
         self._store: DemoStore | None = None
         self._pid = -1
         # Episode number of every global step, for the "episode" batch key.
@@ -128,7 +139,7 @@ class WindowDataset(BatchedDataset):
         uniq, inverse = np.unique(steps, return_inverse=True)
         # Direct chunk decoding where the layout allows, else zarr; a damaged chunk raises
         # CorruptStoreError naming its file, the key, its steps and their episodes either way.
-        return self._reader().read_rows(key, uniq)[inverse]
+        return to_uint8(self._reader().read_rows(key, uniq))[inverse]
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The windows at `indices` as one batch {key: (B, ...)}: frames read in one pass, augmented in
@@ -186,6 +197,8 @@ def make_loader(
     gen = torch.Generator().manual_seed(seed)
     if world_size > 1:
         base = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        # the workers' random streams (augmentation) differ between ranks, not only between workers
+        gen = torch.Generator().manual_seed(seed + RANK_SEED_STRIDE * rank)
     elif shuffle:
         base = RandomSampler(dataset, generator=gen)
     else:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from wm.data.errors import SchemaError
+from wm.data.frames import to_uint8
 from wm.data.store import DemoStore
 
 # Contact sheet geometry, in pixels: a header strip with column titles, a label column on the left,
@@ -32,9 +33,7 @@ TEXT = (230, 230, 230)
 def summarize(store: DemoStore, *, stats_max_steps: int = 100_000, image_frames: int = 64) -> dict[str, Any]:
     """A JSON-serializable summary of `store`: sizes, episodes, success rate, schema and per-key stats."""
     lengths = store.episode_lengths()
-    flags = [
-        info["success"] for info in map(store.episode_info, range(store.n_episodes)) if "success" in info
-    ]
+    flags = [f for f in map(success_of, map(store.episode_info, range(store.n_episodes))) if f is not None]
     schema = store.schema
     return {
         "path": str(store.path),
@@ -51,11 +50,23 @@ def summarize(store: DemoStore, *, stats_max_steps: int = 100_000, image_frames:
             "max": int(lengths.max()) if len(lengths) else None,
             "mean": float(lengths.mean()) if len(lengths) else None,
         },
-        "success_rate": float(np.mean([bool(f) for f in flags])) if flags else None,
-        "success_count": int(sum(bool(f) for f in flags)),
+        "success_rate": float(np.mean(flags)) if flags else None,
+        "success_count": int(sum(flags)),
         "episodes_with_success_flag": len(flags),
         "keys": {key: _key_summary(store, key, stats_max_steps, image_frames) for key in store.keys},
     }
+
+
+def success_of(info: dict[str, Any]) -> bool | None:
+    """An episode's success flag, or None where it is unknown: no flag, or `success: null` (a real
+    robot's episodes, which have no success signal)."""
+    flag = info.get("success")
+    known = isinstance(flag, bool | np.bool_) or (isinstance(flag, int | np.integer) and flag in (0, 1))
+    return bool(flag) if known else None
+
+
+def success_label(info: dict[str, Any]) -> str:
+    return {True: "yes", False: "no", None: "?"}[success_of(info)]
 
 
 def _size_on_disk(path: Path) -> int:
@@ -216,9 +227,7 @@ def check_episodes(store: DemoStore, episodes: Sequence[int]) -> list[int]:
 
 
 def _to_rgb(frame: np.ndarray) -> Image.Image:
-    if frame.dtype != np.uint8:  # float images are taken to lie in [0, 1]
-        scale = 255.0 if np.issubdtype(frame.dtype, np.floating) else 1.0
-        frame = np.clip(frame.astype(np.float64) * scale, 0, 255).astype(np.uint8)
+    frame = to_uint8(frame)  # 0..255 whatever the dtype, as training reads it
     if frame.shape[-1] == 1:
         return Image.fromarray(np.ascontiguousarray(frame[..., 0])).convert("RGB")
     return Image.fromarray(np.ascontiguousarray(frame[..., :3]))
@@ -294,8 +303,7 @@ def _draw_row(
     """Label and first/last frames of episode `ep`, reading only those two frames per key."""
     sl = store.episode_slice(ep)
     info = store.episode_info(ep)
-    success = {True: "yes", False: "no"}.get(bool(info["success"]), "?") if "success" in info else "?"
-    labels = (f"ep {ep}", f"len {sl.stop - sl.start}", f"success {success}")
+    labels = (f"ep {ep}", f"len {sl.stop - sl.start}", f"success {success_label(info)}")
     for i, text in enumerate(labels):
         draw.text((PAD, y + i * LABEL_LINE_H), _fit(draw, text, LABEL_W - PAD, font), fill=TEXT, font=font)
     x = LABEL_W + PAD

@@ -3,7 +3,11 @@
 `Normalizer` is an `nn.Module` whose buffers hold per-key statistics (min, max, mean, std, 1% and
 99% quantiles), so it travels inside a model's state dict; `to_dict` / `from_dict` give a JSON form
 for files beside a checkpoint. Modes: `minmax` and `quantile` map to [-1, 1], `meanstd` to zero
-mean and unit variance, `identity` leaves the key alone.
+mean and unit variance, `identity` leaves the key alone. A dimension that hardly varies in the fitted
+episodes (spread below `MIN_SPREAD`: a locked joint, a gripper always open) is only centred (scale
+1), as Diffusion Policy does, so a value a little off it at deployment stays a little off instead of
+normalizing to hundreds; in `quantile` mode a dimension whose 1-99 % range is that narrow (a gripper
+closing in under 1 % of steps) uses its min and max.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from wm.data.store import DemoStore
 
 MODES = ("minmax", "meanstd", "quantile", "identity")
 STATS = ("min", "max", "mean", "std", "q01", "q99")
-EPS = 1e-6
+MIN_SPREAD = 1e-4  # half-range or std below this: the dimension is only centred (module docstring)
 QUANTILE_SAMPLES = 200_000  # quantiles are estimated from at most this many evenly spaced steps
 
 
@@ -37,6 +41,11 @@ def compute_stats(values: np.ndarray) -> dict[str, np.ndarray]:
         "q01": np.quantile(sub, 0.01, axis=0),
         "q99": np.quantile(sub, 0.99, axis=0),
     }
+
+
+def _spread(s: torch.Tensor) -> torch.Tensor:
+    """A dimension's scale: its spread, or 1 where it hardly varies (only centred)."""
+    return torch.where(s < MIN_SPREAD, torch.ones_like(s), s)
 
 
 class Normalizer(nn.Module):
@@ -83,18 +92,13 @@ class Normalizer(nn.Module):
         """(scale, offset) with normalized = (x - offset) / scale."""
         mode = self.modes[key]
         if mode == "meanstd":
-            return self.stat(key, "std").clamp_min(EPS), self.stat(key, "mean")
-        lo, hi = (
-            (self.stat(key, "min"), self.stat(key, "max"))
-            if mode == "minmax"
-            else (
-                self.stat(key, "q01"),
-                self.stat(key, "q99"),
-            )
-        )
-        # A constant dimension maps to 0 rather than dividing by zero.
-        half = ((hi - lo) / 2).clamp_min(EPS)
-        return half, (hi + lo) / 2
+            return _spread(self.stat(key, "std")), self.stat(key, "mean")
+        lo, hi = self.stat(key, "min"), self.stat(key, "max")
+        if mode == "quantile":
+            narrow = (self.stat(key, "q99") - self.stat(key, "q01")) / 2 < MIN_SPREAD
+            lo = torch.where(narrow, lo, self.stat(key, "q01"))
+            hi = torch.where(narrow, hi, self.stat(key, "q99"))
+        return _spread((hi - lo) / 2), (hi + lo) / 2
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if key not in self.modes or self.modes[key] == "identity":

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,10 @@ class DemoStore:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path}: already exists; open it with DemoStore.open(path, mode='a')")
+        if path.exists() and not replaceable(path):
+            raise FileExistsError(
+                f"{path}: exists and is not a zarr store; refusing to replace it (choose another path)"
+            )
         building = path.with_name(path.name + ".wm-create")
         if building.exists():  # what a crash in an earlier create left
             shutil.rmtree(building)
@@ -439,6 +444,15 @@ class DemoStore:
         for arr in self._arrays.values():
             if arr.shape[0] > n_steps:
                 arr.resize((n_steps, *arr.shape[1:]))
+
+
+def replaceable(path: Path) -> bool:
+    """What `create(overwrite=True)` (and a converter's overwrite) may delete: an empty folder or a zarr
+    store (even a damaged one; a zip store), never another file or a folder of anything else (a user's
+    data given as the path by mistake)."""
+    if not path.is_dir():
+        return path.suffix == ".zip" and zipfile.is_zipfile(path)
+    return not any(path.iterdir()) or (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
 
 
 def commit_lengths(records: Any) -> list[int] | None:

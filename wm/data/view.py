@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from wm.data.info import BACKGROUND, TEXT, _to_rgb
+from wm.data.info import BACKGROUND, TEXT, _to_rgb, success_label
 from wm.data.store import DemoStore
 from wm.media import video_writer
 
@@ -61,7 +61,7 @@ def episode_video(store: DemoStore, episode: int, out: str | Path, *, min_height
     plot, cursor_x, rows = _plot(store, episode, keys, width, n)
     captions = _captions(cams, cam_w, width) if cams else np.zeros((0, width, 3), np.uint8)
     info = store.episode_info(episode)
-    flag = {True: "yes", False: "no"}.get(bool(info["success"])) if "success" in info else "?"
+    flag = success_label(info)
     task = info.get("task") or store.schema.task
     out = Path(out)
     with video_writer(out, float(store.schema.fps)) as writer:

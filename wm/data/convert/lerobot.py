@@ -49,7 +49,7 @@ from wm.data.convert.lerobot_meta import (
 )
 from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import KeySpec, Schema
-from wm.data.store import DemoStore
+from wm.data.store import DemoStore, replaceable
 
 WRITE_STEPS = 256  # frames decoded and appended at a time, bounding memory for long image episodes
 
@@ -72,6 +72,8 @@ def lerobot_to_store(
     src, dst = Path(src_root), Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+    if dst.exists() and not replaceable(dst):
+        raise FileExistsError(f"{dst}: exists and is not a store; not replacing it (choose another dst)")
     info = _load_info(src)
     episodes = _load_episodes(src)
     tasks = _load_tasks(src)

@@ -34,7 +34,7 @@ import numpy as np
 
 from wm.data.errors import AppendError, NotAStoreError, SchemaError
 from wm.data.schema import ActionSpace, KeySpec, Schema
-from wm.data.store import DemoStore
+from wm.data.store import DemoStore, replaceable
 
 DEFAULT_FPS = 20.0  # robosuite's default control_freq
 WRITE_STEPS = 256  # steps read from HDF5 and appended at a time, bounding memory for long image demos
@@ -81,6 +81,8 @@ def robomimic_to_store(
     src, dst = Path(src_hdf5), Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+    if dst.exists() and not replaceable(dst):
+        raise FileExistsError(f"{dst}: exists and is not a store; not replacing it (choose another dst)")
     tmp = dst.with_name(f".{dst.name}.converting")
     with _open_source(src) as f:
         data = f["data"]
