@@ -12,7 +12,7 @@ from conftest import make_schema
 
 from wm.data import CorruptStoreError, DemoStore, SchemaError
 from wm.data.augment import AugmentConfig, augment
-from wm.data.dataset import WindowDataset, make_loader
+from wm.data.dataset import BatchedDataset, WindowDataset, make_loader
 from wm.data.normalize import Normalizer, compute_stats
 from wm.data.windows import WindowSpec, build_index, split_episodes
 
@@ -218,3 +218,25 @@ def test_uint8_images(small_store):
     np.testing.assert_array_equal(item["img"][1].permute(1, 2, 0).numpy(), eps[0]["img"][1])
     with pytest.raises(ValueError, match="augment the float batch"):
         WindowDataset(path, SPEC, image_dtype="uint8", augment_cfg=AugmentConfig(crop=(8, 8)))
+
+
+class _WorkerSeed(BatchedDataset):
+    """Each batch holds the random seed of the loader worker that built it."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def get_batch(self, indices):
+        return {"seed": torch.tensor([torch.initial_seed()] * len(indices))}
+
+
+def test_ddp_ranks_loader_workers_draw_different_random_streams():
+    """Augmentation draws from the workers' seeds: under DDP every rank's workers must differ, not only
+    the workers of one rank (the generator was seeded with `seed` alone, the same on every rank)."""
+    seeds = [
+        int(next(iter(make_loader(_WorkerSeed(), 2, num_workers=1, seed=3, rank=r, world_size=2)))["seed"][0])
+        for r in (0, 1)
+    ]
+    assert seeds[0] != seeds[1]
+    again = make_loader(_WorkerSeed(), 2, num_workers=1, seed=3, rank=1, world_size=2)
+    assert int(next(iter(again))["seed"][0]) == seeds[1]  # and each rank reproduces
