@@ -20,22 +20,21 @@ from wm.data import DemoStore
 
 
 def planner_bounds(low: np.ndarray, high: np.ndarray, frameskip: int) -> dict[str, Any]:
-    """Bounds and initial spread for a planning step of `frameskip` raw actions."""
+    """Bounds for a planning step of `frameskip` raw actions (planners search the box scaled to
+    [-1, 1], so their spreads and step sizes need no scaling to the task's units)."""
     lo = np.tile(np.asarray(low, dtype=float), frameskip)
     hi = np.tile(np.asarray(high, dtype=float), frameskip)
-    return {"low": tuple(lo), "high": tuple(hi), "init_std": float(np.mean(hi - lo) / 2)}
+    return {"low": tuple(lo), "high": tuple(hi)}
 
 
 def with_bounds(planner_cfg: Mapping[str, Any], bounds: dict[str, Any]) -> dict[str, Any]:
     """The planner config with the task's action bounds filled in where it gives none: at the top for
-    cem / mppi / gd (init_std only for the sampling planners), in both stages for cem_gd."""
-    name = planner_cfg.get("name", "cem")
-    if name == "cem_gd":
+    cem / mppi / gd, in both stages for cem_gd."""
+    if planner_cfg.get("name", "cem") == "cem_gd":
         cem = {**bounds, **planner_cfg.get("cem", {})}
-        grad = {k: v for k, v in bounds.items() if k != "init_std"} | dict(planner_cfg.get("grad", {}))
+        grad = {**bounds, **planner_cfg.get("grad", {})}
         return {**planner_cfg, "cem": cem, "grad": grad}
-    own = bounds if name in ("cem", "mppi") else {k: v for k, v in bounds.items() if k != "init_std"}
-    return {**own, **planner_cfg}
+    return {**bounds, **planner_cfg}
 
 
 def build_mpc(

@@ -4,7 +4,12 @@ Every planner plans for E episodes at once: each iteration is ONE `model.rollout
 (E, N, H, A) from the start latents z0 (leading E), which the model broadcasts over the N samples,
 so nothing is encoded per sample (planners never call `encode` at all, nor any simulator). Actions
 stay within per-dimension bounds [low, high]: samples and means are clamped, gradient steps are
-projected back. The device and dtype come from z0; randomness from a seeded `torch.Generator`.
+projected back. Planners search in the box mapped to [-1, 1] per dimension (a dimension without
+finite bounds stays as it is), so their spreads and step sizes (`init_std`, `min_std`, `max_std`,
+`lr`, `restart_std`) mean the same on every task: 1 is the box's half-width, whether the actions are
+pixels (PushT, 0..512), metres (an end-effector delta of 0.03) or joint degrees; the model and the
+caller only ever see actions in their own units. The device and dtype come from z0; randomness from
+a seeded `torch.Generator`.
 `warm_start` (E, H, A), usually the previous plan shifted by the executed steps (MPC does the
 shifting, see `base.shift_plan`), replaces the initial mean (CEM, MPPI) or initial iterate (GD).
 A `plan` call may pass another `model` to plan over (same `action_dim`), e.g. MPC's `FixedPrefix`
@@ -65,7 +70,7 @@ class _PlannerConfig:
 class _SamplingConfig(_PlannerConfig):
     samples: int = 300  # N per episode
     iterations: int = 30
-    init_std: float = 1.0  # absolute, in action units
+    init_std: float = 1.0  # in half-widths of the action box (module docstring)
     warm_std: float | None = None  # initial std when warm-started (a narrower search); None: init_std
     min_std: float = 0.05
     max_std: float = 2.0
@@ -183,21 +188,24 @@ class _Planner:
         self._gen: torch.Generator | None = None
 
     def _setup(self, z0: Latent, warm_start: torch.Tensor | None, use_warm: bool = True):
-        """-> E, bounds (A,), (A,), initial plan (E, H, A), generator; all on z0's device."""
+        """-> E, bounds (A,), (A,), initial plan (E, H, A), generator; all on z0's device, the bounds and
+        the plan in the searched space (`_raw` maps a plan back to action units)."""
         ref = next(iter(z0.values()))
         dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
         like = torch.empty(0, device=ref.device, dtype=dtype)
         E, H, A = latent_batch_size(z0), self.cfg.horizon, self.model.action_dim
         low, high = action_bounds(self.cfg.low, self.cfg.high, A, like)
+        boxed = low.isfinite() & high.isfinite()
+        self._box = (low, high)  # in action units
+        self._center = torch.where(boxed, (low + high) / 2, torch.zeros_like(low))  # (A,)
+        self._scale = torch.where(boxed, (high - low) / 2, torch.ones_like(low))  # (A,)
+        low, high = self._searched(low), self._searched(high)  # -1 / 1 where bounded
         if warm_start is not None and use_warm:
             if tuple(warm_start.shape) != (E, H, A):
                 raise ValueError(f"warm_start must be {(E, H, A)}, got {tuple(warm_start.shape)}")
-            init = warm_start.detach().to(like).clamp(low, high)
+            init = self._searched(warm_start.detach().to(like)).clamp(low, high)
         else:  # the middle of the box where it is bounded, else zero
-            mid = torch.where(
-                low.isfinite() & high.isfinite(), (low + high) / 2, torch.zeros_like(low).clamp(low, high)
-            )
-            init = repeat(mid, "a -> e h a", e=E, h=H).clone()
+            init = repeat(torch.zeros_like(low).clamp(low, high), "a -> e h a", e=E, h=H).clone()
         if self._gen is None or self._gen.device != ref.device:
             self._gen = torch.Generator(device=ref.device)
             if self.cfg.seed is None:
@@ -205,6 +213,15 @@ class _Planner:
             else:
                 self._gen.manual_seed(self.cfg.seed)
         return E, low, high, init, self._gen
+
+    def _searched(self, actions: torch.Tensor) -> torch.Tensor:
+        """Actions (..., A) in action units -> the searched space ([-1, 1] over a bounded dim)."""
+        return (actions - self._center) / self._scale
+
+    def _raw(self, actions: torch.Tensor) -> torch.Tensor:
+        """Actions (..., A) in the searched space -> action units (what the model and the caller see),
+        within the bounds exactly (the mapping's rounding never steps past them)."""
+        return (self._center + self._scale * actions).clamp(*self._box)
 
     def _limit(self, n: int, budget: Budget | None) -> int:
         return n if budget is None or budget.max_iterations is None else min(n, budget.max_iterations)
@@ -250,7 +267,7 @@ class CEM(_Planner):
             if cfg.include_mean:
                 actions[:, 0] = mean
             # --- score: one batched rollout for every episode and sample
-            costs = model.cost(model.rollout(z0, actions), goal)  # (E, N)
+            costs = model.cost(model.rollout(z0, self._raw(actions)), goal)  # (E, N)
             it_cost, it_idx = costs.min(dim=1)  # (E,), (E,)
             improved = it_cost < best_cost
             best_cost = torch.where(improved, it_cost, best_cost)
@@ -270,6 +287,7 @@ class CEM(_Planner):
         return m * mean + (1 - m) * new_mean, m * std + (1 - m) * new_std
 
     def _result(self, model, z0, goal, mean, std, best_actions, best_cost, iterations: int) -> PlanResult:
+        mean, best_actions, std = self._raw(mean), self._raw(best_actions), std * self._scale  # action units
         info = {"mean": mean, "std": std, "best_actions": best_actions, "best_cost": best_cost}
         if self.cfg.return_best:
             return PlanResult(best_actions, best_cost, iterations, info)
@@ -323,7 +341,7 @@ class GradientPlanner(_Planner):
         with torch.enable_grad():
             while True:
                 # --- score: one batched rollout, sequences are independent so one summed loss suffices
-                costs = model.cost(model.rollout(z0, actions), goal)  # (E, R)
+                costs = model.cost(model.rollout(z0, self._raw(actions)), goal)  # (E, R)
                 c, r = costs.detach().min(dim=1)  # (E,)
                 improved = c < best_cost
                 best_cost = torch.where(improved, c, best_cost)
@@ -338,11 +356,12 @@ class GradientPlanner(_Planner):
                 with torch.no_grad():
                     actions.clamp_(low, high)
                 step += 1
-        return PlanResult(best_actions, best_cost, step, {"final": actions.detach()})
+        return PlanResult(self._raw(best_actions), best_cost, step, {"final": self._raw(actions.detach())})
 
 
 class CEMThenGradient:
-    """CEM for a global guess, then gradient steps from the CEM plan; returns the best plan seen."""
+    """CEM for a global guess, then gradient steps from CEM's best plan (its mean, or the best sample
+    when that scored better); returns the best plan seen."""
 
     def __init__(self, model: PlanningModel, cfg: CEMThenGradConfig, clock: Clock = time.monotonic) -> None:
         self.cfg, self.clock, self.horizon = cfg, clock, cfg.cem.horizon
@@ -363,7 +382,10 @@ class CEMThenGradient:
         first = self.cem.plan(z0, goal, warm_start, cem_budget, model)
         if budget is not None and budget.seconds is not None:
             grad_budget = Budget(budget.max_iterations, max(budget.seconds - (self.clock() - start), 1e-9))
-        second = self.grad.plan(z0, goal, first.actions, grad_budget, model)
+        # the gradient stage starts from CEM's best plan: its final mean, or a sample that scored better
+        better = first.info["best_cost"] < first.cost  # (E,)
+        begin = torch.where(better[:, None, None], first.info["best_actions"], first.actions)
+        second = self.grad.plan(z0, goal, begin, grad_budget, model)
         # the gradient stage scores its start (the CEM plan) first, so it is never worse than CEM
         info = {"cem": first, "grad_steps": second.iterations}
         return PlanResult(second.actions, second.cost, first.iterations + second.iterations, info)

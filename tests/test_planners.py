@@ -156,6 +156,45 @@ def test_finds_the_analytic_optimum(name):
     torch.testing.assert_close(again, result.cost)
 
 
+class InUnits(PointModel):
+    """The same problem with actions in other units: raw = `scale` * PointModel's action + `shift`."""
+
+    def __init__(self, scale: float, shift: float) -> None:
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def rollout(self, z0, actions):
+        return super().rollout(z0, (actions - self.shift) / self.scale)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_same_problem_in_other_action_units_gets_the_same_plan(name):
+    """Planners search the action box scaled to [-1, 1]: spreads and step sizes mean the same on every
+    task, so PushT's pixels (0..512) or an end effector's 3 cm get the plan the unit box gets (the
+    fixed min_std 0.05 / max_std 2 / lr 0.1 were in action units: too narrow or too wide)."""
+    s0, goal = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.2, -0.1]])
+    plans = []
+    for scale, shift in ((1.0, 0.0), (256.0 / 0.75, 300.0), (0.03, -0.01)):
+        model = InUnits(scale, shift)
+        low = tuple(scale * x + shift for x in LOW)
+        high = tuple(scale * x + shift for x in HIGH)
+        cfg = CONFIGS[name]
+        if name == "cem_gd":
+            cfg = dataclasses.replace(
+                cfg,
+                cem=dataclasses.replace(cfg.cem, low=low, high=high),
+                grad=dataclasses.replace(cfg.grad, low=low, high=high),
+            )
+        else:
+            cfg = dataclasses.replace(cfg, low=low, high=high)
+        z0, zg = model.encode(obs_of(s0)), model.encode(obs_of(goal))
+        result = build_planner(cfg, model).plan(z0, zg)
+        plans.append(((result.actions - shift) / scale, result.cost))
+    for actions, cost in plans[1:]:
+        torch.testing.assert_close(actions, plans[0][0], atol=2e-3, rtol=0)
+        assert float(cost) < 2e-3
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_out_of_reach_goal_saturates_towards_it(name):
     s0 = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
