@@ -20,6 +20,7 @@ import torch
 
 from policies.base import GoalConditioned, Policy, Previewable, RawObs, check_chunk_request, with_prefix
 from policies.video import compose_frame, write_episode_video
+from robots.base import RobotError
 from robots.sim.base import SimTask
 
 
@@ -115,11 +116,22 @@ def run_episodes(
     return results
 
 
+def goal_observation(task: Any, needed: bool) -> Any:
+    """The task's goal observation; None where the task defines none and the controller takes no goal
+    (a policy on a robosuite env without a defined goal), else the task's one-line error."""
+    try:
+        return task.goal_observation()
+    except RobotError:
+        if needed:
+            raise
+        return None
+
+
 def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> list[EpisodeResult]:
     E = len(tasks)
     obs = [t.reset(s) for t, s in zip(tasks, seeds, strict=True)]
     image_key = next((k for k, f in tasks[0].observation_features.items() if f.kind == "image"), None)
-    goals = [t.goal_observation() for t in tasks]
+    goals = [goal_observation(t, isinstance(policy, GoalConditioned)) for t in tasks]
     if isinstance(policy, GoalConditioned):
         policy.set_goal(stack_obs(goals))
     policy.reset()

@@ -35,7 +35,7 @@ from policies.base import (
     latent_batch_size,
     shift_plan,
 )
-from policies.inputs import ObsHistory, to_model_inputs
+from policies.inputs import ObsHistory, check_raw, to_model_inputs
 
 
 class GoalSelector(Protocol):
@@ -162,6 +162,7 @@ class MPC:
 
     def set_goal(self, goal_obs: RawObs) -> None:
         """Encode the goal observations {key: (E, ...)} once; every replan reuses the latent."""
+        check_raw(goal_obs, self.io)  # one clear line for a goal from another task or robot
         with torch.no_grad():
             self._goal = self.model.encode(to_model_inputs([goal_obs], self.io, self.device))
 

@@ -428,3 +428,12 @@ def test_mpc_feeds_the_model_its_history_and_the_actions_between():
     mpc.reset()
     mpc.select_action(raw_of([[7.0, 0.0]]))
     assert model._model.inputs[-1]["state"][0, :, 0].tolist() == [7.0, 7.0]  # reset forgot the history
+
+
+def test_a_goal_from_another_task_is_one_clear_error():
+    """A goal observation without the key the model reads (a store converted with `state`, a task that
+    calls it `proprio`): one line naming both, before anything is encoded (it was a bare KeyError)."""
+    mpc, model, _ = make_mpc(execute=1)
+    with pytest.raises(ValueError, match=r"observation lacks \['state'\] \(it has \['proprio'\]\)"):
+        mpc.set_goal({"proprio": np.zeros((1, 2), np.float32)})
+    assert model._model.inputs == []

@@ -199,3 +199,24 @@ def test_goal_undefined_env_raises():
     with pytest.raises(RobotError, match="no scripted expert"):
         robosuite_task.robosuite_entry("PickPlaceCan").expert()
     task.disconnect()
+
+
+def test_a_policy_is_evaluated_on_an_env_without_a_goal_but_mpc_is_refused():
+    """Goals are asked of a task only for a controller that plans to one (MPC): a policy (here random)
+    runs on robosuite's PickPlaceCan, which defines no goal observation; MPC gets the task's one line."""
+    from policies.evaluate import RandomPolicy, goal_observation, run_episodes
+    from robots.base import RobotError
+    from robots.registry import make_task
+    from robots.sim.base import SimConfig
+
+    task = make_task("robosuite/PickPlaceCan", SimConfig(state_only=True, max_steps=3))
+    try:
+        feat = task.action_feature
+        (result,) = run_episodes([task], RandomPolicy(feat.low, feat.high, 0), [1000])
+        assert result.steps == 3 and result.success is False
+        with pytest.raises(
+            RobotError, match="no goal observation is defined for robosuite env 'PickPlaceCan'"
+        ):
+            goal_observation(task, needed=True)
+    finally:
+        task.disconnect()

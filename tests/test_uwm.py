@@ -14,6 +14,7 @@ from wm.autoencoder import AutoencoderConfig
 from wm.data import DemoStore
 from wm.data.normalize import Normalizer, compute_stats
 from wm.uwm import UWM, UWMConfig
+from wm.uwm_entry import UWMPolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GRID = 8  # latent side of the synthetic task
@@ -362,3 +363,27 @@ def test_wm_train_with_two_cameras(tmp_path):
         "wm-train", *TINY_UWM, "model.image_keys=[image,top]", f"store={store}", f"out={tmp_path / 'y'}"
     )
     assert res.returncode != 0 and "no camera(s) ['top']" in res.stderr
+
+
+def test_recording_a_uwm_policys_preview_does_not_change_its_actions():
+    """The preview (evaluation videos) samples forward dynamics with its own noise: the same seeds give
+    the same actions with videos=0 and videos=N (it drew from the actions' generator)."""
+    model = tiny_uwm().eval()
+    with torch.no_grad():  # an untrained UWM outputs zeros: random weights make samples depend on noise
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    rng = np.random.default_rng(0)
+    frames = [{"image": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)} for _ in range(4)]
+
+    def actions(preview: bool) -> torch.Tensor:
+        policy = UWMPolicy(model, seed=0)
+        policy.reset()
+        out = []
+        for obs in frames:
+            out.append(policy.select_action(obs))
+            if preview:
+                policy.preview()  # what wm-eval's recorder does after each model call
+        return torch.stack(out, 1)
+
+    torch.testing.assert_close(actions(True), actions(False), rtol=0, atol=0)

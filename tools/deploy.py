@@ -158,6 +158,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     """Run the episodes; returns the report and the exit status."""
     import os
 
+    from policies.evaluate import goal_observation
     from robots.collect import open_store
     from robots.runtime.loop import Runtime
     from robots.runtime.realtime import realtime, worker_cpus
@@ -215,7 +216,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                 goal = None
                 if sim:
                     robot.reset(cfg.seed + i)
-                    goal = robot.goal_observation()
+                    goal = goal_observation(robot, needed=cfg.controller == "mpc")
                 writer = store.begin_episode() if store is not None else None
                 live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
 

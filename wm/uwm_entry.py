@@ -112,6 +112,12 @@ class UWMPolicy(ChunkPolicy):
 
     def __init__(self, model: UWM, seed: int | None = 0) -> None:
         super().__init__(model, model.cfg.temporal_ensemble, seed)
+        # the preview's own noise: recording videos must not change the actions (their generator's draws)
+        self._preview_generator = torch.Generator(device=self._generator.device)
+        if seed is None:
+            self._preview_generator.seed()
+        else:
+            self._preview_generator.manual_seed(seed + 1)
         c = model.cfg
         camera = f" ({c.image_keys[0]})" if len(c.image_keys) > 1 else ""
         self.preview_label = f"UWM: predicted t+{c.future[0]}{camera}"
@@ -134,7 +140,7 @@ class UWMPolicy(ChunkPolicy):
         if self._last is None or not self.model.codec.can_decode:
             return None
         obs, chunk = self._last
-        latents = self.model.forward_dynamics(obs, chunk, generator=self._generator)
+        latents = self.model.forward_dynamics(obs, chunk, generator=self._preview_generator)
         frame = self.model.decode(latents[:, :1, :1])[:, 0, 0]  # (E, 3, H, W)
         return (frame.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
