@@ -81,7 +81,8 @@ class _SamplingConfig(_PlannerConfig):
         super().__post_init__()
         if self.samples < 1 or self.iterations < 1:
             raise ValueError(f"samples and iterations must be >= 1, got {self.samples}, {self.iterations}")
-        if not 0 <= self.min_std <= self.max_std or not self.init_std > 0 or (self.warm_std or 1) <= 0:
+        warm_ok = self.warm_std is None or self.warm_std > 0
+        if not 0 <= self.min_std <= self.max_std or not self.init_std > 0 or not warm_ok:
             raise ValueError(f"need init_std, warm_std > 0 and 0 <= min_std <= max_std, got {self}")
 
     @property

@@ -130,6 +130,16 @@ def test_deploy_usage_errors_are_one_line(tmp_path, policy):
     ]
     cases = [
         (["robot=so101_follower", "controller=random", f"out={tmp_path / 'a'}"], "max_steps="),
+        (  # MPC plans to a goal, and a real robot gives none
+            [
+                "robot=so101_follower",
+                "controller=mpc",
+                f"checkpoint={policy}",
+                f"out={tmp_path / 'a'}",
+                "max_steps=5",
+            ],
+            "controller=mpc plans to a goal observation, which only simulated tasks give",
+        ),
         (
             ["robot=so101_folower", "controller=random", f"out={tmp_path / 'a'}"],
             "did you mean so101_follower",

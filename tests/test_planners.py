@@ -317,6 +317,7 @@ def test_build_planner_smoke(name, device):
     [
         lambda: CEMConfig(samples=10, elites=20),
         lambda: CEMConfig(low=1.0, high=0.0),
+        lambda: CEMConfig(warm_std=0.0),  # a warm start would never be searched around
         lambda: CEMConfig(low=(0.0, 0.0), high=(1.0, 1.0, 1.0)),
         lambda: MPPIConfig(temperature=0.0),
         lambda: GradConfig(init="random"),

@@ -100,6 +100,11 @@ class DeployConfig(ControllerConfig):
         build(robot_entry(self.robot).options, self.robot_options, "robot_options")  # names the robots
         if self.max_steps is None:
             raise UsageError(f"robot={self.robot} is a real robot: give max_steps= (ticks per episode)")
+        if self.controller == "mpc" and self.server is None:
+            raise UsageError(
+                "controller=mpc plans to a goal observation, which only simulated tasks give; "
+                f"robot={self.robot} is a real robot: deploy a policy (controller=policy)"
+            )
 
     def remote_config(self) -> Any:
         from robots.runtime.remote import RemoteConfig
@@ -216,7 +221,8 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                 goal = None
                 if sim:
                     robot.reset(cfg.seed + i)
-                    goal = goal_observation(robot, needed=cfg.controller == "mpc")
+                    # (with server= the controller is the server's: a goal where the task has one)
+                    goal = goal_observation(robot, needed=cfg.controller == "mpc" and cfg.server is None)
                 writer = store.begin_episode() if store is not None else None
                 live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
 
