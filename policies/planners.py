@@ -342,7 +342,9 @@ class GradientPlanner(_Planner):
         with torch.enable_grad():
             while True:
                 # --- score: one batched rollout, sequences are independent so one summed loss suffices
-                costs = model.cost(model.rollout(z0, self._raw(actions)), goal)  # (E, R)
+                # (unclamped: the iterate is already projected, and a clamp would stop the gradient of a
+                # value its mapping rounds a hair past a bound)
+                costs = model.cost(model.rollout(z0, self._center + self._scale * actions), goal)  # (E, R)
                 c, r = costs.detach().min(dim=1)  # (E,)
                 improved = c < best_cost
                 best_cost = torch.where(improved, c, best_cost)

@@ -270,3 +270,14 @@ def test_mpc_served_by_wm_serve(world_model, tmp_path):
         assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["ticks"] == 6 and report["chunks"] >= 2 and report["settings"]["controller"] == "mpc"
+
+
+def test_a_run_a_fault_stopped_exits_with_3(tmp_path):
+    """The documented status of a fault (here the watchdog: a controller slower than stop_after_s)
+    reaches the shell through the app's entry point (it was turned into 2, a usage error)."""
+    res = cli(
+        "wm-deploy", "robot=pointmaze", "controller=random", f"out={tmp_path / 'run'}", "episodes=1",
+        "added_delay_s=1", "runtime.safety.hold_after_s=0.1", "runtime.safety.stop_after_s=0.2",
+    )  # fmt: skip
+    assert res.returncode == 3, res.stderr
+    assert "STOPPED: no fresh action for" in res.stdout

@@ -380,3 +380,6 @@ def test_overwrite_replaces_only_a_store(tmp_path, small_store):
         assert store.n_episodes == 0
     (tmp_path / "empty").mkdir()
     DemoStore.create(tmp_path / "empty", make_schema(), overwrite=True).close()
+    archive = shutil.make_archive(str(tmp_path / "zipped"), "zip", path)  # a zip store: replaced too
+    with DemoStore.create(archive, make_schema(), overwrite=True) as store:
+        assert store.n_episodes == 0 and (tmp_path / "zipped.zip").is_dir()

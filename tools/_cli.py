@@ -188,7 +188,9 @@ def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
-    return (1 if 1 in _failed else 2) if _failed else 0
+    # a bug (1) first, else the highest status: a fault that stopped a run (3) or an interrupt (130)
+    # over a usage error (2)
+    return (1 if 1 in _failed else max(_failed)) if _failed else 0
 
 
 def run(fn: Callable[[], int | None]) -> None:

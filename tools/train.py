@@ -59,7 +59,6 @@ SAME_DATA = (
     "val_ratio",
     "image_key",
     "proprio_key",
-    "video_store",
 )
 
 

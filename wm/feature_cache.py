@@ -52,6 +52,7 @@ import zarr
 from einops import rearrange
 
 from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
+from wm.data.frames import check_scale, to_uint8
 from wm.data.schema import KeySpec, Schema
 from wm.data.store import DemoStore
 from wm.encoders import PatchEncoder
@@ -282,7 +283,9 @@ def _encode_episode(
             hi = min(lo + batch_size, sl.stop)
             step = {}
             for key in image_keys:
-                feats = _encode(encoder, src.read(key, slice(lo, hi), episode=ep), device)  # (b, P, D)
+                frames = src.read(key, slice(lo, hi), episode=ep)  # (b, H, W, C)
+                check_scale(src.path, key, frames)  # images are 0..255 whatever their dtype
+                feats = _encode(encoder, to_uint8(frames), device)  # (b, P, D)
                 half = feats.astype(np.float16)
                 if not np.isfinite(half).all():
                     raise FeatureCacheError(

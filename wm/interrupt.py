@@ -53,7 +53,8 @@ class InterruptFlag:
             for signum in SIGNALS:
                 previous = signal.getsignal(signum)
                 if previous is not signal.SIG_IGN:
-                    self._previous[signum] = previous if previous is not None else signal.SIG_DFL
+                    default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+                    self._previous[signum] = previous if previous is not None else default
                     signal.signal(signum, self._handle)
         return self
 

@@ -18,8 +18,11 @@ episodes).
 Lost files. zarr by default writes no chunk whose values are all the fill value, so a missing chunk
 file reads as zeros and cannot be told from a chunk of zeros. This store writes every chunk, and a
 store created so says `wm_every_chunk`: in it a missing chunk file of committed steps is damage, and
-reading it (or `verify`) raises `CorruptStoreError` naming the file, key, steps and episodes.
-Stores without the attribute (created before, or by other tools) read a missing chunk as zarr does.
+reading it on the direct chunk path (local stores of this project's layout) raises
+`CorruptStoreError` naming the file, key, steps and episodes, and `verify` reports it on every path.
+Stores without the attribute (created before, or by other tools) read a missing chunk as zarr does;
+a tool that appends to a marked store without writing every chunk (Diffusion Policy's replay
+buffer) would make its chunks of zeros read as damage.
 """
 
 from __future__ import annotations
@@ -144,8 +147,10 @@ class DemoStore:
             compressors=_compressor("lowdim", zarr_format, "zstd"),
         )
         group.attrs.update({SCHEMA_ATTR: schema.to_dict(), EPISODES_ATTR: [], EVERY_CHUNK_ATTR: True})
-        if path.exists():
+        if path.is_dir():
             shutil.rmtree(path)
+        elif path.exists():  # a zip store
+            path.unlink()
         os.replace(building, path)
         group = zarr.open_group(store=LocalStore(path), mode="r+", zarr_format=zarr_format)
         return cls(path, group, schema, "a", legacy=False)
