@@ -408,6 +408,28 @@ def test_keys_lerobot_cannot_hold_are_left_out_with_a_warning(tmp_path, caplog):
     assert back.keys == ["action", "pos", "vel"] and back.schema.keys["pos"].kind == "proprio"
 
 
+def test_lerobots_per_frame_success_becomes_the_episodes_success(tmp_path):
+    """LeRobot's gym sets (PushT, ...) flag success per frame in `next.success`; wm-info, wm-train's
+    success filters and the evaluation reports read an episode's "success" from its info."""
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (2,), "names": None},
+        "action": {"dtype": "float32", "shape": (2,), "names": None},
+        "next.success": {"dtype": "bool", "shape": (1,), "names": None},
+    }
+    ds = LeRobotDataset.create("local/src", FPS, features, root=tmp_path / "lr", use_videos=False)
+    flags = ([False, False, True, False], [False] * 3)  # succeeded at the third frame; never
+    for episode in flags:
+        for flag in episode:
+            frame = {"observation.state": np.zeros(2, np.float32), "action": np.zeros(2, np.float32)}
+            ds.add_frame({**frame, "next.success": np.array([flag]), "task": "push"})
+        lerobot_convert._squeeze_scalar_features(ds, features)  # lerobot 0.4.4 writes (1,) as scalars
+        ds.save_episode()
+    ds.finalize()
+    store = lerobot_to_store(tmp_path / "lr", tmp_path / "s.zarr")
+    assert [store.episode_info(i).get("success") for i in range(2)] == [True, False]
+    np.testing.assert_array_equal(store.get_episode(0)["next.success"][:, 0], flags[0])  # kept as data
+
+
 def test_a_key_named_as_lerobots_own_columns_is_refused_by_name(tmp_path):
     schema = Schema(
         keys={"action": KeySpec((2,), "float32", "action"), "task": KeySpec((1,), "int64", "lowdim")}

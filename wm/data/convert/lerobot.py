@@ -13,7 +13,8 @@ Key mapping, LeRobot -> store, for datasets without our metadata:
 A camera feature outside `observation.images.` keeps its full name. frame_index, episode_index,
 index and task_index are bookkeeping and are not copied; string features are skipped. Per-step
 shapes are LeRobot's (so scalars are (1,)). Each episode's task goes into its info as "task" (with
-"tasks" listing them all when an episode has several).
+"tasks" listing them all when an episode has several), and where the dataset has LeRobot's per-frame
+`next.success` its "success" (true when any frame succeeded; it is also kept as a lowdim key).
 
 Store -> LeRobot follows LeRobot's naming (observation.state, observation.images.<cam>, action) and
 carries the schema and each episode's info in `wm_stack` metadata, so that importing the export
@@ -37,6 +38,7 @@ import numpy as np
 
 from wm.data.convert.lerobot_meta import (
     BOOKKEEPING,
+    SUCCESS,
     ExportPlan,
     carried_episode_info,
     image_feature_spec,
@@ -90,7 +92,7 @@ def lerobot_to_store(
                     writer.add_steps({k: v.reshape(len(v), *schema.keys[k].shape) for k, v in block.items()})
                 info_ = carried_episode_info(ep)  # exact, when this dataset is our export
                 if info_ is None:
-                    info_ = _episode_info(ep, part.column("task_index").to_numpy(), tasks)
+                    info_ = _episode_info(ep, part, tasks)
                 writer.end(info_)
     except BaseException:
         store.close()
@@ -198,12 +200,16 @@ def _schema_from_info(
     return schema, features
 
 
-def _episode_info(ep: dict[str, Any], task_ids: np.ndarray, tasks: dict[int, str]) -> dict[str, Any]:
-    order = list(dict.fromkeys(int(t) for t in task_ids))
+def _episode_info(ep: dict[str, Any], part: Any, tasks: dict[int, str]) -> dict[str, Any]:
+    """Task names, source index and, where the dataset has LeRobot's per-frame `next.success`
+    (PushT, gym-style sets), the episode's success: true when any of its frames succeeded."""
+    order = list(dict.fromkeys(int(t) for t in part.column("task_index").to_numpy()))
     names = [tasks.get(t, str(t)) for t in order]
     info: dict[str, Any] = {"task": names[0] if names else "", "source_episode": int(ep["episode_index"])}
     if len(names) > 1:
         info["tasks"] = names
+    if SUCCESS in part.column_names:
+        info["success"] = bool(np.any(_column_to_numpy(part.column(SUCCESS), (), "bool")))
     return info
 
 

@@ -51,6 +51,7 @@ EXACT_PREFIX = "wm_stack."
 IMAGES_PREFIX = "observation.images."
 OBS_PREFIX = "observation."
 STATE = "observation.state"
+SUCCESS = "next.success"  # LeRobot's per-frame success flag (gym environments)
 BOOKKEEPING = ("frame_index", "episode_index", "index", "task_index")
 _IMAGE_NAMES = ["height", "width", "channels"]
 # Smallest frames LeRobot 0.4.4's SVT-AV1 encoder takes: narrower ones kill the process (SIGFPE).
