@@ -184,6 +184,22 @@ def test_hue_rotation_preserves_gray():
     torch.testing.assert_close(out, gray, atol=1e-5, rtol=0)
 
 
+def test_color_jitter_reaches_rgba_and_grayscale_cameras():
+    """It was applied to 3-channel images only: RGBA and grayscale cameras trained without it."""
+    cfg = AugmentConfig(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.2)
+    rgba = torch.rand(8, 2, 4, 6, 6)
+    out = augment(rgba, cfg, gen=torch.Generator().manual_seed(0))
+    assert not torch.allclose(out[:, :, :3], rgba[:, :, :3])
+    torch.testing.assert_close(out[:, :, 3:], rgba[:, :, 3:])  # alpha is not a colour
+    rgb = augment(rgba[:, :, :3], cfg, gen=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[:, :, :3], rgb)  # the colour channels get what RGB would
+    gray = torch.rand(8, 2, 1, 6, 6)
+    out = augment(gray, cfg, gen=torch.Generator().manual_seed(0))
+    assert out.shape == gray.shape and not torch.allclose(out, gray)
+    with pytest.raises(ValueError, match="color jitter takes 1, 3 or 4 channels"):
+        augment(torch.rand(1, 1, 2, 6, 6), cfg)
+
+
 def test_dataset_with_augmentation(small_store):
     path, _ = small_store
     ds = WindowDataset(path, SPEC, augment_cfg=AugmentConfig(crop=(20, 28)))

@@ -91,10 +91,19 @@ def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue, each with a per-sample factor, for RGB (C = 3)."""
+    """Brightness, contrast, saturation and hue, each with a per-sample factor. RGB (C = 3) takes all
+    four; RGBA (C = 4) the same on its colour channels, alpha untouched; grayscale (C = 1) brightness
+    and contrast (it has no saturation or hue)."""
+    C = x.shape[2]
+    if C == 4:
+        return torch.cat([color_jitter(x[:, :, :3], cfg, gen), x[:, :, 3:]], dim=2)
+    if C == 1:
+        cfg = AugmentConfig(brightness=cfg.brightness, contrast=cfg.contrast)
+    elif C != 3:
+        raise ValueError(f"color jitter takes 1, 3 or 4 channels, got images of shape {tuple(x.shape)}")
     B, dev = x.shape[0], x.device
     shape = (B, 1, 1, 1, 1)
-    gray_w = _GRAY.to(x)[None, None, :, None, None]
+    gray_w = _GRAY.to(x)[None, None, :, None, None] if C == 3 else torch.ones_like(x[:1, :1, :, :1, :1])
     if cfg.brightness:
         x = x * _uniform(B, 1 - cfg.brightness, 1 + cfg.brightness, gen, dev).view(shape)
     if cfg.contrast:
@@ -129,6 +138,6 @@ def augment(
         x = random_shift(x, cfg.shift_pad, gen)
     if cfg.crop is not None:
         x = random_crop(x, cfg.crop, gen)
-    if (cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue) and x.shape[2] == 3:
+    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
         x = color_jitter(x, cfg, gen)
     return x
