@@ -153,3 +153,20 @@ def test_random_policy_needs_no_extras():
     assert [r.seed for r in results] == [0, 2] and [r.steps for r in results] == [4, 4]
     assert all(r.plan_seconds == [] for r in results) and not any(r.success for r in results)
     assert len(task.sent) == 4 and all(-1.0 <= a <= 1.0 for a in task.sent) and len(set(task.sent)) == 4
+
+
+@dataclass
+class ScoredLineTask(LineTask):
+    """Partial credit that falls as the point moves away from 0."""
+
+    def score(self) -> float:
+        return float(np.clip(1.0 - self.pos / 10.0, 0.0, 1.0))
+
+
+def test_max_score_is_over_the_states_the_policy_reached():
+    """As Diffusion Policy's PushT runner (the best reward of env.step): the reset state's score is
+    the task's doing, not the policy's (a PushT block placed near the goal scored at reset)."""
+    task = ScoredLineTask(target=100.0, max_steps=3)
+    (result,) = run_episodes([task], FakePolicy(every=2), [0])  # positions 1, 2, 3 after reset at 0
+    assert result.max_score == 0.9
+    assert summarize([result], 1.0)["mean_max_score"] == 0.9
