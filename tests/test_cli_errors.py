@@ -117,6 +117,22 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: task_options.goal_mode must be one of any, other_arm, got 'other'; "
             "did you mean other_arm?",
         ),
+        (  # options of another controller are refused, not ignored
+            "wm-eval",
+            ["out=e", "controller=random", "policy.sampler_steps=3"],
+            "error: policy.sampler_steps: options of controller=policy, not of controller=random; "
+            "leave them out",
+        ),
+        (
+            "wm-eval",
+            ["out=e", "controller=random", "execute=2", "subgoals=on"],
+            "error: execute, subgoals: MPC options, and controller=random does not plan; leave them out",
+        ),
+        (
+            "wm-eval",
+            ["out=e", "controller=random", "budgets=[2,4]"],
+            "error: budgets sweep planner iterations; controller=random does not plan",
+        ),
     ],
 )
 def test_options_are_checked_before_any_work(tmp_path, name, args, line):

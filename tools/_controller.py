@@ -88,6 +88,31 @@ class ControllerConfig:
                     "precision= sets the world model's planning precision; for a policy use policy.precision="
                 )
         one_of("planner.name", self.planner.get("name"), list(PLANNERS))
+        self._check_options_apply()
+
+    def _check_options_apply(self) -> None:
+        """An option of another controller is refused, not ignored (a user who sets
+        `policy.sampler_steps` with controller=mpc believes they measured it)."""
+        mpc_only = {
+            "planner_budget": self.planner_budget != PlannerBudget(),
+            "execute": self.execute != 1,
+            "subgoals": self.subgoals == "on",
+            "store": self.store is not None,
+            "graph": self.graph != GraphConfig(),
+            "objective": self.objective != "checkpoint",
+        }
+        given = [name for name, changed in mpc_only.items() if changed]
+        if self.controller != "mpc" and given:
+            raise UsageError(
+                f"{', '.join(given)}: MPC options, and controller={self.controller} does not plan; "
+                "leave them out"
+            )
+        if self.controller != "policy" and self.policy != PolicyOptions():
+            given = [k for k, v in vars(self.policy).items() if v is not None]
+            raise UsageError(
+                f"{', '.join('policy.' + k for k in given)}: options of controller=policy, "
+                f"not of controller={self.controller}; leave them out"
+            )
 
     def planner_iterations(self) -> int:
         """The configured planner's own iteration count (checked against its typed config)."""

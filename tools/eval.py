@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import app, bind, build
+from tools._cli import UsageError, app, bind, build
 from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides
 
 
@@ -43,6 +43,8 @@ class EvalConfig(ControllerConfig):
         if self.episodes < 1 or self.parallel < 1 or self.videos < 0:
             raise ValueError("episodes and parallel must be >= 1 and videos >= 0")
         build(task_entry(self.task).options, self.task_options, "task_options")
+        if self.budgets and self.controller != "mpc":
+            raise UsageError(f"budgets sweep planner iterations; controller={self.controller} does not plan")
         most, name = self.planner_iterations(), self.planner.get("name")
         bad = [b for b in self.budgets if not 1 <= int(b) <= most]
         if bad:
