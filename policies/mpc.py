@@ -179,7 +179,15 @@ class MPC:
 
     def predict_action_chunk(self, obs: RawObs) -> torch.Tensor:
         """Record obs and replan -> raw actions (E, k * frameskip, Da). The chunk is assumed executed:
-        the next replan warm-starts from this plan shifted by k steps."""
+        the next replan warm-starts from this plan shifted by k steps. A world model that reads past
+        observations (its window is more than one step) needs those of the steps in between, which a
+        chunk call does not see: refused; `select_action` (every step) or `chunk_from` give them."""
+        if self.io.window > 1:
+            raise ValueError(
+                f"MPC.predict_action_chunk: this world model reads {self.io.history} observations "
+                f"{self.io.frameskip} control steps apart, and a chunk call sees one observation per chunk; "
+                "use select_action every step, or chunk_from with the observations in between"
+            )
         self.history.push(obs, self._last_action)
         return self._replan()
 

@@ -431,6 +431,18 @@ def test_mpc_feeds_the_model_its_history_and_the_actions_between():
     assert model._model.inputs[-1]["state"][0, :, 0].tolist() == [7.0, 7.0]  # reset forgot the history
 
 
+def test_a_chunk_call_is_refused_for_a_model_that_reads_past_observations():
+    """predict_action_chunk sees one observation per chunk: a model with history would get frames a
+    whole chunk apart (and stale past actions) as if they were `frameskip` steps apart."""
+    mpc, _, _ = make_mpc(execute=1, frameskip=2, history=2)
+    mpc.set_goal(raw_of([[1.0, 0.5]]))
+    with pytest.raises(ValueError, match="reads 2 observations 2 control steps apart"):
+        mpc.predict_action_chunk(raw_of([[0.0, 0.0]]))
+    mpc, _, _ = make_mpc(execute=2, frameskip=2, history=1)  # one observation: exact
+    mpc.set_goal(raw_of([[1.0, 0.5]]))
+    assert mpc.predict_action_chunk(raw_of([[0.0, 0.0]])).shape == (1, 4, 2)
+
+
 def test_a_goal_from_another_task_is_one_clear_error():
     """A goal observation without the key the model reads (a store converted with `state`, a task that
     calls it `proprio`): one line naming both, before anything is encoded (it was a bare KeyError)."""
