@@ -236,6 +236,13 @@ def test_serve_usage_errors_are_one_line(policy, tmp_path):
         assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
     res = cli("wm-deploy", "robot=pointmaze", "server=localhost:1", f"checkpoint={policy}", f"out={tmp_path}")
     assert res.returncode == 2 and "give no checkpoint=" in res.stderr
+    res = cli(
+        "wm-deploy", "robot=pointmaze", "server=localhost:1", "policy.sampler_steps=2", f"out={tmp_path}"
+    )
+    assert res.returncode == 2 and (  # the server's controller: ignored before
+        "policy.sampler_steps: with server=HOST:PORT the controller is the server's; give these to wm-serve"
+        in res.stderr
+    )
     res = cli("wm-deploy", "robot=pointmaze", "server=nowhere", f"out={tmp_path}")
     assert res.returncode == 2 and "server must be HOST:PORT, got 'nowhere'" in res.stderr
 

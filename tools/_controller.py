@@ -90,27 +90,36 @@ class ControllerConfig:
         one_of("planner.name", self.planner.get("name"), list(PLANNERS))
         self._check_options_apply()
 
-    def _check_options_apply(self) -> None:
-        """An option of another controller is refused, not ignored (a user who sets
-        `policy.sampler_steps` with controller=mpc believes they measured it)."""
-        mpc_only = {
+    def mpc_options_given(self) -> list[str]:
+        """MPC's options set to other than their defaults (the planner group aside: Hydra always
+        composes one)."""
+        changed = {
             "planner_budget": self.planner_budget != PlannerBudget(),
             "execute": self.execute != 1,
             "subgoals": self.subgoals == "on",
             "store": self.store is not None,
             "graph": self.graph != GraphConfig(),
             "objective": self.objective != "checkpoint",
+            "precision": self.precision is not None,
         }
-        given = [name for name, changed in mpc_only.items() if changed]
+        return [name for name, c in changed.items() if c]
+
+    def policy_options_given(self) -> list[str]:
+        return ["policy." + k for k, v in vars(self.policy).items() if v is not None]
+
+    def _check_options_apply(self) -> None:
+        """An option of another controller is refused, not ignored (a user who sets
+        `policy.sampler_steps` with controller=mpc believes they measured it)."""
+        given = [o for o in self.mpc_options_given() if o != "precision"]  # refused above, in its words
         if self.controller != "mpc" and given:
             raise UsageError(
                 f"{', '.join(given)}: MPC options, and controller={self.controller} does not plan; "
                 "leave them out"
             )
-        if self.controller != "policy" and self.policy != PolicyOptions():
-            given = [k for k, v in vars(self.policy).items() if v is not None]
+        given = self.policy_options_given()
+        if self.controller != "policy" and given:
             raise UsageError(
-                f"{', '.join('policy.' + k for k in given)}: options of controller=policy, "
+                f"{', '.join(given)}: options of controller=policy, "
                 f"not of controller={self.controller}; leave them out"
             )
 

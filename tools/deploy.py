@@ -73,6 +73,12 @@ class DeployConfig(ControllerConfig):
                     "with server=HOST:PORT the controller is the server's (wm-serve checkpoint=...): "
                     "give no checkpoint="
                 )
+            given = self.mpc_options_given() + self.policy_options_given()
+            if given:
+                raise UsageError(
+                    f"{', '.join(given)}: with server=HOST:PORT the controller is the server's; "
+                    "give these to wm-serve"
+                )
             self.remote_config()  # its checks
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
