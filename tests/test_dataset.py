@@ -159,6 +159,22 @@ def test_normalizer_constant_dimension_and_bad_mode():
         Normalizer({"a": "zscore"}, stats)
 
 
+def test_a_checkpoint_keeps_the_spread_rule_it_was_trained_with():
+    """Checkpoints saved before rule 2 (no "rule" in their normalizer) normalize as they were trained:
+    a dimension moving 2e-5 was scaled by its spread then; rule 2 only centres it."""
+    stats = {"a": compute_stats(np.array([[0.0], [4e-5]]))}
+    x = torch.tensor([[4e-5]])
+    saved = Normalizer({"a": "minmax"}, stats).to_dict()
+    assert saved["rule"] == 2
+    torch.testing.assert_close(Normalizer.from_dict(saved).normalize("a", x), torch.tensor([[2e-5]]))
+    old = {k: v for k, v in saved.items() if k != "rule"}  # as written before 2026-12-04
+    for mode in ("minmax", "quantile", "meanstd"):
+        norm = Normalizer.from_dict({**old, "modes": {"a": mode}})
+        assert norm.rule == 1 and 0.5 < float(norm.normalize("a", x)) < 2.0  # the old scale: ~1
+    with pytest.raises(ValueError, match="normalizer rule 3 is not 1 or 2"):
+        Normalizer.from_dict({**saved, "rule": 3})
+
+
 def test_augmentation_draws_per_sample():
     x = torch.rand(1, 2, 3, 32, 32).repeat(16, 1, 1, 1, 1)  # 16 identical samples
     cfg = AugmentConfig(shift_pad=4, crop=(28, 28), brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)

@@ -7,7 +7,8 @@ mean and unit variance, `identity` leaves the key alone. A dimension that hardly
 episodes (spread below `MIN_SPREAD`: a locked joint, a gripper always open) is only centred (scale
 1), as Diffusion Policy does, so a value a little off it at deployment stays a little off instead of
 normalizing to hundreds; in `quantile` mode a dimension whose 1-99 % range is that narrow (a gripper
-closing in under 1 % of steps) uses its min and max.
+closing in under 1 % of steps) uses its min and max. Checkpoints saved before that rule (their
+`to_dict` has no "rule") keep the one they were trained with: every spread clamped at 1e-6.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from wm.data.store import DemoStore
 MODES = ("minmax", "meanstd", "quantile", "identity")
 STATS = ("min", "max", "mean", "std", "q01", "q99")
 MIN_SPREAD = 1e-4  # half-range or std below this: the dimension is only centred (module docstring)
+RULE = 2  # how spreads are chosen: 2 as above; 1 before it (spreads clamped at 1e-6, quantiles always)
 QUANTILE_SAMPLES = 200_000  # quantiles are estimated from at most this many evenly spaced steps
 
 
@@ -51,8 +53,11 @@ def _spread(s: torch.Tensor) -> torch.Tensor:
 class Normalizer(nn.Module):
     """Per-key normalization. `modes` maps key -> mode; `stats` maps key -> {stat: array}."""
 
-    def __init__(self, modes: dict[str, str], stats: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, modes: dict[str, str], stats: dict[str, dict[str, Any]], rule: int = RULE) -> None:
         super().__init__()
+        if rule not in (1, 2):
+            raise ValueError(f"normalizer rule {rule!r} is not 1 or 2 (a checkpoint of a newer version?)")
+        self.rule = rule
         for key, mode in modes.items():
             if mode not in MODES:
                 raise ValueError(f"normalizer mode {mode!r} for key {key!r} is not one of {MODES}")
@@ -91,6 +96,12 @@ class Normalizer(nn.Module):
     def _scale_offset(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, offset) with normalized = (x - offset) / scale."""
         mode = self.modes[key]
+        if self.rule == 1:  # as the checkpoint was trained
+            if mode == "meanstd":
+                return self.stat(key, "std").clamp_min(1e-6), self.stat(key, "mean")
+            lo_name, hi_name = ("min", "max") if mode == "minmax" else ("q01", "q99")
+            lo, hi = self.stat(key, lo_name), self.stat(key, hi_name)
+            return ((hi - lo) / 2).clamp_min(1e-6), (hi + lo) / 2
         if mode == "meanstd":
             return _spread(self.stat(key, "std")), self.stat(key, "mean")
         lo, hi = self.stat(key, "min"), self.stat(key, "max")
@@ -123,11 +134,11 @@ class Normalizer(nn.Module):
             for key, mode in self.modes.items()
             if mode != "identity"
         }
-        return {"modes": self.modes, "stats": stats}
+        return {"modes": self.modes, "stats": stats, "rule": self.rule}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalizer:
-        return cls(d["modes"], d.get("stats", {}))
+        return cls(d["modes"], d.get("stats", {}), d.get("rule", 1))  # no rule: saved before rule 2
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
