@@ -104,6 +104,29 @@ def test_training_lowers_the_loss_and_checkpoint_reloads_exactly(maze_store, tmp
         )
 
 
+def test_a_checkpoint_loads_without_the_pretrained_encoder_file(maze_store, tmp_path):
+    """The checkpoint holds the frozen encoder's weights: evaluating on another machine (or after the
+    downloaded file moved) must not need the file again (it raised EncoderWeightsError)."""
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"  # stands in for the downloaded ImageNet file
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    model = MODEL | {"encoder": {"name": "resnet18", "weights": str(weights)}, "decoder_channels": [8]}
+    setup = setup_training("dino_wm", str(maze_store), model, val_ratio=0.2, seed=0)
+    cfg = TrainerConfig(steps=1, batch_size=4, val_every=0, ckpt_every=1, log_every=1)
+    run = tmp_path / "run"
+    trainer = Trainer(setup.model, setup.train_set, cfg, run, model_type="dino_wm",
+                      model_config=setup.model_config, normalizer=setup.normalizer)  # fmt: skip
+    trainer.fit()
+    weights.unlink()
+    loaded = load_model(str(run), controller="mpc").model
+    c = loaded.cfg
+    obs = {c.image_key: torch.rand(2, 1, 3, 32, 32), c.proprio_key: torch.rand(2, 1, c.proprio_dim)}
+    with torch.no_grad():
+        want = trainer.ema_model.eval().encode(obs)["visual"]
+        torch.testing.assert_close(loaded.encode(obs)["visual"], want, rtol=0, atol=0)
+
+
 def test_rollout_matches_teacher_forcing(maze_store):
     setup = _setup(maze_store)
     model = setup.model.eval()

@@ -88,9 +88,16 @@ def _errors(model: DinoWorldModel, batch: dict[str, torch.Tensor]) -> tuple[floa
     return one, multi, (torch.cat(rows, dim=0).clamp(0, 1) * 255).byte().cpu().numpy()
 
 
+def inference_model(cfg: WorldModelConfig, normalizer: Any) -> DinoWorldModel:
+    """The model rebuilt from a checkpoint: the encoder's structure from the config, its weights (like
+    all others) from the checkpoint's state dict, so the pretrained file need not be there any more."""
+    return DinoWorldModel(cfg, normalizer, load_encoder_weights=False)
+
+
 ENTRY = ModelEntry(
     config_type=WorldModelConfig,
     build=DinoWorldModel,
+    inference=inference_model,
     configure=configure,
     controllers=("mpc",),
     description="DINO-WM style world model: patch encoder, ViT predictor, decoder; planned over by MPC",

@@ -107,11 +107,13 @@ class WorldModelConfig:
 class DinoWorldModel(nn.Module):
     """The world model; `normalizer` holds action and proprio statistics fitted on the training store."""
 
-    def __init__(self, cfg: WorldModelConfig, normalizer: Normalizer) -> None:
+    def __init__(
+        self, cfg: WorldModelConfig, normalizer: Normalizer, load_encoder_weights: bool = True
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.normalizer = normalizer
-        self.encoder: PatchEncoder = build_encoder(cfg.encoder)
+        self.encoder: PatchEncoder = build_encoder(cfg.encoder, load_weights=load_encoder_weights)
         self.grid = self.encoder.patch_grid(*cfg.image_size)
         D = self.encoder.dim
         self.step_action_dim = cfg.frameskip * cfg.action_dim  # one model step's action

@@ -30,6 +30,7 @@ the official facebookresearch/dinov2 one; ResNet-18 files use torchvision's layo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -315,10 +316,21 @@ class ConvEncoder(PatchEncoder):
 
 
 # ---------------------------------------------------------------------- building and loading
-def build_encoder(cfg: EncoderConfig) -> PatchEncoder:
-    """The encoder `cfg` names, with its weights loaded (see the module docstring)."""
+def build_encoder(cfg: EncoderConfig, load_weights: bool = True) -> PatchEncoder:
+    """The encoder `cfg` names, with its weights loaded (see the module docstring). With
+    `load_weights=False` only its structure: a model rebuilt from a checkpoint, whose state dict holds
+    the weights (the original file need not exist any more, nor the network be reachable)."""
+    if not load_weights:
+        cfg = dataclasses.replace(cfg, weights="none", allow_random=True)
     if cfg.name == "cnn":
         return ConvEncoder(cfg)
+    if load_weights:
+        _check_weights(cfg)
+    return DinoV2Encoder(cfg) if cfg.name in DINOV2_MODELS else ResNetEncoder(cfg)
+
+
+def _check_weights(cfg: EncoderConfig) -> None:
+    """A pretrained backbone's weights exist (or random weights were asked for, with a warning)."""
     if cfg.weights == "none":
         if not cfg.allow_random:
             raise EncoderWeightsError(
@@ -329,13 +341,12 @@ def build_encoder(cfg: EncoderConfig) -> PatchEncoder:
         warnings.warn(
             f"encoder {cfg.name!r} runs with RANDOM weights (allow_random=True): its frozen features are "
             "meaningless for a world model",
-            stacklevel=2,
+            stacklevel=3,
         )
     elif cfg.weights != "timm" and not Path(cfg.weights).is_file():
         raise EncoderWeightsError(
             f"{cfg.name}: weights file {cfg.weights} does not exist. {_how_to_get(cfg.name)}"
         )
-    return DinoV2Encoder(cfg) if cfg.name in DINOV2_MODELS else ResNetEncoder(cfg)
 
 
 def read_weights_file(path: str | Path) -> dict[str, Tensor]:
