@@ -319,6 +319,22 @@ def test_stores_that_do_not_fit_are_one_clear_error(uwm_run, tmp_path):
     assert res.returncode != 0 and "no 'action' key" in res.stderr
 
 
+def test_the_initial_weights_follow_the_seed_whether_or_not_the_autoencoder_trained(tmp_path):
+    """The first run on a store trains its default autoencoder (drawing from torch's generator), later
+    ones reuse it: the same command with the same seed started from other weights."""
+    from wm.training import setup_training
+
+    store = make_store(tmp_path / "demos.zarr", 3, seed=0)
+    opts = {"horizon": 4, "n_action_exec": 2, "future": [2, 4], "net": {"dim": 32, "depth": 1, "heads": 2},
+            "latent": {"steps": 2, "batch_size": 4}}  # fmt: skip
+    weights = []
+    for _ in range(2):  # the first trains the autoencoder, the second reuses it
+        torch.manual_seed(0)  # as wm-train does
+        model = setup_training("uwm", str(store), opts, seed=0, feature_cache="off").model
+        weights.append(torch.cat([p.detach().flatten() for p in model.net.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
 def test_an_autoencoder_trains_on_a_store_without_actions(tmp_path):
     from wm.autoencoder import default_autoencoder
     from wm.checkpoint import latest_checkpoint

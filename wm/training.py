@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from wm.data import DemoStore, SchemaError
@@ -72,8 +73,9 @@ def setup_training(
 ) -> TrainSetup:
     """Everything a training run of the registered `model_type` needs, from the store at
     `store_path` and the user's model `options`. Episodes are split with `seed` (`val_ratio` held
-    out); the normalizer is fitted on the training episodes (actions min-max, proprioception as the
-    entry says) unless the entry brings its own. With `feature_cache="auto"` and a model whose
+    out), and torch is seeded with it right before the model is built; the normalizer is fitted on
+    the training episodes (actions min-max, proprioception as the entry says) unless the entry
+    brings its own. With `feature_cache="auto"` and a model whose
     encoder is frozen, its features are computed once into a zarr cache beside the store
     (`<store dir>/feature_cache/`) and training reads those instead of images.
 
@@ -109,6 +111,10 @@ def setup_training(
             normalizer = Normalizer.fit(store, modes, episodes=labelled)
     options = {k: v for k, v in options.items() if k != "type"}
     cfg = entry.config_type.from_dict(entry.configure(options, ctx))
+    # the initial weights follow `seed` alone, not what configure drew (UWM's default autoencoder
+    # trains there on a store's first run only); where configure drew nothing this is the state
+    # wm-train seeded, so those runs are unchanged
+    torch.manual_seed(seed)
     model = entry.build(cfg, normalizer)
     if video_store is not None:  # checked before any cache is built
         proprios = [proprio_key] if proprio_key else []
