@@ -213,6 +213,18 @@ def test_bad_input_is_one_clear_error():
         model.policy({"wrist": torch.rand(1, 1, 3, 32, 32)})
     with pytest.raises(ValueError, match=r"actions are \(1, 3, 2\), expected \(1, 2, 2\)"):
         model.forward_dynamics({"image": torch.rand(1, 1, 3, 32, 32)}, torch.zeros(1, 3, 2))
+    with pytest.raises(
+        ValueError, match=r"'image' frames are torch.uint8: expected float frames in \[0, 1\]"
+    ):
+        model.policy({"image": torch.zeros(1, 1, 3, 32, 32, dtype=torch.uint8)})  # read as 0..255 before
+    stats = {"state": compute_stats(np.random.default_rng(0).normal(size=(10, 3)))}
+    norm = Normalizer(
+        {**action_normalizer().modes, "state": "minmax"}, {**action_normalizer().to_dict()["stats"], **stats}
+    )
+    with_proprio = UWM(tiny_config(proprio_key="state", proprio_dim=3), norm, load_codec=False).eval()
+    for shape in ((1, 1, 1), (1, 1, 4)):  # one broadcast silently, the other was a RuntimeError inside
+        with pytest.raises(ValueError, match=r"proprioception 'state' is \(1, 1, \d\): expected \(B, T, 3\)"):
+            with_proprio.policy({"image": torch.rand(1, 1, 3, 32, 32), "state": torch.zeros(shape)})
     with pytest.raises(ValueError, match="prediction_type must be 'sample'"):
         tiny_config(noise={"prediction_type": "epsilon"})
     with pytest.raises(ValueError, match="future must list distinct steps"):

@@ -244,6 +244,11 @@ class UWM(nn.Module):
         if x.ndim == 4 and x.shape[-2:] == (h * w, C):
             return rearrange(x.float(), "b t (h w) c -> b t c h w", h=h, w=w)
         if x.ndim == 5 and x.shape[2] == 3:
+            if not x.is_floating_point():
+                raise ValueError(
+                    f"{key!r} frames are {x.dtype}: expected float frames in [0, 1] "
+                    "(convert uint8 frames with .float() / 255)"
+                )
             if tuple(x.shape[-2:]) != c.image_size:
                 raise ValueError(
                     f"{key!r} frames are {tuple(x.shape[-2:])}; the model was trained on {c.image_size}"
@@ -280,9 +285,12 @@ class UWM(nn.Module):
             return z, None
         if c.proprio_key not in obs:
             raise KeyError(f"the observation has no proprioception {c.proprio_key!r} (keys: {sorted(obs)})")
-        p = self.normalizer.normalize(
-            c.proprio_key, last_steps(obs[c.proprio_key].to(device).float(), c.n_obs)
-        )
+        raw = obs[c.proprio_key]
+        if raw.ndim != 3 or raw.shape[-1] != c.proprio_dim:
+            raise ValueError(
+                f"proprioception {c.proprio_key!r} is {tuple(raw.shape)}: expected (B, T, {c.proprio_dim})"
+            )
+        p = self.normalizer.normalize(c.proprio_key, last_steps(raw.to(device).float(), c.n_obs))
         return z, p
 
     # ------------------------------------------------------------------ training
