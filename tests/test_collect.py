@@ -63,6 +63,25 @@ def test_same_seed_same_episodes(tmp_path):
             np.testing.assert_array_equal(ea[key], eb[key])
 
 
+@pytest.mark.parametrize("name", ["pusht", "arm_push"])
+def test_state_only_observations_carry_the_object_state(name, tmp_path):
+    """Without a camera the pusher's state alone was the observation: the block (and arm pushing's
+    target, new every episode) were nowhere, so a fast-mode store could not be learnt from."""
+    task = make_task(name, SimConfig(state_only=True, max_steps=5))
+    store = open_store(str(tmp_path / "s.zarr"), recording_schema(task, name))
+    assert store.schema.keys["object"].kind == "lowdim"
+    with task:
+        Collector(task, store, seed=1).record_expert_episode(make_expert(name), "expert")
+        obs, goal = task.get_observation(), task.goal_observation()
+        pose = task.block_pose() if name == "pusht" else task.block_pose
+        np.testing.assert_allclose(obs["object"][:3], pose, rtol=1e-6)
+        if name == "arm_push":
+            np.testing.assert_allclose(obs["object"][3:], task.target, rtol=1e-6)
+            np.testing.assert_allclose(goal["object"][:2], task.target, rtol=1e-6)  # the block there
+    recorded = store.get_episode(0)["object"]
+    assert recorded.shape == (5, len(obs["object"])) and np.isfinite(recorded).all()
+
+
 def test_noisy_replays(tmp_path):
     task = make_task("pointmaze", SimConfig(state_only=True))
     store = open_store(str(tmp_path / "r.zarr"), recording_schema(task, "pointmaze"))

@@ -16,7 +16,8 @@ Targets are taken relative to the current joint positions, so a blocked arm neve
 Observation: `image` (a camera over the table with the target drawn as a green disc, so that a
 policy, which is given no goal observation, sees where to push; `show_target=false` hides it) and
 `proprio` = joint positions (3) and ee position (3). The block pose is not in `proprio`: that is
-what a world model has to see. Goal observation: the block at the target with the yaw it started the
+what a world model has to see; with `state_only` (no camera) `object` carries it, with the target:
+(block x, y, yaw, target x, y). Goal observation: the block at the target with the yaw it started the
 episode with, the arm at its home posture. Success: block centre within `success_radius` (2.5 cm) of
 the target (orientation ignored). Reset: block centre uniform in x [-0.12, 0.12] m, y [0.28, 0.42] m
 with uniform yaw; target in the same box, 0.10 to 0.25 m from the block; the pusher starts near
@@ -144,6 +145,9 @@ class ArmPushTask(SimTask):
             feats["image"] = Feature((*self.config.image_size, 3), "uint8", "image")
         names = ("j1", "j2", "j3", "ee_x", "ee_y", "ee_z")
         feats["proprio"] = Feature((6,), "float32", "proprio", units="rad, m", names=names)
+        if self.config.state_only:  # no camera: the block and the target it is pushed to
+            names = ("block_x", "block_y", "block_yaw", "target_x", "target_y")
+            feats["object"] = Feature((5,), "float32", "lowdim", units="m, rad", names=names)
         return feats
 
     @property
@@ -231,6 +235,8 @@ class ArmPushTask(SimTask):
         if self._renderer is not None:
             obs["image"] = self.render()
         obs["proprio"] = np.concatenate([self._data.qpos[:3], self.ee]).astype(np.float32)
+        if self.config.state_only:
+            obs["object"] = np.concatenate([self.block_pose, self.target]).astype(np.float32)
         return obs
 
     def _apply(self, action: np.ndarray) -> None:

@@ -1,7 +1,8 @@
 """PushT (gym-pusht): push a T-shaped block onto a goal pose with a round planar pusher.
 
 Observations: `image` (the env's own top-down render, right side up, at `config.image_size`) and
-`proprio` (pusher position, px). Action: absolute pusher target (x, y) in px, in [0, 512]; a PD
+`proprio` (pusher position, px); with `state_only` (no camera) `object`, the block's (x, y, angle) in
+px and radians, the rest of gym-pusht's state. Action: absolute pusher target (x, y) in px, in [0, 512]; a PD
 controller tracks it for 10 physics substeps per action (control at 10 Hz). Success is gym-pusht's:
 more than 95% of the goal T covered by the block. The goal observation shows the block at the goal
 pose (the pusher stays where it is).
@@ -66,6 +67,9 @@ class PushTTask(SimTask):
         if not self.config.state_only:
             feats["image"] = Feature((*self.config.image_size, 3), "uint8", "image")
         feats["proprio"] = Feature((2,), "float32", "proprio", units="px", names=("agent_x", "agent_y"))
+        if self.config.state_only:  # no camera: the block's pose is the rest of the state (gym-pusht's)
+            names = ("block_x", "block_y", "block_angle")
+            feats["object"] = Feature((3,), "float32", "lowdim", units="px, rad", names=names)
         return feats
 
     @property
@@ -104,6 +108,8 @@ class PushTTask(SimTask):
         if not self.config.state_only:
             obs["image"] = np.ascontiguousarray(self._env._render(visualize=False), dtype=np.uint8)
         obs["proprio"] = np.asarray(self._env.agent.position, dtype=np.float32)
+        if self.config.state_only:
+            obs["object"] = self.block_pose().astype(np.float32)
         return obs
 
     def _apply(self, action: np.ndarray) -> None:
