@@ -150,11 +150,20 @@ class Collector:
             span = (np.asarray(feat.high) - np.asarray(feat.low)) / 2  # noise relative to the action range
         return action + rng.normal(0.0, 1.0, action.shape) * std * span
 
-    def _step(self, writer: Any, obs: dict[str, np.ndarray], action: np.ndarray, dt: float) -> dict:
-        self._record(writer, obs, self.task.send_action(action), dt)
+    def _step(
+        self, writer: Any, obs: dict[str, np.ndarray], action: np.ndarray, dt: float, now: float
+    ) -> dict:
+        self._record(writer, obs, self.task.send_action(action), dt, now)
         return self._next_observation(obs)
 
-    def _record(self, writer: Any, obs: dict[str, np.ndarray], applied: np.ndarray, dt: float) -> None:
+    def _record(
+        self, writer: Any, obs: dict[str, np.ndarray], applied: np.ndarray, dt: float, now: float
+    ) -> None:
+        """One step; `now` is the loop clock's time of this tick. A simulator run faster than real time
+        is on the loop's grid (start + k / hz), not the computer's clock its observations were read by,
+        so its timestamps say the grid's time (they were 1-10 ms apart at 10 Hz)."""
+        if self.simulated and not self.realtime and "timestamp" in obs:
+            obs = {**obs, "timestamp": np.float64(now)}
         writer.add_step({**obs, "action": applied, LOOP_KEY: np.float32(dt)})
         self.stats.steps += 1
 
@@ -196,7 +205,7 @@ class Collector:
                 now = loop.clock.now()
                 action = self._noise(rng, expert.act(self.task, obs), self.noise_std)
                 actions.append(action)
-                obs = self._step(writer, obs, action, 0.0 if last is None else now - last)
+                obs = self._step(writer, obs, action, 0.0 if last is None else now - last, now)
                 last = now
                 if self.preview is not None:
                     self.preview.show(obs, f"{label} ep {self.store.n_episodes}")
@@ -210,7 +219,8 @@ class Collector:
         loop = RateLoop(self.task.control_hz, self._clock())
         with self.store.begin_episode() as writer:
             for action in actions:
-                obs = self._step(writer, obs, self._noise(rng, action, std), 1.0 / self.task.control_hz)
+                noisy, now = self._noise(rng, action, std), loop.clock.now()
+                obs = self._step(writer, obs, noisy, 1.0 / self.task.control_hz, now)
                 loop.wait()
                 if self.task.done:
                     break
@@ -295,7 +305,7 @@ class Collector:
             return
         sent = run.safety.sent(self.task.send_action(command), command)  # the cap follows what was sent
         if run.writer is not None:  # recording; between episodes the operator still moves the robot
-            self._record(run.writer, run.obs, sent, 0.0 if run.last is None else now - run.last)
+            self._record(run.writer, run.obs, sent, 0.0 if run.last is None else now - run.last, now)
             run.last = now
         run.obs = self._next_observation(run.obs)
 

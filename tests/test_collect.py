@@ -82,6 +82,18 @@ def test_state_only_observations_carry_the_object_state(name, tmp_path):
     assert recorded.shape == (5, len(obs["object"])) and np.isfinite(recorded).all()
 
 
+def test_a_simulator_run_faster_than_real_time_is_stamped_on_the_control_grid(tmp_path):
+    """Scripted episodes run as fast as the simulator goes; their timestamps were the computer's clock
+    (1-10 ms apart at 10 Hz), which a LeRobot export and anything reading time took as real."""
+    task = make_task("pointmaze", SimConfig(state_only=True, max_steps=6))
+    store = open_store(str(tmp_path / "s.zarr"), recording_schema(task, "pointmaze"))
+    with task:
+        Collector(task, store, seed=0).record_expert_episode(make_expert("pointmaze"), "expert", replays=1)
+    for e in range(2):  # the expert's episode and its replay
+        ts = store.get_episode(e)["timestamp"].ravel()
+        np.testing.assert_allclose(np.diff(ts), 1.0 / task.control_hz, rtol=0, atol=1e-9)
+
+
 def test_noisy_replays(tmp_path):
     task = make_task("pointmaze", SimConfig(state_only=True))
     store = open_store(str(tmp_path / "r.zarr"), recording_schema(task, "pointmaze"))

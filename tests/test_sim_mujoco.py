@@ -74,10 +74,11 @@ def test_features_before_connect_and_shapes(name, options):
 @pytest.mark.parametrize(("name", "options"), CONFIGS[::2], ids=IDS[::2])
 def test_state_only_has_no_image(name, options):
     task = build(name, options, state_only=True)
-    assert set(task.observation_features) == {"proprio"}
+    keys = {"proprio", "object"} if name == "arm_push" else {"proprio"}  # the block and target, no camera
+    assert set(task.observation_features) == keys
     with task:
         obs = task.reset(1)
-        assert set(obs) == {"proprio", "timestamp"}
+        assert set(obs) == keys | {"timestamp"}
         assert task._renderer is None
 
 
