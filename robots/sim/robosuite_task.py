@@ -236,9 +236,9 @@ class RobosuiteTask(SimTask):
 
     # ------------------------------------------------------------------ privileged state
     def get_sim_state(self) -> np.ndarray:
-        """robosuite's step counter, the grippers' speed-limited commands, MuJoCo's full integration state
-        (time, qpos, qvel, warm start, controls, mocap, ...) and the body placements in the model (Door
-        moves its door there), as one float64 vector."""
+        """The episode's step count, robosuite's step counter, the grippers' speed-limited commands,
+        MuJoCo's full integration state (time, qpos, qvel, warm start, controls, mocap, ...) and the body
+        placements in the model (Door moves its door there), as one float64 vector."""
         import mujoco
 
         m, d = self._env.sim.model._model, self._env.sim.data._data
@@ -246,7 +246,8 @@ class RobosuiteTask(SimTask):
         phys = np.empty(mujoco.mj_stateSize(m, spec))
         mujoco.mj_getState(m, d, phys, spec)
         grips = [np.ravel(g.current_action) for g in self._grippers()]
-        return np.concatenate([[self._env.timestep], *grips, phys, m.body_pos.ravel(), m.body_quat.ravel()])
+        counters = [self.steps, self._env.timestep]
+        return np.concatenate([counters, *grips, phys, m.body_pos.ravel(), m.body_quat.ravel()])
 
     def _grippers(self) -> list:
         return [g for r in self._env.robots for g in r.gripper.values() if hasattr(g, "current_action")]
@@ -259,11 +260,11 @@ class RobosuiteTask(SimTask):
         grips = self._grippers()
         n, nb, ng = mujoco.mj_stateSize(m, spec), m.nbody, sum(np.size(g.current_action) for g in grips)
         state = np.asarray(state, dtype=np.float64)
-        if state.shape != (1 + ng + n + 7 * nb,):
-            expected = (1 + ng + n + 7 * nb,)
+        if state.shape != (2 + ng + n + 7 * nb,):
+            expected = (2 + ng + n + 7 * nb,)
             raise RobotError(f"{self.name}: sim state of shape {state.shape}, expected {expected}")
-        self._env.timestep = int(state[0])
-        i = 1
+        self.steps, self._env.timestep = int(state[0]), int(state[1])
+        i = 2
         for g in grips:
             k = np.size(g.current_action)
             g.current_action = state[i : i + k].copy().reshape(np.shape(g.current_action))
