@@ -277,4 +277,11 @@ def test_bad_names_list_valid_ones(tmp_path):
     assert res.returncode == 2 and "unknown teleop device 'joystick'; valid:" in res.stderr
     res = collect("robot=so101_folower", "teleop=leader_arm", "task=wave", f"store={tmp_path / 'x.zarr'}")
     assert res.returncode == 2 and res.stderr.endswith("; did you mean so101_follower?\n")
+    res = collect(
+        "task=pusht", "teleop=keyboard", "noise_std=0.3", "replays=2", f"store={tmp_path / 'x.zarr'}"
+    )
+    assert res.returncode == 2 and (  # they were accepted and the clean operator's actions recorded
+        "noise_std, replays: noise and replays apply to scripted experts; teleop=keyboard records"
+        in res.stderr
+    )
     assert not (tmp_path / "x.zarr").exists()

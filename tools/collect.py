@@ -77,6 +77,17 @@ class CollectConfig:
                     raise UsageError(f"{name} apply to teleop devices; teleop=scripted takes none")
         else:
             DeviceSettings.of(self).check(needs_start=True)
+            scripted_only = {
+                "noise_std": self.noise_std != 0.0,
+                "replays": self.replays != 0,
+                "replay_noise_std": self.replay_noise_std != CollectConfig.replay_noise_std,
+            }
+            given = [name for name, changed in scripted_only.items() if changed]
+            if given:
+                raise UsageError(
+                    f"{', '.join(given)}: noise and replays apply to scripted experts; "
+                    f"teleop={self.teleop} records the operator's actions as sent"
+                )
 
     def _check_robot(self) -> None:
         build(robot_entry(self.robot).options, self.robot_options, "robot_options")
