@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from robots.base import ActionError, RobotError
+from robots.registry import make_task
 from robots.sim.base import SimConfig
 
 pytest.importorskip("gym_pusht")
@@ -135,6 +138,21 @@ def test_robosuite_unknown_env_lists_names():
         robosuite_task.robosuite_entry("NoSuchEnv")
 
 
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"env_kwargs": {"horizon": 500}}, "env_kwargs.horizon is set by the task itself: use max_steps="),
+        ({"robots": "Pandaa"}, "unknown robosuite robot 'Pandaa'; did you mean Panda?"),
+        ({"control_freq": 0}, "robosuite control_freq must be > 0 Hz, got 0"),
+        ({"env_kwargs": {"bogus": 1}}, "robosuite.make refused the options: TypeError: "),
+    ],
+)
+def test_robosuite_options_it_cannot_take_are_one_line(options, words):
+    """They were a traceback reported as a bug (TypeError, KeyError, robosuite's SimulationError)."""
+    with pytest.raises(RobotError, match=re.escape(words)):
+        _ = make_task("robosuite/Lift", SimConfig(image_size=(32, 32), options=options)).observation_features
+
+
 def test_lift_features_step_and_seed(lift):
     feats = lift.observation_features  # readable before connect (builds the env)
     assert feats["agentview_image"].shape == (64, 64, 3) and feats["proprio"].shape == (9,)
@@ -207,7 +225,6 @@ def test_a_policy_is_evaluated_on_an_env_without_a_goal_but_mpc_is_refused():
     runs on robosuite's PickPlaceCan, which defines no goal observation; MPC gets the task's one line."""
     from policies.evaluate import RandomPolicy, goal_observation, run_episodes
     from robots.base import RobotError
-    from robots.registry import make_task
     from robots.sim.base import SimConfig
 
     task = make_task("robosuite/PickPlaceCan", SimConfig(state_only=True, max_steps=3))

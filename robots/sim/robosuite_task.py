@@ -24,6 +24,7 @@ press, so the registry's `robosuite/Door` is unlatched by default (`DEFAULT_ENV_
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import warnings
@@ -42,7 +43,9 @@ GOAL_ENVS = ("Lift", "Stack", "Door")
 
 def _robosuite() -> Any:
     """Import robosuite quietly (it logs a warning about an optional IK dependency)."""
-    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+    logger = logging.getLogger("robosuite_logs")
+    if not logger.filters:  # robosuite sets its own level while importing: a filter outlasts that
+        logger.addFilter(lambda record: record.levelno >= logging.ERROR)
     with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         warnings.simplefilter("ignore")
         import robosuite
@@ -93,6 +96,23 @@ def _vector_names(key: str, n: int) -> list[str]:
     return [f"{key}.{i}" for i in range(n)]
 
 
+# robosuite.make arguments the task sets, and what a user sets instead
+OWN_KWARGS = {
+    "robots": "use the task option robots=",
+    "controller_configs": "use the task option controller=",
+    "camera_names": "use the task option camera=",
+    "camera_heights": "use image_size=",
+    "camera_widths": "use image_size=",
+    "control_freq": "use the task option control_freq=",
+    "horizon": "use max_steps=",
+    "ignore_done": "episodes end at max_steps or success",
+    "has_renderer": "images are rendered offscreen",
+    "has_offscreen_renderer": "use state_only= to render no images",
+    "use_camera_obs": "cameras are rendered by the task",
+    "hard_reset": "the task resets robosuite without a hard reset",
+}
+
+
 @dataclass(frozen=True)
 class RobosuiteOptions:
     """`SimConfig.options` of `robosuite/<EnvName>` (see the module docstring)."""
@@ -103,6 +123,21 @@ class RobosuiteOptions:
     cameras: str | list[str] | None = None  # the same as camera (either spelling)
     control_freq: float = 20.0  # Hz
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to robosuite.make
+
+    def __post_init__(self) -> None:
+        if not float(self.control_freq) > 0:
+            raise RobotError(f"robosuite control_freq must be > 0 Hz, got {self.control_freq}")
+        taken = {k: OWN_KWARGS[k] for k in self.env_kwargs if k in OWN_KWARGS}
+        if taken:
+            k, use = next(iter(taken.items()))
+            raise RobotError(f"env_kwargs.{k} is set by the task itself: {use}")
+        names = [self.robots] if isinstance(self.robots, str) else list(self.robots)
+        known = list(_robosuite().ALL_ROBOTS)
+        for name in names:
+            if name not in known:
+                near = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                raise RobotError(f"unknown robosuite robot {name!r}{hint} (valid: {', '.join(known)})")
 
 
 @dataclass
@@ -135,11 +170,8 @@ class RobosuiteTask(SimTask):
             self._build()
         return self._env
 
-    def _build(self) -> None:
-        rs = _robosuite()
-        render = not self.config.state_only
-        h, w = self.config.image_size
-        self._env = rs.make(
+    def _make(self, rs: Any, render: bool, h: int, w: int) -> Any:
+        return rs.make(
             self.env_name,
             robots=self.robots,
             controller_configs=self.controller_cfg,
@@ -155,6 +187,17 @@ class RobosuiteTask(SimTask):
             horizon=10**9,
             **self.env_kwargs,
         )
+
+    def _build(self) -> None:
+        rs = _robosuite()
+        render = not self.config.state_only
+        h, w = self.config.image_size
+        try:
+            self._env = self._make(rs, render, h, w)
+        except (TypeError, ValueError, KeyError, AssertionError, rs.utils.errors.SimulationError) as e:
+            raise RobotError(
+                f"{self.name}: robosuite.make refused the options: {type(e).__name__}: {e}"
+            ) from e
         if render:
             fast_rendering(self._env.sim)
             for cam in self.cameras:
