@@ -210,6 +210,15 @@ def test_bad_inputs(maze_store, tmp_path):
         load_model(str(other), controller="mpc")
     with pytest.raises(SchemaError, match="no camera key 'wrist'"):
         setup_training("dino_wm", str(maze_store), MODEL, image_key="wrist")
+    # options the store decides were overwritten silently (model.image_key=wrist trained on the first camera)
+    with pytest.raises(
+        ValueError,
+        match=r"model.image_key=wrist is set from the store \(image\): choose the camera with the top-level",
+    ):
+        setup_training("dino_wm", str(maze_store), MODEL | {"image_key": "wrist"})
+    with pytest.raises(ValueError, match=r"model.image_size=\[64, 64\] is set from the store \(\[32, 32\]\)"):
+        setup_training("dino_wm", str(maze_store), MODEL | {"image_size": (64, 64)})
+    setup_training("dino_wm", str(maze_store), MODEL | {"image_size": [32, 32]})  # the store's: fine
 
 
 def test_recon_loss_weights_the_pixels_that_move():
