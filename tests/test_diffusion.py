@@ -674,6 +674,13 @@ def test_clear_errors(unet_policy, tmp_path):
         policy.sample_actions({"image": torch.rand(2, 2, 3, 32, 32), "proprio": obs["proprio"]})
     with pytest.raises(ValueError, match="'proprio' has 3 dims"):
         policy.sample_actions({"image": obs["image"], "proprio": torch.zeros(2, 2, 3)})
+    # a misspelt nested option was a TypeError, which the apps report as a bug
+    with pytest.raises(
+        ValueError, match=r"unknown option model.unet.down_dimz; did you mean model.unet.down_dims\?"
+    ):
+        DiffusionPolicyConfig(unet={"down_dimz": [8, 16]})
+    with pytest.raises(ValueError, match="unknown option model.obs.patch_encoder.nme; did you mean"):
+        DiffusionPolicyConfig(obs={"patch_encoder": {"nme": "cnn"}})
     other = save_checkpoint(
         tmp_path / "wm.pt",
         model_type="dino_wm",

@@ -225,6 +225,8 @@ def test_bad_input_is_one_clear_error():
     for shape in ((1, 1, 1), (1, 1, 4)):  # one broadcast silently, the other was a RuntimeError inside
         with pytest.raises(ValueError, match=r"proprioception 'state' is \(1, 1, \d\): expected \(B, T, 3\)"):
             with_proprio.policy({"image": torch.rand(1, 1, 3, 32, 32), "state": torch.zeros(shape)})
+    with pytest.raises(ValueError, match=r"unknown option model.net.depht; did you mean model.net.depth\?"):
+        tiny_config(net={"depht": 2})
     with pytest.raises(ValueError, match="prediction_type must be 'sample'"):
         tiny_config(noise={"prediction_type": "epsilon"})
     with pytest.raises(ValueError, match="future must list distinct steps"):

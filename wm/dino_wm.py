@@ -35,6 +35,7 @@ from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.decoder import Decoder, DecoderConfig
 from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
+from wm.options import sub_config
 from wm.predictor import Predictor, PredictorConfig
 from wm.spec import IOSpec
 
@@ -77,7 +78,7 @@ class WorldModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
-            object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
+            object.__setattr__(self, "encoder", sub_config(EncoderConfig, self.encoder, "model.encoder"))
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
         object.__setattr__(self, "recon_channels", tuple(self.recon_channels))

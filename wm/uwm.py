@@ -50,6 +50,7 @@ from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, 
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.latents import LatentCodec, LatentConfig, build_codec
+from wm.options import sub_config
 from wm.precision import check_precision, resolve_precision
 from wm.spec import IOSpec
 from wm.uwm_net import DiTConfig, UWMNet
@@ -89,9 +90,10 @@ class UWMConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.net, dict):
-            object.__setattr__(self, "net", DiTConfig(**self.net))
+            object.__setattr__(self, "net", sub_config(DiTConfig, self.net, "model.net"))
         if isinstance(self.noise, dict):
-            object.__setattr__(self, "noise", NoiseConfig(**{"prediction_type": "sample", **self.noise}))
+            noise = {"prediction_type": "sample", **self.noise}
+            object.__setattr__(self, "noise", sub_config(NoiseConfig, noise, "model.noise"))
         for name in ("image_size", "latent_shape", "future"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         keys = (self.image_keys,) if isinstance(self.image_keys, str) else tuple(self.image_keys)

@@ -31,6 +31,7 @@ from policies.diffusion.noise import Diffusion, Inpaint, masked_mean, scored_ste
 from policies.diffusion.policy import MODEL_TYPES, DiffusionPolicy, DiffusionPolicyConfig
 from wm.checkpoint import CheckpointError, load_checkpoint
 from wm.data.normalize import Normalizer
+from wm.options import sub_config
 from wm.registry import ModelEntry, TrainContext, load_model
 
 
@@ -174,7 +175,9 @@ class ConsistencyConfig:
     def from_dict(cls, d: dict[str, Any]) -> ConsistencyConfig:
         rest = dict(d)
         distill, teacher = rest.pop("distill", {}), rest.pop("teacher", "")
-        return cls(DiffusionPolicyConfig.from_dict(rest), DistillConfig(**distill), teacher)
+        return cls(
+            DiffusionPolicyConfig.from_dict(rest), sub_config(DistillConfig, distill, "distill"), teacher
+        )
 
 
 class ConsistencyDistillation(nn.Module):
@@ -238,7 +241,7 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
         raise CheckpointError(
             f"teacher {ckpt['path']} holds a {ckpt['model_type']!r} model, not a diffusion policy"
         )
-    distill = DistillConfig(**options)
+    distill = sub_config(DistillConfig, options, "model")
     policy = {
         **ckpt["model_config"],
         "consistency": True,

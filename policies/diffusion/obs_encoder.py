@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from policies.diffusion.precision import Bf16Inference, Bf16Shadow
 from wm.data.augment import center_crop, random_crop
 from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
+from wm.options import sub_config
 
 BACKBONES = ("resnet18", "patch")
 PATCH_POOLS = ("mean", "grid")
@@ -55,8 +56,8 @@ class ObsEncoderConfig:
     patch_grid: int = 2
 
     def __post_init__(self) -> None:
-        if isinstance(self.patch_encoder, dict):
-            object.__setattr__(self, "patch_encoder", EncoderConfig(**self.patch_encoder))
+        encoder = sub_config(EncoderConfig, self.patch_encoder, "model.obs.patch_encoder")
+        object.__setattr__(self, "patch_encoder", encoder)
         object.__setattr__(self, "image_keys", tuple(self.image_keys))
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         if self.crop is not None:

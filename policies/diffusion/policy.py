@@ -36,6 +36,7 @@ from policies.diffusion.transformer import TransformerConfig, TransformerDenoise
 from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
+from wm.options import sub_config
 from wm.precision import resolve_precision
 from wm.spec import IOSpec
 
@@ -84,8 +85,7 @@ class DiffusionPolicyConfig:
 
     def __post_init__(self) -> None:
         for name, cls in _SUB.items():
-            if isinstance(getattr(self, name), dict):
-                object.__setattr__(self, name, cls(**getattr(self, name)))
+            object.__setattr__(self, name, sub_config(cls, getattr(self, name), f"model.{name}"))
         if self.denoiser not in DENOISERS:
             raise ValueError(f"denoiser must be one of {DENOISERS}, got {self.denoiser!r}")
         if self.action_dim < 1 or self.n_obs < 1 or self.n_action_exec < 1:
