@@ -117,7 +117,13 @@ def test_a_checkpoint_loads_without_the_pretrained_encoder_file(maze_store, tmp_
     run = tmp_path / "run"
     trainer = Trainer(setup.model, setup.train_set, cfg, run, model_type="dino_wm",
                       model_config=setup.model_config, normalizer=setup.normalizer)  # fmt: skip
+    decoder = [p.detach().clone() for p in setup.model.decoder.parameters()]
+    batch = setup.train_set.get_batch([0, 1])
+    assert batch["image"].ndim == 4  # cached features (B, T, P, D), not frames
+    assert batch["image:frames"].shape == (2, 1, 3, 32, 32)  # the decoder's target, beside them
     trainer.fit()
+    # the video decoder trains from cached features too (it never did: evaluation videos were noise)
+    assert any(not torch.equal(a, b) for a, b in zip(decoder, setup.model.decoder.parameters(), strict=True))
     weights.unlink()
     loaded = load_model(str(run), controller="mpc").model
     c = loaded.cfg

@@ -12,7 +12,9 @@ optional multi-step rollout loss; a trainable encoder (the small CNN) is kept fr
 reconstruction loss through its own small head (`recon_head`). The video decoder behind `decode`
 is another module: it decodes the whole latent (patch features and proprio) and trains on detached
 latents only, with its gradients clipped apart from the rest (`detached_heads`), so it never
-changes what the encoder and predictor learn, i.e. what the planner sees.
+changes what the encoder and predictor learn, i.e. what the planner sees. Trained from cached
+features (a frozen encoder), it reads the first frame of each window beside them
+(`frames_beside_features`).
 
 Batch keys for `compute_loss` (from `WindowDataset` with `window_spec()`):
     <image_key>  (B, n_hist + 1, C, H, W) float in [0, 1]   (or cached features (B, n_hist + 1, P, D))
@@ -31,6 +33,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from wm.data.dataset import frames_key
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.decoder import Decoder, DecoderConfig
@@ -183,6 +186,11 @@ class DinoWorldModel(nn.Module):
     def feature_cache_source(self) -> tuple[PatchEncoder, str] | None:
         """A frozen encoder's features can be cached once; a trainable one must see images."""
         return None if self.encoder.trainable else (self.encoder, self.cfg.image_key)
+
+    def frames_beside_features(self) -> tuple[str, tuple[int, ...]]:
+        """(camera, window offsets) of the pixels training still needs when it reads cached features:
+        the first frame, the video decoder's target (`wm.data.dataset.WithFrames` delivers them)."""
+        return self.cfg.image_key, (0,)
 
     def window_spec(self, extra_steps: int = 0) -> WindowSpec:
         """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps."""
@@ -387,9 +395,10 @@ class DinoWorldModel(nn.Module):
             recon = recon_loss(recon, images[:, 0], images[:, 1], c.recon_motion_weight)
             loss = loss + c.recon_loss_weight * recon
             metrics["loss_recon"] = recon.detach()
-        if images.ndim == 5:  # the video decoder, on detached latents: no gradient reaches the rest
+        pixels = images if images.ndim == 5 else batch.get(frames_key(c.image_key))  # cached: beside
+        if pixels is not None:  # the video decoder, on detached latents: no gradient reaches the rest
             frame0 = {k: target[k][:, 0] for k in ("visual", "proprio") if k in target}
-            video = (self.decode(frame0) - images[:, 0]).pow(2).mean()
+            video = (self.decode(frame0) - pixels[:, 0]).pow(2).mean()
             loss = loss + video
             metrics["loss_decoder"] = video.detach()
         metrics["loss"] = loss.detach()

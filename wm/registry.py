@@ -9,7 +9,8 @@ A registered model is an `nn.Module` with
     io_spec: wm.spec.IOSpec                        what it reads and writes
     window_spec() -> wm.data.windows.WindowSpec    the step offsets a training window needs
     compute_loss(batch) -> (loss, metrics)         the one trainer's interface
-and, to train from a feature cache, `feature_cache_source() -> (frozen encoder, camera key(s)) | None`.
+and, to train from a feature cache, `feature_cache_source() -> (frozen encoder, camera key(s)) | None`
+(with `frames_beside_features() -> (camera, window offsets)` where training still needs some pixels).
 
 Adding a model: write its module (a config dataclass with `from_dict` / `to_dict`, and the model),
 a `ModelEntry` for it (its `configure`, validation and, for a policy, its controller; see

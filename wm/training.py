@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from wm.data import DemoStore, SchemaError
-from wm.data.dataset import WindowDataset
+from wm.data.dataset import WindowDataset, WithFrames
 from wm.data.mixture import ACTION_FREE, ActionFreeWindows, MixedWindows, check_compatible
 from wm.data.normalize import Normalizer
 from wm.data.windows import split_episodes
@@ -131,6 +131,10 @@ def setup_training(
         train_set: Any = ActionFreeWindows(data_path, spec, train_eps, in_memory=in_memory)
     else:
         train_set = WindowDataset(data_path, spec, train_eps, in_memory=in_memory)
+        if source is not None and hasattr(model, "frames_beside_features"):  # pixels it still needs
+            train_set = WithFrames(
+                train_set, store_path, *model.frames_beside_features(), in_memory=in_memory
+            )
     if video_store is not None:
         video_path = cached_features(video_store, *source) if source is not None else video_store
         video_set = ActionFreeWindows(

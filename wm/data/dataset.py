@@ -132,7 +132,7 @@ class WindowDataset(BatchedDataset):
         state["_store"], state["_pid"] = None, -1  # every worker opens its own
         return state
 
-    def _frames(self, key: str, steps: np.ndarray) -> np.ndarray:
+    def frames(self, key: str, steps: np.ndarray) -> np.ndarray:
         """Frames at global `steps` (any order, repeats allowed) as (len(steps), H, W, C) uint8."""
         if key in self._ram:
             return self._ram[key][steps]
@@ -152,7 +152,7 @@ class WindowDataset(BatchedDataset):
             steps = np.clip(raw, starts, ends - 1)
             out[key + "_is_pad"] = torch.from_numpy(raw != steps)
             if key in self.image_keys:
-                frames = self._frames(key, steps.reshape(-1))  # (B * n, H, W, C)
+                frames = self.frames(key, steps.reshape(-1))  # (B * n, H, W, C)
                 imgs = torch.from_numpy(frames).view(*steps.shape, *frames.shape[1:]).permute(0, 1, 4, 2, 3)
                 if self.image_dtype == "uint8":  # (B, n, C, H, W) uint8, a quarter of the bytes to ship
                     out[key] = imgs.contiguous()
@@ -162,6 +162,47 @@ class WindowDataset(BatchedDataset):
                 out[key] = torch.from_numpy(self._ram[key][steps].astype(np.float32, copy=False))
         out["anchor"] = torch.from_numpy(rows[:, 0])
         out["episode"] = torch.from_numpy(self._step_episode[rows[:, 0]])
+        return out
+
+
+def frames_key(key: str) -> str:
+    """The batch key under which `WithFrames` delivers camera `key`'s frames beside its features."""
+    return f"{key}:frames"
+
+
+class WithFrames(BatchedDataset):
+    """Windows of a feature cache (`windows`, whose camera key holds features) plus, under
+    `frames_key(key)`, the source store's frames of that camera at `offsets` from each window's anchor
+    (B, n, C, H, W) float in [0, 1], un-augmented: what a model trained from cached features needs of
+    the pixels themselves (DINO-WM's video decoder). The cache keeps the source's episode boundaries,
+    so an anchor is the same step in both; steps past an episode's edge repeat it, as windows do."""
+
+    def __init__(
+        self,
+        windows: WindowDataset,
+        source: str | os.PathLike,
+        key: str,
+        offsets: Sequence[int],
+        in_memory: bool,
+    ) -> None:
+        self.windows, self.key, self.offsets = windows, key, np.asarray(offsets, dtype=np.int64)
+        self.source = WindowDataset(source, WindowSpec({key: (0,)}), windows.episodes, in_memory=in_memory)
+        if not np.array_equal(self.source.episode_ends, windows.episode_ends):
+            raise SchemaError(f"{source}: its episodes are not those of the feature cache {windows.path}")
+        self.starts = np.concatenate([[0], windows.episode_ends[:-1]])
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        out = self.windows.get_batch(indices)
+        anchors = out["anchor"].numpy()
+        episodes = out["episode"].numpy()
+        lo, hi = self.starts[episodes][:, None], self.windows.episode_ends[episodes][:, None] - 1
+        steps = np.clip(anchors[:, None] + self.offsets[None], lo, hi)  # (B, n)
+        frames = torch.from_numpy(self.source.frames(self.key, steps.reshape(-1)))  # (B * n, H, W, C)
+        frames = frames.view(*steps.shape, *frames.shape[1:]).permute(0, 1, 4, 2, 3)
+        out[frames_key(self.key)] = frames.float().div_(255.0)
         return out
 
 
