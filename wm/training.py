@@ -131,10 +131,10 @@ def setup_training(
         train_set: Any = ActionFreeWindows(data_path, spec, train_eps, in_memory=in_memory)
     else:
         train_set = WindowDataset(data_path, spec, train_eps, in_memory=in_memory)
-        if source is not None and hasattr(model, "frames_beside_features"):  # pixels it still needs
-            train_set = WithFrames(
-                train_set, store_path, *model.frames_beside_features(), in_memory=in_memory
-            )
+        if source is not None and hasattr(model, "frames_beside_features"):  # pixels it still needs,
+            # read from disk (one frame a window): in memory they would double what the cache takes
+            key, offsets = model.frames_beside_features()
+            train_set = WithFrames(train_set, store_path, key, offsets, in_memory=False)
     if video_store is not None:
         video_path = cached_features(video_store, *source) if source is not None else video_store
         video_set = ActionFreeWindows(
