@@ -38,6 +38,10 @@ def check_raw(obs: RawObs, io: IOSpec) -> int:
         img = np.asarray(obs[k])
         if img.ndim != 4 or img.shape[-1] != 3:
             raise ValueError(f"camera {k!r}: expected (E, H, W, 3) frames, got shape {img.shape}")
+        if img.dtype != np.uint8:  # a float frame in [0, 1] was divided by 255 again: almost black
+            raise ValueError(
+                f"camera {k!r}: expected uint8 frames (0..255) as robots give them, got {img.dtype}"
+            )
         sizes.add(img.shape[0])
     if io.proprio_key:
         p = np.asarray(obs[io.proprio_key])

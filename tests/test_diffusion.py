@@ -661,6 +661,8 @@ def test_chunk_policy_reads_raw_observations(unet_policy, store_path):
         controller.select_action({"image": frames, "proprio": np.zeros((2, 5), np.float32)})
     with pytest.raises(ValueError, match="non-finite"):
         controller.select_action({"image": frames, "proprio": np.full((2, 2), np.nan, np.float32)})
+    with pytest.raises(ValueError, match="camera 'image': expected uint8 frames"):  # was divided by 255 again
+        controller.select_action({**obs, "image": frames.astype(np.float32) / 255})
 
 
 # ---------------------------------------------------------------------- bad input, other encoders

@@ -101,6 +101,16 @@ def test_flagged_episodes_lose_only_their_actions(small_store):
         flag_action_free(path, [7])
 
 
+def test_a_video_store_with_actions_co_trains_as_video(small_store):
+    """video_store= is co-trained as video: a store that holds actions (another robot's demonstrations,
+    other units) had them trained on, outside the range the normalizer was fitted on."""
+    path, _ = small_store
+    ds = ActionFreeWindows(path, SPEC, action_shape=(2,), video=True)
+    batch = ds.get_batch(range(len(ds)))
+    assert not batch["has_action"].any() and batch["action"].abs().sum() == 0 and batch["action_is_pad"].all()
+    torch.testing.assert_close(batch["img"], WindowDataset(path, SPEC).get_batch(range(len(ds)))["img"])
+
+
 def test_strip_chosen_episodes(small_store, tmp_path):
     path, eps = small_store
     assert strip_actions(path, tmp_path / "two.zarr", [3, 1]) == 2

@@ -349,6 +349,20 @@ def test_the_initial_weights_follow_the_seed_whether_or_not_the_autoencoder_trai
     assert torch.equal(weights[0], weights[1])
 
 
+def test_a_video_store_with_actions_is_trained_on_as_video(tmp_path):
+    """Its actions (perhaps another robot's, in other units) were trained on, outside the normalizer's
+    range; video_store= co-trains video."""
+    from wm.training import setup_training
+
+    store = make_store(tmp_path / "demos.zarr", 3, seed=0)
+    videos = make_store(tmp_path / "more_demos.zarr", 3, seed=1)  # with actions
+    opts = {"horizon": 4, "n_action_exec": 2, "future": [2, 4], "net": {"dim": 32, "depth": 1, "heads": 2},
+            "latent": {"steps": 2, "batch_size": 4}}  # fmt: skip
+    setup = setup_training("uwm", str(store), opts, seed=0, feature_cache="off", video_store=str(videos))
+    batch = setup.train_set.get_batch(list(range(8)))  # labelled windows first, then video ones
+    assert batch["has_action"].tolist() == [True] * 4 + [False] * 4
+
+
 def test_an_autoencoder_trains_on_a_store_without_actions(tmp_path):
     from wm.autoencoder import default_autoencoder
     from wm.checkpoint import latest_checkpoint

@@ -138,7 +138,12 @@ def setup_training(
     if video_store is not None:
         video_path = cached_features(video_store, *source) if source is not None else video_store
         video_set = ActionFreeWindows(
-            video_path, spec, in_memory=in_memory, action_shape=shapes["action"], absent_keys=absent
+            video_path,
+            spec,
+            in_memory=in_memory,
+            action_shape=shapes["action"],
+            absent_keys=absent,
+            video=True,  # its actions, if it has any, are not trained on (other units, another robot)
         )
         train_set = MixedWindows(train_set, video_set, video_ratio, seed)
     val_fn = entry.validation(model, data_path, val_eps, in_memory) if entry.validation and val_eps else None

@@ -63,8 +63,10 @@ class ActionFreeWindows(WindowDataset):
     """Windows of a store that may lack the action key or flag episodes action-free (module docstring).
 
     `action_shape` is the per-step action shape of the labelled data, needed when the store has no
-    `action_key`. `absent_keys` {key: per-step shape} names other keys of `spec` the store may lack
-    (proprio a video store did not record, see `check_compatible`): zeros with `_is_pad` all True.
+    `action_key`. `video=True` reads none of its actions (every window action-free): a video store
+    co-trains as video even when it holds actions, perhaps in other units or of another robot.
+    `absent_keys` {key: per-step shape} names other keys of `spec` the store may lack (proprio a video
+    store did not record, see `check_compatible`): zeros with `_is_pad` all True.
     Windows are anchored as `spec` allows, as if the missing keys were there. `self.spec` holds the keys
     read from the store, `self.model_spec` every key of the batch.
     """
@@ -83,9 +85,10 @@ class ActionFreeWindows(WindowDataset):
         train: bool = True,
         schema_overrides: dict[str, Any] | None = None,
         image_dtype: str = "float32",
+        video: bool = False,
     ) -> None:
         with DemoStore.open(path, schema_overrides=schema_overrides) as store:
-            keys = store.schema.keys
+            keys = {k: v for k, v in store.schema.keys.items() if not (video and k == action_key)}
             flagged = np.array(
                 [bool(store.episode_info(e).get(ACTION_FREE, False)) for e in range(store.n_episodes)],
                 dtype=bool,
