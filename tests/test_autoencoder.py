@@ -122,6 +122,28 @@ def test_default_autoencoder_reuses_a_finished_run(trained, store):
     assert other != run and other.parent == run.parent and load_checkpoint(other)["step"] == 2
 
 
+def test_the_autoencoder_follows_the_frames_not_the_episode_info(tmp_path):
+    """Flagging an episode action-free (info only) retrained it (minutes, and a new latent space for
+    every later run); frames rewritten in place with the same lengths and info reused the stale one."""
+    from wm.data.mixture import flag_action_free
+
+    def write(seed: int) -> Path:
+        schema = Schema(keys={"img": KeySpec((SIZE, SIZE, 3), "uint8", "image")}, fps=10)
+        rng = np.random.default_rng(seed)
+        with DemoStore.create(tmp_path / "s.zarr", schema, overwrite=True) as demo:
+            for _ in range(2):
+                demo.append_episode({"img": square_frames(rng, 6)})
+        return tmp_path / "s.zarr"
+
+    def run_dir(path: Path) -> Path:
+        return default_autoencoder(path, "img", options=TINY, steps=1, batch_size=4, log=lambda _: None)
+
+    first = run_dir(write(0))
+    flag_action_free(tmp_path / "s.zarr", [1])
+    assert run_dir(tmp_path / "s.zarr") == first
+    assert run_dir(write(1)) != first  # new frames, same lengths and info
+
+
 def test_wm_train_trains_it_and_the_registry_round_trips(store, frames, tmp_path):
     out = tmp_path / "ae"
     args = [f"store={store}", f"out={out}", "model=autoencoder", "model.channels=[8,16]", "model.blocks=0"]

@@ -335,10 +335,12 @@ def default_autoencoder(
 
         <store dir>/feature_cache/autoencoder/<store stem>__<camera>[+...]__<fingerprint[:12]>__<config hash>/
 
-    The store's fingerprint changes when its episodes do; the config hash covers the autoencoder's
-    and the trainer's settings. `log` gets one line saying which it did. Processes that want the same
-    autoencoder at once (two `wm-train model=uwm` on one store) take turns on a lock file beside the
-    run directory: the first trains it, the others wait and reuse it."""
+    The fingerprint (`DemoStore.frames_fingerprint`) changes when the cameras' frames do (episodes
+    added, removed or rewritten), not when episode info does (an episode flagged action-free); the
+    config hash covers the autoencoder's and the trainer's settings. `log` gets one line saying which
+    it did. Processes that want the same autoencoder at once (two `wm-train model=uwm` on one store)
+    take turns on a lock file beside the run directory: the first trains it, the others wait and
+    reuse it."""
     from wm.checkpoint import latest_checkpoint, load_checkpoint
     from wm.data import DemoStore
     from wm.trainer import Trainer, TrainerConfig
@@ -349,11 +351,12 @@ def default_autoencoder(
     with DemoStore.open(store_path) as store:  # the other cameras: `configure` checks them (camera_size)
         image_key, proprio_key = data_keys(store, keys[0] if keys else None, None, need_actions=False)
         shapes = {k: tuple(s.shape) for k, s in store.schema.keys.items()}
-        fingerprint = store.fingerprint
     keys = keys or [image_key]
     ctx = TrainContext(str(store_path), image_key, proprio_key, shapes)
     options = {k: v for k, v in (options or {}).items() if k != "type"} | {"image_keys": keys}
     cfg = AutoencoderConfig.from_dict(configure(options, ctx))
+    with DemoStore.open(store_path) as store:  # the frames alone: info edits keep the autoencoder
+        fingerprint = store.frames_fingerprint(keys)
     trainer_cfg = TrainerConfig(
         steps=steps,
         batch_size=batch_size,

@@ -168,9 +168,8 @@ def _fingerprint(src: DemoStore, ep: int, image_keys: Sequence[str]) -> str:
     of the keys the cache copies (actions, proprioception: small), and its info."""
     sl = src.episode_slice(ep)
     h = hashlib.sha256(f"{sl.stop - sl.start}".encode())
-    for key in image_keys:
-        for t in (sl.start, sl.stop - 1):
-            h.update(np.ascontiguousarray(src.read(key, slice(t, t + 1), episode=ep)).tobytes())
+    for frame in src.edge_frames(ep, image_keys):
+        h.update(np.ascontiguousarray(frame).tobytes())
     for key, spec in src.schema.keys.items():
         if spec.kind != "image":
             h.update(key.encode() + np.ascontiguousarray(src.read(key, sl, episode=ep)).tobytes())

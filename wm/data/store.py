@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,27 @@ class DemoStore:
         h.update(np.ascontiguousarray(self._ends, dtype=np.int64).tobytes())
         h.update(json.dumps(self._info, sort_keys=True, default=str).encode())
         return h.hexdigest()
+
+    def frames_fingerprint(self, keys: Sequence[str]) -> str:
+        """A content hash of the frames of camera(s) `keys`: their specs, the episode boundaries and the
+        bytes of each episode's first and last frames (sha256, hex). What is trained on those frames
+        alone (the default autoencoder) is reused while it holds; episode info (an episode flagged
+        action-free) and other keys do not enter it. Frames between the edges are not read."""
+        h = hashlib.sha256()
+        specs = {k: self._schema.keys[k].to_dict() for k in keys}
+        h.update(json.dumps(specs, sort_keys=True, default=str).encode())
+        h.update(np.ascontiguousarray(self._ends, dtype=np.int64).tobytes())
+        for ep in range(self.n_episodes):
+            for frame in self.edge_frames(ep, keys):
+                h.update(np.ascontiguousarray(frame).tobytes())
+        return h.hexdigest()
+
+    def edge_frames(self, ep: int, keys: Sequence[str]) -> Iterator[np.ndarray]:
+        """Episode `ep`'s first and last frames of each camera in `keys`, (1, H, W, C) each."""
+        sl = self.episode_slice(ep)
+        for key in keys:
+            for t in (sl.start, sl.stop - 1):
+                yield self.read(key, slice(t, t + 1), episode=ep)
 
     def episode_slice(self, i: int) -> slice:
         i = self._check_episode(i)
