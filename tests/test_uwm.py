@@ -363,6 +363,23 @@ def test_a_video_store_with_actions_is_trained_on_as_video(tmp_path):
     assert batch["has_action"].tolist() == [True] * 4 + [False] * 4
 
 
+def test_in_memory_false_reaches_the_autoencoder_and_a_latent_path_is_asked_for(tmp_path, monkeypatch):
+    """in_memory=false loaded every frame anyway while the default autoencoder trained (a large store
+    ran out of memory); source=autoencoder without path= was a TypeError reported as a bug."""
+    from wm.data import DemoStore
+    from wm.training import setup_training
+
+    store = make_store(tmp_path / "demos.zarr", 3, seed=0)
+    loaded, load_all = [], DemoStore.load_all
+    monkeypatch.setattr(DemoStore, "load_all", lambda self, keys: loaded.extend(keys) or load_all(self, keys))
+    opts = {"horizon": 4, "n_action_exec": 2, "future": [2, 4], "net": {"dim": 32, "depth": 1, "heads": 2},
+            "latent": {"steps": 2, "batch_size": 4}}  # fmt: skip
+    setup_training("uwm", str(store), opts, seed=0, feature_cache="off", in_memory=False)
+    assert loaded and "image" not in loaded
+    with pytest.raises(ValueError, match="model.latent.source=autoencoder needs model.latent.path="):
+        setup_training("uwm", str(store), {**opts, "latent": {"source": "autoencoder"}}, seed=0)
+
+
 def test_an_autoencoder_trains_on_a_store_without_actions(tmp_path):
     from wm.autoencoder import default_autoencoder
     from wm.checkpoint import latest_checkpoint

@@ -325,6 +325,7 @@ def default_autoencoder(
     batch_size: int = DEFAULT_BATCH,
     seed: int = 0,
     device: str = "auto",
+    in_memory: bool = True,
     log: Callable[[str], Any] = print,
 ) -> Path:
     """The run directory of the default autoencoder of the camera(s) `image_keys` (None: the store's
@@ -379,7 +380,9 @@ def default_autoencoder(
         what = f"{store_path.name}:{'+'.join(keys)} ({steps} steps)"
         log(f"autoencoder: training the default autoencoder of {what} in {run}")
         torch.manual_seed(seed)  # the model's initialization
-        setup = setup_training("autoencoder", str(store_path), options, image_key=image_key, seed=seed)
+        setup = setup_training(
+            "autoencoder", str(store_path), options, image_key=image_key, seed=seed, in_memory=in_memory
+        )
         run_config = {"store": str(store_path), "store_fingerprint": fingerprint, "image_keys": keys}
         Trainer(
             setup.model,

@@ -50,13 +50,15 @@ class TrainContext:
 
     image_key / proprio_key: the camera and proprioception keys chosen (proprio None when the store
     has none); key_shapes: every store key's per-step shape; teacher: a teacher run directory for
-    models distilled from another (None otherwise)."""
+    models distilled from another (None otherwise); in_memory: whether training loads the store into
+    memory (what `configure` trains first, UWM's default autoencoder, does the same)."""
 
     store: str
     image_key: str
     proprio_key: str | None
     key_shapes: dict[str, tuple[int, ...]]
     teacher: str | None = None
+    in_memory: bool = True
 
     def camera_size(self, image_keys: Sequence[str]) -> tuple[int, int]:
         """The frame size (H, W) every camera of `image_keys` shares; a camera the store lacks, a key that

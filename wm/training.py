@@ -104,7 +104,9 @@ def setup_training(
                 f"{store_path}: no training episode has actions (all are flagged {ACTION_FREE})"
             )
         shapes = {k: tuple(s.shape) for k, s in store.schema.keys.items()}
-        ctx = TrainContext(str(Path(store_path).resolve()), image_key, proprio_key, shapes, teacher)
+        ctx = TrainContext(
+            str(Path(store_path).resolve()), image_key, proprio_key, shapes, teacher, in_memory
+        )
         normalizer = entry.normalizer(ctx) if entry.normalizer is not None else None
         if normalizer is None:
             modes = {"action": "minmax"} | ({proprio_key: entry.proprio_norm} if proprio_key else {})

@@ -36,12 +36,19 @@ def latent_config(options: dict[str, Any], ctx: TrainContext, image_keys: list[s
             raise ValueError(
                 f"model.latent.source=auto takes only steps= and batch_size=, got {sorted(given)}"
             )
-        run = default_autoencoder(ctx.store, image_keys, steps=steps, batch_size=batch, log=print)
+        run = default_autoencoder(
+            ctx.store, image_keys, steps=steps, batch_size=batch, in_memory=ctx.in_memory, log=print
+        )
         return latent_config_from_source("autoencoder", str(run)).to_dict()
     try:  # already complete (a checkpoint's config)
         return LatentConfig.from_dict({"source": source, **given}).to_dict()
     except (TypeError, ValueError):
         pass
+    if "path" not in given:
+        raise ValueError(
+            f"model.latent.source={source} needs model.latent.path= (its checkpoint or files), "
+            f"got {sorted(given) or 'no other option'}"
+        )
     return latent_config_from_source(source, **given).to_dict()
 
 
