@@ -131,7 +131,8 @@ def test_mixture_ratio_is_exact_and_video_comes_from_the_video_store(small_store
     assert len(mixed) == math.ceil(len(labelled) / 0.75)
     for idx in ([0, 1, 2, 3, 4, 5, 6, 7], [9, 4, 30, 2, 11], list(range(20, 36))):
         batch = mixed.get_batch(idx)
-        n_vid = round(len(idx) * 0.25)
+        n_vid = int(batch["source"].sum())  # 2 of 8, 4 of 16; 1 or 2 of 5
+        assert n_vid == len(idx) // 4 if len(idx) % 4 == 0 else n_vid in (1, 2)
         assert batch["source"].tolist() == [0] * (len(idx) - n_vid) + [1] * n_vid
         assert torch.equal(batch["has_action"], batch["source"] == 0)
         assert batch["img"].shape == (len(idx), 2, 3, 24, 32)
@@ -147,6 +148,18 @@ def test_mixture_ratio_is_exact_and_video_comes_from_the_video_store(small_store
     assert not torch.equal(other["anchor"], again["anchor"])
     with pytest.raises(IndexError, match="out of range"):
         mixed.get_batch([len(mixed)])
+
+
+def test_the_video_share_is_the_ratio_on_average_whatever_the_batch_size(small_store, video_store):
+    """A fixed rounding gave 0.1 of 4 no video window in any batch (the video store never trained) and
+    0.2 of 8 a quarter in every one."""
+    labelled = WindowDataset(small_store[0], SPEC)
+    video = ActionFreeWindows(video_store[0], SPEC, action_shape=(2,))
+    for ratio, size in ((0.1, 4), (0.2, 8)):
+        mixed = MixedWindows(labelled, video, video_ratio=ratio, seed=0)
+        rng = np.random.default_rng(0)
+        shares = [mixed.n_video(size, rng) / size for _ in range(4000)]
+        assert abs(np.mean(shares) - ratio) < 0.01, (ratio, size, np.mean(shares))
 
 
 def test_ratio_zero_is_the_labelled_dataset(small_store, video_store):
