@@ -124,6 +124,8 @@ def test_a_checkpoint_loads_without_the_pretrained_encoder_file(maze_store, tmp_
     trainer.fit()
     # the video decoder trains from cached features too (it never did: evaluation videos were noise)
     assert any(not torch.equal(a, b) for a, b in zip(decoder, setup.model.decoder.parameters(), strict=True))
+    setup.val_fn(setup.model.eval(), 1, tmp_path / "val")  # its strip: real frames beside the features
+    assert (tmp_path / "val" / "val" / "pred_0000001.png").is_file()
     weights.unlink()
     loaded = load_model(str(run), controller="mpc").model
     c = loaded.cfg

@@ -269,7 +269,12 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
 
 
 def validation(
-    model: Autoencoder, data_path: str, episodes: list[int], in_memory: bool, n_frames: int = 256
+    model: Autoencoder,
+    data_path: str,
+    episodes: list[int],
+    in_memory: bool,
+    frames_from: str | None = None,
+    n_frames: int = 256,
 ) -> Any:
     """Reconstruction MSE (pixels in [0, 1]) of up to `n_frames` held-out frames, the same ones every
     time, and a PNG of 8 of them (top) over their reconstructions (bottom)."""

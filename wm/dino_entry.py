@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wm.data.dataset import WindowDataset
+from wm.data.dataset import WindowDataset, WithFrames, frames_key
 from wm.dino_wm import DinoWorldModel, WorldModelConfig
 from wm.registry import ModelEntry, TrainContext
 
@@ -35,12 +35,22 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
 
 
 def validation(
-    model: DinoWorldModel, data_path: str, episodes: list[int], in_memory: bool, n_batches: int = 4
+    model: DinoWorldModel,
+    data_path: str,
+    episodes: list[int],
+    in_memory: bool,
+    frames_from: str | None = None,
+    n_batches: int = 4,
 ) -> Any:
-    """Validation on held-out episodes: one-step and VAL_STEPS-step feature errors, plus a PNG strip."""
-    val_set = WindowDataset(
+    """Validation on held-out episodes: one-step and VAL_STEPS-step feature errors, plus a PNG strip
+    (trained from cached features, its real frames come from `frames_from`, the store)."""
+    val_set: Any = WindowDataset(
         data_path, model.window_spec(extra_steps=VAL_STEPS), episodes, in_memory=in_memory, train=False
     )
+    if frames_from is not None:  # the frames the strip compares with, beside the cached features
+        c = model.cfg
+        offsets = tuple((c.n_hist + s) * c.frameskip for s in range(VAL_STEPS))
+        val_set = WithFrames(val_set, frames_from, c.image_key, offsets, in_memory=False)
 
     @torch.no_grad()
     def val_fn(model: DinoWorldModel, step: int, out_dir: Path) -> dict[str, float]:
@@ -78,8 +88,11 @@ def _errors(model: DinoWorldModel, batch: dict[str, torch.Tensor]) -> tuple[floa
     truth = z["visual"][:, T : T + VAL_STEPS]
     multi = (roll["visual"][:, 0] - truth).pow(2).mean().item()
     real = batch[c.image_key][:4, T : T + VAL_STEPS]  # (4, S, C, H, W)
-    if real.ndim != 5:  # cached features: no pixels to compare with
-        return one, multi, None
+    if real.ndim != 5:  # cached features: the frames beside them, if validation has the store
+        real = batch.get(frames_key(c.image_key))
+        if real is None:
+            return one, multi, None
+        real = real[:4]
     # Strip: real frames (top) and decoded open-loop predictions (bottom) for 4 windows.
     dec = model.decode({k: v[:4, 0] for k, v in roll.items()})  # (4, S, C, H, W)
     rows = [

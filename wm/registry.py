@@ -87,7 +87,9 @@ class ModelEntry:
     proprio_norm: how proprioception is normalized ("meanstd" | "minmax"); actions are min-max.
     normalizer(ctx) -> a ready normalizer instead of one fitted on the training episodes (a distilled
         model keeps its teacher's), or None to fit one.
-    validation(model, data_path, val_episodes, in_memory) -> a trainer `val_fn`, or None.
+    validation(model, data_path, val_episodes, in_memory, frames_from) -> a trainer `val_fn`, or None;
+        `frames_from` is the store when `data_path` is its feature cache (None otherwise), where
+        validation wants pixels too (DINO-WM's decoded prediction strip).
     inference(config, normalizer) -> the model evaluated and deployed (default: `build`); its weights
         are the checkpoint's (the trainer's EMA copy when `use_ema`), with `state_prefix` stripped from
         their names when given.

@@ -148,7 +148,12 @@ def setup_training(
             video=True,  # its actions, if it has any, are not trained on (other units, another robot)
         )
         train_set = MixedWindows(train_set, video_set, video_ratio, seed)
-    val_fn = entry.validation(model, data_path, val_eps, in_memory) if entry.validation and val_eps else None
+    frames_from = store_path if source is not None else None
+    val_fn = (
+        entry.validation(model, data_path, val_eps, in_memory, frames_from)
+        if entry.validation and val_eps
+        else None
+    )
     return TrainSetup(model, model_type, train_set, normalizer, cfg.to_dict(), val_fn, train_eps, val_eps)
 
 

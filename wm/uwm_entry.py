@@ -74,7 +74,14 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
     }
 
 
-def validation(model: UWM, data_path: str, episodes: list[int], in_memory: bool, n_batches: int = 2) -> Any:
+def validation(
+    model: UWM,
+    data_path: str,
+    episodes: list[int],
+    in_memory: bool,
+    frames_from: str | None = None,
+    n_batches: int = 2,
+) -> Any:
     """On held-out windows: the policy's executed-action error (raw units) and forward dynamics' latent
     error with the true actions, against copying the current frame."""
     val_set = WindowDataset(data_path, model.window_spec(), episodes, in_memory=in_memory, train=False)

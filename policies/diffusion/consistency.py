@@ -260,7 +260,13 @@ def teacher_normalizer(ctx: TrainContext) -> Normalizer:
     return Normalizer.from_dict(load_checkpoint(ctx.teacher)["normalizer"])
 
 
-def validation(model: ConsistencyDistillation, data_path: str, episodes: list[int], in_memory: bool) -> Any:
+def validation(
+    model: ConsistencyDistillation,
+    data_path: str,
+    episodes: list[int],
+    in_memory: bool,
+    frames_from: str | None = None,
+) -> Any:
     fn = policy_validation(model.policy, data_path, episodes, in_memory)
     return lambda m, step, out: fn(m.policy, step, out)
 

@@ -74,7 +74,12 @@ def configurer(denoiser: str) -> Any:
 
 
 def validation(
-    policy: DiffusionPolicy, data_path: str, episodes: list[int], in_memory: bool, n_batches: int = 2
+    policy: DiffusionPolicy,
+    data_path: str,
+    episodes: list[int],
+    in_memory: bool,
+    frames_from: str | None = None,
+    n_batches: int = 2,
 ) -> Any:
     """Error between sampled and demonstrated actions on held-out episodes (the executed part of the
     chunk, in raw action units)."""
