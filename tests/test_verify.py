@@ -154,9 +154,13 @@ def test_a_store_that_may_leave_chunks_unwritten_says_so_and_a_rewrite_fixes_it(
     assert [p.steps for p in verify_store(path).problems] == [(9, 10)]
 
 
-def test_unreadable_episode_ends_fall_back_to_the_commit_record(small_store):
+@pytest.mark.parametrize("damage", ["truncated", "lost"])
+def test_unreadable_episode_ends_fall_back_to_the_commit_record(small_store, damage):
+    """A lost chunk file of it read as zeros: the store looked empty, and verify blamed every episode
+    and printed a repair that dropped them all."""
     path, eps = small_store
-    truncate(path / "meta" / "episode_ends" / "c" / "0")
+    chunk = path / "meta" / "episode_ends" / "c" / "0"
+    truncate(chunk) if damage == "truncated" else chunk.unlink()
     with pytest.raises(CorruptStoreError, match="episode_ends"):
         DemoStore.open(path)  # readers refuse it
     report = verify_store(path)

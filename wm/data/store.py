@@ -493,7 +493,8 @@ def commit_lengths(records: Any) -> list[int] | None:
 
 def read_episode_ends(path: Path, group: zarr.Group, records: Any) -> tuple[np.ndarray, str | None]:
     """The committed part of `meta/episode_ends` and a one-line problem if it cannot be used: unreadable,
-    fewer entries than committed episodes, or decreasing."""
+    fewer entries than committed episodes, decreasing, or an episode without steps (a lost chunk file
+    of it reads as zeros: every episode in it empty)."""
     try:
         ends = np.asarray(group["meta/episode_ends"][:], dtype=np.int64)
     except Exception as e:
@@ -510,6 +511,9 @@ def read_episode_ends(path: Path, group: zarr.Group, records: Any) -> tuple[np.n
             f"{path}/meta/episode_ends: decreases at entry {bad} "
             f"({int(ends[bad - 1]) if bad else 0} -> {int(ends[bad])})"
         )
+    empty = np.flatnonzero(np.diff(ends, prepend=0) == 0)
+    if len(empty):  # never written so: a chunk of it lost (zarr reads it as zeros) or overwritten
+        return ends, f"{path}/meta/episode_ends: episode {int(empty[0])} has no steps ({len(empty)} such)"
     return ends, None
 
 

@@ -5,8 +5,9 @@ checks on the direct path, zarr's own decoding otherwise, then the chunk's size 
 that writes every chunk (`wm_every_chunk`, `wm.data.store`) reports chunk files that are missing
 (elsewhere a missing file is how zarr stores a chunk of zeros, and it cannot be told apart), checks
 that action and proprioception values are finite, that `meta/episode_ends` is readable and
-increasing with its last end within every data key, and that the commit record agrees with it.
-Each problem names the key, the chunk file, its step range and the episodes it touches.
+increasing without empty episodes (a lost chunk of it reads as zeros), its last end within every
+data key, and that the commit record agrees with it. Each problem names the key, the chunk file,
+its step range and the episodes it touches.
 
 Repair is a crash-safe rewrite without the damaged episodes (`delete_episodes`, reachable as
 `wm-info store=PATH drop_episodes=[...]`): the report prints that exact command. A rewrite also
@@ -141,9 +142,6 @@ def _check_boundaries(store: DemoStore) -> list[Problem]:
         return [Problem("meta/episode_ends", f"{problem}; episode boundaries taken from the commit record")]
     out = []
     lengths = np.diff(disk, prepend=0)
-    empty = tuple(int(i) for i in np.flatnonzero(lengths == 0))
-    if empty:
-        out.append(Problem("meta/episode_ends", "episodes without steps", episodes=empty))
     if isinstance(records, list):
         for i, (rec, n) in enumerate(zip(records, lengths, strict=False)):
             got = rec.get("length") if isinstance(rec, dict) else None
