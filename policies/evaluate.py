@@ -174,7 +174,8 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
                 )
                 result.plan_seconds, result.act_seconds = plan_times[e], float(act_seconds[e])
                 out[e] = result
-                if recorder is not None:
+                if recorder is not None:  # the state success was judged on ends the video
+                    recorder.add(e, obs[e])
                     recorder.write(e, result, task.control_hz)
                 if progress is not None:
                     progress(result)

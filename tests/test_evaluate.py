@@ -139,10 +139,12 @@ def test_runner_feeds_raw_observations_and_stops_finished_episodes(tmp_path):
     assert results[0].plan_seconds == [0.25, 0.25] and results[1].plan_seconds == [0.25]
     summary = summarize(results, 1.0)
     assert summary["planning_seconds_per_step"] == (0.25 * 3) / 5
-    # Videos: one per recorded episode, labelled with the outcome, one frame per step, >= 256 px high.
+    # Videos: one per recorded episode, labelled with the outcome, one frame per step and the final
+    # state (success is judged on it; the video stopped a step before), >= 256 px high.
     assert sorted(p.name for p in written) == ["episode_0000_success.mp4", "episode_0001_success.mp4"]
     frames = imageio.mimread(tmp_path / "videos" / "episode_0000_success.mp4")
-    assert len(frames) == 3 and frames[0].shape[0] >= 256
+    assert len(frames) == 4 and frames[0].shape[0] >= 256  # 3 steps
+    assert len(imageio.mimread(tmp_path / "videos" / "episode_0001_success.mp4")) == 3  # 2 steps
 
 
 def test_random_policy_needs_no_extras():
