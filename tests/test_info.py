@@ -91,6 +91,23 @@ def test_summarize_empty_and_zarr2(tmp_path: Path) -> None:
     assert "empty.zarr" in wm_info.format_summary(s)
 
 
+def test_non_finite_values_are_counted_not_hidden(tmp_path: Path) -> None:
+    """NaN-ignoring reductions made a key holding NaN look clean, and +inf printed as "nan"."""
+    schema = Schema(
+        keys={"force": KeySpec((3,), "float32", "lowdim"), "t": KeySpec((), "float64", "timestamp")}
+    )
+    force = np.ones((10, 3), np.float32)
+    force[2, 0], force[5, 2] = np.nan, np.inf
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        store.append_episode({"force": force, "t": 22690.0 + np.arange(10) / 10})
+        s = wm_info.summarize(store)
+    st = s["keys"]["force"]["stats"]
+    assert st["non_finite"] == [1, 0, 1] and st["max"] == [1.0, 1.0, 1.0]  # of the finite values
+    text = wm_info.format_summary(s)
+    assert "NaN/inf [1, 0, 1] values per dimension" in text
+    assert "max  [22690.9]" in text  # 6 digits: a timestamp span is readable
+
+
 def test_format_summary(built: tuple[DemoStore, list]) -> None:
     store, _ = built
     text = wm_info.format_summary(wm_info.summarize(store))

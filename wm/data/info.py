@@ -8,6 +8,7 @@ evenly strided frames, and `contact_sheet` reads just the first and last frame o
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,9 @@ def _finite_list(values: np.ndarray) -> list[float | None]:
 
 
 def _lowdim_stats(store: DemoStore, key: str, max_steps: int) -> dict[str, Any] | None:
-    """Per-dimension (last axis) min/max/mean/std over committed steps, strided past `max_steps`."""
+    """Per-dimension (last axis) min/max/mean/std of the finite values over committed steps, strided
+    past `max_steps`, and how many values of each dimension were not finite (NaN, +-inf): counted,
+    never hidden in the other figures (a dimension of NaN alone has null figures)."""
     dtype = np.dtype(store.schema.keys[key].dtype)
     if store.n_steps == 0 or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         return None
@@ -122,12 +125,16 @@ def _lowdim_stats(store: DemoStore, key: str, max_steps: int) -> dict[str, Any] 
     x = store.read(key, sel).astype(np.float64)
     n = len(x)
     x = x.reshape(n, -1, x.shape[-1]) if x.ndim > 1 else x.reshape(n, 1, 1)
-    with np.errstate(all="ignore"):
+    bad = ~np.isfinite(x)
+    x = np.where(bad, np.nan, x)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a dimension without one finite value
         return {
             "min": _finite_list(np.nanmin(x, axis=(0, 1))),
             "max": _finite_list(np.nanmax(x, axis=(0, 1))),
             "mean": _finite_list(np.nanmean(x, axis=(0, 1))),
             "std": _finite_list(np.nanstd(x, axis=(0, 1))),
+            "non_finite": [int(c) for c in bad.sum(axis=(0, 1))],
             "steps_used": n,
         }
 
@@ -155,7 +162,7 @@ def human_bytes(n: int) -> str:
 def _nums(values: list[float | None] | None, limit: int = 8) -> str:
     if values is None:
         return "-"
-    text = ["nan" if v is None else f"{v:.4g}" for v in values[:limit]]
+    text = ["-" if v is None else f"{v:.6g}" for v in values[:limit]]
     return "[" + ", ".join(text) + (", ...]" if len(values) > limit else "]")
 
 
@@ -202,6 +209,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         else:
             for i, stat in enumerate(("min", "max", "mean", "std")):
                 lines.append(f"  {(name if i == 0 else '').ljust(pad)}  {stat.ljust(4)} {_nums(st[stat])}")
+            if any(st.get("non_finite", ())):
+                bad = st["non_finite"]
+                lines.append(f"  {''.ljust(pad)}  NaN/inf {_nums(bad)} values per dimension, left out above")
     return "\n".join(lines)
 
 
