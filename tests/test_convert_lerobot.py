@@ -481,7 +481,17 @@ def test_wm_convert_round_trip_and_refusal(tmp_path):
     res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr'}")  # dst exists
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "already exists" in res.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # options of the other direction were accepted and ignored (fps=30 gave a 15 fps dataset)
+    res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr2'}", "fps=30", "zarr_format=2")
+    assert res.returncode == 2 and "error: zarr_format, fps: not used converting store" in res.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     res = convert(f"src={tmp_path / 'lr'}", f"dst={tmp_path / 'back.zarr'}")
     assert res.returncode == 0, res.stderr
     with DemoStore.open(tmp_path / "rich.zarr") as a, DemoStore.open(tmp_path / "back.zarr") as b:
         _assert_same_store(a, b, exact_images=False)
+    # a zip store (read-only, as DemoStore and wm-info read it) is a store too: it was "not a store"
+    import shutil
+
+    shutil.make_archive(str(tmp_path / "back"), "zip", tmp_path / "back.zarr")
+    res = convert(f"src={tmp_path / 'back.zip'}", f"dst={tmp_path / 'lr3'}")
+    assert res.returncode == 0, res.stderr

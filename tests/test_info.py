@@ -108,6 +108,15 @@ def test_non_finite_values_are_counted_not_hidden(tmp_path: Path) -> None:
     assert "max  [22690.9]" in text  # 6 digits: a timestamp span is readable
 
 
+def test_a_contact_sheet_given_a_folder_goes_inside_it(tmp_path: Path) -> None:
+    """wm-info contact_sheet=<a folder> was an IsADirectoryError traceback."""
+    from tools.info import InfoConfig, sheet_path
+
+    (tmp_path / "sheets").mkdir()
+    cfg = InfoConfig(store=str(tmp_path / "demos.zarr"), contact_sheet=str(tmp_path / "sheets"))
+    assert sheet_path(cfg) == tmp_path / "sheets" / "demos_contact.png"
+
+
 def test_format_summary(built: tuple[DemoStore, list]) -> None:
     store, _ = built
     text = wm_info.format_summary(wm_info.summarize(store))

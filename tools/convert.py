@@ -6,13 +6,15 @@ dataset; a LeRobot dataset (it has `meta/info.json`) or a robomimic HDF5 file be
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tools._cli import app, bind
+from tools._cli import UsageError, app, bind
 from wm.data.errors import NotAStoreError
 
 
@@ -41,7 +43,7 @@ def source_kind(src: Path) -> str:
 
     if not src.exists():
         raise NotAStoreError(f"{src}: does not exist")
-    if (src / "meta" / "episode_ends").exists():
+    if (src / "meta" / "episode_ends").exists() or _is_zip_store(src):
         return "store"
     if is_lerobot_dataset(src):
         return "lerobot"
@@ -52,10 +54,45 @@ def source_kind(src: Path) -> str:
     )
 
 
+def _is_zip_store(src: Path) -> bool:
+    if not (src.is_file() and zipfile.is_zipfile(src)):
+        return False
+    with zipfile.ZipFile(src) as z:
+        return any(
+            name.rstrip("/").endswith("meta/episode_ends/zarr.json")
+            or name.endswith("meta/episode_ends/.zarray")
+            for name in z.namelist()
+        )
+
+
+# the options each direction reads; the others, set, are refused rather than ignored
+USED = {
+    "store": ("overwrite", "video", "repo_id"),
+    "lerobot": ("overwrite", "zarr_format"),
+    "robomimic": ("overwrite", "zarr_format", "fps", "action_key"),
+}
+TARGET = {"store": "a LeRobot dataset", "lerobot": "a store", "robomimic": "a store"}
+
+
+def check_options(cfg: ConvertConfig, kind: str) -> None:
+    defaults = ConvertConfig(src=cfg.src, dst=cfg.dst)
+    given = [
+        f.name
+        for f in dataclasses.fields(ConvertConfig)
+        if f.name not in ("src", "dst", *USED[kind]) and getattr(cfg, f.name) != getattr(defaults, f.name)
+    ]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)}: not used converting {kind} {cfg.src} to {TARGET[kind]} "
+            f"(that takes {', '.join(USED[kind])}); leave them out"
+        )
+
+
 def convert(cfg: ConvertConfig) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local datasets only; never reach for the hub
     src, dst = Path(cfg.src), Path(cfg.dst)
     kind = source_kind(src)
+    check_options(cfg, kind)
     if kind == "store":
         from wm.data.convert.lerobot import store_to_lerobot
 

@@ -56,10 +56,12 @@ def _is_int(x: Any) -> bool:
 def sheet_path(cfg: InfoConfig) -> Path | None:
     if cfg.contact_sheet == "none":
         return None
+    store = Path(cfg.store).resolve()  # store=. has no name of its own
+    name = store.name.removesuffix(".zarr") + "_contact.png"
     if cfg.contact_sheet == "auto":
-        store = Path(cfg.store).resolve()  # store=. has no name of its own
-        return store.with_name(store.name.removesuffix(".zarr") + "_contact.png")
-    return Path(cfg.contact_sheet)
+        return store.with_name(name)
+    path = Path(cfg.contact_sheet)
+    return path / name if path.is_dir() else path  # a folder: the sheet goes inside it
 
 
 def video_dir(cfg: InfoConfig) -> Path:
