@@ -201,6 +201,17 @@ def test_lift_sim_state_and_goal(lift):
     np.testing.assert_array_equal(lift.get_observation()["agentview_image"], before["agentview_image"])
 
 
+def test_the_stack_goal_is_a_stacked_scene_by_stacks_own_check():
+    """Cube A sat 1 mm above cube B: no contact, so the goal scene failed Stack's own success check."""
+    task = make_task("robosuite/Stack", SimConfig(state_only=True))
+    with task:
+        for seed in range(2):
+            task.reset(seed)
+            robosuite_task._pose_goal(task.env, "Stack")
+            task.env.sim.forward()
+            assert task.env._check_success()
+
+
 def test_lift_expert_succeeds():
     entry = robosuite_task.robosuite_entry("Lift")
     task = entry.make(SimConfig(state_only=True, max_steps=120))

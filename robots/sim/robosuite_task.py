@@ -361,7 +361,7 @@ def _pose_goal(env: Any, env_name: str) -> None:
         _set_free_pos(env, env.cube.joints[0], pos)
     elif env_name == "Stack":
         top = np.array(env.sim.data.body_xpos[env.cubeB_body_id])
-        top[2] += env.cubeB.size[2] + env.cubeA.size[2] + 0.001
+        top[2] += env.cubeB.size[2] + env.cubeA.size[2] - 0.0005  # touching: Stack's success needs contact
         _set_free_pos(env, env.cubeA.joints[0], top)
         start, _ = env.sim.model.get_joint_qpos_addr(env.cubeA.joints[0])
         b_start, _ = env.sim.model.get_joint_qpos_addr(env.cubeB.joints[0])
