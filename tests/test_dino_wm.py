@@ -227,6 +227,8 @@ def test_bad_inputs(maze_store, tmp_path):
     with pytest.raises(ValueError, match=r"model.image_size=\[64, 64\] is set from the store \(\[32, 32\]\)"):
         setup_training("dino_wm", str(maze_store), MODEL | {"image_size": (64, 64)})
     setup_training("dino_wm", str(maze_store), MODEL | {"image_size": [32, 32]})  # the store's: fine
+    with pytest.raises(ValueError, match="teacher= is for distilled models"):  # it was ignored
+        setup_training("dino_wm", str(maze_store), MODEL, teacher=str(tmp_path))
 
 
 def test_recon_loss_weights_the_pixels_that_move():

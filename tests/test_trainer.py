@@ -311,6 +311,26 @@ def test_bf16_autocast_on_cpu(dataset, tmp_path):
     assert bf16.step == 3 and math.isfinite(full_loss(bf16.model, dataset))
 
 
+def test_a_diverging_run_saves_no_non_finite_weights_and_says_so_in_one_line(dataset, tmp_path):
+    """The finite-loss check ran on logging steps only: a checkpoint step in between saved NaN weights
+    and pruned the good one, a rerun resumed them; the error was a FloatingPointError traceback."""
+    from wm.trainer import TrainingDiverged
+
+    trainer = make_trainer(dataset, tmp_path, steps=40, log_every=20, ckpt_every=5, keep_last=2)
+    step = trainer.train_step
+
+    def poisoned(batch):  # from step 12 on the gradients are NaN, so the weights become NaN
+        if trainer.step >= 11:
+            batch = {**batch, "y": torch.full_like(batch["y"], float("nan"))}
+        return step(batch)
+
+    trainer.train_step = poisoned
+    with pytest.raises(TrainingDiverged, match="not finite at step 15: training diverged and was not saved"):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
+    assert isinstance(TrainingDiverged("x"), ValueError)  # the apps' one line, not "a bug"
+
+
 def test_too_small_dataset_fails_clearly(dataset, tmp_path):
     with pytest.raises(ValueError, match="no full batch"):
         make_trainer(dataset, tmp_path, batch_size=10_000)
@@ -409,6 +429,16 @@ def test_sigterm_finishes_the_step_and_saves_it(dataset, tmp_path, capfd):
     assert info.value.step == 5 and info.value.signum == signal.SIGTERM
     assert load_checkpoint(tmp_path)["step"] == 5
     assert "SIGTERM: stopping after this step to save a checkpoint" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_asked_during_the_last_step_finishes_the_run(dataset, tmp_path, capfd):
+    """SIGTERM in the last step (or during its validation) turned a finished, saved run into an
+    interruption: exit 130, 'resume from step N' and no summary."""
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(SignalingRegressor(at=20, times=1, signum=signal.SIGTERM), dataset, cfg(steps=20),
+                      tmp_path, model_type="tiny", model_config=MODEL_CONFIG)  # fmt: skip
+    assert trainer.fit()["step"] == 20 and load_checkpoint(tmp_path)["step"] == 20
     assert signal.getsignal(signal.SIGTERM) is before
 
 

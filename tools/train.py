@@ -123,17 +123,23 @@ def train(cfg: TrainAppConfig) -> int:
         extra_state={"run_config": run_config},
         same_on_resume=SAME_DATA,
     )
-    out = Path(cfg.out).resolve()
-    print(f"run directory: {out}")
-    print(f"TensorBoard logs: {out / 'tb'} (view them: tensorboard --logdir {out / 'tb'})")
+    out, main = Path(cfg.out).resolve(), trainer.is_main  # under torchrun: rank 0 speaks
+    if main:
+        print(f"run directory: {out}")
+        print(f"TensorBoard logs: {out / 'tb'} (view them: tensorboard --logdir {out / 'tb'})")
     try:
         metrics = trainer.fit()
     except TrainingInterrupted as e:
         where = "" if Path(cfg.out).is_absolute() else f" from {Path.cwd()}"
-        print(f"to resume from step {e.step}, run the same command{where}: {command_line()}", file=sys.stderr)
+        if main:
+            print(
+                f"to resume from step {e.step}, run the same command{where}: {command_line()}",
+                file=sys.stderr,
+            )
         raise
-    say_checkpoints(out, trainer.best)
-    print(json.dumps({"out": cfg.out, **{k: round(v, 6) for k, v in metrics.items()}}))
+    if main:
+        say_checkpoints(out, trainer.best)
+        print(json.dumps({"out": cfg.out, **{k: round(v, 6) for k, v in metrics.items()}}))
     return 0
 
 

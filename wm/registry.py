@@ -101,6 +101,7 @@ class ModelEntry:
         trains on any store with the camera and brings its own (empty) normalizer).
     action_free: the model trains on windows without actions too (a batch's `has_action` (B,) says
         which have them): stores without an action key, episodes flagged action-free, `video_store=`.
+    distilled: the model learns from a trained teacher (`teacher=DIR`); the others refuse one.
     """
 
     config_type: type
@@ -110,7 +111,7 @@ class ModelEntry:
     description: str = ""
     proprio_norm: str = "minmax"
     normalizer: Callable[[TrainContext], Normalizer | None] | None = None
-    validation: Callable[[nn.Module, str, list[int], bool], Any] | None = None
+    validation: Callable[[nn.Module, str, list[int], bool, str | None], Any] | None = None
     policy: Callable[[nn.Module], Any] | None = None
     inference: Callable[[Any, Normalizer], nn.Module] | None = None
     state_prefix: str = ""
@@ -119,6 +120,7 @@ class ModelEntry:
     overridable: tuple[str, ...] = field(default_factory=tuple)
     action_free: bool = False
     needs_actions: bool = True
+    distilled: bool = False
 
     def __post_init__(self) -> None:
         bad = [c for c in self.controllers if c not in CONTROLLERS]

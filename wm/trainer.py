@@ -140,6 +140,11 @@ class _Window:
         return {k: float(v) / self.n for k, v in self.sums.items()}
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite; nothing non-finite is saved (a ValueError: the
+    apps say it in one line, with what to change)."""
+
+
 def _stop_message(signum: int) -> str:
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     return f"{name}: stopping after this step to save a checkpoint ({name} again: quit unsaved)"
@@ -231,7 +236,7 @@ class Trainer:
         if cfg.compile and self._device.type == "cuda":
             loss_module = torch.compile(loss_module)
         elif cfg.compile:
-            log.info("compile=True ignored: torch.compile is only used on CUDA (device is %s)", self._device)
+            self._say(f"note: compile=true is used on CUDA only; this run on {self._device} is not compiled")
         if cfg.precision == "bf16" and self._device.type == "cpu":
             log.info("bf16 autocast on CPU: numerically fine but slow on most CPUs")
         self._loss_fn = loss_module
@@ -276,7 +281,14 @@ class Trainer:
         return fields
 
     def save(self) -> Path | None:
-        """Write `out_dir/ckpt_<step>.pt` (rank 0 only) and prune to `cfg.keep_last` files."""
+        """Write `out_dir/ckpt_<step>.pt` (rank 0 only) and prune to `cfg.keep_last` files. Weights that
+        are not finite are never written (nor good checkpoints pruned for them): every rank, whose
+        weights are the same, raises `TrainingDiverged`."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise TrainingDiverged(
+                f"the weights are not finite at step {self.step}: training diverged and was not saved; "
+                "lower trainer.lr or set trainer.grad_clip (the checkpoints saved before are kept)"
+            )
         if not self.is_main:
             return None
         path = save_checkpoint(self.out_dir / checkpoint_name(self.step), **self._payload())
@@ -541,7 +553,7 @@ class Trainer:
             if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
                 result.update(self._validate(writer))
                 last_val = self.step
-            if self._stop_requested(interrupt, at_log):
+            if self.step < cfg.steps and self._stop_requested(interrupt, at_log):  # the last: done
                 self._stop(saved, interrupt.signum)
         if last_val != self.step and self.val_fn is not None:  # resumed at or past cfg.steps
             result.update(self._validate(writer))
@@ -573,7 +585,10 @@ class Trainer:
             dist.all_reduce(t)
             means = {k: v / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
         if not math.isfinite(means["loss"]):
-            raise FloatingPointError(f"loss is {means['loss']} at step {self.step}")
+            raise TrainingDiverged(
+                f"the loss is {means['loss']} at step {self.step}: training diverged; lower trainer.lr or "
+                "set trainer.grad_clip (the checkpoints saved before are kept)"
+            )
         elapsed = time.perf_counter() - window.t0
         means["samples_per_s"] = window.n * self.cfg.batch_size * self.world_size / max(elapsed, 1e-9)
         if writer is not None:

@@ -84,6 +84,10 @@ def setup_training(
     of the same camera, with or without actions, proprio or not) is mixed in, `video_ratio` of each
     batch. Statistics come from the labelled training episodes only."""
     entry = model_entry(model_type)
+    if teacher is not None and not entry.distilled:
+        raise ValueError(
+            f"teacher= is for distilled models (model=consistency); model={model_type} takes none"
+        )
     if video_store is not None and not entry.action_free:
         raise ValueError(f"model={model_type} trains on actions only: video_store= needs a model like uwm")
     with DemoStore.open(store_path) as store:

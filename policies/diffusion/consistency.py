@@ -285,4 +285,5 @@ ENTRY = ModelEntry(
     use_ema=False,
     trainer_overrides={"ema_decay": 0.0},
     overridable=("sampler_steps", "precision", "temporal_ensemble", "inpaint_guidance"),
+    distilled=True,
 )
