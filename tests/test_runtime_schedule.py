@@ -146,6 +146,7 @@ def test_limits_workspace_and_the_per_tick_step_cap():
     box = SafetyConfig(workspace_low=(-0.5, -0.5), workspace_high=(0.5, 0.5), max_step=10.0)
     w = SafetyLayer(ARM, positions=True, cfg=box)
     assert w.filter(np.array([0.9, -0.9])).tolist() == [0.5, -0.5]
+    assert dict(w.events) == {"workspace": 1}  # counted as such (it was "clipped", never "workspace")
     no_cap = SafetyLayer(ARM, positions=False)
     no_cap.filter(np.array([-1.0, -1.0]))
     assert no_cap.filter(np.array([1.0, 1.0])).tolist() == [1.0, 1.0]  # forces are not step-capped
@@ -153,6 +154,11 @@ def test_limits_workspace_and_the_per_tick_step_cap():
         SafetyConfig(hold_after_s=2.0, stop_after_s=1.0)
     with pytest.raises(ValueError, match="workspace bounds"):
         SafetyLayer(ARM, True, SafetyConfig(workspace_low=(0, 0, 0), workspace_high=(1, 1, 1)))
+    # a cap the user set on deltas or velocities capped nothing, silently, and went unchecked
+    with pytest.raises(ValueError, match="this robot's actions are not positions"):
+        SafetyLayer(ARM, False, SafetyConfig(max_step=0.05))
+    with pytest.raises(ValueError, match=r"max_step must be one number or 2, got \(0.1, 0.2, 0.3\)"):
+        SafetyLayer(ARM, True, SafetyConfig(max_step=(0.1, 0.2, 0.3)))
 
 
 def test_the_first_command_is_step_capped_from_the_present_position():

@@ -69,6 +69,7 @@ class SafetyLayer:
             np.asarray(self.feature.high if self.feature.high is not None else np.inf, float), shape
         )
         self.step = self._step_cap(shape)
+        self.box: tuple[np.ndarray, np.ndarray] | None = None  # the workspace, within the limits
         if self.cfg.workspace_low is not None:
             wl = np.asarray(self.cfg.workspace_low, float)
             wh = np.asarray(self.cfg.workspace_high, float)
@@ -76,16 +77,26 @@ class SafetyLayer:
                 raise ValueError(
                     f"workspace bounds must be two {shape} boxes with low <= high, got {wl} and {wh}"
                 )
-            self.low, self.high = np.maximum(self.low, wl), np.minimum(self.high, wh)
+            self.box = np.maximum(self.low, wl), np.minimum(self.high, wh)
 
     def _step_cap(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        if not self.positions:
-            return None
         if self.cfg.max_step is not None:
-            cap = np.broadcast_to(np.asarray(self.cfg.max_step, float), shape)
+            if not self.positions:  # it was ignored: a user believed a cap was on
+                raise ValueError(
+                    "max_step caps the change of position targets per tick; this robot's actions are not "
+                    "positions (deltas, velocities), so it would cap nothing: leave it out"
+                )
+            try:
+                cap = np.broadcast_to(np.asarray(self.cfg.max_step, float), shape)
+            except ValueError:
+                raise ValueError(
+                    f"max_step must be one number or {shape[-1]}, got {self.cfg.max_step}"
+                ) from None
             if np.any(cap <= 0):
                 raise ValueError(f"max_step must be positive, got {self.cfg.max_step}")
             return cap
+        if not self.positions:
+            return None
         span = self.high - self.low
         if not np.all(np.isfinite(span)):
             return None  # no limits to take a fraction of
@@ -121,6 +132,11 @@ class SafetyLayer:
         clipped = np.clip(a, self.low, self.high)
         if np.any(clipped != a):
             self.events["clipped"] += 1
+        if self.box is not None:
+            boxed = np.clip(clipped, *self.box)
+            if np.any(boxed != clipped):
+                self.events["workspace"] += 1
+            clipped = boxed
         if self.step is not None and self.last is not None:
             capped = np.clip(clipped, self.last - self.step, self.last + self.step)
             if np.any(capped != clipped):
