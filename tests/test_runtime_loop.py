@@ -203,3 +203,4 @@ def test_a_takeover_device_sending_nan_is_held_and_ends_the_run_like_a_silent_co
     assert out.stopped is not None and "no fresh action" in out.stopped
     assert all(np.isfinite(t.command).all() for t in out.ticks if t.command is not None)
     assert 2.0 <= len(out.ticks) / HZ <= 2.3  # stop_after_s, with nothing fresh from the start
+    assert out.ticks[-1].events == ("hold", "stop")  # a recording shows where the watchdog stopped it

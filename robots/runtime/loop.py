@@ -281,7 +281,7 @@ class Runtime:
                     f"no fresh action for {idle:.2f} s (stop_after_s = {self.safety_cfg.stop_after_s}): "
                     f"{self._why_no_action(state)}; holding position"
                 )
-                self._hold(safety, nominal, began, out, on_tick, obs)
+                self._hold(safety, nominal, began, out, on_tick, obs, events=("hold", "stop"))
                 break
             if watchdog.state == "hold" and pick is None and human is None:
                 out.events["hold"] += 1
@@ -388,8 +388,9 @@ class Runtime:
         `send_action` reports it sent, which the safety layer's step cap and hold follow from now on)."""
         return safety.sent(self.robot.send_action(command), command)
 
-    def _hold(self, safety, nominal, began, out, on_tick, obs) -> None:
-        """A tick without a fresh action: send the safety layer's hold command (or nothing)."""
+    def _hold(self, safety, nominal, began, out, on_tick, obs, events=("hold",)) -> None:
+        """A tick without a fresh action: send the safety layer's hold command (or nothing); `events`
+        go into its record ("stop" too where the watchdog ends the run)."""
         command = safety.filter(None)
         if command is not None:
             try:
@@ -399,7 +400,7 @@ class Runtime:
                 command = None
         out.events["hold"] += 1
         record = TickRecord(
-            nominal, began, began, self.clock.now(), command, NO_CHUNK, -1, float("nan"), ("hold",)
+            nominal, began, began, self.clock.now(), command, NO_CHUNK, -1, float("nan"), tuple(events)
         )
         out.ticks.append(record)
         if on_tick is not None and obs is not None:
