@@ -177,3 +177,20 @@ def test_watchdog_holds_then_stops():
     assert w.check(10.4) == "ok" and w.check(10.6) == "hold" and w.check(12.1) == "stop"
     w.fresh(12.2)
     assert w.check(12.3) == "ok"
+
+
+def test_the_whole_runs_within_chunk_jumps_leave_out_the_jump_between_episodes():
+    """Two episodes whose chunks never jump: the run's within_jump_p99 counted the reset between them
+    (chunk ids restart at 0) as a jump inside a chunk."""
+    from robots.runtime.loop import EpisodeOutcome, TickRecord
+    from robots.runtime.report import run_report
+
+    def episode(level: float) -> EpisodeOutcome:
+        out = EpisodeOutcome()
+        for k in range(10):
+            out.ticks.append(TickRecord(k * 0.1, k * 0.1, k * 0.1, k * 0.1, np.array([level]), 0, k, k * 0.1))
+        return out
+
+    report = run_report([episode(0.0), episode(5.0)], {})
+    assert [e["within_jump_p99"] for e in report["per_episode"]] == [0.0, 0.0]
+    assert report["within_jump_p99"] == 0.0

@@ -49,14 +49,19 @@ def _p50_p99(x: Sequence[float]) -> dict[str, float | None]:
     return {"p50": _pct(x, 50), "p99": _pct(x, 99)}
 
 
+def _jumps(out: EpisodeOutcome) -> tuple[np.ndarray, np.ndarray]:
+    """(seam jumps, within-chunk jumps) of one episode's sent chunk actions (`seam_jumps`)."""
+    sent = [(t.command, t.chunk) for t in out.ticks if t.command is not None and t.chunk != NO_CHUNK]
+    return seam_jumps([s[0] for s in sent], [s[1] for s in sent])
+
+
 def episode_figures(out: EpisodeOutcome) -> dict[str, Any]:
     """The figures of one episode (see the module docstring)."""
     ticks = out.ticks
     err = [(t.started - t.nominal) * 1e3 for t in ticks]
     lat = [(c.first_sent - c.obs_time) * 1e3 for c in out.chunks if c.first_sent is not None]
     inf = [c.seconds * 1e3 for c in out.chunks if np.isfinite(c.seconds)]
-    sent = [(t.command, t.chunk) for t in ticks if t.command is not None and t.chunk != NO_CHUNK]
-    seams, within = seam_jumps([s[0] for s in sent], [s[1] for s in sent])
+    seams, within = _jumps(out)
     span = ticks[-1].started - ticks[0].started if len(ticks) > 1 else 0.0
     return {
         "ticks": len(ticks),
@@ -95,6 +100,8 @@ def run_report(outcomes: Sequence[EpisodeOutcome], settings: Mapping[str, Any]) 
     whole["achieved_hz"] = float(np.mean(rates)) if rates else None
     seams = [f["seam_jump_max"] for f in per_episode if f["seam_jump_max"] is not None]
     whole["seam_jump_max"] = max(seams, default=None)
+    # within each episode: the jump from one episode's last action to the next one's first is none
+    whole["within_jump_p99"] = _pct(np.concatenate([np.ravel(_jumps(o)[1]) for o in outcomes] or [[]]), 99)
     for key in ("success", "stopped", "wall_s"):
         whole.pop(key)
     succ = [o.success for o in outcomes if o.success is not None]
