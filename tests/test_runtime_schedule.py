@@ -96,7 +96,9 @@ def test_a_policy_faster_than_the_loop_skips_actions_and_says_so():
         pick, s = tl.take(k * P)
         sent.append(pick.action[0])
         skipped += s
-    assert sent == [1.0, 3.0, 5.0] and skipped == 3  # the action at or just before each tick wins
+    # the action due nearest each tick (ties: the earlier) wins; the one between two ticks is skipped.
+    # It sent the last due by tick + half a period (1, 3, 5): half a period early on every tick.
+    assert sent == [0.0, 2.0, 4.0] and skipped == 2
 
 
 def test_committed_gives_the_scheduled_actions_on_the_new_chunks_grid():

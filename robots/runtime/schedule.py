@@ -163,14 +163,17 @@ class Timeline:
     def take(self, tick_time: float) -> tuple[Pick | None, int]:
         """The action for the tick at `tick_time` (its nominal time) and how many slots were passed
         over without ever being sent. Without interpolation it is the slot due within half a period
-        of the tick (None between the slots of a policy slower than the loop, or when nothing is
-        pending); with it, the straight line between the slots due around the tick. Slots whose time
-        is over are consumed."""
+        of the tick, the nearest one when a policy faster than the loop has several (None between
+        the slots of a policy slower than the loop, or when nothing is pending); with it, the
+        straight line between the slots due around the tick. Slots whose time is over are consumed."""
         half = self.period_s / 2
         dues = [s.due for s in self.slots]
         if not self.interpolate:
             i = int(np.searchsorted(dues, tick_time + half, side="right"))  # slots [0, i) are due by now
-            return self._pick(i - 1, i, tick_time - half)
+            j = i - 1  # a policy faster than the loop has several: the nearest the tick (ties: earlier)
+            while j > 0 and abs(dues[j - 1] - tick_time) <= abs(dues[j] - tick_time) + 1e-9:
+                j -= 1
+            return self._pick(j, j + 1, tick_time - half)
         i = int(np.searchsorted(dues, tick_time + 1e-9, side="right"))  # slots [0, i) at or before the tick
         if i == 0 or i == len(self.slots):  # before the first slot, or past the last: no line to draw
             return self._pick(i - 1, i, tick_time - half)
