@@ -231,8 +231,8 @@ def _latency_config(args, delay: float, mode: str, stitching: str) -> dict:
         mode=mode,
         stitching=stitching,
         replan_every=args.replan_every if mode == "async" else args.exec_steps,
-        ensemble_m=args.ensemble_m,
-        inpaint_overlap=args.inpaint_overlap,
+        **({"ensemble_m": args.ensemble_m} if stitching == "ensemble" else {}),
+        **({"inpaint_overlap": args.inpaint_overlap} if stitching == "inpaint" and mode == "async" else {}),
     )
     rt = Runtime(task, worker, cfg, clock=clock)
     success, times, seams, within, fig_all, stopped = [], [], [], [], [], []

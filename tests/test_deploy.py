@@ -93,7 +93,7 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
 
 @pytest.mark.parametrize("stitching", ["replace", "average", "ensemble"])
 def test_every_stitching_and_the_synchronous_baseline(policy, tmp_path, stitching):
-    for mode in ("async", "sync"):
+    for mode in ("async", "sync") if stitching == "replace" else ("async",):  # sync merges no chunks
         out = tmp_path / mode
         res = cli(
             "wm-deploy", "robot=pointmaze", "controller=policy", f"checkpoint={policy}", f"out={out}",

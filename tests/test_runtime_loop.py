@@ -156,7 +156,19 @@ def test_a_controller_that_is_too_slow_for_its_chunks_underruns_and_holds():
     assert out.stopped is None  # fresh chunks keep coming: the watchdog does not stop it
 
 
-@pytest.mark.parametrize("bad", [{"mode": "fast"}, {"replan_every": 0}, {"policy_hz": -1.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mode": "fast"},
+        {"replan_every": 0},
+        {"policy_hz": -1.0},
+        # options that had no effect: accepted, and the report recorded them as if they had
+        {"mode": "sync", "stitching": "ensemble"},
+        {"stitching": "replace", "ensemble_m": 0.5},
+        {"stitching": "average", "inpaint_overlap": 2},
+        {"mode": "sync", "inpaint_overlap": 2},
+    ],
+)
 def test_runtime_config_refuses_bad_values(bad):
     with pytest.raises(ValueError):
         RuntimeConfig(**bad)

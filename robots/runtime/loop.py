@@ -92,6 +92,15 @@ class RuntimeConfig:
             raise ValueError("read_retries and max_read_failures must be >= 1")
         if self.action_latency_s < 0:
             raise ValueError(f"action_latency_s must be >= 0, got {self.action_latency_s}")
+        if self.mode == "sync" and self.stitching in ("ensemble", "average"):  # they had no effect
+            raise ValueError(
+                f"stitching={self.stitching} merges overlapping chunks, which mode=sync never has (each "
+                "chunk runs to its end): use mode=async, or leave stitching out"
+            )
+        if self.ensemble_m != RuntimeConfig.ensemble_m and self.stitching != "ensemble":
+            raise ValueError(f"ensemble_m is for stitching=ensemble, not {self.stitching}: leave it out")
+        if self.inpaint_overlap is not None and (self.stitching != "inpaint" or self.mode == "sync"):
+            raise ValueError("inpaint_overlap is for mode=async with stitching=inpaint: leave it out")
         check(self.realtime_priority, self.control_cpu)
         if self.mode == "sync" and (self.realtime_priority is not None or self.control_cpu is not None):
             raise ValueError(
