@@ -396,6 +396,18 @@ def test_best_metric_choice(dataset, tmp_path):
     ):
         typo.fit()
     assert latest_checkpoint(tmp_path / "typo").name == "ckpt_00000005.pt"  # saved before validating
+    late = make_trainer(
+        dataset,
+        tmp_path / "late",
+        steps=10,
+        val_every=3,
+        val_fn=scripted_val({3: two[5]}),
+        best_metric="c",
+        ckpt_every=5,
+    )
+    with pytest.raises(ValueError, match="step 3 is saved"):  # validation before any checkpoint: kept
+        late.fit()
+    assert latest_checkpoint(tmp_path / "late").name == "ckpt_00000003.pt"
 
 
 class SignalingRegressor(TinyRegressor):

@@ -464,9 +464,11 @@ class Trainer:
             return ""
         name = next(iter(metrics)) if self.cfg.best_metric == "auto" else self.cfg.best_metric
         if name not in metrics:
+            saved = self.save()  # the steps trained so far are kept: rerun with a right name to resume
             raise ValueError(
                 f"best_metric={name!r} is not a validation metric of this model ({', '.join(metrics)}); "
-                "name one of those, 'auto' (the first) or null (no best.pt)"
+                f"name one of those, 'auto' (the first) or null (no best.pt); step {self.step} is saved"
+                + (f" ({saved})" if saved is not None else "")
             )
         value, old = metrics[name], self.best
         if not math.isfinite(value) or (old and old["metric"] == name and value >= old["value"]):
