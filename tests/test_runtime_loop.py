@@ -147,6 +147,16 @@ def test_sync_waits_for_each_chunk_and_restarts_its_schedule():
     assert all(t.chunk != NO_CHUNK for t in out.ticks)
 
 
+def test_sync_with_a_slower_policy_gives_each_chunks_last_action_its_whole_step():
+    """policy_hz below the robot's: the next chunk was asked for as soon as the last action was sent,
+    so it lasted one tick instead of one policy step and every chunk ran short."""
+    _, rt, _ = setup("sync", "replace", replan_every=3, delay=0.0, policy_hz=HZ / 4)
+    out = rt.run_episode(24)
+    firsts = [t.nominal - out.started_at for t in out.ticks if t.chunk != NO_CHUNK and t.index == 0]
+    assert np.allclose(np.diff(firsts), 3 * 4 / HZ)  # 3 actions of 4 ticks each per chunk
+    assert out.underruns == 0  # holding the last action through its step is no underrun
+
+
 def test_a_controller_that_is_too_slow_for_its_chunks_underruns_and_holds():
     _, rt, _ = setup("async", "replace", replan_every=1, chunk=2, delay=0.5)
     out = rt.run_episode(20)

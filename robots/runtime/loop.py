@@ -281,8 +281,10 @@ class Runtime:
                 watchdog.fresh(now)
                 if now > pick.due + self.period / 2:
                     out.stale_sent += 1
-            elif not len(timeline) and human is None and not state.resuming:
-                out.underruns += 1
+            elif (
+                not len(timeline) and not timeline.holds_last(tick_t) and human is None and not state.resuming
+            ):
+                out.underruns += 1  # (the last action of a slower policy still has its step: no underrun)
             if watchdog.check(now) == "stop":
                 out.events["stop"] += 1
                 idle = now - (watchdog.last_fresh if watchdog.last_fresh is not None else now)
@@ -345,8 +347,8 @@ class Runtime:
             # ---- ask for the next chunk
             if state.human:
                 continue  # the operator drives; the controller is asked again once handed back
-            if cfg.mode == "sync":
-                if not len(timeline):
+            if cfg.mode == "sync":  # the next chunk once this one's last action has had its step
+                if not len(timeline) and not timeline.holds_last(anchor + k * self.period):
                     reply = self._request(history, None, out, state, captured)
                     now, nxt = clock.now(), anchor + k * self.period
                     if now > nxt:  # the robot waited past the next deadline: its schedule restarts now

@@ -114,6 +114,7 @@ class Timeline:
     interpolate: bool = False
     slots: list[Slot] = field(default_factory=list)
     last: Slot | None = None  # the slot the latest tick sent (an interpolated tick: its left end)
+    step_s: float = 0.0  # the policy step of the latest chunk merged
 
     def __post_init__(self) -> None:
         if self.stitching not in STITCHING:
@@ -129,6 +130,11 @@ class Timeline:
     def clear(self) -> None:
         self.slots, self.last = [], None
 
+    def holds_last(self, tick_time: float) -> bool:
+        """Whether the last action sent still covers the tick at `tick_time`: a policy slower than the
+        loop means each action for a whole policy step, also the last of a chunk."""
+        return self.last is not None and tick_time < self.last.due + self.step_s - self.period_s / 2
+
     # ------------------------------------------------------------------ merging
     def merge(self, chunk: Chunk, next_tick: float) -> MergeResult:
         """Take in `chunk`, which arrived before the tick at `next_tick`: its actions whose time has
@@ -138,6 +144,7 @@ class Timeline:
         new = [Slot(float(due[k]), chunk.actions[k].copy(), chunk.seq, k) for k in range(stale, len(due))]
         if new:
             self.slots = self._stitch(new, chunk.step_s)
+        self.step_s = chunk.step_s
         return MergeResult(kept=len(new), dropped_stale=stale)
 
     def _stitch(self, new: list[Slot], step_s: float) -> list[Slot]:
