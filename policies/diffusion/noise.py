@@ -69,7 +69,7 @@ class NoiseConfig:
     """
 
     num_train_steps: int = 100
-    beta_schedule: str = "squaredcos_cap_v2"  # or "linear" (DDPM's 1e-4 .. 0.02 over 1000 steps, scaled)
+    beta_schedule: str = "squaredcos_cap_v2"  # or "linear" (beta 1e-4 .. 0.02)
     prediction_type: str = "epsilon"
     clip_sample: bool = True
     clip_range: float = 1.0
@@ -98,13 +98,9 @@ class NoiseConfig:
 
 
 def make_betas(schedule: str, n: int) -> Tensor:
-    """(n,) float64 betas, capped at 0.999. squaredcos_cap_v2: Nichol & Dhariwal's cosine schedule.
-    linear: DDPM's 1e-4 .. 0.02 for 1000 steps, scaled by 1000 / n as in Nichol & Dhariwal's code, so
-    that every n ends in noise (unscaled, 100 steps keep 60 % of the signal at the last step, and
-    sampling from pure noise starts where the model never trained)."""
+    """(n,) float64 betas. squaredcos_cap_v2: Nichol & Dhariwal's cosine schedule, betas capped at 0.999."""
     if schedule == "linear":
-        scale = 1000.0 / n
-        return torch.linspace(1e-4 * scale, 0.02 * scale, n, dtype=torch.float64).clamp(max=0.999)
+        return torch.linspace(1e-4, 0.02, n, dtype=torch.float64)
 
     def abar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
