@@ -203,3 +203,17 @@ def test_collect_says_where_it_wrote(tmp_path):
     res = cli("wm-collect", "task=pointmaze", "store=s.zarr", "episodes=1", "state_only=true", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "saved 1 episodes" in res.stdout and "to store s.zarr (now 1 episodes)" in res.stdout
+
+
+def test_wm_demo_gives_mpc_options_to_the_mpc_evaluation_alone():
+    """eval.planner_budget / objective / budgets reached the random baseline too, which refuses them."""
+    from tools.demo import DemoConfig, steps
+
+    demo = OmegaConf.load(Path(configs.__file__).parent / "demo.yaml")
+    model = OmegaConf.load(Path(configs.__file__).parent / "model" / "dino_wm.yaml")
+    fields = {k: OmegaConf.to_container(demo[k]) if k in ("collect", "trainer", "eval") else demo[k]
+              for k in ("out", "task", "seed", "collect", "trainer", "eval")}  # fmt: skip
+    fields["eval"] |= {"planner_budget": {"iterations": 3}, "objective": "last_frame", "budgets": [2, 4]}
+    plan = steps(DemoConfig(**fields, model=OmegaConf.to_container(model)))
+    assert plan.mpc.planner_budget.iterations == 3 and plan.mpc.budgets == [2, 4]
+    assert plan.random.controller == "random" and plan.random.budgets == []

@@ -57,7 +57,17 @@ def steps(cfg: DemoConfig) -> DemoSteps:
 
     out = Path(cfg.out)
     store, run_dir = str(out / "demos.zarr"), str(out / "world_model")
-    common = {k: v for k, v in cfg.eval.items() if k not in ("planner", "execute", "subgoals", "graph")}
+    mpc_only = (
+        "planner",
+        "execute",
+        "subgoals",
+        "graph",
+        "planner_budget",
+        "objective",
+        "store",
+        "precision",
+    )
+    common = {k: v for k, v in cfg.eval.items() if k not in (*mpc_only, "budgets")}  # the random baseline
     build(TrainerConfig, cfg.trainer, "trainer")
     fixed = {"task": cfg.task, "store": store, "teleop": "scripted", "seed": cfg.seed, "preview": "false"}
     return DemoSteps(

@@ -142,6 +142,9 @@ def _check_boundaries(store: DemoStore) -> list[Problem]:
         return [Problem("meta/episode_ends", f"{problem}; episode boundaries taken from the commit record")]
     out = []
     lengths = np.diff(disk, prepend=0)
+    empty = tuple(int(i) for i in np.flatnonzero(lengths == 0))  # (a store without a commit record)
+    if empty:
+        out.append(Problem("meta/episode_ends", "episodes without steps", episodes=empty))
     if isinstance(records, list):
         for i, (rec, n) in enumerate(zip(records, lengths, strict=False)):
             got = rec.get("length") if isinstance(rec, dict) else None
