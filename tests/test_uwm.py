@@ -378,6 +378,10 @@ def test_in_memory_false_reaches_the_autoencoder_and_a_latent_path_is_asked_for(
     assert loaded and "image" not in loaded
     with pytest.raises(ValueError, match="model.latent.source=autoencoder needs model.latent.path="):
         setup_training("uwm", str(store), {**opts, "latent": {"source": "autoencoder"}}, seed=0)
+    other = make_store(tmp_path / "other.zarr", 2, seed=1)
+    with pytest.raises(ValueError, match=r"model.image_size=\[64, 64\] is set from the store \(\[32, 32\]\)"):
+        setup_training("uwm", str(other), {**opts, "image_size": [64, 64]}, seed=0)
+    assert not list((tmp_path / "feature_cache" / "autoencoder").glob("other__*"))  # refused before it
 
 
 def test_an_autoencoder_trains_on_a_store_without_actions(tmp_path):

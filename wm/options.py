@@ -1,10 +1,11 @@
-"""Typed sub-configs from the plain dicts a config file or a checkpoint holds."""
+"""Typed sub-configs from the plain dicts a config file or a checkpoint holds, and the model options
+that come from the store (given otherwise: one clear line)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -23,3 +24,35 @@ def sub_config(cls: type[T], value: Any, where: str) -> T:
         hint = f"; did you mean {where}.{near[0]}?" if near else ""
         raise ValueError(f"unknown option {where}.{unknown[0]}{hint} (its options: {', '.join(names)})")
     return cls(**value)
+
+
+# model options every entry takes from the store, and what a user sets instead
+STORE_DERIVED = {
+    "image_key": "choose the camera with the top-level image_key=",
+    "proprio_key": "choose it with the top-level proprio_key=",
+    "image_size": "it is the size of the store's frames",
+    "proprio_dim": "it is the size of the store's proprioception key",
+    "action_key": "actions are read from the store's 'action' key",
+    "action_dim": "it is the size of the store's 'action' key",
+    "latent_shape": "it follows from the codec and the frame size",
+}
+
+
+def check_not_derived(given: Mapping[str, Any], built: Mapping[str, Any], where: str = "model") -> None:
+    """A model option the entry takes from the store, given with another value, is refused in one line
+    (it was overwritten silently: model.image_key=wrist trained on the first camera)."""
+    for key, value in given.items():
+        path, got = f"{where}.{key}", built.get(key)
+        if isinstance(value, Mapping) and isinstance(got, Mapping):
+            check_not_derived(value, got, path)
+        elif key in STORE_DERIVED and key in built and _plain(value) != _plain(got):
+            raise ValueError(
+                f"{path}={_plain(value)} is set from the store ({_plain(got)}): {STORE_DERIVED[key]}"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """Lists, tuples and OmegaConf lists alike, for comparison."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value

@@ -21,6 +21,7 @@ from wm.data.dataset import WindowDataset, WithFrames
 from wm.data.mixture import ACTION_FREE, ActionFreeWindows, MixedWindows, check_compatible
 from wm.data.normalize import Normalizer
 from wm.data.windows import split_episodes
+from wm.options import check_not_derived
 from wm.registry import TrainContext, model_entry
 
 log = logging.getLogger(__name__)
@@ -159,38 +160,6 @@ def setup_training(
         else None
     )
     return TrainSetup(model, model_type, train_set, normalizer, cfg.to_dict(), val_fn, train_eps, val_eps)
-
-
-# model options every entry takes from the store, and what a user sets instead
-STORE_DERIVED = {
-    "image_key": "choose the camera with the top-level image_key=",
-    "proprio_key": "choose it with the top-level proprio_key=",
-    "image_size": "it is the size of the store's frames",
-    "proprio_dim": "it is the size of the store's proprioception key",
-    "action_key": "actions are read from the store's 'action' key",
-    "action_dim": "it is the size of the store's 'action' key",
-    "latent_shape": "it follows from the codec and the frame size",
-}
-
-
-def check_not_derived(given: Mapping[str, Any], built: Mapping[str, Any], where: str = "model") -> None:
-    """A model option the entry takes from the store, given with another value, is refused in one line
-    (it was overwritten silently: model.image_key=wrist trained on the first camera)."""
-    for key, value in given.items():
-        path, got = f"{where}.{key}", built.get(key)
-        if isinstance(value, Mapping) and isinstance(got, Mapping):
-            check_not_derived(value, got, path)
-        elif key in STORE_DERIVED and key in built and _plain(value) != _plain(got):
-            raise ValueError(
-                f"{path}={_plain(value)} is set from the store ({_plain(got)}): {STORE_DERIVED[key]}"
-            )
-
-
-def _plain(value: Any) -> Any:
-    """Lists, tuples and OmegaConf lists alike, for comparison."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [_plain(v) for v in value]
-    return value
 
 
 def cached_features(store_path: str, encoder: Any, image_keys: str | Sequence[str]) -> str:

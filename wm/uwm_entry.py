@@ -13,6 +13,7 @@ from policies.chunking import ChunkPolicy
 from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.latents import LatentConfig, build_codec, latent_config_from_source
+from wm.options import check_not_derived
 from wm.registry import ModelEntry, TrainContext
 from wm.uwm import UWM, UWMConfig
 
@@ -59,19 +60,18 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
     shapes = ctx.key_shapes
     keys = list(options.get("image_keys") or [ctx.image_key])
     size = ctx.camera_size(keys)
-    latent = latent_config(options.get("latent", {}), ctx, keys)
-    codec = build_codec(LatentConfig.from_dict(latent), load_weights=False)
-    return {
-        **options,
+    derived = {
         "image_keys": keys,
         "image_size": size,
-        "latent": latent,
-        "latent_shape": tuple(codec.latent_shape(*size)),
         "proprio_key": ctx.proprio_key,
         "proprio_dim": int(np.prod(shapes[ctx.proprio_key])) if ctx.proprio_key else 0,
         "action_key": "action",
         "action_dim": int(np.prod(shapes["action"])),
     }
+    check_not_derived(options, derived)  # before the default autoencoder trains (minutes)
+    latent = latent_config(options.get("latent", {}), ctx, keys)
+    codec = build_codec(LatentConfig.from_dict(latent), load_weights=False)
+    return {**options, **derived, "latent": latent, "latent_shape": tuple(codec.latent_shape(*size))}
 
 
 def validation(
