@@ -39,7 +39,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from robots.base import RobotError
 from robots.teleop.base import DeviceNotFoundError
-from tools._config import UsageError, build, check, nearest, one_of, unknown_option
+from tools._config import UsageError, build, changed, check, nearest, one_of, unknown_option
 from tools._help import option_comments
 from wm.checkpoint import CheckpointError
 from wm.data.errors import StoreError
@@ -54,6 +54,7 @@ __all__ = [
     "app",
     "bind",
     "build",
+    "changed",
     "check",
     "nearest",
     "one_of",

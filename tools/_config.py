@@ -35,6 +35,18 @@ def unknown_option(path: str, valid: Sequence[str]) -> UsageError:
     return UsageError(f"unknown option {path}; {where} {', '.join(valid) or 'no options'}")
 
 
+def changed(cfg: Any, names: Sequence[str]) -> list[str]:
+    """Those of dataclass `cfg`'s fields `names` set to other than their defaults (in that order): the
+    options a user gave, for refusing the ones that do not apply rather than ignoring them."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+
+    def default(name: str) -> Any:
+        f = fields[name]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+    return [n for n in names if getattr(cfg, n) != default(n)]
+
+
 def one_of(path: str, value: Any, choices: Sequence[Any]) -> None:
     """`controller must be one of mpc, policy, random, got 'mcp'; did you mean mpc?`"""
     if value not in choices:

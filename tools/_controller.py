@@ -18,7 +18,7 @@ import numpy as np
 
 from policies.base import Budget
 from policies.subgoal import GraphConfig
-from tools._cli import UsageError, build, one_of
+from tools._cli import UsageError, build, changed, one_of
 
 CONTROLLERS = ("mpc", "policy", "random")
 POLICY_OPTIONS = {  # wm-eval policy.<name> -> the model config field it overrides at load time
@@ -93,16 +93,9 @@ class ControllerConfig:
     def mpc_options_given(self) -> list[str]:
         """MPC's options set to other than their defaults (the planner group aside: Hydra always
         composes one)."""
-        changed = {
-            "planner_budget": self.planner_budget != PlannerBudget(),
-            "execute": self.execute != 1,
-            "subgoals": self.subgoals == "on",
-            "store": self.store is not None,
-            "graph": self.graph != GraphConfig(),
-            "objective": self.objective != "checkpoint",
-            "precision": self.precision is not None,
-        }
-        return [name for name, c in changed.items() if c]
+        names = ("planner_budget", "execute", "subgoals", "store", "graph", "objective", "precision")
+        # subgoals=off asks for nothing a controller that does not plan would miss
+        return [n for n in changed(self, names) if n != "subgoals" or self.subgoals == "on"]
 
     def policy_options_given(self) -> list[str]:
         return ["policy." + k for k, v in vars(self.policy).items() if v is not None]

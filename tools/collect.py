@@ -31,7 +31,7 @@ from tqdm import tqdm
 from robots.collect import Collector, Preview, SessionStats, open_store, recording_schema
 from robots.registry import make_expert, make_robot, make_task, robot_entry, task_entry
 from robots.sim.base import SimConfig
-from tools._cli import FAULT_EXIT, UsageError, app, bind, build, one_of
+from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, one_of
 from tools._device import DeviceSettings
 
 
@@ -77,12 +77,7 @@ class CollectConfig:
                     raise UsageError(f"{name} apply to teleop devices; teleop=scripted takes none")
         else:
             DeviceSettings.of(self).check(needs_start=True)
-            scripted_only = {
-                "noise_std": self.noise_std != 0.0,
-                "replays": self.replays != 0,
-                "replay_noise_std": self.replay_noise_std != CollectConfig.replay_noise_std,
-            }
-            given = [name for name, changed in scripted_only.items() if changed]
+            given = changed(self, ("noise_std", "replays", "replay_noise_std"))  # scripted experts' only
             if given:
                 raise UsageError(
                     f"{', '.join(given)}: noise and replays apply to scripted experts; "

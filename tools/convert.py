@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind
+from tools._cli import UsageError, app, bind, changed
 from wm.data.errors import NotAStoreError
 
 
@@ -75,12 +75,8 @@ TARGET = {"store": "a LeRobot dataset", "lerobot": "a store", "robomimic": "a st
 
 
 def check_options(cfg: ConvertConfig, kind: str) -> None:
-    defaults = ConvertConfig(src=cfg.src, dst=cfg.dst)
-    given = [
-        f.name
-        for f in dataclasses.fields(ConvertConfig)
-        if f.name not in ("src", "dst", *USED[kind]) and getattr(cfg, f.name) != getattr(defaults, f.name)
-    ]
+    others = [f.name for f in dataclasses.fields(ConvertConfig) if f.name not in ("src", "dst", *USED[kind])]
+    given = changed(cfg, others)
     if given:
         raise UsageError(
             f"{', '.join(given)}: not used converting {kind} {cfg.src} to {TARGET[kind]} "

@@ -76,9 +76,9 @@ def setup_training(
     `store_path` and the user's model `options`. Episodes are split with `seed` (`val_ratio` held
     out), and torch is seeded with it right before the model is built; the normalizer is fitted on
     the training episodes (actions min-max, proprioception as the entry says) unless the entry
-    brings its own. With `feature_cache="auto"` and a model whose
-    encoder is frozen, its features are computed once into a zarr cache beside the store
-    (`<store dir>/feature_cache/`) and training reads those instead of images.
+    brings its own. With `feature_cache="auto"` and a model whose encoder is frozen, its features are
+    computed once into a zarr cache beside the store (`<store dir>/feature_cache/`) and training reads
+    those instead of images.
 
     Action-free data, for models whose entry says `action_free`: episodes of the store flagged
     action-free (`wm.data.mixture.ACTION_FREE`) train without their actions, and `video_store` (a store
