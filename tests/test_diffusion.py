@@ -24,7 +24,16 @@ from policies.diffusion import (
 )
 from policies.diffusion.consistency import ConsistencyObjective, DistillConfig
 from policies.diffusion.entry import chunk_policy
-from policies.diffusion.noise import Committed, Diffusion, Inpaint, inpaint_guide, masked_mean, scored_steps
+from policies.diffusion.noise import (
+    Committed,
+    Diffusion,
+    Inpaint,
+    check_reaches_noise,
+    inpaint_guide,
+    make_betas,
+    masked_mean,
+    scored_steps,
+)
 from wm import kernels
 from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import DemoStore, KeySpec, Schema
@@ -307,6 +316,39 @@ def test_gradient_guidance_moves_the_free_steps_towards_the_conditional(sampler,
     assert edited > 0.4 and guided < at_most * edited, (edited, guided)
     with pytest.raises(ValueError, match="max_weight must be > 0"):
         inpaint_guide(previous, Ta, 0, k, max_weight=0.0)
+
+
+@pytest.mark.parametrize("n", [10, 100, 1000])
+def test_beta_schedules_match_their_references(n):
+    """linear is diffusers' (a checkpoint trained with it keeps its schedule), linear_scaled Nichol &
+    Dhariwal's 1000 / n scaling; both with the cosine schedule end in noise where training may use them."""
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(num_train_timesteps=n, beta_schedule="linear").betas.double()
+    torch.testing.assert_close(make_betas("linear", n), ref)
+    scaled = make_betas("linear_scaled", n)
+    ends = (torch.tensor([0.1, 20.0], dtype=torch.float64) / n).clamp(max=0.999)
+    torch.testing.assert_close(scaled[[0, -1]], ends)
+    for schedule in ("linear_scaled", "squaredcos_cap_v2"):
+        assert torch.cumprod(1 - make_betas(schedule, n), 0)[-1].sqrt() < 0.01
+        check_reaches_noise({"beta_schedule": schedule, "num_train_steps": n})
+
+
+def test_training_refuses_a_schedule_that_never_reaches_noise(store_path):
+    """diffusers' linear betas over 100 steps keep 60 % of the signal at the last step: sampling would
+    start from pure noise the model never saw. Refused before training, for both diffusion models;
+    a checkpoint trained with it still loads with its own schedule."""
+    from wm.training import setup_training
+
+    refusal = r"beta_schedule=linear with num_train_steps=100 keeps 60%.*linear_scaled"
+    with pytest.raises(ValueError, match=refusal):
+        check_reaches_noise({"beta_schedule": "linear"})
+    check_reaches_noise({"beta_schedule": "linear", "num_train_steps": 1000})
+    for model in ("diffusion_unet", "uwm"):
+        with pytest.raises(ValueError, match=r"model\.noise\.beta_schedule=linear with num_train_steps=100"):
+            setup_training(model, str(store_path), {"noise": {"beta_schedule": "linear"}}, val_ratio=0.0)
+    cfg = DiffusionPolicyConfig(noise={"beta_schedule": "linear"})  # what loading a checkpoint builds
+    assert cfg.noise.beta_schedule == "linear"
 
 
 def test_committed_draws_and_loss_mask():

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from policies.chunking import ChunkPolicy
+from policies.diffusion.noise import check_reaches_noise
 from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.latents import LatentConfig, build_codec, latent_config_from_source
@@ -69,6 +70,7 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
         "action_dim": int(np.prod(shapes["action"])),
     }
     check_not_derived(options, derived)  # before the default autoencoder trains (minutes)
+    check_reaches_noise(options.get("noise", {}))
     latent = latent_config(options.get("latent", {}), ctx, keys)
     codec = build_codec(LatentConfig.from_dict(latent), load_weights=False)
     return {**options, **derived, "latent": latent, "latent_shape": tuple(codec.latent_shape(*size))}

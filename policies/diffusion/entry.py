@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from policies.chunking import ChunkPolicy
+from policies.diffusion.noise import check_reaches_noise
 from policies.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig
 from wm.data.dataset import WindowDataset
 from wm.registry import ModelEntry, TrainContext
@@ -52,6 +53,7 @@ def configurer(denoiser: str) -> Any:
             raise ValueError(
                 f"model type diffusion_{denoiser} with denoiser {given!r}; use diffusion_{given}"
             )
+        check_reaches_noise(options.get("noise", {}))
         shapes = ctx.key_shapes
         obs = dict(options.get("obs", {}))
         size = tuple(shapes[ctx.image_key][:2])

@@ -42,8 +42,9 @@ Shapes: x (B, Ta, Da) normalized actions; cond (B, To, Dc) observation features 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,8 @@ PREDICTION_TYPES = ("epsilon", "sample")
 SAMPLERS = ("ddpm", "ddim", "edm", "consistency")
 EDM_SOLVERS = ("dpmpp_2m", "heun")
 SIGMA_DATA = 0.5  # data scale assumed by the consistency parametrization (actions in [-1, 1])
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "linear_scaled")
+MAX_TERMINAL_SIGNAL = 0.05  # sqrt(alpha_bar) at the last training step: sampling starts from pure noise
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class NoiseConfig:
     """
 
     num_train_steps: int = 100
-    beta_schedule: str = "squaredcos_cap_v2"  # or "linear" (beta 1e-4 .. 0.02)
+    beta_schedule: str = "squaredcos_cap_v2"  # or "linear", "linear_scaled": see `make_betas`
     prediction_type: str = "epsilon"
     clip_sample: bool = True
     clip_range: float = 1.0
@@ -81,10 +84,8 @@ class NoiseConfig:
     def __post_init__(self) -> None:
         if self.num_train_steps < 2:
             raise ValueError(f"num_train_steps must be >= 2, got {self.num_train_steps}")
-        if self.beta_schedule not in ("squaredcos_cap_v2", "linear"):
-            raise ValueError(
-                f"beta_schedule must be 'squaredcos_cap_v2' or 'linear', got {self.beta_schedule!r}"
-            )
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
@@ -98,9 +99,13 @@ class NoiseConfig:
 
 
 def make_betas(schedule: str, n: int) -> Tensor:
-    """(n,) float64 betas. squaredcos_cap_v2: Nichol & Dhariwal's cosine schedule, betas capped at 0.999."""
-    if schedule == "linear":
-        return torch.linspace(1e-4, 0.02, n, dtype=torch.float64)
+    """(n,) float64 betas. squaredcos_cap_v2: Nichol & Dhariwal's cosine schedule, betas capped at 0.999.
+    linear: DDPM's betas 1e-4 .. 0.02 over n steps, as diffusers' `linear` (so a checkpoint trained
+    with it keeps its schedule); it reaches noise only for n of about 600 or more (`check_reaches_noise`).
+    linear_scaled: the same scaled by 1000 / n (Nichol & Dhariwal's code), which ends in noise for any n."""
+    if schedule in ("linear", "linear_scaled"):
+        scale = 1000.0 / n if schedule == "linear_scaled" else 1.0
+        return torch.linspace(1e-4 * scale, 0.02 * scale, n, dtype=torch.float64).clamp(max=0.999)
 
     def abar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -108,6 +113,25 @@ def make_betas(schedule: str, n: int) -> Tensor:
     return torch.tensor(
         [min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float64
     )
+
+
+def check_reaches_noise(options: dict[str, Any], where: str = "model.noise") -> None:
+    """Refuse, before training, a schedule whose last step keeps more than `MAX_TERMINAL_SIGNAL` of the
+    signal: sampling starts from pure noise, which such a model never saw (diffusers' `linear` with 100
+    steps keeps 60 %). `options` are the user's noise options; loading a checkpoint never checks this."""
+    if not isinstance(options, Mapping):
+        return  # NoiseConfig says what is wrong
+    schedule = options.get("beta_schedule", NoiseConfig.beta_schedule)
+    n = options.get("num_train_steps", NoiseConfig.num_train_steps)
+    if schedule not in BETA_SCHEDULES or not isinstance(n, int) or n < 2:
+        return  # NoiseConfig says what is wrong
+    signal = float(torch.cumprod(1 - make_betas(schedule, n), 0)[-1].sqrt())
+    if signal > MAX_TERMINAL_SIGNAL:
+        raise ValueError(
+            f"{where}.beta_schedule={schedule} with num_train_steps={n} keeps {signal:.0%} of the signal at "
+            f"its last step (sampling starts from pure noise, which training never shows); use "
+            f"linear_scaled or squaredcos_cap_v2, or more steps"
+        )
 
 
 @dataclass(frozen=True)
