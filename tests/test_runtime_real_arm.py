@@ -171,6 +171,12 @@ def drive(bus: Bus, arm, w, ticks: int, safety: SafetyConfig) -> Run:
         out = Runtime(arm, w, RuntimeConfig(safety=safety)).run_episode(ticks)
         goals, torque = bus.goals(since), bus.torque()
         assert len(bus.fake.written) == since + goals.size  # the run wrote goals and nothing else
+        # one record, and at most one command, per tick of the schedule (the hold that ends a run on a
+        # fault found after a tick's send is the next tick's, never a second command in the same tick)
+        nominal = np.array([t.nominal for t in out.ticks])
+        assert np.all(np.diff(nominal) > 0), nominal
+        # every record's observation was read before its tick began (a hold's too: the newest one)
+        assert all(t.captured < t.started for t in out.ticks)
     finally:
         arm.disconnect()
     return Run(out, bus.units(goals), start, torque, bus.torque())

@@ -262,7 +262,7 @@ class Runtime:
                 if reply is not None:
                     self._arrived(reply, timeline, out, state, tick_t, clock.now())
                 if out.stopped:
-                    self._hold(safety, nominal, began, out, on_tick, obs)
+                    self._hold(safety, nominal, began, captured, out, on_tick, obs)
                     break
             # ---- the action due now (or a human's)
             human = takeover(obs) if takeover is not None else None
@@ -292,7 +292,7 @@ class Runtime:
                     f"no fresh action for {idle:.2f} s (stop_after_s = {self.safety_cfg.stop_after_s}): "
                     f"{self._why_no_action(state)}; holding position"
                 )
-                self._hold(safety, nominal, began, out, on_tick, obs, events=("hold", "stop"))
+                self._hold(safety, nominal, began, captured, out, on_tick, obs, events=("hold", "stop"))
                 break
             if watchdog.state == "hold" and pick is None and human is None:
                 out.events["hold"] += 1
@@ -338,8 +338,8 @@ class Runtime:
             # ---- the newest observation (after the send: the command never waits for a camera or bus)
             fresh_obs = self._read(out)
             if fresh_obs is None:
-                if out.stopped:
-                    self._hold(safety, nominal, began, out, None, None)
+                if out.stopped:  # this tick has sent its command: the hold is the next tick's
+                    self._hold_at(anchor + k * self.period, safety, captured, out, None, None)
                     break
                 continue  # the pending actions go on; too many failed reads in a row end the episode
             captured, obs = self._stamp(anchor + k * self.period), fresh_obs
@@ -356,11 +356,12 @@ class Runtime:
                     if reply is not None:  # the chunk starts at the next tick
                         self._arrived(reply, timeline, out, state, anchor + k * self.period, now, sync=True)
                     if out.stopped:
+                        self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
                         break
             elif not self.worker.busy and self._due_request(timeline, state, captured):
                 self._request(history, timeline, out, state, captured)
                 if out.stopped:
-                    self._hold(safety, nominal, began, out, on_tick, obs)
+                    self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
                     break
         out.wall_s = clock.now() - out.started_at
         return out
@@ -399,9 +400,16 @@ class Runtime:
         `send_action` reports it sent, which the safety layer's step cap and hold follow from now on)."""
         return safety.sent(self.robot.send_action(command), command)
 
-    def _hold(self, safety, nominal, began, out, on_tick, obs, events=("hold",)) -> None:
+    def _hold_at(self, tick_t, safety, captured, out, on_tick, obs) -> None:
+        """The hold that ends a run on a fault found after a tick's send: on the next tick of the
+        schedule, as a tick of its own (never a second command and record in the same tick)."""
+        self.clock.sleep_until(tick_t)
+        self._hold(safety, tick_t, self.clock.now(), captured, out, on_tick, obs)
+
+    def _hold(self, safety, nominal, began, captured, out, on_tick, obs, events=("hold",)) -> None:
         """A tick without a fresh action: send the safety layer's hold command (or nothing); `events`
-        go into its record ("stop" too where the watchdog ends the run)."""
+        go into its record ("stop" too where the watchdog ends the run); `captured`: the capture time of
+        `obs`, the newest observation, which `on_tick` records beside the hold."""
         command = safety.filter(None)
         if command is not None:
             try:
@@ -411,7 +419,7 @@ class Runtime:
                 command = None
         out.events["hold"] += 1
         record = TickRecord(
-            nominal, began, began, self.clock.now(), command, NO_CHUNK, -1, float("nan"), tuple(events)
+            nominal, began, captured, self.clock.now(), command, NO_CHUNK, -1, float("nan"), tuple(events)
         )
         out.ticks.append(record)
         if on_tick is not None and obs is not None:
