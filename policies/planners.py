@@ -18,6 +18,7 @@ wrapper of the planner's own model.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -268,7 +269,7 @@ class CEM(_Planner):
             if cfg.include_mean:
                 actions[:, 0] = mean
             # --- score: one batched rollout for every episode and sample
-            costs = model.cost(model.rollout(z0, self._raw(actions)), goal)  # (E, N)
+            costs = _finite(model.cost(model.rollout(z0, self._raw(actions)), goal))  # (E, N)
             it_cost, it_idx = costs.min(dim=1)  # (E,), (E,)
             improved = it_cost < best_cost
             best_cost = torch.where(improved, it_cost, best_cost)
@@ -281,11 +282,13 @@ class CEM(_Planner):
         return self._result(model, z0, goal, mean, std, best_actions, best_cost, iterations)
 
     def _refit(self, actions: torch.Tensor, costs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+        """costs (E, N), +inf where the model gave no finite cost; an episode without any keeps its
+        Gaussian (refitting it to unscored samples would be a random walk)."""
         m = self.cfg.momentum
         _, idx = costs.topk(self.cfg.elites, dim=1, largest=False)  # (E, K)
         elites = _gather(actions, idx)  # (E, K, H, A)
         new_mean, new_std = elites.mean(dim=1), elites.std(dim=1, unbiased=False)  # (E, H, A)
-        return m * mean + (1 - m) * new_mean, m * std + (1 - m) * new_std
+        return _keep_unscored(costs, mean, std, m * mean + (1 - m) * new_mean, m * std + (1 - m) * new_std)
 
     def _result(self, model, z0, goal, mean, std, best_actions, best_cost, iterations: int) -> PlanResult:
         mean, best_actions, std = self._raw(mean), self._raw(best_actions), std * self._scale  # action units
@@ -306,10 +309,11 @@ class MPPI(CEM):
         k = self.cfg.elites or costs.shape[1]
         elite_cost, idx = costs.topk(k, dim=1, largest=False)  # (E, K)
         elites = _gather(actions, idx)  # (E, K, H, A)
-        w = torch.softmax(-elite_cost / self.cfg.temperature, dim=1)  # (E, K)
+        # weight 0 for a sample without a finite cost (+inf); a row with none is kept below
+        w = torch.softmax(-elite_cost / self.cfg.temperature, dim=1).nan_to_num(nan=0.0)  # (E, K)
         new_mean = einsum(w, elites, "e k, e k h a -> e h a")
         var = einsum(w, (elites - new_mean.unsqueeze(1)) ** 2, "e k, e k h a -> e h a")
-        return new_mean, var.sqrt()
+        return _keep_unscored(costs, mean, std, new_mean, var.sqrt())
 
 
 class GradientPlanner(_Planner):
@@ -327,8 +331,15 @@ class GradientPlanner(_Planner):
     ) -> PlanResult:
         """z0, goal leading (E,); warm_start (E, H, A) -> actions (E, H, A), cost (E,); over `model`
         when given, else the planner's own."""
+        # A caller under inference mode (the deploy runtime's worker) would leave nothing to
+        # differentiate: the search runs on plain copies, with autograd on
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._plan(z0, goal, warm_start, budget, model)
+
+    def _plan(self, z0, goal, warm_start, budget, model) -> PlanResult:
         start, cfg, model = self.clock(), self.cfg, self.model if model is None else model
-        z0, goal = detach_latent(z0), detach_latent(goal)
+        z0, goal = _plain(z0), _plain(goal)
+        warm_start = None if warm_start is None else warm_start.detach().clone()
         E, low, high, init, gen = self._setup(z0, warm_start, use_warm=cfg.init == "warm")
         actions = repeat(init, "e h a -> e r h a", r=cfg.restarts).clone()  # (E, R, H, A)
         noise = torch.randn(actions[:, 1:].shape, generator=gen, device=init.device, dtype=init.dtype)
@@ -339,26 +350,23 @@ class GradientPlanner(_Planner):
         best_actions = init.clone()
         episodes = torch.arange(E, device=init.device)
         limit, step = self._limit(cfg.steps, budget), 0
-        with torch.enable_grad():
-            while True:
-                # --- score: one batched rollout, sequences are independent so one summed loss suffices
-                # (unclamped: the iterate is already projected, and a clamp would stop the gradient of a
-                # value its mapping rounds a hair past a bound)
-                costs = model.cost(model.rollout(z0, self._center + self._scale * actions), goal)  # (E, R)
-                c, r = costs.detach().min(dim=1)  # (E,)
-                improved = c < best_cost
-                best_cost = torch.where(improved, c, best_cost)
-                best_actions = torch.where(
-                    improved[:, None, None], actions.detach()[episodes, r], best_actions
-                )
-                if step == limit or self._done(best_cost) or (step > 0 and self._out_of_time(start, budget)):
-                    break
-                # --- refit: one Adam step, projected back onto the bounds (model parameters get no .grad)
-                (actions.grad,) = torch.autograd.grad(costs.sum(), [actions])
-                opt.step()
-                with torch.no_grad():
-                    actions.clamp_(low, high)
-                step += 1
+        while True:
+            # --- score: one batched rollout, sequences are independent so one summed loss suffices
+            # (unclamped: the iterate is already projected, and a clamp would stop the gradient of a
+            # value its mapping rounds a hair past a bound)
+            costs = model.cost(model.rollout(z0, self._center + self._scale * actions), goal)  # (E, R)
+            c, r = _finite(costs.detach()).min(dim=1)  # (E,)
+            improved = c < best_cost
+            best_cost = torch.where(improved, c, best_cost)
+            best_actions = torch.where(improved[:, None, None], actions.detach()[episodes, r], best_actions)
+            if step == limit or self._done(best_cost) or (step > 0 and self._out_of_time(start, budget)):
+                break
+            # --- refit: one Adam step, projected back onto the bounds (model parameters get no .grad)
+            (actions.grad,) = torch.autograd.grad(costs.sum(), [actions])
+            opt.step()
+            with torch.no_grad():
+                actions.clamp_(low, high)
+            step += 1
         return PlanResult(self._raw(best_actions), best_cost, step, {"final": self._raw(actions.detach())})
 
 
@@ -392,6 +400,24 @@ class CEMThenGradient:
         # the gradient stage scores its start (the CEM plan) first, so it is never worse than CEM
         info = {"cem": first, "grad_steps": second.iterations}
         return PlanResult(second.actions, second.cost, first.iterations + second.iterations, info)
+
+
+def _finite(costs: torch.Tensor) -> torch.Tensor:
+    """costs with +inf where they are not finite (NaN, or -inf from a broken model): such a sample is
+    never the best, never an elite while a scored one is left, and gets no weight."""
+    return torch.where(costs.isfinite(), costs, torch.full_like(costs, math.inf))
+
+
+def _keep_unscored(costs, mean, std, new_mean, new_std) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refitted (E, H, A) Gaussian, but the old one for an episode none of whose costs (E, N) were
+    finite."""
+    scored = costs.isfinite().any(dim=1)[:, None, None]  # (E, 1, 1)
+    return torch.where(scored, new_mean, mean), torch.where(scored, new_std, std)
+
+
+def _plain(z: Latent) -> Latent:
+    """Detached copies of a latent's tensors (plain tensors even when made under inference mode)."""
+    return {k: v.detach().clone() for k, v in z.items()}
 
 
 def _gather(actions: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -109,11 +109,20 @@ def test_every_stitching_and_the_synchronous_baseline(policy, tmp_path, stitchin
             assert report["stale_actions_dropped"] == 0
 
 
-def test_mpc_with_history_deployed(world_model, tmp_path):
+PLANNER_OPTIONS = {
+    "cem": ["planner=cem", "planner.samples=16", "planner.iterations=2"],
+    # gradient planning in the worker, which computes under inference mode (it failed every chunk there)
+    "cem_gd": ["planner=cem_gd", "planner.cem.samples=16", "planner.cem.iterations=2"]
+    + ["planner.grad.steps=2"],
+}
+
+
+@pytest.mark.parametrize("planner", list(PLANNER_OPTIONS))
+def test_mpc_with_history_deployed(world_model, tmp_path, planner):
     out = tmp_path / "mpc"
     res = cli(
         "wm-deploy", "robot=pointmaze", "controller=mpc", f"checkpoint={world_model}", f"out={out}",
-        "max_steps=6", "control_hz=10", "planner.samples=16", "planner.iterations=2", "subgoals=off",
+        "max_steps=6", "control_hz=10", *PLANNER_OPTIONS[planner], "subgoals=off",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "report.json").read_text())

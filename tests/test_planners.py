@@ -156,6 +156,62 @@ def test_finds_the_analytic_optimum(name):
     torch.testing.assert_close(again, result.cost)
 
 
+class BrokenCosts(PointModel):
+    """A world model that gives no finite cost for some sequences: NaN (or -inf) where the first
+    action's first dim is above `above`, or everywhere."""
+
+    def __init__(self, above: float | None, bad: float = float("nan")) -> None:
+        super().__init__()
+        self.above, self.bad = above, bad
+
+    def rollout(self, z0, actions):
+        out = super().rollout(z0, actions)
+        out["first"] = actions[:, :, 0, 0]  # (E, N)
+        return out
+
+    def cost(self, pred, goal):
+        cost = super().cost(pred, goal)
+        broken = torch.ones_like(cost, dtype=torch.bool) if self.above is None else pred["first"] > self.above
+        return torch.where(broken, torch.full_like(cost, self.bad), cost)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")])
+def test_sequences_without_a_finite_cost_are_never_chosen(name, bad):
+    """NaN (or -inf) costs for the sequences whose first action's first dim is above 0.2: each planner
+    still comes near the optimum, whose first action (-0.4, 0.2) is among the scored ones; MPPI with
+    every sample as an elite turned one NaN into a NaN plan, CEM's best sample was never updated."""
+    model = BrokenCosts(above=0.2, bad=bad)
+    s0, goal = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.2, -0.1]])
+    planners = [make(name, model)] + ([make(name, model, elites=None)] if name == "mppi" else [])
+    planners += [make(name, model, return_best=True)] if name == "cem" else []
+    for planner in planners:
+        result = planner.plan(model.encode(obs_of(s0)), model.encode(obs_of(goal)))
+        assert bool(result.actions.isfinite().all()) and float(result.cost) < 1e-2  # near the optimum
+        assert float(result.actions[0, 0, 0]) <= 0.2  # a scored sequence
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_with_no_finite_cost_leaves_a_finite_plan_within_the_bounds(name):
+    model = BrokenCosts(above=None)
+    s0, goal = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.2, -0.1]])
+    result = make(name, model).plan(model.encode(obs_of(s0)), model.encode(obs_of(goal)))
+    assert bool(result.actions.isfinite().all())
+    assert bool((result.actions >= torch.tensor(LOW)).all() and (result.actions <= torch.tensor(HIGH)).all())
+
+
+@pytest.mark.parametrize("name", ["gd", "cem_gd"])
+def test_gradient_planners_work_under_inference_mode(name):
+    """The deploy runtime's worker computes under inference mode, its latents made there too: the
+    gradient search runs on plain copies with autograd on (it raised on every chunk)."""
+    model = PointModel()
+    s0, goal = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.2, -0.1]])
+    expected = plan_for(name, model, s0, goal).actions
+    with torch.inference_mode():
+        result = plan_for(name, model, s0, goal)
+    torch.testing.assert_close(result.actions, expected)
+
+
 class InUnits(PointModel):
     """The same problem with actions in other units: raw = `scale` * PointModel's action + `shift`."""
 

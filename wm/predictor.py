@@ -125,6 +125,7 @@ class PredictorConfig:
 
 
 @lru_cache(maxsize=32)
+@torch.inference_mode(False)  # a cached table serves autograd too (a gradient planner after inference)
 def _sincos_2d_cpu(h: int, w: int, dim: int) -> Tensor:
     """(h * w, dim) float32: first half encodes the row index, second half the column index."""
     quarter = dim // 4
@@ -146,6 +147,7 @@ def sincos_2d(grid: Grid, dim: int, like: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=256)
+@torch.inference_mode(False)  # a cached table serves autograd too (a gradient planner after inference)
 def _rope_cpu(start: int, frames: int, head_dim: int, base: float, dtype: torch.dtype) -> Tensor:
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
     pos = torch.arange(start, start + frames, dtype=torch.float64)
