@@ -68,8 +68,8 @@ class TemporalEnsembler:
 
     def weights(self, n: int) -> Tensor:
         """(n,) normalized weights for n predictions, oldest first."""
-        w = torch.exp(-self.m * torch.arange(n, dtype=torch.float64))
-        return (w / w.sum()).float()
+        # a softmax: exp(-m * i) normalized without overflow for any m (m < 0 favours the newest)
+        return torch.softmax(-self.m * torch.arange(n, dtype=torch.float64), 0).float()
 
     def update(self, chunk: Tensor) -> Tensor:
         """Add the chunk (E, L, Da) predicted at this step; returns this step's action (E, Da)."""

@@ -501,6 +501,35 @@ def save_policy(policy: DiffusionPolicy, path) -> None:
     )
 
 
+@pytest.mark.parametrize("denoiser", ["unet", "transformer"])
+def test_distillation_targets_are_fp32_and_the_target_stays_in_eval_mode(store_path, tmp_path, denoiser):
+    """A distillation step's autograd-free parts (the frozen encoder, the teacher, the EMA target) run
+    fp32 whatever the policy's inference precision (bf16 ran there, and int8 where measured faster), and
+    the target keeps dropout off after the trainer's `model.train()` (the policy's train() turned it on:
+    the policy samples with the target)."""
+    from policies.diffusion.consistency import ConsistencyConfig, ConsistencyDistillation, DistillConfig
+
+    cfg = tiny_config(denoiser)
+    cfg = dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, dropout=0.1))
+    with DemoStore.open(store_path) as store:
+        normalizer = Normalizer.fit(store, {"action": "minmax", "proprio": "minmax"})
+    losses = []
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        teacher = DiffusionPolicy(dataclasses.replace(cfg, precision=precision), normalizer)
+        save_policy(teacher, tmp_path / precision / "ckpt_00000001.pt")
+        student = dataclasses.replace(teacher.cfg, consistency=True, sampler="consistency", sampler_steps=1)
+        distill = ConsistencyConfig(student, DistillConfig(), str(tmp_path / precision))
+        model = ConsistencyDistillation(distill, normalizer).train()
+        target = model.objective.target
+        assert model.policy.diffusion is target and not target.training
+        assert not any(m.training for m in target.modules()) and model.objective.student.training
+        data = WindowDataset(store_path, model.window_spec(), in_memory=True)
+        torch.manual_seed(1)
+        losses.append(model.compute_loss(data.get_batch(np.arange(16)))[0].item())
+    assert losses[0] == losses[1]
+
+
 def test_consistency_policy_distilled_from_unet(unet_policy, store_path, tmp_path):
     """`model=consistency` through the registry and the one trainer: the distilled policy keeps the
     teacher's encoder and statistics, predicts the data in one step, and loads back as a policy."""
@@ -661,6 +690,9 @@ def test_temporal_ensembling_weights():
     assert model.calls == 7  # a new chunk every step
     weights = TemporalEnsembler(0.0).weights(4)
     torch.testing.assert_close(weights, torch.full((4,), 0.25))
+    # any m: a strong preference is all on the newest (or oldest) prediction, never inf / inf = NaN
+    torch.testing.assert_close(TemporalEnsembler(-120.0).weights(8), torch.eye(8)[-1])
+    torch.testing.assert_close(TemporalEnsembler(800.0).weights(3), torch.eye(3)[0])
 
 
 def test_chunk_policy_reads_raw_observations(unet_policy, store_path):
@@ -813,6 +845,45 @@ def test_setup_diffusion_trains_a_frozen_patch_encoder_from_the_feature_cache(st
     assert off.train_set.path == src
     model_cfg["obs"]["crop"] = [12, 12]  # random crops need pixels: images, whatever feature_cache says
     assert setup_training("diffusion_unet", str(src), model_cfg, **kw).train_set.path == src
+
+
+def test_the_chosen_cameras_decide_the_image_size(store_path, tmp_path):
+    """obs.image_keys=[wrist] on a store whose first camera is smaller: the policy is built for the
+    wrist camera's frames (it took the first camera's size, and training failed on the first batch);
+    a misspelt camera or two sizes is one line."""
+    from wm.training import setup_training
+
+    two = tmp_path / "sizes.zarr"
+    with DemoStore.open(store_path) as src:
+        keys = dict(src.schema.keys) | {"wrist": KeySpec((24, 32, 3), "uint8", "image")}
+        with DemoStore.create(two, dataclasses.replace(src.schema, keys=keys)) as dst:
+            for e in range(src.n_episodes):
+                ep = {k: src.read(k, src.episode_slice(e), episode=e) for k in src.keys}
+                dst.append_episode(ep | {"wrist": np.zeros((len(ep["action"]), 24, 32, 3), np.uint8)})
+    kw = dict(image_key="image", proprio_key="proprio", val_ratio=0.0)
+    setup = setup_training("diffusion_unet", str(two), {"obs": {"image_keys": ["wrist"]}}, **kw)
+    assert setup.model.cfg.obs.image_size == (24, 32) and tuple(setup.model.cfg.obs.crop) == (21, 28)
+    assert torch.isfinite(setup.model.compute_loss(setup.train_set.get_batch([0, 5]))[0])
+    with pytest.raises(ValueError, match=r"no camera\(s\) \['wirst'\]; its cameras: \['image', 'wrist'\]"):
+        setup_training("diffusion_unet", str(two), {"obs": {"image_keys": ["wirst"]}}, **kw)
+    with pytest.raises(ValueError, match=r"cameras \['image', 'wrist'\] differ in frame size"):
+        setup_training("diffusion_unet", str(two), {"obs": {"image_keys": ["image", "wrist"]}}, **kw)
+
+
+def test_ddim_steps_beyond_the_training_steps_are_refused_when_set():
+    """Said when the config is built or the sampler switched, not at the first sample (the first
+    validation, after training)."""
+    refusal = "sampler_steps=200 with the ddim sampler: at most num_train_steps = 100"
+    with pytest.raises(ValueError, match=refusal):
+        DiffusionPolicyConfig(sampler="ddim", sampler_steps=200)
+    from wm.uwm import UWMConfig
+
+    with pytest.raises(ValueError, match="sampler_steps=101 with the ddim sampler"):
+        UWMConfig(sampler="ddim", sampler_steps=101)
+    DiffusionPolicyConfig(sampler="ddim", sampler_steps=100)
+    policy = DiffusionPolicy(tiny_config("unet"), Normalizer({}, {}))
+    with pytest.raises(ValueError, match="sampler_steps=500 with the ddim sampler"):
+        policy.set_sampler("ddim", 500)
 
 
 def test_two_cameras_with_one_frozen_encoder_train_from_one_feature_cache(store_path, tmp_path):

@@ -46,7 +46,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from policies.base import check_previous, last_steps
-from policies.diffusion.noise import SAMPLERS, Diffusion, Inpaint, NoiseConfig, inpaint_guide, masked_mean
+from policies.diffusion.noise import (
+    SAMPLERS,
+    Diffusion,
+    Inpaint,
+    NoiseConfig,
+    check_ddim_steps,
+    inpaint_guide,
+    masked_mean,
+)
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.latents import LatentCodec, LatentConfig, build_codec
@@ -114,6 +122,7 @@ class UWMConfig:
             raise ValueError("video_weight and shift must be >= 0")
         if self.sampler not in SAMPLERS or self.sampler == "consistency" or self.sampler_steps < 1:
             raise ValueError(f"sampler must be ddpm, ddim or edm with sampler_steps >= 1, got {self.sampler}")
+        check_ddim_steps(self.sampler, self.sampler_steps, self.noise)
         if (self.proprio_key is None) != (self.proprio_dim == 0):
             raise ValueError(f"proprio_key {self.proprio_key!r} and proprio_dim {self.proprio_dim} disagree")
         check_precision(self.precision, allow_auto=True)

@@ -29,6 +29,7 @@ from policies.diffusion.entry import chunk_policy
 from policies.diffusion.entry import validation as policy_validation
 from policies.diffusion.noise import Diffusion, Inpaint, masked_mean, scored_steps
 from policies.diffusion.policy import MODEL_TYPES, DiffusionPolicy, DiffusionPolicyConfig
+from policies.diffusion.precision import fp32_inference
 from wm.checkpoint import CheckpointError, load_checkpoint
 from wm.data.normalize import Normalizer
 from wm.options import sub_config
@@ -223,10 +224,17 @@ class ConsistencyDistillation(nn.Module):
     ) -> Tensor:
         return self.policy.sample_actions(obs, generator, previous, frozen, full)
 
+    def train(self, mode: bool = True) -> ConsistencyDistillation:
+        super().train(mode)
+        self.objective.target.eval()  # also the policy's denoiser, which `policy.train()` just set
+        return self
+
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.no_grad():  # the encoder is frozen: features need no graph
-            x0, cond, valid = self.policy.prepare(batch, augment=False)
-        loss = self.objective.loss(x0, cond, valid)
+        # the encoder, the teacher and the target run without autograd: in fp32 all the same
+        with fp32_inference(self, self.objective.teacher):
+            with torch.no_grad():  # the encoder is frozen: features need no graph
+                x0, cond, valid = self.policy.prepare(batch, augment=False)
+            loss = self.objective.loss(x0, cond, valid)
         return loss, {"loss": loss.detach()}
 
 

@@ -56,9 +56,10 @@ def configurer(denoiser: str) -> Any:
         check_reaches_noise(options.get("noise", {}))
         shapes = ctx.key_shapes
         obs = dict(options.get("obs", {}))
-        size = tuple(shapes[ctx.image_key][:2])
+        keys = list(obs.get("image_keys") or [ctx.image_key])
+        size = ctx.camera_size(keys)  # the chosen cameras' (one size, or one line saying otherwise)
         obs.update(
-            image_keys=obs.get("image_keys") or [ctx.image_key],
+            image_keys=keys,
             image_size=size,
             crop=crop_for(obs.get("crop", "auto"), size),
             proprio_key=ctx.proprio_key,

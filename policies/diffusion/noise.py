@@ -115,6 +115,15 @@ def make_betas(schedule: str, n: int) -> Tensor:
     )
 
 
+def check_ddim_steps(sampler: str, steps: int, cfg: NoiseConfig) -> None:
+    """DDIM takes at most one step per training step; said when a config or an override sets it, not
+    at the first sample (after a whole training run, at its first validation)."""
+    if sampler == "ddim" and steps > cfg.num_train_steps:
+        raise ValueError(
+            f"sampler_steps={steps} with the ddim sampler: at most num_train_steps = {cfg.num_train_steps}"
+        )
+
+
 def check_reaches_noise(options: dict[str, Any], where: str = "model.noise") -> None:
     """Refuse, before training, a schedule whose last step keeps more than `MAX_TERMINAL_SIGNAL` of the
     signal: sampling starts from pure noise, which such a model never saw (diffusers' `linear` with 100

@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from policies.base import check_previous, last_steps
-from policies.diffusion.noise import SAMPLERS, Committed, Diffusion, NoiseConfig, inpaint_guide
+from policies.diffusion.noise import (
+    SAMPLERS,
+    Committed,
+    Diffusion,
+    NoiseConfig,
+    check_ddim_steps,
+    inpaint_guide,
+)
 from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
 from policies.diffusion.precision import check_precision, set_inference_precision
 from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
@@ -112,6 +119,7 @@ class DiffusionPolicyConfig:
         if not self.inpaint_max_weight > 0:
             raise ValueError(f"inpaint_max_weight must be > 0, got {self.inpaint_max_weight}")
         _check_sampler(self.sampler, self.sampler_steps, self.consistency)
+        check_ddim_steps(self.sampler, self.sampler_steps, self.noise)
         check_precision(self.precision, allow_auto=True)
 
     @property
@@ -171,6 +179,7 @@ class DiffusionPolicy(nn.Module):
         """Switch the inference sampler (e.g. to benchmark DDPM vs DDIM vs EDM on one trained model);
         `edm_solver` ("heun" or "dpmpp_2m"), when given, also switches the EDM sampler's solver."""
         _check_sampler(sampler, steps, self.cfg.consistency)
+        check_ddim_steps(sampler, steps, self.diffusion.cfg)
         if edm_solver is not None:  # NoiseConfig validates the name
             self.diffusion.cfg = dataclasses.replace(self.diffusion.cfg, edm_solver=edm_solver)
         self.sampler, self.sampler_steps = sampler, steps

@@ -20,7 +20,8 @@ the next call; no stale weights are ever used. On GPUs the bf16 paths run withou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ __all__ = [
     "Bf16Inference",
     "Bf16Shadow",
     "check_precision",  # also imported from here by policies.diffusion.policy
+    "fp32_inference",
     "set_inference_precision",
     "tensor_key",
 ]
@@ -91,3 +93,20 @@ def set_inference_precision(module: nn.Module, precision: str) -> None:
         if isinstance(m, Bf16Inference):
             m.inference_precision = precision
             m.clear_bf16()
+
+
+@contextlib.contextmanager
+def fp32_inference(*modules: nn.Module) -> Iterator[None]:
+    """Inside the block every bf16-capable part of `modules` runs fp32 with PyTorch's kernels, whatever
+    its setting (restored after): for the autograd-off parts of a training step, e.g. a distillation
+    teacher and target, which a training step must not compute in bf16 or int8."""
+    parts = [m for mod in modules for m in mod.modules() if isinstance(m, Bf16Inference)]
+    saved = [(m, m.inference_precision) for m in parts]
+    for m, _ in saved:
+        m.inference_precision = "fp32"
+    try:
+        with kernels.mode("native"):
+            yield
+    finally:
+        for m, p in saved:
+            m.inference_precision = p
