@@ -57,11 +57,17 @@ class Recorder:
         return torch.from_numpy(self.chunk[None])
 
 
+class WristRecorder(Recorder):
+    """The same controller reading another camera: another model."""
+
+    io = IOSpec(("wrist",), (24, 32), "state", 3, action_dim=2, history=2)
+
+
 @contextlib.contextmanager
-def threaded_server(**options) -> Iterator[PolicyServer]:
+def threaded_server(make: type = Recorder, **options) -> Iterator[PolicyServer]:
     lines: list[str] = []
     cfg = ServerConfig(**{"port": 0, **options})
-    srv = PolicyServer(lambda low, high: Recorder(), cfg, log=lines.append)
+    srv = PolicyServer(lambda low, high: make(), cfg, log=lines.append)
     srv.lines = lines
     srv.bind()
     thread = threading.Thread(target=srv.serve, daemon=True)
@@ -189,6 +195,130 @@ def test_peers_without_the_token_cannot_send_a_server_with_one_a_message():
 def test_a_client_with_a_token_takes_a_server_without_one():
     with threaded_server() as srv:
         serves(srv, TOKEN)  # its encrypted handshake fails; the plain one is tried, and the server says so
+
+
+def test_a_client_with_a_token_refuses_a_server_without_one_beyond_loopback():
+    """A server without a token listens on loopback only: at any other address (here 0.0.0.0, which
+    Linux connects to this machine) a peer that takes no token is an impostor; the plain handshake, as
+    on loopback, would give it the robot's observations in clear and execute its chunks."""
+    with threaded_server() as srv:
+        w = RemoteWorker(RemoteConfig(f"0.0.0.0:{srv.port}", TOKEN, connect_timeout_s=10.0), LOW, HIGH)
+        with pytest.raises(WorkerDied, match="refusing an unauthenticated server|token is not the server's"):
+            w.start()
+        assert not w._plain and not srv.sessions and not any("session" in line for line in srv.lines)
+        w.close()
+
+
+class Forwarder:
+    """A TCP forwarder on loopback (as ssh -L): while its backend is None it accepts and closes."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port, self.backend, self.stop = self.listener.getsockname()[1], None, False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            if self.backend is None:
+                conn.close()
+                continue
+            back = socket.create_connection(("127.0.0.1", self.backend))
+            for a, b in ((conn, back), (back, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        for x in (a, b):
+            with contextlib.suppress(OSError):
+                x.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(2)
+        self.listener.close()
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_a_server_restarting_behind_a_forwarder_is_waited_for(token):
+    """ssh -L accepts and closes while the server is down: closed handshakes from a server that took
+    ours before are a restart, not a wrong token (the client gave up for good after three)."""
+    fw = Forwarder()
+    try:
+        with threaded_server(token=token) as srv:
+            fw.backend = port = srv.port
+            w = RemoteWorker(
+                RemoteConfig(f"127.0.0.1:{fw.port}", token, dead_after_s=0.3, heartbeat_s=0.05), LOW, HIGH
+            )
+            w.start()
+            w.reset(None)
+            assert ask(w, 0).error is None
+            fw.backend = None
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:  # the robot holds; the client keeps trying
+            w.poll()
+            time.sleep(0.005)
+        assert w.alive() and w._closed_handshakes >= 3 and "closed" in w.waiting_for()
+        with threaded_server(token=token, port=port):
+            fw.backend = port
+            r = ask(w, 1, timeout=10.0)
+            assert r.error is None and w.alive() and w.stats["reconnects"] >= 1
+        w.close()
+    finally:
+        fw.close()
+
+
+def test_a_server_back_with_another_model_is_refused_in_one_line():
+    """The robot was checked against the first session's model: a server restarted with a model that
+    reads another camera ends the worker with one line (a KeyError escaped the control loop)."""
+    with threaded_server() as srv:
+        w = opened(srv, dead_after_s=0.3, heartbeat_s=0.05)
+        assert ask(w, 0).error is None
+        port = srv.port
+    with threaded_server(WristRecorder, port=port):
+        end = time.monotonic() + 10
+        while w.alive() and time.monotonic() < end:
+            w.poll()
+            time.sleep(0.005)
+        assert not w.alive()
+        said = w.exit_description()
+        assert said.endswith("came back with another model: image_keys ['wrist'], was ['image']"), said
+        w.close()
+
+
+def test_a_new_server_process_gets_a_new_clock_estimate(monkeypatch):
+    """A server restarted at the same address may be another machine, its clock elsewhere: the offset
+    is estimated afresh (the old estimate put every deadline 1000 s in the past: all chunks expired)."""
+    import robots.runtime.server as server_module
+
+    with threaded_server() as srv:
+        w = opened(srv, dead_after_s=0.3, heartbeat_s=0.05)
+        assert abs(w.clock.offset) < 0.05
+        port = srv.port
+
+    class Later:  # the new server's clock: 1000 s ahead
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + 1000.0
+
+    monkeypatch.setattr(server_module, "time", Later())
+    with threaded_server(port=port):
+        w.reset(None)
+        assert abs(w.clock.offset - 1000.0) < 0.05
+        assert all(abs(offset - 1000.0) < 0.05 for _, offset in w.clock.samples)  # none of the old's
+        assert ask(w, 0).error is None
+        w.close()
 
 
 def test_only_loopback_without_a_token():
@@ -458,6 +588,21 @@ def test_an_episode_reset_waits_for_a_busy_model_and_counts_only_once_the_server
         assert ctrl.resets == resets + 1 and session_of(srv).jobs == 0
         assert any("busy_model" in line for line in srv.lines)  # it was refused at first
         assert ask(w, 2).error is None
+
+
+def test_an_error_for_the_last_episodes_request_is_not_the_new_episodes_reset():
+    """The last tick's request is refused (NaN in its state) while the next episode's reset is under
+    way: the refusal is a late reply, not the reset's failure (reset raised, ending the run)."""
+    with threaded_server() as srv:
+        w = opened(srv)
+        bad = obs_steps(1)
+        bad[0]["state"][0] = np.nan
+        w.submit(Request(0, bad, [], action_shape=(2,)))
+        resets = session_of(srv).controller.resets
+        w.reset(None)  # the episode ended: the refusal arrives during the reset
+        assert session_of(srv).controller.resets == resets + 1 and w.stats["late_replies"] == 1
+        assert ask(w, 1).error is None
+        w.close()
 
 
 def test_a_failed_episode_reset_is_reported_as_a_local_workers_is():

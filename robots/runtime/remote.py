@@ -37,6 +37,7 @@ from robots.runtime import wire
 from robots.runtime.worker import Reply, Request, WorkerDied, model_inputs
 
 PERMANENT = ("auth", "busy", "build", "version")
+SPEC_KEYS = ("window", "image_keys", "image_size", "proprio_key", "proprio_dim", "action_dim")
 HANDSHAKE_FAILURES = 3  # ZeroMQ handshakes failed in a row: the server's token is not ours (or it has none)
 HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -98,6 +99,9 @@ class RemoteWorker:
         self._plain = False  # a token, but the server takes none: connect without encryption
         self._handshake_failures = 0  # ZeroMQ handshakes failed on this socket
         self._failed_modes: set[bool] = set()  # encrypted (False) / plain (True) tried in vain
+        self._accepted = False  # a ZeroMQ handshake with the server succeeded once
+        self._closed_handshakes = 0  # handshakes the server closed since then
+        self._spec: dict[str, Any] | None = None  # the model spec of the first session (`check_robot`'s)
         self._state = "down"  # down | hello | auth | reset | ready | failed
         self._since = time.monotonic()  # when the current state began
         self._failed: str | None = None
@@ -181,8 +185,15 @@ class RemoteWorker:
             return f"the policy server refused: {self._failed}"
         if self._state != "ready":
             since = time.monotonic() - (self._down_since or self._since)
+            closed = (
+                f"; it closed {self._closed_handshakes} handshake(s): down behind a forwarder, or its "
+                "token changed"
+                if self._closed_handshakes
+                else ""
+            )
             return (
-                f"the policy server at {self.cfg.address} is not answering (reconnecting for {since:.1f} s)"
+                f"the policy server at {self.cfg.address} is not answering (reconnecting for {since:.1f} s"
+                f"{closed})"
             )
         if self._outstanding is not None:
             waited = time.monotonic() - self._outstanding[1]
@@ -304,31 +315,68 @@ class RemoteWorker:
     def _handshake_events(self) -> None:
         """ZeroMQ's own handshake, where a token mismatch shows (the server never sees a message). The
         server cuts a peer of the other kind at once, so the client often sees only a broken pipe:
-        HANDSHAKE_FAILURES of those in a row decide, or one mismatch of mechanisms. With a token, the
-        plain handshake is tried too (a server without a token takes any client on loopback, and then
-        says so in its challenge)."""
+        HANDSHAKE_FAILURES of those in a row decide, or one mismatch of mechanisms, until a handshake
+        has succeeded once; from then on closed handshakes are a server down or restarting (behind a
+        forwarder such as ssh -L, which accepts and closes meanwhile), and reconnecting goes on. With a
+        token, the plain handshake is tried too, on a loopback address only (a server without a token
+        takes any client there, and says so in its challenge; elsewhere it would be an impostor)."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._failed_modes.clear()
+                self._accepted = True
                 self._close_monitor()  # nothing more to watch: the tick path stays as it was
                 return
             mismatch = event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH  # seen: decisive
+            if self._accepted and not mismatch:
+                # This server took our handshake before: closed ones now are a server that is down or
+                # restarting (a forwarder such as ssh -L accepts and closes meanwhile). Keep trying.
+                self._closed_handshakes += 1
+                continue
             self._handshake_failures += HANDSHAKE_FAILURES if mismatch else 1
             if self._handshake_failures < HANDSHAKE_FAILURES:
                 continue
             if not self.cfg.token:
-                self._fail("auth", f"the policy server at {self.cfg.address} requires a token: give token=")
+                self._fail(
+                    "auth",
+                    f"the policy server at {self.cfg.address} closed ZeroMQ's handshake "
+                    f"{HANDSHAKE_FAILURES} times: it requires a token: give token= (or, behind a "
+                    "forwarder such as ssh -L, it is not up)",
+                )
+                return
+            if not self.loopback:
+                # A server without a token binds loopback only: elsewhere one is an impostor, and the
+                # plain handshake would send it the robot's observations in clear.
+                self._fail("auth", self._auth_failure(mismatch))
                 return
             self._failed_modes.add(self._plain)
             if len(self._failed_modes) == 2:
-                self._fail("auth", "authentication failed: the client's token is not the server's")
+                self._fail("auth", self._auth_failure(mismatch))
                 return
             self._plain = not self._plain
             self._close_socket()
             self._connect()
+
+    @property
+    def loopback(self) -> bool:
+        """The address is this machine's (where a server without a token may listen)."""
+        from robots.runtime.server import is_loopback
+
+        return is_loopback(self.cfg.address.rpartition(":")[0].strip("[]"))
+
+    def _auth_failure(self, mismatch: bool) -> str:
+        if mismatch and not self.loopback:
+            return (
+                f"the policy server at {self.cfg.address} takes no token, and one that takes none may only "
+                "listen on loopback: refusing an unauthenticated server (an impostor?)"
+            )
+        return (
+            f"authentication failed: the client's token is not the server's (the server at "
+            f"{self.cfg.address} closed ZeroMQ's handshake {HANDSHAKE_FAILURES} times; behind a "
+            "forwarder such as ssh -L, it may not be up)"
+        )
 
     def _handshake_limit(self) -> float:
         # a new session may wait for the server to build its controller (load a model)
@@ -344,6 +392,9 @@ class RemoteWorker:
             self._sample(msg)
             server_nonce = msg.get("nonce", bytes)
             fields: dict[str, Any] = {}
+            if self.cfg.token and not msg.get("token", bool) and not self.loopback:
+                self._fail("auth", self._auth_failure(True))
+                return
             if msg.get("token", bool):
                 if not self.cfg.token:
                     self._fail(
@@ -358,7 +409,22 @@ class RemoteWorker:
         elif kind == "ready" and self._state == "auth":
             resumed = msg.get("resumed", bool)
             self._sid, self._secret = msg.get("sid", bytes), msg.get("secret", bytes)
-            self.info = dict(msg.get("info", dict))
+            info = dict(msg.get("info", dict))
+            spec = {k: info.get(k) for k in SPEC_KEYS}
+            if self._spec is None:
+                self._spec = spec
+            elif spec != self._spec:  # a server restarted with another model: the robot was checked
+                key = next(k for k in SPEC_KEYS if spec[k] != self._spec[k])  # against the first one
+                self._fail(
+                    "spec",
+                    f"the policy server at {self.cfg.address} came back with another model: {key} "
+                    f"{spec[key]!r}, was {self._spec[key]!r}",
+                )
+                return
+            self.info = info
+            if not resumed and self._lost:  # a new server process, perhaps another machine's clock
+                self.clock = wire.ClockSync()
+            self._lost = False
             if resumed:
                 self.stats["resumed"] += 1
             if self._reset_due or (not resumed and (self._goal is not None or self._episode_started)):
@@ -415,6 +481,8 @@ class RemoteWorker:
         elif self._outstanding is not None and seq == self._outstanding[0]:
             self._replies.append(Reply(seq, None, 0.0, f"the policy server: {text}"))
             self._outstanding = None
+        elif seq is not None:  # the answer to a request given up (e.g. the last episode's): never used
+            self.stats["late_replies"] += 1
         elif self._state == "reset" and code == "busy_model":  # the last episode's requests still run
             self._reset_retry = time.monotonic() + 0.05
         elif self._state == "reset" and code in ("reset", "protocol"):  # its controller raised, or the
@@ -457,12 +525,15 @@ class RemoteWorker:
         self._ping_at = None
         self._enter("hello")
 
+    _lost = False  # a session was lost since the last `ready`
+
     def _reconnect(self, why: str) -> None:
         """Drop the socket (with whatever it still holds) and start a new handshake."""
         if self._down_since is None:
             self._down_since = time.monotonic()
         if self._sid is not None:  # a session was lost (not: the server is not up yet)
             self.stats["reconnects"] += 1
+            self._lost = True
         self.stats["last_reconnect"] = why
         self._close_socket()
         self._state = "down"
