@@ -171,6 +171,13 @@ def test_hydra_and_value_errors_are_one_line(tmp_path, args, line):
     assert refused("wm-eval", "out=e", "controller=random", *args, cwd=tmp_path).startswith(line)
 
 
+@pytest.mark.parametrize("app", ["wm-serve", "wm-deploy"])
+def test_a_token_is_never_printed_not_even_when_it_cannot_be_parsed(tmp_path, app):
+    """Generated secrets hold characters Hydra's grammar refuses: its error quoted the override."""
+    line = refused(app, "controller=random", "token=S3cr3t,Tok3n!", cwd=tmp_path)
+    assert line.startswith("error: cannot parse override 'token=***'") and "S3cr3t" not in line
+
+
 def test_traceback_flag_and_bugs(tmp_path):
     res = cli("wm-eval", "planner=nonexistent", "out=e", cwd=tmp_path, env={"WM_TRACEBACK": "1"})
     assert res.returncode == 2 and "Traceback (most recent call last)" in res.stderr

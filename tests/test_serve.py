@@ -540,6 +540,44 @@ def test_sessions_of_a_silent_client_expire():
         b.close()
 
 
+class SlowToBuild(Recorder):
+    """A controller that takes 1.5 s to build (a model loading)."""
+
+    def __init__(self) -> None:
+        time.sleep(1.5)
+        super().__init__()
+
+
+def test_a_session_is_not_expired_for_the_time_its_controller_took_to_build():
+    """Silence counts from the `ready` a client waited for, not from its `auth`: a build longer than
+    `session_timeout_s` expired the session just opened."""
+    with threaded_server(SlowToBuild, session_timeout_s=1.0) as srv:
+        sock = raw(srv)
+        sock.send_multipart(wire.encode("hello", {"nonce": b"n" * 16, "low": LOW, "high": HIGH}))
+        assert answer(sock).kind == "challenge"
+        sock.send_multipart(wire.encode("auth", {}))
+        ready = answer(sock, 5000)
+        assert ready.kind == "ready"
+        time.sleep(0.6)  # silent, well within session_timeout_s of the ready
+        sock.send_multipart(wire.encode("ping", {"sid": ready.fields["sid"], "sent": time.monotonic()}))
+        assert answer(sock).fields["session"] and not srv.counts["sessions_expired"]
+        sock.close()
+
+
+def test_handshake_messages_carry_no_arrays():
+    """Only infer and reset take arrays: a hello with 10 MB of them was kept for 30 s per peer."""
+    with threaded_server() as srv:
+        sock = raw(srv)
+        junk = {"goal/x": np.zeros((160, 256, 256), np.uint8)}
+        sock.send_multipart(wire.encode("hello", {"nonce": b"n" * 16, "low": LOW, "high": HIGH}, junk))
+        reply = answer(sock)
+        assert reply.kind == "error"
+        assert reply.fields["msg"] == "hello: carries arrays, which it takes none of"
+        assert not srv.pending
+        sock.close()
+        serves(srv)
+
+
 def test_a_request_the_client_gave_up_on_is_never_executed():
     """The client's deadline passes: it renews the connection, so the late chunk cannot reach it; the
     next request waits for the slow one on the server and is answered."""

@@ -182,7 +182,7 @@ def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return e.code
     except (HydraException, OmegaConfBaseException, ValueError) as e:  # composing the config
-        _report(e, _hydra_error(e, config_name))
+        _report(e, redact(_hydra_error(e, config_name), sys.argv[1:]))
         return 2
     finally:
         if previous is None:
@@ -232,7 +232,7 @@ def _job_label() -> str:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return ""
     hc = HydraConfig.get()
-    return f"job {hc.job.num} ({' '.join(hc.overrides.task)}): "
+    return f"job {hc.job.num} ({redact(' '.join(hc.overrides.task), list(hc.overrides.task))}): "
 
 
 def _one_line(e: BaseException) -> str:
@@ -258,6 +258,20 @@ def _check_flags() -> None:
 
     parser.error = error  # type: ignore[method-assign]
     parser.parse_args()
+
+
+SECRET_OPTIONS = ("token",)  # never printed, not even in an error about the command line
+
+
+def redact(message: str, overrides: list[str]) -> str:
+    """`message` with the value of every secret option among `overrides` (e.g. `token=...`) masked."""
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if sep and value and key.lstrip("+~").rpartition(".")[2] in SECRET_OPTIONS:
+            for form in {value, repr(value)[1:-1], repr(arg)[1:-1].partition("=")[2]}:
+                if form:
+                    message = message.replace(form, "***")
+    return message
 
 
 def _hydra_error(e: BaseException, config_name: str) -> str:

@@ -264,6 +264,8 @@ class PolicyServer:
             }.get(msg.kind)
             if handler is None:
                 raise wire.ProtocolError(f"unknown message type {msg.kind!r:.40}")
+            if msg.arrays and msg.kind not in ("infer", "reset"):  # only those carry arrays
+                raise wire.ProtocolError(f"{msg.kind}: carries arrays, which it takes none of")
             handler(identity, msg, now)
         except wire.ProtocolError as e:
             self._error(identity, "protocol", str(e), _seq(msg))
@@ -314,7 +316,7 @@ class PolicyServer:
         if len(self.pending) >= MAX_PENDING:
             del self.pending[min(self.pending, key=lambda k: self.pending[k][0])]
         server_nonce = secrets.token_bytes(16)
-        self.pending[identity] = (now, server_nonce, msg)
+        self.pending[identity] = (now, server_nonce, wire.Message(msg.kind, dict(msg.fields), {}))
         self._send(
             identity,
             "challenge",
@@ -521,7 +523,8 @@ class PolicyServer:
     def _result(
         self, kind: str, s: Session, payload: Any, identity: bytes, received: float, started: float, out: Any
     ) -> None:
-        """One job's result to its client."""
+        """One job's result to its client (its client's silence counts from here: it was waiting)."""
+        s.last_seen = max(s.last_seen, time.monotonic())
         if kind == "build" and out[0] == "ok":
             s.controller, s.info = out[1], out[2]
             if s.closed:
