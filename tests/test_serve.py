@@ -564,6 +564,36 @@ def test_a_session_is_not_expired_for_the_time_its_controller_took_to_build():
         sock.close()
 
 
+def test_a_request_larger_than_the_server_takes_is_refused_in_one_line():
+    """The server's limits come with the handshake: a frame beyond them (ZeroMQ cuts the connection)
+    timed out and reconnected on every request, silently on both sides."""
+    with threaded_server(max_frame_mb=0.002) as srv:  # 2 KB: the 24x32 RGB frame is 2.25 KB
+        w = opened(srv)
+        r = ask(w, 0)
+        assert r.actions is None and r.error == (
+            "a request frame of 0.0 MB (an observation's array) is more than the policy server takes "
+            "(max_frame_mb=0.002): start wm-serve with a larger max_frame_mb"
+        )
+        assert w.stats["timeouts"] == w.stats["reconnects"] == 0 and w.alive()
+        w.close()
+
+
+def test_controllers_of_closed_sessions_are_not_kept_without_bound():
+    """Each session with other action bounds (a recalibrated arm) builds its own controller, which may
+    hold a model; the closed ones were all kept."""
+    with threaded_server() as srv:
+        for i in range(5):
+            cfg = RemoteConfig(f"127.0.0.1:{srv.port}", connect_timeout_s=10.0)
+            w = RemoteWorker(cfg, LOW, [1.0 + i, 1.0])
+            w.start()
+            w.close()
+            end = time.monotonic() + 5
+            while srv.sessions and time.monotonic() < end:
+                time.sleep(0.01)
+        assert len(srv.idle) == 2 and srv.idle[-1][0] == (tuple(LOW), (5.0, 1.0))
+        serves(srv)  # the bounds of a kept one (LOW, HIGH are not among them: built anew)
+
+
 def test_handshake_messages_carry_no_arrays():
     """Only infer and reset take arrays: a hello with 10 MB of them was kept for 30 s per peer."""
     with threaded_server() as srv:

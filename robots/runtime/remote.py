@@ -249,8 +249,28 @@ class RemoteWorker:
             req.frozen,
         )
         self._outstanding = (req.seq, now, deadline)
-        if not self._send(frames):
+        too_big = self._too_big(frames)
+        if too_big is not None:  # ZeroMQ would cut the connection, and the request time out, every time
+            self._replies.append(Reply(req.seq, None, 0.0, too_big))
+            self._outstanding = None
+        elif not self._send(frames):
             self._give_up("the connection to the policy server cannot take the request")
+
+    def _too_big(self, frames: list[Any]) -> str | None:
+        """Why the server would not take these frames (its limits, from the handshake), or None."""
+        mb = [memoryview(f).nbytes / 2**20 for f in frames]
+        frame, total = self.info.get("max_frame_mb"), self.info.get("max_request_mb")
+        if isinstance(frame, (int, float)) and max(mb) > frame:
+            return (
+                f"a request frame of {max(mb):.1f} MB (an observation's array) is more than the policy "
+                f"server takes (max_frame_mb={frame:g}): start wm-serve with a larger max_frame_mb"
+            )
+        if isinstance(total, (int, float)) and sum(mb) > total:
+            return (
+                f"a request of {sum(mb):.1f} MB is more than the policy server takes "
+                f"(max_request_mb={total:g}): start wm-serve with a larger max_request_mb"
+            )
+        return None
 
     def poll(self) -> Reply | None:
         """The reply to the outstanding request when it is there (or an error reply when it failed);

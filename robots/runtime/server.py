@@ -41,6 +41,7 @@ from robots.runtime.worker import Request, compute, describe, kernel_line, kerne
 
 MAX_PENDING = 64  # handshakes in progress at once (more: the oldest is forgotten)
 HANDSHAKE_S = 30.0  # a handshake not finished in this long is forgotten
+MAX_IDLE = 2  # controllers of closed sessions kept for later ones (at least max_sessions)
 MAX_JOBS = 2  # per session: one computing, one waiting (sent by a client that gave up on the first)
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -125,7 +126,8 @@ class PolicyServer:
         self.key = key or (lambda low, high: (tuple(low), tuple(high)))
         self.meta, self.log = dict(meta or {}), log
         self.sessions: dict[bytes, Session] = {}
-        self.idle: dict[Any, list[Any]] = {}  # controllers of closed sessions, by key
+        # controllers of closed sessions (key, controller), the most recent last, at most MAX_IDLE
+        self.idle: list[tuple[Any, Any]] = []
         self.pending: dict[bytes, tuple[float, bytes, wire.Message]] = {}
         # expired: chunk requests whose deadline passed in the queue; sessions_expired: silent sessions closed
         self.counts: dict[str, int] = dict.fromkeys(
@@ -144,7 +146,20 @@ class PolicyServer:
     # ------------------------------------------------------------------ lifecycle
     def add_idle(self, controller: Any, low: list[float], high: list[float]) -> None:
         """A controller built ahead (at startup) for these bounds, handed to the first fitting session."""
-        self.idle.setdefault(self.key(low, high), []).append(controller)
+        self._park(self.key(low, high), controller)
+
+    def _park(self, key: Any, controller: Any) -> None:
+        """Keep a controller for a later session with the same key; the oldest beyond MAX_IDLE goes
+        (each may hold a model: sessions with ever new bounds would pile them up)."""
+        self.idle.append((key, controller))
+        del self.idle[: max(0, len(self.idle) - max(MAX_IDLE, self.cfg.max_sessions))]
+
+    def _unpark(self, key: Any) -> Any:
+        """The most recent idle controller for `key` (taken out of the pool), or None."""
+        for i in range(len(self.idle) - 1, -1, -1):
+            if self.idle[i][0] == key:
+                return self.idle.pop(i)[1]
+        return None
 
     def bind(self) -> str:
         """Open the socket; returns the endpoint (tcp://host:port, the real port when 0 was asked)."""
@@ -366,11 +381,12 @@ class PolicyServer:
         )
         self.sessions[s.sid] = s
         s.jobs += 1
-        pool = self.idle.get(s.key)  # a controller of a closed session with these bounds, if any
-        self._jobs.put(("build", s, pool.pop() if pool else None, identity, now))
+        # a controller of a closed session with these bounds, if any
+        self._jobs.put(("build", s, self._unpark(s.key), identity, now))
 
     def _ready(self, s: Session, resumed: bool) -> None:
-        info = {**self.meta, **s.info}
+        limits = {"max_frame_mb": self.cfg.max_frame_mb, "max_request_mb": self.cfg.max_request_mb}
+        info = {**self.meta, **s.info, **limits}  # the limits: a client refuses what would not arrive
         self._send(
             s.identity,
             "ready",
@@ -457,7 +473,7 @@ class PolicyServer:
     def _release(self, s: Session) -> None:
         """A closed session's controller goes to the idle pool, for the next session with its bounds."""
         if s.controller is not None:
-            self.idle.setdefault(s.key, []).append(s.controller)
+            self._park(s.key, s.controller)
             s.controller = None
 
     def _sweep(self) -> None:
