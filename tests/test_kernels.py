@@ -113,7 +113,8 @@ def test_cache_hit_skips_calibration_and_keys_on_the_machine(monkeypatch):
     n = len(calls)
     assert n > 0
     times.update(fast=2.0)  # a new measurement would now choose native
-    assert sel.choose("op a", cands, "native") == "fast" and len(calls) == n  # cache hit: nothing ran
+    assert sel.choose("op a", cands, "native") == "fast"  # cache hit: nothing timed, the choice's
+    assert sorted(calls[n:]) == ["fast", "native"]  # accuracy checked once on the call at hand
     assert sel.choose("op b", cands, "native") == "native"  # another shape key: calibrated again
     threads = torch.get_num_threads()
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
@@ -305,6 +306,71 @@ def test_int8_weights_only_with_auto_and_follow_the_weights(fake_selector):
             set_inference_precision(layer, "fp32")
             ref2 = layer(x)
         assert kernels.rel_error(y2, ref2) < kernels.INT8_TOL
+
+
+@pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no int8 weight-only kernel")
+def test_a_cached_reduced_precision_choice_is_checked_on_the_weights_it_meets(tmp_path):
+    """int8 was measured accurate on one checkpoint's weights and cached (on disk, and in the layer's
+    memo); another checkpoint of the same shapes, whose weights int8 cannot carry (a large weight on an
+    input channel that is zero in the data), ran int8 at a relative error of 1.0. The timing is reused,
+    the accuracy is checked again on the weights at hand."""
+    from policies.diffusion import unet
+    from policies.diffusion.precision import set_inference_precision
+
+    times = dict(native=1.0, onednn=0.95, matmul=0.95, native_bf16=0.9, onednn_bf16=0.9, matmul_bf16=0.9)
+    times.update(matmul_int8=0.2)
+    x = torch.randn(1, 64, 16)
+    x[:, 0] = 0.0
+
+    def layer(outlier: bool) -> unet.Conv1d:
+        torch.manual_seed(0)
+        conv = unet.Conv1d(64, 32, 5, padding=2).eval()
+        if outlier:
+            with torch.no_grad():
+                conv.weight[:, 0] = 50.0
+        set_inference_precision(conv, "auto")
+        return conv
+
+    def run(conv: unet.Conv1d, sel: Selector) -> tuple[float, str, str]:
+        """The relative error of the layer's "auto" output, its kernel and how it was chosen."""
+        with torch.no_grad():
+            y = conv(x)
+            _, record, how = sel.log[-1]
+            set_inference_precision(conv, "fp32")
+            ref = conv(x)
+            set_inference_precision(conv, "auto")
+        return kernels.rel_error(y, ref), record["choice"], how
+
+    with kernels.using(Selector(KernelCache(tmp_path / "k.json"), timer=fake_timer(times))) as sel:
+        err, choice, how = run(layer(outlier=False), sel)
+        assert (choice, how) == ("matmul_int8", "calibrated") and err < kernels.INT8_TOL
+    with kernels.using(Selector(KernelCache(tmp_path / "k.json"), timer=fake_timer(times))) as sel:
+        other = layer(outlier=True)  # another process, another checkpoint: a cache hit
+        err, choice, how = run(other, sel)
+        assert (choice, how) == ("native", "inaccurate here") and err < kernels.INT8_TOL
+        with torch.no_grad():  # the same layer given the first checkpoint's weights: int8 again
+            other.weight.copy_(layer(outlier=False).weight)
+        err, choice, how = run(other, sel)
+        assert (choice, how) == ("matmul_int8", "cache") and err < kernels.INT8_TOL
+
+
+def test_a_module_in_training_mode_runs_fp32_and_calibrates_nothing(fake_selector):
+    """Dropout on: a calibration would compare two different draws, reject bf16 and cache that for
+    every later eval call; a training-mode module computes fp32."""
+    from policies.diffusion.precision import set_inference_precision
+    from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
+
+    sel, times = fake_selector
+    times.update(fp32=1.0, bf16=0.5)
+    net = TransformerDenoiser(TransformerConfig(dim=32, depth=1, heads=2, dropout=0.5), 2, 8, 16, 2).train()
+    set_inference_precision(net, "bf16")
+    args = (torch.randn(1, 16, 2), torch.tensor([3.0]), torch.randn(1, 2, 8))
+    with torch.no_grad():
+        net(*args)
+        assert not sel.log
+        net.eval()
+        net(*args)
+    assert sel.log[-1][1]["choice"] == "bf16"
 
 
 def test_conv_layers_use_the_measured_kernel(fake_selector):

@@ -285,8 +285,18 @@ class Selector:
         full = f"{machine_key()}|{key}"
         record = self.cache.get(full)
         if record is not None and record["choice"] in candidates:
+            choice = record["choice"]
+            # The timing holds for the shape; the accuracy was checked on other weights and inputs (another
+            # checkpoint's, an earlier training step's): checked again on these before it is used
+            if choice != native:
+                with torch.no_grad():
+                    err = rel_error(candidates[choice](), candidates[native]())
+                if not _within(err, _tol(tol, choice)):
+                    here = {**record, "choice": native, "rel_error_here": err}
+                    self.log.append((full, here, "inaccurate here"))
+                    return native
             self.log.append((full, record, "cache"))
-            return record["choice"]
+            return choice
         if self.spent_s >= self.total_budget_s:
             return default
         t0 = time.perf_counter()

@@ -132,7 +132,12 @@ class ConsistencyObjective(nn.Module):
     def loss(self, x0: Tensor, cond: Tensor | None, valid: Tensor | None) -> Tensor:
         """x0 (B, Ta, Da) normalized, cond (B, To, Dc) or None, valid (B, Ta) or None -> the CD loss. A
         `Committed` teacher's student learns to continue committed actions too: every network call of
-        a sample gets the same random committed prefix, left out of the loss."""
+        a sample gets the same random committed prefix, left out of the loss. The teacher and the target
+        run without autograd, in fp32 all the same (a training step)."""
+        with fp32_inference(self, self.teacher):
+            return self._loss(x0, cond, valid)
+
+    def _loss(self, x0: Tensor, cond: Tensor | None, valid: Tensor | None) -> Tensor:
         if self.training:
             self.update_target()  # the EMA step owed to the previous optimizer step (a no-op at the first)
         cfg, teacher = self.cfg, self.teacher
@@ -230,11 +235,10 @@ class ConsistencyDistillation(nn.Module):
         return self
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        # the encoder, the teacher and the target run without autograd: in fp32 all the same
-        with fp32_inference(self, self.objective.teacher):
-            with torch.no_grad():  # the encoder is frozen: features need no graph
-                x0, cond, valid = self.policy.prepare(batch, augment=False)
-            loss = self.objective.loss(x0, cond, valid)
+        # the frozen encoder runs without autograd: in fp32 all the same (a training step)
+        with fp32_inference(self.policy.obs_encoder), torch.no_grad():
+            x0, cond, valid = self.policy.prepare(batch, augment=False)
+        loss = self.objective.loss(x0, cond, valid)
         return loss, {"loss": loss.detach()}
 
 

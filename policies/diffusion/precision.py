@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from wm import kernels
 from wm.precision import Bf16Shadow, check_precision, resolve_precision, tensor_key
 
+MEMO_LIMIT = 256  # memoized choices per layer (by shape and weights) before they are forgotten
+
 __all__ = [
     "Bf16Inference",
     "Bf16Shadow",
@@ -45,9 +47,10 @@ class Bf16Inference:
     inference_precision = "fp32"
 
     def active_precision(self, x: Tensor) -> str:
-        """What a call on `x` runs in: "bf16" or "fp32" (always fp32 with autograd on)."""
+        """What a call on `x` runs in: "bf16" or "fp32" (always fp32 with autograd on, or in training
+        mode: dropout would make a calibration compare two different draws)."""
         p = self.inference_precision
-        if p == "fp32" or torch.is_grad_enabled():
+        if p == "fp32" or torch.is_grad_enabled() or getattr(self, "training", False):
             return "fp32"
         return p if p == "bf16" else resolve_precision(p, x.device)
 
@@ -73,10 +76,13 @@ class Bf16Inference:
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return bf16()
         memo = self.__dict__.setdefault("_precision_memo", {})
-        mk = (tuple(None if t is None else t.shape for t in inputs), x.dtype, kernels.memo_token())
+        assert isinstance(self, nn.Module)
+        weights = tensor_key(self.parameters())  # bf16's accuracy was checked on these weights
+        mk = (tuple(None if t is None else t.shape for t in inputs), x.dtype, kernels.memo_token(), weights)
         choice = memo.get(mk)
         if choice is None:
-            assert isinstance(self, nn.Module)
+            if len(memo) > MEMO_LIMIT:  # entries of earlier weights (a training run's validations)
+                memo.clear()
             key = f"module {kernels.module_signature(self)} in={kernels.shapes(*inputs)} {x.dtype} bf16"
             choice = kernels.choose(
                 key, {"fp32": fp32, "bf16": bf16}, native="fp32", tol=kernels.MODULE_BF16_TOL, default="bf16"

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from policies.diffusion.precision import Bf16Inference, tensor_key
+from policies.diffusion.precision import MEMO_LIMIT, Bf16Inference, tensor_key
 from wm import kernels
 from wm.precision import quantize_int8_rows
 
@@ -120,9 +120,12 @@ class _InferenceConv(Bf16Inference):
         # int8 weights: only with "auto" (the fastest within tolerance); "fp32" / "bf16" are what they say
         auto = self.inference_precision == "auto"
         memo = self.__dict__.setdefault("_kernel_memo", {})
-        mk = (x.shape, x.dtype, precision, auto, kernels.memo_token())
+        # the weights' identity too: int8 / bf16 accuracy was checked on these weights (`kernels.choose`)
+        mk = (x.shape, x.dtype, precision, auto, kernels.memo_token(), tensor_key((self.weight,)))
         name = memo.get(mk)
         if name is None:
+            if len(memo) > MEMO_LIMIT:  # entries of earlier weights (a training run's validations)
+                memo.clear()
             int8 = auto and self.int8_fits()  # the layer's shape decides: checked once per memo entry
             names = self.kernel_names(precision) + (["matmul_int8"] if int8 else [])
             name = memo[mk] = kernels.choose(
