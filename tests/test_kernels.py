@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,7 +148,7 @@ def test_disk_cache_shared_between_processes_and_corrupt_file_overwritten(tmp_pa
     data = json.loads(path.read_text())
     ((key, record),) = data["entries"].items()
     assert data["format"] == 1 and key.endswith("|op") and record["choice"] == "fast"
-    assert not [p for p in path.parent.iterdir() if p != path]  # no temporary file left behind
+    assert [p.name for p in path.parent.iterdir() if p != path] == ["kernels.json.lock"]  # no temporary file
 
     calls: list = []  # a new process (new cache object) reads the file: no calibration
     again = Selector(KernelCache(path), timer=fake_timer({"native": 1.0, "fast": 2.0}, calls))
@@ -163,6 +164,29 @@ def test_disk_cache_shared_between_processes_and_corrupt_file_overwritten(tmp_pa
     path.write_text(json.dumps({"format": 1, "entries": {"k": {"no choice": 1}}}))
     with pytest.warns(RuntimeWarning, match="unreadable"):
         assert KernelCache(path).get("k") is None
+
+
+def _write_keys(path: str, tag: str, barrier) -> None:
+    cache = KernelCache(Path(path))
+    barrier.wait()
+    for i in range(100):
+        cache.put(f"m|{tag} {i}", {"choice": "native", "us": {}, "rel_error": {}, "rejected": {}})
+
+
+def test_processes_writing_the_disk_cache_at_once_lose_nothing(tmp_path):
+    """Each write reads, merges and replaces the file: without a lock, one landing between another
+    process's read and replace was lost."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_keys, args=(str(tmp_path / "k.json"), t, barrier)) for t in "AB"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(json.loads((tmp_path / "k.json").read_text())["entries"]) == 200
 
 
 def test_summary_counts_each_op_shape_once_by_its_kernel(tmp_path):

@@ -38,6 +38,7 @@ the requested precision), for comparison and debugging.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -201,13 +202,16 @@ class KernelCache:
         self._mem[key] = record
         if self.path is None:
             return
-        merged = {**self._read(), **self._mem}  # keep what other processes wrote meanwhile
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
+            # one writer at a time (a sidecar lock): a write between another's read and replace was lost
+            with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                merged = {**self._read(), **self._mem}  # keep what other processes wrote meanwhile
+                fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"format": CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
+                os.replace(tmp, self.path)
         except OSError as e:
             self._warn(f"cannot write the kernel cache {self.path} ({e}); choices stay in this process")
             self.path = None
