@@ -572,6 +572,19 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
         precision.check_precision("fp16", allow_auto=True)
 
 
+def test_cpu_info_tells_cpus_of_one_name_apart():
+    """The kernel cache is keyed on it: a VM's "AMD EPYC" names several generations, and ARM has no
+    model name at all (a Graviton and a Raspberry Pi shared one key)."""
+    x86 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+    x86 += "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert precision.parse_cpuinfo(x86) == ("AMD EPYC (family 25 model 17 stepping 1)", ("avx512_bf16",))
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n"
+    arm += "CPU variant\t: 0x1\n"
+    model, flags = precision.parse_cpuinfo(arm)
+    assert model.endswith("(implementer 0x41 part 0xd40 variant 0x1)") and flags == ()
+    assert precision.parse_cpuinfo(arm.replace("0xd40", "0xd08"))[0] != model  # another core
+
+
 def test_cpu_info_reads_bf16_flags():
     model, flags = precision.cpu_info()
     assert model and set(flags) <= set(precision.BF16_CPU_FLAGS)

@@ -43,23 +43,31 @@ def check_precision(precision: str, allow_auto: bool = False) -> str:
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> tuple[str, tuple[str, ...]]:
-    """(model name, its bf16 flags among `BF16_CPU_FLAGS`) of this machine's CPU, from /proc/cpuinfo
-    (Linux); elsewhere the platform's processor string and no flags."""
-    import platform
-
-    model, flags = "", set()
+    """(model, its bf16 flags among `BF16_CPU_FLAGS`) of this machine's CPU, from /proc/cpuinfo (Linux);
+    elsewhere the platform's processor string and no flags. The model is the model name with the
+    numbers that tell CPUs of one name apart (x86: family, model, stepping, as a VM's "AMD EPYC" names
+    several generations; ARM, which has no model name: implementer, part, variant)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
+    return parse_cpuinfo(text)
+
+
+def parse_cpuinfo(text: str) -> tuple[str, tuple[str, ...]]:
+    """`cpu_info` of a /proc/cpuinfo text."""
+    import platform
+
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        name = name.strip()
-        if name == "model name" and not model:
-            model = value.strip()
-        elif name == "flags" and not flags:
-            flags = set(value.split())
-    model = model or platform.processor() or platform.machine() or "unknown CPU"
+        fields.setdefault(name.strip(), value.strip())  # the first processor's
+    ids = [("family", "cpu family"), ("model", "model"), ("stepping", "stepping")]
+    ids += [("implementer", "CPU implementer"), ("part", "CPU part"), ("variant", "CPU variant")]
+    numbers = " ".join(f"{short} {fields[key]}" for short, key in ids if fields.get(key))
+    model = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    model = f"{model} ({numbers})" if numbers else model
+    flags = set(fields.get("flags", "").split())
     return model, tuple(f for f in BF16_CPU_FLAGS if f in flags)
 
 
