@@ -106,6 +106,11 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["store=missing.zarr", "out=run", "trainer.steps=abc"],
             "error: trainer.steps must be an integer, got 'abc'",
         ),
+        (  # its default (0.5 with a video store) could not be told from an unused one given
+            "wm-train",
+            ["model=uwm", "store=missing.zarr", "out=run", "video_ratio=0.3"],
+            "error: video_ratio=0.3 without video_store=: there is no video to mix in",
+        ),
         (
             "wm-info",
             ["store=missing.zarr", "format=xml"],

@@ -37,7 +37,7 @@ class TrainAppConfig:
     in_memory: bool = True
     feature_cache: str = "auto"
     video_store: str | None = None
-    video_ratio: float = 0.5
+    video_ratio: float | None = None  # with video_store: 0.5 unless given
 
     def __post_init__(self) -> None:
         if "type" not in self.model:
@@ -46,7 +46,13 @@ class TrainAppConfig:
             raise ValueError(f"val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.feature_cache not in ("auto", "off"):
             raise ValueError(f"feature_cache must be auto or off, got {self.feature_cache!r}")
-        if not 0 <= self.video_ratio < 1:
+        if self.video_ratio is not None and not self.video_store:
+            raise ValueError(
+                f"video_ratio={self.video_ratio} without video_store=: there is no video to mix in"
+            )
+        if self.video_store and self.video_ratio is None:
+            object.__setattr__(self, "video_ratio", 0.5)
+        if self.video_ratio is not None and not 0 <= self.video_ratio < 1:
             raise ValueError(f"video_ratio must be in [0, 1), got {self.video_ratio}")
 
 
@@ -108,7 +114,7 @@ def train(cfg: TrainAppConfig) -> int:
         feature_cache=cfg.feature_cache,
         teacher=cfg.teacher,
         video_store=cfg.video_store,
-        video_ratio=cfg.video_ratio,
+        video_ratio=0.5 if cfg.video_ratio is None else cfg.video_ratio,
     )
     run_config = {**json.loads(json.dumps(cfg.__dict__, default=str)), **store_facts}
     trainer = Trainer(
