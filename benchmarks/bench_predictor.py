@@ -186,6 +186,7 @@ def worker(args: argparse.Namespace) -> dict:
     model = build(args.model)
     x = torch.randn(args.batch, FRAMES, PATCHES, TOKEN_DIM)
     future = torch.randn(args.batch, ROLLOUT_STEPS - 1, PATCHES, TOKEN_DIM)
+    base_rss = _maxrss_mb()  # the peak is counted from here: the model and inputs, before any warm-up
     with torch.inference_mode():
         # warm-up at batch 1 and at up to 30 (keeps batch 300 to a single run): the linear layers
         # calibrate here, per bucket of rows (588 rows a window, 196 a frame: 30 windows fill every bucket)
@@ -197,7 +198,6 @@ def worker(args: argparse.Namespace) -> dict:
             if args.batch > 1:
                 _rollout(model, x[:30], future[:30], cached=True)
         selector = kernels.selector()
-        base_rss = _maxrss_mb()
         limit = _vm_size_bytes() + int(args.limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         if args.rollout is not None:
