@@ -119,7 +119,34 @@ def test_keyboard_terminal_backend_impulses_decay_on_a_real_pty():
 
 
 def test_terminal_decoding():
-    assert decode_terminal_keys(b"W\x1b[3~\x7f\x1b\n") == ["w", "delete", "backspace", "esc", "enter"]
+    assert decode_terminal_keys(b"W\x1b[3~\x7f\n") == (["w", "delete", "backspace", "enter"], b"")
+    # Home, PgUp, F1, Shift+Up, F5 and Alt+w are not a lone Esc (which quits and loses the episode)
+    assert decode_terminal_keys(b"\x1b[H\x1b[5~\x1bOP\x1b[1;2A\x1b[15~\x1bw") == (["w"], b"")
+    assert decode_terminal_keys(b"w\x1b") == (["w"], b"\x1b")  # Esc, or the start of a sequence
+    assert decode_terminal_keys(b"\x1b[1;") == ([], b"\x1b[1;")  # cut between two reads
+
+
+def test_a_terminal_escape_sequence_cut_between_reads_is_one_key_and_esc_waits_a_poll():
+    """An arrow split across two polls (over SSH) was Esc + "[A" (quit); a lone Esc counts at the next
+    poll, when no sequence followed it."""
+    master, slave = pty.openpty()
+    dev = device_class("keyboard")(backend="terminal", fd=slave, clock=FakeClock(0.0))
+    dev.connect()
+    try:
+        os.write(master, b"\x1b")
+        assert dev.poll().commands == []
+        os.write(master, b"[3~")  # Delete, cut after its ESC
+        assert dev.poll().commands == [Command.DISCARD]
+        os.write(master, b"\x1b")
+        assert dev.poll().commands == []
+        assert dev.poll().commands == [Command.QUIT]  # nothing followed: the Esc key
+        os.write(master, b"\x1b[1")
+        dev.poll()
+        assert dev.poll().commands == []  # a cut sequence nothing completed: dropped
+    finally:
+        dev.disconnect()
+        os.close(master)
+        os.close(slave)
 
 
 def test_keyboard_without_display_or_terminal_says_what_to_do(monkeypatch, tmp_path):

@@ -88,12 +88,35 @@ def key_name(key: Any) -> str:
     return name if isinstance(name, str) else ""
 
 
-def decode_terminal_keys(data: bytes) -> list[str]:
-    """Key names typed in a terminal, from its raw bytes (escape sequences for arrows, delete, esc)."""
+def decode_terminal_keys(data: bytes) -> tuple[list[str], bytes]:
+    """Key names typed in a terminal, from its raw bytes, and the bytes of a sequence the data ends
+    inside (to be completed by the next read). Known escape sequences are keys; other complete ones
+    (Home, F1, PgUp, Shift+arrow: CSI "ESC [ ... final" and SS3 "ESC O x") are ignored, never a lone
+    Esc (Esc quits: a stray F1 ended the session and lost its episode); ESC then any other byte is
+    Alt+that key (the key alone). A lone ESC at the end is left over: the caller decides, at its next
+    read, whether it was the Esc key."""
     keys: list[str] = []
     i = 0
     longest = max(len(s) for s in TERMINAL_SEQUENCES)
     while i < len(data):
+        if data[i] == 0x1B:
+            if i + 1 == len(data):
+                return keys, data[i:]  # a lone ESC so far
+            intro = data[i + 1]
+            if intro in (0x5B, 0x4F):  # "[" (CSI) or "O" (SS3)
+                end = i + 2
+                if intro == 0x5B:
+                    while end < len(data) and not 0x40 <= data[end] <= 0x7E:
+                        end += 1
+                if end >= len(data):
+                    return keys, data[i:]  # cut between two reads
+                name = TERMINAL_SEQUENCES.get(data[i : end + 1])
+                if name is not None:
+                    keys.append(name)
+                i = end + 1
+                continue
+            i += 1  # Alt+key: the key
+            continue
         for n in range(min(longest, len(data) - i), 0, -1):
             name = TERMINAL_SEQUENCES.get(data[i : i + n])
             if name is not None:
@@ -103,7 +126,7 @@ def decode_terminal_keys(data: bytes) -> list[str]:
         else:
             keys.append(chr(data[i]).lower() if data[i] < 128 else "")
             i += 1
-    return [k for k in keys if k]
+    return [k for k in keys if k], b""
 
 
 class KeyState:
@@ -186,6 +209,7 @@ class KeyboardDevice:
         self._listener: Any = None
         self._saved_tty: list | None = None
         self._term_fd = -1
+        self._partial = b""  # the start of an escape sequence the last read ended inside
 
     # ------------------------------------------------------------------ connection
     def connect(self) -> None:
@@ -256,10 +280,16 @@ class KeyboardDevice:
         if self._active is None:
             raise RuntimeError("keyboard: not connected; call connect() first")
         if self._active == "terminal":
-            data = _read_available(self._term_fd)
+            new = _read_available(self._term_fd)
+            data, names = self._partial + new, []
+            if self._partial == b"\x1b" and new[:1] not in (b"[", b"O"):  # no sequence followed the ESC
+                data, names = new, ["esc"]  # of the last poll: it was the Esc key
+            more, rest = decode_terminal_keys(data)
+            self._partial = rest if new else b""  # a sequence nothing came to complete is dropped
+            names += more
             now = self.clock()
             with self._lock:
-                for name in decode_terminal_keys(data):
+                for name in names:
                     self._keys.press(name, now)
         with self._lock:
             return self._keys.take(self.clock())
