@@ -238,7 +238,7 @@ class Collector:
             while self.stats.saved < episodes:
                 state = self._read_tick(device, run)
                 cmds = set() if state is None else set(state.commands)
-                if run.failures >= self.max_read_failures or Command.QUIT in cmds:
+                if run.failures >= self.max_read_failures or run.send_failed or Command.QUIT in cmds:
                     break
                 self._episode_commands(run, cmds, loop)
                 if state is not None and run.failures == 0:
@@ -246,12 +246,14 @@ class Collector:
                 if run.writer is not None and run.writer.n_steps:
                     if Command.SAVE in cmds or (self.simulated and self.task.done):
                         self._save(run, loop, device.name)
+                if run.send_failed:
+                    break
                 if self.preview is not None and run.obs:
                     self.preview.show(run.obs, "REC" if run.writer is not None else "press start")
                 loop.wait()
         finally:
             if run.writer is not None:
-                if run.failures >= self.max_read_failures:
+                if run.failures >= self.max_read_failures or run.send_failed:
                     self.stats.stopped += f"; the episode being recorded ({run.writer.n_steps} steps) is lost"
                 run.writer.discard()
 
@@ -303,7 +305,15 @@ class Collector:
         command = run.safety.filter(action)
         if command is None:  # nothing safe to send yet: the robot holds
             return
-        sent = run.safety.sent(self.task.send_action(command), command)  # the cap follows what was sent
+        try:
+            reached = self.task.send_action(command)
+        except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
+            self.stats.stopped = (
+                f"{self.task.name}: the command could not be sent ({type(e).__name__}: {first_line(e)})"
+            )
+            run.send_failed = True
+            return
+        sent = run.safety.sent(reached, command)  # the cap follows what was sent
         if run.writer is not None:  # recording; between episodes the operator still moves the robot
             self._record(run.writer, run.obs, sent, 0.0 if run.last is None else now - run.last, now)
             run.last = now
@@ -320,13 +330,15 @@ class Collector:
 @dataclass
 class _Teleop:
     """What a teleop session carries from tick to tick: the safety layer, the newest observation, the
-    episode being recorded (None between episodes) and its last step's time, failed reads in a row."""
+    episode being recorded (None between episodes) and its last step's time, failed reads in a row,
+    and whether a command could not be sent (which ends the session)."""
 
     safety: SafetyLayer
     obs: dict[str, np.ndarray] = field(default_factory=dict)
     writer: Any = None
     last: float | None = None
     failures: int = 0
+    send_failed: bool = False
 
 
 def _retry(read: Callable[[], Any], tries: int) -> tuple[Any, Exception | None]:

@@ -615,3 +615,37 @@ def test_collect_stops_with_one_line_when_the_follower_stays_unreadable(monkeypa
     assert len(set(sent_before)) == 1  # nothing was sent while the follower could not be read
     assert not leader.is_open and not follower.is_open
     assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6
+
+
+@pytest.mark.parametrize("pulled", ["follower", "leader"])
+def test_collect_stops_with_one_line_when_an_arm_is_unplugged(monkeypatch, tmp_path, capsys, pulled):
+    """The follower's adapter pulled between its read and the goal write (the send raised: a traceback,
+    exit 1), or the leader's (its torque-off write at disconnect raised over the dead port: exit 1, the
+    port left open): one line, exit 3, the first episode kept, both ports closed."""
+    pytest.importorskip("scservo_sdk")
+    import tools.collect
+    from wm.data import DemoStore
+
+    leader, follower = so_arm(), so_arm()
+    cfg, reads = _leader_session(monkeypatch, tmp_path, leader, follower,
+                                 {2: "b", 4: "enter", 6: "b", 30: "enter"}, episodes=2)  # fmt: skip
+    arm = follower if pulled == "follower" else leader
+    before = arm.before_read
+
+    def unplug(address: int, length: int) -> None:
+        if before is not None:
+            before(address, length)
+        if address == FT_PRESENT and reads[0] == 9:
+            arm.unplugged = True  # the read being answered is the last thing that works
+
+    arm.before_read = unplug
+    assert tools.collect.collect(cfg) == 3
+    out = capsys.readouterr().out.strip()
+    says = {
+        "follower": "so101_follower: the command could not be sent (",
+        "leader": "leader_arm could not be read on ",
+    }[pulled]
+    assert "\n" not in out and out.startswith(f"stopped: {says}"), out
+    assert "is lost" in out and "saved 1 episodes" in out
+    assert DemoStore.open(tmp_path / "s.zarr").n_episodes == 1
+    assert not leader.is_open and not follower.is_open

@@ -495,3 +495,30 @@ def test_robot_mapper_adds_a_step_only_to_present_positions(task, adds_to_presen
     else:
         assert np.count_nonzero(action) == 1 and abs(action.max()) > 0
     robot.disconnect()
+
+
+def test_a_takeover_device_that_stops_answering_hands_the_robot_back_to_the_controller(monkeypatch):
+    """The terminal the operator typed in goes away mid-run (its reads raise EIO, as an unplugged
+    SpaceMouse's do): the takeover says so once and leaves the robot to the controller (the error
+    escaped the control loop: no report, exit 1)."""
+    import robots.teleop.keyboard as keyboard
+    from robots.runtime.intervention import Takeover
+
+    def gone(fd: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    master, slave = pty.openpty()
+    dev = device_class("keyboard")(backend="terminal", fd=slave, clock=FakeClock(0.0))
+    dev.connect()
+    takeover = Takeover(dev, lambda state, obs: np.asarray(state.motion[:2]))
+    try:
+        os.write(master, b"b")  # START: the operator latches control
+        assert takeover({}) is not None and takeover.latched
+        monkeypatch.setattr(keyboard, "_read_available", gone)
+        with pytest.warns(RuntimeWarning, match="the takeover device keyboard cannot be read"):
+            assert takeover({}) is None
+        assert takeover({}) is None and not takeover.latched and takeover.failures == 2
+    finally:
+        dev.disconnect()
+        os.close(master)
+        os.close(slave)

@@ -9,11 +9,13 @@ intervention; the controller resumes from a fresh chunk computed after the hand-
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from robots.real.lerobot_arm import first_line
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 
 
@@ -31,9 +33,23 @@ class Takeover:
             raise ValueError(f"deadband must be in [0, 1), got {deadband}")
         self.device, self.mapper, self.deadband = device, mapper, deadband
         self.latched = False
+        self.failures = 0  # polls in a row that raised
 
     def __call__(self, obs: Mapping[str, np.ndarray]) -> np.ndarray | None:
-        state = self.device.poll()
+        try:
+            state = self.device.poll()
+        except Exception as e:  # noqa: BLE001 - unplugged: the controller keeps (or takes back) the robot
+            self.failures += 1
+            self.latched = False
+            if self.failures == 1:
+                warnings.warn(
+                    f"the takeover device {self.device.name} cannot be read ({type(e).__name__}: "
+                    f"{first_line(e)}); the controller drives",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return None
+        self.failures = 0
         if Command.START in state.commands:
             self.latched = not self.latched
         moving = float(np.abs(np.asarray(state.motion, dtype=float)).max(initial=0.0)) > self.deadband

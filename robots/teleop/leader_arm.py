@@ -205,6 +205,8 @@ class LeaderArmDevice:
         self._connected = False
         try:
             self._teleop.disconnect()
+        except Exception:  # noqa: BLE001 - e.g. unplugged: lerobot's torque-off write fails; close the port
+            _close_quietly(self._teleop)
         finally:
             if self.command_device is not None:
                 self.command_device.disconnect()
