@@ -79,6 +79,19 @@ def open_store(path: str, schema: Schema) -> DemoStore:
             f"{path}: holds keys {theirs}, but this task records {mine}; use another store or the same "
             "task options (image size, state_only)"
         )
+    # the same shapes in other units, at another rate or from another robot would mix silently
+    old, new = store.schema, schema
+    facts = [("robot", old.robot, new.robot), ("fps", old.fps, new.fps)]
+    space = lambda a: (a.mode, a.frame, a.units)  # noqa: E731 - not its description's wording
+    facts.append(("action space (mode, frame, units)", space(old.action_space), space(new.action_space)))
+    facts += [(f"{k} units", old.keys[k].units, s.units) for k, s in new.keys.items()]
+    for what, was, now in facts:
+        if was != now:
+            store.close()
+            raise SchemaError(
+                f"{path}: recorded with {what} {was!r}, this session records {now!r}; use another store "
+                "or the same robot and options (use_degrees, control_hz)"
+            )
     return store
 
 

@@ -649,3 +649,26 @@ def test_collect_stops_with_one_line_when_an_arm_is_unplugged(monkeypatch, tmp_p
     assert "is lost" in out and "saved 1 episodes" in out
     assert DemoStore.open(tmp_path / "s.zarr").n_episodes == 1
     assert not leader.is_open and not follower.is_open
+
+
+def test_a_store_is_not_resumed_in_other_units_at_another_rate_or_from_another_robot(tmp_path):
+    """Only shapes and dtypes were compared: degrees and -100..100, 30 Hz and 10 Hz, an SO-100 into an
+    SO-101's store were appended silently under the store's units and rate."""
+    from robots.collect import open_store, recording_schema
+    from wm.data.schema import SchemaError
+
+    (tmp_path / "follower.json").write_text(json.dumps(calibration(SO_RANGE)))
+    path = str(tmp_path / "s.zarr")
+    arm = make_robot("so101_follower", calibration_dir=str(tmp_path))
+    open_store(path, recording_schema(arm, "pick")).close()
+    open_store(path, recording_schema(arm, "pick")).close()  # the same session resumes
+    for options, what in [
+        ({"use_degrees": False}, "action space"),
+        ({"control_hz": 10.0}, "fps"),
+    ]:
+        other = make_robot("so101_follower", calibration_dir=str(tmp_path), **options)
+        with pytest.raises(SchemaError, match=f"recorded with {what}"):
+            open_store(path, recording_schema(other, "pick"))
+    so100 = make_robot("so100_follower", calibration_dir=str(tmp_path))
+    with pytest.raises(SchemaError, match="robot 'so101_follower', this session records 'so100"):
+        open_store(path, recording_schema(so100, "pick"))
