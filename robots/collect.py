@@ -172,10 +172,12 @@ class Collector:
     def _record(
         self, writer: Any, obs: dict[str, np.ndarray], applied: np.ndarray, dt: float, now: float
     ) -> None:
-        """One step; `now` is the loop clock's time of this tick. A simulator run faster than real time
-        is on the loop's grid (start + k / hz), not the computer's clock its observations were read by,
-        so its timestamps say the grid's time (they were 1-10 ms apart at 10 Hz)."""
-        if self.simulated and not self.realtime and "timestamp" in obs:
+        """One step; `now` is the loop clock's time of this tick. A simulator's step is stamped with it:
+        run faster than real time it is on the loop's grid (start + k / hz; the computer's clock put
+        steps 1-10 ms apart at 10 Hz), and in real time its observation, read right after the previous
+        tick's send, shows the state at this tick (stamped with the read, every step lagged a period
+        and the first two were ~0 s apart). A real arm's reading shows the present: its own stamp."""
+        if self.simulated and "timestamp" in obs:
             obs = {**obs, "timestamp": np.float64(now)}
         writer.add_step({**obs, "action": applied, LOOP_KEY: np.float32(dt)})
         self.stats.steps += 1

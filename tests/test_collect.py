@@ -94,6 +94,31 @@ def test_a_simulator_run_faster_than_real_time_is_stamped_on_the_control_grid(tm
         np.testing.assert_allclose(np.diff(ts), 1.0 / task.control_hz, rtol=0, atol=1e-9)
 
 
+def test_a_simulator_teleoperated_in_real_time_is_stamped_at_its_ticks(tmp_path):
+    """Stamped with the time its observation was read (right after the previous tick's send), the first
+    two steps were ~0 s apart and every later one a period early."""
+    from robots.teleop.base import Command, TeleopState
+
+    class Operator:  # START at poll 2, SAVE at poll 6, +x held
+        name = "operator"
+
+        def __init__(self) -> None:
+            self.polls = 0
+
+        def poll(self) -> TeleopState:
+            self.polls += 1
+            commands = {2: [Command.START], 6: [Command.SAVE]}.get(self.polls, [])
+            return TeleopState(motion=np.array([1.0, 0, 0, 0, 0, 0]), commands=commands)
+
+    task = make_task("pointmaze", SimConfig(state_only=True))
+    store = open_store(str(tmp_path / "t.zarr"), recording_schema(task, "pointmaze"))
+    with task:
+        mapper = lambda state, obs: np.clip(state.motion[:2], -1, 1)  # noqa: E731
+        Collector(task, store, seed=0, realtime=True).record_teleop(Operator(), mapper, episodes=1)
+    ts = store.get_episode(0)["timestamp"].ravel()
+    np.testing.assert_allclose(np.diff(ts), 1.0 / task.control_hz, rtol=0, atol=0.02)
+
+
 def test_noisy_replays(tmp_path):
     task = make_task("pointmaze", SimConfig(state_only=True))
     store = open_store(str(tmp_path / "r.zarr"), recording_schema(task, "pointmaze"))
