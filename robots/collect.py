@@ -253,7 +253,7 @@ class Collector:
             while self.stats.saved < episodes:
                 state = self._read_tick(device, run)
                 cmds = set() if state is None else set(state.commands)
-                if run.failures >= self.max_read_failures or run.send_failed or Command.QUIT in cmds:
+                if run.failures >= self.max_read_failures or Command.QUIT in cmds:
                     break
                 self._episode_commands(run, cmds, loop)
                 if state is not None and run.failures == 0:

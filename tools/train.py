@@ -114,7 +114,7 @@ def train(cfg: TrainAppConfig) -> int:
         feature_cache=cfg.feature_cache,
         teacher=cfg.teacher,
         video_store=cfg.video_store,
-        video_ratio=0.5 if cfg.video_ratio is None else cfg.video_ratio,
+        video_ratio=cfg.video_ratio or 0.0,  # None: no video store (its default was set above)
     )
     run_config = {**json.loads(json.dumps(cfg.__dict__, default=str)), **store_facts}
     trainer = Trainer(
