@@ -103,6 +103,23 @@ def test_connect_observe_and_send_goal_positions(so_bus):
         assert goals == expected
 
 
+def test_one_failed_write_does_not_leave_the_port_marked_in_use(so_bus):
+    """pyserial raising on one write (a glitch of the USB adapter) fails that call only: the motor SDK
+    had marked the port in use before writing and never freed it, so every later read failed with
+    "Port is in use!" although the line worked again."""
+    fake, calib_dir = so_bus
+    with so101(calib_dir) as arm:
+        fake.write_errors = 1
+        with pytest.raises(OSError):
+            arm.get_observation()
+        np.testing.assert_allclose(arm.get_observation()["state"][0], deg(2000), atol=1e-4)
+        fake.write_errors = 1
+        with pytest.raises(OSError):
+            arm.send_action(np.zeros(6))
+        np.testing.assert_allclose(arm.get_observation()["state"][0], deg(2000), atol=1e-4)
+        np.testing.assert_allclose(arm.send_action(np.full(6, 10.0)), 10.0, atol=1e-4)
+
+
 def test_actions_are_clipped_to_the_calibrated_range_and_nan_never_reaches_the_bus(so_bus):
     fake, calib_dir = so_bus
     with so101(calib_dir) as arm:
@@ -559,10 +576,12 @@ def test_collect_caps_the_first_step_from_where_the_follower_is(monkeypatch, tmp
     np.testing.assert_allclose(action[:, :5], goals, atol=0.1)  # what was sent is what was recorded
 
 
+@pytest.mark.parametrize("fault", ["corrupt", "oserror"])
 @pytest.mark.parametrize("which", ["follower", "leader"])
-def test_collect_retries_a_read_that_fails_once(monkeypatch, tmp_path, capsys, which):
-    """One corrupt status packet in the middle of the second episode: retried within the tick, and both
-    episodes are saved."""
+def test_collect_retries_a_read_that_fails_once(monkeypatch, tmp_path, capsys, which, fault):
+    """One corrupt status packet, or one write the USB adapter fails (OSError: the motor SDK had marked
+    the port in use and never freed it, so every later read said "Port is in use!"), in the middle of the
+    second episode: retried, and both episodes are saved."""
     pytest.importorskip("scservo_sdk")
     import tools.collect
     from wm.data import DemoStore
@@ -576,14 +595,17 @@ def test_collect_retries_a_read_that_fails_once(monkeypatch, tmp_path, capsys, w
     def glitch(address: int, length: int) -> None:
         operator(address, length)
         if address == FT_PRESENT and reads[0] == 9:
-            noisy.corrupt_reads = 1  # the next read of `noisy` is answered with a bad checksum
+            if fault == "corrupt":
+                noisy.corrupt_reads = 1  # the next read of `noisy` is answered with a bad checksum
+            else:
+                noisy.write_errors = 1  # the next packet written to `noisy` fails
             glitches.append(reads[0])
 
     leader.before_read = glitch
     assert tools.collect.collect(cfg) == 0
     assert capsys.readouterr().out.startswith("saved 2 episodes")
     assert DemoStore.open(tmp_path / "s.zarr").n_episodes == 2
-    assert glitches == [9] and noisy.corrupt_reads == 0  # the corrupt answer was given, and read past
+    assert glitches == [9] and noisy.corrupt_reads == noisy.write_errors == 0  # the fault came, and passed
 
 
 def test_collect_stops_with_one_line_when_the_follower_stays_unreadable(monkeypatch, tmp_path, capsys):

@@ -32,9 +32,10 @@ warmup_s, rotation, fourcc).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,7 +259,8 @@ class LerobotArm(RobotBase):
     # ------------------------------------------------------------------ observation and action
     def _observe(self) -> dict[str, np.ndarray]:
         # lerobot's `get_observation()`, with this arm's bound on how old a camera frame may be.
-        pos = self._robot.bus.sync_read("Present_Position")
+        with port_released_on_error(self._robot.bus):
+            pos = self._robot.bus.sync_read("Present_Position")
         out = {STATE_KEY: np.array([pos[m] for m in self._motors], dtype=np.float32)}
         for cam in self._cameras:
             frame = self._robot.cameras[cam].read_latest(max_age_ms=self.frame_age_ms(cam))
@@ -273,8 +275,24 @@ class LerobotArm(RobotBase):
 
     def _apply(self, action: np.ndarray) -> np.ndarray:
         goal = {f"{m}.pos": float(v) for m, v in zip(self._motors, action, strict=True)}
-        sent = self._robot.send_action(goal)
+        with port_released_on_error(self._robot.bus):
+            sent = self._robot.send_action(goal)
         return np.array([sent[f"{m}.pos"] for m in self._motors], dtype=np.float32)
+
+
+@contextlib.contextmanager
+def port_released_on_error(bus: Any) -> Iterator[None]:
+    """Free the motor bus's port when a call through it raises. The Feetech and Dynamixel SDKs mark the
+    port in use before writing a packet and free it after the reply; an OSError from pyserial in between
+    (one glitch of the USB adapter) left it marked, and every later call failed with "Port is in use!"
+    although the line was fine again: one glitch ended the session."""
+    try:
+        yield
+    except BaseException:
+        handler = getattr(bus, "port_handler", None)
+        if handler is not None and hasattr(handler, "is_using"):
+            handler.is_using = False
+        raise
 
 
 def joint_limits(robot: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:

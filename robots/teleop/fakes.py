@@ -189,18 +189,22 @@ class FakeFeetechSerial(FakeServoPort):
     `corrupt_reads`: that many of the next reads (it counts down; `before_read` may set it) are answered
     with one status packet whose checksum is wrong and nothing more, as noise on the line would.
     `unplugged`: from then on every write raises OSError, as pyserial does when the adapter is pulled.
+    `write_errors`: that many of the next writes (it counts down) raise OSError, then the line works
+    again, as after one glitch of a USB adapter.
     """
 
     def __init__(self, memory: dict[int, bytearray]) -> None:
         super().__init__(memory)
         self.corrupt_reads = 0
         self.unplugged = False
+        self.write_errors = 0
 
     def set(self, motor_id: int, address: int, length: int, value: int) -> None:
         self.memory[motor_id][address : address + length] = int(value).to_bytes(length, "little")
 
     def write(self, packet: bytes | list[int]) -> int:
-        if self.unplugged:
+        if self.unplugged or self.write_errors > 0:
+            self.write_errors = max(0, self.write_errors - 1)
             raise OSError(5, "Input/output error")
         data = bytes(packet)
         if len(data) < 6 or data[:2] != b"\xff\xff":

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from robots.base import Feature, RobotError
-from robots.real.lerobot_arm import first_line
+from robots.real.lerobot_arm import first_line, port_released_on_error
 from robots.real.units import arm_units, bus_units
 from robots.teleop.base import DeviceNotFoundError, TeleopDevice, TeleopState
 
@@ -214,7 +214,8 @@ class LeaderArmDevice:
     def poll(self) -> TeleopState:
         if not self._connected:
             raise RuntimeError("leader arm: not connected; call connect() first")
-        action = self._teleop.get_action()
+        with port_released_on_error(self._teleop.bus):
+            action = self._teleop.get_action()
         joints = np.array([action[f"{name}.pos"] for name in self._joint_names], dtype=np.float64)
         commands = [] if self.command_device is None else self.command_device.poll().commands
         return TeleopState(joints=joints, commands=commands)
