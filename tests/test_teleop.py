@@ -497,6 +497,25 @@ def test_robot_mapper_adds_a_step_only_to_present_positions(task, adds_to_presen
     robot.disconnect()
 
 
+def test_a_leader_arm_on_a_joint_delta_robot_commands_the_difference_from_its_present_joints():
+    """A leader's absolute joint targets on arm_push in joint_delta mode: a leader held at the follower's
+    pose commands no motion (the present joints counted as zeros, so it commanded a full step toward 0)."""
+    from robots.registry import make_task
+    from robots.sim.base import SimConfig
+    from robots.teleop.mapping import robot_mapper
+
+    task = make_task("arm_push", SimConfig(state_only=True, options={"action_mode": "joint_delta"}))
+    obs = task.reset(0)
+    q = obs["proprio"][:3].astype(np.float64)
+    mapper = robot_mapper(ActionMapper(), task)
+    np.testing.assert_allclose(mapper(TeleopState(joints=q), obs), 0.0, atol=1e-6)
+    step = np.array([0.05, -0.02, 0.0])
+    np.testing.assert_allclose(mapper(TeleopState(joints=q + step), obs), step, atol=1e-6)
+    with pytest.raises(ValueError, match="leader arm"):  # a motion device gives no joint targets
+        mapper(TeleopState(motion=np.ones(6)), obs)
+    task.disconnect()
+
+
 def test_a_takeover_device_that_stops_answering_hands_the_robot_back_to_the_controller(monkeypatch):
     """The terminal the operator typed in goes away mid-run (its reads raise EIO, as an unplugged
     SpaceMouse's do): the takeover says so once and leaves the robot to the controller (the error

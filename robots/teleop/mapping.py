@@ -198,16 +198,43 @@ class ActionMapper:
 
 def present_action(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarray | None]:
     """obs -> the robot's present value in its action's layout, what a teleop step is added to for
-    absolute actions: its joint positions (`position_key`), zeros for forces / velocities / deltas
-    (the step is the command), else a proprioception of the action's size; None when there is none."""
+    absolute actions: its joint positions (`position_key`); for joint deltas the present joints they
+    move (`present_joints`: a leader arm's absolute targets become target - present); zeros for other
+    forces / velocities / deltas (the step is the command), else a proprioception of the action's size;
+    None when there is none."""
     key = getattr(robot, "position_key", None)
     if key is not None:
         return lambda obs: obs[key]
+    space = getattr(robot, "action_space", None)
+    if space is not None and space.frame == "joint" and space.mode == "delta":
+        return present_joints(robot)
     shape = robot.action_feature.shape
     if not getattr(robot, "position_actions", True):
         return lambda obs: np.zeros(shape)
     same = [k for k, f in robot.observation_features.items() if f.kind == "proprio" and f.shape == shape]
     return (lambda obs: obs[same[0]]) if same else (lambda obs: None)
+
+
+def present_joints(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarray | None]:
+    """obs -> the present positions of the joints a joint-delta action moves, in the action's order: the
+    proprioception values named as the action's dimensions, or as them without a leading "d" (an
+    action "dj1" moves the joint "j1"); None for every obs when no proprioception names them all."""
+    wanted = robot.action_feature.names or ()
+    for key, feature in robot.observation_features.items():
+        if feature.kind != "proprio" or not wanted:
+            continue
+        found = [_joint_index(list(feature.names or ()), n) for n in wanted]
+        if all(i is not None for i in found):
+            index = np.asarray(found)
+            return lambda obs, key=key: np.asarray(obs[key])[index]
+    return lambda obs: None
+
+
+def _joint_index(names: list[str], action_name: str) -> int | None:
+    for candidate in (action_name, action_name[1:] if action_name.startswith("d") else None):
+        if candidate in names:
+            return names.index(candidate)
+    return None
 
 
 def robot_mapper(
