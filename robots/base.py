@@ -101,6 +101,12 @@ class RobotBase(ABC):
         command's step from the one before."""
         return None
 
+    @property
+    def teleop_gains(self) -> dict[str, Any]:
+        """The teleop mapping (`robots.teleop.mapping.ActionMapper` fields) this robot is driven with
+        unless the user gives others: its axis convention and a step an operator can work with."""
+        return {}
+
     def schema(self, task: str = "") -> Schema:
         """The store schema for recording this robot: observations, action and timestamp."""
         keys = {k: f.key_spec() for k, f in self.observation_features.items()}

@@ -497,6 +497,32 @@ def test_robot_mapper_adds_a_step_only_to_present_positions(task, adds_to_presen
     robot.disconnect()
 
 
+def test_pusht_is_driven_in_its_image_plane_at_a_usable_speed_unless_the_user_says_otherwise():
+    """wm-collect task=pusht with the default gains: forward moved the pusher right in the image and left
+    moved it down, 1 px a step (the target led the pusher by 1 px: 4 px/s)."""
+    from robots.registry import make_task
+    from robots.sim.base import SimConfig
+    from tools.collect import CollectConfig, teleop_mapper
+
+    task = make_task("pusht", SimConfig(state_only=True))
+    obs = task.reset(0)
+    here = obs["proprio"].astype(np.float64)
+    mapper = teleop_mapper(CollectConfig(task="pusht", store="s.zarr", teleop="keyboard"), task)
+    forward, left = np.eye(6)[0], np.eye(6)[1]
+    np.testing.assert_allclose(mapper(TeleopState(motion=forward), obs) - here, [0.0, -20.0], atol=1e-3)
+    np.testing.assert_allclose(mapper(TeleopState(motion=left), obs) - here, [-20.0, 0.0], atol=1e-3)
+    slow = teleop_mapper(
+        CollectConfig(task="pusht", store="s.zarr", teleop="keyboard", gains={"translation_gain": 2.0}), task
+    )
+    np.testing.assert_allclose(slow(TeleopState(motion=forward), obs) - here, [0.0, -2.0], atol=1e-3)
+    for _ in range(10):  # the pusher follows: up the image, at some pixels a step
+        task.send_action(mapper(TeleopState(motion=forward), obs))
+        obs = task.get_observation()
+    moved = obs["proprio"] - here
+    assert moved[1] < -40 and abs(moved[0]) < 1
+    task.disconnect()
+
+
 def test_a_leader_arm_on_a_joint_delta_robot_commands_the_difference_from_its_present_joints():
     """A leader's absolute joint targets on arm_push in joint_delta mode: a leader held at the follower's
     pose commands no motion (the present joints counted as zeros, so it commanded a full step toward 0)."""

@@ -183,9 +183,9 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
 
 
 def teleop_mapper(cfg: CollectConfig, task: Any) -> Any:
-    from robots.teleop.mapping import ActionMapper, robot_mapper
+    from robots.teleop.mapping import teleop_mapper
 
-    return robot_mapper(ActionMapper(**cfg.gains), task)
+    return teleop_mapper(task, cfg.gains)
 
 
 def _main(cfg: DictConfig) -> int:

@@ -157,9 +157,9 @@ def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
     if cfg.teleop is None:
         return None
     from robots.runtime.intervention import Takeover
-    from robots.teleop.mapping import ActionMapper, robot_mapper
+    from robots.teleop.mapping import teleop_mapper
 
-    mapper = robot_mapper(ActionMapper(**cfg.gains), robot)
+    mapper = teleop_mapper(robot, cfg.gains)
     device = DeviceSettings.of(cfg).build(robot)
     device.connect()  # a failure leaves nothing of it open (a leader arm closes its command device too)
     return Takeover(device, mapper)

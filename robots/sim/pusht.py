@@ -34,6 +34,8 @@ T_OUTLINE = np.array(
     [(-60, 0), (60, 0), (60, 30), (15, 30), (15, 120), (-15, 120), (-15, 30), (-60, 30)], float
 )
 AGENT_RADIUS = 15.0
+# px: a full teleop deflection sets the target this far ahead of the pusher (it follows at ~0.4 of it a step)
+TELEOP_STEP = 20.0
 _BODY_ATTRS = ("angle", "position", "velocity", "angular_velocity", "force", "torque")
 
 
@@ -83,6 +85,16 @@ class PushTTask(SimTask):
             low=(0.0, 0.0),
             high=(WORKSPACE, WORKSPACE),
         )
+
+    @property
+    def teleop_gains(self) -> dict[str, Any]:
+        # The board is seen from above, image x right and y down: forward (+x of a device) moves the
+        # pusher up the image, left (+y) to its left; a full deflection sets its target TELEOP_STEP px ahead.
+        return {
+            "axis_order": (1, 0, 2, 3, 4, 5),
+            "axis_sign": (-1, -1, 1, 1, 1, 1),
+            "translation_gain": TELEOP_STEP,
+        }
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> None:

@@ -237,6 +237,15 @@ def _joint_index(names: list[str], action_name: str) -> int | None:
     return None
 
 
+def teleop_mapper(
+    robot: Any, gains: Mapping[str, Any]
+) -> Callable[[TeleopState, Mapping[str, np.ndarray]], np.ndarray]:
+    """`robot_mapper` with the robot's own teleop mapping (`teleop_gains`: axis convention, step) under
+    the user's `gains`."""
+    defaults = dict(getattr(robot, "teleop_gains", {}))
+    return robot_mapper(ActionMapper(**{**defaults, **gains}), robot)
+
+
 def robot_mapper(
     mapper: ActionMapper, robot: Any
 ) -> Callable[[TeleopState, Mapping[str, np.ndarray]], np.ndarray]:
