@@ -276,6 +276,36 @@ def test_a_server_restarting_behind_a_forwarder_is_waited_for(token):
         fw.close()
 
 
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_a_robot_started_before_its_server_behind_a_forwarder_waits_for_it(token):
+    """ssh -L with its server down accepts and closes: before the first session that was taken for a
+    wrong token and the robot gave up at once. The forwarder sends no ZeroMQ greeting, so the client
+    waits (saying why) and connects when the server comes up; a server that is up behind the forwarder
+    but takes another token is still refused."""
+    fw = Forwarder()
+    try:
+        w = RemoteWorker(RemoteConfig(f"127.0.0.1:{fw.port}", token, connect_timeout_s=1.5), LOW, HIGH)
+        with pytest.raises(WorkerDied, match="no policy server answered") as failed:
+            w.start()
+        assert "no ZeroMQ server answers behind it" in str(failed.value) and "token" not in str(failed.value)
+        w.close()
+        with threaded_server(token=token) as srv:
+            w = RemoteWorker(RemoteConfig(f"127.0.0.1:{fw.port}", token, connect_timeout_s=20.0), LOW, HIGH)
+            threading.Timer(1.0, lambda: setattr(fw, "backend", srv.port)).start()
+            w.start()  # the server comes up behind the forwarder a second later
+            w.reset(None)
+            assert ask(w, 0).error is None
+            w.close()
+        with threaded_server(token="another-token-of-32-characters!!") as srv:
+            fw.backend = srv.port
+            w = RemoteWorker(RemoteConfig(f"127.0.0.1:{fw.port}", None, connect_timeout_s=10.0), LOW, HIGH)
+            with pytest.raises(WorkerDied, match="requires a token"):
+                w.start()
+            w.close()
+    finally:
+        fw.close()
+
+
 def test_a_server_back_with_another_model_is_refused_in_one_line():
     """The robot was checked against the first session's model: a server restarted with a model that
     reads another camera ends the worker with one line (a KeyError escaped the control loop)."""

@@ -25,6 +25,7 @@ request that waited too long in the server's queue is not computed.
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,28 @@ HANDSHAKE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
+
+
+ZMTP_SIGNATURE = (0xFF, 0x7F)  # first and tenth byte of the greeting every ZeroMQ peer sends on connect
+PROBE_TIMEOUT_S = 1.0
+
+
+def zmtp_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a ZeroMQ peer listens at host:port: it sends its greeting's signature as soon as a TCP
+    connection is accepted. A forwarder whose far end is down (ssh -L) accepts and closes, or says
+    nothing; then the handshakes it closed were not a server refusing our token."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            data, end = b"", time.monotonic() + timeout
+            while len(data) < 10 and (left := end - time.monotonic()) > 0:
+                conn.settimeout(left)
+                chunk = conn.recv(10 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:  # refused, reset, timed out
+        return False
+    return len(data) == 10 and (data[0], data[9]) == ZMTP_SIGNATURE
 
 
 @dataclass(frozen=True)
@@ -69,6 +92,11 @@ class RemoteConfig:
         for name in ("request_timeout_s", "connect_timeout_s", "heartbeat_s", "dead_after_s", "max_frame_mb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @property
     def endpoint(self) -> str:
@@ -101,6 +129,7 @@ class RemoteWorker:
         self._failed_modes: set[bool] = set()  # encrypted (False) / plain (True) tried in vain
         self._accepted = False  # a ZeroMQ handshake with the server succeeded once
         self._closed_handshakes = 0  # handshakes the server closed since then
+        self._nobody_behind = False  # handshakes were closed by something that is not a ZeroMQ peer
         self._spec: dict[str, Any] | None = None  # the model spec of the first session (`check_robot`'s)
         self._state = "down"  # down | hello | auth | reset | ready | failed
         self._since = time.monotonic()  # when the current state began
@@ -189,6 +218,9 @@ class RemoteWorker:
                 f"; it closed {self._closed_handshakes} handshake(s): down behind a forwarder, or its "
                 "token changed"
                 if self._closed_handshakes
+                else "; something accepts connections there but no ZeroMQ server answers behind it: a "
+                "forwarder such as ssh -L whose server is not up?"
+                if self._nobody_behind
                 else ""
             )
             return (
@@ -335,9 +367,10 @@ class RemoteWorker:
     def _handshake_events(self) -> None:
         """ZeroMQ's own handshake, where a token mismatch shows (the server never sees a message). The
         server cuts a peer of the other kind at once, so the client often sees only a broken pipe:
-        HANDSHAKE_FAILURES of those in a row decide, or one mismatch of mechanisms, until a handshake
-        has succeeded once; from then on closed handshakes are a server down or restarting (behind a
-        forwarder such as ssh -L, which accepts and closes meanwhile), and reconnecting goes on. With a
+        HANDSHAKE_FAILURES of those in a row decide, or one mismatch of mechanisms, when a raw TCP probe
+        finds a ZeroMQ peer at the address (a forwarder such as ssh -L with its server down accepts and
+        closes too, but sends no greeting: the server is then waited for as one not up yet); once a
+        handshake has succeeded, closed ones are a server down or restarting, and reconnecting goes on. With a
         token, the plain handshake is tried too, on a loopback address only (a server without a token
         takes any client there, and says so in its challenge; elsewhere it would be an impostor)."""
         from zmq.utils.monitor import recv_monitor_message
@@ -346,7 +379,7 @@ class RemoteWorker:
             event = recv_monitor_message(self._monitor)
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._failed_modes.clear()
-                self._accepted = True
+                self._accepted, self._nobody_behind = True, False
                 self._close_monitor()  # nothing more to watch: the tick path stays as it was
                 return
             mismatch = event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH  # seen: decisive
@@ -358,12 +391,17 @@ class RemoteWorker:
             self._handshake_failures += HANDSHAKE_FAILURES if mismatch else 1
             if self._handshake_failures < HANDSHAKE_FAILURES:
                 continue
+            if not mismatch and not zmtp_answers(*self.cfg.host_port):
+                # Closed by a forwarder with nothing behind it (no ZeroMQ greeting), not by a server
+                # refusing our token: wait for the server as for one not up yet.
+                self._handshake_failures, self._nobody_behind = 0, True
+                continue
+            self._nobody_behind = False
             if not self.cfg.token:
                 self._fail(
                     "auth",
                     f"the policy server at {self.cfg.address} closed ZeroMQ's handshake "
-                    f"{HANDSHAKE_FAILURES} times: it requires a token: give token= (or, behind a "
-                    "forwarder such as ssh -L, it is not up)",
+                    f"{HANDSHAKE_FAILURES} times: it requires a token: give token=",
                 )
                 return
             if not self.loopback:
@@ -394,8 +432,7 @@ class RemoteWorker:
             )
         return (
             f"authentication failed: the client's token is not the server's (the server at "
-            f"{self.cfg.address} closed ZeroMQ's handshake {HANDSHAKE_FAILURES} times; behind a "
-            "forwarder such as ssh -L, it may not be up)"
+            f"{self.cfg.address} closed ZeroMQ's handshake {HANDSHAKE_FAILURES} times)"
         )
 
     def _handshake_limit(self) -> float:
