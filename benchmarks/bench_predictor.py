@@ -25,11 +25,13 @@ Each worker calibrates its kernels afresh (`WM_KERNEL_CACHE=off`; `--use-cache` 
 during its warm-up (batch 1, then up to 30 windows: the row buckets the timed runs use); the kernels
 chosen per layer shape and row bucket are printed after the table, with the CPU
 model and its bf16 units in the header. Wall and process CPU seconds are both printed (best of the
-repeats; batch 300 runs once); on a shared machine the CPU-time ratio is the steadier one.
+repeats; batch 300 runs once); on a shared machine the CPU-time ratio is the steadier one. `--rounds N`
+runs every model N times per batch, interleaved (original, ours, ..., original, ours, ...): a row gives
+its best round and the range of the original's time over its own across rounds.
 Also measured: a 5-step rollout at batch 30 from 3 context frames, KV-cached `step` vs recomputing
 `forward` on the last 3 frames each step (the original's way).
 
-    python benchmarks/bench_predictor.py [--batches 1 30 300] [--models original ours ours-auto]
+    python benchmarks/bench_predictor.py [--batches 1 30 300] [--models original ours ours-auto] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -242,15 +244,24 @@ def launch(model: str, batch: int, args: argparse.Namespace, rollout: str | None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def row(name: str, batch: int, r: dict, ref: dict | None) -> str:
-    if "error" in r:
-        return f"{name:<16} {batch:>5}   {r['error']}"
+def row(name: str, batch: int, rs: list[dict], refs: list[dict] | None) -> str:
+    """One model's line: its best round (wall, CPU, peak), and the original's time over its own in each
+    round (rounds interleave the models, so a round's ratio compares runs taken minutes apart at most)."""
+    ok = [r for r in rs if "error" not in r]
+    if not ok:
+        return f"{name:<16} {batch:>5}   {rs[0]['error']}"
+    best = min(ok, key=lambda r: r["seconds"])
     speed = "-"
-    if ref and "seconds" in ref and r is not ref:
-        speed = f"{ref['seconds'] / r['seconds']:.1f}x / {ref['cpu_seconds'] / r['cpu_seconds']:.1f}x"
+    if refs and refs is not rs:
+        pairs = [(a, b) for a, b in zip(refs, rs, strict=True) if "error" not in a and "error" not in b]
+        wall = sorted(a["seconds"] / b["seconds"] for a, b in pairs)
+        cpu = sorted(a["cpu_seconds"] / b["cpu_seconds"] for a, b in pairs)
+        span = lambda v: f"{v[0]:.1f}x" if len(v) == 1 else f"{v[0]:.1f}-{v[-1]:.1f}x"  # noqa: E731
+        speed = f"{span(wall)} / {span(cpu)}" if pairs else "-"
+    failed = f" ({len(rs) - len(ok)} failed)" if len(ok) < len(rs) else ""
     return (
-        f"{name:<16} {batch:>5} {r['precision']:>5} {r['seconds']:>9.3f} {r['cpu_seconds']:>9.3f} "
-        f"{r['peak_mb']:>9.0f}   {speed}"
+        f"{name:<16} {batch:>5} {best['precision']:>5} {best['seconds']:>9.3f} {best['cpu_seconds']:>9.3f} "
+        f"{best['peak_mb']:>9.0f}   {speed}{failed}"
     )
 
 
@@ -274,6 +285,7 @@ def main() -> None:
     p.add_argument("--no-rollout", action="store_true")
     p.add_argument("--rollout-batch", type=int, default=30)
     p.add_argument("--use-cache", action="store_true", help="workers use the kernel cache (default: fresh)")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each model per batch, interleaved")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -295,23 +307,27 @@ def main() -> None:
     )
     chosen: dict[str, dict] = {}
     for batch in args.batches:
-        ref = None
-        for m in args.models:
-            if m == "ours-masked" and batch > 30:
-                continue  # the SDPA math kernel; slow, shown at small batches only
-            r = launch(m, batch, args)
-            ref = r if m == "original" else ref
-            print(row(m, batch, r, ref), flush=True)
-            if r.get("kernels"):
-                chosen[m] = r  # the largest batch's run: its warm-up calibrated batch 1's shapes too
+        models = [m for m in args.models if not (m == "ours-masked" and batch > 30)]  # SDPA's math kernel
+        runs: dict[str, list[dict]] = {m: [] for m in models}
+        for _ in range(args.rounds):  # original, ours, ..., original, ours, ...: one machine state per round
+            for m in models:
+                runs[m].append(launch(m, batch, args))
+        for m in models:
+            print(row(m, batch, runs[m], runs.get("original")), flush=True)
+            if any(r.get("kernels") for r in runs[m]):
+                # the largest batch's run: its warm-up calibrated batch 1's shapes too
+                chosen[m] = next(r for r in runs[m] if r.get("kernels"))
     print_kernels(chosen)
 
     if not args.no_rollout:
         b = args.rollout_batch
         print(f"\nrollout (ours), batch {b}: {ROLLOUT_STEPS} predicted frames from {FRAMES} context frames")
-        roll = {mode: launch("ours", b, args, rollout=mode) for mode in ("recompute", "cached")}
-        for mode, r in roll.items():
-            print(row(mode, b, r, roll["recompute"]), flush=True)
+        roll: dict[str, list[dict]] = {"recompute": [], "cached": []}
+        for _ in range(args.rounds):
+            for mode in roll:
+                roll[mode].append(launch("ours", b, args, rollout=mode))
+        for mode, rs in roll.items():
+            print(row(mode, b, rs, roll["recompute"]), flush=True)
     print(f"\nload avg at the end {os.getloadavg()} (shared machine: compare rows of the same run)")
 
 
