@@ -3,8 +3,11 @@ through them (`wm-train` options)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -34,3 +37,23 @@ TINY_POLICY = [  # a diffusion policy on a small CNN patch encoder, trained for 
 def cli(name: str, *args: str) -> subprocess.CompletedProcess:
     """Run the console script `name` with `args`; its output captured."""
     return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=600)
+
+
+def run_app(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The console script `name` run in this process: the `main()` its script calls, with `args` as its
+    command line, stdout and stderr captured, the exit status from its `SystemExit`. For commands that
+    must be refused before any work (the interpreter's start and torch's import cost ~2 s a process);
+    commands that run, and what only a process shows (signals, its environment), go through `cli`."""
+    (script,) = entry_points(group="console_scripts", name=name)
+    main = script.load()
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = [str(BIN / name), *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+                main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from apps import run_app
 
 from robots.collect import Collector, open_store, recording_schema
 from robots.registry import make_expert, make_task
@@ -296,14 +297,23 @@ def test_sigkill_then_resume(tmp_path):
 
 
 def test_bad_names_list_valid_ones(tmp_path):
-    res = collect("task=maze", "episodes=1", f"store={tmp_path / 'x.zarr'}")
+    res = run_app("wm-collect", "task=maze", "episodes=1", f"store={tmp_path / 'x.zarr'}")
     assert res.returncode == 2 and "valid: arm_push, pointmaze, pusht" in res.stderr
-    res = collect("task=pointmaze", "teleop=joystick", "episodes=1", f"store={tmp_path / 'x.zarr'}")
+    res = run_app(
+        "wm-collect", "task=pointmaze", "teleop=joystick", "episodes=1", f"store={tmp_path / 'x.zarr'}"
+    )
     assert res.returncode == 2 and "unknown teleop device 'joystick'; valid:" in res.stderr
-    res = collect("robot=so101_folower", "teleop=leader_arm", "task=wave", f"store={tmp_path / 'x.zarr'}")
+    res = run_app(
+        "wm-collect", "robot=so101_folower", "teleop=leader_arm", "task=wave", f"store={tmp_path / 'x.zarr'}"
+    )
     assert res.returncode == 2 and res.stderr.endswith("; did you mean so101_follower?\n")
-    res = collect(
-        "task=pusht", "teleop=keyboard", "noise_std=0.3", "replays=2", f"store={tmp_path / 'x.zarr'}"
+    res = run_app(
+        "wm-collect",
+        "task=pusht",
+        "teleop=keyboard",
+        "noise_std=0.3",
+        "replays=2",
+        f"store={tmp_path / 'x.zarr'}",
     )
     assert res.returncode == 2 and (  # they were accepted and the clean operator's actions recorded
         "noise_std, replays: noise and replays apply to scripted experts; teleop=keyboard records"

@@ -12,7 +12,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from apps import BIN, TINY_POLICY, TINY_WM, cli
+from apps import BIN, TINY_POLICY, TINY_WM, cli, run_app
 
 from robots.runtime.report import RECORD_KEYS
 from wm.data import DemoStore
@@ -171,7 +171,7 @@ def test_deploy_usage_errors_are_one_line(tmp_path, policy):
         ([*leader, "command_device=null"], "teleop=leader_arm has no START button: give command_device="),
     ]
     for args, words in cases:
-        res = cli("wm-deploy", *args)
+        res = run_app("wm-deploy", *args)
         assert res.returncode == 2, (args, res.stderr)
         assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
         assert not (tmp_path / "a").exists()
@@ -225,8 +225,9 @@ def test_a_policy_served_by_wm_serve_is_deployed_from_another_process(policy, tm
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
         assert "the model reads 'proprio' of shape (4,); arm_push gives (6,)" in res.stderr
         res = cli(
-            "wm-deploy", "robot=pointmaze", f"server=127.0.0.1:{port}", f"out={out}", "token=not-the-token"
-        )
+            "wm-deploy", "robot=pointmaze", f"server=127.0.0.1:{port}", f"out={out}", "token=not-the-token",
+            "max_steps=4", "control_hz=20",
+        )  # fmt: skip
         assert res.returncode == 0, res.stderr  # a server without a token takes any client on loopback
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
@@ -241,18 +242,20 @@ def test_serve_usage_errors_are_one_line(policy, tmp_path):
         (["port=70000", f"checkpoint={policy}"], "port must be 0..65535"),
     ]
     for args, words in cases:
-        res = cli("wm-serve", *args)
+        res = run_app("wm-serve", *args)
         assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
-    res = cli("wm-deploy", "robot=pointmaze", "server=localhost:1", f"checkpoint={policy}", f"out={tmp_path}")
+    res = run_app(
+        "wm-deploy", "robot=pointmaze", "server=localhost:1", f"checkpoint={policy}", f"out={tmp_path}"
+    )
     assert res.returncode == 2 and "give no checkpoint=" in res.stderr
-    res = cli(
+    res = run_app(
         "wm-deploy", "robot=pointmaze", "server=localhost:1", "policy.sampler_steps=2", f"out={tmp_path}"
     )
     assert res.returncode == 2 and (  # the server's controller: ignored before
         "policy.sampler_steps: with server=HOST:PORT the controller is the server's; give these to wm-serve"
         in res.stderr
     )
-    res = cli("wm-deploy", "robot=pointmaze", "server=nowhere", f"out={tmp_path}")
+    res = run_app("wm-deploy", "robot=pointmaze", "server=nowhere", f"out={tmp_path}")
     assert res.returncode == 2 and "server must be HOST:PORT, got 'nowhere'" in res.stderr
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from apps import run_app
 from conftest import make_episode, make_schema
 
 from wm.data import CorruptStoreError, DemoStore
@@ -23,7 +24,8 @@ LENGTHS = [7, 8, 9, 10, 11]  # the small_store fixture's episodes
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "wm-info"), *args], capture_output=True, text=True, timeout=300)
+    """`wm-info` with `args` (in this process: its script's `main()`)."""
+    return run_app("wm-info", *args)
 
 
 def snapshot(root: Path) -> dict[str, str]:
