@@ -9,9 +9,10 @@ python benchmarks/bench_serve.py transport [--seconds 60 --hz 30 --floor --token
     tick in one run. Both servers answer a precomputed chunk, so the round trip is the transport:
     for ours it is also printed minus the server's own inference time. Prints p50 / p99 / max (ms)
     and the ratios: LeRobot's round trip over ours minus inference (the transport), and over our
-    whole round trip (nothing subtracted on either side). `--floor` adds, in the same rotation, the same bytes through a bare ZeroMQ echo
-    and a bare TCP echo (no Python work on the server), and our messages with our server's Python
-    work (decode, checks, the hand-over to an inference thread and back) on a plain TCP socket.
+    whole round trip (nothing subtracted on either side). `--floor` adds, in the same rotation, the
+    same bytes through a bare ZeroMQ echo and a bare TCP echo (no Python work on the server), and our
+    messages with our server's Python work (decode, checks, the hand-over to an inference thread and
+    back) on a plain TCP socket.
 
 python benchmarks/bench_serve.py load [--clients 4 --seconds 30 --hz 30]
     One server (`max_sessions` = clients), each client in its own process at `--hz` with the same
