@@ -5,10 +5,11 @@ The same episodes (96x96x3 camera images of moving discs over a textured table, 
 lerobot's own `LeRobotDataset.create` / `add_frame` / `save_episode`), into LeRobot v3.0 datasets
 in image mode (PNG in parquet) and video mode (AV1 mp4, decoded with pyav). Each loader serves
 windows of 2 frames of images plus 16 actions, shuffled, batch 64, with 0 and 2 DataLoader
-workers; samples per second are measured over the same number of batches after a warm-up batch.
+workers; samples per second are measured over the same number of batches after a warm-up batch
+(`--rounds N`: every loader N times, interleaved; the best round is shown, and each round's ratio).
 Both sides deliver float32 (T, C, H, W) images in [0, 1] and float32 actions, with no augmentation.
 
-    python benchmarks/bench_loader.py [--episodes 40] [--steps 150] [--batches 30]
+    python benchmarks/bench_loader.py [--episodes 40] [--steps 150] [--batches 30] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every loader")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -158,19 +159,24 @@ def main() -> None:
             "lerobot_image": dir_size(roots["image"]),
             "lerobot_video": dir_size(roots["video"]),
         }
-        rates: dict[str, dict[int, float]] = {name: {} for name in sizes}
-        for workers in args.workers:
-            rates["ours"][workers] = throughput(ours(work / "ours.zarr"), workers, args.batches, args.seed)
-            rates["lerobot_image"][workers] = throughput(
-                lerobot(roots["image"], False), workers, args.batches, args.seed
-            )
-            rates["lerobot_video"][workers] = throughput(
-                lerobot(roots["video"], True), workers, args.batches, args.seed
-            )
+        datasets = {
+            "ours": lambda: ours(work / "ours.zarr"),
+            "lerobot_image": lambda: lerobot(roots["image"], False),
+            "lerobot_video": lambda: lerobot(roots["video"], True),
+        }
+        # per loader and worker count, one rate per round; rounds interleave the loaders
+        rounds: dict[str, dict[int, list[float]]] = {name: {w: [] for w in args.workers} for name in sizes}
+        for _ in range(args.rounds):
+            for workers in args.workers:
+                for name, make in datasets.items():
+                    rounds[name][workers].append(throughput(make(), workers, args.batches, args.seed))
+        rates = {name: {w: max(r) for w, r in by.items()} for name, by in rounds.items()}
 
-        cpu = platform.processor() or platform.machine()
-        print(f"\nmachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
-        print(f"windows: {N_OBS} frames of {SIZE}x{SIZE}x3 + {HORIZON} actions, batch 64, shuffled\n")
+        from wm.precision import describe_hardware
+
+        print(f"\n{describe_hardware()}; {os.cpu_count()} cores, torch {torch.__version__}")
+        print(f"windows: {N_OBS} frames of {SIZE}x{SIZE}x3 + {HORIZON} actions, batch 64, shuffled")
+        print(f"best of {args.rounds} interleaved round(s)\n")
         print(
             f"{'loader':16s} {'size on disk':>14s} "
             + " ".join(f"{f'{w} workers':>16s}" for w in args.workers)
@@ -179,13 +185,19 @@ def main() -> None:
             cells = " ".join(f"{rates[name][w]:>10.0f} smp/s" for w in args.workers)
             print(f"{name:16s} {sizes[name] / 2**20:>10.1f} MiB {cells}")
         print()
+
+        def span(a: str, b: str, w: int) -> str:
+            r = sorted(x / y for x, y in zip(rounds[a][w], rounds[b][w], strict=True))
+            return f"{r[0]:.1f}x" if len(r) == 1 else f"{r[0]:.1f}-{r[-1]:.1f}x (per round)"
+
         for w in args.workers:
             print(
-                f"{w} workers: ours / LeRobot image = {rates['ours'][w] / rates['lerobot_image'][w]:.1f}x, "
-                f"ours / LeRobot video = {rates['ours'][w] / rates['lerobot_video'][w]:.1f}x"
+                f"{w} workers: ours / LeRobot image = {span('ours', 'lerobot_image', w)}, "
+                f"ours / LeRobot video = {span('ours', 'lerobot_video', w)}"
             )
         if args.json is not None:
-            args.json.write_text(json.dumps({"sizes_bytes": sizes, "samples_per_s": rates}, indent=1))
+            figures = {"sizes_bytes": sizes, "samples_per_s": rates, "rounds_samples_per_s": rounds}
+            args.json.write_text(json.dumps(figures, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
