@@ -323,6 +323,30 @@ def test_unserializable_info_is_refused(small_store):
     assert s.n_episodes == 5 and s.array("img").shape[0] == s.n_steps
 
 
+def test_a_streamed_episode_survives_info_that_is_not_plain_json(small_store):
+    """A streamed episode ended with numpy values (what `is_success()` returns) was discarded whole, and
+    the writer could not be ended again: the demonstration was lost. They are converted; info that
+    cannot be is refused before anything is dropped, and end() can be called again."""
+    path, _ = small_store
+    s = DemoStore.open(path, mode="a")
+    ep = make_episode(7, 40)
+    w = s.begin_episode()
+    for t in range(40):
+        w.add_step({k: v[t] for k, v in ep.items()})
+    assert w.end({"success": np.bool_(True), "score": np.float32(0.5), "xy": np.zeros(2)}) == 5
+    assert s.episode_info(5) == {"length": 40, "success": True, "score": 0.5, "xy": [0.0, 0.0]}
+    w = s.begin_episode()
+    w.add_steps(ep)
+    with pytest.raises(AppendError, match="kept open: call end"):
+        w.end({"bad": object()})
+    assert w.end({"success": False}) == 6
+    s.close()
+    r = DemoStore.open(path)
+    assert r.n_episodes == 7
+    assert_episode_equal(r.get_episode(5), ep)
+    assert_episode_equal(r.get_episode(6), ep)
+
+
 def test_truncated_chunk_gives_clear_error(small_store):
     path, _ = small_store
     chunk = path / "data" / "img" / "c" / "8" / "0" / "0" / "0"  # step 8 lies in episode 1

@@ -460,7 +460,6 @@ class DemoStore:
         ends_arr.resize((e + 1,))
         ends_arr[e] = new_end
         record = {"length": int(length), **info}
-        json.dumps(record)  # refuse unserializable info before anything is committed
         self._group.attrs.update({EPISODES_ATTR: [*self._info, record]})
         self._ends = np.append(self._ends, np.int64(new_end))
         self._info.append(record)
@@ -470,6 +469,20 @@ class DemoStore:
         for arr in self._arrays.values():
             if arr.shape[0] > n_steps:
                 arr.resize((n_steps, *arr.shape[1:]))
+
+
+def json_native(value: Any) -> Any:
+    """`value` with numpy scalars and arrays turned into Python numbers and lists (what an environment's
+    `is_success()` or a metric returns: np.bool_, np.float32), inside dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {k: json_native(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_native(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
 
 
 def replaceable(path: Path) -> bool:
@@ -635,12 +648,16 @@ class EpisodeWriter:
             raise AppendError(f"{self._store.path}: this episode writer has already ended")
         if self.n_steps == 0:
             raise AppendError(f"{self._where()}: an episode needs at least one step")
-        self._flush()
+        record = json_native(dict(info or {}))
         try:
-            index = self._store._commit(self._flushed, dict(info or {}))
-        except TypeError as e:
-            self.discard()
-            raise AppendError(f"{self._store.path}: episode info is not JSON-serializable: {e}") from e
+            json.dumps(record)
+        except (TypeError, ValueError) as e:  # nothing flushed or committed: end() may be called again
+            raise AppendError(
+                f"{self._where()}: episode info is not JSON-serializable ({e}); the episode is kept open: "
+                "call end() again with plain values"
+            ) from e
+        self._flush()
+        index = self._store._commit(self._flushed, record)
         self._done = True
         self._store._writing = None
         return index
