@@ -226,6 +226,21 @@ def test_image_mode_keeps_off_grid_timestamps(tmp_path, caplog):
     np.testing.assert_array_equal(again.get_episode(0)["timestamp"], ts)
 
 
+def test_export_overwrite_replaces_only_a_lerobot_dataset(tmp_path, small_store):
+    """`store_to_lerobot(overwrite=True)` deleted whatever was at the path: a user's folder, or the
+    very store being exported."""
+    path, _ = small_store
+    mine = tmp_path / "my_experiments"
+    mine.mkdir()
+    (mine / "results.csv").write_text("keep me")
+    for dst in (mine, path):
+        with pytest.raises(FileExistsError, match="neither empty nor a LeRobot dataset"):
+            store_to_lerobot(path, dst, overwrite=True)
+    assert (mine / "results.csv").read_text() == "keep me" and DemoStore.open(path).n_episodes == 5
+    out = store_to_lerobot(path, tmp_path / "lr")
+    assert store_to_lerobot(path, out, overwrite=True) == out  # a LeRobot dataset: replaced
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

@@ -390,6 +390,26 @@ def test_fingerprint_follows_the_committed_content(small_store):
         assert store.fingerprint != before
 
 
+def test_a_store_is_never_written_over_one_of_its_sources(tmp_path, small_store):
+    """merge_stores / strip_actions into one of their sources with overwrite=True deleted the source
+    before reading it (the call then failed on missing chunks, the source left empty)."""
+    from wm.data.mixture import strip_actions
+
+    path, episodes = small_store
+    other = tmp_path / "other.zarr"
+    merge_stores([path], other).close()
+    for call in (
+        lambda: merge_stores([path, other], path, overwrite=True),
+        lambda: merge_stores([other, path], tmp_path / "." / "small.zarr", overwrite=True),
+        lambda: strip_actions(path, path, overwrite=True),
+    ):
+        with pytest.raises(ValueError, match="is also a source of this store"):
+            call()
+    with DemoStore.open(path) as s:
+        assert s.n_episodes == 5
+        assert_episode_equal(s.get_episode(4), episodes[4])
+
+
 def test_overwrite_replaces_only_a_store(tmp_path, small_store):
     """`overwrite=True` (wm-convert, the sample store) deletes what is at the path: only ever a store or
     an empty folder, never a user's folder of other files given as the path by mistake."""

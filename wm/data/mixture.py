@@ -34,7 +34,7 @@ from wm.data.dataset import BatchedDataset, WindowDataset
 from wm.data.errors import NotAStoreError, SchemaError
 from wm.data.ops import copy_episodes, keep_episodes
 from wm.data.schema import KeySpec
-from wm.data.store import DemoStore
+from wm.data.store import DemoStore, check_not_a_source
 from wm.data.windows import WindowSpec, build_index
 from wm.feature_cache import cache_info
 
@@ -296,6 +296,7 @@ def strip_actions(
 ) -> int:
     """Write a new store at `dst_path` with the `episodes` of `src_path` (all by default), without its
     action keys (every key of kind "action") and flagged action-free; returns the episodes written."""
+    check_not_a_source(dst_path, [src_path])
     with DemoStore.open(src_path) as src:
         actions = src.schema.keys_of_kind("action")
         if not actions:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wm.data.errors import NotAStoreError, SchemaError
-from wm.data.store import DemoStore, swap_paths
+from wm.data.store import DemoStore, check_not_a_source, swap_paths
 
 # Rewrites an episode's info on copy: (source episode index, its info without "length") -> new info.
 InfoEdit = Callable[[int, dict[str, Any]], dict[str, Any]]
@@ -84,6 +84,7 @@ def merge_stores(
     """Write a new store at `dst` holding every episode of `sources`, in order (schema of the first)."""
     if not sources:
         raise ValueError("merge_stores needs at least one source store")
+    check_not_a_source(dst, sources)
     stores = [DemoStore.open(p) for p in sources]
     try:
         for s in stores[1:]:  # all of them, before anything is written

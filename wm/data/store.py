@@ -494,6 +494,15 @@ def replaceable(path: Path) -> bool:
     return not any(path.iterdir()) or (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
 
 
+def check_not_a_source(dst: str | os.PathLike, sources: Iterable[str | os.PathLike]) -> None:
+    """Refuse (ValueError, one line) to write a new store at a path that is one of the stores it is made
+    from: `create(overwrite=True)` would delete the source before it is read."""
+    target = Path(dst).resolve()
+    for src in sources:
+        if Path(src).resolve() == target:
+            raise ValueError(f"{dst}: is also a source of this store; write the result to another path")
+
+
 def commit_lengths(records: Any) -> list[int] | None:
     """Episode lengths from a commit record, or None when it does not hold a positive length for each."""
     if not isinstance(records, list):

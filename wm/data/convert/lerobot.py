@@ -105,6 +105,14 @@ def lerobot_to_store(
     return DemoStore.open(dst)
 
 
+def lerobot_replaceable(path: Path) -> bool:
+    """What an export's overwrite may delete: an empty folder or a LeRobot dataset, never another file
+    or folder (a user's data, or the very store being exported, given as the path by mistake)."""
+    if not path.is_dir():
+        return False
+    return not any(path.iterdir()) or (path / "meta" / "info.json").is_file()
+
+
 def _move_into_place(tmp: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
@@ -390,6 +398,11 @@ def store_to_lerobot(
     dst = Path(dst_root)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+    if dst.exists() and not lerobot_replaceable(dst):
+        raise FileExistsError(
+            f"{dst}: is neither empty nor a LeRobot dataset (no meta/info.json); overwrite replaces only "
+            "those: choose another path"
+        )
     store = DemoStore.open(src_store) if not isinstance(src_store, DemoStore) else src_store
     tmp = dst.with_name(f".{dst.name}.converting")
     shutil.rmtree(tmp, ignore_errors=True)
