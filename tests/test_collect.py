@@ -164,7 +164,8 @@ def test_teleop_session_on_a_simulated_task(tmp_path):
     info = store.episode_info(0)
     assert info == {"seed": 3, "source": "operator", "success": False, "length": 4}
     ep = store.get_episode(0)
-    assert np.all(ep["action"][:, 0] > ep["proprio"][:, 0])  # +x held: each target is ahead of the agent
+    # forward held: each target is ahead of the agent, up PushT's image (its y grows downwards)
+    assert np.all(ep["action"][:, 1] < ep["proprio"][:, 1])
 
 
 def test_teleop_commands_pass_the_safety_layer_on_a_simulated_task(tmp_path):
@@ -176,7 +177,7 @@ def test_teleop_commands_pass_the_safety_layer_on_a_simulated_task(tmp_path):
     store = open_store(str(tmp_path / "t.zarr"), recording_schema(task, "pusht"))
     gains = {"translation_gain": 200.0}  # px per tick: far more than the cap
     mapper = teleop_mapper(CollectConfig(task="pusht", store="t.zarr", teleop="keyboard", gains=gains), task)
-    right, left, nan = np.eye(6)[0], -np.eye(6)[0], np.full(6, np.nan)
+    right, left, nan = -np.eye(6)[1], np.eye(6)[1], np.full(6, np.nan)  # the device's y: PushT's image x
     motions = {1: right, 2: left, 3: nan, 4: right, 5: left, 6: left}
     operator = _Operator({1: Command.START, 6: Command.SAVE}, motions)
     with task:
