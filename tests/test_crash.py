@@ -91,6 +91,7 @@ def test_appending_after_crash_before_commit_record(tmp_path):
     ends = store._group["meta/episode_ends"]
     ends.resize((2,))
     ends[1] = 14
+    store._lock.release()  # the process dies: its lock goes with it
     del store
     reopened = DemoStore.open(path, mode="a")
     assert reopened.n_episodes == 1 and reopened.array("img").shape[0] == 9

@@ -410,6 +410,41 @@ def test_a_store_is_never_written_over_one_of_its_sources(tmp_path, small_store)
         assert_episode_equal(s.get_episode(4), episodes[4])
 
 
+def test_a_second_writer_is_refused_while_one_is_writing(small_store):
+    """Opening a store for writing repairs what a crashed writer left: a second process doing so while
+    another streamed an episode truncated that episode's flushed steps (its commit then pointed at
+    missing chunks). Another writer, a rewrite or a replacement is refused in one line, in any process,
+    until the writer closes; readers are not."""
+    import subprocess
+    import sys
+
+    from wm.data import StoreBusyError
+
+    path, _ = small_store
+    writer = DemoStore.open(path, mode="a")
+    ep = make_episode(9, 40)
+    w = writer.begin_episode()
+    w.add_steps(ep)
+    w._flush()  # its steps are on disk, not yet committed
+    other = [sys.executable, "-c", f"from wm.data import DemoStore; DemoStore.open({str(path)!r}, mode='a')"]
+    res = subprocess.run(other, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "StoreBusyError" in res.stderr and "another writer" in res.stderr
+    for call in (
+        lambda: DemoStore.open(path, mode="a"),
+        lambda: delete_episodes(path, [0]),
+        lambda: DemoStore.create(path, make_schema(), overwrite=True),
+    ):
+        with pytest.raises(StoreBusyError, match="another writer has this store open"):
+            call()
+    with DemoStore.open(path) as reader:
+        assert reader.n_episodes == 5
+    assert w.end() == 5
+    writer.close()
+    with DemoStore.open(path, mode="a") as again:  # the writer closed: free
+        assert again.n_episodes == 6
+        assert_episode_equal(again.get_episode(5), ep)
+
+
 def test_overwrite_replaces_only_a_store(tmp_path, small_store):
     """`overwrite=True` (wm-convert, the sample store) deletes what is at the path: only ever a store or
     an empty folder, never a user's folder of other files given as the path by mistake."""

@@ -1,6 +1,13 @@
 """Demonstration stores, training windows, normalization, augmentation and converters."""
 
-from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreError
+from wm.data.errors import (
+    AppendError,
+    CorruptStoreError,
+    NotAStoreError,
+    SchemaError,
+    StoreBusyError,
+    StoreError,
+)
 from wm.data.ops import copy_episodes, delete_episodes, keep_episodes, merge_stores
 from wm.data.schema import ActionSpace, KeySpec, Schema, infer_schema
 from wm.data.store import DemoStore, EpisodeWriter
@@ -8,6 +15,7 @@ from wm.data.store import DemoStore, EpisodeWriter
 __all__ = [
     "ActionSpace",
     "AppendError",
+    "StoreBusyError",
     "CorruptStoreError",
     "DemoStore",
     "EpisodeWriter",

@@ -25,3 +25,7 @@ class AppendError(StoreError):
 
 class CorruptStoreError(StoreError):
     """Data on disk cannot be decoded (truncated chunk, broken metadata)."""
+
+
+class StoreBusyError(StoreError):
+    """Another process (or another open store object) is writing to the store."""

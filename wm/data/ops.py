@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wm.data.errors import NotAStoreError, SchemaError
-from wm.data.store import DemoStore, check_not_a_source, swap_paths
+from wm.data.store import DemoStore, WriterLock, _finish_swap, check_not_a_source, swap_paths
 
 # Rewrites an episode's info on copy: (source episode index, its info without "length") -> new info.
 InfoEdit = Callable[[int, dict[str, Any]], dict[str, Any]]
@@ -111,6 +111,17 @@ def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: In
     if path.suffix == ".zip":  # read-only here: the rewrite would leave a directory under its name
         raise NotAStoreError(f"{path}: zip stores are read-only; unzip it to a directory store and edit that")
     tmp, old = swap_paths(path)
+    _finish_swap(path)  # a rewrite a crash interrupted
+    if not path.exists():
+        raise NotAStoreError(f"{path}: no such store")
+    lock = WriterLock(path)  # no writer may be appending to the store being rewritten
+    try:
+        _rewrite(path, tmp, old, keep, edit_info)
+    finally:
+        lock.release()
+
+
+def _rewrite(path: Path, tmp: Path, old: Path, keep: Sequence[int], edit_info: InfoEdit | None) -> None:
     src = DemoStore.open(path, salvage=True)
     try:
         n = src.n_episodes

@@ -27,6 +27,7 @@ buffer) would make its chunks of zeros read as damage.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -42,7 +43,7 @@ import zarr.codecs
 from zarr.storage import LocalStore, ZipStore
 
 from wm.data.chunks import ChunkReader
-from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
+from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
 from wm.data.schema import Schema, infer_schema
 
 SCHEMA_ATTR = "wm_schema"
@@ -101,6 +102,7 @@ class DemoStore:
         self._info: list[dict[str, Any]] = []
         self._ends = np.zeros(0, dtype=np.int64)
         self._writing: EpisodeWriter | None = None
+        self._lock: WriterLock | None = None  # held while open for writing
         self.refresh()
 
     # ------------------------------------------------------------------ opening and creating
@@ -124,6 +126,8 @@ class DemoStore:
             raise FileExistsError(
                 f"{path}: exists and is not a zarr store; refusing to replace it (choose another path)"
             )
+        if path.exists():  # nobody may be writing to the store this replaces
+            WriterLock(path).release()
         building = path.with_name(path.name + ".wm-create")
         if building.exists():  # what a crash in an earlier create left
             shutil.rmtree(building)
@@ -152,8 +156,11 @@ class DemoStore:
         elif path.exists():  # a zip store
             path.unlink()
         os.replace(building, path)
+        lock = WriterLock(path)
         group = zarr.open_group(store=LocalStore(path), mode="r+", zarr_format=zarr_format)
-        return cls(path, group, schema, "a", legacy=False)
+        store = cls(path, group, schema, "a", legacy=False)
+        store._lock = lock
+        return store
 
     @classmethod
     def open(
@@ -196,9 +203,16 @@ class DemoStore:
         else:
             schema = Schema.from_dict(attrs[SCHEMA_ATTR])
         schema = schema.override(schema_overrides)
-        store = cls(path, group, schema, mode, legacy, salvage)
-        if mode == "a":
-            store._repair()
+        lock = WriterLock(path) if mode == "a" else None  # before the repair: it truncates a writer's steps
+        try:
+            store = cls(path, group, schema, mode, legacy, salvage)
+            store._lock = lock
+            if mode == "a":
+                store._repair()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         return store
 
     def __enter__(self) -> DemoStore:
@@ -208,9 +222,14 @@ class DemoStore:
         self.close()
 
     def close(self) -> None:
-        if self._writing is not None:
-            self._writing.discard()
-        self._group.store.close()
+        try:
+            if self._writing is not None:
+                self._writing.discard()
+            self._group.store.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # ------------------------------------------------------------------ reading
     @property
@@ -683,6 +702,33 @@ class EpisodeWriter:
 
 
 # ---------------------------------------------------------------------- whole-store rewrites
+class WriterLock:
+    """The store's writer lock: an exclusive advisory flock on the store itself (its directory, or its zip
+    file), held by one store opened for writing, or one rewrite, at a time, in any process; released by
+    `release()` or when the process ends, however it ends. Readers take none: commits are atomic for
+    them. Opening for writing repairs what a crashed writer left, which would truncate a live writer's
+    steps: so a second writer is refused, in one line."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise StoreBusyError(
+                f"{path}: another writer has this store open (wm-collect, wm-deploy record=, or a DemoStore "
+                "opened with mode='a'); wait for it to finish, or write to another store"
+            ) from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
 def swap_paths(path: Path) -> tuple[Path, Path]:
     """(new store written beside `path`, old store moved aside) of a crash-safe rewrite (wm.data.ops)."""
     return path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
