@@ -174,6 +174,8 @@ def test_delete_keep_merge(tmp_path, small_store):
 
 def test_stores_that_record_different_things_are_not_merged(tmp_path, small_store):
     path, _ = small_store
+    base = make_schema()
+    deg = {**base.keys, "state": dataclasses.replace(base.keys["state"], units="mm")}
     for change, said in (
         ({"fps": 30}, "fps 30.0 vs 10.0"),
         ({"action_space": ActionSpace(mode="delta")}, "action mode 'delta' vs 'absolute'"),
@@ -186,6 +188,17 @@ def test_stores_that_record_different_things_are_not_merged(tmp_path, small_stor
         ):
             merge_stores([path, other], tmp_path / f"merged{len(said)}.zarr")
         assert not (tmp_path / f"merged{len(said)}.zarr").exists()  # refused before anything is written
+    # units were not compared: a merged store called every episode's values the first store's units
+    with DemoStore.create(tmp_path / "mm.zarr", dataclasses.replace(base, keys=deg)) as o:
+        o.append_episode(make_episode(50, 6))
+    with pytest.raises(SchemaError, match="key 'state': .*mm.zarr is in 'mm', .*small.zarr in 'm'"):
+        merge_stores([path, tmp_path / "mm.zarr"], tmp_path / "merged_mm.zarr")
+    for units in ("rad", "deg"):
+        space = dataclasses.replace(base.action_space, units=units)
+        with DemoStore.create(tmp_path / f"{units}.zarr", dataclasses.replace(base, action_space=space)) as o:
+            o.append_episode(make_episode(50, 6))
+    with pytest.raises(SchemaError, match="record different things .action units 'deg' vs 'rad'"):
+        merge_stores([tmp_path / "rad.zarr", tmp_path / "deg.zarr"], tmp_path / "merged_units.zarr")
 
 
 def test_a_zip_store_is_not_rewritten(tmp_path, small_store):

@@ -50,8 +50,9 @@ def copy_episodes(
 
 
 def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
-    """Episodes of `src` may join `dst`: the same keys (shape, dtype, kind), fps and, where actions go,
-    action space (else they would be labelled with what `dst`'s steps and actions mean)."""
+    """Episodes of `src` may join `dst`: the same keys (shape, dtype, kind, and units where both state
+    them), fps and, where actions go, action space (else they would be labelled with what `dst`'s steps
+    and actions mean)."""
     if set(keys) != set(dst.keys):
         raise SchemaError(
             f"{src.path} and {dst.path} have different keys: {sorted(keys)} vs {sorted(dst.keys)}"
@@ -63,6 +64,8 @@ def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
                 f"key {k!r}: {src.path} has {a.shape} {a.dtype} {a.kind}, {dst.path} has {b.shape} {b.dtype} "
                 f"{b.kind}"
             )
+        if a.units and b.units and a.units != b.units:  # stated on both sides, and not the same
+            raise SchemaError(f"key {k!r}: {src.path} is in {a.units!r}, {dst.path} in {b.units!r}")
     actions = any(src.schema.keys[k].kind == "action" for k in keys)
     sa, da = src.schema.action_space, dst.schema.action_space
     differ = [
@@ -71,6 +74,7 @@ def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
             ("fps", src.schema.fps, dst.schema.fps, True),
             ("action mode", sa.mode, da.mode, actions),
             ("action frame", sa.frame, da.frame, actions),
+            ("action units", sa.units, da.units, actions and bool(sa.units) and bool(da.units)),
         )
         if matters and x != y
     ]
