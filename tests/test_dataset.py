@@ -137,6 +137,26 @@ def test_normalizer_fit_save_load(small_store, tmp_path):
     assert q.normalize("action", x).abs().max() > 1  # the 1% tails fall outside [-1, 1]
 
 
+def test_normalizer_refuses_non_finite_values_naming_where(tmp_path):
+    """A low-dim key may hold NaN or inf (the store takes them outside actions): fitted, every step of
+    that dimension normalized to NaN, silently."""
+    from wm.data import KeySpec, Schema
+
+    schema = Schema(
+        keys={"object": KeySpec((3,), "float32", "lowdim"), "action": KeySpec((2,), "float32", "action")}
+    )
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        for e in range(2):
+            obj = np.zeros((20, 3), np.float32)
+            if e == 1:
+                obj[7, 2] = np.inf
+            store.append_episode({"object": obj, "action": np.zeros((20, 2), np.float32)})
+        with pytest.raises(ValueError, match=r"key 'object' holds a non-finite value in episode 1, step 7"):
+            Normalizer.fit(store, {"object": "meanstd", "action": "minmax"})
+        norm = Normalizer.fit(store, {"object": "meanstd"}, episodes=[0])  # the clean episode fits
+        assert torch.isfinite(norm.normalize("object", torch.zeros(1, 3))).all()
+
+
 def test_normalizer_constant_dimension_and_bad_mode():
     stats = {
         "a": {n: np.array([2.0]) for n in ("min", "max", "mean", "q01", "q99")} | {"std": np.array([0.0])}

@@ -90,6 +90,15 @@ class Normalizer(nn.Module):
             if store.schema.keys[key].kind == "image":
                 raise ValueError(f"key {key!r} is an image; images are scaled to [0, 1], use mode 'identity'")
             parts = [store.read(key, store.episode_slice(e), episode=e) for e in eps]
+            for e, part in zip(eps, parts, strict=True):
+                bad = ~np.isfinite(np.asarray(part, dtype=np.float64))
+                if bad.any():
+                    step = int(np.argwhere(bad)[0][0])
+                    raise ValueError(
+                        f"{store.path}: key {key!r} holds a non-finite value in episode {e}, step {step}; "
+                        "normalizing it would make NaN inputs: drop the episode (wm-info drop_episodes=) or "
+                        "train on another key"
+                    )
             stats[key] = compute_stats(np.concatenate(parts, axis=0))
         return cls(modes, stats)
 
