@@ -298,6 +298,7 @@ def test_missing_declared_key(small_store):
         (lambda ep: ep.pop("state"), r"missing \['state'\]"),
         (lambda ep: ep.update(extra=np.zeros(len(ep["action"]))), r"unknown \['extra'\]"),
         (lambda ep: ep.update(action=ep["action"][:-1]), "different lengths"),
+        (lambda ep: ep.update(action=1.0), "key 'action': a single value 1.0, expected"),  # was a TypeError
     ],
 )
 def test_bad_append_is_refused_and_damages_nothing(small_store, mutate, match):

@@ -646,6 +646,9 @@ class EpisodeWriter:
     def add_steps(self, steps: dict[str, np.ndarray]) -> None:
         """Add several steps {key: (T, *shape)} at once (all keys the same T)."""
         self._check_keys(steps)
+        for k, v in steps.items():
+            if np.ndim(v) == 0:
+                raise AppendError(f"{self._where()}, key {k!r}: a single value {v!r}, expected (T, ...) steps")
         lengths = {k: len(np.asarray(v)) for k, v in steps.items()}
         if len(set(lengths.values())) != 1:
             raise AppendError(f"{self._where()}: keys have different lengths {lengths}")
