@@ -27,8 +27,9 @@ LENGTHS = (5, 8, 3)
 TASKS = ("pick the cube", "place the cube", "pick the cube")
 STATE_NAMES = ["x", "y", "z", "gripper"]
 VIDEO_WARNINGS = [
-    "image key 'wrist' (8, 12, 1) is stored as PNG images: LeRobot's AV1 video takes RGB frames at least "
-    "32 px wide and 8 px high",
+    "image key 'wrist' (8, 12, 1) is stored as PNG images: LeRobot's AV1 video takes RGB frames of even "
+    "sizes, at least 32 px wide and 8 px high (an odd width came back with its last column off by up to "
+    "half the range)",
     "video mode stores camera frames lossily (AV1); use video=false for exact frames",
 ]
 NOT_UINT8 = "LeRobot images are uint8: not exported"
@@ -396,6 +397,33 @@ def test_video_round_trip_keeps_everything_but_exact_pixels(tmp_path, caplog):
     assert feats["observation.images.wrist"]["dtype"] == "image"  # gray and 12 px wide: PNG
     assert len(_lerobot_frames_lowdim(out)["index"]) == 15  # LeRobot loads the mixed dataset
     _assert_same_store(store, lerobot_to_store(out, tmp_path / "back.zarr"), exact_images=False)
+
+
+@pytest.mark.parametrize(("fps", "width"), [(7.5, 48), (10.0, 47)])
+def test_video_export_keeps_frames_as_png_where_av1_cannot_take_them(tmp_path, caplog, fps, width):
+    """A fractional frame rate crashed LeRobot's encoder thread (a traceback after frames were written);
+    an odd width came back with its last column off by up to half the range. Both stay PNG: exact."""
+    schema = Schema(
+        keys={
+            "front": KeySpec((32, width, 3), "uint8", "image"),
+            "action": KeySpec((2,), "float32", "action"),
+        },
+        fps=fps,
+    )
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 32, width, 3), dtype=np.uint8)
+    with DemoStore.create(tmp_path / "s.zarr", schema) as s:
+        s.append_episode({"front": frames, "action": np.zeros((4, 2), np.float32)})
+        out = store_to_lerobot(s, tmp_path / "lr", use_videos=True)
+    said = [r.getMessage() for r in caplog.records]
+    why = "is not a whole number" if width % 2 == 0 else "of even sizes"
+    assert any("'front'" in m and "stored as PNG images" in m and why in m for m in said), said
+    assert (
+        json.loads((out / "meta/info.json").read_text())["features"]["observation.images.front"]["dtype"]
+        == "image"
+    )
+    back = lerobot_to_store(out, tmp_path / "back.zarr")
+    np.testing.assert_array_equal(back.get_episode(0)["front"], frames)
 
 
 def test_keys_lerobot_cannot_hold_are_left_out_with_a_warning(tmp_path, caplog):

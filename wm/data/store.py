@@ -648,7 +648,7 @@ class EpisodeWriter:
         self._check_keys(steps)
         for k, v in steps.items():
             if np.ndim(v) == 0:
-                raise AppendError(f"{self._where()}, key {k!r}: a single value {v!r}, expected (T, ...) steps")
+                raise AppendError(f"{self._where()}, key {k!r}: a single value {v!r}, expected (T, ...)")
         lengths = {k: len(np.asarray(v)) for k, v in steps.items()}
         if len(set(lengths.values())) != 1:
             raise AppendError(f"{self._where()}: keys have different lengths {lengths}")

@@ -96,11 +96,19 @@ def plan_export(store: DemoStore, use_videos: bool) -> ExportPlan:
                 continue
             name = key if key.startswith(OBS_PREFIX) else IMAGES_PREFIX + key
             h, w, c = spec.shape
-            video = use_videos and c == 3 and h >= VIDEO_MIN_H and w >= VIDEO_MIN_W
-            if use_videos and not video:
+            fits = c == 3 and h >= VIDEO_MIN_H and w >= VIDEO_MIN_W and h % 2 == 0 and w % 2 == 0
+            whole_fps = abs(schema.fps - round(schema.fps)) < 1e-6
+            video = use_videos and fits and whole_fps
+            if use_videos and not fits:
                 warn(
                     f"{store.path}: image key {key!r} {spec.shape} is stored as PNG images: LeRobot's AV1 "
-                    f"video takes RGB frames at least {VIDEO_MIN_W} px wide and {VIDEO_MIN_H} px high"
+                    f"video takes RGB frames of even sizes, at least {VIDEO_MIN_W} px wide and {VIDEO_MIN_H} "
+                    "px high (an odd width came back with its last column off by up to half the range)"
+                )
+            elif use_videos and not whole_fps:
+                warn(
+                    f"{store.path}: image key {key!r} is stored as PNG images: the store's {schema.fps:g} "
+                    "fps is not a whole number, and LeRobot's video encoder takes whole frame rates"
                 )
             plan.videos += video
             feature = {"dtype": "video" if video else "image", "shape": spec.shape, "names": _IMAGE_NAMES}
