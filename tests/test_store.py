@@ -201,6 +201,22 @@ def test_stores_that_record_different_things_are_not_merged(tmp_path, small_stor
         merge_stores([tmp_path / "rad.zarr", tmp_path / "deg.zarr"], tmp_path / "merged_units.zarr")
 
 
+def test_a_store_reached_through_a_symbolic_link_is_rewritten_where_it_is(tmp_path, small_store):
+    """Stores kept on a scratch disk and linked into a project: a rewrite renamed the link and failed on
+    rmtree of it, and every later open of the path failed on the leftover link (a traceback)."""
+    path, episodes = small_store
+    link = tmp_path / "project" / "demos.zarr"
+    link.parent.mkdir()
+    link.symlink_to(path)
+    delete_episodes(link, [0])
+    assert link.is_symlink() and sorted(p.name for p in link.parent.iterdir()) == ["demos.zarr"]
+    with DemoStore.open(link) as s:
+        assert s.n_episodes == 4
+        assert_episode_equal(s.get_episode(0), episodes[1])
+    DemoStore.create(link, make_schema(), overwrite=True).close()
+    assert link.is_symlink() and DemoStore.open(path).n_episodes == 0
+
+
 def test_a_zip_store_is_not_rewritten(tmp_path, small_store):
     path, _ = small_store
     archive = shutil.make_archive(str(tmp_path / "small"), "zip", path)

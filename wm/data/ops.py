@@ -114,6 +114,7 @@ def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: In
     path = Path(path)
     if path.suffix == ".zip":  # read-only here: the rewrite would leave a directory under its name
         raise NotAStoreError(f"{path}: zip stores are read-only; unzip it to a directory store and edit that")
+    path = path.resolve()  # a store reached through a symbolic link is rewritten where it is
     tmp, old = swap_paths(path)
     _finish_swap(path)  # a rewrite a crash interrupted
     if not path.exists():

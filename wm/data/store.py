@@ -128,7 +128,8 @@ class DemoStore:
             )
         if path.exists():  # nobody may be writing to the store this replaces
             WriterLock(path).release()
-        building = path.with_name(path.name + ".wm-create")
+        real = path.resolve()  # a store reached through a symbolic link is replaced where it is
+        building = real.with_name(real.name + ".wm-create")
         if building.exists():  # what a crash in an earlier create left
             shutil.rmtree(building)
         group = zarr.open_group(store=LocalStore(building), mode="w", zarr_format=zarr_format)
@@ -151,13 +152,13 @@ class DemoStore:
             compressors=_compressor("lowdim", zarr_format, "zstd"),
         )
         group.attrs.update({SCHEMA_ATTR: schema.to_dict(), EPISODES_ATTR: [], EVERY_CHUNK_ATTR: True})
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():  # a zip store
-            path.unlink()
-        os.replace(building, path)
-        lock = WriterLock(path)
-        group = zarr.open_group(store=LocalStore(path), mode="r+", zarr_format=zarr_format)
+        if real.is_dir():
+            shutil.rmtree(real)
+        elif real.exists():  # a zip store
+            real.unlink()
+        os.replace(building, real)
+        lock = WriterLock(real)
+        group = zarr.open_group(store=LocalStore(real), mode="r+", zarr_format=zarr_format)
         store = cls(path, group, schema, "a", legacy=False)
         store._lock = lock
         return store
@@ -182,7 +183,7 @@ class DemoStore:
         if salvage and mode != "r":
             raise ValueError("a store opened with salvage=True is read-only")
         path = Path(path)
-        _finish_swap(path)
+        _finish_swap(path.resolve())
         if not path.exists():
             raise NotAStoreError(f"{path}: no such store")
         try:

@@ -80,7 +80,7 @@ def lerobot_to_store(
     episodes = _load_episodes(src)
     tasks = _load_tasks(src)
     schema, features = read_carried(src, info) or _schema_from_info(info, src, tasks)
-    tmp = dst.with_name(f".{dst.name}.converting")
+    tmp = dst.resolve().with_name(f".{dst.name}.converting")
     store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
     videos = _VideoFrames(float(info["fps"]))
     try:
@@ -114,6 +114,7 @@ def lerobot_replaceable(path: Path) -> bool:
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:
+    dst = dst.resolve()  # through a symbolic link: replaced where it is, the link kept
     if dst.exists():
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
     os.replace(tmp, dst)
@@ -404,7 +405,7 @@ def store_to_lerobot(
             "those: choose another path"
         )
     store = DemoStore.open(src_store) if not isinstance(src_store, DemoStore) else src_store
-    tmp = dst.with_name(f".{dst.name}.converting")
+    tmp = dst.resolve().with_name(f".{dst.name}.converting")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_lerobot(store, tmp, repo_id, use_videos)

@@ -83,7 +83,7 @@ def robomimic_to_store(
         raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
     if dst.exists() and not replaceable(dst):
         raise FileExistsError(f"{dst}: exists and is not a store; not replacing it (choose another dst)")
-    tmp = dst.with_name(f".{dst.name}.converting")
+    tmp = dst.resolve().with_name(f".{dst.name}.converting")
     with _open_source(src) as f:
         data = f["data"]
         demos = _demo_names(data, src)
@@ -100,11 +100,12 @@ def robomimic_to_store(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         store.close()
-    if dst.is_dir():
-        shutil.rmtree(dst)
-    elif dst.exists():
-        dst.unlink()
-    os.replace(tmp, dst)
+    real = dst.resolve()  # through a symbolic link: replaced where it is, the link kept
+    if real.is_dir():
+        shutil.rmtree(real)
+    elif real.exists():
+        real.unlink()
+    os.replace(tmp, real)
     return DemoStore.open(dst)
 
 
