@@ -137,6 +137,23 @@ def test_normalizer_fit_save_load(small_store, tmp_path):
     assert q.normalize("action", x).abs().max() > 1  # the 1% tails fall outside [-1, 1]
 
 
+def test_no_window_to_train_on_says_why(tmp_path):
+    """Episodes shorter than a window: torch's sampler said only "num_samples=0"."""
+    from wm.data import KeySpec, Schema
+
+    schema = Schema(
+        keys={"q": KeySpec((2,), "float32", "proprio"), "action": KeySpec((2,), "float32", "action")}
+    )
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        for length in (5, 6, 4):
+            store.append_episode({k: np.zeros((length, 2), np.float32) for k in ("q", "action")})
+    spec = WindowSpec.history_horizon(["q"], ["action"], n_obs=2, horizon=16, n_action_exec=8)
+    dataset = WindowDataset(tmp_path / "s.zarr", spec)
+    with pytest.raises(ValueError, match=r"s.zarr: 3 episode\(s\) of 4..6 steps; a window spans 16 steps"):
+        make_loader(dataset, 4)
+    assert len(make_loader(dataset, 4, shuffle=False)) == 0  # a validation set may be empty
+
+
 def test_normalizer_refuses_non_finite_values_naming_where(tmp_path):
     """A low-dim key may hold NaN or inf (the store takes them outside actions): fitted, every step of
     that dimension normalized to NaN, silently."""

@@ -121,6 +121,23 @@ class WindowDataset(BatchedDataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def why_empty(self) -> str:
+        """Why no window fits, in one line: the episodes' lengths against the window's span."""
+        lengths = np.diff(self.episode_ends, prepend=0)[self.episodes] if self.episodes else np.zeros(0)
+        offsets = [o for offs in self.spec.offsets.values() for o in offs]
+        span = max(offsets) - min(offsets) + 1
+        pads = [
+            f"at most {v} padded {where}"
+            for v, where in ((self.spec.max_pad_before, "before"), (self.spec.max_pad_after, "after"))
+            if v is not None
+        ]
+        have = (
+            f"{len(lengths)} episode(s) of {lengths.min()}..{lengths.max()} steps"
+            if len(lengths)
+            else "no episodes"
+        )
+        return f"{self.path}: {have}; a window spans {span} steps ({', '.join(pads) or 'any padding'})"
+
     def _reader(self) -> DemoStore:
         if self._store is None or self._pid != os.getpid():
             self._store = DemoStore.open(self.path, schema_overrides=self._overrides)
@@ -235,6 +252,9 @@ def make_loader(
     shuffled with a seeded generator so every epoch's order differs but a run is reproducible.
     With `world_size > 1` (DDP) each rank reads its own shard; call `loader.sampler.sampler.set_epoch(e)`
     (done by the trainer) so shards reshuffle every epoch."""
+    if shuffle and len(dataset) == 0:  # torch's sampler would say only "num_samples=0"
+        why = dataset.why_empty() if isinstance(dataset, WindowDataset) else "the dataset is empty"
+        raise ValueError(f"no windows to train on: {why}")
     gen = torch.Generator().manual_seed(seed)
     if world_size > 1:
         base = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
