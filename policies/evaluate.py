@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.base import GoalConditioned, Policy, Previewable, RawObs, check_chunk_request, with_prefix
+from policies.base import (
+    EpisodeRows,
+    GoalConditioned,
+    Policy,
+    Previewable,
+    RawObs,
+    check_chunk_request,
+    with_prefix,
+)
 from policies.video import compose_frame, write_episode_video
 from robots.base import RobotError
 from robots.sim.base import SimTask
@@ -54,17 +62,27 @@ def stack_obs(obs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 class RandomPolicy:
-    """Uniform random actions within the task's limits (the baseline); satisfies `Policy` and
-    `ChunkController`. Its chunks hold `chunk` actions (more in `chunk_from` when more are frozen)."""
+    """Uniform random actions within the task's limits (the baseline); satisfies `Policy`,
+    `ChunkController` and `EpisodeRows`. Its chunks hold `chunk` actions (more in `chunk_from` when more
+    are frozen). Each row draws from its own generator, seeded from (`seed`, its episode's seed) once a
+    runner names the episodes (else from (`seed`, the row)): an episode's actions never depend on which
+    episodes share its batch."""
 
     def __init__(self, low: np.ndarray, high: np.ndarray, seed: int = 0, chunk: int = 1) -> None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.low, self.high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-        self.rng, self.chunk = np.random.default_rng(seed), chunk
+        self.seed, self.chunk = seed, chunk
+        self.rngs: list[np.random.Generator] = []  # one per row
 
     def reset(self) -> None:
         pass
+
+    def start_episodes(self, seeds: Sequence[int]) -> None:
+        self.rngs = [np.random.default_rng([self.seed, s]) for s in seeds]
+
+    def set_active(self, active: np.ndarray) -> None:
+        pass  # finished rows draw on from their own generators, which no other row reads
 
     def inference_seconds(self) -> list[float]:
         return []  # no model is called
@@ -87,7 +105,11 @@ class RandomPolicy:
         return with_prefix(self._draw(E, max(self.chunk, frozen + 1)), prev, frozen)
 
     def _draw(self, batch: int, length: int) -> torch.Tensor:
-        return torch.from_numpy(self.rng.uniform(self.low, self.high, (batch, length, len(self.low)))).float()
+        """(batch, length, Da), each row from its own generator."""
+        if len(self.rngs) != batch:  # no episodes named (wm-deploy): one generator per row
+            self.rngs = [np.random.default_rng([self.seed, row]) for row in range(batch)]
+        rows = [rng.uniform(self.low, self.high, (length, len(self.low))) for rng in self.rngs]
+        return torch.from_numpy(np.stack(rows)).float()
 
     def select_action(self, obs: RawObs) -> torch.Tensor:
         return self.predict_action_chunk(obs)[:, 0]
@@ -136,6 +158,9 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
     if isinstance(policy, GoalConditioned):
         policy.set_goal(stack_obs(goals))
     policy.reset()
+    rows = policy if isinstance(policy, EpisodeRows) else None
+    if rows is not None:
+        rows.start_episodes(seeds)
     recorder = _Recorder(video_dir, n_video, image_key, goals, written) if video_dir is not None else None
     active = np.ones(E, dtype=bool)
     steps = np.zeros(E, dtype=int)
@@ -147,6 +172,8 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
     out: list[EpisodeResult | None] = [None] * E
     n_calls = 0
     while active.any():
+        if rows is not None:
+            rows.set_active(active.copy())
         t0 = time.perf_counter()
         action = policy.select_action(stack_obs(obs))  # (E, Da)
         act_seconds[active] += (time.perf_counter() - t0) / E  # one batched call served E episodes
@@ -187,10 +214,16 @@ class _Recorder:
     small panels are kept and composed (upscaled) only while the video is written."""
 
     def __init__(
-        self, video_dir: Path, n_video: int, image_key: str | None, goals: list[dict], written: list | None
+        self,
+        video_dir: Path,
+        n_video: int,
+        image_key: str | None,
+        goals: list[dict | None],
+        written: list | None,
     ) -> None:
         self.dir, self.n, self.key = Path(video_dir), n_video, image_key
-        self.goals = [g.get(image_key) if image_key else None for g in goals]
+        # no goal panel where the task defines no goal (`goal_observation` gave None)
+        self.goals = [g.get(image_key) if image_key and g is not None else None for g in goals]
         self.frames: dict[int, list[tuple[np.ndarray, np.ndarray | None, str]]] = {}
         self.preview: np.ndarray | None = None
         self.label = "prediction"

@@ -9,10 +9,12 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from policies.base import GoalConditioned, Policy
+from policies.base import GoalConditioned, PlanResult, Policy
 from policies.evaluate import RandomPolicy, run_episodes, summarize
 from policies.inputs import ObsHistory
-from robots.base import Feature
+from policies.mpc import MPC, MPCConfig
+from policies.subgoal import GraphConfig, LatentGraph, SubgoalSelector
+from robots.base import Feature, RobotError
 from wm.spec import IOSpec
 
 IMG = (8, 8, 3)
@@ -172,3 +174,78 @@ def test_max_score_is_over_the_states_the_policy_reached():
     (result,) = run_episodes([task], FakePolicy(every=2), [0])  # positions 1, 2, 3 after reset at 0
     assert result.max_score == 0.9
     assert summarize([result], 1.0)["mean_max_score"] == 0.9
+
+
+class NoGoalLineTask(LineTask):
+    """A task that defines no goal (a robosuite env without one)."""
+
+    def goal_observation(self):
+        raise RobotError("this task defines no goal")
+
+
+def test_videos_of_a_task_without_a_goal_have_no_goal_panel(tmp_path):
+    policy = RandomPolicy(np.array([-1.0]), np.array([1.0]), seed=0)
+    written = []
+    (result,) = run_episodes([NoGoalLineTask(max_steps=2)], policy, [0], video_dir=tmp_path, videos=1,
+                             written=written)  # fmt: skip
+    assert result.steps == 2 and [p.name for p in written] == ["episode_0000_failure.mp4"]
+    frame = imageio.mimread(written[0])[0]
+    with_goal = []
+    run_episodes([LineTask(max_steps=2)], policy, [2], video_dir=tmp_path, videos=1, written=with_goal)
+    assert frame.shape[1] < imageio.mimread(with_goal[0])[0].shape[1]  # one panel fewer
+
+
+def test_random_episodes_do_not_depend_on_the_batch_they_run_in():
+    """Each episode draws from its own generator (the policy's seed and the episode's): `parallel`, a
+    speed setting, changes no episode, whether the others in its batch end sooner or later."""
+
+    def per_seed(parallel: int) -> dict[int, tuple[int, float]]:
+        tasks = [LineTask(target=2.0, max_steps=6) for _ in range(parallel)]
+        policy = RandomPolicy(np.array([-0.5]), np.array([1.0]), seed=7)
+        results = run_episodes(tasks, policy, [10, 11, 12, 13, 14, 15])
+        return {r.seed: (r.steps, r.final_distance) for r in results}
+
+    alone, batched = per_seed(1), per_seed(3)
+    assert alone == batched
+    assert len({steps for steps, _ in alone.values()}) > 1  # episodes of one batch ended at different steps
+    other = RandomPolicy(np.array([-0.5]), np.array([1.0]), seed=8)
+    (result,) = run_episodes([LineTask(target=2.0, max_steps=6)], other, [10])
+    assert (result.steps, result.final_distance) != alone[10]  # the policy's seed matters too
+
+
+class LineModel:
+    """A `PlanningModel` and `MetricModel` over `LineTask` observations: the latent is the position."""
+
+    action_dim = 1
+    io_spec = IOSpec(image_keys=("image",), image_size=(8, 8), proprio_key="proprio", proprio_dim=1,
+                     action_dim=1, history=1)  # fmt: skip
+
+    def encode(self, obs):
+        return {"state": obs["proprio"][:, -1]}  # (E, 1)
+
+    def cost_vectors(self, z):
+        return z["state"]
+
+
+class ForwardPlanner:
+    """Plans +1 whatever the goal (the test counts subgoals, not plans)."""
+
+    horizon = 1
+
+    def plan(self, z0, goal, warm_start=None, budget=None):
+        E = len(z0["state"])
+        return PlanResult(actions=torch.ones(E, 1, 1), cost=torch.zeros(E), iterations=1)
+
+
+def test_subgoal_replans_are_counted_for_running_episodes_only():
+    """Finished episodes stay in the batch until the others end; their replans are not counted. The
+    goal (100) is always far, so every replan of a running episode aims at a subgoal."""
+    line = torch.arange(0.0, 120.0)[:, None]  # (N, 1): one demonstration along the line
+    graph = LatentGraph(line, {"state": line.clone()}, np.zeros(len(line), dtype=int), GraphConfig())
+    model = LineModel()
+    selector = SubgoalSelector(graph, model)
+    mpc = MPC(model, ForwardPlanner(), MPCConfig(execute=1), subgoals=selector)
+    tasks = [LineTask(target=100.0, max_steps=n) for n in (2, 5, 3)]  # episodes end at different steps
+    results = run_episodes(tasks, mpc, [0, 2, 4])
+    assert [r.steps for r in results] == [2, 5, 3]
+    assert selector.count == sum(r.to_dict()["replans"] for r in results) == 10
