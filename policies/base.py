@@ -4,6 +4,7 @@
 policies); `GoalConditioned` and `Previewable` are the optional extras a runner may use.
 `ChunkController` is the extra a real-time runtime needs: a chunk computed from observations captured
 earlier, continuing the chunk being executed meanwhile (real-time chunking).
+`EpisodeRows` lets a runner say which rows of a batch are which episode, and which still run.
 `PlanningModel` is all a planner may know about a world model: `encode`, `rollout`, `cost` and
 `action_dim`; planners never see a simulator. `Planner` is what MPC needs
 from a planner: `plan(z0, goal, warm_start) -> PlanResult`, the goal passed as an argument.
@@ -142,6 +143,21 @@ class Previewable(Protocol):
     def preview(self) -> np.ndarray | None:
         """(E, H, W, 3) uint8 for the latest model call (a world model's decoded prediction, or the
         frame a policy read), or None before the first call."""
+        ...
+
+
+@runtime_checkable
+class EpisodeRows(Protocol):
+    """A batched controller that follows each of its E rows as one episode: a runner (which keeps
+    finished episodes' rows in the batch until all of its episodes end) says which rows run."""
+
+    def start_episodes(self, seeds: Sequence[int]) -> None:
+        """After `reset`: the E rows' episode seeds (e.g. random draws per episode, whatever the batch)."""
+        ...
+
+    def set_active(self, active: np.ndarray) -> None:
+        """Before each call: active (E,) bool, the rows whose episodes still run (the others' outputs are
+        ignored; what they cost is not counted). `reset` makes every row active again."""
         ...
 
 

@@ -41,8 +41,9 @@ from policies.inputs import ObsHistory, check_raw, to_model_inputs
 class GoalSelector(Protocol):
     """Chooses what each replan aims at (`policies.subgoal.SubgoalSelector`)."""
 
-    def select(self, z0: Latent, goal: Latent) -> Latent:
-        """z0, goal leading (E, ...) -> the goal latent to plan toward, same layout as `goal`."""
+    def select(self, z0: Latent, goal: Latent, active: np.ndarray | None = None) -> Latent:
+        """z0, goal leading (E, ...) -> the goal latent to plan toward, same layout as `goal`; rows not
+        `active` (E,) bool (None: all are) keep their goal."""
         ...
 
 
@@ -111,7 +112,7 @@ class FixedPrefix:
 
 class MPC:
     """Receding-horizon control for E parallel episodes; satisfies `Policy`, `GoalConditioned`,
-    `Previewable` and `ChunkController`.
+    `Previewable`, `ChunkController` and `EpisodeRows`.
 
     `model` is a `PlanningModel` with an `io_spec` (`wm.spec.IOSpec`): its observation keys, image
     size, history and frameskip. Call `set_goal(goal_obs)` (kept across `reset()`), then
@@ -149,6 +150,7 @@ class MPC:
         self._warm: torch.Tensor | None = None  # (E, H, A)
         self._queue: torch.Tensor | None = None  # (E, remaining raw steps, Da)
         self._last_action: torch.Tensor | None = None  # (E, Da), executed before the next observation
+        self._active: np.ndarray | None = None  # (E,) bool, the rows still running; None: all
 
     @property
     def needs_replan(self) -> bool:
@@ -169,9 +171,16 @@ class MPC:
     def reset(self) -> None:
         """Clear the history, the action queue, the warm start and the timings (the goal stays)."""
         self.history.reset()
-        self._warm = self._queue = self._last_action = self._z0 = None
+        self._warm = self._queue = self._last_action = self._z0 = self._active = None
         self.last_result = None
         self._seconds = []
+
+    def start_episodes(self, seeds: Sequence[int]) -> None:
+        pass  # the planner's sampling noise is drawn for the whole batch: same seeds and batches, same plans
+
+    def set_active(self, active: np.ndarray) -> None:
+        """The rows still running (E,) bool: finished ones get no subgoal search, nor are counted."""
+        self._active = np.asarray(active, dtype=bool)
 
     def inference_seconds(self) -> list[float]:
         """Seconds of every replan (encode + plan) since the last `reset`."""
@@ -243,7 +252,7 @@ class MPC:
             raise ValueError(
                 f"{E} episodes in obs but the goal or warm start has another count; reset()/set_goal()"
             )
-        goal = self._goal if self.subgoals is None else self.subgoals.select(z0, self._goal)
+        goal = self._goal if self.subgoals is None else self.subgoals.select(z0, self._goal, self._active)
         if fixed is None:  # `model` only when needed: a planner that predates it still serves replans
             result = self.planner.plan(z0, goal, warm, self.cfg.budget)  # actions (E, H, A)
         else:

@@ -133,20 +133,23 @@ class SubgoalSelector:
     """Aims each replan of MPC at a node of the latent graph when the goal lies beyond `lookahead`
     typical steps: MPC hands it the replan's own start latent (encoded once) and the final goal.
     Distances are the world model's own (`MetricModel.cost_vectors`). `count` counts the replans
-    of all episodes that aimed at a subgoal rather than at the goal itself."""
+    of all running episodes that aimed at a subgoal rather than at the goal itself."""
 
     def __init__(self, graph: LatentGraph, model: MetricModel) -> None:
         self.graph, self.model = graph, model
         self.count = 0
 
     @torch.no_grad()
-    def select(self, z0: Latent, goal: Latent) -> Latent:
+    def select(self, z0: Latent, goal: Latent, active: np.ndarray | None = None) -> Latent:
         """z0 leading (E, ...), goal leading (E, ...) -> the goal latent with each far episode's entries
-        replaced by its subgoal node's (every key the graph's latents share with the goal)."""
+        replaced by its subgoal node's (every key the graph's latents share with the goal). Only the rows
+        `active` (E,) bool (None: all) are searched and counted: a runner keeps finished episodes' rows
+        in the batch, and their plans are not used."""
         current = self.model.cost_vectors(z0).float().cpu()  # (E, K)
         final = self.model.cost_vectors(goal).float().cpu()  # (E, K)
         out = {k: v.clone() for k, v in goal.items()}
-        for e in range(len(current)):
+        rows = range(len(current)) if active is None else np.flatnonzero(active)
+        for e in rows:
             i = self.graph.subgoal_index(current[e], final[e])
             if i is None:
                 continue

@@ -78,3 +78,13 @@ def test_selector_replaces_far_goals_per_episode_and_counts():
     assert out["state"][1, 0].tolist() == [10.0, 0.0]  # episode 1: within reach, the goal itself
     assert goal["state"][0, 0].tolist() == [10.0, 0.0]  # the final goal is not modified
     assert selector.count == 1
+
+
+def test_selector_leaves_finished_episodes_alone():
+    """Rows not active (finished episodes a runner keeps in the batch) keep their goal and are not counted."""
+    selector = SubgoalSelector(u_graph(), StateMetric())
+    z0 = {"state": torch.tensor([[[0.0, 0.0]], [[0.0, 0.0]]])}  # (E=2, T=1, 2): both far from the goal
+    goal = {"state": torch.tensor([[[10.0, 0.0]], [[10.0, 0.0]]])}
+    out = selector.select(z0, goal, active=np.array([False, True]))
+    assert out["state"][0, 0].tolist() == [10.0, 0.0] and out["state"][1, 0].tolist() == [0.0, 2.0]
+    assert selector.count == 1
