@@ -591,3 +591,18 @@ def test_cpu_info_reads_bf16_flags():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert precision.resolve_precision("auto") in ("fp32", "bf16")
+
+
+def test_summary_since_a_mark_counts_only_what_came_after(tmp_path):
+    """One job of several in a process (a -m sweep) reports its own choices and seconds alone."""
+    y = torch.ones(2)
+    cands = {"native": lambda: y, "int8": lambda: y}
+    sel = Selector(KernelCache(tmp_path / "k.json"), timer=fake_timer({"native": 1.0, "int8": 0.2}))
+    sel.choose("a", cands, "native")
+    sel.spent_s += 5.0  # the earlier job's calibration
+    mark = sel.mark()
+    sel.choose("b", {"native": cands["native"]}, "native")  # one candidate: no choice logged
+    sel.choose("c", cands, "native")
+    since = sel.summary(since=mark)
+    assert since["shapes"] == 1 and since["by_kernel"] == {"int8": 1}
+    assert 0 <= since["calibration_s"] < 5.0 and sel.summary()["shapes"] == 2

@@ -314,18 +314,24 @@ class Selector:
         self.log.append((full, record, "calibrated"))
         return record["choice"]
 
-    def summary(self) -> dict[str, Any]:
+    def mark(self) -> tuple[int, float]:
+        """Where the selector stands now (choices logged, seconds spent), for `summary(since=...)`."""
+        return len(self.log), self.spent_s
+
+    def summary(self, since: tuple[int, float] = (0, 0.0)) -> dict[str, Any]:
         """What this process's inference ran on, for results files: the mode, how many distinct op shapes
         chose a kernel (calibrated here or read from the cache) and how many took each kernel, the
         seconds spent calibrating, and whether the budget ran out (later shapes then took their default
-        kernel unmeasured)."""
-        chosen = {key: record["choice"] for key, record, _ in self.log}  # the last choice per key
+        kernel unmeasured). `since` (a `mark()`): only the choices made and seconds spent after it (one
+        job of several in a process)."""
+        logged, spent = since
+        chosen = {key: record["choice"] for key, record, _ in self.log[logged:]}  # the last choice per key
         counts = Counter(chosen.values())
         return {
             "mode": self.mode,
             "shapes": len(chosen),
             "by_kernel": dict(sorted(counts.items())),
-            "calibration_s": round(self.spent_s, 3),
+            "calibration_s": round(self.spent_s - spent, 3),
             "budget_exhausted": self.spent_s >= self.total_budget_s,
         }
 
