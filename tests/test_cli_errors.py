@@ -141,6 +141,16 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["out=e", "controller=random", "budgets=[2,4]"],
             "error: budgets sweep planner iterations; controller=random does not plan",
         ),
+        (  # not the task's default, as 0 once was
+            "wm-eval",
+            ["out=e", *QUICK_EVAL, "episodes=1", "max_steps=0"],
+            "error: max_steps must be >= 1 (null: the task's default), got 0",
+        ),
+        (  # numpy's own words named no option, and came after out/ was made
+            "wm-eval",
+            ["out=e", *QUICK_EVAL, "episodes=1", "seed=-3"],
+            "error: seed must be >= 0 (episode i uses seed + i), got -3",
+        ),
     ],
 )
 def test_options_are_checked_before_any_work(tmp_path, name, args, line):
@@ -232,3 +242,68 @@ def test_wm_demo_gives_mpc_options_to_the_mpc_evaluation_alone():
     plan = steps(DemoConfig(**fields, model=OmegaConf.to_container(model)))
     assert plan.mpc.planner_budget.iterations == 3 and plan.mpc.budgets == [2, 4]
     assert plan.random.controller == "random" and plan.random.budgets == []
+
+
+def test_eval_refused_during_the_run_leaves_no_folder_it_made(tmp_path):
+    """What can refuse only once the episodes run (a checkpoint meeting another task's observations)
+    removes the output folders the command made, if still empty; never one that was there before."""
+    from tools.eval import _output_folder
+
+    for out, existed in ((tmp_path / "new" / "out", False), (tmp_path / "old", True)):
+        if existed:
+            out.mkdir()
+        with pytest.raises(ValueError, match="another task"), _output_folder(out):
+            assert out.is_dir()
+            raise ValueError("an observation from another task")
+        assert out.exists() == existed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # new/ (a parent it made) too is gone
+    with pytest.raises(ValueError), _output_folder(tmp_path / "kept"):
+        (tmp_path / "kept" / "videos").mkdir()  # something written: kept
+        raise ValueError
+    assert (tmp_path / "kept" / "videos").is_dir()
+
+
+def test_eval_rerun_replaces_its_own_outputs_only(tmp_path):
+    """A rerun into the same out= leaves none of the old run's videos or budget plot beside the new
+    ones (results.json names this run's videos, and out/videos holds those); nothing else is touched."""
+    out = tmp_path / "e"
+    (out / "videos").mkdir(parents=True)
+    stale = [out / "videos" / "episode_1000_success.mp4", out / "videos" / "episode_1003_failure.mp4",
+             out / "success_vs_budget.png"]  # fmt: skip
+    mine = [out / "videos" / "notes.txt", out / "videos" / "episode_1000.mp4", out / "notes.txt"]
+    for path in stale + mine:
+        path.write_text("an earlier run's")
+    res = cli("wm-eval", f"out={out}", *QUICK_EVAL, "episodes=1", "videos=1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["parallel"] == 1  # MPC's episodes are reproducible for the same parallel only
+    assert results["videos"] == ["videos/episode_1000_failure.mp4"]  # 3 steps: the goal is out of reach
+    assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(
+        ["episode_1000_failure.mp4", "notes.txt", "episode_1000.mp4"]
+    )
+    assert not any(p.exists() for p in stale) and all(p.read_text() == "an earlier run's" for p in mine)
+
+
+def test_wm_demo_closing_lines_follow_the_evaluation():
+    """The goals as eval.task_options set them (default included), the videos only when some were."""
+    from tools.demo import _goal_mode, closing_lines
+    from tools.eval import EvalConfig
+
+    def eval_cfg(**task_options):
+        return EvalConfig(out="e", controller="random", task_options=task_options)
+
+    assert _goal_mode(eval_cfg()) == "any" and _goal_mode(eval_cfg(goal_mode="other_arm")) == "other_arm"
+    assert _goal_mode(EvalConfig(out="e", controller="random", task="arm_push")) is None
+    results = {"success_rate": 0.5, "random_success_rate": 0.0, "episodes": 2, "goal_mode": "any",
+               "videos": None, "report": "d/eval_mpc/report.html", "seconds": {"total_s": 60.0}}  # fmt: skip
+    lines = closing_lines(results, "pointmaze", Path("d/results.json"))
+    assert lines[0] == "MPC success 50% vs random actions 0% on 2 pointmaze episodes" + (
+        " with goals in any other cell of the maze"
+    )
+    assert not any("videos" in line for line in lines)
+    lines = closing_lines(results | {"goal_mode": "other_arm", "videos": "d/eval_mpc/videos"}, "pointmaze",
+                          Path("d/results.json"))  # fmt: skip
+    assert lines[0].endswith("with goals in another arm of the maze")
+    assert "videos (camera | world-model prediction | goal): d/eval_mpc/videos" in lines
+    lines = closing_lines(results | {"goal_mode": None}, "arm_push", Path("d/results.json"))
+    assert lines[0].endswith("on 2 arm_push episodes")

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from apps import BIN, TINY_POLICY, TINY_WM, cli
+from apps import BIN, TINY_POLICY, TINY_WM, cli, run_app
 
 from wm.data import DemoStore
 
@@ -85,6 +85,67 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
         "wm-eval", "task=arm_push", "controller=mpc", f"checkpoint={world_model}", "episodes=1", f"out={out}"
     )
     assert res.returncode == 2 and "another task" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["execute=5", "planner.horizon=2"], "cannot execute 5 steps of a horizon-2 plan"),
+        (["subgoals=on", "store=missing.zarr"], "subgoals=on needs the training store"),
+        (["task=arm_push"], "an observation from another task or robot?"),  # refused as the episodes start
+    ],
+)
+def test_eval_refusals_leave_no_empty_out_folder(world_model, tmp_path, args, line):
+    """Refused with one line, and no output folder left behind; one that existed before stays."""
+    common = [
+        "task=pointmaze", "controller=mpc", f"checkpoint={world_model}", "episodes=1", "max_steps=2",
+        "videos=0", "progress=false", "subgoals=off", "planner.samples=8", "planner.elites=2",
+    ]  # fmt: skip
+    res = run_app("wm-eval", *common, "out=new/eval", *args, cwd=tmp_path)
+    assert res.returncode == 2 and line in res.stderr, res.stderr
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    assert run_app("wm-eval", *common, "out=old", *args, cwd=tmp_path).returncode == 2
+    assert (tmp_path / "old").is_dir()
+
+
+def test_eval_reports_the_kernels_of_its_own_model_alone(world_model, tmp_path):
+    """A -m sweep runs its jobs in one process, with one kernel selector: each job's `kernels` holds
+    what its own evaluation chose and spent, not the jobs' before it."""
+    from tools.eval import EvalConfig, evaluate
+    from wm import kernels
+
+    earlier = kernels.Selector(kernels.KernelCache(None), total_budget_s=1e6, spent_s=1000.0)
+    earlier.log.append(("machine|an earlier job's layer", {"choice": "earlier_kernel"}, "calibrated"))
+    planner = {"name": "cem", "samples": 8, "elites": 2, "iterations": 1, "horizon": 2}
+    cfg = EvalConfig(out=str(tmp_path / "e"), controller="mpc", checkpoint=str(world_model), episodes=1,
+                     max_steps=2, videos=0, progress=False, subgoals="off", planner=planner)  # fmt: skip
+    with kernels.using(earlier):
+        summary = evaluate(cfg)["kernels"]
+    assert "earlier_kernel" not in summary["by_kernel"]
+    assert summary["shapes"] == sum(summary["by_kernel"].values())
+    assert 0 <= summary["calibration_s"] < 1000.0 and not summary["budget_exhausted"]
+
+
+def test_budget_plot_joins_its_points_by_iterations(tmp_path, monkeypatch):
+    """budgets=[6,2,4,2]: one point per budget, drawn left to right (not a zigzag in the typed order)."""
+    from types import SimpleNamespace
+
+    from matplotlib.axes import Axes
+
+    from tools.eval import _budget_sweep
+
+    drawn = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, x, *a, **k: drawn.append(list(x)) or plot(ax, x, *a, **k))
+    rates = {2: 0.2, 4: 0.5, 6: 0.8}
+    points, path = _budget_sweep(
+        SimpleNamespace(budgets=[6, 2, 4, 2], task="pointmaze"),
+        lambda iterations: iterations,  # the "planner" is its iteration count
+        lambda iterations, video, desc: {"success_rate": rates[iterations], "planning_seconds_per_step": 0.1},
+        tmp_path,
+    )
+    assert [p["iterations"] for p in points] == [2, 4, 6] and drawn == [[2, 4, 6]] and path.exists()
 
 
 def test_subgoal_store_is_found_from_anywhere_and_changes_are_said(world_model, tmp_path):

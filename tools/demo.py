@@ -2,9 +2,9 @@
 
 1. Record pointmaze demonstrations with the scripted expert (with action noise for diversity).
 2. Train the world model (the small CNN encoder; see configs/model/dino_wm.yaml for DINOv2).
-3. Plan with MPC to goals in a different arm of the U-maze from the start, and run a random-action
-   baseline on the same seeds. Prints both success rates and where the videos and the HTML report
-   are; writes DIR/results.json with `success_rate`.
+3. Plan with MPC to goals in a different arm of the U-maze from the start (`eval.task_options.goal_mode`),
+   and run a random-action baseline on the same seeds. Prints both success rates and where the videos
+   (when some were recorded) and the HTML report are; writes DIR/results.json with `success_rate`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ from omegaconf import DictConfig
 from tools._cli import UsageError, app, bind, build
 from tools.collect import CollectConfig, collect
 from tools.eval import EvalConfig, evaluate
+
+GOALS = {  # pointmaze's goal_mode, in the closing line's words
+    None: "",
+    "any": " with goals in any other cell of the maze",
+    "other_arm": " with goals in another arm of the maze",
+}
 
 
 @dataclass(frozen=True)
@@ -119,23 +125,40 @@ def demo(cfg: DemoConfig) -> int:
         "success_rate": mpc["success_rate"],
         "random_success_rate": rnd["success_rate"],
         "episodes": mpc["episodes"],
-        "goal_mode": plan.mpc.task_options.get("goal_mode", "any"),
+        "goal_mode": _goal_mode(plan.mpc),
         "mean_final_distance": mpc["mean_final_distance"],
         "random_mean_final_distance": rnd["mean_final_distance"],
         "planning_seconds_per_step": mpc["planning_seconds_per_step"],
-        "videos": str(out / "eval_mpc" / "videos"),
+        "videos": str(out / "eval_mpc" / "videos") if mpc["videos"] else None,
         "report": str(out / "eval_mpc" / "report.html"),
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(
-        f"\nMPC success {mpc['success_rate']:.0%} vs random actions {rnd['success_rate']:.0%} "
-        f"on {mpc['episodes']} {cfg.task} episodes with goals in another arm of the maze"
-    )
-    print(f"videos (camera | world-model prediction | goal): {results['videos']}")
-    print(f"report (results, videos): {results['report']}")
-    print(f"results: {out / 'results.json'}; took {times['total_s'] / 60:.1f} min")
+    print("\n" + "\n".join(closing_lines(results, cfg.task, out / "results.json")))
     return 0
+
+
+def closing_lines(results: dict[str, Any], task: str, path: Path) -> list[str]:
+    """What wm-demo prints at the end, all from its `results` (written to `path`): the goals as the
+    evaluation set them, the videos only when some were recorded."""
+    goals = GOALS.get(results["goal_mode"], f" (goal_mode={results['goal_mode']})")
+    lines = [
+        f"MPC success {results['success_rate']:.0%} vs random actions {results['random_success_rate']:.0%} "
+        f"on {results['episodes']} {task} episodes{goals}"
+    ]
+    if results["videos"]:
+        lines.append(f"videos (camera | world-model prediction | goal): {results['videos']}")
+    lines.append(f"report (results{', videos' if results['videos'] else ''}): {results['report']}")
+    lines.append(f"results: {path}; took {results['seconds']['total_s'] / 60:.1f} min")
+    return lines
+
+
+def _goal_mode(cfg: EvalConfig) -> str | None:
+    """The evaluation's `goal_mode` task option, given or default; None for a task without one."""
+    from robots.registry import task_entry
+
+    options = build(task_entry(cfg.task).options, cfg.task_options, "task_options")
+    return getattr(options, "goal_mode", None)
 
 
 def _episodes(store: Path) -> int:

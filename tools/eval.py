@@ -2,15 +2,17 @@
 MPC over a world model (`controller=mpc`, `planner=cem|mppi|gd|cem_gd`), a policy (`controller=policy`)
 or random actions, on any checkpoint the model registry loads.
 
-Writes `out/results.json` (success rate, final distance to goal, planning time), one mp4 per recorded
-episode (camera | the controller's view | goal, labelled success or failure), `out/report.html`
+Writes `out/results.json` (success rate, final distance to goal, planning time, the videos), one mp4 per
+recorded episode (camera | the controller's view | goal, labelled success or failure), `out/report.html`
 (everything in one page) and, with `budgets=[...]`, a plot of success against planner iterations.
 A progress bar on stderr shows episodes done, running success and planning time per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from omegaconf import DictConfig
 
 from tools._cli import UsageError, app, bind, build
 from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides
+
+BUDGET_PLOT = "success_vs_budget.png"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +46,10 @@ class EvalConfig(ControllerConfig):
         super().__post_init__()
         if self.episodes < 1 or self.parallel < 1 or self.videos < 0:
             raise ValueError("episodes and parallel must be >= 1 and videos >= 0")
+        if self.seed < 0:
+            raise UsageError(f"seed must be >= 0 (episode i uses seed + i), got {self.seed}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UsageError(f"max_steps must be >= 1 (null: the task's default), got {self.max_steps}")
         build(task_entry(self.task).options, self.task_options, "task_options")
         if self.budgets and self.controller != "mpc":
             raise UsageError(f"budgets sweep planner iterations; controller={self.controller} does not plan")
@@ -56,7 +64,7 @@ class EvalConfig(ControllerConfig):
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation, write results.json, the videos and report.html; returns the results."""
-    from policies.evaluate import RandomPolicy, run_episodes, summarize, timed
+    from policies.evaluate import run_episodes, summarize, timed
     from policies.progress import EvalProgress
     from policies.report import write_report
     from robots.registry import make_task
@@ -66,8 +74,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     out = Path(cfg.out)
     device = _device(cfg.device)
+    kernels_before = kernels.selector().mark()  # a -m sweep's jobs share the process and its selector
     opts: dict[str, Any] = {"options": dict(cfg.task_options)}
-    if cfg.max_steps:
+    if cfg.max_steps is not None:
         opts["max_steps"] = cfg.max_steps
     loaded = None
     if cfg.controller != "random":
@@ -77,8 +86,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     tasks = [make_task(cfg.task, SimConfig(**opts)) for _ in range(n)]
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     feat = tasks[0].action_feature
+    policy, make = _controller(cfg, loaded, feat)  # before out/ is made: it may refuse the command
     videos: list[Path] = []
-    out.mkdir(parents=True, exist_ok=True)  # after everything that can refuse the command
 
     def episodes(policy: Any, video: bool, desc: str) -> dict[str, Any]:
         with EvalProgress(cfg.episodes, disable=not cfg.progress, desc=desc) as bar:
@@ -96,22 +105,24 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         return summarize(results, wall)
 
     plot = None
-    if cfg.controller == "random":
-        results = episodes(RandomPolicy(feat.low, feat.high, cfg.seed), True, "random")
-    elif cfg.controller == "policy":
-        results = episodes(loaded.policy(), True, "policy")
-    else:
-        make = _mpc_builder(cfg, loaded, feat)
-        mpc = make(cfg.planner_budget.iterations)
-        results = episodes(mpc, True, "mpc")
-        results["subgoal_replans"] = mpc.subgoals.count if mpc.subgoals is not None else 0
-        if cfg.budgets:
-            results["budgets"], plot = _budget_sweep(cfg, make, episodes, out)
+    with _output_folder(out):  # what refuses the command during the run leaves no empty out/ behind
+        _clear_outputs(out)
+        results = episodes(policy, True, cfg.controller)
+        if cfg.controller == "mpc":
+            results["subgoal_replans"] = policy.subgoals.count if policy.subgoals is not None else 0
+            if cfg.budgets:
+                results["budgets"], plot = _budget_sweep(cfg, make, episodes, out)
     if loaded is not None:
         results["inference"] = loaded.inference_settings()
-        results["kernels"] = kernels.selector().summary()  # which CPU kernels (fp32, bf16, int8) ran
+        # which CPU kernels (fp32, bf16, int8) this evaluation's layers ran on
+        results["kernels"] = kernels.selector().summary(since=kernels_before)
     results.update(
-        task=cfg.task, controller=cfg.controller, checkpoint=cfg.checkpoint, seeds=seeds[:1] + seeds[-1:]
+        task=cfg.task,
+        controller=cfg.controller,
+        checkpoint=cfg.checkpoint,
+        seeds=seeds[:1] + seeds[-1:],
+        videos=[f"videos/{p.name}" for p in videos],  # this run's, the only ones out/videos holds
+        parallel=cfg.parallel,  # MPC's sampling noise is drawn per batch: reproducible for the same parallel
     )
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report = write_report(out, results, videos, plot)
@@ -120,13 +131,55 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return results
 
 
+def _controller(cfg: EvalConfig, loaded: Any, feat: Any) -> tuple[Any, Any]:
+    """(the controller, for MPC the function of an iteration cap that builds more: else None); MPC's own
+    refusals (subgoals=on without a store, execute > horizon) come from here."""
+    from policies.evaluate import RandomPolicy
+
+    if cfg.controller == "random":
+        return RandomPolicy(feat.low, feat.high, cfg.seed), None
+    if cfg.controller == "policy":
+        return loaded.policy(), None
+    make = _mpc_builder(cfg, loaded, feat)
+    return make(cfg.planner_budget.iterations), make
+
+
+@contextlib.contextmanager
+def _output_folder(out: Path) -> Iterator[None]:
+    """Creates `out` (and its missing parents); when the block raises, removes those of them it created
+    that are still empty (never a folder that existed before, nor one with anything in it)."""
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _clear_outputs(out: Path) -> None:
+    """Removes what an earlier run into `out` wrote that this one may not write again (its videos, its
+    budget plot), so that `out` shows one run; nothing else in `out` is touched."""
+    from policies.video import episode_video_path
+
+    videos = out / "videos"
+    for ok in (True, False):
+        for old in videos.glob(episode_video_path(videos / "episode_*", ok).name):  # episode_*_success.mp4
+            old.unlink()
+    if videos.is_dir() and not any(videos.iterdir()):
+        videos.rmdir()
+    (out / BUDGET_PLOT).unlink(missing_ok=True)
+
+
 def _budget_sweep(cfg: EvalConfig, make: Any, episodes: Any, out: Path) -> tuple[list, Path]:
     points = []
-    for iters in cfg.budgets:
-        res = episodes(make(int(iters)), False, f"budget {iters}")
+    for iters in sorted({int(b) for b in cfg.budgets}):  # the curve joins its points left to right
+        res = episodes(make(iters), False, f"budget {iters}")
         points.append(
             {
-                "iterations": int(iters),
+                "iterations": iters,
                 "success_rate": res["success_rate"],
                 "planning_seconds_per_step": res["planning_seconds_per_step"],
             }
@@ -141,7 +194,7 @@ def _budget_sweep(cfg: EvalConfig, make: Any, episodes: Any, out: Path) -> tuple
     ax.set(xlabel="planner iterations per replan", ylabel="success rate", ylim=(0, 1.02), title=cfg.task)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "success_vs_budget.png"
+    path = out / BUDGET_PLOT
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return points, path
