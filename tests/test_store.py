@@ -377,6 +377,18 @@ def test_a_streamed_episode_survives_info_that_is_not_plain_json(small_store):
     assert_episode_equal(r.get_episode(6), ep)
 
 
+def test_unreadable_array_metadata_names_the_key(small_store):
+    """A zero-length data/<key>/zarr.json (a power cut, an interrupted copy): opening the store raised a
+    bare JSONDecodeError, and `wm-info verify=true` printed only "Expecting value: line 1 column 1"."""
+    from wm.data.verify import format_report, verify_store
+
+    path, _ = small_store
+    (path / "data" / "state" / "zarr.json").write_text("")
+    with pytest.raises(CorruptStoreError, match=r"small.zarr/data/state: its metadata cannot be read"):
+        DemoStore.open(path)
+    assert "data/state: its metadata cannot be read" in format_report(verify_store(path))
+
+
 def test_truncated_chunk_gives_clear_error(small_store):
     path, _ = small_store
     chunk = path / "data" / "img" / "c" / "8" / "0" / "0" / "0"  # step 8 lies in episode 1

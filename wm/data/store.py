@@ -403,10 +403,8 @@ class DemoStore:
             ends = np.cumsum(np.asarray(lengths, dtype=np.int64))  # the commit record's boundaries
         info = list(records) if records is not None else [{} for _ in range(len(ends))]
         data = self._group["data"]
-        present = dict(data.arrays())
+        present = {key: self._open_array(data, key) for key in self._schema.keys}
         for key in self._schema.keys:
-            if key not in present:
-                raise SchemaError(f"{self.path}: the schema declares key {key!r} but data/{key} is missing")
             if present[key].shape[0] < (int(ends[-1]) if len(ends) else 0) and not self.salvage:
                 raise CorruptStoreError(
                     f"{self.path}/data/{key}: has {present[key].shape[0]} steps "
@@ -424,6 +422,24 @@ class DemoStore:
         }
         self._ends = ends
         self._info = info
+
+    def _open_array(self, data: zarr.Group, key: str) -> zarr.Array:
+        """data/`key`, or one line saying what is wrong with it: missing, or its metadata unreadable (a
+        zero-length zarr.json, as a power cut or an interrupted copy leaves)."""
+        try:
+            array = data[key]
+        except KeyError:
+            raise SchemaError(
+                f"{self.path}: the schema declares key {key!r} but data/{key} is missing"
+            ) from None
+        except (ValueError, zarr.errors.BaseZarrError) as e:  # json.JSONDecodeError is a ValueError
+            raise CorruptStoreError(
+                f"{self.path}/data/{key}: its metadata cannot be read ({type(e).__name__}: {e}); "
+                "restore the key from a copy, or rewrite the store without it"
+            ) from e
+        if not isinstance(array, zarr.Array):
+            raise CorruptStoreError(f"{self.path}/data/{key}: is a group, not an array")
+        return array
 
     def _check_episode(self, i: int) -> int:
         n = self.n_episodes
