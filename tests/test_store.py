@@ -107,6 +107,15 @@ def test_legacy_diffusion_policy_store_opens_directly(tmp_path):
     assert kinds == {"img": "image", "state": "proprio", "action": "action", "keypoint": "proprio"}
     np.testing.assert_array_equal(s.get_episode(1)["state"], root["data/state"][10:30])
 
+    # Diffusion Policy's own PushT `img` is float32 in 0..255 (it was taken for proprioception), and a
+    # numeric name that holds "lang" is not language
+    from wm.data.schema import infer_kind
+
+    assert infer_kind("img", (96, 96, 3), np.dtype("float32")) == "image"
+    assert infer_kind("flange_pose", (7,), np.dtype("float32")) == "proprio"
+    assert infer_kind("lang_instruction", (512,), np.dtype("float32")) == "language"
+    assert infer_kind("heatmap", (4, 4, 1), np.dtype("float32")) == "proprio"  # too small for a camera
+
     s2 = DemoStore.open(path, schema_overrides={"fps": 10, "keys": {"keypoint": {"kind": "lowdim"}}})
     assert s2.schema.keys["keypoint"].kind == "lowdim"
     with pytest.raises(SchemaError, match="nope"):

@@ -10,6 +10,7 @@ key names, shapes and dtypes, and the caller can override any field.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,15 +150,20 @@ _LANGUAGE_NAMES = ("language", "lang", "instruction")
 def infer_kind(name: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
     """Guess a key's kind from its name, per-step shape and dtype (Diffusion Policy / UWM conventions)."""
     low = name.lower()
-    if len(shape) == 3 and shape[-1] in (1, 3, 4) and np.dtype(dtype) == np.uint8:
-        return "image"
+    if len(shape) == 3 and shape[-1] in (1, 3, 4) and _image_dtype(dtype) and min(shape[:2]) >= 8:
+        return "image"  # uint8, or float frames in 0..255 / 0..1 (Diffusion Policy's PushT `img`)
     if any(low == n or low.startswith(n) for n in _ACTION_NAMES):
         return "action"
     if low in _TIME_NAMES or "timestamp" in low:
         return "timestamp"
-    if any(n in low for n in _LANGUAGE_NAMES):
+    if set(re.split(r"[^a-z0-9]+", low)) & set(_LANGUAGE_NAMES):  # whole words: not "flange_pose"
         return "language"
     return "proprio"
+
+
+def _image_dtype(dtype: Any) -> bool:
+    dt = np.dtype(dtype)
+    return dt == np.uint8 or np.issubdtype(dt, np.floating)
 
 
 def infer_schema(arrays: dict[str, tuple[tuple[int, ...], Any]], fps: float = 10.0) -> Schema:
