@@ -137,6 +137,21 @@ def test_normalizer_fit_save_load(small_store, tmp_path):
     assert q.normalize("action", x).abs().max() > 1  # the 1% tails fall outside [-1, 1]
 
 
+def test_a_store_rewritten_under_a_dataset_is_refused_not_mispaired(small_store):
+    """Episodes deleted while a dataset read the store: its index and low-dim steps (in RAM) were the
+    old store's, its frames the new one's: batches paired frames with other episodes' actions."""
+    from wm.data import StoreError, delete_episodes
+
+    path, _ = small_store
+    spec = WindowSpec.history_horizon(["img"], ["action"], n_obs=2, horizon=4)
+    dataset = WindowDataset(path, spec)
+    dataset.get_batch([0, 1])
+    delete_episodes(path, [0])
+    with pytest.raises(StoreError, match="the store was rewritten .* while this dataset read it"):
+        dataset.get_batch([0, 1])
+    WindowDataset(path, spec).get_batch([0, 1])  # a dataset made after the rewrite reads it
+
+
 def test_no_window_to_train_on_says_why(tmp_path):
     """Episodes shorter than a window: torch's sampler said only "num_samples=0"."""
     from wm.data import KeySpec, Schema

@@ -37,7 +37,7 @@ from torch.utils.data import (
 )
 
 from wm.data.augment import AugmentConfig, augment
-from wm.data.errors import SchemaError
+from wm.data.errors import SchemaError, StoreError
 from wm.data.frames import SAMPLED_FRAMES, check_scale, to_uint8
 from wm.data.store import DemoStore
 from wm.data.windows import WindowSpec, build_index
@@ -113,6 +113,7 @@ class WindowDataset(BatchedDataset):
                     self._ram[key] = to_uint8(self._ram[key])
         self._store: DemoStore | None = None
         self._pid = -1
+        self._identity = _identity(self.path)  # the store read at init: a rewrite makes another
         # Episode number of every global step, for the "episode" batch key.
         self._step_episode = np.repeat(
             np.arange(len(self.episode_ends)), np.diff(self.episode_ends, prepend=0)
@@ -153,6 +154,11 @@ class WindowDataset(BatchedDataset):
         """Frames at global `steps` (any order, repeats allowed) as (len(steps), H, W, C) uint8."""
         if key in self._ram:
             return self._ram[key][steps]
+        if _identity(self.path) != self._identity:  # the steps in RAM and the index are the old store's
+            raise StoreError(
+                f"{self.path}: the store was rewritten (episodes deleted or replaced) while this dataset "
+                "read it; its frames would no longer match the actions: start the run again"
+            )
         uniq, inverse = np.unique(steps, return_inverse=True)
         # Direct chunk decoding where the layout allows, else zarr; a damaged chunk raises
         # CorruptStoreError naming its file, the key, its steps and their episodes either way.
@@ -234,6 +240,13 @@ class _Batches(Dataset):
 
     def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return self.dataset.get_batch(indices)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of the store at `path`: a rewrite (delete / keep episodes, an overwrite) swaps in
+    another directory, an append keeps it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def make_loader(
