@@ -741,9 +741,9 @@ class WriterLock:
             ) from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
+        fd, self._fd = getattr(self, "_fd", None), None  # None too when os.open failed in __init__
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def __del__(self) -> None:
         self.release()
