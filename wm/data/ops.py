@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wm.data.errors import NotAStoreError, SchemaError
-from wm.data.store import DemoStore, WriterLock, _finish_swap, check_not_a_source, swap_paths
+from wm.data.store import DemoStore, WriterLock, check_not_a_source, finish_swap, swap_paths
 
 # Rewrites an episode's info on copy: (source episode index, its info without "length") -> new info.
 InfoEdit = Callable[[int, dict[str, Any]], dict[str, Any]]
@@ -116,7 +116,7 @@ def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: In
         raise NotAStoreError(f"{path}: zip stores are read-only; unzip it to a directory store and edit that")
     path = path.resolve()  # a store reached through a symbolic link is rewritten where it is
     tmp, old = swap_paths(path)
-    _finish_swap(path)  # a rewrite a crash interrupted
+    finish_swap(path)  # a rewrite a crash interrupted
     if not path.exists():
         raise NotAStoreError(f"{path}: no such store")
     lock = WriterLock(path)  # no writer may be appending to the store being rewritten

@@ -183,7 +183,7 @@ class DemoStore:
         if salvage and mode != "r":
             raise ValueError("a store opened with salvage=True is read-only")
         path = Path(path)
-        _finish_swap(path.resolve())
+        finish_swap(path.resolve())
         if not path.exists():
             raise NotAStoreError(f"{path}: no such store")
         try:
@@ -754,7 +754,7 @@ def swap_paths(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
 
 
-def _finish_swap(path: Path) -> None:
+def finish_swap(path: Path) -> None:
     """Complete a `keep_episodes` swap that a crash interrupted between its two renames."""
     tmp, old = swap_paths(path)
     if not path.exists() and old.exists():
