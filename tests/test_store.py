@@ -496,6 +496,24 @@ def test_a_second_writer_is_refused_while_one_is_writing(small_store):
         assert_episode_equal(again.get_episode(5), ep)
 
 
+def test_a_filesystem_without_locks_still_takes_writes_with_a_warning(small_store, monkeypatch):
+    """Some NFS / FUSE mounts refuse flock (ENOLCK): the store is written unguarded, and says so."""
+    import errno
+
+    import wm.data.store as store_module
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    path, _ = small_store
+    with pytest.warns(UserWarning, match="cannot lock the store .*No locks available"):
+        s = DemoStore.open(path, mode="a")
+    s.append_episode(make_episode(9, 3))
+    s.close()
+    assert DemoStore.open(path).n_episodes == 6
+
+
 def test_overwrite_replaces_only_a_store(tmp_path, small_store):
     """`overwrite=True` (wm-convert, the sample store) deletes what is at the path: only ever a store or
     an empty folder, never a user's folder of other files given as the path by mistake."""

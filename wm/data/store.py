@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -739,6 +740,12 @@ class WriterLock:
                 f"{path}: another writer has this store open (wm-collect, wm-deploy record=, or a DemoStore "
                 "opened with mode='a'); wait for it to finish, or write to another store"
             ) from None
+        except OSError as e:  # a filesystem without locks (some NFS / FUSE mounts): write, unguarded
+            warnings.warn(
+                f"{path}: this filesystem cannot lock the store ({e}); a second writer would not be refused: "
+                "write to it from one process at a time",
+                stacklevel=3,
+            )
 
     def release(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None  # None too when os.open failed in __init__
