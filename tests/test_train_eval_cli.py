@@ -81,7 +81,7 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
     assert "<video" in report and "success rate" in report.lower()
     assert "2/2" in res.stderr and str(out / "results.json") in res.stdout  # progress bar, where outputs went
 
-    res = cli(
+    res = run_app(
         "wm-eval", "task=arm_push", "controller=mpc", f"checkpoint={world_model}", "episodes=1", f"out={out}"
     )
     assert res.returncode == 2 and "another task" in res.stderr
@@ -195,7 +195,7 @@ def test_every_planner_through_wm_eval(world_model, tmp_path, planner):
 
 
 def test_planner_options_are_checked(world_model, tmp_path):
-    res = cli(
+    res = run_app(
         "wm-eval", "controller=mpc", f"checkpoint={world_model}", f"out={tmp_path}", "planner=gd",
         "+planner.samples=8",
     )  # fmt: skip
@@ -250,7 +250,9 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
     kern = results["kernels"]  # the kernels the policy's layers ran on, chosen in the eval's process
     assert kern["mode"] == "measure" and kern["shapes"] == sum(kern["by_kernel"].values()) > 0
 
-    res = cli("wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}")
+    res = run_app(
+        "wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}"
+    )
     assert res.returncode == 2 and "cannot serve controller=mpc" in res.stderr
 
     # Consistency distillation of that policy through the one trainer, then evaluated as any policy.
@@ -269,7 +271,7 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "eval_cm" / "results.json").read_text())["inference"]["sampler_steps"] == 1
-    res = cli("wm-train", "model=consistency", f"store={maze}", f"out={tmp_path / 'x'}")
+    res = run_app("wm-train", "model=consistency", f"store={maze}", f"out={tmp_path / 'x'}")
     assert res.returncode == 2 and "teacher=DIR" in res.stderr and not (tmp_path / "x").exists()
 
 
