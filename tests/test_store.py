@@ -115,6 +115,7 @@ def test_legacy_diffusion_policy_store_opens_directly(tmp_path):
     assert infer_kind("flange_pose", (7,), np.dtype("float32")) == "proprio"
     assert infer_kind("lang_instruction", (512,), np.dtype("float32")) == "language"
     assert infer_kind("heatmap", (4, 4, 1), np.dtype("float32")) == "proprio"  # too small for a camera
+    assert infer_kind("tiny", (4, 4, 1), np.dtype("uint8")) == "image"  # uint8 frames of any size, as ever
 
     s2 = DemoStore.open(path, schema_overrides={"fps": 10, "keys": {"keypoint": {"kind": "lowdim"}}})
     assert s2.schema.keys["keypoint"].kind == "lowdim"

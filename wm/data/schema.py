@@ -150,8 +150,8 @@ _LANGUAGE_NAMES = ("language", "lang", "instruction")
 def infer_kind(name: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
     """Guess a key's kind from its name, per-step shape and dtype (Diffusion Policy / UWM conventions)."""
     low = name.lower()
-    if len(shape) == 3 and shape[-1] in (1, 3, 4) and _image_dtype(dtype) and min(shape[:2]) >= 8:
-        return "image"  # uint8, or float frames in 0..255 / 0..1 (Diffusion Policy's PushT `img`)
+    if len(shape) == 3 and shape[-1] in (1, 3, 4) and _image_dtype(dtype, shape):
+        return "image"
     if any(low == n or low.startswith(n) for n in _ACTION_NAMES):
         return "action"
     if low in _TIME_NAMES or "timestamp" in low:
@@ -161,9 +161,11 @@ def infer_kind(name: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
     return "proprio"
 
 
-def _image_dtype(dtype: Any) -> bool:
+def _image_dtype(dtype: Any, shape: tuple[int, ...]) -> bool:
+    """uint8 frames, or float frames in 0..255 / 0..1 (Diffusion Policy's PushT `img`) of a camera's size
+    (a small float (H, W, C) array is more likely a map of values)."""
     dt = np.dtype(dtype)
-    return dt == np.uint8 or np.issubdtype(dt, np.floating)
+    return dt == np.uint8 or (np.issubdtype(dt, np.floating) and min(shape[:2]) >= 8)
 
 
 def infer_schema(arrays: dict[str, tuple[tuple[int, ...], Any]], fps: float = 10.0) -> Schema:
