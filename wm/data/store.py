@@ -153,11 +153,7 @@ class DemoStore:
             compressors=_compressor("lowdim", zarr_format, "zstd"),
         )
         group.attrs.update({SCHEMA_ATTR: schema.to_dict(), EPISODES_ATTR: [], EVERY_CHUNK_ATTR: True})
-        if real.is_dir():
-            shutil.rmtree(real)
-        elif real.exists():  # a zip store
-            real.unlink()
-        os.replace(building, real)
+        move_into_place(building, real)
         lock = WriterLock(real)
         group = zarr.open_group(store=LocalStore(real), mode="r+", zarr_format=zarr_format)
         store = cls(path, group, schema, "a", legacy=False)
@@ -520,6 +516,23 @@ def json_native(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def move_into_place(built: Path, dst: Path) -> None:
+    """Put `built` (a store or dataset written beside `dst`) at `dst`, replacing what is there (a folder
+    or a zip file; through a symbolic link, where it points: the link is kept)."""
+    dst = dst.resolve()
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    elif dst.exists():
+        dst.unlink()
+    os.replace(built, dst)
+
+
+def beside(dst: Path, suffix: str) -> Path:
+    """Where to write what replaces `dst` (through a symbolic link: beside where it points, so the rename
+    into place stays on one filesystem): a hidden sibling named after `dst`."""
+    return dst.resolve().with_name(f".{dst.name}.{suffix}")
 
 
 def replaceable(path: Path) -> bool:

@@ -51,7 +51,7 @@ from wm.data.convert.lerobot_meta import (
 )
 from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import KeySpec, Schema
-from wm.data.store import DemoStore, replaceable
+from wm.data.store import DemoStore, beside, move_into_place, replaceable
 
 WRITE_STEPS = 256  # frames decoded and appended at a time, bounding memory for long image episodes
 
@@ -80,7 +80,7 @@ def lerobot_to_store(
     episodes = _load_episodes(src)
     tasks = _load_tasks(src)
     schema, features = read_carried(src, info) or _schema_from_info(info, src, tasks)
-    tmp = dst.resolve().with_name(f".{dst.name}.converting")
+    tmp = beside(dst, "converting")
     store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
     videos = _VideoFrames(float(info["fps"]))
     try:
@@ -101,7 +101,7 @@ def lerobot_to_store(
     finally:
         videos.close()
     store.close()
-    _move_into_place(tmp, dst)
+    move_into_place(tmp, dst)
     return DemoStore.open(dst)
 
 
@@ -111,13 +111,6 @@ def lerobot_replaceable(path: Path) -> bool:
     if not path.is_dir():
         return False
     return not any(path.iterdir()) or (path / "meta" / "info.json").is_file()
-
-
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    dst = dst.resolve()  # through a symbolic link: replaced where it is, the link kept
-    if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-    os.replace(tmp, dst)
 
 
 def _load_info(src: Path) -> dict[str, Any]:
@@ -405,7 +398,7 @@ def store_to_lerobot(
             "those: choose another path"
         )
     store = DemoStore.open(src_store) if not isinstance(src_store, DemoStore) else src_store
-    tmp = dst.resolve().with_name(f".{dst.name}.converting")
+    tmp = beside(dst, "converting")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_lerobot(store, tmp, repo_id, use_videos)
@@ -415,7 +408,7 @@ def store_to_lerobot(
     finally:
         if store is not src_store:
             store.close()
-    _move_into_place(tmp, dst)
+    move_into_place(tmp, dst)
     return dst
 
 

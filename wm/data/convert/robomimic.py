@@ -34,7 +34,7 @@ import numpy as np
 
 from wm.data.errors import AppendError, NotAStoreError, SchemaError
 from wm.data.schema import ActionSpace, KeySpec, Schema
-from wm.data.store import DemoStore, replaceable
+from wm.data.store import DemoStore, beside, move_into_place, replaceable
 
 DEFAULT_FPS = 20.0  # robosuite's default control_freq
 WRITE_STEPS = 256  # steps read from HDF5 and appended at a time, bounding memory for long image demos
@@ -83,7 +83,7 @@ def robomimic_to_store(
         raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
     if dst.exists() and not replaceable(dst):
         raise FileExistsError(f"{dst}: exists and is not a store; not replacing it (choose another dst)")
-    tmp = dst.resolve().with_name(f".{dst.name}.converting")
+    tmp = beside(dst, "converting")
     with _open_source(src) as f:
         data = f["data"]
         demos = _demo_names(data, src)
@@ -100,12 +100,7 @@ def robomimic_to_store(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         store.close()
-    real = dst.resolve()  # through a symbolic link: replaced where it is, the link kept
-    if real.is_dir():
-        shutil.rmtree(real)
-    elif real.exists():
-        real.unlink()
-    os.replace(tmp, real)
+    move_into_place(tmp, dst)
     return DemoStore.open(dst)
 
 
