@@ -152,11 +152,12 @@ class _Operator:
 
 def test_teleop_session_on_a_simulated_task(tmp_path):
     """START / DISCARD / SAVE from the operator; simulated episodes keep their seed and success."""
-    from tools.collect import CollectConfig, teleop_mapper
+    from robots.teleop.mapping import teleop_mapper
+    from tools.collect import CollectConfig
 
     task = make_task("pusht", SimConfig(state_only=True))
     store = open_store(str(tmp_path / "t.zarr"), recording_schema(task, "pusht"))
-    mapper = teleop_mapper(CollectConfig(task="pusht", store="t.zarr", teleop="keyboard"), task)
+    mapper = teleop_mapper(task, CollectConfig(task="pusht", store="t.zarr", teleop="keyboard").gains)
     operator = _Operator({2: Command.START, 4: Command.DISCARD, 5: Command.START, 8: Command.SAVE})
     with task:
         Collector(task, store, seed=3).record_teleop(operator, mapper, episodes=2)
@@ -171,12 +172,15 @@ def test_teleop_session_on_a_simulated_task(tmp_path):
 def test_teleop_commands_pass_the_safety_layer_on_a_simulated_task(tmp_path):
     """A NaN from the device is never sent (the last command is held, and recorded as sent), and a
     position target (PushT's) moves at most a tenth of its range per tick."""
-    from tools.collect import CollectConfig, teleop_mapper
+    from robots.teleop.mapping import teleop_mapper
+    from tools.collect import CollectConfig
 
     task = make_task("pusht", SimConfig(state_only=True))
     store = open_store(str(tmp_path / "t.zarr"), recording_schema(task, "pusht"))
     gains = {"translation_gain": 200.0}  # px per tick: far more than the cap
-    mapper = teleop_mapper(CollectConfig(task="pusht", store="t.zarr", teleop="keyboard", gains=gains), task)
+    mapper = teleop_mapper(
+        task, CollectConfig(task="pusht", store="t.zarr", teleop="keyboard", gains=gains).gains
+    )
     right, left, nan = -np.eye(6)[1], np.eye(6)[1], np.full(6, np.nan)  # the device's y: PushT's image x
     motions = {1: right, 2: left, 3: nan, 4: right, 5: left, 6: left}
     operator = _Operator({1: Command.START, 6: Command.SAVE}, motions)

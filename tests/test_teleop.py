@@ -502,17 +502,19 @@ def test_pusht_is_driven_in_its_image_plane_at_a_usable_speed_unless_the_user_sa
     moved it down, 1 px a step (the target led the pusher by 1 px: 4 px/s)."""
     from robots.registry import make_task
     from robots.sim.base import SimConfig
-    from tools.collect import CollectConfig, teleop_mapper
+    from robots.teleop.mapping import teleop_mapper
+    from tools.collect import CollectConfig
 
     task = make_task("pusht", SimConfig(state_only=True))
     obs = task.reset(0)
     here = obs["proprio"].astype(np.float64)
-    mapper = teleop_mapper(CollectConfig(task="pusht", store="s.zarr", teleop="keyboard"), task)
+    mapper = teleop_mapper(task, CollectConfig(task="pusht", store="s.zarr", teleop="keyboard").gains)
     forward, left = np.eye(6)[0], np.eye(6)[1]
     np.testing.assert_allclose(mapper(TeleopState(motion=forward), obs) - here, [0.0, -20.0], atol=1e-3)
     np.testing.assert_allclose(mapper(TeleopState(motion=left), obs) - here, [-20.0, 0.0], atol=1e-3)
     slow = teleop_mapper(
-        CollectConfig(task="pusht", store="s.zarr", teleop="keyboard", gains={"translation_gain": 2.0}), task
+        task,
+        CollectConfig(task="pusht", store="s.zarr", teleop="keyboard", gains={"translation_gain": 2.0}).gains,
     )
     np.testing.assert_allclose(slow(TeleopState(motion=forward), obs) - here, [0.0, -2.0], atol=1e-3)
     for _ in range(10):  # the pusher follows: up the image, at some pixels a step

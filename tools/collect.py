@@ -31,6 +31,7 @@ from tqdm import tqdm
 from robots.collect import Collector, Preview, SessionStats, open_store, recording_schema
 from robots.registry import make_expert, make_robot, make_task, robot_entry, task_entry
 from robots.sim.base import SimConfig
+from robots.teleop.mapping import teleop_mapper
 from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, one_of
 from tools._device import DeviceSettings
 
@@ -163,7 +164,7 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
             for _ in range(cfg.episodes):
                 collector.record_expert_episode(expert, "expert", cfg.replays, cfg.replay_noise_std)
         else:
-            collector.record_teleop(device, teleop_mapper(cfg, task), cfg.episodes)
+            collector.record_teleop(device, teleop_mapper(task, cfg.gains), cfg.episodes)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -180,12 +181,6 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
     if s.stopped:
         return FAULT_EXIT
     return 0
-
-
-def teleop_mapper(cfg: CollectConfig, task: Any) -> Any:
-    from robots.teleop.mapping import teleop_mapper
-
-    return teleop_mapper(task, cfg.gains)
 
 
 def _main(cfg: DictConfig) -> int:
