@@ -100,8 +100,7 @@ class RemoteConfig:
 
     @property
     def endpoint(self) -> str:
-        host, _, port = self.address.rpartition(":")
-        host = host.strip("[]")
+        host, port = self.host_port
         return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
@@ -422,7 +421,7 @@ class RemoteWorker:
         """The address is this machine's (where a server without a token may listen)."""
         from robots.runtime.server import is_loopback
 
-        return is_loopback(self.cfg.address.rpartition(":")[0].strip("[]"))
+        return is_loopback(self.cfg.host_port[0])
 
     def _auth_failure(self, mismatch: bool) -> str:
         if mismatch and not self.loopback:
