@@ -504,7 +504,7 @@ def test_rotary_positions_on_the_projection_rows_only_where_measured_faster(monk
     for rows_time, want in ((0.5, "rows"), (2.0, "activations")):
         model, fresh = make(0), make(5)
         calls.clear()
-        timings = dict(native=1.0, onednn=1.0, activations=1.0, rows=rows_time)  # linears: PyTorch's
+        timings = dict(native=1.0, onednn=1.0, activations=1.0, rows=rows_time, sdpa=1.0, bmm=1.0)
         sel = Selector(KernelCache(None), timer=fake_timer(timings))
         with kernels.using(sel), torch.enable_grad():
             ref = model(x, (2, 3)).detach()
@@ -521,6 +521,52 @@ def test_rotary_positions_on_the_projection_rows_only_where_measured_faster(monk
         assert {key.split(" rows~")[0] for key in rope} == {"rope 5x6 32->64", "rope 1x6 32->64"}
         assert all(r["rel_error"]["rows"] < 1e-5 for r in rope.values())
         assert (len(calls) > len(rope)) == (want == "rows")  # the rows path ran beyond its calibration
+
+
+def test_attention_through_two_products_only_where_measured_faster(monkeypatch):
+    """The predictor's unmasked inference attention runs as two matrix products and a softmax where
+    that measured faster than SDPA (per lengths, heads, batch bucket and dtype), agreeing with the
+    autograd path (SDPA) in `forward` and rollouts; masked attention and `onednn=False` never measure."""
+    from wm import predictor
+    from wm.predictor import KVCache, Predictor, PredictorConfig
+
+    calls = []  # one entry per call of the two-product path (each key's calibration checks it once)
+    bmm = predictor._attention_bmm
+    monkeypatch.setitem(predictor._ATTENTION_KERNELS, "bmm", lambda *a: calls.append(1) or bmm(*a))
+
+    def make(**kw) -> Predictor:
+        torch.manual_seed(0)
+        sizes = dict(dim=32, depth=2, heads=4, head_dim=8, mlp_dim=64, max_frames=3)
+        return Predictor(PredictorConfig(in_dim=12, out_dim=10, **sizes, **kw)).eval()
+
+    x = torch.randn(4, 3, 6, 12)
+    for bmm_time, want in ((0.5, "bmm"), (0.95, "sdpa")):
+        model = make()
+        calls.clear()
+        timings = dict(native=1.0, onednn=1.0, activations=1.0, rows=1.0, sdpa=1.0, bmm=bmm_time)
+        sel = Selector(KernelCache(None), timer=fake_timer(timings))
+        with kernels.using(sel), torch.enable_grad():
+            ref = model(x, (2, 3)).detach()
+        assert not sel.log  # autograd: nothing measured
+        with kernels.using(sel), torch.no_grad():
+            torch.testing.assert_close(model(x, (2, 3)), ref, atol=1e-5, rtol=0)
+            cache, outs = KVCache(), []
+            for t in range(x.shape[1]):
+                out, cache = model.step(x[:, t], (2, 3), cache)
+                outs.append(out)
+            torch.testing.assert_close(torch.stack(outs, dim=1), ref, atol=1e-5, rtol=0)
+        att = {key.split("|")[-1]: r for key, r, _ in sel.log if key.split("|")[-1].startswith("attention")}
+        assert {r["choice"] for r in att.values()} == {want}
+        # forward's frame blocks (query frame t against keys of frames 0..t) and the rollout's steps
+        assert {key.split(" batch~")[0] for key in att} == {f"attention 4x8 q6 k{6 * n}" for n in (1, 2, 3)}
+        assert all(r["rel_error"]["bmm"] < 1e-5 for r in att.values())
+        assert (len(calls) > len(att)) == (want == "bmm")  # the two products ran beyond their calibration
+    for kw in (dict(onednn=False), dict(attention="masked")):
+        calls.clear()
+        sel = Selector(KernelCache(None), timer=fake_timer(dict(timings, bmm=0.1)))
+        with kernels.using(sel), torch.no_grad():
+            make(**kw)(x, (2, 3))
+        assert not [key for key, _, _ in sel.log if "attention" in key] and not calls
 
 
 def test_whole_network_bf16_only_where_measured_faster(fake_selector):

@@ -71,7 +71,8 @@ class PredictorConfig:
     many tokens (whole samples, at least one) to bound memory; 0: never chunk; None (the default): as
     many tokens as keep each activation of a chunk within `CHUNK_BYTES` (see `Predictor.chunk_samples`).
     `onednn`: without autograd on CPU, let each linear layer choose between `F.linear` and oneDNN by
-    measurement (see `linear`); False: always `F.linear`.
+    measurement (see `linear`), and unmasked attention between SDPA and two matrix products (see
+    `Attention.sdpa`); False: always `F.linear` and SDPA.
     `precision`: inference precision (autograd off): "fp32", "bf16" (a cached bf16 copy of the whole
     predictor) or "auto" (bf16 where the hardware has bf16 units, `wm.precision.resolve_precision`).
     Training always runs in fp32.
@@ -201,6 +202,9 @@ _CALIBRATION_ROWS = 4096
 # The most bytes one activation of a default inference chunk holds (`Predictor.chunk_samples`): glibc's
 # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, the largest block its malloc reuses instead of mapping afresh.
 CHUNK_BYTES = 32 * 2**20
+# Attention is calibrated on at most this many samples of its batch (a default bf16 inference chunk at
+# DINO-WM's size holds 8 windows).
+_ATTENTION_CALIBRATION_SAMPLES = 8
 # Rotated query / key rows kept per attention layer (`Attention._rotated_rows`): a forward's, and the
 # frames of a rollout a planner repeats at every replan (history plus horizon).
 _ROTATED_CACHE = 16
@@ -219,6 +223,27 @@ def _linear_onednn(x: Tensor, w: Tensor, b: Tensor | None, gelu: bool) -> Tensor
 
 
 _LINEAR_KERNELS = {"native": _linear_native, "onednn": _linear_onednn}
+
+
+def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _attention_bmm(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hd)) v as two batched matrix products and a softmax, the scale applied
+    inside the first product; q (B, H, Lq, hd), k, v (B, H, Lk, hd) -> (B, H, Lq, hd). The scores are
+    materialized in the input dtype (in bf16: rounded before the softmax, where SDPA keeps them in
+    fp32), so this is a candidate only where the measurement finds its error within tolerance."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    q3, k3, v3 = q.reshape(b * h, lq, d), k.reshape(b * h, lk, d), v.reshape(b * h, lk, d)
+    scores = torch.baddbmm(
+        q3.new_empty(1, 1, 1).expand(b * h, lq, lk), q3, k3.transpose(1, 2), beta=0.0, alpha=d**-0.5
+    )
+    return torch.bmm(scores.softmax(-1), v3).view(b, h, lq, d)
+
+
+_ATTENTION_KERNELS = {"sdpa": _attention_sdpa, "bmm": _attention_bmm}
 
 
 def _row_bucket(rows: int, cap: int) -> int:
@@ -339,7 +364,7 @@ class Attention(nn.Module):
         in cache, mislead). The rows are timed as rotated beforehand, as the cache serves them; a rollout
         step at a new frame index also computes them (1-2 ms a layer at DINO-WM's size, under a hundredth
         of a step at a batch of 30)."""
-        if torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if not self._measured(x):
             return False
         b, n, d = x.shape
         frames, rows = n // patches, b * n
@@ -375,8 +400,33 @@ class Attention(nn.Module):
         return hit[1]
 
     def sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        """Scaled dot-product attention, q (B, H, Lq, hd), k, v (B, H, Lk, hd) -> (B, H, Lq, hd). For
+        unmasked CPU inference with measured kernels allowed (`onednn`), through the kernel `wm.kernels`
+        measured faster for these lengths, head shape, dtype and batch (bucketed by powers of two up to
+        `_ATTENTION_CALIBRATION_SAMPLES`): PyTorch's fused SDPA or `_attention_bmm`."""
+        if mask is not None or self.training or not self.onednn or not self._measured(q):
+            p = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        b, h, lq, d = q.shape
+        bucket = _row_bucket(b, _ATTENTION_CALIBRATION_SAMPLES)
+        memo = self.__dict__.setdefault("_kernel_memo", {})
+        mk = ("attention", h, lq, k.shape[2], d, bucket, q.dtype, kernels.memo_token())
+        name = memo.get(mk)
+        if name is None:
+            cut = _ATTENTION_CALIBRATION_SAMPLES
+            sample = q[:cut], k[:cut], v[:cut]
+            name = memo[mk] = kernels.choose(
+                f"attention {h}x{d} q{lq} k{k.shape[2]} batch~{bucket} {q.dtype}",
+                {n: functools.partial(fn, *sample) for n, fn in _ATTENTION_KERNELS.items()},
+                native="sdpa",
+                tol=kernels.FP32_TOL if q.dtype == torch.float32 else kernels.BF16_TOL,
+            )
+        return _ATTENTION_KERNELS[name](q, k, v)
+
+    @staticmethod
+    def _measured(x: Tensor) -> bool:
+        """Whether this call may use a measured kernel: CPU, autograd off, not under torch.compile."""
+        return not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def frame_blocks(
         self, q: Tensor, k: Tensor, v: Tensor, patches: int, window: int
@@ -447,7 +497,7 @@ class Block(nn.Module):
         DINO-WM-size forward on CPU is in BENCHMARKS.md, predictor section)."""
         y = torch.empty_like(x)
         for rows, o in self.attn.frame_blocks(q, k, v, patches, window):
-            o = rearrange(o.transpose(1, 2), "b p h d -> b p (h d)")  # a view on CPU's (B, P, H, hd) layout
+            o = rearrange(o.transpose(1, 2), "b p h d -> b p (h d)")  # a view of SDPA's (B, P, H, hd) layout
             torch.add(x[:, rows], self.attn.out(o), out=y[:, rows])
         return y
 
