@@ -213,6 +213,17 @@ class Planner(Protocol):
         ...
 
 
+@runtime_checkable
+class RowSeeded(Protocol):
+    """A planner that can draw each row's sampling noise from a stream of that row's own: with the
+    episodes' seeds given, a row's plans do not depend on which episodes plan beside it (up to the
+    model's floating-point rounding, which can depend on the batch size)."""
+
+    def seed_rows(self, seeds: Sequence[int] | None) -> None:
+        """One seed (>= 0) per row of the next plans; None: one stream for the whole batch again."""
+        ...
+
+
 def latent_batch_size(z: Latent) -> int:
     """E, the leading dim shared by every tensor of a latent."""
     sizes = {v.shape[0] for v in z.values()}

@@ -31,6 +31,7 @@ from policies.base import (
     PlanningModel,
     PlanResult,
     RawObs,
+    RowSeeded,
     check_chunk_request,
     latent_batch_size,
     shift_plan,
@@ -174,9 +175,14 @@ class MPC:
         self._warm = self._queue = self._last_action = self._z0 = self._active = None
         self.last_result = None
         self._seconds = []
+        if isinstance(self.planner, RowSeeded):
+            self.planner.seed_rows(None)
 
     def start_episodes(self, seeds: Sequence[int]) -> None:
-        pass  # the planner's sampling noise is drawn for the whole batch: same seeds and batches, same plans
+        """Each row's sampling noise from a stream of its episode's own (a `RowSeeded` planner), so an
+        episode's plans do not depend on which episodes share its batch; `reset` ends that."""
+        if isinstance(self.planner, RowSeeded):
+            self.planner.seed_rows(seeds)
 
     def set_active(self, active: np.ndarray) -> None:
         """The rows still running (E,) bool: finished ones get no subgoal search, nor are counted."""

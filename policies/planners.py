@@ -9,7 +9,10 @@ finite bounds stays as it is), so their spreads and step sizes (`init_std`, `min
 `lr`, `restart_std`) mean the same on every task: 1 is the box's half-width, whether the actions are
 pixels (PushT, 0..512), metres (an end-effector delta of 0.03) or joint degrees; the model and the
 caller only ever see actions in their own units. The device and dtype come from z0; randomness from
-a seeded `torch.Generator`.
+a seeded `torch.Generator`: one for the batch, or, after `seed_rows(seeds)` (`RowSeeded`, which MPC
+calls with its episodes' seeds), one per row seeded from the planner's seed and the row's, so that an
+episode draws the same noise whichever episodes share its batch. A batch-wide `stop_cost` or time
+budget still couples the rows (they stop together).
 `warm_start` (E, H, A), usually the previous plan shifted by the executed steps (MPC does the
 shifting, see `base.shift_plan`), replaces the initial mean (CEM, MPPI) or initial iterate (GD).
 A `plan` call may pass another `model` to plan over (same `action_dim`), e.g. MPC's `FixedPrefix`
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from einops import einsum, repeat
 
@@ -182,16 +186,49 @@ PlannerConfig = CEMConfig | MPPIConfig | GradConfig | CEMThenGradConfig
 
 
 class _Planner:
-    """Shared plumbing: bounds, initial plan, generator, budget."""
+    """Shared plumbing: bounds, initial plan, generators, budget."""
 
     def __init__(self, model: PlanningModel, cfg: Any, clock: Clock = time.monotonic) -> None:
         self.model, self.cfg, self.clock = model, cfg, clock
         self.horizon: int = cfg.horizon
         self._gen: torch.Generator | None = None
+        self._row_seeds: tuple[int, ...] | None = None
+        self._row_gens: list[torch.Generator] = []
+
+    def seed_rows(self, seeds: Sequence[int] | None) -> None:
+        """`RowSeeded.seed_rows`: row e's noise from a generator seeded from (cfg.seed, seeds[e]) (a fresh
+        random seed instead where cfg.seed is None); None: the batch's generator."""
+        if seeds is not None:
+            seeds = tuple(int(s) for s in seeds)
+            if any(s < 0 for s in seeds):
+                raise ValueError(f"row seeds must be >= 0, got {list(seeds)}")
+        self._row_seeds, self._row_gens = seeds, []
+
+    def _noise(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise of shape (E, ...) like `like`: row e from its own generator when the rows
+        are seeded (`seed_rows`), else all from the batch's."""
+        if self._row_seeds is None:
+            return torch.randn(shape, generator=self._gen, device=like.device, dtype=like.dtype)
+        if len(self._row_seeds) != shape[0]:
+            raise ValueError(f"{len(self._row_seeds)} row seeds for a batch of {shape[0]} episodes")
+        if not self._row_gens or self._row_gens[0].device != like.device:
+            self._row_gens = [self._row_generator(s, like.device) for s in self._row_seeds]
+        kw = dict(device=like.device, dtype=like.dtype)
+        rows = [torch.randn(shape[1:], generator=g, **kw) for g in self._row_gens]
+        return torch.stack(rows)
+
+    def _row_generator(self, seed: int, device: torch.device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        if self.cfg.seed is None:
+            gen.seed()
+        else:
+            mixed = np.random.SeedSequence([self.cfg.seed % 2**64, seed]).generate_state(1, np.uint64)[0]
+            gen.manual_seed(int(mixed))
+        return gen
 
     def _setup(self, z0: Latent, warm_start: torch.Tensor | None, use_warm: bool = True):
-        """-> E, bounds (A,), (A,), initial plan (E, H, A), generator; all on z0's device, the bounds and
-        the plan in the searched space (`_raw` maps a plan back to action units)."""
+        """-> E, bounds (A,), (A,), initial plan (E, H, A), all on z0's device, the bounds and the plan in
+        the searched space (`_raw` maps a plan back to action units); the batch's generator made."""
         ref = next(iter(z0.values()))
         dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
         like = torch.empty(0, device=ref.device, dtype=dtype)
@@ -214,7 +251,7 @@ class _Planner:
                 self._gen.seed()
             else:
                 self._gen.manual_seed(self.cfg.seed)
-        return E, low, high, init, self._gen
+        return E, low, high, init
 
     def _searched(self, actions: torch.Tensor) -> torch.Tensor:
         """Actions (..., A) in action units -> the searched space ([-1, 1] over a bounded dim)."""
@@ -253,7 +290,7 @@ class CEM(_Planner):
         when given, else the planner's own."""
         start, cfg, model = self.clock(), self.cfg, self.model if model is None else model
         z0, goal = detach_latent(z0), detach_latent(goal)
-        E, low, high, mean, gen = self._setup(z0, warm_start)  # mean (E, H, A)
+        E, low, high, mean = self._setup(z0, warm_start)  # mean (E, H, A)
         warm = warm_start is not None and cfg.warm_std is not None
         std = torch.full_like(mean, cfg.warm_std if warm else cfg.init_std)  # (E, H, A)
         best_cost = mean.new_full((E,), float("inf"))
@@ -264,7 +301,7 @@ class CEM(_Planner):
         while iterations < self._limit(cfg.iterations, budget):
             iterations += 1
             # --- sample: N sequences per episode around the mean, clamped to the bounds
-            noise = torch.randn(shape, generator=gen, device=mean.device, dtype=mean.dtype)
+            noise = self._noise(shape, mean)
             actions = (mean.unsqueeze(1) + std.unsqueeze(1) * noise).clamp(low, high)  # (E, N, H, A)
             if cfg.include_mean:
                 actions[:, 0] = mean
@@ -340,9 +377,9 @@ class GradientPlanner(_Planner):
         start, cfg, model = self.clock(), self.cfg, self.model if model is None else model
         z0, goal = _plain(z0), _plain(goal)
         warm_start = None if warm_start is None else warm_start.detach().clone()
-        E, low, high, init, gen = self._setup(z0, warm_start, use_warm=cfg.init == "warm")
+        E, low, high, init = self._setup(z0, warm_start, use_warm=cfg.init == "warm")
         actions = repeat(init, "e h a -> e r h a", r=cfg.restarts).clone()  # (E, R, H, A)
-        noise = torch.randn(actions[:, 1:].shape, generator=gen, device=init.device, dtype=init.dtype)
+        noise = self._noise(actions[:, 1:].shape, init)
         actions[:, 1:] = (actions[:, 1:] + cfg.restart_std * noise).clamp(low, high)
         actions.requires_grad_(True)
         opt = torch.optim.Adam([actions], lr=cfg.lr)
@@ -377,6 +414,11 @@ class CEMThenGradient:
     def __init__(self, model: PlanningModel, cfg: CEMThenGradConfig, clock: Clock = time.monotonic) -> None:
         self.cfg, self.clock, self.horizon = cfg, clock, cfg.cem.horizon
         self.cem, self.grad = CEM(model, cfg.cem, clock), GradientPlanner(model, cfg.grad, clock)
+
+    def seed_rows(self, seeds: Sequence[int] | None) -> None:
+        """`RowSeeded.seed_rows` for both stages."""
+        self.cem.seed_rows(seeds)
+        self.grad.seed_rows(seeds)
 
     def plan(
         self,

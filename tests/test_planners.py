@@ -328,6 +328,78 @@ def test_seed_makes_plans_reproducible(name):
         assert not torch.equal(a, c)
 
 
+STARTS = torch.tensor([[0.0, 0.0], [0.3, -0.2], [-0.4, 0.1], [0.2, 0.5]])
+GOALS = torch.tensor([[0.9, -0.7], [0.1, 0.2], [-0.3, -0.5], [0.6, 0.0]])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeded_rows_plan_alike_whichever_rows_share_their_batch(name):
+    """After `seed_rows(episode seeds)` a row's noise comes from its own stream: its plans (a first one,
+    then a warm-started one drawing further along the stream) are the same planned alone, beside other
+    rows, or in another order; without row seeds the batch's one stream makes them depend on the batch."""
+    model, seeds, budget = PointModel(), [11, 12, 13, 14], Budget(max_iterations=3)
+
+    def plans(rows, seeded=True, **overrides):
+        planner = make(name, model, **overrides)
+        if seeded:
+            planner.seed_rows([seeds[i] for i in rows])
+        z0, zg = model.encode(obs_of(STARTS[rows])), model.encode(obs_of(GOALS[rows]))
+        first = planner.plan(z0, zg, budget=budget).actions
+        return first, planner.plan(z0, zg, warm_start=first, budget=budget).actions
+
+    together = plans([0, 1, 2, 3])
+    alone = [plans([i]) for i in range(4)]
+    swapped = plans([3, 1])
+    for i in range(4):
+        for k in range(2):
+            assert torch.equal(together[k][i], alone[i][k][0])
+    for k in range(2):
+        assert torch.equal(swapped[k][0], alone[3][k][0]) and torch.equal(swapped[k][1], alone[1][k][0])
+    unseeded = plans([0, 1, 2, 3], seeded=False)[0]
+    assert not torch.equal(unseeded[1], plans([1], seeded=False)[0][0])  # the batch's stream
+    if name in ("cem", "mppi"):  # the planner's own seed still counts
+        assert not torch.equal(plans([0], seed=5)[0], alone[0][0])
+
+
+def test_row_seeds_are_checked_against_the_batch():
+    model = PointModel()
+    planner = make("cem", model)
+    with pytest.raises(ValueError, match=">= 0"):
+        planner.seed_rows([1, -2])
+    planner.seed_rows([1, 2, 3])
+    z0, zg = model.encode(obs_of(STARTS[:2])), model.encode(obs_of(GOALS[:2]))
+    with pytest.raises(ValueError, match="3 row seeds for a batch of 2"):
+        planner.plan(z0, zg, budget=Budget(max_iterations=1))
+    planner.seed_rows(None)
+    assert planner.plan(z0, zg, budget=Budget(max_iterations=1)).actions.shape == (2, 5, 2)
+
+
+def test_mpc_episodes_do_not_depend_on_the_episodes_beside_them():
+    """MPC hands its episodes' seeds to the planner (`start_episodes`), so closed-loop episodes act the
+    same in a batch of four or two or alone; `reset` returns the planner to one stream for any batch."""
+    model = PointModel(frameskip=2)
+    cfg = CEMConfig(horizon=3, samples=50, elites=5, iterations=3, low=-1.0, high=1.0)
+
+    def run(rows):
+        mpc = MPC(model, build_planner(cfg, model), MPCConfig(execute=1))
+        mpc.set_goal(raw_of(GOALS[rows]))
+        mpc.reset()
+        mpc.start_episodes([100 + i for i in rows])
+        s, actions = STARTS[rows].clone(), []
+        for _ in range(6):
+            a = mpc.select_action(raw_of(s))
+            actions.append(a)
+            s = s + a @ (1.1 * B).T
+        mpc.reset()
+        mpc.set_goal(raw_of(GOALS[:3]))
+        mpc.select_action(raw_of(STARTS[:3]))  # a batch of another size, after reset: one stream again
+        return torch.stack(actions, dim=1)  # (E, steps, Da)
+
+    together = run([0, 1, 2, 3])
+    for rows in ([0], [2, 3], [3, 1]):
+        assert torch.equal(run(rows), together[rows])
+
+
 def test_time_budget_stops_after_the_iteration_that_crosses_it():
     ticks = iter(range(1000))
     planner = build_planner(CONFIGS["cem"], PointModel(), clock=lambda: float(next(ticks)))

@@ -122,7 +122,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         checkpoint=cfg.checkpoint,
         seeds=seeds[:1] + seeds[-1:],
         videos=[f"videos/{p.name}" for p in videos],  # this run's, the only ones out/videos holds
-        parallel=cfg.parallel,  # MPC's sampling noise is drawn per batch: reproducible for the same parallel
+        parallel=cfg.parallel,  # noise is per episode, but a model's rounding can change with the batch
     )
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report = write_report(out, results, videos, plot)
