@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from apps import cli
+from apps import cli, run_app
 from einops import rearrange
 
 from wm.autoencoder import AutoencoderConfig
@@ -322,14 +322,14 @@ def test_co_training_with_an_action_free_video_store(uwm_run, tmp_path):
 def test_stores_that_do_not_fit_are_one_clear_error(uwm_run, tmp_path):
     store, _, _ = uwm_run
     other = make_store(tmp_path / "big.zarr", 2, seed=2, size=48, actions=False)
-    res = cli("wm-train", *TINY_UWM, f"store={store}", f"video_store={other}", f"out={tmp_path / 'x'}")
+    res = run_app("wm-train", *TINY_UWM, f"store={store}", f"video_store={other}", f"out={tmp_path / 'x'}")
     assert res.returncode != 0 and "camera 'image' is (48, 48, 3)" in res.stderr
-    res = cli(
+    res = run_app(
         "wm-train", "model=diffusion_unet", f"store={store}", f"video_store={other}", f"out={tmp_path / 'y'}"
     )
     assert res.returncode != 0 and "video_store= needs a model like uwm" in res.stderr
     no_actions = make_store(tmp_path / "videos.zarr", 2, seed=3, actions=False)
-    res = cli("wm-train", "model=diffusion_unet", f"store={no_actions}", f"out={tmp_path / 'z'}")
+    res = run_app("wm-train", "model=diffusion_unet", f"store={no_actions}", f"out={tmp_path / 'z'}")
     assert res.returncode != 0 and "no 'action' key" in res.stderr
 
 
@@ -419,12 +419,12 @@ def test_wm_train_with_two_cameras(tmp_path):
     assert policy.preview().shape == (2, 32, 32, 3) and "(image)" in policy.preview_label
 
     one_camera = make_store(tmp_path / "videos.zarr", 2, seed=6, actions=False)
-    res = cli(
+    res = run_app(
         "wm-train", *TINY_UWM, "model.image_keys=[image,wrist]", f"store={store}",
         f"video_store={one_camera}", f"out={tmp_path / 'x'}",
     )  # fmt: skip
     assert res.returncode != 0 and "has no camera 'wrist'" in res.stderr
-    res = cli(
+    res = run_app(
         "wm-train", *TINY_UWM, "model.image_keys=[image,top]", f"store={store}", f"out={tmp_path / 'y'}"
     )
     assert res.returncode != 0 and "no camera(s) ['top']" in res.stderr
