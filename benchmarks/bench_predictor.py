@@ -31,6 +31,9 @@ its best round and the range of the original's time over its own across rounds.
 Also measured: a 5-step rollout at batch 30 from 3 context frames, KV-cached `step` vs recomputing
 `forward` on the last 3 frames each step (the original's way).
 
+`--ceiling` also prints the FLOPs of one forward of ours, the machine's matrix-product peak (fp32 and
+bf16, 4096^3) and the speed-up over the original that a forward at that peak throughout would give.
+
     python benchmarks/bench_predictor.py [--batches 1 30 300] [--models original ours ours-auto] [--rounds 3]
 """
 
@@ -140,6 +143,41 @@ def build(model: str) -> nn.Module:
         in_dim=TOKEN_DIM, out_dim=TOKEN_DIM, dim=TOKEN_DIM, max_frames=FRAMES, **MODELS[model][0]
     )
     return Predictor(cfg).eval()
+
+
+def forward_flops(batch: int) -> tuple[float, float]:
+    """(linear layers, attention) floating-point operations of one forward of ours at `batch` (a
+    multiply-add counts 2): the projections and MLP over every token, and frame t's queries against the
+    keys of frames 0..t (q k^T and the product with v)."""
+    cfg = build("ours").cfg
+    tokens, inner = batch * FRAMES * PATCHES, cfg.inner_dim
+    per_token = cfg.dim * 3 * inner + inner * cfg.dim + 2 * cfg.dim * cfg.mlp_dim
+    pairs = batch * PATCHES * PATCHES * sum(range(1, FRAMES + 1))  # query-key pairs per head set
+    return 2.0 * tokens * per_token * cfg.depth, 4.0 * pairs * inner * cfg.depth
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 10) -> float:
+    """FLOP/s of PyTorch's (n x n) @ (n x n) product in `dtype` here, best of `repeats`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b)[0] for _ in range(repeats))
+    return 2.0 * n**3 / best
+
+
+def print_ceiling(batches: list[int], original: dict[int, float]) -> None:
+    """The fastest a forward of ours could be here if every FLOP ran at the machine's matrix-product
+    peak (softmax, norms, GELU and copies free), and the speed-up over the original that allows."""
+    peaks = {name: matmul_peak(dt) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print("\nceiling: " + ", ".join(f"{n} product peak {p / 1e9:.0f} GFLOP/s" for n, p in peaks.items()))
+    for batch in batches:
+        lin, att = forward_flops(batch)
+        bound = {n: (lin + att) / p for n, p in peaks.items()}
+        line = f"  batch {batch}: {lin / 1e9:.0f} GFLOP linear + {att / 1e9:.0f} GFLOP attention; at peak "
+        line += ", ".join(f"{n} {t:.3f} s" for n, t in bound.items())
+        if batch in original:
+            line += " = " + ", ".join(f"{n} {original[batch] / t:.1f}x" for n, t in bound.items())
+            line += f" the original's best {original[batch]:.3f} s"
+        print(line)
 
 
 def run_forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -286,6 +324,7 @@ def main() -> None:
     p.add_argument("--rollout-batch", type=int, default=30)
     p.add_argument("--use-cache", action="store_true", help="workers use the kernel cache (default: fresh)")
     p.add_argument("--rounds", type=int, default=1, help="runs of each model per batch, interleaved")
+    p.add_argument("--ceiling", action="store_true", help="also the bound the machine's product peak sets")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -306,18 +345,25 @@ def main() -> None:
         "orig / this (wall / cpu)"
     )
     chosen: dict[str, dict] = {}
+    original: dict[int, float] = {}  # batch -> the original's best wall seconds
     for batch in args.batches:
         models = [m for m in args.models if not (m == "ours-masked" and batch > 30)]  # SDPA's math kernel
         runs: dict[str, list[dict]] = {m: [] for m in models}
         for _ in range(args.rounds):  # original, ours, ..., original, ours, ...: one machine state per round
             for m in models:
                 runs[m].append(launch(m, batch, args))
+        done = [r["seconds"] for r in runs.get("original", []) if "error" not in r]
+        if done:
+            original[batch] = min(done)
         for m in models:
             print(row(m, batch, runs[m], runs.get("original")), flush=True)
             if any(r.get("kernels") for r in runs[m]):
                 # the largest batch's run: its warm-up calibrated batch 1's shapes too
                 chosen[m] = next(r for r in runs[m] if r.get("kernels"))
     print_kernels(chosen)
+    if args.ceiling:
+        torch.set_num_threads(args.threads)
+        print_ceiling(args.batches, original)
 
     if not args.no_rollout:
         b = args.rollout_batch
