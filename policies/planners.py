@@ -211,6 +211,8 @@ class _Planner:
             return torch.randn(shape, generator=self._gen, device=like.device, dtype=like.dtype)
         if len(self._row_seeds) != shape[0]:
             raise ValueError(f"{len(self._row_seeds)} row seeds for a batch of {shape[0]} episodes")
+        if shape[0] == 0:
+            return torch.empty(shape, device=like.device, dtype=like.dtype)
         if not self._row_gens or self._row_gens[0].device != like.device:
             self._row_gens = [self._row_generator(s, like.device) for s in self._row_seeds]
         kw = dict(device=like.device, dtype=like.dtype)
@@ -222,8 +224,8 @@ class _Planner:
         if self.cfg.seed is None:
             gen.seed()
         else:
-            mixed = np.random.SeedSequence([self.cfg.seed % 2**64, seed]).generate_state(1, np.uint64)[0]
-            gen.manual_seed(int(mixed))
+            mixed = np.random.SeedSequence(self.cfg.seed % 2**64, spawn_key=(seed,))  # distinct per pair
+            gen.manual_seed(int(mixed.generate_state(1, np.uint64)[0]))
         return gen
 
     def _setup(self, z0: Latent, warm_start: torch.Tensor | None, use_warm: bool = True):

@@ -559,6 +559,8 @@ def test_attention_through_two_products_only_where_measured_faster(monkeypatch):
         assert {r["choice"] for r in att.values()} == {want}
         # forward's frame blocks (query frame t against keys of frames 0..t) and the rollout's steps
         assert {key.split(" batch~")[0] for key in att} == {f"attention 4x8 q6 k{6 * n}" for n in (1, 2, 3)}
+        # forward's keys are views of the projection, the rollout's cached ones joined copies: timed apart
+        assert {key.split(" k ")[-1] for key in att} == {"strided", "contiguous"}
         assert all(r["rel_error"]["bmm"] < 1e-5 for r in att.values())
         assert (len(calls) > len(att)) == (want == "bmm")  # the two products ran beyond their calibration
     for kw in (dict(onednn=False), dict(attention="masked")):
@@ -567,6 +569,47 @@ def test_attention_through_two_products_only_where_measured_faster(monkeypatch):
         with kernels.using(sel), torch.no_grad():
             make(**kw)(x, (2, 3))
         assert not [key for key, _, _ in sel.log if "attention" in key] and not calls
+    calls.clear()
+    sel = Selector(KernelCache(None), timer=fake_timer(dict(timings, bmm=0.1)))
+    with kernels.using(sel), torch.no_grad():
+        make()(x[:0], (2, 3))  # an empty batch: nothing to measure on, nothing remembered
+    assert not sel.log and not calls
+
+
+def test_bf16_attention_products_only_within_the_logits_they_were_checked_on(monkeypatch):
+    """In bf16 the two-product attention rounds its scores before the softmax, so its error grows with
+    the logits: a layer that chose it runs SDPA for a call whose logits may reach more than
+    `_LOGIT_SLACK` x further than at its check, and a candidate must come within half the bf16 tolerance."""
+    from wm import predictor
+    from wm.predictor import Attention, PredictorConfig
+
+    calls = []
+    bmm = predictor._attention_bmm
+    monkeypatch.setitem(predictor._ATTENTION_KERNELS, "bmm", lambda *a: calls.append(1) or bmm(*a))
+    cfg = PredictorConfig(in_dim=32, out_dim=32, dim=32, depth=1, heads=4, head_dim=16, mlp_dim=64)
+    att = Attention(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 12, 16, generator=g).bfloat16() for _ in range(3))
+    sel = Selector(KernelCache(None), timer=fake_timer(dict(sdpa=1.0, bmm=0.5)))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with kernels.using(sel), torch.no_grad():
+        out = att.sdpa(q, k, v)
+        assert len(calls) == 2  # the accuracy check and this call
+        assert kernels.rel_error(out, sdpa(q, k, v)) < kernels.BF16_TOL / 2
+        assert out.transpose(1, 2).is_contiguous()  # SDPA's (B, Lq, H, hd) layout
+        att.sdpa(q * 1.2, k, v)  # within the slack: still the two products
+        assert len(calls) == 3
+        far = att.sdpa(q * 3, k * 3, v)  # logits 9x further: SDPA, exactly
+        assert len(calls) == 3 and torch.equal(far, sdpa(q * 3, k * 3, v))
+    (record,) = [r for key, r, _ in sel.log if "attention" in key]
+    assert record["choice"] == "bmm" and "k strided" not in next(key for key, _, _ in sel.log)
+    strict = Selector(KernelCache(None), timer=fake_timer(dict(sdpa=1.0, bmm=0.5)))
+    att2 = Attention(cfg).eval()
+    u = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0) * 7  # a direction q, k share
+    with kernels.using(strict), torch.no_grad():  # logits offset by ~12: 1.5 % from SDPA, within 2 %
+        att2.sdpa((q.float() + u).bfloat16(), (k.float() + u).bfloat16(), v)
+    (record,) = [r for key, r, _ in strict.log if "attention" in key]
+    assert record["choice"] == "sdpa" and kernels.BF16_TOL / 2 < record["rel_error"]["bmm"] < kernels.BF16_TOL
 
 
 def test_whole_network_bf16_only_where_measured_faster(fake_selector):

@@ -372,6 +372,13 @@ def test_row_seeds_are_checked_against_the_batch():
         planner.plan(z0, zg, budget=Budget(max_iterations=1))
     planner.seed_rows(None)
     assert planner.plan(z0, zg, budget=Budget(max_iterations=1)).actions.shape == (2, 5, 2)
+    # (planner seed, row seed) pairs whose 32-bit words would join alike still draw apart
+    a, b = make("cem", model, seed=5 + 7 * 2**32), make("cem", model, seed=5)
+    a.seed_rows([0])
+    b.seed_rows([7])
+    z0, zg = model.encode(obs_of(STARTS[:1])), model.encode(obs_of(GOALS[:1]))
+    budget = Budget(max_iterations=1)
+    assert not torch.equal(a.plan(z0, zg, budget=budget).actions, b.plan(z0, zg, budget=budget).actions)
 
 
 def test_mpc_episodes_do_not_depend_on_the_episodes_beside_them():

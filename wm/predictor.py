@@ -42,6 +42,7 @@ the hardware rather than a timing. Speeds and the kernels chosen: `benchmarks/be
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -203,8 +204,11 @@ _CALIBRATION_ROWS = 4096
 # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, the largest block its malloc reuses instead of mapping afresh.
 CHUNK_BYTES = 32 * 2**20
 # Attention is calibrated on at most this many samples of its batch (a default bf16 inference chunk at
-# DINO-WM's size holds 8 windows).
+# DINO-WM's size holds 9 windows).
 _ATTENTION_CALIBRATION_SAMPLES = 8
+# How much further than at its check a bf16 attention call's logits may reach (`_logit_reach`) and
+# still run `_attention_bmm`: its error grows about in proportion, from at most half the bf16 tolerance.
+_LOGIT_SLACK = 1.5
 # Rotated query / key rows kept per attention layer (`Attention._rotated_rows`): a forward's, and the
 # frames of a rollout a planner repeats at every replan (history plus horizon).
 _ROTATED_CACHE = 16
@@ -231,16 +235,25 @@ def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def _attention_bmm(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd)) v as two batched matrix products and a softmax, the scale applied
-    inside the first product; q (B, H, Lq, hd), k, v (B, H, Lk, hd) -> (B, H, Lq, hd). The scores are
-    materialized in the input dtype (in bf16: rounded before the softmax, where SDPA keeps them in
-    fp32), so this is a candidate only where the measurement finds its error within tolerance."""
+    inside the first product; q (B, H, Lq, hd), k, v (B, H, Lk, hd) -> (B, H, Lq, hd), laid out in
+    memory as SDPA's CPU output is, (B, Lq, H, hd), so that its callers' copies are the same for both
+    (and timed here). The scores are materialized in the input dtype: in bf16 they are rounded before
+    the softmax, where SDPA keeps them in fp32, so the error grows with the logits' size
+    (`Attention.sdpa` bounds it)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     q3, k3, v3 = q.reshape(b * h, lq, d), k.reshape(b * h, lk, d), v.reshape(b * h, lk, d)
     scores = torch.baddbmm(
         q3.new_empty(1, 1, 1).expand(b * h, lq, lk), q3, k3.transpose(1, 2), beta=0.0, alpha=d**-0.5
     )
-    return torch.bmm(scores.softmax(-1), v3).view(b, h, lq, d)
+    out = torch.bmm(scores.softmax(-1), v3).view(b, h, lq, d)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _logit_reach(q: Tensor, k: Tensor) -> float:
+    """A bound on |q . k| / sqrt(hd) over all query / key pairs: max |q| x max |k| / sqrt(hd)."""
+    norm = functools.partial(torch.linalg.vector_norm, dim=-1, dtype=torch.float32)
+    return (norm(q).amax() * norm(k).amax()).item() * q.shape[-1] ** -0.5
 
 
 _ATTENTION_KERNELS = {"sdpa": _attention_sdpa, "bmm": _attention_bmm}
@@ -268,6 +281,8 @@ def linear_weights(
     if torch.compiler.is_compiling():
         return _linear_native(x, w, b, gelu)  # inductor chooses its own kernels
     rows = x.numel() // x.shape[-1]
+    if rows == 0:
+        return _linear_native(x, w, b, gelu)  # nothing to measure on
     bucket = _row_bucket(rows, _CALIBRATION_ROWS)
     memo = owner.setdefault("_kernel_memo", {})
     mk = (tuple(w.shape), b is not None, bucket, x.dtype, gelu, kernels.memo_token())
@@ -364,7 +379,7 @@ class Attention(nn.Module):
         in cache, mislead). The rows are timed as rotated beforehand, as the cache serves them; a rollout
         step at a new frame index also computes them (1-2 ms a layer at DINO-WM's size, under a hundredth
         of a step at a batch of 30)."""
-        if not self._measured(x):
+        if not self._measured(x) or x.shape[0] == 0:
             return False
         b, n, d = x.shape
         frames, rows = n // patches, b * n
@@ -402,25 +417,36 @@ class Attention(nn.Module):
     def sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """Scaled dot-product attention, q (B, H, Lq, hd), k, v (B, H, Lk, hd) -> (B, H, Lq, hd). For
         unmasked CPU inference with measured kernels allowed (`onednn`), through the kernel `wm.kernels`
-        measured faster for these lengths, head shape, dtype and batch (bucketed by powers of two up to
-        `_ATTENTION_CALIBRATION_SAMPLES`): PyTorch's fused SDPA or `_attention_bmm`."""
-        if mask is not None or self.training or not self.onednn or not self._measured(q):
+        measured faster for these lengths, head shape, dtype, key layout (a strided view or contiguous)
+        and batch (bucketed by powers of two up to `_ATTENTION_CALIBRATION_SAMPLES`): PyTorch's fused
+        SDPA or `_attention_bmm`.
+
+        In bf16, `_attention_bmm`'s error grows with the logits' size, so it must come within half the
+        bf16 tolerance at calibration, and a later call whose logits may reach further than
+        `_LOGIT_SLACK` x those the layer was checked on (`_logit_reach`, a bound from the largest query
+        and key norms) runs SDPA instead."""
+        b, h, lq, d = q.shape
+        if mask is not None or self.training or not self.onednn or not self._measured(q) or b == 0:
             p = self.dropout if self.training else 0.0
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        b, h, lq, d = q.shape
-        bucket = _row_bucket(b, _ATTENTION_CALIBRATION_SAMPLES)
+        bucket, bf16 = _row_bucket(b, _ATTENTION_CALIBRATION_SAMPLES), q.dtype != torch.float32
+        layout = "contiguous" if k.is_contiguous() else "strided"
         memo = self.__dict__.setdefault("_kernel_memo", {})
-        mk = ("attention", h, lq, k.shape[2], d, bucket, q.dtype, kernels.memo_token())
-        name = memo.get(mk)
-        if name is None:
+        mk = ("attention", h, lq, k.shape[2], d, bucket, q.dtype, layout, kernels.memo_token())
+        hit = memo.get(mk)
+        if hit is None:
             cut = _ATTENTION_CALIBRATION_SAMPLES
             sample = q[:cut], k[:cut], v[:cut]
-            name = memo[mk] = kernels.choose(
-                f"attention {h}x{d} q{lq} k{k.shape[2]} batch~{bucket} {q.dtype}",
+            name = kernels.choose(
+                f"attention {h}x{d} q{lq} k{k.shape[2]} batch~{bucket} {q.dtype} k {layout}",
                 {n: functools.partial(fn, *sample) for n, fn in _ATTENTION_KERNELS.items()},
                 native="sdpa",
-                tol=kernels.FP32_TOL if q.dtype == torch.float32 else kernels.BF16_TOL,
+                tol={"bmm": kernels.BF16_TOL / 2} if bf16 else kernels.FP32_TOL,
             )
+            hit = memo[mk] = (name, _logit_reach(*sample[:2]) if name == "bmm" and bf16 else math.inf)
+        name, reach = hit
+        if reach < math.inf and _logit_reach(q, k) > _LOGIT_SLACK * reach:
+            name = "sdpa"  # logits beyond what the two products were checked on
         return _ATTENTION_KERNELS[name](q, k, v)
 
     @staticmethod
