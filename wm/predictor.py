@@ -259,6 +259,18 @@ def _logit_reach(q: Tensor, k: Tensor) -> float:
 _ATTENTION_KERNELS = {"sdpa": _attention_sdpa, "bmm": _attention_bmm}
 
 
+def _measurable(x: Tensor) -> bool:
+    """Whether a call on `x` may use a kernel chosen by measurement: on CPU, autograd off, not under
+    torch.compile (inductor chooses its own kernels), and `x` not empty (nothing to measure on: an empty
+    batch's timings are call overhead, and would fix the choice for the smallest real one)."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and x.numel() > 0
+    )
+
+
 def _row_bucket(rows: int, cap: int) -> int:
     """The power of two at or above `rows`, at most `cap`: calls in one bucket share a measured choice."""
     return min(1 << max(rows - 1, 0).bit_length(), cap)
@@ -276,13 +288,9 @@ def linear_weights(
     the kernel `wm.kernels` measured faster for this weight shape, dtype and row count (rows bucketed by
     powers of two up to `_CALIBRATION_ROWS`, the size the calibration runs at; the choice is remembered
     in `owner`, the layer's `__dict__`); else `F.linear`."""
-    if not (onednn and _ONEDNN_LINEAR) or torch.is_grad_enabled() or x.device.type != "cpu":
+    if not (onednn and _ONEDNN_LINEAR) or not _measurable(x):
         return _linear_native(x, w, b, gelu)
-    if torch.compiler.is_compiling():
-        return _linear_native(x, w, b, gelu)  # inductor chooses its own kernels
     rows = x.numel() // x.shape[-1]
-    if rows == 0:
-        return _linear_native(x, w, b, gelu)  # nothing to measure on
     bucket = _row_bucket(rows, _CALIBRATION_ROWS)
     memo = owner.setdefault("_kernel_memo", {})
     mk = (tuple(w.shape), b is not None, bucket, x.dtype, gelu, kernels.memo_token())
@@ -379,7 +387,7 @@ class Attention(nn.Module):
         in cache, mislead). The rows are timed as rotated beforehand, as the cache serves them; a rollout
         step at a new frame index also computes them (1-2 ms a layer at DINO-WM's size, under a hundredth
         of a step at a batch of 30)."""
-        if not self._measured(x) or x.shape[0] == 0:
+        if not _measurable(x):
             return False
         b, n, d = x.shape
         frames, rows = n // patches, b * n
@@ -426,7 +434,7 @@ class Attention(nn.Module):
         `_LOGIT_SLACK` x those the layer was checked on (`_logit_reach`, a bound from the largest query
         and key norms) runs SDPA instead."""
         b, h, lq, d = q.shape
-        if mask is not None or self.training or not self.onednn or not self._measured(q) or b == 0:
+        if mask is not None or self.training or not self.onednn or not _measurable(q):
             p = self.dropout if self.training else 0.0
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         bucket, bf16 = _row_bucket(b, _ATTENTION_CALIBRATION_SAMPLES), q.dtype != torch.float32
@@ -448,11 +456,6 @@ class Attention(nn.Module):
         if reach < math.inf and _logit_reach(q, k) > _LOGIT_SLACK * reach:
             name = "sdpa"  # logits beyond what the two products were checked on
         return _ATTENTION_KERNELS[name](q, k, v)
-
-    @staticmethod
-    def _measured(x: Tensor) -> bool:
-        """Whether this call may use a measured kernel: CPU, autograd off, not under torch.compile."""
-        return not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def frame_blocks(
         self, q: Tensor, k: Tensor, v: Tensor, patches: int, window: int
