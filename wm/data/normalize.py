@@ -91,7 +91,7 @@ class Normalizer(nn.Module):
                 raise ValueError(f"key {key!r} is an image; images are scaled to [0, 1], use mode 'identity'")
             parts = [store.read(key, store.episode_slice(e), episode=e) for e in eps]
             for e, part in zip(eps, parts, strict=True):
-                bad = ~np.isfinite(np.asarray(part, dtype=np.float64))
+                bad = ~np.isfinite(part)  # in the key's own dtype: no float64 copy per episode
                 if bad.any():
                     step = int(np.argwhere(bad)[0][0])
                     raise ValueError(
