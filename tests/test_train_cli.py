@@ -116,6 +116,33 @@ def test_reusing_out_for_another_architecture_is_one_line(run, store, tmp_path):
     assert latest_checkpoint(out).name == "ckpt_00000022.pt"
 
 
+def test_resumes_from_a_moved_store_and_with_the_default_keys_spelled_out(run, store, tmp_path):
+    """The same data at another path, and `image_key=` / `proprio_key=` naming the keys the first run
+    used by default, resume; the checkpoints after it record the new path."""
+    out, moved = tmp_path / "run", tmp_path / "elsewhere" / "tiny.zarr"
+    shutil.copytree(run[0], out)
+    shutil.copytree(store, moved)
+    res = wm_train(f"store={moved}", f"out={out}", "trainer.steps=22", "image_key=img", "proprio_key=state")
+    assert res.returncode == 0, res.stderr
+    assert f"resumed from step 20 ({out / 'ckpt_00000020.pt'})" in res.stderr
+    run_config = load_checkpoint(latest_checkpoint(out))["extra"]["run_config"]
+    assert run_config["store"] == str(moved.resolve()) and run_config["image_key"] == "img"
+
+
+def test_what_a_resume_must_keep_is_compared_as_the_runs_used_it():
+    from tools.train import data_changes
+
+    defaults = {"image_key": "rgb", "proprio_key": "qpos"}
+    then = {"store": "/a/s.zarr", "store_fingerprint": "f", "image_key": None, "proprio_key": None, "seed": 0}
+    assert data_changes(then, then | {"image_key": "rgb", "proprio_key": "qpos"}, defaults) == []
+    assert data_changes(then, then | {"store": "/b/s.zarr"}, defaults) == []  # moved, same content
+    assert data_changes(then, then | {"image_key": "wrist"}, defaults) == ["image_key 'rgb' -> 'wrist'"]
+    assert data_changes(then | {"proprio_key": "ee"}, then, defaults) == ["proprio_key 'ee' -> 'qpos'"]
+    assert data_changes(then, then | {"store_fingerprint": "g"}, defaults) == ["store_fingerprint 'f' -> 'g'"]
+    old = {"store": "/a/s.zarr", "seed": 0}  # a checkpoint with no fingerprint: its path stands for it
+    assert data_changes(old, then | {"store": "/b/s.zarr"}, defaults) == ["store '/a/s.zarr' -> '/b/s.zarr'"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_saves_says_how_to_resume_and_exits_128_plus_the_signal(store, tmp_path, signum):
     out = tmp_path / "run"

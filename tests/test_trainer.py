@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import socket
+from functools import partial
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from wm.trainer import (
     Trainer,
     TrainerConfig,
     TrainingInterrupted,
+    changed_entries,
     default_param_groups,
     ema_decay_at,
     ema_update,
@@ -551,7 +553,9 @@ def test_resuming_on_other_data_is_one_clear_error(dataset, tmp_path):
     """A run resumed after its store changed (episodes appended) or with another split would train on
     its own validation episodes: refused, naming what changed."""
     run = {"store": "/data/a.zarr", "store_fingerprint": "f1", "store_episodes": 50, "seed": 0}
-    keys = ("store", "store_fingerprint", "store_episodes", "seed", "video_store")
+    keys = partial(
+        changed_entries, keys=("store", "store_fingerprint", "store_episodes", "seed", "video_store")
+    )
     make_trainer(dataset, tmp_path, steps=4, extra_state={"run_config": run}, same_on_resume=keys).fit()
     grown = run | {"store_fingerprint": "f2", "store_episodes": 60}
     with pytest.raises(CheckpointError) as info:

@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,13 @@ SAME_DATA = (
 )
 
 
-def check_task(cfg: TrainAppConfig) -> dict[str, Any]:
-    """The store's task matches `task=` (when given); returns what the run records of the store: its
-    absolute path, content fingerprint and episode count (wm-eval finds it from anywhere and says
-    when it has changed)."""
+def check_task(cfg: TrainAppConfig) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """The store's task matches `task=` (when given); returns what the run records of the store (its
+    absolute path, content fingerprint and episode count: wm-eval finds it from anywhere and says when
+    it has changed) and the keys a run that names none trains on (the store's first camera and
+    proprioception keys)."""
+    from wm.training import data_keys
+
     with DemoStore.open(cfg.store) as store:
         recorded = store.schema.task
         facts = {
@@ -80,9 +84,25 @@ def check_task(cfg: TrainAppConfig) -> dict[str, Any]:
             "store_episodes": store.n_episodes,
             "video_store": str(Path(cfg.video_store).resolve()) if cfg.video_store else None,
         }
+        image_key, proprio_key = data_keys(store, None, None, need_actions=False)
+        defaults = {"image_key": image_key, "proprio_key": proprio_key}
     if cfg.task is not None and recorded and recorded != cfg.task:
         raise SchemaError(f"{cfg.store}: recorded for task {recorded!r}, but task={cfg.task!r} was given")
-    return facts
+    return facts, defaults
+
+
+def data_changes(then: dict[str, Any], now: dict[str, Any], defaults: dict[str, str | None]) -> list[str]:
+    """What differs (`changed_entries`) between a checkpoint's run config and this run's in `SAME_DATA`,
+    as the runs used it: a key left unset is the store's default (`image_key=rgb` spelled out resumes a
+    run that named none), and where both recorded the store's content fingerprint, the store may have
+    moved (its path is not compared)."""
+    from wm.trainer import changed_entries
+
+    def used(run: dict[str, Any]) -> dict[str, Any]:
+        return run | {k: run.get(k) or v for k, v in defaults.items() if k in run}
+
+    keys = [k for k in SAME_DATA if not (k == "store" and "store_fingerprint" in then)]
+    return changed_entries(used(then), used(now), keys)
 
 
 def train(cfg: TrainAppConfig) -> int:
@@ -98,7 +118,7 @@ def train(cfg: TrainAppConfig) -> int:
             print(f"note: {model_type} trains with trainer.{key}={value} (was {trainer_opts.get(key)})")
         trainer_opts[key] = value
     trainer_cfg = build(TrainerConfig, trainer_opts, "trainer")  # checked before any work
-    store_facts = check_task(cfg)
+    store_facts, default_keys = check_task(cfg)
     import torch
 
     torch.manual_seed(cfg.seed)  # the model's initialization (torch's default seed differs every run)
@@ -127,7 +147,7 @@ def train(cfg: TrainAppConfig) -> int:
         normalizer=setup.normalizer,
         val_fn=setup.val_fn,
         extra_state={"run_config": run_config},
-        same_on_resume=SAME_DATA,
+        same_on_resume=partial(data_changes, defaults=default_keys),
     )
     out, main = Path(cfg.out).resolve(), trainer.is_main  # under torchrun: rank 0 speaks
     if main:

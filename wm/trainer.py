@@ -145,6 +145,12 @@ class TrainingDiverged(ValueError):
     apps say it in one line, with what to change)."""
 
 
+def changed_entries(then: dict[str, Any], now: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """The entries of `keys` a checkpoint's run config (`then`) recorded with another value than this
+    run's (`now`), as "key old -> new"; a key the checkpoint never recorded is not compared."""
+    return [f"{k} {then[k]!r:.60} -> {now.get(k)!r:.60}" for k in keys if k in then and then[k] != now.get(k)]
+
+
 def _stop_message(signum: int) -> str:
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     return f"{name}: stopping after this step to save a checkpoint ({name} again: quit unsaved)"
@@ -159,8 +165,9 @@ class Trainer:
     metrics are losses (lower is better) and `cfg.best_metric` among them chooses `best.pt`.
     `extra_state` is saved as the checkpoint's "extra"; its "run_config" also goes into config.json.
     `param_groups` replaces the default AdamW groups (lr and weight decay default to `cfg`'s).
-    `same_on_resume` names entries of `extra_state["run_config"]` (the data: store, its fingerprint,
-    split seed and ratio) that a checkpoint must share to be resumed.
+    `same_on_resume(then, now)` says what differs between a checkpoint's `extra_state["run_config"]`
+    and this run's in what a resumed run must keep (the data: its fingerprint, split seed and ratio),
+    one "key old -> new" string each (`changed_entries`); by default nothing is compared.
     The model is put in train mode; one with frozen parts that must stay in eval mode (a pretrained
     encoder with batch norm) overrides `train()` to keep them there.
 
@@ -184,7 +191,7 @@ class Trainer:
         val_fn: ValFn | None = None,
         extra_state: dict[str, Any] | None = None,
         param_groups: list[dict[str, Any]] | None = None,
-        same_on_resume: Sequence[str] = (),
+        same_on_resume: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None,
     ) -> None:
         if not isinstance(model, TrainableModel):
             raise TypeError(f"{type(model).__name__} has no compute_loss(batch) -> (loss, metrics)")
@@ -192,7 +199,7 @@ class Trainer:
         self.cfg, self.out_dir, self.val_fn = cfg, Path(out_dir), val_fn
         self.model_type, self.model_config = model_type, dict(model_config)
         self.normalizer, self.extra_state = normalizer, dict(extra_state or {})
-        self.same_on_resume = tuple(same_on_resume)
+        self.same_on_resume = same_on_resume
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0")) if self.world_size > 1 else 0
         self._device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -364,9 +371,9 @@ class Trainer:
             raise CheckpointError(f"{where}, which has no optimizer state to resume from: {fix}")
         then = (ckpt.get("extra") or {}).get("run_config") or {}
         now = self.extra_state.get("run_config") or {}
-        data = [k for k in self.same_on_resume if k in then and then[k] != now.get(k)]
+        data = self.same_on_resume(then, now) if self.same_on_resume is not None else []
         if data:
-            what = "; ".join(f"{k} {then[k]!r:.60} -> {now.get(k)!r:.60}" for k in data)
+            what = "; ".join(data)
             raise CheckpointError(
                 f"{where}, trained on other data ({what}): resuming would redraw the validation split "
                 f"and the normalization; {fix}"
