@@ -31,6 +31,7 @@ from policies.base import (
 from policies.video import compose_frame, write_episode_video
 from robots.base import RobotError
 from robots.sim.base import SimTask
+from wm.seeding import derived_rng
 
 
 @dataclass
@@ -79,7 +80,7 @@ class RandomPolicy:
         pass
 
     def start_episodes(self, seeds: Sequence[int]) -> None:
-        self.rngs = [np.random.default_rng([self.seed, s]) for s in seeds]
+        self.rngs = [derived_rng(self.seed, s) for s in seeds]
 
     def set_active(self, active: np.ndarray) -> None:
         pass  # finished rows draw on from their own generators, which no other row reads
@@ -107,7 +108,7 @@ class RandomPolicy:
     def _draw(self, batch: int, length: int) -> torch.Tensor:
         """(batch, length, Da), each row from its own generator."""
         if len(self.rngs) != batch:  # no episodes named (wm-deploy): one generator per row
-            self.rngs = [np.random.default_rng([self.seed, row]) for row in range(batch)]
+            self.rngs = [derived_rng(self.seed, row) for row in range(batch)]
         rows = [rng.uniform(self.low, self.high, (length, len(self.low))) for rng in self.rngs]
         return torch.from_numpy(np.stack(rows)).float()
 

@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from einops import einsum, repeat
 
@@ -40,6 +39,7 @@ from policies.base import (
     detach_latent,
     latent_batch_size,
 )
+from wm.seeding import derived_torch_seed
 
 Bound = float | tuple[float, ...]
 Clock = Callable[[], float]
@@ -224,8 +224,7 @@ class _Planner:
         if self.cfg.seed is None:
             gen.seed()
         else:
-            mixed = np.random.SeedSequence(self.cfg.seed % 2**64, spawn_key=(seed,))  # distinct per pair
-            gen.manual_seed(int(mixed.generate_state(1, np.uint64)[0]))
+            gen.manual_seed(derived_torch_seed(self.cfg.seed, seed))
         return gen
 
     def _setup(self, z0: Latent, warm_start: torch.Tensor | None, use_warm: bool = True):

@@ -213,6 +213,17 @@ def test_random_episodes_do_not_depend_on_the_batch_they_run_in():
     assert (result.steps, result.final_distance) != alone[10]  # the policy's seed matters too
 
 
+def test_random_episodes_of_distinct_seed_pairs_draw_differently():
+    """(policy seed 5 + 7 * 2**32, episode 0) and (5, episode 7) join to the same 32-bit words; each
+    pair still has its own stream."""
+    low, high = np.array([-1.0, -1.0]), np.array([1.0, 1.0])
+    first, second = RandomPolicy(low, high, seed=5 + 7 * 2**32), RandomPolicy(low, high, seed=5)
+    first.start_episodes([0])
+    second.start_episodes([7])
+    obs = {"proprio": np.zeros((1, 1))}
+    assert not torch.equal(first.predict_action_chunk(obs), second.predict_action_chunk(obs))
+
+
 class LineModel:
     """A `PlanningModel` and `MetricModel` over `LineTask` observations: the latent is the position."""
 

@@ -37,6 +37,7 @@ from wm.data.schema import KeySpec
 from wm.data.store import DemoStore, check_not_a_source
 from wm.data.windows import WindowSpec, build_index
 from wm.feature_cache import cache_info
+from wm.seeding import derived_rng
 
 ACTION_FREE = "action_free"  # episode info flag: this episode's actions must not be trained on
 HAS_ACTION = "has_action"
@@ -200,7 +201,7 @@ class MixedWindows(BatchedDataset):
         if self.video_ratio == 0:
             lab, vid = idx, idx[:0]
         else:
-            rng = np.random.default_rng([self.seed, *idx.tolist()])
+            rng = derived_rng(self.seed, *idx.tolist())
             n_vid = self.n_video(len(idx), rng)
             lab = _draw(rng, len(self.labelled), len(idx) - n_vid)
             vid = _draw(rng, len(self.video), n_vid)
