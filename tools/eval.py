@@ -44,8 +44,9 @@ class EvalConfig(ControllerConfig):
         from robots.registry import task_entry
 
         super().__post_init__()
-        if self.episodes < 1 or self.parallel < 1 or self.videos < 0:
-            raise ValueError("episodes and parallel must be >= 1 and videos >= 0")
+        for name, least in (("episodes", 1), ("parallel", 1), ("videos", 0)):
+            if getattr(self, name) < least:
+                raise UsageError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.seed < 0:
             raise UsageError(f"seed must be >= 0 (episode i uses seed + i), got {self.seed}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -56,7 +57,7 @@ class EvalConfig(ControllerConfig):
         most, name = self.planner_iterations(), self.planner.get("name")
         bad = [b for b in self.budgets if not 1 <= int(b) <= most]
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"budgets {bad} outside 1..{most}: a budget caps the {name} planner's own "
                 f"{most} iterations; raise them (e.g. planner.iterations) to sweep higher"
             )
