@@ -74,6 +74,11 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
     assert report["tick_error_ms"]["p50"] is not None and report["latency_ms"]["p50"] > 0
     assert report["settings"]["runtime"]["stitching"] == "inpaint" and report["chunks"] >= 2
     assert report["settings"]["runtime"]["realtime_priority"] == 10  # applied, or a note said why not
+    # pointmaze steps its physics 0.1 s a tick (10 Hz): at 20 Hz its world runs twice real time, said
+    assert report["settings"]["sim_time_scale"] == 2.0 and report["settings"]["control_hz"] == 20
+    assert (
+        "note: robot=pointmaze steps its physics 0.1 s per tick, so at control_hz=20 it runs 2x" in res.stderr
+    )
     assert (out / "timing.png").stat().st_size > 0
     kern = report["settings"]["kernels"]  # chosen in the worker process, asked for at the end of the run
     assert kern["mode"] == "measure" and kern["shapes"] == sum(kern["by_kernel"].values()) > 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,17 @@ def make_robot(cfg: DeployConfig, image_size: tuple[int, int] | None) -> Any:
         from robots.registry import make_robot as make_real
 
         robot = make_real(cfg.robot, **cfg.robot_options)
+    return robot
+
+
+def set_control_hz(cfg: DeployConfig, robot: Any) -> float:
+    """Drive `robot` at `control_hz=` (when given); returns how many times faster than the wall clock a
+    simulated task's world then runs (each tick still steps its physics by its own period), 1 for a
+    real robot."""
+    own = robot.control_hz
     if cfg.control_hz is not None:
         robot.control_hz = cfg.control_hz
-    return robot
+    return robot.control_hz / own if is_sim(cfg.robot) else 1.0
 
 
 def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
@@ -187,6 +196,14 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
 
     out = Path(cfg.out)
     robot = make_robot(cfg, None)  # not connected: its action bounds, which the controller plans within
+    time_scale = set_control_hz(cfg, robot)
+    if time_scale != 1:
+        print(
+            f"note: robot={cfg.robot} steps its physics {time_scale / robot.control_hz:g} s per tick, so at "
+            f"control_hz={robot.control_hz:g} it runs {time_scale:g}x real time (a recording says "
+            f"{robot.control_hz:g} fps); leave control_hz unset to run it in real time",
+            file=sys.stderr,
+        )
     feat = robot.action_feature
     threads = cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)
     spec = ControllerSpec(
@@ -209,6 +226,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     try:
         if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
             robot = make_robot(cfg, worker.info.get("image_size"))
+            set_control_hz(cfg, robot)
         check_robot(worker.info, robot)  # the model reads what this robot gives, or one line says not
         robot.connect()
         takeover = make_takeover(cfg, robot)
@@ -270,6 +288,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     settings = {
         "robot": cfg.robot,
         "control_hz": robot.control_hz,
+        "sim_time_scale": time_scale if is_sim(cfg.robot) else None,
         "controller": worker.info.get("controller", cfg.controller),
         "checkpoint": worker.info.get("checkpoint", cfg.checkpoint),
         "runtime": {k: v for k, v in cfg.runtime.__dict__.items() if k != "safety"},
