@@ -221,6 +221,38 @@ def test_lift_expert_succeeds():
     task.disconnect()
 
 
+def test_the_stack_expert_grips_cube_a_square_and_away_from_cube_b():
+    """Seeds 1 and 31 failed: the fingers, closing at the gripper's first heading, came down across
+    cube A's corners or onto cube B beside it and closed on nothing."""
+    task = make_task("robosuite/Stack", SimConfig(state_only=True))
+    expert = robosuite_task.ScriptedExpert("Stack")
+    with task:
+        assert all(run_expert(task, expert, seed) for seed in (1, 31))
+        assert "regrasps" not in expert._mem  # the first grasp held
+
+
+def test_the_stack_expert_picks_cube_a_again_after_losing_it():
+    """Cube A taken out of the closed gripper while it is carried (put back on the table 10 cm from cube
+    B): the expert sees it gone, picks it up again and stacks it."""
+    task = make_task("robosuite/Stack", SimConfig(state_only=True))
+    expert = robosuite_task.ScriptedExpert("Stack")
+    with task:
+        obs, moved = task.reset(0), False
+        expert.reset(task, np.random.default_rng(0))
+        while not task.done:
+            if expert._phase == 3 and not moved:  # carrying
+                sim, joint = task.env.sim, task.env.cubeA.joints[0]
+                pose = np.array(sim.data.get_joint_qpos(joint))
+                pose[:3] = [*sim.data.body_xpos[task.env.cubeB_body_id][:2] + [0.0, -0.1], 0.83]
+                sim.data.set_joint_qpos(joint, pose)
+                sim.data.set_joint_qvel(joint, np.zeros(6))
+                sim.forward()
+                moved = True
+            task.send_action(expert.act(task, obs))
+            obs = task.get_observation()
+        assert moved and expert._mem["regrasps"] == 1 and task.is_success()
+
+
 def test_goal_undefined_env_raises():
     task = robosuite_task.robosuite_entry("PickPlaceCan").make(SimConfig(state_only=True))
     task.reset(0)

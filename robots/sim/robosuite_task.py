@@ -417,13 +417,23 @@ def _rotvec(r: np.ndarray) -> np.ndarray:
     return axis * angle
 
 
+def _yaw(r: np.ndarray) -> float:
+    """The heading of rotation matrix `r`'s x axis in the horizontal plane (radians)."""
+    return float(np.arctan2(r[1, 0], r[0, 0]))
+
+
+MAX_REGRASPS = 3  # a scripted expert's fresh picks after a missed or lost grasp, per episode
+
+
 @dataclass
 class ScriptedExpert:
     """Waypoint scripts on privileged object poses for Lift, Stack and Door (Panda, OSC pose deltas).
 
     Each `act` reads the end effector and the objects from the simulator, advances a small phase
     machine, and returns a delta action that moves the gripper towards the phase's target while
-    holding its initial orientation. `noise_std`: Gaussian action noise as a fraction of the action
+    holding its orientation: the initial one, turned about the vertical before a pick so that the
+    fingers close square to the cube's faces and away from a neighbouring cube. A cube that leaves
+    the gripper while carried (a missed or slipped grasp) is picked again, up to `MAX_REGRASPS` times. `noise_std`: Gaussian action noise as a fraction of the action
     half-range (1).
     """
 
@@ -463,11 +473,16 @@ class ScriptedExpert:
         if done and self._count > hold:
             self._phase, self._count = self._phase + 1, 0
 
-    def _pick(self, eef: np.ndarray, obj: np.ndarray) -> tuple[np.ndarray, float] | None:
-        """Phases 0-2: above the object, down to it, close the gripper. None once grasped."""
+    def _pick(
+        self, eef: np.ndarray, obj: np.ndarray, obj_rot: np.ndarray, away: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float] | None:
+        """Phases 0-2: above the object, turned to it (`_facing`), down to it, close the gripper. None once
+        grasped."""
         if self._phase == 0:
             target = obj + [0, 0, 0.08]
-            self._step(np.linalg.norm((target - eef)[:2]) < 0.01 and abs(target[2] - eef[2]) < 0.02)
+            self._mem.setdefault("rot", self._facing(obj_rot, away))
+            above = np.linalg.norm((target - eef)[:2]) < 0.01 and abs(target[2] - eef[2]) < 0.02
+            self._step(above and self._rot_err < 0.05)
             return target, -1.0
         if self._phase == 1:
             target = obj + [0, 0, -0.005]
@@ -476,19 +491,52 @@ class ScriptedExpert:
         if self._phase == 2:
             self._mem.setdefault("grasp", eef.copy())
             self._step(True, hold=8)
+            if self._phase == 3:
+                self._mem["held"] = eef - obj  # where the object sits in the closed gripper
             return self._mem["grasp"], 1.0
         return None
 
+    def _facing(self, box_rot: np.ndarray, away: np.ndarray | None = None) -> np.ndarray:
+        """The gripper's first orientation turned about the vertical so that its fingers (which close
+        along its x axis) come square to the faces of a box whose rotation matrix is `box_rot`: fingers
+        closing across a corner land on its top. A box looks the same every quarter turn, so of the
+        two ways to grip it this takes the one whose fingers close most across the direction `away`
+        (towards a neighbouring object a finger would land on), else the smaller turn."""
+        yaw0 = _yaw(self._rot0)
+        turn = (_yaw(box_rot) - yaw0 + np.pi / 4) % (np.pi / 2) - np.pi / 4
+        if away is not None and np.linalg.norm(away[:2]) > 0:
+            toward = np.arctan2(away[1], away[0])
+            other = turn - np.copysign(np.pi / 2, turn)
+            turn = min((turn, other), key=lambda t: abs(np.cos(yaw0 + t - toward)))
+        c, s = np.cos(turn), np.sin(turn)
+        return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ self._rot0
+
+    def _dropped(self, eef: np.ndarray, obj: np.ndarray) -> bool:
+        """The object has left the gripper since the grasp (missed, or slipped while carried): start the
+        pick again from above it, at most `MAX_REGRASPS` times an episode."""
+        regrasps = self._mem.get("regrasps", 0)
+        if np.linalg.norm(eef - obj - self._mem["held"]) < 0.03 or regrasps >= MAX_REGRASPS:
+            return False
+        self._phase, self._count, self._mem = 0, 0, {"regrasps": regrasps + 1}
+        return True
+
     def _lift(self, env: Any, eef: np.ndarray) -> tuple[np.ndarray, float]:
         cube = np.array(env.sim.data.body_xpos[env.cube_body_id])
-        return self._pick(eef, cube) or (self._mem["grasp"] + [0, 0, 0.15], 1.0)
+        cube_rot = np.array(env.sim.data.body_xmat[env.cube_body_id]).reshape(3, 3)
+        picked = self._pick(eef, cube, cube_rot)
+        if picked is None and self._dropped(eef, cube):
+            picked = self._pick(eef, cube, cube_rot)
+        return picked or (self._mem["grasp"] + [0, 0, 0.15], 1.0)
 
     def _stack(self, env: Any, eef: np.ndarray) -> tuple[np.ndarray, float]:
         a = np.array(env.sim.data.body_xpos[env.cubeA_body_id])
         b = np.array(env.sim.data.body_xpos[env.cubeB_body_id])
-        picked = self._pick(eef, a)
+        a_rot = np.array(env.sim.data.body_xmat[env.cubeA_body_id]).reshape(3, 3)
+        picked = self._pick(eef, a, a_rot, away=b - a)
         if picked is not None:
             return picked
+        if self._phase in (3, 4) and self._dropped(eef, a):
+            return self._pick(eef, a, a_rot, away=b - a)
         above = b[2] + env.cubeB.size[2] + env.cubeA.size[2]  # cube A's centre when resting on B
         offset = eef - a  # keeps the grasp: move the gripper so that the cube reaches the target
         if self._phase == 3:  # up, then over B
