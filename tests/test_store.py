@@ -281,6 +281,44 @@ def test_interrupted_keep_swap_is_completed_on_open(small_store):
     assert s.n_episodes == 2 and not old.exists() and not new.exists()
 
 
+def test_a_reader_opening_the_store_mid_rewrite_neither_fails_nor_breaks_the_rewrite(
+    small_store, monkeypatch
+):
+    """A reader's open between the rewrite's two renames finishes the swap itself (its finish_swap), and
+    one while the old copy is being removed must not delete it under the writer: the rewrite still
+    succeeds, the reader sees a whole store each time, and nothing is left beside the store."""
+    import os
+
+    path, eps = small_store
+    old = path.with_name(path.name + ".wm-old")
+    real, seen = os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        if os.fspath(dst) == os.fspath(old) or os.fspath(dst).endswith(".wm-trash"):
+            with DemoStore.open(path) as s:  # another process opening the store at this moment
+                seen.append(s.n_episodes)
+
+    monkeypatch.setattr(os, "replace", replace)
+    delete_episodes(path, [0])
+    monkeypatch.undo()
+    assert seen == [4, 4]  # the new store each time (5 episodes less the deleted one)
+    with DemoStore.open(path) as s:
+        assert s.n_episodes == 4
+        assert_episode_equal(s.get_episode(0), eps[1])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["small.zarr"]
+
+
+def test_an_old_copy_a_dead_process_was_removing_is_cleared_on_open(small_store):
+    path, _ = small_store
+    dead = path.with_name(f"{path.name}.999999999.wm-trash")  # no process has this id
+    shutil.copytree(path, dead)
+    live = path.with_name(f"{path.name}.1.wm-trash")  # pid 1 is alive: its removal is its own
+    live.mkdir()
+    DemoStore.open(path).close()
+    assert not dead.exists() and live.exists()
+
+
 # ---------------------------------------------------------------------- bad input
 def test_not_a_store(tmp_path):
     with pytest.raises(NotAStoreError, match="no such store"):

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from wm.data.errors import NotAStoreError, SchemaError
-from wm.data.store import DemoStore, WriterLock, check_not_a_source, finish_swap, swap_paths
+from wm.data.store import (
+    DemoStore,
+    WriterLock,
+    check_not_a_source,
+    discard_tree,
+    finish_swap,
+    rename_if_there,
+    swap_paths,
+)
 
 # Rewrites an episode's info on copy: (source episode index, its info without "length") -> new info.
 InfoEdit = Callable[[int, dict[str, Any]], dict[str, Any]]
@@ -151,10 +159,11 @@ def _rewrite(path: Path, tmp: Path, old: Path, keep: Sequence[int], edit_info: I
     finally:
         src.close()
     if old.exists():
-        shutil.rmtree(old)
+        discard_tree(old, path)
     os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old)
+    if not rename_if_there(tmp, path) and not path.exists():  # a reader's finish_swap may make it first
+        raise NotAStoreError(f"{path}: the rewritten store vanished before it was swapped in")
+    discard_tree(old, path)
 
 
 def delete_episodes(path: str | os.PathLike, episodes: Iterable[int]) -> None:

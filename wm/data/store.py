@@ -28,6 +28,7 @@ buffer) would make its chunks of zeros read as damage.
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -775,9 +776,51 @@ def swap_paths(path: Path) -> tuple[Path, Path]:
 
 
 def finish_swap(path: Path) -> None:
-    """Complete a `keep_episodes` swap that a crash interrupted between its two renames."""
+    """Complete a `keep_episodes` swap that a crash interrupted between its two renames, and remove
+    what it left beside the store. Safe while a live rewrite makes the same moves: every step is one
+    rename, and a step another process made first is skipped."""
     tmp, old = swap_paths(path)
     if not path.exists() and old.exists():
-        os.replace(tmp if tmp.exists() else old, path)
+        rename_if_there(tmp if tmp.exists() else old, path)
     if path.exists() and old.exists():
-        shutil.rmtree(old)
+        discard_tree(old, path)
+    for trash in path.parent.glob(f"{glob.escape(path.name)}.*{_TRASH}"):
+        pid = trash.name[len(path.name) + 1 : -len(_TRASH)]
+        if pid.isdigit() and not _alive(int(pid)):
+            discard_tree(trash, path)  # a removal its process did not live to finish
+
+
+_TRASH = ".wm-trash"
+
+
+def discard_tree(path: Path, store: Path) -> None:
+    """Remove the directory `path` (an old copy of the store at `store`), even while another process
+    removes it too: it is first renamed to a name of this process's own beside the store (one atomic
+    step, which only one process wins), so no reader ever finds it half removed, and no two processes
+    delete the same files."""
+    trash = store.with_name(f"{store.name}.{os.getpid()}{_TRASH}")
+    if trash.exists():  # this process's earlier removal, left unfinished
+        shutil.rmtree(trash, ignore_errors=True)
+    if rename_if_there(path, trash):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def rename_if_there(src: Path, dst: Path) -> bool:
+    """`os.replace(src, dst)`; False when `src` was already gone (another process moved it)."""
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        if src.exists():
+            raise
+        return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
