@@ -19,6 +19,12 @@ p-values are printed with the means.
 
 `--store` evaluates on every episode of another store of the same task (fresh episodes: a common
 held-out set for models trained on different data) instead of the run's validation episodes.
+`--against RUN_DIR2` evaluates a second model on the same windows with the same noise and tests, per
+condition, whether its errors differ from the first's (two-sided Wilcoxon on the per-window errors;
+action errors in the first model's normalized units; latent errors only when both models encode
+frames alike, as two runs given one autoencoder do).
+
+    python benchmarks/bench_uwm_modes.py --checkpoint RUN_A --against RUN_B --store fresh.zarr
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ def held_out(run: dict, checkpoint: str) -> tuple[str, list[int]]:
     return store, val
 
 
-def errors(model, batch: dict, seed: int) -> dict[str, np.ndarray]:
-    """Per-window errors of the six conditions, every condition drawing the same noise."""
+def errors(model, batch: dict, seed: int, normalizer=None) -> dict[str, np.ndarray]:
+    """Per-window errors of the seven conditions, every condition drawing the same noise; action errors
+    in `normalizer`'s units (the model's own by default)."""
     c = model.cfg
     frames = model.views(batch)  # (B, n_obs + F, V, C, h, w)
     obs = {k: batch[k][:, : c.n_obs] for k in c.image_keys}
@@ -71,7 +78,7 @@ def errors(model, batch: dict, seed: int) -> dict[str, np.ndarray]:
         return ((e * frame_ok).sum(1) / frame_ok.sum(1).clamp_min(1)).numpy()
 
     def action_err(pred: torch.Tensor) -> np.ndarray:
-        norm = model.normalizer.normalize
+        norm = (normalizer or model.normalizer).normalize
         e = (norm(c.action_key, pred) - norm(c.action_key, actions)).pow(2).mean(-1)  # (B, Ta)
         return ((e * act_ok).sum(1) / act_ok.sum(1).clamp_min(1)).numpy()
 
@@ -101,6 +108,52 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     }
 
 
+def same_frames(a, b) -> bool:
+    """Whether two UWM models encode frames alike (equal codec weights), so their latent errors compare."""
+    sa, sb = a.codec.state_dict(), b.codec.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def against(args, model, store: str, episodes: list[int], idx: np.ndarray, e: dict) -> dict:
+    """The second model's errors on the same windows and noise, and two-sided paired tests per condition."""
+    other = load_model(args.against, controller="policy")
+    if other.model_type != "uwm":
+        raise SystemExit(f"{args.against} holds a {other.model_type!r} model, not uwm")
+    if other.model.window_spec() != model.window_spec():
+        raise SystemExit(f"{args.against}: its windows differ from {args.checkpoint}'s; nothing to pair")
+    data = cached_features(store, other.model.codec, other.model.cfg.image_keys)
+    windows = WindowDataset(data, other.model.window_spec(), episodes, in_memory=True, train=False)
+    parts: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for lo in range(0, len(idx), args.batch):
+            batch = windows.get_batch(idx[lo : lo + args.batch])
+            for k, v in errors(other.model, batch, args.seed + lo, model.normalizer).items():
+                parts.setdefault(k, []).append(v)
+    f = {k: np.concatenate(v) for k, v in parts.items()}
+    frames_alike = same_frames(model, other.model)
+    print(f"{args.against} against {args.checkpoint}, the same windows and noise (two-sided, per window):")
+    if not frames_alike:
+        print("  latent errors not compared: the two models encode frames differently")
+    tests = {}
+    for k in e:
+        if k.startswith("forward") and not frames_alike:
+            continue
+        keep = e[k] != f[k]
+        w = stats.wilcoxon(f[k][keep], e[k][keep]) if keep.any() else None
+        tests[k] = {
+            "mean": float(e[k].mean()),
+            "mean_against": float(f[k].mean()),
+            "against_lower_share": float((f[k] < e[k]).mean()),
+            "p_wilcoxon": float(w.pvalue) if w is not None else 1.0,
+        }
+        r, lower = tests[k], 100 * tests[k]["against_lower_share"]
+        print(
+            f"  {k:24s} {r['mean']:.5f} -> {r['mean_against']:.5f}  lower in {lower:.0f}% of windows  "
+            f"p(Wilcoxon, two-sided) {r['p_wilcoxon']:.2g}"
+        )
+    return {"checkpoint": args.against, "frames_alike": frames_alike, "tests": tests}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
@@ -109,6 +162,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--against", default=None, help="a second UWM run, compared window by window")
     args = ap.parse_args()
 
     loaded = load_model(args.checkpoint, controller="policy")
@@ -150,6 +204,8 @@ def main() -> None:
         )
     out = {"checkpoint": args.checkpoint, "store": store, "windows": len(idx), "cpu": cpu, "tests": tests}
     out["means"] = {k: float(v.mean()) for k, v in e.items()}
+    if args.against:
+        out["against"] = against(args, model, store, episodes, idx, e)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
