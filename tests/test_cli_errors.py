@@ -134,6 +134,22 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["out=e", "controller=random", "execute=2", "subgoals=on"],
             "error: execute, subgoals: MPC options, and controller=random does not plan; leave them out",
         ),
+        (  # the planner group is always composed: one other than the default is the user's
+            "wm-eval",
+            ["out=e", "controller=random", "planner=mppi"],
+            "error: planner=mppi: MPC options, and controller=random does not plan; leave them out",
+        ),
+        (
+            "wm-eval",
+            ["out=e", "controller=policy", "checkpoint=run", "planner.samples=512", "planner.elites=4"],
+            "error: planner.samples, planner.elites: MPC options, and controller=policy does not plan; "
+            "leave them out",
+        ),
+        (
+            "wm-eval",
+            ["out=e", "controller=random", "checkpoint=run"],
+            "error: checkpoint=: controller=random acts at random and reads no checkpoint; leave it out",
+        ),
         (
             "wm-eval",
             ["out=e", "controller=random", "budgets=[2,4]"],
@@ -184,7 +200,9 @@ def test_every_task_declares_its_options_and_refuses_others(name):
     ],
 )
 def test_hydra_and_value_errors_are_one_line(tmp_path, args, line):
-    assert refused("wm-eval", "out=e", "controller=random", *args, cwd=tmp_path).startswith(line)
+    assert refused("wm-eval", "out=e", "controller=mpc", "checkpoint=run", *args, cwd=tmp_path).startswith(
+        line
+    )
 
 
 @pytest.mark.parametrize("app", ["wm-serve", "wm-deploy"])

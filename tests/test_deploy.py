@@ -260,6 +260,13 @@ def test_serve_usage_errors_are_one_line(policy, tmp_path):
         "policy.sampler_steps: with server=HOST:PORT the controller is the server's; give these to wm-serve"
         in res.stderr
     )
+    res = run_app(
+        "wm-deploy", "robot=pointmaze", "server=localhost:1", "controller=mpc", "planner.samples=9",
+        f"out={tmp_path}",
+    )  # fmt: skip
+    assert res.returncode == 2 and (  # the server's controller ran, and report.json said "policy"
+        "controller=mpc, planner.samples: with server=HOST:PORT the controller is the server's" in res.stderr
+    )
     res = run_app("wm-deploy", "robot=pointmaze", "server=nowhere", f"out={tmp_path}")
     assert res.returncode == 2 and "server must be HOST:PORT, got 'nowhere'" in res.stderr
 

@@ -309,6 +309,23 @@ def test_a_reader_opening_the_store_mid_rewrite_neither_fails_nor_breaks_the_rew
     assert sorted(p.name for p in path.parent.iterdir()) == ["small.zarr"]
 
 
+def test_a_store_dropped_without_close_releases_its_writer_lock_at_once(tmp_path):
+    """Its chunk readers held a bound method of the store: a cycle, so the lock stayed until the garbage
+    collector ran, and `DemoStore.open(path, mode="a")` after rebinding the variable was refused."""
+    import gc
+
+    path = tmp_path / "d.zarr"
+    gc.disable()
+    try:
+        store = DemoStore.create(path, make_schema())
+        store.append_episode(make_episode(0, 5))
+        store = DemoStore.open(path)  # the writer is dropped here, not closed
+        with DemoStore.open(path, mode="a") as again:
+            assert again.n_episodes == 1 and store.n_episodes == 1
+    finally:
+        gc.enable()
+
+
 def test_an_old_copy_a_dead_process_was_removing_is_cleared_on_open(small_store):
     path, _ = small_store
     dead = path.with_name(f"{path.name}.999999999.wm-trash")  # no process has this id

@@ -9,6 +9,7 @@ called by name inside `wm-deploy`'s inference worker process.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +22,18 @@ from policies.subgoal import GraphConfig
 from tools._cli import UsageError, build, changed, one_of
 
 CONTROLLERS = ("mpc", "policy", "random")
+
+
+@functools.cache
+def default_planner() -> dict[str, Any]:
+    """The planner options Hydra composes when none is chosen (`configs/planner/cem.yaml`)."""
+    from omegaconf import OmegaConf
+
+    import configs
+
+    return OmegaConf.to_container(OmegaConf.load(Path(configs.__file__).parent / "planner" / "cem.yaml"))
+
+
 POLICY_OPTIONS = {  # wm-eval policy.<name> -> the model config field it overrides at load time
     "sampler": "sampler",
     "sampler_steps": "sampler_steps",
@@ -100,10 +113,23 @@ class ControllerConfig:
     def policy_options_given(self) -> list[str]:
         return ["policy." + k for k, v in vars(self.policy).items() if v is not None]
 
+    def planner_options_given(self) -> list[str]:
+        """`planner=NAME` or the `planner.*` options set to other than those of the group composed by
+        default (`configs/planner/cem.yaml`)."""
+        default = default_planner()
+        if self.planner.get("name") != default["name"]:
+            return [f"planner={self.planner.get('name')}"]
+        return [f"planner.{k}" for k, v in self.planner.items() if k not in default or v != default[k]]
+
     def _check_options_apply(self) -> None:
         """An option of another controller is refused, not ignored (a user who sets
         `policy.sampler_steps` with controller=mpc believes they measured it)."""
+        if self.controller == "random" and self.checkpoint:
+            raise UsageError(
+                "checkpoint=: controller=random acts at random and reads no checkpoint; leave it out"
+            )
         given = [o for o in self.mpc_options_given() if o != "precision"]  # refused above, in its words
+        given += self.planner_options_given()
         if self.controller != "mpc" and given:
             raise UsageError(
                 f"{', '.join(given)}: MPC options, and controller={self.controller} does not plan; "

@@ -35,7 +35,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
-from tools._cli import FAULT_EXIT, UsageError, app, bind, build
+from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed
 from tools._controller import ControllerConfig
 from tools._device import DeviceSettings
 
@@ -46,6 +46,7 @@ class DeployConfig(ControllerConfig):
 
     out: str
     robot: str
+    controller: str = "policy"
     robot_options: dict[str, Any] = field(default_factory=dict)
     episodes: int = 1
     seed: int = 1000
@@ -74,7 +75,8 @@ class DeployConfig(ControllerConfig):
                     "with server=HOST:PORT the controller is the server's (wm-serve checkpoint=...): "
                     "give no checkpoint="
                 )
-            given = self.mpc_options_given() + self.policy_options_given()
+            given = [f"controller={self.controller}" for _ in changed(self, ("controller",))]
+            given += self.mpc_options_given() + self.planner_options_given() + self.policy_options_given()
             if given:
                 raise UsageError(
                     f"{', '.join(given)}: with server=HOST:PORT the controller is the server's; "

@@ -34,8 +34,9 @@ import json
 import os
 import shutil
 import warnings
+import weakref
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -416,7 +417,7 @@ class DemoStore:
         self._readers = {
             k: r
             for k, a in self._arrays.items()
-            if (r := ChunkReader.for_array(a, self.describe_steps, required=self.every_chunk))
+            if (r := ChunkReader.for_array(a, _weak(self.describe_steps), required=self.every_chunk))
         }
         self._ends = ends
         self._info = info
@@ -768,6 +769,14 @@ class WriterLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def _weak(method: Callable[[int, int], str]) -> Callable[[int, int], str]:
+    """`method` of a store, held without keeping the store alive: a store's readers hold it, and a strong
+    reference made a cycle, so a store dropped without `close()` kept its writer lock until the garbage
+    collector ran."""
+    ref = weakref.WeakMethod(method)
+    return lambda lo, hi: m(lo, hi) if (m := ref()) is not None else ""
 
 
 def swap_paths(path: Path) -> tuple[Path, Path]:
