@@ -183,6 +183,17 @@ def test_every_task_declares_its_options_and_refuses_others(name):
             make_task(name, SimConfig(options={"goal_mod": "other_arm"}))
 
 
+def test_a_sweep_of_refused_jobs_writes_nothing_and_a_refused_job_leaves_no_folder(tmp_path):
+    """Hydra makes the sweep's folder, its multirun.yaml and each job's folder before any job runs."""
+    before = files(tmp_path)
+    res = cli("wm-eval", "-m", "seed=1,2", "controller=random", cwd=tmp_path)  # no out=
+    assert res.returncode == 2 and res.stderr.count("out= is required") == 2, res.stderr
+    assert files(tmp_path) == before
+    res = cli("wm-eval", "-m", "episodes=1,0", "out=sweep", *QUICK_EVAL, cwd=tmp_path)
+    assert res.returncode == 2
+    assert (tmp_path / "sweep" / "0" / "results.json").is_file() and not (tmp_path / "sweep" / "1").exists()
+
+
 # ---------------------------------------------------------------------- 4. one line, not a traceback
 @pytest.mark.parametrize(
     "args, line",

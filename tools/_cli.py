@@ -20,6 +20,7 @@ which is also where the explanation of a missing required value comes from.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -117,10 +118,14 @@ def bind(cls: type[T], cfg: DictConfig, *, job_folder: str | None = "out", job_f
 
 
 def _multirun_job_dir() -> str | None:
+    global _sweep_dir
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
-    return str(hc.runtime.output_dir) if hc.mode == RunMode.MULTIRUN else None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    _sweep_dir = str(hc.sweep.dir)
+    return str(hc.runtime.output_dir)
 
 
 def _required(missing: list[str]) -> str:
@@ -133,7 +138,8 @@ def _required(missing: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------- entry point and jobs
-_failed: list[int] | None = None  # exit statuses of failed jobs; a list only in the process `app` started
+_failed: list[int] | None = None  # exit statuses of the jobs; a list only in the process `app` started
+_sweep_dir: str | None = None  # a multirun's folder, once a job of it has run
 
 
 def app(config_name: str, body: Callable[[DictConfig], int | None]) -> Callable[[], None]:
@@ -160,11 +166,40 @@ class _Job:
 
     def __call__(self, cfg: DictConfig) -> int:
         code, line = _guarded(lambda: self.body(cfg), _job_label())
+        if code == 2:
+            _forget_empty_job_dir()
         if code and _failed is None:  # run by a launcher in a process of its own: fail the job there
             raise JobFailed(code, line.removeprefix("error: "))
         if code:
             _failed.append(code)  # type: ignore[union-attr]
+        elif _failed is not None:
+            _failed.append(0)
         return code
+
+
+def _forget_empty_job_dir() -> None:
+    """A sweep's job refused before any work leaves no empty folder of its own (Hydra made it)."""
+    job_dir = _multirun_job_dir()
+    if job_dir is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(job_dir)  # only when empty
+
+
+def _forget_refused_sweep() -> None:
+    """After a sweep whose every job was refused before any work: the sweep folder Hydra made for it,
+    holding only its multirun.yaml, is removed (and the default `multirun/<date>/` folders above it
+    when they are left empty), so a refused command writes nothing."""
+    if _sweep_dir is None:
+        return
+    sweep = Path(_sweep_dir)
+    if not sweep.is_dir() or {p.name for p in sweep.iterdir()} - {"multirun.yaml"}:
+        return
+    with contextlib.suppress(OSError):
+        (sweep / "multirun.yaml").unlink(missing_ok=True)
+        sweep.rmdir()
+        if Path(_sweep_dir).parts[:1] == ("multirun",):  # Hydra's default: multirun/<date>/<time>
+            for parent in (sweep.parent, sweep.parent.parent):
+                parent.rmdir()
 
 
 def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
@@ -189,6 +224,8 @@ def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+    if _failed and all(code == 2 for code in _failed):
+        _forget_refused_sweep()
     # a bug (1) first, else the highest status: a fault that stopped a run (3) or an interrupt (130)
     # over a usage error (2)
     return (1 if 1 in _failed else max(_failed)) if _failed else 0
