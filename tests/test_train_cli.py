@@ -79,7 +79,7 @@ def test_run_says_where_outputs_go_and_keeps_the_best(run):
     assert re.search(rf"step {best['step']}: val_one_step_mse=\S+, val_3_step_mse=\S+  -> best", res.stderr)
     assert f"last checkpoint: {out / 'ckpt_00000020.pt'} (wm-eval checkpoint={out} loads it)" in res.stdout
     assert f"best checkpoint: {out / BEST_NAME} (val_one_step_mse=" in res.stdout
-    assert f"at step {best['step']}; evaluate it: wm-eval checkpoint={out / BEST_NAME})" in res.stdout
+    assert f"at step {best['step']}; use it: wm-eval checkpoint={out / BEST_NAME})" in res.stdout
     assert json.loads(res.stdout.strip().splitlines()[-1])["step"] == 20  # the JSON summary stays last
     # wm-eval checkpoint=DIR loads the latest; checkpoint=DIR/best.pt the best, as a whole model
     assert load_model(str(out)).checkpoint["step"] == 20

@@ -164,21 +164,28 @@ def train(cfg: TrainAppConfig) -> int:
             )
         raise
     if main:
-        say_checkpoints(out, trainer.best)
+        say_checkpoints(out, trainer.best, model_type)
         print(json.dumps({"out": cfg.out, **{k: round(v, 6) for k, v in metrics.items()}}))
     return 0
 
 
-def say_checkpoints(out: Path, best: dict[str, Any] | None) -> None:
-    """Where the run's last and best checkpoints are, and how wm-eval loads each."""
+def say_checkpoints(out: Path, best: dict[str, Any] | None, model_type: str) -> None:
+    """Where the run's last and best checkpoints are, and how each is used: loaded by wm-eval, or, for a
+    component that serves no controller (the autoencoder), given to the model that uses it."""
     from wm.checkpoint import BEST_NAME, latest_checkpoint
+    from wm.registry import model_entry
 
-    print(f"last checkpoint: {latest_checkpoint(out)} (wm-eval checkpoint={out} loads it)")
+    def use(path: Path) -> str:
+        if model_entry(model_type).controllers:
+            return f"wm-eval checkpoint={path}"
+        return f"wm-train model=uwm model.latent.source={model_type} +model.latent.path={path}"
+
+    print(f"last checkpoint: {latest_checkpoint(out)} ({use(out)} loads it)")
     if best is None:
         print("best checkpoint: none (no validation ran: val_ratio=0, too few episodes, or best_metric=null)")
         return
     value = f"{best['metric']}={best['value']:.4g} at step {best['step']}"
-    print(f"best checkpoint: {out / BEST_NAME} ({value}; evaluate it: wm-eval checkpoint={out / BEST_NAME})")
+    print(f"best checkpoint: {out / BEST_NAME} ({value}; use it: {use(out / BEST_NAME)})")
 
 
 def command_line() -> str:
