@@ -239,14 +239,20 @@ def test_traceback_flag_and_bugs(tmp_path):
 def test_help_explains_each_option(tmp_path):
     res = cli("wm-eval", "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    explained = {}
+    explained, shown = {}, set()
     for line in res.stdout.splitlines():
-        if line.startswith("  ") and "=" in line.split()[0]:
-            option, _, rest = line.strip().partition("=")
-            explained[option] = rest.split("  ", 1)[1].strip() if "  " in rest else ""
+        first = line.split()[0] if line.strip() else ""
+        if line.startswith("  ") and ("=" in first or first.endswith(":")):
+            option = first.partition("=")[0].removesuffix(":")
+            shown.add(option)
+            explained[option] = line.strip()[len(first) :].strip()
     options = OmegaConf.load(Path(configs.__file__).parent / "eval.yaml")
     for option in [k for k in options if k not in ("defaults", "hydra")] + ["planner"]:
         assert explained.get(option), f"{option} is not explained in --help:\n{res.stdout}"
+    # every option of a block and of the chosen planner on a line of its own, with its value
+    for option in ("graph.stride", "policy.sampler_steps", "planner.samples", "planner_budget.seconds"):
+        assert option in shown and explained[option], f"{option} is not listed in --help:\n{res.stdout}"
+    assert "  planner.samples=64 " in res.stdout
     assert "WM_TRACEBACK=1" in res.stdout and "-m" in res.stdout
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 WIDTH = 30  # column of the explanations
-_KEY = re.compile(r"^([A-Za-z_][\w-]*):(.*)$")  # a top-level key
+_KEY = re.compile(r"^( *)([A-Za-z_][\w-]*):(.*)$")  # a key, its indentation and the rest of the line
 _GROUP = re.compile(r"^\s+-\s+([\w-]+):\s*[^#\s]+\s*#\s?(.*)$")  # `  - planner: cem   # comment` in defaults
 _COMMENT = re.compile(r"(?:^|\s)#\s?(.*)$")
 
@@ -27,7 +27,8 @@ def config_file(config_name: str) -> Path:
 
 @functools.cache
 def _parse(config_name: str) -> tuple[tuple[str, ...], dict[str, str]]:
-    """(the file's leading comment lines, top-level option -> the comment on its line)."""
+    """(the file's leading comment lines, option -> the comment on its line): top-level options by name,
+    nested ones by their dotted path (`trainer.steps`), config groups of the defaults list by name."""
     try:
         lines = config_file(config_name).read_text().splitlines()
     except OSError:
@@ -38,24 +39,30 @@ def _parse(config_name: str) -> tuple[tuple[str, ...], dict[str, str]]:
             break
         header.append(line[1:].removeprefix(" "))
     comments: dict[str, str] = {}
+    parents: list[tuple[int, str]] = []  # (indentation, key) of the keys the current line is inside
     for line in lines:
         key, group = _KEY.match(line), _GROUP.match(line)
         if key:
-            comment = _COMMENT.search(key.group(2))
-            if comment and key.group(1) != "defaults":
-                comments[key.group(1)] = comment.group(1).strip()
+            indent = len(key.group(1))
+            parents = [(i, k) for i, k in parents if i < indent]
+            path = ".".join([*(k for _, k in parents), key.group(2)])
+            parents.append((indent, key.group(2)))
+            comment = _COMMENT.search(key.group(3))
+            if comment and parents[0][1] not in ("defaults", "hydra"):
+                comments[path] = comment.group(1).strip()
         elif group:
             comments[group.group(1)] = group.group(2).strip()
     return tuple(header), comments
 
 
 def option_comments(config_name: str) -> dict[str, str]:
-    """Top-level option -> its one-line explanation in configs/<config_name>.yaml."""
+    """Option -> its one-line explanation in configs/<config_name>.yaml (nested options by dotted path)."""
     return dict(_parse(config_name)[1])
 
 
 def render(root: DictConfig) -> str:
-    """The help text of the app whose composed config (with its `hydra` node) is `root`."""
+    """The help text of the app whose composed config (with its `hydra` node) is `root`: every option
+    with its value, the options of a nested block or a chosen config group one per line below it."""
     name = str(root.hydra.job.config_name)
     header, comments = _parse(name)
     choices = OmegaConf.to_container(root.hydra.runtime.choices)
@@ -65,11 +72,22 @@ def render(root: DictConfig) -> str:
     for key, value in values.items():
         if key == "hydra":
             continue
-        shown = f"{key}={choices[key] if key in choices else _show(value)}"
-        why = comments.get(key, "")
-        lines.append(
-            f"  {shown:<{WIDTH - 2}}  {why}".rstrip() if len(shown) <= WIDTH - 2 else f"  {shown}  {why}"
-        )
+        if key in choices:  # a config group: its choice, then the options of the chosen file
+            lines.append(_row(f"{key}={choices[key]}", comments.get(key, "")))
+            own = _parse(f"{key}/{choices[key]}")[1]
+            leaves = _leaves(value) if isinstance(value, dict) else []
+            lines += [
+                _row(f"{key}.{k}={_show(v)}", own.get(k, ""), 4)
+                for k, v in leaves
+                if k not in ("name", "type")
+            ]
+        elif isinstance(value, dict) and value:  # a block of options
+            lines.append(_row(f"{key}:", comments.get(key, "")))
+            lines += [
+                _row(f"{key}.{k}={_show(v)}", comments.get(f"{key}.{k}", ""), 4) for k, v in _leaves(value)
+            ]
+        else:
+            lines.append(_row(f"{key}={_show(value)}", comments.get(key, "")))
     lines += [
         "",
         "Sweeps: -m (--multirun) runs one job per combination of comma-separated values, e.g. -m seed=0,1;",
@@ -78,6 +96,24 @@ def render(root: DictConfig) -> str:
         "A mistake is one line `error: ...` with exit status 2; WM_TRACEBACK=1 also prints its traceback.",
     ]
     return "\n".join(lines).replace("$", "$$") + "\n"  # Hydra passes the text through string.Template
+
+
+def _row(shown: str, why: str, indent: int = 2) -> str:
+    pad = " " * indent
+    if len(shown) + indent <= WIDTH:
+        return f"{pad}{shown:<{WIDTH - indent}}  {why}".rstrip()
+    return f"{pad}{shown}  {why}".rstrip()
+
+
+def _leaves(block: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, value) of every option in a nested block; an empty mapping is one option."""
+    out: list[tuple[str, Any]] = []
+    for k, v in block.items():
+        if isinstance(v, dict) and v:
+            out += _leaves(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def _show(value: Any, limit: int = 70) -> str:
