@@ -253,6 +253,20 @@ def test_the_stack_expert_picks_cube_a_again_after_losing_it():
         assert moved and expert._mem["regrasps"] == 1 and task.is_success()
 
 
+def test_a_task_says_how_long_a_step_is_whatever_rate_it_is_driven_at():
+    """wm-deploy's control_hz= on a simulated task: PushT still steps its physics 0.1 s (its world runs
+    faster than real time), robosuite builds its env at the new rate."""
+    from tools.deploy import DeployConfig, make_robot, set_control_hz
+
+    for robot, scale, step in (("pusht", 2.0, 0.1), ("robosuite/Lift", 1.0, 0.05)):
+        cfg = DeployConfig(out="unused", robot=robot, controller="random", control_hz=20)
+        task = make_robot(cfg, None)
+        assert set_control_hz(cfg, task) == pytest.approx(scale)
+        with task:
+            task.reset(0)
+            assert task.step_seconds() == pytest.approx(step)
+
+
 def test_goal_undefined_env_raises():
     task = robosuite_task.robosuite_entry("PickPlaceCan").make(SimConfig(state_only=True))
     task.reset(0)

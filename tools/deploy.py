@@ -154,12 +154,11 @@ def make_robot(cfg: DeployConfig, image_size: tuple[int, int] | None) -> Any:
 
 def set_control_hz(cfg: DeployConfig, robot: Any) -> float:
     """Drive `robot` at `control_hz=` (when given); returns how many times faster than the wall clock a
-    simulated task's world then runs (each tick still steps its physics by its own period), 1 for a
-    real robot."""
-    own = robot.control_hz
+    simulated task's world then runs (a MuJoCo task still steps its physics by its own period each
+    tick; robosuite builds its env at the new rate), 1 for a real robot."""
     if cfg.control_hz is not None:
         robot.control_hz = cfg.control_hz
-    return robot.control_hz / own if is_sim(cfg.robot) else 1.0
+    return robot.control_hz * robot.step_seconds() if is_sim(cfg.robot) else 1.0
 
 
 def make_takeover(cfg: DeployConfig, robot: Any) -> Any:

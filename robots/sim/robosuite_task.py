@@ -162,6 +162,10 @@ class RobosuiteTask(SimTask):
         self.env_kwargs = {**DEFAULT_ENV_KWARGS.get(self.env_name, {}), **opts.env_kwargs}
         self.action_space = _action_space(self.controller_cfg)
 
+    def step_seconds(self) -> float:
+        """robosuite's control period: its env is built with `control_freq=control_hz`."""
+        return float(self._env.control_timestep) if self._env is not None else 1.0 / self.control_hz
+
     # ------------------------------------------------------------------ the env
     @property
     def env(self) -> Any:
@@ -422,6 +426,7 @@ def _yaw(r: np.ndarray) -> float:
     return float(np.arctan2(r[1, 0], r[0, 0]))
 
 
+ALIGN_STEPS = 10  # steps above a cube a scripted expert waits for its turn to settle before going down
 MAX_REGRASPS = 3  # a scripted expert's fresh picks after a missed or lost grasp, per episode
 
 
@@ -433,8 +438,8 @@ class ScriptedExpert:
     machine, and returns a delta action that moves the gripper towards the phase's target while
     holding its orientation: the initial one, turned about the vertical before a pick so that the
     fingers close square to the cube's faces and away from a neighbouring cube. A cube that leaves
-    the gripper while carried (a missed or slipped grasp) is picked again, up to `MAX_REGRASPS` times. `noise_std`: Gaussian action noise as a fraction of the action
-    half-range (1).
+    the gripper while carried (a missed or slipped grasp) is picked again, up to `MAX_REGRASPS` times.
+    `noise_std`: Gaussian action noise as a fraction of the action half-range (1).
     """
 
     env_name: str = "Lift"
@@ -482,7 +487,8 @@ class ScriptedExpert:
             target = obj + [0, 0, 0.08]
             self._mem.setdefault("rot", self._facing(obj_rot, away))
             above = np.linalg.norm((target - eef)[:2]) < 0.01 and abs(target[2] - eef[2]) < 0.02
-            self._step(above and self._rot_err < 0.05)
+            # turned to the cube, or above it long enough (action noise keeps the turn from settling)
+            self._step(above and (self._rot_err < 0.05 or self._count_phase() > ALIGN_STEPS))
             return target, -1.0
         if self._phase == 1:
             target = obj + [0, 0, -0.005]
