@@ -336,6 +336,27 @@ def test_an_old_copy_a_dead_process_was_removing_is_cleared_on_open(small_store)
     assert not dead.exists() and live.exists()
 
 
+def test_a_reader_that_cannot_clear_leftovers_still_reads(small_store, monkeypatch):
+    """A read-only directory (another user's, a read-only mount): leftovers of a rewrite stay, and the
+    store opens."""
+    import errno
+    import os
+
+    path, _ = small_store
+    dead = path.with_name(f"{path.name}.999999999.wm-trash")
+    old = path.with_name(path.name + ".wm-old")
+    dead.mkdir()
+    old.mkdir()
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with DemoStore.open(path) as s:
+        assert s.n_episodes == 5
+    assert dead.exists() and old.exists()
+
+
 # ---------------------------------------------------------------------- bad input
 def test_not_a_store(tmp_path):
     with pytest.raises(NotAStoreError, match="no such store"):

@@ -143,6 +143,29 @@ def test_what_a_resume_must_keep_is_compared_as_the_runs_used_it():
     assert data_changes(old, then | {"store": "/b/s.zarr"}, defaults) == ["store '/a/s.zarr' -> '/b/s.zarr'"]
 
 
+def test_another_store_with_the_same_fingerprint_is_not_taken_for_a_moved_one(store, tmp_path):
+    """The fingerprint does not read the data: a store of the same schema, lengths and info shares it.
+    While the recorded store is still there, a store elsewhere resumes only as a copy of it."""
+    from tools.train import data_changes
+
+    copy, other = tmp_path / "copy.zarr", tmp_path / "other.zarr"
+    shutil.copytree(store, copy)
+    with DemoStore.open(store) as s:
+        demo = DemoStore.create(other, s.schema)
+        for ep in range(s.n_episodes):
+            data = s.get_episode(ep)
+            demo.append_episode({**data, "action": data["action"] + 1.0}, s.episode_info(ep))
+        fingerprint = s.fingerprint
+    demo.close()
+    with DemoStore.open(other) as o:
+        assert o.fingerprint == fingerprint
+    then = {"store": str(store), "store_fingerprint": fingerprint}
+    defaults = {"image_key": "img", "proprio_key": "state"}
+    assert data_changes(then, then | {"store": str(copy)}, defaults) == []
+    (change,) = data_changes(then, then | {"store": str(other)}, defaults)  # values cut at 60 characters
+    assert change.startswith(f"store '{str(store)[:40]}")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_saves_says_how_to_resume_and_exits_128_plus_the_signal(store, tmp_path, signum):
     out = tmp_path / "run"

@@ -203,8 +203,8 @@ def _forget_refused_sweep() -> None:
 
 
 def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
-    global _failed
-    _failed = []
+    global _failed, _sweep_dir
+    _failed, _sweep_dir = [], None
     _check_flags()
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them; see below

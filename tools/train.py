@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tools._cli import app, bind, build
-from wm.data import DemoStore, SchemaError
+from wm.data import DemoStore, SchemaError, StoreError
 
 
 @dataclass(frozen=True)
@@ -94,15 +94,35 @@ def check_task(cfg: TrainAppConfig) -> tuple[dict[str, Any], dict[str, str | Non
 def data_changes(then: dict[str, Any], now: dict[str, Any], defaults: dict[str, str | None]) -> list[str]:
     """What differs (`changed_entries`) between a checkpoint's run config and this run's in `SAME_DATA`,
     as the runs used it: a key left unset is the store's default (`image_key=rgb` spelled out resumes a
-    run that named none), and where both recorded the store's content fingerprint, the store may have
-    moved (its path is not compared)."""
+    run that named none), and a store at another path is the same store when the checkpoint recorded
+    its content fingerprint and the store was moved or copied there (`moved_or_copied`)."""
     from wm.trainer import changed_entries
 
     def used(run: dict[str, Any]) -> dict[str, Any]:
         return run | {k: run.get(k) or v for k, v in defaults.items() if k in run}
 
-    keys = [k for k in SAME_DATA if not (k == "store" and "store_fingerprint" in then)]
+    same_place = "store_fingerprint" in then and moved_or_copied(then.get("store"), now.get("store"))
+    keys = [k for k in SAME_DATA if not (k == "store" and same_place)]
     return changed_entries(used(then), used(now), keys)
+
+
+def moved_or_copied(old: str | None, new: str | None) -> bool:
+    """Whether the store at `new` may be the one a run recorded at `old`: the same path; `old` gone (the
+    store moved; the content fingerprint, compared beside this, vouches for it); or a copy of the store
+    still at `old` (equal fingerprints and equal first and last rows of every key in every episode: the
+    fingerprint alone does not read the data, and two stores of one schema, lengths and info share it)."""
+    if old == new or old is None or new is None:
+        return old == new
+    if not Path(old).exists():
+        return True
+    try:
+        with DemoStore.open(old) as a, DemoStore.open(new) as b:
+            if a.fingerprint != b.fingerprint:
+                return False
+            keys = sorted(a.schema.keys)
+            return a.frames_fingerprint(keys) == b.frames_fingerprint(keys)
+    except (StoreError, OSError):
+        return False
 
 
 def train(cfg: TrainAppConfig) -> int:

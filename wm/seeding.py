@@ -6,9 +6,10 @@ import numpy as np
 
 
 def derived_seed(seed: int, *key: int) -> np.random.SeedSequence:
-    """The seed sequence of `key` under `seed`, distinct for every distinct (seed, key): `key` is numpy's
-    spawn key, so it never mixes with the seed's words (a plain entropy list joins 32-bit words: [5 +
-    7 * 2**32, 0] and [5, 7] draw alike). `seed` is taken modulo 2**64, so a negative one is accepted;
+    """The seed sequence of `key` under `seed`: `key` is numpy's spawn key, kept apart from the seed's
+    words (a plain entropy list joins 32-bit words: [5 + 7 * 2**32, 0] and [5, 7] draw alike), so
+    distinct (seed, key) pairs give distinct streams for keys of one length with entries below 2**32
+    (episode seeds, rows, window indices). `seed` is taken modulo 2**64, so a negative one is accepted;
     the key's entries must be non-negative."""
     return np.random.SeedSequence(seed % 2**64, spawn_key=tuple(int(k) for k in key))
 

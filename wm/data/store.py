@@ -27,6 +27,7 @@ buffer) would make its chunks of zeros read as damage.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -790,13 +791,18 @@ def finish_swap(path: Path) -> None:
     rename, and a step another process made first is skipped."""
     tmp, old = swap_paths(path)
     if not path.exists() and old.exists():
-        rename_if_there(tmp if tmp.exists() else old, path)
-    if path.exists() and old.exists():
-        discard_tree(old, path)
-    for trash in path.parent.glob(f"{glob.escape(path.name)}.*{_TRASH}"):
-        pid = trash.name[len(path.name) + 1 : -len(_TRASH)]
-        if pid.isdigit() and not _alive(int(pid)):
-            discard_tree(trash, path)  # a removal its process did not live to finish
+        try:
+            rename_if_there(tmp if tmp.exists() else old, path)
+        except OSError:
+            if not path.exists():  # else a live rewrite put the new store in place meanwhile
+                raise
+    with contextlib.suppress(OSError):  # leftovers: a reader that cannot remove them still reads
+        if path.exists() and old.exists():
+            discard_tree(old, path)
+        for trash in path.parent.glob(f"{glob.escape(path.name)}.*{_TRASH}"):
+            pid = trash.name[len(path.name) + 1 : -len(_TRASH)]
+            if pid.isdigit() and not _alive(int(pid)):
+                discard_tree(trash, path)  # a removal its process did not live to finish
 
 
 _TRASH = ".wm-trash"
