@@ -114,22 +114,37 @@ def same_frames(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def against(args, model, store: str, episodes: list[int], idx: np.ndarray, e: dict) -> dict:
-    """The second model's errors on the same windows and noise, and two-sided paired tests per condition."""
-    other = load_model(args.against, controller="policy")
-    if other.model_type != "uwm":
-        raise SystemExit(f"{args.against} holds a {other.model_type!r} model, not uwm")
-    if other.model.window_spec() != model.window_spec():
-        raise SystemExit(f"{args.against}: its windows differ from {args.checkpoint}'s; nothing to pair")
-    data = cached_features(store, other.model.codec, other.model.cfg.image_keys)
-    windows = WindowDataset(data, other.model.window_spec(), episodes, in_memory=True, train=False)
+def load_uwm(path: str):
+    """The UWM model of the run or checkpoint at `path`."""
+    loaded = load_model(path, controller="policy")
+    if loaded.model_type != "uwm":
+        raise SystemExit(f"{path} holds a {loaded.model_type!r} model, not uwm")
+    return loaded
+
+
+def windows_of(model, store: str, episodes: list[int]) -> WindowDataset:
+    """The model's evaluation windows of `episodes`, read from its feature cache of `store`."""
+    data = cached_features(store, model.codec, model.cfg.image_keys)
+    return WindowDataset(data, model.window_spec(), episodes, in_memory=True, train=False)
+
+
+def window_errors(model, windows, idx: np.ndarray, args, normalizer=None) -> dict[str, np.ndarray]:
+    """`errors` over the windows `idx`, in batches of `args.batch`, each batch seeded alike for any model."""
     parts: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for lo in range(0, len(idx), args.batch):
             batch = windows.get_batch(idx[lo : lo + args.batch])
-            for k, v in errors(other.model, batch, args.seed + lo, model.normalizer).items():
+            for k, v in errors(model, batch, args.seed + lo, normalizer).items():
                 parts.setdefault(k, []).append(v)
-    f = {k: np.concatenate(v) for k, v in parts.items()}
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def against(args, model, store: str, episodes: list[int], idx: np.ndarray, e: dict) -> dict:
+    """The second model's errors on the same windows and noise, and two-sided paired tests per condition."""
+    other = load_uwm(args.against)
+    if other.model.window_spec() != model.window_spec():
+        raise SystemExit(f"{args.against}: its windows differ from {args.checkpoint}'s; nothing to pair")
+    f = window_errors(other.model, windows_of(other.model, store, episodes), idx, args, model.normalizer)
     frames_alike = same_frames(model, other.model)
     print(f"{args.against} against {args.checkpoint}, the same windows and noise (two-sided, per window):")
     if not frames_alike:
@@ -165,10 +180,8 @@ def main() -> None:
     ap.add_argument("--against", default=None, help="a second UWM run, compared window by window")
     args = ap.parse_args()
 
-    loaded = load_model(args.checkpoint, controller="policy")
+    loaded = load_uwm(args.checkpoint)
     model = loaded.model
-    if loaded.model_type != "uwm":
-        raise SystemExit(f"{args.checkpoint} holds a {loaded.model_type!r} model, not uwm")
     if args.store is None:
         store, episodes = held_out(loaded.checkpoint.get("extra", {}).get("run_config", {}), args.checkpoint)
     else:
@@ -176,17 +189,10 @@ def main() -> None:
 
         with DemoStore.open(args.store) as s:
             store, episodes = args.store, list(range(s.n_episodes))
-    data = cached_features(store, model.codec, model.cfg.image_keys)
-    windows = WindowDataset(data, model.window_spec(), episodes, in_memory=True, train=False)
+    windows = windows_of(model, store, episodes)
     rng = np.random.default_rng(args.seed)
     idx = rng.permutation(len(windows))[: args.windows]
-    parts: dict[str, list[np.ndarray]] = {}
-    with torch.inference_mode():
-        for lo in range(0, len(idx), args.batch):
-            batch = windows.get_batch(idx[lo : lo + args.batch])
-            for k, v in errors(model, batch, args.seed + lo).items():
-                parts.setdefault(k, []).append(v)
-    e = {k: np.concatenate(v) for k, v in parts.items()}
+    e = window_errors(model, windows, idx, args)
     tests = {
         "forward: true < shuffled actions": paired(e["forward_true"], e["forward_shuffled"]),
         "forward: shuffled < marginal": paired(e["forward_shuffled"], e["forward_marginal"]),
