@@ -60,13 +60,6 @@ class SimTask(RobotBase):
 
     config: SimConfig = field(default_factory=SimConfig)
     steps: int = field(default=0, init=False)
-
-    def step_seconds(self) -> float:
-        """Simulated seconds one step advances the world. MuJoCo tasks step their physics by a fixed
-        period (frame skip x timestep), the one their class's `control_hz` names, whatever rate they
-        are then driven at; a task whose simulator takes its rate from `control_hz` overrides this."""
-        return 1.0 / type(self).control_hz
-
     _rng: np.random.Generator = field(
         default_factory=lambda: np.random.default_rng(0), init=False, repr=False
     )
@@ -84,6 +77,12 @@ class SimTask(RobotBase):
         applied = super().send_action(action)
         self.steps += 1
         return applied
+
+    def step_seconds(self) -> float:
+        """Simulated seconds one step advances the world. MuJoCo tasks step their physics by a fixed
+        period (frame skip x timestep), the one their class's `control_hz` names, whatever rate they
+        are then driven at; a task whose simulator takes its rate from `control_hz` overrides this."""
+        return 1.0 / type(self).control_hz
 
     @property
     def done(self) -> bool:

@@ -158,8 +158,7 @@ def _rewrite(path: Path, tmp: Path, old: Path, keep: Sequence[int], edit_info: I
         raise
     finally:
         src.close()
-    if old.exists():
-        discard_tree(old, path)
+    discard_tree(old, path)  # a crashed rewrite's, if any (a missing one is skipped)
     os.replace(path, old)
     if not rename_if_there(tmp, path) and not path.exists():  # a reader's finish_swap may make it first
         raise NotAStoreError(f"{path}: the rewritten store vanished before it was swapped in")
