@@ -184,7 +184,8 @@ class PlanResult:
     """One plan for E episodes.
 
     actions: (E, H, A) within the planner's bounds; cost: (E,) the model's cost of those actions;
-    iterations: iterations (or gradient steps) actually run; info: planner-specific extras.
+    iterations: iterations (or gradient steps) actually run, by the row that searched longest (the
+    planners' info["rows_iterations"] (E,) gives each row's); info: planner-specific extras.
     """
 
     actions: torch.Tensor

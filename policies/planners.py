@@ -11,8 +11,9 @@ pixels (PushT, 0..512), metres (an end-effector delta of 0.03) or joint degrees;
 caller only ever see actions in their own units. The device and dtype come from z0; randomness from
 a seeded `torch.Generator`: one for the batch, or, after `seed_rows(seeds)` (`RowSeeded`, which MPC
 calls with its episodes' seeds), one per row seeded from the planner's seed and the row's, so that an
-episode draws the same noise whichever episodes share its batch. A batch-wide `stop_cost` or time
-budget still couples the rows (they stop together).
+episode draws the same noise whichever episodes share its batch. `stop_cost` is per row: a row whose
+best cost reaches it keeps the plan it has from then on while the others search on, so it ends as it
+would alone; a time budget still couples the rows (they stop together).
 `warm_start` (E, H, A), usually the previous plan shifted by the executed steps (MPC does the
 shifting, see `base.shift_plan`), replaces the initial mean (CEM, MPPI) or initial iterate (GD).
 A `plan` call may pass another `model` to plan over (same `action_dim`), e.g. MPC's `FixedPrefix`
@@ -51,7 +52,7 @@ class _PlannerConfig:
     low: Bound = -1.0  # per action dim, or one float for all; -inf/inf for an unbounded dim
     high: Bound = 1.0
     seed: int | None = 0  # None: a fresh random seed per planner
-    stop_cost: float | None = None  # stop early once every episode's best cost is <= this
+    stop_cost: float | None = None  # an episode stops searching once its best cost is <= this
 
     def __post_init__(self) -> None:
         for name in ("low", "high"):
@@ -204,9 +205,10 @@ class _Planner:
                 raise ValueError(f"row seeds must be >= 0, got {list(seeds)}")
         self._row_seeds, self._row_gens = seeds, []
 
-    def _noise(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def _noise(self, shape: tuple[int, ...], like: torch.Tensor, rows: torch.Tensor | None = None):
         """Standard normal noise of shape (E, ...) like `like`: row e from its own generator when the rows
-        are seeded (`seed_rows`), else all from the batch's."""
+        are seeded (`seed_rows`), else all from the batch's. `rows` (E,) bool: with seeded rows, only
+        those draw (the others get zeros and their streams stay where they are, as they would alone)."""
         if self._row_seeds is None:
             return torch.randn(shape, generator=self._gen, device=like.device, dtype=like.dtype)
         if len(self._row_seeds) != shape[0]:
@@ -216,8 +218,12 @@ class _Planner:
         if not self._row_gens or self._row_gens[0].device != like.device:
             self._row_gens = [self._row_generator(s, like.device) for s in self._row_seeds]
         kw = dict(device=like.device, dtype=like.dtype)
-        rows = [torch.randn(shape[1:], generator=g, **kw) for g in self._row_gens]
-        return torch.stack(rows)
+        drawing = [True] * shape[0] if rows is None else rows.tolist()
+        noise = [
+            torch.randn(shape[1:], generator=g, **kw) if d else torch.zeros(shape[1:], **kw)
+            for g, d in zip(self._row_gens, drawing, strict=True)
+        ]
+        return torch.stack(noise)  # (E, ...)
 
     def _row_generator(self, seed: int, device: torch.device) -> torch.Generator:
         gen = torch.Generator(device=device)
@@ -269,8 +275,11 @@ class _Planner:
     def _out_of_time(self, start: float, budget: Budget | None) -> bool:
         return budget is not None and budget.seconds is not None and self.clock() - start >= budget.seconds
 
-    def _done(self, best_cost: torch.Tensor) -> bool:
-        return self.cfg.stop_cost is not None and bool((best_cost <= self.cfg.stop_cost).all())
+    def _searching(self, best_cost: torch.Tensor) -> torch.Tensor:
+        """best_cost (E,) -> (E,) True for the rows still searching: all of them without a `stop_cost`."""
+        if self.cfg.stop_cost is None:
+            return torch.ones_like(best_cost, dtype=torch.bool)
+        return ~(best_cost <= self.cfg.stop_cost)
 
 
 class CEM(_Planner):
@@ -298,26 +307,34 @@ class CEM(_Planner):
         best_actions = mean.clone()
         episodes = torch.arange(E, device=mean.device)
         shape = (E, cfg.samples, *mean.shape[1:])  # (E, N, H, A)
+        searching = torch.ones(E, dtype=torch.bool, device=mean.device)  # (E,) not yet at stop_cost
+        rows_iterations = torch.zeros(E, dtype=torch.long, device=mean.device)  # (E,)
         iterations = 0
         while iterations < self._limit(cfg.iterations, budget):
             iterations += 1
+            rows_iterations += searching
             # --- sample: N sequences per episode around the mean, clamped to the bounds
-            noise = self._noise(shape, mean)
+            noise = self._noise(shape, mean, searching)
             actions = (mean.unsqueeze(1) + std.unsqueeze(1) * noise).clamp(low, high)  # (E, N, H, A)
             if cfg.include_mean:
                 actions[:, 0] = mean
             # --- score: one batched rollout for every episode and sample
             costs = _finite(model.cost(model.rollout(z0, self._raw(actions)), goal))  # (E, N)
             it_cost, it_idx = costs.min(dim=1)  # (E,), (E,)
-            improved = it_cost < best_cost
+            improved = (it_cost < best_cost) & searching
             best_cost = torch.where(improved, it_cost, best_cost)
             best_actions = torch.where(improved[:, None, None], actions[episodes, it_idx], best_actions)
-            # --- refit: the Gaussian to the elites (mean clamped into the bounds, std floored)
-            mean, std = self._refit(actions, costs, mean, std)
-            mean, std = mean.clamp(low, high), std.clamp(cfg.min_std, cfg.max_std)
-            if self._done(best_cost) or self._out_of_time(start, budget):
+            # --- refit: the Gaussian to the elites (mean clamped into the bounds, std floored); a row
+            # that has stopped keeps its own
+            new_mean, new_std = self._refit(actions, costs, mean, std)
+            new_mean, new_std = new_mean.clamp(low, high), new_std.clamp(cfg.min_std, cfg.max_std)
+            mean = torch.where(searching[:, None, None], new_mean, mean)
+            std = torch.where(searching[:, None, None], new_std, std)
+            searching &= self._searching(best_cost)
+            if not bool(searching.any()) or self._out_of_time(start, budget):
                 break
-        return self._result(model, z0, goal, mean, std, best_actions, best_cost, iterations)
+        counts = (iterations, rows_iterations)
+        return self._result(model, z0, goal, mean, std, best_actions, best_cost, counts)
 
     def _refit(self, actions: torch.Tensor, costs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
         """costs (E, N), +inf where the model gave no finite cost; an episode without any keeps its
@@ -328,9 +345,12 @@ class CEM(_Planner):
         new_mean, new_std = elites.mean(dim=1), elites.std(dim=1, unbiased=False)  # (E, H, A)
         return _keep_unscored(costs, mean, std, m * mean + (1 - m) * new_mean, m * std + (1 - m) * new_std)
 
-    def _result(self, model, z0, goal, mean, std, best_actions, best_cost, iterations: int) -> PlanResult:
+    def _result(self, model, z0, goal, mean, std, best_actions, best_cost, counts) -> PlanResult:
+        """counts: (iterations run, (E,) iterations each row searched)."""
         mean, best_actions, std = self._raw(mean), self._raw(best_actions), std * self._scale  # action units
+        iterations, rows_iterations = counts
         info = {"mean": mean, "std": std, "best_actions": best_actions, "best_cost": best_cost}
+        info["rows_iterations"] = rows_iterations
         if self.cfg.return_best:
             return PlanResult(best_actions, best_cost, iterations, info)
         # the refitted mean has not been scored yet: one more rollout, N = 1
@@ -387,6 +407,8 @@ class GradientPlanner(_Planner):
         best_cost = init.new_full((E,), float("inf"))
         best_actions = init.clone()
         episodes = torch.arange(E, device=init.device)
+        searching = torch.ones(E, dtype=torch.bool, device=init.device)  # (E,) not yet at stop_cost
+        rows_steps = torch.zeros(E, dtype=torch.long, device=init.device)  # (E,)
         limit, step = self._limit(cfg.steps, budget), 0
         while True:
             # --- score: one batched rollout, sequences are independent so one summed loss suffices
@@ -394,18 +416,25 @@ class GradientPlanner(_Planner):
             # value its mapping rounds a hair past a bound)
             costs = model.cost(model.rollout(z0, self._center + self._scale * actions), goal)  # (E, R)
             c, r = _finite(costs.detach()).min(dim=1)  # (E,)
-            improved = c < best_cost
+            improved = (c < best_cost) & searching
             best_cost = torch.where(improved, c, best_cost)
             best_actions = torch.where(improved[:, None, None], actions.detach()[episodes, r], best_actions)
-            if step == limit or self._done(best_cost) or (step > 0 and self._out_of_time(start, budget)):
+            searching &= self._searching(best_cost)
+            stop = not bool(searching.any()) or (step > 0 and self._out_of_time(start, budget))
+            if step == limit or stop:
                 break
-            # --- refit: one Adam step, projected back onto the bounds (model parameters get no .grad)
+            # --- refit: one Adam step, projected back onto the bounds (model parameters get no .grad);
+            # a row that has stopped keeps its sequences
             (actions.grad,) = torch.autograd.grad(costs.sum(), [actions])
+            before = actions.detach().clone()
             opt.step()
             with torch.no_grad():
                 actions.clamp_(low, high)
+                actions.copy_(torch.where(searching[:, None, None, None], actions, before))
+            rows_steps += searching
             step += 1
-        return PlanResult(self._raw(best_actions), best_cost, step, {"final": self._raw(actions.detach())})
+        info = {"final": self._raw(actions.detach()), "rows_iterations": rows_steps}
+        return PlanResult(self._raw(best_actions), best_cost, step, info)
 
 
 class CEMThenGradient:
@@ -441,7 +470,8 @@ class CEMThenGradient:
         begin = torch.where(better[:, None, None], first.info["best_actions"], first.actions)
         second = self.grad.plan(z0, goal, begin, grad_budget, model)
         # the gradient stage scores its start (the CEM plan) first, so it is never worse than CEM
-        info = {"cem": first, "grad_steps": second.iterations}
+        rows = first.info["rows_iterations"] + second.info["rows_iterations"]  # (E,)
+        info = {"cem": first, "grad_steps": second.iterations, "rows_iterations": rows}
         return PlanResult(second.actions, second.cost, first.iterations + second.iterations, info)
 
 

@@ -336,16 +336,18 @@ GOALS = torch.tensor([[0.9, -0.7], [0.1, 0.2], [-0.3, -0.5], [0.6, 0.0]])
 def test_seeded_rows_plan_alike_whichever_rows_share_their_batch(name):
     """After `seed_rows(episode seeds)` a row's noise comes from its own stream: its plans (a first one,
     then a warm-started one drawing further along the stream) are the same planned alone, beside other
-    rows, or in another order; without row seeds the batch's one stream makes them depend on the batch."""
+    rows, or in another order, also when a stopping cost ends some rows' search before others'; without
+    row seeds the batch's one stream makes them depend on the batch."""
     model, seeds, budget = PointModel(), [11, 12, 13, 14], Budget(max_iterations=3)
 
-    def plans(rows, seeded=True, **overrides):
+    def plans(rows, seeded=True, budget=budget, **overrides):
         planner = make(name, model, **overrides)
         if seeded:
             planner.seed_rows([seeds[i] for i in rows])
         z0, zg = model.encode(obs_of(STARTS[rows])), model.encode(obs_of(GOALS[rows]))
-        first = planner.plan(z0, zg, budget=budget).actions
-        return first, planner.plan(z0, zg, warm_start=first, budget=budget).actions
+        first = planner.plan(z0, zg, budget=budget)
+        second = planner.plan(z0, zg, warm_start=first.actions, budget=budget)
+        return first.actions, second.actions, first.info["rows_iterations"]
 
     together = plans([0, 1, 2, 3])
     alone = [plans([i]) for i in range(4)]
@@ -355,6 +357,15 @@ def test_seeded_rows_plan_alike_whichever_rows_share_their_batch(name):
             assert torch.equal(together[k][i], alone[i][k][0])
     for k in range(2):
         assert torch.equal(swapped[k][0], alone[3][k][0]) and torch.equal(swapped[k][1], alone[1][k][0])
+    # a stopping cost stops each row's search on its own (row 0 never reaches it, the others do, after
+    # different numbers of iterations), so a row's plans are still those it gets alone
+    stopping = dict(budget=Budget(max_iterations=8), **_stop_kw(name, 0.1))
+    stopped = plans([0, 1, 2, 3], **stopping)
+    assert len(set(stopped[2].tolist())) > 1
+    for i in range(4):
+        alone_i = plans([i], **stopping)
+        for k in range(3):
+            assert torch.equal(stopped[k][i], alone_i[k][0])
     unseeded = plans([0, 1, 2, 3], seeded=False)[0]
     assert not torch.equal(unseeded[1], plans([1], seeded=False)[0][0])  # the batch's stream
     if name in ("cem", "mppi"):  # the planner's own seed still counts
