@@ -192,6 +192,11 @@ def test_a_sweep_of_refused_jobs_writes_nothing_and_a_refused_job_leaves_no_fold
     res = cli("wm-eval", "-m", "episodes=1,0", "out=sweep", *QUICK_EVAL, cwd=tmp_path)
     assert res.returncode == 2
     assert (tmp_path / "sweep" / "0" / "results.json").is_file() and not (tmp_path / "sweep" / "1").exists()
+    # a folder that was there before (empty) stays, as it was
+    (tmp_path / "mine").mkdir()
+    res = cli("wm-eval", "-m", "episodes=0,-1", "out=mine", *QUICK_EVAL, cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("error:") == 2, res.stderr
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
 
 
 # ---------------------------------------------------------------------- 4. one line, not a traceback

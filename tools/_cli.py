@@ -140,6 +140,7 @@ def _required(missing: list[str]) -> str:
 # ---------------------------------------------------------------------- entry point and jobs
 _failed: list[int] | None = None  # exit statuses of the jobs; a list only in the process `app` started
 _sweep_dir: str | None = None  # a multirun's folder, once a job of it has run
+_dirs_before: set[Path] = set()  # folders the command line names as out= or the sweep's, that existed
 
 
 def app(config_name: str, body: Callable[[DictConfig], int | None]) -> Callable[[], None]:
@@ -196,15 +197,27 @@ def _forget_refused_sweep() -> None:
         return
     with contextlib.suppress(OSError):
         (sweep / "multirun.yaml").unlink(missing_ok=True)
+        if sweep.resolve() in _dirs_before:  # the user's folder, there before the command: it stays
+            return
         sweep.rmdir()
         if Path(_sweep_dir).parts[:1] == ("multirun",):  # Hydra's default: multirun/<date>/<time>
             for parent in (sweep.parent, sweep.parent.parent):
                 parent.rmdir()
 
 
+_SWEEP_DIR_KEYS = ("out", "hydra.sweep.dir")
+
+
+def _named_dirs(args: list[str]) -> set[Path]:
+    """The existing folders that `out=` or `hydra.sweep.dir=` name on a command line (resolved)."""
+    values = (a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+~") in _SWEEP_DIR_KEYS)
+    return {Path(v).resolve() for v in values if v and Path(v).is_dir()}
+
+
 def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
-    global _failed, _sweep_dir
+    global _failed, _sweep_dir, _dirs_before
     _failed, _sweep_dir = [], None
+    _dirs_before = _named_dirs(sys.argv[1:])
     _check_flags()
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them; see below
