@@ -316,7 +316,11 @@ class Collector:
         """Send the operator's `action` through the safety layer (recorded, as sent, when recording)."""
         key = getattr(self.task, "position_key", None)
         if key is not None and run.safety.last is None:  # the first step is capped from where the arm is
-            run.safety.start_from(run.obs[key])
+            problem = run.safety.start_from(run.obs[key])
+            if problem is not None:
+                self.stats.stopped = f"{self.task.name}: {problem}"
+                run.send_failed = True
+                return
         command = run.safety.filter(action)
         if command is None:  # nothing safe to send yet: the robot holds
             return

@@ -19,7 +19,7 @@ import torch
 
 from policies.base import check_chunk_request, with_prefix
 
-FAULTS = ("none", "nan", "shape", "raise", "hang", "sigkill", "sigkill_late", "slow_once")
+FAULTS = ("none", "nan", "shape", "dtype", "raise", "hang", "sigkill", "sigkill_late", "slow_once")
 SLOW_S = 1.5  # fault "slow_once": chunk number `after` takes this long, the others none
 RAISED = "the controller failed on purpose"
 WIGGLE_DEG = 2.0  # amplitude of the good chunks around the first position; the gripper moves too
@@ -65,6 +65,8 @@ class FaultyController:
             return torch.full((1, self.length, self.action_dim), math.nan)
         if self.fault == "shape":
             return torch.zeros(1, self.length, self.action_dim - 1)
+        if self.fault == "dtype":  # the right shape, but no action values (it was sent as targets 0 / 1)
+            return torch.ones(1, self.length, self.action_dim, dtype=torch.bool)
         if self.fault == "raise":
             raise RuntimeError(RAISED)
         if self.fault == "hang":

@@ -231,6 +231,7 @@ def test_steady_controller_drives_the_arm_within_its_limits(bus):
 FAULTS = {  # fault -> (what the one-line message says, the event counted, how often; None: at least once)
     "nan": ("3 bad chunks in a row, the last: chunk 5 holds non-finite actions", "non_finite_chunk", 3),
     "shape": ("3 bad chunks in a row, the last: chunk of shape (8, 5), expected (T, 6)", "bad_chunk", 3),
+    "dtype": ("the last: chunk 5 has dtype bool, expected real numbers", "bad_chunk", 3),
     "raise": (f"the last: RuntimeError: {RAISED} (runtime_controllers.py:", "inference_error", 3),
     "hang": ("(stop_after_s = 0.6): the inference worker has not answered chunk 3 for ", "stop", 1),
     "sigkill": ("the inference worker killed by SIGKILL; holding position", "hold", None),
@@ -298,6 +299,20 @@ def test_a_killed_worker_is_named_as_killed_even_when_its_pipe_breaks_first():
 
 
 # ====================================================================== faults of the robot
+def test_an_arm_resting_beyond_its_calibrated_range_is_not_started(bus):
+    """A joint further outside its limits than one step of the cap: every command within the limits would
+    jump more than the cap (the first goal was capped from the limit, some 26 degrees from the arm)."""
+    address, length = bus.kind.present
+    bus.fake.memory[2][address : address + length] = (3300).to_bytes(length, "little")  # range: 1000..3000
+    r = run(bus, safety=CALM)
+    says = "dimension 1 of the robot's position is 114.3, 26.37 outside its limits [-87.91, 87.91], more "
+    assert says in r.out.stopped and r.out.stopped.endswith(
+        "nothing was sent (move it within its range, or recalibrate)"
+    )
+    assert len(r.goals) == 0 and not r.out.ticks
+    assert r.torque_after_run == r.torque_after_disconnect == [1] * 6
+
+
 @pytest.mark.parametrize("corrupt", [1, 2], ids=["one_read", "a_whole_tick"])
 def test_a_read_that_fails_is_retried_and_the_run_goes_on(bus, corrupt):
     """A corrupt status packet makes lerobot's sync read raise (it does not retry); the runtime tries

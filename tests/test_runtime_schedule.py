@@ -3,6 +3,8 @@ the watchdog, driven by explicit times (a manual clock)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -163,14 +165,65 @@ def test_limits_workspace_and_the_per_tick_step_cap():
         SafetyLayer(ARM, True, SafetyConfig(max_step=(0.1, 0.2, 0.3)))
 
 
+def test_a_safety_setting_that_would_filter_wrongly_is_refused_when_read():
+    """A NaN cap or box turned every action into NaN (a cap of NaN is not <= 0), and a cap of 0 was
+    refused only once the arm was connected."""
+    for bad in (math.nan, 0.0, -0.1, (0.1, math.nan)):
+        with pytest.raises(ValueError, match="max_step must be a positive number or one per dimension"):
+            SafetyConfig(max_step=bad)
+    with pytest.raises(ValueError, match="workspace_high holds NaN"):
+        SafetyConfig(workspace_low=(0.0, 0.0), workspace_high=(1.0, math.nan))
+    unbounded = SafetyConfig(workspace_low=(-0.5, -math.inf), workspace_high=(0.5, math.inf))  # inf: no bound
+    assert SafetyLayer(ARM, True, unbounded).filter(np.array([0.9, 0.9])).tolist() == [0.5, 0.9]
+
+
+def test_a_joint_without_limits_leaves_the_others_step_capped():
+    """One joint without limits switched the default cap (a fraction of each range) off on every joint."""
+    half_open = Feature((2,), "float32", "action", low=(-1.0, -math.inf), high=(1.0, math.inf))
+    s = SafetyLayer(half_open, positions=True, cfg=SafetyConfig(max_step_fraction=0.1))
+    assert s.start_from(np.array([0.0, 0.0])) is None
+    assert s.filter(np.array([1.0, 50.0])).tolist() == pytest.approx([0.2, 50.0])
+    assert s.events["step_capped"] == 1
+
+
+def test_moving_into_the_workspace_from_outside_it_is_counted():
+    """An arm that starts outside the box moves into it at the step cap; those commands are outside the
+    box, which was counted as nothing but "step_capped"."""
+    box = SafetyConfig(workspace_low=(0.5, -1.0), workspace_high=(1.0, 1.0), max_step=0.2)
+    s = SafetyLayer(ARM, positions=True, cfg=box)
+    assert s.start_from(np.array([0.0, 0.0])) is None
+    assert s.filter(np.array([0.8, 0.0])).tolist() == pytest.approx([0.2, 0.0])
+    assert s.events["workspace"] == 1 and s.events["step_capped"] == 1
+    s.filter(np.array([0.8, 0.0]))
+    assert s.filter(np.array([0.8, 0.0])).tolist() == pytest.approx([0.6, 0.0])  # inside now
+    assert s.events["workspace"] == 2
+
+
+def test_a_reported_command_outside_the_limits_is_not_followed():
+    """`sent` follows what the robot reports it sent (its driver's own clamp), unless that is outside the
+    limits (a clamp around a bad reading): then the command is, and the report is counted."""
+    s = SafetyLayer(ARM, positions=True, cfg=SafetyConfig(max_step=0.5))
+    s.start_from(np.array([0.0, 0.0]))
+    command = s.filter(np.array([0.4, 0.4]))
+    assert s.sent(np.array([0.1, 0.1]), command).tolist() == pytest.approx([0.1, 0.1])  # clamped: followed
+    command = s.filter(np.array([0.4, 0.4]))
+    assert s.sent(np.array([-3.0, 0.1]), command).tolist() == pytest.approx([0.4, 0.4])
+    assert s.events["robot_out_of_limits"] == 1
+    assert s.sent(np.array([1.0 + 1e-6, 0.1]), command).tolist() == pytest.approx([1.0, 0.1])  # rounding
+
+
 def test_the_first_command_is_step_capped_from_the_present_position():
     s = SafetyLayer(ARM, positions=True, cfg=SafetyConfig(max_step_fraction=0.1))  # 0.2 per tick
     assert s.rest() is None  # nothing to hold yet
-    s.start_from(np.array([5.0, 0.0]))  # the arm's present position, clipped to the limits
-    assert s.rest().tolist() == [1.0, 0.0]
-    assert s.filter(np.array([-1.0, 1.0])).tolist() == pytest.approx([0.8, 0.2])
-    s.start_from(np.array([np.nan, 0.0]))  # an unreadable position is ignored
-    assert s.rest().tolist() == pytest.approx([0.8, 0.2])
+    assert s.start_from(np.array([1.1, 0.0])) is None  # the arm's present position, a little past a limit
+    assert s.rest().tolist() == [1.0, 0.0]  # a hold stays within the limits
+    assert s.filter(np.array([-1.0, 1.0])).tolist() == pytest.approx([0.9, 0.2])  # capped from 1.1
+    # a reading it cannot cap from refuses the start (it was ignored, or clipped to the limit: the first
+    # command then jumped from a place the arm was not at)
+    assert "reads [nan] at dimension(s) [0]" in s.start_from(np.array([np.nan, 0.0]))
+    far = s.start_from(np.array([1.5, 0.0]))
+    assert "dimension 0 of the robot's position is 1.5, 0.5 outside its limits [-1, 1]" in far
+    assert s.rest().tolist() == pytest.approx([0.9, 0.2])  # neither changed what it holds
 
 
 def test_watchdog_holds_then_stops():

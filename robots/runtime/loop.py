@@ -227,7 +227,10 @@ class Runtime:
             return out
         key = getattr(self.robot, "position_key", None)
         if key is not None:  # the first command's step is capped from where the robot is
-            safety.start_from(obs[key])
+            problem = safety.start_from(obs[key])
+            if problem is not None:
+                out.stopped = f"{self.robot.name}: {problem}"
+                return out
         captured = clock.now()
         history.append((captured, obs, None))
         first = self._first_chunk(history, out, state)
@@ -492,7 +495,7 @@ class Runtime:
         return reply
 
     def _valid(self, reply: Reply, out: EpisodeOutcome, state: _State) -> bool:
-        """A chunk is taken only whole and sound: the robot's action shape, every value finite."""
+        """A chunk is taken only whole and sound: the robot's action shape, real numbers, every one finite."""
         shape = self.feature.shape
         a = reply.actions
         why = None
@@ -503,6 +506,9 @@ class Runtime:
             why = (
                 f"chunk of shape {None if a is None else a.shape}, expected (T, {', '.join(map(str, shape))})"
             )
+            out.events["bad_chunk"] += 1
+        elif a.dtype.kind not in "fiu":  # bool, complex, object, strings: no action values
+            why = f"chunk {reply.seq} has dtype {a.dtype}, expected real numbers"
             out.events["bad_chunk"] += 1
         elif not np.all(np.isfinite(a)):
             why = f"chunk {reply.seq} holds non-finite actions (NaN or inf)"

@@ -5,8 +5,9 @@ On every tick, whatever the controller produced goes through `SafetyLayer.filter
 the event counted), actions are clipped to the robot's limits and to an optional workspace box,
 and the change per tick of position targets is capped (`max_step`, LeRobot's
 `max_relative_target` idea, against the last command rather than a bus read, so it costs nothing
-per tick; the first command of a run against the present position, `start_from`), and after each
-send follows what the robot reports it actually sent (`sent`). The watchdog
+per tick; the first command of a run against the present position, `start_from`, which refuses to
+start from a reading it cannot cap from), and after each send follows what the robot reports it
+actually sent (`sent`). The watchdog
 turns "no fresh valid action" into holding position after `hold_after_s` and into a controlled stop
 (the run ends with a message) after `stop_after_s`. Nothing here turns torque off.
 """
@@ -20,7 +21,17 @@ import numpy as np
 
 from robots.base import Feature
 
-EVENTS = ("non_finite", "bad_shape", "clipped", "workspace", "step_capped", "hold", "stop")
+# bit i of a recorded tick's "safety" is EVENTS[i]: new events go at the end
+EVENTS = (
+    "non_finite",
+    "bad_shape",
+    "clipped",
+    "workspace",
+    "step_capped",
+    "hold",
+    "stop",
+    "robot_out_of_limits",  # the robot reported sending a command outside its limits (its driver's clamp)
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,16 @@ class SafetyConfig:
     stop_after_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.max_step is not None:
+            steps = np.asarray(self.max_step, dtype=np.float64)
+            if steps.ndim > 1 or steps.size == 0 or not np.all(steps > 0):  # NaN is not > 0
+                raise ValueError(
+                    f"max_step must be a positive number or one per dimension, got {self.max_step}"
+                )
+        for name in ("workspace_low", "workspace_high"):
+            bound = getattr(self, name)
+            if bound is not None and np.any(np.isnan(np.asarray(bound, dtype=np.float64))):
+                raise ValueError(f"{name} holds NaN: give a number (or inf for no bound) per dimension")
         if not 0 < self.hold_after_s <= self.stop_after_s:
             raise ValueError(
                 f"need 0 < hold_after_s <= stop_after_s, got {self.hold_after_s} and {self.stop_after_s}"
@@ -92,30 +113,50 @@ class SafetyLayer:
                 raise ValueError(
                     f"max_step must be one number or {shape[-1]}, got {self.cfg.max_step}"
                 ) from None
-            if np.any(cap <= 0):
-                raise ValueError(f"max_step must be positive, got {self.cfg.max_step}")
             return cap
         if not self.positions:
             return None
         span = self.high - self.low
-        if not np.all(np.isfinite(span)):
+        if not np.any(np.isfinite(span)):
             return None  # no limits to take a fraction of
-        return span * self.cfg.max_step_fraction
+        return span * self.cfg.max_step_fraction  # inf (no cap) on a dimension without limits
 
     def rest(self) -> np.ndarray | None:
         """The command that holds the robot still: the last target for position actions (before the first,
         the present position given to `start_from`), zeros for the others; None for a position robot with
         neither (hold = send nothing)."""
         if self.positions:
-            return None if self.last is None else self.last.copy()
+            return None if self.last is None else np.clip(self.last, self.low, self.high)
         return np.clip(np.zeros(self.feature.shape), self.low, self.high)
 
-    def start_from(self, present: np.ndarray) -> None:
-        """The robot's present position (position actions; clipped to the limits): the first command's
-        step is capped from it. Without it the first command is not capped."""
+    def start_from(self, present: np.ndarray) -> str | None:
+        """The robot's present position (position actions): the first command's step is capped from it
+        (without it the first command is not capped). Returns why the run must not start, in one line:
+        a reading the step cap cannot start from (not finite), or a joint further outside its limits
+        than one step (every command within the limits would jump more than the cap); None when fine."""
         p = np.asarray(present, dtype=np.float64)
-        if self.positions and p.shape == self.feature.shape and np.all(np.isfinite(p)):
-            self.last = np.clip(p, self.low, self.high)
+        if not self.positions or p.shape != self.feature.shape:
+            return None
+        if self.step is not None:
+            bad = np.flatnonzero(~np.isfinite(p))
+            if bad.size:
+                return (
+                    f"the robot's position reads {p[bad].tolist()} at dimension(s) {bad.tolist()}: the first "
+                    "command's step cannot be capped from it; nothing was sent (check the sensors)"
+                )
+            outside = np.maximum(self.low - p, p - self.high)  # > 0 where outside the limits
+            far = np.flatnonzero(outside > self.step)
+            if far.size:
+                i = int(far[0])
+                lo, hi, step = self.low[i], self.high[i], self.step[i]
+                return (
+                    f"dimension {i} of the robot's position is {p[i]:.4g}, {outside[i]:.4g} outside its "
+                    f"limits [{lo:.4g}, {hi:.4g}], more than one step ({step:.4g}): the first command "
+                    "would jump; nothing was sent (move it within its range, or recalibrate)"
+                )
+        if np.all(np.isfinite(p)):
+            self.last = p
+        return None
 
     def filter(self, action: np.ndarray | None) -> np.ndarray | None:
         """The command to send for `action` (None: hold). Returns None only when there is nothing safe
@@ -141,6 +182,8 @@ class SafetyLayer:
             capped = np.clip(clipped, self.last - self.step, self.last + self.step)
             if np.any(capped != clipped):
                 self.events["step_capped"] += 1
+                if self.box is not None and np.any((capped < self.box[0]) | (capped > self.box[1])):
+                    self.events["workspace"] += 1  # on its way into the box from outside it, at the cap
             clipped = capped
         self.last = clipped
         return clipped.copy()
@@ -148,9 +191,16 @@ class SafetyLayer:
     def sent(self, reported: np.ndarray | None, command: np.ndarray) -> np.ndarray:
         """What reached the robot for `command` (the last `filter` result): what the robot reports it sent
         (`Robot.send_action`'s return, e.g. after lerobot's own `max_relative_target` clamp) when that is
-        a sound action, else `command`. The step cap and the hold follow it from now on."""
+        a sound action within the limits, else `command` (a report outside the limits is counted:
+        `robot_out_of_limits`). The step cap and the hold follow it from now on."""
         r = None if reported is None else np.asarray(reported, dtype=np.float64)
-        applied = r if r is not None and r.shape == self.feature.shape and np.all(np.isfinite(r)) else command
+        sound = r is not None and r.shape == self.feature.shape and bool(np.all(np.isfinite(r)))
+        if sound and np.any(
+            (r < self.low - _SLACK * (1 + abs(self.low))) | (r > self.high + _SLACK * (1 + abs(self.high)))
+        ):
+            self.events["robot_out_of_limits"] += 1
+            sound = False
+        applied = r if sound else command
         self.last = np.array(applied, dtype=np.float64)
         return self.last.copy()
 
@@ -159,6 +209,9 @@ class SafetyLayer:
         if cmd is not None and not self.positions:
             self.last = cmd
         return cmd
+
+
+_SLACK = 1e-4  # relative: a report this far past a limit is its unit conversion's rounding, not a fault
 
 
 @dataclass
