@@ -166,9 +166,50 @@ def test_a_controller_that_is_too_slow_for_its_chunks_underruns_and_holds():
     assert out.stopped is None  # fresh chunks keep coming: the watchdog does not stop it
 
 
+class HungWorker:
+    """A worker whose model never answers (alive, busy, silent)."""
+
+    info = {"window": 1}
+    busy = True
+
+    def reset(self, goal) -> None: ...
+
+    def submit(self, req) -> None: ...
+
+    def poll(self) -> None:
+        return None
+
+    def alive(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_chunk_waited_for_at_rest_ends_the_episode_on_its_timeout_or_the_operators_stop(mode):
+    """The first chunk (and in sync mode every one) is waited for with the robot at rest: a hung model
+    kept that wait going for ever, and the operator's stop (the first Ctrl-C) was not looked at."""
+    task = make_task("pointmaze", SimConfig(state_only=True, max_steps=400))
+    task.reset(0)
+    clock = ManualClock(100.0)
+    out = Runtime(task, HungWorker(), RuntimeConfig(mode=mode, wait_timeout_s=5.0), clock=clock).run_episode(
+        10
+    )
+    assert out.stopped == (
+        "no chunk after 5 s of waiting (wait_timeout_s): the inference worker has not answered chunk 0 for "
+        "5.00 s (hung?); holding position"
+    )
+    assert not out.ticks and clock.now() == pytest.approx(105.0, abs=0.01)
+    asks = iter([False] * 10 + [True])
+    clock = ManualClock(100.0)
+    out = Runtime(task, HungWorker(), RuntimeConfig(mode=mode), clock=clock).run_episode(
+        10, stop_requested=lambda: next(asks)
+    )
+    assert out.stopped == "stopped by the operator" and not out.ticks and clock.now() < 100.1
+
+
 @pytest.mark.parametrize(
     "bad",
     [
+        {"wait_timeout_s": 0.0},
         {"mode": "fast"},
         {"replan_every": 0},
         {"policy_hz": -1.0},

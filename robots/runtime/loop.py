@@ -51,7 +51,9 @@ class RuntimeConfig:
     replan_every: async: request a new chunk at most every that many policy steps (and sooner only
     when the pending actions would not last until it arrives); sync: actions executed per chunk.
     latency_window: chunks over which the worst round trip is the latency estimate (it forgets old spikes).
-    max_inference_errors: consecutive failed chunks that end the run. read_retries: attempts per
+    wait_timeout_s: the longest the robot waits at rest for a chunk it cannot go on without (an episode's
+    first; every one in sync mode) before the episode ends with one line (the operator's stop ends the
+    wait too). max_inference_errors: consecutive failed chunks that end the run. read_retries: attempts per
     tick to read the robot; max_read_failures: consecutive ticks without an observation that end the
     run (meanwhile the pending actions are sent: a chunk runs open loop that long at most).
     realtime_priority: run the control thread under SCHED_FIFO at this priority (1-99; None: normal
@@ -69,6 +71,7 @@ class RuntimeConfig:
     action_latency_s: float = 0.0
     replan_every: int = 1
     latency_window: int = 8
+    wait_timeout_s: float = 300.0
     max_inference_errors: int = 3
     read_retries: int = 2
     max_read_failures: int = 5
@@ -90,6 +93,8 @@ class RuntimeConfig:
             raise ValueError("replan_every, latency_window and max_inference_errors must be >= 1")
         if self.read_retries < 1 or self.max_read_failures < 1:
             raise ValueError("read_retries and max_read_failures must be >= 1")
+        if not self.wait_timeout_s > 0:
+            raise ValueError(f"wait_timeout_s must be positive, got {self.wait_timeout_s}")
         if self.action_latency_s < 0:
             raise ValueError(f"action_latency_s must be >= 0, got {self.action_latency_s}")
         if self.mode == "sync" and self.stitching in ("ensemble", "average"):  # they had no effect
@@ -183,6 +188,7 @@ class Runtime:
         self.advances_on_send = bool(getattr(robot, "advances_on_send", False))  # a simulator (see _stamp)
         self.feature = feat
         self._read_streak = 0
+        self._stop_requested: Callable[[], bool] | None = None  # the running episode's
 
     # ------------------------------------------------------------------ one episode
     def run_episode(
@@ -213,6 +219,7 @@ class Runtime:
         quiet: QuietGC,
     ) -> EpisodeOutcome:
         cfg, clock, out = self.cfg, self.clock, EpisodeOutcome()
+        self._stop_requested = stop_requested
         safety = SafetyLayer(self.feature, self.positions, self.safety_cfg)
         out.events = safety.events
         watchdog = Watchdog(self.safety_cfg)
@@ -473,14 +480,25 @@ class Runtime:
         except WorkerDied as e:
             out.stopped = str(e) + "; holding position"
             return None
-        return self._wait(out) if timeline is None else None
+        return self._wait(out, state) if timeline is None else None
 
-    def _wait(self, out: EpisodeOutcome) -> Reply | None:
-        """Block for the reply (sync mode, the first chunk); the worker's death ends the run."""
+    def _wait(self, out: EpisodeOutcome, state: _State) -> Reply | None:
+        """Block for the reply (sync mode, the first chunk), the robot at rest; the worker's death, the
+        operator's stop and `wait_timeout_s` without a reply end the run."""
+        deadline = self.clock.now() + self.cfg.wait_timeout_s
         while True:
             reply = self._poll(out)
             if reply is not None or out.stopped:
                 return reply
+            if self._stop_requested is not None and self._stop_requested():
+                out.stopped = "stopped by the operator"
+                return None
+            if self.clock.now() >= deadline:
+                out.stopped = (
+                    f"no chunk after {self.cfg.wait_timeout_s:g} s of waiting (wait_timeout_s): "
+                    f"{self._why_no_action(state)}; holding position"
+                )
+                return None
             self.clock.sleep_until(self.clock.now() + WAIT_POLL_S)  # a simulated clock moves on too
 
     def _poll(self, out: EpisodeOutcome) -> Reply | None:
