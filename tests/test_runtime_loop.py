@@ -133,6 +133,32 @@ def test_replace_without_the_committed_prefix_still_never_sends_late():
     assert all(c.frozen == 0 for c in out.chunks)
 
 
+@pytest.mark.parametrize(("stall", "passed"), [(0.13, 0), (0.22, 1), (0.27, 2), (0.36, 3)])
+def test_a_late_tick_sends_the_action_due_now_and_the_ticks_after_it_keep_their_pace(stall, passed):
+    """One send stalls (a bus write): the next tick starts 0.3-2.5 periods late. It sent the action due
+    at its missed deadline, and the ticks whose deadlines had also passed followed back to back, each
+    sending an action whose time was over (counted, but sent: a burst of targets)."""
+    task, rt, clock = setup("async", "replace", replan_every=4, delay=0.0)
+    send, sends = task.send_action, []
+
+    def stalling(action):
+        sends.append(clock.now())
+        if len(sends) == 6:
+            clock.advance(stall)
+        return send(action)
+
+    task.send_action = stalling
+    out = rt.run_episode(20)
+    period = 1.0 / HZ
+    fresh = [t for t in out.ticks if t.chunk != NO_CHUNK]
+    assert out.stale_sent == 0 and all(abs(t.sent_at - t.due) <= period / 2 + 1e-9 for t in fresh)
+    assert np.all(np.diff(sends) >= period / 2 - 1e-9)  # no two sends in one moment
+    before, late = out.ticks[5], out.ticks[6]  # the stalled send's tick, and the next
+    assert late.started - late.nominal == pytest.approx(stall - period, abs=1e-6)  # its lateness counts
+    assert late.chunk == before.chunk and late.index == before.index + 1 + passed  # the slots passed over
+    assert out.skipped >= passed
+
+
 def test_sync_waits_for_each_chunk_and_restarts_its_schedule():
     _, rt, clock = setup("sync", "replace", replan_every=4)
     out = rt.run_episode(12)

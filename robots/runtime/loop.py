@@ -34,7 +34,7 @@ from robots.runtime.worker import Reply, Request, WorkerDied
 MODES = ("async", "sync")
 WAIT_POLL_S = 0.002  # how often a blocking wait for a chunk looks for it
 COMMITTED_MAX = 64  # scheduled actions handed to an inpainting controller at most
-MAX_BEHIND = 3  # periods behind schedule after which the loop re-anchors instead of bursting
+MAX_BEHIND = 3  # periods behind schedule after which the loop re-anchors (nearer: it skips to the slot due)
 NO_CHUNK = -1  # the chunk number recorded for a held command
 
 
@@ -262,6 +262,11 @@ class Runtime:
             nominal, missed = (tick_t if missed is None else missed), None  # its deadline, for the error
             if began - tick_t > MAX_BEHIND * self.period:  # far behind (a hiccup): re-anchor, never burst
                 anchor, k, tick_t = began, 1, began
+            elif began - tick_t > self.period / 2:  # a tick late by more than half a period is the one of
+                # the slot due now: the passed slots' actions are dropped (`skipped`), never sent late or
+                # back to back (a burst of position targets is a jump of several step caps in a moment)
+                passed = int((began - tick_t) / self.period + 0.5)
+                k, tick_t = k + passed, tick_t + passed * self.period
             if stop_requested is not None and stop_requested():
                 out.stopped = "stopped by the operator"
                 break
