@@ -234,8 +234,10 @@ def test_export_overwrite_replaces_only_a_lerobot_dataset(tmp_path, small_store)
     mine = tmp_path / "my_experiments"
     mine.mkdir()
     (mine / "results.csv").write_text("keep me")
-    for dst in (mine, path):
-        with pytest.raises(FileExistsError, match="neither empty nor a LeRobot dataset"):
+    with pytest.raises(FileExistsError, match="neither empty nor a LeRobot dataset"):
+        store_to_lerobot(path, mine, overwrite=True)
+    for dst in (path, tmp_path):  # the store itself, or a folder holding it
+        with pytest.raises(ValueError, match="is or holds the source"):
             store_to_lerobot(path, dst, overwrite=True)
     assert (mine / "results.csv").read_text() == "keep me" and DemoStore.open(path).n_episodes == 5
     out = store_to_lerobot(path, tmp_path / "lr")

@@ -608,3 +608,36 @@ def test_overwrite_replaces_only_a_store(tmp_path, small_store):
     archive = shutil.make_archive(str(tmp_path / "zipped"), "zip", path)  # a zip store: replaced too
     with DemoStore.create(archive, make_schema(), overwrite=True) as store:
         assert store.n_episodes == 0 and (tmp_path / "zipped.zip").is_dir()
+
+
+# ---------------------------------------------------------------------- a converter's destination
+def test_a_converter_never_replaces_a_store_being_written_its_own_source_or_a_zip_store(tmp_path):
+    """wm-convert's overwrite replaced a store a writer had open (its recording then corrupted the new
+    one), deleted a source that sat inside the destination, and wrote a folder named *.zip (over a zip
+    store, too), which nothing could read after."""
+    pytest.importorskip("h5py")
+    from test_convert_robomimic import write_robomimic
+
+    from wm.data.convert.lerobot import store_to_lerobot
+    from wm.data.convert.robomimic import robomimic_to_store
+    from wm.data.errors import NotAStoreError, StoreBusyError
+
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src, images=False)
+    store = tmp_path / "collect.zarr"
+    robomimic_to_store(src, store).close()
+    with DemoStore.open(store, mode="a"):  # a writer (wm-collect) has it open
+        with pytest.raises(StoreBusyError, match="another writer has this store open"):
+            robomimic_to_store(src, store, overwrite=True)
+    assert DemoStore.open(store).n_episodes == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["collect.zarr", "lift.hdf5"]  # nothing left
+    inner = tmp_path / "collect.zarr" / "export"  # a LeRobot export inside the store
+    store_to_lerobot(store, inner)
+    with pytest.raises(ValueError, match="is or holds the source"):
+        store_to_lerobot(inner.parent, tmp_path, overwrite=True)  # tmp_path holds the store
+    with pytest.raises(ValueError, match="is or holds the source"):
+        robomimic_to_store(src, tmp_path, overwrite=True)
+    assert src.is_file() and (inner / "meta" / "info.json").is_file()
+    with pytest.raises(NotAStoreError, match="zip stores are read-only"):
+        robomimic_to_store(src, tmp_path / "new.zip")
+    assert not (tmp_path / "new.zip").exists()

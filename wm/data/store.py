@@ -523,13 +523,26 @@ def json_native(value: Any) -> Any:
 
 def move_into_place(built: Path, dst: Path) -> None:
     """Put `built` (a store or dataset written beside `dst`) at `dst`, replacing what is there (a folder
-    or a zip file; through a symbolic link, where it points: the link is kept)."""
+    or a zip file; through a symbolic link, where it points: the link is kept). A folder is replaced under
+    its writer lock: a store a writer has open (wm-collect, wm-deploy record=) is refused (StoreBusyError)
+    and `built` removed, however long ago the replacing began."""
     dst = dst.resolve()
-    if dst.is_dir():
-        shutil.rmtree(dst)
-    elif dst.exists():
-        dst.unlink()
-    os.replace(built, dst)
+    lock = None
+    try:
+        if dst.is_dir():
+            lock = WriterLock(dst)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    try:
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+        os.replace(built, dst)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def beside(dst: Path, suffix: str) -> Path:
@@ -554,6 +567,35 @@ def check_not_a_source(dst: str | os.PathLike, sources: Iterable[str | os.PathLi
     for src in sources:
         if Path(src).resolve() == target:
             raise ValueError(f"{dst}: is also a source of this store; write the result to another path")
+
+
+def check_destination(
+    dst: Path,
+    overwrite: bool,
+    sources: Iterable[str | os.PathLike],
+    may_replace: Callable[[Path], bool] = replaceable,
+    not_replaceable: str = "exists and is not a store; not replacing it (choose another dst)",
+) -> None:
+    """Refuse, in one line and before any work, a destination a converter must not write to: one that
+    exists (without `overwrite`), that `may_replace` says is not its kind of output (a user's folder:
+    `not_replaceable` says so), that is a source or holds one (replacing it would delete the source), that
+    a writer has open, or a zip file where a store is written (`may_replace` is `replaceable`: zip stores
+    are read-only)."""
+    if may_replace is replaceable and dst.suffix == ".zip":
+        raise NotAStoreError(f"{dst}: zip stores are read-only; write a directory store (and zip it after)")
+    target = dst.resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if s == target or target in s.parents:
+            raise ValueError(f"{dst}: is or holds the source {src}; write the result to another path")
+    if not dst.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+    if not may_replace(dst):
+        raise FileExistsError(f"{dst}: {not_replaceable}")
+    if dst.is_dir():  # nobody may be writing to the store this replaces
+        WriterLock(dst).release()
 
 
 def commit_lengths(records: Any) -> list[int] | None:

@@ -51,7 +51,7 @@ from wm.data.convert.lerobot_meta import (
 )
 from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import KeySpec, Schema
-from wm.data.store import DemoStore, beside, move_into_place, replaceable
+from wm.data.store import DemoStore, beside, check_destination, move_into_place
 
 WRITE_STEPS = 256  # frames decoded and appended at a time, bounding memory for long image episodes
 
@@ -72,10 +72,7 @@ def lerobot_to_store(
     `store_to_lerobot` comes back with its schema, key names, shapes, dtypes and episode info.
     """
     src, dst = Path(src_root), Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
-    if dst.exists() and not replaceable(dst):
-        raise FileExistsError(f"{dst}: exists and is not a store; not replacing it (choose another dst)")
+    check_destination(dst, overwrite, [src])
     info = _load_info(src)
     episodes = _load_episodes(src)
     tasks = _load_tasks(src)
@@ -390,13 +387,12 @@ def store_to_lerobot(
     `wm.data.convert.lerobot_meta`).
     """
     dst = Path(dst_root)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
-    if dst.exists() and not lerobot_replaceable(dst):
-        raise FileExistsError(
-            f"{dst}: is neither empty nor a LeRobot dataset (no meta/info.json); overwrite replaces only "
-            "those: choose another path"
-        )
+    source = src_store.path if isinstance(src_store, DemoStore) else src_store
+    not_ours = (
+        "is neither empty nor a LeRobot dataset (no meta/info.json); overwrite replaces only those: "
+        "choose another path"
+    )
+    check_destination(dst, overwrite, [source], lerobot_replaceable, not_ours)
     store = DemoStore.open(src_store) if not isinstance(src_store, DemoStore) else src_store
     tmp = beside(dst, "converting")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -34,7 +34,7 @@ import numpy as np
 
 from wm.data.errors import AppendError, NotAStoreError, SchemaError
 from wm.data.schema import ActionSpace, KeySpec, Schema
-from wm.data.store import DemoStore, beside, move_into_place, replaceable
+from wm.data.store import DemoStore, beside, check_destination, move_into_place
 
 DEFAULT_FPS = 20.0  # robosuite's default control_freq
 WRITE_STEPS = 256  # steps read from HDF5 and appended at a time, bounding memory for long image demos
@@ -79,10 +79,7 @@ def robomimic_to_store(
     dtypes disagree, AppendError (naming the demo) for data the store refuses, e.g. non-finite actions.
     """
     src, dst = Path(src_hdf5), Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
-    if dst.exists() and not replaceable(dst):
-        raise FileExistsError(f"{dst}: exists and is not a store; not replacing it (choose another dst)")
+    check_destination(dst, overwrite, [src])
     tmp = beside(dst, "converting")
     with _open_source(src) as f:
         data = f["data"]
