@@ -244,6 +244,16 @@ def test_export_overwrite_replaces_only_a_lerobot_dataset(tmp_path, small_store)
     assert store_to_lerobot(path, out, overwrite=True) == out  # a LeRobot dataset: replaced
 
 
+def test_a_store_without_episodes_is_not_exported(tmp_path):
+    """It was written as a dataset of nothing but meta/info.json, which neither LeRobot nor the way back
+    could load."""
+    path = tmp_path / "empty.zarr"
+    DemoStore.create(path, Schema(keys={"action": KeySpec((2,), "float32", "action")}, fps=10)).close()
+    with pytest.raises(SchemaError, match="empty.zarr: has no episodes; there is nothing to export"):
+        store_to_lerobot(path, tmp_path / "lr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.zarr"]
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

@@ -397,6 +397,8 @@ def store_to_lerobot(
     tmp = beside(dst, "converting")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        if store.n_episodes == 0:  # LeRobot writes a dataset of none that it cannot load
+            raise SchemaError(f"{store.path}: has no episodes; there is nothing to export")
         _write_lerobot(store, tmp, repo_id, use_videos)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
