@@ -16,7 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lerobot")
 from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
-from wm.data import ActionSpace, DemoStore, KeySpec, NotAStoreError, Schema, SchemaError, StoreError  # noqa: E402
+from wm.data import (  # noqa: E402
+    ActionSpace,
+    AppendError,
+    CorruptStoreError,
+    DemoStore,
+    KeySpec,
+    NotAStoreError,
+    Schema,
+    SchemaError,
+    StoreError,
+)
 from wm.data.convert import lerobot as lerobot_convert  # noqa: E402
 from wm.data.convert import lerobot_meta  # noqa: E402
 from wm.data.convert.lerobot import is_lerobot_dataset, lerobot_to_store, store_to_lerobot  # noqa: E402
@@ -550,3 +560,114 @@ def test_wm_convert_round_trip_and_refusal(tmp_path):
     shutil.make_archive(str(tmp_path / "back"), "zip", tmp_path / "back.zarr")
     res = convert(f"src={tmp_path / 'back.zip'}", f"dst={tmp_path / 'lr3'}")
     assert res.returncode == 0, res.stderr
+
+
+# ---------------------------------------------------------------------- malformed datasets: one line
+@pytest.fixture(scope="module")
+def lowdim_lerobot(tmp_path_factory) -> Path:
+    """A LeRobot dataset of state (4,) and action (2,) in episodes of LENGTHS; copy it to edit it."""
+    root = tmp_path_factory.mktemp("lowdim") / "src"
+    _make_lerobot(root, (), video=False, image_fn=_random_image)
+    return root
+
+
+def _edit_info(edit):
+    def apply(root: Path) -> None:
+        path = root / "meta/info.json"
+        info = json.loads(path.read_text())
+        edit(info)
+        path.write_text(json.dumps(info))
+
+    return apply
+
+
+def _edit_table(relative: str, edit):
+    def apply(root: Path) -> None:
+        import pyarrow.parquet as pq
+
+        path = root / relative
+        pq.write_table(edit(pq.read_table(path)), path)
+
+    return apply
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+DATA_FILE = "data/chunk-000/file-000.parquet"
+EPISODES_FILE = "meta/episodes/chunk-000/file-000.parquet"
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "match"),
+    [
+        pytest.param(
+            _edit_table("meta/tasks.parquet", lambda t: t.drop(["task_index"])),
+            CorruptStoreError,
+            "meta/tasks.parquet: LeRobot task metadata has no 'task_index' column",
+            id="tasks_no_task_index",
+        ),
+        pytest.param(
+            _edit_table(EPISODES_FILE, lambda t: t.drop(["data/chunk_index"])),
+            CorruptStoreError,
+            rf"{EPISODES_FILE}: LeRobot episode metadata has no 'data/chunk_index' \(episode 0\)",
+            id="episodes_no_data_chunk",
+        ),
+        pytest.param(
+            _edit_info(lambda i: i.pop("data_path")),
+            CorruptStoreError,
+            "meta/info.json: LeRobot info.json has no 'data_path'",
+            id="info_no_data_path",
+        ),
+        pytest.param(
+            _edit_info(lambda i: i["features"]["observation.state"].__setitem__("shape", [3])),
+            SchemaError,
+            rf"info.json: feature 'observation.state' has shape \[3\], but .*/{DATA_FILE} \(episode 0\) "
+            "holds 4 values per frame",
+            id="info_state_shape",
+        ),
+        pytest.param(
+            _edit_info(lambda i: i.__setitem__("fps", "ten")),
+            SchemaError,
+            "meta/info.json: fps 'ten' is not a positive number",
+            id="info_fps_str",
+        ),
+    ],
+)
+def test_malformed_metadata_is_one_line_naming_file_and_field(
+    lowdim_lerobot, tmp_path, edit, error, match
+) -> None:
+    """They were tracebacks (KeyError) or lines naming neither the file nor the feature (`cannot reshape
+    array of size 20 into shape (5,3)`, `could not convert string to float: 'ten'`)."""
+    root = _copy(lowdim_lerobot, tmp_path / "src")
+    edit(root)
+    with pytest.raises(error, match=match) as err:
+        lerobot_to_store(root, tmp_path / "out.zarr")
+    assert str(err.value).startswith(str(root)) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written, nothing left
+
+
+def test_non_finite_value_names_the_data_file_episode_and_feature(lowdim_lerobot, tmp_path) -> None:
+    """The error named the hidden store being written (`.out.zarr.converting: key 'state' ...`)."""
+    import pyarrow as pa
+
+    def nan_at_episode_1_frame_2(table):
+        i = table.schema.get_field_index("observation.state")
+        field = table.schema.field(i)
+        state = np.array(table.column(i).to_pylist(), dtype=np.float32)
+        state[LENGTHS[0] + 2, 0] = np.nan
+        return table.set_column(i, field, pa.array(state.tolist(), field.type))
+
+    root = _copy(lowdim_lerobot, tmp_path / "src")
+    _edit_table(DATA_FILE, nan_at_episode_1_frame_2)(root)
+    with pytest.raises(AppendError) as err:
+        lerobot_to_store(root, tmp_path / "out.zarr")
+    assert str(err.value) == (
+        f"{root / DATA_FILE}: episode 1: key 'state' (LeRobot feature 'observation.state') has non-finite "
+        "values (first at step 2)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

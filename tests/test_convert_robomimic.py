@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from wm.data import AppendError, DemoStore, NotAStoreError, SchemaError
+from wm.data import AppendError, CorruptStoreError, DemoStore, NotAStoreError, SchemaError, StoreBusyError
 from wm.data.convert.robomimic import is_robomimic_hdf5, robomimic_to_store
 
 LENGTHS = {"demo_0": 5, "demo_2": 7, "demo_10": 3}
@@ -184,11 +188,12 @@ def test_existing_destination(tmp_path: Path) -> None:
 
 
 def test_object_state_is_not_proprioception_success_follows_rewards_and_absolute_actions(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """robomimic files as its own scripts write them: `object` (the simulator's object poses) beside the
     robot's state, done=1 at every trajectory's end (done modes 1 and 2), and `actions_abs` added by
-    its absolute-action script."""
+    its absolute-action script. The datasets left out are named in one `warning:` line, as the LeRobot
+    path does (it was a Python warning, printed with a source line of tools/convert.py)."""
     src = tmp_path / "lift.hdf5"
     demos = write_robomimic(src)
     rng = np.random.default_rng(7)
@@ -200,8 +205,10 @@ def test_object_state_is_not_proprioception_success_follows_rewards_and_absolute
             g.create_dataset("dones", data=np.r_[np.zeros(length - 1), 1].astype(np.int64))  # every end done
             demos[name]["actions_abs"] = rng.normal(size=(length, 7))
             g.create_dataset("actions_abs", data=demos[name]["actions_abs"])
-    with pytest.warns(UserWarning, match=r"demo datasets not copied: actions_abs \(another action dataset"):
-        store = robomimic_to_store(src, tmp_path / "lift.zarr")
+    store = robomimic_to_store(src, tmp_path / "lift.zarr")
+    (record,) = caplog.records
+    hint = "(another action dataset is chosen with action_key=)"
+    assert record.getMessage() == f"warning: {src}: demo datasets not copied: actions_abs {hint}"
     kinds = {k: s.kind for k, s in store.schema.keys.items()}
     assert (
         kinds["object"] == "lowdim" and kinds["robot0_eef_pos"] == kinds["robot0_gripper_qpos"] == "proprio"
@@ -209,10 +216,125 @@ def test_object_state_is_not_proprioception_success_follows_rewards_and_absolute
     assert store.schema.keys_of_kind("proprio")[0] == "robot0_eef_pos"  # wm-train's default proprio key
     assert [store.episode_info(i)["success"] for i in range(3)] == [True, False, True]  # demo_2: no reward
 
-    with pytest.warns(UserWarning, match="not copied: actions .another action dataset"):
-        store = robomimic_to_store(src, tmp_path / "abs.zarr", action_key="actions_abs")
+    caplog.clear()
+    store = robomimic_to_store(src, tmp_path / "abs.zarr", action_key="actions_abs")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {src}: demo datasets not copied: actions {hint}"
+    ]
     space = store.schema.action_space
     assert (space.mode, space.frame) == ("absolute", "ee") and "actions_abs" in space.description
     np.testing.assert_array_equal(store.get_episode(1)["action"], demos["demo_2"]["actions_abs"])
     with pytest.raises(SchemaError, match="data/demo_0/actions_delta is missing"):
         robomimic_to_store(src, tmp_path / "none.zarr", action_key="actions_delta")
+
+
+# ---------------------------------------------------------------------- malformed input: one line
+def _kwargs(env_kwargs: object) -> Callable[[h5py.File], None]:
+    return lambda f: f["data"].attrs.__setitem__(
+        "env_args", json.dumps({"env_name": "Lift", "env_kwargs": env_kwargs})
+    )
+
+
+def _obs(key: str, dtype: object, value: object = 0) -> Callable[[h5py.File], None]:
+    def add(f: h5py.File) -> None:
+        for name, length in LENGTHS.items():
+            f[f"data/{name}/obs"].create_dataset(key, data=np.full(length, value, dtype=dtype), dtype=dtype)
+
+    return add
+
+
+def _flat_rewards(f: h5py.File) -> None:
+    del f["data/demo_0/rewards"]
+    f["data/demo_0/rewards"] = np.zeros((LENGTHS["demo_0"], 0))
+
+
+FREQ = "data attribute env_args: env_kwargs.control_freq"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        pytest.param(_kwargs(["x"]), "env_args: env_kwargs is a list, not a mapping", id="kwargs_list"),
+        pytest.param(_obs("lang", "S4", "pick"), r"obs/lang: dtype \|S4 is not numeric", id="bytes"),
+        pytest.param(_obs("lang", h5py.string_dtype(), "pick"), "obs/lang: dtype object is not", id="str"),
+        pytest.param(
+            _obs("c", [("a", "f4"), ("b", "i4")]),
+            r"data/demo_0/obs/c: dtype \[\('a', '<f4'\), .* not numeric",
+            id="compound",
+        ),
+        pytest.param(_flat_rewards, r"data/demo_0/rewards: shape \(5, 0\) float64 has no", id="rewards"),
+        pytest.param(_kwargs({"control_freq": "fast"}), f"{FREQ} 'fast' is not a positive", id="freq"),
+        pytest.param(_kwargs({"control_freq": -5}), f"{FREQ} -5 is not a positive", id="freq_neg"),
+        pytest.param(_kwargs({"control_freq": 0}), f"{FREQ} 0 is not a positive", id="freq_0"),
+    ],
+)
+def test_malformed_file_is_one_line_naming_file_and_dataset(
+    tmp_path: Path, mutate: Callable[[h5py.File], None], match: str
+) -> None:
+    """They were tracebacks (AttributeError, TypeError from numpy, IndexError) or a line naming neither
+    the file nor the dataset (`could not convert string to float: 'fast'`)."""
+    src = tmp_path / "bad.hdf5"
+    write_robomimic(src, images=False)
+    with h5py.File(src, "a") as f:
+        mutate(f)
+    with pytest.raises(SchemaError, match=match) as e:
+        robomimic_to_store(src, tmp_path / "bad.zarr")
+    assert str(e.value).startswith(f"{src}: ") and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.hdf5"]
+
+
+def test_control_freq_is_not_read_when_fps_is_given(tmp_path: Path) -> None:
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src, images=False, env_args={"env_name": "Lift", "env_kwargs": {"control_freq": "fast"}})
+    assert robomimic_to_store(src, tmp_path / "out.zarr", fps=10).schema.fps == 10.0
+
+
+def test_damaged_chunk_is_corrupt_store_error_naming_demo_and_key(tmp_path: Path) -> None:
+    """A compressed chunk damaged on disk (bit rot, a bad copy) was a traceback of h5py's OSError."""
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src)
+    with h5py.File(src, "a") as f:
+        images = f["data/demo_2/obs/agentview_image"][()]
+        del f["data/demo_2/obs/agentview_image"]
+        ds = f.create_dataset(
+            "data/demo_2/obs/agentview_image", data=images, compression="gzip", chunks=(1, 16, 16, 3)
+        )
+        chunk = ds.id.get_chunk_info(1)
+    with open(src, "r+b") as fh:
+        fh.seek(chunk.byte_offset + 4)
+        fh.write(b"\xff" * 16)
+    with pytest.raises(
+        CorruptStoreError, match=r"data/demo_2/obs/agentview_image: cannot read steps 0-6 \("
+    ) as e:
+        robomimic_to_store(src, tmp_path / "out.zarr")
+    assert str(e.value).startswith(f"{src}: ") and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lift.hdf5"]
+
+
+def test_hdf5_file_that_will_not_open_says_why(tmp_path: Path) -> None:
+    """A truncated file, or one a writer holds (HDF5's file lock), was "not a ... robomimic HDF5 file"."""
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src, images=False)
+    truncated = tmp_path / "truncated.hdf5"
+    truncated.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    for check in (is_robomimic_hdf5, lambda p: robomimic_to_store(p, tmp_path / "out.zarr")):
+        with pytest.raises(
+            CorruptStoreError, match=r"truncated\.hdf5: cannot open this HDF5 file \(.*truncated file"
+        ):
+            check(truncated)
+    if os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE":
+        return
+    hold = "import h5py, sys; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); sys.stdin.read()"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", hold, str(src)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "open"
+        for check in (is_robomimic_hdf5, lambda p: robomimic_to_store(p, tmp_path / "out.zarr")):
+            with pytest.raises(
+                StoreBusyError, match=r"lift\.hdf5: the HDF5 file is locked: another process has it open"
+            ):
+                check(src)
+    finally:
+        writer.communicate("", timeout=60)
+    assert is_robomimic_hdf5(src) and not (tmp_path / "out.zarr").exists()

@@ -26,9 +26,12 @@ PNG images decoded exactly with PIL, and videos decoded with PyAV, one seek per 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,16 +47,18 @@ from wm.data.convert.lerobot_meta import (
     image_feature_spec,
     infer_key,
     plan_export,
+    positive_rate,
     read_carried,
     relative_timestamps,
     warn,
     write_carried,
 )
-from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
+from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import KeySpec, Schema
 from wm.data.store import DemoStore, beside, check_destination, move_into_place
 
 WRITE_STEPS = 256  # frames decoded and appended at a time, bounding memory for long image episodes
+EPISODES_FILE = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"  # LeRobot v3.0's
 
 
 def is_lerobot_dataset(path: str | os.PathLike) -> bool:
@@ -74,15 +79,16 @@ def lerobot_to_store(
     src, dst = Path(src_root), Path(dst)
     check_destination(dst, overwrite, [src])
     info = _load_info(src)
+    fps = _fps(info, src)
     episodes = _load_episodes(src)
     tasks = _load_tasks(src)
     schema, features = read_carried(src, info) or _schema_from_info(info, src, tasks)
     tmp = beside(dst, "converting")
     store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
-    videos = _VideoFrames(float(info["fps"]))
+    videos = _VideoFrames(fps)
     try:
         for ep, part, data_file in _iter_episodes(src, info, episodes, features):
-            with store.begin_episode() as writer:
+            with _at_source(tmp, data_file, ep, features), store.begin_episode() as writer:
                 for lo in range(0, part.num_rows, WRITE_STEPS):
                     rows = part.slice(lo, WRITE_STEPS)
                     block = _read_rows(src, info, ep, rows, features, videos, data_file)
@@ -108,6 +114,20 @@ def lerobot_replaceable(path: Path) -> bool:
     if not path.is_dir():
         return False
     return not any(path.iterdir()) or (path / "meta" / "info.json").is_file()
+
+
+@contextlib.contextmanager
+def _at_source(tmp: Path, data_file: Path, ep: dict[str, Any], features: dict[str, str]) -> Iterator[None]:
+    """An AppendError of the episode written inside names where its data comes from (data file, episode
+    and LeRobot feature), not the hidden store being written."""
+    try:
+        yield
+    except AppendError as e:
+        msg = re.sub(r"^episode \d+, ", "", str(e).replace(f"{tmp}: ", ""))  # the store's episode number
+        for key, name in features.items():
+            if key != name:
+                msg = msg.replace(f"key {key!r}", f"key {key!r} (LeRobot feature {name!r})")
+        raise AppendError(f"{data_file}: episode {ep['episode_index']}: {msg}") from e
 
 
 def _load_info(src: Path) -> dict[str, Any]:
@@ -154,9 +174,19 @@ def _load_tasks(src: Path) -> dict[int, str]:
     if not path.is_file():
         return {}
     df = pq.read_table(path).to_pandas()
+    if "task_index" not in df.columns:
+        raise CorruptStoreError(f"{path}: LeRobot task metadata has no 'task_index' column")
     if "task" in df.columns:
         return {int(i): str(t) for i, t in zip(df["task_index"], df["task"], strict=True)}
     return {int(i): str(t) for t, i in zip(df.index, df["task_index"], strict=True)}
+
+
+def _fps(info: dict[str, Any], src: Path) -> float:
+    """info.json's `fps`, a positive number."""
+    fps = positive_rate(info["fps"])
+    if fps is None:
+        raise SchemaError(f"{src / 'meta' / 'info.json'}: fps {info['fps']!r} is not a positive number")
+    return fps
 
 
 def _schema_from_info(
@@ -192,7 +222,7 @@ def _schema_from_info(
     task_names = set(tasks.values())
     schema = Schema(
         keys=keys,
-        fps=float(info["fps"]),
+        fps=_fps(info, src),
         robot=str(info.get("robot_type") or ""),
         task=task_names.pop() if len(task_names) == 1 else "",
     )
@@ -208,7 +238,9 @@ def _episode_info(ep: dict[str, Any], part: Any, tasks: dict[int, str]) -> dict[
     if len(names) > 1:
         info["tasks"] = names
     if SUCCESS in part.column_names:
-        info["success"] = bool(np.any(_column_to_numpy(part.column(SUCCESS), (), "bool")))
+        where = f"episode {ep['episode_index']}"
+        flags = _column_to_numpy(part.column(SUCCESS), (), "bool", repr(SUCCESS), where)
+        info["success"] = bool(np.any(flags))
     return info
 
 
@@ -224,8 +256,7 @@ def _iter_episodes(
     columns = list(dict.fromkeys([*columns, "timestamp", "episode_index", "task_index"]))
     current, table, file_rows = None, None, {}
     for ep in episodes:
-        chunk_file = {"chunk_index": ep["data/chunk_index"], "file_index": ep["data/file_index"]}
-        data_file = src / info["data_path"].format(**chunk_file)
+        data_file = _data_file(src, info, ep)
         if data_file != current:
             try:
                 table = pq.read_table(data_file, columns=columns)
@@ -234,11 +265,52 @@ def _iter_episodes(
             current, file_rows = data_file, _rows_by_episode(table)
         idx = int(ep["episode_index"])
         rows = file_rows.get(idx, np.zeros(0, dtype=np.int64))
-        if len(rows) != int(ep["length"]):
+        if len(rows) != int(_episode_field(src, ep, "length")):
             raise CorruptStoreError(
                 f"{data_file}: episode {idx} has {len(rows)} rows, meta/episodes says {ep['length']}"
             )
         yield ep, table.take(rows), data_file
+
+
+def _data_file(src: Path, info: dict[str, Any], ep: dict[str, Any]) -> Path:
+    """The data parquet file of the meta/episodes row `ep`, from info.json's `data_path` template."""
+    template = info.get("data_path")
+    if not isinstance(template, str):
+        raise CorruptStoreError(
+            f"{src / 'meta' / 'info.json'}: LeRobot info.json has no 'data_path' (the name template of "
+            "its data files)"
+        )
+    chunk, file = _episode_field(src, ep, "data/chunk_index"), _episode_field(src, ep, "data/file_index")
+    try:
+        return src / template.format(chunk_index=chunk, file_index=file)
+    except (KeyError, IndexError, ValueError) as e:
+        raise CorruptStoreError(
+            f"{src / 'meta' / 'info.json'}: LeRobot data_path {template!r} is not a file name template "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+def _episode_field(src: Path, ep: dict[str, Any], field: str) -> Any:
+    """`field` of the meta/episodes row `ep`; a missing one names the file that lacks it."""
+    value = ep.get(field)
+    if value is None:
+        raise CorruptStoreError(
+            f"{_episodes_file(src, ep)}: LeRobot episode metadata has no {field!r} "
+            f"(episode {ep.get('episode_index')})"
+        )
+    return value
+
+
+def _episodes_file(src: Path, ep: dict[str, Any]) -> Path:
+    """The meta/episodes parquet file holding the row `ep`, or its folder where the row does not say."""
+    folder = src / "meta" / "episodes"
+    try:
+        path = src / EPISODES_FILE.format(
+            chunk_index=ep["meta/episodes/chunk_index"], file_index=ep["meta/episodes/file_index"]
+        )
+    except (KeyError, TypeError, ValueError):
+        return folder
+    return path if path.is_file() else folder
 
 
 def _read_rows(
@@ -269,7 +341,9 @@ def _read_rows(
             where = f"{data_file}: key {name!r}, episode {idx}"
             out[key] = _decode_images(part.column(name), image_feature_spec(feats[name]).shape, src, where)
         else:
-            out[key] = _column_to_numpy(part.column(name), tuple(feats[name]["shape"]), dtype)
+            feature, shape = f"{src / 'meta' / 'info.json'}: feature {name!r}", tuple(feats[name]["shape"])
+            where = f"{data_file} (episode {idx})"
+            out[key] = _column_to_numpy(part.column(name), shape, dtype, feature, where)
     return out
 
 
@@ -281,8 +355,9 @@ def _rows_by_episode(table: Any) -> dict[int, np.ndarray]:
     return {int(u): order[s:e] for u, s, e in zip(uniq, starts, bounds, strict=True)}
 
 
-def _column_to_numpy(col: Any, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """A (fixed-size) list or scalar arrow column as a (T, *shape) array."""
+def _column_to_numpy(col: Any, shape: tuple[int, ...], dtype: str, feature: str, where: str) -> np.ndarray:
+    """A (fixed-size) list or scalar arrow column as a (T, *shape) array. `feature` names the feature
+    whose shape and dtype these are, `where` the data it comes from, for the error when they differ."""
     import pyarrow as pa
 
     arr = col.combine_chunks()
@@ -290,7 +365,14 @@ def _column_to_numpy(col: Any, shape: tuple[int, ...], dtype: str) -> np.ndarray
     nested = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
     while any(is_list(arr.type) for is_list in nested):
         arr = arr.flatten()
-    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype).reshape(n, *shape)
+    try:
+        values = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"{feature} is {dtype}, but {where} holds {col.type} values ({e})") from e
+    if values.size != n * math.prod(shape):
+        per = f"{values.size / n:g}"  # n > 0: a column of no rows fits any shape
+        raise SchemaError(f"{feature} has shape {list(shape)}, but {where} holds {per} values per frame")
+    return values.reshape(n, *shape)
 
 
 def _decode_images(col: Any, shape: tuple[int, ...], src: Path, where: str) -> np.ndarray:

@@ -65,6 +65,18 @@ def warn(message: str) -> None:
     log.warning("warning: %s", message)
 
 
+def positive_rate(raw: Any) -> float | None:
+    """A source's frame rate (`fps`, `control_freq`) as a positive finite number; None where it is not one
+    (a string, a bool, 0, negative, NaN)."""
+    if isinstance(raw, bool):
+        return None
+    try:
+        rate = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None
+
+
 @dataclass
 class ExportPlan:
     """How a store's keys become LeRobot features."""

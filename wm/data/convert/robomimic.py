@@ -25,14 +25,14 @@ import json
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from wm.data.errors import AppendError, NotAStoreError, SchemaError
+from wm.data.convert.lerobot_meta import positive_rate, warn
+from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
 from wm.data.schema import ActionSpace, KeySpec, Schema
 from wm.data.store import DemoStore, beside, check_destination, move_into_place
 
@@ -44,12 +44,15 @@ NOT_COPIED = {"obs", "next_obs", "states", "rewards", "dones"}  # demo datasets 
 
 
 def is_robomimic_hdf5(path: str | os.PathLike) -> bool:
-    """True if `path` is an HDF5 file with a robomimic `data/` group (env_args or demo_<i> groups)."""
+    """True if `path` is an HDF5 file with a robomimic `data/` group (env_args or demo_<i> groups).
+
+    An HDF5 file that will not open (locked by a writer, truncated) may well be robomimic's: it raises
+    StoreBusyError or CorruptStoreError saying why, rather than calling it something else."""
     path = Path(path)
-    try:
-        if not path.is_file() or not h5py.is_hdf5(path):
-            return False
-        with h5py.File(path, "r") as f:
+    if not path.is_file() or not _has_hdf5_signature(path):
+        return False
+    with _open_hdf5(path) as f:
+        try:
             data = f.get("data")
             if not isinstance(data, h5py.Group):
                 return False
@@ -57,8 +60,8 @@ def is_robomimic_hdf5(path: str | os.PathLike) -> bool:
                 _DEMO_RE.fullmatch(n) and isinstance(g, h5py.Group) and "actions" in g
                 for n, g in data.items()
             )
-    except (OSError, ValueError):
-        return False
+        except (OSError, ValueError):
+            return False
 
 
 def robomimic_to_store(
@@ -76,7 +79,8 @@ def robomimic_to_store(
     demo dataset that becomes the store's actions (`actions_abs`: absolute, in the controller's frame).
     Raises
     NotAStoreError for a file that is not robomimic HDF5, SchemaError for demos whose keys, shapes or
-    dtypes disagree, AppendError (naming the demo) for data the store refuses, e.g. non-finite actions.
+    dtypes disagree, AppendError (naming the demo) for data the store refuses, e.g. non-finite actions,
+    CorruptStoreError (naming the dataset) for data HDF5 cannot read back, e.g. a damaged chunk.
     """
     src, dst = Path(src_hdf5), Path(dst)
     check_destination(dst, overwrite, [src])
@@ -105,14 +109,33 @@ def robomimic_to_store(
 def _open_source(src: Path) -> h5py.File:
     if not src.is_file():
         raise NotAStoreError(f"{src}: no such file")
-    try:
-        f = h5py.File(src, "r")
-    except OSError as e:
-        raise NotAStoreError(f"{src}: not an HDF5 file ({e})") from e
+    f = _open_hdf5(src)
     if not isinstance(f.get("data"), h5py.Group):
         f.close()
         raise NotAStoreError(f"{src}: not a robomimic HDF5 file (it has no data/ group)")
     return f
+
+
+def _open_hdf5(path: Path) -> h5py.File:
+    """`path` opened read-only; why a file that will not open does not, in one line."""
+    try:
+        return h5py.File(path, "r")
+    except BlockingIOError as e:  # HDF5's file lock: a writer (robomimic's own scripts...) has it open
+        raise StoreBusyError(
+            f"{path}: the HDF5 file is locked: another process has it open for writing; convert it once "
+            "that process has closed it"
+        ) from e
+    except OSError as e:
+        if _has_hdf5_signature(path):
+            raise CorruptStoreError(f"{path}: cannot open this HDF5 file ({e})") from e
+        raise NotAStoreError(f"{path}: not an HDF5 file ({e})") from e
+
+
+def _has_hdf5_signature(path: Path) -> bool:
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
 
 
 def _demo_names(data: h5py.Group, src: Path) -> list[str]:
@@ -167,7 +190,7 @@ def _warn_left_out(data: h5py.Group, demos: list[str], action_key: str, src: Pat
     if left:
         actions = any("action" in k for k in left)
         hint = " (another action dataset is chosen with action_key=)" if actions else ""
-        warnings.warn(f"{src}: demo datasets not copied: {', '.join(left)}{hint}", stacklevel=3)
+        warn(f"{src}: demo datasets not copied: {', '.join(left)}{hint}")
 
 
 def _demo_arrays(
@@ -218,11 +241,22 @@ def _schema(
                     f"{src}: data/{name}, key {key!r}: per-step shape {ds.shape[1:]} {ds.dtype} differs from "
                     f"{first[0]}'s {first[1]} {first[2]}"
                 )
+    for key, (name, _, dtype) in ref.items():
+        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):  # strings, compound records
+            where = action_key if key == "action" else f"obs/{key}"
+            raise SchemaError(
+                f"{src}: data/{name}/{where}: dtype {dtype} is not numeric; the store cannot hold it"
+            )
     keys = {"action": KeySpec(shape=ref["action"][1], dtype=ref["action"][2].name, kind="action")}
     for key in ordered:
         _, shape, dtype = ref[key]
         keys[key] = KeySpec(shape=shape, dtype=dtype.name, kind=_kind(key, shape, dtype))
     kwargs = env_args.get("env_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        kind = type(kwargs).__name__
+        raise SchemaError(
+            f"{src}: data attribute env_args: env_kwargs is a {kind}, not a mapping (JSON object)"
+        )
     robots = kwargs.get("robots", "")
     space = _action_space(kwargs.get("controller_configs"))
     if action_key == "actions_abs":  # robomimic's absolute poses for the same (delta) controller
@@ -231,11 +265,25 @@ def _schema(
         space = ActionSpace(description=f"robomimic dataset {action_key}")
     return Schema(
         keys=keys,
-        fps=float(fps if fps is not None else kwargs.get("control_freq") or DEFAULT_FPS),
+        fps=float(fps) if fps is not None else _control_freq(kwargs, src),
         action_space=space,
         robot="+".join(map(str, robots)) if isinstance(robots, list | tuple) else str(robots),
         task=str(env_args.get("env_name", "")),
     )
+
+
+def _control_freq(env_kwargs: dict[str, Any], src: Path) -> float:
+    """env_args' `env_kwargs.control_freq` (DEFAULT_FPS when absent), a positive number."""
+    raw = env_kwargs.get("control_freq")
+    if raw is None:
+        return DEFAULT_FPS
+    freq = positive_rate(raw)
+    if freq is None:
+        raise SchemaError(
+            f"{src}: data attribute env_args: env_kwargs.control_freq {raw!r} is not a positive number "
+            "(give the rate with fps=)"
+        )
+    return freq
 
 
 def _action_space(ctrl: Any) -> ActionSpace:
@@ -258,15 +306,29 @@ def _action_space(ctrl: Any) -> ActionSpace:
 
 
 # ---------------------------------------------------------------------- writing
-def _success(demo: h5py.Group) -> bool | None:
+def _success(demo: h5py.Group, name: str, src: Path) -> bool | None:
     """rewards[-1] > 0 (robomimic's sparse task reward) if the demo has rewards, else bool(dones[-1]),
     else unknown. Rewards first: robomimic's done modes 1 and 2 also mark every trajectory's end done."""
     for key in ("rewards", "dones"):
         ds = demo.get(key)
         if isinstance(ds, h5py.Dataset) and ds.ndim >= 1 and ds.shape[0] > 0:
-            last = np.asarray(ds[-1]).ravel()[0]
-            return bool(last) if key == "dones" else bool(last > 0)
+            last = np.asarray(_read(ds, ds.shape[0] - 1, ds.shape[0], src)).ravel()
+            if last.size == 0 or not (np.issubdtype(last.dtype, np.number) or last.dtype == np.bool_):
+                raise SchemaError(
+                    f"{src}: data/{name}/{key}: shape {ds.shape} {ds.dtype} has no number per step "
+                    "(expected (T,))"
+                )
+            return bool(last[0]) if key == "dones" else bool(last[0] > 0)
     return None
+
+
+def _read(ds: h5py.Dataset, lo: int, hi: int, src: Path) -> np.ndarray:
+    """Steps lo..hi-1 of `ds`; data HDF5 cannot read back (a damaged compressed chunk) is a
+    CorruptStoreError naming the file, demo and key."""
+    try:
+        return ds[lo:hi]
+    except OSError as e:
+        raise CorruptStoreError(f"{src}: {ds.name.lstrip('/')}: cannot read steps {lo}-{hi - 1} ({e})") from e
 
 
 def _append_demo(
@@ -281,7 +343,7 @@ def _append_demo(
     obs_keys = [k for k in store.keys if k != "action"]
     arrays = _demo_arrays(demo, name, obs_keys, src, action_key)
     info: dict[str, Any] = {"source_demo": name}
-    success = _success(demo)
+    success = _success(demo, name, src)
     if success is not None:
         info["success"] = success
     info["filter_keys"] = sorted(k for k, demos in masks.items() if name in demos)
@@ -289,7 +351,8 @@ def _append_demo(
     try:
         with store.begin_episode() as writer:
             for lo in range(0, n, WRITE_STEPS):
-                writer.add_steps({k: ds[lo : lo + WRITE_STEPS] for k, ds in arrays.items()})
+                hi = min(lo + WRITE_STEPS, n)
+                writer.add_steps({k: _read(ds, lo, hi, src) for k, ds in arrays.items()})
             writer.end(info)
     except AppendError as e:
         msg = str(e).replace(str(rename[0]), str(rename[1]))
