@@ -374,6 +374,27 @@ def _assert_same_store(a: DemoStore, b: DemoStore, exact_images: bool = True) ->
                 np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
+def test_an_episode_whose_frames_have_several_tasks_keeps_which_frame_had_which(tmp_path):
+    """LeRobot -> store -> LeRobot gave every frame of an episode its first task (the store kept only
+    the episode's task names)."""
+    features = {"action": {"dtype": "float32", "shape": (2,), "names": None}}
+    ds = LeRobotDataset.create("local/src", FPS, features, root=tmp_path / "src", use_videos=False)
+    tasks = [["reach", "reach", "grasp", "grasp", "reach"], ["grasp"] * 3]
+    for names in tasks:
+        for t, name in enumerate(names):
+            ds.add_frame({"action": np.full(2, t, np.float32), "task": name})
+        ds.save_episode()
+    ds.finalize()
+    with lerobot_to_store(tmp_path / "src", tmp_path / "s.zarr") as store:
+        info = store.episode_info(0)
+        assert info["task"] == "reach" and info["tasks"] == ["reach", "grasp"]
+        assert info["task_spans"] == [["reach", 2], ["grasp", 2], ["reach", 1]]
+        assert "task_spans" not in store.episode_info(1)  # one task: the episode's
+        back = store_to_lerobot(store, tmp_path / "back")
+    read = LeRobotDataset("local/check", root=back, video_backend="pyav")
+    assert [read[i]["task"] for i in range(len(read))] == tasks[0] + tasks[1]
+
+
 def test_round_trip_keeps_schema_episode_info_dtypes_and_data(tmp_path, caplog):
     store = _rich_store(tmp_path / "rich.zarr")
     out = store_to_lerobot(store, tmp_path / "lr")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -231,12 +232,14 @@ def _schema_from_info(
 
 def _episode_info(ep: dict[str, Any], part: Any, tasks: dict[int, str]) -> dict[str, Any]:
     """Task names, source index and, where the dataset has LeRobot's per-frame `next.success`
-    (PushT, gym-style sets), the episode's success: true when any of its frames succeeded."""
-    order = list(dict.fromkeys(int(t) for t in part.column("task_index").to_numpy()))
-    names = [tasks.get(t, str(t)) for t in order]
+    (PushT, gym-style sets), the episode's success: true when any of its frames succeeded. An episode
+    whose frames have several tasks keeps which frame had which: `task_spans`, [[task, frames], ...]."""
+    frame_tasks = [tasks.get(int(t), str(int(t))) for t in part.column("task_index").to_numpy()]
+    names = list(dict.fromkeys(frame_tasks))
     info: dict[str, Any] = {"task": names[0] if names else "", "source_episode": int(ep["episode_index"])}
     if len(names) > 1:
         info["tasks"] = names
+        info["task_spans"] = [[name, len(list(run))] for name, run in itertools.groupby(frame_tasks)]
     if SUCCESS in part.column_names:
         where = f"episode {ep['episode_index']}"
         flags = _column_to_numpy(part.column(SUCCESS), (), "bool", repr(SUCCESS), where)
@@ -527,8 +530,9 @@ def _write_episode(ds: Any, store: DemoStore, i: int, plan: ExportPlan, use_vide
     info.pop("length", None)  # the store's commit record adds it back
     task = str(info.get("task") or store.schema.task or "default")
     n = int(store.episode_lengths()[i])
+    frame_tasks = _frame_tasks(info.get("task_spans"), n) or [task] * n
     for t in range(n):
-        frame: dict[str, Any] = {"task": task}
+        frame: dict[str, Any] = {"task": frame_tasks[t]}
         for key, name in plan.names.items():
             if name != "timestamp":
                 frame[name] = _frame_value(ep[key][t], plan.features[name])
@@ -539,6 +543,19 @@ def _write_episode(ds: Any, store: DemoStore, i: int, plan: ExportPlan, use_vide
     _squeeze_scalar_features(ds, plan.features)
     ds.save_episode()
     return info
+
+
+def _frame_tasks(spans: Any, n: int) -> list[str] | None:
+    """Each of the n frames' task from an episode's `task_spans` ([[task, frames], ...], as a LeRobot
+    import records them); None where there are none, or they do not cover the n frames exactly."""
+    if not isinstance(spans, list):
+        return None
+    frames: list[str] = []
+    for span in spans:
+        if not (isinstance(span, list) and len(span) == 2 and isinstance(span[1], int) and span[1] > 0):
+            return None
+        frames += [str(span[0])] * span[1]
+    return frames if len(frames) == n else None
 
 
 def _squeeze_scalar_features(ds: Any, features: dict[str, dict[str, Any]]) -> None:
