@@ -328,7 +328,7 @@ def test_scalar_and_one_dim_keys_round_trip(tmp_path):
 # ---------------------------------------------------------------------- store -> LeRobot -> store
 def _rich_store(path: Path) -> DemoStore:
     """Everything LeRobot's own metadata cannot say: a delta / ee action space with units, names,
-    scalar and bool keys, float64 proprioception and monotonic float64 timestamps, episode info."""
+    scalar, bool and float16 keys, float64 proprioception and monotonic float64 timestamps, episode info."""
     schema = Schema(
         keys={
             "front": KeySpec((16, 32, 3), "uint8", "image"),
@@ -337,6 +337,7 @@ def _rich_store(path: Path) -> DemoStore:
             "action": KeySpec((2,), "float32", "action", units="m"),
             "loop_dt": KeySpec((), "float32", "lowdim", units="s"),
             "contact": KeySpec((), "bool", "lowdim"),
+            "force": KeySpec((2,), "float16", "lowdim"),  # exported as float32 (LeRobot's stats fail on it)
             "timestamp": KeySpec((), "float64", "timestamp", units="s"),
         },
         fps=15,
@@ -355,6 +356,7 @@ def _rich_store(path: Path) -> DemoStore:
                 "action": rng.normal(size=(n, 2)).astype(np.float32),
                 "loop_dt": rng.uniform(0.05, 0.08, n).astype(np.float32),
                 "contact": rng.uniform(size=n) > 0.5,
+                "force": rng.normal(size=(n, 2)).astype(np.float16),
                 "timestamp": 81234.56789 + 3 * e + np.cumsum(rng.uniform(0.06, 0.07, n)),
             },
             {"success": e != 1, "notes": f"take {e}", "operator": {"name": "ada", "hand": "left"}},
@@ -407,6 +409,7 @@ def test_round_trip_keeps_schema_episode_info_dtypes_and_data(tmp_path, caplog):
         "action",
         "loop_dt",
         "contact",
+        "force",
         "wm_stack.timestamp",  # float64 clock readings: LeRobot's float32 timestamp cannot hold them
         *("timestamp", "frame_index", "episode_index", "index", "task_index"),
     }

@@ -575,4 +575,4 @@ def _frame_value(v: np.ndarray, feature: dict[str, Any]) -> Any:
         return v
     if feature["dtype"] == "image":
         return Image.fromarray(v.squeeze(-1) if v.shape[-1] == 1 else v)
-    return v.reshape(feature["shape"])
+    return v.reshape(feature["shape"]).astype(feature["dtype"], copy=False)  # float16 goes as float32

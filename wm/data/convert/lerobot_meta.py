@@ -138,7 +138,8 @@ def plan_export(store: DemoStore, use_videos: bool) -> ExportPlan:
                 name = "action"
             else:
                 name = key
-            feature = {"dtype": spec.dtype, "shape": spec.shape or (1,), "names": list(spec.names) or None}
+            dtype_ = lerobot_dtype(spec.dtype)
+            feature = {"dtype": dtype_, "shape": spec.shape or (1,), "names": list(spec.names) or None}
         reserved = name in (*BOOKKEEPING, "task") or (name == "timestamp" and key != plan.timestamp_key)
         if reserved or name in plan.names.values():
             raise SchemaError(f"store key {key!r} maps to LeRobot feature {name!r}, which is already taken")
@@ -229,11 +230,17 @@ def _check_carried(schema: Schema, names: dict[str, str], features: dict[str, An
         if spec.kind == "image":
             ok = ft["dtype"] in ("image", "video") and image_feature_spec(ft).shape == spec.shape
         else:
-            ok = ft["dtype"] == spec.dtype and math.prod(shape) == math.prod(spec.shape)
+            ok = ft["dtype"] == lerobot_dtype(spec.dtype) and math.prod(shape) == math.prod(spec.shape)
         if not ok:
             raise SchemaError(
                 f"feature {name!r} is {ft['dtype']} {shape}, key {key!r} is {spec.dtype} {spec.shape}"
             )
+
+
+def lerobot_dtype(dtype: str) -> str:
+    """The LeRobot feature dtype a store key of `dtype` is exported as: float16 as float32 (exact; LeRobot's
+    statistics fail on float16), and the carried schema gives it back as float16 on the way in."""
+    return "float32" if dtype == "float16" else dtype
 
 
 def carried_episode_info(ep: dict[str, Any]) -> dict[str, Any] | None:
