@@ -376,6 +376,24 @@ def _assert_same_store(a: DemoStore, b: DemoStore, exact_images: bool = True) ->
                 np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
+def test_names_given_per_axis_as_older_lerobot_datasets_do_are_kept(tmp_path):
+    """`names: {"motors": [...]}` (LeRobot's older form, in many hub datasets) was dropped."""
+    motors = ["shoulder", "elbow", "wrist"]
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (3,), "names": {"motors": motors}},
+        "action": {"dtype": "float32", "shape": (3,), "names": {"motors": motors}},
+    }
+    ds = LeRobotDataset.create("local/src", FPS, features, root=tmp_path / "src", use_videos=False)
+    for _ in range(3):
+        ds.add_frame(
+            {"observation.state": np.zeros(3, np.float32), "action": np.ones(3, np.float32), "task": "t"}
+        )
+    ds.save_episode()
+    ds.finalize()
+    with lerobot_to_store(tmp_path / "src", tmp_path / "s.zarr") as store:
+        assert store.schema.keys["state"].names == store.schema.keys["action"].names == tuple(motors)
+
+
 def test_an_episode_whose_frames_have_several_tasks_keeps_which_frame_had_which(tmp_path):
     """LeRobot -> store -> LeRobot gave every frame of an episode its first task (the store kept only
     the episode's task names)."""

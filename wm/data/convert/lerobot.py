@@ -213,9 +213,8 @@ def _schema_from_info(
                 spec = image_feature_spec(ft)
             else:
                 shape = tuple(int(s) for s in ft["shape"])
-                names = ft.get("names")
-                flat = isinstance(names, list) and all(isinstance(n, str) for n in names)
-                ok = flat and len(shape) >= 1 and len(names) == shape[-1]
+                names = _dim_names(ft.get("names"))
+                ok = names is not None and len(shape) >= 1 and len(names) == shape[-1]
                 spec = KeySpec(shape=shape, dtype=dtype, kind=kind, names=tuple(names) if ok else ())
         except (TypeError, KeyError, SchemaError) as e:
             raise SchemaError(f"{src}/meta/info.json: feature {name!r} cannot be stored: {e}") from e
@@ -228,6 +227,14 @@ def _schema_from_info(
         task=task_names.pop() if len(task_names) == 1 else "",
     )
     return schema, features
+
+
+def _dim_names(names: Any) -> list[str] | None:
+    """A feature's per-dimension names: a list of strings, or LeRobot's older form, a mapping of one axis
+    to such a list (`{"motors": ["shoulder_pan", ...]}`); None for anything else."""
+    if isinstance(names, dict) and len(names) == 1:
+        (names,) = names.values()
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
 
 
 def _episode_info(ep: dict[str, Any], part: Any, tasks: dict[int, str]) -> dict[str, Any]:
