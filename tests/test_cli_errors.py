@@ -107,6 +107,11 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["store=missing.zarr", "out=run", "trainer.steps=abc"],
             "error: trainer.steps must be an integer, got 'abc'",
         ),
+        (  # it failed on "[Errno 17] File exists" once the store was read and the model built
+            "wm-train",
+            ["store=missing.zarr", "out=/dev/null"],
+            "error: out=/dev/null is a file: give the run's folder (new, or one to resume)",
+        ),
         (  # its default (0.5 with a video store) could not be told from an unused one given
             "wm-train",
             ["model=uwm", "store=missing.zarr", "out=run", "video_ratio=0.3"],

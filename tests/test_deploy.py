@@ -303,6 +303,17 @@ def test_mpc_served_by_wm_serve(world_model, tmp_path):
     assert report["ticks"] == 6 and report["chunks"] >= 2 and report["settings"]["controller"] == "mpc"
 
 
+def test_an_mpc_server_refuses_what_no_robot_could_use_before_it_serves(world_model, tmp_path):
+    """It bound and said "serving", then refused every robot at its hello (wm-eval refuses these at once)."""
+    cases = [
+        (["execute=50"], "cannot execute 50 steps of a horizon-"),
+        (["subgoals=on", f"store={tmp_path / 'gone.zarr'}"], "subgoals=on needs the training store"),
+    ]
+    for args, words in cases:
+        res = run_app("wm-serve", "controller=mpc", f"checkpoint={world_model}", "port=0", *args)
+        assert res.returncode == 2 and words in res.stderr and "serving" not in res.stdout, res.stderr
+
+
 def test_a_run_a_fault_stopped_exits_with_3(tmp_path):
     """The documented status of a fault (here the watchdog: a controller slower than stop_after_s)
     reaches the shell through the app's entry point (it was turned into 2, a usage error)."""

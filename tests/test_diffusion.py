@@ -575,6 +575,13 @@ def test_checkpoint_round_trip(unet_policy, tmp_path):
     )
     got = load_model(str(tmp_path), controller="policy")  # a run directory: its latest checkpoint
     loaded = got.model
+    damaged = {k: v for k, v in policy.normalizer.to_dict().items() if k != "modes"}
+    save_checkpoint(
+        tmp_path / "damaged" / "ckpt_00000001.pt", model_type=policy.model_type,
+        model_config=policy.cfg.to_dict(), state_dict=ema, normalizer=damaged,
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="has an unreadable normalizer \\(KeyError: 'modes'\\)"):
+        load_model(str(tmp_path / "damaged"), controller="policy")  # it was a KeyError traceback
     assert got.checkpoint["model_type"] == "diffusion_unet" and not loaded.training
     assert loaded.cfg == policy.cfg
     batch = data.get_batch([0, 7, 30])

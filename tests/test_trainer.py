@@ -370,6 +370,17 @@ def test_best_checkpoint_keeps_the_lowest_validation_and_resume_takes_the_latest
     make_trainer(dataset, tmp_path, **(kw | {"steps": 50})).fit()  # 5.0 at 40 is no better; 0.5 at 50 is
     assert load_checkpoint(tmp_path / BEST_NAME)["best"] == {"metric": "loss", "value": 0.5, "step": 50}
 
+    # A run killed after its best.pt but before its first checkpoint, run again: it starts over, and
+    # its first validation (worse) replaced the better best.pt
+    capsys.readouterr()
+    worse = {10: {"loss": 2.0}, 20: {"loss": 0.7}}
+    kw = dict(steps=20, val_every=10, ckpt_every=10, val_fn=scripted_val(worse))
+    make_trainer(dataset, only_best, **kw).fit()
+    said = capsys.readouterr().err
+    assert f"note: {only_best} holds best.pt (loss 1 at step 20) and no checkpoint to resume from" in said
+    assert "step 10: loss=2\n" in said and "step 20: loss=0.7  -> best loss so far" in said
+    assert load_checkpoint(only_best / BEST_NAME)["best"] == {"metric": "loss", "value": 0.7, "step": 20}
+
 
 def test_best_metric_choice(dataset, tmp_path):
     two = {5: {"a": 1.0, "b": 2.0}, 10: {"a": 2.0, "b": 1.0}}
@@ -584,8 +595,14 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path)
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all" * 10)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        load_checkpoint(tmp_path / "garbage.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")  # a whole pickled module: not loaded as weights
+    for name in ("garbage.pt", "module.pt"):  # in our words: torch's advice (weights_only=False, which runs
+        with pytest.raises(CheckpointError) as info:  # the file's code) and its colour codes are not ours
+            load_checkpoint(tmp_path / name)
+        assert str(info.value) == (
+            f"{tmp_path / name} is not a readable checkpoint (not a weights file torch can load safely: "
+            "truncated, damaged, or not a checkpoint)"
+        )
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a wm checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
@@ -606,6 +623,9 @@ def test_load_checkpoint_errors(tmp_path):
         load_model_weights(TinyRegressor(hidden=16), ckpt)
     with pytest.raises(CheckpointError, match=r"missing keys: extra\.bias, extra\.weight"):
         load_model_weights(nn.ModuleDict({"net": TinyRegressor().net, "extra": nn.Linear(1, 1)}), ckpt)
+    broken = {**ckpt, "state_dict": {k: v.clone().fill_(math.nan) for k, v in ckpt["state_dict"].items()}}
+    with pytest.raises(CheckpointError, match=r"its weights hold NaN or inf \(6 tensor\(s\), the first 'net"):
+        load_model_weights(TinyRegressor(), broken)  # the trainer never saves them: it loaded and ran
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from robots.runtime.server import ServerConfig, token_from_env
 from tools._cli import app, bind
-from tools._controller import ControllerConfig, worker_controller
+from tools._controller import ControllerConfig, check_mpc, worker_controller
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,10 +60,7 @@ def make_server(cfg: ServeConfig, log: Any = print) -> Any:
     if policy:
         server.add_idle(builder([], []), [], [])
     elif cfg.controller == "mpc":
-        from tools._controller import _device
-        from wm.registry import load_model
-
-        load_model(cfg.checkpoint, _device(cfg.device), controller="mpc")  # fails now, not at a robot's hello
+        check_mpc(settings)  # fails now, not at each robot's hello
     return server
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -118,8 +119,7 @@ def load_checkpoint(path_or_dir: str | os.PathLike, expected_type: str | None = 
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for a corrupt or foreign file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{src} is not a readable checkpoint ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{src} is not a readable checkpoint ({_why_unreadable(e)})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         raise CheckpointError(f"{src} is not a wm checkpoint (it lacks the fields {list(REQUIRED)})")
     if ckpt["format"] != FORMAT:
@@ -134,6 +134,18 @@ def load_checkpoint(path_or_dir: str | os.PathLike, expected_type: str | None = 
     return ckpt
 
 
+def _why_unreadable(e: Exception) -> str:
+    """torch.load's failure in a few words: not its advice to load with weights_only=False (which runs
+    whatever code the file holds, and fails on a file that is no checkpoint at all), nor its colours."""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return "not a weights file torch can load safely: truncated, damaged, or not a checkpoint"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {_ANSI.sub('', first)}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # a terminal colour code
+
+
 def load_model_weights(
     model: nn.Module, ckpt: dict[str, Any] | str | os.PathLike, use_ema: bool = True
 ) -> nn.Module:
@@ -145,11 +157,18 @@ def load_model_weights(
     ema = ckpt.get("ema_state_dict")
     state = ema if use_ema and ema is not None else ckpt["state_dict"]
     problems = state_dict_diff(model.state_dict(), state)
+    src = ckpt.get("path", "checkpoint")
     if problems:
-        src = ckpt.get("path", "checkpoint")
         raise CheckpointError(
             f"{src} ({ckpt.get('model_type')!r}) does not fit this {type(model).__name__}: "
             + "; ".join(problems)
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # the trainer never saves such weights: damaged, or written by something else
+        which = "EMA weights" if state is ema else "weights"
+        raise CheckpointError(
+            f"{src}: its {which} hold NaN or inf ({len(bad)} tensor(s), the first {bad[0]!r}); it cannot be "
+            "used (an earlier checkpoint of the run may)"
         )
     model.load_state_dict(state, strict=True)
     return model

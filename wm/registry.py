@@ -221,7 +221,14 @@ def load_model(
             node = node.setdefault(p, {})
         node[leaf] = v
     cfg = entry.config_type.from_dict(merge_options(ckpt["model_config"], nested))
-    model = (entry.inference or entry.build)(cfg, Normalizer.from_dict(ckpt["normalizer"]))
+    try:
+        normalizer = Normalizer.from_dict(ckpt["normalizer"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {ckpt['path']} has an unreadable normalizer ({type(e).__name__}: {e}); "
+            "it cannot be used"
+        ) from e
+    model = (entry.inference or entry.build)(cfg, normalizer)
     if entry.state_prefix:
         ckpt = _strip_prefix(ckpt, entry.state_prefix)
     load_model_weights(model, ckpt, use_ema=entry.use_ema)

@@ -312,6 +312,7 @@ class Trainer:
         checkpoint, its settings (lr, betas, weight decay) from this run's, as config.json records."""
         path = latest_checkpoint(self.out_dir)
         if path is None:
+            self.best = self._orphan_best()
             return False
         ckpt = load_checkpoint(path)
         self._check_fits(ckpt, path)
@@ -383,6 +384,22 @@ class Trainer:
                 f"note: resuming {path}, trained with another model_config ({', '.join(changed)}); its "
                 "weights fit, so training continues from them with this run's settings"
             )
+
+    def _orphan_best(self) -> dict[str, Any] | None:
+        """A best.pt in `out_dir` without a checkpoint to resume from (a run killed before its first
+        one): its record is the bar a new validation must beat to replace it (a rerun of the command
+        replaced a better best.pt with its first validation), and the run says so."""
+        best_path = self.out_dir / BEST_NAME
+        if not best_path.is_file():
+            return None
+        best = self._restore_best(load_checkpoint(best_path))
+        if best is not None:
+            self._say(
+                f"note: {self.out_dir} holds {BEST_NAME} ({best['metric']} {best['value']:.4g} at step "
+                f"{best['step']}) and no checkpoint to resume from: training starts at step 0, and "
+                f"{BEST_NAME} is replaced only by a better validation"
+            )
+        return best
 
     def _restore_best(self, ckpt: dict[str, Any]) -> dict[str, Any] | None:
         """The best validation so far: config.json's record (written after each best.pt, so possibly
