@@ -660,6 +660,12 @@ EPISODES_FILE = "meta/episodes/chunk-000/file-000.parquet"
             id="episodes_no_data_chunk",
         ),
         pytest.param(
+            _edit_table(EPISODES_FILE, lambda t: t.drop(["episode_index"])),
+            CorruptStoreError,
+            "meta/episodes: LeRobot episode metadata has no 'episode_index' column",
+            id="episodes_no_episode_index",
+        ),
+        pytest.param(
             _edit_info(lambda i: i.pop("data_path")),
             CorruptStoreError,
             "meta/info.json: LeRobot info.json has no 'data_path'",

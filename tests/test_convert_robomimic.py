@@ -266,6 +266,11 @@ FREQ = "data attribute env_args: env_kwargs.control_freq"
         pytest.param(_kwargs({"control_freq": "fast"}), f"{FREQ} 'fast' is not a positive", id="freq"),
         pytest.param(_kwargs({"control_freq": -5}), f"{FREQ} -5 is not a positive", id="freq_neg"),
         pytest.param(_kwargs({"control_freq": 0}), f"{FREQ} 0 is not a positive", id="freq_0"),
+        pytest.param(  # it was read as no env_args at all
+            lambda f: f["data"].attrs.__setitem__("env_args", "[1, 2]"),
+            "data attribute env_args is JSON list, not an object",
+            id="env_args_list",
+        ),
     ],
 )
 def test_malformed_file_is_one_line_naming_file_and_dataset(

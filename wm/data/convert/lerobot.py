@@ -164,6 +164,8 @@ def _load_episodes(src: Path) -> list[dict[str, Any]]:
         rows = pa.concat_tables([pq.read_table(p, columns=c) for p, c in zip(paths, cols, strict=True)])
     except (OSError, pa.ArrowException) as e:
         raise CorruptStoreError(f"{directory}: cannot read LeRobot episode metadata: {e}") from e
+    if "episode_index" not in rows.column_names:
+        raise CorruptStoreError(f"{directory}: LeRobot episode metadata has no 'episode_index' column")
     return sorted(rows.to_pylist(), key=lambda r: r["episode_index"])
 
 
@@ -338,12 +340,18 @@ def _read_rows(
     for key, name in features.items():
         dtype = feats[name]["dtype"]
         if dtype == "video":
-            path = src / info["video_path"].format(
+            template = info.get("video_path")
+            if not isinstance(template, str):
+                raise CorruptStoreError(
+                    f"{src / 'meta' / 'info.json'}: LeRobot info.json has no 'video_path' (the name template "
+                    f"of its video files), which video feature {name!r} needs"
+                )
+            path = src / template.format(
                 video_key=name,
-                chunk_index=ep[f"videos/{name}/chunk_index"],
-                file_index=ep[f"videos/{name}/file_index"],
+                chunk_index=_episode_field(src, ep, f"videos/{name}/chunk_index"),
+                file_index=_episode_field(src, ep, f"videos/{name}/file_index"),
             )
-            start = float(ep[f"videos/{name}/from_timestamp"])
+            start = float(_episode_field(src, ep, f"videos/{name}/from_timestamp"))
             ts = part.column("timestamp").to_numpy()
             shape = image_feature_spec(feats[name]).shape
             out[key] = videos.read(path, start, ts, shape, f"key {name!r}, episode {idx}")

@@ -161,7 +161,9 @@ def _env_args(data: h5py.Group, src: Path) -> dict[str, Any]:
         args = json.loads(str(raw))
     except json.JSONDecodeError as e:
         raise SchemaError(f"{src}: data attribute env_args is not valid JSON ({e})") from e
-    return args if isinstance(args, dict) else {}
+    if not isinstance(args, dict):
+        raise SchemaError(f"{src}: data attribute env_args is JSON {type(args).__name__}, not an object")
+    return args
 
 
 def _masks(f: h5py.File, src: Path) -> dict[str, set[str]]:
@@ -172,7 +174,7 @@ def _masks(f: h5py.File, src: Path) -> dict[str, set[str]]:
     out = {}
     for key, ds in group.items():
         if isinstance(ds, h5py.Dataset):
-            values = np.asarray(ds[()]).ravel()
+            values = np.asarray(_read(ds, 0, len(ds), src) if ds.ndim else ds[()]).ravel()
             out[key] = {v.decode() if isinstance(v, bytes) else str(v) for v in values}
     return out
 
