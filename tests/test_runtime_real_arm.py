@@ -285,6 +285,31 @@ def test_lerobots_own_clamp_is_what_the_run_records_and_what_a_hold_repeats(bus)
     check_held(r, fresh_ticks(r.out)[-1] + 1)
 
 
+def test_lerobots_clamp_around_a_bad_reading_ends_the_run_without_another_send(bus):
+    """lerobot's `max_relative_target` clamps each goal around a position it reads inside send_action:
+    a reading far outside the joint's range (a glitch) put a goal outside the limits on the bus, the run
+    followed it as the arm's new target, and its next sends were clamped the same way."""
+    (_, n), (address, _) = bus.kind.present, bus.kind.present
+    copy_goals = bus.before_read
+
+    def glitch(addr: int, length: int) -> None:
+        copy_goals(addr, length)
+        if addr == address and bus.reads >= 12:  # from the 12th read on, motor 1 reads far outside its range
+            bus.fake.memory[1][address : address + n] = (100).to_bytes(n, "little")
+
+    bus.fake.before_read = glitch
+    r = run(bus, ticks=30, safety=CALM, max_relative_target=5.0)
+    assert r.out.stopped.endswith(
+        "it reports sending a command outside its limits (its driver's own clamp around a position reading: "
+        "check the sensors); nothing more was sent"
+    ), r.out.stopped
+    assert r.out.events["robot_out_of_limits"] == 1 and "robot_out_of_limits" in r.out.ticks[-1].events
+    low, high = bus.units(np.array([bus.kind.limits[0]] * 6)), bus.units(np.array([bus.kind.limits[1]] * 6))
+    outside = (r.goals < low - 1e-6) | (r.goals > high + 1e-6)
+    assert outside[:, 0].sum() == 1 and outside[-1, 0]  # the driver's one goal, the last on the bus
+    assert r.torque_after_disconnect == [1] * 6
+
+
 def test_a_killed_worker_is_named_as_killed_even_when_its_pipe_breaks_first():
     """The pipe closes a moment before the dead process can be reaped (here 0.2 s, on purpose): polling
     at once must still say how it ended, not "still running"."""

@@ -326,6 +326,12 @@ class Runtime:
                     )
                     break
                 last_cmd = command
+                if safety.events["robot_out_of_limits"] > before["robot_out_of_limits"]:
+                    events.append("robot_out_of_limits")
+                    out.stopped = (
+                        f"{self.robot.name}: it reports sending a command outside its limits (its driver's "
+                        "own clamp around a position reading: check the sensors); nothing more was sent"
+                    )
             chunk_id = pick.chunk if pick is not None and command is not None else NO_CHUNK
             record = TickRecord(
                 nominal,
@@ -348,6 +354,8 @@ class Runtime:
                 out.chunks[chunk_id].first_sent = sent_at
             if on_tick is not None:
                 on_tick(record, obs)
+            if out.stopped:  # found in this tick's send: no hold (the driver would clamp it around the
+                break  # same reading); the robot keeps its last goal
             if done is not None and done():
                 break
             # ---- the newest observation (after the send: the command never waits for a camera or bus)
