@@ -324,3 +324,82 @@ def test_ddp_ranks_loader_workers_draw_different_random_streams():
     assert seeds[0] != seeds[1]
     again = make_loader(_WorkerSeed(), 2, num_workers=1, seed=3, rank=1, world_size=2)
     assert int(next(iter(again))["seed"][0]) == seeds[1]  # and each rank reproduces
+
+
+def _camera_store(path, frames: np.ndarray, lengths=(10, 10, 10)) -> Path:
+    """A store of one camera 'img' holding `frames` (split into episodes of `lengths`) and actions."""
+    from wm.data import KeySpec, Schema
+
+    schema = Schema(
+        keys={
+            "img": KeySpec(frames.shape[1:], frames.dtype.name, "image"),
+            "action": KeySpec((2,), "float32", "action"),
+        }
+    )
+    with DemoStore.create(path, schema) as store:
+        start = 0
+        for n in lengths:
+            store.append_episode({"img": frames[start : start + n], "action": np.zeros((n, 2), np.float32)})
+            start += n
+    return path
+
+
+def test_frames_that_would_not_read_as_stored_are_refused_naming_where(tmp_path):
+    """Frames that are not uint8 were clipped to 0..255 silently: a 12-bit camera stored as uint16 trained
+    on frames almost all white, and float NaN pixels trained as black. Both are refused, in one line naming
+    the store and key: when the dataset loads the frames, samples them, or reads a batch from disk."""
+    rng = np.random.default_rng(0)
+    spec = WindowSpec({"img": (0,)})
+    u16 = _camera_store(tmp_path / "u16.zarr", rng.integers(0, 4096, (30, 8, 8, 3)).astype(np.uint16))
+    for in_memory in (False, True):
+        with pytest.raises(
+            SchemaError, match=r"u16.zarr: image key 'img' \(uint16\) holds values in \d+..4\d{3} in"
+        ):
+            WindowDataset(u16, spec, in_memory=in_memory)
+    frames = rng.integers(0, 256, (30, 8, 8, 3)).astype(np.float32)
+    frames[13, 2, 2, 1] = np.nan  # episode 1, step 3: not among the frames sampled at construction
+    nan = _camera_store(tmp_path / "nan.zarr", frames)
+    with pytest.raises(SchemaError, match=r"nan.zarr: image key 'img' \(float32\) holds non-finite values"):
+        WindowDataset(nan, spec, in_memory=True)
+    ds = WindowDataset(nan, spec)  # streamed: refused in the batch that reads it
+    assert ds.get_batch(list(range(10)))["img"].isfinite().all()
+    with pytest.raises(SchemaError, match=r"holds non-finite values \(NaN or inf\) in episode 1, step 3"):
+        ds.get_batch([12, 13])
+    ok = _camera_store(tmp_path / "ok.zarr", np.full((30, 8, 8, 3), 255.0, np.float32))  # 0..255 floats: fine
+    assert WindowDataset(ok, spec, in_memory=True).get_batch([0])["img"].eq(1).all()
+
+
+def test_no_window_says_how_long_an_episode_must_be(tmp_path):
+    from wm.data.windows import min_episode_length, why_no_windows
+
+    spec = WindowSpec(
+        {"img": (0, 5, 10, 15, 20), "action": tuple(range(20))}, max_pad_before=0, max_pad_after=5
+    )
+    assert min_episode_length(spec) == 16
+    assert len(build_index(np.array([15, 31]), spec)) == 1  # the 16-step episode holds one window
+    assert why_no_windows("s.zarr", [12], spec) == (
+        "s.zarr: 1 episode(s) of 12..12 steps; a window spans 21 steps (at most 0 padded before, at most 5 "
+        "padded after), so an episode needs at least 16"
+    )
+    assert min_episode_length(WindowSpec({"a": (-3, 4)})) == 1  # any padding: every step anchors one
+
+
+def test_non_finite_values_are_refused_in_episodes_the_normalizer_is_not_fitted_on(tmp_path):
+    """`check_finite` looks at every episode asked for, in one read: a NaN in a validation episode
+    made NaN validation metrics, and one in a video store a 'training diverged' error."""
+    from wm.data import KeySpec, Schema
+    from wm.data.normalize import check_finite
+
+    schema = Schema(keys={"q": KeySpec((3,), "float32", "lowdim"), "n": KeySpec((1,), "int64", "lowdim")})
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        for e in range(3):
+            q = np.zeros((6, 3), np.float32)
+            if e == 2:
+                q[4, 1] = -np.inf
+            store.append_episode({"q": q, "n": np.zeros((6, 1), np.int64)})
+        with pytest.raises(
+            ValueError, match=r"s.zarr: key 'q' holds a non-finite value in episode 2, step 4"
+        ):
+            check_finite(store, "q")
+        check_finite(store, "q", episodes=[0, 1])  # the clean episodes pass
+        check_finite(store, "n")  # an integer key holds no NaN

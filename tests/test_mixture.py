@@ -258,3 +258,33 @@ def test_feature_caches_of_an_action_free_store_mix(small_store, video_store, tm
     assert batch["img"].shape == (8, 2, 6 * 8, 64) and batch["img"].dtype == torch.float32
     assert torch.equal(batch["has_action"], batch["source"] == 0)
     assert torch.isfinite(batch["img"]).all() and batch["action"][4:].abs().sum() == 0
+
+
+def test_a_video_store_at_another_frame_rate_is_refused(small_store, tmp_path):
+    """Windows are offsets in steps: at 30 fps against 10, the future frames a model predicts 0.2 s ahead
+    in one store are 0.07 s ahead in the other. check_compatible compared the cameras only."""
+    vpath, _ = write_store(
+        tmp_path / "fast.zarr", range(100, 103), dataclasses.replace(make_schema(), fps=30), drop=("action",)
+    )
+    with pytest.raises(SchemaError, match=r"fast.zarr: recorded at 30 fps but .*small.zarr at 10 fps"):
+        check_compatible(small_store[0], vpath, ["img"], ["state"])
+
+
+def test_a_video_store_without_windows_says_why(small_store, tmp_path):
+    """'the video dataset has no windows' named neither the store nor why; the labelled store's
+    explanation (episode lengths against the window) is given for both, for the windows the model asked
+    for (the video store lacks the action, whose offsets make the window this long)."""
+    vpath, _ = write_store(tmp_path / "short.zarr", range(100, 103), drop=("action",))
+    long_spec = WindowSpec.history_horizon(["img", "state"], ["action"], n_obs=2, horizon=16, n_action_exec=2)
+    video = ActionFreeWindows(vpath, long_spec, action_shape=(2,))
+    assert len(video) == 0
+    labelled = WindowDataset(small_store[0], SPEC)
+    with pytest.raises(
+        ValueError,
+        match=r"video_ratio is 0.5 but the video dataset has no windows: .*short.zarr: 3 episode\(s\) of "
+        r"7..9 steps; a window spans 16 steps \(at most 1 padded before, at most 1 padded after\), so an "
+        r"episode needs at least 14",
+    ):
+        MixedWindows(labelled, video, video_ratio=0.5)
+    with pytest.raises(ValueError, match=r"the labelled dataset has no windows: .*short.zarr: 3 episode"):
+        MixedWindows(WindowDataset(vpath, WindowSpec({"img": (0, 20)}, max_pad_after=0)), labelled, 0.5)

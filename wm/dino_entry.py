@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wm.data import DemoStore
 from wm.data.dataset import WindowDataset, WithFrames, frames_key
 from wm.dino_wm import DinoWorldModel, WorldModelConfig
 from wm.registry import ModelEntry, TrainContext
@@ -21,8 +22,19 @@ VAL_STEPS = 3  # open-loop steps for the multi-step validation error
 
 
 def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
-    """The user's options completed with the store's keys and sizes."""
+    """The user's options completed with the store's keys and sizes; a frameskip no episode of the store
+    is longer than is refused here, before the model (whose action embedding grows with it) is built."""
     shapes = ctx.key_shapes
+    frameskip = options.get("frameskip", WorldModelConfig.frameskip)
+    if isinstance(frameskip, int) and not isinstance(frameskip, bool):
+        with DemoStore.open(ctx.store) as store:
+            longest = int(store.episode_lengths().max()) if store.n_episodes else None
+        if longest is not None and frameskip >= longest:
+            raise ValueError(
+                f"{ctx.store}: model.frameskip={frameskip} is not shorter than its longest episode "
+                f"({longest} steps): a model frame is frameskip raw steps, so no window would reach a next "
+                "frame; lower model.frameskip"
+            )
     return {
         **options,
         "image_key": ctx.image_key,
@@ -71,6 +83,7 @@ def validation(
                 Image.fromarray(strip).save(path)
         return {"val_one_step_mse": float(np.mean(one)), f"val_{VAL_STEPS}_step_mse": float(np.mean(multi))}
 
+    val_fn.val_set = val_set  # the windows it validates on: setup_training says when there are none
     return val_fn
 
 

@@ -94,6 +94,17 @@ class WorldModelConfig:
         if self.recon_motion_weight < 0:
             raise ValueError(f"recon_motion_weight must be >= 0, got {self.recon_motion_weight}")
 
+    def window_spec(self, extra_steps: int = 0) -> WindowSpec:
+        """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps (known
+        from the config alone, so training checks them against the store before building the model)."""
+        f = self.frameskip
+        frames = self.n_hist + 1 + max(extra_steps, self.rollout_loss_steps)
+        obs = tuple(i * f for i in range(frames))
+        offsets = {self.image_key: obs, self.action_key: tuple(range((frames - 1) * f))}
+        if self.proprio_dim:
+            offsets[self.proprio_key] = obs
+        return WindowSpec(offsets, max_pad_before=0, max_pad_after=f)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["encoder"] = dataclasses.asdict(self.encoder)
@@ -194,13 +205,7 @@ class DinoWorldModel(nn.Module):
 
     def window_spec(self, extra_steps: int = 0) -> WindowSpec:
         """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps."""
-        c, f = self.cfg, self.cfg.frameskip
-        frames = c.n_hist + 1 + max(extra_steps, c.rollout_loss_steps)
-        obs = tuple(i * f for i in range(frames))
-        offsets = {c.image_key: obs, c.action_key: tuple(range((frames - 1) * f))}
-        if c.proprio_dim:
-            offsets[c.proprio_key] = obs
-        return WindowSpec(offsets, max_pad_before=0, max_pad_after=f)
+        return self.cfg.window_spec(extra_steps)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) float in [0, 1], or already-encoded (B, T, P, D) features -> (B, T, P, D)."""

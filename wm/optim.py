@@ -59,8 +59,9 @@ class TrainerConfig:
         checks = {
             "steps must be >= 1": self.steps >= 1,
             "batch_size must be >= 1": self.batch_size >= 1,
-            "lr must be > 0": self.lr > 0,
-            "weight_decay must be >= 0": self.weight_decay >= 0,
+            "lr must be finite and > 0": math.isfinite(self.lr) and self.lr > 0,
+            "weight_decay must be finite and >= 0": math.isfinite(self.weight_decay)
+            and self.weight_decay >= 0,
             "betas must be 2 values in [0, 1)": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "warmup_steps must be >= 0": self.warmup_steps >= 0,
             "warmup_max_fraction must be in [0, 1]": 0 <= self.warmup_max_fraction <= 1,

@@ -8,23 +8,33 @@ differs between models comes from their registry entry (`wm.registry`).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from wm.data import DemoStore, SchemaError
 from wm.data.dataset import WindowDataset, WithFrames
 from wm.data.mixture import ACTION_FREE, ActionFreeWindows, MixedWindows, check_compatible
-from wm.data.normalize import Normalizer
-from wm.data.windows import split_episodes
+from wm.data.normalize import Normalizer, check_finite
+from wm.data.windows import WindowSpec, build_index, describe_window, split_episodes, why_no_windows
 from wm.options import check_not_derived
 from wm.registry import TrainContext, model_entry
 
 log = logging.getLogger(__name__)
+
+# key kinds a proprio_key may not be, and why
+NOT_PROPRIO = {
+    "action": "an action key: the model would be fed the actions it learns to predict",
+    "image": "a camera",
+    "language": "a language key (text)",
+}
 
 
 @dataclass
@@ -49,9 +59,21 @@ def data_keys(
     image_key = image_key or (images[0] if images else None)
     if image_key is None or image_key not in store.schema.keys:
         raise SchemaError(f"{store.path}: no camera key {image_key!r} to train on (image keys: {images})")
+    kind = store.schema.keys[image_key].kind
+    if kind != "image":
+        raise SchemaError(
+            f"{store.path}: image_key={image_key} is a {kind} key, not a camera (image keys: {images})"
+        )
     proprio_key = proprio_key or (proprios[0] if proprios else None)
     if proprio_key is not None and proprio_key not in store.schema.keys:
         raise SchemaError(f"{store.path}: no proprioception key {proprio_key!r} (proprio keys: {proprios})")
+    kind = store.schema.keys[proprio_key].kind if proprio_key is not None else ""
+    if proprio_key == "action" or kind in NOT_PROPRIO:
+        kind = "action" if proprio_key == "action" else kind
+        raise SchemaError(
+            f"{store.path}: proprio_key={proprio_key} is {NOT_PROPRIO[kind]}; choose a proprioception key "
+            f"(proprio keys: {proprios})"
+        )
     if need_actions and "action" not in store.schema.keys:
         raise SchemaError(f"{store.path}: no 'action' key; the model needs actions")
     return image_key, proprio_key
@@ -83,7 +105,14 @@ def setup_training(
     Action-free data, for models whose entry says `action_free`: episodes of the store flagged
     action-free (`wm.data.mixture.ACTION_FREE`) train without their actions, and `video_store` (a store
     of the same camera, with or without actions, proprio or not) is mixed in, `video_ratio` of each
-    batch. Statistics come from the labelled training episodes only."""
+    batch. Statistics come from the labelled training episodes only.
+
+    What the model cannot train on is refused in one line before any work (caches, the run directory):
+    keys of the wrong kind (`data_keys`) or shape, cameras that are not RGB (`check_inputs`), NaN or inf
+    in any episode the model reads (`check_finite`), a video store at another frame rate
+    (`check_compatible`), windows that fit no episode (`check_windows`, from the config when it knows
+    them, before the model is built). Held-out episodes too short for a validation window get a note
+    (`check_validation`), and no validation function when none of them has one."""
     entry = model_entry(model_type)
     if teacher is not None and not entry.distilled:
         raise ValueError(
@@ -93,6 +122,9 @@ def setup_training(
         raise ValueError(f"model={model_type} trains on actions only: video_store= needs a model like uwm")
     with DemoStore.open(store_path) as store:
         image_key, proprio_key = data_keys(store, image_key, proprio_key, entry.needs_actions)
+        cameras = listed_cameras(options) or [image_key]
+        lowdim = ["action", *([proprio_key] if proprio_key else [])] if entry.needs_actions else []
+        check_inputs(store, cameras, lowdim)
         train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
         flagged = {e for e in range(store.n_episodes) if store.episode_info(e).get(ACTION_FREE)}
         if not entry.needs_actions:
@@ -108,6 +140,10 @@ def setup_training(
             raise SchemaError(
                 f"{store_path}: no training episode has actions (all are flagged {ACTION_FREE})"
             )
+        if entry.needs_actions:  # every episode the model reads, not only those the normalizer is fitted on
+            check_finite(store, "action", [e for e in range(store.n_episodes) if e not in flagged])
+            if proprio_key:
+                check_finite(store, proprio_key)
         shapes = {k: tuple(s.shape) for k, s in store.schema.keys.items()}
         ctx = TrainContext(
             str(Path(store_path).resolve()), image_key, proprio_key, shapes, teacher, in_memory
@@ -116,24 +152,34 @@ def setup_training(
         if normalizer is None:
             modes = {"action": "minmax"} | ({proprio_key: entry.proprio_norm} if proprio_key else {})
             normalizer = Normalizer.fit(store, modes, episodes=labelled)
+    proprios = [proprio_key] if proprio_key else []
+    if video_store is not None:  # its frame rate, cameras and proprio before any work (the model's below)
+        check_compatible(store_path, video_store, cameras, proprios, allow_missing_proprio=True)
+        with DemoStore.open(video_store) as vid:
+            if proprio_key in vid.schema.keys:
+                check_finite(vid, proprio_key)
     options = {k: v for k, v in options.items() if k != "type"}
     configured = entry.configure(options, ctx)
     check_not_derived(options, configured)
     cfg = entry.config_type.from_dict(configured)
+    if callable(getattr(cfg, "window_spec", None)):  # a config that knows its windows: checked unbuilt
+        check_windows(store_path, cfg.window_spec(), train_eps)
     # the initial weights follow `seed` alone, not what configure drew (UWM's default autoencoder
     # trains there on a store's first run only); where configure drew nothing this is the state
     # wm-train seeded, so those runs are unchanged
     torch.manual_seed(seed)
     model = entry.build(cfg, normalizer)
+    spec = model.window_spec()
+    check_windows(store_path, spec, train_eps)  # before any feature cache is built
     if video_store is not None:  # checked before any cache is built
-        proprios = [proprio_key] if proprio_key else []
         cameras = list(model.io_spec.image_keys)
         absent = check_compatible(store_path, video_store, cameras, proprios, allow_missing_proprio=True)
+        if video_ratio > 0:
+            check_windows(video_store, spec, None, f"video_ratio is {video_ratio} but the video store")
     data_path = store_path
     source = model.feature_cache_source() if feature_cache == "auto" else None
     if source is not None:
         data_path = cached_features(store_path, *source)
-    spec = model.window_spec()
     if entry.action_free:
         train_set: Any = ActionFreeWindows(data_path, spec, train_eps, in_memory=in_memory)
     else:
@@ -159,7 +205,88 @@ def setup_training(
         if entry.validation and val_eps
         else None
     )
+    if val_fn is not None:
+        val_fn = check_validation(store_path, val_fn, spec, val_eps)
     return TrainSetup(model, model_type, train_set, normalizer, cfg.to_dict(), val_fn, train_eps, val_eps)
+
+
+def listed_cameras(options: Mapping[str, Any]) -> list[str]:
+    """The cameras the model `options` list (`image_keys`, or `obs.image_keys` for a diffusion policy);
+    [] when they list none (the model reads the chosen image_key)."""
+    obs = options.get("obs")
+    listed = options.get("image_keys") or (obs.get("image_keys") if isinstance(obs, Mapping) else None)
+    if not listed:
+        return []
+    return [listed] if isinstance(listed, str) else [str(k) for k in listed]
+
+
+def check_inputs(store: DemoStore, cameras: Sequence[str], lowdim: Sequence[str]) -> None:
+    """What the models take, refused in one line before any work: 3-channel RGB `cameras` (of kind image)
+    and one flat vector a step of each `lowdim` key (action, proprio: the models are sized by its length,
+    and a (2, 3) action would reach them unflattened)."""
+    for cam in cameras:
+        spec = store.schema.keys.get(cam)
+        if spec is None:
+            continue  # the model's configure names the cameras the store has
+        if spec.kind != "image":
+            images = store.schema.keys_of_kind("image")
+            raise SchemaError(
+                f"{store.path}: {cam} is a {spec.kind} key, not a camera (image keys: {images})"
+            )
+        if spec.shape[-1] != 3:
+            raise SchemaError(
+                f"{store.path}: camera {cam!r} has {spec.shape[-1]} channel(s) (frames {spec.shape}); the "
+                "models take 3-channel RGB frames (H, W, 3): convert it to RGB, or choose another camera"
+            )
+    for key in lowdim:
+        shape = store.schema.keys[key].shape
+        if len(shape) != 1:
+            raise SchemaError(
+                f"{store.path}: key {key!r} is {shape} a step; the models take one flat vector a step: "
+                f"store it as ({int(np.prod(shape))},) (e.g. x.reshape(len(x), -1))"
+            )
+
+
+def check_windows(path: str, spec: WindowSpec, episodes: Sequence[int] | None, what: str = "") -> None:
+    """Refuse (ValueError, one line) training when no window of `spec` fits in `episodes` (all by
+    default) of the store at `path`: the episodes' lengths against the window, as `make_loader` says."""
+    with DemoStore.open(path) as store:
+        ends = store.episode_ends
+    eps = list(range(len(ends))) if episodes is None else list(episodes)
+    if len(build_index(ends, spec, eps)) == 0:
+        lengths = np.diff(ends, prepend=0)[eps] if eps else []
+        why = why_no_windows(path, lengths, spec)
+        raise ValueError(f"{what} has no windows: {why}" if what else f"no windows to train on: {why}")
+
+
+def check_validation(path: str, val_fn: Any, spec: WindowSpec, val_eps: list[int]) -> Any:
+    """`val_fn`, or None when its held-out episodes hold no validation window; a note either way when
+    some of them hold none: those are neither trained nor validated on. The windows come from the
+    `val_set` a validation function carries (`spec`, the model's training windows, without one)."""
+    val_set = getattr(val_fn, "val_set", None)
+    windows = getattr(val_set, "windows", val_set)  # WithFrames: the windows beside its frames
+    spec = getattr(windows, "model_spec", getattr(windows, "spec", spec))
+    with DemoStore.open(path) as store:
+        ends, lengths = store.episode_ends, store.episode_lengths()
+    short = [e for e in val_eps if len(build_index(ends, spec, [e])) == 0]
+    if not short:
+        return val_fn
+    which = ", ".join(f"{e} ({lengths[e]} steps)" for e in short[:5]) + (
+        f" and {len(short) - 5} more" if len(short) > 5 else ""
+    )
+    none = len(short) == len(val_eps)
+    note(
+        f"note: {path}: {'no validation will run: ' if none else ''}validation episode(s) {which} are too "
+        f"short: a validation window {describe_window(spec)}; they are neither trained nor validated on "
+        "(val_ratio=0 trains on every episode)"
+    )
+    return None if none else val_fn
+
+
+def note(line: str) -> None:
+    """Print a line a user must see before training starts (stderr; rank 0 only under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 def cached_features(store_path: str, encoder: Any, image_keys: str | Sequence[str]) -> str:

@@ -118,6 +118,7 @@ def validation(
             "val_copy_latent_mse": float(np.mean(copy)),
         }
 
+    val_fn.val_set = val_set  # the windows it validates on: setup_training says when there are none
     return val_fn
 
 

@@ -107,6 +107,7 @@ def validation(
             errs.append((pred - truth).pow(2).mean(-1)[~pad].mean().item())
         return {"val_action_mse": float(np.mean(errs))}
 
+    val_fn.val_set = val_set  # the windows it validates on: setup_training says when there are none
     return val_fn
 
 

@@ -38,9 +38,9 @@ from torch.utils.data import (
 
 from wm.data.augment import AugmentConfig, augment
 from wm.data.errors import SchemaError, StoreError
-from wm.data.frames import SAMPLED_FRAMES, check_scale, to_uint8
+from wm.data.frames import SAMPLED_FRAMES, check_scale, check_values, to_uint8
 from wm.data.store import DemoStore
-from wm.data.windows import WindowSpec, build_index
+from wm.data.windows import WindowSpec, build_index, why_no_windows
 
 RANK_SEED_STRIDE = 7919  # DDP: rank r's loader workers draw from seed + r * this
 
@@ -105,11 +105,13 @@ class WindowDataset(BatchedDataset):
             for key in self.image_keys:
                 if np.dtype(self.schema.keys[key].dtype) != np.uint8 and store.n_steps:
                     steps = np.unique(np.linspace(0, store.n_steps - 1, SAMPLED_FRAMES).astype(np.int64))
-                    check_scale(self.path, key, store.read_rows(key, steps))
+                    check_scale(self.path, key, store.read_rows(key, steps), steps, self.episode_ends)
             in_ram = [k for k in spec.offsets if k not in self.image_keys or in_memory]
             self._ram = store.load_all(in_ram)
             for key in self.image_keys:
                 if key in self._ram:
+                    frames = self._ram[key]  # every frame checked once (uint8: no look)
+                    check_values(self.path, key, frames, np.arange(len(frames)), self.episode_ends)
                     self._ram[key] = to_uint8(self._ram[key])
         self._store: DemoStore | None = None
         self._pid = -1
@@ -124,20 +126,8 @@ class WindowDataset(BatchedDataset):
 
     def why_empty(self) -> str:
         """Why no window fits, in one line: the episodes' lengths against the window's span."""
-        lengths = np.diff(self.episode_ends, prepend=0)[self.episodes] if self.episodes else np.zeros(0)
-        offsets = [o for offs in self.spec.offsets.values() for o in offs]
-        span = max(offsets) - min(offsets) + 1
-        pads = [
-            f"at most {v} padded {where}"
-            for v, where in ((self.spec.max_pad_before, "before"), (self.spec.max_pad_after, "after"))
-            if v is not None
-        ]
-        have = (
-            f"{len(lengths)} episode(s) of {lengths.min()}..{lengths.max()} steps"
-            if len(lengths)
-            else "no episodes"
-        )
-        return f"{self.path}: {have}; a window spans {span} steps ({', '.join(pads) or 'any padding'})"
+        lengths = np.diff(self.episode_ends, prepend=0)[self.episodes] if self.episodes else []
+        return why_no_windows(self.path, lengths, self.spec)
 
     def _reader(self) -> DemoStore:
         if self._store is None or self._pid != os.getpid():
@@ -162,7 +152,9 @@ class WindowDataset(BatchedDataset):
         uniq, inverse = np.unique(steps, return_inverse=True)
         # Direct chunk decoding where the layout allows, else zarr; a damaged chunk raises
         # CorruptStoreError naming its file, the key, its steps and their episodes either way.
-        return to_uint8(self._reader().read_rows(key, uniq))[inverse]
+        rows = self._reader().read_rows(key, uniq)
+        check_values(self.path, key, rows, uniq, self.episode_ends)  # not uint8: none clipped, no NaN
+        return to_uint8(rows)[inverse]
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The windows at `indices` as one batch {key: (B, ...)}: frames read in one pass, augmented in

@@ -13,7 +13,8 @@ one model trains on both; `MixedWindows` puts a fixed share of video windows in 
     "source"             (B,) int64, MixedWindows only: 0 labelled, 1 video
 
 `check_compatible` checks that the two stores (or their feature caches) agree on the cameras the model
-reads; `strip_actions` and `flag_action_free` make action-free data from labelled demonstrations.
+reads and on the frame rate; `strip_actions` and `flag_action_free` make action-free data from labelled
+demonstrations.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from wm.data.errors import NotAStoreError, SchemaError
 from wm.data.ops import copy_episodes, keep_episodes
 from wm.data.schema import KeySpec
 from wm.data.store import DemoStore, check_not_a_source
-from wm.data.windows import WindowSpec, build_index
+from wm.data.windows import WindowSpec, build_index, why_no_windows
 from wm.feature_cache import cache_info
 from wm.seeding import derived_rng
 
@@ -135,6 +136,12 @@ class ActionFreeWindows(WindowDataset):
         out[HAS_ACTION] = has
         return out
 
+    def why_empty(self) -> str:
+        """Why no window fits, in one line, for the windows the model asked for (`model_spec`: the keys
+        the store lacks shape the windows too)."""
+        lengths = np.diff(self.episode_ends, prepend=0)[self.episodes] if self.episodes else []
+        return why_no_windows(self.path, lengths, self.model_spec)
+
 
 def _action_fill(
     path: Path, stored: KeySpec | None, action_key: str, action_shape: Sequence[int] | None
@@ -172,9 +179,11 @@ class MixedWindows(BatchedDataset):
         if not (math.isfinite(video_ratio) and 0.0 <= video_ratio < 1.0):
             raise ValueError(f"video_ratio must be in [0, 1) (0: labelled only), got {video_ratio}")
         if len(labelled) == 0:
-            raise ValueError("the labelled dataset has no windows")
+            raise ValueError(f"the labelled dataset has no windows: {_why_empty(labelled)}")
         if video_ratio > 0 and len(video) == 0:
-            raise ValueError(f"video_ratio is {video_ratio} but the video dataset has no windows")
+            raise ValueError(
+                f"video_ratio is {video_ratio} but the video dataset has no windows: {_why_empty(video)}"
+            )
         self.labelled, self.video = labelled, video
         self.video_ratio, self.seed = float(video_ratio), int(seed)
         if len(video) > 0:
@@ -215,6 +224,12 @@ class MixedWindows(BatchedDataset):
         return out
 
 
+def _why_empty(windows: Windows) -> str:
+    """A dataset's own explanation of why it has no windows (`WindowDataset.why_empty`), if it has one."""
+    why = getattr(windows, "why_empty", None)
+    return why() if callable(why) else "it is empty"
+
+
 def _draw(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     """k window indices in [0, n), distinct when k <= n."""
     return rng.choice(n, size=k, replace=k > n).astype(np.int64)
@@ -247,8 +262,15 @@ def check_compatible(
     """Check that the video store (or feature cache) has the labelled one's cameras `image_keys` with
     the same per-frame shape and dtype, and its `proprio_keys` with the same shape; a SchemaError
     otherwise. A proprio key the video store lacks is an error unless `allow_missing_proprio`; returns
-    those keys with their per-step shapes, for `ActionFreeWindows(absent_keys=...)`."""
+    those keys with their per-step shapes, for `ActionFreeWindows(absent_keys=...)`. The two must be
+    recorded at the same frame rate: a window's offsets are steps, the same time in both only then."""
     with DemoStore.open(labelled_path) as lab, DemoStore.open(video_path) as vid:
+        if lab.schema.fps != vid.schema.fps:
+            raise SchemaError(
+                f"{vid.path}: recorded at {vid.schema.fps:g} fps but {lab.path} at {lab.schema.fps:g} fps; "
+                "a window's steps would mean other times in each: resample the video store to "
+                f"{lab.schema.fps:g} fps (or fix its schema's fps if it is wrong)"
+            )
         for key in image_keys:
             for store in (lab, vid):
                 if key not in store.schema.keys:

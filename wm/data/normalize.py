@@ -45,6 +45,35 @@ def compute_stats(values: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def non_finite_message(path: object, key: str, episode: int, step: int) -> str:
+    """The one line that refuses a non-finite value of low-dim `key` at `step` of `episode`."""
+    return (
+        f"{path}: key {key!r} holds a non-finite value in episode {episode}, step {step}; normalizing it "
+        "would make NaN inputs: drop the episode (wm-info drop_episodes=) or train on another key"
+    )
+
+
+def check_finite(store: DemoStore, key: str, episodes: Iterable[int] | None = None) -> None:
+    """Refuse (ValueError, `non_finite_message`) a NaN or inf in low-dim `key` in `episodes` of `store`
+    (all by default): the episodes a normalizer is not fitted on (validation, action-free, another
+    store's) feed the model too. One read of the key; an integer or boolean key passes unread."""
+    if not np.issubdtype(np.dtype(store.schema.keys[key].dtype), np.inexact) or not store.n_steps:
+        return
+    values = store.read(key, slice(0, store.n_steps))
+    bad_steps = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+    if not len(bad_steps):
+        return
+    ends = store.episode_ends
+    of = np.searchsorted(ends, bad_steps, side="right")  # each bad step's episode
+    wanted = np.ones(len(ends), dtype=bool)
+    if episodes is not None:
+        wanted = np.isin(np.arange(len(ends)), list(episodes))
+    hit = np.flatnonzero(wanted[of])
+    if len(hit):
+        step, e = int(bad_steps[hit[0]]), int(of[hit[0]])
+        raise ValueError(non_finite_message(store.path, key, e, step - (int(ends[e - 1]) if e else 0)))
+
+
 def _spread(s: torch.Tensor) -> torch.Tensor:
     """A dimension's scale: its spread, or 1 where it hardly varies (only centred)."""
     return torch.where(s < MIN_SPREAD, torch.ones_like(s), s)
@@ -93,12 +122,7 @@ class Normalizer(nn.Module):
             for e, part in zip(eps, parts, strict=True):
                 bad = ~np.isfinite(part)  # in the key's own dtype: no float64 copy per episode
                 if bad.any():
-                    step = int(np.argwhere(bad)[0][0])
-                    raise ValueError(
-                        f"{store.path}: key {key!r} holds a non-finite value in episode {e}, step {step}; "
-                        "normalizing it would make NaN inputs: drop the episode (wm-info drop_episodes=) or "
-                        "train on another key"
-                    )
+                    raise ValueError(non_finite_message(store.path, key, e, int(np.argwhere(bad)[0][0])))
             stats[key] = compute_stats(np.concatenate(parts, axis=0))
         return cls(modes, stats)
 

@@ -102,6 +102,39 @@ def build_index(
     return np.concatenate(rows, axis=0)
 
 
+def min_episode_length(spec: WindowSpec) -> int:
+    """The fewest steps an episode needs to hold one window of `spec` (its padding bounds allowing)."""
+    lo, hi = spec.span
+    before = 0 if spec.max_pad_before is None else max(0, -lo - spec.max_pad_before)
+    after = 0 if spec.max_pad_after is None else max(0, hi - spec.max_pad_after)
+    return 1 + before + after
+
+
+def describe_window(spec: WindowSpec) -> str:
+    """What an episode must hold for a window of `spec`, as a phrase: "spans 21 steps (at most 0 padded
+    before, at most 5 padded after), so an episode needs at least 16"."""
+    lo, hi = spec.span
+    pads = [
+        f"at most {v} padded {side}"
+        for v, side in ((spec.max_pad_before, "before"), (spec.max_pad_after, "after"))
+        if v is not None
+    ]
+    return (
+        f"spans {hi - lo + 1} steps ({', '.join(pads) or 'any padding'}), so an episode needs at least "
+        f"{min_episode_length(spec)}"
+    )
+
+
+def why_no_windows(where: object, lengths: Sequence[int] | np.ndarray, spec: WindowSpec) -> str:
+    """Why episodes of `lengths` (of the store at `where`) hold no window of `spec`, in one line: their
+    lengths against the window's span and padding, and the length an episode needs."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    have = "no episodes"
+    if len(lengths):
+        have = f"{len(lengths)} episode(s) of {lengths.min()}..{lengths.max()} steps"
+    return f"{where}: {have}; a window {describe_window(spec)}"
+
+
 def window_indices(
     anchor: int, start: int, end: int, offsets: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
