@@ -225,3 +225,94 @@ def test_float_images_read_as_0_to_255_everywhere(tmp_path: Path) -> None:
         SchemaError, match="image key 'img' holds float values in \\[0, 1\\] .* store them as uint8"
     ):
         WindowDataset(tmp_path / "unit.zarr", spec)
+
+
+# ---------------------------------------------------------------------- wm-info's own faults
+def test_options_that_would_do_nothing_are_refused() -> None:
+    """video_dir= without video=true, and episodes= with neither a contact sheet nor videos, ran and
+    wrote nothing (exit 0)."""
+    from tools.info import InfoConfig
+
+    with pytest.raises(ValueError, match="video_dir=v is where video=true writes: give video=true too"):
+        InfoConfig(store="s.zarr", video_dir="v")
+    for episodes in (2, [1]):
+        with pytest.raises(ValueError, match="chooses what the contact sheet and videos show, and there are"):
+            InfoConfig(store="s.zarr", episodes=episodes, contact_sheet="none")
+    InfoConfig(store="s.zarr", episodes=2, contact_sheet="none", video=True)  # the videos use it
+
+
+def test_a_summary_beside_a_store_it_cannot_write_to_still_prints(built, monkeypatch, capsys) -> None:
+    """On a read-only filesystem the default contact sheet beside the store failed, and a plain look at
+    the store was a traceback; a sheet the user named still fails, in one line."""
+    import errno
+
+    from apps import run_app
+
+    import tools.info as info_app
+
+    store, _ = built
+    store.close()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(info_app, "contact_sheet", read_only)
+    res = run_app("wm-info", f"store={store.path}")
+    assert res.returncode == 0 and f"episodes   {len(LENGTHS)} (" in res.stdout, res.stderr
+    assert "contact sheet  none (cannot write" in res.stdout and "give contact_sheet=PATH" in res.stdout
+    res = run_app("wm-info", f"store={store.path}", f"contact_sheet={store.path.parent / 'sheet.png'}")
+    assert res.returncode == 2 and res.stderr.strip() == "error: [Errno 30] Read-only file system", res.stderr
+
+
+def test_a_store_it_cannot_write_to_is_refused_before_appending(built, monkeypatch) -> None:
+    """A writer (wm-collect) on a read-only filesystem got through opening and failed at its first flush."""
+    import os
+
+    store, _ = built
+    store.close()
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK)
+    with pytest.raises(PermissionError, match="demo.zarr: cannot write here \\(a read-only filesystem"):
+        DemoStore.open(store.path, mode="a")
+    with pytest.raises(PermissionError, match="cannot write here"):
+        DemoStore.create(store.path.parent / "new.zarr", _schema())
+    assert DemoStore.open(store.path).n_episodes == len(LENGTHS)  # reading needs no write access
+
+
+def test_wm_info_into_a_closed_pipe_stops_quietly(built) -> None:
+    """`wm-info ... | head`: the reader gone, it printed a BrokenPipeError traceback and exited 1."""
+    import subprocess
+
+    from apps import BIN
+
+    store, _ = built
+    store.close()
+    proc = subprocess.Popen(
+        [str(BIN / "wm-info"), f"store={store.path}", "contact_sheet=none"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before it prints: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 141 and err == "", err
+
+
+def test_a_commit_record_entry_that_is_not_an_object_is_damage_found_and_repaired(built) -> None:
+    """It read as a TypeError from dict() far from the store (in wm-info's summary), and verify passed."""
+    import zarr
+
+    from wm.data import CorruptStoreError, delete_episodes
+    from wm.data.verify import verify_store
+
+    store, _ = built
+    store.close()
+    group = zarr.open_group(store.path, mode="r+")
+    records = list(group.attrs["wm_episodes"])
+    records[1] = "garbage"
+    group.attrs["wm_episodes"] = records
+    with pytest.raises(CorruptStoreError, match="the commit record's entry of episode 1 is not an object"):
+        DemoStore.open(store.path)
+    report = verify_store(store.path)
+    assert not report.ok and [(p.what, p.episodes) for p in report.problems] == [("commit record", (1,))]
+    delete_episodes(store.path, [])  # the repair it names: a rewrite keeps every episode
+    with DemoStore.open(store.path) as repaired:
+        assert repaired.n_episodes == len(LENGTHS) and repaired.episode_info(1) == {"length": LENGTHS[1]}

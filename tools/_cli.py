@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import os
 import re
+import signal
 import sys
 import traceback
 import typing
@@ -93,6 +95,8 @@ USER_ERRORS = (
     FileNotFoundError,
     PermissionError,
 )
+# OS errors a user can act on (a read-only filesystem, a full disk or quota, a path too long)
+USER_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENAMETOOLONG)
 
 
 # ---------------------------------------------------------------------- the app's config
@@ -260,16 +264,26 @@ def _guarded(fn: Callable[[], int | None], label: str) -> tuple[int, str]:
     """Run one job's work; report a failure (one line, or a traceback for a bug) and return its status."""
     try:
         return int(fn() or 0), ""
-    except USER_ERRORS as e:
-        line = f"error: {label}{_one_line(e)}"
-        _report(e, line.removeprefix("error: "))
-        return 2, line
+    except BrokenPipeError:  # what reads stdout went away (`wm-info ... | head`): stop quietly
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE, ""
     except Exception as e:
+        if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS):
+            line = f"error: {label}{_one_line(e)}"
+            _report(e, line.removeprefix("error: "))
+            return 2, line
         traceback.print_exc()
         line = f"error: {label}{type(e).__name__}: {_one_line(e)} (a bug: traceback above)"
         if label:  # in a sweep, say which job it was
             print(line, file=sys.stderr, flush=True)
         return 1, line
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail on the closed pipe."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _report(e: BaseException, line: str) -> None:

@@ -16,13 +16,15 @@ from tools._cli import app, bind
 from wm.data import CorruptStoreError, DemoStore, delete_episodes
 from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
 
+SHOWN = 6  # episodes on the contact sheet by default (configs/info.yaml)
+
 
 @dataclass(frozen=True)
 class InfoConfig:
     store: str
     format: str = "text"
     contact_sheet: str = "auto"
-    episodes: int | list[int] = 6  # how many to show, or which ones
+    episodes: int | list[int] = SHOWN  # how many to show, or which ones
     verify: bool = False
     drop_episodes: list[int] | None = None
     video: bool = False
@@ -42,6 +44,13 @@ class InfoConfig:
             isinstance(self.drop_episodes, list) and all(_is_int(e) for e in self.drop_episodes)
         ):
             raise ValueError(f"drop_episodes must be a list of episode indices, got {self.drop_episodes!r}")
+        if self.video_dir != "auto" and not self.video:
+            raise ValueError(f"video_dir={self.video_dir} is where video=true writes: give video=true too")
+        if self.episodes != SHOWN and self.contact_sheet == "none" and not self.video:
+            raise ValueError(
+                f"episodes={self.episodes} chooses what the contact sheet and videos show, and there are "
+                "neither (contact_sheet=none): leave it out"
+            )
         if self.drop_episodes is not None and isinstance(self.episodes, list):
             raise ValueError(
                 "episodes=[...] with drop_episodes: dropping renumbers the episodes after them; drop first, "
@@ -90,7 +99,13 @@ def show(cfg: InfoConfig, store: DemoStore, summary: dict[str, Any], episodes: l
     out = sheet_path(cfg)
     has_images = bool(store.schema.keys_of_kind("image"))
     if out is not None and has_images and episodes:
-        summary["contact_sheet"] = str(contact_sheet(store, out, episodes=episodes).absolute())
+        try:
+            summary["contact_sheet"] = str(contact_sheet(store, out, episodes=episodes).absolute())
+        except OSError as e:  # beside a store on a read-only filesystem: the summary still prints
+            if cfg.contact_sheet != "auto":
+                raise
+            summary["contact_sheet"] = None
+            summary["contact_sheet_skipped"] = f"cannot write {out} ({e.strerror}): give contact_sheet=PATH"
     else:
         why = "contact_sheet=none" if out is None else "no image keys" if not has_images else "no episodes"
         summary["contact_sheet"] = None

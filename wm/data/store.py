@@ -126,6 +126,7 @@ class DemoStore:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path}: already exists; open it with DemoStore.open(path, mode='a')")
+        check_writable(path.resolve().parent)
         if path.exists() and not replaceable(path):
             raise FileExistsError(
                 f"{path}: exists and is not a zarr store; refusing to replace it (choose another path)"
@@ -186,6 +187,8 @@ class DemoStore:
         finish_swap(path.resolve())
         if not path.exists():
             raise NotAStoreError(f"{path}: no such store")
+        if mode == "a":
+            check_writable(path)
         try:
             group = zarr.open_group(
                 store=_open_zarr_store(path, read_only=mode == "r"), mode="r" if mode == "r" else "r+"
@@ -402,6 +405,15 @@ class DemoStore:
                 raise CorruptStoreError(problem)
             ends = np.cumsum(np.asarray(lengths, dtype=np.int64))  # the commit record's boundaries
         info = list(records) if records is not None else [{} for _ in range(len(ends))]
+        bad = next((i for i, record in enumerate(info) if not isinstance(record, dict)), None)
+        if bad is not None:  # episode_info would fail on it, far from here
+            if not self.salvage:
+                raise CorruptStoreError(
+                    f"{self.path}: the commit record's entry of episode {bad} is not an object "
+                    f"({str(info[bad])[:40]!r}); rewrite the store to repair it: wm-info store={self.path} "
+                    "'drop_episodes=[]'"
+                )
+            info = [record if isinstance(record, dict) else {} for record in info]
         data = self._group["data"]
         present = {key: self._open_array(data, key) for key in self._schema.keys}
         for key in self._schema.keys:
@@ -519,6 +531,15 @@ def json_native(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def check_writable(path: Path) -> None:
+    """Refuse (PermissionError, one line) a store or folder this process cannot write to, before any
+    work: a read-only filesystem, or no permission (a writer failed at its first flush)."""
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(
+            f"{path}: cannot write here (a read-only filesystem, or no permission); write to another path"
+        )
 
 
 def move_into_place(built: Path, dst: Path) -> None:

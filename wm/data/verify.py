@@ -147,7 +147,10 @@ def _check_boundaries(store: DemoStore) -> list[Problem]:
         out.append(Problem("meta/episode_ends", "episodes without steps", episodes=empty))
     if isinstance(records, list):
         for i, (rec, n) in enumerate(zip(records, lengths, strict=False)):
-            got = rec.get("length") if isinstance(rec, dict) else None
+            if not isinstance(rec, dict):
+                out.append(Problem("commit record", f"episode {i}'s entry is not an object", episodes=(i,)))
+                continue
+            got = rec.get("length")
             if got is not None and got != int(n):
                 out.append(
                     Problem(
