@@ -310,6 +310,18 @@ def test_lerobots_clamp_around_a_bad_reading_ends_the_run_without_another_send(b
     assert r.torque_after_disconnect == [1] * 6
 
 
+def test_the_kernels_a_worker_ran_are_asked_after_the_chunk_it_is_still_computing():
+    """A run that ends while its worker computes a chunk (the last tick asked for one) reported no
+    kernels (None), more often the busier the machine."""
+    from robots.runtime.worker import Request
+
+    with worker("slow_once", after=0) as w:
+        w.submit(Request(0, [{"state": np.zeros(6, np.float32)}], [], action_shape=(6,)))
+        assert w.busy  # chunk 0 takes SLOW_S
+        summary = w.kernels()
+        assert summary is not None and "mode" in summary and not w.busy
+
+
 def test_a_killed_worker_is_named_as_killed_even_when_its_pipe_breaks_first():
     """The pipe closes a moment before the dead process can be reaped (here 0.2 s, on purpose): polling
     at once must still say how it ended, not "still running"."""

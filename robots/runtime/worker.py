@@ -422,14 +422,18 @@ class ProcessWorker:
         return reply
 
     def kernels(self, timeout_s: float = 5.0) -> dict[str, Any] | None:
-        """The worker process's `kernel_summary`, asked at the end of a run; None when the worker is gone,
-        still computing a chunk, or does not answer within `timeout_s` (a report never waits on a hung
-        worker)."""
-        if not self.alive() or self.busy:
-            return None
+        """The worker process's `kernel_summary`, asked at the end of a run (after the chunk it may still be
+        computing, whose answer is discarded); None when the worker is gone or does not answer within
+        `timeout_s` (a report never waits on a hung worker)."""
+        deadline = time.monotonic() + timeout_s
         try:
+            while self.busy and self.alive() and time.monotonic() < deadline:
+                if self._conn.poll(0.05):
+                    self.poll()
+            if not self.alive() or self.busy:
+                return None
             self._send(("kernels", None))
-            if not self._conn.poll(timeout_s):
+            if not self._conn.poll(max(deadline - time.monotonic(), 0.5)):
                 return None
             kind, payload = self._recv()
         except WorkerDied:
