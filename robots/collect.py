@@ -7,7 +7,9 @@ same store appends after the surviving episodes (episode seeds continue from the
 
 A human operator drives a small state machine with the device's commands: START begins
 recording, SAVE commits the episode, DISCARD drops it, RERECORD drops it and starts again at once,
-QUIT ends the session. A simulated task that succeeds or reaches its step limit saves by itself.
+QUIT ends the session (an episode being recorded is dropped, and counted as discarded). Commands
+pressed within one tick act in the order pressed: Enter then q saves, then quits. A simulated task
+that succeeds or reaches its step limit saves by itself.
 
 The robot is a simulated task or a real arm (any `Robot`). A real arm has no reset and no success
 signal: the operator sets the scene up by hand before START, and its episodes are saved by SAVE
@@ -24,9 +26,10 @@ row end the session with one line (`SessionStats.stopped`) saying whether an epi
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +43,10 @@ from robots.runtime.safety import SafetyConfig, SafetyLayer
 from robots.sim.base import Expert, SimTask
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 from wm.data import DemoStore, KeySpec, Schema, SchemaError
+from wm.data.store import json_native
 
 LOOP_KEY = "loop_dt"  # seconds between the starts of consecutive steps, recorded per step
+OPTIONS_KEY = "task_options"  # episode info: the simulated task's options (defaults filled in)
 
 
 @dataclass
@@ -66,33 +71,61 @@ def recording_schema(task: SimTask | Robot, task_name: str) -> Schema:
     return Schema(keys=keys, fps=base.fps, action_space=base.action_space, robot=base.robot, task=task_name)
 
 
-def open_store(path: str, schema: Schema) -> DemoStore:
-    """Create the store, or open it for append (resume) after checking it records the same keys."""
+def open_store(path: str, schema: Schema, task_options: Mapping[str, Any] | None = None) -> DemoStore:
+    """Create the store, or open it for append (resume) after checking it records the same keys, in the
+    same units, at the same rate, from the same robot, for the same task and (`task_options`: a simulated
+    task's options as it runs them, which `Collector.task_options` records in every episode's info) with
+    the same task options as its newest episode that recorded them; stores written without them append."""
     if not os.path.exists(path):
         return DemoStore.create(path, schema)
     store = DemoStore.open(path, mode="a")
+    try:
+        _check_append(path, store, schema, task_options)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _check_append(
+    path: str, store: DemoStore, schema: Schema, task_options: Mapping[str, Any] | None
+) -> None:
     mine = {k: (s.shape, s.dtype) for k, s in schema.keys.items()}
     theirs = {k: (s.shape, s.dtype) for k, s in store.schema.keys.items()}
     if mine != theirs:
-        store.close()
         raise SchemaError(
             f"{path}: holds keys {theirs}, but this task records {mine}; use another store or the same "
             "task options (image size, state_only)"
         )
-    # the same shapes in other units, at another rate or from another robot would mix silently
+    # the same shapes in other units, at another rate, from another robot or task would mix silently
     old, new = store.schema, schema
-    facts = [("robot", old.robot, new.robot), ("fps", old.fps, new.fps)]
+    same_robot = "use another store or the same robot and options (use_degrees, control_hz)"
+    facts = [("robot", old.robot, new.robot, same_robot), ("fps", old.fps, new.fps, same_robot)]
     space = lambda a: (a.mode, a.frame, a.units)  # noqa: E731 - not its description's wording
-    facts.append(("action space (mode, frame, units)", space(old.action_space), space(new.action_space)))
-    facts += [(f"{k} units", old.keys[k].units, s.units) for k, s in new.keys.items()]
-    for what, was, now in facts:
-        if was != now:
-            store.close()
-            raise SchemaError(
-                f"{path}: recorded with {what} {was!r}, this session records {now!r}; use another store "
-                "or the same robot and options (use_degrees, control_hz)"
+    facts.append(
+        ("action space (mode, frame, units)", space(old.action_space), space(new.action_space), same_robot)
+    )
+    facts += [(f"{k} units", old.keys[k].units, s.units, same_robot) for k, s in new.keys.items()]
+    facts.append(("task", old.task, new.task, "use another store or the same task"))
+    if task_options is not None:
+        recorded = _recorded_options(store)
+        given = json.loads(json.dumps(json_native(dict(task_options))))  # as the store holds them
+        for k in sorted(recorded.keys() & given.keys()):  # an option one side lacks: another code version
+            facts.append(
+                (f"task_options.{k}", recorded[k], given[k], "use another store or the same task options")
             )
-    return store
+    for what, was, now, fix in facts:
+        if was != now:
+            raise SchemaError(f"{path}: recorded with {what} {was!r}, this session records {now!r}; {fix}")
+
+
+def _recorded_options(store: DemoStore) -> dict[str, Any]:
+    """The task options the newest episode recording them was recorded with ({}: none recorded them)."""
+    for i in reversed(range(store.n_episodes)):
+        options = store.episode_info(i).get(OPTIONS_KEY)
+        if isinstance(options, dict):
+            return options
+    return {}
 
 
 class Preview:
@@ -134,7 +167,9 @@ class Collector:
     """Records episodes of `task` (a simulated task, or a real robot for `record_teleop`) into `store`.
     `clock=None` runs in real time for human devices; a ManualClock (as-fast-as-possible) is used for
     scripted experts unless `realtime` is set. `safety`, `read_retries` and `max_read_failures` apply
-    to a human's commands and reads (module docstring); their defaults are the deploy runtime's."""
+    to a human's commands and reads (module docstring); their defaults are the deploy runtime's.
+    `task_options` (a simulated task's options, its defaults filled in) go into every episode's info,
+    where `open_store` finds them to refuse appending with other ones."""
 
     task: SimTask | Robot
     store: DemoStore
@@ -147,6 +182,7 @@ class Collector:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     read_retries: int = RuntimeConfig.read_retries
     max_read_failures: int = RuntimeConfig.max_read_failures
+    task_options: Mapping[str, Any] | None = None
     _episode_t0: float = field(default=0.0, init=False, repr=False)
 
     def _clock(self) -> Clock:
@@ -196,6 +232,8 @@ class Collector:
             success = self.task.is_success()
             info = {"success": success, **info}
             self.stats.successes += int(success)
+        if self.task_options is not None:
+            info = {**info, OPTIONS_KEY: dict(self.task_options)}
         writer.end(info)
         self.stats.saved += 1
         self.stats.overruns += loop.overruns
@@ -208,7 +246,9 @@ class Collector:
     def record_expert_episode(
         self, expert: Expert, label: str, replays: int = 0, replay_noise: float = 0.0
     ) -> None:
-        """One expert episode (plus `replays` noisy replays of its actions from the same start state)."""
+        """One expert episode (plus `replays` noisy replays of its actions from the same start state). It
+        has at least one step: a start that already counts as success is the expert's first action (the
+        episode k of a store is seed + k's, so skipping a start would leave the session stuck on it)."""
         seed = self.seed + self.store.n_episodes
         rng = np.random.default_rng(seed)
         obs = self.task.reset(seed)
@@ -216,7 +256,7 @@ class Collector:
         actions = []
         loop, last = RateLoop(self.task.control_hz, self._clock()), None
         with self.store.begin_episode() as writer:
-            while not self.task.done:
+            while True:
                 now = loop.clock.now()
                 action = self._noise(rng, expert.act(self.task, obs), self.noise_std)
                 actions.append(action)
@@ -225,17 +265,21 @@ class Collector:
                 if self.preview is not None:
                     self.preview.show(obs, f"{label} ep {self.store.n_episodes}")
                 loop.wait()
+                if self.task.done:
+                    break
             self._finish(writer, loop, {"seed": seed, "source": label, "noise_std": self.noise_std})
         for r in range(replays):
             self._replay(seed, actions, replay_noise, rng, label, r)
 
     def _replay(self, seed: int, actions: list, std: float, rng: Any, label: str, r: int) -> None:
         obs = self.task.reset(seed)
-        loop = RateLoop(self.task.control_hz, self._clock())
+        loop, last = RateLoop(self.task.control_hz, self._clock()), None
         with self.store.begin_episode() as writer:
             for action in actions:
                 noisy, now = self._noise(rng, action, std), loop.clock.now()
-                obs = self._step(writer, obs, noisy, 1.0 / self.task.control_hz, now)
+                dt = 0.0 if last is None else now - last  # loop_dt as the expert's episode records it
+                obs = self._step(writer, obs, noisy, dt, now)
+                last = now
                 loop.wait()
                 if self.task.done:
                     break
@@ -252,25 +296,57 @@ class Collector:
         try:
             while self.stats.saved < episodes:
                 state = self._read_tick(device, run)
-                cmds = set() if state is None else set(state.commands)
-                if run.failures >= self.max_read_failures or Command.QUIT in cmds:
+                if run.failures >= self.max_read_failures:
                     break
-                self._episode_commands(run, cmds, loop)
-                if state is not None and run.failures == 0:
-                    self._act(run, mapper(state, run.obs), loop.clock.now())
-                if run.writer is not None and run.writer.n_steps:
-                    if Command.SAVE in cmds or (self.simulated and self.task.done):
-                        self._save(run, loop, device.name)
-                if run.send_failed:
+                if self._tick(run, state, mapper, loop, device.name, episodes):
                     break
                 if self.preview is not None and run.obs:
                     self.preview.show(run.obs, "REC" if run.writer is not None else "press start")
                 loop.wait()
         finally:
-            if run.writer is not None:
+            if run.writer is not None:  # quit, interrupted or stopped while recording: dropped
                 if run.failures >= self.max_read_failures or run.send_failed:
                     self.stats.stopped += f"; the episode being recorded ({run.writer.n_steps} steps) is lost"
                 run.writer.discard()
+                self.stats.discarded += 1
+
+    def _tick(
+        self,
+        run: _Teleop,
+        state: TeleopState | None,
+        mapper: Callable[..., np.ndarray],
+        loop: RateLoop,
+        source: str,
+        episodes: int,
+    ) -> bool:
+        """One tick: the operator's commands in the order pressed, and the tick's action (none without a
+        reading) once: before a SAVE (its step is the last of the episode saved), else after the commands
+        (a START's episode begins with it). Enter then q saves, then quits; Enter then Backspace saves
+        (nothing is left to discard). True: the session ends (QUIT, the last episode saved, or a command
+        that could not be sent)."""
+        pending = state is not None and run.failures == 0  # the tick's action is still to be sent
+
+        def act() -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                self._act(run, mapper(state, run.obs), loop.clock.now())
+
+        for command in [] if state is None else state.commands:
+            if command is Command.QUIT:
+                return True
+            if command is Command.SAVE:
+                act()
+                if run.writer is not None and run.writer.n_steps:
+                    self._save(run, loop, source)
+            else:
+                self._episode_command(run, command, loop)
+            if run.send_failed or self.stats.saved >= episodes:
+                return True
+        act()
+        if run.writer is not None and run.writer.n_steps and self.simulated and self.task.done:
+            self._save(run, loop, source)
+        return run.send_failed or self.stats.saved >= episodes
 
     def _safety_layer(self) -> SafetyLayer:
         return SafetyLayer(
@@ -298,13 +374,13 @@ class Collector:
             )
         return state
 
-    def _episode_commands(self, run: _Teleop, cmds: set[Command], loop: RateLoop) -> None:
-        """DISCARD, RERECORD and START: drop the episode being recorded, begin a new one."""
-        if run.writer is not None and (Command.DISCARD in cmds or Command.RERECORD in cmds):
+    def _episode_command(self, run: _Teleop, command: Command, loop: RateLoop) -> None:
+        """DISCARD and RERECORD drop the episode being recorded; START and RERECORD begin a new one."""
+        if run.writer is not None and command in (Command.DISCARD, Command.RERECORD):
             run.writer.discard()
             run.writer = None
             self.stats.discarded += 1
-        if run.writer is None and (Command.START in cmds or Command.RERECORD in cmds):
+        if run.writer is None and command in (Command.START, Command.RERECORD):
             if self.simulated:  # a fresh sampled start; a real scene is set up by hand
                 run.obs = self.task.reset(self.seed + self.store.n_episodes)
                 run.safety = self._safety_layer()  # the reset moved the robot: no step from before it

@@ -239,7 +239,10 @@ def test_collect_with_a_spacemouse_takes_start_from_the_keyboard(tmp_path, monke
     assert tools.collect.collect(cfg) == 0
     assert capsys.readouterr().out.startswith("saved 1 episodes")
     store = DemoStore.open(tmp_path / "s.zarr")
-    assert store.episode_info(0) == {"seed": 0, "source": "spacemouse", "success": False, "length": 4}
+    options = {"goal_mode": "any", "success_radius": 0.2}  # pointmaze's own, recorded to refuse others
+    assert store.episode_info(0) == {
+        "seed": 0, "source": "spacemouse", "success": False, "length": 4, "task_options": options
+    }  # fmt: skip
     assert np.all(store.get_episode(0)["action"][:, 0] > 0)  # pushed forward: +x force
     assert not keys.running  # the keyboard was disconnected with the SpaceMouse
 
@@ -325,3 +328,147 @@ def test_bad_names_list_valid_ones(tmp_path):
         in res.stderr
     )
     assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["seed=-1", "noise_std=nan", "noise_std=inf", "replay_noise_std=nan", "replay_noise_std=-0.1"],
+)
+def test_bad_numbers_are_refused_in_one_line_before_the_store_is_made(tmp_path, option):
+    """They passed the checks: the store was made, then the first episode failed (a NaN action; a
+    negative seed with numpy's words) or the replays did, leaving a store behind."""
+    store = tmp_path / "x.zarr"
+    res = run_app("wm-collect", "task=pointmaze", "state_only=true", "replays=1", f"store={store}", option)
+    name = option.split("=")[0]
+    assert (
+        res.returncode == 2
+        and res.stderr.startswith(f"error: {name} must be ")
+        and res.stderr.count("\n") == 1
+    )
+    assert not store.exists()
+
+
+def test_a_start_that_already_succeeds_is_an_episode_of_the_experts_first_action(tmp_path):
+    """With a success radius the start state already meets, the expert recorded no step and the session
+    ended with "an episode needs at least one step"."""
+    task = make_task("arm_push", SimConfig(state_only=True, options={"success_radius": 0.2}))
+    store = open_store(str(tmp_path / "s.zarr"), recording_schema(task, "arm_push"))
+    with task:
+        task.reset(0)
+        assert task.is_success()  # the case: nothing is left to do at the start
+        collector = Collector(task, store, seed=0)
+        for _ in range(2):
+            collector.record_expert_episode(make_expert("arm_push"), "expert", replays=1)
+    assert store.n_episodes == 4 and list(store.episode_lengths()) == [1, 1, 1, 1]
+    assert all(store.episode_info(i)["success"] for i in range(4))
+    assert [store.episode_info(i)["seed"] for i in range(4)] == [0, 0, 2, 2]  # seed + k still
+
+
+def test_a_store_is_not_appended_to_for_another_task_or_with_other_task_options(tmp_path, monkeypatch):
+    """Only keys, units, rate and robot were compared: demos of another task, or with the target not
+    drawn / goals of another mode, were appended silently and nothing recorded which was which."""
+    import tools.collect
+    from wm.data.schema import SchemaError
+
+    task = make_task("pointmaze", SimConfig(state_only=True, max_steps=3))
+    path = str(tmp_path / "s.zarr")
+    open_store(path, recording_schema(task, "pick_cube")).close()
+    with pytest.raises(SchemaError, match="recorded with task 'pick_cube', this session records 'stack'"):
+        open_store(path, recording_schema(task, "stack"))
+
+    # a store whose episodes were recorded without options (before they were) is still appended to
+    schema = recording_schema(task, "pick_cube")
+    with open_store(path, schema) as store, task:
+        Collector(task, store).record_expert_episode(make_expert("pointmaze"), "expert")
+    with open_store(path, schema, {"goal_mode": "other_arm"}) as store, task:
+        collector = Collector(task, store, task_options={"goal_mode": "other_arm"})
+        collector.record_expert_episode(make_expert("pointmaze"), "expert")
+    assert DemoStore.open(path).episode_info(1)["task_options"] == {"goal_mode": "other_arm"}
+    with pytest.raises(SchemaError, match="recorded with task_options.goal_mode 'other_arm', this session"):
+        open_store(path, schema, {"goal_mode": "any"})
+    open_store(path, schema, {"goal_mode": "other_arm", "added_later": 1}).close()  # one side lacks it
+
+    # wm-collect records the task's options with its defaults filled in, and refuses others in one line
+    monkeypatch.setattr(tools.collect, "_stop_on_signals", lambda: None)
+    store = tmp_path / "c.zarr"
+    args = ["task=pointmaze", "state_only=true", "episodes=1", "preview=false", f"store={store}"]
+    cfg = tools.collect.CollectConfig(task="pointmaze", store=str(store), episodes=1, state_only=True,
+                                      preview="false", max_steps=3)  # fmt: skip
+    assert tools.collect.collect(cfg) == 0
+    assert DemoStore.open(store).episode_info(0)["task_options"] == {
+        "goal_mode": "any",
+        "success_radius": 0.2,
+    }
+    res = run_app("wm-collect", *args, "+task_options.goal_mode=other_arm")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "recorded with task_options.goal_mode 'any', this session records 'other_arm'" in res.stderr
+    assert run_app("wm-collect", *args, "+task_options.success_radius=0.2", "max_steps=3").returncode == 0
+    assert DemoStore.open(store).n_episodes == 2
+
+
+def test_replays_record_loop_dt_as_the_expert_does(tmp_path):
+    """A replay's first step recorded 1/hz (the expert's: 0, no step before it) and every later step the
+    nominal period, not the loop clock's time between steps."""
+    task = make_task("pointmaze", SimConfig(state_only=True, max_steps=5))
+    store = open_store(str(tmp_path / "s.zarr"), recording_schema(task, "pointmaze"))
+    with task:
+        Collector(task, store, seed=0).record_expert_episode(make_expert("pointmaze"), "expert", replays=1)
+    expert, replay = (store.get_episode(i)["loop_dt"] for i in range(2))
+    assert expert[0] == replay[0] == 0.0
+    np.testing.assert_array_equal(replay, expert[: len(replay)])
+
+
+def _keyboard_session(tmp_path, keys: list[tuple[float, str]]) -> tuple[Collector, DemoStore]:
+    """A pynput keyboard (FakeKeyListener) on pointmaze: tick k sees the keys pressed up to time k; w is
+    held from tick 1 to 5. `keys`: (time, key name) pressed and released 10 ms later."""
+    from robots.teleop.fakes import FakeClock, FakeKeyListener
+    from robots.teleop.keyboard import KeyboardDevice
+    from robots.teleop.mapping import teleop_mapper
+
+    class Key:  # pynput's KeyCode / Key attributes
+        def __init__(self, name: str) -> None:
+            self.char, self.name = (name, None) if len(name) == 1 else (None, name)
+
+    w = Key("w")
+    events = [(1.0, w, True), (5.0, w, False)]
+    events += [(t + dt, Key(k), dt == 0) for t, k in keys for dt in (0, 0.01)]
+    clock = FakeClock()
+    listener = FakeKeyListener(events, clock)
+    keyboard = KeyboardDevice(backend="pynput", listener_factory=listener.factory, clock=clock)
+
+    class Ticked:
+        name, polls = "keyboard", 0
+
+        def poll(self) -> TeleopState:
+            self.polls += 1
+            assert self.polls < 40, "the session did not end"
+            listener.replay_until(float(self.polls))
+            return keyboard.poll()
+
+    keyboard.connect()
+    task = make_task("pointmaze", SimConfig(state_only=True))
+    store = open_store(str(tmp_path / "s.zarr"), recording_schema(task, "pointmaze"))
+    collector = Collector(task, store, seed=0)
+    with task:
+        collector.record_teleop(Ticked(), teleop_mapper(task, {}), episodes=5)
+    return collector, store
+
+
+@pytest.mark.parametrize("then", ["q", "backspace"])
+def test_keys_pressed_within_one_tick_act_in_the_order_pressed(tmp_path, then):
+    """Enter then q (or Backspace) typed within one control tick: the commands were applied as a set,
+    QUIT (DISCARD) before SAVE, and the episode the operator had saved was lost."""
+    keys = [(1.0, "b"), (5.5, "enter"), (5.53, then)] + ([(7.5, "q")] if then != "q" else [])
+    collector, store = _keyboard_session(tmp_path, keys)
+    assert store.n_episodes == 1 and store.episode_lengths()[0] == 6  # ticks 1..6, as Enter alone
+    assert (collector.stats.saved, collector.stats.discarded) == (1, 0)
+
+
+def test_an_episode_dropped_by_quit_is_counted(tmp_path):
+    """q while recording drops the episode; the summary counted it neither saved nor discarded."""
+    collector, store = _keyboard_session(tmp_path, [(1.0, "b"), (3.5, "q")])
+    assert store.n_episodes == 0 and (collector.stats.saved, collector.stats.discarded) == (0, 1)
+    collector, store = _keyboard_session(
+        tmp_path / "b", [(1.0, "b"), (2.5, "enter"), (2.53, "b"), (4.5, "q")]
+    )
+    assert store.n_episodes == 1 and (collector.stats.saved, collector.stats.discarded) == (1, 1)

@@ -271,6 +271,52 @@ def test_gamepad_buttons_emit_commands_once():
     assert dev.poll().commands == []
 
 
+def test_a_non_finite_gamepad_reading_is_held_never_turned_into_a_command():
+    """A NaN trigger (a glitching driver) was stored, and the binary gripper mapping turned it into -1: a
+    gripper held closed opened, and the robot dropped what it held. The axis keeps its last reading, and
+    a non-finite gripper maps to NaN, which the safety layer refuses to send."""
+    nan = float("nan")
+    dev = _gamepad([
+        [GamepadEvent("axis", 5, 1.0), GamepadEvent("axis", 1, -1.0)],
+        [GamepadEvent("axis", 5, nan), GamepadEvent("axis", 1, nan)],
+        [GamepadEvent("axis", 5, float("inf"))],
+    ])  # fmt: skip
+    first = dev.poll()
+    for state in (dev.poll(), dev.poll()):
+        assert state.gripper == first.gripper == 1.0  # still closed
+        np.testing.assert_array_equal(state.motion, first.motion)
+    feature = Feature((7,), "float32", "action", low=(-1.0,) * 7, high=(1.0,) * 7)
+    space = ActionSpace(mode="delta", frame="ee")
+    for mode in ("binary", "continuous"):
+        action = ActionMapper(gripper=mode)(TeleopState(gripper=nan), feature, space)
+        assert np.isnan(action[-1]), mode  # never a finite open (-1)
+
+
+def test_device_number_options_must_be_finite():
+    """full_scale=nan made a SpaceMouse report NaN motion; hold_s=inf kept one key tap moving forever
+    (nan: no key moved); both were accepted by wm-collect and by the devices."""
+    from tools._config import UsageError
+    from tools.collect import CollectConfig
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="full_scale must be a finite number > 0"):
+            device_class("spacemouse")(full_scale=value)
+        with pytest.raises(ValueError, match="hold_s must be a finite number > 0"):
+            device_class("keyboard")(hold_s=value)
+        with pytest.raises(UsageError, match=r"^device_options.full_scale must be a finite number, got"):
+            CollectConfig(
+                task="pointmaze", store="x.zarr", teleop="spacemouse", device_options={"full_scale": value}
+            )
+        with pytest.raises(UsageError, match=r"^device_options.hold_s must be a finite number, got"):
+            CollectConfig(
+                task="pointmaze", store="x.zarr", teleop="keyboard", device_options={"hold_s": value}
+            )
+        with pytest.raises(UsageError, match=r"^command_options.hold_s must be a finite number, got"):
+            CollectConfig(
+                task="pointmaze", store="x.zarr", teleop="spacemouse", command_options={"hold_s": value}
+            )
+
+
 def test_gamepad_pygame_events_convert(monkeypatch):
     monkeypatch.setenv("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     pygame = pytest.importorskip("pygame")

@@ -5,6 +5,7 @@ without all the buttons: a leader arm, a SpaceMouse) and `gains=` (`ActionMapper
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ class DeviceSettings:
                 "(its options as command_options)"
             )
         cls = device_class(self.teleop)
-        check(cls, dict(self.device_options), "device_options")
+        _finite(check(cls, dict(self.device_options), "device_options"), "device_options")
         build(ActionMapper, dict(self.gains), "gains")
         if not takes_command_device(cls):
             return
@@ -53,7 +54,10 @@ class DeviceSettings:
             if self.command_options:
                 raise UsageError("command_options apply to a command device: give command_device=NAME")
             return
-        check(device_class(self.command_device), dict(self.command_options), "command_options")
+        _finite(
+            check(device_class(self.command_device), dict(self.command_options), "command_options"),
+            "command_options",
+        )
 
     def build(self, robot: Any) -> Any:
         """The device (not connected) with its command device; a device reporting joints (a leader arm)
@@ -69,6 +73,14 @@ class DeviceSettings:
         if isinstance(device, JointDevice):
             device.check_drives(robot.action_feature, converts=ActionMapper(**self.gains).converts_joints)
         return device
+
+
+def _finite(values: Mapping[str, Any], path: str) -> None:
+    """A device's number options (a SpaceMouse's full_scale, a keyboard's hold_s) are finite: NaN made a
+    device report NaN motion, or hold every command; inf, move forever."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{path}.{name} must be a finite number, got {value}")
 
 
 def takes_command_device(device_cls: type) -> bool:

@@ -2,7 +2,8 @@
 
 Scripted experts run as fast as the simulator allows (or in real time with `realtime=true`);
 human devices run at the task's control rate. Everything goes through the crash-safe store: Ctrl-C
-keeps the finished episodes, and running again on the same store appends after them.
+keeps the finished episodes, and running again on the same store appends after them: for the same
+task, robot and task options (every episode's info records them), else it is refused in one line.
 
 `robot=NAME` records a real arm (a name from `robots.registry.ROBOTS`, its options in
 `robot_options`) instead of a simulated task; `task` then names what the demonstrations show. E.g. a
@@ -20,6 +21,8 @@ the exit status is wm-deploy's for a fault (3); the episodes saved before it are
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -62,8 +65,12 @@ class CollectConfig:
     def __post_init__(self) -> None:
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
-        if self.noise_std < 0 or self.replay_noise_std < 0 or self.replays < 0:
-            raise ValueError("noise_std, replay_noise_std and replays must be >= 0")
+        for name in ("seed", "replays"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("noise_std", "replay_noise_std"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         for name, value in (("realtime", self.realtime), ("preview", self.preview)):
             one_of(name, str(value).lower(), ("auto", "true", "false"))
         if self.robot is None:
@@ -94,6 +101,14 @@ class CollectConfig:
             raise UsageError("task_options apply to simulated tasks; a real robot takes robot_options")
         if str(self.realtime).lower() == "false":
             raise UsageError("realtime=false: a real robot runs in real time")
+
+
+def task_options(cfg: CollectConfig) -> dict[str, Any] | None:
+    """The simulated task's options as it runs them (its defaults filled in): recorded in every episode's
+    info, and an existing store is appended to only with the same ones; None for a real robot."""
+    if cfg.robot is not None:
+        return None
+    return dataclasses.asdict(build(task_entry(cfg.task).options, cfg.task_options, "task_options"))
 
 
 def sim_config(cfg: CollectConfig) -> SimConfig:
@@ -136,7 +151,8 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
     """The session on a connected robot (and device): episodes into the store, a progress bar, a summary."""
     scripted = device is None
     realtime = str(cfg.realtime).lower() == "true" or (str(cfg.realtime).lower() == "auto" and not scripted)
-    store = open_store(cfg.store, recording_schema(task, cfg.task))
+    options = task_options(cfg)
+    store = open_store(cfg.store, recording_schema(task, cfg.task), options)
     start = store.n_episodes
     bar = tqdm(total=cfg.episodes * (1 + (cfg.replays if scripted else 0)), unit="ep", dynamic_ncols=True)
 
@@ -156,6 +172,7 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
         noise_std=cfg.noise_std,
         on_episode=progress,
         preview=preview,
+        task_options=options,
     )
     interrupted = False
     try:

@@ -34,7 +34,7 @@ class TeleopState:
     motion: np.ndarray = field(default_factory=lambda: np.zeros(6))  # (6,) in [-1, 1]
     gripper: float | None = None  # -1 open .. 1 closed
     joints: np.ndarray | None = None  # absolute joint targets (leader arms)
-    commands: list[Command] = field(default_factory=list)  # pressed since the last poll
+    commands: list[Command] = field(default_factory=list)  # pressed since the last poll, in order
 
 
 class DeviceNotFoundError(RuntimeError):

@@ -18,7 +18,8 @@ their axes and buttons differently: pass a layout.
 
 Sticks get a deadzone (rescaled so the output still spans [-1, 1]). Commands are emitted once per
 button press. Triggers rest at -1 in SDL's joystick API; until the first trigger event the
-gripper reads open.
+gripper reads open. A non-finite axis value (a glitching driver) is ignored: the axis keeps its last
+reading, so a NaN trigger never opens a closed gripper.
 
 The event source is injectable: the pygame source turns SDL events into `GamepadEvent`s, and tests
 feed a recorded stream of `GamepadEvent`s into the same state-update code.
@@ -95,7 +96,9 @@ class GamepadState:
 
     def update(self, event: GamepadEvent) -> None:
         if event.kind == "axis":
-            self.axes[event.index] = float(np.clip(event.value, -1.0, 1.0))
+            value = float(event.value)
+            if np.isfinite(value):  # a glitching driver's NaN is not a reading: the axis holds its last one
+                self.axes[event.index] = float(np.clip(value, -1.0, 1.0))
         elif event.kind == "hat" and event.index == self.layout.hat:
             self.hat = (int(event.value[0]), int(event.value[1]))
         elif event.kind == "button":

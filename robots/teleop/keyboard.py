@@ -196,8 +196,8 @@ class KeyboardDevice:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"keyboard backend {backend!r} is not one of {BACKENDS}")
-        if hold_s <= 0:
-            raise ValueError(f"hold_s must be positive, got {hold_s}")
+        if not (np.isfinite(hold_s) and hold_s > 0):
+            raise ValueError(f"hold_s must be a finite number > 0, got {hold_s}")
         self.backend = backend
         self.hold_s = hold_s
         self.fd = fd

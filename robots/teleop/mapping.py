@@ -14,7 +14,8 @@ Rules, applied in order:
    control step and in the action's units (m, rad, pixels, ...).
 3. Gripper. The state's gripper (-1 open .. 1 closed; None counts as open) is thresholded at 0 to
    -1/+1 with `gripper="binary"`, or passed through with `gripper="continuous"`; it is then mapped
-   linearly from [-1, 1] onto the gripper dimension's [low, high] when both are finite.
+   linearly from [-1, 1] onto the gripper dimension's [low, high] when both are finite. A non-finite
+   gripper stays NaN (a safety layer holds the last command), never a finite open or close.
 4. Layout, by `action_space.frame` and the feature's size D:
    - `joint`: absolute targets `joints * joint_scale + joint_offset` from a leader arm (joints must
      be reported, D must match); `delta` mode returns `target - current` and needs `current`.
@@ -104,7 +105,11 @@ class ActionMapper:
         return m
 
     def gripper_value(self, state: TeleopState, low: float | None, high: float | None) -> float:
+        """The gripper dimension's value; NaN for a non-finite reading (never a confident "open"), which
+        the safety layer refuses to send."""
         g = -1.0 if state.gripper is None else float(np.clip(state.gripper, -1.0, 1.0))
+        if not np.isfinite(g):
+            return float("nan")
         if self.gripper == "binary":
             g = 1.0 if g > 0 else -1.0
         if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):

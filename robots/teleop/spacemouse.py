@@ -128,8 +128,8 @@ class SpaceMouseDevice:
     ) -> None:
         if not 0 <= deadzone < 1:
             raise ValueError(f"deadzone must be in [0, 1), got {deadzone}")
-        if full_scale <= 0:
-            raise ValueError(f"full_scale must be positive, got {full_scale}")
+        if not (np.isfinite(full_scale) and full_scale > 0):
+            raise ValueError(f"full_scale must be a finite number > 0, got {full_scale}")
         self.path = path
         self.deadzone = deadzone
         self.full_scale = full_scale
