@@ -43,6 +43,7 @@ class EpisodeResult:
     max_score: float | None = None  # the task's partial credit (`SimTask.score`), best over the episode
     plan_seconds: list[float] = field(default_factory=list)
     act_seconds: float = 0.0  # time spent choosing actions (batched calls shared among episodes)
+    error: str | None = None  # why the episode was ended early (a non-finite action): a failure
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class EpisodeResult:
             "replans": len(self.plan_seconds),
             "mean_plan_seconds": float(np.mean(self.plan_seconds)) if self.plan_seconds else None,
             "action_seconds_per_step": self.act_seconds / max(1, self.steps),
+            "error": self.error,
         }
 
 
@@ -130,7 +132,8 @@ def run_episodes(
     (a `GoalConditioned` policy is told each episode's goal observation first). The first `videos`
     episodes are recorded to `video_dir`: the camera, what a `Previewable` policy shows, and the goal,
     labelled with the outcome; their paths are appended to `written` when given. `progress(result)` is
-    called as each episode ends."""
+    called as each episode ends. An episode over at its reset state is sent no action (0 steps); one
+    the policy gives a non-finite action ends there, a failure with its `error`, and the others go on."""
     results: list[EpisodeResult] = []
     E = len(tasks)
     for start in range(0, len(seeds), E):
@@ -171,6 +174,26 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
     # takes env.step's rewards); the reset state only says whether the task has a score
     scores = [None if t.score() is None else -math.inf for t in tasks]
     out: list[EpisodeResult | None] = [None] * E
+
+    def finish(e: int, error: str | None = None) -> None:
+        """End episode e on the state it is in: a failure when `error` says why it was stopped."""
+        active[e] = False
+        task = tasks[e]
+        if scores[e] is not None and steps[e] == 0:  # it ended on its reset state
+            scores[e] = task.score()
+        success = task.is_success() if error is None else False
+        result = EpisodeResult(seeds[e], success, int(steps[e]), task.goal_distance(), scores[e], error=error)
+        result.plan_seconds, result.act_seconds = plan_times[e], float(act_seconds[e])
+        out[e] = result
+        if recorder is not None:  # the state success was judged on ends the video
+            recorder.add(e, obs[e])
+            recorder.write(e, result, task.control_hz)
+        if progress is not None:
+            progress(result)
+
+    for e in range(E):
+        if tasks[e].done:  # over at its reset state (e.g. it starts at the goal): no action is sent
+            finish(e)
     n_calls = 0
     while active.any():
         if rows is not None:
@@ -187,6 +210,12 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
                 recorder.new_preview(policy)
         act = action.detach().cpu().numpy()
         for e in np.flatnonzero(active):
+            a = np.asarray(act[e], dtype=np.float64)
+            if a.shape == tuple(tasks[e].action_feature.shape) and not np.all(np.isfinite(a)):
+                # the controller failed this episode (a task never takes such an action): it ends here,
+                # a failure saying why, and the other episodes go on
+                finish(e, error=f"non-finite action at step {int(steps[e])}: {a.tolist()}")
+                continue
             if recorder is not None:
                 recorder.add(e, obs[e])
             tasks[e].send_action(act[e])
@@ -195,18 +224,7 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
                 scores[e] = max(scores[e], tasks[e].score())
             steps[e] += 1
             if tasks[e].done:
-                active[e] = False
-                task = tasks[e]
-                result = EpisodeResult(
-                    seeds[e], task.is_success(), int(steps[e]), task.goal_distance(), scores[e]
-                )
-                result.plan_seconds, result.act_seconds = plan_times[e], float(act_seconds[e])
-                out[e] = result
-                if recorder is not None:  # the state success was judged on ends the video
-                    recorder.add(e, obs[e])
-                    recorder.write(e, result, task.control_hz)
-                if progress is not None:
-                    progress(result)
+                finish(e)
     return [r for r in out if r is not None]
 
 
@@ -268,6 +286,7 @@ def summarize(results: Sequence[EpisodeResult], wall_seconds: float) -> dict[str
         "planning_seconds_per_step": float(sum(plans) / steps) if steps else 0.0,
         "action_seconds_per_step": float(sum(r.act_seconds for r in results) / steps) if steps else 0.0,
         "wall_seconds": wall_seconds,
+        "errors": sum(r.error is not None for r in results),  # episodes stopped (a non-finite action)
         "per_episode": [r.to_dict() for r in results],
     }
 

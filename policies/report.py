@@ -80,6 +80,8 @@ def _summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if results.get("mean_max_score") is not None:
         rows.append(("mean max score", _fmt(results["mean_max_score"])))
+    if results.get("errors"):
+        rows.append(("episodes stopped (non-finite action, a failure)", _fmt(results["errors"])))
     for key, label in (
         ("planning_seconds_per_step", "planning time per step"),
         ("planning_seconds_per_replan_per_episode", "planning time per replan (per episode)"),
@@ -98,6 +100,7 @@ def _summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _episode_table(episodes: Sequence[dict[str, Any]]) -> str:
+    errors = any(e.get("error") for e in episodes)  # why an episode was stopped, when one was
     rows = []
     for e in episodes:
         ok = bool(e.get("success"))
@@ -109,8 +112,10 @@ def _episode_table(episodes: Sequence[dict[str, Any]]) -> str:
                 _fmt(e.get("final_distance")),
                 _fmt(e.get("max_score")),
             )
+            + ((_fmt(e.get("error")),) if errors else ())
         )
-    return _table(("seed", "success", "steps", "final distance", "score"), rows, ident="episodes")
+    headers = ("seed", "success", "steps", "final distance", "score") + (("error",) if errors else ())
+    return _table(headers, rows, ident="episodes")
 
 
 def _budget_table(points: Sequence[dict[str, Any]]) -> str:

@@ -260,3 +260,122 @@ def test_subgoal_replans_are_counted_for_running_episodes_only():
     results = run_episodes(tasks, mpc, [0, 2, 4])
     assert [r.steps for r in results] == [2, 5, 3]
     assert selector.count == sum(r.to_dict()["replans"] for r in results) == 10
+
+
+class NaNRowPolicy(FakePolicy):
+    """FakePolicy whose first row's actions are NaN from step `at` on (a diverged controller)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(every=1)
+        self.at = at
+
+    def select_action(self, obs):
+        action = super().select_action(obs).clone()
+        if self.step > self.at:
+            action[0] = float("nan")
+        return action
+
+
+def test_non_finite_action_ends_its_episode_as_a_failure_and_the_others_go_on(tmp_path):
+    tasks = [LineTask(target=5.0), LineTask(target=5.0)]
+    written = []
+    results = run_episodes(tasks, NaNRowPolicy(at=1), [0, 2], video_dir=tmp_path, videos=2, written=written)
+    first, second = results
+    assert (first.success, first.steps) == (False, 1) and "non-finite action at step 1" in first.error
+    assert tasks[0].sent == [1.0]  # the NaN never reached the task
+    assert (second.success, second.steps, second.error) == (True, 5, None)  # the other episode went on
+    summary = summarize(results, 1.0)
+    assert summary["errors"] == 1 and summary["per_episode"][0]["error"] == first.error
+    assert [p.name for p in written] == ["episode_0000_failure.mp4", "episode_0002_success.mp4"]
+    assert len(imageio.mimread(written[0])) == 2  # the reset state and the state it stopped on
+
+
+def test_an_episode_over_at_its_reset_state_is_sent_no_action(tmp_path):
+    """Seed 1 starts at the target: success with 0 steps, and its video is the one state it was judged on."""
+    tasks = [LineTask(target=1.0), LineTask(target=1.0)]
+    written = []
+    results = run_episodes(tasks, FakePolicy(every=1), [0, 1], video_dir=tmp_path, videos=2, written=written)
+    assert [(r.seed, r.success, r.steps) for r in results] == [(0, True, 1), (1, True, 0)]
+    assert tasks[1].sent == [] and tasks[0].sent == [1.0]
+    assert results[1].plan_seconds == []  # no model call served it
+    assert len(imageio.mimread(tmp_path / "episode_0001_success.mp4")) == 1
+    done = [LineTask(target=0.0)]  # every episode over at reset: the policy is never called
+    (only,) = run_episodes(done, FakePolicy(every=1), [0])
+    assert (only.success, only.steps) == (True, 0) and done[0].sent == []
+
+
+QUICK = ["task=pointmaze", "controller=random", "parallel=1", "max_steps=3", "progress=false"]
+
+
+def test_wm_eval_refuses_an_out_that_is_a_file(tmp_path):
+    from apps import run_app
+
+    (tmp_path / "f").write_text("not a folder")
+    for out in ("f", "f/sub"):
+        res = run_app("wm-eval", *QUICK, "episodes=1", f"out={out}", cwd=tmp_path)
+        assert res.returncode == 2 and res.stderr.splitlines() == [
+            f"error: out={out}: f is a file; give a folder (new, or an earlier run's)"
+        ], res.stderr
+    res = run_app("wm-eval", *QUICK, "episodes=1", "out=", cwd=tmp_path)
+    assert res.returncode == 2 and "out= is empty" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_wm_eval_interrupted_rerun_leaves_the_earlier_run_whole(tmp_path, monkeypatch):
+    """Ctrl-C during a rerun into the same out=: the earlier run's results, report and videos stay as
+    they were (results.json lists videos that are there), and none of the unfinished run's are left."""
+    from apps import run_app
+
+    res = run_app("wm-eval", *QUICK, "episodes=2", "videos=2", "out=o", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    draw, calls = RandomPolicy.select_action, []
+
+    def interrupted(self, obs):
+        calls.append(1)
+        if len(calls) > 7:  # two of the rerun's episodes (and their videos) are done
+            raise KeyboardInterrupt
+        return draw(self, obs)
+
+    monkeypatch.setattr(RandomPolicy, "select_action", interrupted)
+    res = run_app("wm-eval", *QUICK, "episodes=4", "videos=4", "seed=2000", "out=o", cwd=tmp_path)
+    assert res.returncode == 130 and len(calls) == 8
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    assert after == before and not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
+
+
+def test_wm_eval_results_record_what_reruns_the_run(tmp_path):
+    """results.json holds every option given and the steps an episode may take."""
+    import json
+
+    from apps import run_app
+
+    res = run_app(
+        "wm-eval", *QUICK, "episodes=2", "videos=0", "seed=7", "+task_options.goal_mode=other_arm", "out=o",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    config = results["config"]
+    assert (config["seed"], config["episodes"], config["max_steps"]) == (7, 2, 3)
+    assert config["task_options"] == {"goal_mode": "other_arm"} and config["task"] == "pointmaze"
+    assert results["max_steps"] == 3 and results["errors"] == 0
+
+
+def test_wm_eval_results_json_has_no_nan_literals(tmp_path, monkeypatch):
+    import json
+
+    from apps import run_app
+
+    from robots.sim.pointmaze import PointMazeTask
+
+    monkeypatch.setattr(PointMazeTask, "goal_distance", lambda self: float("nan"))
+    res = run_app("wm-eval", *QUICK, "episodes=1", "videos=0", "out=o", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+    def refuse(name):  # a task's NaN distance is null in results.json, not a NaN literal
+        raise AssertionError(f"{name} in results.json")
+
+    text = (tmp_path / "o" / "results.json").read_text()
+    results = json.loads(text, parse_constant=refuse)
+    assert results["mean_final_distance"] is None and results["per_episode"][0]["final_distance"] is None

@@ -85,6 +85,17 @@ def test_report_content_is_escaped_and_self_contained(tmp_path: Path) -> None:
     assert re.search(r"<td[^>]*>\s*25\.0 %", page)  # the budget table
 
 
+def test_report_says_which_episodes_were_stopped_and_why(tmp_path: Path) -> None:
+    results = _results()
+    results["errors"] = 1
+    results["per_episode"][1]["error"] = "non-finite action at step 3: [nan, nan]"
+    page = write_report(tmp_path, results).read_text(encoding="utf-8")
+    assert re.search(r"episodes stopped \(non-finite action, a failure\)</th><td>1<", page)
+    assert "<th>error</th>" in page and "<td>non-finite action at step 3: [nan, nan]</td>" in page
+    page = write_report(tmp_path, _results()).read_text(encoding="utf-8")
+    assert "episodes stopped" not in page and "<th>error</th>" not in page
+
+
 def test_report_without_videos_or_plot(tmp_path: Path) -> None:
     results = {"success_rate": 0.0, "episodes": 1, "mean_max_score": 0.75, "per_episode": []}
     page = write_report(tmp_path, results).read_text(encoding="utf-8")

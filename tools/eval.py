@@ -11,7 +11,13 @@ A progress bar on stderr shows episodes done, running success and planning time 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +50,13 @@ class EvalConfig(ControllerConfig):
         from robots.registry import task_entry
 
         super().__post_init__()
+        if not str(self.out).strip():
+            raise UsageError("out= is empty: give the folder for results.json, report.html and videos")
+        for path in (Path(self.out), *Path(self.out).parents):
+            if path.exists() and not path.is_dir():
+                raise UsageError(
+                    f"out={self.out}: {path} is a file; give a folder (new, or an earlier run's)"
+                )
         for name, least in (("episodes", 1), ("parallel", 1), ("videos", 0)):
             if getattr(self, name) < least:
                 raise UsageError(f"{name} must be >= {least}, got {getattr(self, name)}")
@@ -88,7 +101,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     feat = tasks[0].action_feature
     policy, make = _controller(cfg, loaded, feat)  # before out/ is made: it may refuse the command
-    videos: list[Path] = []
+    staged: list[Path] = []  # this run's videos, in its staging folder `stage` (made below) until it is over
 
     def episodes(policy: Any, video: bool, desc: str) -> dict[str, Any]:
         with EvalProgress(cfg.episodes, disable=not cfg.progress, desc=desc) as bar:
@@ -97,22 +110,30 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     tasks,
                     policy,
                     seeds,
-                    video_dir=out / "videos" if video and cfg.videos else None,
+                    video_dir=stage / "videos" if video and cfg.videos else None,
                     videos=cfg.videos,
                     progress=bar.update,
-                    written=videos,
+                    written=staged,
                 )
             )
         return summarize(results, wall)
 
     plot = None
     with _output_folder(out):  # what refuses the command during the run leaves no empty out/ behind
-        _clear_outputs(out)
-        results = episodes(policy, True, cfg.controller)
-        if cfg.controller == "mpc":
-            results["subgoal_replans"] = policy.subgoals.count if policy.subgoals is not None else 0
-            if cfg.budgets:
-                results["budgets"], plot = _budget_sweep(cfg, make, episodes, out)
+        # The run writes in a staging folder of its own, and only a finished run replaces the earlier
+        # run's outputs: an error or Ctrl-C leaves out/ as it was (an earlier run's results whole).
+        stage = Path(tempfile.mkdtemp(prefix=".wm-eval-", dir=out))
+        try:
+            results = episodes(policy, True, cfg.controller)
+            if cfg.controller == "mpc":
+                results["subgoal_replans"] = policy.subgoals.count if policy.subgoals is not None else 0
+                if cfg.budgets:
+                    results["budgets"], plot = _budget_sweep(cfg, make, episodes, stage)
+            _clear_outputs(out)
+            videos = [_move(p, out / "videos") for p in staged]
+            plot = _move(plot, out) if plot is not None else None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     if loaded is not None:
         results["inference"] = loaded.inference_settings()
         # which CPU kernels (fp32, bf16, int8) this evaluation's layers ran on
@@ -124,8 +145,20 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         seeds=seeds[:1] + seeds[-1:],
         videos=[f"videos/{p.name}" for p in videos],  # this run's, the only ones out/videos holds
         parallel=cfg.parallel,  # noise is per episode, but a model's rounding can change with the batch
+        max_steps=tasks[0].config.max_steps,  # the task's default when max_steps=null
+        config=dataclasses.asdict(cfg),  # every option this run was given: what reruns it
     )
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = _finite(results)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, allow_nan=False))  # valid JSON: no NaN or Infinity
+    os.replace(tmp, out / "results.json")
+    if results["errors"]:
+        print(
+            f"warning: {results['errors']} of {results['episodes']} episodes ended on a non-finite action "
+            "from the controller (counted as failures; see per_episode errors in results.json)",
+            file=sys.stderr,
+            flush=True,
+        )
     report = write_report(out, results, videos, plot)
     where = f"wrote results {out / 'results.json'}, report {report}"
     print(where + (f", videos {out / 'videos'}" if videos else ""), flush=True)
@@ -158,6 +191,23 @@ def _output_folder(out: Path) -> Iterator[None]:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+
+
+def _move(path: Path, folder: Path) -> Path:
+    """Moves `path` into `folder` (made when missing), replacing a file of its name; returns the new path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.move(path, folder / path.name))
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, infinity) replaced by None: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _clear_outputs(out: Path) -> None:
