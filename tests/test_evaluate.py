@@ -342,6 +342,18 @@ def test_wm_eval_interrupted_rerun_leaves_the_earlier_run_whole(tmp_path, monkey
     assert res.returncode == 130 and len(calls) == 8
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
     assert after == before and not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
+    # a run killed with -9 cannot remove its staging folder: the next run into out= does (not a live one's)
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left, live = tmp_path / "o" / f".wm-eval-{dead.pid}-x", tmp_path / "o" / f".wm-eval-{os.getpid()}-y"
+    left.mkdir()
+    live.mkdir()
+    monkeypatch.setattr(RandomPolicy, "select_action", draw)
+    assert run_app("wm-eval", *QUICK, "episodes=1", "videos=0", "out=o", cwd=tmp_path).returncode == 0
+    assert not left.exists() and live.is_dir()
 
 
 def test_wm_eval_results_record_what_reruns_the_run(tmp_path):

@@ -25,6 +25,7 @@ from wm.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_model_weights,
+    prune_checkpoints,
     save_checkpoint,
     state_dict_diff,
 )
@@ -627,6 +628,24 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"its weights hold NaN or inf \(6 tensor\(s\), the first 'net"):
         load_model_weights(TinyRegressor(), broken)  # the trainer never saves them: it loaded and ran
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_a_save_killed_midway_leaves_a_temporary_file_the_next_save_removes(tmp_path):
+    """`kill -9` inside save_checkpoint left `.ckpt_*.pt.tmp<pid>` for good (harmless, but it grew)."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f".ckpt_00000003.pt.tmp{dead.pid}"
+    saving = tmp_path / f".ckpt_00000005.pt.tmp{os.getpid()}"  # a live process's save: not touched
+    left.write_bytes(b"half a checkpoint")
+    saving.write_bytes(b"being written")
+    model = TinyRegressor()
+    save_checkpoint(
+        tmp_path / "ckpt_00000004.pt", model_type="tiny", model_config={}, state_dict=model.state_dict()
+    )
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert not left.exists() and saving.exists() and (tmp_path / "ckpt_00000004.pt").is_file()
 
 
 def test_state_dict_diff_names_each_kind_of_problem():

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from omegaconf import DictConfig
 
 from tools._cli import UsageError, app, bind, build
 from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides
+from wm.locks import remove_left_by_dead
 
 BUDGET_PLOT = "success_vs_budget.png"
 
@@ -122,7 +124,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     with _output_folder(out):  # what refuses the command during the run leaves no empty out/ behind
         # The run writes in a staging folder of its own, and only a finished run replaces the earlier
         # run's outputs: an error or Ctrl-C leaves out/ as it was (an earlier run's results whole).
-        stage = Path(tempfile.mkdtemp(prefix=".wm-eval-", dir=out))
+        remove_left_by_dead(out, STAGING_RE)  # a run killed with -9 could not remove its own
+        stage = Path(tempfile.mkdtemp(prefix=f".wm-eval-{os.getpid()}-", dir=out))
         try:
             results = episodes(policy, True, cfg.controller)
             if cfg.controller == "mpc":
@@ -191,6 +194,9 @@ def _output_folder(out: Path) -> Iterator[None]:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+
+
+STAGING_RE = re.compile(r"\.wm-eval-(?P<pid>\d+)-.+")  # a run's staging folder in out/
 
 
 def _move(path: Path, folder: Path) -> Path:

@@ -39,9 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from wm.locks import remove_left_by_dead
+
 FORMAT = 1
 BEST_NAME = "best.pt"
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+SAVING_RE = re.compile(r"\..+\.pt\.tmp(?P<pid>\d+)")  # save_checkpoint's temporary file
 REQUIRED = ("format", "model_type", "model_config", "state_dict")
 
 
@@ -96,10 +99,11 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` `ckpt_*.pt` files."""
+    """Delete all but the newest `keep_last` `ckpt_*.pt` files, and the temporary files of saves whose
+    process died (a kill -9 in the middle of `save_checkpoint`)."""
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
-
+    remove_left_by_dead(Path(directory), SAVING_RE)
 
 def load_checkpoint(path_or_dir: str | os.PathLike, expected_type: str | None = None) -> dict[str, Any]:
     """Load a checkpoint file, or a run directory's latest one, on the CPU.

@@ -1,9 +1,13 @@
 """One process at a time: an advisory file lock for work two processes must not do at once (two
-`wm-train` runs, or every DDP rank, building the same cache or default autoencoder)."""
+`wm-train` runs, or every DDP rank, building the same cache or default autoencoder); and what a
+process that died left behind: files named after their writer's pid (`left_by_dead`)."""
 
 from __future__ import annotations
 
 import fcntl
+import os
+import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,3 +29,29 @@ def exclusive(lock: Path, waiting: str, log: Callable[[str], Any]) -> Iterator[N
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` is running (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_left_by_dead(folder: Path, pattern: re.Pattern[str]) -> None:
+    """Remove the files and folders in `folder` whose name `pattern` matches with a `pid` group naming
+    a process that is no longer running (its temporary files: a kill -9 leaves them); others stay."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m is None or alive(int(m.group("pid"))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

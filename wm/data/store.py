@@ -49,6 +49,7 @@ from zarr.storage import LocalStore, ZipStore
 from wm.data.chunks import ChunkReader
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
 from wm.data.schema import Schema, infer_schema
+from wm.locks import alive
 
 SCHEMA_ATTR = "wm_schema"
 EPISODES_ATTR = "wm_episodes"
@@ -864,7 +865,7 @@ def finish_swap(path: Path) -> None:
             discard_tree(old, path)
         for trash in path.parent.glob(f"{glob.escape(path.name)}.*{_TRASH}"):
             pid = trash.name[len(path.name) + 1 : -len(_TRASH)]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 discard_tree(trash, path)  # a removal its process did not live to finish
 
 
@@ -894,11 +895,3 @@ def rename_if_there(src: Path, dst: Path) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
