@@ -105,6 +105,7 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
         old.unlink(missing_ok=True)
     remove_left_by_dead(Path(directory), SAVING_RE)
 
+
 def load_checkpoint(path_or_dir: str | os.PathLike, expected_type: str | None = None) -> dict[str, Any]:
     """Load a checkpoint file, or a run directory's latest one, on the CPU.
 

@@ -893,5 +893,3 @@ def rename_if_there(src: Path, dst: Path) -> bool:
             raise
         return False
     return True
-
-
