@@ -205,8 +205,9 @@ class Runtime:
         runs until `done()`, the tick limit, a fault or `stop_requested()`. `takeover(obs)` returns a
         human's action for a tick (`robots.runtime.intervention.Takeover`) or None; after a takeover
         the controller resumes from a chunk of an observation taken after the hand-back."""
+        self._stop_requested = stop_requested  # looked at on every tick and during blocking waits
         with QuietGC(self.cfg.quiet_gc) as quiet:
-            return self._episode(max_ticks, goal, done, on_tick, stop_requested, takeover, quiet)
+            return self._episode(max_ticks, goal, done, on_tick, takeover, quiet)
 
     def _episode(
         self,
@@ -214,12 +215,10 @@ class Runtime:
         goal: Mapping[str, np.ndarray] | None,
         done: Callable[[], bool] | None,
         on_tick: Callable[[TickRecord, Mapping[str, np.ndarray]], None] | None,
-        stop_requested: Callable[[], bool] | None,
         takeover: Callable[[Mapping[str, np.ndarray]], np.ndarray | None] | None,
         quiet: QuietGC,
     ) -> EpisodeOutcome:
         cfg, clock, out = self.cfg, self.clock, EpisodeOutcome()
-        self._stop_requested = stop_requested
         safety = SafetyLayer(self.feature, self.positions, self.safety_cfg)
         out.events = safety.events
         watchdog = Watchdog(self.safety_cfg)
@@ -267,7 +266,7 @@ class Runtime:
                 # back to back (a burst of position targets is a jump of several step caps in a moment)
                 passed = int((began - tick_t) / self.period + 0.5)
                 k, tick_t = k + passed, tick_t + passed * self.period
-            if stop_requested is not None and stop_requested():
+            if self._operator_stopped():
                 out.stopped = "stopped by the operator"
                 break
             events: list[str] = []
@@ -503,7 +502,7 @@ class Runtime:
             reply = self._poll(out)
             if reply is not None or out.stopped:
                 return reply
-            if self._stop_requested is not None and self._stop_requested():
+            if self._operator_stopped():
                 out.stopped = "stopped by the operator"
                 return None
             if self.clock.now() >= deadline:
@@ -513,6 +512,9 @@ class Runtime:
                 )
                 return None
             self.clock.sleep_until(self.clock.now() + WAIT_POLL_S)  # a simulated clock moves on too
+
+    def _operator_stopped(self) -> bool:
+        return self._stop_requested is not None and self._stop_requested()
 
     def _poll(self, out: EpisodeOutcome) -> Reply | None:
         try:
