@@ -243,6 +243,12 @@ def _obs(key: str, dtype: object, value: object = 0) -> Callable[[h5py.File], No
     return add
 
 
+def _string_actions(f: h5py.File) -> None:
+    for name, length in LENGTHS.items():
+        del f[f"data/{name}/actions"]
+        f[f"data/{name}/actions"] = np.full((length, 2), "pick", dtype="S4")
+
+
 def _flat_rewards(f: h5py.File) -> None:
     del f["data/demo_0/rewards"]
     f["data/demo_0/rewards"] = np.zeros((LENGTHS["demo_0"], 0))
@@ -255,13 +261,7 @@ FREQ = "data attribute env_args: env_kwargs.control_freq"
     ("mutate", "match"),
     [
         pytest.param(_kwargs(["x"]), "env_args: env_kwargs is a list, not a mapping", id="kwargs_list"),
-        pytest.param(_obs("lang", "S4", "pick"), r"obs/lang: dtype \|S4 is not numeric", id="bytes"),
-        pytest.param(_obs("lang", h5py.string_dtype(), "pick"), "obs/lang: dtype object is not", id="str"),
-        pytest.param(
-            _obs("c", [("a", "f4"), ("b", "i4")]),
-            r"data/demo_0/obs/c: dtype \[\('a', '<f4'\), .* not numeric",
-            id="compound",
-        ),
+        pytest.param(_string_actions, r"data/demo_0/actions: dtype \|S4 is not numeric$", id="actions"),
         pytest.param(_flat_rewards, r"data/demo_0/rewards: shape \(5, 0\) float64 has no", id="rewards"),
         pytest.param(_kwargs({"control_freq": "fast"}), f"{FREQ} 'fast' is not a positive", id="freq"),
         pytest.param(_kwargs({"control_freq": -5}), f"{FREQ} -5 is not a positive", id="freq_neg"),
@@ -286,6 +286,33 @@ def test_malformed_file_is_one_line_naming_file_and_dataset(
         robomimic_to_store(src, tmp_path / "bad.zarr")
     assert str(e.value).startswith(f"{src}: ") and "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.hdf5"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "shown"),
+    [
+        pytest.param("S4", "pick", "|S4", id="bytes"),
+        pytest.param(h5py.string_dtype(), "pick", "object", id="str"),
+        pytest.param([("a", "f4"), ("b", "i4")], 0, "[('a', '<f4'), ('b', '<i4')]", id="compound"),
+    ],
+)
+def test_a_non_numeric_obs_key_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, dtype: object, value: object, shown: str
+) -> None:
+    """A language instruction or a record per step is not data the store can hold; the demos' other
+    keys are (the conversion was refused, where LeRobot's string features are left out and named)."""
+    src = tmp_path / "lang.hdf5"
+    demos = write_robomimic(src, images=False)
+    with h5py.File(src, "a") as f:
+        _obs("lang", dtype, value)(f)
+    store = robomimic_to_store(src, tmp_path / "lang.zarr")
+    assert "lang" not in store.keys and store.n_episodes == len(LENGTHS)
+    np.testing.assert_array_equal(
+        store.get_episode(0)["robot0_eef_pos"], demos["demo_0"]["obs/robot0_eef_pos"]
+    )
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {src}: obs/lang is not copied: dtype {shown} is not numeric"
+    ]
 
 
 def test_control_freq_is_not_read_when_fps_is_given(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ absolute-action script) -> store key `action`; `obs/<key>` -> store key `<key>` 
 which a real robot does not have and `wm-train` must not take as proprioception by default). Values
 keep their HDF5 dtype, so the store holds them bit-exactly (robomimic low-dim data is often
 float64). `states`, `rewards`, `dones` and `next_obs` are not copied; `rewards` (else `dones`) only
-decide each episode's `success` flag; any other demo dataset left out is named in a warning. Demos
-are written in numeric order (demo_2 before demo_10).
+decide each episode's `success` flag; any other demo dataset left out, and an obs key that is not
+numbers (a language instruction), is named in a warning. Demos are written in numeric order (demo_2
+before demo_10).
 
 The store is written beside `dst` under a temporary name and renamed into place once every demo is
 in, so a failed conversion leaves no half-written store behind.
@@ -243,14 +244,16 @@ def _schema(
                     f"{src}: data/{name}, key {key!r}: per-step shape {ds.shape[1:]} {ds.dtype} differs from "
                     f"{first[0]}'s {first[1]} {first[2]}"
                 )
+    kept = []
     for key, (name, _, dtype) in ref.items():
-        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):  # strings, compound records
-            where = action_key if key == "action" else f"obs/{key}"
-            raise SchemaError(
-                f"{src}: data/{name}/{where}: dtype {dtype} is not numeric; the store cannot hold it"
-            )
+        if np.issubdtype(dtype, np.number) or dtype == np.bool_:
+            kept.append(key)
+        elif key == "action":  # strings, compound records: the store cannot hold them
+            raise SchemaError(f"{src}: data/{name}/{action_key}: dtype {dtype} is not numeric")
+        else:  # as LeRobot's string features: the rest of the demos is still data
+            warn(f"{src}: obs/{key} is not copied: dtype {dtype} is not numeric")
     keys = {"action": KeySpec(shape=ref["action"][1], dtype=ref["action"][2].name, kind="action")}
-    for key in ordered:
+    for key in (k for k in ordered if k in kept):
         _, shape, dtype = ref[key]
         keys[key] = KeySpec(shape=shape, dtype=dtype.name, kind=_kind(key, shape, dtype))
     kwargs = env_args.get("env_kwargs") or {}
