@@ -44,6 +44,7 @@ class EpisodeResult:
     plan_seconds: list[float] = field(default_factory=list)
     act_seconds: float = 0.0  # time spent choosing actions (batched calls shared among episodes)
     error: str | None = None  # why the episode was ended early (a non-finite action): a failure
+    clipped_steps: int = 0  # steps whose action the task clipped to its action limits
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class EpisodeResult:
             "mean_plan_seconds": float(np.mean(self.plan_seconds)) if self.plan_seconds else None,
             "action_seconds_per_step": self.act_seconds / max(1, self.steps),
             "error": self.error,
+            "clipped_steps": self.clipped_steps,
         }
 
 
@@ -170,6 +172,7 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
     steps = np.zeros(E, dtype=int)
     act_seconds = np.zeros(E)
     plan_times: list[list[float]] = [[] for _ in range(E)]
+    clipped = np.zeros(E, dtype=int)
     # partial credit: the best over the states the policy reached (Diffusion Policy's PushT figure
     # takes env.step's rewards); the reset state only says whether the task has a score
     scores = [None if t.score() is None else -math.inf for t in tasks]
@@ -184,6 +187,7 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
         success = task.is_success() if error is None else False
         result = EpisodeResult(seeds[e], success, int(steps[e]), task.goal_distance(), scores[e], error=error)
         result.plan_seconds, result.act_seconds = plan_times[e], float(act_seconds[e])
+        result.clipped_steps = int(clipped[e])
         out[e] = result
         if recorder is not None:  # the state success was judged on ends the video
             recorder.add(e, obs[e])
@@ -200,11 +204,12 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
             rows.set_active(active.copy())
         t0 = time.perf_counter()
         action = policy.select_action(stack_obs(obs))  # (E, Da)
-        act_seconds[active] += (time.perf_counter() - t0) / E  # one batched call served E episodes
+        served = int(active.sum())  # one batched call served the episodes still running
+        act_seconds[active] += (time.perf_counter() - t0) / served
         calls = policy.inference_seconds()
         if len(calls) > n_calls:  # the policy called its model this step
             for e in np.flatnonzero(active):
-                plan_times[e] += [s / E for s in calls[n_calls:]]  # one batched call served E episodes
+                plan_times[e] += [s / served for s in calls[n_calls:]]
             n_calls = len(calls)
             if recorder is not None:
                 recorder.new_preview(policy)
@@ -218,7 +223,8 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
                 continue
             if recorder is not None:
                 recorder.add(e, obs[e])
-            tasks[e].send_action(act[e])
+            applied = tasks[e].send_action(act[e])
+            clipped[e] += bool(np.any(applied != a.astype(applied.dtype)))  # outside the action limits
             obs[e] = tasks[e].get_observation()
             if scores[e] is not None:
                 scores[e] = max(scores[e], tasks[e].score())
@@ -287,6 +293,7 @@ def summarize(results: Sequence[EpisodeResult], wall_seconds: float) -> dict[str
         "action_seconds_per_step": float(sum(r.act_seconds for r in results) / steps) if steps else 0.0,
         "wall_seconds": wall_seconds,
         "errors": sum(r.error is not None for r in results),  # episodes stopped (a non-finite action)
+        "clipped_steps": sum(r.clipped_steps for r in results),  # actions outside the limits, clipped
         "per_episode": [r.to_dict() for r in results],
     }
 

@@ -136,11 +136,11 @@ def test_runner_feeds_raw_observations_and_stops_finished_episodes(tmp_path):
     ]
     assert first["image"].shape == (2, 3, 3, 8, 8) and first["image"].dtype == torch.float32
     assert policy.inputs[1]["proprio"][0, :, 0].tolist() == [0.0, 1.0, 2.0]  # consecutive steps
-    # Timing: calls at steps 0 and 2, each serving both episodes (0.5 s / 2); episode 1 ended before
-    # the second.
-    assert results[0].plan_seconds == [0.25, 0.25] and results[1].plan_seconds == [0.25]
+    # Timing: calls at steps 0 and 2 (0.5 s each); the first served both episodes, the second episode 0
+    # alone (episode 1 had ended).
+    assert results[0].plan_seconds == [0.25, 0.5] and results[1].plan_seconds == [0.25]
     summary = summarize(results, 1.0)
-    assert summary["planning_seconds_per_step"] == (0.25 * 3) / 5
+    assert summary["planning_seconds_per_step"] == (0.5 * 2) / 5
     # Videos: one per recorded episode, labelled with the outcome, one frame per step and the final
     # state (success is judged on it; the video stopped a step before), >= 256 px high.
     assert sorted(p.name for p in written) == ["episode_0000_success.mp4", "episode_0001_success.mp4"]
@@ -302,6 +302,33 @@ def test_an_episode_over_at_its_reset_state_is_sent_no_action(tmp_path):
     done = [LineTask(target=0.0)]  # every episode over at reset: the policy is never called
     (only,) = run_episodes(done, FakePolicy(every=1), [0])
     assert (only.success, only.steps) == (True, 0) and done[0].sent == []
+
+
+class ClippingLineTask(LineTask):
+    """LineTask that clips actions to its limits, as `RobotBase.check_action` does, and says so."""
+
+    def send_action(self, action: np.ndarray) -> np.ndarray:
+        return super().send_action(np.clip(action, -1.0, 1.0).astype(np.float32))
+
+
+class DoubleStepPolicy(FakePolicy):
+    def predict_action_chunk(self, obs):
+        return 2 * super().predict_action_chunk(obs)  # beyond the limit of 1
+
+
+def test_clipped_actions_are_counted_and_a_call_is_shared_by_the_episodes_it_served():
+    """An action outside the limits was clipped without a trace in the results; a batched call's time was
+    divided among all episodes, finished ones too, so a late call counted for a fraction of itself."""
+    tasks = [ClippingLineTask(target=6.0, max_steps=3), ClippingLineTask(target=6.0, max_steps=1)]
+    results = run_episodes(tasks, DoubleStepPolicy(every=1), [0, 2])
+    assert tasks[0].sent == [1.0, 1.0, 1.0]
+    assert [r.clipped_steps for r in results] == [3, 1]
+    summary = summarize(results, 1.0)
+    assert summary["clipped_steps"] == 4 and summary["per_episode"][1]["clipped_steps"] == 1
+    assert results[0].plan_seconds == [0.25, 0.5, 0.5] and results[1].plan_seconds == [0.25]
+    assert summary["planning_seconds_per_step"] == 1.5 / 4  # the three calls, over the four steps
+    in_limits = [ClippingLineTask(target=6.0, max_steps=2)]
+    assert run_episodes(in_limits, FakePolicy(every=1), [0])[0].clipped_steps == 0
 
 
 QUICK = ["task=pointmaze", "controller=random", "parallel=1", "max_steps=3", "progress=false"]
