@@ -307,8 +307,10 @@ class Collector:
             if run.writer is not None:  # quit, interrupted or stopped while recording: dropped
                 if run.failures >= self.max_read_failures or run.send_failed:
                     self.stats.stopped += f"; the episode being recorded ({run.writer.n_steps} steps) is lost"
+                self.stats.discarded += int(
+                    run.writer.n_steps > 0
+                )  # an episode begun and never stepped: none
                 run.writer.discard()
-                self.stats.discarded += 1
 
     def _tick(
         self,
@@ -377,9 +379,9 @@ class Collector:
     def _episode_command(self, run: _Teleop, command: Command, loop: RateLoop) -> None:
         """DISCARD and RERECORD drop the episode being recorded; START and RERECORD begin a new one."""
         if run.writer is not None and command in (Command.DISCARD, Command.RERECORD):
+            self.stats.discarded += int(run.writer.n_steps > 0)  # RERECORD twice: the empty one is no episode
             run.writer.discard()
             run.writer = None
-            self.stats.discarded += 1
         if run.writer is None and command in (Command.START, Command.RERECORD):
             if self.simulated:  # a fresh sampled start; a real scene is set up by hand
                 run.obs = self.task.reset(self.seed + self.store.n_episodes)

@@ -464,6 +464,14 @@ def test_keys_pressed_within_one_tick_act_in_the_order_pressed(tmp_path, then):
     assert (collector.stats.saved, collector.stats.discarded) == (1, 0)
 
 
+def test_rerecord_twice_in_a_row_discards_one_episode(tmp_path):
+    """x pressed twice: the second dropped the empty episode the first had begun, counted as a second
+    discard."""
+    keys = [(1.0, "b"), (2.5, "x"), (2.53, "x"), (4.5, "enter"), (6.5, "q")]
+    collector, store = _keyboard_session(tmp_path, keys)
+    assert store.n_episodes == 1 and (collector.stats.saved, collector.stats.discarded) == (1, 1)
+
+
 def test_an_episode_dropped_by_quit_is_counted(tmp_path):
     """q while recording drops the episode; the summary counted it neither saved nor discarded."""
     collector, store = _keyboard_session(tmp_path, [(1.0, "b"), (3.5, "q")])
