@@ -14,7 +14,7 @@ import torch
 
 from policies.inputs import to_model_inputs
 from policies.mpc import MPC, MPCConfig
-from policies.planners import build_planner
+from policies.planners import DEFAULT_PLANNER, build_planner
 from policies.subgoal import GraphConfig, LatentGraph, SubgoalSelector
 from wm.data import DemoStore
 
@@ -30,7 +30,7 @@ def planner_bounds(low: np.ndarray, high: np.ndarray, frameskip: int) -> dict[st
 def with_bounds(planner_cfg: Mapping[str, Any], bounds: dict[str, Any]) -> dict[str, Any]:
     """The planner config with the task's action bounds filled in where it gives none: at the top for
     cem / mppi / gd, in both stages for cem_gd."""
-    if planner_cfg.get("name", "cem") == "cem_gd":
+    if planner_cfg.get("name", DEFAULT_PLANNER) == "cem_gd":
         cem = {**bounds, **planner_cfg.get("cem", {})}
         grad = {**bounds, **planner_cfg.get("grad", {})}
         return {**planner_cfg, "cem": cem, "grad": grad}

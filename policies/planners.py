@@ -504,9 +504,10 @@ PLANNERS: dict[str, tuple[type, type]] = {
     "gd": (GradConfig, GradientPlanner),
     "cem_gd": (CEMThenGradConfig, CEMThenGradient),
 }
+DEFAULT_PLANNER = CEMConfig.name  # a planner config without a name
 
 
-def planner_config(name: str, **kwargs: Any) -> PlannerConfig:
+def planner_config(name: str = DEFAULT_PLANNER, **kwargs: Any) -> PlannerConfig:
     """A config by planner name, e.g. from YAML: `planner_config("cem", samples=100)`; for "cem_gd",
     `cem` and `grad` may be mappings."""
     if name not in PLANNERS:

@@ -17,8 +17,10 @@ import torch
 from einops import rearrange
 
 from policies.base import Budget, Planner, PlanningModel, Policy, expand_latent, latent_batch_size, shift_plan
+from policies.build import with_bounds
 from policies.mpc import MPC, MPCConfig
 from policies.planners import (
+    DEFAULT_PLANNER,
     PLANNERS,
     CEMConfig,
     CEMThenGradConfig,
@@ -456,6 +458,13 @@ def test_build_planner_smoke(name, device):
     assert a.device.type == device and result.cost.device.type == device
     assert torch.isfinite(a).all() and torch.isfinite(result.cost).all() and result.iterations >= 1
     assert (a >= -0.2).all() and (a <= torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=a.dtype, device=device)).all()
+
+
+def test_a_planner_mapping_without_a_name_is_the_default_planner():
+    """`with_bounds` took a mapping without a name for CEM, `build_planner` refused it (a TypeError)."""
+    raw = with_bounds({"samples": 16, "elites": 4}, {"low": -0.5, "high": 0.5})
+    planner = build_planner(raw, PointModel())
+    assert isinstance(planner, PLANNERS[DEFAULT_PLANNER][1]) and planner.cfg.low == -0.5
 
 
 @pytest.mark.parametrize(

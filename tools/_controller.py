@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from policies.base import Budget
+from policies.planners import DEFAULT_PLANNER
 from policies.subgoal import GraphConfig
 from tools._cli import UsageError, build, changed, one_of
 
@@ -73,7 +74,7 @@ class ControllerConfig:
 
     controller: str = "mpc"
     checkpoint: str | None = None
-    planner: dict[str, Any] = field(default_factory=lambda: {"name": "cem"})
+    planner: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_PLANNER})
     planner_budget: PlannerBudget = field(default_factory=PlannerBudget)
     execute: int = 1
     subgoals: str = "auto"
