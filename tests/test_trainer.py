@@ -334,6 +334,35 @@ def test_a_diverging_run_saves_no_non_finite_weights_and_says_so_in_one_line(dat
     assert isinstance(TrainingDiverged("x"), ValueError)  # the apps' one line, not "a bug"
 
 
+def test_a_bad_frame_met_by_a_loader_worker_is_its_own_one_line_error(store_path, tmp_path):
+    """A NaN frame the up-front sample missed (in_memory=false) is refused when a batch reads it; read by a
+    DataLoader worker, the refusal came back as torch's "Caught SchemaError in DataLoader worker process
+    0. Original Traceback ..." (the worker's traceback, printed by wm-train as one long line)."""
+    from wm.data import SchemaError
+
+    path = tmp_path / "frames.zarr"
+    keys = {"img": KeySpec((4, 4, 3), "float32", "image"), "x": KeySpec((4,), "float32", "proprio"),
+            "y": KeySpec((2,), "float32", "action")}  # fmt: skip
+    rng = np.random.default_rng(0)
+    with DemoStore.create(path, Schema(keys=keys)) as store:
+        for e in range(2):
+            img = rng.integers(0, 256, (64, 4, 4, 3)).astype(np.float32)
+            if e == 1:
+                img[40, 0, 0, 0] = np.nan  # step 104: not one of the 8 frames sampled at init
+            x = rng.normal(size=(64, 4)).astype(np.float32)
+            store.append_episode({"img": img, "x": x, "y": x @ W.T})
+    frames = WindowDataset(path, WindowSpec({"img": (0,), "x": (0,), "y": (0,)}), in_memory=False)
+    message = (
+        f"{path}: image key 'img' (float32) holds non-finite values (NaN or inf) in episode 1, step 40; they "
+        "would train as black pixels: repair or drop that episode (wm-info drop_episodes=)"
+    )
+    for workers in (0, 2):
+        trainer = make_trainer(frames, tmp_path / f"run{workers}", num_workers=workers)
+        with pytest.raises(SchemaError) as caught:
+            trainer.fit()
+        assert str(caught.value) == message
+
+
 def test_too_small_dataset_fails_clearly(dataset, tmp_path):
     with pytest.raises(ValueError, match="no full batch"):
         make_trainer(dataset, tmp_path, batch_size=10_000)

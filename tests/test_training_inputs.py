@@ -135,6 +135,11 @@ def test_image_and_proprio_keys_must_be_of_their_kind(tmp_path):
         SchemaError, match=r"s.zarr: proprio_key=img is a camera; choose a proprioception key"
     ):
         setup_training("dino_wm", store, TINY, proprio_key="img")
+    listed = {"type": "diffusion_unet", "obs": {"image_keys": ["img", "state"]}}  # named by the option
+    with pytest.raises(
+        SchemaError, match=r"s.zarr: model.obs.image_keys=state is a proprio key, not a camera"
+    ):
+        setup_training("diffusion_unet", store, listed)
     with DemoStore.open(store) as s:
         assert data_keys(s, "img", "state") == data_keys(s, None, None) == ("img", "state")
 
@@ -186,8 +191,16 @@ def test_a_video_store_at_another_frame_rate_is_refused(tmp_path):
 
 def test_windows_are_checked_before_the_model_is_built(tmp_path, monkeypatch):
     """model.frameskip=1e9 allocated a (10, 2e9) action embedding (a traceback) before the windows were
-    checked; a frameskip the episodes cannot hold is refused from the config alone."""
+    checked; a frameskip the episodes cannot hold is refused from the config alone. They are checked
+    once (they were checked from the config, then again from the model built)."""
+    import wm.training
     from wm.dino_wm import DinoWorldModel
+
+    checked, real = [], wm.training.check_windows
+    monkeypatch.setattr(wm.training, "check_windows", lambda *a: checked.append(a[2]) or real(*a))
+    fits = write_store(tmp_path / "fits.zarr", [40] * 4)
+    setup = setup_training("dino_wm", fits, TINY, val_ratio=0.25)
+    assert checked == [setup.train_episodes]
 
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built")

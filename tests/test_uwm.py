@@ -4,6 +4,8 @@ bad input."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from einops import rearrange
 from wm.autoencoder import AutoencoderConfig
 from wm.data import DemoStore
 from wm.data.normalize import Normalizer, compute_stats
+from wm.data.windows import WindowSpec
 from wm.uwm import UWM, UWMConfig
 from wm.uwm_entry import UWMPolicy
 
@@ -233,6 +236,52 @@ def test_bad_input_is_one_clear_error():
         tiny_config(future=(0, 2))
 
 
+def test_bad_input_to_the_modes_is_one_clear_error():
+    """uint8 future frames were encoded as 0..255 by inverse dynamics (the policy refuses them); a NaN in
+    an observation or in the actions gave NaN outputs silently; batch sizes that differ between keys, and
+    latents of another shape, were torch errors from inside; a float config value was a TypeError from
+    torch (horizon=4.5) or cut silently (future=[1.5, 2] became [1, 2])."""
+    model = tiny_uwm().eval()
+    obs = {"image": torch.rand(2, 1, 3, 32, 32)}
+    future = torch.rand(2, 2, 1, 3, 32, 32)
+    assert model.inverse_dynamics(obs, future).shape == (2, 2, 2)
+    with pytest.raises(
+        ValueError, match=r"'image' frames are torch.uint8: expected float frames in \[0, 1\]"
+    ):
+        model.inverse_dynamics(obs, (future * 255).to(torch.uint8))
+    nan_frame = {"image": obs["image"].clone()}
+    nan_frame["image"][1, 0, 0, 5, 5] = float("nan")
+    nan = r"hold non-finite values \(NaN or inf\)"
+    with pytest.raises(ValueError, match=rf"the observation's camera\(s\) \['image'\] {nan}"):
+        model.policy(nan_frame)
+    with pytest.raises(ValueError, match=rf"the actions {nan}"):
+        model.forward_dynamics(obs, torch.full((2, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match=rf"the future frames {nan}"):
+        model.inverse_dynamics(obs, torch.full((2, 2, 1, 4, GRID, GRID), float("inf")))
+    with pytest.raises(ValueError, match=r"latents are \(2, 2, 4, 8, 8\), expected \(B, F, V, 4, 8, 8\)"):
+        model.decode(torch.rand(2, 2, 4, GRID, GRID))
+    two = UWM(tiny_config(image_keys=("image", "wrist")), action_normalizer(), load_codec=False).eval()
+    with pytest.raises(
+        ValueError, match=r"the cameras' \(batch, steps\) differ: \{'image': \(2, 1\), 'wrist'"
+    ):
+        two.policy({"image": obs["image"], "wrist": torch.rand(1, 1, 3, 32, 32)})
+    stats = {"state": compute_stats(np.random.default_rng(0).normal(size=(10, 3)))}
+    norm = Normalizer(
+        {"action": "minmax", "state": "minmax"}, {**action_normalizer().to_dict()["stats"], **stats}
+    )
+    with_proprio = UWM(tiny_config(proprio_key="state", proprio_dim=3), norm, load_codec=False).eval()
+    with pytest.raises(
+        ValueError, match=r"'state' is \(1, 1, 3\): expected \(B, T, 3\) with B = 2, the cameras' batch"
+    ):
+        with_proprio.policy({**obs, "state": torch.zeros(1, 1, 3)})
+    with pytest.raises(ValueError, match=rf"proprioception 'state' {nan}"):
+        with_proprio.policy({**obs, "state": torch.full((2, 1, 3), float("nan"))})
+    with pytest.raises(
+        ValueError, match=r"uwm option\(s\) horizon=4.5, future\[0\]=1.5 must be whole numbers"
+    ):
+        tiny_config(horizon=4.5, future=(1.5, 2))
+
+
 # ---------------------------------------------------------------------- through wm-train and the registry
 TINY_UWM = [
     "model=uwm",
@@ -349,11 +398,21 @@ def test_the_initial_weights_follow_the_seed_whether_or_not_the_autoencoder_trai
     assert torch.equal(weights[0], weights[1])
 
 
-def test_a_video_store_with_actions_is_trained_on_as_video(tmp_path):
+def test_a_video_store_with_actions_is_trained_on_as_video(tmp_path, monkeypatch):
     """Its actions (perhaps another robot's, in other units) were trained on, outside the normalizer's
-    range; video_store= co-trains video."""
+    range; video_store= co-trains video. The two stores are checked against each other, and each store's
+    windows, once (the checks ran twice)."""
+    import wm.training
     from wm.training import setup_training
 
+    calls: list[tuple[str, str, Any]] = []  # (check, store, what it is checked for)
+    for name in ("check_compatible", "check_windows"):
+        real = getattr(wm.training, name)
+        monkeypatch.setattr(
+            wm.training,
+            name,
+            lambda *a, _f=real, _n=name, **k: calls.append((_n, str(a[0]), a[1])) or _f(*a, **k),
+        )
     store = make_store(tmp_path / "demos.zarr", 3, seed=0)
     videos = make_store(tmp_path / "more_demos.zarr", 3, seed=1)  # with actions
     opts = {"horizon": 4, "n_action_exec": 2, "future": [2, 4], "net": {"dim": 32, "depth": 1, "heads": 2},
@@ -361,6 +420,13 @@ def test_a_video_store_with_actions_is_trained_on_as_video(tmp_path):
     setup = setup_training("uwm", str(store), opts, seed=0, feature_cache="off", video_store=str(videos))
     batch = setup.train_set.get_batch(list(range(8)))  # labelled windows first, then video ones
     assert batch["has_action"].tolist() == [True] * 4 + [False] * 4
+    spec = setup.model.window_spec()
+    ae_spec = WindowSpec({"image": (0,)})  # the default autoencoder's, checked by its own setup
+    assert [c for c in calls if c[2] != ae_spec] == [
+        ("check_compatible", str(store), str(videos)),
+        ("check_windows", str(store), spec),
+        ("check_windows", str(videos), spec),
+    ]
 
 
 def test_in_memory_false_reaches_the_autoencoder_and_a_latent_path_is_asked_for(tmp_path, monkeypatch):
@@ -382,6 +448,28 @@ def test_in_memory_false_reaches_the_autoencoder_and_a_latent_path_is_asked_for(
     with pytest.raises(ValueError, match=r"model.image_size=\[64, 64\] is set from the store \(\[32, 32\]\)"):
         setup_training("uwm", str(other), {**opts, "image_size": [64, 64]}, seed=0)
     assert not list((tmp_path / "feature_cache" / "autoencoder").glob("other__*"))  # refused before it
+
+
+def test_a_bad_config_or_window_is_refused_before_the_autoencoder_trains(tmp_path, monkeypatch):
+    """A window no episode holds, or an invalid config, was refused only once the store's default
+    autoencoder had trained (minutes on a real store)."""
+    import wm.autoencoder
+    from wm.training import setup_training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the default autoencoder trained")
+
+    monkeypatch.setattr(wm.autoencoder, "default_autoencoder", no_training)
+    store = str(make_store(tmp_path / "demos.zarr", 3, seed=0))  # episodes of 8..10 steps
+    opts = {"future": [2, 4], "net": {"dim": 32, "depth": 1, "heads": 2}, "latent": {"steps": 2}}
+    with pytest.raises(
+        ValueError,
+        match=r"no windows to train on: .*demos.zarr: 3 episode\(s\) of 8..10 steps; a window spans 41 steps",
+    ):
+        setup_training("uwm", store, {**opts, "horizon": 40, "n_action_exec": 2})
+    with pytest.raises(ValueError, match=r"n_action_exec 8 > horizon 4"):
+        setup_training("uwm", store, {**opts, "horizon": 4, "n_action_exec": 8})
+    assert not (tmp_path / "feature_cache").exists()
 
 
 def test_an_autoencoder_trains_on_a_store_without_actions(tmp_path):

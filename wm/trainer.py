@@ -140,6 +140,23 @@ class _Window:
         return {k: float(v) / self.n for k, v in self.sums.items()}
 
 
+def worker_error(e: Exception) -> Exception:
+    """`e`, re-raised by torch from a DataLoader worker, as the worker raised it: torch gives the same type
+    with the worker's whole traceback as the message (a one-line refusal, e.g. a NaN frame named by
+    store, episode and step, became 20 lines the apps flattened into one); `e` itself otherwise."""
+    text, kind = str(e), type(e)
+    if not text.startswith("Caught ") or "DataLoader worker" not in text:
+        return e
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    at = text.rfind(f"\n{name}: ")  # the traceback's last line: the worker's exception and its message
+    if at < 0:
+        return e
+    try:
+        return kind(text[at + len(name) + 3 :].strip())
+    except Exception:  # a type that takes other arguments: keep torch's
+        return e
+
+
 class TrainingDiverged(ValueError):
     """The loss or the weights stopped being finite; nothing non-finite is saved (a ValueError: the
     apps say it in one line, with what to change)."""
@@ -420,11 +437,17 @@ class Trainer:
             sampler = getattr(self.loader.sampler, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
-            for batch in self.loader:
-                yield {
-                    k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
-                    for k, v in batch.items()
-                }
+            try:
+                for batch in self.loader:
+                    yield {
+                        k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
+                        for k, v in batch.items()
+                    }
+            except Exception as e:  # a bad frame met mid-run, by a worker: its own line, not the traceback
+                original = worker_error(e)
+                if original is e:
+                    raise
+                raise original from e
             self.epoch += 1
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:

@@ -53,17 +53,13 @@ def data_keys(
     store: DemoStore, image_key: str | None, proprio_key: str | None, need_actions: bool = True
 ) -> tuple[str, str | None]:
     """The camera and proprioception keys to train on (the store's first of each kind by default);
-    with `need_actions`, a store without an 'action' key is refused."""
+    with `need_actions`, a store without an 'action' key is refused. That the camera is one is
+    `check_inputs`'s to say (with the cameras a model lists)."""
     images = store.schema.keys_of_kind("image")
     proprios = store.schema.keys_of_kind("proprio")
     image_key = image_key or (images[0] if images else None)
     if image_key is None or image_key not in store.schema.keys:
         raise SchemaError(f"{store.path}: no camera key {image_key!r} to train on (image keys: {images})")
-    kind = store.schema.keys[image_key].kind
-    if kind != "image":
-        raise SchemaError(
-            f"{store.path}: image_key={image_key} is a {kind} key, not a camera (image keys: {images})"
-        )
     proprio_key = proprio_key or (proprios[0] if proprios else None)
     if proprio_key is not None and proprio_key not in store.schema.keys:
         raise SchemaError(f"{store.path}: no proprioception key {proprio_key!r} (proprio keys: {proprios})")
@@ -122,9 +118,10 @@ def setup_training(
         raise ValueError(f"model={model_type} trains on actions only: video_store= needs a model like uwm")
     with DemoStore.open(store_path) as store:
         image_key, proprio_key = data_keys(store, image_key, proprio_key, entry.needs_actions)
-        cameras = listed_cameras(options) or [image_key]
+        listed, option = listed_cameras(options)
+        cameras = listed or [image_key]
         lowdim = ["action", *([proprio_key] if proprio_key else [])] if entry.needs_actions else []
-        check_inputs(store, cameras, lowdim)
+        check_inputs(store, cameras, lowdim, option if listed else "image_key")
         train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
         flagged = {e for e in range(store.n_episodes) if store.episode_info(e).get(ACTION_FREE)}
         if not entry.needs_actions:
@@ -152,9 +149,11 @@ def setup_training(
         if normalizer is None:
             modes = {"action": "minmax"} | ({proprio_key: entry.proprio_norm} if proprio_key else {})
             normalizer = Normalizer.fit(store, modes, episodes=labelled)
-    proprios = [proprio_key] if proprio_key else []
-    if video_store is not None:  # its frame rate, cameras and proprio before any work (the model's below)
-        check_compatible(store_path, video_store, cameras, proprios, allow_missing_proprio=True)
+    absent: dict[str, tuple[int, ...]] = {}  # keys of the model the video store lacks (proprio)
+    if video_store is not None:  # its frame rate, cameras (the model's: `cameras` are what configure
+        # reads) and proprio before any work
+        proprios = [proprio_key] if proprio_key else []
+        absent = check_compatible(store_path, video_store, cameras, proprios, allow_missing_proprio=True)
         with DemoStore.open(video_store) as vid:
             if proprio_key in vid.schema.keys:
                 check_finite(vid, proprio_key)
@@ -162,20 +161,17 @@ def setup_training(
     configured = entry.configure(options, ctx)
     check_not_derived(options, configured)
     cfg = entry.config_type.from_dict(configured)
-    if callable(getattr(cfg, "window_spec", None)):  # a config that knows its windows: checked unbuilt
-        check_windows(store_path, cfg.window_spec(), train_eps)
+    known = cfg.window_spec() if callable(getattr(cfg, "window_spec", None)) else None
+    if known is not None:  # a config that knows its windows: checked unbuilt
+        check_training_windows(store_path, known, train_eps, video_store, video_ratio)
     # the initial weights follow `seed` alone, not what configure drew (UWM's default autoencoder
     # trains there on a store's first run only); where configure drew nothing this is the state
     # wm-train seeded, so those runs are unchanged
     torch.manual_seed(seed)
     model = entry.build(cfg, normalizer)
     spec = model.window_spec()
-    check_windows(store_path, spec, train_eps)  # before any feature cache is built
-    if video_store is not None:  # checked before any cache is built
-        cameras = list(model.io_spec.image_keys)
-        absent = check_compatible(store_path, video_store, cameras, proprios, allow_missing_proprio=True)
-        if video_ratio > 0:
-            check_windows(video_store, spec, None, f"video_ratio is {video_ratio} but the video store")
+    if spec != known:  # before any feature cache is built
+        check_training_windows(store_path, spec, train_eps, video_store, video_ratio)
     data_path = store_path
     source = model.feature_cache_source() if feature_cache == "auto" else None
     if source is not None:
@@ -210,20 +206,26 @@ def setup_training(
     return TrainSetup(model, model_type, train_set, normalizer, cfg.to_dict(), val_fn, train_eps, val_eps)
 
 
-def listed_cameras(options: Mapping[str, Any]) -> list[str]:
-    """The cameras the model `options` list (`image_keys`, or `obs.image_keys` for a diffusion policy);
-    [] when they list none (the model reads the chosen image_key)."""
+def listed_cameras(options: Mapping[str, Any]) -> tuple[list[str], str]:
+    """The cameras the model `options` list and the option that lists them (`model.image_keys`, or
+    `model.obs.image_keys` for a diffusion policy); ([], "") when they list none (the model reads the
+    chosen image_key)."""
     obs = options.get("obs")
-    listed = options.get("image_keys") or (obs.get("image_keys") if isinstance(obs, Mapping) else None)
+    listed, option = options.get("image_keys"), "model.image_keys"
+    if not listed and isinstance(obs, Mapping):
+        listed, option = obs.get("image_keys"), "model.obs.image_keys"
     if not listed:
-        return []
-    return [listed] if isinstance(listed, str) else [str(k) for k in listed]
+        return [], ""
+    return ([listed] if isinstance(listed, str) else [str(k) for k in listed]), option
 
 
-def check_inputs(store: DemoStore, cameras: Sequence[str], lowdim: Sequence[str]) -> None:
-    """What the models take, refused in one line before any work: 3-channel RGB `cameras` (of kind image)
-    and one flat vector a step of each `lowdim` key (action, proprio: the models are sized by its length,
-    and a (2, 3) action would reach them unflattened)."""
+def check_inputs(
+    store: DemoStore, cameras: Sequence[str], lowdim: Sequence[str], option: str = "image_key"
+) -> None:
+    """What the models take, refused in one line before any work: 3-channel RGB `cameras` (of kind image;
+    `option`, the option that named them, is named when one is not) and one flat vector a step of each
+    `lowdim` key (action, proprio: the models are sized by its length, and a (2, 3) action would reach
+    them unflattened)."""
     for cam in cameras:
         spec = store.schema.keys.get(cam)
         if spec is None:
@@ -231,7 +233,7 @@ def check_inputs(store: DemoStore, cameras: Sequence[str], lowdim: Sequence[str]
         if spec.kind != "image":
             images = store.schema.keys_of_kind("image")
             raise SchemaError(
-                f"{store.path}: {cam} is a {spec.kind} key, not a camera (image keys: {images})"
+                f"{store.path}: {option}={cam} is a {spec.kind} key, not a camera (image keys: {images})"
             )
         if spec.shape[-1] != 3:
             raise SchemaError(
@@ -257,6 +259,16 @@ def check_windows(path: str, spec: WindowSpec, episodes: Sequence[int] | None, w
         lengths = np.diff(ends, prepend=0)[eps] if eps else []
         why = why_no_windows(path, lengths, spec)
         raise ValueError(f"{what} has no windows: {why}" if what else f"no windows to train on: {why}")
+
+
+def check_training_windows(
+    store_path: str, spec: WindowSpec, train_eps: Sequence[int], video_store: str | None, video_ratio: float
+) -> None:
+    """`check_windows` of the training episodes of the store and, when batches draw from it, of the
+    video store."""
+    check_windows(store_path, spec, train_eps)
+    if video_store is not None and video_ratio > 0:
+        check_windows(video_store, spec, None, f"video_ratio is {video_ratio} but the video store")
 
 
 def check_validation(path: str, val_fn: Any, spec: WindowSpec, val_eps: list[int]) -> Any:

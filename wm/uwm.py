@@ -63,6 +63,8 @@ from wm.precision import check_precision, resolve_precision
 from wm.spec import IOSpec
 from wm.uwm_net import DiTConfig, UWMNet
 
+INT_FIELDS = ("action_dim", "proprio_dim", "n_obs", "horizon", "n_action_exec", "shift", "sampler_steps")
+
 
 @dataclass(frozen=True)
 class UWMConfig:
@@ -102,6 +104,12 @@ class UWMConfig:
         if isinstance(self.noise, dict):
             noise = {"prediction_type": "sample", **self.noise}
             object.__setattr__(self, "noise", sub_config(NoiseConfig, noise, "model.noise"))
+        whole = {n: getattr(self, n) for n in INT_FIELDS} | {
+            f"future[{i}]": v for i, v in enumerate(self.future)
+        }
+        bad = [f"{n}={v!r}" for n, v in whole.items() if not isinstance(v, int) or isinstance(v, bool)]
+        if bad:  # a float reached range() as a TypeError (a traceback), or int() cut future=[2.5] to 2
+            raise ValueError(f"uwm option(s) {', '.join(bad)} must be whole numbers")
         for name in ("image_size", "latent_shape", "future"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         keys = (self.image_keys,) if isinstance(self.image_keys, str) else tuple(self.image_keys)
@@ -127,6 +135,18 @@ class UWMConfig:
             raise ValueError(f"proprio_key {self.proprio_key!r} and proprio_dim {self.proprio_dim} disagree")
         check_precision(self.precision, allow_auto=True)
 
+    def window_spec(self) -> WindowSpec:
+        """Frames at -(n_obs-1)..0 then the future steps; proprio at the observation steps; actions 0 ..
+        horizon-1; windows may pad n_obs - 1 steps before an episode and n_action_exec - 1 after it
+        (known from the config alone: training checks them against the store before any work)."""
+        obs = tuple(range(-(self.n_obs - 1), 1))
+        offsets = {k: obs + self.future for k in self.image_keys} | {
+            self.action_key: tuple(range(self.horizon))
+        }
+        if self.proprio_key:
+            offsets[self.proprio_key] = obs
+        return WindowSpec(offsets, max_pad_before=self.n_obs - 1, max_pad_after=self.n_action_exec - 1)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -138,6 +158,13 @@ class UWMConfig:
         if unknown:
             raise ValueError(f"unknown uwm option(s) {unknown}")
         return cls(**d)
+
+
+def check_finite_input(what: str, x: Tensor) -> None:
+    """Refuse (ValueError, one line) a NaN or inf in a mode's input `x`: sampled from, it made every
+    output NaN, with no error."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} hold non-finite values (NaN or inf)")
 
 
 @dataclass(frozen=True)
@@ -233,14 +260,8 @@ class UWM(nn.Module):
         )
 
     def window_spec(self) -> WindowSpec:
-        """Frames at -(n_obs-1)..0 then the future steps; proprio at the observation steps; actions 0 ..
-        horizon-1; windows may pad n_obs - 1 steps before an episode and n_action_exec - 1 after it."""
-        c = self.cfg
-        obs = tuple(range(-(c.n_obs - 1), 1))
-        offsets = {k: obs + c.future for k in c.image_keys} | {c.action_key: tuple(range(c.horizon))}
-        if c.proprio_key:
-            offsets[c.proprio_key] = obs
-        return WindowSpec(offsets, max_pad_before=c.n_obs - 1, max_pad_after=c.n_action_exec - 1)
+        """The config's (`UWMConfig.window_spec`)."""
+        return self.cfg.window_spec()
 
     def feature_cache_source(self) -> tuple[nn.Module, tuple[str, ...]]:
         """Latents of every camera are computed once into the feature cache by the frozen codec."""
@@ -284,24 +305,34 @@ class UWM(nn.Module):
         for key in self.cfg.image_keys:
             z = self.latents(data[key].to(device), key)
             out.append(z if steps is None else last_steps(z, steps))
+        sizes = {k: z.shape[:2] for k, z in zip(self.cfg.image_keys, out, strict=True)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"the cameras' (batch, steps) differ: { ({k: tuple(v) for k, v in sizes.items()}) }"
+            )
         return torch.stack(out, dim=2)
 
     def observation(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """obs values (B, T, ...) -> observation latents (B, n_obs, V, C, h, w) and normalized proprio
-        (B, n_obs, Dp) (None without proprio); the last n_obs steps, the first repeated when T < n_obs."""
+        (B, n_obs, Dp) (None without proprio); the last n_obs steps, the first repeated when T < n_obs.
+        A batch size that differs between keys, or a NaN or inf (a NaN action would reach the robot), is
+        one clear error."""
         c = self.cfg
         device = self.diffusion.betas.device
         z = self.views(obs, c.n_obs)
+        check_finite_input(f"the observation's camera(s) {list(c.image_keys)}", z)
         if not c.proprio_key:
             return z, None
         if c.proprio_key not in obs:
             raise KeyError(f"the observation has no proprioception {c.proprio_key!r} (keys: {sorted(obs)})")
         raw = obs[c.proprio_key]
-        if raw.ndim != 3 or raw.shape[-1] != c.proprio_dim:
+        if raw.ndim != 3 or raw.shape[-1] != c.proprio_dim or raw.shape[0] != z.shape[0]:
             raise ValueError(
-                f"proprioception {c.proprio_key!r} is {tuple(raw.shape)}: expected (B, T, {c.proprio_dim})"
+                f"proprioception {c.proprio_key!r} is {tuple(raw.shape)}: expected (B, T, {c.proprio_dim}) "
+                f"with B = {z.shape[0]}, the cameras' batch"
             )
         p = self.normalizer.normalize(c.proprio_key, last_steps(raw.to(device).float(), c.n_obs))
+        check_finite_input(f"proprioception {c.proprio_key!r}", p)
         return z, p
 
     # ------------------------------------------------------------------ training
@@ -424,6 +455,7 @@ class UWM(nn.Module):
         if tuple(actions.shape) != a_shape:
             raise ValueError(f"actions are {tuple(actions.shape)}, expected {a_shape}")
         x0 = self.normalizer.normalize(self.cfg.action_key, actions.to(z.device).float())
+        check_finite_input("the actions", x0)
         other, t_other = self._clean(x0, generator)
         return self._sample(v_shape, _Mode("frames", z, p, other, t_other), generator)
 
@@ -435,13 +467,16 @@ class UWM(nn.Module):
         (B, horizon, Da)."""
         z, p = self.observation(obs)
         a_shape, v_shape = self._shapes(z.shape[0])
-        fut = future.to(z.device).float()
+        fut = future.to(z.device)
         if fut.ndim == 6 and fut.shape[3] == 3 and tuple(fut.shape[-2:]) == self.cfg.image_size:
+            # frames: `latents` refuses uint8 ones (they were encoded as 0..255 floats)
             fut = torch.stack(
                 [self.latents(fut[:, :, v], k) for v, k in enumerate(self.cfg.image_keys)], dim=2
             )
         if tuple(fut.shape) != v_shape:
             raise ValueError(f"future latents are {tuple(fut.shape)}, expected {v_shape}")
+        fut = fut.float()
+        check_finite_input("the future frames", fut)
         other, t_other = self._clean(fut, generator)
         x = self._sample(a_shape, _Mode("action", z, p, other, t_other), generator)
         return self.normalizer.unnormalize(self.cfg.action_key, x)
@@ -470,6 +505,9 @@ class UWM(nn.Module):
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, F, V, C, h, w) -> frames (B, F, V, 3, H, W) in [0, 1] (codecs that can decode)."""
+        C, h, w = self.cfg.latent_shape
+        if latents.ndim != 6 or tuple(latents.shape[3:]) != (C, h, w):  # any cameras: the preview's first
+            raise ValueError(f"latents are {tuple(latents.shape)}, expected (B, F, V, {C}, {h}, {w})")
         B, F_ = latents.shape[:2]
         x = self.codec.decode(rearrange(latents, "b f v c h w -> (b f v) c h w"))
         return rearrange(x, "(b f v) c h w -> b f v c h w", b=B, f=F_)

@@ -16,6 +16,7 @@ from wm.data.normalize import Normalizer
 from wm.latents import LatentConfig, build_codec, latent_config_from_source
 from wm.options import check_not_derived
 from wm.registry import ModelEntry, TrainContext
+from wm.training import check_windows
 from wm.uwm import UWM, UWMConfig
 
 OVERRIDABLE = ("sampler", "sampler_steps", "precision", "noise.edm_solver", "temporal_ensemble")
@@ -71,6 +72,10 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
     }
     check_not_derived(options, derived)  # before the default autoencoder trains (minutes)
     check_reaches_noise(options.get("noise", {}))
+    # before it too: the config but its codec, and its windows in the store's episodes (setup_training
+    # checks the training episodes' when the config is complete)
+    unbuilt = UWMConfig.from_dict({**options, **derived, "latent": {}})
+    check_windows(ctx.store, unbuilt.window_spec(), None)
     latent = latent_config(options.get("latent", {}), ctx, keys)
     codec = build_codec(LatentConfig.from_dict(latent), load_weights=False)
     return {**options, **derived, "latent": latent, "latent_shape": tuple(codec.latent_shape(*size))}
