@@ -229,6 +229,13 @@ def test_bad_inputs(maze_store, tmp_path):
     setup_training("dino_wm", str(maze_store), MODEL | {"image_size": [32, 32]})  # the store's: fine
     with pytest.raises(ValueError, match="teacher= is for distilled models"):  # it was ignored
         setup_training("dino_wm", str(maze_store), MODEL, teacher=str(tmp_path))
+    # a number of the wrong kind was a TypeError traceback from range() (1.5) or was taken (True as 1)
+    for bad, shown in ((1.5, "1.5"), (True, "True"), ("2", "'2'")):
+        with pytest.raises(ValueError, match=rf"^model.rollout_loss_steps={shown} is not a whole number$"):
+            setup_training("dino_wm", str(maze_store), MODEL | {"rollout_loss_steps": bad})
+    encoder = MODEL["encoder"] | {"cnn_dim": 32.0}
+    with pytest.raises(ValueError, match=r"^model.encoder.cnn_dim=32.0 is not a whole number$"):
+        setup_training("dino_wm", str(maze_store), MODEL | {"encoder": encoder})
 
 
 def test_recon_loss_weights_the_pixels_that_move():

@@ -277,7 +277,8 @@ def test_bad_input_to_the_modes_is_one_clear_error():
     with pytest.raises(ValueError, match=rf"proprioception 'state' {nan}"):
         with_proprio.policy({**obs, "state": torch.full((2, 1, 3), float("nan"))})
     with pytest.raises(
-        ValueError, match=r"uwm option\(s\) horizon=4.5, future\[0\]=1.5 must be whole numbers"
+        ValueError,
+        match=r"^model.horizon=4.5 is not a whole number; model.future\[0\]=1.5 is not a whole number$",
     ):
         tiny_config(horizon=4.5, future=(1.5, 2))
 

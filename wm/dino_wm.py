@@ -38,7 +38,7 @@ from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.decoder import Decoder, DecoderConfig
 from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
-from wm.options import sub_config
+from wm.options import check_numbers, sub_config
 from wm.predictor import Predictor, PredictorConfig
 from wm.spec import IOSpec
 
@@ -80,6 +80,7 @@ class WorldModelConfig:
     cost_all_frames: bool = False  # False: last predicted frame only (DINO-WM); True: all, later ones heavier
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "model")
         if isinstance(self.encoder, dict):
             object.__setattr__(self, "encoder", sub_config(EncoderConfig, self.encoder, "model.encoder"))
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))

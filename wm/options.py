@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -23,7 +24,40 @@ def sub_config(cls: type[T], value: Any, where: str) -> T:
         near = difflib.get_close_matches(str(unknown[0]), names, n=1)
         hint = f"; did you mean {where}.{near[0]}?" if near else ""
         raise ValueError(f"unknown option {where}.{unknown[0]}{hint} (its options: {', '.join(names)})")
+    check_numbers(cls, value, where)
     return cls(**value)
+
+
+_NUMBER_KINDS = {
+    "int": ("a whole number", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def check_numbers(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """Refuse (ValueError, one line naming each) `values` for the dataclass `cls` where a field declared
+    an int, a float, a bool or a tuple of ints holds something else: a float reached range() or torch as
+    a TypeError (a traceback), int() cut future=[2.5] to 2, the string "false" was true. Before the
+    config converts anything; fields `cls` does not declare are left to `sub_config`."""
+    wrong = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in values:
+            continue
+        value, declared = values[f.name], f.type if isinstance(f.type, str) else f.type.__name__
+        kinds = {part.strip() for part in declared.split("|")}
+        if value is None and "None" in kinds:
+            continue
+        if declared.startswith("tuple[int") and isinstance(value, list | tuple):  # every element
+            items, kind = {f"{f.name}[{i}]": v for i, v in enumerate(value)}, "int"
+        elif kinds & set(_NUMBER_KINDS):
+            items, kind = {f.name: value}, next(k for k in ("float", "int", "bool") if k in kinds)
+        else:
+            continue
+        want, ok = _NUMBER_KINDS[kind]
+        wrong += [f"{where}.{name}={v!r} is not {want}" for name, v in items.items() if not ok(v)]
+    if wrong:
+        raise ValueError("; ".join(wrong))
 
 
 # model options every entry takes from the store, and what a user sets instead

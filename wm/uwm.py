@@ -58,12 +58,10 @@ from policies.diffusion.noise import (
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.latents import LatentCodec, LatentConfig, build_codec
-from wm.options import sub_config
+from wm.options import check_numbers, sub_config
 from wm.precision import check_precision, resolve_precision
 from wm.spec import IOSpec
 from wm.uwm_net import DiTConfig, UWMNet
-
-INT_FIELDS = ("action_dim", "proprio_dim", "n_obs", "horizon", "n_action_exec", "shift", "sampler_steps")
 
 
 @dataclass(frozen=True)
@@ -99,17 +97,12 @@ class UWMConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "model")
         if isinstance(self.net, dict):
             object.__setattr__(self, "net", sub_config(DiTConfig, self.net, "model.net"))
         if isinstance(self.noise, dict):
             noise = {"prediction_type": "sample", **self.noise}
             object.__setattr__(self, "noise", sub_config(NoiseConfig, noise, "model.noise"))
-        whole = {n: getattr(self, n) for n in INT_FIELDS} | {
-            f"future[{i}]": v for i, v in enumerate(self.future)
-        }
-        bad = [f"{n}={v!r}" for n, v in whole.items() if not isinstance(v, int) or isinstance(v, bool)]
-        if bad:  # a float reached range() as a TypeError (a traceback), or int() cut future=[2.5] to 2
-            raise ValueError(f"uwm option(s) {', '.join(bad)} must be whole numbers")
         for name in ("image_size", "latent_shape", "future"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         keys = (self.image_keys,) if isinstance(self.image_keys, str) else tuple(self.image_keys)

@@ -43,7 +43,7 @@ from policies.diffusion.transformer import TransformerConfig, TransformerDenoise
 from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
-from wm.options import sub_config
+from wm.options import check_numbers, sub_config
 from wm.precision import resolve_precision
 from wm.spec import IOSpec
 
@@ -91,6 +91,7 @@ class DiffusionPolicyConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "model")
         for name, cls in _SUB.items():
             object.__setattr__(self, name, sub_config(cls, getattr(self, name), f"model.{name}"))
         if self.denoiser not in DENOISERS:
