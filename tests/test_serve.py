@@ -351,6 +351,76 @@ def test_a_new_server_process_gets_a_new_clock_estimate(monkeypatch):
         w.close()
 
 
+def test_a_server_new_in_mid_episode_is_sent_deadlines_on_its_clock(monkeypatch):
+    """The server restarts mid-episode on another machine (its clock 1000 s ahead): the client estimated
+    its offset afresh only at the next episode's reset, so every request until then carried a deadline
+    1000 s in the past and expired in the queue. Now the handshake's round trip (and the chunks' own,
+    taken at a tick) estimate it at once; the next exact round trips replace them."""
+    import robots.runtime.server as server_module
+
+    with threaded_server() as srv:
+        w = opened(srv, dead_after_s=0.3, heartbeat_s=0.05)
+        assert ask(w, 0).error is None
+        port = srv.port
+
+    class Later:  # the new server's clock: 1000 s ahead
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + 1000.0
+
+    monkeypatch.setattr(server_module, "time", Later())
+    with threaded_server(port=port) as srv:
+        end = time.monotonic() + 10
+        while (w.busy or not w.stats["reconnects"]) and time.monotonic() < end:  # the robot's ticks go on:
+            assert w.poll() is None  # it notices the new server and opens a session, no blocking round trip
+            time.sleep(0.01)
+        for seq in range(1, 4):
+            assert ask(w, seq).error is None
+        assert srv.counts["expired"] == 0 and w.stats["reconnects"] == 1
+        assert abs(w.clock.offset - 1000.0) < 0.5
+        w.reset(None)  # the next episode's exact round trips replace the rough ones
+        assert all(abs(offset - 1000.0) < 0.05 for _, offset in w.clock.samples)
+        w.close()
+
+
+def test_limits_and_deadlines_must_be_finite():
+    """inf passed the checks: max_request_mb=inf answered every message 'internal: OverflowError',
+    session_timeout_s=inf kept a dead robot's slot for ever, and a client's request_timeout_s=inf
+    (wm-deploy server_timeout_s=inf) sent deadlines the server refuses: no chunk ever came."""
+    for name in ("session_timeout_s", "max_frame_mb", "max_request_mb"):
+        with pytest.raises(ValueError, match=f"^{name} must be a positive finite number, got inf$"):
+            ServerConfig(**{name: float("inf")})
+    for name in ("request_timeout_s", "connect_timeout_s", "heartbeat_s", "dead_after_s", "max_frame_mb"):
+        with pytest.raises(ValueError, match=f"^{name} must be a positive finite number, got inf$"):
+            RemoteConfig("127.0.0.1:5555", **{name: float("inf")})
+        with pytest.raises(ValueError, match=f"^{name} must be a positive finite number, got nan$"):
+            RemoteConfig("127.0.0.1:5555", **{name: float("nan")})
+
+
+def test_wm_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    """A bare OSError from bind was a traceback and 'a bug' (exit 1)."""
+    from apps import run_app
+
+    threads = torch.get_num_threads()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            res = run_app(
+                "wm-serve", "controller=random", f"port={port}", "inference_threads=1", cwd=tmp_path
+            )
+        finally:
+            torch.set_num_threads(threads)
+    assert (
+        res.returncode == 2
+        and res.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
 def test_only_loopback_without_a_token():
     with pytest.raises(ValueError, match="host=0.0.0.0 exposes the server beyond this machine: give token="):
         ServerConfig(host="0.0.0.0")
@@ -416,6 +486,10 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving():
                 sid, 1, 0.0, 1e12, [{**obs_steps(1)[0], "state": np.full(3, np.nan)}], [], None, 0
             ),
             "unknown message type 'reboot'": wire.encode("reboot", {"sid": sid}),
+            # a goal under another name was dropped: the controller kept the last episode's goal
+            "reset: unexpected array 'image' (a goal's are 'goal/<key>')": wire.encode(
+                "reset", {"sid": sid}, obs_steps(1)[0]
+            ),
         }
         for says, frames in cases.items():
             w._sock.send_multipart(frames)
@@ -594,6 +668,49 @@ def test_a_session_is_not_expired_for_the_time_its_controller_took_to_build():
         sock.close()
 
 
+class Building(Recorder):
+    """A controller that takes 0.8 s to build."""
+
+    def __init__(self) -> None:
+        time.sleep(0.8)
+        super().__init__()
+
+
+def test_a_server_that_restarts_while_it_builds_the_controller_is_asked_afresh():
+    """The server went away while it built a new session's controller and came back: the client waited
+    in its handshake, pinging nobody, for all of connect_timeout_s (120 s by default). Now it pings
+    while it waits; a slow build answers that it is opening the session (no reconnect, which would
+    find the slot taken by that very session), a new server that it is not, and is asked afresh."""
+    with threaded_server(Building) as srv:  # a slow build, waited for
+        w = client(srv, dead_after_s=0.3, heartbeat_s=0.05)
+        w.start()
+        assert w.stats["last_reconnect"] is None
+        w.close()
+    with threaded_server(Building) as srv:
+        port = srv.port
+        w = client(srv, dead_after_s=0.3, heartbeat_s=0.05)
+        failed: list[Exception] = []
+        starting = threading.Thread(target=lambda: failed.extend(_raised(w.start)))
+        starting.start()
+        end = time.monotonic() + 5
+        while not srv.sessions and time.monotonic() < end:  # its controller is being built
+            time.sleep(0.01)
+    with threaded_server(port=port):
+        starting.join(8)
+        assert not starting.is_alive() and not failed, failed
+        assert "no longer opens our session" in w.stats["last_reconnect"]
+        assert ask(w, 0).error is None
+        w.close()
+
+
+def _raised(call) -> list[Exception]:
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - the test reports it
+        return [e]
+    return []
+
+
 def test_a_request_larger_than_the_server_takes_is_refused_in_one_line():
     """The server's limits come with the handshake: a frame beyond them (ZeroMQ cuts the connection)
     timed out and reconnected on every request, silently on both sides."""
@@ -727,6 +844,24 @@ def test_a_connection_renewed_under_the_client_resumes_its_session():
         assert "not your session" in ask(w, 0).error
         assert ask(w, 1).error is None
         assert session_of(srv) is s and w.stats["reconnects"] == 1 and w.stats["resumed"] == 1
+        w.close()
+
+
+class SaysInLines(Recorder):
+    """A controller whose exception spans lines, as einops' do."""
+
+    def chunk_from(self, steps, actions, previous=None, frozen=0):
+        raise RuntimeError("Error while processing rearrange pattern.\n Input tensor shape: (1, 3).")
+
+
+def test_a_controller_error_of_several_lines_reaches_the_robot_and_the_log_as_one():
+    with threaded_server(SaysInLines) as srv:
+        w = opened(srv)
+        error = ask(w, 0).error
+        assert error.startswith(
+            "the policy server: RuntimeError: Error while processing rearrange pattern. Input tensor shape"
+        ), error
+        assert "\n" not in error and not [line for line in srv.lines if "\n" in line]
         w.close()
 
 

@@ -76,6 +76,10 @@ BAD = {
     "array 'x' appears twice": [header(arrays=[["x", "|u1", [1]], ["x", "|u1", [1]]]), b"\x01", b"\x02"],
     "exceeds the limit of 1024": [header(), b"\x00" * 2000],  # oversized
     "an array description must be [name, dtype, shape]": [header(arrays=[{"x": 1}]), b""],
+    # echoed in every error about the message and in the server's log: one forged several log lines
+    "the message type) must be a short name, got 'x\\nsession": [
+        header(t="x\nsession 1: closed" + "A" * 9000)
+    ],
 }
 
 
@@ -85,6 +89,40 @@ def test_malformed_messages_are_refused_with_one_line(says):
     with pytest.raises(wire.ProtocolError) as e:
         wire.decode(BAD[says], limit)
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_what_a_peer_chose_is_quoted_short_in_errors():
+    for frames in ([header(v="9" * 9000)], [header(t="infer" * 2000)], [header(t="x\x1b[2J")]):
+        with pytest.raises(wire.ProtocolError) as e:
+            wire.decode(frames, LIMIT)
+        assert len(str(e.value)) < 200 and str(e.value).isprintable(), str(e.value)[:300]
+
+
+def test_errors_are_made_one_short_printable_line():
+    """A controller's exception (einops' and many torch errors span lines) or a peer's words, before a
+    log or the operator's screen: one line, control characters out, bounded."""
+    text = "Error while processing pattern.\n Input tensor shape: (1, 3).\r\n\x1b[31mred\x1b[0m\tend"
+    assert (
+        wire.one_line(text) == "Error while processing pattern. Input tensor shape: (1, 3). [31mred [0m end"
+    )
+    assert wire.one_line("x" * 1000, limit=50) == "x" * 47 + "..."
+
+
+def test_arrays_in_another_byte_order_or_half_precision_are_sent_as_their_values():
+    """An observation read big-endian (a file, a device) or in float16: the local worker takes it, so the
+    remote one sends the same values (the wire refused the dtype: submit raised out of the loop)."""
+    sent = {
+        "be": np.arange(6, dtype=">f8").reshape(2, 3),
+        "bi": np.arange(3, dtype=">i4"),
+        "half": np.array([0.5, -2.0, 3.25], np.float16),
+        "strided": np.arange(12.0)[::3],
+    }
+    got = wire.decode(frames_bytes(wire.encode("x", {}, sent)), LIMIT).arrays
+    assert got["be"].dtype == "<f8" and got["bi"].dtype == "<i4" and got["half"].dtype == "<f4"
+    for k, a in sent.items():
+        np.testing.assert_array_equal(got[k], a)
+    with pytest.raises(wire.ProtocolError, match="dtype complex128 cannot be sent"):
+        wire.encode("x", {}, {"c": np.zeros(2, complex)})
 
 
 def test_an_oversized_header_is_refused_before_it_is_parsed():

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from robots.runtime.server import ServerConfig, token_from_env
-from tools._cli import app, bind
+from tools._cli import UsageError, app, bind
 from tools._controller import ControllerConfig, check_mpc, worker_controller
 
 
@@ -71,7 +71,10 @@ def _build(settings: dict[str, Any], seed: int, low: list[float], high: list[flo
 def _main(cfg: DictConfig) -> int:
     conf = bind(ServeConfig, cfg, job_folder=None)
     server = make_server(conf, log=lambda line: print(line, flush=True))
-    endpoint = server.bind()
+    try:
+        endpoint = server.bind()
+    except OSError as e:  # the port is taken, the address is not this machine's: the user's to fix
+        raise UsageError(str(e)) from None
     auth = "token required" if server.cfg.token else "no token (loopback only)"
     print(
         f"serving controller={conf.controller} ({conf.checkpoint}) on {endpoint}; {auth}; "

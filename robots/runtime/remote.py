@@ -8,8 +8,10 @@ drives the connection:
 - every request has a deadline (`request_timeout_s`): past it, the chunk is given up (an error reply
   to the runtime), the socket is closed (so a late reply can never arrive, let alone be executed)
   and the client reconnects;
-- when idle, or waiting for an episode's reset (which may queue behind a long chunk), it pings every
-  `heartbeat_s`; a ping unanswered for `dead_after_s` means the server is gone: it reconnects;
+- when idle, waiting for an episode's reset (which may queue behind a long chunk) or for a new
+  session's controller to be built, it pings every `heartbeat_s`; a ping unanswered for
+  `dead_after_s` means the server is gone, and a server that no longer builds ours restarted: it
+  reconnects;
 - reconnecting is a new handshake that resumes the session (the server's controller and its state
   are kept; also when ZeroMQ renewed the connection under us) or, when the server restarted, opens
   a new one and resets its controller with the episode's goal; meanwhile the worker is `busy`, so
@@ -24,6 +26,7 @@ request that waited too long in the server's queue is not computed.
 
 from __future__ import annotations
 
+import math
 import secrets
 import socket
 import time
@@ -90,8 +93,9 @@ class RemoteConfig:
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"server must be HOST:PORT, got {self.address!r}")
         for name in ("request_timeout_s", "connect_timeout_s", "heartbeat_s", "dead_after_s", "max_frame_mb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # inf: a deadline that never comes
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -350,12 +354,20 @@ class RemoteWorker:
         elif self._state in ("hello", "auth") and now - self._since > self._handshake_limit():
             self._reconnect(f"no answer to {self._state} in {now - self._since:.1f} s")
         elif self._ping_at is not None and now - self._ping_at > self.cfg.dead_after_s:
-            self._reconnect(f"no answer to a ping in {now - self._ping_at:.1f} s")
+            if self._state == "auth":
+                # Building our controller (loading a model) may hold up the server's answers, and a new
+                # connection would find the slot taken by our own session: ask again. A server that
+                # restarted answers that it builds no session of ours (`opening`).
+                self._ping_at = None
+            else:
+                self._reconnect(f"no answer to a ping in {now - self._ping_at:.1f} s")
         elif self._state == "reset" and self._reset_retry is not None and now >= self._reset_retry:
             self._reset_retry = None
             self._send(self._reset_frames())
         elif (
-            self._state in ("ready", "reset")  # a reset may wait behind a chunk: pings show the server
+            # a reset may wait behind a chunk, a new session for its controller to build (a model to
+            # load, for up to connect_timeout_s): pings show the server is there and still at it
+            self._state in ("ready", "reset", "auth")
             and self._outstanding is None
             and self._ping_at is None
             and now - self._last_sent > self.cfg.heartbeat_s
@@ -445,7 +457,7 @@ class RemoteWorker:
     def _on(self, msg: wire.Message) -> None:
         kind = msg.kind
         if kind == "challenge" and self._state == "hello":
-            self._sample(msg)
+            self._greeting = (self._sample(msg), self._exact)  # the new server's first round trip
             server_nonce = msg.get("nonce", bytes)
             fields: dict[str, Any] = {}
             if self.cfg.token and not msg.get("token", bool) and not self.loopback:
@@ -478,8 +490,10 @@ class RemoteWorker:
                 )
                 return
             self.info = info
-            if not resumed and self._lost:  # a new server process, perhaps another machine's clock
-                self.clock = wire.ClockSync()
+            if not resumed and self._lost:  # a new server process, perhaps another machine's clock:
+                self.clock, self._rough = wire.ClockSync(), False  # estimated afresh, from its greeting on
+                if self._greeting[0] is not None:
+                    self._add_sample(*self._greeting)
             self._lost = False
             if resumed:
                 self.stats["resumed"] += 1
@@ -500,10 +514,14 @@ class RemoteWorker:
             self._sample(msg)
             if self._state in ("ready", "reset") and not msg.get("session", bool, True):
                 self._reconnect("the server no longer knows the session")
+            elif self._state == "auth" and not msg.get("opening", bool, True):  # it went away while it
+                self._reconnect("the server no longer opens our session (it restarted)")  # built ours
         elif kind == "error":
             self._error(msg)
 
     _episode_started = False
+    _rough = False  # the clock holds only samples of replies that waited for a tick (`_add_sample`)
+    _greeting: tuple[tuple[float, float, float, float] | None, bool] = (None, False)  # the last challenge's
 
     def _chunk(self, msg: wire.Message) -> None:
         seq = msg.get("seq", int)
@@ -523,7 +541,7 @@ class RemoteWorker:
         self._replies.append(Reply(seq, chunk.copy(), infer))  # writable, and free of the frame
 
     def _error(self, msg: wire.Message) -> None:
-        code, text = msg.get("code", str), msg.get("msg", str)
+        code, text = msg.get("code", str), wire.one_line(msg.get("msg", str))
         seq = msg.fields.get("seq")
         if code in PERMANENT:
             self._fail(code, text)
@@ -548,11 +566,27 @@ class RemoteWorker:
         elif self._state in ("hello", "auth", "reset"):  # a handshake step refused: start over
             self._reconnect(f"the server refused {self._state}: {text}")
 
-    def _sample(self, msg: wire.Message) -> None:
-        """A clock sample from a reply taken in as it arrived (not one that waited for a tick)."""
+    def _sample(self, msg: wire.Message) -> tuple[float, float, float, float] | None:
+        """A clock sample from a reply (its times, or None when it carries none); see `_add_sample`."""
         sent, recv, reply = msg.fields.get("sent"), msg.fields.get("recv"), msg.fields.get("reply")
-        if self._exact and all(isinstance(x, float) for x in (sent, recv, reply)):
-            self.clock.add(sent, recv, reply, time.monotonic())
+        if not all(isinstance(x, float) for x in (sent, recv, reply)):
+            return None
+        times = (sent, recv, reply, time.monotonic())
+        self._add_sample(times, self._exact)
+        return times
+
+    def _add_sample(self, times: tuple[float, float, float, float], exact: bool) -> None:
+        """Exact samples are replies taken in as they arrived; a rough one waited for a tick (its delay
+        holds that wait, its offset is off by half of it at most) and counts only while the clock has
+        no exact one: a server new in mid-episode is sent deadlines on its clock from the start (with
+        none, every chunk expired until the next episode's reset). The first exact one replaces them."""
+        if exact:
+            if self._rough:
+                self.clock, self._rough = wire.ClockSync(), False
+            self.clock.add(*times)
+        elif self._rough or not self.clock.known:
+            self.clock.add(*times)
+            self._rough = True
 
     def _send_reset(self) -> None:
         self._reset_retry = None

@@ -23,6 +23,7 @@ one. Without a token (loopback only) that bound is the machine's own users' to r
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import queue
 import secrets
@@ -72,8 +73,10 @@ class ServerConfig:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
-        if not self.session_timeout_s > 0 or not self.max_frame_mb > 0 or not self.max_request_mb > 0:
-            raise ValueError("session_timeout_s, max_frame_mb and max_request_mb must be positive")
+        for name in ("session_timeout_s", "max_frame_mb", "max_request_mb"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # inf: a dead robot's slot, or no limit, for ever
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
         if self.token is not None and len(self.token) < 8:
             raise ValueError("token must be at least 8 characters")
         if self.token is None and not is_loopback(self.host):
@@ -187,7 +190,9 @@ class PolicyServer:
                 sock.bind(f"tcp://{host}:{self.cfg.port}")
         except zmq.ZMQError as e:
             self.close()
-            raise OSError(f"cannot listen on {self.cfg.host}:{self.cfg.port}: {e}") from None
+            raise OSError(
+                f"cannot listen on {self.cfg.host}:{self.cfg.port}: {zmq.strerror(e.errno)}"
+            ) from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._wake_rx = ctx.socket(zmq.PAIR)
         self._wake_rx.bind(f"inproc://wake-{id(self)}")
@@ -294,6 +299,7 @@ class PolicyServer:
             self.counts["errors"] += 1
 
     def _error(self, identity: bytes, code: str, text: str, seq: int | None = None, **extra: Any) -> None:
+        text = wire.one_line(text)  # a controller's exception may span lines; a peer's words go to the log
         self._count_error(f"client {identity.hex()[:8]}: {code}: {text}", code in ("auth", "busy", "session"))
         fields = {"code": code, "msg": text, "seq": seq, "reply": time.monotonic(), **extra}
         self._send(identity, "error", fields)
@@ -408,7 +414,10 @@ class PolicyServer:
         s = self._session(identity, msg, now)
         if s is None:
             return
-        goal = {k[len("goal/") :]: v for k, v in msg.arrays.items() if k.startswith("goal/")}
+        other = [k for k in msg.arrays if not k.startswith("goal/")]
+        if other:  # dropped, it left a goal-conditioned controller the last episode's goal
+            raise wire.ProtocolError(f"reset: unexpected array {other[0]!r:.60} (a goal's are 'goal/<key>')")
+        goal = {k[len("goal/") :]: v for k, v in msg.arrays.items()}
         if goal:
             wire.check_observation("reset goal", goal, wire.spec_of(s.info))
         if s.jobs >= MAX_JOBS:
@@ -448,9 +457,10 @@ class PolicyServer:
         s = self.sessions.get(sid) if sid is not None else None
         if s is not None and s.identity == identity:
             s.last_seen = now
-        self._send(
-            identity, "pong", {**self._times(msg, now), "session": s is not None and s.identity == identity}
-        )
+        # opening: a session of this connection's is being built (its client waits for `ready`)
+        opening = any(o.identity == identity and o.controller is None for o in self.sessions.values())
+        mine = s is not None and s.identity == identity
+        self._send(identity, "pong", {**self._times(msg, now), "session": mine, "opening": opening})
 
     def _bye(self, identity: bytes, msg: wire.Message, now: float) -> None:
         s = self.sessions.get(msg.get("sid", bytes))

@@ -14,7 +14,7 @@ Message types (client -> server, server -> client):
   auth {mac}                              -> ready {sid, secret, info, resumed} | error
   reset {sid} + goal arrays               -> reset_ok {} | error
   infer {sid, seq, sent, expires, steps, actions, frozen} + arrays -> chunk {seq, ...} | error
-  ping {sid, sent}                        -> pong {sent, recv, reply}
+  ping {sid, sent}                        -> pong {sent, recv, reply, session, opening}
   bye {sid}                               (no reply)
 Every reply carries the server's monotonic `recv` and `reply` times (`sent` echoed), so the client
 can estimate the clock offset and the network delay (`ClockSync`).
@@ -86,6 +86,10 @@ def encode(kind: str, fields: Mapping[str, Any] | None = None, arrays: Mapping[s
     descr, frames = [], []
     for name, value in dict(arrays).items():
         a = np.ascontiguousarray(value)
+        if a.dtype.kind in "fiu" and not a.dtype.isnative:  # the same values in this machine's byte order
+            a = a.astype(a.dtype.newbyteorder("="))
+        if a.dtype == np.float16:  # half precision: as float32 (the other side takes it)
+            a = a.astype(np.float32)
         dtype = a.dtype.str
         if dtype not in DTYPES:
             raise ProtocolError(f"array {name!r}: dtype {a.dtype} cannot be sent (allowed: {sorted(DTYPES)})")
@@ -118,10 +122,12 @@ def decode(frames: Sequence[Any], max_bytes: int) -> Message:
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     version = header.get("v")
     if version != VERSION:
-        raise ProtocolError(f"protocol version {version!r}; this side speaks version {VERSION}")
+        raise ProtocolError(f"protocol version {version!r:.20}; this side speaks version {VERSION}")
     kind = header.get("t")
     if not isinstance(kind, str):
         raise ProtocolError("header field 't' (the message type) is missing or not a string")
+    if not (kind.isascii() and kind.isidentifier() and len(kind) <= 32):  # it names the message in errors
+        raise ProtocolError(f"header field 't' (the message type) must be a short name, got {kind!r:.40}")
     descr = header.pop("arrays", [])
     if not isinstance(descr, list) or len(descr) != len(frames) - 1:
         n = len(descr) if isinstance(descr, list) else "no"
@@ -133,6 +139,13 @@ def decode(frames: Sequence[Any], max_bytes: int) -> Message:
             raise ProtocolError(f"{kind}: array {name!r} appears twice")
         arrays[name] = a
     return Message(kind, header, arrays)
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """`text` as one printable line of at most `limit` characters: an error that came over the network or
+    from a controller's exception (often several lines), before it goes to a log or to the operator."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _bytes(frame: Any) -> bytes:
