@@ -269,6 +269,10 @@ def test_serve_usage_errors_are_one_line(policy, tmp_path):
     )
     res = run_app("wm-deploy", "robot=pointmaze", "server=nowhere", f"out={tmp_path}")
     assert res.returncode == 2 and "server must be HOST:PORT, got 'nowhere'" in res.stderr
+    res = run_app(
+        "wm-deploy", "robot=pointmaze", "server=localhost:1", "server_timeout_s=inf", f"out={tmp_path}"
+    )
+    assert res.returncode == 2 and "server_timeout_s must be a positive finite number, got inf" in res.stderr
 
 
 def test_a_server_with_a_token_takes_only_robots_that_prove_it(policy, tmp_path):

@@ -293,3 +293,22 @@ def test_a_takeover_device_sending_nan_is_held_and_ends_the_run_like_a_silent_co
     assert all(np.isfinite(t.command).all() for t in out.ticks if t.command is not None)
     assert 2.0 <= len(out.ticks) / HZ <= 2.3  # stop_after_s, with nothing fresh from the start
     assert out.ticks[-1].events == ("hold", "stop")  # a recording shows where the watchdog stopped it
+
+
+def test_a_controller_error_of_several_lines_is_one_printable_line():
+    """einops' and torch's exceptions span several lines; the local worker passed them on as they were
+    (the served one already made them one line)."""
+    from robots.runtime.worker import Request, compute
+
+    class Raises:
+        def chunk_from(self, *args):
+            raise ValueError(
+                "Error while processing rearrange-reduction pattern\n Input shape: (1, 2)\x1b[0m"
+            )
+
+    reply = compute(Raises(), Request(3, [{"x": np.zeros(2)}], []))
+    assert reply.actions is None and reply.seq == 3
+    assert reply.error.startswith(
+        "ValueError: Error while processing rearrange-reduction pattern Input shape"
+    )
+    assert "\n" not in reply.error and "\x1b" not in reply.error and "test_runtime_loop.py" in reply.error

@@ -121,8 +121,8 @@ class DeployConfig(ControllerConfig):
 
         try:
             return RemoteConfig(self.server, token_from_env(self.token), self.server_timeout_s)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        except ValueError as e:  # the client's request_timeout_s is wm-deploy's server_timeout_s
+            raise UsageError(str(e).replace("request_timeout_s", "server_timeout_s")) from None
 
 
 def is_sim(name: str) -> bool:

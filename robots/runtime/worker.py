@@ -31,6 +31,7 @@ import numpy as np
 
 from robots.base import RobotError
 from robots.runtime.realtime import QuietGC
+from robots.runtime.wire import one_line
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,12 @@ def compute(controller: Any, req: Request, delay_s: float = 0.0) -> Reply:
     except Exception as e:  # noqa: BLE001 - reported to the control loop, which decides what to do
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" ({os.path.basename(where.filename)}:{where.lineno})" if where else ""
-        return Reply(req.seq, None, time.perf_counter() - start, f"{type(e).__name__}: {e}{at}")
+        return Reply(req.seq, None, time.perf_counter() - start, error_line(e, at))
+
+
+def error_line(e: BaseException, suffix: str = "") -> str:
+    """`e` as the one printable line the control loop reports (einops' and torch's span several)."""
+    return one_line(f"{type(e).__name__}: {e}") + suffix
 
 
 def describe(controller: Any) -> dict[str, Any]:
@@ -488,7 +494,7 @@ def _worker_main(spec: ControllerSpec, conn: Any) -> None:
         try:
             controller = spec.build()
         except Exception as e:  # noqa: BLE001 - reported to the parent as one line
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            conn.send(("error", error_line(e)))
             return
         conn.send(("ready", describe(controller)))
         with QuietGC(spec.quiet_gc) as quiet:
@@ -528,7 +534,7 @@ def _serve(
                 set_goal(controller, payload)
                 conn.send(("reset", None))
             except Exception as e:  # noqa: BLE001
-                conn.send(("reset", f"{type(e).__name__}: {e}"))
+                conn.send(("reset", error_line(e)))
         elif kind == "infer":
             seq, n, n_actions, previous, frozen = payload
             keys = [k for k in views if k != "__actions__"]
