@@ -398,3 +398,23 @@ def test_feature_cache_refuses_trainable_encoder_and_non_image_key(vits, source,
         build_feature_cache(source, build_encoder(EncoderConfig()), "img", tmp_path)
     with pytest.raises(SchemaError, match="not an image key"):
         build_feature_cache(source, vits, "state", tmp_path)
+
+
+def test_a_non_finite_frame_met_by_the_feature_cache_is_named_by_episode_and_step(vits, tmp_path):
+    """The refusal named the store and the key, not where the frame was (UWM's default cache meets a NaN
+    frame the up-front sample of 8 missed)."""
+    schema = Schema(
+        keys={"img": KeySpec(IMG, "float32", "image"), "action": KeySpec((2,), "float32", "action")}
+    )
+    path = tmp_path / "float.zarr"
+    rng = np.random.default_rng(0)
+    with DemoStore.create(path, schema) as store:
+        for e in range(2):
+            img = rng.integers(0, 256, (6, *IMG)).astype(np.float32)
+            if e == 1:
+                img[3, 0, 0, 0] = np.nan
+            store.append_episode({"img": img, "action": np.zeros((6, 2), np.float32)})
+    with pytest.raises(
+        SchemaError, match=r"'img' \(float32\) holds non-finite values \(NaN or inf\) in episode 1, step 3;"
+    ):
+        build_feature_cache(path, vits, "img", tmp_path / "cache", batch_size=4)

@@ -275,6 +275,7 @@ def _encode_episode(
 ) -> None:
     """Encode source episode `ep` and commit it to the cache with the source's other keys and info."""
     sl = src.episode_slice(ep)
+    ends = src.episode_ends  # where a bad frame is, by episode and step
     others = {k: src.read(k, sl, episode=ep) for k in cache.keys if k not in image_keys}  # (T, *shape)
     max_err = 0.0
     with cache.begin_episode() as writer:  # an exception discards the partial episode
@@ -283,7 +284,7 @@ def _encode_episode(
             step = {}
             for key in image_keys:
                 frames = src.read(key, slice(lo, hi), episode=ep)  # (b, H, W, C)
-                check_scale(src.path, key, frames)  # images are 0..255 whatever their dtype
+                check_scale(src.path, key, frames, np.arange(lo, hi), ends)  # 0..255 whatever their dtype
                 feats = _encode(encoder, to_uint8(frames), device)  # (b, P, D)
                 half = feats.astype(np.float16)
                 if not np.isfinite(half).all():
