@@ -305,6 +305,7 @@ def test_bad_sources_and_sizes_are_one_line_errors(trained, tmp_path):
             ValueError,
             "frames are 64x64, it was trained on 32x32",
         ),
+        (lambda: AutoencoderConfig(blocks=1.5), ValueError, r"^model.blocks=1.5 is not a whole number$"),
     ]
     for fn, kind, match in cases:
         with pytest.raises(kind, match=match) as e:

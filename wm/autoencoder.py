@@ -42,6 +42,7 @@ from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.locks import exclusive
+from wm.options import check_numbers
 from wm.registry import ModelEntry, TrainContext
 
 RECON_LOSSES = ("l1", "mse")
@@ -72,6 +73,7 @@ class AutoencoderConfig:
     scale_momentum: float = 0.01  # weight of each batch in the running estimate of the latents' std
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "model")
         keys = (self.image_keys,) if isinstance(self.image_keys, str) else tuple(self.image_keys)
         object.__setattr__(self, "image_keys", keys)
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
