@@ -153,7 +153,12 @@ class RobotBase(ABC):
     def check_action(self, action: Any) -> np.ndarray:
         """The action as the robot will apply it: shape checked, non-finite refused, clipped to limits."""
         feat = self.action_feature
-        a = np.asarray(action, dtype=np.float64)
+        a = np.asarray(action)
+        if a.dtype.kind not in "biuf":  # strings, None, complex (whose imaginary part would be dropped)
+            raise ActionError(
+                f"{self.name}: action must be real numbers, got {a.dtype} {a.tolist()!r}; refused"
+            )
+        a = a.astype(np.float64)
         if a.shape != feat.shape:
             raise ActionError(f"{self.name}: action shape {a.shape} != expected {feat.shape}")
         if not np.all(np.isfinite(a)):

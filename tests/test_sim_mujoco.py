@@ -3,6 +3,12 @@ determinism, sim-state round trips, goal observations, action validation, and th
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -189,6 +195,25 @@ def test_arm_moves_in_commanded_direction(mode):
             assert abs(moved @ np.array([-direction[1], direction[0]])) < 0.005
 
 
+def test_arm_push_returns_the_step_the_workspace_let_it_take():
+    """At the workspace's edge the command was cut short, but send_action said the whole step was applied
+    (what a recording then stores, and what the runtime's safety checks read)."""
+    with build("arm_push", {}, state_only=True) as task:
+        task.reset(0)
+        np.testing.assert_array_equal(task.send_action([0.01, -0.02]), np.float32([0.01, -0.02]))  # inside
+        for _ in range(40):
+            task.send_action([0.0, -0.03])  # towards the base, until the workspace stops it
+        ee = task.ee[:2]
+        applied = task.send_action([0.0, -0.03])
+        assert applied.dtype == np.float32 and applied[0] == 0.0 and -0.002 < applied[1] <= 0.0, applied
+        assert np.abs(task.ee[:2] - ee).max() < 0.002  # it stayed where it was, as reported
+    with build("arm_push", {"action_mode": "joint_delta"}, state_only=True) as task:
+        task.reset(0)
+        for _ in range(60):
+            applied = task.send_action([0.1, 0.0, 0.0])  # joint 1 up to its range's end (2.9 rad)
+        assert applied[0] < 0.01 and task.joints[0] < 2.91, (applied, task.joints)
+
+
 @pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
 def test_expert_succeeds(name, options):
     task = build(name, options, state_only=True)
@@ -224,6 +249,26 @@ def test_bad_options_are_refused():
     assert isinstance(build("arm_push", {}), ArmPushTask)
 
 
+@pytest.mark.parametrize(
+    ("name", "options", "words"),
+    [
+        ("arm_push", {"show_target": "false"}, "show_target must be true or false, got 'false'"),  # drew it
+        ("arm_push", {"success_radius": "abc"}, "success_radius must be a finite number > 0, got 'abc'"),
+        (
+            "pointmaze",
+            {"success_radius": float("inf")},
+            "success_radius must be a finite number > 0, got inf",
+        ),
+        ("pointmaze", {"success_radius": -0.1}, "success_radius must be a finite number > 0, got -0.1"),
+    ],
+)
+def test_option_values_of_the_wrong_kind_are_refused_in_one_line(name, options, words):
+    """A string "false" drew the target, an infinite radius made every step a success, "abc" was a
+    TypeError."""
+    with pytest.raises(ValueError, match=f"^{re.escape(words)}$"):
+        build(name, options)
+
+
 def test_arm_push_draws_the_target_unless_asked_not_to():
     plain, shown = build("arm_push", {"show_target": False}), build("arm_push", {})
     plain.connect()
@@ -247,3 +292,52 @@ def test_arm_push_draws_the_target_unless_asked_not_to():
     finally:
         plain.disconnect()
         shown.disconnect()
+
+
+# ---------------------------------------------------------------------- the MuJoCo apps: sample store, demo
+def test_the_sample_store_run_as_a_file_renders_with_egl():
+    """`python tools/sample_store.py` imported mujoco before `tools/__init__` set MUJOCO_GL=egl, so mujoco
+    took GLFW, which fails without a display."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import runpy; runpy.run_path('tools/sample_store.py'); "
+        "import mujoco; print(mujoco.GLContext.__module__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "mujoco.egl"
+
+
+def test_the_sample_store_takes_any_image_size_and_names_a_bad_value(tmp_path):
+    """Above 640 px MuJoCo's framebuffer refused; a bad value was "need episodes >= 1, steps >= 2 and
+    image_size >= 8", whichever it was."""
+    from tools.sample_store import SampleConfig, record
+    from wm.data import DemoStore
+
+    out = tmp_path / "big.zarr"
+    record(SampleConfig(out=str(out), episodes=1, steps=2, image_size=656))
+    with DemoStore.open(out) as store:
+        assert store.get_episode(0)["top"].shape == (2, 656, 656, 3)
+    with pytest.raises(ValueError, match=r"^steps must be >= 2, got 1$"):
+        SampleConfig(out=str(tmp_path / "x.zarr"), steps=1)
+    with pytest.raises(
+        ValueError, match=r"^out=.*big.zarr already exists; .* overwrite=true to replace a store$"
+    ):
+        SampleConfig(out=str(out))
+
+
+def test_the_demo_refuses_an_empty_out_or_a_file_before_any_work(tmp_path):
+    """`wm-demo out=` ran the whole demo into the current folder (Path("") is "."); out= a file was
+    refused only as out=FILE/eval_mpc, a path the user never gave."""
+    from tools._cli import UsageError
+    from tools.demo import DemoConfig
+
+    with pytest.raises(UsageError, match=r"^out= is empty; give the demo's folder"):
+        DemoConfig(out="")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UsageError, match=r"^out=.*a_file is a file; give the demo's folder"):
+        DemoConfig(out=str(tmp_path / "a_file"))
+    assert DemoConfig(out=str(tmp_path / "new")).out.endswith("new")

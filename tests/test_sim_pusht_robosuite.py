@@ -143,7 +143,14 @@ def test_robosuite_unknown_env_lists_names():
     [
         ({"env_kwargs": {"horizon": 500}}, "env_kwargs.horizon is set by the task itself: use max_steps="),
         ({"robots": "Pandaa"}, "unknown robosuite robot 'Pandaa'; did you mean Panda?"),
-        ({"control_freq": 0}, "robosuite control_freq must be > 0 Hz, got 0"),
+        ({"control_freq": 0}, "robosuite control_freq must be a number > 0 Hz, got 0"),
+        (
+            {"control_freq": float("inf")},
+            "robosuite control_freq must be a number > 0 Hz, got inf",
+        ),  # was 1/0
+        ({"control_freq": "abc"}, "robosuite control_freq must be a number > 0 Hz, got 'abc'"),
+        ({"robots": []}, "robosuite robots must be a robot name or a non-empty list of them, got []"),
+        ({"camera": []}, "robosuite camera must be a camera name or a non-empty list of them, got []"),
         ({"env_kwargs": {"bogus": 1}}, "robosuite.make refused the options: TypeError: "),
     ],
 )
@@ -151,6 +158,36 @@ def test_robosuite_options_it_cannot_take_are_one_line(options, words):
     """They were a traceback reported as a bug (TypeError, KeyError, robosuite's SimulationError)."""
     with pytest.raises(RobotError, match=re.escape(words)):
         _ = make_task("robosuite/Lift", SimConfig(image_size=(32, 32), options=options)).observation_features
+
+
+def test_a_camera_robosuite_lacks_is_refused_every_time_and_leaves_no_env():
+    """The env was kept after the refusal: the next use raised KeyError and connect() passed, with a
+    camera that rendering then failed on."""
+    task = make_task(
+        "robosuite/Lift", SimConfig(image_size=(16, 16), options={"camera": ["agentview", "nope"]})
+    )
+    for _ in range(2):
+        with pytest.raises(RobotError, match="no camera 'nope'; valid: .*agentview"):
+            task.connect()
+        assert task._env is None and not task.is_connected
+
+
+def test_two_cameras_at_an_odd_size_and_the_callers_global_generator_left_alone():
+    """Each camera is its own image feature, rendered at any (height, width). Building the env drew from
+    NumPy's global generator (robosuite.make resets it): a caller's seeded stream moved."""
+    np.random.seed(0)
+    expected = np.random.random()
+    np.random.seed(0)
+    options = {"camera": ["agentview", "frontview"]}
+    task = make_task("robosuite/Lift", SimConfig(image_size=(24, 40), options=options))
+    feats = task.observation_features  # builds the env
+    assert np.random.random() == expected
+    with task:
+        obs = task.reset(0)
+        check_obs(obs, feats)
+        assert obs["agentview_image"].shape == (24, 40, 3)
+        assert not np.array_equal(obs["agentview_image"], obs["frontview_image"])
+        assert set(task.goal_observation()) == set(feats)
 
 
 def test_lift_features_step_and_seed(lift):

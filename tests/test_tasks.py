@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,63 @@ def test_not_connected():
     task = make_task("pointmaze")
     with pytest.raises(RobotError, match="not connected"):
         task.get_observation()
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"state_only": "false"}, "state_only must be true or false, got 'false'"),  # was truthy: no images
+        ({"max_steps": "10"}, "max_steps must be an integer >= 1, got '10'"),  # was a TypeError
+        ({"max_steps": 2.5}, "max_steps must be an integer >= 1, got 2.5"),
+        ({"seed": -1}, "seed must be a non-negative integer, got -1"),  # failed in numpy at the first reset
+        ({"seed": 1.5}, "seed must be a non-negative integer, got 1.5"),
+        ({"options": None}, "options must be a mapping of option names to values, got None"),
+    ],
+)
+def test_bad_sim_config_is_refused_in_one_line_when_built(kwargs, words):
+    with pytest.raises(ValueError, match=f"^{re.escape(words)}$"):
+        SimConfig(**kwargs)
+
+
+def test_a_bad_reset_seed_is_one_line_naming_the_task():
+    with make_task("pointmaze", SimConfig(state_only=True)) as task:
+        for seed in (-1, 1.5, "3", True):
+            with pytest.raises(
+                ValueError, match=r"^pointmaze: reset seed must be a non-negative integer, got "
+            ):
+                task.reset(seed)
+        assert task.reset(np.int64(3))["proprio"].shape == (4,)
+
+
+def test_reset_without_a_seed_starts_a_new_episode_each_time_from_the_configs_seed():
+    """reset() replayed the episode of `config.seed` each time: ten episodes "collected" so were one."""
+
+    def starts(task) -> list[list[float]]:
+        return [task.reset()["proprio"].tolist() for _ in range(3)]
+
+    with make_task("pointmaze", SimConfig(state_only=True, seed=7)) as task:
+        first = starts(task)
+        assert first[0] == task.reset(7)["proprio"].tolist()  # the first is config.seed's episode
+    assert len({tuple(s) for s in first}) == 3
+    with make_task("pointmaze", SimConfig(state_only=True, seed=7)) as task:
+        assert starts(task) == first  # the same config, the same episodes
+
+
+@pytest.mark.parametrize("action", [["0.1", "x"], [0.1 + 1j, 0.0], [0.1, None]])
+def test_an_action_that_is_not_real_numbers_is_refused_naming_the_robot(action):
+    """A string was a bare numpy ValueError; a complex action lost its imaginary part with a warning."""
+    with make_task("pointmaze", SimConfig(state_only=True)) as task:
+        task.reset(0)
+        with pytest.raises(ActionError, match=r"^pointmaze: action must be real numbers, got "):
+            task.send_action(action)
+        assert task.steps == 0
+
+
+@pytest.mark.parametrize("name", task_names())
+def test_sim_state_needs_a_connected_task(name):
+    """Before connect (or after disconnect) it was a TypeError or AttributeError from inside the simulator."""
+    task = make_task(name, SimConfig(state_only=True))
+    with pytest.raises(RobotError, match="not connected"):
+        task.get_sim_state()
+    with pytest.raises(RobotError, match="not connected"):
+        task.set_sim_state(b"")

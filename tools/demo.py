@@ -39,6 +39,12 @@ class DemoConfig:
     trainer: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not str(self.out).strip():  # Path("") is the current folder: the demo ran into it
+            raise UsageError("out= is empty; give the demo's folder (new, or an earlier run's)")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UsageError(f"out={self.out} is a file; give the demo's folder (new, or an earlier run's)")
+
 
 @dataclass(frozen=True)
 class DemoSteps:

@@ -7,13 +7,17 @@ headless with EGL). It stands in for demonstrations until `wm-collect` records r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-import mujoco
 import numpy as np
 from omegaconf import DictConfig
 
-from tools._cli import app, bind
+from tools._cli import UsageError, app, bind
 from wm.data import ActionSpace, DemoStore, KeySpec, Schema
+
+# mujoco is imported in `record`, not at the top: it picks its GL backend from MUJOCO_GL when first
+# imported, and run as a file (`python tools/sample_store.py`) a top-level `import mujoco` ran before
+# `tools._cli` brought in `tools/__init__`, which sets EGL: mujoco took GLFW, which needs a display.
 
 BALL_XML = """
 <mujoco>
@@ -50,8 +54,13 @@ class SampleConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.episodes < 1 or self.steps < 2 or self.image_size < 8:
-            raise ValueError("need episodes >= 1, steps >= 2 and image_size >= 8")
+        for name, least in (("episodes", 1), ("steps", 2), ("image_size", 8), ("seed", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if Path(self.out).exists() and not self.overwrite:
+            raise UsageError(
+                f"out={self.out} already exists; choose another path, or overwrite=true to replace a store"
+            )
 
 
 def sample_schema(size: int) -> Schema:
@@ -70,9 +79,13 @@ def sample_schema(size: int) -> Schema:
 
 
 def record(cfg: SampleConfig) -> int:
+    import mujoco
+
+    from robots.sim.mujoco_utils import make_renderer
+
     model = mujoco.MjModel.from_xml_string(BALL_XML)
     data = mujoco.MjData(model)
-    renderer = mujoco.Renderer(model, cfg.image_size, cfg.image_size)
+    renderer = make_renderer(model, (cfg.image_size, cfg.image_size))  # any size: it grows the framebuffer
     rng = np.random.default_rng(cfg.seed)
     store = DemoStore.create(cfg.out, sample_schema(cfg.image_size), overwrite=cfg.overwrite)
     try:

@@ -10,7 +10,8 @@ Action modes (`SimConfig.options["action_mode"]`):
   - "ee_delta" (default): (dx, dy) of the end effector in metres, each in [-0.03, 0.03]; mapped to
     joint targets by damped least squares on the site Jacobian (`mj_jacSite`), with a null-space
     pull towards the home posture; the commanded point is kept inside the reachable workspace.
-  - "joint_delta": delta joint targets in radians, each in [-0.1, 0.1].
+  - "joint_delta": delta joint targets in radians, each in [-0.1, 0.1]; targets stay in the joint ranges.
+`send_action` returns the step as applied: shortened where the workspace or a joint range ends.
 Targets are taken relative to the current joint positions, so a blocked arm never winds up.
 
 Observation: `image` (a camera over the table with the target drawn as a green disc, so that a
@@ -33,7 +34,7 @@ import mujoco
 import numpy as np
 
 from robots.base import Feature
-from robots.sim.base import SimConfig, SimTask, TaskEntry, parse_options
+from robots.sim.base import SimConfig, SimTask, TaskEntry, check_radius, parse_options
 from robots.sim.mujoco_utils import get_physics, make_renderer, set_physics
 from wm.data.schema import ActionSpace
 
@@ -239,20 +240,32 @@ class ArmPushTask(SimTask):
             obs["object"] = np.concatenate([self.block_pose, self.target]).astype(np.float32)
         return obs
 
-    def _apply(self, action: np.ndarray) -> None:
-        q = self._data.qpos[:3]
+    def _apply(self, action: np.ndarray) -> np.ndarray | None:
+        """Step the arm; returns the action as applied when the workspace (ee_delta) or the joint limits
+        (joint_delta) cut it short, else None (the action as sent)."""
+        q = self._data.qpos[:3].copy()
+        applied = None
         if self.action_mode == "ee_delta":
-            ee = self._data.site("ee").xpos[:2]
-            want = np.clip(ee + action.astype(np.float64), *WORKSPACE)
+            ee = self._data.site("ee").xpos[:2].copy()
+            asked = ee + action.astype(np.float64)
+            want = np.clip(asked, *WORKSPACE)
             radius = np.linalg.norm(want)
             want = want * np.clip(radius, *REACH) / max(radius, 1e-9)
-            dq = self.ee_to_joint_delta(want - ee)
+            step = want - ee
+            if not np.array_equal(want, asked):  # kept inside the workspace: that step, within the limits
+                step = np.clip(step, -EE_STEP, EE_STEP)
+                applied = step.astype(np.float32)
+            dq = self.ee_to_joint_delta(step)
         else:
             dq = action.astype(np.float64)
         low, high = self._model.jnt_range[:3].T
-        self._data.ctrl[:] = np.clip(q + dq, low, high)
+        target = np.clip(q + dq, low, high)
+        if self.action_mode == "joint_delta" and not np.array_equal(target, q + dq):
+            applied = np.clip(target - q, -JOINT_STEP, JOINT_STEP).astype(np.float32)
+        self._data.ctrl[:] = target
         mujoco.mj_step(self._model, self._data, nstep=self.frame_skip)
         mujoco.mj_forward(self._model, self._data)  # positions and Jacobians of the new state
+        return applied
 
     # ------------------------------------------------------------------ episodes
     def _reset(self, rng: np.random.Generator) -> None:
@@ -286,6 +299,7 @@ class ArmPushTask(SimTask):
     # ------------------------------------------------------------------ privileged state
     def get_sim_state(self) -> dict[str, Any]:
         """Full MuJoCo integration state (time, qpos, qvel, act, warm start, ctrl), target and step count."""
+        self._require_connected()
         physics = get_physics(self._model, self._data)
         return {
             "physics": physics,
@@ -295,6 +309,7 @@ class ArmPushTask(SimTask):
         }
 
     def set_sim_state(self, state: dict[str, Any]) -> None:
+        self._require_connected()
         set_physics(self._model, self._data, state["physics"])
         self.target = np.array(state["target"], dtype=np.float64)
         self._data.mocap_pos[0, :2] = self.target
@@ -379,8 +394,9 @@ class ArmPushOptions:
     def __post_init__(self) -> None:
         if self.action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {self.action_mode!r}")
-        if not self.success_radius > 0:
-            raise ValueError(f"success_radius must be > 0, got {self.success_radius}")
+        check_radius(self.success_radius)
+        if not isinstance(self.show_target, bool):  # "false" would draw it
+            raise ValueError(f"show_target must be true or false, got {self.show_target!r}")
 
 
 def make(config: SimConfig) -> ArmPushTask:

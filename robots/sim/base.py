@@ -26,7 +26,8 @@ from robots.base import RobotBase, RobotError
 
 @dataclass(frozen=True)
 class SimConfig:
-    """Options every simulated task takes. `image_size` is (height, width)."""
+    """Options every simulated task takes. `image_size` is (height, width). `seed` seeds the episodes of
+    `reset()` called without a seed: `seed`, `seed + 1`, ... in turn."""
 
     image_size: tuple[int, int] = (64, 64)
     state_only: bool = False
@@ -44,8 +45,30 @@ class SimConfig:
                 f"image_size must be (height, width) of at least 8 pixels, got {self.image_size}"
             )
         object.__setattr__(self, "image_size", size)
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not isinstance(self.state_only, bool | np.bool_):  # "false" would be true
+            raise ValueError(f"state_only must be true or false, got {self.state_only!r}")
+        if not _is_int(self.max_steps) or self.max_steps < 1:
+            raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
+        check_seed(self.seed, "seed")
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"options must be a mapping of option names to values, got {self.options!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_radius(radius: Any, name: str = "success_radius") -> None:
+    """A one-line error unless `radius` is a finite number > 0 (an infinite one is success at every step)."""
+    if isinstance(radius, bool) or not isinstance(radius, int | float | np.number) or not 0 < radius < np.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {radius!r}")
+
+
+def check_seed(seed: Any, where: str) -> int:
+    """`seed` as an int, or a one-line error naming `where` when it is not a non-negative integer."""
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"{where} must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 @dataclass
@@ -63,12 +86,17 @@ class SimTask(RobotBase):
     _rng: np.random.Generator = field(
         default_factory=lambda: np.random.default_rng(0), init=False, repr=False
     )
+    _unseeded_resets: int = field(default=0, init=False, repr=False)
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
-        """Sample a new start state and goal (seeded), return the first observation."""
+        """Sample a new start state and goal (seeded), return the first observation. Without a seed, the
+        episodes follow `config.seed`: `config.seed`, `config.seed + 1`, ... (a new episode each time)."""
+        if seed is None:
+            seed, self._unseeded_resets = self.config.seed + self._unseeded_resets, self._unseeded_resets + 1
+        seed = check_seed(seed, f"{self.name}: reset seed")
         if not self.is_connected:
             self.connect()
-        self._rng = np.random.default_rng(self.config.seed if seed is None else seed)
+        self._rng = np.random.default_rng(seed)
         self.steps = 0
         self._reset(self._rng)
         return self.get_observation()

@@ -30,7 +30,7 @@ import mujoco
 import numpy as np
 
 from robots.base import Feature
-from robots.sim.base import SimConfig, SimTask, TaskEntry, parse_options
+from robots.sim.base import SimConfig, SimTask, TaskEntry, check_radius, parse_options
 from robots.sim.mujoco_utils import get_physics, make_renderer, set_physics
 from wm.data.schema import ActionSpace
 
@@ -218,10 +218,12 @@ class PointMazeTask(SimTask):
     # ------------------------------------------------------------------ privileged state
     def get_sim_state(self) -> dict[str, Any]:
         """Full MuJoCo integration state (time, qpos, qvel, act, warm start, ctrl), goal and step count."""
+        self._require_connected()
         physics = get_physics(self._model, self._data)
         return {"physics": physics, "goal": self.goal.copy(), "steps": self.steps}
 
     def set_sim_state(self, state: dict[str, Any]) -> None:
+        self._require_connected()
         set_physics(self._model, self._data, state["physics"])
         self.goal = np.array(state["goal"], dtype=np.float64)
         self.steps = int(state["steps"])
@@ -308,8 +310,7 @@ class PointMazeOptions:
     def __post_init__(self) -> None:
         if self.goal_mode not in GOAL_MODES:
             raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {self.goal_mode!r}")
-        if not self.success_radius > 0:
-            raise ValueError(f"success_radius must be > 0, got {self.success_radius}")
+        check_radius(self.success_radius)
 
 
 def make(config: SimConfig) -> PointMazeTask:

@@ -169,6 +169,7 @@ class PushTTask(SimTask):
         the live simulator is re-seated on a copy of the returned state: the running episode and any
         later `set_sim_state(state)` then continue identically.
         """
+        self._require_connected()
         env = self._env
         core = (env.space, env.agent, env.block, env._block_shapes)
         bodies = [tuple(getattr(b, k) for k in _BODY_ATTRS) for b in (env.agent, env.block)]
@@ -178,6 +179,7 @@ class PushTTask(SimTask):
         return state
 
     def set_sim_state(self, state: bytes) -> None:
+        self._require_connected()
         env = self._env
         core, bodies, last, coverage, steps = pickle.loads(state)
         env.space, env.agent, env.block, env._block_shapes = core

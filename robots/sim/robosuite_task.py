@@ -28,6 +28,7 @@ import difflib
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,12 @@ OWN_KWARGS = {
 }
 
 
+def _names(value: Any) -> list[str]:
+    """A name or a list of names as a list; [] when it is neither (or an empty list)."""
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else []
+    return names if names and all(isinstance(n, str) and n for n in names) else []
+
+
 @dataclass(frozen=True)
 class RobosuiteOptions:
     """`SimConfig.options` of `robosuite/<EnvName>` (see the module docstring)."""
@@ -125,8 +132,22 @@ class RobosuiteOptions:
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to robosuite.make
 
     def __post_init__(self) -> None:
-        if not float(self.control_freq) > 0:
-            raise RobotError(f"robosuite control_freq must be > 0 Hz, got {self.control_freq}")
+        freq = self.control_freq
+        if (
+            isinstance(freq, bool)
+            or not isinstance(freq, int | float | np.integer | np.floating)
+            or not 0 < freq < float("inf")
+        ):
+            raise RobotError(f"robosuite control_freq must be a number > 0 Hz, got {freq!r}")
+        for what, value in (("camera", self.camera), ("cameras", self.cameras)):
+            if value is not None and not _names(value):
+                raise RobotError(
+                    f"robosuite {what} must be a camera name or a non-empty list of them, got {value!r}"
+                )
+        if not _names(self.robots):
+            raise RobotError(
+                f"robosuite robots must be a robot name or a non-empty list of them, got {self.robots!r}"
+            )
         taken = {k: OWN_KWARGS[k] for k in self.env_kwargs if k in OWN_KWARGS}
         if taken:
             k, use = next(iter(taken.items()))
@@ -196,18 +217,23 @@ class RobosuiteTask(SimTask):
         rs = _robosuite()
         render = not self.config.state_only
         h, w = self.config.image_size
+        saved = np.random.get_state()  # robosuite.make resets the env from NumPy's global generator
         try:
-            self._env = self._make(rs, render, h, w)
+            env = self._make(rs, render, h, w)
         except (TypeError, ValueError, KeyError, AssertionError, rs.utils.errors.SimulationError) as e:
             raise RobotError(
                 f"{self.name}: robosuite.make refused the options: {type(e).__name__}: {e}"
             ) from e
+        finally:
+            np.random.set_state(saved)
+        missing = [cam for cam in self.cameras if cam not in env.sim.model.camera_names] if render else []
+        if missing:  # refused once and for all: the env is closed, not kept half-checked for the next use
+            valid = env.sim.model.camera_names
+            env.close()
+            raise RobotError(f"{self.name}: no camera {missing[0]!r}; valid: {', '.join(valid)}")
+        self._env = env
         if render:
             fast_rendering(self._env.sim)
-            for cam in self.cameras:
-                if cam not in self._env.sim.model.camera_names:
-                    valid = self._env.sim.model.camera_names
-                    raise RobotError(f"{self.name}: no camera {cam!r}; valid: {valid}")
         obs = self._env._get_observations(force_update=True)
         keys = [k for k in obs if k.startswith("robot") and k.endswith(PROPRIO_SUFFIXES)]
         names = [n for k in keys for n in _vector_names(k, np.size(obs[k]))]
@@ -286,6 +312,7 @@ class RobosuiteTask(SimTask):
         """The episode's step count, robosuite's step counter, the grippers' speed-limited commands,
         MuJoCo's full integration state (time, qpos, qvel, warm start, controls, mocap, ...) and the body
         placements in the model (Door moves its door there), as one float64 vector."""
+        self._require_connected()
         import mujoco
 
         m, d = self._env.sim.model._model, self._env.sim.data._data
@@ -300,6 +327,7 @@ class RobosuiteTask(SimTask):
         return [g for r in self._env.robots for g in r.gripper.values() if hasattr(g, "current_action")]
 
     def set_sim_state(self, state: np.ndarray) -> None:
+        self._require_connected()
         import mujoco
 
         m, d = self._env.sim.model._model, self._env.sim.data._data
