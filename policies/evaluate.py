@@ -44,7 +44,7 @@ class EpisodeResult:
     plan_seconds: list[float] = field(default_factory=list)
     act_seconds: float = 0.0  # time spent choosing actions (batched calls shared among episodes)
     error: str | None = None  # why the episode was ended early (a non-finite action): a failure
-    clipped_steps: int = 0  # steps whose action the task clipped to its action limits
+    clipped_steps: int = 0  # steps whose action the task cut short (its action limits, a workspace)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -224,7 +224,7 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
             if recorder is not None:
                 recorder.add(e, obs[e])
             applied = tasks[e].send_action(act[e])
-            clipped[e] += bool(np.any(applied != a.astype(applied.dtype)))  # outside the action limits
+            clipped[e] += bool(np.any(applied != a.astype(applied.dtype)))  # not applied as asked
             obs[e] = tasks[e].get_observation()
             if scores[e] is not None:
                 scores[e] = max(scores[e], tasks[e].score())
@@ -293,7 +293,7 @@ def summarize(results: Sequence[EpisodeResult], wall_seconds: float) -> dict[str
         "action_seconds_per_step": float(sum(r.act_seconds for r in results) / steps) if steps else 0.0,
         "wall_seconds": wall_seconds,
         "errors": sum(r.error is not None for r in results),  # episodes stopped (a non-finite action)
-        "clipped_steps": sum(r.clipped_steps for r in results),  # actions outside the limits, clipped
+        "clipped_steps": sum(r.clipped_steps for r in results),  # actions the tasks cut short
         "per_episode": [r.to_dict() for r in results],
     }
 

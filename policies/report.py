@@ -83,7 +83,9 @@ def _summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     if results.get("errors"):
         rows.append(("episodes stopped (non-finite action, a failure)", _fmt(results["errors"])))
     if results.get("clipped_steps"):
-        rows.append(("steps clipped to the action limits", _fmt(results["clipped_steps"])))
+        rows.append(
+            ("steps cut short by the task (action limits, workspace)", _fmt(results["clipped_steps"]))
+        )
     for key, label in (
         ("planning_seconds_per_step", "planning time per step"),
         ("planning_seconds_per_replan_per_episode", "planning time per replan (per episode)"),

@@ -94,14 +94,14 @@ def test_report_says_which_episodes_were_stopped_and_why(tmp_path: Path) -> None
     assert "<th>error</th>" in page and "<td>non-finite action at step 3: [nan, nan]</td>" in page
     page = write_report(tmp_path, _results()).read_text(encoding="utf-8")
     assert "episodes stopped" not in page and "<th>error</th>" not in page
-    assert "clipped" not in page
+    assert "cut short" not in page
 
 
-def test_report_counts_the_steps_clipped_to_the_action_limits(tmp_path: Path) -> None:
+def test_report_counts_the_steps_the_task_cut_short(tmp_path: Path) -> None:
     results = _results()
     results["clipped_steps"] = 7
     page = write_report(tmp_path, results).read_text(encoding="utf-8")
-    assert re.search(r"steps clipped to the action limits</th><td>7<", page)
+    assert re.search(r"steps cut short by the task \(action limits, workspace\)</th><td>7<", page)
 
 
 def test_report_without_videos_or_plot(tmp_path: Path) -> None:
