@@ -151,6 +151,10 @@ def test_robosuite_unknown_env_lists_names():
         ({"control_freq": "abc"}, "robosuite control_freq must be a number > 0 Hz, got 'abc'"),
         ({"robots": []}, "robosuite robots must be a robot name or a non-empty list of them, got []"),
         ({"camera": []}, "robosuite camera must be a camera name or a non-empty list of them, got []"),
+        (  # camera was ignored
+            {"camera": "frontview", "cameras": ["agentview"]},
+            "robosuite camera='frontview' and cameras=['agentview']: give one of them",
+        ),
         ({"env_kwargs": {"bogus": 1}}, "robosuite.make refused the options: TypeError: "),
     ],
 )

@@ -120,13 +120,16 @@ def _names(value: Any) -> list[str]:
     return names if names and all(isinstance(n, str) and n for n in names) else []
 
 
+DEFAULT_CAMERA = "agentview"
+
+
 @dataclass(frozen=True)
 class RobosuiteOptions:
     """`SimConfig.options` of `robosuite/<EnvName>` (see the module docstring)."""
 
     robots: str | list[str] = "Panda"  # a list for two-arm envs
     controller: str | dict[str, Any] | None = None  # None: the robot's robosuite default
-    camera: str | list[str] = "agentview"
+    camera: str | list[str] = DEFAULT_CAMERA
     cameras: str | list[str] | None = None  # the same as camera (either spelling)
     control_freq: float = 20.0  # Hz
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to robosuite.make
@@ -144,6 +147,11 @@ class RobosuiteOptions:
                 raise RobotError(
                     f"robosuite {what} must be a camera name or a non-empty list of them, got {value!r}"
                 )
+        if self.cameras is not None and self.camera != DEFAULT_CAMERA:  # one of them would be ignored
+            raise RobotError(
+                f"robosuite camera={self.camera!r} and cameras={self.cameras!r}: give one of them "
+                "(the same option)"
+            )
         if not _names(self.robots):
             raise RobotError(
                 f"robosuite robots must be a robot name or a non-empty list of them, got {self.robots!r}"
