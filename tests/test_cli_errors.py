@@ -97,6 +97,11 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["+trainer.stpes=10"],
             "error: unknown option trainer.stpes; did you mean trainer.steps?",
         ),
+        (  # which step of the demo was not said
+            "wm-demo",
+            ["eval.episodes=0"],
+            "error: eval: episodes must be >= 1, got 0",
+        ),
         (
             "wm-train",
             ["store=missing.zarr", "out=run", "+trainer.stpes=10"],

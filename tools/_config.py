@@ -76,9 +76,7 @@ def build(cls: type[T], values: Mapping[str, Any], path: str = "") -> T:
     kwargs = check(cls, values, path)
     try:
         return cls(**kwargs)
-    except UsageError:
-        raise
-    except ValueError as e:
+    except ValueError as e:  # a UsageError too: `cls` does not know where it was given
         if not path:
             raise
         raise UsageError(f"{path}: {e}") from e
