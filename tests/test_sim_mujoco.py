@@ -311,6 +311,33 @@ def test_the_sample_store_run_as_a_file_renders_with_egl():
     assert res.stdout.split()[-1] == "mujoco.egl"
 
 
+def test_the_sample_store_interrupted_says_how_many_episodes_it_keeps(tmp_path):
+    """Ctrl-C kept the finished episodes and said only "interrupted"."""
+    import signal
+    import time
+
+    from wm.data import DemoStore
+
+    out = tmp_path / "s.zarr"
+    cmd = [
+        sys.executable,
+        "tools/sample_store.py",
+        f"out={out}",
+        "episodes=100000",
+        "steps=5",
+        "image_size=16",
+    ]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "meta").exists() or DemoStore.open(out).n_episodes < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    kept = DemoStore.open(out).n_episodes
+    assert proc.returncode == 130 and f"{out} keeps the {kept} episodes finished" in err
+
+
 def test_the_sample_store_takes_any_image_size_and_names_a_bad_value(tmp_path):
     """Above 640 px MuJoCo's framebuffer refused; a bad value was "need episodes >= 1, steps >= 2 and
     image_size >= 8", whichever it was."""

@@ -6,6 +6,7 @@ headless with EGL). It stands in for demonstrations until `wm-collect` records r
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def record(cfg: SampleConfig) -> int:
                     data.ctrl[:] = force
                     mujoco.mj_step(model, data)
                 ep.end({"success": bool(np.linalg.norm(data.qpos) < 0.2), "notes": "random pushes"})
+    except KeyboardInterrupt:  # the episode being written is dropped; the finished ones stay
+        print(f"{cfg.out} keeps the {store.n_episodes} episodes finished", file=sys.stderr)
+        raise
     finally:
         renderer.close()
         store.close()
