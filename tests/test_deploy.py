@@ -327,3 +327,85 @@ def test_a_run_a_fault_stopped_exits_with_3(tmp_path):
     )  # fmt: skip
     assert res.returncode == 3, res.stderr
     assert "STOPPED: no fresh action for" in res.stdout
+
+
+def test_bad_values_paths_and_takeover_devices_are_refused_before_anything_starts(tmp_path):
+    """Each was refused late (after the worker had loaded and the robot had connected: control_hz=inf,
+    seed=-1, a file as out= or record=, in unclear words or a traceback), accepted (added_delay_s=nan,
+    whose NaN then made report.json invalid), or, for a keyboard taking over an arm that takes joint
+    positions, raised out of the control loop at the operator's first key press."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    base = ["robot=pointmaze", "controller=random", "max_steps=3", f"out={tmp_path / 'a'}"]
+    cases = [
+        (["control_hz=inf"], "control_hz must be a positive finite number, got inf"),
+        (["added_delay_s=nan"], "added_delay_s must be a finite number >= 0, got nan"),
+        (["seed=-1"], "seed must be >= 0, got -1"),
+        ([f"out={afile}"], f"out={afile}: {afile} is a file; give a folder"),
+        ([f"out={afile / 'run'}"], f"out={afile / 'run'}: {afile} is a file"),
+        ([f"record={afile}"], f"record={afile}: is a file, not a store"),
+        ([f"record={afile / 'rec.zarr'}"], f"record={afile / 'rec.zarr'}: {afile} is a file"),
+        ([f"record={tmp_path / 'a'}"], "is also out=: give the store a path of its own"),
+        (
+            ["robot=so101_follower", "teleop=keyboard"],
+            "teleop=keyboard cannot drive robot=so101_follower: a joint action space needs joint targets",
+        ),
+    ]
+    for args, words in cases:
+        res = run_app("wm-deploy", *base, *args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+        assert not (tmp_path / "a").exists()
+
+
+def test_a_recording_keeps_its_task_options_and_a_store_of_others_is_refused_before_the_robot_connects(
+    tmp_path, monkeypatch
+):
+    """wm-collect records a simulated task's options in every episode and refuses a store of other ones;
+    wm-deploy recorded none and mixed them (success_radius changes what `success` means). A store it
+    cannot record into was refused only after the robot (a real arm: its bus configured) connected."""
+    from robots.sim.pointmaze import PointMazeTask
+    from tools.deploy import DeployConfig, deploy
+    from wm.data import SchemaError
+
+    connects = []
+    connect = PointMazeTask.connect
+    monkeypatch.setattr(PointMazeTask, "connect", lambda self: (connects.append(1), connect(self))[1])
+    rec = tmp_path / "rec.zarr"
+    run = dict(robot="pointmaze", controller="random", max_steps=2, record=str(rec), status_every_s=60.0)
+    report, status = deploy(DeployConfig(out=str(tmp_path / "a"), **run))
+    assert status == 0 and report["ticks"] == 2 and connects == [1]
+    with DemoStore.open(rec) as s:
+        assert s.episode_info(0)["task_options"] == {"goal_mode": "any", "success_radius": 0.2}
+    other = DeployConfig(out=str(tmp_path / "b"), robot_options={"success_radius": 0.5}, **run)
+    with pytest.raises(SchemaError, match="task_options.success_radius 0.2, this session records 0.5"):
+        deploy(other)
+    assert connects == [1] and not (tmp_path / "b").exists()  # refused before the robot connected
+
+
+def test_report_json_is_strict_json_and_the_plots_are_written_without_ticks(tmp_path):
+    """Settings of inf (`runtime.wait_timeout_s=inf`, a workspace bound of -inf: "no bound") were written
+    as Infinity, which JSON parsers refuse; a run whose every episode stopped before its first tick
+    warned from matplotlib on stderr (a log scale of no data)."""
+    import warnings
+
+    from robots.runtime.loop import EpisodeOutcome
+    from robots.runtime.report import run_report, write_report
+
+    outcomes = [EpisodeOutcome(stopped="no valid first chunk after 3 tries: x", success=False)]
+    settings = {"runtime": {"wait_timeout_s": float("inf")}, "safety": {"workspace_low": (-np.inf, 0.0)}}
+    report = run_report(outcomes, settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = write_report(tmp_path, report, outcomes)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    written = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert written["settings"]["runtime"]["wait_timeout_s"] is None
+    assert written["settings"]["safety"]["workspace_low"] == [None, 0.0]
+    assert written["ticks"] == 0 and written["achieved_hz"] is None and written["success_rate"] == 0.0
+    assert written["tick_error_ms"] == {"p50": None, "p99": None, "max": None}
+    assert [p.name for p in paths] == ["report.json", "timing.png"] and paths[1].stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "timing.png"]

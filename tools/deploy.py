@@ -18,7 +18,9 @@ With `server=HOST:PORT` the controller runs in `wm-serve` on that machine instea
 the server's; `token=` or WM_SERVE_TOKEN proves this robot may use it); everything else is the same.
 
 Writes `out/report.json` (achieved rate, tick error, latency, stale and dropped actions, underruns,
-safety events, success), `out/timing.png`, and with `record=STORE` every tick into a store.
+safety events, success), `out/timing.png`, and with `record=STORE` every tick into a store (each episode's
+info: its seed, success, why it stopped, a simulated task's options; an existing store of another robot,
+rate, task or task options is refused before the robot connects).
 Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on Ctrl-C.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -85,14 +88,17 @@ class DeployConfig(ControllerConfig):
             self.remote_config()  # its checks
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if self.seed < 0:  # a task's reset refused it, after the worker and the robot had started
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.control_hz is not None and not self.control_hz > 0:
-            raise ValueError(f"control_hz must be positive, got {self.control_hz}")
+        if self.control_hz is not None and not (math.isfinite(self.control_hz) and self.control_hz > 0):
+            raise ValueError(f"control_hz must be a positive finite number, got {self.control_hz}")
         if not self.status_every_s > 0:
             raise ValueError(f"status_every_s must be positive, got {self.status_every_s}")
-        if self.added_delay_s < 0:
-            raise ValueError(f"added_delay_s must be >= 0, got {self.added_delay_s}")
+        if not (math.isfinite(self.added_delay_s) and self.added_delay_s >= 0):
+            raise ValueError(f"added_delay_s must be a finite number >= 0, got {self.added_delay_s}")
+        self._check_paths()
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
         from robots.registry import robot_entry, task_entry
@@ -114,6 +120,27 @@ class DeployConfig(ControllerConfig):
                 "controller=mpc plans to a goal observation, which only simulated tasks give; "
                 f"robot={self.robot} is a real robot: deploy a policy (controller=policy)"
             )
+
+    def _check_paths(self) -> None:
+        """out= a folder and record= a store, or paths where they can be made: a file in the way was an
+        OSError (a traceback under a file's parent) after the robot had connected."""
+        out, rec = Path(self.out), Path(self.record) if self.record else None
+        for path in (out, *out.parents):
+            if path.is_file():
+                raise UsageError(
+                    f"out={self.out}: {path} is a file; give a folder (new, or an earlier run's)"
+                )
+        if rec is None:
+            return
+        if rec.is_file() and rec.suffix != ".zip":  # (a zip store is refused by the store: read-only)
+            raise UsageError(
+                f"record={self.record}: is a file, not a store; give a new path or an existing store"
+            )
+        for path in rec.parents:
+            if path.is_file():
+                raise UsageError(f"record={self.record}: {path} is a file; give a store path in a folder")
+        if rec.resolve() == out.resolve():
+            raise UsageError(f"record={self.record} is also out=: give the store a path of its own")
 
     def remote_config(self) -> Any:
         from robots.runtime.remote import RemoteConfig
@@ -161,6 +188,41 @@ def set_control_hz(cfg: DeployConfig, robot: Any) -> float:
     return robot.control_hz * robot.step_seconds() if is_sim(cfg.robot) else 1.0
 
 
+def check_takeover(cfg: DeployConfig, robot: Any) -> None:
+    """Refuse, in one line before anything starts, a takeover device whose motion cannot drive `robot`'s
+    actions (a keyboard or a SpaceMouse on an arm that takes joint positions): the mapping raised at the
+    operator's first touch, out of the control loop, mid-episode. A leader arm's joints are checked
+    against the robot's when it is built (`DeviceSettings.build`)."""
+    if cfg.teleop is None:
+        return
+    import numpy as np
+
+    from robots.registry import device_class
+    from robots.teleop.base import TeleopState
+    from robots.teleop.mapping import ActionMapper
+
+    if hasattr(device_class(cfg.teleop), "check_drives"):  # a leader arm (joints, no motion)
+        return
+    mapper = ActionMapper(**{**dict(getattr(robot, "teleop_gains", {})), **cfg.gains})  # as teleop_mapper
+    feat = robot.action_feature
+    try:  # a device at rest, the robot at zero
+        mapper(TeleopState(), feat, robot.action_space, current=np.zeros(feat.shape))
+    except ValueError as e:
+        raise UsageError(f"teleop={cfg.teleop} cannot drive robot={cfg.robot}: {e}") from None
+
+
+def task_options(cfg: DeployConfig) -> dict[str, Any] | None:
+    """A simulated task's options as it runs them (its defaults filled in), as wm-collect records them in
+    every episode's info: a store is recorded into only with the same ones. None for a real robot."""
+    if not is_sim(cfg.robot):
+        return None
+    import dataclasses
+
+    from robots.registry import task_entry
+
+    return dataclasses.asdict(build(task_entry(cfg.robot).options, cfg.robot_options, "robot_options"))
+
+
 def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
     """The operator's takeover device (connected), or None without `teleop=`. It is built as wm-collect
     builds its device: one without all the buttons (a leader arm) gets `command_device` for START."""
@@ -169,7 +231,7 @@ def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
     from robots.runtime.intervention import Takeover
     from robots.teleop.mapping import teleop_mapper
 
-    mapper = teleop_mapper(robot, cfg.gains)
+    mapper = teleop_mapper(robot, cfg.gains)  # (`check_takeover` said before anything started that it maps)
     device = DeviceSettings.of(cfg).build(robot)
     device.connect()  # a failure leaves nothing of it open (a leader arm closes its command device too)
     return Takeover(device, mapper)
@@ -180,7 +242,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     import os
 
     from policies.evaluate import goal_observation
-    from robots.collect import open_store
+    from robots.collect import OPTIONS_KEY, open_store
     from robots.runtime.loop import Runtime
     from robots.runtime.realtime import realtime, worker_cpus
     from robots.runtime.report import (
@@ -205,6 +267,8 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
             f"{robot.control_hz:g} fps); leave control_hz unset to run it in real time",
             file=sys.stderr,
         )
+    check_takeover(cfg, robot)  # before the worker loads a model
+    options = task_options(cfg)
     feat = robot.action_feature
     threads = cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)
     spec = ControllerSpec(
@@ -229,16 +293,15 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
             robot = make_robot(cfg, worker.info.get("image_size"))
             set_control_hz(cfg, robot)
         check_robot(worker.info, robot)  # the model reads what this robot gives, or one line says not
+        if cfg.record:  # a store this run cannot record into is refused before the robot connects
+            schema = recording_schema(robot.schema(cfg.robot if is_sim(cfg.robot) else ""))
+            store = open_store(cfg.record, schema, options)
+        out.mkdir(parents=True, exist_ok=True)
         robot.connect()
         takeover = make_takeover(cfg, robot)
-        if cfg.record:
-            store = open_store(
-                cfg.record, recording_schema(robot.schema(cfg.robot if is_sim(cfg.robot) else ""))
-            )
         runtime = Runtime(robot, worker, cfg.runtime)
         sim = is_sim(cfg.robot)
         action_spec = robot.action_feature.key_spec()
-        out.mkdir(parents=True, exist_ok=True)
         with stop, realtime(cfg.runtime.realtime_priority, cfg.runtime.control_cpu) as notes:
             for line in notes:
                 print(f"note: {line}", flush=True)
@@ -269,9 +332,8 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                 outcomes.append(outcome)
                 if writer is not None:
                     if outcome.ticks:
-                        writer.end(
-                            {"seed": cfg.seed + i, "success": outcome.success, "stopped": outcome.stopped}
-                        )
+                        info = {"seed": cfg.seed + i, "success": outcome.success, "stopped": outcome.stopped}
+                        writer.end(info if options is None else {**info, OPTIONS_KEY: options})
                     else:
                         writer.discard()
                 print(live_line(episode_figures(outcome), i), flush=True)

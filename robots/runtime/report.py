@@ -19,6 +19,8 @@ Figures (all from the runtime's own records, on its monotonic clock):
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
 from robots.runtime.safety import EVENTS
 from robots.runtime.schedule import seam_jumps
 from wm.data import KeySpec, Schema
+from wm.data.store import json_native
 
 RECORD_KEYS = {  # per tick, beside the robot's observation and the action sent
     "action_due": KeySpec((), "float64", "lowdim", units="s"),
@@ -175,11 +178,25 @@ class LiveStatus:
 
 
 def write_report(out_dir: Path, report: Mapping[str, Any], outcomes: Sequence[EpisodeOutcome]) -> list[Path]:
-    """report.json and the plots (tick error histogram, latency over time); returns the paths."""
+    """report.json and the plots (tick error histogram, latency over time); returns the paths. report.json
+    is valid JSON (a non-finite number, such as a setting of inf, is written as null) and replaces an
+    earlier one whole (written beside it, then renamed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
+    path, tmp = out_dir / "report.json", out_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(_finite(json_native(dict(report))), indent=1, default=str, allow_nan=False))
+    os.replace(tmp, path)
     return [path, *_plots(out_dir, outcomes)]
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, infinity) replaced by None: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _plots(out_dir: Path, outcomes: Sequence[EpisodeOutcome]) -> list[Path]:
@@ -191,7 +208,9 @@ def _plots(out_dir: Path, outcomes: Sequence[EpisodeOutcome]) -> list[Path]:
     err = [(t.started - t.nominal) * 1e3 for o in outcomes for t in o.ticks]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.hist(err, bins=60, color="tab:blue")
-    a.set(xlabel="tick start after its deadline (ms)", ylabel="ticks", yscale="log", title="tick error")
+    # (a log scale of no data warns on stderr: a run whose every episode stopped before its first tick)
+    a.set(xlabel="tick start after its deadline (ms)", ylabel="ticks", yscale="log" if err else "linear")
+    a.set_title("tick error" if err else "tick error (no ticks)")
     t0 = min((o.started_at for o in outcomes if o.chunks), default=0.0)
     for i, o in enumerate(outcomes):
         pts = [
