@@ -71,6 +71,17 @@ def test_multirun_runs_every_job_in_its_own_folder_and_fails_if_one_failed(tmp_p
     assert not (tmp_path / "sweep" / "1" / "results.json").exists()
 
 
+def test_a_deploy_sweep_records_only_when_asked_and_into_each_jobs_folder(tmp_path):
+    """Without record=, every job recorded into a store named None (null became the path <job>/None)."""
+    quick = ["robot=pointmaze", "controller=random", "max_steps=3"]
+    res = cli("wm-deploy", "-m", "seed=1,2", "out=ds", *quick, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "ds" / "0").iterdir()) == ["report.json", "timing.png"]
+    res = cli("wm-deploy", "-m", "seed=1,2", "out=rs", "record=r.zarr", *quick, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert all((tmp_path / "rs" / job / "r.zarr" / "meta").is_dir() for job in ("0", "1"))
+
+
 # ---------------------------------------------------------------------- 2. required values are required
 @pytest.mark.parametrize(
     "name, args, line",

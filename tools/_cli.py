@@ -113,7 +113,7 @@ def bind(cls: type[T], cfg: DictConfig, *, job_folder: str | None = "out", job_f
         with read_write(cfg), open_dict(cfg):
             if job_folder in cfg:
                 cfg[job_folder] = job_dir
-            if job_file in cfg and not OmegaConf.is_missing(cfg, job_file):
+            if job_file in cfg and not OmegaConf.is_missing(cfg, job_file) and cfg[job_file] is not None:
                 cfg[job_file] = str(Path(job_dir) / Path(str(cfg[job_file])).name)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
