@@ -37,7 +37,7 @@ import shutil
 import warnings
 import weakref
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -493,6 +493,12 @@ class DemoStore:
 
     def append_episode(self, data: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> int:
         """Append one whole episode {key: (T, *shape)}; returns its index once it is committed."""
+        try:  # before any step is written (`EpisodeWriter.end` keeps its episode open to be ended again)
+            json_record(info)
+        except (TypeError, ValueError) as e:
+            raise AppendError(
+                f"{self.path}: episode info is not JSON-serializable ({e}); nothing was written"
+            ) from e
         writer = self.begin_episode()
         try:
             writer.add_steps(data)
@@ -713,10 +719,10 @@ class EpisodeWriter:
         if spec.kind in ("action", "proprio") and np.issubdtype(value.dtype, np.floating):
             bad = ~np.isfinite(value)
             if bad.any():
-                first = int(np.argwhere(bad)[0][0]) if batched else 0
+                first = self.n_steps + (int(np.argwhere(bad)[0][0]) if batched else 0)
                 raise AppendError(
-                    f"{self._where() if not batched else self._store.path}: key {key!r} has non-finite values"
-                    f" (first at step {self.n_steps + first if batched else self.n_steps})"
+                    f"{self._store.path}: episode {self._store.n_episodes}, key {key!r} has non-finite values"
+                    f" (first at step {first})"
                 )
         return value
 
@@ -777,9 +783,8 @@ class EpisodeWriter:
             raise AppendError(f"{self._store.path}: this episode writer has already ended")
         if self.n_steps == 0:
             raise AppendError(f"{self._where()}: an episode needs at least one step")
-        record = json_native(dict(info or {}))
         try:
-            json.dumps(record)
+            record = json_record(info)
         except (TypeError, ValueError) as e:  # nothing flushed or committed: end() may be called again
             raise AppendError(
                 f"{self._where()}: episode info is not JSON-serializable ({e}); the episode is kept open: "
@@ -847,6 +852,14 @@ def _weak(method: Callable[[int, int], str]) -> Callable[[int, int], str]:
 def swap_paths(path: Path) -> tuple[Path, Path]:
     """(new store written beside `path`, old store moved aside) of a crash-safe rewrite (wm.data.ops)."""
     return path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
+
+
+def json_record(info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Episode `info` as the commit record holds it (numpy values as Python's); TypeError or ValueError when
+    it is not JSON."""
+    record = json_native(dict(info or {}))
+    json.dumps(record)
+    return record
 
 
 def finish_swap(path: Path) -> None:
