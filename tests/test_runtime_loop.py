@@ -236,6 +236,7 @@ def test_a_chunk_waited_for_at_rest_ends_the_episode_on_its_timeout_or_the_opera
     "bad",
     [
         {"wait_timeout_s": 0.0},
+        {"wait_timeout_s": float("inf")},  # every blocking wait has a deadline
         {"mode": "fast"},
         {"replan_every": 0},
         {"policy_hz": -1.0},

@@ -156,6 +156,8 @@ def test_limits_workspace_and_the_per_tick_step_cap():
     assert no_cap.filter(np.array([1.0, 1.0])).tolist() == [1.0, 1.0]  # forces are not step-capped
     with pytest.raises(ValueError, match="hold_after_s <= stop_after_s"):
         SafetyConfig(hold_after_s=2.0, stop_after_s=1.0)
+    with pytest.raises(ValueError, match=r"stop_after_s < inf, got 0.5, inf"):  # a hold for ever
+        SafetyConfig(hold_after_s=0.5, stop_after_s=float("inf"))
     with pytest.raises(ValueError, match="workspace bounds"):
         SafetyLayer(ARM, True, SafetyConfig(workspace_low=(0, 0, 0), workspace_high=(1, 1, 1)))
     # a cap the user set on deltas or velocities capped nothing, silently, and went unchecked

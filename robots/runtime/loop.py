@@ -93,8 +93,8 @@ class RuntimeConfig:
             raise ValueError("replan_every, latency_window and max_inference_errors must be >= 1")
         if self.read_retries < 1 or self.max_read_failures < 1:
             raise ValueError("read_retries and max_read_failures must be >= 1")
-        if not self.wait_timeout_s > 0:
-            raise ValueError(f"wait_timeout_s must be positive, got {self.wait_timeout_s}")
+        if not 0 < self.wait_timeout_s < math.inf:  # every blocking wait has a deadline
+            raise ValueError(f"wait_timeout_s must be a positive finite number, got {self.wait_timeout_s}")
         if self.action_latency_s < 0:
             raise ValueError(f"action_latency_s must be >= 0, got {self.action_latency_s}")
         if self.mode == "sync" and self.stitching in ("ensemble", "average"):  # they had no effect

@@ -59,9 +59,9 @@ class SafetyConfig:
             bound = getattr(self, name)
             if bound is not None and np.any(np.isnan(np.asarray(bound, dtype=np.float64))):
                 raise ValueError(f"{name} holds NaN: give a number (or inf for no bound) per dimension")
-        if not 0 < self.hold_after_s <= self.stop_after_s:
+        if not 0 < self.hold_after_s <= self.stop_after_s < np.inf:  # inf: a silent controller held for ever
             raise ValueError(
-                f"need 0 < hold_after_s <= stop_after_s, got {self.hold_after_s} and {self.stop_after_s}"
+                f"need 0 < hold_after_s <= stop_after_s < inf, got {self.hold_after_s}, {self.stop_after_s}"
             )
         if not 0 < self.max_step_fraction <= 1:
             raise ValueError(f"max_step_fraction must be in (0, 1], got {self.max_step_fraction}")
