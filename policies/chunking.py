@@ -27,6 +27,7 @@ from torch import Tensor
 
 from policies.base import RawObs, check_chunk_request, with_prefix
 from policies.inputs import ObsHistory
+from wm.seeding import derived_torch_seed
 from wm.spec import IOSpec
 
 
@@ -86,7 +87,9 @@ class TemporalEnsembler:
 
 
 class ChunkModel(Protocol):
-    """A model that samples raw action chunks from its own input tensors (`policies.inputs`)."""
+    """A model that samples raw action chunks from its own input tensors (`policies.inputs`). A model
+    whose `sample_actions` also takes a sequence of E generators, one per row, says so with a true
+    `row_generators` attribute; `ChunkPolicy` otherwise samples row-seeded episodes one row at a time."""
 
     io_spec: IOSpec
 
@@ -106,12 +109,15 @@ class ChunkModel(Protocol):
 
 
 class ChunkPolicy:
-    """The `Policy` (and `Previewable`, `ChunkController`) of a `ChunkModel`: raw observations go into
-    the model's `ObsHistory`; `select_action` executes each chunk from a queue, or, with
-    `temporal_ensemble` m, samples a chunk every step and averages the overlapping predictions
+    """The `Policy` (and `Previewable`, `ChunkController`, `EpisodeRows`) of a `ChunkModel`: raw
+    observations go into the model's `ObsHistory`; `select_action` executes each chunk from a queue, or,
+    with `temporal_ensemble` m, samples a chunk every step and averages the overlapping predictions
     (`TemporalEnsembler`).
     Sampling noise comes from a generator seeded with `seed` at construction (None: unseeded), so an
-    evaluation is reproducible; `reset` does not reseed, so episodes draw different noise."""
+    evaluation is reproducible; `reset` does not reseed, so episodes draw different noise. Once a runner
+    names the episodes (`start_episodes`, until the next `reset`), each row draws from its own generator
+    seeded from (`seed`, its episode's seed): an episode's actions do not depend on which episodes share
+    its batch (up to the model's floating-point rounding, which can depend on the batch size)."""
 
     preview_label = "policy input"
 
@@ -126,15 +132,32 @@ class ChunkPolicy:
             self._generator.seed()
         else:
             self._generator.manual_seed(seed)
+        self._seed = self._generator.initial_seed()  # the row generators' base seed
+        self._rows: list[torch.Generator] | None = None  # one per row after `start_episodes`
         self._seconds: list[float] = []
 
     def reset(self) -> None:
-        """Forget the history, the queued actions, the ensembled predictions and the timings."""
+        """Forget the history, the queued actions, the ensembled predictions, the timings and the
+        episodes' row generators (`start_episodes`)."""
         self.history.reset()
         self._queue.reset()
         if self._ensembler is not None:
             self._ensembler.reset()
+        self._rows = None
         self._seconds = []
+
+    def start_episodes(self, seeds: Sequence[int]) -> None:
+        """`EpisodeRows.start_episodes`: row e's noise from a generator seeded from (`seed`, seeds[e])."""
+        if any(int(s) < 0 for s in seeds):
+            raise ValueError(f"episode seeds must be >= 0, got {list(seeds)}")
+        device = self._generator.device
+        self._rows = [
+            torch.Generator(device=device).manual_seed(derived_torch_seed(self._seed, int(s))) for s in seeds
+        ]
+
+    def set_active(self, active: np.ndarray) -> None:
+        """`EpisodeRows.set_active`: nothing to skip, a chunk is sampled for the whole batch at once, and
+        a finished row draws on from its own generator, which no other row reads."""
 
     def inference_seconds(self) -> list[float]:
         """Seconds of every chunk sampled since the last `reset`."""
@@ -182,9 +205,31 @@ class ChunkPolicy:
         return self._sample_from(self.history.inputs(), **guidance)
 
     def _sample_from(self, inputs: dict[str, Tensor], **guidance: Any) -> Tensor:
-        """A chunk from the model `inputs` (`history.inputs()`), timed."""
+        """A chunk from the model `inputs` (`history.inputs()`), timed; with row generators each row's
+        noise from its own (in one call when the model takes them, else one call per row)."""
         start = time.perf_counter()
         with torch.inference_mode():
-            chunk = self.model.sample_actions(inputs, generator=self._generator, **guidance)
+            if self._rows is None:
+                chunk = self.model.sample_actions(inputs, generator=self._generator, **guidance)
+            else:
+                chunk = self._sample_rows(inputs, self._rows, **guidance)
         self._seconds.append(time.perf_counter() - start)
         return chunk
+
+    def _sample_rows(self, inputs: dict[str, Tensor], rows: list[torch.Generator], **guidance: Any) -> Tensor:
+        batch = next(iter(inputs.values())).shape[0]
+        if len(rows) != batch:
+            raise ValueError(f"start_episodes named {len(rows)} episodes, the observations hold {batch}")
+        if getattr(self.model, "row_generators", False):
+            return self.model.sample_actions(inputs, generator=rows, **guidance)
+        prev = guidance.pop("previous", None)
+        chunks = [
+            self.model.sample_actions(
+                {k: v[e : e + 1] for k, v in inputs.items()},
+                generator=g,
+                **guidance,
+                **({} if prev is None else {"previous": prev[e : e + 1]}),
+            )
+            for e, g in enumerate(rows)
+        ]
+        return torch.cat(chunks)  # (E, Ta, Da)

@@ -55,6 +55,8 @@ def check_raw(obs: RawObs, io: IOSpec) -> int:
         sizes.add(p.shape[0])
     if len(sizes) != 1:
         raise ValueError(f"observation keys disagree on the batch size: {sorted(sizes)}")
+    if 0 in sizes:
+        raise ValueError("an observation of 0 episodes: nothing to act on")
     return sizes.pop()
 
 
@@ -132,6 +134,8 @@ class ObsHistory:
             )
             if a.shape != (E, self.io.action_dim):
                 raise ValueError(f"prev_action must be (E, Da) = {(E, self.io.action_dim)}, got {a.shape}")
+            if not np.all(np.isfinite(a)):
+                raise ValueError("prev_action holds non-finite values (NaN or inf): a faulty action log?")
             self._actions.append(a.astype(np.float32))
         self._obs.append(kept)
 

@@ -186,7 +186,10 @@ class MPC:
 
     def set_active(self, active: np.ndarray) -> None:
         """The rows still running (E,) bool: finished ones get no subgoal search, nor are counted."""
-        self._active = np.asarray(active, dtype=bool)
+        active = np.asarray(active, dtype=bool)
+        if active.ndim != 1:
+            raise ValueError(f"set_active takes one flag per episode (E,), got shape {active.shape}")
+        self._active = active
 
     def inference_seconds(self) -> list[float]:
         """Seconds of every replan (encode + plan) since the last `reset`."""
@@ -203,11 +206,13 @@ class MPC:
                 f"{self.io.frameskip} control steps apart, and a chunk call sees one observation per chunk; "
                 "use select_action every step, or chunk_from with the observations in between"
             )
+        self._check_goal()
         self.history.push(obs, self._last_action)
         return self._replan()
 
     def select_action(self, obs: RawObs) -> torch.Tensor:
         """Record obs; the next raw action (E, Da), replanning only when the last chunk is used up."""
+        self._check_goal()  # before recording: a refused call leaves no step in the history
         self.history.push(obs, self._last_action)
         if self.needs_replan:
             self._queue = self._replan()
@@ -229,6 +234,7 @@ class MPC:
         shifted by `execute` steps, as after `predict_action_chunk`). Returns the whole plan as raw
         actions (E, H * frameskip, Da), the first `frozen` exactly previous's."""
         prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim)
+        self._check_goal()
         f = self.io.frameskip
         if frozen >= self.planner.horizon * f:
             raise ValueError(
@@ -240,6 +246,10 @@ class MPC:
         result = self._plan(warm, FixedPrefix(self.model, prev[:, :frozen], f) if frozen else None)
         return rearrange(result.actions, "e h (f d) -> e (h f) d", f=f)
 
+    def _check_goal(self) -> None:
+        if self._goal is None:
+            raise RuntimeError("MPC has no goal: call set_goal(goal_obs) first")
+
     def _replan(self) -> torch.Tensor:
         result = self._plan(self._warm)
         k = self.cfg.execute
@@ -248,8 +258,7 @@ class MPC:
     def _plan(self, warm: torch.Tensor | None, fixed: FixedPrefix | None = None) -> PlanResult:
         """Encode the history, pick the goal and plan from `warm` (E, H, A) (over `fixed` when given,
         the plan's prefix then set to it); keeps the timing, the result and the next warm start."""
-        if self._goal is None:
-            raise RuntimeError("MPC has no goal: call set_goal(goal_obs) first")
+        self._check_goal()
         start = self.clock()
         with torch.no_grad():
             z0 = self.model.encode(self.history.inputs())  # leading (E,), encoded once per replan
@@ -258,6 +267,8 @@ class MPC:
             raise ValueError(
                 f"{E} episodes in obs but the goal or warm start has another count; reset()/set_goal()"
             )
+        if self._active is not None and self._active.shape != (E,):
+            raise ValueError(f"set_active got {self._active.shape[0]} rows' flags for {E} episodes")
         goal = self._goal if self.subgoals is None else self.subgoals.select(z0, self._goal, self._active)
         if fixed is None:  # `model` only when needed: a planner that predates it still serves replans
             result = self.planner.plan(z0, goal, warm, self.cfg.budget)  # actions (E, H, A)

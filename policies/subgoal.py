@@ -14,6 +14,7 @@ never touches a simulator: it holds latents only.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +32,13 @@ class GraphConfig:
     goal_reach: float = 1.0  # aim at the goal itself when it lies within this many hops' distance
 
     def __post_init__(self) -> None:
-        if self.stride < 1 or self.neighbors < 1 or not self.lookahead > 0:
-            raise ValueError("stride and neighbors must be >= 1 and lookahead > 0")
+        if self.stride < 1 or self.neighbors < 1 or not 0 < self.lookahead < math.inf:
+            raise ValueError(
+                f"stride and neighbors must be >= 1 and lookahead finite and > 0, got stride {self.stride}, "
+                f"neighbors {self.neighbors}, lookahead {self.lookahead}"
+            )
+        if not 0 <= self.goal_reach < math.inf:  # NaN or < 0: never the goal; inf: never a subgoal
+            raise ValueError(f"goal_reach must be finite and >= 0, got {self.goal_reach}")
         if not 0 < self.shortcut_quantile <= 1:
             raise ValueError(f"shortcut_quantile must be in (0, 1], got {self.shortcut_quantile}")
 

@@ -180,6 +180,9 @@ def test_refill_gives_the_inputs_of_pushing_step_by_step():
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
     with pytest.raises(ValueError, match="2 actions for 2 steps"):
         ObsHistory(io).refill(steps[:2], actions[:2])
+    # a NaN executed action (a faulty log) never reaches a model that reads the past actions
+    with pytest.raises(ValueError, match="prev_action holds non-finite values"):
+        ObsHistory(io).refill(steps[:3], [actions[0], np.where(np.eye(E, 2) > 0, np.inf, actions[1])])
 
 
 # ---------------------------------------------------------------------- MPC over a toy world model
@@ -317,6 +320,10 @@ def test_bad_requests_raise_one_clear_value_error(kind):
     for message, args in bad.items():
         with pytest.raises(ValueError, match=message):
             controller.chunk_from(*args)
+    if kind == "chunk_policy":  # its history holds the executed actions (MPC's here: one step, none)
+        nan_action = [np.full((E, DA), np.nan, np.float32)] * len(actions)  # a faulty action log
+        with pytest.raises(ValueError, match="prev_action holds non-finite values"):
+            controller.chunk_from(steps, nan_action, prev, 1)
     if kind != "random":  # a chunk of fixed length: freezing all of it leaves nothing to compute
         long = np.zeros((E, 20, DA), np.float32)
         with pytest.raises(ValueError, match="leave none"):

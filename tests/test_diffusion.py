@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from policies.base import Policy
+from policies.base import EpisodeRows, Policy
 from policies.chunking import ChunkPolicy, TemporalEnsembler
 from policies.diffusion import (
     DiffusionPolicy,
@@ -38,7 +38,7 @@ from wm import kernels
 from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import DemoStore, KeySpec, Schema
 from wm.data.dataset import WindowDataset
-from wm.data.normalize import Normalizer
+from wm.data.normalize import Normalizer, compute_stats
 from wm.encoders import EncoderConfig
 from wm.registry import load_model
 from wm.spec import IOSpec
@@ -702,6 +702,49 @@ def test_temporal_ensembling_weights():
     torch.testing.assert_close(TemporalEnsembler(800.0).weights(3), torch.eye(3)[0])
 
 
+class PerRowModel(nn.Module):
+    """A diffusion policy seen as a `ChunkModel` that takes one generator only (no `row_generators`)."""
+
+    def __init__(self, policy: DiffusionPolicy) -> None:
+        super().__init__()
+        self.policy, self.io_spec = policy, policy.io_spec
+
+    def sample_actions(self, obs, generator=None, **guidance) -> torch.Tensor:
+        assert generator is None or isinstance(generator, torch.Generator)
+        return self.policy.sample_actions(obs, generator, **guidance)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_chunk_policy_rows_do_not_depend_on_the_batch(per_row):
+    """With the episodes named (`EpisodeRows.start_episodes`), an episode's actions are the same whether
+    it runs alone or beside others (each row's noise from its own generator), and `reset` ends that."""
+    rng = np.random.default_rng(0)
+    stats = {k: compute_stats(rng.uniform(-1, 1, (64, 2))) for k in ("action", "proprio")}
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_config("unet"), precision="fp32")
+    model = DiffusionPolicy(cfg, Normalizer({"action": "minmax", "proprio": "minmax"}, stats)).eval()
+    obs = {"image": rng.integers(0, 256, (3, H, W, 3), dtype=np.uint8), "proprio": rng.uniform(-1, 1, (3, 2))}
+
+    def episode(rows: list[int]) -> torch.Tensor:  # two chunks of the episodes 10 + rows
+        policy = ChunkPolicy(PerRowModel(model) if per_row else model, seed=3)
+        assert isinstance(policy, EpisodeRows)
+        policy.reset()
+        policy.start_episodes([10 + r for r in rows])
+        policy.set_active(np.ones(len(rows), bool))
+        return torch.stack([policy.select_action({k: v[rows] for k, v in obs.items()}) for _ in range(8)], 1)
+
+    with kernels.mode("native"):
+        alone, batch = episode([2]), episode([0, 1, 2])
+        torch.testing.assert_close(alone[0], batch[2], atol=1e-5, rtol=0)
+        assert not torch.allclose(batch[1], batch[2])  # other episodes, other noise
+        policy = ChunkPolicy(model, seed=3)
+        policy.start_episodes([10, 11])
+        with pytest.raises(ValueError, match="start_episodes named 2 episodes, the observations hold 3"):
+            policy.select_action(obs)
+        policy.reset()  # forgets the episodes: one generator for the batch again
+        assert policy.select_action(obs).shape == (3, 2)
+
+
 def test_chunk_policy_reads_raw_observations(unet_policy, store_path):
     """The controller takes what a robot returns (uint8 HWC frames of any size, float proprio): the same
     actions as the model on the converted tensors; wrong inputs get one clear error."""
@@ -758,6 +801,14 @@ def test_clear_errors(unet_policy, tmp_path):
         policy.set_sampler("consistency", 1)
     with pytest.raises(ValueError, match="divisible by 4"):
         DiffusionPolicyConfig(horizon=10, n_action_exec=8)
+
+
+def test_empty_batches_and_a_nan_ensembling_coefficient_are_one_clear_error():
+    policy = ChunkPolicy(CounterModel(N_EXEC))
+    with pytest.raises(ValueError, match="an observation of 0 episodes"):
+        policy.select_action({k: v[:0] for k, v in raw_obs(0).items()})
+    with pytest.raises(ValueError, match="temporal_ensemble must be a finite number or null, got nan"):
+        dataclasses.replace(tiny_config("unet"), temporal_ensemble=float("nan"))
 
 
 def test_short_history_is_padded_and_window_spec(unet_policy):

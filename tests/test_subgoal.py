@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
+from policies.base import expand_latent
+from policies.mpc import MPC, MPCConfig
+from policies.planners import CEMConfig, build_planner
 from policies.subgoal import GraphConfig, LatentGraph, SubgoalSelector
+from wm.spec import IOSpec
 
 # A U-shaped demonstration, one step between nodes: up the left arm (x = 0), across the top, down the
 # right arm (x = 10). A path may start at any of the `neighbors` nodes nearest to the current state and
@@ -88,3 +93,59 @@ def test_selector_leaves_finished_episodes_alone():
     out = selector.select(z0, goal, active=np.array([False, True]))
     assert out["state"][0, 0].tolist() == [10.0, 0.0] and out["state"][1, 0].tolist() == [0.0, 2.0]
     assert selector.count == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(goal_reach=float("nan")), dict(goal_reach=-1.0), dict(lookahead=float("inf")), dict(lookahead=0.0)],
+)
+def test_graph_config_refuses_values_that_silently_disable_the_goal_or_the_subgoals(kw):
+    """goal_reach NaN or < 0 never aims at the goal itself; lookahead inf never at a subgoal."""
+    with pytest.raises(ValueError, match=f"{next(iter(kw))}.* finite"):
+        GraphConfig(**kw)
+
+
+class PointModel:
+    """A point moved by the raw actions; obs {"state": (E, To, 2)}, latent {"state": (E, 1, 2)}."""
+
+    action_dim = 2
+    io_spec = IOSpec(image_keys=(), image_size=(1, 1), proprio_key="state", proprio_dim=2, action_dim=2,
+                     history=2)  # fmt: skip
+
+    def encode(self, obs):
+        return {"state": obs["state"][:, -1:]}
+
+    def rollout(self, z0, actions):  # actions (E, N, H, 2) -> leading (E, N, H)
+        start = expand_latent(z0, actions.shape[1])["state"]  # (E, N, 1, 2)
+        return {"state": rearrange(start + actions.cumsum(2), "e n h d -> e n h 1 d")}
+
+    def cost(self, pred, goal):
+        return ((pred["state"][:, :, -1, -1] - goal["state"][:, None, -1]) ** 2).sum(-1)  # (E, N)
+
+    def cost_vectors(self, z):
+        return StateMetric().cost_vectors(z)
+
+
+def test_mpc_with_subgoals_checks_the_active_rows_and_keeps_no_refused_step():
+    """Active flags for another number of episodes are one clear error (not a row silently left out of the
+    subgoal search, nor an IndexError); a call refused for want of a goal records no observation."""
+    model = PointModel()
+    selector = SubgoalSelector(u_graph(), model)
+    planner = build_planner(
+        CEMConfig(horizon=2, samples=16, elites=4, iterations=2, low=-1.0, high=1.0), model
+    )
+    mpc = MPC(model, planner, MPCConfig(), subgoals=selector)
+    far = {"state": np.zeros((2, 2), np.float32)}  # both at (0, 0), the goal down the other arm
+    with pytest.raises(RuntimeError, match="no goal"):
+        mpc.select_action(far)
+    assert len(mpc.history) == 0
+    mpc.set_goal({"state": np.array([[10.0, 0.0], [10.0, 0.0]], np.float32)})
+    for flags in ([True], [True, True, True]):
+        mpc.reset()
+        mpc.set_active(np.array(flags))
+        with pytest.raises(ValueError, match=f"set_active got {len(flags)} rows' flags for 2 episodes"):
+            mpc.select_action(far)
+    mpc.reset()
+    mpc.set_active(np.array([True, False]))
+    assert mpc.select_action(far).shape == (2, 2)
+    assert selector.count == 1  # the active, far episode aimed at a subgoal; the finished one was skipped

@@ -49,11 +49,13 @@ from policies.base import check_previous, last_steps
 from policies.diffusion.noise import (
     SAMPLERS,
     Diffusion,
+    Generators,
     Inpaint,
     NoiseConfig,
     check_ddim_steps,
     inpaint_guide,
     masked_mean,
+    randn,
 )
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
@@ -199,6 +201,8 @@ class _ModeNet(nn.Module):
 class UWM(nn.Module):
     """The model: `compute_loss` for the one trainer, the five modes, and `sample_actions` (a
     `policies.chunking.ChunkModel`, so `ChunkPolicy` makes it a `Policy`). Call `.eval()` to sample."""
+
+    row_generators = True  # every mode takes one generator per row (`policies.diffusion.noise.randn`)
 
     def __init__(self, cfg: UWMConfig, normalizer: Normalizer, load_codec: bool = True) -> None:
         super().__init__()
@@ -398,23 +402,23 @@ class UWM(nn.Module):
         return loss, {"loss": loss.detach(), "action_loss": loss_a.detach(), "video_loss": loss_v.detach()}
 
     # ------------------------------------------------------------------ modes
-    def _absent(self, shape: tuple[int, ...], generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _absent(self, shape: tuple[int, ...], generator: Generators) -> tuple[Tensor, Tensor]:
         """An absent modality's input (pure noise, the same as `corrupt` at absent_t) and its timesteps."""
         device = self.diffusion.betas.device
-        noise = torch.randn(shape, generator=generator, device=device)
+        noise = randn(shape, generator, device)
         return noise, torch.full((shape[0],), float(self.absent_t), device=device)
 
-    def _clean(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _clean(self, x0: Tensor, generator: Generators) -> tuple[Tensor, Tensor]:
         """A given modality's input: `corrupt` at t = 0, as in training."""
         t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        noise = randn(tuple(x0.shape), generator, x0.device)
         return self.corrupt(x0, t, noise), t.float()
 
     def _sample(
         self,
         shape: tuple[int, ...],
         mode: _Mode,
-        generator: torch.Generator | None,
+        generator: Generators,
         guide: Inpaint | None = None,
     ) -> Tensor:
         with torch.autocast(
@@ -429,7 +433,7 @@ class UWM(nn.Module):
 
     @torch.inference_mode()
     def policy(
-        self, obs: dict[str, Tensor], generator: torch.Generator | None = None, guide: Inpaint | None = None
+        self, obs: dict[str, Tensor], generator: Generators = None, guide: Inpaint | None = None
     ) -> Tensor:
         """obs values (B, T, ...) -> raw actions (B, horizon, Da) from the current step, frames absent."""
         z, p = self.observation(obs)
@@ -440,7 +444,7 @@ class UWM(nn.Module):
 
     @torch.inference_mode()
     def forward_dynamics(
-        self, obs: dict[str, Tensor], actions: Tensor, generator: torch.Generator | None = None
+        self, obs: dict[str, Tensor], actions: Tensor, generator: Generators = None
     ) -> Tensor:
         """obs, raw actions (B, horizon, Da) from the current step -> future latents (B, F, V, C, h, w)."""
         z, p = self.observation(obs)
@@ -454,7 +458,7 @@ class UWM(nn.Module):
 
     @torch.inference_mode()
     def inverse_dynamics(
-        self, obs: dict[str, Tensor], future: Tensor, generator: torch.Generator | None = None
+        self, obs: dict[str, Tensor], future: Tensor, generator: Generators = None
     ) -> Tensor:
         """obs, future frames (B, F, V, 3, H, W) in [0, 1] or latents (B, F, V, C, h, w) -> raw actions
         (B, horizon, Da)."""
@@ -475,7 +479,7 @@ class UWM(nn.Module):
         return self.normalizer.unnormalize(self.cfg.action_key, x)
 
     @torch.inference_mode()
-    def predict_video(self, obs: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+    def predict_video(self, obs: dict[str, Tensor], generator: Generators = None) -> Tensor:
         """obs -> future latents (B, F, V, C, h, w), actions absent (marginalized)."""
         z, p = self.observation(obs)
         a_shape, v_shape = self._shapes(z.shape[0])
@@ -483,9 +487,7 @@ class UWM(nn.Module):
         return self._sample(v_shape, _Mode("frames", z, p, other, t_other), generator)
 
     @torch.inference_mode()
-    def sample_joint(
-        self, obs: dict[str, Tensor], generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def sample_joint(self, obs: dict[str, Tensor], generator: Generators = None) -> tuple[Tensor, Tensor]:
         """obs -> raw actions (B, horizon, Da) and future latents (B, F, V, C, h, w), denoised together."""
         z, p = self.observation(obs)
         B = z.shape[0]
@@ -510,7 +512,7 @@ class UWM(nn.Module):
     def sample_actions(
         self,
         obs: dict[str, Tensor],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         previous: Tensor | None = None,
         frozen: int = 0,
         full: bool = False,

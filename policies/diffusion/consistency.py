@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from policies.diffusion.entry import chunk_policy
 from policies.diffusion.entry import validation as policy_validation
-from policies.diffusion.noise import Diffusion, Inpaint, masked_mean, scored_steps
+from policies.diffusion.noise import Diffusion, Generators, Inpaint, masked_mean, scored_steps
 from policies.diffusion.policy import MODEL_TYPES, DiffusionPolicy, DiffusionPolicyConfig
 from policies.diffusion.precision import fp32_inference
 from wm.checkpoint import CheckpointError, load_checkpoint
@@ -192,6 +192,8 @@ class ConsistencyDistillation(nn.Module):
     `objective.student` is what the optimizer trains. Delegates `io_spec`, `window_spec`,
     `sample_actions` and `feature_cache_source` to `policy`."""
 
+    row_generators = True  # as `DiffusionPolicy.sample_actions`, which it delegates to
+
     def __init__(self, cfg: ConsistencyConfig, normalizer: Normalizer) -> None:
         super().__init__()
         teacher = load_model(cfg.teacher, controller="policy").model
@@ -222,7 +224,7 @@ class ConsistencyDistillation(nn.Module):
     def sample_actions(
         self,
         obs: dict[str, Tensor],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         previous: Tensor | None = None,
         frozen: int = 0,
         full: bool = False,

@@ -42,7 +42,7 @@ Shapes: x (B, Ta, Da) normalized actions; cond (B, To, Dc) observation features 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,19 @@ EDM_SOLVERS = ("dpmpp_2m", "heun")
 SIGMA_DATA = 0.5  # data scale assumed by the consistency parametrization (actions in [-1, 1])
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "linear_scaled")
 MAX_TERMINAL_SIGNAL = 0.05  # sqrt(alpha_bar) at the last training step: sampling starts from pure noise
+# a sampler's noise source: one generator for the batch, one per row (a row's draws then do not depend on
+# the batch it is sampled in), or None (torch's global one)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> Tensor:
+    """Standard normal noise (B, ...) from `generator`; with one generator per row, row b from the b-th
+    (its own stream, the same whatever the batch)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} row generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
 
 
 @dataclass(frozen=True)
@@ -425,11 +438,12 @@ class Diffusion(nn.Module):
         cond: Tensor | None,
         sampler: str = "edm",
         steps: int = 3,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         guide: Inpaint | None = None,
     ) -> Tensor:
         """Draw samples (shape) given cond (B, To, Dc); `steps` is ignored by ddpm (all training steps).
-        `guide` inpaints every denoised estimate (every sampler takes it); None: unguided."""
+        `generator`: one for the batch or one per row (`randn`). `guide` inpaints every denoised estimate
+        (every sampler takes it); None: unguided."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if (sampler == "consistency") != self.consistency:
@@ -440,7 +454,7 @@ class Diffusion(nn.Module):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         device = self.betas.device
-        z = torch.randn(shape, generator=generator, device=device)
+        z = randn(shape, generator, device)
         if sampler == "ddpm":
             return self._ddpm(z, cond, generator, guide)
         if sampler == "ddim":
@@ -452,9 +466,7 @@ class Diffusion(nn.Module):
         solver = self._heun if self.cfg.edm_solver == "heun" else self._dpmpp_2m
         return solver(x, cond, sigmas, guide)
 
-    def _ddpm(
-        self, x_t: Tensor, cond: Tensor | None, generator: torch.Generator | None, guide: Inpaint | None
-    ) -> Tensor:
+    def _ddpm(self, x_t: Tensor, cond: Tensor | None, generator: Generators, guide: Inpaint | None) -> Tensor:
         """Ancestral DDPM in the VP form over every training step, "fixed_small" posterior variance."""
         abar, betas = self.alphas_cumprod, self.betas
         for t in range(self.cfg.num_train_steps - 1, -1, -1):
@@ -464,7 +476,7 @@ class Diffusion(nn.Module):
             if t == 0:
                 return mean
             var = ((1 - a_prev) / (1 - a_t) * betas[t]).clamp_min(1e-20)
-            x_t = mean + var.sqrt() * torch.randn(x_t.shape, generator=generator, device=x_t.device)
+            x_t = mean + var.sqrt() * randn(x_t.shape, generator, x_t.device)
         return x_t
 
     def _ddim(self, z: Tensor, cond: Tensor | None, steps: int, guide: Inpaint | None) -> Tensor:
@@ -532,7 +544,7 @@ class Diffusion(nn.Module):
         z: Tensor,
         cond: Tensor | None,
         steps: int,
-        generator: torch.Generator | None,
+        generator: Generators,
         guide: Inpaint | None,
     ) -> Tensor:
         """Multistep consistency sampling (Song et al. Alg. 1): jump to x0 from sigma_max, then re-noise to
@@ -540,7 +552,7 @@ class Diffusion(nn.Module):
         sigmas = self.karras_sigmas(steps + 1, self.table_sigma_min, z.device)[:steps]  # sigma_max first
         x0 = self._estimate(z * sigmas[0], sigmas[0], cond, guide)
         for s in sigmas[1:]:
-            noise = torch.randn(z.shape, generator=generator, device=z.device)
+            noise = randn(z.shape, generator, z.device)
             x = x0 + (s**2 - self.table_sigma_min**2).clamp_min(0).sqrt() * noise
             x0 = self._estimate(x, s, cond, guide)
         return x0

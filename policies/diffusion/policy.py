@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from policies.diffusion.noise import (
     SAMPLERS,
     Committed,
     Diffusion,
+    Generators,
     NoiseConfig,
     check_ddim_steps,
     inpaint_guide,
@@ -117,6 +119,10 @@ class DiffusionPolicyConfig:
             raise ValueError(
                 f"inpaint_guidance must be one of {INPAINT_GUIDANCE}, got {self.inpaint_guidance!r}"
             )
+        if self.temporal_ensemble is not None and not math.isfinite(self.temporal_ensemble):
+            raise ValueError(
+                f"temporal_ensemble must be a finite number or null, got {self.temporal_ensemble}"
+            )
         if not self.inpaint_max_weight > 0:
             raise ValueError(f"inpaint_max_weight must be > 0, got {self.inpaint_max_weight}")
         _check_sampler(self.sampler, self.sampler_steps, self.consistency)
@@ -155,6 +161,8 @@ class DiffusionPolicy(nn.Module):
     """The diffusion-policy model: a `TrainableModel` (`compute_loss`) and a `ChunkModel`
     (`sample_actions` on its input tensors); `policies.chunking.ChunkPolicy` makes it a `Policy`
     controller. Call `.eval()` before sampling (dropout); inference always uses the center crop."""
+
+    row_generators = True  # `sample_actions` takes one generator per row (`ChunkModel`)
 
     def __init__(self, cfg: DiffusionPolicyConfig, normalizer: Normalizer) -> None:
         super().__init__()
@@ -287,14 +295,15 @@ class DiffusionPolicy(nn.Module):
     def sample_actions(
         self,
         obs: dict[str, Tensor],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         previous: Tensor | None = None,
         frozen: int = 0,
         full: bool = False,
     ) -> Tensor:
         """obs values (E, To, ...) -> raw actions (E, n_action_exec, Da) from the current step on, or
         with `full` every action the model predicts from the current step on (E, horizon - n_obs + 1, Da).
-        `generator` seeds the sampler's noise (same seed and obs, same actions).
+        `generator` seeds the sampler's noise (same seed and obs, same actions): one for the batch, or a
+        sequence of E, one per row (a row's actions then do not depend on the rows sampled beside it).
 
         previous (E, n, Da): raw actions of a chunk being executed, previous[:, 0] due at the current
         step; the sampler is guided by soft inpainting (`noise.Inpaint`, weights `noise.inpaint_weights`,
