@@ -541,3 +541,24 @@ def test_recording_a_uwm_policys_preview_does_not_change_its_actions():
         return torch.stack(out, 1)
 
     torch.testing.assert_close(actions(True), actions(False), rtol=0, atol=0)
+
+
+def test_uwm_rows_do_not_depend_on_the_batch_in_one_call_per_chunk():
+    """With the episodes named, each row draws from its own generator (the model takes one per row), so an
+    episode's actions are the same alone or beside others, and a chunk is still one batched call."""
+    model = tiny_uwm(n_obs=1, horizon=4, n_action_exec=2, future=(2,)).eval()
+    calls, sample = [], model.sample_actions
+    model.sample_actions = lambda inputs, **kw: calls.append(len(inputs["image"])) or sample(inputs, **kw)
+    frames = torch.rand(3, 1, 3, 32, 32)
+
+    def episode(rows: list[int]) -> torch.Tensor:
+        policy = UWMPolicy(model, seed=3)
+        policy.reset()
+        policy.start_episodes([10 + r for r in rows])
+        image = (frames[rows, 0].permute(0, 2, 3, 1) * 255).to(torch.uint8).numpy()
+        return torch.stack([policy.select_action({"image": image}) for _ in range(4)], 1)
+
+    alone, batch = episode([2]), episode([0, 1, 2])
+    torch.testing.assert_close(alone[0], batch[2], atol=1e-5, rtol=0)
+    assert not torch.allclose(batch[1], batch[2])
+    assert calls == [1, 1, 3, 3]  # two chunks each run, every one a single call
