@@ -230,6 +230,105 @@ def test_cache_location_from_the_environment(monkeypatch, tmp_path):
         kernels.set_selector(None)
 
 
+def test_bad_environment_values_are_one_line_errors_and_no_home_keeps_choices_in_process(monkeypatch):
+    monkeypatch.setenv("WM_KERNELS", "off")
+    kernels.set_selector(None)
+    try:
+        with pytest.raises(ValueError, match=r"^WM_KERNELS must be one of .*'off'$"):
+            kernels.selector()
+    finally:
+        kernels.set_selector(None)
+    monkeypatch.setenv("WM_KERNEL_CACHE", "~no_such_user_wm/k.json")
+    with pytest.raises(ValueError, match="^WM_KERNEL_CACHE='~no_such_user_wm/k.json': .*'off'") as info:
+        kernels.default_cache_path()
+    assert "\n" not in str(info.value)
+    monkeypatch.delenv("WM_KERNEL_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)  # no $HOME, no passwd entry: a container's arbitrary uid
+    with pytest.warns(RuntimeWarning, match="no home directory"):
+        assert kernels.default_cache_path() is None
+
+
+def test_a_failed_cache_write_leaves_no_temporary_file_and_says_so(tmp_path):
+    """The cache path is a directory: the read warns and so does the write (it warned once for both),
+    and the temporary file the write made is removed."""
+    (tmp_path / "kernels.json").mkdir()
+    y = torch.ones(2)
+    sel = Selector(KernelCache(tmp_path / "kernels.json"), timer=fake_timer({"native": 1.0, "fast": 0.5}))
+    with pytest.warns(RuntimeWarning) as caught:
+        assert sel.choose("op", {"native": lambda: y, "fast": lambda: y}, "native") == "fast"
+    messages = [str(w.message) for w in caught]
+    assert any("unreadable kernel cache" in m for m in messages)
+    assert any("cannot write the kernel cache" in m for m in messages)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.json", "kernels.json.lock"]
+    assert sel.cache.path is None  # the choice stays in this process
+
+
+def test_rel_error_holds_at_any_magnitude():
+    """In fp32 the reference's norm overflowed (outputs ~1e18: a 5 % error measured 0) or underflowed."""
+    for scale in (1e18, 1e-25, 1.0):
+        ref = torch.randn(4096) * scale
+        assert kernels.rel_error(ref * 1.05, ref) == pytest.approx(0.05, rel=1e-3), scale
+        assert kernels.rel_error(ref.clone(), ref) == 0.0
+    zero = torch.zeros(3)
+    assert kernels.rel_error(zero, zero) == 0.0 and kernels.rel_error(zero + 1e-30, zero) == math.inf
+    assert kernels.rel_error(torch.ones(3), torch.tensor([1.0, math.inf, 1.0])) == math.inf
+    assert kernels.rel_error(torch.empty(0, 4), torch.empty(0, 4)) == 0.0
+
+
+def test_an_output_that_cannot_check_candidates_decides_nothing(tmp_path):
+    """A NaN / inf input made every candidate look wrong: "native" was chosen, written to the disk
+    cache and used by every later process; an all-zero or empty output makes every candidate look
+    right. Such a call takes the default unmeasured and leaves nothing in the cache or the log; the
+    first call that can check the candidates calibrates."""
+    path = tmp_path / "k.json"
+    calls: list = []
+    sel = Selector(KernelCache(path), timer=fake_timer({"native": 1.0, "fast": 0.5}, calls))
+    x = torch.randn(8)
+    for bad in (x.clone().index_fill_(0, torch.tensor([3]), math.nan), x / 0.0, torch.zeros(8), x[:0]):
+        cands = {"native": lambda bad=bad: bad * 2, "fast": lambda bad=bad: bad + bad}
+        assert sel.choose("op", cands, "native", default="native") == "native"
+    assert not calls and not sel.log and not path.exists()
+    good = {"native": lambda: x * 2, "fast": lambda: x + x}
+    assert sel.choose("op", good, "native") == "fast" and sel.log[-1][2] == "calibrated"
+    again = Selector(KernelCache(path), timer=fake_timer({"native": 1.0, "fast": 0.5}, calls))
+    nan = x.clone().index_fill_(0, torch.tensor([3]), math.nan)
+    cands = {"native": lambda: nan * 2, "fast": lambda: nan + nan, "dflt": lambda: nan}
+    assert again.choose("op", cands, "native", default="dflt") == "dflt"  # a cache hit it cannot check
+    assert not again.log  # neither "inaccurate here" nor a choice
+    assert again.choose("op", good, "native") == "fast" and again.log[-1][2] == "cache"
+    assert json.loads(path.read_text())["entries"][again.log[-1][0]]["choice"] == "fast"
+
+
+def test_a_nan_input_leaves_a_conv_layer_shape_undecided_on_disk(tmp_path):
+    """The layer-level case: a NaN at a UNet conv's first call wrote "native" to the disk cache for
+    its shape, so the next process ran fp32 although bf16 was asked for and measured faster."""
+    from policies.diffusion import unet
+    from policies.diffusion.precision import set_inference_precision
+
+    times = dict(native=1.0, onednn=0.95, matmul=0.95, native_bf16=0.4, onednn_bf16=0.5, matmul_bf16=0.5)
+
+    def layer() -> unet.Conv1d:
+        torch.manual_seed(0)
+        conv = unet.Conv1d(16, 24, 5, padding=2).eval()
+        set_inference_precision(conv, "bf16")
+        return conv
+
+    x = torch.randn(1, 16, 16)
+    bad = x.clone()
+    bad[0, 3, 5] = math.nan
+    with kernels.using(Selector(KernelCache(tmp_path / "k.json"), timer=fake_timer(times))), torch.no_grad():
+        assert torch.isnan(layer()(bad)).any()
+    with kernels.using(Selector(KernelCache(tmp_path / "k.json"), timer=fake_timer(times))) as sel:
+        with torch.no_grad():
+            layer()(x)
+    assert [(r["choice"], how) for _, r, how in sel.log] == [("native_bf16", "calibrated")]
+
+
 # ----------------------------------------------------------------------------- the layers
 
 

@@ -8,7 +8,8 @@ on this machine: see the cache below) the candidates are calibrated on the call'
 1. correctness: every candidate runs once and its output is compared with the native one (relative
    Frobenius error); a candidate that raises, or whose error exceeds its tolerance (`FP32_TOL` for
    fp32 kernels, `BF16_TOL` / `MODULE_BF16_TOL` for bf16 ones, `INT8_TOL` for int8 weights), is
-   never chosen;
+   never chosen. A call whose native output cannot judge them (not finite: a NaN or inf input; empty or
+   all zero: any candidate would pass) takes the caller's default unmeasured and leaves nothing cached;
 2. timing (`median_times`): `warmup` calls each, then `rounds` interleaved rounds of one call per
    candidate (so a slow spell of a shared machine hits all alike); a candidate's time is its median;
 3. decision (`decide`, a pure function of times and errors): the fastest correct candidate, if it
@@ -30,9 +31,11 @@ else `$XDG_CACHE_HOME/wm-stack/kernels.json` (default `~/.cache/wm-stack/kernels
                               "rel_error": {"onednn": 2e-07, ...}, "rejected": {"name": "why"}}}}
 
 Writes merge with what other processes wrote and replace the file atomically (write a temporary file,
-`os.replace`). A file that cannot be parsed is ignored with one warning and overwritten by the next
-write. `WM_KERNELS=native` turns measurement off: every caller uses its default (PyTorch's kernel in
-the requested precision), for comparison and debugging.
+`os.replace`; a failed write removes its temporary file, warns once and keeps choices in the process).
+A file that cannot be parsed is ignored with one warning and overwritten by the next write. A process
+without a home directory keeps its choices in process (one warning). `WM_KERNELS=native` turns
+measurement off: every caller uses its default (PyTorch's kernel in the requested precision), for
+comparison and debugging.
 """
 
 from __future__ import annotations
@@ -99,13 +102,30 @@ def _within(error: float | None, tol: float) -> bool:
 
 
 def rel_error(y: Any, ref: Any) -> float:
-    """|y - ref| / |ref| (Frobenius norms, in fp32); inf when shapes differ or y is not finite."""
+    """|y - ref| / |ref| (Frobenius norms); inf when shapes differ or either is not finite, 0 for two
+    zero (or empty) tensors. In fp64: an fp32 norm overflows for outputs of magnitude ~1e17 (the
+    reference's norm became inf and any candidate measured 0) and underflows for ~1e-20."""
     if not isinstance(y, Tensor) or not isinstance(ref, Tensor) or y.shape != ref.shape:
         return math.inf
-    y, ref = y.detach().float(), ref.detach().float()
-    if not torch.isfinite(y).all():
+    y, ref = y.detach().double(), ref.detach().double()
+    if not (torch.isfinite(y).all() and torch.isfinite(ref).all()):
         return math.inf
-    return ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    diff, norm = (y - ref).norm().item(), ref.norm().item()
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
+def checkable(ref: Any) -> bool:
+    """Whether a reference output can tell a candidate's error: a non-empty tensor, finite, not all zero.
+    A NaN or inf input (a bad observation, a diverged rollout) makes every candidate look wrong, an
+    all-zero or empty one every candidate right: neither may decide, nor be remembered, for a shape."""
+    return (
+        isinstance(ref, Tensor)
+        and ref.numel() > 0
+        and bool(torch.isfinite(ref).all())
+        and bool(ref.detach().any())
+    )
 
 
 def median_times(
@@ -141,10 +161,12 @@ def calibrate(
     tol: Mapping[str, float] | float,
     timer: Timer,
     margin: float = MARGIN,
+    ref: Tensor | None = None,
 ) -> dict[str, Any]:
-    """Check every candidate against `native` on the same input, time the correct ones with `timer`,
-    `decide`. Returns the cache record: choice, times (us), errors, and why candidates were rejected."""
-    ref = candidates[native]()
+    """Check every candidate against `native` on the same input (`ref`: native's output, if computed
+    already), time the correct ones with `timer`, `decide`. Returns the cache record: choice, times (us),
+    errors, and why candidates were rejected."""
+    ref = candidates[native]() if ref is None else ref
     errors: dict[str, float] = {}
     rejected: dict[str, str] = {}
     runnable = {native: candidates[native]}
@@ -174,11 +196,27 @@ def calibrate(
 
 
 def default_cache_path() -> Path | None:
-    """`$WM_KERNEL_CACHE` (off / 0 / empty: None), else the user cache directory's wm-stack/kernels.json."""
+    """`$WM_KERNEL_CACHE` (off / 0 / empty: None), else the user cache directory's wm-stack/kernels.json
+    (None, with a warning, for a process without a home directory: the cache is optional)."""
     env = os.environ.get(ENV_CACHE)
     if env is not None:
-        return None if env.strip().lower() in ("", "0", "off", "none", "false") else Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        if env.strip().lower() in ("", "0", "off", "none", "false"):
+            return None
+        try:
+            return Path(env).expanduser()
+        except RuntimeError as e:  # ~user of no user
+            raise ValueError(f"{ENV_CACHE}={env!r}: {e} (give a path, or 'off')") from None
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no $HOME and no passwd entry (a container's arbitrary uid)
+            warnings.warn(
+                f"no home directory: kernel choices stay in this process (set {ENV_CACHE} to keep them)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
     return Path(base) / "wm-stack" / "kernels.json"
 
 
@@ -189,7 +227,7 @@ class KernelCache:
         self.path = path
         self._mem: dict[str, dict] = {}
         self._loaded = False
-        self._warned = False
+        self._warned: set[str] = set()
 
     def get(self, key: str) -> dict | None:
         if not self._loaded:
@@ -209,11 +247,17 @@ class KernelCache:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 merged = {**self._read(), **self._mem}  # keep what other processes wrote meanwhile
                 fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"format": CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
-                os.replace(tmp, self.path)
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump({"format": CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
+                    os.replace(tmp, self.path)
+                except BaseException:  # a full disk, a directory at the path: no temporary file left behind
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
         except OSError as e:
-            self._warn(f"cannot write the kernel cache {self.path} ({e}); choices stay in this process")
+            message = f"cannot write the kernel cache {self.path} ({e}); choices stay in this process"
+            self._warn("write", message)
             self.path = None
 
     def _read(self) -> dict[str, dict]:
@@ -232,14 +276,15 @@ class KernelCache:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             self._warn(
+                "read",
                 f"ignoring the unreadable kernel cache {self.path} ({type(e).__name__}: {e}); kernels are "
-                "recalibrated and the file is overwritten"
+                "recalibrated and the file is overwritten",
             )
             return {}
 
-    def _warn(self, message: str) -> None:
-        if not self._warned:  # one warning per cache, however many reads fail
-            self._warned = True
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:  # one warning per cache for reading, one for writing, however many fail
+            self._warned.add(kind)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -282,7 +327,8 @@ class Selector:
         default: str | None = None,
     ) -> str:
         """The candidate to use for `key` (the caller's op and shapes). `candidates` compute the call at
-        hand; `default` (else `native`) is used without measurement (mode "native", budget spent)."""
+        hand; `default` (else `native`) is used without measurement (mode "native", budget spent, or a call
+        whose native output cannot check a candidate: see `checkable`)."""
         default = default or native
         if self.mode == "native" or len(candidates) < 2:
             return default
@@ -294,7 +340,10 @@ class Selector:
             # checkpoint's, an earlier training step's): checked again on these before it is used
             if choice != native:
                 with torch.no_grad():
-                    err = rel_error(candidates[choice](), candidates[native]())
+                    ref = candidates[native]()
+                    if not checkable(ref):  # a NaN input cannot check it: the default, unmeasured
+                        return default
+                    err = rel_error(candidates[choice](), ref)
                 if not _within(err, _tol(tol, choice)):
                     here = {**record, "choice": native, "rel_error_here": err}
                     self.log.append((full, here, "inaccurate here"))
@@ -308,8 +357,12 @@ class Selector:
             lambda fns: median_times(fns, self.rounds, self.warmup, budget_s=self.key_budget_s)
         )
         with torch.no_grad():
-            record = calibrate(candidates, native, tol, timer, self.margin)
+            ref = candidates[native]()
+            # a NaN / inf / all-zero output judges no candidate: nothing is decided or cached for the shape
+            record = calibrate(candidates, native, tol, timer, self.margin, ref) if checkable(ref) else None
         self.spent_s += time.perf_counter() - t0
+        if record is None:
+            return default
         self.cache.put(full, record)
         self.log.append((full, record, "calibrated"))
         return record["choice"]
@@ -345,6 +398,8 @@ def selector() -> Selector:
     global _selector
     if _selector is None:
         mode = os.environ.get(ENV_MODE, "measure").strip().lower() or "measure"
+        if mode not in MODES:
+            raise ValueError(f"{ENV_MODE} must be one of {MODES}, got {os.environ[ENV_MODE]!r}")
         _selector = Selector(KernelCache(default_cache_path()), mode=mode)
     return _selector
 
