@@ -108,6 +108,12 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["+trainer.stpes=10"],
             "error: unknown option trainer.stpes; did you mean trainer.steps?",
         ),
+        (  # it raised out of the session at the operator's first key press, on a connected arm
+            "wm-collect",
+            ["robot=so101_follower", "teleop=keyboard", "task=pick", "store=s.zarr"],
+            "error: teleop=keyboard cannot drive so101_follower: a joint action space needs joint targets "
+            "from a leader arm; this device has none",
+        ),
         (  # which step of the demo was not said
             "wm-demo",
             ["eval.episodes=0"],

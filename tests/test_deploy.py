@@ -348,7 +348,7 @@ def test_bad_values_paths_and_takeover_devices_are_refused_before_anything_start
         ([f"record={tmp_path / 'a'}"], "is also out=: give the store a path of its own"),
         (
             ["robot=so101_follower", "teleop=keyboard"],
-            "teleop=keyboard cannot drive robot=so101_follower: a joint action space needs joint targets",
+            "teleop=keyboard cannot drive so101_follower: a joint action space needs joint targets",
         ),
     ]
     for args, words in cases:

@@ -69,10 +69,31 @@ class DeviceSettings:
         options = dict(self.device_options)
         if takes_command_device(cls) and self.command_device is not None:
             options["command_device"] = device_class(self.command_device)(**self.command_options)
+        if not hasattr(cls, "check_drives"):
+            self.check_motion(robot)
         device = cls(**options)
         if isinstance(device, JointDevice):
             device.check_drives(robot.action_feature, converts=ActionMapper(**self.gains).converts_joints)
         return device
+
+    def check_motion(self, robot: Any) -> None:
+        """Refuse, in one line, a motion device (a keyboard, a SpaceMouse, a gamepad) whose motion cannot
+        drive `robot`'s actions (an arm that takes joint positions): the mapping raised at the operator's
+        first touch, out of the control loop. A leader arm's joints are checked when it is built."""
+        import numpy as np
+
+        from robots.teleop.base import TeleopState
+        from robots.teleop.mapping import ActionMapper
+
+        if hasattr(device_class(self.teleop), "check_drives"):  # a leader arm (joints, no motion)
+            return
+        gains = {**dict(getattr(robot, "teleop_gains", {})), **self.gains}  # as teleop_mapper
+        mapper = ActionMapper(**gains)
+        feat = robot.action_feature
+        try:  # a device at rest, the robot at zero
+            mapper(TeleopState(), feat, robot.action_space, current=np.zeros(feat.shape))
+        except ValueError as e:
+            raise UsageError(f"teleop={self.teleop} cannot drive {robot.name}: {e}") from None
 
 
 def _finite(values: Mapping[str, Any], path: str) -> None:

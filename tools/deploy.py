@@ -189,26 +189,10 @@ def set_control_hz(cfg: DeployConfig, robot: Any) -> float:
 
 
 def check_takeover(cfg: DeployConfig, robot: Any) -> None:
-    """Refuse, in one line before anything starts, a takeover device whose motion cannot drive `robot`'s
-    actions (a keyboard or a SpaceMouse on an arm that takes joint positions): the mapping raised at the
-    operator's first touch, out of the control loop, mid-episode. A leader arm's joints are checked
-    against the robot's when it is built (`DeviceSettings.build`)."""
-    if cfg.teleop is None:
-        return
-    import numpy as np
-
-    from robots.registry import device_class
-    from robots.teleop.base import TeleopState
-    from robots.teleop.mapping import ActionMapper
-
-    if hasattr(device_class(cfg.teleop), "check_drives"):  # a leader arm (joints, no motion)
-        return
-    mapper = ActionMapper(**{**dict(getattr(robot, "teleop_gains", {})), **cfg.gains})  # as teleop_mapper
-    feat = robot.action_feature
-    try:  # a device at rest, the robot at zero
-        mapper(TeleopState(), feat, robot.action_space, current=np.zeros(feat.shape))
-    except ValueError as e:
-        raise UsageError(f"teleop={cfg.teleop} cannot drive robot={cfg.robot}: {e}") from None
+    """A takeover device whose motion cannot drive `robot` refused before anything starts (its build,
+    after the robot connects, says it again)."""
+    if cfg.teleop is not None:
+        DeviceSettings.of(cfg).check_motion(robot)
 
 
 def task_options(cfg: DeployConfig) -> dict[str, Any] | None:
