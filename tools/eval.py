@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -86,6 +85,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from robots.registry import make_task
     from robots.sim.base import SimConfig
     from wm import kernels
+    from wm.data.store import json_finite
     from wm.registry import load_model
 
     out = Path(cfg.out)
@@ -151,7 +151,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         max_steps=tasks[0].config.max_steps,  # the task's default when max_steps=null
         config=dataclasses.asdict(cfg),  # every option this run was given: what reruns it
     )
-    results = _finite(results)
+    results = json_finite(results)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, allow_nan=False))  # valid JSON: no NaN or Infinity
     os.replace(tmp, out / "results.json")
@@ -203,17 +203,6 @@ def _move(path: Path, folder: Path) -> Path:
     """Moves `path` into `folder` (made when missing), replacing a file of its name; returns the new path."""
     folder.mkdir(parents=True, exist_ok=True)
     return Path(shutil.move(path, folder / path.name))
-
-
-def _finite(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, infinity) replaced by None: JSON has no such numbers."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _clear_outputs(out: Path) -> None:

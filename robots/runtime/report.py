@@ -19,7 +19,6 @@ Figures (all from the runtime's own records, on its monotonic clock):
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
 from robots.runtime.safety import EVENTS
 from robots.runtime.schedule import seam_jumps
 from wm.data import KeySpec, Schema
-from wm.data.store import json_native
+from wm.data.store import json_finite
 
 RECORD_KEYS = {  # per tick, beside the robot's observation and the action sent
     "action_due": KeySpec((), "float64", "lowdim", units="s"),
@@ -183,20 +182,9 @@ def write_report(out_dir: Path, report: Mapping[str, Any], outcomes: Sequence[Ep
     earlier one whole (written beside it, then renamed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path, tmp = out_dir / "report.json", out_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(_finite(json_native(dict(report))), indent=1, default=str, allow_nan=False))
+    tmp.write_text(json.dumps(json_finite(dict(report)), indent=1, default=str, allow_nan=False))
     os.replace(tmp, path)
     return [path, *_plots(out_dir, outcomes)]
-
-
-def _finite(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, infinity) replaced by None: JSON has no such numbers."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _plots(out_dir: Path, outcomes: Sequence[EpisodeOutcome]) -> list[Path]:

@@ -32,6 +32,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -537,6 +538,19 @@ def json_native(value: Any) -> Any:
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
+    return value
+
+
+def json_finite(value: Any) -> Any:
+    """`json_native(value)` with every non-finite float (NaN, infinity) replaced by None: strict JSON has
+    no such numbers (results.json, report.json)."""
+    value = json_native(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_finite(v) for v in value]
     return value
 
 
