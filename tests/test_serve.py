@@ -324,6 +324,17 @@ def test_a_server_back_with_another_model_is_refused_in_one_line():
         w.close()
 
 
+class Later:
+    """The time module of a server process on a machine whose monotonic clock is 1000 s ahead."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def monotonic() -> float:
+        return time.monotonic() + 1000.0
+
+
 def test_a_new_server_process_gets_a_new_clock_estimate(monkeypatch):
     """A server restarted at the same address may be another machine, its clock elsewhere: the offset
     is estimated afresh (the old estimate put every deadline 1000 s in the past: all chunks expired)."""
@@ -334,15 +345,7 @@ def test_a_new_server_process_gets_a_new_clock_estimate(monkeypatch):
         assert abs(w.clock.offset) < 0.05
         port = srv.port
 
-    class Later:  # the new server's clock: 1000 s ahead
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def monotonic() -> float:
-            return time.monotonic() + 1000.0
-
-    monkeypatch.setattr(server_module, "time", Later())
+    monkeypatch.setattr(server_module, "time", Later())  # the new server's clock: 1000 s ahead
     with threaded_server(port=port):
         w.reset(None)
         assert abs(w.clock.offset - 1000.0) < 0.05
@@ -363,15 +366,7 @@ def test_a_server_new_in_mid_episode_is_sent_deadlines_on_its_clock(monkeypatch)
         assert ask(w, 0).error is None
         port = srv.port
 
-    class Later:  # the new server's clock: 1000 s ahead
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def monotonic() -> float:
-            return time.monotonic() + 1000.0
-
-    monkeypatch.setattr(server_module, "time", Later())
+    monkeypatch.setattr(server_module, "time", Later())  # the new server's clock: 1000 s ahead
     with threaded_server(port=port) as srv:
         end = time.monotonic() + 10
         while (w.busy or not w.stats["reconnects"]) and time.monotonic() < end:  # the robot's ticks go on:
