@@ -395,19 +395,24 @@ def test_limits_and_deadlines_must_be_finite():
             RemoteConfig("127.0.0.1:5555", **{name: float("nan")})
 
 
-def test_wm_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
-    """A bare OSError from bind was a traceback and 'a bug' (exit 1)."""
+@pytest.mark.parametrize("controller", ["random", "policy"])
+def test_wm_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, controller):
+    """A bare OSError from bind was a traceback and 'a bug' (exit 1); a policy's checkpoint was loaded
+    first (minutes for a large model, and a damaged one was said instead)."""
     from apps import run_app
 
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "ckpt_000001.pt").write_text("damaged")
     threads = torch.get_num_threads()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        given = [f"controller={controller}"] + (
+            [f"checkpoint={tmp_path / 'ckpt'}"] if controller == "policy" else []
+        )
         try:
-            res = run_app(
-                "wm-serve", "controller=random", f"port={port}", "inference_threads=1", cwd=tmp_path
-            )
+            res = run_app("wm-serve", *given, f"port={port}", "inference_threads=1", cwd=tmp_path)
         finally:
             torch.set_num_threads(threads)
     assert (

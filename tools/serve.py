@@ -43,8 +43,9 @@ class ServeConfig(ControllerConfig, ServerConfig):
 
 
 def make_server(cfg: ServeConfig, log: Any = print) -> Any:
-    """The server, its controllers built by `worker_controller` for each robot's bounds; a policy is
-    built once now (its checkpoint checked before any robot connects) and fits every robot."""
+    """The server, listening (an address in use is one line before any model loads), its controllers
+    built by `worker_controller` for each robot's bounds; a policy is built once now (its checkpoint
+    checked before any robot is served) and fits every robot."""
     import torch
 
     from robots.runtime.server import PolicyServer
@@ -57,10 +58,18 @@ def make_server(cfg: ServeConfig, log: Any = print) -> Any:
     server = PolicyServer(
         builder, cfg.server_config(), key=(lambda low, high: None) if policy else None, meta=meta, log=log
     )
-    if policy:
-        server.add_idle(builder([], []), [], [])
-    elif cfg.controller == "mpc":
-        check_mpc(settings)  # fails now, not at each robot's hello
+    try:
+        server.bind()
+    except OSError as e:  # the port is taken, the address is not this machine's: the user's to fix
+        raise UsageError(str(e)) from None
+    try:
+        if policy:
+            server.add_idle(builder([], []), [], [])
+        elif cfg.controller == "mpc":
+            check_mpc(settings)  # fails now, not at each robot's hello
+    except BaseException:
+        server.close()
+        raise
     return server
 
 
@@ -71,10 +80,7 @@ def _build(settings: dict[str, Any], seed: int, low: list[float], high: list[flo
 def _main(cfg: DictConfig) -> int:
     conf = bind(ServeConfig, cfg, job_folder=None)
     server = make_server(conf, log=lambda line: print(line, flush=True))
-    try:
-        endpoint = server.bind()
-    except OSError as e:  # the port is taken, the address is not this machine's: the user's to fix
-        raise UsageError(str(e)) from None
+    endpoint = server.endpoint
     auth = "token required" if server.cfg.token else "no token (loopback only)"
     print(
         f"serving controller={conf.controller} ({conf.checkpoint}) on {endpoint}; {auth}; "
