@@ -13,7 +13,7 @@ from conftest import make_schema
 from wm.data import CorruptStoreError, DemoStore, SchemaError
 from wm.data.augment import AugmentConfig, augment
 from wm.data.dataset import BatchedDataset, WindowDataset, make_loader
-from wm.data.normalize import Normalizer, compute_stats
+from wm.data.normalize import Normalizer, check_finite, compute_stats
 from wm.data.windows import WindowSpec, build_index, split_episodes
 
 SPEC = WindowSpec.history_horizon(["img", "state"], ["action"], n_obs=2, horizon=6, n_action_exec=3)
@@ -403,3 +403,108 @@ def test_non_finite_values_are_refused_in_episodes_the_normalizer_is_not_fitted_
             check_finite(store, "q")
         check_finite(store, "q", episodes=[0, 1])  # the clean episodes pass
         check_finite(store, "n")  # an integer key holds no NaN
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: WindowSpec({"a": (0, 1.5)}), r"key 'a': offset must be a whole number, got 1.5"),
+        (lambda: WindowSpec({"a": "12"}), r"key 'a': offsets must be a sequence of whole numbers"),
+        (lambda: WindowSpec({"a": (0, 1)}, max_pad_after=float("nan")), "max_pad_after must be a whole"),
+        (lambda: WindowSpec({"a": (0, 1)}, max_pad_before=0.5), "max_pad_before must be a whole"),
+        (lambda: WindowSpec.history_horizon(["s"], n_obs=2.5), "n_obs must be a whole number"),
+        (lambda: WindowSpec.history_horizon(["s"], frameskip=1.5), "frameskip must be a whole number"),
+        (lambda: WindowSpec.history_horizon(["s"], n_action_exec=2.5), "n_action_exec must be a whole"),
+        (lambda: WindowSpec.history_horizon(["s"], n_action_exec=float("nan")), "n_action_exec must be"),
+        (lambda: WindowSpec.history_horizon(["s"], n_action_exec=0), r"n_action_exec must be >= 1, got 0"),
+    ],
+)
+def test_window_counts_that_are_not_whole_numbers_are_refused(make, match):
+    """An offset of 1.5 was truncated to 1, "12" read as offsets 1 and 2, a NaN padding bound silently
+    lifted the bound (every anchor kept), n_obs=2.5 was a TypeError from range()."""
+    with pytest.raises(ValueError, match=match):
+        make()
+    spec = WindowSpec.history_horizon(["s"], n_obs=2.0, horizon=3.0, n_action_exec=2.0)  # YAML floats
+    assert spec.offsets["s"] == (-1, 0) and spec.max_pad_after == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"shift_pad": float("nan")}, "shift_pad must be a whole number"),
+        ({"shift_pad": 1.5}, "shift_pad must be a whole number"),
+        ({"crop": (20.7, 28)}, "crop size must be a whole number, got 20.7"),
+        ({"crop": (float("nan"), 28)}, "crop size must be a whole number"),
+        ({"crop": 20}, r"crop must be \(h, w\)"),
+    ],
+)
+def test_augment_config_refuses_sizes_that_are_not_whole_numbers(kwargs, match):
+    """A NaN shift_pad was accepted (and failed in F.pad at the first batch), a crop of 20.7 truncated."""
+    with pytest.raises(ValueError, match=match):
+        AugmentConfig(**kwargs)
+
+
+def test_augment_keeps_the_dtype_and_refuses_integer_images():
+    """Half / bfloat16 batches came back float32 (float32 jitter factors promoted them), hue failed on
+    half (linalg.inv); a uint8 batch was jittered then clamped to [0, 1]: a white image."""
+    cfg = AugmentConfig(shift_pad=2, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)
+    x = torch.rand(4, 2, 3, 8, 8)
+    ref = augment(x, cfg, gen=torch.Generator().manual_seed(0))
+    for dtype in (torch.float16, torch.bfloat16):
+        out = augment(x.to(dtype), cfg, gen=torch.Generator().manual_seed(0))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match=r"float images in \[0, 1\], got torch.uint8"):
+        augment((x * 255).to(torch.uint8), cfg)
+
+
+def test_normalizer_reads_integer_inputs_without_rounding_its_statistics():
+    """An int tensor made .to(x) round the offset and scale to integers: 5 in [0, 9] normalized to
+    0.25 instead of 1/9."""
+    norm = Normalizer({"g": "minmax"}, {"g": compute_stats(np.arange(10.0)[:, None])})
+    torch.testing.assert_close(norm.normalize("g", torch.tensor([[5]])), torch.tensor([[1 / 9]]))
+    torch.testing.assert_close(norm.unnormalize("g", torch.tensor([[1]])), torch.tensor([[9.0]]))
+
+
+def test_normalizer_refuses_statistics_that_would_make_nan():
+    """A NaN, inf, missing or mis-shaped statistic (a hand-edited normalizer.json) was accepted: NaN
+    outputs, a KeyError, or a silent broadcast."""
+    good = compute_stats(np.arange(10.0).reshape(5, 2))
+    for name, value in (("min", [float("nan"), 0.0]), ("std", [float("inf"), 1.0])):
+        with pytest.raises(ValueError, match=f"statistic '{name}' of key 'a' is not finite"):
+            Normalizer.from_dict({"modes": {"a": "minmax"}, "stats": {"a": {**good, name: value}}})
+    with pytest.raises(ValueError, match="key 'a' has no statistic 'q99'"):
+        Normalizer({"a": "minmax"}, {"a": {k: v for k, v in good.items() if k != "q99"}})
+    with pytest.raises(ValueError, match="key 'a' has statistics of different shapes"):
+        Normalizer({"a": "minmax"}, {"a": {**good, "max": np.array([1.0])}})
+
+
+def test_normalizer_fit_on_no_steps_says_so(small_store):
+    """Fitting on no episode was numpy's "need at least one array to concatenate"."""
+    with DemoStore.open(small_store[0]) as store:
+        with pytest.raises(ValueError, match="no steps to fit key 'action'"):
+            Normalizer.fit(store, {"action": "minmax"}, episodes=[])
+
+
+def test_normalizing_a_key_the_store_lacks_names_the_store(small_store):
+    """Fitting or checking a key the store lacks (a proprio key's typo) was a bare KeyError: 'qpos'."""
+    with DemoStore.open(small_store[0]) as store:
+        with pytest.raises(SchemaError, match=r"small.zarr: no key 'qpos' to normalize \(its keys"):
+            Normalizer.fit(store, {"action": "minmax", "qpos": "meanstd"})
+        with pytest.raises(SchemaError, match=r"small.zarr: no key 'qpos' to normalize"):
+            check_finite(store, "qpos")
+
+
+def test_episode_numbers_and_loader_counts_that_are_not_whole_are_refused(small_store):
+    """Episode 1.5 was read as episode 1; rank 1 of world_size 1 silently read rank 0's shard (every
+    window twice across two "ranks"); num_workers=1.5 was a TypeError at the first batch."""
+    path, _ = small_store
+    with pytest.raises(ValueError, match="episode must be a whole number, got 1.5"):
+        WindowDataset(path, SPEC, episodes=[0, 1.5])
+    ds = WindowDataset(path, SPEC, episodes=[0, 2.0])  # a whole float is its number
+    assert ds.episodes == [0, 2]
+    for kwargs in ({"rank": 1, "world_size": 1}, {"world_size": 0}, {"num_workers": -1}):
+        with pytest.raises(ValueError, match=r"need num_workers >= 0, world_size >= 1 and 0 <= rank"):
+            make_loader(ds, 4, **kwargs)
+    with pytest.raises(ValueError, match="num_workers must be a whole number, got 1.5"):
+        make_loader(ds, 4, num_workers=1.5)

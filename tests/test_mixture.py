@@ -232,10 +232,17 @@ def test_mismatched_cameras_and_keys_are_named(small_store, tmp_path):
     ):
         check_compatible(vpath, vpath, ["wrist"])
     labelled = WindowDataset(lpath, SPEC)
-    with pytest.raises(SchemaError, match=r"key 'img': labelled windows are \(2, 3, 24, 32\)"):
+    # one line naming both stores and the key
+    with pytest.raises(
+        SchemaError,
+        match=r"small_img.zarr mixed with .*small.zarr: key 'img': labelled windows are \(2, 3, 24, 32\)",
+    ):
         MixedWindows(labelled, ActionFreeWindows(vpath, SPEC), video_ratio=0.5)
     no_state = WindowSpec.history_horizon(["img"], ["action"], n_obs=2, horizon=6, n_action_exec=3)
-    with pytest.raises(SchemaError, match=r"only labelled \['state', 'state_is_pad'\], only video \[\]"):
+    with pytest.raises(
+        SchemaError,
+        match=r"small.zarr mixed with .*small.zarr: .*only labelled \['state', 'state_is_pad'\], only video",
+    ):
         MixedWindows(labelled, ActionFreeWindows(lpath, no_state), video_ratio=0.5)
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"video_ratio must be in \[0, 1\)"):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from wm.data.windows import whole_number
+
 # RGB -> YIQ, used to rotate hue.
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _GRAY = torch.tensor([0.299, 0.587, 0.114])
@@ -32,10 +34,13 @@ class AugmentConfig:
     hue: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shift_pad", whole_number("shift_pad", self.shift_pad))
         if self.shift_pad < 0:
             raise ValueError(f"shift_pad must be >= 0, got {self.shift_pad}")
         if self.crop is not None:
-            object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
+            if isinstance(self.crop, (str, bytes)) or not hasattr(self.crop, "__len__"):
+                raise ValueError(f"crop must be (h, w) with positive sizes, got {self.crop!r}")
+            object.__setattr__(self, "crop", tuple(whole_number("crop size", c) for c in self.crop))
             if len(self.crop) != 2 or min(self.crop) < 1:
                 raise ValueError(f"crop must be (h, w) with positive sizes, got {self.crop}")
         for name in ("brightness", "contrast", "saturation"):
@@ -101,25 +106,28 @@ def color_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | Non
         cfg = AugmentConfig(brightness=cfg.brightness, contrast=cfg.contrast)
     elif C != 3:
         raise ValueError(f"color jitter takes 1, 3 or 4 channels, got images of shape {tuple(x.shape)}")
-    B, dev = x.shape[0], x.device
-    shape = (B, 1, 1, 1, 1)
+    B, dev, dtype = x.shape[0], x.device, x.dtype
+    shape = (B, 1, 1, 1, 1)  # factors are drawn in float32 and cast: half / bfloat16 images stay so
     gray_w = _GRAY.to(x)[None, None, :, None, None] if C == 3 else torch.ones_like(x[:1, :1, :, :1, :1])
     if cfg.brightness:
-        x = x * _uniform(B, 1 - cfg.brightness, 1 + cfg.brightness, gen, dev).view(shape)
+        x = x * _uniform(B, 1 - cfg.brightness, 1 + cfg.brightness, gen, dev).view(shape).to(dtype)
     if cfg.contrast:
         mean = (x * gray_w).sum(2, keepdim=True).mean((3, 4), keepdim=True)  # (B, T, 1, 1, 1)
-        x = (x - mean) * _uniform(B, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev).view(shape) + mean
+        factor = _uniform(B, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev).view(shape).to(dtype)
+        x = (x - mean) * factor + mean
     if cfg.saturation:
         gray = (x * gray_w).sum(2, keepdim=True)  # (B, T, 1, H, W)
-        x = (x - gray) * _uniform(B, 1 - cfg.saturation, 1 + cfg.saturation, gen, dev).view(shape) + gray
+        factor = _uniform(B, 1 - cfg.saturation, 1 + cfg.saturation, gen, dev).view(shape).to(dtype)
+        x = (x - gray) * factor + gray
     if cfg.hue:
         theta = _uniform(B, -cfg.hue, cfg.hue, gen, dev) * 2 * torch.pi
         cos, sin = torch.cos(theta), torch.sin(theta)
-        rot = torch.zeros(B, 3, 3, device=dev, dtype=x.dtype)  # rotation of the I/Q plane
+        work = torch.promote_types(dtype, torch.float32)  # linalg.inv takes no half precision
+        rot = torch.zeros(B, 3, 3, device=dev, dtype=work)  # rotation of the I/Q plane
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        yiq = _YIQ.to(x)
-        mat = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3)
+        yiq = _YIQ.to(dev, work)
+        mat = (torch.linalg.inv(yiq) @ rot @ yiq).to(dtype)  # (B, 3, 3)
         x = torch.einsum("bij,btjhw->btihw", mat, x)
     return x.clamp(0.0, 1.0)
 
@@ -130,6 +138,10 @@ def augment(
     """Apply `cfg` to float images (B, T, C, H, W) in [0, 1]. In evaluation only the center crop applies."""
     if x.ndim != 5:
         raise ValueError(f"augment expects (B, T, C, H, W) images, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():  # colour jitter would clamp 0..255 to [0, 1]: a white image
+        raise ValueError(
+            f"augment expects float images in [0, 1], got {x.dtype}: convert with x.float() / 255"
+        )
     if cfg.crop is not None and (cfg.crop[0] > x.shape[-2] or cfg.crop[1] > x.shape[-1]):
         raise ValueError(f"crop {cfg.crop} is larger than the images {tuple(x.shape[-2:])}")
     if not train:

@@ -40,7 +40,7 @@ from wm.data.augment import AugmentConfig, augment
 from wm.data.errors import SchemaError, StoreError
 from wm.data.frames import SAMPLED_FRAMES, check_scale, check_values, to_uint8
 from wm.data.store import DemoStore
-from wm.data.windows import WindowSpec, build_index, why_no_windows
+from wm.data.windows import WindowSpec, build_index, whole_number, why_no_windows
 
 RANK_SEED_STRIDE = 7919  # DDP: rank r's loader workers draw from seed + r * this
 
@@ -96,7 +96,11 @@ class WindowDataset(BatchedDataset):
                 )
             self.schema = store.schema
             self.episode_ends = store.episode_ends
-            self.episodes = list(range(store.n_episodes)) if episodes is None else [int(e) for e in episodes]
+            self.episodes = (  # 1.5 was read as episode 1
+                list(range(store.n_episodes))
+                if episodes is None
+                else [whole_number(f"{self.path}: episode", e) for e in episodes]
+            )
             bad = [e for e in self.episodes if not 0 <= e < store.n_episodes]
             if bad:
                 raise IndexError(f"{self.path}: episodes {bad} out of range ({store.n_episodes} episodes)")
@@ -257,6 +261,13 @@ def make_loader(
     shuffled with a seeded generator so every epoch's order differs but a run is reproducible.
     With `world_size > 1` (DDP) each rank reads its own shard; call `loader.sampler.sampler.set_epoch(e)`
     (done by the trainer) so shards reshuffle every epoch."""
+    counts = {"num_workers": num_workers, "rank": rank, "world_size": world_size, "seed": seed}
+    num_workers, rank, world_size, seed = (whole_number(k, v) for k, v in counts.items())
+    if num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:  # rank 1 of 1 read rank 0's shard
+        raise ValueError(
+            "need num_workers >= 0, world_size >= 1 and 0 <= rank < world_size, got "
+            f"num_workers={num_workers}, rank={rank}, world_size={world_size}"
+        )
     if shuffle and len(dataset) == 0:  # torch's sampler would say only "num_samples=0"
         why = dataset.why_empty() if isinstance(dataset, WindowDataset) else "the dataset is empty"
         raise ValueError(f"no windows to train on: {why}")

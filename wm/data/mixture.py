@@ -188,7 +188,9 @@ class MixedWindows(BatchedDataset):
         self.video_ratio, self.seed = float(video_ratio), int(seed)
         if len(video) > 0:
             _check_same_layout(
-                with_has_action(labelled.get_batch([0])), with_has_action(video.get_batch([0]))
+                with_has_action(labelled.get_batch([0])),
+                with_has_action(video.get_batch([0])),
+                f"{_where(video, 'the video dataset')} mixed with {_where(labelled, 'the labelled dataset')}",
             )
 
     def __len__(self) -> int:
@@ -235,18 +237,26 @@ def _draw(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return rng.choice(n, size=k, replace=k > n).astype(np.int64)
 
 
-def _check_same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def _where(windows: Windows, default: str) -> str:
+    """The store a dataset reads (its `path`), for an error message; `default` when it has none."""
+    return str(getattr(windows, "path", default))
+
+
+def _check_same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], where: str) -> None:
+    """One SchemaError line naming `where` (the two stores) and the key, when labelled windows `a` and
+    video windows `b` differ in keys, per-sample shapes or dtypes."""
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if only_a or only_b:
         raise SchemaError(
-            f"labelled and video windows have different keys: only labelled {only_a}, only video {only_b} "
+            f"{where}: labelled and video windows have different keys: only labelled {only_a}, only video "
+            f"{only_b} "
             "(read the video store with ActionFreeWindows, absent_keys from check_compatible)"
         )
     for k in a:
         la, lb = (tuple(a[k].shape[1:]), a[k].dtype), (tuple(b[k].shape[1:]), b[k].dtype)
         if la != lb:
             raise SchemaError(
-                f"key {k!r}: labelled windows are {la[0]} {la[1]}, video windows {lb[0]} {lb[1]}"
+                f"{where}: key {k!r}: labelled windows are {la[0]} {la[1]}, video windows {lb[0]} {lb[1]}"
             )
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wm.data.errors import SchemaError
 from wm.data.store import DemoStore
 
 MODES = ("minmax", "meanstd", "quantile", "identity")
@@ -57,6 +58,7 @@ def check_finite(store: DemoStore, key: str, episodes: Iterable[int] | None = No
     """Refuse (ValueError, `non_finite_message`) a NaN or inf in low-dim `key` in `episodes` of `store`
     (all by default): the episodes a normalizer is not fitted on (validation, action-free, another
     store's) feed the model too. One read of the key; an integer or boolean key passes unread."""
+    _check_has_key(store, key)
     if not np.issubdtype(np.dtype(store.schema.keys[key].dtype), np.inexact) or not store.n_steps:
         return
     values = store.read(key, slice(0, store.n_steps))
@@ -74,9 +76,29 @@ def check_finite(store: DemoStore, key: str, episodes: Iterable[int] | None = No
         raise ValueError(non_finite_message(store.path, key, e, step - (int(ends[e - 1]) if e else 0)))
 
 
+def _check_has_key(store: DemoStore, key: str) -> None:
+    """A SchemaError naming the store and `key` when the store lacks it (it was a bare KeyError)."""
+    if key not in store.schema.keys:
+        raise SchemaError(f"{store.path}: no key {key!r} to normalize (its keys: {store.keys})")
+
+
 def _spread(s: torch.Tensor) -> torch.Tensor:
     """A dimension's scale: its spread, or 1 where it hardly varies (only centred)."""
     return torch.where(s < MIN_SPREAD, torch.ones_like(s), s)
+
+
+def _stat_array(key: str, name: str, stats: dict[str, Any]) -> torch.Tensor:
+    """Statistic `name` of `key` as float32, refused in one line when missing or not finite (a NaN or
+    inf there normalizes every value to NaN)."""
+    if name not in stats:
+        raise ValueError(f"normalizer: key {key!r} has no statistic {name!r} (it needs {list(STATS)})")
+    value = torch.as_tensor(np.asarray(stats[name], dtype=np.float64), dtype=torch.float32)
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"normalizer: statistic {name!r} of key {key!r} is not finite ({value.tolist()}): refit the "
+            "normalizer on finite data"
+        )
+    return value
 
 
 class Normalizer(nn.Module):
@@ -94,10 +116,14 @@ class Normalizer(nn.Module):
                 raise ValueError(f"normalizer: no statistics for key {key!r}")
         self.modes = dict(modes)
         for key, mode in modes.items():
-            for name in STATS:
-                if mode != "identity":
-                    value = torch.as_tensor(np.asarray(stats[key][name]), dtype=torch.float32)
-                    self.register_buffer(self._buf(key, name), value)
+            if mode == "identity":
+                continue
+            values = {name: _stat_array(key, name, stats[key]) for name in STATS}
+            shapes = {name: v.shape for name, v in values.items()}
+            if len(set(shapes.values())) > 1:
+                raise ValueError(f"normalizer: key {key!r} has statistics of different shapes {shapes}")
+            for name, value in values.items():
+                self.register_buffer(self._buf(key, name), value)
 
     @staticmethod
     def _buf(key: str, name: str) -> str:
@@ -116,6 +142,7 @@ class Normalizer(nn.Module):
         for key, mode in modes.items():
             if mode == "identity":
                 continue
+            _check_has_key(store, key)
             if store.schema.keys[key].kind == "image":
                 raise ValueError(f"key {key!r} is an image; images are scaled to [0, 1], use mode 'identity'")
             parts = [store.read(key, store.episode_slice(e), episode=e) for e in eps]
@@ -123,6 +150,10 @@ class Normalizer(nn.Module):
                 bad = ~np.isfinite(part)  # in the key's own dtype: no float64 copy per episode
                 if bad.any():
                     raise ValueError(non_finite_message(store.path, key, e, int(np.argwhere(bad)[0][0])))
+            if not sum(len(p) for p in parts):  # numpy said only "need at least one array to concatenate"
+                raise ValueError(
+                    f"{store.path}: no steps to fit key {key!r} on ({len(eps)} episode(s), all empty)"
+                )
             stats[key] = compute_stats(np.concatenate(parts, axis=0))
         return cls(modes, stats)
 
@@ -148,12 +179,14 @@ class Normalizer(nn.Module):
         if key not in self.modes or self.modes[key] == "identity":
             return x
         scale, offset = self._scale_offset(key)
+        x = x if x.is_floating_point() else x.float()  # .to(an int x) would round the statistics
         return (x - offset.to(x)) / scale.to(x)
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if key not in self.modes or self.modes[key] == "identity":
             return x
         scale, offset = self._scale_offset(key)
+        x = x if x.is_floating_point() else x.float()
         return x * scale.to(x) + offset.to(x)
 
     def normalize_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

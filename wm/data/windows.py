@@ -14,6 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def whole_number(what: str, value: object) -> int:
+    """`value` as an int when it is a whole number (2 or 2.0), else a one-line ValueError naming `what`
+    (1.5 used to be truncated to 1, NaN to disable a padding bound, "12" to read as offsets 1 and 2)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if not (np.isfinite(value) and float(value).is_integer()):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class WindowSpec:
     """Per-key step offsets relative to the anchor step.
@@ -31,15 +43,20 @@ class WindowSpec:
             raise ValueError("a WindowSpec needs at least one key")
         fixed = {}
         for key, offs in self.offsets.items():
-            offs = tuple(int(o) for o in offs)
+            if isinstance(offs, (str, bytes)):
+                raise ValueError(f"key {key!r}: offsets must be a sequence of whole numbers, got {offs!r}")
+            offs = tuple(whole_number(f"key {key!r}: offset", o) for o in offs)
             if not offs:
                 raise ValueError(f"key {key!r}: empty offset list")
             fixed[key] = offs
         object.__setattr__(self, "offsets", fixed)
         for name in ("max_pad_before", "max_pad_after"):
             v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {v}")
+            if v is not None:
+                v = whole_number(name, v)
+                if v < 0:
+                    raise ValueError(f"{name} must be >= 0 or None, got {v}")
+                object.__setattr__(self, name, v)
 
     @classmethod
     def history_horizon(
@@ -58,10 +75,11 @@ class WindowSpec:
         With `n_action_exec`, windows may pad at most `n_action_exec - 1` steps past the end and
         `(n_obs - 1) * frameskip` before the start, as Diffusion Policy's sampler does.
         """
-        if n_obs < 1 or horizon < 1 or frameskip < 1:
-            raise ValueError(
-                f"n_obs, horizon and frameskip must be >= 1, got {n_obs}, {horizon}, {frameskip}"
-            )
+        counts = {"n_obs": n_obs, "horizon": horizon, "frameskip": frameskip, "n_action_exec": n_action_exec}
+        for name, v in counts.items():
+            if v is not None and whole_number(name, v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        n_obs, horizon, frameskip = int(n_obs), int(horizon), int(frameskip)
         first = -(n_obs - 1) * frameskip
         obs = tuple(first + i * frameskip for i in range(n_obs))
         act = tuple(range(first, first + horizon * frameskip))
