@@ -128,8 +128,10 @@ class RobotBase(ABC):
 
     def disconnect(self) -> None:
         if self._connected:
-            self._disconnect()
-            self._connected = False
+            try:
+                self._disconnect()
+            finally:  # a failed disconnect has said what it left behind; the robot is no longer ours to use
+                self._connected = False
 
     def __enter__(self) -> RobotBase:
         self.connect()

@@ -153,6 +153,21 @@ def test_disconnect_keeps_torque_on_unless_asked(so_bus, torque_off):
     assert [fake.memory[i][FT_TORQUE] for i in range(1, 7)] == [0 if torque_off else 1] * 6
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # lerobot's camera thread
+def test_a_disconnect_that_fails_closes_the_port_and_cameras_and_says_so(so_bus, cameras):
+    """The arm is unplugged and torque_off_on_disconnect is set: lerobot's torque-off write raised before it
+    closed anything, so the port and the camera stayed open and the arm stayed "connected"."""
+    fake, calib_dir = so_bus
+    cams = {"wrist": {"index_or_path": 0, "width": 32, "height": 24, "fps": 30, "warmup_s": 0}}
+    arm = so101(calib_dir, cameras=cams, torque_off_on_disconnect=True)
+    arm.connect()
+    fake.unplugged = True
+    with pytest.raises(RobotError, match=r"disconnecting failed .*torque may still be on") as e:
+        arm.disconnect()
+    assert "\n" not in str(e.value)
+    assert not arm.is_connected and not fake.is_open and not cameras.opened[0].open
+
+
 def test_calibration_file_is_written_to_motors_that_disagree(so_bus):
     fake, calib_dir = so_bus
     fake.set(2, FT_MAX, 2, 4000)
@@ -208,7 +223,77 @@ def test_camera_options_are_checked():
         make_robot("so101_follower", cameras={"state": cam})
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("warmup_s", float("inf")),  # lerobot's connect() read frames for warmup_s: it never returned
+        ("warmup_s", float("nan")),
+        ("warmup_s", "1"),
+        ("rotation", 45),
+        ("fourcc", "MJPEG"),
+        ("index_or_path", None),
+    ],
+)
+def test_camera_options_of_the_wrong_type_or_not_finite_are_refused_naming_the_camera(option, value):
+    cam = {"index_or_path": 0, "width": 32, "height": 24, "fps": 30, option: value}
+    with pytest.raises(ValueError, match=rf"^cameras\.wrist\.{option} must be"):
+        make_robot("so101_follower", cameras={"wrist": cam})
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("control_hz", float("inf")),
+        ("max_frame_age_ms", float("inf")),  # a stalled camera's last frame was an observation forever
+        ("max_relative_target", float("inf")),
+        ("max_relative_target", "5"),
+        ("torque_off_on_disconnect", "false"),  # truthy: the arm went limp on disconnect
+        ("use_degrees", "false"),
+    ],
+)
+def test_robot_options_of_the_wrong_type_or_not_finite_are_refused_in_one_line(option, value):
+    with pytest.raises(ValueError, match=rf"^{option} must be .*got {value!r}$".replace("(", r"\(")):
+        make_robot("so101_follower", **{option: value})
+
+
 # ====================================================================== errors
+@pytest.mark.parametrize(
+    "content, reason",
+    [('{"shoulder_pan": {"id": 1', "Expecting"), ('{"shoulder_pan": {"id": 1}}', "Missing required field")],
+    ids=["not-json", "field-missing"],
+)
+def test_a_damaged_calibration_file_is_named_with_how_to_calibrate_again(so_bus, content, reason):
+    fake, calib_dir = so_bus
+    (calib_dir / "follower.json").write_text(content)
+    with pytest.raises(
+        RobotError, match=rf"calibration file .*follower.json cannot be read \(.*{reason}"
+    ) as e:
+        _ = so101(calib_dir).action_feature
+    assert "\n" not in str(e.value) and "lerobot-calibrate --robot.type=so101_follower" in str(e.value)
+    assert not fake.written
+
+
+@pytest.mark.parametrize("damage", ["motor-missing", "range-reversed"])
+def test_a_calibration_file_without_a_motor_or_with_a_reversed_range_is_refused(so_bus, damage):
+    """A file without the gripper connected and failed at the first read (KeyError 'gripper'); a reversed
+    range (range_min > range_max) reversed the joint limits, and clipping sent a goal of 10 degrees to
+    the joint's end (-88 degrees)."""
+    fake, calib_dir = so_bus
+    cal = calibration(SO_RANGE)
+    if damage == "motor-missing":
+        del cal["gripper"]
+    else:
+        cal["elbow_flex"].update(range_min=SO_RANGE[1], range_max=SO_RANGE[0])
+    (calib_dir / "follower.json").write_text(json.dumps(cal))
+    arm = so101(calib_dir)
+    with pytest.raises(
+        RobotError, match=r"follower.json has (no gripper|range_min >= range_max for elbow_flex)"
+    ):
+        with arm:
+            arm.send_action([0.0, 0.0, 10.0, 0.0, 0.0, 50.0])
+    assert not arm.is_connected and not fake.written and not fake.is_open
+
+
 def test_missing_calibration_says_how_to_run_lerobot_calibrate(so_bus):
     fake, calib_dir = so_bus
     (calib_dir / "follower.json").unlink()

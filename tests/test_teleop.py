@@ -335,6 +335,19 @@ def test_gamepad_pygame_events_convert(monkeypatch):
     ]
 
 
+def test_an_unplugged_gamepad_fails_every_poll_instead_of_repeating_its_last_sticks(monkeypatch):
+    """pygame's device-removed event was dropped: a pad unplugged with the stick pushed kept reporting
+    that push, and the robot kept moving."""
+    monkeypatch.setenv("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    pygame = pytest.importorskip("pygame")
+    removed = events_from_pygame([pygame.event.Event(pygame.JOYDEVICEREMOVED, instance_id=0)], 0, pygame)
+    dev = _gamepad([[GamepadEvent("axis", 1, -1.0)], removed])
+    np.testing.assert_allclose(dev.poll().motion, [1, 0, 0, 0, 0, 0])
+    for _ in range(2):
+        with pytest.raises(DeviceNotFoundError, match="gamepad: Fake Xbox pad was unplugged; check"):
+            dev.poll()
+
+
 def test_gamepad_real_pygame_without_joystick(monkeypatch):
     for var, value in [("PYGAME_HIDE_SUPPORT_PROMPT", "1"), ("SDL_VIDEODRIVER", "dummy"),
                        ("SDL_JOYSTICK_ALLOW_BACKGROUND_EVENTS", "1")]:  # fmt: skip
@@ -397,6 +410,34 @@ def test_leader_arm_writes_calibration_file_to_motors_that_disagree(so101_bus):
     arm.connect()
     assert int.from_bytes(fake.memory[2][11:13], "little") == RANGE[1]
     arm.disconnect()
+
+
+@pytest.mark.parametrize("damage", ["not-json", "motor-missing", "range-empty"])
+def test_a_leader_arm_with_a_damaged_calibration_file_names_it_and_how_to_calibrate(so101_bus, damage):
+    """A file that is not JSON gave lerobot's JSONDecodeError traceback; one without the gripper connected
+    and failed at the first poll (KeyError 'gripper'); one with range_min == range_max, at the first poll."""
+    fake, calib_dir = so101_bus
+    path = calib_dir / "leader.json"
+    if damage == "not-json":
+        path.write_text('{"shoulder_pan": ')
+    else:
+        calib = json.loads(path.read_text())
+        if damage == "motor-missing":
+            del calib["gripper"]
+        else:
+            calib["wrist_flex"]["range_max"] = calib["wrist_flex"]["range_min"]
+        path.write_text(json.dumps(calib))
+    clock = FakeClock()
+    keys = FakeKeyListener([], clock)
+    keyboard = device_class("keyboard")(backend="pynput", listener_factory=keys.factory, clock=clock)
+    arm = device_class("leader_arm")(port="/dev/ttyFAKE", calibration_dir=calib_dir, command_device=keyboard)
+    with pytest.raises(
+        RobotError, match=r"leader.json (cannot be read|has no gripper|has range_min >= range_max)"
+    ) as e:
+        arm.connect()
+        arm.poll()
+    assert "\n" not in str(e.value) and "lerobot-calibrate --teleop.type=so101_leader" in str(e.value)
+    assert not fake.is_open and not keys.running
 
 
 def test_leader_arm_without_arm_says_how_to_find_the_port(tmp_path):
@@ -518,6 +559,22 @@ def test_mapper_config_is_validated():
         ActionMapper(axis_order=(0, 0, 1, 2, 3, 4))
     with pytest.raises(ValueError, match="gripper"):
         ActionMapper(gripper="sticky")
+
+
+@pytest.mark.parametrize("name", ["joint_scale", "joint_offset"])
+def test_non_finite_joint_conversions_are_refused_not_turned_into_nan_targets(name):
+    """joint_scale or joint_offset with a NaN (or inf) was accepted: every leader-arm target became NaN."""
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"^{name} must be finite numbers"):
+            ActionMapper(**{name: (1.0, bad, 1.0, 1.0, 1.0, 1.0)})
+
+
+@pytest.mark.parametrize("index", [-1, 0.5, "0"])
+def test_a_gamepad_index_that_is_no_joystick_number_is_refused_naming_the_option(index):
+    """index=-1 reached SDL, whose error ("Invalid joystick device number") named no option; "0" compared
+    a string with the joystick count (a TypeError)."""
+    with pytest.raises(ValueError, match="gamepad index must be a joystick number >= 0"):
+        device_class("gamepad")(index=index, source=FakeGamepadSource([]))
 
 
 @pytest.mark.parametrize(

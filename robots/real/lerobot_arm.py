@@ -22,9 +22,11 @@ this adapter adds what our `Robot` promises:
   `configure()`, which writes with torque off, is skipped when the motors already hold all it writes.
 
 Calibration comes from lerobot's file `<calibration_dir>/<arm_id>.json` (default: lerobot's cache).
-Without one, connecting refuses and says how to run `lerobot-calibrate`, unless `calibrate=True`
-(lerobot's interactive calibration). When the motors disagree with the file, the file is written to
-them, as lerobot does when you press ENTER at its prompt; like lerobot, this assumes the arm is at rest.
+Without one (or with one that is not JSON, lacks a motor or has an empty or reversed range), connecting
+refuses and says how to run `lerobot-calibrate`, unless `calibrate=True` (lerobot's interactive
+calibration; a file that cannot be read is refused even then). When the motors disagree with the file,
+the file is written to them, as lerobot does when you press ENTER at its prompt; like lerobot, this
+assumes the arm is at rest.
 
 Cameras are lerobot's OpenCV cameras, given as {name: {index_or_path, width, height, fps}} (optional:
 warmup_s, rotation, fourcc).
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +64,7 @@ MOTOR_SDK = {
 }
 CAMERA_REQUIRED = ("index_or_path", "width", "height", "fps")
 CAMERA_OPTIONAL = ("warmup_s", "rotation", "fourcc")
+CAMERA_ROTATIONS = (0, 90, 180, -90)  # lerobot's Cv2Rotation values
 RESERVED_KEYS = ("state", "action", "timestamp")
 STATE_KEY = "state"
 
@@ -96,16 +100,30 @@ class LerobotArmOptions:
     max_frame_age_ms: float | None = None
 
     def __post_init__(self) -> None:
-        if not self.control_hz > 0:
-            raise ValueError(f"control_hz must be positive, got {self.control_hz}")
-        if self.max_frame_age_ms is not None and not self.max_frame_age_ms > 0:
-            raise ValueError(f"max_frame_age_ms must be positive, got {self.max_frame_age_ms}")
+        for name in ("calibrate", "use_degrees", "torque_off_on_disconnect"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "false" from a hand-written config is truthy
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        _check_positive("control_hz", self.control_hz)
+        if self.max_frame_age_ms is not None:
+            _check_positive("max_frame_age_ms", self.max_frame_age_ms)
         caps = self.max_relative_target
-        values = caps.values() if isinstance(caps, Mapping) else [] if caps is None else [caps]
-        if any(not float(v) > 0 for v in values):
-            raise ValueError(f"max_relative_target must be positive, got {caps}")
+        values = caps.items() if isinstance(caps, Mapping) else [] if caps is None else [("", caps)]
+        for motor, value in values:
+            _check_positive(f"max_relative_target.{motor}" if motor else "max_relative_target", value)
         for name, cam in self.cameras.items():
             _check_camera(str(name), cam)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    """A number option is a finite number > 0: NaN or inf turned a bound off or a rate into nonsense."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_camera(name: str, cam: Any) -> None:
@@ -127,6 +145,20 @@ def _check_camera(name: str, cam: Any) -> None:
     for key in ("width", "height", "fps"):
         if isinstance(cam[key], bool) or not isinstance(cam[key], int) or cam[key] <= 0:
             raise ValueError(f"cameras.{name}.{key} must be a positive integer, got {cam[key]!r}")
+    where = cam["index_or_path"]
+    if isinstance(where, bool) or not isinstance(where, (int, str)) or where == "":
+        raise ValueError(f"cameras.{name}.index_or_path must be a camera index or a path, got {where!r}")
+    warmup = cam.get("warmup_s", 1)
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < math.inf:
+        # lerobot reads frames for warmup_s before connect() returns: inf never returned
+        raise ValueError(f"cameras.{name}.warmup_s must be a finite number >= 0, got {warmup!r}")
+    if "rotation" in cam and cam["rotation"] not in CAMERA_ROTATIONS:
+        raise ValueError(
+            f"cameras.{name}.rotation must be one of {CAMERA_ROTATIONS}, got {cam['rotation']!r}"
+        )
+    fourcc = cam.get("fourcc")
+    if fourcc is not None and (not isinstance(fourcc, str) or len(fourcc) != 4):
+        raise ValueError(f"cameras.{name}.fourcc must be 4 characters (e.g. MJPG), got {fourcc!r}")
 
 
 class LerobotArm(RobotBase):
@@ -195,6 +227,13 @@ class LerobotArm(RobotBase):
                 f"`lerobot-calibrate --robot.type={self.name} --robot.port={o.port} --robot.id={o.arm_id}` "
                 "or pass calibrate=True"
             )
+        problem = calibration_problem(robot) if robot.calibration else None
+        if problem is not None and not o.calibrate:  # lerobot failed at the first read, or clipped backwards
+            raise RobotError(
+                f"{self.name} {o.arm_id!r}: {problem}; move it away and calibrate the arm again with "
+                f"`lerobot-calibrate --robot.type={self.name} --robot.port={o.port} --robot.id={o.arm_id}` "
+                "or pass calibrate=True"
+            )
         # lerobot's `connect()`, step by step, so that each failure gets its own message and a calibration
         # file that disagrees with the motors never prompts. Unlike lerobot, the cameras open before the
         # motors are touched (a camera that fails leaves the arm as it was), and an arm that already holds
@@ -211,18 +250,19 @@ class LerobotArm(RobotBase):
         try:
             for name, cam in robot.cameras.items():
                 self._connect_camera(name, cam)
-            self._set_up_motors(robot)
+            self._set_up_motors(robot, recalibrate=problem is not None)
         except BaseException:
             _close_quietly(robot)
             raise
 
-    def _set_up_motors(self, robot: Any) -> None:
-        """Write the calibration file to motors that disagree with it, then lerobot's `configure()` (torque
-        on, position mode), unless the motors already hold all it would write: `configure()` runs with
-        torque off, so an arm left holding would drop for its writes."""
+    def _set_up_motors(self, robot: Any, recalibrate: bool = False) -> None:
+        """Write the calibration file to motors that disagree with it (`recalibrate`: the file is unusable,
+        run lerobot's calibration), then lerobot's `configure()` (torque on, position mode), unless the
+        motors already hold all it would write: `configure()` runs with torque off, so an arm left holding
+        would drop for its writes."""
         touched = False  # the motors' torque may have been turned off
         try:
-            if not robot.is_calibrated:
+            if recalibrate or not robot.is_calibrated:
                 touched = True
                 if self.options.calibrate:
                     robot.calibrate()  # lerobot's interactive calibration
@@ -254,7 +294,19 @@ class LerobotArm(RobotBase):
             ) from e
 
     def _disconnect(self) -> None:
-        self._robot.disconnect()  # torque stays on unless torque_off_on_disconnect
+        try:
+            self._robot.disconnect()  # torque stays on unless torque_off_on_disconnect
+        except Exception as e:  # e.g. unplugged: lerobot's torque-off write failed before it closed anything
+            _close_quietly(self._robot)  # connect() may open them again
+            torque = (
+                "its torque may still be on"
+                if self.options.torque_off_on_disconnect
+                else "torque was left on"
+            )
+            raise RobotError(
+                f"{self.name} on {self.options.port!r}: disconnecting failed ({first_line(e)}); the port and "
+                f"cameras were closed, {torque}; check the cables and the motors' power"
+            ) from e
 
     # ------------------------------------------------------------------ observation and action
     def _observe(self) -> dict[str, np.ndarray]:
@@ -311,6 +363,23 @@ def joint_limits(robot: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
             low.append(-100.0 if mode == "range_m100_100" else 0.0)
             high.append(100.0)
     return tuple(low), tuple(high)
+
+
+def calibration_problem(device: Any) -> str | None:
+    """What is wrong with the calibration file of a lerobot robot or teleoperator `device`, or None: a motor
+    it lacks (lerobot failed at the first read) or a range that is empty or reversed (lerobot failed at the
+    first read, or the joint limits were reversed and clipping sent every command to one end)."""
+    missing = [m for m in device.bus.motors if m not in device.calibration]
+    if missing:
+        return f"the calibration file {device.calibration_fpath} has no {', '.join(missing)}"
+    bad = [
+        m for m in device.bus.motors if not device.calibration[m].range_min < device.calibration[m].range_max
+    ]
+    if bad:
+        return (
+            f"the calibration file {device.calibration_fpath} has range_min >= range_max for {', '.join(bad)}"
+        )
+    return None
 
 
 def configured(robot: Any) -> bool:
@@ -388,6 +457,27 @@ def _build_follower(robot_type: str, o: LerobotArmOptions) -> Any:
             f"{robot_type}: the {extra} motor SDK is missing ({e}); pip install 'lerobot[{extra}]' "
             f"(it brings {package})"
         ) from e
+    except Exception as e:
+        fpath = unreadable_calibration(e)
+        if fpath is None:
+            raise
+        raise RobotError(
+            f"{robot_type} {o.arm_id!r}: the calibration file {fpath} cannot be read ({first_line(e)}); "
+            f"move it away and run `lerobot-calibrate --robot.type={robot_type} --robot.port={o.port} "
+            f"--robot.id={o.arm_id}`"
+        ) from e
+
+
+def unreadable_calibration(e: BaseException) -> Path | None:
+    """The calibration file a lerobot robot or teleoperator was loading when its constructor raised `e` (a
+    damaged file: not JSON, a field missing or of the wrong type), or None for any other error."""
+    import traceback
+
+    fpath = None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        if frame.f_code.co_name == "_load_calibration":
+            fpath = frame.f_locals.get("fpath")
+    return None if fpath is None else Path(fpath)
 
 
 def _camera_kwargs(cam: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,8 @@ their axes and buttons differently: pass a layout.
 Sticks get a deadzone (rescaled so the output still spans [-1, 1]). Commands are emitted once per
 button press. Triggers rest at -1 in SDL's joystick API; until the first trigger event the
 gripper reads open. A non-finite axis value (a glitching driver) is ignored: the axis keeps its last
-reading, so a NaN trigger never opens a closed gripper.
+reading, so a NaN trigger never opens a closed gripper. An unplugged pad fails every poll (its
+sticks' last readings are not current).
 
 The event source is injectable: the pygame source turns SDL events into `GamepadEvent`s, and tests
 feed a recorded stream of `GamepadEvent`s into the same state-update code.
@@ -45,7 +46,8 @@ HOW_TO_CHECK = (
 
 @dataclass(frozen=True)
 class GamepadEvent:
-    """One joystick event: `kind` "axis" (value in [-1, 1]), "button" (1 down, 0 up) or "hat" ((x, y))."""
+    """One joystick event: `kind` "axis" (value in [-1, 1]), "button" (1 down, 0 up), "hat" ((x, y)) or
+    "removed" (the pad was unplugged; value unused)."""
 
     kind: str
     index: int
@@ -93,9 +95,12 @@ class GamepadState:
         self.hat = (0, 0)
         self.down: set[int] = set()
         self.commands: list[Command] = []
+        self.removed = False  # unplugged: no reading is current any more
 
     def update(self, event: GamepadEvent) -> None:
-        if event.kind == "axis":
+        if event.kind == "removed":
+            self.removed = True
+        elif event.kind == "axis":
             value = float(event.value)
             if np.isfinite(value):  # a glitching driver's NaN is not a reading: the axis holds its last one
                 self.axes[event.index] = float(np.clip(value, -1.0, 1.0))
@@ -143,6 +148,8 @@ class GamepadDevice:
     ) -> None:
         if not 0 <= deadzone < 1:
             raise ValueError(f"deadzone must be in [0, 1), got {deadzone}")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:  # SDL's error names no option
+            raise ValueError(f"gamepad index must be a joystick number >= 0, got {index!r}")
         self.index = index
         self.deadzone = deadzone
         self.layout = layout if layout is not None else GamepadLayout()
@@ -165,6 +172,8 @@ class GamepadDevice:
             raise RuntimeError("gamepad: not connected; call connect() first")
         for event in self.source.read():
             self._state.update(event)
+        if self._state.removed:  # its sticks' last readings would keep the robot moving
+            raise DeviceNotFoundError(f"gamepad: {self.pad_name or self.index} was unplugged; {HOW_TO_CHECK}")
         return self._state.take(self.deadzone)
 
 
@@ -182,6 +191,8 @@ def events_from_pygame(events: list[Any], instance_id: int, pygame: Any) -> list
             out.append(GamepadEvent("button", e.button, 0))
         elif e.type == pygame.JOYHATMOTION:
             out.append(GamepadEvent("hat", e.hat, tuple(e.value)))
+        elif e.type == pygame.JOYDEVICEREMOVED:
+            out.append(GamepadEvent("removed", instance_id, None))
     return out
 
 
@@ -219,7 +230,7 @@ class PygameJoystickSource:
 
     def read(self) -> list[GamepadEvent]:
         pg = self._pygame
-        kinds = [pg.JOYAXISMOTION, pg.JOYBUTTONDOWN, pg.JOYBUTTONUP, pg.JOYHATMOTION]
+        kinds = [pg.JOYAXISMOTION, pg.JOYBUTTONDOWN, pg.JOYBUTTONUP, pg.JOYHATMOTION, pg.JOYDEVICEREMOVED]
         return events_from_pygame(pg.event.get(eventtype=kinds), self._joystick.get_instance_id(), pg)
 
     def close(self) -> None:

@@ -13,11 +13,12 @@ that does not, naming what to set (`ActionMapper.joint_scale` / `joint_offset` c
 else). The gripper is one of the joints, so `TeleopState.gripper` stays None.
 
 Calibration: lerobot's own calibration file for `arm_id` (under `calibration_dir`, default
-lerobot's cache) must exist. When the motors disagree with it, the file is written to the motors with
-their torque off (Dynamixel servos refuse it otherwise), as lerobot does when you press ENTER at its
-prompt; then lerobot's `configure()` sets the motors up. Without a file, connecting fails and says how
-to run `lerobot-calibrate`, unless `calibrate=True` (lerobot's interactive calibration). A failure
-while setting the motors up closes the port and says so in one line.
+lerobot's cache) must exist, be JSON, and give every motor a range with range_min < range_max. When
+the motors disagree with it, the file is written to the motors with their torque off (Dynamixel servos
+refuse it otherwise), as lerobot does when you press ENTER at its prompt; then lerobot's `configure()`
+sets the motors up. Without a usable file, connecting fails and says how to run `lerobot-calibrate`,
+unless `calibrate=True` (lerobot's interactive calibration; a file that is not JSON is refused even
+then). A failure while setting the motors up closes the port and says so in one line.
 
 A leader arm has no buttons: episode commands (start, save, discard, re-record, quit) come from
 `command_device`, typically a `KeyboardDevice`, which is connected and polled with the arm.
@@ -32,7 +33,12 @@ from typing import Any
 import numpy as np
 
 from robots.base import Feature, RobotError
-from robots.real.lerobot_arm import first_line, port_released_on_error
+from robots.real.lerobot_arm import (
+    calibration_problem,
+    first_line,
+    port_released_on_error,
+    unreadable_calibration,
+)
 from robots.real.units import arm_units, bus_units
 from robots.teleop.base import DeviceNotFoundError, TeleopDevice, TeleopState
 
@@ -179,8 +185,16 @@ class LeaderArmDevice:
                 f"`lerobot-calibrate --teleop.type={self.teleop_type} --teleop.port={self.port} "
                 f"--teleop.id={self.arm_id}` or pass calibrate=True"
             )
+        problem = calibration_problem(teleop) if teleop.calibration else None
+        if problem is not None and not self.calibrate:  # lerobot failed at the first read
+            _close_quietly(teleop)
+            raise RobotError(
+                f"leader arm {self.arm_id!r}: {problem}; move it away and calibrate the arm again with "
+                f"`lerobot-calibrate --teleop.type={self.teleop_type} --teleop.port={self.port} "
+                f"--teleop.id={self.arm_id}` or pass calibrate=True"
+            )
         try:
-            if not teleop.is_calibrated:
+            if problem is not None or not teleop.is_calibrated:
                 if self.calibrate:
                     teleop.calibrate()  # lerobot's interactive calibration
                 else:  # the file wins, as at lerobot's prompt
@@ -261,6 +275,15 @@ def _build_teleoperator(
         sdk = MOTOR_SDK[teleop_type]
         raise DeviceNotFoundError(
             f"leader arm: the {sdk} motor SDK is missing ({e}); pip install 'lerobot[{sdk}]'"
+        ) from e
+    except Exception as e:
+        fpath = unreadable_calibration(e)
+        if fpath is None:
+            raise
+        raise RobotError(
+            f"leader arm {arm_id!r}: the calibration file {fpath} cannot be read ({first_line(e)}); move it "
+            f"away and run `lerobot-calibrate --teleop.type={teleop_type} --teleop.port={port} "
+            f"--teleop.id={arm_id}`"
         ) from e
 
 

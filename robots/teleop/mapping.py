@@ -86,6 +86,10 @@ class ActionMapper:
             raise ValueError(f"axis_sign must be six values of +1 or -1, got {self.axis_sign}")
         if not (np.isfinite(self.translation_gain) and np.isfinite(self.rotation_gain)):
             raise ValueError("gains must be finite")
+        for name in ("joint_scale", "joint_offset"):  # NaN here made every leader-arm target NaN
+            values = getattr(self, name)
+            if values is not None and not np.all(np.isfinite(np.asarray(values, dtype=np.float64))):
+                raise ValueError(f"{name} must be finite numbers, got {values}")
         if self.joint_scale is not None and self.joint_offset is not None:
             if len(self.joint_scale) != len(self.joint_offset):
                 raise ValueError("joint_scale and joint_offset must have the same length")
