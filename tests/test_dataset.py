@@ -508,3 +508,18 @@ def test_episode_numbers_and_loader_counts_that_are_not_whole_are_refused(small_
             make_loader(ds, 4, **kwargs)
     with pytest.raises(ValueError, match="num_workers must be a whole number, got 1.5"):
         make_loader(ds, 4, num_workers=1.5)
+
+
+def test_normalizer_keys_that_share_a_buffer_name_are_refused_and_a_state_dict_keeps_the_rule():
+    """ "a.b" and "a__b" were both stored as buffers "a__b__*": the second key's statistics silently
+    replaced the first's; a
+    rule-1 normalizer rebuilt from a state dict alone took rule 2 (the state dict holds no rule)."""
+    stats = compute_stats(np.arange(10.0).reshape(5, 2))
+    with pytest.raises(ValueError, match=r"keys \['a.b', 'a__b'\] collide as buffer names"):
+        Normalizer({"a.b": "minmax", "a__b": "minmax"}, {"a.b": stats, "a__b": stats})
+    flat = {**stats, "min": np.array([0.0, 1.0]), "max": np.array([0.0, 1.0 + 1e-7])}  # no spread
+    old = Normalizer({"q": "minmax"}, {"q": flat}, rule=1)
+    rebuilt = Normalizer.from_state_dict(old.modes, old.state_dict(), rule=old.rule)
+    x = torch.tensor([[0.5, 1.0]])
+    torch.testing.assert_close(rebuilt.normalize("q", x), old.normalize("q", x))
+    assert rebuilt.rule == 1

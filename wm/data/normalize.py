@@ -114,6 +114,12 @@ class Normalizer(nn.Module):
                 raise ValueError(f"normalizer mode {mode!r} for key {key!r} is not one of {MODES}")
             if mode != "identity" and key not in stats:
                 raise ValueError(f"normalizer: no statistics for key {key!r}")
+        names = {self._buf(key, "") for key, mode in modes.items() if mode != "identity"}
+        if len(names) < sum(mode != "identity" for mode in modes.values()):  # "a.b", "a__b": one buffer
+            raise ValueError(
+                f"normalizer: keys {sorted(modes)} collide as buffer names ('.' is stored as '__'): "
+                "rename one"
+            )
         self.modes = dict(modes)
         for key, mode in modes.items():
             if mode == "identity":
@@ -215,12 +221,14 @@ class Normalizer(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, modes: dict[str, str], state: dict[str, torch.Tensor], prefix: str = ""
+        cls, modes: dict[str, str], state: dict[str, torch.Tensor], prefix: str = "", rule: int = RULE
     ) -> Normalizer:
-        """Rebuild from a model state dict (its `prefix`-ed buffers) and the modes saved in the config."""
+        """Rebuild from a model state dict (its `prefix`-ed buffers), the modes saved in the config and
+        the `rule` the model was trained with (`to_dict`'s "rule"; 1 for checkpoints saved without one):
+        the state dict holds the statistics only."""
         stats = {
             key: {name: state[prefix + cls._buf(key, name)].cpu().numpy() for name in STATS}
             for key, mode in modes.items()
             if mode != "identity"
         }
-        return cls(modes, stats)
+        return cls(modes, stats, rule)
