@@ -73,6 +73,8 @@ def test_action_free_store_has_the_labelled_layout(small_store, tmp_path):
         ActionFreeWindows(tmp_path / "stripped.zarr", SPEC)
     with pytest.raises(SchemaError, match=r"action 'action' is \(2,\), not the \(3,\) expected"):
         ActionFreeWindows(path, SPEC, action_shape=(3,))
+    with pytest.raises(ValueError, match="action_shape must be a whole number, got 2.5"):  # it was cut to 2
+        ActionFreeWindows(tmp_path / "stripped.zarr", SPEC, action_shape=(2.5,))
 
 
 def test_flagged_episodes_lose_only_their_actions(small_store):
@@ -99,6 +101,8 @@ def test_flagged_episodes_lose_only_their_actions(small_store):
     torch.testing.assert_close(batch["action_is_pad"][~flagged], plain["action_is_pad"][~flagged])
     with pytest.raises(ValueError, match=r"episodes \[7\] out of range"):
         flag_action_free(path, [7])
+    with pytest.raises(ValueError, match="episode must be a whole number, got 0.5"):  # it flagged episode 0
+        flag_action_free(path, [0.5])
 
 
 def test_a_video_store_with_actions_co_trains_as_video(small_store):
@@ -199,6 +203,8 @@ def test_missing_proprio_is_padded_only_when_allowed(small_store, tmp_path):
     assert absent == {"state": (4,)}
     with pytest.raises(SchemaError, match=r"needs keys \['state'\]"):
         ActionFreeWindows(vpath, SPEC, action_shape=(2,))
+    with pytest.raises(ValueError, match=r"absent_keys\['state'\] must be a whole number, got 4.5"):
+        ActionFreeWindows(vpath, SPEC, action_shape=(2,), absent_keys={"state": (4.5,)})
     video = ActionFreeWindows(vpath, SPEC, action_shape=(2,), absent_keys=absent)
     batch = MixedWindows(WindowDataset(lpath, SPEC), video, video_ratio=0.5).get_batch(range(6))
     vid = batch["source"] == 1

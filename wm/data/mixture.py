@@ -36,7 +36,7 @@ from wm.data.errors import NotAStoreError, SchemaError
 from wm.data.ops import copy_episodes, keep_episodes
 from wm.data.schema import KeySpec
 from wm.data.store import DemoStore, check_not_a_source
-from wm.data.windows import WindowSpec, build_index, why_no_windows
+from wm.data.windows import WindowSpec, build_index, whole_number, why_no_windows
 from wm.feature_cache import cache_info
 from wm.seeding import derived_rng
 
@@ -95,7 +95,11 @@ class ActionFreeWindows(WindowDataset):
                 [bool(store.episode_info(e).get(ACTION_FREE, False)) for e in range(store.n_episodes)],
                 dtype=bool,
             )
-        fill = {k: tuple(int(s) for s in v) for k, v in (absent_keys or {}).items() if k not in keys}
+        fill = {
+            k: tuple(whole_number(f"absent_keys[{k!r}]", s) for s in v)
+            for k, v in (absent_keys or {}).items()
+            if k not in keys
+        }
         if action_key in spec.offsets:
             fill.update(_action_fill(Path(path), keys.get(action_key), action_key, action_shape))
         fill = {k: v for k, v in fill.items() if k in spec.offsets}
@@ -147,7 +151,7 @@ def _action_fill(
     path: Path, stored: KeySpec | None, action_key: str, action_shape: Sequence[int] | None
 ) -> dict[str, tuple[int, ...]]:
     """{action_key: shape} when the store lacks the action, else {} (after checking `action_shape`)."""
-    want = None if action_shape is None else tuple(int(s) for s in action_shape)
+    want = None if action_shape is None else tuple(whole_number("action_shape", s) for s in action_shape)
     if stored is not None:
         if want is not None and want != stored.shape:
             raise SchemaError(f"{path}: action {action_key!r} is {stored.shape}, not the {want} expected")
@@ -366,10 +370,11 @@ def flag_action_free(path: str | os.PathLike, episodes: Sequence[int]) -> None:
     (a full copy of its data); do not run it while another process appends to the store."""
     with DemoStore.open(path) as store:
         n = store.n_episodes
-    bad = [int(e) for e in episodes if not -n <= int(e) < n]
+    episodes = [whole_number(f"{path}: episode", e) for e in episodes]  # 1.5 was episode 1
+    bad = [e for e in episodes if not -n <= e < n]
     if bad:
         raise ValueError(f"{path}: episodes {bad} out of range (the store has {n} episodes)")
-    flagged = {int(e) % n for e in episodes}
+    flagged = {e % n for e in episodes}
     keep_episodes(
         path, range(n), edit_info=lambda i, info: {**info, ACTION_FREE: True} if i in flagged else info
     )
