@@ -294,6 +294,29 @@ def test_a_calibration_file_without_a_motor_or_with_a_reversed_range_is_refused(
     assert not arm.is_connected and not fake.written and not fake.is_open
 
 
+def test_calibrate_true_with_an_unusable_file_runs_a_full_calibration(so_bus, monkeypatch):
+    """lerobot's calibrate() first offers the file it loaded (ENTER writes it to the motors): with a
+    reversed range that was the file the arm then clipped by. The operator's part of lerobot's
+    calibration (moving the arm, pressing ENTER) is not here: the spy records what it was offered."""
+    from lerobot.robots.so_follower import SOFollower
+
+    fake, calib_dir = so_bus
+    cal = calibration(SO_RANGE)
+    cal["elbow_flex"].update(range_min=SO_RANGE[1], range_max=SO_RANGE[0])
+    (calib_dir / "follower.json").write_text(json.dumps(cal))
+    offered = []
+
+    def operator_stops(self):
+        offered.append(dict(self.calibration))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SOFollower, "calibrate", operator_stops)
+    arm = so101(calib_dir, calibrate=True)
+    with pytest.raises(KeyboardInterrupt):
+        arm.connect()
+    assert offered == [{}] and not arm.is_connected and not fake.is_open
+
+
 def test_missing_calibration_says_how_to_run_lerobot_calibrate(so_bus):
     fake, calib_dir = so_bus
     (calib_dir / "follower.json").unlink()

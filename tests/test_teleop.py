@@ -440,6 +440,29 @@ def test_a_leader_arm_with_a_damaged_calibration_file_names_it_and_how_to_calibr
     assert not fake.is_open and not keys.running
 
 
+def test_a_leader_arm_calibrated_again_is_not_offered_its_unusable_file(so101_bus, monkeypatch):
+    """With calibrate=True, lerobot's calibrate() offered the file it loaded (ENTER wrote it to the
+    motors) though its range was empty. The operator's part is not here: the spy records the offer."""
+    from lerobot.teleoperators.so_leader import SOLeader
+
+    fake, calib_dir = so101_bus
+    path = calib_dir / "leader.json"
+    calib = json.loads(path.read_text())
+    calib["wrist_flex"]["range_max"] = calib["wrist_flex"]["range_min"]
+    path.write_text(json.dumps(calib))
+    offered = []
+
+    def operator_stops(self):
+        offered.append(dict(self.calibration))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SOLeader, "calibrate", operator_stops)
+    arm = device_class("leader_arm")(port="/dev/ttyFAKE", calibration_dir=calib_dir, calibrate=True)
+    with pytest.raises(KeyboardInterrupt):
+        arm.connect()
+    assert offered == [{}] and not fake.is_open
+
+
 def test_leader_arm_without_arm_says_how_to_find_the_port(tmp_path):
     pytest.importorskip("lerobot")
     pytest.importorskip("scservo_sdk")

@@ -24,9 +24,9 @@ this adapter adds what our `Robot` promises:
 Calibration comes from lerobot's file `<calibration_dir>/<arm_id>.json` (default: lerobot's cache).
 Without one (or with one that is not JSON, lacks a motor or has an empty or reversed range), connecting
 refuses and says how to run `lerobot-calibrate`, unless `calibrate=True` (lerobot's interactive
-calibration; a file that cannot be read is refused even then). When the motors disagree with the file,
-the file is written to them, as lerobot does when you press ENTER at its prompt; like lerobot, this
-assumes the arm is at rest.
+calibration, a full one where the file is unusable; a file that cannot be read is refused even then).
+When the motors disagree with the file, the file is written to them, as lerobot does when you press
+ENTER at its prompt; like lerobot, this assumes the arm is at rest.
 
 Cameras are lerobot's OpenCV cameras, given as {name: {index_or_path, width, height, fps}} (optional:
 warmup_s, rotation, fourcc).
@@ -265,6 +265,8 @@ class LerobotArm(RobotBase):
             if recalibrate or not robot.is_calibrated:
                 touched = True
                 if self.options.calibrate:
+                    if recalibrate:  # lerobot would offer the unusable file at its prompt (ENTER wrote it)
+                        robot.calibration = {}
                     robot.calibrate()  # lerobot's interactive calibration
                 else:  # the file wins, as at lerobot's prompt
                     robot.bus.disable_torque()

@@ -196,6 +196,8 @@ class LeaderArmDevice:
         try:
             if problem is not None or not teleop.is_calibrated:
                 if self.calibrate:
+                    if problem is not None:  # lerobot would offer the unusable file (ENTER wrote it)
+                        teleop.calibration = {}
                     teleop.calibrate()  # lerobot's interactive calibration
                 else:  # the file wins, as at lerobot's prompt
                     teleop.bus.disable_torque()
