@@ -16,6 +16,7 @@ Ta action steps, P patches, D features.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -173,8 +174,9 @@ class Budget:
     seconds: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_iterations is not None and self.max_iterations < 1:
-            raise ValueError(f"max_iterations must be >= 1 or None, got {self.max_iterations}")
+        cap = self.max_iterations  # NaN passed `< 1` and left the planners' loops without a cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < 1):
+            raise ValueError(f"max_iterations must be an integer >= 1 or None, got {cap!r}")
         if self.seconds is not None and not self.seconds > 0:
             raise ValueError(f"seconds must be > 0 or None, got {self.seconds}")
 

@@ -251,8 +251,10 @@ class MPC:
             raise RuntimeError("MPC has no goal: call set_goal(goal_obs) first")
 
     def _replan(self) -> torch.Tensor:
-        result = self._plan(self._warm)
         k = self.cfg.execute
+        if k > self.planner.horizon:  # a planner swapped in since __init__
+            raise ValueError(f"cannot execute {k} steps of a horizon-{self.planner.horizon} plan")
+        result = self._plan(self._warm)
         return rearrange(result.actions[:, :k], "e k (f d) -> e (k f) d", f=self.io.frameskip)
 
     def _plan(self, warm: torch.Tensor | None, fixed: FixedPrefix | None = None) -> PlanResult:
@@ -269,6 +271,8 @@ class MPC:
             )
         if self._active is not None and self._active.shape != (E,):
             raise ValueError(f"set_active got {self._active.shape[0]} rows' flags for {E} episodes")
+        if warm is not None and warm.shape[1] != self.planner.horizon:  # the horizon changed: cut or pad
+            warm = self._fit_horizon(warm)
         goal = self._goal if self.subgoals is None else self.subgoals.select(z0, self._goal, self._active)
         if fixed is None:  # `model` only when needed: a planner that predates it still serves replans
             result = self.planner.plan(z0, goal, warm, self.cfg.budget)  # actions (E, H, A)
@@ -285,9 +289,15 @@ class MPC:
     def _warm_from(self, previous: torch.Tensor) -> torch.Tensor:
         """previous raw (E, n, Da), n >= 1 -> a warm start (E, H, f * Da): packed into planning steps (the
         last raw action repeated to fill the last step), cut or padded to the horizon with its last step."""
-        f, H, n = self.io.frameskip, self.planner.horizon, previous.shape[1]
+        f, n = self.io.frameskip, previous.shape[1]
         raw = torch.cat([previous, previous[:, -1:].expand(-1, -n % f, -1)], dim=1)  # (E, ceil(n/f) f, Da)
-        plan = rearrange(raw, "e (h f) d -> e h (f d)", f=f)[:, :H]
+        return self._fit_horizon(rearrange(raw, "e (h f) d -> e h (f d)", f=f))
+
+    def _fit_horizon(self, plan: torch.Tensor) -> torch.Tensor:
+        """plan (E, h, A), h >= 1 -> (E, H, A) for the planner's horizon H: cut, or padded with its last
+        step."""
+        H = self.planner.horizon
+        plan = plan[:, :H]
         return torch.cat([plan, plan[:, -1:].expand(-1, H - plan.shape[1], -1)], dim=1)
 
     @torch.no_grad()

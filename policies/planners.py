@@ -23,6 +23,7 @@ wrapper of the planner's own model.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -68,8 +69,9 @@ class _PlannerConfig:
             raise ValueError(f"low has {low.numel()} values and high {high.numel()}")
         if not bool((low < high).all()):
             raise ValueError(f"need low < high in every dim, got low={self.low} high={self.high}")
-        if self.horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+        _check_count("horizon", self.horizon)
+        if self.stop_cost is not None and math.isnan(self.stop_cost):
+            raise ValueError("stop_cost must be a number or None, got nan")
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,11 @@ class _SamplingConfig(_PlannerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.samples < 1 or self.iterations < 1:
-            raise ValueError(f"samples and iterations must be >= 1, got {self.samples}, {self.iterations}")
+        _check_count("samples", self.samples)
+        _check_count("iterations", self.iterations)
+        for name in ("init_std", "warm_std"):  # inf: inf * 0 noise is a NaN sample
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         warm_ok = self.warm_std is None or self.warm_std > 0
         if not 0 <= self.min_std <= self.max_std or not self.init_std > 0 or not warm_ok:
             raise ValueError(f"need init_std, warm_std > 0 and 0 <= min_std <= max_std, got {self}")
@@ -107,6 +112,7 @@ class CEMConfig(_SamplingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_count("elites", self.elites)
         if not 1 <= self.elites <= self.samples:
             raise ValueError(f"need 1 <= elites <= samples, got {self.elites} of {self.samples}")
         if not 0 <= self.momentum < 1:
@@ -125,10 +131,12 @@ class MPPIConfig(_SamplingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.elites is not None:
+            _check_count("elites", self.elites)
         if self.elites is not None and not 1 <= self.elites <= self.samples:
             raise ValueError(f"need 1 <= elites <= samples, got {self.elites} of {self.samples}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # inf: -inf / inf is a NaN weight
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,12 @@ class GradConfig(_PlannerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.steps < 1 or self.restarts < 1 or not self.lr > 0:
-            raise ValueError(f"need steps >= 1, restarts >= 1, lr > 0, got {self}")
+        _check_count("steps", self.steps)  # a step count that is not an int never equals the step
+        _check_count("restarts", self.restarts)
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
+        if not 0 <= self.restart_std < math.inf:
+            raise ValueError(f"restart_std must be finite and >= 0, got {self.restart_std}")
         if self.init not in ("zeros", "warm"):
             raise ValueError(f"init must be 'zeros' or 'warm', got {self.init!r}")
 
@@ -181,6 +193,13 @@ class CEMThenGradConfig:
     def max_iterations(self) -> int:
         """An iteration budget caps each stage; the longer stage's count is the most it can cap."""
         return max(self.cem.iterations, self.grad.steps)
+
+
+def _check_count(name: str, value: Any) -> None:
+    """A count option (horizon, samples, ...) must be an int >= 1: NaN, inf or 2.5 ran forever or failed
+    deep in torch."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 PlannerConfig = CEMConfig | MPPIConfig | GradConfig | CEMThenGradConfig
@@ -249,6 +268,8 @@ class _Planner:
         if warm_start is not None and use_warm:
             if tuple(warm_start.shape) != (E, H, A):
                 raise ValueError(f"warm_start must be {(E, H, A)}, got {tuple(warm_start.shape)}")
+            if not bool(warm_start.isfinite().all()):  # a NaN would be the plan (its samples score NaN)
+                raise ValueError("warm_start has non-finite values (NaN or inf)")
             init = self._searched(warm_start.detach().to(like)).clamp(low, high)
         else:  # the middle of the box where it is bounded, else zero
             init = repeat(torch.zeros_like(low).clamp(low, high), "a -> e h a", e=E, h=H).clone()
@@ -368,7 +389,11 @@ class MPPI(CEM):
         elite_cost, idx = costs.topk(k, dim=1, largest=False)  # (E, K)
         elites = _gather(actions, idx)  # (E, K, H, A)
         # weight 0 for a sample without a finite cost (+inf); a row with none is kept below
-        w = torch.softmax(-elite_cost / self.cfg.temperature, dim=1).nan_to_num(nan=0.0)  # (E, K)
+        w = torch.softmax(-elite_cost / self.cfg.temperature, dim=1)  # (E, K)
+        # a row whose costs / temperature all overflow (finite but huge costs, a small temperature) gets
+        # NaN weights: weigh it by the costs above its best instead (the same weights, in exact arithmetic)
+        shifted = torch.softmax(-(elite_cost - elite_cost[:, :1]) / self.cfg.temperature, dim=1)
+        w = torch.where(w.isnan(), shifted, w).nan_to_num(nan=0.0)
         new_mean = einsum(w, elites, "e k, e k h a -> e h a")
         var = einsum(w, (elites - new_mean.unsqueeze(1)) ** 2, "e k, e k h a -> e h a")
         return _keep_unscored(costs, mean, std, new_mean, var.sqrt())
@@ -466,7 +491,7 @@ class CEMThenGradient:
         if budget is not None and budget.seconds is not None:
             grad_budget = Budget(budget.max_iterations, max(budget.seconds - (self.clock() - start), 1e-9))
         # the gradient stage starts from CEM's best plan: its final mean, or a sample that scored better
-        better = first.info["best_cost"] < first.cost  # (E,)
+        better = first.info["best_cost"] < _finite(first.cost)  # (E,) a NaN-scored mean is never better
         begin = torch.where(better[:, None, None], first.info["best_actions"], first.actions)
         second = self.grad.plan(z0, goal, begin, grad_budget, model)
         # the gradient stage scores its start (the CEM plan) first, so it is never worse than CEM

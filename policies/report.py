@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def write_report(
 
 def success_text(results: dict[str, Any]) -> str:
     """ "50.0 % (1 / 2)": the success rate, with counts when the per-episode results are there."""
-    text = f"{100 * results.get('success_rate', 0.0):.1f} %"
+    text = _percent(results.get("success_rate", 0.0))
     episodes = results.get("per_episode") or []
     if episodes:
         text += f" ({sum(bool(e.get('success')) for e in episodes)} / {len(episodes)})"
@@ -94,7 +95,7 @@ def _summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         if results.get(key) is not None:
             rows.append((label, _ms(results[key])))
     if results.get("wall_seconds") is not None:
-        rows.append(("wall time", f"{results['wall_seconds']:.1f} s"))
+        rows.append(("wall time", _number(results["wall_seconds"], 1, 1, " s")))
     if results.get("subgoal_replans") is not None:
         rows.append(("subgoal replans", _fmt(results["subgoal_replans"])))
     if results.get("seeds"):
@@ -126,7 +127,7 @@ def _budget_table(points: Sequence[dict[str, Any]]) -> str:
     rows = [
         (
             _fmt(p.get("iterations")),
-            f"{100 * p.get('success_rate', 0.0):.1f} %",
+            _percent(p.get("success_rate", 0.0)),
             _ms(p["planning_seconds_per_step"]) if p.get("planning_seconds_per_step") is not None else "-",
         )
         for p in points
@@ -174,7 +175,19 @@ def _data_uri(path: Path, mime: str) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return f"{1000 * seconds:.1f} ms"
+    return _number(seconds, 1000, 1, " ms")
+
+
+def _percent(rate: float | None) -> str:
+    return _number(rate, 100, 1, " %")
+
+
+def _number(value: float | None, scale: float, digits: int, unit: str) -> str:
+    """value * scale with `digits` decimals and its unit; "-" for a figure that is missing (None, e.g. a
+    NaN that results.json stored as null) or not finite (a null success rate raised a TypeError)."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{scale * value:.{digits}f}{unit}"
 
 
 def _fmt(value: Any) -> str:

@@ -60,7 +60,11 @@ class LatentGraph:
         same = episode[1:] == episode[:-1]
         step = (self.vectors[1:] - self.vectors[:-1]).norm(dim=1).numpy()
         consecutive = step[same]
+        moving = consecutive[consecutive > 0]  # resting frames: a median of 0 made every node "far enough",
+        # so the subgoal was the node at the current state itself and MPC stood still
         self.step_length = float(np.median(consecutive)) if len(consecutive) else 1.0
+        if self.step_length == 0:
+            self.step_length = float(np.median(moving)) if len(moving) else 0.0
         for i in np.flatnonzero(same):  # forward in time only: a path follows demonstrated motion
             self.adj[int(i)].append((int(i) + 1, float(step[i])))
         limit = float(np.quantile(consecutive, cfg.shortcut_quantile)) if len(consecutive) else 0.0
@@ -117,6 +121,8 @@ class LatentGraph:
         typical steps away in latent distance. Distance, not hops: shortcut edges join near-duplicate
         nodes (the same place passed in several episodes), so hops alone say little about progress."""
         reach = self.cfg.lookahead * self.step_length
+        if reach <= 0:  # no demonstrated motion (constant positions): nothing to aim at but the goal
+            return None
         if (current - goal).norm() <= self.cfg.goal_reach * reach:
             return None
         # More candidates at the goal: a resting goal state resembles episode starts, which no edge

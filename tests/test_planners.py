@@ -605,3 +605,140 @@ def test_a_goal_from_another_task_is_one_clear_error():
     with pytest.raises(ValueError, match=r"observation lacks \['state'\] \(it has \['proprio'\]\)"):
         mpc.set_goal({"proprio": np.zeros((1, 2), np.float32)})
     assert model._model.inputs == []
+
+
+@pytest.mark.parametrize(
+    ("make_cfg", "option"),
+    [
+        (lambda: CEMConfig(samples=2.5, elites=1), "samples"),
+        (lambda: CEMConfig(iterations=float("inf")), "iterations"),  # ran forever without a budget
+        (lambda: CEMConfig(iterations=float("nan")), "iterations"),  # ran no iteration at all
+        (lambda: CEMConfig(elites=2.5), "elites"),
+        (lambda: CEMConfig(horizon=float("nan")), "horizon"),
+        (lambda: CEMConfig(init_std=float("inf")), "init_std"),
+        (lambda: CEMConfig(warm_std=float("inf")), "warm_std"),
+        (lambda: CEMConfig(stop_cost=float("nan")), "stop_cost"),  # silently never stopped
+        (lambda: MPPIConfig(temperature=float("inf")), "temperature"),
+        (lambda: GradConfig(steps=2.5), "steps"),  # `step == limit` never held: ran forever
+        (lambda: GradConfig(steps=float("nan")), "steps"),
+        (lambda: GradConfig(restarts=1.5), "restarts"),
+        (lambda: GradConfig(lr=float("inf")), "lr"),
+        (lambda: GradConfig(restart_std=float("nan")), "restart_std"),  # NaN restarts
+        (lambda: GradConfig(restart_std=-0.5), "restart_std"),
+    ],
+)
+def test_bad_option_values_are_one_error_naming_the_option(make_cfg, option):
+    with pytest.raises(ValueError, match=option):
+        make_cfg()
+
+
+class ScaledCost(PointModel):
+    """(PointModel's cost + 1) times `scale`: finite, but over a small temperature past float32's range."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def cost(self, pred, goal):
+        return (super().cost(pred, goal) + 1) * self.scale
+
+
+def test_mppi_weights_survive_costs_that_overflow_over_the_temperature():
+    """-cost / temperature was -inf for every elite: NaN weights, zeroed, so every refit moved the mean
+    to the middle of the box whatever the costs said."""
+    scale = 1e38
+    model = ScaledCost(scale)
+    s0, goal = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.2, -0.1]])
+    planner = make("mppi", model, temperature=0.1)
+    result = planner.plan(model.encode(obs_of(s0)), model.encode(obs_of(goal)))
+    assert bool(result.actions.isfinite().all())
+    assert float(result.cost) / scale - 1 < 1e-2  # near the optimum, as with unscaled costs
+    assert float(result.actions[0, 0, 0]) == pytest.approx(-0.4, abs=ACTION_TOL["mppi"])
+
+
+def unbounded(name):
+    """CONFIGS[name] without action bounds."""
+    free = {"low": -float("inf"), "high": float("inf")}
+    cfg = CONFIGS[name]
+    if name == "cem_gd":
+        return dataclasses.replace(
+            cfg, cem=dataclasses.replace(cfg.cem, **free), grad=dataclasses.replace(cfg.grad, **free)
+        )
+    return dataclasses.replace(cfg, **free)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_warm_start_is_one_clear_error(name, bad):
+    """A NaN warm start (or inf in a dim without bounds) was the initial mean: every sample NaN, no cost
+    finite, and the non-finite mean came back as the plan (or the GD iterate did)."""
+    model = PointModel()
+    z0, zg = model.encode(obs_of([[0.1, -0.2]])), model.encode(obs_of([[0.2, -0.1]]))
+    warm = torch.zeros(1, 5, 2)
+    warm[0, 0, 1] = bad
+    with pytest.raises(ValueError, match="warm_start"):
+        build_planner(unbounded(name), model).plan(z0, zg, warm)
+
+
+class NaNForOneSequence(PointModel):
+    """No finite cost when a rollout scores a single sequence per episode (how CEM scores its final mean)."""
+
+    def cost(self, pred, goal):
+        cost = super().cost(pred, goal)
+        return torch.full_like(cost, float("nan")) if cost.shape[1] == 1 else cost
+
+
+def test_cem_then_gradient_starts_from_the_best_scored_plan_when_the_mean_scores_nan():
+    """`best_cost < NaN` is False: the gradient stage started from CEM's unscored mean, not its best
+    sample."""
+    model = NaNForOneSequence()
+    cfg = dataclasses.replace(CONFIGS["cem_gd"], grad=dataclasses.replace(CONFIGS["cem_gd"].grad, restarts=2))
+    planner = build_planner(cfg, model)
+    starts = []
+    grad_plan = planner.grad.plan
+
+    def recording(z0, goal, warm, *rest):
+        starts.append(warm.clone())
+        return grad_plan(z0, goal, warm, *rest)
+
+    planner.grad.plan = recording
+    z0, zg = model.encode(obs_of([[0.1, -0.2]])), model.encode(obs_of([[0.2, -0.1]]))
+    result = planner.plan(z0, zg)
+    first = result.info["cem"]
+    assert bool(first.cost.isnan().all()) and bool(first.info["best_cost"].isfinite().all())
+    torch.testing.assert_close(starts[0], first.info["best_actions"])
+
+
+def test_mpc_warm_start_follows_a_planner_with_another_horizon():
+    """A planner of horizon 3 swapped in after a horizon-5 replan was handed the old (E, 5, A) warm
+    start and refused it; now it gets the shifted plan cut to its horizon (padded when it is longer)."""
+    mpc, model, planner = make_mpc(execute=2, frameskip=1)
+    mpc.set_goal(raw_of([[1.0, 0.5]]))
+    obs = raw_of([[0.0, 0.0]])
+    mpc.select_action(obs)
+    mpc.select_action(obs)
+    first_plan = mpc.last_result.actions  # (1, 5, 2)
+    cfg = CEMConfig(horizon=3, samples=100, elites=10, iterations=30, low=-1.0, high=1.0)
+    mpc.planner = shorter = RecordingPlanner(build_planner(cfg, model))
+    mpc.select_action(obs)  # replan with the shorter planner
+    torch.testing.assert_close(shorter.warm_starts[0], shift_plan(first_plan, 2)[:, :3])
+    assert mpc.last_result.actions.shape == (1, 3, 2)
+    mpc.select_action(obs)
+    mpc.planner = longer = RecordingPlanner(build_planner(dataclasses.replace(cfg, horizon=6), model))
+    short_plan = mpc.last_result.actions
+    mpc.select_action(obs)  # padded with the shifted plan's last step
+    expected = shift_plan(short_plan, 2)
+    padded = torch.cat([expected, expected[:, -1:].expand(-1, 3, -1)], dim=1)  # (1, 6, 2)
+    torch.testing.assert_close(longer.warm_starts[0], padded)
+    mpc.planner = RecordingPlanner(build_planner(dataclasses.replace(cfg, horizon=1), model))
+    mpc.select_action(obs)
+    with pytest.raises(ValueError, match="cannot execute 2 steps of a horizon-1 plan"):
+        mpc.select_action(obs)
+
+
+@pytest.mark.parametrize("cap", [float("nan"), 2.5, True, 0])
+def test_a_budget_cap_that_is_no_whole_count_is_refused(cap):
+    """max_iterations=nan passed `< 1` and reached the planners' loop limits uncapped; 2.5 was a count."""
+    with pytest.raises(ValueError, match="max_iterations must be an integer >= 1 or None"):
+        Budget(max_iterations=cap)
+    assert Budget(max_iterations=np.int64(3)).max_iterations == 3

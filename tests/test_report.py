@@ -208,3 +208,22 @@ def _video_size(path: Path) -> tuple[int, int]:
 
     with imageio.get_reader(path) as reader:
         return tuple(reader.get_meta_data()["size"])
+
+
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_a_missing_or_nan_figure_is_a_dash_not_a_crash(tmp_path, missing):
+    """A success rate stored as null (results.json has no NaN) raised a TypeError; a NaN one read
+    "nan %"."""
+    results = {
+        "task": "t",
+        "success_rate": missing,
+        "wall_seconds": missing,
+        "planning_seconds_per_step": missing,
+        "budgets": [{"iterations": 5, "success_rate": missing, "planning_seconds_per_step": None}],
+    }
+    page = write_report(tmp_path, results).read_text()
+    assert "nan" not in page.lower()
+    assert "<tr><th>success rate</th><td>-</td></tr>" in page and "<tr><td>5</td><td>-</td>" in page
+    if missing is not None:  # None leaves the timing rows out
+        assert "<tr><th>wall time</th><td>-</td></tr>" in page
+        assert "<tr><th>planning time per step</th><td>-</td></tr>" in page

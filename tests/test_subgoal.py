@@ -149,3 +149,33 @@ def test_mpc_with_subgoals_checks_the_active_rows_and_keeps_no_refused_step():
     mpc.set_active(np.array([True, False]))
     assert mpc.select_action(far).shape == (2, 2)
     assert selector.count == 1  # the active, far episode aimed at a subgoal; the finished one was skipped
+
+
+def line_graph(points: list[tuple[int, int]]) -> LatentGraph:
+    vectors = torch.tensor(points, dtype=torch.float32)  # (N, 2)
+    return LatentGraph(vectors, {"state": vectors[:, None].clone()}, np.zeros(len(points), dtype=int), CFG)
+
+
+def test_a_demonstration_mostly_at_rest_still_gives_subgoals_ahead():
+    """Resting frames made the median step 0: every node was "far enough", so the subgoal was the node
+    at the current state itself and MPC aimed at where it already stood."""
+    graph = line_graph([(0, 0)] * 10 + [(0, y) for y in range(1, 6)] + [(0, 5)] * 10)
+    assert graph.step_length == pytest.approx(1.0)  # the typical step of the frames that move
+    i = graph.subgoal_index(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 5.0]))
+    assert i is not None and graph.vectors[i].tolist() == [0.0, 2.0]  # lookahead 2 steps along the way
+
+
+def test_demonstrations_that_never_move_give_no_subgoal():
+    """Constant positions: the only node was aimed at instead of the goal, however far the goal."""
+    graph = line_graph([(1, 1)] * 6)
+    assert graph.subgoal_index(torch.tensor([0.0, 0.0]), torch.tensor([5.0, 5.0])) is None
+
+
+@pytest.mark.parametrize("points", [[], [(0, 0)]])
+def test_a_graph_of_no_or_one_node_gives_no_subgoal(points):
+    graph = (
+        line_graph(points)
+        if points
+        else LatentGraph(torch.zeros(0, 2), {"state": torch.zeros(0, 1, 2)}, np.zeros(0, dtype=int), CFG)
+    )
+    assert graph.subgoal_index(torch.tensor([0.0, 0.0]), torch.tensor([5.0, 5.0])) is None
