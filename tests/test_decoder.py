@@ -125,6 +125,28 @@ def test_decoder_config_rejects_bad_keypoints(bad):
         DecoderConfig(**({"in_dim": 8, "proprio_dim": 2} | bad))
 
 
+@pytest.mark.parametrize(
+    ("bad", "shown"),
+    [
+        (
+            {"keypoint_sigmas": (2.0, float("nan"))},
+            r"keypoint_sigmas must be positive pixel widths, got \(2.0, nan\)",
+        ),
+        (
+            {"keypoint_sigmas": (float("inf"),)},
+            r"keypoint_sigmas must be positive pixel widths, got \(inf,\)",
+        ),
+        ({"channels": (8.5, 4)}, r"decoder.channels\[0\]=8.5 is not a whole number"),  # was cut to 8
+        ({"keypoints": 2.5}, r"decoder.keypoints=2.5 is not a whole number"),  # was a TypeError from torch
+        ({"upsample": True}, r"decoder.upsample=True is not a whole number"),  # was taken as 1
+    ],
+    ids=["nan_sigma", "inf_sigma", "float_channels", "float_keypoints", "bool_upsample"],
+)
+def test_decoder_config_rejects_values_it_accepted(bad, shown):
+    with pytest.raises(ValueError, match=rf"^{shown}$"):
+        DecoderConfig(**({"in_dim": 8, "proprio_dim": 2} | bad))
+
+
 def _train(store: str, out, decoder_channels: list[int]) -> Trainer:
     model_cfg = {k: v for k, v in SMALL.items() if k not in ("image_key", "proprio_key", "image_size")}
     torch.manual_seed(0)

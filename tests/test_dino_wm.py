@@ -16,6 +16,9 @@ from robots.registry import make_expert, make_task
 from robots.sim.base import SimConfig
 from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import SchemaError
+from wm.data.normalize import Normalizer
+from wm.dino_wm import DinoWorldModel, WorldModelConfig
+from wm.encoders import EncoderConfig
 from wm.registry import load_model
 from wm.trainer import Trainer, TrainerConfig
 from wm.training import setup_training
@@ -259,3 +262,91 @@ def test_recon_loss_weights_the_pixels_that_move():
     assert recon_loss(static_err, image, next_image, w).item() == pytest.approx(3 * 2 * 0.25 / denominator)
     # Without the weight it is the plain MSE.
     assert recon_loss(moving_err, image, next_image, 0.0).item() == pytest.approx(2 * 0.25 / 64)
+
+
+def _small_model() -> DinoWorldModel:
+    torch.manual_seed(0)
+    cfg = WorldModelConfig(
+        image_size=(32, 32),
+        n_hist=2,
+        frameskip=2,
+        encoder=EncoderConfig(cnn_channels=(8, 8, 8), cnn_dim=16),
+        predictor_dim=32,
+        predictor_depth=1,
+        predictor_heads=2,
+        predictor_head_dim=16,
+        predictor_mlp_dim=32,
+        predictor_precision="fp32",
+    )
+    return DinoWorldModel(cfg, Normalizer({"action": "identity", "proprio": "identity"}, {})).eval()
+
+
+def test_rollout_and_predict_name_the_bad_argument_in_one_line():
+    """Each was a torch error deep inside (expand, cat, reshape, a dtype mismatch) or, for NaN
+    actions, NaN predictions and costs without an error."""
+    model = _small_model()
+    obs = {
+        "image": torch.rand(3, 2, 3, 32, 32),
+        "proprio": torch.rand(3, 2, 4),
+        "past_action": torch.rand(3, 1, 4),
+    }
+    with torch.no_grad():
+        z0 = model.encode(obs)
+        acts = torch.rand(3, 5, 4, 4)
+        want = model.rollout(z0, acts)
+        bad_rollouts = [
+            (z0, acts[:2], r"^actions must be \(E, N, H, frameskip \* action_dim\) = \(3, N, H >= 1, 4\)"),
+            (
+                z0,
+                acts[..., :3],
+                r"^actions must be raw actions \(E, N, H, f\*A\) = \(3, 5, 4, 4\) \(f\*A: frame",
+            ),
+            (z0, acts[:, 0], r"^actions must be \(E, N, H, "),
+            (z0, acts[:, :, :0], r"H >= 1"),
+            (z0, acts * float("nan"), r"^actions hold NaN or inf values$"),
+            (
+                z0 | {"proprio": z0["proprio"][:2]},
+                acts,
+                r"^z0\['proprio'\] must be \(E, Th, 4\) = \(3, 2, 4\), got",
+            ),
+            (
+                {"visual": z0["visual"]},
+                acts,
+                r"^z0\['proprio'\] must be \(E, Th, 4\) = \(3, 2, 4\), got None$",
+            ),
+            (
+                z0 | {"visual": z0["visual"][:, :, :5]},
+                acts,
+                r"^z0\['visual'\] must be \(E, Th, 16, 16\), got",
+            ),
+            (
+                z0 | {"past_action": z0["past_action"][:, :0]},
+                acts,
+                r"^z0\['past_action'\] must be raw actions",
+            ),
+        ]
+        for z, a, message in bad_rollouts:
+            with pytest.raises(ValueError, match=message):
+                model.rollout(z, a)
+        # float64 and integer actions were a dtype error in the action embedding: now they are cast
+        torch.testing.assert_close(model.rollout(z0, acts.double())["visual"], want["visual"])
+        assert model.rollout(z0, acts.round().long())["visual"].shape == want["visual"].shape
+        z = {k: v for k, v in z0.items() if k != "past_action"}
+        assert model.predict(z, acts[:, 0, :2]).keys() == {"visual", "proprio"}
+        for a in (acts[:, 0, :1], acts[:2, 0, :2], acts[:, 0, :2, :3]):
+            with pytest.raises(
+                ValueError, match=r"^actions must be raw actions \(B, T, f\*A\) = \(3, 2, 4\)"
+            ):
+                model.predict(z, a)
+
+
+def test_encode_refuses_observations_of_mismatched_shapes():
+    model = _small_model()
+    obs = {"image": torch.rand(3, 2, 3, 32, 32), "proprio": torch.rand(3, 2, 4)}
+    with pytest.raises(ValueError, match=r"^'proprio' must be \(B, T, 4\) = \(3, 2, 4\) beside 'image'"):
+        model.encode(obs | {"proprio": torch.rand(2, 2, 4)})  # was encoded: a batch of 2 beside 3 images
+    with pytest.raises(ValueError, match=r"^'image' must be images \(B, T, 3, H, W\) or cached features"):
+        model.encode(obs | {"image": torch.rand(3, 3, 32, 32)})  # was taken as (32 patches, 32 features)
+    with pytest.raises(ValueError, match=r"^'past_action' must be \(B, T - 1, frameskip \* action_dim\)"):
+        model.encode(obs | {"past_action": torch.rand(3, 2, 4)})
+    assert model.encode(obs | {"image": torch.rand(3, 2, 16, 16)})["visual"].shape == (3, 2, 16, 16)

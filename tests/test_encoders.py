@@ -212,6 +212,49 @@ def test_cnn_state_dict_round_trip(tmp_path):
         build_encoder(EncoderConfig(cnn_channels=(32, 64, 64, 64), weights=str(tmp_path / "cnn.pt")))
 
 
+def test_weights_files_that_load_wrongly_name_the_file_and_the_problem(tmp_path):
+    sd = build_encoder(EncoderConfig()).state_dict()
+    torch.save({**sd, "net.0.weight": torch.full_like(sd["net.0.weight"], float("nan"))}, tmp_path / "nan.pt")
+    nan = r"nan.pt: non-finite weights \(NaN or inf\) in net.0.weight"
+    with pytest.raises(EncoderWeightsError, match=nan):
+        build_encoder(EncoderConfig(weights=str(tmp_path / "nan.pt")))  # was loaded: NaN features
+    full = torchvision.models.resnet18(weights=None).state_dict()
+    full["fc.bias"] = torch.full_like(full["fc.bias"], float("inf"))
+    torch.save(full, tmp_path / "inf.pth")
+    with pytest.raises(EncoderWeightsError, match=r"inf.pth: non-finite weights \(NaN or inf\) in fc.bias"):
+        build_encoder(EncoderConfig(name="resnet18", weights=str(tmp_path / "inf.pth")))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole model: torch's 6-line advice
+    pickled = r"^\S*module.pt: holds pickled Python objects.*state_dict\(\)"
+    with pytest.raises(EncoderWeightsError, match=pickled):
+        build_encoder(EncoderConfig(weights=str(tmp_path / "module.pt")))
+    (tmp_path / "notes.pt").write_text("hello")  # was "cannot read the checkpoint (KeyError: 101)"
+    with pytest.raises(EncoderWeightsError, match=r"notes.pt: cannot read the checkpoint; not a torch"):
+        build_encoder(EncoderConfig(weights=str(tmp_path / "notes.pt")))
+
+
+def test_weights_path_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    # "~" reaches the config unexpanded (encoder.weights=~/w.pt on a command line): it read as missing
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    assert build_encoder(EncoderConfig(name="resnet18", weights="~/resnet18.pth")).dim == 256
+    a = build_encoder(EncoderConfig())
+    torch.save(a.state_dict(), tmp_path / "cnn.pt")
+    assert build_encoder(EncoderConfig(weights="~/cnn.pt")).weights_hash() == a.weights_hash()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("image_size", 2.5), ("image_size", float("nan")), ("cnn_dim", 16.5), ("allow_random", "false")],
+)
+def test_encoder_options_of_the_wrong_kind_are_refused(option, value):
+    # were a TypeError from F.interpolate (image_size 2.5, nan), a torch error on channels (cnn_dim 16.5),
+    # or taken as true (allow_random "false")
+    with pytest.raises(ValueError, match=rf"^encoder.{option}={value!r} is not "):
+        EncoderConfig(**{option: value})
+    with pytest.raises(ValueError, match=r"^encoder.cnn_channels\[0\]=8.7 is not a whole number$"):
+        EncoderConfig(cnn_channels=(8.7, 8))  # was cut to 8
+
+
 # ---------------------------------------------------------------------- feature cache
 IMG = (28, 42, 3)  # DINOv2: 2x3 = 6 patches
 

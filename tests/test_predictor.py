@@ -299,6 +299,49 @@ def test_predictor_config_rejects(bad):
         PredictorConfig(**kw)
 
 
+@pytest.mark.parametrize(
+    ("bad", "shown"),
+    [
+        ({"rope_base": float("nan")}, r"rope_base must be a finite number > 1, got nan"),  # NaN outputs
+        ({"rope_base": float("inf")}, r"rope_base must be a finite number > 1, got inf"),
+        ({"max_frames": True}, r"max_frames must be a positive int, got True"),  # was a window of 1
+        ({"onednn": "false"}, r"onednn must be True or False, got 'false'"),  # was true
+    ],
+)
+def test_predictor_config_rejects_values_it_accepted(bad, shown):
+    kw = {"in_dim": 8, "out_dim": 8, "dim": 32, "heads": 4, "head_dim": 8} | bad
+    with pytest.raises(ValueError, match=rf"^{shown}$"):
+        PredictorConfig(**kw)
+
+
+def test_forward_and_step_name_bad_inputs_in_one_line():
+    model = make(window=3)
+    x = tokens(2, 2, (2, 2))
+    with torch.no_grad():
+        _, cache = model.step(x[:, 0], (2, 2), model.init_cache(2, (2, 2)))
+        # another batch on a cache: was a torch.cat size error
+        with pytest.raises(ValueError, match=r"^tokens_t has batch 3 but the cache holds 2 samples: start"):
+            model.step(tokens(3, 1, (2, 2))[:, 0], (2, 2), cache)
+        with pytest.raises(
+            ValueError, match=r"^tokens_t must be one frame \(B, P, in_dim\), got \(2, 1, 4, 12"
+        ):
+            model.step(x[:, :1], (2, 2), cache)  # was "too many values to unpack"
+        with pytest.raises(ValueError, match=r"^tokens must be \(B, T >= 1, P, in_dim\), got \(2, 4, 12\)"):
+            model(x[:, 0], (2, 2))  # was "not enough values to unpack"
+        with pytest.raises(ValueError, match=r"^tokens must be \(B, T >= 1, P, in_dim\), got \(2, 0, 4"):
+            model(x[:, :0], (2, 2))  # was a ZeroDivisionError
+        with pytest.raises(
+            ValueError, match=r"^tokens are torch.float64 but the predictor's weights are torch"
+        ):
+            model(x.double(), (2, 2))  # was "mat1 and mat2 must have the same dtype"
+        with pytest.raises(ValueError, match=r"^tokens_t are torch.int64 but the predictor's weights are"):
+            model.step(x[:, 0].long(), (2, 2), model.init_cache())
+        # 2.5 x 1.6 = 4 patches passed the count check, then int() made it a 2 x 1 grid
+        with pytest.raises(ValueError, match=r"^grid must be two whole numbers >= 1 .*got \(2.5, 1.6\)$"):
+            model(x, (2.5, 1.6))
+        assert model(x, (2.0, 2.0)).shape == (2, 2, 4, OUT_DIM)  # whole floats still work
+
+
 # ----------------------------------------------------------------------------- decoder
 
 

@@ -17,6 +17,7 @@ from policies.video import (
     upscale,
     write_episode_video,
 )
+from wm.media import video_writer
 
 CAP = VideoConfig().caption_height
 BANNER = VideoConfig().banner_height
@@ -118,3 +119,38 @@ def test_write_refuses_mixed_sizes_and_no_frames(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no frames"):
         write_episode_video(tmp_path / "e.mp4", [], 10, True)
     assert list(tmp_path.iterdir()) == []  # nothing half-written stays behind
+
+
+def _write(path: Path, frames: list[np.ndarray]) -> None:
+    with video_writer(path, 10) as writer:
+        for frame in frames:
+            writer.append_data(frame)
+
+
+@pytest.mark.parametrize(
+    ("frame", "shown"),
+    [
+        (_img(16, 16).astype(np.float32), r"\(16, 16, 3\) float32"),  # imageio stretched its min..max
+        (np.zeros((16, 16, 4), np.uint8), r"\(16, 16, 4\) uint8"),
+        (np.zeros((16, 16), np.uint8), r"\(16, 16\) uint8"),
+        (np.zeros((15, 16, 3), np.uint8), r"\(15, 16, 3\) uint8"),  # ffmpeg wrote an empty file
+    ],
+    ids=["float", "rgba", "gray", "odd"],
+)
+def test_video_writer_refuses_frames_it_would_write_wrongly(tmp_path: Path, frame, shown: str) -> None:
+    with pytest.raises(ValueError, match=rf"v.mp4: frame 0 is {shown}; expected \(H, W, 3\) uint8 with even"):
+        _write(tmp_path / "v.mp4", [frame, frame])
+    assert list(tmp_path.iterdir()) == []  # nothing half-written stays behind
+
+
+def test_video_writer_names_no_frames_and_a_path_it_cannot_make(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"v.mp4: no frames were written$"):  # was FileNotFoundError (.part)
+        _write(tmp_path / "v.mp4", [])
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match=r"cannot write the video .*file/v.mp4: its folder cannot be made"):
+        _write(tmp_path / "file" / "v.mp4", [_img(16, 16)])
+    with pytest.raises(ValueError, match=r"frame 1 is \(18, 16, 3\), the first frame \(16, 16, 3\)"):
+        _write(tmp_path / "v.mp4", [_img(16, 16), _img(18, 16)])
+    _write(tmp_path / "v.mp4", [_img(16, 16), _img(16, 16, 1)])  # valid frames still write
+    assert len(_read(tmp_path / "v.mp4")[0]) == 2

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from wm.options import check_numbers
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
@@ -47,6 +49,8 @@ class DecoderConfig:
     keypoint_hidden: int = 64
 
     def __post_init__(self) -> None:
+        # int() cut channels=(8.5,) to 8, keypoints=2.5 was a TypeError from torch, upsample=True was 1
+        check_numbers(type(self), vars(self), "decoder")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "keypoint_sigmas", tuple(float(s) for s in self.keypoint_sigmas))
         if self.in_dim < 1:
@@ -60,7 +64,8 @@ class DecoderConfig:
                 f"proprio_dim must be >= 0, keypoints and keypoint_hidden >= 1, got {self.proprio_dim}, "
                 f"{self.keypoints}, {self.keypoint_hidden}"
             )
-        if not self.keypoint_sigmas or min(self.keypoint_sigmas) <= 0:
+        # a nan width drew NaN images
+        if not self.keypoint_sigmas or not all(0 < s < math.inf for s in self.keypoint_sigmas):
             raise ValueError(f"keypoint_sigmas must be positive pixel widths, got {self.keypoint_sigmas}")
 
     @property

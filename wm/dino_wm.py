@@ -223,6 +223,14 @@ class DinoWorldModel(nn.Module):
             if key not in obs:
                 raise ValueError(f"observation lacks {key!r} (has {sorted(obs)}); the world model needs it")
         img = obs[c.image_key]
+        P, D = self.grid[0] * self.grid[1], self.encoder.dim
+        if not (img.ndim == 5 and img.shape[2] == 3) and not (
+            img.ndim == 4 and tuple(img.shape[2:]) == (P, D)
+        ):
+            raise ValueError(
+                f"{c.image_key!r} must be images (B, T, 3, H, W) or cached features (B, T, {P}, {D}), got "
+                f"{tuple(img.shape)}"
+            )
         if img.ndim == 5 and tuple(img.shape[-2:]) != tuple(c.image_size):
             raise ValueError(
                 f"{c.image_key!r} images are {tuple(img.shape[-2:])} but the world model was trained on "
@@ -232,6 +240,19 @@ class DinoWorldModel(nn.Module):
             raise ValueError(
                 f"{c.proprio_key!r} has {obs[c.proprio_key].shape[-1]} dims but the world model was trained "
                 f"on {c.proprio_dim}: an observation or goal from another task?"
+            )
+        lead = tuple(img.shape[:2])  # (B, T)
+        if c.proprio_dim and tuple(obs[c.proprio_key].shape) != (*lead, c.proprio_dim):
+            raise ValueError(
+                f"{c.proprio_key!r} must be (B, T, {c.proprio_dim}) = {(*lead, c.proprio_dim)} beside "
+                f"{c.image_key!r} {tuple(img.shape)}, got {tuple(obs[c.proprio_key].shape)}"
+            )
+        past = obs.get("past_action")
+        if past is not None and tuple(past.shape) != (lead[0], lead[1] - 1, self.step_action_dim):
+            raise ValueError(
+                f"'past_action' must be (B, T - 1, frameskip * action_dim) = "
+                f"{(lead[0], lead[1] - 1, self.step_action_dim)} beside {c.image_key!r} {tuple(img.shape)}, "
+                f"got {tuple(past.shape)}"
             )
 
     def encode(self, obs: dict[str, torch.Tensor]) -> Latent:
@@ -274,19 +295,37 @@ class DinoWorldModel(nn.Module):
     def predict(self, z: Latent, actions: torch.Tensor) -> Latent:
         """Teacher-forced next-frame prediction: z over T frames and raw actions (B, T, f*A) -> latents of
         frames 1..T."""
-        tokens = self._tokens(z["visual"], z.get("proprio"), self.normalize_actions(actions))
+        visual = z["visual"]
+        lead = tuple(visual.shape[:2]) if visual.ndim == 4 else None  # (B, T)
+        self._check_latent("z", z, lead, "(B, T")
+        # finite=False: training data is checked before training, and a check here is a GPU sync per step
+        actions = self._check_actions(
+            "actions", actions, (*lead, self.step_action_dim), "(B, T, f*A)", finite=False
+        )
+        tokens = self._tokens(visual, z.get("proprio"), self.normalize_actions(actions))
         return self._split(self.predictor(tokens, self.grid))
 
     def rollout(self, z0: Latent, actions: torch.Tensor) -> Latent:
         """Open-loop rollout. z0: history latents with leading (E, Th); actions (E, N, H, f*A) raw.
         Returns latents with leading (E, N, H): the predicted frames after each action step.
         The history is encoded once per episode and shared by the N samples (expand, no copy)."""
-        E, N, H, _ = actions.shape
-        acts = self.normalize_actions(actions)
         vis0 = z0["visual"]  # (E, Th, P, D)
-        Th = vis0.shape[1]
+        self._check_latent("z0", z0, tuple(vis0.shape[:2]) if vis0.ndim == 4 else None, "(E, Th")
+        E, Th = vis0.shape[:2]
+        if actions.ndim != 4 or actions.shape[0] != E or actions.shape[2] < 1:
+            raise ValueError(
+                f"actions must be (E, N, H, frameskip * action_dim) = ({E}, N, H >= 1, "
+                f"{self.step_action_dim}) for z0['visual'] {tuple(vis0.shape)}, got {tuple(actions.shape)}"
+            )
+        E, N, H, _ = actions.shape
+        actions = self._check_actions("actions", actions, (E, N, H, self.step_action_dim), "(E, N, H, f*A)")
+        acts = self.normalize_actions(actions)
         prop0 = z0.get("proprio")
         past = z0.get("past_action")
+        if past is not None:
+            past = self._check_actions(
+                "z0['past_action']", past, (E, Th - 1, self.step_action_dim), "(E, Th - 1, f*A)"
+            )
         past = self.normalize_actions(past) if past is not None else None
 
         def per_sample(x: torch.Tensor) -> torch.Tensor:  # (E, ...) -> (E * N, ...)
@@ -314,6 +353,32 @@ class DinoWorldModel(nn.Module):
         if cur_p is not None:
             z["proprio"] = rearrange(torch.stack(outs_p, 1), "(e n) h d -> e n h d", e=E)
         return z
+
+    def _check_latent(self, name: str, z: Latent, lead: tuple[int, ...] | None, letters: str) -> None:
+        """One line for a latent that is not {"visual": (*lead, P, D), "proprio": (*lead, Dp)}, lead
+        (B, T) or (E, Th) (None: "visual" is not 4-D)."""
+        P, D, Dp = self.grid[0] * self.grid[1], self.encoder.dim, self.cfg.proprio_dim
+        visual = z["visual"]
+        if lead is None or lead[1] < 1 or tuple(visual.shape[2:]) != (P, D):
+            raise ValueError(f"{name}['visual'] must be {letters}, {P}, {D}), got {tuple(visual.shape)}")
+        proprio = z.get("proprio")
+        if Dp and (proprio is None or tuple(proprio.shape) != (*lead, Dp)):
+            got = None if proprio is None else tuple(proprio.shape)
+            raise ValueError(f"{name}['proprio'] must be {letters}, {Dp}) = {(*lead, Dp)}, got {got}")
+
+    def _check_actions(
+        self, name: str, actions: torch.Tensor, shape: tuple[int, ...], letters: str, finite: bool = True
+    ) -> torch.Tensor:
+        """`actions` of `shape`, finite (unless not `finite`), in the model's dtype (float64 or integer
+        actions were a dtype error deep in torch); one line naming `name` otherwise."""
+        if tuple(actions.shape) != shape:
+            raise ValueError(
+                f"{name} must be raw actions {letters} = {shape} (f*A: frameskip {self.cfg.frameskip} x "
+                f"action_dim {self.cfg.action_dim}), got {tuple(actions.shape)}"
+            )
+        if finite and not torch.isfinite(actions).all():  # NaN actions gave NaN predictions and costs
+            raise ValueError(f"{name} hold NaN or inf values")
+        return actions.to(self.action_emb.weight.dtype)
 
     def cost(self, pred: Latent, goal: Latent) -> torch.Tensor:
         """Planning objective. pred leading (E, N, H); goal leading (E,) (its last frame if it has T).

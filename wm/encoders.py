@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from wm.checkpoint import state_dict_diff
+from wm.options import check_numbers
 
 DINOV2_MODELS = {  # our name -> (timm model name, official file name, feature dim)
     "dinov2_vits14": ("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth", 384),
@@ -83,6 +85,9 @@ class EncoderConfig:
     image_size: int = 0  # > 0: resize frames to image_size x image_size first (DINO-WM: 224)
 
     def __post_init__(self) -> None:
+        # A float reached torch as a TypeError (image_size=2.5), int() cut cnn_channels 8.7 to 8, the
+        # string "false" was a true allow_random.
+        check_numbers(type(self), vars(self), "encoder")
         object.__setattr__(self, "cnn_channels", tuple(int(c) for c in self.cnn_channels))
         if self.name not in ENCODER_NAMES:
             raise ValueError(f"encoder name {self.name!r} is not one of {ENCODER_NAMES}")
@@ -343,7 +348,7 @@ def _check_weights(cfg: EncoderConfig) -> None:
             "meaningless for a world model",
             stacklevel=3,
         )
-    elif cfg.weights != "timm" and not Path(cfg.weights).is_file():
+    elif cfg.weights != "timm" and not Path(cfg.weights).expanduser().is_file():
         raise EncoderWeightsError(
             f"{cfg.name}: weights file {cfg.weights} does not exist. {_how_to_get(cfg.name)}"
         )
@@ -353,7 +358,7 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a .safetensors or torch weights file, unwrapped from {"model"|"state_dict"|"teacher": ...}
     and stripped of a "module." / "backbone." / "_orig_mod." prefix shared by every key. For third-party
     backbone files; the project's own checkpoints are read by `wm.checkpoint.load_checkpoint`."""
-    path = Path(path)
+    path = Path(path).expanduser()  # a config's "~/weights/..." (no shell expands it in key=value)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -361,8 +366,20 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message is several lines of advice on weights_only
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:  # not a pickle of tensors at all
+            raise EncoderWeightsError(f"{path}: cannot read the checkpoint; not a torch weights file") from e
+        raise EncoderWeightsError(
+            f"{path}: holds pickled Python objects besides tensors ({found.group(1)}: a whole model saved "
+            "with torch.save(model)?); save and pass its state_dict() instead"
+        ) from e
     except Exception as e:
-        raise EncoderWeightsError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+        msg = str(e).strip().split("\n")[0][:200]
+        raise EncoderWeightsError(
+            f"{path}: cannot read the checkpoint; not a torch (.pt/.pth) or .safetensors weights file? "
+            f"({type(e).__name__}: {msg})"
+        ) from e
     for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
@@ -390,6 +407,13 @@ def _check_keys(sd: dict[str, Tensor], target: dict[str, Tensor], where: str | P
     problems = state_dict_diff(target, sd)
     if problems:
         raise EncoderWeightsError(f"{where}: checkpoint does not fit the model; " + "; ".join(problems))
+    bad = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:  # loaded, they gave NaN features and no error
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise EncoderWeightsError(
+            f"{where}: non-finite weights (NaN or inf) in {', '.join(bad[:5])}{more}: a corrupt file or one "
+            "saved from a diverged run"
+        )
 
 
 def _how_to_get(name: str) -> str:

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @contextmanager
 def video_writer(
@@ -20,11 +22,16 @@ def video_writer(
     output_params: Sequence[str] = ("-movflags", "+faststart"),
 ) -> Iterator[Any]:
     """`with video_writer(path, fps) as w: w.append_data(frame)`, frames (H, W, 3) uint8 of one even
-    size; `path`'s suffix picks the container (.mp4, .webm)."""
+    size; `path`'s suffix picks the container (.mp4, .webm). Any other frame (float, another channel
+    count, an odd or changing size), or no frame at all, is a ValueError naming the video, and no file
+    is left behind."""
     import imageio.v2 as imageio
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. "File exists" naming a file on the way: say what failed
+        raise OSError(f"cannot write the video {path}: its folder cannot be made ({e})") from e
     part = path.with_name(f"{path.stem}.part{path.suffix}")  # ffmpeg picks the container from the suffix
     writer = imageio.get_writer(
         part,
@@ -36,11 +43,37 @@ def video_writer(
         output_params=list(output_params),
         ffmpeg_log_level="error",
     )
+    checked = _CheckedWriter(writer, path)
     try:
-        yield writer
+        yield checked
+        if checked.count == 0:
+            raise ValueError(f"{path}: no frames were written")
     except BaseException:
         writer.close()
         part.unlink(missing_ok=True)
         raise
     writer.close()
     part.replace(path)
+
+
+class _CheckedWriter:
+    """imageio's writer, taking only frames (H, W, 3) uint8 of one even size: imageio stretched a float
+    frame of 0..255 values from its own min..max (a wrong brightness, only a warning), and ffmpeg wrote
+    an empty file for an odd size."""
+
+    def __init__(self, writer: Any, path: Path) -> None:
+        self._writer, self._path, self._shape, self.count = writer, path, None, 0
+
+    def append_data(self, frame: np.ndarray) -> None:
+        frame = np.asarray(frame)
+        shape = frame.shape
+        if frame.ndim != 3 or shape[2] != 3 or frame.dtype != np.uint8 or shape[0] % 2 or shape[1] % 2:
+            raise ValueError(
+                f"{self._path}: frame {self.count} is {shape} {frame.dtype}; expected (H, W, 3) uint8 with "
+                "even H and W (convert float frames in [0, 1] with (frame * 255).round().astype(np.uint8))"
+            )
+        if self._shape is not None and shape != self._shape:
+            raise ValueError(f"{self._path}: frame {self.count} is {shape}, the first frame {self._shape}")
+        self._shape = shape
+        self._writer.append_data(frame)
+        self.count += 1

@@ -98,7 +98,7 @@ class PredictorConfig:
         check_precision(self.precision, allow_auto=True)
         for name in ("in_dim", "out_dim", "dim", "depth", "heads", "head_dim", "mlp_dim", "max_frames"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:  # True was taken as 1
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.dim % 4:
             raise ValueError(f"dim must be divisible by 4 (2-D sin-cos embedding), got {self.dim}")
@@ -109,8 +109,10 @@ class PredictorConfig:
         chunk = self.inference_chunk_tokens
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
             raise ValueError(f"inference_chunk_tokens must be None (auto) or an int >= 0, got {chunk!r}")
-        if self.rope_base <= 1.0:
-            raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1.0):  # nan: NaN outputs, no error
+            raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base}")
+        if not isinstance(self.onednn, bool):  # the string "false" was true
+            raise ValueError(f"onednn must be True or False, got {self.onednn!r}")
         if self.attention not in ("frame_blocks", "masked"):
             raise ValueError(f"attention must be 'frame_blocks' or 'masked', got {self.attention!r}")
 
@@ -585,6 +587,10 @@ class Predictor(nn.Module):
         Without autograd (no_grad / inference_mode) the batch runs in chunks of `chunk_samples`
         samples, so peak memory stays bounded for large batches.
         """
+        if tokens.ndim != 4 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be (B, T >= 1, P, in_dim), got {tuple(tokens.shape)}")
+        self._check_dtype("tokens", tokens)
+        _check_grid(grid)
         batch, frames, patches, _ = tokens.shape
         per_chunk = self.chunk_samples(frames * patches, tokens)
         if torch.is_grad_enabled() or per_chunk == 0 or batch <= per_chunk:
@@ -593,6 +599,15 @@ class Predictor(nn.Module):
         for lo in range(0, batch, per_chunk):
             out[lo : lo + per_chunk] = self._run(tokens[lo : lo + per_chunk], grid)
         return out
+
+    def _check_dtype(self, name: str, x: Tensor) -> None:
+        """Tokens in the weights' dtype (autocast casts itself); float64 or integer tokens were a dtype
+        error from a matrix product."""
+        want = self.norm.weight.dtype
+        if x.dtype != want and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"{name} are {x.dtype} but the predictor's weights are {want}: convert with .to({want})"
+            )
 
     def chunk_samples(self, tokens_per_sample: int, tokens: Tensor) -> int:
         """Samples per inference chunk of `forward` for these input tokens (0: do not chunk).
@@ -649,9 +664,18 @@ class Predictor(nn.Module):
         Without autograd the batch runs in chunks as `forward`'s (`chunk_samples`, counting each sample
         as a whole window of tokens), each chunk's keys and values written into the new cache.
         """
+        if tokens_t.ndim != 3:
+            raise ValueError(f"tokens_t must be one frame (B, P, in_dim), got {tuple(tokens_t.shape)}")
+        self._check_dtype("tokens_t", tokens_t)
+        _check_grid(grid)
         grid = (int(grid[0]), int(grid[1]))
         if cache.grid is not None and cache.grid != grid:
             raise ValueError(f"cache was built for grid {cache.grid}, got {grid}")
+        if cache.frames and cache.keys[0].shape[0] != tokens_t.shape[0]:  # was a torch.cat size error
+            raise ValueError(
+                f"tokens_t has batch {tokens_t.shape[0]} but the cache holds {cache.keys[0].shape[0]} "
+                "samples: start a new cache (init_cache) for another batch"
+            )
         window_tokens = tokens_t.shape[1] * self.window
         per_chunk = 0 if torch.is_grad_enabled() else self.chunk_samples(window_tokens, tokens_t)
         if self._bf16_active(tokens_t):
@@ -695,6 +719,12 @@ class Predictor(nn.Module):
             keys.append(k_all[:, :, start:].clone() if start and own else k_all[:, :, start:])
             values.append(v_all[:, :, start:].clone() if start and own else v_all[:, :, start:])
         return self._out(x), keys, values
+
+
+def _check_grid(grid: Grid) -> None:
+    """A patch grid is two whole numbers >= 1 (a grid of 2.5 x 1.6 passed the patch count check)."""
+    if len(grid) != 2 or not all(g == int(g) and g >= 1 for g in grid):
+        raise ValueError(f"grid must be two whole numbers >= 1 (patch rows, columns), got {tuple(grid)}")
 
 
 def _init_weights(m: nn.Module) -> None:
