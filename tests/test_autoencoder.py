@@ -4,6 +4,7 @@ test itself, and over a patch encoder; the feature cache built with a codec; one
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -312,6 +313,27 @@ def test_bad_sources_and_sizes_are_one_line_errors(trained, tmp_path):
             fn()
         assert "\n" not in str(e.value)
     assert build_codec(moved, load_weights=False).latent_shape(SIZE, SIZE) == (4, 8, 8)  # no files needed
+
+
+@pytest.mark.parametrize(
+    "options, said",
+    [
+        ({"channels": "32"}, r"^model.channels='32' is not a list of whole numbers$"),  # was (3, 2)
+        ({"channels": 32}, r"^model.channels=32 is not a list of whole numbers$"),  # was a TypeError
+        ({"image_size": 64}, r"^model.image_size=64 is not a list of whole numbers$"),
+        ({"image_keys": 5}, r"^model.image_keys=5 is not a camera name or a list of camera names$"),
+        ({"image_keys": ["img", 5]}, r"is not a camera name or a list of camera names$"),  # was kept
+        ({"image_keys": ["img", ""]}, r"^model.image_keys=\['img', ''\] holds an empty camera name$"),
+        ({"kl_weight": math.inf}, r"kl_weight must be finite and >= 0"),  # the loss was inf at step 1
+        ({"foreground_weight": math.inf}, r"foreground_weight must be finite and >= 0"),
+    ],
+)
+def test_autoencoder_options_of_the_wrong_kind_are_one_line_errors(options, said):
+    with pytest.raises(ValueError, match=said) as e:
+        AutoencoderConfig.from_dict(options)
+    assert "\n" not in str(e.value)
+    ok = AutoencoderConfig.from_dict({"image_keys": "img", "channels": [16, 32]})  # still taken
+    assert ok.image_keys == ("img",) and ok.channels == (16, 32)
 
 
 def test_feature_cache_of_two_cameras(trained, tmp_path):

@@ -146,6 +146,16 @@ def test_config_validation_and_device():
     with pytest.raises(ValueError, match="device"):
         TrainerConfig(device="gpu0")
     assert TrainerConfig(betas=[0.9, 0.95]).betas == (0.9, 0.95)
+    # of the wrong kind: steps=10.5 ran 11 steps, ckpt_every=0.5 saved every step, "false" was true
+    for name, value, said in [
+        ("steps", 10.5, "a whole number"),
+        ("ckpt_every", 0.5, "a whole number"),
+        ("steps", "10", "a whole number"),
+        ("ema_warmup", "false", "true or false"),
+    ]:
+        with pytest.raises(ValueError, match=f"^trainer.{name}={value!r} is not {said}$"):
+            TrainerConfig(**{name: value})
+    assert TrainerConfig(lr=1, grad_clip=0, seed=np.int64(3)).seed == 3  # an int for a float, numpy ints
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
@@ -328,10 +338,50 @@ def test_a_diverging_run_saves_no_non_finite_weights_and_says_so_in_one_line(dat
         return step(batch)
 
     trainer.train_step = poisoned
-    with pytest.raises(TrainingDiverged, match="not finite at step 15: training diverged and was not saved"):
+    with pytest.raises(TrainingDiverged, match="at step 12: training diverged; the step was not taken"):
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
     assert isinstance(TrainingDiverged("x"), ValueError)  # the apps' one line, not "a bug"
+    assert trainer.step == 11 and all(bool(torch.isfinite(p).all()) for p in trainer.ema_model.parameters())
+    with pytest.raises(TrainingDiverged, match="not finite at step 11: training diverged and was not saved"):
+        with torch.no_grad():
+            trainer.model.net[0].weight.fill_(float("nan"))  # NaN from elsewhere: save() still refuses it
+        trainer.save()
+
+
+@pytest.mark.parametrize("poison", ["nan_target", "nan_constant"])
+def test_a_non_finite_step_stops_at_that_step_and_keeps_best_pt(dataset, tmp_path, poison):
+    """The loss was checked on logging steps only: a NaN at step 12 ran on to step 20, and a validation
+    in between (step 15, a metric that stays finite) saved the NaN weights as best.pt over the good one
+    of step 10. With finite gradients (a NaN term no weight feeds) the error named step 20, not 12."""
+    from wm.trainer import TrainingDiverged
+
+    vals = {5: {"loss": 3.0}, 10: {"loss": 2.0}, 15: {"loss": 1.0}}
+    trainer = make_trainer(dataset, tmp_path, steps=40, log_every=20, val_every=5, val_fn=scripted_val(vals))
+    step = trainer.train_step
+    nan = torch.tensor(float("nan"))
+
+    def poisoned(batch):
+        if trainer.step >= 11 and poison == "nan_target":  # NaN gradients from step 12 on
+            batch = {**batch, "y": torch.full_like(batch["y"], float("nan"))}
+        return step(batch)
+
+    def compute_loss(batch):
+        loss, metrics = TinyRegressor.compute_loss(trainer.model, batch)
+        return (loss + nan if trainer.step >= 11 else loss), metrics  # NaN loss, finite gradients
+
+    trainer.train_step = poisoned
+    if poison == "nan_constant":
+        trainer.model.compute_loss = compute_loss
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    assert "\n" not in str(info.value)
+    assert str(info.value).startswith("the loss is nan and the gradient norm ")
+    assert "at step 12: training diverged; the step was not taken and nothing was saved" in str(info.value)
+    best = load_checkpoint(tmp_path / BEST_NAME)
+    assert best["best"] == {"metric": "loss", "value": 2.0, "step": 10}
+    load_model_weights(TinyRegressor(**MODEL_CONFIG), best)  # finite (it refuses NaN weights)
+    assert trainer.step == 11 and all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
 
 
 def test_a_bad_frame_met_by_a_loader_worker_is_its_own_one_line_error(store_path, tmp_path):
@@ -566,6 +616,44 @@ def test_resuming_another_model_is_one_clear_error(dataset, tmp_path, capsys):
     said = capsys.readouterr().err
     assert "resumed from step 4 (" in said
     assert "note: resuming" in said and "another model_config (note (checkpoint unset, this run x))" in said
+
+
+def _nan_weights(c):
+    c["state_dict"]["net.0.weight"][0, 0] = math.inf
+
+
+def _nan_moments(c):
+    c["optimizer"]["state"][0]["exp_avg"][0, 0] = math.nan
+
+
+def _moment_shape(c):
+    c["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (_nan_weights, r"whose weights \(1 tensor\(s\), the first 'net.0.weight'\) hold NaN or inf: it"),
+        (_nan_moments, r"whose optimizer state \(1 tensor\(s\), the first '0.exp_avg'\) hold NaN or inf"),
+        (_moment_shape, r"does not fit .*\(exp_avg of shape \(3,\) for a parameter \(32, 4\)\)"),
+        (lambda c: c.update(scheduler={}), r"its scheduler, step or random state is damaged \(KeyError: "),
+        (lambda c: c.pop("rng"), r"its scheduler, step or random state is damaged \(KeyError: 'rng'\)"),
+    ],
+)
+def test_resuming_a_damaged_checkpoint_is_one_clear_error(dataset, tmp_path, damage, said):
+    """NaN weights or moments resumed and trained on to "the loss is nan ...: lower trainer.lr" (the
+    wrong advice); moments of another shape failed at the first step with a RuntimeError from AdamW; a
+    damaged scheduler or missing random state was a bare KeyError. Nothing is written either way."""
+    make_trainer(dataset, tmp_path, steps=4).fit()
+    path = tmp_path / "ckpt_00000004.pt"
+    ckpt = torch.load(path, weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=said) as info:
+        make_trainer(dataset, tmp_path, steps=8).fit()
+    assert "\n" not in str(info.value) and str(info.value).endswith(f"delete {tmp_path} to start over")
+    assert [p.name for p in list_checkpoints(tmp_path)] == [path.name] and path.read_bytes() == before
 
 
 def test_resuming_takes_this_runs_optimizer_settings_and_says_so(dataset, tmp_path, capsys):

@@ -74,6 +74,7 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         check_numbers(type(self), vars(self), "model")
+        self._check_kinds()
         keys = (self.image_keys,) if isinstance(self.image_keys, str) else tuple(self.image_keys)
         object.__setattr__(self, "image_keys", keys)
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
@@ -86,8 +87,9 @@ class AutoencoderConfig:
             "channels must be non-empty and positive": bool(self.channels) and min(self.channels) > 0,
             "blocks must be >= 0": self.blocks >= 0,
             "latent_channels must be >= 1": self.latent_channels >= 1,
-            "kl_weight must be >= 0": self.kl_weight >= 0,
-            "foreground_weight must be >= 0": self.foreground_weight >= 0,
+            "kl_weight must be finite and >= 0": math.isfinite(self.kl_weight) and self.kl_weight >= 0,
+            "foreground_weight must be finite and >= 0": math.isfinite(self.foreground_weight)
+            and self.foreground_weight >= 0,
             "foreground_threshold must be in [0, 1)": 0 <= self.foreground_threshold < 1,
             f"recon_loss must be one of {RECON_LOSSES}": self.recon_loss in RECON_LOSSES,
             "scale_momentum must be in (0, 1]": 0 < self.scale_momentum <= 1,
@@ -101,6 +103,23 @@ class AutoencoderConfig:
                 f"AutoencoderConfig: image_size {h}x{w} is not divisible by the downsampling factor "
                 f"{self.downsample} (patch {self.patch} * 2**{len(self.channels) - 1})"
             )
+
+    def _check_kinds(self) -> None:
+        """Refuse (ValueError, one line) list options given as something else: channels="32" became
+        (3, 2), a camera list ["a", 5] was kept, channels=32 or image_keys=5 was a TypeError traceback."""
+        wrong = [
+            f"model.{name}={getattr(self, name)!r} is not a list of whole numbers"
+            for name in ("image_size", "channels")
+            if not isinstance(getattr(self, name), list | tuple)
+        ]
+        keys = self.image_keys
+        names = isinstance(keys, list | tuple) and all(isinstance(k, str) for k in keys)
+        if not (isinstance(keys, str) or names):
+            wrong.append(f"model.image_keys={keys!r} is not a camera name or a list of camera names")
+        elif any(not k for k in ([keys] if isinstance(keys, str) else keys)):
+            wrong.append(f"model.image_keys={keys!r} holds an empty camera name")
+        if wrong:
+            raise ValueError("; ".join(wrong))
 
     @property
     def downsample(self) -> int:

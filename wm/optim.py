@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wm.options import check_numbers
 from wm.precision import check_precision
 
 
@@ -54,6 +55,9 @@ class TrainerConfig:
     best_metric: str | None = "auto"
 
     def __post_init__(self) -> None:
+        # steps=10.5 ran 11 steps, ckpt_every=0.5 saved every step, ema_warmup="false" was true (the
+        # apps coerce their options; this is the Python API's check)
+        check_numbers(type(self), vars(self), "trainer")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         check_precision(self.precision)
         checks = {

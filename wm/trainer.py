@@ -168,6 +168,33 @@ def changed_entries(then: dict[str, Any], now: dict[str, Any], keys: Sequence[st
     return [f"{k} {then[k]!r:.60} -> {now.get(k)!r:.60}" for k in keys if k in then and then[k] != now.get(k)]
 
 
+DAMAGED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError)  # resume state errors
+
+
+def non_finite(ckpt: dict[str, Any]) -> str:
+    """What of a checkpoint's weights, EMA weights and optimizer state holds NaN or inf, e.g.
+    "weights (2 tensor(s), the first 'net.0.weight')"; "" when all are finite."""
+    optimizer = ckpt.get("optimizer")
+    state = optimizer.get("state", {}) if isinstance(optimizer, dict) else {}
+    parts = {
+        "weights": ckpt.get("state_dict") or {},
+        "EMA weights": ckpt.get("ema_state_dict") or {},
+        "optimizer state": {
+            f"{i}.{k}": v for i, s in state.items() if isinstance(s, dict) for k, v in s.items()
+        },
+    }
+    found = []
+    for what, tensors in parts.items():
+        bad = [
+            k
+            for k, v in tensors.items()
+            if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        if bad:
+            found.append(f"{what} ({len(bad)} tensor(s), the first {bad[0]!r})")
+    return ", ".join(found)
+
+
 def _stop_message(signum: int) -> str:
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     return f"{name}: stopping after this step to save a checkpoint ({name} again: quit unsaved)"
@@ -337,23 +364,38 @@ class Trainer:
         if self._ema is not None:
             self._ema.load_state_dict(ckpt["ema_state_dict"] or ckpt["state_dict"])
         settings = [{k: g[k] for k in OPTIMIZER_SETTINGS} for g in self.optimizer.param_groups]
+        fix = f"choose another out= or delete {self.out_dir} to start over"
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
+            self._check_moments()
+        except DAMAGED as e:
             raise CheckpointError(
-                f"{path}: its optimizer state does not fit this run's parameters ({e}); choose another "
-                f"out= or delete {self.out_dir} to start over"
+                f"{path}: its optimizer state does not fit this run's parameters ({e}); {fix}"
             ) from None
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self._keep_settings(settings)
-        self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
-        if self.rank == 0:
-            set_rng_state(ckpt["rng"], self.loader.generator)
-        else:
-            _seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
+        try:  # a damaged file: one line, not a KeyError or TypeError from deep in torch
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self._keep_settings(settings)
+            self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
+            if self.rank == 0:
+                set_rng_state(ckpt["rng"], self.loader.generator)
+            else:
+                _seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
+        except DAMAGED as e:
+            raise CheckpointError(
+                f"{path}: its scheduler, step or random state is damaged ({type(e).__name__}: {e}); {fix}"
+            ) from None
         self.best = self._restore_best(ckpt)
         self._say(f"resumed from step {self.step} ({path})")
         return True
+
+    def _check_moments(self) -> None:
+        """Raise ValueError when a loaded optimizer state tensor has another shape than its parameter
+        (`load_state_dict` checks the groups' sizes only; the first step failed on a size mismatch)."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for name, v in self.optimizer.state.get(p, {}).items():
+                    if isinstance(v, Tensor) and v.ndim > 0 and v.shape != p.shape:
+                        raise ValueError(f"{name} of shape {tuple(v.shape)} for a parameter {tuple(p.shape)}")
 
     def _keep_settings(self, settings: list[dict[str, Any]]) -> None:
         """After loading a checkpoint's optimizer and scheduler: this run's lr, betas and weight decay
@@ -387,6 +429,12 @@ class Trainer:
             raise CheckpointError(f"{where} of another architecture ({'; '.join(problems)}{why}): {fix}")
         if ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
             raise CheckpointError(f"{where}, which has no optimizer state to resume from: {fix}")
+        bad = non_finite(ckpt)
+        if bad:  # resumed, it trained on to "the loss is nan ...: lower trainer.lr", the wrong advice
+            raise CheckpointError(
+                f"{where}, whose {bad} hold NaN or inf: it cannot be resumed (an earlier checkpoint of the "
+                f"run may: delete {path.name}); or {fix}"
+            )
         then = (ckpt.get("extra") or {}).get("run_config") or {}
         now = self.extra_state.get("run_config") or {}
         data = self.same_on_resume(then, now) if self.same_on_resume is not None else []
@@ -457,7 +505,8 @@ class Trainer:
             loss, metrics = self._loss_fn(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = self._clip_gradients()
+        grad_norm, norms = self._clip_gradients()
+        self._check_finite(loss.detach(), grad_norm, norms)
         self.optimizer.step()
         self.scheduler.step()
         if self._ema is not None:
@@ -465,15 +514,34 @@ class Trainer:
         self.step += 1
         return {"loss": loss.detach(), **metrics, "grad_norm": grad_norm, "lr": lr}
 
-    def _clip_gradients(self) -> Tensor:
+    def _clip_gradients(self) -> tuple[Tensor, list[Tensor]]:
         """Clip each clip group (see `default_param_groups`) to `grad_clip` on its own; returns the
-        gradient norm of the main group (the parameters of no detached head)."""
+        gradient norm of the main group (the parameters of no detached head) and every group's norm."""
         by_group: dict[str, list[Tensor]] = {}
         for g in self.optimizer.param_groups:
             by_group.setdefault(g.get("clip_group", ""), []).extend(g["params"])
         limit = self.cfg.grad_clip or float("inf")
         norms = {name: nn.utils.clip_grad_norm_(ps, limit) for name, ps in by_group.items()}
-        return norms[""] if "" in norms else next(iter(norms.values()))
+        return (norms[""] if "" in norms else next(iter(norms.values()))), list(norms.values())
+
+    def _check_finite(self, loss: Tensor, grad_norm: Tensor, norms: list[Tensor]) -> None:
+        """Raise `TrainingDiverged` before the optimizer step when the loss or a gradient norm is NaN or
+        inf: clipping a NaN norm makes every gradient NaN, and the step would put NaN into the weights,
+        the EMA and the optimizer (a validation before the next logging step could then save them as
+        best.pt). One device sync a step, on one scalar. Under DDP the loss is each rank's own (one
+        rank stopping alone would leave the others waiting); the gradients, all-reduced, are the same
+        on every rank, so every rank stops at the same step (a non-finite loss with finite gradients is
+        caught at the next logging step, on the ranks' mean)."""
+        total = loss.float() if self.world_size == 1 else torch.zeros((), device=loss.device)
+        for norm in norms:
+            total = total + norm.to(total.device)
+        if bool(torch.isfinite(total)):
+            return
+        raise TrainingDiverged(
+            f"the loss is {float(loss):.4g} and the gradient norm {float(grad_norm):.4g} at step "
+            f"{self.step + 1}: training diverged; the step was not taken and nothing was saved; lower "
+            "trainer.lr or set trainer.grad_clip (the checkpoints saved before are kept)"
+        )
 
     def validate(self) -> dict[str, float]:
         """Run `val_fn` on the EMA model (rank 0 only); returns its metrics."""
