@@ -155,8 +155,12 @@ class RobotBase(ABC):
     def check_action(self, action: Any) -> np.ndarray:
         """The action as the robot will apply it: shape checked, non-finite refused, clipped to limits."""
         feat = self.action_feature
-        a = np.asarray(action)
-        if a.dtype.kind not in "biuf":  # strings, None, complex (whose imaginary part would be dropped)
+        try:
+            a = np.asarray(action)
+        except ValueError as e:  # ragged nesting ([[0.1, 0.2], [0.3]]): numpy's bare error named no robot
+            raise ActionError(f"{self.name}: action is not an array of numbers ({e}); refused") from e
+        # strings, None, complex (whose imaginary part would be dropped), bools (a mask is no command)
+        if a.dtype.kind not in "iuf":
             raise ActionError(
                 f"{self.name}: action must be real numbers, got {a.dtype} {a.tolist()!r}; refused"
             )
@@ -171,7 +175,11 @@ class RobotBase(ABC):
                 feat.low if feat.low is not None else -np.inf,
                 feat.high if feat.high is not None else np.inf,
             )
-        return a.astype(feat.dtype)
+        with np.errstate(over="ignore"):
+            out = a.astype(feat.dtype)
+        if not np.all(np.isfinite(out)):  # finite in float64, but out of the robot's dtype's range
+            raise ActionError(f"{self.name}: action {a.tolist()} overflows {feat.dtype}; refused")
+        return out
 
     def send_action(self, action: np.ndarray) -> np.ndarray:
         """Validate, clip and apply one action; returns the action actually applied (as the robot's driver

@@ -420,8 +420,11 @@ class Collector:
         info: dict[str, Any] = {"source": source}
         if self.simulated:
             info = {"seed": self.seed + self.store.n_episodes, **info}
-        self._finish(run.writer, loop, info)
-        run.writer = None
+        saved, writer = self.stats.saved, run.writer
+        try:
+            self._finish(writer, loop, info)
+        finally:  # once committed, an error after it (Ctrl-C in `on_episode`) leaves nothing to discard
+            run.writer = writer if self.stats.saved == saved else None
 
 
 @dataclass

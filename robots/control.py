@@ -8,6 +8,7 @@ runs, `ManualClock` for tests and for as-fast-as-possible simulation.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -78,8 +79,13 @@ class RateLoop:
     _first: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        if not self.hz > 0:
-            raise ValueError(f"loop rate must be positive, got {self.hz}")
+        try:  # inf gave a zero period (ZeroDivisionError at the first late tick); a string, a TypeError
+            ok = not isinstance(self.hz, bool) and math.isfinite(self.hz) and self.hz > 0
+            ok = ok and math.isfinite(1.0 / self.hz)  # a period that is finite too
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"loop rate must be a positive finite number of Hz, got {self.hz!r}")
         self.period = 1.0 / self.hz
         self.restart()
 
@@ -92,6 +98,11 @@ class RateLoop:
         """Sleep until this tick's deadline; returns how late the work finished (<= 0: on time)."""
         deadline = next_deadline(self._start, self.period, self.tick)
         now = self.clock.now()
+        if deadline - now > 2 * self.period:
+            # The clock went back (a deadline is never that far ahead of a clock that only moves forward):
+            # resynchronize, this tick due now, instead of sleeping until a deadline of the old time.
+            self._start = now - (self.tick + 1) * self.period
+            deadline = now
         late = now - deadline
         if late > 0:
             self.overruns += 1

@@ -44,9 +44,17 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _did_you_mean(name: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(name, valid, n=1)
-    return f"; did you mean {near[0]}?" if near else ""
+def _nearest(name: Any, valid: list[str]) -> str | None:
+    name = str(name)  # a number from the command line (`robot=5`) was a TypeError from difflib
+    # a unique name the typed one starts ("so100" for so100_follower) is nearer than difflib finds it
+    near = [v for v in valid if v.startswith(name)] if name else []
+    near = near if len(near) == 1 else difflib.get_close_matches(name, valid, n=1)
+    return near[0] if near else None
+
+
+def _did_you_mean(name: Any, valid: list[str]) -> str:
+    near = _nearest(name, valid)
+    return f"; did you mean {near}?" if near else ""
 
 
 def task_names() -> list[str]:
@@ -54,15 +62,18 @@ def task_names() -> list[str]:
 
 
 def task_entry(name: str) -> TaskEntry:
-    if name.startswith(ROBOSUITE_PREFIX):
+    if isinstance(name, str) and name.startswith(ROBOSUITE_PREFIX):
         from robots.sim.robosuite_task import robosuite_entry
 
         return robosuite_entry(name[len(ROBOSUITE_PREFIX) :])
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:  # `task=1` from the command line is an int
+        # a robosuite env named without its prefix ("Lift") is a near match of its full name
+        full = {n: n for n in task_names()} | {e: ROBOSUITE_PREFIX + e for e in ROBOSUITE_EXPERT_ENVS}
+        near = _nearest(name, list(full))
         raise RobotError(
             f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}, or robosuite/<EnvName> "
             f"(e.g. {', '.join(ROBOSUITE_PREFIX + e for e in ROBOSUITE_EXPERT_ENVS)})"
-            + _did_you_mean(name, task_names())
+            + (f"; did you mean {full[near]}?" if near else "")
         )
     return _load(TASKS[name])
 

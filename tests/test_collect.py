@@ -480,3 +480,108 @@ def test_an_episode_dropped_by_quit_is_counted(tmp_path):
         tmp_path / "b", [(1.0, "b"), (2.5, "enter"), (2.53, "b"), (4.5, "q")]
     )
     assert store.n_episodes == 1 and (collector.stats.saved, collector.stats.discarded) == (1, 1)
+
+
+# ---------------------------------------------------------------------- teleop devices: failure paths
+SPACEMOUSE_INFO = {
+    "vendor_id": 0x256F,
+    "product_id": 0xC635,
+    "path": b"/dev/hidraw7",
+    "usage_page": 1,
+    "usage": 8,
+}
+
+
+def test_a_spacemouse_that_goes_silent_while_pushed_stops_instead_of_repeating_the_push():
+    """A unit streams motion reports while its cap is off centre; a wireless one that dropped out while
+    pushed (its receiver still plugged in) sent nothing more, and its last push was repeated for ever."""
+    from robots.registry import device_class
+    from robots.teleop.fakes import FakeClock, FakeHid
+
+    hid, clock = FakeHid([SPACEMOUSE_INFO]), FakeClock(100.0)
+    dev = device_class("spacemouse")(hid_module=hid, deadzone=0.0, clock=clock, stale_s=0.25)
+    dev.connect()
+    push = bytes([1]) + struct.pack("<6h", 0, -350, 0, 0, 0, 0)  # the cap pushed away: +x
+    try:
+        for t in (100.0, 100.1, 100.2):  # reports streaming in: the push holds
+            hid.reports.append(push)
+            clock.t = t
+            assert dev.poll().motion[0] == 1.0
+        clock.t = 100.4  # no report for 0.2 s: still within stale_s
+        assert dev.poll().motion[0] == 1.0
+        clock.t = 100.5  # 0.3 s of silence while pushed: the unit is gone
+        np.testing.assert_array_equal(dev.poll().motion, np.zeros(6))
+        hid.reports.append(push[:4])  # a report too short for its id is no report
+        clock.t = 100.6
+        np.testing.assert_array_equal(dev.poll().motion, np.zeros(6))
+        hid.reports.append(push)  # the unit is back, still pushed
+        clock.t = 100.7
+        assert dev.poll().motion[0] == 1.0
+    finally:
+        dev.disconnect()
+
+
+def test_a_keyboard_whose_terminal_cannot_be_restored_is_no_longer_connected():
+    """tcsetattr failing (the terminal already gone) left the keyboard marked connected: a later connect()
+    returned early and its polls read a dead file descriptor."""
+    import os
+    import pty
+    import termios
+
+    from robots.registry import device_class
+    from robots.teleop.fakes import FakeClock
+
+    master, slave = pty.openpty()
+    dev = device_class("keyboard")(backend="terminal", fd=slave, clock=FakeClock(0.0))
+    dev.connect()
+    os.close(slave)  # the terminal goes away before the restore
+    try:
+        with pytest.raises(termios.error):
+            dev.disconnect()
+        with pytest.raises(RuntimeError, match="not connected"):
+            dev.poll()
+        dev.disconnect()  # nothing left to restore: no second error
+    finally:
+        os.close(master)
+
+
+def test_a_cut_escape_sequence_does_not_outlive_a_keyboard_session():
+    """A lone ESC read just before disconnect() was kept, and read at the next session's first poll as the Esc
+    key: QUIT."""
+    import os
+    import pty
+
+    from robots.registry import device_class
+    from robots.teleop.fakes import FakeClock
+
+    master, slave = pty.openpty()
+    dev = device_class("keyboard")(backend="terminal", fd=slave, clock=FakeClock(0.0))
+    try:
+        dev.connect()
+        os.write(master, b"\x1b")  # an arrow's ESC, cut by the disconnect
+        assert dev.poll().commands == []
+        dev.disconnect()
+        dev.connect()
+        os.write(master, b"w")
+        state = dev.poll()
+        assert state.commands == [] and state.motion[0] == 1.0
+    finally:
+        dev.disconnect()
+        os.close(master)
+        os.close(slave)
+
+
+def test_ctrl_c_right_after_an_episode_is_saved_does_not_count_it_as_discarded(tmp_path):
+    """Ctrl-C in the progress callback, after the episode was committed, left the committed writer as "the
+    episode being recorded": the session's end counted it discarded too ("saved 1 (1 discarded)")."""
+    task = make_task("pointmaze", SimConfig(state_only=True))
+    store = open_store(str(tmp_path / "t.zarr"), recording_schema(task, "pointmaze"))
+
+    def interrupted(stats) -> None:
+        raise KeyboardInterrupt
+
+    collector = Collector(task, store, seed=0, on_episode=interrupted)
+    with task, pytest.raises(KeyboardInterrupt):
+        collector.record_teleop(_Operator({2: Command.START, 5: Command.SAVE}), lambda s, o: s.motion[:2], 2)
+    assert store.n_episodes == 1 and store.episode_info(0)["length"] == 4
+    assert collector.stats.saved == 1 and collector.stats.discarded == 0

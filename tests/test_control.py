@@ -49,3 +49,24 @@ def test_far_behind_resynchronizes_instead_of_bursting():
 def test_bad_rate():
     with pytest.raises(ValueError, match="positive"):
         RateLoop(0.0, ManualClock())
+
+
+@pytest.mark.parametrize("hz", [float("inf"), float("nan"), -5.0, "10", None, True, 1e-320])
+def test_a_rate_that_is_not_a_positive_finite_number_is_refused_in_one_line(hz):
+    """hz=inf made a zero period: the loop ran unpaced and its first late tick raised ZeroDivisionError."""
+    with pytest.raises(ValueError, match=r"^loop rate must be a positive finite number of Hz, got "):
+        RateLoop(hz, ManualClock())
+
+
+def test_a_clock_that_jumps_back_resynchronizes_instead_of_sleeping_until_the_old_deadline():
+    clock = ManualClock(1000.0)
+    loop = RateLoop(10.0, clock)
+    clock.advance(0.03)
+    loop.wait()
+    clock.t = 10.0  # a clock set back by ~990 s
+    clock.advance(0.03)
+    assert loop.wait() == 0.0
+    assert clock.now() == pytest.approx(10.03)  # it did not sleep until t=1000.2
+    clock.advance(0.03)
+    loop.wait()
+    assert clock.now() == pytest.approx(10.13)  # the schedule goes on from the new time, at the same rate

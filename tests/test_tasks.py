@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from robots.base import ActionError, Robot, RobotError
-from robots.registry import make_expert, make_task, task_names
+from robots.base import ActionError, Feature, Robot, RobotBase, RobotError
+from robots.registry import make_expert, make_robot, make_task, task_names
 from robots.sim.base import SimConfig
 
 
@@ -143,3 +143,87 @@ def test_sim_state_needs_a_connected_task(name):
         task.get_sim_state()
     with pytest.raises(RobotError, match="not connected"):
         task.set_sim_state(b"")
+
+
+@pytest.mark.parametrize(
+    "action, words",
+    [
+        ([[0.1, 0.2], [0.3]], "action is not an array of numbers"),  # was numpy's bare ValueError
+        (np.array([True, False]), "action must be real numbers, got bool"),  # was sent as [1.0, 0.0]
+        (0.5, "action shape () != expected (2,)"),
+    ],
+)
+def test_an_action_of_the_wrong_kind_is_refused_in_one_line_naming_the_robot(action, words):
+    with make_task("pointmaze", SimConfig(state_only=True)) as task:
+        task.reset(0)
+        with pytest.raises(ActionError, match=rf"^pointmaze: {re.escape(words)}") as info:
+            task.send_action(action)
+        assert "\n" not in str(info.value)
+        assert task.steps == 0
+
+
+class _Unlimited(RobotBase):
+    """A robot whose float32 actions have no limits (a driver that reports none)."""
+
+    @property
+    def observation_features(self) -> dict[str, Feature]:
+        return {}
+
+    @property
+    def action_feature(self) -> Feature:
+        return Feature((2,), "float32", "action")
+
+    def _connect(self) -> None:
+        self.sent: list[np.ndarray] = []
+
+    def _disconnect(self) -> None:
+        pass
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def _apply(self, action: np.ndarray) -> None:
+        self.sent.append(action)
+
+
+def test_an_action_beyond_the_robots_dtype_is_refused_not_sent_as_inf():
+    """1e39 is finite in float64 and passed the check; cast to the robot's float32 it was sent as inf."""
+    with _Unlimited(name="arm") as robot:
+        with pytest.raises(ActionError, match=r"^arm: action \[1e\+39, 0\.0\] overflows float32; refused$"):
+            robot.send_action(np.array([1e39, 0.0]))
+        assert robot.sent == []
+        np.testing.assert_array_equal(robot.send_action([3e38, -1.0]), np.float32([3e38, -1.0]))
+
+
+@pytest.mark.parametrize(
+    "name, near",
+    [
+        ("Lift", "robosuite/Lift"),  # a robosuite env without its prefix: no hint before
+        ("lift", "robosuite/Lift"),
+        ("point", "pointmaze"),
+        ("maze", "pointmaze"),
+        (3, None),  # `task=3` from the command line: was AttributeError: 'int' object has no attribute ...
+    ],
+)
+def test_an_unknown_task_is_one_line_with_the_list_and_the_near_match(name, near):
+    with pytest.raises(
+        RobotError, match=rf"^unknown task {re.escape(repr(name))}; valid: .*pointmaze"
+    ) as info:
+        make_task(name)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.endswith(f"; did you mean {near}?") if near else "did you mean" not in message
+
+
+@pytest.mark.parametrize(
+    "name, near",
+    [("so100", "so100_follower"), ("koch", "koch_follower"), ("so100_folower", "so100_follower"), (5, None)],
+)
+def test_an_unknown_robot_is_one_line_with_the_list_and_the_near_match(name, near):
+    """ "so100" had no hint (difflib's ratio is below its cutoff) and a number was difflib's TypeError."""
+    with pytest.raises(
+        RobotError, match=rf"^unknown robot {re.escape(repr(name))}; valid: koch_follower, "
+    ) as info:
+        make_robot(name)
+    message = str(info.value)
+    assert message.endswith(f"; did you mean {near}?") if near else "did you mean" not in message

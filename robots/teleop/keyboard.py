@@ -254,13 +254,16 @@ class KeyboardDevice:
         self._keys = KeyState(hold_s=self.hold_s)
 
     def disconnect(self) -> None:
-        if self._active == "pynput" and self._listener is not None:
-            self._listener.stop()
-            self._listener = None
-        if self._active == "terminal" and self._saved_tty is not None:
-            termios.tcsetattr(self._term_fd, termios.TCSADRAIN, self._saved_tty)
-            self._saved_tty = None
-        self._active = None
+        # Not connected from here on, even when stopping the listener or restoring the terminal fails (a
+        # closed terminal): the error says so, and a later connect() starts afresh instead of returning early.
+        active, self._active = self._active, None
+        listener, self._listener = self._listener, None
+        saved, self._saved_tty = self._saved_tty, None
+        self._partial = b""  # a sequence cut by the disconnect is no key of the next session
+        if active == "pynput" and listener is not None:
+            listener.stop()
+        if active == "terminal" and saved is not None:
+            termios.tcsetattr(self._term_fd, termios.TCSADRAIN, saved)
 
     # ------------------------------------------------------------------ pynput handlers
     def on_press(self, key: Any) -> None:

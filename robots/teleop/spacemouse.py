@@ -7,6 +7,12 @@ Reports (the first byte is the report id; values are int16 little-endian):
 - id 2, 7 bytes: rotation (rx, ry, rz).
 - id 3: buttons bitmask, bit 0 = left button, bit 1 = right button.
 
+A unit streams its motion reports (about every 8 ms) while the cap is off centre, and sends zeros a few
+times when it comes back to rest. A report stream that stops while the cap reads off centre is a unit that
+dropped out (a wireless one out of range or out of battery, its receiver still plugged in): after
+`stale_s` without a motion report, the motion falls back to zero instead of repeating the last push for
+ever. A report shorter than its id needs is ignored and counts as none.
+
 Each axis is divided by `full_scale` (about 350 at full deflection), clipped to [-1, 1] and given a
 deadzone. The HID frame is x right, y toward the operator, z down (right-handed). It is turned into
 the robot base frame seen by an operator behind the robot (x forward, y left, z up):
@@ -29,6 +35,8 @@ through a stand-in `hid.device` into the same parser.
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,6 +86,7 @@ class SpaceMouseState:
     def __init__(self) -> None:
         self.raw = np.zeros(6)  # (tx, ty, tz, rx, ry, rz) in device counts
         self.buttons = 0
+        self.motion_reports = 0  # motion reports applied so far
 
     def update(self, report: bytes | list[int]) -> int:
         """Apply one report; returns the buttons newly pressed by it (a bitmask)."""
@@ -85,6 +94,8 @@ class SpaceMouseState:
         if not data:
             return 0
         rid = data[0]
+        if rid in (1, 2) and len(data) >= 7:
+            self.motion_reports += 1
         if rid == 1 and len(data) >= 13:
             self.raw[:] = struct.unpack_from("<6h", data, 1)
         elif rid == 1 and len(data) >= 7:
@@ -114,6 +125,9 @@ class SpaceMouseDevice:
         full_scale: device counts at full deflection.
         hid_module: a module like hidapi's `hid` (`enumerate()`, `device()`); default `import hid`.
         command_device: device whose commands are merged into each poll (e.g. a keyboard).
+        stale_s: seconds without a motion report after which an off-centre reading is dropped to zero
+            (the unit went silent; module docstring).
+        clock: monotonic clock in seconds.
     """
 
     name = "spacemouse"
@@ -125,16 +139,23 @@ class SpaceMouseDevice:
         full_scale: float = 350.0,
         hid_module: Any = None,
         command_device: TeleopDevice | None = None,
+        stale_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 <= deadzone < 1:
             raise ValueError(f"deadzone must be in [0, 1), got {deadzone}")
         if not (np.isfinite(full_scale) and full_scale > 0):
             raise ValueError(f"full_scale must be a finite number > 0, got {full_scale}")
+        if not (np.isfinite(stale_s) and stale_s > 0):
+            raise ValueError(f"stale_s must be a finite number > 0, got {stale_s}")
         self.path = path
         self.deadzone = deadzone
         self.full_scale = full_scale
         self.hid_module = hid_module
         self.command_device = command_device
+        self.stale_s = stale_s
+        self.clock = clock
+        self._last_motion_t = 0.0
         self.product = ""
         self._dev: Any = None
         self._state = SpaceMouseState()
@@ -153,6 +174,7 @@ class SpaceMouseDevice:
             raise
         self._state = SpaceMouseState()
         self._gripper = -1.0
+        self._last_motion_t = self.clock()
 
     def _open(self) -> Any:
         hid = self.hid_module if self.hid_module is not None else _import_hid()
@@ -197,6 +219,7 @@ class SpaceMouseDevice:
         if self._dev is None:
             raise RuntimeError("spacemouse: not connected; call connect() first")
         commands: list[Command] = []
+        seen = self._state.motion_reports
         while True:
             report = self._dev.read(REPORT_SIZE)
             if not report:
@@ -206,6 +229,11 @@ class SpaceMouseDevice:
                 self._gripper = -self._gripper
             if pressed & RIGHT_BUTTON:
                 commands.append(Command.SAVE)
+        now = self.clock()
+        if self._state.motion_reports != seen:
+            self._last_motion_t = now
+        elif now - self._last_motion_t > self.stale_s and self._state.raw.any():
+            self._state.raw[:] = 0.0  # the unit went silent while pushed: stop, do not repeat the push
         if self.command_device is not None:
             commands += self.command_device.poll().commands
         motion = self._state.motion(self.full_scale, self.deadzone)
