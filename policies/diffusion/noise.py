@@ -42,6 +42,7 @@ Shapes: x (B, Ta, Da) normalized actions; cond (B, To, Dc) observation features 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from wm.options import check_numbers
 
 PREDICTION_TYPES = ("epsilon", "sample")
 SAMPLERS = ("ddpm", "ddim", "edm", "consistency")
@@ -95,6 +98,7 @@ class NoiseConfig:
     edm_solver: str = "heun"
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "noise")  # 2.5 steps was a TypeError in range()
         if self.num_train_steps < 2:
             raise ValueError(f"num_train_steps must be >= 2, got {self.num_train_steps}")
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -107,6 +111,8 @@ class NoiseConfig:
             raise ValueError(f"edm_solver must be one of {EDM_SOLVERS}, got {self.edm_solver!r}")
         if not self.clip_range > 0 or not self.sigma_max > 0 or not self.rho > 0:
             raise ValueError("clip_range, sigma_max and rho must be > 0")
+        if not math.isfinite(self.rho):  # rho = inf made every Karras sigma 1
+            raise ValueError(f"rho must be finite, got {self.rho}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min must be in (0, sigma_max), got {self.sigma_min}")
 
@@ -126,6 +132,13 @@ def make_betas(schedule: str, n: int) -> Tensor:
     return torch.tensor(
         [min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float64
     )
+
+
+def check_steps(steps: int, name: str = "steps") -> None:
+    """A sampler's step count is a whole number >= 1 (2.5 was a TypeError deep in torch, NaN one silent
+    step)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {steps!r}")
 
 
 def check_ddim_steps(sampler: str, steps: int, cfg: NoiseConfig) -> None:
@@ -322,6 +335,23 @@ class Diffusion(nn.Module):
         self.sigma_max = min(cfg.sigma_max, float(sigmas[-1]))
         self.table_sigma_min = float(sigmas[0])
         self.sigma_min = max(cfg.sigma_min, self.table_sigma_min)
+        self._check_sigma_range()
+
+    def _check_sigma_range(self) -> None:
+        """Refuse, once, an EDM / consistency sigma range that the schedule empties (sigma_min above its
+        largest sigma: the sigmas rose) or that float32 cannot hold (a tiny rho: NaN actions)."""
+        c = self.cfg
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(
+                f"noise.sigma_min={c.sigma_min} is not below the schedule's largest sigma "
+                f"{self.sigma_max:.4g} ({c.beta_schedule}, {c.num_train_steps} steps)"
+            )
+        try:
+            ok = all(bool(self.karras_sigmas(2, s).isfinite().all()) for s in (None, self.table_sigma_min))
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise ValueError(f"noise.rho={c.rho} overflows the sigmas (sigma ** (1 / rho)); use a larger rho")
 
     # ------------------------------------------------------------------ training
     def loss(self, x0: Tensor, cond: Tensor | None, valid: Tensor | None = None) -> Tensor:
@@ -451,8 +481,7 @@ class Diffusion(nn.Module):
                 "a consistency model samples only" if self.consistency else "only a distilled model samples"
             )
             raise ValueError(f"sampler {sampler!r}: {what} with 'consistency'")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        check_steps(steps)
         device = self.betas.device
         z = randn(shape, generator, device)
         if sampler == "ddpm":
@@ -462,8 +491,14 @@ class Diffusion(nn.Module):
         if sampler == "consistency":
             return self._consistency(z, cond, steps, generator, guide)
         sigmas = self.karras_sigmas(steps, device=device)
-        x = z * (1 + sigmas[0] ** 2).sqrt()  # the VP prior N(0, I) seen in VE space
         solver = self._heun if self.cfg.edm_solver == "heun" else self._dpmpp_2m
+        dpmpp = self.cfg.edm_solver == "dpmpp_2m"  # it divides by the gaps between sigmas: NaN if 0
+        if dpmpp and steps > 1 and not bool((sigmas[:-2] > sigmas[1:-1]).all()):
+            raise ValueError(
+                f"{steps} steps with noise.rho={self.cfg.rho} give repeated sigmas in float32 (dpmpp_2m "
+                "divides by their gaps); use fewer steps or a smaller rho"
+            )
+        x = z * (1 + sigmas[0] ** 2).sqrt()  # the VP prior N(0, I) seen in VE space
         return solver(x, cond, sigmas, guide)
 
     def _ddpm(self, x_t: Tensor, cond: Tensor | None, generator: Generators, guide: Inpaint | None) -> Tensor:

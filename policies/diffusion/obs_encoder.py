@@ -212,11 +212,18 @@ class ObsEncoder(nn.Module):
                 raise ValueError(
                     f"observation lacks {c.proprio_key!r} (it has {sorted(obs)}); the policy needs it"
                 )
+            shape = tuple(obs[c.proprio_key].shape)
+            if len(shape) != 3:  # (E, To) was a cat error deep in the encoder
+                raise ValueError(f"{c.proprio_key!r}: expected (E, To, {c.proprio_dim}), got {shape}")
             if obs[c.proprio_key].shape[-1] != c.proprio_dim:
                 raise ValueError(
                     f"{c.proprio_key!r} has {obs[c.proprio_key].shape[-1]} dims, the policy was trained on "
                     f"{c.proprio_dim}"
                 )
+        keys = list(c.image_keys) + ([c.proprio_key] if c.proprio_dim else [])
+        batches = {k: obs[k].shape[0] for k in keys}
+        if len(set(batches.values())) > 1:  # was a cat error deep in the encoder
+            raise ValueError(f"observation keys hold different numbers of episodes (E): {batches}")
 
     def forward(self, obs: dict[str, Tensor]) -> Tensor:
         c = self.cfg

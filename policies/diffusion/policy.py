@@ -37,6 +37,7 @@ from policies.diffusion.noise import (
     Generators,
     NoiseConfig,
     check_ddim_steps,
+    check_steps,
     inpaint_guide,
 )
 from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
@@ -96,6 +97,8 @@ class DiffusionPolicyConfig:
         check_numbers(type(self), vars(self), "model")
         for name, cls in _SUB.items():
             object.__setattr__(self, name, sub_config(cls, getattr(self, name), f"model.{name}"))
+            if not isinstance(getattr(self, name), cls):  # a checkpoint's "noise": "x" failed at build
+                raise ValueError(f"model.{name} must be a mapping of options, got {getattr(self, name)!r}")
         if self.denoiser not in DENOISERS:
             raise ValueError(f"denoiser must be one of {DENOISERS}, got {self.denoiser!r}")
         if self.action_dim < 1 or self.n_obs < 1 or self.n_action_exec < 1:
@@ -153,8 +156,7 @@ def _check_sampler(sampler: str, steps: int, consistency: bool) -> None:
         raise ValueError(
             "the 'consistency' sampler goes with a distilled policy (consistency=True) and only it"
         )
-    if steps < 1:
-        raise ValueError(f"sampler_steps must be >= 1, got {steps}")
+    check_steps(steps, "sampler_steps")
 
 
 class DiffusionPolicy(nn.Module):

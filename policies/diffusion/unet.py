@@ -309,6 +309,8 @@ class UNetConfig:
         object.__setattr__(self, "down_dims", tuple(int(d) for d in self.down_dims))
         if not self.down_dims or min(self.down_dims) < 1:
             raise ValueError(f"down_dims must be positive, got {self.down_dims}")
+        if self.n_groups < 1:  # 0 was a ZeroDivisionError below
+            raise ValueError(f"n_groups must be >= 1, got {self.n_groups}")
         bad = [d for d in self.down_dims if d % self.n_groups]
         if bad:
             raise ValueError(f"down_dims {bad} are not divisible by n_groups {self.n_groups}")

@@ -1,0 +1,131 @@
+"""Diffusion policies refuse bad sampler / schedule options, mismatched observations and sub-configs of
+the wrong kind in one line (they were tracebacks deep in torch or silent NaN actions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from policies.diffusion import (
+    DiffusionPolicy,
+    DiffusionPolicyConfig,
+    NoiseConfig,
+    ObsEncoderConfig,
+    TransformerConfig,
+    UNetConfig,
+)
+from policies.diffusion.noise import Diffusion
+from wm.data.normalize import STATS, Normalizer
+from wm.encoders import EncoderConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
+
+H = W = 16
+
+
+class HalfNet(nn.Module):
+    """A fixed denoiser net(x (B, Ta, Da), t (B,), cond) -> 0.5 x: finite for finite inputs."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return 0.5 * x
+
+
+def tiny_config() -> DiffusionPolicyConfig:
+    obs = ObsEncoderConfig(
+        image_keys=("image",),
+        image_size=(H, W),
+        crop=(14, 14),
+        proprio_dim=2,
+        backbone="patch",
+        feature_dim=16,
+        patch_encoder=EncoderConfig(name="cnn", cnn_channels=(8,), cnn_dim=8, cnn_stride=2),
+    )
+    return DiffusionPolicyConfig(
+        obs=obs,
+        action_dim=2,
+        n_obs=2,
+        horizon=8,
+        n_action_exec=4,
+        unet=UNetConfig(down_dims=(32, 64), step_embed_dim=32),
+        transformer=TransformerConfig(dim=32, depth=2, heads=2, dropout=0.0),
+        noise=NoiseConfig(prediction_type="sample"),
+    )
+
+
+@pytest.fixture(scope="module")
+def policy() -> DiffusionPolicy:
+    torch.manual_seed(0)
+    stats = {name: np.zeros(2, np.float32) for name in STATS}
+    stats.update(min=np.full(2, -1.0, np.float32), max=np.ones(2, np.float32), std=np.ones(2, np.float32))
+    normalizer = Normalizer({"action": "minmax", "proprio": "minmax"}, {"action": stats, "proprio": stats})
+    return DiffusionPolicy(tiny_config(), normalizer).eval()
+
+
+def obs(e: int = 2, proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "image": torch.rand(e, 2, 3, H, W, generator=gen),
+        "proprio": torch.zeros(e, 2, 2) if proprio is None else proprio,
+    }
+
+
+def seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("steps", [2.5, float("nan"), True])
+@pytest.mark.parametrize("sampler", ["edm", "ddim"])
+def test_sampler_steps_must_be_a_whole_number(policy, sampler, steps):
+    diffusion = Diffusion(HalfNet(), NoiseConfig())
+    with pytest.raises(ValueError, match=r"^steps must be a whole number >= 1"):
+        diffusion.sample((2, 8, 2), None, sampler, steps, seeded())
+    with pytest.raises(ValueError, match=r"^sampler_steps must be a whole number >= 1"):
+        policy.set_sampler(sampler, steps)
+    assert (policy.sampler, policy.sampler_steps) == ("edm", 3)  # left as it was
+
+
+def test_noise_options_of_the_wrong_kind_or_out_of_range_are_one_line():
+    with pytest.raises(ValueError, match=r"noise.num_train_steps=2.5 is not a whole number"):
+        NoiseConfig(num_train_steps=2.5)
+    with pytest.raises(ValueError, match=r"noise.clip_sample='no' is not true or false"):
+        NoiseConfig(clip_sample="no")
+    with pytest.raises(ValueError, match=r"rho must be finite, got inf"):
+        NoiseConfig(rho=float("inf"))  # every Karras sigma was 1
+    with pytest.raises(ValueError, match=r"noise.rho=0.01 overflows the sigmas"):
+        Diffusion(HalfNet(), NoiseConfig(rho=0.01))  # NaN actions
+    with pytest.raises(ValueError, match=r"noise.rho=0.001 overflows the sigmas"):
+        Diffusion(HalfNet(), NoiseConfig(rho=0.001))  # an OverflowError
+    # the schedule's largest sigma (about 2029 here) caps sigma_max below sigma_min: the sigmas rose
+    with pytest.raises(ValueError, match=r"noise.sigma_min=3000 is not below the schedule's largest sigma"):
+        Diffusion(HalfNet(), NoiseConfig(sigma_min=3000, sigma_max=4000))
+
+
+def test_dpmpp_2m_refuses_repeated_sigmas_instead_of_returning_nan():
+    diffusion = Diffusion(HalfNet(), NoiseConfig(rho=1e6, edm_solver="dpmpp_2m"))
+    x = diffusion.sample((2, 8, 2), None, "edm", 3, seeded())  # few steps: distinct sigmas, finite
+    assert bool(torch.isfinite(x).all())
+    with pytest.raises(ValueError, match=r"100 steps with noise.rho=1000000.0 give repeated sigmas"):
+        diffusion.sample((2, 8, 2), None, "edm", 100, seeded())
+
+
+def test_observation_keys_of_mismatched_shapes_are_one_line(policy):
+    mixed = {"image": obs(2)["image"], "proprio": torch.zeros(3, 2, 2)}
+    with pytest.raises(ValueError, match=r"different numbers of episodes \(E\): \{'image': 2, 'proprio': 3"):
+        policy.sample_actions(mixed, seeded())
+    with pytest.raises(ValueError, match=r"'proprio': expected \(E, To, 2\), got \(2, 2\)"):
+        policy.sample_actions(obs(2, proprio=torch.zeros(2, 2)), seeded())
+    assert policy.sample_actions(obs(2), seeded()).shape == (2, 4, 2)
+
+
+@pytest.mark.parametrize("name, value", [("noise", "x"), ("unet", [8, 16]), ("obs", None)])
+def test_sub_configs_of_the_wrong_kind_are_one_line(name, value):
+    d = {**tiny_config().to_dict(), name: value}
+    with pytest.raises(ValueError, match=rf"^model.{name} must be a mapping of options, got"):
+        DiffusionPolicyConfig.from_dict(d)
+
+
+def test_unet_n_groups_zero_is_one_line():
+    with pytest.raises(ValueError, match=r"n_groups must be >= 1, got 0"):
+        UNetConfig(n_groups=0)
