@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,11 +134,35 @@ def _read_vae_config(path: Path) -> dict[str, Any]:
         cfg = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise LatentSourceError(f"latent source sd_vae: cannot read {file} ({e})") from e
+    if not isinstance(cfg, dict):
+        kind = type(cfg).__name__
+        raise LatentSourceError(f"latent source sd_vae: {file} holds a JSON {kind}, not a config object")
     if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise LatentSourceError(
             f"latent source sd_vae: {file} describes a {cfg['_class_name']}, not an AutoencoderKL"
         )
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    structure = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    _vae_factors(structure, str(file))
+    return structure
+
+
+def _vae_factors(structure: dict[str, Any], where: str) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of an AutoencoderKL config: scaling a finite number > 0 (missing:
+    diffusers' default 0.18215), shift a finite number or null (0). Decode divides by the scaling, so a
+    0, NaN or string there would give NaN or inf frames rather than an error."""
+    scaling, shift = structure.get("scaling_factor", 0.18215), structure.get("shift_factor")
+    wrong = []
+    if not (_real(scaling) and math.isfinite(scaling) and scaling > 0):
+        wrong.append(f"scaling_factor={scaling!r} is not a finite number > 0")
+    if shift is not None and not (_real(shift) and math.isfinite(shift)):
+        wrong.append(f"shift_factor={shift!r} is not a finite number (or null)")
+    if wrong:
+        raise LatentSourceError(f"latent source sd_vae: {where}: {'; '.join(wrong)}")
+    return float(scaling), float(shift or 0.0)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _diffusers_vae() -> Any:
@@ -167,8 +193,7 @@ class LatentCodec(nn.Module):
         elif cfg.source == "sd_vae":
             self.name, self.dim = "sd_vae", int(s.get("latent_channels", 4))
             self.factor = 2 ** (len(s.get("block_out_channels", (64,))) - 1)
-            self.scaling = float(s.get("scaling_factor", 0.18215))
-            self.shift = float(s.get("shift_factor") or 0.0)
+            self.scaling, self.shift = _vae_factors(s, f"the config of {cfg.path}")
         else:
             self.name, self.dim, self.factor = model.name, int(model.dim), 0
         for p in self.parameters():
@@ -292,7 +317,13 @@ def _build_autoencoder(cfg: LatentConfig, load_weights: bool) -> nn.Module:
 def _build_vae(cfg: LatentConfig, load_weights: bool) -> nn.Module:
     AutoencoderKL = _diffusers_vae()
     if not load_weights:
-        return AutoencoderKL.from_config(cfg.structure)
+        try:
+            return AutoencoderKL.from_config(cfg.structure)
+        except (ValueError, TypeError, RuntimeError) as e:  # e.g. an unknown block type, 2.5 channels
+            msg = " ".join(str(e).split())[:300]
+            raise LatentSourceError(
+                f"latent source sd_vae: the AutoencoderKL config of {cfg.path} does not build ({msg})"
+            ) from e
     path = Path(cfg.path)
     if _read_vae_config(path) != cfg.structure:
         raise LatentSourceError(

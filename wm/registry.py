@@ -194,6 +194,8 @@ def load_model(
     """Rebuild the model a checkpoint file or run directory holds, in eval mode on `device`, with
     `overrides` (inference settings among the entry's `overridable` fields) merged into its config
     before it is built. `controller` ("mpc" | "policy"), when given, must be one the model serves."""
+    if controller is not None and controller not in CONTROLLERS:
+        raise ValueError(f"unknown controller {controller!r}; valid: {', '.join(CONTROLLERS)}")
     ckpt = load_checkpoint(checkpoint)
     name = ckpt["model_type"]
     if name not in MODELS:

@@ -9,7 +9,9 @@ of `action_dim` values, one per control step.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,13 +34,29 @@ class IOSpec:
     past_actions: bool = False
 
     def __post_init__(self) -> None:
+        # int() would cut image_size (64.5, 64) to (64, 64) and tuple() split "64" into ("6", "4")
+        size = self.image_size
+        if isinstance(size, str | bytes) or not all(_whole(s) for s in size):
+            raise ValueError(f"image_size must be (H, W) whole numbers, got {size!r}")
+        wrong = [
+            f"{name}={v!r}"
+            for name, v in (
+                ("proprio_dim", self.proprio_dim),
+                ("action_dim", self.action_dim),
+                ("history", self.history),
+                ("frameskip", self.frameskip),
+            )
+            if not _whole(v)
+        ]
+        if wrong:
+            raise ValueError(f"I/O spec: {', '.join(wrong)} must be whole numbers")
         object.__setattr__(self, "image_keys", tuple(self.image_keys))
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         if not self.image_keys and not self.proprio_key:
             raise ValueError("an I/O spec needs a camera or a proprioception key")
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"image_size must be (H, W), got {self.image_size}")
-        if (self.proprio_key is None) != (self.proprio_dim == 0):
+        if (self.proprio_key is None) != (self.proprio_dim == 0) or self.proprio_dim < 0:
             raise ValueError(f"proprio_key {self.proprio_key!r} and proprio_dim {self.proprio_dim} disagree")
         if self.action_dim < 1 or self.history < 1 or self.frameskip < 1:
             raise ValueError(
@@ -55,3 +73,7 @@ class IOSpec:
     def window(self) -> int:
         """Control steps of observations the model's history spans: (history - 1) * frameskip + 1."""
         return (self.history - 1) * self.frameskip + 1
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)

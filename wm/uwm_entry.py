@@ -3,6 +3,7 @@ autoencoder, trained first when none is cached), validation, and its controller 
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,16 @@ def latent_config(options: dict[str, Any], ctx: TrainContext, image_keys: list[s
     if source == "auto":
         from wm.autoencoder import DEFAULT_BATCH, DEFAULT_STEPS, default_autoencoder
 
-        steps = int(given.pop("steps", DEFAULT_STEPS))
-        batch = int(given.pop("batch_size", DEFAULT_BATCH))
+        steps, batch = given.pop("steps", DEFAULT_STEPS), given.pop("batch_size", DEFAULT_BATCH)
+        # int() would cut steps=2.5 to 2 and take batch_size=true as 1: whole numbers >= 1 only
+        wrong = [
+            f"model.latent.{name}={v!r} is not a whole number >= 1"
+            for name, v in (("steps", steps), ("batch_size", batch))
+            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1)
+        ]
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        steps, batch = int(steps), int(batch)
         if given:
             raise ValueError(
                 f"model.latent.source=auto takes only steps= and batch_size=, got {sorted(given)}"
