@@ -100,6 +100,18 @@ class LerobotArmOptions:
     max_frame_age_ms: float | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.arm_id, int) and not isinstance(self.arm_id, bool):  # `arm_id=1` from the CLI
+            object.__setattr__(self, "arm_id", str(self.arm_id))
+        for name in ("port", "arm_id"):  # port=5 was built and failed in pyserial at connect()
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.calibration_dir is not None and not isinstance(self.calibration_dir, str | Path):
+            raise ValueError(f"calibration_dir must be a path, got {self.calibration_dir!r}")
+        if not isinstance(self.cameras, Mapping):  # a list or None was an AttributeError
+            raise ValueError(
+                f"cameras must be a mapping of camera names to their options, got {self.cameras!r}"
+            )
         for name in ("calibrate", "use_degrees", "torque_off_on_disconnect"):
             value = getattr(self, name)
             if not isinstance(value, bool):  # "false" from a hand-written config is truthy

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import difflib
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
 from robots.base import RobotBase, RobotError
+from wm.options import check_numbers
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,14 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         size = self.image_size
-        if isinstance(size, int):
+        if isinstance(size, int | np.integer):
             size = (size, size)
+        if not isinstance(size, Iterable) or isinstance(size, str):  # 64.5 or None was a TypeError
+            raise ValueError(
+                f"image_size must be (height, width) of at least 8 pixels, got {self.image_size!r}"
+            )
+        size = tuple(size)
+        check_numbers(SimConfig, {"image_size": size}, "SimConfig")  # int() cut (64.7, 64) to (64, 64)
         size = tuple(int(s) for s in size)
         if len(size) != 2 or min(size) < 8:
             raise ValueError(

@@ -28,7 +28,7 @@ import difflib
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +155,10 @@ class RobosuiteOptions:
         if not _names(self.robots):
             raise RobotError(
                 f"robosuite robots must be a robot name or a non-empty list of them, got {self.robots!r}"
+            )
+        if not isinstance(self.env_kwargs, Mapping):  # None or a list was a TypeError from the check below
+            raise RobotError(
+                f"robosuite env_kwargs must be a mapping of robosuite.make arguments, got {self.env_kwargs!r}"
             )
         taken = {k: OWN_KWARGS[k] for k in self.env_kwargs if k in OWN_KWARGS}
         if taken:
@@ -421,8 +425,11 @@ DEFAULT_ENV_KWARGS: dict[str, dict[str, Any]] = {"Door": {"use_latch": False}}
 def robosuite_entry(env_name: str) -> TaskEntry:
     """The registry entry of robosuite env `env_name`; an unknown name lists robosuite's envs."""
     valid = env_names()
-    if env_name not in valid:
-        raise RobotError(f"unknown robosuite environment {env_name!r}; valid: {', '.join(valid)}")
+    if env_name not in valid:  # a typo (robosuite/Lfit, robosuite/lift) names the nearest env
+        by_case = {v.lower(): v for v in valid}
+        near = by_case.get(env_name.lower()) or next(iter(difflib.get_close_matches(env_name, valid)), None)
+        hint = f"; did you mean robosuite/{near}?" if near else ""
+        raise RobotError(f"unknown robosuite environment {env_name!r}; valid: {', '.join(valid)}{hint}")
 
     def make(config: SimConfig) -> RobosuiteTask:
         return RobosuiteTask(config=config, env_name=env_name)
