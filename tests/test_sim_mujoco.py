@@ -335,7 +335,7 @@ def test_the_sample_store_interrupted_says_how_many_episodes_it_keeps(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     kept = DemoStore.open(out).n_episodes
-    assert proc.returncode == 130 and f"{out} keeps the {kept} episodes finished" in err
+    assert proc.returncode == 130 and f"{out} keeps the {kept} episodes finished" in err, err
 
 
 def test_the_sample_store_takes_any_image_size_and_names_a_bad_value(tmp_path):
