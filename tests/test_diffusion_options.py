@@ -6,23 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_diffusion import H, W, tiny_config
 from torch import nn
 
 from policies.diffusion import (
     DiffusionPolicy,
     DiffusionPolicyConfig,
     NoiseConfig,
-    ObsEncoderConfig,
-    TransformerConfig,
     UNetConfig,
 )
 from policies.diffusion.noise import Diffusion
 from wm.data.normalize import STATS, Normalizer
-from wm.encoders import EncoderConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
-
-H = W = 16
 
 
 class HalfNet(nn.Module):
@@ -32,35 +28,13 @@ class HalfNet(nn.Module):
         return 0.5 * x
 
 
-def tiny_config() -> DiffusionPolicyConfig:
-    obs = ObsEncoderConfig(
-        image_keys=("image",),
-        image_size=(H, W),
-        crop=(14, 14),
-        proprio_dim=2,
-        backbone="patch",
-        feature_dim=16,
-        patch_encoder=EncoderConfig(name="cnn", cnn_channels=(8,), cnn_dim=8, cnn_stride=2),
-    )
-    return DiffusionPolicyConfig(
-        obs=obs,
-        action_dim=2,
-        n_obs=2,
-        horizon=8,
-        n_action_exec=4,
-        unet=UNetConfig(down_dims=(32, 64), step_embed_dim=32),
-        transformer=TransformerConfig(dim=32, depth=2, heads=2, dropout=0.0),
-        noise=NoiseConfig(prediction_type="sample"),
-    )
-
-
 @pytest.fixture(scope="module")
 def policy() -> DiffusionPolicy:
     torch.manual_seed(0)
     stats = {name: np.zeros(2, np.float32) for name in STATS}
     stats.update(min=np.full(2, -1.0, np.float32), max=np.ones(2, np.float32), std=np.ones(2, np.float32))
     normalizer = Normalizer({"action": "minmax", "proprio": "minmax"}, {"action": stats, "proprio": stats})
-    return DiffusionPolicy(tiny_config(), normalizer).eval()
+    return DiffusionPolicy(tiny_config("unet"), normalizer).eval()
 
 
 def obs(e: int = 2, proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -121,7 +95,7 @@ def test_observation_keys_of_mismatched_shapes_are_one_line(policy):
 
 @pytest.mark.parametrize("name, value", [("noise", "x"), ("unet", [8, 16]), ("obs", None)])
 def test_sub_configs_of_the_wrong_kind_are_one_line(name, value):
-    d = {**tiny_config().to_dict(), name: value}
+    d = {**tiny_config("unet").to_dict(), name: value}
     with pytest.raises(ValueError, match=rf"^model.{name} must be a mapping of options, got"):
         DiffusionPolicyConfig.from_dict(d)
 
