@@ -16,13 +16,14 @@ Ta action steps, P patches, D features.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from wm.options import is_whole
 
 Latent = dict[str, torch.Tensor]
 """A latent state, e.g. {"visual": (..., P, D), "proprio": (..., Dp)}; all keys share the leading dims."""
@@ -175,7 +176,7 @@ class Budget:
 
     def __post_init__(self) -> None:
         cap = self.max_iterations  # NaN passed `< 1` and left the planners' loops without a cap
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < 1):
+        if cap is not None and (not is_whole(cap) or cap < 1):
             raise ValueError(f"max_iterations must be an integer >= 1 or None, got {cap!r}")
         if self.seconds is not None and not self.seconds > 0:
             raise ValueError(f"seconds must be > 0 or None, got {self.seconds}")

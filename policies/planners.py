@@ -23,7 +23,6 @@ wrapper of the planner's own model.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -41,6 +40,7 @@ from policies.base import (
     detach_latent,
     latent_batch_size,
 )
+from wm.options import is_whole
 from wm.seeding import derived_torch_seed
 
 Bound = float | tuple[float, ...]
@@ -198,7 +198,7 @@ class CEMThenGradConfig:
 def _check_count(name: str, value: Any) -> None:
     """A count option (horizon, samples, ...) must be an int >= 1: NaN, inf or 2.5 ran forever or failed
     deep in torch."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_whole(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from wm.encoders import EncoderConfig, EncoderWeightsError, build_encoder, state_dict_hash
+from wm.options import is_real
 
 SOURCES = ("autoencoder", "sd_vae", "encoder")
 DIFFUSERS_HINT = "pip install diffusers (or pip install -e '.[vae]')"
@@ -152,17 +152,13 @@ def _vae_factors(structure: dict[str, Any], where: str) -> tuple[float, float]:
     0, NaN or string there would give NaN or inf frames rather than an error."""
     scaling, shift = structure.get("scaling_factor", 0.18215), structure.get("shift_factor")
     wrong = []
-    if not (_real(scaling) and math.isfinite(scaling) and scaling > 0):
+    if not (is_real(scaling) and math.isfinite(scaling) and scaling > 0):
         wrong.append(f"scaling_factor={scaling!r} is not a finite number > 0")
-    if shift is not None and not (_real(shift) and math.isfinite(shift)):
+    if shift is not None and not (is_real(shift) and math.isfinite(shift)):
         wrong.append(f"shift_factor={shift!r} is not a finite number (or null)")
     if wrong:
         raise LatentSourceError(f"latent source sd_vae: {where}: {'; '.join(wrong)}")
     return float(scaling), float(shift or 0.0)
-
-
-def _real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _diffusers_vae() -> Any:

@@ -28,9 +28,19 @@ def sub_config(cls: type[T], value: Any, where: str) -> T:
     return cls(**value)
 
 
+def is_whole(v: Any) -> bool:
+    """An int (numpy's too), not a bool (True is no count)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v: Any) -> bool:
+    """A real number (int, float, numpy's), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 _NUMBER_KINDS = {
-    "int": ("a whole number", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "int": ("a whole number", is_whole),
+    "float": ("a number", is_real),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
 }
 

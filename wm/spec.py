@@ -9,9 +9,9 @@ of `action_dim` values, one per control step.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
-from typing import Any
+
+from wm.options import is_whole
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class IOSpec:
     def __post_init__(self) -> None:
         # int() would cut image_size (64.5, 64) to (64, 64) and tuple() split "64" into ("6", "4")
         size = self.image_size
-        if isinstance(size, str | bytes) or not all(_whole(s) for s in size):
+        if isinstance(size, str | bytes) or not all(is_whole(s) for s in size):
             raise ValueError(f"image_size must be (H, W) whole numbers, got {size!r}")
         wrong = [
             f"{name}={v!r}"
@@ -46,7 +46,7 @@ class IOSpec:
                 ("history", self.history),
                 ("frameskip", self.frameskip),
             )
-            if not _whole(v)
+            if not is_whole(v)
         ]
         if wrong:
             raise ValueError(f"I/O spec: {', '.join(wrong)} must be whole numbers")
@@ -73,7 +73,3 @@ class IOSpec:
     def window(self) -> int:
         """Control steps of observations the model's history spans: (history - 1) * frameskip + 1."""
         return (self.history - 1) * self.frameskip + 1
-
-
-def _whole(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)

@@ -3,7 +3,6 @@ autoencoder, trained first when none is cached), validation, and its controller 
 
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from policies.diffusion.noise import check_reaches_noise
 from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.latents import LatentConfig, build_codec, latent_config_from_source
-from wm.options import check_not_derived
+from wm.options import check_not_derived, is_whole
 from wm.registry import ModelEntry, TrainContext
 from wm.training import check_windows
 from wm.uwm import UWM, UWMConfig
@@ -39,7 +38,7 @@ def latent_config(options: dict[str, Any], ctx: TrainContext, image_keys: list[s
         wrong = [
             f"model.latent.{name}={v!r} is not a whole number >= 1"
             for name, v in (("steps", steps), ("batch_size", batch))
-            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1)
+            if not (is_whole(v) and v >= 1)
         ]
         if wrong:
             raise ValueError("; ".join(wrong))

@@ -42,7 +42,6 @@ Shapes: x (B, Ta, Da) normalized actions; cond (B, To, Dc) observation features 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wm.options import check_numbers
+from wm.options import check_numbers, is_whole
 
 PREDICTION_TYPES = ("epsilon", "sample")
 SAMPLERS = ("ddpm", "ddim", "edm", "consistency")
@@ -137,7 +136,7 @@ def make_betas(schedule: str, n: int) -> Tensor:
 def check_steps(steps: int, name: str = "steps") -> None:
     """A sampler's step count is a whole number >= 1 (2.5 was a TypeError deep in torch, NaN one silent
     step)."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    if not is_whole(steps) or steps < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {steps!r}")
 
 

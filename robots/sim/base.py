@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import numpy as np
 
 from robots.base import RobotBase, RobotError
-from wm.options import check_numbers
+from wm.options import check_numbers, is_whole
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,11 @@ class SimConfig:
         object.__setattr__(self, "image_size", size)
         if not isinstance(self.state_only, bool | np.bool_):  # "false" would be true
             raise ValueError(f"state_only must be true or false, got {self.state_only!r}")
-        if not _is_int(self.max_steps) or self.max_steps < 1:
+        if not is_whole(self.max_steps) or self.max_steps < 1:
             raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
         check_seed(self.seed, "seed")
         if not isinstance(self.options, Mapping):
             raise ValueError(f"options must be a mapping of option names to values, got {self.options!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def check_radius(radius: Any, name: str = "success_radius") -> None:
@@ -73,7 +69,7 @@ def check_radius(radius: Any, name: str = "success_radius") -> None:
 
 def check_seed(seed: Any, where: str) -> int:
     """`seed` as an int, or a one-line error naming `where` when it is not a non-negative integer."""
-    if not _is_int(seed) or seed < 0:
+    if not is_whole(seed) or seed < 0:
         raise ValueError(f"{where} must be a non-negative integer, got {seed!r}")
     return int(seed)
 
