@@ -32,12 +32,13 @@ import os
 import pickle
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from wm.locks import remove_left_by_dead
 
@@ -168,7 +169,7 @@ def load_model_weights(
             f"{src} ({ckpt.get('model_type')!r}) does not fit this {type(model).__name__}: "
             + "; ".join(problems)
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_keys(state)
     if bad:  # the trainer never saves such weights: damaged, or written by something else
         which = "EMA weights" if state is ema else "weights"
         raise CheckpointError(
@@ -177,6 +178,15 @@ def load_model_weights(
         )
     model.load_state_dict(state, strict=True)
     return model
+
+
+def non_finite_keys(tensors: Mapping[str, Any]) -> list[str]:
+    """The keys of `tensors` (in order) whose value is a floating tensor holding NaN or inf."""
+    return [
+        k
+        for k, v in tensors.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and not bool(v.isfinite().all())
+    ]
 
 
 def state_dict_diff(own: dict[str, Any], incoming: dict[str, Any], limit: int = 5) -> list[str]:

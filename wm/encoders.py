@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from wm.checkpoint import state_dict_diff
+from wm.checkpoint import non_finite_keys, state_dict_diff
 from wm.options import check_numbers
 
 DINOV2_MODELS = {  # our name -> (timm model name, official file name, feature dim)
@@ -407,7 +407,7 @@ def _check_keys(sd: dict[str, Tensor], target: dict[str, Tensor], where: str | P
     problems = state_dict_diff(target, sd)
     if problems:
         raise EncoderWeightsError(f"{where}: checkpoint does not fit the model; " + "; ".join(problems))
-    bad = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    bad = sorted(non_finite_keys(sd))
     if bad:  # loaded, they gave NaN features and no error
         more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
         raise EncoderWeightsError(

@@ -51,6 +51,7 @@ from wm.checkpoint import (
     config_diff,
     latest_checkpoint,
     load_checkpoint,
+    non_finite_keys,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -185,11 +186,7 @@ def non_finite(ckpt: dict[str, Any]) -> str:
     }
     found = []
     for what, tensors in parts.items():
-        bad = [
-            k
-            for k, v in tensors.items()
-            if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
-        ]
+        bad = non_finite_keys(tensors)
         if bad:
             found.append(f"{what} ({len(bad)} tensor(s), the first {bad[0]!r})")
     return ", ".join(found)
