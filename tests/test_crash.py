@@ -1,7 +1,9 @@
-"""Crash safety: a writer killed with SIGKILL at any moment loses at most the episode in progress."""
+"""Crash safety: a writer killed with SIGKILL at any moment loses at most the episode in progress;
+Ctrl-C in the middle of a write lets it finish first."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,7 +12,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import make_episode, make_schema
+from zarr.storage import LocalStore
 
 from wm.data import DemoStore
 
@@ -98,3 +102,72 @@ def test_appending_after_crash_before_commit_record(tmp_path):
     assert reopened._group["meta/episode_ends"].shape == (1,)
     reopened.append_episode(make_episode(2, 4), {"seed": 2})
     assert list(reopened.episode_ends) == [9, 13]
+
+
+@pytest.mark.parametrize(
+    "write, steps, kept",
+    [
+        ("zarr.json", 30, 2),  # the commit record of an episode end() commits: it is kept whole
+        ("data/img/c/", 30, 2),  # a chunk end() flushes: the same
+        ("data/img/c/", 70, 1),  # a chunk add_steps flushes (past FLUSH_STEPS): the episode is dropped
+    ],
+)
+def test_ctrl_c_while_a_write_is_under_way_finishes_it_then_stops(tmp_path, monkeypatch, write, steps, kept):
+    """zarr writes on its own thread while the caller waits: a KeyboardInterrupt raised in the wait left
+    the write running behind the episode's discard, and a commit record landing after it gave a store
+    that no longer opened ("data/img: has 30 steps but episodes end at 60"). Here Ctrl-C arrives while
+    the disk is slow to take the file `write` (the first such file of the interrupted episode)."""
+    path = tmp_path / "s.zarr"
+    store = DemoStore.create(path, make_schema())
+    store.append_episode(make_episode(0, 30), {"seed": 0})
+    original, hit = LocalStore.set, []
+
+    async def slow_disk(self, key, value):
+        if not hit and (key == write if write == "zarr.json" else key.startswith(write)):
+            hit.append(key)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, seen by the main thread waiting on this write
+            await asyncio.sleep(0.3)
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", slow_disk)
+    with pytest.raises(KeyboardInterrupt):
+        with store.begin_episode() as writer:
+            writer.add_steps(make_episode(1, steps))
+            writer.end({"seed": 1})
+    monkeypatch.undo()
+    assert hit, "the write never happened"
+    assert store.n_episodes == kept
+    store.close()
+    with DemoStore.open(path) as reopened:
+        assert reopened.n_episodes == kept
+        assert all(reopened.array(k).shape[0] == reopened.n_steps for k in reopened.keys)
+        last = reopened.get_episode(kept - 1)["img"]
+        np.testing.assert_array_equal(last, make_episode(kept - 1, 30)["img"])
+
+
+def test_interrupts_held_delivers_ctrl_c_after_the_block_and_leaves_other_handlers_alone():
+    from wm.interrupt import interrupts_held
+
+    seen: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            with interrupts_held():  # nested
+                signal.raise_signal(signal.SIGINT)
+                seen.append("inner block finished")
+            seen.append("outer block finished")
+    assert seen == ["inner block finished", "outer block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append("handler"))
+    try:  # an application's own handler (wm-collect's stop flag) is called once, after the block
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            seen.append("block")
+        assert seen[-2:] == ["block", "handler"]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with interrupts_held():  # an ignored Ctrl-C stays ignored
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,15 +1,17 @@
 """Stopping training on Ctrl-C or SIGTERM at a step boundary: `InterruptFlag` turns the first SIGINT
 or SIGTERM (what a cluster's scheduler sends before it preempts a job: SLURM, Kubernetes) into a
 request the training loop honours after the current step (so the checkpoint it saves is never of a
-half-applied step), and `TrainingInterrupted` says where that checkpoint went."""
+half-applied step), and `TrainingInterrupted` says where that checkpoint went. `interrupts_held`
+keeps Ctrl-C out of a block that must finish once started (a store's commit)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,29 @@ class InterruptFlag:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held until the block ends, then delivered to the handler it would have met.
+
+    zarr v3 runs every read and write on its own event-loop thread while the caller waits: a
+    KeyboardInterrupt raised in the wait leaves the write running behind whatever the caller does
+    next (a store's commit record landed after the episode it commits was discarded: a store that
+    no longer opened). Main thread only (no other thread meets KeyboardInterrupt); a SIGINT that is
+    ignored, or handled outside Python, is left as it is. Blocks nest."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or previous is signal.SIG_IGN:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)

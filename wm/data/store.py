@@ -50,6 +50,7 @@ from zarr.storage import LocalStore, ZipStore
 from wm.data.chunks import ChunkReader
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
 from wm.data.schema import Schema, infer_schema
+from wm.interrupt import interrupts_held
 from wm.locks import alive
 
 SCHEMA_ATTR = "wm_schema"
@@ -468,21 +469,22 @@ class DemoStore:
 
     def _repair(self) -> None:
         """Drop whatever a killed writer left past the last committed episode."""
-        n = self.n_steps
-        for _key, arr in self._arrays.items():
-            if arr.shape[0] > n:
-                arr.resize((n, *arr.shape[1:]))
-        ends_arr = self._group["meta/episode_ends"]
-        if ends_arr.shape[0] > self.n_episodes:
-            ends_arr.resize((self.n_episodes,))
-        if self.legacy:  # adopt the store: write the inferred schema and a commit record
-            self._group.attrs.update(
-                {SCHEMA_ATTR: self._schema.to_dict(), EPISODES_ATTR: [{} for _ in range(self.n_episodes)]}
-            )
-            self.legacy = False
-        if self.path.is_dir():
-            for partial in self.path.rglob("*.partial"):
-                partial.unlink(missing_ok=True)
+        with interrupts_held():  # a write left running would land after what follows
+            n = self.n_steps
+            for _key, arr in self._arrays.items():
+                if arr.shape[0] > n:
+                    arr.resize((n, *arr.shape[1:]))
+            ends_arr = self._group["meta/episode_ends"]
+            if ends_arr.shape[0] > self.n_episodes:
+                ends_arr.resize((self.n_episodes,))
+            if self.legacy:  # adopt the store: write the inferred schema and a commit record
+                self._group.attrs.update(
+                    {SCHEMA_ATTR: self._schema.to_dict(), EPISODES_ATTR: [{} for _ in range(self.n_episodes)]}
+                )
+                self.legacy = False
+            if self.path.is_dir():
+                for partial in self.path.rglob("*.partial"):
+                    partial.unlink(missing_ok=True)
 
     def begin_episode(self) -> EpisodeWriter:
         """Start streaming an episode step by step: `add_step`, then `end()` or `discard()`."""
@@ -782,14 +784,15 @@ class EpisodeWriter:
             return
         lo = self._start + self._flushed
         hi = lo + self._n_buf
-        for key, parts in self._buf.items():
-            arr = self._store.array(key)
-            block = np.concatenate(parts, axis=0)
-            arr.resize((hi, *arr.shape[1:]))
-            arr[lo:hi] = block
-            parts.clear()
-        self._flushed += self._n_buf
-        self._n_buf = 0
+        with interrupts_held():  # a write left running would land after a discard's truncation
+            for key, parts in self._buf.items():
+                arr = self._store.array(key)
+                block = np.concatenate(parts, axis=0)
+                arr.resize((hi, *arr.shape[1:]))
+                arr[lo:hi] = block
+                parts.clear()
+            self._flushed += self._n_buf
+            self._n_buf = 0
 
     def end(self, info: dict[str, Any] | None = None) -> int:
         """Flush and commit the episode; returns its index. `info` is JSON metadata (success, notes, ...)."""
@@ -804,21 +807,23 @@ class EpisodeWriter:
                 f"{self._where()}: episode info is not JSON-serializable ({e}); the episode is kept open: "
                 "call end() again with plain values"
             ) from e
-        self._flush()
-        index = self._store._commit(self._flushed, record)
-        self._done = True
-        self._store._writing = None
+        with interrupts_held():  # Ctrl-C in the commit: the episode is committed whole, then it stops
+            self._flush()
+            index = self._store._commit(self._flushed, record)
+            self._done = True
+            self._store._writing = None
         return index
 
     def discard(self) -> None:
         """Drop the episode in progress; the store is as it was before `begin_episode`."""
         if self._done:
             return
-        self._buf = {k: [] for k in self._buf}
-        self._n_buf = 0
-        self._store._truncate(self._start)
-        self._done = True
-        self._store._writing = None
+        with interrupts_held():
+            self._buf = {k: [] for k in self._buf}
+            self._n_buf = 0
+            self._store._truncate(self._start)
+            self._done = True
+            self._store._writing = None
 
 
 # ---------------------------------------------------------------------- whole-store rewrites
