@@ -13,7 +13,8 @@ does this), so no file is ever half-written. An episode is written in this order
 `wm_episodes` list is the commit record. A process killed at any moment leaves every committed
 episode intact; reopening for append truncates whatever lies past the last commit. Readers only
 look at committed steps, so they can open a store while a writer appends (`refresh()` sees new
-episodes).
+episodes). Ctrl-C (SIGINT, in the main thread) during a write is held until the write is done
+(`wm.interrupt.interrupts_held`): an `end()` it interrupts commits its episode whole, then raises.
 
 Lost files. zarr by default writes no chunk whose values are all the fill value, so a missing chunk
 file reads as zeros and cannot be told from a chunk of zeros. This store writes every chunk, and a
