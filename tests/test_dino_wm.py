@@ -101,7 +101,7 @@ def test_training_lowers_the_loss_and_checkpoint_reloads_exactly(maze_store, tmp
         z_a, z_b = ema.encode(batch), model.encode(batch)
         torch.testing.assert_close(z_a["visual"], z_b["visual"], rtol=0, atol=0)
         acts = torch.rand(2, 3, 4, model.action_dim) * 2 - 1
-        z0 = {k: v[:2, :2] for k, v in z_a.items()}
+        z0 = {k: v[:2, :2] for k, v in z_a.items()} | {"past_action": acts[:, 0, :1]}
         torch.testing.assert_close(
             ema.rollout(z0, acts)["visual"], model.rollout(z0, acts)["visual"], rtol=0, atol=1e-6
         )
@@ -323,6 +323,12 @@ def test_rollout_and_predict_name_the_bad_argument_in_one_line():
                 z0 | {"past_action": z0["past_action"][:, :0]},
                 acts,
                 r"^z0\['past_action'\] must be raw actions",
+            ),
+            (  # zeros stood in for the actions between the history frames: another history, silently
+                {k: v for k, v in z0.items() if k != "past_action"},
+                acts,
+                r"^z0 holds 2 history frames but no 'past_action': give z0\['past_action'\] \(E, Th - 1, "
+                r"f\*A\) = \(3, 1, 4\)",
             ),
         ]
         for z, a, message in bad_rollouts:

@@ -306,7 +306,8 @@ class DinoWorldModel(nn.Module):
         return self._split(self.predictor(tokens, self.grid))
 
     def rollout(self, z0: Latent, actions: torch.Tensor) -> Latent:
-        """Open-loop rollout. z0: history latents with leading (E, Th); actions (E, N, H, f*A) raw.
+        """Open-loop rollout. z0: history latents with leading (E, Th) and, when Th > 1, "past_action"
+        (E, Th - 1, f*A), the raw actions between the history frames; actions (E, N, H, f*A) raw.
         Returns latents with leading (E, N, H): the predicted frames after each action step.
         The history is encoded once per episode and shared by the N samples (expand, no copy)."""
         vis0 = z0["visual"]  # (E, Th, P, D)
@@ -322,6 +323,11 @@ class DinoWorldModel(nn.Module):
         acts = self.normalize_actions(actions)
         prop0 = z0.get("proprio")
         past = z0.get("past_action")
+        if past is None and Th > 1:  # zeros in its place are mid-range actions, not "none": wrong frames
+            raise ValueError(
+                f"z0 holds {Th} history frames but no 'past_action': give z0['past_action'] "
+                f"(E, Th - 1, f*A) = {(E, Th - 1, self.step_action_dim)}, the raw actions taken between them"
+            )
         if past is not None:
             past = self._check_actions(
                 "z0['past_action']", past, (E, Th - 1, self.step_action_dim), "(E, Th - 1, f*A)"
@@ -335,7 +341,7 @@ class DinoWorldModel(nn.Module):
         a = rearrange(acts, "e n h a -> (e n) h a")
         cache = self.predictor.init_cache(E * N)
         for t in range(Th - 1):  # history frames with the actions that followed them
-            step_a = per_sample(past[:, t]) if past is not None else torch.zeros_like(a[:, 0])
+            step_a = per_sample(past[:, t])
             tok = self._tokens(
                 vis[:, t : t + 1], None if prop is None else prop[:, t : t + 1], step_a[:, None]
             )
