@@ -138,6 +138,7 @@ class RemoteWorker:
         self._since = time.monotonic()  # when the current state began
         self._failed: str | None = None
         self._sid: bytes | None = None
+        self._sid_since = 0.0  # when `ready` gave the session: pings sent before it asked about none
         self._secret: bytes | None = None
         self._nonce = b""
         self._goal: dict[str, np.ndarray] | None = None
@@ -477,6 +478,7 @@ class RemoteWorker:
         elif kind == "ready" and self._state == "auth":
             resumed = msg.get("resumed", bool)
             self._sid, self._secret = msg.get("sid", bytes), msg.get("secret", bytes)
+            self._sid_since = time.monotonic()
             info = dict(msg.get("info", dict))
             spec = {k: info.get(k) for k in SPEC_KEYS}
             if self._spec is None:
@@ -512,7 +514,10 @@ class RemoteWorker:
         elif kind == "pong":
             self._pong = True
             self._sample(msg)
-            if self._state in ("ready", "reset") and not msg.get("session", bool, True):
+            sent = msg.fields.get("sent")
+            # a ping sent during the handshake may be answered after `ready`: it asked about no session
+            about_ours = not isinstance(sent, float) or sent >= self._sid_since
+            if self._state in ("ready", "reset") and about_ours and not msg.get("session", bool, True):
                 self._reconnect("the server no longer knows the session")
             elif self._state == "auth" and not msg.get("opening", bool, True):  # it went away while it
                 self._reconnect("the server no longer opens our session (it restarted)")  # built ours
