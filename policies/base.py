@@ -284,7 +284,7 @@ def check_previous(
 ) -> torch.Tensor | None:
     """Validate a previous chunk (E, n, Da) and its `frozen` count (one ValueError line naming what is
     wrong); returns it as a float32 tensor on its device (CPU for numpy), or None when it is None."""
-    if isinstance(frozen, bool) or not isinstance(frozen, int | np.integer):  # 1.5 was a TypeError later
+    if not is_whole(frozen):  # 1.5 was a TypeError later
         raise ValueError(f"frozen must be a whole number of actions, got {frozen!r}")
     if previous is None:
         if frozen != 0:

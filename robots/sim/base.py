@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import numpy as np
 
 from robots.base import RobotBase, RobotError
-from wm.options import check_numbers, is_whole
+from wm.options import check_numbers, is_real, is_whole
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class SimConfig:
 
 def check_radius(radius: Any, name: str = "success_radius") -> None:
     """A one-line error unless `radius` is a finite number > 0 (an infinite one is success at every step)."""
-    if isinstance(radius, bool) or not isinstance(radius, int | float | np.number) or not 0 < radius < np.inf:
+    if not is_real(radius) or not 0 < radius < np.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {radius!r}")
 
 
