@@ -678,6 +678,24 @@ def test_resuming_takes_this_runs_optimizer_settings_and_says_so(dataset, tmp_pa
     assert "note: resuming with" not in capsys.readouterr().err  # unchanged settings: nothing to say
 
 
+def test_resuming_under_another_schedule_says_where_the_learning_rate_goes(dataset, tmp_path, capsys):
+    """A run extended from steps=10 to 20 continues at step 10 under the longer cosine: the learning
+    rate goes from the end of the first schedule (0) back to its middle (0.5), and the run says so."""
+    make_trainer(dataset, tmp_path, steps=10, warmup_steps=0).fit()
+    capsys.readouterr()
+    longer = make_trainer(dataset, tmp_path, steps=20, warmup_steps=0)
+    assert longer.resume() and longer.step == 10
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)
+    err = capsys.readouterr().err
+    assert (
+        "note: resuming at step 10 under this run's learning-rate schedule, steps=20 (was 10): the "
+        "learning rate there is 0.5 x lr, where the checkpoint's schedule had 0 x lr"
+    ) in err
+    same = make_trainer(dataset, tmp_path, steps=10, warmup_steps=0)
+    assert same.resume()
+    assert "learning-rate schedule" not in capsys.readouterr().err  # the same schedule: nothing to say
+
+
 def test_resuming_on_other_data_is_one_clear_error(dataset, tmp_path):
     """A run resumed after its store changed (episodes appended) or with another split would train on
     its own validation episodes: refused, naming what changed."""

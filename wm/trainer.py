@@ -25,6 +25,7 @@ reads its own shard of the data; rank 0 alone logs, validates and writes checkpo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -64,6 +65,7 @@ from wm.interrupt import InterruptFlag, TrainingInterrupted
 from wm.optim import TrainerConfig, default_param_groups, ema_decay_at, ema_update, lr_factor
 
 OPTIMIZER_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per group: this run's, on resume too
+SCHEDULE_SETTINGS = ("steps", "warmup_steps", "warmup_max_fraction", "min_lr_ratio")  # what lr_factor reads
 
 __all__ = [
     "Trainer",
@@ -350,7 +352,8 @@ class Trainer:
         reseed from (seed, rank, step). A checkpoint of another model type or architecture is a
         one-line `CheckpointError`, as is one trained on other data (`same_on_resume`); another
         model_config whose weights fit is said and resumed. The optimizer's moments come from the
-        checkpoint, its settings (lr, betas, weight decay) from this run's, as config.json records."""
+        checkpoint, its settings (lr, betas, weight decay) from this run's, as config.json records; so
+        does the learning-rate schedule (steps, warm-up), said when it differs from the checkpoint's."""
         path = latest_checkpoint(self.out_dir)
         if path is None:
             self.best = self._orphan_best()
@@ -372,6 +375,7 @@ class Trainer:
         try:  # a damaged file: one line, not a KeyError or TypeError from deep in torch
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self._keep_settings(settings)
+            self._note_schedule(ckpt.get("trainer_config"))
             self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
             if self.rank == 0:
                 set_rng_state(ckpt["rng"], self.loader.generator)
@@ -410,6 +414,28 @@ class Trainer:
         if changed:
             names = ", ".join(sorted("lr" if k == "initial_lr" else k for k in changed))
             self._say(f"note: resuming with this run's {names} (the checkpoint was trained with others)")
+
+    def _note_schedule(self, then: Any) -> None:
+        """Say so when the checkpoint was trained under another learning-rate schedule (`then`, its
+        trainer_config): the resumed run follows this run's from the resumed step, so the learning rate
+        can jump there (a run of steps=3000 extended to 6000 goes from the end of its cosine back to the
+        middle of a longer one). A checkpoint without the settings (or with damaged ones) says nothing."""
+        if not isinstance(then, dict) or not all(k in then for k in SCHEDULE_SETTINGS):
+            return
+        try:
+            old = dataclasses.replace(self.cfg, **{k: then[k] for k in SCHEDULE_SETTINGS})
+        except (TypeError, ValueError):
+            return
+        changed = [k for k in SCHEDULE_SETTINGS if getattr(old, k) != getattr(self.cfg, k)]
+        if not changed:
+            return
+        at = self.scheduler.last_epoch
+        now, before = lr_factor(at, self.cfg), lr_factor(at, old)
+        settings = ", ".join(f"{k}={getattr(self.cfg, k)} (was {getattr(old, k)})" for k in changed)
+        self._say(
+            f"note: resuming at step {at} under this run's learning-rate schedule, {settings}: the "
+            f"learning rate there is {now:.3g} x lr, where the checkpoint's schedule had {before:.3g} x lr"
+        )
 
     def _check_fits(self, ckpt: dict[str, Any], path: Path) -> None:
         """Raise a one-line `CheckpointError` when the checkpoint to resume holds another model."""
