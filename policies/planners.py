@@ -388,12 +388,11 @@ class MPPI(CEM):
         k = self.cfg.elites or costs.shape[1]
         elite_cost, idx = costs.topk(k, dim=1, largest=False)  # (E, K)
         elites = _gather(actions, idx)  # (E, K, H, A)
-        # weight 0 for a sample without a finite cost (+inf); a row with none is kept below
-        w = torch.softmax(-elite_cost / self.cfg.temperature, dim=1)  # (E, K)
-        # a row whose costs / temperature all overflow (finite but huge costs, a small temperature) gets
-        # NaN weights: weigh it by the costs above its best instead (the same weights, in exact arithmetic)
-        shifted = torch.softmax(-(elite_cost - elite_cost[:, :1]) / self.cfg.temperature, dim=1)
-        w = torch.where(w.isnan(), shifted, w).nan_to_num(nan=0.0)
+        # by the costs above each row's best (elite_cost is sorted): the same weights as exp(-cost / T) in
+        # exact arithmetic, and finite where cost / T alone overflows (huge costs, a small temperature).
+        # A sample without a finite cost (+inf) weighs 0; a row with none (NaN) is kept below
+        w = torch.softmax(-(elite_cost - elite_cost[:, :1]) / self.cfg.temperature, dim=1)  # (E, K)
+        w = w.nan_to_num(nan=0.0)
         new_mean = einsum(w, elites, "e k, e k h a -> e h a")
         var = einsum(w, (elites - new_mean.unsqueeze(1)) ** 2, "e k, e k h a -> e h a")
         return _keep_unscored(costs, mean, std, new_mean, var.sqrt())
