@@ -182,6 +182,26 @@ def test_cost_vectors_measure_the_planning_cost(maze_store):
     torch.testing.assert_close(dist, cost, rtol=1e-5, atol=1e-6)
 
 
+def test_a_goal_for_another_number_of_episodes_is_one_clear_error(maze_store):
+    """A goal of batch 1 is every episode's; one of another batch (or patch grid) was a broadcasting
+    error from deep in torch, or for 1 of several frames a silent mix-up."""
+    model = _setup(maze_store).model.eval()
+    pred = {"visual": torch.randn(3, 4, 2, 16, 32), "proprio": torch.randn(3, 4, 2, 4)}  # (E, N, H, ...)
+    one = {"visual": torch.randn(1, 16, 32), "proprio": torch.randn(1, 4)}
+    assert model.cost(pred, one).shape == (3, 4)
+    torch.testing.assert_close(
+        model.cost(pred, one), model.cost(pred, {k: v.expand(3, *v.shape[1:]) for k, v in one.items()})
+    )
+    with pytest.raises(ValueError, match=r"goal\['visual'\] must be .* E = 3 \(or 1\).* got \(2, 16, 32\)"):
+        model.cost(pred, {"visual": torch.randn(2, 16, 32), "proprio": torch.randn(2, 4)})
+    with pytest.raises(ValueError, match=r"\(P, D\) = \(16, 32\).* got \(3, 1, 8, 32\)"):
+        model.cost(pred, {"visual": torch.randn(3, 1, 8, 32), "proprio": torch.randn(3, 4)})
+    with pytest.raises(
+        ValueError, match=r"goal\['proprio'\] must be .* E = 3 \(or 1\) and Dp = 4, got \(2, 4\)"
+    ):
+        model.cost(pred, {"visual": torch.randn(3, 16, 32), "proprio": torch.randn(2, 4)})
+
+
 def test_subgoal_mpc_encodes_each_observation_once_per_replan(maze_store):
     setup = _setup(maze_store)
     model = setup.model.eval()

@@ -388,13 +388,25 @@ class DinoWorldModel(nn.Module):
 
     def cost(self, pred: Latent, goal: Latent) -> torch.Tensor:
         """Planning objective. pred leading (E, N, H); goal leading (E,) (its last frame if it has T).
-        Visual MSE over patches (+ weighted proprio MSE) at the last frame, or over all frames."""
+        Visual MSE over patches (+ weighted proprio MSE) at the last frame, or over all frames. A goal
+        of batch 1 is every episode's goal."""
         gv = goal["visual"]
         gv = gv[:, -1] if gv.ndim == 4 else gv  # (E, P, D)
+        episodes = pred["visual"].shape[0]
+        if gv.ndim != 3 or gv.shape[0] not in (1, episodes) or gv.shape[1:] != pred["visual"].shape[-2:]:
+            raise ValueError(
+                f"goal['visual'] must be (E, [T,] P, D) with E = {episodes} (or 1) and (P, D) = "
+                f"{tuple(pred['visual'].shape[-2:])} as the prediction's, got {tuple(goal['visual'].shape)}"
+            )
         v = (pred["visual"] - gv[:, None, None]).pow(2).mean(dim=(-1, -2))  # (E, N, H)
         if "proprio" in pred and "proprio" in goal and self.cfg.cost_proprio_weight:
             gp = goal["proprio"]
             gp = gp[:, -1] if gp.ndim == 3 else gp  # (E, Dp)
+            if gp.ndim != 2 or gp.shape[0] not in (1, episodes) or gp.shape[1] != pred["proprio"].shape[-1]:
+                raise ValueError(
+                    f"goal['proprio'] must be (E, [T,] Dp) with E = {episodes} (or 1) and Dp = "
+                    f"{pred['proprio'].shape[-1]}, got {tuple(goal['proprio'].shape)}"
+                )
             v = v + self.cfg.cost_proprio_weight * (pred["proprio"] - gp[:, None, None]).pow(2).mean(-1)
         if not self.cfg.cost_all_frames:
             return v[..., -1]
