@@ -13,9 +13,11 @@ from policies.diffusion import (
     DiffusionPolicy,
     DiffusionPolicyConfig,
     NoiseConfig,
+    TransformerConfig,
     UNetConfig,
 )
 from policies.diffusion.noise import Diffusion
+from policies.diffusion.obs_encoder import ObsEncoderConfig
 from wm.data.normalize import STATS, Normalizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
@@ -98,6 +100,26 @@ def test_sub_configs_of_the_wrong_kind_are_one_line(name, value):
     d = {**tiny_config("unet").to_dict(), name: value}
     with pytest.raises(ValueError, match=rf"^model.{name} must be a mapping of options, got"):
         DiffusionPolicyConfig.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "build, said",
+    [
+        (lambda: UNetConfig(kernel_size=5.0), r"model.unet.kernel_size=5.0 is not a whole number"),
+        (
+            lambda: UNetConfig(down_dims=(256.5, 512)),
+            r"model.unet.down_dims\[0\]=256.5 is not a whole number",
+        ),
+        (lambda: TransformerConfig(heads=4.0), r"model.transformer.heads=4.0 is not a whole number"),
+        (lambda: TransformerConfig(causal="false"), r"model.transformer.causal='false' is not true or false"),
+        (lambda: ObsEncoderConfig(feature_dim=64.0), r"model.obs.feature_dim=64.0 is not a whole number"),
+    ],
+)
+def test_network_configs_built_directly_refuse_numbers_of_the_wrong_kind(build, said):
+    """Built in Python rather than from a policy config: down_dims 256.5 was cut to 256, a float
+    kernel size or head count a TypeError from torch, causal="false" true."""
+    with pytest.raises(ValueError, match=rf"^{said}$"):
+        build()
 
 
 def test_unet_n_groups_zero_is_one_line():

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from policies.diffusion.precision import Bf16Inference, Bf16Shadow
 from wm.data.augment import center_crop, random_crop
 from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
-from wm.options import sub_config
+from wm.options import check_numbers, sub_config
 
 BACKBONES = ("resnet18", "patch")
 PATCH_POOLS = ("mean", "grid")
@@ -56,6 +56,7 @@ class ObsEncoderConfig:
     patch_grid: int = 2
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "model.obs")  # built directly too, not only from a config
         encoder = sub_config(EncoderConfig, self.patch_encoder, "model.obs.patch_encoder")
         object.__setattr__(self, "patch_encoder", encoder)
         object.__setattr__(self, "image_keys", tuple(self.image_keys))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from policies.diffusion.precision import Bf16Inference, Bf16Shadow
 from policies.diffusion.unet import SinusoidalPosEmb
+from wm.options import check_numbers
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TransformerConfig:
     causal: bool = True  # action token t attends to tokens <= t
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "model.transformer")  # built directly too
         if self.dim < 1 or self.depth < 1 or self.heads < 1 or self.mlp_ratio < 1:
             raise ValueError(f"transformer sizes must be positive, got {self}")
         if self.dim % self.heads:

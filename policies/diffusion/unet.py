@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from policies.diffusion.precision import MEMO_LIMIT, Bf16Inference, tensor_key
 from wm import kernels
+from wm.options import check_numbers
 from wm.precision import quantize_int8_rows
 
 _MKLDNN = torch.backends.mkldnn.is_available()
@@ -306,6 +307,7 @@ class UNetConfig:
     step_embed_dim: int = 128  # diffusion step embedding (Diffusion Policy: 256 for 512..2048)
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "model.unet")  # built directly too, not only from a config
         object.__setattr__(self, "down_dims", tuple(int(d) for d in self.down_dims))
         if not self.down_dims or min(self.down_dims) < 1:
             raise ValueError(f"down_dims must be positive, got {self.down_dims}")
