@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -128,6 +129,126 @@ def test_legacy_diffusion_policy_store_opens_directly(tmp_path):
     a.close()
     assert list(zarr.open_group(str(path), mode="r")["meta/episode_ends"][:]) == [10, 30, 35]
     assert not DemoStore.open(path).legacy
+
+
+def test_an_info_length_is_refused_it_is_the_commit_records_own(small_store, tmp_path):
+    """An episode's info "length" replaced the step count the commit record keeps: a healthy store
+    failed verification, and a salvage (wm-info drop_episodes=[]) split the data at the wrong steps."""
+    path, _ = small_store
+    s = DemoStore.open(path, mode="a")
+    with pytest.raises(AppendError, match=r"key 'length' is reserved .*; nothing was written$"):
+        s.append_episode(make_episode(1, 5), {"length": 2})
+    w = s.begin_episode()
+    w.add_steps(make_episode(1, 5))
+    with pytest.raises(AppendError, match=r"key 'length' is reserved.*kept open"):
+        w.end({"length": 2, "rope": "long"})
+    assert w.end({"rope_length": 2}) == 5
+    s.close()
+    r = DemoStore.open(path)
+    assert r.n_episodes == 6 and r.episode_info(5) == {"length": 5, "rope_length": 2}
+
+
+def _dp_store(path, ends, steps):
+    """A zarr v2 store in Diffusion Policy's layout (no schema attributes)."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.create_array("data/state", data=np.arange(steps * 3, dtype=np.float32).reshape(steps, 3))
+    root.create_array("data/action", data=np.arange(steps * 2, dtype=np.float32).reshape(steps, 2))
+    root.create_array("meta/episode_ends", data=np.array(ends, dtype=np.int64))
+    return root
+
+
+def test_a_store_of_another_tool_with_an_empty_episode_is_adopted_and_still_opens(tmp_path):
+    """Diffusion Policy's stores may hold an episode without steps. Appending adopted the store with a
+    commit record of empty entries, after which the empty episode read as damage: no open (salvage
+    included) and no repair worked. The adoption records each episode's length, 0 included."""
+    from wm.data.verify import verify_store
+
+    path = tmp_path / "dp.zarr"
+    root = _dp_store(path, [3, 3, 5], 5)
+    a = DemoStore.open(path, mode="a")
+    assert list(a.episode_lengths()) == [3, 0, 2]
+    a.append_episode({"state": np.ones((4, 3), np.float32), "action": np.ones((4, 2), np.float32)})
+    a.close()
+    for salvage in (False, True):
+        r = DemoStore.open(path, salvage=salvage)
+        assert list(r.episode_lengths()) == [3, 0, 2, 4] and not r.legacy
+        assert [r.episode_info(i)["length"] for i in range(4)] == [3, 0, 2, 4]
+        np.testing.assert_array_equal(r.get_episode(2)["state"], root["data/state"][3:5])
+    assert DemoStore.open(path, mode="a").n_episodes == 4  # and again for appending
+    report = verify_store(path)
+    assert [(p.episodes, p.fatal) for p in report.problems] == [((1,), False)]  # said, not fatal
+
+
+def test_a_schema_that_does_not_fit_the_arrays_is_refused_at_open(small_store, tmp_path):
+    """An override (or a damaged schema attribute) of another shape than the array: appends were checked
+    against the schema and zarr dropped the columns the array did not have."""
+    path = tmp_path / "dp.zarr"
+    _dp_store(path, [5], 5)
+    said = r"dp.zarr/data/state: holds \(3,\) float32 per step but the schema says \(4,\) float32"
+    for mode in ("r", "a"):
+        with pytest.raises(SchemaError, match=said):
+            DemoStore.open(path, mode=mode, schema_overrides={"keys": {"state": {"shape": [4]}}})
+    with pytest.raises(
+        SchemaError, match=r"holds \(3,\) float32 per step but the schema says \(3,\) float64"
+    ):
+        DemoStore.open(path, schema_overrides={"keys": {"state": {"dtype": "float64"}}})
+    assert DemoStore.open(path, schema_overrides={"keys": {"state": {"kind": "lowdim"}}}).n_episodes == 1
+    small, _ = small_store
+    group = zarr.open_group(str(small), mode="r+")
+    schema = dict(group.attrs)["wm_schema"]
+    schema["keys"]["action"]["shape"] = [3]
+    group.attrs["wm_schema"] = schema
+    with pytest.raises(SchemaError, match=r"small.zarr/data/action: holds \(2,\) float32 .* says \(3,\)"):
+        DemoStore.open(small, mode="a")
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        ({"fps": "abc"}, r"ValueError: could not convert string to float: 'abc'"),
+        ({"keys": ["img"]}, r"AttributeError: 'list' object has no attribute 'items'"),
+        ({"format_version": "a"}, r"ValueError: invalid literal for int\(\)"),
+    ],
+)
+def test_a_malformed_schema_attribute_is_one_line_naming_the_store(small_store, damage, said):
+    from wm.data.verify import verify_store
+
+    path, _ = small_store
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["wm_schema"] = {**dict(group.attrs)["wm_schema"], **damage}
+    with pytest.raises(SchemaError, match=rf"^{path}: malformed schema attributes: {said}"):
+        DemoStore.open(path)
+    assert any(p.fatal for p in verify_store(path).problems)  # reported, not a traceback
+
+
+def test_a_schema_override_that_is_not_a_mapping_is_one_line(small_store):
+    path, _ = small_store
+    with pytest.raises(
+        SchemaError, match=r"small.zarr: schema override action_space='delta' is not a mapping"
+    ):
+        DemoStore.open(path, schema_overrides={"action_space": "delta"})
+    with pytest.raises(SchemaError, match=r"schema override keys=\['img'\] is not a mapping"):
+        DemoStore.open(path, schema_overrides={"keys": ["img"]})
+
+
+@pytest.mark.parametrize(
+    "option, said",
+    [
+        ({"frames_per_chunk": 0}, "frames_per_chunk must be a whole number >= 1, got 0"),
+        ({"frames_per_chunk": 2.5}, "frames_per_chunk must be a whole number >= 1, got 2.5"),
+        (
+            {"image_codec": "gzip"},
+            "image_codec must be one of auto, lz4, lz4hc, zstd, zlib, blosclz, got 'gzip'",
+        ),
+        ({"zarr_format": 4}, "zarr_format must be 2 or 3, got 4"),
+    ],
+)
+def test_create_refuses_bad_options_before_writing_anything(tmp_path, option, said):
+    """frames_per_chunk=0 made a store that every append failed on (ZeroDivisionError)."""
+    path = tmp_path / "new.zarr"
+    with pytest.raises(ValueError, match=rf"new.zarr: {re.escape(said)}$"):
+        DemoStore.create(path, make_schema(), **option)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reader_sees_only_committed_episodes_and_refreshes(small_store):
@@ -436,7 +557,9 @@ def test_nan_step_is_refused_before_buffering(small_store):
 def test_unserializable_info_is_refused(small_store):
     path, _ = small_store
     s = DemoStore.open(path, mode="a")
-    with pytest.raises(AppendError, match=r"not JSON-serializable \(.*\); nothing was written$"):
+    with pytest.raises(
+        AppendError, match=r"info is not usable: .*not JSON serializable; nothing was written$"
+    ):
         s.append_episode(make_episode(1, 3), {"bad": object()})  # it said to call end() again
     assert s.n_episodes == 5 and s.array("img").shape[0] == s.n_steps
 

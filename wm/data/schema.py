@@ -118,8 +118,8 @@ class Schema:
                 task=d.get("task", ""),
                 format_version=int(d.get("format_version", FORMAT_VERSION)),
             )
-        except (KeyError, TypeError) as e:
-            raise SchemaError(f"malformed schema attributes: {e}") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a list for a dict, "abc" for fps
+            raise SchemaError(f"malformed schema attributes: {type(e).__name__}: {e}") from e
 
     def override(self, overrides: dict[str, Any] | None) -> Schema:
         """A copy with top-level fields and per-key fields replaced, e.g.
@@ -128,17 +128,22 @@ class Schema:
             return self
         d = self.to_dict()
         for name, value in overrides.items():
-            if name == "keys":
-                for key, kv in value.items():
-                    if key not in d["keys"]:
-                        raise SchemaError(f"override names key {key!r}, which the store does not have")
-                    d["keys"][key].update(kv)
-            elif name == "action_space":
-                d["action_space"].update(value)
-            elif name in d:
-                d[name] = value
-            else:
-                raise SchemaError(f"unknown schema field {name!r} in overrides")
+            try:
+                if name == "keys":
+                    for key, kv in value.items():
+                        if key not in d["keys"]:
+                            raise SchemaError(f"override names key {key!r}, which the store does not have")
+                        d["keys"][key].update(kv)
+                elif name == "action_space":
+                    d["action_space"].update(value)
+                elif name in d:
+                    d[name] = value
+                else:
+                    raise SchemaError(f"unknown schema field {name!r} in overrides")
+            except (TypeError, ValueError, AttributeError) as e:  # "delta" for {"mode": "delta"}
+                raise SchemaError(
+                    f"schema override {name}={value!r} is not a mapping of fields ({type(e).__name__}: {e})"
+                ) from e
         return Schema.from_dict(d)
 
 

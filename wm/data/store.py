@@ -53,6 +53,7 @@ from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, Schem
 from wm.data.schema import Schema, infer_schema
 from wm.interrupt import interrupts_held
 from wm.locks import alive
+from wm.options import is_whole
 
 SCHEMA_ATTR = "wm_schema"
 EPISODES_ATTR = "wm_episodes"
@@ -61,6 +62,9 @@ WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 LOWDIM_CHUNK = 4096  # rows per chunk for low-dimensional keys
 # Steps buffered in memory by a streaming writer before they are flushed to disk.
 FLUSH_STEPS = 32
+
+
+BLOSC_CODECS = ("auto", "lz4", "lz4hc", "zstd", "zlib", "blosclz")  # "auto": lz4 for images, zstd else
 
 
 def _compressor(kind: str, zarr_format: int, codec: str) -> Any:
@@ -128,6 +132,16 @@ class DemoStore:
         """Create an empty store. `zarr_format=2` writes a store that Diffusion Policy's zarr 2 can read.
         It is built beside `path` and renamed into place: a crash leaves no half-made store there."""
         path = Path(path)
+        if not is_whole(frames_per_chunk) or frames_per_chunk < 1:  # 0 was a ZeroDivisionError at append
+            raise ValueError(
+                f"{path}: frames_per_chunk must be a whole number >= 1, got {frames_per_chunk!r}"
+            )
+        if image_codec not in BLOSC_CODECS:
+            raise ValueError(
+                f"{path}: image_codec must be one of {', '.join(BLOSC_CODECS)}, got {image_codec!r}"
+            )
+        if zarr_format not in (2, 3) or isinstance(zarr_format, bool):
+            raise ValueError(f"{path}: zarr_format must be 2 or 3, got {zarr_format!r}")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path}: already exists; open it with DemoStore.open(path, mode='a')")
         check_writable(path.resolve().parent)
@@ -205,12 +219,14 @@ class DemoStore:
             )
         attrs = dict(group.attrs)
         legacy = SCHEMA_ATTR not in attrs
-        if legacy:
-            data = group["data"]
-            schema = infer_schema({k: (a.shape, a.dtype) for k, a in data.arrays()})
-        else:
-            schema = Schema.from_dict(attrs[SCHEMA_ATTR])
-        schema = schema.override(schema_overrides)
+        try:
+            if legacy:
+                schema = infer_schema({k: (a.shape, a.dtype) for k, a in group["data"].arrays()})
+            else:
+                schema = Schema.from_dict(attrs[SCHEMA_ATTR])
+            schema = schema.override(schema_overrides)
+        except SchemaError as e:  # which store: a training run opens several
+            raise SchemaError(f"{path}: {e}") from e
         lock = WriterLock(path) if mode == "a" else None  # before the repair: it truncates a writer's steps
         try:
             store = cls(path, group, schema, mode, legacy, salvage)
@@ -420,6 +436,8 @@ class DemoStore:
             info = [record if isinstance(record, dict) else {} for record in info]
         data = self._group["data"]
         present = {key: self._open_array(data, key) for key in self._schema.keys}
+        if not self.salvage:  # (verify, which opens with salvage, reports a mismatch as fatal)
+            self._check_layout(present)
         for key in self._schema.keys:
             if present[key].shape[0] < (int(ends[-1]) if len(ends) else 0) and not self.salvage:
                 raise CorruptStoreError(
@@ -438,6 +456,19 @@ class DemoStore:
         }
         self._ends = ends
         self._info = info
+
+    def _check_layout(self, arrays: dict[str, zarr.Array]) -> None:
+        """Raise a one-line SchemaError when an array's per-step shape or dtype is not the schema's (a
+        `schema_overrides` entry, or a damaged schema attribute): appends were checked against the
+        schema and zarr dropped the columns the array did not have."""
+        for key, array in arrays.items():
+            spec = self._schema.keys[key]
+            if tuple(array.shape[1:]) != tuple(spec.shape) or not _same_dtype(array.dtype, spec.dtype):
+                raise SchemaError(
+                    f"{self.path}/data/{key}: holds {tuple(array.shape[1:])} {array.dtype} per step but the "
+                    f"schema says {tuple(spec.shape)} {spec.dtype}; a schema override may change a key's "
+                    "kind, not its shape or dtype"
+                )
 
     def _open_array(self, data: zarr.Group, key: str) -> zarr.Array:
         """data/`key`, or one line saying what is wrong with it: missing, or its metadata unreadable (a
@@ -479,9 +510,9 @@ class DemoStore:
             if ends_arr.shape[0] > self.n_episodes:
                 ends_arr.resize((self.n_episodes,))
             if self.legacy:  # adopt the store: write the inferred schema and a commit record
-                self._group.attrs.update(
-                    {SCHEMA_ATTR: self._schema.to_dict(), EPISODES_ATTR: [{} for _ in range(self.n_episodes)]}
-                )
+                records = [{"length": int(n)} for n in self.episode_lengths()]
+                self._group.attrs.update({SCHEMA_ATTR: self._schema.to_dict(), EPISODES_ATTR: records})
+                self._info = records
                 self.legacy = False
             if self.path.is_dir():
                 for partial in self.path.rglob("*.partial"):
@@ -500,9 +531,7 @@ class DemoStore:
         try:  # before any step is written (`EpisodeWriter.end` keeps its episode open to be ended again)
             json_record(info)
         except (TypeError, ValueError) as e:
-            raise AppendError(
-                f"{self.path}: episode info is not JSON-serializable ({e}); nothing was written"
-            ) from e
+            raise AppendError(f"{self.path}: episode info is not usable: {e}; nothing was written") from e
         writer = self.begin_episode()
         try:
             writer.add_steps(data)
@@ -644,11 +673,12 @@ def check_destination(
 
 
 def commit_lengths(records: Any) -> list[int] | None:
-    """Episode lengths from a commit record, or None when it does not hold a positive length for each."""
+    """Episode lengths from a commit record, or None when it does not hold a length for each (positive, or
+    0 where an adopted store had an empty episode)."""
     if not isinstance(records, list):
         return None
     lengths = [r.get("length") if isinstance(r, dict) else None for r in records]
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+    if not all(type(n) is int and n >= 0 for n in lengths) or not any(lengths):
         return None
     return lengths
 
@@ -674,10 +704,25 @@ def read_episode_ends(path: Path, group: zarr.Group, records: Any) -> tuple[np.n
             f"({int(ends[bad - 1]) if bad else 0} -> {int(ends[bad])})"
         )
     empty = np.flatnonzero(np.diff(ends, prepend=0) == 0)
-    if len(empty) and isinstance(records, list):  # our stores never write one: a lost chunk of it
-        # (zarr reads it as zeros); other tools' stores (no commit record) may hold empty episodes
+    if isinstance(records, list):  # our stores never write an empty episode: a lost chunk of episode_ends
+        # (zarr reads it as zeros); other tools' stores may hold some, recorded as such when adopted
+        empty = [int(i) for i in empty if not (i < len(records) and _recorded_empty(records[i]))]
+    if len(empty) and isinstance(records, list):
         return ends, f"{path}/meta/episode_ends: episode {int(empty[0])} has no steps ({len(empty)} such)"
     return ends, None
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    try:
+        return np.dtype(a) == np.dtype(b)
+    except TypeError:  # a zarr dtype numpy does not name (variable-length strings)
+        return str(a) == str(b)
+
+
+def _recorded_empty(record: Any) -> bool:
+    """A commit record entry of an episode without steps: one that another tool's store held when this
+    one adopted it (`DemoStore._repair`)."""
+    return isinstance(record, dict) and type(record.get("length")) is int and record["length"] == 0
 
 
 class EpisodeWriter:
@@ -805,8 +850,8 @@ class EpisodeWriter:
             record = json_record(info)
         except (TypeError, ValueError) as e:  # nothing flushed or committed: end() may be called again
             raise AppendError(
-                f"{self._where()}: episode info is not JSON-serializable ({e}); the episode is kept open: "
-                "call end() again with plain values"
+                f"{self._where()}: episode info is not usable: {e}; the episode is kept open: call end() "
+                "again with plain JSON values"
             ) from e
         with interrupts_held():  # Ctrl-C in the commit: the episode is committed whole, then it stops
             self._flush()
@@ -876,8 +921,11 @@ def swap_paths(path: Path) -> tuple[Path, Path]:
 
 def json_record(info: Mapping[str, Any] | None) -> dict[str, Any]:
     """Episode `info` as the commit record holds it (numpy values as Python's); TypeError or ValueError when
-    it is not JSON."""
+    it is not JSON, ValueError when it holds "length" (the record's own step count: an info "length" of
+    2 on a 5-step episode made a healthy store fail verification, and a salvage split it at step 2)."""
     record = json_native(dict(info or {}))
+    if "length" in record:
+        raise ValueError("its key 'length' is reserved for the episode's step count, which the store records")
     json.dumps(record)
     return record
 
