@@ -329,6 +329,18 @@ def test_a_run_a_fault_stopped_exits_with_3(tmp_path):
     assert "STOPPED: no fresh action for" in res.stdout
 
 
+def test_sync_mode_bounds_the_wait_for_a_chunk_too(tmp_path):
+    """runtime.mode=sync computed each chunk on the control thread: a model slower than
+    runtime.wait_timeout_s (or hung) was waited for without end, Ctrl-C unread until it returned. The
+    worker process computes it in sync mode too, and the wait has its deadline."""
+    res = cli(
+        "wm-deploy", "robot=pointmaze", "controller=random", f"out={tmp_path / 'run'}", "episodes=1",
+        "runtime.mode=sync", "added_delay_s=5", "runtime.wait_timeout_s=0.5", "max_steps=2",
+    )  # fmt: skip
+    assert res.returncode == 3, res.stderr
+    assert "STOPPED: no chunk after 0.5 s of waiting (wait_timeout_s)" in res.stdout, res.stdout
+
+
 def test_bad_values_paths_and_takeover_devices_are_refused_before_anything_starts(tmp_path):
     """Each was refused late (after the worker had loaded and the robot had connected: control_hz=inf,
     seed=-1, a file as out= or record=, in unclear words or a traceback), accepted (added_delay_s=nan,

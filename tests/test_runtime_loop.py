@@ -196,11 +196,12 @@ class HungWorker:
     """A worker whose model never answers (alive, busy, silent)."""
 
     info = {"window": 1}
-    busy = True
+    busy = False  # until it is asked
 
     def reset(self, goal) -> None: ...
 
-    def submit(self, req) -> None: ...
+    def submit(self, req) -> None:
+        self.busy = True
 
     def poll(self) -> None:
         return None
@@ -232,6 +233,33 @@ def test_a_chunk_waited_for_at_rest_ends_the_episode_on_its_timeout_or_the_opera
     assert out.stopped == "stopped by the operator" and not out.ticks and clock.now() < 100.1
 
 
+class Reconnecting(HungWorker):
+    """A worker that cannot take a request (a remote one renewing its connection): `submit` refuses."""
+
+    busy = True
+
+    def submit(self, req) -> None:
+        raise RuntimeError("a request is already outstanding or the server is not connected")
+
+    def waiting_for(self) -> str:
+        return "the policy server: reconnecting"
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_chunk_waited_for_is_asked_only_once_the_worker_can_take_it(mode):
+    """The wait for the worker to be ready has the wait's deadline (it asked at once, and the worker's
+    refusal escaped the loop as a RuntimeError)."""
+    task = make_task("pointmaze", SimConfig(state_only=True, max_steps=400))
+    task.reset(0)
+    clock = ManualClock(100.0)
+    out = Runtime(
+        task, Reconnecting(), RuntimeConfig(mode=mode, wait_timeout_s=5.0), clock=clock
+    ).run_episode(10)
+    assert out.stopped.startswith("no chunk after 5 s of waiting (wait_timeout_s): ")
+    assert out.stopped.endswith("; holding position") and not out.ticks
+    assert clock.now() == pytest.approx(105.0, abs=0.01)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -243,6 +271,8 @@ def test_a_chunk_waited_for_at_rest_ends_the_episode_on_its_timeout_or_the_opera
         # options that had no effect: accepted, and the report recorded them as if they had
         {"mode": "sync", "stitching": "ensemble"},
         {"stitching": "replace", "ensemble_m": 0.5},
+        {"stitching": "ensemble", "ensemble_m": -50.0},  # exp() overflowed mid-run, ~15 ticks in
+        {"stitching": "ensemble", "ensemble_m": float("nan")},
         {"stitching": "average", "inpaint_overlap": 2},
         {"mode": "sync", "inpaint_overlap": 2},
     ],

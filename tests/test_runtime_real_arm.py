@@ -162,13 +162,14 @@ def run(
         return drive(bus, arm, w, ticks, safety)
 
 
-def drive(bus: Bus, arm, w, ticks: int, safety: SafetyConfig) -> Run:
-    """Connect the arm, run one episode of the worker's chunks on it, disconnect: what reached the bus."""
+def drive(bus: Bus, arm, w, ticks: int, safety: SafetyConfig, **runtime) -> Run:
+    """Connect the arm, run one episode of the worker's chunks on it (`runtime`: RuntimeConfig options),
+    disconnect: what reached the bus."""
     arm.connect()
     try:
         start = bus.units([bus.register(i, *bus.kind.present) for i in range(1, 7)])
         since = len(bus.fake.written)
-        out = Runtime(arm, w, RuntimeConfig(safety=safety)).run_episode(ticks)
+        out = Runtime(arm, w, RuntimeConfig(safety=safety, **runtime)).run_episode(ticks)
         goals, torque = bus.goals(since), bus.torque()
         assert len(bus.fake.written) == since + goals.size  # the run wrote goals and nothing else
         # one record, and at most one command, per tick of the schedule (the hold that ends a run on a

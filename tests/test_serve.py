@@ -954,7 +954,7 @@ def spawn_server(port: int, fault: str = "none", after: int = 0) -> mp.Process:
 
 
 def run_remote(
-    bus: Bus, port: int, ticks: int, safety: SafetyConfig, timeout_s: float = 2.0
+    bus: Bus, port: int, ticks: int, safety: SafetyConfig, timeout_s: float = 2.0, **runtime
 ) -> tuple[Run, RemoteWorker]:
     arm = make_robot(bus.kind.robot, port=PORT, calibration_dir=str(bus.calib_dir), control_hz=HZ)
     feat = arm.action_feature
@@ -965,7 +965,7 @@ def run_remote(
     )
     w.start()
     try:
-        return drive(bus, arm, w, ticks, safety), w
+        return drive(bus, arm, w, ticks, safety, **runtime), w
     finally:
         w.close()
 
@@ -1002,6 +1002,20 @@ def test_nan_chunks_from_the_server_never_reach_the_bus(bus):
     check_bus(r, bus)
     check_held(r, fresh_ticks(out)[-1] + 1)
     assert r.torque_after_run == [1] * 6
+
+
+@pytest.mark.parametrize("mode, slow", [("async", 0), ("sync", 2)])
+def test_a_chunk_the_client_gave_up_on_is_asked_again_once_it_has_reconnected(bus, mode, slow):
+    """A chunk that outlasts request_timeout_s (the first one, a model's warm-up; in sync mode any one):
+    the client gives up on it and renews its connection, and the runtime, which waits for that chunk,
+    asked again at once: RemoteWorker.submit raised while it reconnected, and wm-deploy died with a
+    traceback, no report and the episode's recording discarded. It asks once the worker is ready."""
+    with served("slow_once", after=slow) as (port, _):
+        r, w = run_remote(bus, port, 40, SafetyConfig(), timeout_s=1.0, mode=mode)
+    out = r.out
+    assert out.stopped is None and len(out.ticks) == 40, out.stopped
+    assert out.events["inference_error"] == 1 and w.stats["timeouts"] == 1
+    check_bus(r, bus)
 
 
 def test_a_hung_server_holds_the_arm_and_the_watchdog_ends_the_run(bus):

@@ -166,6 +166,17 @@ def test_requests_are_checked_against_the_models_io_spec(says):
     assert says in str(e.value) and str(e.value).startswith("infer 1")
 
 
+@pytest.mark.parametrize("name", ["a\u00b2", "o\u00b2/state", "a\u0661"])
+def test_array_names_with_digits_beyond_ascii_are_a_protocol_error(name):
+    """str.isdigit() takes "²" and Arabic-Indic digits, int() refuses the first: a bare ValueError, which
+    the server answered as an internal error without the request's seq (the client waited it out)."""
+    header = {"sid": b"s" * 16, "seq": 1, "sent": 0.0, "expires": 1.0, "steps": 2, "actions": 1, "frozen": 0}
+    arrays = {"o0/state": np.zeros(3), "o1/state": np.zeros(3), name: np.zeros(2)}
+    msg = wire.decode(frames_bytes(wire.encode("infer", header, arrays)), LIMIT)
+    with pytest.raises(wire.ProtocolError, match=r"^infer 1: unexpected array"):
+        wire.unpack_request(msg, SPEC, window=2, action_dim=2)
+
+
 def test_more_steps_than_the_models_window_are_refused():
     _, _, frames = request(steps=3)
     with pytest.raises(wire.ProtocolError, match="3 observation steps; the model takes 1..2"):

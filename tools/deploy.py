@@ -3,9 +3,10 @@ robot in real time.
 
 The robot ticks at its own control rate on absolute deadlines while the controller (a diffusion
 policy, MPC over a world model, or random actions: the same options as `wm-eval`) computes chunks
-in an inference worker process (`runtime.mode=async`), or on the control thread
-(`runtime.mode=sync`, the synchronous baseline). Every command passes the safety layer; a fault
-(the model failing, hanging or dying, the robot not answering, no fresh action for
+in an inference worker process (`runtime.mode=async`), or while the robot waits for each chunk
+(`runtime.mode=sync`, the synchronous baseline; the chunk is computed in the worker process too, so
+`runtime.wait_timeout_s` and Ctrl-C still end a hung model's wait). Every command passes the safety
+layer; a fault (the model failing, hanging or dying, the robot not answering, no fresh action for
 `runtime.safety.stop_after_s`) holds position and ends the episode with one line. Simulated tasks
 run against the wall clock and report success.
 
@@ -239,7 +240,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         tick_row,
     )
     from robots.runtime.report import write_report as write_run_report
-    from robots.runtime.worker import ControllerSpec, InlineWorker, ProcessWorker, check_robot, kernel_line
+    from robots.runtime.worker import ControllerSpec, ProcessWorker, check_robot, kernel_line
 
     out = Path(cfg.out)
     robot = make_robot(cfg, None)  # not connected: its action bounds, which the controller plans within
@@ -268,7 +269,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
 
         worker: Any = RemoteWorker(cfg.remote_config(), feat.low, feat.high)
     else:
-        worker = ProcessWorker(spec) if cfg.runtime.mode == "async" else InlineWorker(spec)
+        worker = ProcessWorker(spec)  # sync mode too: a computation on this thread had no deadline
     worker.start()
     stop = _StopFlag()
     outcomes, store, takeover, kernels = [], None, None, None

@@ -7,8 +7,10 @@ arrived (stale actions dropped by the time actually measured), pick the action d
 chunk is due, hand it the observation history and, for real-time chunking, the actions already
 committed. Nothing on the tick waits for the model.
 
-In `sync` mode the same loop computes chunks on the control thread when the last one is used up
-(the robot waits, as LeRobot's synchronous loop and openpi's client do): the baseline.
+In `sync` mode the same loop asks for a chunk when the last one is used up and waits for it (the robot
+waits, as LeRobot's synchronous loop and openpi's client do): the baseline. With an `InlineWorker` the
+chunk is computed on the control thread itself (the benchmark's baseline; no deadline can interrupt
+it); with a `ProcessWorker` (wm-deploy) `wait_timeout_s` and the operator's stop bound the wait.
 
 Faults end a run with one line (`EpisodeOutcome.stopped`), never with an unsafe command: the
 worker's errors and death, no fresh action for too long (the watchdog), a robot that cannot be read.
@@ -40,7 +42,7 @@ NO_CHUNK = -1  # the chunk number recorded for a held command
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """mode: "async" (inference in the worker) or "sync" (on the control thread, the robot waits).
+    """mode: "async" (inference in the worker beside the ticks) or "sync" (the robot waits for each chunk).
     stitching: how a new chunk meets the pending actions (`schedule.STITCHING`); ensemble_m: ACT's
     coefficient. inpaint_overlap: stitching "inpaint": how many scheduled actions past the frozen ones
     the controller is also handed, to continue softly (None: all of them, RTC's soft mask, the smoothest
@@ -102,6 +104,8 @@ class RuntimeConfig:
                 f"stitching={self.stitching} merges overlapping chunks, which mode=sync never has (each "
                 "chunk runs to its end): use mode=async, or leave stitching out"
             )
+        if not (math.isfinite(self.ensemble_m) and self.ensemble_m >= 0):  # < 0 overflowed exp() mid-run
+            raise ValueError(f"ensemble_m must be a finite number >= 0, got {self.ensemble_m}")
         if self.ensemble_m != RuntimeConfig.ensemble_m and self.stitching != "ensemble":
             raise ValueError(f"ensemble_m is for stitching=ensemble, not {self.stitching}: leave it out")
         if self.inpaint_overlap is not None and (self.stitching != "inpaint" or self.mode == "sync"):
@@ -109,8 +113,8 @@ class RuntimeConfig:
         check(self.realtime_priority, self.control_cpu)
         if self.mode == "sync" and (self.realtime_priority is not None or self.control_cpu is not None):
             raise ValueError(
-                "realtime_priority and control_cpu are for mode=async: in sync mode the model computes on "
-                "the control thread, and its threads would inherit them"
+                "realtime_priority and control_cpu are for mode=async: in sync mode the robot waits for "
+                "every chunk, so there is no tick to keep on time while the model computes"
             )
 
 
@@ -165,9 +169,10 @@ class EpisodeOutcome:
 
 
 class Runtime:
-    """Runs episodes of `robot` with the chunks of `worker` (a `ProcessWorker` or, in sync mode, an
-    `InlineWorker`). `on_tick(record, obs)` is called after every tick's send (recording, live
-    report); `done()` ends an episode early (a simulated task's success or step limit)."""
+    """Runs episodes of `robot` with the chunks of `worker` (a `ProcessWorker`, a `RemoteWorker`, or in
+    sync mode an `InlineWorker`, computing on this thread). `on_tick(record, obs)` is called after every
+    tick's send (recording, live report); `done()` ends an episode early (a simulated task's success or
+    step limit)."""
 
     def __init__(
         self,
@@ -469,7 +474,12 @@ class Runtime:
     def _request(self, history, timeline, out, state, t_obs) -> Reply | None:
         """Hand the worker the history and, for inpainting, the actions scheduled from the newest
         observation's step on (`timeline`, async only; None otherwise). Without a timeline (sync mode,
-        the first chunk) wait for the reply and return it."""
+        the first chunk) wait for the worker to take it (a remote worker reconnects after a request it
+        gave up on), then for the reply, and return it."""
+        if timeline is None and self.worker.busy:
+            self._wait(out, state, until_ready=True)
+            if out.stopped:
+                return None
         steps, actions = self._history(history)
         previous, frozen = None, 0
         if timeline is not None and self.cfg.stitching == "inpaint":
@@ -494,14 +504,18 @@ class Runtime:
             return None
         return self._wait(out, state) if timeline is None else None
 
-    def _wait(self, out: EpisodeOutcome, state: _State) -> Reply | None:
-        """Block for the reply (sync mode, the first chunk), the robot at rest; the worker's death, the
-        operator's stop and `wait_timeout_s` without a reply end the run."""
+    def _wait(self, out: EpisodeOutcome, state: _State, until_ready: bool = False) -> Reply | None:
+        """Block for the reply (sync mode, the first chunk), the robot at rest, or with `until_ready` until
+        the worker can take a request; the worker's death, the operator's stop and `wait_timeout_s`
+        without a reply end the run."""
         deadline = self.clock.now() + self.cfg.wait_timeout_s
         while True:
-            reply = self._poll(out)
-            if reply is not None or out.stopped:
-                return reply
+            reply = self._poll(out)  # (until_ready: it keeps a remote worker's connection going; a reply
+            # now answers a request already given up on, which is never executed)
+            if until_ready and not self.worker.busy:
+                return None
+            if (reply is not None and not until_ready) or out.stopped:
+                return None if until_ready else reply
             if self._operator_stopped():
                 out.stopped = "stopped by the operator"
                 return None

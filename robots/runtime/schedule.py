@@ -121,8 +121,8 @@ class Timeline:
             raise ValueError(f"stitching must be one of {', '.join(STITCHING)}, got {self.stitching!r}")
         if not self.period_s > 0:
             raise ValueError(f"the control period must be positive, got {self.period_s}")
-        if not math.isfinite(self.ensemble_m):
-            raise ValueError(f"ensemble_m must be finite, got {self.ensemble_m}")
+        if not (math.isfinite(self.ensemble_m) and self.ensemble_m >= 0):  # < 0 overflowed exp() mid-run
+            raise ValueError(f"ensemble_m must be a finite number >= 0, got {self.ensemble_m}")
 
     def __len__(self) -> int:
         return len(self.slots)

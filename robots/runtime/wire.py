@@ -285,6 +285,11 @@ class InferRequest:
     frozen: int
 
 
+def _index(text: str) -> bool:
+    """An array name's index: ASCII digits only (str.isdigit() takes "²", which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def unpack_request(
     msg: Message, spec: Mapping[str, Any], window: int, action_dim: int | None
 ) -> InferRequest:
@@ -303,12 +308,12 @@ def unpack_request(
     for name, a in msg.arrays.items():
         if name == "previous":
             previous = a
-        elif name.startswith("o") and "/" in name and name[1 : name.index("/")].isdigit():
+        elif name.startswith("o") and "/" in name and _index(name[1 : name.index("/")]):
             i = int(name[1 : name.index("/")])
             if i >= n:
                 raise ProtocolError(f"infer {seq}: array {name!r:.60} is beyond the {n} steps")
             steps[i][name[name.index("/") + 1 :]] = a
-        elif name.startswith("a") and name[1:].isdigit() and int(name[1:]) < n_act:
+        elif name.startswith("a") and _index(name[1:]) and int(name[1:]) < n_act:
             actions[int(name[1:])] = a
         else:
             raise ProtocolError(f"infer {seq}: unexpected array {name!r:.60}")
