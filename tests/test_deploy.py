@@ -329,6 +329,33 @@ def test_a_run_a_fault_stopped_exits_with_3(tmp_path):
     assert "STOPPED: no fresh action for" in res.stdout
 
 
+def test_sigterm_ends_the_run_cleanly_with_the_report_and_the_recording(tmp_path):
+    """SIGTERM (a service manager stopping wm-deploy, `docker stop`) ended the process where it stood:
+    the robot was not disconnected, no report was written and the episode's recording was lost. It
+    stops as Ctrl-C does, and exits 143."""
+    out, store = tmp_path / "run", tmp_path / "rec.zarr"
+    proc = subprocess.Popen(
+        [str(BIN / "wm-deploy"), "robot=pointmaze", "controller=random", f"out={out}", "episodes=1",
+         "max_steps=100000", "control_hz=20", "status_every_s=0.2", f"record={store}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # the robot is running
+            if " ticks at " in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "STOPPED: stopped by the operator" in stdout, stdout
+    report = json.loads((out / "report.json").read_text())
+    recorded = DemoStore.open(store)
+    assert recorded.n_episodes == 1 and recorded.n_steps == report["ticks"] > 0
+    assert recorded.episode_info(0)["stopped"] == "stopped by the operator"
+
+
 def test_sync_mode_bounds_the_wait_for_a_chunk_too(tmp_path):
     """runtime.mode=sync computed each chunk on the control thread: a model slower than
     runtime.wait_timeout_s (or hung) was waited for without end, Ctrl-C unread until it returned. The

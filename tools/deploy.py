@@ -22,7 +22,10 @@ Writes `out/report.json` (achieved rate, tick error, latency, stale and dropped 
 safety events, success), `out/timing.png`, and with `record=STORE` every tick into a store (each episode's
 info: its seed, success, why it stopped, a simulated task's options; an existing store of another robot,
 rate, task or task options is refused before the robot connects).
-Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on Ctrl-C.
+Ctrl-C or SIGTERM (a service manager stopping it, `docker stop`, `kill`) ends the run as cleanly as a
+fault: the robot holds, the episode so far is recorded, the report written, the robot disconnected; a
+second one interrupts at once.
+Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on Ctrl-C, 143 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -356,32 +359,36 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         f"wrote {', '.join(map(str, paths))}" + (f", recording {cfg.record}" if cfg.record else ""),
         flush=True,
     )
-    status = 130 if stop.is_set() else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
+    status = 128 + stop.signum if stop.signum else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
     return report, status
 
 
 class _StopFlag:
-    """Ctrl-C asks the control loop to stop at the next tick (it holds position and ends the run
-    cleanly); a second Ctrl-C interrupts at once."""
+    """Ctrl-C or SIGTERM asks the control loop to stop at the next tick (it holds position and ends the
+    run cleanly); a second one interrupts at once. SIGTERM's default action ended the process where it
+    stood: no disconnect, no report, the episode's recording lost, the inference worker left running."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self._set = False
-        self._previous: Any = None
+        self.signum: int | None = None  # the first signal received
+        self._previous: dict[int, Any] = {}
 
     def is_set(self) -> bool:
-        return self._set
+        return self.signum is not None
 
     def __enter__(self) -> _StopFlag:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self._set:
+        if self.signum is not None:
             raise KeyboardInterrupt
-        self._set = True
+        self.signum = signum
 
 
 def _main(cfg: DictConfig) -> int:
