@@ -37,6 +37,7 @@ from policies.base import (
     shift_plan,
 )
 from policies.inputs import ObsHistory, check_raw, to_model_inputs
+from wm.options import check_numbers
 
 
 class GoalSelector(Protocol):
@@ -69,6 +70,7 @@ class MPCConfig:
     fill: Literal["last", "zeros"] = "last"
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "mpc")  # execute=2.5 was a TypeError at the first replan
         if self.execute < 1:
             raise ValueError(f"execute must be >= 1, got {self.execute}")
         if self.fill not in ("last", "zeros"):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from policies.base import Latent, MetricModel
+from wm.options import check_numbers
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class GraphConfig:
     goal_reach: float = 1.0  # aim at the goal itself when it lies within this many hops' distance
 
     def __post_init__(self) -> None:
+        check_numbers(type(self), vars(self), "graph")  # neighbors=2.5 was a TypeError in topk()
         if self.stride < 1 or self.neighbors < 1 or not 0 < self.lookahead < math.inf:
             raise ValueError(
                 f"stride and neighbors must be >= 1 and lookahead finite and > 0, got stride {self.stride}, "

@@ -942,6 +942,15 @@ def test_ddim_steps_beyond_the_training_steps_are_refused_when_set():
     policy = DiffusionPolicy(tiny_config("unet"), Normalizer({}, {}))
     with pytest.raises(ValueError, match="sampler_steps=500 with the ddim sampler"):
         policy.set_sampler("ddim", 500)
+    # one DDIM step ran at timestep 0 (diffusers' "leading" spacing): the starting noise came back
+    # as the "clean" sample, the model never used
+    one = r"sampler_steps=1 with the ddim sampler: it takes at least 2 \(for a 1-step chunk use the edm"
+    with pytest.raises(ValueError, match=one):
+        DiffusionPolicyConfig(sampler="ddim", sampler_steps=1)
+    with pytest.raises(ValueError, match=one):
+        policy.set_sampler("ddim", 1)
+    with pytest.raises(ValueError, match=one):
+        UWMConfig(sampler="ddim", sampler_steps=1)
 
 
 def test_two_cameras_with_one_frozen_encoder_train_from_one_feature_cache(store_path, tmp_path):

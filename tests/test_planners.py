@@ -10,6 +10,7 @@ squared distance over all frames, which makes the optimum unique: reach the goal
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from policies.planners import (
     build_planner,
     planner_config,
 )
+from policies.subgoal import GraphConfig
 from wm.spec import IOSpec
 
 # B maps raw action (a0, a1) to (0.5 a1, -0.25 a0): to move +x push a1 up, to move +y push a0 down.
@@ -486,6 +488,20 @@ def test_a_planner_mapping_without_a_name_is_the_default_planner():
 def test_invalid_configs_are_refused(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+@pytest.mark.parametrize(
+    "build, said",
+    [
+        (lambda: MPCConfig(execute=2.5), "mpc.execute=2.5 is not a whole number"),  # a TypeError at replan
+        (lambda: MPCConfig(warm_start="no"), "mpc.warm_start='no' is not true or false"),  # was true
+        (lambda: GraphConfig(neighbors=2.5), "graph.neighbors=2.5 is not a whole number"),  # topk() failed
+        (lambda: GraphConfig(stride=2.5), "graph.stride=2.5 is not a whole number"),  # float node indices
+    ],
+)
+def test_mpc_and_graph_numbers_of_the_wrong_kind_are_one_line(build, said):
+    with pytest.raises(ValueError, match=rf"^{re.escape(said)}$"):
+        build()
 
 
 # ------------------------------------------------------------------------------------------- MPC

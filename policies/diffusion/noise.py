@@ -141,8 +141,15 @@ def check_steps(steps: int, name: str = "steps") -> None:
 
 
 def check_ddim_steps(sampler: str, steps: int, cfg: NoiseConfig) -> None:
-    """DDIM takes at most one step per training step; said when a config or an override sets it, not
-    at the first sample (after a whole training run, at its first validation)."""
+    """DDIM takes 2 steps or more, and at most one per training step; said when a config or an override
+    sets it, not at the first sample (after a whole training run, at its first validation). One DDIM step
+    on the timesteps it shares with diffusers ("leading": 0 for one step) treated the starting noise as
+    a clean sample and returned it: the model was never used."""
+    if sampler == "ddim" and steps < 2:
+        raise ValueError(
+            f"sampler_steps={steps} with the ddim sampler: it takes at least 2 (for a 1-step chunk use the "
+            "edm sampler, whose one step predicts the clean sample from pure noise)"
+        )
     if sampler == "ddim" and steps > cfg.num_train_steps:
         raise ValueError(
             f"sampler_steps={steps} with the ddim sampler: at most num_train_steps = {cfg.num_train_steps}"
