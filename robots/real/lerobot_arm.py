@@ -49,6 +49,7 @@ from robots.base import Feature, RobotBase, RobotEntry, RobotError
 from robots.real.units import arm_units
 from robots.teleop.base import DeviceNotFoundError
 from wm.data.schema import ActionSpace
+from wm.options import is_real, is_whole
 
 # type name -> lerobot module whose import registers its config class
 FOLLOWER_MODULES = {
@@ -129,12 +130,7 @@ class LerobotArmOptions:
 
 def _check_positive(name: str, value: Any) -> None:
     """A number option is a finite number > 0: NaN or inf turned a bound off or a rate into nonsense."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -155,13 +151,13 @@ def _check_camera(name: str, cam: Any) -> None:
     if missing:
         raise ValueError(f"cameras.{name} needs {', '.join(missing)}")
     for key in ("width", "height", "fps"):
-        if isinstance(cam[key], bool) or not isinstance(cam[key], int) or cam[key] <= 0:
+        if not is_whole(cam[key]) or cam[key] <= 0:
             raise ValueError(f"cameras.{name}.{key} must be a positive integer, got {cam[key]!r}")
     where = cam["index_or_path"]
-    if isinstance(where, bool) or not isinstance(where, (int, str)) or where == "":
+    if not (is_whole(where) or isinstance(where, str)) or where == "":
         raise ValueError(f"cameras.{name}.index_or_path must be a camera index or a path, got {where!r}")
     warmup = cam.get("warmup_s", 1)
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < math.inf:
+    if not is_real(warmup) or not 0 <= warmup < math.inf:
         # lerobot reads frames for warmup_s before connect() returns: inf never returned
         raise ValueError(f"cameras.{name}.warmup_s must be a finite number >= 0, got {warmup!r}")
     if "rotation" in cam and cam["rotation"] not in CAMERA_ROTATIONS:
