@@ -195,6 +195,27 @@ def test_arm_moves_in_commanded_direction(mode):
             assert abs(moved @ np.array([-direction[1], direction[0]])) < 0.005
 
 
+def test_a_teleop_device_drives_the_arm_in_the_robots_own_frame():
+    """Device forward (+x) moves the pusher away from the arm's base (+y), left (+y) to its left (-x),
+    proportionally: the default mapping moved it to the right and forward, and a gain of 1 m per full
+    deflection saturated every push above 3 % at the 0.03 m step limit."""
+    from robots.teleop.base import TeleopState
+    from robots.teleop.mapping import teleop_mapper
+
+    with build("arm_push", {}, state_only=True) as task:
+        mapper = teleop_mapper(task, {})
+        for motion, direction in (([1.0, 0, 0, 0, 0, 0], (0.0, 1.0)), ([0, 1.0, 0, 0, 0, 0], (-1.0, 0.0))):
+            obs = task.reset(3)
+            ee0 = task.ee[:2]
+            for _ in range(3):
+                task.send_action(mapper(TeleopState(motion=np.array(motion)), obs))
+                obs = task.get_observation()
+            moved = task.ee[:2] - ee0
+            assert moved @ np.array(direction) > 0.06 and abs(moved @ np.array(direction)[::-1]) < 0.02, moved
+        half = mapper(TeleopState(motion=np.array([0.5, 0, 0, 0, 0, 0])), obs)
+        np.testing.assert_allclose(half, [0.0, 0.015], atol=1e-6)  # half a deflection, half a step
+
+
 def test_arm_push_returns_the_step_the_workspace_let_it_take():
     """At the workspace's edge the command was cut short, but send_action said the whole step was applied
     (what a recording then stores, and what the runtime's safety checks read)."""

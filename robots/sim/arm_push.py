@@ -138,6 +138,19 @@ class ArmPushTask(SimTask):
                 mode="delta", frame="joint", units="rad", description="joint targets"
             )
 
+    @property
+    def teleop_gains(self) -> dict[str, Any]:
+        # The arm reaches along world +y from its base at the origin (the camera looks that way too):
+        # seen from behind it, a device's forward (+x) is +y and its left (+y) is -x; a full deflection
+        # is one whole step (EE_STEP). joint_delta: the device's axes drive the joints as they are.
+        if self.action_mode != "ee_delta":
+            return {}
+        return {
+            "axis_order": (1, 0, 2, 3, 4, 5),
+            "axis_sign": (-1, 1, 1, 1, 1, 1),
+            "translation_gain": EE_STEP,
+        }
+
     # ------------------------------------------------------------------ features
     @property
     def observation_features(self) -> dict[str, Feature]:
