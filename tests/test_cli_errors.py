@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,12 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "wm-demo",
             ["eval.episodes=0"],
             "error: eval: episodes must be >= 1, got 0",
+        ),
+        (  # refused after collecting and training (minutes of work), when the evaluation met it
+            "wm-demo",
+            ["model=diffusion_small"],
+            "error: model=diffusion_unet cannot serve MPC, which the demo plans with (a world model: "
+            "model=dino_wm); train other models with wm-train",
         ),
         (
             "wm-train",
@@ -307,6 +314,26 @@ def test_wm_demo_gives_mpc_options_to_the_mpc_evaluation_alone():
     plan = steps(DemoConfig(**fields, model=OmegaConf.to_container(model)))
     assert plan.mpc.planner_budget.iterations == 3 and plan.mpc.budgets == [2, 4]
     assert plan.random.controller == "random" and plan.random.budgets == []
+
+
+def test_wm_demo_refuses_a_top_up_under_a_trained_world_model_before_the_store_grows(tmp_path):
+    """A rerun with more collect.episodes topped the store up, then the trainer refused to resume on
+    the grown store, and every rerun after it too: the store had changed for good."""
+    from tools._cli import UsageError
+    from tools.demo import _check_top_up
+
+    run = tmp_path / "world_model"
+    _check_top_up(4, 5, run, "demos.zarr")  # nothing trained yet: top up and train
+    run.mkdir()
+    (run / "ckpt_00000005.pt").write_bytes(b"")
+    _check_top_up(5, 5, run, "demos.zarr")  # a rerun as before: training resumes
+    _check_top_up(0, 5, run, "demos.zarr")  # (a store deleted: collected afresh, the trainer says the rest)
+    said = (
+        f"{run} holds a world model trained on the 4 episodes of demos.zarr; collect.episodes=5 would add 1 "
+        f"it cannot resume on: delete {run} to retrain"
+    )
+    with pytest.raises(UsageError, match=f"^{re.escape(said)}"):
+        _check_top_up(4, 5, run, "demos.zarr")
 
 
 def test_eval_refused_during_the_run_leaves_no_folder_it_made(tmp_path):

@@ -65,6 +65,7 @@ def _step(cls: type, path: str, fixed: dict[str, Any], user: dict[str, Any]) -> 
 
 def steps(cfg: DemoConfig) -> DemoSteps:
     from tools.train import TrainAppConfig
+    from wm.registry import model_entry
     from wm.trainer import TrainerConfig
 
     out = Path(cfg.out)
@@ -81,6 +82,12 @@ def steps(cfg: DemoConfig) -> DemoSteps:
     )
     common = {k: v for k, v in cfg.eval.items() if k not in (*mpc_only, "budgets")}  # the random baseline
     build(TrainerConfig, cfg.trainer, "trainer")
+    kind = cfg.model.get("type")
+    if kind is not None and "mpc" not in model_entry(kind).controllers:  # refused after training, before
+        raise UsageError(
+            f"model={kind} cannot serve MPC, which the demo plans with (a world model: model=dino_wm); "
+            "train other models with wm-train"
+        )
     fixed = {"task": cfg.task, "store": store, "teleop": "scripted", "seed": cfg.seed, "preview": "false"}
     return DemoSteps(
         collect=_step(CollectConfig, "collect", fixed, {"episodes": 200, **cfg.collect}),
@@ -114,6 +121,7 @@ def demo(cfg: DemoConfig) -> int:
     times: dict[str, float] = {}
     t = time.perf_counter()
     have, wanted = _episodes(Path(plan.collect.store)), plan.collect.episodes
+    _check_top_up(have, wanted, Path(plan.train.out), plan.collect.store)
     if have < wanted:  # resumable: a rerun tops the store up instead of starting over
         collect(dataclasses.replace(plan.collect, episodes=wanted - have))
     times["collect_s"] = time.perf_counter() - t
@@ -165,6 +173,20 @@ def _goal_mode(cfg: EvalConfig) -> str | None:
 
     options = build(task_entry(cfg.task).options, cfg.task_options, "task_options")
     return getattr(options, "goal_mode", None)
+
+
+def _check_top_up(have: int, wanted: int, run_dir: Path, store: str) -> None:
+    """Refuse, before the store changes, a top-up under a world model already trained on it: the trainer
+    resumes only on the data it started with, so the grown store was refused after it had grown, and
+    every rerun after it too."""
+    from wm.checkpoint import latest_checkpoint
+
+    if have < wanted and have > 0 and run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
+        raise UsageError(
+            f"{run_dir} holds a world model trained on the {have} episodes of {store}; collect.episodes="
+            f"{wanted} would add {wanted - have} it cannot resume on: delete {run_dir} to retrain on all of "
+            "them (the store is kept), or give another out="
+        )
 
 
 def _episodes(store: Path) -> int:
