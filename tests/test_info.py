@@ -241,6 +241,25 @@ def test_options_that_would_do_nothing_are_refused() -> None:
     InfoConfig(store="s.zarr", episodes=2, contact_sheet="none", video=True)  # the videos use it
 
 
+def test_an_output_folder_that_is_a_file_is_one_line_naming_the_option(tmp_path) -> None:
+    """video_dir= a file was a traceback (an OSError without errno, taken for a bug, exit 1); a contact
+    sheet inside a file an errno line that named no option."""
+    from tools._cli import UsageError
+    from tools.info import InfoConfig
+
+    (tmp_path / "afile").write_text("hi")
+    for where in ("afile", "afile/sub"):
+        with pytest.raises(UsageError, match=rf"^video_dir=.*{where}: .*afile is a file; give a folder$"):
+            InfoConfig(store="s.zarr", video=True, video_dir=str(tmp_path / where))
+    with pytest.raises(
+        UsageError, match=r"^contact_sheet=.*afile/x.png: .*afile is a file; give a folder or"
+    ):
+        InfoConfig(store="s.zarr", contact_sheet=str(tmp_path / "afile" / "x.png"))
+    InfoConfig(
+        store="s.zarr", contact_sheet=str(tmp_path / "afile")
+    )  # a file's path: the sheet is written there
+
+
 def test_a_summary_beside_a_store_it_cannot_write_to_still_prints(built, monkeypatch, capsys) -> None:
     """On a read-only filesystem the default contact sheet beside the store failed, and a plain look at
     the store was a traceback; a sheet the user named still fails, in one line."""

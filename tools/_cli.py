@@ -42,7 +42,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from robots.base import RobotError
 from robots.teleop.base import DeviceNotFoundError
-from tools._config import UsageError, build, changed, check, nearest, one_of, unknown_option
+from tools._config import UsageError, build, changed, check, folder, nearest, one_of, unknown_option
 from tools._help import option_comments
 from wm.checkpoint import CheckpointError
 from wm.data.errors import StoreError
@@ -59,6 +59,7 @@ __all__ = [
     "build",
     "changed",
     "check",
+    "folder",
     "nearest",
     "one_of",
     "run",

@@ -11,6 +11,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
@@ -45,6 +46,15 @@ def changed(cfg: Any, names: Sequence[str]) -> list[str]:
         return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
     return [n for n in names if getattr(cfg, n) != default(n)]
+
+
+def folder(option: str, value: Any, give: str = "give a folder", within: bool = False) -> None:
+    """Refuse a folder option whose path, or one of its parents, is a file (the write failed later with
+    a traceback or an errno line that named no option): `out=x: x is a file; give a folder`. `within`:
+    `value` names a file, whose parents must be folders."""
+    for path in (*([] if within else [Path(value)]), *Path(value).parents):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{option}={value}: {path} is a file; {give}")
 
 
 def one_of(path: str, value: Any, choices: Sequence[Any]) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind, build
+from tools._cli import UsageError, app, bind, build, folder
 from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides
 from wm.locks import remove_left_by_dead
 
@@ -53,11 +53,7 @@ class EvalConfig(ControllerConfig):
         super().__post_init__()
         if not str(self.out).strip():
             raise UsageError("out= is empty: give the folder for results.json, report.html and videos")
-        for path in (Path(self.out), *Path(self.out).parents):
-            if path.exists() and not path.is_dir():
-                raise UsageError(
-                    f"out={self.out}: {path} is a file; give a folder (new, or an earlier run's)"
-                )
+        folder("out", self.out, "give a folder (new, or an earlier run's)")
         for name, least in (("episodes", 1), ("parallel", 1), ("videos", 0)):
             if getattr(self, name) < least:
                 raise UsageError(f"{name} must be >= {least}, got {getattr(self, name)}")

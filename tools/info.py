@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import app, bind
+from tools._cli import app, bind, folder
 from wm.data import CorruptStoreError, DemoStore, delete_episodes
 from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
 
@@ -46,6 +46,10 @@ class InfoConfig:
             raise ValueError(f"drop_episodes must be a list of episode indices, got {self.drop_episodes!r}")
         if self.video_dir != "auto" and not self.video:
             raise ValueError(f"video_dir={self.video_dir} is where video=true writes: give video=true too")
+        if self.video_dir != "auto":
+            folder("video_dir", self.video_dir)
+        if self.contact_sheet not in ("none", "auto"):  # a folder (the sheet goes inside) or a file's path
+            folder("contact_sheet", self.contact_sheet, "give a folder or a .png path in one", within=True)
         if self.episodes != SHOWN and self.contact_sheet == "none" and not self.video:
             raise ValueError(
                 f"episodes={self.episodes} chooses what the contact sheet and videos show, and there are "
