@@ -131,21 +131,26 @@ def test_legacy_diffusion_policy_store_opens_directly(tmp_path):
     assert not DemoStore.open(path).legacy
 
 
-def test_an_info_length_is_refused_it_is_the_commit_records_own(small_store, tmp_path):
+def test_an_info_length_other_than_the_episodes_is_refused_it_is_the_commit_records_own(small_store):
     """An episode's info "length" replaced the step count the commit record keeps: a healthy store
-    failed verification, and a salvage (wm-info drop_episodes=[]) split the data at the wrong steps."""
+    failed verification, and a salvage (wm-info drop_episodes=[]) split the data at the wrong steps. The
+    episode's own count (an episode copied with its info) is what the record says anyway."""
     path, _ = small_store
     s = DemoStore.open(path, mode="a")
-    with pytest.raises(AppendError, match=r"key 'length' is reserved .*; nothing was written$"):
+    with pytest.raises(
+        AppendError, match=r"its 'length' \(2\) is not the episode's 5 steps: .*; nothing was written$"
+    ):
         s.append_episode(make_episode(1, 5), {"length": 2})
     w = s.begin_episode()
     w.add_steps(make_episode(1, 5))
-    with pytest.raises(AppendError, match=r"key 'length' is reserved.*kept open"):
+    with pytest.raises(AppendError, match=r"its 'length' \(2\) is not the episode's 5 steps.*kept open"):
         w.end({"length": 2, "rope": "long"})
     assert w.end({"rope_length": 2}) == 5
+    copied = s.append_episode(s.get_episode(0), s.episode_info(0))  # its info holds its own length
     s.close()
     r = DemoStore.open(path)
-    assert r.n_episodes == 6 and r.episode_info(5) == {"length": 5, "rope_length": 2}
+    assert r.n_episodes == 7 and r.episode_info(5) == {"length": 5, "rope_length": 2}
+    assert r.episode_info(copied) == r.episode_info(0) and r.episode_lengths()[copied] == 7
 
 
 def _dp_store(path, ends, steps):

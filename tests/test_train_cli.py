@@ -104,7 +104,8 @@ def test_reusing_out_for_another_architecture_is_one_line(run, store, tmp_path):
     res = wm_train(f"store={store}", f"out={out}", "trainer.steps=22", "model.cost_proprio_weight=2.0")
     assert res.returncode == 0, res.stderr
     notes = [line for line in res.stderr.splitlines() if "note: resuming" in line]
-    assert len(notes) == 1 and "cost_proprio_weight (checkpoint 1.0, this run 2.0)" in notes[0]
+    assert len(notes) == 2 and "cost_proprio_weight (checkpoint 1.0, this run 2.0)" in notes[0]
+    assert "learning-rate schedule, steps=22 (was 20)" in notes[1]  # trainer.steps=22 as well
     assert f"resumed from step 20 ({out / 'ckpt_00000020.pt'})" in res.stderr
     assert latest_checkpoint(out).name == "ckpt_00000022.pt"
 

@@ -529,7 +529,8 @@ class DemoStore:
     def append_episode(self, data: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> int:
         """Append one whole episode {key: (T, *shape)}; returns its index once it is committed."""
         try:  # before any step is written (`EpisodeWriter.end` keeps its episode open to be ended again)
-            json_record(info)
+            first = next(iter(data.values()), None)
+            json_record(info, len(first) if hasattr(first, "__len__") else None)
         except (TypeError, ValueError) as e:
             raise AppendError(f"{self.path}: episode info is not usable: {e}; nothing was written") from e
         writer = self.begin_episode()
@@ -847,7 +848,7 @@ class EpisodeWriter:
         if self.n_steps == 0:
             raise AppendError(f"{self._where()}: an episode needs at least one step")
         try:
-            record = json_record(info)
+            record = json_record(info, self.n_steps)
         except (TypeError, ValueError) as e:  # nothing flushed or committed: end() may be called again
             raise AppendError(
                 f"{self._where()}: episode info is not usable: {e}; the episode is kept open: call end() "
@@ -919,13 +920,17 @@ def swap_paths(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
 
 
-def json_record(info: Mapping[str, Any] | None) -> dict[str, Any]:
+def json_record(info: Mapping[str, Any] | None, steps: int | None = None) -> dict[str, Any]:
     """Episode `info` as the commit record holds it (numpy values as Python's); TypeError or ValueError when
-    it is not JSON, ValueError when it holds "length" (the record's own step count: an info "length" of
-    2 on a 5-step episode made a healthy store fail verification, and a salvage split it at step 2)."""
+    it is not JSON, ValueError when its "length" is not the episode's `steps` ("length" is the record's
+    own step count: an info "length" of 2 on a 5-step episode made a healthy store fail verification, and
+    a salvage split it at step 2; the same count, an episode copied with its info, is what it says)."""
     record = json_native(dict(info or {}))
-    if "length" in record:
-        raise ValueError("its key 'length' is reserved for the episode's step count, which the store records")
+    if "length" in record and not (type(record["length"]) is int and record["length"] == steps):
+        raise ValueError(
+            f"its 'length' ({record['length']!r}) is not the episode's {steps} steps: the key is the commit "
+            "record's own step count; rename it"
+        )
     json.dumps(record)
     return record
 
