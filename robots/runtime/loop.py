@@ -512,10 +512,11 @@ class Runtime:
         while True:
             reply = self._poll(out)  # (until_ready: it keeps a remote worker's connection going; a reply
             # now answers a request already given up on, which is never executed)
-            if until_ready and not self.worker.busy:
-                return None
-            if (reply is not None and not until_ready) or out.stopped:
-                return None if until_ready else reply
+            if until_ready:
+                if out.stopped or not self.worker.busy:
+                    return None
+            elif reply is not None or out.stopped:
+                return reply
             if self._operator_stopped():
                 out.stopped = "stopped by the operator"
                 return None

@@ -50,7 +50,7 @@ from zarr.storage import LocalStore, ZipStore
 
 from wm.data.chunks import ChunkReader
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
-from wm.data.schema import Schema, infer_schema
+from wm.data.schema import KeySpec, Schema, infer_schema
 from wm.interrupt import interrupts_held
 from wm.locks import alive
 from wm.options import is_whole
@@ -463,7 +463,7 @@ class DemoStore:
         schema and zarr dropped the columns the array did not have."""
         for key, array in arrays.items():
             spec = self._schema.keys[key]
-            if tuple(array.shape[1:]) != tuple(spec.shape) or not _same_dtype(array.dtype, spec.dtype):
+            if not fits_spec(array, spec):
                 raise SchemaError(
                     f"{self.path}/data/{key}: holds {tuple(array.shape[1:])} {array.dtype} per step but the "
                     f"schema says {tuple(spec.shape)} {spec.dtype}; a schema override may change a key's "
@@ -704,20 +704,24 @@ def read_episode_ends(path: Path, group: zarr.Group, records: Any) -> tuple[np.n
             f"{path}/meta/episode_ends: decreases at entry {bad} "
             f"({int(ends[bad - 1]) if bad else 0} -> {int(ends[bad])})"
         )
-    empty = np.flatnonzero(np.diff(ends, prepend=0) == 0)
     if isinstance(records, list):  # our stores never write an empty episode: a lost chunk of episode_ends
         # (zarr reads it as zeros); other tools' stores may hold some, recorded as such when adopted
-        empty = [int(i) for i in empty if not (i < len(records) and _recorded_empty(records[i]))]
-    if len(empty) and isinstance(records, list):
-        return ends, f"{path}/meta/episode_ends: episode {int(empty[0])} has no steps ({len(empty)} such)"
+        empty = np.flatnonzero(np.diff(ends, prepend=0) == 0)
+        lost = [int(i) for i in empty if not (i < len(records) and _recorded_empty(records[i]))]
+        if lost:
+            return ends, f"{path}/meta/episode_ends: episode {lost[0]} has no steps ({len(lost)} such)"
     return ends, None
 
 
-def _same_dtype(a: Any, b: Any) -> bool:
+def fits_spec(array: zarr.Array, spec: KeySpec) -> bool:
+    """Whether `array` holds steps of `spec`'s shape and dtype (what opening a store and verifying it
+    both require)."""
+    if tuple(array.shape[1:]) != tuple(spec.shape):
+        return False
     try:
-        return np.dtype(a) == np.dtype(b)
+        return np.dtype(array.dtype) == np.dtype(spec.dtype)
     except TypeError:  # a zarr dtype numpy does not name (variable-length strings)
-        return str(a) == str(b)
+        return str(array.dtype) == str(spec.dtype)
 
 
 def _recorded_empty(record: Any) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from wm.data.errors import CorruptStoreError, SchemaError
-from wm.data.store import EPISODES_ATTR, DemoStore, read_episode_ends
+from wm.data.store import EPISODES_ATTR, DemoStore, fits_spec, read_episode_ends
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def _check_key(store: DemoStore, key: str, report: VerifyReport) -> list[Problem
     """Every chunk of `key` over the committed steps decodes to the right size; values finite."""
     spec, arr = store.schema.keys[key], store.array(key)
     what = f"data/{key}"
-    if tuple(arr.shape[1:]) != spec.shape or np.dtype(arr.dtype) != np.dtype(spec.dtype):
+    if not fits_spec(arr, spec):
         detail = f"array is {tuple(arr.shape[1:])} {arr.dtype}, the schema says {spec.shape} {spec.dtype}"
         return [Problem(what, detail, fatal=True)]
     out = []
