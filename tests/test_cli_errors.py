@@ -139,7 +139,27 @@ def test_required_values_are_required(tmp_path, name, args, line):
         (  # it failed on "[Errno 17] File exists" once the store was read and the model built
             "wm-train",
             ["store=missing.zarr", "out=/dev/null"],
-            "error: out=/dev/null is a file: give the run's folder (new, or one to resume)",
+            "error: out=/dev/null: /dev/null is a file; give the run's folder (new, or one to resume)",
+        ),
+        (  # a traceback (NotADirectoryError) once the model was built
+            "wm-train",
+            ["store=missing.zarr", "out=/dev/null/run"],
+            "error: out=/dev/null/run: /dev/null is a file; give the run's folder (new, or one to resume)",
+        ),
+        (  # "error: [Errno 17] File exists" named no option
+            "wm-collect",
+            ["task=pointmaze", "store=/dev/null"],
+            "error: store=/dev/null: is a file, not a store; give a new path or an existing store",
+        ),
+        (  # a traceback (NotADirectoryError) when the store was made
+            "wm-collect",
+            ["task=pointmaze", "store=/dev/null/s.zarr"],
+            "error: store=/dev/null/s.zarr: /dev/null is a file; give a store path in a folder",
+        ),
+        (  # a traceback (NotADirectoryError) after reading the source
+            "wm-convert",
+            ["src=missing.zarr", "dst=/dev/null/s.zarr"],
+            "error: dst=/dev/null/s.zarr: /dev/null is a file; give a path in a folder",
         ),
         (  # its default (0.5 with a video store) could not be told from an unused one given
             "wm-train",

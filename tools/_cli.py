@@ -42,7 +42,17 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from robots.base import RobotError
 from robots.teleop.base import DeviceNotFoundError
-from tools._config import UsageError, build, changed, check, folder, nearest, one_of, unknown_option
+from tools._config import (
+    UsageError,
+    build,
+    changed,
+    check,
+    folder,
+    nearest,
+    one_of,
+    store_path,
+    unknown_option,
+)
 from tools._help import option_comments
 from wm.checkpoint import CheckpointError
 from wm.data.errors import StoreError
@@ -62,6 +72,7 @@ __all__ = [
     "folder",
     "nearest",
     "one_of",
+    "store_path",
     "run",
 ]
 

@@ -57,6 +57,15 @@ def folder(option: str, value: Any, give: str = "give a folder", within: bool = 
             raise UsageError(f"{option}={value}: {path} is a file; {give}")
 
 
+def store_path(option: str, value: Any) -> None:
+    """Refuse a store option that names a file (a zip store excepted: the store says it is read-only) or
+    a path under one: `record=x.zarr: is a file, not a store; give a new path or an existing store`."""
+    path = Path(value)
+    if path.exists() and not path.is_dir() and path.suffix != ".zip":
+        raise UsageError(f"{option}={value}: is a file, not a store; give a new path or an existing store")
+    folder(option, value, "give a store path in a folder", within=True)
+
+
 def one_of(path: str, value: Any, choices: Sequence[Any]) -> None:
     """`controller must be one of mpc, policy, random, got 'mcp'; did you mean mpc?`"""
     if value not in choices:

@@ -35,7 +35,7 @@ from robots.collect import Collector, Preview, SessionStats, open_store, recordi
 from robots.registry import make_expert, make_robot, make_task, robot_entry, task_entry
 from robots.sim.base import SimConfig
 from robots.teleop.mapping import teleop_mapper
-from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, one_of
+from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, one_of, store_path
 from tools._device import DeviceSettings
 
 
@@ -63,6 +63,7 @@ class CollectConfig:
     command_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        store_path("store", self.store)
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
         for name in ("seed", "replays"):

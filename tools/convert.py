@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind, changed
+from tools._cli import UsageError, app, bind, changed, folder
 from wm.data.errors import NotAStoreError
 
 
@@ -30,6 +30,7 @@ class ConvertConfig:
     action_key: str = "actions"
 
     def __post_init__(self) -> None:
+        folder("dst", self.dst, "give a path in a folder", within=True)
         if self.zarr_format not in (2, 3):
             raise ValueError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
         if self.fps is not None and not self.fps > 0:

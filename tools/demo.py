@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind, build
+from tools._cli import UsageError, app, bind, build, folder
 from tools.collect import CollectConfig, collect
 from tools.eval import EvalConfig, evaluate
 
@@ -42,8 +42,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if not str(self.out).strip():  # Path("") is the current folder: the demo ran into it
             raise UsageError("out= is empty; give the demo's folder (new, or an earlier run's)")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise UsageError(f"out={self.out} is a file; give the demo's folder (new, or an earlier run's)")
+        folder("out", self.out, "give the demo's folder (new, or an earlier run's)")
 
 
 @dataclass(frozen=True)

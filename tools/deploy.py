@@ -42,7 +42,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
-from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed
+from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, folder, store_path
 from tools._controller import ControllerConfig
 from tools._device import DeviceSettings
 
@@ -128,21 +128,11 @@ class DeployConfig(ControllerConfig):
     def _check_paths(self) -> None:
         """out= a folder and record= a store, or paths where they can be made: a file in the way was an
         OSError (a traceback under a file's parent) after the robot had connected."""
-        out, rec = Path(self.out), Path(self.record) if self.record else None
-        for path in (out, *out.parents):
-            if path.is_file():
-                raise UsageError(
-                    f"out={self.out}: {path} is a file; give a folder (new, or an earlier run's)"
-                )
-        if rec is None:
+        folder("out", self.out, "give a folder (new, or an earlier run's)")
+        if not self.record:
             return
-        if rec.is_file() and rec.suffix != ".zip":  # (a zip store is refused by the store: read-only)
-            raise UsageError(
-                f"record={self.record}: is a file, not a store; give a new path or an existing store"
-            )
-        for path in rec.parents:
-            if path.is_file():
-                raise UsageError(f"record={self.record}: {path} is a file; give a store path in a folder")
+        store_path("record", self.record)
+        out, rec = Path(self.out), Path(self.record)
         if rec.resolve() == out.resolve():
             raise UsageError(f"record={self.record} is also out=: give the store a path of its own")
 

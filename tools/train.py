@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import app, bind, build
+from tools._cli import app, bind, build, folder
 from wm.data import DemoStore, SchemaError, StoreError
 
 
@@ -55,8 +55,7 @@ class TrainAppConfig:
             object.__setattr__(self, "video_ratio", 0.5)
         if self.video_ratio is not None and not 0 <= self.video_ratio < 1:
             raise ValueError(f"video_ratio must be in [0, 1), got {self.video_ratio}")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"out={self.out} is a file: give the run's folder (new, or one to resume)")
+        folder("out", self.out, "give the run's folder (new, or one to resume)")
 
 
 # what a run's checkpoint must share with this run to be resumed: the data, its split and the inputs
