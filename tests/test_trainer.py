@@ -678,6 +678,23 @@ def test_resuming_takes_this_runs_optimizer_settings_and_says_so(dataset, tmp_pa
     assert "note: resuming with" not in capsys.readouterr().err  # unchanged settings: nothing to say
 
 
+def test_a_run_resumed_past_its_steps_trains_nothing_and_keeps_config_json(dataset, tmp_path, capsys):
+    """Rerun with trainer.steps below the step reached, it exited 0 having trained nothing and rewrote
+    config.json with its own settings (steps, lr), which the checkpoints were never trained under."""
+    val = lambda m, s, o: {"loss": 1 / s}  # noqa: E731
+    make_trainer(dataset, tmp_path, steps=10, lr=1e-2, val_every=5, val_fn=val).fit()
+    before = json.loads((tmp_path / "config.json").read_text())
+    capsys.readouterr()
+    shorter = make_trainer(dataset, tmp_path, steps=4, lr=1e-4, val_fn=lambda m, s, o: {"loss": 0.01})
+    shorter.fit()
+    assert shorter.step == 10
+    said = capsys.readouterr().err
+    assert f"note: {tmp_path} holds step 10 and trainer.steps=4: nothing to train (give " in said
+    after = json.loads((tmp_path / "config.json").read_text())
+    assert after["trainer"] == before["trainer"] and after["trainer"]["steps"] == 10
+    assert after["best"] == {"metric": "loss", "value": 0.01, "step": 10, "file": "best.pt"}  # validated
+
+
 def test_resuming_under_another_schedule_says_where_the_learning_rate_goes(dataset, tmp_path, capsys):
     """A run extended from steps=10 to 20 continues at step 10 under the longer cosine: the learning
     rate goes from the end of the first schedule (0) back to its middle (0.5), and the run says so."""

@@ -24,6 +24,7 @@ reads its own shard of the data; rank 0 alone logs, validates and writes checkpo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -580,7 +581,16 @@ class Trainer:
 
     def _write_config(self) -> None:
         """`out_dir/config.json`: the settings, the warm-up used and the best validation so far (rewritten
-        atomically when best.pt is)."""
+        atomically when best.pt is). A run that trains nothing (resumed at or past `steps`) updates only
+        the best validation of the config.json its checkpoints were trained under."""
+        best = self.best | {"file": BEST_NAME} if self.best is not None else None
+        path = self.out_dir / "config.json"
+        if self.step >= self.cfg.steps and path.exists():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                kept = json.loads(path.read_text())
+                kept["best"] = best
+                self._replace_config(kept)
+                return
         run = {
             "trainer": self.cfg.to_dict(),
             "warmup_steps_used": self.cfg.warmup_steps_used,
@@ -588,8 +598,11 @@ class Trainer:
             "model_config": self.model_config,
             "run_config": self.extra_state.get("run_config"),
             "world_size": self.world_size,
-            "best": self.best | {"file": BEST_NAME} if self.best is not None else None,
+            "best": best,
         }
+        self._replace_config(run)
+
+    def _replace_config(self, run: dict[str, Any]) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / f".config.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(run, indent=1, default=str))
@@ -629,12 +642,19 @@ class Trainer:
         return out
 
     def _start(self) -> Any:
-        """Rank 0, before the first step: config.json, the TensorBoard writer, the warm-up cap if any."""
+        """Rank 0, before the first step: config.json, the TensorBoard writer, the warm-up cap if any. A
+        run resumed at or past `steps` trains nothing, so its settings do not replace config.json's."""
         if not self.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
 
         cfg = self.cfg
+        if self.step >= cfg.steps:
+            self._say(
+                f"note: {self.out_dir} holds step {self.step} and trainer.steps={cfg.steps}: nothing to "
+                f"train (give trainer.steps above {self.step} to train on); config.json is kept as it was"
+            )
+            return SummaryWriter(str(self.out_dir / "tb"))
         if cfg.warmup_steps_used < cfg.warmup_steps:
             self._say(
                 f"warm-up: {cfg.warmup_steps_used} steps, not warmup_steps={cfg.warmup_steps}: capped at "
