@@ -343,3 +343,41 @@ def test_a_controller_error_of_several_lines_is_one_printable_line():
         "ValueError: Error while processing rearrange-reduction pattern Input shape"
     )
     assert "\n" not in reply.error and "\x1b" not in reply.error and "test_runtime_loop.py" in reply.error
+
+
+def test_the_hold_after_reads_that_end_the_run_is_recorded_like_every_tick():
+    """A robot that can no longer be read: the hold sent on the next tick was in the run's ticks but
+    not the recording (which saw the robot last driven by the chunk's action, not held)."""
+    task, rt, _ = setup("async", "inpaint", 4, max_read_failures=2)
+    read, calls = task.get_observation, []
+
+    def failing() -> dict:
+        calls.append(None)
+        if len(calls) > 12:
+            raise OSError("bus timeout")
+        return read()
+
+    task.get_observation = failing
+    recorded: list = []
+    out = rt.run_episode(40, on_tick=lambda r, o: recorded.append(r))
+    assert "could not be read on 2 tick(s) in a row" in out.stopped
+    assert recorded == out.ticks and recorded[-1].events == ("hold",) and out.events["hold"] == 1
+
+
+def test_an_observation_is_stamped_when_its_read_began():
+    """A real robot's read (a bus round trip, a camera frame) takes time: stamped when the read
+    returned, every chunk's due times were that much late and its measured latency that much short."""
+    task, rt, clock = setup("async", "replace", 4)
+    rt.advances_on_send = False  # as a real arm: the world does not jump a period inside the send
+    read, began = task.get_observation, []
+
+    def slow_read() -> dict:
+        began.append(clock.now())
+        clock.advance(0.015)
+        return read()
+
+    task.get_observation = slow_read
+    out = rt.run_episode(30)
+    assert out.stopped is None and len(out.chunks) > 3
+    later = [c.obs_time for c in out.chunks[1:]]  # the first chunk is anchored when it arrives
+    assert all(t in began for t in later), (later, began)

@@ -233,9 +233,10 @@ class Runtime:
         )
         state = _State(latencies=deque(maxlen=cfg.latency_window))
         self.worker.reset(goal)
-        obs = self._read(out)
-        if obs is None:
+        read = self._read(out)
+        if read is None:
             return out
+        obs = read[1]
         key = getattr(self.robot, "position_key", None)
         if key is not None:  # the first command's step is capped from where the robot is
             problem = safety.start_from(obs[key])
@@ -363,13 +364,13 @@ class Runtime:
             if done is not None and done():
                 break
             # ---- the newest observation (after the send: the command never waits for a camera or bus)
-            fresh_obs = self._read(out)
-            if fresh_obs is None:
-                if out.stopped:  # this tick has sent its command: the hold is the next tick's
-                    self._hold_at(anchor + k * self.period, safety, captured, out, None, None)
-                    break
+            read = self._read(out)
+            if read is None:
+                if out.stopped:  # this tick has sent its command: the hold is the next tick's, recorded
+                    self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)  # beside
+                    break  # the newest observation, as the ticks of the failed reads before it were
                 continue  # the pending actions go on; too many failed reads in a row end the episode
-            captured, obs = self._stamp(anchor + k * self.period), fresh_obs
+            captured, obs = self._stamp(anchor + k * self.period, read[0]), read[1]
             history.append((captured, obs, last_cmd))
             # ---- ask for the next chunk
             if state.human:
@@ -394,23 +395,26 @@ class Runtime:
         return out
 
     # ------------------------------------------------------------------ pieces
-    def _stamp(self, next_tick: float) -> float:
-        """The time an observation read after a tick's send shows the world at: now, or, for a simulated
-        robot whose world advanced a whole period inside `send_action` (`advances_on_send`), the next
-        tick, when the next command acts on that state. Chunks are scheduled from this time, so a
-        simulated robot runs each action at the state it was computed for, as a real arm does."""
-        now = self.clock.now()
-        return max(now, next_tick) if self.advances_on_send else now
+    def _stamp(self, next_tick: float, began: float) -> float:
+        """The time an observation read after a tick's send shows the world at: when its read `began`
+        (not when it returned: a bus read or camera frame taking milliseconds made every due time that
+        much late and the measured latency that much short), or, for a simulated robot whose world
+        advanced a whole period inside `send_action` (`advances_on_send`), the next tick, when the next
+        command acts on that state. Chunks are scheduled from this time, so a simulated robot runs each
+        action at the state it was computed for, as a real arm does."""
+        return max(began, next_tick) if self.advances_on_send else began
 
-    def _read(self, out: EpisodeOutcome) -> dict[str, np.ndarray] | None:
-        """The robot's observation, retried `read_retries` times; None (and, after too many failed
-        ticks in a row, `out.stopped`) when it cannot be read."""
+    def _read(self, out: EpisodeOutcome) -> tuple[float, dict[str, np.ndarray]] | None:
+        """The robot's observation and the clock's time when the read that gave it began, retried
+        `read_retries` times; None (and, after too many failed ticks in a row, `out.stopped`) when it
+        cannot be read."""
         err: Exception | None = None
         for _ in range(self.cfg.read_retries):
+            began = self.clock.now()
             try:
                 obs = self.robot.get_observation()
                 self._read_streak = 0
-                return obs
+                return began, obs
             except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
                 err = e
         out.events["read_failed"] += 1
