@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 import shutil
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import make_episode, make_schema
+from zarr.storage import LocalStore
 
 from wm.data import (
     ActionSpace,
@@ -591,6 +593,82 @@ def test_a_streamed_episode_survives_info_that_is_not_plain_json(small_store):
     assert r.n_episodes == 7
     assert_episode_equal(r.get_episode(5), ep)
     assert_episode_equal(r.get_episode(6), ep)
+
+
+def disk_full_once(monkeypatch, prefix: str) -> list[str]:
+    """Make the disk refuse (ENOSPC) the first file written whose name in the store starts with `prefix`;
+    the list returned gets that name."""
+    original, hit = LocalStore.set, []
+
+    async def full(self, key, value):
+        if not hit and key.startswith(prefix):
+            hit.append(key)
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", full)
+    return hit
+
+
+@pytest.mark.parametrize(
+    "full",
+    [
+        "data/state/c/",  # a chunk of the second key flushed ("img" is written before it)
+        "data/state/zarr.json",  # its resize
+        "zarr.json",  # the commit record, written once every step is
+    ],
+)
+def test_end_again_after_the_disk_filled_up_commits_the_whole_episode(small_store, monkeypatch, full):
+    """The disk filled up while end() flushed the episode: each key's buffered steps were dropped once
+    that key was written, and end() called again, once there was space, raised "need at least one array
+    to concatenate": the episode could only be discarded. Every step is kept until all keys are written."""
+    path, eps = small_store
+    s = DemoStore.open(path, mode="a")
+    ep = make_episode(7, 20)  # fewer than a flush: end() writes them all
+    w = s.begin_episode()
+    w.add_steps(ep)
+    hit = disk_full_once(monkeypatch, full)
+    with pytest.raises(OSError, match="No space left on device"):
+        w.end({"success": True})
+    assert hit and s.n_episodes == 5 and w.n_steps == 20
+    assert w.end({"success": True}) == 5
+    s.close()
+    r = DemoStore.open(path)
+    assert r.n_episodes == 6 and all(r.array(k).shape[0] == r.n_steps for k in r.keys)
+    for i, want in enumerate([*eps, ep]):
+        assert_episode_equal(r.get_episode(i), want)
+    assert r.episode_info(5) == {"length": 20, "success": True}
+
+
+@pytest.mark.parametrize("failed_in", ["end", "add_steps"])
+def test_steps_added_after_the_disk_filled_up_are_kept_with_the_earlier_ones(
+    small_store, monkeypatch, failed_in
+):
+    """The disk filled up while a flush wrote "state": "img" had dropped its buffered steps but the step
+    count stood still, so the next flush wrote the later steps of "img" over the earlier ones (one more
+    step: the episode was committed with it in every row of "img"; several: a broadcast ValueError).
+    The steps that failed stay buffered and are written with the later ones, each in its own row."""
+    path, eps = small_store
+    s = DemoStore.open(path, mode="a")
+    ep = make_episode(7, 45)  # 45 steps crosses the streaming flush size
+    first = 5 if failed_in == "end" else 40
+    w = s.begin_episode()
+    w.add_steps({k: v[:5] for k, v in ep.items()})
+    hit = disk_full_once(monkeypatch, "data/state/c/")
+    with pytest.raises(OSError, match="No space left on device"):
+        if failed_in == "end":
+            w.end()
+        else:  # past the flush size: flushed at once
+            w.add_steps({k: v[5:first] for k, v in ep.items()})
+    assert hit and s.n_episodes == 5 and w.n_steps == first  # the steps being added are kept too
+    w.add_step({k: v[first] for k, v in ep.items()})
+    w.add_steps({k: v[first + 1 :] for k, v in ep.items()})  # another flush
+    assert w.end() == 5
+    s.close()
+    r = DemoStore.open(path)
+    assert r.n_episodes == 6 and all(r.array(k).shape[0] == r.n_steps for k in r.keys)
+    for i, want in enumerate([*eps, ep]):
+        assert_episode_equal(r.get_episode(i), want)
 
 
 def test_unreadable_array_metadata_names_the_key(small_store):

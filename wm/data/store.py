@@ -733,7 +733,9 @@ def _recorded_empty(record: Any) -> bool:
 class EpisodeWriter:
     """Streams one episode into a store. Steps are buffered and flushed every FLUSH_STEPS steps, so a
     long episode never sits whole in memory; nothing is visible to readers until `end()` commits.
-    Used as a context manager, an exception inside the block discards the episode."""
+    Used as a context manager, an exception inside the block discards the episode. A flush or commit that
+    fails (OSError: the disk is full) keeps the episode open with every step it was given, the one being
+    added too: once there is space, `end()` again (or the next step) writes them all; or `discard()`."""
 
     def __init__(self, store: DemoStore) -> None:
         self._store = store
@@ -831,17 +833,23 @@ class EpisodeWriter:
             self._flush()
 
     def _flush(self) -> None:
+        """Write the buffered steps to rows lo..hi of every key; the buffers are emptied and the count
+        advanced only once every key is written. A write that fails part-way (a full disk) leaves all of
+        them buffered: the next flush writes the same rows again, with the steps added since (clearing each
+        key's buffer after its write lost those steps, and later ones were written over them)."""
         if self._n_buf == 0:
             return
+        for key, parts in self._buf.items():  # one block a key, kept for a retry (a single part: no copy)
+            if len(parts) > 1:
+                self._buf[key] = [np.concatenate(parts, axis=0)]
         lo = self._start + self._flushed
         hi = lo + self._n_buf
         with interrupts_held():  # a write left running would land after a discard's truncation
-            for key, parts in self._buf.items():
+            for key, (block,) in self._buf.items():
                 arr = self._store.array(key)
-                block = np.concatenate(parts, axis=0)
-                arr.resize((hi, *arr.shape[1:]))
+                arr.resize((hi, *arr.shape[1:]))  # a retry: the same size or larger, never smaller
                 arr[lo:hi] = block
-                parts.clear()
+            self._buf = {k: [] for k in self._buf}
             self._flushed += self._n_buf
             self._n_buf = 0
 
