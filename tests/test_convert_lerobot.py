@@ -194,6 +194,48 @@ def test_video_round_trip_is_close(tmp_path, monkeypatch):
     again.close()
 
 
+@pytest.mark.filterwarnings("ignore:The video decoding and encoding capabilities of torchvision")
+def test_video_rows_that_share_a_timestamp_get_the_frame_lerobot_gives_them(tmp_path):
+    """Rows of an episode with the same timestamp all get the video frame at that time, as in LeRobot."""
+    times = ([0.0, 0.1, 0.1, 0.3, 0.4], [0.0, 0.0, 0.2, 0.3, 0.3])  # repeats inside, first and last
+    features = {
+        "observation.images.front": {
+            "dtype": "video",
+            "shape": (H, W, 3),
+            "names": ["height", "width", "channels"],
+        },
+        "observation.state": {"dtype": "float32", "shape": (4,), "names": STATE_NAMES},
+        "action": {"dtype": "float32", "shape": (2,), "names": None},
+    }
+    ds = LeRobotDataset.create("local/src", FPS, features, root=tmp_path / "src", use_videos=True)
+    rng = np.random.default_rng(0)
+    for ts in times:
+        for t in range(len(ts)):
+            state = np.full(4, t, np.float32)
+            ds.add_frame(
+                {
+                    "observation.images.front": _smooth_image(rng),
+                    "observation.state": state,
+                    "action": state[:2],
+                    "task": "t",
+                }
+            )
+        ds.episode_buffer["timestamp"] = ts  # add_frame puts every frame on the 1/fps grid
+        ds.save_episode()
+    ds.finalize()
+
+    ref = _lerobot_frames(tmp_path / "src", ("front",))
+    with lerobot_to_store(tmp_path / "src", tmp_path / "demo.zarr") as store:
+        got = [store.get_episode(i) for i in range(store.n_episodes)]
+    np.testing.assert_array_equal(np.concatenate([g["timestamp"][:, 0] for g in got]), ref["timestamp"])
+    front = np.concatenate([g["front"] for g in got])  # (T, H, W, C), both episodes
+    np.testing.assert_array_equal(front, ref["front"])  # the frame LeRobot gives each row
+    np.testing.assert_array_equal(front[2], front[1])  # one decoded frame for both rows at 0.1 s
+    np.testing.assert_array_equal(front[6], front[5])
+    np.testing.assert_array_equal(front[9], front[8])
+    assert np.abs(front[3].astype(float) - front[1]).mean() > 10  # ... and the frames do differ
+
+
 def test_store_keys_map_to_lerobot_features(small_store, tmp_path):
     path, episodes = small_store
     out = store_to_lerobot(path, tmp_path / "lr", repo_id="local/small")

@@ -420,13 +420,17 @@ class _VideoFrames:
         self._open: dict[Path, Any] = {}
 
     def read(self, path: Path, start: float, ts: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
-        """Frames at times `start + ts` (seconds) as (T, H, W, C) uint8; `what` names key and episode."""
+        """Frames at times `start + ts` (seconds) as (T, H, W, C) uint8; `what` names key and episode.
+
+        Each row gets the decoded frame nearest its time, the earlier one on a tie, as LeRobot's own
+        decoding does; rows that share a time get the same frame.
+        """
         import av
 
         where = f"{path}: {what}"
         targets = start + np.asarray(ts, dtype=np.float64)
         out = np.empty((len(targets), *shape), dtype=np.uint8)
-        got = np.zeros(len(targets), dtype=bool)
+        best = np.full(len(targets), self.tol)  # (T,) distance to the frame each row holds so far
         fmt = "gray" if shape[-1] == 1 else "rgba" if shape[-1] == 4 else "rgb24"
         try:
             container = self._container(path)
@@ -439,12 +443,14 @@ class _VideoFrames:
                     continue
                 if frame.time > last:
                     break
-                j = int(np.argmin(np.abs(targets - frame.time)))
-                if abs(targets[j] - frame.time) < self.tol and not got[j]:
-                    out[j] = frame.to_ndarray(format=fmt).reshape(shape)
-                    got[j] = True
+                dist = np.abs(targets - frame.time)
+                nearer = dist < best  # every row this frame is the nearest to so far, within tolerance
+                if nearer.any():
+                    out[nearer] = frame.to_ndarray(format=fmt).reshape(shape)
+                    best[nearer] = dist[nearer]
         except (OSError, ValueError, av.FFmpegError) as e:
             raise CorruptStoreError(f"{where}: cannot decode video ({type(e).__name__}: {e})") from e
+        got = best < self.tol
         if not got.all():
             miss = targets[~got]
             raise CorruptStoreError(
