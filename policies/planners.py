@@ -12,8 +12,9 @@ caller only ever see actions in their own units. The device and dtype come from 
 a seeded `torch.Generator`: one for the batch, or, after `seed_rows(seeds)` (`RowSeeded`, which MPC
 calls with its episodes' seeds), one per row seeded from the planner's seed and the row's, so that an
 episode draws the same noise whichever episodes share its batch. `stop_cost` is per row: a row whose
-best cost reaches it keeps the plan it has from then on while the others search on, so it ends as it
-would alone; a time budget still couples the rows (they stop together).
+best cost reaches it stops searching while the others search on, so it ends as it would alone, and
+returns the sample that reached it (with `return_best=False` too: the Gaussian refitted after it was
+never scored); a time budget still couples the rows (they stop together).
 `warm_start` (E, H, A), usually the previous plan shifted by the executed steps (MPC does the
 shifting, see `base.shift_plan`), replaces the initial mean (CEM, MPPI) or initial iterate (GD).
 A `plan` call may pass another `model` to plan over (same `action_dim`), e.g. MPC's `FixedPrefix`
@@ -374,9 +375,12 @@ class CEM(_Planner):
         info["rows_iterations"] = rows_iterations
         if self.cfg.return_best:
             return PlanResult(best_actions, best_cost, iterations, info)
-        # the refitted mean has not been scored yet: one more rollout, N = 1
+        # the refitted mean has not been scored yet: one more rollout, N = 1; a row that reached
+        # stop_cost returns the sample that did
         cost = model.cost(model.rollout(z0, mean.unsqueeze(1)), goal)[:, 0]  # (E,)
-        return PlanResult(mean, cost, iterations, info)
+        reached = ~self._searching(best_cost)  # (E,)
+        actions = torch.where(reached[:, None, None], best_actions, mean)
+        return PlanResult(actions, torch.where(reached, best_cost, cost), iterations, info)
 
 
 class MPPI(CEM):

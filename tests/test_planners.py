@@ -311,6 +311,22 @@ def test_warm_start_helps_on_the_shifted_problem(name):
     assert hot.iterations < cold.iterations
 
 
+@pytest.mark.parametrize("name", ["cem", "mppi"])
+def test_a_row_that_reaches_stop_cost_returns_the_plan_that_reached_it(name):
+    """With the default return_best=False, a row whose best sample reached stop_cost returned the mean
+    refitted after it, which was never scored and cost more than stop_cost."""
+    model = PointModel()
+    z0, zg = model.encode(obs_of(STARTS)), model.encode(obs_of(GOALS))
+    free = make(name, model, samples=64, elites=8).plan(z0, zg, budget=Budget(max_iterations=8))
+    stop = float(free.info["best_cost"].max()) * 1.2  # reached by every row within a few iterations
+    result = make(name, model, samples=64, elites=8, stop_cost=stop).plan(z0, zg)
+    reached = result.info["best_cost"] <= stop
+    assert bool(reached.all()) and bool((result.cost <= stop).all()), (result.cost, stop)
+    torch.testing.assert_close(result.actions, result.info["best_actions"], rtol=0, atol=0)
+    again = model.cost(model.rollout(z0, result.actions.unsqueeze(1)), zg)[:, 0]
+    torch.testing.assert_close(again, result.cost)  # the cost said is the plan's own
+
+
 def _stop_kw(name, stop):
     if name == "cem_gd":
         cfg = CONFIGS["cem_gd"]
