@@ -5,6 +5,7 @@ policies); `GoalConditioned` and `Previewable` are the optional extras a runner 
 `ChunkController` is the extra a real-time runtime needs: a chunk computed from observations captured
 earlier, continuing the chunk being executed meanwhile (real-time chunking).
 `EpisodeRows` lets a runner say which rows of a batch are which episode, and which still run.
+`AppliedActions` lets a runner say what the robot applied of the actions a controller asked for.
 `PlanningModel` is all a planner may know about a world model: `encode`, `rollout`, `cost` and
 `action_dim`; planners never see a simulator. `Planner` is what MPC needs
 from a planner: `plan(z0, goal, warm_start) -> PlanResult`, the goal passed as an argument.
@@ -160,6 +161,18 @@ class EpisodeRows(Protocol):
     def set_active(self, active: np.ndarray) -> None:
         """Before each call: active (E,) bool, the rows whose episodes still run (the others' outputs are
         ignored; what they cost is not counted). `reset` makes every row active again."""
+        ...
+
+
+@runtime_checkable
+class AppliedActions(Protocol):
+    """A controller whose model reads the actions executed before an observation (a world model with
+    past actions): a runner says what was applied, which a task's limits may have clipped, so the model
+    is given what the robot did, as in the data it was trained on, not what the controller asked."""
+
+    def applied(self, actions: np.ndarray) -> None:
+        """After each `select_action`: actions (E, Da), what each row's robot applied of it (rows that
+        sent nothing: the action as asked)."""
         ...
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from policies.base import (
+    AppliedActions,
     EpisodeRows,
     GoalConditioned,
     Policy,
@@ -214,6 +215,7 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
             if recorder is not None:
                 recorder.new_preview(policy)
         act = action.detach().cpu().numpy()
+        sent = act.astype(np.float64)  # (E, Da) what each row's task applied; as asked where none did
         for e in np.flatnonzero(active):
             a = np.asarray(act[e], dtype=np.float64)
             if a.shape == tuple(tasks[e].action_feature.shape) and not np.all(np.isfinite(a)):
@@ -225,12 +227,16 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
                 recorder.add(e, obs[e])
             applied = tasks[e].send_action(act[e])
             clipped[e] += bool(np.any(applied != a.astype(applied.dtype)))  # not applied as asked
+            if applied.shape == a.shape:
+                sent[e] = applied
             obs[e] = tasks[e].get_observation()
             if scores[e] is not None:
                 scores[e] = max(scores[e], tasks[e].score())
             steps[e] += 1
             if tasks[e].done:
                 finish(e)
+        if isinstance(policy, AppliedActions) and sent.ndim == 2:
+            policy.applied(sent)  # its model reads past actions as the robot applied them
     return [r for r in out if r is not None]
 
 

@@ -115,7 +115,7 @@ class FixedPrefix:
 
 class MPC:
     """Receding-horizon control for E parallel episodes; satisfies `Policy`, `GoalConditioned`,
-    `Previewable`, `ChunkController` and `EpisodeRows`.
+    `Previewable`, `ChunkController`, `EpisodeRows` and `AppliedActions`.
 
     `model` is a `PlanningModel` with an `io_spec` (`wm.spec.IOSpec`): its observation keys, image
     size, history and frameskip. Call `set_goal(goal_obs)` (kept across `reset()`), then
@@ -221,6 +221,19 @@ class MPC:
         action, self._queue = self._queue[:, 0], self._queue[:, 1:]
         self._last_action = action
         return action
+
+    def applied(self, actions: np.ndarray) -> None:
+        """`AppliedActions.applied`: the next observation's past action is (E, Da) `actions`, what the
+        robot applied of the last `select_action`."""
+        if self._last_action is None:
+            raise RuntimeError("MPC.applied: no select_action since reset to have been applied")
+        got = torch.as_tensor(np.asarray(actions), dtype=self._last_action.dtype)
+        if got.shape != self._last_action.shape:
+            raise ValueError(
+                f"MPC.applied: actions of shape {tuple(got.shape)}, the last select_action gave "
+                f"{tuple(self._last_action.shape)}"
+            )
+        self._last_action = got.to(self._last_action.device)
 
     def chunk_from(
         self,

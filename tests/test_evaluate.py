@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import imageio.v2 as imageio
 import numpy as np
+import pytest
 import torch
 
 from policies.base import GoalConditioned, PlanResult, Policy
@@ -329,6 +330,41 @@ def test_clipped_actions_are_counted_and_a_call_is_shared_by_the_episodes_it_ser
     assert summary["planning_seconds_per_step"] == 1.5 / 4  # the three calls, over the four steps
     in_limits = [ClippingLineTask(target=6.0, max_steps=2)]
     assert run_episodes(in_limits, FakePolicy(every=1), [0])[0].clipped_steps == 0
+
+
+class PastActionLineModel(LineModel):
+    """LineModel reading two steps and the action between them, as a world model with past actions
+    does; records each past action it is given."""
+
+    io_spec = IOSpec(image_keys=("image",), image_size=(8, 8), proprio_key="proprio", proprio_dim=1,
+                     action_dim=1, history=2, past_actions=True)  # fmt: skip
+
+    def __init__(self) -> None:
+        self.seen: list[list[float]] = []
+
+    def encode(self, obs):
+        if "past_action" in obs:
+            self.seen.append(obs["past_action"][:, -1, 0].tolist())  # (E,)
+        return super().encode(obs)
+
+
+class DoubleForwardPlanner(ForwardPlanner):
+    def plan(self, z0, goal, warm_start=None, budget=None, model=None):
+        return PlanResult(2 * super().plan(z0, goal).actions, torch.zeros(len(z0["state"])), 1)
+
+
+def test_mpc_is_given_the_actions_the_task_applied_as_its_models_past_actions():
+    """The task clipped MPC's +2 to +1; the world model was then given +2 as the action executed before
+    the next observation, which the robot never did (and its training data never shows)."""
+    model = PastActionLineModel()
+    mpc = MPC(model, DoubleForwardPlanner(), MPCConfig(execute=1))
+    tasks = [ClippingLineTask(target=9.0, max_steps=4), ClippingLineTask(target=9.0, max_steps=2)]
+    run_episodes(tasks, mpc, [0, 2])
+    assert tasks[0].sent == [1.0] * 4
+    assert model.seen[0] == [0.0, 0.0]  # the first observation: no action before it
+    assert model.seen[1:] == [[1.0, 1.0], [1.0, 1.0], [1.0, 2.0]]  # row 1 ended: its action as asked
+    with pytest.raises(ValueError, match=r"MPC.applied: actions of shape \(3, 1\), the last select_action"):
+        mpc.applied(np.zeros((3, 1)))
 
 
 QUICK = ["task=pointmaze", "controller=random", "parallel=1", "max_steps=3", "progress=false"]
