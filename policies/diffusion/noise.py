@@ -12,7 +12,8 @@ k-diffusion does), runs the network and converts its output to a denoised estima
 
     ddpm       ancestral sampling over all training steps (Diffusion Policy's default, slow)
     ddim       DDIM with eta = 0 on `steps` evenly spaced ("leading") timesteps; in the VE view this is
-               exactly Euler on the probability-flow ODE
+               Euler on the probability-flow ODE where no x0 is clipped (clip_sample keeps the unclipped
+               eps, as diffusers' DDIMScheduler does by default)
     edm        Karras sigmas (rho = 7) between sigma_min and sigma_max, then Heun (2nd order, 2 * steps
                - 1 network calls) or DPM-Solver++(2M) (multistep 2nd order, `steps` network calls)
     consistency  a distilled consistency model (see `consistency.py`): 1 or more jumps to x0
@@ -522,8 +523,10 @@ class Diffusion(nn.Module):
 
     def _ddim(self, z: Tensor, cond: Tensor | None, steps: int, guide: Inpaint | None) -> Tensor:
         """DDIM, eta = 0, "leading" timesteps (t = (steps-1..0) * T // steps) and the final alpha set to 1.
-        In the VE view: x_next = x0 + sigma_next * eps, with eps = (x - x0_unclipped) / sigma. A guided
-        x0 keeps x = x0 + sigma * eps: eps takes up the change (the Euler step from the guided x0)."""
+        In the VE view: x_next = x0 + sigma_next * eps, with eps = (x - x0_unclipped) / sigma (diffusers'
+        default, use_clipped_model_output=False). Guidance moves the step by exactly
+        (1 - sigma_next / sigma) * (guided - x0): eps takes up the change from the (clipped) x0, so with
+        nothing clipped x = x0 + sigma * eps holds for the guided x0 too (the Euler step from it)."""
         T = self.cfg.num_train_steps
         if steps > T:
             raise ValueError(f"DDIM steps {steps} > num_train_steps {T}")
