@@ -334,6 +334,35 @@ def test_beta_schedules_match_their_references(n):
         check_reaches_noise({"beta_schedule": schedule, "num_train_steps": n})
 
 
+class _OvershootingEps(nn.Module):
+    """A fixed eps "network" whose x0 estimates overshoot [-1, 1], so clip_sample acts on most of them."""
+
+    def forward(self, x, t, cond):
+        return 0.3 * torch.sin(3 * x + 0.01 * t[:, None, None]) - 0.8 * x.flip(1) + 0.5
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddim_matches_diffusers_ddim_scheduler(clip):
+    """Our DDIM (eta 0, "leading" timesteps, final alpha 1) against diffusers' DDIMScheduler.step, with
+    clip_sample on (most x0 estimates clipped; eps kept unclipped, diffusers' default) and off."""
+    from diffusers import DDIMScheduler
+
+    torch.manual_seed(0)
+    T, steps, net = 100, 8, _OvershootingEps()
+    diff = Diffusion(net, NoiseConfig(num_train_steps=T, clip_sample=clip)).double()
+    z = torch.randn(4, 6, 2, dtype=torch.float64)
+    ref = DDIMScheduler(
+        num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", clip_sample=clip, set_alpha_to_one=True,
+        steps_offset=0, timestep_spacing="leading", prediction_type="epsilon",
+    )  # fmt: skip
+    ref.set_timesteps(steps)
+    x = z.clone()
+    for t in ref.timesteps:
+        eps = net(x, torch.full((len(x),), float(t), dtype=torch.float64), None)
+        x = ref.step(eps, int(t), x, eta=0.0).prev_sample
+    torch.testing.assert_close(diff._ddim(z.clone(), None, steps, None), x, rtol=0, atol=1e-5)
+
+
 def test_training_refuses_a_schedule_that_never_reaches_noise(store_path):
     """diffusers' linear betas over 100 steps keep 60 % of the signal at the last step: sampling would
     start from pure noise the model never saw. Refused before training, for both diffusion models;
