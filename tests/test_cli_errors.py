@@ -141,6 +141,12 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["store=missing.zarr", "out=/dev/null"],
             "error: out=/dev/null: /dev/null is a file; give the run's folder (new, or one to resume)",
         ),
+        (  # refused only at the first validation, trainer.val_every steps in
+            "wm-train",
+            ["store=missing.zarr", "out=run", "trainer.best_metric=val_mse"],
+            "error: trainer.best_metric='val_mse' is not a validation metric of model=dino_wm "
+            "(val_one_step_mse, val_3_step_mse); name one of those, 'auto' (the first) or null (no best.pt)",
+        ),
         (  # a traceback (NotADirectoryError) once the model was built
             "wm-train",
             ["store=missing.zarr", "out=/dev/null/run"],

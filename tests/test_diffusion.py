@@ -1150,3 +1150,17 @@ def test_crop_follows_the_store_frames(store_path):
     assert setup.model.cfg.obs.crop == (14, 14)  # the 16 x 16 toy frames
     with pytest.raises(ValueError, match=r"model\.obs\.crop=\[84,84\] does not fit the store's 16x16"):
         setup_training("diffusion_unet", str(store_path), {**opts, "obs": {"crop": [84, 84]}}, val_ratio=0.0)
+
+
+def test_validation_returns_the_metrics_its_entry_declares(store_path, tmp_path):
+    """wm-train checks trainer.best_metric against the entry's val_metrics before any work; they are
+    the names validation gives (one function for both denoisers; the consistency student validates as
+    its policy does)."""
+    from wm.registry import model_entry
+    from wm.training import setup_training
+
+    opts = {"n_obs": N_OBS, "horizon": HORIZON, "n_action_exec": N_EXEC, "unet": {"down_dims": [16, 32]}}
+    setup = setup_training("diffusion_unet", str(store_path), opts, val_ratio=0.3, seed=0)
+    metrics = setup.val_fn(setup.model.eval(), 1, tmp_path)
+    names = {model_entry(m).val_metrics for m in ("diffusion_unet", "diffusion_transformer", "consistency")}
+    assert names == {tuple(metrics)}

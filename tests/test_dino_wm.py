@@ -19,7 +19,7 @@ from wm.data import SchemaError
 from wm.data.normalize import Normalizer
 from wm.dino_wm import DinoWorldModel, WorldModelConfig
 from wm.encoders import EncoderConfig
-from wm.registry import load_model
+from wm.registry import load_model, model_entry
 from wm.trainer import Trainer, TrainerConfig
 from wm.training import setup_training
 
@@ -127,7 +127,8 @@ def test_a_checkpoint_loads_without_the_pretrained_encoder_file(maze_store, tmp_
     trainer.fit()
     # the video decoder trains from cached features too (it never did: evaluation videos were noise)
     assert any(not torch.equal(a, b) for a, b in zip(decoder, setup.model.decoder.parameters(), strict=True))
-    setup.val_fn(setup.model.eval(), 1, tmp_path / "val")  # its strip: real frames beside the features
+    metrics = setup.val_fn(setup.model.eval(), 1, tmp_path / "val")  # its strip: real frames beside them
+    assert tuple(metrics) == model_entry("dino_wm").val_metrics  # what wm-train checks best_metric by
     assert (tmp_path / "val" / "val" / "pred_0000001.png").is_file()
     weights.unlink()
     loaded = load_model(str(run), controller="mpc").model

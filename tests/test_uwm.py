@@ -363,6 +363,19 @@ def test_wm_train_trains_its_autoencoder_first_and_the_registry_round_trips(uwm_
     assert frame.shape == (2, 32, 32, 3) and frame.dtype == np.uint8
 
 
+def test_validation_returns_the_metrics_its_entry_declares(uwm_run, tmp_path):
+    """wm-train checks trainer.best_metric against them before any work."""
+    from wm.registry import model_entry
+    from wm.training import setup_training
+
+    store, _, _ = uwm_run
+    opts = {"horizon": 4, "n_action_exec": 2, "future": [2, 4], "net": {"dim": 32, "depth": 1, "heads": 2},
+            "latent": {"steps": 4, "batch_size": 8}}  # fmt: skip
+    setup = setup_training("uwm", str(store), opts, seed=0, val_ratio=0.3, feature_cache="off")
+    metrics = setup.val_fn(setup.model.eval(), 1, tmp_path)
+    assert tuple(metrics) == model_entry("uwm").val_metrics
+
+
 def test_co_training_with_an_action_free_video_store(uwm_run, tmp_path):
     store, run, _ = uwm_run
     videos = make_store(tmp_path / "videos.zarr", 4, seed=1, actions=False, proprio=False)

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import app, bind, build, folder
+from tools._cli import UsageError, app, bind, build, folder
 from wm.data import DemoStore, SchemaError, StoreError
 
 
@@ -139,6 +139,12 @@ def train(cfg: TrainAppConfig) -> int:
             print(f"note: {model_type} trains with trainer.{key}={value} (was {trainer_opts.get(key)})")
         trainer_opts[key] = value
     trainer_cfg = build(TrainerConfig, trainer_opts, "trainer")  # checked before any work
+    best = trainer_cfg.best_metric
+    if entry.val_metrics and best not in (None, "auto", *entry.val_metrics):
+        raise UsageError(
+            f"trainer.best_metric={best!r} is not a validation metric of model={model_type} "
+            f"({', '.join(entry.val_metrics)}); name one of those, 'auto' (the first) or null (no best.pt)"
+        )
     store_facts, default_keys = check_task(cfg)
     import torch
 

@@ -337,6 +337,7 @@ ENTRY = ModelEntry(
     description="small convolutional KL-autoencoder of a store's frames: the default latent space of UWM",
     normalizer=no_statistics,
     validation=validation,
+    val_metrics=("val_recon_mse",),
     needs_actions=False,
 )
 

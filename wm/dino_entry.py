@@ -129,5 +129,6 @@ ENTRY = ModelEntry(
     description="DINO-WM style world model: patch encoder, ViT predictor, decoder; planned over by MPC",
     proprio_norm="meanstd",
     validation=validation,
+    val_metrics=("val_one_step_mse", f"val_{VAL_STEPS}_step_mse"),
     overridable=("cost_all_frames", "cost_proprio_weight", "predictor_precision"),
 )

@@ -90,6 +90,9 @@ class ModelEntry:
     validation(model, data_path, val_episodes, in_memory, frames_from) -> a trainer `val_fn`, or None;
         `frames_from` is the store when `data_path` is its feature cache (None otherwise), where
         validation wants pixels too (DINO-WM's decoded prediction strip).
+    val_metrics: the names of the metrics `validation`'s val_fn returns, first the one
+        `trainer.best_metric=auto` keeps best.pt by: wm-train checks a best_metric against them before
+        any work (a misspelt one was refused only at the first validation).
     inference(config, normalizer) -> the model evaluated and deployed (default: `build`); its weights
         are the checkpoint's (the trainer's EMA copy when `use_ema`), with `state_prefix` stripped from
         their names when given.
@@ -112,6 +115,7 @@ class ModelEntry:
     proprio_norm: str = "minmax"
     normalizer: Callable[[TrainContext], Normalizer | None] | None = None
     validation: Callable[[nn.Module, str, list[int], bool, str | None], Any] | None = None
+    val_metrics: tuple[str, ...] = ()
     policy: Callable[[nn.Module], Any] | None = None
     inference: Callable[[Any, Normalizer], nn.Module] | None = None
     state_prefix: str = ""
@@ -128,6 +132,8 @@ class ModelEntry:
             raise ValueError(f"controllers must be among {CONTROLLERS}, got {self.controllers}")
         if "policy" in self.controllers and self.policy is None:
             raise ValueError("an entry serving the 'policy' controller needs policy(model)")
+        if (self.validation is None) != (not self.val_metrics):
+            raise ValueError("an entry with validation names its val_metrics, and only then")
 
 
 def model_names() -> list[str]:

@@ -189,6 +189,7 @@ ENTRY = ModelEntry(
     description="Unified world model: one video-action diffusion transformer (policy, dynamics, video)",
     proprio_norm="minmax",
     validation=validation,
+    val_metrics=("val_action_mse", "val_forward_latent_mse", "val_copy_latent_mse"),
     policy=UWMPolicy,
     inference=inference_model,
     overridable=OVERRIDABLE,

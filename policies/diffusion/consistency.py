@@ -293,6 +293,7 @@ ENTRY = ModelEntry(
     description="a diffusion policy consistency-distilled to 1-2 sampling steps (needs teacher=DIR)",
     normalizer=teacher_normalizer,
     validation=validation,
+    val_metrics=("val_action_mse",),
     policy=chunk_policy,
     inference=lambda cfg, normalizer: DiffusionPolicy(cfg.policy, normalizer),
     state_prefix="policy.",

@@ -124,6 +124,7 @@ def _entry(denoiser: str, description: str) -> ModelEntry:
         description=description,
         proprio_norm="minmax",
         validation=validation,
+        val_metrics=("val_action_mse",),
         policy=chunk_policy,
         overridable=OVERRIDABLE,
     )
