@@ -247,6 +247,26 @@ def test_sd_vae_codec_is_the_diffusers_posterior_mean_times_the_scaling_factor(s
         codec.encode(torch.rand(1, 3, 31, SIZE))
 
 
+def test_sd_vae_scaling_and_shift_are_part_of_the_feature_cache_key(sd_vae_dir, tmp_path):
+    """They come from config.json, not the weights: a corrected scaling_factor trained on the latents
+    the feature cache held from the old one (off by its ratio), while inference used the new one."""
+    import json
+    import shutil
+
+    codecs = {}
+    for scaling, shift in ((0.5, None), (0.13025, None), (0.5, 0.1)):
+        folder = tmp_path / f"vae_{scaling}_{shift}"
+        shutil.copytree(sd_vae_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(
+            json.dumps(config | {"scaling_factor": scaling, "shift_factor": shift})
+        )
+        codecs[scaling, shift] = build_codec(latent_config_from_source("sd_vae", folder)).weights_hash()
+    assert len(set(codecs.values())) == 3
+    again = build_codec(latent_config_from_source("sd_vae", tmp_path / "vae_0.5_None")).weights_hash()
+    assert again == codecs[0.5, None]
+
+
 def test_sd_vae_without_diffusers_is_one_line(sd_vae_dir, monkeypatch):
     cfg = latent_config_from_source("sd_vae", sd_vae_dir)
     monkeypatch.setitem(sys.modules, "diffusers", None)  # importing it raises ImportError

@@ -204,8 +204,12 @@ class LatentCodec(nn.Module):
         return super().train(False)  # frozen: eval mode whatever is asked
 
     def weights_hash(self) -> str:
-        """Short sha256 of the source name and the state dict (names, shapes, dtypes, bytes): a cache key."""
-        return state_dict_hash(self, f"{self.cfg.source}:{self.name}")
+        """Short sha256 of the source name, the state dict (names, shapes, dtypes, bytes) and what else
+        the latents depend on (an sd_vae's scaling and shift, from its config.json): a cache key."""
+        label = f"{self.cfg.source}:{self.name}"
+        if self.cfg.source == "sd_vae":  # not weights: a corrected scaling_factor reused the old latents
+            label += f":{self.scaling!r}:{self.shift!r}"
+        return state_dict_hash(self, label)
 
     # ------------------------------------------------------------------ sizes
     def input_size(self, height: int, width: int) -> tuple[int, int]:
