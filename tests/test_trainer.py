@@ -695,6 +695,37 @@ def test_a_run_resumed_past_its_steps_trains_nothing_and_keeps_config_json(datas
     assert after["best"] == {"metric": "loss", "value": 0.01, "step": 10, "file": "best.pt"}  # validated
 
 
+class NormalizedRegressor(TinyRegressor):
+    """TinyRegressor holding its normalizer, as the project's models do."""
+
+    def __init__(self, normalizer: Normalizer, **config) -> None:
+        super().__init__(**config)
+        self.normalizer = normalizer
+
+
+def test_a_resumed_run_keeps_the_normalizer_rule_its_checkpoint_was_trained_with(
+    dataset, store_path, tmp_path
+):
+    """The rule is not in the state dict: a run saved under rule 1 (before a hardly varying dimension
+    was only centred) resumed under this version's fresh rule 2, rescaling such a dimension mid-run."""
+    with DemoStore.open(store_path) as store:
+        fitted = Normalizer.fit(store, {"x": "meanstd", "y": "minmax"})
+
+    def trainer(normalizer: Normalizer, steps: int) -> Trainer:
+        model = NormalizedRegressor(normalizer, **MODEL_CONFIG)
+        return Trainer(model, dataset, cfg(steps=steps, ckpt_every=steps), tmp_path, model_type="tiny",
+                       model_config=MODEL_CONFIG, normalizer=normalizer)  # fmt: skip
+
+    old = Normalizer.from_dict({k: v for k, v in fitted.to_dict().items() if k != "rule"})  # rule 1
+    trainer(old, 4).fit()
+    fresh = Normalizer.from_dict(fitted.to_dict())
+    resumed = trainer(fresh, 8)
+    assert fresh.rule == 2 and resumed.resume()
+    assert fresh.rule == 1 and resumed.model.normalizer.rule == 1 and resumed.ema_model.normalizer.rule == 1
+    resumed.fit()
+    assert load_checkpoint(latest_checkpoint(tmp_path))["normalizer"]["rule"] == 1
+
+
 def test_resuming_under_another_schedule_says_where_the_learning_rate_goes(dataset, tmp_path, capsys):
     """A run extended from steps=10 to 20 continues at step 10 under the longer cosine: the learning
     rate goes from the end of the first schedule (0) back to its middle (0.5), and the run says so."""

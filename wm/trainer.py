@@ -364,6 +364,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["state_dict"])
         if self._ema is not None:
             self._ema.load_state_dict(ckpt["ema_state_dict"] or ckpt["state_dict"])
+        self._restore_rule(ckpt.get("normalizer"), path)
         settings = [{k: g[k] for k in OPTIMIZER_SETTINGS} for g in self.optimizer.param_groups]
         fix = f"choose another out= or delete {self.out_dir} to start over"
         try:
@@ -389,6 +390,20 @@ class Trainer:
         self.best = self._restore_best(ckpt)
         self._say(f"resumed from step {self.step} ({path})")
         return True
+
+    def _restore_rule(self, saved: Any, path: Path) -> None:
+        """The normalizer rule the checkpoint was trained with (`Normalizer.to_dict`'s "rule"; 1 when it
+        has none): not in the state dict, so a resumed run of a rule-1 checkpoint switched to this run's
+        fresh rule 2 mid-training, rescaling a hardly varying dimension by up to 1e4."""
+        if self.normalizer is None or not isinstance(saved, dict):
+            return
+        rule = saved.get("rule", 1)
+        if rule not in (1, 2):
+            raise CheckpointError(f"{path}: its normalizer rule {rule!r} is not 1 or 2 (a newer version's?)")
+        models = [self.model, *([self._ema] if self._ema is not None else [])]
+        for m in [self.normalizer, *(m for model in models for m in model.modules())]:
+            if isinstance(m, Normalizer):
+                m.rule = rule
 
     def _check_moments(self) -> None:
         """Raise ValueError when a loaded optimizer state tensor has another shape than its parameter
