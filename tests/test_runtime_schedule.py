@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from policies.chunking import TemporalEnsembler
 from robots.base import Feature
 from robots.runtime.safety import SafetyConfig, SafetyLayer, Watchdog
 from robots.runtime.schedule import Chunk, Timeline, seam_jumps, stale_count
@@ -65,15 +66,17 @@ def test_average_blends_where_both_chunks_have_an_action():
     assert run(tl, 0.0, 6) == pytest.approx([10, 10, 17, 17, 20, 20])
 
 
-def test_ensemble_weights_older_predictions_by_exp_minus_m_i():
-    m = 0.5
+@pytest.mark.parametrize("m", [0.5, 0.01, 0.0, -0.5, -50.0, 800.0])
+def test_ensemble_weights_older_predictions_by_exp_minus_m_i(m):
+    """As the policy's TemporalEnsembler (a softmax of -m * i); m < 0 favours the newest prediction
+    (refused before: its running weights overflowed exp() mid-run for m = -50)."""
     tl = Timeline(P, stitching="ensemble", ensemble_m=m)
-    for seq, value in enumerate([1.0, 2.0, 4.0]):  # three chunks, all covering t = 0.2
-        tl.merge(Chunk(np.full((3, 1), value), 0.2 - (2 - seq) * P, P, seq=seq), next_tick=0.0)
-    w = np.exp(-m * np.arange(3))
-    expect = float(np.dot(w, [1.0, 2.0, 4.0]) / w.sum())
-    picks = run(tl, 0.0, 3)
-    assert picks[2] == pytest.approx(expect)
+    values = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    for seq, value in enumerate(values):  # six chunks, all covering t = 0.5
+        tl.merge(Chunk(np.full((6, 1), value), 0.5 - (5 - seq) * P, P, seq=seq), next_tick=0.0)
+    picks = run(tl, 0.0, 6)
+    w = TemporalEnsembler(m).weights(6).double().numpy()
+    assert picks[5] == pytest.approx(float(np.dot(w, values)), rel=1e-6)
     assert picks[0] == pytest.approx(1.0)  # only the oldest chunk covers t = 0
 
 

@@ -104,8 +104,8 @@ class RuntimeConfig:
                 f"stitching={self.stitching} merges overlapping chunks, which mode=sync never has (each "
                 "chunk runs to its end): use mode=async, or leave stitching out"
             )
-        if not (math.isfinite(self.ensemble_m) and self.ensemble_m >= 0):  # < 0 overflowed exp() mid-run
-            raise ValueError(f"ensemble_m must be a finite number >= 0, got {self.ensemble_m}")
+        if not math.isfinite(self.ensemble_m):
+            raise ValueError(f"ensemble_m must be a finite number, got {self.ensemble_m}")
         if self.ensemble_m != RuntimeConfig.ensemble_m and self.stitching != "ensemble":
             raise ValueError(f"ensemble_m is for stitching=ensemble, not {self.stitching}: leave it out")
         if self.inpaint_overlap is not None and (self.stitching != "inpaint" or self.mode == "sync"):

@@ -17,7 +17,8 @@ Stitching merges a newly arrived chunk into the pending actions:
     average    LeRobot's async merge: where both have an action for the same time, 0.3 old +
                0.7 new; the new chunk's other actions as they are; old actions beyond it dropped.
     ensemble   ACT's temporal ensembling: every chunk's prediction for a time is kept, the action
-               is their weighted mean with weight exp(-m * i), i = 0 for the oldest prediction.
+               is their weighted mean with weight exp(-m * i), i = 0 for the oldest prediction (m < 0
+               favours the newest, as `policies.chunking.TemporalEnsembler` takes it).
     inpaint    replace, for controllers that were given the committed prefix (`committed`) and
                start their chunk with it (real-time chunking): the seam is inside the model.
 """
@@ -60,13 +61,13 @@ class Chunk:
 @dataclass
 class Slot:
     """One pending action: due time, value (Da,), the chunk and index it came from. An ensembled slot
-    keeps its running weighted sum and the number of predictions it averages."""
+    keeps the log of its predictions' total weight and how many it averages."""
 
     due: float
     action: np.ndarray
     chunk: int
     index: int
-    weight: float = 1.0
+    log_weight: float = 0.0  # the first prediction's weight: exp(0)
     predictions: int = 1
     sent: bool = False
 
@@ -121,8 +122,8 @@ class Timeline:
             raise ValueError(f"stitching must be one of {', '.join(STITCHING)}, got {self.stitching!r}")
         if not self.period_s > 0:
             raise ValueError(f"the control period must be positive, got {self.period_s}")
-        if not (math.isfinite(self.ensemble_m) and self.ensemble_m >= 0):  # < 0 overflowed exp() mid-run
-            raise ValueError(f"ensemble_m must be a finite number >= 0, got {self.ensemble_m}")
+        if not math.isfinite(self.ensemble_m):
+            raise ValueError(f"ensemble_m must be a finite number, got {self.ensemble_m}")
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -159,11 +160,13 @@ class Timeline:
                 continue
             if self.stitching == "average":
                 s.action = AVERAGE_OLD_WEIGHT * o.action + (1 - AVERAGE_OLD_WEIGHT) * s.action
-            else:  # ensemble: the new prediction is the o.predictions-th (0-based) for this time
-                w_new = math.exp(-self.ensemble_m * o.predictions)
-                total = o.weight + w_new
-                s.action = (o.weight * o.action + w_new * s.action) / total
-                s.weight, s.predictions = total, o.predictions + 1
+            else:  # ensemble: the new prediction is the o.predictions-th (0-based) for this time; the
+                # weights in logs, so no m overflows them (m < 0: each weighs more than all before it)
+                log_new = -self.ensemble_m * o.predictions
+                total = float(np.logaddexp(o.log_weight, log_new))
+                share = math.exp(log_new - total)  # the new prediction's part of the mean, in (0, 1]
+                s.action = (1 - share) * o.action + share * s.action
+                s.log_weight, s.predictions = total, o.predictions + 1
         return before + new
 
     # ------------------------------------------------------------------ ticks
