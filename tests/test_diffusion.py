@@ -951,6 +951,9 @@ def test_the_chosen_cameras_decide_the_image_size(store_path, tmp_path):
     setup = setup_training("diffusion_unet", str(two), {"obs": {"image_keys": ["wrist"]}}, **kw)
     assert setup.model.cfg.obs.image_size == (24, 32) and tuple(setup.model.cfg.obs.crop) == (21, 28)
     assert torch.isfinite(setup.model.compute_loss(setup.train_set.get_batch([0, 5]))[0])
+    # one name, as `model.obs.image_keys=wrist` gives it, is one camera (it was split: no camera 'w', ...)
+    alone = setup_training("diffusion_unet", str(two), {"obs": {"image_keys": "wrist"}}, **kw)
+    assert alone.model.cfg.obs.image_keys == ("wrist",)
     with pytest.raises(ValueError, match=r"no camera\(s\) \['wirst'\]; its cameras: \['image', 'wrist'\]"):
         setup_training("diffusion_unet", str(two), {"obs": {"image_keys": ["wirst"]}}, **kw)
     with pytest.raises(ValueError, match=r"cameras \['image', 'wrist'\] differ in frame size"):

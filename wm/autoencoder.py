@@ -285,7 +285,7 @@ class Autoencoder(nn.Module):
 def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
     """The user's options completed with the store's camera (or the `image_keys` listed) and its frame
     size, which every listed camera must share."""
-    keys = list(options.get("image_keys") or [ctx.image_key])
+    keys = ctx.cameras(options.get("image_keys"))
     return {**options, "image_keys": keys, "image_size": list(ctx.camera_size(keys))}
 
 

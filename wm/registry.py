@@ -60,6 +60,13 @@ class TrainContext:
     teacher: str | None = None
     in_memory: bool = True
 
+    def cameras(self, listed: str | Sequence[str] | None) -> list[str]:
+        """The cameras a model option lists (one name, or a list of them), else the chosen image_key (a
+        name given alone was split into its letters: no camera 'w', 'r', 'i', ...)."""
+        if not listed:
+            return [self.image_key]
+        return [listed] if isinstance(listed, str) else [str(k) for k in listed]
+
     def camera_size(self, image_keys: Sequence[str]) -> tuple[int, int]:
         """The frame size (H, W) every camera of `image_keys` shares; a camera the store lacks, a key that
         is not a camera, or two sizes is one clear error."""

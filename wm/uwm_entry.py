@@ -68,7 +68,7 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
     history and a predicted future), image size, proprio and action dims, and the latent codec's config
     and latent shape."""
     shapes = ctx.key_shapes
-    keys = list(options.get("image_keys") or [ctx.image_key])
+    keys = ctx.cameras(options.get("image_keys"))
     size = ctx.camera_size(keys)
     derived = {
         "image_keys": keys,

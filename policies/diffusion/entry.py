@@ -56,7 +56,7 @@ def configurer(denoiser: str) -> Any:
         check_reaches_noise(options.get("noise", {}))
         shapes = ctx.key_shapes
         obs = dict(options.get("obs", {}))
-        keys = list(obs.get("image_keys") or [ctx.image_key])
+        keys = ctx.cameras(obs.get("image_keys"))
         size = ctx.camera_size(keys)  # the chosen cameras' (one size, or one line saying otherwise)
         obs.update(
             image_keys=keys,
