@@ -286,6 +286,12 @@ def test_bad_input_to_the_modes_is_one_clear_error():
         match=r"^model.horizon=4.5 is not a whole number; model.future\[0\]=1.5 is not a whole number$",
     ):
         tiny_config(horizon=4.5, future=(1.5, 2))
+    # a NaN weight passed `video_weight < 0` and trained to "the loss is nan ...: lower trainer.lr"; a NaN
+    # temporal_ensemble was refused only when the trained policy was loaded
+    with pytest.raises(
+        ValueError, match=r"^model.video_weight=nan is not a finite number; model.temporal_ensemble=inf is"
+    ):
+        tiny_config(video_weight=float("nan"), temporal_ensemble=float("inf"))
 
 
 # ---------------------------------------------------------------------- through wm-train and the registry

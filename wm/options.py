@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -40,7 +41,7 @@ def is_real(v: Any) -> bool:
 
 _NUMBER_KINDS = {
     "int": ("a whole number", is_whole),
-    "float": ("a number", is_real),
+    "float": ("a finite number", lambda v: is_real(v) and math.isfinite(v)),  # NaN passed every `< 0` test
     "bool": ("true or false", lambda v: isinstance(v, bool)),
 }
 
@@ -48,8 +49,9 @@ _NUMBER_KINDS = {
 def check_numbers(cls: type, values: Mapping[str, Any], where: str) -> None:
     """Refuse (ValueError, one line naming each) `values` for the dataclass `cls` where a field declared
     an int, a float, a bool or a tuple of ints holds something else: a float reached range() or torch as
-    a TypeError (a traceback), int() cut future=[2.5] to 2, the string "false" was true. Before the
-    config converts anything; fields `cls` does not declare are left to `sub_config`."""
+    a TypeError (a traceback), int() cut future=[2.5] to 2, the string "false" was true, a NaN or inf
+    weight trained to "the loss is nan: lower trainer.lr". Before the config converts anything; fields
+    `cls` does not declare are left to `sub_config`."""
     wrong = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name not in values:
