@@ -494,6 +494,9 @@ def test_a_bad_config_or_window_is_refused_before_the_autoencoder_trains(tmp_pat
         setup_training("uwm", store, {**opts, "horizon": 40, "n_action_exec": 2})
     with pytest.raises(ValueError, match=r"n_action_exec 8 > horizon 4"):
         setup_training("uwm", store, {**opts, "horizon": 4, "n_action_exec": 8})
+    bad_patch = {**opts, "horizon": 4, "n_action_exec": 2, "net": {**opts["net"], "patch": 3}}
+    with pytest.raises(ValueError, match=r"UWM patch 3 does not divide the 8x8 latent grid"):  # 32 px / 4
+        setup_training("uwm", store, bad_patch)
     assert not (tmp_path / "feature_cache").exists()
 
 

@@ -175,7 +175,9 @@ class _Mode:
 
 
 class _ModeNet(nn.Module):
-    """`net(x_t, t, cond: _Mode)` for `Diffusion`: the UWM network seen as a denoiser of one modality."""
+    """`net(x_t, t, cond: _Mode)` for `Diffusion`: the UWM network seen as a denoiser of one modality.
+    It clips the action estimate (not the latents), so every sampler steps from the clipped estimate:
+    for ddim that is the Euler step EDM takes, not diffusers' DDIM, whose eps stays unclipped."""
 
     def __init__(self, net: UWMNet, action_shape: tuple[int, int], clip: float | None) -> None:
         super().__init__()

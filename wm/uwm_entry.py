@@ -18,6 +18,7 @@ from wm.options import check_not_derived, is_whole
 from wm.registry import ModelEntry, TrainContext
 from wm.training import check_windows
 from wm.uwm import UWM, UWMConfig
+from wm.uwm_net import check_patch
 
 OVERRIDABLE = ("sampler", "sampler_steps", "precision", "noise.edm_solver", "temporal_ensemble")
 
@@ -84,6 +85,12 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
     # checks the training episodes' when the config is complete)
     unbuilt = UWMConfig.from_dict({**options, **derived, "latent": {}})
     check_windows(ctx.store, unbuilt.window_spec(), None)
+    if (options.get("latent") or {}).get("source", "auto") == "auto":  # the default autoencoder's grid
+        from wm.autoencoder import AutoencoderConfig
+        from wm.autoencoder import configure as autoencoder_options
+
+        f = AutoencoderConfig.from_dict(autoencoder_options({"image_keys": keys}, ctx)).downsample
+        check_patch(unbuilt.net.patch, (size[0] // f, size[1] // f))
     latent = latent_config(options.get("latent", {}), ctx, keys)
     codec = build_codec(LatentConfig.from_dict(latent), load_weights=False)
     return {**options, **derived, "latent": latent, "latent_shape": tuple(codec.latent_shape(*size))}

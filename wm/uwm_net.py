@@ -40,6 +40,13 @@ from torch import Tensor, nn
 from policies.diffusion.unet import SinusoidalPosEmb
 
 
+def check_patch(patch: int, grid: tuple[int, int]) -> None:
+    """The patch side must divide the (h, w) latent grid."""
+    h, w = grid
+    if h % patch or w % patch:
+        raise ValueError(f"UWM patch {patch} does not divide the {h}x{w} latent grid; choose model.net.patch")
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """dim / depth / heads / mlp_ratio: the transformer; registers: extra learned tokens; patch: side of
@@ -124,8 +131,7 @@ class UWMNet(nn.Module):
         super().__init__()
         C, h, w = latent_shape
         p, D, V = cfg.patch, cfg.dim, n_views
-        if h % p or w % p:
-            raise ValueError(f"UWM patch {p} does not divide the {h}x{w} latent grid; choose model.net.patch")
+        check_patch(p, (h, w))
         self.cfg, self.latent_shape, self.n_future, self.horizon = cfg, tuple(latent_shape), n_future, horizon
         self.n_views = V
         self.grid = (h // p, w // p)
