@@ -149,6 +149,12 @@ def test_robosuite_unknown_env_lists_names():
             "robosuite control_freq must be a number > 0 Hz, got inf",
         ),  # was 1/0
         ({"control_freq": "abc"}, "robosuite control_freq must be a number > 0 Hz, got 'abc'"),
+        (  # its actions ran 0.032 s, not 0.0333: step_seconds, videos and wm-deploy's pace were off
+            {"control_freq": 30},
+            "robosuite control_freq=30: robosuite steps its 500 Hz simulation a whole number of times per "
+            "action (it would run 0.032 s, not 0.03333 s); choose a divisor of 500, e.g. 10, 20, 25 or 50",
+        ),
+        ({"control_freq": 1000}, "control_freq=1000: robosuite steps its 500 Hz simulation"),  # stood still
         ({"robots": []}, "robosuite robots must be a robot name or a non-empty list of them, got []"),
         ({"camera": []}, "robosuite camera must be a camera name or a non-empty list of them, got []"),
         (  # camera was ignored
@@ -162,6 +168,18 @@ def test_robosuite_options_it_cannot_take_are_one_line(options, words):
     """They were a traceback reported as a bug (TypeError, KeyError, robosuite's SimulationError)."""
     with pytest.raises(RobotError, match=re.escape(words)):
         _ = make_task("robosuite/Lift", SimConfig(image_size=(32, 32), options=options)).observation_features
+
+
+def test_the_simulation_rate_control_freq_is_checked_against_is_robosuites():
+    import robosuite.macros
+
+    from robots.sim.robosuite_task import SIMULATION_HZ
+
+    assert SIMULATION_HZ * robosuite.macros.SIMULATION_TIMESTEP == pytest.approx(1.0)
+    task = make_task("robosuite/Lift", SimConfig(image_size=(32, 32), options={"control_freq": 25}))
+    with task:
+        task.reset(0)
+        assert task.step_seconds() == pytest.approx(0.04)
 
 
 def test_a_camera_robosuite_lacks_is_refused_every_time_and_leaves_no_env():

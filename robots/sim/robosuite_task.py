@@ -121,6 +121,7 @@ def _names(value: Any) -> list[str]:
 
 
 DEFAULT_CAMERA = "agentview"
+SIMULATION_HZ = 500  # robosuite.macros.SIMULATION_TIMESTEP = 0.002 s; each action runs whole steps of it
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,13 @@ class RobosuiteOptions:
             or not 0 < freq < float("inf")
         ):
             raise RobotError(f"robosuite control_freq must be a number > 0 Hz, got {freq!r}")
+        steps = SIMULATION_HZ / freq  # robosuite runs int() of it: 30 Hz stepped 0.032 s, 1000 Hz none
+        if steps < 1 or abs(steps - round(steps)) > 1e-9:
+            raise RobotError(
+                f"robosuite control_freq={freq!r}: robosuite steps its {SIMULATION_HZ} Hz simulation a whole "
+                f"number of times per action (it would run {int(steps + 1e-9) / SIMULATION_HZ:g} s, not "
+                f"{1 / freq:.4g} s); choose a divisor of {SIMULATION_HZ}, e.g. 10, 20, 25 or 50"
+            )
         for what, value in (("camera", self.camera), ("cameras", self.cameras)):
             if value is not None and not _names(value):
                 raise RobotError(
