@@ -205,6 +205,11 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: planner.samples, planner.elites: MPC options, and controller=policy does not plan; "
             "leave them out",
         ),
+        (  # ignored, while results.json recorded them as used
+            "wm-eval",
+            ["out=e", "controller=mpc", "checkpoint=run", "subgoals=off", "store=s.zarr", "graph.stride=3"],
+            "error: store, graph: options of the subgoal graph, and subgoals=off; leave them out",
+        ),
         (
             "wm-eval",
             ["out=e", "controller=random", "checkpoint=run"],

@@ -136,6 +136,11 @@ class ControllerConfig:
                 f"{', '.join(given)}: MPC options, and controller={self.controller} does not plan; "
                 "leave them out"
             )
+        graph = [n for n in changed(self, ("store", "graph")) if self.subgoals == "off"]
+        if self.controller == "mpc" and graph:  # they were ignored, and results.json recorded them
+            raise UsageError(
+                f"{', '.join(graph)}: options of the subgoal graph, and subgoals=off; leave them out"
+            )
         given = self.policy_options_given()
         if self.controller != "policy" and given:
             raise UsageError(
