@@ -278,6 +278,11 @@ def test_a_sweep_of_refused_jobs_writes_nothing_and_a_refused_job_leaves_no_fold
             "error: unknown option graph.strid; did you mean graph.stride? (to add a new key:",
         ),
         (["planner.samples=abc"], "error: planner.samples must be an integer, got 'abc'"),
+        (  # as configs/eval.yaml shows it: "did you mean task_options?", and a hint cut at its first space
+            ["task_options={goal_mode: other_arm}"],
+            "error: task_options holds none of the keys given to it; add them with "
+            "+task_options={goal_mode: other_arm}",
+        ),
     ],
 )
 def test_hydra_and_value_errors_are_one_line(tmp_path, args, line):

@@ -360,12 +360,15 @@ def _hydra_error(e: BaseException, config_name: str) -> str:
     text = "; ".join(line.strip().rstrip(".") for line in str(e).splitlines() if line.strip())
     if isinstance(e, OverrideParseException):
         return f"cannot parse override {e.override!r}: {text}"
-    m = re.match(r"Could not override '([^']+)'.\s*To append to your config use (\S+)", str(e))
+    m = re.match(r"Could not override '([^']+)'.\s*To append to your config use (\S.*)", str(e))
     if m and isinstance(e.__cause__, ConfigKeyError | ConfigAttributeError):  # `trainer.stpes=10`
         path, add = m.groups()
-        valid = _config_keys(config_name, path.rpartition(".")[0])
+        parent, _, name = path.rpartition(".")
+        valid = _config_keys(config_name, parent)
         if not valid:  # an empty mapping such as task_options: {}
             return f"{path} is not in the config; add it with {add}"
+        if name in valid:  # `task_options={goal_mode: other_arm}`: a mapping given keys it does not hold
+            return f"{path} holds none of the keys given to it; add them with {add}"
         return f"{unknown_option(path, valid)} (to add a new key: {add})"
     if isinstance(e, OmegaConfBaseException):
         return _one_line(e)
