@@ -39,7 +39,7 @@ from robots.base import Robot
 from robots.control import Clock, ManualClock, MonotonicClock, RateLoop
 from robots.real.lerobot_arm import first_line
 from robots.runtime.loop import RuntimeConfig
-from robots.runtime.safety import SafetyConfig, SafetyLayer
+from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer
 from robots.sim.base import Expert, SimTask
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 from wm.data import DemoStore, KeySpec, Schema, SchemaError
@@ -165,9 +165,10 @@ class Preview:
 @dataclass
 class Collector:
     """Records episodes of `task` (a simulated task, or a real robot for `record_teleop`) into `store`.
-    `clock=None` runs in real time for human devices; a ManualClock (as-fast-as-possible) is used for
-    scripted experts unless `realtime` is set. `safety`, `read_retries` and `max_read_failures` apply
-    to a human's commands and reads (module docstring); their defaults are the deploy runtime's.
+    A simulated task runs as fast as it can (a ManualClock) unless `realtime` is set; a real robot always
+    runs in real time (at its control rate: the per-tick step cap assumes it). `safety`, `read_retries`
+    and `max_read_failures` apply to a human's commands and reads (module docstring); their defaults are
+    the deploy runtime's.
     `task_options` (a simulated task's options, its defaults filled in) go into every episode's info,
     where `open_store` finds them to refuse appending with other ones."""
 
@@ -289,7 +290,8 @@ class Collector:
 
     def record_teleop(self, device: TeleopDevice, mapper: Callable[..., np.ndarray], episodes: int) -> None:
         """Human demonstrations: the operator's commands start, save, discard and re-record episodes."""
-        loop = RateLoop(self.task.control_hz, MonotonicClock() if self.realtime else self._clock())
+        real_time = self.realtime or not self.simulated  # a real arm at 26x its rate moved 26x too fast
+        loop = RateLoop(self.task.control_hz, MonotonicClock() if real_time else self._clock())
         run = _Teleop(self._safety_layer())
         if self.simulated:
             run.obs = self.task.reset(self.seed + self.store.n_episodes)
@@ -410,7 +412,12 @@ class Collector:
             )
             run.send_failed = True
             return
+        before = run.safety.events["robot_out_of_limits"]
         sent = run.safety.sent(reached, command)  # the cap follows what was sent
+        if run.safety.events["robot_out_of_limits"] > before:  # its driver clamped around a bad reading
+            self.stats.stopped = f"{self.task.name}: {OUT_OF_LIMITS}"
+            run.send_failed = True
+            return
         if run.writer is not None:  # recording; between episodes the operator still moves the robot
             self._record(run.writer, run.obs, sent, 0.0 if run.last is None else now - run.last, now)
             run.last = now

@@ -747,6 +747,65 @@ def test_collect_stops_with_one_line_when_the_follower_stays_unreadable(monkeypa
     assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6
 
 
+def test_collect_stops_at_a_goal_lerobots_clamp_put_outside_the_limits(monkeypatch, tmp_path, capsys):
+    """lerobot's own max_relative_target clamps each goal around the follower's reading; a reading far
+    outside the calibration put out-of-limit goals on the bus every tick while the recording held the
+    safety layer's command. Now the session stops at the first one (as wm-deploy does), in one line."""
+    pytest.importorskip("scservo_sdk")
+    import tools.collect
+
+    leader, follower = so_arm(), so_arm()
+    cfg, reads = _leader_session(monkeypatch, tmp_path, leader, follower, {1: "b", 12: "enter"},
+                                 robot_options={"max_relative_target": 5.0})  # fmt: skip
+    follower_reads = [0]
+
+    def glitch(address: int, length: int) -> None:
+        if address == FT_PRESENT:
+            follower_reads[0] += 1
+            if follower_reads[0] >= 6:  # shoulder_pan reads raw 100, its calibrated range 1000..3000
+                follower.set(1, FT_PRESENT, 2, 100)
+
+    follower.before_read = glitch
+    assert tools.collect.collect(cfg) == 3
+    out = capsys.readouterr().out.strip()
+    assert "\n" not in out and "so101_follower: it reports sending a command outside its limits" in out
+    goals = [int.from_bytes(d, "little") for m, a, d in follower.written if a == FT_GOAL and m == 1]
+    assert sum(not SO_RANGE[0] <= g <= SO_RANGE[1] for g in goals) == 1  # the one that told, no more
+    assert not leader.is_open and not follower.is_open
+    assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6
+
+
+def test_a_collector_on_a_real_arm_runs_at_its_control_rate_by_default(monkeypatch, tmp_path):
+    """Collector's realtime default (False, for scripted experts in simulation) ran a real arm's teleop
+    loop as fast as the buses answered (~26x its rate: its per-tick step cap let it move that much
+    faster), recording the nominal loop_dt."""
+    pytest.importorskip("scservo_sdk")
+    import time
+
+    from robots.collect import Collector, open_store, recording_schema
+    from robots.registry import device_class
+    from robots.teleop.mapping import teleop_mapper
+    from wm.data import DemoStore
+
+    leader, follower = so_arm(), so_arm()
+    cfg, _ = _leader_session(monkeypatch, tmp_path, leader, follower, {1: "b", 13: "enter"})
+    arm = so101(tmp_path, control_hz=30.0)
+    keyboard = device_class("keyboard")(**cfg.command_options)
+    device = device_class("leader_arm")(**cfg.device_options, command_device=keyboard)
+    with arm:
+        device.connect()
+        try:
+            store = open_store(str(tmp_path / "s.zarr"), recording_schema(arm, "demo"))
+            start = time.monotonic()
+            Collector(arm, store).record_teleop(device, teleop_mapper(arm, {}), episodes=1)
+            wall = time.monotonic() - start
+            store.close()
+        finally:
+            device.disconnect()
+    steps = len(DemoStore.open(tmp_path / "s.zarr").get_episode(0)["action"])
+    assert steps >= 10 and wall >= 0.8 * (steps - 1) / 30.0, (steps, wall)
+
+
 @pytest.mark.parametrize("pulled", ["follower", "leader"])
 def test_collect_stops_with_one_line_when_an_arm_is_unplugged(monkeypatch, tmp_path, capsys, pulled):
     """The follower's adapter pulled between its read and the goal write (the send raised: a traceback,

@@ -29,7 +29,7 @@ import numpy as np
 from robots.base import Robot
 from robots.control import Clock, MonotonicClock
 from robots.runtime.realtime import QuietGC, check
-from robots.runtime.safety import SafetyConfig, SafetyLayer, Watchdog
+from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer, Watchdog
 from robots.runtime.schedule import STITCHING, Chunk, Timeline
 from robots.runtime.worker import Reply, Request, WorkerDied
 
@@ -333,10 +333,7 @@ class Runtime:
                 last_cmd = command
                 if safety.events["robot_out_of_limits"] > before["robot_out_of_limits"]:
                     events.append("robot_out_of_limits")
-                    out.stopped = (
-                        f"{self.robot.name}: it reports sending a command outside its limits (its driver's "
-                        "own clamp around a position reading: check the sensors); nothing more was sent"
-                    )
+                    out.stopped = f"{self.robot.name}: {OUT_OF_LIMITS}"
             chunk_id = pick.chunk if pick is not None and command is not None else NO_CHUNK
             record = TickRecord(
                 nominal,

@@ -34,6 +34,13 @@ EVENTS = (
 )
 
 
+# why a run ends at a command its robot reports sending outside the limits (the runtime and wm-collect)
+OUT_OF_LIMITS = (
+    "it reports sending a command outside its limits (its driver's own clamp around a position reading: "
+    "check the sensors); nothing more was sent"
+)
+
+
 @dataclass(frozen=True)
 class SafetyConfig:
     """max_step: per-tick change cap of position targets, in action units (a number for every dimension
