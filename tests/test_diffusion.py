@@ -34,6 +34,7 @@ from policies.diffusion.noise import (
     masked_mean,
     scored_steps,
 )
+from policies.diffusion.precision import Bf16Inference
 from wm import kernels
 from wm.checkpoint import CheckpointError, save_checkpoint
 from wm.data import DemoStore, KeySpec, Schema
@@ -556,6 +557,14 @@ def test_distillation_targets_are_fp32_and_the_target_stays_in_eval_mode(store_p
         data = WindowDataset(store_path, model.window_spec(), in_memory=True)
         torch.manual_seed(1)
         losses.append(model.compute_loss(data.get_batch(np.arange(16)))[0].item())
+        # the policy samples (validation, in-process) at its own precision, not the teacher's its target's
+        # layers were copied with; here the other one of the two
+        other = "fp32" if precision == "bf16" else "bf16"
+        again = ConsistencyDistillation(
+            dataclasses.replace(distill, policy=dataclasses.replace(student, precision=other)), normalizer
+        )
+        layers = [m for m in again.policy.diffusion.modules() if isinstance(m, Bf16Inference)]
+        assert layers and {m.inference_precision for m in layers} == {other}
     assert losses[0] == losses[1]
 
 

@@ -210,6 +210,7 @@ class ConsistencyDistillation(nn.Module):
         self.policy.obs_encoder.load_state_dict(teacher.obs_encoder.state_dict())
         self.policy.obs_encoder.requires_grad_(False)
         self.policy.diffusion = self.objective.target  # the policy samples with the EMA target
+        self.policy.set_precision(cfg.policy.precision)  # the target's layers copied the teacher's
 
     @property
     def io_spec(self) -> Any:
