@@ -775,6 +775,21 @@ def test_collect_stops_at_a_goal_lerobots_clamp_put_outside_the_limits(monkeypat
     assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6
 
 
+def test_a_leader_arm_gain_of_another_length_is_refused_before_either_arm_is_set_up(monkeypatch, tmp_path):
+    """gains.joint_scale with 3 values for 6 joints was refused at the first reading, after both arms
+    had been configured and the store made, in words that did not name gains."""
+    pytest.importorskip("scservo_sdk")
+    import tools.collect
+    from tools._cli import UsageError
+
+    leader, follower = so_arm(), so_arm()
+    cfg, _ = _leader_session(monkeypatch, tmp_path, leader, follower, {1: "b", 5: "enter"})
+    cfg = tools.collect.CollectConfig(**{**cfg.__dict__, "gains": {"joint_scale": [1.0, 1.0, 1.0]}})
+    with pytest.raises(UsageError, match=r"^gains.joint_scale has 3 values for the 6 joints of leader_arm "):
+        tools.collect.collect(cfg)
+    assert not follower.written and not leader.written and not (tmp_path / "s.zarr").exists()
+
+
 def test_a_collector_on_a_real_arm_runs_at_its_control_rate_by_default(monkeypatch, tmp_path):
     """Collector's realtime default (False, for scripted experts in simulation) ran a real arm's teleop
     loop as fast as the buses answered (~26x its rate: its per-tick step cap let it move that much

@@ -61,7 +61,8 @@ class DeviceSettings:
 
     def build(self, robot: Any) -> Any:
         """The device (not connected) with its command device; a device reporting joints (a leader arm)
-        is refused, in one line, unless they are the joints of `robot`'s actions, in their units."""
+        is refused, in one line, unless they are the joints of `robot`'s actions, in their units (or
+        converted by gains.joint_scale / joint_offset, one value per joint)."""
         from robots.teleop.base import JointDevice
         from robots.teleop.mapping import ActionMapper
 
@@ -73,7 +74,16 @@ class DeviceSettings:
             self.check_motion(robot)
         device = cls(**options)
         if isinstance(device, JointDevice):
-            device.check_drives(robot.action_feature, converts=ActionMapper(**self.gains).converts_joints)
+            mapper = ActionMapper(**self.gains)
+            device.check_drives(robot.action_feature, converts=mapper.converts_joints)
+            joints = device.joint_names  # a length the mapping refused at the first reading, arms set up
+            for name in ("joint_scale", "joint_offset"):
+                values = getattr(mapper, name)
+                if values is not None and len(values) != len(joints):
+                    raise UsageError(
+                        f"gains.{name} has {len(values)} values for the {len(joints)} joints of "
+                        f"{self.teleop} ({', '.join(joints)})"
+                    )
         return device
 
     def check_motion(self, robot: Any) -> None:
