@@ -60,6 +60,18 @@ def test_keyboard_held_keys_move_until_released():
     assert not listener.running
 
 
+def test_a_keyboard_whose_listener_died_fails_its_polls_instead_of_holding_a_key_forever():
+    """The listener thread ended (the display connection lost) with w held: its release never came and
+    every poll moved on, with no error, while a SpaceMouse or gamepad in that state fails."""
+    dev, listener = _keyboard([(0.0, _KeyCode("w"), True)])
+    listener.replay_until(0.1)
+    np.testing.assert_allclose(dev.poll().motion, [1, 0, 0, 0, 0, 0])
+    listener.running = False  # the thread ended by itself
+    with pytest.raises(DeviceNotFoundError, match=r"^keyboard: its listener stopped"):
+        dev.poll()
+    dev.disconnect()
+
+
 def test_keyboard_rotations_gripper_and_commands_once():
     space, enter = _KeyCode(name="space"), _KeyCode(name="enter")
     events = [(0.0, _KeyCode("j"), True), (0.0, _KeyCode("u"), True), (0.0, _KeyCode("k"), True),

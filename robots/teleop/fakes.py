@@ -50,6 +50,10 @@ class FakeKeyListener:
     def stop(self) -> None:
         self.running = False
 
+    def is_alive(self) -> bool:
+        """As the listener's thread: False once stopped (or, as pynput's, ended by a lost display)."""
+        return self.running
+
     def replay_until(self, t: float) -> None:
         while self.events and self.events[0][0] <= t:
             when, key, down = self.events.pop(0)

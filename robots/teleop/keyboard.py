@@ -282,6 +282,9 @@ class KeyboardDevice:
     def poll(self) -> TeleopState:
         if self._active is None:
             raise RuntimeError("keyboard: not connected; call connect() first")
+        if self._active == "pynput" and not self._listener.is_alive():  # its thread ended (the display
+            # connection lost): a key held then never sees its release, and would move on forever
+            raise DeviceNotFoundError("keyboard: its listener stopped (the display connection ended?)")
         if self._active == "terminal":
             new = _read_available(self._term_fd)
             data, names = self._partial + new, []
