@@ -601,7 +601,7 @@ class Trainer:
         best = self.best | {"file": BEST_NAME} if self.best is not None else None
         path = self.out_dir / "config.json"
         if self.step >= self.cfg.steps and path.exists():
-            with contextlib.suppress(OSError, ValueError, AttributeError):
+            with contextlib.suppress(OSError, ValueError, TypeError):  # unreadable: written afresh
                 kept = json.loads(path.read_text())
                 kept["best"] = best
                 self._replace_config(kept)
