@@ -505,6 +505,26 @@ def test_video_round_trip_keeps_everything_but_exact_pixels(tmp_path, caplog):
     _assert_same_store(store, lerobot_to_store(out, tmp_path / "back.zarr"), exact_images=False)
 
 
+@pytest.mark.filterwarnings("ignore:The video decoding and encoding capabilities of torchvision")
+def test_video_export_takes_an_episode_of_one_step(tmp_path):
+    """LeRobot 0.4.4's streaming encoder gives a one-frame episode no stats, and its metadata write
+    failed (ArrowInvalid: stats/observation.images.cam/min expected length 2 but got length 1)."""
+    schema = Schema(keys={"cam": KeySpec((16, 32, 3), "uint8", "image"),
+                          "action": KeySpec((2,), "float32", "action")}, fps=10)  # fmt: skip
+    store = DemoStore.create(tmp_path / "s.zarr", schema)
+    for n in (3, 1):
+        store.append_episode({"cam": np.full((n, 16, 32, 3), 100, np.uint8),
+                              "action": np.arange(2 * n, dtype=np.float32).reshape(n, 2)})  # fmt: skip
+    out = store_to_lerobot(store, tmp_path / "lr", use_videos=True)
+    stats = json.loads((out / "meta/stats.json").read_text())
+    assert "observation.images.cam" in stats  # the camera's stats, for LeRobot's normalization
+    back = lerobot_to_store(out, tmp_path / "back.zarr")
+    assert list(back.episode_lengths()) == [3, 1]
+    for e in range(2):
+        np.testing.assert_array_equal(back.get_episode(e)["action"], store.get_episode(e)["action"])
+        assert np.abs(back.get_episode(e)["cam"].astype(int) - 100).max() <= 3
+
+
 @pytest.mark.parametrize(("fps", "width"), [(7.5, 48), (10.0, 47)])
 def test_video_export_keeps_frames_as_png_where_av1_cannot_take_them(tmp_path, caplog, fps, width):
     """A fractional frame rate crashed LeRobot's encoder thread (a traceback after frames were written);

@@ -125,6 +125,18 @@ def test_robosuite_15_composite_controller(tmp_path: Path) -> None:
     assert (space.mode, space.frame) == ("absolute", "ee")
 
 
+@pytest.mark.parametrize("ctype", ["JOINT_VELOCITY", "JOINT_TORQUE"])
+def test_velocity_and_torque_controllers_are_recorded_as_absolute_set_points(
+    tmp_path: Path, ctype: str
+) -> None:
+    """They were recorded as delta/joint, which merges accept beside delta joint-position stores."""
+    args = {"env_name": "Lift", "env_kwargs": {"robots": "Panda", "controller_configs": {"type": ctype}}}
+    src = tmp_path / "joint.hdf5"
+    write_robomimic(src, images=False, env_args=args)
+    space = robomimic_to_store(src, tmp_path / "joint.zarr").schema.action_space
+    assert (space.mode, space.frame) == ("absolute", "joint") and ctype in space.description
+
+
 def test_missing_obs_key_names_demo(tmp_path: Path) -> None:
     src = tmp_path / "bad.hdf5"
     write_robomimic(src)

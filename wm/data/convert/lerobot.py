@@ -532,7 +532,9 @@ def _write_lerobot(store: DemoStore, dst: Path, repo_id: str, use_videos: bool) 
         robot_type=schema.robot or None,
         use_videos=use_videos,
         image_writer_threads=4 if has_images and not use_videos else 0,
-        streaming_encoding=use_videos,
+        # lerobot 0.4.4's streaming encoder gives a one-frame episode no stats, and its metadata write
+        # then fails (ArrowInvalid): such a store encodes each episode after it is written
+        streaming_encoding=use_videos and int(store.episode_lengths().min(initial=2)) >= 2,
     )
     infos = []
     try:

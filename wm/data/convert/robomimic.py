@@ -293,7 +293,8 @@ def _control_freq(env_kwargs: dict[str, Any], src: Path) -> float:
 
 def _action_space(ctrl: Any) -> ActionSpace:
     """delta/ee for a delta OSC controller (robosuite <= 1.4 flat config or 1.5 `body_parts`), else
-    the mode and frame the controller config states, else absolute/other."""
+    the mode and frame the controller config states, else absolute/other; joint velocity and torque
+    controllers take set-points: absolute/joint."""
     if not isinstance(ctrl, dict):
         return ActionSpace()
     parts = ctrl.get("body_parts") or ctrl.get("body_part_controllers")
@@ -304,6 +305,8 @@ def _action_space(ctrl: Any) -> ActionSpace:
         frame = "ee" if ctype.startswith("OSC") else "joint" if ctype.startswith("JOINT") else None
         if frame is None:
             continue
+        if ctype in ("JOINT_VELOCITY", "JOINT_TORQUE"):  # not steps of a position (they were "delta")
+            return ActionSpace(mode="absolute", frame=frame, description=f"robosuite {ctype} controller")
         default = "delta" if part.get("control_delta", True) else "absolute"
         mode = "delta" if str(part.get("input_type", default)).lower() == "delta" else "absolute"
         return ActionSpace(mode=mode, frame=frame, description=f"robosuite {ctype} controller")
