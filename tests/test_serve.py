@@ -379,7 +379,7 @@ def test_a_server_new_in_mid_episode_is_sent_deadlines_on_its_clock(monkeypatch)
         assert srv.counts["expired"] == 0 and w.stats["reconnects"] == 1
         assert abs(w.clock.offset - 1000.0) < 0.5
         w.reset(None)  # the next episode's exact round trips replace the rough ones
-        assert all(abs(offset - 1000.0) < 0.05 for _, offset in w.clock.samples)
+        assert all(abs(offset - 1000.0) < 0.05 for _, offset, _ in w.clock.samples)
         w.close()
 
 
@@ -748,6 +748,43 @@ def test_a_handshake_ping_answered_after_ready_keeps_the_session():
         w.start()
         assert ask(w, 0).error is None  # reads what arrived after `ready`: the late pongs among it
         assert srv.late_pongs >= 1 and w.stats["last_reconnect"] is None, w.stats["last_reconnect"]
+        w.close()
+
+
+class DropsOnePing(PolicyServer):
+    """Leaves one ping unanswered when `drop` is set (a connection that died under it)."""
+
+    drop = False
+
+    def _ping(self, identity, msg, now):
+        if self.drop:
+            self.drop = False
+            return
+        super()._ping(identity, msg, now)
+
+
+def test_a_connection_dropped_for_an_unanswered_ping_fails_the_chunk_it_was_computing():
+    """The client reconnected but kept the chunk asked on the old connection outstanding: its reply
+    (sent to the old connection) could never come, and the robot held for the whole request_timeout_s
+    before a second reconnect."""
+    with threaded_server(server=DropsOnePing) as srv:
+        w = opened(srv, dead_after_s=0.5, heartbeat_s=0.1, request_timeout_s=20.0)
+        controller = session_of(srv).controller
+        fast = controller.chunk_from
+        controller.chunk_from = lambda *a, **k: (time.sleep(0.7), fast(*a, **k))[1]  # alive, computing
+        armed = time.monotonic()
+        srv.drop = True
+        while w._ping_at is None or w._ping_at < armed or srv.drop:  # the ping to go unanswered is out
+            assert w.poll() is None
+            time.sleep(0.002)
+        start = time.monotonic()
+        w.submit(Request(0, obs_steps(1), [], action_shape=(2,)))
+        reply = None
+        while reply is None and time.monotonic() - start < 25:
+            reply = w.poll()
+            time.sleep(0.002)
+        assert reply is not None and reply.actions is None and "no answer to a ping" in reply.error
+        assert time.monotonic() - start < 10 and w.stats["reconnects"] == 1, w.stats
         w.close()
 
 

@@ -217,3 +217,31 @@ def test_clock_sync_recovers_an_offset_and_the_network_delay():
     assert sync.offset == pytest.approx(offset, abs=1e-9)  # from a round trip without queueing
     assert sync.delay == pytest.approx(2 * one_way, abs=1e-9)
     assert sync.to_server(5.0) == pytest.approx(1005.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e300, -1e300])
+def test_a_round_trip_with_impossible_times_is_never_the_clock_estimate(bad):
+    """A reply with a NaN (or absurd) server time was taken with its delay clamped to 0, the least of
+    all: the estimate was NaN (every request refused: 'expires' must be finite) or 5e299 (none ever
+    expired), for as long as it stayed among the last 32 round trips."""
+    sync = wire.ClockSync()
+    assert sync.add(10.0, 1010.002, 1010.004, 10.006) is not None
+    assert sync.add(11.0, bad, 1011.0, 11.006) is None and sync.add(11.0, 1011.0, bad, 11.006) is None
+    assert sync.add(12.0, 1012.0, 1012.5, 12.006) is None  # served 0.5 s in a 6 ms round trip
+    assert sync.add(13.0, 1013.0, 1013.001, 12.9) is None  # answered before it was asked
+    assert len(sync.samples) == 1 and sync.offset == pytest.approx(1000.0, abs=1e-9)
+
+
+def test_the_clock_estimate_follows_a_server_clock_that_drifts():
+    """The least-delay round trip won however old; a server clock drifting away (here 1 %, to show it in
+    a few round trips) left the estimate at the first one's offset. Each delay now counts the drift its
+    age allows (MAX_DRIFT), so a fresh round trip takes over."""
+    sync, rate, one_way = wire.ClockSync(), 1.01, 0.002
+    for i, queued in enumerate([0.0, 0.001, 0.001, 0.001]):  # the first is the fastest
+        t0 = 100.0 * i
+        s1 = rate * (t0 + one_way + queued) + 1e6
+        s2 = s1 + 0.001
+        t3 = t0 + 2 * one_way + queued + 0.001 / rate
+        sync.add(t0, s1, s2, t3)
+    true_offset = rate * t3 + 1e6 - t3
+    assert abs(sync.offset - true_offset) < 0.01  # the newest round trip's, not 3 s off

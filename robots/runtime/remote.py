@@ -360,8 +360,8 @@ class RemoteWorker:
                 # connection would find the slot taken by our own session: ask again. A server that
                 # restarted answers that it builds no session of ours (`opening`).
                 self._ping_at = None
-            else:
-                self._reconnect(f"no answer to a ping in {now - self._ping_at:.1f} s")
+            else:  # a chunk asked on this connection can no longer come (its reply goes to the old one)
+                self._give_up(f"no answer to a ping in {now - self._ping_at:.1f} s")
         elif self._state == "reset" and self._reset_retry is not None and now >= self._reset_retry:
             self._reset_retry = None
             self._send(self._reset_frames())
@@ -574,9 +574,9 @@ class RemoteWorker:
     def _sample(self, msg: wire.Message) -> tuple[float, float, float, float] | None:
         """A clock sample from a reply (its times, or None when it carries none); see `_add_sample`."""
         sent, recv, reply = msg.fields.get("sent"), msg.fields.get("recv"), msg.fields.get("reply")
-        if not all(isinstance(x, float) for x in (sent, recv, reply)):
-            return None
         times = (sent, recv, reply, time.monotonic())
+        if not wire.ClockSync.plausible(*times):  # none, or a NaN / 1e300 that became the estimate
+            return None
         self._add_sample(times, self._exact)
         return times
 

@@ -356,16 +356,43 @@ class ClockSync:
     a message sent at client time t0 and received at t3, which the server received at s1 and answered
     at s2, gives delay = (t3 - t0) - (s2 - s1) and offset = ((s1 - t0) + (s2 - t3)) / 2 (server minus
     client). The estimate is the offset of the round trip with the least delay among the last
-    `window` (the one least disturbed by queueing)."""
+    `window` (the one least disturbed by queueing), each delay counted with what the clocks may have
+    drifted apart since (`MAX_DRIFT` per second of its age, NTP's dispersion), so a fresh round trip
+    takes over from an old one a little faster. Impossible times (not finite, a reply before its
+    request, a server that answered before it received) are no round trip: `plausible`."""
+
+    MAX_DRIFT = 500e-6  # s/s: the most two machines' monotonic clocks drift apart (crystal tolerance)
 
     def __init__(self, window: int = 32) -> None:
-        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.samples: deque[tuple[float, float, float]] = deque(maxlen=window)  # (delay, offset, t3)
 
-    def add(self, t0: float, s1: float, s2: float, t3: float) -> tuple[float, float]:
+    @staticmethod
+    def plausible(t0: float, s1: float, s2: float, t3: float) -> bool:
+        """Whether four times can be one round trip (one NaN or 1e300 reply held the estimate for good)."""
+        times = (t0, s1, s2, t3)
+        return (
+            all(isinstance(t, float) and math.isfinite(t) for t in times)
+            and t0 <= t3
+            and s1 <= s2
+            and (
+                (s2 - s1) <= (t3 - t0) + 1e-3  # served longer than the round trip took: another clock's times
+            )
+        )
+
+    def add(self, t0: float, s1: float, s2: float, t3: float) -> tuple[float, float] | None:
+        """Take a round trip; None (and nothing taken) when its times cannot be one."""
+        if not self.plausible(t0, s1, s2, t3):
+            return None
         delay = max(0.0, (t3 - t0) - (s2 - s1))
         offset = ((s1 - t0) + (s2 - t3)) / 2
-        self.samples.append((delay, offset))
+        self.samples.append((delay, offset, t3))
         return delay, offset
+
+    def _best(self) -> tuple[float, float, float] | None:
+        if not self.samples:
+            return None
+        now = max(s[2] for s in self.samples)
+        return min(self.samples, key=lambda s: s[0] + 2 * self.MAX_DRIFT * (now - s[2]))
 
     @property
     def known(self) -> bool:
@@ -374,12 +401,14 @@ class ClockSync:
     @property
     def offset(self) -> float:
         """Server clock minus client clock (0 before any round trip)."""
-        return min(self.samples)[1] if self.samples else 0.0
+        best = self._best()
+        return best[1] if best else 0.0
 
     @property
     def delay(self) -> float:
-        """The least network round trip seen recently (0 before any)."""
-        return min(self.samples)[0] if self.samples else 0.0
+        """The network round trip of the estimate (0 before any)."""
+        best = self._best()
+        return best[0] if best else 0.0
 
     def to_server(self, t: float) -> float:
         return t + self.offset
