@@ -845,7 +845,7 @@ def test_empty_batches_and_a_nan_ensembling_coefficient_are_one_clear_error():
     policy = ChunkPolicy(CounterModel(N_EXEC))
     with pytest.raises(ValueError, match="an observation of 0 episodes"):
         policy.select_action({k: v[:0] for k, v in raw_obs(0).items()})
-    with pytest.raises(ValueError, match="temporal_ensemble must be a finite number or null, got nan"):
+    with pytest.raises(ValueError, match="^model.temporal_ensemble=nan is not a finite number$"):
         dataclasses.replace(tiny_config("unet"), temporal_ensemble=float("nan"))
 
 

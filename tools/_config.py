@@ -98,6 +98,8 @@ def build(cls: type[T], values: Mapping[str, Any], path: str = "") -> T:
     except ValueError as e:  # a UsageError too: `cls` does not know where it was given
         if not path:
             raise
+        if str(e).startswith(f"{path}."):  # it names the option already (`trainer.lr=inf is not ...`)
+            raise UsageError(str(e)) from e
         raise UsageError(f"{path}: {e}") from e
 
 
