@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
 
+# Ctrl-C is KeyboardInterrupt, which the interruption tests send, also when pytest runs as a background
+# job of a shell without job control (it inherits SIGINT ignored; so would the tools they start)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("WM_KERNEL_CACHE", "off")  # kernel choices stay in-process: no user cache written
