@@ -457,9 +457,18 @@ def test_an_episode_whose_frames_have_several_tasks_keeps_which_frame_had_which(
     assert [read[i]["task"] for i in range(len(read))] == tasks[0] + tasks[1]
 
 
-def test_round_trip_keeps_schema_episode_info_dtypes_and_data(tmp_path, caplog):
+def test_round_trip_keeps_schema_episode_info_dtypes_and_data(tmp_path, caplog, monkeypatch):
     store = _rich_store(tmp_path / "rich.zarr")
+    monkeypatch.setattr(lerobot_convert, "WRITE_STEPS", 4)  # episodes of 4..6 steps read in parts
+    read, rows = DemoStore.read, []
+    monkeypatch.setattr(
+        DemoStore, "read", lambda s, k, sel, episode=None: rows.append((k, sel)) or read(s, k, sel, episode)
+    )
     out = store_to_lerobot(store, tmp_path / "lr")
+    monkeypatch.undo()
+    assert (
+        max(sel.stop - sel.start for k, sel in rows if k == "front") == 4
+    )  # a whole episode took its memory
     assert not caplog.records  # everything is carried
     info = json.loads((out / "meta/info.json").read_text())
     assert set(info["features"]) == {

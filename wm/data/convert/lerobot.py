@@ -547,21 +547,26 @@ def _write_lerobot(store: DemoStore, dst: Path, repo_id: str, use_videos: bool) 
 
 
 def _write_episode(ds: Any, store: DemoStore, i: int, plan: ExportPlan, use_videos: bool) -> dict[str, Any]:
-    """Add episode `i` to the LeRobot dataset `ds`; returns its info (as carried in the metadata)."""
-    ep = store.get_episode(i, keys=list(plan.names))
+    """Add episode `i` to the LeRobot dataset `ds`; returns its info (as carried in the metadata). Its
+    steps are read WRITE_STEPS at a time (a long multi-camera episode read whole took tens of GB)."""
     info = store.episode_info(i)
     info.pop("length", None)  # the store's commit record adds it back
     task = str(info.get("task") or store.schema.task or "default")
-    n = int(store.episode_lengths()[i])
+    span = store.episode_slice(i)
+    n = span.stop - span.start
     frame_tasks = _frame_tasks(info.get("task_spans"), n) or [task] * n
-    for t in range(n):
-        frame: dict[str, Any] = {"task": frame_tasks[t]}
-        for key, name in plan.names.items():
-            if name != "timestamp":
-                frame[name] = _frame_value(ep[key][t], plan.features[name])
-        ds.add_frame(frame)
+    written = {key: name for key, name in plan.names.items() if name != "timestamp"}
+    for lo in range(0, n, WRITE_STEPS):
+        rows = slice(span.start + lo, min(span.start + lo + WRITE_STEPS, span.stop))
+        part = {key: store.read(key, rows, episode=i) for key in written}
+        for t in range(rows.stop - rows.start):
+            frame: dict[str, Any] = {"task": frame_tasks[lo + t]}
+            for key, name in written.items():
+                frame[name] = _frame_value(part[key][t], plan.features[name])
+            ds.add_frame(frame)
     if plan.timestamp_key is not None:  # add_frame refuses a `timestamp` key in 0.4.4
-        ts = relative_timestamps(ep[plan.timestamp_key].reshape(n), store.schema.fps, use_videos)
+        stamps = store.read(plan.timestamp_key, span, episode=i)
+        ts = relative_timestamps(stamps.reshape(n), store.schema.fps, use_videos)
         ds.episode_buffer["timestamp"] = [float(x) for x in ts]
     _squeeze_scalar_features(ds, plan.features)
     ds.save_episode()
