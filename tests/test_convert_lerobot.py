@@ -236,6 +236,27 @@ def test_video_rows_that_share_a_timestamp_get_the_frame_lerobot_gives_them(tmp_
     assert np.abs(front[3].astype(float) - front[1]).mean() > 10  # ... and the frames do differ
 
 
+def test_an_environment_state_is_not_taken_for_proprioception(tmp_path):
+    """observation.environment_state (the objects' state: PushT's keypoints) became a proprio key,
+    which wm-train could take as the robot's proprioception; it is low-dim state, as robomimic's
+    `object` is."""
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (2,), "names": None},
+        "observation.environment_state": {"dtype": "float32", "shape": (4,), "names": None},
+        "action": {"dtype": "float32", "shape": (2,), "names": None},
+    }
+    ds = LeRobotDataset.create("local/env", FPS, features, root=tmp_path / "src", use_videos=False)
+    for t in range(3):
+        state, objects = np.full(2, t, np.float32), np.full(4, t, np.float32)
+        ds.add_frame({"observation.state": state, "observation.environment_state": objects,
+                      "action": np.zeros(2, np.float32), "task": "push"})  # fmt: skip
+    ds.save_episode()
+    ds.finalize()
+    with lerobot_to_store(tmp_path / "src", tmp_path / "s.zarr") as store:
+        kinds = {k: spec.kind for k, spec in store.schema.keys.items()}
+    assert kinds["state"] == "proprio" and kinds["environment_state"] == "lowdim"
+
+
 def test_store_keys_map_to_lerobot_features(small_store, tmp_path):
     path, episodes = small_store
     out = store_to_lerobot(path, tmp_path / "lr", repo_id="local/small")

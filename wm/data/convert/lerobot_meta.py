@@ -263,6 +263,8 @@ def infer_key(name: str, dtype: str) -> tuple[str, str]:
         return "action", "action"
     if name == "timestamp":
         return "timestamp", "timestamp"
+    if name == OBS_PREFIX + "environment_state":  # the objects' state (PushT's keypoints), not the robot's
+        return name[len(OBS_PREFIX) :], "lowdim"
     if name.startswith(OBS_PREFIX):
         return name[len(OBS_PREFIX) :], "proprio"
     return name, "lowdim"
