@@ -364,8 +364,9 @@ class Runtime:
             read = self._read(out)
             if read is None:
                 if out.stopped:  # this tick has sent its command: the hold is the next tick's, recorded
-                    self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)  # beside
-                    break  # the newest observation, as the ticks of the failed reads before it were
+                    # beside the newest observation, as the ticks of the failed reads before it were
+                    self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
+                    break
                 continue  # the pending actions go on; too many failed reads in a row end the episode
             captured, obs = self._stamp(anchor + k * self.period, read[0]), read[1]
             history.append((captured, obs, last_cmd))
