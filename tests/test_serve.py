@@ -351,7 +351,7 @@ def test_a_new_server_process_gets_a_new_clock_estimate(monkeypatch):
     with threaded_server(port=port):
         w.reset(None)
         assert abs(w.clock.offset - 1000.0) < 0.05
-        assert all(abs(offset - 1000.0) < 0.05 for _, offset in w.clock.samples)  # none of the old's
+        assert all(abs(offset - 1000.0) < 0.05 for _, offset, _ in w.clock.samples)  # none of the old's
         assert ask(w, 0).error is None
         w.close()
 
