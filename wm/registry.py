@@ -44,6 +44,12 @@ MODELS: dict[str, str] = {
 CONTROLLERS = ("mpc", "policy")
 
 
+def camera_names(listed: str | Sequence[str]) -> list[str]:
+    """The cameras an `image_keys` option lists: one name, or a list of them (a name given alone was
+    split into its letters: no camera 'w', 'r', 'i', ...)."""
+    return [listed] if isinstance(listed, str) else [str(k) for k in listed]
+
+
 @dataclass(frozen=True)
 class TrainContext:
     """What a model's `configure` may read: the store's facts and the app's model-level options.
@@ -61,11 +67,8 @@ class TrainContext:
     in_memory: bool = True
 
     def cameras(self, listed: str | Sequence[str] | None) -> list[str]:
-        """The cameras a model option lists (one name, or a list of them), else the chosen image_key (a
-        name given alone was split into its letters: no camera 'w', 'r', 'i', ...)."""
-        if not listed:
-            return [self.image_key]
-        return [listed] if isinstance(listed, str) else [str(k) for k in listed]
+        """The cameras a model option lists (`camera_names`), else the chosen image_key."""
+        return camera_names(listed) if listed else [self.image_key]
 
     def camera_size(self, image_keys: Sequence[str]) -> tuple[int, int]:
         """The frame size (H, W) every camera of `image_keys` shares; a camera the store lacks, a key that

@@ -25,7 +25,7 @@ from wm.data.mixture import ACTION_FREE, ActionFreeWindows, MixedWindows, check_
 from wm.data.normalize import Normalizer, check_finite
 from wm.data.windows import WindowSpec, build_index, describe_window, split_episodes, why_no_windows
 from wm.options import check_not_derived
-from wm.registry import TrainContext, model_entry
+from wm.registry import TrainContext, camera_names, model_entry
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def listed_cameras(options: Mapping[str, Any]) -> tuple[list[str], str]:
         listed, option = obs.get("image_keys"), "model.obs.image_keys"
     if not listed:
         return [], ""
-    return ([listed] if isinstance(listed, str) else [str(k) for k in listed]), option
+    return camera_names(listed), option
 
 
 def check_inputs(
