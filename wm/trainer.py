@@ -293,6 +293,7 @@ class Trainer:
         self._loss_fn = loss_module
         self.step, self.epoch = 0, 0
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of best.pt
+        self._trains = True  # False: resumed at or past cfg.steps (`_start`), config.json is not this run's
 
     @property
     def device(self) -> torch.device:
@@ -600,7 +601,7 @@ class Trainer:
         the best validation of the config.json its checkpoints were trained under."""
         best = self.best | {"file": BEST_NAME} if self.best is not None else None
         path = self.out_dir / "config.json"
-        if self.step >= self.cfg.steps and path.exists():
+        if not self._trains and path.exists():
             with contextlib.suppress(OSError, ValueError, TypeError):  # unreadable: written afresh
                 kept = json.loads(path.read_text())
                 kept["best"] = best
@@ -659,12 +660,13 @@ class Trainer:
     def _start(self) -> Any:
         """Rank 0, before the first step: config.json, the TensorBoard writer, the warm-up cap if any. A
         run resumed at or past `steps` trains nothing, so its settings do not replace config.json's."""
+        self._trains = self.step < self.cfg.steps
         if not self.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
 
         cfg = self.cfg
-        if self.step >= cfg.steps:
+        if not self._trains:
             self._say(
                 f"note: {self.out_dir} holds step {self.step} and trainer.steps={cfg.steps}: nothing to "
                 f"train (give trainer.steps above {self.step} to train on); config.json is kept as it was"
