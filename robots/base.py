@@ -102,6 +102,13 @@ class RobotBase(ABC):
         return None
 
     @property
+    def observation_lag_s(self) -> float:
+        """How long before its read began the last observation's oldest part was captured (a camera's
+        buffered frame); 0 for a robot whose reads show the present. A runtime stamps the observation
+        that much earlier, so its actions are due when the world they were computed from says."""
+        return 0.0
+
+    @property
     def teleop_gains(self) -> dict[str, Any]:
         """The teleop mapping (`robots.teleop.mapping.ActionMapper` fields) this robot is driven with
         unless the user gives others: its axis convention and a step an operator can work with."""

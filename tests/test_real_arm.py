@@ -205,6 +205,28 @@ def test_a_stalled_camera_gives_no_old_frame_as_an_observation(so_bus, cameras):
         make_robot("so101_follower", max_frame_age_ms=0)
 
 
+def test_an_observation_says_how_much_older_than_its_read_its_camera_frame_is(so_bus, cameras):
+    """lerobot hands out the newest buffered frame, up to a few frame periods old: the arm reports that
+    age (`observation_lag_s`), which the runtime takes off the observation's stamp."""
+    import time
+
+    _, calib_dir = so_bus
+    cams = {"wrist": {"index_or_path": 0, "width": 32, "height": 24, "fps": 5}}  # a frame every 200 ms
+    with so101(calib_dir, cameras=cams) as arm:
+        camera, lags = arm.lerobot_robot().cameras["wrist"], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            arm.get_observation()
+            t1, stamp = time.perf_counter(), camera.latest_timestamp
+            lag = arm.observation_lag_s
+            if stamp <= t0:  # no newer frame arrived during the read: the lag is the frame's age then
+                assert t0 - stamp - 1e-6 <= lag <= t1 - stamp + 1e-6, (lag, t0 - stamp, t1 - stamp)
+            assert 0.0 <= lag <= 0.6
+            lags.append(lag)
+            time.sleep(0.07)
+    assert max(lags) > 0.05, lags  # reads 70 ms apart within a 200 ms frame period
+
+
 def test_missing_camera_says_how_to_list_them_and_closes_the_port(so_bus, cameras):
     fake, calib_dir = so_bus
     cams = {"top": {"index_or_path": 4, "width": 32, "height": 24, "fps": 30}}

@@ -381,3 +381,22 @@ def test_an_observation_is_stamped_when_its_read_began():
     assert out.stopped is None and len(out.chunks) > 3
     later = [c.obs_time for c in out.chunks[1:]]  # the first chunk is anchored when it arrives
     assert all(t in began for t in later), (later, began)
+
+
+def test_an_observation_with_an_old_camera_frame_is_stamped_when_the_frame_was_captured(monkeypatch):
+    """A real arm's camera frame is up to a few frame periods older than the read: the chunk computed
+    from it is due from the frame's capture (the robot's `observation_lag_s`), not the read's start."""
+    task, rt, clock = setup("async", "replace", 4)
+    rt.advances_on_send = False
+    read, began = task.get_observation, []
+
+    def read_old_frame() -> dict:
+        began.append(clock.now())
+        return read()
+
+    task.get_observation = read_old_frame
+    monkeypatch.setattr(type(task), "observation_lag_s", property(lambda self: 0.04))
+    out = rt.run_episode(30)
+    assert out.stopped is None and len(out.chunks) > 3
+    later = [c.obs_time for c in out.chunks[1:]]
+    assert all(any(abs(t - (b - 0.04)) < 1e-12 for b in began) for t in later), (later, began)

@@ -38,6 +38,7 @@ import contextlib
 import functools
 import importlib
 import math
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ class LerobotArm(RobotBase):
         self._robot: Any = None
         self._motors: list[str] = []
         self._cameras: list[str] = []
+        self._lag_s = 0.0
 
     # ------------------------------------------------------------------ lerobot robot
     def lerobot_robot(self) -> Any:
@@ -321,13 +323,22 @@ class LerobotArm(RobotBase):
     # ------------------------------------------------------------------ observation and action
     def _observe(self) -> dict[str, np.ndarray]:
         # lerobot's `get_observation()`, with this arm's bound on how old a camera frame may be.
+        began = time.perf_counter()  # lerobot stamps its frames on this clock
         with port_released_on_error(self._robot.bus):
             pos = self._robot.bus.sync_read("Present_Position")
         out = {STATE_KEY: np.array([pos[m] for m in self._motors], dtype=np.float32)}
+        oldest = began
         for cam in self._cameras:
-            frame = self._robot.cameras[cam].read_latest(max_age_ms=self.frame_age_ms(cam))
+            frame, captured = _latest_frame(self._robot.cameras[cam], self.frame_age_ms(cam))
             out[cam] = np.asarray(frame, dtype=np.uint8)  # (H, W, 3) RGB
+            oldest = min(oldest, captured)
+        self._lag_s = began - oldest
         return out
+
+    @property
+    def observation_lag_s(self) -> float:
+        """How long before its read began the last observation's oldest camera frame was captured."""
+        return self._lag_s
 
     def frame_age_ms(self, camera: str) -> float:
         """The oldest a frame of `camera` may be to count as an observation."""
@@ -340,6 +351,17 @@ class LerobotArm(RobotBase):
         with port_released_on_error(self._robot.bus):
             sent = self._robot.send_action(goal)
         return np.array([sent[f"{m}.pos"] for m in self._motors], dtype=np.float32)
+
+
+def _latest_frame(camera: Any, max_age_ms: float) -> tuple[Any, float]:
+    """A lerobot camera's newest frame (no older than `max_age_ms`) and when it was captured
+    (`time.perf_counter()`, lerobot's stamp). A frame that arrived between the stamp's read and the
+    frame's is given the earlier stamp: the frame is taken as no newer than it may be."""
+    before = camera.latest_timestamp
+    frame = camera.read_latest(max_age_ms=max_age_ms)
+    with camera.frame_lock:
+        stamp = camera.latest_timestamp if camera.latest_frame is frame else before
+    return frame, float(stamp if stamp is not None else time.perf_counter())
 
 
 @contextlib.contextmanager

@@ -403,7 +403,8 @@ class Runtime:
         return max(began, next_tick) if self.advances_on_send else began
 
     def _read(self, out: EpisodeOutcome) -> tuple[float, dict[str, np.ndarray]] | None:
-        """The robot's observation and the clock's time when the read that gave it began, retried
+        """The robot's observation and the clock's time when the read that gave it began (earlier by
+        the robot's `observation_lag_s`: a camera frame older than the read), retried
         `read_retries` times; None (and, after too many failed ticks in a row, `out.stopped`) when it
         cannot be read."""
         err: Exception | None = None
@@ -412,7 +413,7 @@ class Runtime:
             try:
                 obs = self.robot.get_observation()
                 self._read_streak = 0
-                return began, obs
+                return began - max(0.0, float(getattr(self.robot, "observation_lag_s", 0.0))), obs
             except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
                 err = e
         out.events["read_failed"] += 1
