@@ -376,11 +376,12 @@ class CEM(_Planner):
         if self.cfg.return_best:
             return PlanResult(best_actions, best_cost, iterations, info)
         # the refitted mean has not been scored yet: one more rollout, N = 1; a row that reached
-        # stop_cost returns the sample that did
-        cost = model.cost(model.rollout(z0, mean.unsqueeze(1)), goal)[:, 0]  # (E,)
-        reached = ~self._searching(best_cost)  # (E,)
-        actions = torch.where(reached[:, None, None], best_actions, mean)
-        return PlanResult(actions, torch.where(reached, best_cost, cost), iterations, info)
+        # stop_cost returns the sample that did, a row whose mean the model gave no finite cost (NaN,
+        # -inf) its best scored sample
+        cost = _finite(model.cost(model.rollout(z0, mean.unsqueeze(1)), goal)[:, 0])  # (E,)
+        take = ~self._searching(best_cost) | (cost.isinf() & best_cost.isfinite())  # (E,)
+        actions = torch.where(take[:, None, None], best_actions, mean)
+        return PlanResult(actions, torch.where(take, best_cost, cost), iterations, info)
 
 
 class MPPI(CEM):
@@ -494,7 +495,7 @@ class CEMThenGradient:
         if budget is not None and budget.seconds is not None:
             grad_budget = Budget(budget.max_iterations, max(budget.seconds - (self.clock() - start), 1e-9))
         # the gradient stage starts from CEM's best plan: its final mean, or a sample that scored better
-        better = first.info["best_cost"] < _finite(first.cost)  # (E,) a NaN-scored mean is never better
+        better = first.info["best_cost"] < first.cost  # (E,)
         begin = torch.where(better[:, None, None], first.info["best_actions"], first.actions)
         second = self.grad.plan(z0, goal, begin, grad_budget, model)
         # the gradient stage scores its start (the CEM plan) first, so it is never worse than CEM
