@@ -189,6 +189,37 @@ def test_processes_writing_the_disk_cache_at_once_lose_nothing(tmp_path):
     assert len(json.loads((tmp_path / "k.json").read_text())["entries"]) == 200
 
 
+def test_a_process_writing_the_cache_keeps_the_newer_entries_of_another(tmp_path):
+    """Each write merged the whole of this process's copy over the file: an entry another process had
+    recalibrated since (a kernel found inaccurate, a new choice) went back to this one's old record."""
+    path = tmp_path / "k.json"
+    rec = {"us": {}, "rel_error": {}, "rejected": {}}
+    KernelCache(path).put("m|op", {**rec, "choice": "int8"})
+    a, b = KernelCache(path), KernelCache(path)
+    assert a.get("m|op")["choice"] == "int8" and b.get("m|op")["choice"] == "int8"
+    b.put("m|op", {**rec, "choice": "native"})  # recalibrated by the other process
+    a.put("m|other", {**rec, "choice": "bf16"})
+    entries = json.loads(path.read_text())["entries"]
+    assert entries["m|op"]["choice"] == "native" and entries["m|other"]["choice"] == "bf16"
+    assert a.get("m|op")["choice"] == "native"  # and this process now uses the newer record too
+
+
+def test_a_cached_choice_that_fails_on_the_call_at_hand_falls_back_to_native():
+    """The cached kernel is re-run to check its accuracy on this call; an exception there (a layout or
+    build it does not support) went up through the model's forward."""
+    y = torch.ones(3)
+    sel = Selector(KernelCache(None), timer=fake_timer({"native": 1.0, "fast": 0.5}))
+    assert sel.choose("op", {"native": lambda: y, "fast": lambda: y}, "native") == "fast"
+
+    def broken():
+        raise RuntimeError("unsupported layout")
+
+    assert sel.choose("op", {"native": lambda: y, "fast": broken}, "native") == "native"
+    _, record, how = sel.log[-1]
+    assert how == "failed here" and record["choice"] == "native"
+    assert "unsupported layout" in record["rejected_here"]
+
+
 def test_summary_counts_each_op_shape_once_by_its_kernel(tmp_path):
     """The summary a results file records: distinct keys per chosen kernel (cache hits included, a key
     chosen twice counted once), seconds spent, and whether the budget ran out."""

@@ -226,6 +226,7 @@ class KernelCache:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._mem: dict[str, dict] = {}
+        self._mine: set[str] = set()  # the keys this process put
         self._loaded = False
         self._warned: set[str] = set()
 
@@ -238,6 +239,7 @@ class KernelCache:
     def put(self, key: str, record: dict) -> None:
         self.get(key)  # loads the file once
         self._mem[key] = record
+        self._mine.add(key)
         if self.path is None:
             return
         try:
@@ -245,7 +247,10 @@ class KernelCache:
             # one writer at a time (a sidecar lock): a write between another's read and replace was lost
             with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                merged = {**self._read(), **self._mem}  # keep what other processes wrote meanwhile
+                # what other processes wrote meanwhile, newer than this one's copy of it, beside the
+                # entries this process put
+                merged = {**self._read(), **{k: self._mem[k] for k in self._mine}}
+                self._mem = {**self._mem, **merged}
                 fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
                 try:
                     with os.fdopen(fd, "w") as f:
@@ -343,7 +348,12 @@ class Selector:
                     ref = candidates[native]()
                     if not checkable(ref):  # a NaN input cannot check it: the default, unmeasured
                         return default
-                    err = rel_error(candidates[choice](), ref)
+                    try:
+                        err = rel_error(candidates[choice](), ref)
+                    except Exception as e:  # noqa: BLE001 - as in `calibrate`: not a candidate here
+                        here = {**record, "choice": native, "rejected_here": f"{type(e).__name__}: {e}"[:160]}
+                        self.log.append((full, here, "failed here"))
+                        return native
                 if not _within(err, _tol(tol, choice)):
                     here = {**record, "choice": native, "rel_error_here": err}
                     self.log.append((full, here, "inaccurate here"))
