@@ -204,6 +204,22 @@ def test_the_token_is_proved_not_sent():
     assert not wire.same(proof, wire.mac("correct horse", b, a))  # bound to both nonces
 
 
+def test_the_servers_key_is_scrypt_of_the_token():
+    """The server's CurveZMQ secret is the protocol's: a client of another implementation derives the
+    same. One HMAC made a token guessable offline from one captured handshake message at GPU speed;
+    scrypt (N 2^15, r 8) makes each guess cost 32 MiB."""
+    import hashlib
+
+    pytest.importorskip("zmq")
+    import zmq.utils.z85
+
+    public, secret = wire.curve_keys("correct horse")
+    salt = wire.MAC_CONTEXT + b"curve"
+    key = hashlib.scrypt(b"correct horse", salt=salt, n=2**15, r=8, p=1, maxmem=2**26, dklen=32)
+    assert secret == zmq.utils.z85.encode(key) and public == zmq.curve_public(secret)
+    assert wire.curve_keys("correct horsf")[1] != secret
+
+
 def test_clock_sync_recovers_an_offset_and_the_network_delay():
     """A server clock 1000 s ahead, 2 ms each way, 5 ms of processing; one round trip queued 40 ms."""
     sync = wire.ClockSync()

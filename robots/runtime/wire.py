@@ -22,6 +22,7 @@ can estimate the clock offset and the network delay (`ClockSync`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -193,15 +194,22 @@ def same(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+@functools.lru_cache(maxsize=4)
 def curve_keys(token: str) -> tuple[bytes, bytes]:
     """The server's CurveZMQ key pair (public, secret; Z85), derived from the token: a server with a
     token encrypts its connections, and a peer that does not hold the token cannot even finish
     ZeroMQ's handshake (so it can send the server no message at all). Clients use a fresh key pair per
-    connection."""
+    connection.
+
+    The secret is scrypt of the token (N 2^15, r 8, p 1: 32 MiB and a noticeable fraction of a second
+    per guess), not one hash: a client's first handshake message, captured on the network, lets a
+    token be checked offline, and a cheap derivation let guesses run at billions a second."""
     import zmq
     import zmq.utils.z85
 
-    secret = zmq.utils.z85.encode(hmac.new(token.encode(), MAC_CONTEXT + b"curve", hashlib.sha256).digest())
+    salt = MAC_CONTEXT + b"curve"
+    key = hashlib.scrypt(token.encode(), salt=salt, n=2**15, r=8, p=1, maxmem=2**26, dklen=32)
+    secret = zmq.utils.z85.encode(key)
     return zmq.curve_public(secret), secret
 
 
