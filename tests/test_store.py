@@ -819,6 +819,28 @@ def test_overwrite_replaces_only_a_store(tmp_path, small_store):
 
 
 # ---------------------------------------------------------------------- a converter's destination
+def test_two_conversions_to_one_destination_write_apart(tmp_path):
+    """Every converter wrote its result at one hidden path beside the destination and cleared it
+    first: a second conversion to the same path deleted the first's work in progress (or both wrote
+    into it). Each process now has its own; a dead process's leftovers are cleared, a live one's kept."""
+    import os
+    import subprocess
+    import sys
+
+    from wm.data.store import beside
+
+    dst = tmp_path / "out.zarr"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead = tmp_path / f".out.zarr.converting.{int(done.stdout)}"  # a process that has ended
+    live = tmp_path / ".out.zarr.converting.1"  # init: always running
+    other = tmp_path / ".other.zarr.converting.999999999"
+    for path in (dead, live, other):
+        path.mkdir()
+    mine = beside(dst, "converting")
+    assert mine == tmp_path / f".out.zarr.converting.{os.getpid()}"
+    assert not dead.exists() and live.exists() and other.exists()
+
+
 def test_a_converter_never_replaces_a_store_being_written_its_own_source_or_a_zip_store(tmp_path):
     """wm-convert's overwrite replaced a store a writer had open (its recording then corrupted the new
     one), deleted a source that sat inside the destination, and wrote a folder named *.zip (over a zip

@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 import weakref
@@ -52,7 +53,7 @@ from wm.data.chunks import ChunkReader
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
 from wm.data.schema import KeySpec, Schema, infer_schema
 from wm.interrupt import interrupts_held
-from wm.locks import alive
+from wm.locks import alive, remove_left_by_dead
 from wm.options import is_whole
 
 SCHEMA_ATTR = "wm_schema"
@@ -622,8 +623,13 @@ def move_into_place(built: Path, dst: Path) -> None:
 
 def beside(dst: Path, suffix: str) -> Path:
     """Where to write what replaces `dst` (through a symbolic link: beside where it points, so the rename
-    into place stays on one filesystem): a hidden sibling named after `dst`."""
-    return dst.resolve().with_name(f".{dst.name}.{suffix}")
+    into place stays on one filesystem): a hidden sibling named after `dst` and this process, so two
+    conversions to one destination never write (or clear) each other's work; the last to finish is
+    what `dst` holds. What dead processes left there (a kill -9) is removed."""
+    target = dst.resolve()
+    mine = target.with_name(f".{dst.name}.{suffix}.{os.getpid()}")
+    remove_left_by_dead(target.parent, re.compile(re.escape(f".{dst.name}.{suffix}.") + r"(?P<pid>\d+)"))
+    return mine
 
 
 def replaceable(path: Path) -> bool:
