@@ -329,6 +329,24 @@ def test_device_number_options_must_be_finite():
             )
 
 
+def test_device_options_of_the_wrong_type_from_python_are_one_line():
+    """The CLI converts its values; from Python, deadzone="0.1" or hold_s="0.3" was a TypeError from a
+    comparison, and a leader arm's use_degrees="false" was taken as true."""
+    cases = [
+        ("gamepad", {"deadzone": "0.1"}, "deadzone must be a number in"),
+        ("gamepad", {"deadzone": True}, "deadzone must be a number in"),
+        ("spacemouse", {"deadzone": "0.1"}, "deadzone must be a number in"),
+        ("spacemouse", {"full_scale": "350"}, "full_scale must be a finite number"),
+        ("spacemouse", {"stale_s": "1"}, "stale_s must be a finite number"),
+        ("keyboard", {"hold_s": "0.3"}, "hold_s must be a finite number"),
+        ("leader_arm", {"use_degrees": "false"}, "use_degrees must be true or false, got 'false'"),
+        ("leader_arm", {"calibrate": 1}, "calibrate must be true or false"),
+    ]
+    for name, options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            device_class(name)(**options)
+
+
 def test_gamepad_pygame_events_convert(monkeypatch):
     monkeypatch.setenv("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     pygame = pytest.importorskip("pygame")

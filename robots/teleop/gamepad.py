@@ -37,6 +37,7 @@ import numpy as np
 
 from robots.teleop.base import Command, DeviceNotFoundError, TeleopState
 from robots.teleop.mapping import deadzone
+from wm.options import is_real
 
 HOW_TO_CHECK = (
     "check that it is plugged in and seen by the kernel (`ls /dev/input/js*`, `jstest /dev/input/js0` from "
@@ -146,8 +147,8 @@ class GamepadDevice:
         layout: GamepadLayout | None = None,
         source: GamepadSource | None = None,
     ) -> None:
-        if not 0 <= deadzone < 1:
-            raise ValueError(f"deadzone must be in [0, 1), got {deadzone}")
+        if not (is_real(deadzone) and 0 <= deadzone < 1):  # "0.1" from Python was a TypeError
+            raise ValueError(f"deadzone must be a number in [0, 1), got {deadzone!r}")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:  # SDL's error names no option
             raise ValueError(f"gamepad index must be a joystick number >= 0, got {index!r}")
         self.index = index

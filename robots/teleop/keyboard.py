@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from robots.teleop.base import Command, DeviceNotFoundError, TeleopState
+from wm.options import is_real
 
 BACKENDS = ("auto", "pynput", "terminal")
 # key name -> (motion axis, sign)
@@ -196,8 +197,8 @@ class KeyboardDevice:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"keyboard backend {backend!r} is not one of {BACKENDS}")
-        if not (np.isfinite(hold_s) and hold_s > 0):
-            raise ValueError(f"hold_s must be a finite number > 0, got {hold_s}")
+        if not (is_real(hold_s) and np.isfinite(hold_s) and hold_s > 0):  # "0.3" was a TypeError
+            raise ValueError(f"hold_s must be a finite number > 0, got {hold_s!r}")
         self.backend = backend
         self.hold_s = hold_s
         self.fd = fd

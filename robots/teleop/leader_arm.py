@@ -85,6 +85,9 @@ class LeaderArmDevice:
     ) -> None:
         if teleop_type not in LEADER_MODULES:
             raise ValueError(f"leader arm type {teleop_type!r} is not one of {sorted(LEADER_MODULES)}")
+        for name, flag in (("use_degrees", use_degrees), ("calibrate", calibrate)):
+            if not (isinstance(flag, bool) or (flag is None and name == "use_degrees")):  # "false" is true
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
         self.port = port
         self.teleop_type = teleop_type
         self.arm_id = arm_id

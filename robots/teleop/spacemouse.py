@@ -43,6 +43,7 @@ import numpy as np
 
 from robots.teleop.base import Command, DeviceNotFoundError, TeleopDevice, TeleopState
 from robots.teleop.mapping import deadzone
+from wm.options import is_real
 
 VENDOR_IDS = (0x046D, 0x256F)  # Logitech (older 3Dconnexion devices), 3Dconnexion
 PRODUCT_IDS = {
@@ -142,12 +143,12 @@ class SpaceMouseDevice:
         stale_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not 0 <= deadzone < 1:
-            raise ValueError(f"deadzone must be in [0, 1), got {deadzone}")
-        if not (np.isfinite(full_scale) and full_scale > 0):
-            raise ValueError(f"full_scale must be a finite number > 0, got {full_scale}")
-        if not (np.isfinite(stale_s) and stale_s > 0):
-            raise ValueError(f"stale_s must be a finite number > 0, got {stale_s}")
+        if not (is_real(deadzone) and 0 <= deadzone < 1):  # "0.1" from Python was a TypeError
+            raise ValueError(f"deadzone must be a number in [0, 1), got {deadzone!r}")
+        if not (is_real(full_scale) and np.isfinite(full_scale) and full_scale > 0):
+            raise ValueError(f"full_scale must be a finite number > 0, got {full_scale!r}")
+        if not (is_real(stale_s) and np.isfinite(stale_s) and stale_s > 0):
+            raise ValueError(f"stale_s must be a finite number > 0, got {stale_s!r}")
         self.path = path
         self.deadzone = deadzone
         self.full_scale = full_scale
