@@ -885,3 +885,18 @@ def test_ddp_two_cpu_processes_stay_in_sync(store_path, tmp_path):
     assert ckpt["step"] == 4 and [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000004.pt"]
     assert torch.equal(ckpt["state_dict"]["net.0.weight"], r0["model"]["net.0.weight"])
     assert not torch.equal(ckpt["state_dict"]["net.0.weight"], ckpt["ema_state_dict"]["net.0.weight"])
+
+
+def test_validation_runs_on_pytorchs_kernels_not_timed_choices(dataset, tmp_path):
+    """Kernels chosen by timing (`wm.kernels`) differ between processes, and with them the validation
+    metric in its fourth digit: two runs of one config could keep different best.pt files."""
+    from wm import kernels
+
+    modes = []
+
+    def val_fn(model, step, out_dir):
+        modes.append(kernels.selector().mode)
+        return {}
+
+    make_trainer(dataset, tmp_path, steps=10, val_every=5, val_fn=val_fn).fit()
+    assert modes == ["native", "native"] and kernels.selector().mode == "measure"

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from wm import kernels
 from wm.checkpoint import (
     BEST_NAME,
     CheckpointError,
@@ -584,13 +585,15 @@ class Trainer:
         )
 
     def validate(self) -> dict[str, float]:
-        """Run `val_fn` on the EMA model (rank 0 only); returns its metrics."""
+        """Run `val_fn` on the EMA model (rank 0 only); returns its metrics. CPU kernels are PyTorch's
+        own here, not chosen by timing (`wm.kernels`): two runs of one config validate alike, so they
+        keep the same best.pt (timed choices moved the metric in its fourth digit between processes)."""
         if self.val_fn is None or not self.is_main:
             return {}
         model = self.ema_model
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), kernels.mode("native"):
             metrics = self.val_fn(model, self.step, self.out_dir)
         model.train(was_training)
         return {k: float(v) for k, v in (metrics or {}).items()}
