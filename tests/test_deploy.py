@@ -225,6 +225,8 @@ def test_a_policy_served_by_wm_serve_is_deployed_from_another_process(policy, tm
         assert 0 < server["network_rtt_ms"] < 50 and abs(server["clock_offset_ms"]) < 5  # one clock here
         assert report["settings"]["checkpoint"] == str(policy)
         assert report["settings"]["kernels"] is None  # the server chose them: its log says which
+        given = report["settings"]["config"]  # every option, to rerun it (there were no such record)
+        assert given["episodes"] == 2 and given["max_steps"] == 12 and given["runtime"]["replan_every"] == 4
         # the model reads a 4-d proprioception; arm_push gives 6: refused before the robot moves
         res = cli("wm-deploy", "robot=arm_push", f"server=127.0.0.1:{port}", f"out={tmp_path / 'x'}")
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
@@ -234,6 +236,7 @@ def test_a_policy_served_by_wm_serve_is_deployed_from_another_process(policy, tm
             "max_steps=4", "control_hz=20",
         )  # fmt: skip
         assert res.returncode == 0, res.stderr  # a server without a token takes any client on loopback
+        assert "not-the-token" not in (out / "report.json").read_text()  # the options are; never the token
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
         log = proc.stdout.read()

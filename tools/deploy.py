@@ -31,6 +31,7 @@ Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on C
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -338,6 +339,9 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         "inference_threads": threads if cfg.server is None else None,  # remote: the server's own
         "seed": cfg.seed,
         "kernels": kernels,
+        # every option this run was given (policy and planner settings, episodes, robot options): what
+        # reruns it; never the token
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "token"},
     }
     if kernels is not None:
         print(kernel_line(kernels), flush=True)
