@@ -47,6 +47,7 @@ from wm.data.store import json_native
 
 LOOP_KEY = "loop_dt"  # seconds between the starts of consecutive steps, recorded per step
 OPTIONS_KEY = "task_options"  # episode info: the simulated task's options (defaults filled in)
+RUN_KEY = "collect"  # episode info: the settings of the session that recorded it
 
 
 @dataclass
@@ -170,7 +171,9 @@ class Collector:
     and `max_read_failures` apply to a human's commands and reads (module docstring); their defaults are
     the deploy runtime's.
     `task_options` (a simulated task's options, its defaults filled in) go into every episode's info,
-    where `open_store` finds them to refuse appending with other ones."""
+    where `open_store` finds them to refuse appending with other ones; `run_config` (the session's
+    settings, e.g. wm-collect's options) goes there too, under "collect", so every episode says what
+    recorded it."""
 
     task: SimTask | Robot
     store: DemoStore
@@ -184,6 +187,7 @@ class Collector:
     read_retries: int = RuntimeConfig.read_retries
     max_read_failures: int = RuntimeConfig.max_read_failures
     task_options: Mapping[str, Any] | None = None
+    run_config: Mapping[str, Any] | None = None
     _episode_t0: float = field(default=0.0, init=False, repr=False)
 
     def _clock(self) -> Clock:
@@ -235,6 +239,8 @@ class Collector:
             self.stats.successes += int(success)
         if self.task_options is not None:
             info = {**info, OPTIONS_KEY: dict(self.task_options)}
+        if self.run_config is not None:
+            info = {**info, RUN_KEY: dict(self.run_config)}
         writer.end(info)
         self.stats.saved += 1
         self.stats.overruns += loop.overruns

@@ -37,6 +37,9 @@ def test_collect_writes_episodes_the_dataset_reads_and_resumes(tmp_path):
     assert s.n_episodes == 3 and s.schema.robot and s.schema.fps == 10
     assert all(s.episode_info(i)["success"] for i in range(3))
     assert [s.episode_info(i)["seed"] for i in range(3)] == [0, 1, 2]
+    given = s.episode_info(0)["collect"]  # the session's options: what recorded it, to rerun it
+    assert given["episodes"] == 3 and given["image_size"] == 32 and given["max_steps"] is None
+    assert "store" not in given and given["task"] == "pointmaze"
     spec = WindowSpec.history_horizon(["image", "proprio"], ["action"], n_obs=2, horizon=8)
     ds = WindowDataset(store, spec)
     item = ds[len(ds) // 2]
@@ -240,9 +243,12 @@ def test_collect_with_a_spacemouse_takes_start_from_the_keyboard(tmp_path, monke
     assert capsys.readouterr().out.startswith("saved 1 episodes")
     store = DemoStore.open(tmp_path / "s.zarr")
     options = {"goal_mode": "any", "success_radius": 0.2}  # pointmaze's own, recorded to refuse others
-    assert store.episode_info(0) == {
+    info = store.episode_info(0)
+    given = info.pop("collect")
+    assert info == {
         "seed": 0, "source": "spacemouse", "success": False, "length": 4, "task_options": options
     }  # fmt: skip
+    assert given["teleop"] == "spacemouse" and given["device_options"]["hid_module"].startswith("<")
     assert np.all(store.get_episode(0)["action"][:, 0] > 0)  # pushed forward: +x force
     assert not keys.running  # the keyboard was disconnected with the SpaceMouse
 

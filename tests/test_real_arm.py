@@ -471,6 +471,8 @@ def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tm
     keys = {"state", "wrist", "action", "timestamp", "loop_dt"}
     assert store.schema.fps == 30 and set(store.schema.keys) == keys
     infos = [store.episode_info(i) for i in range(2)]
+    sessions = [info.pop("collect") for info in infos]  # the session's options, the follower's port too
+    assert sessions[0] == sessions[1] and sessions[0]["robot_options"]["port"] == "/dev/ttyFOLLOWER"
     assert infos == [{"source": "leader_arm", "length": n} for n in (5, 4)]  # no success signal, no seed
     for i, ticks in enumerate([range(2, 7), range(12, 16)]):  # the polls each saved episode recorded
         ep = store.get_episode(i)

@@ -22,6 +22,7 @@ the exit status is wm-deploy's for a fault (3); the episodes saved before it are
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -112,6 +113,15 @@ def task_options(cfg: CollectConfig) -> dict[str, Any] | None:
     return dataclasses.asdict(build(task_entry(cfg.task).options, cfg.task_options, "task_options"))
 
 
+def run_config(cfg: CollectConfig) -> dict[str, Any]:
+    """What every episode's info records of the session (`robots.collect.RUN_KEY`): its options, but
+    the store's path (the store is where it is) and the task's options (recorded on their own). An
+    object given from Python (a device's HID module, a clock) is recorded by its type's name."""
+    skip = ("store", "task_options")
+    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}
+    return json.loads(json.dumps(given, default=lambda o: f"<{type(o).__name__}>"))
+
+
 def sim_config(cfg: CollectConfig) -> SimConfig:
     kwargs: dict[str, Any] = {"image_size": cfg.image_size, "state_only": cfg.state_only, "seed": cfg.seed}
     if cfg.max_steps is not None:
@@ -174,6 +184,7 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
         on_episode=progress,
         preview=preview,
         task_options=options,
+        run_config=run_config(cfg),
     )
     interrupted = False
     try:
