@@ -50,6 +50,7 @@ from tools._config import (
     folder,
     nearest,
     one_of,
+    record_of,
     store_path,
     unknown_option,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "folder",
     "nearest",
     "one_of",
+    "record_of",
     "store_path",
     "run",
 ]

@@ -48,6 +48,21 @@ def changed(cfg: Any, names: Sequence[str]) -> list[str]:
     return [n for n in names if getattr(cfg, n) != default(n)]
 
 
+def record_of(value: Any) -> Any:
+    """A JSON-ready copy of a config for a run's records (results, report, episode info): dataclasses as
+    dicts of their fields, mappings and sequences as such, paths as strings; an object given from
+    Python (a device's HID module, a clock) as its type's name, never a deep copy of it."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: record_of(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): record_of(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [record_of(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value) if isinstance(value, Path) else f"<{type(value).__name__}>"
+
+
 def folder(option: str, value: Any, give: str = "give a folder", within: bool = False) -> None:
     """Refuse a folder option whose path, or one of its parents, is a file (the write failed later with
     a traceback or an errno line that named no option): `out=x: x is a file; give a folder`. `within`:

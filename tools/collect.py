@@ -22,7 +22,6 @@ the exit status is wm-deploy's for a fault (3); the episodes saved before it are
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -36,7 +35,7 @@ from robots.collect import Collector, Preview, SessionStats, open_store, recordi
 from robots.registry import make_expert, make_robot, make_task, robot_entry, task_entry
 from robots.sim.base import SimConfig
 from robots.teleop.mapping import teleop_mapper
-from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, one_of, store_path
+from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, one_of, record_of, store_path
 from tools._device import DeviceSettings
 
 
@@ -117,9 +116,7 @@ def run_config(cfg: CollectConfig) -> dict[str, Any]:
     """What every episode's info records of the session (`robots.collect.RUN_KEY`): its options, but
     the store's path (the store is where it is) and the task's options (recorded on their own). An
     object given from Python (a device's HID module, a clock) is recorded by its type's name."""
-    skip = ("store", "task_options")
-    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}
-    return json.loads(json.dumps(given, default=lambda o: f"<{type(o).__name__}>"))
+    return {k: v for k, v in record_of(cfg).items() if k not in ("store", "task_options")}
 
 
 def sim_config(cfg: CollectConfig) -> SimConfig:

@@ -31,7 +31,6 @@ Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on C
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -43,7 +42,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
-from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, folder, store_path
+from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, folder, record_of, store_path
 from tools._controller import ControllerConfig
 from tools._device import DeviceSettings
 
@@ -341,7 +340,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         "kernels": kernels,
         # every option this run was given (policy and planner settings, episodes, robot options): what
         # reruns it; never the token
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "token"},
+        "config": {k: v for k, v in record_of(cfg).items() if k != "token"},
     }
     if kernels is not None:
         print(kernel_line(kernels), flush=True)

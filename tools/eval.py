@@ -11,7 +11,6 @@ A progress bar on stderr shows episodes done, running success and planning time 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind, build, folder
+from tools._cli import UsageError, app, bind, build, folder, record_of
 from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides
 from wm.locks import remove_left_by_dead
 
@@ -145,7 +144,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         videos=[f"videos/{p.name}" for p in videos],  # this run's, the only ones out/videos holds
         parallel=cfg.parallel,  # noise is per episode, but a model's rounding can change with the batch
         max_steps=tasks[0].config.max_steps,  # the task's default when max_steps=null
-        config=dataclasses.asdict(cfg),  # every option this run was given: what reruns it
+        config=record_of(cfg),  # every option this run was given: what reruns it
     )
     results = json_finite(results)
     tmp = out / "results.json.tmp"
