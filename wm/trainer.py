@@ -65,6 +65,7 @@ from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
 from wm.interrupt import InterruptFlag, TrainingInterrupted
 from wm.optim import TrainerConfig, default_param_groups, ema_decay_at, ema_update, lr_factor
+from wm.options import is_whole
 
 OPTIMIZER_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per group: this run's, on resume too
 SCHEDULE_SETTINGS = ("steps", "warmup_steps", "warmup_max_fraction", "min_lr_ratio")  # what lr_factor reads
@@ -293,6 +294,11 @@ class Trainer:
             log.info("bf16 autocast on CPU: numerically fine but slow on most CPUs")
         self._loss_fn = loss_module
         self.step, self.epoch = 0, 0
+        # where the data stands: the loader generator's state when this epoch began and how many of its
+        # batches were taken, so a resume continues the epoch (`_batches`); a resume's batches to skip
+        self._epoch_start: Tensor | None = None
+        self._epoch_batches = 0
+        self._skip = 0
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of best.pt
         self._trains = True  # False: resumed at or past cfg.steps (`_start`), config.json is not this run's
 
@@ -330,6 +336,7 @@ class Trainer:
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
                 rng=rng_state(self.loader.generator),
+                data_position={"epoch_start": self._epoch_start, "batches": self._epoch_batches},
             )
         return fields
 
@@ -385,6 +392,7 @@ class Trainer:
                 set_rng_state(ckpt["rng"], self.loader.generator)
             else:
                 _seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
+            self._continue_epoch(ckpt.get("data_position"), int(ckpt["epoch"]))
         except DAMAGED as e:
             raise CheckpointError(
                 f"{path}: its scheduler, step or random state is damaged ({type(e).__name__}: {e}); {fix}"
@@ -392,6 +400,19 @@ class Trainer:
         self.best = self._restore_best(ckpt)
         self._say(f"resumed from step {self.step} ({path})")
         return True
+
+    def _continue_epoch(self, position: Any, epoch: int) -> None:
+        """Continue the checkpoint's epoch past the batches it had taken: the loader generator back at
+        the epoch's start (rank 0's; other ranks' shards follow from the epoch), those batches skipped.
+        A checkpoint without the position (an older version's) starts a fresh epoch."""
+        if not isinstance(position, dict) or position.get("epoch_start") is None:
+            return
+        batches = position["batches"]
+        if not is_whole(batches) or not 0 <= batches <= len(self.loader):
+            raise ValueError(f"data position of {batches!r} batches in an epoch of {len(self.loader)}")
+        if self.rank == 0:
+            self.loader.generator.set_state(position["epoch_start"])
+        self.epoch, self._skip = epoch, int(batches)
 
     def _restore_rule(self, saved: Any, path: Path) -> None:
         """The normalizer rule the checkpoint was trained with (`Normalizer.to_dict`'s "rule"; 1 when it
@@ -526,8 +547,12 @@ class Trainer:
             sampler = getattr(self.loader.sampler, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
+            self._epoch_start = self.loader.generator.get_state()
+            self.loader.sampler.skip = self._epoch_batches = self._skip  # `ResumableBatches`
+            self._skip = 0
             try:
                 for batch in self.loader:
+                    self._epoch_batches += 1
                     yield {
                         k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
                         for k, v in batch.items()
@@ -587,14 +612,20 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Run `val_fn` on the EMA model (rank 0 only); returns its metrics. CPU kernels are PyTorch's
         own here, not chosen by timing (`wm.kernels`): two runs of one config validate alike, so they
-        keep the same best.pt (timed choices moved the metric in its fourth digit between processes)."""
+        keep the same best.pt (timed choices moved the metric in its fourth digit between processes).
+        The random states are restored after it, so validating (or `val_every`) changes no training
+        step, and a run resumed from a checkpoint saved before a validation trains as the unbroken one."""
         if self.val_fn is None or not self.is_main:
             return {}
         model = self.ema_model
         was_training = model.training
         model.eval()
-        with torch.no_grad(), kernels.mode("native"):
-            metrics = self.val_fn(model, self.step, self.out_dir)
+        state = rng_state()  # what validation draws never moves training's random streams
+        try:
+            with torch.no_grad(), kernels.mode("native"):
+                metrics = self.val_fn(model, self.step, self.out_dir)
+        finally:
+            set_rng_state(state)
         model.train(was_training)
         return {k: float(v) for k, v in (metrics or {}).items()}
 

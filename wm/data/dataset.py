@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,20 @@ class WithFrames(BatchedDataset):
         return out
 
 
+class ResumableBatches(BatchSampler):
+    """A BatchSampler whose next pass leaves out its first `skip` batches (their indices are drawn, no
+    data is read for them): a resumed training run continues the epoch where its checkpoint left it,
+    with the batches an uninterrupted run would have drawn."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
 class _Batches(Dataset):
     """A view whose items are whole batches: item `indices` is `dataset.get_batch(indices)`."""
 
@@ -283,7 +297,7 @@ def make_loader(
     return DataLoader(
         _Batches(dataset),
         batch_size=None,
-        sampler=BatchSampler(base, batch_size, drop_last),
+        sampler=ResumableBatches(base, batch_size, drop_last),
         num_workers=num_workers,
         generator=gen,
         persistent_workers=persistent_workers and num_workers > 0,
