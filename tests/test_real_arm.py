@@ -345,6 +345,7 @@ def test_missing_calibration_says_how_to_run_lerobot_calibrate(so_bus):
     with pytest.raises(RobotError, match="lerobot-calibrate --robot.type=so101_follower") as e:
         so101(calib_dir).connect()
     assert "\n" not in str(e.value) and "--robot.id=follower" in str(e.value)
+    assert "+robot_options.calibrate=true" in str(e.value)  # `calibrate=true` alone is no app option
     assert not fake.written  # refused before touching the arm
 
 
