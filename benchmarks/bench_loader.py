@@ -97,6 +97,8 @@ def throughput(dataset: torch.utils.data.Dataset, workers: int, batches: int, se
             num_workers=workers,
             generator=torch.Generator().manual_seed(seed),
         )
+    if len(loader) < batches + 1:  # one pass: a second would time a new epoch's worker start
+        raise SystemExit(f"{len(loader)} batches of 64 in an epoch, fewer than --batches + 1: add data")
     it = iter(loader)
     next(it)  # warm-up: worker start, file opening, decoder setup
     t0 = time.perf_counter()

@@ -384,7 +384,9 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argparse.Namespace) -> dict:
-    """Per-chunk times at batch 1 on the same observation (a dataset window's two frames)."""
+    """Per-chunk times at batch 1 on the same observation: a dataset window's two frames for ours; its
+    current frame for LeRobot, whose queue repeats it as the history after `reset()` (the same compute:
+    two image passes and the same sampler)."""
     sample = lr["dataset"][len(lr["dataset"]) // 2]
     lr_obs = {IMG: sample[IMG][-1:].float(), STATE: sample[STATE][-1:].float()}  # (1, ...) current step
     our_obs = {"image": sample[IMG][None].float(), "state": sample[STATE][None].float()}  # (1, 2, ...)
@@ -476,7 +478,7 @@ def distill_ours(teacher: Any, store: Path, args: argparse.Namespace) -> Any:
 
 def evaluate(lr: dict[str, Any], ours: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Closed-loop success on the same seeds of `--task`: LeRobot (`--eval-lerobot`) and ours (its
-    config's default sampler, EDM-3)."""
+    config's default sampler: the row names it, with the EDM solver)."""
     from policies.chunking import ChunkPolicy
     from policies.evaluate import run_episodes, summarize, timed
     from robots.registry import make_task
@@ -494,9 +496,12 @@ def evaluate(lr: dict[str, Any], ours: dict[str, Any], args: argparse.Namespace)
     else:
         lr_policy = LeRobotAdapter(lr["policy"], lr["pre"], lr["post"])
     policy = ours["policy"]
+    solver = f"_{policy.diffusion.cfg.edm_solver}" if policy.sampler == "edm" else ""  # ours_edm3_dpmpp_2m
     runs = {
         f"lerobot_{args.eval_lerobot}": lr_policy,
-        f"ours_{policy.sampler}{policy.sampler_steps}": StateAsProprio(ChunkPolicy(policy, seed=args.seed)),
+        f"ours_{policy.sampler}{policy.sampler_steps}{solver}": StateAsProprio(
+            ChunkPolicy(policy, seed=args.seed)
+        ),
     }
     out = {}
     for key, pol in runs.items():

@@ -224,6 +224,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(args.model)
+    torch.manual_seed(1)  # every model gets the same inputs (building them drew different amounts)
     x = torch.randn(args.batch, FRAMES, PATCHES, TOKEN_DIM)
     future = torch.randn(args.batch, ROLLOUT_STEPS - 1, PATCHES, TOKEN_DIM)
     base_rss = _maxrss_mb()  # the peak is counted from here: the model and inputs, before any warm-up

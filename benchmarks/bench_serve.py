@@ -84,6 +84,8 @@ def observation(rng: np.random.Generator, info: dict | None = None) -> dict[str,
 
 def pct(a) -> str:
     a = np.asarray(a) * 1e3
+    if not a.size:  # a client whose every request timed out: its counts say so
+        return "no replies"
     return f"p50 {np.percentile(a, 50):7.3f}  p99 {np.percentile(a, 99):7.3f}  max {a.max():7.3f} ms"
 
 
@@ -555,7 +557,7 @@ def load(args: argparse.Namespace) -> dict:
     return {
         "clients": [
             {k: v for k, v in r.items() if k != "rtts"}
-            | {"p99_ms": float(np.percentile(r["rtts"], 99) * 1e3)}
+            | {"p99_ms": float(np.percentile(r["rtts"], 99) * 1e3) if r["rtts"] else None}
             for r in results
         ],
         "replies": total,
