@@ -357,9 +357,11 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the latest checkpoint in `out_dir`, if any: weights, EMA, optimizer, scheduler, step,
-        random states and the best validation so far. Data order continues from a fresh epoch, so it
-        differs from an uninterrupted run. Under DDP only rank 0's random state is saved; other ranks
-        reseed from (seed, rank, step). A checkpoint of another model type or architecture is a
+        random states and the best validation so far. The data continues the checkpoint's epoch past
+        the batches it had taken (`_continue_epoch`), so a run on one process with `num_workers=0`
+        trains as the unbroken one would have (loader workers' augmentation draws differ after a
+        resume). Under DDP only rank 0's random state is saved; other ranks reseed from (seed, rank,
+        step). A checkpoint of another model type or architecture is a
         one-line `CheckpointError`, as is one trained on other data (`same_on_resume`); another
         model_config whose weights fit is said and resumed. The optimizer's moments come from the
         checkpoint, its settings (lr, betas, weight decay) from this run's, as config.json records; so
