@@ -183,6 +183,18 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: task_options.goal_mode must be one of any, other_arm, got 'other'; "
             "did you mean other_arm?",
         ),
+        (  # ignored there: the robot's runtime asks for chunks and combines them itself
+            "wm-deploy",
+            ["out=e", "robot=pointmaze", "controller=policy", "checkpoint=c", "policy.temporal_ensemble=0.1"],
+            "error: policy.temporal_ensemble has no effect in wm-deploy: the runtime combines the chunks; "
+            "give wm-deploy runtime.stitching=ensemble (runtime.ensemble_m for its weights)",
+        ),
+        (
+            "wm-serve",
+            ["controller=policy", "checkpoint=c", "policy.temporal_ensemble=0.1"],
+            "error: policy.temporal_ensemble has no effect in wm-serve: the runtime combines the chunks; "
+            "give wm-deploy runtime.stitching=ensemble (runtime.ensemble_m for its weights)",
+        ),
         (  # options of another controller are refused, not ignored
             "wm-eval",
             ["out=e", "controller=random", "policy.sampler_steps=3"],
@@ -329,6 +341,30 @@ def test_help_explains_each_option(tmp_path):
         assert option in shown and explained[option], f"{option} is not listed in --help:\n{res.stdout}"
     assert "  planner.samples=64 " in res.stdout
     assert "WM_TRACEBACK=1" in res.stdout and "-m" in res.stdout
+
+
+def test_every_option_of_every_config_file_has_its_line():
+    """`--help` prints the comment beside each option in its YAML file: 173 options (trainer.*, every
+    model's and planner's, wm-deploy's and wm-serve's policy.*, wm-demo's) printed a value and nothing
+    on what it does, where the README promises one line each."""
+    import yaml
+
+    from tools._help import option_comments
+
+    def leaves(d: dict, pre: str = ""):
+        for k, v in d.items():
+            if k not in ("hydra", "defaults"):
+                yield from leaves(v, f"{pre}{k}.") if isinstance(v, dict) and v else [f"{pre}{k}"]
+
+    root = Path(configs.__file__).parent
+    missing = {}
+    for path in sorted(root.rglob("*.yaml")):
+        name = str(path.relative_to(root).with_suffix(""))
+        comments = option_comments(name)
+        gaps = [o for o in leaves(yaml.safe_load(path.read_text()) or {}) if not comments.get(o)]
+        if gaps:
+            missing[name] = gaps
+    assert not missing, f"options without a comment on their line: {missing}"
 
 
 # ---------------------------------------------------------------------- 6. outputs say where they went

@@ -57,6 +57,16 @@ class PolicyOptions:
     inpaint_guidance: str | None = None
 
 
+def refuse_temporal_ensemble(policy: PolicyOptions, where: str) -> None:
+    """`policy.temporal_ensemble` combines a policy's own chunks step by step (wm-eval); where a robot's
+    runtime asks for the chunks (wm-deploy, wm-serve) it combines them itself, and the option was ignored."""
+    if policy.temporal_ensemble is not None:
+        raise UsageError(
+            f"policy.temporal_ensemble has no effect {where}: the runtime combines the chunks; give "
+            "wm-deploy runtime.stitching=ensemble (runtime.ensemble_m for its weights)"
+        )
+
+
 @dataclass(frozen=True)
 class PlannerBudget:
     """`planner_budget.*`: a cap on every replan (None: none)."""

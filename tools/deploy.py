@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
 from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, folder, record_of, store_path
-from tools._controller import ControllerConfig
+from tools._controller import ControllerConfig, refuse_temporal_ensemble
 from tools._device import DeviceSettings
 
 
@@ -76,6 +76,7 @@ class DeployConfig(ControllerConfig):
     def __post_init__(self) -> None:
         if self.server is None:
             super().__post_init__()
+            refuse_temporal_ensemble(self.policy, "in wm-deploy")
         else:
             if self.checkpoint:
                 raise UsageError(

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from robots.runtime.server import ServerConfig, token_from_env
 from tools._cli import UsageError, app, bind
-from tools._controller import ControllerConfig, check_mpc, worker_controller
+from tools._controller import ControllerConfig, check_mpc, refuse_temporal_ensemble, worker_controller
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +34,7 @@ class ServeConfig(ControllerConfig, ServerConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "token", token_from_env(self.token))  # before the bind check
         ControllerConfig.__post_init__(self)
+        refuse_temporal_ensemble(self.policy, "in wm-serve")
         ServerConfig.__post_init__(self)
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
