@@ -29,12 +29,32 @@ def planner_bounds(low: np.ndarray, high: np.ndarray, frameskip: int) -> dict[st
 
 def with_bounds(planner_cfg: Mapping[str, Any], bounds: dict[str, Any]) -> dict[str, Any]:
     """The planner config with the task's action bounds filled in where it gives none: at the top for
-    cem / mppi / gd, in both stages for cem_gd."""
+    cem / mppi / gd, in both stages for cem_gd. Bounds it gives may narrow the task's box, never widen
+    it (a plan outside the robot's limits is clipped on every step it runs)."""
     if planner_cfg.get("name", DEFAULT_PLANNER) == "cem_gd":
-        cem = {**bounds, **planner_cfg.get("cem", {})}
-        grad = {**bounds, **planner_cfg.get("grad", {})}
+        cem = _within(planner_cfg.get("cem", {}), bounds, "planner.cem")
+        grad = _within(planner_cfg.get("grad", {}), bounds, "planner.grad")
         return {**planner_cfg, "cem": cem, "grad": grad}
-    return {**bounds, **planner_cfg}
+    return _within(planner_cfg, bounds, "planner")
+
+
+def _within(cfg: Mapping[str, Any], bounds: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {**bounds, **cfg}
+    for key, inside in (("low", np.greater_equal), ("high", np.less_equal)):
+        given, limit = cfg.get(key), np.asarray(bounds[key], dtype=float)
+        if given is None:
+            continue
+        try:
+            ok = bool(np.all(inside(np.broadcast_to(np.asarray(given, dtype=float), limit.shape), limit)))
+        except (ValueError, TypeError):
+            need = f"a number or {limit.size} numbers"
+            raise ValueError(f"{where}.{key} must be {need}, got {given!r}") from None
+        if not ok:
+            raise ValueError(
+                f"{where}.{key}={given!r} reaches outside the task's action limits ({key} "
+                f"{[round(float(v), 6) for v in limit]}): give bounds within them, or leave it out"
+            )
+    return out
 
 
 def build_mpc(

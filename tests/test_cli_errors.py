@@ -343,6 +343,30 @@ def test_help_explains_each_option(tmp_path):
     assert "WM_TRACEBACK=1" in res.stdout and "-m" in res.stdout
 
 
+def test_no_run_writes_inside_a_store(tmp_path, small_store):
+    """wm-train / wm-eval / wm-deploy out= a store, or wm-convert dst= inside its own source, wrote
+    checkpoints, results or a dataset into the store; `wm-info drop_episodes` then rewrote the store and
+    deleted them without a word. Refused before any work; a rewrite refuses a store holding others' files."""
+    from wm.data import DemoStore
+    from wm.data.ops import delete_episodes
+
+    path, _ = small_store
+    store = path.name
+    line = refused("wm-eval", f"out={store}", *QUICK_EVAL, cwd=tmp_path)
+    assert line == (
+        f"error: out={store}: {path} is a demonstration store; give a folder (new, or an earlier run's) "
+        "outside it"
+    )
+    line = refused("wm-deploy", "robot=pointmaze", "controller=random", f"out={store}/run", cwd=tmp_path)
+    assert line.startswith(f"error: out={store}/run: {path} is a demonstration store;")
+    line = refused("wm-convert", f"src={store}", f"dst={store}/lerobot", cwd=tmp_path)
+    assert line.startswith(f"error: dst={store}/lerobot: {path} is a demonstration store;")
+    (path / "best.pt").write_bytes(b"a checkpoint")  # put there by hand, or by an older version
+    with pytest.raises(ValueError, match=r"holds files that are not the store's \(best.pt\); the rewrite"):
+        delete_episodes(path, [0])
+    assert (path / "best.pt").read_bytes() == b"a checkpoint" and DemoStore.open(path).n_episodes == 5
+
+
 def test_every_option_of_every_config_file_has_its_line():
     """`--help` prints the comment beside each option in its YAML file: 173 options (trainer.*, every
     model's and planner's, wm-deploy's and wm-serve's policy.*, wm-demo's) printed a value and nothing

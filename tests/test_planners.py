@@ -485,6 +485,20 @@ def test_a_planner_mapping_without_a_name_is_the_default_planner():
     assert isinstance(planner, PLANNERS[DEFAULT_PLANNER][1]) and planner.cfg.low == -0.5
 
 
+def test_planner_bounds_may_narrow_the_tasks_box_never_widen_it():
+    """`+planner.low=-50 +planner.high=50` replaced the robot's limits: the plans ran clipped on every
+    step (wm-eval's clipped_steps counted them all)."""
+    box = {"low": (-1.0, -0.5), "high": (1.0, 0.5)}
+    narrowed = with_bounds({"low": -0.5, "high": [0.5, 0.25]}, box)
+    assert narrowed["low"] == -0.5 and narrowed["high"] == [0.5, 0.25]
+    with pytest.raises(ValueError, match=r"planner.low=-50.0 reaches outside the task's action limits"):
+        with_bounds({"low": -50.0}, box)
+    with pytest.raises(ValueError, match=r"planner.grad.high=\[1.0, 0.6\] reaches outside"):
+        with_bounds({"name": "cem_gd", "cem": {}, "grad": {"high": [1.0, 0.6]}}, box)
+    with pytest.raises(ValueError, match=r"planner.high must be a number or 2 numbers, got \[1.0, 1.0"):
+        with_bounds({"high": [1.0, 1.0, 1.0]}, box)
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -861,13 +861,16 @@ def test_a_converter_never_replaces_a_store_being_written_its_own_source_or_a_zi
             robomimic_to_store(src, store, overwrite=True)
     assert DemoStore.open(store).n_episodes == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["collect.zarr", "lift.hdf5"]  # nothing left
-    inner = tmp_path / "collect.zarr" / "export"  # a LeRobot export inside the store
-    store_to_lerobot(store, inner)
+    with pytest.raises(ValueError, match="is inside the source"):  # a rewrite of the store deleted it
+        store_to_lerobot(store, tmp_path / "collect.zarr" / "export")
+    export = tmp_path / "export"
+    store_to_lerobot(store, export)
     with pytest.raises(ValueError, match="is or holds the source"):
-        store_to_lerobot(inner.parent, tmp_path, overwrite=True)  # tmp_path holds the store
+        store_to_lerobot(store, tmp_path, overwrite=True)  # tmp_path holds the store
     with pytest.raises(ValueError, match="is or holds the source"):
         robomimic_to_store(src, tmp_path, overwrite=True)
-    assert src.is_file() and (inner / "meta" / "info.json").is_file()
+    assert src.is_file() and (export / "meta" / "info.json").is_file()
+    assert not (tmp_path / "collect.zarr" / "export").exists()
     with pytest.raises(NotAStoreError, match="zip stores are read-only"):
         robomimic_to_store(src, tmp_path / "new.zip")
     assert not (tmp_path / "new.zip").exists()

@@ -632,6 +632,29 @@ def beside(dst: Path, suffix: str) -> Path:
     return mine
 
 
+ZARR_META = ("zarr.json", ".zgroup", ".zarray")  # what makes a folder a zarr node (v3, v2)
+
+
+def store_around(path: str | os.PathLike) -> Path | None:
+    """The zarr store (or a node of one) that `path` is, or is inside; None when neither. Anything
+    written inside a store is lost when the store is rewritten (`wm-info drop_episodes`) or replaced."""
+    for p in (Path(path).resolve(), *Path(path).resolve().parents):
+        if p.is_dir() and any((p / name).is_file() for name in ZARR_META):
+            return p
+    return None
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """The names in the store folder `path` that are not part of the store (a run's checkpoints put in
+    it, a dataset written inside it): a rewrite of the store would delete them."""
+    own = (*ZARR_META, ".zattrs", ".zmetadata")
+    return sorted(
+        e.name
+        for e in path.iterdir()
+        if e.name not in own and not (e.is_dir() and any((e / name).is_file() for name in ZARR_META))
+    )
+
+
 def replaceable(path: Path) -> bool:
     """What `create(overwrite=True)` (and a converter's overwrite) may delete: an empty folder or a zarr
     store (even a damaged one; a zip store), never another file or a folder of anything else (a user's
@@ -669,6 +692,8 @@ def check_destination(
         s = Path(src).resolve()
         if s == target or target in s.parents:
             raise ValueError(f"{dst}: is or holds the source {src}; write the result to another path")
+        if s in target.parents:  # a rewrite of the source (wm-info drop_episodes) would delete it
+            raise ValueError(f"{dst}: is inside the source {src}; write the result to another path")
     if not dst.exists():
         return
     if not overwrite:
