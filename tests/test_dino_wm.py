@@ -377,3 +377,21 @@ def test_encode_refuses_observations_of_mismatched_shapes():
     with pytest.raises(ValueError, match=r"^'past_action' must be \(B, T - 1, frameskip \* action_dim\)"):
         model.encode(obs | {"past_action": torch.rand(3, 2, 4)})
     assert model.encode(obs | {"image": torch.rand(3, 2, 16, 16)})["visual"].shape == (3, 2, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("proprio_emb_dim", -3),  # torch's "negative dimension" error
+        ("action_emb_dim", 0),  # trained a model no action reached
+        ("predictor_depth", 0),
+        ("recon_loss_weight", -1.0),  # maximised the reconstruction error
+        ("cost_proprio_weight", -1.0),  # planning rewarded moving away from the goal's proprioception
+        ("predictor_dropout", 1.0),
+        ("image_size", (0, 0)),
+        ("decoder_channels", ()),
+    ],
+)
+def test_world_model_config_refuses_sizes_and_weights_that_make_no_model(field, value):
+    with pytest.raises(ValueError, match=field):
+        WorldModelConfig(**{field: value})

@@ -94,6 +94,24 @@ class WorldModelConfig:
             raise ValueError(f"rollout_loss_steps must be >= 0, got {self.rollout_loss_steps}")
         if self.recon_motion_weight < 0:
             raise ValueError(f"recon_motion_weight must be >= 0, got {self.recon_motion_weight}")
+        # a negative size was an error from deep in torch; a zero action embedding, a model the actions
+        # never reach; a negative loss weight maximised its error, a negative cost weight rewarded moving
+        # away from the goal
+        sizes = ["action_emb_dim", "predictor_dim", "predictor_depth", "predictor_heads"]
+        sizes += ["predictor_head_dim", "predictor_mlp_dim", "decoder_keypoints"]
+        sizes += ["proprio_emb_dim"] if self.proprio_dim else []
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        weights = ("rollout_loss_weight", "proprio_loss_weight", "recon_loss_weight", "cost_proprio_weight")
+        for name in weights:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.predictor_dropout < 1:
+            raise ValueError(f"predictor_dropout must be in [0, 1), got {self.predictor_dropout}")
+        for name in ("image_size", "decoder_channels", "recon_channels"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be sizes >= 1, got {list(getattr(self, name))}")
 
     def window_spec(self, extra_steps: int = 0) -> WindowSpec:
         """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps (known

@@ -89,16 +89,16 @@ class RuntimeConfig:
             raise ValueError(f"stitching must be one of {', '.join(STITCHING)}, got {self.stitching!r}")
         if self.inpaint_overlap is not None and self.inpaint_overlap < 0:
             raise ValueError(f"inpaint_overlap must be >= 0 or null (all), got {self.inpaint_overlap}")
-        if self.policy_hz is not None and not self.policy_hz > 0:
-            raise ValueError(f"policy_hz must be positive, got {self.policy_hz}")
+        if self.policy_hz is not None and not 0 < self.policy_hz < math.inf:
+            raise ValueError(f"policy_hz must be a positive finite number, got {self.policy_hz}")
         if self.replan_every < 1 or self.latency_window < 1 or self.max_inference_errors < 1:
             raise ValueError("replan_every, latency_window and max_inference_errors must be >= 1")
         if self.read_retries < 1 or self.max_read_failures < 1:
             raise ValueError("read_retries and max_read_failures must be >= 1")
         if not 0 < self.wait_timeout_s < math.inf:  # every blocking wait has a deadline
             raise ValueError(f"wait_timeout_s must be a positive finite number, got {self.wait_timeout_s}")
-        if self.action_latency_s < 0:
-            raise ValueError(f"action_latency_s must be >= 0, got {self.action_latency_s}")
+        if not 0 <= self.action_latency_s < math.inf:  # NaN made every latency figure null
+            raise ValueError(f"action_latency_s must be a finite number >= 0, got {self.action_latency_s}")
         if self.mode == "sync" and self.stitching in ("ensemble", "average"):  # they had no effect
             raise ValueError(
                 f"stitching={self.stitching} merges overlapping chunks, which mode=sync never has (each "
