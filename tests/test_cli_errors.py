@@ -147,6 +147,12 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: trainer.best_metric='val_mse' is not a validation metric of model=dino_wm "
             "(val_one_step_mse, val_3_step_mse); name one of those, 'auto' (the first) or null (no best.pt)",
         ),
+        (  # wm-demo checked it only after collecting its 200 episodes
+            "wm-demo",
+            ["out=d", "trainer.best_metric=val_mse"],
+            "error: trainer.best_metric='val_mse' is not a validation metric of model=dino_wm "
+            "(val_one_step_mse, val_3_step_mse); name one of those, 'auto' (the first) or null (no best.pt)",
+        ),
         (  # a traceback (NotADirectoryError) once the model was built
             "wm-train",
             ["store=missing.zarr", "out=/dev/null/run"],
@@ -410,6 +416,11 @@ def test_wm_demo_gives_mpc_options_to_the_mpc_evaluation_alone():
     plan = steps(DemoConfig(**fields, model=OmegaConf.to_container(model)))
     assert plan.mpc.planner_budget.iterations == 3 and plan.mpc.budgets == [2, 4]
     assert plan.random.controller == "random" and plan.random.budgets == []
+    # pointmaze's goals in another arm are the demo's, not every task's: task=arm_push was refused
+    # ("unknown option task_options.goal_mode", an option the user never gave)
+    assert plan.mpc.task_options == plan.random.task_options == {"goal_mode": "other_arm"}
+    plan = steps(DemoConfig(**{**fields, "task": "arm_push"}, model=OmegaConf.to_container(model)))
+    assert plan.mpc.task_options == plan.random.task_options == {}
 
 
 def test_wm_demo_refuses_a_top_up_under_a_trained_world_model_before_the_store_grows(tmp_path):

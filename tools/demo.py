@@ -63,7 +63,7 @@ def _step(cls: type, path: str, fixed: dict[str, Any], user: dict[str, Any]) -> 
 
 
 def steps(cfg: DemoConfig) -> DemoSteps:
-    from tools.train import TrainAppConfig
+    from tools.train import TrainAppConfig, check_best_metric
     from wm.registry import model_entry
     from wm.trainer import TrainerConfig
 
@@ -79,7 +79,10 @@ def steps(cfg: DemoConfig) -> DemoSteps:
         "store",
         "precision",
     )
-    common = {k: v for k, v in cfg.eval.items() if k not in (*mpc_only, "budgets")}  # the random baseline
+    evals = dict(cfg.eval)
+    if cfg.task == "pointmaze":  # the demo's goals: another arm of the maze, unless given otherwise
+        evals["task_options"] = {"goal_mode": "other_arm", **(evals.get("task_options") or {})}
+    common = {k: v for k, v in evals.items() if k not in (*mpc_only, "budgets")}  # the random baseline
     build(TrainerConfig, cfg.trainer, "trainer")
     kind = cfg.model.get("type")
     if kind is not None and "mpc" not in model_entry(kind).controllers:  # refused after training, before
@@ -88,7 +91,7 @@ def steps(cfg: DemoConfig) -> DemoSteps:
             "train other models with wm-train"
         )
     fixed = {"task": cfg.task, "store": store, "teleop": "scripted", "seed": cfg.seed, "preview": "false"}
-    return DemoSteps(
+    plan = DemoSteps(
         collect=_step(CollectConfig, "collect", fixed, {"episodes": 200, **cfg.collect}),
         train=_step(
             TrainAppConfig,
@@ -100,7 +103,7 @@ def steps(cfg: DemoConfig) -> DemoSteps:
             EvalConfig,
             "eval",
             {"out": str(out / "eval_mpc"), "task": cfg.task, "controller": "mpc", "checkpoint": run_dir},
-            cfg.eval,
+            evals,
         ),
         random=_step(
             EvalConfig,
@@ -109,6 +112,11 @@ def steps(cfg: DemoConfig) -> DemoSteps:
             common,
         ),
     )
+    # wm-train's own check, here before the store is collected
+    check_best_metric(
+        plan.train.model["type"], build(TrainerConfig, plan.train.trainer, "trainer").best_metric
+    )
+    return plan
 
 
 def demo(cfg: DemoConfig) -> int:

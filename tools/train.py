@@ -126,6 +126,18 @@ def moved_or_copied(old: str | None, new: str | None) -> bool:
         return False
 
 
+def check_best_metric(model_type: str, best: str | None) -> None:
+    """Refuse a `trainer.best_metric` the model does not validate (wm-train; wm-demo before it collects)."""
+    from wm.registry import model_entry
+
+    metrics = model_entry(model_type).val_metrics
+    if metrics and best not in (None, "auto", *metrics):
+        raise UsageError(
+            f"trainer.best_metric={best!r} is not a validation metric of model={model_type} "
+            f"({', '.join(metrics)}); name one of those, 'auto' (the first) or null (no best.pt)"
+        )
+
+
 def train(cfg: TrainAppConfig) -> int:
     from wm.registry import model_entry
     from wm.trainer import Trainer, TrainerConfig, TrainingInterrupted
@@ -139,12 +151,7 @@ def train(cfg: TrainAppConfig) -> int:
             print(f"note: {model_type} trains with trainer.{key}={value} (was {trainer_opts.get(key)})")
         trainer_opts[key] = value
     trainer_cfg = build(TrainerConfig, trainer_opts, "trainer")  # checked before any work
-    best = trainer_cfg.best_metric
-    if entry.val_metrics and best not in (None, "auto", *entry.val_metrics):
-        raise UsageError(
-            f"trainer.best_metric={best!r} is not a validation metric of model={model_type} "
-            f"({', '.join(entry.val_metrics)}); name one of those, 'auto' (the first) or null (no best.pt)"
-        )
+    check_best_metric(model_type, trainer_cfg.best_metric)
     store_facts, default_keys = check_task(cfg)
     import torch
 
