@@ -218,6 +218,10 @@ def test_verify_json(small_store):
         (["drop_episodes=[9]"], ["episodes [9] out of range", "5 episodes"]),
         (["drop_episodes=[0]"], ["c/8/0/0/0", "'img'", "episode 1", "cannot be decoded"]),  # 1 kept
         (["drop_episodes=3"], ["drop_episodes must be a list"]),
+        # deleting is irreversible: -1 (the last) was taken where episodes=[-1] is refused, and [0, -5]
+        # named episode 0 twice
+        (["drop_episodes=[-1]"], ["drop_episodes: episode numbers negative [-1]", "by its number from 0"]),
+        (["drop_episodes=[1,1]"], ["drop_episodes: episode numbers given twice [1]"]),
         (["episodes=[2,99]", "video=true"], ["episodes [99] out of range"]),
     ],
 )

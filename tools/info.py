@@ -44,6 +44,15 @@ class InfoConfig:
             isinstance(self.drop_episodes, list) and all(_is_int(e) for e in self.drop_episodes)
         ):
             raise ValueError(f"drop_episodes must be a list of episode indices, got {self.drop_episodes!r}")
+        if self.drop_episodes is not None:  # an irreversible edit: each episode by its own number, once
+            negative = [e for e in self.drop_episodes if e < 0]
+            twice = sorted({e for e in self.drop_episodes if self.drop_episodes.count(e) > 1})
+            if negative or twice:
+                why = f"negative {negative}" if negative else f"given twice {twice}"
+                raise ValueError(
+                    f"drop_episodes: episode numbers {why}; give each episode to delete once, by its "
+                    "number from 0 (wm-info lists them)"
+                )
         if self.video_dir != "auto" and not self.video:
             raise ValueError(f"video_dir={self.video_dir} is where video=true writes: give video=true too")
         if self.video_dir != "auto":
@@ -92,7 +101,7 @@ def drop(cfg: InfoConfig) -> dict[str, Any]:
     with DemoStore.open(cfg.store) as store:
         after = store.n_episodes
     return {
-        "episodes": sorted({e % before for e in cfg.drop_episodes or []}),
+        "episodes": sorted(cfg.drop_episodes or []),
         "before": before,
         "after": after,
     }
