@@ -189,6 +189,46 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: task_options.goal_mode must be one of any, other_arm, got 'other'; "
             "did you mean other_arm?",
         ),
+        (  # options that did nothing in the run they were given to were ignored without a word
+            "wm-collect",
+            ["task=pointmaze", "store=s.zarr", "state_only=true", "image_size=32"],
+            "error: image_size sets the camera, which state_only=true leaves out: give one of them",
+        ),
+        (
+            "wm-collect",
+            ["task=pointmaze", "store=s.zarr", "replay_noise_std=0.5"],
+            "error: replay_noise_std is the noise of replays: give replays=N too",
+        ),
+        (
+            "wm-collect",
+            ["task=pointmaze", "store=s.zarr", "command_device=gamepad"],
+            "error: command_device starts a human's episodes; teleop=scripted takes none",
+        ),
+        (
+            "wm-collect",
+            ["task=pointmaze", "store=s.zarr", "teleop=keyboard", "command_device=gamepad"],
+            "error: command_device, command_options: teleop=keyboard has its own START / SAVE buttons; "
+            "leave them out",
+        ),
+        (
+            "wm-deploy",
+            ["out=e", "robot=pointmaze", "controller=random", "command_device=gamepad"],
+            "error: device_options, command_device, command_options and gains apply to a takeover device: "
+            "give teleop=DEVICE",
+        ),
+        (  # results.json recorded the solver as if it had run
+            "wm-eval",
+            [
+                "out=e",
+                "task=pointmaze",
+                "controller=policy",
+                "checkpoint=c",
+                "policy.sampler=ddim",
+                "policy.edm_solver=heun",
+            ],
+            "error: policy.edm_solver=heun solves the edm sampler's steps; policy.sampler=ddim has none: "
+            "leave it out",
+        ),  # fmt: skip
         (  # ignored there: the robot's runtime asks for chunks and combines them itself
             "wm-deploy",
             ["out=e", "robot=pointmaze", "controller=policy", "checkpoint=c", "policy.temporal_ensemble=0.1"],

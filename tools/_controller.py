@@ -56,6 +56,13 @@ class PolicyOptions:
     temporal_ensemble: float | None = None
     inpaint_guidance: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.edm_solver is not None and self.sampler not in (None, "edm"):  # recorded, never used
+            raise UsageError(
+                f"policy.edm_solver={self.edm_solver} solves the edm sampler's steps; policy.sampler="
+                f"{self.sampler} has none: leave it out"
+            )
+
 
 def refuse_temporal_ensemble(policy: PolicyOptions, where: str) -> None:
     """`policy.temporal_ensemble` combines a policy's own chunks step by step (wm-eval); where a robot's

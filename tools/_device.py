@@ -13,6 +13,8 @@ from typing import Any
 from robots.registry import device_class
 from tools._cli import UsageError, build, check
 
+DEFAULT_COMMAND_DEVICE = "keyboard"  # wm-collect's and wm-deploy's command_device unless given
+
 
 @dataclass(frozen=True)
 class DeviceSettings:
@@ -44,7 +46,12 @@ class DeviceSettings:
         cls = device_class(self.teleop)
         _finite(check(cls, dict(self.device_options), "device_options"), "device_options")
         build(ActionMapper, dict(self.gains), "gains")
-        if not takes_command_device(cls):
+        if not takes_command_device(cls):  # its own buttons start and end episodes
+            if self.command_options or self.command_device not in (None, DEFAULT_COMMAND_DEVICE):
+                raise UsageError(
+                    f"command_device, command_options: teleop={self.teleop} has its own START / SAVE "
+                    "buttons; leave them out"
+                )
             return
         if self.command_device is None:
             if needs_start or hasattr(cls, "check_drives"):  # a leader arm reports no motion

@@ -36,7 +36,7 @@ from robots.registry import make_expert, make_robot, make_task, robot_entry, tas
 from robots.sim.base import SimConfig
 from robots.teleop.mapping import teleop_mapper
 from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, one_of, record_of, store_path
-from tools._device import DeviceSettings
+from tools._device import DEFAULT_COMMAND_DEVICE, DeviceSettings
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class CollectConfig:
     device_options: dict[str, Any] = field(default_factory=dict)
     robot: str | None = None
     robot_options: dict[str, Any] = field(default_factory=dict)
-    command_device: str | None = "keyboard"
+    command_device: str | None = DEFAULT_COMMAND_DEVICE
     command_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,10 +80,16 @@ class CollectConfig:
                 raise UsageError("robot_options apply to a real robot (robot=NAME); none is given")
         else:
             self._check_robot()
+        if self.state_only and changed(self, ("image_size",)):
+            raise UsageError("image_size sets the camera, which state_only=true leaves out: give one of them")
         if self.teleop == "scripted":
-            for name in ("gains", "device_options"):
+            for name in ("gains", "device_options", "command_options"):
                 if getattr(self, name):
                     raise UsageError(f"{name} apply to teleop devices; teleop=scripted takes none")
+            if changed(self, ("command_device",)):
+                raise UsageError("command_device starts a human's episodes; teleop=scripted takes none")
+            if self.replays == 0 and changed(self, ("replay_noise_std",)):
+                raise UsageError("replay_noise_std is the noise of replays: give replays=N too")
         else:
             DeviceSettings.of(self).check(needs_start=True)
             given = changed(self, ("noise_std", "replays", "replay_noise_std"))  # scripted experts' only

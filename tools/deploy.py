@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from robots.runtime.loop import RuntimeConfig
 from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, folder, record_of, store_path
 from tools._controller import ControllerConfig, refuse_temporal_ensemble
-from tools._device import DeviceSettings
+from tools._device import DEFAULT_COMMAND_DEVICE, DeviceSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +66,7 @@ class DeployConfig(ControllerConfig):
     status_every_s: float = 10.0
     teleop: str | None = None
     device_options: dict[str, Any] = field(default_factory=dict)
-    command_device: str | None = "keyboard"
+    command_device: str | None = DEFAULT_COMMAND_DEVICE
     command_options: dict[str, Any] = field(default_factory=dict)
     gains: dict[str, Any] = field(default_factory=dict)
     server: str | None = None
@@ -110,9 +110,10 @@ class DeployConfig(ControllerConfig):
 
         if self.teleop is not None:
             DeviceSettings.of(self).check(needs_start=False)
-        elif self.device_options or self.command_options or self.gains:
+        elif self.device_options or self.command_options or self.gains or changed(self, ("command_device",)):
             raise UsageError(
-                "device_options, command_options and gains apply to a takeover device: give teleop=DEVICE"
+                "device_options, command_device, command_options and gains apply to a takeover device: "
+                "give teleop=DEVICE"
             )
         if is_sim(self.robot):
             build(task_entry(self.robot).options, self.robot_options, "robot_options")
