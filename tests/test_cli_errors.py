@@ -229,6 +229,16 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: policy.edm_solver=heun solves the edm sampler's steps; policy.sampler=ddim has none: "
             "leave it out",
         ),  # fmt: skip
+        (  # the options' own names: "planner_budget: max_iterations", "model.temporal_ensemble"
+            "wm-eval",
+            ["out=e", "task=pointmaze", "controller=mpc", "checkpoint=c", "planner_budget.iterations=0"],
+            "error: planner_budget: iterations must be an integer >= 1 or None, got 0",
+        ),
+        (
+            "wm-eval",
+            ["out=e", "task=pointmaze", "controller=policy", "checkpoint=c", "policy.temporal_ensemble=nan"],
+            "error: policy.temporal_ensemble must be a finite number or null, got nan",
+        ),
         (  # ignored there: the robot's runtime asks for chunks and combines them itself
             "wm-deploy",
             ["out=e", "robot=pointmaze", "controller=policy", "checkpoint=c", "policy.temporal_ensemble=0.1"],

@@ -10,6 +10,7 @@ called by name inside `wm-deploy`'s inference worker process.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,6 +58,9 @@ class PolicyOptions:
     inpaint_guidance: str | None = None
 
     def __post_init__(self) -> None:
+        m = self.temporal_ensemble  # the checkpoint's check named model.temporal_ensemble
+        if m is not None and not math.isfinite(m):
+            raise UsageError(f"policy.temporal_ensemble must be a finite number or null, got {m}")
         if self.edm_solver is not None and self.sampler not in (None, "edm"):  # recorded, never used
             raise UsageError(
                 f"policy.edm_solver={self.edm_solver} solves the edm sampler's steps; policy.sampler="
@@ -82,7 +86,10 @@ class PlannerBudget:
     seconds: float | None = None
 
     def __post_init__(self) -> None:
-        Budget(self.iterations, self.seconds)  # its checks
+        try:
+            Budget(self.iterations, self.seconds)  # its checks, in this option's words
+        except ValueError as e:
+            raise ValueError(str(e).replace("max_iterations", "iterations", 1)) from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -697,7 +697,7 @@ def check_destination(
     if not dst.exists():
         return
     if not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{dst}: already exists; give overwrite=true to replace it")
     if not may_replace(dst):
         raise FileExistsError(f"{dst}: {not_replaceable}")
     if dst.is_dir():  # nobody may be writing to the store this replaces
