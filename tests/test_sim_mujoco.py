@@ -375,6 +375,12 @@ def test_the_sample_store_takes_any_image_size_and_names_a_bad_value(tmp_path):
         ValueError, match=r"^out=.*big.zarr already exists; .* overwrite=true to replace a store$"
     ):
         SampleConfig(out=str(out))
+    # a traceback from MuJoCo's framebuffer, and one from the store under a file
+    with pytest.raises(ValueError, match=r"^image_size must be at most 4096, got 100000$"):
+        SampleConfig(out=str(tmp_path / "x.zarr"), image_size=100_000)
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"a.png is a file"):
+        SampleConfig(out=str(tmp_path / "a.png" / "x.zarr"))
 
 
 def test_the_demo_refuses_an_empty_out_or_a_file_before_any_work(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind
+from tools._cli import UsageError, app, bind, folder, store_path
 from wm.data import ActionSpace, DemoStore, KeySpec, Schema
 
 # mujoco is imported in `record`, not at the top: it picks its GL backend from MUJOCO_GL when first
@@ -45,6 +45,9 @@ BALL_XML = """
 """
 
 
+MAX_IMAGE_SIZE = 4096  # pixels a side: a sample store, not a framebuffer test
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     out: str
@@ -58,6 +61,10 @@ class SampleConfig:
         for name, least in (("episodes", 1), ("steps", 2), ("image_size", 8), ("seed", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if self.image_size > MAX_IMAGE_SIZE:  # MuJoCo's framebuffer failed with a fatal error
+            raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
+        store_path("out", self.out)
+        folder("out", self.out, "give a new store's path", within=True)  # a file in its parents
         if Path(self.out).exists() and not self.overwrite:
             raise UsageError(
                 f"out={self.out} already exists; choose another path, or overwrite=true to replace a store"
@@ -86,9 +93,13 @@ def record(cfg: SampleConfig) -> int:
 
     model = mujoco.MjModel.from_xml_string(BALL_XML)
     data = mujoco.MjData(model)
-    renderer = make_renderer(model, (cfg.image_size, cfg.image_size))  # any size: it grows the framebuffer
     rng = np.random.default_rng(cfg.seed)
     store = DemoStore.create(cfg.out, sample_schema(cfg.image_size), overwrite=cfg.overwrite)
+    try:
+        renderer = make_renderer(model, (cfg.image_size, cfg.image_size))  # it grows the framebuffer
+    except BaseException:
+        store.close()
+        raise
     try:
         for _ in range(cfg.episodes):
             mujoco.mj_resetData(model, data)
