@@ -239,6 +239,11 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["out=e", "task=pointmaze", "controller=policy", "checkpoint=c", "policy.temporal_ensemble=nan"],
             "error: policy.temporal_ensemble must be a finite number or null, got nan",
         ),
+        (  # as wm-eval and wm-deploy refuse it
+            "wm-serve",
+            ["controller=random", "seed=-1"],
+            "error: seed must be >= 0, got -1",
+        ),
         (  # ignored there: the robot's runtime asks for chunks and combines them itself
             "wm-deploy",
             ["out=e", "robot=pointmaze", "controller=policy", "checkpoint=c", "policy.temporal_ensemble=0.1"],

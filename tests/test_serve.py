@@ -395,6 +395,8 @@ def test_limits_and_deadlines_must_be_finite():
             RemoteConfig("127.0.0.1:5555", **{name: float("inf")})
         with pytest.raises(ValueError, match=f"^{name} must be a positive finite number, got nan$"):
             RemoteConfig("127.0.0.1:5555", **{name: float("nan")})
+    with pytest.raises(ValueError, match=r"^max_frame_mb \(100.0\) must be at most max_request_mb \(1.0\)$"):
+        ServerConfig(max_frame_mb=100.0, max_request_mb=1.0)  # a frame is part of a request
 
 
 @pytest.mark.parametrize("controller", ["random", "policy"])

@@ -38,6 +38,8 @@ class ServeConfig(ControllerConfig, ServerConfig):
         ServerConfig.__post_init__(self)
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
+        if self.seed < 0:  # as wm-eval and wm-deploy: a controller's generator refused it per session
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(**{f.name: getattr(self, f.name) for f in fields(ServerConfig)})

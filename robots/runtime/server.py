@@ -77,6 +77,10 @@ class ServerConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):  # inf: a dead robot's slot, or no limit, for ever
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
+        if self.max_frame_mb > self.max_request_mb:  # a frame is part of a request: the frame bound lied
+            raise ValueError(
+                f"max_frame_mb ({self.max_frame_mb}) must be at most max_request_mb ({self.max_request_mb})"
+            )
         if self.token is not None and len(self.token) < 8:
             raise ValueError("token must be at least 8 characters")
         if self.token is None and not is_loopback(self.host):
