@@ -395,3 +395,17 @@ def test_encode_refuses_observations_of_mismatched_shapes():
 def test_world_model_config_refuses_sizes_and_weights_that_make_no_model(field, value):
     with pytest.raises(ValueError, match=field):
         WorldModelConfig(**{field: value})
+
+
+def test_a_store_without_a_camera_is_one_line_naming_its_keys(tmp_path):
+    """It said "no camera key None to train on (image keys: [])"."""
+    from wm.data import DemoStore, KeySpec, Schema
+    from wm.data.errors import SchemaError
+    from wm.training import data_keys
+
+    schema = Schema(
+        keys={"proprio": KeySpec((4,), "float32", "proprio"), "action": KeySpec((2,), "float32", "action")}
+    )
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        with pytest.raises(SchemaError, match=r"has no camera \(keys: \['action', 'proprio'\]\); the models"):
+            data_keys(store, None, None)

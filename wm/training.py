@@ -58,7 +58,12 @@ def data_keys(
     images = store.schema.keys_of_kind("image")
     proprios = store.schema.keys_of_kind("proprio")
     image_key = image_key or (images[0] if images else None)
-    if image_key is None or image_key not in store.schema.keys:
+    if image_key is None:  # "no camera key None" named nothing a user could give
+        raise SchemaError(
+            f"{store.path}: has no camera (keys: {sorted(store.schema.keys)}); the models train on images: "
+            "give a store recorded with one (wm-collect: without state_only=true)"
+        )
+    if image_key not in store.schema.keys:
         raise SchemaError(f"{store.path}: no camera key {image_key!r} to train on (image keys: {images})")
     proprio_key = proprio_key or (proprios[0] if proprios else None)
     if proprio_key is not None and proprio_key not in store.schema.keys:
