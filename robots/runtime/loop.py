@@ -91,6 +91,11 @@ class RuntimeConfig:
             raise ValueError(f"inpaint_overlap must be >= 0 or null (all), got {self.inpaint_overlap}")
         if self.policy_hz is not None and not 0 < self.policy_hz < math.inf:
             raise ValueError(f"policy_hz must be a positive finite number, got {self.policy_hz}")
+        if self.interpolate and self.policy_hz is None:  # a step of one period: nothing between to draw
+            raise ValueError(
+                "interpolate draws the line between the actions of a policy slower than the robot: "
+                "give policy_hz (the rate its actions are meant for), or leave interpolate out"
+            )
         if self.replan_every < 1 or self.latency_window < 1 or self.max_inference_errors < 1:
             raise ValueError("replan_every, latency_window and max_inference_errors must be >= 1")
         if self.read_retries < 1 or self.max_read_failures < 1:
