@@ -83,7 +83,7 @@ def steps(cfg: DemoConfig) -> DemoSteps:
     if cfg.task == "pointmaze":  # the demo's goals: another arm of the maze, unless given otherwise
         evals["task_options"] = {"goal_mode": "other_arm", **(evals.get("task_options") or {})}
     common = {k: v for k, v in evals.items() if k not in (*mpc_only, "budgets")}  # the random baseline
-    build(TrainerConfig, cfg.trainer, "trainer")
+    trainer = build(TrainerConfig, cfg.trainer, "trainer")
     kind = cfg.model.get("type")
     if kind is not None and "mpc" not in model_entry(kind).controllers:  # refused after training, before
         raise UsageError(
@@ -112,10 +112,7 @@ def steps(cfg: DemoConfig) -> DemoSteps:
             common,
         ),
     )
-    # wm-train's own check, here before the store is collected
-    check_best_metric(
-        plan.train.model["type"], build(TrainerConfig, plan.train.trainer, "trainer").best_metric
-    )
+    check_best_metric(plan.train.model["type"], trainer.best_metric)  # wm-train's, before collecting
     return plan
 
 

@@ -64,7 +64,7 @@ class SampleConfig:
         if self.image_size > MAX_IMAGE_SIZE:  # MuJoCo's framebuffer failed with a fatal error
             raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
         store_path("out", self.out)
-        folder("out", self.out, "give a new store's path", within=True)  # a file in its parents
+        folder("out", self.out, "give a new store's path", within=True)  # not inside another store
         if Path(self.out).exists() and not self.overwrite:
             raise UsageError(
                 f"out={self.out} already exists; choose another path, or overwrite=true to replace a store"

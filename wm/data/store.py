@@ -635,11 +635,15 @@ def beside(dst: Path, suffix: str) -> Path:
 ZARR_META = ("zarr.json", ".zgroup", ".zarray")  # what makes a folder a zarr node (v3, v2)
 
 
+def _zarr_node(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in ZARR_META)
+
+
 def store_around(path: str | os.PathLike) -> Path | None:
     """The zarr store (or a node of one) that `path` is, or is inside; None when neither. Anything
     written inside a store is lost when the store is rewritten (`wm-info drop_episodes`) or replaced."""
     for p in (Path(path).resolve(), *Path(path).resolve().parents):
-        if p.is_dir() and any((p / name).is_file() for name in ZARR_META):
+        if _zarr_node(p):
             return p
     return None
 
@@ -648,11 +652,7 @@ def foreign_entries(path: Path) -> list[str]:
     """The names in the store folder `path` that are not part of the store (a run's checkpoints put in
     it, a dataset written inside it): a rewrite of the store would delete them."""
     own = (*ZARR_META, ".zattrs", ".zmetadata")
-    return sorted(
-        e.name
-        for e in path.iterdir()
-        if e.name not in own and not (e.is_dir() and any((e / name).is_file() for name in ZARR_META))
-    )
+    return sorted(e.name for e in path.iterdir() if e.name not in own and not _zarr_node(e))
 
 
 def replaceable(path: Path) -> bool:
