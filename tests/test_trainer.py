@@ -33,11 +33,11 @@ from wm.data import DemoStore, KeySpec, Schema
 from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
+from wm.resume import changed_entries
 from wm.trainer import (
     Trainer,
     TrainerConfig,
     TrainingInterrupted,
-    changed_entries,
     default_param_groups,
     ema_decay_at,
     ema_update,

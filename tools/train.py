@@ -97,7 +97,7 @@ def data_changes(then: dict[str, Any], now: dict[str, Any], defaults: dict[str, 
     as the runs used it: a key left unset is the store's default (`image_key=rgb` spelled out resumes a
     run that named none), and a store at another path is the same store when the checkpoint recorded
     its content fingerprint and the store was moved or copied there (`moved_or_copied`)."""
-    from wm.trainer import changed_entries
+    from wm.resume import changed_entries
 
     def used(run: dict[str, Any]) -> dict[str, Any]:
         return run | {k: run.get(k) or v for k, v in defaults.items() if k in run}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, runtime_checkable
 
@@ -46,29 +45,22 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from wm import kernels
+from wm import kernels, resume
 from wm.checkpoint import (
     BEST_NAME,
     CheckpointError,
     checkpoint_name,
-    config_diff,
     latest_checkpoint,
     load_checkpoint,
-    non_finite_keys,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    state_dict_diff,
 )
 from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
 from wm.interrupt import InterruptFlag, TrainingInterrupted
 from wm.optim import TrainerConfig, default_param_groups, ema_decay_at, ema_update, lr_factor
-from wm.options import is_whole
-
-OPTIMIZER_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per group: this run's, on resume too
-SCHEDULE_SETTINGS = ("steps", "warmup_steps", "warmup_max_fraction", "min_lr_ratio")  # what lr_factor reads
 
 __all__ = [
     "Trainer",
@@ -168,35 +160,6 @@ class TrainingDiverged(ValueError):
     apps say it in one line, with what to change)."""
 
 
-def changed_entries(then: dict[str, Any], now: dict[str, Any], keys: Sequence[str]) -> list[str]:
-    """The entries of `keys` a checkpoint's run config (`then`) recorded with another value than this
-    run's (`now`), as "key old -> new"; a key the checkpoint never recorded is not compared."""
-    return [f"{k} {then[k]!r:.60} -> {now.get(k)!r:.60}" for k in keys if k in then and then[k] != now.get(k)]
-
-
-DAMAGED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError)  # resume state errors
-
-
-def non_finite(ckpt: dict[str, Any]) -> str:
-    """What of a checkpoint's weights, EMA weights and optimizer state holds NaN or inf, e.g.
-    "weights (2 tensor(s), the first 'net.0.weight')"; "" when all are finite."""
-    optimizer = ckpt.get("optimizer")
-    state = optimizer.get("state", {}) if isinstance(optimizer, dict) else {}
-    parts = {
-        "weights": ckpt.get("state_dict") or {},
-        "EMA weights": ckpt.get("ema_state_dict") or {},
-        "optimizer state": {
-            f"{i}.{k}": v for i, s in state.items() if isinstance(s, dict) for k, v in s.items()
-        },
-    }
-    found = []
-    for what, tensors in parts.items():
-        bad = non_finite_keys(tensors)
-        if bad:
-            found.append(f"{what} ({len(bad)} tensor(s), the first {bad[0]!r})")
-    return ", ".join(found)
-
-
 def _stop_message(signum: int) -> str:
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     return f"{name}: stopping after this step to save a checkpoint ({name} again: quit unsaved)"
@@ -213,7 +176,7 @@ class Trainer:
     `param_groups` replaces the default AdamW groups (lr and weight decay default to `cfg`'s).
     `same_on_resume(then, now)` says what differs between a checkpoint's `extra_state["run_config"]`
     and this run's in what a resumed run must keep (the data: its fingerprint, split seed and ratio),
-    one "key old -> new" string each (`changed_entries`); by default nothing is compared.
+    one "key old -> new" string each (`wm.resume.changed_entries`); by default nothing is compared.
     The model is put in train mode; one with frozen parts that must stay in eval mode (a pretrained
     encoder with batch norm) overrides `train()` to keep them there.
 
@@ -312,8 +275,8 @@ class Trainer:
         return self._ema if self._ema is not None else self.model
 
     def _say(self, message: str) -> None:
-        """Print a line a user must see (rank 0, stderr, above the progress bar)."""
-        if self.is_main:
+        """Print a line a user must see (rank 0, stderr, above the progress bar); "" says nothing."""
+        if self.is_main and message:
             tqdm.write(message, file=sys.stderr)
 
     # ------------------------------------------------------------------ checkpoints
@@ -371,35 +334,44 @@ class Trainer:
             self.best = self._orphan_best()
             return False
         ckpt = load_checkpoint(path)
-        self._check_fits(ckpt, path)
+        run = resume.RunIdentity(
+            self.out_dir,
+            self.model,
+            self.model_type,
+            self.model_config,
+            self.extra_state.get("run_config") or {},
+            self.same_on_resume,
+        )
+        self._say(resume.check_fits(run, ckpt, path))
         self.model.load_state_dict(ckpt["state_dict"])
         if self._ema is not None:
             self._ema.load_state_dict(ckpt["ema_state_dict"] or ckpt["state_dict"])
-        self._restore_rule(ckpt.get("normalizer"), path)
-        settings = [{k: g[k] for k in OPTIMIZER_SETTINGS} for g in self.optimizer.param_groups]
-        fix = f"choose another out= or delete {self.out_dir} to start over"
+        if self.normalizer is not None:
+            resume.restore_rule(ckpt.get("normalizer"), path, [self.normalizer, self.model, self._ema])
+        settings = resume.optimizer_settings(self.optimizer)
+        fix = resume.start_over(self.out_dir)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self._check_moments()
-        except DAMAGED as e:
+            resume.check_moments(self.optimizer)
+        except resume.DAMAGED as e:
             raise CheckpointError(
                 f"{path}: its optimizer state does not fit this run's parameters ({e}); {fix}"
             ) from None
         try:  # a damaged file: one line, not a KeyError or TypeError from deep in torch
             self.scheduler.load_state_dict(ckpt["scheduler"])
-            self._keep_settings(settings)
-            self._note_schedule(ckpt.get("trainer_config"))
+            self._say(resume.keep_settings(self.optimizer, self.scheduler, settings))
+            self._say(resume.schedule_note(self.cfg, ckpt.get("trainer_config"), self.scheduler.last_epoch))
             self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
             if self.rank == 0:
                 set_rng_state(ckpt["rng"], self.loader.generator)
             else:
                 _seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
             self._continue_epoch(ckpt.get("data_position"), int(ckpt["epoch"]))
-        except DAMAGED as e:
+        except resume.DAMAGED as e:
             raise CheckpointError(
                 f"{path}: its scheduler, step or random state is damaged ({type(e).__name__}: {e}); {fix}"
             ) from None
-        self.best = self._restore_best(ckpt)
+        self.best = resume.recorded_best(self.out_dir, ckpt)
         self._say(f"resumed from step {self.step} ({path})")
         return True
 
@@ -407,112 +379,12 @@ class Trainer:
         """Continue the checkpoint's epoch past the batches it had taken: the loader generator back at
         the epoch's start (rank 0's; other ranks' shards follow from the epoch), those batches skipped.
         A checkpoint without the position (an older version's) starts a fresh epoch."""
-        if not isinstance(position, dict) or position.get("epoch_start") is None:
+        batches = resume.batches_taken(position, len(self.loader))
+        if batches is None:
             return
-        batches = position["batches"]
-        if not is_whole(batches) or not 0 <= batches <= len(self.loader):
-            raise ValueError(f"data position of {batches!r} batches in an epoch of {len(self.loader)}")
         if self.rank == 0:
             self.loader.generator.set_state(position["epoch_start"])
-        self.epoch, self._skip = epoch, int(batches)
-
-    def _restore_rule(self, saved: Any, path: Path) -> None:
-        """The normalizer rule the checkpoint was trained with (`Normalizer.to_dict`'s "rule"; 1 when it
-        has none): not in the state dict, so a resumed run of a rule-1 checkpoint switched to this run's
-        fresh rule 2 mid-training, rescaling a hardly varying dimension by up to 1e4."""
-        if self.normalizer is None or not isinstance(saved, dict):
-            return
-        rule = saved.get("rule", 1)
-        if rule not in (1, 2):
-            raise CheckpointError(f"{path}: its normalizer rule {rule!r} is not 1 or 2 (a newer version's?)")
-        models = [self.model, *([self._ema] if self._ema is not None else [])]
-        for m in [self.normalizer, *(m for model in models for m in model.modules())]:
-            if isinstance(m, Normalizer):
-                m.rule = rule
-
-    def _check_moments(self) -> None:
-        """Raise ValueError when a loaded optimizer state tensor has another shape than its parameter
-        (`load_state_dict` checks the groups' sizes only; the first step failed on a size mismatch)."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                for name, v in self.optimizer.state.get(p, {}).items():
-                    if isinstance(v, Tensor) and v.ndim > 0 and v.shape != p.shape:
-                        raise ValueError(f"{name} of shape {tuple(v.shape)} for a parameter {tuple(p.shape)}")
-
-    def _keep_settings(self, settings: list[dict[str, Any]]) -> None:
-        """After loading a checkpoint's optimizer and scheduler: this run's lr, betas and weight decay
-        per group (loading restores the checkpoint's), said when they differ."""
-        changed = set()
-        for group, mine in zip(self.optimizer.param_groups, settings, strict=True):
-            changed |= {k for k in OPTIMIZER_SETTINGS if group[k] != mine[k]}
-            group.update(mine)
-        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
-        at = self.scheduler.last_epoch
-        for group, base, factor in zip(
-            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
-        ):
-            group["lr"] = base * factor(at)
-        if changed:
-            names = ", ".join(sorted("lr" if k == "initial_lr" else k for k in changed))
-            self._say(f"note: resuming with this run's {names} (the checkpoint was trained with others)")
-
-    def _note_schedule(self, then: Any) -> None:
-        """Say so when the checkpoint was trained under another learning-rate schedule (`then`, its
-        trainer_config): the resumed run follows this run's from the resumed step, so the learning rate
-        can jump there (a run of steps=3000 extended to 6000 goes from the end of its cosine back to the
-        middle of a longer one). A checkpoint without the settings (or with damaged ones) says nothing."""
-        if not isinstance(then, dict) or not all(k in then for k in SCHEDULE_SETTINGS):
-            return
-        try:
-            old = dataclasses.replace(self.cfg, **{k: then[k] for k in SCHEDULE_SETTINGS})
-        except (TypeError, ValueError):
-            return
-        changed = [k for k in SCHEDULE_SETTINGS if getattr(old, k) != getattr(self.cfg, k)]
-        if not changed:
-            return
-        at = self.scheduler.last_epoch
-        now, before = lr_factor(at, self.cfg), lr_factor(at, old)
-        settings = ", ".join(f"{k}={getattr(self.cfg, k)} (was {getattr(old, k)})" for k in changed)
-        self._say(
-            f"note: resuming at step {at} under this run's learning-rate schedule, {settings}: the "
-            f"learning rate there is {now:.3g} x lr, where the checkpoint's schedule had {before:.3g} x lr"
-        )
-
-    def _check_fits(self, ckpt: dict[str, Any], path: Path) -> None:
-        """Raise a one-line `CheckpointError` when the checkpoint to resume holds another model."""
-        where = f"{self.out_dir} already holds {path.name} (step {ckpt.get('step')})"
-        fix = f"choose another out= or delete {self.out_dir} to start over"
-        if ckpt["model_type"] != self.model_type:
-            raise CheckpointError(
-                f"{where}, a {ckpt['model_type']!r} model, but this run trains {self.model_type!r}: {fix}"
-            )
-        problems = state_dict_diff(self.model.state_dict(), ckpt["state_dict"])
-        changed = config_diff(ckpt["model_config"], self.model_config)
-        if problems:
-            why = f"; model_config differs in {', '.join(changed)}" if changed else ""
-            raise CheckpointError(f"{where} of another architecture ({'; '.join(problems)}{why}): {fix}")
-        if ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
-            raise CheckpointError(f"{where}, which has no optimizer state to resume from: {fix}")
-        bad = non_finite(ckpt)
-        if bad:  # resumed, it trained on to "the loss is nan ...: lower trainer.lr", the wrong advice
-            raise CheckpointError(
-                f"{where}, whose {bad} hold NaN or inf: it cannot be resumed (an earlier checkpoint of the "
-                f"run may: delete {path.name}); or {fix}"
-            )
-        then = (ckpt.get("extra") or {}).get("run_config") or {}
-        now = self.extra_state.get("run_config") or {}
-        data = self.same_on_resume(then, now) if self.same_on_resume is not None else []
-        if data:
-            what = "; ".join(data)
-            raise CheckpointError(
-                f"{where}, trained on other data ({what}): resuming would redraw the validation split "
-                f"and the normalization; {fix}"
-            )
-        if changed:
-            self._say(
-                f"note: resuming {path}, trained with another model_config ({', '.join(changed)}); its "
-                "weights fit, so training continues from them with this run's settings"
-            )
+        self.epoch, self._skip = epoch, batches
 
     def _orphan_best(self) -> dict[str, Any] | None:
         """A best.pt in `out_dir` without a checkpoint to resume from (a run killed before its first
@@ -521,7 +393,7 @@ class Trainer:
         best_path = self.out_dir / BEST_NAME
         if not best_path.is_file():
             return None
-        best = self._restore_best(load_checkpoint(best_path))
+        best = resume.recorded_best(self.out_dir, load_checkpoint(best_path))
         if best is not None:
             self._say(
                 f"note: {self.out_dir} holds {BEST_NAME} ({best['metric']} {best['value']:.4g} at step "
@@ -529,18 +401,6 @@ class Trainer:
                 f"{BEST_NAME} is replaced only by a better validation"
             )
         return best
-
-    def _restore_best(self, ckpt: dict[str, Any]) -> dict[str, Any] | None:
-        """The best validation so far: config.json's record (written after each best.pt, so possibly
-        later than the checkpoint), else the checkpoint's; None when best.pt is gone."""
-        if not (self.out_dir / BEST_NAME).is_file():
-            return None
-        try:
-            recorded = json.loads((self.out_dir / "config.json").read_text()).get("best")
-        except (OSError, ValueError):
-            recorded = None
-        best = recorded or ckpt.get("best")
-        return {k: best[k] for k in ("metric", "value", "step")} if best else None
 
     # ------------------------------------------------------------------ training
     def _batches(self) -> Iterator[dict[str, Tensor]]:
