@@ -153,6 +153,26 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: trainer.best_metric='val_mse' is not a validation metric of model=dino_wm "
             "(val_one_step_mse, val_3_step_mse); name one of those, 'auto' (the first) or null (no best.pt)",
         ),
+        (  # Path("") is the current folder: the run wrote its checkpoints there
+            "wm-train",
+            ["store=missing.zarr", "out="],
+            "error: out= is empty; give the run's folder (new, or one to resume)",
+        ),
+        (  # the sheet was written into the current folder
+            "wm-info",
+            ["store=missing.zarr", "contact_sheet="],
+            "error: contact_sheet= is empty; give a folder or a .png path in one",
+        ),
+        (  # an empty name went into the dataset's metadata
+            "wm-convert",
+            ["src=missing.zarr", "dst=out_lerobot", "repo_id="],
+            "error: repo_id= is empty; give the dataset's name, e.g. repo_id=user/pusht_demos",
+        ),
+        (
+            "wm-collect",
+            ["task=pointmaze", "store="],
+            "error: store= is empty; give a store path in a folder",
+        ),
         (  # a traceback (NotADirectoryError) once the model was built
             "wm-train",
             ["store=missing.zarr", "out=/dev/null/run"],

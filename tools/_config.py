@@ -66,7 +66,10 @@ def record_of(value: Any) -> Any:
 def folder(option: str, value: Any, give: str = "give a folder", within: bool = False) -> None:
     """Refuse a folder option whose path, or one of its parents, is a file (the write failed later with
     a traceback or an errno line that named no option): `out=x: x is a file; give a folder`. `within`:
-    `value` names a file, whose parents must be folders."""
+    `value` names a file, whose parents must be folders. An empty value is refused: `Path("")` is the
+    current folder, where the run would have written."""
+    if not str(value).strip():
+        raise UsageError(f"{option}= is empty; {give}")
     for path in (*([] if within else [Path(value)]), *Path(value).parents):
         if path.exists() and not path.is_dir():
             raise UsageError(f"{option}={value}: {path} is a file; {give}")

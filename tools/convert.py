@@ -31,6 +31,8 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         folder("dst", self.dst, "give a path in a folder", within=True)
+        if not self.repo_id.strip():  # written into the dataset's metadata, what LeRobot loads it by
+            raise ValueError("repo_id= is empty; give the dataset's name, e.g. repo_id=user/pusht_demos")
         if self.zarr_format not in (2, 3):
             raise ValueError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
         if self.fps is not None and not self.fps > 0:

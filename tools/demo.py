@@ -40,8 +40,6 @@ class DemoConfig:
     eval: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not str(self.out).strip():  # Path("") is the current folder: the demo ran into it
-            raise UsageError("out= is empty; give the demo's folder (new, or an earlier run's)")
         folder("out", self.out, "give the demo's folder (new, or an earlier run's)")
 
 

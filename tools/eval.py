@@ -50,8 +50,6 @@ class EvalConfig(ControllerConfig):
         from robots.registry import task_entry
 
         super().__post_init__()
-        if not str(self.out).strip():
-            raise UsageError("out= is empty: give the folder for results.json, report.html and videos")
         folder("out", self.out, "give a folder (new, or an earlier run's)")
         for name, least in (("episodes", 1), ("parallel", 1), ("videos", 0)):
             if getattr(self, name) < least:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind, folder, store_path
+from tools._cli import UsageError, app, bind, store_path
 from wm.data import ActionSpace, DemoStore, KeySpec, Schema
 
 # mujoco is imported in `record`, not at the top: it picks its GL backend from MUJOCO_GL when first
@@ -64,7 +64,6 @@ class SampleConfig:
         if self.image_size > MAX_IMAGE_SIZE:  # MuJoCo's framebuffer failed with a fatal error
             raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
         store_path("out", self.out)
-        folder("out", self.out, "give a new store's path", within=True)  # not inside another store
         if Path(self.out).exists() and not self.overwrite:
             raise UsageError(
                 f"out={self.out} already exists; choose another path, or overwrite=true to replace a store"
