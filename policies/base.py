@@ -188,11 +188,15 @@ class Budget:
     seconds: float | None = None
 
     def __post_init__(self) -> None:
-        cap = self.max_iterations  # NaN passed `< 1` and left the planners' loops without a cap
-        if cap is not None and (not is_whole(cap) or cap < 1):
-            raise ValueError(f"max_iterations must be an integer >= 1 or None, got {cap!r}")
-        if self.seconds is not None and not self.seconds > 0:
-            raise ValueError(f"seconds must be > 0 or None, got {self.seconds}")
+        check_budget(self.max_iterations, self.seconds)
+
+
+def check_budget(iterations: Any, seconds: Any, iterations_name: str = "max_iterations") -> None:
+    """`Budget`'s checks, the iteration cap named as the caller's option calls it."""
+    if iterations is not None and (not is_whole(iterations) or iterations < 1):  # NaN passed `< 1`
+        raise ValueError(f"{iterations_name} must be an integer >= 1 or None, got {iterations!r}")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"seconds must be > 0 or None, got {seconds}")
 
 
 @dataclass

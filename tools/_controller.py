@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from policies.base import Budget
+from policies.base import check_budget
 from policies.planners import DEFAULT_PLANNER
 from policies.subgoal import GraphConfig
 from tools._cli import UsageError, build, changed, one_of
@@ -86,10 +86,7 @@ class PlannerBudget:
     seconds: float | None = None
 
     def __post_init__(self) -> None:
-        try:
-            Budget(self.iterations, self.seconds)  # its checks, in this option's words
-        except ValueError as e:
-            raise ValueError(str(e).replace("max_iterations", "iterations", 1)) from None
+        check_budget(self.iterations, self.seconds, "iterations")
 
 
 @dataclass(frozen=True, kw_only=True)
