@@ -78,9 +78,9 @@ def spec_for(
 
 # ---------------------------------------------------------------------- 1. tick timing
 def ticks(args: argparse.Namespace) -> dict:
-    results = {}
+    results, size = {}, _image_size(args.checkpoint)  # the policy's camera size, as wm-deploy renders
     for mode in ("async", "sync"):
-        task = make_task(TASK, SimConfig(image_size=(96, 96), max_steps=10**9))
+        task = make_task(TASK, SimConfig(image_size=size, max_steps=10**9))
         task.control_hz = args.hz
         rt_opts = {"realtime_priority": args.realtime_priority, "control_cpu": args.control_cpu}
         if mode == "sync":
