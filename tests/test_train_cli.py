@@ -142,6 +142,13 @@ def test_what_a_resume_must_keep_is_compared_as_the_runs_used_it():
     assert data_changes(then, then | {"store_fingerprint": "g"}, defaults) == ["store_fingerprint 'f' -> 'g'"]
     old = {"store": "/a/s.zarr", "seed": 0}  # a checkpoint with no fingerprint: its path stands for it
     assert data_changes(old, then | {"store": "/b/s.zarr"}, defaults) == ["store '/a/s.zarr' -> '/b/s.zarr'"]
+    taught = then | {"teacher_checkpoint": "/gone/t/ckpt_00000002.pt"}
+    assert data_changes(taught, taught, defaults) == []
+    untaught = then | {"teacher_checkpoint": None}
+    assert data_changes(untaught, untaught, defaults) == []
+    assert data_changes(taught, then | {"teacher_checkpoint": "/gone/t/ckpt_00000004.pt"}, defaults) == [
+        "the student learns from /gone/t/ckpt_00000002.pt: that file is gone"
+    ]
 
 
 def test_another_store_with_the_same_fingerprint_is_not_taken_for_a_moved_one(store, tmp_path):
@@ -215,3 +222,30 @@ def test_ctrl_c_or_sigterm_saves_says_how_to_resume_and_exits_128_plus_the_signa
     assert res.returncode == 0, res.stderr
     assert f"resumed from step {step} ({out / f'ckpt_{step:08d}.pt'})" in res.stderr
     assert load_checkpoint(out)["step"] == step + 2
+
+
+def test_a_student_resumes_only_on_the_teacher_file_it_learns_from(store, tmp_path):
+    """teacher=DIR is the teacher run's latest checkpoint. A student resumed after the teacher run had
+    trained on switched to the newer teacher mid-distillation (said in a note, as another model_config
+    whose weights fit); it is refused now, naming the file to give."""
+    from apps import TINY_POLICY
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        settings = ["trainer.batch_size=4", "trainer.val_every=0", "trainer.ckpt_every=0"]
+        return subprocess.run([WM_TRAIN, f"store={store}", *settings, *args], capture_output=True, text=True)
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    first = teacher / "ckpt_00000002.pt"
+    taught = ["model=diffusion_unet", *TINY_POLICY, f"out={teacher}"]
+    assert train(*taught).returncode == 0
+    distill = ["model=consistency", f"out={student}", "trainer.steps=2"]
+    assert train(*distill, f"teacher={teacher}", "trainer.steps=1").returncode == 0
+    assert train(*taught, "trainer.steps=4").returncode == 0  # the teacher run trains on
+    res = train(*distill, f"teacher={teacher}")
+    assert res.returncode == 2, res.stderr
+    assert f"trained on other data (the student learns from {first}: give teacher= that file to resume)" in (
+        res.stderr
+    )
+    res = train(*distill, f"teacher={first}")
+    assert res.returncode == 0 and "resumed from step 1" in res.stderr, res.stderr
+    assert load_checkpoint(student)["extra"]["run_config"]["teacher_checkpoint"] == str(first)

@@ -96,7 +96,9 @@ def data_changes(then: dict[str, Any], now: dict[str, Any], defaults: dict[str, 
     """What differs (`changed_entries`) between a checkpoint's run config and this run's in `SAME_DATA`,
     as the runs used it: a key left unset is the store's default (`image_key=rgb` spelled out resumes a
     run that named none), and a store at another path is the same store when the checkpoint recorded
-    its content fingerprint and the store was moved or copied there (`moved_or_copied`)."""
+    its content fingerprint and the store was moved or copied there (`moved_or_copied`). A distilled
+    model's teacher file must be the same too: teacher=DIR is the teacher run's latest checkpoint, and a
+    student resumed after that run trained on switched teachers mid-distillation."""
     from wm.resume import changed_entries
 
     def used(run: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +106,12 @@ def data_changes(then: dict[str, Any], now: dict[str, Any], defaults: dict[str, 
 
     same_place = "store_fingerprint" in then and moved_or_copied(then.get("store"), now.get("store"))
     keys = [k for k in SAME_DATA if not (k == "store" and same_place)]
-    return changed_entries(used(then), used(now), keys)
+    changes = changed_entries(used(then), used(now), keys)
+    teacher = then.get("teacher_checkpoint")  # a distilled model's teacher file (teacher=DIR: the latest)
+    if teacher and teacher != now.get("teacher_checkpoint"):  # the teacher run trained on since
+        kept = "give teacher= that file to resume" if Path(teacher).is_file() else "that file is gone"
+        changes.append(f"the student learns from {teacher}: {kept}")
+    return changes
 
 
 def moved_or_copied(old: str | None, new: str | None) -> bool:
@@ -170,7 +177,11 @@ def train(cfg: TrainAppConfig) -> int:
         video_store=cfg.video_store,
         video_ratio=cfg.video_ratio or 0.0,  # None: no video store (its default was set above)
     )
-    run_config = {**json.loads(json.dumps(cfg.__dict__, default=str)), **store_facts}
+    run_config = {
+        **json.loads(json.dumps(cfg.__dict__, default=str)),
+        **store_facts,
+        "teacher_checkpoint": setup.model_config.get("teacher"),
+    }
     trainer = Trainer(
         setup.model,
         setup.train_set,

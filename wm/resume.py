@@ -96,8 +96,8 @@ def check_fits(run: RunIdentity, ckpt: dict[str, Any], path: Path) -> str:
     data = run.same_on_resume(then, run.run_config) if run.same_on_resume is not None else []
     if data:
         raise CheckpointError(
-            f"{where}, trained on other data ({'; '.join(data)}): resuming would redraw the validation "
-            f"split and the normalization; {fix}"
+            f"{where}, trained on other data ({'; '.join(data)}): resuming would change what the run "
+            f"learns from mid-run (the data, its split and normalization, or a teacher); {fix}"
         )
     if not changed:
         return ""
