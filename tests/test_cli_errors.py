@@ -168,6 +168,11 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["src=missing.zarr", "dst=out_lerobot", "repo_id="],
             "error: repo_id= is empty; give the dataset's name, e.g. repo_id=user/pusht_demos",
         ),
+        (  # refused after the robosuite task was built and an empty store made, which then refused
+            "wm-collect",  # Lift episodes into it (another schema)
+            ["task=robosuite/NutAssembly", "store=nut.zarr"],
+            "error: no scripted expert for robosuite/NutAssembly; there are for Lift, Stack, Door",
+        ),
         (
             "wm-collect",
             ["task=pointmaze", "store="],

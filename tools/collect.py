@@ -90,6 +90,8 @@ class CollectConfig:
                 raise UsageError("command_device starts a human's episodes; teleop=scripted takes none")
             if self.replays == 0 and changed(self, ("replay_noise_std",)):
                 raise UsageError("replay_noise_std is the noise of replays: give replays=N too")
+            if self.robot is None:
+                make_expert(self.task)  # a task without one (robosuite/NutAssembly) is refused here
         else:
             DeviceSettings.of(self).check(needs_start=True)
             given = changed(self, ("noise_std", "replays", "replay_noise_std"))  # scripted experts' only
@@ -166,6 +168,7 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
     scripted = device is None
     realtime = str(cfg.realtime).lower() == "true" or (str(cfg.realtime).lower() == "auto" and not scripted)
     options = task_options(cfg)
+    expert = make_expert(cfg.task) if scripted else None  # before the store: none leaves an empty one
     store = open_store(cfg.store, recording_schema(task, cfg.task), options)
     start = store.n_episodes
     bar = tqdm(total=cfg.episodes * (1 + (cfg.replays if scripted else 0)), unit="ep", dynamic_ncols=True)
@@ -191,8 +194,7 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
     )
     interrupted = False
     try:
-        if scripted:
-            expert = make_expert(cfg.task)
+        if expert is not None:
             for _ in range(cfg.episodes):
                 collector.record_expert_episode(expert, "expert", cfg.replays, cfg.replay_noise_std)
         else:
