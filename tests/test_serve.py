@@ -514,6 +514,9 @@ def test_a_second_client_cannot_take_over_reset_or_feed_a_running_session():
         s = session_of(srv)
         with pytest.raises(WorkerDied, match=r"already serves 1 robot\(s\) \(max_sessions=1"):
             client(srv).start()
+        (owner,) = [line.split()[-1] for line in srv.lines if "opened for client" in line]
+        refused = [line.split()[1].rstrip(":") for line in srv.lines if ": busy: " in line]
+        assert refused and owner not in refused  # the log named every client alike (first 4 id bytes)
         intruder = raw(srv)
         intruder.send_multipart(wire.encode("reset", {"sid": a._sid}))  # the sid alone is not enough
         assert "not your session" in answer(intruder).fields["msg"]

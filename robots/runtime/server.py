@@ -51,6 +51,13 @@ HANDSHAKE_FAILED = (
 )
 
 
+def client_name(identity: bytes) -> str:
+    """A client's name in the log: its ZeroMQ routing id in hex, the last 8 bytes of a longer one.
+    ZeroMQ numbers its clients in the id's last bytes (00 6b8b4567, 00 6b8b4568, ...), so its first
+    bytes named every client alike."""
+    return identity[-8:].hex()
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """host / port: where to listen (port 0: any free one); token: the shared secret clients must prove
@@ -304,7 +311,9 @@ class PolicyServer:
 
     def _error(self, identity: bytes, code: str, text: str, seq: int | None = None, **extra: Any) -> None:
         text = wire.one_line(text)  # a controller's exception may span lines; a peer's words go to the log
-        self._count_error(f"client {identity.hex()[:8]}: {code}: {text}", code in ("auth", "busy", "session"))
+        self._count_error(
+            f"client {client_name(identity)}: {code}: {text}", code in ("auth", "busy", "session")
+        )
         fields = {"code": code, "msg": text, "seq": seq, "reply": time.monotonic(), **extra}
         self._send(identity, "error", fields)
 
@@ -365,7 +374,7 @@ class PolicyServer:
                 self._error(identity, "session", "cannot resume that session: wrong proof")
                 return
             s.identity, s.last_seen = identity, now
-            self.log(f"session {s.sid.hex()[:8]}: resumed by client {identity.hex()[:8]}")
+            self.log(f"session {s.sid.hex()[:8]}: resumed by client {client_name(identity)}")
             self._ready(s, resumed=True)
             return
         if len(self.sessions) >= self.cfg.max_sessions:
@@ -560,7 +569,7 @@ class PolicyServer:
             if s.closed:
                 self._release(s)
                 return
-            self.log(f"session {s.sid.hex()[:8]}: opened for client {identity.hex()[:8]}")
+            self.log(f"session {s.sid.hex()[:8]}: opened for client {client_name(identity)}")
             self._ready(s, resumed=False)
             return
         if s.closed and not s.jobs:
