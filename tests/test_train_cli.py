@@ -224,6 +224,15 @@ def test_ctrl_c_or_sigterm_saves_says_how_to_resume_and_exits_128_plus_the_signa
     assert load_checkpoint(out)["step"] == step + 2
 
 
+def test_the_summary_line_keeps_small_metrics():
+    from tools.train import summary_line
+
+    line = json.loads(
+        summary_line("run", {"val/val_action_mse": 2.377123e-07, "loss": 0.29171234, "step": 20.0})
+    )
+    assert line == {"out": "run", "val/val_action_mse": 2.377123e-07, "loss": 0.2917123, "step": 20.0}
+
+
 def test_a_student_resumes_only_on_the_teacher_file_it_learns_from(store, tmp_path):
     """teacher=DIR is the teacher run's latest checkpoint. A student resumed after the teacher run had
     trained on switched to the newer teacher mid-distillation (said in a note, as another model_config

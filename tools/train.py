@@ -210,8 +210,14 @@ def train(cfg: TrainAppConfig) -> int:
         raise
     if main:
         say_checkpoints(out, trainer.best, model_type)
-        print(json.dumps({"out": cfg.out, **{k: round(v, 6) for k, v in metrics.items()}}))
+        print(summary_line(cfg.out, metrics))
     return 0
+
+
+def summary_line(out: str, metrics: dict[str, float]) -> str:
+    """The run's last line: its out= and final metrics as JSON, each to 7 significant digits (rounded to 6
+    decimals, a validation error of 2.4e-07 read 0.0)."""
+    return json.dumps({"out": out, **{k: float(f"{v:.7g}") for k, v in metrics.items()}})
 
 
 def say_checkpoints(out: Path, best: dict[str, Any] | None, model_type: str) -> None:
