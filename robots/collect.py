@@ -94,10 +94,7 @@ def _check_append(
     mine = {k: (s.shape, s.dtype) for k, s in schema.keys.items()}
     theirs = {k: (s.shape, s.dtype) for k, s in store.schema.keys.items()}
     if mine != theirs:
-        raise SchemaError(
-            f"{path}: holds keys {theirs}, but this task records {mine}; use another store or the same "
-            "task options (image size, state_only)"
-        )
+        raise SchemaError(f"{path}: {_key_difference(theirs, mine)}")
     # the same shapes in other units, at another rate, from another robot or task would mix silently
     old, new = store.schema, schema
     same_robot = "use another store or the same robot and options (use_degrees, control_hz)"
@@ -118,6 +115,24 @@ def _check_append(
     for what, was, now, fix in facts:
         if was != now:
             raise SchemaError(f"{path}: recorded with {what} {was!r}, this session records {now!r}; {fix}")
+
+
+def _key_difference(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
+    """What differs between a store's keys and a session's, (shape, dtype) each, and what to do: keys one
+    side alone has are a recording of another kind (a wm-deploy recording's action_due, chunk, safety
+    against a wm-collect store) or another camera setting; a shape, another image size."""
+    extra, lacking = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
+    parts = [f"this session records {', '.join(extra)}, which it does not hold"] if extra else []
+    parts += [f"it holds {', '.join(lacking)}, which this session does not record"] if lacking else []
+    parts += [
+        f"its {k} is {theirs[k][0]} {theirs[k][1]}, this session's {mine[k][0]} {mine[k][1]}"
+        for k in sorted(mine.keys() & theirs.keys())
+        if mine[k] != theirs[k]
+    ]
+    return (
+        f"{'; '.join(parts)}; use another store, or the same task options (image size, state_only) "
+        "(a wm-deploy recording and a wm-collect store hold different keys: they do not mix)"
+    )
 
 
 def _recorded_options(store: DemoStore) -> dict[str, Any]:

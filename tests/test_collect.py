@@ -52,8 +52,29 @@ def test_collect_writes_episodes_the_dataset_reads_and_resumes(tmp_path):
     assert s.n_episodes == 5 and [s.episode_info(i)["seed"] for i in (3, 4)] == [3, 4]
     # A resume with a different image size would mix shapes: refused, store untouched.
     res = collect("task=pointmaze", "episodes=1", f"store={store}", "image_size=48", "preview=false")
-    assert res.returncode == 2 and "holds keys" in res.stderr
+    assert (
+        res.returncode == 2
+        and "its image is (32, 32, 3) uint8, this session's (48, 48, 3) uint8" in res.stderr
+    )
     assert DemoStore.open(store).n_episodes == 5
+
+
+def test_a_deploy_recording_and_a_collected_store_do_not_mix_and_say_why(tmp_path):
+    """The refusal named the task options (image size, state_only) whatever differed; a wm-deploy
+    recording into a wm-collect store of the same task differs by the runtime's own keys."""
+    from robots.runtime.report import RECORD_KEYS
+    from robots.runtime.report import recording_schema as deploy_schema
+    from wm.data.store import SchemaError
+
+    task = make_task("pointmaze", SimConfig(image_size=(32, 32)))
+    collected = recording_schema(task, "pointmaze")
+    open_store(str(tmp_path / "s.zarr"), collected).close()
+    with pytest.raises(SchemaError) as info:
+        open_store(str(tmp_path / "s.zarr"), deploy_schema(collected))
+    assert f"this session records {', '.join(sorted(RECORD_KEYS))}, which it does not hold; " in str(
+        info.value
+    )
+    assert "a wm-deploy recording and a wm-collect store hold different keys" in str(info.value)
 
 
 def test_same_seed_same_episodes(tmp_path):
