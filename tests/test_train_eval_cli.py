@@ -91,7 +91,8 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
     "args, line",
     [
         (["execute=5", "planner.horizon=2"], "cannot execute 5 steps of a horizon-2 plan"),
-        (["subgoals=on", "store=missing.zarr"], "subgoals=on needs the training store"),
+        (["subgoals=on", "store=missing.zarr"], "store=missing.zarr does not exist (the store subgoals are"),
+        (["subgoals=auto", "store=missing.zarr"], "store=missing.zarr does not exist"),  # was only a note
         (["task=arm_push"], "an observation from another task or robot?"),  # refused as the episodes start
     ],
 )

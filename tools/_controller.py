@@ -263,11 +263,13 @@ def _mpc_builder(cfg: ControllerConfig, loaded: Any, feat: Any) -> Any:
 
 
 def _graph_store(cfg: ControllerConfig, ckpt: dict[str, Any]) -> str | None:
-    """The store the subgoal graph is built from: `store=`, else the one the checkpoint was trained on.
-    With subgoals=auto and no store found, subgoals are off, and the evaluation says so."""
+    """The store the subgoal graph is built from: `store=` (which must exist), else the one the checkpoint
+    was trained on. With subgoals=auto and no store found, subgoals are off, and the evaluation says so."""
     if cfg.subgoals == "off":
         return None
     run = ckpt.get("extra", {}).get("run_config", {})
+    if cfg.store and not Path(cfg.store).exists():  # given: not the training store, and not to be dropped
+        raise ValueError(f"store={cfg.store} does not exist (the store subgoals are built from)")
     store = cfg.store or run.get("store")
     if store and Path(store).exists():
         _say_if_changed(str(store), run)
