@@ -15,7 +15,6 @@ executes those actions whatever a candidate holds there, so every planner respec
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -37,6 +36,7 @@ from policies.base import (
     shift_plan,
 )
 from policies.inputs import ObsHistory, check_raw, to_model_inputs
+from wm import kernels
 from wm.options import check_numbers
 
 
@@ -58,7 +58,8 @@ class MPCConfig:
     max_iterations: cap on planner iterations (gradient steps for "gd") per replan; None: the
         planner's own count (a cap never raises it).
     seconds: wall-clock budget per replan, checked after each planner iteration (at least one
-        iteration runs, and the last one may overrun); None: no time budget.
+        iteration runs, and the last one may overrun); a one-off kernel calibration inside it is not
+        counted (`wm.kernels.compute_clock`); None: no time budget.
     warm_start: start each replan from the previous plan shifted by the k executed steps, padded
         with its last step ("last") or zeros ("zeros").
     """
@@ -133,7 +134,7 @@ class MPC:
         planner: Planner,
         cfg: MPCConfig | None = None,
         subgoals: GoalSelector | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = kernels.compute_clock,
     ) -> None:
         self.cfg = cfg = cfg if cfg is not None else MPCConfig()
         self.io = io = model.io_spec  # type: ignore[attr-defined]

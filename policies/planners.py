@@ -24,7 +24,6 @@ wrapper of the planner's own model.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
@@ -41,6 +40,7 @@ from policies.base import (
     detach_latent,
     latent_batch_size,
 )
+from wm import kernels
 from wm.options import is_whole
 from wm.seeding import derived_torch_seed
 
@@ -209,7 +209,7 @@ PlannerConfig = CEMConfig | MPPIConfig | GradConfig | CEMThenGradConfig
 class _Planner:
     """Shared plumbing: bounds, initial plan, generators, budget."""
 
-    def __init__(self, model: PlanningModel, cfg: Any, clock: Clock = time.monotonic) -> None:
+    def __init__(self, model: PlanningModel, cfg: Any, clock: Clock = kernels.compute_clock) -> None:
         self.model, self.cfg, self.clock = model, cfg, clock
         self.horizon: int = cfg.horizon
         self._gen: torch.Generator | None = None
@@ -470,7 +470,9 @@ class CEMThenGradient:
     """CEM for a global guess, then gradient steps from CEM's best plan (its mean, or the best sample
     when that scored better); returns the best plan seen."""
 
-    def __init__(self, model: PlanningModel, cfg: CEMThenGradConfig, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, model: PlanningModel, cfg: CEMThenGradConfig, clock: Clock = kernels.compute_clock
+    ) -> None:
         self.cfg, self.clock, self.horizon = cfg, clock, cfg.cem.horizon
         self.cem, self.grad = CEM(model, cfg.cem, clock), GradientPlanner(model, cfg.grad, clock)
 
@@ -553,7 +555,7 @@ def planner_config(name: str = DEFAULT_PLANNER, **kwargs: Any) -> PlannerConfig:
 
 
 def build_planner(
-    cfg: PlannerConfig | Mapping[str, Any], model: PlanningModel, clock: Clock = time.monotonic
+    cfg: PlannerConfig | Mapping[str, Any], model: PlanningModel, clock: Clock = kernels.compute_clock
 ) -> CEM | MPPI | GradientPlanner | CEMThenGradient:
     """A planner for `model` from a config or a mapping with a "name" ("cem" | "mppi" | "gd" | "cem_gd")."""
     if isinstance(cfg, Mapping):

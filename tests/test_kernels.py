@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -825,3 +826,19 @@ def test_summary_since_a_mark_counts_only_what_came_after(tmp_path):
     since = sel.summary(since=mark)
     assert since["shapes"] == 1 and since["by_kernel"] == {"int8": 1}
     assert 0 <= since["calibration_s"] < 5.0 and sel.summary()["shapes"] == 2
+
+
+def test_calibration_stops_the_compute_clock():
+    """A shape's first call calibrates (once, up to seconds): wm-eval counted that as planning time; the
+    compute clock, which the planners and policies time and budget on, stands still for it."""
+
+    def slow_timer(fns):
+        time.sleep(0.3)  # what timing the candidates takes
+        return {"native": 1.0, "fast": 0.5}
+
+    x = torch.randn(8, 8)
+    cands = {"native": lambda: x * 2, "fast": lambda: x + x}
+    wall, compute = time.monotonic(), kernels.compute_clock()
+    with kernels.using(Selector(KernelCache(None), timer=slow_timer)) as sel:
+        assert sel.choose("op", cands, "native") == "fast"
+    assert time.monotonic() - wall >= 0.3 and kernels.compute_clock() - compute < 0.1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 
 import numpy as np
 import pytest
@@ -444,6 +445,31 @@ def test_time_budget_stops_after_the_iteration_that_crosses_it():
     z = PointModel().encode(obs_of([[0.0, 0.0]]))
     result = planner.plan(z, z, budget=Budget(seconds=3.5))  # clock reads 0 at start, then 1, 2, 3, 4
     assert result.iterations == 4
+
+
+def test_a_kernel_calibration_inside_a_replan_does_not_eat_its_time_budget():
+    """The model's first call calibrates a kernel (0.5 s here, once): on the wall clock the 0.3 s budget
+    ran out in the first iteration, and wm-eval counted the calibration as planning time."""
+    from wm import kernels
+    from wm.kernels import KernelCache, Selector
+
+    x = torch.randn(4, 4)
+    candidates = {"native": lambda: x * 2, "fast": lambda: x + x}
+
+    def slow_timer(fns):
+        time.sleep(0.5)
+        return {"native": 1.0, "fast": 0.5}
+
+    class Calibrating(PointModel):
+        def rollout(self, z0, actions):
+            kernels.choose("rollout-op", candidates, "native")  # calibrates at the first call only
+            return super().rollout(z0, actions)
+
+    model = Calibrating()
+    z = model.encode(obs_of([[0.0, 0.0]]))
+    with kernels.using(Selector(KernelCache(None), timer=slow_timer)):
+        result = build_planner(CONFIGS["cem"], model).plan(z, z, budget=Budget(seconds=0.3))
+    assert result.iterations == CONFIGS["cem"].iterations > 1
 
 
 DEVICES = [

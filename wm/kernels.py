@@ -370,7 +370,10 @@ class Selector:
             ref = candidates[native]()
             # a NaN / inf / all-zero output judges no candidate: nothing is decided or cached for the shape
             record = calibrate(candidates, native, tol, timer, self.margin, ref) if checkable(ref) else None
-        self.spent_s += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.spent_s += spent
+        global _calibrating_s
+        _calibrating_s += spent
         if record is None:
             return default
         self.cache.put(full, record)
@@ -401,6 +404,14 @@ class Selector:
 
 _selector: Selector | None = None
 _generation = 0
+_calibrating_s = 0.0  # every selector's calibration seconds in this process, for `compute_clock`
+
+
+def compute_clock() -> float:
+    """`time.monotonic()` less the seconds this process has spent calibrating kernels: what inference is
+    timed and budgeted on. A shape's one-off calibration at its first call then neither counts as that
+    call's compute (wm-eval's planning time per step) nor eats a replan's `seconds` budget."""
+    return time.monotonic() - _calibrating_s
 
 
 def selector() -> Selector:
