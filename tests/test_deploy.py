@@ -68,6 +68,10 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "episode 1:" in res.stdout and "tick error p99" in res.stdout
+    assert (  # the store was recorded at pointmaze's 10 Hz
+        "note: the checkpoint was trained on data at 10 Hz, and its actions run at 20 Hz here: each was "
+        "meant for 0.1 s; give runtime.policy_hz=10 to play them at that rate" in res.stderr
+    )
     report = json.loads((out / "report.json").read_text())
     assert all(k in report for k in REPORT_KEYS)
     assert report["episodes"] == 2 and 0 <= report["success_rate"] <= 1
@@ -130,6 +134,7 @@ def test_mpc_with_history_deployed(world_model, tmp_path, planner):
         "max_steps=6", "control_hz=10", *PLANNER_OPTIONS[planner], "subgoals=off",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
+    assert "the checkpoint was trained" not in res.stderr  # its rate and robot
     report = json.loads((out / "report.json").read_text())
     assert report["ticks"] == 6 and report["chunks"] >= 2 and report["stopped"] == []
 

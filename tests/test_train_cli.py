@@ -224,6 +224,20 @@ def test_ctrl_c_or_sigterm_saves_says_how_to_resume_and_exits_128_plus_the_signa
     assert load_checkpoint(out)["step"] == step + 2
 
 
+def test_a_checkpoint_from_another_robot_or_rate_is_said():
+    from tools._controller import trained_elsewhere
+
+    run = {"store": "/d/lift.zarr", "store_robot": "robosuite/Lift", "store_fps": 10}
+    assert (
+        trained_elsewhere(run, "robosuite/Lift", 10.0) == [] and trained_elsewhere({}, "pointmaze", 20) == []
+    )
+    assert trained_elsewhere(run, "robosuite/Stack", 20.0, "give policy_hz={fps}") == [
+        "the checkpoint was trained on robosuite/Lift data (/d/lift.zarr); this runs robosuite/Stack",
+        "the checkpoint was trained on data at 10 Hz, and its actions run at 20 Hz here: each was meant for "
+        "0.1 s; give policy_hz=10",
+    ]
+
+
 def test_the_summary_line_keeps_small_metrics():
     from tools.train import summary_line
 

@@ -201,6 +201,39 @@ def load_controller(
     return make(cfg.planner_budget.iterations), loaded
 
 
+def training_run(checkpoint: str) -> dict[str, Any]:
+    """The run config a checkpoint was trained with (`wm-train`'s, {} for none), its weights left on disk."""
+    import torch
+
+    from wm.checkpoint import latest_checkpoint
+
+    path = Path(checkpoint)
+    path = (latest_checkpoint(path) or path) if path.is_dir() else path
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - loading the model says what is wrong with the file
+        return {}
+    run = (ckpt.get("extra") or {}).get("run_config") if isinstance(ckpt, dict) else None
+    return run if isinstance(run, dict) else {}
+
+
+def trained_elsewhere(run: dict[str, Any], robot: str, hz: float, rate_fix: str = "") -> list[str]:
+    """Notes when the checkpoint's training data (`run`, its run config) came from another robot or task
+    than `robot`, or at another rate than `hz`, the rate its actions run at here (a 10 Hz policy run at
+    20 Hz plays each action for half the time it was shown for); `rate_fix` ends the rate's note, its
+    `{fps}` the training rate. Checkpoints that recorded neither: none."""
+    notes = []
+    trained, fps = run.get("store_robot"), run.get("store_fps")
+    if trained and trained != robot:
+        notes.append(f"the checkpoint was trained on {trained} data ({run.get('store')}); this runs {robot}")
+    if isinstance(fps, (int, float)) and fps > 0 and not math.isclose(fps, hz, rel_tol=1e-3):
+        notes.append(
+            f"the checkpoint was trained on data at {fps:g} Hz, and its actions run at {hz:g} Hz here: each "
+            f"was meant for {1 / fps:.3g} s" + (f"; {rate_fix.format(fps=f'{fps:g}')}" if rate_fix else "")
+        )
+    return notes
+
+
 def check_mpc(settings: dict[str, Any]) -> None:
     """Refuse now what building an MPC for each robot would refuse (a server, before any robot connects):
     the checkpoint, the subgoal store, and the planner and MPC options, checked on an MPC over the model's

@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
 from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, folder, record_of, store_path
-from tools._controller import ControllerConfig, refuse_temporal_ensemble
+from tools._controller import ControllerConfig, refuse_temporal_ensemble, trained_elsewhere, training_run
 from tools._device import DEFAULT_COMMAND_DEVICE, DeviceSettings
 
 
@@ -248,6 +248,11 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
             file=sys.stderr,
         )
     check_takeover(cfg, robot)  # before the worker loads a model
+    if cfg.checkpoint and cfg.server is None:  # a server's checkpoint is read where it is served
+        hz, given = cfg.runtime.policy_hz or robot.control_hz, cfg.runtime.policy_hz is not None
+        fix = "" if given else "give runtime.policy_hz={fps} to play them at that rate"
+        for note in trained_elsewhere(training_run(cfg.checkpoint), cfg.robot, hz, fix):
+            print(f"note: {note}", file=sys.stderr)
     options = task_options(cfg)
     feat = robot.action_feature
     threads = cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tools._cli import UsageError, app, bind, build, folder, record_of
-from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides
+from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides, trained_elsewhere
 from wm.locks import remove_left_by_dead
 
 BUDGET_PLOT = "success_vs_budget.png"
@@ -93,6 +93,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         opts["image_size"] = loaded.model.io_spec.image_size
     n = min(cfg.parallel, cfg.episodes)
     tasks = [make_task(cfg.task, SimConfig(**opts)) for _ in range(n)]
+    if loaded is not None:
+        run = (loaded.checkpoint.get("extra") or {}).get("run_config") or {}
+        for note in trained_elsewhere(run, cfg.task, tasks[0].control_hz):
+            print(f"note: {note}", flush=True)
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     feat = tasks[0].action_feature
     policy, make = _controller(cfg, loaded, feat)  # before out/ is made: it may refuse the command

@@ -84,6 +84,8 @@ def check_task(cfg: TrainAppConfig) -> tuple[dict[str, Any], dict[str, str | Non
             "store_fingerprint": store.fingerprint,
             "store_episodes": store.n_episodes,
             "video_store": str(Path(cfg.video_store).resolve()) if cfg.video_store else None,
+            "store_robot": store.schema.robot,  # what wm-eval / wm-deploy compare their robot and rate with
+            "store_fps": store.schema.fps,
         }
         image_key, proprio_key = data_keys(store, None, None, need_actions=False)
         defaults = {"image_key": image_key, "proprio_key": proprio_key}
