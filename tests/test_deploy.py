@@ -319,7 +319,7 @@ def test_an_mpc_server_refuses_what_no_robot_could_use_before_it_serves(world_mo
     """It bound and said "serving", then refused every robot at its hello (wm-eval refuses these at once)."""
     cases = [
         (["execute=50"], "cannot execute 50 steps of a horizon-"),
-        (["subgoals=on", f"store={tmp_path / 'gone.zarr'}"], "subgoals=on needs the training store"),
+        (["subgoals=on", f"store={tmp_path / 'gone.zarr'}"], "gone.zarr does not exist (the store subgoals"),
     ]
     for args, words in cases:
         res = run_app("wm-serve", "controller=mpc", f"checkpoint={world_model}", "port=0", *args)

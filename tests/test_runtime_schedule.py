@@ -254,3 +254,32 @@ def test_the_whole_runs_within_chunk_jumps_leave_out_the_jump_between_episodes()
     report = run_report([episode(0.0), episode(5.0)], {})
     assert [e["within_jump_p99"] for e in report["per_episode"]] == [0.0, 0.0]
     assert report["within_jump_p99"] == 0.0
+
+
+def test_the_run_report_merges_episode_digests_and_keeps_no_tick_records():
+    """wm-deploy kept every episode's tick records (about 0.7 KB a tick) until the report at the end; it
+    keeps each episode's digest now, a float a tick, and the run's figures come out of those."""
+    from collections import Counter
+
+    from robots.runtime.loop import ChunkRecord, EpisodeOutcome, TickRecord
+    from robots.runtime.report import EpisodeDigest, digest, run_report
+
+    def episode(late_ms: list[float], latency_ms: float, clipped: int) -> EpisodeOutcome:
+        out = EpisodeOutcome(events=Counter(clipped=clipped), underruns=1, stale_sent=2, success=True)
+        for k, late in enumerate(late_ms):
+            t = k * 0.02
+            out.ticks.append(TickRecord(t, t + late / 1e3, t, t, np.array([0.0]), 0, k, t))
+        out.chunks.append(ChunkRecord(0, 0.0, 0.0, 0.01, 0.01, 1, 0, latency_ms / 1e3))
+        return out
+
+    episodes = [digest(episode([0.5, 1.0, 3.0], 20.0, 1)), digest(episode([0.25], 40.0, 2))]
+    assert all(
+        isinstance(e, EpisodeDigest) and e.tick_error_ms.nbytes == 8 * e.figures["ticks"] for e in episodes
+    )
+    report = run_report(episodes, {})
+    assert report["ticks"] == 4 and report["tick_error_ms"]["max"] == pytest.approx(3.0)
+    assert report["tick_error_ms"]["p50"] == pytest.approx(0.75)
+    assert report["latency_ms"]["p50"] == pytest.approx(30.0) and report["chunks"] == 2
+    assert report["safety_events"] == {"clipped": 3} and report["underruns"] == 2
+    assert report["stale_actions_sent"] == 4 and report["stale_actions_dropped"] == 2
+    assert report["success_rate"] == 1.0 and [e["ticks"] for e in report["per_episode"]] == [3, 1]

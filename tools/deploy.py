@@ -227,7 +227,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     from robots.runtime.realtime import realtime, worker_cpus
     from robots.runtime.report import (
         LiveStatus,
-        episode_figures,
+        digest,
         live_line,
         recording_schema,
         run_report,
@@ -314,14 +314,14 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     takeover=takeover,
                 )
                 outcome.success = robot.is_success() if sim else None
-                outcomes.append(outcome)
+                outcomes.append(digest(outcome))  # the report's numbers, not every tick's record
                 if writer is not None:
                     if outcome.ticks:
                         info = {"seed": cfg.seed + i, "success": outcome.success, "stopped": outcome.stopped}
                         writer.end(info if options is None else {**info, OPTIONS_KEY: options})
                     else:
                         writer.discard()
-                print(live_line(episode_figures(outcome), i), flush=True)
+                print(live_line(outcomes[-1].figures, i), flush=True)
                 if stop.is_set() or (outcome.stopped and (not sim or not worker.alive() or worker.busy)):
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
         kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,33 +88,83 @@ def episode_figures(out: EpisodeOutcome) -> dict[str, Any]:
     }
 
 
-def run_report(outcomes: Sequence[EpisodeOutcome], settings: Mapping[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EpisodeDigest:
+    """What the run's report keeps of an episode once it is over (`digest`): its figures and the numbers
+    the whole run's percentiles and plots are drawn from, a float a tick where the `EpisodeOutcome`
+    holds every tick's record and command (a day at 30 Hz held about 1.8 GB until the report)."""
+
+    figures: dict[str, Any]  # `episode_figures`
+    tick_error_ms: np.ndarray  # (ticks,)
+    latency: np.ndarray  # (chunks sent, 2): each chunk's observation time (s) and its latency (ms)
+    inference_ms: np.ndarray  # (chunks,) the finite ones
+    within_jumps: np.ndarray  # the changes between consecutive commands inside a chunk
+    started_at: float
+    success: bool | None
+    stopped: str | None
+
+
+def digest(out: EpisodeOutcome) -> EpisodeDigest:
+    """`out` reduced to what `run_report` and `write_report` read."""
+    sent = [c for c in out.chunks if c.first_sent is not None]
+    return EpisodeDigest(
+        figures=episode_figures(out),
+        tick_error_ms=np.array([(t.started - t.nominal) * 1e3 for t in out.ticks], float),
+        latency=np.array([(c.obs_time, (c.first_sent - c.obs_time) * 1e3) for c in sent], float).reshape(
+            -1, 2
+        ),
+        inference_ms=np.array([c.seconds * 1e3 for c in out.chunks if np.isfinite(c.seconds)], float),
+        within_jumps=np.ravel(_jumps(out)[1]),
+        started_at=out.started_at,
+        success=out.success,
+        stopped=out.stopped,
+    )
+
+
+def _digests(episodes: Sequence[EpisodeOutcome | EpisodeDigest]) -> list[EpisodeDigest]:
+    return [e if isinstance(e, EpisodeDigest) else digest(e) for e in episodes]
+
+
+def run_report(
+    episodes: Sequence[EpisodeOutcome | EpisodeDigest], settings: Mapping[str, Any]
+) -> dict[str, Any]:
     """report.json: the run's figures over every tick of every episode, and each episode's own."""
-    merged = EpisodeOutcome()
-    for o in outcomes:
-        merged.ticks += o.ticks
-        merged.chunks += o.chunks
-        merged.events.update(o.events)
-        merged.stale_sent += o.stale_sent
-        merged.underruns += o.underruns
-        merged.skipped += o.skipped
-    whole = episode_figures(merged)
-    per_episode = [episode_figures(o) for o in outcomes]
+    eps = _digests(episodes)
+    per_episode = [e.figures for e in eps]
+    err = np.concatenate([e.tick_error_ms for e in eps] or [np.zeros(0)])
+    total = lambda key: sum(f[key] for f in per_episode)  # noqa: E731
+    events: Counter = Counter()
+    for f in per_episode:
+        events.update(f["safety_events"])
     rates = [f["achieved_hz"] for f in per_episode if f["achieved_hz"] is not None]
-    whole["achieved_hz"] = float(np.mean(rates)) if rates else None
     seams = [f["seam_jump_max"] for f in per_episode if f["seam_jump_max"] is not None]
-    whole["seam_jump_max"] = max(seams, default=None)
-    # within each episode: the jump from one episode's last action to the next one's first is none
-    whole["within_jump_p99"] = _pct(np.concatenate([np.ravel(_jumps(o)[1]) for o in outcomes] or [[]]), 99)
-    for key in ("success", "stopped", "wall_s"):
-        whole.pop(key)
-    succ = [o.success for o in outcomes if o.success is not None]
-    whole["episodes"] = len(outcomes)
-    whole["success_rate"] = float(np.mean(succ)) if succ else None
-    whole["stopped"] = [o.stopped for o in outcomes if o.stopped]
-    whole["settings"] = dict(settings)
-    whole["per_episode"] = per_episode
-    return whole
+    succ = [e.success for e in eps if e.success is not None]
+    return {
+        "ticks": total("ticks"),
+        "achieved_hz": float(np.mean(rates)) if rates else None,
+        "tick_error_ms": {
+            "p50": _pct(err, 50),
+            "p99": _pct(err, 99),
+            "max": float(err.max()) if len(err) else None,
+        },
+        "latency_ms": _p50_p99(np.concatenate([e.latency[:, 1] for e in eps] or [np.zeros(0)])),
+        "inference_ms": _p50_p99(np.concatenate([e.inference_ms for e in eps] or [np.zeros(0)])),
+        "chunks": total("chunks"),
+        "stale_actions_sent": total("stale_actions_sent"),
+        "stale_actions_dropped": total("stale_actions_dropped"),
+        "skipped_actions": total("skipped_actions"),
+        "underruns": total("underruns"),
+        "intervention_ticks": total("intervention_ticks"),
+        "safety_events": {k: int(v) for k, v in events.items() if v},
+        "seam_jump_max": max(seams, default=None),
+        # within each episode: the jump from one episode's last action to the next one's first is none
+        "within_jump_p99": _pct(np.concatenate([e.within_jumps for e in eps] or [np.zeros(0)]), 99),
+        "episodes": len(eps),
+        "success_rate": float(np.mean(succ)) if succ else None,
+        "stopped": [e.stopped for e in eps if e.stopped],
+        "settings": dict(settings),
+        "per_episode": per_episode,
+    }
 
 
 def server_figures(worker: Any) -> dict[str, Any]:
@@ -176,7 +228,9 @@ class LiveStatus:
             )
 
 
-def write_report(out_dir: Path, report: Mapping[str, Any], outcomes: Sequence[EpisodeOutcome]) -> list[Path]:
+def write_report(
+    out_dir: Path, report: Mapping[str, Any], episodes: Sequence[EpisodeOutcome | EpisodeDigest]
+) -> list[Path]:
     """report.json and the plots (tick error histogram, latency over time); returns the paths. report.json
     is valid JSON (a non-finite number, such as a setting of inf, is written as null) and replaces an
     earlier one whole (written beside it, then renamed)."""
@@ -184,31 +238,33 @@ def write_report(out_dir: Path, report: Mapping[str, Any], outcomes: Sequence[Ep
     path, tmp = out_dir / "report.json", out_dir / "report.json.tmp"
     tmp.write_text(json.dumps(json_finite(dict(report)), indent=1, default=str, allow_nan=False))
     os.replace(tmp, path)
-    return [path, *_plots(out_dir, outcomes)]
+    return [path, *_plots(out_dir, _digests(episodes))]
 
 
-def _plots(out_dir: Path, outcomes: Sequence[EpisodeOutcome]) -> list[Path]:
+def _plots(out_dir: Path, episodes: Sequence[EpisodeDigest]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    err = [(t.started - t.nominal) * 1e3 for o in outcomes for t in o.ticks]
+    err = np.concatenate([e.tick_error_ms for e in episodes] or [np.zeros(0)])
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.hist(err, bins=60, color="tab:blue")
     # (a log scale of no data warns on stderr: a run whose every episode stopped before its first tick)
-    a.set(xlabel="tick start after its deadline (ms)", ylabel="ticks", yscale="log" if err else "linear")
-    a.set_title("tick error" if err else "tick error (no ticks)")
-    t0 = min((o.started_at for o in outcomes if o.chunks), default=0.0)
-    for i, o in enumerate(outcomes):
-        pts = [
-            (c.obs_time - t0, (c.first_sent - c.obs_time) * 1e3) for c in o.chunks if c.first_sent is not None
-        ]
-        if pts:
-            x, y = zip(*pts, strict=True)
-            b.plot(x, y, ".", ms=3, label=f"episode {i}" if len(outcomes) <= 5 else None)
+    a.set(xlabel="tick start after its deadline (ms)", ylabel="ticks", yscale="log" if len(err) else "linear")
+    a.set_title("tick error" if len(err) else "tick error (no ticks)")
+    t0 = min((e.started_at for e in episodes if e.figures["chunks"]), default=0.0)
+    for i, e in enumerate(episodes):
+        if len(e.latency):
+            b.plot(
+                e.latency[:, 0] - t0,
+                e.latency[:, 1],
+                ".",
+                ms=3,
+                label=f"episode {i}" if len(episodes) <= 5 else None,
+            )
     b.set(xlabel="time (s)", ylabel="observation to action (ms)", title="latency")
-    if 1 < len(outcomes) <= 5:
+    if 1 < len(episodes) <= 5:
         b.legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / "timing.png"
