@@ -222,6 +222,7 @@ def test_a_policy_served_by_wm_serve_is_deployed_from_another_process(policy, tm
             "max_steps=12", "control_hz=20", "runtime.replan_every=4",
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
+        assert "note: the checkpoint was trained on data at 10 Hz, and its actions run at 20 Hz" in res.stderr
         report = json.loads((out / "report.json").read_text())
         assert report["episodes"] == 2 and 0 <= report["success_rate"] <= 1 and report["chunks"] >= 4
         server = report["settings"]["server"]

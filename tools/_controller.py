@@ -201,6 +201,9 @@ def load_controller(
     return make(cfg.planner_budget.iterations), loaded
 
 
+TRAINED_ON = ("store", "store_robot", "store_fps")  # what `trained_elsewhere` reads of a run config
+
+
 def training_run(checkpoint: str) -> dict[str, Any]:
     """The run config a checkpoint was trained with (`wm-train`'s, {} for none), its weights left on disk."""
     import torch
@@ -223,10 +226,15 @@ def trained_elsewhere(run: dict[str, Any], robot: str, hz: float, rate_fix: str 
     20 Hz plays each action for half the time it was shown for); `rate_fix` ends the rate's note, its
     `{fps}` the training rate. Checkpoints that recorded neither: none."""
     notes = []
-    trained, fps = run.get("store_robot"), run.get("store_fps")
-    if trained and trained != robot:
+    trained, fps = run.get("store_robot"), run.get("store_fps")  # (a server's, for a remote model)
+    if isinstance(trained, str) and trained and trained != robot:
         notes.append(f"the checkpoint was trained on {trained} data ({run.get('store')}); this runs {robot}")
-    if isinstance(fps, (int, float)) and fps > 0 and not math.isclose(fps, hz, rel_tol=1e-3):
+    if (
+        isinstance(fps, (int, float))
+        and math.isfinite(fps)
+        and fps > 0
+        and not math.isclose(fps, hz, rel_tol=1e-3)
+    ):
         notes.append(
             f"the checkpoint was trained on data at {fps:g} Hz, and its actions run at {hz:g} Hz here: each "
             f"was meant for {1 / fps:.3g} s" + (f"; {rate_fix.format(fps=f'{fps:g}')}" if rate_fix else "")

@@ -217,6 +217,20 @@ def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
     return Takeover(device, mapper)
 
 
+def say_trained_elsewhere(cfg: DeployConfig, robot: Any, info: dict[str, Any]) -> None:
+    """Notes when the model's training data came from another robot or at another rate (`trained_elsewhere`):
+    the checkpoint read here, or what the server read of its own (`info["trained_on"]`)."""
+    if cfg.server is not None:
+        run = info.get("trained_on")
+        run = run if isinstance(run, dict) else {}
+    else:
+        run = training_run(cfg.checkpoint) if cfg.checkpoint else {}
+    hz, given = cfg.runtime.policy_hz or robot.control_hz, cfg.runtime.policy_hz is not None
+    fix = "" if given else "give runtime.policy_hz={fps} to play them at that rate"
+    for note in trained_elsewhere(run, cfg.robot, hz, fix):
+        print(f"note: {note}", file=sys.stderr)
+
+
 def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     """Run the episodes; returns the report and the exit status."""
     import os
@@ -248,11 +262,6 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
             file=sys.stderr,
         )
     check_takeover(cfg, robot)  # before the worker loads a model
-    if cfg.checkpoint and cfg.server is None:  # a server's checkpoint is read where it is served
-        hz, given = cfg.runtime.policy_hz or robot.control_hz, cfg.runtime.policy_hz is not None
-        fix = "" if given else "give runtime.policy_hz={fps} to play them at that rate"
-        for note in trained_elsewhere(training_run(cfg.checkpoint), cfg.robot, hz, fix):
-            print(f"note: {note}", file=sys.stderr)
     options = task_options(cfg)
     feat = robot.action_feature
     threads = cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)
@@ -278,6 +287,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
             robot = make_robot(cfg, worker.info.get("image_size"))
             set_control_hz(cfg, robot)
         check_robot(worker.info, robot)  # the model reads what this robot gives, or one line says not
+        say_trained_elsewhere(cfg, robot, worker.info)
         if cfg.record:  # a store this run cannot record into is refused before the robot connects
             schema = recording_schema(robot.schema(cfg.robot if is_sim(cfg.robot) else ""))
             store = open_store(cfg.record, schema, options)

@@ -20,7 +20,14 @@ from omegaconf import DictConfig
 
 from robots.runtime.server import ServerConfig, token_from_env
 from tools._cli import UsageError, app, bind
-from tools._controller import ControllerConfig, check_mpc, refuse_temporal_ensemble, worker_controller
+from tools._controller import (
+    TRAINED_ON,
+    ControllerConfig,
+    check_mpc,
+    refuse_temporal_ensemble,
+    training_run,
+    worker_controller,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +64,9 @@ def make_server(cfg: ServeConfig, log: Any = print) -> Any:
     settings = cfg.settings()
     builder = functools.partial(_build, settings, cfg.seed)
     policy = cfg.controller == "policy"
-    meta = {"controller": cfg.controller, "checkpoint": cfg.checkpoint}
+    run = training_run(cfg.checkpoint) if cfg.checkpoint else {}  # a client compares its robot, rate
+    trained_on = {k: run[k] for k in TRAINED_ON if k in run}
+    meta = {"controller": cfg.controller, "checkpoint": cfg.checkpoint, "trained_on": trained_on}
     server = PolicyServer(
         builder, cfg.server_config(), key=(lambda low, high: None) if policy else None, meta=meta, log=log
     )
