@@ -61,16 +61,24 @@ def _jumps(out: EpisodeOutcome) -> tuple[np.ndarray, np.ndarray]:
 
 def episode_figures(out: EpisodeOutcome) -> dict[str, Any]:
     """The figures of one episode (see the module docstring)."""
-    ticks = out.ticks
-    err = [(t.started - t.nominal) * 1e3 for t in ticks]
-    lat = [(c.first_sent - c.obs_time) * 1e3 for c in out.chunks if c.first_sent is not None]
-    inf = [c.seconds * 1e3 for c in out.chunks if np.isfinite(c.seconds)]
-    seams, within = _jumps(out)
+    return digest(out).figures
+
+
+def _figures(
+    out: EpisodeOutcome, err: np.ndarray, lat: np.ndarray, inf: np.ndarray, jumps: Any
+) -> dict[str, Any]:
+    """`episode_figures` from the episode's tick errors, latencies and inference times (ms) and its
+    (seam, within-chunk) jumps (`_jumps`)."""
+    ticks, (seams, within) = out.ticks, jumps
     span = ticks[-1].started - ticks[0].started if len(ticks) > 1 else 0.0
     return {
         "ticks": len(ticks),
         "achieved_hz": (len(ticks) - 1) / span if span > 0 else None,
-        "tick_error_ms": {"p50": _pct(err, 50), "p99": _pct(err, 99), "max": max(err) if err else None},
+        "tick_error_ms": {
+            "p50": _pct(err, 50),
+            "p99": _pct(err, 99),
+            "max": float(err.max()) if len(err) else None,
+        },
         "latency_ms": _p50_p99(lat),
         "inference_ms": _p50_p99(inf),
         "chunks": len(out.chunks),
@@ -107,14 +115,16 @@ class EpisodeDigest:
 def digest(out: EpisodeOutcome) -> EpisodeDigest:
     """`out` reduced to what `run_report` and `write_report` read."""
     sent = [c for c in out.chunks if c.first_sent is not None]
+    err = np.array([(t.started - t.nominal) * 1e3 for t in out.ticks], float)
+    latency = np.array([(c.obs_time, (c.first_sent - c.obs_time) * 1e3) for c in sent], float).reshape(-1, 2)
+    inf = np.array([c.seconds * 1e3 for c in out.chunks if np.isfinite(c.seconds)], float)
+    jumps = _jumps(out)
     return EpisodeDigest(
-        figures=episode_figures(out),
-        tick_error_ms=np.array([(t.started - t.nominal) * 1e3 for t in out.ticks], float),
-        latency=np.array([(c.obs_time, (c.first_sent - c.obs_time) * 1e3) for c in sent], float).reshape(
-            -1, 2
-        ),
-        inference_ms=np.array([c.seconds * 1e3 for c in out.chunks if np.isfinite(c.seconds)], float),
-        within_jumps=np.ravel(_jumps(out)[1]),
+        figures=_figures(out, err, latency[:, 1], inf, jumps),
+        tick_error_ms=err,
+        latency=latency,
+        inference_ms=inf,
+        within_jumps=np.ravel(jumps[1]),
         started_at=out.started_at,
         success=out.success,
         stopped=out.stopped,
