@@ -95,13 +95,19 @@ def test_appending_after_crash_before_commit_record(tmp_path):
     ends = store._group["meta/episode_ends"]
     ends.resize((2,))
     ends[1] = 14
+    entries = store._group["wm_episode_info"]  # and its info entry, written just before the commit
+    entries.resize((2,))
+    entries[1] = '{"length":5,"seed":1}'
     store._lock.release()  # the process dies: its lock goes with it
     del store
     reopened = DemoStore.open(path, mode="a")
     assert reopened.n_episodes == 1 and reopened.array("img").shape[0] == 9
     assert reopened._group["meta/episode_ends"].shape == (1,)
+    assert reopened._group["wm_episode_info"].shape == (1,)
     reopened.append_episode(make_episode(2, 4), {"seed": 2})
     assert list(reopened.episode_ends) == [9, 13]
+    infos = [reopened.episode_info(i) for i in range(2)]
+    assert infos == [{"length": 9, "seed": 0}, {"length": 4, "seed": 2}]
 
 
 @pytest.mark.parametrize(

@@ -325,9 +325,7 @@ def test_a_commit_record_entry_that_is_not_an_object_is_damage_found_and_repaire
     store, _ = built
     store.close()
     group = zarr.open_group(store.path, mode="r+")
-    records = list(group.attrs["wm_episodes"])
-    records[1] = "garbage"
-    group.attrs["wm_episodes"] = records
+    group["wm_episode_info"][1] = "garbage"  # not JSON
     with pytest.raises(CorruptStoreError, match="the commit record's entry of episode 1 is not an object"):
         DemoStore.open(store.path)
     report = verify_store(store.path)

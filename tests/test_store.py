@@ -874,3 +874,118 @@ def test_a_converter_never_replaces_a_store_being_written_its_own_source_or_a_zi
     with pytest.raises(NotAStoreError, match="zip stores are read-only"):
         robomimic_to_store(src, tmp_path / "new.zip")
     assert not (tmp_path / "new.zip").exists()
+
+
+def _as_format_1(path) -> None:
+    """Turn a store into what this code wrote before format 2: every episode's info in the root attributes
+    (`wm_episodes`), no info array, schema format version 1."""
+    group = zarr.open_group(str(path), mode="r+")
+    records = [json.loads(str(t)) for t in group["wm_episode_info"][:]]
+    attrs = dict(group.attrs)
+    del group["wm_episode_info"]
+    schema = {**attrs.pop("wm_schema"), "format_version": 1}
+    attrs.pop("wm_committed")
+    group.attrs.put({**attrs, "wm_schema": schema, "wm_episodes": records})
+
+
+def test_a_commit_does_not_rewrite_every_episodes_info(tmp_path):
+    """The commit record was the list of every episode's info in the root attributes, rewritten whole at
+    each commit: a store's appends cost more the more episodes it held (24 ms to 46 ms a short episode
+    between episodes 1-100 and 501-600 in wm-collect). Now a commit rewrites one chunk of info entries
+    and the root attributes, whose size does not grow with the store."""
+    path = tmp_path / "s.zarr"
+    info = {"seed": 0, "success": True, "notes": "x" * 40}
+    with DemoStore.create(path, make_schema()) as store:
+        store.append_episode(make_episode(0, 2), info)
+        first = (path / "zarr.json").stat().st_size
+        for i in range(1, 12):
+            store.append_episode(make_episode(i, 2), {**info, "seed": i})
+        assert (path / "zarr.json").stat().st_size - first <= 1  # the count's digits
+    with DemoStore.open(path) as store:
+        assert [store.episode_info(i)["seed"] for i in range(12)] == list(range(12))
+        assert store.episode_info(3) == {"length": 2, **info, "seed": 3}
+        assert store.schema.format_version == 2
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_format_1_store_reads_as_it_is_and_moves_to_format_2_when_appended_to(tmp_path, zarr_format):
+    path = tmp_path / "old.zarr"
+    with DemoStore.create(path, make_schema(), zarr_format=zarr_format) as store:
+        for i in range(3):
+            store.append_episode(make_episode(i, 4 + i), {"seed": i, "success": i % 2 == 0})
+    with DemoStore.open(path) as store:
+        fingerprint = store.fingerprint
+    _as_format_1(path)
+    with DemoStore.open(path) as old:  # read-only: nothing is written
+        assert old.n_episodes == 3 and old.episode_info(2) == {"length": 6, "seed": 2, "success": True}
+        assert old.fingerprint == fingerprint and old.schema.format_version == 1
+    assert "wm_episodes" in zarr.open_group(str(path), mode="r").attrs
+    with DemoStore.open(path, mode="a") as store:
+        assert store.fingerprint == fingerprint
+        store.append_episode(make_episode(3, 2), {"seed": 3})
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    assert "wm_episodes" not in attrs and attrs["wm_committed"] == 4
+    assert attrs["wm_schema"]["format_version"] == 2
+    with DemoStore.open(path) as store:
+        assert [store.episode_info(i)["seed"] for i in range(4)] == [0, 1, 2, 3]
+        assert store.episode_info(1) == {"length": 5, "seed": 1, "success": False}
+        assert_episode_equal(store.get_episode(3), make_episode(3, 2))
+    if zarr_format == 2:  # still the layout Diffusion Policy's zarr 2 loader reads: data/ and meta/ alone
+        assert sorted(group["meta"].array_keys()) == ["episode_ends"]
+
+
+def test_a_migration_a_crash_cut_short_is_made_again(small_store):
+    """The info array is written before the root attributes switch to it: a kill between the two leaves a
+    format 1 store with a stray array, which the next open for appending writes again."""
+    path, _ = small_store
+    _as_format_1(path)
+    group = zarr.open_group(str(path), mode="r+")
+    group.create_array("wm_episode_info", shape=(2,), chunks=(256,), dtype=str)[:] = np.array(
+        ["{}", "x"], object
+    )
+    with DemoStore.open(path) as store:  # a reader goes by the root attributes
+        assert store.episode_info(1)["length"] == 8
+        infos = [store.episode_info(i) for i in range(store.n_episodes)]
+    with DemoStore.open(path, mode="a") as store:
+        assert [store.episode_info(i) for i in range(store.n_episodes)] == infos
+    with DemoStore.open(path) as store:
+        assert [store.episode_info(i) for i in range(store.n_episodes)] == infos
+
+
+def _lose_info_chunk(path) -> None:
+    (path / "wm_episode_info" / "c" / "0").unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (
+            lambda p: zarr.open_group(str(p), mode="r+")["wm_episode_info"].resize((3,)),
+            "wm_episode_info: has 3 entries but 5 episodes are committed",
+        ),
+        (_lose_info_chunk, "wm_episode_info: the entries of 5 episode(s) from episode 0 are empty"),
+        (
+            lambda p: shutil.rmtree(p / "wm_episode_info"),
+            "wm_episode_info: cannot be read (KeyError",
+        ),
+        (
+            lambda p: zarr.open_group(str(p), mode="r+").attrs.update({"wm_committed": "5"}),
+            "the commit count wm_committed is '5', not a count",
+        ),
+    ],
+)
+def test_a_damaged_commit_record_is_one_line_and_the_rewrite_it_names_repairs_it(small_store, damage, said):
+    path, eps = small_store
+    damage(path)
+    with pytest.raises(CorruptStoreError, match=re.escape(said)) as e:
+        DemoStore.open(path)
+    assert "\n" not in str(e.value) and "drop_episodes=[]" in str(e.value)
+    from wm.data.verify import verify_store
+
+    report = verify_store(path)
+    assert not report.ok and any(p.what == "commit record" and said in p.detail for p in report.problems)
+    delete_episodes(path, [])
+    with DemoStore.open(path) as store:  # every episode's steps kept, their info lost with the record
+        assert store.n_episodes == len(eps) and store.episode_info(0) == {"length": len(eps[0]["action"])}
+        assert_episode_equal(store.get_episode(4), eps[4])

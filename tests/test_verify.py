@@ -180,9 +180,7 @@ def test_short_data_array_and_commit_mismatch(small_store):
     path, _ = small_store
     group = zarr.open_group(str(path), mode="r+")
     group["data/action"].resize((40, 2))  # episode 4 (steps 34:45) lost its last 5 actions
-    records = group.attrs["wm_episodes"]
-    records[0]["length"] = 6
-    group.attrs["wm_episodes"] = records
+    group["wm_episode_info"][0] = json.dumps({**json.loads(str(group["wm_episode_info"][0])), "length": 6})
     report = verify_store(path)
     text = format_report(report)
     assert "data/action  steps 40:45  episodes [4]: has 40 steps, the episodes need 45" in text

@@ -18,7 +18,7 @@ import numpy as np
 
 from wm.data.errors import SchemaError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: episode info in an array of its own (wm.data.store), no longer the root attributes
 KINDS = ("image", "proprio", "action", "timestamp", "language", "lowdim")
 ACTION_MODES = ("absolute", "delta")
 ACTION_FRAMES = ("joint", "ee", "planar", "other")

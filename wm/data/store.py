@@ -4,17 +4,22 @@ Layout (Diffusion Policy / UWM replay buffer, readable by their loaders):
 
     <store>/data/<key>         (T_total, *shape) time-major, all episodes concatenated
     <store>/meta/episode_ends  (E,) int64 cumulative ends
-    root attributes            "wm_schema": Schema.to_dict(), "wm_episodes": per-episode info list,
+    <store>/wm_episode_info    (E,) strings: each episode's info as JSON ({"length": T, ...})
+    root attributes            "wm_schema": Schema.to_dict(), "wm_committed": E (the commit),
                                "wm_every_chunk": true (see below)
 
 Crash safety. Every file is written to a temporary name and renamed into place (zarr's LocalStore
 does this), so no file is ever half-written. An episode is written in this order: its data
-(resizing each `data/<key>` array), then `meta/episode_ends`, and last the root attributes whose
-`wm_episodes` list is the commit record. A process killed at any moment leaves every committed
-episode intact; reopening for append truncates whatever lies past the last commit. Readers only
-look at committed steps, so they can open a store while a writer appends (`refresh()` sees new
+(resizing each `data/<key>` array), then `meta/episode_ends`, then its entry in `wm_episode_info`,
+and last the root attribute `wm_committed`, the commit. A process killed at any moment leaves every
+committed episode intact; reopening for append truncates whatever lies past the last commit. Readers
+only look at committed steps, so they can open a store while a writer appends (`refresh()` sees new
 episodes). Ctrl-C (SIGINT, in the main thread) during a write is held until the write is done
 (`wm.interrupt.interrupts_held`): an `end()` it interrupts commits its episode whole, then raises.
+A commit writes one info chunk and the small root attributes, so its cost does not grow with the
+store. Stores of format 1 kept every episode's info in the root attributes (`wm_episodes`, the
+commit record, rewritten whole at each commit); they are read as they are and moved to this layout
+when opened for appending.
 
 Lost files. zarr by default writes no chunk whose values are all the fill value, so a missing chunk
 file reads as zeros and cannot be told from a chunk of zeros. This store writes every chunk, and a
@@ -29,6 +34,7 @@ buffer) would make its chunks of zeros read as damage.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import glob
 import hashlib
@@ -51,13 +57,16 @@ from zarr.storage import LocalStore, ZipStore
 
 from wm.data.chunks import ChunkReader
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
-from wm.data.schema import KeySpec, Schema, infer_schema
+from wm.data.schema import FORMAT_VERSION, KeySpec, Schema, infer_schema
 from wm.interrupt import interrupts_held
 from wm.locks import alive, remove_left_by_dead
 from wm.options import is_whole
 
 SCHEMA_ATTR = "wm_schema"
-EPISODES_ATTR = "wm_episodes"
+COMMITTED_ATTR = "wm_committed"  # the number of committed episodes: writing it commits an episode
+INFO_ARRAY = "wm_episode_info"  # each episode's info, one JSON string an episode
+INFO_CHUNK = 256  # entries a chunk of INFO_ARRAY: what a commit rewrites
+EPISODES_ATTR = "wm_episodes"  # format 1: every episode's info in the root attributes (the commit)
 EVERY_CHUNK_ATTR = "wm_every_chunk"  # true: every chunk of committed steps is a file (module docstring)
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 LOWDIM_CHUNK = 4096  # rows per chunk for low-dimensional keys
@@ -113,6 +122,7 @@ class DemoStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, ChunkReader] = {}  # direct chunk decoding where the layout allows
         self._info: list[dict[str, Any]] = []
+        self._entries: zarr.Array | None = None  # INFO_ARRAY, opened for writing at the first commit
         self._ends = np.zeros(0, dtype=np.int64)
         self._writing: EpisodeWriter | None = None
         self._lock: WriterLock | None = None  # held while open for writing
@@ -175,7 +185,11 @@ class DemoStore:
             dtype="int64",
             compressors=_compressor("lowdim", zarr_format, "zstd"),
         )
-        group.attrs.update({SCHEMA_ATTR: schema.to_dict(), EPISODES_ATTR: [], EVERY_CHUNK_ATTR: True})
+        schema = dataclasses.replace(
+            schema, format_version=FORMAT_VERSION
+        )  # this layout: not a source store's
+        _create_info_array(group, [])
+        group.attrs.update({SCHEMA_ATTR: schema.to_dict(), COMMITTED_ATTR: 0, EVERY_CHUNK_ATTR: True})
         move_into_place(building, real)
         lock = WriterLock(real)
         group = zarr.open_group(store=LocalStore(real), mode="r+", zarr_format=zarr_format)
@@ -290,7 +304,10 @@ class DemoStore:
         info (sha256, hex). It changes when episodes are added, removed or replaced; it does not read
         the data arrays (cheap), so a rewrite in place of identical boundaries goes unnoticed."""
         h = hashlib.sha256()
-        h.update(json.dumps(self._schema.to_dict(), sort_keys=True, default=str).encode())
+        # The layout's version is not content: hashed as 1 whatever it is, so a store moved to format 2
+        # keeps the fingerprint its runs recorded (a resume compares them).
+        schema = {**self._schema.to_dict(), "format_version": 1}
+        h.update(json.dumps(schema, sort_keys=True, default=str).encode())
         h.update(np.ascontiguousarray(self._ends, dtype=np.int64).tobytes())
         h.update(json.dumps(self._info, sort_keys=True, default=str).encode())
         return h.hexdigest()
@@ -418,7 +435,12 @@ class DemoStore:
         # zarr caches metadata in the group and array objects: open them afresh.
         self._group = zarr.open_group(store=self._group.store, mode="r" if self.mode == "r" else "r+")
         attrs = dict(self._group.attrs)
-        records = attrs.get(EPISODES_ATTR)
+        records, problem = read_commit(self.path, self._group)
+        if problem is not None and not self.salvage:
+            raise CorruptStoreError(
+                f"{problem}; rewrite the store to repair it (its episodes' info is lost): "
+                f"wm-info store={self.path} 'drop_episodes=[]'"
+            )
         ends, problem = read_episode_ends(self.path, self._group, records)
         if problem is not None:
             lengths = commit_lengths(records)
@@ -457,6 +479,7 @@ class DemoStore:
         }
         self._ends = ends
         self._info = info
+        self._entries = None
 
     def _check_layout(self, arrays: dict[str, zarr.Array]) -> None:
         """Raise a one-line SchemaError when an array's per-step shape or dtype is not the schema's (a
@@ -511,13 +534,27 @@ class DemoStore:
             if ends_arr.shape[0] > self.n_episodes:
                 ends_arr.resize((self.n_episodes,))
             if self.legacy:  # adopt the store: write the inferred schema and a commit record
-                records = [{"length": int(n)} for n in self.episode_lengths()]
-                self._group.attrs.update({SCHEMA_ATTR: self._schema.to_dict(), EPISODES_ATTR: records})
-                self._info = records
+                self._info = [{"length": int(n)} for n in self.episode_lengths()]
                 self.legacy = False
+            info = self._group.get(INFO_ARRAY)
+            if COMMITTED_ATTR not in self._group.attrs or info is None:  # adopted, or of format 1
+                self._migrate()
+            elif info.shape[0] > self.n_episodes:
+                info.resize((self.n_episodes,))
             if self.path.is_dir():
                 for partial in self.path.rglob("*.partial"):
                     partial.unlink(missing_ok=True)
+
+    def _migrate(self) -> None:
+        """Write this store's commit record in the current layout: every episode's info in INFO_ARRAY,
+        then the root attributes with the commit count in place of a format 1 `wm_episodes` list (one
+        write: a crash before it leaves the store as it was, and the next open migrates again)."""
+        _create_info_array(self._group, self._info)
+        self._schema = dataclasses.replace(self._schema, format_version=FORMAT_VERSION)
+        attrs = {k: v for k, v in dict(self._group.attrs).items() if k != EPISODES_ATTR}
+        attrs.update({SCHEMA_ATTR: self._schema.to_dict(), COMMITTED_ATTR: self.n_episodes})
+        self._group.attrs.put(attrs)
+        self._entries = None
 
     def begin_episode(self) -> EpisodeWriter:
         """Start streaming an episode step by step: `add_step`, then `end()` or `discard()`."""
@@ -550,7 +587,11 @@ class DemoStore:
         ends_arr.resize((e + 1,))
         ends_arr[e] = new_end
         record = {"length": int(length), **info}
-        self._group.attrs.update({EPISODES_ATTR: [*self._info, record]})
+        if self._entries is None:
+            self._entries = self._group[INFO_ARRAY].with_config(WRITE_EVERY_CHUNK)
+        self._entries.resize((e + 1,))
+        self._entries[e] = json.dumps(record, separators=(",", ":"))
+        self._group.attrs[COMMITTED_ATTR] = e + 1  # the commit
         self._ends = np.append(self._ends, np.int64(new_end))
         self._info.append(record)
         return e
@@ -713,6 +754,56 @@ def commit_lengths(records: Any) -> list[int] | None:
     if not all(type(n) is int and n >= 0 for n in lengths) or not any(lengths):
         return None
     return lengths
+
+
+def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
+    """INFO_ARRAY of `group` holding `records` (replacing one there: what a crashed migration left)."""
+    v3 = group.metadata.zarr_format == 3
+    entries = group.create_array(
+        INFO_ARRAY,
+        shape=(len(records),),
+        chunks=(INFO_CHUNK,),
+        dtype=str,
+        compressors=(zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()) if v3 else "auto",
+        overwrite=True,
+    ).with_config(WRITE_EVERY_CHUNK)
+    if records:
+        entries[:] = np.array([json.dumps(r, separators=(",", ":")) for r in records], dtype=object)
+
+
+def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | None]:
+    """The commit record: each committed episode's info, in order (an entry that is not a JSON object is
+    returned as it is, for the caller to report), or None for a store without one (another tool's); and
+    a one-line problem when it cannot be read, with [{}] for each committed episode, or None when the
+    count itself is unusable."""
+    attrs = dict(group.attrs)
+    if COMMITTED_ATTR not in attrs:  # format 1 (a list), or none
+        return attrs.get(EPISODES_ATTR), None
+    n = attrs[COMMITTED_ATTR]
+    if type(n) is not int or n < 0:
+        return None, f"{path}: the commit count {COMMITTED_ATTR} is {str(n)[:40]!r}, not a count"
+    try:
+        entries = group[INFO_ARRAY]
+        if entries.shape[0] < n:
+            return [{}] * n, (
+                f"{path}/{INFO_ARRAY}: has {entries.shape[0]} entries but {n} episodes are committed"
+            )
+        texts = entries[:n]
+    except Exception as e:  # missing, or a chunk that cannot be decoded
+        return [{}] * n, f"{path}/{INFO_ARRAY}: cannot be read ({type(e).__name__}: {e})"
+    records: list[Any] = []
+    for text in texts:
+        try:
+            records.append(json.loads(str(text)))
+        except ValueError:
+            records.append(str(text) or {})  # "": never written, the fill value of a lost chunk file
+    lost = [i for i, text in enumerate(texts) if not str(text)]
+    if lost:
+        return records, (
+            f"{path}/{INFO_ARRAY}: the entries of {len(lost)} episode(s) from episode {lost[0]} are empty "
+            f"(their chunk file, chunk {lost[0] // int(entries.chunks[0])}, was lost)"
+        )
+    return records, None
 
 
 def read_episode_ends(path: Path, group: zarr.Group, records: Any) -> tuple[np.ndarray, str | None]:

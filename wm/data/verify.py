@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from wm.data.errors import CorruptStoreError, SchemaError
-from wm.data.store import EPISODES_ATTR, DemoStore, fits_spec, read_episode_ends
+from wm.data.store import DemoStore, fits_spec, read_commit, read_episode_ends
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,12 @@ def verify_store(path: str | Path) -> VerifyReport:
 def _check_boundaries(store: DemoStore) -> list[Problem]:
     """`meta/episode_ends` readable, increasing, and in agreement with the commit record."""
     group = store._group
-    records = dict(group.attrs).get(EPISODES_ATTR)
+    records, unreadable = read_commit(store.path, group)
+    out = [Problem("commit record", unreadable)] if unreadable is not None else []
     disk, problem = read_episode_ends(store.path, group, records)
     if problem is not None:  # salvage took the boundaries from the commit record
-        return [Problem("meta/episode_ends", f"{problem}; episode boundaries taken from the commit record")]
-    out = []
+        taken = f"{problem}; episode boundaries taken from the commit record"
+        return [*out, Problem("meta/episode_ends", taken)]
     lengths = np.diff(disk, prepend=0)
     empty = tuple(int(i) for i in np.flatnonzero(lengths == 0))  # (a store without a commit record)
     if empty:
