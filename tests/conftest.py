@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import numpy as np
 import pytest
+import zarr
 
 # Ctrl-C is KeyboardInterrupt, which the interruption tests send, also when pytest runs as a background
 # job of a shell without job control (it inherits SIGINT ignored; so would the tools they start)
@@ -42,6 +44,18 @@ def make_episode(seed: int, length: int) -> dict[str, np.ndarray]:
         "state": rng.normal(size=(length, 4)).astype(np.float32),
         "action": rng.normal(size=(length, 2)).astype(np.float32),
     }
+
+
+def as_format_1(path) -> None:
+    """Turn a store into what this code wrote before format 2: every episode's info in the root attributes
+    (`wm_episodes`), no info array, schema format version 1."""
+    group = zarr.open_group(str(path), mode="r+")
+    records = [json.loads(str(t)) for t in group["wm_episode_info"][:]]
+    attrs = dict(group.attrs)
+    del group["wm_episode_info"]
+    schema = {**attrs.pop("wm_schema"), "format_version": 1}
+    attrs.pop("wm_committed")
+    group.attrs.put({**attrs, "wm_schema": schema, "wm_episodes": records})
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import zarr
+from conftest import as_format_1
 from einops import rearrange
 from safetensors.torch import save_file
 
@@ -353,6 +355,21 @@ def test_feature_cache_matches_encoder_and_is_reused(vits, source, tmp_path):
     ds = WindowDataset(path, WindowSpec({"img": (-1, 0), "action": (0, 1)}))
     item = ds[0]
     assert item["img"].shape == (2, 6, 384) and item["img"].dtype == torch.float32
+
+
+def test_the_cache_of_a_store_of_an_older_format_is_reused(vits, source, tmp_path):
+    """A format 1 source (read, never moved to format 2: the cache only reads it) gave its cache schema
+    format version 1 against the cache's 2: every build rebuilt the whole cache."""
+    as_format_1(source)
+    counter = CallCounter(vits)
+    path = build_feature_cache(source, vits, "img", tmp_path / "cache", batch_size=4)
+    assert counter.frames == 5 + 6 + 7
+    counter.frames = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "rebuilding it"
+        assert build_feature_cache(source, vits, "img", tmp_path / "cache") == path
+    assert counter.frames == 0
+    assert "wm_episodes" in zarr.open_group(str(source), mode="r").attrs  # the source is left as it was
 
 
 def test_feature_cache_appends_new_episodes_and_resumes(vits, source, tmp_path):

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-from conftest import make_episode, make_schema
+from conftest import as_format_1, make_episode, make_schema
 from zarr.storage import LocalStore
 
 from wm.data import (
@@ -876,18 +876,6 @@ def test_a_converter_never_replaces_a_store_being_written_its_own_source_or_a_zi
     assert not (tmp_path / "new.zip").exists()
 
 
-def _as_format_1(path) -> None:
-    """Turn a store into what this code wrote before format 2: every episode's info in the root attributes
-    (`wm_episodes`), no info array, schema format version 1."""
-    group = zarr.open_group(str(path), mode="r+")
-    records = [json.loads(str(t)) for t in group["wm_episode_info"][:]]
-    attrs = dict(group.attrs)
-    del group["wm_episode_info"]
-    schema = {**attrs.pop("wm_schema"), "format_version": 1}
-    attrs.pop("wm_committed")
-    group.attrs.put({**attrs, "wm_schema": schema, "wm_episodes": records})
-
-
 def test_a_commit_does_not_rewrite_every_episodes_info(tmp_path):
     """The commit record was the list of every episode's info in the root attributes, rewritten whole at
     each commit: a store's appends cost more the more episodes it held (24 ms to 46 ms a short episode
@@ -915,7 +903,7 @@ def test_a_format_1_store_reads_as_it_is_and_moves_to_format_2_when_appended_to(
             store.append_episode(make_episode(i, 4 + i), {"seed": i, "success": i % 2 == 0})
     with DemoStore.open(path) as store:
         fingerprint = store.fingerprint
-    _as_format_1(path)
+    as_format_1(path)
     with DemoStore.open(path) as old:  # read-only: nothing is written
         assert old.n_episodes == 3 and old.episode_info(2) == {"length": 6, "seed": 2, "success": True}
         assert old.fingerprint == fingerprint and old.schema.format_version == 1
@@ -939,7 +927,7 @@ def test_a_migration_a_crash_cut_short_is_made_again(small_store):
     """The info array is written before the root attributes switch to it: a kill between the two leaves a
     format 1 store with a stray array, which the next open for appending writes again."""
     path, _ = small_store
-    _as_format_1(path)
+    as_format_1(path)
     group = zarr.open_group(str(path), mode="r+")
     group.create_array("wm_episode_info", shape=(2,), chunks=(256,), dtype=str)[:] = np.array(
         ["{}", "x"], object

@@ -53,7 +53,7 @@ from einops import rearrange
 
 from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.frames import check_scale, to_uint8
-from wm.data.schema import KeySpec, Schema
+from wm.data.schema import FORMAT_VERSION, KeySpec, Schema
 from wm.data.store import DemoStore
 from wm.encoders import PatchEncoder
 from wm.locks import exclusive
@@ -179,7 +179,8 @@ def _fingerprint(src: DemoStore, ep: int, image_keys: Sequence[str]) -> str:
 
 
 def _cache_schema(src: DemoStore, meta: dict[str, Any]) -> Schema:
-    """The source's schema with the cameras replaced by features, other images dropped."""
+    """The source's schema with the cameras replaced by features, other images dropped, in the store
+    format the cache is written in (a source of an older format is read as it is)."""
     cams = meta["image_keys"]
     h, w = meta["grid"]
     keys = {
@@ -187,7 +188,7 @@ def _cache_schema(src: DemoStore, meta: dict[str, Any]) -> Schema:
         for k, s in src.schema.keys.items()
         if k in cams or s.kind != "image"
     }
-    return dataclasses.replace(src.schema, keys=keys)
+    return dataclasses.replace(src.schema, keys=keys, format_version=FORMAT_VERSION)
 
 
 def _open_reusable(path: Path, src: DemoStore, meta: dict[str, Any]) -> DemoStore | None:
