@@ -641,6 +641,18 @@ def test_a_key_named_as_lerobots_own_columns_is_refused_by_name(tmp_path):
             store_to_lerobot(s, tmp_path / "lr")  # LeRobot's own per-frame task string
 
 
+def test_carried_schema_has_no_store_format_version(small_store, tmp_path, monkeypatch):
+    """The store format's version (2 since episode info left the root attributes) says nothing about a
+    LeRobot dataset: exported, code of format 1 refused the carried schema and inferred every key."""
+    path, _ = small_store
+    out = store_to_lerobot(path, tmp_path / "lr")
+    info = json.loads((out / "meta/info.json").read_text())
+    assert "format_version" not in info["wm_stack"]["schema"]
+    monkeypatch.setattr("wm.data.schema.FORMAT_VERSION", 1)  # code of format 1 reads it as its own
+    schema, _ = lerobot_meta.read_carried(out, info)
+    assert schema.format_version == 1 and set(schema.keys) == {"img", "state", "action"}
+
+
 def test_carried_metadata_that_no_longer_fits_is_ignored_with_a_warning(small_store, tmp_path, caplog):
     path, _ = small_store
     out = store_to_lerobot(path, tmp_path / "lr")

@@ -7,6 +7,7 @@ import errno
 import json
 import re
 import shutil
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -131,6 +132,26 @@ def test_legacy_diffusion_policy_store_opens_directly(tmp_path):
     a.close()
     assert list(zarr.open_group(str(path), mode="r")["meta/episode_ends"][:]) == [10, 30, 35]
     assert not DemoStore.open(path).legacy
+
+
+def test_a_diffusion_policy_store_with_consolidated_metadata_is_adopted_and_appended_to(tmp_path):
+    """zarr 2's .zmetadata (zarr.consolidate_metadata) held the arrays' shapes at consolidation: appending
+    failed (the info array not found in it), and before that a reopen saw the old shapes; it is ignored,
+    and removed at the first open for appending, as it goes stale there."""
+    path = tmp_path / "dp.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    eps = [make_episode(i, 4 + i) for i in range(3)]
+    for key in eps[0]:
+        root.create_array(f"data/{key}", data=np.concatenate([e[key] for e in eps]))
+    root.create_array("meta/episode_ends", data=np.cumsum([4, 5, 6]).astype(np.int64))
+    zarr.consolidate_metadata(str(path), zarr_format=2)
+    with DemoStore.open(path, mode="a") as store:
+        store.append_episode(make_episode(3, 7), {"seed": 3})
+    assert not (path / ".zmetadata").exists()
+    with DemoStore.open(path) as store:
+        assert store.n_episodes == 4 and store.episode_info(3) == {"length": 7, "seed": 3}
+        assert_episode_equal(store.get_episode(3), make_episode(3, 7))
+        assert_episode_equal(store.get_episode(1), eps[1])
 
 
 def test_an_info_length_other_than_the_episodes_is_refused_it_is_the_commit_records_own(small_store):
@@ -945,26 +966,42 @@ def _lose_info_chunk(path) -> None:
     (path / "wm_episode_info" / "c" / "0").unlink()
 
 
+def _garble_info_chunk(path) -> None:
+    chunk = path / "wm_episode_info" / "c" / "0"
+    chunk.write_bytes(b"\x00" * len(chunk.read_bytes()))
+
+
+def _set_count(count) -> Callable:
+    return lambda p: zarr.open_group(str(p), mode="r+").attrs.update({"wm_committed": count})
+
+
 @pytest.mark.parametrize(
-    "damage, said",
+    "damage, said, kept",
     [
         (
             lambda p: zarr.open_group(str(p), mode="r+")["wm_episode_info"].resize((3,)),
             "wm_episode_info: has 3 entries but 5 episodes are committed",
-        ),
-        (_lose_info_chunk, "wm_episode_info: the entries of 5 episode(s) from episode 0 are empty"),
-        (
-            lambda p: shutil.rmtree(p / "wm_episode_info"),
-            "wm_episode_info: cannot be read (KeyError",
+            3,
         ),
         (
-            lambda p: zarr.open_group(str(p), mode="r+").attrs.update({"wm_committed": "5"}),
-            "the commit count wm_committed is '5', not a count",
+            _lose_info_chunk,
+            "wm_episode_info: the entries of episodes 0-4 are empty (chunk 0: a lost file)",
+            0,
         ),
+        (_garble_info_chunk, "wm_episode_info: chunk 0 (episodes 0-4) cannot be decoded", 0),
+        (lambda p: shutil.rmtree(p / "wm_episode_info"), "wm_episode_info: cannot be read (KeyError", 0),
+        (_set_count("5"), "the commit count wm_committed is '5', not a count", 0),
+        # a count above what is there: the episodes that are there, their info too (it built [{}] * 2**62)
+        (_set_count(6), "wm_episode_info: has 5 entries but 6 episodes are committed", 5),
+        (_set_count(2**62), f"wm_episode_info: has 5 entries but {2**62} episodes are committed", 5),
     ],
 )
-def test_a_damaged_commit_record_is_one_line_and_the_rewrite_it_names_repairs_it(small_store, damage, said):
+def test_a_damaged_commit_record_is_one_line_and_the_rewrite_it_names_repairs_it(
+    small_store, damage, said, kept
+):
     path, eps = small_store
+    with DemoStore.open(path) as store:
+        infos = [store.episode_info(i) for i in range(len(eps))]
     damage(path)
     with pytest.raises(CorruptStoreError, match=re.escape(said)) as e:
         DemoStore.open(path)
@@ -973,7 +1010,26 @@ def test_a_damaged_commit_record_is_one_line_and_the_rewrite_it_names_repairs_it
 
     report = verify_store(path)
     assert not report.ok and any(p.what == "commit record" and said in p.detail for p in report.problems)
-    delete_episodes(path, [])
-    with DemoStore.open(path) as store:  # every episode's steps kept, their info lost with the record
-        assert store.n_episodes == len(eps) and store.episode_info(0) == {"length": len(eps[0]["action"])}
+    delete_episodes(path, [])  # the repair named: every episode's steps kept, the info that can be read too
+    with DemoStore.open(path) as store:
+        assert store.n_episodes == len(eps)
+        lengths = [{"length": len(ep["action"])} for ep in eps]
+        assert [store.episode_info(i) for i in range(len(eps))] == infos[:kept] + lengths[kept:]
         assert_episode_equal(store.get_episode(4), eps[4])
+
+
+def test_a_store_whose_schema_attribute_was_lost_is_adopted_with_its_episode_info(small_store):
+    """Another tool rewrote the root attributes without the schema: adopting the store wrote no schema
+    (the commit count was there, so nothing was written) and put lengths in place of the episodes' info."""
+    path, eps = small_store
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    del attrs["wm_schema"]
+    group.attrs.put(attrs)
+    with DemoStore.open(path) as store:
+        assert store.legacy and store.episode_info(2)["notes"] == "ep2"
+    with DemoStore.open(path, mode="a") as store:
+        store.append_episode(make_episode(7, 3), {"seed": 7})
+    with DemoStore.open(path) as store:
+        assert not store.legacy and store.n_episodes == len(eps) + 1
+        assert store.episode_info(2)["notes"] == "ep2" and store.episode_info(len(eps))["seed"] == 7

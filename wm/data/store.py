@@ -192,7 +192,9 @@ class DemoStore:
         group.attrs.update({SCHEMA_ATTR: schema.to_dict(), COMMITTED_ATTR: 0, EVERY_CHUNK_ATTR: True})
         move_into_place(building, real)
         lock = WriterLock(real)
-        group = zarr.open_group(store=LocalStore(real), mode="r+", zarr_format=zarr_format)
+        group = zarr.open_group(
+            store=LocalStore(real), mode="r+", zarr_format=zarr_format, use_consolidated=False
+        )
         store = cls(path, group, schema, "a", legacy=False)
         store._lock = lock
         return store
@@ -224,7 +226,9 @@ class DemoStore:
             check_writable(path)
         try:
             group = zarr.open_group(
-                store=_open_zarr_store(path, read_only=mode == "r"), mode="r" if mode == "r" else "r+"
+                store=_open_zarr_store(path, read_only=mode == "r"),
+                mode="r" if mode == "r" else "r+",
+                use_consolidated=False,  # another tool's consolidated metadata is stale once appended to
             )
         except (FileNotFoundError, ValueError, json.JSONDecodeError, zarr.errors.BaseZarrError) as e:
             raise NotAStoreError(f"{path}: not a zarr demonstration store ({type(e).__name__}: {e})") from e
@@ -433,13 +437,15 @@ class DemoStore:
     def refresh(self) -> None:
         """Re-read the commit record, so a reader sees episodes appended since it opened the store."""
         # zarr caches metadata in the group and array objects: open them afresh.
-        self._group = zarr.open_group(store=self._group.store, mode="r" if self.mode == "r" else "r+")
+        self._group = zarr.open_group(
+            store=self._group.store, mode="r" if self.mode == "r" else "r+", use_consolidated=False
+        )
         attrs = dict(self._group.attrs)
         records, problem = read_commit(self.path, self._group)
         if problem is not None and not self.salvage:
             raise CorruptStoreError(
-                f"{problem}; rewrite the store to repair it (its episodes' info is lost): "
-                f"wm-info store={self.path} 'drop_episodes=[]'"
+                f"{problem}; rewrite the store to repair it, keeping every episode (info that cannot be read "
+                f"is left empty): wm-info store={self.path} 'drop_episodes=[]'"
             )
         ends, problem = read_episode_ends(self.path, self._group, records)
         if problem is not None:
@@ -533,17 +539,21 @@ class DemoStore:
             ends_arr = self._group["meta/episode_ends"]
             if ends_arr.shape[0] > self.n_episodes:
                 ends_arr.resize((self.n_episodes,))
-            if self.legacy:  # adopt the store: write the inferred schema and a commit record
+            adopt = self.legacy  # write the inferred schema, and a commit record where there is none
+            if adopt and not any(self._info):
                 self._info = [{"length": int(n)} for n in self.episode_lengths()]
-                self.legacy = False
+            self.legacy = False
             info = self._group.get(INFO_ARRAY)
-            if COMMITTED_ATTR not in self._group.attrs or info is None:  # adopted, or of format 1
+            if adopt or COMMITTED_ATTR not in self._group.attrs or info is None:  # or of format 1
                 self._migrate()
             elif info.shape[0] > self.n_episodes:
                 info.resize((self.n_episodes,))
             if self.path.is_dir():
                 for partial in self.path.rglob("*.partial"):
                     partial.unlink(missing_ok=True)
+                # Another tool's consolidated metadata (zarr 2's .zmetadata) goes stale at the first append:
+                # a reader of it would see the arrays' old shapes.
+                (self.path / ".zmetadata").unlink(missing_ok=True)
 
     def _migrate(self) -> None:
         """Write this store's commit record in the current layout: every episode's info in INFO_ARRAY,
@@ -774,8 +784,9 @@ def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
 def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | None]:
     """The commit record: each committed episode's info, in order (an entry that is not a JSON object is
     returned as it is, for the caller to report), or None for a store without one (another tool's); and
-    a one-line problem when it cannot be read, with [{}] for each committed episode, or None when the
-    count itself is unusable."""
+    a one-line problem when part of it cannot be read. Then what can be read is kept, and {} stands for
+    each entry that cannot, for as many episodes as both the count and `meta/episode_ends` hold (a count
+    damaged upwards commits no episode that is not there); None when the count itself is unusable."""
     attrs = dict(group.attrs)
     if COMMITTED_ATTR not in attrs:  # format 1 (a list), or none
         return attrs.get(EPISODES_ATTR), None
@@ -784,26 +795,45 @@ def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | 
         return None, f"{path}: the commit count {COMMITTED_ATTR} is {str(n)[:40]!r}, not a count"
     try:
         entries = group[INFO_ARRAY]
-        if entries.shape[0] < n:
-            return [{}] * n, (
-                f"{path}/{INFO_ARRAY}: has {entries.shape[0]} entries but {n} episodes are committed"
-            )
-        texts = entries[:n]
-    except Exception as e:  # missing, or a chunk that cannot be decoded
-        return [{}] * n, f"{path}/{INFO_ARRAY}: cannot be read ({type(e).__name__}: {e})"
+        if not isinstance(entries, zarr.Array):
+            raise TypeError("it is a group, not an array")
+        have, rows = int(entries.shape[0]), int(entries.chunks[0])
+    except Exception as e:  # missing, or its metadata unreadable
+        return [{}] * _bounded(group, n, 0), f"{path}/{INFO_ARRAY}: cannot be read ({type(e).__name__}: {e})"
     records: list[Any] = []
-    for text in texts:
+    problems = [f"has {have} entries but {n} episodes are committed"] if have < n else []
+    for lo in range(0, min(have, n), rows):
+        hi = min(lo + rows, have, n)
         try:
-            records.append(json.loads(str(text)))
-        except ValueError:
-            records.append(str(text) or {})  # "": never written, the fill value of a lost chunk file
-    lost = [i for i, text in enumerate(texts) if not str(text)]
-    if lost:
-        return records, (
-            f"{path}/{INFO_ARRAY}: the entries of {len(lost)} episode(s) from episode {lost[0]} are empty "
-            f"(their chunk file, chunk {lost[0] // int(entries.chunks[0])}, was lost)"
-        )
-    return records, None
+            texts = [str(t) for t in entries[lo:hi]]
+        except Exception as e:  # a chunk that cannot be decoded: its entries alone are lost
+            problems.append(
+                f"chunk {lo // rows} (episodes {lo}-{hi - 1}) cannot be decoded ({type(e).__name__}: {e})"
+            )
+            records += [{}] * (hi - lo)
+            continue
+        lost = [lo + i for i, text in enumerate(texts) if not text]  # "": the fill value, never written
+        if lost:
+            problems.append(
+                f"the entries of episodes {lost[0]}-{lost[-1]} are empty (chunk {lo // rows}: a lost file)"
+            )
+        for text in texts:
+            try:
+                records.append(json.loads(text) if text else {})
+            except ValueError:
+                records.append(text)
+    if len(records) < n:
+        records += [{}] * (_bounded(group, n, len(records)) - len(records))
+    return records, (f"{path}/{INFO_ARRAY}: {'; '.join(problems)}" if problems else None)
+
+
+def _bounded(group: zarr.Group, n: int, readable: int) -> int:
+    """How many episodes a damaged commit record stands for: the count `n`, at most the entries of
+    `meta/episode_ends` (or, when those cannot be read either, the `readable` info entries)."""
+    try:
+        return min(n, max(int(group["meta/episode_ends"].shape[0]), readable))
+    except Exception:  # noqa: BLE001 - read_episode_ends reports it
+        return min(n, readable)
 
 
 def read_episode_ends(path: Path, group: zarr.Group, records: Any) -> tuple[np.ndarray, str | None]:

@@ -181,7 +181,8 @@ def write_carried(root: Path, schema: Schema, plan: ExportPlan, infos: list[dict
     )
     path = root / "meta" / "info.json"
     info = json.loads(path.read_text())
-    info[META_KEY] = {"version": META_VERSION, "schema": exported.to_dict(), "features": dict(plan.names)}
+    carried = {k: v for k, v in exported.to_dict().items() if k != "format_version"}  # a store layout's
+    info[META_KEY] = {"version": META_VERSION, "schema": carried, "features": dict(plan.names)}
     _replace_text(path, json.dumps(info, indent=4, ensure_ascii=False))
     for p in sorted((root / "meta" / "episodes").glob("*/*.parquet")):
         table = pq.read_table(p)
