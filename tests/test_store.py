@@ -928,9 +928,10 @@ def test_a_format_1_store_reads_as_it_is_and_moves_to_format_2_when_appended_to(
     with DemoStore.open(path) as old:  # read-only: nothing is written
         assert old.n_episodes == 3 and old.episode_info(2) == {"length": 6, "seed": 2, "success": True}
         assert old.fingerprint == fingerprint and old.schema.format_version == 1
-    assert "wm_episodes" in zarr.open_group(str(path), mode="r").attrs
-    with DemoStore.open(path, mode="a") as store:
+    with DemoStore.open(path, mode="a") as store:  # opened for appending, nothing appended (refused)
         assert store.fingerprint == fingerprint
+    assert "wm_episodes" in zarr.open_group(str(path), mode="r").attrs  # still what older code reads
+    with DemoStore.open(path, mode="a") as store:
         store.append_episode(make_episode(3, 2), {"seed": 3})
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
@@ -946,7 +947,7 @@ def test_a_format_1_store_reads_as_it_is_and_moves_to_format_2_when_appended_to(
 
 def test_a_migration_a_crash_cut_short_is_made_again(small_store):
     """The info array is written before the root attributes switch to it: a kill between the two leaves a
-    format 1 store with a stray array, which the next open for appending writes again."""
+    format 1 store with a stray array, which the next append writes again."""
     path, _ = small_store
     as_format_1(path)
     group = zarr.open_group(str(path), mode="r+")
@@ -958,8 +959,9 @@ def test_a_migration_a_crash_cut_short_is_made_again(small_store):
         infos = [store.episode_info(i) for i in range(store.n_episodes)]
     with DemoStore.open(path, mode="a") as store:
         assert [store.episode_info(i) for i in range(store.n_episodes)] == infos
+        store.append_episode(make_episode(9, 2), {"seed": 9})
     with DemoStore.open(path) as store:
-        assert [store.episode_info(i) for i in range(store.n_episodes)] == infos
+        assert [store.episode_info(i) for i in range(store.n_episodes)] == [*infos, {"length": 2, "seed": 9}]
 
 
 def _lose_info_chunk(path) -> None:

@@ -19,7 +19,7 @@ episodes). Ctrl-C (SIGINT, in the main thread) during a write is held until the 
 A commit writes one info chunk and the small root attributes, so its cost does not grow with the
 store. Stores of format 1 kept every episode's info in the root attributes (`wm_episodes`, the
 commit record, rewritten whole at each commit); they are read as they are and moved to this layout
-when opened for appending.
+by the first episode appended to them.
 
 Lost files. zarr by default writes no chunk whose values are all the fill value, so a missing chunk
 file reads as zeros and cannot be told from a chunk of zeros. This store writes every chunk, and a
@@ -123,6 +123,7 @@ class DemoStore:
         self._readers: dict[str, ChunkReader] = {}  # direct chunk decoding where the layout allows
         self._info: list[dict[str, Any]] = []
         self._entries: zarr.Array | None = None  # INFO_ARRAY, opened for writing at the first commit
+        self._unmigrated = False  # opened for appending in another layout: the first commit moves it
         self._ends = np.zeros(0, dtype=np.int64)
         self._writing: EpisodeWriter | None = None
         self._lock: WriterLock | None = None  # held while open for writing
@@ -539,32 +540,33 @@ class DemoStore:
             ends_arr = self._group["meta/episode_ends"]
             if ends_arr.shape[0] > self.n_episodes:
                 ends_arr.resize((self.n_episodes,))
-            adopt = self.legacy  # write the inferred schema, and a commit record where there is none
-            if adopt and not any(self._info):
+            if self.legacy and not any(self._info):  # no commit record: the lengths are one
                 self._info = [{"length": int(n)} for n in self.episode_lengths()]
-            self.legacy = False
-            info = self._group.get(INFO_ARRAY)
-            if adopt or COMMITTED_ATTR not in self._group.attrs or info is None:  # or of format 1
+            if self.legacy:  # another tool's store, adopted now: its first append needs a commit record
                 self._migrate()
-            elif info.shape[0] > self.n_episodes:
+            info = self._group.get(INFO_ARRAY)
+            # A store of format 1 is moved to this layout by its first commit, not here: one opened for
+            # appending and left as it was (a session that refused it) stays readable by older code.
+            self._unmigrated = COMMITTED_ATTR not in self._group.attrs or info is None
+            if not self._unmigrated and info.shape[0] > self.n_episodes:
                 info.resize((self.n_episodes,))
             if self.path.is_dir():
                 for partial in self.path.rglob("*.partial"):
                     partial.unlink(missing_ok=True)
-                # Another tool's consolidated metadata (zarr 2's .zmetadata) goes stale at the first append:
-                # a reader of it would see the arrays' old shapes.
-                (self.path / ".zmetadata").unlink(missing_ok=True)
 
     def _migrate(self) -> None:
         """Write this store's commit record in the current layout: every episode's info in INFO_ARRAY,
         then the root attributes with the commit count in place of a format 1 `wm_episodes` list (one
-        write: a crash before it leaves the store as it was, and the next open migrates again)."""
+        write: a crash before it leaves the store as it was, and it is migrated again)."""
         _create_info_array(self._group, self._info)
         self._schema = dataclasses.replace(self._schema, format_version=FORMAT_VERSION)
         attrs = {k: v for k, v in dict(self._group.attrs).items() if k != EPISODES_ATTR}
         attrs.update({SCHEMA_ATTR: self._schema.to_dict(), COMMITTED_ATTR: self.n_episodes})
         self._group.attrs.put(attrs)
         self._entries = None
+        self._unmigrated = self.legacy = False
+        if self.path.is_dir():  # another tool's consolidated metadata (zarr 2's .zmetadata) goes stale at
+            (self.path / ".zmetadata").unlink(missing_ok=True)  # this append: its readers see old shapes
 
     def begin_episode(self) -> EpisodeWriter:
         """Start streaming an episode step by step: `add_step`, then `end()` or `discard()`."""
@@ -597,6 +599,8 @@ class DemoStore:
         ends_arr.resize((e + 1,))
         ends_arr[e] = new_end
         record = {"length": int(length), **info}
+        if self._unmigrated:  # the episodes before this one, in this layout (it commits them as they were)
+            self._migrate()
         if self._entries is None:
             self._entries = self._group[INFO_ARRAY].with_config(WRITE_EVERY_CHUNK)
         self._entries.resize((e + 1,))
