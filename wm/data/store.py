@@ -186,9 +186,8 @@ class DemoStore:
             dtype="int64",
             compressors=_compressor("lowdim", zarr_format, "zstd"),
         )
-        schema = dataclasses.replace(
-            schema, format_version=FORMAT_VERSION
-        )  # this layout: not a source store's
+        # written in this layout whatever a source store's was (a converter passes its schema on)
+        schema = dataclasses.replace(schema, format_version=FORMAT_VERSION)
         _create_info_array(group, [])
         group.attrs.update({SCHEMA_ATTR: schema.to_dict(), COMMITTED_ATTR: 0, EVERY_CHUNK_ATTR: True})
         move_into_place(building, real)
