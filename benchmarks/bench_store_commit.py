@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -25,16 +24,7 @@ import numpy as np
 import zarr
 
 from wm.data import ActionSpace, DemoStore, KeySpec, Schema
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from wm.precision import cpu_info
 
 
 def info_record(i: int) -> dict:
@@ -68,7 +58,7 @@ def main() -> None:
         "state": rng.normal(size=(args.steps, 10)).astype(np.float32),
         "action": rng.normal(size=(args.steps, 7)).astype(np.float32),
     }
-    print(f"# CPU: {cpu_model()}; {args.episodes} episodes of {args.steps} steps, blocks of {args.block}")
+    print(f"# CPU: {cpu_info()[0]}; {args.episodes} episodes of {args.steps} steps, blocks of {args.block}")
     root = Path(tempfile.mkdtemp(prefix="bench_store_commit_"))
     try:
         store = DemoStore.create(root / "s.zarr", schema)
