@@ -123,7 +123,6 @@ class DemoStore:
         self._readers: dict[str, ChunkReader] = {}  # direct chunk decoding where the layout allows
         self._info: list[dict[str, Any]] = []
         self._entries: zarr.Array | None = None  # INFO_ARRAY, opened for writing at the first commit
-        self._unmigrated = False  # opened for appending in another layout: the first commit moves it
         self._ends = np.zeros(0, dtype=np.int64)
         self._writing: EpisodeWriter | None = None
         self._lock: WriterLock | None = None  # held while open for writing
@@ -445,7 +444,7 @@ class DemoStore:
         if problem is not None and not self.salvage:
             raise CorruptStoreError(
                 f"{problem}; rewrite the store to repair it, keeping every episode (info that cannot be read "
-                f"is left empty): wm-info store={self.path} 'drop_episodes=[]'"
+                f"is left empty): {self._repair_command}"
             )
         ends, problem = read_episode_ends(self.path, self._group, records)
         if problem is not None:
@@ -459,8 +458,7 @@ class DemoStore:
             if not self.salvage:
                 raise CorruptStoreError(
                     f"{self.path}: the commit record's entry of episode {bad} is not an object "
-                    f"({str(info[bad])[:40]!r}); rewrite the store to repair it: wm-info store={self.path} "
-                    "'drop_episodes=[]'"
+                    f"({str(info[bad])[:40]!r}); rewrite the store to repair it: {self._repair_command}"
                 )
             info = [record if isinstance(record, dict) else {} for record in info]
         data = self._group["data"]
@@ -486,6 +484,11 @@ class DemoStore:
         self._ends = ends
         self._info = info
         self._entries = None
+
+    @property
+    def _repair_command(self) -> str:
+        """The rewrite that repairs a damaged commit record, keeping every episode."""
+        return f"wm-info store={self.path} 'drop_episodes=[]'"
 
     def _check_layout(self, arrays: dict[str, zarr.Array]) -> None:
         """Raise a one-line SchemaError when an array's per-step shape or dtype is not the schema's (a
@@ -539,15 +542,16 @@ class DemoStore:
             ends_arr = self._group["meta/episode_ends"]
             if ends_arr.shape[0] > self.n_episodes:
                 ends_arr.resize((self.n_episodes,))
-            if self.legacy and not any(self._info):  # no commit record: the lengths are one
-                self._info = [{"length": int(n)} for n in self.episode_lengths()]
             if self.legacy:  # another tool's store, adopted now: its first append needs a commit record
+                if not any(self._info):  # none there: the lengths are one
+                    self._info = [{"length": int(n)} for n in self.episode_lengths()]
                 self._migrate()
-            info = self._group.get(INFO_ARRAY)
-            # A store of format 1 is moved to this layout by its first commit, not here: one opened for
-            # appending and left as it was (a session that refused it) stays readable by older code.
-            self._unmigrated = COMMITTED_ATTR not in self._group.attrs or info is None
-            if not self._unmigrated and info.shape[0] > self.n_episodes:
+            # A store of format 1 is moved to this layout by its first commit (`_commit`), not here: one
+            # opened for appending and left as it was (a refused session) stays readable by older code.
+            if (
+                COMMITTED_ATTR in self._group.attrs
+                and (info := self._group[INFO_ARRAY]).shape[0] > self.n_episodes
+            ):
                 info.resize((self.n_episodes,))
             if self.path.is_dir():
                 for partial in self.path.rglob("*.partial"):
@@ -563,7 +567,7 @@ class DemoStore:
         attrs.update({SCHEMA_ATTR: self._schema.to_dict(), COMMITTED_ATTR: self.n_episodes})
         self._group.attrs.put(attrs)
         self._entries = None
-        self._unmigrated = self.legacy = False
+        self.legacy = False
         if self.path.is_dir():  # another tool's consolidated metadata (zarr 2's .zmetadata) goes stale at
             (self.path / ".zmetadata").unlink(missing_ok=True)  # this append: its readers see old shapes
 
@@ -598,12 +602,12 @@ class DemoStore:
         ends_arr.resize((e + 1,))
         ends_arr[e] = new_end
         record = {"length": int(length), **info}
-        if self._unmigrated:  # the episodes before this one, in this layout (it commits them as they were)
+        if COMMITTED_ATTR not in self._group.attrs:  # format 1: the episodes before this one, in this layout
             self._migrate()
         if self._entries is None:
             self._entries = self._group[INFO_ARRAY].with_config(WRITE_EVERY_CHUNK)
         self._entries.resize((e + 1,))
-        self._entries[e] = json.dumps(record, separators=(",", ":"))
+        self._entries[e] = _entry(record)
         self._group.attrs[COMMITTED_ATTR] = e + 1  # the commit
         self._ends = np.append(self._ends, np.int64(new_end))
         self._info.append(record)
@@ -769,6 +773,11 @@ def commit_lengths(records: Any) -> list[int] | None:
     return lengths
 
 
+def _entry(record: Mapping[str, Any]) -> str:
+    """An episode's info as INFO_ARRAY holds it (`read_commit` reads it back)."""
+    return json.dumps(record, separators=(",", ":"))
+
+
 def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
     """INFO_ARRAY of `group` holding `records` (replacing one there: what a crashed migration left)."""
     v3 = group.metadata.zarr_format == 3
@@ -781,7 +790,7 @@ def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
         overwrite=True,
     ).with_config(WRITE_EVERY_CHUNK)
     if records:
-        entries[:] = np.array([json.dumps(r, separators=(",", ":")) for r in records], dtype=object)
+        entries[:] = np.array([_entry(r) for r in records], dtype=object)
 
 
 def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | None]:
