@@ -373,14 +373,23 @@ def conv_layers():
         unet.Conv1d(24, 16, 3, stride=2, padding=1),
         unet.Conv1d(16, 8, 1),
         unet.ConvTranspose1d(16, 12, 4, stride=2, padding=1),
+        unet.Linear(20, 24),
     ]
+
+
+def layer_input(layer: nn.Module, batch: int) -> torch.Tensor:
+    """(batch, in_features) for a linear layer, (batch, in_channels, 16) for a conv layer."""
+    if isinstance(layer, nn.Linear):
+        return torch.randn(batch, layer.in_features)
+    return torch.randn(batch, layer.in_channels, 16)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_every_conv_kernel_computes_the_layer(batch):
-    """Each kernel a conv layer may be given (fp32 and bf16) matches nn.Conv1d / nn.ConvTranspose1d."""
+    """Each kernel a layer may be given (fp32 and bf16) matches nn.Conv1d / nn.ConvTranspose1d /
+    nn.Linear."""
     for layer in conv_layers():
-        x = torch.randn(batch, layer.in_channels, 16)
+        x = layer_input(layer, batch)
         with torch.enable_grad():
             ref = layer(x).detach()  # autograd on: nn.Conv1d's / nn.ConvTranspose1d's own forward
         with torch.no_grad():
@@ -392,7 +401,7 @@ def test_every_conv_kernel_computes_the_layer(batch):
 
 
 def int8_layers():
-    """Layers whose weight matrix (N, K) fits PyTorch's int8 kernel: K % 64 == 0, N % 16 == 0."""
+    """Layers whose weight matrix (N, K) has N % 16 == 0; K is zero-padded to a multiple of 64."""
     from policies.diffusion import unet
 
     torch.manual_seed(0)
@@ -401,6 +410,9 @@ def int8_layers():
         unet.Conv1d(128, 16, 3, stride=2, padding=1),  # (16, 384)
         unet.Conv1d(64, 16, 1),  # (16, 64)
         unet.ConvTranspose1d(64, 16, 4, stride=2, padding=1),  # (64, 64)
+        unet.Conv1d(2, 32, 5, padding=2),  # (32, 10): K padded to 64 (10 crashed PyTorch's kernel)
+        unet.ConvTranspose1d(20, 12, 4, stride=2, padding=1),  # (48, 20)
+        unet.Linear(260, 64),  # a FiLM layer: (64, 260)
     ]
 
 
@@ -409,14 +421,17 @@ def int8_layers():
 def test_int8_kernel_computes_the_layer_where_it_fits(batch):
     for layer in int8_layers():
         assert layer.int8_fits()
-        x = torch.randn(batch, layer.in_channels, 16)
+        x = layer_input(layer, batch)
         with torch.enable_grad():
             ref = layer(x).detach()
         with torch.no_grad():
             y = layer.KERNELS["matmul_int8"](layer, x)
+        q = layer.int8_weights()[0]
+        assert q.shape[1] % 64 == 0 and not q[:, layer.weight_matrix().shape[1] :].any()
         assert y.dtype == torch.float32 and y.shape == ref.shape
         assert 1e-4 < kernels.rel_error(y, ref) < kernels.INT8_TOL, layer.describe()
-    assert not any(layer.int8_fits() for layer in conv_layers())  # K = 80, N = 24, ...: never offered
+    fits = {layer.describe(): layer.int8_fits() for layer in conv_layers()}
+    assert list(fits.values()) == [False, True, False, True, False], fits  # N = 24, 16, 8, 48, 24
 
 
 def test_int8_rows_quantization():
@@ -444,7 +459,7 @@ def test_int8_weights_only_with_auto_and_follow_the_weights(fake_selector):
     times.update(matmul_int8=0.2)
     for layer in int8_layers():
         layer.eval()
-        x = torch.randn(1, layer.in_channels, 16)
+        x = layer_input(layer, 1)
         with torch.no_grad():
             ref = layer(x)  # "fp32": int8 is not offered
             assert "matmul_int8" not in sel.log[-1][1]["us"]
@@ -581,8 +596,9 @@ def test_unet_on_int8_weights_stays_close(fake_selector):
         ref = net(x, t, cond)
         set_inference_precision(net, "auto")
         y = net(x, t, cond)
-    choices = [record["choice"] for key, record, _ in sel.log if key.endswith("+int8")]
-    assert choices and set(choices) == {"matmul_int8"}
+    choices = {key.split("|")[-1]: record["choice"] for key, record, _ in sel.log if key.endswith("+int8")}
+    assert choices and set(choices.values()) == {"matmul_int8"}
+    assert any(key.startswith("linear 48->") for key in choices)  # the FiLM layers too
     assert any(not key.endswith("+int8") for key, _, _ in sel.log)  # e.g. the first conv: K = 2 * 5
     assert 1e-4 < kernels.rel_error(y, ref) < kernels.MODULE_BF16_TOL
 

@@ -6,10 +6,10 @@ their setting ("fp32", "bf16" or "auto": resolved on each call's device by
 They take a bf16 path only with autograd off, so a training step, whatever the setting, sees the fp32
 weights. Where bf16 runs is then chosen by measurement on CPUs (`wm.kernels`), never by a threshold:
 
-    UNet conv layers (`unet.Conv1d`, `unet.ConvTranspose1d`) choose, per input shape, among fp32
-    kernels (PyTorch's, oneDNN, a matrix product) and, in bf16, the same on a cached bf16 copy of
-    their weights; with "auto", large layers also among int8 weights (a cached per-row quantized
-    copy); GroupNorm, Mish and FiLM stay fp32.
+    UNet conv and FiLM layers (`unet.Conv1d`, `unet.ConvTranspose1d`, `unet.Linear`) choose, per
+    input shape, among fp32 kernels (PyTorch's; for convolutions also oneDNN and a matrix product)
+    and, in bf16, the same on a cached bf16 copy of their weights; with "auto", also among int8
+    weights (a cached per-row quantized copy); GroupNorm and Mish stay fp32.
     Whole-network owners (the image backbone, the transformer denoiser) choose per input shape between
     the fp32 network and a bf16 copy kept by a `Bf16Shadow` (`Bf16Inference.run_in_precision`).
 

@@ -14,15 +14,18 @@ chooses its kernel per input shape by measurement (`wm.kernels`): in fp32 among 
 oneDNN called directly and one matrix product of the weight with the unfolded input; with bf16
 inference (`precision.set_inference_precision(net, "bf16" | "auto")`) also among the same three on a
 cached bf16 copy of the weights. PyTorch's fp32 kernel is always a candidate and the reference the
-others are checked against. GroupNorm, Mish, FiLM and the step embedding stay fp32. On a GPU: PyTorch's
-kernel, on the bf16 weights in bf16 mode. Choices per layer and per-call times:
+others are checked against. The FiLM layers (`Linear`: at batch 1 one row of conditioning against a
+(2 C, step_embed_dim + cond_dim) weight, bound by reading it too) choose the same way between PyTorch's
+linear kernel on the fp32 and, in bf16, the bf16 weights. GroupNorm, Mish and the step embedding stay
+fp32. On a GPU: PyTorch's kernel, on the bf16 weights in bf16 mode. Choices per layer and per-call times:
 `benchmarks/bench_precision.py`.
 
 The default precision "auto" on a CPU also offers int8 weights: the layer's weight matrix
 quantized per output row (symmetric, `wm.precision.quantize_int8_rows`), multiplied with the unfolded
 input in bf16 by PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`), the fp32 scale
-applied to its output. It reads a quarter of the fp32 weights' bytes, so it wins where a call is bound
-by reading weights (the large layers at batch 1), on CPUs with or without bf16 units; like every other
+applied to its output; the kernel's K is zero-padded to a multiple of 64 (its vector block). It reads a
+quarter of the fp32 weights' bytes, so it wins where a call is bound by reading weights (the large
+layers at batch 1, convolutions and FiLM), on CPUs with or without bf16 units; like every other
 candidate it is taken only where measured faster and within its tolerance (`wm.kernels.INT8_TOL`) of
 PyTorch's fp32 output on the call's own input. "fp32" and "bf16" never use it.
 """
@@ -58,13 +61,14 @@ def _onednn_bf16() -> bool:
 
 _MKLDNN_BF16 = _onednn_bf16()
 _INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+_INT8_K = 64  # the int8 kernel's K block (see `int8_fits`)
 Kernel = Callable[[nn.Module, Tensor], Tensor]
 
 
-class _InferenceConv(Bf16Inference):
-    """The inference path shared by the conv layers: `KERNELS` maps a name to `fn(layer, x) -> y` (fp32
-    in, fp32 out); "native" is PyTorch's fp32 forward, names ending in "_bf16" run on `bf16_weights()`,
-    names ending in "_int8" on `int8_weights()`."""
+class _InferenceLayer(Bf16Inference):
+    """The inference path shared by the conv and linear layers: `KERNELS` maps a name to `fn(layer, x) ->
+    y` (fp32 in, fp32 out); "native" is PyTorch's fp32 forward, names ending in "_bf16" run on
+    `bf16_weights()`, names ending in "_int8" on `int8_weights()`."""
 
     KERNELS: dict[str, Kernel] = {}
     _bf16_cache: tuple | None = None
@@ -80,12 +84,13 @@ class _InferenceConv(Bf16Inference):
 
     def int8_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """The weight as the matrix the matmul kernels multiply (`weight_matrix`), quantized per row:
-        (int8 (N, K), unit bf16 scales (N,) for the kernel, fp32 scale (N,)), cached until the fp32
-        weight changes."""
+        (int8 (N, K') with K zero-padded to K' a multiple of `_INT8_K`, unit bf16 scales (N,) for the
+        kernel, fp32 scale (N,)), cached until the fp32 weight changes."""
         w = self.weight  # type: ignore[attr-defined]
         key = tensor_key([w])
         if self._int8_cache is None or self._int8_cache[0] != key:
             q, scale = quantize_int8_rows(self.weight_matrix().detach())
+            q = F.pad(q, (0, -q.shape[1] % _INT8_K))  # zero columns: K a multiple of _INT8_K
             self._int8_cache = (key, q, torch.ones_like(scale, dtype=torch.bfloat16), scale)
         return self._int8_cache[1:]
 
@@ -96,14 +101,19 @@ class _InferenceConv(Bf16Inference):
         """The fp32 weight as the (N, K) matrix of the matmul kernels."""
         raise NotImplementedError
 
+    def one_product(self) -> bool:
+        """Whether the layer is one product of `weight_matrix` with its (unfolded) input, as the "matmul"
+        kernels compute it: a convolution without groups or dilation."""
+        return self.groups == 1 and self.dilation == (1,)  # type: ignore[attr-defined]
+
     def int8_fits(self) -> bool:
-        """Whether the int8 kernel may run this layer. PyTorch's kernel reads K in whole vector blocks
-        with no remainder loop (K = 10 crashes the process on an AVX2 build; a crash cannot be caught
-        by calibration), so only K a multiple of 64 and N of 16 (every layer of a 256+ channel UNet)."""
-        if not _INT8_MM or "matmul_int8" not in self.KERNELS or "matmul" not in self.kernel_names("fp32"):
+        """Whether the int8 kernel may run this layer. PyTorch's kernel reads K in whole vector blocks with
+        no remainder loop (K = 10 crashes the process on an AVX2 build; a crash cannot be caught by
+        calibration), so the int8 matrix and the input rows are zero-padded to K a multiple of `_INT8_K`
+        (`int8_weights`, `_int8_product`), and only N a multiple of 16 is offered."""
+        if not _INT8_MM or "matmul_int8" not in self.KERNELS or not self.one_product():
             return False
-        n, k = self.weight_matrix().shape
-        return k % 64 == 0 and n % 16 == 0
+        return self.weight_matrix().shape[0] % 16 == 0
 
     def kernel_names(self, precision: str) -> list[str]:
         """The fp32 kernels, and with reduced precision the same on bf16 weights; `infer` adds int8."""
@@ -142,15 +152,17 @@ class _InferenceConv(Bf16Inference):
 _KERNEL_TOL = {"bf16": kernels.BF16_TOL, "int8": kernels.INT8_TOL}  # by kernel-name suffix
 
 
-def _int8_product(layer: _InferenceConv, rows: Tensor, bias: Tensor | None) -> Tensor:
-    """rows (M, K) bf16 contiguous -> rows @ W.T * scale (+ bias) (M, N) fp32, W the layer's int8 weight
-    matrix (PyTorch's weight-only kernel, unit scales), each output column then times its fp32 scale."""
+def _int8_product(layer: _InferenceLayer, rows: Tensor, bias: Tensor | None) -> Tensor:
+    """rows (M, K) bf16 -> rows @ W.T * scale (+ bias) (M, N) fp32, W the layer's int8 weight matrix
+    (PyTorch's weight-only kernel, unit scales), each output column then times its fp32 scale. The rows
+    are zero-padded to the int8 matrix's K' (one contiguous copy)."""
     q, ones, scale = layer.int8_weights()
+    rows = F.pad(rows, (0, q.shape[1] - rows.shape[1])) if q.shape[1] > rows.shape[1] else rows.contiguous()
     y = torch._weight_int8pack_mm(rows, q, ones).float()
     return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
 
 
-def _weights(layer: _InferenceConv, bf16: bool) -> tuple[Tensor, Tensor | None]:
+def _weights(layer: _InferenceLayer, bf16: bool) -> tuple[Tensor, Tensor | None]:
     return layer.bf16_weights() if bf16 else (layer.weight, layer.bias)  # type: ignore[attr-defined]
 
 
@@ -190,11 +202,11 @@ def _conv_matmul_int8(layer: Conv1d, x: Tensor) -> Tensor:
     (k,), (stride,), (pad,) = layer.kernel_size, layer.stride, layer.padding
     cols = F.pad(x.bfloat16(), (pad, pad)).unfold(2, k, stride)  # (B, C_in, L_out, k)
     rows = cols.permute(0, 2, 1, 3).reshape(-1, cols.shape[1] * k)  # (B * L_out, C_in * k)
-    y = _int8_product(layer, rows.contiguous(), layer.bias).reshape(x.shape[0], cols.shape[2], -1)
+    y = _int8_product(layer, rows, layer.bias).reshape(x.shape[0], cols.shape[2], -1)
     return y.transpose(1, 2).to(x.dtype)  # (B, C_out, L_out)
 
 
-class Conv1d(_InferenceConv, nn.Conv1d):
+class Conv1d(_InferenceLayer, nn.Conv1d):
     """`nn.Conv1d` (same parameters and state dict) whose inference (autograd off) runs the kernel
     chosen by measurement for each input shape (see the module docstring)."""
 
@@ -215,7 +227,7 @@ class Conv1d(_InferenceConv, nn.Conv1d):
         names = ["native"]
         if _MKLDNN:
             names.append("onednn")
-        if self.groups == 1 and self.dilation == (1,):
+        if self.one_product():
             names.append("matmul")
         if precision != "bf16":
             return names
@@ -260,13 +272,13 @@ def _tconv_matmul(layer: ConvTranspose1d, x: Tensor, bf16: bool) -> Tensor:
 
 def _tconv_matmul_int8(layer: ConvTranspose1d, x: Tensor) -> Tensor:
     """`_tconv_matmul` on int8 weights: (B * L_in, C_in) rows times the (C_out * k, C_in) matrix."""
-    rows = x.bfloat16().transpose(1, 2).reshape(-1, x.shape[1]).contiguous()  # (B * L_in, C_in)
+    rows = x.bfloat16().transpose(1, 2).reshape(-1, x.shape[1])  # (B * L_in, C_in)
     cols = _int8_product(layer, rows, None).reshape(x.shape[0], x.shape[2], -1)  # (B, L_in, C_out * k)
     cols = cols.transpose(1, 2)  # (B, C_out * k, L_in)
     return _col2im(layer, cols, layer.bias).to(x.dtype)
 
 
-class ConvTranspose1d(_InferenceConv, nn.ConvTranspose1d):
+class ConvTranspose1d(_InferenceLayer, nn.ConvTranspose1d):
     """`nn.ConvTranspose1d` with the same inference path as `Conv1d`."""
 
     KERNELS: dict[str, Kernel] = {
@@ -282,7 +294,7 @@ class ConvTranspose1d(_InferenceConv, nn.ConvTranspose1d):
 
     def kernel_names(self, precision: str) -> list[str]:
         names = ["native"]
-        if self.groups == 1 and self.dilation == (1,):
+        if self.one_product():
             names.append("matmul")
         return names + [f"{n}_bf16" for n in names] if precision == "bf16" else names
 
@@ -296,6 +308,47 @@ class ConvTranspose1d(_InferenceConv, nn.ConvTranspose1d):
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if torch.is_grad_enabled() or output_size is not None or self.padding_mode != "zeros":
             return super().forward(x, output_size)
+        return self.infer(x)
+
+
+def _linear_native_bf16(layer: Linear, x: Tensor) -> Tensor:
+    w, b = layer.bf16_weights()
+    return F.linear(x.bfloat16(), w, b).to(x.dtype)
+
+
+def _linear_int8(layer: Linear, x: Tensor) -> Tensor:
+    """x (..., K) -> (..., N) on the int8 weight matrix."""
+    rows = x.bfloat16().reshape(-1, x.shape[-1])
+    return _int8_product(layer, rows, layer.bias).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class Linear(_InferenceLayer, nn.Linear):
+    """`nn.Linear` (same parameters and state dict) with the conv layers' inference path: PyTorch's fp32
+    kernel, its bf16 one on bf16 weights, and with "auto" int8 weights, chosen per input shape by
+    measurement. The FiLM layers: at batch 1 each reads a (2 C, step_embed_dim + cond_dim) weight for one
+    row of conditioning, bound by reading its weights like the large convolutions."""
+
+    KERNELS: dict[str, Kernel] = {
+        "native": lambda m, x: nn.Linear.forward(m, x),
+        "native_bf16": _linear_native_bf16,
+        "matmul_int8": _linear_int8,
+    }
+
+    def weight_matrix(self) -> Tensor:
+        return self.weight  # (out_features, in_features)
+
+    def one_product(self) -> bool:
+        return True
+
+    def kernel_names(self, precision: str) -> list[str]:
+        return ["native", "native_bf16"] if precision == "bf16" else ["native"]
+
+    def describe(self) -> str:
+        return f"linear {self.in_features}->{self.out_features} bias={self.bias is not None}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
         return self.infer(x)
 
 
@@ -359,7 +412,7 @@ class ResBlock1D(nn.Module):
         super().__init__()
         self.block1 = Conv1dBlock(c_in, c_out, kernel, n_groups)
         self.block2 = Conv1dBlock(c_out, c_out, kernel, n_groups)
-        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
+        self.film = nn.Sequential(nn.Mish(), Linear(cond_dim, 2 * c_out))
         self.residual = Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
