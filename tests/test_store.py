@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import re
+import shlex
 import shutil
 from collections.abc import Callable
 
@@ -1018,6 +1019,22 @@ def test_a_damaged_commit_record_is_one_line_and_the_rewrite_it_names_repairs_it
         lengths = [{"length": len(ep["action"])} for ep in eps]
         assert [store.episode_info(i) for i in range(len(eps))] == infos[:kept] + lengths[kept:]
         assert_episode_equal(store.get_episode(4), eps[4])
+
+
+def test_the_named_rewrite_is_quoted_for_a_shell(tmp_path):
+    """A store in a folder with a space: the damaged commit record's message named the rewrite with the
+    path unquoted (verify's report quoted it), so the pasted command split the path in two."""
+    from wm.data.verify import verify_store
+
+    path = tmp_path / "my demos" / "s.zarr"
+    with DemoStore.create(path, make_schema()) as store:
+        store.append_episode(make_episode(0, 7))
+    _set_count("1")(path)
+    with pytest.raises(CorruptStoreError) as e:
+        DemoStore.open(path)
+    named = shlex.split(str(e.value).rsplit("every episode (info that cannot be read is left empty): ", 1)[1])
+    assert named == ["wm-info", f"store={path}", "drop_episodes=[]"]
+    assert shlex.split(verify_store(path).repair_command()) == named
 
 
 def test_a_store_whose_schema_attribute_was_lost_is_adopted_with_its_episode_info(small_store):

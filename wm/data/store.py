@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import warnings
 import weakref
@@ -444,7 +445,7 @@ class DemoStore:
         if problem is not None and not self.salvage:
             raise CorruptStoreError(
                 f"{problem}; rewrite the store to repair it, keeping every episode (info that cannot be read "
-                f"is left empty): {self._repair_command}"
+                f"is left empty): {rewrite_command(self.path)}"
             )
         ends, problem = read_episode_ends(self.path, self._group, records)
         if problem is not None:
@@ -458,7 +459,7 @@ class DemoStore:
             if not self.salvage:
                 raise CorruptStoreError(
                     f"{self.path}: the commit record's entry of episode {bad} is not an object "
-                    f"({str(info[bad])[:40]!r}); rewrite the store to repair it: {self._repair_command}"
+                    f"({str(info[bad])[:40]!r}); rewrite the store to repair it: {rewrite_command(self.path)}"
                 )
             info = [record if isinstance(record, dict) else {} for record in info]
         data = self._group["data"]
@@ -484,11 +485,6 @@ class DemoStore:
         self._ends = ends
         self._info = info
         self._entries = None
-
-    @property
-    def _repair_command(self) -> str:
-        """The rewrite that repairs a damaged commit record, keeping every episode."""
-        return f"wm-info store={self.path} 'drop_episodes=[]'"
 
     def _check_layout(self, arrays: dict[str, zarr.Array]) -> None:
         """Raise a one-line SchemaError when an array's per-step shape or dtype is not the schema's (a
@@ -791,6 +787,13 @@ def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
     ).with_config(WRITE_EVERY_CHUNK)
     if records:
         entries[:] = np.array([_entry(r) for r in records], dtype=object)
+
+
+def rewrite_command(path: str | Path, drop: Iterable[int] = ()) -> str:
+    """The `wm-info` rewrite of the store at `path` without the episodes `drop` (none: every episode kept,
+    which repairs a damaged commit record or writes every chunk), quoted for a shell."""
+    episodes = ",".join(str(e) for e in drop)
+    return shlex.join(["wm-info", f"store={path}", f"drop_episodes=[{episodes}]"])
 
 
 def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | None]:

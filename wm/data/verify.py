@@ -18,7 +18,6 @@ by `drop_episodes=[]` (boundaries then come from the commit record's lengths).
 from __future__ import annotations
 
 import math
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from wm.data.errors import CorruptStoreError, SchemaError
-from wm.data.store import DemoStore, fits_spec, read_commit, read_episode_ends
+from wm.data.store import DemoStore, fits_spec, read_commit, read_episode_ends, rewrite_command
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,7 @@ class VerifyReport:
         problem cannot be fixed that way."""
         if self.ok or any(p.fatal for p in self.problems) or Path(self.path).suffix == ".zip":
             return None  # (a zip store is read-only: unzipped, its copy can be repaired)
-        drop = ",".join(str(e) for e in self.damaged_episodes)
-        return shlex.join(["wm-info", f"store={self.path}", f"drop_episodes=[{drop}]"])
+        return rewrite_command(self.path, self.damaged_episodes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -233,7 +231,7 @@ def format_report(report: VerifyReport) -> str:
             "file reads as zeros and is not found here"
         ]
         if Path(report.path).suffix != ".zip":
-            rewrite = shlex.join(["wm-info", f"store={report.path}", "drop_episodes=[]"])
+            rewrite = rewrite_command(report.path)
             note.append(f"           (a rewrite keeping every episode writes every chunk: {rewrite})")
     if report.ok:
         return "\n".join([head + "; no damage found", *note])
