@@ -398,7 +398,9 @@ def test_non_finite_values_are_refused_in_episodes_the_normalizer_is_not_fitted_
                 q[4, 1] = -np.inf
             store.append_episode({"q": q, "n": np.zeros((6, 1), np.int64)})
         with pytest.raises(
-            ValueError, match=r"s.zarr: key 'q' holds a non-finite value in episode 2, step 4"
+            ValueError,
+            match=r"s.zarr: key 'q' holds a non-finite value in episode 2, step 4; .*drop the episode "
+            r"\(wm-info store=\S+ 'drop_episodes=\[2\]'\)",
         ):
             check_finite(store, "q")
         check_finite(store, "q", episodes=[0, 1])  # the clean episodes pass

@@ -1021,20 +1021,29 @@ def test_a_damaged_commit_record_is_one_line_and_the_rewrite_it_names_repairs_it
         assert_episode_equal(store.get_episode(4), eps[4])
 
 
-def test_the_named_rewrite_is_quoted_for_a_shell(tmp_path):
+@pytest.mark.parametrize("folder", ["my demos", "it's [v2], a=b"])
+def test_the_named_rewrite_runs_as_pasted(tmp_path, folder):
     """A store in a folder with a space: the damaged commit record's message named the rewrite with the
-    path unquoted (verify's report quoted it), so the pasted command split the path in two."""
+    path unquoted (verify's report quoted it for the shell), so the pasted command split the path in
+    two; a quote, comma, bracket or `=` in it then failed Hydra's parsing of the override, quoted or not."""
+    from apps import run_app
+
     from wm.data.verify import verify_store
 
-    path = tmp_path / "my demos" / "s.zarr"
+    path = tmp_path / folder / "s.zarr"
     with DemoStore.create(path, make_schema()) as store:
         store.append_episode(make_episode(0, 7))
     _set_count("1")(path)
     with pytest.raises(CorruptStoreError) as e:
         DemoStore.open(path)
-    named = shlex.split(str(e.value).rsplit("every episode (info that cannot be read is left empty): ", 1)[1])
-    assert named == ["wm-info", f"store={path}", "drop_episodes=[]"]
-    assert shlex.split(verify_store(path).repair_command()) == named
+    named = str(e.value).rsplit("every episode (info that cannot be read is left empty): ", 1)[1]
+    assert named == verify_store(path).repair_command()
+    argv = shlex.split(named)
+    assert argv[0] == "wm-info" and argv[-1] == "drop_episodes=[]"
+    res = run_app(*argv, "contact_sheet=none")
+    assert res.returncode == 0, res.stderr
+    with DemoStore.open(path) as store:
+        assert store.n_episodes == 1
 
 
 def test_a_store_whose_schema_attribute_was_lost_is_adopted_with_its_episode_info(small_store):

@@ -404,7 +404,7 @@ def test_a_bad_frame_met_by_a_loader_worker_is_its_own_one_line_error(store_path
     frames = WindowDataset(path, WindowSpec({"img": (0,), "x": (0,), "y": (0,)}), in_memory=False)
     message = (
         f"{path}: image key 'img' (float32) holds non-finite values (NaN or inf) in episode 1, step 40; they "
-        "would train as black pixels: repair or drop that episode (wm-info drop_episodes=)"
+        f"would train as black pixels: repair or drop that episode (wm-info store={path} 'drop_episodes=[1]')"
     )
     for workers in (0, 2):
         trainer = make_trainer(frames, tmp_path / f"run{workers}", num_workers=workers)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from tools._cli import app, bind, folder
 from wm.data import CorruptStoreError, DemoStore, delete_episodes
 from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
+from wm.data.store import info_command
 
 SHOWN = 6  # episodes on the contact sheet by default (configs/info.yaml)
 
@@ -159,7 +160,7 @@ def info(cfg: InfoConfig) -> int:
             summary = {**summarize(store), **extra}
             show(cfg, store, summary, episodes)
     except CorruptStoreError as e:
-        raise CorruptStoreError(f"{e}; list all damage with: wm-info store={cfg.store} verify=true") from e
+        raise CorruptStoreError(f"{e}; list all damage with: {info_command(cfg.store, 'verify=true')}") from e
     if cfg.format == "json":
         print(json.dumps(summary, allow_nan=False))
         return 0

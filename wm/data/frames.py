@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from wm.data.errors import SchemaError
+from wm.data.store import rewrite_command
 
 SAMPLED_FRAMES = 8  # frames `check_scale` looks at, evenly spaced over the store
 CHECK_BLOCK = 256  # frames `check_values` looks at at once (bounds its temporary arrays)
@@ -57,9 +58,11 @@ def check_values(
             at = _where(lo + first, steps, episode_ends)
             what = f"{path}: image key {key!r} ({frames.dtype})"
             if not finite[first]:
+                ep = _episode(lo + first, steps, episode_ends)
+                drop = "" if ep is None else f" ({rewrite_command(path, [ep])})"
                 raise SchemaError(
                     f"{what} holds non-finite values (NaN or inf){at}; they would train as black "
-                    "pixels: repair or drop that episode (wm-info drop_episodes=)"
+                    f"pixels: repair or drop that episode{drop}"
                 )
             raise SchemaError(
                 f"{what} holds values in {float(low[first]):.6g}..{float(high[first]):.6g}{at}; images are "
@@ -68,14 +71,21 @@ def check_values(
             )
 
 
+def _episode(row: int, steps: np.ndarray | None, episode_ends: np.ndarray | None) -> int | None:
+    """The episode of frame `row`, None when it is not known."""
+    if steps is None or episode_ends is None:
+        return None
+    return int(np.searchsorted(episode_ends, int(steps[row]), side="right"))
+
+
 def _where(row: int, steps: np.ndarray | None, episode_ends: np.ndarray | None) -> str:
     """' in episode E, step S' (or ' at step S') of frame `row`, '' when its step is not known."""
     if steps is None:
         return ""
     step = int(steps[row])
-    if episode_ends is None:
+    ep = _episode(row, steps, episode_ends)
+    if ep is None:
         return f" at step {step}"
-    ep = int(np.searchsorted(episode_ends, step, side="right"))
     return f" in episode {ep}, step {step - (int(episode_ends[ep - 1]) if ep else 0)}"
 
 

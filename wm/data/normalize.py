@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from wm.data.errors import SchemaError
-from wm.data.store import DemoStore
+from wm.data.store import DemoStore, rewrite_command
 
 MODES = ("minmax", "meanstd", "quantile", "identity")
 STATS = ("min", "max", "mean", "std", "q01", "q99")
@@ -48,9 +48,10 @@ def compute_stats(values: np.ndarray) -> dict[str, np.ndarray]:
 
 def non_finite_message(path: object, key: str, episode: int, step: int) -> str:
     """The one line that refuses a non-finite value of low-dim `key` at `step` of `episode`."""
+    drop = rewrite_command(path, [episode])
     return (
         f"{path}: key {key!r} holds a non-finite value in episode {episode}, step {step}; normalizing it "
-        "would make NaN inputs: drop the episode (wm-info drop_episodes=) or train on another key"
+        f"would make NaN inputs: drop the episode ({drop}) or train on another key"
     )
 
 

@@ -789,11 +789,22 @@ def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
         entries[:] = np.array([_entry(r) for r in records], dtype=object)
 
 
+def info_command(path: str | Path, *overrides: str) -> str:
+    """`wm-info store=PATH OVERRIDES...` as a shell line: the path quoted for Hydra where it holds anything
+    but letters, digits, spaces and `/._-+:@%` or starts or ends with a space (a quote, comma, bracket or
+    `=` would not parse as a value, and Hydra strips outer spaces), then every argument for the shell."""
+    value = str(path)
+    if value != value.strip() or not re.fullmatch(r"[\w/.\-+:@% ]*", value, flags=re.ASCII):
+        value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)  # backslashes before a quote
+        value = "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+    return shlex.join(["wm-info", f"store={value}", *overrides])
+
+
 def rewrite_command(path: str | Path, drop: Iterable[int] = ()) -> str:
     """The `wm-info` rewrite of the store at `path` without the episodes `drop` (none: every episode kept,
-    which repairs a damaged commit record or writes every chunk), quoted for a shell."""
+    which repairs a damaged commit record or writes every chunk), as a shell line (`info_command`)."""
     episodes = ",".join(str(e) for e in drop)
-    return shlex.join(["wm-info", f"store={path}", f"drop_episodes=[{episodes}]"])
+    return info_command(path, f"drop_episodes=[{episodes}]")
 
 
 def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | None]:
