@@ -603,6 +603,39 @@ def test_unet_on_int8_weights_stays_close(fake_selector):
     assert 1e-4 < kernels.rel_error(y, ref) < kernels.MODULE_BF16_TOL
 
 
+def test_the_film_layers_run_as_one_product_at_inference(fake_selector):
+    """At inference the residual blocks' FiLM layers run as one product of the conditioning with their
+    stacked weights: the same output as each block's own layer (autograd on), one kernel choice for all,
+    nothing of it in the state dict, and stacked again when a block's weights change."""
+    from policies.diffusion.precision import set_inference_precision
+    from policies.diffusion.unet import ConditionalUnet1D, ResBlock1D, UNetConfig
+
+    sel, times = fake_selector
+    times.update(native=1.0, onednn=1.0, matmul=1.0, native_bf16=0.5, onednn_bf16=1.0, matmul_bf16=1.0)
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(UNetConfig(down_dims=(32, 64, 256), step_embed_dim=32), 2, 2 * 8).eval()
+    films = [m.film[1] for m in net.modules() if isinstance(m, ResBlock1D)]
+    x, t, cond = torch.randn(1, 16, 2), torch.tensor([42.0]), torch.randn(1, 2, 8)
+    keys = set(net.state_dict())
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                films[3].weight.mul_(-2.0)
+        with torch.enable_grad():
+            ref = net(x, t, cond).detach()  # each block's own FiLM layer
+        with torch.no_grad():
+            y = net(x, t, cond)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert set(net.state_dict()) == keys
+    set_inference_precision(net, "bf16")  # the stacked layer follows the blocks' setting
+    with torch.no_grad():
+        y = net(x, t, cond)
+    linear = [(k.split("|")[-1], r) for k, r, _ in sel.log if k.split("|")[-1].startswith("linear ")]
+    total = sum(f.out_features for f in films)
+    assert len(linear) == 1 and linear[0][0].startswith(f"linear 48->{total} "), linear
+    assert linear[0][1]["choice"] == "native_bf16" and kernels.rel_error(y, ref) < kernels.MODULE_BF16_TOL
+
+
 def test_linear_layers_use_the_measured_kernel(fake_selector):
     from wm.predictor import _ONEDNN_LINEAR, linear
 

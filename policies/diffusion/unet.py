@@ -16,9 +16,10 @@ inference (`precision.set_inference_precision(net, "bf16" | "auto")`) also among
 cached bf16 copy of the weights. PyTorch's fp32 kernel is always a candidate and the reference the
 others are checked against. The FiLM layers (`Linear`: at batch 1 one row of conditioning against a
 (2 C, step_embed_dim + cond_dim) weight, bound by reading it too) choose the same way between PyTorch's
-linear kernel on the fp32 and, in bf16, the bf16 weights. GroupNorm, Mish and the step embedding stay
-fp32. On a GPU: PyTorch's kernel, on the bf16 weights in bf16 mode. Choices per layer and per-call times:
-`benchmarks/bench_precision.py`.
+linear kernel on the fp32 and, in bf16, the bf16 weights; at inference all residual blocks' FiLM layers
+run as one such layer on their stacked weights (`ConditionalUnet1D.fused_film`: they all read the same
+conditioning). GroupNorm, Mish and the step embedding stay fp32. On a GPU: PyTorch's kernel, on the
+bf16 weights in bf16 mode. Choices per layer and per-call times: `benchmarks/bench_precision.py`.
 
 The default precision "auto" on a CPU also offers int8 weights: the layer's weight matrix
 quantized per output row (symmetric, `wm.precision.quantize_int8_rows`), multiplied with the unfolded
@@ -33,8 +34,9 @@ PyTorch's fp32 output on the call's own input. "fp32" and "bf16" never use it.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -415,9 +417,11 @@ class ResBlock1D(nn.Module):
         self.film = nn.Sequential(nn.Mish(), Linear(cond_dim, 2 * c_out))
         self.residual = Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        """x (B, C_in, T), cond (B, cond_dim) -> (B, C_out, T)."""
-        scale, bias = rearrange(self.film(cond), "b (two c) -> two b c 1", two=2)
+    def forward(self, x: Tensor, cond: Tensor, film: Tensor | None = None) -> Tensor:
+        """x (B, C_in, T), cond (B, cond_dim) -> (B, C_out, T); `film` (B, 2 C_out), where given, is
+        `self.film(cond)` computed by the caller (`ConditionalUnet1D.film_outputs`)."""
+        film = self.film(cond) if film is None else film
+        scale, bias = rearrange(film, "b (two c) -> two b c 1", two=2)
         h = self.block1(x) * scale + bias
         return self.block2(h) + self.residual(x)
 
@@ -464,6 +468,8 @@ class ConditionalUnet1D(nn.Module):
             )
         start = cfg.down_dims[0]
         self.final = nn.Sequential(Conv1dBlock(start, start, k, g), Conv1d(start, action_dim, 1))
+        # the residual blocks' FiLM layers in the order they run (a list: not registered a second time)
+        self._film_layers = [m.film[1] for m in self.modules() if isinstance(m, ResBlock1D)]
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         if x.shape[1] % self.cfg.time_divisor:
@@ -473,15 +479,43 @@ class ConditionalUnet1D(nn.Module):
         c = self.step_encoder(t)  # (B, dsed)
         if cond is not None:
             c = torch.cat([c, rearrange(cond, "b to d -> b (to d)")], dim=-1)  # (B, film_dim)
+        films = iter(self.film_outputs(c))
         h = rearrange(x, "b t a -> b a t")
         skips = []
         for res1, res2, downsample in self.down:
-            h = res2(res1(h, c), c)
+            h = res2(res1(h, c, next(films)), c, next(films))
             skips.append(h)
             h = downsample(h)
         for res in self.mid:
-            h = res(h, c)
+            h = res(h, c, next(films))
         for res1, res2, upsample in self.up:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, 2C, T')
-            h = upsample(res2(res1(h, c), c))
+            h = upsample(res2(res1(h, c, next(films)), c, next(films)))
         return rearrange(self.final(h), "b a t -> b t a")
+
+    def film_outputs(self, c: Tensor) -> Iterable[Tensor | None]:
+        """Every residual block's FiLM output (B, 2 C), in the order the blocks run. At inference, one
+        product of the conditioning with all blocks' FiLM weights stacked (`fused_film`): one weight read
+        and one kernel choice instead of one per block. With autograd on, in training mode or under
+        torch.compile, None for each: every block computes its own."""
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
+            return itertools.repeat(None)
+        fused = self.fused_film()
+        return torch.split(fused(F.mish(c)), self._film_sizes, dim=1)
+
+    def fused_film(self) -> Linear:
+        """The residual blocks' FiLM layers as one `Linear` (weights and biases stacked in block order),
+        built again when any of theirs changes (an optimizer step, `load_state_dict`, a device move) and
+        run in their inference precision. Kept outside the module tree: not in the state dict."""
+        films = self._film_layers
+        key = tensor_key([t for f in films for t in (f.weight, f.bias)])
+        cached = self.__dict__.get("_fused_film")
+        if cached is None or cached[0] != key:
+            w = films[0].weight
+            fused = Linear(w.shape[1], sum(f.out_features for f in films), device="meta").eval()
+            fused.weight = nn.Parameter(torch.cat([f.weight.detach() for f in films]), requires_grad=False)
+            fused.bias = nn.Parameter(torch.cat([f.bias.detach() for f in films]), requires_grad=False)
+            self.__dict__["_fused_film"] = cached = (key, fused)
+            self.__dict__["_film_sizes"] = [f.out_features for f in films]
+        cached[1].inference_precision = films[0].inference_precision
+        return cached[1]
