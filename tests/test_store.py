@@ -1046,6 +1046,23 @@ def test_the_named_rewrite_runs_as_pasted(tmp_path, folder):
         assert store.n_episodes == 1
 
 
+def test_a_path_in_a_named_command_reads_back_exactly():
+    """`wm.options.override` (the store's repair commands, wm-train's "wm-eval checkpoint=..." lines): a
+    path Hydra would misread unquoted (quotes, commas, brackets, `=`, `~`, outer spaces, backslashes
+    before a quote, non-ASCII) reads back exactly through Hydra's override parser; a plain one stays bare."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from wm.options import override
+
+    parser = OverridesParser.create()
+    names = ["/x/plain-1.zarr", "/x/my demos", " lead", "/x/it's", '/x/say "hi"', "/x/a,b=c", "/x/x[1]"]
+    names += ["/x/~t", "/x/a{b}#c", "/x/ä ö", "/x/a\\b", "/x/end\\", "/x/q\\'", "/x/$HOME", "/x/a(b)"]
+    for name in names:
+        (arg,) = shlex.split(shlex.join([override("+model.latent.path", name)]))
+        assert parser.parse_override(arg).value() == name, (name, arg)
+    assert override("store", "/x/plain-1.zarr") == "store=/x/plain-1.zarr"
+
+
 def test_a_store_whose_schema_attribute_was_lost_is_adopted_with_its_episode_info(small_store):
     """Another tool rewrote the root attributes without the schema: adopting the store wrote no schema
     (the commit count was there, so nothing was written) and put lengths in place of the episodes' info."""

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from tools._cli import UsageError, app, bind, build, folder
 from wm.data import DemoStore, SchemaError, StoreError
+from wm.options import override
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,9 @@ def say_checkpoints(out: Path, best: dict[str, Any] | None, model_type: str) -> 
 
     def use(path: Path) -> str:
         if model_entry(model_type).controllers:
-            return f"wm-eval checkpoint={path}"
-        return f"wm-train model=uwm model.latent.source={model_type} +model.latent.path={path}"
+            return shlex.join(["wm-eval", override("checkpoint", path)])
+        latent = ["model=uwm", f"model.latent.source={model_type}", override("+model.latent.path", path)]
+        return shlex.join(["wm-train", *latent])
 
     print(f"last checkpoint: {latest_checkpoint(out)} ({use(out)} loads it)")
     if best is None:

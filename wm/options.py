@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -102,3 +103,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [_plain(v) for v in value]
     return value
+
+
+def override(key: str, value: object) -> str:
+    """`key=value` as a Hydra override that reads back `value` (a path) exactly: the value quoted for
+    Hydra where it holds anything but letters, digits, spaces and `/._-+:@%` or starts or ends with a
+    space (a quote, comma, bracket or `=` would not parse as a value, and Hydra strips outer spaces).
+    Quote the whole command line for a shell after (`shlex.join`)."""
+    text = str(value)
+    if text != text.strip() or not re.fullmatch(r"[\w/.\-+:@% ]*", text, flags=re.ASCII):
+        text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)  # backslashes before a quote
+        text = "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
+    return f"{key}={text}"

@@ -501,7 +501,7 @@ class ConditionalUnet1D(nn.Module):
         if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
             return itertools.repeat(None)
         fused = self.fused_film()
-        return torch.split(fused(F.mish(c)), self._film_sizes, dim=1)
+        return torch.split(fused(F.mish(c)), [f.out_features for f in self._film_layers], dim=1)
 
     def fused_film(self) -> Linear:
         """The residual blocks' FiLM layers as one `Linear` (weights and biases stacked in block order),
@@ -511,11 +511,9 @@ class ConditionalUnet1D(nn.Module):
         key = tensor_key([t for f in films for t in (f.weight, f.bias)])
         cached = self.__dict__.get("_fused_film")
         if cached is None or cached[0] != key:
-            w = films[0].weight
-            fused = Linear(w.shape[1], sum(f.out_features for f in films), device="meta").eval()
+            fused = Linear(films[0].in_features, sum(f.out_features for f in films), device="meta").eval()
             fused.weight = nn.Parameter(torch.cat([f.weight.detach() for f in films]), requires_grad=False)
             fused.bias = nn.Parameter(torch.cat([f.bias.detach() for f in films]), requires_grad=False)
-            self.__dict__["_fused_film"] = cached = (key, fused)
-            self.__dict__["_film_sizes"] = [f.out_features for f in films]
+            self.__dict__["_fused_film"] = cached = (key, fused)  # (__dict__: not registered as a submodule)
         cached[1].inference_precision = films[0].inference_precision
         return cached[1]

@@ -61,7 +61,7 @@ from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, Schem
 from wm.data.schema import FORMAT_VERSION, KeySpec, Schema, infer_schema
 from wm.interrupt import interrupts_held
 from wm.locks import alive, remove_left_by_dead
-from wm.options import is_whole
+from wm.options import is_whole, override
 
 SCHEMA_ATTR = "wm_schema"
 COMMITTED_ATTR = "wm_committed"  # the number of committed episodes: writing it commits an episode
@@ -790,14 +790,8 @@ def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
 
 
 def info_command(path: str | Path, *overrides: str) -> str:
-    """`wm-info store=PATH OVERRIDES...` as a shell line: the path quoted for Hydra where it holds anything
-    but letters, digits, spaces and `/._-+:@%` or starts or ends with a space (a quote, comma, bracket or
-    `=` would not parse as a value, and Hydra strips outer spaces), then every argument for the shell."""
-    value = str(path)
-    if value != value.strip() or not re.fullmatch(r"[\w/.\-+:@% ]*", value, flags=re.ASCII):
-        value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)  # backslashes before a quote
-        value = "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
-    return shlex.join(["wm-info", f"store={value}", *overrides])
+    """`wm-info store=PATH OVERRIDES...` as a shell line, the path quoted for Hydra (`override`)."""
+    return shlex.join(["wm-info", override("store", path), *overrides])
 
 
 def rewrite_command(path: str | Path, drop: Iterable[int] = ()) -> str:
