@@ -58,6 +58,37 @@ def as_format_1(path) -> None:
     group.attrs.put({**attrs, "wm_schema": schema, "wm_episodes": records})
 
 
+_SCHEDULING = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)  # pytest's, at start
+
+
+def scheduling() -> tuple[int, int]:
+    """The calling thread's scheduling policy and priority."""
+    return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+
+def can_raise_priority() -> bool:
+    """Whether this process may switch a thread to real-time scheduling (root, CAP_SYS_NICE or an
+    RLIMIT_RTPRIO above 0): only then can a library do it behind our back, and a test of that fail."""
+    before = scheduling()
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except PermissionError:
+        return False
+    os.sched_setscheduler(0, before[0], os.sched_param(before[1]))
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _scheduling_kept():
+    """A test must leave pytest's thread at the scheduling it started with: every process started later
+    inherits it (lerobot's AV1 encoder left it at SCHED_FIFO 99 for the rest of the run)."""
+    yield
+    now = scheduling()
+    if now != _SCHEDULING:
+        os.sched_setscheduler(0, _SCHEDULING[0], os.sched_param(_SCHEDULING[1]))
+        pytest.fail(f"the test left pytest's thread at (policy, priority) {now}, not {_SCHEDULING}")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny tensors: as fast, and it cannot stall in OpenMP barriers

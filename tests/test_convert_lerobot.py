@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("lerobot")
+from conftest import can_raise_priority, scheduling  # noqa: E402
 from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
 from wm.data import (  # noqa: E402
@@ -30,6 +33,7 @@ from wm.data import (  # noqa: E402
 from wm.data.convert import lerobot as lerobot_convert  # noqa: E402
 from wm.data.convert import lerobot_meta  # noqa: E402
 from wm.data.convert.lerobot import is_lerobot_dataset, lerobot_to_store, store_to_lerobot  # noqa: E402
+from wm.sched import normal_priority  # noqa: E402
 
 FPS = 10
 H, W = 32, 48
@@ -70,20 +74,23 @@ def _make_lerobot(root, cameras, video: bool, image_fn) -> list[dict[str, np.nda
     }
     features["observation.state"] = {"dtype": "float32", "shape": (4,), "names": STATE_NAMES}
     features["action"] = {"dtype": "float32", "shape": (2,), "names": None}
-    ds = LeRobotDataset.create("local/src", FPS, features, root=root, use_videos=video, robot_type="toy_arm")
     rng = np.random.default_rng(0)
     episodes = []
-    for length, task in zip(LENGTHS, TASKS, strict=True):
-        ep = {c: np.stack([image_fn(rng) for _ in range(length)]) for c in cameras}
-        ep["state"] = rng.normal(size=(length, 4)).astype(np.float32)
-        ep["action"] = rng.normal(size=(length, 2)).astype(np.float32)
-        for t in range(length):
-            frame = {f"observation.images.{c}": ep[c][t] for c in cameras}
-            frame.update({"observation.state": ep["state"][t], "action": ep["action"][t], "task": task})
-            ds.add_frame(frame)
-        ds.save_episode()
-        episodes.append(ep)
-    ds.finalize()
+    with normal_priority():  # lerobot's AV1 encoder would leave this process at real-time priority
+        ds = LeRobotDataset.create(
+            "local/src", FPS, features, root=root, use_videos=video, robot_type="toy_arm"
+        )
+        for length, task in zip(LENGTHS, TASKS, strict=True):
+            ep = {c: np.stack([image_fn(rng) for _ in range(length)]) for c in cameras}
+            ep["state"] = rng.normal(size=(length, 4)).astype(np.float32)
+            ep["action"] = rng.normal(size=(length, 2)).astype(np.float32)
+            for t in range(length):
+                frame = {f"observation.images.{c}": ep[c][t] for c in cameras}
+                frame.update({"observation.state": ep["state"][t], "action": ep["action"][t], "task": task})
+                ds.add_frame(frame)
+            ds.save_episode()
+            episodes.append(ep)
+        ds.finalize()
     return episodes
 
 
@@ -207,22 +214,23 @@ def test_video_rows_that_share_a_timestamp_get_the_frame_lerobot_gives_them(tmp_
         "observation.state": {"dtype": "float32", "shape": (4,), "names": STATE_NAMES},
         "action": {"dtype": "float32", "shape": (2,), "names": None},
     }
-    ds = LeRobotDataset.create("local/src", FPS, features, root=tmp_path / "src", use_videos=True)
     rng = np.random.default_rng(0)
-    for ts in times:
-        for t in range(len(ts)):
-            state = np.full(4, t, np.float32)
-            ds.add_frame(
-                {
-                    "observation.images.front": _smooth_image(rng),
-                    "observation.state": state,
-                    "action": state[:2],
-                    "task": "t",
-                }
-            )
-        ds.episode_buffer["timestamp"] = ts  # add_frame puts every frame on the 1/fps grid
-        ds.save_episode()
-    ds.finalize()
+    with normal_priority():
+        ds = LeRobotDataset.create("local/src", FPS, features, root=tmp_path / "src", use_videos=True)
+        for ts in times:
+            for t in range(len(ts)):
+                state = np.full(4, t, np.float32)
+                ds.add_frame(
+                    {
+                        "observation.images.front": _smooth_image(rng),
+                        "observation.state": state,
+                        "action": state[:2],
+                        "task": "t",
+                    }
+                )
+            ds.episode_buffer["timestamp"] = ts  # add_frame puts every frame on the 1/fps grid
+            ds.save_episode()
+        ds.finalize()
 
     ref = _lerobot_frames(tmp_path / "src", ("front",))
     with lerobot_to_store(tmp_path / "src", tmp_path / "demo.zarr") as store:
@@ -553,6 +561,47 @@ def test_video_export_takes_an_episode_of_one_step(tmp_path):
     for e in range(2):
         np.testing.assert_array_equal(back.get_episode(e)["action"], store.get_episode(e)["action"])
         assert np.abs(back.get_episode(e)["cam"].astype(int) - 100).max() <= 3
+
+
+def _realtime_threads(seen: set, stop: threading.Event) -> None:
+    """Add to `seen` every thread of this process found under a real-time policy, sampling until `stop`."""
+    while not stop.is_set():
+        for stat in Path("/proc/self/task").glob("*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            if fields[38] != "0":  # policy (proc(5) field 41): 0 is SCHED_OTHER
+                seen.add((stat.parent.name, int(fields[38]), int(fields[37])))
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not can_raise_priority(), reason="this process cannot raise a thread to real-time policy")
+@pytest.mark.filterwarnings("ignore:The video decoding and encoding capabilities of torchvision")
+@pytest.mark.parametrize("lengths", [(12, 9), (12, 1)], ids=["streaming", "one-step episode"])
+def test_a_video_export_runs_no_thread_at_real_time_priority(tmp_path, lengths):
+    """LeRobot's AV1 encoder (SVT-AV1) switches its threads to SCHED_FIFO 99 when it may (root): dozens of
+    encoder threads above the robot's control loop, and, where the encoder opens on the calling thread
+    (no streaming for a one-step episode), that thread and every process it starts stay there."""
+    schema = Schema(keys={"cam": KeySpec((32, 48, 3), "uint8", "image"),
+                          "action": KeySpec((2,), "float32", "action")}, fps=10)  # fmt: skip
+    rng = np.random.default_rng(0)
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        for n in lengths:
+            store.append_episode({"cam": np.stack([_smooth_image(rng) for _ in range(n)]),
+                                  "action": np.zeros((n, 2), np.float32)})  # fmt: skip
+    before, seen, stop = scheduling(), set(), threading.Event()
+    sampler = threading.Thread(target=_realtime_threads, args=(seen, stop), daemon=True)
+    sampler.start()
+    try:
+        out = store_to_lerobot(tmp_path / "s.zarr", tmp_path / "lr", use_videos=True)
+    finally:
+        stop.set()
+        sampler.join()
+    features = json.loads((out / "meta/info.json").read_text())["features"]
+    assert features["observation.images.cam"]["dtype"] == "video"
+    assert seen == set()
+    assert scheduling() == before
 
 
 @pytest.mark.parametrize(("fps", "width"), [(7.5, 48), (10.0, 47)])

@@ -57,6 +57,7 @@ from wm.data.convert.lerobot_meta import (
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import KeySpec, Schema
 from wm.data.store import DemoStore, beside, check_destination, move_into_place
+from wm.sched import normal_priority
 
 WRITE_STEPS = 256  # frames decoded and appended at a time, bounding memory for long image episodes
 EPISODES_FILE = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"  # LeRobot v3.0's
@@ -505,7 +506,8 @@ def store_to_lerobot(
     try:
         if store.n_episodes == 0:  # LeRobot writes a dataset of none that it cannot load
             raise SchemaError(f"{store.path}: has no episodes; there is nothing to export")
-        _write_lerobot(store, tmp, repo_id, use_videos)
+        with normal_priority():  # LeRobot's AV1 encoder would run its threads at real-time priority
+            _write_lerobot(store, tmp, repo_id, use_videos)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
