@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -363,6 +364,36 @@ def test_sigterm_ends_the_run_cleanly_with_the_report_and_the_recording(tmp_path
     recorded = DemoStore.open(store)
     assert recorded.n_episodes == 1 and recorded.n_steps == report["ticks"] > 0
     assert recorded.episode_info(0)["stopped"] == "stopped by the operator"
+
+
+SIGTERM_WHILE_CONNECTING = """
+import os, signal, sys
+from robots.sim.pointmaze import PointMazeTask
+from tools.deploy import DeployConfig, deploy
+connect, disconnect = PointMazeTask.connect, PointMazeTask.disconnect
+def connect_then_terminated(self):
+    connect(self)
+    os.kill(os.getpid(), signal.SIGTERM)  # while the run sets up, after the robot connected
+def disconnect_said(self):
+    print("disconnected", flush=True)
+    disconnect(self)
+PointMazeTask.connect, PointMazeTask.disconnect = connect_then_terminated, disconnect_said
+try:
+    deploy(DeployConfig(robot="pointmaze", controller="random", out=sys.argv[1], max_steps=3))
+except KeyboardInterrupt as e:
+    print("interrupted", e.signum)
+"""
+
+
+def test_sigterm_before_the_episodes_start_still_disconnects_the_robot(tmp_path):
+    """SIGTERM's default action was only replaced for the episode loop: one while a takeover device
+    connected (the arm already connected) ended the process where it stood, without `disconnect()`."""
+    res = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_CONNECTING, str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["disconnected", "interrupted", str(int(signal.SIGTERM))], res.stdout
 
 
 def test_sync_mode_bounds_the_wait_for_a_chunk_too(tmp_path):

@@ -279,10 +279,11 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         worker: Any = RemoteWorker(cfg.remote_config(), feat.low, feat.high)
     else:
         worker = ProcessWorker(spec)  # sync mode too: a computation on this thread had no deadline
-    worker.start()
     stop = _StopFlag()
     outcomes, store, takeover, kernels = [], None, None, None
+    terminated = signal.signal(signal.SIGTERM, _interrupt)  # until the cleanup below has run
     try:
+        worker.start()
         if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
             robot = make_robot(cfg, worker.info.get("image_size"))
             set_control_hz(cfg, robot)
@@ -337,6 +338,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)
     finally:
         with contextlib.ExitStack() as cleanup:  # each runs (last first), whatever one before it raised
+            cleanup.callback(signal.signal, signal.SIGTERM, terminated)
             if store is not None:
                 cleanup.callback(store.close)
             cleanup.callback(robot.disconnect)  # a no-op when it never connected
@@ -371,6 +373,15 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     )
     status = 128 + stop.signum if stop.signum else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
     return report, status
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM outside the episode loop (the worker loading, the robot or a takeover device connecting,
+    the cleanup) interrupts as Ctrl-C does, so the robot is still disconnected and the worker stopped;
+    its default action ended the process where it stood. `signum` gives the exit status (143)."""
+    interrupted = KeyboardInterrupt()
+    interrupted.signum = signum  # type: ignore[attr-defined]
+    raise interrupted
 
 
 class _StopFlag:
