@@ -261,7 +261,7 @@ class Collector:
         self.stats.overruns += loop.overruns
         # Achieved rate in wall-clock time (a ManualClock's own rate is nominal by construction).
         wall = time.monotonic() - self._episode_t0
-        self.stats.loop_hz.append(loop.tick / wall if wall > 0 else loop.achieved_hz)
+        self.stats.loop_hz.append(loop.iterations / wall if wall > 0 else loop.achieved_hz)
         if self.on_episode is not None:
             self.on_episode(self.stats)
 

@@ -57,22 +57,22 @@ def next_deadline(start: float, period: float, tick: int) -> float:
     return start + (tick + 1) * period
 
 
-def ticks_behind(now: float, start: float, period: float, tick: int) -> int:
-    """How many whole deadlines after tick `tick`'s have already passed at `now`."""
-    return max(0, int((now - next_deadline(start, period, tick)) // period))
-
-
 @dataclass
 class RateLoop:
     """Keeps a loop at `hz`: call `wait()` at the end of every iteration.
 
-    Records per-tick lateness; `overruns` counts ticks whose work ran past their deadline.
+    Deadlines are absolute (no drift). After an iteration whose work ran past its deadline, the next one
+    begins at the schedule's first slot at least half a period away; the slots in between are skipped
+    (`skipped`), never caught up: each iteration of a teleoperation loop ends by sending one step-capped
+    target, and catching up sent several within a few milliseconds.
+    Records per-tick lateness; `overruns` counts iterations whose work ran past their deadline.
     """
 
     hz: float
     clock: Clock = field(default_factory=MonotonicClock)
-    max_behind: int = 3
-    tick: int = field(default=0, init=False)
+    tick: int = field(default=0, init=False)  # the schedule's slot of the current iteration
+    iterations: int = field(default=0, init=False)
+    skipped: int = field(default=0, init=False)
     overruns: int = field(default=0, init=False)
     max_late_s: float = field(default=0.0, init=False)
     _start: float = field(default=0.0, init=False)
@@ -90,9 +90,10 @@ class RateLoop:
         self.restart()
 
     def restart(self) -> None:
-        """Start a new schedule now (e.g. after an operator pause)."""
+        """Start a new schedule now (e.g. a teleoperated episode after an operator pause), its counts at 0."""
         self._start = self._first = self.clock.now()
-        self.tick = 0
+        self.tick = self.iterations = self.skipped = self.overruns = 0
+        self.max_late_s = 0.0
 
     def wait(self) -> float:
         """Sleep until this tick's deadline; returns how late the work finished (<= 0: on time)."""
@@ -107,15 +108,16 @@ class RateLoop:
         if late > 0:
             self.overruns += 1
             self.max_late_s = max(self.max_late_s, late)
-            behind = ticks_behind(now, self._start, self.period, self.tick)
-            if behind > self.max_behind:  # too far behind: resynchronize instead of bursting
-                self._start = now - (self.tick + 1) * self.period  # the next deadline is one period away
-        else:
-            self.clock.sleep_until(deadline)
+            skip = math.ceil((late + self.period / 2) / self.period - 1e-9)  # slots until one >= p/2 away
+            self.tick += skip
+            self.skipped += skip
+            deadline += skip * self.period
+        self.clock.sleep_until(deadline)
         self.tick += 1
+        self.iterations += 1
         return late
 
     @property
     def achieved_hz(self) -> float:
         elapsed = self.clock.now() - self._first
-        return self.tick / elapsed if elapsed > 0 else 0.0
+        return self.iterations / elapsed if elapsed > 0 else 0.0

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from robots.control import ManualClock, RateLoop, next_deadline, ticks_behind
+from robots.control import ManualClock, RateLoop, next_deadline
 
 
 def test_deadlines_are_absolute():
     assert next_deadline(10.0, 0.1, 0) == pytest.approx(10.1)
     assert next_deadline(10.0, 0.1, 9) == pytest.approx(11.0)
-    assert ticks_behind(10.35, 10.0, 0.1, 0) == 2
-    assert ticks_behind(10.05, 10.0, 0.1, 0) == 0
 
 
 def test_loop_holds_rate_without_drift():
@@ -24,26 +22,62 @@ def test_loop_holds_rate_without_drift():
     assert loop.overruns == 0 and loop.achieved_hz == pytest.approx(10.0)
 
 
-def test_slow_tick_borrows_from_later_ones():
+def test_a_late_iteration_skips_to_the_next_slot_at_least_half_a_period_away():
     clock = ManualClock(0.0)
     loop = RateLoop(10.0, clock)
-    clock.advance(0.15)  # tick 0 overruns by 50 ms
+    clock.advance(0.15)  # iteration 0 overruns by 50 ms
     assert loop.wait() == pytest.approx(0.05)
-    clock.advance(0.01)  # tick 1 is short: the loop catches up to the original schedule
-    loop.wait()
-    assert clock.now() == pytest.approx(0.2)
-    assert loop.overruns == 1 and loop.max_late_s == pytest.approx(0.05)
-
-
-def test_far_behind_resynchronizes_instead_of_bursting():
-    clock = ManualClock(0.0)
-    loop = RateLoop(10.0, clock, max_behind=3)
-    clock.advance(1.0)  # a 1 s stall: 9 deadlines missed
-    loop.wait()
+    assert clock.now() == pytest.approx(0.2)  # iteration 1 was due at 0.1: skipped
     clock.advance(0.01)
     loop.wait()
-    # After resync the next deadline is one period ahead of the stall, not 9 immediate ticks.
-    assert clock.now() == pytest.approx(1.1)
+    assert clock.now() == pytest.approx(0.3)  # on the original grid
+    assert (loop.overruns, loop.skipped, loop.iterations) == (1, 1, 2)
+    assert loop.max_late_s == pytest.approx(0.05)
+
+
+def test_far_behind_skips_the_passed_slots_instead_of_bursting():
+    clock = ManualClock(0.0)
+    loop = RateLoop(10.0, clock)
+    clock.advance(1.0)  # a 1 s stall: 9 deadlines missed
+    loop.wait()
+    assert clock.now() == pytest.approx(1.1)  # not 9 immediate iterations
+    clock.advance(0.01)
+    loop.wait()
+    assert clock.now() == pytest.approx(1.2)
+    assert loop.skipped == 10 and loop.iterations == 2
+
+
+@pytest.mark.parametrize("work", [0.06, 0.1, 0.1001, 0.14, 0.17, 0.38, 2.0])
+def test_an_iteration_never_follows_a_late_one_at_once(work):
+    """wm-collect's teleoperation loop caught up to 3 missed deadlines without sleeping: after one slow
+    read, 4 step-capped targets went to the arm within 4 ms. The next iteration now begins at least half
+    a period after a late one ends, on the schedule's grid; an iteration on time is not delayed."""
+    clock = ManualClock(0.0)
+    loop = RateLoop(10.0, clock)
+    clock.advance(work)  # iteration 0 (due at 0.1)
+    ended = clock.now()
+    loop.wait()
+    gap = clock.now() - ended  # until iteration 1 begins
+    if work <= 0.1:
+        assert clock.now() == pytest.approx(0.1)
+    else:
+        assert 0.05 - 1e-12 <= gap < 0.15 + 1e-12
+    assert round(clock.now() / 0.1, 6) % 1 == 0  # on the grid: no drift
+
+
+def test_restart_begins_a_schedule_and_its_counts():
+    clock = ManualClock(0.0)
+    loop = RateLoop(10.0, clock)
+    clock.advance(0.5)
+    loop.wait()
+    assert loop.overruns == 1 and loop.skipped == 5
+    clock.advance(3.0)  # the operator sets the next episode up
+    loop.restart()
+    for _ in range(10):
+        clock.advance(0.02)
+        loop.wait()
+    assert (loop.overruns, loop.skipped, loop.max_late_s, loop.iterations) == (0, 0, 0.0, 10)
+    assert loop.achieved_hz == pytest.approx(10.0)
 
 
 def test_bad_rate():
