@@ -337,18 +337,46 @@ def test_a_killed_worker_is_named_as_killed_even_when_its_pipe_breaks_first():
 
 
 # ====================================================================== faults of the robot
-def test_an_arm_resting_beyond_its_calibrated_range_is_not_started(bus):
+@pytest.mark.parametrize(
+    ("motor", "says"),
+    [
+        (2, "dimension 1 of the robot's position is 114.3, 26.37 outside its limits [-87.91, 87.91], more "),
+        # the gripper's 0..100 reading was clamped by lerobot to 100: the run started, its first goal 20
+        # raw steps above the cap from where the gripper was
+        (6, "dimension 5 of the robot's position is 115, 15 outside its limits [0, 100], more than one "),
+    ],
+    ids=["degrees", "range_0_100"],
+)
+def test_an_arm_resting_beyond_its_calibrated_range_is_not_started(bus, motor, says):
     """A joint further outside its limits than one step of the cap: every command within the limits would
     jump more than the cap (the first goal was capped from the limit, some 26 degrees from the arm)."""
     address, length = bus.kind.present
-    bus.fake.memory[2][address : address + length] = (3300).to_bytes(length, "little")  # range: 1000..3000
+    bus.fake.memory[motor][address : address + length] = (3300).to_bytes(length, "little")  # of 1000..3000
     r = run(bus, safety=CALM)
-    says = "dimension 1 of the robot's position is 114.3, 26.37 outside its limits [-87.91, 87.91], more "
     assert says in r.out.stopped and r.out.stopped.endswith(
         "nothing was sent (move it within its range, or recalibrate)"
     )
     assert len(r.goals) == 0 and not r.out.ticks
     assert r.torque_after_run == r.torque_after_disconnect == [1] * 6
+
+
+def test_a_gripper_resting_just_past_its_range_reads_where_it_is(bus):
+    """lerobot's normalised reading clamps a 0..100 joint to its range: a gripper at 105 read 100, and the
+    first goal was capped from there. Within one step of its limits it may start, capped from 105."""
+    address, length = bus.kind.present
+    bus.fake.memory[6][address : address + length] = (3100).to_bytes(length, "little")  # 105 of 0..100
+    arm = make_robot(bus.kind.robot, port=PORT, calibration_dir=str(bus.calib_dir), control_hz=HZ)
+    arm.connect()
+    try:
+        state = arm.get_observation()["state"]
+    finally:
+        arm.disconnect()
+    raw = [bus.register(i, *bus.kind.present) for i in range(1, 7)]
+    np.testing.assert_allclose(state, bus.units(raw), atol=1e-4)
+    assert state[5] == pytest.approx(105.0)
+    r = run(bus, safety=CALM)
+    assert not r.out.stopped
+    check_bus(r, bus)  # every step, the first from 105 included, within the cap
 
 
 @pytest.mark.parametrize("corrupt", [1, 2], ids=["one_read", "a_whole_tick"])

@@ -9,7 +9,9 @@ this adapter adds what our `Robot` promises:
   (e.g. shoulder_pan, shoulder_lift, elbow_flex, wrist_flex, wrist_roll, gripper) and units (degrees,
   or -100..100 with `use_degrees=False`; the gripper 0..100), and one (H, W, 3) uint8 RGB image per
   camera. The joint limits (the features' low/high) are the calibrated ranges from lerobot's
-  calibration file (one full turn, +-180 degrees, for a joint without one).
+  calibration file (one full turn, +-180 degrees, for a joint without one). A joint outside its range
+  reads where it is (past 100, say), not at the range's end as lerobot's normalised reading says: the
+  first command is step-capped from the true position, or refused when that is over a step away.
 - `send_action(a)`: the action (Dj,) of absolute goal positions in those units is refused when it is
   misshapen or not finite (nothing reaches the bus) and clipped to the joint limits, then sent with
   lerobot's `send_action({"<motor>.pos": value})`; what lerobot reports it sent is returned (it
@@ -324,9 +326,10 @@ class LerobotArm(RobotBase):
     def _observe(self) -> dict[str, np.ndarray]:
         # lerobot's `get_observation()`, with this arm's bound on how old a camera frame may be.
         began = time.perf_counter()  # lerobot stamps its frames on this clock
-        with port_released_on_error(self._robot.bus):
-            pos = self._robot.bus.sync_read("Present_Position")
-        out = {STATE_KEY: np.array([pos[m] for m in self._motors], dtype=np.float32)}
+        bus = self._robot.bus
+        with port_released_on_error(bus):
+            raw = bus.sync_read("Present_Position", normalize=False)
+        out = {STATE_KEY: present_positions(bus, raw, self._motors)}
         oldest = began
         for cam in self._cameras:
             frame, captured = _latest_frame(self._robot.cameras[cam], self.frame_age_ms(cam))
@@ -377,6 +380,21 @@ def port_released_on_error(bus: Any) -> Iterator[None]:
         if handler is not None and hasattr(handler, "is_using"):
             handler.is_using = False
         raise
+
+
+def present_positions(bus: Any, raw: Mapping[str, int], motors: list[str]) -> np.ndarray:
+    """Raw servo positions in lerobot's normalised units, (len(motors),) float32, without the clamp to the
+    calibrated range that lerobot's normalisation applies in the -100..100 and 0..100 modes: an arm resting
+    outside its range (a gripper past its calibrated end) read as at the end, so the first command was
+    capped from where the arm was not and jumped by more than the step cap. Each motor's map is
+    lerobot's own, taken at the two ends of its range and extended linearly (it is affine in every mode)."""
+    out = np.empty(len(motors), dtype=np.float32)
+    for i, name in enumerate(motors):
+        cal, motor_id = bus.calibration[name], bus.motors[name].id
+        lo, hi = cal.range_min, cal.range_max
+        at_lo, at_hi = bus._normalize({motor_id: lo})[motor_id], bus._normalize({motor_id: hi})[motor_id]
+        out[i] = at_lo + (raw[name] - lo) * (at_hi - at_lo) / (hi - lo)
+    return out
 
 
 def joint_limits(robot: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
