@@ -15,6 +15,7 @@ import pytest
 
 from wm.data import AppendError, CorruptStoreError, DemoStore, NotAStoreError, SchemaError, StoreBusyError
 from wm.data.convert.robomimic import is_robomimic_hdf5, robomimic_to_store
+from wm.data.verify import verify_store
 
 LENGTHS = {"demo_0": 5, "demo_2": 7, "demo_10": 3}
 ENV_ARGS = {
@@ -325,6 +326,24 @@ def test_a_non_numeric_obs_key_is_left_out_with_a_warning(
     assert [r.getMessage() for r in caplog.records] == [
         f"warning: {src}: obs/lang is not copied: dtype {shown} is not numeric"
     ]
+
+
+def test_an_obs_key_of_no_values_per_step_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An obs key of shape (T, 0) was copied: zarr writes no chunk for it, so wm-info then called the store
+    damaged and offered to drop every episode as the repair."""
+    src = tmp_path / "empty_obs.hdf5"
+    write_robomimic(src, images=False)
+    with h5py.File(src, "a") as f:
+        for name, length in LENGTHS.items():
+            f[f"data/{name}/obs"].create_dataset("object", data=np.zeros((length, 0), np.float32))
+    store = robomimic_to_store(src, tmp_path / "out.zarr")
+    assert "object" not in store.keys and store.n_episodes == len(LENGTHS)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {src}: obs/object is not copied: its per-step shape (0,) holds no values"
+    ]
+    assert verify_store(tmp_path / "out.zarr").problems == []
 
 
 def test_control_freq_is_not_read_when_fps_is_given(tmp_path: Path) -> None:

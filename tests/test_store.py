@@ -8,7 +8,11 @@ import json
 import re
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +25,7 @@ from wm.data import (
     AppendError,
     CorruptStoreError,
     DemoStore,
+    KeySpec,
     NotAStoreError,
     Schema,
     SchemaError,
@@ -401,6 +406,73 @@ def test_a_store_killed_while_being_created_is_not_half_there(tmp_path, monkeypa
         s.append_episode(make_episode(0, 3))
     assert DemoStore.open(path).schema == make_schema()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zarr"]
+
+
+def test_a_create_that_fails_leaves_nothing_beside_the_store(tmp_path, monkeypatch):
+    """A failure while the arrays were made (a dtype or key name zarr refused) left `<store>.wm-create`
+    behind; beside a converter's per-process destination a new one for every run, never removed."""
+
+    def refused(*_a, **_k):
+        raise ValueError("zarr refused it")
+
+    monkeypatch.setattr(zarr.Group, "create_array", refused)
+    with pytest.raises(ValueError, match="zarr refused it"):
+        DemoStore.create(tmp_path / "new.zarr", make_schema())
+    assert list(tmp_path.iterdir()) == []
+
+
+def _action_named(name: str) -> Schema:
+    return Schema(keys={name: KeySpec((2,), "float32", "action")}, fps=10)
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        (lambda: KeySpec((2,), "U4", "lowdim"), "dtype <U4 is not a number or bool type"),
+        (lambda: KeySpec((0,), "float32", "lowdim"), "per-step shape (0,) holds no values; leave the key"),
+        (lambda: KeySpec((3, 0), "uint8", "lowdim"), "per-step shape (3, 0) holds no values"),
+        (lambda: _action_named(".."), "key name '..' is a name zarr keeps for itself"),
+        (lambda: _action_named("zarr.json"), "key name 'zarr.json' is a name zarr keeps"),
+    ],
+    ids=["string", "zero-size", "zero-size-2d", "dotdot", "zarr.json"],
+)
+def test_a_schema_refuses_keys_a_store_cannot_hold(spec, said):
+    """Each was accepted: zarr then failed half-way through creating the store, or (no values per step)
+    wrote no chunk, so the healthy store read as damaged and `verify` offered to drop every episode."""
+    with pytest.raises(SchemaError, match=re.escape(said)):
+        spec()
+
+
+REPLACE_KILLED = """
+import os, shutil, signal, sys
+from pathlib import Path
+from conftest import make_schema
+from wm.data import DemoStore
+real, dst = shutil.rmtree, Path(sys.argv[1]).resolve()
+def rmtree(path, *a, **k):
+    path = Path(path)
+    if path.resolve() == dst or ".replaced." in path.name:  # the replaced store is being deleted
+        real(path / "data", *a, **k)  # part of it is gone...
+        os.kill(os.getpid(), signal.SIGKILL)  # ...when the process is killed
+    return real(path, *a, **k)
+shutil.rmtree = rmtree
+DemoStore.create(sys.argv[1], make_schema(), overwrite=True).close()
+"""
+
+
+def test_a_replace_killed_while_deleting_the_old_store_leaves_the_new_one(small_store):
+    """The old store was deleted in place before the new one was renamed in: a kill during the delete
+    (seconds, for a large store) left the path half deleted, and the finished new one hidden beside it."""
+    path, _ = small_store
+    res = subprocess.run(
+        [sys.executable, "-c", REPLACE_KILLED, str(path)],
+        capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    with DemoStore.open(path) as store:  # the new, empty store
+        assert store.n_episodes == 0 and store.schema == make_schema()
+    DemoStore.create(path, make_schema(), overwrite=True).close()  # the next run clears what was left
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_refused_delete_leaves_the_store_as_it_was(small_store):

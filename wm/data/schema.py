@@ -20,6 +20,7 @@ from wm.data.errors import SchemaError
 
 FORMAT_VERSION = 2  # 2: episode info in an array of its own (wm.data.store), no longer the root attributes
 KINDS = ("image", "proprio", "action", "timestamp", "language", "lowdim")
+RESERVED_NAMES = (".", "..", "zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")  # zarr v3 / v2
 ACTION_MODES = ("absolute", "delta")
 ACTION_FRAMES = ("joint", "ee", "planar", "other")
 
@@ -37,9 +38,14 @@ class KeySpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "names", tuple(self.names))
-        object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
+        dtype = np.dtype(self.dtype)
+        if dtype.kind not in "biuf":  # zarr failed on strings and records, half-way through creating
+            raise SchemaError(f"dtype {dtype} is not a number or bool type, which is all a store holds")
+        object.__setattr__(self, "dtype", dtype.name)
         if self.kind not in KINDS:
             raise SchemaError(f"kind {self.kind!r} is not one of {KINDS}")
+        if any(s < 1 for s in self.shape):  # zarr writes no chunk of a zero-size array: it read as lost
+            raise SchemaError(f"per-step shape {self.shape} holds no values; leave the key out")
         if self.kind == "image" and (len(self.shape) != 3 or self.shape[-1] not in (1, 3, 4)):
             raise SchemaError(f"an image key needs shape (H, W, C) with C in 1, 3, 4; got {self.shape}")
         if self.names and self.shape and len(self.names) != self.shape[-1]:
@@ -85,6 +91,8 @@ class Schema:
         for name in self.keys:
             if not name or "/" in name:
                 raise SchemaError(f"key name {name!r} must be non-empty and contain no '/'")
+            if name in RESERVED_NAMES:
+                raise SchemaError(f"key name {name!r} is a name zarr keeps for itself; rename the key")
         if not (self.fps > 0 and np.isfinite(self.fps)):
             raise SchemaError(f"fps must be a positive number, got {self.fps}")
         if self.format_version > FORMAT_VERSION:

@@ -167,6 +167,25 @@ class DemoStore:
         building = real.with_name(real.name + ".wm-create")
         if building.exists():  # what a crash in an earlier create left
             shutil.rmtree(building)
+        try:
+            schema = cls._build(building, schema, zarr_format, image_codec, frames_per_chunk)
+        except BaseException:  # (a dtype or key name zarr refuses): nothing left beside the store
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        move_into_place(building, real)
+        lock = WriterLock(real)
+        group = zarr.open_group(
+            store=LocalStore(real), mode="r+", zarr_format=zarr_format, use_consolidated=False
+        )
+        store = cls(path, group, schema, "a", legacy=False)
+        store._lock = lock
+        return store
+
+    @staticmethod
+    def _build(
+        building: Path, schema: Schema, zarr_format: int, image_codec: str, frames_per_chunk: int
+    ) -> Schema:
+        """Write an empty store of `schema` at `building`; returns the schema as written (this format)."""
         group = zarr.open_group(store=LocalStore(building), mode="w", zarr_format=zarr_format)
         data = group.create_group("data")
         for key, spec in schema.keys.items():
@@ -190,14 +209,7 @@ class DemoStore:
         schema = dataclasses.replace(schema, format_version=FORMAT_VERSION)
         _create_info_array(group, [])
         group.attrs.update({SCHEMA_ATTR: schema.to_dict(), COMMITTED_ATTR: 0, EVERY_CHUNK_ATTR: True})
-        move_into_place(building, real)
-        lock = WriterLock(real)
-        group = zarr.open_group(
-            store=LocalStore(real), mode="r+", zarr_format=zarr_format, use_consolidated=False
-        )
-        store = cls(path, group, schema, "a", legacy=False)
-        store._lock = lock
-        return store
+        return schema
 
     @classmethod
     def open(
@@ -655,7 +667,10 @@ def move_into_place(built: Path, dst: Path) -> None:
     """Put `built` (a store or dataset written beside `dst`) at `dst`, replacing what is there (a folder
     or a zip file; through a symbolic link, where it points: the link is kept). A folder is replaced under
     its writer lock: a store a writer has open (wm-collect, wm-deploy record=) is refused (StoreBusyError)
-    and `built` removed, however long ago the replacing began."""
+    and `built` removed, however long ago the replacing began. What is replaced is renamed aside first
+    and deleted after `built` is in place: deleting it in place took seconds for a large store, and a kill
+    then left `dst` half deleted and `built` in a hidden folder the next run removed. A kill between the
+    two renames leaves no `dst` (and both beside it, hidden, until the next run removes them)."""
     dst = dst.resolve()
     lock = None
     try:
@@ -664,15 +679,20 @@ def move_into_place(built: Path, dst: Path) -> None:
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
+    old = None
     try:
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        elif dst.exists():
-            dst.unlink()
+        if dst.exists():
+            old = beside(dst, "replaced")
+            os.replace(dst, old)
         os.replace(built, dst)
     finally:
         if lock is not None:
             lock.release()
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def beside(dst: Path, suffix: str) -> Path:
@@ -682,7 +702,9 @@ def beside(dst: Path, suffix: str) -> Path:
     what `dst` holds. What dead processes left there (a kill -9) is removed."""
     target = dst.resolve()
     mine = target.with_name(f".{dst.name}.{suffix}.{os.getpid()}")
-    remove_left_by_dead(target.parent, re.compile(re.escape(f".{dst.name}.{suffix}.") + r"(?P<pid>\d+)"))
+    # (with what `DemoStore.create` builds beside a store that is being written: `<name>.wm-create`)
+    left = re.compile(re.escape(f".{dst.name}.{suffix}.") + r"(?P<pid>\d+)(\.wm-create)?")
+    remove_left_by_dead(target.parent, left)
     return mine
 
 

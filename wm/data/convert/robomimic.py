@@ -245,8 +245,10 @@ def _schema(
                     f"{first[0]}'s {first[1]} {first[2]}"
                 )
     kept = []
-    for key, (name, _, dtype) in ref.items():
-        if np.issubdtype(dtype, np.number) or dtype == np.bool_:
+    for key, (name, shape, dtype) in ref.items():
+        if key != "action" and 0 in shape:  # (T, 0): a store holds no key of no values
+            warn(f"{src}: obs/{key} is not copied: its per-step shape {shape} holds no values")
+        elif np.issubdtype(dtype, np.number) or dtype == np.bool_:
             kept.append(key)
         elif key == "action":  # strings, compound records: the store cannot hold them
             raise SchemaError(f"{src}: data/{name}/{action_key}: dtype {dtype} is not numeric")
