@@ -543,6 +543,23 @@ def test_video_round_trip_keeps_everything_but_exact_pixels(tmp_path, caplog):
     _assert_same_store(store, lerobot_to_store(out, tmp_path / "back.zarr"), exact_images=False)
 
 
+def test_a_key_of_several_dimensions_is_exported_flat_and_comes_back_in_its_shape(tmp_path):
+    """LeRobot 0.4.4's statistics of a (3, 2) feature were (2,)-shaped, and (3, 2) for an episode of one
+    step, which then failed to merge (`cannot mix list and non-list, non-null values`, no key named)."""
+    schema = Schema(keys={"keypoints": KeySpec((3, 2), "float32", "lowdim"),
+                          "action": KeySpec((2,), "float32", "action")}, fps=10)  # fmt: skip
+    rng = np.random.default_rng(0)
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        for n in (4, 1):
+            store.append_episode({"keypoints": rng.normal(size=(n, 3, 2)).astype(np.float32),
+                                  "action": rng.normal(size=(n, 2)).astype(np.float32)})  # fmt: skip
+        out = store_to_lerobot(store, tmp_path / "lr")
+        feature = json.loads((out / "meta/info.json").read_text())["features"]["keypoints"]
+        assert feature["shape"] == [6]
+        assert len(_lerobot_frames_lowdim(out)["index"]) == 5  # LeRobot loads it
+        _assert_same_store(store, lerobot_to_store(out, tmp_path / "back.zarr"))
+
+
 @pytest.mark.filterwarnings("ignore:The video decoding and encoding capabilities of torchvision")
 def test_video_export_takes_an_episode_of_one_step(tmp_path):
     """LeRobot 0.4.4's streaming encoder gives a one-frame episode no stats, and its metadata write
@@ -786,6 +803,13 @@ def _edit_table(relative: str, edit):
     return apply
 
 
+def _column(table, name: str, values: list):
+    import pyarrow as pa
+
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, pa.array(values, table.schema.field(i).type))
+
+
 def _copy(src: Path, dst: Path) -> Path:
     import shutil
 
@@ -836,6 +860,24 @@ EPISODES_FILE = "meta/episodes/chunk-000/file-000.parquet"
             SchemaError,
             "meta/info.json: fps 'ten' is not a positive number",
             id="info_fps_str",
+        ),
+        pytest.param(  # these three were tracebacks, or a line naming neither file nor feature
+            _edit_info(lambda i: i["features"].__setitem__("action", 5)),
+            CorruptStoreError,
+            "meta/info.json: LeRobot feature 'action' is '5', not a mapping of its dtype, shape and names",
+            id="info_feature_not_a_mapping",
+        ),
+        pytest.param(
+            _edit_info(lambda i: i["features"]["action"].__setitem__("shape", ["a"])),
+            SchemaError,
+            "meta/info.json: feature 'action' cannot be stored: invalid literal for int",
+            id="info_shape_str",
+        ),
+        pytest.param(
+            _edit_table(EPISODES_FILE, lambda t: _column(t, "episode_index", [0, None, 2])),
+            CorruptStoreError,
+            "meta/episodes: LeRobot episode metadata has an episode_index of None, not a whole number",
+            id="episodes_episode_index_null",
         ),
     ],
 )

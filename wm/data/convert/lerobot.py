@@ -57,6 +57,7 @@ from wm.data.convert.lerobot_meta import (
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import KeySpec, Schema
 from wm.data.store import DemoStore, beside, check_destination, move_into_place
+from wm.options import is_real, is_whole
 from wm.sched import normal_priority
 
 WRITE_STEPS = 256  # frames decoded and appended at a time, bounding memory for long image episodes
@@ -142,6 +143,12 @@ def _load_info(src: Path) -> dict[str, Any]:
         raise NotAStoreError(f"{path}: malformed LeRobot info.json ({type(e).__name__}: {e})") from e
     if not isinstance(info, dict) or not isinstance(info.get("features"), dict) or "fps" not in info:
         raise NotAStoreError(f"{path}: not a LeRobot info.json (it lacks 'features' or 'fps')")
+    bad = next((name for name, ft in info["features"].items() if not isinstance(ft, dict)), None)
+    if bad is not None:
+        raise CorruptStoreError(
+            f"{path}: LeRobot feature {bad!r} is {str(info['features'][bad])[:40]!r}, not a mapping of its "
+            "dtype, shape and names"
+        )
     version = str(info.get("codebase_version", "?"))
     if not version.startswith("v3."):
         raise NotAStoreError(
@@ -167,7 +174,13 @@ def _load_episodes(src: Path) -> list[dict[str, Any]]:
         raise CorruptStoreError(f"{directory}: cannot read LeRobot episode metadata: {e}") from e
     if "episode_index" not in rows.column_names:
         raise CorruptStoreError(f"{directory}: LeRobot episode metadata has no 'episode_index' column")
-    return sorted(rows.to_pylist(), key=lambda r: r["episode_index"])
+    rows = rows.to_pylist()
+    bad = next((r["episode_index"] for r in rows if not is_whole(r["episode_index"])), False)
+    if bad is not False:
+        raise CorruptStoreError(
+            f"{directory}: LeRobot episode metadata has an episode_index of {bad!r}, not a whole number"
+        )
+    return sorted(rows, key=lambda r: r["episode_index"])
 
 
 def _load_tasks(src: Path) -> dict[int, str]:
@@ -219,7 +232,7 @@ def _schema_from_info(
                 names = _dim_names(ft.get("names"))
                 ok = names is not None and len(shape) >= 1 and len(names) == shape[-1]
                 spec = KeySpec(shape=shape, dtype=dtype, kind=kind, names=tuple(names) if ok else ())
-        except (TypeError, KeyError, SchemaError) as e:
+        except (TypeError, KeyError, ValueError, SchemaError) as e:
             raise SchemaError(f"{src}/meta/info.json: feature {name!r} cannot be stored: {e}") from e
         keys[key], features[key] = spec, name
     task_names = set(tasks.values())
@@ -347,12 +360,22 @@ def _read_rows(
                     f"{src / 'meta' / 'info.json'}: LeRobot info.json has no 'video_path' (the name template "
                     f"of its video files), which video feature {name!r} needs"
                 )
-            path = src / template.format(
-                video_key=name,
-                chunk_index=_episode_field(src, ep, f"videos/{name}/chunk_index"),
-                file_index=_episode_field(src, ep, f"videos/{name}/file_index"),
-            )
-            start = float(_episode_field(src, ep, f"videos/{name}/from_timestamp"))
+            chunk = _episode_field(src, ep, f"videos/{name}/chunk_index")
+            file = _episode_field(src, ep, f"videos/{name}/file_index")
+            try:
+                path = src / template.format(video_key=name, chunk_index=chunk, file_index=file)
+            except (KeyError, IndexError, ValueError) as e:
+                raise CorruptStoreError(
+                    f"{src / 'meta' / 'info.json'}: LeRobot video_path {template!r} is not a file name "
+                    f"template ({type(e).__name__}: {e})"
+                ) from e
+            start = _episode_field(src, ep, f"videos/{name}/from_timestamp")
+            if not is_real(start):
+                raise CorruptStoreError(
+                    f"{_episodes_file(src, ep)}: LeRobot episode {idx}'s videos/{name}/from_timestamp is "
+                    f"{start!r}, not a number"
+                )
+            start = float(start)
             ts = part.column("timestamp").to_numpy()
             shape = image_feature_spec(feats[name]).shape
             out[key] = videos.read(path, start, ts, shape, f"key {name!r}, episode {idx}")
@@ -542,9 +565,13 @@ def _write_lerobot(store: DemoStore, dst: Path, repo_id: str, use_videos: bool) 
     try:
         for i in range(store.n_episodes):
             infos.append(_write_episode(ds, store, i, plan, use_videos))
-    finally:
-        ds.stop_image_writer()
-        ds.finalize()
+    except BaseException:
+        with contextlib.suppress(Exception):  # its own failure would replace the error that matters
+            ds.stop_image_writer()
+            ds.finalize()
+        raise
+    ds.stop_image_writer()
+    ds.finalize()
     write_carried(dst, schema, plan, infos)
 
 

@@ -139,7 +139,12 @@ def plan_export(store: DemoStore, use_videos: bool) -> ExportPlan:
             else:
                 name = key
             dtype_ = lerobot_dtype(spec.dtype)
-            feature = {"dtype": dtype_, "shape": spec.shape or (1,), "names": list(spec.names) or None}
+            if len(spec.shape) > 1:  # flat: LeRobot 0.4.4's statistics of a (9, 2) feature were (2,)-shaped,
+                # and (9, 2) for an episode of one step, which then failed to merge; the carried schema
+                # gives the shape back on the way in
+                feature = {"dtype": dtype_, "shape": (math.prod(spec.shape),), "names": None}
+            else:
+                feature = {"dtype": dtype_, "shape": spec.shape or (1,), "names": list(spec.names) or None}
         reserved = name in (*BOOKKEEPING, "task") or (name == "timestamp" and key != plan.timestamp_key)
         if reserved or name in plan.names.values():
             raise SchemaError(f"store key {key!r} maps to LeRobot feature {name!r}, which is already taken")
