@@ -560,6 +560,22 @@ def test_a_key_of_several_dimensions_is_exported_flat_and_comes_back_in_its_shap
         _assert_same_store(store, lerobot_to_store(out, tmp_path / "back.zarr"))
 
 
+def test_uint64_values_lerobot_cannot_take_are_refused_in_one_line(tmp_path):
+    """They were an OverflowError traceback from LeRobot's writer (which goes through int64)."""
+    keys = {"ns": KeySpec((), "uint64", "lowdim"), "action": KeySpec((2,), "float32", "action")}
+    schema = Schema(keys=keys, fps=10)
+    with DemoStore.create(tmp_path / "s.zarr", schema) as store:
+        store.append_episode({"ns": np.array([1, 2], np.uint64), "action": np.zeros((2, 2), np.float32)})
+        store.append_episode({"ns": np.array([1, 2**63], np.uint64), "action": np.zeros((2, 2), np.float32)})
+        with pytest.raises(SchemaError) as err:
+            store_to_lerobot(store, tmp_path / "lr")
+    assert str(err.value) == (
+        f"{store.path}: key 'ns' holds uint64 values of 2**63 or more (episode 1), which LeRobot's writer "
+        "cannot take (it goes through int64)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
 @pytest.mark.filterwarnings("ignore:The video decoding and encoding capabilities of torchvision")
 def test_video_export_takes_an_episode_of_one_step(tmp_path):
     """LeRobot 0.4.4's streaming encoder gives a one-frame episode no stats, and its metadata write

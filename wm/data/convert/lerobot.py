@@ -588,6 +588,12 @@ def _write_episode(ds: Any, store: DemoStore, i: int, plan: ExportPlan, use_vide
     for lo in range(0, n, WRITE_STEPS):
         rows = slice(span.start + lo, min(span.start + lo + WRITE_STEPS, span.stop))
         part = {key: store.read(key, rows, episode=i) for key in written}
+        for key, values in part.items():  # (the writer goes through int64: an OverflowError traceback)
+            if values.dtype == np.uint64 and values.size and int(values.max()) >= 2**63:
+                raise SchemaError(
+                    f"{store.path}: key {key!r} holds uint64 values of 2**63 or more (episode {i}), which "
+                    "LeRobot's writer cannot take (it goes through int64)"
+                )
         for t in range(rows.stop - rows.start):
             frame: dict[str, Any] = {"task": frame_tasks[lo + t]}
             for key, name in written.items():
