@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 from functools import partial
 
 import numpy as np
@@ -33,6 +36,7 @@ from wm.data import DemoStore, KeySpec, Schema
 from wm.data.dataset import WindowDataset
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
+from wm.locks import BusyError
 from wm.resume import changed_entries
 from wm.trainer import (
     Trainer,
@@ -255,6 +259,54 @@ def test_checkpoint_round_trip_reproduces_predictions(trained, dataset):
     trainer.model.train()
     restored = Normalizer.from_dict(ckpt["normalizer"])
     assert torch.equal(restored.normalize("x", x), normalizer.normalize("x", x))
+
+
+def test_a_second_training_into_the_same_folder_is_refused_while_one_runs(dataset, tmp_path):
+    """Two runs into one out= both finished and said so, each having pruned and replaced the other's
+    checkpoints: the folder held one run's weights beside the other's claims."""
+    out = tmp_path / "run"
+    out.mkdir()
+    script = f"import fcntl, os, sys; fcntl.flock(os.open({str(out)!r}, os.O_RDONLY), fcntl.LOCK_EX); "
+    script += "print('holding', flush=True); sys.stdin.read()"
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    other = subprocess.Popen([sys.executable, "-c", script], **pipes)
+    try:
+        assert other.stdout.readline().strip() == "holding"  # another training holds the folder
+        busy = f"{out}: another training is writing its checkpoints into this folder"
+        with pytest.raises(BusyError, match=re.escape(busy)):
+            make_trainer(dataset, out, steps=4, ckpt_every=2).fit()
+        assert list_checkpoints(out) == []
+    finally:
+        other.communicate("")
+    make_trainer(dataset, out, steps=4, ckpt_every=2).fit()  # once it has ended
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+
+
+@pytest.mark.parametrize("batch_size", [16, 4])
+def test_a_resume_with_another_batch_size_goes_on_after_the_windows_taken(
+    dataset, tmp_path, capsys, batch_size
+):
+    """The data position was counted in batches: a larger batch size called the checkpoint damaged
+    ("choose another out= or delete ... to start over"), a smaller one skipped windows never taken."""
+    first = make_trainer(dataset, tmp_path, steps=3, ckpt_every=3, batch_size=8)
+    assert len(first.loader) > 3  # the checkpoint is in its first epoch, 3 batches (24 windows) in
+    first.fit()
+    second = make_trainer(dataset, tmp_path, steps=6, ckpt_every=3, batch_size=batch_size)
+    assert second.resume() and second.step == 3
+    assert second._skip == 24 // batch_size
+    said = capsys.readouterr().err
+    assert f"note: the checkpoint took batches of 8, this run takes {batch_size}: its epoch goes on" in said
+    second.fit()
+    assert second.step == 6
+
+
+def test_a_resume_with_another_trainer_seed_is_refused(dataset, tmp_path):
+    """It was ignored (the checkpoint's random state goes on), while config.json recorded the new seed."""
+    make_trainer(dataset, tmp_path, steps=2, ckpt_every=2).fit()
+    with pytest.raises(CheckpointError, match=r"trained with trainer.seed=0, this run has trainer.seed=5: a"):
+        model, config = TinyRegressor(**MODEL_CONFIG), cfg(steps=4, seed=5)
+        Trainer(model, dataset, config, tmp_path, model_type="tiny", model_config=MODEL_CONFIG).fit()
+    assert json.loads((tmp_path / "config.json").read_text())["trainer"]["seed"] == 0
 
 
 def test_resume_continues_from_the_saved_step(dataset, tmp_path):

@@ -59,6 +59,7 @@ from wm.checkpoint import CheckpointError
 from wm.data.errors import StoreError
 from wm.encoders import EncoderWeightsError
 from wm.feature_cache import FeatureCacheError
+from wm.locks import BusyError
 
 __all__ = [
     "USER_ERRORS",
@@ -98,6 +99,7 @@ FAULT_EXIT = 3  # a fault stopped the run (wm-deploy, wm-collect): the robot hol
 
 USER_ERRORS = (
     StoreError,
+    BusyError,
     RobotError,
     DeviceNotFoundError,
     CheckpointError,

@@ -31,6 +31,28 @@ def exclusive(lock: Path, waiting: str, log: Callable[[str], Any]) -> Iterator[N
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class BusyError(RuntimeError):
+    """Work a lock guards is being done by another process."""
+
+
+@contextmanager
+def held(path: Path, busy: str) -> Iterator[None]:
+    """An exclusive advisory flock on `path` itself (a folder or a file, nothing written) for the block;
+    BusyError(busy) at once when another process holds it. A filesystem without locks (some NFS / FUSE
+    mounts) runs the block unguarded."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(busy) from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def alive(pid: int) -> bool:
     """Whether process `pid` is running (another user's counts as running)."""
     try:

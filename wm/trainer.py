@@ -60,7 +60,9 @@ from wm.checkpoint import (
 from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
 from wm.interrupt import InterruptFlag, TrainingInterrupted
+from wm.locks import held
 from wm.optim import TrainerConfig, default_param_groups, ema_decay_at, ema_update, lr_factor
+from wm.options import is_whole
 
 __all__ = [
     "Trainer",
@@ -343,6 +345,14 @@ class Trainer:
             self.same_on_resume,
         )
         self._say(resume.check_fits(run, ckpt, path))
+        then = ckpt.get("trainer_config") if isinstance(ckpt.get("trainer_config"), dict) else {}
+        seed = then.get("seed")
+        if is_whole(seed) and seed != self.cfg.seed:  # it was ignored, and config.json said it was used
+            raise CheckpointError(
+                f"{path}: trained with trainer.seed={seed}, this run has trainer.seed={self.cfg.seed}: a "
+                f"resumed run continues the checkpoint's random state; resume with trainer.seed={seed}, or "
+                f"give another out= to train with seed {self.cfg.seed} from the start"
+            )
         self.model.load_state_dict(ckpt["state_dict"])
         if self._ema is not None:
             self._ema.load_state_dict(ckpt["ema_state_dict"] or ckpt["state_dict"])
@@ -366,7 +376,7 @@ class Trainer:
                 set_rng_state(ckpt["rng"], self.loader.generator)
             else:
                 _seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
-            self._continue_epoch(ckpt.get("data_position"), int(ckpt["epoch"]))
+            self._continue_epoch(ckpt.get("data_position"), int(ckpt["epoch"]), then.get("batch_size"))
         except resume.DAMAGED as e:
             raise CheckpointError(
                 f"{path}: its scheduler, step or random state is damaged ({type(e).__name__}: {e}); {fix}"
@@ -375,10 +385,26 @@ class Trainer:
         self._say(f"resumed from step {self.step} ({path})")
         return True
 
-    def _continue_epoch(self, position: Any, epoch: int) -> None:
+    def _continue_epoch(self, position: Any, epoch: int, batch_size: Any = None) -> None:
         """Continue the checkpoint's epoch past the batches it had taken: the loader generator back at
         the epoch's start (rank 0's; other ranks' shards follow from the epoch), those batches skipped.
-        A checkpoint without the position (an older version's) starts a fresh epoch."""
+        A checkpoint without the position (an older version's) starts a fresh epoch. Taken with another
+        `batch_size`, its batches are counted in windows: this run's batches skip as many as whole ones
+        cover (a larger batch size was called a damaged checkpoint, a smaller one skipped windows the run
+        had never taken)."""
+        if (
+            is_whole(batch_size)
+            and batch_size != self.cfg.batch_size
+            and isinstance(position, dict)
+            and is_whole(position.get("batches"))
+        ):
+            windows = position["batches"] * batch_size
+            position = {**position, "batches": min(windows // self.cfg.batch_size, len(self.loader))}
+            self._say(
+                f"note: the checkpoint took batches of {batch_size}, this run takes {self.cfg.batch_size}: "
+                f"its epoch goes on after window {position['batches'] * self.cfg.batch_size} of the "
+                f"{windows} it had taken"
+            )
         batches = resume.batches_taken(position, len(self.loader))
         if batches is None:
             return
@@ -585,7 +611,22 @@ class Trainer:
         Ctrl-C (SIGINT) or SIGTERM (a scheduler preempting the job), main thread: training stops at the
         end of the step in progress, rank 0 saves a checkpoint of it and `TrainingInterrupted` (a
         KeyboardInterrupt) is raised; a second signal quits at once without saving. Under DDP the
-        ranks agree to stop at the next logging step."""
+        ranks agree to stop at the next logging step.
+
+        Two runs into one `out_dir` at once are refused (BusyError): each pruned and replaced the other's
+        checkpoints, and both said they had finished."""
+        guard = contextlib.ExitStack()
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            busy = (
+                f"{self.out_dir}: another training is writing its checkpoints into this folder; wait for it "
+                "to end, or give this run another out="
+            )
+            guard.enter_context(held(self.out_dir, busy))
+        with guard:
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         self.resume()
         writer = self._start()
         pbar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True)
