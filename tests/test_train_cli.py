@@ -151,6 +151,31 @@ def test_what_a_resume_must_keep_is_compared_as_the_runs_used_it():
     ]
 
 
+def test_a_uwm_resumes_only_on_the_autoencoder_file_its_latents_come_from(tmp_path):
+    """`+model.latent.path=DIR` is the autoencoder run's latest checkpoint. A UWM resumed after that run
+    had trained on went on with latents cached from the newer codec while its own weights held the old
+    one, without a word; it is refused now, naming the file to give."""
+    from tools.train import data_changes, latent_checkpoint
+
+    run = tmp_path / "ae"
+    run.mkdir()
+    first = run / "ckpt_00000002.pt"
+    first.write_bytes(b"")
+    config = {"latent": {"source": "autoencoder", "path": str(run)}}
+    assert latent_checkpoint(config) == str(first)
+    assert latent_checkpoint({"latent": {"source": "sd_vae", "path": str(run)}}) is None
+    assert latent_checkpoint({"latent": {"source": "autoencoder", "path": str(first)}}) == str(first)
+    then = {"store": "/a/s.zarr", "seed": 0, "latent_checkpoint": str(first)}
+    (run / "ckpt_00000004.pt").write_bytes(b"")  # the autoencoder run trains on
+    now = then | {"latent_checkpoint": latent_checkpoint(config)}
+    assert data_changes(then, now, {}) == [
+        f"the model's latents come from {first}: give +model.latent.path= that file to resume"
+    ]
+    assert data_changes(then, then, {}) == []
+    first.unlink()
+    assert data_changes(then, now, {}) == [f"the model's latents come from {first}: that file is gone"]
+
+
 def test_another_store_with_the_same_fingerprint_is_not_taken_for_a_moved_one(store, tmp_path):
     """The fingerprint does not read the data: a store of the same schema, lengths and info shares it.
     While the recorded store is still there, a store elsewhere resumes only as a copy of it."""

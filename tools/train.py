@@ -114,7 +114,26 @@ def data_changes(then: dict[str, Any], now: dict[str, Any], defaults: dict[str, 
     if teacher and teacher != now.get("teacher_checkpoint"):  # the teacher run trained on since
         kept = "give teacher= that file to resume" if Path(teacher).is_file() else "that file is gone"
         changes.append(f"the student learns from {teacher}: {kept}")
+    codec = then.get("latent_checkpoint")  # a UWM's autoencoder file (model.latent.path=DIR: the latest)
+    if codec and codec != now.get("latent_checkpoint"):  # the autoencoder run trained on since: the cached
+        # latents would come from another codec than the one in the checkpoint
+        there = Path(codec).is_file()
+        kept = "give +model.latent.path= that file to resume" if there else "that file is gone"
+        changes.append(f"the model's latents come from {codec}: {kept}")
     return changes
+
+
+def latent_checkpoint(model_config: dict[str, Any]) -> str | None:
+    """The autoencoder checkpoint file a UWM's latents come from (its `model.latent.path` a run folder:
+    the latest checkpoint there), or None for another model or codec."""
+    latent = model_config.get("latent")
+    if not isinstance(latent, dict) or latent.get("source") != "autoencoder" or not latent.get("path"):
+        return None
+    from wm.checkpoint import latest_checkpoint
+
+    path = Path(latent["path"])
+    found = path if path.is_file() else latest_checkpoint(path)
+    return str(found.resolve()) if found is not None else None
 
 
 def moved_or_copied(old: str | None, new: str | None) -> bool:
@@ -184,6 +203,7 @@ def train(cfg: TrainAppConfig) -> int:
         **json.loads(json.dumps(cfg.__dict__, default=str)),
         **store_facts,
         "teacher_checkpoint": setup.model_config.get("teacher"),
+        "latent_checkpoint": latent_checkpoint(setup.model_config),
     }
     trainer = Trainer(
         setup.model,
