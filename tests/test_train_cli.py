@@ -179,7 +179,7 @@ def test_a_uwm_resumes_only_on_the_autoencoder_file_its_latents_come_from(tmp_pa
 def test_another_store_with_the_same_fingerprint_is_not_taken_for_a_moved_one(store, tmp_path):
     """The fingerprint does not read the data: a store of the same schema, lengths and info shares it.
     While the recorded store is still there, a store elsewhere resumes only as a copy of it."""
-    from tools.train import data_changes
+    from tools.train import TrainAppConfig, check_task, data_changes
 
     copy, other = tmp_path / "copy.zarr", tmp_path / "other.zarr"
     shutil.copytree(store, copy)
@@ -197,6 +197,20 @@ def test_another_store_with_the_same_fingerprint_is_not_taken_for_a_moved_one(st
     assert data_changes(then, then | {"store": str(copy)}, defaults) == []
     (change,) = data_changes(then, then | {"store": str(other)}, defaults)  # values cut at 60 characters
     assert change.startswith(f"store '{str(store)[:40]}")
+
+    # Once the recorded store is gone, any store of that fingerprint passed for it moved: the first and
+    # last rows of its non-image keys, recorded too, tell the copy from the other
+    def facts(path: Path) -> dict:
+        model = {"type": "dino_wm"}
+        cfg = TrainAppConfig(store=str(path), out=str(tmp_path / "run"), model=model, trainer={})
+        return check_task(cfg)[0]
+
+    recorded = shutil.copytree(store, tmp_path / "recorded.zarr")
+    then = facts(recorded)
+    shutil.rmtree(recorded)
+    assert data_changes(then, facts(copy), defaults) == []
+    (change,) = data_changes(then, facts(other), defaults)
+    assert change.startswith("store_edges '")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
