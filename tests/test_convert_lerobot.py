@@ -778,6 +778,10 @@ def test_wm_convert_round_trip_and_refusal(tmp_path):
     res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr2'}", "fps=30", "zarr_format=2")
     assert res.returncode == 2 and "error: zarr_format, fps: not used converting store" in res.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # a LeRobot folder was written under a store's or robomimic file's name (there is no such direction)
+    res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'out.hdf5'}")
+    assert res.returncode == 2 and "a store becomes a LeRobot dataset folder, not a .hdf5 file" in res.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     res = convert(f"src={tmp_path / 'lr'}", f"dst={tmp_path / 'back.zarr'}")
     assert res.returncode == 0, res.stderr
     with DemoStore.open(tmp_path / "rich.zarr") as a, DemoStore.open(tmp_path / "back.zarr") as b:

@@ -77,6 +77,9 @@ USED = {
 TARGET = {"store": "a LeRobot dataset", "lerobot": "a store", "robomimic": "a store"}
 
 
+STORE_LIKE = (".zarr", ".zip", ".hdf5", ".h5")  # what a store -> LeRobot destination is not
+
+
 def check_options(cfg: ConvertConfig, kind: str) -> None:
     others = [f.name for f in dataclasses.fields(ConvertConfig) if f.name not in ("src", "dst", *USED[kind])]
     given = changed(cfg, others)
@@ -94,6 +97,12 @@ def convert(cfg: ConvertConfig) -> int:
     check_options(cfg, kind)
     if kind == "store":
         from wm.data.convert.lerobot import store_to_lerobot
+
+        if dst.suffix.lower() in STORE_LIKE:  # it wrote a LeRobot folder under that name
+            raise UsageError(
+                f"dst={cfg.dst}: a store becomes a LeRobot dataset folder, not a {dst.suffix} file or store "
+                "(there is no store -> robomimic conversion); name the folder without that suffix"
+            )
 
         out = store_to_lerobot(src, dst, repo_id=cfg.repo_id, use_videos=cfg.video, overwrite=cfg.overwrite)
         print(f"wrote LeRobot dataset {out} ({'video' if cfg.video else 'image'} mode) from store {src}")
