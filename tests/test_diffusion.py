@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from policies.diffusion import (
     TransformerConfig,
     UNetConfig,
 )
-from policies.diffusion.consistency import ConsistencyObjective, DistillConfig
+from policies.diffusion.consistency import ConsistencyObjective, DistillConfig, teacher_normalizer
 from policies.diffusion.entry import chunk_policy
 from policies.diffusion.noise import (
     Committed,
@@ -620,6 +621,9 @@ def test_checkpoint_round_trip(unet_policy, tmp_path):
     )  # fmt: skip
     with pytest.raises(CheckpointError, match="has an unreadable normalizer \\(KeyError: 'modes'\\)"):
         load_model(str(tmp_path / "damaged"), controller="policy")  # it was a KeyError traceback
+    teacher = SimpleNamespace(teacher=str(tmp_path / "damaged"))  # a student's teacher= (a traceback too)
+    with pytest.raises(CheckpointError, match="has an unreadable normalizer \\(KeyError: 'modes'\\)"):
+        teacher_normalizer(teacher)
     assert got.checkpoint["model_type"] == "diffusion_unet" and not loaded.training
     assert loaded.cfg == policy.cfg
     batch = data.get_batch([0, 7, 30])

@@ -229,8 +229,7 @@ def load_model(
         raise ValueError(
             f"{name} models take no load-time override of {unknown}; valid: {list(entry.overridable)}"
         )
-    if ckpt.get("normalizer") is None:
-        raise CheckpointError(f"checkpoint {ckpt['path']} has no normalizer; the model needs its statistics")
+    normalizer = checkpoint_normalizer(ckpt)
     nested: dict[str, Any] = {}
     for dotted, v in over.items():  # "noise.edm_solver" -> {"noise": {"edm_solver": v}}
         *parents, leaf = dotted.split(".")
@@ -239,18 +238,25 @@ def load_model(
             node = node.setdefault(p, {})
         node[leaf] = v
     cfg = entry.config_type.from_dict(merge_options(ckpt["model_config"], nested))
-    try:
-        normalizer = Normalizer.from_dict(ckpt["normalizer"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(
-            f"checkpoint {ckpt['path']} has an unreadable normalizer ({type(e).__name__}: {e}); "
-            "it cannot be used"
-        ) from e
     model = (entry.inference or entry.build)(cfg, normalizer)
     if entry.state_prefix:
         ckpt = _strip_prefix(ckpt, entry.state_prefix)
     load_model_weights(model, ckpt, use_ema=entry.use_ema)
     return LoadedModel(model.to(device).eval(), entry, name, ckpt, cfg.to_dict())
+
+
+def checkpoint_normalizer(ckpt: dict[str, Any]) -> Normalizer:
+    """The statistics a checkpoint's model was trained with; CheckpointError (one line) when it has none
+    or they cannot be read (a damaged file: a TypeError from deep in `Normalizer.from_dict` before)."""
+    if ckpt.get("normalizer") is None:
+        raise CheckpointError(f"checkpoint {ckpt['path']} has no normalizer; the model needs its statistics")
+    try:
+        return Normalizer.from_dict(ckpt["normalizer"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {ckpt['path']} has an unreadable normalizer ({type(e).__name__}: {e}); "
+            "it cannot be used"
+        ) from e
 
 
 def _strip_prefix(ckpt: dict[str, Any], prefix: str) -> dict[str, Any]:

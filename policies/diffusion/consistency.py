@@ -33,7 +33,7 @@ from policies.diffusion.precision import fp32_inference
 from wm.checkpoint import CheckpointError, load_checkpoint
 from wm.data.normalize import Normalizer
 from wm.options import sub_config
-from wm.registry import ModelEntry, TrainContext, load_model
+from wm.registry import ModelEntry, TrainContext, checkpoint_normalizer, load_model
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def teacher_normalizer(ctx: TrainContext) -> Normalizer:
         raise ValueError(
             "model=consistency needs teacher=DIR: the run directory of a trained diffusion policy"
         )
-    return Normalizer.from_dict(load_checkpoint(ctx.teacher)["normalizer"])
+    return checkpoint_normalizer(load_checkpoint(ctx.teacher))
 
 
 def validation(
