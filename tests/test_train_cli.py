@@ -146,6 +146,12 @@ def test_what_a_resume_must_keep_is_compared_as_the_runs_used_it():
     assert data_changes(taught, taught, defaults) == []
     untaught = then | {"teacher_checkpoint": None}
     assert data_changes(untaught, untaught, defaults) == []
+    videos = then | {"video_store": "/a/v.zarr", "video_ratio": 0.5}  # a UWM's action-free videos
+    assert data_changes(videos, then | {"video_store": None, "video_ratio": None}, defaults) == [
+        "video_store '/a/v.zarr' -> None",
+        "video_ratio 0.5 -> None",
+    ]
+    assert data_changes(videos, videos | {"video_ratio": 0.25}, defaults) == ["video_ratio 0.5 -> 0.25"]
     assert data_changes(taught, then | {"teacher_checkpoint": "/gone/t/ckpt_00000004.pt"}, defaults) == [
         "the student learns from /gone/t/ckpt_00000002.pt: that file is gone"
     ]

@@ -69,6 +69,8 @@ SAME_DATA = (
     "val_ratio",
     "image_key",
     "proprio_key",
+    "video_store",  # a UWM's action-free videos, and their share of its batches
+    "video_ratio",
 )
 
 
