@@ -388,13 +388,17 @@ def present_positions(bus: Any, raw: Mapping[str, int], motors: list[str]) -> np
     outside its range (a gripper past its calibrated end) read as at the end, so the first command was
     capped from where the arm was not and jumped by more than the step cap. Each motor's map is
     lerobot's own, taken at the two ends of its range and extended linearly (it is affine in every mode)."""
-    out = np.empty(len(motors), dtype=np.float32)
-    for i, name in enumerate(motors):
-        cal, motor_id = bus.calibration[name], bus.motors[name].id
-        lo, hi = cal.range_min, cal.range_max
-        at_lo, at_hi = bus._normalize({motor_id: lo})[motor_id], bus._normalize({motor_id: hi})[motor_id]
-        out[i] = at_lo + (raw[name] - lo) * (at_hi - at_lo) / (hi - lo)
-    return out
+    ids = [bus.motors[name].id for name in motors]
+    lo = [bus.calibration[name].range_min for name in motors]
+    hi = [bus.calibration[name].range_max for name in motors]
+    # lerobot's map at both ends of every range: two calls for all motors, not two per motor
+    at_lo = bus._normalize(dict(zip(ids, lo, strict=True)))
+    at_hi = bus._normalize(dict(zip(ids, hi, strict=True)))
+    out = [
+        at_lo[i] + (raw[name] - a) * (at_hi[i] - at_lo[i]) / (b - a)
+        for i, name, a, b in zip(ids, motors, lo, hi, strict=True)
+    ]
+    return np.array(out, dtype=np.float32)
 
 
 def joint_limits(robot: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
