@@ -879,12 +879,12 @@ def test_a_filesystem_without_locks_still_takes_writes_with_a_warning(small_stor
     """Some NFS / FUSE mounts refuse flock (ENOLCK): the store is written unguarded, and says so."""
     import errno
 
-    import wm.data.store as store_module
+    import wm.locks  # the store's writer lock is a `wm.locks.PathLock`
 
     def no_locks(fd: int, op: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    monkeypatch.setattr(wm.locks.fcntl, "flock", no_locks)
     path, _ = small_store
     with pytest.warns(UserWarning, match="cannot lock the store .*No locks available"):
         s = DemoStore.open(path, mode="a")

@@ -35,22 +35,42 @@ class BusyError(RuntimeError):
     """Work a lock guards is being done by another process."""
 
 
+class PathLock:
+    """An exclusive advisory flock on `path` itself (a folder or a file; nothing is written), held until
+    `release()` or the end of the process, however it ends. When another process holds it, `busy()` is
+    raised at once. On a filesystem without locks (some NFS / FUSE mounts) `unlocked(error)` is told, and
+    the holder goes on unguarded."""
+
+    def __init__(
+        self, path: Path, busy: Callable[[], Exception], unlocked: Callable[[OSError], Any] | None = None
+    ) -> None:
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise busy() from None
+        except OSError as e:
+            if unlocked is not None:
+                unlocked(e)
+
+    def release(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None  # None too when os.open failed in __init__
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def __del__(self) -> None:
+        self.release()
+
+
 @contextmanager
 def held(path: Path, busy: str) -> Iterator[None]:
-    """An exclusive advisory flock on `path` itself (a folder or a file, nothing written) for the block;
-    BusyError(busy) at once when another process holds it. A filesystem without locks (some NFS / FUSE
-    mounts) runs the block unguarded."""
-    fd = os.open(path, os.O_RDONLY)
+    """A `PathLock` on `path` for the block; BusyError(busy) at once when another process holds it."""
+    lock = PathLock(path, lambda: BusyError(busy))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BusyError(busy) from None
-        except OSError:
-            pass
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
 
 
 def alive(pid: int) -> bool:

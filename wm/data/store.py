@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import json
@@ -60,7 +59,7 @@ from wm.data.chunks import ChunkReader
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
 from wm.data.schema import FORMAT_VERSION, KeySpec, Schema, infer_schema
 from wm.interrupt import interrupts_held
-from wm.locks import alive, remove_left_by_dead
+from wm.locks import PathLock, alive, remove_left_by_dead
 from wm.options import is_whole, override
 
 SCHEMA_ATTR = "wm_schema"
@@ -1080,7 +1079,7 @@ class EpisodeWriter:
 
 
 # ---------------------------------------------------------------------- whole-store rewrites
-class WriterLock:
+class WriterLock(PathLock):
     """The store's writer lock: an exclusive advisory flock on the store itself (its directory, or its zip
     file), held by one store opened for writing, or one rewrite, at a time, in any process; released by
     `release()` or when the process ends, however it ends. Readers take none: commits are atomic for
@@ -1088,29 +1087,20 @@ class WriterLock:
     steps: so a second writer is refused, in one line."""
 
     def __init__(self, path: Path) -> None:
-        self._fd: int | None = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.release()
-            raise StoreBusyError(
+        def busy() -> StoreBusyError:
+            return StoreBusyError(
                 f"{path}: another writer has this store open (wm-collect, wm-deploy record=, or a DemoStore "
                 "opened with mode='a'); wait for it to finish, or write to another store"
-            ) from None
-        except OSError as e:  # a filesystem without locks (some NFS / FUSE mounts): write, unguarded
+            )
+
+        def unguarded(e: OSError) -> None:  # a filesystem without locks: write, unguarded
             warnings.warn(
                 f"{path}: this filesystem cannot lock the store ({e}); a second writer would not be refused: "
                 "write to it from one process at a time",
-                stacklevel=3,
+                stacklevel=5,  # past this, PathLock.__init__, WriterLock.__init__ and its caller
             )
 
-    def release(self) -> None:
-        fd, self._fd = getattr(self, "_fd", None), None  # None too when os.open failed in __init__
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the lock
-
-    def __del__(self) -> None:
-        self.release()
+        super().__init__(path, busy, unguarded)
 
 
 def _weak(method: Callable[[int, int], str]) -> Callable[[int, int], str]:
