@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import zipfile
 
 import numpy as np
 import pytest
@@ -112,3 +113,17 @@ def small_store(tmp_path):
         store.append_episode(ep, {"success": i % 2 == 0, "notes": f"ep{i}"})
     store.close()
     return path, episodes
+
+
+def flip_bit_in_zip_entry(path, entry: str, at: int = 0) -> None:
+    """Flip one bit of the stored bytes of `path`'s zip entry `entry` (e.g. "data/0"), `at` bytes in."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/" + entry))
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        start = info.header_offset + 30 + name_len + extra_len + at
+        f.seek(start)
+        b = f.read(1)
+        f.seek(start)
+        f.write(bytes([b[0] ^ 0x10]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 import zarr
-from conftest import as_format_1
+from conftest import as_format_1, flip_bit_in_zip_entry
 from einops import rearrange
 from safetensors.torch import save_file
 
@@ -229,6 +229,10 @@ def test_weights_files_that_load_wrongly_name_the_file_and_the_problem(tmp_path)
     pickled = r"^\S*module.pt: holds pickled Python objects.*state_dict\(\)"
     with pytest.raises(EncoderWeightsError, match=pickled):
         build_encoder(EncoderConfig(weights=str(tmp_path / "module.pt")))
+    torch.save(sd, tmp_path / "flipped.pt")  # one bit changed in a copy: loaded as other weights before
+    flip_bit_in_zip_entry(tmp_path / "flipped.pt", "data/0", at=3)
+    with pytest.raises(EncoderWeightsError, match=r"flipped.pt is damaged: the bytes of its entry 'data/0'"):
+        build_encoder(EncoderConfig(weights=str(tmp_path / "flipped.pt")))
     (tmp_path / "notes.pt").write_text("hello")  # was "cannot read the checkpoint (KeyError: 101)"
     with pytest.raises(EncoderWeightsError, match=r"notes.pt: cannot read the checkpoint; not a torch"):
         build_encoder(EncoderConfig(weights=str(tmp_path / "notes.pt")))

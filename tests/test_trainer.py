@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import flip_bit_in_zip_entry
 from torch import nn
 
 from wm.checkpoint import (
@@ -866,6 +867,30 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"its weights hold NaN or inf \(6 tensor\(s\), the first 'net"):
         load_model_weights(TinyRegressor(), broken)  # the trainer never saves them: it loaded and ran
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.parametrize("entry", ["data/0", "data.pkl"])
+def test_a_checkpoint_changed_on_disk_is_refused_naming_the_damage(tmp_path, entry):
+    """torch.load never checks the CRC-32 its zip format stores per entry: a bit flipped in a tensor's
+    bytes loaded as other weights without a word. Now refused in one line, also when the process had
+    turned torch's CRC writing off (save_checkpoint writes them anyway)."""
+    model = TinyRegressor()
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = save_checkpoint(
+            tmp_path / "ckpt_00000001.pt", model_type="tiny", model_config={}, state_dict=model.state_dict()
+        )
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.serialization.get_crc32_options()  # restored
+    load_model_weights(TinyRegressor(), load_checkpoint(path))
+    flip_bit_in_zip_entry(path, entry, at=1 if entry == "data/0" else 40)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path)
+    assert str(info.value) == (
+        f"{path} is damaged: the bytes of its entry {entry!r} do not match the checksum saved with them "
+        "(changed on disk or in a copy); copy it again, or load an earlier checkpoint of the run"
+    )
 
 
 def test_a_save_killed_midway_leaves_a_temporary_file_the_next_save_removes(tmp_path):

@@ -23,6 +23,10 @@ in the same directory, fsync, then `os.replace`), so a crash never leaves a half
 A run directory may also hold `best.pt`, the weights with the lowest validation metric so far (the
 same fields less optimizer, scheduler and rng: it is for evaluation). `latest_checkpoint`, and so
 `load_checkpoint(run_dir)` and resuming, never pick it; load it by its path, `run_dir/best.pt`.
+
+The file is torch's zip format, which stores a CRC-32 of every entry (each tensor's bytes, the pickled
+structure). torch.load never checks them; `load_checkpoint` does (`damaged_entry`), so a bit flipped on
+disk or in a copy is refused instead of loading as slightly different weights.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import os
 import pickle
 import random
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,13 +74,16 @@ def save_checkpoint(path: str | os.PathLike, **fields: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    crc = torch.serialization.get_crc32_options()
     try:
+        torch.serialization.set_crc32_options(True)  # what `damaged_entry` checks on loading
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **fields}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
+        torch.serialization.set_crc32_options(crc)
         tmp.unlink(missing_ok=True)
     return path
 
@@ -122,6 +130,12 @@ def load_checkpoint(path_or_dir: str | os.PathLike, expected_type: str | None = 
         src = found
     elif not src.exists():
         raise CheckpointNotFoundError(f"no checkpoint file at {src}")
+    damaged = damaged_entry(src)
+    if damaged is not None:
+        raise CheckpointError(
+            f"{src} is damaged: the bytes of its entry {damaged!r} do not match the checksum saved with "
+            "them (changed on disk or in a copy); copy it again, or load an earlier checkpoint of the run"
+        )
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for a corrupt or foreign file
@@ -138,6 +152,27 @@ def load_checkpoint(path_or_dir: str | os.PathLike, expected_type: str | None = 
         )
     ckpt["path"] = str(src)
     return ckpt
+
+
+def damaged_entry(path: str | os.PathLike) -> str | None:
+    """The first entry of a torch zip file whose bytes do not match the CRC-32 stored with them, or None.
+
+    None too for a file that is no zip archive (torch.load says what it is), and entries whose stored
+    CRC is 0 are read unchecked: torch writes 0 with `set_crc32_options(False)`."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.CRC == 0:
+                    continue
+                try:
+                    with z.open(info) as entry:  # zipfile compares the CRC once the entry is read
+                        while entry.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename.partition("/")[2] or info.filename
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+    return None
 
 
 def _why_unreadable(e: Exception) -> str:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from wm.checkpoint import non_finite_keys, state_dict_diff
+from wm.checkpoint import damaged_entry, non_finite_keys, state_dict_diff
 from wm.options import check_numbers
 
 DINOV2_MODELS = {  # our name -> (timm model name, official file name, feature dim)
@@ -365,7 +365,15 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
 
             sd = load_file(str(path))
         else:
+            damaged = damaged_entry(path) if path.is_file() else None
+            if damaged is not None:
+                raise EncoderWeightsError(
+                    f"{path} is damaged: the bytes of its entry {damaged!r} do not match the checksum saved "
+                    "with them (changed on disk or in a download); download or copy it again"
+                )
             sd = torch.load(path, map_location="cpu", weights_only=True)
+    except EncoderWeightsError:
+        raise
     except pickle.UnpicklingError as e:  # torch's message is several lines of advice on weights_only
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found is None:  # not a pickle of tensors at all
