@@ -312,6 +312,34 @@ def test_ctrl_c_keeps_finished_episodes(tmp_path):
     assert s.n_episodes >= 1 and s.array("image").shape[0] == s.n_steps  # the partial episode was dropped
 
 
+SIGTERM_BEFORE_THE_SESSION = """
+import os, signal, sys
+import tools.collect
+from robots.sim.pointmaze import PointMazeTask
+opened, disconnect = tools.collect.open_store, PointMazeTask.disconnect
+def open_then_terminated(*args):
+    os.kill(os.getpid(), signal.SIGTERM)  # the robot connected, the session not begun
+    return opened(*args)
+def disconnect_said(self):
+    print("disconnected", flush=True)
+    disconnect(self)
+tools.collect.open_store, PointMazeTask.disconnect = open_then_terminated, disconnect_said
+sys.argv = ["wm-collect", "task=pointmaze", "episodes=1", "state_only=true", "store=" + sys.argv[1]]
+tools.collect.main()
+"""
+
+
+def test_sigterm_before_the_session_disconnects_and_exits_143(tmp_path):
+    """SIGTERM outside the session was an interrupt without its signal: exit status 130, as for Ctrl-C
+    (wm-deploy and wm-train exit 143)."""
+    res = subprocess.run(
+        [sys.executable, "-c", SIGTERM_BEFORE_THE_SESSION, str(tmp_path / "s.zarr")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+    assert res.stdout.split() == ["disconnected"] and res.stderr.strip().endswith("interrupted")
+
+
 def test_sigkill_then_resume(tmp_path):
     store = tmp_path / "kill.zarr"
     proc = _start_realtime(store)

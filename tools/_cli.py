@@ -72,6 +72,7 @@ __all__ = [
     "changed",
     "check",
     "folder",
+    "interrupt",
     "nearest",
     "one_of",
     "record_of",
@@ -96,6 +97,15 @@ class JobFailed(Exception):
 
 # What a user can cause: one line and exit status 2. Anything else is a bug (traceback, exit status 1).
 FAULT_EXIT = 3  # a fault stopped the run (wm-deploy, wm-collect): the robot holds; what was recorded is kept
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """A signal handler that interrupts as Ctrl-C does (KeyboardInterrupt, so the cleanups run), carrying
+    `signum` for the exit status: 128 + signum (143 for SIGTERM)."""
+    interrupted = KeyboardInterrupt()
+    interrupted.signum = signum  # type: ignore[attr-defined]
+    raise interrupted
+
 
 USER_ERRORS = (
     StoreError,

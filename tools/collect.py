@@ -35,7 +35,18 @@ from robots.collect import Collector, Preview, SessionStats, open_store, recordi
 from robots.registry import make_expert, make_robot, make_task, robot_entry, task_entry
 from robots.sim.base import SimConfig
 from robots.teleop.mapping import teleop_mapper
-from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, one_of, record_of, store_path
+from tools._cli import (
+    FAULT_EXIT,
+    UsageError,
+    app,
+    bind,
+    build,
+    changed,
+    interrupt,
+    one_of,
+    record_of,
+    store_path,
+)
 from tools._device import DEFAULT_COMMAND_DEVICE, DeviceSettings
 
 
@@ -136,13 +147,10 @@ def sim_config(cfg: CollectConfig) -> SimConfig:
 
 def _stop_on_signals() -> None:
     """Ctrl-C (and SIGTERM) end the session cleanly, keeping finished episodes, even when the process
-    inherited an ignored SIGINT (as background jobs of non-interactive shells do)."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    inherited an ignored SIGINT (as background jobs of non-interactive shells do). Outside the session (the
+    robot or device connecting) the exit status is 128 + the signal's number."""
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def collect(cfg: CollectConfig) -> int:

@@ -42,7 +42,18 @@ from typing import Any
 from omegaconf import DictConfig
 
 from robots.runtime.loop import RuntimeConfig
-from tools._cli import FAULT_EXIT, UsageError, app, bind, build, changed, folder, record_of, store_path
+from tools._cli import (
+    FAULT_EXIT,
+    UsageError,
+    app,
+    bind,
+    build,
+    changed,
+    folder,
+    interrupt,
+    record_of,
+    store_path,
+)
 from tools._controller import ControllerConfig, refuse_temporal_ensemble, trained_elsewhere, training_run
 from tools._device import DEFAULT_COMMAND_DEVICE, DeviceSettings
 
@@ -281,7 +292,9 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         worker = ProcessWorker(spec)  # sync mode too: a computation on this thread had no deadline
     stop = _StopFlag()
     outcomes, store, takeover, kernels = [], None, None, None
-    terminated = signal.signal(signal.SIGTERM, _interrupt)  # until the cleanup below has run
+    # SIGTERM's default action ended the process where it stood (the worker loading, the robot or a
+    # takeover device connecting, the cleanup): it interrupts as Ctrl-C does until the cleanup has run
+    terminated = signal.signal(signal.SIGTERM, interrupt)
     try:
         worker.start()
         if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
@@ -373,15 +386,6 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     )
     status = 128 + stop.signum if stop.signum else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
     return report, status
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM outside the episode loop (the worker loading, the robot or a takeover device connecting,
-    the cleanup) interrupts as Ctrl-C does, so the robot is still disconnected and the worker stopped;
-    its default action ended the process where it stood. `signum` gives the exit status (143)."""
-    interrupted = KeyboardInterrupt()
-    interrupted.signum = signum  # type: ignore[attr-defined]
-    raise interrupted
 
 
 class _StopFlag:
