@@ -34,6 +34,7 @@ from wm.data import (
     merge_stores,
 )
 from wm.data.chunks import ChunkReader
+from wm.data.store import check_destination
 
 
 def assert_episode_equal(got: dict, want: dict) -> None:
@@ -903,6 +904,19 @@ def test_overwrite_replaces_only_a_store(tmp_path, small_store):
         DemoStore.create(mine, make_schema(), overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep me" and (mine / "runs").is_dir()
     path, _ = small_store
+    (path / "best.pt").write_bytes(b"a run's weights")  # a store folder holding other files: they were
+    for replace in (  # deleted with it, where wm-info drop_episodes refuses to
+        lambda: DemoStore.create(path, make_schema(), overwrite=True),
+        lambda: check_destination(path, overwrite=True, sources=[]),  # every converter's destination
+    ):
+        with pytest.raises(ValueError) as info:
+            replace()
+        assert str(info.value) == (
+            f"{path}: holds files that are not the store's (best.pt); overwrite=true would delete them: "
+            "move them out of the store first"
+        )
+    assert (path / "best.pt").is_file() and DemoStore.open(path).n_episodes > 0
+    (path / "best.pt").unlink()
     with DemoStore.create(path, make_schema(), overwrite=True) as store:  # a store: replaced
         assert store.n_episodes == 0
     (tmp_path / "empty").mkdir()

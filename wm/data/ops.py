@@ -22,7 +22,7 @@ from wm.data.store import (
     check_not_a_source,
     discard_tree,
     finish_swap,
-    foreign_entries,
+    refuse_foreign_entries,
     rename_if_there,
     swap_paths,
 )
@@ -128,13 +128,7 @@ def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: In
     finish_swap(path)  # a rewrite a crash interrupted
     if not path.exists():
         raise NotAStoreError(f"{path}: no such store")
-    foreign = foreign_entries(path)
-    if foreign:  # the rewritten store replaces the folder: they would be deleted without a word
-        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ValueError(
-            f"{path}: holds files that are not the store's ({listed}); the rewrite would delete them: "
-            "move them out of the store first"
-        )
+    refuse_foreign_entries(path, "the rewrite")  # the rewritten store replaces the folder
     lock = WriterLock(path)  # no writer may be appending to the store being rewritten
     try:
         _rewrite(path, tmp, old, keep, edit_info)

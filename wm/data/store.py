@@ -161,6 +161,7 @@ class DemoStore:
                 f"{path}: exists and is not a zarr store; refusing to replace it (choose another path)"
             )
         if path.exists():  # nobody may be writing to the store this replaces
+            refuse_foreign_entries(path, "overwrite=true")
             WriterLock(path).release()
         real = path.resolve()  # a store reached through a symbolic link is replaced where it is
         building = real.with_name(real.name + ".wm-create")
@@ -730,6 +731,18 @@ def foreign_entries(path: Path) -> list[str]:
     return sorted(e.name for e in path.iterdir() if e.name not in own and not _zarr_node(e))
 
 
+def refuse_foreign_entries(path: Path, doing: str) -> None:
+    """Refuse (ValueError, one line) to replace or rewrite the store folder `path` (`doing` it, e.g. "the
+    rewrite") while it holds `foreign_entries`: they would be deleted without a word."""
+    foreign = foreign_entries(path) if path.is_dir() else []
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{path}: holds files that are not the store's ({listed}); {doing} would delete them: "
+            "move them out of the store first"
+        )
+
+
 def replaceable(path: Path) -> bool:
     """What `create(overwrite=True)` (and a converter's overwrite) may delete: an empty folder or a zarr
     store (even a damaged one; a zip store), never another file or a folder of anything else (a user's
@@ -775,6 +788,8 @@ def check_destination(
         raise FileExistsError(f"{dst}: already exists; give overwrite=true to replace it")
     if not may_replace(dst):
         raise FileExistsError(f"{dst}: {not_replaceable}")
+    if may_replace is replaceable:
+        refuse_foreign_entries(dst, "overwrite=true")
     if dst.is_dir():  # nobody may be writing to the store this replaces
         WriterLock(dst).release()
 
