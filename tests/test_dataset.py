@@ -468,6 +468,21 @@ def test_normalizer_reads_integer_inputs_without_rounding_its_statistics():
     torch.testing.assert_close(norm.unnormalize("g", torch.tensor([[1]])), torch.tensor([[9.0]]))
 
 
+def test_a_range_wider_than_float32_holds_normalizes_and_inverts():
+    """(max - min) / 2 was taken in float32: a range of finite values wider than 3.4e38 made an inf
+    scale, which normalized the dimension to 0 and unnormalized it to NaN."""
+    x = np.stack([np.linspace(-1, 1, 50), np.linspace(-3e38, 3e38, 50)], 1).astype(np.float32)
+    for mode in ("minmax", "quantile"):
+        norm = Normalizer({"a": mode}, {"a": compute_stats(x)})
+        out = norm.normalize("a", torch.from_numpy(x))
+        assert torch.isfinite(out).all() and out[:, 1].unique().numel() == 50, mode
+        back = norm.unnormalize("a", out)
+        assert torch.isfinite(back).all(), mode
+        torch.testing.assert_close(back, torch.from_numpy(x), rtol=1e-5, atol=1e-5)
+    small = Normalizer({"a": "minmax"}, {"a": compute_stats(np.array([[0.1], [0.7]]))})  # unchanged:
+    assert small.normalize("a", torch.tensor([[0.7]])).item() == 1.0  # halving first is exact
+
+
 def test_normalizer_refuses_statistics_that_would_make_nan():
     """A NaN, inf, missing or mis-shaped statistic (a hand-edited normalizer.json) was accepted: NaN
     outputs, a KeyError, or a silent broadcast."""

@@ -102,6 +102,17 @@ def _stat_array(key: str, name: str, stats: dict[str, Any]) -> torch.Tensor:
     return value
 
 
+def _half_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(hi - lo) / 2 without overflow: hi - lo of a float32 range wider than 3.4e38 is inf (a scale that
+    zeroed the dimension and unnormalized it to NaN). Halving is exact, so the value is the same."""
+    return hi / 2 - lo / 2
+
+
+def _middle(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(hi + lo) / 2 without overflow (see `_half_range`)."""
+    return hi / 2 + lo / 2
+
+
 class Normalizer(nn.Module):
     """Per-key normalization. `modes` maps key -> mode; `stats` maps key -> {stat: array}."""
 
@@ -172,7 +183,7 @@ class Normalizer(nn.Module):
                 return self.stat(key, "std").clamp_min(1e-6), self.stat(key, "mean")
             lo_name, hi_name = ("min", "max") if mode == "minmax" else ("q01", "q99")
             lo, hi = self.stat(key, lo_name), self.stat(key, hi_name)
-            return ((hi - lo) / 2).clamp_min(1e-6), (hi + lo) / 2
+            return _half_range(lo, hi).clamp_min(1e-6), _middle(lo, hi)
         if mode == "meanstd":
             return _spread(self.stat(key, "std")), self.stat(key, "mean")
         lo, hi = self.stat(key, "min"), self.stat(key, "max")
@@ -180,7 +191,7 @@ class Normalizer(nn.Module):
             narrow = (self.stat(key, "q99") - self.stat(key, "q01")) / 2 < MIN_SPREAD
             lo = torch.where(narrow, lo, self.stat(key, "q01"))
             hi = torch.where(narrow, hi, self.stat(key, "q99"))
-        return _spread((hi - lo) / 2), (hi + lo) / 2
+        return _spread(_half_range(lo, hi)), _middle(lo, hi)
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if key not in self.modes or self.modes[key] == "identity":

@@ -252,7 +252,10 @@ class DemoStore:
         legacy = SCHEMA_ATTR not in attrs
         try:
             if legacy:
-                schema = infer_schema({k: (a.shape, a.dtype) for k, a in group["data"].arrays()})
+                # sorted: zarr lists arrays in no fixed order, and the schema's order picks the default
+                # camera and proprio key and enters the fingerprints a resume and a feature cache check
+                arrays = sorted(group["data"].arrays(), key=lambda named: named[0])
+                schema = infer_schema({k: (a.shape, a.dtype) for k, a in arrays})
             else:
                 schema = Schema.from_dict(attrs[SCHEMA_ATTR])
             schema = schema.override(schema_overrides)
