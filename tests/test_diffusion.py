@@ -365,6 +365,44 @@ def test_ddim_matches_diffusers_ddim_scheduler(clip):
     torch.testing.assert_close(diff._ddim(z.clone(), None, steps, None), x, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [100, 1000])
+def test_ddpm_matches_diffusers_ddpm_scheduler_in_float32(T):
+    """Our DDPM against diffusers' DDPMScheduler ("fixed_small"), the same noise drawn, in float32 as
+    the policy runs. Each step used the stored float32 betas beside a separately rounded alpha-bar
+    table: at T = 1000 every sample came out scaled by 0.9995 (the last step's mean)."""
+    from diffusers import DDPMScheduler
+
+    net = _OvershootingEps()
+    diff = Diffusion(net, NoiseConfig(num_train_steps=T, clip_sample=True))
+    ref = DDPMScheduler(
+        num_train_timesteps=T,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=True,
+        variance_type="fixed_small",
+    )
+    ref.set_timesteps(T)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 2, generator=g)
+    for t in ref.timesteps:
+        x = ref.step(net(x, torch.full((len(x),), float(t)), None), int(t), x, generator=g).prev_sample
+    ours = diff.sample((4, 6, 2), None, "ddpm", 1, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-4)  # float32 over 1000 steps; it was 5e-4 off
+
+
+@pytest.mark.parametrize("edm_solver", ["heun", "dpmpp_2m"])
+def test_gradient_guidance_keeps_clip_samples_range(edm_solver):
+    """clip_sample clamps every denoised estimate; gradient guidance's correction was added after the
+    clamp, and the EDM samplers return their last estimate: actions beyond the training range."""
+    torch.manual_seed(0)
+    Ta, k, B = 8, 2, 64
+    model = Diffusion(_OvershootingEps(), NoiseConfig(clip_sample=True, edm_solver=edm_solver))
+    previous = torch.full((B, 6, 2), 0.98) * torch.randn(B, 1, 2).sign()  # at the range's edges
+    guide = inpaint_guide(previous, Ta, 1, k, max_weight=5.0)
+    with torch.inference_mode():
+        x = model.sample((B, Ta, 2), None, "edm", 3, torch.Generator().manual_seed(0), guide)
+    assert x.abs().max() <= 1.0
+
+
 def test_training_refuses_a_schedule_that_never_reaches_noise(store_path):
     """diffusers' linear betas over 100 steps keep 60 % of the signal at the last step: sampling would
     start from pure noise the model never saw. Refused before training, for both diffusion models;

@@ -455,7 +455,10 @@ class Diffusion(nn.Module):
         s = _over(sigma, x)
         k = ((1 + s**2) / s).clamp(max=guide.max_weight)
         x0, aux = x0.detach(), None if aux is None else aux.detach()
-        return guide(x0 + s * k * vjp), x0, aux
+        corrected = x0 + s * k * vjp
+        if self.cfg.clip_sample:  # as every denoised estimate is (the correction took it out of range)
+            corrected = corrected.clamp(-self.cfg.clip_range, self.cfg.clip_range)
+        return guide(corrected), x0, aux
 
     def karras_sigmas(
         self, steps: int, sigma_min: float | None = None, device: torch.device | None = None
@@ -509,15 +512,18 @@ class Diffusion(nn.Module):
         return solver(x, cond, sigmas, guide)
 
     def _ddpm(self, x_t: Tensor, cond: Tensor | None, generator: Generators, guide: Inpaint | None) -> Tensor:
-        """Ancestral DDPM in the VP form over every training step, "fixed_small" posterior variance."""
-        abar, betas = self.alphas_cumprod, self.betas
+        """Ancestral DDPM in the VP form over every training step, "fixed_small" posterior variance. Each
+        step's beta is taken from the alpha-bar table (1 - abar_t / abar_prev), as diffusers does: the
+        stored `betas`, rounded to float32 apart from it, scaled the last step's mean by up to 5e-4."""
+        abar = self.alphas_cumprod
         for t in range(self.cfg.num_train_steps - 1, -1, -1):
             a_t, a_prev = abar[t], abar[t - 1] if t > 0 else abar.new_tensor(1.0)
+            beta = 1 - a_t / a_prev
             x0 = self._estimate(x_t / a_t.sqrt(), self.sigmas[t], cond, guide)
-            mean = (a_prev.sqrt() * betas[t] * x0 + (1 - betas[t]).sqrt() * (1 - a_prev) * x_t) / (1 - a_t)
+            mean = (a_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_prev) * x_t) / (1 - a_t)
             if t == 0:
                 return mean
-            var = ((1 - a_prev) / (1 - a_t) * betas[t]).clamp_min(1e-20)
+            var = ((1 - a_prev) / (1 - a_t) * beta).clamp_min(1e-20)
             x_t = mean + var.sqrt() * randn(x_t.shape, generator, x_t.device)
         return x_t
 
