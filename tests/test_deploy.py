@@ -277,8 +277,18 @@ def test_serve_usage_errors_are_one_line(policy, tmp_path):
     assert res.returncode == 2 and (  # the server's controller ran, and report.json said "policy"
         "controller=mpc, planner.samples: with server=HOST:PORT the controller is the server's" in res.stderr
     )
-    res = run_app("wm-deploy", "robot=pointmaze", "server=nowhere", f"out={tmp_path}")
-    assert res.returncode == 2 and "server must be HOST:PORT, got 'nowhere'" in res.stderr
+    for args, words in [
+        (
+            ["server=nowhere"],
+            "server must be HOST:PORT (a name, an IPv4 address or [an IPv6 one], no scheme), got",
+        ),
+        (["server=http://gpu-host:5555"], "no scheme), got 'http://gpu-host:5555'"),  # was a traceback
+        # the delay was reported as applied, and the figures were taken without it
+        (["server=localhost:1", "added_delay_s=0.3"], "added_delay_s=0.3: the delay is added in wm-deploy's"),
+        (["server=localhost:1", "inference_threads=2"], "inference_threads=2: with server=HOST:PORT the"),
+    ]:
+        res = run_app("wm-deploy", "robot=pointmaze", *args, f"out={tmp_path}")
+        assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
     res = run_app(
         "wm-deploy", "robot=pointmaze", "server=localhost:1", "server_timeout_s=inf", f"out={tmp_path}"
     )

@@ -508,12 +508,30 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving():
         w.close()
 
 
+@contextlib.contextmanager
+def kept_alive(w: RemoteWorker) -> Iterator[None]:
+    """`w` polled as a running robot's ticks poll it (its heartbeats go on) while the block runs."""
+    done = threading.Event()
+
+    def ticks() -> None:
+        while not done.wait(0.02):
+            w.poll()
+
+    thread = threading.Thread(target=ticks, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
+
+
 def test_a_second_client_cannot_take_over_reset_or_feed_a_running_session():
-    with threaded_server() as srv:
+    with threaded_server(session_timeout_s=1.0) as srv:
         a = opened(srv)
         s = session_of(srv)
-        with pytest.raises(WorkerDied, match=r"already serves 1 robot\(s\) \(max_sessions=1"):
-            client(srv).start()
+        with kept_alive(a), pytest.raises(WorkerDied, match=r"already serves 1 robot\(s\) \(max_sessions=1"):
+            client(srv).start()  # asked again until a crashed robot's session would have ended
         (owner,) = [line.split()[-1] for line in srv.lines if "opened for client" in line]
         refused = [line.split()[1].rstrip(":") for line in srv.lines if ": busy: " in line]
         assert refused and owner not in refused  # the log named every client alike (first 4 id bytes)
@@ -537,6 +555,23 @@ def test_a_second_client_cannot_take_over_reset_or_feed_a_running_session():
         b = client(srv)  # once it has left, another robot is served
         b.start()
         b.close()
+
+
+def test_a_robot_restarted_after_a_crash_gets_the_session_its_last_run_held():
+    """The server only ends a session of a client that vanished (SIGKILL, power, cable) after
+    `session_timeout_s` of silence, and "busy" failed the restarted robot's start at once: it had to be
+    started again by hand, after that long. Now a busy server is asked again until then."""
+    with threaded_server(session_timeout_s=1.5) as srv:
+        crashed = opened(srv)  # then silent: never polled or closed again
+        start = time.monotonic()
+        restarted = client(srv)
+        restarted.start()
+        assert time.monotonic() - start >= 1.0  # the old session's, expired
+        assert ask(restarted, 0).error is None
+        assert any("expired" in line for line in srv.lines) and len(srv.sessions) == 1
+        assert "already serves 1 robot" in restarted.stats["last_reconnect"]
+        restarted.close()
+        crashed.close()
 
 
 def test_a_stalled_or_garbage_peer_blocks_nobody():
@@ -869,6 +904,22 @@ def test_a_request_the_client_gave_up_on_is_never_executed():
         time.sleep(0.3)
         assert srv.counts["expired"] == 1 and len(ctrl.seen) == 3
         assert ask(w, 4).error is None
+        w.close()
+
+
+def test_a_reply_that_came_after_the_deadline_is_given_up_though_it_waits_to_be_read():
+    """The client read what had arrived before it looked at the clock: a chunk that came after its
+    deadline, but before the next tick's poll, was taken as on time."""
+    with threaded_server() as srv:
+        w = opened(srv, request_timeout_s=0.3)
+        ctrl = session_of(srv).controller
+        fast = ctrl.chunk_from
+        ctrl.chunk_from = lambda *a, **k: (time.sleep(0.4), fast(*a, **k))[1]
+        w.submit(Request(0, obs_steps(1), [], action_shape=(2,)))
+        time.sleep(0.7)  # the chunk is there by now, after the deadline: no poll came between
+        r = w.poll()
+        assert r is not None and r.actions is None and "within 0.3 s" in r.error
+        assert w.stats["timeouts"] == 1
         w.close()
 
 

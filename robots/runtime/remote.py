@@ -27,6 +27,7 @@ request that waited too long in the server's queue is not computed.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import socket
 import time
@@ -42,6 +43,7 @@ from robots.runtime.worker import Reply, Request, WorkerDied, model_inputs
 
 PERMANENT = ("auth", "busy", "build", "version")
 SPEC_KEYS = ("window", "image_keys", "image_size", "proprio_key", "proprio_dim", "action_dim")
+BUSY_RETRY_S = 1.0  # a busy server is asked again this often while a session of a crashed robot may end
 HANDSHAKE_FAILURES = 3  # ZeroMQ handshakes failed in a row: the server's token is not ours (or it has none)
 HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -51,6 +53,7 @@ HANDSHAKE_EVENTS = (
 )
 
 
+HOST_RE = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Za-z:.%_-]+\]")  # a name, IPv4, or [IPv6] (with a %zone)
 ZMTP_SIGNATURE = (0xFF, 0x7F)  # first and tenth byte of the greeting every ZeroMQ peer sends on connect
 PROBE_TIMEOUT_S = 1.0
 
@@ -90,8 +93,11 @@ class RemoteConfig:
 
     def __post_init__(self) -> None:
         host, _, port = self.address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"server must be HOST:PORT, got {self.address!r}")
+        if not HOST_RE.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"server must be HOST:PORT (a name, an IPv4 address or [an IPv6 one], no scheme), got "
+                f"{self.address!r}"
+            )
         for name in ("request_timeout_s", "connect_timeout_s", "heartbeat_s", "dead_after_s", "max_frame_mb"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):  # inf: a deadline that never comes
@@ -152,6 +158,9 @@ class RemoteWorker:
         self._reset_due = False  # an episode's reset asked for and not yet confirmed by the server
         self._reset_retry: float | None = None  # when to ask again (the server's model was busy)
         self._reset_error: str | None = None  # the server's controller could not start the episode
+        self._connect_at = 0.0  # no new connection before then (the server was busy: asked again later)
+        self._busy: str | None = None  # the server's last "busy" refusal, while it is waited out
+        self._busy_until: float | None = None  # when to stop waiting for a busy server's slot
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -216,6 +225,9 @@ class RemoteWorker:
         """What the worker is waiting on, for the watchdog's message."""
         if self._state == "failed":
             return f"the policy server refused: {self._failed}"
+        if self._busy is not None and self._state != "ready":
+            left = max(0.0, (self._busy_until or 0.0) - time.monotonic())
+            return f"the policy server is busy, asked again for {left:.0f} s more: {self._busy}"
         if self._state != "ready":
             since = time.monotonic() - (self._down_since or self._since)
             closed = (
@@ -325,9 +337,12 @@ class RemoteWorker:
         if self._state == "failed":
             return
         if self._sock is None:
+            if time.monotonic() < self._connect_at:
+                return
             self._connect()
         if self._monitor is not None:
             self._handshake_events()
+        self._expire()  # before reading: a reply there now may have come after the deadline
         while self._sock is not None:
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -345,14 +360,10 @@ class RemoteWorker:
                 return
             if self._state == "failed":
                 return
+        if self._expire():
+            return
         now = time.monotonic()
-        if self._outstanding is not None and now > self._outstanding[2]:
-            self.stats["timeouts"] += 1
-            self._give_up(
-                f"no reply from the policy server to chunk {self._outstanding[0]} within "
-                f"{self.cfg.request_timeout_s:g} s"
-            )
-        elif self._state in ("hello", "auth") and now - self._since > self._handshake_limit():
+        if self._state in ("hello", "auth") and now - self._since > self._handshake_limit():
             self._reconnect(f"no answer to {self._state} in {now - self._since:.1f} s")
         elif self._ping_at is not None and now - self._ping_at > self.cfg.dead_after_s:
             if self._state == "auth":
@@ -375,6 +386,18 @@ class RemoteWorker:
         ):
             self._send(wire.encode("ping", {"sid": self._sid, "sent": now}))
             self._ping_at = now
+
+    def _expire(self) -> bool:
+        """Give up the outstanding request when its deadline has passed (True): its reply, if it comes, is
+        never used (the connection it would arrive on is closed)."""
+        if self._outstanding is None or time.monotonic() <= self._outstanding[2]:
+            return False
+        self.stats["timeouts"] += 1
+        self._give_up(
+            f"no reply from the policy server to chunk {self._outstanding[0]} within "
+            f"{self.cfg.request_timeout_s:g} s"
+        )
+        return True
 
     def _handshake_events(self) -> None:
         """ZeroMQ's own handshake, where a token mismatch shows (the server never sees a message). The
@@ -476,6 +499,7 @@ class RemoteWorker:
             self._send(wire.encode("auth", fields))
             self._enter("auth")
         elif kind == "ready" and self._state == "auth":
+            self._busy = self._busy_until = None
             resumed = msg.get("resumed", bool)
             self._sid, self._secret = msg.get("sid", bytes), msg.get("secret", bytes)
             self._sid_since = time.monotonic()
@@ -524,6 +548,24 @@ class RemoteWorker:
         elif kind == "error":
             self._error(msg)
 
+    def _wait_for_slot(self, msg: wire.Message, text: str) -> bool:
+        """Every session of the server is taken. One may be a robot that crashed (this one, restarted, or
+        a connection of ours ZeroMQ renewed while the server built our controller): the server ends it
+        once its client has been silent for its session timeout, and says within how long at the most
+        (`free_in`). Ask again each BUSY_RETRY_S until then (True); after it, the slot is a live robot's."""
+        now = time.monotonic()
+        if self._busy_until is None:
+            free_in = msg.fields.get("free_in")
+            if not isinstance(free_in, (int, float)) or not 0 <= free_in < math.inf:
+                return False
+            self._busy_until = now + min(float(free_in), self.cfg.connect_timeout_s) + BUSY_RETRY_S
+        if now > self._busy_until:
+            return False
+        self._busy = text
+        self._reconnect(f"the server: {text}")
+        self._connect_at = now + BUSY_RETRY_S
+        return True
+
     _episode_started = False
     _rough = False  # the clock holds only samples of replies that waited for a tick (`_add_sample`)
     _greeting: tuple[tuple[float, float, float, float] | None, bool] = (None, False)  # the last challenge's
@@ -548,6 +590,8 @@ class RemoteWorker:
     def _error(self, msg: wire.Message) -> None:
         code, text = msg.get("code", str), wire.one_line(msg.get("msg", str))
         seq = msg.fields.get("seq")
+        if code == "busy" and self._wait_for_slot(msg, text):
+            return
         if code in PERMANENT:
             self._fail(code, text)
         elif code == "session":  # a new handshake: resuming the session, or a new one where it is gone
@@ -612,7 +656,11 @@ class RemoteWorker:
             sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         self._monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         self._handshake_failures = 0
-        sock.connect(self.cfg.endpoint)
+        try:
+            sock.connect(self.cfg.endpoint)
+        except zmq.ZMQError as e:  # an address ZeroMQ cannot use (RemoteConfig refuses those it knows)
+            self._fail("address", f"cannot connect to the policy server at {self.cfg.address}: {e}")
+            return
         self._nonce = secrets.token_bytes(16)
         now = time.monotonic()
         hello = {"nonce": self._nonce, "resume": self._sid, "low": self.low, "high": self.high, "sent": now}

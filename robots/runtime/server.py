@@ -383,8 +383,9 @@ class PolicyServer:
                 identity,
                 "busy",
                 f"the server already serves {len(self.sessions)} robot(s) (max_sessions="
-                f"{self.cfg.max_sessions}; open for {ages}); a session ends when its robot disconnects "
-                f"or after {self.cfg.session_timeout_s:g} s of silence",
+                f"{self.cfg.max_sessions}; open for {ages}); a session ends when its robot's wm-deploy "
+                f"ends, or {self.cfg.session_timeout_s:g} s after its last message (a robot that crashed)",
+                free_in=self._free_in(now),
             )
             return
         low, high = [float(x) for x in hello.fields["low"]], [float(x) for x in hello.fields["high"]]
@@ -402,6 +403,15 @@ class PolicyServer:
         s.jobs += 1
         # a controller of a closed session with these bounds, if any
         self._jobs.put(("build", s, self._unpark(s.key), identity, now))
+
+    def _free_in(self, now: float) -> float:
+        """The most seconds until a session ends if its client stays silent (a robot that crashed): its
+        last message's time plus `session_timeout_s`; one still computing (its controller being built)
+        ends no sooner than that from now."""
+        timeout = self.cfg.session_timeout_s
+        return min(
+            timeout if s.jobs else max(0.0, timeout - (now - s.last_seen)) for s in self.sessions.values()
+        )
 
     def _ready(self, s: Session, resumed: bool) -> None:
         limits = {"max_frame_mb": self.cfg.max_frame_mb, "max_request_mb": self.cfg.max_request_mb}
