@@ -5,9 +5,10 @@ alive, close), so the runtime's timestamps, stale dropping, stitching, safety la
 recording and report are unchanged. Nothing here blocks a tick: `submit` queues a message on a
 ZeroMQ socket (its I/O thread sends it) and `poll` reads what has arrived, answers nothing, and
 drives the connection:
-- every request has a deadline (`request_timeout_s`): past it, the chunk is given up (an error reply
-  to the runtime), the socket is closed (so a late reply can never arrive, let alone be executed)
-  and the client reconnects;
+- every request has a deadline (`request_timeout_s`; the first of a new session's, `connect_timeout_s`:
+  a controller's first call may choose its kernels or compile, and the robot is at rest or holding):
+  past it, the chunk is given up (an error reply to the runtime), the socket is closed (so a late
+  reply can never arrive, let alone be executed) and the client reconnects;
 - when idle, waiting for an episode's reset (which may queue behind a long chunk) or for a new
   session's controller to be built, it pings every `heartbeat_s`; a ping unanswered for
   `dead_after_s` means the server is gone, and a server that no longer builds ours restarted: it
@@ -80,7 +81,8 @@ def zmtp_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool
 class RemoteConfig:
     """address: HOST:PORT of `wm-serve`; token: its shared secret (None: none); request_timeout_s: a
     chunk not back in this long is given up and the connection renewed; connect_timeout_s: the most
-    `start` waits for the server (it may be loading a model); heartbeat_s / dead_after_s: pings
+    `start` waits for the server (it may be loading a model), and a new session's first chunk (the
+    model's first call: kernel choices, compiling) for its reply; heartbeat_s / dead_after_s: pings
     when idle, and how long a silent server is trusted; max_frame_mb: the largest reply accepted."""
 
     address: str
@@ -144,6 +146,9 @@ class RemoteWorker:
         self._since = time.monotonic()  # when the current state began
         self._failed: str | None = None
         self._sid: bytes | None = None
+        # this worker's own id, in every hello: a connection ZeroMQ renewed while the server built our
+        # controller finds the session (before `ready` gives the session's secret, which resumes it)
+        self._client = secrets.token_bytes(16)
         self._sid_since = 0.0  # when `ready` gave the session: pings sent before it asked about none
         self._secret: bytes | None = None
         self._nonce = b""
@@ -158,6 +163,7 @@ class RemoteWorker:
         self._reset_due = False  # an episode's reset asked for and not yet confirmed by the server
         self._reset_retry: float | None = None  # when to ask again (the server's model was busy)
         self._reset_error: str | None = None  # the server's controller could not start the episode
+        self._cold = False  # the next request is a new session's first (`connect_timeout_s` to answer)
         self._connect_at = 0.0  # no new connection before then (the server was busy: asked again later)
         self._busy: str | None = None  # the server's last "busy" refusal, while it is waited out
         self._busy_until: float | None = None  # when to stop waiting for a busy server's slot
@@ -284,7 +290,8 @@ class RemoteWorker:
         if self.busy:
             raise RuntimeError("a request is already outstanding or the server is not connected")
         now = time.monotonic()
-        deadline = now + self.cfg.request_timeout_s
+        deadline = now + (self.cfg.connect_timeout_s if self._cold else self.cfg.request_timeout_s)
+        self._cold = False
         steps = [model_inputs(self.info, s) for s in req.steps]
         frames = wire.pack_request(
             self._sid,
@@ -393,10 +400,8 @@ class RemoteWorker:
         if self._outstanding is None or time.monotonic() <= self._outstanding[2]:
             return False
         self.stats["timeouts"] += 1
-        self._give_up(
-            f"no reply from the policy server to chunk {self._outstanding[0]} within "
-            f"{self.cfg.request_timeout_s:g} s"
-        )
+        seq, sent, deadline = self._outstanding
+        self._give_up(f"no reply from the policy server to chunk {seq} within {deadline - sent:.3g} s")
         return True
 
     def _handshake_events(self) -> None:
@@ -516,6 +521,7 @@ class RemoteWorker:
                 )
                 return
             self.info = info
+            self._cold = self._cold or not resumed  # a new controller: its first call may be slow
             if not resumed and self._lost:  # a new server process, perhaps another machine's clock:
                 self.clock, self._rough = wire.ClockSync(), False  # estimated afresh, from its greeting on
                 if self._greeting[0] is not None:
@@ -663,7 +669,14 @@ class RemoteWorker:
             return
         self._nonce = secrets.token_bytes(16)
         now = time.monotonic()
-        hello = {"nonce": self._nonce, "resume": self._sid, "low": self.low, "high": self.high, "sent": now}
+        hello = {
+            "nonce": self._nonce,
+            "resume": self._sid,
+            "client": self._client,
+            "low": self.low,
+            "high": self.high,
+            "sent": now,
+        }
         self._send(wire.encode("hello", hello))
         self._ping_at = None
         self._enter("hello")

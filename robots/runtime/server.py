@@ -12,7 +12,9 @@ token never travels and is never logged), then gets a session with its own contr
 the robot's action bounds (idle controllers are kept and reused for the same bounds). At most
 `max_sessions` are open; another client is refused, and cannot reset, feed or resume a session
 without its secret. A client that reconnects (after a timeout, a network fault) resumes its session
-with a proof of that secret; a session whose client is silent for `session_timeout_s` is closed.
+with a proof of that secret, or, before its session was ready, by the random id of its own that its
+hellos carry; a session whose client is silent for `session_timeout_s` is closed, and a client
+refused as busy is told within how long that may happen (a robot that crashed and restarts).
 Without a token the server binds only a loopback address. With one, ZeroMQ's CurveZMQ encrypts
 every connection with a server key derived from the token (`wire.curve_keys`), so a peer without it
 cannot finish ZeroMQ's handshake and sends the server no message at all: ZeroMQ bounds each frame
@@ -120,6 +122,7 @@ class Session:
     info: dict[str, Any] = field(default_factory=dict)
     jobs: int = 0  # queued or computing on the inference thread
     closed: bool = False
+    client: bytes | None = None  # the client's own id (its hello's): a reconnect before `ready` finds it
 
 
 class PolicyServer:
@@ -347,6 +350,9 @@ class PolicyServer:
         if any(a >= b for a, b in zip(low, high, strict=True)):
             raise wire.ProtocolError("hello: every low must be below its high")
         msg.get("resume", (bytes, type(None)), None)
+        client = msg.get("client", (bytes, type(None)), None)
+        if client is not None and not 16 <= len(client) <= 64:
+            raise wire.ProtocolError("hello: client must be 16..64 bytes")
         if len(self.pending) >= MAX_PENDING:
             del self.pending[min(self.pending, key=lambda k: self.pending[k][0])]
         server_nonce = secrets.token_bytes(16)
@@ -377,6 +383,17 @@ class PolicyServer:
             self.log(f"session {s.sid.hex()[:8]}: resumed by client {client_name(identity)}")
             self._ready(s, resumed=True)
             return
+        client = hello.fields.get("client")
+        waiting = self._opened_for(client)
+        if waiting is not None:  # its connection was renewed (ZeroMQ reconnected it) before `ready`
+            waiting.identity, waiting.last_seen = identity, now
+            self.log(
+                f"session {waiting.sid.hex()[:8]}: its client reconnected before the session was ready "
+                f"(client {client_name(identity)})"
+            )
+            if waiting.controller is not None:  # built: `ready` went to the connection it lost
+                self._ready(waiting, resumed=False)
+            return
         if len(self.sessions) >= self.cfg.max_sessions:
             ages = ", ".join(f"{now - s.opened:.0f} s" for s in self.sessions.values())
             self._error(
@@ -398,11 +415,20 @@ class PolicyServer:
             high,
             now,
             now,
+            client=client,
         )
         self.sessions[s.sid] = s
         s.jobs += 1
         # a controller of a closed session with these bounds, if any
         self._jobs.put(("build", s, self._unpark(s.key), identity, now))
+
+    def _opened_for(self, client: bytes | None) -> Session | None:
+        """The session opened for the client whose hello carried `client` (None for none)."""
+        if client is None:
+            return None
+        return next(
+            (s for s in self.sessions.values() if s.client is not None and wire.same(s.client, client)), None
+        )
 
     def _free_in(self, now: float) -> float:
         """The most seconds until a session ends if its client stays silent (a robot that crashed): its
@@ -579,14 +605,14 @@ class PolicyServer:
             if s.closed:
                 self._release(s)
                 return
-            self.log(f"session {s.sid.hex()[:8]}: opened for client {client_name(identity)}")
+            self.log(f"session {s.sid.hex()[:8]}: opened for client {client_name(s.identity)}")
             self._ready(s, resumed=False)
             return
         if s.closed and not s.jobs:
             self._release(s)
-        if kind == "build":  # it failed: the slot is freed
+        if kind == "build":  # it failed: the slot is freed (said on the client's connection of now)
             self.sessions.pop(s.sid, None)
-            self._error(identity, "build", f"could not build the controller: {out[1]}")
+            self._error(s.identity, "build", f"could not build the controller: {out[1]}")
             return
         seq = payload[0].seq if kind == "infer" else None
         if kind == "reset":  # to the session's connection now (it may have been renewed since)
