@@ -302,6 +302,34 @@ def _small_model() -> DinoWorldModel:
     return DinoWorldModel(cfg, Normalizer({"action": "identity", "proprio": "identity"}, {})).eval()
 
 
+def test_a_rollout_past_the_history_window_sees_the_context_training_showed():
+    """With n_hist > 1, once the rollout's window slid, the KV cache gave the oldest frame in it keys of
+    deeper layers computed while earlier frames were visible, a context teacher forcing (n_hist frames
+    from the first) never shows; every cost from the second planning step on was off-distribution. Now
+    each step matches `predict` on the last n_hist frames (DINO-WM's rollout)."""
+    torch.manual_seed(0)
+    cfg = WorldModelConfig(
+        image_size=(32, 32), n_hist=3, frameskip=1, proprio_dim=0,
+        encoder=EncoderConfig(cnn_channels=(8, 8, 8), cnn_dim=16), predictor_dim=32, predictor_depth=3,
+        predictor_heads=2, predictor_head_dim=16, predictor_mlp_dim=32, predictor_precision="fp32",
+    )  # fmt: skip
+    model = DinoWorldModel(cfg, Normalizer({"action": "identity"}, {})).eval()
+    with torch.no_grad():
+        for p in model.predictor.parameters():
+            if p.ndim == 2:
+                p.mul_(8.0)  # attention that matters (a fresh predictor is close to the identity)
+        P, D = model.grid[0] * model.grid[1], model.encoder.dim
+        vis, past = torch.randn(2, 3, P, D), torch.rand(2, 2, model.action_dim) * 2 - 1
+        acts = torch.rand(2, 1, 3, model.action_dim) * 2 - 1
+        roll = model.rollout({"visual": vis, "past_action": past}, acts)["visual"][:, 0]
+        frames, taken = list(vis.unbind(1)), [*past.unbind(1), *acts[:, 0].unbind(1)]
+        for h in range(3):
+            seen = frames + list(roll[:, :h].unbind(1))  # the history, then the rollout's own frames
+            window = {"visual": torch.stack(seen[-3:], 1)}
+            want = model.predict(window, torch.stack(taken[len(seen) - 3 : len(seen)], 1))["visual"][:, -1]
+            torch.testing.assert_close(roll[:, h], want, rtol=1e-4, atol=1e-5)
+
+
 def test_rollout_and_predict_name_the_bad_argument_in_one_line():
     """Each was a torch error deep inside (expand, cat, reshape, a dtype mismatch) or, for NaN
     actions, NaN predictions and costs without an error."""

@@ -358,17 +358,25 @@ class DinoWorldModel(nn.Module):
         vis, prop = per_sample(vis0), per_sample(prop0) if prop0 is not None else None
         a = rearrange(acts, "e n h a -> (e n) h a")
         cache = self.predictor.init_cache(E * N)
+        fed: list[torch.Tensor] = []  # every frame's tokens so far, (E * N, P, in_dim)
         for t in range(Th - 1):  # history frames with the actions that followed them
             step_a = per_sample(past[:, t])
             tok = self._tokens(
                 vis[:, t : t + 1], None if prop is None else prop[:, t : t + 1], step_a[:, None]
             )
             _, cache = self.predictor.step(tok[:, 0], self.grid, cache)
+            fed.append(tok[:, 0])
         cur_v, cur_p = vis[:, -1], None if prop is None else prop[:, -1]
         outs_v, outs_p = [], []
+        window = self.predictor.window
         for h in range(H):
             tok = self._tokens(cur_v[:, None], None if cur_p is None else cur_p[:, None], a[:, h : h + 1])
-            out, cache = self.predictor.step(tok[:, 0], self.grid, cache)
+            fed.append(tok[:, 0])
+            if len(fed) <= window:  # the cache holds every frame before: exactly what training computed
+                out, cache = self.predictor.step(tok[:, 0], self.grid, cache)
+            else:  # the window slid: the cache's keys of deeper layers would carry frames before it, a
+                # context training never gave; the last `window` frames alone, as trained (DINO-WM's)
+                out = self.predictor(torch.stack(fed[-window:], 1), self.grid)[:, -1]
             nxt = self._split(out)
             cur_v, cur_p = nxt["visual"], nxt.get("proprio")
             outs_v.append(cur_v)

@@ -23,10 +23,10 @@ values of at most `window - 1` earlier frames. `step` on frames 0..t returns exa
 `forward(frames 0..t)[:, t]` (same sliding-window mask), up to float tolerance. While t < window
 this is also `forward(last window frames)[:, -1]`. After the window slides and with depth > 1 it is
 not: cached keys of layer l > 0 carry context from frames before the window (the receptive field
-grows by window - 1 frames per layer, as in any sliding-window KV cache). Training on sequences
-longer than `window` with `forward` gives the model the same context it sees in a cached rollout;
-recomputing `forward` on the last `window` frames each step reproduces DINO-WM's rollout exactly
-(at window times the cost).
+grows by window - 1 frames per layer, as in any sliding-window KV cache), a context training on
+`window` frames never shows. So `DinoWorldModel.rollout` steps the cache only while the window has not
+slid, then runs `forward` on the last `window` frames each step, as DINO-WM does (window times the
+cost of a step; with a history of one frame, the default, the window never slides).
 
 CPU inference (no autograd). Each linear layer runs `F.linear` (MKL's sgemm, PyTorch's own path) or
 oneDNN's inner product (with GELU fused into the first MLP layer), whichever `wm.kernels` measured
