@@ -891,3 +891,27 @@ def test_calibration_stops_the_compute_clock():
     with kernels.using(Selector(KernelCache(None), timer=slow_timer)) as sel:
         assert sel.choose("op", cands, "native") == "fast"
     assert time.monotonic() - wall >= 0.3 and kernels.compute_clock() - compute < 0.1
+
+
+def test_a_calibration_inside_another_stops_the_compute_clock_once():
+    """A candidate that runs layers of its own (the predictor's rotary projection runs its linear layers)
+    calibrated theirs inside its own calibration: that time came off the compute clock twice, and
+    wm-eval reported a negative planning time."""
+
+    def slow_timer(fns):
+        time.sleep(0.2)
+        return {"native": 1.0, "fast": 0.5}
+
+    x = torch.randn(8, 8)
+    with kernels.using(Selector(KernelCache(None), timer=slow_timer)) as sel:
+        inner = {"native": lambda: x * 2, "fast": lambda: x + x}
+
+        def outer_native():
+            sel.choose("inner", inner, "native")  # its first call: calibrated inside the outer one's
+            return x * 3
+
+        wall, compute = time.monotonic(), kernels.compute_clock()
+        assert sel.choose("outer", {"native": outer_native, "fast": lambda: x + x + x}, "native") == "fast"
+        elapsed = time.monotonic() - wall
+    assert elapsed >= 0.4 and kernels.compute_clock() - compute > -0.02
+    assert sel.spent_s <= elapsed

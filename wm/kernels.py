@@ -366,14 +366,20 @@ class Selector:
         timer = self.timer or (
             lambda fns: median_times(fns, self.rounds, self.warmup, budget_s=self.key_budget_s)
         )
-        with torch.no_grad():
-            ref = candidates[native]()
-            # a NaN / inf / all-zero output judges no candidate: nothing is decided or cached for the shape
-            record = calibrate(candidates, native, tol, timer, self.margin, ref) if checkable(ref) else None
-        spent = time.perf_counter() - t0
-        self.spent_s += spent
-        global _calibrating_s
-        _calibrating_s += spent
+        global _calibrating_s, _nested
+        _nested += 1
+        try:
+            with torch.no_grad():
+                ref = candidates[native]()
+                # a NaN / inf / all-zero output judges no candidate: nothing decided or cached for the shape
+                judged = checkable(ref)
+                record = calibrate(candidates, native, tol, timer, self.margin, ref) if judged else None
+        finally:
+            _nested -= 1
+        if not _nested:  # a calibration inside another's candidates (layers they run) is in its time
+            spent = time.perf_counter() - t0
+            self.spent_s += spent
+            _calibrating_s += spent
         if record is None:
             return default
         self.cache.put(full, record)
@@ -405,6 +411,7 @@ class Selector:
 _selector: Selector | None = None
 _generation = 0
 _calibrating_s = 0.0  # every selector's calibration seconds in this process, for `compute_clock`
+_nested = 0  # calibrations under way (one's candidates may run layers that calibrate theirs)
 
 
 def compute_clock() -> float:
