@@ -139,6 +139,31 @@ def test_a_checkpoint_loads_without_the_pretrained_encoder_file(maze_store, tmp_
         torch.testing.assert_close(loaded.encode(obs)["visual"], want, rtol=0, atol=0)
 
 
+def test_windows_start_before_an_episode_as_a_rollouts_history_does(maze_store):
+    """With a history of several frames, planning at an episode's start runs on the first frame repeated
+    and zero past actions (`ObsHistory`), which training never showed (no window started before an
+    episode). Now such windows are trained on, their actions before the episode zero whatever the
+    store's padding repeats."""
+    setup = _setup(maze_store)
+    model, c = setup.model.eval(), setup.model.cfg
+    pads = setup.train_set.get_batch(np.arange(len(setup.train_set)))[c.image_key + "_is_pad"][:, 0]
+    batch = setup.train_set.get_batch([int(pads.nonzero()[0, 0])])  # a window starting before an episode
+    f = c.frameskip
+    assert batch[c.image_key + "_is_pad"][0].tolist() == [True, False, False, False]
+    assert torch.equal(batch[c.image_key][0, 0], batch[c.image_key][0, 1])  # its first frame, repeated
+    assert batch[c.action_key + "_is_pad"][0, :f].all() and not batch[c.action_key + "_is_pad"][0, f:].any()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        as_stored = model.compute_loss(batch)[1]["loss"]
+        zeros = {**batch, c.action_key: batch[c.action_key].clone()}
+        zeros[c.action_key][0, :f] = 0.0
+        torch.manual_seed(0)
+        assert torch.equal(model.compute_loss(zeros)[1]["loss"], as_stored)
+        zeros[c.action_key][0, :f] = 5.0
+        torch.manual_seed(0)
+        assert torch.equal(model.compute_loss(zeros)[1]["loss"], as_stored)
+
+
 def test_rollout_matches_teacher_forcing(maze_store):
     setup = _setup(maze_store)
     model = setup.model.eval()

@@ -56,12 +56,12 @@ def validation(
 ) -> Any:
     """Validation on held-out episodes: one-step and VAL_STEPS-step feature errors, plus a PNG strip
     (trained from cached features, its real frames come from `frames_from`, the store)."""
-    val_set: Any = WindowDataset(
-        data_path, model.window_spec(extra_steps=VAL_STEPS), episodes, in_memory=in_memory, train=False
-    )
+    # (windows inside the episodes: the errors below are not masked where a window is padded)
+    spec = model.window_spec(extra_steps=VAL_STEPS, history_padding=False)
+    val_set: Any = WindowDataset(data_path, spec, episodes, in_memory=in_memory, train=False)
     if frames_from is not None:  # the frames the strip compares with, beside the cached features
         c = model.cfg
-        offsets = tuple((c.n_hist + s) * c.frameskip for s in range(VAL_STEPS))
+        offsets = spec.offsets[c.image_key][c.n_hist : c.n_hist + VAL_STEPS]
         val_set = WithFrames(val_set, frames_from, c.image_key, offsets, in_memory=False)
 
     @torch.no_grad()

@@ -113,16 +113,21 @@ class WorldModelConfig:
             if not getattr(self, name) or min(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be sizes >= 1, got {list(getattr(self, name))}")
 
-    def window_spec(self, extra_steps: int = 0) -> WindowSpec:
+    def window_spec(self, extra_steps: int = 0, history_padding: bool = True) -> WindowSpec:
         """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps (known
-        from the config alone, so training checks them against the store before building the model)."""
+        from the config alone, so training checks them against the store before building the model).
+        A window is anchored at its last history frame. With a history of several frames it may begin
+        up to n_hist - 1 frames before an episode (`history_padding`; validation windows do not): the
+        first frame repeated and the actions before it zero (`compute_loss`), as a rollout's history
+        is filled at an episode's start (`policies.inputs.ObsHistory`)."""
         f = self.frameskip
         frames = self.n_hist + 1 + max(extra_steps, self.rollout_loss_steps)
-        obs = tuple(i * f for i in range(frames))
-        offsets = {self.image_key: obs, self.action_key: tuple(range((frames - 1) * f))}
+        history = (self.n_hist - 1) * f
+        obs = tuple(i * f - history for i in range(frames))
+        offsets = {self.image_key: obs, self.action_key: tuple(range(-history, (frames - 1) * f - history))}
         if self.proprio_dim:
             offsets[self.proprio_key] = obs
-        return WindowSpec(offsets, max_pad_before=0, max_pad_after=f)
+        return WindowSpec(offsets, max_pad_before=history if history_padding else 0, max_pad_after=f)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -220,11 +225,11 @@ class DinoWorldModel(nn.Module):
     def frames_beside_features(self) -> tuple[str, tuple[int, ...]]:
         """(camera, window offsets) of the pixels training still needs when it reads cached features:
         the first frame, the video decoder's target (`wm.data.dataset.WithFrames` delivers them)."""
-        return self.cfg.image_key, (0,)
+        return self.cfg.image_key, self.window_spec().offsets[self.cfg.image_key][:1]
 
-    def window_spec(self, extra_steps: int = 0) -> WindowSpec:
+    def window_spec(self, extra_steps: int = 0, history_padding: bool = True) -> WindowSpec:
         """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps."""
-        return self.cfg.window_spec(extra_steps)
+        return self.cfg.window_spec(extra_steps, history_padding)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) float in [0, 1], or already-encoded (B, T, P, D) features -> (B, T, P, D)."""
@@ -483,7 +488,11 @@ class DinoWorldModel(nn.Module):
         c, f, T = self.cfg, self.cfg.frameskip, self.cfg.n_hist
         z = self.encode(batch)  # visual (B, F, P, D) with F = T + 1 + rollout steps
         B, n_frames = z["visual"].shape[:2]
-        actions = rearrange(batch[c.action_key], "b (t f) a -> b t (f a)", f=f)  # (B, F - 1, f*A)
+        # Actions outside the episode are raw zeros, as a rollout's history has them before an episode's
+        # first frame (`ObsHistory`); the edge action repeated would be a motion the robot never made.
+        raw, pad = batch[c.action_key], batch.get(c.action_key + "_is_pad")
+        raw = raw if pad is None else raw.masked_fill(pad[..., None], 0.0)
+        actions = rearrange(raw, "b (t f) a -> b t (f a)", f=f)  # (B, F - 1, f*A)
         valid = ~batch[c.image_key + "_is_pad"][:, 1:]  # (B, F - 1): targets inside the episode
         target = {k: v.detach() for k, v in z.items()}
         # Teacher forcing over the first T + 1 frames: inputs 0..T-1 predict 1..T.
