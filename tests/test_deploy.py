@@ -435,6 +435,8 @@ def test_bad_values_paths_and_takeover_devices_are_refused_before_anything_start
         ([f"record={afile}"], f"record={afile}: is a file, not a store"),
         ([f"record={afile / 'rec.zarr'}"], f"record={afile / 'rec.zarr'}: {afile} is a file"),
         ([f"record={tmp_path / 'a'}"], "is also out=: give the store a path of its own"),
+        (["record="], "record= is empty: give a store's path, or leave record out"),  # recorded nothing
+        (["inference_threads=99999999999999999999"], "inference_threads must be in 1..4096"),  # traceback
         (
             ["robot=so101_follower", "teleop=keyboard"],
             "teleop=keyboard cannot drive so101_follower: a joint action space needs joint targets",

@@ -255,9 +255,13 @@ def test_an_output_folder_that_is_a_file_is_one_line_naming_the_option(tmp_path)
         UsageError, match=r"^contact_sheet=.*afile/x.png: .*afile is a file; give a folder or"
     ):
         InfoConfig(store="s.zarr", contact_sheet=str(tmp_path / "afile" / "x.png"))
-    InfoConfig(
-        store="s.zarr", contact_sheet=str(tmp_path / "afile")
-    )  # a file's path: the sheet is written there
+    with pytest.raises(ValueError, match=r"^contact_sheet=.*afile: the sheet is a PNG; give a folder or a"):
+        InfoConfig(store="s.zarr", contact_sheet=str(tmp_path / "afile"))  # was overwritten with the PNG
+    InfoConfig(store="s.zarr", contact_sheet=str(tmp_path / "sheet.png"))  # a file's path: written there
+    (tmp_path / "m.zarr").mkdir()
+    (tmp_path / "m.zarr" / "zarr.json").write_text("{}")  # a store given as the folder: the sheet went in
+    with pytest.raises(UsageError, match=r"^contact_sheet=.*m.zarr: .*m.zarr is a demonstration store; give"):
+        InfoConfig(store="s.zarr", contact_sheet=str(tmp_path / "m.zarr"))
 
 
 def test_a_summary_beside_a_store_it_cannot_write_to_still_prints(built, monkeypatch, capsys) -> None:

@@ -277,6 +277,7 @@ def test_a_chunk_waited_for_is_asked_only_once_the_worker_can_take_it(mode):
         {"mode": "sync", "inpaint_overlap": 2},
         {"action_latency_s": float("nan")},  # every latency in the report was null
         {"action_latency_s": float("inf")},
+        {"action_latency_s": 1e300},  # no action was ever due in time: "no fresh action", naming nothing
         {"policy_hz": float("inf")},  # "a chunk's step must be positive, got 0.0", naming no option
         {"interpolate": True},  # without policy_hz the step is one period: it did nothing
     ],

@@ -19,8 +19,10 @@ from robots.sim.base import SimConfig
         ((64.7, 64), "SimConfig.image_size[0]=64.7 is not a whole number"),  # was cut to (64, 64)
         (("64", "64"), "SimConfig.image_size[0]='64' is not a whole number"),  # was int()-ed
         ((64, float("inf")), "SimConfig.image_size[1]=inf is not a whole number"),  # was an OverflowError
-        (64.5, "image_size must be (height, width) of at least 8 pixels, got 64.5"),  # was a TypeError
-        (None, "image_size must be (height, width) of at least 8 pixels, got None"),  # was a TypeError
+        (64.5, "image_size must be (height, width) of 8 to 4096 pixels, got 64.5"),  # was a TypeError
+        (None, "image_size must be (height, width) of 8 to 4096 pixels, got None"),  # was a TypeError
+        # MuJoCo's framebuffer or OpenCV failed with a traceback, after wm-collect made the store
+        ((100000, 64), "image_size must be (height, width) of 8 to 4096 pixels, got (100000, 64)"),
     ],
 )
 def test_image_size_of_the_wrong_kind_is_refused_in_one_line(size, words):

@@ -161,6 +161,20 @@ def test_config_validation_and_device():
         with pytest.raises(ValueError, match=f"^trainer.{name}={value!r} is not {said}$"):
             TrainerConfig(**{name: value})
     assert TrainerConfig(lr=1, grad_clip=0, seed=np.int64(3)).seed == 3  # an int for a float, numpy ints
+    # values that ended in a traceback (AdamW's float32 overflow, torch's "Overflow when unpacking long
+    # long", autocast on "meta"), or spawned loader processes until memory ran out
+    for options, said in [
+        ({"lr": 1e300}, "lr must be > 0 and at most 1e6"),
+        ({"seed": 10**20}, r"seed must be in 0..2\*\*63 - 1"),
+        ({"seed": -1}, r"seed must be in 0..2\*\*63 - 1"),
+        ({"num_workers": 10**20}, r"num_workers must be in 0..256"),
+        ({"device": "meta"}, "device 'meta' is not 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ]:
+        with pytest.raises(ValueError, match=f"^TrainerConfig: {said}"):
+            TrainerConfig(**options)
+    for name in ("mps", "xla"):
+        with pytest.raises(ValueError, match=f"^device '{name}' is not 'auto', 'cpu', 'cuda' or 'cuda:N'$"):
+            pick_device(name)  # wm-eval's device= (a traceback from the first copy)
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():

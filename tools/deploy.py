@@ -123,8 +123,8 @@ class DeployConfig(ControllerConfig):
         if not (math.isfinite(self.added_delay_s) and self.added_delay_s >= 0):
             raise ValueError(f"added_delay_s must be a finite number >= 0, got {self.added_delay_s}")
         self._check_paths()
-        if self.inference_threads is not None and self.inference_threads < 1:
-            raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
+        if self.inference_threads is not None and not 1 <= self.inference_threads <= 4096:
+            raise ValueError(f"inference_threads must be in 1..4096, got {self.inference_threads}")
         from robots.registry import robot_entry, task_entry
 
         if self.teleop is not None:
@@ -150,7 +150,9 @@ class DeployConfig(ControllerConfig):
         """out= a folder and record= a store, or paths where they can be made: a file in the way was an
         OSError (a traceback under a file's parent) after the robot had connected."""
         folder("out", self.out, "give a folder (new, or an earlier run's)")
-        if not self.record:
+        if self.record == "":  # was no recording, without a word
+            raise UsageError("record= is empty: give a store's path, or leave record out")
+        if self.record is None:
             return
         store_path("record", self.record)
         out, rec = Path(self.out), Path(self.record)

@@ -59,7 +59,11 @@ class InfoConfig:
         if self.video_dir != "auto":
             folder("video_dir", self.video_dir)
         if self.contact_sheet not in ("none", "auto"):  # a folder (the sheet goes inside) or a file's path
-            folder("contact_sheet", self.contact_sheet, "give a folder or a .png path in one", within=True)
+            give = "give a folder or a .png path in one"
+            sheet = Path(self.contact_sheet)
+            folder("contact_sheet", self.contact_sheet, give, within=not sheet.is_dir())  # (not a store)
+            if not sheet.is_dir() and sheet.suffix.lower() != ".png":  # a user's file was overwritten
+                raise ValueError(f"contact_sheet={self.contact_sheet}: the sheet is a PNG; {give}")
         if self.episodes != SHOWN and self.contact_sheet == "none" and not self.video:
             raise ValueError(
                 f"episodes={self.episodes} chooses what the contact sheet and videos show, and there are "

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from robots.sim.base import MAX_IMAGE_SIZE
 from tools._cli import UsageError, app, bind, store_path
 from wm.data import ActionSpace, DemoStore, KeySpec, Schema
 
@@ -43,9 +44,6 @@ BALL_XML = """
   </actuator>
 </mujoco>
 """
-
-
-MAX_IMAGE_SIZE = 4096  # pixels a side: a sample store, not a framebuffer test
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ class ServeConfig(ControllerConfig, ServerConfig):
         ControllerConfig.__post_init__(self)
         refuse_temporal_ensemble(self.policy, "in wm-serve")
         ServerConfig.__post_init__(self)
-        if self.inference_threads is not None and self.inference_threads < 1:
-            raise ValueError(f"inference_threads must be >= 1, got {self.inference_threads}")
+        if self.inference_threads is not None and not 1 <= self.inference_threads <= 4096:
+            raise ValueError(f"inference_threads must be in 1..4096, got {self.inference_threads}")
         if self.seed < 0:  # as wm-eval and wm-deploy: a controller's generator refused it per session
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 

@@ -46,6 +46,8 @@ class TrainAppConfig:
             raise ValueError("model config needs a 'type' (choose a model: model=dino_wm)")
         if not 0 <= self.val_ratio < 1:
             raise ValueError(f"val_ratio must be in [0, 1), got {self.val_ratio}")
+        if not 0 <= self.seed < 2**63:  # numpy's and torch's words ("Overflow when unpacking long long")
+            raise ValueError(f"seed must be in 0..2**63 - 1, got {self.seed}")
         if self.feature_cache not in ("auto", "off"):
             raise ValueError(f"feature_cache must be auto or off, got {self.feature_cache!r}")
         if self.video_ratio is not None and not self.video_store:

@@ -15,6 +15,22 @@ from torch import nn
 from wm.options import check_numbers
 from wm.precision import check_precision
 
+MAX_WORKERS = 256  # loader processes: more is a typo (a huge count spawned until memory ran out)
+
+
+def check_device(name: str, what: str) -> None:
+    """Refuse (ValueError, one line) a device other than "auto", "cpu", "cuda" or "cuda:N": torch names
+    others (meta, mps, xla) that this code does not run on (tracebacks deep in autocast or a copy)."""
+    try:
+        dev = torch.device(name) if name != "auto" else None
+    except RuntimeError:
+        dev = None
+        ok = False
+    else:
+        ok = dev is None or dev.type in ("cpu", "cuda")
+    if not ok:
+        raise ValueError(f"{what} {name!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -63,7 +79,8 @@ class TrainerConfig:
         checks = {
             "steps must be >= 1": self.steps >= 1,
             "batch_size must be >= 1": self.batch_size >= 1,
-            "lr must be finite and > 0": math.isfinite(self.lr) and self.lr > 0,
+            # (1e300 overflowed AdamW's float32 step with a traceback; 1e30 diverges, said in one line)
+            "lr must be > 0 and at most 1e6": 0 < self.lr <= 1e6,
             "weight_decay must be finite and >= 0": math.isfinite(self.weight_decay)
             and self.weight_decay >= 0,
             "betas must be 2 values in [0, 1)": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -75,20 +92,16 @@ class TrainerConfig:
             "log_every must be >= 1": self.log_every >= 1,
             "val_every and ckpt_every must be >= 0": self.val_every >= 0 and self.ckpt_every >= 0,
             "keep_last must be >= 1": self.keep_last >= 1,
-            "num_workers must be >= 0": self.num_workers >= 0,
+            "num_workers must be in 0..256": 0 <= self.num_workers <= MAX_WORKERS,
+            "seed must be in 0..2**63 - 1": 0 <= self.seed < 2**63,
             "best_metric must be 'auto', a metric name or None": self.best_metric is None
             or (isinstance(self.best_metric, str) and self.best_metric != ""),
         }
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"TrainerConfig: {'; '.join(bad)} (got {self})")
+            raise ValueError(f"TrainerConfig: {'; '.join(bad)}")
         if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as e:
-                raise ValueError(
-                    f"TrainerConfig: device {self.device!r} is not 'auto' or a torch device"
-                ) from e
+            check_device(self.device, "TrainerConfig: device")
 
     @property
     def warmup_steps_used(self) -> int:

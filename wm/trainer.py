@@ -61,7 +61,7 @@ from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
 from wm.interrupt import InterruptFlag, TrainingInterrupted
 from wm.locks import held
-from wm.optim import TrainerConfig, default_param_groups, ema_decay_at, ema_update, lr_factor
+from wm.optim import TrainerConfig, check_device, default_param_groups, ema_decay_at, ema_update, lr_factor
 from wm.options import is_whole
 
 __all__ = [
@@ -90,6 +90,7 @@ class TrainableModel(Protocol):
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """ "auto" -> CUDA if available else CPU; a bare "cuda" is `cuda:<local_rank>` (one GPU per DDP rank)."""
+    check_device(name, "device")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)

@@ -24,6 +24,8 @@ import numpy as np
 from robots.base import RobotBase, RobotError
 from wm.options import check_numbers, is_real, is_whole
 
+MAX_IMAGE_SIZE = 4096  # pixels a side a simulated camera renders
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -42,14 +44,14 @@ class SimConfig:
             size = (size, size)
         if not isinstance(size, Iterable) or isinstance(size, str):  # 64.5 or None was a TypeError
             raise ValueError(
-                f"image_size must be (height, width) of at least 8 pixels, got {self.image_size!r}"
+                f"image_size must be (height, width) of 8 to {MAX_IMAGE_SIZE} pixels, got {self.image_size!r}"
             )
         size = tuple(size)
         check_numbers(SimConfig, {"image_size": size}, "SimConfig")  # int() cut (64.7, 64) to (64, 64)
         size = tuple(int(s) for s in size)
-        if len(size) != 2 or min(size) < 8:
-            raise ValueError(
-                f"image_size must be (height, width) of at least 8 pixels, got {self.image_size}"
+        if len(size) != 2 or min(size) < 8 or max(size) > MAX_IMAGE_SIZE:  # (a framebuffer MuJoCo or
+            raise ValueError(  # OpenCV cannot make was a traceback, after the store was created)
+                f"image_size must be (height, width) of 8 to {MAX_IMAGE_SIZE} pixels, got {self.image_size}"
             )
         object.__setattr__(self, "image_size", size)
         if not isinstance(self.state_only, bool | np.bool_):  # "false" would be true
