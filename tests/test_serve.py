@@ -897,6 +897,13 @@ def test_a_request_larger_than_the_server_takes_is_refused_in_one_line():
         )
         assert w.stats["timeouts"] == w.stats["reconnects"] == 0 and w.alive()
         w.close()
+        w = client(srv)  # an episode's goal too large: its reset reconnected until connect_timeout_s
+        w.start()
+        start = time.monotonic()
+        with pytest.raises(WorkerDied, match=r"^an episode's goal frame of 0.0 MB .* larger max_frame_mb$"):
+            w.reset(obs_steps(1)[0])
+        assert time.monotonic() - start < 1.0
+        w.close()
 
 
 def test_controllers_of_closed_sessions_are_not_kept_without_bound():

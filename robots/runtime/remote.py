@@ -645,7 +645,12 @@ class RemoteWorker:
 
     def _send_reset(self) -> None:
         self._reset_retry = None
-        self._send(self._reset_frames())
+        frames = self._reset_frames()
+        too_big = self._too_big(frames)  # (a goal's images) ZeroMQ would cut every connection it went on:
+        if too_big is not None:  # reconnecting without end, until connect_timeout_s, in other words
+            self._fail("limits", too_big.replace("a request", "an episode's goal"))
+            return
+        self._send(frames)
         self._enter("reset")
 
     def _connect(self) -> None:
