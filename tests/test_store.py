@@ -437,8 +437,10 @@ def _action_named(name: str) -> Schema:
         (lambda: KeySpec((3, 0), "uint8", "lowdim"), "per-step shape (3, 0) holds no values"),
         (lambda: _action_named(".."), "key name '..' is a name zarr keeps for itself"),
         (lambda: _action_named("zarr.json"), "key name 'zarr.json' is a name zarr keeps"),
+        # a LeRobot info.json declaring it: a 63 TiB allocation before the first frame was decoded
+        (lambda: KeySpec((10**6, 10**6, 3), "uint8", "image"), r"holds 3,000,000,000,000 values, more than"),
     ],
-    ids=["string", "zero-size", "zero-size-2d", "dotdot", "zarr.json"],
+    ids=["string", "zero-size", "zero-size-2d", "dotdot", "zarr.json", "huge"],
 )
 def test_a_schema_refuses_keys_a_store_cannot_hold(spec, said):
     """Each was accepted: zarr then failed half-way through creating the store, or (no values per step)

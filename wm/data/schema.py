@@ -10,6 +10,7 @@ key names, shapes and dtypes, and the caller can override any field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,9 @@ KINDS = ("image", "proprio", "action", "timestamp", "language", "lowdim")
 RESERVED_NAMES = (".", "..", "zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")  # zarr v3 / v2
 ACTION_MODES = ("absolute", "delta")
 ACTION_FRAMES = ("joint", "ee", "planar", "other")
+
+
+MAX_STEP_VALUES = 2**30  # values of one key at one step: a 16k x 16k RGBA frame is a quarter of it
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,11 @@ class KeySpec:
             raise SchemaError(f"kind {self.kind!r} is not one of {KINDS}")
         if any(s < 1 for s in self.shape):  # zarr writes no chunk of a zero-size array: it read as lost
             raise SchemaError(f"per-step shape {self.shape} holds no values; leave the key out")
+        if math.prod(self.shape) > MAX_STEP_VALUES:  # (a LeRobot info.json's: a 63 TiB allocation)
+            raise SchemaError(
+                f"per-step shape {self.shape} holds {math.prod(self.shape):,} values, more than any camera "
+                f"or sensor ({MAX_STEP_VALUES:,} at most): a damaged declaration?"
+            )
         if self.kind == "image" and (len(self.shape) != 3 or self.shape[-1] not in (1, 3, 4)):
             raise SchemaError(f"an image key needs shape (H, W, C) with C in 1, 3, 4; got {self.shape}")
         if self.names and self.shape and len(self.names) != self.shape[-1]:
