@@ -329,6 +329,22 @@ def test_device_number_options_must_be_finite():
             )
 
 
+def test_a_device_option_that_is_a_function_is_refused_from_the_command_line():
+    """listener_factory=abc reached the device unchecked and was called: a TypeError traceback (in
+    wm-deploy after the out folder was made)."""
+    from tools._config import UsageError
+    from tools.collect import CollectConfig
+
+    for name in ("listener_factory", "clock"):
+        with pytest.raises(
+            UsageError, match=rf"^device_options.{name} is a function, set in Python only; leave"
+        ):
+            CollectConfig(task="pointmaze", store="x.zarr", teleop="keyboard", device_options={name: "abc"})
+    CollectConfig(
+        task="pointmaze", store="x.zarr", teleop="keyboard", device_options={"listener_factory": None}
+    )
+
+
 def test_device_options_of_the_wrong_type_from_python_are_one_line():
     """The CLI converts its values; from Python, deadzone="0.1" or hold_s="0.3" was a TypeError from a
     comparison, and a leader arm's use_degrees="false" was taken as true."""

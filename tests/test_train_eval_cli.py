@@ -94,6 +94,7 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
         (["subgoals=on", "store=missing.zarr"], "store=missing.zarr does not exist (the store subgoals are"),
         (["subgoals=auto", "store=missing.zarr"], "store=missing.zarr does not exist"),  # was only a note
         (["task=arm_push"], "an observation from another task or robot?"),  # refused as the episodes start
+        (["episodes=1000000000000"], "episodes must be at most 1,000,000"),  # a MemoryError traceback
     ],
 )
 def test_eval_refusals_leave_no_empty_out_folder(world_model, tmp_path, args, line):
@@ -255,6 +256,11 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
         "wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={run}", "episodes=1", f"out={out}"
     )
     assert res.returncode == 2 and "cannot serve controller=mpc" in res.stderr
+    res = run_app(  # it changed nothing here, and results.json recorded it
+        "wm-eval", "task=pointmaze", "controller=policy", f"checkpoint={run}", "episodes=1", f"out={out}",
+        "policy.inpaint_guidance=gradient",
+    )  # fmt: skip
+    assert res.returncode == 2 and "policy.inpaint_guidance has no effect in wm-eval" in res.stderr
 
     # Consistency distillation of that policy through the one trainer, then evaluated as any policy.
     student = tmp_path / "cm"

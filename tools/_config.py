@@ -157,6 +157,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or isinstance(tp, TypeVar):
         return value
+    if value is not None and _is_callable_type(tp) and not callable(value):  # it was called: a traceback
+        raise UsageError(f"{path} is a function, set in Python only; leave it out of the command line")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -186,6 +188,15 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         item = args[1] if len(args) == 2 else Any
         return {k: _coerce(item, v, _join(path, str(k))) for k, v in value.items()}
     return value
+
+
+def _is_callable_type(tp: Any) -> bool:
+    """`tp` is Callable[...] (or Callable | None): a parameter for Python callers, not for a config."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return bool(members) and all(_is_callable_type(a) for a in members)
+    return tp is Callable or origin is Callable
 
 
 def _scalar(tp: type, value: Any) -> tuple[bool, Any]:

@@ -31,6 +31,9 @@ from wm.locks import remove_left_by_dead
 BUDGET_PLOT = "success_vs_budget.png"
 
 
+MAX_EPISODES = 1_000_000
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig(ControllerConfig):
     """`wm-eval`'s options: the controller (`ControllerConfig`) and the episodes it is evaluated on."""
@@ -54,6 +57,13 @@ class EvalConfig(ControllerConfig):
         for name, least in (("episodes", 1), ("parallel", 1), ("videos", 0)):
             if getattr(self, name) < least:
                 raise UsageError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if self.episodes > MAX_EPISODES:  # a list of that many seeds ran out of memory (a traceback)
+            raise UsageError(f"episodes must be at most {MAX_EPISODES:,}, got {self.episodes:,}")
+        if self.policy.inpaint_guidance is not None:  # recorded in results.json, and changed nothing
+            raise UsageError(
+                "policy.inpaint_guidance has no effect in wm-eval: it guides a chunk towards the one before "
+                "it, which only wm-deploy's runtime asks for (runtime.stitching=inpaint); give it there"
+            )
         if self.seed < 0:
             raise UsageError(f"seed must be >= 0 (episode i uses seed + i), got {self.seed}")
         if self.max_steps is not None and self.max_steps < 1:
