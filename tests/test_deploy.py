@@ -437,6 +437,20 @@ def test_bad_values_paths_and_takeover_devices_are_refused_before_anything_start
         ([f"record={tmp_path / 'a'}"], "is also out=: give the store a path of its own"),
         (["record="], "record= is empty: give a store's path, or leave record out"),  # recorded nothing
         (["inference_threads=99999999999999999999"], "inference_threads must be in 1..4096"),  # traceback
+        # checked only as the first episode began: after the worker loaded, the out folder and the record
+        # store were made and the robot connected; or a traceback (an overflow)
+        (
+            [
+                "runtime.safety.workspace_low=[0,0,0]",
+                "runtime.safety.workspace_high=[1,1,1]",
+                f"record={tmp_path / 'a' / 'rec.zarr'}",
+            ],
+            "runtime.safety: workspace bounds must be two (2,) boxes with low <= high",
+        ),  # fmt: skip
+        (["runtime.safety.max_step=0.1"], "runtime.safety: max_step caps the change of position targets"),
+        (["runtime.latency_window=99999999999999999999"], "latency_window must be at most 1000000"),
+        (["runtime.policy_hz=1e-300"], "policy_hz must be in 0.001..10000, got 1e-300"),
+        (["control_hz=1e-300"], "control_hz must be in 0.001..10000, got 1e-300"),
         (
             ["robot=so101_follower", "teleop=keyboard"],
             "teleop=keyboard cannot drive so101_follower: a joint action space needs joint targets",

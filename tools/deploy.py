@@ -41,7 +41,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from robots.runtime.loop import RuntimeConfig
+from robots.runtime.loop import MAX_HZ, MIN_HZ, RuntimeConfig
 from tools._cli import (
     FAULT_EXIT,
     UsageError,
@@ -118,6 +118,8 @@ class DeployConfig(ControllerConfig):
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.control_hz is not None and not (math.isfinite(self.control_hz) and self.control_hz > 0):
             raise ValueError(f"control_hz must be a positive finite number, got {self.control_hz}")
+        if self.control_hz is not None and not MIN_HZ <= self.control_hz <= MAX_HZ:  # 1e-300: an overflow
+            raise ValueError(f"control_hz must be in {MIN_HZ:g}..{MAX_HZ:g}, got {self.control_hz}")
         if not self.status_every_s > 0:
             raise ValueError(f"status_every_s must be positive, got {self.status_every_s}")
         if not (math.isfinite(self.added_delay_s) and self.added_delay_s >= 0):
@@ -312,13 +314,13 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
             set_control_hz(cfg, robot)
         check_robot(worker.info, robot)  # the model reads what this robot gives, or one line says not
         say_trained_elsewhere(cfg, robot, worker.info)
+        runtime = Runtime(robot, worker, cfg.runtime)  # its safety settings checked against the robot
         if cfg.record:  # a store this run cannot record into is refused before the robot connects
             schema = recording_schema(robot.schema(cfg.robot if is_sim(cfg.robot) else ""))
             store = open_store(cfg.record, schema, options)
         out.mkdir(parents=True, exist_ok=True)
         robot.connect()
         takeover = make_takeover(cfg, robot)
-        runtime = Runtime(robot, worker, cfg.runtime)
         sim = is_sim(cfg.robot)
         action_spec = robot.action_feature.key_spec()
         with stop, realtime(cfg.runtime.realtime_priority, cfg.runtime.control_cpu) as notes:

@@ -40,6 +40,9 @@ MAX_BEHIND = 3  # periods behind schedule after which the loop re-anchors (neare
 NO_CHUNK = -1  # the chunk number recorded for a held command
 
 
+MIN_HZ, MAX_HZ = 1e-3, 1e4  # control and policy rates: beyond them a period over- or underflows
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """mode: "async" (inference in the worker beside the ticks) or "sync" (the robot waits for each chunk).
@@ -89,8 +92,8 @@ class RuntimeConfig:
             raise ValueError(f"stitching must be one of {', '.join(STITCHING)}, got {self.stitching!r}")
         if self.inpaint_overlap is not None and self.inpaint_overlap < 0:
             raise ValueError(f"inpaint_overlap must be >= 0 or null (all), got {self.inpaint_overlap}")
-        if self.policy_hz is not None and not 0 < self.policy_hz < math.inf:
-            raise ValueError(f"policy_hz must be a positive finite number, got {self.policy_hz}")
+        if self.policy_hz is not None and not MIN_HZ <= self.policy_hz <= MAX_HZ:  # (1e-300: an overflow)
+            raise ValueError(f"policy_hz must be in {MIN_HZ:g}..{MAX_HZ:g}, got {self.policy_hz}")
         if self.interpolate and self.policy_hz is None:  # a step of one period: nothing between to draw
             raise ValueError(
                 "interpolate draws the line between the actions of a policy slower than the robot: "
@@ -98,6 +101,8 @@ class RuntimeConfig:
             )
         if self.replan_every < 1 or self.latency_window < 1 or self.max_inference_errors < 1:
             raise ValueError("replan_every, latency_window and max_inference_errors must be >= 1")
+        if self.latency_window > 10**6:  # a deque's length: 1e20 was an OverflowError traceback
+            raise ValueError(f"latency_window must be at most 1000000, got {self.latency_window}")
         if self.read_retries < 1 or self.max_read_failures < 1:
             raise ValueError("read_retries and max_read_failures must be >= 1")
         if not 0 < self.wait_timeout_s < math.inf:  # every blocking wait has a deadline
@@ -197,6 +202,10 @@ class Runtime:
         self.positions = bool(getattr(robot, "position_actions", True))
         self.advances_on_send = bool(getattr(robot, "advances_on_send", False))  # a simulator (see _stamp)
         self.feature = feat
+        try:  # its checks against the robot's actions, here, before a robot connects or a store opens
+            SafetyLayer(feat, self.positions, self.safety_cfg)
+        except ValueError as e:
+            raise ValueError(f"runtime.safety: {e}") from None
         self._read_streak = 0
         self._stop_requested: Callable[[], bool] | None = None  # the running episode's
 
