@@ -376,6 +376,10 @@ def test_a_sweep_of_refused_jobs_writes_nothing_and_a_refused_job_leaves_no_fold
             "error: unknown option graph.strid; did you mean graph.stride? (to add a new key:",
         ),
         (["planner.samples=abc"], "error: planner.samples must be an integer, got 'abc'"),
+        (  # the suggestions were the default planner's (cem: "did you mean planner.samples?")
+            ["planner=gd", "planner.stesp=8"],
+            "error: unknown option planner.stesp; did you mean planner.steps? (to add a new key:",
+        ),
         (  # as configs/eval.yaml shows it: "did you mean task_options?", and a hint cut at its first space
             ["task_options={goal_mode: other_arm}"],
             "error: task_options holds none of the keys given to it; add them with "

@@ -392,13 +392,17 @@ def _hydra_error(e: BaseException, config_name: str) -> str:
 
 
 def _config_keys(config_name: str, parent: str) -> list[str]:
-    """The keys at `parent` of the app's config composed without overrides (for suggestions)."""
+    """The keys at `parent` of the app's config composed with the command line's top-level choices
+    (`planner=gd`: gd's keys, not the default planner's), for suggestions."""
     from hydra import compose, initialize_config_module
 
-    try:
-        with initialize_config_module("configs", version_base="1.3"):
-            cfg = compose(config_name)
+    chosen = [a for a in sys.argv[1:] if "=" in a and "." not in a.partition("=")[0] and a[0] not in "+~"]
+    for overrides in (chosen, []):  # without them when they do not compose on their own
+        try:
+            with initialize_config_module("configs", version_base="1.3"):
+                cfg = compose(config_name, overrides=overrides)
+        except Exception:  # noqa: BLE001 - suggestions are a courtesy
+            continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return [str(k) for k in node] if isinstance(node, DictConfig) else []
-    except Exception:  # suggestions are a courtesy
-        return []
+    return []
