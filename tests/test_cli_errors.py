@@ -491,6 +491,7 @@ def test_collect_says_where_it_wrote(tmp_path):
 def test_wm_demo_gives_mpc_options_to_the_mpc_evaluation_alone():
     """eval.planner_budget / objective / budgets reached the random baseline too, which refuses them."""
     from tools.demo import DemoConfig, steps
+    from wm.encoders import EncoderWeightsError
 
     demo = OmegaConf.load(Path(configs.__file__).parent / "demo.yaml")
     model = OmegaConf.load(Path(configs.__file__).parent / "model" / "dino_wm.yaml")
@@ -505,6 +506,10 @@ def test_wm_demo_gives_mpc_options_to_the_mpc_evaluation_alone():
     assert plan.mpc.task_options == plan.random.task_options == {"goal_mode": "other_arm"}
     plan = steps(DemoConfig(**{**fields, "task": "arm_push"}, model=OmegaConf.to_container(model)))
     assert plan.mpc.task_options == plan.random.task_options == {}
+    # an encoder's missing weights file was refused after the 200 demonstrations were recorded
+    missing = OmegaConf.to_container(model) | {"encoder": {"name": "resnet18", "weights": "nofile.pth"}}
+    with pytest.raises(EncoderWeightsError, match="resnet18: weights file nofile.pth does not exist"):
+        steps(DemoConfig(**fields, model=missing))
 
 
 def test_wm_demo_refuses_a_top_up_under_a_trained_world_model_before_the_store_grows(tmp_path):

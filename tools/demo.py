@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ def _step(cls: type, path: str, fixed: dict[str, Any], user: dict[str, Any]) -> 
 
 def steps(cfg: DemoConfig) -> DemoSteps:
     from tools.train import TrainAppConfig, check_best_metric
+    from wm.encoders import EncoderConfig, check_weights
     from wm.registry import model_entry
     from wm.trainer import TrainerConfig
 
@@ -111,6 +113,9 @@ def steps(cfg: DemoConfig) -> DemoSteps:
         ),
     )
     check_best_metric(plan.train.model["type"], trainer.best_metric)  # wm-train's, before collecting
+    encoder = plan.train.model.get("encoder")
+    if isinstance(encoder, Mapping):  # its weights file, too (the rest of the model needs the data)
+        check_weights(build(EncoderConfig, dict(encoder), "model.encoder"))
     return plan
 
 

@@ -330,12 +330,15 @@ def build_encoder(cfg: EncoderConfig, load_weights: bool = True) -> PatchEncoder
     if cfg.name == "cnn":
         return ConvEncoder(cfg)
     if load_weights:
-        _check_weights(cfg)
+        check_weights(cfg)
     return DinoV2Encoder(cfg) if cfg.name in DINOV2_MODELS else ResNetEncoder(cfg)
 
 
-def _check_weights(cfg: EncoderConfig) -> None:
-    """A pretrained backbone's weights exist (or random weights were asked for, with a warning)."""
+def check_weights(cfg: EncoderConfig) -> None:
+    """A pretrained backbone's weights exist (or random weights were asked for, with a warning); a
+    trained-from-scratch CNN needs none."""
+    if cfg.name == "cnn":
+        return
     if cfg.weights == "none":
         if not cfg.allow_random:
             raise EncoderWeightsError(
