@@ -862,6 +862,12 @@ EPISODES_FILE = "meta/episodes/chunk-000/file-000.parquet"
             "meta/episodes: LeRobot episode metadata has no 'episode_index' column",
             id="episodes_no_episode_index",
         ),
+        pytest.param(  # followed out of the dataset (reading only; a file there would have been read)
+            _edit_info(lambda i: i.__setitem__("data_path", "../../etc/file-{file_index:03d}.parquet")),
+            CorruptStoreError,
+            r"LeRobot data_path names '../../etc/file-000.parquet', outside the dataset",
+            id="info_data_path_outside",
+        ),
         pytest.param(
             _edit_info(lambda i: i.pop("data_path")),
             CorruptStoreError,

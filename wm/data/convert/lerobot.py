@@ -308,12 +308,21 @@ def _data_file(src: Path, info: dict[str, Any], ep: dict[str, Any]) -> Path:
         )
     chunk, file = _episode_field(src, ep, "data/chunk_index"), _episode_field(src, ep, "data/file_index")
     try:
-        return src / template.format(chunk_index=chunk, file_index=file)
+        return _inside(src, template.format(chunk_index=chunk, file_index=file), "data_path")
     except (KeyError, IndexError, ValueError) as e:
         raise CorruptStoreError(
             f"{src / 'meta' / 'info.json'}: LeRobot data_path {template!r} is not a file name template "
             f"({type(e).__name__}: {e})"
         ) from e
+
+
+def _inside(src: Path, name: str, what: str) -> Path:
+    """`src / name`, refused (CorruptStoreError) when it leads out of the dataset (`../`, an absolute
+    path): metadata names the files a conversion reads, and nothing outside the dataset is its."""
+    path = src / name
+    if not path.resolve().is_relative_to(src.resolve()):
+        raise CorruptStoreError(f"{src}: LeRobot {what} names {name!r}, outside the dataset")
+    return path
 
 
 def _episode_field(src: Path, ep: dict[str, Any], field: str) -> Any:
@@ -363,7 +372,9 @@ def _read_rows(
             chunk = _episode_field(src, ep, f"videos/{name}/chunk_index")
             file = _episode_field(src, ep, f"videos/{name}/file_index")
             try:
-                path = src / template.format(video_key=name, chunk_index=chunk, file_index=file)
+                path = _inside(
+                    src, template.format(video_key=name, chunk_index=chunk, file_index=file), "video_path"
+                )
             except (KeyError, IndexError, ValueError) as e:
                 raise CorruptStoreError(
                     f"{src / 'meta' / 'info.json'}: LeRobot video_path {template!r} is not a file name "
@@ -427,7 +438,9 @@ def _decode_images(col: Any, shape: tuple[int, ...], src: Path, where: str) -> n
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[shape[-1]]
     for i, (blob, path) in enumerate(zip(blobs, paths, strict=True)):
         try:
-            with Image.open(io.BytesIO(blob) if blob is not None else src / path) as img:
+            with Image.open(
+                io.BytesIO(blob) if blob is not None else _inside(src, path, "image path")
+            ) as img:
                 out[i] = np.asarray(img.convert(mode)).reshape(shape)
         except (OSError, ValueError, TypeError) as e:
             raise CorruptStoreError(
