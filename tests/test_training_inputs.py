@@ -213,10 +213,11 @@ def test_windows_are_checked_before_the_model_is_built(tmp_path, monkeypatch):
         setup_training("dino_wm", store, TINY | {"frameskip": 10**9})
     with pytest.raises(
         ValueError,
-        match=r"no windows to train on: .*s.zarr: 3 episode\(s\) of 40..40 steps; a window spans 91 steps "
-        r"\(at most 0 padded before, at most 30 padded after\), so an episode needs at least 61",
-    ):
-        setup_training("dino_wm", store, TINY | {"n_hist": 2, "frameskip": 30}, val_ratio=0.25)
+        match=r"no windows to train on: .*s.zarr: 3 episode\(s\) of 40..40 steps; a window spans 121 steps "
+        r"\(at most 30 padded before, at most 30 padded after\), so an episode needs at least 61",
+    ):  # (a history of 2 frames may start one frame before an episode)
+        options = {"n_hist": 2, "frameskip": 30, "rollout_loss_steps": 2}
+        setup_training("dino_wm", store, TINY | options, val_ratio=0.25)
     spec = WindowSpec({"img": (0, 10)}, max_pad_after=0)
     with pytest.raises(
         ValueError, match=r"video_ratio is 0.5 but the video store has no windows: .*s.zarr: 4 "
