@@ -255,6 +255,8 @@ def test_an_output_folder_that_is_a_file_is_one_line_naming_the_option(tmp_path)
         UsageError, match=r"^contact_sheet=.*afile/x.png: .*afile is a file; give a folder or"
     ):
         InfoConfig(store="s.zarr", contact_sheet=str(tmp_path / "afile" / "x.png"))
+    with pytest.raises(ValueError, match=r"^store= is empty: give the path of a store$"):
+        InfoConfig(store="")  # it said ".: not a zarr demonstration store"
     with pytest.raises(ValueError, match=r"^contact_sheet=.*afile: the sheet is a PNG; give a folder or a"):
         InfoConfig(store="s.zarr", contact_sheet=str(tmp_path / "afile"))  # was overwritten with the PNG
     InfoConfig(store="s.zarr", contact_sheet=str(tmp_path / "sheet.png"))  # a file's path: written there

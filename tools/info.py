@@ -32,6 +32,8 @@ class InfoConfig:
     video_dir: str = "auto"
 
     def __post_init__(self) -> None:
+        if not str(self.store).strip():  # "." (the current folder) was said not to be a store
+            raise ValueError("store= is empty: give the path of a store")
         if self.format not in ("text", "json"):
             raise ValueError(f"format must be 'text' or 'json', got {self.format!r}")
         if isinstance(self.episodes, list):
