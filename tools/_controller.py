@@ -78,6 +78,16 @@ def refuse_temporal_ensemble(policy: PolicyOptions, where: str) -> None:
         )
 
 
+MAX_THREADS = 4096
+
+
+def check_threads(threads: int | None) -> None:
+    """`inference_threads` (wm-deploy's, wm-serve's): None (the machine's) or 1..MAX_THREADS (a huge
+    count was torch's "Overflow when unpacking long long")."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"inference_threads must be in 1..{MAX_THREADS}, got {threads}")
+
+
 @dataclass(frozen=True)
 class PlannerBudget:
     """`planner_budget.*`: a cap on every replan (None: none)."""

@@ -54,7 +54,13 @@ from tools._cli import (
     record_of,
     store_path,
 )
-from tools._controller import ControllerConfig, refuse_temporal_ensemble, trained_elsewhere, training_run
+from tools._controller import (
+    ControllerConfig,
+    check_threads,
+    refuse_temporal_ensemble,
+    trained_elsewhere,
+    training_run,
+)
 from tools._device import DEFAULT_COMMAND_DEVICE, DeviceSettings
 
 
@@ -125,8 +131,7 @@ class DeployConfig(ControllerConfig):
         if not (math.isfinite(self.added_delay_s) and self.added_delay_s >= 0):
             raise ValueError(f"added_delay_s must be a finite number >= 0, got {self.added_delay_s}")
         self._check_paths()
-        if self.inference_threads is not None and not 1 <= self.inference_threads <= 4096:
-            raise ValueError(f"inference_threads must be in 1..4096, got {self.inference_threads}")
+        check_threads(self.inference_threads)
         from robots.registry import robot_entry, task_entry
 
         if self.teleop is not None:

@@ -24,6 +24,7 @@ from tools._controller import (
     TRAINED_ON,
     ControllerConfig,
     check_mpc,
+    check_threads,
     refuse_temporal_ensemble,
     training_run,
     worker_controller,
@@ -43,8 +44,7 @@ class ServeConfig(ControllerConfig, ServerConfig):
         ControllerConfig.__post_init__(self)
         refuse_temporal_ensemble(self.policy, "in wm-serve")
         ServerConfig.__post_init__(self)
-        if self.inference_threads is not None and not 1 <= self.inference_threads <= 4096:
-            raise ValueError(f"inference_threads must be in 1..4096, got {self.inference_threads}")
+        check_threads(self.inference_threads)
         if self.seed < 0:  # as wm-eval and wm-deploy: a controller's generator refused it per session
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 

@@ -311,18 +311,19 @@ class RemoteWorker:
         elif not self._send(frames):
             self._give_up("the connection to the policy server cannot take the request")
 
-    def _too_big(self, frames: list[Any]) -> str | None:
-        """Why the server would not take these frames (its limits, from the handshake), or None."""
+    def _too_big(self, frames: list[Any], what: str = "a request") -> str | None:
+        """Why the server would not take these frames (its limits, from the handshake), or None; `what`
+        the frames are, for the message."""
         mb = [memoryview(f).nbytes / 2**20 for f in frames]
         frame, total = self.info.get("max_frame_mb"), self.info.get("max_request_mb")
         if isinstance(frame, (int, float)) and max(mb) > frame:
             return (
-                f"a request frame of {max(mb):.1f} MB (an observation's array) is more than the policy "
+                f"{what} frame of {max(mb):.1f} MB (an observation's array) is more than the policy "
                 f"server takes (max_frame_mb={frame:g}): start wm-serve with a larger max_frame_mb"
             )
         if isinstance(total, (int, float)) and sum(mb) > total:
             return (
-                f"a request of {sum(mb):.1f} MB is more than the policy server takes "
+                f"{what} of {sum(mb):.1f} MB is more than the policy server takes "
                 f"(max_request_mb={total:g}): start wm-serve with a larger max_request_mb"
             )
         return None
@@ -646,9 +647,9 @@ class RemoteWorker:
     def _send_reset(self) -> None:
         self._reset_retry = None
         frames = self._reset_frames()
-        too_big = self._too_big(frames)  # (a goal's images) ZeroMQ would cut every connection it went on:
-        if too_big is not None:  # reconnecting without end, until connect_timeout_s, in other words
-            self._fail("limits", too_big.replace("a request", "an episode's goal"))
+        too_big = self._too_big(frames, "an episode's goal")  # ZeroMQ would cut every connection it went
+        if too_big is not None:  # on: reconnecting without end, until connect_timeout_s, in other words
+            self._fail("limits", too_big)
             return
         self._send(frames)
         self._enter("reset")
