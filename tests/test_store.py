@@ -457,7 +457,8 @@ from wm.data import DemoStore
 real, dst = shutil.rmtree, Path(sys.argv[1]).resolve()
 def rmtree(path, *a, **k):
     path = Path(path)
-    if path.resolve() == dst or ".replaced." in path.name:  # the replaced store is being deleted
+    old = path.resolve() == dst or path.name.endswith(".wm-create") and (path / "data").is_dir()
+    if old:  # the replaced store is being deleted (zarr clears the new one's folder as it starts)
         real(path / "data", *a, **k)  # part of it is gone...
         os.kill(os.getpid(), signal.SIGKILL)  # ...when the process is killed
     return real(path, *a, **k)
@@ -479,6 +480,54 @@ def test_a_replace_killed_while_deleting_the_old_store_leaves_the_new_one(small_
         assert store.n_episodes == 0 and store.schema == make_schema()
     DemoStore.create(path, make_schema(), overwrite=True).close()  # the next run clears what was left
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+REPLACE_KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from conftest import make_schema
+import wm.data.store
+from wm.data import DemoStore
+real, dst = os.replace, Path(sys.argv[1]).resolve()
+def replace(src, to):
+    real(src, to)
+    if Path(src) == dst:  # the old store renamed aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+wm.data.store.exchange = lambda a, b: False  # a filesystem without RENAME_EXCHANGE
+DemoStore.create(sys.argv[1], make_schema(), overwrite=True).close()
+"""
+
+
+def test_a_replace_killed_between_its_renames_loses_neither_copy(small_store):
+    """Where the filesystem cannot exchange two paths in one step, the old store is renamed aside and
+    the new one renamed in: a kill between the two left no store at the path, and the next run's
+    cleanup removed both hidden copies. The old one is now put back by the next open or create."""
+    path, eps = small_store
+    res = subprocess.run(
+        [sys.executable, "-c", REPLACE_KILLED_BETWEEN_RENAMES, str(path)],
+        capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert not path.exists()
+    with DemoStore.open(path) as store:  # the old store, whole: the replace never finished
+        assert store.n_episodes == len(eps)
+        assert_episode_equal(store.get_episode(1), eps[1])
+    DemoStore.create(path, make_schema(), overwrite=True).close()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_exchange_swaps_two_paths_of_either_kind(tmp_path):
+    from wm.data.store import exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").write_text("b")
+    if not exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this filesystem cannot exchange two paths in one step")
+    assert (tmp_path / "a").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
+    with pytest.raises(OSError, match="cannot exchange"):
+        exchange(tmp_path / "a", tmp_path / "missing")
 
 
 def test_refused_delete_leaves_the_store_as_it_was(small_store):

@@ -34,7 +34,10 @@ buffer) would make its chunks of zeros read as damage.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
+import functools
 import glob
 import hashlib
 import json
@@ -153,6 +156,7 @@ class DemoStore:
             )
         if zarr_format not in (2, 3) or isinstance(zarr_format, bool):
             raise ValueError(f"{path}: zarr_format must be 2 or 3, got {zarr_format!r}")
+        restore_replaced(path.resolve())
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path}: already exists; open it with DemoStore.open(path, mode='a')")
         check_writable(path.resolve().parent)
@@ -232,6 +236,7 @@ class DemoStore:
             raise ValueError("a store opened with salvage=True is read-only")
         path = Path(path)
         finish_swap(path.resolve())
+        restore_replaced(path.resolve())
         if not path.exists():
             raise NotAStoreError(f"{path}: no such store")
         if mode == "a":
@@ -672,8 +677,10 @@ def move_into_place(built: Path, dst: Path) -> None:
     its writer lock: a store a writer has open (wm-collect, wm-deploy record=) is refused (StoreBusyError)
     and `built` removed, however long ago the replacing began. What is replaced is renamed aside first
     and deleted after `built` is in place: deleting it in place took seconds for a large store, and a kill
-    then left `dst` half deleted and `built` in a hidden folder the next run removed. A kill between the
-    two renames leaves no `dst` (and both beside it, hidden, until the next run removes them)."""
+    then left `dst` half deleted and `built` in a hidden folder the next run removed. The two trade places
+    in one atomic step (`exchange`), so a kill leaves `dst` whole, old or new. Where the filesystem cannot
+    exchange, it is two renames, and a kill between them leaves no `dst`: the next open, create or
+    conversion of `dst` puts the old copy back (`restore_replaced`)."""
     dst = dst.resolve()
     lock = None
     try:
@@ -684,10 +691,13 @@ def move_into_place(built: Path, dst: Path) -> None:
         raise
     old = None
     try:
-        if dst.exists():
+        if dst.exists() and exchange(built, dst):
+            old = built  # (which now holds what was at dst)
+        elif dst.exists():
             old = beside(dst, "replaced")
             os.replace(dst, old)
-        os.replace(built, dst)
+        if old is not built:
+            os.replace(built, dst)
     finally:
         if lock is not None:
             lock.release()
@@ -698,17 +708,58 @@ def move_into_place(built: Path, dst: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap what is at `a` and at `b` (folders or files, either kind) in one atomic step: Linux's
+    renameat2(RENAME_EXCHANGE). False, and nothing changed, where the system or filesystem has no such
+    step (another OS, an older C library or kernel, a filesystem without it); other failures raise."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd = -100  # AT_FDCWD: the paths are taken as they are
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def beside(dst: Path, suffix: str) -> Path:
     """Where to write what replaces `dst` (through a symbolic link: beside where it points, so the rename
     into place stays on one filesystem): a hidden sibling named after `dst` and this process, so two
     conversions to one destination never write (or clear) each other's work; the last to finish is
-    what `dst` holds. What dead processes left there (a kill -9) is removed."""
+    what `dst` holds. What dead processes left there (a kill -9) is removed; first, where `dst` is gone
+    and a dead process's `move_into_place` had renamed it aside (killed between its two renames), the
+    old copy is put back."""
     target = dst.resolve()
+    restore_replaced(target)
     mine = target.with_name(f".{dst.name}.{suffix}.{os.getpid()}")
     # (with what `DemoStore.create` builds beside a store that is being written: `<name>.wm-create`)
     left = re.compile(re.escape(f".{dst.name}.{suffix}.") + r"(?P<pid>\d+)(\.wm-create)?")
     remove_left_by_dead(target.parent, left)
     return mine
+
+
+def restore_replaced(path: Path) -> None:
+    """Where `path` is gone because a `move_into_place` that had renamed it aside was killed before it
+    renamed the new copy in (a filesystem without `exchange`), put the old copy back."""
+    if path.exists() or not path.parent.is_dir():
+        return
+    aside = re.compile(re.escape(f".{path.name}.replaced.") + r"(?P<pid>\d+)")
+    for left in sorted(path.parent.iterdir()):
+        m = aside.fullmatch(left.name)
+        if m is not None and not alive(int(m.group("pid"))):
+            rename_if_there(left, path)
+            return
 
 
 ZARR_META = ("zarr.json", ".zgroup", ".zarray")  # what makes a folder a zarr node (v3, v2)
