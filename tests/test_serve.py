@@ -452,6 +452,19 @@ def test_only_loopback_without_a_token():
         serves(srv, TOKEN)
 
 
+@pytest.mark.parametrize("host", ["", " ", "[::1]", "http://0.0.0.0", "10.0.0.1:5555", "a b", "fe80::1%"])
+def test_a_host_that_is_no_address_is_refused_in_one_line(host):
+    """host= (empty) said it exposed the server beyond this machine and asked for a token."""
+    with pytest.raises(ValueError) as info:
+        ServerConfig(host=host, token=TOKEN)
+    assert str(info.value) == (
+        "host must be a name, an IPv4 or IPv6 address (no brackets, no port), or * for every interface, "
+        f"got {host!r}"
+    )
+    for fine in ("localhost", "::1", "fe80::1%eth0", "*", "my-gpu.lan"):
+        ServerConfig(host=fine, token=TOKEN)
+
+
 def test_protocol_versions_must_match_on_both_sides():
     with threaded_server() as srv:
         sock = raw(srv)
