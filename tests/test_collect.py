@@ -270,7 +270,7 @@ def test_collect_with_a_spacemouse_takes_start_from_the_keyboard(tmp_path, monke
         "seed": 0, "source": "spacemouse", "success": False, "length": 4, "task_options": options
     }  # fmt: skip
     assert given["teleop"] == "spacemouse" and given["device_options"]["hid_module"].startswith("<")
-    assert np.all(store.get_episode(0)["action"][:, 0] > 0)  # pushed forward: +x force
+    assert np.all(store.get_episode(0)["action"][:, 1] > 0)  # pushed forward: up the top-down view, +y
     assert not keys.running  # the keyboard was disconnected with the SpaceMouse
 
 

@@ -301,10 +301,10 @@ def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so(held, replan_eve
     takeover = Takeover(device, robot_mapper(ActionMapper(translation_gain=0.5), task))
     start: list[float] = []
 
-    def human(obs):
+    def human(obs, last):
         start.append(start[0] if start else clock.now())
         keys.replay_until(clock.now() - start[0])
-        return takeover(obs)
+        return takeover(obs, last)
 
     out = rt.run_episode(30, takeover=human)
     took = [t for t in out.ticks if t.intervention]
@@ -324,7 +324,7 @@ def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so(held, replan_eve
 
 def test_a_takeover_device_sending_nan_is_held_and_ends_the_run_like_a_silent_controller():
     _, rt, _ = setup("async", "inpaint", replan_every=4)
-    out = rt.run_episode(100, takeover=lambda obs: np.array([np.nan, 0.0]))
+    out = rt.run_episode(100, takeover=lambda obs, last: np.array([np.nan, 0.0]))
     assert out.stopped is not None and "no fresh action" in out.stopped
     assert all(np.isfinite(t.command).all() for t in out.ticks if t.command is not None)
     assert 2.0 <= len(out.ticks) / HZ <= 2.3  # stop_after_s, with nothing fresh from the start

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -638,6 +639,21 @@ def test_non_finite_joint_conversions_are_refused_not_turned_into_nan_targets(na
             ActionMapper(**{name: (1.0, bad, 1.0, 1.0, 1.0, 1.0)})
 
 
+@pytest.mark.parametrize(
+    ("gains", "said"),
+    [
+        ({"translation_gain": 0.0}, "translation_gain must be a finite number > 0"),
+        ({"rotation_gain": -1.0}, "rotation_gain must be a finite number > 0 (reverse an axis with"),
+        ({"joint_scale": (1.0, 0.0, 1.0)}, "joint_scale must not be 0"),
+    ],
+)
+def test_gains_that_stop_or_reverse_a_device_are_refused(gains, said):
+    """A zero gain made the device do nothing (and a zero joint_scale pinned the follower's joint), both
+    silently; a negative one reversed every axis, which is axis_sign's job."""
+    with pytest.raises(ValueError, match=re.escape(said)):
+        ActionMapper(**gains)
+
+
 @pytest.mark.parametrize("index", [-1, 0.5, "0"])
 def test_a_gamepad_index_that_is_no_joystick_number_is_refused_naming_the_option(index):
     """index=-1 reached SDL, whose error ("Invalid joystick device number") named no option; "0" compared
@@ -741,3 +757,86 @@ def test_a_takeover_device_that_stops_answering_hands_the_robot_back_to_the_cont
         dev.disconnect()
         os.close(master)
         os.close(slave)
+
+
+def test_a_takeover_keeps_the_gripper_as_the_controller_left_it_until_the_operator_uses_it():
+    """The keyboard's gripper toggle starts open and a takeover sent it: an operator nudging the arm
+    opened a gripper the controller held closed (and the recording labelled it a correction)."""
+    from robots.registry import make_task
+    from robots.runtime.intervention import robot_takeover
+    from robots.sim.base import SimConfig
+
+    w, space = _KeyCode("w"), _KeyCode(name="space")
+    dev, keys = _keyboard([
+        (0.1, w, True), (0.3, space, True), (0.35, space, False), (0.4, space, True), (0.45, space, False),
+        (0.5, w, False), (0.7, w, True),
+    ])  # fmt: skip
+    task = make_task("robosuite/Lift", SimConfig(state_only=True))  # 7-d ee delta: (..., gripper)
+    takeover = robot_takeover(dev, task, {})
+    closed = np.array([0.0] * 6 + [1.0])  # the controller's last command: holding the cube
+
+    def at(t: float, last: np.ndarray = closed) -> np.ndarray | None:
+        keys.replay_until(t)
+        return takeover({}, last)
+
+    assert at(0.0) is None
+    nudge = at(0.2)  # the operator moves forward: the gripper stays closed
+    assert nudge is not None and nudge[0] > 0 and nudge[-1] == 1.0 and not takeover.owns_gripper
+    assert at(0.32)[-1] == 1.0 and takeover.owns_gripper  # toggled (open -> closed): the operator's now
+    assert at(0.42)[-1] == -1.0  # toggled again: open, as the operator asked
+    assert at(0.6) is None  # handed back
+    assert at(0.8)[-1] == 1.0 and not takeover.owns_gripper  # a new takeover keeps the controller's again
+    dev.disconnect()
+
+
+@pytest.mark.parametrize("key", ["r", "j"])  # +z, +yaw
+def test_moving_an_axis_the_robot_does_not_have_takes_nothing_over(key):
+    """Any device axis beyond the deadband took over: a planar robot (PushT, pointmaze) stopped under a
+    z press or a twist (a hand resting on a SpaceMouse cap) that reached none of its actions."""
+    from robots.registry import make_task
+    from robots.runtime.intervention import robot_takeover
+    from robots.sim.base import SimConfig
+
+    dev, keys = _keyboard([(0.1, _KeyCode(key), True), (0.3, _KeyCode("w"), True)])
+    task = make_task("pointmaze", SimConfig(state_only=True))
+    takeover = robot_takeover(dev, task, {})
+    keys.replay_until(0.2)
+    assert takeover({}, None) is None
+    keys.replay_until(0.4)
+    action = takeover({}, None)
+    assert action is not None and np.abs(action).max() > 0
+    dev.disconnect()
+
+
+def test_device_options_from_a_config_reach_the_device_as_its_own_types():
+    """`DeviceSettings.check` converted the options (a layout mapping into a GamepadLayout) and `build`
+    threw that away: a gamepad layout given on the command line failed at connect with an AttributeError
+    traceback, its buttons stayed text (START and SAVE presses were ignored), and a SpaceMouse path given
+    as text never matched hidapi's bytes ("no 3Dconnexion device found" with the unit plugged in)."""
+    from robots.registry import make_task
+    from robots.sim.base import SimConfig
+    from tools._device import DeviceSettings
+
+    task = make_task("pointmaze", SimConfig(state_only=True))
+    layout = {"right_trigger": 4, "right_y": 5, "buttons": {"0": "save", "6": "QUIT"}}  # as Hydra gives them
+    source = FakeGamepadSource([[GamepadEvent("button", 0, 1), GamepadEvent("button", 6, 1)]])
+    settings = DeviceSettings("gamepad", {"source": source, "layout": layout}, None, {}, {})
+    settings.check(needs_start=True)
+    pad = settings.build(task)
+    pad.connect()
+    assert pad.poll().commands == [Command.SAVE, Command.QUIT]
+    assert pad.layout.right_trigger == 4 and pad.layout.buttons == {0: Command.SAVE, 6: Command.QUIT}
+    pad.disconnect()
+
+    hid = FakeHid([SPACEMOUSE])
+    options = {"backend": "pynput", "listener_factory": FakeKeyListener([], FakeClock()).factory}
+    text_path = {"hid_module": hid, "path": "/dev/hidraw7"}
+    settings = DeviceSettings("spacemouse", text_path, "keyboard", options, {})
+    settings.check(needs_start=True)
+    mouse = settings.build(task)
+    mouse.connect()
+    assert mouse.product == "SpaceMouse Compact"
+    mouse.disconnect()
+    bad = DeviceSettings("gamepad", {"layout": {"buttons": {"0": "launch"}}}, None, {}, {})
+    with pytest.raises(ValueError, match=r"layout.buttons.0 must be one of start, save, discard"):
+        bad.check(needs_start=True)

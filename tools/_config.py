@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import inspect
 import types
 import typing
@@ -162,7 +163,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for member in (a for a in args if a is not type(None)):
+        members = [a for a in args if a is not type(None)]
+        mappings = [m for m in members if _describe(m) == "a mapping ({...})"]
+        if isinstance(value, Mapping) and len(mappings) == 1:  # the error inside it, not "or null"
+            return _coerce(mappings[0], value, path)
+        for member in members:
             try:
                 return _coerce(member, value, path)
             except UsageError:
@@ -171,6 +176,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         one_of(path, value, args)
         return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # by value or name: a gamepad's buttons
+        for member in tp:
+            if value is member or value == member.value or str(value).lower() == member.name.lower():
+                return member
+        one_of(path, value, [m.value for m in tp])
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp | Mapping):
             return value if isinstance(value, tp) else build(tp, value, path)
@@ -185,9 +195,16 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise _wrong_type(tp, value, path)
-        item = args[1] if len(args) == 2 else Any
-        return {k: _coerce(item, v, _join(path, str(k))) for k, v in value.items()}
+        key, item = args if len(args) == 2 else (Any, Any)
+        return {_key(key, k, path): _coerce(item, v, _join(path, str(k))) for k, v in value.items()}
     return value
+
+
+def _key(tp: Any, key: Any, path: str) -> Any:
+    """A mapping's key as type `tp`: a number key reaches a config as text (`buttons.0=start`)."""
+    if tp is int and isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return _coerce(tp, key, _join(path, str(key)))
 
 
 def _is_callable_type(tp: Any) -> bool:

@@ -74,9 +74,12 @@ class DeviceSettings:
         from robots.teleop.mapping import ActionMapper
 
         cls = device_class(self.teleop)
-        options = dict(self.device_options)
+        options = check(cls, dict(self.device_options), "device_options")  # (a layout a dataclass again)
         if takes_command_device(cls) and self.command_device is not None:
-            options["command_device"] = device_class(self.command_device)(**self.command_options)
+            commands = device_class(self.command_device)
+            options["command_device"] = commands(
+                **check(commands, dict(self.command_options), "command_options")
+            )
         if not hasattr(cls, "check_drives"):
             self.check_motion(robot)
         device = cls(**options)
@@ -100,12 +103,11 @@ class DeviceSettings:
         import numpy as np
 
         from robots.teleop.base import TeleopState
-        from robots.teleop.mapping import ActionMapper
+        from robots.teleop.mapping import robot_gains
 
         if hasattr(device_class(self.teleop), "check_drives"):  # a leader arm (joints, no motion)
             return
-        gains = {**dict(getattr(robot, "teleop_gains", {})), **self.gains}  # as teleop_mapper
-        mapper = ActionMapper(**gains)
+        mapper = robot_gains(robot, self.gains)
         feat = robot.action_feature
         try:  # a device at rest, the robot at zero
             mapper(TeleopState(), feat, robot.action_space, current=np.zeros(feat.shape))

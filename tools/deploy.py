@@ -236,13 +236,12 @@ def make_takeover(cfg: DeployConfig, robot: Any) -> Any:
     builds its device: one without all the buttons (a leader arm) gets `command_device` for START."""
     if cfg.teleop is None:
         return None
-    from robots.runtime.intervention import Takeover
-    from robots.teleop.mapping import teleop_mapper
+    from robots.runtime.intervention import robot_takeover
 
-    mapper = teleop_mapper(robot, cfg.gains)  # (`check_takeover` said before anything started that it maps)
-    device = DeviceSettings.of(cfg).build(robot)
+    device = DeviceSettings.of(cfg).build(robot)  # (`check_takeover` said before anything began that it maps)
+    takeover = robot_takeover(device, robot, cfg.gains)
     device.connect()  # a failure leaves nothing of it open (a leader arm closes its command device too)
-    return Takeover(device, mapper)
+    return takeover
 
 
 def say_trained_elsewhere(cfg: DeployConfig, robot: Any, info: dict[str, Any]) -> None:

@@ -33,6 +33,9 @@ from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer, Watc
 from robots.runtime.schedule import STITCHING, Chunk, Timeline
 from robots.runtime.worker import Reply, Request, WorkerDied
 
+# (observation, the last command sent or None) -> a human's action, or None: the controller's tick
+TakeoverFn = Callable[[Mapping[str, np.ndarray], "np.ndarray | None"], "np.ndarray | None"]
+
 MODES = ("async", "sync")
 WAIT_POLL_S = 0.002  # how often a blocking wait for a chunk looks for it
 COMMITTED_MAX = 64  # scheduled actions handed to an inpainting controller at most
@@ -217,12 +220,13 @@ class Runtime:
         done: Callable[[], bool] | None = None,
         on_tick: Callable[[TickRecord, Mapping[str, np.ndarray]], None] | None = None,
         stop_requested: Callable[[], bool] | None = None,
-        takeover: Callable[[Mapping[str, np.ndarray]], np.ndarray | None] | None = None,
+        takeover: TakeoverFn | None = None,
     ) -> EpisodeOutcome:
         """One episode of at most `max_ticks` ticks. The controller is reset (and told `goal`); the
         first chunk is awaited before the clock starts (the robot is at rest meanwhile), then the loop
-        runs until `done()`, the tick limit, a fault or `stop_requested()`. `takeover(obs)` returns a
-        human's action for a tick (`robots.runtime.intervention.Takeover`) or None; after a takeover
+        runs until `done()`, the tick limit, a fault or `stop_requested()`. `takeover(obs, last)` returns
+        a human's action for a tick (`robots.runtime.intervention.Takeover`; `last`: the last command
+        sent, None before the first) or None; after a takeover
         the controller resumes from a chunk of an observation taken after the hand-back."""
         self._stop_requested = stop_requested  # looked at on every tick and during blocking waits
         with QuietGC(self.cfg.quiet_gc) as quiet:
@@ -234,7 +238,7 @@ class Runtime:
         goal: Mapping[str, np.ndarray] | None,
         done: Callable[[], bool] | None,
         on_tick: Callable[[TickRecord, Mapping[str, np.ndarray]], None] | None,
-        takeover: Callable[[Mapping[str, np.ndarray]], np.ndarray | None] | None,
+        takeover: TakeoverFn | None,
         quiet: QuietGC,
     ) -> EpisodeOutcome:
         cfg, clock, out = self.cfg, self.clock, EpisodeOutcome()
@@ -299,7 +303,7 @@ class Runtime:
                     self._hold(safety, nominal, began, captured, out, on_tick, obs)
                     break
             # ---- the action due now (or a human's)
-            human = takeover(obs) if takeover is not None else None
+            human = takeover(obs, last_cmd) if takeover is not None else None
             pick, skipped = timeline.take(tick_t)
             out.skipped += skipped
             now = clock.now()

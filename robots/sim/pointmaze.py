@@ -124,6 +124,12 @@ class PointMazeTask(SimTask):
     def position_actions(self) -> bool:
         return False  # absolute force commands: holding still is zero force
 
+    @property
+    def teleop_gains(self) -> dict[str, Any]:
+        # The maze is seen from above, x right and y up: forward (+x of a device) pushes the agent up
+        # the image (+y), left (+y) to its left (-x), as on the other tasks' views.
+        return {"axis_order": (1, 0, 2, 3, 4, 5), "axis_sign": (-1, 1, 1, 1, 1, 1)}
+
     def __post_init__(self) -> None:
         if self.goal_mode not in GOAL_MODES:
             raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {self.goal_mode!r}")

@@ -84,12 +84,20 @@ class ActionMapper:
             raise ValueError(f"axis_order must be a permutation of 0..5, got {self.axis_order}")
         if len(self.axis_sign) != 6 or any(s not in (-1, 1) for s in self.axis_sign):
             raise ValueError(f"axis_sign must be six values of +1 or -1, got {self.axis_sign}")
-        if not (np.isfinite(self.translation_gain) and np.isfinite(self.rotation_gain)):
-            raise ValueError("gains must be finite")
+        for name in ("translation_gain", "rotation_gain"):  # 0: a device that does nothing; < 0: axis_sign
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"{name} must be a finite number > 0 (reverse an axis with axis_sign), got {value}"
+                )
         for name in ("joint_scale", "joint_offset"):  # NaN here made every leader-arm target NaN
             values = getattr(self, name)
             if values is not None and not np.all(np.isfinite(np.asarray(values, dtype=np.float64))):
                 raise ValueError(f"{name} must be finite numbers, got {values}")
+        if self.joint_scale is not None and 0 in self.joint_scale:  # that joint would stay at its offset
+            raise ValueError(
+                f"joint_scale must not be 0 (a joint that ignores the leader), got {self.joint_scale}"
+            )
         if self.joint_scale is not None and self.joint_offset is not None:
             if len(self.joint_scale) != len(self.joint_offset):
                 raise ValueError("joint_scale and joint_offset must have the same length")
@@ -134,6 +142,16 @@ class ActionMapper:
             raise ValueError(f"{what} has {len(values)} values for {n} joints")
         return np.asarray(values, dtype=np.float64)
 
+    def reach(self, action_feature: Feature, action_space: ActionSpace) -> tuple[tuple[int, ...], bool]:
+        """(the device motion axes that reach an action of this layout, whether its last dimension is the
+        gripper) for a motion device (no joints); ((), False) for a joint layout or one without a rule."""
+        dim = action_feature.shape[0] if len(action_feature.shape) == 1 else -1
+        table = motion_table(action_space.frame, dim, has_joints=False)
+        if table is None or dim not in table:
+            return (), False
+        axes, has_gripper = table[dim]
+        return tuple(sorted(self.axis_order[a] for a in axes)), has_gripper
+
     # ------------------------------------------------------------------ mapping
     def __call__(
         self,
@@ -149,12 +167,11 @@ class ActionMapper:
         if cur is not None and cur.shape[0] != dim:
             raise ValueError(f"current has {cur.shape[0]} values for a {dim}-d action")
 
-        frame = action_space.frame
         has_joints = state.joints is not None and np.asarray(state.joints).shape == (dim,)
-        if frame == "joint" or (frame == "other" and has_joints):
+        table = motion_table(action_space.frame, dim, has_joints)
+        if table is None:
             action = self._joint_action(state, dim, action_space.mode, cur)
         else:
-            table = PLANAR_LAYOUTS if frame == "planar" or (frame == "other" and dim == 2) else EE_LAYOUTS
             action = self._motion_action(state, action_feature, action_space, table, cur)
         low = -np.inf if action_feature.low is None else np.asarray(action_feature.low, dtype=np.float64)
         high = np.inf if action_feature.high is None else np.asarray(action_feature.high, dtype=np.float64)
@@ -205,6 +222,13 @@ class ActionMapper:
         return np.concatenate([step, [self.gripper_value(state, low, high)]])
 
 
+def motion_table(frame: str, dim: int, has_joints: bool) -> dict[int, tuple[tuple[int, ...], bool]] | None:
+    """The layout table of rule 4 for an action of `frame` and size `dim`; None: the joint rule."""
+    if frame == "joint" or (frame == "other" and has_joints):
+        return None
+    return PLANAR_LAYOUTS if frame == "planar" or (frame == "other" and dim == 2) else EE_LAYOUTS
+
+
 def present_action(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarray | None]:
     """obs -> the robot's present value in its action's layout, what a teleop step is added to for
     absolute actions: its joint positions (`position_key`); for joint deltas the present joints they
@@ -251,8 +275,12 @@ def teleop_mapper(
 ) -> Callable[[TeleopState, Mapping[str, np.ndarray]], np.ndarray]:
     """`robot_mapper` with the robot's own teleop mapping (`teleop_gains`: axis convention, step) under
     the user's `gains`."""
-    defaults = dict(getattr(robot, "teleop_gains", {}))
-    return robot_mapper(ActionMapper(**{**defaults, **gains}), robot)
+    return robot_mapper(robot_gains(robot, gains), robot)
+
+
+def robot_gains(robot: Any, gains: Mapping[str, Any]) -> ActionMapper:
+    """The mapper of `robot`'s own teleop conventions (`teleop_gains`) under the user's `gains`."""
+    return ActionMapper(**{**dict(getattr(robot, "teleop_gains", {})), **gains})
 
 
 def robot_mapper(

@@ -34,6 +34,7 @@ through a stand-in `hid.device` into the same parser.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -120,8 +121,8 @@ class SpaceMouseDevice:
     """SpaceMouse teleop device.
 
     Args:
-        path: hidraw path (bytes, as `hid.enumerate()` gives) of the unit to open; default the first
-            3Dconnexion device found.
+        path: hidraw path of the unit to open (bytes, as `hid.enumerate()` gives, or text, as a config
+            gives); default the first 3Dconnexion device found.
         deadzone: fraction of full scale below which an axis reads zero.
         full_scale: device counts at full deflection.
         hid_module: a module like hidapi's `hid` (`enumerate()`, `device()`); default `import hid`.
@@ -135,7 +136,7 @@ class SpaceMouseDevice:
 
     def __init__(
         self,
-        path: bytes | None = None,
+        path: bytes | str | None = None,
         deadzone: float = 0.05,
         full_scale: float = 350.0,
         hid_module: Any = None,
@@ -149,7 +150,7 @@ class SpaceMouseDevice:
             raise ValueError(f"full_scale must be a finite number > 0, got {full_scale!r}")
         if not (is_real(stale_s) and np.isfinite(stale_s) and stale_s > 0):
             raise ValueError(f"stale_s must be a finite number > 0, got {stale_s!r}")
-        self.path = path
+        self.path = os.fsencode(path) if isinstance(path, str) else path
         self.deadzone = deadzone
         self.full_scale = full_scale
         self.hid_module = hid_module
