@@ -482,8 +482,8 @@ def test_a_recording_keeps_its_task_options_and_a_store_of_others_is_refused_bef
     assert status == 0 and report["ticks"] == 2 and connects == [1]
     with DemoStore.open(rec) as s:
         assert s.episode_info(0)["task_options"] == {"goal_mode": "any", "success_radius": 0.2}
-    other = DeployConfig(out=str(tmp_path / "b"), robot_options={"success_radius": 0.5}, **run)
-    with pytest.raises(SchemaError, match="task_options.success_radius 0.2, this session records 0.5"):
+    other = DeployConfig(out=str(tmp_path / "b"), robot_options={"success_radius": 0.4}, **run)
+    with pytest.raises(SchemaError, match="task_options.success_radius 0.2, this session records 0.4"):
         deploy(other)
     assert connects == [1] and not (tmp_path / "b").exists()  # refused before the robot connected
 

@@ -281,6 +281,18 @@ def test_bad_options_are_refused():
             "success_radius must be a finite number > 0, got inf",
         ),
         ("pointmaze", {"success_radius": -0.1}, "success_radius must be a finite number > 0, got -0.1"),
+        (  # every episode succeeded at reset
+            "pointmaze",
+            {"success_radius": 0.5},
+            "success_radius must be under 0.5 m, the smallest distance an episode starts from its goal (at "
+            "0.5 some episodes succeed before any action)",
+        ),
+        (
+            "arm_push",
+            {"success_radius": 0.3},
+            "success_radius must be under 0.1 m, the smallest distance an episode starts from its goal (at "
+            "0.3 some episodes succeed before any action)",
+        ),
     ],
 )
 def test_option_values_of_the_wrong_kind_are_refused_in_one_line(name, options, words):
@@ -395,3 +407,21 @@ def test_the_demo_refuses_an_empty_out_or_a_file_before_any_work(tmp_path):
     with pytest.raises(UsageError, match=r"^out=.*a_file is a file; give the demo's folder"):
         DemoConfig(out=str(tmp_path / "a_file"))
     assert DemoConfig(out=str(tmp_path / "new")).out.endswith("new")
+
+
+@pytest.mark.parametrize("name", ["pointmaze", "arm_push"])
+def test_a_goal_observation_that_fails_leaves_the_task_as_it_was(name, monkeypatch):
+    """The goal pose was set, observed and restored without a `finally`: a render that failed left the
+    agent (the block) at the goal, and the episode then read as a success."""
+    task = build(name, {})
+    with task:
+        task.reset(3)
+        before = (task.goal_distance(), task.is_success())
+
+        def fails() -> None:
+            raise RuntimeError("the renderer went away")
+
+        monkeypatch.setattr(task, "_observe", fails)
+        with pytest.raises(RuntimeError, match="the renderer went away"):
+            task.goal_observation()
+        assert (task.goal_distance(), task.is_success()) == before and before[1] is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -115,6 +116,20 @@ def test_pusht_goal_observation(push):
     assert pusht.coverage(np.array(pusht.GOAL_POSE)) > 0.999
 
 
+def test_pusht_block_angle_reads_one_value_per_pose():
+    """pymunk's angle winds on: a block turned once round read 2 pi from the goal while at it (three
+    seeds of sixty ended so), and a state-based goal cost saw a solved episode as far off."""
+    task = pusht.make(SimConfig(state_only=True))
+    with task:
+        task.reset(4)
+        for turns in (-1, 0, 2):
+            task._env.block.angle = pusht.GOAL_POSE[2] + 2 * math.pi * turns + 0.1
+            assert task.get_observation()["object"][2] == pytest.approx(pusht.GOAL_POSE[2] + 0.1)
+        task._env.block.angle = pusht.GOAL_POSE[2] - 3.0
+        assert task.block_pose()[2] == pytest.approx(pusht.GOAL_POSE[2] - 3.0)
+        np.testing.assert_allclose(task.goal_observation()["object"], pusht.GOAL_POSE, atol=1e-5)
+
+
 def test_pusht_expert_succeeds():
     task = pusht.make(SimConfig(state_only=True, max_steps=200))
     expert = pusht.ENTRY.expert()
@@ -143,6 +158,10 @@ def test_robosuite_unknown_env_lists_names():
     [
         ({"env_kwargs": {"horizon": 500}}, "env_kwargs.horizon is set by the task itself: use max_steps="),
         ({"robots": "Pandaa"}, "unknown robosuite robot 'Pandaa'; did you mean Panda?"),
+        (  # a TypeError: unhashable type 'list'
+            {"controller": ["OSC_POSE"]},
+            "robosuite controller must be a controller name, a .json path or a config dict, got ['OSC_POSE']",
+        ),
         ({"control_freq": 0}, "robosuite control_freq must be a number > 0 Hz, got 0"),
         (
             {"control_freq": float("inf")},
@@ -180,6 +199,21 @@ def test_the_simulation_rate_control_freq_is_checked_against_is_robosuites():
     with task:
         task.reset(0)
         assert task.step_seconds() == pytest.approx(0.04)
+
+
+def test_a_rate_set_after_construction_is_checked_and_rebuilds_the_env():
+    """`wm-deploy control_hz=` sets the task's rate after its options were checked: 1000 Hz reached
+    robosuite.make unchecked and the world stood still (no simulation step per action) while the run
+    looked normal. An env built at another rate kept running at that one."""
+    task = make_task("robosuite/Lift", SimConfig(state_only=True))
+    _ = task.action_feature  # the env is built (at 20 Hz) for the robot's dimensions
+    for bad in (1000, 30):
+        with pytest.raises(RobotError, match=rf"robosuite control_hz={bad}: robosuite steps its 500 Hz"):
+            task.control_hz = bad
+    task.control_hz = 50
+    with task:
+        task.reset(0)
+        assert task.step_seconds() == pytest.approx(0.02) and task.env.control_freq == 50
 
 
 def test_a_camera_robosuite_lacks_is_refused_every_time_and_leaves_no_env():

@@ -46,6 +46,7 @@ BLOCK_HALF = 0.04
 PUSHER_RADIUS = 0.015
 EE_HEIGHT = 0.02
 BLOCK_BOX = ((-0.12, 0.28), (0.12, 0.42))  # (low xy, high xy) of block and target centres
+MIN_TARGET_DISTANCE, MAX_TARGET_DISTANCE = 0.10, 0.25  # m, from the block's start to the target
 REACH = (0.12, 0.60)  # the ee is kept within this ring around the base (m)
 WORKSPACE = ((-0.35, 0.10), (0.35, 0.60))  # and inside this box (low xy, high xy)
 HOME_EE = np.array([0.0, 0.16])
@@ -286,7 +287,7 @@ class ArmPushTask(SimTask):
         block = rng.uniform((x0, y0), (x1, y1))
         while True:
             target = rng.uniform((x0, y0), (x1, y1))
-            if 0.10 <= np.linalg.norm(target - block) <= 0.25:
+            if MIN_TARGET_DISTANCE <= np.linalg.norm(target - block) <= MAX_TARGET_DISTANCE:
                 break
         self.target, self.target_yaw = target, float(rng.uniform(-np.pi, np.pi))
         start_ee = HOME_EE + rng.uniform((-0.12, -0.03), (0.12, 0.03))
@@ -304,10 +305,11 @@ class ArmPushTask(SimTask):
 
     def _goal_observation(self) -> dict[str, np.ndarray]:
         saved = self.get_sim_state()
-        self._place(self._home, self.target, self.target_yaw)
-        obs = self._observe()
-        self.set_sim_state(saved)
-        return obs
+        try:  # (a failed render left the block on the target: the episode then read as a success)
+            self._place(self._home, self.target, self.target_yaw)
+            return self._observe()
+        finally:
+            self.set_sim_state(saved)
 
     # ------------------------------------------------------------------ privileged state
     def get_sim_state(self) -> dict[str, Any]:
@@ -407,7 +409,7 @@ class ArmPushOptions:
     def __post_init__(self) -> None:
         if self.action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {self.action_mode!r}")
-        check_radius(self.success_radius)
+        check_radius(self.success_radius, below=MIN_TARGET_DISTANCE)
         if not isinstance(self.show_target, bool):  # "false" would draw it
             raise ValueError(f"show_target must be true or false, got {self.show_target!r}")
 

@@ -63,10 +63,16 @@ class SimConfig:
             raise ValueError(f"options must be a mapping of option names to values, got {self.options!r}")
 
 
-def check_radius(radius: Any, name: str = "success_radius") -> None:
-    """A one-line error unless `radius` is a finite number > 0 (an infinite one is success at every step)."""
+def check_radius(radius: Any, below: float, name: str = "success_radius") -> None:
+    """A one-line error unless `radius` is a finite number > 0 and under `below`, the task's smallest
+    start-to-goal distance (an infinite radius, or one the start can be inside, is success at reset)."""
     if not is_real(radius) or not 0 < radius < np.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {radius!r}")
+    if radius >= below:
+        raise ValueError(
+            f"{name} must be under {below:g} m, the smallest distance an episode starts from its goal (at "
+            f"{radius!r} some episodes succeed before any action)"
+        )
 
 
 def check_seed(seed: Any, where: str) -> int:

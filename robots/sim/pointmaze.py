@@ -44,6 +44,7 @@ FREE_CELLS = tuple(c for cells in ARMS.values() for c in cells)
 GOAL_MODES = ("any", "other_arm")
 AGENT_RADIUS = 0.15
 JITTER = 0.25  # start and goal: cell centre + U(-JITTER, JITTER) on each axis
+MIN_START_DISTANCE = 1.0 - 2 * JITTER  # m: start and goal in neighbouring cells, jittered towards each other
 MASS, DAMPING, GEAR = 1.0, 3.0, 3.0  # terminal speed GEAR / DAMPING = 1.0 m/s, time constant 0.33 s
 VIEW = 3.5  # side of the square the camera sees (m): the 3 x 3 interior plus a strip of wall
 
@@ -214,12 +215,13 @@ class PointMazeTask(SimTask):
 
     def _goal_observation(self) -> dict[str, np.ndarray]:
         saved = self.get_sim_state()
-        self._data.qpos[:2] = self.goal
-        self._data.qvel[:] = 0.0
-        mujoco.mj_forward(self._model, self._data)
-        obs = self._observe()
-        self.set_sim_state(saved)
-        return obs
+        try:  # (a failed render left the agent at the goal: the episode then read as a success)
+            self._data.qpos[:2] = self.goal
+            self._data.qvel[:] = 0.0
+            mujoco.mj_forward(self._model, self._data)
+            return self._observe()
+        finally:
+            self.set_sim_state(saved)
 
     # ------------------------------------------------------------------ privileged state
     def get_sim_state(self) -> dict[str, Any]:
@@ -316,7 +318,7 @@ class PointMazeOptions:
     def __post_init__(self) -> None:
         if self.goal_mode not in GOAL_MODES:
             raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {self.goal_mode!r}")
-        check_radius(self.success_radius)
+        check_radius(self.success_radius, below=MIN_START_DISTANCE)
 
 
 def make(config: SimConfig) -> PointMazeTask:

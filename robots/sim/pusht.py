@@ -2,10 +2,11 @@
 
 Observations: `image` (the env's own top-down render, right side up, at `config.image_size`) and
 `proprio` (pusher position, px); with `state_only` (no camera) `object`, the block's (x, y, angle) in
-px and radians, the rest of gym-pusht's state. Action: absolute pusher target (x, y) in px, in [0, 512]; a PD
-controller tracks it for 10 physics substeps per action (control at 10 Hz). Success is gym-pusht's:
-more than 95% of the goal T covered by the block. The goal observation shows the block at the goal
-pose (the pusher stays where it is).
+px and radians, the rest of gym-pusht's state, the angle wrapped into the goal's +-pi (one pose, one
+reading: pymunk's angle winds on, and a block at the goal read 2 pi away from it). Action: absolute
+pusher target (x, y) in px, in [0, 512]; a PD controller tracks it for 10 physics substeps per action
+(control at 10 Hz). Success is gym-pusht's: more than 95% of the goal T covered by the block. The
+goal observation shows the block at the goal pose (the pusher stays where it is).
 
 The expert is a sampling-based planner on cloned simulator state: it samples push primitives
 (approach a contact point on the block around it, then push by a length at an angle), simulates
@@ -147,9 +148,11 @@ class PushTTask(SimTask):
         return keypoint_error(self.block_pose())
 
     def block_pose(self) -> np.ndarray:
-        """Privileged: block (x, y, angle) in px and radians (gym-pusht's body origin)."""
+        """Privileged: block (x, y, angle) in px and radians (gym-pusht's body origin), the angle in
+        [goal - pi, goal + pi)."""
         b = self._env.block
-        return np.array([b.position[0], b.position[1], b.angle])
+        angle = GOAL_POSE[2] + (b.angle - GOAL_POSE[2] + math.pi) % (2 * math.pi) - math.pi
+        return np.array([b.position[0], b.position[1], angle])
 
     def _goal_observation(self) -> dict[str, np.ndarray]:
         state = self.get_sim_state()

@@ -64,6 +64,11 @@ def controller_config(controller: Any, robot: str) -> dict:
     rs = _robosuite()
     if isinstance(controller, dict):
         return controller
+    if controller is not None and not isinstance(controller, str):  # (a list: a TypeError in `in`)
+        raise RobotError(
+            "robosuite controller must be a controller name, a .json path or a config dict, got "
+            f"{controller!r}"
+        )
     if controller is None or str(controller).endswith(".json") or controller in rs.ALL_COMPOSITE_CONTROLLERS:
         return rs.load_composite_controller_config(controller=controller, robot=robot)
     if controller in rs.ALL_PART_CONTROLLERS:
@@ -136,20 +141,7 @@ class RobosuiteOptions:
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to robosuite.make
 
     def __post_init__(self) -> None:
-        freq = self.control_freq
-        if (
-            isinstance(freq, bool)
-            or not isinstance(freq, int | float | np.integer | np.floating)
-            or not 0 < freq < float("inf")
-        ):
-            raise RobotError(f"robosuite control_freq must be a number > 0 Hz, got {freq!r}")
-        steps = SIMULATION_HZ / freq  # robosuite runs int() of it: 30 Hz stepped 0.032 s, 1000 Hz none
-        if steps < 1 or abs(steps - round(steps)) > 1e-9:
-            raise RobotError(
-                f"robosuite control_freq={freq!r}: robosuite steps its {SIMULATION_HZ} Hz simulation a whole "
-                f"number of times per action (it would run {int(steps + 1e-9) / SIMULATION_HZ:g} s, not "
-                f"{1 / freq:.4g} s); choose a divisor of {SIMULATION_HZ}, e.g. 10, 20, 25 or 50"
-            )
+        check_control_freq(self.control_freq, "control_freq")
         for what, value in (("camera", self.camera), ("cameras", self.cameras)):
             if value is not None and not _names(value):
                 raise RobotError(
@@ -181,6 +173,25 @@ class RobosuiteOptions:
                 raise RobotError(f"unknown robosuite robot {name!r}{hint} (valid: {', '.join(known)})")
 
 
+def check_control_freq(freq: Any, option: str) -> None:
+    """Refuse (RobotError, one line naming `option`) a rate robosuite cannot run: it steps its simulation
+    int(SIMULATION_HZ / freq) times per action, so 30 Hz ran 0.032 s steps and 1000 Hz none at all (the
+    world stood still while the run looked normal)."""
+    if (
+        isinstance(freq, bool)
+        or not isinstance(freq, int | float | np.integer | np.floating)
+        or not 0 < freq < float("inf")
+    ):
+        raise RobotError(f"robosuite {option} must be a number > 0 Hz, got {freq!r}")
+    steps = SIMULATION_HZ / freq
+    if steps < 1 or abs(steps - round(steps)) > 1e-9:
+        raise RobotError(
+            f"robosuite {option}={freq!r}: robosuite steps its {SIMULATION_HZ} Hz simulation a whole "
+            f"number of times per action (it would run {int(steps + 1e-9) / SIMULATION_HZ:g} s, not "
+            f"{1 / freq:.4g} s); choose a divisor of {SIMULATION_HZ}, e.g. 10, 20, 25 or 50"
+        )
+
+
 @dataclass
 class RobosuiteTask(SimTask):
     """A robosuite env (see the module docstring). The env is built on first use of the features."""
@@ -202,6 +213,16 @@ class RobosuiteTask(SimTask):
         self.control_hz = float(opts.control_freq)
         self.env_kwargs = {**DEFAULT_ENV_KWARGS.get(self.env_name, {}), **opts.env_kwargs}
         self.action_space = _action_space(self.controller_cfg)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A rate set after construction (`wm-deploy control_hz=`) is checked as the option is, and an env
+        already built at another rate is rebuilt at this one on next use."""
+        if name == "control_hz":
+            check_control_freq(value, "control_hz")
+            if getattr(self, "_env", None) is not None and value != self.control_hz:
+                self._env.close()
+                object.__setattr__(self, "_env", None)
+        super().__setattr__(name, value)
 
     def step_seconds(self) -> float:
         """robosuite's control period: its env is built with `control_freq=control_hz`."""
