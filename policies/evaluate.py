@@ -285,8 +285,10 @@ class _Recorder:
 
 
 def summarize(results: Sequence[EpisodeResult], wall_seconds: float) -> dict[str, Any]:
-    dist = [r.final_distance for r in results if r.final_distance is not None]
-    scores = [r.max_score for r in results if r.max_score is not None]
+    """The run's figures; means over the episodes with a finite value (a diverged simulation's NaN
+    distance is null in its own per-episode entry, and made the mean of all the others null too)."""
+    dist = [r.final_distance for r in results if _finite(r.final_distance)]
+    scores = [r.max_score for r in results if _finite(r.max_score)]
     plans = [t for r in results for t in r.plan_seconds]
     steps = sum(r.steps for r in results)
     return {
@@ -308,3 +310,7 @@ def timed(fn: Callable[[], list[EpisodeResult]]) -> tuple[list[EpisodeResult], f
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

@@ -151,6 +151,31 @@ def test_ctrl_c_while_a_write_is_under_way_finishes_it_then_stops(tmp_path, monk
         np.testing.assert_array_equal(last, make_episode(kept - 1, 30)["img"])
 
 
+def test_interrupts_held_holds_a_sigterm_python_handles_and_leaves_its_default_alone():
+    """wm-eval and wm-collect turn SIGTERM into an interrupt: one in a block that must finish (a run's
+    outputs replacing the earlier run's, a commit) is delivered after it."""
+    from tools._cli import interrupt
+    from wm.interrupt import interrupts_held
+
+    seen: list[str] = []
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            with interrupts_held():
+                signal.raise_signal(signal.SIGTERM)
+                seen.append("block finished")
+        assert seen == ["block finished"] and info.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with interrupts_held():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # not Python's: left as it is
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_interrupts_held_delivers_ctrl_c_after_the_block_and_leaves_other_handlers_alone():
     from wm.interrupt import interrupts_held
 

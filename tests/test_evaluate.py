@@ -3,6 +3,7 @@ history padded at the start, the goal), early termination, timing attribution, v
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import imageio.v2 as imageio
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from policies.base import GoalConditioned, PlanResult, Policy
-from policies.evaluate import RandomPolicy, run_episodes, summarize
+from policies.evaluate import EpisodeResult, RandomPolicy, run_episodes, summarize
 from policies.inputs import ObsHistory
 from policies.mpc import MPC, MPCConfig
 from policies.subgoal import GraphConfig, LatentGraph, SubgoalSelector
@@ -175,6 +176,16 @@ def test_max_score_is_over_the_states_the_policy_reached():
     (result,) = run_episodes([task], FakePolicy(every=2), [0])  # positions 1, 2, 3 after reset at 0
     assert result.max_score == 0.9
     assert summarize([result], 1.0)["mean_max_score"] == 0.9
+
+
+def test_one_non_finite_distance_leaves_the_others_mean():
+    """A diverged simulation's NaN final distance made mean_final_distance null for the whole run."""
+    results = [
+        EpisodeResult(s, False, 3, d, score)
+        for s, d, score in [(0, 2.0, 0.5), (1, math.nan, math.inf), (2, 4.0, 0.7)]
+    ]
+    summary = summarize(results, 1.0)
+    assert summary["mean_final_distance"] == 3.0 and summary["mean_max_score"] == pytest.approx(0.6)
 
 
 class NoGoalLineTask(LineTask):
@@ -417,6 +428,64 @@ def test_wm_eval_interrupted_rerun_leaves_the_earlier_run_whole(tmp_path, monkey
     monkeypatch.setattr(RandomPolicy, "select_action", draw)
     assert run_app("wm-eval", *QUICK, "episodes=1", "videos=0", "out=o", cwd=tmp_path).returncode == 0
     assert not left.exists() and live.is_dir()
+
+
+def test_wm_eval_interrupted_while_writing_its_report_leaves_the_earlier_run_whole(tmp_path, monkeypatch):
+    """The videos and results.json replaced the earlier run's before report.html was written, in place:
+    Ctrl-C there left a new results.json beside the old report (or a truncated one)."""
+    from apps import run_app
+
+    import policies.report
+
+    assert run_app("wm-eval", *QUICK, "episodes=2", "videos=2", "out=o", cwd=tmp_path).returncode == 0
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+
+    def interrupted(path, mime):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(policies.report, "_data_uri", interrupted)  # embedding the videos
+    res = run_app("wm-eval", *QUICK, "episodes=3", "videos=3", "seed=2000", "out=o", cwd=tmp_path)
+    assert res.returncode == 130
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    assert after == before and not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
+
+
+def test_wm_eval_stopped_by_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
+    """SIGTERM (`timeout`, SLURM, `docker stop`) ended wm-eval where it stood: no message, status -15, and
+    a new out/ holding only the run's hidden staging folder of partial videos."""
+    import signal
+    import subprocess
+    import time
+
+    from apps import BIN
+
+    out = tmp_path / "o"
+    run = subprocess.Popen(
+        [str(BIN / "wm-eval"), *QUICK[:-2], "max_steps=200", "progress=false", "episodes=1000", f"out={out}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(out.iterdir())) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # episodes under way
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 143 and err.strip().endswith("interrupted"), err
+    assert not out.exists()  # made by the run, removed with what it held
+
+
+def test_a_random_baseline_episode_reruns_alone_from_its_seed(tmp_path):
+    """Its actions were drawn from the run's seed= as well as the episode's: results.json listed an
+    episode under seed 1002 that `seed=1002 episodes=1` did not give back (planners' and policies' did)."""
+    import json
+
+    from apps import run_app
+
+    for args in (("seed=1000", "episodes=3", "out=a"), ("seed=1002", "episodes=1", "out=b")):
+        assert run_app("wm-eval", *QUICK, "videos=0", *args, cwd=tmp_path).returncode == 0
+    runs = [json.loads((tmp_path / o / "results.json").read_text())["per_episode"] for o in "ab"]
+    same = ("seed", "success", "steps", "final_distance", "clipped_steps")
+    assert [runs[0][2][k] for k in same] == [runs[1][0][k] for k in same] and runs[1][0]["seed"] == 1002
 
 
 def test_wm_eval_results_record_what_reruns_the_run(tmp_path):

@@ -256,6 +256,30 @@ def test_the_whole_runs_within_chunk_jumps_leave_out_the_jump_between_episodes()
     assert report["within_jump_p99"] == 0.0
 
 
+def test_a_takeover_between_chunks_is_no_seam():
+    """The actions of a human's ticks were left out and those around them taken as consecutive: an
+    operator moving the arm smoothly for ten ticks read as a seam of the whole way moved."""
+    from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
+    from robots.runtime.report import episode_figures
+
+    sent = [
+        (0.0, 0),
+        (0.01, 0),
+        (0.02, 0),
+        *[(0.02 + 0.5 * k, NO_CHUNK) for k in range(1, 11)],
+        (5.02, 1),
+        (5.03, 1),
+    ]
+    out = EpisodeOutcome()
+    for i, (command, chunk) in enumerate(sent):
+        human = chunk == NO_CHUNK
+        t = 0.1 * i
+        out.ticks.append(TickRecord(t, t, t, t, np.array([command]), chunk, -1 if human else i, t, (), human))
+    figures = episode_figures(out)
+    assert figures["seam_jump_max"] is None and figures["within_jump_p99"] == pytest.approx(0.01)
+    assert figures["intervention_ticks"] == 10
+
+
 def test_the_run_report_merges_episode_digests_and_keeps_no_tick_records():
     """wm-deploy kept every episode's tick records (about 0.7 KB a tick) until the report at the end; it
     keeps each episode's digest now, a float a tick, and the run's figures come out of those."""

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,8 +25,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind, build, folder, record_of
+from tools._cli import UsageError, app, bind, build, folder, interrupt, record_of
 from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides, trained_elsewhere
+from wm.interrupt import interrupts_held
 from wm.locks import remove_left_by_dead
 
 BUDGET_PLOT = "success_vs_budget.png"
@@ -82,35 +84,56 @@ class EvalConfig(ControllerConfig):
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation, write results.json, the videos and report.html; returns the results."""
-    from policies.evaluate import run_episodes, summarize, timed
-    from policies.progress import EvalProgress
-    from policies.report import write_report
     from robots.registry import make_task
     from robots.sim.base import SimConfig
     from wm import kernels
-    from wm.data.store import json_finite
     from wm.registry import load_model
 
-    out = Path(cfg.out)
-    device = _device(cfg.device)
     kernels_before = kernels.selector().mark()  # a -m sweep's jobs share the process and its selector
     opts: dict[str, Any] = {"options": dict(cfg.task_options)}
     if cfg.max_steps is not None:
         opts["max_steps"] = cfg.max_steps
     loaded = None
     if cfg.controller != "random":
-        loaded = load_model(cfg.checkpoint, device, _overrides(cfg), controller=cfg.controller)
+        loaded = load_model(cfg.checkpoint, _device(cfg.device), _overrides(cfg), controller=cfg.controller)
         opts["image_size"] = loaded.model.io_spec.image_size
-    n = min(cfg.parallel, cfg.episodes)
-    tasks = [make_task(cfg.task, SimConfig(**opts)) for _ in range(n)]
-    if loaded is not None:
-        run = (loaded.checkpoint.get("extra") or {}).get("run_config") or {}
-        for note in trained_elsewhere(run, cfg.task, tasks[0].control_hz):
-            print(f"note: {note}", flush=True)
+    tasks = [make_task(cfg.task, SimConfig(**opts)) for _ in range(min(cfg.parallel, cfg.episodes))]
+    try:  # closed on every exit: a renderer left to the interpreter's exit failed there, in EGL
+        if loaded is not None:
+            run = (loaded.checkpoint.get("extra") or {}).get("run_config") or {}
+            for note in trained_elsewhere(run, cfg.task, tasks[0].control_hz):
+                print(f"note: {note}", flush=True)
+        results, videos = _run(cfg, tasks, loaded, kernels_before)
+    finally:
+        for task in tasks:
+            task.disconnect()
+    if results["errors"]:
+        print(
+            f"warning: {results['errors']} of {results['episodes']} episodes ended on a non-finite action "
+            "from the controller (counted as failures; see per_episode errors in results.json)",
+            file=sys.stderr,
+            flush=True,
+        )
+    out = Path(cfg.out)
+    where = f"wrote results {out / 'results.json'}, report {out / 'report.html'}"
+    print(where + (f", videos {out / 'videos'}" if videos else ""), flush=True)
+    return results
+
+
+def _run(
+    cfg: EvalConfig, tasks: list[Any], loaded: Any, kernels_before: Any
+) -> tuple[dict[str, Any], list[Path]]:
+    """(results, the videos in out/) of the episodes on `tasks`. The run writes everything in a staging
+    folder of its own, and only a finished run replaces the earlier run's outputs, all together: an
+    error, Ctrl-C or SIGTERM leaves out/ as it was. `kernels_before`: the kernel selector's mark."""
+    from policies.evaluate import run_episodes, summarize, timed
+    from policies.progress import EvalProgress
+    from wm import kernels
+
+    out = Path(cfg.out)
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
-    feat = tasks[0].action_feature
-    policy, make = _controller(cfg, loaded, feat)  # before out/ is made: it may refuse the command
-    staged: list[Path] = []  # this run's videos, in its staging folder `stage` (made below) until it is over
+    policy, make = _controller(cfg, loaded, tasks[0].action_feature)  # before out/: it may refuse
+    staged: list[Path] = []  # this run's videos, in the staging folder `stage` (made below) until it is over
 
     def episodes(policy: Any, video: bool, desc: str) -> dict[str, Any]:
         with EvalProgress(cfg.episodes, disable=not cfg.progress, desc=desc) as bar:
@@ -129,8 +152,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     plot = None
     with _output_folder(out):  # what refuses the command during the run leaves no empty out/ behind
-        # The run writes in a staging folder of its own, and only a finished run replaces the earlier
-        # run's outputs: an error or Ctrl-C leaves out/ as it was (an earlier run's results whole).
         remove_left_by_dead(out, STAGING_RE)  # a run killed with -9 could not remove its own
         stage = Path(tempfile.mkdtemp(prefix=f".wm-eval-{os.getpid()}-", dir=out))
         try:
@@ -139,40 +160,45 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 results["subgoal_replans"] = policy.subgoals.count if policy.subgoals is not None else 0
                 if cfg.budgets:
                     results["budgets"], plot = _budget_sweep(cfg, make, episodes, stage)
-            _clear_outputs(out)
-            videos = [_move(p, out / "videos") for p in staged]
-            plot = _move(plot, out) if plot is not None else None
+            if loaded is not None:
+                results["inference"] = loaded.inference_settings()
+                # which CPU kernels (fp32, bf16, int8) this evaluation's layers ran on
+                results["kernels"] = kernels.selector().summary(since=kernels_before)
+            results.update(
+                task=cfg.task,
+                controller=cfg.controller,
+                checkpoint=cfg.checkpoint,
+                seeds=seeds[:1] + seeds[-1:],
+                videos=[f"videos/{p.name}" for p in staged],  # this run's, the only ones out/videos holds
+                parallel=cfg.parallel,  # noise is per episode; a model's rounding varies with the batch
+                max_steps=tasks[0].config.max_steps,  # the task's default when max_steps=null
+                config=record_of(cfg),  # every option this run was given: what reruns it
+            )
+            return _publish(out, stage, results, staged, plot)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-    if loaded is not None:
-        results["inference"] = loaded.inference_settings()
-        # which CPU kernels (fp32, bf16, int8) this evaluation's layers ran on
-        results["kernels"] = kernels.selector().summary(since=kernels_before)
-    results.update(
-        task=cfg.task,
-        controller=cfg.controller,
-        checkpoint=cfg.checkpoint,
-        seeds=seeds[:1] + seeds[-1:],
-        videos=[f"videos/{p.name}" for p in videos],  # this run's, the only ones out/videos holds
-        parallel=cfg.parallel,  # noise is per episode, but a model's rounding can change with the batch
-        max_steps=tasks[0].config.max_steps,  # the task's default when max_steps=null
-        config=record_of(cfg),  # every option this run was given: what reruns it
-    )
-    results = json_finite(results)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, allow_nan=False))  # valid JSON: no NaN or Infinity
-    os.replace(tmp, out / "results.json")
-    if results["errors"]:
-        print(
-            f"warning: {results['errors']} of {results['episodes']} episodes ended on a non-finite action "
-            "from the controller (counted as failures; see per_episode errors in results.json)",
-            file=sys.stderr,
-            flush=True,
-        )
-    report = write_report(out, results, videos, plot)
-    where = f"wrote results {out / 'results.json'}, report {report}"
-    print(where + (f", videos {out / 'videos'}" if videos else ""), flush=True)
-    return results
+
+
+def _publish(
+    out: Path, stage: Path, results: dict[str, Any], staged: list[Path], plot: Path | None
+) -> tuple[dict[str, Any], list[Path]]:
+    """Write results.json and report.html in `stage`, then replace the earlier run's outputs in `out`
+    with them, the videos and the plot, in renames that no interrupt parts; returns (the results as
+    written, the videos' paths)."""
+    from policies.report import write_report
+    from wm.data.store import json_finite
+
+    results = json_finite(results)  # valid JSON: no NaN or Infinity
+    (stage / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    write_report(stage, results, staged, plot)
+    with interrupts_held():
+        _clear_outputs(out)
+        videos = [_move(p, out / "videos") for p in staged]
+        if plot is not None:
+            _move(plot, out)
+        for name in ("results.json", "report.html"):
+            os.replace(stage / name, out / name)
+    return results, videos
 
 
 def _controller(cfg: EvalConfig, loaded: Any, feat: Any) -> tuple[Any, Any]:
@@ -180,8 +206,8 @@ def _controller(cfg: EvalConfig, loaded: Any, feat: Any) -> tuple[Any, Any]:
     refusals (subgoals=on without a store, execute > horizon) come from here."""
     from policies.evaluate import RandomPolicy
 
-    if cfg.controller == "random":
-        return RandomPolicy(feat.low, feat.high, cfg.seed), None
+    if cfg.controller == "random":  # episode S's actions are S's alone (as a planner's, `planner.seed`)
+        return RandomPolicy(feat.low, feat.high, 0), None
     if cfg.controller == "policy":
         return loaded.policy(), None
     make = _mpc_builder(cfg, loaded, feat)
@@ -254,7 +280,13 @@ def _budget_sweep(cfg: EvalConfig, make: Any, episodes: Any, out: Path) -> tuple
 
 
 def _main(cfg: DictConfig) -> int:
-    res = evaluate(bind(EvalConfig, cfg))
+    # SIGTERM (`timeout`, SLURM, `docker stop`) ended the process where it stood, its staging folder
+    # left behind: it interrupts as Ctrl-C does (the earlier run's outputs kept; exit status 143)
+    terminated = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        res = evaluate(bind(EvalConfig, cfg))
+    finally:
+        signal.signal(signal.SIGTERM, terminated)
     keys = ("success_rate", "mean_final_distance", "mean_max_score", "planning_seconds_per_step")
     print(json.dumps({k: res[k] for k in keys if res[k] is not None}))
     return 0

@@ -68,25 +68,26 @@ class InterruptFlag:
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Ctrl-C (SIGINT) held until the block ends, then delivered to the handler it would have met.
+    """Ctrl-C (SIGINT), and SIGTERM where Python handles it (the apps that turn it into an interrupt),
+    held until the block ends, then delivered to the handler they would have met.
 
     zarr v3 runs every read and write on its own event-loop thread while the caller waits: a
     KeyboardInterrupt raised in the wait leaves the write running behind whatever the caller does
     next (a store's commit record landed after the episode it commits was discarded: a store that
-    no longer opened). Main thread only (no other thread meets KeyboardInterrupt); a SIGINT that is
-    ignored, or handled outside Python, is left as it is. Blocks nest."""
+    no longer opened). Main thread only (no other thread meets KeyboardInterrupt); a signal that is
+    ignored, or handled outside Python (SIGTERM's default), is left as it is. Blocks nest."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None or previous is signal.SIG_IGN:
-        yield
-        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    held = [s for s, handler in previous.items() if callable(handler)]
     caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    for signum in held:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            signal.raise_signal(signal.SIGINT)
+        for signum in held:
+            signal.signal(signum, previous[signum])
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)

@@ -54,9 +54,20 @@ def _p50_p99(x: Sequence[float]) -> dict[str, float | None]:
 
 
 def _jumps(out: EpisodeOutcome) -> tuple[np.ndarray, np.ndarray]:
-    """(seam jumps, within-chunk jumps) of one episode's sent chunk actions (`seam_jumps`)."""
-    sent = [(t.command, t.chunk) for t in out.ticks if t.command is not None and t.chunk != NO_CHUNK]
-    return seam_jumps([s[0] for s in sent], [s[1] for s in sent])
+    """(seam jumps, within-chunk jumps) of one episode's sent chunk actions (`seam_jumps`), between
+    consecutive ticks only: a tick that sent none of a chunk's actions (a human's, a hold) parts the
+    actions before it from those after (taken as one sequence, a takeover's ten ticks read as one seam)."""
+    seams, within = [np.zeros(0)], [np.zeros(0)]
+    run: list[tuple[np.ndarray, int]] = []
+    for t in [*out.ticks, None]:
+        if t is not None and t.command is not None and t.chunk != NO_CHUNK:
+            run.append((t.command, t.chunk))
+            continue
+        s, w = seam_jumps([r[0] for r in run], [r[1] for r in run])
+        seams.append(s)
+        within.append(w)
+        run = []
+    return np.concatenate(seams), np.concatenate(within)
 
 
 def episode_figures(out: EpisodeOutcome) -> dict[str, Any]:
