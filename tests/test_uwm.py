@@ -42,6 +42,19 @@ def tiny_config(**over) -> UWMConfig:
     return UWMConfig(**{**base, **over})
 
 
+@pytest.mark.parametrize("future", [(8, 16), (8, 15), (16, 24), (4, 8)])
+def test_an_episodes_last_steps_are_current_steps_as_in_diffusion_policy(future):
+    """The padding after an episode was measured from the furthest future frame, not the last action:
+    an episode's last 9 steps (future=(8, 16), the default) or 17 (future=(16, 24)) were never the
+    current step. Now 8, whatever the future frames: the chunk's actions 0..15 with 7 padded, as
+    Diffusion Policy pads n_action_steps - 1; padded future frames are left out of the loss."""
+    from wm.data.windows import build_index
+
+    spec = tiny_config(n_obs=2, horizon=16, n_action_exec=8, future=future).window_spec()
+    anchors = build_index(np.array([100]), spec)[:, 0]
+    assert anchors.min() == 0 and anchors.max() == 100 - 1 - 8  # of 100 steps
+
+
 def action_normalizer() -> Normalizer:
     return Normalizer(
         {"action": "minmax"}, {"action": compute_stats(np.array([[-1, -1], [1, 1]], np.float32))}

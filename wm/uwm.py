@@ -132,7 +132,9 @@ class UWMConfig:
 
     def window_spec(self) -> WindowSpec:
         """Frames at -(n_obs-1)..0 then the future steps; proprio at the observation steps; actions 0 ..
-        horizon-1; windows may pad n_obs - 1 steps before an episode and n_action_exec - 1 after it
+        horizon-1; windows may pad n_obs - 1 steps before an episode and, after it, n_action_exec - 1
+        past the last action plus the future frames that reach beyond the chunk (they are left out of
+        the loss when padded: measured from them, an episode's last steps were never the current one)
         (known from the config alone: training checks them against the store before any work)."""
         obs = tuple(range(-(self.n_obs - 1), 1))
         offsets = {k: obs + self.future for k in self.image_keys} | {
@@ -140,7 +142,9 @@ class UWMConfig:
         }
         if self.proprio_key:
             offsets[self.proprio_key] = obs
-        return WindowSpec(offsets, max_pad_before=self.n_obs - 1, max_pad_after=self.n_action_exec - 1)
+        beyond = max(0, max(self.future) - (self.horizon - 1))  # future frames past the last action
+        after = self.n_action_exec - 1 + beyond
+        return WindowSpec(offsets, max_pad_before=self.n_obs - 1, max_pad_after=after)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
