@@ -257,7 +257,7 @@ def test_collect_with_a_spacemouse_takes_start_from_the_keyboard(tmp_path, monke
     monkeypatch.setattr(tools.collect, "_stop_on_signals", lambda: None)
     cfg = tools.collect.CollectConfig(
         task="pointmaze", store=str(tmp_path / "s.zarr"), teleop="spacemouse", episodes=1, preview="false",
-        state_only=True, realtime="false", device_options={"hid_module": hid},
+        state_only=True, device_options={"hid_module": hid},
         command_options={"backend": "pynput", "listener_factory": keys.factory, "clock": clock},
     )  # fmt: skip
     assert tools.collect.collect(cfg) == 0
@@ -383,6 +383,15 @@ def test_bad_names_list_valid_ones(tmp_path):
         in res.stderr
     )
     assert not (tmp_path / "x.zarr").exists()
+    # a human's episode ran by in the time of a key press (200 steps in 0.13 s), saved as a demonstration
+    res = run_app(
+        "wm-collect", "task=pointmaze", "teleop=keyboard", "realtime=false", f"store={tmp_path / 'x.zarr'}"
+    )
+    assert res.returncode == 2 and res.stderr == (
+        "error: realtime=false: teleop=keyboard records a human at the task's control rate; leave realtime "
+        "out (it is for scripted experts)\n"
+    )
+    assert not (tmp_path / "x.zarr").exists()
 
 
 @pytest.mark.parametrize(
@@ -403,10 +412,14 @@ def test_bad_numbers_are_refused_in_one_line_before_the_store_is_made(tmp_path, 
     assert not store.exists()
 
 
-def test_a_start_that_already_succeeds_is_an_episode_of_the_experts_first_action(tmp_path):
-    """With a success radius the start state already meets, the expert recorded no step and the session
-    ended with "an episode needs at least one step"."""
-    task = make_task("arm_push", SimConfig(state_only=True, options={"success_radius": 0.2}))
+def test_a_start_that_already_succeeds_is_an_episode_of_the_experts_first_action(tmp_path, monkeypatch):
+    """With a start state that already succeeds (a success radius larger than the start's distance
+    did, before such radii were refused), the expert recorded no step and the session ended with "an
+    episode needs at least one step"."""
+    from robots.sim.arm_push import ArmPushTask
+
+    monkeypatch.setattr(ArmPushTask, "_success", lambda self: True)
+    task = make_task("arm_push", SimConfig(state_only=True))
     store = open_store(str(tmp_path / "s.zarr"), recording_schema(task, "arm_push"))
     with task:
         task.reset(0)

@@ -105,6 +105,11 @@ class CollectConfig:
                 make_expert(self.task)  # a task without one (robosuite/NutAssembly) is refused here
         else:
             DeviceSettings.of(self).check(needs_start=True)
+            if str(self.realtime).lower() == "false":  # an episode ran by in the time of a key press
+                raise UsageError(
+                    f"realtime=false: teleop={self.teleop} records a human at the task's control rate; "
+                    "leave realtime out (it is for scripted experts)"
+                )
             given = changed(self, ("noise_std", "replays", "replay_noise_std"))  # scripted experts' only
             if given:
                 raise UsageError(
