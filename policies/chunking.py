@@ -117,7 +117,9 @@ class ChunkPolicy:
     evaluation is reproducible; `reset` does not reseed, so episodes draw different noise. Once a runner
     names the episodes (`start_episodes`, until the next `reset`), each row draws from its own generator
     seeded from (`seed`, its episode's seed): an episode's actions do not depend on which episodes share
-    its batch (up to the model's floating-point rounding, which can depend on the batch size)."""
+    its batch up to the model's arithmetic, which can depend on the batch size: rounding in fp32, and
+    under `precision=auto` the kernel each layer shape chose (fp32, bf16 or int8 weights, each within the
+    accuracy its calibration checks), which can differ between a batch of one and of eight."""
 
     preview_label = "policy input"
 

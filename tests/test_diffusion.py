@@ -570,6 +570,29 @@ def save_policy(policy: DiffusionPolicy, path) -> None:
     )
 
 
+def test_a_policy_loads_without_its_encoders_pretrained_weights_file(store_path, tmp_path):
+    """The checkpoint holds every weight, yet loading a policy on a patch encoder read the encoder's
+    pretrained file again: a run copied to the robot's computer without it was refused (and weights=timm
+    would have downloaded). It is read to train only, as DINO-WM's."""
+    from wm.encoders import build_encoder
+
+    base = tiny_config("unet")
+    weights = tmp_path / "cnn_pretrained.pt"  # stands in for a downloaded backbone file
+    torch.save(build_encoder(base.obs.patch_encoder).state_dict(), weights)
+    encoder = dataclasses.replace(base.obs.patch_encoder, weights=str(weights))
+    cfg = dataclasses.replace(base, obs=dataclasses.replace(base.obs, patch_encoder=encoder))
+    with DemoStore.open(store_path) as store:
+        policy = DiffusionPolicy(cfg, Normalizer.fit(store, {"action": "minmax", "proprio": "minmax"})).eval()
+    save_policy(policy, tmp_path / "run" / "ckpt_00000001.pt")
+    weights.unlink()
+    loaded = load_model(str(tmp_path / "run"), controller="policy").model
+    obs = {"image": torch.rand(2, N_OBS, 3, H, W), "proprio": torch.rand(2, N_OBS, 2)}
+    with torch.no_grad():
+        want = policy.sample_actions(obs, generator=torch.Generator().manual_seed(0))
+        got = loaded.sample_actions(obs, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("denoiser", ["unet", "transformer"])
 def test_distillation_targets_are_fp32_and_the_target_stays_in_eval_mode(store_path, tmp_path, denoiser):
     """A distillation step's autograd-free parts (the frozen encoder, the teacher, the EMA target) run

@@ -3,6 +3,8 @@ the wrong kind in one line (they were tracebacks deep in torch or silent NaN act
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,22 @@ def test_network_configs_built_directly_refuse_numbers_of_the_wrong_kind(build, 
 def test_unet_n_groups_zero_is_one_line():
     with pytest.raises(ValueError, match=r"n_groups must be >= 1, got 0"):
         UNetConfig(n_groups=0)
+
+
+@pytest.mark.parametrize(
+    ("crop", "said"),
+    [
+        ("12", "model.obs.crop must be auto, null, a size n (n x n) or [h,w] in whole pixels, got '12'"),
+        ([8.7, 8.2], "model.obs.crop must be auto, null, a size n (n x n) or [h,w] in whole pixels"),
+        ([8, 8, 8], "model.obs.crop must be auto, null, a size n (n x n) or [h,w] in whole pixels"),
+        ([20, 8], "model.obs.crop=[20,8] does not fit the store's 16x16 frames"),
+    ],
+)
+def test_a_crop_that_is_no_size_is_refused_in_one_line(crop, said):
+    """The text "12" trained with a 1x2 crop (split into its digits), [8.7, 8.2] with 8x8 (int() cut it),
+    and a single 84 was a TypeError traceback."""
+    from policies.diffusion.entry import crop_for
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        crop_for(crop, (H, W))
+    assert crop_for(12, (H, W)) == [12, 12] and crop_for("auto", (H, W)) == [14, 14]

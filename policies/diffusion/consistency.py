@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from policies.diffusion.entry import chunk_policy
 from policies.diffusion.entry import validation as policy_validation
 from policies.diffusion.noise import Diffusion, Generators, Inpaint, masked_mean, scored_steps
-from policies.diffusion.policy import MODEL_TYPES, DiffusionPolicy, DiffusionPolicyConfig
+from policies.diffusion.policy import MODEL_TYPES, DiffusionPolicy, DiffusionPolicyConfig, inference_policy
 from policies.diffusion.precision import fp32_inference
 from wm.checkpoint import CheckpointError, load_checkpoint
 from wm.data.normalize import Normalizer
@@ -206,7 +206,7 @@ class ConsistencyDistillation(nn.Module):
             raise CheckpointError(f"teacher {cfg.teacher} has another architecture than this config")
         self.cfg = cfg
         self.objective = ConsistencyObjective(teacher.diffusion, cfg.distill)
-        self.policy = DiffusionPolicy(cfg.policy, normalizer)
+        self.policy = DiffusionPolicy(cfg.policy, normalizer, load_encoder_weights=False)  # the teacher's:
         self.policy.obs_encoder.load_state_dict(teacher.obs_encoder.state_dict())
         self.policy.obs_encoder.requires_grad_(False)
         self.policy.diffusion = self.objective.target  # the policy samples with the EMA target
@@ -296,7 +296,7 @@ ENTRY = ModelEntry(
     validation=validation,
     val_metrics=("val_action_mse",),
     policy=chunk_policy,
-    inference=lambda cfg, normalizer: DiffusionPolicy(cfg.policy, normalizer),
+    inference=lambda cfg, normalizer: inference_policy(cfg.policy, normalizer),
     state_prefix="policy.",
     use_ema=False,
     trainer_overrides={"ema_decay": 0.0},

@@ -11,8 +11,9 @@ import torch
 
 from policies.chunking import ChunkPolicy
 from policies.diffusion.noise import check_reaches_noise
-from policies.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig
+from policies.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig, inference_policy
 from wm.data.dataset import WindowDataset
+from wm.options import is_whole
 from wm.registry import ModelEntry, TrainContext
 
 # inference settings `wm-eval policy.*` may change at load time
@@ -29,11 +30,18 @@ CROP_SHARE = 0.875  # crop="auto": 7/8 of each side, Diffusion Policy's and LeRo
 
 def crop_for(crop: Any, size: tuple[int, int]) -> list[int] | None:
     """The random-crop size for frames of `size` (H, W): "auto" -> 7/8 of each side; None -> no crop;
-    [h, w] -> itself, refused in one line when it does not fit the store's frames."""
+    [h, w] -> itself, n -> [n, n]; refused in one line when it does not fit the store's frames, or is
+    none of these (the text "12" was split into a 1x2 crop, 8.7 cut to 8, 84 a TypeError)."""
     if crop is None:
         return None
     if crop == "auto":
         return [max(1, round(CROP_SHARE * s)) for s in size]
+    if is_whole(crop):
+        crop = [crop, crop]
+    if isinstance(crop, str) or not (len(crop) == 2 and all(is_whole(c) for c in crop)):
+        raise ValueError(
+            f"model.obs.crop must be auto, null, a size n (n x n) or [h,w] in whole pixels, got {crop!r}"
+        )
     h, w = (int(c) for c in crop)
     if not (0 < h <= size[0] and 0 < w <= size[1]):
         raise ValueError(
@@ -126,6 +134,7 @@ def _entry(denoiser: str, description: str) -> ModelEntry:
         validation=validation,
         val_metrics=("val_action_mse",),
         policy=chunk_policy,
+        inference=inference_policy,
         overridable=OVERRIDABLE,
     )
 

@@ -150,12 +150,13 @@ class ResNetKeypoints(Bf16Inference, nn.Module):
 
 
 class PatchFeatures(Bf16Inference, nn.Module):
-    """Images (N, 3, H, W) or cached tokens (N, P, D) -> (N, feature_dim) through a wm patch encoder."""
+    """Images (N, 3, H, W) or cached tokens (N, P, D) -> (N, feature_dim) through a wm patch encoder
+    (`load_weights=False`: its structure only, for a model whose checkpoint holds its weights)."""
 
-    def __init__(self, cfg: ObsEncoderConfig) -> None:
+    def __init__(self, cfg: ObsEncoderConfig, load_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder: PatchEncoder = build_encoder(cfg.patch_encoder)
+        self.encoder: PatchEncoder = build_encoder(cfg.patch_encoder, load_weights=load_weights)
         side = cfg.crop or cfg.image_size
         self.grid = self.encoder.patch_grid(*side)
         n_tok = 1 if cfg.patch_pool == "mean" else cfg.patch_grid**2
@@ -174,13 +175,17 @@ class PatchFeatures(Bf16Inference, nn.Module):
 
 
 class ObsEncoder(nn.Module):
-    """obs {camera: (B, To, C, H, W), proprio_key: (B, To, Dp) normalized} -> (B, To, Dc)."""
+    """obs {camera: (B, To, C, H, W), proprio_key: (B, To, Dp) normalized} -> (B, To, Dc).
+    `load_weights`: a patch encoder's pretrained weights read from their file (False: a model rebuilt
+    from a checkpoint, which holds them; the file need not exist any more)."""
 
-    def __init__(self, cfg: ObsEncoderConfig) -> None:
+    def __init__(self, cfg: ObsEncoderConfig, load_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        make = ResNetKeypoints if cfg.backbone == "resnet18" else PatchFeatures
-        self.cameras = nn.ModuleDict({_mkey(k): make(cfg) for k in cfg.image_keys})
+        if cfg.backbone == "resnet18":  # trained from scratch, as Diffusion Policy's
+            self.cameras = nn.ModuleDict({_mkey(k): ResNetKeypoints(cfg) for k in cfg.image_keys})
+        else:
+            self.cameras = nn.ModuleDict({_mkey(k): PatchFeatures(cfg, load_weights) for k in cfg.image_keys})
 
     def check_obs(self, obs: dict[str, Tensor]) -> None:
         """One clear error for an observation this encoder was not trained on."""

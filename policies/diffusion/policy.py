@@ -162,15 +162,18 @@ def _check_sampler(sampler: str, steps: int, consistency: bool) -> None:
 class DiffusionPolicy(nn.Module):
     """The diffusion-policy model: a `TrainableModel` (`compute_loss`) and a `ChunkModel`
     (`sample_actions` on its input tensors); `policies.chunking.ChunkPolicy` makes it a `Policy`
-    controller. Call `.eval()` before sampling (dropout); inference always uses the center crop."""
+    controller. Call `.eval()` before sampling (dropout); inference always uses the center crop.
+    `load_encoder_weights=False`: a patch encoder's pretrained file is not read (`inference_policy`)."""
 
     row_generators = True  # `sample_actions` takes one generator per row (`ChunkModel`)
 
-    def __init__(self, cfg: DiffusionPolicyConfig, normalizer: Normalizer) -> None:
+    def __init__(
+        self, cfg: DiffusionPolicyConfig, normalizer: Normalizer, load_encoder_weights: bool = True
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.normalizer = normalizer
-        self.obs_encoder = ObsEncoder(cfg.obs)
+        self.obs_encoder = ObsEncoder(cfg.obs, load_weights=load_encoder_weights)
         Dc, Da = cfg.obs.out_dim, cfg.action_dim
         committed = Committed(cfg.n_obs - 1, cfg.committed_steps) if cfg.committed_steps else None
         in_dim = 2 * Da + 1 if committed else Da  # noisy actions [+ committed actions, their mask]
@@ -327,3 +330,10 @@ class DiffusionPolicy(nn.Module):
         )
         end = c.horizon if full else start + c.n_action_exec
         return self.normalizer.unnormalize(c.action_key, x[:, start:end])
+
+
+def inference_policy(cfg: DiffusionPolicyConfig, normalizer: Normalizer) -> DiffusionPolicy:
+    """The policy rebuilt from a checkpoint: a patch encoder's structure from the config, its weights
+    (like all others) from the checkpoint's state dict, so a pretrained file need not be there any more
+    (a run copied to the robot's computer, or `weights=timm` without the network)."""
+    return DiffusionPolicy(cfg, normalizer, load_encoder_weights=False)
