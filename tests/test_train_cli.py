@@ -260,7 +260,9 @@ def test_ctrl_c_or_sigterm_saves_says_how_to_resume_and_exits_128_plus_the_signa
     assert step >= 3 and [p.name for p in list_checkpoints(out)] == [f"ckpt_{step:08d}.pt"]
     assert f"interrupted at step {step}: saved {out / f'ckpt_{step:08d}.pt'}" in stderr
     resume_line = next(line for line in stderr.splitlines() if line.startswith("to resume"))
-    assert resume_line.startswith(f"to resume from step {step}, run the same command: wm-train ")
+    assert resume_line.startswith(
+        f"to resume from step {step}, run the same command from {Path.cwd()}: wm-train "
+    )
     assert f"out={out}" in resume_line and "trainer.steps=100000" in resume_line
 
     res = wm_train(f"store={store}", f"out={out}", f"trainer.steps={step + 2}", "trainer.val_every=0")

@@ -272,6 +272,8 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
     assert "trainer.ema_decay=0.0" in res.stdout  # said, not silently applied
     config = json.loads((student / "config.json").read_text())
     assert config["model_type"] == "consistency" and config["model_config"]["teacher"].endswith(".pt")
+    # what ran, in config.json and the checkpoints alike (run_config said the user's 0.995)
+    assert config["trainer"]["ema_decay"] == config["run_config"]["trainer"]["ema_decay"] == 0.0
     res = cli(
         "wm-eval", "task=pointmaze", "controller=policy", f"checkpoint={student}", "episodes=2",
         "parallel=2", f"out={tmp_path / 'eval_cm'}", "max_steps=3", "videos=0", "progress=false",

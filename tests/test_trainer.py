@@ -202,6 +202,8 @@ def test_warmup_is_capped_at_a_fraction_of_a_short_run(dataset, tmp_path, capsys
     assert lr_factor(299, short) < 0.01  # the cosine spans the 270 steps after the warm-up
     assert TrainerConfig(steps=3000, warmup_steps=200).warmup_steps_used == 200  # a long run: as set
     assert TrainerConfig(steps=300, warmup_steps=200, warmup_max_fraction=1).warmup_steps_used == 200
+    # 0.29 * 100 is 28.999999999999996 in floating point: the cap was 28, and said so
+    assert TrainerConfig(steps=100, warmup_steps=50, warmup_max_fraction=0.29).warmup_steps_used == 29
     with pytest.raises(ValueError, match="warmup_max_fraction"):
         TrainerConfig(warmup_max_fraction=1.5)
     make_trainer(dataset, tmp_path / "capped", steps=20, warmup_steps=5).fit()  # 5 > 10 % of 20
@@ -1025,3 +1027,39 @@ def test_a_resumed_run_trains_as_the_unbroken_one(dataset, tmp_path, stop_at):
     for name, weight in unbroken.model.state_dict().items():
         assert torch.equal(weight, resumed.model.state_dict()[name]), name
     assert torch.equal(unbroken.ema_model.net[0].weight, resumed.ema_model.net[0].weight)
+
+
+def test_a_best_pt_left_of_another_model_is_refused_as_a_checkpoint_to_resume_is(dataset, tmp_path):
+    """A best.pt without a checkpoint beside it (a run killed before its first) was taken as the bar of
+    any run into the folder, one of another architecture too, and kept as that run's best."""
+    make_trainer(
+        dataset, tmp_path, steps=2, val_every=2, ckpt_every=10, val_fn=scripted_val({2: {"loss": 1.0}})
+    ).fit()
+    for ckpt in tmp_path.glob("ckpt_*.pt"):
+        ckpt.unlink()
+    assert (tmp_path / BEST_NAME).is_file()
+    model_config = MODEL_CONFIG | {"hidden": 16}
+    other = Trainer(
+        TinyRegressor(**model_config),
+        dataset,
+        cfg(steps=2),
+        tmp_path,
+        model_type="tiny",
+        model_config=model_config,
+    )
+    with pytest.raises(CheckpointError, match=r"already holds best.pt \(step 2\) of another architecture"):
+        other.fit()
+    assert load_checkpoint(tmp_path / BEST_NAME)["step"] == 2
+
+
+def test_a_resumed_runs_tensorboard_holds_each_step_once(dataset, tmp_path):
+    """Steps a killed run had logged past its last checkpoint were logged again after the resume: the
+    curves held them twice, and zigzagged where the two runs differed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_trainer(dataset, tmp_path, steps=8, ckpt_every=4, keep_last=5, log_every=1).fit()
+    (tmp_path / "ckpt_00000008.pt").unlink()  # killed after step 8 was logged, before it was saved
+    make_trainer(dataset, tmp_path, steps=8, ckpt_every=4, keep_last=5, log_every=1).fit()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))

@@ -210,7 +210,7 @@ def train(cfg: TrainAppConfig) -> int:
         video_ratio=cfg.video_ratio or 0.0,  # None: no video store (its default was set above)
     )
     run_config = {
-        **json.loads(json.dumps(cfg.__dict__, default=str)),
+        **json.loads(json.dumps({**cfg.__dict__, "trainer": trainer_opts}, default=str)),  # as it ran
         **store_facts,
         "teacher_checkpoint": setup.model_config.get("teacher"),
         "latent_checkpoint": latent_checkpoint(setup.model_config),
@@ -234,10 +234,9 @@ def train(cfg: TrainAppConfig) -> int:
     try:
         metrics = trainer.fit()
     except TrainingInterrupted as e:
-        where = "" if Path(cfg.out).is_absolute() else f" from {Path.cwd()}"
-        if main:
+        if main:  # from here: any path in it (store=, teacher=, a weights file) may be relative
             print(
-                f"to resume from step {e.step}, run the same command{where}: {command_line()}",
+                f"to resume from step {e.step}, run the same command from {Path.cwd()}: {command_line()}",
                 file=sys.stderr,
             )
         raise

@@ -106,7 +106,8 @@ class TrainerConfig:
     @property
     def warmup_steps_used(self) -> int:
         """The warm-up length the schedule uses: `warmup_steps`, capped at `warmup_max_fraction * steps`."""
-        return min(self.warmup_steps, int(self.warmup_max_fraction * self.steps))
+        # (floor with a tolerance: 0.29 * 100 is 28.999999999999996, which int() made 28)
+        return min(self.warmup_steps, math.floor(self.warmup_max_fraction * self.steps + 1e-9))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

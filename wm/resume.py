@@ -70,9 +70,10 @@ class RunIdentity:
     same_on_resume: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None
 
 
-def check_fits(run: RunIdentity, ckpt: dict[str, Any], path: Path) -> str:
-    """Raise a one-line `CheckpointError` when the checkpoint to resume holds another model, one trained
-    on other data, no optimizer state or non-finite state; returns a note to say ("" for none)."""
+def check_same_run(run: RunIdentity, ckpt: dict[str, Any], path: Path) -> None:
+    """Raise a one-line `CheckpointError` when the checkpoint at `path` in the run's folder (one to resume,
+    or a best.pt left without one) holds another model type or architecture, or one trained on other
+    data (`same_on_resume`)."""
     where = f"{run.out_dir} already holds {path.name} (step {ckpt.get('step')})"
     fix = start_over(run.out_dir)
     if ckpt["model_type"] != run.model_type:
@@ -80,10 +81,27 @@ def check_fits(run: RunIdentity, ckpt: dict[str, Any], path: Path) -> str:
             f"{where}, a {ckpt['model_type']!r} model, but this run trains {run.model_type!r}: {fix}"
         )
     problems = state_dict_diff(run.model.state_dict(), ckpt["state_dict"])
-    changed = config_diff(ckpt["model_config"], run.model_config)
     if problems:
+        changed = config_diff(ckpt["model_config"], run.model_config)
         why = f"; model_config differs in {', '.join(changed)}" if changed else ""
         raise CheckpointError(f"{where} of another architecture ({'; '.join(problems)}{why}): {fix}")
+    then = (ckpt.get("extra") or {}).get("run_config") or {}
+    data = run.same_on_resume(then, run.run_config) if run.same_on_resume is not None else []
+    if data:
+        raise CheckpointError(
+            f"{where}, trained on other data ({'; '.join(data)}): resuming would change what the run "
+            f"learns from mid-run (the data, its split and normalization, or a teacher); {fix}"
+        )
+
+
+def check_fits(run: RunIdentity, ckpt: dict[str, Any], path: Path) -> str:
+    """Raise a one-line `CheckpointError` when the checkpoint to resume holds another model, one trained
+    on other data (`check_same_run`), no optimizer state or non-finite state; returns a note to say
+    ("" for none)."""
+    check_same_run(run, ckpt, path)
+    where = f"{run.out_dir} already holds {path.name} (step {ckpt.get('step')})"
+    fix = start_over(run.out_dir)
+    changed = config_diff(ckpt["model_config"], run.model_config)
     if ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
         raise CheckpointError(f"{where}, which has no optimizer state to resume from: {fix}")
     bad = non_finite(ckpt)
@@ -91,13 +109,6 @@ def check_fits(run: RunIdentity, ckpt: dict[str, Any], path: Path) -> str:
         raise CheckpointError(
             f"{where}, whose {bad} hold NaN or inf: it cannot be resumed (an earlier checkpoint of the "
             f"run may: delete {path.name}); or {fix}"
-        )
-    then = (ckpt.get("extra") or {}).get("run_config") or {}
-    data = run.same_on_resume(then, run.run_config) if run.same_on_resume is not None else []
-    if data:
-        raise CheckpointError(
-            f"{where}, trained on other data ({'; '.join(data)}): resuming would change what the run "
-            f"learns from mid-run (the data, its split and normalization, or a teacher); {fix}"
         )
     if not changed:
         return ""

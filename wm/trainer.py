@@ -333,10 +333,6 @@ class Trainer:
         checkpoint, its settings (lr, betas, weight decay) from this run's, as config.json records; so
         does the learning-rate schedule (steps, warm-up), said when it differs from the checkpoint's."""
         path = latest_checkpoint(self.out_dir)
-        if path is None:
-            self.best = self._orphan_best()
-            return False
-        ckpt = load_checkpoint(path)
         run = resume.RunIdentity(
             self.out_dir,
             self.model,
@@ -345,6 +341,10 @@ class Trainer:
             self.extra_state.get("run_config") or {},
             self.same_on_resume,
         )
+        if path is None:
+            self.best = self._orphan_best(run)
+            return False
+        ckpt = load_checkpoint(path)
         self._say(resume.check_fits(run, ckpt, path))
         then = ckpt.get("trainer_config") if isinstance(ckpt.get("trainer_config"), dict) else {}
         seed = then.get("seed")
@@ -413,14 +413,18 @@ class Trainer:
             self.loader.generator.set_state(position["epoch_start"])
         self.epoch, self._skip = epoch, batches
 
-    def _orphan_best(self) -> dict[str, Any] | None:
+    def _orphan_best(self, run: resume.RunIdentity) -> dict[str, Any] | None:
         """A best.pt in `out_dir` without a checkpoint to resume from (a run killed before its first
         one): its record is the bar a new validation must beat to replace it (a rerun of the command
-        replaced a better best.pt with its first validation), and the run says so."""
+        replaced a better best.pt with its first validation), and the run says so. One of another
+        model, architecture or data is refused as a checkpoint to resume is (it was taken as the bar,
+        and kept as this run's best)."""
         best_path = self.out_dir / BEST_NAME
         if not best_path.is_file():
             return None
-        best = resume.recorded_best(self.out_dir, load_checkpoint(best_path))
+        ckpt = load_checkpoint(best_path)
+        resume.check_same_run(run, ckpt, best_path)
+        best = resume.recorded_best(self.out_dir, ckpt)
         if best is not None:
             self._say(
                 f"note: {self.out_dir} holds {BEST_NAME} ({best['metric']} {best['value']:.4g} at step "
@@ -602,7 +606,9 @@ class Trainer:
                 f"(warmup_max_fraction=1 keeps {cfg.warmup_steps})"
             )
         self._write_config()
-        return SummaryWriter(str(self.out_dir / "tb"))
+        # steps past the checkpoint a killed run had logged are hidden: they are logged again (twice, the
+        # curves zigzagged)
+        return SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1)
 
     def fit(self) -> dict[str, float]:
         """Train to `cfg.steps` (resuming from `out_dir` if it holds a checkpoint); returns the last log
