@@ -107,6 +107,29 @@ def test_training_lowers_the_loss_and_checkpoint_reloads_exactly(maze_store, tmp
         )
 
 
+def test_the_feature_cache_encodes_on_the_trainings_device(maze_store, tmp_path, monkeypatch):
+    """setup_training built the cache on the CPU whatever the trainer's device: a DINOv2 encoding of a
+    large store took hours beside an idle GPU. wm-train passes trainer.device; the encoder is left on
+    the CPU with the rest of the model (the trainer moves it)."""
+    import torchvision
+
+    import wm.feature_cache
+    from wm.training import setup_training
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    seen, build = [], wm.feature_cache.build_feature_cache
+    monkeypatch.setattr(
+        wm.feature_cache,
+        "build_feature_cache",
+        lambda *a, **k: seen.append(k.get("device")) or build(*a, **k),
+    )
+    model = MODEL | {"encoder": {"name": "resnet18", "weights": str(weights)}, "decoder_channels": [8]}
+    device = torch.device("cpu")  # (the one this machine has: the same object must arrive)
+    setup = setup_training("dino_wm", str(maze_store), model, val_ratio=0.2, seed=0, device=device)
+    assert seen == [device] and next(setup.model.encoder.parameters()).device.type == "cpu"
+
+
 def test_a_checkpoint_loads_without_the_pretrained_encoder_file(maze_store, tmp_path):
     """The checkpoint holds the frozen encoder's weights: evaluating on another machine (or after the
     downloaded file moved) must not need the file again (it raised EncoderWeightsError)."""

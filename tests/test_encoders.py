@@ -176,6 +176,12 @@ def test_read_weights_file_unwraps_and_strips_a_shared_prefix(tmp_path):
     torch.save({"step": 3}, tmp_path / "not_weights.pt")
     with pytest.raises(EncoderWeightsError, match="not a state dict of tensors"):
         read_weights_file(tmp_path / "not_weights.pt")
+    # DINOv2's training output: the teacher's backbone beside its heads (it was refused, naming
+    # backbone.* keys as unexpected); torch.compile of a DDP model: _orig_mod.module. (refused too)
+    torch.save({"teacher": {"backbone.a": w, "dino_head.mlp": w, "ibot_head.x": w}}, tmp_path / "teacher.pth")
+    assert list(read_weights_file(tmp_path / "teacher.pth")) == ["a"]
+    torch.save({"_orig_mod.module.a": w, "_orig_mod.module.b": w}, tmp_path / "compiled.pt")
+    assert sorted(read_weights_file(tmp_path / "compiled.pt")) == ["a", "b"]
 
 
 # ---------------------------------------------------------------------- ResNet-18 checkpoints
@@ -196,6 +202,13 @@ def test_resnet18_torchvision_file_loads_exactly(tmp_path):
         h = full.maxpool(full.relu(full.bn1(full.conv1(h))))
         ref = rearrange(full.layer3(full.layer2(full.layer1(h))), "b d h w -> b (h w) d")
     assert torch.equal(enc(x), ref)
+
+    # a fine-tuned network's classifier, or none: fc is never used (both were refused)
+    for fc in ({}, {"fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}):
+        sd = {k: v for k, v in full.state_dict().items() if not k.startswith("fc.")} | fc
+        torch.save(sd, tmp_path / "other_fc.pth")
+        other = build_encoder(EncoderConfig(name="resnet18", weights=str(tmp_path / "other_fc.pth")))
+        assert torch.equal(other(x), ref)
 
     sd = full.state_dict()
     del sd["layer2.0.conv1.weight"]
@@ -221,9 +234,9 @@ def test_weights_files_that_load_wrongly_name_the_file_and_the_problem(tmp_path)
     with pytest.raises(EncoderWeightsError, match=nan):
         build_encoder(EncoderConfig(weights=str(tmp_path / "nan.pt")))  # was loaded: NaN features
     full = torchvision.models.resnet18(weights=None).state_dict()
-    full["fc.bias"] = torch.full_like(full["fc.bias"], float("inf"))
+    full["layer1.0.bn1.bias"] = torch.full_like(full["layer1.0.bn1.bias"], float("inf"))
     torch.save(full, tmp_path / "inf.pth")
-    with pytest.raises(EncoderWeightsError, match=r"inf.pth: non-finite weights \(NaN or inf\) in fc.bias"):
+    with pytest.raises(EncoderWeightsError, match=r"inf.pth: non-finite weights \(NaN or inf\) in layer1"):
         build_encoder(EncoderConfig(name="resnet18", weights=str(tmp_path / "inf.pth")))
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole model: torch's 6-line advice
     pickled = r"^\S*module.pt: holds pickled Python objects.*state_dict\(\)"
@@ -482,3 +495,15 @@ def test_a_non_finite_frame_met_by_the_feature_cache_is_named_by_episode_and_ste
         SchemaError, match=r"'img' \(float32\) holds non-finite values \(NaN or inf\) in episode 1, step 3;"
     ):
         build_feature_cache(path, vits, "img", tmp_path / "cache", batch_size=4)
+
+
+def test_the_world_models_config_lists_every_encoder_option():
+    """configs/model/dino_wm.yaml left out image_size and resnet_layer: `model.encoder.image_size=224`,
+    DINO-WM's setting, was refused as an unknown option (Hydra takes only the keys a config lists)."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "model" / "dino_wm.yaml").read_text())
+    assert set(config["encoder"]) == {f.name for f in dataclasses.fields(EncoderConfig)}

@@ -179,7 +179,7 @@ def check_best_metric(model_type: str, best: str | None) -> None:
 
 def train(cfg: TrainAppConfig) -> int:
     from wm.registry import model_entry
-    from wm.trainer import Trainer, TrainerConfig, TrainingInterrupted
+    from wm.trainer import Trainer, TrainerConfig, TrainingInterrupted, pick_device
     from wm.training import setup_training
 
     model_type = cfg.model["type"]
@@ -208,6 +208,7 @@ def train(cfg: TrainAppConfig) -> int:
         teacher=cfg.teacher,
         video_store=cfg.video_store,
         video_ratio=cfg.video_ratio or 0.0,  # None: no video store (its default was set above)
+        device=pick_device(trainer_cfg.device, int(os.environ.get("LOCAL_RANK", "0"))),  # the cache's
     )
     run_config = {
         **json.loads(json.dumps({**cfg.__dict__, "trainer": trainer_opts}, default=str)),  # as it ran

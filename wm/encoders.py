@@ -270,7 +270,10 @@ class ResNetEncoder(PatchEncoder):
         else:
             with torch.device("meta"):
                 full = torchvision.models.resnet18(weights=None)
-            _load_into(full, read_weights_file(cfg.weights), cfg.weights)  # the whole network, fc included
+            full.fc = nn.Identity()  # never used (the encoder stops at layerN): a file without it, or of
+            # another class count (fine-tuned), fits
+            weights = read_weights_file(cfg.weights)
+            _load_into(full, {k: v for k, v in weights.items() if not k.startswith("fc.")}, cfg.weights)
         stages = [full.conv1, full.bn1, full.relu, full.maxpool]
         stages += [getattr(full, f"layer{i}") for i in range(1, self.layer + 1)]
         self.backbone = nn.Sequential(*stages)
@@ -396,9 +399,14 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise EncoderWeightsError(f"{path}: not a state dict of tensors (got {type(sd).__name__})")
-    for prefix in ("module.", "_orig_mod.", "backbone."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):  # a training checkpoint's: its heads are not the model's
+        sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}  # (DINOv2's dino_head, ibot_head)
+    stripped = None
+    while stripped != sd:  # nested, in any order: torch.compile of DDP is _orig_mod.module.
+        stripped = sd
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 

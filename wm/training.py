@@ -94,14 +94,15 @@ def setup_training(
     teacher: str | None = None,
     video_store: str | None = None,
     video_ratio: float = 0.5,
+    device: str | torch.device = "cpu",
 ) -> TrainSetup:
     """Everything a training run of the registered `model_type` needs, from the store at
     `store_path` and the user's model `options`. Episodes are split with `seed` (`val_ratio` held
     out), and torch is seeded with it right before the model is built; the normalizer is fitted on
     the training episodes (actions min-max, proprioception as the entry says) unless the entry
     brings its own. With `feature_cache="auto"` and a model whose encoder is frozen, its features are
-    computed once into a zarr cache beside the store (`<store dir>/feature_cache/`) and training reads
-    those instead of images.
+    computed once, on `device` (the training's), into a zarr cache beside the store (`<store
+    dir>/feature_cache/`) and training reads those instead of images.
 
     Action-free data, for models whose entry says `action_free`: episodes of the store flagged
     action-free (`wm.data.mixture.ACTION_FREE`) train without their actions, and `video_store` (a store
@@ -180,7 +181,7 @@ def setup_training(
     data_path = store_path
     source = model.feature_cache_source() if feature_cache == "auto" else None
     if source is not None:
-        data_path = cached_features(store_path, *source)
+        data_path = cached_features(store_path, *source, device=device)
     if entry.action_free:
         train_set: Any = ActionFreeWindows(data_path, spec, train_eps, in_memory=in_memory)
     else:
@@ -190,7 +191,7 @@ def setup_training(
             key, offsets = model.frames_beside_features()
             train_set = WithFrames(train_set, store_path, key, offsets, in_memory=False)
     if video_store is not None:
-        video_path = cached_features(video_store, *source) if source is not None else video_store
+        video_path = video_store if source is None else cached_features(video_store, *source, device=device)
         video_set = ActionFreeWindows(
             video_path,
             spec,
@@ -306,10 +307,17 @@ def note(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def cached_features(store_path: str, encoder: Any, image_keys: str | Sequence[str]) -> str:
+def cached_features(
+    store_path: str, encoder: Any, image_keys: str | Sequence[str], device: str | torch.device = "cpu"
+) -> str:
     """The path of the frozen `encoder`'s feature cache of the camera(s) `image_keys`, built or extended
-    first; every model's cache lives beside its store, in `<store dir>/feature_cache/`."""
+    first, encoding on `device` (the training's: a large store took hours on the CPU beside an idle
+    GPU); the encoder is left on the CPU, with the rest of the model until the trainer moves it. Every
+    model's cache lives beside its store, in `<store dir>/feature_cache/`."""
     from wm.feature_cache import build_feature_cache
 
     cache_root = Path(store_path).resolve().parent / "feature_cache"
-    return str(build_feature_cache(store_path, encoder, image_keys, cache_root))
+    try:
+        return str(build_feature_cache(store_path, encoder, image_keys, cache_root, device=device))
+    finally:
+        encoder.to("cpu")
