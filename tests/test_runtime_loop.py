@@ -178,9 +178,29 @@ def test_sync_with_a_slower_policy_gives_each_chunks_last_action_its_whole_step(
     so it lasted one tick instead of one policy step and every chunk ran short."""
     _, rt, _ = setup("sync", "replace", replan_every=3, delay=0.0, policy_hz=HZ / 4)
     out = rt.run_episode(24)
-    firsts = [t.nominal - out.started_at for t in out.ticks if t.chunk != NO_CHUNK and t.index == 0]
-    assert np.allclose(np.diff(firsts), 3 * 4 / HZ)  # 3 actions of 4 ticks each per chunk
+    starts: dict[int, float] = {}
+    for t in out.ticks:  # each chunk's first tick (its actions are sent on each tick of their step)
+        if t.chunk != NO_CHUNK:
+            starts.setdefault(t.chunk, t.nominal - out.started_at)
+    assert np.allclose(np.diff(list(starts.values())), 3 * 4 / HZ)  # 3 actions of 4 ticks each per chunk
     assert out.underruns == 0  # holding the last action through its step is no underrun
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_slower_policys_force_is_sent_for_its_whole_step(mode):
+    """Between the actions of a policy slower than the loop the tick sent the safety layer's hold: zero
+    force on pointmaze (a quarter of each action's push, with no event said), the capped last target on
+    a position robot (which stopped short), and the watchdog saw no fresh action (false holds, and a
+    stop at a low policy rate while the chunk still covered the time)."""
+    _, rt, _ = setup(mode, "replace", replan_every=3, delay=0.0, policy_hz=HZ / 4)
+    out = rt.run_episode(24)
+    sent = [t for t in out.ticks if t.command is not None]
+    assert all(t.chunk != NO_CHUNK for t in sent) and out.events.get("hold", 0) == 0
+    for a, b in zip(sent, sent[1:], strict=False):
+        if (a.chunk, a.index) == (b.chunk, b.index):  # the same action on each tick of its step
+            np.testing.assert_array_equal(a.command, b.command)
+    steps = {(t.chunk, t.index) for t in sent}
+    assert len(sent) == 24 and len(steps) == 6  # 6 actions of 4 ticks
 
 
 def test_a_controller_that_is_too_slow_for_its_chunks_underruns_and_holds():

@@ -203,6 +203,9 @@ class Runtime:
         feat = robot.action_feature
         self.safety_cfg = cfg.safety
         self.positions = bool(getattr(robot, "position_actions", True))
+        # between the actions of a policy slower than the loop, an absolute action (a position target, a
+        # force) is sent again for its whole step; a delta is applied once (the ticks between hold)
+        self.repeats = getattr(getattr(robot, "action_space", None), "mode", "absolute") == "absolute"
         self.advances_on_send = bool(getattr(robot, "advances_on_send", False))  # a simulator (see _stamp)
         self.feature = feat
         try:  # its checks against the robot's actions, here, before a robot connects or a store opens
@@ -305,6 +308,8 @@ class Runtime:
             # ---- the action due now (or a human's)
             human = takeover(obs, last_cmd) if takeover is not None else None
             pick, skipped = timeline.take(tick_t)
+            if pick is None and self.repeats and human is None:
+                pick = timeline.repeat_last(tick_t)  # (the hold sent a quarter of a 4-tick force)
             out.skipped += skipped
             now = clock.now()
             if human is not None:

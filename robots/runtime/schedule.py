@@ -75,7 +75,8 @@ class Slot:
 @dataclass(frozen=True)
 class Pick:
     """What a tick sends: the action, the slot it came from (`chunk`, `index`), when it is due, and
-    whether it was interpolated between two slots (then it is due at the tick it was made for)."""
+    whether it was made for this tick (interpolated between two slots, or the last action repeated while
+    it still covers the tick): then it is due at the tick it was made for."""
 
     action: np.ndarray
     chunk: int
@@ -135,6 +136,15 @@ class Timeline:
         """Whether the last action sent still covers the tick at `tick_time`: a policy slower than the
         loop means each action for a whole policy step, also the last of a chunk."""
         return self.last is not None and tick_time < self.last.due + self.step_s - self.period_s / 2
+
+    def repeat_last(self, tick_time: float) -> Pick | None:
+        """The last action sent again, for the tick at `tick_time`, while it still covers it
+        (`holds_last`): what an absolute action (a position target, a force) means between the slots
+        of a policy slower than the loop. None when it does not cover the tick."""
+        if not self.holds_last(tick_time):
+            return None
+        last = self.last
+        return Pick(last.action.copy(), last.chunk, last.index, tick_time, interpolated=True)
 
     # ------------------------------------------------------------------ merging
     def merge(self, chunk: Chunk, next_tick: float) -> MergeResult:
