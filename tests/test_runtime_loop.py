@@ -425,3 +425,12 @@ def test_an_observation_with_an_old_camera_frame_is_stamped_when_the_frame_was_c
     assert out.stopped is None and len(out.chunks) > 3
     later = [c.obs_time for c in out.chunks[1:]]
     assert all(any(abs(t - (b - 0.04)) < 1e-12 for b in began) for t in later), (later, began)
+
+
+@pytest.mark.parametrize("latency", [0.05, 0.15])  # odd multiples of half the 0.1 s period
+def test_an_action_due_half_a_period_from_two_ticks_is_sent_not_dropped(latency):
+    """Such a due time is a tie: the earlier tick was chosen, then judged the action stale by float
+    noise, consumed it and sent nothing (80 of 300 ticks at 0.05 s, zero force on pointmaze)."""
+    _, rt, _ = setup("async", "replace", replan_every=4, chunk=12, delay=0.25, action_latency_s=latency)
+    out = rt.run_episode(300)
+    assert out.skipped == 0 and not [t for t in out.ticks[3:] if t.chunk == NO_CHUNK]

@@ -93,10 +93,15 @@ class MergeResult:
     dropped_stale: int
 
 
+# due times this close count as equal: an action due exactly half a period from two ticks (a latency
+# an odd multiple of half a period) was taken for the earlier tick and then judged stale by float noise
+TIE_S = 1e-9
+
+
 def stale_count(due: np.ndarray, next_tick: float, period_s: float) -> int:
     """How many leading actions (due times ascending) can no longer be sent: their nearest tick is
     before `next_tick`, the first tick still to run (measured time, never an estimate)."""
-    return int(np.searchsorted(due, next_tick - period_s / 2, side="left"))
+    return int(np.searchsorted(due, next_tick - period_s / 2 - TIE_S, side="left"))
 
 
 @dataclass
@@ -191,7 +196,7 @@ class Timeline:
         if not self.interpolate:
             i = int(np.searchsorted(dues, tick_time + half, side="right"))  # slots [0, i) are due by now
             j = i - 1  # a policy faster than the loop has several: the nearest the tick (ties: earlier)
-            while j > 0 and abs(dues[j - 1] - tick_time) <= abs(dues[j] - tick_time) + 1e-9:
+            while j > 0 and abs(dues[j - 1] - tick_time) <= abs(dues[j] - tick_time) + TIE_S:
                 j -= 1
             return self._pick(j, j + 1, tick_time - half)
         i = int(np.searchsorted(dues, tick_time + 1e-9, side="right"))  # slots [0, i) at or before the tick
@@ -216,7 +221,7 @@ class Timeline:
         if j < 0:
             return None, 0
         current = self.slots[j]
-        fresh = current.due >= not_before
+        fresh = current.due >= not_before - TIE_S
         skipped = self._consume(j) + (self._consume(1) if not fresh else 0)
         if not fresh:
             return None, skipped
