@@ -434,3 +434,50 @@ def test_an_action_due_half_a_period_from_two_ticks_is_sent_not_dropped(latency)
     _, rt, _ = setup("async", "replace", replan_every=4, chunk=12, delay=0.25, action_latency_s=latency)
     out = rt.run_episode(300)
     assert out.skipped == 0 and not [t for t in out.ticks[3:] if t.chunk == NO_CHUNK]
+
+
+# ---------------------------------------------------------------------- recording off the tick path
+def test_a_recorded_episode_is_written_by_its_own_thread_and_a_refused_step_keeps_the_ones_before(
+    tmp_path, monkeypatch
+):
+    """wm-deploy's record= wrote on the tick path: every 32nd tick flushed the buffered steps (25-230 ms
+    without a command to the arm). And a step the store refused (a NaN reading) raised out of the
+    control loop: the episode's recording was lost and the run ended with a traceback."""
+    import threading
+
+    from conftest import make_episode, make_schema
+
+    from robots.runtime.recorder import BackgroundEpisode
+    from wm.data import DemoStore
+    from wm.data.store import EpisodeWriter
+
+    writes, flush = [], EpisodeWriter._flush
+
+    def spy(self: EpisodeWriter) -> None:
+        writes.append(threading.current_thread())
+        flush(self)
+
+    monkeypatch.setattr(EpisodeWriter, "_flush", spy)
+    ep = make_episode(0, 40)
+    want = ep["action"].copy()
+    rows = [{k: v[t] for k, v in ep.items()} for t in range(40)]
+    with DemoStore.create(tmp_path / "rec.zarr", make_schema()) as store:
+        recording = BackgroundEpisode(store.begin_episode())
+        for row in rows:
+            recording.add_step(row)
+            row["action"][:] = 9.0  # the loop's arrays change after: the row was copied
+        recording.close()  # the queued rows written
+        assert writes and threading.main_thread() not in writes  # (end's last flush is between episodes)
+        assert recording.end({"seed": 0}) is None
+        refused = BackgroundEpisode(store.begin_episode())
+        for t, row in enumerate(rows[:10]):
+            refused.add_step({**row, "state": np.full(4, np.nan, np.float32)} if t == 6 else row)
+        said = refused.end({"seed": 1})
+    assert said == (
+        f"the recording stopped at step 6 was refused (AppendError: {tmp_path / 'rec.zarr'}: episode 1, key "
+        "'state' has non-finite values (first at step 6)); the 6 steps before it are kept"
+    )
+    with DemoStore.open(tmp_path / "rec.zarr") as store:
+        np.testing.assert_array_equal(store.get_episode(0)["action"], want)
+        assert store.episode_lengths().tolist() == [40, 6]
+        assert store.episode_info(1)["recording_stopped"].startswith("step 6 was refused (AppendError")

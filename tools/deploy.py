@@ -42,6 +42,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from robots.runtime.loop import MAX_HZ, MIN_HZ, RuntimeConfig
+from robots.runtime.recorder import BackgroundEpisode
 from tools._cli import (
     FAULT_EXIT,
     UsageError,
@@ -307,7 +308,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     else:
         worker = ProcessWorker(spec)  # sync mode too: a computation on this thread had no deadline
     stop = _StopFlag()
-    outcomes, store, takeover, kernels = [], None, None, None
+    outcomes, store, takeover, kernels, recording = [], None, None, None, None
     # SIGTERM's default action ended the process where it stood (the worker loading, the robot or a
     # takeover device connecting, the cleanup): it interrupts as Ctrl-C does until the cleanup has run
     terminated = signal.signal(signal.SIGTERM, interrupt)
@@ -336,10 +337,11 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     robot.reset(cfg.seed + i)
                     # (with server= the controller is the server's: a goal where the task has one)
                     goal = goal_observation(robot, needed=cfg.controller == "mpc" and cfg.server is None)
-                writer = store.begin_episode() if store is not None else None
+                # written by a thread of its own: a flush on the tick path held the arm up to 230 ms
+                recording = BackgroundEpisode(store.begin_episode()) if store is not None else None
                 live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
 
-                def on_tick(rec: Any, obs: Any, writer: Any = writer, live: Any = live) -> None:
+                def on_tick(rec: Any, obs: Any, writer: Any = recording, live: Any = live) -> None:
                     if writer is not None:
                         writer.add_step(tick_row(rec, obs, action_spec))
                     live(rec)
@@ -355,12 +357,15 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                 )
                 outcome.success = robot.is_success() if sim else None
                 outcomes.append(digest(outcome))  # the report's numbers, not every tick's record
-                if writer is not None:
+                if recording is not None:
                     if outcome.ticks:
                         info = {"seed": cfg.seed + i, "success": outcome.success, "stopped": outcome.stopped}
-                        writer.end(info if options is None else {**info, OPTIONS_KEY: options})
+                        said = recording.end(info if options is None else {**info, OPTIONS_KEY: options})
+                        if said is not None:
+                            print(f"warning: episode {i}: {said}", file=sys.stderr, flush=True)
                     else:
-                        writer.discard()
+                        recording.discard()
+                    recording = None
                 print(live_line(outcomes[-1].figures, i), flush=True)
                 if stop.is_set() or (outcome.stopped and (not sim or not worker.alive() or worker.busy)):
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
@@ -369,7 +374,9 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         with contextlib.ExitStack() as cleanup:  # each runs (last first), whatever one before it raised
             cleanup.callback(signal.signal, signal.SIGTERM, terminated)
             if store is not None:
-                cleanup.callback(store.close)
+                cleanup.callback(store.close)  # (an unfinished episode: not committed)
+            if recording is not None:  # its thread's writes end before the store closes
+                cleanup.callback(recording.close)
             cleanup.callback(robot.disconnect)  # a no-op when it never connected
             if takeover is not None:
                 cleanup.callback(takeover.close)

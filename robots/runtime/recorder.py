@@ -1,0 +1,77 @@
+"""Recording a deployed episode off the control loop's tick path.
+
+`EpisodeWriter.add_step` buffers steps and writes them every `FLUSH_STEPS` (compression, a resize of
+every array, the disk): 25-230 ms on the tick that reached the flush, during which the arm got no
+command. `BackgroundEpisode` takes each tick's row on a queue (a copy: the loop keeps its arrays) and a
+thread adds them to the writer; the tick path only copies and enqueues. The heavy parts of a write
+(compression, copies, file I/O) run outside the GIL.
+
+A step the store refuses (a non-finite reading) stops the recording, not the robot: the steps before it
+are kept, and `end` commits them with the reason in the episode's info (`recording_stopped`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from robots.real.lerobot_arm import first_line
+
+_DONE = object()  # the end of the queue
+
+
+class BackgroundEpisode:
+    """One episode's rows for `writer` (a `wm.data.store.EpisodeWriter`), written by a thread of its own.
+    `add_step(row)` from the loop; then `end(info)` or `discard()` (each waits for the queued rows),
+    or `close()` on any exit path (waits, and leaves the episode uncommitted)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        self.steps = 0  # rows the writer took
+        self.stopped: str | None = None  # why the recording stopped before the episode's end
+        self._rows: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="wm-recorder", daemon=True)
+        self._thread.start()
+
+    def add_step(self, row: Mapping[str, Any]) -> None:
+        """Queue one step's row (its arrays copied); never blocks on the disk."""
+        if self.stopped is None:
+            self._rows.put({k: np.array(v, copy=True) for k, v in row.items()})
+
+    def _write(self) -> None:
+        while (row := self._rows.get()) is not _DONE:
+            if self.stopped is not None:
+                continue
+            try:
+                self.writer.add_step(row)
+                self.steps += 1
+            except Exception as e:  # noqa: BLE001 - said at the end; the robot is not stopped for it
+                self.stopped = f"step {self.steps} was refused ({type(e).__name__}: {first_line(e)})"
+
+    def close(self) -> None:
+        """Wait for the queued rows to be written (or refused); idempotent."""
+        if self._thread.is_alive():
+            self._rows.put(_DONE)
+            self._thread.join()
+
+    def end(self, info: Mapping[str, Any]) -> str | None:
+        """Commit the episode with `info` (and `recording_stopped` when it stopped early; nothing when no
+        step was taken: discarded). Returns a line to say when the recording stopped early."""
+        self.close()
+        if self.steps == 0:
+            self.writer.discard()
+        elif self.stopped is None:
+            self.writer.end(dict(info))
+        else:
+            self.writer.end({**info, "recording_stopped": self.stopped})
+        if self.stopped is None:
+            return None
+        return f"the recording stopped at {self.stopped}; the {self.steps} steps before it are kept"
+
+    def discard(self) -> None:
+        self.close()
+        self.writer.discard()
