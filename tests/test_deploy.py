@@ -286,6 +286,7 @@ def test_serve_usage_errors_are_one_line(policy, tmp_path):
         # the delay was reported as applied, and the figures were taken without it
         (["server=localhost:1", "added_delay_s=0.3"], "added_delay_s=0.3: the delay is added in wm-deploy's"),
         (["server=localhost:1", "inference_threads=2"], "inference_threads=2: with server=HOST:PORT the"),
+        (["server=localhost:1", "device=cpu"], "device=cpu: with server=HOST:PORT the"),  # taken, unused
     ]:
         res = run_app("wm-deploy", "robot=pointmaze", *args, f"out={tmp_path}")
         assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)

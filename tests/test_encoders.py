@@ -84,7 +84,9 @@ def test_cnn_stride_and_image_size():
 def test_pretrained_backbones_refuse_random_weights(name):
     with pytest.raises(EncoderWeightsError, match="needs pretrained weights") as e:
         build_encoder(EncoderConfig(name=name))
-    assert "allow_random=True" in str(e.value) and "https://" in str(e.value)
+    assert "https://" in str(e.value)  # and the options as the command line takes them (it named others)
+    said = str(e.value)
+    assert "model.encoder.weights=/path/" in said and "model.encoder.allow_random=true" in said
     with pytest.raises(EncoderWeightsError, match="does not exist"):
         build_encoder(EncoderConfig(name=name, weights="/nonexistent/file.pth"))
 

@@ -222,6 +222,8 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
         "+model.obs.patch_encoder={name: cnn, cnn_channels: [8, 16], cnn_stride: 4, cnn_dim: 16}",
     )
     assert res.returncode == 0, res.stderr
+    # the hint runs as printed (it named no controller: wm-eval's default, mpc, refused the policy)
+    assert f"(wm-eval controller=policy checkpoint={run} loads it)" in res.stdout
     out = tmp_path / "eval_dp"
     res = cli(
         "wm-eval",

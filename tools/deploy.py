@@ -104,8 +104,8 @@ class DeployConfig(ControllerConfig):
             given = [f"controller={self.controller}" for _ in changed(self, ("controller",))]
             given += self.mpc_options_given() + self.planner_options_given() + self.policy_options_given()
             given += [
-                f"inference_threads={self.inference_threads}" for _ in changed(self, ("inference_threads",))
-            ]
+                f"{name}={getattr(self, name)}" for name in changed(self, ("inference_threads", "device"))
+            ]  # (device= was taken, recorded in report.json and not used: the server's device runs it)
             if self.added_delay_s:  # it was reported as applied, and the figures were taken without it
                 raise UsageError(
                     f"added_delay_s={self.added_delay_s:g}: the delay is added in wm-deploy's own inference "

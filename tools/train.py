@@ -242,7 +242,9 @@ def train(cfg: TrainAppConfig) -> int:
             )
         raise
     if main:
-        say_checkpoints(out, trainer.best, model_type)
+        with DemoStore.open(cfg.store) as store:
+            task = cfg.task or store.schema.task
+        say_checkpoints(out, trainer.best, model_type, task)
         print(summary_line(cfg.out, metrics))
     return 0
 
@@ -253,15 +255,20 @@ def summary_line(out: str, metrics: dict[str, float]) -> str:
     return json.dumps({"out": out, **{k: float(f"{v:.7g}") for k, v in metrics.items()}})
 
 
-def say_checkpoints(out: Path, best: dict[str, Any] | None, model_type: str) -> None:
-    """Where the run's last and best checkpoints are, and how each is used: loaded by wm-eval, or, for a
-    component that serves no controller (the autoencoder), given to the model that uses it."""
+def say_checkpoints(out: Path, best: dict[str, Any] | None, model_type: str, task: str | None = None) -> None:
+    """Where the run's last and best checkpoints are, and how each is used: loaded by wm-eval (on `task`,
+    the store's, when it is a simulated task), or, for a component that serves no controller (the
+    autoencoder), given to the model that uses it."""
+    from robots.registry import task_names
     from wm.checkpoint import BEST_NAME, latest_checkpoint
     from wm.registry import model_entry
 
     def use(path: Path) -> str:
-        if model_entry(model_type).controllers:
-            return shlex.join(["wm-eval", override("checkpoint", path)])
+        controllers = model_entry(model_type).controllers
+        if controllers:  # (wm-eval's defaults are task=pointmaze controller=mpc: a policy's hint failed)
+            chosen = [] if controllers[0] == "mpc" else [f"controller={controllers[0]}"]
+            chosen += [f"task={task}"] if task in task_names() and task != "pointmaze" else []
+            return shlex.join(["wm-eval", *chosen, override("checkpoint", path)])
         latent = ["model=uwm", f"model.latent.source={model_type}", override("+model.latent.path", path)]
         return shlex.join(["wm-train", *latent])
 

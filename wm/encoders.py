@@ -346,8 +346,9 @@ def check_weights(cfg: EncoderConfig) -> None:
         if not cfg.allow_random:
             raise EncoderWeightsError(
                 f"encoder {cfg.name!r} is a frozen pretrained backbone and needs pretrained weights: "
-                f"{_how_to_get(cfg.name)} Pass allow_random=True only to test with random weights "
-                "(its features are meaningless), or use encoder.name=cnn, which trains from scratch."
+                f"{_how_to_get(cfg.name)} Give allow_random=true (model.encoder.allow_random=true) only to "
+                "test with random weights (its features are meaningless), or use the encoder name cnn "
+                "(model.encoder.name=cnn), which trains from scratch."
             )
         warnings.warn(
             f"encoder {cfg.name!r} runs with RANDOM weights (allow_random=True): its frozen features are "
@@ -442,8 +443,9 @@ def _how_to_get(name: str) -> str:
     else:
         file, url = Path(RESNET18_URL).name, RESNET18_URL
     return (
-        f"download {url} on a machine with internet access and pass encoder.weights=/path/{file} "
-        "(or encoder.weights=timm where downloads work)."
+        f"download {url} on a machine with internet access and give the encoder's weights=/path/{file} "
+        f"(wm-train: model.encoder.weights=/path/{file}, or model.obs.patch_encoder.weights= for a "
+        "policy's encoder; weights=timm where downloads work)."
     )
 
 
