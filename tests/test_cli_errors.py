@@ -131,6 +131,12 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["store=missing.zarr", "out=run", "+trainer.stpes=10"],
             "error: unknown option trainer.stpes; did you mean trainer.steps?",
         ),
+        (  # "trainr.steps is not in the config; add it with +trainr.steps=10", which failed in turn
+            "wm-train",
+            ["store=missing.zarr", "out=run", "trainr.steps=10"],
+            "error: unknown option trainr; did you mean trainer?",
+        ),
+        ("wm-eval", ["out=o", "planer.samples=3"], "error: unknown option planer; did you mean planner?"),
         (
             "wm-train",
             ["store=missing.zarr", "out=run", "trainer.steps=abc"],

@@ -379,6 +379,12 @@ def _hydra_error(e: BaseException, config_name: str) -> str:
         path, add = m.groups()
         parent, _, name = path.rpartition(".")
         valid = _config_keys(config_name, parent)
+        if valid is None:  # the parent is no option (`trainr.steps`): the first part that is not
+            parts = path.split(".")
+            for i in range(1, len(parts)):
+                above = _config_keys(config_name, ".".join(parts[: i - 1]))
+                if above is not None and parts[i - 1] not in above:
+                    return unknown_option(".".join(parts[:i]), above)
         if not valid:  # an empty mapping such as task_options: {}
             return f"{path} is not in the config; add it with {add}"
         if name in valid:  # `task_options={goal_mode: other_arm}`: a mapping given keys it does not hold
@@ -391,9 +397,10 @@ def _hydra_error(e: BaseException, config_name: str) -> str:
     return text
 
 
-def _config_keys(config_name: str, parent: str) -> list[str]:
+def _config_keys(config_name: str, parent: str) -> list[str] | None:
     """The keys at `parent` of the app's config composed with the command line's top-level choices
-    (`planner=gd`: gd's keys, not the default planner's), for suggestions."""
+    (`planner=gd`: gd's keys, not the default planner's), for suggestions; None where `parent` is not in
+    the config (or is no mapping)."""
     from hydra import compose, initialize_config_module
 
     chosen = [a for a in sys.argv[1:] if "=" in a and "." not in a.partition("=")[0] and a[0] not in "+~"]
@@ -404,5 +411,5 @@ def _config_keys(config_name: str, parent: str) -> list[str]:
         except Exception:  # noqa: BLE001 - suggestions are a courtesy
             continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        return [str(k) for k in node] if isinstance(node, DictConfig) else []
+        return [str(k) for k in node] if isinstance(node, DictConfig) else None
     return []
