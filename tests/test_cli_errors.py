@@ -436,7 +436,9 @@ def test_help_explains_each_option(tmp_path):
     for option in ("graph.stride", "policy.sampler_steps", "planner.samples", "planner_budget.seconds"):
         assert option in shown and explained[option], f"{option} is not listed in --help:\n{res.stdout}"
     assert "  planner.samples=64 " in res.stdout
-    assert "WM_TRACEBACK=1" in res.stdout and "-m" in res.stdout
+    assert "WM_TRACEBACK=1" in res.stdout and "e.g. -m seed=0,1;" in res.stdout
+    # an app without a seed gave the same example, which it refused (and left a sweep folder behind)
+    assert "e.g. -m OPTION=A,B;" in cli("wm-info", "--help", cwd=tmp_path).stdout
 
 
 def test_no_run_writes_inside_a_store(tmp_path, small_store):

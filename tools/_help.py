@@ -55,6 +55,11 @@ def _parse(config_name: str) -> tuple[tuple[str, ...], dict[str, str]]:
     return tuple(header), comments
 
 
+def _sweep_example(values: dict) -> str:
+    """A sweep the app takes (`-m seed=0,1` was refused by the apps without a seed)."""
+    return "-m seed=0,1" if "seed" in values else "-m OPTION=A,B"
+
+
 def option_comments(config_name: str) -> dict[str, str]:
     """Option -> its one-line explanation in configs/<config_name>.yaml (nested options by dotted path)."""
     return dict(_parse(config_name)[1])
@@ -90,7 +95,8 @@ def render(root: DictConfig) -> str:
             lines.append(_row(f"{key}={_show(value)}", comments.get(key, "")))
     lines += [
         "",
-        "Sweeps: -m (--multirun) runs one job per combination of comma-separated values, e.g. -m seed=0,1;",
+        "Sweeps: -m (--multirun) runs one job per combination of comma-separated values, e.g. "
+        f"{_sweep_example(values)};",
         "  each job writes in its own folder, and the exit status is nonzero when any job failed.",
         "--cfg job prints the composed config; --hydra-help shows Hydra's own flags and options.",
         "A mistake is one line `error: ...` with exit status 2; WM_TRACEBACK=1 also prints its traceback.",
