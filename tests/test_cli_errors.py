@@ -366,6 +366,14 @@ def test_a_sweep_of_refused_jobs_writes_nothing_and_a_refused_job_leaves_no_fold
     res = cli("wm-eval", "-m", "episodes=0,-1", "out=mine", *QUICK_EVAL, cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.count("error:") == 2, res.stderr
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    # a swept option that does not exist: refused while composing, before any job (multirun.yaml was
+    # left in a new out=, or in multirun/<date>/<time> without one)
+    before = files(tmp_path)
+    res = cli("wm-eval", "-m", "seeds=1,2", "out=new", cwd=tmp_path)  # (an app option: no "+seeds" hint)
+    assert res.returncode == 2 and res.stderr == "error: unknown option seeds; did you mean seed?\n"
+    res = cli("wm-collect", "-m", "task=pointmaze", "store=s.zarr", "noise=0.1,0.2", cwd=tmp_path)
+    assert res.returncode == 2 and "error: unknown option noise; did you mean noise_std?" in res.stderr
+    assert files(tmp_path) == before
 
 
 # ---------------------------------------------------------------------- 4. one line, not a traceback

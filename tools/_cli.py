@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import sys
+import time
 import traceback
 import typing
 from collections.abc import Callable
@@ -238,6 +239,21 @@ def _forget_refused_sweep() -> None:
 _SWEEP_DIR_KEYS = ("out", "hydra.sweep.dir")
 
 
+def _unstarted_sweep_dir(started: float) -> str | None:
+    """The folder of a multirun refused before any job ran (a swept option that does not exist): the
+    one the command line names (`hydra.sweep.dir=`, else `out=`), or Hydra's default
+    `multirun/<date>/<time>` made since `started`; None for a single run."""
+    args = sys.argv[1:]
+    if not {"-m", "--multirun"} & set(args):
+        return None
+    named = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in args if "=" in a}
+    for key in ("hydra.sweep.dir", "out"):
+        if named.get(key):
+            return named[key]
+    made = [p.parent for p in Path("multirun").glob("*/*/multirun.yaml") if p.stat().st_mtime >= started - 1]
+    return str(made[0]) if len(made) == 1 else None  # (relative: its date folders are removed with it)
+
+
 def _named_dirs(args: list[str]) -> set[Path]:
     """The existing folders that `out=` or `hydra.sweep.dir=` name on a command line (resolved)."""
     values = (a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+~") in _SWEEP_DIR_KEYS)
@@ -248,6 +264,7 @@ def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
     global _failed, _sweep_dir, _dirs_before
     _failed, _sweep_dir = [], None
     _dirs_before = _named_dirs(sys.argv[1:])
+    started = time.time()
     _check_flags()
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them; see below
@@ -261,6 +278,8 @@ def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
         return e.code
     except (HydraException, OmegaConfBaseException, ValueError) as e:  # composing the config
         _report(e, redact(_hydra_error(e, config_name), sys.argv[1:]))
+        _sweep_dir = _sweep_dir or _unstarted_sweep_dir(started)
+        _forget_refused_sweep()  # (a multirun writes its multirun.yaml before it composes a job)
         return 2
     finally:
         if previous is None:
@@ -389,6 +408,8 @@ def _hydra_error(e: BaseException, config_name: str) -> str:
             return f"{path} is not in the config; add it with {add}"
         if name in valid:  # `task_options={goal_mode: other_arm}`: a mapping given keys it does not hold
             return f"{path} holds none of the keys given to it; add them with {add}"
+        if not parent:  # the app's own options: none can be added
+            return unknown_option(path, valid)
         return f"{unknown_option(path, valid)} (to add a new key: {add})"
     if isinstance(e, OmegaConfBaseException):
         return _one_line(e)
