@@ -481,3 +481,28 @@ def test_a_recorded_episode_is_written_by_its_own_thread_and_a_refused_step_keep
         np.testing.assert_array_equal(store.get_episode(0)["action"], want)
         assert store.episode_lengths().tolist() == [40, 6]
         assert store.episode_info(1)["recording_stopped"].startswith("step 6 was refused (AppendError")
+
+
+def test_every_recorded_time_follows_one_convention():
+    """The first observation was stamped when its read returned (every later one when its read began),
+    and a hold tick's send time after its send returned (every other tick's before its send)."""
+    task, rt, clock = setup("async", "replace", 4, delay=0.0, max_read_failures=2, read_retries=1)
+    rt.advances_on_send = False  # as a real arm's
+    read, send, began, sends = task.get_observation, task.send_action, [], []
+
+    def slow_read():
+        began.append(clock.now())
+        clock.advance(0.015)  # a bus read
+        if len(began) >= 6:
+            raise OSError("bus timeout")  # the run ends with a hold tick
+        return read()
+
+    def slow_send(action):
+        sends.append(clock.now())
+        clock.advance(0.005)
+        return send(action)
+
+    task.get_observation, task.send_action = slow_read, slow_send
+    out = rt.run_episode(20)
+    assert out.ticks[-1].events == ("hold",) and out.chunks[0].obs_time == began[0]
+    assert [t.sent_at for t in out.ticks] == sends

@@ -264,7 +264,7 @@ class Runtime:
             if problem is not None:
                 out.stopped = f"{self.robot.name}: {problem}"
                 return out
-        captured = clock.now()
+        captured = read[0]  # when the read began (less the observation's lag), as every later stamp
         history.append((captured, obs, None))
         first = self._first_chunk(history, out, state)
         if first is None:
@@ -464,6 +464,7 @@ class Runtime:
         go into its record ("stop" too where the watchdog ends the run); `captured`: the capture time of
         `obs`, the newest observation, which `on_tick` records beside the hold."""
         command = safety.filter(None)
+        sent_at = self.clock.now()  # before the send, as a tick's own record
         if command is not None:
             try:
                 command = self._send(safety, command)
@@ -472,7 +473,7 @@ class Runtime:
                 command = None
         out.events["hold"] += 1
         record = TickRecord(
-            nominal, began, captured, self.clock.now(), command, NO_CHUNK, -1, float("nan"), tuple(events)
+            nominal, began, captured, sent_at, command, NO_CHUNK, -1, float("nan"), tuple(events)
         )
         out.ticks.append(record)
         if on_tick is not None and obs is not None:
