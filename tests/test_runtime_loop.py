@@ -307,7 +307,8 @@ def test_runtime_config_refuses_bad_values(bad):
         RuntimeConfig(**bad)
 
 
-@pytest.mark.parametrize(("held", "replan_every", "took_ticks"), [((0.99, 1.49), 4, 5), ((1.09, 1.15), 1, 1)])
+# (the device is read after a tick's send, and its action sent on the next tick)
+@pytest.mark.parametrize(("held", "replan_every", "took_ticks"), [((0.99, 1.49), 4, 5), ((0.99, 1.05), 1, 1)])
 def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so(held, replan_every, took_ticks):
     class Key:  # the attributes pynput's KeyCode carries
         def __init__(self, char: str) -> None:
@@ -506,3 +507,16 @@ def test_every_recorded_time_follows_one_convention():
     out = rt.run_episode(20)
     assert out.ticks[-1].events == ("hold",) and out.chunks[0].obs_time == began[0]
     assert [t.sent_at for t in out.ticks] == sends
+
+
+def test_reading_the_takeover_device_never_delays_a_command():
+    """The device was read on the tick path before the send: a leader arm's 4 ms bus read delayed every
+    command by 4 ms. It is read after the send, beside the observation, for the next tick."""
+    _, rt, clock = setup("async", "replace", replan_every=4)
+
+    def slow_device(obs, last):
+        clock.advance(0.004)  # a bus read
+        return None  # the operator is not moving it
+
+    out = rt.run_episode(20, takeover=slow_device)
+    assert [round(t.sent_at - t.nominal, 9) for t in out.ticks] == [0.0] * 20

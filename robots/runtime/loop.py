@@ -269,6 +269,9 @@ class Runtime:
         first = self._first_chunk(history, out, state)
         if first is None:
             return out
+        # the operator's action for the next tick: the device is read after a tick's send, beside the
+        # observation (a leader arm's bus read before the send delayed every command by its time)
+        human_next = takeover(obs, None) if takeover is not None else None
         # The robot did not move while the first chunk computed: its observation is still current.
         anchor = out.started_at = clock.now()
         request = state.requests.pop(first.seq)
@@ -306,7 +309,7 @@ class Runtime:
                     self._hold(safety, nominal, began, captured, out, on_tick, obs)
                     break
             # ---- the action due now (or a human's)
-            human = takeover(obs, last_cmd) if takeover is not None else None
+            human = human_next
             pick, skipped = timeline.take(tick_t)
             if pick is None and self.repeats and human is None:
                 pick = timeline.repeat_last(tick_t)  # (the hold sent a quarter of a 4-tick force)
@@ -385,13 +388,16 @@ class Runtime:
                 break
             # ---- the newest observation (after the send: the command never waits for a camera or bus)
             read = self._read(out)
+            if read is not None:
+                captured, obs = self._stamp(anchor + k * self.period, read[0]), read[1]
+            if takeover is not None:
+                human_next = takeover(obs, last_cmd)
             if read is None:
                 if out.stopped:  # this tick has sent its command: the hold is the next tick's, recorded
                     # beside the newest observation, as the ticks of the failed reads before it were
                     self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
                     break
                 continue  # the pending actions go on; too many failed reads in a row end the episode
-            captured, obs = self._stamp(anchor + k * self.period, read[0]), read[1]
             history.append((captured, obs, last_cmd))
             # ---- ask for the next chunk
             if state.human:
