@@ -571,7 +571,8 @@ def test_wm_deploy_a_leader_arm_takes_over_from_start_to_start(bus, tmp_path, ca
     leader.before_read = operator
     options = {"backend": "pynput", "listener_factory": keys.factory, "clock": clock}
     report, status = deploy(takeover_config(bus, tmp_path, options))
-    assert status == 0 and report["stopped"] == [] and len(polls) == TICKS
+    # (read after each tick's send for the next one, and once before the first tick)
+    assert status == 0 and report["stopped"] == [] and len(polls) == TICKS + 1
     assert not leader.is_open and not keys.running and not bus.fake.is_open  # all closed
     assert bus.torque() == [1] * 6
     with DemoStore.open(tmp_path / "rec.zarr") as store:
