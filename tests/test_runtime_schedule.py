@@ -11,7 +11,7 @@ import pytest
 from policies.chunking import TemporalEnsembler
 from robots.base import Feature
 from robots.runtime.safety import SafetyConfig, SafetyLayer, Watchdog
-from robots.runtime.schedule import Chunk, Timeline, seam_jumps, stale_count
+from robots.runtime.schedule import Chunk, MergeResult, Timeline, seam_jumps, stale_count
 
 P = 0.1  # control period
 
@@ -91,6 +91,24 @@ def test_a_slower_policy_is_held_or_interpolated_between_its_actions():
     assert got[1].interpolated and not got[2].interpolated
     assert got[1].due == pytest.approx(P) and got[2].due == pytest.approx(2 * P)  # made for its tick
     assert got[5] is None  # past the last action: nothing to draw a line to
+
+
+@pytest.mark.parametrize("obs_time", [0.1, 0.15, 0.2, 0.25])
+def test_an_interpolated_seam_follows_the_new_chunks_own_line(obs_time):
+    """The new chunk's passed actions were dropped, the left end of its line too: at the seam tick the
+    line ran from the old chunk's action to the new one's next (a value neither predicted), or the tick
+    held (a stall) when the old one's slot was too late to serve."""
+    step = 4 * P
+    tl = Timeline(P, interpolate=True)
+    tl.merge(Chunk(ramp(8), 0.0, step, seq=0), next_tick=0.0)  # 0, 1, 2, ... every 0.4 s
+    for k in range(5):
+        tl.take(k * P)
+    new = Chunk(ramp(8) + 10.0, obs_time, step, seq=1)  # 10, 11, ... from obs_time
+    assert tl.merge(new, next_tick=0.5) == MergeResult(kept=7, dropped_stale=1)
+    for k in range(5, 11):
+        pick, skipped = tl.take(k * P)
+        assert pick.chunk == 1 and skipped == 0
+        assert pick.action[0] == pytest.approx(10.0 + (k * P - obs_time) / step)
 
 
 def test_a_policy_faster_than_the_loop_skips_actions_and_says_so():

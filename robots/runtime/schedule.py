@@ -158,10 +158,15 @@ class Timeline:
         due = chunk.due_times(self.latency_s)
         stale = stale_count(due, next_tick, self.period_s)
         new = [Slot(float(due[k]), chunk.actions[k].copy(), chunk.seq, k) for k in range(stale, len(due))]
+        if new and stale and self.interpolate:  # the line to the first slot starts at the chunk's own
+            # newest passed action, never sent (the seam tick held, or blended the old chunk's action
+            # with this one's next, a value neither predicted)
+            k = stale - 1
+            new.insert(0, Slot(float(due[k]), chunk.actions[k].copy(), chunk.seq, k, sent=True))
         if new:
             self.slots = self._stitch(new, chunk.step_s)
         self.step_s = chunk.step_s
-        return MergeResult(kept=len(new), dropped_stale=stale)
+        return MergeResult(kept=sum(not s.sent for s in new), dropped_stale=stale)
 
     def _stitch(self, new: list[Slot], step_s: float) -> list[Slot]:
         first = new[0].due - step_s / 2
