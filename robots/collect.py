@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from robots.base import Robot
 from robots.control import Clock, ManualClock, MonotonicClock, RateLoop
 from robots.real.lerobot_arm import first_line
 from robots.runtime.loop import RuntimeConfig
+from robots.runtime.recorder import BackgroundEpisode
 from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer
 from robots.sim.base import Expert, SimTask
 from robots.teleop.base import Command, TeleopDevice, TeleopState
@@ -256,7 +258,9 @@ class Collector:
             info = {**info, OPTIONS_KEY: dict(self.task_options)}
         if self.run_config is not None:
             info = {**info, RUN_KEY: dict(self.run_config)}
-        writer.end(info)
+        said = writer.end(info)
+        if isinstance(writer, BackgroundEpisode) and said:  # a step the store refused: the ones before kept
+            print(f"warning: {said}", file=sys.stderr, flush=True)
         self.stats.saved += 1
         self.stats.overruns += loop.overruns
         # Achieved rate in wall-clock time (a ManualClock's own rate is nominal by construction).
@@ -409,7 +413,8 @@ class Collector:
             if self.simulated:  # a fresh sampled start; a real scene is set up by hand
                 run.obs = self.task.reset(self.seed + self.store.n_episodes)
                 run.safety = self._safety_layer()  # the reset moved the robot: no step from before it
-            run.writer, run.last = self.store.begin_episode(), None
+            writer = self.store.begin_episode()  # a real arm's rows written off its loop (`recorder`)
+            run.writer, run.last = writer if self.simulated else BackgroundEpisode(writer), None
             loop.restart()
             self._episode_t0 = time.monotonic()
 

@@ -450,6 +450,16 @@ def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tm
 
     leader.before_read, follower.before_read = operator, servos
     monkeypatch.setattr(tools.collect, "_stop_on_signals", lambda: None)  # leave pytest's handlers alone
+    import threading
+
+    from wm.data.store import EpisodeWriter
+
+    writers, add_step = [], EpisodeWriter.add_step  # who writes the steps (a flush held the arm's loop)
+    monkeypatch.setattr(
+        EpisodeWriter,
+        "add_step",
+        lambda w, step: writers.append(threading.current_thread().name) or add_step(w, step),
+    )
     cam = {"index_or_path": 0, "width": 32, "height": 24, "fps": 30}
     cfg = tools.collect.CollectConfig(
         task="wave",
@@ -464,6 +474,7 @@ def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tm
     )
     assert tools.collect.collect(cfg) == 0
     assert "saved 2 episodes (1 discarded, 11 steps)" in capsys.readouterr().out
+    assert writers and set(writers) == {"wm-recorder"}  # a thread of the recording's own, off the loop
     assert not leader.is_open and not follower.is_open and not keys.running
     assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6  # the follower still holds
 

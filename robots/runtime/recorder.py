@@ -26,11 +26,13 @@ _DONE = object()  # the end of the queue
 
 class BackgroundEpisode:
     """One episode's rows for `writer` (a `wm.data.store.EpisodeWriter`), written by a thread of its own.
-    `add_step(row)` from the loop; then `end(info)` or `discard()` (each waits for the queued rows),
-    or `close()` on any exit path (waits, and leaves the episode uncommitted)."""
+    `add_step(row)` from the loop (`n_steps`: the rows given); then `end(info)` or `discard()` (each
+    waits for the queued rows), or `close()` on any exit path (waits, and leaves the episode
+    uncommitted). Used by wm-deploy's recording and wm-collect's on a real arm."""
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
+        self.n_steps = 0  # rows given (queued)
         self.steps = 0  # rows the writer took
         self.stopped: str | None = None  # why the recording stopped before the episode's end
         self._rows: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -41,6 +43,7 @@ class BackgroundEpisode:
         """Queue one step's row (its arrays copied); never blocks on the disk."""
         if self.stopped is None:
             self._rows.put({k: np.array(v, copy=True) for k, v in row.items()})
+            self.n_steps += 1
 
     def _write(self) -> None:
         while (row := self._rows.get()) is not _DONE:
