@@ -337,7 +337,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     robot.reset(cfg.seed + i)
                     # (with server= the controller is the server's: a goal where the task has one)
                     goal = goal_observation(robot, needed=cfg.controller == "mpc" and cfg.server is None)
-                # written by a thread of its own: a flush on the tick path held the arm up to 230 ms
+                # written by a thread of its own: a flush on the tick path held the arm (`recorder`)
                 recording = BackgroundEpisode(store.begin_episode()) if store is not None else None
                 live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
 

@@ -1,10 +1,10 @@
-"""Recording a deployed episode off the control loop's tick path.
+"""Recording an episode off a robot's control loop (wm-deploy's, and wm-collect's on a real arm).
 
 `EpisodeWriter.add_step` buffers steps and writes them every `FLUSH_STEPS` (compression, a resize of
-every array, the disk): 25-230 ms on the tick that reached the flush, during which the arm got no
-command. `BackgroundEpisode` takes each tick's row on a queue (a copy: the loop keeps its arrays) and a
-thread adds them to the writer; the tick path only copies and enqueues. The heavy parts of a write
-(compression, copies, file I/O) run outside the GIL.
+every array, the disk): tens to hundreds of milliseconds on the tick that reached the flush, during
+which the arm got no command. `BackgroundEpisode` takes each tick's row on a queue (a copy: the
+loop keeps its arrays) and a thread adds them to the writer; the tick path only copies and enqueues.
+The heavy parts of a write (compression, copies, file I/O) run outside the GIL.
 
 A step the store refuses (a non-finite reading) stops the recording, not the robot: the steps before it
 are kept, and `end` commits them with the reason in the episode's info (`recording_stopped`).
