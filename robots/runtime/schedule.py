@@ -204,7 +204,7 @@ class Timeline:
             while j > 0 and abs(dues[j - 1] - tick_time) <= abs(dues[j] - tick_time) + TIE_S:
                 j -= 1
             return self._pick(j, j + 1, tick_time - half)
-        i = int(np.searchsorted(dues, tick_time + 1e-9, side="right"))  # slots [0, i) at or before the tick
+        i = int(np.searchsorted(dues, tick_time + TIE_S, side="right"))  # slots [0, i) at or before the tick
         if i == 0 or i == len(self.slots):  # before the first slot, or past the last: no line to draw
             return self._pick(i - 1, i, tick_time - half)
         left, right = self.slots[i - 1], self.slots[i]
@@ -212,7 +212,7 @@ class Timeline:
         skipped = self._consume(i - 1)  # `left` stays the anchor until the tick passes `right`
         left.sent, self.last = True, left
         action = (1 - w) * left.action + w * right.action
-        if w <= 1e-9:  # exactly on `left`
+        if w <= TIE_S:  # exactly on `left`
             return Pick(action, left.chunk, left.index, left.due), skipped
         return Pick(action, left.chunk, left.index, tick_time, True), skipped  # due now: made for this tick
 

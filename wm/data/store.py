@@ -691,12 +691,13 @@ def move_into_place(built: Path, dst: Path) -> None:
         raise
     old = None
     try:
-        if dst.exists() and exchange(built, dst):
+        if not dst.exists():
+            os.replace(built, dst)
+        elif exchange(built, dst):
             old = built  # (which now holds what was at dst)
-        elif dst.exists():
+        else:
             old = beside(dst, "replaced")
             os.replace(dst, old)
-        if old is not built:
             os.replace(built, dst)
     finally:
         if lock is not None:
@@ -715,10 +716,9 @@ def exchange(a: Path, b: Path) -> bool:
     """Swap what is at `a` and at `b` (folders or files, either kind) in one atomic step: Linux's
     renameat2(RENAME_EXCHANGE). False, and nothing changed, where the system or filesystem has no such
     step (another OS, an older C library or kernel, a filesystem without it); other failures raise."""
-    renameat2 = getattr(_libc(), "renameat2", None)
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_cwd = -100  # AT_FDCWD: the paths are taken as they are
     if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
@@ -729,8 +729,12 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+def _renameat2() -> Any:
+    """The C library's renameat2, typed once; None where the C library has none."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2
 
 
 def beside(dst: Path, suffix: str) -> Path:
