@@ -467,15 +467,21 @@ DemoStore.create(sys.argv[1], make_schema(), overwrite=True).close()
 """
 
 
+def replace_killed(script: str, path: Path) -> None:
+    """Run `script` (a replace of the store at `path` that kills itself part-way) in a process of its own;
+    it must end on its SIGKILL."""
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == -signal.SIGKILL, res.stderr
+
+
 def test_a_replace_killed_while_deleting_the_old_store_leaves_the_new_one(small_store):
     """The old store was deleted in place before the new one was renamed in: a kill during the delete
     (seconds, for a large store) left the path half deleted, and the finished new one hidden beside it."""
     path, _ = small_store
-    res = subprocess.run(
-        [sys.executable, "-c", REPLACE_KILLED, str(path)],
-        capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120,
-    )  # fmt: skip
-    assert res.returncode == -signal.SIGKILL, res.stderr
+    replace_killed(REPLACE_KILLED, path)
     with DemoStore.open(path) as store:  # the new, empty store
         assert store.n_episodes == 0 and store.schema == make_schema()
     DemoStore.create(path, make_schema(), overwrite=True).close()  # the next run clears what was left
@@ -504,11 +510,7 @@ def test_a_replace_killed_between_its_renames_loses_neither_copy(small_store):
     the new one renamed in: a kill between the two left no store at the path, and the next run's
     cleanup removed both hidden copies. The old one is now put back by the next open or create."""
     path, eps = small_store
-    res = subprocess.run(
-        [sys.executable, "-c", REPLACE_KILLED_BETWEEN_RENAMES, str(path)],
-        capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120,
-    )  # fmt: skip
-    assert res.returncode == -signal.SIGKILL, res.stderr
+    replace_killed(REPLACE_KILLED_BETWEEN_RENAMES, path)
     assert not path.exists()
     with DemoStore.open(path) as store:  # the old store, whole: the replace never finished
         assert store.n_episodes == len(eps)

@@ -246,7 +246,7 @@ def _unstarted_sweep_dir(started: float) -> str | None:
     args = sys.argv[1:]
     if not {"-m", "--multirun"} & set(args):
         return None
-    named = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in args if "=" in a}
+    named = _sweep_dir_options(args)
     for key in ("hydra.sweep.dir", "out"):
         if named.get(key):
             return named[key]
@@ -254,10 +254,15 @@ def _unstarted_sweep_dir(started: float) -> str | None:
     return str(made[0]) if len(made) == 1 else None  # (relative: its date folders are removed with it)
 
 
+def _sweep_dir_options(args: list[str]) -> dict[str, str]:
+    """`out=` and `hydra.sweep.dir=` as a command line gives them (key -> value)."""
+    pairs = (a.split("=", 1) for a in args if "=" in a)
+    return {key.lstrip("+~"): value for key, value in pairs if key.lstrip("+~") in _SWEEP_DIR_KEYS}
+
+
 def _named_dirs(args: list[str]) -> set[Path]:
     """The existing folders that `out=` or `hydra.sweep.dir=` name on a command line (resolved)."""
-    values = (a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+~") in _SWEEP_DIR_KEYS)
-    return {Path(v).resolve() for v in values if v and Path(v).is_dir()}
+    return {Path(v).resolve() for v in _sweep_dir_options(args).values() if v and Path(v).is_dir()}
 
 
 def _main(hydra_main: Callable[[], Any], config_name: str) -> int:

@@ -76,11 +76,11 @@ SAME_DATA = (
 )
 
 
-def check_task(cfg: TrainAppConfig) -> tuple[dict[str, Any], dict[str, str | None]]:
+def check_task(cfg: TrainAppConfig) -> tuple[dict[str, Any], dict[str, str | None], str | None]:
     """The store's task matches `task=` (when given); returns what the run records of the store (its
     absolute path, content fingerprint and episode count: wm-eval finds it from anywhere and says when
-    it has changed) and the keys a run that names none trains on (the store's first camera and
-    proprioception keys)."""
+    it has changed), the keys a run that names none trains on (the store's first camera and
+    proprioception keys) and the task (the store's, or `task=`)."""
     from wm.training import data_keys
 
     with DemoStore.open(cfg.store) as store:
@@ -102,7 +102,7 @@ def check_task(cfg: TrainAppConfig) -> tuple[dict[str, Any], dict[str, str | Non
         defaults = {"image_key": image_key, "proprio_key": proprio_key}
     if cfg.task is not None and recorded and recorded != cfg.task:
         raise SchemaError(f"{cfg.store}: recorded for task {recorded!r}, but task={cfg.task!r} was given")
-    return facts, defaults
+    return facts, defaults, recorded or cfg.task
 
 
 def data_changes(then: dict[str, Any], now: dict[str, Any], defaults: dict[str, str | None]) -> list[str]:
@@ -191,7 +191,7 @@ def train(cfg: TrainAppConfig) -> int:
         trainer_opts[key] = value
     trainer_cfg = build(TrainerConfig, trainer_opts, "trainer")  # checked before any work
     check_best_metric(model_type, trainer_cfg.best_metric)
-    store_facts, default_keys = check_task(cfg)
+    store_facts, default_keys, task = check_task(cfg)
     import torch
 
     torch.manual_seed(cfg.seed)  # the model's initialization (torch's default seed differs every run)
@@ -242,8 +242,6 @@ def train(cfg: TrainAppConfig) -> int:
             )
         raise
     if main:
-        with DemoStore.open(cfg.store) as store:
-            task = cfg.task or store.schema.task
         say_checkpoints(out, trainer.best, model_type, task)
         print(summary_line(cfg.out, metrics))
     return 0
