@@ -387,12 +387,12 @@ def test_a_sweep_of_refused_jobs_writes_nothing_and_a_refused_job_leaves_no_fold
         (["seed=[1,"], "error: cannot parse override 'seed=[1,': "),
         (
             ["graph.strid=3"],
-            "error: unknown option graph.strid; did you mean graph.stride? (to add a new key:",
+            "error: unknown option graph.strid; did you mean graph.stride?",
         ),
         (["planner.samples=abc"], "error: planner.samples must be an integer, got 'abc'"),
         (  # the suggestions were the default planner's (cem: "did you mean planner.samples?")
             ["planner=gd", "planner.stesp=8"],
-            "error: unknown option planner.stesp; did you mean planner.steps? (to add a new key:",
+            "error: unknown option planner.stesp; did you mean planner.steps?",
         ),
         (  # as configs/eval.yaml shows it: "did you mean task_options?", and a hint cut at its first space
             ["task_options={goal_mode: other_arm}"],
@@ -405,6 +405,17 @@ def test_hydra_and_value_errors_are_one_line(tmp_path, args, line):
     assert refused("wm-eval", "out=e", "controller=mpc", "checkpoint=run", *args, cwd=tmp_path).startswith(
         line
     )
+
+
+def test_only_free_mappings_are_offered_new_keys(tmp_path):
+    """A typed block (graph, planner, trainer) takes no new key: the hint to add one ("+graph.strid=3")
+    led to the same error again. A free mapping (`{}` in the config) does."""
+    args = ("out=e", "controller=mpc", "checkpoint=run")
+    for typo in ("graph.strid=3", "planner.stesp=8"):
+        assert "to add a new key" not in refused("wm-eval", *args, typo, cwd=tmp_path)
+    free = ("+task_options.goal_mode=other_arm", "task_options.goal_mod=x")
+    line = refused("wm-eval", *args, *free, cwd=tmp_path)
+    assert line == "error: task_options.goal_mod is not in the config; add it with +task_options.goal_mod=x"
 
 
 @pytest.mark.parametrize("app", ["wm-serve", "wm-deploy"])

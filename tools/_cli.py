@@ -413,9 +413,9 @@ def _hydra_error(e: BaseException, config_name: str) -> str:
             return f"{path} is not in the config; add it with {add}"
         if name in valid:  # `task_options={goal_mode: other_arm}`: a mapping given keys it does not hold
             return f"{path} holds none of the keys given to it; add them with {add}"
-        if not parent:  # the app's own options: none can be added
-            return unknown_option(path, valid)
-        return f"{unknown_option(path, valid)} (to add a new key: {add})"
+        # a block of typed options (trainer, planner, graph) takes no new key: `+trainer.stpes=10` would be
+        # refused in turn. (The free mappings, `{}` in the configs, took the branch above.)
+        return unknown_option(path, valid)
     if isinstance(e, OmegaConfBaseException):
         return _one_line(e)
     if isinstance(e.__cause__, OmegaConfBaseException):
