@@ -465,6 +465,15 @@ def test_a_host_that_is_no_address_is_refused_in_one_line(host):
         ServerConfig(host=fine, token=TOKEN)
 
 
+@pytest.mark.parametrize("address", ["[zz]:5555", "[::1%]:5555", "[]:5555", "[10.0.0.1]:5555", "::1:5555"])
+def test_a_server_address_that_is_no_host_is_refused_in_one_line(address):
+    """The client's pattern took any bracketed text ("[zz]") as an IPv6 address: ZeroMQ failed later."""
+    with pytest.raises(ValueError, match=r"^server must be HOST:PORT \(a name, an IPv4 address or \[an IPv6"):
+        RemoteConfig(address)
+    for fine in ("localhost:5555", "10.0.0.1:5555", "[::1]:5555", "[fe80::1%eth0]:5555", "gpu-host.lan:1"):
+        assert RemoteConfig(fine).address == fine
+
+
 def test_protocol_versions_must_match_on_both_sides():
     with threaded_server() as srv:
         sock = raw(srv)

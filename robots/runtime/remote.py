@@ -28,7 +28,6 @@ request that waited too long in the server's queue is not computed.
 from __future__ import annotations
 
 import math
-import re
 import secrets
 import socket
 import time
@@ -54,7 +53,6 @@ HANDSHAKE_EVENTS = (
 )
 
 
-HOST_RE = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Za-z:.%_-]+\]")  # a name, IPv4, or [IPv6] (with a %zone)
 ZMTP_SIGNATURE = (0xFF, 0x7F)  # first and tenth byte of the greeting every ZeroMQ peer sends on connect
 PROBE_TIMEOUT_S = 1.0
 
@@ -95,7 +93,7 @@ class RemoteConfig:
 
     def __post_init__(self) -> None:
         host, _, port = self.address.rpartition(":")
-        if not HOST_RE.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        if not wire.is_host(host) or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(
                 f"server must be HOST:PORT (a name, an IPv4 address or [an IPv6 one], no scheme), got "
                 f"{self.address!r}"

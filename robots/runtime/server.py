@@ -28,7 +28,6 @@ import ipaddress
 import math
 import os
 import queue
-import re
 import secrets
 import threading
 import time
@@ -79,7 +78,7 @@ class ServerConfig:
     quiet_gc: bool = True
 
     def __post_init__(self) -> None:
-        if not bindable(self.host):
+        if not wire.is_host(self.host, listen=True):
             raise ValueError(
                 "host must be a name, an IPv4 or IPv6 address (no brackets, no port), or * for every "
                 f"interface, got {self.host!r}"
@@ -103,21 +102,6 @@ class ServerConfig:
                 f"host={self.host} exposes the server beyond this machine: give token=SECRET (or set "
                 "WM_SERVE_TOKEN) so that only clients holding it can connect"
             )
-
-
-def bindable(host: object) -> bool:
-    """A host ZeroMQ can listen on: a name or IPv4 address, an IPv6 address (with a %zone), or *."""
-    if not isinstance(host, str):
-        return False
-    if host == "*" or re.fullmatch(r"[A-Za-z0-9._-]+", host):
-        return True
-    address, zone_mark, zone = host.partition("%")
-    if zone_mark and not re.fullmatch(r"[A-Za-z0-9._-]+", zone):
-        return False
-    try:
-        return ipaddress.ip_address(address).version == 6
-    except ValueError:
-        return False
 
 
 def is_loopback(host: str) -> bool:

@@ -25,7 +25,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import ipaddress
 import math
+import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,6 +180,32 @@ def _array(kind: str, d: Any, frame: Any) -> tuple[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------- authentication
+HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a host name or an IPv4 address
+
+
+def is_ipv6(address: str) -> bool:
+    """An IPv6 address, with a %zone (a scope: an interface's name or number) or not."""
+    bare, zone_mark, zone = address.partition("%")
+    if zone_mark and not HOST_NAME.fullmatch(zone):
+        return False
+    try:
+        return ipaddress.ip_address(bare).version == 6
+    except ValueError:
+        return False
+
+
+def is_host(host: object, listen: bool = False) -> bool:
+    """A host to connect to (a name, an IPv4 address, or an IPv6 one in brackets as HOST:PORT writes it),
+    or with `listen` one to bind (a name, IPv4, a bare IPv6 address, or * for every interface)."""
+    if not isinstance(host, str):
+        return False
+    if HOST_NAME.fullmatch(host) or (listen and host == "*"):
+        return True
+    if listen:
+        return is_ipv6(host)
+    return host.startswith("[") and host.endswith("]") and is_ipv6(host[1:-1])
+
+
 def mac(token: str, server_nonce: bytes, client_nonce: bytes) -> bytes:
     """The client's proof that it holds the token: HMAC-SHA256 over both nonces (the token never
     travels)."""
