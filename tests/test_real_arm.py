@@ -8,6 +8,7 @@ bus, motor SDK and OpenCV camera code all run. Robots are built through the regi
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -25,7 +26,7 @@ SO_RANGE = (1000, 3000)  # raw encoder range of every joint in the SO arm's cali
 KOCH_RANGE = (1024, 3072)
 # control table addresses (lerobot's tables): STS3215 (Feetech) and X series (Dynamixel)
 FT_TORQUE, FT_GOAL, FT_PRESENT, FT_MAX = 40, 42, 56, 11
-DXL_TORQUE, DXL_GOAL, DXL_PRESENT = 64, 116, 132
+DXL_TORQUE, DXL_GOAL, DXL_PRESENT, DXL_DRIVE_MODE = 64, 116, 132, 10
 KOCH_MOTORS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
 
 
@@ -295,24 +296,40 @@ def test_a_damaged_calibration_file_is_named_with_how_to_calibrate_again(so_bus,
     assert not fake.written
 
 
-@pytest.mark.parametrize("damage", ["motor-missing", "range-reversed"])
-def test_a_calibration_file_without_a_motor_or_with_a_reversed_range_is_refused(so_bus, damage):
+EXTRA_MOTOR = {"id": 7, "drive_mode": 0, "homing_offset": 0, "range_min": 1, "range_max": 9}
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ({"gripper": None}, "has no gripper"),
+        ({"elbow_flex": {"range_min": SO_RANGE[1], "range_max": SO_RANGE[0]}}, "has range_min >= range_max"),
+        ({"elbow_roll": EXTRA_MOTOR}, "has motors this arm does not: elbow_roll"),
+        ({"wrist_flex": {"homing_offset": 3000}}, "has Homing_Offset 3000 for wrist_flex, more than its"),
+        ({"wrist_flex": {"range_min": -100}}, "has the range -100..3000 for wrist_flex, outside its servo"),
+        ({"wrist_flex": {"range_max": 70000}}, "has the range 1000..70000 for wrist_flex, outside its"),
+    ],
+)
+def test_a_calibration_file_the_arm_cannot_hold_is_refused_before_anything_is_written(so_bus, damage, words):
     """A file without the gripper connected and failed at the first read (KeyError 'gripper'); a reversed
     range (range_min > range_max) reversed the joint limits, and clipping sent a goal of 10 degrees to
-    the joint's end (-88 degrees)."""
+    the joint's end (-88 degrees). A motor the arm lacks, or a value the servo's register cannot hold,
+    turned the torque off (the arm dropped), then failed writing it with a bare KeyError or ValueError."""
     fake, calib_dir = so_bus
     cal = calibration(SO_RANGE)
-    if damage == "motor-missing":
-        del cal["gripper"]
-    else:
-        cal["elbow_flex"].update(range_min=SO_RANGE[1], range_max=SO_RANGE[0])
+    for motor, change in damage.items():
+        if change is None:
+            del cal[motor]
+        else:
+            cal.setdefault(motor, {}).update(change)
     (calib_dir / "follower.json").write_text(json.dumps(cal))
+    for i in range(1, 7):
+        fake.memory[i][FT_TORQUE] = 1  # holding, as our last session left it
     arm = so101(calib_dir)
-    with pytest.raises(
-        RobotError, match=r"follower.json has (no gripper|range_min >= range_max for elbow_flex)"
-    ):
+    with pytest.raises(RobotError, match=r"follower.json " + re.escape(words)) as e:
         with arm:
             arm.send_action([0.0, 0.0, 10.0, 0.0, 0.0, 50.0])
+    assert "\n" not in str(e.value) and "lerobot-calibrate" in str(e.value)
     assert not arm.is_connected and not fake.written and not fake.is_open
 
 
@@ -411,6 +428,26 @@ def test_koch_follower_over_dynamixel_protocol_2(koch_bus):
         fake.set(1, DXL_PRESENT, 4, -0x2020001)  # bytes FF FF FD FD: a status packet with byte stuffing
         assert arm.lerobot_robot().bus.read("Present_Position", "shoulder_pan", normalize=False) == -0x2020001
     assert not fake.is_open and [fake.memory[i][DXL_TORQUE] for i in range(1, 7)] == [1] * 6
+
+
+def test_a_koch_servo_left_inverted_takes_the_files_drive_mode_once(koch_bus):
+    """lerobot's koch_leader calibration inverts elbow_flex in the servo (Drive_Mode 1); a follower's file
+    says 0 and lerobot's write_calibration leaves the register: the elbow moved the other way from the
+    file's ranges, and lerobot's check never passed, so every connect turned the torque off to write the
+    file again. The file's drive mode is written with its ranges, once."""
+    fake, calib_dir = koch_bus
+    fake.set(3, DXL_DRIVE_MODE, 1, 1)
+
+    def connect_and_count() -> int:
+        since = len(fake.written)
+        with make_robot("koch_follower", port=PORT, calibration_dir=str(calib_dir)):
+            assert [fake.memory[i][DXL_TORQUE] for i in range(1, 7)] == [1] * 6
+        return len([a for _, a, d in fake.written[since:] if a == DXL_TORQUE and d[0] == 0])
+
+    assert connect_and_count() > 0  # the file written (torque off meanwhile)
+    assert fake.get(3, DXL_DRIVE_MODE, 1) == 0
+    since = len(fake.written)
+    assert connect_and_count() == 0 and fake.written[since:] == []  # holding: nothing written
 
 
 # ====================================================================== wm-collect: leader arm -> follower
@@ -521,7 +558,6 @@ def test_collect_options_for_a_real_robot_are_checked():
 
 # ====================================================================== reconnecting keeps torque as found
 FT_P_COEFFICIENT, DXL_OPERATING_MODE = 21, 11  # registers lerobot's configure() writes
-FT_HOMING_OFFSET = 31
 
 
 @pytest.mark.parametrize(
@@ -586,12 +622,10 @@ def test_a_bus_that_fails_while_the_motors_are_set_up_says_the_torque_may_be_off
     motors' torque may be off (it goes off to write the calibration), and the port is closed."""
     fake, calib_dir = so_bus
     fake.set(2, FT_MAX, 2, 4000)
-    offsets_read = []
 
     def unplug(address: int, length: int) -> None:
-        if address == FT_HOMING_OFFSET:
-            offsets_read.append(address)
-            fake.unplugged = len(offsets_read) == 6  # the calibration check's last read is answered
+        if address == FT_MAX:
+            fake.unplugged = True  # the calibration check's last read (the one that disagrees) is answered
 
     fake.before_read = unplug
     with pytest.raises(RobotError, match=r"setting up the motors failed .*torque may be OFF") as e:

@@ -274,15 +274,15 @@ class LerobotArm(RobotBase):
         would drop for its writes."""
         touched = False  # the motors' torque may have been turned off
         try:
-            if recalibrate or not robot.is_calibrated:
+            registers = None if recalibrate else calibration_registers(robot.bus, robot.calibration)
+            if registers is None or not holds(robot.bus, registers):
                 touched = True
                 if self.options.calibrate:
                     if recalibrate:  # lerobot would offer the unusable file at its prompt (ENTER wrote it)
                         robot.calibration = {}
                     robot.calibrate()  # lerobot's interactive calibration
                 else:  # the file wins, as at lerobot's prompt
-                    robot.bus.disable_torque()
-                    robot.bus.write_calibration(robot.calibration)
+                    write_calibration(robot.bus, robot.calibration, registers)
             elif configured(robot):
                 return  # torque stays on: the arm keeps holding its goal
             touched = True
@@ -421,28 +421,86 @@ def joint_limits(robot: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def calibration_problem(device: Any) -> str | None:
     """What is wrong with the calibration file of a lerobot robot or teleoperator `device`, or None: a motor
-    it lacks (lerobot failed at the first read) or a range that is empty or reversed (lerobot failed at the
-    first read, or the joint limits were reversed and clipping sent every command to one end)."""
-    missing = [m for m in device.bus.motors if m not in device.calibration]
+    it lacks (lerobot failed at the first read) or one the arm lacks, a range that is empty or reversed
+    (lerobot failed at the first read, or the joint limits were reversed and clipping sent every command to
+    one end) or outside the servo's positions, or a value its register cannot hold (lerobot turned the
+    torque off, then failed writing it: the arm dropped). Nothing is sent to the motors."""
+    bus, cal, fpath = device.bus, device.calibration, device.calibration_fpath
+    missing = [m for m in bus.motors if m not in cal]
     if missing:
-        return f"the calibration file {device.calibration_fpath} has no {', '.join(missing)}"
-    bad = [
-        m for m in device.bus.motors if not device.calibration[m].range_min < device.calibration[m].range_max
-    ]
+        return f"the calibration file {fpath} has no {', '.join(missing)}"
+    extra = [m for m in cal if m not in bus.motors]
+    if extra:
+        return f"the calibration file {fpath} has motors this arm does not: {', '.join(map(str, extra))}"
+    bad = [m for m in bus.motors if not cal[m].range_min < cal[m].range_max]
     if bad:
-        return (
-            f"the calibration file {device.calibration_fpath} has range_min >= range_max for {', '.join(bad)}"
-        )
+        return f"the calibration file {fpath} has range_min >= range_max for {', '.join(bad)}"
+    for m, motor in bus.motors.items():
+        top = bus.model_resolution_table[motor.model] - 1
+        if not 0 <= cal[m].range_min < cal[m].range_max <= top:
+            return (
+                f"the calibration file {fpath} has the range {cal[m].range_min}..{cal[m].range_max} for {m}, "
+                f"outside its servo's positions 0..{top}"
+            )
+    from lerobot.motors.motors_bus import get_address
+
+    for name, values in calibration_registers(bus, cal).items():
+        for m, value in values.items():
+            motor = bus.motors[m]
+            _, length = get_address(bus.model_ctrl_table, motor.model, name)
+            try:
+                raw = bus._encode_sign(name, {motor.id: int(value)})[motor.id]
+            except ValueError:
+                raw = -1
+            if not 0 <= raw < 1 << (8 * length):
+                return f"the calibration file {fpath} has {name} {value} for {m}, more than its servo holds"
     return None
 
 
-def configured(robot: Any) -> bool:
-    """Whether the motors of the lerobot follower `robot` (connected) already hold every value its
-    `configure()` would write, torque on included: then configuring again changes nothing but lets the
-    arm drop meanwhile. What `configure()` writes is learnt by running it with the bus's writes recorded
-    instead of sent, so this follows lerobot's own code (operating modes, PID gains, gripper limits...)."""
-    bus = robot.bus
-    writes: dict[str, dict[str, Any]] = {}  # register -> motor -> the last value written
+def calibration_registers(bus: Any, calibration: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """The registers that hold `calibration` on the motors of `bus` (register -> motor -> raw value): what
+    lerobot's `write_calibration` writes (recorded, not sent), and, where the servos invert a joint
+    themselves (Dynamixel: lerobot's bus does not apply the drive mode), each motor's Drive_Mode, which
+    `write_calibration` leaves as it was: a Koch servo once calibrated as a leader's elbow stayed inverted,
+    moving its joint the other way from the file's ranges (and lerobot's check never passed, so every
+    connect turned the torque off to write the file again)."""
+    with _recorded_writes(bus) as writes:
+        bus.write_calibration(dict(calibration), cache=False)
+    if not getattr(bus, "apply_drive_mode", True):
+        writes["Drive_Mode"] = {m: int(c.drive_mode) for m, c in calibration.items()}
+    return writes
+
+
+def holds(bus: Any, registers: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether the motors of `bus` (connected) hold every raw value of `registers` (register -> motor ->
+    value); False where a register cannot be read back."""
+    for name, values in registers.items():
+        try:
+            present = bus.sync_read(name, list(values), normalize=False)
+        except Exception:  # noqa: BLE001 - a register this bus cannot read back: not known to hold
+            return False
+        if any(int(present[m]) != int(v) for m, v in values.items()):
+            return False
+    return True
+
+
+def write_calibration(
+    bus: Any, calibration: Mapping[str, Any], registers: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Write `calibration` (its `calibration_registers`) to the motors of `bus`, with their torque off as
+    lerobot's prompt does (position limits and offsets are in the servos' EEPROM)."""
+    bus.disable_torque()
+    for name, values in registers.items():
+        for motor, value in values.items():
+            bus.write(name, motor, value, normalize=False)
+    bus.calibration = dict(calibration)
+
+
+@contextlib.contextmanager
+def _recorded_writes(bus: Any) -> Iterator[dict[str, dict[str, Any]]]:
+    """Within it, `bus.write` / `bus.sync_write` record (register -> motor -> the last value) instead of
+    sending; a write past them (`_write`, `_sync_write`) raises `_Unrecorded`."""
+    writes: dict[str, dict[str, Any]] = {}
 
     def write(data_name: str, motor: str, value: Any, **_: Any) -> None:
         writes.setdefault(data_name, {})[motor] = value
@@ -453,31 +511,35 @@ def configured(robot: Any) -> bool:
             write(data_name, motor, value)
 
     def refuse(*args: Any, **kwargs: Any) -> None:
-        raise _Unrecorded("configure() wrote to the bus past the recorder")
+        raise _Unrecorded("the bus was written past the recorder")
 
     recorder = {"write": write, "sync_write": sync_write, "_write": refuse, "_sync_write": refuse}
     vars(bus).update(recorder)  # shadow the bus's methods on this instance only
     try:
-        robot.configure()
-    except _Unrecorded:
-        return False
+        yield writes
     finally:
         for name in recorder:
             del vars(bus)[name]
+
+
+def configured(robot: Any) -> bool:
+    """Whether the motors of the lerobot follower `robot` (connected) already hold every value its
+    `configure()` would write, torque on included: then configuring again changes nothing but lets the
+    arm drop meanwhile. What `configure()` writes is learnt by running it with the bus's writes recorded
+    instead of sent, so this follows lerobot's own code (operating modes, PID gains, gripper limits...)."""
+    bus = robot.bus
+    try:
+        with _recorded_writes(bus) as writes:
+            robot.configure()
+    except _Unrecorded:
+        return False
     if not writes or any(name in bus.normalized_data for name in writes):
         return False  # nothing to compare, or values in user units: configure, as lerobot does
-    for name, values in writes.items():
-        try:
-            present = bus.sync_read(name, list(values), normalize=False)
-        except Exception:  # noqa: BLE001 - a register this bus cannot read back: configure, as lerobot does
-            return False
-        if any(int(present[m]) != int(v) for m, v in values.items()):
-            return False
-    return True
+    return holds(bus, writes)
 
 
 class _Unrecorded(Exception):
-    """`configure()` reached the bus other than through `write` / `sync_write` (a newer lerobot)."""
+    """lerobot reached the bus other than through `write` / `sync_write` (a newer lerobot)."""
 
 
 def _build_follower(robot_type: str, o: LerobotArmOptions) -> Any:

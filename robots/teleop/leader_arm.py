@@ -35,9 +35,12 @@ import numpy as np
 from robots.base import Feature, RobotError
 from robots.real.lerobot_arm import (
     calibration_problem,
+    calibration_registers,
     first_line,
+    holds,
     port_released_on_error,
     unreadable_calibration,
+    write_calibration,
 )
 from robots.real.units import arm_units, bus_units
 from robots.teleop.base import DeviceNotFoundError, TeleopDevice, TeleopState
@@ -199,14 +202,14 @@ class LeaderArmDevice:
                 "or give calibrate=true (in the apps: +device_options.calibrate=true)"
             )
         try:
-            if problem is not None or not teleop.is_calibrated:
+            registers = None if problem is not None else calibration_registers(teleop.bus, teleop.calibration)
+            if registers is None or not holds(teleop.bus, registers):
                 if self.calibrate:
                     if problem is not None:  # lerobot would offer the unusable file (ENTER wrote it)
                         teleop.calibration = {}
                     teleop.calibrate()  # lerobot's interactive calibration
                 else:  # the file wins, as at lerobot's prompt
-                    teleop.bus.disable_torque()
-                    teleop.bus.write_calibration(teleop.calibration)
+                    write_calibration(teleop.bus, teleop.calibration, registers)
             teleop.configure()
         except Exception as e:
             _close_quietly(teleop)
