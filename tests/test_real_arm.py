@@ -698,6 +698,37 @@ def test_leader_units_come_from_its_bus_and_match_the_follower_of_its_kind(tmp_p
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("leader_port", ["default", "same", "link"])
+def test_collect_refuses_a_leader_on_the_followers_port_before_opening_anything(
+    monkeypatch, tmp_path, leader_port
+):
+    """Both arms' port defaults to /dev/ttyACM0, and Linux opens a tty twice: the leader's calibration and
+    configuration went to the follower's motors (limits rewritten, torque off) and the session recorded
+    a limp arm. Refused in one line, also through a symlink (/dev/serial/by-id/...)."""
+    import dataclasses
+
+    import tools.collect
+    from tools._config import UsageError
+
+    leader, follower = so_arm(), so_arm()
+    cfg, _ = _leader_session(monkeypatch, tmp_path, leader, follower, {1: "b"})
+    options = dict(cfg.device_options)
+    if leader_port == "default":
+        del options["port"]
+        cfg = dataclasses.replace(cfg, robot_options={**cfg.robot_options, "port": "/dev/ttyACM0"})
+    elif leader_port == "same":
+        options["port"] = PORT
+    else:
+        (tmp_path / "by-id").symlink_to(PORT)
+        options["port"] = str(tmp_path / "by-id")
+    cfg = dataclasses.replace(cfg, device_options=options)
+    with pytest.raises(UsageError, match=r"^teleop=leader_arm and the robot are both on /dev/tty") as e:
+        tools.collect.collect(cfg)
+    assert "\n" not in str(e.value) and "give each its own port" in str(e.value)
+    assert not leader.written and not follower.written and not leader.is_open and not follower.is_open
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_collect_refuses_a_leader_in_other_units_before_opening_anything(monkeypatch, tmp_path):
     """A Koch leader reports -100..100 only; the Koch follower takes degrees unless told otherwise: the
     follower would go to the wrong pose. Refused, naming the option to set; with it, the follower

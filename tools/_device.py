@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,7 @@ class DeviceSettings:
         if not hasattr(cls, "check_drives"):
             self.check_motion(robot)
         device = cls(**options)
+        _check_own_port(device, robot, self.teleop)
         if isinstance(device, JointDevice):
             mapper = ActionMapper(**self.gains)
             device.check_drives(robot.action_feature, converts=mapper.converts_joints)
@@ -127,3 +129,15 @@ def takes_command_device(device_cls: type) -> bool:
     """A device without all the episode buttons (a leader arm, a SpaceMouse) takes another device for
     its episode commands."""
     return "command_device" in inspect.signature(device_cls).parameters
+
+
+def _check_own_port(device: Any, robot: Any, name: str) -> None:
+    """A device and a robot on one serial port (a leader arm and its follower, both on the default
+    /dev/ttyACM0) refused, in one line: Linux opens a tty twice, and the leader's calibration and
+    configuration went to the follower's motors (its limits rewritten, its torque turned off)."""
+    ports = [getattr(device, "port", None), getattr(robot, "port", None)]
+    if all(isinstance(p, str) for p in ports) and os.path.realpath(ports[0]) == os.path.realpath(ports[1]):
+        raise UsageError(
+            f"teleop={name} and the robot are both on {ports[1]}: give each its own port "
+            "(device_options.port, robot_options.port; `lerobot-find-port` tells them apart)"
+        )

@@ -202,6 +202,11 @@ class LerobotArm(RobotBase):
         return self._robot
 
     @property
+    def port(self) -> str:
+        """The serial port of the arm's motor bus."""
+        return self.options.port
+
+    @property
     def motor_names(self) -> list[str]:
         """Joint names in the order of "state" and of the action."""
         self.lerobot_robot()
