@@ -296,11 +296,26 @@ class MPC:
             result = self.planner.plan(z0, goal, warm, self.cfg.budget, model=fixed)
             result.actions = fixed.fix(result.actions.unsqueeze(1)).squeeze(1)
         self._seconds.append(self.clock() - start)
+        self._check_cost(result.cost)
         self.last_result, self._z0 = result, z0
         self._warm = (
             shift_plan(result.actions, self.cfg.execute, self.cfg.fill) if self.cfg.warm_start else None
         )
         return result
+
+    def _check_cost(self, cost: torch.Tensor) -> None:
+        """A running episode whose every scored plan cost NaN or inf has no plan: the planner's fallback (the
+        middle of the action box, or the warm start) drove the robot as if planned, and no finite action
+        check could catch it. Refused (a worker counts an inference error; the robot holds)."""
+        bad = ~cost.detach().isfinite().cpu().numpy()  # (E,)
+        if self._active is not None:
+            bad &= self._active
+        if bad.any():
+            rows = np.flatnonzero(bad).tolist()
+            raise ValueError(
+                f"the world model gave no finite cost for episode(s) {rows}: no plan (NaN or inf in its "
+                "rollout or cost; check the checkpoint, or plan in fp32: precision=fp32)"
+            )
 
     def _warm_from(self, previous: torch.Tensor) -> torch.Tensor:
         """previous raw (E, n, Da), n >= 1 -> a warm start (E, H, f * Da): packed into planning steps (the

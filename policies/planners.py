@@ -454,12 +454,17 @@ class GradientPlanner(_Planner):
                 break
             # --- refit: one Adam step, projected back onto the bounds (model parameters get no .grad);
             # a row that has stopped keeps its sequences
-            (actions.grad,) = torch.autograd.grad(costs.sum(), [actions])
+            # a sequence whose cost is NaN (a bf16 overflow in part of the box) has a NaN gradient: it
+            # stays where it is (Adam and clamp_ kept the NaN, and the next rollout refused NaN actions,
+            # failing the whole replan for the other restarts)
+            (grad,) = torch.autograd.grad(costs.sum(), [actions])
+            actions.grad = torch.where(grad.isfinite(), grad, torch.zeros_like(grad))
             before = actions.detach().clone()
             opt.step()
             with torch.no_grad():
                 actions.clamp_(low, high)
-                actions.copy_(torch.where(searching[:, None, None, None], actions, before))
+                moved = searching[:, None, None, None] & actions.isfinite()
+                actions.copy_(torch.where(moved, actions, before))
             rows_steps += searching
             step += 1
         info = {"final": self._raw(actions.detach()), "rows_iterations": rows_steps}

@@ -205,6 +205,38 @@ def test_a_model_with_no_finite_cost_leaves_a_finite_plan_within_the_bounds(name
     assert bool((result.actions >= torch.tensor(LOW)).all() and (result.actions <= torch.tensor(HIGH)).all())
 
 
+class NaNBeyond(PointModel):
+    """A cost NaN by arithmetic, forward and gradient (as a bf16 overflow gives), where the first action's
+    first dim is above `above`; its rollout refuses non-finite actions, as DINO-WM's does."""
+
+    def __init__(self, above: float) -> None:
+        super().__init__()
+        self.above = above
+
+    def rollout(self, z0, actions):
+        if not bool(actions.isfinite().all()):
+            raise ValueError("actions hold NaN or inf values")
+        out = super().rollout(z0, actions)
+        out["first"] = actions[:, :, 0, 0]  # (E, N)
+        return out
+
+    def cost(self, pred, goal):
+        return super().cost(pred, goal) + 0 * torch.sqrt(self.above - pred["first"])
+
+
+def test_a_nan_gradient_leaves_its_sequence_where_it_was():
+    """A restart in the part of the box where the cost is NaN got a NaN gradient: Adam and the clamp kept
+    the NaN, and the next rollout was given NaN actions (DINO-WM refuses them: the whole replan failed,
+    the other restarts' plans with it). The optimum, first action (-0.4, 0.2), is where the cost is finite."""
+    model = NaNBeyond(above=0.2)
+    s0, goal = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.2, -0.1]])
+    planner = make("gd", model, restart_std=2.0)  # (cem_gd's gradient stage is this planner)
+    z0, zg = model.encode(obs_of(s0)), model.encode(obs_of(goal))
+    planned = planner.plan(z0, zg, warm_start=torch.full((1, 5, 2), 0.9))  # the warm start: NaN cost
+    assert bool(planned.actions.isfinite().all()) and bool(planned.cost.isfinite().all())
+    assert planned.actions[0, 0, 0] <= 0.2
+
+
 @pytest.mark.parametrize("name", ["gd", "cem_gd"])
 def test_gradient_planners_work_under_inference_mode(name):
     """The deploy runtime's worker computes under inference mode, its latents made there too: the
@@ -622,6 +654,23 @@ def test_mpc_warm_starts_from_the_shifted_plan_and_reset_clears_it():
     mpc.reset()
     with pytest.raises(ValueError):
         mpc.select_action(raw_of([[0.0, 0.0], [1.0, 1.0]]))  # 2 episodes against a 1-episode goal
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mpc_refuses_to_act_on_a_model_that_gives_no_finite_cost(name):
+    """Every planner falls back to a finite plan within the bounds (the box's middle, or the warm start)
+    when no sequence has a finite cost; MPC handed it out as a plan, and the robot was driven to mid-range
+    with nothing said. A finished episode (not active) is not asked for a plan."""
+    model = BrokenCosts(above=None)
+    mpc = MPC(model, make(name, model), MPCConfig(execute=1))
+    mpc.set_goal(raw_of([[0.2, -0.1], [0.3, 0.0]]))
+    obs = raw_of([[0.1, -0.2], [0.0, 0.0]])
+    with pytest.raises(
+        ValueError, match=r"^the world model gave no finite cost for episode\(s\) \[0, 1\]: no"
+    ):
+        mpc.select_action(obs)
+    mpc.set_active(np.array([False, False]))
+    assert mpc.select_action(obs).shape == (2, 2)
 
 
 def test_mpc_reaches_the_goals_in_closed_loop_with_a_mismatched_model():
