@@ -140,6 +140,27 @@ def test_mpc_with_history_deployed(world_model, tmp_path, planner):
     assert report["ticks"] == 6 and report["chunks"] >= 2 and report["stopped"] == []
 
 
+def test_the_seed_reaches_the_planners_noise(world_model):
+    """wm-deploy's and wm-serve's `seed` ("the controller's seed: controller=random, planners") never
+    reached MPC's planner: every seed planned with the same noise."""
+    from tools._cli import build
+    from tools._controller import ControllerConfig, worker_controller
+
+    options = {"controller": "mpc", "checkpoint": str(world_model), "subgoals": "off"}
+    planner = {"name": "cem", "samples": 16, "elites": 4}
+    settings = build(ControllerConfig, {**options, "planner": planner}).settings()
+    seeds = [worker_controller(settings, [-1.0, -1.0], [1.0, 1.0], s).planner.cfg.seed for s in (1, 2, 1)]
+    assert seeds[0] == seeds[2] != seeds[1]
+    settings["planner"]["seed"] = None  # a fresh seed per planner, as asked
+    assert worker_controller(settings, [-1.0, -1.0], [1.0, 1.0], 1).planner.cfg.seed is None
+    settings["planner"] = {"name": "cem_gd", "cem": {"samples": 16, "elites": 4}}  # both stages seeded
+    stages = [worker_controller(settings, [-1.0, -1.0], [1.0, 1.0], s).planner for s in (1, 2)]
+    assert (
+        stages[0].cem.cfg.seed != stages[1].cem.cfg.seed
+        and stages[0].grad.cfg.seed != stages[1].grad.cfg.seed
+    )
+
+
 def test_deploy_usage_errors_are_one_line(tmp_path, policy):
     leader = [
         "robot=so101_follower",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +22,7 @@ from policies.base import check_budget
 from policies.planners import DEFAULT_PLANNER
 from policies.subgoal import GraphConfig
 from tools._cli import UsageError, build, changed, one_of
+from wm.seeding import derived_torch_seed
 
 CONTROLLERS = ("mpc", "policy", "random")
 
@@ -198,7 +199,8 @@ def load_controller(
     cfg: ControllerConfig, low: np.ndarray, high: np.ndarray, seed: int = 0
 ) -> tuple[Any, Any]:
     """(controller, loaded model or None) for a robot with actions in [low, high]; MPC and policies come
-    from `cfg.checkpoint` through the model registry."""
+    from `cfg.checkpoint` through the model registry. `seed`: random actions' seed, and with the planner's
+    own seed the seed of MPC's sampling noise."""
     from policies.evaluate import RandomPolicy
     from wm.registry import load_model
 
@@ -207,7 +209,8 @@ def load_controller(
     loaded = load_model(cfg.checkpoint, _device(cfg.device), _overrides(cfg), controller=cfg.controller)
     if cfg.controller == "policy":
         return loaded.policy(), loaded
-    make = _mpc_builder(cfg, loaded, SimpleNamespace(low=np.asarray(low), high=np.asarray(high)))
+    feat = SimpleNamespace(low=np.asarray(low), high=np.asarray(high))
+    make = _mpc_builder(replace(cfg, planner=_seeded(cfg.planner, seed)), loaded, feat)
     return make(cfg.planner_budget.iterations), loaded
 
 
@@ -269,6 +272,19 @@ def check_mpc(settings: dict[str, Any]) -> None:
     ones = np.ones(loaded.model.io_spec.action_dim)
     mpc_cfg = MPCConfig(execute=cfg.execute, max_iterations=cfg.planner_budget.iterations)
     build_mpc(loaded.model, -ones, ones, cfg.planner, mpc_cfg, None)
+
+
+def _seeded(planner: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The planner's options with its sampling seed (each stage's, for cem_gd) derived from `seed` and
+    itself; a seed of None (fresh per planner) stays None."""
+
+    def stage(options: dict[str, Any]) -> dict[str, Any]:
+        own = options.get("seed", 0)
+        return options if own is None else {**options, "seed": derived_torch_seed(int(own), seed)}
+
+    if planner.get("name", DEFAULT_PLANNER) == "cem_gd":
+        return {**planner, **{k: stage(dict(planner.get(k, {}))) for k in ("cem", "grad")}}
+    return stage(dict(planner))
 
 
 def worker_controller(settings: dict[str, Any], low: list[float], high: list[float], seed: int = 0) -> Any:
