@@ -244,6 +244,8 @@ def test_camera_options_are_checked():
         make_robot("so101_follower", cameras={"w": {**cam, "widht": 32}})
     with pytest.raises(ValueError, match="reserved"):
         make_robot("so101_follower", cameras={"state": cam})
+    with pytest.raises(ValueError, match=r"^camera name 5 must be text, e.g. wrist"):  # a TypeError later
+        make_robot("so101_follower", cameras={5: cam})
 
 
 @pytest.mark.parametrize(
@@ -428,6 +430,19 @@ def test_koch_follower_over_dynamixel_protocol_2(koch_bus):
         fake.set(1, DXL_PRESENT, 4, -0x2020001)  # bytes FF FF FD FD: a status packet with byte stuffing
         assert arm.lerobot_robot().bus.read("Present_Position", "shoulder_pan", normalize=False) == -0x2020001
     assert not fake.is_open and [fake.memory[i][DXL_TORQUE] for i in range(1, 7)] == [1] * 6
+
+
+def test_a_goal_clipped_to_a_limit_stays_within_the_calibrated_range(koch_bus):
+    """The limits in degrees rounded outward when the clipped goal became float32, and lerobot truncates
+    to an integer: a goal at the low limit went to the bus one count below the calibrated range."""
+    fake, calib_dir = koch_bus
+    with make_robot("koch_follower", port=PORT, calibration_dir=str(calib_dir)) as arm:
+        low, high = np.asarray(arm.action_feature.low), np.asarray(arm.action_feature.high)
+        for goal in (-500.0, 500.0):
+            sent = arm.send_action([goal] * 5 + [50.0])
+            assert np.all(sent >= low) and np.all(sent <= high)
+            raws = [fake.get(i, DXL_GOAL, 4) for i in range(1, 6)]
+            assert all(KOCH_RANGE[0] <= r <= KOCH_RANGE[1] for r in raws), raws
 
 
 def test_a_koch_servo_left_inverted_takes_the_files_drive_mode_once(koch_bus):

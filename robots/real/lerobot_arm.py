@@ -128,7 +128,7 @@ class LerobotArmOptions:
         for motor, value in values:
             _check_positive(f"max_relative_target.{motor}" if motor else "max_relative_target", value)
         for name, cam in self.cameras.items():
-            _check_camera(str(name), cam)
+            _check_camera(name, cam)
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -137,7 +137,9 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _check_camera(name: str, cam: Any) -> None:
+def _check_camera(name: Any, cam: Any) -> None:
+    if not isinstance(name, str):  # `cameras: {0: ...}` became feature key 0: a bare TypeError in the store
+        raise ValueError(f"camera name {name!r} must be text, e.g. wrist or front")
     if name in RESERVED_KEYS or not name or "/" in name or "." in name:
         reserved = ", ".join(RESERVED_KEYS)
         raise ValueError(f"camera name {name!r} is not allowed (reserved: {reserved}; no / or . in it)")
@@ -231,8 +233,12 @@ class LerobotArm(RobotBase):
 
     def _joint_feature(self, kind: str) -> Feature:
         low, high = joint_limits(self.lerobot_robot())
+        # in float32 (the actions' type), rounded inward: rounded outward, a goal clipped to the low limit
+        # became one encoder count below the calibrated range once lerobot truncated it to an integer
+        low32 = [_float32_toward(v, np.inf) for v in low]
+        high32 = [_float32_toward(v, -np.inf) for v in high]
         names = tuple(self._motors)
-        return Feature((len(names),), "float32", kind, self.units, names, low, high)
+        return Feature((len(names),), "float32", kind, self.units, names, tuple(low32), tuple(high32))
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> None:
@@ -359,6 +365,13 @@ class LerobotArm(RobotBase):
         with port_released_on_error(self._robot.bus):
             sent = self._robot.send_action(goal)
         return np.array([sent[f"{m}.pos"] for m in self._motors], dtype=np.float32)
+
+
+def _float32_toward(value: float, direction: float) -> float:
+    """The float32 nearest `value`, or the next one toward `direction` where it lies beyond `value`."""
+    near = np.float32(value)
+    beyond = float(near) < value if direction > 0 else float(near) > value
+    return float(np.nextafter(near, np.float32(direction)) if beyond else near)
 
 
 def _latest_frame(camera: Any, max_age_ms: float) -> tuple[Any, float]:
