@@ -137,11 +137,32 @@ def test_actions_are_clipped_to_the_calibrated_range_and_nan_never_reaches_the_b
         assert len(fake.written) == n_writes  # nothing was written for the refused actions
 
 
-def test_max_relative_target_is_lerobots_and_what_it_sent_is_returned(so_bus):
+def test_max_relative_target_caps_each_step_and_what_was_sent_is_returned(so_bus):
     fake, calib_dir = so_bus
     with so101(calib_dir, max_relative_target=5) as arm:  # present position: 0 deg everywhere but gripper
         sent = arm.send_action([30.0, -30.0, 2.0, 0.0, 0.0, 50.0])
     np.testing.assert_allclose(sent, [5.0, -5.0, 2.0, 0.0, 0.0, 50.0], atol=1e-4)
+
+
+@pytest.mark.parametrize("use_degrees", [True, False])
+def test_max_relative_target_never_puts_a_goal_outside_the_limits(so_bus, use_degrees):
+    """lerobot's cap clamped the goal around its own reading: a joint reading outside its calibrated
+    range got a goal outside the limits on the bus (in degrees), and in -100..100 its reading was first
+    clamped to the range's end, so a gripper past its end stepped by more than the cap. Now a joint just
+    outside its range gets a goal within the limits and within one step, one farther out is refused."""
+    fake, calib_dir = so_bus
+    with so101(calib_dir, max_relative_target=5, use_degrees=use_degrees) as arm:
+        low, high = np.asarray(arm.action_feature.low), np.asarray(arm.action_feature.high)
+        fake.set(6, FT_PRESENT, 2, 3040)  # the gripper 2 % past its calibrated end (1000..3000)
+        state = arm.get_observation()["state"]
+        assert state[5] == pytest.approx(102.0, abs=0.1)
+        sent = arm.send_action(np.r_[state[:5], 50.0])
+        assert sent[5] == pytest.approx(97.0, abs=0.1) and np.all(sent >= low) and np.all(sent <= high)
+        fake.set(1, FT_PRESENT, 2, 100)  # shoulder_pan far below its range
+        since = len(fake.written)
+        with pytest.raises(ActionError, match=r"shoulder_pan is at -?[0-9.]+, outside its limits .* refused"):
+            arm.send_action(np.zeros(6))
+        assert [a for _, a, _ in fake.written[since:] if a == FT_GOAL] == []  # nothing sent
 
 
 @pytest.mark.parametrize("torque_off", [False, True])
@@ -863,10 +884,11 @@ def test_collect_stops_with_one_line_when_the_follower_stays_unreadable(monkeypa
     assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6
 
 
-def test_collect_stops_at_a_goal_lerobots_clamp_put_outside_the_limits(monkeypatch, tmp_path, capsys):
-    """lerobot's own max_relative_target clamps each goal around the follower's reading; a reading far
+def test_collect_stops_at_a_goal_the_step_cap_cannot_keep_within_the_limits(monkeypatch, tmp_path, capsys):
+    """lerobot's own max_relative_target clamped each goal around the follower's reading; a reading far
     outside the calibration put out-of-limit goals on the bus every tick while the recording held the
-    safety layer's command. Now the session stops at the first one (as wm-deploy does), in one line."""
+    safety layer's command. The cap is ours now: the goal is refused, nothing outside the limits is sent,
+    and the session stops in one line."""
     pytest.importorskip("scservo_sdk")
     import tools.collect
 
@@ -883,10 +905,14 @@ def test_collect_stops_at_a_goal_lerobots_clamp_put_outside_the_limits(monkeypat
 
     follower.before_read = glitch
     assert tools.collect.collect(cfg) == 3
-    out = capsys.readouterr().out.strip()
-    assert "\n" not in out and "so101_follower: it reports sending a command outside its limits" in out
+    stopped = capsys.readouterr().out.strip().splitlines()[0]
+    assert stopped.startswith("stopped: so101_follower: the command could not be sent (ActionError: ")
+    assert (
+        "shoulder_pan is at -167.0, outside its limits -87.9..87.9 by more than max_relative_target"
+        in stopped
+    )
     goals = [int.from_bytes(d, "little") for m, a, d in follower.written if a == FT_GOAL and m == 1]
-    assert sum(not SO_RANGE[0] <= g <= SO_RANGE[1] for g in goals) == 1  # the one that told, no more
+    assert goals and all(SO_RANGE[0] <= g <= SO_RANGE[1] for g in goals)  # none outside the range
     assert not leader.is_open and not follower.is_open
     assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6
 

@@ -14,10 +14,12 @@ this adapter adds what our `Robot` promises:
   first command is step-capped from the true position, or refused when that is over a step away.
 - `send_action(a)`: the action (Dj,) of absolute goal positions in those units is refused when it is
   misshapen or not finite (nothing reaches the bus) and clipped to the joint limits, then sent with
-  lerobot's `send_action({"<motor>.pos": value})`; what lerobot reports it sent is returned (it
-  differs when lerobot's own `max_relative_target` clamped a step).
-- `max_relative_target` (lerobot's per-step cap, in the joints' units) is off by default: it costs
-  an extra bus read per command, and our control loops cap steps themselves. Set it to turn it on.
+  lerobot's `send_action({"<motor>.pos": value})`; what was sent is returned (it differs when
+  `max_relative_target` capped a step).
+- `max_relative_target` (a per-step cap from the present position, in the joints' units, as lerobot's)
+  is off by default: it costs an extra bus read per command, and our control loops cap steps
+  themselves. Set it to turn it on. Unlike lerobot's, it caps from the true reading and keeps the goal
+  within the limits; a joint farther outside its range than one step gets its command refused.
 - `disconnect()` leaves the servos' torque ON by default: the arm holds its last goal instead of
   dropping (lerobot's own default turns torque off). `torque_off_on_disconnect=True` lets it go limp,
   e.g. to move it by hand; support the arm first. Connecting again keeps it holding: lerobot's
@@ -48,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import Feature, RobotBase, RobotEntry, RobotError
+from robots.base import ActionError, Feature, RobotBase, RobotEntry, RobotError
 from robots.real.units import arm_units
 from robots.teleop.base import DeviceNotFoundError
 from wm.data.schema import ActionSpace
@@ -83,8 +85,8 @@ class LerobotArmOptions:
     calibrate: run lerobot's interactive calibration when the file is missing or disagrees.
     use_degrees: joints in degrees (True) or lerobot's -100..100 (False); the gripper is 0..100.
     control_hz: the rate the arm is driven at.
-    max_relative_target: lerobot's cap on each command's step from the present position, one value
-        or one per motor; None (default) leaves it off.
+    max_relative_target: a cap on each command's step from the present position, one value or one per
+        motor; None (default) leaves it off.
     torque_off_on_disconnect: disconnecting turns the servos' torque off (the arm goes limp).
     cameras: {name: {index_or_path, width, height, fps, [warmup_s, rotation, fourcc]}}.
     max_frame_age_ms: a camera frame older than this is not an observation (the read fails, as for a
@@ -361,10 +363,37 @@ class LerobotArm(RobotBase):
         return max(50.0, 3 * 1000.0 / float(self.options.cameras[camera]["fps"]))
 
     def _apply(self, action: np.ndarray) -> np.ndarray:
+        if self.options.max_relative_target is not None:
+            action = self._capped(action)
         goal = {f"{m}.pos": float(v) for m, v in zip(self._motors, action, strict=True)}
         with port_released_on_error(self._robot.bus):
             sent = self._robot.send_action(goal)
         return np.array([sent[f"{m}.pos"] for m in self._motors], dtype=np.float32)
+
+    def _capped(self, action: np.ndarray) -> np.ndarray:
+        """`action` (within the limits) moved at most max_relative_target from the joints' present positions
+        (one bus read), as lerobot's cap does, but from the true reading (lerobot's clamps to the range, so a
+        gripper past its end stepped by more than the cap) and never outside the limits (lerobot's capped
+        goal around a reading outside the range went to the bus). A goal that cannot be both, a joint
+        farther outside its range than one step, is refused: nothing is sent."""
+        bus, caps = self._robot.bus, self.options.max_relative_target
+        with port_released_on_error(bus):
+            raw = bus.sync_read("Present_Position", normalize=False)
+        present = present_positions(bus, raw, self._motors).astype(np.float64)
+        cap = np.array(
+            [caps[m] if isinstance(caps, Mapping) else caps for m in self._motors], dtype=np.float64
+        )
+        feat = self.action_feature
+        goal = np.clip(np.clip(action, present - cap, present + cap), feat.low, feat.high)
+        far = np.abs(goal - present) > cap * (1 + 1e-9)  # the limits pulled it more than a step away
+        if far.any():
+            i = int(np.flatnonzero(far)[0])
+            raise ActionError(
+                f"{self.name}: {self._motors[i]} is at {present[i]:.1f}, outside its limits "
+                f"{feat.low[i]:.1f}..{feat.high[i]:.1f} by more than max_relative_target ({cap[i]:g}): the "
+                "command was refused; move the joint back into its range (or calibrate the arm again)"
+            )
+        return goal.astype(np.float32)
 
 
 def _float32_toward(value: float, direction: float) -> float:
@@ -571,15 +600,12 @@ def _build_follower(robot_type: str, o: LerobotArmOptions) -> Any:
             "pip install -e '.[lerobot]'"
         ) from e
     cameras = {name: OpenCVCameraConfig(**_camera_kwargs(cam)) for name, cam in o.cameras.items()}
-    caps = o.max_relative_target  # lerobot wants a float or a dict of floats
-    if caps is not None:
-        caps = {k: float(v) for k, v in caps.items()} if isinstance(caps, Mapping) else float(caps)
     config = RobotConfig.get_choice_class(robot_type)(
         port=o.port,
         id=o.arm_id,
         calibration_dir=None if o.calibration_dir is None else Path(o.calibration_dir),
         use_degrees=o.use_degrees,
-        max_relative_target=caps,
+        max_relative_target=None,  # the cap is ours (`LerobotArm._capped`)
         disable_torque_on_disconnect=o.torque_off_on_disconnect,
         cameras=cameras,
     )
