@@ -1135,7 +1135,8 @@ def _set_count(count) -> Callable:
         ),
         (_garble_info_chunk, "wm_episode_info: chunk 0 (episodes 0-4) cannot be decoded", 0),
         (lambda p: shutil.rmtree(p / "wm_episode_info"), "wm_episode_info: cannot be read (KeyError", 0),
-        (_set_count("5"), "the commit count wm_committed is '5', not a count", 0),
+        # the count damaged, every info entry intact: they are kept (the repair threw them all away)
+        (_set_count("5"), "the commit count wm_committed is '5', not a count", 5),
         # a count above what is there: the episodes that are there, their info too (it built [{}] * 2**62)
         (_set_count(6), "wm_episode_info: has 5 entries but 6 episodes are committed", 5),
         (_set_count(2**62), f"wm_episode_info: has 5 entries but {2**62} episodes are committed", 5),

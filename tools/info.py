@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import app, bind, folder
+from tools._cli import app, bind, folder, interrupt
 from wm.data import CorruptStoreError, DemoStore, delete_episodes
 from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
 from wm.data.store import info_command
@@ -142,6 +144,9 @@ def show(cfg: InfoConfig, store: DemoStore, summary: dict[str, Any], episodes: l
 def info(cfg: InfoConfig) -> int:
     from wm.data.verify import format_report, verify_store
 
+    # store=. run inside the store: the rewrite of drop_episodes replaces the folder the process is in,
+    # and the relative path then named nothing (the drop was done, then "No such file or directory")
+    cfg = dataclasses.replace(cfg, store=str(Path(cfg.store).absolute()))
     extra: dict[str, Any] = {}
     text = []
     if cfg.drop_episodes is not None:
@@ -178,7 +183,13 @@ def info(cfg: InfoConfig) -> int:
 
 
 def _main(cfg: DictConfig) -> int:
-    return info(bind(InfoConfig, cfg, job_folder=None))
+    # SIGTERM (`timeout`, `kill`) ended a drop_episodes rewrite where it stood, its half-written
+    # <store>.wm-new left beside the store: it interrupts as Ctrl-C does (the rewrite's cleanup runs)
+    terminated = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return info(bind(InfoConfig, cfg, job_folder=None))
+    finally:
+        signal.signal(signal.SIGTERM, terminated)
 
 
 main = app("info", _main)

@@ -19,9 +19,13 @@ from wm.data.errors import NotAStoreError, SchemaError
 from wm.data.store import (
     DemoStore,
     WriterLock,
+    beside,
+    check_destination,
     check_not_a_source,
     discard_tree,
     finish_swap,
+    image_codec_of,
+    move_into_place,
     refuse_foreign_entries,
     rename_if_there,
     swap_paths,
@@ -94,21 +98,31 @@ def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
 def merge_stores(
     sources: Sequence[str | os.PathLike], dst: str | os.PathLike, **create_kwargs: Any
 ) -> DemoStore:
-    """Write a new store at `dst` holding every episode of `sources`, in order (schema of the first)."""
+    """Write a new store at `dst` holding every episode of `sources`, in order (schema of the first);
+    returned open for appending. It is built beside `dst` and moved into place once every episode is
+    copied: a merge that fails or is killed leaves `dst` as it was (a partial store there verified clean)."""
     if not sources:
         raise ValueError("merge_stores needs at least one source store")
+    dst = Path(dst)
     check_not_a_source(dst, sources)
+    check_destination(dst, bool(create_kwargs.pop("overwrite", False)), sources)
     stores = [DemoStore.open(p) for p in sources]
     try:
         for s in stores[1:]:  # all of them, before anything is written
             _check_same(s, stores[0], list(s.keys))
-        out = DemoStore.create(dst, stores[0].schema, **create_kwargs)
-        for s in stores:
-            copy_episodes(s, out)
+        tmp = beside(dst, "merging")
+        try:
+            with DemoStore.create(tmp, stores[0].schema, overwrite=True, **create_kwargs) as out:
+                for s in stores:
+                    copy_episodes(s, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # dst was not touched
+            raise
     finally:
         for s in stores:
             s.close()
-    return out
+    move_into_place(tmp, dst)
+    return DemoStore.open(dst, mode="a")
 
 
 def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: InfoEdit | None = None) -> None:
@@ -120,6 +134,14 @@ def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: In
     damaged (boundaries from the commit record) or whose data lost steps, as long as every kept
     episode reads cleanly; otherwise the error is raised and the store is left as it was.
     """
+    _locked_rewrite(path, lambda n: keep, edit_info)
+
+
+def _locked_rewrite(
+    path: str | os.PathLike, choose: Callable[[int], Sequence[int]], edit_info: InfoEdit | None
+) -> None:
+    """`keep_episodes` of the episodes `choose(n)` picks from the `n` the store holds under its writer
+    lock (a count read before it missed an episode a writer committed meanwhile, and the rewrite lost it)."""
     path = Path(path)
     if path.suffix == ".zip":  # read-only here: the rewrite would leave a directory under its name
         raise NotAStoreError(f"{path}: zip stores are read-only; unzip it to a directory store and edit that")
@@ -131,15 +153,18 @@ def keep_episodes(path: str | os.PathLike, keep: Sequence[int], *, edit_info: In
     refuse_foreign_entries(path, "the rewrite")  # the rewritten store replaces the folder
     lock = WriterLock(path)  # no writer may be appending to the store being rewritten
     try:
-        _rewrite(path, tmp, old, keep, edit_info)
+        _rewrite(path, tmp, old, choose, edit_info)
     finally:
         lock.release()
 
 
-def _rewrite(path: Path, tmp: Path, old: Path, keep: Sequence[int], edit_info: InfoEdit | None) -> None:
+def _rewrite(
+    path: Path, tmp: Path, old: Path, choose: Callable[[int], Sequence[int]], edit_info: InfoEdit | None
+) -> None:
     src = DemoStore.open(path, salvage=True)
     try:
         n = src.n_episodes
+        keep = choose(n)
         bad = [i for i in keep if not -n <= int(i) < n]
         if bad:
             raise ValueError(f"{path}: episodes {bad} out of range (the store has {n} episodes)")
@@ -149,6 +174,7 @@ def _rewrite(path: Path, tmp: Path, old: Path, keep: Sequence[int], edit_info: I
             src.schema,
             zarr_format=src.zarr_format,
             frames_per_chunk=src.array(image_keys[0]).chunks[0] if image_keys else 1,
+            image_codec=image_codec_of(src.array(image_keys[0])) if image_keys else "auto",
             overwrite=True,
         )
         try:
@@ -170,11 +196,13 @@ def _rewrite(path: Path, tmp: Path, old: Path, keep: Sequence[int], edit_info: I
 def delete_episodes(path: str | os.PathLike, episodes: Iterable[int]) -> None:
     """Remove `episodes` (negative indices count from the end) from the store at `path`; later episodes
     move up. Crash-safe and all-or-nothing, see `keep_episodes`."""
-    with DemoStore.open(path, salvage=True) as s:
-        n = s.n_episodes
     episodes = [int(i) for i in episodes]
-    bad = [i for i in episodes if not -n <= i < n]
-    if bad:
-        raise ValueError(f"{path}: episodes {bad} out of range (the store has {n} episodes)")
-    drop = {i % n for i in episodes}
-    keep_episodes(path, [i for i in range(n) if i not in drop])
+
+    def keep(n: int) -> list[int]:
+        bad = [i for i in episodes if not -n <= i < n]
+        if bad:
+            raise ValueError(f"{path}: episodes {bad} out of range (the store has {n} episodes)")
+        drop = {i % n for i in episodes}
+        return [i for i in range(n) if i not in drop]
+
+    _locked_rewrite(path, keep, None)

@@ -97,6 +97,16 @@ def _compressor(kind: str, zarr_format: int, codec: str) -> Any:
     return (blosc, zarr.codecs.Crc32cCodec())
 
 
+def image_codec_of(array: zarr.Array) -> str:
+    """The `image_codec` that `array` was created with (`_compressor`), or "auto" for a compressor this
+    store does not write (another tool's): a rewrite passes it on, and changed zstd frames to lz4."""
+    for codec in array.compressors:
+        cname = getattr(getattr(codec, "cname", None), "value", getattr(codec, "cname", None))
+        if cname in BLOSC_CODECS:
+            return str(cname)
+    return "auto"
+
+
 def _open_zarr_store(path: Path, read_only: bool) -> Any:
     if path.suffix == ".zip":
         if not read_only:
@@ -249,10 +259,22 @@ class DemoStore:
             )
         except (FileNotFoundError, ValueError, json.JSONDecodeError, zarr.errors.BaseZarrError) as e:
             raise NotAStoreError(f"{path}: not a zarr demonstration store ({type(e).__name__}: {e})") from e
-        if "meta" not in group or "episode_ends" not in group["meta"] or "data" not in group:
-            raise NotAStoreError(
-                f"{path}: not a demonstration store (it has no data/ group or meta/episode_ends)"
-            )
+        missing = NotAStoreError(
+            f"{path}: not a demonstration store (it has no data/ group or meta/episode_ends)"
+        )
+        if not _has_node(path, group, "meta") or not _has_node(path, group, "data"):
+            raise missing
+        try:
+            has_ends = "episode_ends" in group["meta"]
+        except (ValueError, zarr.errors.BaseZarrError) as e:  # json.JSONDecodeError is a ValueError
+            if not salvage:
+                raise CorruptStoreError(
+                    f"{_metadata_file(path, 'meta/episode_ends')}: cannot be read ({type(e).__name__}: {e}); "
+                    f"rebuild it from the commit record: {rewrite_command(path)}"
+                ) from e
+            has_ends = True  # salvage takes the boundaries from the commit record (`read_episode_ends`)
+        if not has_ends:
+            raise missing
         attrs = dict(group.attrs)
         legacy = SCHEMA_ATTR not in attrs
         try:
@@ -267,6 +289,8 @@ class DemoStore:
         except SchemaError as e:  # which store: a training run opens several
             raise SchemaError(f"{path}: {e}") from e
         lock = WriterLock(path) if mode == "a" else None  # before the repair: it truncates a writer's steps
+        if lock is not None:  # no rewrite of the store is live under its lock: a <store>.wm-new is what a
+            shutil.rmtree(swap_paths(path.resolve())[0], ignore_errors=True)  # killed one left
         try:
             store = cls(path, group, schema, mode, legacy, salvage)
             store._lock = lock
@@ -467,7 +491,7 @@ class DemoStore:
                 f"{problem}; rewrite the store to repair it, keeping every episode (info that cannot be read "
                 f"is left empty): {rewrite_command(self.path)}"
             )
-        ends, problem = read_episode_ends(self.path, self._group, records)
+        ends, problem, _ = read_episode_ends(self.path, self._group, records)
         if problem is not None:
             lengths = commit_lengths(records)
             if not self.salvage or lengths is None:
@@ -767,6 +791,28 @@ def restore_replaced(path: Path) -> None:
 
 
 ZARR_META = ("zarr.json", ".zgroup", ".zarray")  # what makes a folder a zarr node (v3, v2)
+# zarr's LocalStore writes each file to "<name>.<uuid hex>.partial" and renames it into place: a writer
+# killed in between leaves one, the store's own (opening for writing deletes it), not a user's file
+ZARR_PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial")
+
+
+def _metadata_file(path: Path, node: str) -> Path:
+    """The metadata file of the node `node` of the store at `path` (zarr v3's or v2's, whichever is
+    there), for messages that name it."""
+    folder = path / node
+    return next((folder / name for name in ZARR_META if (folder / name).is_file()), folder / "zarr.json")
+
+
+def _has_node(path: Path, group: zarr.Group, node: str) -> bool:
+    """Whether `group` holds `node`; CorruptStoreError naming its metadata file when that cannot be read
+    (a zero-length file, as a power cut or an interrupted copy leaves, was a bare JSON error)."""
+    try:
+        return node in group
+    except (ValueError, zarr.errors.BaseZarrError) as e:  # json.JSONDecodeError is a ValueError
+        raise CorruptStoreError(
+            f"{_metadata_file(path, node)}: cannot be read ({type(e).__name__}: {e}); restore this file from "
+            "a copy of the store"
+        ) from e
 
 
 def _zarr_node(path: Path) -> bool:
@@ -786,7 +832,11 @@ def foreign_entries(path: Path) -> list[str]:
     """The names in the store folder `path` that are not part of the store (a run's checkpoints put in
     it, a dataset written inside it): a rewrite of the store would delete them."""
     own = (*ZARR_META, ".zattrs", ".zmetadata")
-    return sorted(e.name for e in path.iterdir() if e.name not in own and not _zarr_node(e))
+    return sorted(
+        e.name
+        for e in path.iterdir()
+        if e.name not in own and not _zarr_node(e) and not ZARR_PARTIAL.fullmatch(e.name)
+    )
 
 
 def refuse_foreign_entries(path: Path, doing: str) -> None:
@@ -900,20 +950,39 @@ def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | 
     returned as it is, for the caller to report), or None for a store without one (another tool's); and
     a one-line problem when part of it cannot be read. Then what can be read is kept, and {} stands for
     each entry that cannot, for as many episodes as both the count and `meta/episode_ends` hold (a count
-    damaged upwards commits no episode that is not there); None when the count itself is unusable."""
+    damaged upwards commits no episode that is not there). A count that is not one stands for as many
+    episodes as both the info entries and `meta/episode_ends` hold (ignoring it threw every intact info
+    entry away); None when the info entries cannot be read either."""
     attrs = dict(group.attrs)
     if COMMITTED_ATTR not in attrs:  # format 1 (a list), or none
         return attrs.get(EPISODES_ATTR), None
     n = attrs[COMMITTED_ATTR]
+    damaged = None
     if type(n) is not int or n < 0:
-        return None, f"{path}: the commit count {COMMITTED_ATTR} is {str(n)[:40]!r}, not a count"
+        damaged = f"{path}: the commit count {COMMITTED_ATTR} is {str(n)[:40]!r}, not a count"
     try:
         entries = group[INFO_ARRAY]
         if not isinstance(entries, zarr.Array):
             raise TypeError("it is a group, not an array")
         have, rows = int(entries.shape[0]), int(entries.chunks[0])
     except Exception as e:  # missing, or its metadata unreadable
+        if damaged is not None:
+            return None, damaged
         return [{}] * _bounded(group, n, 0), f"{path}/{INFO_ARRAY}: cannot be read ({type(e).__name__}: {e})"
+    if damaged is not None:
+        ends = _ends_entries(group)
+        records, problem = _read_entries(
+            path, group, entries, min(have, ends if ends is not None else have), rows
+        )
+        return records, damaged + (f"; {problem}" if problem else "")
+    return _read_entries(path, group, entries, n, rows)
+
+
+def _read_entries(
+    path: Path, group: zarr.Group, entries: zarr.Array, n: int, rows: int
+) -> tuple[list[Any], str | None]:
+    """The first `n` entries of INFO_ARRAY `entries` (chunks of `rows`), as `read_commit` returns them."""
+    have = int(entries.shape[0])
     records: list[Any] = []
     problems = [f"has {have} entries but {n} episodes are committed"] if have < n else []
     for lo in range(0, min(have, n), rows):
@@ -944,39 +1013,92 @@ def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | 
 def _bounded(group: zarr.Group, n: int, readable: int) -> int:
     """How many episodes a damaged commit record stands for: the count `n`, at most the entries of
     `meta/episode_ends` (or, when those cannot be read either, the `readable` info entries)."""
+    ends = _ends_entries(group)
+    return min(n, max(ends, readable)) if ends is not None else min(n, readable)
+
+
+def _ends_entries(group: zarr.Group) -> int | None:
+    """The entries `meta/episode_ends` holds, None when its metadata cannot be read."""
     try:
-        return min(n, max(int(group["meta/episode_ends"].shape[0]), readable))
+        return int(group["meta/episode_ends"].shape[0])
     except Exception:  # noqa: BLE001 - read_episode_ends reports it
-        return min(n, readable)
+        return None
 
 
-def read_episode_ends(path: Path, group: zarr.Group, records: Any) -> tuple[np.ndarray, str | None]:
-    """The committed part of `meta/episode_ends` and a one-line problem if it cannot be used: unreadable,
-    fewer entries than committed episodes, decreasing, or an episode without steps (a lost chunk file
-    of it reads as zeros: every episode in it empty)."""
+def read_episode_ends(
+    path: Path, group: zarr.Group, records: Any
+) -> tuple[np.ndarray, str | None, tuple[int, ...]]:
+    """The committed part of `meta/episode_ends`; a one-line problem if it cannot be used (the commit
+    record's lengths then stand for it): unreadable, fewer entries than committed episodes, decreasing,
+    an episode without steps (a lost chunk file of it reads as zeros: every episode in it empty), or at
+    odds with the commit record (`_disagreement`); and the episodes whose boundaries are in doubt (a
+    repair drops them)."""
     try:
         ends = np.asarray(group["meta/episode_ends"][:], dtype=np.int64)
     except Exception as e:
-        return np.zeros(0, np.int64), f"{path}/meta/episode_ends: cannot be read ({type(e).__name__}: {e})"
+        problem = f"{path}/meta/episode_ends: cannot be read ({type(e).__name__}: {e})"
+        return np.zeros(0, np.int64), problem, ()
     if isinstance(records, list):
         if len(ends) < len(records):
-            return ends, (
+            problem = (
                 f"{path}/meta/episode_ends: has {len(ends)} entries but {len(records)} episodes are committed"
             )
+            return ends, problem, ()
         ends = ends[: len(records)]
     if len(ends) and (np.any(np.diff(ends) < 0) or ends[0] < 0):
         bad = int(np.argmax(np.diff(ends, prepend=0) < 0))
-        return ends, (
+        problem = (
             f"{path}/meta/episode_ends: decreases at entry {bad} "
             f"({int(ends[bad - 1]) if bad else 0} -> {int(ends[bad])})"
         )
+        return ends, problem, ()
     if isinstance(records, list):  # our stores never write an empty episode: a lost chunk of episode_ends
         # (zarr reads it as zeros); other tools' stores may hold some, recorded as such when adopted
         empty = np.flatnonzero(np.diff(ends, prepend=0) == 0)
         lost = [int(i) for i in empty if not (i < len(records) and _recorded_empty(records[i]))]
         if lost:
-            return ends, f"{path}/meta/episode_ends: episode {lost[0]} has no steps ({len(lost)} such)"
-    return ends, None
+            return ends, f"{path}/meta/episode_ends: episode {lost[0]} has no steps ({len(lost)} such)", ()
+    lengths = commit_lengths(records)
+    if lengths is None or len(lengths) != len(ends):
+        return ends, None, ()
+    return (ends, *_disagreement(path, group, ends, np.cumsum(np.asarray(lengths, dtype=np.int64))))
+
+
+def _disagreement(
+    path: Path, group: zarr.Group, ends: np.ndarray, committed: np.ndarray
+) -> tuple[str | None, tuple[int, ...]]:
+    """Which of `meta/episode_ends` and the commit record's cumulative lengths `committed` is damaged where
+    they differ (a zarr v2 store has no checksums: a flipped bit in its episode_ends decodes to other
+    increasing numbers, and a repair that trusted them deleted or re-split intact episodes). The one that
+    ends where the data does is right: episode_ends that do not make a problem (the commit record's
+    lengths replace them); a damaged commit record makes none here (`verify` reports its lengths, and a
+    rewrite rebuilds it from the boundaries). When both or neither end there, the episodes on each
+    boundary that differs are in doubt."""
+    differ = np.flatnonzero(ends != committed)
+    if not len(differ):
+        return None, ()
+    held = _steps_held(group)
+    ends_fit, commit_fits = int(ends[-1]) == held, int(committed[-1]) == held
+    if ends_fit and not commit_fits:
+        return None, ()
+    where = f"{path}/meta/episode_ends"
+    if commit_fits and not ends_fit:
+        return f"{where}: ends at step {int(ends[-1])}, but the data and the commit record end at {held}", ()
+    doubtful = tuple(sorted({int(e) for b in differ for e in (b, b + 1) if e < len(ends)}))
+    listed = ", ".join(str(e) for e in doubtful[:8]) + (", ..." if len(doubtful) > 8 else "")
+    return (
+        f"{where}: disagrees with the commit record's lengths at the boundaries of episodes {listed}, and "
+        f"the steps the data holds ({held if held is not None else 'unreadable'}) do not tell which is right"
+    ), doubtful
+
+
+def _steps_held(group: zarr.Group) -> int | None:
+    """The most steps any data array holds (damage loses a key steps, never adds them), or None when the
+    arrays cannot be listed."""
+    try:
+        return max((int(a.shape[0]) for _, a in group["data"].arrays()), default=None)
+    except Exception:  # noqa: BLE001 - opening the store reports what is unreadable
+        return None
 
 
 def fits_spec(array: zarr.Array, spec: KeySpec) -> bool:

@@ -12,12 +12,14 @@ its step range and the episodes it touches.
 Repair is a crash-safe rewrite without the damaged episodes (`delete_episodes`, reachable as
 `wm-info store=PATH drop_episodes=[...]`): the report prints that exact command. A rewrite also
 rebuilds `meta/episode_ends` and the commit record, so boundary damage with intact data is repaired
-by `drop_episodes=[]` (boundaries then come from the commit record's lengths).
+by `drop_episodes=[]` (boundaries then come from the commit record's lengths); where the two disagree
+and the data does not tell which is right, the episodes on the boundaries that differ are dropped.
 """
 
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,14 @@ class VerifyReport:
             return None  # (a zip store is read-only: unzipped, its copy can be repaired)
         return rewrite_command(self.path, self.damaged_episodes)
 
+    def repair_advice(self) -> str | None:
+        """What repairs the store: `repair_command`, or for a zip store the same on an unzipped copy (a zip
+        store is read-only: its damage was said to need a backup); None as for `repair_command`."""
+        if Path(self.path).suffix != ".zip" or self.ok or any(p.fatal for p in self.problems):
+            return self.repair_command()
+        drop = shlex.split(rewrite_command(self.path, self.damaged_episodes))[-1]
+        return f"unzip to a folder store, then: wm-info store=<folder> {shlex.quote(drop)}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
@@ -92,7 +102,7 @@ class VerifyReport:
             return f"{self.path}: ok"
         eps = self.damaged_episodes
         what = f"{len(self.problems)} problem(s)" + (f" in episodes {_ranges(eps)}" if eps else "")
-        cmd = self.repair_command()
+        cmd = self.repair_advice()
         fix = f"; repair: {cmd}" if cmd else "; restore the store from a backup or re-record it"
         return f"{self.path}: damaged, {what}{fix}"
 
@@ -136,10 +146,10 @@ def _check_boundaries(store: DemoStore) -> list[Problem]:
     group = store._group
     records, unreadable = read_commit(store.path, group)
     out = [Problem("commit record", unreadable)] if unreadable is not None else []
-    disk, problem = read_episode_ends(store.path, group, records)
-    if problem is not None:  # salvage took the boundaries from the commit record
-        taken = f"{problem}; episode boundaries taken from the commit record"
-        return [*out, Problem("meta/episode_ends", taken)]
+    disk, problem, doubtful = read_episode_ends(store.path, group, records)
+    if problem is not None:  # salvage took the boundaries from the commit record; the repair drops those
+        taken = f"{problem}; episode boundaries taken from the commit record"  # in doubt, never rebuilds them
+        return [*out, Problem("meta/episode_ends", taken, episodes=doubtful)]
     lengths = np.diff(disk, prepend=0)
     empty = tuple(int(i) for i in np.flatnonzero(lengths == 0))  # (a store without a commit record)
     if empty:
@@ -239,7 +249,7 @@ def format_report(report: VerifyReport) -> str:
     lines += [f"  {p.line()}" for p in report.problems]
     if report.damaged_episodes:
         lines.append(f"episodes   damaged: {_ranges(report.damaged_episodes)}")
-    cmd = report.repair_command()
+    cmd = report.repair_advice()
     if cmd is None:
         lines.append("repair     not possible by dropping episodes: restore the store from a backup")
     else:
