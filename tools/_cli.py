@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -106,6 +106,18 @@ def interrupt(signum: int, frame: Any) -> None:
     interrupted = KeyboardInterrupt()
     interrupted.signum = signum  # type: ignore[attr-defined]
     raise interrupted
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within it, SIGTERM (`timeout`, SLURM, `docker stop`, `kill`) interrupts as Ctrl-C does (`interrupt`:
+    the cleanups run, exit status 143) instead of ending the process where it stood, a staging folder or
+    a half-written store left behind; the handler before it comes back after."""
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 USER_ERRORS = (

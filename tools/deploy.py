@@ -51,8 +51,8 @@ from tools._cli import (
     build,
     changed,
     folder,
-    interrupt,
     record_of,
+    sigterm_interrupts,
     store_path,
 )
 from tools._controller import (
@@ -311,7 +311,8 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     outcomes, store, takeover, kernels, recording = [], None, None, None, None
     # SIGTERM's default action ended the process where it stood (the worker loading, the robot or a
     # takeover device connecting, the cleanup): it interrupts as Ctrl-C does until the cleanup has run
-    terminated = signal.signal(signal.SIGTERM, interrupt)
+    sigterm = sigterm_interrupts()
+    sigterm.__enter__()
     try:
         worker.start()
         if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
@@ -372,7 +373,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)
     finally:
         with contextlib.ExitStack() as cleanup:  # each runs (last first), whatever one before it raised
-            cleanup.callback(signal.signal, signal.SIGTERM, terminated)
+            cleanup.push(sigterm)  # the handler before it back, last
             if store is not None:
                 cleanup.callback(store.close)  # (an unfinished episode: not committed)
             if recording is not None:  # its thread's writes end before the store closes

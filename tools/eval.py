@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind, build, folder, interrupt, record_of
+from tools._cli import UsageError, app, bind, build, folder, record_of, sigterm_interrupts
 from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides, trained_elsewhere
 from wm.interrupt import interrupts_held
 from wm.locks import remove_left_by_dead
@@ -280,13 +279,8 @@ def _budget_sweep(cfg: EvalConfig, make: Any, episodes: Any, out: Path) -> tuple
 
 
 def _main(cfg: DictConfig) -> int:
-    # SIGTERM (`timeout`, SLURM, `docker stop`) ended the process where it stood, its staging folder
-    # left behind: it interrupts as Ctrl-C does (the earlier run's outputs kept; exit status 143)
-    terminated = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with sigterm_interrupts():  # the earlier run's outputs kept, no staging folder left behind
         res = evaluate(bind(EvalConfig, cfg))
-    finally:
-        signal.signal(signal.SIGTERM, terminated)
     keys = ("success_rate", "mean_final_distance", "mean_max_score", "planning_seconds_per_step")
     print(json.dumps({k: res[k] for k in keys if res[k] is not None}))
     return 0

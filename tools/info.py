@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tools._cli import app, bind, folder, interrupt
+from tools._cli import app, bind, folder, sigterm_interrupts
 from wm.data import CorruptStoreError, DemoStore, delete_episodes
 from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
 from wm.data.store import info_command
@@ -183,13 +182,8 @@ def info(cfg: InfoConfig) -> int:
 
 
 def _main(cfg: DictConfig) -> int:
-    # SIGTERM (`timeout`, `kill`) ended a drop_episodes rewrite where it stood, its half-written
-    # <store>.wm-new left beside the store: it interrupts as Ctrl-C does (the rewrite's cleanup runs)
-    terminated = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with sigterm_interrupts():  # a drop_episodes rewrite left its half-written <store>.wm-new behind
         return info(bind(InfoConfig, cfg, job_folder=None))
-    finally:
-        signal.signal(signal.SIGTERM, terminated)
 
 
 main = app("info", _main)
