@@ -1,7 +1,8 @@
 """One MPC replan with CEM (300 samples x 30 iterations x horizon 5, DINO-WM's setting): milliseconds
 per replan for the demo's world model and for a DINO-WM-size one.
 
-The DINO-WM-size model: DINOv2 ViT-S/14 features at 224 px (196 patches x 384), 3 history frames,
+The DINO-WM-size model: DINOv2 ViT-S/14 features at 196 px (196 patches x 384: DINO-WM resizes its
+224 px frames to 196 for the encoder), 3 history frames,
 frameskip 5, predictor 6 layers x 16 heads x 64, MLP 2048 (about 20 M parameters); weights are
 random (timing does not depend on them). On a CPU one full replan at that size takes many minutes,
 so `--dino-iterations` runs fewer CEM iterations and reports the per-iteration time next to the
@@ -47,7 +48,7 @@ def dino_wm_size_model() -> DinoWorldModel:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random DINOv2 weights, on purpose: only time matters here
         cfg = WorldModelConfig(
-            image_size=(224, 224),
+            image_size=(196, 196),  # 14 x 14 patches (at 224: 16 x 16, 1.31x DINO-WM's tokens)
             action_dim=2,
             proprio_dim=4,
             n_hist=3,

@@ -430,6 +430,7 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
         student = distill_ours(ours_policy, ours["store"], args)
         distill_s = time.perf_counter() - t0
         ours["student"] = student
+        student.set_precision("fp32")  # the row says fp32 (the student's default is "auto": bf16 here)
         out["ours_consistency1"] = time_chunks(lambda: student.sample_actions(our_obs), args.chunks)
         out["ours_consistency1"]["distill_seconds"] = distill_s
         out["ours_consistency1"]["distill_steps"] = args.distill_steps
@@ -568,7 +569,7 @@ def report(res: dict[str, Any]) -> str:
         ("ours EDM-3 (DPM++(2M)), bf16", "ours_dpm3_bf16", False),
         ("ours EDM-3 (DPM++(2M)), auto (the default settings)", "ours_dpm3_auto", False),
         ("ours EDM-2 (DPM++(2M), 2 calls), auto", "ours_dpm2_auto", False),
-        ("ours consistency 1-step", "ours_consistency1", False),
+        ("ours consistency 1-step, fp32", "ours_consistency1", False),
         ("ours consistency 1-step, bf16", "ours_consistency1_bf16", False),
     ]
     for label, key, is_lr in rows:

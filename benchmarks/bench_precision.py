@@ -146,7 +146,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=30, help="timed calls per round and variant")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", nargs="*", default=None, help="part names (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        choices=["resnet18", "unet-small", "unet-lerobot", "transformer"],  # (a typo measured nothing)
+        help="part names (default: all)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--use-cache", action="store_true", help="use the kernel cache, not a fresh one")
     parser.add_argument("--calibration-budget", type=float, default=300.0, help="seconds, fresh cache")

@@ -207,7 +207,9 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def _rollout(model: Predictor, ctx: Tensor, future: Tensor, cached: bool) -> None:
-    """Predict ROLLOUT_STEPS frames from FRAMES context frames (the next inputs are `future`)."""
+    """Predict ROLLOUT_STEPS frames from FRAMES context frames (the next inputs are `future`). `cached`
+    steps the KV cache past the FRAMES-frame window: a timing of `step`, not of the planners' rollout,
+    which reruns the last window once it slides (`DinoWorldModel.rollout`)."""
     if cached:
         cache = model.init_cache(ctx.shape[0], GRID)
         for i in range(FRAMES):  # prefill: the last context step gives the first prediction

@@ -45,16 +45,28 @@ from wm.training import cached_features
 
 
 def held_out(run: dict, checkpoint: str) -> tuple[str, list[int]]:
-    """The store and the validation episodes of the run (its own split)."""
+    """The store and the validation episodes of the run (its own split, as training made it: without the
+    episodes flagged action-free, whose actions are no labels to score against)."""
     from wm.data import DemoStore
 
     store = run["store"]
     with DemoStore.open(store) as s:
         n = s.n_episodes
     _, val = split_episodes(n, run.get("val_ratio", 0.1), run.get("seed", 0))
+    with_actions = set(labelled(store))
+    val = [e for e in val if e in with_actions]
     if not val:
-        raise SystemExit(f"{checkpoint}: the run held out no episodes (val_ratio=0)")
+        raise SystemExit(f"{checkpoint}: the run held out no episodes with actions (val_ratio=0?)")
     return store, val
+
+
+def labelled(store: str) -> list[int]:
+    """The episodes of `store` whose actions are labels (not flagged action-free)."""
+    from wm.data import DemoStore
+    from wm.data.mixture import ACTION_FREE
+
+    with DemoStore.open(store) as s:
+        return [e for e in range(s.n_episodes) if not s.episode_info(e).get(ACTION_FREE)]
 
 
 def errors(model, batch: dict, seed: int, normalizer=None) -> dict[str, np.ndarray]:
@@ -185,10 +197,7 @@ def main() -> None:
     if args.store is None:
         store, episodes = held_out(loaded.checkpoint.get("extra", {}).get("run_config", {}), args.checkpoint)
     else:
-        from wm.data import DemoStore
-
-        with DemoStore.open(args.store) as s:
-            store, episodes = args.store, list(range(s.n_episodes))
+        store, episodes = args.store, labelled(args.store)
     windows = windows_of(model, store, episodes)
     rng = np.random.default_rng(args.seed)
     idx = rng.permutation(len(windows))[: args.windows]
