@@ -185,6 +185,11 @@ def test_deploy_usage_errors_are_one_line(tmp_path, policy):
             ["robot=so101_folower", "controller=random", f"out={tmp_path / 'a'}"],
             "did you mean so101_follower",
         ),
+        (  # the limits were taken before it connected: the run planned and capped with uncalibrated ones
+            ["robot=so101_follower", "controller=random", f"out={tmp_path / 'a'}", "max_steps=5"]
+            + ["+robot_options.calibrate=true"],
+            "robot_options.calibrate=true: wm-deploy takes so101_follower's joint limits before it connects",
+        ),
         (["robot=pointmaze", f"out={tmp_path / 'a'}", "runtime.stitching=blend"], "stitching must be one of"),
         (
             ["robot=pointmaze", f"out={tmp_path / 'a'}", "runtime.safety.hold_after_s=3"],

@@ -146,6 +146,12 @@ class DeployConfig(ControllerConfig):
             build(task_entry(self.robot).options, self.robot_options, "robot_options")
             return
         build(robot_entry(self.robot).options, self.robot_options, "robot_options")  # names the robots
+        if self.robot_options.get("calibrate") is True:  # the worker, the safety layer and the recording
+            raise UsageError(  # took the limits before it: they planned and capped with the uncalibrated ones
+                f"robot_options.calibrate=true: wm-deploy takes {self.robot}'s joint limits before it "
+                "connects, and calibrating it then would change them; calibrate it first "
+                "(`lerobot-calibrate`, or wm-collect with +robot_options.calibrate=true)"
+            )
         if self.max_steps is None:
             raise UsageError(f"robot={self.robot} is a real robot: give max_steps= (ticks per episode)")
         if self.controller == "mpc" and self.server is None:

@@ -250,14 +250,14 @@ class LerobotArm(RobotBase):
             raise RobotError(
                 f"{self.name} {o.arm_id!r} has no calibration in {robot.calibration_dir}; run "
                 f"`lerobot-calibrate --robot.type={self.name} --robot.port={o.port} --robot.id={o.arm_id}` "
-                "or give calibrate=true (in the apps: +robot_options.calibrate=true)"
+                "or give calibrate=true (in wm-collect: +robot_options.calibrate=true)"
             )
         problem = calibration_problem(robot) if robot.calibration else None
         if problem is not None and not o.calibrate:  # lerobot failed at the first read, or clipped backwards
             raise RobotError(
                 f"{self.name} {o.arm_id!r}: {problem}; move it away and calibrate the arm again with "
                 f"`lerobot-calibrate --robot.type={self.name} --robot.port={o.port} --robot.id={o.arm_id}` "
-                "or give calibrate=true (in the apps: +robot_options.calibrate=true)"
+                "or give calibrate=true (in wm-collect: +robot_options.calibrate=true)"
             )
         # lerobot's `connect()`, step by step, so that each failure gets its own message and a calibration
         # file that disagrees with the motors never prompts. Unlike lerobot, the cameras open before the

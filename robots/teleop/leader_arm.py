@@ -190,7 +190,7 @@ class LeaderArmDevice:
                 f"leader arm {self.arm_id!r} has no calibration in {teleop.calibration_dir}; run "
                 f"`lerobot-calibrate --teleop.type={self.teleop_type} --teleop.port={self.port} "
                 f"--teleop.id={self.arm_id}` "
-                "or give calibrate=true (in the apps: +device_options.calibrate=true)"
+                "or give calibrate=true (in wm-collect and wm-deploy: +device_options.calibrate=true)"
             )
         problem = calibration_problem(teleop) if teleop.calibration else None
         if problem is not None and not self.calibrate:  # lerobot failed at the first read
@@ -199,7 +199,7 @@ class LeaderArmDevice:
                 f"leader arm {self.arm_id!r}: {problem}; move it away and calibrate the arm again with "
                 f"`lerobot-calibrate --teleop.type={self.teleop_type} --teleop.port={self.port} "
                 f"--teleop.id={self.arm_id}` "
-                "or give calibrate=true (in the apps: +device_options.calibrate=true)"
+                "or give calibrate=true (in wm-collect and wm-deploy: +device_options.calibrate=true)"
             )
         try:
             registers = None if problem is not None else calibration_registers(teleop.bus, teleop.calibration)
