@@ -361,6 +361,33 @@ def test_a_nan_input_leaves_a_conv_layer_shape_undecided_on_disk(tmp_path):
     assert [(r["choice"], how) for _, r, how in sel.log] == [("native_bf16", "calibrated")]
 
 
+def test_a_layer_whose_first_call_cannot_check_calibrates_at_the_next_that_can():
+    """The same layer, in the same process: its first call (a NaN input) took the default unmeasured and
+    the layer remembered it for the shape, so no later call ever calibrated: the UNet conv and the
+    transformer ran their bf16 paths for the whole process, never checked for speed or accuracy."""
+    from policies.diffusion import unet
+    from policies.diffusion.precision import set_inference_precision
+    from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
+
+    times = {"fp32": 0.5, "bf16": 1.0, "native": 0.5, "onednn": 1.0, "matmul": 1.0}
+    times |= {"native_bf16": 1.0, "onednn_bf16": 1.0, "matmul_bf16": 1.0}  # fp32 is the faster here
+    torch.manual_seed(0)
+    net = TransformerDenoiser(TransformerConfig(dim=32, depth=1, heads=2, dropout=0.0), 2, 8, 16, 2).eval()
+    conv = unet.Conv1d(16, 24, 5, padding=2).eval()
+    x, t, cond, xc = torch.randn(1, 16, 2), torch.tensor([3.0]), torch.randn(1, 2, 8), torch.randn(1, 16, 16)
+    bad_cond, bad_xc = cond.clone(), xc.clone()
+    bad_cond[0, 0, 0] = bad_xc[0, 3, 5] = math.nan
+    for layer, bad, good in ((net, (x, t, bad_cond), (x, t, cond)), (conv, (bad_xc,), (xc,))):
+        set_inference_precision(layer, "bf16")
+        with kernels.using(Selector(KernelCache(None), timer=fake_timer(times))) as sel, torch.no_grad():
+            layer(*bad)
+            assert not sel.log
+            layer(*good)
+            assert [how for _, _, how in sel.log] == ["calibrated"], type(layer).__name__
+            assert sel.log[0][1]["choice"] in ("fp32", "native")  # measured: the faster one
+
+
+# ----------------------------------------------------------------------------- the layers
 # ----------------------------------------------------------------------------- the layers
 
 

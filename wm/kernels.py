@@ -303,6 +303,20 @@ def machine_key() -> str:
     return f"{model}|{','.join(flags) or 'no-bf16'}|torch {torch.__version__}|{threads} threads"
 
 
+class Choice(str):
+    """A kernel's name from `Selector.choose`, and whether a layer may remember it for its shape: False for
+    the default taken unmeasured because the call could not check a candidate (a NaN input, an all-zero
+    output). A layer that remembered that one ran it for the rest of the process, never measured
+    (maybe slower than PyTorch's own kernel, never checked for accuracy)."""
+
+    decided: bool
+
+    def __new__(cls, name: str, decided: bool = True) -> Choice:
+        out = super().__new__(cls, name)
+        out.decided = decided
+        return out
+
+
 @dataclass
 class Selector:
     """Chooses kernels (see the module docstring); `timer` replaces the clock-based timing in tests.
@@ -333,7 +347,9 @@ class Selector:
     ) -> str:
         """The candidate to use for `key` (the caller's op and shapes). `candidates` compute the call at
         hand; `default` (else `native`) is used without measurement (mode "native", budget spent, or a call
-        whose native output cannot check a candidate: see `checkable`)."""
+        whose native output cannot check a candidate: see `checkable`; then a `Choice` not `decided`, for
+        this call only). Callers that remember choices per shape remember only `decided` ones
+        (`remember`)."""
         default = default or native
         if self.mode == "native" or len(candidates) < 2:
             return default
@@ -347,7 +363,7 @@ class Selector:
                 with torch.no_grad():
                     ref = candidates[native]()
                     if not checkable(ref):  # a NaN input cannot check it: the default, unmeasured
-                        return default
+                        return Choice(default, decided=False)
                     try:
                         err = rel_error(candidates[choice](), ref)
                     except Exception as e:  # noqa: BLE001 - as in `calibrate`: not a candidate here
@@ -380,8 +396,8 @@ class Selector:
             spent = time.perf_counter() - t0
             self.spent_s += spent
             _calibrating_s += spent
-        if record is None:
-            return default
+        if record is None:  # not judged: the next call that can check the candidates decides
+            return Choice(default, decided=False)
         self.cache.put(full, record)
         self.log.append((full, record, "calibrated"))
         return record["choice"]
@@ -476,6 +492,13 @@ def choose(
 ) -> str:
     """`selector().choose(...)`: see `Selector.choose`."""
     return selector().choose(key, candidates, native, tol, default)
+
+
+def remember(memo: dict[Any, Any], key: Any, name: str, value: Any = None) -> None:
+    """memo[key] = `value` (default: `name`), unless `name` is a `Choice` that was not decided (a call that
+    could not check the candidates: the next one that can decides)."""
+    if getattr(name, "decided", True):
+        memo[key] = name if value is None else value
 
 
 def memo_token() -> tuple[int, int]:

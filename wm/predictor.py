@@ -299,12 +299,13 @@ def linear_weights(
     name = memo.get(mk)
     if name is None:
         sample = x.reshape(-1, x.shape[-1])[:_CALIBRATION_ROWS]  # (rows, in)
-        name = memo[mk] = kernels.choose(
+        name = kernels.choose(
             f"linear {w.shape[1]}->{w.shape[0]} bias={b is not None} gelu={gelu} rows~{bucket} {x.dtype}",
             {n: functools.partial(fn, sample, w, b, gelu) for n, fn in _LINEAR_KERNELS.items()},
             native="native",
             tol=kernels.FP32_TOL if x.dtype == torch.float32 else kernels.BF16_TOL,
         )
+        kernels.remember(memo, mk, name)
     return _LINEAR_KERNELS[name](x, w, b, gelu)
 
 
@@ -404,12 +405,13 @@ class Attention(nn.Module):
                 "activations": lambda: self._qkv_activations(sample, rot, patches)[1],
                 "rows": lambda: self._qkv_rows(sample, w_qk(), patches)[1],
             }
-            name = memo[mk] = kernels.choose(
+            name = kernels.choose(
                 f"rope {frames}x{patches} {d}->{2 * self.inner} rows~{bucket} {x.dtype}",
                 candidates,
                 native="activations",
                 tol=kernels.FP32_TOL if x.dtype == torch.float32 else kernels.BF16_TOL,
             )
+            kernels.remember(memo, mk, name)
         return name == "rows"
 
     def _rotated_rows(self, start: int, rot: Tensor) -> Tensor:
@@ -453,7 +455,8 @@ class Attention(nn.Module):
                 native="sdpa",
                 tol={"bmm": kernels.BF16_TOL / 2} if bf16 else kernels.FP32_TOL,
             )
-            hit = memo[mk] = (name, _logit_reach(*sample[:2]) if name == "bmm" and bf16 else math.inf)
+            hit = (name, _logit_reach(*sample[:2]) if name == "bmm" and bf16 else math.inf)
+            kernels.remember(memo, mk, name, hit)
         name, reach = hit
         if reach < math.inf and _logit_reach(q, k) > _LOGIT_SLACK * reach:
             name = "sdpa"  # logits beyond what the two products were checked on

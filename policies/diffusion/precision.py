@@ -87,7 +87,7 @@ class Bf16Inference:
             choice = kernels.choose(
                 key, {"fp32": fp32, "bf16": bf16}, native="fp32", tol=kernels.MODULE_BF16_TOL, default="bf16"
             )
-            memo[mk] = choice
+            kernels.remember(memo, mk, choice)
         return bf16() if choice == "bf16" else fp32()
 
 

@@ -141,13 +141,14 @@ class _InferenceLayer(Bf16Inference):
                 memo.clear()
             int8 = auto and self.int8_fits()  # the layer's shape decides: checked once per memo entry
             names = self.kernel_names(precision) + (["matmul_int8"] if int8 else [])
-            name = memo[mk] = kernels.choose(
+            name = kernels.choose(
                 f"{self.describe()} x={kernels.shapes(x)} {x.dtype} {precision}{'+int8' if int8 else ''}",
                 {n: functools.partial(self.KERNELS[n], self, x) for n in names},
                 native="native",
                 tol={n: _KERNEL_TOL.get(n.rpartition("_")[2], kernels.FP32_TOL) for n in names},
                 default=default,
             )
+            kernels.remember(memo, mk, name)
         return self.KERNELS[name](self, x)  # type: ignore[arg-type]
 
 
