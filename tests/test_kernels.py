@@ -630,6 +630,28 @@ def test_unet_on_int8_weights_stays_close(fake_selector):
     assert 1e-4 < kernels.rel_error(y, ref) < kernels.MODULE_BF16_TOL
 
 
+def test_setting_the_precision_again_drops_every_cached_copy_of_the_weights():
+    """A write the version counter does not see (`p.data.copy_`, a hand-written EMA) left the stacked
+    FiLM layers (cached even in fp32) on the old weights, with nothing said; setting the inference
+    precision again is the documented refresh, and it left them."""
+    from policies.diffusion.precision import set_inference_precision
+    from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
+
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(UNetConfig(down_dims=(32, 64, 256), step_embed_dim=32), 2, 2 * 8).eval()
+    x, t, cond = torch.randn(1, 16, 2), torch.tensor([42.0]), torch.randn(1, 2, 8)
+    set_inference_precision(net, "fp32")
+    with kernels.mode("native"), torch.no_grad():
+        net(x, t, cond)  # the stacked FiLM layers cached
+        for p in net.parameters():
+            p.data.copy_(torch.randn_like(p) * 0.1)  # unseen by the version counters
+        set_inference_precision(net, "fp32")
+        y = net(x, t, cond)
+    with torch.enable_grad():
+        ref = net(x, t, cond).detach()  # every block's own layers, the new weights
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_the_film_layers_run_as_one_product_at_inference(fake_selector):
     """At inference the residual blocks' FiLM layers run as one product of the conditioning with their
     stacked weights: the same output as each block's own layer (autograd on), one kernel choice for all,

@@ -12,7 +12,9 @@ within `wm.kernels.INT8_TOL`); "fp32" and "bf16" never do.
 bf16 copies. `tensor_key` identifies the current values of tensors (storage pointer and version
 counter) and `Bf16Shadow` keeps a bf16 copy of a module rebuilt whenever that key changes, so an
 optimizer step, `load_state_dict` (both bump the versions) or a device move (new storage) refreshes
-the copy on the next call; no stale weights are ever used.
+the copy on the next call. A write the version counter does not see (through `.data`, or into
+inference tensors under `torch.inference_mode`) is not noticed: set the module's inference precision
+again after one (`Bf16Shadow.clear`).
 """
 
 from __future__ import annotations

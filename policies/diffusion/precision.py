@@ -15,7 +15,9 @@ weights. Where bf16 runs is then chosen by measurement on CPUs (`wm.kernels`), n
 
 Every copy is keyed on the version counters and storage of the fp32 tensors it was made from
 (`wm.precision.tensor_key`), so an optimizer step, `load_state_dict` or a device move refreshes it on
-the next call; no stale weights are ever used. On GPUs the bf16 paths run without measurement.
+the next call. A write the version counter does not see (through `.data`, or into inference tensors
+under `torch.inference_mode`) is not noticed: call `set_inference_precision` again after one, which drops
+every cached copy. On GPUs the bf16 paths run without measurement.
 """
 
 from __future__ import annotations
@@ -91,11 +93,15 @@ class Bf16Inference:
         return bf16() if choice == "bf16" else fp32()
 
 
+STACKED_CACHE = "_fused_film"  # a module's weights stacked for inference (the UNet's FiLM layers)
+
+
 def set_inference_precision(module: nn.Module, precision: str) -> None:
     """Run every bf16-capable part of `module` at inference in `precision` ("fp32", "bf16" or "auto");
-    training stays fp32."""
+    training stays fp32. Drops every cached copy of the weights (bf16, int8, stacked FiLM layers)."""
     check_precision(precision, allow_auto=True)
     for m in module.modules():
+        m.__dict__.pop(STACKED_CACHE, None)
         if isinstance(m, Bf16Inference):
             m.inference_precision = precision
             m.clear_bf16()

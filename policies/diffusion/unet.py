@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from policies.diffusion.precision import MEMO_LIMIT, Bf16Inference, tensor_key
+from policies.diffusion.precision import MEMO_LIMIT, STACKED_CACHE, Bf16Inference, tensor_key
 from wm import kernels
 from wm.options import check_numbers
 from wm.precision import quantize_int8_rows
@@ -510,11 +510,11 @@ class ConditionalUnet1D(nn.Module):
         run in their inference precision. Kept outside the module tree: not in the state dict."""
         films = self._film_layers
         key = tensor_key([t for f in films for t in (f.weight, f.bias)])
-        cached = self.__dict__.get("_fused_film")
+        cached = self.__dict__.get(STACKED_CACHE)
         if cached is None or cached[0] != key:
             fused = Linear(films[0].in_features, sum(f.out_features for f in films), device="meta").eval()
             fused.weight = nn.Parameter(torch.cat([f.weight.detach() for f in films]), requires_grad=False)
             fused.bias = nn.Parameter(torch.cat([f.bias.detach() for f in films]), requires_grad=False)
-            self.__dict__["_fused_film"] = cached = (key, fused)  # (__dict__: not registered as a submodule)
+            self.__dict__[STACKED_CACHE] = cached = (key, fused)  # (__dict__: not registered as a submodule)
         cached[1].inference_precision = films[0].inference_precision
         return cached[1]
