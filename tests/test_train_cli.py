@@ -152,6 +152,10 @@ def test_what_a_resume_must_keep_is_compared_as_the_runs_used_it():
         "video_ratio 0.5 -> None",
     ]
     assert data_changes(videos, videos | {"video_ratio": 0.25}, defaults) == ["video_ratio 0.5 -> 0.25"]
+    # runs before 2026-12-04 recorded the default share without a video store: the same data (they never
+    # resumed, and video_ratio=0.5 without video_store= is refused: no way to say it)
+    older = then | {"video_store": None, "video_ratio": 0.5}
+    assert data_changes(older, then | {"video_store": None, "video_ratio": None}, defaults) == []
     assert data_changes(taught, then | {"teacher_checkpoint": "/gone/t/ckpt_00000004.pt"}, defaults) == [
         "the student learns from /gone/t/ckpt_00000002.pt: that file is gone"
     ]

@@ -115,7 +115,10 @@ def data_changes(then: dict[str, Any], now: dict[str, Any], defaults: dict[str, 
     from wm.resume import changed_entries
 
     def used(run: dict[str, Any]) -> dict[str, Any]:
-        return run | {k: run.get(k) or v for k, v in defaults.items() if k in run}
+        out = run | {k: run.get(k) or v for k, v in defaults.items() if k in run}
+        if "video_ratio" in run and not run.get("video_store"):  # no video: no share of it (runs before
+            out["video_ratio"] = None  # 2026-12-04 recorded the default 0.5 without one, and never resumed)
+        return out
 
     same_place = "store_fingerprint" in then and moved_or_copied(then.get("store"), now.get("store"))
     keys = [k for k in SAME_DATA if not (k == "store" and same_place)]
