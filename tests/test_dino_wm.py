@@ -162,6 +162,15 @@ def test_a_checkpoint_loads_without_the_pretrained_encoder_file(maze_store, tmp_
         torch.testing.assert_close(loaded.encode(obs)["visual"], want, rtol=0, atol=0)
 
 
+def test_a_config_from_before_an_option_was_retired_still_builds():
+    """A checkpoint written while `decoder_motion_weight` (a loss weight) existed was refused as an
+    unknown option; its weights load as they are. A key no version had is still refused."""
+    d = WorldModelConfig().to_dict()
+    assert WorldModelConfig.from_dict(d | {"decoder_motion_weight": 0.5}) == WorldModelConfig.from_dict(d)
+    with pytest.raises(ValueError, match=r"unknown world-model option\(s\) \['new_option'\]"):
+        WorldModelConfig.from_dict(d | {"new_option": 1})
+
+
 def test_windows_start_before_an_episode_as_a_rollouts_history_does(maze_store):
     """With a history of several frames, planning at an episode's start runs on the first frame repeated
     and zero past actions (`ObsHistory`), which training never showed (no window started before an

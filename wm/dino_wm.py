@@ -45,6 +45,9 @@ from wm.spec import IOSpec
 Latent = dict[str, torch.Tensor]
 
 
+RETIRED_OPTIONS = ("decoder_motion_weight",)  # WorldModelConfig options removed (18bce2e)
+
+
 @dataclass(frozen=True)
 class WorldModelConfig:
     image_key: str = "image"
@@ -136,6 +139,9 @@ class WorldModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorldModelConfig:
+        # options that are no more, written by older checkpoints: training-loss weights only, so the
+        # weights load as they are (a checkpoint holding one was refused as "unknown option")
+        d = {k: v for k, v in d.items() if k not in RETIRED_OPTIONS}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
