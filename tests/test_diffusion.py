@@ -685,6 +685,18 @@ def test_checkpoint_round_trip(unet_policy, tmp_path):
     teacher = SimpleNamespace(teacher=str(tmp_path / "damaged"))  # a student's teacher= (a traceback too)
     with pytest.raises(CheckpointError, match="has an unreadable normalizer \\(KeyError: 'modes'\\)"):
         teacher_normalizer(teacher)
+    # a config a newer version wrote was a usage error ("unknown option", exit 2), a list a traceback; so
+    # were weights that are no mapping of tensors
+    good = {"model_type": policy.model_type, "normalizer": policy.normalizer.to_dict()}
+    config = policy.cfg.to_dict()
+    for name, fields, words in [
+        ("newer", {"model_config": config | {"future": 1}, "state_dict": ema}, "its model config does not"),
+        ("listed", {"model_config": [1, 2], "state_dict": ema}, "its model config does not build (TypeError"),
+        ("nostate", {"model_config": config, "state_dict": None}, "its weights are not a mapping of tensors"),
+    ]:
+        save_checkpoint(tmp_path / name / "ckpt_00000001.pt", **good, **fields)
+        with pytest.raises(CheckpointError, match=words.replace("(", r"\(")):
+            load_model(str(tmp_path / name), controller="policy")
     assert got.checkpoint["model_type"] == "diffusion_unet" and not loaded.training
     assert loaded.cfg == policy.cfg
     batch = data.get_batch([0, 7, 30])

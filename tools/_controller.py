@@ -334,7 +334,7 @@ def _graph_store(cfg: ControllerConfig, ckpt: dict[str, Any]) -> str | None:
     was trained on. With subgoals=auto and no store found, subgoals are off, and the evaluation says so."""
     if cfg.subgoals == "off":
         return None
-    run = ckpt.get("extra", {}).get("run_config", {})
+    run = (ckpt.get("extra") or {}).get("run_config") or {}
     if cfg.store and not Path(cfg.store).exists():  # given: not the training store, and not to be dropped
         raise ValueError(f"store={cfg.store} does not exist (the store subgoals are built from)")
     store = cfg.store or run.get("store")

@@ -196,9 +196,12 @@ def load_model_weights(
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     ema = ckpt.get("ema_state_dict")
-    state = ema if use_ema and ema is not None else ckpt["state_dict"]
-    problems = state_dict_diff(model.state_dict(), state)
+    state = ema if use_ema and ema is not None else ckpt.get("state_dict")
     src = ckpt.get("path", "checkpoint")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        which = "EMA weights" if state is ema and ema is not None else "weights"  # (a traceback before)
+        raise CheckpointError(f"{src}: its {which} are not a mapping of tensors; it cannot be used")
+    problems = state_dict_diff(model.state_dict(), state)
     if problems:
         raise CheckpointError(
             f"{src} ({ckpt.get('model_type')!r}) does not fit this {type(model).__name__}: "

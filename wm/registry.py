@@ -237,6 +237,13 @@ def load_model(
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = v
+    try:  # the checkpoint's own config first: what fails there is the file's, not an option given here
+        entry.config_type.from_dict(dict(ckpt["model_config"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {ckpt['path']}: its model config does not build ({type(e).__name__}: {e}); written "
+            "by another version of this project?"
+        ) from e
     cfg = entry.config_type.from_dict(merge_options(ckpt["model_config"], nested))
     model = (entry.inference or entry.build)(cfg, normalizer)
     if entry.state_prefix:
