@@ -6,7 +6,7 @@ Everything here reads the world model's `io_spec` (keys, frameskip) and its decl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,30 +78,39 @@ def build_mpc(
     return MPC(model, build_planner(cfg, model), mpc_cfg, subgoals)
 
 
+def graph_nodes(store: DemoStore, keys: Sequence[str], cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The global steps of the subgoal graph's nodes in `store` (every `cfg.stride` steps of every
+    episode, sorted) and each one's episode; ValueError in one line for a store the graph cannot be built
+    from: without the world model's `keys`, or without episodes (a numpy error before)."""
+    missing = [k for k in keys if k not in store.schema.keys]
+    if missing:
+        raise ValueError(f"{store.path} lacks the world model's keys {missing}: not its training store?")
+    if not store.n_episodes:
+        raise ValueError(f"{store.path} holds no episodes to build the subgoal graph from")
+    steps, episode = [], []
+    for e in range(store.n_episodes):
+        sl = store.episode_slice(e)
+        idx = np.arange(sl.start, sl.stop, cfg.stride)
+        steps.append(idx)
+        episode.append(np.full(len(idx), e))
+    return np.concatenate(steps), np.concatenate(episode)
+
+
 @torch.no_grad()
 def build_graph(model: Any, store_path: str, cfg: GraphConfig, batch: int = 256) -> LatentGraph:
     """Latent graph over the store's frames, every `cfg.stride` steps of every episode, encoded and
-    measured by the world model itself (`encode`, `cost_vectors`)."""
+    measured by the world model itself (`encode`, `cost_vectors`); only the nodes' rows are read, `batch`
+    at a time (the whole store was read, then most of it thrown away)."""
     io = model.io_spec
     device = next(model.parameters()).device
-    with DemoStore.open(store_path) as store:
-        missing = [k for k in io.obs_keys if k not in store.schema.keys]
-        if missing:
-            raise ValueError(f"{store_path} lacks the world model's keys {missing}: not its training store?")
-        steps, episode = [], []
-        for e in range(store.n_episodes):
-            sl = store.episode_slice(e)
-            idx = np.arange(sl.start, sl.stop, cfg.stride)
-            steps.append(idx)
-            episode.append(np.full(len(idx), e))
-        steps_all = np.concatenate(steps)
-        data = {k: store.read(k, slice(0, store.n_steps))[steps_all] for k in io.obs_keys}
     vectors, parts = [], {}
-    for i in range(0, len(steps_all), batch):
-        frames = {k: v[i : i + batch] for k, v in data.items()}  # one "step" of N nodes
-        z = model.encode(to_model_inputs([frames], io, device))  # leading (N, 1)
-        vectors.append(model.cost_vectors(z).cpu())
-        for k, v in z.items():
-            parts.setdefault(k, []).append(v.cpu())
+    with DemoStore.open(store_path) as store:
+        steps_all, episode = graph_nodes(store, io.obs_keys, cfg)
+        for i in range(0, len(steps_all), batch):
+            frames = {k: store.read_rows(k, steps_all[i : i + batch]) for k in io.obs_keys}  # N nodes
+            z = model.encode(to_model_inputs([frames], io, device))  # leading (N, 1)
+            vectors.append(model.cost_vectors(z).cpu())
+            for k, v in z.items():
+                parts.setdefault(k, []).append(v.cpu())
     latents = {k: torch.cat(v) for k, v in parts.items()}
-    return LatentGraph(torch.cat(vectors), latents, np.concatenate(episode), cfg)
+    return LatentGraph(torch.cat(vectors), latents, episode, cfg)

@@ -64,15 +64,16 @@ class LatentGraph:
         consecutive = step[same]
         moving = consecutive[consecutive > 0]  # resting frames: a median of 0 made every node "far enough",
         # so the subgoal was the node at the current state itself and MPC stood still
-        self.step_length = float(np.median(consecutive)) if len(consecutive) else 1.0
+        # no two nodes of one episode (a stride longer than the episodes): no step to measure reach by,
+        # and no subgoals (1.0 was a made-up length, unrelated to the model's latent scale)
+        self.step_length = float(np.median(consecutive)) if len(consecutive) else 0.0
         if self.step_length == 0:
             self.step_length = float(np.median(moving)) if len(moving) else 0.0
         for i in np.flatnonzero(same):  # forward in time only: a path follows demonstrated motion
             self.adj[int(i)].append((int(i) + 1, float(step[i])))
         limit = float(np.quantile(consecutive, cfg.shortcut_quantile)) if len(consecutive) else 0.0
-        d = torch.cdist(self.vectors, self.vectors)  # (N, N)
         k = min(cfg.neighbors + 1, n)
-        dist, idx = d.topk(k, largest=False)
+        dist, idx = _nearest_rows(self.vectors, k)
         for i in range(n):
             for dj, j in zip(dist[i].tolist(), idx[i].tolist(), strict=True):
                 if j != i and dj <= limit:
@@ -172,3 +173,13 @@ class SubgoalSelector:
                 if k in out:
                     out[k][e] = v[i].to(out[k])
         return out
+
+
+def _nearest_rows(vectors: torch.Tensor, k: int, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distances, indices) (N, k) of each row's `k` nearest rows of `vectors` (N, D), itself included,
+    `block` rows at a time (the whole N x N distance matrix grew with the square of the store)."""
+    parts = [
+        torch.cdist(vectors[i : i + block], vectors).topk(k, largest=False)
+        for i in range(0, max(len(vectors), 1), block)  # (no rows: one empty block)
+    ]
+    return torch.cat([d for d, _ in parts]), torch.cat([j for _, j in parts])

@@ -260,6 +260,30 @@ def test_a_goal_for_another_number_of_episodes_is_one_clear_error(maze_store):
         model.cost(pred, {"visual": torch.randn(3, 16, 32), "proprio": torch.randn(2, 4)})
 
 
+def test_the_subgoal_graph_reads_only_its_nodes_rows_and_refuses_a_store_without_episodes(
+    maze_store, tmp_path, monkeypatch
+):
+    """build_graph read every frame of every key, whatever the stride, and kept one in `stride` (a store
+    of 100,000 224 px frames: 15 GB resident at every start); an empty store was a numpy error."""
+    from wm.data import DemoStore
+
+    setup = _setup(maze_store)
+    model = setup.model.eval()
+    read = []
+    rows, whole = DemoStore.read_rows, DemoStore.read
+    monkeypatch.setattr(
+        DemoStore, "read_rows", lambda s, k, steps: read.append(len(steps)) or rows(s, k, steps)
+    )
+    monkeypatch.setattr(DemoStore, "read", lambda s, k, *a, **kw: read.append(k) or whole(s, k, *a, **kw))
+    graph = build_graph(model, str(maze_store), GraphConfig(stride=5), batch=8)
+    assert sum(read) == len(graph.vectors) * len(model.io_spec.obs_keys) and max(read) <= 8
+    with DemoStore.open(maze_store) as store:
+        empty = DemoStore.create(tmp_path / "empty.zarr", store.schema)
+        empty.close()
+    with pytest.raises(ValueError, match=r"empty.zarr holds no episodes to build the subgoal graph from$"):
+        build_graph(model, str(tmp_path / "empty.zarr"), GraphConfig())
+
+
 def test_subgoal_mpc_encodes_each_observation_once_per_replan(maze_store):
     setup = _setup(maze_store)
     model = setup.model.eval()

@@ -171,6 +171,17 @@ def test_demonstrations_that_never_move_give_no_subgoal():
     assert graph.subgoal_index(torch.tensor([0.0, 0.0]), torch.tensor([5.0, 5.0])) is None
 
 
+def test_a_graph_without_two_nodes_in_one_episode_gives_no_subgoal():
+    """A stride longer than the episodes: no step between nodes to measure reach by, and a made-up
+    length of 1.0 (unrelated to the latent scale) still picked lone nodes as subgoals."""
+    vectors = torch.tensor([(0.0, 0.0), (0.0, 3.0), (3.0, 3.0), (5.0, 5.0)])
+    graph = LatentGraph(
+        vectors, {"state": vectors[:, None].clone()}, np.arange(4), GraphConfig(lookahead=0.5)
+    )
+    assert graph.step_length == 0.0
+    assert graph.subgoal_index(torch.tensor([0.0, 0.0]), torch.tensor([5.0, 5.0])) is None
+
+
 @pytest.mark.parametrize("points", [[], [(0, 0)]])
 def test_a_graph_of_no_or_one_node_gives_no_subgoal(points):
     graph = (

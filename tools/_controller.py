@@ -259,7 +259,7 @@ def check_mpc(settings: dict[str, Any]) -> None:
     """Refuse now what building an MPC for each robot would refuse (a server, before any robot connects):
     the checkpoint, the subgoal store, and the planner and MPC options, checked on an MPC over the model's
     action dimensions with a unit box standing in for the robot's bounds (the graph is not built)."""
-    from policies.build import build_mpc
+    from policies.build import build_mpc, graph_nodes
     from policies.mpc import MPCConfig
     from wm.data import DemoStore
     from wm.registry import load_model
@@ -267,8 +267,9 @@ def check_mpc(settings: dict[str, Any]) -> None:
     cfg = build(ControllerConfig, settings)
     loaded = load_model(cfg.checkpoint, _device(cfg.device), _overrides(cfg), controller="mpc")
     store = _graph_store(cfg, loaded.checkpoint)
-    if store is not None:
-        DemoStore.open(store).close()
+    if store is not None:  # the graph's nodes (keys, episodes): a server started, and every robot failed
+        with DemoStore.open(store) as s:
+            graph_nodes(s, loaded.model.io_spec.obs_keys, cfg.graph)
     ones = np.ones(loaded.model.io_spec.action_dim)
     mpc_cfg = MPCConfig(execute=cfg.execute, max_iterations=cfg.planner_budget.iterations)
     build_mpc(loaded.model, -ones, ones, cfg.planner, mpc_cfg, None)
