@@ -26,11 +26,12 @@ row end the session with one line (`SessionStats.stopped`) saying whether an epi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,12 +94,17 @@ def open_store(path: str, schema: Schema, task_options: Mapping[str, Any] | None
 def _check_append(
     path: str, store: DemoStore, schema: Schema, task_options: Mapping[str, Any] | None
 ) -> None:
+    old, new = store.schema, schema
+    if old.task != new.task:  # (before the keys: another task's keys differ, and said so, not why)
+        raise SchemaError(
+            f"{path}: recorded with task {old.task!r}, this session records {new.task!r}; use another store "
+            "or the same task"
+        )
     mine = {k: (s.shape, s.dtype) for k, s in schema.keys.items()}
     theirs = {k: (s.shape, s.dtype) for k, s in store.schema.keys.items()}
     if mine != theirs:
         raise SchemaError(f"{path}: {_key_difference(theirs, mine)}")
     # the same shapes in other units, at another rate, from another robot or task would mix silently
-    old, new = store.schema, schema
     same_robot = "use another store or the same robot and options (use_degrees, control_hz)"
     facts = [("robot", old.robot, new.robot, same_robot), ("fps", old.fps, new.fps, same_robot)]
     space = lambda a: (a.mode, a.frame, a.units)  # noqa: E731 - not its description's wording
@@ -106,7 +112,6 @@ def _check_append(
         ("action space (mode, frame, units)", space(old.action_space), space(new.action_space), same_robot)
     )
     facts += [(f"{k} units", old.keys[k].units, s.units, same_robot) for k, s in new.keys.items()]
-    facts.append(("task", old.task, new.task, "use another store or the same task"))
     if task_options is not None:
         recorded = _recorded_options(store)
         given = json.loads(json.dumps(json_native(dict(task_options))))  # as the store holds them
@@ -223,9 +228,11 @@ class Collector:
 
     def _step(
         self, writer: Any, obs: dict[str, np.ndarray], action: np.ndarray, dt: float, now: float
-    ) -> dict:
-        self._record(writer, obs, self.task.send_action(action), dt, now)
-        return self._next_observation(obs)
+    ) -> tuple[dict, np.ndarray]:
+        """Send `action` and record it as applied; returns the next observation and the applied action."""
+        applied = self.task.send_action(action)
+        self._record(writer, obs, applied, dt, now)
+        return self._next_observation(obs), applied
 
     def _record(
         self, writer: Any, obs: dict[str, np.ndarray], applied: np.ndarray, dt: float, now: float
@@ -238,7 +245,6 @@ class Collector:
         if self.simulated and "timestamp" in obs:
             obs = {**obs, "timestamp": np.float64(now)}
         writer.add_step({**obs, "action": applied, LOOP_KEY: np.float32(dt)})
-        self.stats.steps += 1
 
     @property
     def simulated(self) -> bool:
@@ -258,6 +264,7 @@ class Collector:
             info = {**info, OPTIONS_KEY: dict(self.task_options)}
         if self.run_config is not None:
             info = {**info, RUN_KEY: dict(self.run_config)}
+        self.stats.steps += writer.n_steps  # the saved episodes' (a dropped one's are not in the store)
         said = writer.end(info)
         if isinstance(writer, BackgroundEpisode) and said:  # a step the store refused: the ones before kept
             print(f"warning: {said}", file=sys.stderr, flush=True)
@@ -281,12 +288,13 @@ class Collector:
         expert.reset(self.task, rng)
         actions = []
         loop, last = RateLoop(self.task.control_hz, self._clock()), None
-        with self.store.begin_episode() as writer:
+        with self.store.begin_episode() as writer, self._counted_if_dropped(writer):
             while True:
                 now = loop.clock.now()
                 action = self._noise(rng, expert.act(self.task, obs), self.noise_std)
-                actions.append(action)
-                obs = self._step(writer, obs, action, 0.0 if last is None else now - last, now)
+                obs, applied = self._step(writer, obs, action, 0.0 if last is None else now - last, now)
+                actions.append(applied)  # replays add their noise to what was recorded, not to pre-clip
+                # values (a clipped action's replay noise was clipped away)
                 last = now
                 if self.preview is not None:
                     self.preview.show(obs, f"{label} ep {self.store.n_episodes}")
@@ -297,14 +305,42 @@ class Collector:
         for r in range(replays):
             self._replay(seed, actions, replay_noise, rng, label, r)
 
+    @contextlib.contextmanager
+    def _counted_if_dropped(self, writer: Any) -> Iterator[None]:
+        """An episode that Ctrl-C (or a fault) ends before it is saved is dropped by the store: counted as
+        discarded (the summary said "0 discarded" and counted its steps)."""
+        try:
+            yield
+        except BaseException:
+            self.stats.discarded += int(writer.n_steps > 0)
+            raise
+
+    def check_seeds(self, episodes: int, replays: int) -> None:
+        """Refuse, in one line, a scripted session that would record a start state the store already holds:
+        its episode k has seed `seed` + the store's episode count + k (1 + `replays` episodes each), and
+        appending with another seed= re-recorded earlier episodes bit for bit."""
+        n = self.store.n_episodes
+        held: dict[int, int] = {}  # seed -> the first episode recorded from it (replays share theirs)
+        for e in range(n):
+            info = self.store.episode_info(e)
+            if isinstance(info.get("seed"), int) and not str(info.get("source", "")).endswith("_replay"):
+                held.setdefault(info["seed"], e)
+        again = sorted({self.seed + n + i * (1 + replays) for i in range(episodes)} & held.keys())
+        if again:
+            raise ValueError(
+                f"{self.store.path}: episode {held[again[0]]} was recorded from seed {again[0]}, and seed="
+                f"{self.seed} would record it again (episode k of this session starts at seed + {n} + k); "
+                f"give seed={max(held) + 1 - n} or more"
+            )
+
     def _replay(self, seed: int, actions: list, std: float, rng: Any, label: str, r: int) -> None:
         obs = self.task.reset(seed)
         loop, last = RateLoop(self.task.control_hz, self._clock()), None
-        with self.store.begin_episode() as writer:
+        with self.store.begin_episode() as writer, self._counted_if_dropped(writer):
             for action in actions:
                 noisy, now = self._noise(rng, action, std), loop.clock.now()
                 dt = 0.0 if last is None else now - last  # loop_dt as the expert's episode records it
-                obs = self._step(writer, obs, noisy, dt, now)
+                obs, _ = self._step(writer, obs, noisy, dt, now)
                 last = now
                 loop.wait()
                 if self.task.done:

@@ -159,6 +159,41 @@ def test_noisy_replays(tmp_path):
     assert not np.array_equal(e0["action"][: len(e1["action"])], e1["action"][: len(e0["action"])])
 
 
+def test_replay_noise_is_added_to_the_recorded_actions(tmp_path):
+    """Replays added their noise to the expert's pre-clip action: where that lay past the box, the noise
+    was clipped away and the replay repeated the recorded action exactly."""
+    task = make_task("pointmaze", SimConfig(state_only=True, max_steps=15))
+    store = open_store(str(tmp_path / "r.zarr"), recording_schema(task, "pointmaze"))
+    with task:
+        Collector(task, store, seed=3, noise_std=2.0).record_expert_episode(
+            make_expert("pointmaze"), "expert", replays=1, replay_noise=0.05
+        )
+    expert, replay = store.get_episode(0)["action"], store.get_episode(1)["action"]
+    n = min(len(expert), len(replay))
+    at_bound = np.abs(expert[:n]) == 1.0  # clipped: the noise before clipping was large
+    assert at_bound.sum() >= 3
+    assert (replay[:n][at_bound] != expert[:n][at_bound]).mean() > 0.3  # about half go inwards
+
+
+def test_appending_with_another_seed_never_records_a_start_state_again(tmp_path):
+    """The session's episode k starts at seed + the store's count + k: another seed= re-recorded earlier
+    episodes bit for bit. Refused before anything is recorded, saying which seed= is free."""
+    task = make_task("pointmaze", SimConfig(state_only=True, max_steps=3))
+    path = str(tmp_path / "s.zarr")
+    with open_store(path, recording_schema(task, "pointmaze")) as store, task:
+        collector = Collector(task, store, seed=3)
+        collector.check_seeds(1, 0)
+        collector.record_expert_episode(make_expert("pointmaze"), "expert")  # seed 3
+    with open_store(path, recording_schema(task, "pointmaze")) as store:
+        Collector(task, store, seed=4).check_seeds(5, 0)  # seeds 5.. (the same seed= goes on)
+        Collector(task, store, seed=0).check_seeds(2, 0)  # seeds 1, 2
+        with pytest.raises(ValueError, match=r"episode 0 was recorded from seed 3, and seed=1 would record "):
+            Collector(task, store, seed=1).check_seeds(3, 0)  # seeds 2, 3, 4
+        with pytest.raises(ValueError, match=r"give seed=3 or more$"):
+            Collector(task, store, seed=0).check_seeds(2, 1)  # seeds 1, 3 (1 + replays each)
+        assert store.n_episodes == 1
+
+
 class _Operator:
     """A teleop device replaying one scripted state per poll (then QUIT)."""
 
@@ -310,6 +345,8 @@ def test_ctrl_c_keeps_finished_episodes(tmp_path):
     assert "interrupted: saved" in out
     s = DemoStore.open(store)
     assert s.n_episodes >= 1 and s.array("image").shape[0] == s.n_steps  # the partial episode was dropped
+    # the summary counts it as discarded, and counts the saved episodes' steps only (its were counted)
+    assert f"saved {s.n_episodes} episodes (1 discarded, " in out and f"{s.n_steps} steps)" in out
 
 
 SIGTERM_BEFORE_THE_SESSION = """
@@ -467,6 +504,10 @@ def test_a_store_is_not_appended_to_for_another_task_or_with_other_task_options(
         "goal_mode": "any",
         "success_radius": 0.2,
     }
+    res = run_app("wm-collect", *args, "task=pusht")  # the task said, not its keys ("records object")
+    assert res.returncode == 2 and "recorded with task 'pointmaze', this session records 'pusht'" in (
+        res.stderr
+    )
     res = run_app("wm-collect", *args, "+task_options.goal_mode=other_arm")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "recorded with task_options.goal_mode 'any', this session records 'other_arm'" in res.stderr

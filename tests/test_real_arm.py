@@ -546,7 +546,7 @@ def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tm
         command_options={"backend": "pynput", "listener_factory": keys.factory, "clock": clock},
     )
     assert tools.collect.collect(cfg) == 0
-    assert "saved 2 episodes (1 discarded, 11 steps)" in capsys.readouterr().out
+    assert "saved 2 episodes (1 discarded, 9 steps)" in capsys.readouterr().out  # the saved episodes' steps
     assert writers and set(writers) == {"wm-recorder"}  # a thread of the recording's own, off the loop
     assert not leader.is_open and not follower.is_open and not keys.running
     assert [follower.memory[i][FT_TORQUE] for i in range(1, 7)] == [1] * 6  # the follower still holds

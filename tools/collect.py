@@ -208,6 +208,7 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
     interrupted = False
     try:
         if expert is not None:
+            collector.check_seeds(cfg.episodes, cfg.replays)
             for _ in range(cfg.episodes):
                 collector.record_expert_episode(expert, "expert", cfg.replays, cfg.replay_noise_std)
         else:
