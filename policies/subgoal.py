@@ -48,7 +48,8 @@ class GraphConfig:
 class LatentGraph:
     """Nodes: states of training frames, as the world model's cost vectors (N, K) (`MetricModel`:
     squared distances between them are the planning cost) with their latents and episode ids;
-    edges: consecutive steps (directed, forward in time) and short shortcuts (both ways). `latents`
+    edges: consecutive steps (directed, forward in time) and short shortcuts between episodes (both
+    ways). `latents`
     keeps the full node latents (leading (N, ...)), so a subgoal can be handed to a planner."""
 
     def __init__(self, vectors: torch.Tensor, latents: Latent, episode: np.ndarray, cfg: GraphConfig) -> None:
@@ -76,7 +77,9 @@ class LatentGraph:
         dist, idx = _nearest_rows(self.vectors, k)
         for i in range(n):
             for dj, j in zip(dist[i].tolist(), idx[i].tolist(), strict=True):
-                if j != i and dj <= limit:
+                # between episodes only: within one, its neighbours in time are nearest, and a shortcut
+                # both ways gave every forward edge a twin back (a path ran the demonstration backwards)
+                if episode[j] != episode[i] and dj <= limit:
                     self._edge(i, j, dj)
 
     def _edge(self, i: int, j: int, w: float) -> None:
@@ -129,10 +132,19 @@ class LatentGraph:
         if (current - goal).norm() <= self.cfg.goal_reach * reach:
             return None
         # More candidates at the goal: a resting goal state resembles episode starts, which no edge
-        # enters; widen both candidate sets until some path connects them.
+        # enters; widen both candidate sets until some path connects them. A path ends at a node within
+        # reach of the goal where there is one, and starts at none of its ends: ending anywhere, paying
+        # the straight line to the goal, a start candidate among the goal's won by the triangle
+        # inequality with a path of itself alone, and the robot was sent straight at the wall between.
         found: list[int] = []
         for k in (self.cfg.neighbors, 4 * self.cfg.neighbors, 16 * self.cfg.neighbors):
-            found = self.path(self.nearest(current, k), self.nearest(goal, 4 * k))
+            near_goal = self.nearest(goal, 4 * k)
+            targets = [(u, d) for u, d in near_goal if d <= self.cfg.goal_reach * reach] or near_goal
+            ends = {u for u, _ in targets}
+            near = self.nearest(current, k)  # starting within reach: a start further along cost its
+            near = [(u, d) for u, d in near if d <= reach] or near  # straight line, which tied the walk
+            sources = [(u, d) for u, d in near if u not in ends]
+            found = self.path(sources, targets) if sources else []
             if found:
                 break
         if not found:

@@ -44,6 +44,14 @@ def test_path_follows_the_u_not_the_straight_line():
     assert graph.subgoal_index(torch.tensor([5.0, 19.0]), torch.tensor([10.0, 0.0])) == node((7, 19))
 
 
+def test_the_default_graph_routes_round_the_u_too():
+    """With the default 8 neighbours a start candidate was among the goal's 32: a path of itself alone
+    won (the triangle inequality), no subgoal was given, and MPC went straight at the wall."""
+    graph = u_graph(GraphConfig(lookahead=2.0))
+    assert graph.subgoal_index(torch.tensor([0.0, 0.0]), torch.tensor([10.0, 0.0])) == node((0, 2))
+    assert graph.subgoal_index(torch.tensor([5.0, 19.0]), torch.tensor([10.0, 0.0])) == node((7, 19))
+
+
 def test_no_subgoal_when_the_goal_is_within_reach_or_unreachable():
     graph = u_graph()
     assert graph.subgoal_index(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 1.5])) is None  # within reach
@@ -60,6 +68,8 @@ def test_edges_follow_demonstrated_direction_and_shortcuts_join_near_nodes():
     graph = u_graph(GraphConfig(shortcut_quantile=0.5))
     forward = {(i, j) for i, adj in enumerate(graph.adj) for j, _ in adj}
     assert (node((0, 0)), node((0, 1))) in forward
+    # shortcuts join episodes: within one, they gave every forward edge a twin back
+    assert not any((j, i) in forward for i, j in forward if abs(i - j) == 1)
     assert (node((0, 0)), node((10, 0))) not in forward and (node((10, 0)), node((0, 0))) not in forward
     with pytest.raises(ValueError, match="episode ids"):
         LatentGraph(torch.zeros(3, 2), {"state": torch.zeros(3, 1, 2)}, np.zeros(2, dtype=int), GraphConfig())
