@@ -49,8 +49,8 @@ class LatentGraph:
     """Nodes: states of training frames, as the world model's cost vectors (N, K) (`MetricModel`:
     squared distances between them are the planning cost) with their latents and episode ids;
     edges: consecutive steps (directed, forward in time) and short shortcuts between episodes (both
-    ways). `latents`
-    keeps the full node latents (leading (N, ...)), so a subgoal can be handed to a planner."""
+    ways). `latents` keeps the full node latents (leading (N, ...)), so a subgoal can be handed to a
+    planner."""
 
     def __init__(self, vectors: torch.Tensor, latents: Latent, episode: np.ndarray, cfg: GraphConfig) -> None:
         n = len(vectors)

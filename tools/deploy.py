@@ -315,10 +315,10 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         worker = ProcessWorker(spec)  # sync mode too: a computation on this thread had no deadline
     stop = _StopFlag()
     outcomes, store, takeover, kernels, recording = [], None, None, None, None
+    cleanup = contextlib.ExitStack()  # each runs (last first), whatever one before it raised
     # SIGTERM's default action ended the process where it stood (the worker loading, the robot or a
     # takeover device connecting, the cleanup): it interrupts as Ctrl-C does until the cleanup has run
-    sigterm = sigterm_interrupts()
-    sigterm.__enter__()
+    cleanup.enter_context(sigterm_interrupts())
     try:
         worker.start()
         if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
@@ -378,8 +378,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
         kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)
     finally:
-        with contextlib.ExitStack() as cleanup:  # each runs (last first), whatever one before it raised
-            cleanup.push(sigterm)  # the handler before it back, last
+        with cleanup:
             if store is not None:
                 cleanup.callback(store.close)  # (an unfinished episode: not committed)
             if recording is not None:  # its thread's writes end before the store closes

@@ -101,7 +101,8 @@ def image_codec_of(array: zarr.Array) -> str:
     """The `image_codec` that `array` was created with (`_compressor`), or "auto" for a compressor this
     store does not write (another tool's): a rewrite passes it on, and changed zstd frames to lz4."""
     for codec in array.compressors:
-        cname = getattr(getattr(codec, "cname", None), "value", getattr(codec, "cname", None))
+        cname = getattr(codec, "cname", None)
+        cname = getattr(cname, "value", cname)  # zarr v3's Blosc holds an enum, v2's numcodecs a str
         if cname in BLOSC_CODECS:
             return str(cname)
     return "auto"
@@ -290,7 +291,8 @@ class DemoStore:
             raise SchemaError(f"{path}: {e}") from e
         lock = WriterLock(path) if mode == "a" else None  # before the repair: it truncates a writer's steps
         if lock is not None:  # no rewrite of the store is live under its lock: a <store>.wm-new is what a
-            shutil.rmtree(swap_paths(path.resolve())[0], ignore_errors=True)  # killed one left
+            with contextlib.suppress(OSError):  # killed one left
+                discard_tree(swap_paths(path.resolve())[0], path.resolve())
         try:
             store = cls(path, group, schema, mode, legacy, salvage)
             store._lock = lock
