@@ -356,6 +356,26 @@ def test_a_calibration_file_the_arm_cannot_hold_is_refused_before_anything_is_wr
     assert not arm.is_connected and not fake.written and not fake.is_open
 
 
+def test_a_lerobot_that_writes_calibration_past_the_recorder_is_one_line_before_anything_is_written(
+    so_bus, monkeypatch
+):
+    """A lerobot whose write_calibration reaches the bus other than through write / sync_write (not
+    0.4.4's) raised the wrapper's private exception, printed as a bug's traceback."""
+    from lerobot.motors.feetech import FeetechMotorsBus
+
+    def newer_write_calibration(self, calibration_dict, cache=True):
+        self._write(31, 2, 1, 0)  # a register written straight to the port
+
+    monkeypatch.setattr(FeetechMotorsBus, "write_calibration", newer_write_calibration)
+    fake, calib_dir = so_bus
+    arm = so101(calib_dir)
+    with pytest.raises(RobotError, match=r"other than through write / sync_write.*lerobot==0\.4\.4") as e:
+        with arm:
+            arm.send_action([0.0, 0.0, 10.0, 0.0, 0.0, 50.0])
+    assert "\n" not in str(e.value)
+    assert not arm.is_connected and not fake.written and not fake.is_open
+
+
 def test_calibrate_true_with_an_unusable_file_runs_a_full_calibration(so_bus, monkeypatch):
     """lerobot's calibrate() first offers the file it loaded (ENTER writes it to the motors): with a
     reversed range that was the file the arm then clipped by. The operator's part of lerobot's

@@ -511,8 +511,11 @@ def calibration_registers(bus: Any, calibration: Mapping[str, Any]) -> dict[str,
     `write_calibration` leaves as it was: a Koch servo once calibrated as a leader's elbow stayed inverted,
     moving its joint the other way from the file's ranges (and lerobot's check never passed, so every
     connect turned the torque off to write the file again)."""
-    with _recorded_writes(bus) as writes:
-        bus.write_calibration(dict(calibration), cache=False)
+    try:
+        with _recorded_writes(bus) as writes:
+            bus.write_calibration(dict(calibration), cache=False)
+    except _Unrecorded as e:
+        raise RobotError(f"{e}: {SUPPORTED_LEROBOT}") from None
     if not getattr(bus, "apply_drive_mode", True):
         writes["Drive_Mode"] = {m: int(c.drive_mode) for m, c in calibration.items()}
     return writes
@@ -558,7 +561,10 @@ def _recorded_writes(bus: Any) -> Iterator[dict[str, dict[str, Any]]]:
             write(data_name, motor, value)
 
     def refuse(*args: Any, **kwargs: Any) -> None:
-        raise _Unrecorded("the bus was written past the recorder")
+        raise _Unrecorded(
+            f"lerobot {_lerobot_version()} wrote the motor bus other than through write / sync_write, which "
+            "this wrapper records to check what a calibration or configuration would change; nothing was sent"
+        )
 
     recorder = {"write": write, "sync_write": sync_write, "_write": refuse, "_sync_write": refuse}
     vars(bus).update(recorder)  # shadow the bus's methods on this instance only
@@ -587,6 +593,18 @@ def configured(robot: Any) -> bool:
 
 class _Unrecorded(Exception):
     """lerobot reached the bus other than through `write` / `sync_write` (a newer lerobot)."""
+
+
+SUPPORTED_LEROBOT = "this stack is made for lerobot 0.4.4 (constraints.txt): pip install 'lerobot==0.4.4'"
+
+
+def _lerobot_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lerobot")
+    except PackageNotFoundError:
+        return "(version unknown)"
 
 
 def _build_follower(robot_type: str, o: LerobotArmOptions) -> Any:
