@@ -193,6 +193,23 @@ def test_mixture_through_make_loader(small_store, video_store):
     assert items["source"].tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def test_a_batch_of_one_draws_anew_every_epoch(small_store, video_store):
+    """A batch's windows were seeded by its indices alone: at batch_size 1 the same index drew the same
+    window every epoch, and a run never saw about a third of the windows however long it trained."""
+    labelled = WindowDataset(small_store[0], SPEC)
+    video = ActionFreeWindows(video_store[0], SPEC, action_shape=(2,))
+    mixed = MixedWindows(labelled, video, video_ratio=0.5, seed=0)
+    seen = {0: set(), 1: set()}  # source -> (episode, anchor) drawn
+    for epoch in range(30):
+        mixed.set_epoch(epoch)
+        for batch in make_loader(mixed, 1, seed=0):  # the same shuffled order every epoch
+            seen[int(batch["source"])].add((int(batch["episode"]), int(batch["anchor"])))
+    assert len(seen[0]) == len(labelled) and len(seen[1]) == len(video)
+    mixed.set_epoch(3)
+    again = mixed.get_batch([7, 2])
+    assert torch.equal(again["anchor"], mixed.get_batch([7, 2])["anchor"])  # reproducible within an epoch
+
+
 def test_missing_proprio_is_padded_only_when_allowed(small_store, tmp_path):
     lpath = small_store[0]
     vpath, _ = write_store(tmp_path / "noproprio.zarr", range(100, 103), drop=("action", "state"))

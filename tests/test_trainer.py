@@ -114,6 +114,23 @@ def make_trainer(dataset, out_dir, seed: int = 0, **kw) -> Trainer:
     return Trainer(model, dataset, cfg(**kw), out_dir, model_type="tiny", model_config=MODEL_CONFIG, **opts)
 
 
+class EpochRecording(WindowDataset):
+    """A training set that draws its own windows (as `MixedWindows` does) and records its epochs."""
+
+    epochs: list[int]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+
+def test_the_training_set_is_told_each_epoch(store_path, tmp_path):
+    """`MixedWindows` seeds each batch with its epoch; nothing told it the epoch."""
+    data = EpochRecording(store_path, SPEC)
+    data.epochs = []
+    make_trainer(data, tmp_path, steps=20).fit()  # 256 windows, 8 batches of 32 an epoch
+    assert data.epochs == [0, 1, 2]
+
+
 def full_loss(model: nn.Module, dataset: WindowDataset) -> float:
     batch = dataset.get_batch(range(len(dataset)))
     with torch.no_grad():

@@ -171,8 +171,10 @@ class MixedWindows(BatchedDataset):
     video windows in every batch, and 0.2 of 8 a quarter).
 
     Each batch draws its windows uniformly at random, without replacement inside the batch, from a
-    generator seeded by (`seed`, the batch's indices): unbiased, and reproducible for the same indices;
-    the trainer's seeded sampler makes the indices differ from batch to batch. An epoch (`len`) holds
+    generator seeded by (`seed`, the epoch, the batch's indices): unbiased, and reproducible for the same
+    epoch and indices. The trainer sets the epoch (`set_epoch`) before each: with the indices alone, a
+    batch of one index drew the same windows every epoch, and over a whole run about a third of the
+    windows (e^-1) were never drawn at batch_size 1. An epoch (`len`) holds
     about one pass's worth of labelled windows, len(labelled) / (1 - video_ratio), but is not an exact
     pass over them, except with video_ratio 0: then index i is labelled window i. Labelled windows come
     first in the batch, video windows after; keys as the module docstring. Both datasets must give the
@@ -190,6 +192,7 @@ class MixedWindows(BatchedDataset):
             )
         self.labelled, self.video = labelled, video
         self.video_ratio, self.seed = float(video_ratio), int(seed)
+        self.epoch = 0
         if len(video) > 0:
             _check_same_layout(
                 with_has_action(labelled.get_batch([0])),
@@ -199,6 +202,10 @@ class MixedWindows(BatchedDataset):
 
     def __len__(self) -> int:
         return math.ceil(len(self.labelled) / (1.0 - self.video_ratio))
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next batches belong to (a part of every batch's seed)."""
+        self.epoch = int(epoch)
 
     def n_video(self, batch_size: int, rng: np.random.Generator) -> int:
         """Video windows in a batch of `batch_size`: B * ratio, its fraction rounded up with that
@@ -216,7 +223,7 @@ class MixedWindows(BatchedDataset):
         if self.video_ratio == 0:
             lab, vid = idx, idx[:0]
         else:
-            rng = derived_rng(self.seed, *idx.tolist())
+            rng = derived_rng(self.seed, self.epoch, *idx.tolist())
             n_vid = self.n_video(len(idx), rng)
             lab = _draw(rng, len(self.labelled), len(idx) - n_vid)
             vid = _draw(rng, len(self.video), n_vid)
