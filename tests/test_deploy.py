@@ -68,7 +68,7 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
         "runtime.realtime_priority=10", f"runtime.control_cpu={max(os.sched_getaffinity(0))}",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert "episode 1:" in res.stdout and "tick error p99" in res.stdout
+    assert "episode 1:" in res.stdout and "tick error p50 / p99" in res.stdout
     assert (  # the store was recorded at pointmaze's 10 Hz
         "note: the checkpoint was trained on data at 10 Hz, and its actions run at 20 Hz here: each was "
         "meant for 0.1 s; give runtime.policy_hz=10 to play them at that rate" in res.stderr
@@ -431,6 +431,63 @@ def test_sigterm_before_the_episodes_start_still_disconnects_the_robot(tmp_path)
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["disconnected", "interrupted", str(int(signal.SIGTERM))], res.stdout
+
+
+SIGNAL_OR_FAULT_AFTER_THE_EPISODES = """
+import os, signal, sys
+from robots.base import RobotError
+from robots.runtime.worker import ProcessWorker
+from robots.sim.pointmaze import PointMazeTask
+from tools.deploy import DeployConfig, deploy
+out, case = sys.argv[1], sys.argv[2]
+kernels, disconnect, reset = ProcessWorker.kernels, PointMazeTask.disconnect, PointMazeTask.reset
+resets = []
+def kernels_interrupted(self):  # the episodes are over; the worker may still be finishing a chunk
+    os.kill(os.getpid(), signal.SIGINT)
+    return kernels(self)
+def disconnect_failed(self):
+    disconnect(self)
+    raise RobotError("the arm's bus went away")
+def reset_interrupted(self, seed=None):
+    resets.append(seed)
+    if len(resets) == 2:
+        os.kill(os.getpid(), signal.SIGINT)  # while the second episode's robot resets
+    return reset(self, seed)
+if case == "kernels":
+    ProcessWorker.kernels = kernels_interrupted
+elif case == "disconnect":
+    PointMazeTask.disconnect = disconnect_failed
+else:
+    PointMazeTask.reset = reset_interrupted
+try:
+    cfg = DeployConfig(robot="pointmaze", controller="random", out=out, max_steps=3, episodes=3)
+    report, status = deploy(cfg)
+    print("status", status, "episodes", report["episodes"])
+except RobotError as e:
+    print("raised", e)
+"""
+
+
+@pytest.mark.parametrize(
+    "case, said",
+    [
+        ("kernels", "status 130 episodes 3"),
+        ("disconnect", "raised the arm's bus went away"),
+        ("reset", "status 130 episodes 1"),
+    ],
+)
+def test_the_report_is_written_after_a_signal_or_a_failed_cleanup(tmp_path, case, said):
+    """One Ctrl-C or SIGTERM after the last episode (the worker finishing a chunk, the robot
+    disconnecting) or a disconnect that raised lost the whole report; one while the robot reset began an
+    episode that ended at once and counted as a failure."""
+    res = subprocess.run(
+        [sys.executable, "-c", SIGNAL_OR_FAULT_AFTER_THE_EPISODES, str(tmp_path / "run"), case],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert said in res.stdout, res.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["episodes"] == (1 if case == "reset" else 3) and (tmp_path / "run" / "timing.png").exists()
 
 
 def test_sync_mode_bounds_the_wait_for_a_chunk_too(tmp_path):

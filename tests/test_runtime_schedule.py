@@ -325,3 +325,31 @@ def test_the_run_report_merges_episode_digests_and_keeps_no_tick_records():
     assert report["safety_events"] == {"clipped": 3} and report["underruns"] == 2
     assert report["stale_actions_sent"] == 4 and report["stale_actions_dropped"] == 2
     assert report["success_rate"] == 1.0 and [e["ticks"] for e in report["per_episode"]] == [3, 1]
+
+
+def test_the_runs_rate_is_over_every_tick_and_the_live_lines_show_missing_figures_as_missing():
+    """The run's achieved_hz was the mean of the episodes' rates (a 3000-tick episode at 50 Hz and a
+    3-tick one at 10 Hz gave 30 Hz); an episode without ticks printed "0.0 Hz, p99 0.00 ms" where
+    report.json says null; a human's takeover ticks were counted as held."""
+    from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
+    from robots.runtime.report import LiveStatus, digest, live_line, run_report
+
+    def episode(n: int, hz: float) -> EpisodeOutcome:
+        out = EpisodeOutcome()
+        for k in range(n):
+            t = k / hz
+            out.ticks.append(TickRecord(t, t, t, t, np.array([0.0]), 0, k, t))
+        return out
+
+    report = run_report([digest(episode(3000, 50.0)), digest(episode(3, 10.0))], {})
+    assert report["achieved_hz"] == pytest.approx(3001 / (2999 / 50 + 2 / 10))
+    line = live_line(digest(EpisodeOutcome()).figures, 0)
+    assert "0 ticks at - Hz, tick error p50 / p99 - / - ms (max -), obs->action p50 / p99 - / - ms" in line
+    assert "inference p50 - ms" in line and "0 stale dropped" in line
+
+    said: list[str] = []
+    live = LiveStatus(0.05, said.append)
+    for k in range(10):  # a human's actions, then held ticks
+        t, human = k * 0.1, k < 6
+        live(TickRecord(t, t, t, t, np.array([0.0]), NO_CHUNK, -1, math.nan, (), human))
+    assert said[-1].endswith(" 4 held"), said

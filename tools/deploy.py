@@ -267,8 +267,6 @@ def say_trained_elsewhere(cfg: DeployConfig, robot: Any, info: dict[str, Any]) -
 
 def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     """Run the episodes; returns the report and the exit status."""
-    import os
-
     from policies.evaluate import goal_observation
     from robots.collect import OPTIONS_KEY, open_store
     from robots.runtime.loop import Runtime
@@ -278,12 +276,9 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         digest,
         live_line,
         recording_schema,
-        run_report,
-        server_figures,
         tick_row,
     )
-    from robots.runtime.report import write_report as write_run_report
-    from robots.runtime.worker import ControllerSpec, ProcessWorker, check_robot, kernel_line
+    from robots.runtime.worker import ControllerSpec, ProcessWorker, check_robot
 
     out = Path(cfg.out)
     robot = make_robot(cfg, None)  # not connected: its action bounds, which the controller plans within
@@ -298,7 +293,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     check_takeover(cfg, robot)  # before the worker loads a model
     options = task_options(cfg)
     feat = robot.action_feature
-    threads = cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)
+    threads = _inference_threads(cfg)
     spec = ControllerSpec(
         "tools._controller:worker_controller",
         {"settings": cfg.settings(), "low": list(feat.low), "high": list(feat.high), "seed": cfg.seed},
@@ -315,6 +310,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         worker = ProcessWorker(spec)  # sync mode too: a computation on this thread had no deadline
     stop = _StopFlag()
     outcomes, store, takeover, kernels, recording = [], None, None, None, None
+    episodes_began, written = False, {}
     cleanup = contextlib.ExitStack()  # each runs (last first), whatever one before it raised
     # SIGTERM's default action ended the process where it stood (the worker loading, the robot or a
     # takeover device connecting, the cleanup): it interrupts as Ctrl-C does until the cleanup has run
@@ -338,12 +334,15 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         with stop, realtime(cfg.runtime.realtime_priority, cfg.runtime.control_cpu) as notes:
             for line in notes:
                 print(f"note: {line}", flush=True)
+            episodes_began = True
             for i in range(cfg.episodes):
                 goal = None
                 if sim:
                     robot.reset(cfg.seed + i)
                     # (with server= the controller is the server's: a goal where the task has one)
                     goal = goal_observation(robot, needed=cfg.controller == "mpc" and cfg.server is None)
+                if stop.is_set():  # asked while the robot reset: no episode begins (nor counts as failed)
+                    break
                 # written by a thread of its own: a flush on the tick path held the arm (`recorder`)
                 recording = BackgroundEpisode(store.begin_episode()) if store is not None else None
                 live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
@@ -376,9 +375,17 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                 print(live_line(outcomes[-1].figures, i), flush=True)
                 if stop.is_set() or (outcome.stopped and (not sim or not worker.alive() or worker.busy)):
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
-        kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)
+            kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)
     finally:
         with cleanup:
+            # From here a first signal is noted (the exit status says it), not acted on: the worker, the
+            # robot and the store close and the report is written last, even after one of them failed
+            # (a signal there, or a disconnect that raised, lost the whole report); a second interrupts.
+            cleanup.enter_context(stop)
+            if episodes_began:
+                cleanup.callback(
+                    lambda: written.update(report=_report(cfg, worker, robot, outcomes, kernels, time_scale))
+                )
             if store is not None:
                 cleanup.callback(store.close)  # (an unfinished episode: not committed)
             if recording is not None:  # its thread's writes end before the store closes
@@ -387,6 +394,26 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
             if takeover is not None:
                 cleanup.callback(takeover.close)
             cleanup.callback(worker.close)
+    status = 128 + stop.signum if stop.signum else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
+    return written["report"], status
+
+
+def _inference_threads(cfg: DeployConfig) -> int:
+    """The local inference worker's torch threads: `inference_threads`, else all cores but one."""
+    import os
+
+    return cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)
+
+
+def _report(
+    cfg: DeployConfig, worker: Any, robot: Any, outcomes: list, kernels: Any, time_scale: float
+) -> dict[str, Any]:
+    """Write the run's report (report.json and the plots in `cfg.out`) and say where; returns it."""
+    from robots.runtime.report import run_report, server_figures
+    from robots.runtime.report import write_report as write_run_report
+    from robots.runtime.worker import kernel_line
+
+    threads = _inference_threads(cfg)
     settings = {
         "robot": cfg.robot,
         "control_hz": robot.control_hz,
@@ -408,13 +435,12 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     if cfg.server is not None:
         settings["server"] = server_figures(worker)
     report = run_report(outcomes, settings)
-    paths = write_run_report(out, report, outcomes)
+    paths = write_run_report(Path(cfg.out), report, outcomes)
     print(
         f"wrote {', '.join(map(str, paths))}" + (f", recording {cfg.record}" if cfg.record else ""),
         flush=True,
     )
-    status = 128 + stop.signum if stop.signum else FAULT_EXIT if any(o.stopped for o in outcomes) else 0
-    return report, status
+    return report
 
 
 class _StopFlag:

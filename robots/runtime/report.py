@@ -2,7 +2,8 @@
 recording of every tick into a demonstration store.
 
 Figures (all from the runtime's own records, on its monotonic clock):
-    achieved_hz       ticks / wall time of the ticking part of each episode
+    achieved_hz       ticks / wall time of the ticking part of each episode (the run's: over every
+                      episode's ticks and time together)
     tick_error_ms     how late each tick started against its absolute deadline: p50 / p99 / max
     latency_ms        observation to action: capture of the observation a chunk was computed from to
                       the sending of that chunk's first action: p50 / p99
@@ -157,12 +158,13 @@ def run_report(
     events: Counter = Counter()
     for f in per_episode:
         events.update(f["safety_events"])
-    rates = [f["achieved_hz"] for f in per_episode if f["achieved_hz"] is not None]
+    # over every tick: the ticks after each episode's first over the time they took, summed
+    timed = [(f["ticks"] - 1, (f["ticks"] - 1) / f["achieved_hz"]) for f in per_episode if f["achieved_hz"]]
     seams = [f["seam_jump_max"] for f in per_episode if f["seam_jump_max"] is not None]
     succ = [e.success for e in eps if e.success is not None]
     return {
         "ticks": total("ticks"),
-        "achieved_hz": float(np.mean(rates)) if rates else None,
+        "achieved_hz": sum(n for n, _ in timed) / sum(t for _, t in timed) if timed else None,
         "tick_error_ms": {
             "p50": _pct(err, 50),
             "p99": _pct(err, 99),
@@ -206,14 +208,17 @@ def server_figures(worker: Any) -> dict[str, Any]:
 
 def live_line(fig: Mapping[str, Any], episode: int) -> str:
     """One line for the terminal after an episode."""
-    e, lat = fig["tick_error_ms"], fig["latency_ms"]
+    e, lat, inf = fig["tick_error_ms"], fig["latency_ms"], fig["inference_ms"]
     parts = [
         f"episode {episode}:",
         "success" if fig["success"] else ("failure" if fig["success"] is not None else ""),
-        f"{fig['ticks']} ticks at {fig['achieved_hz'] or 0:.1f} Hz,",
-        f"tick error p99 {e['p99'] or 0:.2f} ms (max {e['max'] or 0:.2f}),",
-        f"obs->action p50 {lat['p50'] or 0:.0f} ms,",
-        f"{fig['chunks']} chunks, {fig['underruns']} underruns, {fig['stale_actions_sent']} stale sent",
+        f"{fig['ticks']} ticks at {_shown(fig['achieved_hz'], '.1f')} Hz,",
+        f"tick error p50 / p99 {_shown(e['p50'], '.2f')} / {_shown(e['p99'], '.2f')} ms "
+        f"(max {_shown(e['max'], '.2f')}),",
+        f"obs->action p50 / p99 {_shown(lat['p50'], '.0f')} / {_shown(lat['p99'], '.0f')} ms,",
+        f"inference p50 {_shown(inf['p50'], '.0f')} ms,",
+        f"{fig['chunks']} chunks, {fig['underruns']} underruns, {fig['stale_actions_sent']} stale sent, "
+        f"{fig['stale_actions_dropped']} stale dropped",
     ]
     if fig["safety_events"]:
         parts.append("events " + ", ".join(f"{k} {v}" for k, v in sorted(fig["safety_events"].items())))
@@ -222,9 +227,14 @@ def live_line(fig: Mapping[str, Any], episode: int) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _shown(value: float | None, spec: str) -> str:
+    """A figure for the terminal; "-" where there is none (no tick, no chunk), as report.json's null."""
+    return "-" if value is None else format(value, spec)
+
+
 class LiveStatus:
     """A status line every `every_s` seconds of a running episode: ticks, achieved rate and tick error
-    so far, and how many ticks were held (no fresh action)."""
+    so far, and how many ticks were held (no fresh action; a human's teleop action is fresh)."""
 
     def __init__(self, every_s: float, write: Any = print) -> None:
         self.every_s, self.write = every_s, write
@@ -237,7 +247,7 @@ class LiveStatus:
         if self._first is None:
             self._first = self._last_line = record.started
         self._errors.append((record.started - record.nominal) * 1e3)
-        self._held += record.chunk == NO_CHUNK
+        self._held += record.chunk == NO_CHUNK and not record.intervention
         if record.started - self._last_line >= self.every_s:
             self._last_line = record.started
             span = record.started - self._first
