@@ -1,8 +1,8 @@
 """Fixed-rate control loops: pure scheduling functions plus a clock.
 
-Deadlines are absolute (`start + k * period`), so a slow tick borrows from the following ones and
-the loop never drifts; a loop that falls more than `max_behind` periods behind resynchronizes
-instead of bursting through the missed ticks. The clock is a parameter: `MonotonicClock` for real
+Deadlines are absolute (`start + k * period`), so the loop never drifts; an iteration that runs late
+skips to the schedule's first slot at least half a period away (`RateLoop`) instead of bursting
+through the missed ticks. The clock is a parameter: `MonotonicClock` for real
 runs, `ManualClock` for tests and for as-fast-as-possible simulation.
 """
 

@@ -45,6 +45,37 @@ def test_the_loop_runs_fifo_on_its_core_inside_the_block_and_as_before_after_it(
 
 
 @linux
+def test_a_recording_thread_started_inside_the_block_runs_at_normal_priority_off_the_control_core(tmp_path):
+    """Threads inherit their creator's policy and cores: wm-deploy's recording thread, started by the
+    control thread, ran under SCHED_FIFO on the control loop's own core."""
+    from conftest import make_episode, make_schema
+
+    from robots.runtime.recorder import BackgroundEpisode
+    from wm.data import DemoStore
+
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2 or not can_raise_priority():
+        pytest.skip("needs two cores and the right to raise a thread's priority")
+    core, seen = max(cpus), []
+    rest = worker_cpus(core)  # as wm-deploy does, before the block (inside it this thread has one core)
+    with DemoStore.create(tmp_path / "rec.zarr", make_schema()) as store:
+        writer = store.begin_episode()
+        add_step = writer.add_step
+
+        def add_step_seen(row):  # runs on the recording thread
+            seen.append((os.sched_getscheduler(0), os.sched_getaffinity(0)))
+            add_step(row)
+
+        writer.add_step = add_step_seen
+        with realtime(10, core):
+            recording = BackgroundEpisode(writer, rest)
+            for t in range(3):
+                recording.add_step({k: v[t] for k, v in make_episode(0, 3).items()})
+            assert recording.end({}) is None
+    assert seen == [(os.SCHED_OTHER, cpus - {core})] * 3
+
+
+@linux
 def test_what_can_never_work_is_refused_before_a_robot_moves():
     with pytest.raises(ValueError, match="realtime_priority must be 1..99, got 120"):
         RuntimeConfig(realtime_priority=120)

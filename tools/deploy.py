@@ -344,7 +344,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                 if stop.is_set():  # asked while the robot reset: no episode begins (nor counts as failed)
                     break
                 # written by a thread of its own: a flush on the tick path held the arm (`recorder`)
-                recording = BackgroundEpisode(store.begin_episode()) if store is not None else None
+                recording = BackgroundEpisode(store.begin_episode(), spec.cpus) if store is not None else None
                 live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
 
                 def on_tick(rec: Any, obs: Any, writer: Any = recording, live: Any = live) -> None:

@@ -29,6 +29,19 @@ def worker_cpus(control_cpu: int | None) -> tuple[int, ...] | None:
     return rest or None
 
 
+def ordinary_scheduling(cpus: tuple[int, ...] | None) -> None:
+    """Put the calling thread back on normal scheduling (SCHED_OTHER), on `cpus` (None: its cores as they
+    are). For a helper thread the control thread starts inside `realtime`: Linux threads inherit their
+    creator's policy and cores, so a recording thread ran under SCHED_FIFO on the control loop's own
+    core. Best effort, as `realtime`: what the machine does not allow is left as it is."""
+    with contextlib.suppress(OSError, AttributeError):
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    if cpus:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setaffinity(0, cpus)
+
+
 def check(priority: int | None, control_cpu: int | None) -> None:
     """Refuse values that can never work, before any robot moves."""
     if priority is not None and not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from robots.real.lerobot_arm import first_line
+from robots.runtime.realtime import ordinary_scheduling
 
 _DONE = object()  # the end of the queue
 
@@ -28,10 +29,13 @@ class BackgroundEpisode:
     """One episode's rows for `writer` (a `wm.data.store.EpisodeWriter`), written by a thread of its own.
     `add_step(row)` from the loop (`n_steps`: the rows given); then `end(info)` or `discard()` (each
     waits for the queued rows), or `close()` on any exit path (waits, and leaves the episode
-    uncommitted). Used by wm-deploy's recording and wm-collect's on a real arm."""
+    uncommitted). Used by wm-deploy's recording and wm-collect's on a real arm. The thread runs at
+    normal priority on `cpus` (None: the cores it inherits), whatever the control thread that starts it
+    runs under (`realtime.ordinary_scheduling`)."""
 
-    def __init__(self, writer: Any) -> None:
+    def __init__(self, writer: Any, cpus: tuple[int, ...] | None = None) -> None:
         self.writer = writer
+        self._cpus = cpus
         self.n_steps = 0  # rows given (queued)
         self.steps = 0  # rows the writer took
         self.stopped: str | None = None  # why the recording stopped before the episode's end
@@ -46,6 +50,7 @@ class BackgroundEpisode:
             self.n_steps += 1
 
     def _write(self) -> None:
+        ordinary_scheduling(self._cpus)
         while (row := self._rows.get()) is not _DONE:
             if self.stopped is not None:
                 continue
