@@ -115,6 +115,7 @@ class ChunkController(Protocol):
         actions: Sequence[np.ndarray],
         previous: np.ndarray | None = None,
         frozen: int = 0,
+        guide: bool = True,
     ) -> torch.Tensor:
         """A chunk of raw actions (E, T, Da) computed from observations captured earlier.
 
@@ -126,6 +127,9 @@ class ChunkController(Protocol):
         previous: (E, n, Da) the previous chunk's raw actions re-indexed so that previous[:, 0] is the
             action due at the newest step; None when there is none (then frozen must be 0).
         frozen: d, 0 <= d <= n: how many of those are committed (they execute while this computes).
+        guide: whether previous past the frozen ones guides the chunk (inpainting); False: previous is
+            only the schedule as it stands (frozen 0), which a planner warm-starts from and a policy
+            ignores (the runtime's replace, average and ensemble stitching).
 
         Returns raw actions (E, T, Da), element 0 due at the newest observation's step, T >= d + 1,
         with out[:, :d] exactly previous[:, :d] (as float32). The call replaces the controller's

@@ -186,13 +186,16 @@ class ChunkPolicy:
         actions: Sequence[np.ndarray],
         previous: np.ndarray | None = None,
         frozen: int = 0,
+        guide: bool = True,
     ) -> Tensor:
         """`ChunkController.chunk_from`: refill the history with steps / actions and sample every action
         the model predicts from the newest step on (a diffusion policy: horizon - n_obs + 1), raw
-        (E, T, Da). With `previous`, the sampler is guided towards it by soft inpainting
+        (E, T, Da). With `previous` (and `guide`), the sampler is guided towards it by soft inpainting
         (`DiffusionPolicy.sample_actions`) and the first `frozen` actions are then set exactly to
-        previous's. The queue and the ensembler are left alone."""
+        previous's; without `guide` previous is not used. The queue and the ensembler are left alone."""
         prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim)
+        if not guide:
+            prev, frozen = None, 0
         self.history.refill(steps, actions)
         chunk = self._sample(previous=prev, frozen=frozen, full=True)
         return with_prefix(chunk, prev, frozen)

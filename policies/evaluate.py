@@ -103,9 +103,10 @@ class RandomPolicy:
         actions: Sequence[np.ndarray],
         previous: np.ndarray | None = None,
         frozen: int = 0,
+        guide: bool = True,
     ) -> torch.Tensor:
         """(E, max(chunk, frozen + 1), Da) random actions, the first `frozen` previous's
-        (`ChunkController.chunk_from`; the observations are only checked)."""
+        (`ChunkController.chunk_from`; the observations are only checked, `guide` changes nothing)."""
         prev = check_chunk_request(steps, actions, previous, frozen, len(self.low))
         E = len(next(iter(steps[-1].values())))
         return with_prefix(self._draw(E, max(self.chunk, frozen + 1)), prev, frozen)

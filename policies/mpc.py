@@ -242,13 +242,16 @@ class MPC:
         actions: Sequence[np.ndarray],
         previous: np.ndarray | None = None,
         frozen: int = 0,
+        guide: bool = True,
     ) -> torch.Tensor:
         """`ChunkController.chunk_from`: refill the history with steps / actions and plan toward the goal
         (subgoals as in every replan) with the first `frozen` raw actions of every candidate fixed to
         previous[:, :frozen] (`FixedPrefix`). Warm start (when `cfg.warm_start`): `previous` packed into
-        planning steps and padded to the horizon with its last step, else MPC's own (the last plan
-        shifted by `execute` steps, as after `predict_action_chunk`). Returns the whole plan as raw
-        actions (E, H * frameskip, Da), the first `frozen` exactly previous's."""
+        planning steps and padded to the horizon with its last step (with or without `guide`: the
+        schedule from the newest step on, which is the last plan shifted by the steps actually run),
+        else MPC's own (the last plan shifted by `execute` steps, as after `predict_action_chunk`).
+        Returns the whole plan as raw actions (E, H * frameskip, Da), the first `frozen` exactly
+        previous's."""
         prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim)
         self._check_goal()
         f = self.io.frameskip

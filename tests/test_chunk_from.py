@@ -281,6 +281,27 @@ def test_mpc_warm_starts_from_previous_else_from_its_own_plan():
     torch.testing.assert_close(planner.warm[2], expect)
 
 
+def test_an_unguided_previous_warm_starts_a_planner_and_leaves_a_policy_alone():
+    """With replace (or average, ensemble) stitching the runtime hands on the schedule unguided: MPC
+    warm-started from its own last plan shifted by `execute` steps, however many had run; now from the
+    schedule, which is the last plan shifted by the steps actually run. A policy samples as without it."""
+    mpc, _, planner = make_mpc("cem")
+    steps, actions = state_steps(2)
+    prev = np.arange(E * 4 * DA, dtype=np.float32).reshape(E, 4, DA) / 10
+    chunk = mpc.chunk_from(steps, actions, prev, 0, guide=False)
+    torch.testing.assert_close(
+        planner.warm[-1], rearrange(torch.from_numpy(prev), "e (h f) d -> e h (f d)", f=2)[:, [0, 1, 1]]
+    )
+    assert not torch.equal(chunk[:, :4], torch.from_numpy(prev))  # nothing frozen: planned afresh
+    model = tiny_policy()
+    steps, actions = raw_steps(3)
+    guided = ChunkPolicy(model, seed=3).chunk_from(steps, actions, previous_chunk(6), 2, guide=True)
+    alone = ChunkPolicy(model, seed=3).chunk_from(steps, actions, previous_chunk(6), 0, guide=False)
+    plain = ChunkPolicy(model, seed=3).chunk_from(steps, actions)
+    torch.testing.assert_close(alone, plain, rtol=0, atol=0)
+    assert not torch.equal(guided, plain)
+
+
 # ---------------------------------------------------------------------- the random baseline and bad input
 def test_random_policy_chunk_keeps_the_prefix_within_bounds():
     policy = RandomPolicy(LOW, HIGH, seed=0, chunk=4)

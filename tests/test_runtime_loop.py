@@ -77,6 +77,37 @@ def test_async_drops_what_passed_and_continues_the_committed_actions():
     assert all(np.isfinite(c).all() for c, _, _ in sent)
 
 
+@pytest.mark.parametrize("stitching", ["replace", "average", "ensemble"])
+def test_other_stitchings_hand_on_the_schedule_unguided_and_only_to_who_takes_it(stitching):
+    """Only inpainting handed the controller the schedule, so an MPC planner under replace stitching
+    warm-started from its last plan shifted by its `execute`, not by the steps that had actually run."""
+    _, rt, _ = setup("async", stitching, replan_every=4)
+    controller, calls = rt.worker.controller, []
+    chunk_from = controller.chunk_from
+
+    def spy(steps, actions, previous=None, frozen=0, guide=True):
+        chunk = chunk_from(steps, actions, previous, frozen, guide)
+        calls.append((None if previous is None else previous[0].copy(), frozen, guide, chunk[0].numpy()))
+        return chunk
+
+    controller.chunk_from = spy
+    out = rt.run_episode(40)
+    assert out.stopped is None and len(calls) > 4 and calls[0][0] is None  # the first: nothing scheduled
+    assert all(frozen == 0 and (prev is None or not guide) for prev, frozen, guide, _ in calls)
+    tick = [round((c.obs_time - out.started_at) * HZ) for c in out.chunks]
+    for i in range(2, len(tick)):  # each the chunk that was running, from the new observation's step on
+        previous, old, shift = calls[i][0], calls[i - 1][3], tick[i] - tick[i - 1]
+        n = min(len(previous), len(old) - shift)
+        assert n > 0 and np.allclose(previous[:n], old[shift : shift + n]), stitching
+
+    handed = []  # a controller written before `guide`: handed nothing, as before
+    rt.worker.controller.chunk_from = lambda steps, actions, previous=None, frozen=0: (
+        handed.append(previous) or chunk_from(steps, actions, previous, frozen)
+    )
+    rt.run_episode(20)
+    assert handed and all(p is None for p in handed)
+
+
 @pytest.mark.parametrize("overlap", [0, 1, None])
 def test_inpaint_overlap_bounds_what_the_controller_continues(overlap):
     _, rt, _ = setup("async", "inpaint", replan_every=4, inpaint_overlap=overlap)

@@ -41,7 +41,20 @@ def test_a_request_round_trips_bit_exact():
             assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes()
     for got, want in zip(req.actions, acts, strict=True):
         assert got.tobytes() == want.tobytes()
-    assert req.previous.tobytes() == prev.tobytes()
+    assert req.previous.tobytes() == prev.tobytes() and req.guide
+
+
+def test_an_unguided_schedule_says_so_and_a_request_without_the_field_guides():
+    """`guide` tells a served planner the schedule is a warm start only (replace stitching), not to be
+    continued; a client from before the field sent previous only for inpainting."""
+    prev = np.zeros((4, 2), np.float32)
+    msg = wire.decode(frames_bytes(request(previous=prev, guide=False)[2]), LIMIT)
+    assert not wire.unpack_request(msg, SPEC, window=2, action_dim=2).guide
+    del msg.fields["guide"]
+    assert wire.unpack_request(msg, SPEC, window=2, action_dim=2).guide
+    msg.fields["guide"] = 1
+    with pytest.raises(wire.ProtocolError, match="field 'guide' must be bool, got int"):
+        wire.unpack_request(msg, SPEC, window=2, action_dim=2)
 
 
 def test_a_chunk_round_trips_bit_exact_into_read_only_arrays():

@@ -505,17 +505,22 @@ class Runtime:
         return None
 
     def _request(self, history, timeline, out, state, t_obs) -> Reply | None:
-        """Hand the worker the history and, for inpainting, the actions scheduled from the newest
-        observation's step on (`timeline`, async only; None otherwise). Without a timeline (sync mode,
-        the first chunk) wait for the worker to take it (a remote worker reconnects after a request it
-        gave up on), then for the reply, and return it."""
+        """Hand the worker the history and the actions scheduled from the newest observation's step on
+        (`timeline`, async only; None otherwise): to continue (inpainting), else as a planner's warm
+        start. Without a timeline (sync mode, the first chunk) wait for the worker to take it (a remote
+        worker reconnects after a request it gave up on), then for the reply, and return it."""
         if timeline is None and self.worker.busy:
             self._wait(out, state, until_ready=True)
             if out.stopped:
                 return None
         steps, actions = self._history(history)
-        previous, frozen = None, 0
-        if timeline is not None and self.cfg.stitching == "inpaint":
+        previous, frozen, guide = None, 0, self.cfg.stitching == "inpaint"
+        if timeline is not None and not guide:
+            # the schedule from the observation's step on: a planner warm-starts from it (the last plan
+            # shifted by the steps actually run, not by the `execute` it assumed); a policy ignores it
+            previous = timeline.committed(t_obs, self.step_s, t_obs, COMMITTED_MAX)[0]
+            previous = previous if len(previous) else None
+        if timeline is not None and guide:
             # The new chunk is taken in `latency` after its observation (the estimate is measured from an
             # observation's time to the tick that took its chunk in), and that tick drops the actions due
             # more than half a period before it (`Timeline.merge`): those run from the current schedule,
@@ -531,7 +536,7 @@ class Runtime:
         state.requests[seq] = _Request(t_obs, self.clock.now(), frozen)
         state.last_request_obs = t_obs
         try:
-            self.worker.submit(Request(seq, steps, actions, previous, frozen, self.feature.shape))
+            self.worker.submit(Request(seq, steps, actions, previous, frozen, self.feature.shape, guide))
         except WorkerDied as e:
             out.stopped = str(e) + "; holding position"
             return None

@@ -300,6 +300,7 @@ class RemoteWorker:
             req.actions,
             req.previous,
             req.frozen,
+            req.guide,
         )
         self._outstanding = (req.seq, now, deadline)
         too_big = self._too_big(frames)

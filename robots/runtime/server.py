@@ -583,7 +583,9 @@ class PolicyServer:
         req, _ = payload
         if started > req.expires:  # the client has given up on it: do not spend the model on it
             return ("expired",)
-        reply = compute(s.controller, Request(req.seq, req.steps, req.actions, req.previous, req.frozen))
+        reply = compute(
+            s.controller, Request(req.seq, req.steps, req.actions, req.previous, req.frozen, guide=req.guide)
+        )
         return ("error", reply.error) if reply.error is not None else ("chunk", reply)
 
     def _deliver(self) -> None:

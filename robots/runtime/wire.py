@@ -13,7 +13,7 @@ Message types (client -> server, server -> client):
   hello {nonce, resume, proof, low, high} -> challenge {nonce, token}    a session is asked for
   auth {mac}                              -> ready {sid, secret, info, resumed} | error
   reset {sid} + goal arrays               -> reset_ok {} | error
-  infer {sid, seq, sent, expires, steps, actions, frozen} + arrays -> chunk {seq, ...} | error
+  infer {sid, seq, sent, expires, steps, actions, frozen, guide} + arrays -> chunk {seq, ...} | error
   ping {sid, sent}                        -> pong {sent, recv, reply, session, opening}
   bye {sid}                               (no reply)
 Every reply carries the server's monotonic `recv` and `reply` times (`sent` echoed), so the client
@@ -292,9 +292,11 @@ def pack_request(
     actions: Sequence[np.ndarray],
     previous: np.ndarray | None,
     frozen: int,
+    guide: bool = True,
 ) -> list[Any]:
     """An `infer` message: observation steps oldest first ("o<i>/<key>"), the actions between them
-    ("a<i>"), the committed previous chunk ("previous") and how many of it are `frozen`."""
+    ("a<i>"), the committed previous chunk ("previous"), how many of it are `frozen` and whether it
+    `guide`s the new chunk (`ChunkController.chunk_from`)."""
     arrays: dict[str, Any] = {}
     for i, step in enumerate(steps):
         for k, v in step.items():
@@ -304,7 +306,7 @@ def pack_request(
     if previous is not None and len(previous):
         arrays["previous"] = np.asarray(previous, np.float32)
     fields = {"sid": sid, "seq": seq, "sent": sent, "expires": expires, "steps": len(steps)}
-    fields.update(actions=len(actions), frozen=int(frozen) if previous is not None else 0)
+    fields.update(actions=len(actions), frozen=int(frozen) if previous is not None else 0, guide=bool(guide))
     return encode("infer", fields, arrays)
 
 
@@ -319,6 +321,7 @@ class InferRequest:
     actions: list[np.ndarray]
     previous: np.ndarray | None
     frozen: int
+    guide: bool = True
 
 
 def _index(text: str) -> bool:
@@ -364,6 +367,7 @@ def unpack_request(
         if not np.all(np.isfinite(a)):
             raise ProtocolError(f"infer {seq}: action a{i} holds non-finite values")
     frozen = msg.get("frozen", int)
+    guide = msg.get("guide", bool, True)  # (a client of before the field sent previous to guide only)
     if previous is not None:
         if previous.ndim != 2 or (dim is not None and previous.shape[1] != dim) or previous.dtype.kind != "f":
             raise ProtocolError(
@@ -383,6 +387,7 @@ def unpack_request(
         list(actions),
         previous,
         frozen,  # type: ignore[arg-type]
+        guide,
     )
 
 

@@ -17,6 +17,7 @@ arguments; the worker builds it itself, so no model is ever pickled.
 from __future__ import annotations
 
 import importlib
+import inspect
 import multiprocessing as mp
 import os
 import signal
@@ -59,8 +60,9 @@ class ControllerSpec:
 class Request:
     """What a chunk is computed from: `steps` raw observations {key: (...)} of one robot, oldest first;
     `actions` the raw actions (Da,) executed between them; the previous chunk on the new one's grid
-    (n, Da) or None, and how many of its actions are `frozen` (committed); `action_shape`: the
-    robot's action shape (the shared buffer for `actions` is made for it)."""
+    (n, Da) or None, how many of its actions are `frozen` (committed), and whether it `guide`s the new
+    chunk (`ChunkController.chunk_from`); `action_shape`: the robot's action shape (the shared buffer
+    for `actions` is made for it)."""
 
     seq: int
     steps: Sequence[Mapping[str, np.ndarray]]
@@ -68,6 +70,7 @@ class Request:
     previous: np.ndarray | None = None
     frozen: int = 0
     action_shape: tuple[int, ...] = (1,)
+    guide: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,15 @@ class WorkerDied(RobotError):
     """The inference worker process is gone, or could not start."""
 
 
+def takes_guide(controller: Any) -> bool:
+    """Whether `controller.chunk_from` takes `guide` (`ChunkController`; one written before it does not)."""
+    try:
+        params = inspect.signature(controller.chunk_from).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "guide" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def compute(controller: Any, req: Request, delay_s: float = 0.0) -> Reply:
     """One chunk for one robot (the model sees a batch of one); any exception becomes a one-line error."""
     import torch
@@ -94,7 +106,13 @@ def compute(controller: Any, req: Request, delay_s: float = 0.0) -> Reply:
         actions = [np.asarray(a)[None] for a in req.actions]
         previous = None if req.previous is None or len(req.previous) == 0 else req.previous[None]
         with torch.inference_mode():
-            chunk = controller.chunk_from(steps, actions, previous, req.frozen if previous is not None else 0)
+            if req.guide:
+                frozen = req.frozen if previous is not None else 0
+                chunk = controller.chunk_from(steps, actions, previous, frozen)
+            elif previous is not None and takes_guide(controller):  # the schedule as a warm start
+                chunk = controller.chunk_from(steps, actions, previous, 0, guide=False)
+            else:  # a controller of the protocol before `guide`: the schedule is none of its business
+                chunk = controller.chunk_from(steps, actions)
         if isinstance(chunk, torch.Tensor):
             chunk = chunk.detach().cpu()
             chunk = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
@@ -412,7 +430,7 @@ class ProcessWorker:
                     self._views[k][i] = step[k]
         for i, a in enumerate(req.actions):
             self._views["__actions__"][i] = a
-        self._send(("infer", (req.seq, n, len(req.actions), req.previous, req.frozen)))
+        self._send(("infer", (req.seq, n, len(req.actions), req.previous, req.frozen, req.guide)))
         self._outstanding = req.seq
 
     def poll(self) -> Reply | None:
@@ -536,11 +554,12 @@ def _serve(
             except Exception as e:  # noqa: BLE001
                 conn.send(("reset", error_line(e)))
         elif kind == "infer":
-            seq, n, n_actions, previous, frozen = payload
+            seq, n, n_actions, previous, frozen, guide = payload
             keys = [k for k in views if k != "__actions__"]
             steps = [{k: views[k][i].copy() for k in keys} for i in range(n)]
             actions = [views["__actions__"][i].copy() for i in range(n_actions)]
-            reply = compute(controller, Request(seq, steps, actions, previous, frozen), spec.delay_s)
+            req = Request(seq, steps, actions, previous, frozen, guide=guide)
+            reply = compute(controller, req, spec.delay_s)
             conn.send(("reply", reply))
         elif kind == "kernels":
             conn.send(("kernels", kernel_summary()))
