@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -333,6 +334,25 @@ def test_a_store_without_episodes_is_not_exported(tmp_path):
     with pytest.raises(SchemaError, match="empty.zarr: has no episodes; there is nothing to export"):
         store_to_lerobot(path, tmp_path / "lr")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.zarr"]
+
+
+def test_an_empty_episode_is_refused_naming_it_and_the_rewrite_that_removes_it(tmp_path):
+    """A Diffusion Policy store whose episode_ends repeat a value holds an episode of no steps: its export
+    failed with LeRobot's own line (`You must add one or several frames with add_frame ...`), which named
+    neither the store nor the episode."""
+    import zarr
+
+    path = tmp_path / "dp.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.create_array("data/action", data=np.arange(10, dtype=np.float32).reshape(5, 2))
+    root.create_array("meta/episode_ends", data=np.array([3, 3, 5], dtype=np.int64))
+    with pytest.raises(SchemaError) as err:
+        store_to_lerobot(path, tmp_path / "lr")
+    assert str(err.value) == (
+        f"{path}: episode(s) [1] have no steps, which a LeRobot dataset cannot hold; remove them first: "
+        f"wm-info store={path} 'drop_episodes=[1]'"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dp.zarr"]
 
 
 @pytest.mark.parametrize(
@@ -794,6 +814,42 @@ def test_wm_convert_round_trip_and_refusal(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+SIGTERM_WHILE_CONVERTING = """
+import os, signal, sys
+from wm.data.convert import lerobot
+import tools.convert
+step = {"export": "_write_episode", "import": "_read_rows"}[sys.argv[1]]
+original = getattr(lerobot, step)
+def terminated(*args):
+    out = original(*args)
+    os.kill(os.getpid(), signal.SIGTERM)  # an episode written, the hidden .<dst>.converting.<pid> with it
+    return out
+setattr(lerobot, step, terminated)
+sys.argv = ["wm-convert", "src=" + sys.argv[2], "dst=" + sys.argv[3]]
+tools.convert.main()
+"""
+
+
+@pytest.mark.parametrize("direction", ["export", "import"])
+def test_sigterm_while_converting_leaves_nothing_and_exits_143(lowdim_lerobot, tmp_path, direction):
+    """SIGTERM (`timeout`, SLURM, `docker stop`) ended wm-convert where it stood: its hidden partial output
+    `.<dst>.converting.<pid>` stayed beside dst, and only a later conversion to the same dst removed it."""
+    import shutil
+
+    if direction == "export":
+        with lerobot_to_store(lowdim_lerobot, tmp_path / "src.zarr") as store:
+            src = Path(store.path)
+    else:
+        src = shutil.copytree(lowdim_lerobot, tmp_path / "src")
+    res = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_CONVERTING, direction, str(src), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+    assert res.stderr.strip().endswith("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+
+
 # ---------------------------------------------------------------------- malformed datasets: one line
 @pytest.fixture(scope="module")
 def lowdim_lerobot(tmp_path_factory) -> Path:
@@ -835,6 +891,18 @@ def _copy(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     return dst
+
+
+def _edits(*edits):
+    def apply(root: Path) -> None:
+        for edit in edits:
+            edit(root)
+
+    return apply
+
+
+def _remove(relative: str):
+    return lambda root: (root / relative).unlink()
 
 
 DATA_FILE = "data/chunk-000/file-000.parquet"
@@ -904,6 +972,47 @@ EPISODES_FILE = "meta/episodes/chunk-000/file-000.parquet"
             CorruptStoreError,
             "meta/episodes: LeRobot episode metadata has an episode_index of None, not a whole number",
             id="episodes_episode_index_null",
+        ),
+        # the next four converted without a word: an episode left out, or each task only its number
+        pytest.param(
+            _edit_table(EPISODES_FILE, lambda t: t.slice(0, 2)),
+            CorruptStoreError,
+            rf"src: LeRobot meta/info.json says total_episodes 3 \(meta/episodes lists 2\) and total_frames "
+            rf"{sum(LENGTHS)} \(meta/episodes lists {sum(LENGTHS[:2])}\): meta/episodes lacks rows, or "
+            "info.json is stale$",
+            id="episodes_row_missing",
+        ),
+        pytest.param(
+            _edit_info(lambda i: i.__setitem__("total_frames", sum(LENGTHS) + 1)),
+            CorruptStoreError,
+            rf"says total_frames {sum(LENGTHS) + 1} \(meta/episodes lists {sum(LENGTHS)}\): meta/episodes",
+            id="info_total_frames",
+        ),
+        pytest.param(  # info.json's totals edited to agree: the data file still holds the episode
+            _edits(
+                _edit_table(EPISODES_FILE, lambda t: t.slice(0, 2)),
+                _edit_info(lambda i: i.update(total_episodes=2, total_frames=sum(LENGTHS[:2]))),
+            ),
+            CorruptStoreError,
+            rf"{DATA_FILE}: holds frames of episode\(s\) \[2\], which meta/episodes does not list$",
+            id="episodes_row_missing_and_info_agrees",
+        ),
+        pytest.param(
+            _remove("meta/tasks.parquet"),
+            CorruptStoreError,
+            r"meta/tasks.parquet: missing \(a LeRobot v3.0 dataset's task strings\)$",
+            id="tasks_missing",
+        ),
+        pytest.param(  # was pyarrow's line of the whole schema, naming no feature
+            _edit_info(
+                lambda i: i["features"].__setitem__(
+                    "observation.extra", {"dtype": "float32", "shape": [1], "names": None}
+                )
+            ),
+            CorruptStoreError,
+            rf"{DATA_FILE}: LeRobot data parquet has no column 'observation.extra', which meta/info.json "
+            "declares$",
+            id="data_no_declared_column",
         ),
     ],
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tools._cli import UsageError, app, bind, changed, folder
+from tools._cli import UsageError, app, bind, changed, folder, sigterm_interrupts
 from wm.data.errors import NotAStoreError
 
 
@@ -128,7 +128,8 @@ def convert(cfg: ConvertConfig) -> int:
 
 
 def _main(cfg: DictConfig) -> int:
-    return convert(bind(ConvertConfig, cfg, job_folder=None, job_file="dst"))
+    with sigterm_interrupts():  # a conversion killed where it stood left its hidden .<dst>.converting.<pid>
+        return convert(bind(ConvertConfig, cfg, job_folder=None, job_file="dst"))
 
 
 main = app("convert", _main)

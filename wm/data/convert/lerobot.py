@@ -56,7 +56,7 @@ from wm.data.convert.lerobot_meta import (
 )
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
 from wm.data.schema import KeySpec, Schema
-from wm.data.store import DemoStore, beside, check_destination, move_into_place
+from wm.data.store import DemoStore, beside, check_destination, move_into_place, rewrite_command
 from wm.options import is_real, is_whole
 from wm.sched import normal_priority
 
@@ -84,6 +84,7 @@ def lerobot_to_store(
     info = _load_info(src)
     fps = _fps(info, src)
     episodes = _load_episodes(src)
+    _check_totals(src, info, episodes)
     tasks = _load_tasks(src)
     schema, features = read_carried(src, info) or _schema_from_info(info, src, tasks)
     tmp = beside(dst, "converting")
@@ -183,13 +184,32 @@ def _load_episodes(src: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["episode_index"])
 
 
+def _check_totals(src: Path, info: dict[str, Any], episodes: list[dict[str, Any]]) -> None:
+    """info.json's `total_episodes` and `total_frames`, where given, agree with meta/episodes: the
+    conversion walks its rows, so an episode whose row is lost would be left out without a word."""
+    listed = {"total_episodes": len(episodes)}
+    lengths = [ep.get("length") for ep in episodes]
+    if all(is_whole(n) for n in lengths):  # else the episode's own check names the bad length
+        listed["total_frames"] = sum(int(n) for n in lengths)
+    wrong = [
+        f"{name} {info[name]} (meta/episodes lists {n})"
+        for name, n in listed.items()
+        if is_whole(info.get(name)) and int(info[name]) != n
+    ]
+    if wrong:
+        raise CorruptStoreError(
+            f"{src}: LeRobot meta/info.json says {' and '.join(wrong)}: meta/episodes lacks rows, or "
+            "info.json is stale"
+        )
+
+
 def _load_tasks(src: Path) -> dict[int, str]:
     """{task_index: task string} from meta/tasks.parquet (pandas writes the task strings as its index)."""
     import pyarrow.parquet as pq
 
     path = src / "meta" / "tasks.parquet"
-    if not path.is_file():
-        return {}
+    if not path.is_file():  # each frame's task would be only its number; LeRobot refuses such a dataset
+        raise CorruptStoreError(f"{path}: missing (a LeRobot v3.0 dataset's task strings)")
     df = pq.read_table(path).to_pandas()
     if "task_index" not in df.columns:
         raise CorruptStoreError(f"{path}: LeRobot task metadata has no 'task_index' column")
@@ -274,21 +294,36 @@ def _iter_episodes(
     src: Path, info: dict[str, Any], episodes: list[dict[str, Any]], features: dict[str, str]
 ) -> Iterator[tuple[dict[str, Any], Any, Path]]:
     """(episode row, its frames as an arrow table, data file) for each episode, reading each data
-    parquet file once."""
+    parquet file once. A data file holding frames of an episode meta/episodes does not list is refused:
+    those frames would be left out without a word."""
     import pyarrow.parquet as pq
 
     feats = info["features"]
     columns = [n for n in features.values() if feats[n]["dtype"] != "video"]
     columns = list(dict.fromkeys([*columns, "timestamp", "episode_index", "task_index"]))
+    listed = {int(ep["episode_index"]) for ep in episodes}
     current, table, file_rows = None, None, {}
     for ep in episodes:
         data_file = _data_file(src, info, ep)
         if data_file != current:
             try:
+                missing = [c for c in columns if c not in pq.read_schema(data_file).names]
+                if missing:  # pyarrow's own line is the whole schema, and names no feature
+                    declared = set(missing) <= set(feats)
+                    whose = "meta/info.json declares" if declared else "every LeRobot data file has"
+                    raise CorruptStoreError(
+                        f"{data_file}: LeRobot data parquet has no column {', '.join(map(repr, missing))}, "
+                        f"which {whose}"
+                    )
                 table = pq.read_table(data_file, columns=columns)
             except (OSError, ValueError) as e:
                 raise CorruptStoreError(f"{data_file}: cannot read LeRobot data parquet: {e}") from e
             current, file_rows = data_file, _rows_by_episode(table)
+            unlisted = sorted(set(file_rows) - listed)
+            if unlisted:
+                raise CorruptStoreError(
+                    f"{data_file}: holds frames of episode(s) {unlisted}, which meta/episodes does not list"
+                )
         idx = int(ep["episode_index"])
         rows = file_rows.get(idx, np.zeros(0, dtype=np.int64))
         if len(rows) != int(_episode_field(src, ep, "length")):
@@ -542,6 +577,12 @@ def store_to_lerobot(
     try:
         if store.n_episodes == 0:  # LeRobot writes a dataset of none that it cannot load
             raise SchemaError(f"{store.path}: has no episodes; there is nothing to export")
+        empty = np.flatnonzero(store.episode_lengths() == 0).tolist()
+        if empty:  # a Diffusion Policy store's repeated episode end; LeRobot's own refusal names nothing
+            raise SchemaError(
+                f"{store.path}: episode(s) {empty} have no steps, which a LeRobot dataset cannot hold; "
+                f"remove them first: {rewrite_command(store.path, empty)}"
+            )
         with normal_priority():  # LeRobot's AV1 encoder would run its threads at real-time priority
             _write_lerobot(store, tmp, repo_id, use_videos)
     except BaseException:
