@@ -433,6 +433,10 @@ def test_a_bus_that_stops_taking_commands_ends_the_run_with_one_line(bus):
     assert out.events["send_failed"] == 1 and len(out.ticks) < 60
     assert out.stopped.startswith("so101_follower: the command could not be sent (OSError")
     assert "\n" not in out.stopped and bus.torque() == [1] * 6
+    # the tick whose send failed is one of the run's ticks (its lateness in the figures), sending nothing
+    last = out.ticks[-1]
+    assert last.command is None and last.chunk == -1 and "send_failed" in last.events
+    assert out.underruns <= len(out.ticks)
 
 
 # ====================================================================== wm-deploy

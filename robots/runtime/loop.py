@@ -352,11 +352,13 @@ class Runtime:
                     command = self._send(safety, command)
                 except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
                     out.events["send_failed"] += 1
+                    events.append("send_failed")
                     out.stopped = (
                         f"{self.robot.name}: the command could not be sent ({type(e).__name__}: {e})"
                     )
-                    break
-                last_cmd = command
+                    command = None  # recorded as a tick that sent nothing (its lateness, its underrun)
+                else:
+                    last_cmd = command
                 if safety.events["robot_out_of_limits"] > before["robot_out_of_limits"]:
                     events.append("robot_out_of_limits")
                     out.stopped = f"{self.robot.name}: {OUT_OF_LIMITS}"
