@@ -41,7 +41,7 @@ class VideoConfig:
     caption_height: int = 16  # px of caption strip above each panel
     banner_height: int = 24  # px of success/failure banner above the panels
     codec: str = "h264"  # "h264" (mp4) or "vp9" (webm)
-    quality: float = 8.0  # imageio's scale for H.264, 1 (worst) to 10 (lossless)
+    quality: float = 8.0  # imageio's scale for H.264, 1 (worst) to 10 (best, still lossy: yuv420p)
 
     def __post_init__(self) -> None:
         if self.min_height < 1:

@@ -217,6 +217,13 @@ def test_a_store_of_another_tool_with_an_empty_episode_is_adopted_and_still_open
     assert [(p.episodes, p.fatal) for p in report.problems] == [((1,), False)]  # said, not fatal
 
 
+def test_a_bool_image_key_is_refused():
+    """It was stored and read for training as 0 and 1 of 255, a black image."""
+    with pytest.raises(SchemaError, match=r"an image key cannot be bool .*; store uint8$"):
+        KeySpec((4, 4, 1), "bool", "image")
+    KeySpec((4,), "bool", "lowdim")  # a flag is fine
+
+
 def test_a_schema_that_does_not_fit_the_arrays_is_refused_at_open(small_store, tmp_path):
     """An override (or a damaged schema attribute) of another shape than the array: appends were checked
     against the schema and zarr dropped the columns the array did not have."""

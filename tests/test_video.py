@@ -121,8 +121,8 @@ def test_write_refuses_mixed_sizes_and_no_frames(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing half-written stays behind
 
 
-def _write(path: Path, frames: list[np.ndarray]) -> None:
-    with video_writer(path, 10) as writer:
+def _write(path: Path, frames: list[np.ndarray], fps: float = 10) -> None:
+    with video_writer(path, fps) as writer:
         for frame in frames:
             writer.append_data(frame)
 
@@ -141,6 +141,15 @@ def test_video_writer_refuses_frames_it_would_write_wrongly(tmp_path: Path, fram
     with pytest.raises(ValueError, match=rf"v.mp4: frame 0 is {shown}; expected \(H, W, 3\) uint8 with even"):
         _write(tmp_path / "v.mp4", [frame, frame])
     assert list(tmp_path.iterdir()) == []  # nothing half-written stays behind
+
+
+@pytest.mark.parametrize("fps", [0, -5, float("nan"), float("inf")])
+def test_video_writer_refuses_a_rate_that_is_no_rate(tmp_path: Path, fps: float) -> None:
+    """fps=0 wrote a video that played at 16 fps; -5 ended in a rename error about the .part file, NaN
+    and inf in errors naming no video."""
+    with pytest.raises(ValueError, match=r"v.mp4: fps must be a finite number > 0, got"):
+        _write(tmp_path / "v.mp4", [_img(16, 16)], fps=fps)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_video_writer_names_no_frames_and_a_path_it_cannot_make(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ renamed into place when every frame is in, and deleted when anything fails."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ def video_writer(
     import imageio.v2 as imageio
 
     path = Path(path)
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):  # 0 played at 16 fps
+        raise ValueError(f"{path}: fps must be a finite number > 0, got {fps!r}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. "File exists" naming a file on the way: say what failed
@@ -53,6 +56,8 @@ def video_writer(
         part.unlink(missing_ok=True)
         raise
     writer.close()
+    if not part.is_file():  # ffmpeg gave up (its own lines are above): not a rename error about .part
+        raise OSError(f"{path}: ffmpeg wrote no video (its error is printed above)")
     part.replace(path)
 
 

@@ -57,6 +57,8 @@ class KeySpec:
             )
         if self.kind == "image" and (len(self.shape) != 3 or self.shape[-1] not in (1, 3, 4)):
             raise SchemaError(f"an image key needs shape (H, W, C) with C in 1, 3, 4; got {self.shape}")
+        if self.kind == "image" and dtype.kind == "b":  # read as 0 / 1 of 255: a black image to a model
+            raise SchemaError("an image key cannot be bool (it would read as 0 and 1 of 255); store uint8")
         if self.names and self.shape and len(self.names) != self.shape[-1]:
             raise SchemaError(f"{len(self.names)} dimension names for a last dimension of {self.shape[-1]}")
 
