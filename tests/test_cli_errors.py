@@ -407,6 +407,15 @@ def test_hydra_and_value_errors_are_one_line(tmp_path, args, line):
     )
 
 
+def test_deploy_and_serve_check_the_planners_option_types_before_loading_anything(tmp_path):
+    """wm-eval did; wm-deploy and wm-serve built the planner's config from the raw values once the model
+    had loaded, and `planner.lr=abc` ended in a bug's traceback ('<' between 'int' and 'str')."""
+    args = ("controller=mpc", "checkpoint=run", "planner=gd", "planner.lr=abc")
+    line = "error: planner.lr must be a number, got 'abc'"
+    assert refused("wm-deploy", "robot=pointmaze", "out=d", *args, cwd=tmp_path).startswith(line)
+    assert refused("wm-serve", *args, cwd=tmp_path).startswith(line)
+
+
 def test_only_free_mappings_are_offered_new_keys(tmp_path):
     """A typed block (graph, planner, trainer) takes no new key: the hint to add one ("+graph.strid=3")
     led to the same error again. A free mapping (`{}` in the config) does."""

@@ -135,6 +135,8 @@ class ControllerConfig:
                 )
         one_of("planner.name", self.planner.get("name"), list(PLANNERS))
         self._check_options_apply()
+        if self.controller == "mpc":  # typed now: `planner.lr=abc` failed as a bug's traceback after the
+            self.planner_iterations()  # model loaded, and `planner.return_best=no` read as true
 
     def mpc_options_given(self) -> list[str]:
         """MPC's options set to other than their defaults (the planner group aside: Hydra always
