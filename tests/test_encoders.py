@@ -15,7 +15,7 @@ from conftest import as_format_1, flip_bit_in_zip_entry
 from einops import rearrange
 from safetensors.torch import save_file
 
-from wm.data import DemoStore, KeySpec, Schema, SchemaError, delete_episodes
+from wm.data import DemoStore, KeySpec, Schema, SchemaError, StoreError, delete_episodes
 from wm.data.dataset import WindowDataset
 from wm.data.windows import WindowSpec
 from wm.encoders import ENCODER_NAMES, EncoderConfig, EncoderWeightsError, build_encoder, read_weights_file
@@ -438,6 +438,42 @@ def test_feature_cache_is_rebuilt_when_the_data_it_copies_changed(vits, source, 
         build_feature_cache(source, vits, "img", tmp_path, batch_size=4)
     with DemoStore.open(path) as cache:
         assert cache.episode_info(1)["action_free"] and "action_free" not in cache.episode_info(0)
+
+
+@pytest.mark.parametrize("change", ["rewritten", "deleted"])
+def test_a_store_rewritten_while_its_cache_is_built_is_said_and_nothing_of_it_kept(
+    vits, source, tmp_path, change
+):
+    """A store converted again onto its path (or an episode deleted) during the build: the cache held the
+    old store's first frames and the new one's last, without a word; a deletion read as a corrupt store
+    (a missing chunk file)."""
+    with DemoStore.open(source) as src:
+        schema, episodes = src.schema, [src.get_episode(i) for i in range(src.n_episodes)]
+        infos = [
+            {k: v for k, v in src.episode_info(i).items() if k != "length"} for i in range(src.n_episodes)
+        ]
+    calls = []
+
+    def rewrite_once(module, inputs, output) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # an episode's first batch encoded
+            if change == "deleted":
+                delete_episodes(source, [0])
+                return
+            with DemoStore.create(source, schema, overwrite=True) as store:
+                for ep, info in zip(episodes, infos, strict=True):
+                    store.append_episode(ep | {"img": 255 - ep["img"]}, info)
+
+    hook = vits.register_forward_hook(rewrite_once)
+    try:
+        with pytest.raises(
+            StoreError, match=r"the store changed while its feature cache was built .*run again$"
+        ):
+            build_feature_cache(source, vits, "img", tmp_path, batch_size=4)
+    finally:
+        hook.remove()
+    path = build_feature_cache(source, vits, "img", tmp_path, batch_size=4)  # the next build: the new store
+    check_cache_matches(path, source, vits)
 
 
 def _build_in_a_process(source, root, barrier, out) -> None:

@@ -51,7 +51,8 @@ import torch
 import zarr
 from einops import rearrange
 
-from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError
+from wm.data.dataset import store_identity
+from wm.data.errors import CorruptStoreError, NotAStoreError, SchemaError, StoreError
 from wm.data.frames import check_scale, to_uint8
 from wm.data.schema import FORMAT_VERSION, KeySpec, Schema
 from wm.data.store import DemoStore
@@ -96,9 +97,10 @@ def build_feature_cache(
             cache = _open_reusable(path, src, meta)
             if cache is None:
                 cache = _create(path, src, meta)
+            identity = store_identity(src.path)  # a rewrite of the source puts another folder in place
             with cache:
                 for ep in range(cache.n_episodes, src.n_episodes):
-                    _encode_episode(src, cache, ep, encoder, meta["image_keys"], batch_size, device)
+                    _encode_episode(src, cache, ep, encoder, meta["image_keys"], batch_size, device, identity)
     return path
 
 
@@ -273,34 +275,68 @@ def _encode_episode(
     image_keys: Sequence[str],
     batch_size: int,
     device: str | torch.device,
+    identity: tuple[int, int],
 ) -> None:
-    """Encode source episode `ep` and commit it to the cache with the source's other keys and info."""
+    """Encode source episode `ep` and commit it to the cache with the source's other keys and info, if
+    the source is still the store of `identity` (`store_identity`) with the episode's fingerprint it had
+    before its frames were read: a store rewritten during the build (a conversion again onto its path,
+    `delete_episodes`) mixed its old and new frames into the cache without a word."""
     sl = src.episode_slice(ep)
-    ends = src.episode_ends  # where a bad frame is, by episode and step
-    others = {k: src.read(k, sl, episode=ep) for k in cache.keys if k not in image_keys}  # (T, *shape)
-    max_err = 0.0
+    fingerprint = _fingerprint(src, ep, image_keys)
     with cache.begin_episode() as writer:  # an exception discards the partial episode
-        for lo in range(sl.start, sl.stop, batch_size):
-            hi = min(lo + batch_size, sl.stop)
-            step = {}
-            for key in image_keys:
-                frames = src.read(key, slice(lo, hi), episode=ep)  # (b, H, W, C)
-                check_scale(src.path, key, frames, np.arange(lo, hi), ends)  # 0..255 whatever their dtype
-                feats = _encode(encoder, to_uint8(frames), device)  # (b, P, D)
-                half = feats.astype(np.float16)
-                if not np.isfinite(half).all():
-                    raise FeatureCacheError(
-                        f"{src.path}: episode {ep}, camera {key!r}: features of {encoder.name} exceed "
-                        f"float16's range (max |x| = {np.abs(feats).max():.4g} > 65504)"
-                    )
-                max_err = max(max_err, float(np.abs(half.astype(np.float32) - feats).max()))
-                step[key] = half
-            rows = slice(lo - sl.start, hi - sl.start)
-            writer.add_steps({**step, **{k: v[rows] for k, v in others.items()}})
+        try:
+            max_err = _encode_steps(src, writer, cache.keys, ep, sl, encoder, image_keys, batch_size, device)
+            same = fingerprint == _fingerprint(src, ep, image_keys)
+        except StoreError:
+            _check_unchanged(src, ep, identity)  # a rewrite reads as a missing chunk: say what happened
+            raise
+        _check_unchanged(src, ep, identity, same)
         info = src.episode_info(ep)
         info.pop("length", None)  # the commit records the length itself
-        info["feature_cache"] = {
-            "source_fingerprint": _fingerprint(src, ep, image_keys),
-            "f16_max_abs_error": max_err,
-        }
+        info["feature_cache"] = {"source_fingerprint": fingerprint, "f16_max_abs_error": max_err}
         writer.end(info)
+
+
+def _check_unchanged(src: DemoStore, ep: int, identity: tuple[int, int], same_frames: bool = True) -> None:
+    """A StoreError line (the episode not committed) when the source changed under the build."""
+    if not same_frames or store_identity(src.path) != identity:
+        raise StoreError(
+            f"{src.path}: the store changed while its feature cache was built (episode {ep} and later are "
+            "not cached); run again"
+        )
+
+
+def _encode_steps(
+    src: DemoStore,
+    writer: Any,
+    keys: Sequence[str],
+    ep: int,
+    sl: slice,
+    encoder: PatchEncoder,
+    image_keys: Sequence[str],
+    batch_size: int,
+    device: str | torch.device,
+) -> float:
+    """Episode `ep`'s steps (`sl`) into `writer`: features of `image_keys`, the rest of the cache's
+    `keys` copied; returns the largest float16 rounding error of a feature."""
+    ends = src.episode_ends  # where a bad frame is, by episode and step
+    others = {k: src.read(k, sl, episode=ep) for k in keys if k not in image_keys}  # (T, *shape)
+    max_err = 0.0
+    for lo in range(sl.start, sl.stop, batch_size):
+        hi = min(lo + batch_size, sl.stop)
+        step = {}
+        for key in image_keys:
+            frames = src.read(key, slice(lo, hi), episode=ep)  # (b, H, W, C)
+            check_scale(src.path, key, frames, np.arange(lo, hi), ends)  # 0..255 whatever their dtype
+            feats = _encode(encoder, to_uint8(frames), device)  # (b, P, D)
+            half = feats.astype(np.float16)
+            if not np.isfinite(half).all():
+                raise FeatureCacheError(
+                    f"{src.path}: episode {ep}, camera {key!r}: features of {encoder.name} exceed "
+                    f"float16's range (max |x| = {np.abs(feats).max():.4g} > 65504)"
+                )
+            max_err = max(max_err, float(np.abs(half.astype(np.float32) - feats).max()))
+            step[key] = half
+        rows = slice(lo - sl.start, hi - sl.start)
+        writer.add_steps({**step, **{k: v[rows] for k, v in others.items()}})
+    return max_err

@@ -119,7 +119,7 @@ class WindowDataset(BatchedDataset):
                     self._ram[key] = to_uint8(self._ram[key])
         self._store: DemoStore | None = None
         self._pid = -1
-        self._identity = _identity(self.path)  # the store read at init: a rewrite makes another
+        self._identity = store_identity(self.path)  # the store read at init: a rewrite makes another
         # Episode number of every global step, for the "episode" batch key.
         self._step_episode = np.repeat(
             np.arange(len(self.episode_ends)), np.diff(self.episode_ends, prepend=0)
@@ -148,7 +148,7 @@ class WindowDataset(BatchedDataset):
         """Frames at global `steps` (any order, repeats allowed) as (len(steps), H, W, C) uint8."""
         if key in self._ram:
             return self._ram[key][steps]
-        if _identity(self.path) != self._identity:  # the steps in RAM and the index are the old store's
+        if store_identity(self.path) != self._identity:  # the steps in RAM and the index are the old store's
             raise StoreError(
                 f"{self.path}: the store was rewritten (episodes deleted or replaced) while this dataset "
                 "read it; its frames would no longer match the actions: start the run again"
@@ -252,7 +252,7 @@ class _Batches(Dataset):
         return self.dataset.get_batch(indices)
 
 
-def _identity(path: Path) -> tuple[int, int]:
+def store_identity(path: Path) -> tuple[int, int]:
     """(device, inode) of the store at `path`: a rewrite (delete / keep episodes, an overwrite) swaps in
     another directory, an append keeps it."""
     st = os.stat(path)
