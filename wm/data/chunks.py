@@ -3,12 +3,14 @@
 Reading one frame through `zarr.Array.__getitem__` costs far more than the file read plus Blosc
 decode, almost all of it zarr's async dispatch (figures in BENCHMARKS.md, data-loading section,
 beside benchmarks/bench_loader.py's end-to-end loader comparison). Training reads random frames
-all the time, so for the layout this project writes (local directory, chunks that span the
-full per-step shape, Blosc or no compression, no filters, C order, little-endian) `ChunkReader`
+all the time, so for the layout this project writes (local directory or zip file, chunks that span
+the full per-step shape, Blosc or no compression, no filters, C order, little-endian) `ChunkReader`
 reads chunk files and decodes them directly, checking each chunk's crc32c (zarr v3 stores of this
 project carry one) and Blosc's own length header, so a damaged chunk raises rather than decoding
 to garbage. `ChunkReader.for_array` returns None for any other
-layout, and callers fall back to zarr. Tests check both paths return identical data.
+layout, and callers fall back to zarr. Tests check both paths return identical data. (Through zarr a
+zarr v2 chunk, which has no checksum, truncated before its store was zipped decoded to garbage: Blosc
+read past the bytes it had.)
 
 An error names the chunk file, the key, the chunk's step range and, when the caller passes
 `where` (the store does), the episodes those steps belong to.
@@ -16,15 +18,18 @@ An error names the chunk file, the key, the chunk's step range and, when the cal
 
 from __future__ import annotations
 
+import os
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import Blosc
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, ZipStore
 
 from wm.data.errors import CorruptStoreError
 
@@ -43,7 +48,9 @@ class ChunkReader:
     ) -> None:
         self.array = array
         self.required = required  # every chunk was written: a missing file is damage, not fill
-        self.root = root
+        self.root = root  # the array's folder; inside a zip store, the zip file's path / the array's path
+        zipped = isinstance(array.store, ZipStore)
+        self._zip = _ZipMembers(Path(array.store.path), array.path) if zipped else None
         self.key = array.path.rsplit("/", 1)[-1]
         self.where = where  # (first step, end step) -> e.g. "episode 3"
         self.blosc = Blosc() if blosc else None
@@ -63,7 +70,7 @@ class ChunkReader:
         maps a step range to the episodes it covers, for error messages; `required`: every chunk was
         written (the store's `wm_every_chunk`), so a missing chunk file raises instead of reading as
         the fill value."""
-        if not isinstance(array.store, LocalStore) or sys.byteorder != "little":
+        if not isinstance(array.store, (LocalStore, ZipStore)) or sys.byteorder != "little":
             return None
         if tuple(array.chunks[1:]) != tuple(array.shape[1:]) or np.dtype(array.dtype).byteorder == ">":
             return None
@@ -74,8 +81,7 @@ class ChunkReader:
             comp = meta.compressor
             if comp is not None and comp.codec_id != "blosc":
                 return None
-            root = Path(array.store.root) / array.path
-            return cls(array, root, comp is not None, False, where, required)
+            return cls(array, _root(array), comp is not None, False, where, required)
         names = [type(c).__name__ for c in meta.codecs]
         crc = names[-1:] == ["Crc32cCodec"]
         if crc:
@@ -85,7 +91,7 @@ class ChunkReader:
         big = str(getattr(meta.codecs[0], "endian", None)).endswith("big")
         if big and np.dtype(array.dtype).itemsize > 1:
             return None
-        return cls(array, Path(array.store.root) / array.path, len(names) == 2, crc, where, required)
+        return cls(array, _root(array), len(names) == 2, crc, where, required)
 
     def chunk_path(self, c: int) -> Path:
         """The file holding chunk `c` (steps c * rows_per_chunk onwards)."""
@@ -95,7 +101,7 @@ class ChunkReader:
         """Chunk `c` decoded and checked, as (rows_per_chunk, *shape); CorruptStoreError if damaged."""
         path = self.chunk_path(c)
         try:
-            raw = path.read_bytes()
+            raw = path.read_bytes() if self._zip is None else self._zip.read(self._key((c, *self._zeros)))
         except FileNotFoundError as e:
             if not self.required:  # never written: zarr's fill value
                 return np.full(self.chunk_shape, self.fill, dtype=self.dtype)
@@ -132,3 +138,32 @@ class ChunkReader:
             sel = chunk_ids == c
             out[sel] = self.read_chunk(int(c))[steps[sel] - c * self.rows_per_chunk]
         return out
+
+
+def _root(array: zarr.Array) -> Path:
+    """The folder of `array`'s chunk files (in a zip store: as if the zip file were a folder)."""
+    store = array.store
+    return Path(store.path if isinstance(store, ZipStore) else store.root) / array.path
+
+
+class _ZipMembers:
+    """Chunk bytes from the members of a zip file, through a `zipfile.ZipFile` opened once per process
+    (one handle shared across a fork would move one file offset for both processes); not pickled."""
+
+    def __init__(self, zip_path: Path, prefix: str) -> None:
+        self.zip_path, self.prefix = zip_path, prefix
+        self._file: zipfile.ZipFile | None = None
+        self._pid: int | None = None
+
+    def read(self, key: str) -> bytes:
+        file = self._file
+        if file is None or self._pid != os.getpid():
+            file = self._file = zipfile.ZipFile(self.zip_path)
+            self._pid = os.getpid()
+        try:
+            return file.read(f"{self.prefix}/{key}")
+        except KeyError as e:  # the member was never written
+            raise FileNotFoundError(f"{self.zip_path}: no member {self.prefix}/{key}") from e
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"zip_path": self.zip_path, "prefix": self.prefix, "_file": None, "_pid": None}
