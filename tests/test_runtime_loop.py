@@ -108,6 +108,25 @@ def test_other_stitchings_hand_on_the_schedule_unguided_and_only_to_who_takes_it
     assert handed and all(p is None for p in handed)
 
 
+def test_a_synchronous_robot_hands_on_the_rest_of_its_last_chunk_unguided():
+    """A synchronous robot runs `replan_every` actions of each chunk and then asks again from there: the
+    rest of the chunk is the schedule from that observation on (an MPC planner warm-started from its own
+    plan shifted by its `execute`, whatever replan_every was)."""
+    _, rt, _ = setup("sync", "replace", replan_every=3)
+    calls, chunk_from = [], rt.worker.controller.chunk_from
+
+    def spy(steps, actions, previous=None, frozen=0, guide=True):
+        chunk = chunk_from(steps, actions, previous, frozen, guide)
+        calls.append((None if previous is None else previous[0].copy(), frozen, guide, chunk[0].numpy()))
+        return chunk
+
+    rt.worker.controller.chunk_from = spy
+    out = rt.run_episode(12)
+    assert out.stopped is None and len(calls) >= 3 and calls[0][0] is None
+    for (_, _, _, before), (previous, frozen, guide, _) in zip(calls, calls[1:], strict=False):
+        assert frozen == 0 and not guide and np.array_equal(previous, before[3:])
+
+
 @pytest.mark.parametrize("overlap", [0, 1, None])
 def test_inpaint_overlap_bounds_what_the_controller_continues(overlap):
     _, rt, _ = setup("async", "inpaint", replan_every=4, inpaint_overlap=overlap)

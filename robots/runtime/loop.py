@@ -276,7 +276,7 @@ class Runtime:
         anchor = out.started_at = clock.now()
         request = state.requests.pop(first.seq)
         chunk = Chunk(first.actions, anchor, self.step_s, first.seq)
-        self._take_chunk(chunk, first, request, timeline, out, next_tick=anchor, now=anchor)
+        self._take_chunk(chunk, first, request, timeline, out, state, next_tick=anchor, now=anchor)
         state.last_request_obs = anchor
         watchdog.start(anchor)
         last_cmd: np.ndarray | None = None
@@ -522,6 +522,8 @@ class Runtime:
             # shifted by the steps actually run, not by the `execute` it assumed); a policy ignores it
             previous = timeline.committed(t_obs, self.step_s, t_obs, COMMITTED_MAX)[0]
             previous = previous if len(previous) else None
+        elif self.cfg.mode == "sync" and not state.human and not state.resuming:
+            previous, guide = state.unexecuted, False  # (the same for a synchronous robot)
         if timeline is not None and guide:
             # The new chunk is taken in `latency` after its observation (the estimate is measured from an
             # observation's time to the tick that took its chunk in), and that tick drops the actions due
@@ -620,12 +622,14 @@ class Runtime:
         state.latencies.append(now - request.obs_time)
         obs_time = next_tick if sync else request.obs_time  # sync: the robot waited, starts at next_tick
         chunk = Chunk(reply.actions, obs_time, self.step_s, reply.seq)
-        self._take_chunk(chunk, reply, request, timeline, out, next_tick=next_tick, now=now)
+        self._take_chunk(chunk, reply, request, timeline, out, state, next_tick=next_tick, now=now)
 
-    def _take_chunk(self, chunk, reply, request: _Request, timeline, out, *, next_tick, now) -> None:
+    def _take_chunk(self, chunk, reply, request: _Request, timeline, out, state, *, next_tick, now) -> None:
         """Merge an accepted chunk into the timeline from `next_tick` and record it."""
         actions = chunk.actions
-        if self.cfg.mode == "sync":
+        if self.cfg.mode == "sync":  # the next request's observation follows the executed actions
+            rest = np.asarray(actions)[self.cfg.replan_every :]
+            state.unexecuted = rest if len(rest) else None  # the schedule from there on, a warm start
             actions = actions[: self.cfg.replan_every]
             chunk = Chunk(actions, chunk.obs_time, chunk.step_s, chunk.seq)
         merged = timeline.merge(chunk, next_tick)
@@ -707,6 +711,7 @@ class _State:
     human: bool = False  # a human has taken over
     resuming: bool = False  # handed back, waiting for the first chunk since
     resume_after: float = -math.inf  # chunks of observations before this are not used
+    unexecuted: np.ndarray | None = None  # sync: the last chunk past its executed actions (a warm start)
 
     def latency(self) -> float:
         """The latency estimate: the worst of the recent round trips (old spikes are forgotten)."""
