@@ -100,6 +100,10 @@ class GoalConditioned(Protocol):
         """The goal of each of the E episodes, a raw observation {key: (E, ...)}; kept across `reset`."""
         ...
 
+    def clear_goal(self) -> None:
+        """Forget the goal (a controller handed to another user starts without one)."""
+        ...
+
 
 @runtime_checkable
 class ChunkController(Protocol):

@@ -172,6 +172,10 @@ class MPC:
         with torch.no_grad():
             self._goal = self.model.encode(to_model_inputs([goal_obs], self.io, self.device))
 
+    def clear_goal(self) -> None:
+        """Forget the goal: replans are refused until `set_goal`."""
+        self._goal = None
+
     def reset(self) -> None:
         """Clear the history, the action queue, the warm start and the timings (the goal stays)."""
         self.history.reset()

@@ -1298,3 +1298,65 @@ def test_a_robot_started_before_its_server_waits_for_it():
         for p in box:
             p.kill()
             p.join(5)
+
+
+class GoalRecorder(Recorder):
+    """Goal-conditioned, as MPC: keeps its goal across `reset`; its chunk says which goal it plans for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.goal = None
+
+    def set_goal(self, goal_obs) -> None:
+        self.goal = goal_obs
+
+    def clear_goal(self) -> None:
+        self.goal = None
+
+    def chunk_from(self, steps, actions, previous=None, frozen=0):
+        if self.goal is None:
+            raise RuntimeError("no goal: call set_goal first")
+        return torch.full((1, 16, 2), float(self.goal["state"][0, 0]), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sessions", [1, 2])
+def test_a_new_session_never_plans_toward_the_last_sessions_goal(sessions):
+    """A closed session's controller goes to the idle pool with its goal (MPC keeps it across reset): the
+    next robot, sending none (a real arm), got chunks planned toward the other robot's goal."""
+    goal = {"image": np.zeros((24, 32, 3), np.uint8), "state": np.array([0.777, 0.0, 0.0])}
+    with threaded_server(GoalRecorder, max_sessions=sessions) as srv:
+        a = client(srv)
+        a.start()
+        a.reset(goal)
+        assert ask(a, 1, obs_steps(1)).actions[0, 0] == pytest.approx(0.777)
+        a.close()
+        time.sleep(0.3)  # the session closed, its controller parked
+        b = client(srv)
+        b.start()
+        b.reset(None)
+        reply = ask(b, 1, obs_steps(1))
+        b.close()
+    assert reply.actions is None and "no goal" in reply.error
+
+
+def test_a_request_sent_to_a_restarted_server_fails_at_once_and_the_next_is_served():
+    """A client idle through a restart longer than its heartbeat learns from a pong that the session is
+    gone and reconnects; the chunk request it had just sent was left outstanding until its whole deadline
+    (2 s, the robot holding), then the new connection was torn down and resumed a second time."""
+    with threaded_server() as first:
+        port = first.port
+        w = client(first)
+        w.start()
+        w.reset(None)
+        assert ask(w, 1).error is None
+    end = time.monotonic() + 1.0  # the server is down longer than the client's heartbeat
+    while time.monotonic() < end:
+        w.poll()
+        time.sleep(0.01)
+    with threaded_server(port=port):
+        started = time.monotonic()
+        reply = ask(w, 2)
+        assert time.monotonic() - started < w.cfg.request_timeout_s * 0.75, reply.error
+        assert reply.error is None or "no longer knows the session" in reply.error
+        assert ask(w, 3).error is None and w.stats["reconnects"] == 1
+        w.close()

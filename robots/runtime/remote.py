@@ -308,7 +308,7 @@ class RemoteWorker:
             self._replies.append(Reply(req.seq, None, 0.0, too_big))
             self._outstanding = None
         elif not self._send(frames):
-            self._give_up("the connection to the policy server cannot take the request")
+            self._reconnect("the connection to the policy server cannot take the request")
 
     def _too_big(self, frames: list[Any], what: str = "a request") -> str | None:
         """Why the server would not take these frames (its limits, from the handshake), or None; `what`
@@ -363,7 +363,7 @@ class RemoteWorker:
                 if "protocol version" in str(e):
                     self._fail("version", f"the policy server speaks another protocol: {e}")
                     return
-                self._give_up(f"a malformed reply from the policy server ({e})")
+                self._reconnect(f"a malformed reply from the policy server ({e})")
                 return
             if self._state == "failed":
                 return
@@ -379,7 +379,7 @@ class RemoteWorker:
                 # restarted answers that it builds no session of ours (`opening`).
                 self._ping_at = None
             else:  # a chunk asked on this connection can no longer come (its reply goes to the old one)
-                self._give_up(f"no answer to a ping in {now - self._ping_at:.1f} s")
+                self._reconnect(f"no answer to a ping in {now - self._ping_at:.1f} s")
         elif self._state == "reset" and self._reset_retry is not None and now >= self._reset_retry:
             self._reset_retry = None
             self._send(self._reset_frames())
@@ -401,7 +401,7 @@ class RemoteWorker:
             return False
         self.stats["timeouts"] += 1
         seq, sent, deadline = self._outstanding
-        self._give_up(f"no reply from the policy server to chunk {seq} within {deadline - sent:.3g} s")
+        self._reconnect(f"no reply from the policy server to chunk {seq} within {deadline - sent:.3g} s")
         return True
 
     def _handshake_events(self) -> None:
@@ -689,7 +689,12 @@ class RemoteWorker:
     _lost = False  # a session was lost since the last `ready`
 
     def _reconnect(self, why: str) -> None:
-        """Drop the socket (with whatever it still holds) and start a new handshake."""
+        """Drop the socket (with whatever it still holds) and start a new handshake; a request in flight
+        fails now (its reply went with the socket: it waited out its whole deadline, the robot holding,
+        when a pong said the server had restarted)."""
+        if self._outstanding is not None:
+            self._replies.append(Reply(self._outstanding[0], None, 0.0, why))
+            self._outstanding = None
         if self._down_since is None:
             self._down_since = time.monotonic()
         if self._sid is not None:  # a session was lost (not: the server is not up yet)
@@ -698,12 +703,6 @@ class RemoteWorker:
         self.stats["last_reconnect"] = why
         self._close_socket()
         self._state = "down"
-
-    def _give_up(self, why: str) -> None:
-        if self._outstanding is not None:
-            self._replies.append(Reply(self._outstanding[0], None, 0.0, why))
-            self._outstanding = None
-        self._reconnect(why)
 
     def _fail(self, code: str, text: str) -> None:
         self._failed = text

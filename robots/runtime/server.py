@@ -575,7 +575,11 @@ class PolicyServer:
     def _run(self, kind: str, s: Session, payload: Any, started: float) -> Any:
         """Model work, on the inference thread."""
         if kind == "build":
+            from policies.base import GoalConditioned
+
             controller = payload if payload is not None else self.builder(s.low, s.high)
+            if isinstance(controller, GoalConditioned):  # a parked one kept its last session's goal,
+                controller.clear_goal()  # and a robot that sends none was planned toward it
             return ("ok", controller, describe(controller))
         if kind == "reset":
             set_goal(s.controller, payload)
