@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -194,6 +195,30 @@ def test_windows_start_before_an_episode_as_a_rollouts_history_does(maze_store):
         zeros[c.action_key][0, :f] = 5.0
         torch.manual_seed(0)
         assert torch.equal(model.compute_loss(zeros)[1]["loss"], as_stored)
+
+
+def test_validation_windows_lie_inside_their_episodes(maze_store):
+    """They ended up to a frameskip past an episode's end, and the multi-step error, unmasked, scored the
+    rollout against the last frame repeated."""
+    setup = _setup(maze_store)
+    val_set, key = setup.val_fn.val_set, setup.model.cfg.image_key
+    batch = val_set.get_batch(np.arange(len(val_set)))
+    assert len(val_set) > 0 and not batch[key + "_is_pad"].any()
+
+
+def test_a_model_without_proprio_refuses_a_latent_that_carries_one():
+    """Its proprio embedding was trained on zeros only: a 1-d "proprio" moved the rollout without a word,
+    a wider one failed as a bare shape error."""
+    torch.manual_seed(0)
+    model = _small_model()
+    model = DinoWorldModel(
+        dataclasses.replace(model.cfg, proprio_dim=0), Normalizer({"action": "identity"}, {})
+    ).eval()
+    with torch.no_grad():
+        z0 = model.encode({"image": torch.rand(3, 2, 3, 32, 32), "past_action": torch.rand(3, 1, 4)})
+        for dim in (1, 3):
+            with pytest.raises(ValueError, match=r"^z0 holds 'proprio' .* this model reads none"):
+                model.rollout(z0 | {"proprio": torch.rand(3, 2, dim)}, torch.rand(3, 5, 4, 4))
 
 
 def test_rollout_matches_teacher_forcing(maze_store):

@@ -56,8 +56,9 @@ def validation(
 ) -> Any:
     """Validation on held-out episodes: one-step and VAL_STEPS-step feature errors, plus a PNG strip
     (trained from cached features, its real frames come from `frames_from`, the store)."""
-    # (windows inside the episodes: the errors below are not masked where a window is padded)
-    spec = model.window_spec(extra_steps=VAL_STEPS, history_padding=False)
+    # windows inside the episodes: the errors below are not masked where a window is padded (past the
+    # end, the multi-step error scored the rollout against the last frame repeated)
+    spec = model.window_spec(extra_steps=VAL_STEPS, padding=False)
     val_set: Any = WindowDataset(data_path, spec, episodes, in_memory=in_memory, train=False)
     if frames_from is not None:  # the frames the strip compares with, beside the cached features
         c = model.cfg

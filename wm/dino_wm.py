@@ -116,13 +116,15 @@ class WorldModelConfig:
             if not getattr(self, name) or min(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be sizes >= 1, got {list(getattr(self, name))}")
 
-    def window_spec(self, extra_steps: int = 0, history_padding: bool = True) -> WindowSpec:
+    def window_spec(self, extra_steps: int = 0, padding: bool = True) -> WindowSpec:
         """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps (known
         from the config alone, so training checks them against the store before building the model).
-        A window is anchored at its last history frame. With a history of several frames it may begin
-        up to n_hist - 1 frames before an episode (`history_padding`; validation windows do not): the
-        first frame repeated and the actions before it zero (`compute_loss`), as a rollout's history
-        is filled at an episode's start (`policies.inputs.ObsHistory`)."""
+        A window is anchored at its last history frame. With `padding` (training; validation windows lie
+        inside their episodes, as its errors are not masked) a history of several frames may begin up
+        to n_hist - 1 frames before an episode: the first frame repeated and the actions before it zero
+        (`compute_loss`), as a rollout's history is filled at an episode's start
+        (`policies.inputs.ObsHistory`); and a window may end `frameskip` steps past it, its padded
+        targets left out of the loss."""
         f = self.frameskip
         frames = self.n_hist + 1 + max(extra_steps, self.rollout_loss_steps)
         history = (self.n_hist - 1) * f
@@ -130,7 +132,9 @@ class WorldModelConfig:
         offsets = {self.image_key: obs, self.action_key: tuple(range(-history, (frames - 1) * f - history))}
         if self.proprio_dim:
             offsets[self.proprio_key] = obs
-        return WindowSpec(offsets, max_pad_before=history if history_padding else 0, max_pad_after=f)
+        return WindowSpec(
+            offsets, max_pad_before=history if padding else 0, max_pad_after=f if padding else 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -233,9 +237,9 @@ class DinoWorldModel(nn.Module):
         the first frame, the video decoder's target (`wm.data.dataset.WithFrames` delivers them)."""
         return self.cfg.image_key, self.window_spec().offsets[self.cfg.image_key][:1]
 
-    def window_spec(self, extra_steps: int = 0, history_padding: bool = True) -> WindowSpec:
+    def window_spec(self, extra_steps: int = 0, padding: bool = True) -> WindowSpec:
         """Offsets a training window needs: n_hist + 1 (+ rollout) frames every `frameskip` steps."""
-        return self.cfg.window_spec(extra_steps, history_padding)
+        return self.cfg.window_spec(extra_steps, padding)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) float in [0, 1], or already-encoded (B, T, P, D) features -> (B, T, P, D)."""
@@ -408,6 +412,10 @@ class DinoWorldModel(nn.Module):
         if Dp and (proprio is None or tuple(proprio.shape) != (*lead, Dp)):
             got = None if proprio is None else tuple(proprio.shape)
             raise ValueError(f"{name}['proprio'] must be {letters}, {Dp}) = {(*lead, Dp)}, got {got}")
+        if not Dp and proprio is not None:  # its embedding was trained on zeros only: any other input
+            raise ValueError(  # moved the prediction, or failed as a bare shape error
+                f"{name} holds 'proprio' {tuple(proprio.shape)}, but this model reads none (proprio_dim 0)"
+            )
 
     def _check_actions(
         self, name: str, actions: torch.Tensor, shape: tuple[int, ...], letters: str, finite: bool = True
