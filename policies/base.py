@@ -97,11 +97,9 @@ class GoalConditioned(Protocol):
     """A controller that is told its goal as an observation (MPC over a world model)."""
 
     def set_goal(self, goal_obs: RawObs) -> None:
-        """The goal of each of the E episodes, a raw observation {key: (E, ...)}; kept across `reset`."""
-        ...
-
-    def clear_goal(self) -> None:
-        """Forget the goal (a controller handed to another user starts without one)."""
+        """The goal of each of the E episodes, a raw observation {key: (E, ...)}; kept across `reset`.
+        (A `clear_goal()` method, where there is one, forgets it: wm-serve then hands the controller to
+        another robot's session; one without is not reused.)"""
         ...
 
 

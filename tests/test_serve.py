@@ -1300,8 +1300,8 @@ def test_a_robot_started_before_its_server_waits_for_it():
             p.join(5)
 
 
-class GoalRecorder(Recorder):
-    """Goal-conditioned, as MPC: keeps its goal across `reset`; its chunk says which goal it plans for."""
+class KeepsItsGoal(Recorder):
+    """Goal-conditioned: keeps its goal across `reset`; its chunk says which goal it plans for."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1310,21 +1310,27 @@ class GoalRecorder(Recorder):
     def set_goal(self, goal_obs) -> None:
         self.goal = goal_obs
 
-    def clear_goal(self) -> None:
-        self.goal = None
-
     def chunk_from(self, steps, actions, previous=None, frozen=0):
         if self.goal is None:
             raise RuntimeError("no goal: call set_goal first")
         return torch.full((1, 16, 2), float(self.goal["state"][0, 0]), dtype=torch.float64)
 
 
+class ForgetsItsGoal(KeepsItsGoal):
+    """As MPC: can be told to forget its goal."""
+
+    def clear_goal(self) -> None:
+        self.goal = None
+
+
 @pytest.mark.parametrize("sessions", [1, 2])
-def test_a_new_session_never_plans_toward_the_last_sessions_goal(sessions):
+@pytest.mark.parametrize("make", [ForgetsItsGoal, KeepsItsGoal])
+def test_a_new_session_never_plans_toward_the_last_sessions_goal(sessions, make):
     """A closed session's controller goes to the idle pool with its goal (MPC keeps it across reset): the
-    next robot, sending none (a real arm), got chunks planned toward the other robot's goal."""
+    next robot, sending none (a real arm), got chunks planned toward the other robot's goal. One that can
+    forget it is told to; one that cannot is not handed on."""
     goal = {"image": np.zeros((24, 32, 3), np.uint8), "state": np.array([0.777, 0.0, 0.0])}
-    with threaded_server(GoalRecorder, max_sessions=sessions) as srv:
+    with threaded_server(make, max_sessions=sessions) as srv:
         a = client(srv)
         a.start()
         a.reset(goal)

@@ -577,9 +577,14 @@ class PolicyServer:
         if kind == "build":
             from policies.base import GoalConditioned
 
-            controller = payload if payload is not None else self.builder(s.low, s.high)
-            if isinstance(controller, GoalConditioned):  # a parked one kept its last session's goal,
-                controller.clear_goal()  # and a robot that sends none was planned toward it
+            controller = payload
+            if isinstance(controller, GoalConditioned):  # a parked one kept its last session's goal, and
+                if hasattr(controller, "clear_goal"):  # a robot that sent none was planned toward it
+                    controller.clear_goal()
+                else:  # one that cannot forget it is not handed on
+                    controller = None
+            if controller is None:
+                controller = self.builder(s.low, s.high)
             return ("ok", controller, describe(controller))
         if kind == "reset":
             set_goal(s.controller, payload)
