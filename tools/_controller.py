@@ -136,7 +136,7 @@ class ControllerConfig:
         one_of("planner.name", self.planner.get("name"), list(PLANNERS))
         self._check_options_apply()
         if self.controller == "mpc":  # typed now: `planner.lr=abc` failed as a bug's traceback after the
-            self.planner_iterations()  # model loaded, and `planner.return_best=no` read as true
+            self.typed_planner()  # model loaded, and `planner.return_best=no` read as true
 
     def mpc_options_given(self) -> list[str]:
         """MPC's options set to other than their defaults (the planner group aside: Hydra always
@@ -182,13 +182,17 @@ class ControllerConfig:
                 f"not of controller={self.controller}; leave them out"
             )
 
-    def planner_iterations(self) -> int:
-        """The configured planner's own iteration count (checked against its typed config)."""
+    def typed_planner(self) -> Any:
+        """The planner options as its typed config (one line naming an option of the wrong type)."""
         from policies.planners import PLANNERS
 
         name = self.planner.get("name")
         rest = {k: v for k, v in self.planner.items() if k != "name"}
-        return build(PLANNERS[name][0], rest, "planner").max_iterations
+        return build(PLANNERS[name][0], rest, "planner")
+
+    def planner_iterations(self) -> int:
+        """The configured planner's own iteration count."""
+        return self.typed_planner().max_iterations
 
     def settings(self) -> dict[str, Any]:
         """The controller options alone, as plain values (to rebuild them in another process)."""

@@ -517,14 +517,15 @@ class Runtime:
                 return None
         steps, actions = self._history(history)
         previous, frozen, guide = None, 0, self.cfg.stitching == "inpaint"
-        if timeline is not None and not guide:
+        if timeline is None:
+            if self.cfg.mode == "sync" and not state.human and not state.resuming:
+                previous, guide = state.unexecuted, False  # the rest of its last chunk, as below
+        elif not guide:
             # the schedule from the observation's step on: a planner warm-starts from it (the last plan
             # shifted by the steps actually run, not by the `execute` it assumed); a policy ignores it
             previous = timeline.committed(t_obs, self.step_s, t_obs, COMMITTED_MAX)[0]
             previous = previous if len(previous) else None
-        elif self.cfg.mode == "sync" and not state.human and not state.resuming:
-            previous, guide = state.unexecuted, False  # (the same for a synchronous robot)
-        if timeline is not None and guide:
+        else:
             # The new chunk is taken in `latency` after its observation (the estimate is measured from an
             # observation's time to the tick that took its chunk in), and that tick drops the actions due
             # more than half a period before it (`Timeline.merge`): those run from the current schedule,

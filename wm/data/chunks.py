@@ -95,13 +95,17 @@ class ChunkReader:
 
     def chunk_path(self, c: int) -> Path:
         """The file holding chunk `c` (steps c * rows_per_chunk onwards)."""
-        return self.root / self._key((c, *self._zeros))
+        return self.root / self._chunk_key(c)
+
+    def _chunk_key(self, c: int) -> str:
+        return self._key((c, *self._zeros))
 
     def read_chunk(self, c: int) -> np.ndarray:
         """Chunk `c` decoded and checked, as (rows_per_chunk, *shape); CorruptStoreError if damaged."""
-        path = self.chunk_path(c)
+        key = self._chunk_key(c)
+        path = self.root / key
         try:
-            raw = path.read_bytes() if self._zip is None else self._zip.read(self._key((c, *self._zeros)))
+            raw = path.read_bytes() if self._zip is None else self._zip.read(key)
         except FileNotFoundError as e:
             if not self.required:  # never written: zarr's fill value
                 return np.full(self.chunk_shape, self.fill, dtype=self.dtype)
