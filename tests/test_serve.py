@@ -597,6 +597,32 @@ def test_a_second_client_cannot_take_over_reset_or_feed_a_running_session():
         b.close()
 
 
+def test_a_burst_of_handshakes_never_locks_a_robot_out_of_its_session():
+    """At most 64 handshakes are kept in progress; the 65th forgot the oldest, so a burst of hellos
+    from other connections, between a reconnecting robot's hello and its auth, failed its resume."""
+    with threaded_server() as srv:
+        a = opened(srv)
+        s = session_of(srv)
+        back = raw(srv)  # the robot's new connection, resuming as the client does
+        back.send_multipart(
+            wire.encode("hello", {"nonce": b"r" * 16, "resume": a._sid, "low": LOW, "high": HIGH})
+        )
+        challenge = answer(back)
+        burst = [raw(srv) for _ in range(80)]
+        for i, sock in enumerate(burst):
+            sock.send_multipart(wire.encode("hello", {"nonce": bytes([i]) * 16, "low": LOW, "high": HIGH}))
+        for sock in burst:
+            assert answer(sock).kind == "challenge"
+        assert len(srv.pending) == 64
+        back.send_multipart(wire.encode("auth", {"proof": wire.proof(s.secret, challenge.fields["nonce"])}))
+        ready = answer(back)
+        assert ready.kind == "ready" and ready.fields["resumed"], ready.fields
+        assert srv.sessions[a._sid] is s and len(srv.sessions) == 1
+        for sock in [back, *burst]:
+            sock.close()
+        a.close()
+
+
 def test_a_robot_restarted_after_a_crash_gets_the_session_its_last_run_held():
     """The server only ends a session of a client that vanished (SIGKILL, power, cable) after
     `session_timeout_s` of silence, and "busy" failed the restarted robot's start at once: it had to be

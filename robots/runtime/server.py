@@ -42,7 +42,7 @@ from robots.runtime import wire
 from robots.runtime.realtime import QuietGC
 from robots.runtime.worker import Request, compute, describe, kernel_line, kernel_summary, set_goal
 
-MAX_PENDING = 64  # handshakes in progress at once (more: the oldest is forgotten)
+MAX_PENDING = 64  # handshakes in progress at once (more: the oldest new one is forgotten)
 HANDSHAKE_S = 30.0  # a handshake not finished in this long is forgotten
 MAX_IDLE = 2  # controllers of closed sessions kept for later ones (at least max_sessions)
 MAX_JOBS = 2  # per session: one computing, one waiting (sent by a client that gave up on the first)
@@ -359,7 +359,7 @@ class PolicyServer:
         if client is not None and not 16 <= len(client) <= 64:
             raise wire.ProtocolError("hello: client must be 16..64 bytes")
         if len(self.pending) >= MAX_PENDING:
-            del self.pending[min(self.pending, key=lambda k: self.pending[k][0])]
+            del self.pending[self._forgettable()]
         server_nonce = secrets.token_bytes(16)
         self.pending[identity] = (now, server_nonce, wire.Message(msg.kind, dict(msg.fields), {}))
         self._send(
@@ -367,6 +367,21 @@ class PolicyServer:
             "challenge",
             {"nonce": server_nonce, "token": self.cfg.token is not None, **self._times(msg, now)},
         )
+
+    def _forgettable(self) -> bytes:
+        """The handshake to forget when `MAX_PENDING` are in progress: the oldest one that asks for a
+        new session. One that resumes an open session (its sid) or comes back to one opened for it (its
+        client id) is kept while any other can go: a burst of hellos from other connections (which
+        need the token, or a loopback bind) never locks an open session's robot out of its session."""
+
+        def rank(k: bytes) -> tuple[bool, float]:
+            t, _, hello = self.pending[k]
+            returning = hello.fields.get("resume") in self.sessions or (
+                self._opened_for(hello.fields.get("client")) is not None
+            )
+            return returning, t
+
+        return min(self.pending, key=rank)
 
     def _auth(self, identity: bytes, msg: wire.Message, now: float) -> None:
         started = self.pending.pop(identity, None)
