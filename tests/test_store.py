@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import os
 import re
 import shlex
 import shutil
@@ -97,6 +98,25 @@ def test_fast_chunk_reader_matches_zarr(tmp_path):
         arr = group.create_array("x", shape=(8, 3), chunks=(4, 3), dtype=dtype, fill_value=None)
         arr[:4] = 1
         np.testing.assert_array_equal(ChunkReader.for_array(arr).rows(np.arange(8)), arr[:])
+
+
+def test_closing_a_zip_store_closes_its_file(tmp_path):
+    """Its chunks are read through one ZipFile per key, which close() left open (a file descriptor per
+    key for every store a process opened and closed, until the garbage collector came by)."""
+    path = tmp_path / "s.zarr"
+    with DemoStore.create(path, make_schema()) as store:
+        store.append_episode(make_episode(0, 6))
+    zipped = shutil.make_archive(str(tmp_path / "s.zarr"), "zip", path)
+
+    def held() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == os.path.realpath(zipped))
+
+    store = DemoStore.open(zipped)
+    assert_episode_equal(store.get_episode(0), make_episode(0, 6))
+    assert held() >= 1
+    store.close()
+    assert held() == 0
 
 
 def test_legacy_diffusion_policy_store_opens_directly(tmp_path):

@@ -126,6 +126,11 @@ class ChunkReader:
         except Exception as e:
             raise self._damaged(c, path, f"cannot be decoded ({type(e).__name__}: {e})") from e
 
+    def close(self) -> None:
+        """Closes a zip store's file (the next read opens it again)."""
+        if self._zip is not None:
+            self._zip.close()
+
     def _damaged(self, c: int, path: Path, what: str) -> CorruptStoreError:
         lo = c * self.rows_per_chunk
         hi = min(lo + self.rows_per_chunk, int(self.array.shape[0]))
@@ -168,6 +173,11 @@ class _ZipMembers:
             return file.read(f"{self.prefix}/{key}")
         except KeyError as e:  # the member was never written
             raise FileNotFoundError(f"{self.zip_path}: no member {self.prefix}/{key}") from e
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._pid = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"zip_path": self.zip_path, "prefix": self.prefix, "_file": None, "_pid": None}

@@ -314,6 +314,8 @@ class DemoStore:
         try:
             if self._writing is not None:
                 self._writing.discard()
+            for reader in self._readers.values():
+                reader.close()
             self._group.store.close()
         finally:
             if self._lock is not None:
