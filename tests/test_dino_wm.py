@@ -511,6 +511,18 @@ def test_encode_refuses_observations_of_mismatched_shapes():
     with pytest.raises(ValueError, match=r"^'past_action' must be \(B, T - 1, frameskip \* action_dim\)"):
         model.encode(obs | {"past_action": torch.rand(3, 2, 4)})
     assert model.encode(obs | {"image": torch.rand(3, 2, 16, 16)})["visual"].shape == (3, 2, 16, 16)
+    # numpy's float64 was a dtype error deep in the encoder; uint8 frames were encoded as 0..255 floats
+    # would have been; NaN gave NaN latents and costs (a plan from nothing)
+    double = model.encode({k: v.double() for k, v in obs.items()})
+    for k, v in model.encode(obs).items():
+        torch.testing.assert_close(double[k], v)
+    with pytest.raises(ValueError, match=r"^'image' must be float images in \[0, 1\].*got torch.uint8"):
+        model.encode(obs | {"image": (obs["image"] * 255).byte()})
+    for key in obs:
+        bad = obs[key].clone()
+        bad[1, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match=rf"^'{key}' holds NaN or inf values"):
+            model.encode(obs | {key: bad})
 
 
 @pytest.mark.parametrize(

@@ -245,6 +245,8 @@ class DinoWorldModel(nn.Module):
         """(B, T, C, H, W) float in [0, 1], or already-encoded (B, T, P, D) features -> (B, T, P, D)."""
         if images.ndim == 4:  # cached features
             return images.float()
+        if images.dtype == torch.float64:  # (numpy's default float) a dtype error deep in the encoder
+            images = images.float()
         B = images.shape[0]
         feats = self.encoder(rearrange(images, "b t c h w -> (b t) c h w"))
         return rearrange(feats, "(b t) p d -> b t p d", b=B)
@@ -264,6 +266,11 @@ class DinoWorldModel(nn.Module):
                 f"{c.image_key!r} must be images (B, T, 3, H, W) or cached features (B, T, {P}, {D}), got "
                 f"{tuple(img.shape)}"
             )
+        if not img.is_floating_point():
+            raise ValueError(
+                f"{c.image_key!r} must be float images in [0, 1] (or cached features), got {img.dtype}: "
+                f"divide uint8 frames by 255"
+            )
         if img.ndim == 5 and tuple(img.shape[-2:]) != tuple(c.image_size):
             raise ValueError(
                 f"{c.image_key!r} images are {tuple(img.shape[-2:])} but the world model was trained on "
@@ -280,6 +287,9 @@ class DinoWorldModel(nn.Module):
                 f"{c.proprio_key!r} must be (B, T, {c.proprio_dim}) = {(*lead, c.proprio_dim)} beside "
                 f"{c.image_key!r} {tuple(img.shape)}, got {tuple(obs[c.proprio_key].shape)}"
             )
+        for key in (c.image_key, c.proprio_key) if c.proprio_dim else (c.image_key,):
+            if not torch.isfinite(obs[key]).all():  # NaN latents gave NaN costs: a plan from nothing
+                raise ValueError(f"{key!r} holds NaN or inf values")
         past = obs.get("past_action")
         if past is not None and tuple(past.shape) != (lead[0], lead[1] - 1, self.step_action_dim):
             raise ValueError(
