@@ -340,6 +340,30 @@ def test_options_are_checked_before_any_work(tmp_path, name, args, line):
     assert refused(name, *args, cwd=tmp_path) == line
 
 
+def test_a_motion_device_on_absolute_actions_without_a_present_value_is_refused_before_the_session(tmp_path):
+    """An absolute end-effector controller (robosuite's OSC_POSITION with input_type absolute: 4-d action,
+    no proprioception of that size) passed the check, fed zeros as the robot's present value; the store was
+    made and the session raised at the operator's first key press."""
+    import robosuite as rs
+
+    cfg = rs.load_composite_controller_config(robot="Panda")
+    part = {**rs.load_part_controller_config(default_controller="OSC_POSITION"), "input_type": "absolute"}
+    for arm, arm_cfg in cfg["body_parts"].items():
+        cfg["body_parts"][arm] = {**part, "gripper": arm_cfg["gripper"]} if "gripper" in arm_cfg else part
+    (tmp_path / "absolute.json").write_text(json.dumps(cfg))
+    args = [
+        "task=robosuite/Lift",
+        "+task_options.controller=absolute.json",
+        "teleop=keyboard",
+        "store=s.zarr",
+    ]
+    assert refused("wm-collect", *args, cwd=tmp_path) == (
+        "error: teleop=keyboard cannot drive robosuite/Lift: an absolute ee action needs the robot's "
+        "present value in the action's layout (a proprioception of its size) to add the teleop step to, "
+        "and the robot reports none: use a delta action space"
+    )
+
+
 @pytest.mark.parametrize("name", ["pointmaze", "arm_push", "pusht"])
 def test_every_task_declares_its_options_and_refuses_others(name):
     entry = task_entry(name)

@@ -587,7 +587,7 @@ def test_mapping_planar_absolute_pusht_image_frame():
         mapper(state, feature, space, current=np.array([100.0, 200.0])), [105.0, 190.0]
     )
     np.testing.assert_allclose(mapper(state, feature, space, current=np.array([510.0, 5.0])), [512.0, 0.0])
-    with pytest.raises(ValueError, match="current"):
+    with pytest.raises(ValueError, match="needs the robot.s present value"):
         mapper(state, feature, space)
     delta = ActionMapper(translation_gain=10.0)(state, feature, ActionSpace(mode="delta", frame="planar"))
     np.testing.assert_allclose(delta, [10.0, 0.0])  # clipped at low=0 for y

@@ -105,14 +105,15 @@ class DeviceSettings:
         import numpy as np
 
         from robots.teleop.base import TeleopState
-        from robots.teleop.mapping import robot_gains
+        from robots.teleop.mapping import present_action, robot_gains
 
         if hasattr(device_class(self.teleop), "check_drives"):  # a leader arm (joints, no motion)
             return
         mapper = robot_gains(robot, self.gains)
         feat = robot.action_feature
-        try:  # a device at rest, the robot at zero
-            mapper(TeleopState(), feat, robot.action_space, current=np.zeros(feat.shape))
+        current = None if present_action(robot) is None else np.zeros(feat.shape)
+        try:  # a device at rest, the robot at zero (absolute actions without a present value: refused)
+            mapper(TeleopState(), feat, robot.action_space, current=current)
         except ValueError as e:
             raise UsageError(f"teleop={self.teleop} cannot drive {robot.name}: {e}") from None
 

@@ -211,8 +211,9 @@ class ActionMapper:
                 raise ValueError("absolute ee actions with rotations are not supported; use a delta space")
             if cur is None:
                 raise ValueError(
-                    f"an absolute {space.frame} action needs `current` (the robot's present value in the "
-                    "action's layout) to add the teleop step to"
+                    f"an absolute {space.frame} action needs the robot's present value in the action's "
+                    "layout (a proprioception of its size) to add the teleop step to, and the robot reports "
+                    "none: use a delta action space"
                 )
             step = cur[: len(axes)] + step
         if not has_gripper:
@@ -229,12 +230,12 @@ def motion_table(frame: str, dim: int, has_joints: bool) -> dict[int, tuple[tupl
     return PLANAR_LAYOUTS if frame == "planar" or (frame == "other" and dim == 2) else EE_LAYOUTS
 
 
-def present_action(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarray | None]:
+def present_action(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
     """obs -> the robot's present value in its action's layout, what a teleop step is added to for
     absolute actions: its joint positions (`position_key`); for joint deltas the present joints they
     move (`present_joints`: a leader arm's absolute targets become target - present); zeros for other
     forces / velocities / deltas (the step is the command), else a proprioception of the action's size;
-    None when there is none."""
+    None when the robot has none (an absolute action then cannot be teleoperated)."""
     key = getattr(robot, "position_key", None)
     if key is not None:
         return lambda obs: obs[key]
@@ -245,13 +246,13 @@ def present_action(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarra
     if not getattr(robot, "position_actions", True):
         return lambda obs: np.zeros(shape)
     same = [k for k, f in robot.observation_features.items() if f.kind == "proprio" and f.shape == shape]
-    return (lambda obs: obs[same[0]]) if same else (lambda obs: None)
+    return (lambda obs: obs[same[0]]) if same else None
 
 
-def present_joints(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarray | None]:
+def present_joints(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
     """obs -> the present positions of the joints a joint-delta action moves, in the action's order: the
     proprioception values named as the action's dimensions, or as them without a leading "d" (an
-    action "dj1" moves the joint "j1"); None for every obs when no proprioception names them all."""
+    action "dj1" moves the joint "j1"); None when no proprioception names them all."""
     wanted = robot.action_feature.names or ()
     for key, feature in robot.observation_features.items():
         if feature.kind != "proprio" or not wanted:
@@ -260,7 +261,7 @@ def present_joints(robot: Any) -> Callable[[Mapping[str, np.ndarray]], np.ndarra
         if all(i is not None for i in found):
             index = np.asarray(found)
             return lambda obs, key=key: np.asarray(obs[key])[index]
-    return lambda obs: None
+    return None
 
 
 def _joint_index(names: list[str], action_name: str) -> int | None:
@@ -289,4 +290,4 @@ def robot_mapper(
     """(device state, the robot's observation) -> one action for `robot`, by `mapper`'s rules."""
     current = present_action(robot)
     feature, space = robot.action_feature, robot.action_space
-    return lambda state, obs: mapper(state, feature, space, current=current(obs))
+    return lambda state, obs: mapper(state, feature, space, current=None if current is None else current(obs))
