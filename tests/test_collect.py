@@ -334,14 +334,17 @@ def _wait_for_episodes(store: Path, n: int, timeout: float = 120) -> None:
     raise AssertionError(f"{store}: fewer than {n} episodes after {timeout} s")
 
 
-def test_ctrl_c_keeps_finished_episodes(tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 0), (signal.SIGTERM, 143)])
+def test_ctrl_c_keeps_finished_episodes(tmp_path, signum, status):
+    """Ctrl-C ends a session (exit status 0); SIGTERM (a job's time limit) exited 0 as well, a session cut
+    short looked finished to the job script."""
     store = tmp_path / "int.zarr"
     proc = _start_realtime(store)
     _wait_for_episodes(store, 1)
     time.sleep(0.5)  # well inside the next episode (10 Hz, 20+ steps)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == status, err
     assert "interrupted: saved" in out
     s = DemoStore.open(store)
     assert s.n_episodes >= 1 and s.array("image").shape[0] == s.n_steps  # the partial episode was dropped

@@ -152,8 +152,9 @@ def sim_config(cfg: CollectConfig) -> SimConfig:
 
 def _stop_on_signals() -> None:
     """Ctrl-C (and SIGTERM) end the session cleanly, keeping finished episodes, even when the process
-    inherited an ignored SIGINT (as background jobs of non-interactive shells do). Outside the session (the
-    robot or device connecting) the exit status is 128 + the signal's number."""
+    inherited an ignored SIGINT (as background jobs of non-interactive shells do). The exit status is 0
+    after Ctrl-C in the session (how an operator ends one), 143 after SIGTERM, and 128 + the signal's
+    number outside the session (the robot or device connecting)."""
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
 
@@ -205,7 +206,7 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
         task_options=options,
         run_config=run_config(cfg),
     )
-    interrupted = False
+    interrupted: int | None = None  # the signal that ended the session
     try:
         if expert is not None:
             collector.check_seeds(cfg.episodes, cfg.replays)
@@ -213,22 +214,23 @@ def record(cfg: CollectConfig, task: Any, device: Any) -> int:
                 collector.record_expert_episode(expert, "expert", cfg.replays, cfg.replay_noise_std)
         else:
             collector.record_teleop(device, teleop_mapper(task, cfg.gains), cfg.episodes)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:
+        interrupted = getattr(e, "signum", signal.SIGINT)
     finally:
         bar.close()
         preview.close()
         store.close()
     s = collector.stats
     success = "" if cfg.robot else f"success {s.success_rate:.0%}, "
-    why = f"stopped: {s.stopped}; " if s.stopped else "interrupted: " if interrupted else ""
+    why = f"stopped: {s.stopped}; " if s.stopped else "interrupted: " if interrupted is not None else ""
     print(
         f"{why}saved {s.saved} episodes ({s.discarded} discarded, "
         f"{success}{s.steps} steps) to store {cfg.store} (now {start + s.saved} episodes)"
     )
     if s.stopped:
         return FAULT_EXIT
-    return 0
+    # Ctrl-C is how an operator ends a session (0); SIGTERM (a job's time limit, `docker stop`) cut it short
+    return 128 + signal.SIGTERM if interrupted == signal.SIGTERM else 0
 
 
 def _main(cfg: DictConfig) -> int:
