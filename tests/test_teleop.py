@@ -591,6 +591,10 @@ def test_mapping_planar_absolute_pusht_image_frame():
         mapper(state, feature, space)
     delta = ActionMapper(translation_gain=10.0)(state, feature, ActionSpace(mode="delta", frame="planar"))
     np.testing.assert_allclose(delta, [10.0, 0.0])  # clipped at low=0 for y
+    # an absolute yaw was the present yaw plus the step, clipped: stuck at pi, it could not wrap
+    pose = Feature((3,), "float32", "action", low=(0.0, 0.0, -np.pi), high=(512.0, 512.0, np.pi))
+    with pytest.raises(ValueError, match="^absolute planar actions with rotations are not supported"):
+        mapper(state, pose, space, current=np.array([100.0, 200.0, np.pi - 0.05]))
 
 
 def test_mapping_ee_delta_7d_with_gripper():

@@ -143,7 +143,7 @@ class ArmPushTask(SimTask):
     def teleop_gains(self) -> dict[str, Any]:
         # The arm reaches along world +y from its base at the origin (the camera looks that way too):
         # seen from behind it, a device's forward (+x) is +y and its left (+y) is -x; a full deflection
-        # is one whole step (EE_STEP). joint_delta: the device's axes drive the joints as they are.
+        # is one whole step (EE_STEP). joint_delta takes a leader arm's joints (a motion device is refused).
         if self.action_mode != "ee_delta":
             return {}
         return {

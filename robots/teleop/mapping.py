@@ -207,8 +207,10 @@ class ActionMapper:
         axes, has_gripper = table[dim]
         step = self.motion_step(state)[list(axes)]
         if space.mode == "absolute":
-            if any(a >= 3 for a in axes if table is EE_LAYOUTS):
-                raise ValueError("absolute ee actions with rotations are not supported; use a delta space")
+            if any(a >= 3 for a in axes):  # (a planar yaw too: clipped at pi, it could not wrap)
+                raise ValueError(
+                    f"absolute {space.frame} actions with rotations are not supported; use a delta space"
+                )
             if cur is None:
                 raise ValueError(
                     f"an absolute {space.frame} action needs the robot's present value in the action's "
