@@ -264,16 +264,20 @@ class Collector:
             info = {**info, OPTIONS_KEY: dict(self.task_options)}
         if self.run_config is not None:
             info = {**info, RUN_KEY: dict(self.run_config)}
-        self.stats.steps += writer.n_steps  # the saved episodes' (a dropped one's are not in the store)
         said = writer.end(info)
         if isinstance(writer, BackgroundEpisode) and said:  # a step the store refused: the ones before kept
             print(f"warning: {said}", file=sys.stderr, flush=True)
-        self.stats.saved += 1
+        kept = writer.steps if isinstance(writer, BackgroundEpisode) else writer.n_steps
+        self.stats.steps += kept  # the saved episodes' (a dropped one's are not in the store)
+        if kept:
+            self.stats.saved += 1
+        else:  # its first step was refused: nothing was saved
+            self.stats.discarded += 1
         self.stats.overruns += loop.overruns
         # Achieved rate in wall-clock time (a ManualClock's own rate is nominal by construction).
         wall = time.monotonic() - self._episode_t0
         self.stats.loop_hz.append(loop.iterations / wall if wall > 0 else loop.achieved_hz)
-        if self.on_episode is not None:
+        if kept and self.on_episode is not None:
             self.on_episode(self.stats)
 
     def record_expert_episode(
@@ -489,11 +493,11 @@ class Collector:
         info: dict[str, Any] = {"source": source}
         if self.simulated:
             info = {"seed": self.seed + self.store.n_episodes, **info}
-        saved, writer = self.stats.saved, run.writer
+        counted, writer = (self.stats.saved, self.stats.discarded), run.writer
         try:
             self._finish(writer, loop, info)
         finally:  # once committed, an error after it (Ctrl-C in `on_episode`) leaves nothing to discard
-            run.writer = writer if self.stats.saved == saved else None
+            run.writer = writer if (self.stats.saved, self.stats.discarded) == counted else None
 
 
 @dataclass

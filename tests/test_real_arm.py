@@ -873,6 +873,35 @@ def test_collect_retries_a_read_that_fails_once(monkeypatch, tmp_path, capsys, w
     assert glitches == [9] and noisy.corrupt_reads == noisy.write_errors == 0  # the fault came, and passed
 
 
+def test_an_episode_whose_first_step_the_store_refused_is_not_counted_as_saved(monkeypatch, tmp_path, capsys):
+    """The recording keeps the steps before one the store refused; with none before it nothing is saved,
+    and the session counted the episode as saved (and ended one episode short)."""
+    pytest.importorskip("scservo_sdk")
+    import tools.collect
+    from wm.data import DemoStore
+    from wm.data.errors import AppendError
+    from wm.data.store import EpisodeWriter
+
+    script = {2: "b", 5: "enter", 7: "b", 10: "enter", 12: "b", 15: "enter"}
+    cfg, _ = _leader_session(monkeypatch, tmp_path, so_arm(), so_arm(), script, episodes=2)
+    add_step, calls = EpisodeWriter.add_step, []
+
+    def refuse_the_first(writer: EpisodeWriter, step: dict) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise AppendError("a reading the store refuses")
+        add_step(writer, step)
+
+    monkeypatch.setattr(EpisodeWriter, "add_step", refuse_the_first)
+    assert tools.collect.collect(cfg) == 0
+    out, err = capsys.readouterr()
+    assert "the recording stopped at step 0 was refused (AppendError: a reading the store refuses); " in err
+    assert "the episode was not saved" in err
+    assert out.startswith("saved 2 episodes (1 discarded, ")
+    with DemoStore.open(tmp_path / "s.zarr") as store:
+        assert store.n_episodes == 2
+
+
 def test_collect_stops_with_one_line_when_the_follower_stays_unreadable(monkeypatch, tmp_path, capsys):
     """The follower's answers stay corrupt from the middle of the second episode on: after
     max_read_failures ticks without a reading the session stops in one line saying the episode being

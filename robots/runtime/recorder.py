@@ -78,7 +78,8 @@ class BackgroundEpisode:
             self.writer.end({**info, "recording_stopped": self.stopped})
         if self.stopped is None:
             return None
-        return f"the recording stopped at {self.stopped}; the {self.steps} steps before it are kept"
+        kept = f"the {self.steps} steps before it are kept" if self.steps else "the episode was not saved"
+        return f"the recording stopped at {self.stopped}; {kept}"
 
     def discard(self) -> None:
         self.close()
