@@ -882,6 +882,17 @@ def test_chunk_policy_reads_raw_observations(unet_policy, store_path):
         controller.select_action({"image": frames, "proprio": np.full((2, 2), np.nan, np.float32)})
     with pytest.raises(ValueError, match="camera 'image': expected uint8 frames"):  # was divided by 255 again
         controller.select_action({**obs, "image": frames.astype(np.float32) / 255})
+    # finite as float64, inf as the model reads it (float32): NaN actions, the runtime blamed the model
+    with pytest.raises(ValueError, match="'proprio' holds non-finite values"):
+        controller.select_action({**obs, "proprio": np.full((2, 2), 1e39)})
+    controller.reset()
+    with pytest.raises(ValueError, match=r"not finite: 'proprio' reaches \S+e\+\d+ after normalization"):
+        controller.select_action({**obs, "proprio": np.full((2, 2), 1e25, np.float32)})  # a glitched word
+    for key in ("image", "proprio"):  # the model's own API took NaN too, and sampled NaN actions
+        nan = batch[key].clone()
+        nan[(0, -1) + (0,) * (nan.ndim - 2)] = float("nan")
+        with pytest.raises(ValueError, match=f"^'{key}' holds NaN or inf values"):
+            policy.sample_actions({**batch, key: nan})
 
 
 # ---------------------------------------------------------------------- bad input, other encoders

@@ -317,6 +317,7 @@ class DiffusionPolicy(nn.Module):
         min(frozen, committed_steps) of them as input. Guidance brings the frozen actions close to
         previous's, not exactly onto them (float rounding); `ChunkPolicy.chunk_from` sets them exactly."""
         c = self.cfg
+        self._check_finite(obs)
         cond = self.encode(obs)  # (E, n_obs, Dc), once for every denoising step
         start = c.n_obs - 1  # the chunk starts at the oldest observation
         prev = check_previous(previous, frozen, cond.shape[0], c.action_dim)
@@ -328,8 +329,29 @@ class DiffusionPolicy(nn.Module):
         x = self.diffusion.sample(
             (cond.shape[0], c.horizon, c.action_dim), cond, self.sampler, self.sampler_steps, generator, guide
         )
+        if not torch.isfinite(x).all():  # the runtime would blame the model; say what the input was
+            raise ValueError(self._overflow(obs))
         end = c.horizon if full else start + c.n_action_exec
         return self.normalizer.unnormalize(c.action_key, x[:, start:end])
+
+    def _check_finite(self, obs: dict[str, Tensor]) -> None:
+        """NaN or inf in an observation is refused in one line naming its key (it gave NaN actions)."""
+        c = self.cfg.obs
+        for k in list(c.image_keys) + ([c.proprio_key] if c.proprio_dim else []):
+            if k in obs and obs[k].is_floating_point() and not torch.isfinite(obs[k]).all():
+                raise ValueError(f"{k!r} holds NaN or inf values: a faulty sensor reading?")
+
+    def _overflow(self, obs: dict[str, Tensor]) -> str:
+        """Why finite observations gave non-finite actions, for one line: the proprioception's largest
+        normalized value (a glitched sensor word far outside the training range overflows the network)."""
+        c = self.cfg.obs
+        if not (c.proprio_dim and c.proprio_key in obs):
+            return "the sampled actions are not finite: the network overflowed on these images (damaged?)"
+        norm = self.normalizer.normalize(c.proprio_key, obs[c.proprio_key].float()).abs().max()
+        return (
+            f"the sampled actions are not finite: {c.proprio_key!r} reaches {float(norm):.3g} after "
+            "normalization, where training spans [-1, 1]: a faulty sensor reading (or damaged weights)?"
+        )
 
 
 def inference_policy(cfg: DiffusionPolicyConfig, normalizer: Normalizer) -> DiffusionPolicy:
