@@ -30,6 +30,7 @@ from policies.diffusion.noise import (
     Diffusion,
     Inpaint,
     check_reaches_noise,
+    ddim_timesteps,
     inpaint_guide,
     make_betas,
     masked_mean,
@@ -343,14 +344,32 @@ class _OvershootingEps(nn.Module):
         return 0.3 * torch.sin(3 * x + 0.01 * t[:, None, None]) - 0.8 * x.flip(1) + 0.5
 
 
+def test_ddim_timesteps_are_diffusers_leading_ones_where_they_can_be_and_always_start_at_full_noise():
+    """ "leading" spacing (i * (T // steps)) started DDIM-51 on T = 100 at t = 50, half the signal left in
+    what it took for pure noise; DDIM-34 at t = 66."""
+    from diffusers import DDIMScheduler
+
+    for T in (100, 1000):
+        ref = DDIMScheduler(num_train_timesteps=T, steps_offset=0, timestep_spacing="leading")
+        for steps in range(2, T + 1):
+            ts = ddim_timesteps(T, steps)
+            assert len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[-1] == 0
+            assert ts[0] > T - T / steps - 1  # a step (T / steps) below T at most, as the others
+            if T % steps == 0:
+                ref.set_timesteps(steps)
+                assert ts == ref.timesteps.tolist()
+    assert ddim_timesteps(100, 51)[:2] == [98, 96] and ddim_timesteps(100, 10) == list(range(90, -1, -10))
+
+
 @pytest.mark.parametrize("clip", [True, False])
 def test_ddim_matches_diffusers_ddim_scheduler(clip):
-    """Our DDIM (eta 0, "leading" timesteps, final alpha 1) against diffusers' DDIMScheduler.step, with
-    clip_sample on (most x0 estimates clipped; eps kept unclipped, diffusers' default) and off."""
+    """Our DDIM (eta 0, "leading" timesteps where steps divides T, final alpha 1) against diffusers'
+    DDIMScheduler.step, with clip_sample on (most x0 estimates clipped; eps kept unclipped, diffusers'
+    default) and off."""
     from diffusers import DDIMScheduler
 
     torch.manual_seed(0)
-    T, steps, net = 100, 8, _OvershootingEps()
+    T, steps, net = 100, 10, _OvershootingEps()
     diff = Diffusion(net, NoiseConfig(num_train_steps=T, clip_sample=clip)).double()
     z = torch.randn(4, 6, 2, dtype=torch.float64)
     ref = DDIMScheduler(

@@ -11,7 +11,7 @@ maps sigma to a (fractional) timestep by interpolating log sigma over the traini
 k-diffusion does), runs the network and converts its output to a denoised estimate x0.
 
     ddpm       ancestral sampling over all training steps (Diffusion Policy's default, slow)
-    ddim       DDIM with eta = 0 on `steps` evenly spaced ("leading") timesteps; in the VE view this is
+    ddim       DDIM with eta = 0 on `steps` evenly spaced timesteps (`ddim_timesteps`); in the VE view this is
                Euler on the probability-flow ODE where no x0 is clipped (clip_sample keeps the unclipped
                eps, as diffusers' DDIMScheduler does by default)
     edm        Karras sigmas (rho = 7) between sigma_min and sigma_max, then Heun (2nd order, 2 * steps
@@ -139,6 +139,14 @@ def check_steps(steps: int, name: str = "steps") -> None:
     step)."""
     if not is_whole(steps) or steps < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {steps!r}")
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """DDIM's `steps` timesteps out of T, from the noisiest: i * T / steps rounded down, i = steps-1..0.
+    Where `steps` divides T these are diffusers' "leading" ones (LeRobot's DDIM-10 on T = 100: 90, 80,
+    .., 0); elsewhere "leading" (i * (T // steps)) started mid-noise: DDIM-51 on T = 100 at t = 50,
+    its samples biased, where these start at 98."""
+    return [i * T // steps for i in range(steps)][::-1]
 
 
 def check_ddim_steps(sampler: str, steps: int, cfg: NoiseConfig) -> None:
@@ -528,7 +536,7 @@ class Diffusion(nn.Module):
         return x_t
 
     def _ddim(self, z: Tensor, cond: Tensor | None, steps: int, guide: Inpaint | None) -> Tensor:
-        """DDIM, eta = 0, "leading" timesteps (t = (steps-1..0) * T // steps) and the final alpha set to 1.
+        """DDIM, eta = 0, on `ddim_timesteps`, and the final alpha set to 1.
         In the VE view: x_next = x0 + sigma_next * eps, with eps = (x - x0_unclipped) / sigma (diffusers'
         default, use_clipped_model_output=False). Guidance moves the step by exactly
         (1 - sigma_next / sigma) * (guided - x0): eps takes up the change from the (clipped) x0, so with
@@ -536,7 +544,7 @@ class Diffusion(nn.Module):
         T = self.cfg.num_train_steps
         if steps > T:
             raise ValueError(f"DDIM steps {steps} > num_train_steps {T}")
-        ts = [i * (T // steps) for i in range(steps)][::-1]
+        ts = ddim_timesteps(T, steps)
         x = z * (1 + self.sigmas[ts[0]] ** 2).sqrt()
         for i, t in enumerate(ts):
             sigma = self.sigmas[t]
