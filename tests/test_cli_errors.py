@@ -260,6 +260,19 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: policy.edm_solver=heun solves the edm sampler's steps; policy.sampler=ddim has none: "
             "leave it out",
         ),  # fmt: skip
+        (  # it ran every training step (100 network calls), results.json recorded 10
+            "wm-eval",
+            [
+                "out=e",
+                "task=pointmaze",
+                "controller=policy",
+                "checkpoint=c",
+                "policy.sampler=ddpm",
+                "policy.sampler_steps=10",
+            ],
+            "error: policy.sampler_steps=10 has no effect: policy.sampler=ddpm runs every training step; "
+            "leave it out, or give policy.sampler=ddim or edm",
+        ),  # fmt: skip
         (  # the options' own names: "planner_budget: max_iterations", "model.temporal_ensemble"
             "wm-eval",
             ["out=e", "task=pointmaze", "controller=mpc", "checkpoint=c", "planner_budget.iterations=0"],

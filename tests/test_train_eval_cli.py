@@ -263,6 +263,21 @@ def test_diffusion_policy_train_then_eval(maze, tmp_path):
         "policy.inpaint_guidance=gradient",
     )  # fmt: skip
     assert res.returncode == 2 and "policy.inpaint_guidance has no effect in wm-eval" in res.stderr
+    # the solver of a sampler the checkpoint does not use was accepted, ignored and recorded as used
+    from wm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    ckpt = {k: v for k, v in load_checkpoint(latest_checkpoint(run)).items() if k not in ("path", "format")}
+    ddim = save_checkpoint(
+        tmp_path / "ddim.pt", **{**ckpt, "model_config": {**ckpt["model_config"], "sampler": "ddim"}}
+    )
+    res = run_app(
+        "wm-eval", "task=pointmaze", "controller=policy", f"checkpoint={ddim}", "episodes=1", f"out={out}",
+        "policy.edm_solver=heun",
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: policy.edm_solver=heun solves the edm sampler's steps; the checkpoint's sampler (ddim) has "
+        "none: leave it out"
+    )
 
     # Consistency distillation of that policy through the one trainer, then evaluated as any policy.
     student = tmp_path / "cm"

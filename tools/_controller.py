@@ -62,10 +62,20 @@ class PolicyOptions:
         m = self.temporal_ensemble  # the checkpoint's check named model.temporal_ensemble
         if m is not None and not math.isfinite(m):
             raise UsageError(f"policy.temporal_ensemble must be a finite number or null, got {m}")
-        if self.edm_solver is not None and self.sampler not in (None, "edm"):  # recorded, never used
+        if self.sampler is not None:
+            self.check_sampler(self.sampler, f"policy.sampler={self.sampler}")
+
+    def check_sampler(self, sampler: str, named: str) -> None:
+        """Options the `sampler` in use (`named` so) never reads were recorded as used: refused."""
+        if self.edm_solver is not None and sampler != "edm":
             raise UsageError(
-                f"policy.edm_solver={self.edm_solver} solves the edm sampler's steps; policy.sampler="
-                f"{self.sampler} has none: leave it out"
+                f"policy.edm_solver={self.edm_solver} solves the edm sampler's steps; {named} has none: "
+                "leave it out"
+            )
+        if self.sampler_steps is not None and sampler == "ddpm":  # it runs every training step
+            raise UsageError(
+                f"policy.sampler_steps={self.sampler_steps} has no effect: {named} runs every training "
+                "step; leave it out, or give policy.sampler=ddim or edm"
             )
 
 
@@ -201,6 +211,18 @@ class ControllerConfig:
         return {f.name: v for f in fields(ControllerConfig) for v in [asdict(self)[f.name]]}
 
 
+def load_checkpoint_model(cfg: ControllerConfig) -> Any:
+    """The registry's `LoadedModel` of `cfg.checkpoint` with `cfg`'s inference settings, on its device;
+    `policy.*` options the checkpoint's own sampler never reads are refused (they were recorded as used)."""
+    from wm.registry import load_model
+
+    loaded = load_model(cfg.checkpoint, _device(cfg.device), _overrides(cfg), controller=cfg.controller)
+    sampler = loaded.config.get("sampler")
+    if cfg.controller == "policy" and cfg.policy.sampler is None and isinstance(sampler, str):
+        cfg.policy.check_sampler(sampler, f"the checkpoint's sampler ({sampler})")
+    return loaded
+
+
 def load_controller(
     cfg: ControllerConfig, low: np.ndarray, high: np.ndarray, seed: int = 0
 ) -> tuple[Any, Any]:
@@ -208,11 +230,10 @@ def load_controller(
     from `cfg.checkpoint` through the model registry. `seed`: random actions' seed, and with the planner's
     own seed the seed of MPC's sampling noise."""
     from policies.evaluate import RandomPolicy
-    from wm.registry import load_model
 
     if cfg.controller == "random":
         return RandomPolicy(low, high, seed), None
-    loaded = load_model(cfg.checkpoint, _device(cfg.device), _overrides(cfg), controller=cfg.controller)
+    loaded = load_checkpoint_model(cfg)
     if cfg.controller == "policy":
         return loaded.policy(), loaded
     feat = SimpleNamespace(low=np.asarray(low), high=np.asarray(high))

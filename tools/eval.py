@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tools._cli import UsageError, app, bind, build, folder, record_of, sigterm_interrupts
-from tools._controller import ControllerConfig, _device, _mpc_builder, _overrides, trained_elsewhere
+from tools._controller import ControllerConfig, _mpc_builder, load_checkpoint_model, trained_elsewhere
 from wm.interrupt import interrupts_held
 from wm.locks import remove_left_by_dead
 
@@ -86,7 +86,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from robots.registry import make_task
     from robots.sim.base import SimConfig
     from wm import kernels
-    from wm.registry import load_model
 
     kernels_before = kernels.selector().mark()  # a -m sweep's jobs share the process and its selector
     opts: dict[str, Any] = {"options": dict(cfg.task_options)}
@@ -94,7 +93,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         opts["max_steps"] = cfg.max_steps
     loaded = None
     if cfg.controller != "random":
-        loaded = load_model(cfg.checkpoint, _device(cfg.device), _overrides(cfg), controller=cfg.controller)
+        loaded = load_checkpoint_model(cfg)
         opts["image_size"] = loaded.model.io_spec.image_size
     tasks = [make_task(cfg.task, SimConfig(**opts)) for _ in range(min(cfg.parallel, cfg.episodes))]
     try:  # closed on every exit: a renderer left to the interpreter's exit failed there, in EGL
