@@ -294,6 +294,34 @@ def test_required_values_are_required(tmp_path, name, args, line):
             "error: policy.temporal_ensemble has no effect in wm-deploy: the runtime combines the chunks; "
             "give wm-deploy runtime.stitching=ensemble (runtime.ensemble_m for its weights)",
         ),
+        (  # accepted, recorded in report.json, and no chunk was guided
+            "wm-deploy",
+            [
+                "out=e",
+                "robot=pointmaze",
+                "controller=policy",
+                "checkpoint=c",
+                "runtime.mode=sync",
+                "policy.inpaint_guidance=gradient",
+            ],
+            "error: policy.inpaint_guidance guides a chunk towards the one it replaces, which only "
+            "runtime.mode=async with runtime.stitching=inpaint asks for (here mode=sync, stitching=inpaint): "
+            "leave it out",
+        ),  # fmt: skip
+        (
+            "wm-deploy",
+            [
+                "out=e",
+                "robot=pointmaze",
+                "controller=policy",
+                "checkpoint=c",
+                "runtime.stitching=replace",
+                "policy.inpaint_guidance=gradient",
+            ],
+            "error: policy.inpaint_guidance guides a chunk towards the one it replaces, which only "
+            "runtime.mode=async with runtime.stitching=inpaint asks for (here mode=async, "
+            "stitching=replace): leave it out",
+        ),  # fmt: skip
         (
             "wm-serve",
             ["controller=policy", "checkpoint=c", "policy.temporal_ensemble=0.1"],

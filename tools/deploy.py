@@ -95,6 +95,13 @@ class DeployConfig(ControllerConfig):
         if self.server is None:
             super().__post_init__()
             refuse_temporal_ensemble(self.policy, "in wm-deploy")
+            rt = self.runtime
+            if self.policy.inpaint_guidance is not None and (rt.stitching != "inpaint" or rt.mode == "sync"):
+                raise UsageError(  # accepted, recorded in report.json, and no chunk was guided
+                    f"policy.inpaint_guidance guides a chunk towards the one it replaces, which only "
+                    f"runtime.mode=async with runtime.stitching=inpaint asks for (here mode={rt.mode}, "
+                    f"stitching={rt.stitching}): leave it out"
+                )
         else:
             if self.checkpoint:
                 raise UsageError(
