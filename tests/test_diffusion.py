@@ -197,6 +197,26 @@ def test_consistency_distillation_one_and_two_steps(toy_teacher, tmp_path):
         ConsistencyObjective(student, DistillConfig())
 
 
+class _AtTheEdge(nn.Module):
+    """A clean-sample denoiser that predicts past the range's edge (clip_sample clamps it to +1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, cond):
+        return torch.full_like(x, 3.0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_consistency_samples_are_clipped_as_every_samplers_are(steps):
+    """The skip term c_skip * x carried noise past the network's clamped estimate: a 1-step sample reached
+    1.2 (normalized), a 2-step one 1.9, past every action the policy was trained on."""
+    diff = Diffusion(_AtTheEdge(), NoiseConfig(prediction_type="sample"), consistency=True)
+    x = diff.sample((256, 16, 2), None, "consistency", steps, torch.Generator().manual_seed(0))
+    assert x.abs().max() <= 1.0 and (x == 1.0).any()  # clamped where it went past
+
+
 # ---------------------------------------------------------------------- continuing committed actions
 LINE = 8  # steps of a toy chunk
 

@@ -608,9 +608,15 @@ class Diffusion(nn.Module):
         """Multistep consistency sampling (Song et al. Alg. 1): jump to x0 from sigma_max, then re-noise to
         the next Karras sigma and jump again."""
         sigmas = self.karras_sigmas(steps + 1, self.table_sigma_min, z.device)[:steps]  # sigma_max first
-        x0 = self._estimate(z * sigmas[0], sigmas[0], cond, guide)
+        x0 = self._clipped(self._estimate(z * sigmas[0], sigmas[0], cond, guide))
         for s in sigmas[1:]:
             noise = randn(z.shape, generator, z.device)
             x = x0 + (s**2 - self.table_sigma_min**2).clamp_min(0).sqrt() * noise
-            x0 = self._estimate(x, s, cond, guide)
+            x0 = self._clipped(self._estimate(x, s, cond, guide))
         return x0
+
+    def _clipped(self, x0: Tensor) -> Tensor:
+        """A consistency jump's result clamped as every sampler's estimate is (`clip_sample`): its skip term
+        c_skip * x carries noise past the network's clamped output (a 1-step sample reached 1.2, a 2-step
+        one 1.9, past actions' range). Sampling only: distillation's loss sees f unclamped."""
+        return x0.clamp(-self.cfg.clip_range, self.cfg.clip_range) if self.cfg.clip_sample else x0
