@@ -78,6 +78,12 @@ def test_noise_options_of_the_wrong_kind_or_out_of_range_are_one_line():
     # the schedule's largest sigma (about 2029 here) caps sigma_max below sigma_min: the sigmas rose
     with pytest.raises(ValueError, match=r"noise.sigma_min=3000 is not below the schedule's largest sigma"):
         Diffusion(HalfNet(), NoiseConfig(sigma_min=3000, sigma_max=4000))
+    # sigma_max below the smallest sigma, to which sigma_min is raised: the message named sigma_min as
+    # "not below the largest sigma 0.01", which it was
+    with pytest.raises(
+        ValueError, match=r"^noise.sigma_max=0.01 is not above the schedule's smallest sigma 0.02"
+    ):
+        Diffusion(HalfNet(), NoiseConfig(sigma_min=0.005, sigma_max=0.01))
 
 
 def test_dpmpp_2m_refuses_repeated_sigmas_instead_of_returning_nan():

@@ -356,6 +356,11 @@ class Diffusion(nn.Module):
         """Refuse, once, an EDM / consistency sigma range that the schedule empties (sigma_min above its
         largest sigma: the sigmas rose) or that float32 cannot hold (a tiny rho: NaN actions)."""
         c = self.cfg
+        if c.sigma_max <= self.table_sigma_min:  # sigma_min, whatever it was, is raised to that
+            raise ValueError(
+                f"noise.sigma_max={c.sigma_max} is not above the schedule's smallest sigma "
+                f"{self.table_sigma_min:.4g} ({c.beta_schedule}, {c.num_train_steps} steps)"
+            )
         if not self.sigma_min < self.sigma_max:
             raise ValueError(
                 f"noise.sigma_min={c.sigma_min} is not below the schedule's largest sigma "
