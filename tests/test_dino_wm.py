@@ -518,6 +518,10 @@ def test_encode_refuses_observations_of_mismatched_shapes():
         torch.testing.assert_close(double[k], v)
     with pytest.raises(ValueError, match=r"^'image' must be float images in \[0, 1\].*got torch.uint8"):
         model.encode(obs | {"image": (obs["image"] * 255).byte()})
+    with pytest.raises(
+        ValueError, match=r"^'image' frames hold values in \[\d+, \d+\]: expected float frames"
+    ):
+        model.eval().encode(obs | {"image": (obs["image"] * 255).round()})
     for key in obs:
         bad = obs[key].clone()
         bad[1, 0, 0] = float("nan")

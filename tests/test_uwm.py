@@ -267,6 +267,16 @@ def test_bad_input_to_the_modes_is_one_clear_error():
         ValueError, match=r"'image' frames are torch.uint8: expected float frames in \[0, 1\]"
     ):
         model.inverse_dynamics(obs, (future * 255).to(torch.uint8))
+    # float frames holding 0..255 (not divided) were encoded as another picture in every mode
+    unit = r"'image' frames hold values in \[\d+, \d+\]: expected float frames in \[0, 1\] \(divide"
+    with pytest.raises(ValueError, match=unit):
+        model.policy({"image": (obs["image"] * 255).round()})
+    with pytest.raises(ValueError, match=unit):
+        model.inverse_dynamics(obs, (future * 255).round())
+    with pytest.raises(
+        ValueError, match=r"'image' frames are \(48, 48\); the model was trained on \(32, 32\)"
+    ):
+        model.inverse_dynamics(obs, torch.rand(2, 2, 1, 3, 48, 48))  # was "future latents are (...)"
     nan_frame = {"image": obs["image"].clone()}
     nan_frame["image"][1, 0, 0, 5, 5] = float("nan")
     nan = r"hold non-finite values \(NaN or inf\)"

@@ -37,7 +37,7 @@ from wm.data.dataset import frames_key
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.decoder import Decoder, DecoderConfig
-from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
+from wm.encoders import EncoderConfig, PatchEncoder, build_encoder, check_unit_frames
 from wm.options import check_numbers, sub_config
 from wm.predictor import Predictor, PredictorConfig
 from wm.spec import IOSpec
@@ -271,6 +271,8 @@ class DinoWorldModel(nn.Module):
                 f"{c.image_key!r} must be float images in [0, 1] (or cached features), got {img.dtype}: "
                 f"divide uint8 frames by 255"
             )
+        if img.ndim == 5 and not self.training:  # (training reads the store's, in [0, 1] by construction)
+            check_unit_frames(img, c.image_key)
         if img.ndim == 5 and tuple(img.shape[-2:]) != tuple(c.image_size):
             raise ValueError(
                 f"{c.image_key!r} images are {tuple(img.shape[-2:])} but the world model was trained on "

@@ -59,6 +59,7 @@ from policies.diffusion.noise import (
 )
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
+from wm.encoders import check_unit_frames
 from wm.latents import LatentCodec, LatentConfig, build_codec
 from wm.options import check_numbers, sub_config
 from wm.precision import check_precision, resolve_precision
@@ -288,6 +289,8 @@ class UWM(nn.Module):
                 raise ValueError(
                     f"{key!r} frames are {tuple(x.shape[-2:])}; the model was trained on {c.image_size}"
                 )
+            if not self.training:  # (training reads the store's frames, in [0, 1] by construction)
+                check_unit_frames(x, key)
             B, T = x.shape[:2]
             z = self.codec.encode(rearrange(x.float(), "b t c h w -> (b t) c h w"))
             return rearrange(z, "(b t) c h w -> b t c h w", b=B, t=T)
@@ -471,8 +474,8 @@ class UWM(nn.Module):
         z, p = self.observation(obs)
         a_shape, v_shape = self._shapes(z.shape[0])
         fut = future.to(z.device)
-        if fut.ndim == 6 and fut.shape[3] == 3 and tuple(fut.shape[-2:]) == self.cfg.image_size:
-            # frames: `latents` refuses uint8 ones (they were encoded as 0..255 floats)
+        if fut.ndim == 6 and fut.shape[3] == 3 and tuple(fut.shape[3:]) != self.cfg.latent_shape:
+            # frames: `latents` refuses uint8 ones (they were encoded as 0..255 floats), and another size
             fut = torch.stack(
                 [self.latents(fut[:, :, v], k) for v, k in enumerate(self.cfg.image_keys)], dim=2
             )
