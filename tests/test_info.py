@@ -339,3 +339,32 @@ def test_a_commit_record_entry_that_is_not_an_object_is_damage_found_and_repaire
     delete_episodes(store.path, [])  # the repair it names: a rewrite keeps every episode
     with DemoStore.open(store.path) as repaired:
         assert repaired.n_episodes == len(LENGTHS) and repaired.episode_info(1) == {"length": LENGTHS[1]}
+
+
+@pytest.mark.parametrize("empty", [0, 1, 3])
+def test_an_episode_without_steps_gets_a_row_without_frames(tmp_path, empty):
+    """Another tool's store may hold an episode without steps (Diffusion Policy's do): its contact sheet
+    row read the frames before and after it, or past the arrays' end (a false "steps are missing"), or a
+    step -1 (a traceback). Its row has its label and no frames; a verify names it, and its note's rewrite
+    is one that can run (keeping every episode refuses an empty one)."""
+    import zarr
+
+    from wm.data.verify import format_report, verify_store
+
+    lengths = [3, 4, 2, 5]
+    lengths.insert(empty, 0)
+    ends = np.cumsum(lengths)
+    rng = np.random.default_rng(0)
+    root = zarr.open_group(str(tmp_path / "dp.zarr"), mode="w", zarr_format=2)
+    root.create_array(
+        "data/img", data=rng.integers(0, 256, (ends[-1], 8, 8, 3), dtype=np.uint8), chunks=(1, 8, 8, 3)
+    )
+    root.create_array("data/action", data=rng.normal(size=(ends[-1], 2)).astype(np.float32))
+    root.create_array("meta/episode_ends", data=ends.astype(np.int64))
+    with DemoStore.open(tmp_path / "dp.zarr") as store:
+        out = wm_info.contact_sheet(store, tmp_path / "sheet.png", episodes=range(5))
+        assert list(store.edge_frames(empty, ["img"])) == []
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape[0] > 0
+    text = format_report(verify_store(tmp_path / "dp.zarr"))
+    assert f"episodes [{empty}]: episodes without steps" in text and "drop_episodes=[]" not in text

@@ -144,7 +144,7 @@ def _image_stats(store: DemoStore, key: str, image_frames: int) -> dict[str, Any
     if store.n_steps == 0:
         return None
     frames = store.read(key, _strided(store.n_steps, image_frames))
-    mean = frames.reshape(-1, frames.shape[-1]).astype(np.float64).mean(axis=0)
+    mean = frames.reshape(-1, frames.shape[-1]).mean(axis=0, dtype=np.float64)  # (not a float64 copy)
     return {"mean": _finite_list(mean), "frames_used": len(frames)}
 
 
@@ -316,6 +316,8 @@ def _draw_row(
     labels = (f"ep {ep}", f"len {sl.stop - sl.start}", f"success {success_label(info)}")
     for i, text in enumerate(labels):
         draw.text((PAD, y + i * LABEL_LINE_H), _fit(draw, text, LABEL_W - PAD, font), fill=TEXT, font=font)
+    if sl.stop == sl.start:  # an episode without steps (other tools' stores hold some): no frames
+        return
     x = LABEL_W + PAD
     for k, s in zip(keys, shapes, strict=True):
         for j, t in enumerate((sl.start, sl.stop - 1)):

@@ -379,8 +379,11 @@ class DemoStore:
         return h.hexdigest()
 
     def edge_frames(self, ep: int, keys: Sequence[str]) -> Iterator[np.ndarray]:
-        """Episode `ep`'s first and last frames of each camera in `keys`, (1, H, W, C) each."""
+        """Episode `ep`'s first and last frames of each camera in `keys`, (1, H, W, C) each; none for an
+        episode without steps (it read its neighbours' frames, or past the end of the arrays)."""
         sl = self.episode_slice(ep)
+        if sl.stop == sl.start:
+            return
         for key in keys:
             for t in (sl.start, sl.stop - 1):
                 yield self.read(key, slice(t, t + 1), episode=ep)

@@ -240,9 +240,11 @@ def format_report(report: VerifyReport) -> str:
             "note       this store may leave chunks of zeros unwritten (as zarr does), so a lost chunk "
             "file reads as zeros and is not found here"
         ]
-        if Path(report.path).suffix != ".zip":
+        if Path(report.path).suffix != ".zip" and report.ok:
             rewrite = rewrite_command(report.path)
             note.append(f"           (a rewrite keeping every episode writes every chunk: {rewrite})")
+        elif report.repair_command() is not None:  # (a rewrite keeping them all refuses an empty episode)
+            note.append("           (the repair above writes every chunk of the episodes it keeps)")
     if report.ok:
         return "\n".join([head + "; no damage found", *note])
     lines = [head, f"damage     {len(report.problems)} problem(s):"]
