@@ -150,7 +150,7 @@ def test_budget_plot_joins_its_points_by_iterations(tmp_path, monkeypatch):
     assert [p["iterations"] for p in points] == [2, 4, 6] and drawn == [[2, 4, 6]] and path.exists()
 
 
-def test_subgoal_store_is_found_from_anywhere_and_changes_are_said(world_model, tmp_path):
+def test_subgoal_store_is_found_from_anywhere_and_changes_are_said(world_model, maze, tmp_path):
     """The checkpoint names its store by absolute path: evaluating from another folder keeps the
     subgoals; another store given with store= is used, and the evaluation says it differs."""
     other = tmp_path / "other.zarr"
@@ -165,7 +165,13 @@ def test_subgoal_store_is_found_from_anywhere_and_changes_are_said(world_model, 
         [str(BIN / "wm-eval"), *common, "out=e1"], capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr
-    assert "note:" not in res.stdout  # the training store, unchanged
+    assert "note:" not in res.stdout  # the training store, unchanged (its seeds 0..5, these 1000..)
+    res = cli("wm-eval", *common, f"out={tmp_path / 'e3'}", "seed=4", "episodes=3", "parallel=3")
+    assert res.returncode == 0, res.stderr  # evaluated on the training episodes' start states, unsaid
+    assert (
+        f"note: 2 of the 3 episodes start where episodes of the training store {maze.resolve()} started "
+        "(seeds 4..5); give seed=6 or more to evaluate on unseen starts"
+    ) in res.stdout
     res = cli("wm-eval", *common, f"out={tmp_path / 'e2'}", f"store={other}")
     assert res.returncode == 0, res.stderr
     assert "not the store the world model was trained on (6 episodes then, 2 now" in res.stdout

@@ -32,6 +32,31 @@ from wm.locks import remove_left_by_dead
 BUDGET_PLOT = "success_vs_budget.png"
 
 
+def seen_starts(store: Any, seed: int, episodes: int) -> str | None:
+    """A note when episodes seed..seed + episodes - 1 start where episodes of the training store `store`
+    started (the seeds its episodes recorded: wm-collect's, from seed= on): evaluated on the training
+    data's start states, with nothing said (wm-demo seed=1000, or a store of over 1000 episodes). None
+    without such a store (moved, damaged: the evaluation does not need it)."""
+    from wm.data import DemoStore
+    from wm.data.errors import StoreError
+
+    if not isinstance(store, str) or not Path(store).exists():
+        return None
+    try:
+        with DemoStore.open(store) as s:
+            infos = [s.episode_info(e) for e in range(s.n_episodes)]
+    except (StoreError, OSError):
+        return None
+    seeds = {i["seed"] for i in infos if isinstance(i.get("seed"), int) and not isinstance(i["seed"], bool)}
+    seen = sorted(s for s in seeds if seed <= s < seed + episodes)
+    if not seen:
+        return None
+    return (
+        f"{len(seen)} of the {episodes} episodes start where episodes of the training store {store} started "
+        f"(seeds {seen[0]}..{seen[-1]}); give seed={max(seeds) + 1} or more to evaluate on unseen starts"
+    )
+
+
 MAX_EPISODES = 1_000_000
 
 
@@ -101,6 +126,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             run = (loaded.checkpoint.get("extra") or {}).get("run_config") or {}
             for note in trained_elsewhere(run, cfg.task, tasks[0].control_hz):
                 print(f"note: {note}", flush=True)
+            seen = seen_starts(run.get("store"), cfg.seed, cfg.episodes)
+            if seen:
+                print(f"note: {seen}", flush=True)
         results, videos = _run(cfg, tasks, loaded, kernels_before)
     finally:
         for task in tasks:
