@@ -945,6 +945,12 @@ def test_clear_errors(unet_policy, tmp_path):
         policy.sample_actions({"image": torch.rand(2, 2, 3, 32, 32), "proprio": obs["proprio"]})
     with pytest.raises(ValueError, match="'proprio' has 3 dims"):
         policy.sample_actions({"image": obs["image"], "proprio": torch.zeros(2, 2, 3)})
+    # float frames holding 0..255 were encoded as another picture; frames without their To axis were
+    # read as cached tokens (rows as tokens, columns as features) and gave actions where the sizes agree
+    with pytest.raises(ValueError, match=r"'image' frames hold values in \[\d+, \d+\]: expected float"):
+        policy.sample_actions({**obs, "image": (obs["image"] * 255).round()})
+    with pytest.raises(ValueError, match=r"camera 'image': expected images \(E, To, 3, H, W\) or cached"):
+        policy.sample_actions({**obs, "image": obs["image"][:, -1]})
     # a misspelt nested option was a TypeError, which the apps report as a bug
     with pytest.raises(
         ValueError, match=r"unknown option model.unet.down_dimz; did you mean model.unet.down_dims\?"

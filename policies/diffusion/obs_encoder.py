@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from policies.diffusion.precision import Bf16Inference, Bf16Shadow
 from wm.data.augment import center_crop, random_crop
-from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
+from wm.encoders import EncoderConfig, PatchEncoder, build_encoder, check_unit_frames
 from wm.options import check_numbers, sub_config
 
 BACKBONES = ("resnet18", "patch")
@@ -199,7 +199,14 @@ class ObsEncoder(nn.Module):
         for k in c.image_keys:
             img = obs[k]
             if c.backbone == "patch" and img.ndim == 4:  # cached features (B, To, P, D)
-                continue
+                cam = self.cameras[_mkey(k)]
+                P, D = cam.grid[0] * cam.grid[1], cam.encoder.dim
+                if tuple(img.shape[-2:]) == (P, D) and img.is_floating_point():
+                    continue
+                raise ValueError(  # frames without their To axis were read as tokens (rows x columns)
+                    f"camera {k!r}: expected images (E, To, 3, H, W) or cached features (E, To, {P}, {D}), "
+                    f"got {img.dtype} of shape {tuple(img.shape)}"
+                )
             if img.ndim != 5 or img.shape[2] != 3:
                 raise ValueError(
                     f"camera {k!r}: expected images (E, To, 3, H, W), got shape {tuple(img.shape)}"
@@ -213,6 +220,8 @@ class ObsEncoder(nn.Module):
                 raise ValueError(
                     f"camera {k!r}: images must be float in [0, 1], got {img.dtype} (divide by 255)"
                 )
+            if not self.training:  # (training reads the store's frames, in [0, 1] by construction)
+                check_unit_frames(img, k)
         if c.proprio_dim:
             if c.proprio_key not in obs:
                 raise ValueError(
