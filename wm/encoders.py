@@ -19,7 +19,7 @@ Image sizes. DINOv2 needs sides that are multiples of 14: frames are *resized* (
 up to the next multiple of 14 (64x64 -> 70x70, 5x5 patches), never padded, so no border of constant
 pixels leaks into the features; the positional embedding is interpolated to any grid (timm
 `dynamic_img_size`). `image_size > 0` first resizes every frame to image_size x image_size
-(DINO-WM uses 224 px: 16x16 patches). Convolutional encoders take any size: each stride-2 stage
+(DINO-WM resizes to 196 px: 14x14 patches). Convolutional encoders take any size: each stride-2 stage
 gives ceil(side / 2).
 
 Weights (`EncoderConfig.weights`): "none" (random init: normal for `cnn`; for the pretrained
