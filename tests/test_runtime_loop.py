@@ -393,6 +393,27 @@ def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so(held, replan_eve
     device.disconnect()
 
 
+@pytest.mark.parametrize("window", [(3.0, 3.3), (3.8, 4.1), (4.2, 4.5)])
+def test_a_hand_back_waits_for_a_slow_controllers_first_chunk_as_an_episodes_start_does(window):
+    """The watchdog counted from the operator's last action: a healthy 1.2 s model (its chunk in flight at
+    the takeover is discarded, then one is computed afresh) was stopped 2 s (stop_after_s) after a hand-
+    back as "hung?", depending on when the operator let go. The arm holds while the first chunk after a
+    hand-back computes, as at an episode's start."""
+    _, rt, clock = setup("async", "replace", replan_every=4, chunk=40, delay=1.2)
+    t0: list[float] = []
+
+    def human(obs, last):
+        t0.append(t0[0] if t0 else clock.now())
+        return np.array([0.5, 0.0]) if window[0] <= clock.now() - t0[0] < window[1] else None
+
+    out = rt.run_episode(150, takeover=human)
+    assert out.stopped is None and len(out.ticks) == 150, out.stopped
+    back = max(i for i, t in enumerate(out.ticks) if t.intervention)
+    resumed = next(t for t in out.ticks[back + 1 :] if t.chunk != NO_CHUNK)
+    assert out.chunks[resumed.chunk].obs_time >= out.ticks[back].nominal  # from after the hand-back
+    assert all(np.isfinite(t.command).all() for t in out.ticks if t.command is not None)
+
+
 def test_a_takeover_device_sending_nan_is_held_and_ends_the_run_like_a_silent_controller():
     _, rt, _ = setup("async", "inpaint", replan_every=4)
     out = rt.run_episode(100, takeover=lambda obs, last: np.array([np.nan, 0.0]))

@@ -323,6 +323,7 @@ class Runtime:
                 state.human, state.resume_after, state.resuming = False, began, True
                 timeline.clear()
                 pick = None
+                watchdog.start(began)  # (it counted from the operator's last action)
             if pick is not None:
                 watchdog.fresh(now)
                 if now > pick.due + self.period / 2:
@@ -331,12 +332,20 @@ class Runtime:
                 not len(timeline) and not timeline.holds_last(tick_t) and human is None and not state.resuming
             ):
                 out.underruns += 1  # (the last action of a slower policy still has its step: no underrun)
-            if watchdog.check(now) == "stop":
+            verdict = watchdog.check(now)
+            if verdict == "stop" and state.resuming and now - state.resume_after <= cfg.wait_timeout_s:
+                # the first chunk after a hand-back is awaited as an episode's first is (it may be
+                # computed from an observation after it only): the arm holds meanwhile
+                verdict = watchdog.state = "hold"
+            if verdict == "stop":
                 out.events["stop"] += 1
                 idle = now - (watchdog.last_fresh if watchdog.last_fresh is not None else now)
                 out.stopped = (
                     f"no fresh action for {idle:.2f} s (stop_after_s = {self.safety_cfg.stop_after_s}): "
                     f"{self._why_no_action(state)}; holding position"
+                    if not state.resuming
+                    else f"no chunk {idle:.2f} s after the operator handed back (wait_timeout_s = "
+                    f"{cfg.wait_timeout_s:g}): {self._why_no_action(state)}; holding position"
                 )
                 self._hold(safety, nominal, began, captured, out, on_tick, obs, events=("hold", "stop"))
                 break
@@ -415,7 +424,11 @@ class Runtime:
                     if out.stopped:
                         self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
                         break
-            elif not self.worker.busy and self._due_request(timeline, state, captured):
+            elif (
+                not self.worker.busy
+                and captured >= state.resume_after  # (an older one's chunk would be discarded)
+                and self._due_request(timeline, state, captured)
+            ):
                 self._request(history, timeline, out, state, captured)
                 if out.stopped:
                     self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
