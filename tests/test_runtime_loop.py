@@ -357,6 +357,20 @@ def test_runtime_config_refuses_bad_values(bad):
         RuntimeConfig(**bad)
 
 
+def test_interpolating_delta_actions_is_refused():
+    """A delta is applied once, not repeated between a slower policy's steps; interpolated, each tick sent a
+    whole one (a 5 Hz policy on a 20 Hz arm moved 4x as far)."""
+    task = make_task("arm_push", SimConfig(state_only=True))
+    assert task.action_space.mode == "delta"
+    _, rt, _ = setup("async", "inpaint", replan_every=4)
+    cfg = RuntimeConfig(policy_hz=task.control_hz / 4, interpolate=True)
+    with pytest.raises(
+        ValueError, match=r"^runtime.interpolate draws the line between position targets; arm_push"
+    ):
+        Runtime(task, rt.worker, cfg, clock=rt.clock)
+    Runtime(task, rt.worker, RuntimeConfig(policy_hz=task.control_hz / 4), clock=rt.clock)
+
+
 # (the device is read after a tick's send, and its action sent on the next tick)
 @pytest.mark.parametrize(("held", "replan_every", "took_ticks"), [((0.99, 1.49), 4, 5), ((0.99, 1.05), 1, 1)])
 def test_a_human_takes_over_and_hands_back_and_the_ticks_say_so(held, replan_every, took_ticks):
