@@ -763,6 +763,58 @@ def test_a_takeover_device_that_stops_answering_hands_the_robot_back_to_the_cont
         os.close(slave)
 
 
+def test_one_corrupt_packet_from_a_leader_arm_does_not_end_its_takeover(tmp_path, monkeypatch):
+    """A latched leader arm (lerobot's SO-101 leader, only the serial port faked): one checksum error on
+    its bus dropped the latch, and the controller took the arm from the operator's hand until START was
+    pressed again. A glitch holds the last command; reads that keep failing hand back, said once."""
+    pytest.importorskip("scservo_sdk")
+    import json
+
+    import serial
+
+    from robots.real.fakes import FakeSerialPorts, calibration, so_arm
+    from robots.registry import make_robot
+    from robots.runtime.intervention import robot_takeover
+    from robots.teleop.keyboard import KeyboardDevice
+    from robots.teleop.leader_arm import LeaderArmDevice
+
+    limits = (1000, 3000)
+    leader, follower = so_arm(limits=limits), so_arm(limits=limits)
+    monkeypatch.setattr(serial, "Serial", FakeSerialPorts({"/dev/ttyL": leader, "/dev/ttyF": follower}))
+    for name in ("leader", "follower"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(calibration(limits)))
+    arm = make_robot("so101_follower", port="/dev/ttyF", calibration_dir=str(tmp_path), control_hz=30)
+    clock = FakeClock()
+    keys = FakeKeyListener([(1, "b", True), (1.5, "b", False)], clock)  # START once: latched
+    kb = KeyboardDevice(backend="pynput", listener_factory=keys.factory, clock=clock)
+    dev = LeaderArmDevice(port="/dev/ttyL", arm_id="leader", calibration_dir=tmp_path, command_device=kb)
+    takeover = robot_takeover(dev, arm, {})
+    dev.connect()
+    try:
+        last, who = np.full(6, 7.0), []
+        for poll in range(12):
+            keys.replay_until(poll)
+            if poll == 5:
+                leader.corrupt_reads = 1  # one noisy status packet
+            action = takeover({"state": np.zeros(6)}, last)
+            who.append("human" if action is not None else "controller")
+            if poll == 5:
+                np.testing.assert_array_equal(action, last)  # the glitch's tick holds the last command
+        assert who == ["controller"] + ["human"] * 11 and takeover.latched
+        leader.corrupt_reads = 10**6  # the bus keeps failing: handed back after 3 polls, said once
+        with pytest.warns(RuntimeWarning, match="the takeover device .* cannot be read"):
+            assert [takeover({"state": np.zeros(6)}, last) is None for _ in range(4)] == [
+                False,
+                False,
+                True,
+                True,
+            ]
+        assert not takeover.latched
+    finally:
+        leader.corrupt_reads = 0
+        dev.disconnect()
+
+
 def test_a_takeover_keeps_the_gripper_as_the_controller_left_it_until_the_operator_uses_it():
     """The keyboard's gripper toggle starts open and a takeover sent it: an operator nudging the arm
     opened a gripper the controller held closed (and the recording labelled it a correction)."""

@@ -40,9 +40,13 @@ class Takeover:
         deadband: float = 0.05,
         axes: Sequence[int] = range(6),
         gripper: str | None = None,
+        max_failures: int = 3,
     ) -> None:
         if not 0 <= deadband < 1:
             raise ValueError(f"deadband must be in [0, 1), got {deadband}")
+        if max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, got {max_failures}")
+        self.max_failures = max_failures  # failed polls in a row that end a takeover
         self.device, self.mapper, self.deadband = device, mapper, deadband
         self.axes, self.gripper = list(axes), gripper
         self.latched = False
@@ -56,14 +60,18 @@ class Takeover:
             state = self.device.poll()
         except Exception as e:  # noqa: BLE001 - unplugged: the controller keeps (or takes back) the robot
             self.failures += 1
-            self.latched = self.active = False
-            if self.failures == 1:
+            if self.active and self.failures < self.max_failures and last is not None:
+                # a glitch (a corrupt status packet on a leader arm's bus): the operator keeps the robot,
+                # which holds its last command (it was handed back at once, the latch lost)
+                return np.array(last, dtype=np.float64)
+            if self.failures == 1 or self.active:
                 warnings.warn(
                     f"the takeover device {self.device.name} cannot be read ({type(e).__name__}: "
                     f"{first_line(e)}); the controller drives",
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            self.latched = self.active = False
             return None
         self.failures = 0
         if Command.START in state.commands:
