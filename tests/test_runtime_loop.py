@@ -605,3 +605,22 @@ def test_reading_the_takeover_device_never_delays_a_command():
 
     out = rt.run_episode(20, takeover=slow_device)
     assert [round(t.sent_at - t.nominal, 9) for t in out.ticks] == [0.0] * 20
+
+
+def test_the_first_command_to_a_simulated_pusher_is_step_capped_from_where_it_is():
+    """PushT named no position key though its proprioception is the pusher's position in the actions'
+    px: the first target of an episode went out uncapped (309 px from the pusher, the cap 51.2)."""
+    task = make_task("pusht", SimConfig(state_only=True, max_steps=400))
+    clock = ManualClock(100.0)
+    far = [500.0, 500.0]
+    worker = SimulatedTimeWorker(
+        ControllerSpec("policies.evaluate:RandomPolicy", {"low": far, "high": far, "chunk": 8}, delay_s=0.0),
+        clock,
+    )
+    worker.start()
+    task.reset(0)
+    pusher = np.asarray(task.get_observation()["proprio"], dtype=np.float64)
+    out = Runtime(task, worker, RuntimeConfig(), clock=clock).run_episode(3)
+    cap = 0.1 * (task.action_feature.high[0] - task.action_feature.low[0])  # the default step cap
+    first = out.ticks[0]
+    assert np.abs(first.command - pusher).max() <= cap + 1e-3 and "step_capped" in first.events

@@ -88,6 +88,12 @@ class PushTTask(SimTask):
         )
 
     @property
+    def position_key(self) -> str:
+        """The pusher's position, in the target action's px: a runtime caps the first command's step from
+        it (the first target was sent uncapped, hundreds of px from the pusher)."""
+        return "proprio"
+
+    @property
     def teleop_gains(self) -> dict[str, Any]:
         # The board is seen from above, image x right and y down: forward (+x of a device) moves the
         # pusher up the image, left (+y) to its left; a full deflection sets its target TELEOP_STEP px ahead.
