@@ -624,3 +624,32 @@ def test_the_first_command_to_a_simulated_pusher_is_step_capped_from_where_it_is
     cap = 0.1 * (task.action_feature.high[0] - task.action_feature.low[0])  # the default step cap
     first = out.ticks[0]
     assert np.abs(first.command - pusher).max() <= cap + 1e-3 and "step_capped" in first.events
+
+
+@pytest.mark.parametrize("policy_hz", [1.0, 0.4])
+def test_a_slow_delta_policy_on_schedule_is_neither_held_nor_stopped(policy_hz):
+    """A delta is applied once and the ticks of its step send nothing: the watchdog counted them as
+    without a fresh action (a hold on every step at 1 Hz; at 0.4 Hz the run stopped, as if no chunk
+    covered the time)."""
+    task = make_task("arm_push", SimConfig(state_only=True, max_steps=400))
+    clock = ManualClock(100.0)
+    step = [0.01, 0.0]
+    spec = ControllerSpec(
+        "policies.evaluate:RandomPolicy", {"low": step, "high": step, "chunk": 8}, delay_s=0.0
+    )
+    worker = SimulatedTimeWorker(spec, clock)
+    worker.start()
+    task.reset(0)
+    out = Runtime(task, worker, RuntimeConfig(policy_hz=policy_hz), clock=clock).run_episode(60)
+    assert out.stopped is None and len(out.ticks) == 60 and out.events["hold"] == 0, out.stopped
+    moved = [t for t in out.ticks if t.chunk != NO_CHUNK]  # (the ticks between send no motion)
+    assert len(moved) == pytest.approx(60 / task.control_hz * policy_hz, abs=1)  # one delta per policy step
+
+
+@pytest.mark.parametrize("latency", [0.8, 2.5])
+def test_an_action_latency_longer_than_the_watchdogs_limits_neither_holds_nor_stops_a_start(latency):
+    """The first action is due action_latency_s after the first chunk's observation; the watchdog counted
+    from the observation: holds at every episode's start (0.8 s), or a stop before any action (2.5 s)."""
+    _, rt, _ = setup("async", "inpaint", replan_every=4, action_latency_s=latency)
+    out = rt.run_episode(60)
+    assert out.stopped is None and len(out.ticks) == 60 and out.events["hold"] == 0, out.stopped

@@ -285,7 +285,7 @@ class Runtime:
         chunk = Chunk(first.actions, anchor, self.step_s, first.seq)
         self._take_chunk(chunk, first, request, timeline, out, state, next_tick=anchor, now=anchor)
         state.last_request_obs = anchor
-        watchdog.start(anchor)
+        watchdog.start(anchor + cfg.action_latency_s)  # (the first action is due then, not at once)
         last_cmd: np.ndarray | None = None
         k = 0  # ticks since the schedule was anchored
         missed: float | None = None  # sync: the deadline a blocking chunk made the robot miss
@@ -335,6 +335,8 @@ class Runtime:
                 watchdog.fresh(now)
                 if now > pick.due + self.period / 2:
                     out.stale_sent += 1
+            elif human is None and not state.resuming and timeline.holds_last(tick_t):
+                watchdog.fresh(now)  # a delta's step still runs (applied once, not repeated): on schedule
             elif (
                 not len(timeline) and not timeline.holds_last(tick_t) and human is None and not state.resuming
             ):
