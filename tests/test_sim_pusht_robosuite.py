@@ -214,6 +214,12 @@ def test_a_rate_set_after_construction_is_checked_and_rebuilds_the_env():
     with task:
         task.reset(0)
         assert task.step_seconds() == pytest.approx(0.02) and task.env.control_freq == 50
+        # connected, the rebuilt env lost the episode: the next observation failed, an action went to
+        # a fresh env in robosuite.make's initial state
+        with pytest.raises(RobotError, match="control_hz cannot change while connected"):
+            task.control_hz = 25
+        task.control_hz = 50  # (the same rate: nothing to rebuild)
+        assert task.get_observation() and task.env.control_freq == 50
 
 
 def test_a_camera_robosuite_lacks_is_refused_every_time_and_leaves_no_env():

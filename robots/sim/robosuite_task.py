@@ -219,6 +219,11 @@ class RobosuiteTask(SimTask):
         already built at another rate is rebuilt at this one on next use."""
         if name == "control_hz":
             check_control_freq(value, "control_hz")
+            if getattr(self, "_connected", False) and value != self.control_hz:  # (the episode's env is
+                raise RobotError(  # rebuilt: its state gone, the next observation failed)
+                    f"{self.name}: control_hz cannot change while connected (its env is rebuilt at the new "
+                    "rate); set it before connect(), or disconnect() first"
+                )
             if getattr(self, "_env", None) is not None and value != self.control_hz:
                 self._env.close()
                 object.__setattr__(self, "_env", None)
