@@ -122,7 +122,9 @@ class CEMConfig(_SamplingConfig):
 
 @dataclass(frozen=True)
 class MPPIConfig(_SamplingConfig):
-    """MPPI as in TD-MPC2: weights exp(-cost / temperature) over the top-`elites` samples (None: all)."""
+    """MPPI with TD-MPC2's elite refit: weights exp(-cost / temperature) over the top-`elites` samples
+    (None: all). TD-MPC2 multiplies its (reward) scores by its temperature: this one divides, so a larger
+    temperature here flattens the weights."""
 
     name: ClassVar[str] = "mppi"
     samples: int = 512
@@ -385,7 +387,7 @@ class CEM(_Planner):
 
 
 class MPPI(CEM):
-    """MPPI (TD-MPC2 style): the loop of CEM, refit by exp(-cost / temperature) weights over the elites."""
+    """MPPI: the loop of CEM, refit by exp(-cost / temperature) weights over the elites (`MPPIConfig`)."""
 
     cfg: MPPIConfig
 
