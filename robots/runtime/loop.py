@@ -206,9 +206,7 @@ class Runtime:
         # between the actions of a policy slower than the loop, an absolute action (a position target, a
         # force) is sent again for its whole step; a delta is applied once (the ticks between hold)
         self.repeats = getattr(getattr(robot, "action_space", None), "mode", "absolute") == "absolute"
-        if (
-            cfg.interpolate and not self.repeats
-        ):  # each tick sent its own share-less delta: N times the motion
+        if cfg.interpolate and not self.repeats:  # each tick sent a whole delta: N times the motion
             raise ValueError(
                 f"runtime.interpolate draws the line between position targets; {robot.name} takes delta "
                 "actions, each applied once (interpolated, each was sent on every tick): leave it out"
