@@ -42,6 +42,7 @@ import contextlib
 import functools
 import importlib
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -267,6 +268,9 @@ class LerobotArm(RobotBase):
             robot.bus.connect()
         except (ConnectionError, RuntimeError) as e:
             _close_quietly(robot)
+            some = motor_check_problem(e, robot.bus)
+            if some is not None:  # the port answered
+                raise DeviceNotFoundError(f"{self.name} on {o.port!r}: {some}") from e
             raise DeviceNotFoundError(
                 f"{self.name} on {o.port!r} did not answer ({first_line(e)}); check that the port exists "
                 "(`ls /dev/ttyACM* /dev/ttyUSB*`, or `lerobot-find-port`), that your user may open it "
@@ -521,14 +525,25 @@ def calibration_registers(bus: Any, calibration: Mapping[str, Any]) -> dict[str,
     return writes
 
 
+READ_TRIES = 3  # reads of a register before a bus error is the bus's (a corrupt packet happens)
+
+
 def holds(bus: Any, registers: Mapping[str, Mapping[str, Any]]) -> bool:
     """Whether the motors of `bus` (connected) hold every raw value of `registers` (register -> motor ->
-    value); False where a register cannot be read back."""
+    value); False where a register cannot be read back (a name this bus does not know). A read that fails
+    on the bus (a corrupt status packet) is tried again; failing `READ_TRIES` times it raises: one bad
+    packet answered "they differ", and the motors were written with their torque off (the arm dropped)."""
     for name, values in registers.items():
-        try:
-            present = bus.sync_read(name, list(values), normalize=False)
-        except Exception:  # noqa: BLE001 - a register this bus cannot read back: not known to hold
-            return False
+        for attempt in range(READ_TRIES):
+            try:
+                with port_released_on_error(bus):  # (a cut transfer left the port marked in use)
+                    present = bus.sync_read(name, list(values), normalize=False)
+                break
+            except (OSError, RuntimeError):  # ConnectionError: the bus, not the register
+                if attempt == READ_TRIES - 1:
+                    raise
+            except Exception:  # noqa: BLE001 - a register this bus cannot read back: not known to hold
+                return False
         if any(int(present[m]) != int(v) for m, v in values.items()):
             return False
     return True
@@ -680,11 +695,44 @@ def _close_quietly(robot: Any) -> None:
                 cam.disconnect()
         except Exception:  # noqa: BLE001 - best effort on an already failed connection
             pass
+    close_port(robot.bus)
+
+
+def close_port(bus: Any) -> None:
+    """Close a motor bus's serial port after a failure, without talking to the motors, and clear the
+    motor SDK's "in use" mark a transfer the failure cut short left (every later connect of that arm
+    failed with "did not answer")."""
     try:
-        if robot.bus.is_connected:
-            robot.bus.port_handler.closePort()
+        if bus.is_connected:
+            bus.port_handler.closePort()
+    except Exception:  # noqa: BLE001 - best effort on an already failed connection
+        pass
+    try:
+        bus.port_handler.is_using = False
     except Exception:  # noqa: BLE001
         pass
+
+
+def motor_check_problem(e: BaseException, bus: Any) -> str | None:
+    """The motors lerobot's motor check found missing or of another model (its message lists them below
+    its first line), by name and id, when some answered; None when none did (the port or the power)."""
+    text = str(e)
+    if "motor check failed" not in text:
+        return None
+    names = {m.id: name for name, m in getattr(bus, "motors", {}).items()}
+    missing = [int(i) for i in re.findall(r"^\s*- (\d+) \(expected model", text, re.M)]
+    wrong = [int(i) for i in re.findall(r"^\s*- (\d+) \([^)]*\): expected", text, re.M)]
+    if names and len(missing) == len(names):
+        return None  # nothing answered: the port, the permissions or the power
+
+    def listed(ids: list[int]) -> str:
+        return ", ".join(f"{names.get(i, '?')} (id {i})" for i in ids)
+
+    said = [f"motor(s) {listed(missing)} did not answer"] if missing else []
+    said += [f"motor(s) {listed(wrong)} are another model"] if wrong else []
+    if not said:
+        return None
+    return "; ".join(said) + ": check the cable to them and their ids (`lerobot-setup-motors` sets them)"
 
 
 def _entry(robot_type: str, description: str) -> RobotEntry:

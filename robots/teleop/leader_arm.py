@@ -36,8 +36,10 @@ from robots.base import Feature, RobotError
 from robots.real.lerobot_arm import (
     calibration_problem,
     calibration_registers,
+    close_port,
     first_line,
     holds,
+    motor_check_problem,
     port_released_on_error,
     unreadable_calibration,
     write_calibration,
@@ -178,6 +180,9 @@ class LeaderArmDevice:
             teleop.bus.connect()
         except (ConnectionError, RuntimeError) as e:
             _close_quietly(teleop)
+            some = motor_check_problem(e, teleop.bus)
+            if some is not None:  # the port answered
+                raise DeviceNotFoundError(f"leader arm {self.teleop_type} on {self.port!r}: {some}") from e
             raise DeviceNotFoundError(
                 f"leader arm {self.teleop_type} on {self.port!r} did not answer ({first_line(e)}); check "
                 "that the port exists (`ls /dev/ttyACM* /dev/ttyUSB*`, or `lerobot-find-port`), that your "
@@ -299,8 +304,4 @@ def _build_teleoperator(
 
 def _close_quietly(teleop: Any) -> None:
     """Close the serial port after a failed connect, without talking to the motors."""
-    try:
-        if teleop.bus.is_connected:
-            teleop.bus.port_handler.closePort()
-    except Exception:  # noqa: BLE001 - best effort on an already failed connection
-        pass
+    close_port(teleop.bus)
