@@ -397,6 +397,7 @@ def test_a_motion_device_on_absolute_actions_without_a_present_value_is_refused_
         "+task_options.controller=absolute.json",
         "teleop=keyboard",
         "store=s.zarr",
+        "state_only=true",  # (no EGL renderer: Mesa's threads would stay in this process)
     ]
     assert refused("wm-collect", *args, cwd=tmp_path) == (
         "error: teleop=keyboard cannot drive robosuite/Lift: an absolute ee action needs the robot's "

@@ -241,6 +241,63 @@ def test_object_state_is_not_proprioception_success_follows_rewards_and_absolute
         robomimic_to_store(src, tmp_path / "none.zarr", action_key="actions_delta")
 
 
+def test_object_poses_relative_to_the_robot_are_not_proprioception(tmp_path: Path) -> None:
+    """robosuite's gripper_to_cube_pos and RoboCasa's obj_to_robot0_eef_pos name the gripper / eef: they
+    were proprio, and sorting first, wm-train's default proprioception was an object's position."""
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src)
+    with h5py.File(src, "a") as f:
+        for name, length in LENGTHS.items():
+            for key in ("gripper_to_cube_pos", "obj_to_robot0_eef_pos"):
+                f["data"][name].create_dataset(f"obs/{key}", data=np.zeros((length, 3)))
+    store = robomimic_to_store(src, tmp_path / "lift.zarr")
+    kinds = {k: s.kind for k, s in store.schema.keys.items()}
+    assert kinds["gripper_to_cube_pos"] == kinds["obj_to_robot0_eef_pos"] == "lowdim"
+    assert store.schema.keys_of_kind("proprio")[0] == "robot0_eef_pos"
+
+
+def test_shaped_rewards_flag_success_by_the_reward_scale_and_empty_demos_are_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With robosuite's reward_shaping every step is rewarded: a failed demo's last reward was > 0 and
+    flagged a success. Only success reaches reward_scale. A demo of 0 samples failed the whole file."""
+    src = tmp_path / "dense.hdf5"
+    shaped = {
+        **ENV_ARGS,
+        "env_kwargs": {**ENV_ARGS["env_kwargs"], "reward_shaping": True, "reward_scale": 1.0},
+    }
+    write_robomimic(src, env_args=shaped)
+    with h5py.File(src, "a") as f:
+        for name, last in (("demo_0", 1.0), ("demo_2", 0.35), ("demo_10", 1.0)):
+            f["data"][name]["rewards"][:] = np.linspace(0.1, last, LENGTHS[name])
+        g = f["data"].create_group("demo_11")  # recorded and never stepped
+        for key, ds in f["data"]["demo_0"].items():
+            if isinstance(ds, h5py.Dataset):
+                g.create_dataset(key, data=ds[:0])
+        g.create_group("obs")
+        for key, ds in f["data"]["demo_0"]["obs"].items():
+            g["obs"].create_dataset(key, data=ds[:0])
+    store = robomimic_to_store(src, tmp_path / "dense.zarr")
+    assert [store.episode_info(i)["success"] for i in range(3)] == [True, False, True]
+    assert store.n_episodes == 3 and [store.episode_info(i)["source_demo"] for i in range(3)] == [
+        "demo_0", "demo_2", "demo_10"
+    ]  # fmt: skip
+    assert f"warning: {src}: demos without samples left out: demo_11" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+def test_a_rate_not_in_the_file_is_said_when_assumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "norate.hdf5"
+    write_robomimic(src, images=False, env_args={"env_name": "Lift", "env_kwargs": {}})
+    assert robomimic_to_store(src, tmp_path / "n.zarr").schema.fps == 20.0
+    assert f"warning: {src}: env_args names no control_freq: 20 fps assumed (robosuite's; give fps=)" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
 # ---------------------------------------------------------------------- malformed input: one line
 def _kwargs(env_kwargs: object) -> Callable[[h5py.File], None]:
     return lambda f: f["data"].attrs.__setitem__(

@@ -8,12 +8,14 @@ Mapping: `actions` (or the demo dataset `action_key` names, e.g. `actions_abs` f
 absolute-action script) -> store key `action`; `obs/<key>` -> store key `<key>` (kind `image` for
 (H, W, C) uint8, `proprio` for per-step vectors of the robot's own state: `robot0_*`, `eef`,
 `joint`, `gripper` keys; `lowdim` for anything else, such as `object`, the simulator's object poses,
-which a real robot does not have and `wm-train` must not take as proprioception by default). Values
+relative to the robot too (`gripper_to_cube_pos`, RoboCasa's `obj_to_robot0_eef_pos`), which a real
+robot does not have and `wm-train` must not take as proprioception by default). Values
 keep their HDF5 dtype, so the store holds them bit-exactly (robomimic low-dim data is often
 float64). `states`, `rewards`, `dones` and `next_obs` are not copied; `rewards` (else `dones`) only
-decide each episode's `success` flag; any other demo dataset left out, and an obs key that is not
-numbers (a language instruction), is named in a warning. Demos are written in numeric order (demo_2
-before demo_10).
+decide each episode's `success` flag (with robosuite's shaped rewards, a last reward of its
+`reward_scale`, which only success reaches); any other demo dataset left out, an obs key that is not
+numbers (a language instruction), and a demo without samples are named in a warning. Demos are written
+in numeric order (demo_2 before demo_10).
 
 The store is written beside `dst` under a temporary name and renamed into place once every demo is
 in, so a failed conversion leaves no half-written store behind.
@@ -41,6 +43,7 @@ DEFAULT_FPS = 20.0  # robosuite's default control_freq
 WRITE_STEPS = 256  # steps read from HDF5 and appended at a time, bounding memory for long image demos
 _DEMO_RE = re.compile(r"demo_(\d+)")
 _ROBOT_STATE = re.compile(r"^robot\d*_|eef|joint|gripper|^ee_|proprio", re.IGNORECASE)  # proprio keys
+_OBJECT = re.compile(r"_to_|^obj|object", re.IGNORECASE)  # poses of objects (relative to the robot too)
 NOT_COPIED = {"obs", "next_obs", "states", "rewards", "dones"}  # demo datasets read or left by design
 
 
@@ -93,10 +96,16 @@ def robomimic_to_store(
         schema = _schema(data, demos, env_args, src, fps, action_key)
         _warn_left_out(data, demos, action_key, src)
         masks = _masks(f, src)
+        rule = _success_rule(env_args, src)
+        empty = [n for n in demos if _steps(data[n], action_key) == 0]
+        if empty and len(empty) == len(demos):
+            raise SchemaError(f"{src}: every demo is empty (0 samples): nothing to convert")
+        if empty:  # an episode needs a step: one such demo failed the whole conversion
+            warn(f"{src}: demos without samples left out: {', '.join(empty)}")
         store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
         try:
-            for name in demos:
-                _append_demo(store, data[name], name, masks, src, (tmp, dst), action_key)
+            for name in (n for n in demos if n not in empty):
+                _append_demo(store, data[name], name, masks, src, (tmp, dst), action_key, rule)
         except BaseException:
             store.close()
             shutil.rmtree(tmp, ignore_errors=True)
@@ -184,7 +193,9 @@ def _masks(f: h5py.File, src: Path) -> dict[str, set[str]]:
 def _kind(key: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
     if len(shape) == 3 and shape[-1] in (1, 3, 4) and dtype == np.uint8:
         return "image"
-    return "proprio" if len(shape) <= 1 and _ROBOT_STATE.search(key) else "lowdim"
+    if len(shape) <= 1 and _ROBOT_STATE.search(key) and not _OBJECT.search(key):
+        return "proprio"
+    return "lowdim"  # (an object's pose relative to the gripper too: robosuite's gripper_to_cube_pos)
 
 
 def _warn_left_out(data: h5py.Group, demos: list[str], action_key: str, src: Path) -> None:
@@ -280,9 +291,10 @@ def _schema(
 
 
 def _control_freq(env_kwargs: dict[str, Any], src: Path) -> float:
-    """env_args' `env_kwargs.control_freq` (DEFAULT_FPS when absent), a positive number."""
+    """env_args' `env_kwargs.control_freq` (DEFAULT_FPS when absent, said), a positive number."""
     raw = env_kwargs.get("control_freq")
     if raw is None:
+        warn(f"{src}: env_args names no control_freq: {DEFAULT_FPS:g} fps assumed (robosuite's; give fps=)")
         return DEFAULT_FPS
     freq = positive_rate(raw)
     if freq is None:
@@ -316,9 +328,29 @@ def _action_space(ctrl: Any) -> ActionSpace:
 
 
 # ---------------------------------------------------------------------- writing
-def _success(demo: h5py.Group, name: str, src: Path) -> bool | None:
-    """rewards[-1] > 0 (robomimic's sparse task reward) if the demo has rewards, else bool(dones[-1]),
-    else unknown. Rewards first: robomimic's done modes 1 and 2 also mark every trajectory's end done."""
+def _steps(demo: h5py.Group, action_key: str) -> int:
+    actions = demo.get(action_key)
+    return int(actions.shape[0]) if isinstance(actions, h5py.Dataset) and actions.ndim >= 1 else -1
+
+
+def _success_rule(env_args: dict[str, Any], src: Path) -> float | None:
+    """The last reward a successful demo has: > 0 for robomimic's sparse rewards (0.0 returned); with
+    robosuite's `reward_shaping` (every step rewarded) its `reward_scale`, which success alone reaches
+    (a failed demo's last shaped reward was > 0: flagged a success); None: success cannot be told."""
+    kwargs = env_args.get("env_kwargs") or {}
+    if not (isinstance(kwargs, dict) and kwargs.get("reward_shaping") is True):
+        return 0.0
+    scale = kwargs.get("reward_scale", 1.0)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+        return float(scale)
+    warn(f"{src}: rewards are shaped and env_kwargs.reward_scale is {scale!r}: success is not recorded")
+    return None
+
+
+def _success(demo: h5py.Group, name: str, src: Path, rule: float | None = 0.0) -> bool | None:
+    """rewards[-1] > 0 (robomimic's sparse task reward; with shaped rewards, at least `rule`, the reward
+    scale: `_success_rule`) if the demo has rewards, else bool(dones[-1]), else unknown. Rewards first:
+    robomimic's done modes 1 and 2 also mark every trajectory's end done."""
     for key in ("rewards", "dones"):
         ds = demo.get(key)
         if isinstance(ds, h5py.Dataset) and ds.ndim >= 1 and ds.shape[0] > 0:
@@ -328,7 +360,11 @@ def _success(demo: h5py.Group, name: str, src: Path) -> bool | None:
                     f"{src}: data/{name}/{key}: shape {ds.shape} {ds.dtype} has no number per step "
                     "(expected (T,))"
                 )
-            return bool(last[0]) if key == "dones" else bool(last[0] > 0)
+            if key == "dones":
+                return bool(last[0])
+            if rule is None:
+                return None
+            return bool(last[0] > 0) if rule == 0.0 else bool(last[0] >= rule * (1 - 1e-6))
     return None
 
 
@@ -349,11 +385,12 @@ def _append_demo(
     src: Path,
     rename: tuple[Path, Path],
     action_key: str,
+    rule: float | None = 0.0,
 ) -> None:
     obs_keys = [k for k in store.keys if k != "action"]
     arrays = _demo_arrays(demo, name, obs_keys, src, action_key)
     info: dict[str, Any] = {"source_demo": name}
-    success = _success(demo, name, src)
+    success = _success(demo, name, src, rule)
     if success is not None:
         info["success"] = success
     info["filter_keys"] = sorted(k for k, demos in masks.items() if name in demos)
