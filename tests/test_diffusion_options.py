@@ -152,3 +152,16 @@ def test_a_crop_that_is_no_size_is_refused_in_one_line(crop, said):
     with pytest.raises(ValueError, match=re.escape(said)):
         crop_for(crop, (H, W))
     assert crop_for(12, (H, W)) == [12, 12] and crop_for("auto", (H, W)) == [14, 14]
+
+
+def test_a_resnet18_backbone_on_frames_of_32_px_or_less_is_noted_blind():
+    """ResNet-18's stride is 32: on 28 x 28 crops (32 px frames, crop auto) its map is 1 x 1, the keypoints
+    the same for every image; the policy trained and ran without seeing its cameras, nothing said.
+    (wm-train prints the note.)"""
+    from policies.diffusion.obs_encoder import ObsEncoderConfig
+
+    note = ObsEncoderConfig(image_size=(32, 32), crop=(28, 28)).blind_note()
+    assert note is not None and note.startswith("model.obs.backbone=resnet18 on 28 x 28 frames")
+    assert ObsEncoderConfig(image_size=(40, 40), crop=None).blind_note() is None  # a 2 x 2 map
+    assert ObsEncoderConfig(image_size=(32, 32), crop=None, backbone="patch").blind_note() is None
+    assert ObsEncoderConfig(image_size=(32, 32), crop=None, image_keys=(), proprio_dim=2).blind_note() is None

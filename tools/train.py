@@ -232,6 +232,12 @@ def train(cfg: TrainAppConfig) -> int:
         same_on_resume=partial(data_changes, defaults=default_keys),
     )
     out, main = Path(cfg.out).resolve(), trainer.is_main  # under torchrun: rank 0 speaks
+    from policies.diffusion.obs_encoder import ObsEncoderConfig
+
+    obs = getattr(getattr(setup.model, "cfg", None), "obs", None)  # a diffusion policy's cameras
+    blind = obs.blind_note() if isinstance(obs, ObsEncoderConfig) else None
+    if main and blind is not None:
+        print(f"note: {blind}")
     if main:
         print(f"run directory: {out}")
         print(f"TensorBoard logs: {out / 'tb'} (view them: tensorboard --logdir {out / 'tb'})")

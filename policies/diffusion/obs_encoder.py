@@ -80,6 +80,18 @@ class ObsEncoderConfig:
         if self.proprio_dim and not self.proprio_key:
             raise ValueError("proprio_dim > 0 needs a proprio_key")
 
+    def blind_note(self) -> str | None:
+        """A note when the resnet18 backbone cannot see its frames: its stride is 32, so frames of 32 px or
+        less (after the crop) give a 1 x 1 feature map, every keypoint at its centre for any image."""
+        side = self.crop or self.image_size
+        if self.backbone != "resnet18" or not self.image_keys or max(side) > 32:
+            return None
+        return (
+            f"model.obs.backbone=resnet18 on {side[0]} x {side[1]} frames (after the crop) has a 1 x 1 "
+            "feature map: its keypoints are the same for every image, and the policy does not see its "
+            "cameras; give larger frames (33 px or more) or model.obs.backbone=patch"
+        )
+
     @property
     def out_dim(self) -> int:
         """Dc: features per observation step."""
