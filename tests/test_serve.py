@@ -822,6 +822,40 @@ def test_a_server_that_restarts_while_it_builds_the_controller_is_asked_afresh()
         w.close()
 
 
+class SlowFirstChunk(Recorder):
+    """A controller whose first call takes a second (a model choosing its kernels or compiling)."""
+
+    def chunk_from(self, *args, **kwargs):
+        if not self.seen:
+            time.sleep(1.0)
+        return super().chunk_from(*args, **kwargs)
+
+
+def test_a_server_that_restarts_while_it_computes_a_sessions_first_chunk_is_noticed_by_pings():
+    """A session's first chunk has the long deadline (connect_timeout_s, 120 s by default), and no ping
+    went out while a request was outstanding: a server that restarted meanwhile was noticed only when the
+    deadline passed, the robot holding all that time. Pings go on while a first chunk computes; a slow
+    one (answered in the meantime) is still waited for."""
+    with threaded_server(SlowFirstChunk) as srv:  # slow, and there: pinged, answered, waited for
+        w = opened(srv, connect_timeout_s=20.0, dead_after_s=0.3, heartbeat_s=0.05)
+        assert ask(w, 0, timeout=5).error is None and w.stats["reconnects"] == 0
+        w.close()
+    with threaded_server(SlowFirstChunk) as srv:
+        port = srv.port
+        w = opened(srv, connect_timeout_s=20.0, dead_after_s=0.3, heartbeat_s=0.05)
+        w.submit(Request(0, obs_steps(1), [], action_shape=(2,)))  # the session's first chunk
+        time.sleep(0.2)
+    time.sleep(0.3)  # gone while it computed; back:
+    with threaded_server(port=port):
+        back = time.monotonic()
+        while (reply := w.poll()) is None and time.monotonic() - back < 10:
+            time.sleep(0.01)
+        assert reply is not None and time.monotonic() - back < 3, "waited for the first chunk's deadline"
+        assert w.stats["reconnects"] == 1 and w.stats["timeouts"] == 0  # a ping's, not the deadline's
+        assert ask(w, 1, timeout=10).error is None
+        w.close()
+
+
 def test_a_network_blip_while_the_controller_is_built_keeps_the_session():
     """ZeroMQ renews a connection cut by the network with a new routing id: the client's ping then
     found no session being built for it, and its new handshake found the only slot taken by its own

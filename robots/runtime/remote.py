@@ -9,8 +9,9 @@ drives the connection:
   a controller's first call may choose its kernels or compile, and the robot is at rest or holding):
   past it, the chunk is given up (an error reply to the runtime), the socket is closed (so a late
   reply can never arrive, let alone be executed) and the client reconnects;
-- when idle, waiting for an episode's reset (which may queue behind a long chunk) or for a new
-  session's controller to be built, it pings every `heartbeat_s`; a ping unanswered for
+- when idle, waiting for an episode's reset (which may queue behind a long chunk), for a new
+  session's controller to be built or for a session's first chunk (its long deadline: a server that
+  restarted meanwhile was noticed only then), it pings every `heartbeat_s`; a ping unanswered for
   `dead_after_s` means the server is gone, and a server that no longer builds ours restarted: it
   reconnects;
 - reconnecting is a new handshake that resumes the session (the server's controller and its state
@@ -387,7 +388,10 @@ class RemoteWorker:
             # a reset may wait behind a chunk, a new session for its controller to build (a model to
             # load, for up to connect_timeout_s): pings show the server is there and still at it
             self._state in ("ready", "reset", "auth")
-            and self._outstanding is None
+            and (
+                self._outstanding is None
+                or self._outstanding[2] - self._outstanding[1] > self.cfg.request_timeout_s
+            )
             and self._ping_at is None
             and now - self._last_sent > self.cfg.heartbeat_s
         ):
