@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from functools import partial
 
 import numpy as np
@@ -508,6 +509,26 @@ def test_too_small_dataset_fails_clearly(dataset, tmp_path):
 def scripted_val(values: dict[int, dict[str, float]], seen: list[int] | None = None):
     """A val_fn reporting the given metrics at each step (so the best step is known)."""
     return lambda model, step, out_dir: (seen.append(step) if seen is not None else None) or values[step]
+
+
+def test_the_logged_training_speed_leaves_out_validation_and_checkpoints(dataset, tmp_path, monkeypatch):
+    """A logging window's timer started at the log step, before that step's checkpoint and validation:
+    the next window's samples_per_s counted them (a tenth of the speed after every validation)."""
+    speeds: dict[int, float] = {}
+    log = Trainer._log
+
+    def recorded(self, window, writer, pbar):
+        means = log(self, window, writer, pbar)
+        speeds[self.step] = means["samples_per_s"]
+        return means
+
+    def slow_val(model, step, out_dir):
+        time.sleep(1.0)
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(Trainer, "_log", recorded)
+    make_trainer(dataset, tmp_path, steps=20, log_every=5, val_every=10, ckpt_every=10, val_fn=slow_val).fit()
+    assert speeds[15] > speeds[5] / 5, speeds  # steps 11-15, after step 10's checkpoint and validation
 
 
 def test_best_checkpoint_keeps_the_lowest_validation_and_resume_takes_the_latest(dataset, tmp_path, capsys):

@@ -6,9 +6,9 @@ reads a root config or instantiates from one). A model only has to satisfy `Trai
     loss, metrics = model.compute_loss(batch)   # batch: the WindowDataset keys, on the device
 
 The trainer owns everything else: the seeded loader (`wm.data.dataset.make_loader`), AdamW with no
-weight decay on biases, norms and embeddings, linear warmup then cosine LR (the warm-up capped at a
-fraction of the run, so a short run is not all warm-up), gradient clipping, an EMA copy of the weights
-(used for validation and saved), optional bf16 autocast and `torch.compile`, tqdm progress,
+weight decay on biases, norm scales and `nn.Embedding` tables, linear warmup then cosine LR (the warm-up
+capped at a fraction of the run, so a short run is not all warm-up), gradient clipping, an EMA copy of
+the weights (used for validation and saved), optional bf16 autocast and `torch.compile`, tqdm progress,
 TensorBoard logs under `out_dir/tb`, periodic validation through a model-specific `val_fn`, atomic
 checkpoints (`wm.checkpoint`): the latest `ckpt_<step>.pt` files and `best.pt`, the weights with the
 lowest validation metric so far; resuming from the latest checkpoint in `out_dir`, and on Ctrl-C a
@@ -677,6 +677,8 @@ class Trainer:
             if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
                 result.update(self._validate(writer))
                 last_val = self.step
+            if at_log:  # the next window times training steps only (not this step's save and validation)
+                window.t0 = time.perf_counter()
             if self.step < cfg.steps and self._stop_requested(interrupt, at_log):  # the last: done
                 self._stop(saved, interrupt.signum)
         if last_val != self.step and self.val_fn is not None:  # resumed at or past cfg.steps
