@@ -248,12 +248,13 @@ def test_object_poses_relative_to_the_robot_are_not_proprioception(tmp_path: Pat
     write_robomimic(src)
     with h5py.File(src, "a") as f:
         for name, length in LENGTHS.items():
-            for key in ("gripper_to_cube_pos", "obj_to_robot0_eef_pos"):
+            for key in ("gripper_to_cube_pos", "obj_to_robot0_eef_pos", "robot0_base_to_eef_pos"):
                 f["data"][name].create_dataset(f"obs/{key}", data=np.zeros((length, 3)))
     store = robomimic_to_store(src, tmp_path / "lift.zarr")
     kinds = {k: s.kind for k, s in store.schema.keys.items()}
     assert kinds["gripper_to_cube_pos"] == kinds["obj_to_robot0_eef_pos"] == "lowdim"
-    assert store.schema.keys_of_kind("proprio")[0] == "robot0_eef_pos"
+    assert kinds["robot0_base_to_eef_pos"] == "proprio"  # the robot's own (RoboCasa)
+    assert store.schema.keys_of_kind("proprio")[0].startswith("robot0_")  # wm-train's default: the robot's
 
 
 def test_shaped_rewards_flag_success_by_the_reward_scale_and_empty_demos_are_left_out(

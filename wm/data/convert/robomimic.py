@@ -43,7 +43,8 @@ DEFAULT_FPS = 20.0  # robosuite's default control_freq
 WRITE_STEPS = 256  # steps read from HDF5 and appended at a time, bounding memory for long image demos
 _DEMO_RE = re.compile(r"demo_(\d+)")
 _ROBOT_STATE = re.compile(r"^robot\d*_|eef|joint|gripper|^ee_|proprio", re.IGNORECASE)  # proprio keys
-_OBJECT = re.compile(r"_to_|^obj|object", re.IGNORECASE)  # poses of objects (relative to the robot too)
+# poses of objects, relative to the robot too (gripper_to_cube_pos; not RoboCasa's robot0_base_to_eef_pos)
+_OBJECT = re.compile(r"^(?!robot\d*_).*_to_|^obj|object", re.IGNORECASE)
 NOT_COPIED = {"obs", "next_obs", "states", "rewards", "dones"}  # demo datasets read or left by design
 
 
