@@ -264,10 +264,10 @@ class Collector:
             info = {**info, OPTIONS_KEY: dict(self.task_options)}
         if self.run_config is not None:
             info = {**info, RUN_KEY: dict(self.run_config)}
-        said = writer.end(info)
-        if isinstance(writer, BackgroundEpisode) and said:  # a step the store refused: the ones before kept
+        said, background = writer.end(info), isinstance(writer, BackgroundEpisode)
+        if background and said:  # a step the store refused: the ones before kept
             print(f"warning: {said}", file=sys.stderr, flush=True)
-        kept = writer.steps if isinstance(writer, BackgroundEpisode) else writer.n_steps
+        kept = writer.steps if background else writer.n_steps
         self.stats.steps += kept  # the saved episodes' (a dropped one's are not in the store)
         if kept:
             self.stats.saved += 1

@@ -254,7 +254,8 @@ class DinoWorldModel(nn.Module):
     def check_obs(self, obs: dict[str, torch.Tensor]) -> None:
         """One clear error for observations (or goals) this model was not trained on."""
         c = self.cfg
-        for key in (c.image_key, c.proprio_key) if c.proprio_dim else (c.image_key,):
+        keys = (c.image_key, c.proprio_key) if c.proprio_dim else (c.image_key,)
+        for key in keys:
             if key not in obs:
                 raise ValueError(f"observation lacks {key!r} (has {sorted(obs)}); the world model needs it")
         img = obs[c.image_key]
@@ -289,8 +290,7 @@ class DinoWorldModel(nn.Module):
                 f"{c.proprio_key!r} must be (B, T, {c.proprio_dim}) = {(*lead, c.proprio_dim)} beside "
                 f"{c.image_key!r} {tuple(img.shape)}, got {tuple(obs[c.proprio_key].shape)}"
             )
-        checked = () if self.training else (c.image_key, c.proprio_key) if c.proprio_dim else (c.image_key,)
-        for key in checked:  # (training reads the store's, which refuses NaN)
+        for key in () if self.training else keys:  # (training reads the store's, which refuses NaN)
             if not torch.isfinite(obs[key]).all():  # NaN latents gave NaN costs: a plan from nothing
                 raise ValueError(f"{key!r} holds NaN or inf values")
         past = obs.get("past_action")

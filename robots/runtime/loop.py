@@ -328,29 +328,26 @@ class Runtime:
                 state.human, state.resume_after, state.resuming = False, began, True
                 timeline.clear()
                 pick = None
-                watchdog.start(began)  # (it counted from the operator's last action)
+                # the first chunk after it is awaited as an episode's first is (it may be computed from an
+                # observation after the hand-back only), the arm holding; the watchdog counted from the
+                # operator's last action
+                watchdog.start(began, stop_after_s=cfg.wait_timeout_s)
             if pick is not None:
                 watchdog.fresh(now)
                 if now > pick.due + self.period / 2:
                     out.stale_sent += 1
-            elif human is None and not state.resuming and timeline.holds_last(tick_t):
-                watchdog.fresh(now)  # a delta's step still runs (applied once, not repeated): on schedule
-            elif (
-                not len(timeline) and not timeline.holds_last(tick_t) and human is None and not state.resuming
-            ):
-                out.underruns += 1  # (the last action of a slower policy still has its step: no underrun)
-            verdict = watchdog.check(now)
-            if verdict == "stop" and state.resuming and now - state.resume_after <= cfg.wait_timeout_s:
-                # the first chunk after a hand-back is awaited as an episode's first is (it may be
-                # computed from an observation after it only): the arm holds meanwhile
-                verdict = watchdog.state = "hold"
-            if verdict == "stop":
+            elif human is None and not state.resuming:
+                if timeline.holds_last(tick_t):  # a delta's step still runs (applied once, not repeated)
+                    watchdog.fresh(now)
+                elif not len(timeline):  # (the last action of a slower policy still has its step: none)
+                    out.underruns += 1
+            if watchdog.check(now) == "stop":
                 out.events["stop"] += 1
                 idle = now - (watchdog.last_fresh if watchdog.last_fresh is not None else now)
                 out.stopped = (
                     f"no fresh action for {idle:.2f} s (stop_after_s = {self.safety_cfg.stop_after_s}): "
                     f"{self._why_no_action(state)}; holding position"
-                    if not state.resuming
+                    if watchdog.stop_after_s is None
                     else f"no chunk {idle:.2f} s after the operator handed back (wait_timeout_s = "
                     f"{cfg.wait_timeout_s:g}): {self._why_no_action(state)}; holding position"
                 )

@@ -228,19 +228,20 @@ class Watchdog:
     cfg: SafetyConfig
     last_fresh: float | None = None
     state: str = "ok"
+    stop_after_s: float | None = None  # the present wait's stop limit until a fresh action (None: cfg's)
 
     def fresh(self, now: float) -> None:
-        self.last_fresh, self.state = now, "ok"
+        self.last_fresh, self.state, self.stop_after_s = now, "ok", None
 
-    def start(self, now: float) -> None:
-        """The run starts: the first chunk is awaited from now on."""
-        self.last_fresh, self.state = now, "ok"
+    def start(self, now: float, stop_after_s: float | None = None) -> None:
+        """A first chunk is awaited from now on: a run's, or, with a longer `stop_after_s` (the arm
+        holding meanwhile), the first after a human handed the robot back."""
+        self.last_fresh, self.state, self.stop_after_s = now, "ok", stop_after_s
 
     def check(self, now: float) -> str:
         if self.last_fresh is None:
             return "ok"
         idle = now - self.last_fresh
-        self.state = (
-            "stop" if idle > self.cfg.stop_after_s else "hold" if idle > self.cfg.hold_after_s else "ok"
-        )
+        stop = self.cfg.stop_after_s if self.stop_after_s is None else self.stop_after_s
+        self.state = "stop" if idle > stop else "hold" if idle > self.cfg.hold_after_s else "ok"
         return self.state

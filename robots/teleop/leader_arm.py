@@ -179,7 +179,7 @@ class LeaderArmDevice:
         try:
             teleop.bus.connect()
         except (ConnectionError, RuntimeError) as e:
-            _close_quietly(teleop)
+            close_port(teleop.bus)
             some = motor_check_problem(e, teleop.bus)
             if some is not None:  # the port answered
                 raise DeviceNotFoundError(f"leader arm {self.teleop_type} on {self.port!r}: {some}") from e
@@ -190,7 +190,7 @@ class LeaderArmDevice:
                 "motors are powered"
             ) from e
         if not teleop.calibration and not self.calibrate:
-            _close_quietly(teleop)
+            close_port(teleop.bus)
             raise RobotError(
                 f"leader arm {self.arm_id!r} has no calibration in {teleop.calibration_dir}; run "
                 f"`lerobot-calibrate --teleop.type={self.teleop_type} --teleop.port={self.port} "
@@ -199,7 +199,7 @@ class LeaderArmDevice:
             )
         problem = calibration_problem(teleop) if teleop.calibration else None
         if problem is not None and not self.calibrate:  # lerobot failed at the first read
-            _close_quietly(teleop)
+            close_port(teleop.bus)
             raise RobotError(
                 f"leader arm {self.arm_id!r}: {problem}; move it away and calibrate the arm again with "
                 f"`lerobot-calibrate --teleop.type={self.teleop_type} --teleop.port={self.port} "
@@ -217,7 +217,7 @@ class LeaderArmDevice:
                     write_calibration(teleop.bus, teleop.calibration, registers)
             teleop.configure()
         except Exception as e:
-            _close_quietly(teleop)
+            close_port(teleop.bus)
             raise RobotError(
                 f"leader arm {self.teleop_type} on {self.port!r}: setting up its motors failed "
                 f"({first_line(e)}); check its power and cables, and that {teleop.calibration_fpath} is "
@@ -225,7 +225,7 @@ class LeaderArmDevice:
                 f"--teleop.port={self.port} --teleop.id={self.arm_id}`)"
             ) from e
         except BaseException:  # Ctrl-C at lerobot's calibration prompt
-            _close_quietly(teleop)
+            close_port(teleop.bus)
             raise
 
     def disconnect(self) -> None:
@@ -235,7 +235,7 @@ class LeaderArmDevice:
         try:
             self._teleop.disconnect()
         except Exception:  # noqa: BLE001 - e.g. unplugged: lerobot's torque-off write fails; close the port
-            _close_quietly(self._teleop)
+            close_port(self._teleop.bus)
         finally:
             if self.command_device is not None:
                 self.command_device.disconnect()
@@ -300,8 +300,3 @@ def _build_teleoperator(
             f"away and run `lerobot-calibrate --teleop.type={teleop_type} --teleop.port={port} "
             f"--teleop.id={arm_id}`"
         ) from e
-
-
-def _close_quietly(teleop: Any) -> None:
-    """Close the serial port after a failed connect, without talking to the motors."""
-    close_port(teleop.bus)
