@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from wm.checks import check_finite
 from wm.options import is_whole
 
 Latent = dict[str, torch.Tensor]
@@ -318,8 +319,7 @@ def check_previous(
         raise ValueError(f"previous must be (E, n, Da) = ({batch}, n, {action_dim}), got {tuple(prev.shape)}")
     if not 0 <= frozen <= prev.shape[1]:
         raise ValueError(f"frozen must be in [0, n = {prev.shape[1]}] (previous's length), got {frozen}")
-    if not bool(torch.isfinite(prev).all()):
-        raise ValueError("previous holds non-finite values (NaN or inf)")
+    check_finite(prev, "previous")
     return prev
 
 

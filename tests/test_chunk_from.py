@@ -335,7 +335,8 @@ def test_bad_requests_raise_one_clear_value_error(kind):
             steps, actions, np.zeros((E, 4, 3), np.float32), 1),
         r"previous must be \(E, n, Da\) = \(2, n, 2\), got \(1, 4, 2\)": (steps, actions, prev[:1], 1),
         "2 actions for 2 steps": (steps, actions * 2, prev, 1),
-        "non-finite": (steps, actions, np.where(np.arange(4)[None, :, None] == 2, np.nan, prev), 1),
+        "^NaN or inf values in previous:": (
+            steps, actions, np.where(np.arange(4)[None, :, None] == 2, np.nan, prev), 1),
         "frozen = 1 without a previous chunk": (steps, actions, None, 1),
         "frozen must be a whole number of actions, got 1.5": (steps, actions, prev, 1.5),  # a TypeError
     }  # fmt: skip

@@ -930,7 +930,7 @@ def test_chunk_policy_reads_raw_observations(unet_policy, store_path):
     for key in ("image", "proprio"):  # the model's own API took NaN too, and sampled NaN actions
         nan = batch[key].clone()
         nan[(0, -1) + (0,) * (nan.ndim - 2)] = float("nan")
-        with pytest.raises(ValueError, match=f"^'{key}' holds NaN or inf values"):
+        with pytest.raises(ValueError, match=f"^NaN or inf values in '{key}': a faulty sensor"):
             policy.sample_actions({**batch, key: nan})
 
 

@@ -279,12 +279,12 @@ def test_bad_input_to_the_modes_is_one_clear_error():
         model.inverse_dynamics(obs, torch.rand(2, 2, 1, 3, 48, 48))  # was "future latents are (...)"
     nan_frame = {"image": obs["image"].clone()}
     nan_frame["image"][1, 0, 0, 5, 5] = float("nan")
-    nan = r"hold non-finite values \(NaN or inf\)"
-    with pytest.raises(ValueError, match=rf"the observation's camera\(s\) \['image'\] {nan}"):
+    nan = r"^NaN or inf values in"
+    with pytest.raises(ValueError, match=rf"{nan} the observation's camera\(s\) \['image'\]: a faulty"):
         model.policy(nan_frame)
-    with pytest.raises(ValueError, match=rf"the actions {nan}"):
+    with pytest.raises(ValueError, match=rf"{nan} the actions:"):
         model.forward_dynamics(obs, torch.full((2, 2, 2), float("nan")))
-    with pytest.raises(ValueError, match=rf"the future frames {nan}"):
+    with pytest.raises(ValueError, match=rf"{nan} the future frames:"):
         model.inverse_dynamics(obs, torch.full((2, 2, 1, 4, GRID, GRID), float("inf")))
     with pytest.raises(ValueError, match=r"latents are \(2, 2, 4, 8, 8\), expected \(B, F, V, 4, 8, 8\)"):
         model.decode(torch.rand(2, 2, 4, GRID, GRID))
@@ -302,7 +302,7 @@ def test_bad_input_to_the_modes_is_one_clear_error():
         ValueError, match=r"'state' is \(1, 1, 3\): expected \(B, T, 3\) with B = 2, the cameras' batch"
     ):
         with_proprio.policy({**obs, "state": torch.zeros(1, 1, 3)})
-    with pytest.raises(ValueError, match=rf"proprioception 'state' {nan}"):
+    with pytest.raises(ValueError, match=rf"{nan} proprioception 'state':"):
         with_proprio.policy({**obs, "state": torch.full((2, 1, 3), float("nan"))})
     with pytest.raises(
         ValueError,

@@ -33,11 +33,12 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from wm.checks import check_finite, check_unit_frames
 from wm.data.dataset import frames_key
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.decoder import Decoder, DecoderConfig
-from wm.encoders import EncoderConfig, PatchEncoder, build_encoder, check_unit_frames
+from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
 from wm.options import check_numbers, sub_config
 from wm.predictor import Predictor, PredictorConfig
 from wm.spec import IOSpec
@@ -291,8 +292,7 @@ class DinoWorldModel(nn.Module):
                 f"{c.image_key!r} {tuple(img.shape)}, got {tuple(obs[c.proprio_key].shape)}"
             )
         for key in () if self.training else keys:  # (training reads the store's, which refuses NaN)
-            if not torch.isfinite(obs[key]).all():  # NaN latents gave NaN costs: a plan from nothing
-                raise ValueError(f"{key!r} holds NaN or inf values")
+            check_finite(obs[key], repr(key))  # NaN latents gave NaN costs: a plan from nothing
         past = obs.get("past_action")
         if past is not None and tuple(past.shape) != (lead[0], lead[1] - 1, self.step_action_dim):
             raise ValueError(
@@ -440,8 +440,8 @@ class DinoWorldModel(nn.Module):
                 f"{name} must be raw actions {letters} = {shape} (f*A: frameskip {self.cfg.frameskip} x "
                 f"action_dim {self.cfg.action_dim}), got {tuple(actions.shape)}"
             )
-        if finite and not torch.isfinite(actions).all():  # NaN actions gave NaN predictions and costs
-            raise ValueError(f"{name} hold NaN or inf values")
+        if finite:  # NaN actions gave NaN predictions and costs
+            check_finite(actions, name)
         return actions.to(self.action_emb.weight.dtype)
 
     def cost(self, pred: Latent, goal: Latent) -> torch.Tensor:

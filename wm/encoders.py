@@ -69,18 +69,6 @@ def state_dict_hash(module: nn.Module, label: str) -> str:
     return h.hexdigest()[:16]
 
 
-def check_unit_frames(frames: Tensor, key: str) -> None:
-    """Float camera frames hold [0, 1] (a hair of rounding either side allowed): 0..255 frames converted
-    with .float() and not divided were encoded as another picture, with no error. One line naming `key`;
-    NaN is left to the finiteness checks."""
-    lo, hi = (float(v) for v in torch.aminmax(frames.detach()))
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(
-            f"{key!r} frames hold values in [{lo:.4g}, {hi:.4g}]: expected float frames in [0, 1] "
-            "(divide 0..255 frames by 255)"
-        )
-
-
 class EncoderWeightsError(RuntimeError):
     """Pretrained weights are missing, cannot be downloaded, or do not fit the model."""
 

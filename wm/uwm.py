@@ -57,9 +57,9 @@ from policies.diffusion.noise import (
     masked_mean,
     randn,
 )
+from wm.checks import check_finite, check_unit_frames
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
-from wm.encoders import check_unit_frames
 from wm.latents import LatentCodec, LatentConfig, build_codec
 from wm.options import check_numbers, sub_config
 from wm.precision import check_precision, resolve_precision
@@ -158,13 +158,6 @@ class UWMConfig:
         if unknown:
             raise ValueError(f"unknown uwm option(s) {unknown}")
         return cls(**d)
-
-
-def check_finite_input(what: str, x: Tensor) -> None:
-    """Refuse (ValueError, one line) a NaN or inf in a mode's input `x`: sampled from, it made every
-    output NaN, with no error."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{what} hold non-finite values (NaN or inf)")
 
 
 @dataclass(frozen=True)
@@ -326,7 +319,7 @@ class UWM(nn.Module):
         c = self.cfg
         device = self.diffusion.betas.device
         z = self.views(obs, c.n_obs)
-        check_finite_input(f"the observation's camera(s) {list(c.image_keys)}", z)
+        check_finite(z, f"the observation's camera(s) {list(c.image_keys)}")
         if not c.proprio_key:
             return z, None
         if c.proprio_key not in obs:
@@ -338,7 +331,7 @@ class UWM(nn.Module):
                 f"with B = {z.shape[0]}, the cameras' batch"
             )
         p = self.normalizer.normalize(c.proprio_key, last_steps(raw.to(device).float(), c.n_obs))
-        check_finite_input(f"proprioception {c.proprio_key!r}", p)
+        check_finite(p, f"proprioception {c.proprio_key!r}")
         return z, p
 
     # ------------------------------------------------------------------ training
@@ -461,7 +454,7 @@ class UWM(nn.Module):
         if tuple(actions.shape) != a_shape:
             raise ValueError(f"actions are {tuple(actions.shape)}, expected {a_shape}")
         x0 = self.normalizer.normalize(self.cfg.action_key, actions.to(z.device).float())
-        check_finite_input("the actions", x0)
+        check_finite(x0, "the actions")
         other, t_other = self._clean(x0, generator)
         return self._sample(v_shape, _Mode("frames", z, p, other, t_other), generator)
 
@@ -482,7 +475,7 @@ class UWM(nn.Module):
         if tuple(fut.shape) != v_shape:
             raise ValueError(f"future latents are {tuple(fut.shape)}, expected {v_shape}")
         fut = fut.float()
-        check_finite_input("the future frames", fut)
+        check_finite(fut, "the future frames")
         other, t_other = self._clean(fut, generator)
         x = self._sample(a_shape, _Mode("action", z, p, other, t_other), generator)
         return self.normalizer.unnormalize(self.cfg.action_key, x)

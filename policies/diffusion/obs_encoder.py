@@ -33,8 +33,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from policies.diffusion.precision import Bf16Inference, Bf16Shadow
+from wm.checks import check_unit_frames
 from wm.data.augment import center_crop, random_crop
-from wm.encoders import EncoderConfig, PatchEncoder, build_encoder, check_unit_frames
+from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
 from wm.options import check_numbers, sub_config
 
 BACKBONES = ("resnet18", "patch")

@@ -44,6 +44,7 @@ from policies.diffusion.obs_encoder import ObsEncoder, ObsEncoderConfig
 from policies.diffusion.precision import check_precision, set_inference_precision
 from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
 from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
+from wm.checks import check_finite
 from wm.data.normalize import Normalizer
 from wm.data.windows import WindowSpec
 from wm.options import check_numbers, sub_config
@@ -338,8 +339,8 @@ class DiffusionPolicy(nn.Module):
         """NaN or inf in an observation is refused in one line naming its key (it gave NaN actions)."""
         c = self.cfg.obs
         for k in list(c.image_keys) + ([c.proprio_key] if c.proprio_dim else []):
-            if k in obs and obs[k].is_floating_point() and not torch.isfinite(obs[k]).all():
-                raise ValueError(f"{k!r} holds NaN or inf values: a faulty sensor reading?")
+            if k in obs:
+                check_finite(obs[k], repr(k))
 
     def _overflow(self, obs: dict[str, Tensor]) -> str:
         """Why finite observations gave non-finite actions, for one line: the proprioception's largest
