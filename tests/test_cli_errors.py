@@ -304,9 +304,9 @@ def test_required_values_are_required(tmp_path, name, args, line):
                 "runtime.mode=sync",
                 "policy.inpaint_guidance=gradient",
             ],
-            "error: policy.inpaint_guidance guides a chunk towards the one it replaces, which only "
-            "runtime.mode=async with runtime.stitching=inpaint asks for (here mode=sync, stitching=inpaint): "
-            "leave it out",
+            "error: policy.inpaint_guidance has no effect with runtime.mode=sync, stitching=inpaint: it "
+            "guides a chunk towards the one it replaces, which only wm-deploy's runtime.mode=async with "
+            "runtime.stitching=inpaint asks for; leave it out",
         ),  # fmt: skip
         (
             "wm-deploy",
@@ -318,9 +318,9 @@ def test_required_values_are_required(tmp_path, name, args, line):
                 "runtime.stitching=replace",
                 "policy.inpaint_guidance=gradient",
             ],
-            "error: policy.inpaint_guidance guides a chunk towards the one it replaces, which only "
-            "runtime.mode=async with runtime.stitching=inpaint asks for (here mode=async, "
-            "stitching=replace): leave it out",
+            "error: policy.inpaint_guidance has no effect with runtime.mode=async, stitching=replace: it "
+            "guides a chunk towards the one it replaces, which only wm-deploy's runtime.mode=async with "
+            "runtime.stitching=inpaint asks for; leave it out",
         ),  # fmt: skip
         (
             "wm-serve",

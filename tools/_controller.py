@@ -89,6 +89,16 @@ def refuse_temporal_ensemble(policy: PolicyOptions, where: str) -> None:
         )
 
 
+def refuse_unguided_inpaint(policy: PolicyOptions, where: str) -> None:
+    """`policy.inpaint_guidance` where no chunk is guided (wm-eval; wm-deploy but for async inpainting)
+    was accepted, recorded as used, and changed nothing."""
+    if policy.inpaint_guidance is not None:
+        raise UsageError(
+            f"policy.inpaint_guidance has no effect {where}: it guides a chunk towards the one it replaces, "
+            "which only wm-deploy's runtime.mode=async with runtime.stitching=inpaint asks for; leave it out"
+        )
+
+
 MAX_THREADS = 4096
 
 

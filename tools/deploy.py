@@ -59,6 +59,7 @@ from tools._controller import (
     ControllerConfig,
     check_threads,
     refuse_temporal_ensemble,
+    refuse_unguided_inpaint,
     trained_elsewhere,
     training_run,
 )
@@ -96,12 +97,8 @@ class DeployConfig(ControllerConfig):
             super().__post_init__()
             refuse_temporal_ensemble(self.policy, "in wm-deploy")
             rt = self.runtime
-            if self.policy.inpaint_guidance is not None and (rt.stitching != "inpaint" or rt.mode == "sync"):
-                raise UsageError(  # accepted, recorded in report.json, and no chunk was guided
-                    f"policy.inpaint_guidance guides a chunk towards the one it replaces, which only "
-                    f"runtime.mode=async with runtime.stitching=inpaint asks for (here mode={rt.mode}, "
-                    f"stitching={rt.stitching}): leave it out"
-                )
+            if rt.stitching != "inpaint" or rt.mode == "sync":
+                refuse_unguided_inpaint(self.policy, f"with runtime.mode={rt.mode}, stitching={rt.stitching}")
         else:
             if self.checkpoint:
                 raise UsageError(

@@ -25,7 +25,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tools._cli import UsageError, app, bind, build, folder, record_of, sigterm_interrupts
-from tools._controller import ControllerConfig, _mpc_builder, load_checkpoint_model, trained_elsewhere
+from tools._controller import (
+    ControllerConfig,
+    _mpc_builder,
+    load_checkpoint_model,
+    refuse_unguided_inpaint,
+    trained_elsewhere,
+)
 from wm.interrupt import interrupts_held
 from wm.locks import remove_left_by_dead
 
@@ -85,11 +91,7 @@ class EvalConfig(ControllerConfig):
                 raise UsageError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.episodes > MAX_EPISODES:  # a list of that many seeds ran out of memory (a traceback)
             raise UsageError(f"episodes must be at most {MAX_EPISODES:,}, got {self.episodes:,}")
-        if self.policy.inpaint_guidance is not None:  # recorded in results.json, and changed nothing
-            raise UsageError(
-                "policy.inpaint_guidance has no effect in wm-eval: it guides a chunk towards the one before "
-                "it, which only wm-deploy's runtime asks for (runtime.stitching=inpaint); give it there"
-            )
+        refuse_unguided_inpaint(self.policy, "in wm-eval")
         if self.seed < 0:
             raise UsageError(f"seed must be >= 0 (episode i uses seed + i), got {self.seed}")
         if self.max_steps is not None and self.max_steps < 1:
