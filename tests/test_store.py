@@ -358,6 +358,11 @@ def test_delete_keep_merge(tmp_path, small_store):
     s = DemoStore.open(path)
     assert [s.episode_info(i)["notes"] for i in range(2)] == ["ep3", "ep0"]
     s.close()
+    for twice in ([0, 0], [1, -1]):  # an episode kept twice was copied twice: its weight doubled
+        with pytest.raises(ValueError, match=r"small.zarr: episodes \[.*\] given more than once: "):
+            keep_episodes(path, twice)
+    with DemoStore.open(path) as s:
+        assert s.n_episodes == 2
 
     other = tmp_path / "other.zarr"
     o = DemoStore.create(other, make_schema())
@@ -395,6 +400,36 @@ def test_stores_that_record_different_things_are_not_merged(tmp_path, small_stor
             o.append_episode(make_episode(50, 6))
     with pytest.raises(SchemaError, match="record different things .action units 'deg' vs 'rad'"):
         merge_stores([tmp_path / "rad.zarr", tmp_path / "deg.zarr"], tmp_path / "merged_units.zarr")
+    # robot and dimension names were not compared: every episode took the first store's
+    with DemoStore.create(tmp_path / "ur5e.zarr", dataclasses.replace(base, robot="ur5e")) as o:
+        o.append_episode(make_episode(50, 6))
+    with pytest.raises(SchemaError, match="record different things .robot 'ur5e' vs 'test_bot'"):
+        merge_stores([path, tmp_path / "ur5e.zarr"], tmp_path / "merged_robot.zarr")
+    for name, names in (("a", ("j1", "j2", "j3", "gripper")), ("b", ("gripper", "j1", "j2", "j3"))):
+        keys = {**base.keys, "state": dataclasses.replace(base.keys["state"], names=names)}
+        with DemoStore.create(tmp_path / f"{name}.zarr", dataclasses.replace(base, keys=keys)) as o:
+            o.append_episode(make_episode(50, 6))
+    with pytest.raises(
+        SchemaError, match=r"key 'state': .*a.zarr names its dimensions \['j1', 'j2', 'j3', 'gripper'\], "
+    ):
+        merge_stores([tmp_path / "b.zarr", tmp_path / "a.zarr"], tmp_path / "merged_names.zarr")
+
+
+def test_a_merged_episode_keeps_its_own_task(tmp_path, small_store):
+    """Stores of two tasks merged: every episode was read as the first store's task (wm-info, the
+    LeRobot export); each now carries its own where it differs."""
+    path, _ = small_store
+    other = tmp_path / "push.zarr"
+    with DemoStore.create(other, dataclasses.replace(make_schema(), task="push the block")) as o:
+        o.append_episode(make_episode(50, 6), {"notes": "push"})
+        o.append_episode(make_episode(51, 6), {"task": "push it left"})
+    with merge_stores([path, other], tmp_path / "merged.zarr") as m:
+        assert m.schema.task == "test_task"
+        assert [m.episode_info(i).get("task") for i in range(7)] == [None] * 5 + [
+            "push the block",
+            "push it left",  # an episode's own task stays
+        ]
+        assert m.episode_info(5)["notes"] == "push"
 
 
 def test_a_store_reached_through_a_symbolic_link_is_rewritten_where_it_is(tmp_path, small_store):

@@ -46,7 +46,8 @@ def copy_episodes(
     """Append episodes of `src` (all by default) to `dst`, with their info; returns their new indices.
 
     `keys` copies only those keys of `src` (all by default; `dst` must have exactly them); `edit_info`
-    rewrites each episode's info on the way."""
+    rewrites each episode's info on the way. An episode of a store whose task is not `dst`'s carries
+    its own in its info ("task", as LeRobot's per-episode tasks), unless it already names one."""
     keys = list(src.keys) if keys is None else list(keys)
     unknown = [k for k in keys if k not in src.keys]
     if unknown:
@@ -56,6 +57,8 @@ def copy_episodes(
     for i in range(src.n_episodes) if episodes is None else episodes:
         info = src.episode_info(i)
         info.pop("length", None)
+        if src.schema.task and src.schema.task != dst.schema.task and not info.get("task"):
+            info["task"] = src.schema.task  # else read as dst's task (wm-info, the LeRobot export)
         if edit_info is not None:
             info = edit_info(int(i), info)
         out.append(dst.append_episode(src.get_episode(i, keys), info))
@@ -63,9 +66,9 @@ def copy_episodes(
 
 
 def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
-    """Episodes of `src` may join `dst`: the same keys (shape, dtype, kind, and units where both state
-    them), fps and, where actions go, action space (else they would be labelled with what `dst`'s steps
-    and actions mean)."""
+    """Episodes of `src` may join `dst`: the same keys (shape, dtype, kind, and units and dimension names
+    where both state them), robot (where both state it), fps and, where actions go, action space (else
+    they would be labelled with what `dst`'s robot, steps and actions mean)."""
     if set(keys) != set(dst.keys):
         raise SchemaError(
             f"{src.path} and {dst.path} have different keys: {sorted(keys)} vs {sorted(dst.keys)}"
@@ -79,11 +82,16 @@ def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
             )
         if a.units and b.units and a.units != b.units:  # stated on both sides, and not the same
             raise SchemaError(f"key {k!r}: {src.path} is in {a.units!r}, {dst.path} in {b.units!r}")
+        if a.names and b.names and a.names != b.names:  # a column read under another's name
+            raise SchemaError(
+                f"key {k!r}: {src.path} names its dimensions {list(a.names)}, {dst.path} {list(b.names)}"
+            )
     actions = any(src.schema.keys[k].kind == "action" for k in keys)
     sa, da = src.schema.action_space, dst.schema.action_space
     differ = [
         f"{what} {x!r} vs {y!r}"
         for what, x, y, matters in (
+            ("robot", src.schema.robot, dst.schema.robot, bool(src.schema.robot and dst.schema.robot)),
             ("fps", src.schema.fps, dst.schema.fps, True),
             ("action mode", sa.mode, da.mode, actions),
             ("action frame", sa.frame, da.frame, actions),
@@ -168,6 +176,11 @@ def _rewrite(
         bad = [i for i in keep if not -n <= int(i) < n]
         if bad:
             raise ValueError(f"{path}: episodes {bad} out of range (the store has {n} episodes)")
+        if len({int(i) % n for i in keep}) != len(keep):  # [0, -n] too
+            raise ValueError(
+                f"{path}: episodes {list(keep)} given more than once: keep_episodes keeps a subset, each "
+                "once (to weight episodes, use a training mixture)"
+            )
         image_keys = src.schema.keys_of_kind("image")
         out = DemoStore.create(
             tmp,
