@@ -206,7 +206,7 @@ def test_float_images_read_as_0_to_255_everywhere(tmp_path: Path) -> None:
     schema = Schema(
         keys={"img": KeySpec((8, 8, 3), "float32", "image"), "action": KeySpec((2,), "float32", "action")}
     )
-    for name, value in (("dp.zarr", 127.0), ("unit.zarr", 0.5)):
+    for name, value in (("dp.zarr", 127.0), ("unit.zarr", 0.5), ("resized.zarr", 1.02)):
         with DemoStore.create(tmp_path / name, schema) as store:
             store.append_episode(
                 {"img": np.full((4, 8, 8, 3), value, np.float32), "action": np.zeros((4, 2), np.float32)}
@@ -225,6 +225,8 @@ def test_float_images_read_as_0_to_255_everywhere(tmp_path: Path) -> None:
         SchemaError, match="image key 'img' holds float values in \\[0, 1\\] .* store them as uint8"
     ):
         WindowDataset(tmp_path / "unit.zarr", spec)
+    with pytest.raises(SchemaError, match=r"holds float values in \[0, 1\] \(max 1.02 over"):  # was read
+        WindowDataset(tmp_path / "resized.zarr", spec)  # as frames of 0..1 out of 255: nearly black
 
 
 # ---------------------------------------------------------------------- wm-info's own faults

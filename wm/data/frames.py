@@ -2,9 +2,10 @@
 
 Stores written here (and converted from LeRobot or robomimic) hold images as uint8. Diffusion
 Policy's own stores may hold them as float32 in 0..255 (its PushT `img`); those read the same after
-`to_uint8`. A float image key holding values in [0, 1] would read almost black, so `check_scale`
-refuses it by name; `check_values` refuses frames `to_uint8` would change silently: values outside
-0..255 (a 12-bit camera stored as uint16, clipped to white) and non-finite floats (NaN read as 0).
+`to_uint8`. A float image key holding values in [0, 1] (or a hair above 1, as a resize leaves them)
+would read almost black, so `check_scale` refuses it by name; `check_values` refuses frames `to_uint8`
+would change silently: values outside 0..255 (a 12-bit camera stored as uint16, clipped to white) and
+non-finite floats (NaN read as 0).
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ def check_scale(
     steps: np.ndarray | None = None,
     episode_ends: np.ndarray | None = None,
 ) -> None:
-    """`check_values`, and refuse a float image key whose `sample` of frames lies within [0, 1]
-    (SchemaError, one line)."""
+    """`check_values`, and refuse a float image key whose `sample` of frames lies below 2 (SchemaError,
+    one line): frames in [0, 1], a bicubic resize's overshoot included; 0..255 frames that dark are black."""
     check_values(path, key, sample, steps, episode_ends)
     if not np.issubdtype(sample.dtype, np.floating) or not sample.size:
         return
     top = float(np.max(sample))
-    if 0 < top <= 1.0:
+    if 0 < top < 2.0:  # 1.02 after a resize passed, and trained as frames of 0..1 out of 255
         raise SchemaError(
             f"{path}: image key {key!r} holds float values in [0, 1] (max {top:.3g} over {len(sample)} "
             "sampled frames); images are read as 0..255: store them as uint8, e.g. "
