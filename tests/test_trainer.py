@@ -765,6 +765,29 @@ def test_resuming_a_damaged_checkpoint_is_one_clear_error(dataset, tmp_path, dam
     assert [p.name for p in list_checkpoints(tmp_path)] == [path.name] and path.read_bytes() == before
 
 
+def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(dataset, tmp_path):
+    """wm-train resumes the newest checkpoint: a truncated or bit-flipped one said "load an earlier
+    checkpoint of the run", which wm-train cannot be told to, and never named the one keep_last kept."""
+    make_trainer(dataset, tmp_path, steps=6, ckpt_every=3).fit()
+    newest = tmp_path / "ckpt_00000006.pt"
+    good = newest.read_bytes()
+    fall_back = "; delete ckpt_00000006.pt to resume from ckpt_00000003.pt, or choose another out="
+    newest.write_bytes(good[: len(good) // 2])
+    with pytest.raises(
+        CheckpointError, match=r"ckpt_00000006.pt is not a readable checkpoint \(truncated: a "
+    ):
+        make_trainer(dataset, tmp_path, steps=8).fit()
+    with pytest.raises(CheckpointError, match=re.escape(fall_back)):
+        make_trainer(dataset, tmp_path, steps=8).fit()
+    newest.write_bytes(good)
+    flip_bit_in_zip_entry(newest, "data.pkl")
+    with pytest.raises(CheckpointError, match=r"ckpt_00000006.pt is damaged: .*" + re.escape(fall_back)):
+        make_trainer(dataset, tmp_path, steps=8).fit()
+    newest.unlink()
+    again = make_trainer(dataset, tmp_path, steps=8)
+    assert again.resume() and again.step == 3
+
+
 def test_resuming_takes_this_runs_optimizer_settings_and_says_so(dataset, tmp_path, capsys):
     """Loading a checkpoint's optimizer restores its lr, betas and weight decay; the run uses (and
     config.json records) this run's, as the run's settings say."""
@@ -785,6 +808,23 @@ def test_resuming_takes_this_runs_optimizer_settings_and_says_so(dataset, tmp_pa
     same = make_trainer(dataset, tmp_path, steps=14, lr=1e-4, weight_decay=0.5, betas=(0.8, 0.9))
     assert same.resume() and same.step == 12
     assert "note: resuming with" not in capsys.readouterr().err  # unchanged settings: nothing to say
+
+
+def test_resuming_with_other_step_settings_says_so(dataset, tmp_path, capsys):
+    """Another ema_decay, grad_clip, ema_warmup or precision on resume trained on without a word, and
+    config.json then recorded only this run's (EMA turned off dropped the checkpoint's EMA weights)."""
+    make_trainer(dataset, tmp_path, steps=4, ema_decay=0.9, grad_clip=1.0).fit()
+    capsys.readouterr()
+    again = make_trainer(dataset, tmp_path, steps=6, ema_decay=0.0, grad_clip=0.5)
+    assert again.resume()
+    assert (
+        "note: resuming with this run's grad_clip=0.5 (was 1.0), ema_decay=0.0 (was 0.9): the checkpoint's "
+        "EMA weights are dropped (later checkpoints hold the raw weights only)"
+    ) in capsys.readouterr().err
+    again.fit()
+    capsys.readouterr()
+    assert make_trainer(dataset, tmp_path, steps=8, ema_decay=0.0, grad_clip=0.5).resume()
+    assert "note: resuming with" not in capsys.readouterr().err
 
 
 def test_a_run_resumed_past_its_steps_trains_nothing_and_keeps_config_json(dataset, tmp_path, capsys):

@@ -139,7 +139,8 @@ def load_checkpoint(path_or_dir: str | os.PathLike, expected_type: str | None = 
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for a corrupt or foreign file
-        raise CheckpointError(f"{src} is not a readable checkpoint ({_why_unreadable(e)})") from None
+        why = "truncated: a copy or a save cut short?" if _cut_short(src) else _why_unreadable(e)
+        raise CheckpointError(f"{src} is not a readable checkpoint ({why})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         raise CheckpointError(f"{src} is not a wm checkpoint (it lacks the fields {list(REQUIRED)})")
     if ckpt["format"] != FORMAT:
@@ -173,6 +174,13 @@ def damaged_entry(path: str | os.PathLike) -> str | None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return None
     return None
+
+
+def _cut_short(path: Path) -> bool:
+    """A zip file (torch's format) without its index, which is written last: torch said "Errno 22" or
+    "failed finding central directory"."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
 def _why_unreadable(e: Exception) -> str:

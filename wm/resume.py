@@ -16,18 +16,35 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wm.checkpoint import BEST_NAME, CheckpointError, config_diff, non_finite_keys, state_dict_diff
+from wm.checkpoint import (
+    BEST_NAME,
+    CheckpointError,
+    config_diff,
+    list_checkpoints,
+    non_finite_keys,
+    state_dict_diff,
+)
 from wm.data.normalize import Normalizer
 from wm.optim import TrainerConfig, lr_factor
 from wm.options import is_whole
 
 OPTIMIZER_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per group: this run's, on resume too
 SCHEDULE_SETTINGS = ("steps", "warmup_steps", "warmup_max_fraction", "min_lr_ratio")  # what lr_factor reads
+STEP_SETTINGS = ("grad_clip", "ema_decay", "ema_warmup", "precision")  # how a step trains: said if changed
 DAMAGED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError)  # resume state errors
 
 
 def start_over(out_dir: Path) -> str:
     return f"choose another out= or delete {out_dir} to start over"
+
+
+def fall_back(out_dir: Path, path: Path) -> str:
+    """What to do about `path`, the newest checkpoint of `out_dir`, that cannot be resumed: delete it to
+    resume from the one before it (named: `keep_last` keeps it), or start over."""
+    earlier = [p for p in list_checkpoints(out_dir) if p != path]
+    if not earlier:
+        return start_over(out_dir)
+    return f"delete {path.name} to resume from {earlier[-1].name}, or {start_over(out_dir)}"
 
 
 def changed_entries(then: dict[str, Any], now: dict[str, Any], keys: Sequence[str]) -> list[str]:
@@ -107,8 +124,7 @@ def check_fits(run: RunIdentity, ckpt: dict[str, Any], path: Path) -> str:
     bad = non_finite(ckpt)
     if bad:  # resumed, it trained on to "the loss is nan ...: lower trainer.lr", the wrong advice
         raise CheckpointError(
-            f"{where}, whose {bad} hold NaN or inf: it cannot be resumed (an earlier checkpoint of the "
-            f"run may: delete {path.name}); or {fix}"
+            f"{where}, whose {bad} hold NaN or inf: it cannot be resumed; {fall_back(run.out_dir, path)}"
         )
     if not changed:
         return ""
@@ -176,6 +192,27 @@ def schedule_note(cfg: TrainerConfig, then: Any, at: int) -> str:
     return (
         f"note: resuming at step {at} under this run's learning-rate schedule, {settings}: the "
         f"learning rate there is {now:.3g} x lr, where the checkpoint's schedule had {before:.3g} x lr"
+    )
+
+
+def step_note(cfg: TrainerConfig, then: Any) -> str:
+    """A note when the checkpoint was trained with other `STEP_SETTINGS` (`then`, its trainer_config)
+    than this run's: the resumed run trains with this run's and config.json records only them, so a
+    switch (EMA turned off drops the checkpoint's EMA weights) was silent. "" when none differs."""
+    if not isinstance(then, dict):
+        return ""
+    changed = [
+        f"{k}={getattr(cfg, k)} (was {then[k]})"
+        for k in STEP_SETTINGS
+        if k in then and then[k] != getattr(cfg, k)
+    ]
+    if not changed:
+        return ""
+    dropped = cfg.ema_decay == 0 and then.get("ema_decay", 0) != 0
+    return f"note: resuming with this run's {', '.join(changed)}" + (
+        ": the checkpoint's EMA weights are dropped (later checkpoints hold the raw weights only)"
+        if dropped
+        else ""
     )
 
 

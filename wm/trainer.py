@@ -344,7 +344,10 @@ class Trainer:
         if path is None:
             self.best = self._orphan_best(run)
             return False
-        ckpt = load_checkpoint(path)
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:  # wm-train resumes the newest: say how to reach the one before it
+            raise CheckpointError(f"{e}; {resume.fall_back(self.out_dir, path)}") from None
         self._say(resume.check_fits(run, ckpt, path))
         then = ckpt.get("trainer_config") if isinstance(ckpt.get("trainer_config"), dict) else {}
         seed = then.get("seed")
@@ -360,7 +363,7 @@ class Trainer:
         if self.normalizer is not None:
             resume.restore_rule(ckpt.get("normalizer"), path, [self.normalizer, self.model, self._ema])
         settings = resume.optimizer_settings(self.optimizer)
-        fix = resume.start_over(self.out_dir)
+        fix = resume.fall_back(self.out_dir, path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             resume.check_moments(self.optimizer)
@@ -372,6 +375,7 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self._say(resume.keep_settings(self.optimizer, self.scheduler, settings))
             self._say(resume.schedule_note(self.cfg, ckpt.get("trainer_config"), self.scheduler.last_epoch))
+            self._say(resume.step_note(self.cfg, then))
             self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
             if self.rank == 0:
                 set_rng_state(ckpt["rng"], self.loader.generator)
