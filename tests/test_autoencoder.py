@@ -5,6 +5,7 @@ test itself, and over a patch encoder; the feature cache built with a codec; one
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,53 @@ def test_sd_vae_scaling_and_shift_are_part_of_the_feature_cache_key(sd_vae_dir, 
     assert len(set(codecs.values())) == 3
     again = build_codec(latent_config_from_source("sd_vae", tmp_path / "vae_0.5_None")).weights_hash()
     assert again == codecs[0.5, None]
+
+
+def test_sd_vae_latents_mean_and_std_apply_per_channel(sd_vae_dir, frames, tmp_path):
+    """An AutoencoderKL config with latents_mean / latents_std (Playground v2.5's VAE): diffusers'
+    pipelines take (mean - latents_mean) * scaling / latents_std; the codec ignored them (latents of
+    another offset and spread), and they were not in the feature cache's key."""
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path / "vae_mean_std"
+    shutil.copytree(sd_vae_dir, folder)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.5, 2.0, 1.0, 4.0]
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"latents_mean": mean, "latents_std": std}))
+    codec, plain = (build_codec(latent_config_from_source("sd_vae", p)) for p in (folder, sd_vae_dir))
+    x = frames[:2]
+    vae = AutoencoderKL.from_pretrained(sd_vae_dir).eval()
+    with torch.no_grad():
+        posterior = vae.encode(x * 2 - 1).latent_dist.mean
+    m, s = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    z = codec.encode(x)
+    assert torch.allclose(z, (posterior - m) * 0.5 / s, atol=1e-6)
+    assert torch.allclose(codec.decode(z), plain.decode(plain.encode(x)), atol=1e-5)
+    assert codec.weights_hash() != plain.weights_hash()
+
+
+def test_sd_vae_weights_that_lack_tensors_are_refused(sd_vae_dir, tmp_path):
+    """diffusers only logs the weights a file lacks and leaves them on the meta device: the codec built,
+    and the feature cache failed with "Cannot copy out of meta tensor" (a bug's traceback)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    shutil.copytree(sd_vae_dir, folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    dropped = sorted(k for k in state if k.startswith("decoder."))
+    save_file({k: v for k, v in state.items() if k not in dropped}, weights)
+    with pytest.raises(
+        LatentSourceError,
+        match=rf"the weights in {folder} do not fit its AutoencoderKL \({len(dropped)} missing \(the first "
+        rf"'{re.escape(dropped[0])}'\)\): a partial file",
+    ):
+        build_codec(latent_config_from_source("sd_vae", folder))
 
 
 def test_sd_vae_without_diffusers_is_one_line(sd_vae_dir, monkeypatch):

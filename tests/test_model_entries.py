@@ -108,6 +108,25 @@ def test_sd_vae_bad_factors_are_one_line_naming_the_file(tmp_path: Path, changes
         latent_config_from_source("sd_vae", folder)
 
 
+M4, S4 = [0.0] * 4, [1.0] * 4  # a latents_mean / latents_std of latent_channels=4
+
+
+@pytest.mark.parametrize(
+    "changes, said",
+    [
+        ({"latents_mean": M4[:3], "latents_std": S4}, r"latents_mean=\[0.0, 0.0, 0.0\] is not null or a"),
+        ({"latents_mean": M4, "latents_std": [1.0, 1.0, 0.0, 1.0]}, r"latents_std=.* finite numbers > 0"),
+        ({"latents_mean": [0.0, "a", 0.0, 0.0], "latents_std": S4}, r"latents_mean=\[0.0, 'a'"),
+        ({"latents_mean": M4}, "latents_mean and latents_std go together"),
+        ({"latents_mean": M4, "latents_std": S4, "shift_factor": 0.1}, "shift_factor beside latents_mean"),
+    ],
+)  # fmt: skip
+def test_sd_vae_bad_latents_mean_or_std_is_one_line(tmp_path: Path, changes: dict, said: str) -> None:
+    folder = write_vae_config(tmp_path / "vae", **changes)
+    with pytest.raises(LatentSourceError, match=rf"{folder}/config\.json: .*{said}"):
+        latent_config_from_source("sd_vae", folder)
+
+
 def test_sd_vae_bad_scaling_in_a_saved_structure_is_refused(tmp_path: Path) -> None:
     """A config that already holds its structure (a checkpoint's) is checked too when the codec is built:
     decode divides by the scaling factor."""
@@ -122,7 +141,7 @@ def test_sd_vae_missing_scaling_is_diffusers_default(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
     folder = write_vae_config(tmp_path / "vae", scaling_factor=_MISSING, shift_factor=0.5)
     codec = build_codec(latent_config_from_source("sd_vae", folder), load_weights=False)
-    assert codec.scaling == pytest.approx(0.18215) and codec.shift == 0.5
+    assert codec.factors.scaling == pytest.approx(0.18215) and codec.factors.center == 0.5
     z = codec.encode(torch.rand(1, 3, 8, 8))  # (1, 4, 4, 4)
     assert z.shape == (1, 4, 4, 4) and torch.isfinite(z).all()
     assert torch.isfinite(codec.decode(z)).all()

@@ -8,8 +8,10 @@
                  `path` is its run directory or checkpoint. Latents: posterior mean * latent_scale.
     sd_vae       a diffusers `AutoencoderKL` (Stable Diffusion / SDXL VAE) from a local directory `path`
                  holding its config.json and weights. Latents: (posterior mean - shift_factor) *
-                 scaling_factor, on frames scaled to [-1, 1]; sides must be multiples of 8 (of
-                 2**(stages - 1)). Needs diffusers: `pip install diffusers` (or the `vae` extra).
+                 scaling_factor, or per channel (mean - latents_mean) * scaling_factor / latents_std
+                 where the config gives those (as diffusers' pipelines do), on frames scaled to
+                 [-1, 1]; sides must be multiples of 8 (of 2**(stages - 1)). Needs diffusers:
+                 `pip install diffusers` (or the `vae` extra).
     encoder      a world-model patch encoder (`wm.encoders`, e.g. dinov2_vits14 with `path` its local
                  weights file): video diffusion in feature space; it cannot decode.
 
@@ -17,7 +19,7 @@ Nothing here downloads. With internet access, get the SDXL VAE once and point `p
 
     huggingface-cli download stabilityai/sdxl-vae config.json diffusion_pytorch_model.safetensors \\
         --local-dir ~/weights/sdxl-vae
-    # then: wm-train model=uwm ... model.latent.source=sd_vae model.latent.path=~/weights/sdxl-vae
+    # then: wm-train model=uwm ... model.latent.source=sd_vae +model.latent.path=~/weights/sdxl-vae
 
 A `LatentConfig` holds the source's structure (the autoencoder's config, the AutoencoderKL config, the
 encoder config), so `build_codec(cfg, load_weights=False)` rebuilds the codec without the source files:
@@ -146,19 +148,59 @@ def _read_vae_config(path: Path) -> dict[str, Any]:
     return structure
 
 
-def _vae_factors(structure: dict[str, Any], where: str) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) of an AutoencoderKL config: scaling a finite number > 0 (missing:
-    diffusers' default 0.18215), shift a finite number or null (0). Decode divides by the scaling, so a
-    0, NaN or string there would give NaN or inf frames rather than an error."""
+@dataclass(frozen=True)
+class VaeFactors:
+    """How an AutoencoderKL's posterior mean m becomes latents: (m - center) * scaling / spread, center
+    and spread per channel (`latents_mean`, `latents_std`) or one number (`shift_factor`, 1)."""
+
+    scaling: float
+    center: tuple[float, ...] | float
+    spread: tuple[float, ...] | float = 1.0
+
+    def per_channel(self, value: tuple[float, ...] | float, like: Tensor) -> Tensor | float:
+        if isinstance(value, float):
+            return value
+        return torch.tensor(value, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+    def label(self) -> str:
+        """What of the config the latents depend on, for the feature cache's key."""
+        text = f":{self.scaling!r}:{self.center!r}"  # (as before latents_mean: the caches made stay valid)
+        return text if self.spread == 1.0 else f"{text}:{self.spread!r}"
+
+
+def _vae_factors(structure: dict[str, Any], where: str) -> VaeFactors:
+    """The `VaeFactors` of an AutoencoderKL config: scaling_factor a finite number > 0 (missing:
+    diffusers' default 0.18215), shift_factor a finite number or null (0), latents_mean / latents_std
+    both null or lists of latent_channels finite numbers (std > 0; not beside a shift_factor). Decode
+    divides by the scaling and std, so a 0, NaN or string there would give NaN or inf frames rather than
+    an error; latents_mean / latents_std were ignored (latents of another offset and spread)."""
     scaling, shift = structure.get("scaling_factor", 0.18215), structure.get("shift_factor")
+    mean, std = structure.get("latents_mean"), structure.get("latents_std")
+    channels = structure.get("latent_channels", 4)
     wrong = []
     if not (is_real(scaling) and math.isfinite(scaling) and scaling > 0):
         wrong.append(f"scaling_factor={scaling!r} is not a finite number > 0")
     if shift is not None and not (is_real(shift) and math.isfinite(shift)):
         wrong.append(f"shift_factor={shift!r} is not a finite number (or null)")
+    for name, values, least in (("latents_mean", mean, -math.inf), ("latents_std", std, 0.0)):
+        if values is not None and not (
+            isinstance(values, list)
+            and len(values) == channels
+            and all(is_real(v) and math.isfinite(v) and v > least for v in values)
+        ):
+            wrong.append(
+                f"{name}={values!r:.80} is not null or a list of latent_channels={channels} finite numbers"
+                + (" > 0" if least == 0 else "")
+            )
+    if (mean is None) != (std is None):
+        wrong.append("latents_mean and latents_std go together (one is null)")
+    if mean is not None and shift is not None:
+        wrong.append("shift_factor beside latents_mean: which offset applies is not defined")
     if wrong:
         raise LatentSourceError(f"latent source sd_vae: {where}: {'; '.join(wrong)}")
-    return float(scaling), float(shift or 0.0)
+    if mean is None:
+        return VaeFactors(float(scaling), float(shift or 0.0))
+    return VaeFactors(float(scaling), tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
 def _diffusers_vae() -> Any:
@@ -189,7 +231,7 @@ class LatentCodec(nn.Module):
         elif cfg.source == "sd_vae":
             self.name, self.dim = "sd_vae", int(s.get("latent_channels", 4))
             self.factor = 2 ** (len(s.get("block_out_channels", (64,))) - 1)
-            self.scaling, self.shift = _vae_factors(s, f"the config of {cfg.path}")
+            self.factors = _vae_factors(s, f"the config of {cfg.path}")
         else:
             self.name, self.dim, self.factor = model.name, int(model.dim), 0
         for p in self.parameters():
@@ -205,10 +247,11 @@ class LatentCodec(nn.Module):
 
     def weights_hash(self) -> str:
         """Short sha256 of the source name, the state dict (names, shapes, dtypes, bytes) and what else
-        the latents depend on (an sd_vae's scaling and shift, from its config.json): a cache key."""
+        the latents depend on (an sd_vae's scaling, shift or per-channel mean and std, from its
+        config.json): a cache key."""
         label = f"{self.cfg.source}:{self.name}"
         if self.cfg.source == "sd_vae":  # not weights: a corrected scaling_factor reused the old latents
-            label += f":{self.scaling!r}:{self.shift!r}"
+            label += self.factors.label()
         return state_dict_hash(self, label)
 
     # ------------------------------------------------------------------ sizes
@@ -257,8 +300,8 @@ class LatentCodec(nn.Module):
         if self.cfg.source == "autoencoder":
             return self.model.encode_mean(x) * self.model.latent_scale
         if self.cfg.source == "sd_vae":
-            mean = self.model.encode(x * 2 - 1).latent_dist.mean
-            return (mean - self.shift) * self.scaling
+            mean, f = self.model.encode(x * 2 - 1).latent_dist.mean, self.factors
+            return (mean - f.per_channel(f.center, mean)) * f.scaling / f.per_channel(f.spread, mean)
         h, w = self.model.patch_grid(*x.shape[-2:])
         return rearrange(self.model(x), "b (h w) d -> b d h w", h=h, w=w)
 
@@ -273,7 +316,9 @@ class LatentCodec(nn.Module):
             )
         if self.cfg.source == "autoencoder":
             return self.model.decode(z / self.model.latent_scale)
-        x = self.model.decode(z / self.scaling + self.shift).sample  # (b, 3, H, W) in [-1, 1]
+        f = self.factors
+        mean = z * f.per_channel(f.spread, z) / f.scaling + f.per_channel(f.center, z)
+        x = self.model.decode(mean).sample  # (b, 3, H, W) in [-1, 1]
         return ((x + 1) / 2).clamp(0, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -331,7 +376,25 @@ def _build_vae(cfg: LatentConfig, load_weights: bool) -> nn.Module:
             "with; make the config again (latent_config_from_source)"
         )
     try:
-        return AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        model, info = AutoencoderKL.from_pretrained(
+            str(path), local_files_only=True, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError) as e:
         msg = " ".join(str(e).split())[:300]
         raise LatentSourceError(f"latent source sd_vae: cannot load the weights in {path} ({msg})") from e
+    # diffusers only logs weights the file lacks and leaves them on the meta device: the feature cache
+    # then failed with "Cannot copy out of meta tensor" (an original LDM-format file: all of them)
+    missing = list(info.get("missing_keys") or []) + [n for n, t in model.state_dict().items() if t.is_meta]
+    unexpected = list(info.get("unexpected_keys") or []) + list(info.get("mismatched_keys") or [])
+    if missing or unexpected:
+        said = [
+            f"{len(keys)} {what} (the first {keys[0]!r})"
+            for what, keys in (("missing", sorted(set(missing))), ("unexpected", unexpected))
+            if keys
+        ]
+        raise LatentSourceError(
+            f"latent source sd_vae: the weights in {path} do not fit its AutoencoderKL ({', '.join(said)}): "
+            "a partial file, or another format (an original Stable Diffusion checkpoint must be converted "
+            "to diffusers' layout)"
+        )
+    return model
