@@ -490,8 +490,10 @@ def test_in_memory_false_reaches_the_autoencoder_and_a_latent_path_is_asked_for(
             "latent": {"steps": 2, "batch_size": 4}}  # fmt: skip
     setup_training("uwm", str(store), opts, seed=0, feature_cache="off", in_memory=False)
     assert loaded and "image" not in loaded
-    with pytest.raises(ValueError, match="model.latent.source=autoencoder needs model.latent.path="):
+    with pytest.raises(ValueError, match=r"model.latent.source=autoencoder needs \+model.latent.path="):
         setup_training("uwm", str(store), {**opts, "latent": {"source": "autoencoder"}}, seed=0)
+    with pytest.raises(ValueError, match="model.latent is a group of options, got 'sd_vae': give model.l"):
+        setup_training("uwm", str(store), {**opts, "latent": "sd_vae"}, seed=0)  # an AttributeError
     other = make_store(tmp_path / "other.zarr", 2, seed=1)
     with pytest.raises(ValueError, match=r"model.image_size=\[64, 64\] is set from the store \(\[32, 32\]\)"):
         setup_training("uwm", str(other), {**opts, "image_size": [64, 64]}, seed=0)

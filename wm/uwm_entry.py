@@ -3,6 +3,7 @@ autoencoder, trained first when none is cached), validation, and its controller 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def latent_config(options: dict[str, Any], ctx: TrainContext, image_keys: list[s
         pass
     if "path" not in given:
         raise ValueError(
-            f"model.latent.source={source} needs model.latent.path= (its checkpoint or files), "
+            f"model.latent.source={source} needs +model.latent.path= (its checkpoint or files), "
             f"got {sorted(given) or 'no other option'}"
         )
     return latent_config_from_source(source, **given).to_dict()
@@ -79,19 +80,25 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
         "action_key": "action",
         "action_dim": int(np.prod(shapes["action"])),
     }
+    latent = options.get("latent") or {}
+    if not isinstance(latent, Mapping):  # `.get` of a str was an AttributeError (a bug's traceback)
+        raise ValueError(
+            f"model.latent is a group of options, got {latent!r}: give model.latent.source={latent} "
+            "(and +model.latent.path=...)"
+        )
     check_not_derived(options, derived)  # before the default autoencoder trains (minutes)
     check_reaches_noise(options.get("noise", {}))
     # before it too: the config but its codec, and its windows in the store's episodes (setup_training
     # checks the training episodes' when the config is complete)
     unbuilt = UWMConfig.from_dict({**options, **derived, "latent": {}})
     check_windows(ctx.store, unbuilt.window_spec(), None)
-    if (options.get("latent") or {}).get("source", "auto") == "auto":  # the default autoencoder's grid
+    if latent.get("source", "auto") == "auto":  # the default autoencoder's grid
         from wm.autoencoder import AutoencoderConfig
         from wm.autoencoder import configure as autoencoder_options
 
         f = AutoencoderConfig.from_dict(autoencoder_options({"image_keys": keys}, ctx)).downsample
         check_patch(unbuilt.net.patch, (size[0] // f, size[1] // f))
-    latent = latent_config(options.get("latent", {}), ctx, keys)
+    latent = latent_config(latent, ctx, keys)
     codec = build_codec(LatentConfig.from_dict(latent), load_weights=False)
     return {**options, **derived, "latent": latent, "latent_shape": tuple(codec.latent_shape(*size))}
 
