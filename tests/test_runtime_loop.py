@@ -569,6 +569,57 @@ def test_a_recorded_episode_is_written_by_its_own_thread_and_a_refused_step_keep
         assert store.episode_info(1)["recording_stopped"].startswith("step 6 was refused (AppendError")
 
 
+def test_a_recording_outlasts_a_disk_that_refuses_writes(tmp_path, monkeypatch):
+    """A flush the disk refused (full) stopped the recording for the rest of the episode (the writer keeps
+    the steps for a retry, which then succeeded), its line miscounted the steps kept, and a commit the
+    disk still refused raised out of wm-deploy: the episodes left never ran."""
+    import errno
+    import time
+
+    from conftest import make_episode, make_schema
+    from zarr.storage import LocalStore
+
+    from robots.runtime.recorder import MAX_UNWRITTEN, BackgroundEpisode
+    from wm.data import DemoStore
+
+    original, disk = LocalStore.set, {"full": False}
+
+    async def refusing(self, key, value):
+        if disk["full"] and key.startswith("data/"):
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", refusing)
+    ep = make_episode(0, MAX_UNWRITTEN + 40)
+    rows = [{k: v[t] for k, v in ep.items()} for t in range(len(ep["action"]))]
+    with DemoStore.create(tmp_path / "rec.zarr", make_schema()) as store:
+        recording = BackgroundEpisode(store.begin_episode())
+        for t, row in enumerate(rows[:100]):
+            disk["full"] = 30 <= t < 70  # the flush at step 31 refused, retried each step until space
+            recording.add_step(row)
+            while recording.steps < recording.n_steps:  # each row written with the disk as it is now
+                time.sleep(0.001)
+            assert recording.unwritten == (t - 30 if 31 <= t < 70 else 0) and recording.stopped is None
+        assert recording.end({"seed": 0}) is None
+        full = BackgroundEpisode(store.begin_episode())
+        disk["full"] = True
+        for row in rows:
+            full.add_step(row)
+        said = full.end({"seed": 1})
+        assert full.steps == 0  # none kept (wm-collect counts the episode discarded)
+        disk["full"] = False
+        again = BackgroundEpisode(store.begin_episode())
+        for row in rows[:5]:
+            again.add_step(row)
+        assert again.end({"seed": 2}) is None
+    assert said.startswith("the disk refused the episode's recording (OSError: [Errno 28] No space left")
+    assert said.endswith(f"); its {31 + MAX_UNWRITTEN} steps were not saved")  # stopped at MAX_UNWRITTEN
+    with DemoStore.open(tmp_path / "rec.zarr") as store:
+        assert store.episode_lengths().tolist() == [100, 5]
+        np.testing.assert_array_equal(store.get_episode(0)["action"], ep["action"][:100])
+        assert "recording_stopped" not in store.episode_info(0)
+
+
 def test_every_recorded_time_follows_one_convention():
     """The first observation was stamped when its read returned (every later one when its read began),
     and a hold tick's send time after its send returned (every other tick's before its send)."""

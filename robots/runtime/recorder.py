@@ -7,7 +7,11 @@ loop keeps its arrays) and a thread adds them to the writer; the tick path only 
 The heavy parts of a write (compression, copies, file I/O) run outside the GIL.
 
 A step the store refuses (a non-finite reading) stops the recording, not the robot: the steps before it
-are kept, and `end` commits them with the reason in the episode's info (`recording_stopped`).
+are kept, and `end` commits them with the reason in the episode's info (`recording_stopped`). A write
+the disk refuses (full, an I/O error) keeps its steps in the writer, which writes them at its next
+flush: the recording goes on while no more than `MAX_UNWRITTEN` steps wait, then stops there; an
+episode whose commit the disk still refuses is discarded with one line, and the next episode tries
+again (the run is not ended for it).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from robots.real.lerobot_arm import first_line
 from robots.runtime.realtime import ordinary_scheduling
 
 _DONE = object()  # the end of the queue
+MAX_UNWRITTEN = 256  # steps held in memory while the disk refuses writes (each retried at every step)
 
 
 class BackgroundEpisode:
@@ -37,7 +42,9 @@ class BackgroundEpisode:
         self.writer = writer
         self._cpus = cpus
         self.n_steps = 0  # rows given (queued)
-        self.steps = 0  # rows the writer took
+        self.steps = 0  # rows the writer took (0 once `end` discarded them)
+        self.unwritten = 0  # of those, rows taken since the disk began refusing writes (0: it is not)
+        self.disk_error = ""  # the disk's last refusal, while `unwritten`
         self.stopped: str | None = None  # why the recording stopped before the episode's end
         self._rows: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write, name="wm-recorder", daemon=True)
@@ -57,6 +64,16 @@ class BackgroundEpisode:
             try:
                 self.writer.add_step(row)
                 self.steps += 1
+                self.unwritten = 0
+            except OSError as e:  # a flush the disk refused: the writer keeps the row, and retries
+                self.steps += 1
+                self.unwritten += 1
+                self.disk_error = f"{type(e).__name__}: {first_line(e)}"
+                if self.unwritten >= MAX_UNWRITTEN:
+                    self.stopped = (
+                        f"step {self.steps - 1}: the disk refused writes for {self.unwritten} steps "
+                        f"({self.disk_error})"
+                    )
             except Exception as e:  # noqa: BLE001 - said at the end; the robot is not stopped for it
                 self.stopped = f"step {self.steps} was refused ({type(e).__name__}: {first_line(e)})"
 
@@ -72,10 +89,18 @@ class BackgroundEpisode:
         self.close()
         if self.steps == 0:
             self.writer.discard()
-        elif self.stopped is None:
-            self.writer.end(dict(info))
         else:
-            self.writer.end({**info, "recording_stopped": self.stopped})
+            try:
+                self.writer.end(
+                    dict(info) if self.stopped is None else {**info, "recording_stopped": self.stopped}
+                )
+            except OSError as e:  # still no space: the run goes on; the next episode tries again
+                self.writer.discard()
+                lost, self.steps = self.steps, 0
+                return (
+                    f"the disk refused the episode's recording ({type(e).__name__}: {first_line(e)}); "
+                    f"its {lost} steps were not saved"
+                )
         if self.stopped is None:
             return None
         kept = f"the {self.steps} steps before it are kept" if self.steps else "the episode was not saved"
