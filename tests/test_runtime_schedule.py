@@ -353,3 +353,26 @@ def test_the_runs_rate_is_over_every_tick_and_the_live_lines_show_missing_figure
         t, human = k * 0.1, k < 6
         live(TickRecord(t, t, t, t, np.array([0.0]), NO_CHUNK, -1, math.nan, (), human))
     assert said[-1].endswith(" 4 held"), said
+
+
+def test_a_tick_that_sent_nothing_is_recorded_with_the_command_in_effect():
+    """A tick whose send failed was recorded with action zeros, which wm-train trained on: on a position
+    robot "every joint to 0", a command never sent. It is the last command sent there (zeros for a delta
+    robot, which stands still); a position robot not yet commanded gets no row."""
+    from robots.runtime.loop import TickRecord
+    from robots.runtime.report import TickRows
+    from wm.data.schema import KeySpec
+
+    def tick(command):
+        return TickRecord(0.0, 0.0, 0.0, 0.0, None if command is None else np.array(command), 0, 0, 0.0)
+
+    obs = {"state": np.zeros(2, np.float32)}
+    spec = KeySpec((2,), "float32", "action")
+    position, delta = TickRows(spec, position_actions=True), TickRows(spec, position_actions=False)
+    assert position.row(tick(None), obs) is None
+    ticks = [tick([0.25, -0.5]), tick(None), tick([0.75, 0.125]), tick(None)]
+    rows = [position.row(t, obs) for t in ticks]
+    np.testing.assert_array_equal([r["action"] for r in rows], [[0.25, -0.5]] * 2 + [[0.75, 0.125]] * 2)
+    assert [int(r["sent"]) for r in rows] == [1, 0, 1, 0] and rows[1]["action"].dtype == np.float32
+    zeros = [delta.row(t, obs)["action"] for t in ticks]
+    np.testing.assert_array_equal(zeros, [[0.25, -0.5], [0, 0], [0.75, 0.125], [0, 0]])

@@ -277,10 +277,10 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     from robots.runtime.realtime import realtime, worker_cpus
     from robots.runtime.report import (
         LiveStatus,
+        TickRows,
         digest,
         live_line,
         recording_schema,
-        tick_row,
     )
     from robots.runtime.worker import ControllerSpec, ProcessWorker, check_robot
 
@@ -350,10 +350,15 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                 # written by a thread of its own: a flush on the tick path held the arm (`recorder`)
                 recording = BackgroundEpisode(store.begin_episode(), spec.cpus) if store is not None else None
                 live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
+                rows = TickRows(action_spec, robot.position_actions)
 
-                def on_tick(rec: Any, obs: Any, writer: Any = recording, live: Any = live) -> None:
+                def on_tick(
+                    rec: Any, obs: Any, writer: Any = recording, live: Any = live, rows: TickRows = rows
+                ) -> None:
                     if writer is not None:
-                        writer.add_step(tick_row(rec, obs, action_spec))
+                        row = rows.row(rec, obs)
+                        if row is not None:
+                            writer.add_step(row)
                     live(rec)
 
                 limit = cfg.max_steps or (robot.config.max_steps if sim else 0)

@@ -317,9 +317,31 @@ def recording_schema(robot_schema: Schema) -> Schema:
     )
 
 
-def tick_row(record: TickRecord, obs: Mapping[str, np.ndarray], action: KeySpec) -> dict[str, Any]:
-    """One store step: the observation the tick read, the command it sent (zeros when none: `sent` 0),
-    when it was due and sent, its chunk, and the tick's safety events as bits."""
+class TickRows:
+    """An episode's store steps, one per tick (`row`): the observation the tick read, the command it sent,
+    when it was due and sent, its chunk, and the tick's safety events as bits. A tick that sent nothing
+    (`sent` 0: its send failed) is recorded with the command in effect, which is what a policy trained
+    on the store should learn there: a position robot's last command sent (zeros trained as "every joint
+    to 0"), else zeros (a delta, velocity or force robot stands still); a position robot not yet given
+    a command gets no row (what held it is not known)."""
+
+    def __init__(self, action: KeySpec, position_actions: bool) -> None:
+        self.action, self.position_actions = action, position_actions
+        self._last: np.ndarray | None = None
+
+    def row(self, record: TickRecord, obs: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+        if record.command is not None:
+            self._last = np.asarray(record.command, self.action.dtype)
+            command = self._last
+        elif self.position_actions:
+            command = self._last
+        else:
+            command = np.zeros(self.action.shape, self.action.dtype)
+        return None if command is None else tick_row(record, obs, command)
+
+
+def tick_row(record: TickRecord, obs: Mapping[str, np.ndarray], command: np.ndarray) -> dict[str, Any]:
+    """`TickRows.row` with the command recorded (`record.command`, or the one in effect)."""
     bits = 0
     for e in record.events:
         if e in EVENTS:
@@ -328,7 +350,7 @@ def tick_row(record: TickRecord, obs: Mapping[str, np.ndarray], action: KeySpec)
     return {
         **{k: v for k, v in obs.items() if k != "timestamp"},
         "timestamp": np.float64(record.captured),
-        "action": np.asarray(record.command if sent else np.zeros(action.shape), action.dtype),
+        "action": command,
         "action_due": np.float64(record.due),
         "action_sent_time": np.float64(record.sent_at),
         "chunk": np.int64(record.chunk),
