@@ -376,10 +376,11 @@ def test_a_run_a_fault_stopped_exits_with_3(tmp_path):
     assert "STOPPED: no fresh action for" in res.stdout
 
 
-def test_sigterm_ends_the_run_cleanly_with_the_report_and_the_recording(tmp_path):
-    """SIGTERM (a service manager stopping wm-deploy, `docker stop`) ended the process where it stood:
-    the robot was not disconnected, no report was written and the episode's recording was lost. It
-    stops as Ctrl-C does, and exits 143."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_ends_the_run_cleanly_with_the_report_and_the_recording(tmp_path, signum):
+    """SIGTERM (a service manager stopping wm-deploy, `docker stop`) or SIGHUP (the ssh session that ran
+    it dropped) ended the process where it stood: the robot was not disconnected, no report was written
+    and the episode's recording was lost. It stops as Ctrl-C does, and exits 128 + signum."""
     out, store = tmp_path / "run", tmp_path / "rec.zarr"
     proc = subprocess.Popen(
         [str(BIN / "wm-deploy"), "robot=pointmaze", "controller=random", f"out={out}", "episodes=1",
@@ -390,17 +391,42 @@ def test_sigterm_ends_the_run_cleanly_with_the_report_and_the_recording(tmp_path
         for line in proc.stdout:  # the robot is running
             if " ticks at " in line:
                 break
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == 128 + signum, stderr
     assert "STOPPED: stopped by the operator" in stdout, stdout
     report = json.loads((out / "report.json").read_text())
     recorded = DemoStore.open(store)
     assert recorded.n_episodes == 1 and recorded.n_steps == report["ticks"] > 0
     assert recorded.episode_info(0)["stopped"] == "stopped by the operator"
+
+
+def test_a_reader_of_stdout_that_goes_away_stops_neither_the_run_nor_its_recording(tmp_path):
+    """`wm-deploy ... | head`, or a tee that died: the next status line's print raised BrokenPipeError out
+    of the control loop mid-episode, the episode's recording was discarded, and it exited 141 in silence."""
+    out, store = tmp_path / "run", tmp_path / "rec.zarr"
+    proc = subprocess.Popen(
+        [str(BIN / "wm-deploy"), "robot=pointmaze", "controller=random", f"out={out}", "episodes=2",
+         "max_steps=40", "control_hz=20", "status_every_s=0.2", f"record={store}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # the robot is running
+            if " ticks at " in line:
+                break
+        proc.stdout.close()  # what read it went away
+        stderr = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    with DemoStore.open(store) as recorded:
+        assert report["episodes"] == recorded.n_episodes == 2 and recorded.n_steps == report["ticks"] == 80
 
 
 SIGTERM_WHILE_CONNECTING = """

@@ -109,15 +109,17 @@ def interrupt(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within it, SIGTERM (`timeout`, SLURM, `docker stop`, `kill`) interrupts as Ctrl-C does (`interrupt`:
-    the cleanups run, exit status 143) instead of ending the process where it stood, a staging folder or
-    a half-written store left behind; the handler before it comes back after."""
-    before = signal.signal(signal.SIGTERM, interrupt)
+def sigterm_interrupts(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """Within it, SIGTERM (`timeout`, SLURM, `docker stop`, `kill`; or each of `signals`) interrupts as
+    Ctrl-C does (`interrupt`: the cleanups run, exit status 128 + signum, 143 for SIGTERM) instead of
+    ending the process where it stood, a staging folder or a half-written store left behind; the handlers
+    before it come back after."""
+    before = {s: signal.signal(s, interrupt) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 USER_ERRORS = (
@@ -339,6 +341,16 @@ def _guarded(fn: Callable[[], int | None], label: str) -> tuple[int, str]:
         if label:  # in a sweep, say which job it was
             print(line, file=sys.stderr, flush=True)
         return 1, line
+
+
+def say(text: str) -> None:
+    """Print `text` to stdout. When what reads it went away (`| head`, a `tee` or log shipper that died),
+    go on without it: a run driving a robot was stopped mid-episode by a status line, and its episode's
+    recording lost."""
+    try:
+        print(text, flush=True)
+    except OSError:  # a closed pipe; a terminal that hung up (EIO)
+        _quiet_stdout()
 
 
 def _quiet_stdout() -> None:

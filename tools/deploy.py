@@ -25,7 +25,8 @@ rate, task or task options is refused before the robot connects).
 Ctrl-C or SIGTERM (a service manager stopping it, `docker stop`, `kill`) ends the run as cleanly as a
 fault: the robot holds, the episode so far is recorded, the report written, the robot disconnected; a
 second one interrupts at once.
-Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on Ctrl-C, 143 on SIGTERM.
+Exit status: 0, 2 for a usage error, 3 when a fault stopped an episode, 130 on Ctrl-C, 143 on SIGTERM,
+129 on SIGHUP (the ssh session or terminal that ran it closed: stopped as by Ctrl-C).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from tools._cli import (
     changed,
     folder,
     record_of,
+    say,
     sigterm_interrupts,
     store_path,
 )
@@ -318,7 +320,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     cleanup = contextlib.ExitStack()  # each runs (last first), whatever one before it raised
     # SIGTERM's default action ended the process where it stood (the worker loading, the robot or a
     # takeover device connecting, the cleanup): it interrupts as Ctrl-C does until the cleanup has run
-    cleanup.enter_context(sigterm_interrupts())
+    cleanup.enter_context(sigterm_interrupts(_StopFlag.SIGNALS[1:]))
     try:
         worker.start()
         if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
@@ -337,7 +339,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         action_spec = robot.action_feature.key_spec()
         with stop, realtime(cfg.runtime.realtime_priority, cfg.runtime.control_cpu) as notes:
             for line in notes:
-                print(f"note: {line}", flush=True)
+                say(f"note: {line}")
             episodes_began = True
             for i in range(cfg.episodes):
                 goal = None
@@ -349,7 +351,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     break
                 # written by a thread of its own: a flush on the tick path held the arm (`recorder`)
                 recording = BackgroundEpisode(store.begin_episode(), spec.cpus) if store is not None else None
-                live = LiveStatus(cfg.status_every_s, lambda line: print(line, flush=True))
+                live = LiveStatus(cfg.status_every_s, say)
                 rows = TickRows(action_spec, robot.position_actions)
 
                 def on_tick(
@@ -381,7 +383,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
                     else:
                         recording.discard()
                     recording = None
-                print(live_line(outcomes[-1].figures, i), flush=True)
+                say(live_line(outcomes[-1].figures, i))
                 if stop.is_set() or (outcome.stopped and (not sim or not worker.alive() or worker.busy)):
                     break  # a real robot stops at a fault; a simulated one goes on while the model can
             kernels = worker.kernels()  # the CPU kernels the model ran on (None: not known here)
@@ -440,24 +442,22 @@ def _report(
         "config": {k: v for k, v in record_of(cfg).items() if k != "token"},
     }
     if kernels is not None:
-        print(kernel_line(kernels), flush=True)
+        say(kernel_line(kernels))
     if cfg.server is not None:
         settings["server"] = server_figures(worker)
     report = run_report(outcomes, settings)
     paths = write_run_report(Path(cfg.out), report, outcomes)
-    print(
-        f"wrote {', '.join(map(str, paths))}" + (f", recording {cfg.record}" if cfg.record else ""),
-        flush=True,
-    )
+    say(f"wrote {', '.join(map(str, paths))}" + (f", recording {cfg.record}" if cfg.record else ""))
     return report
 
 
 class _StopFlag:
-    """Ctrl-C or SIGTERM asks the control loop to stop at the next tick (it holds position and ends the
-    run cleanly); a second one interrupts at once. SIGTERM's default action ended the process where it
-    stood: no disconnect, no report, the episode's recording lost, the inference worker left running."""
+    """Ctrl-C, SIGTERM or SIGHUP asks the control loop to stop at the next tick (it holds position and
+    ends the run cleanly); a second one interrupts at once. SIGTERM's and SIGHUP's default action ended
+    the process where it stood: no disconnect, no report, the episode's recording lost, the inference
+    worker left running."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the ssh session or terminal closed
 
     def __init__(self) -> None:
         self.signum: int | None = None  # the first signal received
@@ -483,7 +483,7 @@ class _StopFlag:
 def _main(cfg: DictConfig) -> int:
     report, status = deploy(bind(DeployConfig, cfg, job_file="record"))
     keys = ("success_rate", "achieved_hz", "tick_error_ms", "latency_ms", "underruns", "stale_actions_sent")
-    print(json.dumps({k: report[k] for k in keys if report.get(k) is not None}))
+    say(json.dumps({k: report[k] for k in keys if report.get(k) is not None}))
     return status
 
 
