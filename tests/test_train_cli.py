@@ -310,7 +310,7 @@ def test_a_student_resumes_only_on_the_teacher_file_it_learns_from(store, tmp_pa
 
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     first = teacher / "ckpt_00000002.pt"
-    taught = ["model=diffusion_unet", *TINY_POLICY, f"out={teacher}"]
+    taught = ["model=diffusion_unet", *TINY_POLICY, "model.unet.down_dims=[16,32]", f"out={teacher}"]
     assert train(*taught).returncode == 0
     distill = ["model=consistency", f"out={student}", "trainer.steps=2"]
     assert train(*distill, f"teacher={teacher}", "trainer.steps=1").returncode == 0
