@@ -482,6 +482,28 @@ def test_deploy_and_serve_check_the_planners_option_types_before_loading_anythin
     assert refused("wm-serve", *args, cwd=tmp_path).startswith(line)
 
 
+def test_every_planner_and_graph_option_is_in_the_configs(tmp_path):
+    """planner.stop_cost (the README's), init_std, warm_std, max_std, include_mean, return_best and
+    graph.goal_reach were options of the typed configs the YAMLs lacked: refused as unknown ("init_std:
+    did you mean planner.min_std?")."""
+    import dataclasses
+
+    from policies.planners import CEMConfig, GradConfig, MPPIConfig
+    from policies.subgoal import GraphConfig
+
+    folder = Path(configs.__file__).parent
+    for name, cls in (("cem", CEMConfig), ("mppi", MPPIConfig), ("gd", GradConfig)):
+        given = set(OmegaConf.load(folder / "planner" / f"{name}.yaml")) - {"name"}
+        assert given == {f.name for f in dataclasses.fields(cls)} - {"low", "high"}, name  # (the robot's)
+    for app in ("eval", "deploy", "serve"):
+        assert set(OmegaConf.load(folder / f"{app}.yaml")["graph"]) == {
+            f.name for f in dataclasses.fields(GraphConfig)
+        }
+    args = ("out=e", "controller=mpc", "checkpoint=run", "planner.stop_cost=0.1", "planner.init_std=0.5")
+    line = refused("wm-eval", *args, "graph.goal_reach=2", cwd=tmp_path)
+    assert line == "error: no checkpoint file at run", line  # the options were taken
+
+
 def test_only_free_mappings_are_offered_new_keys(tmp_path):
     """A typed block (graph, planner, trainer) takes no new key: the hint to add one ("+graph.strid=3")
     led to the same error again. A free mapping (`{}` in the config) does."""
