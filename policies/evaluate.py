@@ -223,6 +223,7 @@ def _run_batch(tasks, policy, seeds, video_dir, n_video, progress, written) -> l
                 # the controller failed this episode (a task never takes such an action): it ends here,
                 # a failure saying why, and the other episodes go on
                 finish(e, error=f"non-finite action at step {int(steps[e])}: {a.tolist()}")
+                sent[e] = 0.0  # not applied: a controller reading past actions refused the whole batch
                 continue
             if recorder is not None:
                 recorder.add(e, obs[e])

@@ -302,6 +302,30 @@ def test_non_finite_action_ends_its_episode_as_a_failure_and_the_others_go_on(tm
     assert len(imageio.mimread(written[0])) == 2  # the reset state and the state it stopped on
 
 
+class NaNRowPlanner(ForwardPlanner):
+    """Plans +1, but row 0's plan at the second replan is NaN (a diverged plan at a finite cost)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def plan(self, z0, goal, warm_start=None, budget=None, model=None):
+        self.calls += 1
+        actions = torch.ones(len(z0["state"]), 1, 1)
+        if self.calls == 2:
+            actions[0] = float("nan")
+        return PlanResult(actions, torch.zeros(len(actions)), 1)
+
+
+def test_a_non_finite_plan_ends_its_episode_and_a_model_reading_past_actions_goes_on():
+    """The failed row's NaN was handed back as an applied action: MPC over a model that reads past
+    actions kept it in its history, which refused the whole batch at the next step (every result lost)."""
+    tasks = [LineTask(target=5.0, max_steps=6), LineTask(target=5.0, max_steps=6)]
+    mpc = MPC(PastActionLineModel(), NaNRowPlanner(), MPCConfig(execute=1))
+    first, second = run_episodes(tasks, mpc, [0, 2])
+    assert (first.success, first.steps) == (False, 1) and "non-finite action at step 1" in first.error
+    assert (second.success, second.error) == (True, None)
+
+
 def test_an_episode_over_at_its_reset_state_is_sent_no_action(tmp_path):
     """Seed 1 starts at the target: success with 0 steps, and its video is the one state it was judged on."""
     tasks = [LineTask(target=1.0), LineTask(target=1.0)]
