@@ -881,6 +881,17 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
         if not torch.cuda.is_available():
             assert precision.resolve_precision("auto", "cuda") == "fp32"
         assert "no bf16 units" in precision.describe_hardware()
+        # an A100 beside a T4: torch's is_bf16_supported() counts the T4's emulated bf16 (slower than
+        # fp32), and the first GPU's answer was kept for every GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: {0: (8, 0), 1: (7, 5)}[i])
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+        assert [precision.resolve_precision("auto", d) for d in ("cuda:0", "cuda:1", "cuda")] == [
+            "bf16",
+            "fp32",
+            "fp32",
+        ]
     finally:
         precision._auto.cache_clear()
     assert precision.check_precision("auto", allow_auto=True) == "auto"

@@ -79,11 +79,14 @@ def cpu_has_bf16() -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _auto(device_type: str) -> str:
+def _auto(device_type: str, index: int | None = None) -> str:
     if device_type == "cpu":
         return "bf16" if cpu_has_bf16() else "fp32"
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if device_type == "cuda" and torch.cuda.is_available():
+        # bf16 units from Ampere (compute capability 8) on, per GPU: torch.cuda.is_bf16_supported() also
+        # counts emulated bf16 (a V100 or T4: slower than fp32) and asks the current device only
+        major, _ = torch.cuda.get_device_capability(index)
+        return "bf16" if major >= 8 else "fp32"
     return "fp32"
 
 
@@ -93,7 +96,11 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     check_precision(precision, allow_auto=True)
     if precision != AUTO:
         return precision
-    return _auto(torch.device(device).type)
+    device = torch.device(device)
+    index = device.index
+    if device.type == "cuda" and index is None and torch.cuda.is_available():
+        index = torch.cuda.current_device()  # (cached per GPU: "cuda" is whichever is current)
+    return _auto(device.type, index)
 
 
 def describe_hardware() -> str:
