@@ -205,6 +205,48 @@ def test_a_process_writing_the_cache_keeps_the_newer_entries_of_another(tmp_path
     assert a.get("m|op")["choice"] == "native"  # and this process now uses the newer record too
 
 
+def test_two_threads_putting_at_once_lose_nothing(tmp_path):
+    """Two threads calibrating one model at a cold start: an entry put while the other thread rebuilt
+    the cache's memory copy was lost from it (kept as its own), and its next put raised KeyError out of
+    the model's forward. The switch is forced where it hit: inside the rebuild."""
+    import threading
+
+    cache = KernelCache(tmp_path / "kernels.json")
+    cache.get("x")  # the file read
+    rebuilding, errors = threading.Event(), []
+
+    class Paused(dict):  # the memory copy that thread A rebuilds ({**mem, **merged}) pauses it there
+        def keys(self):
+            copied = list(super().keys())
+            if threading.current_thread().name == "A":
+                rebuilding.set()
+                time.sleep(0.3)  # thread B puts here (with a lock: after A)
+            return copied
+
+        def __iter__(self):  # (so that {**d} asks for keys())
+            return iter(list(dict.keys(self)))
+
+    cache._mem = Paused(cache._mem)
+
+    def put(*keys: str) -> None:
+        try:
+            for key in keys:
+                cache.put(key, {"choice": "native"})
+        except Exception as e:  # noqa: BLE001 - the test's subject
+            errors.append(e)
+
+    a = threading.Thread(target=put, args=("a",), name="A")
+    a.start()
+    assert rebuilding.wait(5)
+    b = threading.Thread(target=put, args=("b", "b2"), name="B")
+    b.start()
+    a.join()
+    b.join()
+    assert not errors and all(cache.get(k) == {"choice": "native"} for k in ("a", "b", "b2"))
+    entries = json.loads((tmp_path / "kernels.json").read_text())["entries"]
+    assert set(entries) == {"a", "b", "b2"}
+
+
 def test_a_cached_choice_that_fails_on_the_call_at_hand_falls_back_to_native():
     """The cached kernel is re-run to check its accuracy on this call; an exception there (a layout or
     build it does not support) went up through the model's forward."""

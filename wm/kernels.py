@@ -48,6 +48,7 @@ import math
 import os
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -221,7 +222,9 @@ def default_cache_path() -> Path | None:
 
 
 class KernelCache:
-    """Choices by key, in process and (with a `path`) in a JSON file shared by processes."""
+    """Choices by key, in process and (with a `path`) in a JSON file shared by processes; one thread
+    at a time (two threads calibrating at a cold start: an entry put while another rebuilt the memory
+    copy was lost from it, and the next put raised KeyError out of a model's forward)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -229,14 +232,20 @@ class KernelCache:
         self._mine: set[str] = set()  # the keys this process put
         self._loaded = False
         self._warned: set[str] = set()
+        self._lock = threading.RLock()
 
     def get(self, key: str) -> dict | None:
-        if not self._loaded:
-            self._loaded = True
-            self._mem = {**self._read(), **self._mem}
-        return self._mem.get(key)
+        with self._lock:
+            if not self._loaded:
+                self._loaded = True
+                self._mem = {**self._read(), **self._mem}
+            return self._mem.get(key)
 
     def put(self, key: str, record: dict) -> None:
+        with self._lock:
+            self._put(key, record)
+
+    def _put(self, key: str, record: dict) -> None:
         self.get(key)  # loads the file once
         self._mem[key] = record
         self._mine.add(key)
