@@ -522,6 +522,19 @@ def test_a_token_is_never_printed_not_even_when_it_cannot_be_parsed(tmp_path, ap
     assert line.startswith("error: cannot parse override 'token=***'") and "S3cr3t" not in line
 
 
+def test_an_allocation_that_fails_is_one_line_not_a_bug(capsys):
+    """planner.samples=1e11 (16 TB of candidates) ended in torch's 50-line allocator traceback, exit 1
+    "a bug": the sizes asked for do not fit the machine."""
+    import torch
+
+    from tools._cli import _guarded
+
+    code, line = _guarded(lambda: torch.empty(2**50), "")
+    assert code == 2 and line.startswith("error: out of memory (")
+    assert line.endswith("): ask for smaller sizes")
+    assert "can't allocate memory" in line and "Traceback" not in capsys.readouterr().err
+
+
 def test_traceback_flag_and_bugs(tmp_path):
     res = cli("wm-eval", "planner=nonexistent", "out=e", cwd=tmp_path, env={"WM_TRACEBACK": "1"})
     assert res.returncode == 2 and "Traceback (most recent call last)" in res.stderr

@@ -336,6 +336,10 @@ def _guarded(fn: Callable[[], int | None], label: str) -> tuple[int, str]:
             line = f"error: {label}{_one_line(e)}"
             _report(e, line.removeprefix("error: "))
             return 2, line
+        if out_of_memory(e):  # (a planner.samples of 1e11 was a 50-line traceback "reported as a bug")
+            line = f"error: {label}out of memory ({_one_line(e)[:200]}): ask for smaller sizes"
+            _report(e, line.removeprefix("error: "))
+            return 2, line
         traceback.print_exc()
         line = f"error: {label}{type(e).__name__}: {_one_line(e)} (a bug: traceback above)"
         if label:  # in a sweep, say which job it was
@@ -351,6 +355,16 @@ def say(text: str) -> None:
         print(text, flush=True)
     except OSError:  # a closed pipe; a terminal that hung up (EIO)
         _quiet_stdout()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation that failed: the sizes asked for (samples, batch, horizon, frames)
+    do not fit the machine, which is not a bug."""
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    )
 
 
 def _quiet_stdout() -> None:
