@@ -247,6 +247,41 @@ def test_two_threads_putting_at_once_lose_nothing(tmp_path):
     assert set(entries) == {"a", "b", "b2"}
 
 
+def test_native_and_fp32_blocks_overlapping_in_two_threads_restore_everything():
+    """A enters, B enters, A leaves, B leaves: B put back what A had set, and the process's selector
+    stayed "native" and the model fp32 for good (a validation in a trainer thread beside inference)."""
+    import threading
+
+    from policies.diffusion.precision import fp32_inference, set_inference_precision
+    from policies.diffusion.unet import ConditionalUnet1D, UNetConfig
+
+    net = ConditionalUnet1D(UNetConfig(down_dims=(32, 64), step_embed_dim=16), 4, 8).eval()
+    set_inference_precision(net, "auto")
+    a_in, b_in, a_out, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def thread_a() -> None:
+        with fp32_inference(net):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def thread_b() -> None:
+        a_in.wait(5)
+        with fp32_inference(net):
+            b_in.set()
+            a_out.wait(5)
+            seen["in B after A left"] = net.final[1].inference_precision, kernels.selector().current_mode()
+
+    with kernels.using(Selector(KernelCache(None))):
+        threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert seen["in B after A left"] == ("fp32", "native")  # B's block still holds
+        assert kernels.selector().current_mode() == "measure" and net.final[1].inference_precision == "auto"
+
+
 def test_a_cached_choice_that_fails_on_the_call_at_hand_falls_back_to_native():
     """The cached kernel is re-run to check its accuracy on this call; an exception there (a layout or
     build it does not support) went up through the model's forward."""

@@ -1069,11 +1069,11 @@ def test_validation_runs_on_pytorchs_kernels_not_timed_choices(dataset, tmp_path
     modes = []
 
     def val_fn(model, step, out_dir):
-        modes.append(kernels.selector().mode)
+        modes.append(kernels.selector().current_mode())
         return {}
 
     make_trainer(dataset, tmp_path, steps=10, val_every=5, val_fn=val_fn).fit()
-    assert modes == ["native", "native"] and kernels.selector().mode == "measure"
+    assert modes == ["native", "native"] and kernels.selector().current_mode() == "measure"
 
 
 @pytest.mark.parametrize("stop_at", [10, 16])  # mid-epoch (8 batches an epoch), at an epoch's end

@@ -346,6 +346,10 @@ class Selector:
         if self.mode not in MODES:
             raise ValueError(f"kernel selection mode must be one of {MODES}, got {self.mode!r}")
 
+    def current_mode(self) -> str:
+        """The mode this thread runs in: a `mode()` block's, else the selector's."""
+        return getattr(_local, "mode", None) or self.mode
+
     def choose(
         self,
         key: str,
@@ -360,7 +364,7 @@ class Selector:
         this call only). Callers that remember choices per shape remember only `decided` ones
         (`remember`)."""
         default = default or native
-        if self.mode == "native" or len(candidates) < 2:
+        if self.current_mode() == "native" or len(candidates) < 2:
             return default
         full = f"{machine_key()}|{key}"
         record = self.cache.get(full)
@@ -435,6 +439,8 @@ class Selector:
 
 _selector: Selector | None = None
 _generation = 0
+_local = threading.local()  # `mode()` blocks: per thread (a validation in one thread left every other
+# model of the process in "native" for good, when two blocks overlapped in two threads)
 _calibrating_s = 0.0  # every selector's calibration seconds in this process, for `compute_clock`
 _nested = 0  # calibrations under way (one's candidates may run layers that calibrate theirs)
 
@@ -477,19 +483,15 @@ def using(new: Selector) -> Iterator[Selector]:
 
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
-    """Run the block with the selector's mode set to `name` ("native" or "measure"); same selector,
-    cache and log."""
-    global _generation
+    """Run the block, in this thread, with the selector's mode set to `name` ("native" or "measure");
+    same selector, cache and log. Other threads keep theirs."""
     if name not in MODES:
         raise ValueError(f"kernel selection mode must be one of {MODES}, got {name!r}")
-    sel = selector()
-    old, sel.mode = sel.mode, name
-    _generation += 1
+    old, _local.mode = getattr(_local, "mode", None), name
     try:
         yield
     finally:
-        sel.mode = old
-        _generation += 1
+        _local.mode = old
 
 
 def choose(
@@ -510,9 +512,10 @@ def remember(memo: dict[Any, Any], key: Any, name: str, value: Any = None) -> No
         memo[key] = name if value is None else value
 
 
-def memo_token() -> tuple[int, int]:
-    """Part of every layer's memo key: a change of selector or thread count invalidates memoized choices."""
-    return _generation, torch.get_num_threads()
+def memo_token() -> tuple[int, int, str | None]:
+    """Part of every layer's memo key: a change of selector, thread count or this thread's mode
+    invalidates memoized choices."""
+    return _generation, torch.get_num_threads(), getattr(_local, "mode", None)
 
 
 def module_signature(module: nn.Module) -> str:

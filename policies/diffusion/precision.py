@@ -23,6 +23,7 @@ every cached copy. On GPUs the bf16 paths run without measurement.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -107,18 +108,33 @@ def set_inference_precision(module: nn.Module, precision: str) -> None:
             m.clear_bf16()
 
 
+_FP32_HELD = "_fp32_inference_held"  # a part's (blocks holding it at fp32, its own precision)
+_fp32_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def fp32_inference(*modules: nn.Module) -> Iterator[None]:
     """Inside the block every bf16-capable part of `modules` runs fp32 with PyTorch's kernels, whatever
-    its setting (restored after): for the autograd-off parts of a training step, e.g. a distillation
-    teacher and target, which a training step must not compute in bf16 or int8."""
-    parts = [m for mod in modules for m in mod.modules() if isinstance(m, Bf16Inference)]
-    saved = [(m, m.inference_precision) for m in parts]
-    for m, _ in saved:
-        m.inference_precision = "fp32"
+    its setting (restored after the last block holding it ends: two blocks overlapping in two threads
+    left it fp32 for good): for the autograd-off parts of a training step, e.g. a distillation teacher
+    and target, which a training step must not compute in bf16 or int8. The kernel mode is this
+    thread's (`kernels.mode`); the parts' precision is the modules', for every thread using them."""
+    parts = list(
+        {id(m): m for mod in modules for m in mod.modules() if isinstance(m, Bf16Inference)}.values()
+    )
+    with _fp32_lock:
+        for m in parts:
+            held, own = m.__dict__.get(_FP32_HELD, (0, m.inference_precision))
+            m.__dict__[_FP32_HELD] = (held + 1, own)
+            m.inference_precision = "fp32"
     try:
         with kernels.mode("native"):
             yield
     finally:
-        for m, p in saved:
-            m.inference_precision = p
+        with _fp32_lock:
+            for m in parts:
+                held, own = m.__dict__.pop(_FP32_HELD)
+                if held > 1:
+                    m.__dict__[_FP32_HELD] = (held - 1, own)
+                else:
+                    m.inference_precision = own
