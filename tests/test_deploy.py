@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,21 +377,32 @@ def test_a_run_a_fault_stopped_exits_with_3(tmp_path):
     assert "STOPPED: no fresh action for" in res.stdout
 
 
+def recording_deploy(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, Path]:
+    """wm-deploy of a random controller on pointmaze at 20 Hz recording into tmp_path / "rec.zarr"
+    (report in tmp_path / "run"), returned once its first status line says the robot runs."""
+    out, store = tmp_path / "run", tmp_path / "rec.zarr"
+    proc = subprocess.Popen(
+        [str(BIN / "wm-deploy"), "robot=pointmaze", "controller=random", f"out={out}", "control_hz=20",
+         "status_every_s=0.2", f"record={store}", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if " ticks at " in line:
+                return proc, out, store
+        raise AssertionError(f"wm-deploy ended before a status line: {proc.stderr.read()}")
+    except BaseException:
+        proc.kill()
+        raise
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_ends_the_run_cleanly_with_the_report_and_the_recording(tmp_path, signum):
     """SIGTERM (a service manager stopping wm-deploy, `docker stop`) or SIGHUP (the ssh session that ran
     it dropped) ended the process where it stood: the robot was not disconnected, no report was written
     and the episode's recording was lost. It stops as Ctrl-C does, and exits 128 + signum."""
-    out, store = tmp_path / "run", tmp_path / "rec.zarr"
-    proc = subprocess.Popen(
-        [str(BIN / "wm-deploy"), "robot=pointmaze", "controller=random", f"out={out}", "episodes=1",
-         "max_steps=100000", "control_hz=20", "status_every_s=0.2", f"record={store}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc, out, store = recording_deploy(tmp_path, "episodes=1", "max_steps=100000")
     try:
-        for line in proc.stdout:  # the robot is running
-            if " ticks at " in line:
-                break
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -407,16 +419,8 @@ def test_sigterm_ends_the_run_cleanly_with_the_report_and_the_recording(tmp_path
 def test_a_reader_of_stdout_that_goes_away_stops_neither_the_run_nor_its_recording(tmp_path):
     """`wm-deploy ... | head`, or a tee that died: the next status line's print raised BrokenPipeError out
     of the control loop mid-episode, the episode's recording was discarded, and it exited 141 in silence."""
-    out, store = tmp_path / "run", tmp_path / "rec.zarr"
-    proc = subprocess.Popen(
-        [str(BIN / "wm-deploy"), "robot=pointmaze", "controller=random", f"out={out}", "episodes=2",
-         "max_steps=40", "control_hz=20", "status_every_s=0.2", f"record={store}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc, out, store = recording_deploy(tmp_path, "episodes=2", "max_steps=40")
     try:
-        for line in proc.stdout:  # the robot is running
-            if " ticks at " in line:
-                break
         proc.stdout.close()  # what read it went away
         stderr = proc.stderr.read()
         proc.wait(timeout=60)
