@@ -14,6 +14,7 @@ from einops import rearrange
 
 from wm.autoencoder import AutoencoderConfig
 from wm.data import DemoStore
+from wm.data.errors import SchemaError
 from wm.data.normalize import Normalizer, compute_stats
 from wm.data.windows import WindowSpec
 from wm.uwm import UWM, UWMConfig
@@ -475,6 +476,34 @@ def test_a_video_store_with_actions_is_trained_on_as_video(tmp_path, monkeypatch
         ("check_windows", str(store), spec),
         ("check_windows", str(videos), spec),
     ]
+
+
+def test_action_free_episodes_all_train_and_only_labelled_ones_validate(tmp_path):
+    """The split was drawn over every episode: a flagged (action-free) episode drawn for validation was
+    neither validated on (no actions) nor trained on, validation vanished without a word when the draw
+    held only flagged ones, and a store whose labelled episodes were all drawn was refused."""
+    from wm.data.mixture import flag_action_free
+    from wm.data.windows import split_episodes
+    from wm.training import setup_training
+
+    opts = {"horizon": 4, "n_action_exec": 2, "future": [2, 4], "net": {"dim": 32, "depth": 1, "heads": 2},
+            "latent": {"steps": 2, "batch_size": 4}}  # fmt: skip
+    assert split_episodes(10, 0.2, 0)[1] == [4, 6]  # the draw over all ten
+    for name, labelled in (("some", [0, 1, 2, 3]), ("drawn", [4, 6])):
+        path = make_store(tmp_path / f"{name}.zarr", 10, seed=0)
+        flag_action_free(path, [e for e in range(10) if e not in labelled])
+        setup = setup_training("uwm", str(path), opts, val_ratio=0.2, seed=0, feature_cache="off")
+        assert set(setup.train_episodes) | set(setup.val_episodes) == set(range(10))
+        assert setup.val_episodes and set(setup.val_episodes) <= set(labelled)
+    assert setup.val_episodes == [4] and setup.train_episodes == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    path = make_store(tmp_path / "none.zarr", 3, seed=0)
+    flag_action_free(path, [0, 1, 2])
+    with pytest.raises(SchemaError, match=r"none.zarr: no episode has actions \(all are flagged"):
+        setup_training("uwm", str(path), opts, seed=0, feature_cache="off")
+    with DemoStore.create(tmp_path / "empty.zarr", DemoStore.open(path).schema):
+        pass
+    with pytest.raises(SchemaError, match=r"empty.zarr: the store has no episodes to train on"):
+        setup_training("uwm", str(tmp_path / "empty.zarr"), opts, seed=0, feature_cache="off")
 
 
 def test_in_memory_false_reaches_the_autoencoder_and_a_latent_path_is_asked_for(tmp_path, monkeypatch):

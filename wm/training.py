@@ -128,7 +128,8 @@ def setup_training(
         cameras = listed or [image_key]
         lowdim = ["action", *([proprio_key] if proprio_key else [])] if entry.needs_actions else []
         check_inputs(store, cameras, lowdim, option if listed else "image_key")
-        train_eps, val_eps = split_episodes(store.n_episodes, val_ratio, seed)
+        if not store.n_episodes:  # (said as "all are flagged action-free")
+            raise SchemaError(f"{store_path}: the store has no episodes to train on")
         flagged = {e for e in range(store.n_episodes) if store.episode_info(e).get(ACTION_FREE)}
         if not entry.needs_actions:
             flagged = set()  # frames only: every episode is data
@@ -137,12 +138,14 @@ def setup_training(
                 f"{store_path}: {len(flagged)} episode(s) flagged {ACTION_FREE} (e.g. {min(flagged)}); "
                 f"model={model_type} needs actions in every episode (uwm trains on both)"
             )
-        val_eps = [e for e in val_eps if e not in flagged]  # validation compares actions
-        labelled = [e for e in train_eps if e not in flagged]
-        if not labelled:
-            raise SchemaError(
-                f"{store_path}: no training episode has actions (all are flagged {ACTION_FREE})"
-            )
+        if len(flagged) == store.n_episodes:
+            raise SchemaError(f"{store_path}: no episode has actions (all are flagged {ACTION_FREE})")
+        # the labelled episodes split (validation compares actions); every flagged one trains. A flagged
+        # episode drawn for validation was in neither set, and validation vanished when all drawn were
+        labelled = [e for e in range(store.n_episodes) if e not in flagged]
+        train_at, val_at = split_episodes(len(labelled), val_ratio, seed)  # (no flags: the same split)
+        labelled, val_eps = [labelled[i] for i in train_at], [labelled[i] for i in val_at]
+        train_eps = sorted([*labelled, *flagged])
         if entry.needs_actions:  # every episode the model reads, not only those the normalizer is fitted on
             check_finite(store, "action", [e for e in range(store.n_episodes) if e not in flagged])
             if proprio_key:
