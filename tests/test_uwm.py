@@ -504,6 +504,11 @@ def test_action_free_episodes_all_train_and_only_labelled_ones_validate(tmp_path
         pass
     with pytest.raises(SchemaError, match=r"empty.zarr: the store has no episodes to train on"):
         setup_training("uwm", str(tmp_path / "empty.zarr"), opts, seed=0, feature_cache="off")
+    two = make_store(tmp_path / "two.zarr", 3, seed=0, cameras=("image", "wrist"))
+    with pytest.raises(  # trained on the list without a word; config.json said image_key=wrist
+        ValueError, match=r"^image_key=wrist is not among the cameras model.image_keys=\['image'\] the model"
+    ):
+        setup_training("uwm", str(two), {**opts, "image_keys": ["image"]}, image_key="wrist", seed=0)
 
 
 def test_in_memory_false_reaches_the_autoencoder_and_a_latent_path_is_asked_for(tmp_path, monkeypatch):

@@ -122,9 +122,14 @@ def setup_training(
         )
     if video_store is not None and not entry.action_free:
         raise ValueError(f"model={model_type} trains on actions only: video_store= needs a model like uwm")
+    listed, option = listed_cameras(options)
+    if image_key is not None and listed and image_key not in listed:  # trained on the list, recorded as given
+        raise ValueError(
+            f"image_key={image_key} is not among the cameras {option}={listed} the model reads: leave "
+            "image_key out, or list it"
+        )
     with DemoStore.open(store_path) as store:
         image_key, proprio_key = data_keys(store, image_key, proprio_key, entry.needs_actions)
-        listed, option = listed_cameras(options)
         cameras = listed or [image_key]
         lowdim = ["action", *([proprio_key] if proprio_key else [])] if entry.needs_actions else []
         check_inputs(store, cameras, lowdim, option if listed else "image_key")
