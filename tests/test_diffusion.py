@@ -700,6 +700,38 @@ def test_consistency_policy_distilled_from_unet(unet_policy, store_path, tmp_pat
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(
+    "key, spec, said",
+    [
+        ("action", KeySpec((3,), "float32", "action"), r"reads 'action' of shape \(2,\), .* has \(3,\)"),
+        ("proprio", KeySpec((5,), "float32", "proprio"), r"reads 'proprio' of shape \(2,\), .* has \(5,\)"),
+        ("image", KeySpec((H + 8, W, 3), "uint8", "image"), rf"reads 'image' of shape \({H}, {W}, 3\)"),
+    ],
+)  # fmt: skip
+def test_a_student_on_data_its_teacher_does_not_read_is_refused_before_any_work(
+    unet_policy, tmp_path, key, spec, said
+):
+    """model=consistency took the teacher's config whatever the store held: another action size failed
+    at the first step ("'action' is (2, 16, 3), expected (B, 16, 2)", naming neither), run folder written."""
+    from wm.training import setup_training
+
+    teacher, _ = unet_policy
+    save_policy(teacher, tmp_path / "teacher" / "ckpt_00000001.pt")
+    keys = {
+        "image": KeySpec((H, W, 3), "uint8", "image"),
+        "proprio": KeySpec((2,), "float32", "proprio"),
+        "action": KeySpec((2,), "float32", "action"),
+    } | {key: spec}
+    rng = np.random.default_rng(0)
+    with DemoStore.create(tmp_path / "other.zarr", Schema(keys=keys, fps=10)) as store:
+        for _ in range(2):
+            store.append_episode(
+                {k: rng.integers(0, 255, (20, *s.shape)).astype(s.dtype) for k, s in keys.items()}
+            )
+    with pytest.raises(ValueError, match=f"^teacher .*ckpt_00000001.pt {said}"):
+        setup_training("consistency", str(tmp_path / "other.zarr"), {}, teacher=str(tmp_path / "teacher"))
+
+
 def test_checkpoint_round_trip(unet_policy, tmp_path):
     policy, data = unet_policy
     ema = {k: v.clone() for k, v in policy.state_dict().items()}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -256,6 +257,7 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
         raise CheckpointError(
             f"teacher {ckpt['path']} holds a {ckpt['model_type']!r} model, not a diffusion policy"
         )
+    check_teachers_data(ckpt, ctx)
     distill = sub_config(DistillConfig, options, "model")
     policy = {
         **ckpt["model_config"],
@@ -264,6 +266,28 @@ def configure(options: dict[str, Any], ctx: TrainContext) -> dict[str, Any]:
         "sampler_steps": distill.sampler_steps,
     }
     return {**policy, "distill": dataclasses.asdict(distill), "teacher": str(Path(ckpt["path"]).resolve())}
+
+
+def check_teachers_data(ckpt: dict[str, Any], ctx: TrainContext) -> None:
+    """The store holds what the teacher reads (its cameras at its frame size, its proprioception, its
+    action size), or one line before any work: it failed at the first step ("'action' is (2, 16, 3),
+    expected (B, 16, 2)", naming neither store nor teacher), with the run directory written."""
+    config, shapes = ckpt["model_config"], ctx.key_shapes
+    obs = config.get("obs", {})
+    size = tuple(obs.get("image_size", ()))
+    wanted = {k: (*size, 3) for k in obs.get("image_keys", ())}
+    if obs.get("proprio_key"):
+        wanted[obs["proprio_key"]] = (obs.get("proprio_dim"),)
+    wanted["action"] = (config.get("action_dim"),)
+    for key, shape in wanted.items():
+        has = shapes.get(key)
+        flat = has if has is None or len(shape) == 3 else (int(np.prod(has)),)
+        if flat is None or tuple(flat) != shape:
+            raise ValueError(
+                f"teacher {ckpt['path']} reads {key!r} of shape {shape}, the store {ctx.store} "
+                f"{'has no ' + repr(key) if has is None else f'has {tuple(has)}'}: distil on the teacher's "
+                "data (its store, or one recorded the same way)"
+            )
 
 
 def teacher_normalizer(ctx: TrainContext) -> Normalizer:
