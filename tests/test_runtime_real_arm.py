@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -319,6 +321,56 @@ def test_the_kernels_a_worker_ran_are_asked_after_the_chunk_it_is_still_computin
         assert w.busy  # chunk 0 takes SLOW_S
         summary = w.kernels()
         assert summary is not None and "mode" in summary and not w.busy
+
+
+ORPHAN = """
+import sys, time
+import numpy as np
+from robots.runtime.worker import ControllerSpec, ProcessWorker, Request
+w = ProcessWorker(ControllerSpec("runtime_controllers:make", {"fault": "hang"}))
+w.start()
+w.submit(Request(0, [{"state": np.zeros(6, np.float32)}], [], action_shape=(6,)))
+print(w.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _dead(pid: int) -> bool:
+    """The process `pid` is gone, or a zombie waiting for init to reap it."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_worker_dies_with_the_control_process_that_did_not_close_it():
+    """The control process killed (SIGKILL, the OOM killer) while its worker computed a chunk: the
+    worker only noticed at its next read, so a hung model ran on by itself, holding cores and memory."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": tests},
+    )
+    try:
+        pid = int(parent.stdout.readline())
+        time.sleep(0.5)  # the worker is in its (hung) chunk
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while not (gone := _dead(pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+    if not gone:
+        os.kill(pid, signal.SIGKILL)
+    assert gone
 
 
 def test_a_killed_worker_is_named_as_killed_even_when_its_pipe_breaks_first():

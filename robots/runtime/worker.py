@@ -16,6 +16,7 @@ arguments; the worker builds it itself, so no model is ever pickled.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import inspect
 import multiprocessing as mp
@@ -33,6 +34,8 @@ import numpy as np
 from robots.base import RobotError
 from robots.runtime.realtime import QuietGC
 from robots.runtime.wire import one_line
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 
 @dataclass(frozen=True)
@@ -327,10 +330,10 @@ class ProcessWorker:
     def start(self) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_worker_main, args=(self.spec, child), daemon=True)
-        self._proc.start()
-        child.close()
-        try:
+        try:  # a spawn that fails (EMFILE, EAGAIN) is said as itself, not as close()'s
+            self._proc = ctx.Process(target=_worker_main, args=(self.spec, child, os.getpid()), daemon=True)
+            self._proc.start()
+            child.close()
             if not self._conn.poll(self.startup_timeout_s):
                 raise WorkerDied(f"the inference worker did not start within {self.startup_timeout_s:.0f} s")
             kind, payload = self._recv()
@@ -358,6 +361,8 @@ class ProcessWorker:
 
     def close(self) -> None:
         """Stop the worker (asked, then terminated, then killed) and free the shared memory."""
+        if self._proc is not None and self._proc.pid is None:  # never started
+            self._proc = None
         if self._proc is not None:
             try:
                 if self._proc.is_alive():
@@ -422,8 +427,9 @@ class ProcessWorker:
         n = len(req.steps)
         if not 1 <= n <= self.window:
             raise ValueError(f"{n} observation steps; the worker takes 1..{self.window}")
-        if not self._shm:
-            self._buffers(req.steps[0], req.action_shape)
+        if not self._shm:  # the keys the controller reads (the others were copied every tick: 3.6 ms for
+            # two unread 480x640 cameras at a window of 4)
+            self._buffers(model_inputs(self.info, req.steps[0]), req.action_shape)
         for i, step in enumerate(req.steps):
             for k in self._layout:
                 if k != "__actions__":
@@ -498,9 +504,25 @@ class ProcessWorker:
         return WorkerDied(f"the inference worker {self.exit_description()}{detail}")
 
 
-def _worker_main(spec: ControllerSpec, conn: Any) -> None:
+def _die_with(parent: int) -> None:
+    """Linux: this process is killed when `parent` (the control process, the thread that started it)
+    dies without closing it (SIGKILL, the OOM killer): a worker computing a chunk, loading its model or
+    hung ran on by itself, holding cores and GPU memory."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: it ends when it next reads from the control loop
+        return
+    if os.getppid() != parent:  # gone before the line above
+        os._exit(0)
+
+
+def _worker_main(spec: ControllerSpec, conn: Any, parent: int) -> None:
     """The worker process: build the controller, then answer requests until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the control loop's to handle
+    _die_with(parent)
+    # Ctrl-C, and a closing terminal's SIGHUP to the process group, are the control loop's to handle
+    # (it stops the episode and closes this worker; killed at once, the run's report lacked its kernels)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if spec.cpus:  # before torch starts its threads: they inherit it
         os.sched_setaffinity(0, spec.cpus)
     shms: dict[str, shared_memory.SharedMemory] = {}
@@ -511,10 +533,11 @@ def _worker_main(spec: ControllerSpec, conn: Any) -> None:
         torch.set_num_threads(max(1, spec.threads))
         try:
             controller = spec.build()
+            info = describe(controller)  # (a spec it cannot give was "exited with status 1")
         except Exception as e:  # noqa: BLE001 - reported to the parent as one line
             conn.send(("error", error_line(e)))
             return
-        conn.send(("ready", describe(controller)))
+        conn.send(("ready", info))
         with QuietGC(spec.quiet_gc) as quiet:
             _serve(controller, spec, conn, quiet, shms, views)
     finally:
