@@ -335,6 +335,32 @@ time.sleep(600)
 """
 
 
+def test_shared_memory_too_small_for_the_observations_is_one_line_before_the_first_chunk(monkeypatch):
+    """The buffers' pages were taken only when written: a /dev/shm too small for the history (Docker's
+    64 MB, three 720p cameras at a window of 8) killed the control process with SIGBUS mid-episode, the
+    arm left without a hold or a disconnect. They are reserved at the first request (here refused)."""
+    import errno
+    from pathlib import Path
+
+    from robots.runtime.worker import Request, WorkerDied
+
+    reserve = os.posix_fallocate
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    request = Request(0, [{"state": np.zeros(6, np.float32)}], [], action_shape=(6,))
+    before = set(Path("/dev/shm").iterdir())
+    with worker() as w:
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        with pytest.raises(WorkerDied, match=r"^no room in shared memory for the observations the model"):
+            w.submit(request)
+        assert set(Path("/dev/shm").iterdir()) == before and not w.busy  # nothing left half made
+        monkeypatch.setattr(os, "posix_fallocate", reserve)
+        w.submit(request)  # room again: the next episode's first request
+        assert w.busy
+
+
 def _dead(pid: int) -> bool:
     """The process `pid` is gone, or a zombie waiting for init to reap it."""
     try:

@@ -349,12 +349,28 @@ class ProcessWorker:
         return int(self.info.get("window", 1))
 
     def _buffers(self, step: Mapping[str, np.ndarray], action_shape: tuple[int, ...]) -> None:
-        """Make the shared buffers from the first request and tell the worker their names."""
+        """Make the shared buffers from the first request and tell the worker their names. Their memory is
+        reserved now: a /dev/shm too small for them (Docker's 64 MB default, three 720p cameras at a window
+        of 8) killed the control process with SIGBUS once the history filled, mid-episode."""
         layout = {k: (np.asarray(v).shape, np.asarray(v).dtype.str) for k, v in step.items()}
         layout["__actions__"] = (tuple(action_shape), np.dtype(np.float64).str)
+        sizes = {
+            k: max(1, int(np.prod((self.window, *s))) * np.dtype(d).itemsize) for k, (s, d) in layout.items()
+        }
         for key, (shape, dtype) in layout.items():
-            size = max(1, int(np.prod((self.window, *shape))) * np.dtype(dtype).itemsize)
-            self._shm[key] = shm = shared_memory.SharedMemory(create=True, size=size)
+            self._shm[key] = shm = shared_memory.SharedMemory(create=True, size=sizes[key])
+            try:
+                os.posix_fallocate(shm._fd, 0, sizes[key])
+            except OSError as e:
+                for made in self._shm.values():  # none kept: the next episode's first request tries again
+                    made.close()
+                    made.unlink()
+                self._shm, self._views = {}, {}
+                mb = sum(sizes.values()) / 2**20
+                raise WorkerDied(
+                    f"no room in shared memory for the observations the model reads ({mb:.0f} MB for "
+                    f"{self.window} steps: {e.strerror}): enlarge /dev/shm (docker run --shm-size=1g)"
+                ) from None
             self._views[key] = np.ndarray((self.window, *shape), dtype, buffer=shm.buf)
         self._layout = layout
         self._send(("buffers", ({k: s.name for k, s in self._shm.items()}, layout, self.window)))
