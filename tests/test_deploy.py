@@ -377,6 +377,35 @@ def test_a_run_a_fault_stopped_exits_with_3(tmp_path):
     assert "STOPPED: no fresh action for" in res.stdout
 
 
+def test_a_worker_that_dies_between_episodes_ends_the_run_as_a_fault(tmp_path, monkeypatch):
+    """The worker killed (the OOM killer) while a simulated robot reset: its reset raised out of the
+    run, which exited 2 (a usage error) without a STOPPED line."""
+    import multiprocessing
+
+    from robots.sim.pointmaze import PointMazeTask
+    from tools.deploy import DeployConfig, deploy
+
+    resets, reset = [], PointMazeTask.reset
+
+    def reset_and_kill_the_worker(self, *args, **kwargs):
+        resets.append(1)
+        if len(resets) == 2:  # before episode 1: the worker idle
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                child.join(5)
+        return reset(self, *args, **kwargs)
+
+    monkeypatch.setattr(PointMazeTask, "reset", reset_and_kill_the_worker)
+    out = tmp_path / "run"
+    report, status = deploy(
+        DeployConfig(robot="pointmaze", controller="random", out=str(out), max_steps=5, episodes=3)
+    )
+    assert status == 3 and report["episodes"] == 2
+    said = report["stopped"][-1]
+    assert said.startswith("the inference worker killed by SIGKILL")
+    assert said.endswith("; the episode did not start (nothing was sent)")
+
+
 def recording_deploy(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, Path]:
     """wm-deploy of a random controller on pointmaze at 20 Hz recording into tmp_path / "rec.zarr"
     (report in tmp_path / "run"), returned once its first status line says the robot runs."""

@@ -258,7 +258,11 @@ class Runtime:
             maxlen=max(2, int(math.ceil(self.window * self.step_s / self.period)) + 2)
         )
         state = _State(latencies=deque(maxlen=cfg.latency_window))
-        self.worker.reset(goal)
+        try:  # a worker that died between episodes, a controller that cannot start one: a fault's line
+            self.worker.reset(goal)  # (they raised out of the run: exit 2, or a bug's traceback)
+        except (WorkerDied, RuntimeError) as e:
+            out.stopped = f"{e}; the episode did not start (nothing was sent)"
+            return out
         read = self._read(out)
         if read is None:
             return out
