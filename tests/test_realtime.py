@@ -11,7 +11,7 @@ import weakref
 import pytest
 
 from robots.runtime.loop import RuntimeConfig
-from robots.runtime.realtime import QuietGC, realtime, worker_cpus
+from robots.runtime.realtime import QuietGC, realtime, usable_cores, worker_cpus
 
 linux = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux scheduling calls")
 
@@ -76,6 +76,23 @@ def test_a_recording_thread_started_inside_the_block_runs_at_normal_priority_off
 
 
 @linux
+def test_inference_threads_follow_the_cores_the_process_may_use():
+    """wm-deploy and wm-serve sized torch's threads from the machine's core count: under a cpuset
+    (`docker --cpuset-cpus`, taskset) on a many-core host, far more threads than cores."""
+    from tools.deploy import DeployConfig, _inference_threads
+
+    mine = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(mine)})
+        assert (
+            usable_cores() == 1
+            and _inference_threads(DeployConfig(robot="pointmaze", controller="random", out="o")) == 1
+        )
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert usable_cores() == len(mine)
+
+
 def test_what_can_never_work_is_refused_before_a_robot_moves():
     with pytest.raises(ValueError, match="realtime_priority must be 1..99, got 120"):
         RuntimeConfig(realtime_priority=120)

@@ -410,10 +410,11 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
 
 
 def _inference_threads(cfg: DeployConfig) -> int:
-    """The local inference worker's torch threads: `inference_threads`, else all cores but one."""
-    import os
+    """The local inference worker's torch threads: `inference_threads`, else all the cores this process
+    may use but one (the machine's count under a cpuset gave far more threads than cores)."""
+    from robots.runtime.realtime import usable_cores
 
-    return cfg.inference_threads or max(1, (os.cpu_count() or 2) - 1)
+    return cfg.inference_threads or max(1, usable_cores() - 1)
 
 
 def _report(

@@ -11,7 +11,6 @@ variable, which keeps it out of the process list); the token is never printed. R
 from __future__ import annotations
 
 import functools
-import os
 import signal
 from dataclasses import dataclass, fields
 from typing import Any
@@ -58,9 +57,10 @@ def make_server(cfg: ServeConfig, log: Any = print) -> Any:
     checked before any robot is served) and fits every robot."""
     import torch
 
+    from robots.runtime.realtime import usable_cores
     from robots.runtime.server import PolicyServer
 
-    torch.set_num_threads(cfg.inference_threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.inference_threads or usable_cores())
     settings = cfg.settings()
     builder = functools.partial(_build, settings, cfg.seed)
     policy = cfg.controller == "policy"

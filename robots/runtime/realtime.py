@@ -21,6 +21,14 @@ from collections.abc import Iterator
 PRIORITY_RANGE = (1, 99)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a cpuset, `taskset`, `docker --cpuset-cpus`),
+    not the machine's count: torch threads beyond them wait on each other."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def worker_cpus(control_cpu: int | None) -> tuple[int, ...] | None:
     """The cores left to the inference worker when the control loop has `control_cpu` (None: all)."""
     if control_cpu is None or not hasattr(os, "sched_getaffinity"):
