@@ -41,21 +41,37 @@ def repair(path) -> list[str]:
     return argv
 
 
+def leave_uncommitted_steps(path, n: int = 35) -> None:
+    """What a writer killed mid-episode leaves until the store is next opened for appending: `n` steps
+    past the last committed episode in every data array."""
+    for _, a in zarr.open_group(str(path), mode="r+")["data"].arrays():
+        a.resize((a.shape[0] + n, *a.shape[1:]))
+
+
 @pytest.mark.parametrize(
-    "ends, dropped",
+    "ends, tail, dropped",
     [
         # the last end reads past the data, which the commit record's lengths add up to: every episode kept
-        ([7, 15, 24, 34, 450], []),
-        # both add up to the data: which split of episodes 2 and 3 is right is unknown, so only they go
-        ([7, 15, 25, 34, 45], [2, 3]),
+        ([7, 15, 24, 34, 450], False, []),
+        # one inner entry off, the total right: that entry is damaged (a damaged commit length would shift
+        # every later boundary), so the commit record's split is kept
+        ([7, 15, 25, 34, 45], False, []),
+        # a killed writer's steps past the commit: neither side ends where the data does (the printed
+        # repair deleted the intact last episode)
+        ([7, 15, 24, 34, 557], True, []),
+        ([7, 15, 25, 34, 45], True, []),
+        # two boundaries off differently, both adding up to the data: which split is right is unknown
+        ([7, 16, 23, 34, 45], False, [1, 2, 3]),
     ],
 )
-def test_a_damaged_episode_ends_is_not_trusted_over_the_commit_record(tmp_path, ends, dropped):
+def test_a_damaged_episode_ends_is_not_trusted_over_the_commit_record(tmp_path, ends, tail, dropped):
     """A v2 store's episode_ends decode to other increasing numbers after a flipped bit; the printed
     repair trusted them, deleting every episode or re-splitting two."""
     path = tmp_path / "v2.zarr"
     episodes = five_episode_store(path, zarr_format=2)  # no checksums
     zarr.open_group(str(path), mode="r+")["meta/episode_ends"][:] = np.array(ends)
+    if tail:
+        leave_uncommitted_steps(path)
     with pytest.raises(CorruptStoreError, match="meta/episode_ends"):
         DemoStore.open(path)  # readers refuse boundaries they cannot trust
     report = verify_store(path)
@@ -68,6 +84,27 @@ def test_a_damaged_episode_ends_is_not_trusted_over_the_commit_record(tmp_path, 
         for j, i in enumerate(kept):
             np.testing.assert_array_equal(s.get_episode(j)["state"], episodes[i]["state"])
             assert s.episode_info(j)["notes"] == f"ep{i}"
+    assert verify_store(path).ok
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_a_damaged_commit_length_is_not_trusted_over_the_episode_ends(tmp_path, tail):
+    """One bit of a v2 store's commit record ('"length":9' read as 8): with a killed writer's steps past
+    the commit, the store would not open and the printed repair deleted episodes 2, 3 and 4, intact."""
+    path = tmp_path / "v2.zarr"
+    episodes = five_episode_store(path, zarr_format=2)
+    info = zarr.open_group(str(path), mode="r+", zarr_format=2)["wm_episode_info"]
+    records = [str(x) for x in info[:]]
+    records[2] = records[2].replace('"length":9', '"length":8')
+    info[:] = np.array(records, dtype=object)
+    if tail:
+        leave_uncommitted_steps(path)
+    assert verify_store(path).damaged_episodes == []
+    repair(path)
+    with DemoStore.open(path) as s:
+        assert list(s.episode_lengths()) == LENGTHS
+        for i, ep in enumerate(episodes):
+            np.testing.assert_array_equal(s.get_episode(i)["state"], ep["state"])
     assert verify_store(path).ok
 
 

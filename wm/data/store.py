@@ -1079,18 +1079,30 @@ def _disagreement(
     increasing numbers, and a repair that trusted them deleted or re-split intact episodes). The one that
     ends where the data does is right: episode_ends that do not make a problem (the commit record's
     lengths replace them); a damaged commit record makes none here (`verify` reports its lengths, and a
-    rewrite rebuilds it from the boundaries). When both or neither end there, the episodes on each
-    boundary that differs are in doubt."""
+    rewrite rebuilds it from the boundaries). A writer killed mid-episode leaves uncommitted steps past the
+    last episode (until the store is next opened for appending), so neither may end there: then a side
+    that ends past the data is the damaged one, and otherwise the pattern tells: one boundary off is a
+    damaged episode_ends entry, every boundary from one on off by the same steps a damaged commit length.
+    When none of that decides, the episodes on each boundary that differs are in doubt (a repair trusting
+    either side deleted intact episodes)."""
     differ = np.flatnonzero(ends != committed)
     if not len(differ):
         return None, ()
     held = _steps_held(group)
     ends_fit, commit_fits = int(ends[-1]) == held, int(committed[-1]) == held
+    if ends_fit == commit_fits:
+        if not ends_fit and held is not None and (int(ends[-1]) > held) != (int(committed[-1]) > held):
+            ends_fit, commit_fits = int(ends[-1]) <= held, int(committed[-1]) <= held
+        elif len(differ) == 1 and differ[0] < len(ends) - 1:
+            ends_fit, commit_fits = False, True  # one inner entry of episode_ends off (a flipped bit)
+        elif len(differ) > 1 and len(set((ends - committed)[differ[0] :].tolist())) == 1:
+            ends_fit, commit_fits = True, False  # one commit length off: every later boundary shifts with it
     if ends_fit and not commit_fits:
         return None, ()
     where = f"{path}/meta/episode_ends"
     if commit_fits and not ends_fit:
-        return f"{where}: ends at step {int(ends[-1])}, but the data and the commit record end at {held}", ()
+        lengths = int(committed[-1])
+        return f"{where}: ends at step {int(ends[-1])}, but the commit record's lengths end at {lengths}", ()
     doubtful = tuple(sorted({int(e) for b in differ for e in (b, b + 1) if e < len(ends)}))
     listed = ", ".join(str(e) for e in doubtful[:8]) + (", ..." if len(doubtful) > 8 else "")
     return (
