@@ -108,6 +108,21 @@ def test_a_damaged_commit_length_is_not_trusted_over_the_episode_ends(tmp_path, 
     assert verify_store(path).ok
 
 
+def test_a_commit_count_older_than_the_data_is_not_repaired_away(tmp_path):
+    """A copy taken while a writer appended (cp -r copies the root zarr.json first) or a restored root
+    zarr.json: wm_committed=3 over 5 complete episodes. Opening it to append (wm-collect resuming,
+    wm-deploy record=) cut the store to 3, deleting two complete episodes without a word."""
+    path = tmp_path / "copy.zarr"
+    five_episode_store(path)
+    zarr.open_group(str(path), mode="r+").attrs["wm_committed"] = 3
+    with pytest.raises(CorruptStoreError, match=r"copy.zarr: meta/episode_ends holds 2 episodes past the 3"):
+        DemoStore.open(path, mode="a")
+    group = zarr.open_group(str(path), mode="r")
+    assert group["meta/episode_ends"].shape == (5,) and group["data/state"].shape[0] == sum(LENGTHS)
+    with DemoStore.open(path) as s:  # read-only: the committed episodes
+        assert s.n_episodes == 3
+
+
 @pytest.mark.parametrize(
     "zarr_format, file",
     [(3, "meta/zarr.json"), (3, "data/zarr.json"), (2, "meta/.zgroup"), (2, "data/.zgroup")],

@@ -580,7 +580,19 @@ class DemoStore:
             raise PermissionError(f"{self.path}: opened read-only; use DemoStore.open(path, mode='a')")
 
     def _repair(self) -> None:
-        """Drop whatever a killed writer left past the last committed episode."""
+        """Drop whatever a killed writer left past the last committed episode: at most one episode's
+        boundary (each open for appending repairs first). More is a commit count older than the data (a
+        copy taken while a writer appended, a root zarr.json restored from a backup): refused, since
+        dropping them deleted complete episodes."""
+        extra = self._group["meta/episode_ends"].shape[0] - self.n_episodes
+        if not self.legacy and extra > 1:
+            raise CorruptStoreError(
+                f"{self.path}: meta/episode_ends holds {extra} episodes past the {self.n_episodes} its "
+                f"commit record counts ({COMMITTED_ATTR}): the root metadata is older than the data (a "
+                "copy taken while a writer appended, or a restored backup); nothing was changed. Copy the "
+                "store again from a stopped writer, or read it as it is (read-only opens show the committed "
+                "episodes)"
+            )
         with interrupts_held():  # a write left running would land after what follows
             n = self.n_steps
             for _key, arr in self._arrays.items():
