@@ -409,6 +409,32 @@ def test_the_demo_refuses_an_empty_out_or_a_file_before_any_work(tmp_path):
     assert DemoConfig(out=str(tmp_path / "new")).out.endswith("new")
 
 
+def test_a_demo_stopped_while_it_collects_stops_and_its_rerun_goes_on(tmp_path):
+    """SIGTERM (or Ctrl-C) during the demo's collection: it trained and evaluated on the episodes so far,
+    exited 0, and the same command again was refused (a model trained on fewer episodes than asked)."""
+    import signal
+    import time
+
+    from apps import BIN
+
+    out = tmp_path / "demo"
+    args = [str(BIN / "wm-demo"), f"out={out}", "collect.episodes=400", "trainer.steps=2", "eval.episodes=2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "demos.zarr" / "meta").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # collecting
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    said = re.search(r"the demo stopped: its store holds (\d+) of the 400 episodes; the same command", stderr)
+    assert said and int(said.group(1)) < 400, stderr
+    assert not (out / "world_model").exists() and not (out / "results.json").exists()
+
+
 @pytest.mark.parametrize("name", ["pointmaze", "arm_push"])
 def test_a_goal_observation_that_fails_leaves_the_task_as_it_was(name, monkeypatch):
     """The goal pose was set, observed and restored without a `finally`: a render that failed left the

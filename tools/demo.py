@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -130,7 +132,16 @@ def demo(cfg: DemoConfig) -> int:
     have, wanted = _episodes(Path(plan.collect.store)), plan.collect.episodes
     _check_top_up(have, wanted, Path(plan.train.out), plan.collect.store)
     if have < wanted:  # resumable: a rerun tops the store up instead of starting over
-        collect(dataclasses.replace(plan.collect, episodes=wanted - have))
+        status = collect(dataclasses.replace(plan.collect, episodes=wanted - have))
+        have = _episodes(Path(plan.collect.store))
+        if status or have < wanted:  # Ctrl-C (0) or SIGTERM (143) in the collection: it trained on the
+            # episodes so far, and the rerun was refused for the model trained on them
+            print(
+                f"the demo stopped: its store holds {have} of the {wanted} episodes; the same command "
+                "again collects the rest and goes on",
+                file=sys.stderr,
+            )
+            return status or 128 + signal.SIGINT
     times["collect_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
