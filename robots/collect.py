@@ -47,6 +47,7 @@ from robots.sim.base import Expert, SimTask
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 from wm.data import DemoStore, KeySpec, Schema, SchemaError
 from wm.data.store import json_native
+from wm.interrupt import interrupts_held
 
 LOOP_KEY = "loop_dt"  # seconds between the starts of consecutive steps, recorded per step
 OPTIONS_KEY = "task_options"  # episode info: the simulated task's options (defaults filled in)
@@ -211,6 +212,7 @@ class Collector:
     task_options: Mapping[str, Any] | None = None
     run_config: Mapping[str, Any] | None = None
     _episode_t0: float = field(default=0.0, init=False, repr=False)
+    _ended: Any = field(default=None, init=False, repr=False)  # the writer `_finish` last ended
 
     def _clock(self) -> Clock:
         """A new episode's clock; also marks the episode's wall-clock start."""
@@ -256,23 +258,25 @@ class Collector:
         return self.task.get_observation() if self.simulated else obs
 
     def _finish(self, writer: Any, loop: RateLoop, info: dict[str, Any]) -> None:
+        success = self.simulated and self.task.is_success()
         if self.simulated:
-            success = self.task.is_success()
             info = {"success": success, **info}
-            self.stats.successes += int(success)
         if self.task_options is not None:
             info = {**info, OPTIONS_KEY: dict(self.task_options)}
         if self.run_config is not None:
             info = {**info, RUN_KEY: dict(self.run_config)}
-        said, background = writer.end(info), isinstance(writer, BackgroundEpisode)
+        background = isinstance(writer, BackgroundEpisode)
+        with interrupts_held():  # an interrupt between the commit and its count: saved, counted discarded
+            said, self._ended = writer.end(info), writer
+            kept = writer.steps if background else writer.n_steps
+            self.stats.steps += kept  # the saved episodes' (a dropped one's are not in the store)
+            if kept:
+                self.stats.saved += 1
+                self.stats.successes += int(success)
+            else:  # its first step was refused: nothing was saved
+                self.stats.discarded += 1
         if background and said:  # a step the store refused: the ones before kept
             print(f"warning: {said}", file=sys.stderr, flush=True)
-        kept = writer.steps if background else writer.n_steps
-        self.stats.steps += kept  # the saved episodes' (a dropped one's are not in the store)
-        if kept:
-            self.stats.saved += 1
-        else:  # its first step was refused: nothing was saved
-            self.stats.discarded += 1
         self.stats.overruns += loop.overruns
         # Achieved rate in wall-clock time (a ManualClock's own rate is nominal by construction).
         wall = time.monotonic() - self._episode_t0
@@ -316,7 +320,8 @@ class Collector:
         try:
             yield
         except BaseException:
-            self.stats.discarded += int(writer.n_steps > 0)
+            if writer is not self._ended:  # (one ended is counted: saved, or discarded if it kept nothing)
+                self.stats.discarded += int(writer.n_steps > 0)
             raise
 
     def check_seeds(self, episodes: int, replays: int) -> None:

@@ -369,6 +369,36 @@ tools.collect.main()
 """
 
 
+CTRL_C_RIGHT_AFTER_A_COMMIT = """
+import os, signal, sys
+from wm.data.store import DemoStore
+commit = DemoStore._commit
+def commit_then_ctrl_c(self, *args):
+    index = commit(self, *args)
+    if index == 1:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered once the commit's own hold ends
+    return index
+DemoStore._commit = commit_then_ctrl_c
+import tools.collect
+sys.argv = ["wm-collect", "task=pointmaze", "episodes=4", "state_only=true", "store=" + sys.argv[1]]
+tools.collect.main()
+"""
+
+
+def test_an_episode_committed_as_ctrl_c_comes_is_counted_saved(tmp_path):
+    """Ctrl-C right after an episode's commit, before its count: the summary said "saved 1 episodes
+    (1 discarded, success 200%) ... (now 1 episodes)" over a store of 2."""
+    res = subprocess.run(
+        [sys.executable, "-c", CTRL_C_RIGHT_AFTER_A_COMMIT, str(tmp_path / "s.zarr")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    with DemoStore.open(tmp_path / "s.zarr") as s:
+        assert s.n_episodes == 2
+    said = res.stdout
+    assert "interrupted: saved 2 episodes (0 discarded, success " in said and "(now 2 episodes)" in said
+
+
 def test_sigterm_before_the_session_disconnects_and_exits_143(tmp_path):
     """SIGTERM outside the session was an interrupt without its signal: exit status 130, as for Ctrl-C
     (wm-deploy and wm-train exit 143)."""
