@@ -1121,7 +1121,7 @@ def test_the_chosen_cameras_decide_the_image_size(store_path, tmp_path):
             for e in range(src.n_episodes):
                 ep = {k: src.read(k, src.episode_slice(e), episode=e) for k in src.keys}
                 dst.append_episode(ep | {"wrist": np.zeros((len(ep["action"]), 24, 32, 3), np.uint8)})
-    kw = dict(image_key="image", proprio_key="proprio", val_ratio=0.0)
+    kw = dict(proprio_key="proprio", val_ratio=0.0)  # (image_key=image beside the list is refused)
     setup = setup_training("diffusion_unet", str(two), {"obs": {"image_keys": ["wrist"]}}, **kw)
     assert setup.model.cfg.obs.image_size == (24, 32) and tuple(setup.model.cfg.obs.crop) == (21, 28)
     assert torch.isfinite(setup.model.compute_loss(setup.train_set.get_batch([0, 5]))[0])
