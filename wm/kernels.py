@@ -348,7 +348,7 @@ class Selector:
 
     def current_mode(self) -> str:
         """The mode this thread runs in: a `mode()` block's, else the selector's."""
-        return getattr(_local, "mode", None) or self.mode
+        return _thread_mode() or self.mode
 
     def choose(
         self,
@@ -481,13 +481,18 @@ def using(new: Selector) -> Iterator[Selector]:
         set_selector(old)
 
 
+def _thread_mode() -> str | None:
+    """The mode a `mode()` block set in this thread (None: none)."""
+    return getattr(_local, "mode", None)
+
+
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
     """Run the block, in this thread, with the selector's mode set to `name` ("native" or "measure");
     same selector, cache and log. Other threads keep theirs."""
     if name not in MODES:
         raise ValueError(f"kernel selection mode must be one of {MODES}, got {name!r}")
-    old, _local.mode = getattr(_local, "mode", None), name
+    old, _local.mode = _thread_mode(), name
     try:
         yield
     finally:
@@ -515,7 +520,7 @@ def remember(memo: dict[Any, Any], key: Any, name: str, value: Any = None) -> No
 def memo_token() -> tuple[int, int, str | None]:
     """Part of every layer's memo key: a change of selector, thread count or this thread's mode
     invalidates memoized choices."""
-    return _generation, torch.get_num_threads(), getattr(_local, "mode", None)
+    return _generation, torch.get_num_threads(), _thread_mode()
 
 
 def module_signature(module: nn.Module) -> str:

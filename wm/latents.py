@@ -157,15 +157,25 @@ class VaeFactors:
     center: tuple[float, ...] | float
     spread: tuple[float, ...] | float = 1.0
 
-    def per_channel(self, value: tuple[float, ...] | float, like: Tensor) -> Tensor | float:
-        if isinstance(value, float):
-            return value
-        return torch.tensor(value, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    def to_latents(self, mean: Tensor) -> Tensor:
+        """Posterior means (b, C, h, w) -> latents."""
+        return (mean - _channels(self.center, mean)) * self.scaling / _channels(self.spread, mean)
+
+    def from_latents(self, z: Tensor) -> Tensor:
+        """Latents (b, C, h, w) -> the posterior means the decoder takes."""
+        return z * _channels(self.spread, z) / self.scaling + _channels(self.center, z)
 
     def label(self) -> str:
         """What of the config the latents depend on, for the feature cache's key."""
         text = f":{self.scaling!r}:{self.center!r}"  # (as before latents_mean: the caches made stay valid)
         return text if self.spread == 1.0 else f"{text}:{self.spread!r}"
+
+
+def _channels(value: tuple[float, ...] | float, like: Tensor) -> Tensor | float:
+    """A per-channel `value` shaped to broadcast over `like` (b, C, h, w); one number as it is."""
+    if isinstance(value, float):
+        return value
+    return torch.tensor(value, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 
 
 def _vae_factors(structure: dict[str, Any], where: str) -> VaeFactors:
@@ -300,8 +310,7 @@ class LatentCodec(nn.Module):
         if self.cfg.source == "autoencoder":
             return self.model.encode_mean(x) * self.model.latent_scale
         if self.cfg.source == "sd_vae":
-            mean, f = self.model.encode(x * 2 - 1).latent_dist.mean, self.factors
-            return (mean - f.per_channel(f.center, mean)) * f.scaling / f.per_channel(f.spread, mean)
+            return self.factors.to_latents(self.model.encode(x * 2 - 1).latent_dist.mean)
         h, w = self.model.patch_grid(*x.shape[-2:])
         return rearrange(self.model(x), "b (h w) d -> b d h w", h=h, w=w)
 
@@ -316,9 +325,7 @@ class LatentCodec(nn.Module):
             )
         if self.cfg.source == "autoencoder":
             return self.model.decode(z / self.model.latent_scale)
-        f = self.factors
-        mean = z * f.per_channel(f.spread, z) / f.scaling + f.per_channel(f.center, z)
-        x = self.model.decode(mean).sample  # (b, 3, H, W) in [-1, 1]
+        x = self.model.decode(self.factors.from_latents(z)).sample  # (b, 3, H, W) in [-1, 1]
         return ((x + 1) / 2).clamp(0, 1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -147,9 +147,10 @@ def setup_training(
             raise SchemaError(f"{store_path}: no episode has actions (all are flagged {ACTION_FREE})")
         # the labelled episodes split (validation compares actions); every flagged one trains. A flagged
         # episode drawn for validation was in neither set, and validation vanished when all drawn were
-        labelled = [e for e in range(store.n_episodes) if e not in flagged]
-        train_at, val_at = split_episodes(len(labelled), val_ratio, seed)  # (no flags: the same split)
-        labelled, val_eps = [labelled[i] for i in train_at], [labelled[i] for i in val_at]
+        with_actions = [e for e in range(store.n_episodes) if e not in flagged]
+        train_at, val_at = split_episodes(len(with_actions), val_ratio, seed)  # (no flags: the same split)
+        labelled = [with_actions[i] for i in train_at]  # the training episodes with actions
+        val_eps = [with_actions[i] for i in val_at]
         train_eps = sorted([*labelled, *flagged])
         if entry.needs_actions:  # every episode the model reads, not only those the normalizer is fitted on
             check_finite(store, "action", [e for e in range(store.n_episodes) if e not in flagged])

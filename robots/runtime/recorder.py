@@ -44,7 +44,6 @@ class BackgroundEpisode:
         self.n_steps = 0  # rows given (queued)
         self.steps = 0  # rows the writer took (0 once `end` discarded them)
         self.unwritten = 0  # of those, rows taken since the disk began refusing writes (0: it is not)
-        self.disk_error = ""  # the disk's last refusal, while `unwritten`
         self.stopped: str | None = None  # why the recording stopped before the episode's end
         self._rows: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write, name="wm-recorder", daemon=True)
@@ -68,11 +67,10 @@ class BackgroundEpisode:
             except OSError as e:  # a flush the disk refused: the writer keeps the row, and retries
                 self.steps += 1
                 self.unwritten += 1
-                self.disk_error = f"{type(e).__name__}: {first_line(e)}"
                 if self.unwritten >= MAX_UNWRITTEN:
                     self.stopped = (
                         f"step {self.steps - 1}: the disk refused writes for {self.unwritten} steps "
-                        f"({self.disk_error})"
+                        f"({type(e).__name__}: {first_line(e)})"
                     )
             except Exception as e:  # noqa: BLE001 - said at the end; the robot is not stopped for it
                 self.stopped = f"step {self.steps} was refused ({type(e).__name__}: {first_line(e)})"

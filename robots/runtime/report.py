@@ -330,32 +330,27 @@ class TickRows:
         self._last: np.ndarray | None = None
 
     def row(self, record: TickRecord, obs: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
-        if record.command is not None:
+        sent = record.command is not None
+        if sent:
             self._last = np.asarray(record.command, self.action.dtype)
-            command = self._last
-        elif self.position_actions:
-            command = self._last
-        else:
-            command = np.zeros(self.action.shape, self.action.dtype)
-        return None if command is None else tick_row(record, obs, command)
-
-
-def tick_row(record: TickRecord, obs: Mapping[str, np.ndarray], command: np.ndarray) -> dict[str, Any]:
-    """`TickRows.row` with the command recorded (`record.command`, or the one in effect)."""
-    bits = 0
-    for e in record.events:
-        if e in EVENTS:
-            bits |= 1 << EVENTS.index(e)
-    sent = record.command is not None
-    return {
-        **{k: v for k, v in obs.items() if k != "timestamp"},
-        "timestamp": np.float64(record.captured),
-        "action": command,
-        "action_due": np.float64(record.due),
-        "action_sent_time": np.float64(record.sent_at),
-        "chunk": np.int64(record.chunk),
-        "chunk_index": np.int64(record.index),
-        "sent": np.uint8(sent),
-        "safety": np.uint32(bits),
-        "intervention": np.uint8(record.intervention),
-    }
+        command = (
+            self._last if sent or self.position_actions else np.zeros(self.action.shape, self.action.dtype)
+        )
+        if command is None:
+            return None
+        bits = 0
+        for e in record.events:
+            if e in EVENTS:
+                bits |= 1 << EVENTS.index(e)
+        return {
+            **{k: v for k, v in obs.items() if k != "timestamp"},
+            "timestamp": np.float64(record.captured),
+            "action": command,
+            "action_due": np.float64(record.due),
+            "action_sent_time": np.float64(record.sent_at),
+            "chunk": np.int64(record.chunk),
+            "chunk_index": np.int64(record.index),
+            "sent": np.uint8(sent),
+            "safety": np.uint32(bits),
+            "intervention": np.uint8(record.intervention),
+        }

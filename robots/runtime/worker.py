@@ -362,10 +362,7 @@ class ProcessWorker:
             try:
                 os.posix_fallocate(shm._fd, 0, sizes[key])
             except OSError as e:
-                for made in self._shm.values():  # none kept: the next episode's first request tries again
-                    made.close()
-                    made.unlink()
-                self._shm, self._views = {}, {}
+                self._free_buffers()  # none kept: the next episode's first request tries again
                 mb = sum(sizes.values()) / 2**20
                 raise WorkerDied(
                     f"no room in shared memory for the observations the model reads ({mb:.0f} MB for "
@@ -396,6 +393,9 @@ class ProcessWorker:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._free_buffers()
+
+    def _free_buffers(self) -> None:
         self._views = {}
         for shm in self._shm.values():
             shm.close()
