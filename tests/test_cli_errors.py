@@ -535,6 +535,33 @@ def test_an_allocation_that_fails_is_one_line_not_a_bug(capsys):
     assert "can't allocate memory" in line and "Traceback" not in capsys.readouterr().err
 
 
+def test_a_sigterm_that_lands_in_a_weakref_callback_still_interrupts():
+    """Python runs a signal handler wherever the main thread is: SIGTERM during a weakref callback (zarr's
+    WeakSet) raised its KeyboardInterrupt there, where Python prints "Exception ignored" and goes on, so
+    `wm-info drop_episodes=` finished its rewrite and exited 0. It is delivered again outside it."""
+    import signal
+    import time
+    import weakref
+
+    from tools._cli import sigterm_interrupts
+
+    class Thing:
+        pass
+
+    def callback(ref: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs here, inside the callback
+
+    with pytest.raises(KeyboardInterrupt) as e, sigterm_interrupts():
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing  # the callback runs now
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # the work goes on: it must meet the interrupt
+            time.sleep(0.001)
+    assert e.value.signum == signal.SIGTERM and ref() is None
+
+
 def test_traceback_flag_and_bugs(tmp_path):
     res = cli("wm-eval", "planner=nonexistent", "out=e", cwd=tmp_path, env={"WM_TRACEBACK": "1"})
     assert res.returncode == 2 and "Traceback (most recent call last)" in res.stderr

@@ -20,6 +20,7 @@ which is also where the explanation of a missing required value comes from.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import copy
 import errno
@@ -27,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -102,10 +104,39 @@ FAULT_EXIT = 3  # a fault stopped the run (wm-deploy, wm-collect): the robot hol
 
 def interrupt(signum: int, frame: Any) -> None:
     """A signal handler that interrupts as Ctrl-C does (KeyboardInterrupt, so the cleanups run), carrying
-    `signum` for the exit status: 128 + signum (143 for SIGTERM)."""
+    `signum` for the exit status: 128 + signum (143 for SIGTERM).
+
+    Python runs a handler wherever the main thread is, also inside a weakref callback, a `__del__` or a
+    garbage-collector callback, where an exception cannot propagate: Python prints "Exception ignored"
+    and the work ran on to the end (a store rewrite stopped by SIGTERM finished and exited 0). Such an
+    interrupt is delivered again (`_redeliver_lost`) a moment later, where the work can meet it."""
+    _redeliver_lost()
     interrupted = KeyboardInterrupt()
     interrupted.signum = signum  # type: ignore[attr-defined]
     raise interrupted
+
+
+REDELIVER_AFTER_S = 0.005  # a lost interrupt comes again this much later, out of the callback that lost it
+
+
+def _redeliver_lost() -> None:
+    """Wrap `sys.unraisablehook` (once; again if something replaced it) so that an interrupt of
+    `interrupt`'s that Python could not raise is scheduled again. Not from the hook itself: a handler
+    tripped there would run inside the hook, where it is lost too; a timer thread trips it once the main
+    thread is back in ordinary code (if it lands in a callback again, it comes back again)."""
+    hook = sys.unraisablehook
+    if getattr(hook, "redelivers_interrupts", False):
+        return
+
+    def redeliver(unraisable: Any) -> None:
+        signum = getattr(unraisable.exc_value, "signum", None)
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and signum is not None:
+            threading.Timer(REDELIVER_AFTER_S, _thread.interrupt_main, (signum,)).start()
+            return
+        hook(unraisable)
+
+    redeliver.redelivers_interrupts = True  # type: ignore[attr-defined]
+    sys.unraisablehook = redeliver
 
 
 @contextlib.contextmanager
