@@ -560,6 +560,23 @@ def test_a_sigterm_that_lands_in_a_weakref_callback_still_interrupts():
         while time.monotonic() < deadline:  # the work goes on: it must meet the interrupt
             time.sleep(0.001)
     assert e.value.signum == signal.SIGTERM and ref() is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_goes_through_the_same_handler_unless_it_is_ignored():
+    import signal
+
+    from tools._cli import interrupt, sigterm_interrupts
+
+    with sigterm_interrupts():
+        assert signal.getsignal(signal.SIGINT) is interrupt is signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with sigterm_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_traceback_flag_and_bugs(tmp_path):

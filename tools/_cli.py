@@ -140,11 +140,15 @@ def _redeliver_lost() -> None:
 
 
 @contextlib.contextmanager
-def sigterm_interrupts(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+def sigterm_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
     """Within it, SIGTERM (`timeout`, SLURM, `docker stop`, `kill`; or each of `signals`) interrupts as
     Ctrl-C does (`interrupt`: the cleanups run, exit status 128 + signum, 143 for SIGTERM) instead of
     ending the process where it stood, a staging folder or a half-written store left behind; the handlers
-    before it come back after."""
+    before it come back after. Ctrl-C (SIGINT) goes through `interrupt` too, so that one landing in a
+    callback is not lost either, unless something other than Python's own handler has it (an ignored
+    SIGINT, as background jobs of non-interactive shells inherit, stays ignored)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        signals = tuple(s for s in signals if s != signal.SIGINT)
     before = {s: signal.signal(s, interrupt) for s in signals}
     try:
         yield
