@@ -2,9 +2,9 @@
 
     python benchmarks/bench_runtime.py ticks --checkpoint RUN [--seconds 60 --hz 50]
         The runtime at `--hz` against the wall clock for `--seconds`, on the arm-pushing task (its camera
-        rendered on every tick), a diffusion policy (actions every 1 / `--policy-hz` s, interpolated
-        between) in the inference worker process, then the same with
-        inference on the control thread (the synchronous baseline), in one run. Prints tick error
+        rendered on every tick), a diffusion policy (actions every 1 / `--policy-hz` s: the task's delta
+        actions are each sent once, the ticks between hold) in the inference worker process, then the
+        same with inference on the control thread (the synchronous baseline), in one run. Prints tick error
         p50 / p99 / max, ticks later than 5 ms, actions sent after their due time, underruns, chunk time.
 
     python benchmarks/bench_runtime.py pauses [--minutes 20 --hz 50]
@@ -102,7 +102,7 @@ def ticks(args: argparse.Namespace) -> dict:
             stitching="replace",
             replan_every=args.replan_every,
             policy_hz=args.policy_hz,
-            interpolate=True,
+            interpolate=task.action_space.mode == "absolute",  # (a delta is applied once, never drawn)
             quiet_gc=quiet,
             **rt_opts,
         )
@@ -302,7 +302,7 @@ def main() -> None:
     t.add_argument("--checkpoint", required=True)
     t.add_argument("--seconds", type=float, default=60.0)
     t.add_argument("--hz", type=float, default=50.0)
-    t.add_argument("--policy-hz", type=float, default=10.0, help="the policy's step (interpolated between)")
+    t.add_argument("--policy-hz", type=float, default=10.0, help="the policy's step")
     t.add_argument("--replan-every", type=int, default=8)
     t.add_argument(
         "--sampler-steps", type=int, default=None, help="policy.sampler_steps (a slower model: more steps)"
