@@ -37,6 +37,7 @@ from policies.base import (
 )
 from policies.inputs import ObsHistory, check_raw, to_model_inputs
 from wm import kernels
+from wm.checks import check_finite
 from wm.options import check_numbers
 
 
@@ -232,7 +233,11 @@ class MPC:
         robot applied of the last `select_action`."""
         if self._last_action is None:
             raise RuntimeError("MPC.applied: no select_action since reset to have been applied")
-        got = torch.as_tensor(np.asarray(actions), dtype=self._last_action.dtype)
+        raw = np.asarray(actions)
+        if raw.dtype.kind not in "biuf":  # (torch's TypeError listed every dtype it takes)
+            raise ValueError(f"MPC.applied: actions must be numbers, got an array of {raw.dtype}")
+        got = torch.as_tensor(raw, dtype=self._last_action.dtype)
+        check_finite(got, "MPC.applied's actions")  # (the next plan would start from a NaN past action)
         if got.shape != self._last_action.shape:
             raise ValueError(
                 f"MPC.applied: actions of shape {tuple(got.shape)}, the last select_action gave "

@@ -400,6 +400,10 @@ def test_mpc_is_given_the_actions_the_task_applied_as_its_models_past_actions():
     assert model.seen[1:] == [[1.0, 1.0], [1.0, 1.0], [1.0, 2.0]]  # row 1 ended: its action as asked
     with pytest.raises(ValueError, match=r"MPC.applied: actions of shape \(3, 1\), the last select_action"):
         mpc.applied(np.zeros((3, 1)))
+    with pytest.raises(ValueError, match=r"MPC.applied: actions must be numbers, got an array of <U1"):
+        mpc.applied(np.array([["a"], ["b"]]))
+    with pytest.raises(ValueError, match=r"NaN or inf values in MPC.applied's actions"):
+        mpc.applied(np.array([[np.nan], [1.0]]))
 
 
 QUICK = ["task=pointmaze", "controller=random", "parallel=1", "max_steps=3", "progress=false"]
