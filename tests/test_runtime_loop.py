@@ -20,6 +20,7 @@ from robots.teleop.keyboard import KeyboardDevice
 from robots.teleop.mapping import ActionMapper, robot_mapper
 
 HZ, DELAY, CHUNK = 10.0, 0.25, 8
+MODEL_S = 0.001  # the simulated model's seconds per chunk, added to DELAY
 
 
 def setup(mode: str, stitching: str, replan_every: int, chunk: int = CHUNK, delay: float = DELAY, **options):
@@ -31,7 +32,7 @@ def setup(mode: str, stitching: str, replan_every: int, chunk: int = CHUNK, dela
         delay_s=delay,
     )
     clock = ManualClock(100.0)
-    worker = SimulatedTimeWorker(spec, clock)
+    worker = SimulatedTimeWorker(spec, clock, compute_s=MODEL_S)  # (measured, a loaded machine moved it)
     worker.start()
     task.reset(0)
     cfg = RuntimeConfig(mode=mode, stitching=stitching, replan_every=replan_every, **options)
@@ -268,7 +269,7 @@ class HungWorker:
     info = {"window": 1}
     busy = False  # until it is asked
 
-    def reset(self, goal) -> None: ...
+    def reset(self, goal, stop=None) -> None: ...
 
     def submit(self, req) -> None:
         self.busy = True
@@ -667,6 +668,7 @@ def test_the_first_command_to_a_simulated_pusher_is_step_capped_from_where_it_is
     worker = SimulatedTimeWorker(
         ControllerSpec("policies.evaluate:RandomPolicy", {"low": far, "high": far, "chunk": 8}, delay_s=0.0),
         clock,
+        compute_s=MODEL_S,
     )
     worker.start()
     task.reset(0)
@@ -688,7 +690,7 @@ def test_a_slow_delta_policy_on_schedule_is_neither_held_nor_stopped(policy_hz):
     spec = ControllerSpec(
         "policies.evaluate:RandomPolicy", {"low": step, "high": step, "chunk": 8}, delay_s=0.0
     )
-    worker = SimulatedTimeWorker(spec, clock)
+    worker = SimulatedTimeWorker(spec, clock, compute_s=MODEL_S)
     worker.start()
     task.reset(0)
     out = Runtime(task, worker, RuntimeConfig(policy_hz=policy_hz), clock=clock).run_episode(60)

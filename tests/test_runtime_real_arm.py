@@ -369,6 +369,32 @@ def _dead(pid: int) -> bool:
         return True
 
 
+@pytest.mark.parametrize("bus", [SO101], ids=["so101"], indirect=True)
+def test_the_operators_stop_ends_a_wait_for_a_hung_worker_between_episodes(bus):
+    """A worker that stopped answering (here SIGSTOP) while an episode began held the operator's first
+    Ctrl-C for startup_timeout_s (300 s): the reset's wait looks at the stop, and nothing is sent."""
+    import time
+
+    arm = make_robot(bus.kind.robot, port=PORT, calibration_dir=str(bus.calib_dir), control_hz=HZ)
+    with worker() as w:
+        os.kill(w._proc.pid, signal.SIGSTOP)
+        try:
+            arm.connect()
+            try:
+                since, began = len(bus.fake.written), time.monotonic()
+                out = Runtime(arm, w, RuntimeConfig(safety=SAFETY)).run_episode(
+                    TICKS, stop_requested=lambda: time.monotonic() > began + 0.3
+                )
+                waited = time.monotonic() - began
+                assert len(bus.fake.written) == since and not out.ticks
+            finally:
+                arm.disconnect()
+        finally:
+            os.kill(w._proc.pid, signal.SIGCONT)
+    assert out.stopped == "stopped by the operator"
+    assert waited < 5, waited
+
+
 def test_a_worker_dies_with_the_control_process_that_did_not_close_it():
     """The control process killed (SIGKILL, the OOM killer) while its worker computed a chunk: the
     worker only noticed at its next read, so a hung model ran on by itself, holding cores and memory."""

@@ -31,7 +31,7 @@ from robots.control import Clock, MonotonicClock
 from robots.runtime.realtime import QuietGC, check
 from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer, Watchdog
 from robots.runtime.schedule import STITCHING, Chunk, Timeline
-from robots.runtime.worker import Reply, Request, WorkerDied
+from robots.runtime.worker import Reply, Request, ResetStopped, WorkerDied
 
 # (observation, the last command sent or None) -> a human's action, or None: the controller's tick
 TakeoverFn = Callable[[Mapping[str, np.ndarray], "np.ndarray | None"], "np.ndarray | None"]
@@ -259,9 +259,12 @@ class Runtime:
         )
         state = _State(latencies=deque(maxlen=cfg.latency_window))
         try:  # a worker that died between episodes, a controller that cannot start one: a fault's line
-            self.worker.reset(goal)  # (they raised out of the run: exit 2, or a bug's traceback)
-        except (WorkerDied, RuntimeError) as e:
+            self.worker.reset(goal, self._operator_stopped)  # (they raised out of the run: exit 2, or a
+        except (WorkerDied, RuntimeError) as e:  # bug's traceback)
             out.stopped = f"{e}; the episode did not start (nothing was sent)"
+            return out
+        except ResetStopped:  # the operator stopped while the worker was waited for
+            out.stopped = "stopped by the operator"
             return out
         read = self._read(out)
         if read is None:

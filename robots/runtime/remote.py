@@ -40,7 +40,7 @@ import numpy as np
 import zmq
 
 from robots.runtime import wire
-from robots.runtime.worker import Reply, Request, WorkerDied, model_inputs
+from robots.runtime.worker import Reply, Request, ResetStopped, WorkerDied, model_inputs
 
 PERMANENT = ("auth", "busy", "build", "version")
 SPEC_KEYS = ("window", "image_keys", "image_size", "proprio_key", "proprio_dim", "action_dim")
@@ -173,12 +173,18 @@ class RemoteWorker:
         self._wait_ready(self.cfg.connect_timeout_s, f"no policy server answered at {self.cfg.address}")
         self._sync()
 
-    def _wait_ready(self, timeout: float, what: str) -> None:
-        ready = self._block(lambda: self._state in ("ready", "failed"), timeout)
+    def _wait_ready(self, timeout: float, what: str, stop: Callable[[], bool] | None = None) -> None:
+        """Block until the session is ready (`WorkerDied` when it failed, or after `timeout`); `stop()`
+        true (the operator's Ctrl-C) ends the wait at once: `ResetStopped`."""
+        stopped = stop or (lambda: False)
+        ready = self._block(lambda: self._state in ("ready", "failed") or stopped(), timeout)
         if self._state == "failed":
             raise WorkerDied(self._failed or "the policy server refused the session")
-        if not ready:
-            raise WorkerDied(f"{what} within {timeout:g} s ({self.waiting_for()})")
+        if self._state != "ready" and stopped():  # (waiting for a server to come back held the first
+            raise ResetStopped  # Ctrl-C for connect_timeout_s)
+        if not ready:  # (not answering: its duration is the timeout's, said once)
+            why = self._down_detail() if self._busy is None else f" ({self.waiting_for()})"
+            raise WorkerDied(f"{what} within {timeout:g} s{why}")
 
     def _sync(self, n: int = 8) -> None:
         """`n` pings while nothing else happens, each waited for: round trips timed exactly, for the
@@ -226,6 +232,20 @@ class RemoteWorker:
     def exit_description(self) -> str:
         return f"(policy server {self.cfg.address}) {self._failed}" if self._failed else "still running"
 
+    def _down_detail(self) -> str:
+        """What is known of a server that does not answer: "; ..." or nothing."""
+        if self._closed_handshakes:
+            return (
+                f"; it closed {self._closed_handshakes} handshake(s): down behind a forwarder, or its token "
+                "changed"
+            )
+        if self._nobody_behind:
+            return (
+                "; something accepts connections there but no ZeroMQ server answers behind it: a forwarder "
+                "such as ssh -L whose server is not up?"
+            )
+        return ""
+
     def waiting_for(self) -> str:
         """What the worker is waiting on, for the watchdog's message."""
         if self._state == "failed":
@@ -235,18 +255,9 @@ class RemoteWorker:
             return f"the policy server is busy, asked again for {left:.0f} s more: {self._busy}"
         if self._state != "ready":
             since = time.monotonic() - (self._down_since or self._since)
-            closed = (
-                f"; it closed {self._closed_handshakes} handshake(s): down behind a forwarder, or its "
-                "token changed"
-                if self._closed_handshakes
-                else "; something accepts connections there but no ZeroMQ server answers behind it: a "
-                "forwarder such as ssh -L whose server is not up?"
-                if self._nobody_behind
-                else ""
-            )
             return (
                 f"the policy server at {self.cfg.address} is not answering (reconnecting for {since:.1f} s"
-                f"{closed})"
+                f"{self._down_detail()})"
             )
         if self._outstanding is not None:
             waited = time.monotonic() - self._outstanding[1]
@@ -268,17 +279,20 @@ class RemoteWorker:
         self._ctx.term()
 
     # ------------------------------------------------------------------ episodes and chunks
-    def reset(self, goal: Mapping[str, np.ndarray] | None) -> None:
-        """A new episode (between episodes: waits for the server): any outstanding chunk is given up,
-        the session's controller is reset and told `goal`."""
+    def reset(self, goal: Mapping[str, np.ndarray] | None, stop: Callable[[], bool] | None = None) -> None:
+        """A new episode (between episodes: waits for the server, up to connect_timeout_s): any
+        outstanding chunk is given up, the session's controller is reset and told `goal`. `stop()` true
+        ends the wait at once (`ResetStopped`)."""
         self._goal = None if goal is None else dict(model_inputs(self.info, goal))
         self._outstanding = None
         self._wait_ready(
-            self.cfg.connect_timeout_s, f"the policy server at {self.cfg.address} did not come back"
+            self.cfg.connect_timeout_s, f"the policy server at {self.cfg.address} did not come back", stop
         )
         self._reset_due, self._reset_error = True, None
         self._send_reset()
-        self._wait_ready(self.cfg.connect_timeout_s, "the policy server did not confirm the new episode")
+        self._wait_ready(
+            self.cfg.connect_timeout_s, "the policy server did not confirm the new episode", stop
+        )
         if self._reset_error is not None:
             raise RuntimeError(f"the controller could not start the episode: {self._reset_error}")
         self._replies.clear()

@@ -24,8 +24,8 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -88,6 +88,13 @@ class Reply:
 
 class WorkerDied(RobotError):
     """The inference worker process is gone, or could not start."""
+
+
+class ResetStopped(Exception):
+    """`reset(goal, stop)` gave up waiting for the worker because `stop()` said the operator stopped."""
+
+
+STOP_POLL_S = 0.05  # how often a wait between episodes looks whether the operator stopped
 
 
 def takes_guide(controller: Any) -> bool:
@@ -240,8 +247,8 @@ class InlineWorker:
     def alive(self) -> bool:
         return True
 
-    def reset(self, goal: Mapping[str, np.ndarray] | None) -> None:
-        set_goal(self.controller, goal)
+    def reset(self, goal: Mapping[str, np.ndarray] | None, stop: Callable[[], bool] | None = None) -> None:
+        set_goal(self.controller, goal)  # (on this thread: nothing to wait for)
         self._reply = None
 
     def submit(self, req: Request) -> None:
@@ -264,10 +271,12 @@ class SimulatedTimeWorker:
     the runtime's clock (a `robots.control.ManualClock`) has passed the submit time plus the model's
     measured seconds plus `spec.delay_s`. The runtime's decisions are the same functions of the clock
     as on the wall clock, so success under a given latency is measured without waiting for it; tick
-    timing is not (measure it on the wall clock with `ProcessWorker`)."""
+    timing is not (measure it on the wall clock with `ProcessWorker`). `compute_s`: the model's seconds
+    per chunk to use instead of the measured ones (a schedule that does not depend on the machine's
+    load)."""
 
-    def __init__(self, spec: ControllerSpec, clock: Any) -> None:
-        self.spec, self.clock = spec, clock
+    def __init__(self, spec: ControllerSpec, clock: Any, compute_s: float | None = None) -> None:
+        self.spec, self.clock, self.compute_s = spec, clock, compute_s
         self._inline = InlineWorker(ControllerSpec(spec.builder, spec.kwargs, spec.threads))
         self._pending: tuple[float, Reply] | None = None
 
@@ -289,13 +298,15 @@ class SimulatedTimeWorker:
     def alive(self) -> bool:
         return True
 
-    def reset(self, goal: Mapping[str, np.ndarray] | None) -> None:
+    def reset(self, goal: Mapping[str, np.ndarray] | None, stop: Callable[[], bool] | None = None) -> None:
         self._inline.reset(goal)
         self._pending = None
 
     def submit(self, req: Request) -> None:
         start = self.clock.now()
         reply = compute(self._inline.controller, req)
+        if self.compute_s is not None:
+            reply = replace(reply, seconds=self.compute_s)
         self._pending = (start + reply.seconds + self.spec.delay_s, reply)
 
     def poll(self) -> Reply | None:
@@ -422,14 +433,19 @@ class ProcessWorker:
     def busy(self) -> bool:
         return self._outstanding is not None
 
-    def reset(self, goal: Mapping[str, np.ndarray] | None) -> None:
+    def reset(self, goal: Mapping[str, np.ndarray] | None, stop: Callable[[], bool] | None = None) -> None:
         """A new episode: drop any outstanding request, reset the controller and set its goal (waits
-        for the worker to confirm; this is between episodes, not on a tick)."""
+        for the worker to confirm, up to startup_timeout_s; this is between episodes, not on a tick).
+        `stop()` true (the operator's Ctrl-C) ends the wait at once: `ResetStopped`."""
         self._drain()
         self._send(("reset", None if goal is None else {k: np.asarray(v) for k, v in goal.items()}))
+        deadline = time.monotonic() + self.startup_timeout_s
         while True:
-            if not self._conn.poll(self.startup_timeout_s):
-                raise WorkerDied("the inference worker did not confirm the new episode")
+            while not self._conn.poll(min(STOP_POLL_S, max(0.0, deadline - time.monotonic()))):
+                if stop is not None and stop():  # (a worker hung here held the first Ctrl-C for minutes)
+                    raise ResetStopped
+                if time.monotonic() >= deadline:
+                    raise WorkerDied("the inference worker did not confirm the new episode")
             kind, payload = self._recv()
             if kind == "reset":
                 if payload is not None:
