@@ -500,6 +500,41 @@ def test_a_bad_frame_met_by_a_loader_worker_is_its_own_one_line_error(store_path
         assert str(caught.value) == message
 
 
+class FrameRecording(TinyRegressor):
+    """TinyRegressor that records the frames of each batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(**MODEL_CONFIG)
+        self.frames: list[torch.Tensor] = []
+
+    def compute_loss(self, batch):
+        self.frames.append(batch["img"].clone())
+        return super().compute_loss(batch)
+
+
+def test_raw_uint8_frames_reach_the_model_as_the_float_frames_they_stand_for(tmp_path):
+    """A dataset of image_dtype="uint8" (documented: the trainer converts the batch on its device) failed
+    its first step: the model was handed 0..255 bytes ("'img' must be float images in [0, 1]")."""
+    path = tmp_path / "frames.zarr"
+    keys = {"img": KeySpec((4, 4, 3), "uint8", "image"), "x": KeySpec((4,), "float32", "proprio"),
+            "y": KeySpec((2,), "float32", "action")}  # fmt: skip
+    rng = np.random.default_rng(0)
+    with DemoStore.create(path, Schema(keys=keys)) as store:
+        x = rng.normal(size=(64, 4)).astype(np.float32)
+        img = rng.integers(0, 256, (64, 4, 4, 3), dtype=np.uint8)
+        store.append_episode({"img": img, "x": x, "y": x @ W.T})
+    spec, seen = WindowSpec({"img": (0,), "x": (0,), "y": (0,)}), {}
+    for dtype in ("float32", "uint8"):
+        torch.manual_seed(0)
+        model = FrameRecording()
+        config = cfg(steps=2, batch_size=8)
+        data = WindowDataset(path, spec, image_dtype=dtype)
+        Trainer(model, data, config, tmp_path / dtype, model_type="tiny", model_config=MODEL_CONFIG).fit()
+        seen[dtype] = torch.cat(model.frames)
+    assert seen["uint8"].dtype == torch.float32
+    torch.testing.assert_close(seen["uint8"], seen["float32"], rtol=0, atol=1e-7)
+
+
 def test_too_small_dataset_fails_clearly(dataset, tmp_path):
     with pytest.raises(ValueError, match="no full batch"):
         make_trainer(dataset, tmp_path, batch_size=10_000)

@@ -438,6 +438,14 @@ class Trainer:
         return best
 
     # ------------------------------------------------------------------ training
+    def _on_device(self, v: Any) -> Any:
+        """A batch's tensor on the device; raw uint8 frames (a dataset's `image_dtype="uint8"`, a quarter
+        of the bytes from the loader's workers) as the float [0, 1] frames every model reads."""
+        if not isinstance(v, Tensor):
+            return v
+        v = v.to(self._device, non_blocking=True)
+        return v.float().div_(255) if v.dtype == torch.uint8 and v.dim() >= 4 else v
+
     def _batches(self) -> Iterator[dict[str, Tensor]]:
         """Endless batches on the device, epoch after epoch (reshuffling DDP shards each epoch, and telling
         a dataset that draws its own windows, `MixedWindows`, which epoch it is in)."""
@@ -453,10 +461,7 @@ class Trainer:
             try:
                 for batch in self.loader:
                     self._epoch_batches += 1
-                    yield {
-                        k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
-                        for k, v in batch.items()
-                    }
+                    yield {k: self._on_device(v) for k, v in batch.items()}
             except Exception as e:  # a bad frame met mid-run, by a worker: its own line, not the traceback
                 original = worker_error(e)
                 if original is e:

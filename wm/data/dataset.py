@@ -5,8 +5,8 @@ the model asked for with `n` offsets:
 
     k            (n, *shape) float32 for low-dim keys; images (n, C, H, W) float32 in [0, 1]
                  (or raw uint8 with `image_dtype="uint8"`: a quarter of the bytes between DataLoader
-                 workers and the trainer, which converts and augments the batch on its device); a
-                 store's images are read as 0..255 whatever their dtype (`wm.data.frames`)
+                 workers and the trainer, which converts the batch on its device; no augmentation
+                 then); a store's images are read as 0..255 whatever their dtype (`wm.data.frames`)
     k + "_is_pad" (n,) bool, True where the window reached past the episode's edge
     "episode", "anchor"  () int64, where the window came from
 
