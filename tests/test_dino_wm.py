@@ -197,6 +197,20 @@ def test_windows_start_before_an_episode_as_a_rollouts_history_does(maze_store):
         assert torch.equal(model.compute_loss(zeros)[1]["loss"], as_stored)
 
 
+@pytest.mark.parametrize("n_hist, rollout", [(1, 0), (1, 1), (2, 0)])
+def test_every_training_window_has_a_target_inside_its_episode(n_hist, rollout):
+    """With one history frame and no rollout, the last frameskip anchors of every episode got a window
+    whose only target lay past the episode's end: masked out, a forward pass that trained nothing."""
+    from wm.data.windows import build_index, window_indices
+
+    cfg = WorldModelConfig(n_hist=n_hist, rollout_loss_steps=rollout, frameskip=5)
+    spec = cfg.window_spec()
+    offsets = spec.offsets[cfg.image_key]
+    pads = [window_indices(a, s, e, offsets)[1] for a, s, e in build_index(np.array([40, 80]), spec)]
+    assert pads and not any(pad[1:].all() for pad in pads)  # (every frame after the first is a target)
+    assert any(pad[-1] for pad in pads) == (n_hist + rollout > 1)  # (ends past an episode where it can)
+
+
 def test_validation_windows_lie_inside_their_episodes(maze_store):
     """They ended up to a frameskip past an episode's end, and the multi-step error, unmasked, scored the
     rollout against the last frame repeated."""

@@ -125,7 +125,8 @@ class WorldModelConfig:
         to n_hist - 1 frames before an episode: the first frame repeated and the actions before it zero
         (`compute_loss`), as a rollout's history is filled at an episode's start
         (`policies.inputs.ObsHistory`); and a window may end `frameskip` steps past it, its padded
-        targets left out of the loss."""
+        target (the last frame) left out of the loss, unless that frame is the window's only target (one
+        history frame, no rollout: such windows cost a forward pass and trained nothing)."""
         f = self.frameskip
         frames = self.n_hist + 1 + max(extra_steps, self.rollout_loss_steps)
         history = (self.n_hist - 1) * f
@@ -133,9 +134,8 @@ class WorldModelConfig:
         offsets = {self.image_key: obs, self.action_key: tuple(range(-history, (frames - 1) * f - history))}
         if self.proprio_dim:
             offsets[self.proprio_key] = obs
-        return WindowSpec(
-            offsets, max_pad_before=history if padding else 0, max_pad_after=f if padding else 0
-        )
+        after = f if padding and frames > 2 else 0
+        return WindowSpec(offsets, max_pad_before=history if padding else 0, max_pad_after=after)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
