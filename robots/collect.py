@@ -82,7 +82,10 @@ def open_store(path: str, schema: Schema, task_options: Mapping[str, Any] | None
     task's options as it runs them, which `Collector.task_options` records in every episode's info) with
     the same task options as its newest episode that recorded them; stores written without them append."""
     if not os.path.exists(path):
-        return DemoStore.create(path, schema)
+        try:
+            return DemoStore.create(path, schema)
+        except FileExistsError:  # another session made it meanwhile: append to it as to any (its writer
+            pass  # lock refuses it while that session writes)
     store = DemoStore.open(path, mode="a")
     try:
         _check_append(path, store, schema, task_options)

@@ -487,6 +487,37 @@ def test_a_create_that_fails_leaves_nothing_beside_the_store(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+MADE_MEANWHILE = """
+import sys
+from conftest import make_episode, make_schema
+from wm.data import DemoStore
+with DemoStore.create(sys.argv[1], make_schema()) as s:
+    s.append_episode(make_episode(7, 5))
+"""
+
+
+def test_two_creates_of_one_path_at_once_keep_the_first_store_made(tmp_path, monkeypatch):
+    """Two wm-collect sessions started together on a new store: both built in `<store>.wm-create`, each
+    deleting the other's, and a check-then-rename let the second replace the first's store (its
+    episodes gone) or fail with zarr's internal errors. Another process makes the store while this one
+    builds: this one is refused in one line and the other's store, with its episode, stays."""
+    path, build = tmp_path / "new.zarr", DemoStore._build
+
+    def meanwhile(*args, **kwargs):
+        written = build(*args, **kwargs)
+        res = subprocess.run([sys.executable, "-c", MADE_MEANWHILE, str(path)], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=120)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        return written
+
+    monkeypatch.setattr(DemoStore, "_build", meanwhile)
+    with pytest.raises(FileExistsError, match="another process made it just now; open it with"):
+        DemoStore.create(path, make_schema())
+    with DemoStore.open(path) as s:
+        assert s.n_episodes == 1 and s.episode_lengths().tolist() == [5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zarr"]
+
+
 def _action_named(name: str) -> Schema:
     return Schema(keys={name: KeySpec((2,), "float32", "action")}, fps=10)
 
@@ -519,7 +550,7 @@ from wm.data import DemoStore
 real, dst = shutil.rmtree, Path(sys.argv[1]).resolve()
 def rmtree(path, *a, **k):
     path = Path(path)
-    old = path.resolve() == dst or path.name.endswith(".wm-create") and (path / "data").is_dir()
+    old = path.resolve() == dst or ".wm-create" in path.name and (path / "data").is_dir()
     if old:  # the replaced store is being deleted (zarr clears the new one's folder as it starts)
         real(path / "data", *a, **k)  # part of it is gone...
         os.kill(os.getpid(), signal.SIGKILL)  # ...when the process is killed

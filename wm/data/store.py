@@ -179,15 +179,23 @@ class DemoStore:
             refuse_foreign_entries(path, "overwrite=true")
             WriterLock(path).release()
         real = path.resolve()  # a store reached through a symbolic link is replaced where it is
-        building = real.with_name(real.name + ".wm-create")
-        if building.exists():  # what a crash in an earlier create left
-            shutil.rmtree(building)
+        # this process's own folder (what dead ones left is removed): two creates of one path at once
+        # shared `<name>.wm-create`, each deleting the other's half-built store
+        building = real.with_name(f"{real.name}.wm-create.{os.getpid()}")
+        remove_left_by_dead(real.parent, re.compile(re.escape(f"{real.name}.wm-create.") + r"(?P<pid>\d+)"))
+        for left in (building, real.with_name(real.name + ".wm-create")):  # (the latter: older versions')
+            if left.exists():
+                shutil.rmtree(left)
         try:
             schema = cls._build(building, schema, zarr_format, image_codec, frames_per_chunk)
         except BaseException:  # (a dtype or key name zarr refuses): nothing left beside the store
             shutil.rmtree(building, ignore_errors=True)
             raise
-        move_into_place(building, real)
+        if overwrite:
+            move_into_place(building, real)
+        else:  # another process may have made it since the check above: theirs is kept, in one step
+            place_new(building, real, f"{path}: another process made it just now; open it with "
+                      "DemoStore.open(path, mode='a')")  # fmt: skip
         lock = WriterLock(real)
         group = zarr.open_group(
             store=LocalStore(real), mode="r+", zarr_format=zarr_format, use_consolidated=False
@@ -752,7 +760,32 @@ def move_into_place(built: Path, dst: Path) -> None:
             old.unlink(missing_ok=True)
 
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
+
+
+def place_new(built: Path, dst: Path, taken: str) -> None:
+    """Rename `built` to `dst` only where nothing is at `dst`, in one step (renameat2(RENAME_NOREPLACE);
+    where the system has none, a rename, which does not replace a folder that holds anything): else
+    FileExistsError(`taken`), `built` removed. A check then a rename let a second process's store
+    replace the first's between the two."""
+    renameat2, at_cwd = _renameat2(), -100  # AT_FDCWD: the paths are taken as they are
+    err = 0
+    if renameat2 is not None:
+        if renameat2(at_cwd, os.fsencode(built), at_cwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+    if renameat2 is None or err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        try:
+            if not dst.exists():
+                os.rename(built, dst)
+                return
+            err = errno.EEXIST
+        except OSError as e:
+            err = e.errno or 0
+    shutil.rmtree(built, ignore_errors=True)
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        raise FileExistsError(taken)
+    raise OSError(err, f"cannot rename {built} to {dst}: {os.strerror(err)}")
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -790,8 +823,9 @@ def beside(dst: Path, suffix: str) -> Path:
     target = dst.resolve()
     restore_replaced(target)
     mine = target.with_name(f".{dst.name}.{suffix}.{os.getpid()}")
-    # (with what `DemoStore.create` builds beside a store that is being written: `<name>.wm-create`)
-    left = re.compile(re.escape(f".{dst.name}.{suffix}.") + r"(?P<pid>\d+)(\.wm-create)?")
+    # (with what `DemoStore.create` builds beside a store that is being written: `<name>.wm-create.<pid>`,
+    # `<name>.wm-create` before)
+    left = re.compile(re.escape(f".{dst.name}.{suffix}.") + r"(?P<pid>\d+)(\.wm-create(\.\d+)?)?")
     remove_left_by_dead(target.parent, left)
     return mine
 
