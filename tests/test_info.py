@@ -227,6 +227,12 @@ def test_float_images_read_as_0_to_255_everywhere(tmp_path: Path) -> None:
         WindowDataset(tmp_path / "unit.zarr", spec)
     with pytest.raises(SchemaError, match=r"holds float values in \[0, 1\] \(max 1.02 over"):  # was read
         WindowDataset(tmp_path / "resized.zarr", spec)  # as frames of 0..1 out of 255: nearly black
+    assert wm_info.summarize(DemoStore.open(tmp_path / "dp.zarr"))["keys"]["img"]["stats"]["problem"] is None
+    from apps import run_app  # wm-info drew [0, 1] frames black without a word
+
+    res = run_app("wm-info", f"store={tmp_path / 'unit.zarr'}", "contact_sheet=none")
+    assert res.returncode == 0 and res.stderr.startswith(f"warning: {tmp_path}/unit.zarr: image key 'img'")
+    assert "holds float values in [0, 1]" in res.stderr and "store them as uint8" in res.stderr
 
 
 # ---------------------------------------------------------------------- wm-info's own faults
@@ -370,3 +376,10 @@ def test_an_episode_without_steps_gets_a_row_without_frames(tmp_path, empty):
     assert sheet.shape[0] > 0
     text = format_report(verify_store(tmp_path / "dp.zarr"))
     assert f"episodes [{empty}]: episodes without steps" in text and "drop_episodes=[]" not in text
+    from apps import run_app  # video=true stopped at it ("cannot reshape array of size 0"), naming nothing
+
+    res = run_app("wm-info", f"store={tmp_path / 'dp.zarr'}", "episodes=[0,1,2,3,4]", "video=true")
+    assert res.returncode == 0, res.stderr
+    assert f"video          none for episode(s) [{empty}] hold no steps" in res.stdout
+    made = sorted(p.name for p in (tmp_path / "dp_videos").iterdir())
+    assert made == [f"episode_{e:04d}.mp4" for e in range(5) if e != empty]

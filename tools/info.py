@@ -135,9 +135,15 @@ def show(cfg: InfoConfig, store: DemoStore, summary: dict[str, Any], episodes: l
         from wm.data.view import episode_video
 
         folder = video_dir(cfg)
+        lengths = store.episode_lengths()
         summary["videos"] = {
-            str(e): str(episode_video(store, e, folder / f"episode_{e:04d}.mp4").absolute()) for e in episodes
+            str(e): str(episode_video(store, e, folder / f"episode_{e:04d}.mp4").absolute())
+            for e in episodes
+            if lengths[e]
         }
+        empty = [e for e in episodes if not lengths[e]]  # (other tools' stores hold some: no frame to show)
+        if empty:
+            summary["videos_skipped"] = f"episode(s) {empty} hold no steps"
 
 
 def info(cfg: InfoConfig) -> int:
@@ -171,12 +177,18 @@ def info(cfg: InfoConfig) -> int:
             show(cfg, store, summary, episodes)
     except CorruptStoreError as e:
         raise CorruptStoreError(f"{e}; list all damage with: {info_command(cfg.store, 'verify=true')}") from e
+    for key in summary["keys"].values():  # what training would refuse (float frames in [0, 1] drew black)
+        problem = (key["stats"] or {}).get("problem") if key["kind"] == "image" else None
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
     if cfg.format == "json":
         print(json.dumps(summary, allow_nan=False))
         return 0
     sheet = summary["contact_sheet"] or f"none ({summary['contact_sheet_skipped']})"
     text += [format_summary(summary), "", f"contact sheet  {sheet}"]
     text += [f"video          episode {e}: {path}" for e, path in summary.get("videos", {}).items()]
+    if "videos_skipped" in summary:
+        text.append(f"video          none for {summary['videos_skipped']}")
     print("\n".join(text))
     return 0
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from wm.data.errors import SchemaError
-from wm.data.frames import to_uint8
+from wm.data.frames import check_scale, to_uint8
 from wm.data.store import DemoStore
 
 # Contact sheet geometry, in pixels: a header strip with column titles, a label column on the left,
@@ -140,12 +140,21 @@ def _lowdim_stats(store: DemoStore, key: str, max_steps: int) -> dict[str, Any] 
 
 
 def _image_stats(store: DemoStore, key: str, image_frames: int) -> dict[str, Any] | None:
-    """Mean pixel value per channel over at most `image_frames` evenly strided frames."""
+    """Mean pixel value per channel over at most `image_frames` evenly strided frames, and `problem`:
+    what training would refuse in them (`check_scale`: float frames in [0, 1], which the contact sheet
+    and the videos draw black; values `to_uint8` would change), or None."""
     if store.n_steps == 0:
         return None
-    frames = store.read(key, _strided(store.n_steps, image_frames))
+    sel = _strided(store.n_steps, image_frames)
+    frames = store.read(key, sel)
     mean = frames.reshape(-1, frames.shape[-1]).mean(axis=0, dtype=np.float64)  # (not a float64 copy)
-    return {"mean": _finite_list(mean), "frames_used": len(frames)}
+    try:
+        steps = np.arange(store.n_steps)[sel]
+        check_scale(Path(store.path), key, frames, steps, store.episode_ends)
+        problem = None
+    except SchemaError as e:
+        problem = str(e)
+    return {"mean": _finite_list(mean), "frames_used": len(frames), "problem": problem}
 
 
 # ---------------------------------------------------------------------- text report
