@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import pickle
 import socket
 import struct
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robots.runtime.realtime import QuietGC
+from robots.runtime.realtime import QuietGC, usable_cores
 from wm.precision import describe_hardware
 
 FRAME = (224, 224, 3)
@@ -99,14 +98,13 @@ def our_server(
 ) -> None:
     """`wm-serve`'s server of a precomputed chunk, or of the policy in `checkpoint` (then one
     controller per session, as `wm-serve` builds them)."""
-    import os
 
     import torch
 
     from robots.runtime.server import PolicyServer, ServerConfig
     from tools._controller import worker_controller
 
-    torch.set_num_threads(1 if checkpoint is None else os.cpu_count() or 1)
+    torch.set_num_threads(1 if checkpoint is None else usable_cores())  # (as wm-serve: the cores it may use)
     settings = {"controller": "policy", "checkpoint": checkpoint}
     srv = PolicyServer(
         (lambda low, high: FixedChunk())
@@ -665,7 +663,7 @@ def main() -> None:
     e.add_argument("--seed", type=int, default=1000)
     e.add_argument("--json", default=None)
     e.add_argument(
-        "--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="the server's torch threads"
+        "--threads", type=int, default=max(1, usable_cores() - 1), help="the server's torch threads"
     )
     for p in (t, lo):
         p.add_argument("--json", default=None)

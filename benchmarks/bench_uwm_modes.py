@@ -38,10 +38,9 @@ import torch
 from scipy import stats
 
 from wm.data.dataset import WindowDataset
-from wm.data.windows import split_episodes
 from wm.precision import cpu_info
 from wm.registry import load_model
-from wm.training import cached_features
+from wm.training import cached_features, split_labelled
 
 
 def held_out(run: dict, checkpoint: str) -> tuple[str, list[int]]:
@@ -52,9 +51,8 @@ def held_out(run: dict, checkpoint: str) -> tuple[str, list[int]]:
     store = run["store"]
     with DemoStore.open(store) as s:
         n = s.n_episodes
-    _, val = split_episodes(n, run.get("val_ratio", 0.1), run.get("seed", 0))
-    with_actions = set(labelled(store))
-    val = [e for e in val if e in with_actions]
+    flagged = sorted(set(range(n)) - set(labelled(store)))
+    _, val = split_labelled(n, flagged, run.get("val_ratio", 0.1), run.get("seed", 0))
     if not val:
         raise SystemExit(f"{checkpoint}: the run held out no episodes with actions (val_ratio=0?)")
     return store, val

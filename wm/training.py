@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,19 @@ def data_keys(
     return image_key, proprio_key
 
 
+def split_labelled(
+    n_episodes: int, flagged: Iterable[int], val_ratio: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """The training and validation episodes among those with actions (not in `flagged`, the action-free
+    ones, which all train): the labelled episodes split (validation compares actions). A flagged
+    episode drawn for validation was in neither set, and validation vanished when all drawn were.
+    Without flags, `split_episodes` of all episodes."""
+    skip = set(flagged)
+    with_actions = [e for e in range(n_episodes) if e not in skip]
+    train_at, val_at = split_episodes(len(with_actions), val_ratio, seed)
+    return [with_actions[i] for i in train_at], [with_actions[i] for i in val_at]
+
+
 def setup_training(
     model_type: str,
     store_path: str,
@@ -145,12 +158,7 @@ def setup_training(
             )
         if len(flagged) == store.n_episodes:
             raise SchemaError(f"{store_path}: no episode has actions (all are flagged {ACTION_FREE})")
-        # the labelled episodes split (validation compares actions); every flagged one trains. A flagged
-        # episode drawn for validation was in neither set, and validation vanished when all drawn were
-        with_actions = [e for e in range(store.n_episodes) if e not in flagged]
-        train_at, val_at = split_episodes(len(with_actions), val_ratio, seed)  # (no flags: the same split)
-        labelled = [with_actions[i] for i in train_at]  # the training episodes with actions
-        val_eps = [with_actions[i] for i in val_at]
+        labelled, val_eps = split_labelled(store.n_episodes, flagged, val_ratio, seed)
         train_eps = sorted([*labelled, *flagged])
         if entry.needs_actions:  # every episode the model reads, not only those the normalizer is fitted on
             check_finite(store, "action", [e for e in range(store.n_episodes) if e not in flagged])
