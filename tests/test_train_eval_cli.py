@@ -68,6 +68,9 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
     results = json.loads((out / "results.json").read_text())
     per_episode = results["per_episode"]
     assert results["episodes"] == 2 and len(per_episode) == 2
+    newest = sorted(world_model.glob("ckpt_*.pt"))[-1]  # what checkpoint=DIR evaluated (it moves as the run
+    assert results["checkpoint_file"] == str(newest.resolve())  # trains on: the config alone did not say)
+    assert results["checkpoint_step"] == int(newest.stem.split("_")[1])
     assert results["success_rate"] == sum(ep["success"] for ep in per_episode) / 2
     assert all(ep["replans"] >= 1 for ep in per_episode)  # MPC plans at least once per episode
     assert 0 <= results["subgoal_replans"] <= sum(ep["replans"] for ep in per_episode)

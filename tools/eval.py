@@ -188,7 +188,10 @@ def _run(
                 results["subgoal_replans"] = policy.subgoals.count if policy.subgoals is not None else 0
                 if cfg.budgets:
                     results["budgets"], plot = _budget_sweep(cfg, make, episodes, stage)
-            if loaded is not None:
+            if loaded is not None:  # the file and step evaluated (checkpoint=DIR is its newest: it moves
+                # when the run trains on, and the recorded config then reruns on other weights)
+                results["checkpoint_file"] = str(Path(loaded.checkpoint["path"]).resolve())
+                results["checkpoint_step"] = loaded.checkpoint.get("step")
                 results["inference"] = loaded.inference_settings()
                 # which CPU kernels (fp32, bf16, int8) this evaluation's layers ran on
                 results["kernels"] = kernels.selector().summary(since=kernels_before)
