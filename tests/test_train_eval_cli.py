@@ -132,6 +132,22 @@ def test_eval_reports_the_kernels_of_its_own_model_alone(world_model, tmp_path):
     assert 0 <= summary["calibration_s"] < 1000.0 and not summary["budget_exhausted"]
 
 
+def test_a_calibration_budget_that_ran_out_says_a_rerun_may_differ(world_model, tmp_path, capsys):
+    """The next run measures the shapes this one left unmeasured and could give other results (1-2 %
+    of a final distance after 200 steps), where the README promised a shared cache identical reruns."""
+    from tools.eval import EvalConfig, evaluate
+    from wm import kernels
+
+    planner = {"name": "cem", "samples": 8, "elites": 2, "iterations": 1, "horizon": 2}
+    cfg = EvalConfig(out=str(tmp_path / "e"), controller="mpc", checkpoint=str(world_model), episodes=1,
+                     max_steps=2, videos=0, progress=False, subgoals="off", planner=planner)  # fmt: skip
+    for budget, said in ((0.0, True), (1e6, False)):
+        with kernels.using(kernels.Selector(kernels.KernelCache(None), total_budget_s=budget)):
+            assert evaluate(cfg)["kernels"]["budget_exhausted"] is said
+        out = capsys.readouterr().out
+        assert ("note: the kernel calibration budget ran out" in out) is said, out
+
+
 def test_budget_plot_joins_its_points_by_iterations(tmp_path, monkeypatch):
     """budgets=[6,2,4,2]: one point per budget, drawn left to right (not a zigzag in the typed order)."""
     from types import SimpleNamespace

@@ -142,6 +142,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
+    if (results.get("kernels") or {}).get("budget_exhausted"):  # the next run measures the rest: its
+        # results can differ from these (the README's "a shared cache makes two evaluations identical")
+        print(
+            "note: the kernel calibration budget ran out: some layer shapes ran PyTorch's kernels unmeasured "
+            "and uncached, so a rerun may choose other kernels and differ slightly (WM_KERNELS=native "
+            "gives identical reruns)",
+            flush=True,
+        )
     out = Path(cfg.out)
     where = f"wrote results {out / 'results.json'}, report {out / 'report.html'}"
     print(where + (f", videos {out / 'videos'}" if videos else ""), flush=True)
