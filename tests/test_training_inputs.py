@@ -95,6 +95,14 @@ def test_a_validation_split_without_windows_is_said_and_not_run(tmp_path, capsys
     assert "no validation will run" not in err and f" {long} (" not in err
     setup_training("dino_wm", write_store(tmp_path / "long.zarr", [40] * 8), TINY, val_ratio=0.1)
     assert "note:" not in capsys.readouterr().err
+    # a training episode too short for a window was left out without a word
+    lengths, train = [40] * 8, split_episodes(8, 0.1, 0)[0][0]
+    lengths[train] = 3
+    one_short = write_store(tmp_path / "one_short.zarr", lengths)
+    setup_training("dino_wm", one_short, TINY, val_ratio=0.1)
+    err = capsys.readouterr().err
+    assert f"note: {one_short}: training episode(s) {train} (3 steps) are too short to train on: a " in err
+    assert "validation episode(s)" not in err
 
 
 def test_non_finite_values_are_refused_wherever_the_model_reads_them(tmp_path):

@@ -23,7 +23,14 @@ from wm.data import DemoStore, SchemaError
 from wm.data.dataset import WindowDataset, WithFrames
 from wm.data.mixture import ACTION_FREE, ActionFreeWindows, MixedWindows, check_compatible
 from wm.data.normalize import Normalizer, check_finite
-from wm.data.windows import WindowSpec, build_index, describe_window, split_episodes, why_no_windows
+from wm.data.windows import (
+    WindowSpec,
+    build_index,
+    describe_window,
+    min_episode_length,
+    split_episodes,
+    why_no_windows,
+)
 from wm.options import check_not_derived
 from wm.registry import TrainContext, camera_names, model_entry
 
@@ -290,6 +297,17 @@ def check_training_windows(
     """`check_windows` of the training episodes of the store and, when batches draw from it, of the
     video store."""
     check_windows(store_path, spec, train_eps)
+    with DemoStore.open(store_path) as store:
+        lengths = store.episode_lengths()
+    short = [e for e in train_eps if lengths[e] < min_episode_length(spec)]
+    if short:  # (they were dropped without a word; a validation episode's note said it)
+        which = ", ".join(f"{e} ({lengths[e]} steps)" for e in short[:5]) + (
+            f" and {len(short) - 5} more" if len(short) > 5 else ""
+        )
+        note(
+            f"note: {store_path}: training episode(s) {which} are too short to train on: a window "
+            f"{describe_window(spec)}"
+        )
     if video_store is not None and video_ratio > 0:
         check_windows(video_store, spec, None, f"video_ratio is {video_ratio} but the video store")
 
