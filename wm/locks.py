@@ -39,7 +39,8 @@ class PathLock:
     """An exclusive advisory flock on `path` itself (a folder or a file; nothing is written), held until
     `release()` or the end of the process, however it ends. When another process holds it, `busy()` is
     raised at once. On a filesystem without locks (some NFS / FUSE mounts) `unlocked(error)` is told, and
-    the holder goes on unguarded."""
+    the holder goes on unguarded. A folder's lock on NFS is granted by each client alone (Linux's NFS
+    client has no flock of its own for folders): it guards against processes of this machine only."""
 
     def __init__(
         self, path: Path, busy: Callable[[], Exception], unlocked: Callable[[OSError], Any] | None = None
