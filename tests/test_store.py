@@ -496,6 +496,23 @@ with DemoStore.create(sys.argv[1], make_schema()) as s:
 """
 
 
+def test_a_store_that_does_not_open_names_the_command_that_lists_its_damage(tmp_path):
+    """A data array shorter than the episodes it holds was a bare line ("has 12 steps but episodes end at
+    15") in every app but wm-info: nothing said what to run next."""
+    path = tmp_path / "s.zarr"
+    with DemoStore.create(path, make_schema()) as s:
+        for i in range(3):
+            s.append_episode(make_episode(i, 5))
+    action = zarr.open_group(path, mode="r+")["data"]["action"]
+    action.resize((12, *action.shape[1:]))
+    with pytest.raises(CorruptStoreError) as e:
+        DemoStore.open(path)
+    assert str(e.value) == (
+        f"{path}/data/action: has 12 steps but episodes end at 15; list all damage with: wm-info "
+        f"store={path} verify=true"
+    )
+
+
 def test_two_creates_of_one_path_at_once_keep_the_first_store_made(tmp_path, monkeypatch):
     """Two wm-collect sessions started together on a new store: both built in `<store>.wm-create`, each
     deleting the other's, and a check-then-rename let the second replace the first's store (its

@@ -176,6 +176,8 @@ def info(cfg: InfoConfig) -> int:
             summary = {**summarize(store), **extra}
             show(cfg, store, summary, episodes)
     except CorruptStoreError as e:
+        if "wm-info " in str(e):  # (the store's own message names a repair or the verify)
+            raise
         raise CorruptStoreError(f"{e}; list all damage with: {info_command(cfg.store, 'verify=true')}") from e
     for key in summary["keys"].values():  # what training would refuse (float frames in [0, 1] drew black)
         problem = (key["stats"] or {}).get("problem") if key["kind"] == "image" else None
