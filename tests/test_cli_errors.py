@@ -520,6 +520,14 @@ def test_a_token_is_never_printed_not_even_when_it_cannot_be_parsed(tmp_path, ap
     """Generated secrets hold characters Hydra's grammar refuses: its error quoted the override."""
     line = refused(app, "controller=random", "token=S3cr3t,Tok3n!", cwd=tmp_path)
     assert line.startswith("error: cannot parse override 'token=***'") and "S3cr3t" not in line
+    # given as a list or mapping, the type error printed it; beside a misspelt option, the one line
+    # was a traceback (exit 1: a UsageError where text was expected)
+    needed = ["robot=pointmaze", "out=run", "server=127.0.0.1:5555"] if app == "wm-deploy" else []
+    for given in ("token=[s3cr3tAAAA]", "token={k: s3cr3tAAAA}"):
+        line = refused(app, "controller=random", *needed, given, cwd=tmp_path)
+        assert line.startswith("error: token must be a string or null, got a ") and "s3cr3t" not in line
+    line = refused(app, "controller=random", *needed, "token=s3cr3tAAAA", "prot=5556", cwd=tmp_path)
+    assert line.startswith("error: unknown option prot") and "s3cr3t" not in line
 
 
 def test_an_allocation_that_fails_is_one_line_not_a_bug(capsys):

@@ -46,6 +46,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from robots.base import RobotError
 from robots.teleop.base import DeviceNotFoundError
 from tools._config import (
+    SECRET_OPTIONS,
     UsageError,
     build,
     changed,
@@ -447,9 +448,6 @@ def _check_flags() -> None:
     parser.parse_args()
 
 
-SECRET_OPTIONS = ("token",)  # never printed, not even in an error about the command line
-
-
 def redact(message: str, overrides: list[str]) -> str:
     """`message` with the value of every secret option among `overrides` (e.g. `token=...`) masked."""
     for arg in overrides:
@@ -481,14 +479,14 @@ def _hydra_error(e: BaseException, config_name: str) -> str:
             for i in range(1, len(parts)):
                 above = _config_keys(config_name, ".".join(parts[: i - 1]))
                 if above is not None and parts[i - 1] not in above:
-                    return unknown_option(".".join(parts[:i]), above)
+                    return str(unknown_option(".".join(parts[:i]), above))  # (a UsageError: text here)
         if not valid:  # an empty mapping such as task_options: {}
             return f"{path} is not in the config; add it with {add}"
         if name in valid:  # `task_options={goal_mode: other_arm}`: a mapping given keys it does not hold
             return f"{path} holds none of the keys given to it; add them with {add}"
         # a block of typed options (trainer, planner, graph) takes no new key: `+trainer.stpes=10` would be
         # refused in turn. (The free mappings, `{}` in the configs, took the branch above.)
-        return unknown_option(path, valid)
+        return str(unknown_option(path, valid))
     if isinstance(e, OmegaConfBaseException):
         return _one_line(e)
     if isinstance(e.__cause__, OmegaConfBaseException):

@@ -256,5 +256,10 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+SECRET_OPTIONS = ("token",)  # never printed, not even in an error about the command line
+
+
 def _wrong_type(tp: Any, value: Any, path: str) -> UsageError:
-    return UsageError(f"{path} must be {_describe(tp)}, got {value!r}")
+    secret = path.rpartition(".")[2] in SECRET_OPTIONS  # (`token=[s3cr3t]` printed the list)
+    got = f"a {type(value).__name__}" if secret else repr(value)
+    return UsageError(f"{path} must be {_describe(tp)}, got {got}")
