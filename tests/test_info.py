@@ -311,6 +311,21 @@ def test_a_store_it_cannot_write_to_is_refused_before_appending(built, monkeypat
     assert DemoStore.open(store.path).n_episodes == len(LENGTHS)  # reading needs no write access
 
 
+def test_a_video_folder_that_cannot_be_made_is_one_line(built) -> None:
+    """A file where <store>_videos goes (or a read-only filesystem): the OSError lost its kind and its
+    number on the way, and the app reported it as a bug (a traceback, exit 1)."""
+    from apps import run_app
+
+    store, _ = built
+    in_the_way = Path(store.path).with_name(Path(store.path).stem + "_videos")
+    in_the_way.write_text("not a folder")
+    res = run_app("wm-info", f"store={store.path}", "video=true", "contact_sheet=none", "episodes=[0]")
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"error: cannot write the video {in_the_way}/episode_0000.mp4: its folder cannot be made ([Errno 17] "
+        f"File exists: '{in_the_way}')"
+    ], res.stderr
+
+
 def test_wm_info_into_a_closed_pipe_stops_quietly(built) -> None:
     """`wm-info ... | head`: the reader gone, it printed a BrokenPipeError traceback and exited 1."""
     import subprocess

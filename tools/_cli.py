@@ -172,8 +172,9 @@ USER_ERRORS = (
     FileNotFoundError,
     PermissionError,
 )
-# OS errors a user can act on (a read-only filesystem, a full disk or quota, a path too long)
-USER_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENAMETOOLONG)
+# OS errors a user can act on (a read-only filesystem, a full disk or quota, a path too long, a file
+# where a folder goes)
+USER_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENAMETOOLONG, errno.ENOTDIR)
 
 
 # ---------------------------------------------------------------------- the app's config

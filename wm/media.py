@@ -34,7 +34,9 @@ def video_writer(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. "File exists" naming a file on the way: say what failed
-        raise OSError(f"cannot write the video {path}: its folder cannot be made ({e})") from e
+        said = type(e)(f"cannot write the video {path}: its folder cannot be made ({e})")
+        said.errno = e.errno  # (its kind kept: a read-only filesystem or a file in the way is the user's)
+        raise said from e
     part = path.with_name(f"{path.stem}.part{path.suffix}")  # ffmpeg picks the container from the suffix
     writer = imageio.get_writer(
         part,
