@@ -578,6 +578,10 @@ def test_bad_values_paths_and_takeover_devices_are_refused_before_anything_start
         ([f"record={afile}"], f"record={afile}: is a file, not a store"),
         ([f"record={afile / 'rec.zarr'}"], f"record={afile / 'rec.zarr'}: {afile} is a file"),
         ([f"record={tmp_path / 'a'}"], "is also out=: give the store a path of its own"),
+        (  # the report went inside the new store: a rerun, and the store's own drop_episodes, refused
+            [f"out={tmp_path / 'rec.zarr' / 'run'}", f"record={tmp_path / 'rec.zarr'}"],
+            f"out={tmp_path / 'rec.zarr' / 'run'} is inside record={tmp_path / 'rec.zarr'}: give the run a",
+        ),
         (["record="], "record= is empty: give a store's path, or leave record out"),  # recorded nothing
         (["inference_threads=99999999999999999999"], "inference_threads must be in 1..4096"),  # traceback
         # checked only as the first episode began: after the worker loaded, the out folder and the record

@@ -175,9 +175,13 @@ class DeployConfig(ControllerConfig):
         if self.record is None:
             return
         store_path("record", self.record)
-        out, rec = Path(self.out), Path(self.record)
-        if rec.resolve() == out.resolve():
+        out, rec = Path(self.out).resolve(), Path(self.record).resolve()
+        if rec == out:
             raise UsageError(f"record={self.record} is also out=: give the store a path of its own")
+        if rec in out.parents:  # (the report went inside the new store, which then refused a rerun and
+            raise UsageError(  # its own drop_episodes: "holds files that are not the store's")
+                f"out={self.out} is inside record={self.record}: give the run a folder outside the store"
+            )
 
     def remote_config(self) -> Any:
         from robots.runtime.remote import RemoteConfig
