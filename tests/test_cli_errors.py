@@ -515,6 +515,21 @@ def test_only_free_mappings_are_offered_new_keys(tmp_path):
     assert line == "error: task_options.goal_mod is not in the config; add it with +task_options.goal_mod=x"
 
 
+def test_a_path_from_home_is_refused_with_what_to_give_instead(tmp_path):
+    """`~` reaches the apps unexpanded (from a Makefile, a subprocess's argument list, or quoted): Hydra's
+    lexer error named nothing, and quoted for Hydra it made a folder named "~" in the working directory."""
+    line = refused("wm-collect", "task=pointmaze", "episodes=1", "store=~/x.zarr", cwd=tmp_path)
+    assert line == (
+        "error: cannot parse override 'store=~/x.zarr': '~' is not expanded here; give store=$HOME/..."
+    )
+    for app, option in (("wm-collect", "store"), ("wm-train", "out")):
+        line = refused(app, "task=pointmaze", "store=s.zarr", f"{option}='~/x'", cwd=tmp_path)
+        assert line == (
+            f"error: {option}=~/x: '~' is not expanded here; give the path from $HOME (a shell expands "
+            f"{option}=$HOME/...) or an absolute path"
+        )
+
+
 @pytest.mark.parametrize("app", ["wm-serve", "wm-deploy"])
 def test_a_token_is_never_printed_not_even_when_it_cannot_be_parsed(tmp_path, app):
     """Generated secrets hold characters Hydra's grammar refuses: its error quoted the override."""

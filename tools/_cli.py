@@ -469,6 +469,9 @@ def _hydra_error(e: BaseException, config_name: str) -> str:
         return f"{group}={choice}: no such {group}; {hint}valid: {', '.join(e.options)}"
     text = "; ".join(line.strip().rstrip(".") for line in str(e).splitlines() if line.strip())
     if isinstance(e, OverrideParseException):
+        if e.override and e.override.partition("=")[2].startswith("~"):  # (`store=~/x` from a Makefile)
+            key = e.override.partition("=")[0]
+            return f"cannot parse override {e.override!r}: '~' is not expanded here; give {key}=$HOME/..."
         return f"cannot parse override {e.override!r}: {text}"
     m = re.match(r"Could not override '([^']+)'.\s*To append to your config use (\S.*)", str(e))
     if m and isinstance(e.__cause__, ConfigKeyError | ConfigAttributeError):  # `trainer.stpes=10`

@@ -71,6 +71,11 @@ def folder(option: str, value: Any, give: str = "give a folder", within: bool = 
     current folder, where the run would have written."""
     if not str(value).strip():
         raise UsageError(f"{option}= is empty; {give}")
+    if str(value).startswith("~"):  # (taken literally: a folder named "~" in the working directory)
+        raise UsageError(
+            f"{option}={value}: '~' is not expanded here; give the path from $HOME (a shell expands "
+            f"{option}=$HOME/...) or an absolute path"
+        )
     for path in (*([] if within else [Path(value)]), *Path(value).parents):
         if path.exists() and not path.is_dir():
             raise UsageError(f"{option}={value}: {path} is a file; {give}")
