@@ -117,6 +117,20 @@ def test_a_contact_sheet_given_a_folder_goes_inside_it(tmp_path: Path) -> None:
     assert sheet_path(cfg) == tmp_path / "sheets" / "demos_contact.png"
 
 
+def test_the_contact_sheet_and_videos_go_beside_the_store_as_named(tmp_path: Path, monkeypatch) -> None:
+    """Through a symbolic link they went beside the link's target (another folder, perhaps read-only)."""
+    from tools.info import InfoConfig, sheet_path, video_dir
+
+    (tmp_path / "shared" / "base.zarr").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link.zarr").symlink_to(tmp_path / "shared" / "base.zarr")
+    cfg = InfoConfig(store=str(tmp_path / "data" / "link.zarr"))
+    assert sheet_path(cfg) == tmp_path / "data" / "link_contact.png"
+    assert video_dir(cfg) == tmp_path / "data" / "link_videos"
+    monkeypatch.chdir(tmp_path / "shared" / "base.zarr")  # store=. names the folder it is run in
+    assert sheet_path(InfoConfig(store=".")) == tmp_path / "shared" / "base_contact.png"
+
+
 def test_format_summary(built: tuple[DemoStore, list]) -> None:
     store, _ = built
     text = wm_info.format_summary(wm_info.summarize(store))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def _is_int(x: Any) -> bool:
 def sheet_path(cfg: InfoConfig) -> Path | None:
     if cfg.contact_sheet == "none":
         return None
-    store = Path(cfg.store).resolve()  # store=. has no name of its own
+    store = _named(cfg.store)
     name = store.name.removesuffix(".zarr") + "_contact.png"
     if cfg.contact_sheet == "auto":
         return store.with_name(name)
@@ -96,9 +97,15 @@ def sheet_path(cfg: InfoConfig) -> Path | None:
 
 def video_dir(cfg: InfoConfig) -> Path:
     if cfg.video_dir == "auto":
-        store = Path(cfg.store).resolve()
+        store = _named(cfg.store)
         return store.with_name(store.name.removesuffix(".zarr") + "_videos")
     return Path(cfg.video_dir)
+
+
+def _named(store: str) -> Path:
+    """The store's path with a name of its own (store=. or ..: the folder's), beside which its contact
+    sheet and videos go: a symbolic link's, not where it points (they went beside the link's target)."""
+    return Path(os.path.abspath(store))
 
 
 def drop(cfg: InfoConfig) -> dict[str, Any]:
