@@ -114,6 +114,9 @@ def test_sub_configs_of_the_wrong_kind_are_one_line(name, value):
     "build, said",
     [
         (lambda: UNetConfig(kernel_size=5.0), r"model.unet.kernel_size=5.0 is not a whole number"),
+        # a single number for a list: TypeError "'int' object is not iterable", a traceback (exit 1)
+        (lambda: UNetConfig(down_dims=256), r"model.unet.down_dims=256 is not a list of whole numbers"),
+        (lambda: UNetConfig(down_dims="abc"), r"model.unet.down_dims='abc' is not a list of whole numbers"),
         (
             lambda: UNetConfig(down_dims=(256.5, 512)),
             r"model.unet.down_dims\[0\]=256.5 is not a whole number",

@@ -61,7 +61,10 @@ def check_numbers(cls: type, values: Mapping[str, Any], where: str) -> None:
         kinds = {part.strip() for part in declared.split("|")}
         if value is None and "None" in kinds:
             continue
-        if declared.startswith("tuple[int") and isinstance(value, list | tuple):  # every element
+        if declared.startswith("tuple[int") and not isinstance(value, list | tuple):  # (model.future=8
+            wrong.append(f"{where}.{f.name}={value!r} is not a list of whole numbers")  # was a traceback)
+            continue
+        if declared.startswith("tuple[int"):  # every element
             items, kind = {f"{f.name}[{i}]": v for i, v in enumerate(value)}, "int"
         elif kinds & set(_NUMBER_KINDS):
             items, kind = {f.name: value}, next(k for k in ("float", "int", "bool") if k in kinds)
