@@ -515,6 +515,29 @@ def test_only_free_mappings_are_offered_new_keys(tmp_path):
     assert line == "error: task_options.goal_mod is not in the config; add it with +task_options.goal_mod=x"
 
 
+def test_a_text_option_that_looks_like_a_number_is_the_text_typed(tmp_path):
+    """Hydra reads store=1.10 as the number 1.1: the store was made at 1.1 (and 1e3 at 1000.0); a token
+    123_456_789 became 123456789, which a client given the same token did not match."""
+    import dataclasses
+
+    from tools._config import build, typed_as
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        store: str = "x"
+        token: str | None = None
+        steps: int = 1
+
+    with typed_as(["store=1.10", "+token=123_456_789", "steps=2_000"]):
+        got = build(Options, {"store": 1.1, "token": 123456789, "steps": 2000})
+    assert (got.store, got.token, got.steps) == ("1.10", "123_456_789", 2000)
+    with typed_as(["store=${oc.env:N}"]):  # an interpolation that resolved to a number: its value
+        assert build(Options, {"store": 7}).store == "7"
+    res = run_app("wm-collect", "task=pointmaze", "episodes=1", "state_only=true", "store=1.10", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "1.10").is_dir() and not (tmp_path / "1.1").exists()
+
+
 def test_a_path_from_home_is_refused_with_what_to_give_instead(tmp_path):
     """`~` reaches the apps unexpanded (from a Makefile, a subprocess's argument list, or quoted): Hydra's
     lexer error named nothing, and quoted for Hydra it made a folder named "~" in the working directory."""
@@ -575,6 +598,7 @@ def test_a_sigterm_that_lands_in_a_weakref_callback_still_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)  # the handler runs here, inside the callback
 
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt) as e, sigterm_interrupts():
         thing = Thing()
         ref = weakref.ref(thing, callback)
@@ -583,8 +607,7 @@ def test_a_sigterm_that_lands_in_a_weakref_callback_still_interrupts():
         while time.monotonic() < deadline:  # the work goes on: it must meet the interrupt
             time.sleep(0.001)
     assert e.value.signum == signal.SIGTERM and ref() is None
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # (put back)
 
 
 def test_ctrl_c_goes_through_the_same_handler_unless_it_is_ignored():
@@ -592,10 +615,12 @@ def test_ctrl_c_goes_through_the_same_handler_unless_it_is_ignored():
 
     from tools._cli import interrupt, sigterm_interrupts
 
-    with sigterm_interrupts():
-        assert signal.getsignal(signal.SIGINT) is interrupt is signal.getsignal(signal.SIGTERM)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as a process starts)
     try:
+        with sigterm_interrupts():
+            assert signal.getsignal(signal.SIGINT) is interrupt is signal.getsignal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with sigterm_interrupts():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:

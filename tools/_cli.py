@@ -56,6 +56,7 @@ from tools._config import (
     one_of,
     record_of,
     store_path,
+    typed_as,
     unknown_option,
 )
 from tools._help import option_comments
@@ -196,7 +197,9 @@ def bind(cls: type[T], cfg: DictConfig, *, job_folder: str | None = "out", job_f
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UsageError(_required(missing))
-    return build(cls, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    with typed_as(typed):
+        return build(cls, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
 
 def _multirun_job_dir() -> str | None:

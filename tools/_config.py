@@ -5,13 +5,15 @@ nearest valid one, a value of the wrong type, a required value not given, a valu
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import enum
 import inspect
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -191,7 +193,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value if isinstance(value, tp) else build(tp, value, path)
         raise _wrong_type(tp, value, path)
     if tp in (bool, int, float, str):
-        ok, coerced = _scalar(tp, value)
+        ok, coerced = _scalar(tp, value, path)
         if ok:
             return coerced
         raise _wrong_type(tp, value, path)
@@ -221,7 +223,29 @@ def _is_callable_type(tp: Any) -> bool:
     return tp is Callable or origin is Callable
 
 
-def _scalar(tp: type, value: Any) -> tuple[bool, Any]:
+_typed: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "typed", default=types.MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def typed_as(overrides: Sequence[str]) -> Iterator[None]:
+    """Within it, a text option Hydra read as a number is taken as the text typed among `overrides`
+    (the command line's `key=value`): store=1.10 made the store 1.1, token=123_456_789 the token
+    123456789, which a client given the same token did not match."""
+    typed = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep:
+            typed[key.lstrip("+~")] = value
+    reset = _typed.set(typed)
+    try:
+        yield
+    finally:
+        _typed.reset(reset)
+
+
+def _scalar(tp: type, value: Any, path: str = "") -> tuple[bool, Any]:
     """(whether `value` is a `tp` to a user, the value as one) for bool, int, float and str."""
     if isinstance(value, bool):  # to Python a bool is an int; to a user it is not
         return tp in (bool, str), str(value).lower() if tp is str else value
@@ -231,7 +255,17 @@ def _scalar(tp: type, value: Any) -> tuple[bool, Any]:
         return isinstance(value, int), value
     if tp is float:
         return isinstance(value, int | float), float(value) if isinstance(value, int | float) else value
-    return isinstance(value, str | int | float), str(value)  # str: `out=2024` is the text typed
+    text = _typed.get().get(path)
+    if isinstance(value, int | float) and text is not None and _reads_as(text, value):  # str: `out=1.10`
+        return True, text  # is the text typed (not one an interpolation resolved to a number)
+    return isinstance(value, str | int | float), str(value)
+
+
+def _reads_as(text: str, value: float) -> bool:
+    try:
+        return float(text) == value
+    except ValueError:
+        return False
 
 
 def _sequence(tp: Any, value: Any, path: str) -> list | tuple:
