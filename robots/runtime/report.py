@@ -233,13 +233,15 @@ def _shown(value: float | None, spec: str) -> str:
 
 
 class LiveStatus:
-    """A status line every `every_s` seconds of a running episode: ticks, achieved rate and tick error
-    so far, and how many ticks were held (no fresh action; a human's teleop action is fresh)."""
+    """A status line every `every_s` seconds of a running episode: ticks and achieved rate so far, the
+    tick error's p99 and max since the line before, and how many ticks were held (no fresh action; a
+    human's teleop action is fresh). It runs on the tick path: over the whole episode, its percentile
+    grew with it (67 ms at 1.4 M ticks, eight hours at 50 Hz) and so did its memory."""
 
     def __init__(self, every_s: float, write: Any = print) -> None:
         self.every_s, self.write = every_s, write
-        self._errors: list[float] = []
-        self._held = 0
+        self._errors: list[float] = []  # since the last line
+        self._ticks = self._held = 0
         self._first: float | None = None
         self._last_line = 0.0
 
@@ -247,15 +249,17 @@ class LiveStatus:
         if self._first is None:
             self._first = self._last_line = record.started
         self._errors.append((record.started - record.nominal) * 1e3)
+        self._ticks += 1
         self._held += record.chunk == NO_CHUNK and not record.intervention
         if record.started - self._last_line >= self.every_s:
             self._last_line = record.started
             span = record.started - self._first
-            rate = (len(self._errors) - 1) / span if span > 0 else 0.0
-            p99 = float(np.percentile(self._errors, 99))
+            rate = (self._ticks - 1) / span if span > 0 else 0.0
+            p99, worst = float(np.percentile(self._errors, 99)), max(self._errors)
+            self._errors = []
             self.write(
-                f"  {span:6.1f} s: {len(self._errors)} ticks at {rate:.1f} Hz, tick error p99 {p99:.2f} ms, "
-                f"{self._held} held"
+                f"  {span:6.1f} s: {self._ticks} ticks at {rate:.1f} Hz, tick error p99 {p99:.2f} ms "
+                f"(max {worst:.2f}) over the last {self.every_s:g} s, {self._held} held"
             )
 
 
