@@ -150,6 +150,85 @@ class TickRecord:
     intervention: bool = False
 
 
+class TickLog:
+    """An episode's `TickRecord`s, kept as columns: a list of records held about 0.7 kB a tick for the
+    whole episode (1 GB after eight hours at 50 Hz, the length of one long real-arm episode); columns
+    hold the numbers alone (8 bytes each, the command's included). Appended to, read as a sequence of
+    `TickRecord`s (an index, a slice, iteration), rebuilt on each read."""
+
+    _FLOATS = ("nominal", "started", "captured", "sent_at", "due")
+
+    def __init__(self) -> None:
+        self._n, self._cap = 0, 0
+        self._floats = np.zeros((0, len(self._FLOATS)))
+        self._ints = np.zeros((0, 2), np.int64)  # chunk, index
+        self._flags = np.zeros((0, 2), bool)  # a command was sent, a human's tick
+        self._commands: np.ndarray | None = None  # (cap, *command shape), its dtype: the first's
+        self._events: dict[int, tuple[str, ...]] = {}  # the ticks that had any
+
+    def append(self, t: TickRecord) -> None:
+        if self._n == self._cap:
+            self._grow(max(256, 2 * self._cap))
+        i = self._n
+        self._floats[i] = (t.nominal, t.started, t.captured, t.sent_at, t.due)
+        self._ints[i] = (t.chunk, t.index)
+        self._flags[i] = (t.command is not None, t.intervention)
+        if t.command is not None:
+            command = np.asarray(t.command)
+            if self._commands is None:  # (its dtype: the first command's)
+                self._commands = np.zeros((self._cap, *command.shape), command.dtype)
+            elif self._commands.dtype != object and self._commands.shape[1:] != command.shape:
+                self._commands = self._mixed()
+            self._commands[i] = command
+        if t.events:
+            self._events[i] = tuple(t.events)
+        self._n += 1
+
+    def _grow(self, cap: int) -> None:
+        def grown(a: np.ndarray) -> np.ndarray:
+            b = np.zeros((cap, *a.shape[1:]), a.dtype)
+            b[: self._n] = a[: self._n]
+            return b
+
+        self._floats, self._ints, self._flags = grown(self._floats), grown(self._ints), grown(self._flags)
+        if self._commands is not None:
+            self._commands = grown(self._commands)
+        self._cap = cap
+
+    def _mixed(self) -> np.ndarray:
+        """The command column as objects, for commands of more than one shape (never on a robot, whose
+        action has one shape)."""
+        assert self._commands is not None
+        mixed = np.empty(self._cap, object)
+        for j in range(self._n):
+            mixed[j] = self._commands[j].copy()
+        return mixed
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self._record(j) for j in range(*i.indices(self._n))]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"tick {i} of {self._n}")
+        return self._record(j)
+
+    def __iter__(self) -> Any:
+        return (self._record(j) for j in range(self._n))
+
+    def _record(self, j: int) -> TickRecord:
+        nominal, started, captured, sent_at, due = (float(v) for v in self._floats[j])
+        sent, human = (bool(v) for v in self._flags[j])
+        command = None
+        if sent and self._commands is not None:
+            command = np.array(self._commands[j], copy=True)
+        chunk, index = (int(v) for v in self._ints[j])
+        events = self._events.get(j, ())
+        return TickRecord(nominal, started, captured, sent_at, command, chunk, index, due, events, human)
+
+
 @dataclass
 class ChunkRecord:
     """One chunk: the capture time of its observation, when it arrived, the model's seconds, how many
@@ -169,7 +248,7 @@ class ChunkRecord:
 class EpisodeOutcome:
     """Everything measured in one run; `stopped` is the one-line reason when a fault ended it."""
 
-    ticks: list[TickRecord] = field(default_factory=list)
+    ticks: TickLog = field(default_factory=TickLog)
     chunks: list[ChunkRecord] = field(default_factory=list)
     events: Counter = field(default_factory=Counter)
     underruns: int = 0
