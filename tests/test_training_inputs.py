@@ -250,3 +250,25 @@ def test_non_finite_learning_rate_and_weight_decay_are_refused(tmp_path):
     res = run_app("wm-train", "model=dino_wm", "store=missing.zarr", f"out={out}", "trainer.weight_decay=inf")
     assert res.returncode == 2 and not out.exists()
     assert res.stderr.strip() == "error: trainer.weight_decay=inf is not a finite number"
+
+
+def test_a_feature_cache_that_cannot_be_written_says_how_to_train_without_it(tmp_path, monkeypatch):
+    """A store in a read-only folder: a bare "[Errno 30] Read-only file system: '.../feature_cache'"."""
+    import errno
+
+    import torch
+
+    import wm.feature_cache
+    from wm.training import cached_features
+
+    def refused(store, encoder, keys, root, device="cpu"):
+        raise OSError(errno.EROFS, "Read-only file system", str(root))
+
+    monkeypatch.setattr(wm.feature_cache, "build_feature_cache", refused)
+    with pytest.raises(OSError) as e:
+        cached_features(str(tmp_path / "s.zarr"), torch.nn.Linear(1, 1), "rgb")
+    assert e.value.errno == errno.EROFS and str(e.value) == (
+        f"cannot write the feature cache in {tmp_path / 'feature_cache'} (Read-only file system): train with "
+        "feature_cache=off (the encoder then runs on every batch), or from a copy of the store in a writable "
+        "folder"
+    )

@@ -7,6 +7,7 @@ differs between models comes from their registry entry (`wm.registry`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -354,5 +355,14 @@ def cached_features(
     cache_root = Path(store_path).resolve().parent / "feature_cache"
     try:
         return str(build_feature_cache(store_path, encoder, image_keys, cache_root, device=device))
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        said = type(e)(  # (a bare "[Errno 30] Read-only file system: '.../feature_cache'")
+            f"cannot write the feature cache in {cache_root} ({e.strerror}): train with feature_cache=off "
+            "(the encoder then runs on every batch), or from a copy of the store in a writable folder"
+        )
+        said.errno = e.errno
+        raise said from e
     finally:
         encoder.to("cpu")
