@@ -660,6 +660,13 @@ def test_help_explains_each_option(tmp_path):
     assert "WM_TRACEBACK=1" in res.stdout and "e.g. -m seed=0,1;" in res.stdout
     # an app without a seed gave the same example, which it refused (and left a sweep folder behind)
     assert "e.g. -m OPTION=A,B;" in cli("wm-info", "--help", cwd=tmp_path).stdout
+    # a comment continued on the lines below its option is all of its explanation (the other choices
+    # of model.latent.source were left out)
+    from tools._help import option_comments
+
+    source = option_comments("model/uwm")["latent.source"]
+    assert source.startswith("auto: the store's default autoencoder")
+    assert source.endswith("| encoder (+model.latent.name=..., +model.latent.path=...)")
 
 
 def test_no_run_writes_inside_a_store(tmp_path, small_store):

@@ -40,18 +40,27 @@ def _parse(config_name: str) -> tuple[tuple[str, ...], dict[str, str]]:
         header.append(line[1:].removeprefix(" "))
     comments: dict[str, str] = {}
     parents: list[tuple[int, str]] = []  # (indentation, key) of the keys the current line is inside
+    last: tuple[str, int] | None = None  # the option whose comment a comment-only line below continues
     for line in lines:
         key, group = _KEY.match(line), _GROUP.match(line)
+        more = re.match(r"^( +)#\s?(.*)$", line)
         if key:
             indent = len(key.group(1))
             parents = [(i, k) for i, k in parents if i < indent]
             path = ".".join([*(k for _, k in parents), key.group(2)])
             parents.append((indent, key.group(2)))
             comment = _COMMENT.search(key.group(3))
+            last = None
             if comment and parents[0][1] not in ("defaults", "hydra"):
                 comments[path] = comment.group(1).strip()
+                last = (path, len(line) - len(comment.group(0).lstrip()))  # (its `#` column)
         elif group:
             comments[group.group(1)] = group.group(2).strip()
+            last = None
+        elif more and last is not None and len(more.group(1)) == last[1]:  # under it, at its `#`: the
+            comments[last[0]] += " " + more.group(2).strip()  # same comment, continued (the other values)
+        else:
+            last = None
     return tuple(header), comments
 
 
