@@ -748,6 +748,20 @@ def test_wm_demo_gives_mpc_options_to_the_mpc_evaluation_alone():
         steps(DemoConfig(**fields, model=missing))
 
 
+@pytest.mark.parametrize(
+    "option, said",
+    [
+        ("model.predictor_dim=abc", "model.predictor_dim='abc' is not a whole number"),
+        ("model.frameskip=0", "model: n_hist and frameskip must be >= 1, got 1, 0"),
+        ("model.recon_channels=32", "model.recon_channels=32 is not a list of whole numbers"),
+    ],
+)
+def test_wm_demo_checks_the_models_options_before_collecting(tmp_path, option, said):
+    """They were checked as training began: after 200 episodes (20 s, 100 MB) were collected, and a
+    single number for a list was a traceback then."""
+    assert refused("wm-demo", f"out={tmp_path / 'd'}", option, cwd=tmp_path) == f"error: {said}"
+
+
 def test_wm_demo_refuses_a_top_up_under_a_trained_world_model_before_the_store_grows(tmp_path):
     """A rerun with more collect.episodes topped the store up, then the trainer refused to resume on
     the grown store, and every rerun after it too: the store had changed for good."""

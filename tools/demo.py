@@ -115,10 +115,34 @@ def steps(cfg: DemoConfig) -> DemoSteps:
         ),
     )
     check_best_metric(plan.train.model["type"], trainer.best_metric)  # wm-train's, before collecting
+    check_model_options(plan.train.model)
     encoder = plan.train.model.get("encoder")
     if isinstance(encoder, Mapping):  # its weights file, too (the rest of the model needs the data)
         check_weights(build(EncoderConfig, dict(encoder), "model.encoder"))
     return plan
+
+
+def check_model_options(model: Mapping[str, Any]) -> None:
+    """The model's options checked as its config type checks them (model.predictor_dim=abc was refused
+    only after 200 episodes were collected), with its defaults where the store decides (frame size,
+    dimensions); where its YAML's own options fail so (a check needing the store), left to training."""
+    from omegaconf import OmegaConf
+
+    import configs
+    from wm.registry import model_entry
+
+    kind = str(model.get("type"))
+    config_type = model_entry(kind).config_type
+    try:
+        config_type.from_dict({k: v for k, v in model.items() if k != "type"})
+    except ValueError as e:
+        yaml = Path(configs.__file__).parent / "model" / f"{kind}.yaml"
+        defaults = OmegaConf.to_container(OmegaConf.load(yaml)) if yaml.is_file() else None
+        try:
+            config_type.from_dict({k: v for k, v in dict(defaults or {}).items() if k != "type"})
+        except ValueError:
+            return
+        raise UsageError(str(e) if str(e).startswith("model.") else f"model: {e}") from None
 
 
 def demo(cfg: DemoConfig) -> int:
