@@ -185,8 +185,9 @@ def demo(cfg: DemoConfig) -> int:
         "mean_final_distance": mpc["mean_final_distance"],
         "random_mean_final_distance": rnd["mean_final_distance"],
         "planning_seconds_per_step": mpc["planning_seconds_per_step"],
-        "videos": str(out / "eval_mpc" / "videos") if mpc["videos"] else None,
-        "report": str(out / "eval_mpc" / "report.html"),
+        # absolute: relative to where the command ran, they named nothing from results.json's folder
+        "videos": str((out / "eval_mpc" / "videos").absolute()) if mpc["videos"] else None,
+        "report": str((out / "eval_mpc" / "report.html").absolute()),
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
