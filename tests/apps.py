@@ -34,6 +34,16 @@ TINY_POLICY = [  # a diffusion policy on a small CNN patch encoder, trained for 
 ]
 
 
+def train_tiny_policy(task: str, store: Path, run: Path) -> Path:
+    """A `TINY_POLICY` diffusion policy with a small UNet, trained on `store` into `run` (returned)."""
+    res = cli(
+        "wm-train", "model=diffusion_unet", f"task={task}", f"store={store}", f"out={run}", *TINY_POLICY,
+        "model.unet.down_dims=[16,32]", "model.unet.n_groups=8", "model.sampler_steps=2",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return run
+
+
 def cli(name: str, *args: str) -> subprocess.CompletedProcess:
     """Run the console script `name` with `args`; its output captured."""
     return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from apps import TINY_POLICY, cli
+from apps import cli, train_tiny_policy
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -38,12 +38,7 @@ def push_policy(tmp_path_factory) -> Path:
     store, run = folder / "push.zarr", folder / "dp"
     res = cli("wm-collect", "task=arm_push", "episodes=2", f"store={store}", "image_size=32", "max_steps=20")
     assert res.returncode == 0, res.stderr
-    res = cli(
-        "wm-train", "model=diffusion_unet", "task=arm_push", f"store={store}", f"out={run}", *TINY_POLICY,
-        "model.unet.down_dims=[16,32]", "model.unet.n_groups=8", "model.sampler_steps=2",
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return run
+    return train_tiny_policy("arm_push", store, run)
 
 
 def test_runtime_ticks_and_latency(push_policy, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from apps import BIN, TINY_POLICY, TINY_WM, cli, run_app
+from apps import BIN, TINY_WM, cli, run_app, train_tiny_policy
 
 from robots.runtime.report import RECORD_KEYS
 from wm.data import DemoStore
@@ -41,13 +41,7 @@ def maze(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def policy(maze, tmp_path_factory):
-    run = tmp_path_factory.mktemp("deploy") / "dp"
-    res = cli(
-        "wm-train", "model=diffusion_unet", "task=pointmaze", f"store={maze}", f"out={run}", *TINY_POLICY,
-        "model.unet.down_dims=[16,32]", "model.unet.n_groups=8", "model.sampler_steps=2",
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return run
+    return train_tiny_policy("pointmaze", maze, tmp_path_factory.mktemp("deploy") / "dp")
 
 
 @pytest.fixture(scope="module")
