@@ -96,9 +96,14 @@ def test_flagged_episodes_lose_only_their_actions(small_store):
     assert flagged.any() and (~flagged).any()
     assert torch.equal(batch["has_action"], ~flagged)
     assert batch["action"][flagged].abs().sum() == 0 and batch["action_is_pad"][flagged].all()
-    plain = WindowDataset(path, SPEC).get_batch(range(len(ds)))
-    torch.testing.assert_close(batch["action"][~flagged], plain["action"][~flagged])
-    torch.testing.assert_close(batch["action_is_pad"][~flagged], plain["action_is_pad"][~flagged])
+    labelled = WindowDataset(path, SPEC, episodes=[0, 2, 4])
+    plain = labelled.get_batch(range(len(labelled)))
+    torch.testing.assert_close(batch["action"][~flagged], plain["action"])
+    torch.testing.assert_close(batch["action_is_pad"][~flagged], plain["action_is_pad"])
+    # a plain dataset read the flagged episodes' stored actions as labels, without a word
+    with pytest.raises(SchemaError, match=r"episodes \[1, 3\] are flagged action_free: their actions are no"):
+        WindowDataset(path, SPEC)
+    assert len(WindowDataset(path, WindowSpec({"img": (0,)}))) > len(labelled)  # frames only: all of them
     with pytest.raises(ValueError, match=r"episodes \[7\] out of range"):
         flag_action_free(path, [7])
     with pytest.raises(ValueError, match="episode must be a whole number, got 0.5"):  # it flagged episode 0

@@ -61,8 +61,15 @@ class BatchedDataset(Dataset, ABC):
         return [{k: v[b] for k, v in batch.items()} for b in range(len(indices))]
 
 
+ACTION_FREE = "action_free"  # episode info flag: this episode's actions must not be trained on
+
+
 class WindowDataset(BatchedDataset):
-    """Windows from the store at `path`, for the episodes given (all by default)."""
+    """Windows from the store at `path`, for the episodes given (all by default). Episodes flagged
+    action-free (`flag_action_free`) are refused where the windows read actions: theirs are no labels
+    (`wm.data.mixture.ActionFreeWindows` reads them as such)."""
+
+    masks_flagged_actions = False  # (ActionFreeWindows: True)
 
     def __init__(
         self,
@@ -104,6 +111,14 @@ class WindowDataset(BatchedDataset):
             bad = [e for e in self.episodes if not 0 <= e < store.n_episodes]
             if bad:
                 raise IndexError(f"{self.path}: episodes {bad} out of range ({store.n_episodes} episodes)")
+            if "action" in spec.offsets and not self.masks_flagged_actions:
+                flagged = [e for e in self.episodes if store.episode_info(e).get(ACTION_FREE)]
+                if flagged:  # (their stored actions were read as labels)
+                    raise SchemaError(
+                        f"{self.path}: episodes {flagged[:10]}{' ...' if len(flagged) > 10 else ''} are "
+                        f"flagged {ACTION_FREE}: their actions are no labels; read them with "
+                        "wm.data.mixture.ActionFreeWindows, or leave them out (episodes=)"
+                    )
             self.index = build_index(self.episode_ends, spec, self.episodes)
             self.image_keys = [k for k in spec.offsets if self.schema.keys[k].kind == "image"]
             for key in self.image_keys:

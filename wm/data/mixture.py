@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from wm.data.augment import AugmentConfig
-from wm.data.dataset import BatchedDataset, WindowDataset
+from wm.data.dataset import ACTION_FREE, BatchedDataset, WindowDataset
 from wm.data.errors import NotAStoreError, SchemaError
 from wm.data.ops import copy_episodes, keep_episodes
 from wm.data.schema import KeySpec
@@ -40,7 +40,6 @@ from wm.data.windows import WindowSpec, build_index, whole_number, why_no_window
 from wm.feature_cache import cache_info
 from wm.seeding import derived_rng
 
-ACTION_FREE = "action_free"  # episode info flag: this episode's actions must not be trained on
 HAS_ACTION = "has_action"
 SOURCE = "source"
 
@@ -72,6 +71,8 @@ class ActionFreeWindows(WindowDataset):
     Windows are anchored as `spec` allows, as if the missing keys were there. `self.spec` holds the keys
     read from the store, `self.model_spec` every key of the batch.
     """
+
+    masks_flagged_actions = True  # their actions are zeros with action_is_pad, has_action False
 
     def __init__(
         self,
