@@ -207,6 +207,23 @@ class TickLog:
     def __len__(self) -> int:
         return self._n
 
+    def column(self, name: str) -> np.ndarray:
+        """One number of every tick so far, (n,): a time (nominal, started, captured, sent_at, due), chunk,
+        index, sent (a command was sent) or intervention; what the report reads, without a record a
+        tick (rebuilding them took seconds after a long episode, and the memory the columns save)."""
+        if name in self._FLOATS:
+            return self._floats[: self._n, self._FLOATS.index(name)]
+        if name in ("chunk", "index"):
+            return self._ints[: self._n, ("chunk", "index").index(name)]
+        return self._flags[: self._n, ("sent", "intervention").index(name)]
+
+    def commands(self) -> np.ndarray | None:
+        """(n, *command shape) the commands sent (rows of ticks that sent none are zeros), or None when
+        none was sent or their shapes differ."""
+        if self._commands is None or self._commands.dtype == object:
+            return None
+        return self._commands[: self._n]
+
     def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
             return [self._record(j) for j in range(*i.indices(self._n))]

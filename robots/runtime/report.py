@@ -59,8 +59,16 @@ def _jumps(out: EpisodeOutcome) -> tuple[np.ndarray, np.ndarray]:
     consecutive ticks only: a tick that sent none of a chunk's actions (a human's, a hold) parts the
     actions before it from those after (taken as one sequence, a takeover's ten ticks read as one seam)."""
     seams, within = [np.zeros(0)], [np.zeros(0)]
+    commands, chunk = out.ticks.commands(), out.ticks.column("chunk")
+    if commands is not None:  # from the columns: the runs of consecutive ticks that sent a chunk's action
+        at = np.flatnonzero(out.ticks.column("sent") & (chunk != NO_CHUNK))
+        for run in np.split(at, np.flatnonzero(np.diff(at) != 1) + 1):
+            s, w = seam_jumps(commands[run], chunk[run])
+            seams.append(s)
+            within.append(w)
+        return np.concatenate(seams), np.concatenate(within)
     run: list[tuple[np.ndarray, int]] = []
-    for t in [*out.ticks, None]:
+    for t in [*out.ticks, None]:  # (commands of several shapes: never on one robot)
         if t is not None and t.command is not None and t.chunk != NO_CHUNK:
             run.append((t.command, t.chunk))
             continue
@@ -98,7 +106,7 @@ def _figures(
         "stale_actions_dropped": int(sum(c.dropped_stale for c in out.chunks)),
         "skipped_actions": out.skipped,
         "underruns": out.underruns,
-        "intervention_ticks": sum(t.intervention for t in ticks),
+        "intervention_ticks": int(ticks.column("intervention").sum()),
         "safety_events": {k: int(v) for k, v in out.events.items() if v},
         "seam_jump_max": float(seams.max()) if len(seams) else None,
         "within_jump_p99": _pct(within, 99),
@@ -127,7 +135,7 @@ class EpisodeDigest:
 def digest(out: EpisodeOutcome) -> EpisodeDigest:
     """`out` reduced to what `run_report` and `write_report` read."""
     sent = [c for c in out.chunks if c.first_sent is not None]
-    err = np.array([(t.started - t.nominal) * 1e3 for t in out.ticks], float)
+    err = (out.ticks.column("started") - out.ticks.column("nominal")) * 1e3
     latency = np.array([(c.obs_time, (c.first_sent - c.obs_time) * 1e3) for c in sent], float).reshape(-1, 2)
     inf = np.array([c.seconds * 1e3 for c in out.chunks if np.isfinite(c.seconds)], float)
     jumps = _jumps(out)
