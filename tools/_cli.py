@@ -20,7 +20,6 @@ which is also where the explanation of a missing required value comes from.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import copy
 import errno
@@ -133,12 +132,21 @@ def _redeliver_lost() -> None:
     def redeliver(unraisable: Any) -> None:
         signum = getattr(unraisable.exc_value, "signum", None)
         if isinstance(unraisable.exc_value, KeyboardInterrupt) and signum is not None:
-            threading.Timer(REDELIVER_AFTER_S, _thread.interrupt_main, (signum,)).start()
+            threading.Timer(REDELIVER_AFTER_S, _signal_main, (signum,)).start()
             return
         hook(unraisable)
 
     redeliver.redelivers_interrupts = True  # type: ignore[attr-defined]
     sys.unraisablehook = redeliver
+
+
+def _signal_main(signum: int) -> None:
+    """The signal again, to the main thread, while `interrupt` still handles it: a real signal, which
+    also ends a wait the main thread is blocked in (`_thread.interrupt_main` only set Python's flag: a
+    sleep, a join or a socket wait ran to its end first, or forever); once the work is over and the
+    handler gone, nothing (the default action would end the process where it stands)."""
+    if signal.getsignal(signum) is interrupt:
+        signal.pthread_kill(threading.main_thread().ident or 0, signum)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import enum
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -263,9 +264,10 @@ def _scalar(tp: type, value: Any, path: str = "") -> tuple[bool, Any]:
 
 def _reads_as(text: str, value: float) -> bool:
     try:
-        return float(text) == value
+        typed = float(text)
     except ValueError:
         return False
+    return typed == value or (math.isnan(typed) and math.isnan(value))  # (token=NaN became "nan")
 
 
 def _sequence(tp: Any, value: Any, path: str) -> list | tuple:
