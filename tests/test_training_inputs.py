@@ -272,3 +272,18 @@ def test_a_feature_cache_that_cannot_be_written_says_how_to_train_without_it(tmp
         "feature_cache=off (the encoder then runs on every batch), or from a copy of the store in a writable "
         "folder"
     )
+
+
+def test_no_training_windows_says_when_the_held_out_episodes_have_them(tmp_path):
+    """Four imported episodes of 5, 1, 30 and 1 steps: the one long enough was drawn for validation, and
+    the error named only the three short ones, not the way on."""
+    val = split_episodes(4, 0.1, 0)[1]
+    lengths = [3] * 4
+    lengths[val[0]] = 40
+    store = write_store(tmp_path / "short.zarr", lengths)
+    with pytest.raises(ValueError) as e:
+        setup_training("dino_wm", store, TINY, val_ratio=0.1)
+    assert str(e.value).startswith(f"no windows to train on: {store}: 3 episode(s) of 3..3 steps;")
+    assert str(e.value).endswith(
+        f"; held out for validation, episode(s) {val} would give some: val_ratio=0 trains on every episode"
+    )
