@@ -755,6 +755,22 @@ def test_carried_schema_has_no_store_format_version(small_store, tmp_path, monke
     assert schema.format_version == 1 and set(schema.keys) == {"img", "state", "action"}
 
 
+def test_an_export_whose_metadata_lerobots_tools_dropped_is_said(small_store, tmp_path, caplog):
+    """lerobot's delete_episodes and merge_datasets rewrite info.json without our metadata: converted
+    back, the action space read as absolute and units and key names were gone, without a word."""
+    path, _ = small_store
+    out = store_to_lerobot(path, tmp_path / "lr")
+    info_path = out / "meta/info.json"
+    info = json.loads(info_path.read_text())
+    del info["wm_stack"]
+    info_path.write_text(json.dumps(info))
+    lerobot_to_store(out, tmp_path / "back.zarr")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "exported by wm-convert (column 'wm_stack/info' in meta/episodes/" in said[0]
+    assert said[0].endswith("its wm_stack metadata is gone (edited with lerobot's tools?): keys, units and "
+                            "the action space are inferred, and may not be the original's")  # fmt: skip
+
+
 def test_carried_metadata_that_no_longer_fits_is_ignored_with_a_warning(small_store, tmp_path, caplog):
     path, _ = small_store
     out = store_to_lerobot(path, tmp_path / "lr")

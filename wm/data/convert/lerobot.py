@@ -42,6 +42,7 @@ import numpy as np
 
 from wm.data.convert.lerobot_meta import (
     BOOKKEEPING,
+    EXACT_PREFIX,
     SUCCESS,
     ExportPlan,
     carried_episode_info,
@@ -233,8 +234,8 @@ def _schema_from_info(
     keys: dict[str, KeySpec] = {}
     features: dict[str, str] = {}
     for name, ft in info["features"].items():
-        if name in BOOKKEEPING:
-            continue
+        if name in BOOKKEEPING or name.startswith(EXACT_PREFIX):  # (our export's exact timestamps: without
+            continue  # the carried schema, the dataset's own timestamp stands for them)
         dtype = str(ft.get("dtype"))
         if dtype == "string":
             warn(f"{src}: LeRobot string feature {name!r} is not copied")

@@ -209,6 +209,13 @@ def read_carried(src: Path, info: dict[str, Any]) -> tuple[Schema, dict[str, str
     has none or it no longer matches the dataset's features (a warning says why)."""
     meta = info.get(META_KEY)
     if meta is None:
+        mark = _our_mark(src, info)
+        if mark:  # (lerobot's delete_episodes / merge_datasets rewrite info.json without it: a delta
+            warn(  # action space read back as absolute, units and key names gone, without a word)
+                f"{src}/meta/info.json: this dataset was exported by wm-convert ({mark}) but its {META_KEY} "
+                "metadata is gone (edited with lerobot's tools?): keys, units and the action space are "
+                "inferred, and may not be the original's"
+            )
         return None
     try:
         if int(meta.get("version", 0)) > META_VERSION:
@@ -220,6 +227,23 @@ def read_carried(src: Path, info: dict[str, Any]) -> tuple[Schema, dict[str, str
         warn(f"{src}/meta/info.json: the {META_KEY} metadata does not fit this dataset ({e}); inferring keys")
         return None
     return schema, names
+
+
+def _our_mark(src: Path, info: dict[str, Any]) -> str | None:
+    """What shows the dataset at `src` was written by `store_to_lerobot`: an exact-values feature, or the
+    episode info column of meta/episodes; None when neither is there."""
+    ours = sorted(f for f in info.get("features", {}) if f.startswith(EXACT_PREFIX))
+    if ours:
+        return f"feature {ours[0]!r}"
+    import pyarrow.parquet as pq
+
+    for p in sorted((src / "meta" / "episodes").glob("*/*.parquet"))[:1]:
+        try:
+            if EPISODE_INFO_COLUMN in pq.read_schema(p).names:
+                return f"column {EPISODE_INFO_COLUMN!r} in {p.relative_to(src)}"
+        except (OSError, ValueError):  # (a damaged file is said where the episodes are read)
+            return None
+    return None
 
 
 def _check_carried(schema: Schema, names: dict[str, str], features: dict[str, Any]) -> None:
