@@ -90,6 +90,19 @@ def _scheduling_kept():
         pytest.fail(f"the test left pytest's thread at (policy, priority) {now}, not {_SCHEDULING}")
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_kept():
+    """A test leaves the process's signal handlers as it found them: an app run in this process installs
+    its own (wm-collect's Ctrl-C and SIGTERM handlers stay, as in the process they are made for), and a
+    later test then met them instead of Python's."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {s: signal.getsignal(s) for s in signals}
+    yield
+    for s, handler in before.items():
+        if handler is not None and signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny tensors: as fast, and it cannot stall in OpenMP barriers
