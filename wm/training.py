@@ -297,21 +297,21 @@ def check_training_windows(
 ) -> None:
     """`check_windows` of the training episodes of the store and, when batches draw from it, of the
     video store."""
+    with DemoStore.open(store_path) as store:
+        lengths = store.episode_lengths()
+    fits = lengths >= min_episode_length(spec)  # (per episode: as `build_index` of it alone)
     try:
         check_windows(store_path, spec, train_eps)
     except ValueError as e:  # (the only long episode drawn for validation: nothing said so)
-        with DemoStore.open(store_path) as store:
-            ends, n = store.episode_ends, store.n_episodes
-        held = [e for e in range(n) if e not in set(train_eps) and len(build_index(ends, spec, [e]))]
+        trained = set(train_eps)
+        held = [e for e in range(len(lengths)) if e not in trained and fits[e]]
         if not held:
             raise
         raise ValueError(
             f"{e}; held out for validation, episode(s) {held[:5]} would give some: val_ratio=0 trains on "
             "every episode"
         ) from None
-    with DemoStore.open(store_path) as store:
-        lengths = store.episode_lengths()
-    short = [e for e in train_eps if lengths[e] < min_episode_length(spec)]
+    short = [e for e in train_eps if not fits[e]]
     if short:  # (they were dropped without a word; a validation episode's note said it)
         which = ", ".join(f"{e} ({lengths[e]} steps)" for e in short[:5]) + (
             f" and {len(short) - 5} more" if len(short) > 5 else ""

@@ -157,12 +157,14 @@ class TickLog:
     `TickRecord`s (an index, a slice, iteration), rebuilt on each read."""
 
     _FLOATS = ("nominal", "started", "captured", "sent_at", "due")
+    _INTS = ("chunk", "index")
+    _FLAGS = ("sent", "intervention")  # a command was sent, a human's tick
 
     def __init__(self) -> None:
         self._n, self._cap = 0, 0
         self._floats = np.zeros((0, len(self._FLOATS)))
-        self._ints = np.zeros((0, 2), np.int64)  # chunk, index
-        self._flags = np.zeros((0, 2), bool)  # a command was sent, a human's tick
+        self._ints = np.zeros((0, len(self._INTS)), np.int64)
+        self._flags = np.zeros((0, len(self._FLAGS)), bool)
         self._commands: np.ndarray | None = None  # (cap, *command shape), its dtype: the first's
         self._events: dict[int, tuple[str, ...]] = {}  # the ticks that had any
 
@@ -213,9 +215,9 @@ class TickLog:
         tick (rebuilding them took seconds after a long episode, and the memory the columns save)."""
         if name in self._FLOATS:
             return self._floats[: self._n, self._FLOATS.index(name)]
-        if name in ("chunk", "index"):
-            return self._ints[: self._n, ("chunk", "index").index(name)]
-        return self._flags[: self._n, ("sent", "intervention").index(name)]
+        if name in self._INTS:
+            return self._ints[: self._n, self._INTS.index(name)]
+        return self._flags[: self._n, self._FLAGS.index(name)]
 
     def commands(self) -> np.ndarray | None:
         """(n, *command shape) the commands sent (rows of ticks that sent none are zeros), or None when

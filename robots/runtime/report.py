@@ -59,23 +59,15 @@ def _jumps(out: EpisodeOutcome) -> tuple[np.ndarray, np.ndarray]:
     consecutive ticks only: a tick that sent none of a chunk's actions (a human's, a hold) parts the
     actions before it from those after (taken as one sequence, a takeover's ten ticks read as one seam)."""
     seams, within = [np.zeros(0)], [np.zeros(0)]
-    commands, chunk = out.ticks.commands(), out.ticks.column("chunk")
-    if commands is not None:  # from the columns: the runs of consecutive ticks that sent a chunk's action
-        at = np.flatnonzero(out.ticks.column("sent") & (chunk != NO_CHUNK))
-        for run in np.split(at, np.flatnonzero(np.diff(at) != 1) + 1):
-            s, w = seam_jumps(commands[run], chunk[run])
-            seams.append(s)
-            within.append(w)
-        return np.concatenate(seams), np.concatenate(within)
-    run: list[tuple[np.ndarray, int]] = []
-    for t in [*out.ticks, None]:  # (commands of several shapes: never on one robot)
-        if t is not None and t.command is not None and t.chunk != NO_CHUNK:
-            run.append((t.command, t.chunk))
-            continue
-        s, w = seam_jumps([r[0] for r in run], [r[1] for r in run])
+    ticks = out.ticks
+    commands, chunk = ticks.commands(), ticks.column("chunk")
+    at = np.flatnonzero(ticks.column("sent") & (chunk != NO_CHUNK))  # the ticks that sent a chunk's action
+    for run in np.split(at, np.flatnonzero(np.diff(at) != 1) + 1):  # runs of consecutive ones
+        # (from the column; commands of several shapes, never on one robot, from their records)
+        sent = commands[run] if commands is not None else [ticks[int(j)].command for j in run]
+        s, w = seam_jumps(sent, chunk[run])
         seams.append(s)
         within.append(w)
-        run = []
     return np.concatenate(seams), np.concatenate(within)
 
 
