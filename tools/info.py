@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tools._cli import app, bind, folder, sigterm_interrupts
 from wm.data import CorruptStoreError, DemoStore, delete_episodes
 from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
-from wm.data.store import info_command
+from wm.data.store import with_damage_listed
 
 SHOWN = 6  # episodes on the contact sheet by default (configs/info.yaml)
 
@@ -182,10 +182,11 @@ def info(cfg: InfoConfig) -> int:
                 episodes = _pick_episodes(store.n_episodes, cfg.episodes, 0)
             summary = {**summarize(store), **extra}
             show(cfg, store, summary, episodes)
-    except CorruptStoreError as e:
-        if "wm-info " in str(e):  # (the store's own message names a repair or the verify)
+    except CorruptStoreError as e:  # (met reading the data: opening says it already)
+        said = with_damage_listed(e, cfg.store)
+        if said is e:
             raise
-        raise CorruptStoreError(f"{e}; list all damage with: {info_command(cfg.store, 'verify=true')}") from e
+        raise said from e
     for key in summary["keys"].values():  # what training would refuse (float frames in [0, 1] drew black)
         problem = (key["stats"] or {}).get("problem") if key["kind"] == "image" else None
         if problem:

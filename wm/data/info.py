@@ -149,7 +149,7 @@ def _image_stats(store: DemoStore, key: str, image_frames: int) -> dict[str, Any
     frames = store.read(key, sel)
     mean = frames.reshape(-1, frames.shape[-1]).mean(axis=0, dtype=np.float64)  # (not a float64 copy)
     try:
-        steps = np.arange(store.n_steps)[sel]
+        steps = np.arange(*sel.indices(store.n_steps))  # (the sampled frames' steps)
         check_scale(Path(store.path), key, frames, steps, store.episode_ends)
         problem = None
     except SchemaError as e:

@@ -309,9 +309,10 @@ class DemoStore:
         except CorruptStoreError as e:  # (a bare "has 12 steps but episodes end at 15" named no way on)
             if lock is not None:
                 lock.release()
-            if "wm-info " in str(e):  # (it names its repair already)
+            said = with_damage_listed(e, path)
+            if said is e:
                 raise
-            raise CorruptStoreError(f"{e}; list all damage with: {info_command(path, 'verify=true')}") from e
+            raise said from e
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -990,6 +991,14 @@ def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
     ).with_config(WRITE_EVERY_CHUNK)
     if records:
         entries[:] = np.array([_entry(r) for r in records], dtype=object)
+
+
+def with_damage_listed(e: CorruptStoreError, path: str | Path) -> CorruptStoreError:
+    """`e` naming the command that lists all of the store's damage, or `e` itself when it names a
+    repair (or that command) already."""
+    if "wm-info " in str(e):
+        return e
+    return CorruptStoreError(f"{e}; list all damage with: {info_command(path, 'verify=true')}")
 
 
 def info_command(path: str | Path, *overrides: str) -> str:
