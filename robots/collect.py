@@ -47,7 +47,7 @@ from robots.sim.base import Expert, SimTask
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 from wm.data import DemoStore, KeySpec, Schema, SchemaError
 from wm.data.store import json_native
-from wm.interrupt import interrupts_held
+from wm.interrupt import interrupts_held, reraise_lost
 
 LOOP_KEY = "loop_dt"  # seconds between the starts of consecutive steps, recorded per step
 OPTIONS_KEY = "task_options"  # episode info: the simulated task's options (defaults filled in)
@@ -481,6 +481,7 @@ class Collector:
         try:
             reached = self.task.send_action(command)
         except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
+            reraise_lost(e)  # an interrupt that ctypes turned into another error
             self.stats.stopped = (
                 f"{self.task.name}: the command could not be sent ({type(e).__name__}: {first_line(e)})"
             )
@@ -529,5 +530,6 @@ def _retry(read: Callable[[], Any], tries: int) -> tuple[Any, Exception | None]:
         try:
             return read(), None
         except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
+            reraise_lost(e)  # an interrupt that ctypes turned into another error
             error = e
     return None, error

@@ -613,6 +613,36 @@ def test_a_sigterm_that_lands_in_a_weakref_callback_still_interrupts():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # (put back)
 
 
+def test_a_sigterm_that_lands_in_a_foreign_call_still_interrupts():
+    """SIGTERM to wm-collect landed where ctypes converted an EGL call's arguments (pointmaze's renderer):
+    ctypes turned its KeyboardInterrupt into `ArgumentError("argument 1: KeyboardInterrupt: ")`, which
+    the app reported as a bug (exit 1 and a traceback, not 143), and which a robot read retried (the
+    interrupt lost). Any other ArgumentError is still what it was."""
+    import ctypes
+    import signal
+
+    from interrupts import interrupted_foreign_call
+
+    from robots.collect import _retry
+    from tools._cli import _guarded, sigterm_interrupts
+
+    with sigterm_interrupts():
+        with pytest.raises(KeyboardInterrupt) as e:
+            _guarded(interrupted_foreign_call(signal.SIGTERM), "")
+        assert e.value.signum == signal.SIGTERM
+        tries = []
+        with pytest.raises(KeyboardInterrupt) as e:
+            _retry(lambda: tries.append(1) or interrupted_foreign_call(signal.SIGTERM)(), 3)
+        assert e.value.signum == signal.SIGTERM and len(tries) == 1  # (not retried)
+    with pytest.raises(KeyboardInterrupt) as e:  # Ctrl-C under Python's own handler: 130
+        _guarded(interrupted_foreign_call(signal.SIGINT), "")
+    assert getattr(e.value, "signum", signal.SIGINT) == signal.SIGINT
+    call = ctypes.CDLL(None).abs
+    call.argtypes = [ctypes.c_int]
+    code, line = _guarded(lambda: call("three"), "")
+    assert code == 1 and line.startswith("error: ArgumentError: argument 1: TypeError")
+
+
 def test_ctrl_c_goes_through_the_same_handler_unless_it_is_ignored():
     import signal
 

@@ -648,6 +648,32 @@ def test_every_recorded_time_follows_one_convention():
     assert [t.sent_at for t in out.ticks] == sends
 
 
+def test_an_interrupt_in_a_foreign_call_of_a_read_or_send_stops_the_run():
+    """A signal landing where ctypes converts a renderer's EGL call's arguments comes out as an
+    ArgumentError: a read that raised it was retried (the interrupt lost, the run went on) and a send
+    that raised it ended the run as a robot fault. Both are the interrupt."""
+    import signal
+
+    from interrupts import interrupted_foreign_call
+
+    from tools._cli import sigterm_interrupts
+
+    for trips in ("get_observation", "send_action"):
+        task, rt, _ = setup("async", "replace", 4, delay=0.0, read_retries=3)
+        calls, original = [], getattr(task, trips)
+
+        def tripping(*args, original=original, calls=calls):
+            calls.append(1)
+            if len(calls) == 3:
+                interrupted_foreign_call(signal.SIGTERM)()
+            return original(*args)
+
+        setattr(task, trips, tripping)
+        with sigterm_interrupts(), pytest.raises(KeyboardInterrupt) as e:
+            rt.run_episode(20)
+        assert e.value.signum == signal.SIGTERM and len(calls) == 3, trips
+
+
 def test_reading_the_takeover_device_never_delays_a_command():
     """The device was read on the tick path before the send: a leader arm's 4 ms bus read delayed every
     command by 4 ms. It is read after the send, beside the observation, for the next tick."""

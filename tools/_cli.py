@@ -27,11 +27,10 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 import traceback
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,6 +62,7 @@ from wm.checkpoint import CheckpointError
 from wm.data.errors import StoreError
 from wm.encoders import EncoderWeightsError
 from wm.feature_cache import FeatureCacheError
+from wm.interrupt import interrupt, reraise_lost, sigterm_interrupts
 from wm.locks import BusyError
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "record_of",
     "store_path",
     "run",
+    "sigterm_interrupts",
 ]
 
 T = TypeVar("T")
@@ -101,70 +102,6 @@ class JobFailed(Exception):
 
 # What a user can cause: one line and exit status 2. Anything else is a bug (traceback, exit status 1).
 FAULT_EXIT = 3  # a fault stopped the run (wm-deploy, wm-collect): the robot holds; what was recorded is kept
-
-
-def interrupt(signum: int, frame: Any) -> None:
-    """A signal handler that interrupts as Ctrl-C does (KeyboardInterrupt, so the cleanups run), carrying
-    `signum` for the exit status: 128 + signum (143 for SIGTERM).
-
-    Python runs a handler wherever the main thread is, also inside a weakref callback, a `__del__` or a
-    garbage-collector callback, where an exception cannot propagate: Python prints "Exception ignored"
-    and the work ran on to the end (a store rewrite stopped by SIGTERM finished and exited 0). Such an
-    interrupt is delivered again (`_redeliver_lost`) a moment later, where the work can meet it."""
-    _redeliver_lost()
-    interrupted = KeyboardInterrupt()
-    interrupted.signum = signum  # type: ignore[attr-defined]
-    raise interrupted
-
-
-REDELIVER_AFTER_S = 0.005  # a lost interrupt comes again this much later, out of the callback that lost it
-
-
-def _redeliver_lost() -> None:
-    """Wrap `sys.unraisablehook` (once; again if something replaced it) so that an interrupt of
-    `interrupt`'s that Python could not raise is scheduled again. Not from the hook itself: a handler
-    tripped there would run inside the hook, where it is lost too; a timer thread trips it once the main
-    thread is back in ordinary code (if it lands in a callback again, it comes back again)."""
-    hook = sys.unraisablehook
-    if getattr(hook, "redelivers_interrupts", False):
-        return
-
-    def redeliver(unraisable: Any) -> None:
-        signum = getattr(unraisable.exc_value, "signum", None)
-        if isinstance(unraisable.exc_value, KeyboardInterrupt) and signum is not None:
-            threading.Timer(REDELIVER_AFTER_S, _signal_main, (signum,)).start()
-            return
-        hook(unraisable)
-
-    redeliver.redelivers_interrupts = True  # type: ignore[attr-defined]
-    sys.unraisablehook = redeliver
-
-
-def _signal_main(signum: int) -> None:
-    """The signal again, to the main thread, while `interrupt` still handles it: a real signal, which
-    also ends a wait the main thread is blocked in (`_thread.interrupt_main` only set Python's flag: a
-    sleep, a join or a socket wait ran to its end first, or forever); once the work is over and the
-    handler gone, nothing (the default action would end the process where it stands)."""
-    if signal.getsignal(signum) is interrupt:
-        signal.pthread_kill(threading.main_thread().ident or 0, signum)
-
-
-@contextlib.contextmanager
-def sigterm_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
-    """Within it, SIGTERM (`timeout`, SLURM, `docker stop`, `kill`; or each of `signals`) interrupts as
-    Ctrl-C does (`interrupt`: the cleanups run, exit status 128 + signum, 143 for SIGTERM) instead of
-    ending the process where it stood, a staging folder or a half-written store left behind; the handlers
-    before it come back after. Ctrl-C (SIGINT) goes through `interrupt` too, so that one landing in a
-    callback is not lost either, unless something other than Python's own handler has it (an ignored
-    SIGINT, as background jobs of non-interactive shells inherit, stays ignored)."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        signals = tuple(s for s in signals if s != signal.SIGINT)
-    before = {s: signal.signal(s, interrupt) for s in signals}
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
 
 
 USER_ERRORS = (
@@ -380,6 +317,7 @@ def _guarded(fn: Callable[[], int | None], label: str) -> tuple[int, str]:
         _quiet_stdout()
         return 128 + signal.SIGPIPE, ""
     except Exception as e:
+        reraise_lost(e)  # an interrupt ctypes turned into another error
         if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS):
             line = f"error: {label}{_one_line(e)}"
             _report(e, line.removeprefix("error: "))

@@ -24,6 +24,7 @@ import numpy as np
 from robots.real.lerobot_arm import first_line
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 from robots.teleop.mapping import robot_gains, robot_mapper
+from wm.interrupt import reraise_lost
 
 
 class Takeover:
@@ -59,6 +60,7 @@ class Takeover:
         try:
             state = self.device.poll()
         except Exception as e:  # noqa: BLE001 - unplugged: the controller keeps (or takes back) the robot
+            reraise_lost(e)  # an interrupt that ctypes turned into another error
             self.failures += 1
             if self.active and self.failures < self.max_failures and last is not None:
                 # a glitch (a corrupt status packet on a leader arm's bus): the operator keeps the robot,

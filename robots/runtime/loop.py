@@ -32,6 +32,7 @@ from robots.runtime.realtime import QuietGC, check
 from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer, Watchdog
 from robots.runtime.schedule import STITCHING, Chunk, Timeline
 from robots.runtime.worker import Reply, Request, ResetStopped, WorkerDied
+from wm.interrupt import reraise_lost
 
 # (observation, the last command sent or None) -> a human's action, or None: the controller's tick
 TakeoverFn = Callable[[Mapping[str, np.ndarray], "np.ndarray | None"], "np.ndarray | None"]
@@ -469,6 +470,7 @@ class Runtime:
                 try:
                     command = self._send(safety, command)
                 except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
+                    reraise_lost(e)  # an interrupt that ctypes turned into another error
                     out.events["send_failed"] += 1
                     events.append("send_failed")
                     out.stopped = (
@@ -568,6 +570,7 @@ class Runtime:
                 self._read_streak = 0
                 return began - max(0.0, float(getattr(self.robot, "observation_lag_s", 0.0))), obs
             except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
+                reraise_lost(e)  # an interrupt that ctypes turned into another error
                 err = e
         out.events["read_failed"] += 1
         self._read_streak += 1
@@ -599,6 +602,7 @@ class Runtime:
             try:
                 command = self._send(safety, command)
             except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
+                reraise_lost(e)  # an interrupt that ctypes turned into another error
                 out.stopped = out.stopped or f"{self.robot.name}: could not send the hold command ({e})"
                 command = None
         out.events["hold"] += 1
