@@ -643,6 +643,25 @@ def test_a_sigterm_that_lands_in_a_foreign_call_still_interrupts():
     assert code == 1 and line.startswith("error: ArgumentError: argument 1: TypeError")
 
 
+@pytest.mark.parametrize("name", ["wm-info", "wm-train"])
+def test_ctrl_c_while_an_app_loads_is_an_interrupt_not_a_traceback(name, tmp_path):
+    """Ctrl-C in the first second or two of a command (torch, mujoco and Hydra loading) printed the
+    traceback of whichever import it landed in and exited 1."""
+    import signal
+    import time
+
+    from apps import BIN
+
+    proc = subprocess.Popen(
+        [str(BIN / name), "--help"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.3)  # the interpreter is up (its SIGINT handler set); the app's modules are loading
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "interrupted\n", err
+    assert "Traceback" not in err and out == ""
+
+
 def test_ctrl_c_goes_through_the_same_handler_unless_it_is_ignored():
     import signal
 
