@@ -215,6 +215,26 @@ def test_a_batch_of_one_draws_anew_every_epoch(small_store, video_store):
     assert torch.equal(again["anchor"], mixed.get_batch([7, 2])["anchor"])  # reproducible within an epoch
 
 
+def test_the_epoch_reaches_persistent_workers(small_store, video_store):
+    """The trainer set the epoch on the dataset in its own process, which a persistent worker (made
+    once, with the dataset as it was then) never saw: every epoch drew epoch 0's windows. The epoch
+    goes out with each batch's indices (`loader.sampler.set_epoch`)."""
+    labelled = WindowDataset(small_store[0], SPEC)
+    video = ActionFreeWindows(video_store[0], SPEC, action_shape=(2,))
+    mixed = MixedWindows(labelled, video, video_ratio=0.5, seed=0)
+
+    def drawn(loader, epoch: int) -> list[tuple[int, int]]:
+        loader.sampler.set_epoch(epoch)
+        return [(int(b["episode"]), int(b["anchor"])) for b in loader]
+
+    here = make_loader(mixed, 1, shuffle=False)  # the same indices every epoch: only the draw differs
+    workers = make_loader(mixed, 1, shuffle=False, num_workers=1, persistent_workers=True)
+    assert workers.persistent_workers
+    first, second = drawn(workers, 0), drawn(workers, 1)
+    assert first != second
+    assert (first, second) == (drawn(here, 0), drawn(here, 1))
+
+
 def test_missing_proprio_is_padded_only_when_allowed(small_store, tmp_path):
     lpath = small_store[0]
     vpath, _ = write_store(tmp_path / "noproprio.zarr", range(100, 103), drop=("action", "state"))

@@ -129,7 +129,7 @@ def test_the_training_set_is_told_each_epoch(store_path, tmp_path):
     data = EpochRecording(store_path, SPEC)
     data.epochs = []
     make_trainer(data, tmp_path, steps=20).fit()  # 256 windows, 8 batches of 32 an epoch
-    assert data.epochs == [0, 1, 2]
+    assert data.epochs == [0] * 8 + [1] * 8 + [2] * 4  # (with each batch)
 
 
 def full_loss(model: nn.Module, dataset: WindowDataset) -> float:

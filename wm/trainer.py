@@ -450,11 +450,7 @@ class Trainer:
         """Endless batches on the device, epoch after epoch (reshuffling DDP shards each epoch, and telling
         a dataset that draws its own windows, `MixedWindows`, which epoch it is in)."""
         while True:
-            sampler = getattr(self.loader.sampler, "sampler", None)
-            data = getattr(self.loader.dataset, "dataset", None)  # the training set (`make_loader` wraps it)
-            for each in (sampler, data):
-                if hasattr(each, "set_epoch"):
-                    each.set_epoch(self.epoch)
+            self.loader.sampler.set_epoch(self.epoch)  # `ResumableBatches`
             self._epoch_start = self.loader.generator.get_state()
             self.loader.sampler.skip = self._epoch_batches = self._skip  # `ResumableBatches`
             self._skip = 0

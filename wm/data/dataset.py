@@ -243,19 +243,30 @@ class WithFrames(BatchedDataset):
 class ResumableBatches(BatchSampler):
     """A BatchSampler whose next pass leaves out its first `skip` batches (their indices are drawn, no
     data is read for them): a resumed training run continues the epoch where its checkpoint left it,
-    with the batches an uninterrupted run would have drawn."""
+    with the batches an uninterrupted run would have drawn. Each batch's indices go out with the epoch
+    they belong to (`set_epoch`), so a dataset that draws its own windows (`MixedWindows`) learns it in
+    whichever process builds the batch: set on the dataset in the trainer's process, it never reached a
+    persistent worker, which drew epoch 0's windows for the whole run."""
 
     skip = 0
+    epoch: int | None = None  # None until set: a dataset's own epoch (`MixedWindows.set_epoch`) stands
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next passes: the batches' datasets get it, and a DDP shard reshuffles."""
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[tuple[int | None, list[int]]]:  # type: ignore[override]
         skip, self.skip = self.skip, 0
         for i, batch in enumerate(super().__iter__()):
             if i >= skip:
-                yield batch
+                yield self.epoch, batch
 
 
 class _Batches(Dataset):
-    """A view whose items are whole batches: item `indices` is `dataset.get_batch(indices)`."""
+    """A view whose items are whole batches: item (`epoch`, `indices`) is `dataset.get_batch(indices)`
+    of that epoch."""
 
     def __init__(self, dataset: WindowDataset) -> None:
         self.dataset = dataset
@@ -263,7 +274,10 @@ class _Batches(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: tuple[int | None, Sequence[int]]) -> dict[str, torch.Tensor]:
+        epoch, indices = item  # (`ResumableBatches`)
+        if epoch is not None and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
         return self.dataset.get_batch(indices)
 
 
@@ -288,8 +302,9 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader that builds each batch with one `get_batch` call (no per-sample split and re-stack),
     shuffled with a seeded generator so every epoch's order differs but a run is reproducible.
-    With `world_size > 1` (DDP) each rank reads its own shard; call `loader.sampler.sampler.set_epoch(e)`
-    (done by the trainer) so shards reshuffle every epoch."""
+    Call `loader.sampler.set_epoch(e)` before each epoch (the trainer does): with `world_size > 1` (DDP)
+    each rank reads its own shard, reshuffled every epoch, and a dataset that draws its own windows
+    (`MixedWindows`) draws anew."""
     counts = {"num_workers": num_workers, "rank": rank, "world_size": world_size, "seed": seed}
     num_workers, rank, world_size, seed = (whole_number(k, v) for k, v in counts.items())
     if num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:  # rank 1 of 1 read rank 0's shard
