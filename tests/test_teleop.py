@@ -305,6 +305,19 @@ def test_a_non_finite_gamepad_reading_is_held_never_turned_into_a_command():
         assert np.isnan(action[-1]), mode  # never a finite open (-1)
 
 
+def test_an_infinite_reading_is_never_a_confident_command():
+    """A device reading +inf (or -inf) for its gripper was clipped before its check: a confident "close"
+    (or "open"), where a NaN is held; an infinite motion axis was a full-deflection step."""
+    feature = Feature((7,), "float32", "action", low=(-1.0,) * 6 + (0.0,), high=(1.0,) * 6 + (0.08,))
+    space = ActionSpace(mode="delta", frame="ee")
+    for mode in ("binary", "continuous"):
+        for inf in (float("inf"), -float("inf")):
+            state = TeleopState(motion=np.array([inf, 0, 0, 0, 0, 0]), gripper=inf)
+            action = ActionMapper(gripper=mode)(state, feature, space)
+            assert np.isnan(action[-1]), (mode, inf, action)  # held by the safety layer
+            assert np.isnan(action[:6]).sum() == 1 and np.count_nonzero(np.nan_to_num(action[:6])) == 0
+
+
 def test_device_number_options_must_be_finite():
     """full_scale=nan made a SpaceMouse report NaN motion; hold_s=inf kept one key tap moving forever
     (nan: no key moved); both were accepted by wm-collect and by the devices."""
@@ -328,6 +341,23 @@ def test_device_number_options_must_be_finite():
             CollectConfig(
                 task="pointmaze", store="x.zarr", teleop="spacemouse", command_options={"hold_s": value}
             )
+
+
+@pytest.mark.parametrize(
+    ("teleop", "gains", "said"),
+    [
+        ("leader_arm", {"translation_gain": 0.1, "gripper": "binary"}, "gains.gripper, gains.trans"),
+        ("keyboard", {"joint_scale": [2.0] * 6}, "gains.joint_scale"),
+    ],
+)
+def test_gains_the_device_does_not_use_are_refused(teleop, gains, said):
+    """A leader arm at gains.translation_gain=0.1 (to slow the follower) still moved it 1:1: the mapping
+    of joints never reads the motion gains, nor that of motion the joint ones; both were accepted."""
+    from tools._config import UsageError
+    from tools.collect import CollectConfig
+
+    with pytest.raises(UsageError, match=rf"^{re.escape(said)}\w*: teleop={teleop} does not use them \("):
+        CollectConfig(task="pointmaze", store="x.zarr", teleop=teleop, gains=gains)
 
 
 def test_a_device_option_that_is_a_function_is_refused_from_the_command_line():
@@ -842,6 +872,27 @@ def test_a_takeover_keeps_the_gripper_as_the_controller_left_it_until_the_operat
     assert at(0.42)[-1] == -1.0  # toggled again: open, as the operator asked
     assert at(0.6) is None  # handed back
     assert at(0.8)[-1] == 1.0 and not takeover.owns_gripper  # a new takeover keeps the controller's again
+    dev.disconnect()
+
+
+def test_a_trigger_squeezed_slowly_takes_the_gripper():
+    """The operator got the gripper only for a reading that moved by more than the deadband between two
+    polls: a trigger squeezed over two seconds at 30 Hz (0.03 a tick) never closed the gripper, which
+    stayed as the controller left it with the trigger fully pressed."""
+    from robots.runtime.intervention import Takeover
+
+    feature = Feature((7,), "float32", "action", low=(-1.0,) * 6 + (0.0,), high=(1.0,) * 6 + (0.08,))
+    space = ActionSpace(mode="delta", frame="ee")
+    mapper = ActionMapper(gripper="continuous")
+    ticks = 60
+    batches = [[GamepadEvent("axis", 1, -1.0)]]  # the left stick forward: the operator takes over
+    batches += [[GamepadEvent("axis", 5, -1.0 + 2.0 * k / ticks)] for k in range(1, ticks + 1)]
+    dev = _gamepad(batches + [[]])
+    takeover = Takeover(dev, lambda state, obs: mapper(state, feature, space), gripper="continuous")
+    last = np.zeros(7)  # the controller left the gripper open
+    for _ in range(len(batches) + 1):
+        last = takeover({}, last)
+    assert last[-1] == pytest.approx(0.08) and takeover.owns_gripper  # closed, as the trigger says
     dev.disconnect()
 
 

@@ -15,6 +15,7 @@ from robots.registry import device_class
 from tools._cli import UsageError, build, check
 
 DEFAULT_COMMAND_DEVICE = "keyboard"  # wm-collect's and wm-deploy's command_device unless given
+JOINT_GAINS = ("joint_scale", "joint_offset")  # the gains a leader arm's mapping reads; motion reads the rest
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,17 @@ class DeviceSettings:
         cls = device_class(self.teleop)
         _finite(check(cls, dict(self.device_options), "device_options"), "device_options")
         build(ActionMapper, dict(self.gains), "gains")
+        joints = hasattr(cls, "check_drives")  # a leader arm: joint targets, no motion
+        unused = sorted(k for k in self.gains if (k in JOINT_GAINS) != joints)
+        if unused:  # (accepted, and the mapping never read them: a leader arm at gains.translation_gain=0.1
+            raise UsageError(  # still moved the follower 1:1)
+                f"gains.{', gains.'.join(unused)}: teleop={self.teleop} does not use them ("
+                + (
+                    f"a leader arm's joints map through {' / '.join(JOINT_GAINS)} alone)"
+                    if joints
+                    else f"{' / '.join(JOINT_GAINS)} convert a leader arm's joints)"
+                )
+            )
         if not takes_command_device(cls):  # its own buttons start and end episodes
             if self.command_options or self.command_device not in (None, DEFAULT_COMMAND_DEVICE):
                 raise UsageError(

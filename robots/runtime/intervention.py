@@ -53,7 +53,7 @@ class Takeover:
         self.latched = False
         self.active = False  # the operator had the robot on the last poll
         self.owns_gripper = False  # the operator changed the gripper during this takeover
-        self._grip: float | None = None  # the device's gripper reading at the last poll
+        self._grip: float | None = None  # the gripper reading at the takeover's start (before: the last poll)
         self.failures = 0  # polls in a row that raised
 
     def __call__(self, obs: Mapping[str, np.ndarray], last: np.ndarray | None = None) -> np.ndarray | None:
@@ -92,13 +92,16 @@ class Takeover:
         return action
 
     def _gripper_changed(self, state: TeleopState) -> bool:
-        """Whether the device's gripper reading changed since the last poll, as the mapper reads it:
-        across 0 for a binary gripper, by more than `deadband` for a continuous one; NaN always."""
+        """Whether the device's gripper reading, as the mapper reads it (across 0 for a binary gripper),
+        moved by more than `deadband` from where it was when the takeover began (until then, from the
+        poll before); NaN always. Against the takeover's start, not the last poll: a trigger squeezed
+        slowly (under `deadband` a tick: over about 1.3 s at 30 Hz) never took the gripper."""
         g = -1.0 if state.gripper is None else float(state.gripper)
         if self.gripper == "binary" and np.isfinite(g):
             g = 1.0 if g > 0 else -1.0
-        before, self._grip = self._grip, g
-        changed = before is not None and not (abs(g - before) <= self.deadband)  # (NaN: changed)
+        changed = self._grip is not None and not (abs(g - self._grip) <= self.deadband)  # (NaN: changed)
+        if not self.active or self._grip is None:  # (the controller drives: it follows the device)
+            self._grip = g
         return changed
 
     def close(self) -> Any:

@@ -110,7 +110,8 @@ class ActionMapper:
     # ------------------------------------------------------------------ pieces
     def motion_step(self, state: TeleopState) -> np.ndarray:
         """(6,) step: permuted, signed, clipped device motion times the gains."""
-        motion = np.clip(np.asarray(state.motion, dtype=np.float64).reshape(6), -1.0, 1.0)
+        motion = np.asarray(state.motion, dtype=np.float64).reshape(6)  # (an infinite reading: NaN, held)
+        motion = np.where(np.isfinite(motion), np.clip(motion, -1.0, 1.0), np.nan)
         m = np.asarray(self.axis_sign, dtype=np.float64) * motion[list(self.axis_order)]
         m[:3] *= self.translation_gain
         m[3:] *= self.rotation_gain
@@ -119,9 +120,10 @@ class ActionMapper:
     def gripper_value(self, state: TeleopState, low: float | None, high: float | None) -> float:
         """The gripper dimension's value; NaN for a non-finite reading (never a confident "open"), which
         the safety layer refuses to send."""
-        g = -1.0 if state.gripper is None else float(np.clip(state.gripper, -1.0, 1.0))
-        if not np.isfinite(g):
+        g = -1.0 if state.gripper is None else float(state.gripper)
+        if not np.isfinite(g):  # (before the clip: an infinite reading was a confident open or close)
             return float("nan")
+        g = min(max(g, -1.0), 1.0)
         if self.gripper == "binary":
             g = 1.0 if g > 0 else -1.0
         if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
