@@ -96,6 +96,15 @@ class _SamplingConfig(_PlannerConfig):
         warm_ok = self.warm_std is None or self.warm_std > 0
         if not 0 <= self.min_std <= self.max_std or not self.init_std > 0 or not warm_ok:
             raise ValueError(f"need init_std, warm_std > 0 and 0 <= min_std <= max_std, got {self}")
+        for name in ("init_std", "warm_std"):  # the first iteration samples at it, unclamped
+            value = getattr(self, name)
+            if value is not None and not self.min_std <= value <= self.max_std:
+                raise ValueError(
+                    f"{name} {value} is outside min_std..max_std ({self.min_std}..{self.max_std}), the floor "
+                    "and ceiling of the sampling spread"
+                )
+        if self.include_mean and self.samples < 2:  # (the mean overwrote the only sample)
+            raise ValueError("samples must be >= 2 with include_mean (sample 0 is the mean: no search)")
 
     @property
     def max_iterations(self) -> int:
@@ -265,8 +274,9 @@ class _Planner:
         low, high = action_bounds(self.cfg.low, self.cfg.high, A, like)
         boxed = low.isfinite() & high.isfinite()
         self._box = (low, high)  # in action units
-        self._center = torch.where(boxed, (low + high) / 2, torch.zeros_like(low))  # (A,)
-        self._scale = torch.where(boxed, (high - low) / 2, torch.ones_like(low))  # (A,)
+        # (halved first: bounds near the dtype's largest value overflowed to inf, and the plan was NaN)
+        self._center = torch.where(boxed, low / 2 + high / 2, torch.zeros_like(low))  # (A,)
+        self._scale = torch.where(boxed, high / 2 - low / 2, torch.ones_like(low))  # (A,)
         low, high = self._searched(low), self._searched(high)  # -1 / 1 where bounded
         if warm_start is not None and use_warm:
             if tuple(warm_start.shape) != (E, H, A):
@@ -515,7 +525,9 @@ class CEMThenGradient:
 
 def _finite(costs: torch.Tensor) -> torch.Tensor:
     """costs with +inf where they are not finite (NaN, or -inf from a broken model): such a sample is
-    never the best, never an elite while a scored one is left, and gets no weight."""
+    never the best, never an elite while a scored one is left, and gets no weight. At least fp32 (a
+    model's bf16 costs made MPPI's weights bf16, which its fp32 samples could not be averaged with)."""
+    costs = costs.to(torch.promote_types(costs.dtype, torch.float32))
     return torch.where(costs.isfinite(), costs, torch.full_like(costs, math.inf))
 
 

@@ -30,7 +30,7 @@ class GraphConfig:
     neighbors: int = 8  # shortcut candidates per node
     shortcut_quantile: float = 0.9  # shortcuts no longer than this quantile of consecutive-node distances
     lookahead: float = 2.0  # subgoal distance along the path, in typical consecutive-node steps
-    goal_reach: float = 1.0  # aim at the goal itself when it lies within this many hops' distance
+    goal_reach: float = 1.0  # aim at the goal itself within goal_reach x lookahead typical node steps
 
     def __post_init__(self) -> None:
         check_numbers(type(self), vars(self), "graph")  # neighbors=2.5 was a TypeError in topk()

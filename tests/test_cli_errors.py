@@ -466,6 +466,10 @@ def test_a_sweep_of_refused_jobs_writes_nothing_and_a_refused_job_leaves_no_fold
             "error: task_options holds none of the keys given to it; add them with "
             "+task_options={goal_mode: other_arm}",
         ),
+        (  # it ran the planner's own 6, and results.json recorded the cap as given
+            ["planner_budget.iterations=1000"],
+            "error: planner_budget.iterations=1000 caps nothing: the cem planner runs 6 iterations; raise",
+        ),
     ],
 )
 def test_hydra_and_value_errors_are_one_line(tmp_path, args, line):

@@ -563,6 +563,9 @@ def test_planner_bounds_may_narrow_the_tasks_box_never_widen_it():
         lambda: CEMConfig(samples=10, elites=20),
         lambda: CEMConfig(low=1.0, high=0.0),
         lambda: CEMConfig(warm_std=0.0),  # a warm start would never be searched around
+        lambda: CEMConfig(init_std=4.0, max_std=0.1),  # the first iteration sampled at 4, past the ceiling
+        lambda: MPPIConfig(warm_std=0.01, min_std=0.05),
+        lambda: CEMConfig(samples=1, elites=1),  # the mean overwrote the only sample: no search
         lambda: CEMConfig(low=(0.0, 0.0), high=(1.0, 1.0, 1.0)),
         lambda: MPPIConfig(temperature=0.0),
         lambda: GradConfig(init="random"),
@@ -875,3 +878,25 @@ def test_a_budget_cap_that_is_no_whole_count_is_refused(cap):
     with pytest.raises(ValueError, match="max_iterations must be an integer >= 1 or None"):
         Budget(max_iterations=cap)
     assert Budget(max_iterations=np.int64(3)).max_iterations == 3
+
+
+@pytest.mark.parametrize("name", ["cem", "mppi", "gd", "cem_gd"])
+def test_bf16_costs_and_bounds_at_the_dtypes_largest_value_still_plan(name):
+    """A model whose cost came back in bf16 made MPPI's weights bf16 (a RuntimeError against its fp32
+    samples); bounds of float32's largest magnitude (how some environments write "unbounded") overflowed
+    the box's half-width to inf and every plan was NaN, blamed on the world model."""
+
+    class Bf16Cost(PointModel):
+        def cost(self, pred, goal):
+            return super().cost(pred, goal).to(torch.bfloat16)
+
+    huge = float(np.finfo(np.float32).max)
+    cfg = CONFIGS[name]
+    stages = [s for s in ("cem", "grad") if name == "cem_gd"]  # (both its stages)
+    unbounded = dataclasses.replace(
+        cfg, **{s: dataclasses.replace(getattr(cfg, s), low=-huge, high=huge) for s in stages}
+    ) if stages else dataclasses.replace(cfg, low=-huge, high=huge)  # fmt: skip
+    for model, cfg in ((Bf16Cost(), CONFIGS[name]), (PointModel(), unbounded)):
+        z0, zg = model.encode(obs_of([[0.0, 0.0]])), model.encode(obs_of([[0.3, -0.1]]))
+        result = build_planner(cfg, model).plan(z0, zg)
+        assert result.actions.isfinite().all() and result.cost.isfinite().all(), (name, cfg)

@@ -156,7 +156,13 @@ class ControllerConfig:
         one_of("planner.name", self.planner.get("name"), list(PLANNERS))
         self._check_options_apply()
         if self.controller == "mpc":  # typed now: `planner.lr=abc` failed as a bug's traceback after the
-            self.typed_planner()  # model loaded, and `planner.return_best=no` read as true
+            most = self.typed_planner().max_iterations  # model loaded; `planner.return_best=no` read as true
+            cap = self.planner_budget.iterations
+            if cap is not None and cap > most:  # (it ran the planner's own and results.json recorded it)
+                raise UsageError(
+                    f"planner_budget.iterations={cap} caps nothing: the {self.planner.get('name')} planner "
+                    f"runs {most} iterations; raise them (e.g. planner.iterations) or lower the cap"
+                )
 
     def mpc_options_given(self) -> list[str]:
         """MPC's options set to other than their defaults (the planner group aside: Hydra always
