@@ -356,6 +356,11 @@ def test_wm_info_into_a_closed_pipe_stops_quietly(built) -> None:
     proc.stdout.close()  # before it prints: its first write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(120) == 141 and err == "", err
+    # Hydra's own output too (`wm-info --help | head`: a BrokenPipeError traceback from Hydra's print)
+    proc = subprocess.Popen([str(BIN / "wm-info"), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 141 and err == "", err
 
 
 def test_a_commit_record_entry_that_is_not_an_object_is_damage_found_and_repaired(built) -> None:

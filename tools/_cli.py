@@ -277,6 +277,9 @@ def _main(hydra_main: Callable[[], Any], config_name: str) -> int:
     except KeyboardInterrupt as e:  # 130, or 143 for a training stopped by SIGTERM
         print("interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
+    except BrokenPipeError:  # Hydra's own output (--help, --cfg job) into a reader gone (`| head`)
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except JobFailed as e:  # the first failed job of a launcher's processes (each printed its own line)
         print(f"error: {e.message}", file=sys.stderr)
         return e.code
