@@ -6,6 +6,7 @@ own start."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import signal
 import sys
@@ -20,33 +21,12 @@ def _launch(app: str) -> None:
     main()
 
 
-def info() -> None:
-    _launch("info")
-
-
-def convert() -> None:
-    _launch("convert")
-
-
-def collect() -> None:
-    _launch("collect")
-
-
-def train() -> None:
-    _launch("train")
-
-
-def eval() -> None:  # noqa: A001 - the app's name (wm-eval)
-    _launch("eval")
-
-
-def demo() -> None:
-    _launch("demo")
-
-
-def deploy() -> None:
-    _launch("deploy")
-
-
-def serve() -> None:
-    _launch("serve")
+# each console script's entry point (pyproject.toml's [project.scripts])
+info = functools.partial(_launch, "info")
+convert = functools.partial(_launch, "convert")
+collect = functools.partial(_launch, "collect")
+train = functools.partial(_launch, "train")
+eval = functools.partial(_launch, "eval")  # noqa: A001 - the app's name (wm-eval)
+demo = functools.partial(_launch, "demo")
+deploy = functools.partial(_launch, "deploy")
+serve = functools.partial(_launch, "serve")
