@@ -366,7 +366,8 @@ class RobosuiteTask(SimTask):
         phys = np.empty(mujoco.mj_stateSize(m, spec))
         mujoco.mj_getState(m, d, phys, spec)
         grips = [np.ravel(g.current_action) for g in self._grippers()]
-        counters = [self.steps, self._env.timestep]
+        counters = [self.steps, self._env.timestep, *(len(g) for g in grips)]  # (a Panda gripper's command
+        # is (1,) after a reset and (2,) after a step: a state saved at one did not restore at the other)
         return np.concatenate([counters, *grips, phys, m.body_pos.ravel(), m.body_quat.ravel()])
 
     def _grippers(self) -> list:
@@ -379,16 +380,18 @@ class RobosuiteTask(SimTask):
         m, d = self._env.sim.model._model, self._env.sim.data._data
         spec = mujoco.mjtState.mjSTATE_INTEGRATION
         grips = self._grippers()
-        n, nb, ng = mujoco.mj_stateSize(m, spec), m.nbody, sum(np.size(g.current_action) for g in grips)
-        state = np.asarray(state, dtype=np.float64)
-        if state.shape != (2 + ng + n + 7 * nb,):
-            expected = (2 + ng + n + 7 * nb,)
-            raise RobotError(f"{self.name}: sim state of shape {state.shape}, expected {expected}")
+        n, nb = mujoco.mj_stateSize(m, spec), m.nbody
+        state = np.asarray(state, dtype=np.float64).ravel()
+        sizes = state[2 : 2 + len(grips)]  # each gripper's command's length, as saved
+        if len(sizes) < len(grips) or not np.all((sizes >= 0) & (sizes == np.round(sizes))):
+            raise RobotError(f"{self.name}: a sim state of {state.size} values is not one of this task's")
+        expected = 2 + len(grips) + int(sizes.sum()) + n + 7 * nb
+        if state.size != expected:
+            raise RobotError(f"{self.name}: sim state of {state.size} values, expected {expected}")
         self.steps, self._env.timestep = int(state[0]), int(state[1])
-        i = 2
-        for g in grips:
-            k = np.size(g.current_action)
-            g.current_action = state[i : i + k].copy().reshape(np.shape(g.current_action))
+        i = 2 + len(grips)
+        for g, k in zip(grips, sizes.astype(int), strict=True):
+            g.current_action = state[i : i + k].copy()
             i += k
         mujoco.mj_setState(m, d, state[i : i + n], spec)
         m.body_pos[:] = state[i + n : i + n + 3 * nb].reshape(nb, 3)
