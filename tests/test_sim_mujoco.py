@@ -120,6 +120,19 @@ def test_sim_state_round_trip(name, options):
         assert_same(first, roll())
 
 
+def test_a_task_connected_and_not_yet_reset_is_in_a_valid_start():
+    """pointmaze sat at (0, 0), inside a wall, on its goal (success before any action); arm_push drew
+    its target marker away from the target it counts success against."""
+    from robots.sim.pointmaze import is_free
+
+    with make_task("pointmaze", SimConfig(state_only=True)) as maze:
+        assert is_free(cell_of(maze.get_observation()["proprio"][:2])) and not maze.is_success()
+        assert not maze.done
+    with make_task("arm_push", SimConfig(state_only=True)) as arm:
+        np.testing.assert_allclose(arm._data.mocap_pos[0, :2], arm.target)
+        assert not arm.is_success()
+
+
 @pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
 def test_goal_observation_leaves_state_unchanged(name, options):
     with build(name, options) as task:

@@ -183,6 +183,9 @@ class ArmPushTask(SimTask):
             self._model.geom_group[self._model.geom("target_marker").id] = 0
         if not self.config.state_only:
             self._renderer = make_renderer(self._model, self.config.image_size)
+        # a valid start until the first reset (as PushT's): the agent sat inside a wall and counted as
+        # at its goal (pointmaze), the target marker away from the target (arm_push)
+        self._reset(np.random.default_rng(self.config.seed))
 
     def _disconnect(self) -> None:
         if self._renderer is not None:

@@ -155,6 +155,9 @@ class PointMazeTask(SimTask):
         mujoco.mj_forward(self._model, self._data)
         if not self.config.state_only:
             self._renderer = make_renderer(self._model, self.config.image_size)
+        # a valid start until the first reset (as PushT's): the agent sat inside a wall and counted as
+        # at its goal (pointmaze), the target marker away from the target (arm_push)
+        self._reset(np.random.default_rng(self.config.seed))
 
     def _disconnect(self) -> None:
         if self._renderer is not None:
