@@ -172,10 +172,11 @@ class ChunkPolicy:
 
     def select_action(self, obs: RawObs) -> Tensor:
         """Record obs; the next raw action (E, Da): popped from the queue (a new chunk when it is empty),
-        or, with temporal ensembling, the weighted mean of every chunk's prediction for this step."""
+        or, with temporal ensembling, the weighted mean of every chunk's prediction for this step (every
+        action each chunk predicts, as ACT: its first n_action_exec alone averaged nothing at 1)."""
         self.history.push(obs)
         if self._ensembler is not None:
-            return self._ensembler.update(self._sample())
+            return self._ensembler.update(self._sample(full=True))
         if not len(self._queue):
             self._queue.fill(self._sample())
         return self._queue.pop()

@@ -836,16 +836,17 @@ class CounterModel(nn.Module):
     io_spec = IOSpec(image_keys=("image",), image_size=(H, W), proprio_key="proprio", proprio_dim=2,
                      action_dim=3, history=N_OBS)  # fmt: skip
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, predicted: int | None = None) -> None:
         super().__init__()
         self.calls, self.length, self.seen = 0, length, []
+        self.predicted = predicted or length  # every action it predicts (`full`)
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def sample_actions(self, obs, generator=None) -> torch.Tensor:
+    def sample_actions(self, obs, generator=None, full=False) -> torch.Tensor:
         s = self.calls
         self.calls += 1
         self.seen.append(obs["proprio"].clone())
-        vals = 100.0 * s + torch.arange(self.length, dtype=torch.float32)
+        vals = 100.0 * s + torch.arange(self.predicted if full else self.length, dtype=torch.float32)
         return vals.view(1, -1, 1).expand(2, -1, 3).clone()  # (E=2, L, Da=3)
 
 
@@ -868,9 +869,12 @@ def test_queue_pops_then_replans():
     assert model.seen[-1][0, :, 0].tolist() == [9.0, 9.0] and len(policy.inference_seconds()) == 1
 
 
-def test_temporal_ensembling_weights():
-    m, L = 0.5, N_EXEC
-    model = CounterModel(L)
+@pytest.mark.parametrize("executed", [N_EXEC, 1])
+def test_temporal_ensembling_weights(executed):
+    """Every prediction of a chunk is averaged, as ACT does: only its first n_action_exec were, and a
+    policy trained with n_action_exec=1 (the natural choice for ensembling) averaged nothing."""
+    m, L = 0.5, N_EXEC + 2  # the chunk's every prediction, beyond the executed ones
+    model = CounterModel(executed, predicted=L)
     ens_policy = ChunkPolicy(model, temporal_ensemble=m)
     for t in range(7):
         action = ens_policy.select_action(raw_obs(t))
