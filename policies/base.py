@@ -293,14 +293,27 @@ def check_chunk_request(
     previous: np.ndarray | torch.Tensor | None,
     frozen: int,
     action_dim: int,
+    keys: Sequence[str] = (),
 ) -> torch.Tensor | None:
     """Validate a `ChunkController.chunk_from` request (one ValueError line naming what is wrong);
-    returns `previous` as a float32 tensor (E, n, Da) (`check_previous`), or None."""
+    returns `previous` as a float32 tensor (E, n, Da) (`check_previous`), or None. `keys`: those the
+    controller reads, which give the batch size (`batch_of`)."""
     if not steps:
         raise ValueError("chunk_from needs at least one observation in steps")
     if len(actions) != len(steps) - 1:
         raise ValueError(f"{len(actions)} actions for {len(steps)} steps: need one between two steps")
-    return check_previous(previous, frozen, len(next(iter(steps[-1].values()))), action_dim)
+    return check_previous(previous, frozen, batch_of(steps[-1], keys), action_dim)
+
+
+def batch_of(obs: RawObs, keys: Sequence[str] = ()) -> int:
+    """Episodes (E) in a raw observation: the leading size of the first of `keys` (those a controller
+    reads) it holds, else of its first value with an axis. Other values are ignored as the controllers
+    ignore them: a scalar timestamp first was a TypeError, a task string's length the batch size."""
+    for key in [*(k for k in keys if k in obs), *obs]:
+        value = obs[key]
+        if np.ndim(value) >= 1 and not isinstance(value, str | bytes):
+            return len(value)
+    raise ValueError(f"no observation value has a batch axis (E, ...): keys {sorted(obs)}")
 
 
 def check_previous(

@@ -194,7 +194,7 @@ class ChunkPolicy:
         (E, T, Da). With `previous` (and `guide`), the sampler is guided towards it by soft inpainting
         (`DiffusionPolicy.sample_actions`) and the first `frozen` actions are then set exactly to
         previous's; without `guide` previous is not used. The queue and the ensembler are left alone."""
-        prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim)
+        prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim, self.io.obs_keys)
         if not guide:
             prev, frozen = None, 0
         self.history.refill(steps, actions)

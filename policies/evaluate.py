@@ -26,6 +26,7 @@ from policies.base import (
     Policy,
     Previewable,
     RawObs,
+    batch_of,
     check_chunk_request,
     with_prefix,
 )
@@ -108,7 +109,7 @@ class RandomPolicy:
         """(E, max(chunk, frozen + 1), Da) random actions, the first `frozen` previous's
         (`ChunkController.chunk_from`; the observations are only checked, `guide` changes nothing)."""
         prev = check_chunk_request(steps, actions, previous, frozen, len(self.low))
-        E = len(next(iter(steps[-1].values())))
+        E = batch_of(steps[-1])
         return with_prefix(self._draw(E, max(self.chunk, frozen + 1)), prev, frozen)
 
     def _draw(self, batch: int, length: int) -> torch.Tensor:

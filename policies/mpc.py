@@ -261,7 +261,7 @@ class MPC:
         else MPC's own (the last plan shifted by `execute` steps, as after `predict_action_chunk`).
         Returns the whole plan as raw actions (E, H * frameskip, Da), the first `frozen` exactly
         previous's."""
-        prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim)
+        prev = check_chunk_request(steps, actions, previous, frozen, self.io.action_dim, self.io.obs_keys)
         self._check_goal()
         f = self.io.frameskip
         if frozen >= self.planner.horizon * f:

@@ -351,3 +351,14 @@ def test_bad_requests_raise_one_clear_value_error(kind):
         long = np.zeros((E, 20, DA), np.float32)
         with pytest.raises(ValueError, match="leave none"):
             controller.chunk_from(steps, actions, long, 3 * FRAMESKIP if kind == "mpc" else T)
+
+
+@pytest.mark.parametrize("kind", ["chunk_policy", "mpc", "random"])
+def test_keys_the_controller_does_not_read_do_not_set_the_batch_size(kind):
+    """The batch size came from the newest observation's first key: a scalar timestamp there was a
+    TypeError, a task string's length the batch ("previous must be (13, n, 2)"), although the
+    controllers ignore both."""
+    controller, steps, actions = controllers()[kind]
+    extra = [{"timestamp": np.float64(12.5), "task": "pick the cube", **s} for s in steps]
+    chunk = controller.chunk_from(extra, actions, previous_chunk(4), 1)
+    assert chunk.shape[0] == E and torch.equal(chunk[:, :1], torch.from_numpy(previous_chunk(4)[:, :1]))
