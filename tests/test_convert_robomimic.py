@@ -459,3 +459,49 @@ def test_hdf5_file_that_will_not_open_says_why(tmp_path: Path) -> None:
     finally:
         writer.communicate("", timeout=60)
     assert is_robomimic_hdf5(src) and not (tmp_path / "out.zarr").exists()
+
+
+def test_damage_anywhere_in_a_file_is_one_line_of_the_stores_errors(tmp_path: Path) -> None:
+    """64 bytes overwritten at every 512th offset of a small file: damage in a group, object header or
+    heap (16 of 134 offsets at every 256th of another) came out as h5py's RuntimeError, KeyError or
+    OSError: a bug's traceback."""
+    from wm.data import StoreError
+
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src, images=False)
+    raw = src.read_bytes()
+    refused = []
+    for offset in range(0, len(raw), 512):
+        damaged = tmp_path / f"at{offset}.hdf5"
+        damaged.write_bytes(raw[:offset] + b"\xff" * 64 + raw[offset + 64 :])
+        try:
+            robomimic_to_store(damaged, tmp_path / f"at{offset}.zarr")
+        except StoreError as e:  # (anything else fails the test)
+            assert "\n" not in str(e) and str(e).startswith(str(damaged)), e
+            refused.append(type(e).__name__)
+    assert "CorruptStoreError" in refused
+
+
+def test_an_empty_demo_written_from_an_empty_list_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A demo never stepped, written as np.array([]) (shape (0,), not (0, A)), failed the whole file
+    ("data/demo_11/actions is missing or not a (T, A) array")."""
+    src = tmp_path / "lift.hdf5"
+    write_robomimic(src, images=False)
+    with h5py.File(src, "a") as f:
+        g = f["data"].create_group("demo_11")
+        for key in ("actions", "obs/robot0_eef_pos", "obs/robot0_gripper_qpos", "rewards"):
+            g.create_dataset(key, data=np.array([]))
+    assert robomimic_to_store(src, tmp_path / "out.zarr").n_episodes == 3
+    said = [r.getMessage() for r in caplog.records]
+    assert f"warning: {src}: demos without samples left out: demo_11" in said
+
+
+def test_an_ik_controller_takes_delta_end_effector_poses(tmp_path: Path) -> None:
+    """robosuite's IK_POSE controller was recorded as absolute/other (merges and the robot read that)."""
+    args = {"env_name": "Lift", "env_kwargs": {"robots": "Panda", "controller_configs": {"type": "IK_POSE"}}}
+    src = tmp_path / "ik.hdf5"
+    write_robomimic(src, images=False, env_args=args)
+    space = robomimic_to_store(src, tmp_path / "ik.zarr").schema.action_space
+    assert (space.mode, space.frame) == ("delta", "ee") and "IK_POSE" in space.description

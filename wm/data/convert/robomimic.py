@@ -23,11 +23,13 @@ in, so a failed conversion leaves no half-written store behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,20 +94,24 @@ def robomimic_to_store(
     tmp = beside(dst, "converting")
     with _open_source(src) as f:
         data = f["data"]
-        demos = _demo_names(data, src)
-        env_args = _env_args(data, src)
-        schema = _schema(data, demos, env_args, src, fps, action_key)
-        _warn_left_out(data, demos, action_key, src)
-        masks = _masks(f, src)
-        rule = _success_rule(env_args, src)
-        empty = [n for n in demos if _steps(data[n], action_key) == 0]
-        if empty and len(empty) == len(demos):
-            raise SchemaError(f"{src}: every demo is empty (0 samples): nothing to convert")
-        if empty:  # an episode needs a step: one such demo failed the whole conversion
-            warn(f"{src}: demos without samples left out: {', '.join(empty)}")
+        with _damaged_metadata(src):
+            all_demos = _demo_names(data, src)
+            # (before the schema: an empty demo written from an empty list has actions of shape (0,),
+            # not (0, A), and failed the schema's check of every demo)
+            empty = [n for n in all_demos if _steps(data[n], action_key) == 0]
+            if empty and len(empty) == len(all_demos):
+                raise SchemaError(f"{src}: every demo is empty (0 samples): nothing to convert")
+            if empty:  # an episode needs a step: one such demo failed the whole conversion
+                warn(f"{src}: demos without samples left out: {', '.join(empty)}")
+            demos = [n for n in all_demos if n not in empty]
+            env_args = _env_args(data, src)
+            schema = _schema(data, demos, env_args, src, fps, action_key)
+            _warn_left_out(data, demos, action_key, src)
+            masks = _masks(f, src)
+            rule = _success_rule(env_args, src)
         store = DemoStore.create(tmp, schema, zarr_format=zarr_format, overwrite=True)
         try:
-            for name in (n for n in demos if n not in empty):
+            for name in demos:
                 _append_demo(store, data[name], name, masks, src, (tmp, dst), action_key, rule)
         except BaseException:
             store.close()
@@ -140,6 +146,16 @@ def _open_hdf5(path: Path) -> h5py.File:
         if _has_hdf5_signature(path):
             raise CorruptStoreError(f"{path}: cannot open this HDF5 file ({e})") from e
         raise NotAStoreError(f"{path}: not an HDF5 file ({e})") from e
+
+
+@contextlib.contextmanager
+def _damaged_metadata(src: Path) -> Iterator[None]:
+    """HDF5's errors reading a file's structure (a damaged group, object header or heap: h5py raises
+    RuntimeError, KeyError or OSError) as one CorruptStoreError line; they were a bug's traceback."""
+    try:
+        yield
+    except (RuntimeError, KeyError, OSError) as e:  # (the store's own errors are none of these)
+        raise CorruptStoreError(f"{src}: damaged HDF5 metadata ({type(e).__name__}: {e})") from e
 
 
 def _has_hdf5_signature(path: Path) -> bool:
@@ -307,7 +323,7 @@ def _control_freq(env_kwargs: dict[str, Any], src: Path) -> float:
 
 
 def _action_space(ctrl: Any) -> ActionSpace:
-    """delta/ee for a delta OSC controller (robosuite <= 1.4 flat config or 1.5 `body_parts`), else
+    """delta/ee for a delta OSC or IK controller (robosuite <= 1.4 flat config or 1.5 `body_parts`), else
     the mode and frame the controller config states, else absolute/other; joint velocity and torque
     controllers take set-points: absolute/joint."""
     if not isinstance(ctrl, dict):
@@ -316,8 +332,8 @@ def _action_space(ctrl: Any) -> ActionSpace:
     for part in parts.values() if isinstance(parts, dict) else [ctrl]:
         if not isinstance(part, dict):
             continue
-        ctype = str(part.get("type", "")).upper()
-        frame = "ee" if ctype.startswith("OSC") else "joint" if ctype.startswith("JOINT") else None
+        ctype = str(part.get("type", "")).upper()  # (IK_POSE: delta end-effector poses, as OSC's)
+        frame = "ee" if ctype.startswith(("OSC", "IK")) else "joint" if ctype.startswith("JOINT") else None
         if frame is None:
             continue
         if ctype in ("JOINT_VELOCITY", "JOINT_TORQUE"):  # not steps of a position (they were "delta")
