@@ -198,6 +198,16 @@ def test_a_safety_setting_that_would_filter_wrongly_is_refused_when_read():
         SafetyConfig(workspace_low=(0.0, 0.0), workspace_high=(1.0, math.nan))
     unbounded = SafetyConfig(workspace_low=(-0.5, -math.inf), workspace_high=(0.5, math.inf))  # inf: no bound
     assert SafetyLayer(ARM, True, unbounded).filter(np.array([0.9, 0.9])).tolist() == [0.5, 0.9]
+    # "no bound on y" written as +inf in workspace_low: every command was clipped to the upper limit (the
+    # arm moved there at the step cap), or sent as inf on a robot without limits
+    with pytest.raises(ValueError, match=r"^workspace_low holds inf: -inf is no bound on a dimension$"):
+        SafetyConfig(workspace_low=(-0.5, math.inf), workspace_high=(0.5, math.inf))
+    with pytest.raises(ValueError, match=r"^workspace_high holds -inf: inf is no bound on a dimension$"):
+        SafetyConfig(workspace_low=(-0.5, -math.inf), workspace_high=(0.5, -math.inf))
+    # a box outside the limits turned every command into a corner of them
+    outside = SafetyConfig(workspace_low=(-0.5, 2.0), workspace_high=(0.5, 3.0))
+    with pytest.raises(ValueError, match=r"dimension 1 \[2, 3\] lies outside the robot's limits \[-1, 1\]"):
+        SafetyLayer(ARM, True, outside)
 
 
 def test_a_joint_without_limits_leaves_the_others_step_capped():

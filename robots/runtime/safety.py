@@ -62,10 +62,15 @@ class SafetyConfig:
                 raise ValueError(
                     f"max_step must be a positive number or one per dimension, got {self.max_step}"
                 )
-        for name in ("workspace_low", "workspace_high"):
+        for name, none in (("workspace_low", -np.inf), ("workspace_high", np.inf)):
             bound = getattr(self, name)
-            if bound is not None and np.any(np.isnan(np.asarray(bound, dtype=np.float64))):
-                raise ValueError(f"{name} holds NaN: give a number (or inf for no bound) per dimension")
+            if bound is None:
+                continue
+            values = np.asarray(bound, dtype=np.float64)
+            if np.any(np.isnan(values)):
+                raise ValueError(f"{name} holds NaN: give a number (or {none} for no bound) per dimension")
+            if np.any(values == -none):  # (a lower bound of +inf clipped every command to the upper limit)
+                raise ValueError(f"{name} holds {-none}: {none} is no bound on a dimension")
         if not 0 < self.hold_after_s <= self.stop_after_s < np.inf:  # inf: a silent controller held for ever
             raise ValueError(
                 f"need 0 < hold_after_s <= stop_after_s < inf, got {self.hold_after_s}, {self.stop_after_s}"
@@ -106,6 +111,13 @@ class SafetyLayer:
                     f"workspace bounds must be two {shape} boxes with low <= high, got {wl} and {wh}"
                 )
             self.box = np.maximum(self.low, wl), np.minimum(self.high, wh)
+            outside = np.flatnonzero(self.box[0] > self.box[1])
+            if len(outside):  # (every command was clipped to a corner of the limits)
+                i = int(outside[0])
+                raise ValueError(
+                    f"the workspace's dimension {i} [{wl.flat[i]:g}, {wh.flat[i]:g}] lies outside the "
+                    f"robot's limits [{self.low.flat[i]:g}, {self.high.flat[i]:g}]"
+                )
 
     def _step_cap(self, shape: tuple[int, ...]) -> np.ndarray | None:
         if self.cfg.max_step is not None:
