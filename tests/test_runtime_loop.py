@@ -224,6 +224,19 @@ def test_sync_waits_for_each_chunk_and_restarts_its_schedule():
     assert all(t.chunk != NO_CHUNK for t in out.ticks)
 
 
+def test_sync_waits_are_the_modes_not_the_watchdogs():
+    """A synchronous robot waits for every chunk (wait_timeout_s bounds that); the watchdog counted the
+    wait and the action latency after it, and stopped a healthy run whose model took 1.8 s with a
+    0.3 s latency ("no fresh action for 2.00 s")."""
+    from robots.runtime.safety import SafetyConfig
+
+    safety = SafetyConfig(hold_after_s=0.5, stop_after_s=2.0)
+    _, rt, _ = setup("sync", "replace", 4, delay=1.8, action_latency_s=0.3, safety=safety)
+    out = rt.run_episode(20)
+    assert out.stopped is None and len(out.ticks) == 20  # (the episode ran to its end)
+    assert out.events["stop"] == 0 and out.stale_sent == 0
+
+
 def test_sync_with_a_slower_policy_gives_each_chunks_last_action_its_whole_step():
     """policy_hz below the robot's: the next chunk was asked for as soon as the last action was sent,
     so it lasted one tick instead of one policy step and every chunk ran short."""

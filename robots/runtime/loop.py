@@ -532,6 +532,10 @@ class Runtime:
                         missed, anchor, k = nxt, now, 0
                     if reply is not None:  # the chunk starts at the next tick
                         self._arrived(reply, timeline, out, state, anchor + k * self.period, now, sync=True)
+                        # the wait was the mode's (wait_timeout_s bounds it), as for a first chunk: the
+                        # watchdog counts from the chunk's first due action (it stopped healthy runs
+                        # whose model time plus action_latency_s passed stop_after_s)
+                        watchdog.start(anchor + k * self.period + cfg.action_latency_s)
                     if out.stopped:
                         self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
                         break
