@@ -875,6 +875,32 @@ def test_a_takeover_keeps_the_gripper_as_the_controller_left_it_until_the_operat
     dev.disconnect()
 
 
+def test_a_device_glitch_holds_a_robot_whose_actions_are_steps():
+    """A failed poll while the operator had the robot returned the last command sent, to hold: on a
+    robot taking steps or forces (arm_push, pointmaze) that repeated the last step, and the arm moved on."""
+    from robots.registry import make_task
+    from robots.runtime.intervention import robot_takeover
+    from robots.sim.base import SimConfig
+
+    class Glitching:
+        name, polls = "glitching", 0
+
+        def poll(self) -> TeleopState:
+            self.polls += 1
+            if self.polls == 3:
+                raise OSError("corrupt status packet")
+            return TeleopState(motion=np.eye(6)[0])
+
+    task = make_task("pointmaze", SimConfig(state_only=True))  # forces
+    takeover = robot_takeover(Glitching(), task, {})
+    last = takeover({}, None)
+    assert last is not None and np.abs(last).max() > 0
+    last = takeover({}, last)
+    held = takeover({}, last)  # the glitch
+    assert held is not None and held.tolist() == [0.0, 0.0]  # still the operator's, holding still
+    task.disconnect()
+
+
 def test_a_trigger_squeezed_slowly_takes_the_gripper():
     """The operator got the gripper only for a reading that moved by more than the deadband between two
     polls: a trigger squeezed over two seconds at 30 Hz (0.03 a tick) never closed the gripper, which

@@ -31,8 +31,8 @@ class Takeover:
     """`takeover(obs, last)` for `Runtime.run_episode`: the operator's action this tick, or None when the
     controller has control; `last` is the last command sent (None before the first). `mapper(state,
     obs)` turns a device state into a robot action; `axes`: the device motion axes that reach it;
-    `gripper`: the mapper's gripper mode when the action's last dimension is the gripper, else None
-    (`robot_takeover` gives the three for a robot)."""
+    `gripper`: the mapper's gripper mode when the action's last dimension is the gripper, else None;
+    `positions`: the robot's actions are position targets (`robot_takeover` gives the four for a robot)."""
 
     def __init__(
         self,
@@ -42,12 +42,14 @@ class Takeover:
         axes: Sequence[int] = range(6),
         gripper: str | None = None,
         max_failures: int = 3,
+        positions: bool = True,
     ) -> None:
         if not 0 <= deadband < 1:
             raise ValueError(f"deadband must be in [0, 1), got {deadband}")
         if max_failures < 1:
             raise ValueError(f"max_failures must be >= 1, got {max_failures}")
         self.max_failures = max_failures  # failed polls in a row that end a takeover
+        self.positions = positions  # the robot's actions are position targets (`Robot.position_actions`)
         self.device, self.mapper, self.deadband = device, mapper, deadband
         self.axes, self.gripper = list(axes), gripper
         self.latched = False
@@ -64,8 +66,13 @@ class Takeover:
             self.failures += 1
             if self.active and self.failures < self.max_failures and last is not None:
                 # a glitch (a corrupt status packet on a leader arm's bus): the operator keeps the robot,
-                # which holds its last command (it was handed back at once, the latch lost)
-                return np.array(last, dtype=np.float64)
+                # which holds (it was handed back at once, the latch lost): its last command where
+                # actions are positions; zeros where they are steps, velocities or forces (repeating the
+                # last one moved the arm on), the gripper's kept
+                held = np.array(last, dtype=np.float64)
+                if not self.positions:
+                    held[..., : -1 if self.gripper is not None else None] = 0.0
+                return held
             if self.failures == 1 or self.active:
                 warnings.warn(
                     f"the takeover device {self.device.name} cannot be read ({type(e).__name__}: "
@@ -114,5 +121,9 @@ def robot_takeover(device: TeleopDevice, robot: Any, gains: Mapping[str, Any]) -
     mapper = robot_gains(robot, gains)
     axes, has_gripper = mapper.reach(robot.action_feature, robot.action_space)
     return Takeover(
-        device, robot_mapper(mapper, robot), axes=axes, gripper=mapper.gripper if has_gripper else None
+        device,
+        robot_mapper(mapper, robot),
+        axes=axes,
+        gripper=mapper.gripper if has_gripper else None,
+        positions=bool(getattr(robot, "position_actions", True)),
     )
