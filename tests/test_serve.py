@@ -566,6 +566,36 @@ def kept_alive(w: RemoteWorker) -> Iterator[None]:
         thread.join(5)
 
 
+FIRST_CLIENT = """
+import sys, zmq
+from robots.runtime.server import PolicyServer, ServerConfig
+lines = []
+server = PolicyServer(lambda loaded, hello: None, ServerConfig(port=0), log=lines.append)
+server.bind()
+peer = zmq.Context().socket(zmq.DEALER)
+peer.setsockopt(zmq.LINGER, 0)
+peer.connect(f"tcp://127.0.0.1:{server.port}")
+peer.send(b"garbage")
+server.serve(until=lambda: bool(lines))
+print(lines[0])
+"""
+
+
+def test_the_ids_zeromq_gives_clients_are_not_known_in_advance():
+    """ZeroMQ numbered clients from the C library's unseeded rand(): 00 6b8b4567, 00 6b8b4568, ... in
+    every wm-serve. A peer that took the next ids as its own made libzmq abort the whole server (an
+    assertion) when the next robot connected. Two servers now name their first client differently."""
+    import subprocess
+    import sys
+
+    names = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", FIRST_CLIENT], capture_output=True, text=True, timeout=99)
+        assert res.returncode == 0, res.stderr
+        names.append(res.stdout.split()[1].rstrip(":"))
+    assert names[0] != names[1] and "6b8b4567" not in names[0], names
+
+
 def test_a_second_client_cannot_take_over_reset_or_feed_a_running_session():
     with threaded_server(session_timeout_s=1.0) as srv:
         a = opened(srv)

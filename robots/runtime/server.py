@@ -24,6 +24,7 @@ one. Without a token (loopback only) that bound is the machine's own users' to r
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import math
 import os
@@ -55,8 +56,8 @@ HANDSHAKE_FAILED = (
 
 def client_name(identity: bytes) -> str:
     """A client's name in the log: its ZeroMQ routing id in hex, the last 8 bytes of a longer one.
-    ZeroMQ numbers its clients in the id's last bytes (00 6b8b4567, 00 6b8b4568, ...), so its first
-    bytes named every client alike."""
+    ZeroMQ numbers its clients in the id's last bytes (00 then a counter), so its first bytes named
+    every client alike."""
     return identity[-8:].hex()
 
 
@@ -186,6 +187,11 @@ class PolicyServer:
     def bind(self) -> str:
         """Open the socket; returns the endpoint (tcp://host:port, the real port when 0 was asked)."""
         self._ctx = ctx = zmq.Context()
+        # ZeroMQ numbers the clients that give no id of their own from the C library's rand(), unseeded:
+        # the same numbers in every process (00 6b8b4567, 00 6b8b4568, ...), which a peer could take as
+        # its own ids first; libzmq then aborts the whole process (an assertion) when it numbers the next
+        # robot so. Seeded from the OS's randomness, the numbers are not known in advance.
+        ctypes.CDLL(None).srand(secrets.randbits(32))
         self._sock = sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, int(self.cfg.max_frame_mb * 2**20))
