@@ -213,11 +213,16 @@ def test_every_training_window_has_a_target_inside_its_episode(n_hist, rollout):
 
 def test_validation_windows_lie_inside_their_episodes(maze_store):
     """They ended up to a frameskip past an episode's end, and the multi-step error, unmasked, scored the
-    rollout against the last frame repeated."""
+    rollout against the last frame repeated. They hold the frames validation reads and no more: one
+    model frame (and its actions) more was read and never used, and cost each validation episode
+    `frameskip` windows (an episode one frame short was dropped with a note)."""
+    from wm.dino_entry import VAL_STEPS
+
     setup = _setup(maze_store)
-    val_set, key = setup.val_fn.val_set, setup.model.cfg.image_key
+    val_set, c = setup.val_fn.val_set, setup.model.cfg
     batch = val_set.get_batch(np.arange(len(val_set)))
-    assert len(val_set) > 0 and not batch[key + "_is_pad"].any()
+    assert len(val_set) > 0 and not batch[c.image_key + "_is_pad"].any()
+    assert batch[c.image_key].shape[1] == c.n_hist + VAL_STEPS  # the history, then the steps rolled out
 
 
 def test_a_model_without_proprio_refuses_a_latent_that_carries_one():
@@ -573,3 +578,35 @@ def test_a_store_without_a_camera_is_one_line_naming_its_keys(tmp_path):
     with DemoStore.create(tmp_path / "s.zarr", schema) as store:
         with pytest.raises(SchemaError, match=r"has no camera \(keys: \['action', 'proprio'\]\); the models"):
             data_keys(store, None, None)
+
+
+def test_a_training_step_checks_no_values_on_the_host(monkeypatch):
+    """The rollout loss checked its actions finite (`bool(isfinite(...).all())`, a GPU sync mid-forward
+    on every training step, twice with a history), which `predict` leaves out on purpose; a planner's
+    rollout still refuses NaN actions."""
+    import wm.dino_wm as dw
+    from wm.encoders import EncoderConfig
+
+    checked = []
+    original = dw.check_finite
+    monkeypatch.setattr(dw, "check_finite", lambda x, what: (checked.append(what), original(x, what))[1])
+    cfg = dw.WorldModelConfig(
+        image_size=(32, 32), n_hist=3, frameskip=2, proprio_dim=2, action_dim=2, rollout_loss_steps=1,
+        encoder=EncoderConfig(cnn_channels=(8, 8), cnn_dim=16, cnn_stride=4), predictor_dim=32,
+        predictor_depth=1, predictor_heads=2, predictor_head_dim=16, predictor_mlp_dim=32,
+        decoder_channels=(8,), recon_channels=(8,),
+    )  # fmt: skip
+    model = dw.DinoWorldModel(cfg, Normalizer({"action": "identity", "proprio": "identity"}, {})).train()
+    F, B = 3 + 1 + 1, 4
+    batch = {
+        "image": torch.rand(B, F, 3, 32, 32), "image_is_pad": torch.zeros(B, F, dtype=torch.bool),
+        "proprio": torch.rand(B, F, 2), "action": torch.rand(B, (F - 1) * 2, 2),
+        "action_is_pad": torch.zeros(B, (F - 1) * 2, dtype=torch.bool),
+    }  # fmt: skip
+    model.compute_loss(batch)
+    assert checked == []
+    with torch.no_grad():
+        z0 = model.encode({k: v[:, :3] for k, v in batch.items() if k in ("image", "proprio")})
+        z0["past_action"] = torch.rand(B, 2, 4)
+        with pytest.raises(ValueError, match="actions"):
+            model.rollout(z0, torch.full((B, 1, 2, 4), float("nan")))

@@ -80,8 +80,8 @@ def test_a_validation_split_without_windows_is_said_and_not_run(tmp_path, capsys
     err = capsys.readouterr().err
     assert (
         f"note: {store}: no validation will run: validation episode(s) {val[0]} (12 steps) are too short: "
-        "a validation window spans 21 steps (at most 0 padded before, at most 0 padded after), so an episode "
-        "needs at least 21; they are neither trained nor validated on (val_ratio=0 trains on every episode)"
+        "a validation window spans 16 steps (at most 0 padded before, at most 0 padded after), so an episode "
+        "needs at least 16; they are neither trained nor validated on (val_ratio=0 trains on every episode)"
     ) in err
     # some held-out episodes long enough: validation runs on them, and the short ones are named
     short, long = split_episodes(8, 0.25, 0)[1]

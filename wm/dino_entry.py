@@ -58,7 +58,7 @@ def validation(
     (trained from cached features, its real frames come from `frames_from`, the store)."""
     # windows inside the episodes: the errors below are not masked where a window is padded (past the
     # end, the multi-step error scored the rollout against the last frame repeated)
-    spec = model.window_spec(extra_steps=VAL_STEPS, padding=False)
+    spec = model.window_spec(extra_steps=VAL_STEPS - 1, padding=False)  # (a rollout of 1 + extra steps)
     val_set: Any = WindowDataset(data_path, spec, episodes, in_memory=in_memory, train=False)
     if frames_from is not None:  # the frames the strip compares with, beside the cached features
         c = model.cfg
