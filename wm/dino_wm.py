@@ -351,11 +351,13 @@ class DinoWorldModel(nn.Module):
         tokens = self._tokens(visual, z.get("proprio"), self.normalize_actions(actions))
         return self._split(self.predictor(tokens, self.grid))
 
-    def rollout(self, z0: Latent, actions: torch.Tensor) -> Latent:
+    def rollout(self, z0: Latent, actions: torch.Tensor, check: bool = True) -> Latent:
         """Open-loop rollout. z0: history latents with leading (E, Th) and, when Th > 1, "past_action"
         (E, Th - 1, f*A), the raw actions between the history frames; actions (E, N, H, f*A) raw.
         Returns latents with leading (E, N, H): the predicted frames after each action step.
-        The history is encoded once per episode and shared by the N samples (expand, no copy)."""
+        The history is encoded once per episode and shared by the N samples (expand, no copy).
+        `check`: the actions are checked finite (not in training's rollout loss, as in `predict`: its
+        data is checked before training, and a check is a GPU sync per step)."""
         vis0 = z0["visual"]  # (E, Th, P, D)
         self._check_latent("z0", z0, tuple(vis0.shape[:2]) if vis0.ndim == 4 else None, "(E, Th")
         E, Th = vis0.shape[:2]
@@ -365,7 +367,9 @@ class DinoWorldModel(nn.Module):
                 f"{self.step_action_dim}) for z0['visual'] {tuple(vis0.shape)}, got {tuple(actions.shape)}"
             )
         E, N, H, _ = actions.shape
-        actions = self._check_actions("actions", actions, (E, N, H, self.step_action_dim), "(E, N, H, f*A)")
+        actions = self._check_actions(
+            "actions", actions, (E, N, H, self.step_action_dim), "(E, N, H, f*A)", finite=check
+        )
         acts = self.normalize_actions(actions)
         prop0 = z0.get("proprio")
         past = z0.get("past_action")
@@ -376,7 +380,7 @@ class DinoWorldModel(nn.Module):
             )
         if past is not None:
             past = self._check_actions(
-                "z0['past_action']", past, (E, Th - 1, self.step_action_dim), "(E, Th - 1, f*A)"
+                "z0['past_action']", past, (E, Th - 1, self.step_action_dim), "(E, Th - 1, f*A)", finite=check
             )
         past = self.normalize_actions(past) if past is not None else None
 
@@ -536,7 +540,7 @@ class DinoWorldModel(nn.Module):
             if T > 1:
                 z0["past_action"] = actions[:, : T - 1]
             steps = actions[:, T - 1 : T - 1 + 1 + c.rollout_loss_steps]  # (B, 1 + R, f*A)
-            roll = self.rollout(z0, steps[:, None])  # leading (B, 1, 1 + R)
+            roll = self.rollout(z0, steps[:, None], check=False)  # leading (B, 1, 1 + R)
             ro = _masked_mse(roll["visual"][:, 0], target["visual"][:, T:], valid[:, T - 1 :])
             loss = loss + c.rollout_loss_weight * ro
             metrics["loss_rollout"] = ro.detach()
