@@ -156,7 +156,7 @@ class ControllerConfig:
         one_of("planner.name", self.planner.get("name"), list(PLANNERS))
         self._check_options_apply()
         if self.controller == "mpc":  # typed now: `planner.lr=abc` failed as a bug's traceback after the
-            most = self.typed_planner().max_iterations  # model loaded; `planner.return_best=no` read as true
+            most = self.planner_iterations()  # model loaded, and `planner.return_best=no` read as true
             cap = self.planner_budget.iterations
             if cap is not None and cap > most:  # (it ran the planner's own and results.json recorded it)
                 raise UsageError(

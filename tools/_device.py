@@ -49,15 +49,18 @@ class DeviceSettings:
         _finite(check(cls, dict(self.device_options), "device_options"), "device_options")
         build(ActionMapper, dict(self.gains), "gains")
         joints = hasattr(cls, "check_drives")  # a leader arm: joint targets, no motion
+        # (accepted, and the mapping never read them: a leader arm at gains.translation_gain=0.1 still
+        # moved the follower 1:1)
         unused = sorted(k for k in self.gains if (k in JOINT_GAINS) != joints)
-        if unused:  # (accepted, and the mapping never read them: a leader arm at gains.translation_gain=0.1
-            raise UsageError(  # still moved the follower 1:1)
-                f"gains.{', gains.'.join(unused)}: teleop={self.teleop} does not use them ("
-                + (
-                    f"a leader arm's joints map through {' / '.join(JOINT_GAINS)} alone)"
-                    if joints
-                    else f"{' / '.join(JOINT_GAINS)} convert a leader arm's joints)"
-                )
+        if unused:
+            named = " / ".join(JOINT_GAINS)
+            why = (
+                f"a leader arm's joints map through {named} alone"
+                if joints
+                else f"{named} convert a leader arm's joints"
+            )
+            raise UsageError(
+                f"gains.{', gains.'.join(unused)}: teleop={self.teleop} does not use them ({why})"
             )
         if not takes_command_device(cls):  # its own buttons start and end episodes
             if self.command_options or self.command_device not in (None, DEFAULT_COMMAND_DEVICE):

@@ -178,13 +178,12 @@ class ArmPushTask(SimTask):
         self._model = mujoco.MjModel.from_xml_string(ARM_PUSH_XML)
         self._data = mujoco.MjData(self._model)
         self._home = self.solve_ik(HOME_EE, np.array([-1.2, 2.2, 0.6]))
-        self._place(self._home, np.array([0.0, 0.35]), 0.0)
         if self.show_target:  # geom group 3 is not rendered; group 0 is
             self._model.geom_group[self._model.geom("target_marker").id] = 0
         if not self.config.state_only:
             self._renderer = make_renderer(self._model, self.config.image_size)
-        # a valid start until the first reset (as PushT's): the agent sat inside a wall and counted as
-        # at its goal (pointmaze), the target marker away from the target (arm_push)
+        # config.seed's start until the first reset, as PushT's (the target marker was drawn away from
+        # the target that success is measured against)
         self._reset(np.random.default_rng(self.config.seed))
 
     def _disconnect(self) -> None:

@@ -152,11 +152,10 @@ class PointMazeTask(SimTask):
     def _connect(self) -> None:
         self._model = mujoco.MjModel.from_xml_string(_maze_xml())
         self._data = mujoco.MjData(self._model)
-        mujoco.mj_forward(self._model, self._data)
         if not self.config.state_only:
             self._renderer = make_renderer(self._model, self.config.image_size)
-        # a valid start until the first reset (as PushT's): the agent sat inside a wall and counted as
-        # at its goal (pointmaze), the target marker away from the target (arm_push)
+        # config.seed's start until the first reset, as PushT's (the agent sat at (0, 0), inside a wall,
+        # on its goal: success before any action)
         self._reset(np.random.default_rng(self.config.seed))
 
     def _disconnect(self) -> None:
