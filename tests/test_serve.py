@@ -793,6 +793,29 @@ def test_sessions_of_a_silent_client_expire():
         b.close()
 
 
+def test_a_session_is_kept_while_the_robot_connects_slowly():
+    """wm-deploy connects the robot (a calibration prompt, a takeover device) after the session opened
+    and before the first reset, with nothing polling the client: the server closed the silent session
+    and the first reset opened another (a reconnect; on a shared server another robot could take the
+    slot). `kept_alive` pings meanwhile; a server that restarts meanwhile is reconnected to."""
+    with threaded_server(session_timeout_s=0.5) as srv:
+        w = client(srv, heartbeat_s=0.1)
+        w.start()
+        with w.kept_alive():
+            time.sleep(1.5)  # three session timeouts
+        w.reset(None)
+        assert ask(w, 0).error is None
+        assert not srv.counts["sessions_expired"] and w.stats["reconnects"] == 0 and len(srv.sessions) == 1
+        w.close()
+    with threaded_server(session_timeout_s=0.5) as srv:  # what it keeps from happening
+        w = client(srv, heartbeat_s=0.1)
+        w.start()
+        time.sleep(1.5)
+        w.reset(None)
+        assert srv.counts["sessions_expired"] == 1 and w.stats["reconnects"] == 1
+        w.close()
+
+
 class SlowToBuild(Recorder):
     """A controller that takes 1.5 s to build (a model loading)."""
 

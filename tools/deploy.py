@@ -316,8 +316,10 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         from robots.runtime.remote import RemoteWorker
 
         worker: Any = RemoteWorker(cfg.remote_config(), feat.low, feat.high)
+        until_episodes = worker.kept_alive  # the server closes a session silent for its session_timeout_s
     else:
         worker = ProcessWorker(spec)  # sync mode too: a computation on this thread had no deadline
+        until_episodes = contextlib.nullcontext
     stop = _StopFlag()
     outcomes, store, takeover, kernels, recording = [], None, None, None, None
     episodes_began, written = False, {}
@@ -327,18 +329,19 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     cleanup.enter_context(sigterm_interrupts(_StopFlag.SIGNALS[1:]))
     try:
         worker.start()
-        if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker has loaded it
-            robot = make_robot(cfg, worker.info.get("image_size"))
-            set_control_hz(cfg, robot)
-        check_robot(worker.info, robot)  # the model reads what this robot gives, or one line says not
-        say_trained_elsewhere(cfg, robot, worker.info)
-        runtime = Runtime(robot, worker, cfg.runtime)  # its safety settings checked against the robot
-        if cfg.record:  # a store this run cannot record into is refused before the robot connects
-            schema = recording_schema(robot.schema(cfg.robot if is_sim(cfg.robot) else ""))
-            store = open_store(cfg.record, schema, options)
-        out.mkdir(parents=True, exist_ok=True)
-        robot.connect()
-        takeover = make_takeover(cfg, robot)
+        with until_episodes():  # (a real robot's calibration prompt may take minutes)
+            if is_sim(cfg.robot):  # rendered at the model's image size, known once the worker loaded it
+                robot = make_robot(cfg, worker.info.get("image_size"))
+                set_control_hz(cfg, robot)
+            check_robot(worker.info, robot)  # the model reads what this robot gives, or one line says not
+            say_trained_elsewhere(cfg, robot, worker.info)
+            runtime = Runtime(robot, worker, cfg.runtime)  # its safety settings checked against the robot
+            if cfg.record:  # a store this run cannot record into is refused before the robot connects
+                schema = recording_schema(robot.schema(cfg.robot if is_sim(cfg.robot) else ""))
+                store = open_store(cfg.record, schema, options)
+            out.mkdir(parents=True, exist_ok=True)
+            robot.connect()
+            takeover = make_takeover(cfg, robot)
         sim = is_sim(cfg.robot)
         action_spec = robot.action_feature.key_spec()
         with stop, realtime(cfg.runtime.realtime_priority, cfg.runtime.control_cpu) as notes:

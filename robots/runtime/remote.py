@@ -28,11 +28,13 @@ request that waited too long in the server's queue is not computed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,6 +175,31 @@ class RemoteWorker:
         self._wait_ready(self.cfg.connect_timeout_s, f"no policy server answered at {self.cfg.address}")
         self._sync()
 
+    @contextlib.contextmanager
+    def kept_alive(self) -> Iterator[None]:
+        """For slow work of the caller's between `start` and the first `reset` (a real robot connecting,
+        its calibration prompt, a takeover device): a thread drives the connection meanwhile, so pings keep
+        the session (the server closes one silent for its session_timeout_s, and another robot may take
+        the slot) and a server that restarts is reconnected to. The caller does not use the worker inside
+        (a ZeroMQ socket is one thread's at a time); an error of the thread's is raised on leaving."""
+        done, failed = threading.Event(), []
+
+        def drive() -> None:
+            try:
+                self._block(lambda: done.is_set() or self._state == "failed", math.inf)
+            except BaseException as e:  # (handed to the caller's thread)
+                failed.append(e)
+
+        thread = threading.Thread(target=drive, name="wm-remote-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+        if failed:
+            raise failed[0]
+
     def _wait_ready(self, timeout: float, what: str, stop: Callable[[], bool] | None = None) -> None:
         """Block until the session is ready (`WorkerDied` when it failed, or after `timeout`); `stop()`
         true (the operator's Ctrl-C) ends the wait at once: `ResetStopped`."""
@@ -216,7 +243,7 @@ class RemoteWorker:
                     for sock in (self._sock, self._monitor):
                         if sock is not None:
                             poller.register(sock, zmq.POLLIN)
-                    poller.poll(max(1, min(int(left * 1000), 20)))
+                    poller.poll(max(1, int(min(left, 0.02) * 1000)))
                 else:
                     time.sleep(0.001)
         finally:
