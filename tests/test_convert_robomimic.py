@@ -126,6 +126,20 @@ def test_robosuite_15_composite_controller(tmp_path: Path) -> None:
     assert (space.mode, space.frame) == ("absolute", "ee")
 
 
+def test_robosuite_15_composite_controller_as_its_file_nests_it() -> None:
+    """robosuite's own BASIC config nests the arms under "arms" (its loader flattens them): it read as the
+    torso's joint controller, not the arms' delta OSC."""
+    import robosuite
+
+    from wm.data.convert.robomimic import _action_space
+
+    path = Path(robosuite.__file__).parent / "controllers/config/default/composite/basic.json"
+    ctrl = json.loads(path.read_text())
+    assert "arms" in ctrl["body_parts"]
+    space = _action_space(ctrl)
+    assert (space.mode, space.frame) == ("delta", "ee") and "OSC_POSE" in space.description
+
+
 @pytest.mark.parametrize("ctype", ["JOINT_VELOCITY", "JOINT_TORQUE"])
 def test_velocity_and_torque_controllers_are_recorded_as_absolute_set_points(
     tmp_path: Path, ctype: str

@@ -329,6 +329,8 @@ def _action_space(ctrl: Any) -> ActionSpace:
     if not isinstance(ctrl, dict):
         return ActionSpace()
     parts = ctrl.get("body_parts") or ctrl.get("body_part_controllers")
+    if isinstance(parts, dict) and isinstance(parts.get("arms"), dict):  # as robosuite's files nest them
+        parts = {**parts["arms"], **{k: v for k, v in parts.items() if k != "arms"}}  # (its loader: flat)
     for part in parts.values() if isinstance(parts, dict) else [ctrl]:
         if not isinstance(part, dict):
             continue
