@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -243,6 +244,107 @@ def test_param_groups_skip_decay_on_bias_norm_embedding():
         id(model[2].weight),
         id(model[2].bias),
     }
+
+
+def test_positional_and_camera_embeddings_and_register_tokens_take_no_decay():
+    """They were decayed (free-standing 3-d parameters): AdamW pulled the transformer's and UWM's positions
+    toward zero every step; only layers' weight matrices decay (conv and attention ones too)."""
+    from policies.diffusion.transformer import TransformerConfig, TransformerDenoiser
+    from wm.uwm_net import DiTConfig, UWMNet
+
+    def decayed(model):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {
+            names[id(p)] for g in default_param_groups(model, 0.05) if g["weight_decay"] for p in g["params"]
+        }
+
+    t = TransformerDenoiser(
+        TransformerConfig(dim=16, depth=1, heads=2), action_dim=2, cond_dim=4, horizon=8, n_obs=2
+    )
+    u = UWMNet(
+        DiTConfig(dim=16, depth=1, heads=2, obs_tokens=True), action_dim=2, horizon=8, latent_shape=(4, 4, 4),
+        n_future=1, n_obs=1, proprio_dim=3, n_views=2,
+    )  # fmt: skip
+    for model, free in (
+        (t, {"action_pos", "cond_pos"}),
+        (u, {"action_pos", "frame_pos", "obs_pos", "camera_emb", "registers"}),
+    ):
+        names = decayed(model)
+        assert free <= {n for n, _ in model.named_parameters()} and not free & names
+        assert names and all(n.endswith("weight") for n in names)
+    attn = nn.MultiheadAttention(8, 2)
+    conv = nn.Conv2d(3, 4, 3)
+    assert decayed(nn.ModuleList([attn, conv])) == {"0.in_proj_weight", "0.out_proj.weight", "1.weight"}
+
+
+def test_an_optimizer_saved_in_the_earlier_decay_groups_resumes_with_its_moments():
+    """A run checkpointed when positions still decayed had its moments in other groups: load_state_dict
+    refused them (the run could not resume); they are moved onto this run's groups, each to its parameter."""
+    from wm.optim import earlier_param_groups
+    from wm.resume import regrouped
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model.register_parameter("pos", nn.Parameter(torch.randn(1, 3, 4)))
+    before = torch.optim.AdamW([{"params": ps} for ps in earlier_param_groups(model)])
+    (model(torch.randn(2, 4)).sum() + model.pos.square().sum()).backward()
+    before.step()
+    saved = copy.deepcopy(before.state_dict())
+    now = torch.optim.AdamW(default_param_groups(model, 0.05))
+    with pytest.raises(ValueError, match="size"):
+        now.load_state_dict(saved)
+    now.load_state_dict(regrouped(saved, now, model))
+    for p in model.parameters():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(now.state[p][name], before.state[p][name])
+    assert [g["weight_decay"] for g in now.param_groups] == [0.05, 0.0]
+    own = now.state_dict()
+    assert regrouped(own, now, model) is own  # this rule's groups: as they are
+    saved["param_groups"][0]["params"].pop()  # neither rule's groups: left to load_state_dict to refuse
+    assert regrouped(saved, now, model) is saved
+
+
+class Positioned(TinyRegressor):
+    """TinyRegressor with a free-standing positional parameter added to its output."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.pos = nn.Parameter(torch.zeros(1, 1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.pos[0]
+
+
+def test_a_run_checkpointed_under_the_earlier_decay_groups_resumes(dataset, tmp_path):
+    from wm.optim import earlier_param_groups
+
+    torch.manual_seed(0)
+    model = Positioned(**MODEL_CONFIG)
+    groups = [
+        {"params": ps, "weight_decay": wd}
+        for ps, wd in zip(earlier_param_groups(model), (0.01, 0.0), strict=True)
+    ]
+    config = cfg(steps=3, ckpt_every=3)
+    Trainer(
+        model, dataset, config, tmp_path, model_type="tiny", model_config=MODEL_CONFIG, param_groups=groups
+    ).fit()
+    saved = load_checkpoint(tmp_path)["optimizer"]
+    pos_index = saved["param_groups"][0]["params"][0]  # (decayed then; a module's own parameters come first)
+    torch.manual_seed(0)
+    again = Trainer(
+        Positioned(**MODEL_CONFIG),
+        dataset,
+        cfg(steps=6, ckpt_every=3),
+        tmp_path,
+        model_type="tiny",
+        model_config=MODEL_CONFIG,
+    )
+    assert again.resume() and again.step == 3
+    assert torch.equal(
+        again.optimizer.state[again.model.pos]["exp_avg"], saved["state"][pos_index]["exp_avg"]
+    )
+    again.fit()
+    assert again.step == 6
 
 
 def test_ema_update_math():

@@ -146,24 +146,55 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
+MATRIX_LAYERS = (
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)  # fmt: skip
+ATTENTION_MATRICES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def decayed_matrices(model: nn.Module) -> set[int]:
+    """The ids of `model`'s parameters weight decay applies to: the weight matrices of linear,
+    convolution and attention layers. Biases, norm scales, `nn.Embedding` tables and free-standing
+    parameters (positional and camera embeddings, register tokens: what the model looks up, not a map it
+    applies) get none, as in Diffusion Policy's transformer and timm."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, MATRIX_LAYERS)}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            ids |= {id(w) for name in ATTENTION_MATRICES if (w := getattr(m, name)) is not None}
+    return ids
+
+
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: weight decay on matrices, none on biases, norm scales (ndim <= 1) and
-    `nn.Embedding` tables. Frozen parameters are left out.
+    """Two AdamW groups: weight decay on the weight matrices of linear, convolution and attention layers
+    (`decayed_matrices`), none on anything else. Frozen parameters are left out.
 
     A model may name modules that train on detached inputs only in a `detached_heads` dict (name ->
     module; the world model's video decoder). Their parameters get two groups of their own with
     `"clip_group": name`, and `Trainer` clips each clip group on its own, so such a head cannot
     change how the rest of the model is clipped (one joint norm would couple them)."""
+    return [
+        {"params": ps, "weight_decay": weight_decay if decays else 0.0}
+        | ({"clip_group": name} if name else {})
+        for (name, decays), ps in _grouped(model, decayed_matrices(model)).items()
+    ]
+
+
+def earlier_param_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """The parameters of each of `default_param_groups`' groups as they were before 2026-12-07, when every
+    parameter of more than one dimension but `nn.Embedding` tables decayed (positions and camera
+    embeddings too): the order a checkpoint of then saved its optimizer's moments in."""
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrices = {id(p) for p in model.parameters() if p.ndim > 1 and id(p) not in embedding}
+    return list(_grouped(model, matrices).values())
+
+
+def _grouped(model: nn.Module, decayed: set[int]) -> dict[tuple[str, bool], list[nn.Parameter]]:
+    """Trainable parameters by (detached head or "", decays), in the model's order."""
     heads = getattr(model, "detached_heads", {})
     head_of = {id(p): name for name, m in heads.items() for p in m.parameters()}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {("", True): [], ("", False): []}
     for p in model.parameters():
         if p.requires_grad:
-            decays = not (p.ndim <= 1 or id(p) in embedding)
-            groups.setdefault((head_of.get(id(p), ""), decays), []).append(p)
-    return [
-        {"params": ps, "weight_decay": weight_decay if decays else 0.0}
-        | ({"clip_group": name} if name else {})
-        for (name, decays), ps in groups.items()
-    ]
+            groups.setdefault((head_of.get(id(p), ""), id(p) in decayed), []).append(p)
+    return groups

@@ -25,7 +25,7 @@ from wm.checkpoint import (
     state_dict_diff,
 )
 from wm.data.normalize import Normalizer
-from wm.optim import TrainerConfig, lr_factor
+from wm.optim import TrainerConfig, earlier_param_groups, lr_factor
 from wm.options import is_whole
 
 OPTIMIZER_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per group: this run's, on resume too
@@ -132,6 +132,28 @@ def check_fits(run: RunIdentity, ckpt: dict[str, Any], path: Path) -> str:
         f"note: resuming {path}, trained with another model_config ({', '.join(changed)}); its "
         "weights fit, so training continues from them with this run's settings"
     )
+
+
+def regrouped(saved: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """A checkpoint's optimizer state, its moments moved onto this run's groups when they were saved in
+    the groups of the earlier weight-decay rule (`wm.optim.earlier_param_groups`: a run of a model with
+    positional embeddings, checkpointed before the rule changed, could not resume); else `saved` as it is.
+    The groups' settings are this run's (`keep_settings` puts them back anyway)."""
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes == [len(g["params"]) for g in optimizer.param_groups]:
+        return saved
+    earlier = earlier_param_groups(model)
+    if sizes != [len(ps) for ps in earlier]:
+        return saved  # (load_state_dict says what does not fit)
+    index = {
+        id(p): i
+        for group, ps in zip(saved["param_groups"], earlier, strict=True)
+        for i, p in zip(group["params"], ps, strict=True)
+    }
+    now = optimizer.state_dict()  # this run's groups, its parameters numbered in their order
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {j: saved["state"][index[id(p)]] for j, p in enumerate(params) if index[id(p)] in saved["state"]}
+    return {"state": state, "param_groups": now["param_groups"]}
 
 
 def check_moments(optimizer: torch.optim.Optimizer) -> None:

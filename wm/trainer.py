@@ -5,15 +5,15 @@ reads a root config or instantiates from one). A model only has to satisfy `Trai
 
     loss, metrics = model.compute_loss(batch)   # batch: the WindowDataset keys, on the device
 
-The trainer owns everything else: the seeded loader (`wm.data.dataset.make_loader`), AdamW with no
-weight decay on biases, norm scales and `nn.Embedding` tables, linear warmup then cosine LR (the warm-up
-capped at a fraction of the run, so a short run is not all warm-up), gradient clipping, an EMA copy of
-the weights (used for validation and saved), optional bf16 autocast and `torch.compile`, tqdm progress,
-TensorBoard logs under `out_dir/tb`, periodic validation through a model-specific `val_fn`, atomic
-checkpoints (`wm.checkpoint`): the latest `ckpt_<step>.pt` files and `best.pt`, the weights with the
-lowest validation metric so far; resuming from the latest checkpoint in `out_dir`, and on Ctrl-C a
-checkpoint at the step reached (`TrainingInterrupted`). What a user must see (resuming, the warm-up
-cap, validation, the interrupt) is printed to stderr on rank 0 above the progress bar.
+The trainer owns everything else: the seeded loader (`wm.data.dataset.make_loader`), AdamW with weight
+decay on layers' weight matrices only (`wm.optim.decayed_matrices`), linear warmup then cosine LR (the
+warm-up capped at a fraction of the run, so a short run is not all warm-up), gradient clipping, an EMA
+copy of the weights (used for validation and saved), optional bf16 autocast and `torch.compile`, tqdm
+progress, TensorBoard logs under `out_dir/tb`, periodic validation through a model-specific `val_fn`,
+atomic checkpoints (`wm.checkpoint`): the latest `ckpt_<step>.pt` files and `best.pt`, the weights with
+the lowest validation metric so far; resuming from the latest checkpoint in `out_dir`, and on Ctrl-C a
+checkpoint at the step reached (`TrainingInterrupted`). What a user must see (resuming, the warm-up cap,
+validation, the interrupt) is printed to stderr on rank 0 above the progress bar.
 
 DDP: launched with `torchrun`, the trainer sees WORLD_SIZE > 1, joins the process group (nccl on
 CUDA, gloo on CPU) and wraps the model in `DistributedDataParallel`. DDP only syncs gradients for a
@@ -226,6 +226,7 @@ class Trainer:
         self.model = model.to(self._device).train()
         self._ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
         groups = param_groups if param_groups is not None else default_param_groups(model, cfg.weight_decay)
+        self._grouped = model if param_groups is None else None  # (a checkpoint's groups may be regrouped)
         fused = self._device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused
@@ -365,7 +366,10 @@ class Trainer:
         settings = resume.optimizer_settings(self.optimizer)
         fix = resume.fall_back(self.out_dir, path)
         try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            saved = ckpt["optimizer"]
+            if self._grouped is not None:
+                saved = resume.regrouped(saved, self.optimizer, self._grouped)
+            self.optimizer.load_state_dict(saved)
             resume.check_moments(self.optimizer)
         except resume.DAMAGED as e:
             raise CheckpointError(
