@@ -437,6 +437,26 @@ def test_a_resume_with_another_batch_size_goes_on_after_the_windows_taken(
     assert second.step == 6
 
 
+def test_a_resume_on_another_number_of_processes_begins_a_new_epoch(dataset, tmp_path, capsys):
+    """The data position counts each process's batches in its own shard's order: resumed on another
+    number of processes it was read as this run's (a damaged checkpoint when past this run's epoch
+    length, else other windows skipped than the ones taken)."""
+    make_trainer(dataset, tmp_path, steps=3, ckpt_every=3, batch_size=8).fit()
+    path = tmp_path / "ckpt_00000003.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["data_position"]["world_size"] == 1
+    ckpt["data_position"].update(world_size=2, batches=40)  # (an epoch of 256 windows is 32 batches here)
+    torch.save(ckpt, path)
+    second = make_trainer(dataset, tmp_path, steps=6, ckpt_every=3, batch_size=8)
+    assert second.resume() and second.step == 3 and second._skip == 0 and second.epoch == ckpt["epoch"] + 1
+    said = capsys.readouterr().err
+    assert (
+        f"note: the checkpoint was trained on 2 process(es), this run on 1: its epoch {ckpt['epoch']}" in said
+    )
+    second.fit()
+    assert second.step == 6
+
+
 def test_a_resume_with_another_trainer_seed_is_refused(dataset, tmp_path):
     """It was ignored (the checkpoint's random state goes on), while config.json recorded the new seed."""
     make_trainer(dataset, tmp_path, steps=2, ckpt_every=2).fit()

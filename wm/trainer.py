@@ -303,7 +303,11 @@ class Trainer:
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
                 rng=rng_state(self.loader.generator),
-                data_position={"epoch_start": self._epoch_start, "batches": self._epoch_batches},
+                data_position={
+                    "epoch_start": self._epoch_start,
+                    "batches": self._epoch_batches,  # (each process's)
+                    "world_size": self.world_size,
+                },
             )
         return fields
 
@@ -400,7 +404,17 @@ class Trainer:
         A checkpoint without the position (an older version's) starts a fresh epoch. Taken with another
         `batch_size`, its batches are counted in windows: this run's batches skip as many as whole ones
         cover (a larger batch size was called a damaged checkpoint, a smaller one skipped windows the run
-        had never taken)."""
+        had never taken). Taken by another number of processes, the epoch's order is another (each
+        process's shard, and one process's own order): a new epoch begins, and a note says so (the
+        positions of each process's shard were read as this run's: a damaged checkpoint, or wrong windows
+        skipped)."""
+        then = position.get("world_size") if isinstance(position, dict) else None
+        if is_whole(then) and then != self.world_size:
+            self._say(
+                f"note: the checkpoint was trained on {then} process(es), this run on {self.world_size}: its "
+                f"epoch {epoch} cannot be continued in the same order, so epoch {epoch + 1} begins"
+            )
+            return
         if (
             is_whole(batch_size)
             and batch_size != self.cfg.batch_size
