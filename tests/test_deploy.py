@@ -73,7 +73,9 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
     assert report["episodes"] == 2 and 0 <= report["success_rate"] <= 1
     assert report["tick_error_ms"]["p50"] is not None and report["latency_ms"]["p50"] > 0
     assert report["settings"]["runtime"]["stitching"] == "inpaint" and report["chunks"] >= 2
-    assert report["settings"]["runtime"]["realtime_priority"] == 10  # applied, or a note said why not
+    assert report["settings"]["runtime"]["realtime_priority"] == 10  # asked; what was not applied:
+    notes = [line.removeprefix("note: ") for line in res.stderr.splitlines() if "SCHED_FIFO" in line]
+    assert report["settings"]["scheduling_notes"] == notes  # (the report said SCHED_FIFO where it was not)
     # pointmaze steps its physics 0.1 s a tick (10 Hz): at 20 Hz its world runs twice real time, said
     assert report["settings"]["sim_time_scale"] == 2.0 and report["settings"]["control_hz"] == 20
     assert (
@@ -94,6 +96,25 @@ def test_policy_deployed_async_with_recording(policy, tmp_path):
         assert s.episode_info(0)["success"] in (True, False)
     res = cli("wm-info", f"store={store}", "verify=true", "contact_sheet=none")
     assert res.returncode == 0, res.stderr
+
+
+def test_a_control_core_that_is_the_only_one_is_said_to_be_shared_with_the_worker(tmp_path):
+    """Under a one-core mask (taskset -c N) with runtime.control_cpu=N, the worker ran on the control
+    loop's core, possibly under its SCHED_FIFO, while the settings promise it the others: a note says so,
+    and the report keeps it."""
+    core = max(os.sched_getaffinity(0))
+    res = subprocess.run(
+        [str(BIN / "wm-deploy"), "robot=pointmaze", "controller=random", "max_steps=3", f"out={tmp_path}",
+         f"runtime.control_cpu={core}"],
+        capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    line = (
+        f"core {core} is the only one this process may use: the inference worker shares it with the "
+        "control loop"
+    )
+    assert f"note: {line}" in res.stdout
+    assert json.loads((tmp_path / "report.json").read_text())["settings"]["scheduling_notes"] == [line]
 
 
 @pytest.mark.parametrize("stitching", ["replace", "average", "ensemble"])

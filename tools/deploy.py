@@ -280,7 +280,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
     from policies.evaluate import goal_observation
     from robots.collect import OPTIONS_KEY, open_store
     from robots.runtime.loop import Runtime
-    from robots.runtime.realtime import realtime, worker_cpus
+    from robots.runtime.realtime import realtime, usable_cores, worker_cpus
     from robots.runtime.report import (
         LiveStatus,
         TickRows,
@@ -312,6 +312,8 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         cpus=worker_cpus(cfg.runtime.control_cpu),
         quiet_gc=cfg.runtime.quiet_gc,
     )
+    # (`worker_cpus` has none for the worker: it runs on the control loop's core, said at the start)
+    one_core = cfg.runtime.control_cpu is not None and usable_cores() == 1 and cfg.server is None
     if cfg.server is not None:
         from robots.runtime.remote import RemoteWorker
 
@@ -322,7 +324,7 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         until_episodes = contextlib.nullcontext
     stop = _StopFlag()
     outcomes, store, takeover, kernels, recording = [], None, None, None, None
-    episodes_began, written = False, {}
+    episodes_began, written, scheduling = False, {}, []
     cleanup = contextlib.ExitStack()  # each runs (last first), whatever one before it raised
     # SIGTERM's default action ended the process where it stood (the worker loading, the robot or a
     # takeover device connecting, the cleanup): it interrupts as Ctrl-C does until the cleanup has run
@@ -345,6 +347,12 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
         sim = is_sim(cfg.robot)
         action_spec = robot.action_feature.key_spec()
         with stop, realtime(cfg.runtime.realtime_priority, cfg.runtime.control_cpu) as notes:
+            if one_core:
+                notes.append(
+                    f"core {cfg.runtime.control_cpu} is the only one this process may use: the inference "
+                    "worker shares it with the control loop"
+                )
+            scheduling.extend(notes)  # (the report says what was not as asked)
             for line in notes:
                 say(f"note: {line}")
             episodes_began = True
@@ -402,7 +410,9 @@ def deploy(cfg: DeployConfig) -> tuple[dict[str, Any], int]:
             cleanup.enter_context(stop)
             if episodes_began:
                 cleanup.callback(
-                    lambda: written.update(report=_report(cfg, worker, robot, outcomes, kernels, time_scale))
+                    lambda: written.update(
+                        report=_report(cfg, worker, robot, outcomes, kernels, time_scale, scheduling)
+                    )
                 )
             if store is not None:
                 cleanup.callback(store.close)  # (an unfinished episode: not committed)
@@ -425,9 +435,16 @@ def _inference_threads(cfg: DeployConfig) -> int:
 
 
 def _report(
-    cfg: DeployConfig, worker: Any, robot: Any, outcomes: list, kernels: Any, time_scale: float
+    cfg: DeployConfig,
+    worker: Any,
+    robot: Any,
+    outcomes: list,
+    kernels: Any,
+    time_scale: float,
+    scheduling: list[str],
 ) -> dict[str, Any]:
-    """Write the run's report (report.json and the plots in `cfg.out`) and say where; returns it."""
+    """Write the run's report (report.json and the plots in `cfg.out`) and say where; returns it.
+    `scheduling`: the notes of what of runtime.realtime_priority / control_cpu was not as asked."""
     from robots.runtime.report import run_report, server_figures
     from robots.runtime.report import write_report as write_run_report
     from robots.runtime.worker import kernel_line
@@ -440,6 +457,7 @@ def _report(
         "controller": worker.info.get("controller", cfg.controller),
         "checkpoint": worker.info.get("checkpoint", cfg.checkpoint),
         "runtime": {k: v for k, v in cfg.runtime.__dict__.items() if k != "safety"},
+        "scheduling_notes": scheduling,  # (the runtime's settings are what was asked)
         "safety": cfg.runtime.safety.__dict__,
         "added_delay_s": cfg.added_delay_s,
         "inference_threads": threads if cfg.server is None else None,  # remote: the server's own
