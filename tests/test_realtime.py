@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import weakref
 
 import pytest
@@ -160,3 +161,30 @@ def test_quiet_gc_disabled_or_inside_a_collector_already_off_leaves_it_as_it_was
         assert not gc.isenabled()  # a collector the caller had turned off stays off
     finally:
         gc.enable()
+
+
+def test_quiet_gc_blocks_that_overlap_on_two_threads_keep_it_quiet_until_the_last_ends():
+    """A server's block and a runtime's in one process: the first to end turned the collector back on
+    and unfroze everything under the other's still-running loop."""
+    first_open, first_closed, second_closed = threading.Event(), threading.Event(), threading.Event()
+    seen, frozen_before = {}, gc.get_freeze_count()
+
+    def first() -> None:
+        with QuietGC():
+            first_open.set()
+            second_open.wait(5)
+        first_closed.set()
+        seen["after the first"] = gc.isenabled()
+        second_closed.wait(5)
+
+    second_open = threading.Event()
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_open.wait(5)
+    with QuietGC():
+        second_open.set()
+        first_closed.wait(5)
+        assert not gc.isenabled() and gc.get_freeze_count() > frozen_before  # still quiet for this block
+    second_closed.set()
+    thread.join(5)
+    assert seen["after the first"] is False and gc.isenabled() and gc.get_freeze_count() == frozen_before

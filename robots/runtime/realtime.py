@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import threading
 from collections.abc import Iterator
 
 PRIORITY_RANGE = (1, 99)
@@ -107,18 +108,26 @@ class QuietGC:
     Cyclic garbage that outlives a step is kept until `renew()` (a full pass, for where a pause does no
     harm: a long-lived server or worker calls it when an episode starts) or the end of the block, when
     everything is unfrozen and the collector is restored as it was. `enabled=False` changes nothing.
+    Blocks may overlap (threads of one process): the collector is the process's, restored when the last
+    one ends.
     """
+
+    _lock = threading.Lock()
+    _blocks = 0  # blocks open in this process (the collector is the process's): the last one restores it
+    _was_enabled = False
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.active = False
-        self._was_enabled = False
 
     def __enter__(self) -> QuietGC:
         if self.enabled:
-            self._was_enabled = gc.isenabled()
-            gc.disable()
-            gc.freeze()
+            with QuietGC._lock:
+                if QuietGC._blocks == 0:
+                    QuietGC._was_enabled = gc.isenabled()
+                    gc.disable()
+                QuietGC._blocks += 1
+                gc.freeze()
             self.active = True
         return self
 
@@ -138,6 +147,9 @@ class QuietGC:
     def __exit__(self, *exc: object) -> None:
         if self.active:
             self.active = False
-            gc.unfreeze()
-            if self._was_enabled:
-                gc.enable()
+            with QuietGC._lock:  # (a block of another thread still open, e.g. a server's beside a
+                QuietGC._blocks -= 1  # runtime's: its loop kept quiet until it ends too)
+                if QuietGC._blocks == 0:
+                    gc.unfreeze()
+                    if QuietGC._was_enabled:
+                        gc.enable()
