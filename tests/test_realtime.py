@@ -188,3 +188,26 @@ def test_quiet_gc_blocks_that_overlap_on_two_threads_keep_it_quiet_until_the_las
     second_closed.set()
     thread.join(5)
     assert seen["after the first"] is False and gc.isenabled() and gc.get_freeze_count() == frozen_before
+
+
+@linux
+@pytest.mark.parametrize(
+    "rtprio, said",
+    [
+        (5, "this user's RLIMIT_RTPRIO allows up to 5: give runtime.realtime_priority=5"),
+        (0, "needs root or CAP_SYS_NICE"),
+    ],
+)
+def test_a_priority_above_the_users_rtprio_limit_says_which_one_it_may_have(monkeypatch, rtprio, said):
+    """A user given rtprio 5 in limits.conf who asked for 10 was told it needs root."""
+    import resource
+
+    def refused(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refused)  # (the kernel's answer without the right)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (rtprio, rtprio))
+    with realtime(10, None) as notes:
+        assert notes == [
+            f"the control loop could not run under SCHED_FIFO ({said}); it runs at normal priority"
+        ]

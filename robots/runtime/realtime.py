@@ -84,7 +84,7 @@ def realtime(priority: int | None, control_cpu: int | None) -> Iterator[list[str
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
             undo.append(lambda: os.sched_setscheduler(0, policy, param))
         except (OSError, AttributeError) as e:
-            why = "needs root or CAP_SYS_NICE" if isinstance(e, PermissionError) else str(e)
+            why = _no_priority(priority) if isinstance(e, PermissionError) else str(e)
             notes.append(
                 f"the control loop could not run under SCHED_FIFO ({why}); it runs at normal priority"
             )
@@ -94,6 +94,20 @@ def realtime(priority: int | None, control_cpu: int | None) -> Iterator[list[str
         for step in reversed(undo):
             with contextlib.suppress(OSError):
                 step()
+
+
+def _no_priority(priority: int) -> str:
+    """Why SCHED_FIFO at `priority` was refused: this user's RLIMIT_RTPRIO (limits.conf's rtprio) when it
+    allows some priority but not this one, else the privilege it needs."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_RTPRIO)[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        limit = 0
+    if 0 < limit < priority and limit != getattr(resource, "RLIM_INFINITY", -1):
+        return f"this user's RLIMIT_RTPRIO allows up to {limit}: give runtime.realtime_priority={limit}"
+    return "needs root or CAP_SYS_NICE"
 
 
 class QuietGC:
