@@ -325,6 +325,27 @@ def test_a_video_store_at_another_frame_rate_is_refused(small_store, tmp_path):
         check_compatible(small_store[0], vpath, ["img"], ["state"])
 
 
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"units": "mm"}, r"key 'state': .*small.zarr is in 'm', .*other.zarr in 'mm'"),
+        ({"names": ("x", "y", "z", "g")}, None),  # the labelled store names none: nothing to compare
+    ],
+)
+def test_a_video_store_whose_proprio_means_something_else_is_refused(small_store, tmp_path, change, said):
+    """check_compatible compared shapes and dtypes only: a video store's proprio in millimetres was
+    normalized with statistics fitted in metres (merge_stores refused the same pair)."""
+    schema = make_schema()
+    state = dataclasses.replace(schema.keys["state"], **change)
+    schema = dataclasses.replace(schema, keys={**schema.keys, "state": state})
+    vpath, _ = write_store(tmp_path / "other.zarr", range(100, 103), schema, drop=("action",))
+    if said is None:
+        assert check_compatible(small_store[0], vpath, ["img"], ["state"]) == {}
+        return
+    with pytest.raises(SchemaError, match=said):
+        check_compatible(small_store[0], vpath, ["img"], ["state"])
+
+
 def test_a_video_store_without_windows_says_why(small_store, tmp_path):
     """'the video dataset has no windows' named neither the store nor why; the labelled store's
     explanation (episode lengths against the window) is given for both, for the windows the model asked

@@ -33,7 +33,7 @@ import torch
 from wm.data.augment import AugmentConfig
 from wm.data.dataset import ACTION_FREE, BatchedDataset, WindowDataset
 from wm.data.errors import NotAStoreError, SchemaError
-from wm.data.ops import copy_episodes, keep_episodes
+from wm.data.ops import check_same_meaning, copy_episodes, keep_episodes
 from wm.data.schema import KeySpec
 from wm.data.store import DemoStore, check_not_a_source
 from wm.data.windows import WindowSpec, build_index, whole_number, why_no_windows
@@ -320,6 +320,7 @@ def _check_key(lab: DemoStore, vid: DemoStore, key: str, what: str) -> None:
         raise SchemaError(f"{vid.path}: {what} {key!r} is {b.shape} but {lab.path}'s is {a.shape}")
     if a.dtype != b.dtype:
         raise SchemaError(f"{vid.path}: {what} {key!r} is {b.dtype} but {lab.path}'s is {a.dtype}")
+    check_same_meaning(key, lab, vid)  # (a normalizer fitted in metres, applied to millimetres)
 
 
 def _cameras(store: DemoStore) -> list[str]:

@@ -65,6 +65,18 @@ def copy_episodes(
     return out
 
 
+def check_same_meaning(key: str, a: DemoStore, b: DemoStore) -> None:
+    """A SchemaError when `key`'s units or dimension names, stated in both stores, differ: its values would
+    be read in the other's units, or a column under another's name."""
+    x, y = a.schema.keys[key], b.schema.keys[key]
+    if x.units and y.units and x.units != y.units:
+        raise SchemaError(f"key {key!r}: {a.path} is in {x.units!r}, {b.path} in {y.units!r}")
+    if x.names and y.names and x.names != y.names:
+        raise SchemaError(
+            f"key {key!r}: {a.path} names its dimensions {list(x.names)}, {b.path} {list(y.names)}"
+        )
+
+
 def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
     """Episodes of `src` may join `dst`: the same keys (shape, dtype, kind, and units and dimension names
     where both state them), robot (where both state it), fps and, where actions go, action space (else
@@ -80,12 +92,7 @@ def _check_same(src: DemoStore, dst: DemoStore, keys: Sequence[str]) -> None:
                 f"key {k!r}: {src.path} has {a.shape} {a.dtype} {a.kind}, {dst.path} has {b.shape} {b.dtype} "
                 f"{b.kind}"
             )
-        if a.units and b.units and a.units != b.units:  # stated on both sides, and not the same
-            raise SchemaError(f"key {k!r}: {src.path} is in {a.units!r}, {dst.path} in {b.units!r}")
-        if a.names and b.names and a.names != b.names:  # a column read under another's name
-            raise SchemaError(
-                f"key {k!r}: {src.path} names its dimensions {list(a.names)}, {dst.path} {list(b.names)}"
-            )
+        check_same_meaning(k, src, dst)
     actions = any(src.schema.keys[k].kind == "action" for k in keys)
     sa, da = src.schema.action_space, dst.schema.action_space
     differ = [
