@@ -99,10 +99,18 @@ def test_zarr2_store_damage_is_found_without_checksums(tmp_path):
     with DemoStore.create(path, make_schema(), zarr_format=2) as s:
         for i in range(3):
             s.append_episode(make_episode(i, 4))
+    clean = verify_store(path)  # ok, and says what it cannot find in such a store
+    assert clean.ok and not clean.checksums_checked and not clean.to_dict()["checksums_checked"]
+    assert "zarr v2 chunks carry no checksum" in format_report(clean)
     truncate(path / "data" / "img" / "5.0.0.0")
     report = verify_store(path)
     assert [(p.steps, p.episodes) for p in report.problems] == [((5, 6), (1,))]
     assert "Blosc header" in report.problems[0].detail
+    assert "zarr v2 chunks carry no checksum" in format_report(report)
+    v3 = tmp_path / "v3.zarr"
+    with DemoStore.create(v3, make_schema()) as s:
+        s.append_episode(make_episode(0, 4))
+    assert verify_store(v3).checksums_checked and "checksum" not in format_report(verify_store(v3))
 
 
 @pytest.mark.parametrize("zarr_format", [3, 2])

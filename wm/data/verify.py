@@ -60,6 +60,7 @@ class VerifyReport:
     keys_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
     missing_files_checked: bool = True  # False: a store that may leave all-zero chunks unwritten
+    checksums_checked: bool = True  # False: zarr v2 chunks in a folder (no checksum; a zip has its CRC)
 
     @property
     def ok(self) -> bool:
@@ -91,6 +92,7 @@ class VerifyReport:
             "keys_checked": self.keys_checked,
             "chunks_checked": self.chunks_checked,
             "missing_files_checked": self.missing_files_checked,
+            "checksums_checked": self.checksums_checked,
             "damaged_episodes": self.damaged_episodes,
             "problems": [{**asdict(p), "episodes": list(p.episodes)} for p in self.problems],
             "repair": self.repair_command(),
@@ -134,6 +136,7 @@ def verify_store(path: str | Path) -> VerifyReport:
     with store:
         report.n_episodes = store.n_episodes
         report.missing_files_checked = store.every_chunk
+        report.checksums_checked = store.zarr_format >= 3 or Path(path).suffix == ".zip"
         report.problems += _check_boundaries(store)
         for key in store.keys:
             report.problems += _check_key(store, key, report)
@@ -245,6 +248,11 @@ def format_report(report: VerifyReport) -> str:
             note.append(f"           (a rewrite keeping every episode writes every chunk: {rewrite})")
         elif report.repair_command() is not None:  # (a rewrite keeping them all refuses an empty episode)
             note.append("           (the repair above writes every chunk of the episodes it keeps)")
+    if not report.checksums_checked:
+        note.append(
+            "note       zarr v2 chunks carry no checksum: a byte changed inside a chunk that still decodes "
+            "reads as other values and is not found here (zarr v3 stores, the default, carry one)"
+        )
     if report.ok:
         return "\n".join([head + "; no damage found", *note])
     lines = [head, f"damage     {len(report.problems)} problem(s):"]
