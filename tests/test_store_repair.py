@@ -256,17 +256,24 @@ def test_a_damaged_zip_store_names_the_repair_of_its_unzipped_copy(tmp_path):
 
 
 @pytest.mark.parametrize("zarr_format", [3, 2])
-def test_a_rewrite_keeps_the_image_codec(tmp_path, zarr_format):
-    """The rewrite passed the chunking on but not the codec: zstd frames came back as lz4."""
+@pytest.mark.parametrize("image_codec", ["zstd", "lz4hc"])
+def test_a_rewrite_keeps_the_image_codec(tmp_path, zarr_format, image_codec):
+    """The rewrite passed the chunking on but not the codec: zstd frames came back as lz4. And the image
+    codec it passed on went to every key: the low-dim keys' zstd became lz4 (larger)."""
     path = tmp_path / "s.zarr"
-    with DemoStore.create(path, make_schema(), zarr_format=zarr_format, image_codec="zstd") as s:
+    with DemoStore.create(path, make_schema(), zarr_format=zarr_format, image_codec=image_codec) as s:
         for i in range(3):
             s.append_episode(make_episode(i, 4))
+
+    def codecs(s):
+        return {k: getattr(c.cname, "value", c.cname) for k in s.keys for c in s.array(k).compressors[:1]}
+
+    with DemoStore.open(path) as s:
+        before = codecs(s)
+    assert before == {"img": image_codec, "state": "zstd", "action": "zstd"}
     delete_episodes(path, [0])
     with DemoStore.open(path) as s:
-        (blosc, *_) = s.array("img").compressors
-        assert getattr(blosc.cname, "value", blosc.cname) == "zstd"
-        assert s.n_episodes == 2
+        assert codecs(s) == before and s.n_episodes == 2
 
 
 def test_sigterm_stops_a_rewrite_as_ctrl_c_does(tmp_path):

@@ -81,9 +81,10 @@ BLOSC_CODECS = ("auto", "lz4", "lz4hc", "zstd", "zlib", "blosclz")  # "auto": lz
 
 
 def _compressor(kind: str, zarr_format: int, codec: str) -> Any:
-    """Blosc with lz4 (images: fast decode) or zstd (low-dim: small), in the zarr format's own spelling."""
+    """Blosc with lz4 (images: fast decode; `codec` for images when not "auto") or zstd (low-dim: small),
+    in the zarr format's own spelling."""
     image = kind == "image"
-    cname = codec if codec != "auto" else ("lz4" if image else "zstd")
+    cname = "zstd" if not image else codec if codec != "auto" else "lz4"  # (image_codec: images only)
     if zarr_format == 2:
         from numcodecs import Blosc
 
