@@ -212,6 +212,14 @@ def test_resnet18_torchvision_file_loads_exactly(tmp_path):
         other = build_encoder(EncoderConfig(name="resnet18", weights=str(tmp_path / "other_fc.pth")))
         assert torch.equal(other(x), ref)
 
+    # torchvision's ImageNet files predate BatchNorm's num_batches_tracked (torch fills it in): refused
+    old = {k: v for k, v in full.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(full.state_dict())
+    torch.save(old, tmp_path / "no_counters.pth")
+    assert torch.equal(
+        build_encoder(EncoderConfig(name="resnet18", weights=str(tmp_path / "no_counters.pth")))(x), ref
+    )
+
     sd = full.state_dict()
     del sd["layer2.0.conv1.weight"]
     torch.save(sd, tmp_path / "broken.pth")

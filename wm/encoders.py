@@ -414,6 +414,10 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
 def _load_into(model: nn.Module, sd: dict[str, Tensor], where: str | Path) -> None:
     """Load `sd` strictly into `model` (built on the meta device), in the model's dtypes."""
     target = model.state_dict()
+    # files saved before BatchNorm counted its batches (torchvision's ImageNet ResNets) have no counters;
+    # torch's own loading fills them in, and they do nothing in eval
+    counters = [k for k in target if k.endswith(".num_batches_tracked") and k not in sd]
+    sd = {**sd, **{k: torch.zeros((), dtype=torch.long) for k in counters}}
     _check_keys(sd, target, where)
     sd = {k: v.to(target[k].dtype).contiguous() for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
