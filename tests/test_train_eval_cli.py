@@ -96,6 +96,7 @@ def test_world_model_train_then_mpc_eval(world_model, maze, tmp_path):
         (["execute=5", "planner.horizon=2"], "cannot execute 5 steps of a horizon-2 plan"),
         (["subgoals=on", "store=missing.zarr"], "store=missing.zarr does not exist (the store subgoals are"),
         (["subgoals=auto", "store=missing.zarr"], "store=missing.zarr does not exist"),  # was only a note
+        (["subgoals=on", "graph.stride=1000"], "subgoals=on: the subgoal graph from"),  # never a subgoal
         (["task=arm_push"], "an observation from another task or robot?"),  # refused as the episodes start
         (["episodes=1000000000000"], "episodes must be at most 1,000,000"),  # a MemoryError traceback
     ],
@@ -112,6 +113,18 @@ def test_eval_refusals_leave_no_empty_out_folder(world_model, tmp_path, args, li
     (tmp_path / "old").mkdir()
     assert run_app("wm-eval", *common, "out=old", *args, cwd=tmp_path).returncode == 2
     assert (tmp_path / "old").is_dir()
+
+
+def test_subgoals_auto_on_a_graph_that_can_give_none_are_off_and_said(world_model, tmp_path):
+    """A stride longer than every episode gives one node an episode: no step to measure reach by, so no
+    subgoal ever (subgoal_replans 0, subgoals=on recorded), and nothing said."""
+    res = run_app(
+        "wm-eval", "task=pointmaze", "controller=mpc", f"checkpoint={world_model}", "episodes=1",
+        "max_steps=2", "videos=0", "progress=false", "subgoals=auto", "graph.stride=1000",
+        "planner.samples=8", "planner.elites=2", "planner.iterations=1", f"out={tmp_path / 'e'}",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "note: subgoals off: the subgoal graph from" in res.stdout and "graph.stride=1000" in res.stdout
 
 
 def test_eval_reports_the_kernels_of_its_own_model_alone(world_model, tmp_path):

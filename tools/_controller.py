@@ -364,6 +364,15 @@ def _mpc_builder(cfg: ControllerConfig, loaded: Any, feat: Any) -> Any:
 
     store = _graph_store(cfg, loaded.checkpoint)
     graph = build_graph(loaded.model, store, cfg.graph) if store else None
+    if graph is not None and graph.step_length == 0:  # it would never give a subgoal, and nothing said so
+        why = (
+            f"the subgoal graph from {store} measures no motion (no two nodes of one episode differ: "
+            f"graph.stride={cfg.graph.stride} is longer than its episodes, or they do not move)"
+        )
+        if cfg.subgoals == "on":
+            raise ValueError(f"subgoals=on: {why}; lower graph.stride or give subgoals=off")
+        print(f"note: subgoals off: {why}", flush=True)
+        graph = None
     seconds = cfg.planner_budget.seconds
 
     def make(iterations: int | None) -> Any:
@@ -381,13 +390,20 @@ def _graph_store(cfg: ControllerConfig, ckpt: dict[str, Any]) -> str | None:
     run = (ckpt.get("extra") or {}).get("run_config") or {}
     if cfg.store and not Path(cfg.store).exists():  # given: not the training store, and not to be dropped
         raise ValueError(f"store={cfg.store} does not exist (the store subgoals are built from)")
+    from wm.data.errors import StoreError
+
     store = cfg.store or run.get("store")
-    if store and Path(store).exists():
-        _say_if_changed(str(store), run)
-        return str(store)
     why = (
         f"the training store {store!r} does not exist" if store else "the checkpoint names no training store"
     )
+    if store and Path(store).exists():
+        try:
+            _say_if_changed(str(store), run)
+            return str(store)
+        except StoreError as e:  # (an empty folder where the store was: auto turns subgoals off)
+            if cfg.subgoals == "on" or cfg.store:
+                raise
+            why = f"the training store cannot be read ({e})"
     if cfg.subgoals == "on":
         raise ValueError(f"subgoals=on needs the training store: {why}; pass store=PATH")
     print(f"note: subgoals off: {why} (pass store=PATH to use them)", flush=True)
@@ -395,13 +411,12 @@ def _graph_store(cfg: ControllerConfig, ckpt: dict[str, Any]) -> str | None:
 
 
 def _say_if_changed(store: str, run: dict[str, Any]) -> None:
-    """One line when the store differs from the one the world model was trained on (its fingerprint)."""
+    """One line when the store differs from the one the world model was trained on (its fingerprint);
+    a StoreError when it cannot be opened."""
     from wm.data import DemoStore
 
-    if "store_fingerprint" not in run:
-        return
     with DemoStore.open(store) as s:
-        if s.fingerprint == run["store_fingerprint"]:
+        if "store_fingerprint" not in run or s.fingerprint == run["store_fingerprint"]:
             return
         now = s.n_episodes
     print(
