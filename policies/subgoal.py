@@ -1,4 +1,4 @@
-"""Subgoals from a latent graph of the training data, for goals beyond the planning horizon.
+"""Subgoals from a latent graph of the training data, for goals far from the current state.
 
 An MPC planner minimizing the distance between predicted and goal latents is greedy beyond its
 horizon: in a U-shaped maze it presses against the wall between two arms. `LatentGraph` is the
@@ -6,8 +6,9 @@ world model's memory of where the demonstrations went: nodes are latents of trai
 (encoded by the world model's own encoder), directed edges join each node to the next one of its
 episode (so a path follows demonstrated motion in its direction, which matters when latents carry
 velocities), and undirected shortcuts join nodes whose latents are as close as consecutive ones.
-To plan toward a far goal, MPC aims at the node about `lookahead` typical steps along the shortest
-path from the current latent to the goal's (the goal itself once it is that close). The graph
+To plan toward a far goal, MPC aims at the first node of the shortest path from the current latent to
+the goal's that lies `lookahead` typical steps away from the current latent (latent distance, not
+steps counted along the path; the goal itself once it is that close). The graph
 never touches a simulator: it holds latents only.
 """
 
@@ -29,7 +30,7 @@ class GraphConfig:
     stride: int = 5  # one node every `stride` steps of each episode (the world model's frameskip)
     neighbors: int = 8  # shortcut candidates per node
     shortcut_quantile: float = 0.9  # shortcuts no longer than this quantile of consecutive-node distances
-    lookahead: float = 2.0  # subgoal distance along the path, in typical consecutive-node steps
+    lookahead: float = 2.0  # the first path node this far from the current latent, in typical node steps
     goal_reach: float = 1.0  # aim at the goal itself within goal_reach x lookahead typical node steps
 
     def __post_init__(self) -> None:
