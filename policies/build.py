@@ -6,7 +6,7 @@ Everything here reads the world model's `io_spec` (keys, frameskip) and its decl
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from policies.mpc import MPC, MPCConfig
 from policies.planners import DEFAULT_PLANNER, build_planner
 from policies.subgoal import GraphConfig, LatentGraph, SubgoalSelector
 from wm.data import DemoStore
+from wm.spec import IOSpec
 
 
 def planner_bounds(low: np.ndarray, high: np.ndarray, frameskip: int) -> dict[str, Any]:
@@ -78,13 +79,24 @@ def build_mpc(
     return MPC(model, build_planner(cfg, model), mpc_cfg, subgoals)
 
 
-def graph_nodes(store: DemoStore, keys: Sequence[str], cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray]:
+def graph_nodes(store: DemoStore, io: IOSpec, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray]:
     """The global steps of the subgoal graph's nodes in `store` (every `cfg.stride` steps of every
     episode, sorted) and each one's episode; ValueError in one line for a store the graph cannot be built
-    from: without the world model's `keys`, or without episodes (a numpy error before)."""
-    missing = [k for k in keys if k not in store.schema.keys]
+    from: without the world model's keys (`io`), with other shapes of them (a torch reshape error when
+    the graph was built), or without episodes (a numpy error before)."""
+    missing = [k for k in io.obs_keys if k not in store.schema.keys]
     if missing:
         raise ValueError(f"{store.path} lacks the world model's keys {missing}: not its training store?")
+    wanted = {k: "(H, W, 3)" for k in io.image_keys}
+    if io.proprio_key is not None:
+        wanted[io.proprio_key] = f"({io.proprio_dim},)"
+    for key, shape in wanted.items():
+        have = tuple(store.schema.keys[key].shape)
+        fits = len(have) == 3 and have[-1] == 3 if key in io.image_keys else have == (io.proprio_dim,)
+        if not fits:
+            raise ValueError(
+                f"{store.path}: key {key!r} is {have}, the world model reads {shape}: not its training store?"
+            )
     if not store.n_episodes:
         raise ValueError(f"{store.path} holds no episodes to build the subgoal graph from")
     steps, episode = [], []
@@ -105,7 +117,7 @@ def build_graph(model: Any, store_path: str, cfg: GraphConfig, batch: int = 256)
     device = next(model.parameters()).device
     vectors, parts = [], {}
     with DemoStore.open(store_path) as store:
-        steps_all, episode = graph_nodes(store, io.obs_keys, cfg)
+        steps_all, episode = graph_nodes(store, io, cfg)
         for i in range(0, len(steps_all), batch):
             frames = {k: store.read_rows(k, steps_all[i : i + batch]) for k in io.obs_keys}  # N nodes
             z = model.encode(to_model_inputs([frames], io, device))  # leading (N, 1)

@@ -326,6 +326,18 @@ def test_the_subgoal_graph_reads_only_its_nodes_rows_and_refuses_a_store_without
         empty.close()
     with pytest.raises(ValueError, match=r"empty.zarr holds no episodes to build the subgoal graph from$"):
         build_graph(model, str(tmp_path / "empty.zarr"), GraphConfig())
+    # the same keys of other shapes (a task's other variant): a torch reshape error, or one that blamed
+    # "an observation or goal"; refused naming the store and the key
+    io = model.io_spec
+    for key, shape in ((io.proprio_key, (io.proprio_dim + 3,)), (io.image_keys[0], (*io.image_size, 1))):
+        other = dataclasses.replace(store.schema.keys[key], shape=shape, names=())
+        schema = dataclasses.replace(store.schema, keys={**store.schema.keys, key: other})
+        with DemoStore.create(tmp_path / f"other_{key}.zarr", schema) as s:
+            s.append_episode({k: np.zeros((4, *v.shape), v.dtype) for k, v in schema.keys.items()})
+        with pytest.raises(
+            ValueError, match=rf"other_{key}.zarr: key '{key}' is \({shape[0]},.*the world model reads"
+        ):
+            build_graph(model, str(tmp_path / f"other_{key}.zarr"), GraphConfig())
 
 
 def test_subgoal_mpc_encodes_each_observation_once_per_replan(maze_store):

@@ -312,7 +312,7 @@ def check_mpc(settings: dict[str, Any]) -> None:
     store = _graph_store(cfg, loaded.checkpoint)
     if store is not None:  # the graph's nodes (keys, episodes): a server started, and every robot failed
         with DemoStore.open(store) as s:
-            graph_nodes(s, loaded.model.io_spec.obs_keys, cfg.graph)
+            graph_nodes(s, loaded.model.io_spec, cfg.graph)
     ones = np.ones(loaded.model.io_spec.action_dim)
     mpc_cfg = MPCConfig(execute=cfg.execute, max_iterations=cfg.planner_budget.iterations)
     build_mpc(loaded.model, -ones, ones, cfg.planner, mpc_cfg, None)
