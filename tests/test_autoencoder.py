@@ -459,3 +459,29 @@ def test_a_second_process_waits_for_the_autoencoder_being_trained_and_reuses_it(
         fcntl.flock(held, fcntl.LOCK_UN)
     worker.join(timeout=60)
     assert not worker.is_alive() and said[1].startswith("autoencoder: reusing") and said[2] == str(run)
+
+
+def test_one_rank_of_a_ddp_run_trains_the_default_autoencoder_alone(store, tmp_path):
+    """Under torchrun (WORLD_SIZE=2) the rank that took the lock built a Trainer that joined the process
+    group and waited there for the other rank, which waited on the lock: every UWM run on several GPUs
+    with an autoencoder still to train hung. Here, as rank 0 of 2 with rank 1 absent (waiting on the lock)."""
+    import os
+    import shutil
+    import socket
+
+    copy = tmp_path / "squares.zarr"
+    shutil.copytree(store, copy)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # fmt: skip
+    code = (
+        "from wm.autoencoder import default_autoencoder; "
+        f"print(default_autoencoder({str(copy)!r}, 'img', options={TINY!r}, steps=2, batch_size=8, "
+        "device='cpu', log=lambda _: None))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr
+    run = Path(res.stdout.strip().splitlines()[-1])
+    assert load_checkpoint(run)["step"] == 2

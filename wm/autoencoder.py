@@ -421,6 +421,7 @@ def default_autoencoder(
             normalizer=setup.normalizer,
             val_fn=setup.val_fn,
             extra_state={"run_config": run_config},
+            single_process=True,  # (under torchrun the other ranks wait on the lock above, not in DDP)
         ).fit()
     return run
 

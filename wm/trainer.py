@@ -177,11 +177,14 @@ class Trainer:
     metrics are losses (lower is better) and `cfg.best_metric` among them chooses `best.pt`.
     `extra_state` is saved as the checkpoint's "extra"; its "run_config" also goes into config.json.
     `param_groups` replaces the default AdamW groups (lr and weight decay default to `cfg`'s).
-    `same_on_resume(then, now)` says what differs between a checkpoint's `extra_state["run_config"]`
-    and this run's in what a resumed run must keep (the data: its fingerprint, split seed and ratio),
-    one "key old -> new" string each (`wm.resume.changed_entries`); by default nothing is compared.
-    The model is put in train mode; one with frozen parts that must stay in eval mode (a pretrained
-    encoder with batch norm) overrides `train()` to keep them there.
+    `same_on_resume(then, now)` says what differs between a checkpoint's `extra_state["run_config"]` and
+    this run's in what a resumed run must keep (the data: its fingerprint, split seed and ratio), one
+    "key old -> new" string each (`wm.resume.changed_entries`); by default nothing is compared.
+    `single_process`: train in this process alone whatever WORLD_SIZE says (the default autoencoder of a
+    DDP run: one rank trains it under a lock while the others wait to reuse it; as one of the world it
+    waited in `init_process_group` for ranks that waited on the lock). The model is put in train mode;
+    one with frozen parts that must stay in eval mode (a pretrained encoder with batch norm) overrides
+    `train()` to keep them there.
 
     Global random state: the constructor reseeds Python's `random`, NumPy's global generator and
     torch's (CPU and CUDA) with `cfg.seed + rank`, and `resume()` restores the states a checkpoint
@@ -204,6 +207,7 @@ class Trainer:
         extra_state: dict[str, Any] | None = None,
         param_groups: list[dict[str, Any]] | None = None,
         same_on_resume: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None,
+        single_process: bool = False,
     ) -> None:
         if not isinstance(model, TrainableModel):
             raise TypeError(f"{type(model).__name__} has no compute_loss(batch) -> (loss, metrics)")
@@ -212,7 +216,7 @@ class Trainer:
         self.model_type, self.model_config = model_type, dict(model_config)
         self.normalizer, self.extra_state = normalizer, dict(extra_state or {})
         self.same_on_resume = same_on_resume
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world_size = 1 if single_process else int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0")) if self.world_size > 1 else 0
         self._device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         if self._device.type == "cuda":
