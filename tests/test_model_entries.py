@@ -174,6 +174,9 @@ def test_sd_vae_weights_of_another_shape_name_the_folder(tmp_path: Path) -> None
         {"down_block_types": ["Bogus", "DownEncoderBlock2D"]},
         {"norm_num_groups": 3},
         {"latent_channels": 2.5},
+        {"norm_num_groups": 0},  # a ZeroDivisionError traceback
+        {"block_out_channels": [8]},  # fewer than the blocks: an IndexError traceback
+        {"latent_channels": "4"},  # with the weights: a TypeError traceback
     ],
 )
 @pytest.mark.parametrize("load_weights", [False, True])

@@ -371,7 +371,9 @@ def _build_vae(cfg: LatentConfig, load_weights: bool) -> nn.Module:
     if not load_weights:
         try:
             return AutoencoderKL.from_config(cfg.structure)
-        except (ValueError, TypeError, RuntimeError) as e:  # e.g. an unknown block type, 2.5 channels
+        # e.g. an unknown block type, 2.5 channels, norm_num_groups 0 (ZeroDivisionError), fewer
+        # block_out_channels than blocks (IndexError): diffusers checks little of a config
+        except (ValueError, TypeError, RuntimeError, ArithmeticError, LookupError) as e:
             msg = " ".join(str(e).split())[:300]
             raise LatentSourceError(
                 f"latent source sd_vae: the AutoencoderKL config of {cfg.path} does not build ({msg})"
@@ -386,7 +388,7 @@ def _build_vae(cfg: LatentConfig, load_weights: bool) -> nn.Module:
         model, info = AutoencoderKL.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError, ArithmeticError, LookupError) as e:
         msg = " ".join(str(e).split())[:300]
         raise LatentSourceError(f"latent source sd_vae: cannot load the weights in {path} ({msg})") from e
     # diffusers only logs weights the file lacks and leaves them on the meta device: the feature cache
