@@ -105,7 +105,7 @@ def _no_priority(priority: int) -> str:
         limit = resource.getrlimit(resource.RLIMIT_RTPRIO)[0]
     except (ImportError, AttributeError, OSError, ValueError):
         limit = 0
-    if 0 < limit < priority and limit != getattr(resource, "RLIM_INFINITY", -1):
+    if 0 < limit < priority:  # (no limit reads as RLIM_INFINITY, -1)
         return f"this user's RLIMIT_RTPRIO allows up to {limit}: give runtime.realtime_priority={limit}"
     return "needs root or CAP_SYS_NICE"
 
