@@ -485,3 +485,16 @@ def test_one_rank_of_a_ddp_run_trains_the_default_autoencoder_alone(store, tmp_p
     assert res.returncode == 0, res.stderr
     run = Path(res.stdout.strip().splitlines()[-1])
     assert load_checkpoint(run)["step"] == 2
+
+
+def test_a_store_too_small_for_the_autoencoders_batch_names_the_option(store, tmp_path):
+    """It said "10 training windows over 1 rank(s) make no full batch of 64": neither the autoencoder nor
+    the option (model.latent.batch_size) that sets the 64."""
+    import shutil
+
+    copy = tmp_path / "squares.zarr"
+    shutil.copytree(store, copy)
+    with pytest.raises(
+        ValueError, match=r"training frames make no batch of 4096 for the default autoencoder"
+    ):
+        default_autoencoder(copy, "img", options=TINY, steps=2, batch_size=4096, device="cpu", log=print)

@@ -410,6 +410,11 @@ def default_autoencoder(
         setup = setup_training(
             "autoencoder", str(store_path), options, image_key=image_key, seed=seed, in_memory=in_memory
         )
+        if len(setup.train_set) < batch_size:  # (the trainer's line named neither option nor model)
+            raise ValueError(
+                f"{store_path}: its {len(setup.train_set)} training frames make no batch of {batch_size} for "
+                "the default autoencoder: give a smaller batch_size (model.latent.batch_size for UWM)"
+            )
         run_config = {"store": str(store_path), "store_fingerprint": fingerprint, "image_keys": keys}
         Trainer(
             setup.model,
