@@ -86,8 +86,11 @@ def to_model_inputs(
     [0, 1] at io.image_size, proprio: (E, T, Dp) float32}."""
     out = {}
     for k in io.image_keys:
-        imgs = np.stack([np.asarray(o[k]) for o in steps], axis=1)  # (E, T, H, W, 3)
-        out[k] = frames_to_tensor(imgs, io.image_size, device)
+        frames = [np.asarray(o[k]) for o in steps]  # T of (E, H, W, 3)
+        if len({f.shape for f in frames}) == 1:  # (the window at one size: resized in one call)
+            out[k] = frames_to_tensor(np.stack(frames, axis=1), io.image_size, device)
+        else:  # the camera's resolution changed within the window (np.stack failed): each step resized
+            out[k] = torch.stack([frames_to_tensor(f, io.image_size, device) for f in frames], dim=1)
     if io.proprio_key:
         p = np.stack([np.asarray(o[io.proprio_key], dtype=np.float32) for o in steps], axis=1)  # (E, T, Dp)
         out[io.proprio_key] = torch.from_numpy(p).to(device)
@@ -136,9 +139,14 @@ class ObsHistory:
             )
             if a.shape != (E, self.io.action_dim):
                 raise ValueError(f"prev_action must be (E, Da) = {(E, self.io.action_dim)}, got {a.shape}")
+            with np.errstate(over="ignore"):  # (beyond float32's range: inf, refused below)
+                a = a.astype(np.float32)
             if not np.all(np.isfinite(a)):
-                raise ValueError("prev_action holds non-finite values (NaN or inf): a faulty action log?")
-            self._actions.append(a.astype(np.float32))
+                raise ValueError(
+                    "prev_action holds non-finite values (NaN or inf, or beyond float32's range): a faulty "
+                    "action log?"
+                )
+            self._actions.append(a)
         self._obs.append(kept)
 
     def refill(self, steps: Sequence[RawObs], actions: Sequence[np.ndarray | Tensor]) -> None:

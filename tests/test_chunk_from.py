@@ -20,7 +20,7 @@ from policies.diffusion import (
 )
 from policies.diffusion.noise import inpaint_weights
 from policies.evaluate import RandomPolicy
-from policies.inputs import ObsHistory
+from policies.inputs import ObsHistory, frames_to_tensor
 from policies.mpc import MPC, MPCConfig
 from policies.planners import CEMConfig, CEMThenGradConfig, GradConfig, MPPIConfig, build_planner
 from wm.data.normalize import Normalizer, compute_stats
@@ -183,6 +183,25 @@ def test_refill_gives_the_inputs_of_pushing_step_by_step():
     # a NaN executed action (a faulty log) never reaches a model that reads the past actions
     with pytest.raises(ValueError, match="prev_action holds non-finite values"):
         ObsHistory(io).refill(steps[:3], [actions[0], np.where(np.eye(E, 2) > 0, np.inf, actions[1])])
+    # finite in float64 but not in float32: it passed, and became inf in past_action
+    with pytest.raises(ValueError, match="prev_action holds non-finite values .*beyond float32's range"):
+        ObsHistory(io).refill(steps[:3], [actions[0], np.full((E, 2), 1e39)])
+
+
+def test_a_camera_whose_resolution_changes_within_the_history_is_resized_step_by_step():
+    """Frames of any size are resized to the model's; two sizes in one window were a bare numpy error
+    ("all input arrays must have the same shape") until the old frames left the history."""
+    io = IOSpec(image_keys=("cam",), image_size=(8, 8), proprio_key=None, proprio_dim=0, action_dim=2,
+                history=2)  # fmt: skip
+    rng = np.random.default_rng(0)
+    small, large = (rng.integers(0, 256, (E, s, s, 3), dtype=np.uint8) for s in (16, 32))
+    history = ObsHistory(io)
+    history.push({"cam": small})
+    history.push({"cam": large}, np.zeros((E, 2), np.float32))
+    got = history.inputs()["cam"]
+    assert got.shape == (E, 2, 3, 8, 8)
+    for t, frames in enumerate((small, large)):
+        torch.testing.assert_close(got[:, t], frames_to_tensor(frames, (8, 8), "cpu"), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------- MPC over a toy world model
