@@ -287,3 +287,28 @@ def test_no_training_windows_says_when_the_held_out_episodes_have_them(tmp_path)
     assert str(e.value).endswith(
         f"; held out for validation, episode(s) {val} would give some: val_ratio=0 trains on every episode"
     )
+
+
+def test_a_video_store_of_the_training_stores_name_in_its_folder_is_refused_before_its_cache(tmp_path):
+    """demo.zarr and demo.zip (or demo) in one folder share their feature caches' names: the video store's
+    cache replaced the training store's, and validation read the video store's features."""
+    from wm.training import _check_separate_caches
+
+    (tmp_path / "other").mkdir()
+    for video in ("demo.zip", "demo"):
+        with pytest.raises(
+            ValueError, match=rf"video_store=.*{video} would share feature caches in .*rename"
+        ):
+            _check_separate_caches(str(tmp_path / "demo.zarr"), str(tmp_path / video))
+    _check_separate_caches(
+        str(tmp_path / "demo.zarr"), str(tmp_path / "other" / "demo.zarr")
+    )  # another folder
+    _check_separate_caches(str(tmp_path / "demo.zarr"), str(tmp_path / "video.zarr"))
+
+
+@pytest.mark.parametrize("value", ["on", True, "of"])
+def test_setup_training_refuses_a_feature_cache_setting_it_does_not_know(tmp_path, value):
+    """Anything but "auto" was read as off (wm-train's command line refuses them already)."""
+    store = write_store(tmp_path / "demos.zarr", [12] * 4)
+    with pytest.raises(ValueError, match=rf"feature_cache must be 'auto' or 'off', got {value!r}"):
+        setup_training("dino_wm", store, TINY, feature_cache=value)

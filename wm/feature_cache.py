@@ -155,10 +155,16 @@ def _cache_meta(src: DemoStore, encoder: PatchEncoder, image_keys: str | Sequenc
     }
 
 
-def _cache_path(src_path: Path, meta: dict[str, Any], cache_root: str | os.PathLike) -> Path:
-    stem = src_path.name
+def cache_stem(src_path: str | os.PathLike) -> str:
+    """The part of a store's cache names that comes from the store: its name without .zip / .zarr."""
+    stem = Path(src_path).name
     for suffix in (".zip", ".zarr"):
         stem = stem.removesuffix(suffix)
+    return stem
+
+
+def _cache_path(src_path: Path, meta: dict[str, Any], cache_root: str | os.PathLike) -> Path:
+    stem = cache_stem(src_path)
     h, w = meta["input_size"]
     cams = "+".join(meta["image_keys"])
     return Path(cache_root) / f"{stem}__{cams}__{meta['encoder']}__{meta['weights_hash']}__{h}x{w}.zarr"

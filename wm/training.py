@@ -136,6 +136,8 @@ def setup_training(
     (`check_compatible`), windows that fit no episode (`check_windows`, from the config when it knows
     them, before the model is built). Held-out episodes too short for a validation window get a note
     (`check_validation`), and no validation function when none of them has one."""
+    if feature_cache not in ("auto", "off"):  # ("on" or True read as off: the encoder ran on every batch)
+        raise ValueError(f"feature_cache must be 'auto' or 'off', got {feature_cache!r}")
     entry = model_entry(model_type)
     if teacher is not None and not entry.distilled:
         raise ValueError(
@@ -205,6 +207,8 @@ def setup_training(
         check_training_windows(store_path, spec, train_eps, video_store, video_ratio)
     data_path = store_path
     source = model.feature_cache_source() if feature_cache == "auto" else None
+    if source is not None and video_store is not None:
+        _check_separate_caches(store_path, video_store)
     if source is not None:
         data_path = cached_features(store_path, *source, device=device)
     if entry.action_free:
@@ -352,6 +356,20 @@ def note(line: str) -> None:
     """Print a line a user must see before training starts (stderr; rank 0 only under torchrun)."""
     if os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)
+
+
+def _check_separate_caches(store_path: str, video_store: str) -> None:
+    """Two stores of one name in one folder (demo.zarr, demo.zip) share their feature caches' names:
+    the video store's build replaced the training store's, and validation read the video's features."""
+    from wm.feature_cache import cache_stem
+
+    a, b = Path(store_path).resolve(), Path(video_store).resolve()
+    if a != b and a.parent == b.parent and cache_stem(a) == cache_stem(b):
+        raise ValueError(
+            f"store={store_path} and video_store={video_store} would share feature caches in "
+            f"{a.parent / 'feature_cache'} (the same name without .zarr / .zip): rename one, or move it to "
+            "another folder"
+        )
 
 
 def cached_features(
