@@ -214,6 +214,11 @@ def spec(**changes: object) -> IOSpec:
         ({"action_dim": True}, "action_dim=True"),
         ({"proprio_dim": 2.5}, "proprio_dim=2.5"),
         ({"proprio_dim": -3}, "proprio_dim -3 disagree"),
+        ({"image_size": 64}, "image_size must be"),  # a TypeError
+        ({"image_keys": "cam"}, "image_keys must be a list of cameras, got the string 'cam'"),  # c, a, m
+        ({"image_keys": ("a", "a")}, r"observation keys \['a', 'a', 'state'\] name one key twice"),
+        ({"image_keys": ("state",)}, "name one key twice"),  # a camera that is the proprio key
+        ({"past_actions": "no"}, "past_actions must be true or false, got 'no'"),
     ],
 )
 def test_io_spec_refuses_wrong_kinds(changes: dict, match: str) -> None:

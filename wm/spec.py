@@ -9,6 +9,7 @@ of `action_dim` values, one per control step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from wm.options import is_whole
@@ -36,8 +37,16 @@ class IOSpec:
     def __post_init__(self) -> None:
         # int() would cut image_size (64.5, 64) to (64, 64) and tuple() split "64" into ("6", "4")
         size = self.image_size
-        if isinstance(size, str | bytes) or not all(is_whole(s) for s in size):
+        if (
+            isinstance(size, str | bytes)
+            or not isinstance(size, Iterable)
+            or not all(is_whole(s) for s in size)
+        ):
             raise ValueError(f"image_size must be (H, W) whole numbers, got {size!r}")
+        if isinstance(self.image_keys, str | bytes):  # tuple("cam") is ("c", "a", "m")
+            raise ValueError(f"image_keys must be a list of cameras, got the string {self.image_keys!r}")
+        if not isinstance(self.past_actions, bool):  # ("no" is true)
+            raise ValueError(f"past_actions must be true or false, got {self.past_actions!r}")
         wrong = [
             f"{name}={v!r}"
             for name, v in (
@@ -54,6 +63,8 @@ class IOSpec:
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         if not self.image_keys and not self.proprio_key:
             raise ValueError("an I/O spec needs a camera or a proprioception key")
+        if len(set(self.obs_keys)) < len(self.obs_keys):  # one key read as two inputs
+            raise ValueError(f"I/O spec: observation keys {list(self.obs_keys)} name one key twice")
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"image_size must be (H, W), got {self.image_size}")
         if (self.proprio_key is None) != (self.proprio_dim == 0) or self.proprio_dim < 0:
