@@ -16,6 +16,7 @@ from robots.collect import Collector, open_store, recording_schema
 from robots.registry import make_expert, make_task
 from robots.sim.base import SimConfig
 from wm.checkpoint import CheckpointError, save_checkpoint
+from wm.checks import check_unit_frames
 from wm.data import SchemaError
 from wm.data.normalize import Normalizer
 from wm.dino_wm import DinoWorldModel, WorldModelConfig
@@ -558,6 +559,11 @@ def test_encode_refuses_observations_of_mismatched_shapes():
         bad[1, 0, 0] = float("nan")
         with pytest.raises(ValueError, match=rf"^NaN or inf values in '{key}': a faulty"):
             model.encode(obs | {key: bad})
+    inf = obs["image"].clone()
+    inf[1, 0, 0] = float("inf")  # was told its frames hold [0, inf]: "divide 0..255 frames by 255"
+    with pytest.raises(ValueError, match=r"^NaN or inf values in 'image': a faulty"):
+        model.encode(obs | {"image": inf})
+    check_unit_frames(obs["image"][:0], "image")  # an empty batch: nothing to check (a torch error)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,10 @@ def check_finite(x: Tensor, what: str) -> None:
 def check_unit_frames(frames: Tensor, key: str) -> None:
     """Float camera frames hold [0, 1] (a hair of rounding either side allowed): 0..255 frames converted
     with .float() and not divided were encoded as another picture, with no error. One line naming `key`;
-    NaN is left to `check_finite`."""
+    NaN and inf are left to the caller's `check_finite` (an inf was told to "divide by 255"); an empty
+    batch has no values to check."""
+    if frames.numel() == 0 or not bool(torch.isfinite(frames).all()):  # (aminmax: an error on empty)
+        return
     lo, hi = (float(v) for v in torch.aminmax(frames.detach()))
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(
