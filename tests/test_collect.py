@@ -191,6 +191,12 @@ def test_appending_with_another_seed_never_records_a_start_state_again(tmp_path)
             Collector(task, store, seed=1).check_seeds(3, 0)  # seeds 2, 3, 4
         with pytest.raises(ValueError, match=r"give seed=3 or more$"):
             Collector(task, store, seed=0).check_seeds(2, 1)  # seeds 1, 3 (1 + replays each)
+        Collector(task, store, seed=0).check_seeds(1, 1)  # seed 1 alone (its replay shares it)
+        Collector(task, store, seed=-1).check_seeds(3, 1)  # seeds 0, 2, 4 step over 3
+        # "record until I stop it": the session's seeds were gathered in a set first (55 GiB, then dead)
+        Collector(task, store, seed=4).check_seeds(10**12, 0)
+        with pytest.raises(ValueError, match=r"seed=2 would record it again"):
+            Collector(task, store, seed=2).check_seeds(10**12, 0)
         assert store.n_episodes == 1
 
 
