@@ -168,3 +168,21 @@ def test_a_resnet18_backbone_on_frames_of_32_px_or_less_is_noted_blind():
     assert ObsEncoderConfig(image_size=(40, 40), crop=None).blind_note() is None  # a 2 x 2 map
     assert ObsEncoderConfig(image_size=(32, 32), crop=None, backbone="patch").blind_note() is None
     assert ObsEncoderConfig(image_size=(32, 32), crop=None, image_keys=(), proprio_dim=2).blind_note() is None
+
+
+class _FarOut(nn.Module):
+    """A denoiser whose clean-sample prediction lies far outside [-1, 1]: every estimate is clamped."""
+
+    def forward(self, x, t, cond):
+        return 10 * torch.ones_like(x)
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpmpp_2m"])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_edm_samples_stay_within_the_clip_range(solver, steps):
+    """Heun's last step computed x + (0 - s) * (x - x0) / s, which is x0 only up to rounding: samples came
+    out up to 1e-6 past 1 (actions past the training range), although every estimate was clamped."""
+    diffusion = Diffusion(_FarOut(), NoiseConfig(prediction_type="sample", edm_solver=solver))
+    with torch.inference_mode():
+        x = diffusion.sample((256, 16, 2), None, "edm", steps, torch.Generator().manual_seed(0))
+    assert float(x.max()) <= 1.0 and float(x.min()) >= -1.0

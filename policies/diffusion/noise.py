@@ -574,13 +574,13 @@ class Diffusion(nn.Module):
         """EDM Heun (Karras et al. Alg. 1 without churn): 2 network calls per step, Euler on the last."""
         for i in range(len(sigmas) - 1):
             s, s_next = sigmas[i], sigmas[i + 1]
-            d = (x - self._estimate(x, s, cond, guide)) / s
+            x0 = self._estimate(x, s, cond, guide)
+            if s_next == 0:  # the Euler step to sigma 0 lands on the estimate: taken as it is (computed,
+                return x0  # its rounding put samples past clip_sample's bounds by about 1e-6)
+            d = (x - x0) / s
             x_euler = x + (s_next - s) * d
-            if s_next == 0:
-                x = x_euler
-            else:
-                d2 = (x_euler - self._estimate(x_euler, s_next, cond, guide)) / s_next
-                x = x + (s_next - s) * (d + d2) / 2
+            d2 = (x_euler - self._estimate(x_euler, s_next, cond, guide)) / s_next
+            x = x + (s_next - s) * (d + d2) / 2
         return x
 
     def _dpmpp_2m(self, x: Tensor, cond: Tensor | None, sigmas: Tensor, guide: Inpaint | None) -> Tensor:
