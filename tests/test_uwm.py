@@ -633,6 +633,11 @@ def test_uwm_rows_do_not_depend_on_the_batch_in_one_call_per_chunk():
     """With the episodes named, each row draws from its own generator (the model takes one per row), so an
     episode's actions are the same alone or beside others, and a chunk is still one batched call."""
     model = tiny_uwm(n_obs=1, horizon=4, n_action_exec=2, future=(2,)).eval()
+    with torch.no_grad():  # untrained, its zero-initialized output heads (DiT's) predict 0 for every row
+        torch.manual_seed(1)  # whatever its noise: the rows differed only by the sampler's rounding
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
     calls, sample = [], model.sample_actions
     model.sample_actions = lambda inputs, **kw: calls.append(len(inputs["image"])) or sample(inputs, **kw)
     frames = torch.rand(3, 1, 3, 32, 32)
