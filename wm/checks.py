@@ -6,6 +6,8 @@ run where a robot's or a user's values come in.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,9 +24,11 @@ def check_unit_frames(frames: Tensor, key: str) -> None:
     with .float() and not divided were encoded as another picture, with no error. One line naming `key`;
     NaN and inf are left to the caller's `check_finite` (an inf was told to "divide by 255"); an empty
     batch has no values to check."""
-    if frames.numel() == 0 or not bool(torch.isfinite(frames).all()):  # (aminmax: an error on empty)
+    if frames.numel() == 0:  # (torch: "cannot compute aminmax over an empty dimension")
         return
     lo, hi = (float(v) for v in torch.aminmax(frames.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # (a NaN or inf reaches min or max: no second pass)
+        return
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(
             f"{key!r} frames hold values in [{lo:.4g}, {hi:.4g}]: expected float frames in [0, 1] "

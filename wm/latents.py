@@ -366,14 +366,18 @@ def _build_autoencoder(cfg: LatentConfig, load_weights: bool) -> nn.Module:
     return model
 
 
+# what building an AutoencoderKL from a bad config raises (diffusers checks little of one): an unknown
+# block type, 2.5 channels, norm_num_groups 0 (ZeroDivisionError), fewer block_out_channels than blocks
+# (IndexError)
+VAE_CONFIG_ERRORS = (ValueError, TypeError, RuntimeError, ArithmeticError, LookupError)
+
+
 def _build_vae(cfg: LatentConfig, load_weights: bool) -> nn.Module:
     AutoencoderKL = _diffusers_vae()
     if not load_weights:
         try:
             return AutoencoderKL.from_config(cfg.structure)
-        # e.g. an unknown block type, 2.5 channels, norm_num_groups 0 (ZeroDivisionError), fewer
-        # block_out_channels than blocks (IndexError): diffusers checks little of a config
-        except (ValueError, TypeError, RuntimeError, ArithmeticError, LookupError) as e:
+        except VAE_CONFIG_ERRORS as e:
             msg = " ".join(str(e).split())[:300]
             raise LatentSourceError(
                 f"latent source sd_vae: the AutoencoderKL config of {cfg.path} does not build ({msg})"
@@ -388,7 +392,7 @@ def _build_vae(cfg: LatentConfig, load_weights: bool) -> nn.Module:
         model, info = AutoencoderKL.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True
         )
-    except (OSError, ValueError, TypeError, RuntimeError, ArithmeticError, LookupError) as e:
+    except (OSError, *VAE_CONFIG_ERRORS) as e:
         msg = " ".join(str(e).split())[:300]
         raise LatentSourceError(f"latent source sd_vae: cannot load the weights in {path} ({msg})") from e
     # diffusers only logs weights the file lacks and leaves them on the meta device: the feature cache
