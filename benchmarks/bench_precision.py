@@ -5,7 +5,8 @@ Rows per part (median wall time of one call; every variant visited in turn in ea
 rounds, so machine noise hits all alike; the figure is the median over rounds):
 
     fp32 native     PyTorch's kernels in fp32 (measurement off, as `WM_KERNELS=native`)
-    fp32 selected   fp32, each layer shape on the kernel measured fastest (PyTorch's, oneDNN, matmul)
+    fp32 selected   fp32, each layer shape on the kernel measured fastest (PyTorch's, oneDNN, matmul;
+                    backbone: its weights as they are or a channels-last copy)
     bf16 native     bf16 wherever offered, PyTorch's kernels (UNet: F.conv1d on bf16 weights; backbone
                     and transformer: their bf16 copy)
     bf16 selected   bf16 where measured faster, per layer shape (UNet) or per network (the others)
@@ -18,7 +19,8 @@ Below each part, the choice per layer shape with every candidate's median time i
 candidates rejected (wrong output or unsupported). The header gives the CPU model and its bf16 units.
 By default the kernels are calibrated afresh in this run (`--use-cache`: the user's kernel cache).
 
-    resnet18      the image encoder on one step's 2 frames (n_obs 2), 84 px (Diffusion Policy's crop)
+    resnet18      the image encoder on one step's 2 frames (n_obs 2), 84 px (Diffusion Policy's crop),
+                  channels-last as a camera's (H, W, 3) frames permuted reach it
     unet-small    ConditionalUnet1D 64/128/256, horizon 16, Da 2
     unet-lerobot  ConditionalUnet1D 256/512/1024 (LeRobot's size in bench_policy.py)
     transformer   the transformer denoiser at its defaults (dim 256, depth 8, 4 heads), horizon 16
@@ -56,9 +58,10 @@ VARIANTS |= {"auto": ("auto", "measure")}
 def parts() -> dict[str, tuple[nn.Module, tuple]]:
     """name -> (module in eval mode, its call arguments); random weights (timing does not depend on them)."""
     x, t, cond = torch.randn(1, HORIZON, ACTION_DIM), torch.full((1,), 42.0), torch.randn(1, N_OBS, FEAT)
+    frames = torch.rand(N_OBS, 84, 84, 3).permute(0, 3, 1, 2)  # (H, W, 3) permuted, as from a camera
     unet = lambda dims: ConditionalUnet1D(UNetConfig(down_dims=dims), ACTION_DIM, N_OBS * FEAT)  # noqa: E731
     return {
-        "resnet18": (ResNetKeypoints(ObsEncoderConfig()), (torch.rand(N_OBS, 3, 84, 84),)),
+        "resnet18": (ResNetKeypoints(ObsEncoderConfig()), (frames,)),
         "unet-small": (unet((64, 128, 256)), (x, t, cond)),
         "unet-lerobot": (unet((256, 512, 1024)), (x, t, cond)),
         "transformer": (

@@ -940,6 +940,54 @@ def test_whole_network_bf16_only_where_measured_faster(fake_selector):
     assert not torch.equal(low, ref) and kernels.rel_error(low, ref) < kernels.MODULE_BF16_TOL
 
 
+def test_image_backbone_runs_channels_last_frames_on_a_channels_last_copy_where_measured_faster():
+    """Frames permuted from (H, W, 3) reach the backbone channels-last, where PyTorch's convolutions with
+    contiguous weights copy every weight at every call: a channels-last copy of the network (or the frames
+    made contiguous) is measured beside it, in fp32 too, and follows the weights it was made from."""
+    import copy
+
+    from policies.diffusion.obs_encoder import ObsEncoderConfig, ResNetKeypoints
+    from policies.diffusion.precision import fp32_inference, set_inference_precision
+
+    torch.manual_seed(0)
+    enc = ResNetKeypoints(ObsEncoderConfig(image_size=(40, 40), crop=None)).eval()
+    frames = torch.rand(2, 40, 40, 3).permute(0, 3, 1, 2)  # (N, 3, H, W) channels-last, as from a camera
+    assert kernels.layout(frames) == "channels_last" and kernels.layout(frames.contiguous()) == "contiguous"
+    times = {"fp32": 1.0, "fp32_nhwc": 0.5, "fp32_nchw": 0.8}
+    calls: list = []
+    sel = Selector(KernelCache(None), timer=fake_timer(times, calls))
+    with kernels.using(sel), torch.no_grad():
+        with torch.enable_grad():
+            ref = enc(frames)  # autograd on: the network as it is, nothing measured
+        assert not sel.log
+        out = enc(frames)
+        assert calls == [["fp32", "fp32_nchw", "fp32_nhwc"]]  # "fp32" by the setting: no bf16 candidates
+        (key, record, _) = sel.log[-1]
+        assert record["choice"] == "fp32_nhwc" and "channels_last" in key
+        assert kernels.rel_error(out, ref) < kernels.FP32_TOL
+        conv = enc._nhwc["fp32"](enc.backbone)[0]
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert conv.weight.dtype == torch.float32
+        enc(frames.contiguous())  # contiguous frames: their own key, and no "made contiguous" candidate
+        assert calls[-1] == ["fp32", "fp32_nhwc"] and "contiguous" in sel.log[-1][0]
+        with torch.no_grad():
+            enc.backbone[0].weight.add_(torch.randn_like(enc.backbone[0].weight))  # an in-place step
+        with torch.enable_grad():
+            ref2 = enc(frames)
+        assert kernels.rel_error(enc(frames), ref2) < kernels.FP32_TOL and kernels.rel_error(ref2, ref) > 1e-3
+        with fp32_inference(enc):  # PyTorch's kernels as they are
+            assert torch.equal(enc(frames), ref2)
+    twin = copy.deepcopy(enc)  # its own, empty copies of the same kinds
+    assert twin._nhwc["fp32"] is not enc._nhwc["fp32"] and twin._nhwc["bf16"].channels_last
+    assert twin._nhwc["fp32"]._copy is None and enc._nhwc["fp32"]._copy is not None
+    set_inference_precision(enc, "fp32")  # drops every cached copy
+    assert enc._nhwc["fp32"]._copy is None
+    even = {"fp32": 1.0, "fp32_nhwc": 0.95, "fp32_nchw": 0.99}
+    slower = Selector(KernelCache(None), timer=fake_timer(even))
+    with kernels.using(slower), torch.no_grad():  # another machine: nothing beats the native path
+        assert torch.equal(enc(frames), ref2) and slower.log[-1][1]["choice"] == "fp32"
+
+
 # ----------------------------------------------------------------------------- "auto" precision
 
 

@@ -536,3 +536,12 @@ def module_signature(module: nn.Module) -> str:
 def shapes(*tensors: Tensor | None) -> str:
     """'1x16x2,1,1x2x66' for the benchmarks' and the cache's keys (None: '-')."""
     return ",".join("-" if t is None else "x".join(map(str, t.shape)) or "scalar" for t in tensors)
+
+
+def layout(x: Tensor) -> str:
+    """A tensor's memory layout for memo and cache keys: "contiguous", "channels_last" (a 4-D tensor
+    whose channels are innermost, e.g. camera frames (H, W, 3) permuted to (3, H, W)) or "strided"."""
+    if x.is_contiguous():
+        return "contiguous"
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return "channels_last" if nhwc else "strided"

@@ -10,11 +10,11 @@ models report as their precision. Under "auto" a layer may also run on int8 weig
 within `wm.kernels.INT8_TOL`); "fp32" and "bf16" never do.
 
 bf16 copies. `tensor_key` identifies the current values of tensors (storage pointer and version
-counter) and `Bf16Shadow` keeps a bf16 copy of a module rebuilt whenever that key changes, so an
-optimizer step, `load_state_dict` (both bump the versions) or a device move (new storage) refreshes
-the copy on the next call. A write the version counter does not see (through `.data`, or into
-inference tensors under `torch.inference_mode`) is not noticed: set the module's inference precision
-again after one (`Bf16Shadow.clear`).
+counter) and `Shadow` keeps a bf16 (or channels-last) copy of a module rebuilt whenever that key
+changes, so an optimizer step, `load_state_dict` (both bump the versions) or a device move (new
+storage) refreshes the copy on the next call. A write the version counter does not see (through
+`.data`, or into inference tensors under `torch.inference_mode`) is not noticed: set the module's
+inference precision again after one (`Shadow.clear`).
 """
 
 from __future__ import annotations
@@ -129,12 +129,14 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-class Bf16Shadow:
-    """A cached bf16 copy of one module for inference (same training mode), rebuilt when the module's
-    parameters or buffers change. Held as a plain attribute (not a submodule: no state-dict entries);
-    a deep copy of the owner gets an empty shadow, not a copy of the cached one."""
+class Shadow:
+    """A cached copy of one module for inference (same training mode) in `dtype`, its 4-D weights
+    channels-last where `channels_last`, rebuilt when the module's parameters or buffers change. Held
+    as a plain attribute (not a submodule: no state-dict entries); a deep copy of the owner gets an
+    empty shadow of the same kind, not a copy of the cached one."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, channels_last: bool = False) -> None:
+        self.dtype, self.channels_last = dtype, channels_last
         self._key: tuple | None = None
         self._copy: nn.Module | None = None
 
@@ -142,14 +144,16 @@ class Bf16Shadow:
         key = tensor_key(itertools.chain(module.parameters(), module.buffers()))
         if self._copy is None or key != self._key:
             # The memo maps this shadow to None, so the copy does not carry a copy of the shadow itself.
-            shadow = copy.deepcopy(module, memo={id(self): None})
-            self._copy, self._key = shadow.requires_grad_(False).bfloat16(), key
+            shadow = copy.deepcopy(module, memo={id(self): None}).requires_grad_(False).to(self.dtype)
+            if self.channels_last:
+                shadow = shadow.to(memory_format=torch.channels_last)
+            self._copy, self._key = shadow, key
         if self._copy.training != module.training:
             self._copy.train(module.training)
         return self._copy
 
-    def __deepcopy__(self, memo: dict) -> Bf16Shadow:
-        return Bf16Shadow()
+    def __deepcopy__(self, memo: dict) -> Shadow:
+        return Shadow(self.dtype, self.channels_last)
 
     def clear(self) -> None:
         self._key = self._copy = None

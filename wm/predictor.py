@@ -54,7 +54,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from wm import kernels
-from wm.precision import Bf16Shadow, check_precision, resolve_precision, tensor_key
+from wm.precision import Shadow, check_precision, resolve_precision, tensor_key
 
 Grid = tuple[int, int]
 
@@ -563,7 +563,7 @@ class Predictor(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.out_dim) if cfg.out_dim != cfg.dim else None
         self.apply(_init_weights)
-        self._bf16 = Bf16Shadow()  # the bf16 copy inference runs on in bf16 (no state-dict entries)
+        self._bf16 = Shadow()  # the bf16 copy inference runs on in bf16 (no state-dict entries)
 
     @property
     def window(self) -> int:

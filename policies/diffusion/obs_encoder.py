@@ -25,6 +25,7 @@ printed by `benchmarks/bench_precision.py`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from policies.diffusion.precision import Bf16Inference, Bf16Shadow
+from policies.diffusion.precision import Bf16Inference, Shadow
 from wm.checks import check_unit_frames
 from wm.data.augment import center_crop, random_crop
 from wm.encoders import EncoderConfig, PatchEncoder, build_encoder
@@ -141,11 +142,37 @@ def resnet18_groupnorm() -> nn.Module:
 
 
 def run_backbone(owner: Bf16Inference, backbone: nn.Module, x: Tensor) -> Tensor:
-    """backbone(x), or its cached bf16 copy on x in bf16 (output back in x's dtype) where the owner's
-    bf16 inference is active and, on a CPU, measured faster (`Bf16Inference.run_in_precision`)."""
+    """backbone(x) in the owner's inference precision (`Bf16Inference.run_in_precision`: bf16 where
+    active and, on a CPU, measured faster), and, on a CPU, in the memory layout measured fastest: the
+    weights as they are, or a channels-last copy (`owner._nhwc`, per precision) on a channels-last
+    input. Frames permuted from (H, W, 3) arrive channels-last, where PyTorch's convolutions with
+    contiguous weights copy every weight to channels-last at every call."""
+    nhwc = owner._nhwc  # type: ignore[attr-defined]
+
+    def in_bf16(net: nn.Module, xin: Tensor) -> Tensor:
+        return net(xin.bfloat16()).to(x.dtype)
+
+    variants: dict[str, Callable[[], Tensor]] = {}
+    if x.ndim == 4:
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        variants["fp32_nhwc"] = lambda: nhwc["fp32"](backbone)(xcl)
+        variants["bf16_nhwc"] = lambda: in_bf16(nhwc["bf16"](backbone), xcl)
+        if not x.is_contiguous():
+            xc = x.contiguous()
+            variants["fp32_nchw"] = lambda: backbone(xc)
+            variants["bf16_nchw"] = lambda: in_bf16(owner._bf16(backbone), xc)  # type: ignore[attr-defined]
     return owner.run_in_precision(
-        (x,), lambda: backbone(x), lambda: owner._bf16(backbone)(x.bfloat16()).to(x.dtype)
+        (x,),
+        lambda: backbone(x),
+        lambda: in_bf16(owner._bf16(backbone), x),  # type: ignore[attr-defined]
+        variants,
     )
+
+
+def layout_shadows() -> dict[str, Shadow]:
+    """The channels-last copies `run_backbone` may run a backbone on, per precision."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return {name: Shadow(dtype, channels_last=True) for name, dtype in dtypes.items()}
 
 
 class ResNetKeypoints(Bf16Inference, nn.Module):
@@ -156,7 +183,8 @@ class ResNetKeypoints(Bf16Inference, nn.Module):
         self.backbone = resnet18_groupnorm()
         self.pool = SpatialSoftmax(512, cfg.num_keypoints)
         self.out = nn.Sequential(nn.Linear(2 * cfg.num_keypoints, cfg.feature_dim), nn.ReLU())
-        self._bf16 = Bf16Shadow()
+        self._bf16 = Shadow()
+        self._nhwc = layout_shadows()
 
     def forward(self, images: Tensor) -> Tensor:
         return self.out(self.pool(run_backbone(self, self.backbone, images * 2 - 1)))
@@ -174,7 +202,8 @@ class PatchFeatures(Bf16Inference, nn.Module):
         self.grid = self.encoder.patch_grid(*side)
         n_tok = 1 if cfg.patch_pool == "mean" else cfg.patch_grid**2
         self.out = nn.Linear(n_tok * self.encoder.dim, cfg.feature_dim)
-        self._bf16 = Bf16Shadow()
+        self._bf16 = Shadow()
+        self._nhwc = layout_shadows()
 
     def forward(self, x: Tensor) -> Tensor:
         # images (N, 3, H, W) or cached tokens (N, P, D)

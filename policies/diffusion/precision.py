@@ -11,7 +11,9 @@ weights. Where bf16 runs is then chosen by measurement on CPUs (`wm.kernels`), n
     and, in bf16, the same on a cached bf16 copy of their weights; with "auto", also among int8
     weights (a cached per-row quantized copy); GroupNorm and Mish stay fp32.
     Whole-network owners (the image backbone, the transformer denoiser) choose per input shape between
-    the fp32 network and a bf16 copy kept by a `Bf16Shadow` (`Bf16Inference.run_in_precision`).
+    the fp32 network and a bf16 copy kept by a `Shadow` (`Bf16Inference.run_in_precision`); the
+    image backbone also per input layout between its weights as they are and a channels-last copy
+    (in fp32 too).
 
 Every copy is keyed on the version counters and storage of the fp32 tensors it was made from
 (`wm.precision.tensor_key`), so an optimizer step, `load_state_dict` or a device move refreshes it on
@@ -24,19 +26,19 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from wm import kernels
-from wm.precision import Bf16Shadow, check_precision, resolve_precision, tensor_key
+from wm.precision import Shadow, check_precision, resolve_precision, tensor_key
 
 MEMO_LIMIT = 256  # memoized choices per layer (by shape and weights) before they are forgotten
 
 __all__ = [
     "Bf16Inference",
-    "Bf16Shadow",
+    "Shadow",
     "check_precision",  # also imported from here by policies.diffusion.policy
     "fp32_inference",
     "set_inference_precision",
@@ -61,37 +63,58 @@ class Bf16Inference:
         return self.active_precision(x) == "bf16"
 
     def clear_bf16(self) -> None:
-        """Drop cached bf16 copies (they are rebuilt on the next bf16 call)."""
-        shadow = getattr(self, "_bf16", None)
-        if shadow is not None:
-            shadow.clear()
+        """Drop cached copies of the network (bf16, channels-last: rebuilt on the next call using one)."""
+        for value in list(vars(self).values()):
+            for shadow in value.values() if isinstance(value, dict) else (value,):
+                if isinstance(shadow, Shadow):
+                    shadow.clear()
 
     def run_in_precision(
-        self, inputs: tuple[Tensor | None, ...], fp32: Callable[[], Tensor], bf16: Callable[[], Tensor]
+        self,
+        inputs: tuple[Tensor | None, ...],
+        fp32: Callable[[], Tensor],
+        bf16: Callable[[], Tensor],
+        variants: Mapping[str, Callable[[], Tensor]] | None = None,
     ) -> Tensor:
         """`fp32()` or `bf16()` (the network's bf16 copy, output back in fp32) for a call on `inputs`
         (the first one a tensor): fp32 unless bf16 is active; on a CPU, bf16 only where it was measured
-        faster than fp32 by `wm.kernels.MARGIN` and within `wm.kernels.MODULE_BF16_TOL` of it."""
+        faster than fp32 by `wm.kernels.MARGIN` and within `wm.kernels.MODULE_BF16_TOL` of it.
+        `variants`: other ways to compute the same call (an image network's memory layouts), named
+        "fp32_..." or "bf16_...": on a CPU with autograd off each is measured beside the two above where
+        its precision is active (fp32 ones within `wm.kernels.FP32_TOL` of `fp32()`)."""
         x = inputs[0]
         assert x is not None
-        if not self.bf16_active(x):
-            return fp32()
+        precision = self.active_precision(x)  # fp32 with autograd on or in training mode
+        variants = variants or {}
         if x.device.type != "cpu" or torch.compiler.is_compiling():
-            return bf16()
+            return bf16() if precision == "bf16" else fp32()
+        measured = precision == "bf16" or not (
+            torch.is_grad_enabled() or getattr(self, "training", False) or not variants
+        )
+        if not measured:
+            return fp32()
+        candidates = {"fp32": fp32, **({"bf16": bf16} if precision == "bf16" else {})}
+        candidates.update({n: f for n, f in variants.items() if n.partition("_")[0] in candidates})
         memo = self.__dict__.setdefault("_precision_memo", {})
         assert isinstance(self, nn.Module)
         weights = tensor_key(self.parameters())  # bf16's accuracy was checked on these weights
-        mk = (tuple(None if t is None else t.shape for t in inputs), x.dtype, kernels.memo_token(), weights)
+        layout = kernels.layout(x)  # PyTorch's own fp32 path is slower on some layouts than others
+        mk = (tuple(None if t is None else t.shape for t in inputs), x.dtype, layout, precision)
+        mk += (kernels.memo_token(), weights)
         choice = memo.get(mk)
         if choice is None:
             if len(memo) > MEMO_LIMIT:  # entries of earlier weights (a training run's validations)
                 memo.clear()
-            key = f"module {kernels.module_signature(self)} in={kernels.shapes(*inputs)} {x.dtype} bf16"
+            key = f"module {kernels.module_signature(self)} in={kernels.shapes(*inputs)} {layout} {x.dtype}"
             choice = kernels.choose(
-                key, {"fp32": fp32, "bf16": bf16}, native="fp32", tol=kernels.MODULE_BF16_TOL, default="bf16"
+                f"{key} {precision}",
+                candidates,
+                native="fp32",
+                tol={n: kernels.MODULE_BF16_TOL if n[:4] == "bf16" else kernels.FP32_TOL for n in candidates},
+                default="bf16" if precision == "bf16" else "fp32",
             )
             kernels.remember(memo, mk, choice)
-        return bf16() if choice == "bf16" else fp32()
+        return candidates[choice]()
 
 
 STACKED_CACHE = "_fused_film"  # a module's weights stacked for inference (the UNet's FiLM layers)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from policies.diffusion.precision import Bf16Inference, Bf16Shadow
+from policies.diffusion.precision import Bf16Inference, Shadow
 from policies.diffusion.unet import SinusoidalPosEmb
 from wm.options import check_numbers
 
@@ -57,7 +57,7 @@ class TransformerDenoiser(Bf16Inference, nn.Module):
     ) -> None:
         super().__init__()
         self.cfg, self.horizon, self.n_obs = cfg, horizon, n_obs
-        self._bf16 = Bf16Shadow()
+        self._bf16 = Shadow()
         D = cfg.dim
         self.action_in = nn.Linear(in_dim or action_dim, D)
         self.action_pos = nn.Parameter(torch.zeros(1, horizon, D))
