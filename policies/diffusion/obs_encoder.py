@@ -152,15 +152,17 @@ def run_backbone(owner: Bf16Inference, backbone: nn.Module, x: Tensor) -> Tensor
     def in_bf16(net: nn.Module, xin: Tensor) -> Tensor:
         return net(xin.bfloat16()).to(x.dtype)
 
+    def cl() -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+    # (the inputs are converted inside the candidates: only the one that runs pays for it)
     variants: dict[str, Callable[[], Tensor]] = {}
     if x.ndim == 4:
-        xcl = x.contiguous(memory_format=torch.channels_last)
-        variants["fp32_nhwc"] = lambda: nhwc["fp32"](backbone)(xcl)
-        variants["bf16_nhwc"] = lambda: in_bf16(nhwc["bf16"](backbone), xcl)
+        variants["fp32_nhwc"] = lambda: nhwc["fp32"](backbone)(cl())
+        variants["bf16_nhwc"] = lambda: in_bf16(nhwc["bf16"](backbone), cl())
         if not x.is_contiguous():
-            xc = x.contiguous()
-            variants["fp32_nchw"] = lambda: backbone(xc)
-            variants["bf16_nchw"] = lambda: in_bf16(owner._bf16(backbone), xc)  # type: ignore[attr-defined]
+            variants["fp32_nchw"] = lambda: backbone(x.contiguous())
+            variants["bf16_nchw"] = lambda: in_bf16(owner._bf16(backbone), x.contiguous())  # type: ignore[attr-defined]
     return owner.run_in_precision(
         (x,),
         lambda: backbone(x),
