@@ -88,10 +88,9 @@ class Bf16Inference:
         variants = variants or {}
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return bf16() if precision == "bf16" else fp32()
-        measured = precision == "bf16" or not (
-            torch.is_grad_enabled() or getattr(self, "training", False) or not variants
-        )
-        if not measured:
+        # fp32 has nothing to measure without variants, nor with autograd on or in training mode
+        training = torch.is_grad_enabled() or getattr(self, "training", False)
+        if precision == "fp32" and (not variants or training):
             return fp32()
         candidates = {"fp32": fp32, **({"bf16": bf16} if precision == "bf16" else {})}
         candidates.update({n: f for n, f in variants.items() if n.partition("_")[0] in candidates})
