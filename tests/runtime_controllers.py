@@ -82,6 +82,29 @@ class FaultyController:
         return None
 
 
+class FrameEcho:
+    """A controller whose chunk says what reached it: action i is (height, width, sum of the values) of
+    step i's "cam" frame, for a history of `history` steps (its `io` as the runtime reads it)."""
+
+    def __init__(self, history: int = 2) -> None:
+        from wm.spec import IOSpec
+
+        self.io = IOSpec(image_keys=("cam",), image_size=(8, 8), proprio_key=None, proprio_dim=0,
+                         action_dim=3, history=history)  # fmt: skip
+
+    def reset(self) -> None:
+        pass
+
+    def chunk_from(self, steps, actions, previous=None, frozen=0) -> torch.Tensor:
+        frames = [np.asarray(s["cam"])[0] for s in steps]  # each (H, W, 3)
+        return torch.tensor([[[f.shape[0], f.shape[1], int(f.sum(dtype=np.int64))] for f in frames]])
+
+
+def make_echo(history: int = 2) -> FrameEcho:
+    """The `ControllerSpec` builder of `FrameEcho`."""
+    return FrameEcho(history)
+
+
 def make(fault: str = "none", after: int = 0, length: int = 8) -> FaultyController:
     """The `ControllerSpec` builder."""
     return FaultyController(fault, after, length)

@@ -361,6 +361,34 @@ def test_shared_memory_too_small_for_the_observations_is_one_line_before_the_fir
         assert w.busy
 
 
+def test_a_camera_whose_resolution_changes_reaches_the_worker_process_as_it_is():
+    """The shared buffers were made once, for the first request's frames: a camera that came back at
+    another resolution was a numpy broadcast error on the tick path (and a dtype change was cast
+    silently). The buffers are made again for the newest step; while the history still holds frames of
+    the old size, they go on the pipe. Every request reaches the controller as it was given."""
+    from robots.runtime.worker import Request
+
+    rng = np.random.default_rng(0)
+    small, large = (rng.integers(0, 256, (s, s + 2, 3), dtype=np.uint8) for s in (16, 32))
+    deep = large.astype(np.uint16) * 2  # the same size, values past uint8's range
+    w = ProcessWorker(ControllerSpec("runtime_controllers:make_echo", {"history": 2}))
+    w.start()
+    try:
+        assert w.window == 2
+        for seq, frames in enumerate(
+            [[small], [small, small], [small, large], [large, large], [large, deep], [deep, small]]
+        ):
+            steps = [{"cam": f, "unread": np.zeros(3)} for f in frames]
+            w.submit(Request(seq, steps, [np.zeros(3)] * (len(frames) - 1), action_shape=(3,)))
+            while (reply := w.poll()) is None:
+                pass
+            assert reply.error is None, reply.error
+            want = [[f.shape[0], f.shape[1], int(f.sum(dtype=np.int64))] for f in frames]
+            np.testing.assert_array_equal(reply.actions, want)
+    finally:
+        w.close()
+
+
 def _dead(pid: int) -> bool:
     """The process `pid` is gone, or a zombie waiting for init to reap it."""
     try:

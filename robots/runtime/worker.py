@@ -3,8 +3,8 @@
 `ProcessWorker` runs the controller in its own process (spawned, so no inherited locks or torch
 threads), so no model call, pickling or GIL contention ever lands on the control loop's tick path.
 Frames travel through shared memory: before a request the control loop copies the history's
-observations into fixed buffers (one per observation key, `window` steps deep) and sends a small
-message on a pipe; the worker copies them out and answers with the chunk. One request is
+observations into buffers (one per observation key, `window` steps deep, made for its shape) and
+sends a small message on a pipe; the worker copies them out and answers with the chunk. One request is
 outstanding at a time, so the buffers are never written while the worker reads them.
 
 `InlineWorker` computes on the caller's thread: the synchronous baseline (the control loop waits).
@@ -215,6 +215,11 @@ def model_inputs(info: Mapping[str, Any], obs: Mapping[str, np.ndarray]) -> dict
     return {k: obs[k] for k in keys} if keys else dict(obs)
 
 
+def _layout(step: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, dtype)} of one observation step: what a shared buffer of `ProcessWorker` holds."""
+    return {k: (v.shape, v.dtype.str) for k, v in step.items()}
+
+
 def set_goal(controller: Any, goal: Mapping[str, np.ndarray] | None) -> None:
     """Reset the controller for a new episode and tell a goal-conditioned one its goal."""
     from policies.base import GoalConditioned
@@ -325,7 +330,9 @@ class SimulatedTimeWorker:
 class ProcessWorker:
     """The controller in its own process; see the module docstring. After `start`, `info` describes
     the controller (`describe`); the shared buffers are made at the first request, from its
-    observations' shapes, `info["window"]` steps deep."""
+    observations' shapes, `info["window"]` steps deep, and made again when the newest observation's
+    shapes or dtypes change (a camera's new resolution); while the history still holds steps of the
+    old ones, a request's observations go on the pipe instead."""
 
     def __init__(self, spec: ControllerSpec, startup_timeout_s: float = 300.0) -> None:
         self.spec = spec
@@ -333,6 +340,7 @@ class ProcessWorker:
         self.info: dict[str, Any] = {}
         self._shm: dict[str, shared_memory.SharedMemory] = {}
         self._views: dict[str, np.ndarray] = {}
+        self._layout: dict[str, tuple[tuple[int, ...], str]] = {}  # the buffers' {key: (shape, dtype)}
         self._proc: Any = None
         self._conn: Any = None
         self._outstanding: int | None = None
@@ -360,10 +368,12 @@ class ProcessWorker:
         return int(self.info.get("window", 1))
 
     def _buffers(self, step: Mapping[str, np.ndarray], action_shape: tuple[int, ...]) -> None:
-        """Make the shared buffers from the first request and tell the worker their names. Their memory is
-        reserved now: a /dev/shm too small for them (Docker's 64 MB default, three 720p cameras at a window
-        of 8) killed the control process with SIGBUS once the history filled, mid-episode."""
-        layout = {k: (np.asarray(v).shape, np.asarray(v).dtype.str) for k, v in step.items()}
+        """Make the shared buffers for observations like `step` (those before are freed) and tell the
+        worker their names. Their memory is reserved now: a /dev/shm too small for them (Docker's 64 MB
+        default, three 720p cameras at a window of 8) killed the control process with SIGBUS once the
+        history filled, mid-episode."""
+        self._free_buffers()
+        layout = _layout(step)
         layout["__actions__"] = (tuple(action_shape), np.dtype(np.float64).str)
         sizes = {
             k: max(1, int(np.prod((self.window, *s))) * np.dtype(d).itemsize) for k, (s, d) in layout.items()
@@ -380,7 +390,7 @@ class ProcessWorker:
                     f"{self.window} steps: {e.strerror}): enlarge /dev/shm (docker run --shm-size=1g)"
                 ) from None
             self._views[key] = np.ndarray((self.window, *shape), dtype, buffer=shm.buf)
-        self._layout = layout
+        self._layout = _layout(step)
         self._send(("buffers", ({k: s.name for k, s in self._shm.items()}, layout, self.window)))
 
     def close(self) -> None:
@@ -459,16 +469,23 @@ class ProcessWorker:
         n = len(req.steps)
         if not 1 <= n <= self.window:
             raise ValueError(f"{n} observation steps; the worker takes 1..{self.window}")
-        if not self._shm:  # the keys the controller reads (the others were copied every tick: 3.6 ms for
-            # two unread 480x640 cameras at a window of 4)
-            self._buffers(model_inputs(self.info, req.steps[0]), req.action_shape)
-        for i, step in enumerate(req.steps):
-            for k in self._layout:
-                if k != "__actions__":
+        # the keys the controller reads (the others were copied every tick: 3.6 ms for two unread 480x640
+        # cameras at a window of 4)
+        steps = [{k: np.asarray(v) for k, v in model_inputs(self.info, s).items()} for s in req.steps]
+        if not self._shm or _layout(steps[-1]) != self._layout:
+            # the first request, or a camera whose resolution (or a key whose dtype) changed: buffers for
+            # the newest step (copied into fixed ones, the frames were a numpy broadcast error, or cast)
+            self._buffers(steps[-1], req.action_shape)
+        inline = None
+        if any(_layout(s) != self._layout for s in steps):
+            inline = steps  # older steps of the old size, still in the history: on the pipe this time
+        else:
+            for i, step in enumerate(steps):
+                for k in self._layout:
                     self._views[k][i] = step[k]
         for i, a in enumerate(req.actions):
             self._views["__actions__"][i] = a
-        self._send(("infer", (req.seq, n, len(req.actions), req.previous, req.frozen, req.guide)))
+        self._send(("infer", (req.seq, n, len(req.actions), req.previous, req.frozen, req.guide, inline)))
         self._outstanding = req.seq
 
     def poll(self) -> Reply | None:
@@ -595,8 +612,12 @@ def _serve(
             return  # the control loop is gone
         if kind == "stop":
             return
-        if kind == "buffers":
+        if kind == "buffers":  # (again when the observations' shapes change: the old ones are freed)
             names, layout, window = payload
+            views.clear()
+            for shm in shms.values():
+                shm.close()
+            shms.clear()
             for k, name in names.items():
                 shms[k] = shared_memory.SharedMemory(name=name)
                 shape, dtype = layout[k]
@@ -609,9 +630,11 @@ def _serve(
             except Exception as e:  # noqa: BLE001
                 conn.send(("reset", error_line(e)))
         elif kind == "infer":
-            seq, n, n_actions, previous, frozen, guide = payload
+            seq, n, n_actions, previous, frozen, guide, inline = payload
             keys = [k for k in views if k != "__actions__"]
-            steps = [{k: views[k][i].copy() for k in keys} for i in range(n)]
+            steps = (
+                inline if inline is not None else [{k: views[k][i].copy() for k in keys} for i in range(n)]
+            )
             actions = [views["__actions__"][i].copy() for i in range(n_actions)]
             req = Request(seq, steps, actions, previous, frozen, guide=guide)
             reply = compute(controller, req, spec.delay_s)
