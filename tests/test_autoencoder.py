@@ -153,8 +153,12 @@ def test_wm_train_trains_it_and_the_registry_round_trips(store, frames, tmp_path
     res = subprocess.run([str(BIN / "wm-train"), *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "val_recon_mse=" in res.stderr
-    # it serves no controller: the run says how the model that uses it is given it, not wm-eval
-    use = f"use it: wm-train model=uwm model.latent.source=autoencoder +model.latent.path={out / 'best.pt'})"
+    # it serves no controller: the run says how the model that uses it is given it, not wm-eval, with the
+    # store it learned (the hint without store= failed as given: "store is missing")
+    use = (
+        f"use it: wm-train store={store.resolve()} model=uwm model.latent.source=autoencoder "
+        f"+model.latent.path={out / 'best.pt'} out=DIR)"
+    )
     assert use in res.stdout and "wm-eval" not in res.stdout
     loaded = load_model(str(out))
     assert loaded.model_type == "autoencoder" and loaded.config["image_size"] == [SIZE, SIZE]

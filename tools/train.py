@@ -251,7 +251,7 @@ def train(cfg: TrainAppConfig) -> int:
             )
         raise
     if main:
-        say_checkpoints(out, trainer.best, model_type, task)
+        say_checkpoints(out, trainer.best, model_type, task, Path(cfg.store).resolve())
         print(summary_line(cfg.out, metrics))
     return 0
 
@@ -262,10 +262,17 @@ def summary_line(out: str, metrics: dict[str, float]) -> str:
     return json.dumps({"out": out, **{k: float(f"{v:.7g}") for k, v in metrics.items()}})
 
 
-def say_checkpoints(out: Path, best: dict[str, Any] | None, model_type: str, task: str | None = None) -> None:
+def say_checkpoints(
+    out: Path,
+    best: dict[str, Any] | None,
+    model_type: str,
+    task: str | None = None,
+    store: Path | None = None,
+) -> None:
     """Where the run's last and best checkpoints are, and how each is used: loaded by wm-eval (on `task`,
     the store's, when it is a simulated task), or, for a component that serves no controller (the
-    autoencoder), given to the model that uses it."""
+    autoencoder), given to the model that uses it, trained on `store` (the one it learned; `out=DIR` left
+    to the user)."""
     from robots.registry import task_names
     from wm.checkpoint import BEST_NAME, latest_checkpoint
     from wm.registry import model_entry
@@ -277,7 +284,8 @@ def say_checkpoints(out: Path, best: dict[str, Any] | None, model_type: str, tas
             chosen += [f"task={task}"] if task in task_names() and task != "pointmaze" else []
             return shlex.join(["wm-eval", *chosen, override("checkpoint", path)])
         latent = ["model=uwm", f"model.latent.source={model_type}", override("+model.latent.path", path)]
-        return shlex.join(["wm-train", *latent])
+        data = [] if store is None else [override("store", store)]
+        return shlex.join(["wm-train", *data, *latent, "out=DIR"])
 
     print(f"last checkpoint: {latest_checkpoint(out)} ({use(out)} loads it)")
     if best is None:
