@@ -511,6 +511,25 @@ def test_a_range_wider_than_float32_holds_normalizes_and_inverts():
     assert small.normalize("a", torch.tensor([[0.7]])).item() == 1.0  # halving first is exact
 
 
+def test_dimensions_float32_cannot_resolve_are_named_at_fit():
+    """A dimension far from zero beside a small spread (a position with a large fixed offset, a clock)
+    became a staircase of a few values, or a constant, in the float32 the models read: silently."""
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.uniform(-1, 1, 500), 1e6 + rng.uniform(-0.5, 0.5, 500), rng.uniform(9, 11, 500)], 1)
+    stats = compute_stats(x)
+    for mode in ("minmax", "meanstd", "quantile"):
+        norm = Normalizer({"pose": mode}, {"pose": stats})
+        (line,) = norm.coarse_notes()
+        assert line.startswith("note: key 'pose', dimension(s) [1]: values around 1e+06 vary by "), line
+        assert "store them relative to a reference value" in line
+        seen = norm.normalize("pose", torch.tensor(x, dtype=torch.float32))[:, 1]
+        assert seen.unique().numel() < 40  # what the note is about: 500 readings, a few dozen values
+    clean = compute_stats(x[:, [0, 2]])
+    assert Normalizer({"pose": "minmax"}, {"pose": clean}).coarse_notes() == []
+    flat = compute_stats(np.full((10, 1), 1e6))  # hardly varies: only centred, nothing to resolve
+    assert Normalizer({"c": "minmax", "i": "identity"}, {"c": flat}).coarse_notes() == []
+
+
 def test_normalizer_refuses_statistics_that_would_make_nan():
     """A NaN, inf, missing or mis-shaped statistic (a hand-edited normalizer.json) was accepted: NaN
     outputs, a KeyError, or a silent broadcast."""

@@ -182,6 +182,8 @@ def setup_training(
         if normalizer is None:
             modes = {"action": "minmax"} | ({proprio_key: entry.proprio_norm} if proprio_key else {})
             normalizer = Normalizer.fit(store, modes, episodes=labelled)
+        for line in normalizer.coarse_notes():
+            note(line)
     absent: dict[str, tuple[int, ...]] = {}  # keys of the model the video store lacks (proprio)
     if video_store is not None:  # its frame rate, cameras (the model's: `cameras` are what configure
         # reads) and proprio before any work

@@ -29,6 +29,7 @@ MODES = ("minmax", "meanstd", "quantile", "identity")
 STATS = ("min", "max", "mean", "std", "q01", "q99")
 MIN_SPREAD = 1e-4  # half-range or std below this: the dimension is only centred (module docstring)
 RULE = 2  # how spreads are chosen: 2 as above; 1 before it (spreads clamped at 1e-6, quantiles always)
+COARSE_STEP = 0.01  # float32 steps coarser than this fraction of a dimension's scale: `coarse_notes`
 QUANTILE_SAMPLES = 200_000  # quantiles are estimated from at most this many evenly spaced steps
 
 
@@ -192,6 +193,32 @@ class Normalizer(nn.Module):
             lo = torch.where(narrow, lo, self.stat(key, "q01"))
             hi = torch.where(narrow, hi, self.stat(key, "q99"))
         return _spread(_half_range(lo, hi)), _middle(lo, hi)
+
+    def coarse_notes(self) -> list[str]:
+        """One line per key with dimensions that float32, the precision models read inputs in, cannot
+        resolve within their range: values far from zero beside a small spread (a position in metres
+        logged with a large fixed offset, a clock reading). Each normalized step there is coarser than
+        `COARSE_STEP` of the dimension's scale, so the model sees a staircase, or a constant."""
+        lines = []
+        for key, mode in self.modes.items():
+            if mode == "identity":
+                continue
+            scale, offset = (t.double().flatten() for t in self._scale_offset(key))
+            lo, hi = self.stat(key, "min").double().flatten(), self.stat(key, "max").double().flatten()
+            step = torch.maximum(lo.abs(), hi.abs()) * 2.0**-23 / scale  # float32's spacing there, normalized
+            varies = (
+                hi - lo
+            ) / 2 >= MIN_SPREAD  # (one that hardly varies is only centred: a constant anyway)
+            coarse = ((step > COARSE_STEP) & varies).nonzero().flatten().tolist()
+            if coarse:
+                i = max(coarse, key=lambda j: float(step[j]))
+                lines.append(
+                    f"note: key {key!r}, dimension(s) {coarse}: values around {float(offset[i]):.6g} vary by "
+                    f"{float(scale[i]):.3g}, and float32 (what the model reads) resolves them only in steps "
+                    f"of {float(step[i]):.1%} of that: store them relative to a reference value (minus a "
+                    "fixed offset) to give the model their motion"
+                )
+        return lines
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if key not in self.modes or self.modes[key] == "identity":
