@@ -32,7 +32,9 @@ steps, same threads, same machine:
    UNet's large layers on int8 weights where measured faster), EDM-2 with DPM++(2M) (2 calls) at
    "auto", and, with `--distill-steps > 0`, a 1-step
    consistency student distilled with `wm-train model=consistency`'s path (the one trainer), fp32 and
-   bf16. LeRobot runs fp32 throughout.
+   bf16. LeRobot runs fp32 throughout. `--frames camera` gives ours the frames in the memory layout a
+   deployment's do (`policies.inputs.frames_to_tensor` permutes (H, W, 3) camera frames: channels-last
+   strides); LeRobot keeps contiguous frames, as its own `predict_action` makes them.
 4. With `--eval-episodes > 0`: closed-loop success on the same seeds of the task through
    `policies.evaluate.run_episodes` on raw observations (LeRobot through a small adapter to our
    Policy protocol, ours through `ChunkPolicy`), with
@@ -390,6 +392,8 @@ def inference(lr: dict[str, Any], ours: dict[str, Any], root: Path, args: argpar
     sample = lr["dataset"][len(lr["dataset"]) // 2]
     lr_obs = {IMG: sample[IMG][-1:].float(), STATE: sample[STATE][-1:].float()}  # (1, ...) current step
     our_obs = {"image": sample[IMG][None].float(), "state": sample[STATE][None].float()}  # (1, 2, ...)
+    if args.frames == "camera":  # the same values in the layout a camera's (H, W, 3) frames permuted have
+        our_obs["image"] = our_obs["image"].movedim(-3, -1).contiguous().movedim(-1, -3)
     policy, pre, post = lr["policy"], lr["pre"], lr["post"]
     _, ddim, ddim_pre, ddim_post = build_lerobot(root, args, "DDIM", 10)
     ddim.load_state_dict(policy.state_dict())
@@ -535,7 +539,8 @@ def report(res: dict[str, Any]) -> str:
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
         f"lerobot {m['lerobot']}",
-        f"data: {lt['episodes']} {res['args']['task']} episodes, {lt['frames']} frames (96x96), "
+        f"data: {lt['episodes']} {res['args']['task']} episodes, {lt['frames']} frames (96x96; ours at "
+        f"inference in the layout of a {res['args'].get('frames', 'dataset')}'s frames), "
         f"{ot['windows']} training windows; params: LeRobot {lt['params'] / 1e6:.1f}M, "
         f"ours {ot['params'] / 1e6:.1f}M",
         "",
@@ -627,6 +632,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--distill-steps", type=int, default=0, help="consistency distillation steps (0: skip)"
+    )
+    parser.add_argument(
+        "--frames",
+        choices=("dataset", "camera"),
+        default="dataset",
+        help="our frames' layout at inference: a dataset window's (contiguous), a camera's (channels-last)",
     )
     parser.add_argument("--eval-episodes", type=int, default=0, help="closed-loop episodes (0: skip)")
     parser.add_argument("--eval-parallel", type=int, default=5, help="episodes run side by side")
