@@ -206,9 +206,8 @@ class Normalizer(nn.Module):
             scale, offset = (t.double().flatten() for t in self._scale_offset(key))
             lo, hi = self.stat(key, "min").double().flatten(), self.stat(key, "max").double().flatten()
             step = torch.maximum(lo.abs(), hi.abs()) * 2.0**-23 / scale  # float32's spacing there, normalized
-            varies = (
-                hi - lo
-            ) / 2 >= MIN_SPREAD  # (one that hardly varies is only centred: a constant anyway)
+            # (a dimension that hardly varies is only centred: a constant to the model anyway)
+            varies = (hi - lo) / 2 >= MIN_SPREAD
             coarse = ((step > COARSE_STEP) & varies).nonzero().flatten().tolist()
             if coarse:
                 i = max(coarse, key=lambda j: float(step[j]))
