@@ -540,7 +540,7 @@ def report(res: dict[str, Any]) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
         f"lerobot {m['lerobot']}",
         f"data: {lt['episodes']} {res['args']['task']} episodes, {lt['frames']} frames (96x96; ours at "
-        f"inference in the layout of a {res['args'].get('frames', 'dataset')}'s frames), "
+        f"inference in the layout of a {res['args']['frames']}'s frames), "
         f"{ot['windows']} training windows; params: LeRobot {lt['params'] / 1e6:.1f}M, "
         f"ours {ot['params'] / 1e6:.1f}M",
         "",

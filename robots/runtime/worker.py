@@ -373,8 +373,8 @@ class ProcessWorker:
         default, three 720p cameras at a window of 8) killed the control process with SIGBUS once the
         history filled, mid-episode."""
         self._free_buffers()
-        layout = _layout(step)
-        layout["__actions__"] = (tuple(action_shape), np.dtype(np.float64).str)
+        observations = _layout(step)
+        layout = {**observations, "__actions__": (tuple(action_shape), np.dtype(np.float64).str)}
         sizes = {
             k: max(1, int(np.prod((self.window, *s))) * np.dtype(d).itemsize) for k, (s, d) in layout.items()
         }
@@ -390,7 +390,7 @@ class ProcessWorker:
                     f"{self.window} steps: {e.strerror}): enlarge /dev/shm (docker run --shm-size=1g)"
                 ) from None
             self._views[key] = np.ndarray((self.window, *shape), dtype, buffer=shm.buf)
-        self._layout = _layout(step)
+        self._layout = observations
         self._send(("buffers", ({k: s.name for k, s in self._shm.items()}, layout, self.window)))
 
     def close(self) -> None:
@@ -472,12 +472,13 @@ class ProcessWorker:
         # the keys the controller reads (the others were copied every tick: 3.6 ms for two unread 480x640
         # cameras at a window of 4)
         steps = [{k: np.asarray(v) for k, v in model_inputs(self.info, s).items()} for s in req.steps]
-        if not self._shm or _layout(steps[-1]) != self._layout:
+        layouts = [_layout(s) for s in steps]
+        if not self._shm or layouts[-1] != self._layout:
             # the first request, or a camera whose resolution (or a key whose dtype) changed: buffers for
             # the newest step (copied into fixed ones, the frames were a numpy broadcast error, or cast)
             self._buffers(steps[-1], req.action_shape)
         inline = None
-        if any(_layout(s) != self._layout for s in steps):
+        if any(layout != self._layout for layout in layouts):
             inline = steps  # older steps of the old size, still in the history: on the pipe this time
         else:
             for i, step in enumerate(steps):

@@ -207,7 +207,7 @@ class Normalizer(nn.Module):
             lo, hi = self.stat(key, "min").double().flatten(), self.stat(key, "max").double().flatten()
             step = torch.maximum(lo.abs(), hi.abs()) * 2.0**-23 / scale  # float32's spacing there, normalized
             # (a dimension that hardly varies is only centred: a constant to the model anyway)
-            varies = (hi - lo) / 2 >= MIN_SPREAD
+            varies = _half_range(lo, hi) >= MIN_SPREAD
             coarse = ((step > COARSE_STEP) & varies).nonzero().flatten().tolist()
             if coarse:
                 i = max(coarse, key=lambda j: float(step[j]))
