@@ -40,7 +40,7 @@ import numpy as np
 from robots.base import Robot
 from robots.control import Clock, ManualClock, MonotonicClock, RateLoop
 from robots.real.lerobot_arm import first_line
-from robots.runtime.loop import RuntimeConfig
+from robots.runtime.loop import RuntimeConfig, retried
 from robots.runtime.recorder import BackgroundEpisode
 from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer
 from robots.sim.base import Expert, SimTask
@@ -438,10 +438,10 @@ class Collector:
     def _read_tick(self, device: TeleopDevice, run: _Teleop) -> TeleopState | None:
         """The device's state and (a real arm) the robot's observation, into `run.obs`, each tried
         `read_retries` times. A tick without them counts in `run.failures`; None: no device state."""
-        state, error = _retry(device.poll, self.read_retries)
+        state, error = retried(device.poll, self.read_retries)
         name = device.name
         if state is not None and not self.simulated:
-            obs, error = _retry(self.task.get_observation, self.read_retries)
+            obs, error = retried(self.task.get_observation, self.read_retries)
             name = f"{self.task.name} (the robot)"
             if obs is not None:
                 run.obs = obs  # the real arm now, beside the action it gets
@@ -526,15 +526,3 @@ class _Teleop:
     last: float | None = None
     failures: int = 0
     send_failed: bool = False
-
-
-def _retry(read: Callable[[], Any], tries: int) -> tuple[Any, Exception | None]:
-    """`read()`, tried up to `tries` times: (its value, None), or (None, the last error)."""
-    error: Exception | None = None
-    for _ in range(tries):
-        try:
-            return read(), None
-        except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
-            reraise_lost(e)  # an interrupt that ctypes turned into another error
-            error = e
-    return None, error

@@ -700,6 +700,26 @@ def test_reading_the_takeover_device_never_delays_a_command():
     assert [round(t.sent_at - t.nominal, 9) for t in out.ticks] == [0.0] * 20
 
 
+@pytest.mark.parametrize("grabbed", [0.3, 0.4])  # at the poll before the wait; during the wait
+def test_a_synchronous_robot_hands_over_on_the_tick_after_the_operator_grabs_the_device(grabbed):
+    """In sync mode the device was read before the robot waited for a chunk, not after: an operator who
+    grabbed it during the wait got one tick of that chunk first; one who had grabbed it before waited
+    the whole chunk (and then got it) for nothing. The device is read again after the wait, and no chunk
+    is asked for when the operator takes over next tick."""
+    _, rt, clock = setup("sync", "replace", replan_every=4)  # each chunk takes DELAY + MODEL_S
+    t0: list[float] = []
+
+    def human(obs, last):
+        t0.append(t0[0] if t0 else clock.now())
+        return np.array([0.5, 0.0]) if clock.now() - t0[0] >= grabbed - 1e-9 else None
+
+    out = rt.run_episode(8, takeover=human)
+    assert [t.intervention for t in out.ticks] == [False] * 4 + [True] * 4
+    first = out.ticks[4].sent_at - t0[0]  # 4 ticks of the first chunk, then the operator's
+    assert first == pytest.approx(0.4 if grabbed == 0.3 else 0.3 + DELAY, abs=0.01)  # (+ the model)
+    assert len(out.chunks) == (1 if grabbed == 0.3 else 2)
+
+
 def test_the_first_command_to_a_simulated_pusher_is_step_capped_from_where_it_is():
     """PushT named no position key though its proprioception is the pusher's position in the actions'
     px: the first target of an episode went out uncapped (309 px from the pusher, the cap 51.2)."""

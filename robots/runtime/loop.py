@@ -525,11 +525,18 @@ class Runtime:
             if state.human:
                 continue  # the operator drives; the controller is asked again once handed back
             if cfg.mode == "sync":  # the next chunk once this one's last action has had its step
-                if not len(timeline) and not timeline.holds_last(anchor + k * self.period):
+                if (
+                    not len(timeline)
+                    and not timeline.holds_last(anchor + k * self.period)
+                    and human_next is None
+                ):
+                    # (an operator taking over next tick is not kept waiting for a chunk they override)
                     reply = self._request(history, None, out, state, captured)
                     now, nxt = clock.now(), anchor + k * self.period
                     if now > nxt:  # the robot waited past the next deadline: its schedule restarts now
                         missed, anchor, k = nxt, now, 0
+                    if takeover is not None:  # the device again: the operator may have moved it meanwhile
+                        human_next = takeover(obs, last_cmd)
                     if reply is not None:  # the chunk starts at the next tick
                         self._arrived(reply, timeline, out, state, anchor + k * self.period, now, sync=True)
                         # the wait was the mode's (wait_timeout_s bounds it), as for a first chunk: the
@@ -566,16 +573,11 @@ class Runtime:
         the robot's `observation_lag_s`: a camera frame older than the read), retried
         `read_retries` times; None (and, after too many failed ticks in a row, `out.stopped`) when it
         cannot be read."""
-        err: Exception | None = None
-        for _ in range(self.cfg.read_retries):
-            began = self.clock.now()
-            try:
-                obs = self.robot.get_observation()
-                self._read_streak = 0
-                return began - max(0.0, float(getattr(self.robot, "observation_lag_s", 0.0))), obs
-            except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
-                reraise_lost(e)  # an interrupt that ctypes turned into another error
-                err = e
+        read, err = retried(lambda: (self.clock.now(), self.robot.get_observation()), self.cfg.read_retries)
+        if read is not None:
+            self._read_streak = 0
+            began, obs = read
+            return began - max(0.0, float(getattr(self.robot, "observation_lag_s", 0.0))), obs
         out.events["read_failed"] += 1
         self._read_streak += 1
         if self._read_streak >= self.cfg.max_read_failures or not out.ticks:
@@ -847,3 +849,16 @@ class _State:
     def latency(self) -> float:
         """The latency estimate: the worst of the recent round trips (old spikes are forgotten)."""
         return max(self.latencies) if self.latencies else 0.0
+
+
+def retried(read: Callable[[], Any], tries: int) -> tuple[Any, Exception | None]:
+    """`read()`, tried up to `tries` times: (its value, None), or (None, the last error). A robot's or a
+    device's read: the deploy runtime's ticks and wm-collect's follow one retry policy."""
+    error: Exception | None = None
+    for _ in range(tries):
+        try:
+            return read(), None
+        except Exception as e:  # noqa: BLE001 - any read error is retried, then counted
+            reraise_lost(e)  # an interrupt that ctypes turned into another error
+            error = e
+    return None, error
