@@ -210,6 +210,11 @@ def test_required_values_are_required(tmp_path, name, args, line):
             ["model=uwm", "store=missing.zarr", "out=run", "video_ratio=0.3"],
             "error: video_ratio=0.3 without video_store=: there is no video to mix in",
         ),
+        (  # the same check as the library's setup_training (one copy)
+            "wm-train",
+            ["model=dino_wm", "store=missing.zarr", "out=run", "feature_cache=on"],
+            "error: feature_cache must be 'auto' or 'off', got 'on'",
+        ),
         (
             "wm-info",
             ["store=missing.zarr", "format=xml"],

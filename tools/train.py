@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from tools._cli import UsageError, app, bind, build, folder
 from wm.data import DemoStore, SchemaError, StoreError
-from wm.options import override
+from wm.options import check_feature_cache, override
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,7 @@ class TrainAppConfig:
             raise ValueError(f"val_ratio must be in [0, 1), got {self.val_ratio}")
         if not 0 <= self.seed < 2**63:  # numpy's and torch's words ("Overflow when unpacking long long")
             raise ValueError(f"seed must be in 0..2**63 - 1, got {self.seed}")
-        if self.feature_cache not in ("auto", "off"):
-            raise ValueError(f"feature_cache must be auto or off, got {self.feature_cache!r}")
+        check_feature_cache(self.feature_cache)
         if self.video_ratio is not None and not self.video_store:
             raise ValueError(
                 f"video_ratio={self.video_ratio} without video_store=: there is no video to mix in"

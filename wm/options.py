@@ -108,6 +108,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+FEATURE_CACHE = ("auto", "off")  # a frozen encoder's features cached beside the store, or never
+
+
+def check_feature_cache(value: Any) -> None:
+    """`feature_cache` is "auto" or "off" ("on" or True read as off: the encoder ran on every batch)."""
+    if value not in FEATURE_CACHE:
+        raise ValueError(f"feature_cache must be 'auto' or 'off', got {value!r}")
+
+
 def override(key: str, value: object) -> str:
     """`key=value` as a Hydra override that reads back `value` (a path) exactly: the value quoted for
     Hydra where it holds anything but letters, digits, spaces and `/._-+:@%` or starts or ends with a

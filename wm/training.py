@@ -32,7 +32,7 @@ from wm.data.windows import (
     split_episodes,
     why_no_windows,
 )
-from wm.options import check_not_derived
+from wm.options import check_feature_cache, check_not_derived
 from wm.registry import TrainContext, camera_names, model_entry
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,7 @@ def setup_training(
     (`check_compatible`), windows that fit no episode (`check_windows`, from the config when it knows
     them, before the model is built). Held-out episodes too short for a validation window get a note
     (`check_validation`), and no validation function when none of them has one."""
-    if feature_cache not in ("auto", "off"):  # ("on" or True read as off: the encoder ran on every batch)
-        raise ValueError(f"feature_cache must be 'auto' or 'off', got {feature_cache!r}")
+    check_feature_cache(feature_cache)
     entry = model_entry(model_type)
     if teacher is not None and not entry.distilled:
         raise ValueError(
