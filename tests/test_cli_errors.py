@@ -632,7 +632,7 @@ def test_a_sigterm_that_lands_in_a_foreign_call_still_interrupts():
 
     from interrupts import interrupted_foreign_call
 
-    from robots.collect import _retry
+    from robots.runtime.loop import retried
     from tools._cli import _guarded, sigterm_interrupts
 
     with sigterm_interrupts():
@@ -641,7 +641,7 @@ def test_a_sigterm_that_lands_in_a_foreign_call_still_interrupts():
         assert e.value.signum == signal.SIGTERM
         tries = []
         with pytest.raises(KeyboardInterrupt) as e:
-            _retry(lambda: tries.append(1) or interrupted_foreign_call(signal.SIGTERM)(), 3)
+            retried(lambda: tries.append(1) or interrupted_foreign_call(signal.SIGTERM)(), 3)
         assert e.value.signum == signal.SIGTERM and len(tries) == 1  # (not retried)
     with pytest.raises(KeyboardInterrupt) as e:  # Ctrl-C under Python's own handler: 130
         _guarded(interrupted_foreign_call(signal.SIGINT), "")
