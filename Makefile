@@ -28,8 +28,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/wm-demo out=$(OUT)/demo
 
+# Two pytest processes (pytest-xdist), each taking whole test files (their module fixtures, trained
+# models among them, built once); `pytest tests/test_x.py` runs one file in this process.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loader.py
