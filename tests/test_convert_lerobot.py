@@ -17,6 +17,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("lerobot")
+from apps import run_app  # noqa: E402
 from conftest import can_raise_priority, scheduling  # noqa: E402
 from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
@@ -807,15 +808,18 @@ def test_wm_convert_round_trip_and_refusal(tmp_path):
     warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
     assert warnings == [f"warning: {tmp_path / 'rich.zarr'}: {w}" for w in VIDEO_WARNINGS]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr'}")  # dst exists
+    # the refusals in this process (each is refused before any work): a process each cost seconds
+    res = run_app("wm-convert", f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr'}")  # dst exists
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "already exists" in res.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     # options of the other direction were accepted and ignored (fps=30 gave a 15 fps dataset)
-    res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr2'}", "fps=30", "zarr_format=2")
+    res = run_app(
+        "wm-convert", f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'lr2'}", "fps=30", "zarr_format=2"
+    )
     assert res.returncode == 2 and "error: zarr_format, fps: not used converting store" in res.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     # a LeRobot folder was written under a store's or robomimic file's name (there is no such direction)
-    res = convert(f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'out.hdf5'}")
+    res = run_app("wm-convert", f"src={tmp_path / 'rich.zarr'}", f"dst={tmp_path / 'out.hdf5'}")
     assert res.returncode == 2 and "a store becomes a LeRobot dataset folder, not a .hdf5 file" in res.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     res = convert(f"src={tmp_path / 'lr'}", f"dst={tmp_path / 'back.zarr'}")
