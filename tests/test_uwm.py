@@ -22,6 +22,7 @@ from wm.uwm_entry import UWMPolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GRID = 8  # latent side of the synthetic task
+TINY_NET = dict(dim=64, depth=2, heads=4, registers=2, patch=2)  # the tiny UWM's transformer
 
 
 def tiny_config(**over) -> UWMConfig:
@@ -37,7 +38,7 @@ def tiny_config(**over) -> UWMConfig:
         horizon=2,
         n_action_exec=1,
         future=(1, 2),
-        net=dict(dim=64, depth=2, heads=4, registers=2, patch=2),
+        net=TINY_NET,
         shift=0,
     )
     return UWMConfig(**{**base, **over})
@@ -194,7 +195,7 @@ def test_two_cameras_each_with_a_history_and_a_future():
     cams = ("image", "wrist")
     # 4x4 latent patches (4 tokens a frame): forward dynamics of two cameras needs about 1300 steps to
     # beat copying the frame, and a step costs a third of one on 2x2 patches
-    net = dict(dim=64, depth=2, heads=4, registers=2, patch=4)
+    net = {**TINY_NET, "patch": 4}
     model = train_on_squares(tiny_uwm(image_keys=cams, p_absent=0.2, p_clean=0.3, net=net), cams, steps=1500)
     assert model.io_spec.image_keys == cams and model.net.frame_pos.shape[1] == 2 * 2 * 4
     test = square_batch(256, torch.Generator().manual_seed(123), cams)
