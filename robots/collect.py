@@ -46,8 +46,8 @@ from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer
 from robots.sim.base import Expert, SimTask
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 from wm.data import DemoStore, KeySpec, Schema, SchemaError
-from wm.data.store import json_native
 from wm.interrupt import interrupts_held, reraise_lost
+from wm.jsonvalues import json_native
 
 LOOP_KEY = "loop_dt"  # seconds between the starts of consecutive steps, recorded per step
 OPTIONS_KEY = "task_options"  # episode info: the simulated task's options (defaults filled in)

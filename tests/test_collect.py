@@ -64,7 +64,7 @@ def test_a_deploy_recording_and_a_collected_store_do_not_mix_and_say_why(tmp_pat
     recording into a wm-collect store of the same task differs by the runtime's own keys."""
     from robots.runtime.report import RECORD_KEYS
     from robots.runtime.report import recording_schema as deploy_schema
-    from wm.data.store import SchemaError
+    from wm.data.errors import SchemaError
 
     task = make_task("pointmaze", SimConfig(image_size=(32, 32)))
     collected = recording_schema(task, "pointmaze")

@@ -545,7 +545,7 @@ def test_collect_records_a_follower_teleoperated_by_a_leader_arm(monkeypatch, tm
     monkeypatch.setattr(tools.collect, "_stop_on_signals", lambda: None)  # leave pytest's handlers alone
     import threading
 
-    from wm.data.store import EpisodeWriter
+    from wm.data.writer import EpisodeWriter
 
     writers, add_step = [], EpisodeWriter.add_step  # who writes the steps (a flush held the arm's loop)
     monkeypatch.setattr(
@@ -940,7 +940,7 @@ def test_an_episode_whose_first_step_the_store_refused_is_not_counted_as_saved(m
     import tools.collect
     from wm.data import DemoStore
     from wm.data.errors import AppendError
-    from wm.data.store import EpisodeWriter
+    from wm.data.writer import EpisodeWriter
 
     script = {2: "b", 5: "enter", 7: "b", 10: "enter", 12: "b", 15: "enter"}
     cfg, _ = _leader_session(monkeypatch, tmp_path, so_arm(), so_arm(), script, episodes=2)

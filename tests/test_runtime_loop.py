@@ -551,7 +551,7 @@ def test_a_recorded_episode_is_written_by_its_own_thread_and_a_refused_step_keep
 
     from robots.runtime.recorder import BackgroundEpisode
     from wm.data import DemoStore
-    from wm.data.store import EpisodeWriter
+    from wm.data.writer import EpisodeWriter
 
     writes, flush = [], EpisodeWriter._flush
 

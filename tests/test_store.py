@@ -35,7 +35,7 @@ from wm.data import (
     merge_stores,
 )
 from wm.data.chunks import ChunkReader
-from wm.data.store import check_destination
+from wm.data.places import check_destination
 
 
 def assert_episode_equal(got: dict, want: dict) -> None:
@@ -602,7 +602,7 @@ REPLACE_KILLED_BETWEEN_RENAMES = """
 import os, signal, sys
 from pathlib import Path
 from conftest import make_schema
-import wm.data.store
+import wm.data.places
 from wm.data import DemoStore
 real, dst = os.replace, Path(sys.argv[1]).resolve()
 def replace(src, to):
@@ -610,7 +610,7 @@ def replace(src, to):
     if Path(src) == dst:  # the old store renamed aside, the new one not yet in place
         os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace
-wm.data.store.exchange = lambda a, b: False  # a filesystem without RENAME_EXCHANGE
+wm.data.places.exchange = lambda a, b: False  # a filesystem without RENAME_EXCHANGE
 DemoStore.create(sys.argv[1], make_schema(), overwrite=True).close()
 """
 
@@ -630,7 +630,7 @@ def test_a_replace_killed_between_its_renames_loses_neither_copy(small_store):
 
 
 def test_exchange_swaps_two_paths_of_either_kind(tmp_path):
-    from wm.data.store import exchange
+    from wm.data.places import exchange
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x").write_text("a")
@@ -1101,7 +1101,7 @@ def test_two_conversions_to_one_destination_write_apart(tmp_path):
     import subprocess
     import sys
 
-    from wm.data.store import beside
+    from wm.data.places import beside
 
     dst = tmp_path / "out.zarr"
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)

@@ -82,7 +82,7 @@ def folder(option: str, value: Any, give: str = "give a folder", within: bool = 
     for path in (*([] if within else [Path(value)]), *Path(value).parents):
         if path.exists() and not path.is_dir():
             raise UsageError(f"{option}={value}: {path} is a file; {give}")
-    from wm.data.store import store_around
+    from wm.data.places import store_around
 
     store = store_around(Path(value).parent if within else value)
     if store is not None:  # a rewrite of the store (wm-info drop_episodes) deleted what was put in it

@@ -225,7 +225,7 @@ def _publish(
     with them, the videos and the plot, in renames that no interrupt parts; returns (the results as
     written, the videos' paths)."""
     from policies.report import write_report
-    from wm.data.store import json_finite
+    from wm.jsonvalues import json_finite
 
     results = json_finite(results)  # valid JSON: no NaN or Infinity
     (stage / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))

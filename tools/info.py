@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tools._cli import app, bind, folder, sigterm_interrupts
 from wm.data import CorruptStoreError, DemoStore, delete_episodes
 from wm.data.info import _pick_episodes, check_episodes, contact_sheet, format_summary, summarize
-from wm.data.store import with_damage_listed
+from wm.data.layout import with_damage_listed
 
 SHOWN = 6  # episodes on the contact sheet by default (configs/info.yaml)
 

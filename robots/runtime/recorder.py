@@ -31,7 +31,7 @@ MAX_UNWRITTEN = 256  # steps held in memory while the disk refuses writes (each 
 
 
 class BackgroundEpisode:
-    """One episode's rows for `writer` (a `wm.data.store.EpisodeWriter`), written by a thread of its own.
+    """One episode's rows for `writer` (a `wm.data.writer.EpisodeWriter`), written by a thread of its own.
     `add_step(row)` from the loop (`n_steps`: the rows given); then `end(info)` or `discard()` (each
     waits for the queued rows), or `close()` on any exit path (waits, and leaves the episode
     uncommitted). Used by wm-deploy's recording and wm-collect's on a real arm. The thread runs at

@@ -33,7 +33,7 @@ from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
 from robots.runtime.safety import EVENTS
 from robots.runtime.schedule import seam_jumps
 from wm.data import KeySpec, Schema
-from wm.data.store import json_finite
+from wm.jsonvalues import json_finite
 
 RECORD_KEYS = {  # per tick, beside the robot's observation and the action sent
     "action_due": KeySpec((), "float64", "lowdim", units="s"),

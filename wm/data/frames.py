@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from wm.data.errors import SchemaError
-from wm.data.store import rewrite_command
+from wm.data.layout import rewrite_command
 
 SAMPLED_FRAMES = 8  # frames `check_scale` looks at, evenly spaced over the store
 CHECK_BLOCK = 256  # frames `check_values` looks at at once (bounds its temporary arrays)

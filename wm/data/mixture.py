@@ -34,8 +34,9 @@ from wm.data.augment import AugmentConfig
 from wm.data.dataset import ACTION_FREE, BatchedDataset, WindowDataset
 from wm.data.errors import NotAStoreError, SchemaError
 from wm.data.ops import check_same_meaning, copy_episodes, keep_episodes
+from wm.data.places import check_not_a_source
 from wm.data.schema import KeySpec
-from wm.data.store import DemoStore, check_not_a_source
+from wm.data.store import DemoStore
 from wm.data.windows import WindowSpec, build_index, whole_number, why_no_windows
 from wm.feature_cache import cache_info
 from wm.seeding import derived_rng

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from wm.data.errors import SchemaError
-from wm.data.store import DemoStore, rewrite_command
+from wm.data.layout import rewrite_command
+from wm.data.store import DemoStore
 
 MODES = ("minmax", "meanstd", "quantile", "identity")
 STATS = ("min", "max", "mean", "std", "q01", "q99")

@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from wm.data.errors import NotAStoreError, SchemaError
-from wm.data.store import (
-    DemoStore,
+from wm.data.places import (
     WriterLock,
     beside,
     check_destination,
     check_not_a_source,
     discard_tree,
     finish_swap,
-    image_codec_of,
     move_into_place,
     refuse_foreign_entries,
     rename_if_there,
     swap_paths,
 )
+from wm.data.store import DemoStore, image_codec_of
 
 # Rewrites an episode's info on copy: (source episode index, its info without "length") -> new info.
 InfoEdit = Callable[[int, dict[str, Any]], dict[str, Any]]

@@ -34,22 +34,14 @@ buffer) would make its chunks of zeros read as damage.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import errno
-import functools
-import glob
 import hashlib
 import json
-import math
 import os
 import re
-import shlex
 import shutil
-import warnings
 import weakref
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +51,43 @@ import zarr.codecs
 from zarr.storage import LocalStore, ZipStore
 
 from wm.data.chunks import ChunkReader
-from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
+from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
+from wm.data.layout import (
+    COMMITTED_ATTR,
+    EPISODES_ATTR,
+    EVERY_CHUNK_ATTR,
+    INFO_ARRAY,
+    SCHEMA_ATTR,
+    WRITE_EVERY_CHUNK,
+    commit_lengths,
+    create_info_array,
+    info_entry,
+    json_record,
+    read_commit,
+    read_episode_ends,
+    rewrite_command,
+    with_damage_listed,
+)
+from wm.data.places import (
+    ZARR_META,
+    WriterLock,
+    check_writable,
+    discard_tree,
+    finish_swap,
+    move_into_place,
+    place_new,
+    refuse_foreign_entries,
+    replaceable,
+    restore_replaced,
+    swap_paths,
+)
 from wm.data.schema import FORMAT_VERSION, KeySpec, Schema, infer_schema
+from wm.data.writer import EpisodeWriter
 from wm.interrupt import interrupts_held
-from wm.locks import PathLock, alive, remove_left_by_dead
-from wm.options import is_whole, override
+from wm.locks import remove_left_by_dead
+from wm.options import is_whole
 
-SCHEMA_ATTR = "wm_schema"
-COMMITTED_ATTR = "wm_committed"  # the number of committed episodes: writing it commits an episode
-INFO_ARRAY = "wm_episode_info"  # each episode's info, one JSON string an episode
-INFO_CHUNK = 256  # entries a chunk of INFO_ARRAY: what a commit rewrites
-EPISODES_ATTR = "wm_episodes"  # format 1: every episode's info in the root attributes (the commit)
-EVERY_CHUNK_ATTR = "wm_every_chunk"  # true: every chunk of committed steps is a file (module docstring)
-WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 LOWDIM_CHUNK = 4096  # rows per chunk for low-dimensional keys
-# Steps buffered in memory by a streaming writer before they are flushed to disk.
-FLUSH_STEPS = 32
 
 
 BLOSC_CODECS = ("auto", "lz4", "lz4hc", "zstd", "zlib", "blosclz")  # "auto": lz4 for images, zstd else
@@ -231,7 +244,7 @@ class DemoStore:
         )
         # written in this layout whatever a source store's was (a converter passes its schema on)
         schema = dataclasses.replace(schema, format_version=FORMAT_VERSION)
-        _create_info_array(group, [])
+        create_info_array(group, [])
         group.attrs.update({SCHEMA_ATTR: schema.to_dict(), COMMITTED_ATTR: 0, EVERY_CHUNK_ATTR: True})
         return schema
 
@@ -636,7 +649,7 @@ class DemoStore:
         """Write this store's commit record in the current layout: every episode's info in INFO_ARRAY,
         then the root attributes with the commit count in place of a format 1 `wm_episodes` list (one
         write: a crash before it leaves the store as it was, and it is migrated again)."""
-        _create_info_array(self._group, self._info)
+        create_info_array(self._group, self._info)
         self._schema = dataclasses.replace(self._schema, format_version=FORMAT_VERSION)
         attrs = {k: v for k, v in dict(self._group.attrs).items() if k != EPISODES_ATTR}
         attrs.update({SCHEMA_ATTR: self._schema.to_dict(), COMMITTED_ATTR: self.n_episodes})
@@ -682,7 +695,7 @@ class DemoStore:
         if self._entries is None:
             self._entries = self._group[INFO_ARRAY].with_config(WRITE_EVERY_CHUNK)
         self._entries.resize((e + 1,))
-        self._entries[e] = _entry(record)
+        self._entries[e] = info_entry(record)
         self._group.attrs[COMMITTED_ATTR] = e + 1  # the commit
         self._ends = np.append(self._ends, np.int64(new_end))
         self._info.append(record)
@@ -692,169 +705,6 @@ class DemoStore:
         for arr in self._arrays.values():
             if arr.shape[0] > n_steps:
                 arr.resize((n_steps, *arr.shape[1:]))
-
-
-def json_native(value: Any) -> Any:
-    """`value` with numpy scalars and arrays turned into Python numbers and lists (what an environment's
-    `is_success()` or a metric returns: np.bool_, np.float32), inside dicts, lists and tuples."""
-    if isinstance(value, dict):
-        return {k: json_native(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_native(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def json_finite(value: Any) -> Any:
-    """`json_native(value)` with every non-finite float (NaN, infinity) replaced by None: strict JSON has
-    no such numbers (results.json, report.json)."""
-    value = json_native(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_finite(v) for v in value]
-    return value
-
-
-def check_writable(path: Path) -> None:
-    """Refuse (PermissionError, one line) a store or folder this process cannot write to, before any
-    work: a read-only filesystem, or no permission (a writer failed at its first flush)."""
-    if path.exists() and not os.access(path, os.W_OK):
-        raise PermissionError(
-            f"{path}: cannot write here (a read-only filesystem, or no permission); write to another path"
-        )
-
-
-def move_into_place(built: Path, dst: Path) -> None:
-    """Put `built` (a store or dataset written beside `dst`) at `dst`, replacing what is there (a folder
-    or a zip file; through a symbolic link, where it points: the link is kept). A folder is replaced under
-    its writer lock: a store a writer has open (wm-collect, wm-deploy record=) is refused (StoreBusyError)
-    and `built` removed, however long ago the replacing began. What is replaced is renamed aside first
-    and deleted after `built` is in place: deleting it in place took seconds for a large store, and a kill
-    then left `dst` half deleted and `built` in a hidden folder the next run removed. The two trade places
-    in one atomic step (`exchange`), so a kill leaves `dst` whole, old or new. Where the filesystem cannot
-    exchange, it is two renames, and a kill between them leaves no `dst`: the next open, create or
-    conversion of `dst` puts the old copy back (`restore_replaced`)."""
-    dst = dst.resolve()
-    lock = None
-    try:
-        if dst.is_dir():
-            lock = WriterLock(dst)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
-    old = None
-    try:
-        if not dst.exists():
-            os.replace(built, dst)
-        elif exchange(built, dst):
-            old = built  # (which now holds what was at dst)
-        else:
-            old = beside(dst, "replaced")
-            os.replace(dst, old)
-            os.replace(built, dst)
-    finally:
-        if lock is not None:
-            lock.release()
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
-
-
-def place_new(built: Path, dst: Path, taken: str) -> None:
-    """Rename `built` to `dst` only where nothing is at `dst`, in one step (renameat2(RENAME_NOREPLACE);
-    where the system has none, a rename, which does not replace a folder that holds anything): else
-    FileExistsError(`taken`), `built` removed. A check then a rename let a second process's store
-    replace the first's between the two."""
-    renameat2, at_cwd = _renameat2(), -100  # AT_FDCWD: the paths are taken as they are
-    err = 0
-    if renameat2 is not None:
-        if renameat2(at_cwd, os.fsencode(built), at_cwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-    if renameat2 is None or err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        try:
-            if not dst.exists():
-                os.rename(built, dst)
-                return
-            err = errno.EEXIST
-        except OSError as e:
-            err = e.errno or 0
-    shutil.rmtree(built, ignore_errors=True)
-    if err in (errno.EEXIST, errno.ENOTEMPTY):
-        raise FileExistsError(taken)
-    raise OSError(err, f"cannot rename {built} to {dst}: {os.strerror(err)}")
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap what is at `a` and at `b` (folders or files, either kind) in one atomic step: Linux's
-    renameat2(RENAME_EXCHANGE). False, and nothing changed, where the system or filesystem has no such
-    step (another OS, an older C library or kernel, a filesystem without it); other failures raise."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    at_cwd = -100  # AT_FDCWD: the paths are taken as they are
-    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
-
-
-@functools.cache
-def _renameat2() -> Any:
-    """The C library's renameat2, typed once; None where the C library has none."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is not None:
-        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return renameat2
-
-
-def beside(dst: Path, suffix: str) -> Path:
-    """Where to write what replaces `dst` (through a symbolic link: beside where it points, so the rename
-    into place stays on one filesystem): a hidden sibling named after `dst` and this process, so two
-    conversions to one destination never write (or clear) each other's work; the last to finish is
-    what `dst` holds. What dead processes left there (a kill -9) is removed; first, where `dst` is gone
-    and a dead process's `move_into_place` had renamed it aside (killed between its two renames), the
-    old copy is put back."""
-    target = dst.resolve()
-    restore_replaced(target)
-    mine = target.with_name(f".{dst.name}.{suffix}.{os.getpid()}")
-    # (with what `DemoStore.create` builds beside a store that is being written: `<name>.wm-create.<pid>`,
-    # `<name>.wm-create` before)
-    left = re.compile(re.escape(f".{dst.name}.{suffix}.") + r"(?P<pid>\d+)(\.wm-create(\.\d+)?)?")
-    remove_left_by_dead(target.parent, left)
-    return mine
-
-
-def restore_replaced(path: Path) -> None:
-    """Where `path` is gone because a `move_into_place` that had renamed it aside was killed before it
-    renamed the new copy in (a filesystem without `exchange`), put the old copy back."""
-    if path.exists() or not path.parent.is_dir():
-        return
-    aside = re.compile(re.escape(f".{path.name}.replaced.") + r"(?P<pid>\d+)")
-    for left in sorted(path.parent.iterdir()):
-        m = aside.fullmatch(left.name)
-        if m is not None and not alive(int(m.group("pid"))):
-            rename_if_there(left, path)
-            return
-
-
-ZARR_META = ("zarr.json", ".zgroup", ".zarray")  # what makes a folder a zarr node (v3, v2)
-# zarr's LocalStore writes each file to "<name>.<uuid hex>.partial" and renames it into place: a writer
-# killed in between leaves one, the store's own (opening for writing deletes it), not a user's file
-ZARR_PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial")
 
 
 def _metadata_file(path: Path, node: str) -> Path:
@@ -876,312 +726,6 @@ def _has_node(path: Path, group: zarr.Group, node: str) -> bool:
         ) from e
 
 
-def _zarr_node(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in ZARR_META)
-
-
-def store_around(path: str | os.PathLike) -> Path | None:
-    """The zarr store (or a node of one) that `path` is, or is inside; None when neither. Anything
-    written inside a store is lost when the store is rewritten (`wm-info drop_episodes`) or replaced."""
-    for p in (Path(path).resolve(), *Path(path).resolve().parents):
-        if _zarr_node(p):
-            return p
-    return None
-
-
-def foreign_entries(path: Path) -> list[str]:
-    """The names in the store folder `path` that are not part of the store (a run's checkpoints put in
-    it, a dataset written inside it): a rewrite of the store would delete them."""
-    own = (*ZARR_META, ".zattrs", ".zmetadata")
-    return sorted(
-        e.name
-        for e in path.iterdir()
-        if e.name not in own and not _zarr_node(e) and not ZARR_PARTIAL.fullmatch(e.name)
-    )
-
-
-def refuse_foreign_entries(path: Path, doing: str) -> None:
-    """Refuse (ValueError, one line) to replace or rewrite the store folder `path` (`doing` it, e.g. "the
-    rewrite") while it holds `foreign_entries`: they would be deleted without a word."""
-    foreign = foreign_entries(path) if path.is_dir() else []
-    if foreign:
-        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ValueError(
-            f"{path}: holds files that are not the store's ({listed}); {doing} would delete them: "
-            "move them out of the store first"
-        )
-
-
-def replaceable(path: Path) -> bool:
-    """What `create(overwrite=True)` (and a converter's overwrite) may delete: an empty folder or a zarr
-    store (even a damaged one; a zip store), never another file or a folder of anything else (a user's
-    data given as the path by mistake)."""
-    if not path.is_dir():
-        return path.suffix == ".zip" and zipfile.is_zipfile(path)
-    return not any(path.iterdir()) or (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
-
-
-def check_not_a_source(dst: str | os.PathLike, sources: Iterable[str | os.PathLike]) -> None:
-    """Refuse (ValueError, one line) to write a new store at a path that is one of the stores it is made
-    from: `create(overwrite=True)` would delete the source before it is read."""
-    target = Path(dst).resolve()
-    for src in sources:
-        if Path(src).resolve() == target:
-            raise ValueError(f"{dst}: is also a source of this store; write the result to another path")
-
-
-def check_destination(
-    dst: Path,
-    overwrite: bool,
-    sources: Iterable[str | os.PathLike],
-    may_replace: Callable[[Path], bool] = replaceable,
-    not_replaceable: str = "exists and is not a store; not replacing it (choose another dst)",
-) -> None:
-    """Refuse, in one line and before any work, a destination a converter must not write to: one that
-    exists (without `overwrite`), that `may_replace` says is not its kind of output (a user's folder:
-    `not_replaceable` says so), that is a source or holds one (replacing it would delete the source), that
-    a writer has open, or a zip file where a store is written (`may_replace` is `replaceable`: zip stores
-    are read-only)."""
-    if may_replace is replaceable and dst.suffix == ".zip":
-        raise NotAStoreError(f"{dst}: zip stores are read-only; write a directory store (and zip it after)")
-    target = dst.resolve()
-    for src in sources:
-        s = Path(src).resolve()
-        if s == target or target in s.parents:
-            raise ValueError(f"{dst}: is or holds the source {src}; write the result to another path")
-        if s in target.parents:  # a rewrite of the source (wm-info drop_episodes) would delete it
-            raise ValueError(f"{dst}: is inside the source {src}; write the result to another path")
-    if not dst.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(f"{dst}: already exists; give overwrite=true to replace it")
-    if not may_replace(dst):
-        raise FileExistsError(f"{dst}: {not_replaceable}")
-    if may_replace is replaceable:
-        refuse_foreign_entries(dst, "overwrite=true")
-    if dst.is_dir():  # nobody may be writing to the store this replaces
-        WriterLock(dst).release()
-
-
-def commit_lengths(records: Any) -> list[int] | None:
-    """Episode lengths from a commit record, or None when it does not hold a length for each (positive, or
-    0 where an adopted store had an empty episode)."""
-    if not isinstance(records, list):
-        return None
-    lengths = [r.get("length") if isinstance(r, dict) else None for r in records]
-    if not all(type(n) is int and n >= 0 for n in lengths) or not any(lengths):
-        return None
-    return lengths
-
-
-def _entry(record: Mapping[str, Any]) -> str:
-    """An episode's info as INFO_ARRAY holds it (`read_commit` reads it back)."""
-    return json.dumps(record, separators=(",", ":"))
-
-
-def _create_info_array(group: zarr.Group, records: Sequence[Any]) -> None:
-    """INFO_ARRAY of `group` holding `records` (replacing one there: what a crashed migration left)."""
-    v3 = group.metadata.zarr_format == 3
-    entries = group.create_array(
-        INFO_ARRAY,
-        shape=(len(records),),
-        chunks=(INFO_CHUNK,),
-        dtype=str,
-        compressors=(zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()) if v3 else "auto",
-        overwrite=True,
-    ).with_config(WRITE_EVERY_CHUNK)
-    if records:
-        entries[:] = np.array([_entry(r) for r in records], dtype=object)
-
-
-def with_damage_listed(e: CorruptStoreError, path: str | Path) -> CorruptStoreError:
-    """`e` naming the command that lists all of the store's damage, or `e` itself when it names a
-    repair (or that command) already."""
-    if "wm-info " in str(e):
-        return e
-    return CorruptStoreError(f"{e}; list all damage with: {info_command(path, 'verify=true')}")
-
-
-def info_command(path: str | Path, *overrides: str) -> str:
-    """`wm-info store=PATH OVERRIDES...` as a shell line, the path quoted for Hydra (`override`)."""
-    return shlex.join(["wm-info", override("store", path), *overrides])
-
-
-def rewrite_command(path: str | Path, drop: Iterable[int] = ()) -> str:
-    """The `wm-info` rewrite of the store at `path` without the episodes `drop` (none: every episode kept,
-    which repairs a damaged commit record or writes every chunk), as a shell line (`info_command`)."""
-    episodes = ",".join(str(e) for e in drop)
-    return info_command(path, f"drop_episodes=[{episodes}]")
-
-
-def read_commit(path: Path, group: zarr.Group) -> tuple[list[Any] | None, str | None]:
-    """The commit record: each committed episode's info, in order (an entry that is not a JSON object is
-    returned as it is, for the caller to report), or None for a store without one (another tool's); and
-    a one-line problem when part of it cannot be read. Then what can be read is kept, and {} stands for
-    each entry that cannot, for as many episodes as both the count and `meta/episode_ends` hold (a count
-    damaged upwards commits no episode that is not there). A count that is not one stands for as many
-    episodes as both the info entries and `meta/episode_ends` hold (ignoring it threw every intact info
-    entry away); None when the info entries cannot be read either."""
-    attrs = dict(group.attrs)
-    if COMMITTED_ATTR not in attrs:  # format 1 (a list), or none
-        return attrs.get(EPISODES_ATTR), None
-    n = attrs[COMMITTED_ATTR]
-    damaged = None
-    if type(n) is not int or n < 0:
-        damaged = f"{path}: the commit count {COMMITTED_ATTR} is {str(n)[:40]!r}, not a count"
-    try:
-        entries = group[INFO_ARRAY]
-        if not isinstance(entries, zarr.Array):
-            raise TypeError("it is a group, not an array")
-        have, rows = int(entries.shape[0]), int(entries.chunks[0])
-    except Exception as e:  # missing, or its metadata unreadable
-        if damaged is not None:
-            return None, damaged
-        return [{}] * _bounded(group, n, 0), f"{path}/{INFO_ARRAY}: cannot be read ({type(e).__name__}: {e})"
-    if damaged is not None:
-        ends = _ends_entries(group)
-        records, problem = _read_entries(
-            path, group, entries, min(have, ends if ends is not None else have), rows
-        )
-        return records, damaged + (f"; {problem}" if problem else "")
-    return _read_entries(path, group, entries, n, rows)
-
-
-def _read_entries(
-    path: Path, group: zarr.Group, entries: zarr.Array, n: int, rows: int
-) -> tuple[list[Any], str | None]:
-    """The first `n` entries of INFO_ARRAY `entries` (chunks of `rows`), as `read_commit` returns them."""
-    have = int(entries.shape[0])
-    records: list[Any] = []
-    problems = [f"has {have} entries but {n} episodes are committed"] if have < n else []
-    for lo in range(0, min(have, n), rows):
-        hi = min(lo + rows, have, n)
-        try:
-            texts = [str(t) for t in entries[lo:hi]]
-        except Exception as e:  # a chunk that cannot be decoded: its entries alone are lost
-            problems.append(
-                f"chunk {lo // rows} (episodes {lo}-{hi - 1}) cannot be decoded ({type(e).__name__}: {e})"
-            )
-            records += [{}] * (hi - lo)
-            continue
-        lost = [lo + i for i, text in enumerate(texts) if not text]  # "": the fill value, never written
-        if lost:
-            problems.append(
-                f"the entries of episodes {lost[0]}-{lost[-1]} are empty (chunk {lo // rows}: a lost file)"
-            )
-        for text in texts:
-            try:
-                records.append(json.loads(text) if text else {})
-            except ValueError:
-                records.append(text)
-    if len(records) < n:
-        records += [{}] * (_bounded(group, n, len(records)) - len(records))
-    return records, (f"{path}/{INFO_ARRAY}: {'; '.join(problems)}" if problems else None)
-
-
-def _bounded(group: zarr.Group, n: int, readable: int) -> int:
-    """How many episodes a damaged commit record stands for: the count `n`, at most the entries of
-    `meta/episode_ends` (or, when those cannot be read either, the `readable` info entries)."""
-    ends = _ends_entries(group)
-    return min(n, max(ends, readable)) if ends is not None else min(n, readable)
-
-
-def _ends_entries(group: zarr.Group) -> int | None:
-    """The entries `meta/episode_ends` holds, None when its metadata cannot be read."""
-    try:
-        return int(group["meta/episode_ends"].shape[0])
-    except Exception:  # noqa: BLE001 - read_episode_ends reports it
-        return None
-
-
-def read_episode_ends(
-    path: Path, group: zarr.Group, records: Any
-) -> tuple[np.ndarray, str | None, tuple[int, ...]]:
-    """The committed part of `meta/episode_ends`; a one-line problem if it cannot be used (the commit
-    record's lengths then stand for it): unreadable, fewer entries than committed episodes, decreasing,
-    an episode without steps (a lost chunk file of it reads as zeros: every episode in it empty), or at
-    odds with the commit record (`_disagreement`); and the episodes whose boundaries are in doubt (a
-    repair drops them)."""
-    try:
-        ends = np.asarray(group["meta/episode_ends"][:], dtype=np.int64)
-    except Exception as e:
-        problem = f"{path}/meta/episode_ends: cannot be read ({type(e).__name__}: {e})"
-        return np.zeros(0, np.int64), problem, ()
-    if isinstance(records, list):
-        if len(ends) < len(records):
-            problem = (
-                f"{path}/meta/episode_ends: has {len(ends)} entries but {len(records)} episodes are committed"
-            )
-            return ends, problem, ()
-        ends = ends[: len(records)]
-    if len(ends) and (np.any(np.diff(ends) < 0) or ends[0] < 0):
-        bad = int(np.argmax(np.diff(ends, prepend=0) < 0))
-        problem = (
-            f"{path}/meta/episode_ends: decreases at entry {bad} "
-            f"({int(ends[bad - 1]) if bad else 0} -> {int(ends[bad])})"
-        )
-        return ends, problem, ()
-    if isinstance(records, list):  # our stores never write an empty episode: a lost chunk of episode_ends
-        # (zarr reads it as zeros); other tools' stores may hold some, recorded as such when adopted
-        empty = np.flatnonzero(np.diff(ends, prepend=0) == 0)
-        lost = [int(i) for i in empty if not (i < len(records) and _recorded_empty(records[i]))]
-        if lost:
-            return ends, f"{path}/meta/episode_ends: episode {lost[0]} has no steps ({len(lost)} such)", ()
-    lengths = commit_lengths(records)
-    if lengths is None or len(lengths) != len(ends):
-        return ends, None, ()
-    return (ends, *_disagreement(path, group, ends, np.cumsum(np.asarray(lengths, dtype=np.int64))))
-
-
-def _disagreement(
-    path: Path, group: zarr.Group, ends: np.ndarray, committed: np.ndarray
-) -> tuple[str | None, tuple[int, ...]]:
-    """Which of `meta/episode_ends` and the commit record's cumulative lengths `committed` is damaged where
-    they differ (a zarr v2 store has no checksums: a flipped bit in its episode_ends decodes to other
-    increasing numbers, and a repair that trusted them deleted or re-split intact episodes). The one that
-    ends where the data does is right: episode_ends that do not make a problem (the commit record's
-    lengths replace them); a damaged commit record makes none here (`verify` reports its lengths, and a
-    rewrite rebuilds it from the boundaries). A writer killed mid-episode leaves uncommitted steps past the
-    last episode (until the store is next opened for appending), so neither may end there: then a side
-    that ends past the data is the damaged one, and otherwise the pattern tells: one boundary off is a
-    damaged episode_ends entry, every boundary from one on off by the same steps a damaged commit length.
-    When none of that decides, the episodes on each boundary that differs are in doubt (a repair trusting
-    either side deleted intact episodes)."""
-    differ = np.flatnonzero(ends != committed)
-    if not len(differ):
-        return None, ()
-    held = _steps_held(group)
-    ends_fit, commit_fits = int(ends[-1]) == held, int(committed[-1]) == held
-    if ends_fit == commit_fits:
-        if not ends_fit and held is not None and (int(ends[-1]) > held) != (int(committed[-1]) > held):
-            ends_fit, commit_fits = int(ends[-1]) <= held, int(committed[-1]) <= held
-        elif len(differ) == 1 and differ[0] < len(ends) - 1:
-            ends_fit, commit_fits = False, True  # one inner entry of episode_ends off (a flipped bit)
-        elif len(differ) > 1 and len(set((ends - committed)[differ[0] :].tolist())) == 1:
-            ends_fit, commit_fits = True, False  # one commit length off: every later boundary shifts with it
-    if ends_fit and not commit_fits:
-        return None, ()
-    where = f"{path}/meta/episode_ends"
-    if commit_fits and not ends_fit:
-        lengths = int(committed[-1])
-        return f"{where}: ends at step {int(ends[-1])}, but the commit record's lengths end at {lengths}", ()
-    doubtful = tuple(sorted({int(e) for b in differ for e in (b, b + 1) if e < len(ends)}))
-    listed = ", ".join(str(e) for e in doubtful[:8]) + (", ..." if len(doubtful) > 8 else "")
-    return (
-        f"{where}: disagrees with the commit record's lengths at the boundaries of episodes {listed}, and "
-        f"the steps the data holds ({held if held is not None else 'unreadable'}) do not tell which is right"
-    ), doubtful
-
-
-def _steps_held(group: zarr.Group) -> int | None:
-    """The most steps any data array holds (damage loses a key steps, never adds them), or None when the
-    arrays cannot be listed."""
-    try:
-        return max((int(a.shape[0]) for _, a in group["data"].arrays()), default=None)
-    except Exception:  # noqa: BLE001 - opening the store reports what is unreadable
-        return None
-
-
 def fits_spec(array: zarr.Array, spec: KeySpec) -> bool:
     """Whether `array` holds steps of `spec`'s shape and dtype (what opening a store and verifying it
     both require)."""
@@ -1193,261 +737,9 @@ def fits_spec(array: zarr.Array, spec: KeySpec) -> bool:
         return str(array.dtype) == str(spec.dtype)
 
 
-def _recorded_empty(record: Any) -> bool:
-    """A commit record entry of an episode without steps: one that another tool's store held when this
-    one adopted it (`DemoStore._repair`)."""
-    return isinstance(record, dict) and type(record.get("length")) is int and record["length"] == 0
-
-
-class EpisodeWriter:
-    """Streams one episode into a store. Steps are buffered and flushed every FLUSH_STEPS steps, so a
-    long episode never sits whole in memory; nothing is visible to readers until `end()` commits.
-    Used as a context manager, an exception inside the block discards the episode. A flush or commit that
-    fails (OSError: the disk is full) keeps the episode open with every step it was given, the one being
-    added too: once there is space, `end()` again (or the next step) writes them all; or `discard()`."""
-
-    def __init__(self, store: DemoStore) -> None:
-        self._store = store
-        self._start = store.n_steps
-        self._flushed = 0
-        self._buf: dict[str, list[np.ndarray]] = {k: [] for k in store.keys}
-        self._n_buf = 0
-        self._done = False
-
-    def __enter__(self) -> EpisodeWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._done:
-            return
-        if exc_type is None:
-            self.end()
-        else:
-            self.discard()
-
-    @property
-    def n_steps(self) -> int:
-        return self._flushed + self._n_buf
-
-    def _where(self) -> str:
-        return f"{self._store.path}: episode {self._store.n_episodes}, step {self.n_steps}"
-
-    def _check(self, key: str, value: np.ndarray, batched: bool) -> np.ndarray:
-        spec = self._store.schema.keys[key]
-        value = np.asarray(value)
-        shape = value.shape[1:] if batched else value.shape
-        if tuple(shape) != spec.shape:
-            raise AppendError(f"{self._where()}, key {key!r}: shape {tuple(shape)} != schema {spec.shape}")
-        if value.dtype != np.dtype(spec.dtype):
-            if not np.can_cast(value.dtype, spec.dtype, casting="same_kind"):
-                raise AppendError(f"{self._where()}, key {key!r}: dtype {value.dtype} != schema {spec.dtype}")
-            with np.errstate(over="ignore", invalid="ignore"):  # what does not fit is refused below
-                cast = value.astype(spec.dtype)
-            if not np.can_cast(value.dtype, spec.dtype, casting="safe"):  # narrower: the values must fit
-                if np.issubdtype(cast.dtype, np.floating):
-                    lost = np.isfinite(value) & ~np.isfinite(cast)  # beyond the type's range
-                else:
-                    lost = cast != value  # wrapped around
-                if lost.any():
-                    raise AppendError(
-                        f"{self._where()}, key {key!r}: {value.dtype} value {value[lost].flat[0]} does not "
-                        f"fit the schema's {spec.dtype}"
-                    )
-            value = cast
-        if spec.kind in ("action", "proprio") and np.issubdtype(value.dtype, np.floating):
-            bad = ~np.isfinite(value)
-            if bad.any():
-                first = self.n_steps + (int(np.argwhere(bad)[0][0]) if batched else 0)
-                raise AppendError(
-                    f"{self._store.path}: episode {self._store.n_episodes}, key {key!r} has non-finite values"
-                    f" (first at step {first})"
-                )
-        return value
-
-    def _check_keys(self, step: dict[str, Any]) -> None:
-        if self._done:
-            raise AppendError(f"{self._store.path}: this episode writer has already ended")
-        missing = set(self._store.keys) - set(step)
-        extra = set(step) - set(self._store.keys)
-        if missing or extra:
-            raise AppendError(
-                f"{self._where()}: keys do not match the schema "
-                f"(missing {sorted(missing)}, unknown {sorted(extra)})"
-            )
-
-    def add_step(self, step: dict[str, Any]) -> None:
-        """Add one step {key: (*shape)}; validated before anything is buffered."""
-        self._check_keys(step)
-        checked = {k: self._check(k, v, batched=False) for k, v in step.items()}
-        for k, v in checked.items():
-            self._buf[k].append(v[None])
-        self._n_buf += 1
-        if self._n_buf >= FLUSH_STEPS:
-            self._flush()
-
-    def add_steps(self, steps: dict[str, np.ndarray]) -> None:
-        """Add several steps {key: (T, *shape)} at once (all keys the same T)."""
-        self._check_keys(steps)
-        for k, v in steps.items():
-            if np.ndim(v) == 0:
-                raise AppendError(f"{self._where()}, key {k!r}: a single value {v!r}, expected (T, ...)")
-        lengths = {k: len(np.asarray(v)) for k, v in steps.items()}
-        if len(set(lengths.values())) != 1:
-            raise AppendError(f"{self._where()}: keys have different lengths {lengths}")
-        checked = {k: self._check(k, v, batched=True) for k, v in steps.items()}
-        for k, v in checked.items():
-            self._buf[k].append(v)
-        self._n_buf += next(iter(lengths.values()))
-        if self._n_buf >= FLUSH_STEPS:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Write the buffered steps to rows lo..hi of every key; the buffers are emptied and the count
-        advanced only once every key is written. A write that fails part-way (a full disk) leaves all of
-        them buffered: the next flush writes the same rows again, with the steps added since (clearing each
-        key's buffer after its write lost those steps, and later ones were written over them)."""
-        if self._n_buf == 0:
-            return
-        for key, parts in self._buf.items():  # one block a key, kept for a retry (a single part: no copy)
-            if len(parts) > 1:
-                self._buf[key] = [np.concatenate(parts, axis=0)]
-        lo = self._start + self._flushed
-        hi = lo + self._n_buf
-        with interrupts_held():  # a write left running would land after a discard's truncation
-            for key, (block,) in self._buf.items():
-                arr = self._store.array(key)
-                arr.resize((hi, *arr.shape[1:]))  # a retry: the same size or larger, never smaller
-                arr[lo:hi] = block
-            self._buf = {k: [] for k in self._buf}
-            self._flushed += self._n_buf
-            self._n_buf = 0
-
-    def end(self, info: dict[str, Any] | None = None) -> int:
-        """Flush and commit the episode; returns its index. `info` is JSON metadata (success, notes, ...)."""
-        if self._done:
-            raise AppendError(f"{self._store.path}: this episode writer has already ended")
-        if self.n_steps == 0:
-            raise AppendError(f"{self._where()}: an episode needs at least one step")
-        try:
-            record = json_record(info, self.n_steps)
-        except (TypeError, ValueError) as e:  # nothing flushed or committed: end() may be called again
-            raise AppendError(
-                f"{self._where()}: episode info is not usable: {e}; the episode is kept open: call end() "
-                "again with plain JSON values"
-            ) from e
-        with interrupts_held():  # Ctrl-C in the commit: the episode is committed whole, then it stops
-            self._flush()
-            index = self._store._commit(self._flushed, record)
-            self._done = True
-            self._store._writing = None
-        return index
-
-    def discard(self) -> None:
-        """Drop the episode in progress; the store is as it was before `begin_episode`."""
-        if self._done:
-            return
-        with interrupts_held():
-            self._buf = {k: [] for k in self._buf}
-            self._n_buf = 0
-            self._store._truncate(self._start)
-            self._done = True
-            self._store._writing = None
-
-
-# ---------------------------------------------------------------------- whole-store rewrites
-class WriterLock(PathLock):
-    """The store's writer lock: an exclusive advisory flock on the store itself (its directory, or its zip
-    file), held by one store opened for writing, or one rewrite, at a time, in any process; released by
-    `release()` or when the process ends, however it ends. Readers take none: commits are atomic for
-    them. Opening for writing repairs what a crashed writer left, which would truncate a live writer's
-    steps: so a second writer is refused, in one line."""
-
-    def __init__(self, path: Path) -> None:
-        def busy() -> StoreBusyError:
-            return StoreBusyError(
-                f"{path}: another writer has this store open (wm-collect, wm-deploy record=, or a DemoStore "
-                "opened with mode='a'); wait for it to finish, or write to another store"
-            )
-
-        def unguarded(e: OSError) -> None:  # a filesystem without locks: write, unguarded
-            warnings.warn(
-                f"{path}: this filesystem cannot lock the store ({e}); a second writer would not be refused: "
-                "write to it from one process at a time",
-                stacklevel=5,  # past this, PathLock.__init__, WriterLock.__init__ and its caller
-            )
-
-        super().__init__(path, busy, unguarded)
-
-
 def _weak(method: Callable[[int, int], str]) -> Callable[[int, int], str]:
     """`method` of a store, held without keeping the store alive: a store's readers hold it, and a strong
     reference made a cycle, so a store dropped without `close()` kept its writer lock until the garbage
     collector ran."""
     ref = weakref.WeakMethod(method)
     return lambda lo, hi: m(lo, hi) if (m := ref()) is not None else ""
-
-
-def swap_paths(path: Path) -> tuple[Path, Path]:
-    """(new store written beside `path`, old store moved aside) of a crash-safe rewrite (wm.data.ops)."""
-    return path.with_name(path.name + ".wm-new"), path.with_name(path.name + ".wm-old")
-
-
-def json_record(info: Mapping[str, Any] | None, steps: int | None = None) -> dict[str, Any]:
-    """Episode `info` as the commit record holds it (numpy values as Python's); TypeError or ValueError when
-    it is not JSON, ValueError when its "length" is not the episode's `steps` ("length" is the record's
-    own step count: an info "length" of 2 on a 5-step episode made a healthy store fail verification, and
-    a salvage split it at step 2; the same count, an episode copied with its info, is what it says)."""
-    record = json_native(dict(info or {}))
-    if "length" in record and not (type(record["length"]) is int and record["length"] == steps):
-        raise ValueError(
-            f"its 'length' ({record['length']!r}) is not the episode's {steps} steps: the key is the commit "
-            "record's own step count; rename it"
-        )
-    json.dumps(record)
-    return record
-
-
-def finish_swap(path: Path) -> None:
-    """Complete a `keep_episodes` swap that a crash interrupted between its two renames, and remove
-    what it left beside the store. Safe while a live rewrite makes the same moves: every step is one
-    rename, and a step another process made first is skipped."""
-    tmp, old = swap_paths(path)
-    if not path.exists() and old.exists():
-        try:
-            rename_if_there(tmp if tmp.exists() else old, path)
-        except OSError:
-            if not path.exists():  # else a live rewrite put the new store in place meanwhile
-                raise
-    with contextlib.suppress(OSError):  # leftovers: a reader that cannot remove them still reads
-        if path.exists() and old.exists():
-            discard_tree(old, path)
-        for trash in path.parent.glob(f"{glob.escape(path.name)}.*{_TRASH}"):
-            pid = trash.name[len(path.name) + 1 : -len(_TRASH)]
-            if pid.isdigit() and not alive(int(pid)):
-                discard_tree(trash, path)  # a removal its process did not live to finish
-
-
-_TRASH = ".wm-trash"
-
-
-def discard_tree(path: Path, store: Path) -> None:
-    """Remove the directory `path` (an old copy of the store at `store`), even while another process
-    removes it too: it is first renamed to a name of this process's own beside the store (one atomic
-    step, which only one process wins), so no reader ever finds it half removed, and no two processes
-    delete the same files."""
-    trash = store.with_name(f"{store.name}.{os.getpid()}{_TRASH}")
-    if trash.exists():  # this process's earlier removal, left unfinished
-        shutil.rmtree(trash, ignore_errors=True)
-    if rename_if_there(path, trash):
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def rename_if_there(src: Path, dst: Path) -> bool:
-    """`os.replace(src, dst)`; False when `src` was already gone (another process moved it)."""
-    try:
-        os.replace(src, dst)
-    except FileNotFoundError:
-        if src.exists():
-            raise
-        return False
-    return True

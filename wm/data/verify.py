@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from wm.data.errors import CorruptStoreError, SchemaError
-from wm.data.store import DemoStore, fits_spec, read_commit, read_episode_ends, rewrite_command
+from wm.data.layout import read_commit, read_episode_ends, rewrite_command
+from wm.data.store import DemoStore, fits_spec
 
 
 @dataclass(frozen=True)

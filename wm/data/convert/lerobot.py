@@ -56,8 +56,10 @@ from wm.data.convert.lerobot_meta import (
     write_carried,
 )
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError
+from wm.data.layout import rewrite_command
+from wm.data.places import beside, check_destination, move_into_place
 from wm.data.schema import KeySpec, Schema
-from wm.data.store import DemoStore, beside, check_destination, move_into_place, rewrite_command
+from wm.data.store import DemoStore
 from wm.options import is_real, is_whole
 from wm.sched import normal_priority
 

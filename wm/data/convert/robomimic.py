@@ -38,8 +38,9 @@ import numpy as np
 
 from wm.data.convert.lerobot_meta import positive_rate, warn
 from wm.data.errors import AppendError, CorruptStoreError, NotAStoreError, SchemaError, StoreBusyError
+from wm.data.places import beside, check_destination, move_into_place
 from wm.data.schema import ActionSpace, KeySpec, Schema
-from wm.data.store import DemoStore, beside, check_destination, move_into_place
+from wm.data.store import DemoStore
 
 DEFAULT_FPS = 20.0  # robosuite's default control_freq
 WRITE_STEPS = 256  # steps read from HDF5 and appended at a time, bounding memory for long image demos
