@@ -163,3 +163,49 @@ def test_video_writer_names_no_frames_and_a_path_it_cannot_make(tmp_path: Path) 
         _write(tmp_path / "v.mp4", [_img(16, 16), _img(18, 16)])
     _write(tmp_path / "v.mp4", [_img(16, 16), _img(16, 16, 1)])  # valid frames still write
     assert len(_read(tmp_path / "v.mp4")[0]) == 2
+
+
+@pytest.mark.parametrize("during", ["start", "close"])
+def test_an_interrupt_while_ffmpeg_starts_or_finishes_leaves_no_ffmpeg_and_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, during: str
+) -> None:
+    """Ctrl-C or SIGTERM (wm-eval's `sigterm_interrupts`) landing just after imageio had started ffmpeg,
+    before its generator's cleanup was armed, left ffmpeg running: the app removed its staging folder
+    and exited, then ffmpeg printed "Error opening output ... No such file or directory" after
+    "interrupted". Now ffmpeg's start and close finish first; the interrupt lands after, and nothing is
+    left running or written."""
+    import signal
+    import subprocess
+
+    started: list[subprocess.Popen] = []
+    popen = subprocess.Popen
+
+    class Interrupted(popen):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            if str(tmp_path) not in " ".join(map(str, args[0])):
+                return  # (imageio asking ffmpeg its version)
+            started.append(self)
+            if during == "start":
+                signal.raise_signal(signal.SIGINT)  # Python raises it at the next instruction: here
+
+        def poll(self):  # noqa: ANN202
+            if during == "close" and started[:1] == [self] and self.stdin.closed and len(started) == 1:
+                started.append(self)  # once: the close is waiting for ffmpeg to write the file
+                signal.raise_signal(signal.SIGINT)
+            return super().poll()
+
+    monkeypatch.setattr(subprocess, "Popen", Interrupted)
+    path = tmp_path / "v.mp4"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with video_writer(path, fps=10) as w:
+                for i in range(3):
+                    w.append_data(_img(32, 32, i))
+        assert started and started[0].poll() is not None  # ffmpeg has exited: nothing writes after this
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from wm.interrupt import interrupts_held
+
 
 @contextmanager
 def video_writer(
@@ -53,11 +55,13 @@ def video_writer(
         yield checked
         if checked.count == 0:
             raise ValueError(f"{path}: no frames were written")
+        with interrupts_held():  # ffmpeg writes the file out; an interrupt lands after, and removes it
+            writer.close()
     except BaseException:
-        writer.close()
+        with interrupts_held():  # (once closed, a second close does nothing)
+            writer.close()
         part.unlink(missing_ok=True)
         raise
-    writer.close()
     if not part.is_file():  # ffmpeg gave up (its own lines are above): not a rename error about .part
         raise OSError(f"{path}: ffmpeg wrote no video (its error is printed above)")
     part.replace(path)
@@ -82,5 +86,9 @@ class _CheckedWriter:
         if self._shape is not None and shape != self._shape:
             raise ValueError(f"{self._path}: frame {self.count} is {shape}, the first frame {self._shape}")
         self._shape = shape
-        self._writer.append_data(frame)
+        if self.count == 0:  # the first frame starts ffmpeg: an interrupt landing before imageio had armed
+            with interrupts_held():  # its cleanup left ffmpeg running, writing after the caller was gone
+                self._writer.append_data(frame)
+        else:
+            self._writer.append_data(frame)
         self.count += 1
