@@ -995,7 +995,9 @@ def test_a_connection_dropped_for_an_unanswered_ping_fails_the_chunk_it_was_comp
         w = opened(srv, dead_after_s=0.5, heartbeat_s=0.1, request_timeout_s=20.0)
         controller = session_of(srv).controller
         fast = controller.chunk_from
-        controller.chunk_from = lambda *a, **k: (time.sleep(0.7), fast(*a, **k))[1]  # alive, computing
+        # alive, computing: long past dead_after_s, so a test thread held up by a loaded machine still
+        # polls before the reply is there (0.7 s failed once under two pytest workers)
+        controller.chunk_from = lambda *a, **k: (time.sleep(2.0), fast(*a, **k))[1]
         armed = time.monotonic()
         srv.drop = True
         while w._ping_at is None or w._ping_at < armed or srv.drop:  # the ping to go unanswered is out
