@@ -656,8 +656,8 @@ def test_report_json_is_strict_json_and_the_plots_are_written_without_ticks(tmp_
     warned from matplotlib on stderr (a log scale of no data)."""
     import warnings
 
-    from robots.runtime.loop import EpisodeOutcome
     from robots.runtime.report import run_report, write_report
+    from robots.runtime.ticks import EpisodeOutcome
 
     outcomes = [EpisodeOutcome(stopped="no valid first chunk after 3 tries: x", success=False)]
     settings = {"runtime": {"wait_timeout_s": float("inf")}, "safety": {"workspace_low": (-np.inf, 0.0)}}

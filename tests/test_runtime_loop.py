@@ -12,7 +12,8 @@ import pytest
 from robots.control import ManualClock
 from robots.registry import make_task
 from robots.runtime.intervention import Takeover
-from robots.runtime.loop import NO_CHUNK, Runtime, RuntimeConfig
+from robots.runtime.loop import Runtime, RuntimeConfig
+from robots.runtime.ticks import NO_CHUNK
 from robots.runtime.worker import ControllerSpec, SimulatedTimeWorker
 from robots.sim.base import SimConfig
 from robots.teleop.fakes import FakeClock, FakeKeyListener

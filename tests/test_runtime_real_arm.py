@@ -22,8 +22,9 @@ import pytest
 from runtime_controllers import RAISED  # tests/ is on sys.path here, and in the spawned worker
 
 from robots.registry import make_robot
-from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, Runtime, RuntimeConfig
+from robots.runtime.loop import Runtime, RuntimeConfig
 from robots.runtime.safety import SafetyConfig
+from robots.runtime.ticks import NO_CHUNK, EpisodeOutcome
 from robots.runtime.worker import ControllerSpec, ProcessWorker
 
 pytest.importorskip("lerobot")
@@ -636,7 +637,7 @@ def test_wm_deploy_on_an_so101_records_what_reached_the_bus(bus, cameras, tmp_pa
 
 def _ticks(ep: dict[str, np.ndarray]) -> list:
     """The recorded ticks as far as `check_bus` reads them (the command sent, or None)."""
-    from robots.runtime.loop import TickRecord
+    from robots.runtime.ticks import TickRecord
 
     return [
         TickRecord(0.0, 0.0, 0.0, 0.0, a if s else None, int(c), 0, 0.0)

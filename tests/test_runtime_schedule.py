@@ -270,8 +270,8 @@ def test_watchdog_holds_then_stops():
 def test_the_whole_runs_within_chunk_jumps_leave_out_the_jump_between_episodes():
     """Two episodes whose chunks never jump: the run's within_jump_p99 counted the reset between them
     (chunk ids restart at 0) as a jump inside a chunk."""
-    from robots.runtime.loop import EpisodeOutcome, TickRecord
     from robots.runtime.report import run_report
+    from robots.runtime.ticks import EpisodeOutcome, TickRecord
 
     def episode(level: float) -> EpisodeOutcome:
         out = EpisodeOutcome()
@@ -287,8 +287,8 @@ def test_the_whole_runs_within_chunk_jumps_leave_out_the_jump_between_episodes()
 def test_a_takeover_between_chunks_is_no_seam():
     """The actions of a human's ticks were left out and those around them taken as consecutive: an
     operator moving the arm smoothly for ten ticks read as a seam of the whole way moved."""
-    from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
     from robots.runtime.report import episode_figures
+    from robots.runtime.ticks import NO_CHUNK, EpisodeOutcome, TickRecord
 
     sent = [
         (0.0, 0),
@@ -313,8 +313,8 @@ def test_the_run_report_merges_episode_digests_and_keeps_no_tick_records():
     keeps each episode's digest now, a float a tick, and the run's figures come out of those."""
     from collections import Counter
 
-    from robots.runtime.loop import ChunkRecord, EpisodeOutcome, TickRecord
     from robots.runtime.report import EpisodeDigest, digest, run_report
+    from robots.runtime.ticks import ChunkRecord, EpisodeOutcome, TickRecord
 
     def episode(late_ms: list[float], latency_ms: float, clipped: int) -> EpisodeOutcome:
         out = EpisodeOutcome(events=Counter(clipped=clipped), underruns=1, stale_sent=2, success=True)
@@ -341,8 +341,8 @@ def test_the_runs_rate_is_over_every_tick_and_the_live_lines_show_missing_figure
     """The run's achieved_hz was the mean of the episodes' rates (a 3000-tick episode at 50 Hz and a
     3-tick one at 10 Hz gave 30 Hz); an episode without ticks printed "0.0 Hz, p99 0.00 ms" where
     report.json says null; a human's takeover ticks were counted as held."""
-    from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
     from robots.runtime.report import LiveStatus, digest, live_line, run_report
+    from robots.runtime.ticks import NO_CHUNK, EpisodeOutcome, TickRecord
 
     def episode(n: int, hz: float) -> EpisodeOutcome:
         out = EpisodeOutcome()
@@ -379,8 +379,8 @@ def test_a_tick_that_sent_nothing_is_recorded_with_the_command_in_effect():
     """A tick whose send failed was recorded with action zeros, which wm-train trained on: on a position
     robot "every joint to 0", a command never sent. It is the last command sent there (zeros for a delta
     robot, which stands still); a position robot not yet commanded gets no row."""
-    from robots.runtime.loop import TickRecord
     from robots.runtime.report import TickRows
+    from robots.runtime.ticks import TickRecord
     from wm.data.schema import KeySpec
 
     def tick(command):
@@ -403,7 +403,7 @@ def test_an_episodes_tick_log_reads_back_every_record_and_keeps_numbers_alone():
     after eight hours at 50 Hz. The log keeps columns and reads back the same records."""
     import tracemalloc
 
-    from robots.runtime.loop import NO_CHUNK, TickLog, TickRecord
+    from robots.runtime.ticks import NO_CHUNK, TickLog, TickRecord
 
     records = [
         TickRecord(
@@ -450,8 +450,8 @@ def test_an_episodes_tick_log_reads_back_every_record_and_keeps_numbers_alone():
 def test_an_episodes_figures_come_from_the_tick_logs_columns_as_from_its_records(monkeypatch):
     """The report rebuilt a record for every tick to read its figures (3 s and 0.9 kB a tick at the end
     of a 200,000-tick episode): from the columns they are the same."""
-    from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickLog, TickRecord
     from robots.runtime.report import digest
+    from robots.runtime.ticks import NO_CHUNK, EpisodeOutcome, TickLog, TickRecord
 
     rng = np.random.default_rng(0)
     out = EpisodeOutcome()

@@ -26,10 +26,10 @@ import torch
 import zmq
 
 from robots.runtime import wire
-from robots.runtime.loop import NO_CHUNK
 from robots.runtime.remote import RemoteConfig, RemoteWorker
 from robots.runtime.safety import SafetyConfig
 from robots.runtime.server import PolicyServer, ServerConfig
+from robots.runtime.ticks import NO_CHUNK
 from robots.runtime.worker import Request, WorkerDied
 from wm.spec import IOSpec
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from robots.runtime.loop import NO_CHUNK, EpisodeOutcome, TickRecord
 from robots.runtime.safety import EVENTS
 from robots.runtime.schedule import seam_jumps
+from robots.runtime.ticks import NO_CHUNK, EpisodeOutcome, TickRecord
 from wm.data import KeySpec, Schema
 from wm.jsonvalues import json_finite
 
