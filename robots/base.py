@@ -24,6 +24,12 @@ class RobotError(Exception):
     """A robot cannot do what was asked (not connected, device missing, bad action)."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an error's message (lerobot's span several lines), for one-line errors."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 class ActionError(RobotError, ValueError):
     """An action of the wrong shape or with non-finite values; it never reaches the robot."""
 

@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import Robot
+from robots.base import Robot, first_line
 from robots.control import Clock, ManualClock, MonotonicClock, RateLoop
-from robots.real.lerobot_arm import first_line
 from robots.runtime.loop import RuntimeConfig, retried
 from robots.runtime.recorder import BackgroundEpisode
 from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer

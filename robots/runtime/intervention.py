@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.real.lerobot_arm import first_line
+from robots.base import first_line
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 from robots.teleop.mapping import robot_gains, robot_mapper
 from wm.interrupt import reraise_lost

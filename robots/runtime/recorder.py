@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.real.lerobot_arm import first_line
+from robots.base import first_line
 from robots.runtime.realtime import ordinary_scheduling
 
 _DONE = object()  # the end of the queue

@@ -32,12 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import Feature, RobotError
-from robots.real.lerobot_arm import (
+from robots.base import Feature, RobotError, first_line
+from robots.real.motors import (
     calibration_problem,
     calibration_registers,
     close_port,
-    first_line,
     holds,
     motor_check_problem,
     port_released_on_error,
