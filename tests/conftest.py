@@ -7,9 +7,19 @@ import os
 import signal
 import zipfile
 
-import numpy as np
-import pytest
-import zarr
+# Under pytest-xdist (`make test`: two workers), each worker and the apps it starts use their share of the
+# cores: two workers of two OpenMP threads each on two cores stalled each other in OpenMP barriers (set
+# before numpy and torch are imported: their thread pools read it then)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import zarr  # noqa: E402
 
 # Ctrl-C is KeyboardInterrupt, which the interruption tests send, also when pytest runs as a background
 # job of a shell without job control (it inherits SIGINT ignored; so would the tools they start)
@@ -18,14 +28,6 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("WM_KERNEL_CACHE", "off")  # kernel choices stay in-process: no user cache written
-# Under pytest-xdist (`make test`: two workers), each worker and the apps it starts use their share of the
-# cores: two workers of two OpenMP threads each on two cores stalled each other in OpenMP barriers
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    import torch
-
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from wm.data import DemoStore, KeySpec, Schema  # noqa: E402
 

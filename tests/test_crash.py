@@ -176,6 +176,26 @@ def test_interrupts_held_holds_a_sigterm_python_handles_and_leaves_its_default_a
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_interrupts_held_lets_a_second_interrupt_through_when_asked():
+    """`second_interrupts=True` (a block waiting on ffmpeg, which may hang): the first Ctrl-C is held, a
+    second interrupts the block at once, and the first is not delivered again after it."""
+    from wm.interrupt import interrupts_held
+
+    seen: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held(second_interrupts=True):
+            signal.raise_signal(signal.SIGINT)
+            seen.append("held")
+            signal.raise_signal(signal.SIGINT)
+            seen.append("not reached")
+    assert seen == ["held"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # one alone is held to the end of the block, as without
+        with interrupts_held(second_interrupts=True):
+            signal.raise_signal(signal.SIGINT)
+            seen.append("block")
+    assert seen == ["held", "block"]
+
+
 def test_interrupts_held_delivers_ctrl_c_after_the_block_and_leaves_other_handlers_alone():
     from wm.interrupt import interrupts_held
 

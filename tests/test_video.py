@@ -165,20 +165,23 @@ def test_video_writer_names_no_frames_and_a_path_it_cannot_make(tmp_path: Path) 
     assert len(_read(tmp_path / "v.mp4")[0]) == 2
 
 
-@pytest.mark.parametrize("during", ["start", "close"])
+@pytest.mark.parametrize("during", ["start", "close", "close after an error", "hung close"])
 def test_an_interrupt_while_ffmpeg_starts_or_finishes_leaves_no_ffmpeg_and_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, during: str
 ) -> None:
     """Ctrl-C or SIGTERM (wm-eval's `sigterm_interrupts`) landing just after imageio had started ffmpeg,
     before its generator's cleanup was armed, left ffmpeg running: the app removed its staging folder
     and exited, then ffmpeg printed "Error opening output ... No such file or directory" after
-    "interrupted". Now ffmpeg's start and close finish first; the interrupt lands after, and nothing is
-    left running or written."""
+    "interrupted"; one landing in the close (also the close after an error) left the .part file. Now
+    ffmpeg's start and close finish first, the interrupt lands after, and nothing is left running or
+    written; a close that hangs is stopped by a second interrupt."""
     import signal
     import subprocess
+    import time
 
     started: list[subprocess.Popen] = []
     popen = subprocess.Popen
+    closing = {"signals": 0, "since": None, "killed": False}
 
     class Interrupted(popen):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
@@ -190,10 +193,22 @@ def test_an_interrupt_while_ffmpeg_starts_or_finishes_leaves_no_ffmpeg_and_no_fi
                 signal.raise_signal(signal.SIGINT)  # Python raises it at the next instruction: here
 
         def poll(self):  # noqa: ANN202
-            if during == "close" and started[:1] == [self] and self.stdin.closed and len(started) == 1:
-                started.append(self)  # once: the close is waiting for ffmpeg to write the file
+            if during == "start" or self not in started or not self.stdin.closed:
+                return super().poll()
+            # the close: ffmpeg is writing the file out
+            closing["since"] = closing["since"] or time.monotonic()
+            if closing["signals"] < (2 if during == "hung close" else 1):
+                closing["signals"] += 1
                 signal.raise_signal(signal.SIGINT)
+            if during == "hung close" and not closing["killed"]:
+                if time.monotonic() - closing["since"] > 10:
+                    raise RuntimeError("the second interrupt did not stop the hung close")
+                return None  # still "running"
             return super().poll()
+
+        def kill(self) -> None:
+            closing["killed"] = True
+            super().kill()
 
     monkeypatch.setattr(subprocess, "Popen", Interrupted)
     path = tmp_path / "v.mp4"
@@ -202,6 +217,10 @@ def test_an_interrupt_while_ffmpeg_starts_or_finishes_leaves_no_ffmpeg_and_no_fi
             with video_writer(path, fps=10) as w:
                 for i in range(3):
                     w.append_data(_img(32, 32, i))
+                if during == "close after an error":
+                    w.append_data(_img(34, 32))  # ValueError: another size; the close then meets Ctrl-C
+        assert closing["killed"] == (during == "hung close")  # ffmpeg finished the file unless it hung
+        started[0].wait(timeout=10) if closing["killed"] else None
         assert started and started[0].poll() is not None  # ffmpeg has exited: nothing writes after this
         assert sorted(p.name for p in tmp_path.iterdir()) == []
     finally:

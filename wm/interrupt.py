@@ -71,9 +71,11 @@ class InterruptFlag:
 
 
 @contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
+def interrupts_held(*, second_interrupts: bool = False) -> Iterator[None]:
     """Ctrl-C (SIGINT), and SIGTERM where Python handles it (the apps that turn it into an interrupt),
-    held until the block ends, then delivered to the handler they would have met.
+    held until the block ends, then delivered to the handler they would have met. `second_interrupts`:
+    only the first is held, a second interrupts at once (a block that waits on another process, which
+    may hang: a user's second Ctrl-C still stops it).
 
     zarr v3 runs every read and write on its own event-loop thread while the caller waits: a
     KeyboardInterrupt raised in the wait leaves the write running behind whatever the caller does
@@ -86,8 +88,16 @@ def interrupts_held() -> Iterator[None]:
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     held = [s for s, handler in previous.items() if callable(handler)]
     caught: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if second_interrupts and caught:
+            caught.clear()  # delivered now, in the block: the first is not delivered again
+            previous[signum](signum, frame)
+            return
+        caught.append(signum)
+
     for signum in held:
-        signal.signal(signum, lambda signum, frame: caught.append(signum))
+        signal.signal(signum, hold)
     try:
         yield
     finally:

@@ -55,16 +55,18 @@ def video_writer(
         yield checked
         if checked.count == 0:
             raise ValueError(f"{path}: no frames were written")
-        with interrupts_held():  # ffmpeg writes the file out; an interrupt lands after, and removes it
-            writer.close()
+        with interrupts_held(second_interrupts=True):  # ffmpeg writes the file out; then an interrupt
+            writer.close()  # lands, and the file is removed (a second one stops a hung ffmpeg)
+        if not part.is_file():  # ffmpeg gave up (its own lines are above): not a rename error about .part
+            raise OSError(f"{path}: ffmpeg wrote no video (its error is printed above)")
+        part.replace(path)
     except BaseException:
-        with interrupts_held():  # (once closed, a second close does nothing)
-            writer.close()
-        part.unlink(missing_ok=True)
+        try:
+            with interrupts_held(second_interrupts=True):  # (once closed, a second close does nothing)
+                writer.close()
+        finally:
+            part.unlink(missing_ok=True)
         raise
-    if not part.is_file():  # ffmpeg gave up (its own lines are above): not a rename error about .part
-        raise OSError(f"{path}: ffmpeg wrote no video (its error is printed above)")
-    part.replace(path)
 
 
 class _CheckedWriter:
@@ -87,7 +89,8 @@ class _CheckedWriter:
             raise ValueError(f"{self._path}: frame {self.count} is {shape}, the first frame {self._shape}")
         self._shape = shape
         if self.count == 0:  # the first frame starts ffmpeg: an interrupt landing before imageio had armed
-            with interrupts_held():  # its cleanup left ffmpeg running, writing after the caller was gone
+            # its cleanup left ffmpeg running, writing after the caller was gone
+            with interrupts_held(second_interrupts=True):
                 self._writer.append_data(frame)
         else:
             self._writer.append_data(frame)

@@ -10,7 +10,8 @@ from wm.data.errors import (
 )
 from wm.data.ops import copy_episodes, delete_episodes, keep_episodes, merge_stores
 from wm.data.schema import ActionSpace, KeySpec, Schema, infer_schema
-from wm.data.store import DemoStore, EpisodeWriter
+from wm.data.store import DemoStore
+from wm.data.writer import EpisodeWriter
 
 __all__ = [
     "ActionSpace",
