@@ -220,7 +220,8 @@ def test_an_interrupt_while_ffmpeg_starts_or_finishes_leaves_no_ffmpeg_and_no_fi
                 if during == "close after an error":
                     w.append_data(_img(34, 32))  # ValueError: another size; the close then meets Ctrl-C
         assert closing["killed"] == (during == "hung close")  # ffmpeg finished the file unless it hung
-        started[0].wait(timeout=10) if closing["killed"] else None
+        if closing["killed"]:  # (a killed process is gone once reaped)
+            started[0].wait(timeout=10)
         assert started and started[0].poll() is not None  # ffmpeg has exited: nothing writes after this
         assert sorted(p.name for p in tmp_path.iterdir()) == []
     finally:
