@@ -18,8 +18,9 @@ steps, same threads, same machine:
    preset (Adam, lr 1e-4, betas 0.95/0.999, wd 1e-6), as `lerobot_train.update_policy` does it
    (no logging, no accelerate; its cosine LR scheduler with 500 warm-up steps is left out so both
    sides learn at the same constant rate). Ours through
-   `setup_training` + `make_loader` + `compute_loss`, backward, clip 10, AdamW with the same
-   hyper-parameters. Neither keeps an EMA copy.
+   `setup_training` + `make_loader` + `compute_loss`, backward, clip 10, wm-train's AdamW
+   (`wm.optim.adamw`: torch's fused kernel on the CPU) with the same hyper-parameters. Neither
+   keeps an EMA copy.
 3. Inference time per action chunk at batch 1 (median over `--chunks` calls, spread over `--rounds`
    rounds that visit every sampler in turn, two warm-up calls each time), with the trained models,
    the whole "observation in -> chunk out" call: LeRobot's preprocessor + `reset()` +
@@ -303,10 +304,13 @@ def build_ours(store: Path, args: argparse.Namespace) -> tuple[Any, Any]:
 
 def train_ours(store: Path, args: argparse.Namespace) -> dict[str, Any]:
     from wm.data.dataset import make_loader
+    from wm.optim import TrainerConfig, adamw
 
     policy, train_set = build_ours(store, args)
     loader = make_loader(train_set, args.batch, shuffle=True, num_workers=args.workers, seed=args.seed)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    # wm-train's AdamW (fused where torch has the kernel), with LeRobot's hyper-parameters on every parameter
+    hyper = TrainerConfig(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, device="cpu")
+    optimizer = adamw([{"params": list(policy.parameters())}], hyper, torch.device("cpu"))
 
     def step(batch: dict[str, Any]) -> float:
         loss, _ = policy.compute_loss(batch)

@@ -967,6 +967,32 @@ def test_resuming_takes_this_runs_optimizer_settings_and_says_so(dataset, tmp_pa
     assert "note: resuming with" not in capsys.readouterr().err  # unchanged settings: nothing to say
 
 
+def test_a_checkpoint_of_a_run_without_the_fused_kernel_resumes_on_this_runs(dataset, tmp_path):
+    """AdamW steps with torch's fused kernel on the CPU and CUDA. Loading an optimizer state restores
+    the checkpoint's kernel flags: a checkpoint of a run that stepped with the multi-tensor loop (on
+    another device, or before the CPU's fused kernel) went on with that loop, slower. The run resumes
+    on its own kernel, its step counts where that kernel reads them, and ends as the unbroken run."""
+    unbroken = make_trainer(dataset, tmp_path, steps=20, ckpt_every=10, keep_last=3)
+    unbroken.fit()
+    assert all(g["fused"] and not g["foreach"] for g in unbroken.optimizer.param_groups)
+    (tmp_path / "ckpt_00000020.pt").unlink()  # as if the run died between 10 and 20
+    path = tmp_path / "ckpt_00000010.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group.update(fused=None, foreach=True)
+    for state in ckpt["optimizer"]["state"].values():
+        state["step"] = state["step"].double()
+    torch.save(ckpt, path)
+    resumed = make_trainer(dataset, tmp_path, steps=20, ckpt_every=10, keep_last=3)
+    assert resumed.resume() and resumed.step == 10
+    assert all(g["fused"] and not g["foreach"] for g in resumed.optimizer.param_groups)
+    steps = [s["step"] for s in resumed.optimizer.state.values()]
+    assert steps and all(s.dtype == torch.float32 and s.device == resumed.device for s in steps)
+    resumed.fit()
+    for name, weight in unbroken.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], weight), name
+
+
 def test_resuming_with_other_step_settings_says_so(dataset, tmp_path, capsys):
     """Another ema_decay, grad_clip, ema_warmup or precision on resume trained on without a word, and
     config.json then recorded only this run's (EMA turned off dropped the checkpoint's EMA weights)."""

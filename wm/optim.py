@@ -150,7 +150,21 @@ MATRIX_LAYERS = (
     nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )  # fmt: skip
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 ATTENTION_MATRICES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def adamw(groups: list[dict[str, Any]], cfg: TrainerConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `groups` with `cfg`'s settings, stepping with torch's fused kernel (one pass over each
+    parameter's tensors) on the CPU and CUDA, its multi-tensor loop elsewhere. `resume.keep_settings`
+    keeps this choice when a checkpoint of another device or of an earlier release is resumed."""
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        fused=device.type in FUSED_ADAMW_DEVICES,
+    )
 
 
 def decayed_matrices(model: nn.Module) -> set[int]:

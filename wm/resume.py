@@ -29,6 +29,7 @@ from wm.optim import TrainerConfig, earlier_param_groups, lr_factor
 from wm.options import is_whole
 
 OPTIMIZER_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per group: this run's, on resume too
+KERNEL_SETTINGS = ("foreach", "fused", "capturable")  # how AdamW steps: this run's device's, silently
 SCHEDULE_SETTINGS = ("steps", "warmup_steps", "warmup_max_fraction", "min_lr_ratio")  # what lr_factor reads
 STEP_SETTINGS = ("grad_clip", "ema_decay", "ema_warmup", "precision")  # how a step trains: said if changed
 DAMAGED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError)  # resume state errors
@@ -168,7 +169,7 @@ def check_moments(optimizer: torch.optim.Optimizer) -> None:
 
 def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """This run's settings per group, to put back with `keep_settings` after loading a checkpoint's."""
-    return [{k: g[k] for k in OPTIMIZER_SETTINGS} for g in optimizer.param_groups]
+    return [{k: g[k] for k in OPTIMIZER_SETTINGS + KERNEL_SETTINGS if k in g} for g in optimizer.param_groups]
 
 
 def keep_settings(
@@ -177,11 +178,21 @@ def keep_settings(
     settings: list[dict[str, Any]],
 ) -> str:
     """After loading a checkpoint's optimizer and scheduler: this run's lr, betas and weight decay per
-    group (`settings`; loading restores the checkpoint's); returns a note when they differ."""
+    group (`settings`; loading restores the checkpoint's); returns a note when they differ. This run's
+    kernel (fused or not: `wm.optim.adamw` chose it for this run's device) is put back without a note,
+    and the step counts go where that kernel reads them (a fused one: float32 on the parameter's device;
+    the multi-tensor loop: on the CPU), whichever kernel and device the checkpoint's run had."""
     changed = set()
     for group, mine in zip(optimizer.param_groups, settings, strict=True):
         changed |= {k for k in OPTIMIZER_SETTINGS if group[k] != mine[k]}
         group.update(mine)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, Tensor):
+                optimizer.state[p]["step"] = (
+                    step.to(device=p.device, dtype=torch.float32) if on_device else step.to("cpu")
+                )
     scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     at = scheduler.last_epoch
     for group, base, factor in zip(

@@ -61,7 +61,15 @@ from wm.data.dataset import make_loader
 from wm.data.normalize import Normalizer
 from wm.interrupt import InterruptFlag, TrainingInterrupted
 from wm.locks import held
-from wm.optim import TrainerConfig, check_device, default_param_groups, ema_decay_at, ema_update, lr_factor
+from wm.optim import (
+    TrainerConfig,
+    adamw,
+    check_device,
+    default_param_groups,
+    ema_decay_at,
+    ema_update,
+    lr_factor,
+)
 from wm.options import is_whole
 
 __all__ = [
@@ -231,10 +239,7 @@ class Trainer:
         self._ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
         groups = param_groups if param_groups is not None else default_param_groups(model, cfg.weight_decay)
         self._grouped = model if param_groups is None else None  # (a checkpoint's groups may be regrouped)
-        fused = self._device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused
-        )
+        self.optimizer = adamw(groups, cfg, self._device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.loader = make_loader(
             train_set,
