@@ -9,9 +9,10 @@ or simulator; safety lives here, in one place, not in each robot.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -32,6 +33,33 @@ def first_line(e: BaseException) -> str:
 
 class ActionError(RobotError, ValueError):
     """An action of the wrong shape or with non-finite values; it never reaches the robot."""
+
+
+class DeviceError(RobotError):
+    """A read or a write through one of a real robot's devices failed. The message names the robot, the
+    device as the user set it up (the motor bus's port, the camera's name and index) and the error, in
+    one line (lerobot's errors named the motor ids or the camera's index only, some over several lines);
+    `detail` is the message without the robot's name, for a line that names the robot already."""
+
+    def __init__(self, robot: str, device: str, cause: BaseException) -> None:
+        self.detail = f"{device}: {type(cause).__name__}: {first_line(cause)}"
+        super().__init__(f"{robot}: {self.detail}")
+
+
+@contextlib.contextmanager
+def device_errors(robot: str, device: str) -> Iterator[None]:
+    """The block's OSError (serial and USB errors, timeouts, lerobot's ConnectionError) and RuntimeError
+    as a `DeviceError` of `robot`'s `device`, raised from it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise DeviceError(robot, device, e) from e
+
+
+def failure(e: BaseException) -> str:
+    """An error as a line that names the robot already quotes it: a `DeviceError` as its device and
+    cause, any other as "Type: first line of its message"."""
+    return e.detail if isinstance(e, DeviceError) else f"{type(e).__name__}: {first_line(e)}"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import Robot, first_line
+from robots.base import Robot, failure
 from robots.control import Clock, ManualClock, MonotonicClock, RateLoop
 from robots.runtime.loop import RuntimeConfig, retried
 from robots.runtime.recorder import BackgroundEpisode
@@ -450,8 +450,8 @@ class Collector:
         run.failures += 1
         if run.failures >= self.max_read_failures:
             self.stats.stopped = (
-                f"{name} could not be read on {run.failures} ticks in a row ({type(error).__name__}: "
-                f"{first_line(error)}); the robot holds its last goal"
+                f"{name} could not be read on {run.failures} ticks in a row ({failure(error)}); the robot "
+                "holds its last goal"
             )
         return state
 
@@ -486,9 +486,7 @@ class Collector:
             reached = self.task.send_action(command)
         except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
             reraise_lost(e)  # an interrupt that ctypes turned into another error
-            self.stats.stopped = (
-                f"{self.task.name}: the command could not be sent ({type(e).__name__}: {first_line(e)})"
-            )
+            self.stats.stopped = f"{self.task.name}: the command could not be sent ({failure(e)})"
             run.send_failed = True
             return
         before = run.safety.events["robot_out_of_limits"]

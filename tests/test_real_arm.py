@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from robots.base import ActionError, Robot, RobotError
+from robots.base import ActionError, DeviceError, Robot, RobotError
 from robots.registry import make_robot
 from robots.teleop.base import DeviceNotFoundError
 
@@ -111,11 +111,13 @@ def test_one_failed_write_does_not_leave_the_port_marked_in_use(so_bus):
     fake, calib_dir = so_bus
     with so101(calib_dir) as arm:
         fake.write_errors = 1
-        with pytest.raises(OSError):
+        with pytest.raises(
+            DeviceError, match=rf"^so101_follower: motor bus on '{PORT}': OSError: .*Input/output"
+        ):
             arm.get_observation()
         np.testing.assert_allclose(arm.get_observation()["state"][0], deg(2000), atol=1e-4)
         fake.write_errors = 1
-        with pytest.raises(OSError):
+        with pytest.raises(DeviceError, match=rf"^so101_follower: motor bus on '{PORT}': OSError: "):
             arm.send_action(np.zeros(6))
         np.testing.assert_allclose(arm.get_observation()["state"][0], deg(2000), atol=1e-4)
         np.testing.assert_allclose(arm.send_action(np.full(6, 10.0)), 10.0, atol=1e-4)
@@ -221,7 +223,9 @@ def test_a_stalled_camera_gives_no_old_frame_as_an_observation(so_bus, cameras):
         arm.get_observation()
         cameras.stall()
         time.sleep(0.25)
-        with pytest.raises(TimeoutError, match="too old"):
+        with pytest.raises(
+            DeviceError, match=r"^so101_follower: camera 'wrist' \(0\): TimeoutError: .*too old"
+        ):
             arm.get_observation()
     with pytest.raises(ValueError, match="max_frame_age_ms"):
         make_robot("so101_follower", max_frame_age_ms=0)
@@ -985,7 +989,9 @@ def test_collect_stops_with_one_line_when_the_follower_stays_unreadable(monkeypa
     assert tools.collect.collect(cfg) == 3
     out = capsys.readouterr().out.strip()
     assert "\n" not in out and out.startswith("stopped: so101_follower (the robot) could not be read on ")
-    assert f"on {RuntimeConfig.max_read_failures} ticks in a row (ConnectionError" in out
+    assert (
+        f"on {RuntimeConfig.max_read_failures} ticks in a row (motor bus on '{PORT}': ConnectionError" in out
+    )
     assert "the episode being recorded (3 steps) is lost" in out and "saved 1 episodes" in out
     assert DemoStore.open(tmp_path / "s.zarr").n_episodes == 1
     assert len(set(sent_before)) == 1  # nothing was sent while the follower could not be read
@@ -1097,9 +1103,11 @@ def test_collect_stops_with_one_line_when_an_arm_is_unplugged(monkeypatch, tmp_p
     assert tools.collect.collect(cfg) == 3
     out = capsys.readouterr().out.strip()
     says = {
-        "follower": "so101_follower: the command could not be sent (",
+        "follower": f"so101_follower: the command could not be sent (motor bus on '{PORT}': ",
         "leader": "leader_arm could not be read on ",
     }[pulled]
+    if pulled == "leader":
+        assert f"ticks in a row (motor bus on '{LEADER}': " in out, out
     assert "\n" not in out and out.startswith(f"stopped: {says}"), out
     assert "is lost" in out and "saved 1 episodes" in out
     assert DemoStore.open(tmp_path / "s.zarr").n_episodes == 1

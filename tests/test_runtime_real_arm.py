@@ -341,6 +341,7 @@ def test_shared_memory_too_small_for_the_observations_is_one_line_before_the_fir
     64 MB, three 720p cameras at a window of 8) killed the control process with SIGBUS mid-episode, the
     arm left without a hold or a disconnect. They are reserved at the first request (here refused)."""
     import errno
+    from multiprocessing import shared_memory
     from pathlib import Path
 
     from robots.runtime.worker import Request, WorkerDied
@@ -350,13 +351,21 @@ def test_shared_memory_too_small_for_the_observations_is_one_line_before_the_fir
     def full(fd: int, offset: int, size: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    made: list[str] = []  # (not a listing of /dev/shm: other test processes make and free theirs)
+
+    class Recorded(shared_memory.SharedMemory):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self.name)
+
     request = Request(0, [{"state": np.zeros(6, np.float32)}], [], action_shape=(6,))
-    before = set(Path("/dev/shm").iterdir())
     with worker() as w:
         monkeypatch.setattr(os, "posix_fallocate", full)
+        monkeypatch.setattr(shared_memory, "SharedMemory", Recorded)
         with pytest.raises(WorkerDied, match=r"^no room in shared memory for the observations the model"):
             w.submit(request)
-        assert set(Path("/dev/shm").iterdir()) == before and not w.busy  # nothing left half made
+        assert made and not any((Path("/dev/shm") / name).exists() for name in made)  # none left half made
+        assert not w.busy
         monkeypatch.setattr(os, "posix_fallocate", reserve)
         w.submit(request)  # room again: the next episode's first request
         assert w.busy
@@ -542,7 +551,9 @@ def test_a_robot_that_cannot_be_read_ends_the_run_and_holds(bus, cameras, device
     r = run(bus, cameras=CAMERA, ticks=90, safety=CALM)
     out = r.out
     cause = (
-        "ConnectionError: Failed to sync read 'Present_Position'" if device == "bus" else "OpenCVCamera(0)"
+        f"(motor bus on '{PORT}': ConnectionError: Failed to sync read 'Present_Position'"
+        if device == "bus"
+        else "(camera 'wrist' (0): "
     )
     assert out.stopped.startswith("so101_follower: observation could not be read on 5 tick(s) in a row (")
     assert cause in out.stopped and out.stopped.endswith("; holding position") and "\n" not in out.stopped
@@ -564,7 +575,9 @@ def test_a_bus_that_stops_taking_commands_ends_the_run_with_one_line(bus):
             bus.fake.unplugged = False  # plugged back in, so that disconnect() can talk to it
             arm.disconnect()
     assert out.events["send_failed"] == 1 and len(out.ticks) < 60
-    assert out.stopped.startswith("so101_follower: the command could not be sent (OSError")
+    assert out.stopped.startswith(
+        f"so101_follower: the command could not be sent (motor bus on '{PORT}': OSError"
+    )
     assert "\n" not in out.stopped and bus.torque() == [1] * 6
     # the tick whose send failed is one of the run's ticks (its lateness in the figures), sending nothing
     last = out.ticks[-1]

@@ -38,6 +38,7 @@ warmup_s, rotation, fourcc).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -49,7 +50,15 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import ActionError, Feature, RobotBase, RobotEntry, RobotError, first_line
+from robots.base import (
+    ActionError,
+    Feature,
+    RobotBase,
+    RobotEntry,
+    RobotError,
+    device_errors,
+    first_line,
+)
 from robots.real.motors import (
     calibration_problem,
     calibration_registers,
@@ -355,16 +364,22 @@ class LerobotArm(RobotBase):
         # lerobot's `get_observation()`, with this arm's bound on how old a camera frame may be.
         began = time.perf_counter()  # lerobot stamps its frames on this clock
         bus = self._robot.bus
-        with port_released_on_error(bus):
+        with self._bus_errors(), port_released_on_error(bus):
             raw = bus.sync_read("Present_Position", normalize=False)
         out = {STATE_KEY: present_positions(bus, raw, self._motors)}
         oldest = began
         for cam in self._cameras:
-            frame, captured = _latest_frame(self._robot.cameras[cam], self.frame_age_ms(cam))
+            where = self.options.cameras[cam]["index_or_path"]
+            with device_errors(self.name, f"camera {cam!r} ({where})"):
+                frame, captured = _latest_frame(self._robot.cameras[cam], self.frame_age_ms(cam))
             out[cam] = np.asarray(frame, dtype=np.uint8)  # (H, W, 3) RGB
             oldest = min(oldest, captured)
         self._lag_s = began - oldest
         return out
+
+    def _bus_errors(self) -> contextlib.AbstractContextManager[None]:
+        """A failed read or write of the motor bus as a `DeviceError` naming its port."""
+        return device_errors(self.name, f"motor bus on {self.options.port!r}")
 
     @property
     def observation_lag_s(self) -> float:
@@ -381,7 +396,7 @@ class LerobotArm(RobotBase):
         if self.options.max_relative_target is not None:
             action = self._capped(action)
         goal = {f"{m}.pos": float(v) for m, v in zip(self._motors, action, strict=True)}
-        with port_released_on_error(self._robot.bus):
+        with self._bus_errors(), port_released_on_error(self._robot.bus):
             sent = self._robot.send_action(goal)
         return np.array([sent[f"{m}.pos"] for m in self._motors], dtype=np.float32)
 
@@ -392,7 +407,7 @@ class LerobotArm(RobotBase):
         goal around a reading outside the range went to the bus). A goal that cannot be both, a joint
         farther outside its range than one step, is refused: nothing is sent."""
         bus, caps = self._robot.bus, self.options.max_relative_target
-        with port_released_on_error(bus):
+        with self._bus_errors(), port_released_on_error(bus):
             raw = bus.sync_read("Present_Position", normalize=False)
         present = present_positions(bus, raw, self._motors).astype(np.float64)
         cap = np.array(

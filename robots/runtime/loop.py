@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import Robot
+from robots.base import Robot, failure
 from robots.control import Clock, MonotonicClock
 from robots.runtime.realtime import QuietGC, check
 from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer, Watchdog
@@ -325,9 +325,7 @@ class Runtime:
                     reraise_lost(e)  # an interrupt that ctypes turned into another error
                     out.events["send_failed"] += 1
                     events.append("send_failed")
-                    out.stopped = (
-                        f"{self.robot.name}: the command could not be sent ({type(e).__name__}: {e})"
-                    )
+                    out.stopped = f"{self.robot.name}: the command could not be sent ({failure(e)})"
                     command = None  # recorded as a tick that sent nothing (its lateness, its underrun)
                 else:
                     last_cmd = command
@@ -435,7 +433,7 @@ class Runtime:
         if self._read_streak >= self.cfg.max_read_failures or not out.ticks:
             out.stopped = (
                 f"{self.robot.name}: observation could not be read on {self._read_streak} "
-                f"tick(s) in a row ({type(err).__name__}: {err}); holding position"
+                f"tick(s) in a row ({failure(err)}); holding position"
             )
         return None
 
@@ -461,7 +459,8 @@ class Runtime:
                 command = self._send(safety, command)
             except Exception as e:  # noqa: BLE001 - the robot is failing: say so, send nothing more
                 reraise_lost(e)  # an interrupt that ctypes turned into another error
-                out.stopped = out.stopped or f"{self.robot.name}: could not send the hold command ({e})"
+                failed = f"{self.robot.name}: could not send the hold command ({failure(e)})"
+                out.stopped = out.stopped or failed
                 command = None
         out.events["hold"] += 1
         record = TickRecord(
