@@ -4,6 +4,7 @@ takeover) on a real simulated task, with a chunk latency the test chooses (`Simu
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import numpy as np
@@ -441,6 +442,30 @@ def test_a_hand_back_waits_for_a_slow_controllers_first_chunk_as_an_episodes_sta
     resumed = next(t for t in out.ticks[back + 1 :] if t.chunk != NO_CHUNK)
     assert out.chunks[resumed.chunk].obs_time >= out.ticks[back].nominal  # from after the hand-back
     assert all(np.isfinite(t.command).all() for t in out.ticks if t.command is not None)
+
+
+def test_a_hand_back_whose_first_chunk_never_comes_ends_the_run_after_wait_timeout_s_and_says_so():
+    """After a hand-back the controller's first chunk is awaited as an episode's first is, for
+    `wait_timeout_s` (not `stop_after_s`): a controller that hangs from the takeover on ends the run
+    that long after the hand-back, holding, with a line that names that bound."""
+    _, rt, clock = setup("async", "replace", replan_every=4, wait_timeout_s=3.0)
+    t0: list[float] = []
+
+    def human(obs, last):
+        t0.append(t0[0] if t0 else clock.now())
+        if 1.0 <= clock.now() - t0[0] < 1.3:
+            rt.worker.spec = dataclasses.replace(rt.worker.spec, delay_s=60.0)  # it hangs from now on
+            return np.array([0.5, 0.0])
+        return None
+
+    out = rt.run_episode(200, takeover=human)
+    assert out.stopped is not None and out.stopped.startswith("no chunk 3."), out.stopped
+    assert "s after the operator handed back (wait_timeout_s = 3): " in out.stopped
+    assert out.stopped.endswith("; holding position") and out.events["stop"] == 1
+    back = max(i for i, t in enumerate(out.ticks) if t.intervention)
+    assert 3.0 <= out.ticks[-1].nominal - out.ticks[back].nominal <= 3.0 + 2 / HZ
+    assert out.ticks[-1].events == ("hold", "stop")
+    assert all(t.chunk == NO_CHUNK for t in out.ticks[back + 1 :])  # no chunk of before the takeover ran
 
 
 def test_a_takeover_device_sending_nan_is_held_and_ends_the_run_like_a_silent_controller():

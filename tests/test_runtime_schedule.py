@@ -11,7 +11,15 @@ import pytest
 from policies.chunking import TemporalEnsembler
 from robots.base import Feature
 from robots.runtime.safety import SafetyConfig, SafetyLayer, Watchdog
-from robots.runtime.schedule import Chunk, MergeResult, Timeline, seam_jumps, stale_count
+from robots.runtime.schedule import (
+    MAX_BEHIND,
+    Chunk,
+    MergeResult,
+    TickSchedule,
+    Timeline,
+    seam_jumps,
+    stale_count,
+)
 
 P = 0.1  # control period
 
@@ -470,3 +478,30 @@ def test_an_episodes_figures_come_from_the_tick_logs_columns_as_from_its_records
     np.testing.assert_array_equal(fast.within_jumps, slow.within_jumps)
     np.testing.assert_array_equal(fast.tick_error_ms, [(t.started - t.nominal) * 1e3 for t in out.ticks])
     assert fast.figures["seam_jump_max"] is not None
+
+
+def test_the_tick_schedule_serves_the_slot_due_and_re_anchors_only_far_behind():
+    ticks = TickSchedule(anchor=10.0, period=P)
+    assert ticks.next_tick == 10.0
+    assert ticks.tick(10.001) == (10.0, 10.0) and ticks.next_tick == pytest.approx(10.1)
+    # late by less than half a period: still its own slot
+    assert ticks.tick(10.14) == (pytest.approx(10.1), pytest.approx(10.1))
+    # late by more: the slot due now (two passed ones skipped); its deadline the time it was due
+    tick_t, nominal = ticks.tick(10.42)
+    assert tick_t == pytest.approx(10.4) and nominal == pytest.approx(10.2)
+    assert ticks.next_tick == pytest.approx(10.5)
+    # more than MAX_BEHIND periods behind: the schedule starts again at the tick, no burst
+    late = 10.5 + (MAX_BEHIND + 0.5) * P
+    assert ticks.tick(late) == (late, pytest.approx(10.5))
+    assert ticks.anchor == late and ticks.next_tick == pytest.approx(late + P)
+
+
+def test_a_blocking_wait_past_the_next_tick_restarts_the_schedule_and_keeps_the_missed_deadline():
+    ticks = TickSchedule(anchor=0.0, period=P)
+    ticks.tick(0.0)
+    ticks.restart_if_passed(0.05)  # ended before the next tick: nothing changes
+    assert ticks.anchor == 0.0 and ticks.next_tick == pytest.approx(P) and ticks.missed is None
+    ticks.restart_if_passed(0.73)  # ended 0.63 s past it: the next tick is now, its deadline was 0.1
+    assert ticks.next_tick == 0.73 and ticks.missed == pytest.approx(P)
+    assert ticks.tick(0.7305) == (0.73, pytest.approx(P))  # the tick's error is taken from the missed one
+    assert ticks.tick(0.83) == (pytest.approx(0.83), pytest.approx(0.83))  # then the new schedule's

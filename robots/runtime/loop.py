@@ -30,7 +30,7 @@ from robots.base import Robot, failure
 from robots.control import Clock, MonotonicClock
 from robots.runtime.realtime import QuietGC, check
 from robots.runtime.safety import OUT_OF_LIMITS, SafetyConfig, SafetyLayer, Watchdog
-from robots.runtime.schedule import STITCHING, Chunk, Timeline
+from robots.runtime.schedule import STITCHING, Chunk, TickSchedule, Timeline
 from robots.runtime.ticks import NO_CHUNK, ChunkRecord, EpisodeOutcome, TickRecord
 from robots.runtime.worker import Reply, Request, ResetStopped, WorkerDied
 from wm.interrupt import reraise_lost
@@ -41,7 +41,6 @@ TakeoverFn = Callable[[Mapping[str, np.ndarray], "np.ndarray | None"], "np.ndarr
 MODES = ("async", "sync")
 WAIT_POLL_S = 0.002  # how often a blocking wait for a chunk looks for it
 COMMITTED_MAX = 64  # scheduled actions handed to an inpainting controller at most
-MAX_BEHIND = 3  # periods behind schedule after which the loop re-anchors (nearer: it skips to the slot due)
 
 
 MIN_HZ, MAX_HZ = 1e-3, 1e4  # control and policy rates: beyond them a period over- or underflows
@@ -209,56 +208,29 @@ class Runtime:
             maxlen=max(2, int(math.ceil(self.window * self.step_s / self.period)) + 2)
         )
         state = _State(latencies=deque(maxlen=cfg.latency_window))
-        try:  # a worker that died between episodes, a controller that cannot start one: a fault's line
-            self.worker.reset(goal, self._operator_stopped)  # (they raised out of the run: exit 2, or a
-        except (WorkerDied, RuntimeError) as e:  # bug's traceback)
-            out.stopped = f"{e}; the episode did not start (nothing was sent)"
-            return out
-        except ResetStopped:  # the operator stopped while the worker was waited for
-            out.stopped = "stopped by the operator"
-            return out
-        read = self._read(out)
-        if read is None:
-            return out
-        obs = read[1]
-        key = getattr(self.robot, "position_key", None)
-        if key is not None:  # the first command's step is capped from where the robot is
-            problem = safety.start_from(obs[key])
-            if problem is not None:
-                out.stopped = f"{self.robot.name}: {problem}"
-                return out
-        captured = read[0]  # when the read began (less the observation's lag), as every later stamp
-        history.append((captured, obs, None))
-        first = self._first_chunk(history, out, state)
+        first = self._start(goal, safety, history, out, state)
         if first is None:
             return out
+        captured, obs, _ = history[-1]
         # the operator's action for the next tick: the device is read after a tick's send, beside the
         # observation (a leader arm's bus read before the send delayed every command by its time)
         human_next = takeover(obs, None) if takeover is not None else None
         # The robot did not move while the first chunk computed: its observation is still current.
-        anchor = out.started_at = clock.now()
+        out.started_at = clock.now()
+        ticks = TickSchedule(out.started_at, self.period)
         request = state.requests.pop(first.seq)
-        chunk = Chunk(first.actions, anchor, self.step_s, first.seq)
-        self._take_chunk(chunk, first, request, timeline, out, state, next_tick=anchor, now=anchor)
-        state.last_request_obs = anchor
-        watchdog.start(anchor + cfg.action_latency_s)  # (the first action is due then, not at once)
+        chunk = Chunk(first.actions, ticks.anchor, self.step_s, first.seq)
+        self._take_chunk(
+            chunk, first, request, timeline, out, state, next_tick=ticks.anchor, now=ticks.anchor
+        )
+        state.last_request_obs = ticks.anchor
+        watchdog.start(ticks.anchor + cfg.action_latency_s)  # (the first action is due then, not at once)
         last_cmd: np.ndarray | None = None
-        k = 0  # ticks since the schedule was anchored
-        missed: float | None = None  # sync: the deadline a blocking chunk made the robot miss
         for _ in range(max_ticks):
-            tick_t = anchor + k * self.period  # this tick's time on the schedule
             quiet.step()  # in the slack before the tick: the garbage of the previous one
-            clock.sleep_until(tick_t)
+            clock.sleep_until(ticks.next_tick)
             began = clock.now()
-            k += 1
-            nominal, missed = (tick_t if missed is None else missed), None  # its deadline, for the error
-            if began - tick_t > MAX_BEHIND * self.period:  # far behind (a hiccup): re-anchor, never burst
-                anchor, k, tick_t = began, 1, began
-            elif began - tick_t > self.period / 2:  # a tick late by more than half a period is the one of
-                # the slot due now: the passed slots' actions are dropped (`skipped`), never sent late or
-                # back to back (a burst of position targets is a jump of several step caps in a moment)
-                passed = int((began - tick_t) / self.period + 0.5)
-                k, tick_t = k + passed, tick_t + passed * self.period
+            tick_t, nominal = ticks.tick(began)  # the slot it serves; its deadline, for the error
             if self._operator_stopped():
                 out.stopped = "stopped by the operator"
                 break
@@ -301,14 +273,7 @@ class Runtime:
                     out.underruns += 1
             if watchdog.check(now) == "stop":
                 out.events["stop"] += 1
-                idle = now - (watchdog.last_fresh if watchdog.last_fresh is not None else now)
-                out.stopped = (
-                    f"no fresh action for {idle:.2f} s (stop_after_s = {self.safety_cfg.stop_after_s}): "
-                    f"{self._why_no_action(state)}; holding position"
-                    if watchdog.stop_after_s is None
-                    else f"no chunk {idle:.2f} s after the operator handed back (wait_timeout_s = "
-                    f"{cfg.wait_timeout_s:g}): {self._why_no_action(state)}; holding position"
-                )
+                out.stopped = self._watchdog_stop(watchdog, state, now)
                 self._hold(safety, nominal, began, captured, out, on_tick, obs, events=("hold", "stop"))
                 break
             if watchdog.state == "hold" and pick is None and human is None:
@@ -361,13 +326,13 @@ class Runtime:
             # ---- the newest observation (after the send: the command never waits for a camera or bus)
             read = self._read(out)
             if read is not None:
-                captured, obs = self._stamp(anchor + k * self.period, read[0]), read[1]
+                captured, obs = self._stamp(ticks.next_tick, read[0]), read[1]
             if takeover is not None:
                 human_next = takeover(obs, last_cmd)
             if read is None:
                 if out.stopped:  # this tick has sent its command: the hold is the next tick's, recorded
                     # beside the newest observation, as the ticks of the failed reads before it were
-                    self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
+                    self._hold_at(ticks.next_tick, safety, captured, out, on_tick, obs)
                     break
                 continue  # the pending actions go on; too many failed reads in a row end the episode
             history.append((captured, obs, last_cmd))
@@ -375,38 +340,74 @@ class Runtime:
             if state.human:
                 continue  # the operator drives; the controller is asked again once handed back
             if cfg.mode == "sync":  # the next chunk once this one's last action has had its step
-                if (
-                    not len(timeline)
-                    and not timeline.holds_last(anchor + k * self.period)
-                    and human_next is None
-                ):
-                    # (an operator taking over next tick is not kept waiting for a chunk they override)
-                    reply = self._request(history, None, out, state, captured)
-                    now, nxt = clock.now(), anchor + k * self.period
-                    if now > nxt:  # the robot waited past the next deadline: its schedule restarts now
-                        missed, anchor, k = nxt, now, 0
+                # (an operator taking over next tick is not kept waiting for a chunk they override)
+                if not len(timeline) and not timeline.holds_last(ticks.next_tick) and human_next is None:
+                    self._ask_and_wait(history, timeline, out, state, ticks, watchdog, captured)
                     if takeover is not None:  # the device again: the operator may have moved it meanwhile
                         human_next = takeover(obs, last_cmd)
-                    if reply is not None:  # the chunk starts at the next tick
-                        self._arrived(reply, timeline, out, state, anchor + k * self.period, now, sync=True)
-                        # the wait was the mode's (wait_timeout_s bounds it), as for a first chunk: the
-                        # watchdog counts from the chunk's first due action (it stopped healthy runs
-                        # whose model time plus action_latency_s passed stop_after_s)
-                        watchdog.start(anchor + k * self.period + cfg.action_latency_s)
-                    if out.stopped:
-                        self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
-                        break
             elif (
                 not self.worker.busy
                 and captured >= state.resume_after  # (an older one's chunk would be discarded)
                 and self._due_request(timeline, state, captured)
             ):
                 self._request(history, timeline, out, state, captured)
-                if out.stopped:
-                    self._hold_at(anchor + k * self.period, safety, captured, out, on_tick, obs)
-                    break
+            if out.stopped:  # (only the request above can have set it since the read)
+                self._hold_at(ticks.next_tick, safety, captured, out, on_tick, obs)
+                break
         out.wall_s = clock.now() - out.started_at
         return out
+
+    def _start(self, goal, safety: SafetyLayer, history, out: EpisodeOutcome, state: _State) -> Reply | None:
+        """The episode's start, before the clock runs: the worker reset (and told `goal`), the first
+        observation read into `history` (the first command's step capped from where the robot is), the
+        first chunk awaited (the robot at rest). None, `out.stopped` saying why, when it cannot start."""
+        try:  # a worker that died between episodes, a controller that cannot start one: a fault's line
+            self.worker.reset(goal, self._operator_stopped)  # (they raised out of the run: exit 2, or a
+        except (WorkerDied, RuntimeError) as e:  # bug's traceback)
+            out.stopped = f"{e}; the episode did not start (nothing was sent)"
+            return None
+        except ResetStopped:  # the operator stopped while the worker was waited for
+            out.stopped = "stopped by the operator"
+            return None
+        read = self._read(out)
+        if read is None:
+            return None
+        captured, obs = read  # captured: when the read began (less the observation's lag), as every stamp
+        key = getattr(self.robot, "position_key", None)
+        if key is not None:  # the first command's step is capped from where the robot is
+            problem = safety.start_from(obs[key])
+            if problem is not None:
+                out.stopped = f"{self.robot.name}: {problem}"
+                return None
+        history.append((captured, obs, None))
+        return self._first_chunk(history, out, state)
+
+    def _ask_and_wait(self, history, timeline, out, state, ticks: TickSchedule, watchdog, captured) -> None:
+        """sync mode: ask for the next chunk and wait for it, the robot waiting (`wait_timeout_s` and the
+        operator's stop bound the wait). A wait past the next tick's time restarts the schedule then;
+        the chunk starts at the next tick."""
+        reply = self._request(history, None, out, state, captured)
+        now = self.clock.now()
+        ticks.restart_if_passed(now)
+        if reply is not None:
+            self._arrived(reply, timeline, out, state, ticks.next_tick, now, sync=True)
+            # the wait was the mode's, as for a first chunk: the watchdog counts from the chunk's first
+            # due action (it stopped healthy runs whose model time plus action_latency_s passed
+            # stop_after_s)
+            watchdog.start(ticks.next_tick + self.cfg.action_latency_s)
+
+    def _watchdog_stop(self, watchdog: Watchdog, state: _State, now: float) -> str:
+        """The line that ends a run the watchdog stopped at `now`."""
+        idle = now - (watchdog.last_fresh if watchdog.last_fresh is not None else now)
+        if watchdog.stop_after_s is None:  # the safety settings' bound
+            return (
+                f"no fresh action for {idle:.2f} s (stop_after_s = {self.safety_cfg.stop_after_s}): "
+                f"{self._why_no_action(state)}; holding position"
+            )
+        return (  # the bound a hand-back's first chunk is awaited with
+            f"no chunk {idle:.2f} s after the operator handed back (wait_timeout_s = "
+            f"{self.cfg.wait_timeout_s:g}): {self._why_no_action(state)}; holding position"
+        )
 
     # ------------------------------------------------------------------ pieces
     def _stamp(self, next_tick: float, began: float) -> float:

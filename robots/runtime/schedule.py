@@ -263,6 +263,53 @@ class Timeline:
         return out, min(frozen, n)
 
 
+MAX_BEHIND = 3  # periods behind schedule after which the loop re-anchors (nearer: it skips to the slot due)
+
+
+@dataclass
+class TickSchedule:
+    """The control loop's ticks: tick k of the schedule is due at `anchor + k * period`.
+
+    `tick(began)` says which slot a tick that began at `began` serves and advances past it; a tick far
+    behind (more than `MAX_BEHIND` periods: a hiccup) re-anchors the schedule at `began`, never bursting
+    the missed ticks; one late by more than half a period serves the slot due now, the passed slots'
+    actions dropped (`Timeline.take`'s skipped), never sent late or back to back (a burst of position
+    targets is a jump of several step caps in a moment). `restart_if_passed(now)` restarts the
+    schedule after a blocking wait (sync mode) that ran past the next tick's time; that tick's
+    deadline is kept as the next tick's `nominal`, for its error."""
+
+    anchor: float
+    period: float
+    k: int = 0  # ticks since the schedule was anchored
+    missed: float | None = None  # the deadline a blocking wait made the robot miss
+
+    @property
+    def next_tick(self) -> float:
+        """When the next tick is due."""
+        return self.anchor + self.k * self.period
+
+    def tick(self, began: float) -> tuple[float, float]:
+        """(the time of the slot the tick that began at `began` serves, the tick's deadline for its error:
+        the time it was due, `next_tick` before the call, or the deadline a blocking wait missed); the
+        schedule moves past the slot served."""
+        tick_t = self.next_tick
+        self.k += 1
+        nominal, self.missed = (tick_t if self.missed is None else self.missed), None
+        if began - tick_t > MAX_BEHIND * self.period:
+            self.anchor, self.k, tick_t = began, 1, began
+        elif began - tick_t > self.period / 2:
+            passed = int((began - tick_t) / self.period + 0.5)
+            self.k, tick_t = self.k + passed, tick_t + passed * self.period
+        return tick_t, nominal
+
+    def restart_if_passed(self, now: float) -> None:
+        """After a blocking wait that ended at `now`: past the next tick's time, the schedule restarts at
+        `now`, and that tick's time is the deadline the next tick missed."""
+        due = self.next_tick
+        if now > due:
+            self.missed, self.anchor, self.k = due, now, 0
+
+
 def seam_jumps(sent: Sequence[np.ndarray], chunks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Jumps |a_t - a_(t-1)| (max over dims) between consecutive sent actions, split into those where
     the chunk changed (seams) and those inside a chunk."""
