@@ -91,7 +91,7 @@ def mode_stats(x: torch.Tensor) -> tuple[float, float, float]:
 
 def fit_toy(model: Diffusion, batch: Callable[[], torch.Tensor], steps: int = 1500) -> Diffusion:
     """Train a toy denoiser on batches drawn by `batch()`: Adam 2e-3, cosine schedule."""
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    opt = torch.optim.Adam(model.parameters(), 2e-3, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
         loss = model.loss(batch(), None)
@@ -556,7 +556,7 @@ def train_policy(cfg: DiffusionPolicyConfig, store_path, steps: int) -> tuple[Di
         normalizer = Normalizer.fit(store, {"action": "minmax", "proprio": "minmax"})
     policy = DiffusionPolicy(cfg, normalizer)
     data = WindowDataset(store_path, policy.window_spec(), in_memory=True)
-    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     rng = np.random.default_rng(0)
     policy.train()
