@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from wm.decoder import Decoder, DecoderConfig
-from wm.predictor import KVCache, Predictor, PredictorConfig, block_causal_mask, num_params, sincos_2d
+from wm.positions import block_causal_mask, sincos_2d
+from wm.predictor import KVCache, Predictor, PredictorConfig, num_params
 
 IN_DIM, OUT_DIM = 12, 10
 
@@ -153,7 +154,7 @@ def test_step_invariant_to_absolute_frame_index():
 def test_rotary_positions_folded_into_the_projection_rows():
     """RoPE applied to a frame's query / key projection rows (`rope_weights`) equals RoPE applied to q
     and k. Which one the predictor uses is measured: tests/test_kernels.py."""
-    from wm.predictor import apply_rope, rope_tables, rope_weights
+    from wm.positions import apply_rope, rope_tables, rope_weights
 
     torch.manual_seed(0)
     heads, hd, d, patches = 3, 4, 5, 2
