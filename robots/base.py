@@ -41,19 +41,26 @@ class DeviceError(RobotError):
     one line (lerobot's errors named the motor ids or the camera's index only, some over several lines);
     `detail` is the message without the robot's name, for a line that names the robot already."""
 
-    def __init__(self, robot: str, device: str, cause: BaseException) -> None:
-        self.detail = f"{device}: {type(cause).__name__}: {first_line(cause)}"
-        super().__init__(f"{robot}: {self.detail}")
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (a process worker's error crosses a pipe pickled)
+        return (type(self), (str(self), self.detail))
 
 
 @contextlib.contextmanager
 def device_errors(robot: str, device: str) -> Iterator[None]:
     """The block's OSError (serial and USB errors, timeouts, lerobot's ConnectionError) and RuntimeError
-    as a `DeviceError` of `robot`'s `device`, raised from it."""
+    as a `DeviceError` of `robot`'s `device`, raised from it; a bug's RuntimeError (NotImplementedError,
+    RecursionError) goes on as it is."""
     try:
         yield
+    except (NotImplementedError, RecursionError):
+        raise
     except (OSError, RuntimeError) as e:
-        raise DeviceError(robot, device, e) from e
+        detail = f"{device}: {type(e).__name__}: {first_line(e)}"
+        raise DeviceError(f"{robot}: {detail}", detail) from e
 
 
 def failure(e: BaseException) -> str:

@@ -123,6 +123,29 @@ def test_one_failed_write_does_not_leave_the_port_marked_in_use(so_bus):
         np.testing.assert_allclose(arm.send_action(np.full(6, 10.0)), 10.0, atol=1e-4)
 
 
+def test_a_device_error_names_the_device_in_one_line_survives_a_pipe_and_leaves_bugs_alone():
+    import pickle
+
+    from robots.base import device_errors, failure
+
+    with pytest.raises(DeviceError) as info, device_errors("so101_follower", "camera 'wrist' (0)"):
+        raise TimeoutError("OpenCVCamera(0) latest frame is too old:\n 284.7 ms")
+    e = info.value
+    assert (
+        str(e) == "so101_follower: camera 'wrist' (0): TimeoutError: OpenCVCamera(0) latest frame is too old:"
+    )
+    assert (
+        failure(e) == e.detail == "camera 'wrist' (0): TimeoutError: OpenCVCamera(0) latest frame is too old:"
+    )
+    assert isinstance(e.__cause__, TimeoutError)  # (an interrupt ctypes turned into an error is found)
+    back = pickle.loads(pickle.dumps(e))  # (a process worker's error crosses a pipe)
+    assert type(back) is DeviceError and str(back) == str(e) and back.detail == e.detail
+    assert failure(ValueError("a\nb")) == "ValueError: a"
+    for bug in (NotImplementedError("x"), RecursionError("y")):  # a bug keeps its traceback
+        with pytest.raises(type(bug)), device_errors("so101_follower", "motor bus on 'p'"):
+            raise bug
+
+
 def test_actions_are_clipped_to_the_calibrated_range_and_nan_never_reaches_the_bus(so_bus):
     fake, calib_dir = so_bus
     with so101(calib_dir) as arm:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import first_line
+from robots.base import failure
 from robots.teleop.base import Command, TeleopDevice, TeleopState
 from robots.teleop.mapping import robot_gains, robot_mapper
 from wm.interrupt import reraise_lost
@@ -75,8 +75,8 @@ class Takeover:
                 return held
             if self.failures == 1 or self.active:
                 warnings.warn(
-                    f"the takeover device {self.device.name} cannot be read ({type(e).__name__}: "
-                    f"{first_line(e)}); the controller drives",
+                    f"the takeover device {self.device.name} cannot be read ({failure(e)}); the controller "
+                    "drives",
                     RuntimeWarning,
                     stacklevel=2,
                 )
