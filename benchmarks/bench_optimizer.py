@@ -1,16 +1,19 @@
-"""AdamW's step in wm-train: torch's fused kernel (what `wm.optim.adamw` builds on the CPU and CUDA) vs
-its multi-tensor loop (`foreach`: torch's default on the CPU, what wm-train used there before, and
-what LeRobot's and Diffusion Policy's trainers get), in the same run, interleaved.
+"""AdamW's step in wm-train: torch's fused kernel (what `wm.optim.adamw` builds on the CPU and CUDA)
+against torch's default on the CPU, the single-tensor loop (what wm-train ran there before, and what
+LeRobot's and Diffusion Policy's trainers run: torch has no multi-tensor `foreach` kernels for the
+CPU's default choice), and the multi-tensor loop asked for explicitly (`foreach=True`), in the same
+run, interleaved.
 
 For each model: a store of `--episodes` scripted-expert episodes of its task is recorded (reused when
 `--workdir` holds it), the model is built as wm-train builds it (`setup_training` with the model's
 config file), and one training batch (`--batch` windows) gives real gradients (`compute_loss`, backward).
-Two optimizers, one of each kind, over the model's parameter groups (`default_param_groups`, wm-train's),
-on two copies of the parameters with the same gradients, then `--rounds` rounds that time `--steps`
-steps of each in turn. The forward and backward of the same batch are timed in the same rounds, so
-the share of a whole training step is printed beside the optimizer's.
+One optimizer of each kind over the model's parameter groups (`default_param_groups`, wm-train's), on
+copies of the parameters with the same gradients; `--rounds` rounds time `--steps` steps of each, in
+an order that rotates from round to round. The forward and backward of the same batch are timed in the
+same rounds, so the share of the optimizer in a step is printed beside it (wm-train's step also clips
+the gradients and updates the EMA: not counted here).
 
-    python benchmarks/bench_optimizer.py [--models diffusion_unet dino_wm] [--batch 64] [--rounds 5]
+    python benchmarks/bench_optimizer.py [--models diffusion_unet dino_wm] [--batch 64] [--rounds 6]
         [--steps 5] [--threads 2] [--workdir runs/bench_optimizer] [--json PATH]
 """
 
@@ -84,13 +87,16 @@ def gradients(model: nn.Module, batch: dict[str, Any]) -> float:
     return time.perf_counter() - t
 
 
+KINDS = ("fused", "single", "foreach")  # wm-train's; torch's CPU default before; the multi-tensor loop
+
+
 def optimizers(model: nn.Module) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
-    """ "fused" (wm-train's) and "foreach" AdamW, each on its own copy of `model` (gradients copied too)."""
+    """One AdamW of each of `KINDS`, each on its own copy of `model` (gradients copied too)."""
     from wm.optim import TrainerConfig, adamw, default_param_groups
 
     cfg = TrainerConfig(device="cpu")
     out = {}
-    for kind in ("fused", "foreach"):
+    for kind in KINDS:
         twin = copy.deepcopy(model)
         for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             q.grad = None if p.grad is None else p.grad.clone()
@@ -98,9 +104,10 @@ def optimizers(model: nn.Module) -> dict[str, tuple[nn.Module, torch.optim.Optim
         if kind == "fused":
             opt = adamw(groups, cfg, torch.device("cpu"))
             assert all(g["fused"] for g in opt.param_groups), "wm.optim.adamw is not fused on the CPU"
-        else:
+        else:  # fused=False, foreach=None: torch's default on the CPU
+            foreach = True if kind == "foreach" else None
             opt = torch.optim.AdamW(
-                groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
+                groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=foreach
             )
         out[kind] = (twin, opt)
     return out
@@ -114,9 +121,10 @@ def measure(model_type: str, args: argparse.Namespace) -> dict[str, Any]:
     opts = optimizers(model)
     for _, opt in opts.values():
         opt.step()  # warm-up: the state tensors are allocated at the first step
-    times: dict[str, list[float]] = {"fused": [], "foreach": [], "forward_backward": []}
-    for _ in range(args.rounds):
-        for kind, (_, opt) in opts.items():
+    times: dict[str, list[float]] = {kind: [] for kind in KINDS} | {"forward_backward": []}
+    for r in range(args.rounds):
+        for kind in KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]:  # each kind first in turn
+            opt = opts[kind][1]
             t = time.perf_counter()
             for _ in range(args.steps):
                 opt.step()
@@ -140,7 +148,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["diffusion_unet", "dino_wm"])
     parser.add_argument("--episodes", type=int, default=8, help="expert episodes per store")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per kind and round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_optimizer")
@@ -161,17 +169,18 @@ def main() -> None:
     print(f"machine: {machine}")
     results = [measure(m, args) for m in args.models]
     print(
-        "\n| model (params, batch) | AdamW step, foreach (ms) | fused (ms) | foreach / fused "
-        "| forward + backward (ms) | training step, foreach -> fused |"
+        "\n| model (params, batch) | AdamW step: single-tensor loop (torch's CPU default) | foreach "
+        "| fused (wm-train) | single / fused | forward + backward | forward + backward + step, "
+        "single -> fused |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         ms = r["ms"]
-        before, after = ms["forward_backward"] + ms["foreach"], ms["forward_backward"] + ms["fused"]
+        before, after = ms["forward_backward"] + ms["single"], ms["forward_backward"] + ms["fused"]
         print(
-            f"| {r['model']} ({r['params'] / 1e6:.1f} M, {r['batch']}) | {ms['foreach']:.1f} | "
-            f"{ms['fused']:.1f} | {ms['foreach'] / ms['fused']:.2f}x | {ms['forward_backward']:.0f} | "
-            f"{before:.0f} -> {after:.0f} ms ({before / after:.2f}x) |"
+            f"| {r['model']} ({r['params'] / 1e6:.1f} M, {r['batch']}) | {ms['single']:.1f} ms | "
+            f"{ms['foreach']:.1f} ms | {ms['fused']:.1f} ms | {ms['single'] / ms['fused']:.2f}x | "
+            f"{ms['forward_backward']:.0f} ms | {before:.0f} -> {after:.0f} ms ({before / after:.2f}x) |"
         )
     print(f"\nload average (1 min) at end {os.getloadavg()[0]:.2f}")
     if args.json:

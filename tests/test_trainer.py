@@ -969,8 +969,8 @@ def test_resuming_takes_this_runs_optimizer_settings_and_says_so(dataset, tmp_pa
 
 def test_a_checkpoint_of_a_run_without_the_fused_kernel_resumes_on_this_runs(dataset, tmp_path):
     """AdamW steps with torch's fused kernel on the CPU and CUDA. Loading an optimizer state restores
-    the checkpoint's kernel flags: a checkpoint of a run that stepped with the multi-tensor loop (on
-    another device, or before the CPU's fused kernel) went on with that loop, slower. The run resumes
+    the checkpoint's kernel flags: a checkpoint of a run that stepped without the fused kernel (on
+    another device, or before wm-train used it on the CPU) went on without it, slower. The run resumes
     on its own kernel, its step counts where that kernel reads them, and ends as the unbroken run."""
     unbroken = make_trainer(dataset, tmp_path, steps=20, ckpt_every=10, keep_last=3)
     unbroken.fit()

@@ -156,8 +156,9 @@ ATTENTION_MATRICES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_pro
 
 def adamw(groups: list[dict[str, Any]], cfg: TrainerConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over `groups` with `cfg`'s settings, stepping with torch's fused kernel (one pass over each
-    parameter's tensors) on the CPU and CUDA, its multi-tensor loop elsewhere. `resume.keep_settings`
-    keeps this choice when a checkpoint of another device or of an earlier release is resumed."""
+    parameter's tensors) on the CPU and CUDA (on the CPU torch's default is a loop over the tensors, one
+    operation at a time), torch's default elsewhere. `resume.keep_settings` keeps this choice when a
+    checkpoint of another device or of an earlier release is resumed."""
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,

@@ -181,7 +181,7 @@ def keep_settings(
     group (`settings`; loading restores the checkpoint's); returns a note when they differ. This run's
     kernel (fused or not: `wm.optim.adamw` chose it for this run's device) is put back without a note,
     and the step counts go where that kernel reads them (a fused one: float32 on the parameter's device;
-    the multi-tensor loop: on the CPU), whichever kernel and device the checkpoint's run had."""
+    the others: on the CPU), whichever kernel and device the checkpoint's run had."""
     changed = set()
     for group, mine in zip(optimizer.param_groups, settings, strict=True):
         changed |= {k for k in OPTIMIZER_SETTINGS if group[k] != mine[k]}
