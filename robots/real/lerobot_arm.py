@@ -38,7 +38,6 @@ warmup_s, rotation, fourcc).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import math
@@ -60,6 +59,7 @@ from robots.base import (
     first_line,
 )
 from robots.real.motors import (
+    bus_call,
     calibration_problem,
     calibration_registers,
     close_port,
@@ -67,7 +67,6 @@ from robots.real.motors import (
     holds,
     joint_limits,
     motor_check_problem,
-    port_released_on_error,
     present_positions,
     unreadable_calibration,
     write_calibration,
@@ -364,7 +363,7 @@ class LerobotArm(RobotBase):
         # lerobot's `get_observation()`, with this arm's bound on how old a camera frame may be.
         began = time.perf_counter()  # lerobot stamps its frames on this clock
         bus = self._robot.bus
-        with self._bus_errors(), port_released_on_error(bus):
+        with bus_call(self.name, self.options.port, bus):
             raw = bus.sync_read("Present_Position", normalize=False)
         out = {STATE_KEY: present_positions(bus, raw, self._motors)}
         oldest = began
@@ -376,10 +375,6 @@ class LerobotArm(RobotBase):
             oldest = min(oldest, captured)
         self._lag_s = began - oldest
         return out
-
-    def _bus_errors(self) -> contextlib.AbstractContextManager[None]:
-        """A failed read or write of the motor bus as a `DeviceError` naming its port."""
-        return device_errors(self.name, f"motor bus on {self.options.port!r}")
 
     @property
     def observation_lag_s(self) -> float:
@@ -396,7 +391,7 @@ class LerobotArm(RobotBase):
         if self.options.max_relative_target is not None:
             action = self._capped(action)
         goal = {f"{m}.pos": float(v) for m, v in zip(self._motors, action, strict=True)}
-        with self._bus_errors(), port_released_on_error(self._robot.bus):
+        with bus_call(self.name, self.options.port, self._robot.bus):
             sent = self._robot.send_action(goal)
         return np.array([sent[f"{m}.pos"] for m in self._motors], dtype=np.float32)
 
@@ -407,7 +402,7 @@ class LerobotArm(RobotBase):
         goal around a reading outside the range went to the bus). A goal that cannot be both, a joint
         farther outside its range than one step, is refused: nothing is sent."""
         bus, caps = self._robot.bus, self.options.max_relative_target
-        with self._bus_errors(), port_released_on_error(bus):
+        with bus_call(self.name, self.options.port, bus):
             raw = bus.sync_read("Present_Position", normalize=False)
         present = present_positions(bus, raw, self._motors).astype(np.float64)
         cap = np.array(

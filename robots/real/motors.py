@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import RobotError
+from robots.base import RobotError, device_errors
 
 
 @contextlib.contextmanager
@@ -29,6 +29,14 @@ def port_released_on_error(bus: Any) -> Iterator[None]:
         if handler is not None and hasattr(handler, "is_using"):
             handler.is_using = False
         raise
+
+
+@contextlib.contextmanager
+def bus_call(robot: str, port: str, bus: Any) -> Iterator[None]:
+    """A read or write through the motor `bus` while the robot runs: the port freed when it raises
+    (`port_released_on_error`), and the error a `DeviceError` of `robot` naming the bus's `port`."""
+    with device_errors(robot, f"motor bus on {port!r}"), port_released_on_error(bus):
+        yield
 
 
 def present_positions(bus: Any, raw: Mapping[str, int], motors: list[str]) -> np.ndarray:

@@ -32,14 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from robots.base import Feature, RobotError, device_errors, first_line
+from robots.base import Feature, RobotError, first_line
 from robots.real.motors import (
+    bus_call,
     calibration_problem,
     calibration_registers,
     close_port,
     holds,
     motor_check_problem,
-    port_released_on_error,
     unreadable_calibration,
     write_calibration,
 )
@@ -242,10 +242,7 @@ class LeaderArmDevice:
     def poll(self) -> TeleopState:
         if not self._connected:
             raise RuntimeError("leader arm: not connected; call connect() first")
-        with (
-            device_errors(self.name, f"motor bus on {self.port!r}"),
-            port_released_on_error(self._teleop.bus),
-        ):
+        with bus_call(self.name, self.port, self._teleop.bus):
             action = self._teleop.get_action()
         joints = np.array([action[f"{name}.pos"] for name in self._joint_names], dtype=np.float64)
         commands = [] if self.command_device is None else self.command_device.poll().commands
