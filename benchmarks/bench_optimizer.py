@@ -71,11 +71,7 @@ def built(model_type: str, store: Path, args: argparse.Namespace) -> tuple[nn.Mo
     options.pop("type", None)
     setup = setup_training(model_type, str(store), options, val_ratio=0.0, seed=0, in_memory=True)
     loader = make_loader(setup.train_set, args.batch, shuffle=True, seed=0, drop_last=True)
-    batch = {
-        k: v.float().div(255) if v.dtype == torch.uint8 and v.dim() >= 4 else v  # as Trainer._on_device
-        for k, v in next(iter(loader)).items()
-    }
-    return setup.model.train(), batch
+    return setup.model.train(), next(iter(loader))  # (float frames: setup_training's dataset's default)
 
 
 def gradients(model: nn.Module, batch: dict[str, Any]) -> float:

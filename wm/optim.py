@@ -150,8 +150,10 @@ MATRIX_LAYERS = (
     nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )  # fmt: skip
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 ATTENTION_MATRICES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has AdamW's fused kernel and `adamw` uses it
 
 
 def adamw(groups: list[dict[str, Any]], cfg: TrainerConfig, device: torch.device) -> torch.optim.AdamW:
